@@ -1,0 +1,8 @@
+"""jpaged: PagedAttention LLM serving on JAX and Pallas."""
+
+from jpaged.engine import LLMEngine
+from jpaged.llm import LLM
+from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.sampling_params import SamplingParams
+
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]

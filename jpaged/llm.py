@@ -1,0 +1,110 @@
+"""The offline API: `LLM(model).generate(prompts, SamplingParams(...))`, shaped like vLLM's.
+
+`LLM` builds an `LLMEngine` from keyword arguments (each one a field of the config dataclasses),
+queues a batch of requests, steps the engine until all are done and returns their outputs in
+input order, with a progress bar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence as SequenceABC
+
+from tqdm.auto import tqdm
+
+from jpaged.config import CacheConfig, EngineConfig, SchedulerConfig
+from jpaged.engine import LLMEngine, PromptType
+from jpaged.outputs import RequestOutput
+from jpaged.sampling_params import SamplingParams
+
+
+def engine_config(model: str | None, **kwargs) -> EngineConfig:
+    """Distribute flat keyword arguments over the config dataclasses by field name."""
+    parts = {}
+    for name, cls in (("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+        names = {f.name for f in dataclasses.fields(cls)}
+        parts[name] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)} - {"model", "cache", "scheduler"}
+    unknown = sorted(set(kwargs) - engine_fields)
+    if unknown:
+        raise TypeError(f"unknown engine arguments: {unknown}")
+    return EngineConfig(model=model, **kwargs, **parts)
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs):
+        self.engine = LLMEngine(engine_config(model, **kwargs))
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | SequenceABC[PromptType],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = self._per_prompt_params(sampling_params, len(prompts))
+        request_ids = []
+        try:
+            for prompt, param in zip(prompts, params):
+                request_id = str(next(self._request_counter))
+                self.engine.add_request(request_id, prompt, param)
+                request_ids.append(request_id)
+        except ValueError as err:
+            for request_id in request_ids:
+                self.engine.abort_request(request_id)
+            raise ValueError(f"prompt {len(request_ids)}: {err}") from err
+        return self._run(request_ids, use_tqdm)
+
+    @staticmethod
+    def _per_prompt_params(sampling_params, count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * count
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        if len(sampling_params) != count:
+            raise ValueError(f"got {len(sampling_params)} sampling params for {count} prompts")
+        return list(sampling_params)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm)
+        num_generated, started = 0, time.perf_counter()
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+                    num_generated += len(output.outputs[0].token_ids)
+                    bar.update(1)
+            bar.set_postfix_str(f"{num_generated / (time.perf_counter() - started):.1f} tok/s out")
+        bar.close()
+        return [finished[request_id] for request_id in request_ids]
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tokenizer = self.engine.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer of {self.engine.model_name} has no chat template")
+        prompts = [
+            {"prompt_token_ids": chat_token_ids(tokenizer, conversation, add_generation_prompt)}
+            for conversation in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+
+def chat_token_ids(tokenizer, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)

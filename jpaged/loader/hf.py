@@ -1,0 +1,62 @@
+"""Reads an HF model folder as it ships: config, generation config, safetensors weights, tokenizer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors import safe_open
+
+
+def read_json(path: Path, required: bool = True) -> dict:
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{path} not found: an HF model folder needs it")
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of `folder`: one `model.safetensors`, or the shards its index names."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shard_names = sorted(set(read_json(index)["weight_map"].values()))
+        shards = [folder / name for name in shard_names]
+        missing = [str(p) for p in shards if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"safetensors shards named in {index} are missing: {missing}")
+        return shards
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        raise ValueError(f"{folder} holds only pickle weights (.bin/.pt); jpaged loads safetensors only")
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder}")
+
+
+def load_safetensors_weights(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield `(name, array)` one tensor at a time, in the file's dtype (bfloat16 included)."""
+    cpu = jax.devices("cpu")[0]
+    for path in safetensors_files(folder):
+        try:
+            with jax.default_device(cpu), safe_open(str(path), framework="flax") as f:
+                for name in f.keys():
+                    yield name, np.asarray(f.get_tensor(name))
+        except Exception as err:  # the Rust reader raises its own error type
+            if isinstance(err, (FileNotFoundError, ValueError)):
+                raise
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"no tokenizer.json or tokenizer_config.json in {folder}")
+    return AutoTokenizer.from_pretrained(str(folder))

@@ -1,0 +1,113 @@
+"""Puts HF-named tensors into the model's stacked parameters, converting layout and dtype.
+
+Weights arrive one tensor at a time (from safetensors or GGUF) under HF names and `[out, in]`
+layout; the model keeps `x @ W` layout with decoder layers stacked on a leading axis.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jpaged.config import ModelConfig
+
+_LAYER_TENSORS = {
+    "input_layernorm.weight": ("input_norm", False),
+    "post_attention_layernorm.weight": ("post_attention_norm", False),
+    "self_attn.q_proj.weight": ("q_proj", True),
+    "self_attn.k_proj.weight": ("k_proj", True),
+    "self_attn.v_proj.weight": ("v_proj", True),
+    "self_attn.o_proj.weight": ("o_proj", True),
+    "self_attn.q_proj.bias": ("q_bias", False),
+    "self_attn.k_proj.bias": ("k_bias", False),
+    "self_attn.v_proj.bias": ("v_bias", False),
+    "self_attn.q_norm.weight": ("q_norm", False),
+    "self_attn.k_norm.weight": ("k_norm", False),
+    "mlp.gate_proj.weight": ("gate_proj", True),
+    "mlp.up_proj.weight": ("up_proj", True),
+    "mlp.down_proj.weight": ("down_proj", True),
+}
+_TOP_TENSORS = {
+    "model.embed_tokens.weight": ("embed_tokens", False),
+    "model.norm.weight": ("norm", False),
+    "lm_head.weight": ("lm_head", True),
+}
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def _target(name: str) -> tuple[tuple[str, ...], int | None, bool] | None:
+    """`(param path, layer index or None, transpose)` for an HF tensor name; None to skip it."""
+    if name in _TOP_TENSORS:
+        param, transpose = _TOP_TENSORS[name]
+        return (param,), None, transpose
+    match = _LAYER_NAME.fullmatch(name)
+    if match and match.group(2) in _LAYER_TENSORS:
+        param, transpose = _LAYER_TENSORS[match.group(2)]
+        return ("layers", param), int(match.group(1)), transpose
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    raise ValueError(f"unexpected weight {name!r}: not part of a supported Llama-family model")
+
+
+def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str, np.ndarray]]):
+    """Fill the (abstract) `model`'s parameters from `weights`; returns the loaded nnx state."""
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    buffers: dict[tuple[str, ...], np.ndarray] = {}
+    filled: dict[tuple[str, ...], set] = {}
+    for name, tensor in weights:
+        target = _target(name)
+        if target is None or (target[0] == ("lm_head",) and cfg.tie_word_embeddings):
+            continue
+        path, layer, transpose = target
+        spec = _lookup(state, path, name)
+        value = tensor.T if transpose else tensor
+        expected = spec.shape[1:] if layer is not None else spec.shape
+        if value.shape != tuple(expected):
+            raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected {tuple(expected)} (after layout)")
+        if path not in buffers:
+            buffers[path] = np.empty(spec.shape, dtype=spec.dtype)
+            filled[path] = set()
+        buffers[path][layer if layer is not None else ...] = value.astype(spec.dtype)
+        filled[path].add(layer)
+    _check_complete(state, filled, cfg)
+    for path, buffer in buffers.items():
+        _assign(state, path, jax.device_put(jnp.asarray(buffer)))
+    return state
+
+
+def _lookup(state: dict, path: tuple[str, ...], name: str):
+    node = state
+    for key in path:
+        if key not in node:
+            raise ValueError(f"weight {name!r} does not belong to this model configuration")
+        node = node[key]
+    return node
+
+
+def _assign(state: dict, path: tuple[str, ...], value) -> None:
+    node = state
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+
+
+def _check_complete(state: dict, filled: dict, cfg: ModelConfig) -> None:
+    expected = {("embed_tokens",): None, ("norm",): None}
+    if "lm_head" in state:
+        expected[("lm_head",)] = None
+    for param in state["layers"]:
+        expected[("layers", param)] = set(range(cfg.num_layers))
+    missing = []
+    for path, layers in expected.items():
+        got = filled.get(path)
+        if got is None:
+            missing.append(".".join(path))
+        elif layers is not None and got != layers:
+            missing.append(f"{'.'.join(path)} for layers {sorted(layers - got)}")
+    if missing:
+        raise ValueError(f"weights missing from the checkpoint: {', '.join(missing)}")

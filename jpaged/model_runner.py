@@ -1,0 +1,174 @@
+"""Turns a scheduled step into padded arrays, runs the jitted model step, returns sampled tokens.
+
+This is the boundary between the host (Python lists, numpy) and the device (jax). Per step it
+builds the ragged batch: flattened `token_ids` and `positions`, the `slot_mapping` where each
+new token's K/V goes, and per sequence its `block_tables` row, `context_lens`, `query_start`
+and `query_lens`. Decode sequences come first. Every dimension is padded to a power of two so
+the step compiles for a small, logged set of shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jpaged.block_manager import BlockManager
+from jpaged.config import CacheConfig, ModelConfig
+from jpaged.loader.weights import load_params
+from jpaged.models.llama import LlamaForCausalLM
+from jpaged.sampler import SamplingArrays, sample
+from jpaged.scheduler import ScheduledSequence
+from pallas_kernels.paged_attention import AttentionMetadata
+
+logger = logging.getLogger("jpaged")
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The padded size for `n`: the next power of two, at least `minimum`; 0 stays 0."""
+    return 0 if n == 0 else max(minimum, 1 << (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    token_ids: jax.Array  # [T]
+    positions: jax.Array  # [T]
+    logits_indices: jax.Array  # [S] last new token of each sequence
+    attention: AttentionMetadata
+
+
+jax.tree_util.register_dataclass(
+    StepBatch, data_fields=["token_ids", "positions", "logits_indices", "attention"], meta_fields=[]
+)
+
+
+def resolve_dtype(dtype: str):
+    if dtype == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, dtype, weights):
+        self.model_config = model_config
+        self.block_size = cache_config.block_size
+        self.dtype = dtype
+        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype))
+        self.graphdef, state = nnx.split(abstract)
+        nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights))
+        self.state = state
+        self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
+        shape = (model_config.num_layers, model_config.num_kv_heads, self.num_blocks,
+                 self.block_size, model_config.head_dim)
+        self.kv_cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        self.num_compilations = 0
+        self._step = jax.jit(self._step_fn, static_argnames="all_greedy", donate_argnums=1)
+        self._logits = jax.jit(self._logits_fn, donate_argnums=1)
+
+    def _blocks_for_budget(self, cache_config: CacheConfig) -> int:
+        cfg = self.model_config
+        block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * self.block_size * cfg.head_dim
+        block_bytes *= jnp.dtype(self.dtype).itemsize
+        stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+        if stats and "bytes_limit" in stats:
+            budget = stats["bytes_limit"] * cache_config.gpu_memory_utilization - stats["bytes_in_use"]
+        else:
+            budget = cache_config.cpu_kv_cache_gib * 2**30
+        num_blocks = int(budget // block_bytes)
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget of {budget / 2**20:.1f} MiB holds no block of "
+                             f"{block_bytes / 2**20:.2f} MiB")
+        return num_blocks
+
+    def _model(self, state):
+        return nnx.merge(self.graphdef, state)
+
+    def _count_compilation(self, kind: str, batch: StepBatch) -> None:
+        self.num_compilations += 1
+        md = batch.attention
+        logger.info("compiling %s #%d: tokens=%d seqs=%d decode_seqs=%d max_query_len=%d blocks/seq=%d",
+                    kind, self.num_compilations, batch.token_ids.shape[0], md.block_tables.shape[0],
+                    md.num_decode_seqs, md.max_query_len, md.block_tables.shape[1])
+
+    def _step_fn(self, state, kv_cache, batch: StepBatch, sampling: SamplingArrays, all_greedy: bool):
+        self._count_compilation("step", batch)
+        model = self._model(state)
+        hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
+        logits = model.logits(hidden[batch.logits_indices])
+        return sample(logits, sampling, all_greedy), kv_cache
+
+    def _logits_fn(self, state, kv_cache, batch: StepBatch):
+        self._count_compilation("logits", batch)
+        model = self._model(state)
+        hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
+        return model.logits(hidden), kv_cache
+
+    def execute(self, scheduled: list[ScheduledSequence]) -> np.ndarray:
+        """Run one step; returns a sampled token per scheduled sequence (meaningful where it samples)."""
+        ordered = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens > 1)
+        batch, rows = self._build_batch([scheduled[i] for i in ordered])
+        seqs = [scheduled[i].seq for i in ordered]
+        sampling = SamplingArrays.build(
+            [s.sampling_params for s in seqs], [s.seed for s in seqs],
+            [len(s.output_token_ids) for s in seqs], pad_to=batch.logits_indices.shape[0],
+        )
+        all_greedy = all(s.sampling_params.is_greedy for s in seqs)
+        tokens, self.kv_cache = self._step(self.state, self.kv_cache, batch, sampling, all_greedy=all_greedy)
+        tokens = np.asarray(tokens)[rows]
+        result = np.empty(len(scheduled), np.int64)
+        result[ordered] = tokens
+        return result
+
+    def prompt_logits(self, token_ids: list[int], block_manager: BlockManager, seq) -> np.ndarray:
+        """Float32 logits `[len(token_ids), vocab]` of one whole prompt, computed through the cache."""
+        block_manager.grow(seq, len(token_ids))
+        try:
+            batch, _ = self._build_batch([ScheduledSequence(seq, len(token_ids))])
+            logits, self.kv_cache = self._logits(self.state, self.kv_cache, batch)
+        finally:
+            block_manager.free(seq)
+        return np.asarray(logits)[: len(token_ids)]
+
+    def _build_batch(self, scheduled: list[ScheduledSequence]) -> tuple[StepBatch, np.ndarray]:
+        """Padded arrays for `scheduled` (decodes first); also each sequence's row."""
+        num_decode = sum(1 for s in scheduled if s.num_new_tokens == 1)
+        num_prefill = len(scheduled) - num_decode
+        decode_rows, prefill_rows = bucket(num_decode), bucket(num_prefill)
+        rows = np.concatenate([np.arange(num_decode), decode_rows + np.arange(num_prefill)]).astype(np.int64)
+        num_tokens = sum(s.num_new_tokens for s in scheduled)
+        padded_tokens = bucket(num_tokens, minimum=8)
+        num_rows = decode_rows + prefill_rows
+        max_blocks = bucket(max(len(s.seq.block_table) for s in scheduled))
+
+        token_ids = np.zeros(padded_tokens, np.int32)
+        positions = np.zeros(padded_tokens, np.int32)
+        slot_mapping = np.full(padded_tokens, -1, np.int32)
+        block_tables = np.zeros((num_rows, max_blocks), np.int32)
+        context_lens = np.zeros(num_rows, np.int32)
+        query_start = np.zeros(num_rows, np.int32)
+        query_lens = np.zeros(num_rows, np.int32)
+        start = 0
+        for row, item in zip(rows, scheduled):
+            seq, count = item.seq, item.num_new_tokens
+            first = seq.num_computed_tokens
+            span = slice(start, start + count)
+            token_ids[span] = seq.token_ids(first, first + count)
+            positions[span] = np.arange(first, first + count)
+            table = np.asarray(seq.block_table, np.int64)
+            slot_mapping[span] = table[positions[span] // self.block_size] * self.block_size + (
+                positions[span] % self.block_size)
+            block_tables[row, : len(table)] = table
+            context_lens[row], query_start[row], query_lens[row] = first + count, start, count
+            start += count
+        max_query_len = bucket(max((s.num_new_tokens for s in scheduled if s.num_new_tokens > 1), default=0))
+        attention = AttentionMetadata(
+            slot_mapping=slot_mapping, block_tables=block_tables, context_lens=context_lens,
+            query_start=query_start, query_lens=query_lens,
+            num_decode_seqs=decode_rows, max_query_len=max_query_len,
+        )
+        logits_indices = np.maximum(query_start + query_lens - 1, 0)
+        return StepBatch(token_ids, positions, logits_indices, attention), rows

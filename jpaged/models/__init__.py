@@ -1,0 +1,1 @@
+"""Model definitions consumed by the model runner."""

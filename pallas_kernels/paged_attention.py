@@ -1,0 +1,88 @@
+"""Paged attention over a block-table KV cache: the pure-jnp reference.
+
+The model calls `write_kv` then `ragged_paged_attention` once per layer. The cache of all layers
+is one array `[num_layers, num_kv_heads, num_blocks, block_size, head_dim]`; a token in slot
+`s` lives in block `s // block_size` at offset `s % block_size`.
+
+The batch is ragged: sequence `i` brings `query_lens[i]` new tokens, flattened in `q` from
+`query_start[i]`, and attends causally to its `context_lens[i]` cached tokens (the new ones
+included, as `write_kv` ran first). Sequences `[0, num_decode_seqs)` bring at most one token
+each; the rest are prefill chunks of at most `max_query_len` tokens. The reference computes the
+two groups separately so a decode-heavy batch does not pay for the longest prefill chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    slot_mapping: jax.Array  # [T] int32, -1 for padding tokens
+    block_tables: jax.Array  # [S, max_blocks] int32
+    context_lens: jax.Array  # [S] int32, cached tokens after this step's write
+    query_start: jax.Array  # [S] int32, first flattened token of each sequence
+    query_lens: jax.Array  # [S] int32, new tokens of each sequence (0 for padding)
+    num_decode_seqs: int  # static: leading sequences with query_len <= 1
+    max_query_len: int  # static: bound on query_lens of the other sequences
+
+
+jax.tree_util.register_dataclass(
+    AttentionMetadata,
+    data_fields=["slot_mapping", "block_tables", "context_lens", "query_start", "query_lens"],
+    meta_fields=["num_decode_seqs", "max_query_len"],
+)
+
+
+def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
+    """Store the new tokens' K/V `[T, kv_heads, head_dim]` of one layer into their slots."""
+    num_blocks, block_size = k_cache.shape[2], k_cache.shape[3]
+    block = jnp.where(slot_mapping >= 0, slot_mapping // block_size, num_blocks)
+    offset = slot_mapping % block_size
+    k_cache = k_cache.at[layer, :, block, offset].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[layer, :, block, offset].set(v.astype(v_cache.dtype), mode="drop")
+    return k_cache, v_cache
+
+
+def ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float):
+    """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged cache."""
+    out = jnp.zeros(q.shape, jnp.float32)
+    num_seqs, split = md.block_tables.shape[0], md.num_decode_seqs
+    groups = [(slice(0, split), 1), (slice(split, num_seqs), md.max_query_len)]
+    for rows, query_width in groups:
+        if rows.stop > rows.start and query_width > 0:
+            out = _attend_rows(out, q, k_cache, v_cache, layer, md, rows, query_width, scale)
+    return out.astype(q.dtype)
+
+
+def _attend_rows(out, q, k_cache, v_cache, layer, md, rows, query_width, scale):
+    """Attention for the sequences in `rows`, their queries laid on a `[rows, query_width]` grid."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[3]
+    block_tables = md.block_tables[rows]
+    context_lens, query_lens = md.context_lens[rows], md.query_lens[rows]
+    query_offsets = jnp.arange(query_width)
+    token_index = md.query_start[rows][:, None] + query_offsets  # [N, Q]
+    is_query = query_offsets < query_lens[:, None]
+    n = block_tables.shape[0]
+
+    q_grid = q[jnp.clip(token_index, 0, num_tokens - 1)].astype(jnp.float32)
+    q_grid = q_grid.reshape(n, query_width, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    keys = k_cache[layer, :, block_tables].astype(jnp.float32)  # [N, blocks, kv_heads, bs, d]
+    values = v_cache[layer, :, block_tables].astype(jnp.float32)
+    keys = keys.transpose(0, 2, 1, 3, 4).reshape(n, num_kv_heads, -1, head_dim)
+    values = values.transpose(0, 2, 1, 3, 4).reshape(n, num_kv_heads, -1, head_dim)
+
+    scores = jnp.einsum("nqkgd,nkld->nkgql", q_grid, keys) * scale
+    query_pos = (context_lens - query_lens)[:, None] + query_offsets  # [N, Q]
+    key_pos = jnp.arange(keys.shape[2])
+    visible = key_pos[None, None, :] <= query_pos[:, :, None]  # [N, Q, L]
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(is_query[:, None, None, :, None], probs, 0.0)
+    attended = jnp.einsum("nkgql,nkld->nqkgd", probs, values).reshape(n, query_width, num_heads, head_dim)
+    scatter_index = jnp.where(is_query, token_index, num_tokens)
+    return out.at[scatter_index].set(attended, mode="drop")
