@@ -1,0 +1,1 @@
+"""Weight and config loaders: HF safetensors and GGUF files into engine-ready arrays."""

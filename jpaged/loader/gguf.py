@@ -1,0 +1,261 @@
+"""Read a llama-architecture GGUF file into an HF-style config, weights and tokenizer.
+
+The engine's model code consumes HF conventions (``config.json`` keys, ``model.layers.{i}...``
+tensor names, ``[out_features, in_features]`` layout, rotate-half RoPE). This module translates
+a GGUF file (llama.cpp's format) into exactly those, so a GGUF model loads through the same path
+as an HF safetensors checkpoint:
+
+- :func:`load_gguf_config` maps GGUF metadata to a ``config.json``-style dict;
+- :func:`load_gguf_weights` yields dequantized tensors one at a time under HF names, with the
+  llama.cpp Q/K row permutation undone;
+- :func:`load_gguf_tokenizer` builds the transformers tokenizer stored in the file.
+
+Shape convention: GGUF lists dimensions fastest-first, so ``ReaderTensor.shape`` is the reverse of
+the numpy shape. A linear weight of HF shape ``[out, in]`` has GGUF shape ``[in, out]``; the
+reader's ``tensor.data`` and its dequantization are already ``[out, in]`` in numpy order.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from typing import Any, Iterator
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType
+from gguf.quants import dequantize
+
+ARCHITECTURE = "llama"
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_CONFIG_ONLY_TENSORS = {"rope_freqs.weight"}
+
+_LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192}
+
+
+def load_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Return an HF ``config.json``-style dict for the llama GGUF file at ``path``."""
+    path, reader = _open(path)
+    return _config(path, reader)
+
+
+def load_gguf_weights(path: str | os.PathLike, dtype: Any = np.float32
+                      ) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(hf_name, array)`` for every weight of the GGUF file at ``path``, one at a time.
+
+    Arrays are dequantized, in HF layout (``[out_features, in_features]`` for linear weights),
+    with llama.cpp's Q/K RoPE row permutation undone, and cast to ``dtype`` (a numpy dtype such
+    as ``np.float32`` or ``ml_dtypes.bfloat16``). The file is opened and checked before this
+    returns; the tensors are read lazily as the iterator advances.
+    """
+    path, reader = _open(path)
+    config = _config(path, reader)
+    hf_names = {t.name: _hf_name(path, t.name) for t in reader.tensors
+                if t.name not in _CONFIG_ONLY_TENSORS}
+    return _iter_weights(reader, hf_names, config, np.dtype(dtype))
+
+
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """Return the transformers tokenizer stored in the GGUF file (chat template included)."""
+    from transformers import AutoTokenizer
+
+    path = _existing_file(path)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def _iter_weights(reader: GGUFReader, hf_names: dict[str, str], config: dict[str, Any],
+                  dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """Dequantize, un-permute and cast each mapped tensor in file order."""
+    rope_heads = {".self_attn.q_proj.": config["num_attention_heads"],
+                  ".self_attn.k_proj.": config["num_key_value_heads"]}
+    for tensor in reader.tensors:
+        hf_name = hf_names.get(tensor.name)
+        if hf_name is None:
+            continue
+        array = _dequantize(tensor)
+        for marker, n_heads in rope_heads.items():
+            if marker in hf_name:
+                array = _unpermute_rope_rows(array, n_heads)
+        yield hf_name, np.array(array, dtype=dtype)
+
+
+def _dequantize(tensor) -> np.ndarray:
+    """Dequantize one reader tensor to float32 in numpy (HF) dimension order."""
+    shape = tuple(int(d) for d in reversed(tensor.shape))
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as exc:
+        raise ValueError(f"tensor {tensor.name!r} has type {tensor.tensor_type.name}, "
+                         f"which gguf cannot dequantize") from exc
+    return values.reshape(shape)
+
+
+def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head row interleave of Q/K so HF's rotate-half RoPE applies.
+
+    llama.cpp reorders each head's rows from ``[x_0..x_{d/2-1}, y_0..y_{d/2-1}]`` (HF) to
+    ``[x_0, y_0, x_1, y_1, ...]``; this maps rows back.
+    """
+    head_dim = w.shape[0] // n_heads
+    pairs = w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:])
+    return pairs.swapaxes(1, 2).reshape(w.shape)
+
+
+def _hf_name(path: pathlib.Path, name: str) -> str:
+    """HF llama parameter name for a GGUF tensor name; ValueError for unknown tensors."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _LAYER_PATTERN.fullmatch(name)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        raise ValueError(f"{path}: tensor {name!r} has no known HF llama counterpart")
+    layer, kind, suffix = match.groups()
+    return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
+
+
+def _config(path: pathlib.Path, reader: GGUFReader) -> dict[str, Any]:
+    meta = _Metadata(path, reader)
+    arch = meta.get("general.architecture")
+    if arch != ARCHITECTURE:
+        raise ValueError(f"{path}: GGUF architecture is {arch!r}; only {ARCHITECTURE!r} is supported")
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: no token_embd.weight tensor")
+
+    hidden = meta.require("llama.embedding_length")
+    heads = meta.require("llama.attention.head_count")
+    head_dim = meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count")
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": meta.get("llama.vocab_size") or int(tensors["token_embd.weight"].shape[1]),
+        "hidden_size": hidden,
+        "intermediate_size": meta.require("llama.feed_forward_length"),
+        "num_hidden_layers": meta.require("llama.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": meta.get("llama.attention.head_count_kv") or heads,
+        "head_dim": head_dim or hidden // heads,
+        "rms_norm_eps": meta.require("llama.attention.layer_norm_rms_epsilon"),
+        "rope_theta": meta.get("llama.rope.freq_base") or 10000.0,
+        "max_position_embeddings": meta.require("llama.context_length"),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+    rope_scaling = _rope_scaling(meta, tensors.get("rope_freqs.weight"), config)
+    if rope_scaling is not None:
+        config["rope_scaling"] = rope_scaling
+    return config
+
+
+def _rope_scaling(meta: _Metadata, rope_freqs, config: dict[str, Any]) -> dict[str, Any] | None:
+    """HF ``rope_scaling`` from GGUF metadata, or from a llama3 ``rope_freqs`` tensor.
+
+    llama.cpp stores llama3 scaling only as per-frequency divisors (``rope_freqs``). Assuming the
+    smoothing parameters every Llama 3.x release uses, ``factor`` is solved from the lowest
+    frequency and all divisors are checked against HF's llama3 formula; anything else is rejected
+    rather than silently mis-rotated.
+    """
+    kind = meta.get("llama.rope.scaling.type")
+    if kind not in (None, "none"):
+        scaling = {"rope_type": kind, "factor": meta.require("llama.rope.scaling.factor")}
+        original = meta.get("llama.rope.scaling.original_context_length")
+        if original:
+            scaling["original_max_position_embeddings"] = original
+        return scaling
+    if rope_freqs is None:
+        return None
+    stored = _dequantize(rope_freqs).astype(np.float64)
+    smooth = _llama3_smooth(config["rope_theta"], config["head_dim"], _LLAMA3_ROPE_DEFAULTS)
+    if stored.shape != smooth.shape:
+        raise ValueError(f"{meta.path}: rope_freqs.weight has shape {stored.shape}, "
+                         f"expected {smooth.shape} for head_dim {config['head_dim']}")
+    if np.allclose(stored, 1.0):
+        return None
+    lowest = int(np.argmin(smooth))
+    factor = (1.0 - smooth[lowest]) / (1.0 / stored[lowest] - smooth[lowest])
+    scaling = {"rope_type": "llama3", "factor": float(f"{factor:.6g}"), **_LLAMA3_ROPE_DEFAULTS}
+    expected = 1.0 / ((1.0 - smooth) / scaling["factor"] + smooth)
+    if smooth[lowest] >= 1.0 or not np.allclose(stored, expected, rtol=1e-4):
+        raise ValueError(f"{meta.path}: rope_freqs.weight does not match llama3 rope scaling "
+                         f"with {scaling}; unsupported rope scaling")
+    return scaling
+
+
+def _llama3_smooth(theta: float, head_dim: int, params: dict[str, Any]) -> np.ndarray:
+    """Per-frequency blend of HF's llama3 scaling: 0 = divide by factor, 1 = unscaled."""
+    inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    low, high = params["low_freq_factor"], params["high_freq_factor"]
+    ratio = params["original_max_position_embeddings"] / wavelen
+    return np.clip((ratio - low) / (high - low), 0.0, 1.0)
+
+
+class _Metadata:
+    """Scalar GGUF metadata lookup with errors naming the file."""
+
+    def __init__(self, path: pathlib.Path, reader: GGUFReader):
+        self.path = path
+        self.fields = reader.fields
+
+    def get(self, key: str) -> Any:
+        field = self.fields.get(key)
+        if field is None:
+            return None
+        kind = field.types[0] if field.types else None
+        part = field.parts[field.data[0]]
+        if kind == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8")
+        if kind == GGUFValueType.ARRAY:
+            raise ValueError(f"{self.path}: metadata {key!r} is an array, expected a scalar")
+        value = part[0].item()
+        if kind == GGUFValueType.FLOAT32:
+            return float(str(np.float32(value)))
+        return value
+
+    def require(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise ValueError(f"{self.path}: required GGUF metadata {key!r} is missing")
+        return value
+
+
+def _existing_file(path: str | os.PathLike) -> pathlib.Path:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    return path
+
+
+def _open(path: str | os.PathLike) -> tuple[pathlib.Path, GGUFReader]:
+    """Open ``path`` with GGUFReader, turning any parse failure into a ValueError naming it."""
+    path = _existing_file(path)
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a valid GGUF file (corrupt or truncated?): "
+                         f"{type(exc).__name__}: {exc}") from exc
+    size = reader.data.size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise ValueError(f"{path} is truncated: tensor {tensor.name!r} ends at byte "
+                             f"{tensor.data_offset + tensor.n_bytes}, file has {size} bytes")
+    return path, reader
+
