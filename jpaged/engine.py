@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import random
 
+import numpy as np
+
 from jpaged.block_manager import BlockManager
 from jpaged.config import EngineConfig, ModelConfig
 from jpaged.loader.source import open_model
@@ -92,6 +94,12 @@ class LLMEngine:
             raise ValueError(f"prompt of {len(token_ids)} tokens + max_tokens {params.max_tokens} = {total} "
                              f"exceeds the KV cache's {capacity} tokens")
 
+    def prompt_logits(self, token_ids: list[int]) -> np.ndarray:
+        """Float32 logits `[len(token_ids), vocab]` at every position of one prompt."""
+        self._check_fits(token_ids, SamplingParams(max_tokens=1))
+        seq = Sequence("prompt-logits", None, token_ids, SamplingParams(), seed=0)
+        return self.runner.prompt_logits(token_ids, self.block_manager, seq)
+
     def abort_request(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)
         if seq is not None and not seq.is_finished:
@@ -146,7 +154,14 @@ class LLMEngine:
     def decode(self, seq: Sequence) -> str:
         if seq.output_text is not None:
             return seq.output_text
+        # Decoding after a few prompt tokens keeps word-boundary spaces that a tokenizer drops at
+        # the start of a text (SentencePiece's leading "▁").
         skip = seq.sampling_params.skip_special_tokens
+        context = seq.prompt_token_ids[-4:]
+        prefix = self.tokenizer.decode(context, skip_special_tokens=skip)
+        full = self.tokenizer.decode(context + seq.output_token_ids, skip_special_tokens=skip)
+        if full.startswith(prefix):
+            return full[len(prefix):]
         return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=skip)
 
     def request_output(self, seq: Sequence) -> RequestOutput:

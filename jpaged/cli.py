@@ -1,0 +1,75 @@
+"""Command line: `jpaged generate [PROMPT ...]` prints the model's answers.
+
+With no prompt it asks the default question; with no model it uses the built-in default model.
+Prompts go through the chat template when the tokenizer has one (turn off with `--no-chat`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+DEFAULT_PROMPT = "What is the capital of France?"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jpaged", description="PagedAttention LLM serving on JAX")
+    sub = parser.add_subparsers(dest="command")
+    gen = sub.add_parser("generate", help="generate answers to prompts (the default command)")
+    gen.add_argument("prompts", nargs="*", help=f"prompts (default: {DEFAULT_PROMPT!r})")
+    gen.add_argument("--model", default=None, help="HF model folder or .gguf file (default: built-in model)")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    gen.add_argument("--block-size", type=int, default=16)
+    gen.add_argument("--num-blocks", type=int, default=None)
+    gen.add_argument("--max-num-seqs", type=int, default=64)
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--no-chat", action="store_true", help="send prompts as raw text")
+    gen.add_argument("-v", "--verbose", action="store_true", help="log engine events")
+    return parser
+
+
+def generate(args: argparse.Namespace) -> int:
+    from jpaged import LLM, SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
+    )
+    llm = LLM(args.model, dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
+              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+    prompts = args.prompts or [DEFAULT_PROMPT]
+    use_chat = not args.no_chat and getattr(llm.get_tokenizer(), "chat_template", None)
+    if use_chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        if len(prompts) > 1:
+            print(f"### {prompt}")
+        print(output.outputs[0].text.strip() if use_chat else prompt + output.outputs[0].text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in ("generate", "-h", "--help"):
+        argv = ["generate", *argv]
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return generate(args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""End-to-end engine behaviour on the real stories260K model: golden tokens, batching, leaks, errors."""
+
+import shutil
+
+import pytest
+
+from jpaged import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
+# HF transformers, greedy, from BOS alone (see ../shared/models/stories260K/README.md).
+GOLDEN_FROM_BOS = [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338,
+                   401, 396, 267, 337, 410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385]
+GOLDEN_DOG = " Max. Max loved to play with his toys and run around. One day, Max saw a big box in the gr"
+
+STORY_STARTS = [
+    "Once upon a time, there was a dog named", "The little girl", "One day, a big cat", "Tom and Sue",
+    "The sun was hot and", "Lily wanted to play with her ball", "Once upon a time", "A bird sat",
+    "Ben had a red car. He liked to drive it around the house and", "The tree", "Mom said", "Anna",
+]
+
+
+@pytest.fixture(scope="module")
+def llm(stories_path):
+    return LLM(stories_path, num_blocks=256)
+
+
+def all_blocks_free(llm: LLM) -> bool:
+    manager = llm.engine.block_manager
+    return manager.num_free_blocks == manager.num_blocks and not any(manager.ref_counts)
+
+
+def test_golden_tokens_from_bos(llm):
+    out = llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == GOLDEN_FROM_BOS
+    assert out.outputs[0].finish_reason == "length"
+
+
+def test_golden_text_from_prompt(llm):
+    out = llm.generate("Once upon a time, there was a dog named",
+                       SamplingParams(temperature=0.0, max_tokens=40), use_tqdm=False)[0]
+    assert out.outputs[0].text == GOLDEN_DOG
+    assert all_blocks_free(llm)
+
+
+def test_outputs_in_input_order_with_per_prompt_params(llm):
+    lengths = [5, 1, 9, 3]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    outs = llm.generate(STORY_STARTS[:4], params, use_tqdm=False)
+    assert [o.prompt for o in outs] == STORY_STARTS[:4]
+    assert [len(o.outputs[0].token_ids) for o in outs] == lengths
+
+
+def batch_requests():
+    """32+ requests with varied prompt lengths (some over one chunk) and output lengths."""
+    prompts, params = [], []
+    for i in range(36):
+        start = STORY_STARTS[i % len(STORY_STARTS)]
+        prompts.append(start + " and" * (i % 5) * 3)
+        params.append(SamplingParams(temperature=0.0, max_tokens=20 + (i * 7) % 30, ignore_eos=True))
+    return prompts, params
+
+
+def test_batch_invariance_under_preemption_and_chunked_prefill(stories_path, llm):
+    prompts, params = batch_requests()
+    alone = [llm.generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids for p, sp in zip(prompts, params)]
+
+    tight = LLM(stories_path, num_blocks=24, max_num_batched_tokens=32, max_num_seqs=32)
+    together = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in together] == alone
+    assert all_blocks_free(tight)
+
+
+def test_streaming_engine_abort_frees_blocks(llm):
+    engine = llm.engine
+    for i, prompt in enumerate(STORY_STARTS[:6]):
+        engine.add_request(f"stream-{i}", prompt, SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    engine.abort_request("stream-1")
+    engine.abort_request("stream-4")
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id not in ("stream-1", "stream-4")
+            if out.finished:
+                finished[out.request_id] = out
+    assert sorted(finished) == ["stream-0", "stream-2", "stream-3", "stream-5"]
+    assert all(len(o.outputs[0].token_ids) == 50 for o in finished.values())
+    assert all_blocks_free(llm)
+
+
+def test_abort_while_waiting_frees_blocks(llm):
+    engine = llm.engine
+    engine.add_request("waiting", "Once upon a time", GREEDY)
+    engine.abort_request("waiting")
+    assert not engine.has_unfinished_requests()
+    assert all_blocks_free(llm)
+
+
+def test_bad_request_rejected_while_others_run_on(llm):
+    engine = llm.engine
+    engine.add_request("good", "The little girl", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    engine.step()
+    with pytest.raises(ValueError, match="max_model_len 512"):
+        engine.add_request("too-long", {"prompt_token_ids": [1] * 500}, SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("empty", "", GREEDY)
+    with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 512\)"):
+        engine.add_request("bad-ids", {"prompt_token_ids": [1, 512]}, GREEDY)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in outputs] == ["good"]
+    assert len(outputs[0].outputs[0].token_ids) == 12
+    assert all_blocks_free(llm)
+
+
+def test_generate_rejects_bad_prompt_and_keeps_serving(llm):
+    with pytest.raises(ValueError, match="prompt 1: .*exceeds max_model_len"):
+        llm.generate(["Once", {"prompt_token_ids": [1] * 600}], GREEDY, use_tqdm=False)
+    assert all_blocks_free(llm)
+    assert llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == GOLDEN_FROM_BOS
+
+
+def test_request_larger_than_cache_is_rejected(stories_path):
+    small = LLM(stories_path, num_blocks=4)
+    with pytest.raises(ValueError, match="exceeds the KV cache's 64 tokens"):
+        small.generate("Once upon a time", SamplingParams(max_tokens=100), use_tqdm=False)
+    out = small.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == GOLDEN_FROM_BOS
+
+
+def test_invalid_sampling_values_raise():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+
+
+def test_stop_strings_and_stop_token_ids(llm):
+    stop = llm.generate("Once upon a time, there was a dog named",
+                        SamplingParams(temperature=0.0, max_tokens=40, stop=["toys"]), use_tqdm=False)[0]
+    assert stop.outputs[0].text == " Max. Max loved to play with his "
+    assert (stop.outputs[0].finish_reason, stop.outputs[0].stop_reason) == ("stop", "toys")
+    by_id = llm.generate({"prompt_token_ids": [1]}, SamplingParams(temperature=0.0, max_tokens=32,
+                         stop_token_ids=[GOLDEN_FROM_BOS[5]]), use_tqdm=False)[0]
+    assert by_id.outputs[0].token_ids == GOLDEN_FROM_BOS[:6]
+    assert by_id.outputs[0].stop_reason == GOLDEN_FROM_BOS[5]
+
+
+def test_eos_from_generation_config_ends_generation_unless_ignored(stories_path, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(stories_path, folder)
+    eos = GOLDEN_FROM_BOS[5]  # stories260K never emits its own EOS greedily; declare one it does emit
+    (folder / "generation_config.json").write_text(f'{{"eos_token_id": [2, {eos}]}}')
+    llm = LLM(str(folder), num_blocks=64)
+    stopped = llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0]
+    assert stopped.token_ids == GOLDEN_FROM_BOS[:6]
+    assert stopped.finish_reason == "stop"
+    ignored = llm.generate({"prompt_token_ids": [1]}, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+    assert ignored.token_ids == GOLDEN_FROM_BOS
+    assert ignored.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_across_batches(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = llm.generate("Tom and Sue", params, use_tqdm=False)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=0.8, max_tokens=10 + i) for i in range(5)]
+    batch = llm.generate(["A bird sat"] * 5 + ["Tom and Sue"], others + [params], use_tqdm=False)
+    assert batch[-1].outputs[0].token_ids == alone
+    unseeded = llm.generate(["Tom and Sue"] * 2, SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True),
+                            use_tqdm=False)
+    assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
+
+
+def test_unknown_architecture_and_broken_weights(stories_path, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(stories_path, folder)
+    config = (folder / "config.json").read_text()
+    (folder / "config.json").write_text(config.replace("LlamaForCausalLM", "GPTNeoXForCausalLM"))
+    with pytest.raises(ValueError, match="GPTNeoXForCausalLM.*not supported"):
+        LLM(str(folder))
+    (folder / "config.json").write_text(config)
+
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match="model.safetensors"):
+        LLM(str(folder))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        LLM(str(folder))
+    with pytest.raises(FileNotFoundError, match="neither an HF model folder nor a .gguf"):
+        LLM(str(tmp_path / "nowhere"))
