@@ -1,0 +1,190 @@
+"""jpaged against HF transformers, per supported architecture, on tiny random-weight models.
+
+Each case builds an HF model from its config with random float32 weights (norm scales and
+biases included), saves it with `save_pretrained`, loads the folder with `jpaged.LLM` and checks
+  - prompt logits through the paged cache against HF's forward (atol/rtol 1e-4),
+  - greedy continuations of a batch of three prompts (longer than one 16-token block, exactly
+    one block, short) against HF's `generate`,
+  - the same greedy continuations with chunked prefill (at most 8 tokens per step).
+Between them the cases cover GQA 2:1, MHA, GQA 8:1, tied and untied lm_head, llama3 rope
+scaling, QKV bias (Qwen2) and q/k RMSNorm with an explicit head_dim (Qwen3).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jpaged import LLM, SamplingParams  # noqa: E402
+
+from hf_models import greedy_margin, hf_greedy, hf_logits, save_random_model  # noqa: E402
+
+MAX_TOKENS = 32
+BLOCK_SIZE = 16
+# One past two blocks, exactly one block, short. Each engine compiles one step per padded batch
+# shape; these lengths, in this order, need 2 shapes unchunked and 6 chunked where e.g.
+# (29, 16, 5) needs 3 and 9, and compiles are most of this file's runtime.
+PROMPT_LENS = (33, BLOCK_SIZE, 5)
+LOGITS_PROMPT_LEN = 29
+MIN_GREEDY_MARGIN = 1e-3  # smallest accepted gap between HF's top two logits
+MAX_PROMPT_DRAWS = 10
+
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    initializer_range=0.2,  # hf_models re-draws every weight at this scale anyway
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # With head_dim 16 the 8 wavelengths (6 to 6e4 positions) fall in all three bands around
+    # 64/4 and 64/1: kept, smoothed, divided by the factor.
+    "original_max_position_embeddings": 64,
+}
+
+CASES = {
+    # GQA 2:1, untied lm_head, default rope.
+    "llama": ("LlamaConfig", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                  tie_word_embeddings=False)),
+    # MHA, tied embeddings, llama3 rope scaling (transformers 5 spells it `rope_parameters`).
+    "llama3_tied": ("LlamaConfig", dict(vocab_size=320, num_attention_heads=4, num_key_value_heads=4,
+                                        tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE)),
+    # GQA 8:1, three layers, no sliding window.
+    "mistral": ("MistralConfig", dict(vocab_size=384, num_attention_heads=8, num_key_value_heads=1,
+                                      num_hidden_layers=3, sliding_window=None, tie_word_embeddings=False)),
+    # QKV bias is part of the architecture.
+    "qwen2": ("Qwen2Config", dict(vocab_size=448, num_attention_heads=4, num_key_value_heads=2,
+                                  tie_word_embeddings=False, use_sliding_window=False)),
+    # q/k RMSNorm, head_dim 32 != hidden 64 / 4 heads.
+    "qwen3": ("Qwen3Config", dict(vocab_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                  tie_word_embeddings=False, use_sliding_window=False)),
+}
+
+
+@dataclass
+class Case:
+    name: str
+    model: object  # the HF torch model, the oracle
+    folder: str
+    prompts: list[list[int]]
+    continuations: list[list[int]]  # HF's greedy continuation of each prompt
+    logits_prompt: list[int]
+
+
+def engine_kwargs(**overrides):
+    kwargs = dict(dtype="float32", num_blocks=64, block_size=BLOCK_SIZE, max_num_seqs=8,
+                  max_num_batched_tokens=128, max_model_len=128)
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory) -> Case:
+    name = request.param
+    config_class, overrides = CASES[name]
+    config = getattr(transformers, config_class)(**{**COMMON, **overrides})
+    folder = tmp_path_factory.mktemp(f"hf_{name}")
+    seed = list(CASES).index(name)
+    model = save_random_model(folder, config, seed=seed)
+    rng = np.random.default_rng(1000 + seed)
+    # Greedy parity is only meaningful away from ties: draw prompts until HF's choices all win by
+    # MIN_GREEDY_MARGIN, far above float32 rounding (deterministic: the draws are seeded).
+    for _ in range(MAX_PROMPT_DRAWS):
+        prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in PROMPT_LENS]
+        continuations = [hf_greedy(model, prompt, MAX_TOKENS) for prompt in prompts]
+        margin = min(greedy_margin(model, p, c) for p, c in zip(prompts, continuations))
+        if margin >= MIN_GREEDY_MARGIN:
+            break
+    else:
+        pytest.fail(f"{name}: no prompt draw without a near-tie (last margin {margin:.1e})")
+    logits_prompt = rng.integers(0, config.vocab_size, LOGITS_PROMPT_LEN).tolist()
+    return Case(name, model, str(folder), prompts, continuations, logits_prompt)
+
+
+@pytest.fixture(scope="module")
+def llm(case) -> LLM:
+    return LLM(model=case.folder, **engine_kwargs())
+
+
+def jpaged_greedy(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(out.outputs[0].token_ids) for out in outputs]
+
+
+def assert_same_greedy(case: Case, ours: list[list[int]], expected: list[list[int]]) -> None:
+    """Token-for-token equality; on a mismatch, say where and how close HF's top two were there."""
+    for prompt, got, want in zip(case.prompts, ours, expected):
+        if got == want:
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        detail = ""
+        if at < min(len(got), len(want)):
+            row = hf_logits(case.model, prompt + want[:at])[-1]
+            top2 = np.sort(row)[-2:]
+            detail = f"; HF's top-2 logit gap there is {top2[1] - top2[0]:.2e}"
+        pytest.fail(f"{case.name}: prompt of {len(prompt)} tokens diverges from HF at new token {at}: "
+                    f"jpaged {got[at:at + 5]}..., HF {want[at:at + 5]}...{detail}\n"
+                    f"jpaged {got}\nHF     {want}")
+
+
+def test_config_reaches_engine(case, llm):
+    """The saved config.json is HF's own, and the engine reads the feature each case is about."""
+    saved = json.loads((Path(case.folder) / "config.json").read_text())
+    cfg = llm.engine.model_config
+    hf_cfg = case.model.config
+    assert cfg.num_layers == hf_cfg.num_hidden_layers
+    assert (cfg.num_heads, cfg.num_kv_heads) == (hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads)
+    assert cfg.head_dim == case.model.model.layers[0].self_attn.head_dim
+    assert cfg.tie_word_embeddings == saved.get("tie_word_embeddings", False)
+    if case.name == "llama3_tied":
+        assert saved["rope_parameters"]["rope_type"] == "llama3"
+        assert cfg.rope.scaling_type == "llama3" and cfg.rope.factor == 8.0
+        assert cfg.rope.original_max_position_embeddings == 64
+    else:
+        assert cfg.rope.scaling_type == "default"
+    assert cfg.qkv_bias == (case.name == "qwen2")
+    assert cfg.qk_norm == (case.name == "qwen3")
+    if case.name == "qwen3":
+        assert cfg.head_dim == 32 != cfg.hidden_size // cfg.num_heads
+    if case.name == "mistral":
+        assert saved["sliding_window"] is None
+
+
+def test_prompt_logits_match_hf(case, llm):
+    ours = llm.engine.prompt_logits(case.logits_prompt)
+    expected = hf_logits(case.model, case.logits_prompt)
+    assert ours.dtype == np.float32 and ours.shape == expected.shape
+    assert expected.std() > 0.1, "HF logits are nearly flat: the random weights are too small"
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_oracle_is_not_degenerate(case):
+    for prompt, tokens in zip(case.prompts, case.continuations):
+        assert len(tokens) == MAX_TOKENS
+        assert len(set(tokens)) >= 8, f"{case.name}: HF greedy from {len(prompt)} tokens is {tokens}"
+
+
+def test_greedy_matches_hf(case, llm):
+    assert_same_greedy(case, jpaged_greedy(llm, case.prompts), case.continuations)
+
+
+def test_greedy_with_chunked_prefill_matches_hf(case):
+    chunked = LLM(model=case.folder, **engine_kwargs(max_num_batched_tokens=8))
+    assert_same_greedy(case, jpaged_greedy(chunked, case.prompts), case.continuations)
