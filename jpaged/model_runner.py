@@ -28,9 +28,16 @@ from pallas_kernels.paged_attention import AttentionMetadata
 logger = logging.getLogger("jpaged")
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-    """The padded size for `n`: the next power of two, at least `minimum`; 0 stays 0."""
-    return 0 if n == 0 else max(minimum, 1 << (n - 1).bit_length())
+def bucket(n: int) -> int:
+    """The padded size for `n`: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (0 stays 0).
+
+    Powers of two and their halfway points waste at most a third of a dimension while
+    keeping the number of distinct shapes, and so of compilations, logarithmic.
+    """
+    if n <= 2:
+        return n
+    power = 1 << (n - 1).bit_length()
+    return power * 3 // 4 if n <= power * 3 // 4 else power
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,8 @@ class ModelRunner:
         nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights))
         self.state = state
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
-        shape = (model_config.num_layers, model_config.num_kv_heads, self.num_blocks,
-                 self.block_size, model_config.head_dim)
+        shape = (model_config.num_layers, self.num_blocks, self.block_size,
+                 model_config.num_kv_heads, model_config.head_dim)
         self.kv_cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
         self.num_compilations = 0
         self._step = jax.jit(self._step_fn, static_argnames="all_greedy", donate_argnums=1)
@@ -140,7 +147,7 @@ class ModelRunner:
         decode_rows, prefill_rows = bucket(num_decode), bucket(num_prefill)
         rows = np.concatenate([np.arange(num_decode), decode_rows + np.arange(num_prefill)]).astype(np.int64)
         num_tokens = sum(s.num_new_tokens for s in scheduled)
-        padded_tokens = bucket(num_tokens, minimum=8)
+        padded_tokens = bucket(num_tokens)
         num_rows = decode_rows + prefill_rows
         max_blocks = bucket(max(len(s.seq.block_table) for s in scheduled))
 

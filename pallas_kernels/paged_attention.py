@@ -1,8 +1,8 @@
 """Paged attention over a block-table KV cache: the pure-jnp reference.
 
 The model calls `write_kv` then `ragged_paged_attention` once per layer. The cache of all layers
-is one array `[num_layers, num_kv_heads, num_blocks, block_size, head_dim]`; a token in slot
-`s` lives in block `s // block_size` at offset `s % block_size`.
+is one array `[num_layers, num_blocks, block_size, num_kv_heads, head_dim]`; a token in slot
+`s` lives in block `s // block_size` at offset `s % block_size`, all its KV heads together.
 
 The batch is ragged: sequence `i` brings `query_lens[i]` new tokens, flattened in `q` from
 `query_start[i]`, and attends causally to its `context_lens[i]` cached tokens (the new ones
@@ -39,11 +39,11 @@ jax.tree_util.register_dataclass(
 
 def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
     """Store the new tokens' K/V `[T, kv_heads, head_dim]` of one layer into their slots."""
-    num_blocks, block_size = k_cache.shape[2], k_cache.shape[3]
+    num_blocks, block_size = k_cache.shape[1], k_cache.shape[2]
     block = jnp.where(slot_mapping >= 0, slot_mapping // block_size, num_blocks)
     offset = slot_mapping % block_size
-    k_cache = k_cache.at[layer, :, block, offset].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[layer, :, block, offset].set(v.astype(v_cache.dtype), mode="drop")
+    k_cache = k_cache.at[layer, block, offset].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[layer, block, offset].set(v.astype(v_cache.dtype), mode="drop")
     return k_cache, v_cache
 
 
@@ -61,7 +61,7 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, sc
 def _attend_rows(out, q, k_cache, v_cache, layer, md, rows, query_width, scale):
     """Attention for the sequences in `rows`, their queries laid on a `[rows, query_width]` grid."""
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[3]
+    num_kv_heads = k_cache.shape[3]
     block_tables = md.block_tables[rows]
     context_lens, query_lens = md.context_lens[rows], md.query_lens[rows]
     query_offsets = jnp.arange(query_width)
@@ -71,18 +71,16 @@ def _attend_rows(out, q, k_cache, v_cache, layer, md, rows, query_width, scale):
 
     q_grid = q[jnp.clip(token_index, 0, num_tokens - 1)].astype(jnp.float32)
     q_grid = q_grid.reshape(n, query_width, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    keys = k_cache[layer, :, block_tables].astype(jnp.float32)  # [N, blocks, kv_heads, bs, d]
-    values = v_cache[layer, :, block_tables].astype(jnp.float32)
-    keys = keys.transpose(0, 2, 1, 3, 4).reshape(n, num_kv_heads, -1, head_dim)
-    values = values.transpose(0, 2, 1, 3, 4).reshape(n, num_kv_heads, -1, head_dim)
+    keys = k_cache[layer, block_tables].reshape(n, -1, num_kv_heads, head_dim).astype(jnp.float32)
+    values = v_cache[layer, block_tables].reshape(n, -1, num_kv_heads, head_dim).astype(jnp.float32)
 
-    scores = jnp.einsum("nqkgd,nkld->nkgql", q_grid, keys) * scale
+    # Key position leads the scores' axes: XLA on CPU then reads each gathered key row once.
+    scores = jnp.einsum("nqkgd,nlkd->nlkgq", q_grid, keys) * scale
     query_pos = (context_lens - query_lens)[:, None] + query_offsets  # [N, Q]
-    key_pos = jnp.arange(keys.shape[2])
-    visible = key_pos[None, None, :] <= query_pos[:, :, None]  # [N, Q, L]
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = jnp.where(is_query[:, None, None, :, None], probs, 0.0)
-    attended = jnp.einsum("nkgql,nkld->nqkgd", probs, values).reshape(n, query_width, num_heads, head_dim)
+    key_pos = jnp.arange(keys.shape[1])
+    visible = key_pos[None, :, None] <= query_pos[:, None, :]  # [N, L, Q]
+    scores = jnp.where(visible[:, :, None, None, :], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=1)
+    attended = jnp.einsum("nlkgq,nlkd->nqkgd", probs, values).reshape(n, query_width, num_heads, head_dim)
     scatter_index = jnp.where(is_query, token_index, num_tokens)
     return out.at[scatter_index].set(attended, mode="drop")

@@ -1,0 +1,1 @@
+"""Device meshes and partition rules for tensor, pipeline and expert parallel layouts."""
