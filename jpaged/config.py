@@ -101,6 +101,11 @@ class ModelConfig:
         num_heads = int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         eos = (generation_config or {}).get("eos_token_id", hf.get("eos_token_id"))
+        max_positions = int(hf.get("max_position_embeddings", 2048))
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "mistral") else None
+        if window and window < max_positions:
+            # Attention never reaches past the window as long as sequences stay within it.
+            max_positions = int(window)
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
             architecture=arch,
@@ -113,7 +118,7 @@ class ModelConfig:
             head_dim=int(head_dim),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope=RopeConfig.from_hf(hf),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            max_position_embeddings=max_positions,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
             qk_norm=arch == "qwen3",

@@ -103,16 +103,22 @@ class ModelRunner:
 
     def _step_fn(self, state, kv_cache, batch: StepBatch, sampling: SamplingArrays, all_greedy: bool):
         self._count_compilation("step", batch)
-        model = self._model(state)
-        hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
-        logits = model.logits(hidden[batch.logits_indices])
+        with self._matmul_precision():
+            model = self._model(state)
+            hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
+            logits = model.logits(hidden[batch.logits_indices])
         return sample(logits, sampling, all_greedy), kv_cache
 
     def _logits_fn(self, state, kv_cache, batch: StepBatch):
         self._count_compilation("logits", batch)
-        model = self._model(state)
-        hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
-        return model.logits(hidden), kv_cache
+        with self._matmul_precision():
+            model = self._model(state)
+            hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
+            return model.logits(hidden), kv_cache
+
+    def _matmul_precision(self):
+        """float32 means float32: no TF32 shortcuts in matmuls on GPUs."""
+        return jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default")
 
     def execute(self, scheduled: list[ScheduledSequence]) -> np.ndarray:
         """Run one step; returns a sampled token per scheduled sequence (meaningful where it samples)."""
