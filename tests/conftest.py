@@ -12,3 +12,25 @@ def stories_path() -> str:
     if not (STORIES / "model.safetensors").is_file():
         pytest.skip(f"stories260K not found at {STORIES}")
     return str(STORIES)
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    """The default model's GGUF (downloaded once into the cache)."""
+    from jpaged.loader.default_model import DownloadError, default_model_path
+
+    try:
+        return default_model_path()
+    except DownloadError as exc:
+        pytest.skip(f"default model not downloadable here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model(model_path):
+    """HF transformers' own load of the default model's GGUF (float32, torch CPU): an oracle."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF models")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32).eval()

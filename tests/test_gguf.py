@@ -18,27 +18,13 @@ from jpaged.loader.gguf import load_gguf_config, load_gguf_tokenizer, load_gguf_
 
 
 @pytest.fixture(scope="module")
-def model_path():
-    try:
-        return default_model_path()
-    except DownloadError as exc:
-        pytest.skip(f"default model not downloadable here: {exc}")
-
-
-@pytest.fixture(scope="module")
 def config(model_path):
     return load_gguf_config(model_path)
 
 
 @pytest.fixture(scope="module")
-def hf_state_dict(model_path):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF models")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32)
-    return {name: t.detach().numpy() for name, t in model.state_dict().items()}
+def hf_state_dict(hf_gguf_model):
+    return {name: t.detach().numpy() for name, t in hf_gguf_model.state_dict().items()}
 
 
 def test_default_model_config(config):

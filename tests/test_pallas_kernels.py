@@ -1,0 +1,297 @@
+"""The Pallas attention kernels, in interpret mode on CPU, against the jnp reference and jax's own
+paged-attention reference; and every kernel configuration the engine uses cross-lowered for CUDA.
+
+Batches are built the way the model runner builds them: decode rows first, every dimension
+padded to the engine's shape buckets (not powers of two), padding rows with no tokens, shuffled
+block tables, fresh random queries and cache. Pools stay small: interpret mode is slow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged_attention
+
+from pallas_kernels.backend import pallas_paged_attention, select_attention
+from pallas_kernels.decode_attention import choose_num_splits, paged_decode_attention_kernel
+from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention, write_kv
+from pallas_kernels.ragged_paged_attention import QueryTile, ragged_paged_attention_kernel
+
+NUM_LAYERS = 2
+LAYER = 1
+# bfloat16: the reference rounds its output to bfloat16 too, so allow a couple of its ulps at |x| ~ 3.
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+
+def bucket(n: int) -> int:
+    """The engine's padding buckets: 1, 2, 3, 4, 6, 8, 12, 16, 24, ..."""
+    if n <= 2:
+        return n
+    power = 1 << (n - 1).bit_length()
+    return power * 3 // 4 if n <= power * 3 // 4 else power
+
+
+@dataclass
+class Batch:
+    q: jax.Array  # [T, heads, head_dim]
+    k_cache: jax.Array  # [layers, blocks, block_size, kv_heads, head_dim]
+    v_cache: jax.Array
+    md: AttentionMetadata
+    scale: float
+
+    def args(self):
+        return self.q, self.k_cache, self.v_cache, jnp.int32(LAYER), self.md
+
+
+def make_batch(seed: int, seqs: list[tuple[int, int]], *, num_heads: int, num_kv_heads: int, head_dim: int,
+               block_size: int, num_blocks: int, dtype=jnp.float32) -> Batch:
+    """A padded ragged batch of `seqs = [(cached_tokens, new_tokens), ...]`, decodes listed first."""
+    rng = np.random.default_rng(seed)
+    num_decode = sum(1 for _, new in seqs if new == 1)
+    assert all(new == 1 for _, new in seqs[:num_decode]), "list decode sequences first"
+    decode_rows, prefill_rows = bucket(num_decode), bucket(len(seqs) - num_decode)
+    rows = [*range(num_decode), *range(decode_rows, decode_rows + len(seqs) - num_decode)]
+    blocks_per_seq = [-(-(cached + new) // block_size) for cached, new in seqs]
+    assert sum(blocks_per_seq) <= num_blocks, "pool too small for the batch"
+    num_tokens = sum(new for _, new in seqs)
+
+    free_blocks = rng.permutation(num_blocks)
+    block_tables = np.zeros((decode_rows + prefill_rows, bucket(max(blocks_per_seq))), np.int32)
+    context_lens, query_start, query_lens = (np.zeros(len(block_tables), np.int32) for _ in range(3))
+    start = 0
+    for row, (cached, new), count in zip(rows, seqs, blocks_per_seq):
+        block_tables[row, :count], free_blocks = free_blocks[:count], free_blocks[count:]
+        context_lens[row], query_start[row], query_lens[row] = cached + new, start, new
+        start += new
+    prefill_lens = [new for _, new in seqs[num_decode:]]
+    md = AttentionMetadata(
+        slot_mapping=jnp.full(bucket(num_tokens), -1, jnp.int32), block_tables=jnp.asarray(block_tables),
+        context_lens=jnp.asarray(context_lens), query_start=jnp.asarray(query_start),
+        query_lens=jnp.asarray(query_lens), num_decode_seqs=decode_rows,
+        max_query_len=bucket(max(prefill_lens, default=0)),
+    )
+    cache_shape = (NUM_LAYERS, num_blocks, block_size, num_kv_heads, head_dim)
+    q = rng.standard_normal((bucket(num_tokens), num_heads, head_dim))
+    k_cache, v_cache = rng.standard_normal(cache_shape), rng.standard_normal(cache_shape)
+    return Batch(*(jnp.asarray(a, dtype) for a in (q, k_cache, v_cache)), md, head_dim**-0.5)
+
+
+def awkward_seqs(block_size: int, chunk: int) -> list[tuple[int, int]]:
+    """Decodes then prefill chunks at contexts 0, 1, block_size - 1, multiples of it, one past."""
+    b = block_size
+    decodes = [(0, 1), (1, 1), (b - 2, 1), (b - 1, 1), (2 * b, 1)]
+    prefills = [(0, chunk), (1, 3), (b - 1, 2), (b, chunk), (b + 1, 5), (0, b), (2 * b - 3, b + 1)]
+    return decodes + prefills
+
+
+def run_jitted(fn, batch: Batch, **kwargs):
+    return jax.jit(lambda q, k, v, layer, md: fn(q, k, v, layer, md, batch.scale, **kwargs))(*batch.args())
+
+
+def reference(batch: Batch):
+    return run_jitted(ragged_paged_attention, batch)
+
+
+def assert_close(actual, expected, dtype):
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32), atol=tol, rtol=tol)
+
+
+def real_tokens(md: AttentionMetadata) -> np.ndarray:
+    mask = np.zeros(md.slot_mapping.shape[0], bool)
+    for start, length in zip(np.asarray(md.query_start), np.asarray(md.query_lens)):
+        mask[start:start + length] = True
+    return mask
+
+
+# --- the ragged kernel ---------------------------------------------------------------------------
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+# Every GQA ratio in both dtypes at block size 16, and a few at 32 (interpret mode is slow).
+RAGGED_CASES = [(16, group, dtype) for group in (1, 2, 4, 8) for dtype in (F32, BF16)] + [(32, 2, F32), (32, 8, BF16)]
+
+
+def case_id(case) -> str:
+    return "-".join(jnp.dtype(x).name if isinstance(x, type) else str(x) for x in case)
+
+
+@pytest.mark.parametrize(("block_size", "group", "dtype"), RAGGED_CASES, ids=map(case_id, RAGGED_CASES))
+def test_ragged_kernel_matches_reference(block_size, group, dtype):
+    batch = make_batch(block_size + group, awkward_seqs(block_size, chunk=24), num_heads=2 * group,
+                       num_kv_heads=2, head_dim=64, block_size=block_size, num_blocks=32, dtype=dtype)
+    out = run_jitted(ragged_paged_attention_kernel, batch, interpret=True)
+    assert out.dtype == batch.q.dtype
+    assert_close(out, reference(batch), dtype)
+    assert not np.asarray(out, np.float32)[~real_tokens(batch.md)].any(), "padding tokens must stay zero"
+
+
+@pytest.mark.parametrize("head_dim", [16, 48, 128])
+def test_ragged_kernel_head_dims(head_dim):
+    """Powers of two, and a multiple of 16 that is not one (padded to 64 inside the kernel)."""
+    batch = make_batch(head_dim, [(3, 1), (17, 1), (5, 20), (16, 16)], num_heads=6, num_kv_heads=2,
+                       head_dim=head_dim, block_size=16, num_blocks=16)
+    assert_close(run_jitted(ragged_paged_attention_kernel, batch, interpret=True), reference(batch), jnp.float32)
+
+
+def test_ragged_kernel_group_of_three_and_long_chunk():
+    """SmolLM2's 9 heads over 3 KV heads, and a chunk that spans several query tiles and KV chunks."""
+    batch = make_batch(3, [(0, 1), (40, 70), (0, 9)], num_heads=9, num_kv_heads=3, head_dim=64,
+                       block_size=16, num_blocks=24)
+    out = run_jitted(ragged_paged_attention_kernel, batch, interpret=True, target_rows=16, chunk_tokens=32)
+    assert_close(out, reference(batch), jnp.float32)
+
+
+def test_query_tiles_satisfy_triton_shape_rules():
+    for group in (1, 2, 3, 4, 6, 8, 16, 32):
+        for max_query_len in (1, 2, 3, 24, 512):
+            for target_rows in (1, 16, 64, 128):
+                tile = QueryTile.choose(group, 64, max_query_len, target_rows)
+                assert tile.head_slots >= group and tile.rows >= 16
+                assert tile.rows & (tile.rows - 1) == 0 and tile.tokens & (tile.tokens - 1) == 0
+
+
+# --- the flash-decoding kernel -------------------------------------------------------------------
+
+def decode_inputs(batch: Batch):
+    """One query row per decode sequence, as the backend hands them to the decode kernel."""
+    rows = slice(0, batch.md.num_decode_seqs)
+    has_token = np.asarray(batch.md.query_lens[rows]) > 0
+    queries = batch.q[batch.md.query_start[rows]]
+    context_lens = jnp.where(has_token, batch.md.context_lens[rows], 0)
+    return queries, batch.md.block_tables[rows], context_lens, has_token
+
+
+def run_decode(batch: Batch, **kwargs):
+    queries, block_tables, context_lens, _ = decode_inputs(batch)
+    fn = jax.jit(lambda q, k, v, bt, cl: paged_decode_attention_kernel(
+        q, k, v, jnp.int32(LAYER), bt, cl, batch.scale, interpret=True, **kwargs))
+    return fn(queries, batch.k_cache, batch.v_cache, block_tables, context_lens)
+
+
+def jax_oracle(batch: Batch, queries, block_tables, context_lens):
+    """jax's own `paged_attention_reference`, on each sequence's pages laid out contiguously."""
+    num_seqs = block_tables.shape[0]
+    keys = batch.k_cache[LAYER][block_tables].reshape(num_seqs, -1, *batch.k_cache.shape[3:])
+    values = batch.v_cache[LAYER][block_tables].reshape(num_seqs, -1, *batch.v_cache.shape[3:])
+    scaled = (queries.astype(jnp.float32) * batch.scale).astype(queries.dtype)
+    return jax_paged_attention.paged_attention_reference(scaled, keys, values, context_lens)
+
+
+DECODE_CONTEXTS = [1, 2, 15, 16, 17, 32, 33, 95, 96, 97]
+
+
+# (GQA group, dtype, context splits; None = the GPU-filling default, one split per KV chunk here)
+DECODE_CASES = [(1, F32, 1), (2, BF16, 3), (4, F32, None), (4, BF16, 1), (8, F32, 3), (8, BF16, None)]
+
+
+@pytest.mark.parametrize(("group", "dtype", "num_splits"), DECODE_CASES, ids=map(case_id, DECODE_CASES))
+def test_decode_kernel_matches_both_references(group, dtype, num_splits):
+    seqs = [(context - 1, 1) for context in DECODE_CONTEXTS]
+    batch = make_batch(group * 7, seqs, num_heads=2 * group, num_kv_heads=2, head_dim=64, block_size=16,
+                       num_blocks=48, dtype=dtype)
+    queries, block_tables, context_lens, has_token = decode_inputs(batch)
+    out = run_decode(batch, num_splits=num_splits, chunk_tokens=32)
+    ours = reference(batch)[batch.md.query_start[: batch.md.num_decode_seqs]]
+    assert_close(out[has_token], ours[has_token], dtype)
+    assert not np.asarray(out, np.float32)[~has_token].any(), "padding rows must be zeros"
+    if dtype == jnp.float32:  # jax's reference rounds queries through the input dtype after scaling
+        theirs = jax_oracle(batch, queries, block_tables, context_lens)
+        assert_close(out[has_token], theirs[has_token], dtype)
+
+
+def test_decode_kernel_against_jax_pallas_kernel_in_interpret_mode():
+    """jax's own Triton paged-attention kernel, layouts converted, as a third opinion."""
+    batch = make_batch(11, [(c - 1, 1) for c in (5, 16, 31, 64)], num_heads=16, num_kv_heads=2, head_dim=64,
+                       block_size=16, num_blocks=20)
+    queries, block_tables, context_lens, _ = decode_inputs(batch)
+    k_pages = jnp.transpose(batch.k_cache[LAYER], (2, 0, 1, 3))  # -> [kv_heads, pages, page_size, head_dim]
+    v_pages = jnp.transpose(batch.v_cache[LAYER], (2, 0, 1, 3))
+    theirs = jax_paged_attention.paged_attention(
+        queries * batch.scale, k_pages, v_pages, block_tables, context_lens, k_splits=1,
+        pages_per_compute_block=block_tables.shape[1], interpret=True)
+    assert_close(run_decode(batch, num_splits=2), theirs, jnp.float32)
+
+
+def test_split_choice_fills_the_gpu_without_empty_splits():
+    assert choose_num_splits(batch=1, num_kv_heads=8, max_chunks=128) == 64
+    assert choose_num_splits(batch=256, num_kv_heads=8, max_chunks=128) == 1
+    for batch in (1, 3, 8, 64):
+        for max_chunks in (1, 5, 7, 100):
+            splits = choose_num_splits(batch, 2, max_chunks)
+            chunks_per_split = -(-max_chunks // splits)
+            assert 1 <= splits <= max_chunks and (splits - 1) * chunks_per_split < max_chunks
+
+
+# --- the backend's combined path -----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_pallas_backend_mixed_batch(dtype):
+    """Decodes by flash-decoding and prefills by the ragged kernel, written into one output."""
+    batch = make_batch(5, awkward_seqs(16, chunk=12), num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
+                       num_blocks=32, dtype=dtype)
+    out = run_jitted(pallas_paged_attention, batch, interpret=True)
+    assert_close(out, reference(batch), dtype)
+    assert not np.asarray(out, np.float32)[~real_tokens(batch.md)].any()
+
+
+def test_pallas_backend_decode_only_and_prefill_only():
+    decodes = make_batch(1, [(4, 1), (30, 1), (0, 1)], num_heads=4, num_kv_heads=1, head_dim=32,
+                         block_size=16, num_blocks=8)
+    prefills = make_batch(2, [(0, 7), (9, 3)], num_heads=4, num_kv_heads=1, head_dim=32, block_size=16,
+                          num_blocks=8)
+    for batch in (decodes, prefills):
+        assert_close(run_jitted(pallas_paged_attention, batch, interpret=True), reference(batch), jnp.float32)
+
+
+# --- cross-lowering for CUDA ---------------------------------------------------------------------
+
+def layer_scan(attention):
+    """The model's use: per layer, write the new K/V, then attend, inside `lax.scan` over layers."""
+    def step(q, k, v, k_cache, v_cache, md, scale):
+        def layer_step(carry, _):
+            k_cache, v_cache, layer = carry
+            k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, md.slot_mapping)
+            out = attention(q, k_cache, v_cache, layer, md, scale)
+            return (k_cache, v_cache, layer + 1), out
+
+        (k_cache, v_cache, _), outs = jax.lax.scan(layer_step, (k_cache, v_cache, jnp.int32(0)), None,
+                                                   length=k_cache.shape[0])
+        return outs, k_cache, v_cache
+    return step
+
+
+ENGINE_CONFIGS = [
+    # (dtype, head_dim, block_size, num_heads, num_kv_heads)
+    (jnp.bfloat16, 128, 16, 32, 8),
+    (jnp.bfloat16, 128, 32, 32, 4),
+    (jnp.bfloat16, 64, 16, 9, 3),
+    (jnp.bfloat16, 64, 16, 8, 8),
+    (jnp.float32, 64, 16, 16, 2),
+    (jnp.float32, 80, 32, 10, 10),
+]
+BATCH_SHAPES = {
+    "decode": [(c, 1) for c in (0, 16, 47, 200, 301)],
+    "prefill": [(0, 37), (33, 16)],
+    "mixed": [(5, 1), (70, 1), (0, 21), (16, 3)],
+}
+
+
+@pytest.mark.parametrize("batch_kind", list(BATCH_SHAPES))
+@pytest.mark.parametrize("config", ENGINE_CONFIGS, ids=lambda c: f"{jnp.dtype(c[0]).name}-d{c[1]}-b{c[2]}-{c[3]}:{c[4]}")
+def test_engine_configs_cross_lower_for_cuda(config, batch_kind):
+    dtype, head_dim, block_size, num_heads, num_kv_heads = config
+    batch = make_batch(0, BATCH_SHAPES[batch_kind], num_heads=num_heads, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, block_size=block_size, num_blocks=40, dtype=dtype)
+    new_kv = jnp.zeros((batch.q.shape[0], num_kv_heads, head_dim), dtype)
+    attention = select_attention("pallas", head_dim, platform="cuda")
+    step = jax.jit(layer_scan(attention), static_argnums=6, donate_argnums=(3, 4))
+    precision = "highest" if dtype == jnp.float32 else "default"  # what the model runner sets
+    with jax.default_matmul_precision(precision):
+        lowered = step.trace(batch.q, new_kv, new_kv, batch.k_cache, batch.v_cache, batch.md,
+                             batch.scale).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert "__gpu$xla.gpu.triton" in text or "triton" in text
