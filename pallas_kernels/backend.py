@@ -1,0 +1,89 @@
+"""The attention-backend switch: which implementation computes the engine's paged attention.
+
+`select_attention(backend, head_dim)` returns a function with the signature of the reference
+`ragged_paged_attention(q, k_cache, v_cache, layer, md, scale)`:
+
+- "reference": the pure-jnp reference (the CPU backend);
+- "pallas": the Pallas kernels, decode rows `[0, num_decode_seqs)` by the flash-decoding kernel
+  and the other rows by the ragged kernel, writing into the same output in place. On a machine
+  without a GPU they run only in interpret mode (`interpret=True`, for tests);
+- "auto": "pallas" on a GPU, "reference" elsewhere (interpret mode is only ever asked for).
+
+A shape the kernels cannot run (a head_dim that is not a multiple of 16, such as stories260K's
+8) falls back to the reference, and the reason is logged once on the `jpaged` logger.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.decode_attention import paged_decode_attention_kernel
+from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention
+from pallas_kernels.ragged_paged_attention import ragged_attention_rows, unsupported_reason
+
+logger = logging.getLogger("jpaged")
+
+BACKENDS = ("auto", "pallas", "reference")
+GPU_PLATFORMS = ("cuda", "rocm", "gpu")
+_logged_fallbacks: set[str] = set()
+
+AttentionFn = Callable[..., jax.Array]
+
+
+def select_attention(backend: str, head_dim: int, interpret: bool = False, *,
+                     platform: str | None = None) -> AttentionFn:
+    """The attention function for `backend` and this model's `head_dim`.
+
+    `platform` is where the step will run (default: jax's default backend); naming "cuda" lets a
+    CPU-only machine build the Pallas path for cross-lowering.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    platform = platform or jax.default_backend()
+    on_gpu = platform in GPU_PLATFORMS
+    if backend == "reference" or (backend == "auto" and not on_gpu):
+        return ragged_paged_attention
+    if not on_gpu and not interpret:
+        raise ValueError(f"attention backend 'pallas' needs a GPU or interpret=True; this platform is {platform!r}")
+    reason = unsupported_reason(head_dim)
+    if reason:
+        _log_fallback_once(f"Pallas attention cannot run this model ({reason}); using the jnp reference")
+        return ragged_paged_attention
+    return functools.partial(pallas_paged_attention, interpret=interpret)
+
+
+def _log_fallback_once(message: str) -> None:
+    if message not in _logged_fallbacks:
+        _logged_fallbacks.add(message)
+        logger.warning(message)
+
+
+def pallas_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, *,
+                           interpret: bool = False) -> jax.Array:
+    """`ragged_paged_attention` by the Pallas kernels: flash-decoding for the decode rows, then
+    the ragged kernel for the prefill rows, the latter writing into the former's output."""
+    num_seqs, num_decode = md.block_tables.shape[0], md.num_decode_seqs
+    out = jnp.zeros(q.shape, q.dtype)
+    if num_decode:
+        out = _decode_rows(out, q, k_cache, v_cache, layer, md, scale, interpret)
+    if num_seqs > num_decode and md.max_query_len > 0:
+        out = ragged_attention_rows(out, q, k_cache, v_cache, layer, md, scale, (num_decode, num_seqs),
+                                    md.max_query_len, interpret=interpret)
+    return out
+
+
+def _decode_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale, interpret):
+    """Flash-decoding for rows `[0, num_decode_seqs)`, scattered to their tokens in `out`."""
+    rows = slice(0, md.num_decode_seqs)
+    has_token = md.query_lens[rows] > 0
+    token = md.query_start[rows]
+    context_lens = jnp.where(has_token, md.context_lens[rows], 0)
+    queries = q[jnp.clip(token, 0, q.shape[0] - 1)]
+    attended = paged_decode_attention_kernel(queries, k_cache, v_cache, layer, md.block_tables[rows],
+                                             context_lens, scale, interpret=interpret)
+    return out.at[jnp.where(has_token, token, q.shape[0])].set(attended, mode="drop")
