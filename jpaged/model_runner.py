@@ -147,13 +147,19 @@ class ModelRunner:
         return np.asarray(logits)[: len(token_ids)]
 
     def _build_batch(self, scheduled: list[ScheduledSequence]) -> tuple[StepBatch, np.ndarray]:
-        """Padded arrays for `scheduled` (decodes first); also each sequence's row."""
+        """Padded arrays for `scheduled` (decodes first); also each sequence's row.
+
+        Decode row `i` holds its token at flat index `i`; prefill tokens start after the padded
+        decode rows.
+        """
         num_decode = sum(1 for s in scheduled if s.num_new_tokens == 1)
         num_prefill = len(scheduled) - num_decode
         decode_rows, prefill_rows = bucket(num_decode), bucket(num_prefill)
         rows = np.concatenate([np.arange(num_decode), decode_rows + np.arange(num_prefill)]).astype(np.int64)
-        num_tokens = sum(s.num_new_tokens for s in scheduled)
-        padded_tokens = bucket(num_tokens)
+        prefill_counts = [s.num_new_tokens for s in scheduled[num_decode:]]
+        prefill_starts = decode_rows + np.cumsum([0] + prefill_counts)[:-1]
+        first_tokens = np.concatenate([np.arange(num_decode), prefill_starts]).astype(np.int64)
+        padded_tokens = bucket(decode_rows + sum(prefill_counts))
         num_rows = decode_rows + prefill_rows
         max_blocks = bucket(max(len(s.seq.block_table) for s in scheduled))
 
@@ -163,9 +169,9 @@ class ModelRunner:
         block_tables = np.zeros((num_rows, max_blocks), np.int32)
         context_lens = np.zeros(num_rows, np.int32)
         query_start = np.zeros(num_rows, np.int32)
+        query_start[:decode_rows] = np.arange(decode_rows)
         query_lens = np.zeros(num_rows, np.int32)
-        start = 0
-        for row, item in zip(rows, scheduled):
+        for row, start, item in zip(rows, first_tokens, scheduled):
             seq, count = item.seq, item.num_new_tokens
             first = seq.num_computed_tokens
             span = slice(start, start + count)
@@ -176,8 +182,7 @@ class ModelRunner:
                 positions[span] % self.block_size)
             block_tables[row, : len(table)] = table
             context_lens[row], query_start[row], query_lens[row] = first + count, start, count
-            start += count
-        max_query_len = bucket(max((s.num_new_tokens for s in scheduled if s.num_new_tokens > 1), default=0))
+        max_query_len = bucket(max(prefill_counts, default=0))
         attention = AttentionMetadata(
             slot_mapping=slot_mapping, block_tables=block_tables, context_lens=context_lens,
             query_start=query_start, query_lens=query_lens,
