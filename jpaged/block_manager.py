@@ -50,7 +50,3 @@ class BlockManager:
             if self.ref_counts[block_id] == 0:
                 self.free_block_ids.append(block_id)
         seq.block_table = []
-
-    def slot(self, seq: Sequence, position: int) -> int:
-        """Flat cache slot of the token at `position` of `seq`."""
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

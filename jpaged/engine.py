@@ -118,9 +118,8 @@ class LLMEngine:
         outputs = []
         for item, token in zip(plan.scheduled, tokens):
             seq = item.seq
-            samples = item.samples
             seq.num_computed_tokens += item.num_new_tokens
-            if samples:
+            if item.samples:
                 seq.output_token_ids.append(int(token))
                 self._check_stop(seq)
             if seq.is_finished:

@@ -140,7 +140,7 @@ class ModelRunner:
         """Float32 logits `[len(token_ids), vocab]` of one whole prompt, computed through the cache."""
         block_manager.grow(seq, len(token_ids))
         try:
-            batch, _ = self._build_batch([ScheduledSequence(seq, len(token_ids))])
+            batch, _ = self._build_batch([ScheduledSequence.of(seq, len(token_ids))])
             logits, self.kv_cache = self._logits(self.state, self.kv_cache, batch)
         finally:
             block_manager.free(seq)

@@ -17,15 +17,15 @@ from jpaged.config import SchedulerConfig
 from jpaged.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int
+    samples: bool  # whether this step reaches the sequence's last token, so samples the next one
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step computes the sequence's last known token, so a new one is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
+        return cls(seq, num_new_tokens, seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Scheduler:
                 if victim is seq:
                     return budget
             self.block_manager.grow(seq, target)
-            out.scheduled.append(ScheduledSequence(seq, num_new))
+            out.scheduled.append(ScheduledSequence.of(seq, num_new))
             budget -= num_new
             index += 1
         return budget
@@ -87,7 +87,7 @@ class Scheduler:
             self.block_manager.grow(seq, num_new)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
-            out.scheduled.append(ScheduledSequence(seq, num_new))
+            out.scheduled.append(ScheduledSequence.of(seq, num_new))
             budget -= num_new
 
     def _preempt(self, seq: Sequence) -> None:

@@ -1,0 +1,96 @@
+"""Scheduler and block manager on their own: budgets, chunking, FCFS preemption, block accounting."""
+
+import pytest
+
+from jpaged.block_manager import BlockManager
+from jpaged.config import SchedulerConfig
+from jpaged.sampling_params import SamplingParams
+from jpaged.scheduler import Scheduler
+from jpaged.sequence import Sequence, SequenceStatus
+
+
+def make_seq(name: str, prompt_len: int) -> Sequence:
+    return Sequence(name, None, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=100), seed=0)
+
+
+def run_step(scheduler: Scheduler):
+    """Schedule one step and apply it as the engine would, sampling token 7 where due."""
+    plan = scheduler.schedule()
+    for item in plan.scheduled:
+        item.seq.num_computed_tokens += item.num_new_tokens
+        if item.samples:
+            item.seq.output_token_ids.append(7)
+    return plan
+
+
+def test_block_manager_grows_on_demand_and_frees():
+    manager = BlockManager(num_blocks=4, block_size=4)
+    seq = make_seq("a", 5)
+    manager.grow(seq, 5)
+    assert len(seq.block_table) == 2 and manager.num_free_blocks == 2
+    manager.grow(seq, 8)
+    assert len(seq.block_table) == 2
+    manager.grow(seq, 9)
+    assert len(seq.block_table) == 3 and manager.ref_counts[seq.block_table[-1]] == 1
+    assert not manager.can_grow(seq, 17)
+    with pytest.raises(RuntimeError, match="2 blocks needed, 1 free"):
+        manager.grow(seq, 17)
+    manager.free(seq)
+    assert manager.num_free_blocks == 4 and seq.block_table == [] and not any(manager.ref_counts)
+
+
+def test_token_budget_chunks_long_prompts_and_decodes_go_first():
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), BlockManager(64, 4))
+    short, long = make_seq("short", 3), make_seq("long", 25)
+    scheduler.add(short)
+    scheduler.add(long)
+    plan = run_step(scheduler)
+    assert [(s.seq.request_id, s.num_new_tokens) for s in plan.scheduled] == [("short", 3), ("long", 7)]
+    assert [s.samples for s in plan.scheduled] == [True, False]
+    chunks = [run_step(scheduler).scheduled for _ in range(3)]
+    assert [[(s.seq.request_id, s.num_new_tokens) for s in c] for c in chunks] == [
+        [("short", 1), ("long", 9)], [("short", 1), ("long", 9)], [("short", 1), ("long", 1)]]
+    assert long.num_computed_tokens == 26 and len(long.output_token_ids) == 2
+
+
+def test_max_num_seqs_limits_admission():
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100), BlockManager(64, 4))
+    for name in "abc":
+        scheduler.add(make_seq(name, 2))
+    plan = run_step(scheduler)
+    assert [s.seq.request_id for s in plan.scheduled] == ["a", "b"]
+    assert [s.request_id for s in scheduler.waiting] == ["c"]
+
+
+def test_preemption_takes_latest_arrival_and_it_resumes_first():
+    manager = BlockManager(num_blocks=4, block_size=2)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100), manager)
+    first, second, third = make_seq("first", 2), make_seq("second", 2), make_seq("third", 2)
+    for seq in (first, second, third):
+        scheduler.add(seq)
+    run_step(scheduler)  # each holds one full block and a sampled token that needs a second
+    assert manager.num_free_blocks == 1
+    plan = run_step(scheduler)
+    assert plan.preempted == [third]
+    assert third.status is SequenceStatus.WAITING and third.num_computed_tokens == 0
+    assert third.block_table == [] and manager.num_free_blocks == 0
+    fourth = make_seq("fourth", 1)
+    scheduler.add(fourth)
+    assert [s.request_id for s in scheduler.waiting] == ["third", "fourth"]
+    scheduler.finish(first)
+    plan = run_step(scheduler)
+    assert [s.seq.request_id for s in plan.scheduled][-1] == "third"
+    assert [s.num_new_tokens for s in plan.scheduled if s.seq is third] == [3]  # prompt + sampled token
+
+
+def test_finish_releases_running_and_waiting_sequences():
+    manager = BlockManager(num_blocks=8, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=100), manager)
+    running, waiting = make_seq("running", 6), make_seq("waiting", 3)
+    scheduler.add(running)
+    scheduler.add(waiting)
+    run_step(scheduler)
+    scheduler.finish(running)
+    scheduler.finish(waiting)
+    assert not scheduler.has_unfinished()
+    assert manager.num_free_blocks == 8 and not any(manager.ref_counts)
