@@ -78,12 +78,9 @@ def pallas_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, sc
 
 
 def _decode_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale, interpret):
-    """Flash-decoding for rows `[0, num_decode_seqs)`, scattered to their tokens in `out`."""
-    rows = slice(0, md.num_decode_seqs)
-    has_token = md.query_lens[rows] > 0
-    token = md.query_start[rows]
-    context_lens = jnp.where(has_token, md.context_lens[rows], 0)
-    queries = q[jnp.clip(token, 0, q.shape[0] - 1)]
-    attended = paged_decode_attention_kernel(queries, k_cache, v_cache, layer, md.block_tables[rows],
+    """Flash-decoding for rows `[0, num_decode_seqs)`; decode row `i` holds flat token `i`."""
+    num_decode = md.num_decode_seqs
+    context_lens = jnp.where(md.query_lens[:num_decode] > 0, md.context_lens[:num_decode], 0)
+    attended = paged_decode_attention_kernel(q[:num_decode], k_cache, v_cache, layer, md.block_tables[:num_decode],
                                              context_lens, scale, interpret=interpret)
-    return out.at[jnp.where(has_token, token, q.shape[0])].set(attended, mode="drop")
+    return out.at[:num_decode].set(attended)

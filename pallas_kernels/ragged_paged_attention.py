@@ -71,6 +71,8 @@ def check_supported(q: jax.Array, k_cache: jax.Array) -> None:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if k_cache.shape[4] != head_dim:
         raise ValueError(f"cache head_dim {k_cache.shape[4]} != query head_dim {head_dim}")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"query dtype {q.dtype} != cache dtype {k_cache.dtype} (the kernels' matmuls need one type)")
 
 
 @dataclass(frozen=True)
