@@ -296,18 +296,39 @@ BATCH_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("batch_kind", list(BATCH_SHAPES))
-@pytest.mark.parametrize("config", ENGINE_CONFIGS, ids=lambda c: f"{jnp.dtype(c[0]).name}-d{c[1]}-b{c[2]}-{c[3]}:{c[4]}")
-def test_engine_configs_cross_lower_for_cuda(config, batch_kind):
+def config_id(config) -> str:
     dtype, head_dim, block_size, num_heads, num_kv_heads = config
-    batch = make_batch(0, BATCH_SHAPES[batch_kind], num_heads=num_heads, num_kv_heads=num_kv_heads,
-                       head_dim=head_dim, block_size=block_size, num_blocks=40, dtype=dtype)
+    return f"{jnp.dtype(dtype).name}-d{head_dim}-b{block_size}-{num_heads}:{num_kv_heads}"
+
+
+def lower_for_cuda(batch: Batch, k_cache, v_cache, dtype) -> str:
+    """StableHLO text of the model's layer scan with the Pallas backend, lowered for CUDA."""
+    head_dim, num_kv_heads = batch.q.shape[2], k_cache.shape[3]
     new_kv = jnp.zeros((batch.q.shape[0], num_kv_heads, head_dim), dtype)
     attention = select_attention("pallas", head_dim, platform="cuda")
     step = jax.jit(layer_scan(attention), static_argnums=6, donate_argnums=(3, 4))
     precision = "highest" if dtype == jnp.float32 else "default"  # what the model runner sets
     with jax.default_matmul_precision(precision):
-        lowered = step.trace(batch.q, new_kv, new_kv, batch.k_cache, batch.v_cache, batch.md,
-                             batch.scale).lower(lowering_platforms=("cuda",))
-    text = lowered.as_text()
-    assert "__gpu$xla.gpu.triton" in text or "triton" in text
+        traced = step.trace(batch.q, new_kv, new_kv, k_cache, v_cache, batch.md, batch.scale)
+        return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+TRITON_CALL = "custom_call @__gpu$xla.gpu.triton"
+
+
+@pytest.mark.parametrize("batch_kind", list(BATCH_SHAPES))
+@pytest.mark.parametrize("config", ENGINE_CONFIGS, ids=config_id)
+def test_engine_configs_cross_lower_for_cuda(config, batch_kind):
+    dtype, head_dim, block_size, num_heads, num_kv_heads = config
+    batch = make_batch(0, BATCH_SHAPES[batch_kind], num_heads=num_heads, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, block_size=block_size, num_blocks=40, dtype=dtype)
+    kernel_launches = {"decode": 1, "prefill": 1, "mixed": 2}[batch_kind]
+    assert lower_for_cuda(batch, batch.k_cache, batch.v_cache, dtype).count(TRITON_CALL) == kernel_launches
+
+
+def test_cache_past_4_gib_cross_lowers_for_cuda():
+    """A real GPU-sized cache (42 GB, never allocated): page offsets need 64-bit indexing."""
+    batch = make_batch(0, BATCH_SHAPES["mixed"], num_heads=32, num_kv_heads=8, head_dim=128, block_size=16,
+                       num_blocks=40, dtype=jnp.bfloat16)
+    big_cache = jax.ShapeDtypeStruct((32, 40_000, 16, 8, 128), jnp.bfloat16)
+    assert lower_for_cuda(batch, big_cache, big_cache, jnp.bfloat16).count(TRITON_CALL) == 2
