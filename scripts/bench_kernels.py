@@ -17,7 +17,7 @@ call's input depends on the previous output, so none is hoisted or overlapped), 
 `block_until_ready`, median over `--trials`. GB/s counts the KV bytes each batch must read once.
 
     python scripts/bench_kernels.py [--out bench_kernels.json] [--batches 1 8 64 256]
-        [--contexts 512 2048 8192] [--groups 4 8] [--reps 20] [--trials 5]
+        [--contexts 512 2048 8192] [--groups 4 8] [--reps 20] [--trials 5] [--tune]
     python scripts/bench_kernels.py --cpu-check   # the default without a GPU: a tiny
         correctness-only pass of the kernels in interpret mode against both references
 
@@ -61,6 +61,8 @@ BLOCK_SIZE = 16
 DTYPE = jnp.bfloat16
 PREFILL_CHUNK = 256
 REFERENCE_GATHER_LIMIT = 8 * 2**30  # bytes of float32 K+V the reference may gather at once
+# Our decode kernel's tilings tried with --tune: (chunk_tokens, num_warps).
+OURS_SWEEP = [(chunk, warps) for chunk in (64, 128) for warps in (4, 8)]
 JAX_SWEEP = [(pages, splits) for pages in (8, 16) for splits in (1, 4, 16)]  # (pages_per_compute_block, k_splits)
 
 
@@ -72,6 +74,7 @@ class Result:
     kv_bytes: int
     seconds: dict  # variant -> median seconds per call
     jax_best_tiling: dict | None
+    ours_best_tiling: dict | None  # with --tune: our decode kernel's best of OURS_SWEEP
     max_abs_diff_vs_jax: float | None
 
 
@@ -164,7 +167,20 @@ def jax_kernel_best(q, k_pages, v_pages, block_tables, context_lens, reps, trial
     return best
 
 
-def run_case(batch, context, group, cache, reps, trials, jax_layout) -> Result:
+def ours_decode_best(q, k_cache, v_cache, block_tables, context_lens, scale, reps, trials):
+    """(seconds, tiling) of our decode kernel at the best tiling of `OURS_SWEEP`."""
+    best = (float("inf"), None)
+    for chunk, warps in OURS_SWEEP:
+        tiling = {"chunk_tokens": chunk, "num_warps": warps}
+        step = lambda q, k, v, bt, cl, tiling=tiling: paged_decode_attention_kernel(  # noqa: E731
+            q, k, v, jnp.int32(0), bt, cl, scale, **tiling)
+        seconds = device_seconds(step, q, k_cache, v_cache, block_tables, context_lens, reps=reps, trials=trials)
+        if seconds < best[0]:
+            best = (seconds, tiling)
+    return best
+
+
+def run_case(batch, context, group, cache, reps, trials, jax_layout, tune: bool) -> Result:
     k_cache, v_cache, block_tables, context_lens = cache
     num_heads = group * NUM_KV_HEADS
     scale = HEAD_DIM**-0.5
@@ -188,6 +204,10 @@ def run_case(batch, context, group, cache, reps, trials, jax_layout) -> Result:
     if 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 4 <= REFERENCE_GATHER_LIMIT:
         seconds["reference_decode"] = timed(lambda q, k, v, md: ragged_paged_attention(q, k, v, layer, md, scale),
                                             q, k_cache, v_cache, decode_md)
+    ours_tiling = None
+    if tune:
+        seconds["ours_decode_tuned"], ours_tiling = ours_decode_best(q, k_cache, v_cache, block_tables, context_lens,
+                                                                     scale, reps, trials)
     jax_tiling, diff = None, None
     if jax_layout is not None:
         k_pages, v_pages = jax_layout
@@ -200,7 +220,7 @@ def run_case(batch, context, group, cache, reps, trials, jax_layout) -> Result:
                                                          **jax_tiling)
             diff = float(jnp.abs(ours.astype(jnp.float32) - theirs.astype(jnp.float32)).max())
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * jnp.dtype(DTYPE).itemsize
-    return Result(batch, context, group, kv_bytes, seconds, jax_tiling, diff)
+    return Result(batch, context, group, kv_bytes, seconds, jax_tiling, ours_tiling, diff)
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -212,11 +232,11 @@ def print_row(result: Result, copy_bytes_per_s: float) -> None:
     vs_jax = f"{s['jax'] / s['ours_decode']:6.2f}x" if "jax" in s else f"{'-':>7}"
     print(f"{result.batch:5d} {result.context:6d} {result.group:3d}:1 |{us('ours_decode')} {gbps:8.0f} "
           f"{100 * gbps * 1e9 / copy_bytes_per_s:5.0f}% |{us('jax')} {vs_jax} |{us('ours_ragged_decode')}"
-          f"{us('ours_mixed')}{us('ours_ragged_mixed')}{us('reference_decode')}", flush=True)
+          f"{us('ours_mixed')}{us('ours_ragged_mixed')}{us('reference_decode')}{us('ours_decode_tuned')}", flush=True)
 
 
 HEADER = (f"{'batch':>5} {'ctx':>6} {'gqa':>5} |{'decode us':>9} {'GB/s':>8} {'%copy':>6} |"
-          f"{'jax us':>9} {'jax/us':>7} |{'ragged':>9}{'mixed':>9}{'rg-mixed':>9}{'ref':>9}")
+          f"{'jax us':>9} {'jax/us':>7} |{'ragged':>9}{'mixed':>9}{'rg-mixed':>9}{'ref':>9}{'tuned':>9}")
 
 
 def run_gpu(args) -> None:
@@ -233,7 +253,7 @@ def run_gpu(args) -> None:
             if jax_paged_attention is not None:
                 jax_layout = tuple(jnp.transpose(c[0], (2, 0, 1, 3)) for c in cache[:2])
             for group in args.groups:
-                result = run_case(batch, context, group, cache, args.reps, args.trials, jax_layout)
+                result = run_case(batch, context, group, cache, args.reps, args.trials, jax_layout, args.tune)
                 print_row(result, copy_bytes_per_s)
                 results.append(asdict(result))
             del cache, jax_layout
@@ -294,6 +314,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, nargs="+", default=[4, 8], help="query heads per KV head")
     parser.add_argument("--reps", type=int, default=20, help="chained calls per timed trial")
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--tune", action="store_true", help="also sweep our decode kernel's tiling (OURS_SWEEP)")
     args = parser.parse_args()
     if args.cpu_check or jax.default_backend() == "cpu":
         sys.exit(run_cpu_check())
