@@ -15,8 +15,8 @@ the kernel, so nothing is sliced or copied per layer.
 Triton wants every tensor's size to be a power of two and matmul sides of at least 16, while the
 engine pads tokens, sequences and block-table widths to non-power-of-two buckets. So the tile's
 head slots are rounded up to a power of two (and enough slots for 16 rows), the head dimension
-is rounded up to a power of two, loads and stores are masked, and block tables are padded on
-the host side of the call to whole chunks.
+is rounded up to a power of two, loads and stores are masked, and the wrapper pads block tables
+to whole chunks (page 0 fills, masked out) so no chunk reads past a table's row.
 
 The building blocks (`load_kv_chunk`, `online_softmax_step`, ...) are shared with the
 flash-decoding kernel in `decode_attention.py`.
