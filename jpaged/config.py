@@ -172,7 +172,8 @@ class SchedulerConfig:
 class EngineConfig:
     model: str | None = None  # HF folder, .gguf file, or None for the default model
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
-    attention_backend: str = "auto"  # "auto" | "reference" (Pallas backends plug in here)
+    attention_backend: str = "auto"  # "auto" | "pallas" | "reference"
+    attention_interpret: bool = False  # Pallas kernels in interpret mode (tests on CPU)
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -180,7 +181,7 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', got {self.dtype!r}")
-        if self.attention_backend not in ("auto", "reference"):
+        if self.attention_backend not in ("auto", "pallas", "reference"):
             raise ValueError(
-                f"attention_backend must be one of 'auto', 'reference', got {self.attention_backend!r}"
+                f"attention_backend must be one of 'auto', 'pallas', 'reference', got {self.attention_backend!r}"
             )

@@ -15,7 +15,7 @@ import numpy as np
 from jpaged.block_manager import BlockManager
 from jpaged.config import EngineConfig, ModelConfig
 from jpaged.loader.source import open_model
-from jpaged.model_runner import ModelRunner, resolve_dtype
+from jpaged.model_runner import ModelRunner
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
@@ -34,7 +34,7 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)
         self.tokenizer = source.tokenizer
         self.max_model_len = self._resolve_max_model_len()
-        self.runner = ModelRunner(self.model_config, config.cache, resolve_dtype(config.dtype), source.weights())
+        self.runner = ModelRunner(self.model_config, config, source.weights())
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.eos_token_ids = set(self.model_config.eos_token_ids)

@@ -18,11 +18,12 @@ import numpy as np
 from flax import nnx
 
 from jpaged.block_manager import BlockManager
-from jpaged.config import CacheConfig, ModelConfig
+from jpaged.config import CacheConfig, EngineConfig, ModelConfig
 from jpaged.loader.weights import load_params
 from jpaged.models.llama import LlamaForCausalLM
 from jpaged.sampler import SamplingArrays, sample
 from jpaged.scheduler import ScheduledSequence
+from pallas_kernels.backend import select_attention
 from pallas_kernels.paged_attention import AttentionMetadata
 
 logger = logging.getLogger("jpaged")
@@ -60,11 +61,13 @@ def resolve_dtype(dtype: str):
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, dtype, weights):
+    def __init__(self, model_config: ModelConfig, config: EngineConfig, weights):
+        cache_config = config.cache
         self.model_config = model_config
         self.block_size = cache_config.block_size
-        self.dtype = dtype
-        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype))
+        self.dtype = dtype = resolve_dtype(config.dtype)
+        attention = select_attention(config.attention_backend, model_config.head_dim, config.attention_interpret)
+        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, attention))
         self.graphdef, state = nnx.split(abstract)
         nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights))
         self.state = state

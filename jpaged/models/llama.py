@@ -61,8 +61,9 @@ class DecoderLayers(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention=ragged_paged_attention):
         self.cfg = cfg
+        self.attention = attention  # the reference or a Pallas kernel, same signature
         self.embed_tokens = _param((cfg.vocab_size, cfg.hidden_size), dtype)
         self.layers = DecoderLayers(cfg, dtype)
         self.norm = _param((cfg.hidden_size,), dtype)
@@ -106,7 +107,7 @@ class LlamaForCausalLM(nnx.Module):
             k = rms_norm(k, weights["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, md.slot_mapping)
-        attended = ragged_paged_attention(q, k_cache, v_cache, layer, md, cfg.head_dim**-0.5)
+        attended = self.attention(q, k_cache, v_cache, layer, md, cfg.head_dim**-0.5)
         return attended.reshape(num_tokens, -1) @ weights["o_proj"], k_cache, v_cache
 
     def logits(self, hidden):
