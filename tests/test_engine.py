@@ -2,6 +2,9 @@
 
 import shutil
 
+import jax
+import jax.numpy as jnp
+
 import pytest
 
 from jpaged import LLM, SamplingParams
@@ -195,3 +198,11 @@ def test_unknown_architecture_and_broken_weights(stories_path, tmp_path):
         LLM(str(folder))
     with pytest.raises(FileNotFoundError, match="neither an HF model folder nor a .gguf"):
         LLM(str(tmp_path / "nowhere"))
+
+
+def test_bfloat16_weights_and_cache(stories_path):
+    llm = LLM(stories_path, num_blocks=64, dtype="bfloat16")
+    assert llm.engine.runner.kv_cache[0].dtype == "bfloat16"
+    assert {leaf.dtype for leaf in jax.tree.leaves(llm.engine.runner.state)} == {jnp.dtype("bfloat16")}
+    out = llm.generate({"prompt_token_ids": [1]}, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == GOLDEN_FROM_BOS[:16]
