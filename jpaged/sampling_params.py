@@ -14,6 +14,9 @@ import numbers
 from dataclasses import dataclass
 
 SEED_LIMIT = 2**32  # seeds are packed into uint32 device arrays
+MAX_LOGPROBS = 20  # most top logprobs per token (``logprobs`` / ``prompt_logprobs``), as vLLM's default
+PENALTY_LIMIT = 2.0  # presence / frequency penalties lie in [-PENALTY_LIMIT, PENALTY_LIMIT]
+LOGIT_BIAS_LIMIT = 100.0  # logit_bias values lie in [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT]
 
 
 def _as_float(field: str, value: object) -> float:
@@ -31,6 +34,44 @@ def _as_int(field: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{field} must be an int, got {value!r} ({type(value).__name__})")
     return int(value)
+
+
+def _as_optional_count(field: str, value: object, limit: int) -> int | None:
+    """Return ``value`` as None or an int in [0, limit], or raise naming ``field``."""
+    if value is None:
+        return None
+    number = _as_int(field, value)
+    if not 0 <= number <= limit:
+        raise ValueError(f"{field} must be None or in [0, {limit}], got {number}")
+    return number
+
+
+def _as_logit_bias(value: object) -> dict[int, float] | None:
+    """Normalise ``logit_bias`` to None or a dict of token id (>= 0) -> bias in [-100, 100].
+
+    Keys may be ints or decimal strings (the OpenAI API sends JSON objects, whose keys are
+    strings); an empty dict becomes None. The vocabulary bound is checked by the engine.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"logit_bias must be a dict of token id -> bias, got {value!r}")
+    bias: dict[int, float] = {}
+    for key, item in value.items():
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            key = int(key)
+        if isinstance(key, bool) or not isinstance(key, numbers.Integral):
+            raise TypeError(f"logit_bias keys must be int token ids, got {key!r}")
+        if key < 0:
+            raise ValueError(f"logit_bias keys must be token ids >= 0, got {key}")
+        number = _as_float(f"logit_bias[{key}]", item)
+        if not -LOGIT_BIAS_LIMIT <= number <= LOGIT_BIAS_LIMIT:
+            raise ValueError(
+                f"logit_bias values must be in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}], "
+                f"got {item!r} for token {key}"
+            )
+        bias[int(key)] = number
+    return bias or None
 
 
 def _as_bool(field: str, value: object) -> bool:
@@ -85,6 +126,26 @@ class SamplingParams:
         ignore_eos: keep generating past the EOS token.
         skip_special_tokens: leave special tokens out of the detokenized text.
         include_stop_str_in_output: keep the matched stop string in the output text.
+        n: number of output sequences returned for the request, >= 1.
+        best_of: number of sequences generated, of which the ``n`` with the highest cumulative
+            logprob are returned; >= n. None means ``n`` (normalised to it). Greedy decoding
+            (temperature 0) needs ``n == best_of == 1``: its sequences would all be identical.
+        presence_penalty: subtracted from the logit of every token that occurs in the generated
+            output (OpenAI / vLLM semantics; the prompt does not count), in [-2, 2]; 0 disables.
+        frequency_penalty: subtracted once per occurrence of a token in the generated output,
+            in [-2, 2]; 0 disables.
+        repetition_penalty: HF / CTRL penalty over tokens in the prompt or the output: a positive
+            logit is divided by it, a negative one multiplied; > 0, 1 disables.
+        logprobs: None, or how many top logprobs to report per generated token, in [0, 20]; the
+            sampled token's logprob is reported whenever this is not None (0 reports only it).
+        prompt_logprobs: None, or how many top logprobs to report per prompt token, in [0, 20].
+        min_tokens: EOS and ``stop_token_ids`` cannot be sampled before this many tokens have been
+            generated; in [0, max_tokens]. (Stop strings are not blocked, as in vLLM.)
+        logit_bias: token id -> bias added to that token's logit before sampling, in [-100, 100];
+            None (or an empty dict, normalised to None) disables. Keys must be >= 0; the engine
+            checks them against the vocabulary.
+
+    Penalties, ``logit_bias`` and ``min_tokens`` apply to greedy rows as well (before argmax).
     """
 
     temperature: float = 1.0
@@ -98,10 +159,21 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    min_tokens: int = 0
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         self._check_sampling_fields()
         self._check_length_and_stop_fields()
+        self._check_penalty_fields()
+        self._check_output_fields()
 
     def _check_sampling_fields(self) -> None:
         """Validate and normalise the fields the device-side sampler reads."""
@@ -137,7 +209,64 @@ class SamplingParams:
             "include_stop_str_in_output", self.include_stop_str_in_output
         )
 
+    def _check_penalty_fields(self) -> None:
+        """Validate and normalise the logits processors' fields (penalties, bias, min_tokens)."""
+        for field in ("presence_penalty", "frequency_penalty"):
+            value = _as_float(field, getattr(self, field))
+            if not -PENALTY_LIMIT <= value <= PENALTY_LIMIT:
+                raise ValueError(f"{field} must be in [-2, 2], got {value}")
+            setattr(self, field, value)
+        self.repetition_penalty = _as_float("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(
+                f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}"
+            )
+        self.min_tokens = _as_int("min_tokens", self.min_tokens)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
+            )
+        self.logit_bias = _as_logit_bias(self.logit_bias)
+
+    def _check_output_fields(self) -> None:
+        """Validate ``n``, ``best_of`` and the logprob counts, and their combinations."""
+        self.n = _as_int("n", self.n)
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.best_of is None:
+            self.best_of = self.n
+        self.best_of = _as_int("best_of", self.best_of)
+        if self.best_of < self.n:
+            raise ValueError(f"best_of must be >= n (n={self.n}), got {self.best_of}")
+        if self.is_greedy and self.n > 1:
+            raise ValueError(
+                f"n must be 1 when using greedy sampling (temperature=0): its {self.n} sequences "
+                f"would be identical; got {self.n}"
+            )
+        if self.is_greedy and self.best_of > 1:
+            raise ValueError(
+                f"best_of must be 1 when using greedy sampling (temperature=0), got {self.best_of}"
+            )
+        self.logprobs = _as_optional_count("logprobs", self.logprobs, MAX_LOGPROBS)
+        self.prompt_logprobs = _as_optional_count(
+            "prompt_logprobs", self.prompt_logprobs, MAX_LOGPROBS
+        )
+
     @property
     def is_greedy(self) -> bool:
         """True when decoding takes the argmax token (temperature 0)."""
         return self.temperature == 0
+
+    @property
+    def uses_repetition_penalty(self) -> bool:
+        """True when the repetition penalty is on (it needs the prompt's tokens)."""
+        return self.repetition_penalty != 1.0
+
+    @property
+    def uses_penalties(self) -> bool:
+        """True when any of the repetition, frequency or presence penalties is on."""
+        return (
+            self.uses_repetition_penalty
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
