@@ -1,27 +1,105 @@
-"""The paged KV cache's bookkeeping: a free list of fixed-size blocks, ref counts, block tables.
+"""The paged KV cache's bookkeeping: free blocks, ref counts, block tables, prefix cache, host pool.
 
 Each sequence's `block_table` maps its logical blocks (token `i` is in logical block
-`i // block_size`) to physical blocks of the device cache. Blocks are taken from the free list
-as a sequence grows and return to it when their ref count drops to zero.
+`i // block_size`) to physical blocks of the device cache. Blocks are taken as a sequence grows
+and released when their ref count drops to zero. The manager only does bookkeeping: every call
+that needs KV data moved returns `(src, dst)` block pairs for the model runner to apply.
+
+Sharing, three ways:
+
+- **Prefix caching.** A full, computed block is registered under a hash of its tokens chained
+  with the hash of the block before it. A new sequence reuses the cached blocks of its longest
+  cached prefix (`allocate_prefix`) and computes only the rest. Lookups compare the stored
+  tokens and the identity of the parent block's key too, so a hash collision can only cost a
+  miss, never return another prefix's KV. Registered blocks whose ref count drops to zero stay
+  cached as *evictable*; allocation takes plain free blocks first, then evicts the least
+  recently used cached block.
+- **Fork** (parallel sampling, beam search): a child shares all its parent's blocks by ref
+  count. Before KV is written into a block with ref count > 1, `copy_on_write` gives the writer
+  a private copy. Full prefix-cached blocks are never written, so they are never copied.
+- **Swap**: a sequence's blocks move to a host pool (`swap_out`) and back to fresh device
+  blocks (`swap_in`). A block the sequence shares stays on the device for its other holders;
+  the swapped sequence takes a host copy of it and gets a private device block back on swap-in,
+  so no sharer is ever affected. Swapping is refused only when the host pool has no room.
+
+Order of a step's block moves on the device, for the returned pairs to be correct when a block
+released in one call is reallocated in a later call of the same step: swap-outs first, then
+copy-on-write copies (all sources read before any destination is written), then swap-ins,
+then the forward pass.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 from jpaged.sequence import Sequence
 
+ROOT_HASH = 0x9E3779B97F4A7C15  # the parent hash of every sequence's first block
+
+
+def hash_block(parent_hash: int, tokens: tuple[int, ...]) -> int:
+    """Hash of a full block: its tokens chained with the hash of the block before it."""
+    return hash((parent_hash, tokens))
+
+
+@dataclass(frozen=True, eq=False)
+class BlockKey:
+    """What a cached full block holds: a chained hash, its tokens, the key of the block before it.
+
+    Compared by identity: a key stands for one exact prefix, the chain of `parent`s down to None.
+    """
+
+    hash: int
+    tokens: tuple[int, ...]
+    parent: BlockKey | None
+
+    def matches(self, tokens: tuple[int, ...], parent: BlockKey | None) -> bool:
+        return self.parent is parent and self.tokens == tokens
+
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_host_blocks: int = 0):
+        if num_blocks < 0 or block_size <= 0 or num_host_blocks < 0:
+            raise ValueError(f"bad sizes: num_blocks={num_blocks}, block_size={block_size}, "
+                             f"num_host_blocks={num_host_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_block_ids: deque[int] = deque(range(num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        self.free_block_ids: deque[int] = deque(range(num_blocks))  # plain free, unregistered
         self.ref_counts = [0] * num_blocks
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, ref 0; least recent first
+        self.block_keys: dict[int, BlockKey] = {}  # registered block -> its key
+        self.cached: dict[int, list[int]] = {}  # hash -> registered blocks with that hash
+        self.prefix_cache_queries = 0  # tokens looked up by allocate_prefix
+        self.prefix_cache_hits = 0  # tokens found cached
+        self._progress: dict[Sequence, tuple[int, BlockKey | None]] = {}  # committed blocks, last key
+        self._holders: dict[Sequence, None] = {}  # sequences that may hold device blocks
+        self.num_host_blocks = num_host_blocks
+        self.host_free_block_ids: deque[int] = deque(range(num_host_blocks))
+        self.host_ref_counts = [0] * num_host_blocks
+        self.host_block_table: dict[Sequence, list[int]] = {}  # swapped-out sequences
+
+    # ---- counting --------------------------------------------------------------------------
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_block_ids)
+        """Blocks an allocation can take: plain free plus evictable cached ones."""
+        return len(self.free_block_ids) + len(self.evictable)
+
+    @property
+    def num_free_host_blocks(self) -> int:
+        return len(self.host_free_block_ids)
+
+    @property
+    def usage(self) -> float:
+        """Share of device blocks referenced by some sequence."""
+        return 1.0 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -32,21 +110,287 @@ class BlockManager:
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         return self.num_missing_blocks(seq, num_tokens) <= self.num_free_blocks
 
+    # ---- allocation ------------------------------------------------------------------------
+
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Extend `seq.block_table` so it holds `num_tokens` tokens."""
+        if seq in self.host_block_table:
+            raise RuntimeError(f"sequence {seq.request_id} is swapped out; swap it in before growing")
         missing = self.num_missing_blocks(seq, num_tokens)
         if missing > self.num_free_blocks:
             raise RuntimeError(f"{missing} blocks needed, {self.num_free_blocks} free")
         for _ in range(missing):
-            block_id = self.free_block_ids.popleft()
-            self.ref_counts[block_id] = 1
-            seq.block_table.append(block_id)
+            seq.block_table.append(self._allocate())
+        if seq.block_table:
+            self._holders[seq] = None
 
     def free(self, seq: Sequence) -> None:
+        """Release all of `seq`'s device blocks (last first) and host blocks; forget its progress."""
         for block_id in reversed(seq.block_table):
-            if self.ref_counts[block_id] <= 0:
-                raise RuntimeError(f"block {block_id} freed twice")
-            self.ref_counts[block_id] -= 1
-            if self.ref_counts[block_id] == 0:
-                self.free_block_ids.append(block_id)
+            self._release(block_id)
         seq.block_table = []
+        for host_id in self.host_block_table.pop(seq, []):
+            self._release_host(host_id)
+        self._progress.pop(seq, None)
+        self._holders.pop(seq, None)
+
+    def _allocate(self) -> int:
+        if self.free_block_ids:
+            block_id = self.free_block_ids.popleft()
+        elif self.evictable:
+            block_id, _ = self.evictable.popitem(last=False)
+            self._unregister(block_id)
+        else:
+            raise RuntimeError("no free KV cache block")
+        self.ref_counts[block_id] = 1
+        return block_id
+
+    def _release(self, block_id: int) -> None:
+        if self.ref_counts[block_id] <= 0:
+            raise RuntimeError(f"block {block_id} freed twice")
+        self.ref_counts[block_id] -= 1
+        if self.ref_counts[block_id] == 0:
+            if block_id in self.block_keys:
+                self.evictable[block_id] = None  # most recently used end
+            else:
+                self.free_block_ids.append(block_id)
+
+    # ---- prefix caching --------------------------------------------------------------------
+
+    def allocate_prefix(self, seq: Sequence) -> int:
+        """Give a fresh `seq` the cached blocks of its longest cached prefix; return tokens covered.
+
+        At least one token is always left to compute. The caller sets `seq.num_computed_tokens`
+        to the result and then grows the sequence for the rest.
+        """
+        if seq.block_table or seq.num_computed_tokens or seq in self.host_block_table:
+            raise ValueError(f"allocate_prefix needs a fresh sequence; {seq.request_id} has "
+                             f"{len(seq.block_table)} blocks, {seq.num_computed_tokens} computed tokens")
+        if not self.enable_prefix_caching:
+            return 0
+        blocks = self._match_prefix(seq)
+        for block_id in blocks:
+            self.evictable.pop(block_id, None)
+            self.ref_counts[block_id] += 1
+        seq.block_table = list(blocks)
+        if blocks:
+            self._holders[seq] = None
+        self._progress[seq] = (len(blocks), self.block_keys[blocks[-1]] if blocks else None)
+        self.prefix_cache_queries += seq.num_tokens
+        self.prefix_cache_hits += len(blocks) * self.block_size
+        return len(blocks) * self.block_size
+
+    def peek_prefix(self, seq: Sequence) -> int:
+        """Tokens `allocate_prefix(seq)` would cover now; changes nothing."""
+        return len(self._match_prefix(seq)) * self.block_size if self.enable_prefix_caching else 0
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether `allocate_prefix(seq)` and then `grow(seq, num_tokens)` would fit."""
+        blocks = self._match_prefix(seq) if self.enable_prefix_caching else []
+        revived = sum(block_id in self.evictable for block_id in blocks)
+        return self.blocks_for(num_tokens) - len(blocks) <= self.num_free_blocks - revived
+
+    def _match_prefix(self, seq: Sequence) -> list[int]:
+        size = self.block_size
+        tokens = seq.token_ids(0, seq.num_tokens)
+        blocks: list[int] = []
+        parent: BlockKey | None = None
+        for index in range((seq.num_tokens - 1) // size):  # the last token is always computed
+            chunk = tuple(tokens[index * size:(index + 1) * size])
+            block_id = self._lookup(chunk, parent)
+            if block_id is None:
+                break
+            blocks.append(block_id)
+            parent = self.block_keys[block_id]
+        return blocks
+
+    def _lookup(self, tokens: tuple[int, ...], parent: BlockKey | None) -> int | None:
+        parent_hash = parent.hash if parent is not None else ROOT_HASH
+        for block_id in self.cached.get(hash_block(parent_hash, tokens), ()):
+            if self.block_keys[block_id].matches(tokens, parent):
+                return block_id
+        return None
+
+    def commit_full_blocks(self, seq: Sequence, num_computed_tokens: int) -> None:
+        """Register every block of `seq` whose tokens are all computed and not yet registered."""
+        if not self.enable_prefix_caching:
+            return
+        done, parent = self._progress.get(seq, (0, None))
+        num_full = min(num_computed_tokens // self.block_size, len(seq.block_table))
+        if num_full <= done:
+            return
+        size = self.block_size
+        tokens = seq.token_ids(0, num_full * size)
+        for index in range(done, num_full):
+            chunk = tuple(tokens[index * size:(index + 1) * size])
+            parent = self._commit_block(seq.block_table[index], chunk, parent)
+        self._progress[seq] = (num_full, parent)
+
+    def _commit_block(self, block_id: int, tokens: tuple[int, ...], parent: BlockKey | None) -> BlockKey:
+        """Register `block_id` unless this prefix is cached already; return the prefix's key."""
+        own = self.block_keys.get(block_id)
+        if own is not None and own.matches(tokens, parent):
+            return own
+        found = self._lookup(tokens, parent)
+        if found is not None:
+            return self.block_keys[found]  # an equal block is cached; this one stays unregistered
+        key = BlockKey(hash_block(parent.hash if parent else ROOT_HASH, tokens), tokens, parent)
+        if own is None:  # a block registered under another key (shared by fork) is left as is
+            self.block_keys[block_id] = key
+            self.cached.setdefault(key.hash, []).append(block_id)
+        return key
+
+    def _unregister(self, block_id: int) -> None:
+        key = self.block_keys.pop(block_id)
+        bucket = self.cached[key.hash]
+        bucket.remove(block_id)
+        if not bucket:
+            del self.cached[key.hash]
+
+    def reset_prefix_cache(self) -> int:
+        """Move every evictable cached block to the plain free list; return how many moved."""
+        moved = len(self.evictable)
+        for block_id in self.evictable:
+            self._unregister(block_id)
+            self.free_block_ids.append(block_id)
+        self.evictable.clear()
+        return moved
+
+    # ---- fork and copy-on-write ------------------------------------------------------------
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Share all of `parent`'s blocks with `child` (whose table must be empty).
+
+        The caller gives the child the parent's tokens and `num_computed_tokens`.
+        """
+        if child.block_table or child in self.host_block_table:
+            raise ValueError(f"fork target {child.request_id} already holds blocks")
+        if parent in self.host_block_table:
+            raise ValueError(f"cannot fork {parent.request_id}: it is swapped out")
+        for block_id in parent.block_table:
+            self.ref_counts[block_id] += 1
+        child.block_table = list(parent.block_table)
+        if child.block_table:
+            self._holders[child] = None
+        if parent in self._progress:
+            self._progress[child] = self._progress[parent]
+
+    def _shared_indices(self, seq: Sequence, start: int, stop: int) -> list[int]:
+        if stop <= start:
+            return []
+        last = min((stop - 1) // self.block_size, len(seq.block_table) - 1)
+        return [i for i in range(start // self.block_size, last + 1)
+                if self.ref_counts[seq.block_table[i]] > 1]
+
+    def num_cow_blocks(self, seq: Sequence, start: int, stop: int) -> int:
+        """Blocks `copy_on_write(seq, start, stop)` would allocate."""
+        return len(self._shared_indices(seq, start, stop))
+
+    def can_copy_on_write(self, seq: Sequence, start: int, stop: int) -> bool:
+        return self.num_cow_blocks(seq, start, stop) <= self.num_free_blocks
+
+    def copy_on_write(self, seq: Sequence, start: int, stop: int) -> list[tuple[int, int]]:
+        """Before KV is written at positions [start, stop): give `seq` private copies of shared blocks.
+
+        Returns `(src, dst)` pairs whose contents the device must copy.
+        """
+        indices = self._shared_indices(seq, start, stop)
+        if len(indices) > self.num_free_blocks:
+            raise RuntimeError(f"{len(indices)} blocks needed to copy on write, {self.num_free_blocks} free")
+        pairs = []
+        for index in indices:
+            src, dst = seq.block_table[index], self._allocate()
+            self.ref_counts[src] -= 1  # was shared, so someone still holds it
+            seq.block_table[index] = dst
+            pairs.append((src, dst))
+        return pairs
+
+    # ---- swap ------------------------------------------------------------------------------
+
+    def can_swap_out(self, seq: Sequence) -> bool:
+        return (bool(seq.block_table) and seq not in self.host_block_table
+                and len(seq.block_table) <= len(self.host_free_block_ids))
+
+    def swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Move `seq`'s blocks to the host pool; return `(device, host)` pairs to copy.
+
+        Each device block loses `seq`'s reference: unshared blocks are freed (cached ones become
+        evictable), shared ones stay with their other holders, untouched.
+        """
+        if not self.can_swap_out(seq):
+            raise RuntimeError(f"cannot swap out {seq.request_id}: {len(seq.block_table)} blocks, "
+                               f"{len(self.host_free_block_ids)} free host blocks")
+        pairs = []
+        for block_id in seq.block_table:
+            host_id = self.host_free_block_ids.popleft()
+            self.host_ref_counts[host_id] = 1
+            pairs.append((block_id, host_id))
+        for block_id in reversed(seq.block_table):
+            self._release(block_id)
+        self.host_block_table[seq] = [host_id for _, host_id in pairs]
+        seq.block_table = []
+        self._holders.pop(seq, None)
+        return pairs
+
+    def can_swap_in(self, seq: Sequence) -> bool:
+        return seq in self.host_block_table and len(self.host_block_table[seq]) <= self.num_free_blocks
+
+    def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Bring `seq`'s blocks back to fresh device blocks; return `(host, device)` pairs to copy."""
+        if not self.can_swap_in(seq):
+            raise RuntimeError(f"cannot swap in {seq.request_id}: not swapped out or "
+                               f"{self.num_free_blocks} free blocks are too few")
+        host_table = self.host_block_table.pop(seq)
+        pairs = [(host_id, self._allocate()) for host_id in host_table]
+        for host_id in host_table:
+            self._release_host(host_id)
+        seq.block_table = [block_id for _, block_id in pairs]
+        self._holders[seq] = None
+        return pairs
+
+    def _release_host(self, host_id: int) -> None:
+        if self.host_ref_counts[host_id] <= 0:
+            raise RuntimeError(f"host block {host_id} freed twice")
+        self.host_ref_counts[host_id] -= 1
+        if self.host_ref_counts[host_id] == 0:
+            self.host_free_block_ids.append(host_id)
+
+    # ---- invariants ------------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the bookkeeping is inconsistent anywhere."""
+        held = self._count(seq.block_table for seq in self._holders)
+        self._check_pool("block", self.num_blocks, self.ref_counts, held,
+                         list(self.free_block_ids) + list(self.evictable))
+        assert not set(self.free_block_ids) & set(self.block_keys), "a plain free block is registered"
+        assert all(b in self.block_keys for b in self.evictable), "an evictable block is not registered"
+        assert self.enable_prefix_caching or not self.block_keys, "blocks registered with caching off"
+        entries = [(h, b) for h, bucket in self.cached.items() for b in bucket]
+        assert len(entries) == len(self.block_keys), "hash table and registered blocks disagree"
+        for h, block_id in entries:
+            assert block_id in self.block_keys and self.block_keys[block_id].hash == h, (
+                f"hash table entry {h} -> block {block_id} whose registered hash differs")
+        self._check_pool("host block", self.num_host_blocks, self.host_ref_counts,
+                         self._count(self.host_block_table.values()), list(self.host_free_block_ids))
+        for seq in self.host_block_table:
+            assert not seq.block_table, f"{seq.request_id} is swapped out but holds device blocks"
+
+    @staticmethod
+    def _count(tables) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for table in tables:
+            for block_id in table:
+                counts[block_id] = counts.get(block_id, 0) + 1
+        return counts
+
+    @staticmethod
+    def _check_pool(name: str, size: int, ref_counts: list[int], held: dict[int, int], free: list[int]) -> None:
+        assert len(free) == len(set(free)), f"a {name} is listed free twice"
+        free_set = set(free)
+        for block_id in range(size):
+            refs = ref_counts[block_id]
+            assert refs == held.get(block_id, 0), (
+                f"{name} {block_id}: ref count {refs}, held by {held.get(block_id, 0)} tables")
+            assert not (refs and block_id in free_set), f"{name} {block_id} is both free and referenced"
+            assert refs or block_id in free_set, f"{name} {block_id} leaked: neither free nor referenced"
+        assert set(held) <= set(range(size)), f"a table holds an unknown {name}"
