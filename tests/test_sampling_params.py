@@ -44,6 +44,44 @@ INVALID_VALUES = [
     ("ignore_eos", "yes"),
     ("skip_special_tokens", None),
     ("include_stop_str_in_output", 0),
+    ("n", 0),
+    ("n", -1),
+    ("n", 2.0),
+    ("n", None),
+    ("best_of", 0),
+    ("best_of", 1.5),
+    ("presence_penalty", 2.01),
+    ("presence_penalty", -2.5),
+    ("presence_penalty", float("nan")),
+    ("presence_penalty", "0.1"),
+    ("frequency_penalty", 3.0),
+    ("frequency_penalty", -2.01),
+    ("frequency_penalty", None),
+    ("repetition_penalty", 0.0),
+    ("repetition_penalty", -1.0),
+    ("repetition_penalty", float("inf")),
+    ("repetition_penalty", "1.2"),
+    ("logprobs", -1),
+    ("logprobs", 21),
+    ("logprobs", 1.0),
+    ("logprobs", True),
+    ("prompt_logprobs", -1),
+    ("prompt_logprobs", 21),
+    ("prompt_logprobs", "3"),
+    ("min_tokens", -1),
+    ("min_tokens", 17),  # > max_tokens (16)
+    ("min_tokens", 1.0),
+    ("min_tokens", None),
+    ("logit_bias", {1: 100.5}),
+    ("logit_bias", {1: -101}),
+    ("logit_bias", {-1: 1.0}),
+    ("logit_bias", {"-3": 1.0}),
+    ("logit_bias", {"x": 1.0}),
+    ("logit_bias", {1.0: 1.0}),
+    ("logit_bias", {True: 1.0}),
+    ("logit_bias", {1: float("nan")}),
+    ("logit_bias", {1: "2"}),
+    ("logit_bias", [(1, 2.0)]),
 ]
 
 
@@ -65,6 +103,14 @@ def test_invalid_value_names_the_field(field, value):
         ("seed", -1, "[0, 2**32)"),
         ("max_tokens", 0, ">= 1"),
         ("stop_token_ids", [-4], ">= 0"),
+        ("n", 0, ">= 1"),
+        ("presence_penalty", 2.5, "[-2, 2]"),
+        ("frequency_penalty", -3.0, "[-2, 2]"),
+        ("repetition_penalty", 0.0, "> 0"),
+        ("logprobs", 21, "[0, 20]"),
+        ("prompt_logprobs", -1, "[0, 20]"),
+        ("min_tokens", 17, "[0, max_tokens=16]"),
+        ("min_tokens", -2, "[0, max_tokens=16]"),
     ],
 )
 def test_range_error_states_value_and_range(field, value, allowed):
@@ -81,6 +127,11 @@ def test_defaults():
     assert params.stop == [] and params.stop_token_ids == []
     assert not params.ignore_eos and params.skip_special_tokens
     assert not params.include_stop_str_in_output and not params.is_greedy
+    assert params.n == 1 and params.best_of == 1
+    assert params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+    assert params.repetition_penalty == 1.0 and not params.uses_penalties
+    assert params.logprobs is None and params.prompt_logprobs is None
+    assert params.min_tokens == 0 and params.logit_bias is None
 
 
 def test_normalisations():
@@ -98,3 +149,48 @@ def test_normalisations():
 def test_boundary_values_are_accepted():
     SamplingParams(temperature=0.0, top_p=1.0, top_k=1, min_p=0.0, seed=0, max_tokens=1)
     SamplingParams(temperature=1e-3, top_p=1e-6, top_k=10**6, min_p=1.0)
+
+
+def test_best_of_must_cover_n():
+    assert SamplingParams(n=3).best_of == 3  # None means n
+    assert SamplingParams(n=2, best_of=5).best_of == 5
+    with pytest.raises(ValueError) as raised:
+        SamplingParams(n=3, best_of=2)
+    message = str(raised.value)
+    assert message.startswith("best_of") and ">= n (n=3)" in message and "2" in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [({"n": 2}, "n"), ({"best_of": 2}, "best_of"), ({"n": 2, "best_of": 4}, "n")],
+)
+def test_greedy_allows_only_one_sequence(kwargs, field):
+    with pytest.raises(ValueError) as raised:
+        SamplingParams(temperature=0.0, **kwargs)
+    message = str(raised.value)
+    assert message.startswith(field) and "greedy" in message, message
+    SamplingParams(temperature=0.5, **kwargs)  # fine when sampling
+
+
+def test_logit_bias_range_message_and_normalisation():
+    with pytest.raises(ValueError) as raised:
+        SamplingParams(logit_bias={7: 150.0})
+    message = str(raised.value)
+    assert "[-100, 100]" in message and "150" in message and "7" in message
+    params = SamplingParams(logit_bias={"12": 100, 3: -100.0, 0: 0.5})
+    assert params.logit_bias == {12: 100.0, 3: -100.0, 0: 0.5}
+    assert all(type(k) is int and type(v) is float for k, v in params.logit_bias.items())
+    assert SamplingParams(logit_bias={}).logit_bias is None
+
+
+def test_new_fields_accept_their_boundaries():
+    params = SamplingParams(
+        n=4, best_of=4, presence_penalty=-2, frequency_penalty=2, repetition_penalty=1e-3,
+        logprobs=0, prompt_logprobs=20, min_tokens=16, max_tokens=16,
+    )
+    assert isinstance(params.presence_penalty, float) and params.uses_penalties
+    assert params.uses_repetition_penalty
+    SamplingParams(logprobs=20, prompt_logprobs=0, min_tokens=0, repetition_penalty=100.0)
+    assert not SamplingParams(presence_penalty=0.0).uses_penalties
+    assert SamplingParams(frequency_penalty=0.1).uses_penalties
+    assert not SamplingParams(frequency_penalty=0.1).uses_repetition_penalty
