@@ -182,7 +182,9 @@ class SamplingArrays:
                            ("output_token_ids", output_token_ids),
                            ("stop_ids_before_min", stop_ids_before_min)):
             if rows is not None and len(rows) != num_rows:
-                raise ValueError(f"{name} must have one entry per row ({num_rows}), got {len(rows)}")
+                raise ValueError(
+                    f"{name} must have one entry per row ({num_rows}), got {len(rows)}"
+                )
         if num_rows > pad_to:
             raise ValueError(f"pad_to must be >= the number of rows ({num_rows}), got {pad_to}")
         seed_values = np.asarray(seeds, dtype=np.int64)
@@ -244,7 +246,9 @@ def _penalty_rows(
         ids, counts = np.unique(output, return_counts=True)
         if p.uses_repetition_penalty:
             if prompt_token_ids is None:
-                raise ValueError(f"prompt_token_ids are needed: row {row} uses a repetition penalty")
+                raise ValueError(
+                    f"prompt_token_ids are needed: row {row} uses a repetition penalty"
+                )
             prompt_only = np.setdiff1d(np.asarray(prompt_token_ids[row], dtype=np.int64), ids)
             ids = np.concatenate([ids, prompt_only])
             counts = np.concatenate([counts, np.zeros(len(prompt_only), counts.dtype)])

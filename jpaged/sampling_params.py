@@ -14,7 +14,7 @@ import numbers
 from dataclasses import dataclass
 
 SEED_LIMIT = 2**32  # seeds are packed into uint32 device arrays
-MAX_LOGPROBS = 20  # most top logprobs per token (``logprobs`` / ``prompt_logprobs``), as vLLM's default
+MAX_LOGPROBS = 20  # most top logprobs per token (``logprobs``, ``prompt_logprobs``): vLLM's default
 PENALTY_LIMIT = 2.0  # presence / frequency penalties lie in [-PENALTY_LIMIT, PENALTY_LIMIT]
 LOGIT_BIAS_LIMIT = 100.0  # logit_bias values lie in [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT]
 

@@ -46,7 +46,9 @@ def random_logits(rng, num_rows, vocab_size=VOCAB, scale=3.0):
 def random_history(rng, num_rows, vocab_size=VOCAB):
     """Random prompts and outputs with repeats (a small id range makes tokens recur)."""
     prompts = [rng.integers(0, vocab_size, rng.integers(1, 30)).tolist() for _ in range(num_rows)]
-    outputs = [rng.integers(0, vocab_size // 3, rng.integers(0, 40)).tolist() for _ in range(num_rows)]
+    outputs = [
+        rng.integers(0, vocab_size // 3, rng.integers(0, 40)).tolist() for _ in range(num_rows)
+    ]
     return prompts, outputs
 
 
@@ -224,8 +226,9 @@ def test_penalties_steer_greedy_away_from_repeats():
     logits = np.zeros((1, 10), np.float32)
     logits[0, 4], logits[0, 2] = 1.0, 0.9
     params = [SamplingParams(temperature=0.0, presence_penalty=0.5)]
-    assert int(sample_jit(jnp.asarray(logits), build(params, [[1]], [[]]), all_greedy=True)[0]) == 4
-    assert int(sample_jit(jnp.asarray(logits), build(params, [[1]], [[4]]), all_greedy=True)[0]) == 2
+    for output, expected in [([], 4), ([4], 2)]:
+        arrays = build(params, [[1]], [output])
+        assert int(sample_jit(jnp.asarray(logits), arrays, all_greedy=True)[0]) == expected
 
 
 def _has_scatter(fn, *args):
@@ -246,8 +249,8 @@ def test_penalty_free_batches_build_no_lists_and_trace_no_scatter():
     # Old-style call (no keyword arguments) too.
     old = SamplingArrays.build(plain, [1, 2, 3], [5, 2, 0], 4)
     assert all(getattr(old, name) is None for name in optional)
-    for fn in (functools.partial(sample, all_greedy=False), functools.partial(sample, all_greedy=True)):
-        assert not _has_scatter(fn, logits, arrays)
+    for all_greedy in (False, True):
+        assert not _has_scatter(functools.partial(sample, all_greedy=all_greedy), logits, arrays)
     np.testing.assert_array_equal(np.asarray(process_jit(logits, arrays)), np.asarray(logits))
 
     penalised = SamplingArrays.build(
