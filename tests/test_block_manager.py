@@ -1,0 +1,492 @@
+"""Block manager on its own: prefix caching, LRU eviction, fork and copy-on-write, swap, invariants.
+
+The stateful test drives random operations against a model of the device: every KV slot holds
+the token prefix whose last token it encodes, so wrong sharing, a missed copy or a stale cache
+entry shows up as a slot that does not hold what its sequence needs.
+"""
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import jpaged.block_manager as block_manager_module
+from jpaged.block_manager import BlockManager
+from jpaged.sampling_params import SamplingParams
+from jpaged.sequence import Sequence
+
+
+def make_seq(tokens, name="seq") -> Sequence:
+    return Sequence(name, None, list(tokens), SamplingParams(max_tokens=100), seed=0)
+
+
+def admit(manager: BlockManager, tokens, name="seq") -> Sequence:
+    """Admit and fully compute a sequence, as the scheduler and engine would."""
+    seq = make_seq(tokens, name)
+    seq.num_computed_tokens = manager.allocate_prefix(seq)
+    compute(manager, seq, seq.num_tokens)
+    return seq
+
+
+def compute(manager: BlockManager, seq: Sequence, target: int) -> list[tuple[int, int]]:
+    manager.grow(seq, target)
+    pairs = manager.copy_on_write(seq, seq.num_computed_tokens, target)
+    seq.num_computed_tokens = target
+    manager.commit_full_blocks(seq, target)
+    return pairs
+
+
+# ---- prefix caching -----------------------------------------------------------------------
+
+
+def test_common_prefix_is_reused_and_the_rest_allocated_fresh():
+    manager = BlockManager(num_blocks=8, block_size=4)
+    first = admit(manager, range(10), "first")
+    assert manager.prefix_cache_queries == 10 and manager.prefix_cache_hits == 0
+    second = make_seq([0, 1, 2, 3, 4, 5, 6, 7, 50, 51, 52], "second")
+    assert manager.peek_prefix(second) == 8 and manager.can_allocate(second, 11)
+    assert manager.allocate_prefix(second) == 8
+    assert second.block_table == first.block_table[:2]
+    assert [manager.ref_counts[b] for b in second.block_table] == [2, 2]
+    second.num_computed_tokens = 8
+    compute(manager, second, 11)
+    assert second.block_table[2] not in first.block_table and manager.ref_counts[second.block_table[2]] == 1
+    assert manager.num_free_blocks == 8 - 4
+    assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (21, 8)
+    assert manager.prefix_cache_hit_rate == pytest.approx(8 / 21)
+    manager.check_invariants()
+
+
+def test_freed_blocks_stay_cached_and_are_hit_by_a_later_request():
+    manager = BlockManager(num_blocks=4, block_size=2)
+    first = admit(manager, [1, 2, 3, 4, 5], "first")
+    blocks = list(first.block_table)
+    manager.free(first)
+    assert manager.num_free_blocks == 4 and len(manager.evictable) == 2  # two full blocks cached
+    second = make_seq([1, 2, 3, 4, 9], "second")
+    assert manager.allocate_prefix(second) == 4 and second.block_table == blocks[:2]
+    assert len(manager.evictable) == 0 and manager.num_free_blocks == 2
+    manager.check_invariants()
+
+
+def test_at_least_one_token_is_left_to_compute():
+    manager = BlockManager(num_blocks=8, block_size=4)
+    manager.free(admit(manager, range(8)))
+    exact = make_seq(range(8))  # every token is in cached full blocks
+    assert manager.allocate_prefix(exact) == 4 and len(exact.block_table) == 1
+    exact.num_computed_tokens = 4
+    compute(manager, exact, 8)  # the last block is recomputed into a fresh block...
+    assert len(manager.block_keys) == 2  # ...which is not registered a second time
+    one_more = make_seq(range(9))
+    assert manager.allocate_prefix(one_more) == 8
+    short = make_seq(range(3))
+    assert manager.allocate_prefix(short) == 0
+    manager.check_invariants()
+
+
+def test_allocate_prefix_needs_a_fresh_sequence():
+    manager = BlockManager(num_blocks=4, block_size=2)
+    seq = make_seq([1, 2, 3])
+    manager.grow(seq, 3)
+    with pytest.raises(ValueError, match="fresh sequence"):
+        manager.allocate_prefix(seq)
+
+
+def test_lru_eviction_takes_the_least_recently_freed_and_a_hit_refreshes():
+    manager = BlockManager(num_blocks=4, block_size=2)
+    a, b, c = (admit(manager, tokens, name) for tokens, name in ([[1, 1], "a"], [[2, 2], "b"], [[3, 3], "c"]))
+    block_of = {name: seq.block_table[0] for name, seq in zip("abc", (a, b, c))}
+    for seq in (a, b, c):
+        manager.free(seq)
+    assert list(manager.evictable) == [block_of["a"], block_of["b"], block_of["c"]]
+    hit = admit(manager, [1, 1, 9], "hit")  # a's block becomes most recently used
+    manager.free(hit)
+    assert list(manager.evictable) == [block_of["b"], block_of["c"], block_of["a"]]
+
+    def cached(tokens):
+        return manager.peek_prefix(make_seq(tokens + [0])) == 2
+
+    pressure = make_seq([7] * 5, "pressure")
+    manager.grow(pressure, 2)  # takes the plain free block first
+    assert cached([1, 1]) and cached([2, 2]) and cached([3, 3])
+    manager.grow(pressure, 4)
+    assert not cached([2, 2]) and cached([3, 3]) and cached([1, 1])
+    manager.grow(pressure, 6)
+    assert not cached([3, 3]) and cached([1, 1])
+    assert not manager.can_grow(pressure, 10)
+    manager.grow(pressure, 8)
+    assert not cached([1, 1]) and manager.num_free_blocks == 0 and not manager.block_keys
+    manager.check_invariants()
+
+
+def test_hash_collisions_never_return_another_prefix(monkeypatch):
+    monkeypatch.setattr(block_manager_module, "hash_block", lambda parent_hash, tokens: 42)
+    manager = BlockManager(num_blocks=8, block_size=2)
+    manager.free(admit(manager, [1, 2, 3, 4, 5], "first"))
+    assert manager.peek_prefix(make_seq([9, 9, 3, 4, 5])) == 0  # same hash, other tokens
+    assert manager.peek_prefix(make_seq([1, 9, 3, 4, 5])) == 0
+    manager.free(admit(manager, [5, 6, 3, 4, 5], "other first block"))
+    assert manager.peek_prefix(make_seq([5, 6, 1, 2, 0])) == 2  # block (1, 2) only hits as a first block
+    assert manager.peek_prefix(make_seq([1, 2, 3, 4, 0])) == 4  # equal tokens and parent still hit
+    assert manager.peek_prefix(make_seq([5, 6, 3, 4, 0])) == 4
+    assert len(manager.cached) == 1 and len(manager.cached[42]) == 4
+    manager.check_invariants()
+
+
+def test_prefix_caching_disabled():
+    manager = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=False)
+    manager.free(admit(manager, [1, 2, 3, 4, 5]))
+    again = make_seq([1, 2, 3, 4, 5])
+    assert manager.peek_prefix(again) == 0 and manager.allocate_prefix(again) == 0
+    assert not again.block_table and not manager.block_keys and not manager.evictable
+    assert manager.prefix_cache_queries == 0 and len(manager.free_block_ids) == 4
+    manager.check_invariants()
+
+
+def test_reset_prefix_cache_frees_only_evictable_blocks():
+    manager = BlockManager(num_blocks=8, block_size=2)
+    kept = admit(manager, [1, 2, 3, 4, 5], "kept")
+    manager.free(admit(manager, [7, 8, 9, 9, 5], "dropped"))
+    assert manager.reset_prefix_cache() == 2
+    assert not manager.evictable and len(manager.free_block_ids) == 8 - 3
+    assert manager.peek_prefix(make_seq([7, 8, 9, 9, 5])) == 0
+    assert manager.peek_prefix(make_seq([1, 2, 3, 4, 5])) == 4 and kept.block_table
+    manager.check_invariants()
+
+
+def test_can_allocate_counts_revived_evictable_blocks():
+    manager = BlockManager(num_blocks=3, block_size=2)
+    manager.free(admit(manager, [1, 2, 3, 4, 5]))  # two cached blocks, both evictable
+    seq = make_seq([1, 2, 3, 4, 5])
+    assert manager.num_free_blocks == 3
+    assert manager.can_allocate(seq, 6) and not manager.can_allocate(seq, 8)
+
+
+# ---- fork and copy-on-write ---------------------------------------------------------------
+
+
+def test_fork_shares_blocks_and_copy_on_write_copies_only_shared_written_blocks():
+    manager = BlockManager(num_blocks=8, block_size=4)
+    parent = admit(manager, range(6), "parent")
+    child = make_seq(range(6), "child")
+    child.num_computed_tokens = parent.num_computed_tokens
+    manager.fork(parent, child)
+    first, last = parent.block_table
+    assert child.block_table == [first, last] and manager.ref_counts[first] == manager.ref_counts[last] == 2
+    child.output_token_ids.append(100)
+    assert manager.num_cow_blocks(child, 6, 7) == 1 and manager.can_copy_on_write(child, 6, 7)
+    pairs = manager.copy_on_write(child, 6, 7)
+    assert pairs == [(last, child.block_table[1])] and child.block_table[0] == first
+    assert manager.ref_counts[first] == 2 and manager.ref_counts[last] == 1
+    assert manager.ref_counts[child.block_table[1]] == 1
+    parent.output_token_ids.append(200)
+    assert manager.copy_on_write(parent, 6, 7) == []  # the parent now owns its last block alone
+    assert manager.num_cow_blocks(child, 0, 8) == 1  # only the first block is still shared
+    manager.free(parent)
+    assert manager.ref_counts[first] == 1 and manager.num_cow_blocks(child, 0, 8) == 0
+    manager.check_invariants()
+
+
+def test_copy_on_write_needs_room():
+    manager = BlockManager(num_blocks=2, block_size=4)
+    parent = admit(manager, range(6))
+    child = make_seq(range(6), "child")
+    manager.fork(parent, child)
+    assert not manager.can_copy_on_write(child, 4, 6)
+    with pytest.raises(RuntimeError, match="copy on write"):
+        manager.copy_on_write(child, 4, 6)
+    assert child.block_table == parent.block_table
+    manager.check_invariants()
+
+
+# ---- swap ---------------------------------------------------------------------------------
+
+
+def test_swap_out_and_in_round_trip():
+    manager = BlockManager(num_blocks=6, block_size=2, num_host_blocks=4)
+    seq = admit(manager, [1, 2, 3, 4, 5], "seq")
+    device_blocks = list(seq.block_table)
+    assert manager.can_swap_out(seq)
+    out = manager.swap_out(seq)
+    assert [d for d, _ in out] == device_blocks and seq.block_table == []
+    assert manager.host_block_table[seq] == [h for _, h in out]
+    assert manager.num_free_blocks == 6 and manager.num_free_host_blocks == 1
+    assert not manager.can_swap_out(seq)
+    manager.check_invariants()
+    assert manager.can_swap_in(seq)
+    back = manager.swap_in(seq)
+    assert [h for h, _ in back] == [h for _, h in out] and seq.block_table == [d for _, d in back]
+    assert seq not in manager.host_block_table
+    assert manager.num_free_blocks == 3 and manager.num_free_host_blocks == 4
+    manager.check_invariants()
+
+
+def test_swap_needs_room_and_free_releases_host_blocks():
+    manager = BlockManager(num_blocks=6, block_size=2, num_host_blocks=2)
+    big = admit(manager, range(5), "big")
+    assert not manager.can_swap_out(big)  # 3 blocks, 2 host blocks
+    no_host = BlockManager(num_blocks=4, block_size=2)
+    assert not no_host.can_swap_out(admit(no_host, [1]))
+    small = admit(manager, [1, 2, 3], "small")
+    manager.swap_out(small)
+    filler = make_seq(range(6), "filler")
+    manager.grow(filler, 6)
+    assert not manager.can_swap_in(small)
+    with pytest.raises(RuntimeError, match="swapped out"):
+        manager.grow(small, 4)
+    manager.free(small)
+    assert manager.num_free_host_blocks == 2 and small not in manager.host_block_table
+    manager.check_invariants()
+
+
+def test_swapping_out_a_sharer_leaves_the_shared_blocks_to_the_others():
+    manager = BlockManager(num_blocks=8, block_size=2, num_host_blocks=4)
+    parent = admit(manager, [1, 2, 3], "parent")
+    child = make_seq([1, 2, 3], "child")
+    manager.fork(parent, child)
+    shared = list(parent.block_table)
+    assert manager.swap_out(child) == [(shared[0], 0), (shared[1], 1)]
+    assert parent.block_table == shared and [manager.ref_counts[b] for b in shared] == [1, 1]
+    assert manager.copy_on_write(parent, 3, 4) == []  # the parent may write in place now
+    back = manager.swap_in(child)
+    assert not set(d for _, d in back) & set(shared)
+    manager.check_invariants()
+
+
+# ---- invariants ---------------------------------------------------------------------------
+
+
+def test_check_invariants_catches_corruption():
+    def fresh():
+        manager = BlockManager(num_blocks=4, block_size=2)
+        return manager, admit(manager, [1, 2, 3])
+
+    manager, _ = fresh()
+    manager.ref_counts[0] += 1
+    with pytest.raises(AssertionError, match="ref count"):
+        manager.check_invariants()
+    manager, _ = fresh()
+    manager.free_block_ids.append(manager.free_block_ids[0])
+    with pytest.raises(AssertionError, match="twice"):
+        manager.check_invariants()
+    manager, seq = fresh()
+    manager.free_block_ids.append(seq.block_table[1])
+    with pytest.raises(AssertionError, match="both free and referenced"):
+        manager.check_invariants()
+    manager, _ = fresh()
+    manager.free_block_ids.pop()
+    with pytest.raises(AssertionError, match="leaked"):
+        manager.check_invariants()
+    manager, _ = fresh()
+    manager.cached[123] = manager.cached.pop(next(iter(manager.cached)))
+    with pytest.raises(AssertionError, match="registered hash differs"):
+        manager.check_invariants()
+
+
+def test_freeing_twice_raises():
+    manager = BlockManager(num_blocks=4, block_size=2)
+    seq = admit(manager, [1, 2, 3])
+    blocks = list(seq.block_table)
+    manager.free(seq)
+    seq.block_table = blocks
+    with pytest.raises(RuntimeError, match="freed twice"):
+        manager.free(seq)
+
+
+# ---- random operations against a model of the device --------------------------------------
+
+NUM_BLOCKS, BLOCK_SIZE, NUM_HOST_BLOCKS, MAX_TOKENS = 10, 2, 6, 14
+tokens_strategy = st.lists(st.integers(0, 1), min_size=1, max_size=9)  # few tokens: prefixes repeat
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    """Device slot (block, offset) holds the prefix tuple whose last token's KV it stores."""
+
+    def __init__(self):
+        super().__init__()
+        self.manager = BlockManager(NUM_BLOCKS, BLOCK_SIZE, num_host_blocks=NUM_HOST_BLOCKS)
+        self.device = [[None] * BLOCK_SIZE for _ in range(NUM_BLOCKS)]
+        self.host = [[None] * BLOCK_SIZE for _ in range(NUM_HOST_BLOCKS)]
+        self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []
+        self.names = iter(range(10**9))
+
+    def _new_seq(self, tokens) -> Sequence:
+        return make_seq(tokens, f"s{next(self.names)}")
+
+    def _write(self, seq: Sequence, start: int, stop: int) -> None:
+        tokens = seq.token_ids(0, stop)
+        for pos in range(start, stop):
+            self.device[seq.block_table[pos // BLOCK_SIZE]][pos % BLOCK_SIZE] = tuple(tokens[:pos + 1])
+
+    def _step(self, seq: Sequence, target: int) -> bool:
+        """Compute `seq` up to `target` if there is room (grow, copy on write, write, commit)."""
+        manager, start = self.manager, seq.num_computed_tokens
+        need = manager.num_missing_blocks(seq, target) + manager.num_cow_blocks(seq, start, target)
+        if need > manager.num_free_blocks:
+            return False
+        manager.grow(seq, target)
+        for src, dst in manager.copy_on_write(seq, start, target):
+            self.device[dst] = list(self.device[src])
+        self._write(seq, start, target)
+        seq.num_computed_tokens = target
+        manager.commit_full_blocks(seq, target)
+        return True
+
+    def _drop(self, seq: Sequence) -> None:
+        self.manager.free(seq)
+        (self.running if seq in self.running else self.swapped).remove(seq)
+
+    @rule(tokens=tokens_strategy, data=st.data())
+    def add(self, tokens, data):
+        seq = self._new_seq(tokens)
+        cached, fits = self.manager.peek_prefix(seq), self.manager.can_allocate(seq, len(tokens))
+        hit = self.manager.allocate_prefix(seq)
+        assert hit == cached and hit % BLOCK_SIZE == 0 and hit < len(tokens)
+        assert self.manager.can_grow(seq, len(tokens)) == fits
+        seq.num_computed_tokens = hit
+        self.running.append(seq)
+        target = data.draw(st.integers(hit + 1, len(tokens)), label="prefill to")
+        if not self._step(seq, target):
+            self._drop(seq)  # no room: preempted before it ran
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data(), new_tokens=st.lists(st.integers(0, 1), max_size=3))
+    def append(self, data, new_tokens):
+        seq = data.draw(st.sampled_from(self.running), label="seq")
+        seq.output_token_ids.extend(new_tokens[:MAX_TOKENS - seq.num_tokens])
+        if seq.num_uncomputed_tokens == 0:
+            return
+        target = data.draw(st.integers(seq.num_computed_tokens + 1, seq.num_tokens), label="compute to")
+        if not self._step(seq, target):
+            self._drop(seq)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = data.draw(st.sampled_from(self.running), label="parent")
+        child = self._new_seq(parent.prompt_token_ids)
+        child.output_token_ids = list(parent.output_token_ids)
+        child.num_computed_tokens = parent.num_computed_tokens
+        self.manager.fork(parent, child)
+        self.running.append(child)
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def copy_on_write(self, data):
+        seq = data.draw(st.sampled_from(self.running), label="seq")
+        if not seq.block_table:
+            return
+        size = len(seq.block_table) * BLOCK_SIZE
+        start = data.draw(st.integers(0, size - 1), label="start")
+        stop = data.draw(st.integers(start, size), label="stop")
+        covered = seq.block_table[start // BLOCK_SIZE:-(-stop // BLOCK_SIZE)] if stop > start else []
+        shared = [b for b in covered if self.manager.ref_counts[b] > 1]
+        if not self.manager.can_copy_on_write(seq, start, stop):
+            return
+        before = list(seq.block_table)
+        pairs = self.manager.copy_on_write(seq, start, stop)
+        assert [src for src, _ in pairs] == shared
+        for src, dst in pairs:
+            self.device[dst] = list(self.device[src])
+            assert before.index(src) == seq.block_table.index(dst)
+        assert all(self.manager.ref_counts[dst] == 1 for _, dst in pairs)
+
+    @precondition(lambda self: self.running or self.swapped)
+    @rule(data=st.data())
+    def free(self, data):
+        self._drop(data.draw(st.sampled_from(self.running + self.swapped), label="seq"))
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def swap_out(self, data):
+        seq = data.draw(st.sampled_from(self.running), label="seq")
+        if not self.manager.can_swap_out(seq):
+            assert not seq.block_table or len(seq.block_table) > self.manager.num_free_host_blocks
+            return
+        for device_id, host_id in self.manager.swap_out(seq):
+            self.host[host_id] = list(self.device[device_id])
+        self.running.remove(seq)
+        self.swapped.append(seq)
+
+    @precondition(lambda self: self.swapped)
+    @rule(data=st.data())
+    def swap_in(self, data):
+        seq = data.draw(st.sampled_from(self.swapped), label="seq")
+        if not self.manager.can_swap_in(seq):
+            return
+        for host_id, device_id in self.manager.swap_in(seq):
+            self.device[device_id] = list(self.host[host_id])
+        self.swapped.remove(seq)
+        self.running.append(seq)
+
+    @precondition(lambda self: self.manager.evictable)
+    @rule()
+    def reset_cache(self):
+        evictable = len(self.manager.evictable)
+        assert self.manager.reset_prefix_cache() == evictable and not self.manager.evictable
+
+    @invariant()
+    def bookkeeping_is_consistent(self):
+        manager = self.manager
+        manager.check_invariants()
+        referenced = sum(1 for refs in manager.ref_counts if refs)
+        assert len(manager.free_block_ids) + len(manager.evictable) + referenced == NUM_BLOCKS
+        assert manager.num_free_blocks == NUM_BLOCKS - referenced
+        assert set(manager.host_block_table) == set(self.swapped)
+        in_host = sum(len(table) for table in manager.host_block_table.values())
+        assert manager.num_free_host_blocks + in_host == NUM_HOST_BLOCKS
+
+    @invariant()
+    def every_computed_slot_holds_its_prefix(self):
+        for seq in self.running + self.swapped:
+            table, memory = ((seq.block_table, self.device) if seq in self.running
+                             else (self.manager.host_block_table[seq], self.host))
+            tokens = seq.token_ids(0, seq.num_tokens)
+            for pos in range(seq.num_computed_tokens):
+                assert memory[table[pos // BLOCK_SIZE]][pos % BLOCK_SIZE] == tuple(tokens[:pos + 1])
+
+    @invariant()
+    def every_cached_block_holds_its_key(self):
+        for block_id, key in self.manager.block_keys.items():
+            chain = []
+            while key is not None:
+                chain.append(key.tokens)
+                key = key.parent
+            prefix = tuple(token for tokens in reversed(chain) for token in tokens)
+            start = len(prefix) - BLOCK_SIZE
+            assert self.device[block_id] == [prefix[:start + j + 1] for j in range(BLOCK_SIZE)]
+
+    def teardown(self):
+        for seq in self.running + self.swapped:
+            self.manager.free(seq)
+        manager = self.manager
+        manager.check_invariants()
+        assert manager.num_free_blocks == NUM_BLOCKS and not any(manager.ref_counts)
+        assert manager.num_free_host_blocks == NUM_HOST_BLOCKS and not any(manager.host_ref_counts)
+        assert not manager.host_block_table
+
+
+BlockManagerMachine.TestCase.settings = settings(
+    max_examples=80, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TestBlockManagerMachine = BlockManagerMachine.TestCase
+
+
+class CollidingHashMachine(BlockManagerMachine):
+    """The same operations under a hash that ignores the parent and collides all the time."""
+
+    def __init__(self):
+        self.real_hash = block_manager_module.hash_block
+        block_manager_module.hash_block = lambda parent_hash, tokens: sum(tokens) % 2
+        super().__init__()
+
+    def teardown(self):
+        try:
+            super().teardown()
+        finally:
+            block_manager_module.hash_block = self.real_hash
+
+
+CollidingHashMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TestCollidingHashMachine = CollidingHashMachine.TestCase
