@@ -253,6 +253,36 @@ def test_swapping_out_a_sharer_leaves_the_shared_blocks_to_the_others():
     manager.check_invariants()
 
 
+def test_one_step_of_moves_is_correct_in_the_documented_order():
+    """Block 1 is a copy-on-write source, a swap-out source and a swap-in destination in one step."""
+    manager = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=False, num_host_blocks=4)
+    device, host = {}, {}
+    s, t = admit(manager, [1, 2, 3], "s"), make_seq([1, 2, 3], "t")
+    t.num_computed_tokens = 3
+    manager.fork(s, t)  # t shares s's blocks; v holds the other two
+    v = admit(manager, [5, 6, 7], "v")
+    for seq in (s, v):
+        for pos, block in enumerate(seq.block_table):
+            device[block] = ("data", seq.request_id, pos)
+    host.update((h, device[d]) for d, h in manager.swap_out(v))
+    expected = {"s": [device[b] for b in s.block_table], "t": [device[b] for b in s.block_table],
+                "v": [host[h] for h in manager.host_block_table[v]]}
+
+    t.output_token_ids.append(4)
+    cow = manager.copy_on_write(t, 3, 4)
+    swap_out = manager.swap_out(s)  # s is preempted to host in the same step
+    swap_in = manager.swap_in(v)
+    assert {src for src, _ in cow} & {d for d, _ in swap_out} & {d for _, d in swap_in}
+
+    host.update((h, device[d]) for d, h in swap_out)
+    device.update([(dst, device[src]) for src, dst in cow])  # all sources read before writing
+    device.update((d, host[h]) for h, d in swap_in)
+    assert [device[b] for b in t.block_table] == expected["t"]
+    assert [device[b] for b in v.block_table] == expected["v"]
+    assert [host[h] for h in manager.host_block_table[s]] == expected["s"]
+    manager.check_invariants()
+
+
 # ---- invariants ---------------------------------------------------------------------------
 
 
