@@ -74,7 +74,8 @@ class BlockManager:
         self.cached: dict[int, list[int]] = {}  # hash -> registered blocks with that hash
         self.prefix_cache_queries = 0  # tokens looked up by allocate_prefix
         self.prefix_cache_hits = 0  # tokens found cached
-        self._progress: dict[Sequence, tuple[int, BlockKey | None]] = {}  # committed blocks, last key
+        # per sequence: how many leading blocks are committed, and the key of the last one
+        self._progress: dict[Sequence, tuple[int, BlockKey | None]] = {}
         self._holders: dict[Sequence, None] = {}  # sequences that may hold device blocks
         self.num_host_blocks = num_host_blocks
         self.host_free_block_ids: deque[int] = deque(range(num_host_blocks))
@@ -99,7 +100,9 @@ class BlockManager:
 
     @property
     def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        if not self.prefix_cache_queries:
+            return 0.0
+        return self.prefix_cache_hits / self.prefix_cache_queries
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -115,7 +118,7 @@ class BlockManager:
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Extend `seq.block_table` so it holds `num_tokens` tokens."""
         if seq in self.host_block_table:
-            raise RuntimeError(f"sequence {seq.request_id} is swapped out; swap it in before growing")
+            raise RuntimeError(f"sequence {seq.request_id} is swapped out; swap it in to grow it")
         missing = self.num_missing_blocks(seq, num_tokens)
         if missing > self.num_free_blocks:
             raise RuntimeError(f"{missing} blocks needed, {self.num_free_blocks} free")
@@ -125,7 +128,7 @@ class BlockManager:
             self._holders[seq] = None
 
     def free(self, seq: Sequence) -> None:
-        """Release all of `seq`'s device blocks (last first) and host blocks; forget its progress."""
+        """Release `seq`'s device blocks (last first) and host blocks; forget its progress."""
         for block_id in reversed(seq.block_table):
             self._release(block_id)
         seq.block_table = []
@@ -164,8 +167,9 @@ class BlockManager:
         to the result and then grows the sequence for the rest.
         """
         if seq.block_table or seq.num_computed_tokens or seq in self.host_block_table:
-            raise ValueError(f"allocate_prefix needs a fresh sequence; {seq.request_id} has "
-                             f"{len(seq.block_table)} blocks, {seq.num_computed_tokens} computed tokens")
+            raise ValueError(
+                f"allocate_prefix needs a fresh sequence; {seq.request_id} has "
+                f"{len(seq.block_table)} blocks, {seq.num_computed_tokens} computed tokens")
         if not self.enable_prefix_caching:
             return 0
         blocks = self._match_prefix(seq)
@@ -226,7 +230,8 @@ class BlockManager:
             parent = self._commit_block(seq.block_table[index], chunk, parent)
         self._progress[seq] = (num_full, parent)
 
-    def _commit_block(self, block_id: int, tokens: tuple[int, ...], parent: BlockKey | None) -> BlockKey:
+    def _commit_block(self, block_id: int, tokens: tuple[int, ...],
+                      parent: BlockKey | None) -> BlockKey:
         """Register `block_id` unless this prefix is cached already; return the prefix's key."""
         own = self.block_keys.get(block_id)
         if own is not None and own.matches(tokens, parent):
@@ -290,13 +295,14 @@ class BlockManager:
         return self.num_cow_blocks(seq, start, stop) <= self.num_free_blocks
 
     def copy_on_write(self, seq: Sequence, start: int, stop: int) -> list[tuple[int, int]]:
-        """Before KV is written at positions [start, stop): give `seq` private copies of shared blocks.
+        """Before KV is written at [start, stop): give `seq` private copies of its shared blocks.
 
         Returns `(src, dst)` pairs whose contents the device must copy.
         """
         indices = self._shared_indices(seq, start, stop)
         if len(indices) > self.num_free_blocks:
-            raise RuntimeError(f"{len(indices)} blocks needed to copy on write, {self.num_free_blocks} free")
+            raise RuntimeError(
+                f"{len(indices)} blocks needed to copy on write, {self.num_free_blocks} free")
         pairs = []
         for index in indices:
             src, dst = seq.block_table[index], self._allocate()
@@ -333,10 +339,11 @@ class BlockManager:
         return pairs
 
     def can_swap_in(self, seq: Sequence) -> bool:
-        return seq in self.host_block_table and len(self.host_block_table[seq]) <= self.num_free_blocks
+        table = self.host_block_table.get(seq)
+        return table is not None and len(table) <= self.num_free_blocks
 
     def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
-        """Bring `seq`'s blocks back to fresh device blocks; return `(host, device)` pairs to copy."""
+        """Bring `seq`'s blocks back to fresh device blocks; return `(host, device)` pairs."""
         if not self.can_swap_in(seq):
             raise RuntimeError(f"cannot swap in {seq.request_id}: not swapped out or "
                                f"{self.num_free_blocks} free blocks are too few")
@@ -362,16 +369,17 @@ class BlockManager:
         held = self._count(seq.block_table for seq in self._holders)
         self._check_pool("block", self.num_blocks, self.ref_counts, held,
                          list(self.free_block_ids) + list(self.evictable))
-        assert not set(self.free_block_ids) & set(self.block_keys), "a plain free block is registered"
-        assert all(b in self.block_keys for b in self.evictable), "an evictable block is not registered"
-        assert self.enable_prefix_caching or not self.block_keys, "blocks registered with caching off"
+        assert not set(self.free_block_ids) & set(self.block_keys), "a plain free block is cached"
+        assert all(b in self.block_keys for b in self.evictable), "an evictable block is not cached"
+        assert self.enable_prefix_caching or not self.block_keys, "blocks cached with caching off"
         entries = [(h, b) for h, bucket in self.cached.items() for b in bucket]
         assert len(entries) == len(self.block_keys), "hash table and registered blocks disagree"
         for h, block_id in entries:
             assert block_id in self.block_keys and self.block_keys[block_id].hash == h, (
                 f"hash table entry {h} -> block {block_id} whose registered hash differs")
         self._check_pool("host block", self.num_host_blocks, self.host_ref_counts,
-                         self._count(self.host_block_table.values()), list(self.host_free_block_ids))
+                         self._count(self.host_block_table.values()),
+                         list(self.host_free_block_ids))
         for seq in self.host_block_table:
             assert not seq.block_table, f"{seq.request_id} is swapped out but holds device blocks"
 
@@ -384,13 +392,16 @@ class BlockManager:
         return counts
 
     @staticmethod
-    def _check_pool(name: str, size: int, ref_counts: list[int], held: dict[int, int], free: list[int]) -> None:
+    def _check_pool(name: str, size: int, ref_counts: list[int], held: dict[int, int],
+                    free: list[int]) -> None:
         assert len(free) == len(set(free)), f"a {name} is listed free twice"
         free_set = set(free)
         for block_id in range(size):
             refs = ref_counts[block_id]
             assert refs == held.get(block_id, 0), (
                 f"{name} {block_id}: ref count {refs}, held by {held.get(block_id, 0)} tables")
-            assert not (refs and block_id in free_set), f"{name} {block_id} is both free and referenced"
-            assert refs or block_id in free_set, f"{name} {block_id} leaked: neither free nor referenced"
+            assert not (refs and block_id in free_set), (
+                f"{name} {block_id} is both free and referenced")
+            assert refs or block_id in free_set, (
+                f"{name} {block_id} leaked: neither free nor referenced")
         assert set(held) <= set(range(size)), f"a table holds an unknown {name}"

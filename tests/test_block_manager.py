@@ -50,7 +50,8 @@ def test_common_prefix_is_reused_and_the_rest_allocated_fresh():
     assert [manager.ref_counts[b] for b in second.block_table] == [2, 2]
     second.num_computed_tokens = 8
     compute(manager, second, 11)
-    assert second.block_table[2] not in first.block_table and manager.ref_counts[second.block_table[2]] == 1
+    fresh = second.block_table[2]
+    assert fresh not in first.block_table and manager.ref_counts[fresh] == 1
     assert manager.num_free_blocks == 8 - 4
     assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (21, 8)
     assert manager.prefix_cache_hit_rate == pytest.approx(8 / 21)
@@ -94,7 +95,7 @@ def test_allocate_prefix_needs_a_fresh_sequence():
 
 def test_lru_eviction_takes_the_least_recently_freed_and_a_hit_refreshes():
     manager = BlockManager(num_blocks=4, block_size=2)
-    a, b, c = (admit(manager, tokens, name) for tokens, name in ([[1, 1], "a"], [[2, 2], "b"], [[3, 3], "c"]))
+    a, b, c = admit(manager, [1, 1], "a"), admit(manager, [2, 2], "b"), admit(manager, [3, 3], "c")
     block_of = {name: seq.block_table[0] for name, seq in zip("abc", (a, b, c))}
     for seq in (a, b, c):
         manager.free(seq)
@@ -126,7 +127,8 @@ def test_hash_collisions_never_return_another_prefix(monkeypatch):
     assert manager.peek_prefix(make_seq([9, 9, 3, 4, 5])) == 0  # same hash, other tokens
     assert manager.peek_prefix(make_seq([1, 9, 3, 4, 5])) == 0
     manager.free(admit(manager, [5, 6, 3, 4, 5], "other first block"))
-    assert manager.peek_prefix(make_seq([5, 6, 1, 2, 0])) == 2  # block (1, 2) only hits as a first block
+    # block (1, 2) is cached as a first block only
+    assert manager.peek_prefix(make_seq([5, 6, 1, 2, 0])) == 2
     assert manager.peek_prefix(make_seq([1, 2, 3, 4, 0])) == 4  # equal tokens and parent still hit
     assert manager.peek_prefix(make_seq([5, 6, 3, 4, 0])) == 4
     assert len(manager.cached) == 1 and len(manager.cached[42]) == 4
@@ -172,7 +174,8 @@ def test_fork_shares_blocks_and_copy_on_write_copies_only_shared_written_blocks(
     child.num_computed_tokens = parent.num_computed_tokens
     manager.fork(parent, child)
     first, last = parent.block_table
-    assert child.block_table == [first, last] and manager.ref_counts[first] == manager.ref_counts[last] == 2
+    assert child.block_table == [first, last]
+    assert manager.ref_counts[first] == manager.ref_counts[last] == 2
     child.output_token_ids.append(100)
     assert manager.num_cow_blocks(child, 6, 7) == 1 and manager.can_copy_on_write(child, 6, 7)
     pairs = manager.copy_on_write(child, 6, 7)
@@ -254,8 +257,9 @@ def test_swapping_out_a_sharer_leaves_the_shared_blocks_to_the_others():
 
 
 def test_one_step_of_moves_is_correct_in_the_documented_order():
-    """Block 1 is a copy-on-write source, a swap-out source and a swap-in destination in one step."""
-    manager = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=False, num_host_blocks=4)
+    """Block 1 is a copy-on-write source, a swap-out source and a swap-in destination at once."""
+    manager = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=False,
+                           num_host_blocks=4)
     device, host = {}, {}
     s, t = admit(manager, [1, 2, 3], "s"), make_seq([1, 2, 3], "t")
     t.num_computed_tokens = 3
@@ -347,7 +351,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def _write(self, seq: Sequence, start: int, stop: int) -> None:
         tokens = seq.token_ids(0, stop)
         for pos in range(start, stop):
-            self.device[seq.block_table[pos // BLOCK_SIZE]][pos % BLOCK_SIZE] = tuple(tokens[:pos + 1])
+            block = seq.block_table[pos // BLOCK_SIZE]
+            self.device[block][pos % BLOCK_SIZE] = tuple(tokens[:pos + 1])
 
     def _step(self, seq: Sequence, target: int) -> bool:
         """Compute `seq` up to `target` if there is room (grow, copy on write, write, commit)."""
@@ -387,7 +392,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         seq.output_token_ids.extend(new_tokens[:MAX_TOKENS - seq.num_tokens])
         if seq.num_uncomputed_tokens == 0:
             return
-        target = data.draw(st.integers(seq.num_computed_tokens + 1, seq.num_tokens), label="compute to")
+        target = data.draw(st.integers(seq.num_computed_tokens + 1, seq.num_tokens),
+                           label="compute to")
         if not self._step(seq, target):
             self._drop(seq)
 
@@ -410,7 +416,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         size = len(seq.block_table) * BLOCK_SIZE
         start = data.draw(st.integers(0, size - 1), label="start")
         stop = data.draw(st.integers(start, size), label="stop")
-        covered = seq.block_table[start // BLOCK_SIZE:-(-stop // BLOCK_SIZE)] if stop > start else []
+        last = -(-stop // BLOCK_SIZE)
+        covered = seq.block_table[start // BLOCK_SIZE:last] if stop > start else []
         shared = [b for b in covered if self.manager.ref_counts[b] > 1]
         if not self.manager.can_copy_on_write(seq, start, stop):
             return
@@ -498,7 +505,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 
 BlockManagerMachine.TestCase.settings = settings(
-    max_examples=80, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    max_examples=80, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 
 
@@ -518,5 +526,6 @@ class CollidingHashMachine(BlockManagerMachine):
 
 
 CollidingHashMachine.TestCase.settings = settings(
-    max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    max_examples=40, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
 TestCollidingHashMachine = CollidingHashMachine.TestCase
