@@ -1,14 +1,17 @@
 """The engine loop: requests in, one scheduled and executed step at a time, outputs back.
 
 `LLMEngine` owns the scheduler (and through it the block manager) and the model runner.
-`step()` schedules, runs the model, appends the sampled tokens, applies stop conditions and
-frees what finished. It is the streaming interface; `LLM` drives it for whole batches.
+`step()` schedules, moves blocks (swaps, copy-on-write), runs the model, appends the sampled
+tokens, forks the extra samples of a request once its prompt is computed, applies stop
+conditions and frees what finished. It is the streaming interface; `LLM` drives it for batches.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,11 +22,24 @@ from jpaged.model_runner import ModelRunner
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
-from jpaged.sequence import Sequence
+from jpaged.sequence import Request, Sequence
 
 logger = logging.getLogger("jpaged")
 
 PromptType = str | list[int] | dict
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    kv_cache_usage: float  # share of device blocks referenced by sequences
+    prefix_cache_hit_rate: float  # share of looked-up prompt tokens found in the prefix cache
+    num_preemptions: int
+    num_swap_outs: int
+    num_prompt_tokens_computed: int
+    num_generated_tokens: int
 
 
 class LLMEngine:
@@ -35,13 +51,17 @@ class LLMEngine:
         self.tokenizer = source.tokenizer
         self.max_model_len = self._resolve_max_model_len()
         self.runner = ModelRunner(self.model_config, config, source.weights())
-        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.cache.block_size,
+            enable_prefix_caching=config.cache.enable_prefix_caching, num_host_blocks=self.runner.num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        self.requests: dict[str, Sequence] = {}
+        self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(config.seed)
+        self.num_prompt_tokens_computed = 0
+        self.num_generated_tokens = 0
         logger.info("engine ready: %s, %d KV blocks of %d tokens, max_model_len %d",
                     self.model_name, self.runner.num_blocks, config.cache.block_size, self.max_model_len)
 
@@ -60,9 +80,9 @@ class LLMEngine:
         text, token_ids = self._tokenize(prompt)
         self._check_fits(token_ids, params)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
-        seq = Sequence(request_id, text, token_ids, params, seed)
-        self.requests[request_id] = seq
-        self.scheduler.add(seq)
+        request = Request(request_id, text, token_ids, params, seed)
+        self.requests[request_id] = request
+        self.scheduler.add(request.seqs[0])
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -97,36 +117,86 @@ class LLMEngine:
     def prompt_logits(self, token_ids: list[int]) -> np.ndarray:
         """Float32 logits `[len(token_ids), vocab]` at every position of one prompt."""
         self._check_fits(token_ids, SamplingParams(max_tokens=1))
-        seq = Sequence("prompt-logits", None, token_ids, SamplingParams(), seed=0)
+        seq = Request("prompt-logits", None, token_ids, SamplingParams(), seed=0).seqs[0]
         return self.runner.prompt_logits(token_ids, self.block_manager, seq)
 
     def abort_request(self, request_id: str) -> None:
-        seq = self.requests.pop(request_id, None)
-        if seq is not None and not seq.is_finished:
-            seq.finish("abort")
-            self.scheduler.finish(seq)
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish("abort")
+                self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> EngineStats:
+        manager = self.block_manager
+        queries = manager.prefix_cache_queries
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_swapped=len(self.scheduler.swapped),
+            kv_cache_usage=sum(1 for count in manager.ref_counts if count) / manager.num_blocks,
+            prefix_cache_hit_rate=manager.prefix_cache_hits / queries if queries else 0.0,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_swap_outs=self.scheduler.num_swap_outs,
+            num_prompt_tokens_computed=self.num_prompt_tokens_computed,
+            num_generated_tokens=self.num_generated_tokens,
+        )
+
     def step(self) -> list[RequestOutput]:
-        """One scheduled model step; outputs for every sequence that took part in it."""
+        """One scheduled model step; outputs for every request that took part in it."""
         plan = self.scheduler.schedule()
+        self.runner.move_blocks(plan)
         if not plan.scheduled:
             return []
         tokens = self.runner.execute(plan.scheduled)
-        outputs = []
+        touched: dict[str, Request] = {}
         for item, token in zip(plan.scheduled, tokens):
             seq = item.seq
+            self._count_computed(seq, item.num_new_tokens)
             seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
             if item.samples:
-                seq.output_token_ids.append(int(token))
-                self._check_stop(seq)
+                self._append_token(seq, int(token))
             if seq.is_finished:
                 self.scheduler.finish(seq)
-                self.requests.pop(seq.request_id, None)
-            outputs.append(self.request_output(seq))
+            touched[seq.request_id] = seq.request
+        outputs = [self.request_output(request) for request in touched.values()]
+        for request in touched.values():
+            if request.is_finished:
+                self.requests.pop(request.request_id, None)
         return outputs
+
+    def _count_computed(self, seq: Sequence, num_new_tokens: int) -> None:
+        num_prompt = len(seq.prompt_token_ids)
+        self.num_prompt_tokens_computed += max(0, min(num_prompt, seq.num_computed_tokens + num_new_tokens)
+                                               - seq.num_computed_tokens)
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        seq.output_token_ids.append(token)
+        self.num_generated_tokens += 1
+        metrics = seq.request.metrics
+        metrics.last_token_time = now = time.monotonic()
+        if seq.index == 0:
+            metrics.num_output_tokens += 1
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+        if len(seq.output_token_ids) == 1 and len(seq.request.seqs) < seq.request.num_samples:
+            self._fork(seq)
+        self._check_stop(seq)
+        if seq.request.is_finished:
+            metrics.finished_time = now
+
+    def _fork(self, parent: Sequence) -> None:
+        """Start the request's other samples from the computed prompt, sharing its blocks."""
+        for child in parent.request.fork():
+            self.block_manager.fork(parent, child)
+            child.num_computed_tokens = len(child.prompt_token_ids) - 1
+            self.scheduler.add_running(child)
 
     def _check_stop(self, seq: Sequence) -> None:
         params, token = seq.sampling_params, seq.output_token_ids[-1]
@@ -163,7 +233,14 @@ class LLMEngine:
             return full[len(prefix):]
         return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=skip)
 
-    def request_output(self, seq: Sequence) -> RequestOutput:
-        completion = CompletionOutput(0, self.decode(seq), list(seq.output_token_ids),
-                                      seq.finish_reason, seq.stop_reason)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.is_finished)
+    def request_output(self, request: Request) -> RequestOutput:
+        seqs = request.seqs
+        if request.is_finished and len(seqs) > request.params.n:
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: request.params.n]
+        completions = [
+            CompletionOutput(i, self.decode(seq), list(seq.output_token_ids), seq.finish_reason, seq.stop_reason,
+                             seq.cumulative_logprob)
+            for i, seq in enumerate(seqs)
+        ]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
+                             request.is_finished, request.metrics)

@@ -22,7 +22,8 @@ from jpaged.config import CacheConfig, EngineConfig, ModelConfig
 from jpaged.loader.weights import load_params
 from jpaged.models.llama import LlamaForCausalLM
 from jpaged.sampler import SamplingArrays, sample
-from jpaged.scheduler import ScheduledSequence
+from jpaged.kv_cache_ops import HostKVPool, copy_blocks
+from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from pallas_kernels.backend import select_attention
 from pallas_kernels.paged_attention import AttentionMetadata
 
@@ -75,14 +76,21 @@ class ModelRunner:
         shape = (model_config.num_layers, self.num_blocks, self.block_size,
                  model_config.num_kv_heads, model_config.head_dim)
         self.kv_cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        swaps = config.scheduler.preemption_mode == "swap"
+        self.num_host_blocks = int(cache_config.swap_space_gib * 2**30 // self.block_bytes) if swaps else 0
+        self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
         self.num_compilations = 0
         self._step = jax.jit(self._step_fn, static_argnames="all_greedy", donate_argnums=1)
         self._logits = jax.jit(self._logits_fn, donate_argnums=1)
 
-    def _blocks_for_budget(self, cache_config: CacheConfig) -> int:
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one KV block over all layers, K and V."""
         cfg = self.model_config
-        block_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * self.block_size * cfg.head_dim
-        block_bytes *= jnp.dtype(self.dtype).itemsize
+        return 2 * cfg.num_layers * cfg.num_kv_heads * self.block_size * cfg.head_dim * jnp.dtype(self.dtype).itemsize
+
+    def _blocks_for_budget(self, cache_config: CacheConfig) -> int:
+        block_bytes = self.block_bytes
         stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
         if stats and "bytes_limit" in stats:
             budget = stats["bytes_limit"] * cache_config.gpu_memory_utilization - stats["bytes_in_use"]
@@ -122,6 +130,12 @@ class ModelRunner:
     def _matmul_precision(self):
         """float32 means float32: no TF32 shortcuts in matmuls on GPUs."""
         return jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default")
+
+    def move_blocks(self, plan: SchedulerOutput) -> None:
+        """Carry out the step's swaps and copy-on-write copies, in that order, before the step runs."""
+        self.host_pool.swap_out(self.kv_cache, plan.swap_out)
+        self.kv_cache = self.host_pool.swap_in(self.kv_cache, plan.swap_in)
+        self.kv_cache = copy_blocks(self.kv_cache, plan.block_copies)
 
     def execute(self, scheduled: list[ScheduledSequence]) -> np.ndarray:
         """Run one step; returns a sampled token per scheduled sequence (meaningful where it samples)."""

@@ -1,15 +1,17 @@
-"""FCFS continuous batching with chunked prefill and recompute preemption.
+"""FCFS continuous batching with chunked prefill, prefix reuse and preemption.
 
 Every step the scheduler spends a token budget: first on running sequences in arrival order
-(one token for a decode, a chunk of the remaining prompt for a prefill), then on waiting
-requests. When the block manager runs out of blocks, the latest arrival among the running
-sequences is preempted: its blocks are freed and it waits to be recomputed from its tokens.
+(one token for a decode, a chunk of the remaining prompt for a prefill), then on bringing back
+swapped-out sequences, then on waiting requests, which start after their longest cached prefix.
+When the block manager runs out of blocks, the latest arrival among the running sequences is
+preempted: swapped to host memory (`preemption_mode="swap"`, when the host pool has room and
+its blocks are not shared) or freed, to be recomputed from its tokens later.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections import deque
+import time
 from dataclasses import dataclass, field
 
 from jpaged.block_manager import BlockManager
@@ -32,75 +34,125 @@ class ScheduledSequence:
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
+def _by_priority(seq: Sequence):
+    return seq.priority
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
         self.config = config
         self.block_manager = block_manager
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # kept in arrival order
+        self.waiting: list[Sequence] = []  # each queue is kept in priority (arrival) order
+        self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_swap_outs = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        bisect.insort(self.waiting, seq, key=_by_priority)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence forked from a running one: it already holds (shared) blocks."""
+        seq.status = SequenceStatus.RUNNING
+        bisect.insort(self.running, seq, key=_by_priority)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
-            self._schedule_waiting(out, budget)
+            self._schedule_swapped(out)
+            if not self.swapped:
+                self._schedule_waiting(out, budget)
         return out
+
+    def _has_room(self, seq: Sequence, target: int) -> bool:
+        manager = self.block_manager
+        needed = manager.num_missing_blocks(seq, target)
+        needed += manager.num_cow_blocks(seq, seq.num_computed_tokens, target)
+        return needed <= manager.num_free_blocks
+
+    def _reserve(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
+        start, target = seq.num_computed_tokens, seq.num_computed_tokens + num_new
+        self.block_manager.grow(seq, target)
+        out.block_copies += self.block_manager.copy_on_write(seq, start, target)
+        out.scheduled.append(ScheduledSequence.of(seq, num_new))
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             num_new = min(seq.num_uncomputed_tokens, budget)
-            target = seq.num_computed_tokens + num_new
-            while not self.block_manager.can_grow(seq, target):
+            while not self._has_room(seq, seq.num_computed_tokens + num_new):
                 victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted.append(victim)
+                self._preempt(victim, out)
                 if victim is seq:
                     return budget
-            self.block_manager.grow(seq, target)
-            out.scheduled.append(ScheduledSequence.of(seq, num_new))
+            self._reserve(out, seq, num_new)
             budget -= num_new
             index += 1
         return budget
 
+    def _schedule_swapped(self, out: SchedulerOutput) -> None:
+        while self.swapped and len(self.running) < self.config.max_num_seqs:
+            seq = self.swapped[0]
+            if not self.block_manager.can_swap_in(seq):
+                return
+            self.swapped.pop(0)
+            out.swap_in += self.block_manager.swap_in(seq)
+            self.add_running(seq)
+
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            cached = self.block_manager.allocate_prefix(seq)
+            seq.num_computed_tokens = cached
             num_new = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_grow(seq, num_new):
-                break
-            self.waiting.popleft()
-            self.block_manager.grow(seq, num_new)
-            seq.status = SequenceStatus.RUNNING
-            bisect.insort(self.running, seq, key=lambda s: s.arrival)
-            out.scheduled.append(ScheduledSequence.of(seq, num_new))
+            if not self._has_room(seq, cached + num_new):
+                self.block_manager.free(seq)
+                seq.num_computed_tokens = 0
+                return
+            self.waiting.pop(0)
+            self._note_first_schedule(seq, cached)
+            self._reserve(out, seq, num_new)
+            self.add_running(seq)
             budget -= num_new
 
-    def _preempt(self, seq: Sequence) -> None:
+    @staticmethod
+    def _note_first_schedule(seq: Sequence, cached: int) -> None:
+        metrics = seq.request.metrics
+        if seq.index == 0 and metrics.first_scheduled_time is None:
+            metrics.first_scheduled_time = time.monotonic()
+            metrics.num_cached_prompt_tokens = cached
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+        if self.config.preemption_mode == "swap" and self.block_manager.can_swap_out(seq):
+            out.swap_out += self.block_manager.swap_out(seq)
+            seq.status = SequenceStatus.SWAPPED
+            bisect.insort(self.swapped, seq, key=_by_priority)
+            self.num_swap_outs += 1
+            return
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
-        self.num_preemptions += 1
+        self.add(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence wherever it is."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        for queue in (self.running, self.waiting, self.swapped):
+            if seq in queue:
+                queue.remove(seq)
         self.block_manager.free(seq)

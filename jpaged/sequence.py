@@ -1,37 +1,74 @@
-"""A request's token stream as the scheduler sees it: tokens, progress, blocks, status."""
+"""A request and its token streams as the scheduler sees them: tokens, progress, blocks, status.
+
+A `Request` holds one `Sequence` per sample it draws (`best_of`, else `n`). The first sequence
+prefills the prompt; the others fork from it once the prompt is computed, sharing its blocks.
+"""
 
 from __future__ import annotations
 
 import enum
 import itertools
+import time
+from dataclasses import dataclass, field
 
 from jpaged.sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()
+_SEED_STRIDE = 0x9E3779B9  # spreads the seeds of a request's sequences apart
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"
     FINISHED = "finished"
 
 
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_output_tokens: int = 0
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def time_per_output_token(self) -> float | None:
+        if self.num_output_tokens < 2:
+            return None
+        return (self.last_token_time - self.first_token_time) / (self.num_output_tokens - 1)
+
+
 class Sequence:
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 sampling_params: SamplingParams, seed: int):
-        self.request_id = request_id
-        self.prompt = prompt
-        self.prompt_token_ids = list(prompt_token_ids)
+    def __init__(self, request: Request, index: int, prompt_token_ids: list[int]):
+        self.request = request
+        self.index = index
+        self.prompt_token_ids = prompt_token_ids
         self.output_token_ids: list[int] = []
-        self.sampling_params = sampling_params
-        self.seed = seed
-        self.arrival = next(_arrival_counter)
+        self.cumulative_logprob = 0.0
+        self.output_logprobs: list[dict[int, float]] = []
+        self.seed = (request.seed + index * _SEED_STRIDE) % 2**32
+        self.priority = (request.arrival, index)  # earlier requests first, then their samples
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None
         self.output_text: str | None = None  # set when a stop string cut the text
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def sampling_params(self) -> SamplingParams:
+        return self.request.params
 
     @property
     def num_tokens(self) -> int:
@@ -55,3 +92,31 @@ class Sequence:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
         self.stop_reason = stop_reason
+
+
+class Request:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, seed: int):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.seed = seed
+        self.arrival = next(_arrival_counter)
+        self.metrics = RequestMetrics(arrival_time=time.monotonic())
+        self.seqs = [Sequence(self, 0, self.prompt_token_ids)]
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return max(self.params.n, self.params.best_of or self.params.n)
+
+    @property
+    def is_finished(self) -> bool:
+        return len(self.seqs) == self.num_samples and all(s.is_finished for s in self.seqs)
+
+    def fork(self) -> list[Sequence]:
+        """The remaining samples, each a copy of the first sequence's prompt (blocks are shared)."""
+        children = [Sequence(self, i, self.prompt_token_ids) for i in range(len(self.seqs), self.num_samples)]
+        self.seqs.extend(children)
+        return children

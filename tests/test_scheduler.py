@@ -6,11 +6,11 @@ from jpaged.block_manager import BlockManager
 from jpaged.config import SchedulerConfig
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
-from jpaged.sequence import Sequence, SequenceStatus
+from jpaged.sequence import Request, Sequence, SequenceStatus
 
 
 def make_seq(name: str, prompt_len: int) -> Sequence:
-    return Sequence(name, None, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=100), seed=0)
+    return Request(name, None, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=100), seed=0).seqs[0]
 
 
 def run_step(scheduler: Scheduler):
