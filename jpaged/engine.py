@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass
 
+import jax.numpy as jnp
 import numpy as np
 
 from jpaged.block_manager import BlockManager
@@ -20,6 +21,7 @@ from jpaged.config import EngineConfig, ModelConfig
 from jpaged.loader.source import open_model
 from jpaged.model_runner import ModelRunner
 from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.sampler import prompt_logprobs
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Request, Sequence
@@ -50,14 +52,14 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)
         self.tokenizer = source.tokenizer
         self.max_model_len = self._resolve_max_model_len()
-        self.runner = ModelRunner(self.model_config, config, source.weights())
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.runner = ModelRunner(self.model_config, config, source.weights(), self.eos_token_ids)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching, num_host_blocks=self.runner.num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.eos_token_ids = set(self.model_config.eos_token_ids)
-        if getattr(self.tokenizer, "eos_token_id", None) is not None:
-            self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(config.seed)
         self.num_prompt_tokens_computed = 0
@@ -81,6 +83,8 @@ class LLMEngine:
         self._check_fits(token_ids, params)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
         request = Request(request_id, text, token_ids, params, seed)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = self._prompt_logprobs(token_ids, params.prompt_logprobs)
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
 
@@ -105,6 +109,9 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        bad_bias = [t for t in params.logit_bias or {} if t >= vocab]
+        if bad_bias:
+            raise ValueError(f"logit_bias token ids {bad_bias[:5]} are outside the vocabulary [0, {vocab})")
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt of {len(token_ids)} tokens + max_tokens {params.max_tokens} = {total} "
@@ -119,6 +126,16 @@ class LLMEngine:
         self._check_fits(token_ids, SamplingParams(max_tokens=1))
         seq = Request("prompt-logits", None, token_ids, SamplingParams(), seed=0).seqs[0]
         return self.runner.prompt_logits(token_ids, self.block_manager, seq)
+
+    def _prompt_logprobs(self, token_ids: list[int], k: int) -> list[dict[int, float] | None]:
+        """Per prompt token, its logprob and the top-k alternatives (None for the first token)."""
+        logits = self.prompt_logits(token_ids)
+        found = prompt_logprobs(jnp.asarray(logits[:-1]), jnp.asarray(token_ids[1:], jnp.int32), k)
+        entries: list[dict[int, float] | None] = [None]
+        for t, token in enumerate(token_ids[1:]):
+            top = zip(np.asarray(found.top_ids[t]).tolist(), np.asarray(found.top_logprobs[t]).tolist())
+            entries.append({token: float(found.token_logprobs[t]), **dict(top)})
+        return entries
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -153,15 +170,16 @@ class LLMEngine:
         self.runner.move_blocks(plan)
         if not plan.scheduled:
             return []
-        tokens = self.runner.execute(plan.scheduled)
+        sampled = self.runner.execute(plan.scheduled)
         touched: dict[str, Request] = {}
-        for item, token in zip(plan.scheduled, tokens):
+        for row, item in enumerate(plan.scheduled):
             seq = item.seq
             self._count_computed(seq, item.num_new_tokens)
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
             if item.samples:
-                self._append_token(seq, int(token))
+                self._record_logprobs(seq, sampled, row)
+                self._append_token(seq, int(sampled.token_ids[row]))
             if seq.is_finished:
                 self.scheduler.finish(seq)
             touched[seq.request_id] = seq.request
@@ -175,6 +193,17 @@ class LLMEngine:
         num_prompt = len(seq.prompt_token_ids)
         self.num_prompt_tokens_computed += max(0, min(num_prompt, seq.num_computed_tokens + num_new_tokens)
                                                - seq.num_computed_tokens)
+
+    @staticmethod
+    def _record_logprobs(seq: Sequence, sampled, row: int) -> None:
+        if sampled.logprobs is None:
+            return
+        token, logprob = int(sampled.token_ids[row]), float(sampled.logprobs[row])
+        seq.cumulative_logprob += logprob
+        wanted = seq.sampling_params.logprobs
+        if wanted is not None:
+            top = zip(sampled.top_ids[row][:wanted].tolist(), sampled.top_logprobs[row][:wanted].tolist())
+            seq.output_logprobs.append({token: logprob, **dict(top)})
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.output_token_ids.append(token)
@@ -237,10 +266,11 @@ class LLMEngine:
         seqs = request.seqs
         if request.is_finished and len(seqs) > request.params.n:
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: request.params.n]
+        wants_logprobs = request.params.logprobs is not None
         completions = [
             CompletionOutput(i, self.decode(seq), list(seq.output_token_ids), seq.finish_reason, seq.stop_reason,
-                             seq.cumulative_logprob)
+                             seq.cumulative_logprob, list(seq.output_logprobs) if wants_logprobs else None)
             for i, seq in enumerate(seqs)
         ]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
-                             request.is_finished, request.metrics)
+                             request.is_finished, request.metrics, request.prompt_logprobs)

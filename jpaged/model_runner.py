@@ -21,7 +21,7 @@ from jpaged.block_manager import BlockManager
 from jpaged.config import CacheConfig, EngineConfig, ModelConfig
 from jpaged.loader.weights import load_params
 from jpaged.models.llama import LlamaForCausalLM
-from jpaged.sampler import SamplingArrays, sample
+from jpaged.sampler import SamplerOutput, SamplingArrays, max_num_logprobs, sample_with_logprobs
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from pallas_kernels.backend import select_attention
@@ -62,8 +62,9 @@ def resolve_dtype(dtype: str):
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, config: EngineConfig, weights):
+    def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, eos_token_ids: set[int]):
         cache_config = config.cache
+        self.eos_token_ids = sorted(eos_token_ids)
         self.model_config = model_config
         self.block_size = cache_config.block_size
         self.dtype = dtype = resolve_dtype(config.dtype)
@@ -80,7 +81,7 @@ class ModelRunner:
         self.num_host_blocks = int(cache_config.swap_space_gib * 2**30 // self.block_bytes) if swaps else 0
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
         self.num_compilations = 0
-        self._step = jax.jit(self._step_fn, static_argnames="all_greedy", donate_argnums=1)
+        self._step = jax.jit(self._step_fn, static_argnames=("all_greedy", "num_logprobs"), donate_argnums=1)
         self._logits = jax.jit(self._logits_fn, donate_argnums=1)
 
     @property
@@ -112,13 +113,14 @@ class ModelRunner:
                     kind, self.num_compilations, batch.token_ids.shape[0], md.block_tables.shape[0],
                     md.num_decode_seqs, md.max_query_len, md.block_tables.shape[1])
 
-    def _step_fn(self, state, kv_cache, batch: StepBatch, sampling: SamplingArrays, all_greedy: bool):
+    def _step_fn(self, state, kv_cache, batch: StepBatch, sampling: SamplingArrays, all_greedy: bool,
+                 num_logprobs: int | None):
         self._count_compilation("step", batch)
         with self._matmul_precision():
             model = self._model(state)
             hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
             logits = model.logits(hidden[batch.logits_indices])
-        return sample(logits, sampling, all_greedy), kv_cache
+        return sample_with_logprobs(logits, sampling, all_greedy, num_logprobs), kv_cache
 
     def _logits_fn(self, state, kv_cache, batch: StepBatch):
         self._count_compilation("logits", batch)
@@ -137,21 +139,29 @@ class ModelRunner:
         self.kv_cache = self.host_pool.swap_in(self.kv_cache, plan.swap_in)
         self.kv_cache = copy_blocks(self.kv_cache, plan.block_copies)
 
-    def execute(self, scheduled: list[ScheduledSequence]) -> np.ndarray:
-        """Run one step; returns a sampled token per scheduled sequence (meaningful where it samples)."""
+    def execute(self, scheduled: list[ScheduledSequence]) -> SamplerOutput:
+        """Run one step; per scheduled sequence (in the given order) its sampled token and, where
+        a request wants them, logprobs. Rows that do not sample carry meaningless values."""
         ordered = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens > 1)
         batch, rows = self._build_batch([scheduled[i] for i in ordered])
         seqs = [scheduled[i].seq for i in ordered]
+        params = [s.sampling_params for s in seqs]
         sampling = SamplingArrays.build(
-            [s.sampling_params for s in seqs], [s.seed for s in seqs],
-            [len(s.output_token_ids) for s in seqs], pad_to=batch.logits_indices.shape[0],
+            params, [s.seed for s in seqs], [len(s.output_token_ids) for s in seqs],
+            pad_to=batch.logits_indices.shape[0],
+            prompt_token_ids=[s.prompt_token_ids for s in seqs],
+            output_token_ids=[s.output_token_ids for s in seqs],
+            eos_token_ids=self.eos_token_ids, vocab_size=self.model_config.vocab_size,
         )
-        all_greedy = all(s.sampling_params.is_greedy for s in seqs)
-        tokens, self.kv_cache = self._step(self.state, self.kv_cache, batch, sampling, all_greedy=all_greedy)
-        tokens = np.asarray(tokens)[rows]
-        result = np.empty(len(scheduled), np.int64)
-        result[ordered] = tokens
-        return result
+        all_greedy = all(p.is_greedy for p in params)
+        num_logprobs = max_num_logprobs(params)
+        if num_logprobs is None and any(p.best_of > p.n for p in params):
+            num_logprobs = 0  # best_of ranks samples by their cumulative logprob
+        out, self.kv_cache = self._step(self.state, self.kv_cache, batch, sampling,
+                                        all_greedy=all_greedy, num_logprobs=num_logprobs)
+        position = np.empty(len(scheduled), np.int64)
+        position[ordered] = rows  # each scheduled sequence's row in the step's arrays
+        return SamplerOutput(*(None if field is None else np.asarray(field)[position] for field in out))
 
     def prompt_logits(self, token_ids: list[int], block_manager: BlockManager, seq) -> np.ndarray:
         """Float32 logits `[len(token_ids), vocab]` of one whole prompt, computed through the cache."""

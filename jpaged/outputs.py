@@ -15,6 +15,7 @@ class CompletionOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     cumulative_logprob: float | None = None
+    logprobs: list[dict[int, float]] | None = None  # per token: its logprob and the top alternatives
 
     @property
     def finished(self) -> bool:
@@ -29,3 +30,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None

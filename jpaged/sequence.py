@@ -11,10 +11,10 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from jpaged.sampler import derive_seed
 from jpaged.sampling_params import SamplingParams
 
 _arrival_counter = itertools.count()
-_SEED_STRIDE = 0x9E3779B9  # spreads the seeds of a request's sequences apart
 
 
 class SequenceStatus(enum.Enum):
@@ -53,7 +53,7 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.cumulative_logprob = 0.0
         self.output_logprobs: list[dict[int, float]] = []
-        self.seed = (request.seed + index * _SEED_STRIDE) % 2**32
+        self.seed = derive_seed(request.seed, index)
         self.priority = (request.arrival, index)  # earlier requests first, then their samples
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
