@@ -13,11 +13,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 import jpaged.block_manager as block_manager_module
 from jpaged.block_manager import BlockManager
 from jpaged.sampling_params import SamplingParams
-from jpaged.sequence import Sequence
+from jpaged.sequence import Request, Sequence
 
 
 def make_seq(tokens, name="seq") -> Sequence:
-    return Sequence(name, None, list(tokens), SamplingParams(max_tokens=100), seed=0)
+    return Request(name, None, list(tokens), SamplingParams(max_tokens=100), seed=0).seqs[0]
 
 
 def admit(manager: BlockManager, tokens, name="seq") -> Sequence:
