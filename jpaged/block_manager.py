@@ -22,10 +22,11 @@ Sharing, three ways:
   the swapped sequence takes a host copy of it and gets a private device block back on swap-in,
   so no sharer is ever affected. Swapping is refused only when the host pool has no room.
 
-Order of a step's block moves on the device, for the returned pairs to be correct when a block
+Order of a step's block moves on the device, for the returned pairs to stay correct when a block
 released in one call is reallocated in a later call of the same step: swap-outs first, then
-copy-on-write copies (all sources read before any destination is written), then swap-ins,
-then the forward pass.
+copy-on-write copies (all sources read before any destination is written), then swap-ins, then
+the forward pass. Swap-ins may also go before the copies when no block is released before a
+swap-in in the same step (the scheduler swaps in only in steps without preemption).
 """
 
 from __future__ import annotations
