@@ -134,10 +134,11 @@ class ModelRunner:
         return jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default")
 
     def move_blocks(self, plan: SchedulerOutput) -> None:
-        """Carry out the step's swaps and copy-on-write copies, in that order, before the step runs."""
+        """Carry out the step's block moves before it runs: swap-outs, copy-on-write copies, then
+        swap-ins (the order the block manager's bookkeeping assumes)."""
         self.host_pool.swap_out(self.kv_cache, plan.swap_out)
-        self.kv_cache = self.host_pool.swap_in(self.kv_cache, plan.swap_in)
         self.kv_cache = copy_blocks(self.kv_cache, plan.block_copies)
+        self.kv_cache = self.host_pool.swap_in(self.kv_cache, plan.swap_in)
 
     def execute(self, scheduled: list[ScheduledSequence]) -> SamplerOutput:
         """Run one step; per scheduled sequence (in the given order) its sampled token and, where

@@ -116,13 +116,11 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.block_manager.allocate_prefix(seq)
-            seq.num_computed_tokens = cached
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            if not self._has_room(seq, cached + num_new):
-                self.block_manager.free(seq)
-                seq.num_computed_tokens = 0
+            cached = self.block_manager.peek_prefix(seq)
+            num_new = min(seq.num_tokens - cached, budget)
+            if not self.block_manager.can_allocate(seq, cached + num_new):
                 return
+            seq.num_computed_tokens = self.block_manager.allocate_prefix(seq)
             self.waiting.pop(0)
             self._note_first_schedule(seq, cached)
             self._reserve(out, seq, num_new)
