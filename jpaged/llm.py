@@ -14,6 +14,7 @@ from collections.abc import Sequence as SequenceABC
 
 from tqdm.auto import tqdm
 
+from jpaged.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jpaged.config import CacheConfig, EngineConfig, SchedulerConfig
 from jpaged.engine import LLMEngine, PromptType
 from jpaged.outputs import RequestOutput
@@ -85,6 +86,13 @@ class LLM:
             bar.set_postfix_str(f"{num_generated / (time.perf_counter() - started):.1f} tok/s out")
         bar.close()
         return [finished[request_id] for request_id in request_ids]
+
+    def beam_search(self, prompts: PromptType | SequenceABC[PromptType], params: BeamSearchParams
+                    ) -> list[BeamSearchOutput]:
+        """The `params.beam_width` best continuations of each prompt, best first."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        return beam_search(self.engine, list(prompts), params)
 
     def chat(
         self,

@@ -4,8 +4,9 @@ Every step the scheduler spends a token budget: first on running sequences in ar
 (one token for a decode, a chunk of the remaining prompt for a prefill), then on bringing back
 swapped-out sequences, then on waiting requests, which start after their longest cached prefix.
 When the block manager runs out of blocks, the latest arrival among the running sequences is
-preempted: swapped to host memory (`preemption_mode="swap"`, when the host pool has room and
-its blocks are not shared) or freed, to be recomputed from its tokens later.
+preempted: swapped to host memory (`preemption_mode="swap"`, when the host pool has room) or
+freed, to be recomputed from its tokens later. Sequences on hold (beams waiting for their
+siblings' step) are passed over.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Scheduler:
         self.swapped: list[Sequence] = []
         self.num_preemptions = 0
         self.num_swap_outs = 0
+        self.num_block_copies = 0
 
     def add(self, seq: Sequence) -> None:
         bisect.insort(self.waiting, seq, key=_by_priority)
@@ -86,13 +88,18 @@ class Scheduler:
     def _reserve(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
         start, target = seq.num_computed_tokens, seq.num_computed_tokens + num_new
         self.block_manager.grow(seq, target)
-        out.block_copies += self.block_manager.copy_on_write(seq, start, target)
+        copies = self.block_manager.copy_on_write(seq, start, target)
+        self.num_block_copies += len(copies)
+        out.block_copies += copies
         out.scheduled.append(ScheduledSequence.of(seq, num_new))
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.on_hold:
+                index += 1
+                continue
             num_new = min(seq.num_uncomputed_tokens, budget)
             while not self._has_room(seq, seq.num_computed_tokens + num_new):
                 victim = self.running.pop()
@@ -114,14 +121,18 @@ class Scheduler:
             self.add_running(seq)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        index = 0
+        while index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[index]
+            if seq.on_hold:
+                index += 1
+                continue
             cached = self.block_manager.peek_prefix(seq)
             num_new = min(seq.num_tokens - cached, budget)
             if not self.block_manager.can_allocate(seq, cached + num_new):
                 return
             seq.num_computed_tokens = self.block_manager.allocate_prefix(seq)
-            self.waiting.pop(0)
+            self.waiting.pop(index)
             self._note_first_schedule(seq, cached)
             self._reserve(out, seq, num_new)
             self.add_running(seq)

@@ -61,6 +61,7 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None
         self.output_text: str | None = None  # set when a stop string cut the text
+        self.on_hold = False  # not to be scheduled until released (beam search rounds)
 
     @property
     def request_id(self) -> str:

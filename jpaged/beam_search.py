@@ -1,0 +1,169 @@
+"""Beam search on top of the engine: beams are sequences that fork and die by ref counting.
+
+Each round, every live beam of a prompt decodes one step with its top `2 * beam_width` logprobs.
+The best `beam_width` continuations over all beams survive: the first continuation of a beam
+takes the beam over (its placeholder token is replaced before its KV is computed), further ones
+fork it (sharing all its blocks; the shared last block is copied only when written), and beams
+with no surviving continuation are freed. A beam that is done sampling waits, on hold, for its
+siblings' step. Continuations ending in EOS become finished hypotheses, scored like HF
+transformers: cumulative logprob / generated length ** length_penalty.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from jpaged.sampling_params import SamplingParams
+from jpaged.sequence import Sequence
+
+_search_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    beam_width: int
+    max_tokens: int
+    length_penalty: float = 1.0
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if self.beam_width < 1:
+            raise ValueError(f"beam_width must be >= 1, got {self.beam_width}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass
+class BeamSearchSequence:
+    token_ids: list[int]  # generated tokens
+    cumulative_logprob: float
+    score: float  # cumulative_logprob / len(token_ids) ** length_penalty
+    text: str = ""
+
+
+@dataclass
+class BeamSearchOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[BeamSearchSequence]  # best first
+
+
+@dataclass
+class _Search:
+    """The state of one prompt's search."""
+
+    params: BeamSearchParams
+    beams: list[Sequence]
+    scores: dict[Sequence, float]
+    finished: list[BeamSearchSequence] = field(default_factory=list)
+    round: int = 0
+    done: bool = False
+
+    def hypothesis(self, tokens: list[int], logprob: float) -> BeamSearchSequence:
+        return BeamSearchSequence(tokens, logprob, logprob / len(tokens) ** self.params.length_penalty)
+
+
+def beam_search(engine, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
+    searches = [_start(engine, prompt, params) for prompt in prompts]
+    while not all(search.done for search in searches):
+        engine.step()
+        for search in searches:
+            if not search.done:
+                _advance(engine, search)
+    return [_output(engine, search) for search in searches]
+
+
+def _start(engine, prompt, params: BeamSearchParams) -> _Search:
+    request_id = f"beam-search-{next(_search_ids)}"
+    step_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True,
+                                 logprobs=2 * params.beam_width)
+    engine.add_request(request_id, prompt, step_params)
+    first = engine.requests[request_id].seqs[0]
+    return _Search(params, [first], {first: 0.0})
+
+
+def _advance(engine, search: _Search) -> None:
+    target = search.round + 1
+    if any(len(beam.output_token_ids) < target for beam in search.beams):
+        for beam in search.beams:
+            beam.on_hold = len(beam.output_token_ids) == target
+        return
+    for beam in search.beams:
+        beam.on_hold = False
+    search.round = target
+    last_round = target == search.params.max_tokens
+    survivors = _select(engine, search, _candidates(search), last_round)
+    for beam in search.beams:
+        if beam not in survivors and not beam.is_finished:
+            beam.finish("abort")
+            engine.scheduler.finish(beam)
+    search.beams = survivors
+    search.done = last_round or not survivors or _cannot_improve(search)
+    if search.done:
+        for beam in search.beams:
+            if not beam.is_finished:
+                beam.finish("abort")
+                engine.scheduler.finish(beam)
+
+
+def _candidates(search: _Search) -> list[tuple[float, Sequence, int]]:
+    width = 2 * search.params.beam_width
+    candidates = []
+    for beam in search.beams:
+        top = sorted(beam.output_logprobs[-1].items(), key=lambda item: -item[1])[:width]
+        candidates += [(search.scores[beam] + logprob, beam, token) for token, logprob in top]
+    candidates.sort(key=lambda c: -c[0])
+    return candidates[:width]
+
+
+def _select(engine, search: _Search, candidates, last_round: bool) -> list[Sequence]:
+    """Keep the best `beam_width` continuations; EOS ones become finished hypotheses."""
+    width = search.params.beam_width
+    survivors: list[Sequence] = []
+    taken: set[Sequence] = set()
+    for rank, (score, beam, token) in enumerate(candidates):
+        tokens = beam.output_token_ids[:-1] + [token]
+        if token in engine.eos_token_ids and not search.params.ignore_eos:
+            if rank < width:
+                search.finished.append(search.hypothesis(tokens, score))
+            continue
+        if last_round:
+            search.finished.append(search.hypothesis(tokens, score))
+        else:
+            survivor = beam if beam not in taken else _fork(engine, beam)
+            taken.add(beam)
+            survivor.output_token_ids[-1] = token
+            search.scores[survivor] = score
+            survivors.append(survivor)
+        if len(survivors) == width or (last_round and len(search.finished) >= width):
+            break
+    return survivors
+
+
+def _fork(engine, beam: Sequence) -> Sequence:
+    child = Sequence(beam.request, beam.index, beam.prompt_token_ids)
+    child.output_token_ids = list(beam.output_token_ids)
+    child.output_logprobs = list(beam.output_logprobs)
+    engine.block_manager.fork(beam, child)
+    child.num_computed_tokens = beam.num_computed_tokens
+    engine.scheduler.add_running(child)
+    return child
+
+
+def _cannot_improve(search: _Search) -> bool:
+    """HF's rule without early stopping: the best live beam, at its current length, scores no
+    better than the worst of `beam_width` finished hypotheses."""
+    if len(search.finished) < search.params.beam_width:
+        return False
+    worst = sorted(h.score for h in search.finished)[-search.params.beam_width]
+    best_live = max(search.scores[b] for b in search.beams) / search.round ** search.params.length_penalty
+    return best_live <= worst
+
+
+def _output(engine, search: _Search) -> BeamSearchOutput:
+    best = sorted(search.finished, key=lambda h: -h.score)[: search.params.beam_width]
+    for hypothesis in best:
+        hypothesis.text = engine.tokenizer.decode(hypothesis.token_ids, skip_special_tokens=True)
+    request = next(iter(search.scores)).request
+    return BeamSearchOutput(request.prompt, request.prompt_token_ids, best)

@@ -1,0 +1,60 @@
+"""Beam search against HF transformers' own, on the trained stories260K and a random Llama."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jpaged import LLM, BeamSearchParams  # noqa: E402
+
+
+def hf_beams(model, prompt: list[int], width: int, max_tokens: int, length_penalty: float):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), num_beams=width, num_return_sequences=width, do_sample=False,
+                             max_new_tokens=max_tokens, length_penalty=length_penalty, early_stopping=False,
+                             output_scores=True, return_dict_in_generate=True)
+    return [seq[len(prompt):].tolist() for seq in out.sequences], out.sequences_scores.tolist()
+
+
+def check_against_hf(llm, model, prompts, params):
+    outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
+    for prompt, output in zip(prompts, outputs):
+        tokens, scores = hf_beams(model, prompt, params.beam_width, params.max_tokens, params.length_penalty)
+        assert [s.token_ids for s in output.sequences] == tokens
+        np.testing.assert_allclose([s.score for s in output.sequences], scores, atol=1e-4)
+    manager = llm.engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks and not any(manager.ref_counts)
+
+
+def test_beam_search_matches_hf_on_stories260k(stories_path):
+    from hf_models import torch_single_thread
+
+    llm = LLM(stories_path, num_blocks=128)
+    model = transformers.AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.float32).eval()
+    tokenizer = llm.get_tokenizer()
+    prompts = [tokenizer.encode(text) for text in ("Once upon a time, there was a dog named", "Tom and Sue")]
+    with torch_single_thread():
+        check_against_hf(llm, model, prompts, BeamSearchParams(beam_width=4, max_tokens=20))
+    scheduler = llm.engine.scheduler
+    assert 0 < scheduler.num_block_copies  # forked beams copied their shared last block once written
+
+
+def test_beam_search_matches_hf_on_random_llama_with_length_penalty(tmp_path):
+    from hf_models import save_random_model, torch_single_thread
+
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = save_random_model(tmp_path, config, seed=3)
+    llm = LLM(str(tmp_path), num_blocks=64, dtype="float32")
+    prompts = [np.random.default_rng(seed).integers(3, 96, n).tolist() for seed, n in ((1, 9), (2, 17))]
+    with torch_single_thread():
+        check_against_hf(llm, model, prompts, BeamSearchParams(beam_width=3, max_tokens=12, length_penalty=0.5,
+                                                               ignore_eos=True))
+
+
+def test_beam_search_params_are_validated():
+    with pytest.raises(ValueError, match="beam_width must be >= 1, got 0"):
+        BeamSearchParams(beam_width=0, max_tokens=4)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
+        BeamSearchParams(beam_width=2, max_tokens=0)
