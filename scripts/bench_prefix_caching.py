@@ -1,0 +1,94 @@
+"""Throughput with a shared system prompt: prefix caching on against off.
+
+Every request starts with the same long system prompt and asks its own short question. With
+prefix caching, the system prompt's full blocks are computed once and reused by every later
+request; without it, each request prefills the whole prompt.
+
+    python scripts/bench_prefix_caching.py [--model PATH] [--num-requests 32] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from jpaged import LLM, SamplingParams
+from jpaged.llm import chat_token_ids
+
+SYSTEM_PROMPT = (
+    "You are a careful assistant for a public library. Answer briefly and politely. "
+    "The library opens at nine in the morning and closes at six in the evening, Monday to Saturday. "
+    "Members may borrow up to ten books for three weeks and renew them twice online. "
+    "Late returns cost ten cents a day per book. The children's room is on the first floor, "
+    "the quiet study hall on the second, and the archive, open by appointment only, in the basement. "
+    "Printing costs five cents a page. Wi-Fi is free; the password is at the front desk. "
+    "Lost cards are replaced for two dollars. Events are listed on the board by the entrance. "
+) * 2
+QUESTIONS = ["When do you open?", "How many books can I borrow?", "Where is the children's room?",
+             "How much is printing?", "Is there Wi-Fi?", "What if I lose my card?", "Can I renew online?",
+             "Where is the archive?"]
+
+
+def run(model, caching: bool, prompts, params) -> dict:
+    llm = LLM(model, enable_prefix_caching=caching)
+    llm.generate(prompts[:2], params, use_tqdm=False)  # compile the common shapes first
+    llm.engine.block_manager.reset_prefix_cache()
+    before = llm.engine.stats()
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    after = llm.engine.stats()
+    return {
+        "seconds": seconds,
+        "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+        "prompt_tokens": sum(len(p["prompt_token_ids"]) for p in prompts),
+        "prompt_tokens_computed": after.num_prompt_tokens_computed - before.num_prompt_tokens_computed,
+        "cached_prompt_tokens": sum(o.metrics.num_cached_prompt_tokens for o in outputs),
+        "mean_time_to_first_token": sum(o.metrics.time_to_first_token for o in outputs) / len(outputs),
+        "token_ids": [o.outputs[0].token_ids for o in outputs],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF folder or .gguf (default: the built-in model)")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--out", default="bench_results/prefix_caching.json")
+    args = parser.parse_args()
+
+    tokenizer = LLM(args.model, num_blocks=1).get_tokenizer()
+    prompts = [{"prompt_token_ids": chat_token_ids(tokenizer, [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + f" (request {i})"}])}
+        for i in range(args.num_requests)]  # a chat model: the default is SmolLM2-135M-Instruct
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    on, off = run(args.model, True, prompts, params), run(args.model, False, prompts, params)
+    rows = [("", "caching on", "caching off")]
+    for key, label in (("seconds", "wall time (s)"), ("prompt_tokens_computed", "prompt tokens computed"),
+                       ("cached_prompt_tokens", "prompt tokens from cache"),
+                       ("mean_time_to_first_token", "mean time to first token (s)")):
+        rows.append((label, f"{on[key]:.2f}" if isinstance(on[key], float) else str(on[key]),
+                     f"{off[key]:.2f}" if isinstance(off[key], float) else str(off[key])))
+    rows.append(("output tokens/s", f"{on['output_tokens'] / on['seconds']:.1f}",
+                 f"{off['output_tokens'] / off['seconds']:.1f}"))
+    for row in rows:
+        print(f"{row[0]:<32}{row[1]:>14}{row[2]:>14}")
+    identical = on["token_ids"] == off["token_ids"]
+    print(f"speed-up: {off['seconds'] / on['seconds']:.2f}x; outputs identical: {identical}")
+    result = {"machine": platform.machine(), "num_requests": args.num_requests,
+              "prompt_tokens_per_request": on["prompt_tokens"] / args.num_requests,
+              "speedup": off["seconds"] / on["seconds"], "outputs_identical": identical,
+              "on": {k: v for k, v in on.items() if k != "token_ids"},
+              "off": {k: v for k, v in off.items() if k != "token_ids"}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
