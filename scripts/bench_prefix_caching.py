@@ -10,10 +10,10 @@ request; without it, each request prefills the whole prompt.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
+
+from bench_common import save_json
 
 from jpaged import LLM, SamplingParams
 from jpaged.llm import chat_token_ids
@@ -84,10 +84,7 @@ def main() -> None:
               "speedup": off["seconds"] / on["seconds"], "outputs_identical": identical,
               "on": {k: v for k, v in on.items() if k != "token_ids"},
               "off": {k: v for k, v in off.items() if k != "token_ids"}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"saved {out}")
+    save_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ both: each request's tokens up to its EOS or its own `max_tokens`.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import jax
+
+from bench_common import save_json
 
 from jpaged import LLM, SamplingParams
 from jpaged.llm import chat_token_ids
@@ -150,10 +150,7 @@ def main() -> None:
     print(f"throughput ratio jpaged / HF: {result['throughput_ratio']:.2f}x; "
           f"identical outputs: {result['identical_outputs']}/{args.num_requests}; "
           f"jpaged compilations: {compilations}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"saved {out}")
+    save_json(result, args.out)
 
 
 if __name__ == "__main__":
