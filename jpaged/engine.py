@@ -150,14 +150,12 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def stats(self) -> EngineStats:
-        manager = self.block_manager
-        queries = manager.prefix_cache_queries
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             num_swapped=len(self.scheduler.swapped),
-            kv_cache_usage=sum(1 for count in manager.ref_counts if count) / manager.num_blocks,
-            prefix_cache_hit_rate=manager.prefix_cache_hits / queries if queries else 0.0,
+            kv_cache_usage=self.block_manager.usage,
+            prefix_cache_hit_rate=self.block_manager.prefix_cache_hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
             num_swap_outs=self.scheduler.num_swap_outs,
             num_prompt_tokens_computed=self.num_prompt_tokens_computed,
