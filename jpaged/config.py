@@ -182,12 +182,15 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" | "pallas" | "reference"
     attention_interpret: bool = False  # Pallas kernels in interpret mode (tests on CPU)
     seed: int = 0
+    tensor_parallel_size: int = 1
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', got {self.dtype!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.attention_backend not in ("auto", "pallas", "reference"):
             raise ValueError(
                 f"attention_backend must be one of 'auto', 'pallas', 'reference', got {self.attention_backend!r}"

@@ -9,6 +9,7 @@ the step compiles for a small, logged set of shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -19,13 +20,17 @@ from flax import nnx
 
 from jpaged.block_manager import BlockManager
 from jpaged.config import CacheConfig, EngineConfig, ModelConfig
-from jpaged.loader.weights import load_params
+from jpaged.loader.weights import load_params, replicate_kv_heads
 from jpaged.models.llama import LlamaForCausalLM
 from jpaged.sampler import SamplerOutput, SamplingArrays, max_num_logprobs, sample_with_logprobs
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from pallas_kernels.backend import select_attention
-from pallas_kernels.paged_attention import AttentionMetadata
+from jax.sharding import NamedSharding
+
+from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
+from sharding.mesh import check_tensor_parallel, kv_heads_per_model, make_mesh
+from sharding.partition import KV_CACHE_SPEC, param_sharding, shard_attention_layer
 
 logger = logging.getLogger("jpaged")
 
@@ -65,24 +70,44 @@ class ModelRunner:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, eos_token_ids: set[int]):
         cache_config = config.cache
         self.eos_token_ids = sorted(eos_token_ids)
-        self.model_config = model_config
+        self.tensor_parallel_size = tp = config.tensor_parallel_size
+        check_tensor_parallel(model_config, tp)
+        self.mesh = None if tp == 1 else make_mesh(tp)
+        kv_heads = kv_heads_per_model(model_config, tp)
+        weights = replicate_kv_heads(weights, model_config, kv_heads)
+        self.model_config = model_config = dataclasses.replace(model_config, num_kv_heads=kv_heads)
         self.block_size = cache_config.block_size
         self.dtype = dtype = resolve_dtype(config.dtype)
-        attention = select_attention(config.attention_backend, model_config.head_dim, config.attention_interpret)
+        attend = select_attention(config.attention_backend, model_config.head_dim, config.attention_interpret)
+        attention = paged_attention_layer(attend)
+        if self.mesh is not None:
+            attention = shard_attention_layer(attention, self.mesh)
         abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, attention))
         self.graphdef, state = nnx.split(abstract)
-        nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights))
+        nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, self._place_param))
         self.state = state
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
         shape = (model_config.num_layers, self.num_blocks, self.block_size,
                  model_config.num_kv_heads, model_config.head_dim)
-        self.kv_cache = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        self.kv_cache = (self._zeros_cache(shape), self._zeros_cache(shape))
         swaps = config.scheduler.preemption_mode == "swap"
         self.num_host_blocks = int(cache_config.swap_space_gib * 2**30 // self.block_bytes) if swaps else 0
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
         self.num_compilations = 0
         self._step = jax.jit(self._step_fn, static_argnames=("all_greedy", "num_logprobs"), donate_argnums=1)
         self._logits = jax.jit(self._logits_fn, donate_argnums=1)
+
+    def _place_param(self, path: tuple[str, ...], value: np.ndarray) -> jax.Array:
+        """Straight into its shards under tensor parallelism: no device holds the whole tensor."""
+        if self.mesh is None:
+            return jax.device_put(value)
+        return jax.device_put(value, param_sharding(self.mesh, path, value.shape))
+
+    def _zeros_cache(self, shape) -> jax.Array:
+        if self.mesh is None:
+            return jnp.zeros(shape, self.dtype)
+        sharding = NamedSharding(self.mesh, KV_CACHE_SPEC)
+        return jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sharding)()
 
     @property
     def block_bytes(self) -> int:
@@ -91,7 +116,7 @@ class ModelRunner:
         return 2 * cfg.num_layers * cfg.num_kv_heads * self.block_size * cfg.head_dim * jnp.dtype(self.dtype).itemsize
 
     def _blocks_for_budget(self, cache_config: CacheConfig) -> int:
-        block_bytes = self.block_bytes
+        block_bytes = self.block_bytes // self.tensor_parallel_size  # each device holds its KV heads
         stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
         if stats and "bytes_limit" in stats:
             budget = stats["bytes_limit"] * cache_config.gpu_memory_utilization - stats["bytes_in_use"]

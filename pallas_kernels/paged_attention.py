@@ -48,6 +48,20 @@ def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
     return k_cache, v_cache
 
 
+def paged_attention_layer(attend):
+    """One layer's paged attention: write the step's K/V into the cache, then `attend` over it.
+
+    The returned function maps `(q, k, v, k_cache, v_cache, layer, md, scale)` to
+    `(out, k_cache, v_cache)`; `attend` is the reference below or a Pallas kernel.
+    """
+
+    def attention_layer(q, k, v, k_cache, v_cache, layer, md: AttentionMetadata, scale: float):
+        k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, md.slot_mapping)
+        return attend(q, k_cache, v_cache, layer, md, scale), k_cache, v_cache
+
+    return attention_layer
+
+
 def ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float):
     """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged cache."""
     num_seqs, num_decode = md.block_tables.shape[0], md.num_decode_seqs

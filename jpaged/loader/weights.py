@@ -10,7 +10,6 @@ import re
 from collections.abc import Iterable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -54,8 +53,27 @@ def _target(name: str) -> tuple[tuple[str, ...], int | None, bool] | None:
     raise ValueError(f"unexpected weight {name!r}: not part of a supported Llama-family model")
 
 
-def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str, np.ndarray]]):
-    """Fill the (abstract) `model`'s parameters from `weights`; returns the loaded nnx state."""
+def replicate_kv_heads(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, num_kv_heads: int):
+    """Repeat each KV head's K/V projection rows until the model has `num_kv_heads` of them.
+
+    Under tensor parallelism with more shards than KV heads, every shard needs a KV head of its
+    own; head `j` of the result is head `j // repeats` of the checkpoint, which keeps each query
+    head reading the K/V it was trained with.
+    """
+    repeats = num_kv_heads // cfg.num_kv_heads
+    for name, tensor in weights:
+        if repeats > 1 and re.search(r"self_attn\.[kv]_proj\.(weight|bias)$", name):
+            per_head = tensor.reshape(cfg.num_kv_heads, cfg.head_dim, *tensor.shape[1:])
+            tensor = np.repeat(per_head, repeats, axis=0).reshape(num_kv_heads * cfg.head_dim, *tensor.shape[1:])
+        yield name, tensor
+
+
+def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str, np.ndarray]],
+                place=lambda path, value: jax.device_put(value)):
+    """Fill the (abstract) `model`'s parameters from `weights`; returns the loaded nnx state.
+
+    `place(path, array)` puts each finished (stacked) parameter on its devices.
+    """
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     buffers: dict[tuple[str, ...], np.ndarray] = {}
     filled: dict[tuple[str, ...], set] = {}
@@ -76,7 +94,7 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
         filled[path].add(layer)
     _check_complete(state, filled, cfg)
     for path, buffer in buffers.items():
-        _assign(state, path, jax.device_put(jnp.asarray(buffer)))
+        _assign(state, path, place(path, buffer))
     return state
 
 

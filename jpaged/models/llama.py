@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jpaged.config import ModelConfig
-from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention, write_kv
+from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer, ragged_paged_attention
 
 
 def _param(shape, dtype) -> nnx.Param:
@@ -61,9 +61,9 @@ class DecoderLayers(nnx.Module):
 
 
 class LlamaForCausalLM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention=ragged_paged_attention):
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention=paged_attention_layer(ragged_paged_attention)):
         self.cfg = cfg
-        self.attention = attention  # the reference or a Pallas kernel, same signature
+        self.attention = attention  # (q, k, v, k_cache, v_cache, layer, md, scale) -> (out, k_cache, v_cache)
         self.embed_tokens = _param((cfg.vocab_size, cfg.hidden_size), dtype)
         self.layers = DecoderLayers(cfg, dtype)
         self.norm = _param((cfg.hidden_size,), dtype)
@@ -106,8 +106,7 @@ class LlamaForCausalLM(nnx.Module):
             q = rms_norm(q, weights["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, weights["k_norm"], cfg.rms_norm_eps)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, md.slot_mapping)
-        attended = self.attention(q, k_cache, v_cache, layer, md, cfg.head_dim**-0.5)
+        attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, cfg.head_dim**-0.5)
         return attended.reshape(num_tokens, -1) @ weights["o_proj"], k_cache, v_cache
 
     def logits(self, hidden):

@@ -1,0 +1,57 @@
+"""Tensor parallelism on 8 emulated CPU devices (a subprocess owns that jax setup)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from jpaged import LLM
+
+pytest.importorskip("transformers")
+CHECK = Path(__file__).with_name("tensor_parallel_check.py")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    result = subprocess.run([sys.executable, str(CHECK), str(tmp_path_factory.mktemp("tp"))],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_every_degree_gives_the_single_device_tokens(report, model):
+    single = report[f"{model}/1"]["tokens"]
+    assert len({t for tokens in single for t in tokens}) > 6
+    for tp in (2, 4, 8):
+        assert report[f"{model}/{tp}"]["tokens"] == single, f"tensor_parallel_size={tp}"
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_each_device_holds_about_a_share_of_the_parameters(report, model):
+    single = report[f"{model}/1"]["model_bytes"]
+    for tp in (2, 4, 8):
+        run = report[f"{model}/{tp}"]
+        used = [b for b in run["device_bytes"] if b]
+        assert len(used) == tp
+        # Only the norms stay whole on every device; all else is split 1/tp.
+        assert max(used) < 1.05 * run["model_bytes"] / tp, (tp, used, run["model_bytes"])
+        # The model grows only by the KV heads replicated so that each shard has one.
+        kv_heads, bias_rows = (2, 0) if model == "llama" else (4, 1)
+        kv_projection_bytes = 2 * 2 * (128 + bias_rows) * kv_heads * 16 * 4  # layers, k and v, [128 (+bias), heads*16] f32
+        replicas = max(1, tp // kv_heads)
+        assert run["model_bytes"] == single + (replicas - 1) * kv_projection_bytes
+
+
+def test_bad_tensor_parallel_configs_are_clear_errors(stories_path):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size 3 does not divide the 8 attention heads"):
+        LLM(stories_path, tensor_parallel_size=3)
+    too_many = 2 * len(jax.devices())  # divides stories260K's heads while one device is visible
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size {too_many} needs that many devices; "
+                                         rf"{len(jax.devices())} cpu device"):
+        LLM(stories_path, tensor_parallel_size=too_many)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1, got 0"):
+        LLM(stories_path, tensor_parallel_size=0)
