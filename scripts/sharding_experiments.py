@@ -208,11 +208,13 @@ def plot(results: list[dict], path: str, title: str) -> None:
     left.set(xlabel="tensor-parallel size", ylabel="MiB per device", xscale="log", xticks=tps,
              title="per-device memory")
     left.set_xticklabels(tps)
+    left.minorticks_off()
     left.legend()
     right.plot(tps, [r["step_ms_median"] for r in results], "o-", color="C2")
     right.set(xlabel="tensor-parallel size", ylabel="ms (median)", xscale="log", xticks=tps,
               title="decode step time, batch 8")
     right.set_xticklabels(tps)
+    right.minorticks_off()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
