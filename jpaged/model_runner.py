@@ -3,8 +3,10 @@
 This is the boundary between the host (Python lists, numpy) and the device (jax). Per step it
 builds the ragged batch: flattened `token_ids` and `positions`, the `slot_mapping` where each
 new token's K/V goes, and per sequence its `block_tables` row, `context_lens`, `query_start`
-and `query_lens`. Decode sequences come first. Every dimension is padded to a power of two so
-the step compiles for a small, logged set of shapes.
+and `query_lens`. Decode sequences come first. Every dimension is padded to a bucket (see
+`bucket`) so the step compiles for a small, logged set of shapes. Under tensor parallelism the
+runner also owns the device mesh: parameters and KV cache are sharded on it, and the step's
+arrays reach every shard replicated.
 """
 
 from __future__ import annotations
@@ -17,17 +19,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from jpaged.block_manager import BlockManager
 from jpaged.config import CacheConfig, EngineConfig, ModelConfig
+from jpaged.kv_cache_ops import HostKVPool, copy_blocks
 from jpaged.loader.weights import load_params, replicate_kv_heads
 from jpaged.models.llama import LlamaForCausalLM
-from jpaged.sampler import SamplerOutput, SamplingArrays, max_num_logprobs, sample_with_logprobs
-from jpaged.kv_cache_ops import HostKVPool, copy_blocks
+from jpaged.sampler import (
+    SamplerOutput,
+    SamplingArrays,
+    max_num_logprobs,
+    sample_with_logprobs,
+)
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from pallas_kernels.backend import select_attention
-from jax.sharding import NamedSharding
-
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
 from sharding.mesh import check_tensor_parallel, kv_heads_per_model, make_mesh
 from sharding.partition import KV_CACHE_SPEC, param_sharding, shard_attention_layer

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from jpaged.sampler import derive_seed
 from jpaged.sampling_params import SamplingParams

@@ -22,8 +22,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ragged_paged_attention import (
-    KVChunking, QueryTile, check_supported, initial_softmax_state, load_kv_chunk, online_softmax_step,
-    scaled_scores, triton_compiler_params,
+    KVChunking,
+    QueryTile,
+    check_supported,
+    initial_softmax_state,
+    load_kv_chunk,
+    online_softmax_step,
+    scaled_scores,
+    triton_compiler_params,
 )
 
 # Enough programs to keep every SM of a current GPU busy (132 SMs on an H100, a few each).
