@@ -42,7 +42,7 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 def load_safetensors_weights(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Yield `(name, array)` one tensor at a time, in the file's dtype (bfloat16 included)."""
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]
     for path in safetensors_files(folder):
         try:
             with jax.default_device(cpu), safe_open(str(path), framework="flax") as f:
