@@ -90,7 +90,7 @@ class ModelRunner:
             attention = shard_attention_layer(attention, self.mesh)
         abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, attention))
         self.graphdef, state = nnx.split(abstract)
-        nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, self._place_param))
+        nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, self._zeros_param))
         self.state = state
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
         shape = (model_config.num_layers, self.num_blocks, self.block_size,
@@ -103,11 +103,12 @@ class ModelRunner:
         self._step = jax.jit(self._step_fn, static_argnames=("all_greedy", "num_logprobs"), donate_argnums=1)
         self._logits = jax.jit(self._logits_fn, donate_argnums=1)
 
-    def _place_param(self, path: tuple[str, ...], value: np.ndarray) -> jax.Array:
-        """Straight into its shards under tensor parallelism: no device holds the whole tensor."""
+    def _zeros_param(self, path: tuple[str, ...], shape: tuple[int, ...], dtype) -> jax.Array:
+        """A parameter's storage, made in its shards under tensor parallelism."""
         if self.mesh is None:
-            return jax.device_put(value)
-        return jax.device_put(value, param_sharding(self.mesh, path, value.shape))
+            return jnp.zeros(shape, dtype)
+        sharding = param_sharding(self.mesh, path, shape)
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
     def _zeros_cache(self, shape) -> jax.Array:
         if self.mesh is None:

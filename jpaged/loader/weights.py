@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -69,13 +71,14 @@ def replicate_kv_heads(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConf
 
 
 def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str, np.ndarray]],
-                place=lambda path, value: jax.device_put(value)):
+                zeros=lambda path, shape, dtype: jnp.zeros(shape, dtype)):
     """Fill the (abstract) `model`'s parameters from `weights`; returns the loaded nnx state.
 
-    `place(path, array)` puts each finished (stacked) parameter on its devices.
+    `zeros(path, shape, dtype)` allocates a parameter where it lives (sharded under tensor
+    parallelism); each tensor is written into it as it arrives, so the host holds one at a time.
     """
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    buffers: dict[tuple[str, ...], np.ndarray] = {}
+    params: dict[tuple[str, ...], jax.Array] = {}
     filled: dict[tuple[str, ...], set] = {}
     for name, tensor in weights:
         target = _target(name)
@@ -87,15 +90,26 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
         expected = spec.shape[1:] if layer is not None else spec.shape
         if value.shape != tuple(expected):
             raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected {tuple(expected)} (after layout)")
-        if path not in buffers:
-            buffers[path] = np.empty(spec.shape, dtype=spec.dtype)
+        if path not in params:
+            params[path] = zeros(path, spec.shape, spec.dtype)
             filled[path] = set()
-        buffers[path][layer if layer is not None else ...] = value.astype(spec.dtype)
+        value = np.ascontiguousarray(value, dtype=spec.dtype)
+        params[path] = _write_whole(params[path], value) if layer is None else _write_layer(params[path], layer, value)
         filled[path].add(layer)
     _check_complete(state, filled, cfg)
-    for path, buffer in buffers.items():
-        _assign(state, path, place(path, buffer))
+    for path, param in params.items():
+        _assign(state, path, param)
     return state
+
+
+@partial(jax.jit, donate_argnums=0)
+def _write_layer(stacked: jax.Array, layer, value) -> jax.Array:
+    return stacked.at[layer].set(value)
+
+
+@partial(jax.jit, donate_argnums=0)
+def _write_whole(param: jax.Array, value) -> jax.Array:
+    return param.at[...].set(value)
 
 
 def _lookup(state: dict, path: tuple[str, ...], name: str):
