@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jpaged.block_manager import BlockManager
 from jpaged.config import CacheConfig, EngineConfig, ModelConfig
@@ -36,7 +36,7 @@ from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from pallas_kernels.backend import select_attention
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
 from sharding.mesh import check_tensor_parallel, kv_heads_per_model, make_mesh
-from sharding.partition import KV_CACHE_SPEC, param_sharding, shard_attention_layer
+from sharding.partition import KV_CACHE_SPEC, param_spec, shard_attention_layer
 
 logger = logging.getLogger("jpaged")
 
@@ -90,12 +90,15 @@ class ModelRunner:
             attention = shard_attention_layer(attention, self.mesh)
         abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, attention))
         self.graphdef, state = nnx.split(abstract)
-        nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, self._zeros_param))
+        def zeros_param(path, shape, param_dtype):
+            return self._zeros(shape, param_dtype, param_spec(path, shape, tp))
+
+        nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, zeros_param))
         self.state = state
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
         shape = (model_config.num_layers, self.num_blocks, self.block_size,
                  model_config.num_kv_heads, model_config.head_dim)
-        self.kv_cache = (self._zeros_cache(shape), self._zeros_cache(shape))
+        self.kv_cache = (self._zeros(shape, dtype, KV_CACHE_SPEC), self._zeros(shape, dtype, KV_CACHE_SPEC))
         swaps = config.scheduler.preemption_mode == "swap"
         self.num_host_blocks = int(cache_config.swap_space_gib * 2**30 // self.block_bytes) if swaps else 0
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
@@ -103,18 +106,11 @@ class ModelRunner:
         self._step = jax.jit(self._step_fn, static_argnames=("all_greedy", "num_logprobs"), donate_argnums=1)
         self._logits = jax.jit(self._logits_fn, donate_argnums=1)
 
-    def _zeros_param(self, path: tuple[str, ...], shape: tuple[int, ...], dtype) -> jax.Array:
-        """A parameter's storage, made in its shards under tensor parallelism."""
+    def _zeros(self, shape: tuple[int, ...], dtype, spec: PartitionSpec) -> jax.Array:
+        """Zeros made where they live: in their shards under tensor parallelism."""
         if self.mesh is None:
             return jnp.zeros(shape, dtype)
-        sharding = param_sharding(self.mesh, path, shape)
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
-
-    def _zeros_cache(self, shape) -> jax.Array:
-        if self.mesh is None:
-            return jnp.zeros(shape, self.dtype)
-        sharding = NamedSharding(self.mesh, KV_CACHE_SPEC)
-        return jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sharding)()
+        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(self.mesh, spec))()
 
     @property
     def block_bytes(self) -> int:

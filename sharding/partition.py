@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import partial
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import TP_AXIS
@@ -34,10 +34,6 @@ def param_spec(path: tuple[str, ...], shape: tuple[int, ...], tensor_parallel_si
     if axis is None or shape[axis] % tensor_parallel_size:
         return P()
     return P(*[TP_AXIS if i == axis else None for i in range(len(shape))])
-
-
-def param_sharding(mesh: Mesh, path: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
-    return NamedSharding(mesh, param_spec(path, shape, mesh.shape[TP_AXIS]))
 
 
 def shard_attention_layer(attention_layer, mesh: Mesh):
