@@ -125,7 +125,7 @@ class LLMEngine:
         """Float32 logits `[len(token_ids), vocab]` at every position of one prompt."""
         self._check_fits(token_ids, SamplingParams(max_tokens=1))
         seq = Request("prompt-logits", None, token_ids, SamplingParams(), seed=0).seqs[0]
-        return self.runner.prompt_logits(token_ids, self.block_manager, seq)
+        return self.runner.prompt_logits(seq, self.block_manager)
 
     def _prompt_logprobs(self, token_ids: list[int], k: int) -> list[dict[int, float] | None]:
         """Per prompt token, its logprob and the top-k alternatives (None for the first token)."""

@@ -192,15 +192,15 @@ class ModelRunner:
         position[ordered] = rows  # each scheduled sequence's row in the step's arrays
         return SamplerOutput(*(None if field is None else np.asarray(field)[position] for field in out))
 
-    def prompt_logits(self, token_ids: list[int], block_manager: BlockManager, seq) -> np.ndarray:
-        """Float32 logits `[len(token_ids), vocab]` of one whole prompt, computed through the cache."""
-        block_manager.grow(seq, len(token_ids))
+    def prompt_logits(self, seq, block_manager: BlockManager) -> np.ndarray:
+        """Float32 logits `[num_tokens, vocab]` of a fresh sequence's whole prompt, through the cache."""
+        block_manager.grow(seq, seq.num_tokens)
         try:
-            batch, _ = self._build_batch([ScheduledSequence.of(seq, len(token_ids))])
+            batch, _ = self._build_batch([ScheduledSequence.of(seq, seq.num_tokens)])
             logits, self.kv_cache = self._logits(self.state, self.kv_cache, batch)
         finally:
             block_manager.free(seq)
-        return np.asarray(logits)[: len(token_ids)]
+        return np.asarray(logits)[: seq.num_tokens]
 
     def _build_batch(self, scheduled: list[ScheduledSequence]) -> tuple[StepBatch, np.ndarray]:
         """Padded arrays for `scheduled` (decodes first); also each sequence's row.
