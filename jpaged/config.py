@@ -16,6 +16,9 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 
@@ -86,6 +89,16 @@ class ModelConfig:
     qk_norm: bool
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Mixture of experts (every layer alike: layers are stacked); num_experts 0 = dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert; 0 = none
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @classmethod
     def from_hf(cls, hf: dict, generation_config: dict | None = None) -> ModelConfig:
@@ -102,7 +115,7 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         eos = (generation_config or {}).get("eos_token_id", hf.get("eos_token_id"))
         max_positions = int(hf.get("max_position_embeddings", 2048))
-        window = hf.get("sliding_window") if hf.get("use_sliding_window", arch == "mistral") else None
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", arch in ("mistral", "mixtral")) else None
         if window and window < max_positions:
             # Attention never reaches past the window as long as sequences stay within it.
             max_positions = int(window)
@@ -120,11 +133,47 @@ class ModelConfig:
             rope=RopeConfig.from_hf(hf),
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
-            qk_norm=arch == "qwen3",
+            qkv_bias=(arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True)))
+                      or bool(hf.get("attention_bias", False))),
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **ModelConfig._moe_fields(arch, hf),
         )
+
+    @staticmethod
+    def _moe_fields(arch: str, hf: dict) -> dict:
+        """The MoE fields of `ModelConfig`, read as HF's modeling code reads them (defaults included).
+
+        Mixtral always renormalises its top-k softmax weights; Qwen MoE models do so when
+        `norm_topk_prob`, and Qwen2-MoE adds a shared expert behind a sigmoid gate.
+        """
+        if arch not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+            return {}
+        if arch == "mixtral":
+            num_experts = int(hf.get("num_local_experts", hf.get("num_experts", 8)))
+            fields = dict(moe_intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True,
+                          num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)))
+        else:
+            defaults = {"qwen2_moe": (60, 4, 1408), "qwen3_moe": (128, 8, 768)}[arch]
+            num_experts = int(hf.get("num_experts", hf.get("num_local_experts", defaults[0])))
+            fields = dict(moe_intermediate_size=int(hf.get("moe_intermediate_size", defaults[2])),
+                          norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                          num_experts_per_tok=int(hf.get("num_experts_per_tok", defaults[1])))
+            if num_experts == 0:
+                return {}  # HF builds every layer as a dense MLP
+            if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
+                raise ValueError(
+                    f"{arch}: mlp_only_layers {hf.get('mlp_only_layers')!r} / decoder_sparse_step "
+                    f"{hf.get('decoder_sparse_step')!r} make some layers dense; jpaged stacks layers, so all "
+                    "must be MoE (supported: mlp_only_layers [] and decoder_sparse_step 1)"
+                )
+            if arch == "qwen2_moe":
+                fields["shared_expert_intermediate_size"] = int(hf.get("shared_expert_intermediate_size", 5632))
+        if not 0 < fields["num_experts_per_tok"] <= num_experts:
+            raise ValueError(f"num_experts_per_tok must be in [1, {num_experts}] (num_experts), "
+                             f"got {fields['num_experts_per_tok']}")
+        return dict(num_experts=num_experts, **fields)
 
 
 @dataclass
@@ -176,21 +225,53 @@ class SchedulerConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How devices split the model: each size is one named axis of the device mesh.
+
+    Tensor parallelism splits every layer's heads and MLP columns; pipeline parallelism splits
+    the layers into stages that micro-batches flow through; expert parallelism splits a
+    mixture-of-experts model's experts. A step that prefills runs `prefill_micro_batches`
+    micro-batches through the pipeline and a decode-only step `decode_micro_batches` (by default
+    twice and once the stage count), never more than it has sequences.
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    prefill_micro_batches: int | None = None
+    decode_micro_batches: int | None = None
+
+    def __post_init__(self):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        pp = self.pipeline_parallel_size
+        for name, default in (("prefill_micro_batches", 2 * pp), ("decode_micro_batches", pp)):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, default)
+            elif value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.expert_parallel_size
+
+
+@dataclass
 class EngineConfig:
     model: str | None = None  # HF folder, .gguf file, or None for the default model
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
     attention_backend: str = "auto"  # "auto" | "pallas" | "reference"
     attention_interpret: bool = False  # Pallas kernels in interpret mode (tests on CPU)
     seed: int = 0
-    tensor_parallel_size: int = 1
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', got {self.dtype!r}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.attention_backend not in ("auto", "pallas", "reference"):
             raise ValueError(
                 f"attention_backend must be one of 'auto', 'pallas', 'reference', got {self.attention_backend!r}"

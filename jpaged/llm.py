@@ -15,7 +15,7 @@ from collections.abc import Sequence as SequenceABC
 from tqdm.auto import tqdm
 
 from jpaged.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
-from jpaged.config import CacheConfig, EngineConfig, SchedulerConfig
+from jpaged.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from jpaged.engine import LLMEngine, PromptType
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
@@ -24,10 +24,10 @@ from jpaged.sampling_params import SamplingParams
 def engine_config(model: str | None, **kwargs) -> EngineConfig:
     """Distribute flat keyword arguments over the config dataclasses by field name."""
     parts = {}
-    for name, cls in (("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+    for name, cls in (("cache", CacheConfig), ("scheduler", SchedulerConfig), ("parallel", ParallelConfig)):
         names = {f.name for f in dataclasses.fields(cls)}
         parts[name] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
-    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)} - {"model", "cache", "scheduler"}
+    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)} - {"model", "cache", "scheduler", "parallel"}
     unknown = sorted(set(kwargs) - engine_fields)
     if unknown:
         raise TypeError(f"unknown engine arguments: {unknown}")

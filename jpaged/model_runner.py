@@ -32,13 +32,17 @@ from jpaged.sampler import (
     max_num_logprobs,
     sample_with_logprobs,
 )
+from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from pallas_kernels.backend import select_attention
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
-from sharding.mesh import check_tensor_parallel, kv_heads_per_model, make_mesh
+from sharding.expert_parallel import expert_parallel_moe
+from sharding.mesh import check_layout, kv_heads_per_model, make_mesh
 from sharding.partition import KV_CACHE_SPEC, param_spec, shard_attention_layer
+from sharding.pipeline import pipeline
 
 logger = logging.getLogger("jpaged")
+_PADDING_PARAMS = SamplingParams(temperature=0.0)
 
 
 def bucket(n: int) -> int:
@@ -74,24 +78,21 @@ def resolve_dtype(dtype: str):
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, eos_token_ids: set[int]):
-        cache_config = config.cache
+        cache_config, self.parallel = config.cache, config.parallel
+        parallel = self.parallel
         self.eos_token_ids = sorted(eos_token_ids)
-        self.tensor_parallel_size = tp = config.tensor_parallel_size
-        check_tensor_parallel(model_config, tp)
-        self.mesh = None if tp == 1 else make_mesh(tp)
-        kv_heads = kv_heads_per_model(model_config, tp)
+        self.mesh = None if parallel.world_size == 1 else make_mesh(parallel)
+        check_layout(model_config, parallel)
+        kv_heads = kv_heads_per_model(model_config, parallel.tensor_parallel_size)
         weights = replicate_kv_heads(weights, model_config, kv_heads)
         self.model_config = model_config = dataclasses.replace(model_config, num_kv_heads=kv_heads)
         self.block_size = cache_config.block_size
         self.dtype = dtype = resolve_dtype(config.dtype)
-        attend = select_attention(config.attention_backend, model_config.head_dim, config.attention_interpret)
-        attention = paged_attention_layer(attend)
-        if self.mesh is not None:
-            attention = shard_attention_layer(attention, self.mesh)
-        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, attention))
+        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, **self._layouts(config)))
         self.graphdef, state = nnx.split(abstract)
+
         def zeros_param(path, shape, param_dtype):
-            return self._zeros(shape, param_dtype, param_spec(path, shape, tp))
+            return self._zeros(shape, param_dtype, param_spec(path, shape, self.mesh) if self.mesh else None)
 
         nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, zeros_param))
         self.state = state
@@ -106,8 +107,22 @@ class ModelRunner:
         self._step = jax.jit(self._step_fn, static_argnames=("all_greedy", "num_logprobs"), donate_argnums=1)
         self._logits = jax.jit(self._logits_fn, donate_argnums=1)
 
-    def _zeros(self, shape: tuple[int, ...], dtype, spec: PartitionSpec) -> jax.Array:
-        """Zeros made where they live: in their shards under tensor parallelism."""
+    def _layouts(self, config: EngineConfig) -> dict:
+        """The model's attention and layer runner for this backend and device layout."""
+        model_config, mesh = self.model_config, self.mesh
+        attend = select_attention(config.attention_backend, model_config.head_dim, config.attention_interpret)
+        attention = paged_attention_layer(attend)
+        if mesh is None:
+            return dict(attention=attention)
+        layouts = dict(attention=shard_attention_layer(attention, mesh))
+        if model_config.is_moe:
+            layouts["moe"] = expert_parallel_moe(mesh)
+        if self.parallel.pipeline_parallel_size > 1:
+            layouts["run_layers"] = pipeline(mesh)
+        return layouts
+
+    def _zeros(self, shape: tuple[int, ...], dtype, spec: PartitionSpec | None) -> jax.Array:
+        """Zeros made where they live: in their shards on a device mesh."""
         if self.mesh is None:
             return jnp.zeros(shape, dtype)
         return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(self.mesh, spec))()
@@ -119,7 +134,8 @@ class ModelRunner:
         return 2 * cfg.num_layers * cfg.num_kv_heads * self.block_size * cfg.head_dim * jnp.dtype(self.dtype).itemsize
 
     def _blocks_for_budget(self, cache_config: CacheConfig) -> int:
-        block_bytes = self.block_bytes // self.tensor_parallel_size  # each device holds its KV heads
+        # each device holds its stage's layers of its KV heads
+        block_bytes = self.block_bytes // (self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size)
         stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
         if stats and "bytes_limit" in stats:
             budget = stats["bytes_limit"] * cache_config.gpu_memory_utilization - stats["bytes_in_use"]
@@ -137,9 +153,9 @@ class ModelRunner:
     def _count_compilation(self, kind: str, batch: StepBatch) -> None:
         self.num_compilations += 1
         md = batch.attention
-        logger.info("compiling %s #%d: tokens=%d seqs=%d decode_seqs=%d max_query_len=%d blocks/seq=%d",
-                    kind, self.num_compilations, batch.token_ids.shape[0], md.block_tables.shape[0],
-                    md.num_decode_seqs, md.max_query_len, md.block_tables.shape[1])
+        logger.info("compiling %s #%d: tokens=%s seqs=%s decode_seqs=%d max_query_len=%d blocks/seq=%d",
+                    kind, self.num_compilations, batch.token_ids.shape, md.block_tables.shape[:-1],
+                    md.num_decode_seqs, md.max_query_len, md.block_tables.shape[-1])
 
     def _step_fn(self, state, kv_cache, batch: StepBatch, sampling: SamplingArrays, all_greedy: bool,
                  num_logprobs: int | None):
@@ -172,14 +188,16 @@ class ModelRunner:
         """Run one step; per scheduled sequence (in the given order) its sampled token and, where
         a request wants them, logprobs. Rows that do not sample carry meaningless values."""
         ordered = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens > 1)
-        batch, rows = self._build_batch([scheduled[i] for i in ordered])
-        seqs = [scheduled[i].seq for i in ordered]
-        params = [s.sampling_params for s in seqs]
+        batch, rows = self._build_batch([scheduled[i] for i in ordered], self._num_micro_batches(scheduled))
+        seqs: list = [None] * len(batch.logits_indices)
+        for i, row in zip(ordered, rows):
+            seqs[row] = scheduled[i].seq
+        params = [s.sampling_params if s else _PADDING_PARAMS for s in seqs]
         sampling = SamplingArrays.build(
-            params, [s.seed for s in seqs], [len(s.output_token_ids) for s in seqs],
-            pad_to=batch.logits_indices.shape[0],
-            prompt_token_ids=[s.prompt_token_ids for s in seqs],
-            output_token_ids=[s.output_token_ids for s in seqs],
+            params, [s.seed if s else 0 for s in seqs], [len(s.output_token_ids) if s else 0 for s in seqs],
+            pad_to=len(seqs),
+            prompt_token_ids=[s.prompt_token_ids if s else [] for s in seqs],
+            output_token_ids=[s.output_token_ids if s else [] for s in seqs],
             eos_token_ids=self.eos_token_ids, vocab_size=self.model_config.vocab_size,
         )
         all_greedy = all(p.is_greedy for p in params)
@@ -192,6 +210,12 @@ class ModelRunner:
         position[ordered] = rows  # each scheduled sequence's row in the step's arrays
         return SamplerOutput(*(None if field is None else np.asarray(field)[position] for field in out))
 
+    def _num_micro_batches(self, scheduled: list[ScheduledSequence]) -> int:
+        if self.parallel.pipeline_parallel_size == 1:
+            return 1
+        prefills = any(s.num_new_tokens > 1 for s in scheduled)
+        return self.parallel.prefill_micro_batches if prefills else self.parallel.decode_micro_batches
+
     def prompt_logits(self, seq, block_manager: BlockManager) -> np.ndarray:
         """Float32 logits `[num_tokens, vocab]` of a fresh sequence's whole prompt, through the cache."""
         block_manager.grow(seq, seq.num_tokens)
@@ -202,47 +226,92 @@ class ModelRunner:
             block_manager.free(seq)
         return np.asarray(logits)[: seq.num_tokens]
 
-    def _build_batch(self, scheduled: list[ScheduledSequence]) -> tuple[StepBatch, np.ndarray]:
+    def _build_batch(self, scheduled: list[ScheduledSequence], num_micro_batches: int = 1
+                     ) -> tuple[StepBatch, np.ndarray]:
         """Padded arrays for `scheduled` (decodes first); also each sequence's row.
 
-        Decode row `i` holds its token at flat index `i`; prefill tokens start after the padded
-        decode rows.
+        With one micro-batch the arrays are flat; with M they gain a leading `[M]` axis, each
+        micro-batch holding a contiguous share of the sequences and all padded to one shape.
+        A sequence's row (for its sampling parameters and logits) is `m * rows_per_batch + r`.
         """
-        num_decode = sum(1 for s in scheduled if s.num_new_tokens == 1)
-        num_prefill = len(scheduled) - num_decode
-        decode_rows, prefill_rows = bucket(num_decode), bucket(num_prefill)
-        rows = np.concatenate([np.arange(num_decode), decode_rows + np.arange(num_prefill)]).astype(np.int64)
-        prefill_counts = [s.num_new_tokens for s in scheduled[num_decode:]]
-        prefill_starts = decode_rows + np.cumsum([0] + prefill_counts)[:-1]
-        first_tokens = np.concatenate([np.arange(num_decode), prefill_starts]).astype(np.int64)
-        padded_tokens = bucket(decode_rows + sum(prefill_counts))
-        num_rows = decode_rows + prefill_rows
-        max_blocks = bucket(max(len(s.seq.block_table) for s in scheduled))
-
-        token_ids = np.zeros(padded_tokens, np.int32)
-        positions = np.zeros(padded_tokens, np.int32)
-        slot_mapping = np.full(padded_tokens, -1, np.int32)
-        block_tables = np.zeros((num_rows, max_blocks), np.int32)
-        context_lens = np.zeros(num_rows, np.int32)
-        query_start = np.zeros(num_rows, np.int32)
-        query_start[:decode_rows] = np.arange(decode_rows)
-        query_lens = np.zeros(num_rows, np.int32)
-        for row, start, item in zip(rows, first_tokens, scheduled):
-            seq, count = item.seq, item.num_new_tokens
-            first = seq.num_computed_tokens
-            span = slice(start, start + count)
-            token_ids[span] = seq.token_ids(first, first + count)
-            positions[span] = np.arange(first, first + count)
-            table = np.asarray(seq.block_table, np.int64)
-            slot_mapping[span] = table[positions[span] // self.block_size] * self.block_size + (
-                positions[span] % self.block_size)
-            block_tables[row, : len(table)] = table
-            context_lens[row], query_start[row], query_lens[row] = first + count, start, count
-        max_query_len = bucket(max(prefill_counts, default=0))
-        attention = AttentionMetadata(
-            slot_mapping=slot_mapping, block_tables=block_tables, context_lens=context_lens,
-            query_start=query_start, query_lens=query_lens,
-            num_decode_seqs=decode_rows, max_query_len=max_query_len,
-        )
-        logits_indices = np.maximum(query_start + query_lens - 1, 0)
+        groups = _split(scheduled, num_micro_batches)
+        shape = _BatchShape.of(groups)
+        filled = [_fill(group, shape, self.block_size) for group in groups]
+        rows = np.concatenate([m * shape.num_rows + rows for m, (_, rows) in enumerate(filled)])
+        arrays = {name: np.stack([f[name] for f, _ in filled]) for name in filled[0][0]}
+        logits_indices = (np.arange(len(groups))[:, None] * shape.num_tokens + np.maximum(
+            arrays["query_start"] + arrays["query_lens"] - 1, 0)).reshape(-1)
+        if self.parallel.pipeline_parallel_size == 1:
+            arrays = {name: array[0] for name, array in arrays.items()}
+        token_ids, positions = arrays.pop("token_ids"), arrays.pop("positions")
+        attention = AttentionMetadata(**arrays, num_decode_seqs=shape.decode_rows, max_query_len=shape.max_query_len)
         return StepBatch(token_ids, positions, logits_indices, attention), rows
+
+
+def _split(scheduled: list[ScheduledSequence], num_groups: int) -> list[list[ScheduledSequence]]:
+    """`num_groups` contiguous, non-empty runs of `scheduled` with about equal new tokens each."""
+    num_groups = min(num_groups, len(scheduled))
+    ends = np.cumsum([s.num_new_tokens for s in scheduled])
+    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, num_groups) / num_groups, side="left") + 1
+    cuts = np.maximum.accumulate(np.maximum(cuts, np.arange(1, num_groups)))  # every group non-empty
+    cuts = np.minimum(cuts, len(scheduled) - num_groups + np.arange(1, num_groups))
+    bounds = [0, *cuts.tolist(), len(scheduled)]
+    return [scheduled[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass(frozen=True)
+class _BatchShape:
+    """The padded sizes every micro-batch of a step shares."""
+
+    decode_rows: int
+    num_rows: int
+    num_tokens: int
+    max_blocks: int
+    max_query_len: int
+
+    @classmethod
+    def of(cls, groups: list[list[ScheduledSequence]]) -> _BatchShape:
+        decodes = [sum(1 for s in group if s.num_new_tokens == 1) for group in groups]
+        prefill_tokens = [[s.num_new_tokens for s in group if s.num_new_tokens > 1] for group in groups]
+        decode_rows = bucket(max(decodes))
+        return cls(
+            decode_rows=decode_rows,
+            num_rows=decode_rows + bucket(max(len(p) for p in prefill_tokens)),
+            num_tokens=bucket(decode_rows + max(sum(p) for p in prefill_tokens)),
+            max_blocks=bucket(max(len(s.seq.block_table) for group in groups for s in group)),
+            max_query_len=bucket(max((n for p in prefill_tokens for n in p), default=0)),
+        )
+
+
+def _fill(scheduled: list[ScheduledSequence], shape: _BatchShape, block_size: int) -> tuple[dict, np.ndarray]:
+    """One micro-batch's arrays at `shape` and each sequence's row in them.
+
+    Decode row `i` holds its token at flat index `i`; prefill tokens start after the padded
+    decode rows.
+    """
+    num_decode = sum(1 for s in scheduled if s.num_new_tokens == 1)
+    rows = np.concatenate([np.arange(num_decode), shape.decode_rows + np.arange(len(scheduled) - num_decode)])
+    prefill_counts = [s.num_new_tokens for s in scheduled[num_decode:]]
+    first_tokens = np.concatenate([np.arange(num_decode), shape.decode_rows + np.cumsum([0] + prefill_counts)[:-1]])
+    arrays = dict(
+        token_ids=np.zeros(shape.num_tokens, np.int32),
+        positions=np.zeros(shape.num_tokens, np.int32),
+        slot_mapping=np.full(shape.num_tokens, -1, np.int32),
+        block_tables=np.zeros((shape.num_rows, shape.max_blocks), np.int32),
+        context_lens=np.zeros(shape.num_rows, np.int32),
+        query_start=np.zeros(shape.num_rows, np.int32),
+        query_lens=np.zeros(shape.num_rows, np.int32),
+    )
+    arrays["query_start"][: shape.decode_rows] = np.arange(shape.decode_rows)
+    for row, start, item in zip(rows, first_tokens, scheduled):
+        seq, count = item.seq, item.num_new_tokens
+        first = seq.num_computed_tokens
+        span = slice(start, start + count)
+        arrays["token_ids"][span] = seq.token_ids(first, first + count)
+        positions = np.arange(first, first + count)
+        arrays["positions"][span] = positions
+        table = np.asarray(seq.block_table, np.int64)
+        arrays["slot_mapping"][span] = table[positions // block_size] * block_size + positions % block_size
+        arrays["block_tables"][row, : len(table)] = table
+        arrays["context_lens"][row], arrays["query_start"][row], arrays["query_lens"][row] = first + count, start, count
+    return arrays, rows.astype(np.int64)

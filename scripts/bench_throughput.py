@@ -15,7 +15,6 @@ import platform
 import time
 
 import jax
-
 from bench_common import save_json
 
 from jpaged import LLM, SamplingParams

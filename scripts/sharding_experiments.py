@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
 from bench_common import save_json  # noqa: E402
+
 from jpaged import LLM, SamplingParams  # noqa: E402
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")

@@ -1,9 +1,11 @@
-"""Partition rules: where each parameter, the KV cache and attention live on the "tp" axis.
+"""Partition rules: where each parameter, the KV cache and attention live on the device mesh.
 
-Megatron-style: q/k/v and gate/up are split by output columns, o and down by input rows (GSPMD
-adds the all-reduce after them), embeddings and the LM head by vocabulary, norms replicated.
-A dimension the degree does not divide stays whole. The KV cache is split by KV head, and
-attention runs inside `shard_map`, each shard on its own heads with the same block tables.
+Megatron-style on "tp": q/k/v and gate/up are split by output columns, o and down by input rows
+(GSPMD adds the all-reduce after them), embeddings and the LM head by vocabulary, norms and the
+router replicated. Stacked layer parameters are split by layer on "pp" (each pipeline stage
+holds its layers) and expert weights by expert on "ep". A dimension a degree does not divide
+stays whole. The KV cache is split by layer on "pp" and by KV head on "tp"; attention runs
+inside `shard_map`, each tensor shard on its own heads with the same block tables.
 """
 
 from __future__ import annotations
@@ -14,26 +16,37 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from sharding.mesh import TP_AXIS
+from sharding.mesh import EP_AXIS, PP_AXIS, TP_AXIS
 
-# Which axis of each parameter (stacked layer params have the layer axis first) is split.
-_SPLIT_AXIS = {
-    ("embed_tokens",): 0,
-    ("lm_head",): 1,
-    ("layers", "q_proj"): 2, ("layers", "k_proj"): 2, ("layers", "v_proj"): 2,
-    ("layers", "q_bias"): 1, ("layers", "k_bias"): 1, ("layers", "v_bias"): 1,
-    ("layers", "gate_proj"): 2, ("layers", "up_proj"): 2,
-    ("layers", "o_proj"): 1, ("layers", "down_proj"): 1,
+# The mesh axis each dimension of a parameter is split over (layer params: dim 0 is the layer).
+_SPLITS = {
+    ("embed_tokens",): {0: TP_AXIS},
+    ("lm_head",): {1: TP_AXIS},
+    **{("layers", name): {2: TP_AXIS} for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
+                                                   "shared_gate_proj", "shared_up_proj")},
+    **{("layers", name): {1: TP_AXIS} for name in ("q_bias", "k_bias", "v_bias", "o_proj", "down_proj",
+                                                   "shared_down_proj")},
+    ("layers", "expert_gate_proj"): {1: EP_AXIS, 3: TP_AXIS},
+    ("layers", "expert_up_proj"): {1: EP_AXIS, 3: TP_AXIS},
+    ("layers", "expert_down_proj"): {1: EP_AXIS, 2: TP_AXIS},
 }
-KV_CACHE_SPEC = P(None, None, None, TP_AXIS, None)  # [layers, blocks, block_size, kv_heads, head_dim]
+KV_CACHE_SPEC = P(PP_AXIS, None, None, TP_AXIS, None)  # [layers, blocks, block_size, kv_heads, head_dim]
 _HEADS = P(None, TP_AXIS, None)  # [tokens, heads, head_dim]
+_CACHE_HEADS = P(None, None, None, TP_AXIS, None)
 
 
-def param_spec(path: tuple[str, ...], shape: tuple[int, ...], tensor_parallel_size: int) -> P:
-    axis = _SPLIT_AXIS.get(path)
-    if axis is None or shape[axis] % tensor_parallel_size:
-        return P()
-    return P(*[TP_AXIS if i == axis else None for i in range(len(shape))])
+def param_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    splits = dict(_SPLITS.get(path, {}))
+    if path[0] == "layers":
+        splits[0] = PP_AXIS
+    axes = [splits.get(dim) for dim in range(len(shape))]
+    return P(*[axis if axis and shape[dim] % mesh.shape[axis] == 0 else None for dim, axis in enumerate(axes)])
+
+
+def context_mesh(mesh: Mesh):
+    """The mesh a nested `shard_map` must name: inside a pipeline stage, the one with "pp" manual."""
+    abstract = jax.sharding.get_abstract_mesh()
+    return mesh if abstract.empty else abstract
 
 
 def shard_attention_layer(attention_layer, mesh: Mesh):
@@ -41,9 +54,9 @@ def shard_attention_layer(attention_layer, mesh: Mesh):
 
     def sharded(q, k, v, k_cache, v_cache, layer, md, scale):
         body = jax.shard_map(
-            partial(attention_layer, scale=scale), mesh=mesh,
-            in_specs=(_HEADS, _HEADS, _HEADS, KV_CACHE_SPEC, KV_CACHE_SPEC, P(), P()),
-            out_specs=(_HEADS, KV_CACHE_SPEC, KV_CACHE_SPEC), check_vma=False,
+            partial(attention_layer, scale=scale), mesh=context_mesh(mesh),
+            in_specs=(_HEADS, _HEADS, _HEADS, _CACHE_HEADS, _CACHE_HEADS, P(), P()),
+            out_specs=(_HEADS, _CACHE_HEADS, _CACHE_HEADS), axis_names={TP_AXIS}, check_vma=False,
         )
         return body(q, k, v, k_cache, v_cache, layer, md)
 

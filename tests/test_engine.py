@@ -4,7 +4,6 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-
 import pytest
 
 from jpaged import LLM, SamplingParams
@@ -178,6 +177,24 @@ def test_seeded_sampling_is_reproducible_across_batches(llm):
     unseeded = llm.generate(["Tom and Sue"] * 2, SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True),
                             use_tqdm=False)
     assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
+
+
+def test_sampled_request_joining_running_decodes_keeps_its_own_params(llm):
+    """A prefill scheduled beside padded decode rows samples with its own params and seed."""
+    params = SamplingParams(temperature=1.0, seed=77, max_tokens=12, ignore_eos=True)
+    alone = llm.generate("The tree", params, use_tqdm=False)[0].outputs[0].token_ids
+    engine = llm.engine
+    for i in range(5):  # 5 decode rows pad to 6: the prefill's row is not its sequence index
+        engine.add_request(f"decoding-{i}", STORY_STARTS[i], SamplingParams(temperature=0.0, max_tokens=30))
+    engine.step()
+    engine.add_request("joining", "The tree", params)
+    joined = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished and out.request_id == "joining":
+                joined = out.outputs[0].token_ids
+    assert joined == alone
+    assert all_blocks_free(llm)
 
 
 def test_unknown_architecture_and_broken_weights(stories_path, tmp_path):

@@ -7,7 +7,11 @@ biases included), saves it with `save_pretrained`, loads the folder with `jpaged
     one block, short) against HF's `generate`,
   - the same greedy continuations with chunked prefill (at most 8 tokens per step).
 Between them the cases cover GQA 2:1, MHA, GQA 8:1, tied and untied lm_head, llama3 rope
-scaling, QKV bias (Qwen2) and q/k RMSNorm with an explicit head_dim (Qwen3).
+scaling, QKV bias (Qwen2) and q/k RMSNorm with an explicit head_dim (Qwen3), and mixtures of
+experts: Mixtral (top-2 of 8, renormalised), Qwen3-MoE (top-3 of 6, `norm_topk_prob`) and
+Qwen2-MoE (top-2 of 8 left as softmax probabilities) with its sigmoid-gated shared expert. The
+MoE oracles are checked to route tokens to most experts, so wrong routing cannot hide behind one
+favourite expert.
 """
 
 from __future__ import annotations
@@ -22,9 +26,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jpaged import LLM, SamplingParams  # noqa: E402
-
 from hf_models import greedy_margin, hf_greedy, hf_logits, save_random_model  # noqa: E402
+
+from jpaged import LLM, SamplingParams  # noqa: E402
 
 MAX_TOKENS = 32
 BLOCK_SIZE = 16
@@ -74,7 +78,21 @@ CASES = {
     # q/k RMSNorm, head_dim 32 != hidden 64 / 4 heads.
     "qwen3": ("Qwen3Config", dict(vocab_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                   tie_word_embeddings=False, use_sliding_window=False)),
+    # Mixture of experts: top-2 of 8 experts of intermediate size 64, softmax then renormalised top-k.
+    "mixtral": ("MixtralConfig", dict(vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=64, num_local_experts=8, num_experts_per_tok=2,
+                                      sliding_window=None, tie_word_embeddings=False)),
+    # q/k norm and experts, three layers, top-3 of 6 renormalised.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(vocab_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                         num_hidden_layers=3, num_experts=6, num_experts_per_tok=3,
+                                         moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=False)),
+    # QKV bias, top-2 of 8 experts plus a shared expert behind a sigmoid gate.
+    "qwen2_moe": ("Qwen2MoeConfig", dict(vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
+                                         num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=96, norm_topk_prob=False,
+                                         tie_word_embeddings=False, use_sliding_window=False)),
 }
+MOE_CASES = ("mixtral", "qwen3_moe", "qwen2_moe")
 
 
 @dataclass
@@ -159,8 +177,15 @@ def test_config_reaches_engine(case, llm):
         assert cfg.rope.original_max_position_embeddings == 64
     else:
         assert cfg.rope.scaling_type == "default"
-    assert cfg.qkv_bias == (case.name == "qwen2")
-    assert cfg.qk_norm == (case.name == "qwen3")
+    assert cfg.qkv_bias == case.name.startswith("qwen2")
+    assert cfg.qk_norm == case.name.startswith("qwen3")
+    assert cfg.is_moe == (case.name in MOE_CASES)
+    if cfg.is_moe:
+        assert cfg.num_experts == hf_cfg.num_experts and cfg.num_experts_per_tok == hf_cfg.num_experts_per_tok
+        assert cfg.norm_topk_prob == getattr(hf_cfg, "norm_topk_prob", True)  # Mixtral always renormalises
+        expert_size = hf_cfg.intermediate_size if case.name == "mixtral" else hf_cfg.moe_intermediate_size
+        assert cfg.moe_intermediate_size == expert_size
+        assert cfg.shared_expert_intermediate_size == getattr(hf_cfg, "shared_expert_intermediate_size", 0)
     if case.name == "qwen3":
         assert cfg.head_dim == 32 != cfg.hidden_size // cfg.num_heads
     if case.name == "mistral":
@@ -179,6 +204,20 @@ def test_hf_oracle_is_not_degenerate(case):
     for prompt, tokens in zip(case.prompts, case.continuations):
         assert len(tokens) == MAX_TOKENS
         assert len(set(tokens)) >= 8, f"{case.name}: HF greedy from {len(prompt)} tokens is {tokens}"
+
+
+def test_hf_moe_oracle_uses_many_experts(case):
+    """Every layer of the MoE oracle sends the logits prompt's tokens to most of its experts."""
+    if case.name not in MOE_CASES:
+        pytest.skip("dense model")
+    config = case.model.config
+    with torch.no_grad():
+        out = case.model(torch.tensor([case.logits_prompt]), output_router_logits=True)
+    assert len(out.router_logits) == config.num_hidden_layers
+    for layer, logits in enumerate(out.router_logits):
+        chosen = torch.topk(logits.float().softmax(-1), config.num_experts_per_tok, dim=-1).indices
+        used = len(torch.unique(chosen))
+        assert used >= max(2, (config.num_experts * 3) // 4), f"{case.name} layer {layer}: {used} experts used"
 
 
 def test_greedy_matches_hf(case, llm):

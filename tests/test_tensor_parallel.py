@@ -50,7 +50,7 @@ def test_bad_tensor_parallel_configs_are_clear_errors(stories_path):
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 does not divide the 8 attention heads"):
         LLM(stories_path, tensor_parallel_size=3)
     too_many = 2 * len(jax.devices())  # divides stories260K's heads while one device is visible
-    with pytest.raises(ValueError, match=rf"tensor_parallel_size {too_many} needs that many devices; "
+    with pytest.raises(ValueError, match=rf"tensor_parallel_size {too_many} needs {too_many} devices; "
                                          rf"{len(jax.devices())} cpu device"):
         LLM(stories_path, tensor_parallel_size=too_many)
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1, got 0"):

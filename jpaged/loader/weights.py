@@ -1,7 +1,10 @@
 """Puts HF-named tensors into the model's stacked parameters, converting layout and dtype.
 
 Weights arrive one tensor at a time (from safetensors or GGUF) under HF names and `[out, in]`
-layout; the model keeps `x @ W` layout with decoder layers stacked on a leading axis.
+layout; the model keeps `x @ W` layout with decoder layers stacked on a leading axis, and MoE
+experts stacked on a second axis (`[layers, experts, ...]`). Checkpoints store one tensor per
+expert (`...experts.{e}.w1.weight` for Mixtral, `...experts.{e}.gate_proj.weight` for Qwen MoE,
+which is also what `save_pretrained` writes), each written into its `(layer, expert)` slot.
 """
 
 from __future__ import annotations
@@ -32,24 +35,50 @@ _LAYER_TENSORS = {
     "mlp.gate_proj.weight": ("gate_proj", True),
     "mlp.up_proj.weight": ("up_proj", True),
     "mlp.down_proj.weight": ("down_proj", True),
+    # Mixture of experts: the router, and Qwen2-MoE's shared expert and its sigmoid gate.
+    "block_sparse_moe.gate.weight": ("router", True),
+    "mlp.gate.weight": ("router", True),
+    "mlp.shared_expert.gate_proj.weight": ("shared_gate_proj", True),
+    "mlp.shared_expert.up_proj.weight": ("shared_up_proj", True),
+    "mlp.shared_expert.down_proj.weight": ("shared_down_proj", True),
+    "mlp.shared_expert_gate.weight": ("shared_expert_gate", True),
 }
+# Per-expert tensors (after `experts.{e}.`): Mixtral's w1 / w3 / w2 are gate / up / down.
+_EXPERT_TENSORS = {
+    "w1.weight": "expert_gate_proj",
+    "w3.weight": "expert_up_proj",
+    "w2.weight": "expert_down_proj",
+    "gate_proj.weight": "expert_gate_proj",
+    "up_proj.weight": "expert_up_proj",
+    "down_proj.weight": "expert_down_proj",
+}
+_EXPERT_PARAMS = frozenset(_EXPERT_TENSORS.values())  # stacked [layers, experts, ...]
 _TOP_TENSORS = {
     "model.embed_tokens.weight": ("embed_tokens", False),
     "model.norm.weight": ("norm", False),
     "lm_head.weight": ("lm_head", True),
 }
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_EXPERT_NAME = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(.+)")
 
 
-def _target(name: str) -> tuple[tuple[str, ...], int | None, bool] | None:
-    """`(param path, layer index or None, transpose)` for an HF tensor name; None to skip it."""
+def _target(name: str) -> tuple[tuple[str, ...], tuple[int, ...], bool] | None:
+    """`(param path, index into it, transpose)` for an HF tensor name; None to skip it.
+
+    The index is `()` for a whole parameter, `(layer,)` for a stacked layer parameter and
+    `(layer, expert)` for one expert of a stacked MoE parameter.
+    """
     if name in _TOP_TENSORS:
         param, transpose = _TOP_TENSORS[name]
-        return (param,), None, transpose
+        return (param,), (), transpose
     match = _LAYER_NAME.fullmatch(name)
     if match and match.group(2) in _LAYER_TENSORS:
         param, transpose = _LAYER_TENSORS[match.group(2)]
-        return ("layers", param), int(match.group(1)), transpose
+        return ("layers", param), (int(match.group(1)),), transpose
+    expert = _EXPERT_NAME.fullmatch(match.group(2)) if match else None
+    if expert and expert.group(2) in _EXPERT_TENSORS:
+        param = _EXPERT_TENSORS[expert.group(2)]
+        return ("layers", param), (int(match.group(1)), int(expert.group(1))), True
     if name.endswith("rotary_emb.inv_freq"):
         return None
     raise ValueError(f"unexpected weight {name!r}: not part of a supported Llama-family model")
@@ -79,23 +108,26 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
     """
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     params: dict[tuple[str, ...], jax.Array] = {}
-    filled: dict[tuple[str, ...], set] = {}
+    filled: dict[tuple[str, ...], set[tuple[int, ...]]] = {}
     for name, tensor in weights:
         target = _target(name)
         if target is None or (target[0] == ("lm_head",) and cfg.tie_word_embeddings):
             continue
-        path, layer, transpose = target
+        path, index, transpose = target
         spec = _lookup(state, path, name)
         value = tensor.T if transpose else tensor
-        expected = spec.shape[1:] if layer is not None else spec.shape
-        if value.shape != tuple(expected):
-            raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected {tuple(expected)} (after layout)")
+        expected = tuple(spec.shape[len(index):])
+        if value.shape != expected:
+            raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected {expected} (after layout)")
+        if any(i >= n for i, n in zip(index, spec.shape)):
+            raise ValueError(f"weight {name!r} indexes {index} past the model's {tuple(spec.shape[:len(index)])} "
+                             "(layers, experts)")
         if path not in params:
             params[path] = zeros(path, spec.shape, spec.dtype)
             filled[path] = set()
         value = np.ascontiguousarray(value, dtype=spec.dtype)
-        params[path] = _write_whole(params[path], value) if layer is None else _write_layer(params[path], layer, value)
-        filled[path].add(layer)
+        params[path] = _write_whole(params[path], value) if not index else _write_at(params[path], index, value)
+        filled[path].add(index)
     _check_complete(state, filled, cfg)
     for path, param in params.items():
         _assign(state, path, param)
@@ -103,8 +135,9 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
 
 
 @partial(jax.jit, donate_argnums=0)
-def _write_layer(stacked: jax.Array, layer, value) -> jax.Array:
-    return stacked.at[layer].set(value)
+def _write_at(stacked: jax.Array, index: tuple, value) -> jax.Array:
+    """`stacked` with `value` at `index` (a layer, or a layer and expert): traced, so one compile."""
+    return stacked.at[index].set(value)
 
 
 @partial(jax.jit, donate_argnums=0)
@@ -129,17 +162,24 @@ def _assign(state: dict, path: tuple[str, ...], value) -> None:
 
 
 def _check_complete(state: dict, filled: dict, cfg: ModelConfig) -> None:
-    expected = {("embed_tokens",): None, ("norm",): None}
+    expected = {("embed_tokens",): {()}, ("norm",): {()}}
     if "lm_head" in state:
-        expected[("lm_head",)] = None
+        expected[("lm_head",)] = {()}
     for param in state["layers"]:
-        expected[("layers", param)] = set(range(cfg.num_layers))
+        if param in _EXPERT_PARAMS:
+            indices = {(i, e) for i in range(cfg.num_layers) for e in range(cfg.num_experts)}
+        else:
+            indices = {(i,) for i in range(cfg.num_layers)}
+        expected[("layers", param)] = indices
     missing = []
-    for path, layers in expected.items():
+    for path, indices in expected.items():
         got = filled.get(path)
         if got is None:
             missing.append(".".join(path))
-        elif layers is not None and got != layers:
-            missing.append(f"{'.'.join(path)} for layers {sorted(layers - got)}")
+        elif got != indices:
+            what = "layers" if len(next(iter(indices))) == 1 else "(layer, expert)"
+            gaps = sorted(indices - got)
+            gaps = [g[0] for g in gaps] if what == "layers" else gaps
+            missing.append(f"{'.'.join(path)} for {what} {gaps}")
     if missing:
         raise ValueError(f"weights missing from the checkpoint: {', '.join(missing)}")

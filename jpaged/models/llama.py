@@ -1,4 +1,5 @@
-"""The Llama family as one Flax NNX model: Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (q/k norm).
+"""The Llama family as one Flax NNX model: Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (q/k norm),
+and their mixture-of-experts kin Mixtral, Qwen2-MoE and Qwen3-MoE (the MLP is `moe.sparse_moe`).
 
 Layer weights are stacked on a leading layer axis and the decoder runs as one `lax.scan`, so the
 jitted step compiles in about the same time whatever the depth. The KV cache of all layers is
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jpaged.config import ModelConfig
+from jpaged.models.moe import sparse_moe
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer, ragged_paged_attention
 
 
@@ -55,15 +57,45 @@ class DecoderLayers(nnx.Module):
             self.q_norm = _param((n, cfg.head_dim), dtype)
             self.k_norm = _param((n, cfg.head_dim), dtype)
         self.post_attention_norm = _param((n, h), dtype)
-        self.gate_proj = _param((n, h, i), dtype)
-        self.up_proj = _param((n, h, i), dtype)
-        self.down_proj = _param((n, i, h), dtype)
+        if cfg.is_moe:
+            self._init_moe(cfg, dtype)
+        else:
+            self.gate_proj = _param((n, h, i), dtype)
+            self.up_proj = _param((n, h, i), dtype)
+            self.down_proj = _param((n, i, h), dtype)
+
+    def _init_moe(self, cfg: ModelConfig, dtype):
+        n, h, e, i = cfg.num_layers, cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.router = _param((n, h, e), dtype)
+        self.expert_gate_proj = _param((n, e, h, i), dtype)
+        self.expert_up_proj = _param((n, e, h, i), dtype)
+        self.expert_down_proj = _param((n, e, i, h), dtype)
+        if cfg.shared_expert_intermediate_size:
+            s = cfg.shared_expert_intermediate_size
+            self.shared_gate_proj = _param((n, h, s), dtype)
+            self.shared_up_proj = _param((n, h, s), dtype)
+            self.shared_down_proj = _param((n, s, h), dtype)
+            self.shared_expert_gate = _param((n, h, 1), dtype)
+
+
+def run_all_layers(decoder, hidden, positions, kv_cache, md, layer_weights):
+    return decoder(hidden, positions, kv_cache, md, layer_weights)
 
 
 class LlamaForCausalLM(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention=paged_attention_layer(ragged_paged_attention)):
+    """The model, with its parallel layouts passed in as functions.
+
+    `attention(q, k, v, k_cache, v_cache, layer, md, scale) -> (out, k_cache, v_cache)` is paged
+    attention (sharded by head under tensor parallelism); `moe(x, layer_weights, cfg)` is the
+    mixture-of-experts MLP (expert-parallel or not); `run_layers(decoder, hidden, positions,
+    kv_cache, md, layer_weights) -> (hidden [N, hidden], kv_cache)` runs the decoder stack, all
+    at once or as a pipeline of stages over micro-batches.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention=paged_attention_layer(ragged_paged_attention),
+                 moe=sparse_moe, run_layers=run_all_layers):
         self.cfg = cfg
-        self.attention = attention  # (q, k, v, k_cache, v_cache, layer, md, scale) -> (out, k_cache, v_cache)
+        self.attention, self.moe, self.run_layers = attention, moe, run_layers
         self.embed_tokens = _param((cfg.vocab_size, cfg.hidden_size), dtype)
         self.layers = DecoderLayers(cfg, dtype)
         self.norm = _param((cfg.hidden_size,), dtype)
@@ -71,11 +103,18 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = _param((cfg.hidden_size, cfg.vocab_size), dtype)
 
     def __call__(self, token_ids, positions, kv_cache, md: AttentionMetadata):
-        """Hidden states `[T, hidden]` of the new tokens, and the updated `(k_cache, v_cache)`."""
+        """Hidden states `[N, hidden]` of the new tokens (micro-batches flattened), and the
+        updated `(k_cache, v_cache)`."""
+        hidden = self.embed_tokens[...][token_ids]
+        layer_weights = nnx.to_pure_dict(nnx.state(self.layers))
+        hidden, kv_cache = self.run_layers(self.decode, hidden, positions, kv_cache, md, layer_weights)
+        return rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps), kv_cache
+
+    def decode(self, hidden, positions, kv_cache, md: AttentionMetadata, layer_weights):
+        """Run `hidden [T, hidden]` through the layers stacked in `layer_weights`, whose KV cache
+        is `kv_cache` (layer `i` of both is the same layer)."""
         cfg = self.cfg
         inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim))
-        layer_weights = nnx.to_pure_dict(nnx.state(self.layers))
-        hidden = self.embed_tokens[...][token_ids]
 
         def layer_step(carry, weights):
             hidden, k_cache, v_cache, layer = carry
@@ -85,13 +124,16 @@ class LlamaForCausalLM(nnx.Module):
             )
             hidden = hidden + attn_out
             mlp_in = rms_norm(hidden, weights["post_attention_norm"], cfg.rms_norm_eps)
-            gate = jax.nn.silu(mlp_in @ weights["gate_proj"])
-            hidden = hidden + (gate * (mlp_in @ weights["up_proj"])) @ weights["down_proj"]
+            if cfg.is_moe:
+                hidden = hidden + self.moe(mlp_in, weights, cfg)
+            else:
+                gate = jax.nn.silu(mlp_in @ weights["gate_proj"])
+                hidden = hidden + (gate * (mlp_in @ weights["up_proj"])) @ weights["down_proj"]
             return (hidden, k_cache, v_cache, layer + 1), None
 
         carry = (hidden, *kv_cache, jnp.int32(0))
         (hidden, k_cache, v_cache, _), _ = jax.lax.scan(layer_step, carry, layer_weights)
-        return rms_norm(hidden, self.norm[...], cfg.rms_norm_eps), (k_cache, v_cache)
+        return hidden, (k_cache, v_cache)
 
     def _attention(self, x, weights, positions, inv_freq, k_cache, v_cache, layer, md):
         cfg = self.cfg

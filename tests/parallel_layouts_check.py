@@ -1,0 +1,95 @@
+"""Run in a subprocess with 8 emulated CPU devices: greedy tokens and per-device bytes of random
+dense and mixture-of-experts models under pipeline / expert / tensor parallel layouts, and the
+pipeline schedule as it ran for several micro-batch counts, printed as JSON."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import transformers  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from hf_models import save_random_model  # noqa: E402
+
+from jpaged import LLM, SamplingParams  # noqa: E402
+from jpaged.config import ParallelConfig  # noqa: E402
+from sharding.mesh import make_mesh  # noqa: E402
+from sharding.pipeline import run_pipeline  # noqa: E402
+
+SMALL = dict(vocab_size=96, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
+CONFIGS = {
+    "llama": transformers.LlamaConfig(intermediate_size=128, num_hidden_layers=4, **SMALL),
+    "mixtral": transformers.MixtralConfig(intermediate_size=32, num_hidden_layers=4, num_local_experts=8,
+                                          num_experts_per_tok=2, sliding_window=None, **SMALL),
+    "qwen3_moe": transformers.Qwen3MoeConfig(moe_intermediate_size=32, num_hidden_layers=2, num_experts=8,
+                                             num_experts_per_tok=3, norm_topk_prob=True, head_dim=16, **SMALL),
+}
+LAYOUTS = {  # (tensor, pipeline, expert) parallel sizes
+    "llama": [(1, 1, 1), (1, 2, 1), (1, 4, 1), (2, 2, 1), (2, 4, 1)],
+    "mixtral": [(1, 1, 1), (1, 1, 2), (1, 1, 4), (1, 1, 8), (2, 1, 2), (1, 2, 2), (2, 2, 2), (1, 4, 2)],
+    "qwen3_moe": [(1, 1, 1), (1, 1, 8), (2, 2, 2), (2, 1, 4)],
+}
+
+
+def device_bytes(tree) -> list[int]:
+    per_device = [0] * len(jax.devices())
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device.id] += shard.data.nbytes
+    return per_device
+
+
+def generate(folder_root: str) -> dict:
+    rng = np.random.default_rng(0)
+    prompts = [{"prompt_token_ids": rng.integers(3, 96, n).tolist()} for n in (21, 16, 5, 9, 12)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    report = {}
+    for name, config in CONFIGS.items():
+        folder = os.path.join(folder_root, name)
+        save_random_model(folder, config, seed=4)
+        for tp, pp, ep in LAYOUTS[name]:
+            llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep,
+                      dtype="float32", num_blocks=32, max_num_batched_tokens=24)
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            runner = llm.engine.runner
+            report[f"{name}/{tp}x{pp}x{ep}"] = {
+                "tokens": [o.outputs[0].token_ids for o in outputs],
+                "param_bytes": device_bytes(runner.state), "kv_bytes": device_bytes(runner.kv_cache),
+                "model_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(runner.state)),
+                "layer_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(runner.state["layers"])),
+                "expert_bytes": sum(x.nbytes for name, leaf in runner.state["layers"].items()
+                                    if name.startswith("expert_") for x in jax.tree.leaves(leaf)),
+            }
+    return report
+
+
+def schedule(num_stages: int = 4) -> dict:
+    """Outputs and busy trace of `run_pipeline` on a toy 8-layer stack for M micro-batches."""
+    mesh = make_mesh(ParallelConfig(pipeline_parallel_size=num_stages))
+    rng = np.random.default_rng(1)
+    layer_weights = {"w": jnp.asarray(rng.normal(size=(8, 16, 16)) / 4, jnp.float32)}
+
+    def stage(x, positions, kv_cache, md, weights):
+        for w in weights["w"]:
+            x = jnp.tanh(x @ w) + positions[:, None]
+        return x, kv_cache + 1  # the cache counts the layers that ran on each stage
+
+    report = {}
+    for m in (1, 2, 4, 8, 16):
+        hidden = jnp.asarray(rng.normal(size=(m, 3, 16)), jnp.float32)
+        positions = jnp.asarray(rng.integers(0, 5, (m, 3)), jnp.float32) / 10
+        expected = jax.vmap(lambda x, p: stage(x, p, 0, None, layer_weights)[0])(hidden, positions)
+        out, kv, busy = jax.jit(lambda *a: run_pipeline(stage, mesh, *a))(
+            hidden, positions, jnp.zeros(num_stages), None, layer_weights)
+        report[m] = {"max_error": float(jnp.max(jnp.abs(out - expected))), "busy": np.asarray(busy).tolist(),
+                     "kv": np.asarray(kv).tolist()}
+    return report
+
+
+if __name__ == "__main__":
+    print(json.dumps({"generate": generate(sys.argv[1]), "schedule": schedule()}))

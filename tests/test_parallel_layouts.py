@@ -1,0 +1,84 @@
+"""Pipeline, expert and tensor parallel layouts on 8 emulated CPU devices (a subprocess owns that
+jax setup): every layout gives the single-device tokens, each device holds its share, and the
+pipeline's stages overlap as the micro-batch count grows."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jpaged import LLM
+
+pytest.importorskip("transformers")
+CHECK = Path(__file__).with_name("parallel_layouts_check.py")
+sys.path.insert(0, str(CHECK.parent))
+from parallel_layouts_check import LAYOUTS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    result = subprocess.run([sys.executable, str(CHECK), str(tmp_path_factory.mktemp("layouts"))],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("model", sorted(LAYOUTS))
+def test_every_layout_gives_the_single_device_tokens(report, model):
+    runs = report["generate"]
+    single = runs[f"{model}/1x1x1"]["tokens"]
+    assert len({t for tokens in single for t in tokens}) > 6
+    for tp, pp, ep in LAYOUTS[model][1:]:
+        assert runs[f"{model}/{tp}x{pp}x{ep}"]["tokens"] == single, f"tp={tp} pp={pp} ep={ep}"
+
+
+@pytest.mark.parametrize("model", sorted(LAYOUTS))
+def test_each_device_holds_its_stage_and_experts(report, model):
+    runs = report["generate"]
+    single = runs[f"{model}/1x1x1"]
+    for tp, pp, ep in LAYOUTS[model][1:]:
+        run = runs[f"{model}/{tp}x{pp}x{ep}"]
+        used = [b for b in run["param_bytes"] if b]
+        assert len(used) == tp * pp * ep
+        # The KV cache is split by layer over stages and by KV head over tensor shards (the two
+        # KV heads are copied until each tensor shard has one); "ep" shards hold copies.
+        kv_heads = max(2, tp)
+        assert max(run["kv_bytes"]) == sum(single["kv_bytes"]) * kv_heads / 2 / (pp * tp)
+        # Stages split the layers, expert shards the experts, tensor shards everything but the
+        # norms; embeddings stay whole across stages and everything but experts across "ep".
+        experts, layers = run["expert_bytes"], run["layer_bytes"]
+        share = experts / (tp * pp * ep) + (layers - experts) / (tp * pp) + (run["model_bytes"] - layers) / tp
+        assert 0.95 * share <= max(used) <= 1.05 * share, (tp, pp, ep, used, share)
+        assert run["model_bytes"] >= single["model_bytes"]
+
+
+def test_pipeline_stages_overlap_as_micro_batches_grow(report):
+    """The schedule as it ran: stage s works on micro-batch t - s at tick t, idles otherwise."""
+    num_stages = 4
+    idle_shares = []
+    for m, run in sorted(report["schedule"].items(), key=lambda item: int(item[0])):
+        m = int(m)
+        busy = np.array(run["busy"])
+        assert busy.shape == (num_stages, m + num_stages - 1)
+        assert run["max_error"] < 1e-5  # the pipelined stack computes what the stack computes
+        assert run["kv"] == [m] * num_stages  # each stage's cache is touched once per micro-batch
+        idle = 1 - busy.mean()
+        assert idle == pytest.approx((num_stages - 1) / (m + num_stages - 1))
+        idle_shares.append(idle)
+    assert idle_shares == sorted(idle_shares, reverse=True) and idle_shares[-1] < 0.2
+
+
+def test_bad_layouts_are_clear_errors(stories_path):
+    with pytest.raises(ValueError, match="pipeline_parallel_size 3 does not divide the 5 layers"):
+        LLM(stories_path, pipeline_parallel_size=3)
+    with pytest.raises(ValueError, match="expert_parallel_size 2 needs a mixture-of-experts model; llama is dense"):
+        LLM(stories_path, expert_parallel_size=2)
+    with pytest.raises(ValueError, match="pipeline_parallel_size 5 x tensor_parallel_size 2 needs 10 devices"):
+        LLM(stories_path, tensor_parallel_size=2, pipeline_parallel_size=5)
+    with pytest.raises(ValueError, match="pipeline_parallel_size must be >= 1, got 0"):
+        LLM(stories_path, pipeline_parallel_size=0)
+    with pytest.raises(ValueError, match="prefill_micro_batches must be >= 1, got 0"):
+        LLM(stories_path, prefill_micro_batches=0)
