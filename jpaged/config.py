@@ -230,7 +230,8 @@ class ParallelConfig:
 
     Tensor parallelism splits every layer's heads and MLP columns; pipeline parallelism splits
     the layers into stages that micro-batches flow through; expert parallelism splits a
-    mixture-of-experts model's experts. A step that prefills runs `prefill_micro_batches`
+    mixture-of-experts model's experts; data parallelism runs that many replicas of the whole
+    engine, each on its own devices with its own scheduler and KV cache. A step that prefills runs `prefill_micro_batches`
     micro-batches through the pipeline and a decode-only step `decode_micro_batches` (by default
     twice and once the stage count), never more than it has sequences.
     """
@@ -238,11 +239,12 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
+    data_parallel_size: int = 1
     prefill_micro_batches: int | None = None
     decode_micro_batches: int | None = None
 
     def __post_init__(self):
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         pp = self.pipeline_parallel_size
@@ -254,8 +256,13 @@ class ParallelConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
 
     @property
-    def world_size(self) -> int:
+    def replica_size(self) -> int:
+        """Devices of one data-parallel replica."""
         return self.tensor_parallel_size * self.pipeline_parallel_size * self.expert_parallel_size
+
+    @property
+    def world_size(self) -> int:
+        return self.data_parallel_size * self.replica_size
 
 
 @dataclass

@@ -25,6 +25,7 @@ from jpaged.sampler import prompt_logprobs
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Request, Sequence
+from sharding.mesh import check_layout, replica_meshes
 
 logger = logging.getLogger("jpaged")
 
@@ -45,17 +46,25 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, replica: int | None = None):
+        """One engine; under data parallelism, replica `replica` of `data_parallel_size` (see
+        `DataParallelEngine`), running on that replica's devices."""
+        if replica is None and config.parallel.data_parallel_size > 1:
+            raise ValueError(f"data_parallel_size {config.parallel.data_parallel_size} runs one engine per "
+                             "replica: use LLM or DataParallelEngine")
         self.config = config
         source = open_model(config.model)
         self.model_name = source.name
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)
+        check_layout(self.model_config, config.parallel)
+        meshes = replica_meshes(config.parallel)
         self.tokenizer = source.tokenizer
         self.max_model_len = self._resolve_max_model_len()
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        self.runner = ModelRunner(self.model_config, config, source.weights(), self.eos_token_ids)
+        self.runner = ModelRunner(self.model_config, config, source.weights(), self.eos_token_ids,
+                                  meshes[replica or 0])
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching, num_host_blocks=self.runner.num_host_blocks)

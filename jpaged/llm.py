@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from jpaged.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jpaged.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine, PromptType
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
@@ -36,7 +37,8 @@ def engine_config(model: str | None, **kwargs) -> EngineConfig:
 
 class LLM:
     def __init__(self, model: str | None = None, **kwargs):
-        self.engine = LLMEngine(engine_config(model, **kwargs))
+        config = engine_config(model, **kwargs)
+        self.engine = DataParallelEngine(config) if config.parallel.data_parallel_size > 1 else LLMEngine(config)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
@@ -89,10 +91,12 @@ class LLM:
 
     def beam_search(self, prompts: PromptType | SequenceABC[PromptType], params: BeamSearchParams
                     ) -> list[BeamSearchOutput]:
-        """The `params.beam_width` best continuations of each prompt, best first."""
+        """The `params.beam_width` best continuations of each prompt, best first (under data
+        parallelism, computed by the first replica)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        return beam_search(self.engine, list(prompts), params)
+        engine = self.engine.replicas[0] if isinstance(self.engine, DataParallelEngine) else self.engine
+        return beam_search(engine, list(prompts), params)
 
     def chat(
         self,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpaged.block_manager import BlockManager
 from jpaged.config import CacheConfig, EngineConfig, ModelConfig
@@ -37,7 +37,7 @@ from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from pallas_kernels.backend import select_attention
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
 from sharding.expert_parallel import expert_parallel_moe
-from sharding.mesh import check_layout, kv_heads_per_model, make_mesh
+from sharding.mesh import kv_heads_per_model
 from sharding.partition import KV_CACHE_SPEC, param_spec, shard_attention_layer
 from sharding.pipeline import pipeline
 
@@ -77,13 +77,13 @@ def resolve_dtype(dtype: str):
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, eos_token_ids: set[int]):
+    def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, eos_token_ids: set[int],
+                 mesh: Mesh | None = None):
+        """`mesh` is this engine's slice of the device mesh ("pp", "ep", "tp"); None: one device."""
         cache_config, self.parallel = config.cache, config.parallel
-        parallel = self.parallel
         self.eos_token_ids = sorted(eos_token_ids)
-        self.mesh = None if parallel.world_size == 1 else make_mesh(parallel)
-        check_layout(model_config, parallel)
-        kv_heads = kv_heads_per_model(model_config, parallel.tensor_parallel_size)
+        self.mesh = mesh
+        kv_heads = kv_heads_per_model(model_config, self.parallel.tensor_parallel_size)
         weights = replicate_kv_heads(weights, model_config, kv_heads)
         self.model_config = model_config = dataclasses.replace(model_config, num_kv_heads=kv_heads)
         self.block_size = cache_config.block_size
@@ -108,16 +108,15 @@ class ModelRunner:
         self._logits = jax.jit(self._logits_fn, donate_argnums=1)
 
     def _layouts(self, config: EngineConfig) -> dict:
-        """The model's attention and layer runner for this backend and device layout."""
-        model_config, mesh = self.model_config, self.mesh
+        """The model's attention, MoE and layer runner for this backend and device layout."""
+        model_config, mesh, parallel = self.model_config, self.mesh, self.parallel
         attend = select_attention(config.attention_backend, model_config.head_dim, config.attention_interpret)
-        attention = paged_attention_layer(attend)
-        if mesh is None:
-            return dict(attention=attention)
-        layouts = dict(attention=shard_attention_layer(attention, mesh))
-        if model_config.is_moe:
+        layouts = dict(attention=paged_attention_layer(attend))
+        if parallel.tensor_parallel_size > 1:
+            layouts["attention"] = shard_attention_layer(layouts["attention"], mesh)
+        if model_config.is_moe and parallel.tensor_parallel_size * parallel.expert_parallel_size > 1:
             layouts["moe"] = expert_parallel_moe(mesh)
-        if self.parallel.pipeline_parallel_size > 1:
+        if parallel.pipeline_parallel_size > 1:
             layouts["run_layers"] = pipeline(mesh)
         return layouts
 
@@ -136,7 +135,8 @@ class ModelRunner:
     def _blocks_for_budget(self, cache_config: CacheConfig) -> int:
         # each device holds its stage's layers of its KV heads
         block_bytes = self.block_bytes // (self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size)
-        stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
+        device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+        stats = device.memory_stats() if device.platform != "cpu" else None
         if stats and "bytes_limit" in stats:
             budget = stats["bytes_limit"] * cache_config.gpu_memory_utilization - stats["bytes_in_use"]
         else:

@@ -1,30 +1,34 @@
-"""Tensor-parallel sharding experiment: what each device holds and what one decode step sends.
+"""Sharding experiment: what each device holds, what one decode step sends, and how long it takes,
+for a dense and a mixture-of-experts model across tensor / pipeline / expert / data parallel layouts.
 
-For one model and each tensor-parallel degree TP in {1, 2, 4, 8} (those that divide the model's
-heads and fit the available devices) this measures:
+For each model and each layout `tp x pp x ep x dp` that fits the model and the devices:
 
-- per-device weight bytes: the addressable shards of `llm.engine.runner.state`, summed per device;
-- per-device KV-cache bytes: the same over `llm.engine.runner.kv_cache`;
-- the collectives of one decode step (batch of 8 decode sequences), read from the compiled HLO
-  text of the runner's jitted step: count and result bytes of all-reduce, all-gather,
-  reduce-scatter, all-to-all and collective-permute. The layers run in a `while` loop (scan), so
-  ops inside the loop body appear once in the text but run once per layer; both the as-written
-  figures and the per-step totals (loop-body ops x layers + the rest) are reported;
-- decode step time: median of timed `llm.engine.step()` calls on a steady batch of 8 decoding
-  sequences, after warm-up.
+- per-device weight bytes: the addressable shards of every replica's `runner.state`, per device;
+- per-device KV-cache bytes: the same over the replicas' `runner.kv_cache`;
+- the collectives of one decode step (a steady batch of decoding sequences), read from the
+  compiled HLO of (the first replica's) jitted step: count and result bytes of all-reduce,
+  all-gather, reduce-scatter, all-to-all and collective-permute. Ops inside loops (the layer
+  scan, the pipeline's tick loop) appear once in the HLO text; each is multiplied by the trip
+  counts of the loops around it (XLA's `known_trip_count`), so the per-step figures count every
+  execution. Ops inside the pipeline's `cond` are counted as if every tick were busy (an upper
+  bound: idle ticks skip them);
+- decode step time: median of timed `engine.step()` calls after warm-up, and the decode
+  throughput it gives (batch / step time);
+- for pipeline layouts, a sweep over the decode micro-batch count M: step time and the idle share
+  of the schedule, `(S - 1) / (M + S - 1)` (the busy trace that `tests/test_parallel_layouts.py`
+  checks against the run).
 
-It prints a table, writes JSON (`--out`) and a PNG plot (`--plot`) of per-device bytes and step
-time vs TP.
+It prints tables, writes JSON (`--out`) and a PNG plot (`--plot`).
 
-Without a multi-device accelerator it runs on 8 emulated CPU devices (it sets
+Without accelerators it runs on 8 emulated CPU devices (it sets
 `XLA_FLAGS=--xla_force_host_platform_device_count=8` before importing jax). Those devices share
-the same CPU cores, so step times there show sharding overheads, not scaling; on a machine with
-several GPUs the same script measures real scaling.
+the machine's CPU cores, so step times there show sharding overheads, not scaling; on a machine
+with several GPUs the same script measures real scaling.
 
 Run (from the repository root):
 
-    python scripts/sharding_experiments.py                      # random 8-head Llama, TP 1/2/4/8
-    python scripts/sharding_experiments.py --model FOLDER_OR_ID --tp 1 3
+    python scripts/sharding_experiments.py                          # both models, default layouts
+    python scripts/sharding_experiments.py --models dense --layouts 1x1x1x1 2x2x1x1
 """
 
 from __future__ import annotations
@@ -63,15 +67,30 @@ SHAPE_RE = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
 COMPUTATION_RE = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 
 
-def random_model_folder(root: str, layers: int) -> str:
-    """A random-weight Llama: 8 heads over 2 KV heads, hidden 512, intermediate 1536, vocab 4096."""
+MODELS = {
+    "dense": "random Llama: 8 heads / 2 KV heads, hidden 512, intermediate 1536, 4 layers, vocab 4096",
+    "moe": "random Mixtral: 8 heads / 2 KV heads, hidden 512, 8 experts of 768 (top 2), 4 layers, vocab 4096",
+}
+DEFAULT_LAYOUTS = {
+    "dense": ["1x1x1x1", "2x1x1x1", "4x1x1x1", "8x1x1x1", "1x2x1x1", "1x4x1x1", "2x2x1x1", "2x4x1x1",
+              "1x1x1x2", "1x1x1x4", "1x1x1x8", "2x1x1x4"],
+    "moe": ["1x1x1x1", "2x1x1x1", "8x1x1x1", "1x1x2x1", "1x1x4x1", "1x1x8x1", "2x1x2x1", "2x1x4x1", "1x2x2x1",
+            "2x2x2x1", "1x1x1x4", "1x1x2x4"],
+}
+
+
+def random_model_folder(root: str, kind: str) -> str:
     import transformers
     from hf_models import save_random_model
 
-    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536,
-                                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2,
-                                      max_position_embeddings=1024)
-    folder = os.path.join(root, "llama-random")
+    common = dict(vocab_size=4096, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, max_position_embeddings=1024)
+    if kind == "dense":
+        config = transformers.LlamaConfig(intermediate_size=1536, **common)
+    else:
+        config = transformers.MixtralConfig(intermediate_size=768, num_local_experts=8, num_experts_per_tok=2,
+                                            sliding_window=None, **common)
+    folder = os.path.join(root, kind)
     save_random_model(folder, config, seed=0)
     return folder
 
@@ -109,48 +128,65 @@ def collectives_in_hlo(hlo: str) -> list[dict]:
     return ops
 
 
-def loop_body_names(hlo: str) -> set[str]:
-    """Computations used as a `while` body (the layer scan), and what they call, transitively."""
-    bodies = set(re.findall(r"\bwhile\(.*?body=%?([\w.\-]+)", hlo))
-    calls: dict[str, set[str]] = {}
-    computation = None
+def computation_runs(hlo: str) -> dict[str, int]:
+    """How often each computation runs in one execution: summed over its call sites, each the
+    caller's runs times the trip count of the `while` it is the body of (1 for other calls)."""
+    callers: dict[str, list[tuple[str, int]]] = {}
+    entry, computation = None, None
     for line in hlo.splitlines():
         header = COMPUTATION_RE.match(line)
         if header:
             computation = header.group(1)
+            entry = computation if line.startswith("ENTRY") else entry
             continue
-        if computation:
-            calls.setdefault(computation, set()).update(
-                re.findall(r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)", line))
-    seen, todo = set(), list(bodies)
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            todo.extend(calls.get(name, ()))
-    return seen
+        if computation is None:
+            continue
+        body = re.search(r"\bwhile\(.*?body=%?([\w.\-]+)", line)
+        if body:
+            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            callers.setdefault(body.group(1), []).append((computation, int(trips.group(1)) if trips else 1))
+        callees = re.findall(r"(?:calls|to_apply|condition|true_computation|false_computation)=%?([\w.\-]+)", line)
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+            callees += re.findall(r"%?([\w.\-]+)", group)
+        for callee in callees:
+            callers.setdefault(callee, []).append((computation, 1))
+    runs: dict[str, int] = {}
+
+    def count(name: str, seen: frozenset = frozenset()) -> int:
+        if name == entry:
+            return 1
+        if name not in runs:
+            runs[name] = sum(count(caller, seen | {name}) * trips
+                             for caller, trips in callers.get(name, ()) if caller not in seen)
+        return runs[name]
+
+    return {name: count(name) for name in set(callers) | {entry}}
 
 
-def summarize(ops: list[dict], in_loop: set[str], num_layers: int) -> dict:
+def summarize(ops: list[dict], runs: dict[str, int]) -> dict:
     summary = {}
     for kind in COLLECTIVES:
         mine = [op for op in ops if op["kind"] == kind]
-        loop = [op for op in mine if op["computation"] in in_loop]
-        rest = [op for op in mine if op["computation"] not in in_loop]
         summary[kind] = {
             "in_hlo": len(mine), "in_hlo_bytes": sum(op["bytes"] for op in mine),
-            "in_layer_loop": len(loop), "outside_loop": len(rest),
-            "per_step": len(loop) * num_layers + len(rest),
-            "per_step_bytes": sum(op["bytes"] for op in loop) * num_layers + sum(op["bytes"] for op in rest),
+            "per_step": sum(runs.get(op["computation"], 1) for op in mine),
+            "per_step_bytes": sum(runs.get(op["computation"], 1) * op["bytes"] for op in mine),
             "results": sorted({op["result"] for op in mine}),
         }
     return summary
 
 
-def measure(folder: str, tp: int, args) -> dict:
-    llm = LLM(folder, tensor_parallel_size=tp, dtype="float32", num_blocks=args.num_blocks,
-              max_num_batched_tokens=args.batch * args.prompt_len)
-    engine, runner = llm.engine, llm.engine.runner
+def parse_layout(text: str) -> dict:
+    tp, pp, ep, dp = (int(x) for x in text.split("x"))
+    return dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep, data_parallel_size=dp)
+
+
+def measure(folder: str, layout: str, args, decode_micro_batches: int | None = None) -> dict:
+    llm = LLM(folder, dtype="float32", num_blocks=args.num_blocks, max_num_batched_tokens=args.batch * args.prompt_len,
+              decode_micro_batches=decode_micro_batches, **parse_layout(layout))
+    engine = llm.engine
+    replicas = getattr(engine, "replicas", [engine])
+    runner = replicas[0].runner
     vocab = runner.model_config.vocab_size
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.warmup + args.iters + 8, ignore_eos=True)
@@ -166,7 +202,7 @@ def measure(folder: str, tp: int, args) -> dict:
     def capture(state, kv_cache, batch, sampling, **static):
         if "hlo" not in captured:
             captured["decode_seqs"] = batch.attention.num_decode_seqs
-            captured["tokens"] = int(batch.token_ids.shape[0])
+            captured["tokens"] = list(batch.token_ids.shape)
             captured["hlo"] = jitted.lower(state, kv_cache, batch, sampling, **static).compile().as_text()
         return jitted(state, kv_cache, batch, sampling, **static)
 
@@ -181,52 +217,80 @@ def measure(folder: str, tp: int, args) -> dict:
         times.append(time.perf_counter() - start)
 
     hlo = captured["hlo"]
-    num_layers = runner.model_config.num_layers
-    summary = summarize(collectives_in_hlo(hlo), loop_body_names(hlo), num_layers)
-    weights, kv = per_device_bytes(runner.state), per_device_bytes(runner.kv_cache)
-    used = [d for d in range(len(weights)) if weights[d] or kv[d]]
+    summary = summarize(collectives_in_hlo(hlo), computation_runs(hlo))
+    weights = np.sum([per_device_bytes(r.runner.state) for r in replicas], axis=0)
+    kv = np.sum([per_device_bytes(r.runner.kv_cache) for r in replicas], axis=0)
+    step_ms = 1e3 * statistics.median(times)
     return {
-        "tp": tp, "devices_used": len(used),
-        "weight_bytes_per_device": max(weights), "kv_bytes_per_device": max(kv),
-        "weight_bytes_total": sum(weights), "kv_bytes_total": sum(kv),
-        "num_blocks": runner.num_blocks, "num_layers": num_layers,
-        "decode_batch": {"seqs": captured["decode_seqs"], "padded_tokens": captured["tokens"]},
+        "layout": layout, **parse_layout(layout), "devices_used": int(np.count_nonzero(weights + kv)),
+        "decode_micro_batches": runner.parallel.decode_micro_batches,
+        "weight_bytes_per_device": int(weights.max()), "kv_bytes_per_device": int(kv.max()),
+        "weight_bytes_total": int(weights.sum()), "kv_bytes_total": int(kv.sum()),
+        "num_blocks_per_replica": runner.num_blocks, "num_layers": runner.model_config.num_layers,
+        "decode_batch": {"seqs": args.batch, "replica_decode_rows": captured["decode_seqs"],
+                         "replica_padded_tokens": captured["tokens"]},
         "collectives": summary,
-        "step_ms_median": 1e3 * statistics.median(times), "step_ms_all": [1e3 * t for t in times],
+        "step_ms_median": step_ms, "step_ms_all": [1e3 * t for t in times],
+        "decode_tokens_per_s": args.batch / (step_ms / 1e3),
     }
 
 
-def plot(results: list[dict], path: str, title: str) -> None:
+def print_table(model: str, results: list[dict]) -> None:
+    print(f"\n{model}: {MODELS[model]}")
+    kinds = [k for k in COLLECTIVES if any(r["collectives"][k]["in_hlo"] for r in results)]
+    header = (f"{'tp x pp x ep x dp':>17} {'weights/dev MiB':>15} {'KV/dev MiB':>10} "
+              + " ".join(f"{k + ' n, KiB':>24}" for k in kinds) + f" {'step ms':>8} {'tok/s':>7}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        cells = " ".join(f"{c['per_step']:>6d}, {c['per_step_bytes'] / 1024:8.1f}".rjust(24)
+                         for c in (r["collectives"][k] for k in kinds))
+        print(f"{r['layout']:>17} {r['weight_bytes_per_device'] / 2**20:>15.2f} {r['kv_bytes_per_device'] / 2**20:>10.2f} "
+              f"{cells} {r['step_ms_median']:>8.2f} {r['decode_tokens_per_s']:>7.0f}")
+
+
+def plot(results: dict, sweeps: dict, path: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tps = [r["tp"] for r in results]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(tps, [r["weight_bytes_per_device"] / 2**20 for r in results], "o-", label="weights")
-    left.plot(tps, [r["kv_bytes_per_device"] / 2**20 for r in results], "s-", label="KV cache")
-    left.set(xlabel="tensor-parallel size", ylabel="MiB per device", xscale="log", xticks=tps,
-             title="per-device memory")
-    left.set_xticklabels(tps)
-    left.minorticks_off()
-    left.legend()
-    right.plot(tps, [r["step_ms_median"] for r in results], "o-", color="C2")
-    right.set(xlabel="tensor-parallel size", ylabel="ms (median)", xscale="log", xticks=tps,
-              title="decode step time, batch 8")
-    right.set_xticklabels(tps)
-    right.minorticks_off()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, key, label in ((axes[0], "weight_bytes_per_device", "weights MiB / device"),
+                           (axes[1], "step_ms_median", "decode step ms (median)")):
+        for i, (model, runs) in enumerate(results.items()):
+            values = [r[key] / (2**20 if "bytes" in key else 1) for r in runs]
+            ax.barh([f"{model} {r['layout']}" for r in runs], values, color=f"C{i}", label=model)
+        ax.set(xlabel=label)
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend()
+    ax = axes[2]
+    twin = ax.twinx()
+    for i, (layout, runs) in enumerate(sweeps.items()):
+        stages = runs[0]["pipeline_parallel_size"]
+        ms = [r["decode_micro_batches"] for r in runs]
+        ax.plot(ms, [r["step_ms_median"] for r in runs], "o-", color=f"C{i}", label=f"step ms, {layout}")
+        twin.plot(ms, [(stages - 1) / (m + stages - 1) for m in ms], "x--", color=f"C{i}", alpha=0.6,
+                  label=f"idle share, S={stages}")
+    ax.set(xlabel="decode micro-batches M", ylabel="step ms (median)", xscale="log", title="pipeline micro-batches")
+    if sweeps:
+        twin.set(ylabel="idle share (S-1)/(M+S-1)", ylim=(0, 1))
+        ax.legend(loc="upper left", fontsize=7)
+        twin.legend(loc="upper right", fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"saved {path}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="model folder or id (default: a random 8-head Llama)")
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--layers", type=int, default=4, help="layers of the random model")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--layouts", nargs="+", help="tp x pp x ep x dp layouts such as 2x2x1x1 "
+                        "(default: a set per model)")
+    parser.add_argument("--micro-batch-sweep", nargs="+", default=["1x2x1x1", "1x4x1x1"],
+                        help="dense-model pipeline layouts to sweep the decode micro-batch count over")
     parser.add_argument("--batch", type=int, default=8, help="decode sequences")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--num-blocks", type=int, default=64)
@@ -242,38 +306,40 @@ def main() -> None:
                    "show sharding overheads, not scaling" if emulated else
                    f"{len(devices)} x {devices[0].device_kind}")
     print(f"backend: {jax.default_backend()}, {device_note}")
-    tps = [tp for tp in args.tp if tp <= len(devices)]
 
+    results, sweeps = {}, {}
     with tempfile.TemporaryDirectory() as root:
-        folder = args.model or random_model_folder(root, args.layers)
-        results = []
-        for tp in tps:
-            try:
-                results.append(measure(folder, tp, args))
-            except ValueError as error:  # TP does not divide the heads
-                print(f"TP {tp} skipped: {error}")
-    model_name = args.model or (f"random Llama: 8 heads / 2 KV heads, hidden 512, intermediate 1536, "
-                                f"{args.layers} layers, vocab 4096")
+        for model in args.models:
+            folder = random_model_folder(root, model)
+            results[model] = []
+            for layout in args.layouts or DEFAULT_LAYOUTS[model]:
+                try:
+                    results[model].append(measure(folder, layout, args))
+                except ValueError as error:  # the layout does not fit the model or the devices
+                    print(f"{model} {layout} skipped: {error}")
+            if model == "dense":
+                for layout in args.micro_batch_sweep:
+                    sweeps[layout] = [measure(folder, layout, args, m) for m in (1, 2, 4, 8) if m <= args.batch]
 
-    print(f"\nmodel: {model_name}; float32; decode batch {args.batch} seqs; {args.num_blocks} KV blocks")
-    print("collectives: 'per step' = ops in the layer-loop body x layers + ops outside the loop "
-          "(the HLO text shows the loop body once; see JSON for as-written counts and result shapes)")
-    kinds = [k for k in COLLECTIVES if any(r["collectives"][k]["in_hlo"] for r in results)]
-    header = f"{'TP':>3} {'weights/dev MiB':>15} {'KV/dev MiB':>10} " + " ".join(
-        f"{k + ' (n, KiB)':>24}" for k in kinds) + f" {'step ms':>8}"
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        cells = " ".join(f"{c['per_step']:>9d} ({c['in_layer_loop']}/loop), {c['per_step_bytes'] / 1024:6.1f}"
-                         .rjust(24) for c in (r["collectives"][k] for k in kinds))
-        print(f"{r['tp']:>3} {r['weight_bytes_per_device'] / 2**20:>15.2f} {r['kv_bytes_per_device'] / 2**20:>10.2f} "
-              f"{cells} {r['step_ms_median']:>8.2f}")
+    print(f"\nfloat32; decode batch {args.batch} seqs; {args.num_blocks} KV blocks per replica")
+    print("collectives per decode step: each op x the trip counts of the loops around it (see JSON for "
+          "as-written counts and result shapes)")
+    for model, runs in results.items():
+        print_table(model, runs)
+    for layout, runs in sweeps.items():
+        stages = runs[0]["pipeline_parallel_size"]
+        print(f"\npipeline {layout} (S = {stages}), decode micro-batches M:")
+        for r in runs:
+            m = r["decode_micro_batches"]
+            print(f"  M={m}: step {r['step_ms_median']:.2f} ms, idle share (S-1)/(M+S-1) = "
+                  f"{(stages - 1) / (m + stages - 1):.2f}, collective-permutes "
+                  f"{r['collectives']['collective-permute']['per_step']}")
     if emulated:
         print(f"note: {device_note}.")
 
-    save_json({"model": model_name, "backend": jax.default_backend(), "devices": device_note,
-               "batch": args.batch, "results": results}, args.out)
-    plot(results, args.plot, f"{model_name}\n{device_note}")
+    save_json({"models": MODELS, "backend": jax.default_backend(), "devices": device_note, "batch": args.batch,
+               "results": results, "micro_batch_sweeps": sweeps}, args.out)
+    plot(results, sweeps, args.plot, device_note)
 
 
 if __name__ == "__main__":

@@ -1,35 +1,43 @@
 """The device mesh a `ParallelConfig` asks for, and the checks that the layout fits model and devices.
 
-Three named axes: "pp" (pipeline stages, outermost), "ep" (expert shards) and "tp" (tensor
-shards, innermost, so a layer's all-reduces stay among neighbouring devices). Axes are `Auto` so
-GSPMD places the tensor-parallel all-reduces itself; the pipeline and expert layers take their
-axes manual inside `shard_map`.
+Four named axes: "dp" (data-parallel replicas, outermost), "pp" (pipeline stages), "ep" (expert
+shards) and "tp" (tensor shards, innermost, so a layer's all-reduces stay among neighbouring
+devices). Each replica's engine runs on its slice of the mesh, the three inner axes. Axes are
+`Auto` so GSPMD places the tensor-parallel all-reduces itself; the pipeline and expert layers
+take their axes manual inside `shard_map`.
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from jpaged.config import ModelConfig, ParallelConfig
 
-PP_AXIS, EP_AXIS, TP_AXIS = "pp", "ep", "tp"
-AXES = (PP_AXIS, EP_AXIS, TP_AXIS)
-
-
-def axis_sizes(parallel: ParallelConfig) -> tuple[int, int, int]:
-    return parallel.pipeline_parallel_size, parallel.expert_parallel_size, parallel.tensor_parallel_size
+DP_AXIS, PP_AXIS, EP_AXIS, TP_AXIS = "dp", "pp", "ep", "tp"
+AXES = (DP_AXIS, PP_AXIS, EP_AXIS, TP_AXIS)
+_SIZE_NAMES = ("data_parallel_size", "pipeline_parallel_size", "expert_parallel_size", "tensor_parallel_size")
 
 
 def make_mesh(parallel: ParallelConfig) -> Mesh:
+    """The whole layout as one mesh over the first `world_size` devices."""
     devices = jax.devices()
+    sizes = tuple(getattr(parallel, name) for name in _SIZE_NAMES)
     if parallel.world_size > len(devices):
-        sizes = " x ".join(f"{name} {getattr(parallel, name)}" for name in (
-            "pipeline_parallel_size", "expert_parallel_size", "tensor_parallel_size") if getattr(parallel, name) > 1)
-        raise ValueError(f"{sizes} needs {parallel.world_size} devices; "
+        asked = " x ".join(f"{name} {size}" for name, size in zip(_SIZE_NAMES, sizes) if size > 1)
+        raise ValueError(f"{asked} needs {parallel.world_size} devices; "
                          f"{len(devices)} {jax.default_backend()} device(s) exist")
-    return jax.make_mesh(axis_sizes(parallel), AXES, axis_types=(AxisType.Auto,) * len(AXES),
-                         devices=devices[: parallel.world_size])
+    return jax.make_mesh(sizes, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices[: parallel.world_size])
+
+
+def replica_meshes(parallel: ParallelConfig) -> list[Mesh | None]:
+    """Each data-parallel replica's slice of the mesh ("pp", "ep", "tp"); `[None]` for a lone device."""
+    if parallel.world_size == 1:
+        return [None]
+    mesh = make_mesh(parallel)
+    inner = AXES[1:]
+    return [Mesh(np.asarray(devices), inner, axis_types=(AxisType.Auto,) * len(inner)) for devices in mesh.devices]
 
 
 def check_layout(cfg: ModelConfig, parallel: ParallelConfig) -> None:

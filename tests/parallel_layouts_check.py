@@ -29,10 +29,10 @@ CONFIGS = {
     "qwen3_moe": transformers.Qwen3MoeConfig(moe_intermediate_size=32, num_hidden_layers=2, num_experts=8,
                                              num_experts_per_tok=3, norm_topk_prob=True, head_dim=16, **SMALL),
 }
-LAYOUTS = {  # (tensor, pipeline, expert) parallel sizes
-    "llama": [(1, 1, 1), (1, 2, 1), (1, 4, 1), (2, 2, 1), (2, 4, 1)],
-    "mixtral": [(1, 1, 1), (1, 1, 2), (1, 1, 4), (1, 1, 8), (2, 1, 2), (1, 2, 2), (2, 2, 2), (1, 4, 2)],
-    "qwen3_moe": [(1, 1, 1), (1, 1, 8), (2, 2, 2), (2, 1, 4)],
+LAYOUTS = {  # (tensor, pipeline, expert, data) parallel sizes
+    "llama": [(1, 1, 1, 1), (1, 2, 1, 1), (1, 4, 1, 1), (2, 2, 1, 1), (2, 1, 1, 4)],
+    "mixtral": [(1, 1, 1, 1), (1, 1, 2, 1), (1, 1, 8, 1), (2, 1, 2, 1), (1, 2, 2, 1), (2, 2, 2, 1), (1, 1, 2, 2)],
+    "qwen3_moe": [(1, 1, 1, 1), (1, 1, 4, 1), (2, 2, 2, 1)],
 }
 
 
@@ -52,17 +52,20 @@ def generate(folder_root: str) -> dict:
     for name, config in CONFIGS.items():
         folder = os.path.join(folder_root, name)
         save_random_model(folder, config, seed=4)
-        for tp, pp, ep in LAYOUTS[name]:
+        for tp, pp, ep, dp in LAYOUTS[name]:
             llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep,
-                      dtype="float32", num_blocks=32, max_num_batched_tokens=24)
+                      data_parallel_size=dp, dtype="float32", num_blocks=32, max_num_batched_tokens=24)
             outputs = llm.generate(prompts, params, use_tqdm=False)
-            runner = llm.engine.runner
-            report[f"{name}/{tp}x{pp}x{ep}"] = {
+            engines = getattr(llm.engine, "replicas", [llm.engine])
+            state = engines[0].runner.state
+            report[f"{name}/{tp}x{pp}x{ep}x{dp}"] = {
                 "tokens": [o.outputs[0].token_ids for o in outputs],
-                "param_bytes": device_bytes(runner.state), "kv_bytes": device_bytes(runner.kv_cache),
-                "model_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(runner.state)),
-                "layer_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(runner.state["layers"])),
-                "expert_bytes": sum(x.nbytes for name, leaf in runner.state["layers"].items()
+                "param_bytes": np.sum([device_bytes(e.runner.state) for e in engines], axis=0).tolist(),
+                "kv_bytes": np.sum([device_bytes(e.runner.kv_cache) for e in engines], axis=0).tolist(),
+                "generated_per_replica": [e.num_generated_tokens for e in engines],
+                "model_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(state)),
+                "layer_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(state["layers"])),
+                "expert_bytes": sum(x.nbytes for name, leaf in state["layers"].items()
                                     if name.startswith("expert_") for x in jax.tree.leaves(leaf)),
             }
     return report

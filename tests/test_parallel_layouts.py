@@ -1,4 +1,4 @@
-"""Pipeline, expert and tensor parallel layouts on 8 emulated CPU devices (a subprocess owns that
+"""Pipeline, expert, tensor and data parallel layouts on 8 emulated CPU devices (a subprocess owns that
 jax setup): every layout gives the single-device tokens, each device holds its share, and the
 pipeline's stages overlap as the micro-batch count grows."""
 
@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -14,8 +15,14 @@ from jpaged import LLM
 
 pytest.importorskip("transformers")
 CHECK = Path(__file__).with_name("parallel_layouts_check.py")
-sys.path.insert(0, str(CHECK.parent))
-from parallel_layouts_check import LAYOUTS  # noqa: E402
+MODELS = ("llama", "mixtral", "qwen3_moe")  # the check's models; it owns their layouts
+
+
+def layouts(report, model) -> list[tuple[int, ...]]:
+    """`(tp, pp, ep, dp)` of each layout the check ran `model` with, single device first."""
+    runs = [tuple(map(int, key.split("/")[1].split("x"))) for key in report["generate"] if key.startswith(model + "/")]
+    assert runs[0] == (1, 1, 1, 1) and len(runs) >= 3
+    return runs
 
 
 @pytest.fixture(scope="module")
@@ -26,29 +33,32 @@ def report(tmp_path_factory):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("model", sorted(LAYOUTS))
+@pytest.mark.parametrize("model", MODELS)
 def test_every_layout_gives_the_single_device_tokens(report, model):
     runs = report["generate"]
-    single = runs[f"{model}/1x1x1"]["tokens"]
+    single = runs[f"{model}/1x1x1x1"]["tokens"]
     assert len({t for tokens in single for t in tokens}) > 6
-    for tp, pp, ep in LAYOUTS[model][1:]:
-        assert runs[f"{model}/{tp}x{pp}x{ep}"]["tokens"] == single, f"tp={tp} pp={pp} ep={ep}"
+    for layout in layouts(report, model)[1:]:
+        assert runs[f"{model}/{'x'.join(map(str, layout))}"]["tokens"] == single, f"tp, pp, ep, dp = {layout}"
 
 
-@pytest.mark.parametrize("model", sorted(LAYOUTS))
-def test_each_device_holds_its_stage_and_experts(report, model):
+@pytest.mark.parametrize("model", MODELS)
+def test_each_device_holds_its_share(report, model):
     runs = report["generate"]
-    single = runs[f"{model}/1x1x1"]
-    for tp, pp, ep in LAYOUTS[model][1:]:
-        run = runs[f"{model}/{tp}x{pp}x{ep}"]
+    single = runs[f"{model}/1x1x1x1"]
+    for tp, pp, ep, dp in layouts(report, model)[1:]:
+        run = runs[f"{model}/{tp}x{pp}x{ep}x{dp}"]
         used = [b for b in run["param_bytes"] if b]
-        assert len(used) == tp * pp * ep
+        assert len(used) == tp * pp * ep * dp
+        assert all(run["generated_per_replica"]), "every data-parallel replica serves requests"
         # The KV cache is split by layer over stages and by KV head over tensor shards (the two
-        # KV heads are copied until each tensor shard has one); "ep" shards hold copies.
+        # KV heads are copied until each tensor shard has one); "ep" shards hold copies, and
+        # each data-parallel replica a cache of its own.
         kv_heads = max(2, tp)
         assert max(run["kv_bytes"]) == sum(single["kv_bytes"]) * kv_heads / 2 / (pp * tp)
         # Stages split the layers, expert shards the experts, tensor shards everything but the
-        # norms; embeddings stay whole across stages and everything but experts across "ep".
+        # norms; embeddings stay whole across stages and everything but experts across "ep";
+        # every data-parallel replica holds the whole model.
         experts, layers = run["expert_bytes"], run["layer_bytes"]
         share = experts / (tp * pp * ep) + (layers - experts) / (tp * pp) + (run["model_bytes"] - layers) / tp
         assert 0.95 * share <= max(used) <= 1.05 * share, (tp, pp, ep, used, share)
@@ -80,5 +90,9 @@ def test_bad_layouts_are_clear_errors(stories_path):
         LLM(stories_path, tensor_parallel_size=2, pipeline_parallel_size=5)
     with pytest.raises(ValueError, match="pipeline_parallel_size must be >= 1, got 0"):
         LLM(stories_path, pipeline_parallel_size=0)
+    replicas = len(jax.devices()) + 1  # more replicas than devices, even before each needs 2
+    with pytest.raises(ValueError, match=rf"data_parallel_size {replicas} x tensor_parallel_size 2 needs "
+                                         rf"{2 * replicas} devices"):
+        LLM(stories_path, data_parallel_size=replicas, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="prefill_micro_batches must be >= 1, got 0"):
         LLM(stories_path, prefill_micro_batches=0)

@@ -1,0 +1,60 @@
+"""Data parallelism: `data_parallel_size` replicas of the whole engine, one per slice of the mesh.
+
+Each replica (an `LLMEngine`) owns its devices, weights, KV cache, block manager and scheduler,
+so replicas never talk to each other. A new request goes to the replica with the fewest
+unfinished requests; a step steps every busy replica, each from its own thread: jax releases the
+GIL while a step computes, so the replicas' devices work at the same time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
+from jpaged.config import EngineConfig
+from jpaged.engine import EngineStats, LLMEngine, PromptType
+from jpaged.outputs import RequestOutput
+from jpaged.sampling_params import SamplingParams
+
+
+class DataParallelEngine:
+    def __init__(self, config: EngineConfig):
+        num_replicas = config.parallel.data_parallel_size
+        # Distinct seeds, so that unseeded requests on different replicas draw different samples.
+        self.replicas = [LLMEngine(dataclasses.replace(config, seed=config.seed + r), replica=r)
+                         for r in range(num_replicas)]
+        first = self.replicas[0]
+        self.config, self.model_name, self.model_config = config, first.model_name, first.model_config
+        self.tokenizer = first.tokenizer
+        self._replica_of: dict[str, LLMEngine] = {}
+        self._pool = ThreadPoolExecutor(num_replicas, thread_name_prefix="jpaged-replica")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
+        if request_id in self._replica_of:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        replica = min(self.replicas, key=lambda engine: len(engine.requests))
+        replica.add_request(request_id, prompt, params)
+        self._replica_of[request_id] = replica
+
+    def abort_request(self, request_id: str) -> None:
+        replica = self._replica_of.pop(request_id, None)
+        if replica is not None:
+            replica.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return any(engine.has_unfinished_requests() for engine in self.replicas)
+
+    def step(self) -> list[RequestOutput]:
+        busy = [engine for engine in self.replicas if engine.has_unfinished_requests()]
+        outputs = [out for step in self._pool.map(LLMEngine.step, busy) for out in step]
+        for out in outputs:
+            if out.finished:
+                self._replica_of.pop(out.request_id, None)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        """Counts summed over replicas; cache usage and hit rate averaged."""
+        each = [dataclasses.asdict(engine.stats()) for engine in self.replicas]
+        averaged = ("kv_cache_usage", "prefix_cache_hit_rate")
+        totals = {name: sum(s[name] for s in each) for name in each[0]}
+        return EngineStats(**{name: total / len(each) if name in averaged else total for name, total in totals.items()})
