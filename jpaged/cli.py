@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--tensor-parallel-size", type=int, default=1, help="devices that split each layer")
     gen.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages the layers split into")
     gen.add_argument("--expert-parallel-size", type=int, default=1, help="devices that split the experts")
+    gen.add_argument("--data-parallel-size", type=int, default=1, help="whole-engine replicas")
     gen.add_argument("--no-chat", action="store_true", help="send prompts as raw text")
     gen.add_argument("-v", "--verbose", action="store_true", help="log engine events")
     return parser
@@ -49,7 +50,7 @@ def generate(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
               tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-              expert_parallel_size=args.expert_parallel_size)
+              expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size)
     prompts = args.prompts or [DEFAULT_PROMPT]
     use_chat = not args.no_chat and getattr(llm.get_tokenizer(), "chat_template", None)
     if use_chat:

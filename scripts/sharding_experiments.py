@@ -289,7 +289,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--layouts", nargs="+", help="tp x pp x ep x dp layouts such as 2x2x1x1 "
                         "(default: a set per model)")
-    parser.add_argument("--micro-batch-sweep", nargs="+", default=["1x2x1x1", "1x4x1x1"],
+    parser.add_argument("--micro-batch-sweep", nargs="*", default=["1x2x1x1", "1x4x1x1"],
                         help="dense-model pipeline layouts to sweep the decode micro-batch count over")
     parser.add_argument("--batch", type=int, default=8, help="decode sequences")
     parser.add_argument("--prompt-len", type=int, default=16)

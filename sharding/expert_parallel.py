@@ -75,7 +75,8 @@ def _routed_experts(x, weights, cfg: ModelConfig):
     group_sizes = jnp.bincount(received_ids, length=local_experts).astype(jnp.int32)
     rows = expert_ffn(received[local_order], group_sizes, weights["expert_gate_proj"], weights["expert_up_proj"],
                       weights["expert_down_proj"])
-    rows = jax.lax.psum(rows.astype(jnp.float32), TP_AXIS)  # down_proj's rows are split over "tp"
+    if jax.lax.axis_size(TP_AXIS) > 1:  # down_proj's rows are split over "tp"
+        rows = jax.lax.psum(rows.astype(jnp.float32), TP_AXIS)
     rows = jnp.zeros_like(rows).at[local_order].set(rows)
 
     returned = jax.lax.all_to_all(rows.reshape(num_shards, capacity, -1), EP_AXIS, 0, 0, tiled=True)
