@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jpaged.config import ModelConfig
-from jpaged.models.moe import combine, expert_ffn, route, sort_by_expert, sparse_moe
+from jpaged.models.moe import combine, expert_ffn, route, routed_experts, sort_by_expert, sparse_moe
 from sharding.mesh import EP_AXIS, TP_AXIS
 from sharding.partition import context_mesh
 
@@ -50,12 +50,22 @@ def expert_parallel_moe(mesh: Mesh):
 
 def _routed_experts(x, weights, cfg: ModelConfig):
     """This shard's part of the routed experts: float32 `[T, H]`, equal on every shard."""
-    num_shards, shard = jax.lax.axis_size(EP_AXIS), jax.lax.axis_index(EP_AXIS)
+    num_shards = jax.lax.axis_size(EP_AXIS)
+    out = _dispatched(x, weights, cfg, num_shards) if num_shards > 1 else routed_experts(x, weights, cfg)
+    if jax.lax.axis_size(TP_AXIS) > 1:  # down_proj's rows are split over "tp": sum the partial outputs
+        out = jax.lax.psum(out, TP_AXIS)
+    if num_shards > 1:
+        out = jax.lax.all_gather(out, EP_AXIS, tiled=True)[: x.shape[0]]
+    return out
+
+
+def _dispatched(x, weights, cfg: ModelConfig, num_shards: int):
+    """This shard's share of the tokens through their experts, wherever those live: `[T / N, H]`."""
     num_tokens, k = x.shape[0], cfg.num_experts_per_tok
     local_experts = weights["expert_gate_proj"].shape[0]
     per_shard = -(-num_tokens // num_shards)
     padded = jnp.pad(x, ((0, per_shard * num_shards - num_tokens), (0, 0)))
-    mine = jax.lax.dynamic_slice_in_dim(padded, shard * per_shard, per_shard)
+    mine = jax.lax.dynamic_slice_in_dim(padded, jax.lax.axis_index(EP_AXIS) * per_shard, per_shard)
     topk_weights, topk_ids = route(mine @ weights["router"], k, cfg.norm_topk_prob)
 
     # Pack each (token, slot) pair into its destination's buffer, in expert order.
@@ -75,10 +85,6 @@ def _routed_experts(x, weights, cfg: ModelConfig):
     group_sizes = jnp.bincount(received_ids, length=local_experts).astype(jnp.int32)
     rows = expert_ffn(received[local_order], group_sizes, weights["expert_gate_proj"], weights["expert_up_proj"],
                       weights["expert_down_proj"])
-    if jax.lax.axis_size(TP_AXIS) > 1:  # down_proj's rows are split over "tp"
-        rows = jax.lax.psum(rows.astype(jnp.float32), TP_AXIS)
     rows = jnp.zeros_like(rows).at[local_order].set(rows)
-
     returned = jax.lax.all_to_all(rows.reshape(num_shards, capacity, -1), EP_AXIS, 0, 0, tiled=True)
-    out = combine(returned[destination, slot], order, topk_weights)
-    return jax.lax.all_gather(out, EP_AXIS, tiled=True)[:num_tokens]
+    return combine(returned[destination, slot], order, topk_weights)
