@@ -273,6 +273,8 @@ def plot(results: dict, sweeps: dict, path: str, title: str) -> None:
         twin.plot(ms, [(stages - 1) / (m + stages - 1) for m in ms], "x--", color=f"C{i}", alpha=0.6,
                   label=f"idle share, S={stages}")
     ax.set(xlabel="decode micro-batches M", ylabel="step ms (median)", xscale="log", title="pipeline micro-batches")
+    ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+    ax.minorticks_off()
     if sweeps:
         twin.set(ylabel="idle share (S-1)/(M+S-1)", ylim=(0, 1))
         ax.legend(loc="upper left", fontsize=7)

@@ -63,11 +63,20 @@ def generate(folder_root: str) -> dict:
                 "param_bytes": np.sum([device_bytes(e.runner.state) for e in engines], axis=0).tolist(),
                 "kv_bytes": np.sum([device_bytes(e.runner.kv_cache) for e in engines], axis=0).tolist(),
                 "generated_per_replica": [e.num_generated_tokens for e in engines],
+                "blocks_leaked": sum(e.block_manager.num_blocks - e.block_manager.num_free_blocks for e in engines),
                 "model_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(state)),
                 "layer_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(state["layers"])),
                 "expert_bytes": sum(x.nbytes for name, leaf in state["layers"].items()
                                     if name.startswith("expert_") for x in jax.tree.leaves(leaf)),
             }
+        if name == "llama":  # a pipeline short of KV blocks: sequences are preempted and recomputed
+            llm = LLM(folder, pipeline_parallel_size=2, tensor_parallel_size=2, dtype="float32", num_blocks=6,
+                      block_size=8, max_num_batched_tokens=24)
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            manager = llm.engine.block_manager
+            report["llama/preempted"] = {"tokens": [o.outputs[0].token_ids for o in outputs],
+                                         "num_preemptions": llm.engine.scheduler.num_preemptions,
+                                         "blocks_leaked": manager.num_blocks - manager.num_free_blocks}
     return report
 
 

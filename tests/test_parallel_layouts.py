@@ -20,7 +20,8 @@ MODELS = ("llama", "mixtral", "qwen3_moe")  # the check's models; it owns their 
 
 def layouts(report, model) -> list[tuple[int, ...]]:
     """`(tp, pp, ep, dp)` of each layout the check ran `model` with, single device first."""
-    runs = [tuple(map(int, key.split("/")[1].split("x"))) for key in report["generate"] if key.startswith(model + "/")]
+    runs = [tuple(map(int, key.split("/")[1].split("x"))) for key in report["generate"]
+            if key.split("/")[0] == model and key.split("/")[1][0].isdigit()]
     assert runs[0] == (1, 1, 1, 1) and len(runs) >= 3
     return runs
 
@@ -40,6 +41,15 @@ def test_every_layout_gives_the_single_device_tokens(report, model):
     assert len({t for tokens in single for t in tokens}) > 6
     for layout in layouts(report, model)[1:]:
         assert runs[f"{model}/{'x'.join(map(str, layout))}"]["tokens"] == single, f"tp, pp, ep, dp = {layout}"
+
+
+def test_pipeline_under_preemption_gives_the_same_tokens_and_frees_every_block(report):
+    runs = report["generate"]
+    preempted = runs["llama/preempted"]
+    assert preempted["num_preemptions"] > 0
+    assert preempted["tokens"] == runs["llama/1x1x1x1"]["tokens"]
+    assert preempted["blocks_leaked"] == 0
+    assert all(run["blocks_leaked"] == 0 for key, run in runs.items())
 
 
 @pytest.mark.parametrize("model", MODELS)
