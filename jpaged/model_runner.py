@@ -34,6 +34,7 @@ from jpaged.sampler import (
 )
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
+from jpaged.sequence import Sequence
 from pallas_kernels.backend import select_attention
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
 from sharding.expert_parallel import expert_parallel_moe
@@ -230,14 +231,18 @@ class ModelRunner:
                      ) -> tuple[StepBatch, np.ndarray]:
         """Padded arrays for `scheduled` (decodes first); also each sequence's row.
 
-        With one micro-batch the arrays are flat; with M they gain a leading `[M]` axis, each
-        micro-batch holding a contiguous share of the sequences and all padded to one shape.
-        A sequence's row (for its sampling parameters and logits) is `m * rows_per_batch + r`.
+        Without a pipeline the arrays are flat; with one they gain a leading `[M]` axis, each
+        micro-batch holding a contiguous share of the step's tokens, all padded to one shape.
+        A sequence's row (for its sampling parameters and logits) is `m * rows_per_batch + r`
+        of its last piece.
         """
         groups = _split(scheduled, num_micro_batches)
         shape = _BatchShape.of(groups)
         filled = [_fill(group, shape, self.block_size) for group in groups]
-        rows = np.concatenate([m * shape.num_rows + rows for m, (_, rows) in enumerate(filled)])
+        rows = np.empty(len(scheduled), np.int64)
+        for m, (group, (_, piece_rows)) in enumerate(zip(groups, filled)):
+            for piece, row in zip(group, piece_rows):
+                rows[piece.index] = m * shape.num_rows + row  # a later piece's row wins
         arrays = {name: np.stack([f[name] for f, _ in filled]) for name in filled[0][0]}
         logits_indices = (np.arange(len(groups))[:, None] * shape.num_tokens + np.maximum(
             arrays["query_start"] + arrays["query_lens"] - 1, 0)).reshape(-1)
@@ -248,15 +253,33 @@ class ModelRunner:
         return StepBatch(token_ids, positions, logits_indices, attention), rows
 
 
-def _split(scheduled: list[ScheduledSequence], num_groups: int) -> list[list[ScheduledSequence]]:
-    """`num_groups` contiguous, non-empty runs of `scheduled` with about equal new tokens each."""
-    num_groups = min(num_groups, len(scheduled))
-    ends = np.cumsum([s.num_new_tokens for s in scheduled])
-    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, num_groups) / num_groups, side="left") + 1
-    cuts = np.maximum.accumulate(np.maximum(cuts, np.arange(1, num_groups)))  # every group non-empty
-    cuts = np.minimum(cuts, len(scheduled) - num_groups + np.arange(1, num_groups))
-    bounds = [0, *cuts.tolist(), len(scheduled)]
-    return [scheduled[a:b] for a, b in zip(bounds, bounds[1:])]
+@dataclass(frozen=True)
+class _Piece:
+    """New tokens `[first, first + count)` of the step's `index`-th scheduled sequence."""
+
+    index: int
+    seq: Sequence
+    first: int
+    count: int
+
+
+def _split(scheduled: list[ScheduledSequence], num_groups: int) -> list[list[_Piece]]:
+    """The step's new tokens, in order, cut into `num_groups` runs of about equal length (never
+    more runs than tokens). A prefill chunk may be cut between micro-batches: at every stage its
+    later piece finds the earlier piece's KV already written."""
+    total = sum(item.num_new_tokens for item in scheduled)
+    num_groups = min(num_groups, total)
+    bounds = [round(g * total / num_groups) for g in range(1, num_groups + 1)]
+    groups: list[list[_Piece]] = [[] for _ in range(num_groups)]
+    group, position = 0, 0
+    for index, item in enumerate(scheduled):
+        first, remaining = item.seq.num_computed_tokens, item.num_new_tokens
+        while remaining:
+            group += position == bounds[group]
+            take = min(remaining, bounds[group] - position)
+            groups[group].append(_Piece(index, item.seq, first, take))
+            first, remaining, position = first + take, remaining - take, position + take
+    return groups
 
 
 @dataclass(frozen=True)
@@ -270,28 +293,29 @@ class _BatchShape:
     max_query_len: int
 
     @classmethod
-    def of(cls, groups: list[list[ScheduledSequence]]) -> _BatchShape:
-        decodes = [sum(1 for s in group if s.num_new_tokens == 1) for group in groups]
-        prefill_tokens = [[s.num_new_tokens for s in group if s.num_new_tokens > 1] for group in groups]
+    def of(cls, groups: list[list[_Piece]]) -> _BatchShape:
+        decodes = [sum(1 for p in group if p.count == 1) for group in groups]
+        prefill_tokens = [[p.count for p in group if p.count > 1] for group in groups]
         decode_rows = bucket(max(decodes))
         return cls(
             decode_rows=decode_rows,
             num_rows=decode_rows + bucket(max(len(p) for p in prefill_tokens)),
             num_tokens=bucket(decode_rows + max(sum(p) for p in prefill_tokens)),
-            max_blocks=bucket(max(len(s.seq.block_table) for group in groups for s in group)),
+            max_blocks=bucket(max(len(p.seq.block_table) for group in groups for p in group)),
             max_query_len=bucket(max((n for p in prefill_tokens for n in p), default=0)),
         )
 
 
-def _fill(scheduled: list[ScheduledSequence], shape: _BatchShape, block_size: int) -> tuple[dict, np.ndarray]:
-    """One micro-batch's arrays at `shape` and each sequence's row in them.
+def _fill(pieces: list[_Piece], shape: _BatchShape, block_size: int) -> tuple[dict, np.ndarray]:
+    """One micro-batch's arrays at `shape`, and each piece's row in them.
 
-    Decode row `i` holds its token at flat index `i`; prefill tokens start after the padded
-    decode rows.
+    Single-token pieces (decodes) take the first rows, row `i` with its token at flat index `i`;
+    the other pieces' tokens start after the padded decode rows.
     """
-    num_decode = sum(1 for s in scheduled if s.num_new_tokens == 1)
-    rows = np.concatenate([np.arange(num_decode), shape.decode_rows + np.arange(len(scheduled) - num_decode)])
-    prefill_counts = [s.num_new_tokens for s in scheduled[num_decode:]]
+    ordered = sorted(range(len(pieces)), key=lambda i: pieces[i].count > 1)
+    num_decode = sum(1 for p in pieces if p.count == 1)
+    prefill_counts = [pieces[i].count for i in ordered[num_decode:]]
+    ordered_rows = np.concatenate([np.arange(num_decode), shape.decode_rows + np.arange(len(prefill_counts))])
     first_tokens = np.concatenate([np.arange(num_decode), shape.decode_rows + np.cumsum([0] + prefill_counts)[:-1]])
     arrays = dict(
         token_ids=np.zeros(shape.num_tokens, np.int32),
@@ -303,15 +327,17 @@ def _fill(scheduled: list[ScheduledSequence], shape: _BatchShape, block_size: in
         query_lens=np.zeros(shape.num_rows, np.int32),
     )
     arrays["query_start"][: shape.decode_rows] = np.arange(shape.decode_rows)
-    for row, start, item in zip(rows, first_tokens, scheduled):
-        seq, count = item.seq, item.num_new_tokens
-        first = seq.num_computed_tokens
-        span = slice(start, start + count)
-        arrays["token_ids"][span] = seq.token_ids(first, first + count)
-        positions = np.arange(first, first + count)
+    rows = np.empty(len(pieces), np.int64)
+    for i, row, start in zip(ordered, ordered_rows, first_tokens):
+        piece = pieces[i]
+        rows[i] = row
+        span = slice(start, start + piece.count)
+        positions = np.arange(piece.first, piece.first + piece.count)
+        arrays["token_ids"][span] = piece.seq.token_ids(piece.first, piece.first + piece.count)
         arrays["positions"][span] = positions
-        table = np.asarray(seq.block_table, np.int64)
+        table = np.asarray(piece.seq.block_table, np.int64)
         arrays["slot_mapping"][span] = table[positions // block_size] * block_size + positions % block_size
         arrays["block_tables"][row, : len(table)] = table
-        arrays["context_lens"][row], arrays["query_start"][row], arrays["query_lens"][row] = first + count, start, count
-    return arrays, rows.astype(np.int64)
+        arrays["context_lens"][row] = piece.first + piece.count
+        arrays["query_start"][row], arrays["query_lens"][row] = start, piece.count
+    return arrays, rows

@@ -1,14 +1,14 @@
 """Pipeline parallelism: the decoder's layers split into stages over the "pp" axis, a step's
 micro-batches flowing through them.
 
-The runner hands the step's sequences over as M micro-batches (arrays with a leading `[M]` axis).
+The runner hands the step's new tokens over as M micro-batches (arrays with a leading `[M]` axis).
 Inside a `shard_map` that makes "pp" manual, stage `s` of `S` holds its contiguous share of the
 stacked layers and of their KV cache. The schedule runs `M + S - 1` ticks: at tick `t` stage `s`
 works on micro-batch `t - s` when that exists and idles otherwise, then hands its output to stage
 `s + 1` with a `ppermute`. After `S - 1` ticks of filling, every stage is busy until the last
 micro-batch drains, so the idle share of a step is `(S - 1) / (M + S - 1)`: more micro-batches,
 fewer bubbles. A micro-batch reaching a stage finds the KV of all earlier micro-batches already
-written there, so any split of the step's sequences gives the same tokens.
+written there, so the step's tokens may be cut anywhere, even inside one prompt's chunk.
 """
 
 from __future__ import annotations

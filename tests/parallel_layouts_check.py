@@ -69,15 +69,30 @@ def generate(folder_root: str) -> dict:
                 "expert_bytes": sum(x.nbytes for name, leaf in state["layers"].items()
                                     if name.startswith("expert_") for x in jax.tree.leaves(leaf)),
             }
-        if name == "llama":  # a pipeline short of KV blocks: sequences are preempted and recomputed
-            llm = LLM(folder, pipeline_parallel_size=2, tensor_parallel_size=2, dtype="float32", num_blocks=6,
-                      block_size=8, max_num_batched_tokens=24)
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-            manager = llm.engine.block_manager
-            report["llama/preempted"] = {"tokens": [o.outputs[0].token_ids for o in outputs],
-                                         "num_preemptions": llm.engine.scheduler.num_preemptions,
-                                         "blocks_leaked": manager.num_blocks - manager.num_free_blocks}
+        if name == "llama":
+            report["llama/preempted"] = preempted_run(folder, prompts, params)
+            report["llama/one-prompt-split"] = one_prompt_split(folder, rng, params)
     return report
+
+
+def preempted_run(folder: str, prompts, params) -> dict:
+    """A pipeline short of KV blocks: sequences are preempted and recomputed."""
+    llm = LLM(folder, pipeline_parallel_size=2, tensor_parallel_size=2, dtype="float32", num_blocks=6, block_size=8,
+              max_num_batched_tokens=24)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    manager = llm.engine.block_manager
+    return {"tokens": [o.outputs[0].token_ids for o in outputs], "num_preemptions": llm.engine.scheduler.num_preemptions,
+            "blocks_leaked": manager.num_blocks - manager.num_free_blocks}
+
+
+def one_prompt_split(folder: str, rng, params) -> dict:
+    """One 61-token prompt on one device, and cut into 4 micro-batches over 4 stages."""
+    prompt = [{"prompt_token_ids": rng.integers(3, 96, 61).tolist()}]
+    tokens = {}
+    for layout, kwargs in (("single", {}), ("pp4", dict(pipeline_parallel_size=4, prefill_micro_batches=4))):
+        llm = LLM(folder, dtype="float32", num_blocks=32, **kwargs)
+        tokens[layout] = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    return tokens
 
 
 def schedule(num_stages: int = 4) -> dict:

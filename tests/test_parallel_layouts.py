@@ -6,12 +6,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
 import pytest
 
 from jpaged import LLM
+from jpaged.model_runner import _split
 
 pytest.importorskip("transformers")
 CHECK = Path(__file__).with_name("parallel_layouts_check.py")
@@ -49,7 +51,31 @@ def test_pipeline_under_preemption_gives_the_same_tokens_and_frees_every_block(r
     assert preempted["num_preemptions"] > 0
     assert preempted["tokens"] == runs["llama/1x1x1x1"]["tokens"]
     assert preempted["blocks_leaked"] == 0
-    assert all(run["blocks_leaked"] == 0 for key, run in runs.items())
+    for model in MODELS:
+        for layout in layouts(report, model):
+            assert runs[f"{model}/{'x'.join(map(str, layout))}"]["blocks_leaked"] == 0, (model, layout)
+
+
+def test_one_prompt_cut_into_micro_batches_gives_the_same_tokens(report):
+    split = report["generate"]["llama/one-prompt-split"]
+    assert split["pp4"] == split["single"]
+
+
+@pytest.mark.parametrize(("new_tokens", "num_groups"), [([1, 1, 1, 40], 4), ([40], 3), ([1], 4), ([5] * 6, 4),
+                                                         ([1, 1, 100], 3), ([7, 1], 2)])
+def test_micro_batches_cover_every_new_token_once_in_order(new_tokens, num_groups):
+    scheduled = [SimpleNamespace(num_new_tokens=n, seq=SimpleNamespace(num_computed_tokens=3 * i))
+                 for i, n in enumerate(new_tokens)]
+    groups = _split(scheduled, num_groups)
+    assert len(groups) == min(num_groups, sum(new_tokens)) and all(groups)
+    sizes = [sum(p.count for p in group) for group in groups]
+    assert max(sizes) - min(sizes) <= 1
+    pieces = [p for group in groups for p in group]
+    for index, item in enumerate(scheduled):
+        mine = [p for p in pieces if p.index == index]
+        starts = [p.first for p in mine]
+        assert starts[0] == item.seq.num_computed_tokens and sum(p.count for p in mine) == item.num_new_tokens
+        assert starts == sorted(starts) and all(a.first + a.count == b.first for a, b in zip(mine, mine[1:]))
 
 
 @pytest.mark.parametrize("model", MODELS)
