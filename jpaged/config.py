@@ -231,9 +231,13 @@ class ParallelConfig:
     Tensor parallelism splits every layer's heads and MLP columns; pipeline parallelism splits
     the layers into stages that micro-batches flow through; expert parallelism splits a
     mixture-of-experts model's experts; data parallelism runs that many replicas of the whole
-    engine, each on its own devices with its own scheduler and KV cache. A step that prefills runs `prefill_micro_batches`
-    micro-batches through the pipeline and a decode-only step `decode_micro_batches` (by default
-    twice and once the stage count), never more than it has sequences.
+    engine, each on its own devices with its own scheduler and KV cache.
+
+    A pipelined step that prefills is cut into `prefill_micro_batches` micro-batches (default:
+    twice the stage count), so that stages overlap on compute-bound prompt work. A decode-only
+    step is cut into `decode_micro_batches` (default 1): a step is synchronous, so each extra
+    micro-batch makes every stage read its weights once more, and those reads bound decoding.
+    A step is never cut into more micro-batches than it has new tokens.
     """
 
     tensor_parallel_size: int = 1
@@ -241,19 +245,17 @@ class ParallelConfig:
     expert_parallel_size: int = 1
     data_parallel_size: int = 1
     prefill_micro_batches: int | None = None
-    decode_micro_batches: int | None = None
+    decode_micro_batches: int = 1
 
     def __post_init__(self):
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size", "data_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        pp = self.pipeline_parallel_size
-        for name, default in (("prefill_micro_batches", 2 * pp), ("decode_micro_batches", pp)):
-            value = getattr(self, name)
-            if value is None:
-                setattr(self, name, default)
-            elif value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.prefill_micro_batches is None:
+            self.prefill_micro_batches = 2 * self.pipeline_parallel_size
+        for name in ("prefill_micro_batches", "decode_micro_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def replica_size(self) -> int:

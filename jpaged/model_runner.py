@@ -1,19 +1,17 @@
-"""Turns a scheduled step into padded arrays, runs the jitted model step, returns sampled tokens.
+"""Runs the jitted model step on a scheduled step and returns the sampled tokens.
 
-This is the boundary between the host (Python lists, numpy) and the device (jax). Per step it
-builds the ragged batch: flattened `token_ids` and `positions`, the `slot_mapping` where each
-new token's K/V goes, and per sequence its `block_tables` row, `context_lens`, `query_start`
-and `query_lens`. Decode sequences come first. Every dimension is padded to a bucket (see
-`bucket`) so the step compiles for a small, logged set of shapes. Under tensor parallelism the
-runner also owns the device mesh: parameters and KV cache are sharded on it, and the step's
-arrays reach every shard replicated.
+This is the boundary between the host (Python lists, numpy) and the device (jax): it turns the
+scheduler's plan into a `StepBatch` (`jpaged/step_batch.py`), carries out the plan's block moves
+on the KV cache, and calls the step (model, then on-device sampling) with the KV cache donated
+so it is updated in place. It owns the model's parameters and KV cache, placed on this engine's
+slice of the device mesh under tensor / pipeline / expert parallelism, where the step's arrays
+reach every shard replicated.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +32,9 @@ from jpaged.sampler import (
 )
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
-from jpaged.sequence import Sequence
+from jpaged.step_batch import StepBatch, build_step_batch
 from pallas_kernels.backend import select_attention
-from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
+from pallas_kernels.paged_attention import paged_attention_layer
 from sharding.expert_parallel import expert_parallel_moe
 from sharding.mesh import kv_heads_per_model
 from sharding.partition import KV_CACHE_SPEC, param_spec, shard_attention_layer
@@ -44,31 +42,6 @@ from sharding.pipeline import pipeline
 
 logger = logging.getLogger("jpaged")
 _PADDING_PARAMS = SamplingParams(temperature=0.0)
-
-
-def bucket(n: int) -> int:
-    """The padded size for `n`: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (0 stays 0).
-
-    Powers of two and their halfway points waste at most a third of a dimension while
-    keeping the number of distinct shapes, and so of compilations, logarithmic.
-    """
-    if n <= 2:
-        return n
-    power = 1 << (n - 1).bit_length()
-    return power * 3 // 4 if n <= power * 3 // 4 else power
-
-
-@dataclass(frozen=True)
-class StepBatch:
-    token_ids: jax.Array  # [T]
-    positions: jax.Array  # [T]
-    logits_indices: jax.Array  # [S] last new token of each sequence
-    attention: AttentionMetadata
-
-
-jax.tree_util.register_dataclass(
-    StepBatch, data_fields=["token_ids", "positions", "logits_indices", "attention"], meta_fields=[]
-)
 
 
 def resolve_dtype(dtype: str):
@@ -229,115 +202,5 @@ class ModelRunner:
 
     def _build_batch(self, scheduled: list[ScheduledSequence], num_micro_batches: int = 1
                      ) -> tuple[StepBatch, np.ndarray]:
-        """Padded arrays for `scheduled` (decodes first); also each sequence's row.
-
-        Without a pipeline the arrays are flat; with one they gain a leading `[M]` axis, each
-        micro-batch holding a contiguous share of the step's tokens, all padded to one shape.
-        A sequence's row (for its sampling parameters and logits) is `m * rows_per_batch + r`
-        of its last piece.
-        """
-        groups = _split(scheduled, num_micro_batches)
-        shape = _BatchShape.of(groups)
-        filled = [_fill(group, shape, self.block_size) for group in groups]
-        rows = np.empty(len(scheduled), np.int64)
-        for m, (group, (_, piece_rows)) in enumerate(zip(groups, filled)):
-            for piece, row in zip(group, piece_rows):
-                rows[piece.index] = m * shape.num_rows + row  # a later piece's row wins
-        arrays = {name: np.stack([f[name] for f, _ in filled]) for name in filled[0][0]}
-        logits_indices = (np.arange(len(groups))[:, None] * shape.num_tokens + np.maximum(
-            arrays["query_start"] + arrays["query_lens"] - 1, 0)).reshape(-1)
-        if self.parallel.pipeline_parallel_size == 1:
-            arrays = {name: array[0] for name, array in arrays.items()}
-        token_ids, positions = arrays.pop("token_ids"), arrays.pop("positions")
-        attention = AttentionMetadata(**arrays, num_decode_seqs=shape.decode_rows, max_query_len=shape.max_query_len)
-        return StepBatch(token_ids, positions, logits_indices, attention), rows
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """New tokens `[first, first + count)` of the step's `index`-th scheduled sequence."""
-
-    index: int
-    seq: Sequence
-    first: int
-    count: int
-
-
-def _split(scheduled: list[ScheduledSequence], num_groups: int) -> list[list[_Piece]]:
-    """The step's new tokens, in order, cut into `num_groups` runs of about equal length (never
-    more runs than tokens). A prefill chunk may be cut between micro-batches: at every stage its
-    later piece finds the earlier piece's KV already written."""
-    total = sum(item.num_new_tokens for item in scheduled)
-    num_groups = min(num_groups, total)
-    bounds = [round(g * total / num_groups) for g in range(1, num_groups + 1)]
-    groups: list[list[_Piece]] = [[] for _ in range(num_groups)]
-    group, position = 0, 0
-    for index, item in enumerate(scheduled):
-        first, remaining = item.seq.num_computed_tokens, item.num_new_tokens
-        while remaining:
-            group += position == bounds[group]
-            take = min(remaining, bounds[group] - position)
-            groups[group].append(_Piece(index, item.seq, first, take))
-            first, remaining, position = first + take, remaining - take, position + take
-    return groups
-
-
-@dataclass(frozen=True)
-class _BatchShape:
-    """The padded sizes every micro-batch of a step shares."""
-
-    decode_rows: int
-    num_rows: int
-    num_tokens: int
-    max_blocks: int
-    max_query_len: int
-
-    @classmethod
-    def of(cls, groups: list[list[_Piece]]) -> _BatchShape:
-        decodes = [sum(1 for p in group if p.count == 1) for group in groups]
-        prefill_tokens = [[p.count for p in group if p.count > 1] for group in groups]
-        decode_rows = bucket(max(decodes))
-        return cls(
-            decode_rows=decode_rows,
-            num_rows=decode_rows + bucket(max(len(p) for p in prefill_tokens)),
-            num_tokens=bucket(decode_rows + max(sum(p) for p in prefill_tokens)),
-            max_blocks=bucket(max(len(p.seq.block_table) for group in groups for p in group)),
-            max_query_len=bucket(max((n for p in prefill_tokens for n in p), default=0)),
-        )
-
-
-def _fill(pieces: list[_Piece], shape: _BatchShape, block_size: int) -> tuple[dict, np.ndarray]:
-    """One micro-batch's arrays at `shape`, and each piece's row in them.
-
-    Single-token pieces (decodes) take the first rows, row `i` with its token at flat index `i`;
-    the other pieces' tokens start after the padded decode rows.
-    """
-    ordered = sorted(range(len(pieces)), key=lambda i: pieces[i].count > 1)
-    num_decode = sum(1 for p in pieces if p.count == 1)
-    prefill_counts = [pieces[i].count for i in ordered[num_decode:]]
-    ordered_rows = np.concatenate([np.arange(num_decode), shape.decode_rows + np.arange(len(prefill_counts))])
-    first_tokens = np.concatenate([np.arange(num_decode), shape.decode_rows + np.cumsum([0] + prefill_counts)[:-1]])
-    arrays = dict(
-        token_ids=np.zeros(shape.num_tokens, np.int32),
-        positions=np.zeros(shape.num_tokens, np.int32),
-        slot_mapping=np.full(shape.num_tokens, -1, np.int32),
-        block_tables=np.zeros((shape.num_rows, shape.max_blocks), np.int32),
-        context_lens=np.zeros(shape.num_rows, np.int32),
-        query_start=np.zeros(shape.num_rows, np.int32),
-        query_lens=np.zeros(shape.num_rows, np.int32),
-    )
-    arrays["query_start"][: shape.decode_rows] = np.arange(shape.decode_rows)
-    rows = np.empty(len(pieces), np.int64)
-    for i, row, start in zip(ordered, ordered_rows, first_tokens):
-        piece = pieces[i]
-        rows[i] = row
-        span = slice(start, start + piece.count)
-        positions = np.arange(piece.first, piece.first + piece.count)
-        arrays["token_ids"][span] = piece.seq.token_ids(piece.first, piece.first + piece.count)
-        arrays["positions"][span] = positions
-        table = np.asarray(piece.seq.block_table, np.int64)
-        arrays["slot_mapping"][span] = table[positions // block_size] * block_size + positions % block_size
-        arrays["block_tables"][row, : len(table)] = table
-        arrays["context_lens"][row] = piece.first + piece.count
-        arrays["query_start"][row], arrays["query_lens"][row] = start, piece.count
-    return arrays, rows
+        return build_step_batch(scheduled, self.block_size, num_micro_batches,
+                                stacked=self.parallel.pipeline_parallel_size > 1)

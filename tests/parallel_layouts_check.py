@@ -76,9 +76,9 @@ def generate(folder_root: str) -> dict:
 
 
 def preempted_run(folder: str, prompts, params) -> dict:
-    """A pipeline short of KV blocks: sequences are preempted and recomputed."""
-    llm = LLM(folder, pipeline_parallel_size=2, tensor_parallel_size=2, dtype="float32", num_blocks=6, block_size=8,
-              max_num_batched_tokens=24)
+    """A pipeline short of KV blocks (decodes cut in two): sequences are preempted and recomputed."""
+    llm = LLM(folder, pipeline_parallel_size=2, tensor_parallel_size=2, decode_micro_batches=2, dtype="float32",
+              num_blocks=6, block_size=8, max_num_batched_tokens=24)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     manager = llm.engine.block_manager
     return {"tokens": [o.outputs[0].token_ids for o in outputs], "num_preemptions": llm.engine.scheduler.num_preemptions,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jpaged import LLM
-from jpaged.model_runner import _split
+from jpaged.step_batch import split_micro_batches
 
 pytest.importorskip("transformers")
 CHECK = Path(__file__).with_name("parallel_layouts_check.py")
@@ -66,7 +66,7 @@ def test_one_prompt_cut_into_micro_batches_gives_the_same_tokens(report):
 def test_micro_batches_cover_every_new_token_once_in_order(new_tokens, num_groups):
     scheduled = [SimpleNamespace(num_new_tokens=n, seq=SimpleNamespace(num_computed_tokens=3 * i))
                  for i, n in enumerate(new_tokens)]
-    groups = _split(scheduled, num_groups)
+    groups = split_micro_batches(scheduled, num_groups)
     assert len(groups) == min(num_groups, sum(new_tokens)) and all(groups)
     sizes = [sum(p.count for p in group) for group in groups]
     assert max(sizes) - min(sizes) <= 1
