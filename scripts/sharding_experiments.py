@@ -181,7 +181,7 @@ def parse_layout(text: str) -> dict:
     return dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep, data_parallel_size=dp)
 
 
-def measure(folder: str, layout: str, args, decode_micro_batches: int | None = None) -> dict:
+def measure(folder: str, layout: str, args, decode_micro_batches: int = 1) -> dict:
     llm = LLM(folder, dtype="float32", num_blocks=args.num_blocks, max_num_batched_tokens=args.batch * args.prompt_len,
               decode_micro_batches=decode_micro_batches, **parse_layout(layout))
     engine = llm.engine
