@@ -72,6 +72,7 @@ def generate(folder_root: str) -> dict:
         if name == "llama":
             report["llama/preempted"] = preempted_run(folder, prompts, params)
             report["llama/one-prompt-split"] = one_prompt_split(folder, rng, params)
+            report["llama/replica-abort"] = replica_abort(folder, prompts, params)
     return report
 
 
@@ -93,6 +94,29 @@ def one_prompt_split(folder: str, rng, params) -> dict:
         llm = LLM(folder, dtype="float32", num_blocks=32, **kwargs)
         tokens[layout] = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
     return tokens
+
+
+def replica_abort(folder: str, prompts, params) -> dict:
+    """Two data-parallel replicas: abort one request mid-way, reuse its id, run the rest out."""
+    engine = LLM(folder, data_parallel_size=2, dtype="float32", num_blocks=32).engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    try:
+        engine.add_request("r0", prompts[0], params)
+        duplicate_error = None
+    except ValueError as error:
+        duplicate_error = str(error)
+    engine.step()
+    engine.abort_request("r1")
+    seen_after_abort, finished = set(), {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen_after_abort.add(out.request_id)
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+    return {"finished": finished, "seen_after_abort": sorted(seen_after_abort), "duplicate_error": duplicate_error,
+            "blocks_leaked": [e.block_manager.num_blocks - e.block_manager.num_free_blocks for e in engine.replicas],
+            "requests_per_replica": [e.num_generated_tokens > 0 for e in engine.replicas]}
 
 
 def schedule(num_stages: int = 4) -> dict:

@@ -61,6 +61,15 @@ def test_one_prompt_cut_into_micro_batches_gives_the_same_tokens(report):
     assert split["pp4"] == split["single"]
 
 
+def test_data_parallel_replicas_abort_and_free_their_blocks(report):
+    runs = report["generate"]
+    run, single = runs["llama/replica-abort"], runs["llama/1x1x1x1"]["tokens"]
+    assert "r1" not in run["seen_after_abort"] and sorted(run["finished"]) == ["r0", "r2", "r3", "r4"]
+    assert [run["finished"][f"r{i}"] for i in (0, 2, 3, 4)] == [single[i] for i in (0, 2, 3, 4)]
+    assert "request id 'r0' is already in use" in run["duplicate_error"]
+    assert run["blocks_leaked"] == [0, 0] and all(run["requests_per_replica"])
+
+
 @pytest.mark.parametrize(("new_tokens", "num_groups"), [([1, 1, 1, 40], 4), ([40], 3), ([1], 4), ([5] * 6, 4),
                                                          ([1, 1, 100], 3), ([7, 1], 2)])
 def test_micro_batches_cover_every_new_token_once_in_order(new_tokens, num_groups):
