@@ -4,12 +4,14 @@ Inside a `shard_map` that makes "ep" and "tp" manual, each of the `N` expert sha
 `E / N` experts (each split by columns over "tp") and takes `1 / N` of the step's tokens:
 
     tokens [T, H] ─► my share [T/N, H] ─► route (top-k) ─► pack rows by destination shard
-      ─► all_to_all ─► rows for my experts ─► grouped FFN (ragged_dot; psum over "tp")
-      ─► all_to_all back ─► weight and sum each token's k rows ─► all_gather ─► [T, H]
+      ─► all_to_all ─► rows for my experts ─► grouped FFN (ragged_dot, my columns)
+      ─► all_to_all back ─► weight and sum each token's k rows ─► psum over "tp"
+      ─► all_gather over "ep" ─► [T, H]
 
 Each destination gets a buffer of `T/N * k` rows, the most one shard can ever send it, so no
 token is dropped and results equal the single-device layer's. (`ragged_all_to_all` would send
-only the rows in use, but it does not run on CPU.)
+only the rows in use, but it does not run on CPU.) With one expert shard (tensor parallelism
+alone) the tokens stay where they are and only the psum remains.
 """
 
 from __future__ import annotations
