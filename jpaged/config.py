@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -248,12 +248,9 @@ class ParallelConfig:
     decode_micro_batches: int = 1
 
     def __post_init__(self):
-        for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size", "data_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prefill_micro_batches is None:
             self.prefill_micro_batches = 2 * self.pipeline_parallel_size
-        for name in ("prefill_micro_batches", "decode_micro_batches"):
+        for name in (f.name for f in fields(self)):  # in field order: a bad stage count before its default
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 

@@ -161,11 +161,10 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledSequence]) -> SamplerOutput:
         """Run one step; per scheduled sequence (in the given order) its sampled token and, where
         a request wants them, logprobs. Rows that do not sample carry meaningless values."""
-        ordered = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens > 1)
-        batch, rows = self._build_batch([scheduled[i] for i in ordered], self._num_micro_batches(scheduled))
+        batch, rows = self._build_batch(scheduled, self._num_micro_batches(scheduled))
         seqs: list = [None] * len(batch.logits_indices)
-        for i, row in zip(ordered, rows):
-            seqs[row] = scheduled[i].seq
+        for item, row in zip(scheduled, rows):
+            seqs[row] = item.seq
         params = [s.sampling_params if s else _PADDING_PARAMS for s in seqs]
         sampling = SamplingArrays.build(
             params, [s.seed if s else 0 for s in seqs], [len(s.output_token_ids) if s else 0 for s in seqs],
@@ -180,9 +179,7 @@ class ModelRunner:
             num_logprobs = 0  # best_of ranks samples by their cumulative logprob
         out, self.kv_cache = self._step(self.state, self.kv_cache, batch, sampling,
                                         all_greedy=all_greedy, num_logprobs=num_logprobs)
-        position = np.empty(len(scheduled), np.int64)
-        position[ordered] = rows  # each scheduled sequence's row in the step's arrays
-        return SamplerOutput(*(None if field is None else np.asarray(field)[position] for field in out))
+        return SamplerOutput(*(None if field is None else np.asarray(field)[rows] for field in out))
 
     def _num_micro_batches(self, scheduled: list[ScheduledSequence]) -> int:
         if self.parallel.pipeline_parallel_size == 1:

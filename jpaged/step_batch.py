@@ -47,7 +47,7 @@ jax.tree_util.register_dataclass(
 
 def build_step_batch(scheduled: list[ScheduledSequence], block_size: int, num_micro_batches: int = 1,
                      stacked: bool = False) -> tuple[StepBatch, np.ndarray]:
-    """Padded arrays for `scheduled` (decodes first); also each sequence's row.
+    """Padded arrays for `scheduled` (decodes first); also each sequence's row, in the order given.
 
     Flat arrays by default; with `stacked` (a pipeline) they gain a leading `[M]` axis, each
     micro-batch holding a contiguous share of the step's tokens, all padded to one shape. A
@@ -82,15 +82,16 @@ class _Piece:
 
 
 def split_micro_batches(scheduled: list[ScheduledSequence], num_groups: int) -> list[list[_Piece]]:
-    """The step's new tokens, in order, cut into `num_groups` runs of about equal length (never
-    more runs than tokens). A prefill chunk may be cut between micro-batches: at every stage its
-    later piece finds the earlier piece's KV already written."""
+    """The step's new tokens, decodes first, cut into `num_groups` runs of about equal length
+    (never more runs than tokens). A prefill chunk may be cut between micro-batches: at every
+    stage its later piece finds the earlier piece's KV already written."""
     total = sum(item.num_new_tokens for item in scheduled)
     num_groups = min(num_groups, total)
     bounds = [round(g * total / num_groups) for g in range(1, num_groups + 1)]
     groups: list[list[_Piece]] = [[] for _ in range(num_groups)]
     group, position = 0, 0
-    for index, item in enumerate(scheduled):
+    for index in sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens > 1):
+        item = scheduled[index]
         first, remaining = item.seq.num_computed_tokens, item.num_new_tokens
         while remaining:
             group += position == bounds[group]

@@ -1,4 +1,7 @@
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,18 @@ def hf_gguf_model(model_path):
 
     return AutoModelForCausalLM.from_pretrained(
         str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def run_device_check(tmp_path_factory):
+    """Run a `tests/*_check.py` script in its own process (it sets up emulated devices before jax
+    starts) with a fresh folder, and return the JSON report it prints last."""
+
+    def run(script: str) -> dict:
+        folder = tmp_path_factory.mktemp(Path(script).stem)
+        result = subprocess.run([sys.executable, str(Path(__file__).with_name(script)), str(folder)],
+                                capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    return run

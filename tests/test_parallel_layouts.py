@@ -2,10 +2,6 @@
 jax setup): every layout gives the single-device tokens, each device holds its share, and the
 pipeline's stages overlap as the micro-batch count grows."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -16,7 +12,6 @@ from jpaged import LLM
 from jpaged.step_batch import split_micro_batches
 
 pytest.importorskip("transformers")
-CHECK = Path(__file__).with_name("parallel_layouts_check.py")
 MODELS = ("llama", "mixtral", "qwen3_moe")  # the check's models; it owns their layouts
 
 
@@ -29,11 +24,8 @@ def layouts(report, model) -> list[tuple[int, ...]]:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    result = subprocess.run([sys.executable, str(CHECK), str(tmp_path_factory.mktemp("layouts"))],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def report(run_device_check):
+    return run_device_check("parallel_layouts_check.py")
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -1,25 +1,16 @@
 """Tensor parallelism on 8 emulated CPU devices (a subprocess owns that jax setup)."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import pytest
 
 from jpaged import LLM
 
 pytest.importorskip("transformers")
-CHECK = Path(__file__).with_name("tensor_parallel_check.py")
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    result = subprocess.run([sys.executable, str(CHECK), str(tmp_path_factory.mktemp("tp"))],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def report(run_device_check):
+    return run_device_check("tensor_parallel_check.py")
 
 
 @pytest.mark.parametrize("model", ["llama", "qwen2"])

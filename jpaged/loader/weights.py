@@ -126,7 +126,7 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
             params[path] = zeros(path, spec.shape, spec.dtype)
             filled[path] = set()
         value = np.ascontiguousarray(value, dtype=spec.dtype)
-        params[path] = _write_whole(params[path], value) if not index else _write_at(params[path], index, value)
+        params[path] = _write_at(params[path], index, value)
         filled[path].add(index)
     _check_complete(state, filled, cfg)
     for path, param in params.items():
@@ -136,13 +136,9 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
 
 @partial(jax.jit, donate_argnums=0)
 def _write_at(stacked: jax.Array, index: tuple, value) -> jax.Array:
-    """`stacked` with `value` at `index` (a layer, or a layer and expert): traced, so one compile."""
+    """`stacked` with `value` at `index` (`()` for the whole parameter, a layer, or a layer and
+    expert): traced, so one compile per parameter shape."""
     return stacked.at[index].set(value)
-
-
-@partial(jax.jit, donate_argnums=0)
-def _write_whole(param: jax.Array, value) -> jax.Array:
-    return param.at[...].set(value)
 
 
 def _lookup(state: dict, path: tuple[str, ...], name: str):
