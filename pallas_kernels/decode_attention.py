@@ -25,6 +25,8 @@ from pallas_kernels.ragged_paged_attention import (
     KVChunking,
     QueryTile,
     check_supported,
+    default_num_warps,
+    default_tile_sizes,
     initial_softmax_state,
     load_kv_chunk,
     online_softmax_step,
@@ -79,21 +81,23 @@ def merge_splits(acc, running_max, running_sum):
 
 
 def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, context_lens, scale: float, *,
-                                  num_splits: int | None = None, chunk_tokens: int = 64,
-                                  num_warps: int = 4, num_stages: int = 2,
+                                  num_splits: int | None = None, chunk_tokens: int | None = None,
+                                  num_warps: int | None = None, num_stages: int = 2,
                                   interpret: bool = False) -> jax.Array:
     """Attention of one query token per sequence, `q [B, heads, head_dim]`, over its paged context.
 
     `block_tables [B, max_blocks]` and `context_lens [B]` (tokens to attend to, the new one
     included; 0 for padding rows, whose output is zeros) describe each sequence's context in
     layer `layer` of the stacked cache `[num_layers, num_blocks, block_size, kv_heads, head_dim]`.
-    `num_splits` defaults to enough context splits to fill a GPU.
+    `num_splits` defaults to enough context splits to fill a GPU; the tiling defaults as the
+    ragged kernel's does.
     """
     check_supported(q, k_cache)
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[3]
     tile = QueryTile.choose(num_heads // num_kv_heads, head_dim, max_query_len=1, target_rows=1)
-    chunking = KVChunking.for_cache(k_cache.shape[2], chunk_tokens)
+    chunking = KVChunking.for_cache(k_cache.shape[2], chunk_tokens or default_tile_sizes(q.dtype)[1])
+    num_warps = num_warps or default_num_warps(tile.rows, tile.padded_dim, q.dtype)
     max_chunks = chunking.chunks_for(block_tables.shape[1])
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, max_chunks)

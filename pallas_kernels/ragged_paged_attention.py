@@ -53,6 +53,22 @@ def triton_compiler_params(num_warps: int, num_stages: int):
     return params_class(num_warps=num_warps, num_stages=num_stages)
 
 
+def default_tile_sizes(dtype) -> tuple[int, int]:
+    """`(target_rows, chunk_tokens)`: a program's query rows and the context tokens per step.
+
+    Float32 matmuls at full precision run on FMA units rather than tensor cores, and hold far
+    more in registers: bigger tiles spill (`scripts/kernel_resources.py` reads the numbers off
+    ptxas for sm_80 and sm_90).
+    """
+    return (16, 16) if jnp.dtype(dtype) == jnp.float32 else (64, 64)
+
+
+def default_num_warps(rows: int, padded_dim: int, dtype) -> int:
+    """Eight warps where four would run out of registers on the tile's accumulators."""
+    elements_per_four_warps = 2048 if jnp.dtype(dtype) == jnp.float32 else 8192
+    return 8 if rows * padded_dim >= elements_per_four_warps else 4
+
+
 def unsupported_reason(head_dim: int) -> str | None:
     """Why the Pallas kernels cannot run this head_dim, or None when they can."""
     if head_dim % MIN_DOT_SIDE:
@@ -229,19 +245,22 @@ def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_re
 
 def ragged_attention_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float,
                           rows: tuple[int, int], max_query_len: int, *, interpret: bool = False,
-                          target_rows: int = 64, chunk_tokens: int = 64,
-                          num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+                          target_rows: int | None = None, chunk_tokens: int | None = None,
+                          num_warps: int | None = None, num_stages: int = 2) -> jax.Array:
     """Write into `out [T, heads, head_dim]` the attention of sequences `rows = (first, stop)`.
 
     Their query lengths must be at most `max_query_len`; the other tokens of `out` keep their
     values (`out` is aliased to the kernel's output, so it is updated in place when donated).
+    Tiling left as None takes `default_tile_sizes` and `default_num_warps`.
     """
     check_supported(q, k_cache)
     first_row, stop_row = rows
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[3]
-    tile = QueryTile.choose(num_heads // num_kv_heads, head_dim, max_query_len, target_rows)
-    chunking = KVChunking.for_cache(k_cache.shape[2], chunk_tokens)
+    default_rows, default_chunk = default_tile_sizes(q.dtype)
+    tile = QueryTile.choose(num_heads // num_kv_heads, head_dim, max_query_len, target_rows or default_rows)
+    chunking = KVChunking.for_cache(k_cache.shape[2], chunk_tokens or default_chunk)
+    num_warps = num_warps or default_num_warps(tile.rows, tile.padded_dim, q.dtype)
     block_tables = chunking.pad_block_tables(md.block_tables, chunking.chunks_for(md.block_tables.shape[1]))
     kernel = functools.partial(_ragged_kernel, first_row=first_row, tile=tile, chunking=chunking, scale=scale)
     whole = pl.BlockSpec(memory_space=pl.ANY)

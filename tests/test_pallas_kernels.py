@@ -1,5 +1,6 @@
 """The Pallas attention kernels, in interpret mode on CPU, against the jnp reference and jax's own
-paged-attention reference; and every kernel configuration the engine uses cross-lowered for CUDA.
+paged-attention reference; and every kernel configuration the engine uses cross-lowered for CUDA,
+then compiled by Triton for sm_80, sm_89 and sm_90 where the `triton` package is installed.
 
 Batches are built the way the model runner builds them: decode rows first, every dimension
 padded to the engine's shape buckets (not powers of two), padding rows with no tokens, shuffled
@@ -20,6 +21,7 @@ from pallas_kernels.backend import pallas_paged_attention, select_attention
 from pallas_kernels.decode_attention import choose_num_splits, paged_decode_attention_kernel
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention, write_kv
 from pallas_kernels.ragged_paged_attention import QueryTile, ragged_paged_attention_kernel
+from pallas_kernels.triton_compile import MAX_SHARED_BYTES, capture_triton_kernels, compile_kernel
 
 NUM_LAYERS = 2
 LAYER = 1
@@ -301,16 +303,20 @@ def config_id(config) -> str:
     return f"{jnp.dtype(dtype).name}-d{head_dim}-b{block_size}-{num_heads}:{num_kv_heads}"
 
 
-def lower_for_cuda(batch: Batch, k_cache, v_cache, dtype) -> str:
-    """StableHLO text of the model's layer scan with the Pallas backend, lowered for CUDA."""
+def trace_for_cuda(batch: Batch, k_cache, v_cache, dtype) -> jax.stages.Traced:
+    """The model's layer scan with the Pallas backend, traced for a CUDA device."""
     head_dim, num_kv_heads = batch.q.shape[2], k_cache.shape[3]
     new_kv = jnp.zeros((batch.q.shape[0], num_kv_heads, head_dim), dtype)
     attention = select_attention("pallas", head_dim, platform="cuda")
     step = jax.jit(layer_scan(attention), static_argnums=6, donate_argnums=(3, 4))
     precision = "highest" if dtype == jnp.float32 else "default"  # what the model runner sets
     with jax.default_matmul_precision(precision):
-        traced = step.trace(batch.q, new_kv, new_kv, k_cache, v_cache, batch.md, batch.scale)
-        return traced.lower(lowering_platforms=("cuda",)).as_text()
+        return step.trace(batch.q, new_kv, new_kv, k_cache, v_cache, batch.md, batch.scale)
+
+
+def lower_for_cuda(batch: Batch, k_cache, v_cache, dtype) -> str:
+    """StableHLO text of the model's layer scan with the Pallas backend, lowered for CUDA."""
+    return trace_for_cuda(batch, k_cache, v_cache, dtype).lower(lowering_platforms=("cuda",)).as_text()
 
 
 TRITON_CALL = "custom_call @__gpu$xla.gpu.triton"
@@ -332,3 +338,39 @@ def test_cache_past_4_gib_cross_lowers_for_cuda():
                        num_blocks=40, dtype=jnp.bfloat16)
     big_cache = jax.ShapeDtypeStruct((32, 40_000, 16, 8, 128), jnp.bfloat16)
     assert lower_for_cuda(batch, big_cache, big_cache, jnp.bfloat16).count(TRITON_CALL) == 2
+
+
+# --- compiled by Triton --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("capability", [80, 89, 90])
+@pytest.mark.parametrize("config", ENGINE_CONFIGS, ids=config_id)
+def test_engine_kernels_compile_with_triton(config, capability):
+    """What XLA does with each kernel on a GPU: Triton compiles it to a cubin that can launch."""
+    pytest.importorskip("triton")
+    dtype, head_dim, block_size, num_heads, num_kv_heads = config
+    kernels = {}
+    for seqs in BATCH_SHAPES.values():
+        batch = make_batch(0, seqs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                           block_size=block_size, num_blocks=40, dtype=dtype)
+        kernels.update((k.name, k) for k in capture_triton_kernels(trace_for_cuda(batch, batch.k_cache, batch.v_cache,
+                                                                                  dtype)))
+    assert {name.split("_attention")[0] for name in kernels} == {"paged_decode", "ragged_paged"}
+    for kernel in kernels.values():
+        resources = compile_kernel(kernel, capability)
+        assert resources.fits, (f"{kernel.name} needs {resources.shared_bytes} bytes of shared memory; "
+                                f"sm_{capability} allows {MAX_SHARED_BYTES[capability]}")
+
+
+def test_triton_check_flags_a_tile_too_big_for_the_gpu():
+    """The shared-memory check can fail: a 128-row tile over 256-token chunks, three stages deep."""
+    pytest.importorskip("triton")
+    batch = make_batch(0, BATCH_SHAPES["prefill"], num_heads=8, num_kv_heads=8, head_dim=128, block_size=16,
+                       num_blocks=40, dtype=jnp.bfloat16)
+
+    def attention(q, k_cache, v_cache, md):
+        return ragged_paged_attention_kernel(q, k_cache, v_cache, LAYER, md, batch.scale, target_rows=128,
+                                             chunk_tokens=256, num_stages=3)
+
+    [kernel] = capture_triton_kernels(jax.jit(attention).trace(batch.q, batch.k_cache, batch.v_cache, batch.md))
+    resources = compile_kernel(kernel, 89)
+    assert resources.shared_bytes > MAX_SHARED_BYTES[89] and not resources.fits

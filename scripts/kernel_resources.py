@@ -1,0 +1,129 @@
+"""What the Pallas kernels ask of a GPU, read off Triton's compiler without one.
+
+For common model shapes, the kernels the engine launches in a step with decodes and a prefill
+chunk (flash-decoding for the decodes, the ragged kernel for the chunk) are lowered for CUDA,
+compiled by Triton for sm_80 (A100), sm_89 (L4, RTX 4090) and sm_90 (H100), and ptxas reports
+each one's registers per thread and spilled bytes; Triton reports its shared memory. From those
+follow the resident blocks per SM and whether the kernel can launch at all. `--sweep` compiles
+alternative tilings of a few shapes too, the evidence behind the kernels' default tiling.
+
+    python scripts/kernel_resources.py [--out docs/results/kernel_resources.json] [--sweep]
+
+Needs the `triton` package (installed with the test extra). Speed is not measured here: that
+takes a GPU and `scripts/bench_kernels.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_common import save_json  # noqa: E402
+
+from pallas_kernels.backend import pallas_paged_attention  # noqa: E402
+from pallas_kernels.decode_attention import paged_decode_attention_kernel  # noqa: E402
+from pallas_kernels.paged_attention import AttentionMetadata  # noqa: E402
+from pallas_kernels.ragged_paged_attention import ragged_attention_rows  # noqa: E402
+from pallas_kernels.triton_compile import capture_triton_kernels, compile_kernel  # noqa: E402
+
+CAPABILITIES = (80, 89, 90)
+# name -> (dtype, head_dim, num_heads, num_kv_heads, block_size)
+SHAPES = {
+    "SmolLM2-135M f32": (jnp.float32, 64, 9, 3, 16),
+    "SmolLM2-135M bf16": (jnp.bfloat16, 64, 9, 3, 16),
+    "Llama-3-8B bf16": (jnp.bfloat16, 128, 32, 8, 16),
+    "Llama-3-8B bf16 b32": (jnp.bfloat16, 128, 32, 8, 32),
+    "Llama-3-8B f32": (jnp.float32, 128, 32, 8, 16),
+    "Qwen2.5-7B bf16": (jnp.bfloat16, 128, 28, 4, 16),
+    "Phi-2 f32": (jnp.float32, 80, 32, 32, 16),
+}
+SWEEP_SHAPES = ("SmolLM2-135M f32", "Llama-3-8B bf16", "Llama-3-8B f32")
+NUM_DECODES, CONTEXT, PREFILL_CHUNK = 8, 8192, 256
+
+
+def step_inputs(shape):
+    """Abstract q, caches and metadata of a step: NUM_DECODES decodes and one prefill chunk."""
+    dtype, head_dim, num_heads, num_kv_heads, block_size = shape
+    pages = CONTEXT // block_size
+    seqs, tokens = NUM_DECODES + 1, NUM_DECODES + PREFILL_CHUNK
+    ints = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32)  # noqa: E731
+    cache = jax.ShapeDtypeStruct((1, seqs * pages, block_size, num_kv_heads, head_dim), dtype)
+    md = AttentionMetadata(slot_mapping=ints(tokens), block_tables=ints(seqs, pages), context_lens=ints(seqs),
+                           query_start=ints(seqs), query_lens=ints(seqs), num_decode_seqs=NUM_DECODES,
+                           max_query_len=PREFILL_CHUNK)
+    return jax.ShapeDtypeStruct((tokens, num_heads, head_dim), dtype), cache, md
+
+
+def engine_kernels(shape):
+    q, cache, md = step_inputs(shape)
+    step = lambda q, k, v, md: pallas_paged_attention(q, k, v, 0, md, shape[1] ** -0.5)  # noqa: E731
+    return capture_triton_kernels(trace(step, shape[0], q, cache, cache, md))
+
+
+def tiled_kernels(shape, tiling: dict):
+    """The ragged kernel on the prefill chunk, or (without target_rows) flash-decoding, with `tiling`."""
+    q, cache, md = step_inputs(shape)
+    scale = shape[1] ** -0.5
+    if "target_rows" in tiling:
+        def step(q, k, v, md):
+            return ragged_attention_rows(jnp.zeros(q.shape, q.dtype), q, k, v, 0, md, scale,
+                                         (NUM_DECODES, NUM_DECODES + 1), PREFILL_CHUNK, **tiling)
+    else:
+        def step(q, k, v, md):
+            return paged_decode_attention_kernel(q[:NUM_DECODES], k, v, 0, md.block_tables[:NUM_DECODES],
+                                                 md.context_lens[:NUM_DECODES], scale, **tiling)
+    return capture_triton_kernels(trace(step, shape[0], q, cache, cache, md))
+
+
+def trace(step, dtype, *args):
+    precision = "highest" if dtype == jnp.float32 else "default"  # what the model runner sets
+    with jax.default_matmul_precision(precision):
+        return jax.jit(step).trace(*args)
+
+
+def sweep_tilings() -> list[dict]:
+    decode = [dict(chunk_tokens=c, num_warps=w) for c in (16, 64) for w in (4, 8)]
+    ragged = [dict(target_rows=r, chunk_tokens=c, num_warps=w) for r in (16, 64) for c in (16, 64) for w in (4, 8)]
+    return decode + ragged
+
+
+def report(label: str, tiling: dict | None, kernels) -> list[dict]:
+    rows = []
+    for kernel in kernels:
+        for capability in CAPABILITIES:
+            resources = compile_kernel(kernel, capability)
+            row = {"shape": label, "tiling": tiling, **asdict(resources), "blocks_per_sm": resources.blocks_per_sm,
+                   "fits": resources.fits}
+            rows.append(row)
+            print(f"{label:<20} {kernel.name:<38} sm_{capability} {resources.num_warps:>5} {resources.num_stages:>6} "
+                  f"{resources.shared_bytes / 1024:>8.1f} {resources.registers:>5} {resources.spill_bytes:>6} "
+                  f"{resources.blocks_per_sm:>7} {'yes' if resources.fits else 'NO':>5}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/results/kernel_resources.json")
+    parser.add_argument("--sweep", action="store_true", help="also compile alternative tilings of SWEEP_SHAPES")
+    args = parser.parse_args()
+    print(f"{'shape':<20} {'kernel':<38} {'arch':<5} {'warps':>5} {'stages':>6} {'smem KiB':>8} {'regs':>5} "
+          f"{'spill':>6} {'blk/SM':>7} {'fits':>5}")
+    rows = [row for label, shape in SHAPES.items() for row in report(label, None, engine_kernels(shape))]
+    if args.sweep:
+        print("\nalternative tilings")
+        for label in SWEEP_SHAPES:
+            for tiling in sweep_tilings():
+                rows += report(f"{label} {tiling}", tiling, tiled_kernels(SHAPES[label], tiling))
+    save_json({"jax": jax.__version__, "capabilities": CAPABILITIES, "decodes": NUM_DECODES, "context": CONTEXT,
+               "prefill_chunk": PREFILL_CHUNK, "kernels": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
