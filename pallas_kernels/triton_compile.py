@@ -35,6 +35,10 @@ SHARED_BYTES_PER_SM = {80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024, 90: 228 *
 
 _TRITON_CALL = re.compile(r'name = "([^"]+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32')
 _MODULE_NAME = re.compile(r"module @([\w$.]+)")
+_TENSOR_CORE_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:mma\.sync|wgmma\.mma_async)\b", re.M)
+_WIDE_LOAD = re.compile(
+    r"^\s*(?:@!?%p\d+\s+)?(?:ld\.global(?:\.[\w:]+)*?\.v4\.b32|cp\.async\.c[ag]\.shared\.global[^;]*, 0x10\b)", re.M)
+
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,8 @@ class KernelResources:
     shared_bytes: int
     registers: int  # per thread
     spill_bytes: int  # spill stores per thread
+    tensor_core_ops: int  # mma / wgmma instructions in the PTX (0: matmuls on FMA units)
+    wide_loads: int  # 16-byte global loads in the PTX (`ld.global.v4`, 16-byte `cp.async`)
 
     @property
     def fits(self) -> bool:
@@ -122,9 +128,10 @@ def compile_kernel(kernel: TritonKernel, capability: int) -> KernelResources:
         path = Path(tmp) / f"{kernel.name}.ttir"
         path.write_text(_after_ttir_passes(kernel.ttir, target, options))
         compiled = triton.compile(str(path), target=target, options=options)
-        registers, spill_bytes = _ptxas_usage(compiled.asm["ptx"], capability, Path(tmp))
-    return KernelResources(kernel.name, capability, kernel.num_warps, kernel.num_stages,
-                           compiled.metadata.shared, registers, spill_bytes)
+        ptx = compiled.asm["ptx"]
+        registers, spill_bytes = _ptxas_usage(ptx, capability, Path(tmp))
+    return KernelResources(kernel.name, capability, kernel.num_warps, kernel.num_stages, compiled.metadata.shared,
+                           registers, spill_bytes, len(_TENSOR_CORE_OP.findall(ptx)), len(_WIDE_LOAD.findall(ptx)))
 
 
 def _after_ttir_passes(ttir: str, target, options: dict) -> str:

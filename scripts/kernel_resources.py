@@ -4,8 +4,10 @@ For common model shapes, the kernels the engine launches in a step with decodes 
 chunk (flash-decoding for the decodes, the ragged kernel for the chunk) are lowered for CUDA,
 compiled by Triton for sm_80 (A100), sm_89 (L4, RTX 4090) and sm_90 (H100), and ptxas reports
 each one's registers per thread and spilled bytes; Triton reports its shared memory. From those
-follow the resident blocks per SM and whether the kernel can launch at all. `--sweep` compiles
-alternative tilings of a few shapes too, the evidence behind the kernels' default tiling.
+follow the resident blocks per SM and whether the kernel can launch at all; the PTX tells whether
+matmuls run on tensor cores (mma / wgmma instructions) and whether K/V arrive in 16-byte loads.
+`--sweep` compiles alternative tilings of a few shapes too, the evidence behind the kernels'
+default tiling.
 
     python scripts/kernel_resources.py [--out docs/results/kernel_resources.json] [--sweep]
 
@@ -104,7 +106,8 @@ def report(label: str, tiling: dict | None, kernels) -> list[dict]:
             rows.append(row)
             print(f"{label:<20} {kernel.name:<38} sm_{capability} {resources.num_warps:>5} {resources.num_stages:>6} "
                   f"{resources.shared_bytes / 1024:>8.1f} {resources.registers:>5} {resources.spill_bytes:>6} "
-                  f"{resources.blocks_per_sm:>7} {'yes' if resources.fits else 'NO':>5}", flush=True)
+                  f"{resources.blocks_per_sm:>7} {'yes' if resources.fits else 'NO':>5} {resources.tensor_core_ops:>4} "
+                  f"{resources.wide_loads:>5}", flush=True)
     return rows
 
 
@@ -114,7 +117,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also compile alternative tilings of SWEEP_SHAPES")
     args = parser.parse_args()
     print(f"{'shape':<20} {'kernel':<38} {'arch':<5} {'warps':>5} {'stages':>6} {'smem KiB':>8} {'regs':>5} "
-          f"{'spill':>6} {'blk/SM':>7} {'fits':>5}")
+          f"{'spill':>6} {'blk/SM':>7} {'fits':>5} {'mma':>4} {'ld16B':>5}")
     rows = [row for label, shape in SHAPES.items() for row in report(label, None, engine_kernels(shape))]
     if args.sweep:
         print("\nalternative tilings")

@@ -345,7 +345,8 @@ def test_cache_past_4_gib_cross_lowers_for_cuda():
 @pytest.mark.parametrize("capability", [80, 89, 90])
 @pytest.mark.parametrize("config", ENGINE_CONFIGS, ids=config_id)
 def test_engine_kernels_compile_with_triton(config, capability):
-    """What XLA does with each kernel on a GPU: Triton compiles it to a cubin that can launch."""
+    """What XLA does with each kernel on a GPU: Triton compiles it to a cubin that can launch, reading
+    K/V in 16-byte loads and, for 16-bit inputs, multiplying on tensor cores."""
     pytest.importorskip("triton")
     dtype, head_dim, block_size, num_heads, num_kv_heads = config
     kernels = {}
@@ -359,6 +360,9 @@ def test_engine_kernels_compile_with_triton(config, capability):
         resources = compile_kernel(kernel, capability)
         assert resources.fits, (f"{kernel.name} needs {resources.shared_bytes} bytes of shared memory; "
                                 f"sm_{capability} allows {MAX_SHARED_BYTES[capability]}")
+        assert resources.wide_loads > 0, f"{kernel.name} reads K/V without 16-byte loads"
+        if dtype != jnp.float32:  # full-precision float32 matmuls run on FMA units by design
+            assert resources.tensor_core_ops > 0, f"{kernel.name} does its 16-bit matmuls without tensor cores"
 
 
 def test_triton_check_flags_a_tile_too_big_for_the_gpu():
