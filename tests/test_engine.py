@@ -1,5 +1,6 @@
 """End-to-end engine behaviour on the real stories260K model: golden tokens, batching, leaks, errors."""
 
+import re
 import shutil
 
 import jax
@@ -223,3 +224,27 @@ def test_bfloat16_weights_and_cache(stories_path):
     assert {leaf.dtype for leaf in jax.tree.leaves(llm.engine.runner.state)} == {jnp.dtype("bfloat16")}
     out = llm.generate({"prompt_token_ids": [1]}, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
     assert out.outputs[0].token_ids == GOLDEN_FROM_BOS[:16]
+
+
+HLO_TYPES = {"float32": "f32", "bfloat16": "bf16"}
+
+
+def test_step_updates_the_kv_cache_in_place(llm):
+    """XLA's compiled step (prefill and decode) aliases the donated KV cache to its output and
+    writes the new tokens' slots without ever copying the cache whole."""
+    runner = llm.engine.runner
+    step, calls = runner._step, []
+    runner._step = lambda *args, **kwargs: calls.append((args, kwargs)) or step(*args, **kwargs)
+    try:
+        llm.generate(STORY_STARTS[:3], SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
+    finally:
+        runner._step = step
+    cache = runner.kv_cache[0]
+    cache_type = re.escape(f"{HLO_TYPES[cache.dtype.name]}[{','.join(map(str, cache.shape))}]")
+    assert {args[2].attention.num_decode_seqs > 0 for args, _ in calls} == {False, True}
+    for args, kwargs in calls:
+        hlo = step.lower(*args, **kwargs).compile().as_text()
+        aliases = re.search(r"input_output_alias=\{(.*?)\}, entry_computation_layout", hlo)
+        assert aliases and len(re.findall(r"(may|must)-alias", aliases.group(1))) == 2  # K and V caches
+        assert re.search(cache_type + r"\{[\d,]*\} (scatter|dynamic-update-slice)\(", hlo)  # the slot writes
+        assert not re.search(cache_type + r"\{[\d,]*\} copy\(", hlo)
