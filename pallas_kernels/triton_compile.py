@@ -41,6 +41,10 @@ _WIDE_LOAD = re.compile(
 
 
 
+class TritonIRNotFound(RuntimeError):
+    """This jax compiles Pallas kernels itself while lowering, so no Triton IR is left for XLA (and here)."""
+
+
 @dataclass(frozen=True)
 class TritonKernel:
     """One `pallas_call` as XLA would compile it on a GPU: its Triton IR and launch settings."""
@@ -111,7 +115,7 @@ def capture_triton_kernels(traced: jax.stages.Traced) -> list[TritonKernel]:
     for name, num_stages, num_warps in _TRITON_CALL.findall(stablehlo):
         kernels[name] = TritonKernel(name, modules[name], int(num_warps), int(num_stages))
     if modules and not kernels:
-        raise RuntimeError(f"jax {jax.__version__} lowered {len(modules)} Triton kernels but its StableHLO holds no "
+        raise TritonIRNotFound(f"jax {jax.__version__} lowered {len(modules)} Triton kernels but its StableHLO holds no "
                            "'__gpu$xla.gpu.triton' call to read their launch settings from")
     return list(kernels.values())
 

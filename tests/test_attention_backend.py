@@ -1,4 +1,4 @@
-"""The attention-backend switch: what it picks on this CPU machine and for a GPU, and its fallback."""
+"""The attention-backend switch: what it picks on a CPU and on a GPU, and its fallback."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ def is_pallas(fn, interpret: bool) -> bool:
 
 
 def test_cpu_runs_the_reference_unless_pallas_is_asked_for():
-    assert select_attention("auto", 64) is ragged_paged_attention
-    assert select_attention("auto", 64, interpret=True) is ragged_paged_attention
-    assert select_attention("reference", 64) is ragged_paged_attention
-    assert is_pallas(select_attention("pallas", 64, interpret=True), interpret=True)
+    assert select_attention("auto", 64, platform="cpu") is ragged_paged_attention
+    assert select_attention("auto", 64, interpret=True, platform="cpu") is ragged_paged_attention
+    assert select_attention("reference", 64, platform="cpu") is ragged_paged_attention
+    assert is_pallas(select_attention("pallas", 64, interpret=True, platform="cpu"), interpret=True)
 
 
 def test_gpu_runs_the_kernels():
@@ -37,7 +37,7 @@ def test_gpu_runs_the_kernels():
 
 def test_pallas_without_gpu_or_interpret_is_a_clear_error():
     with pytest.raises(ValueError, match="needs a GPU or interpret=True"):
-        select_attention("pallas", 64)
+        select_attention("pallas", 64, platform="cpu")
 
 
 def test_unknown_backend_is_rejected():
@@ -59,5 +59,5 @@ def test_unsupported_head_dim_falls_back_and_logs_once(head_dim, caplog):
 def test_reference_backend_never_logs_a_fallback(caplog):
     with caplog.at_level(logging.WARNING, logger="jpaged"):
         assert select_attention("reference", 8) is ragged_paged_attention
-        assert select_attention("auto", 8) is ragged_paged_attention
+        assert select_attention("auto", 8, platform="cpu") is ragged_paged_attention
     assert not caplog.records

@@ -1,4 +1,4 @@
-"""The Pallas attention kernels, in interpret mode on CPU, against the jnp reference and jax's own
+"""The Pallas attention kernels (interpret mode on CPU, compiled on a GPU) against the jnp reference and jax's own
 paged-attention reference; and every kernel configuration the engine uses cross-lowered for CUDA,
 then compiled by Triton for sm_80, sm_89 and sm_90 where the `triton` package is installed.
 
@@ -21,10 +21,11 @@ from pallas_kernels.backend import pallas_paged_attention, select_attention
 from pallas_kernels.decode_attention import choose_num_splits, paged_decode_attention_kernel
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention, write_kv
 from pallas_kernels.ragged_paged_attention import QueryTile, ragged_paged_attention_kernel
-from pallas_kernels.triton_compile import MAX_SHARED_BYTES, capture_triton_kernels, compile_kernel
+from pallas_kernels.triton_compile import MAX_SHARED_BYTES, TritonIRNotFound, capture_triton_kernels, compile_kernel
 
 NUM_LAYERS = 2
 LAYER = 1
+INTERPRET = jax.default_backend() == "cpu"  # on a GPU the kernels run compiled by Triton
 # bfloat16: the reference rounds its output to bfloat16 too, so allow a couple of its ulps at |x| ~ 3.
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
@@ -98,6 +99,13 @@ def awkward_seqs(block_size: int, chunk: int) -> list[tuple[int, int]]:
     return decodes + prefills
 
 
+@pytest.fixture(autouse=True)
+def full_precision_float32_matmuls():
+    """As the model runner sets: no TF32 in float32 matmuls on a GPU (no change on CPU)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def run_jitted(fn, batch: Batch, **kwargs):
     return jax.jit(lambda q, k, v, layer, md: fn(q, k, v, layer, md, batch.scale, **kwargs))(*batch.args())
 
@@ -142,7 +150,7 @@ def test_ragged_kernel_matches_reference(block_size, group, dtype):
     batch = make_batch(block_size + group, awkward_seqs(block_size, chunk=24), num_heads=2 * group,
                        num_kv_heads=2, head_dim=64, block_size=block_size, num_blocks=32, dtype=dtype)
     # Two pages per KV chunk, so chunk edges fall among the awkward contexts too.
-    out = run_jitted(ragged_paged_attention_kernel, batch, interpret=True, chunk_tokens=2 * block_size)
+    out = run_jitted(ragged_paged_attention_kernel, batch, interpret=INTERPRET, chunk_tokens=2 * block_size)
     assert_matches_reference(out, batch, dtype)
 
 
@@ -151,7 +159,7 @@ def test_ragged_kernel_head_dims(head_dim):
     """Powers of two, and a multiple of 16 that is not one (padded to 64 inside the kernel)."""
     batch = make_batch(head_dim, [(3, 1), (17, 1), (5, 20), (16, 16)], num_heads=6, num_kv_heads=2,
                        head_dim=head_dim, block_size=16, num_blocks=16)
-    assert_matches_reference(run_jitted(ragged_paged_attention_kernel, batch, interpret=True), batch, jnp.float32)
+    assert_matches_reference(run_jitted(ragged_paged_attention_kernel, batch, interpret=INTERPRET), batch, jnp.float32)
 
 
 def test_ragged_kernel_group_of_three_and_long_chunk():
@@ -160,7 +168,7 @@ def test_ragged_kernel_group_of_three_and_long_chunk():
     seqs = [(0, 1), (40, 70), (0, 9), (30, 3), (31, 2), (32, 1 + 4)]
     batch = make_batch(3, seqs, num_heads=9, num_kv_heads=3, head_dim=64,
                        block_size=16, num_blocks=24)
-    out = run_jitted(ragged_paged_attention_kernel, batch, interpret=True, target_rows=16, chunk_tokens=32)
+    out = run_jitted(ragged_paged_attention_kernel, batch, interpret=INTERPRET, target_rows=16, chunk_tokens=32)
     assert_matches_reference(out, batch, jnp.float32)
 
 
@@ -187,7 +195,7 @@ def decode_inputs(batch: Batch):
 def run_decode(batch: Batch, **kwargs):
     queries, block_tables, context_lens, _ = decode_inputs(batch)
     fn = jax.jit(lambda q, k, v, bt, cl: paged_decode_attention_kernel(
-        q, k, v, jnp.int32(LAYER), bt, cl, batch.scale, interpret=True, **kwargs))
+        q, k, v, jnp.int32(LAYER), bt, cl, batch.scale, interpret=INTERPRET, **kwargs))
     return fn(queries, batch.k_cache, batch.v_cache, block_tables, context_lens)
 
 
@@ -222,7 +230,7 @@ def test_decode_kernel_matches_both_references(group, dtype, num_splits):
         assert_close(out[has_token], theirs[has_token], dtype)
 
 
-def test_decode_kernel_against_jax_pallas_kernel_in_interpret_mode():
+def test_decode_kernel_against_jax_pallas_kernel():
     """jax's own Triton paged-attention kernel, layouts converted, as a third opinion."""
     batch = make_batch(11, [(c - 1, 1) for c in (5, 16, 31, 64)], num_heads=16, num_kv_heads=2, head_dim=64,
                        block_size=16, num_blocks=20)
@@ -231,7 +239,7 @@ def test_decode_kernel_against_jax_pallas_kernel_in_interpret_mode():
     v_pages = jnp.transpose(batch.v_cache[LAYER], (2, 0, 1, 3))
     theirs = jax_paged_attention.paged_attention(
         queries * batch.scale, k_pages, v_pages, block_tables, context_lens, k_splits=1,
-        pages_per_compute_block=block_tables.shape[1], interpret=True)
+        pages_per_compute_block=block_tables.shape[1], interpret=INTERPRET)
     assert_close(run_decode(batch, num_splits=2), theirs, jnp.float32)
 
 
@@ -252,7 +260,7 @@ def test_pallas_backend_mixed_batch(dtype):
     """Decodes by flash-decoding and prefills by the ragged kernel, written into one output."""
     batch = make_batch(5, awkward_seqs(16, chunk=12), num_heads=8, num_kv_heads=2, head_dim=64, block_size=16,
                        num_blocks=32, dtype=dtype)
-    out = run_jitted(pallas_paged_attention, batch, interpret=True)
+    out = run_jitted(pallas_paged_attention, batch, interpret=INTERPRET)
     assert_matches_reference(out, batch, dtype)
 
 
@@ -262,7 +270,7 @@ def test_pallas_backend_decode_only_and_prefill_only():
     prefills = make_batch(2, [(0, 7), (9, 3)], num_heads=4, num_kv_heads=1, head_dim=32, block_size=16,
                           num_blocks=8)
     for batch in (decodes, prefills):
-        assert_matches_reference(run_jitted(pallas_paged_attention, batch, interpret=True), batch, jnp.float32)
+        assert_matches_reference(run_jitted(pallas_paged_attention, batch, interpret=INTERPRET), batch, jnp.float32)
 
 
 # --- cross-lowering for CUDA ---------------------------------------------------------------------
@@ -342,19 +350,26 @@ def test_cache_past_4_gib_cross_lowers_for_cuda():
 
 # --- compiled by Triton --------------------------------------------------------------------------
 
+def triton_kernels(traced: jax.stages.Traced) -> list:
+    """The traced function's Triton kernels, where this machine can compile them: the `triton` package
+    is installed, and jax leaves the Triton IR for XLA to compile."""
+    pytest.importorskip("triton")
+    try:
+        return capture_triton_kernels(traced)
+    except TritonIRNotFound as error:
+        pytest.skip(str(error))
+
 @pytest.mark.parametrize("capability", [80, 89, 90])
 @pytest.mark.parametrize("config", ENGINE_CONFIGS, ids=config_id)
 def test_engine_kernels_compile_with_triton(config, capability):
     """What XLA does with each kernel on a GPU: Triton compiles it to a cubin that can launch, reading
     K/V in 16-byte loads and, for 16-bit inputs, multiplying on tensor cores."""
-    pytest.importorskip("triton")
     dtype, head_dim, block_size, num_heads, num_kv_heads = config
     kernels = {}
     for seqs in BATCH_SHAPES.values():
         batch = make_batch(0, seqs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                            block_size=block_size, num_blocks=40, dtype=dtype)
-        kernels.update((k.name, k) for k in capture_triton_kernels(trace_for_cuda(batch, batch.k_cache, batch.v_cache,
-                                                                                  dtype)))
+        kernels.update((k.name, k) for k in triton_kernels(trace_for_cuda(batch, batch.k_cache, batch.v_cache, dtype)))
     assert {name.split("_attention")[0] for name in kernels} == {"paged_decode", "ragged_paged"}
     for kernel in kernels.values():
         resources = compile_kernel(kernel, capability)
@@ -367,7 +382,6 @@ def test_engine_kernels_compile_with_triton(config, capability):
 
 def test_triton_check_flags_a_tile_too_big_for_the_gpu():
     """The shared-memory check can fail: a 128-row tile over 256-token chunks, three stages deep."""
-    pytest.importorskip("triton")
     batch = make_batch(0, BATCH_SHAPES["prefill"], num_heads=8, num_kv_heads=8, head_dim=128, block_size=16,
                        num_blocks=40, dtype=jnp.bfloat16)
 
@@ -375,6 +389,6 @@ def test_triton_check_flags_a_tile_too_big_for_the_gpu():
         return ragged_paged_attention_kernel(q, k_cache, v_cache, LAYER, md, batch.scale, target_rows=128,
                                              chunk_tokens=256, num_stages=3)
 
-    [kernel] = capture_triton_kernels(jax.jit(attention).trace(batch.q, batch.k_cache, batch.v_cache, batch.md))
+    [kernel] = triton_kernels(jax.jit(attention).trace(batch.q, batch.k_cache, batch.v_cache, batch.md))
     resources = compile_kernel(kernel, 89)
     assert resources.shared_bytes > MAX_SHARED_BYTES[89] and not resources.fits
