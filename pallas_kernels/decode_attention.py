@@ -96,7 +96,7 @@ def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, cont
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[3]
     tile = QueryTile.choose(num_heads // num_kv_heads, head_dim, max_query_len=1, target_rows=1)
-    chunking = KVChunking.for_cache(k_cache.shape[2], chunk_tokens or default_tile_sizes(q.dtype)[1])
+    chunking = KVChunking.for_cache(k_cache.shape[2], chunk_tokens or default_tile_sizes(q.dtype, head_dim)[1])
     num_warps = num_warps or default_num_warps(tile.rows, tile.padded_dim, q.dtype)
     max_chunks = chunking.chunks_for(block_tables.shape[1])
     if num_splits is None:

@@ -53,14 +53,18 @@ def triton_compiler_params(num_warps: int, num_stages: int):
     return params_class(num_warps=num_warps, num_stages=num_stages)
 
 
-def default_tile_sizes(dtype) -> tuple[int, int]:
+def default_tile_sizes(dtype, head_dim: int) -> tuple[int, int]:
     """`(target_rows, chunk_tokens)`: a program's query rows and the context tokens per step.
 
     Float32 matmuls at full precision run on FMA units rather than tensor cores, and hold far
-    more in registers: bigger tiles spill (`scripts/kernel_resources.py` reads the numbers off
-    ptxas for sm_80 and sm_90).
+    more in registers: bigger tiles spill. Heads wider than 128 shrink 16-bit tiles to keep their
+    shared memory within every GPU's (`scripts/kernel_resources.py` reads these numbers off
+    Triton and ptxas for sm_80, sm_89 and sm_90).
     """
-    return (16, 16) if jnp.dtype(dtype) == jnp.float32 else (64, 64)
+    if jnp.dtype(dtype) == jnp.float32:
+        return MIN_DOT_SIDE, MIN_DOT_SIDE
+    size = max(MIN_DOT_SIDE, 64 * 128 // max(128, next_power_of_2(head_dim)))
+    return size, size
 
 
 def default_num_warps(rows: int, padded_dim: int, dtype) -> int:
@@ -257,7 +261,7 @@ def ragged_attention_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata
     first_row, stop_row = rows
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[3]
-    default_rows, default_chunk = default_tile_sizes(q.dtype)
+    default_rows, default_chunk = default_tile_sizes(q.dtype, head_dim)
     tile = QueryTile.choose(num_heads // num_kv_heads, head_dim, max_query_len, target_rows or default_rows)
     chunking = KVChunking.for_cache(k_cache.shape[2], chunk_tokens or default_chunk)
     num_warps = num_warps or default_num_warps(tile.rows, tile.padded_dim, q.dtype)

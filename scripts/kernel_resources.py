@@ -45,6 +45,7 @@ SHAPES = {
     "Llama-3-8B f32": (jnp.float32, 128, 32, 8, 16),
     "Qwen2.5-7B bf16": (jnp.bfloat16, 128, 28, 4, 16),
     "Phi-2 f32": (jnp.float32, 80, 32, 32, 16),
+    "head_dim 256 bf16": (jnp.bfloat16, 256, 16, 8, 16),
 }
 SWEEP_SHAPES = ("SmolLM2-135M f32", "Llama-3-8B bf16", "Llama-3-8B f32")
 NUM_DECODES, CONTEXT, PREFILL_CHUNK = 8, 8192, 256

@@ -154,12 +154,13 @@ def test_ragged_kernel_matches_reference(block_size, group, dtype):
     assert_matches_reference(out, batch, dtype)
 
 
-@pytest.mark.parametrize("head_dim", [16, 48, 128])
-def test_ragged_kernel_head_dims(head_dim):
-    """Powers of two, and a multiple of 16 that is not one (padded to 64 inside the kernel)."""
+@pytest.mark.parametrize(("head_dim", "dtype"), [(16, F32), (48, F32), (128, F32), (256, BF16)])
+def test_ragged_kernel_head_dims(head_dim, dtype):
+    """Powers of two, a multiple of 16 that is not one (padded to 64 inside the kernel), and a head
+    wide enough to shrink the default tiles."""
     batch = make_batch(head_dim, [(3, 1), (17, 1), (5, 20), (16, 16)], num_heads=6, num_kv_heads=2,
-                       head_dim=head_dim, block_size=16, num_blocks=16)
-    assert_matches_reference(run_jitted(ragged_paged_attention_kernel, batch, interpret=INTERPRET), batch, jnp.float32)
+                       head_dim=head_dim, block_size=16, num_blocks=16, dtype=dtype)
+    assert_matches_reference(run_jitted(ragged_paged_attention_kernel, batch, interpret=INTERPRET), batch, dtype)
 
 
 def test_ragged_kernel_group_of_three_and_long_chunk():
@@ -298,6 +299,7 @@ ENGINE_CONFIGS = [
     (jnp.bfloat16, 64, 16, 8, 8),
     (jnp.float32, 64, 16, 16, 2),
     (jnp.float32, 80, 32, 10, 10),
+    (jnp.bfloat16, 256, 16, 16, 8),
 ]
 BATCH_SHAPES = {
     "decode": [(c, 1) for c in (0, 16, 47, 200, 301)],
