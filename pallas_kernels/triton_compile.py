@@ -40,7 +40,6 @@ _WIDE_LOAD = re.compile(
     r"^\s*(?:@!?%p\d+\s+)?(?:ld\.global(?:\.[\w:]+)*?\.v4\.b32|cp\.async\.c[ag]\.shared\.global[^;]*, 0x10\b)", re.M)
 
 
-
 class TritonIRNotFound(RuntimeError):
     """This jax compiles Pallas kernels itself while lowering, so no Triton IR is left for XLA (and here)."""
 
