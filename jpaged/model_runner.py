@@ -50,6 +50,11 @@ def resolve_dtype(dtype: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
 
 
+def matmul_precision(dtype):
+    """float32 means float32: no TF32 shortcuts in matmuls on GPUs (the step runs under this)."""
+    return jax.default_matmul_precision("highest" if jnp.dtype(dtype) == jnp.float32 else "default")
+
+
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, eos_token_ids: set[int],
                  mesh: Mesh | None = None):
@@ -134,7 +139,7 @@ class ModelRunner:
     def _step_fn(self, state, kv_cache, batch: StepBatch, sampling: SamplingArrays, all_greedy: bool,
                  num_logprobs: int | None):
         self._count_compilation("step", batch)
-        with self._matmul_precision():
+        with matmul_precision(self.dtype):
             model = self._model(state)
             hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
             logits = model.logits(hidden[batch.logits_indices])
@@ -142,14 +147,11 @@ class ModelRunner:
 
     def _logits_fn(self, state, kv_cache, batch: StepBatch):
         self._count_compilation("logits", batch)
-        with self._matmul_precision():
+        with matmul_precision(self.dtype):
             model = self._model(state)
             hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
             return model.logits(hidden), kv_cache
 
-    def _matmul_precision(self):
-        """float32 means float32: no TF32 shortcuts in matmuls on GPUs."""
-        return jax.default_matmul_precision("highest" if self.dtype == jnp.float32 else "default")
 
     def move_blocks(self, plan: SchedulerOutput) -> None:
         """Carry out the step's block moves before it runs: swap-outs, copy-on-write copies, then

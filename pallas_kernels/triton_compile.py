@@ -128,8 +128,9 @@ def compile_kernel(kernel: TritonKernel, capability: int) -> KernelResources:
     target = GPUTarget("cuda", capability, 32)
     options = {"num_warps": kernel.num_warps, "num_stages": kernel.num_stages}
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{kernel.name}.ttir"
-        path.write_text(_after_ttir_passes(kernel.ttir, target, options))
+        as_lowered, path = Path(tmp) / "lowered.ttir", Path(tmp) / f"{kernel.name}.ttir"
+        as_lowered.write_text(kernel.ttir)
+        path.write_text(_after_ttir_passes(as_lowered, target, options))
         compiled = triton.compile(str(path), target=target, options=options)
         ptx = compiled.asm["ptx"]
         registers, spill_bytes = _ptxas_usage(ptx, capability, Path(tmp))
@@ -137,8 +138,8 @@ def compile_kernel(kernel: TritonKernel, capability: int) -> KernelResources:
                            registers, spill_bytes, len(_TENSOR_CORE_OP.findall(ptx)), len(_WIDE_LOAD.findall(ptx)))
 
 
-def _after_ttir_passes(ttir: str, target, options: dict) -> str:
-    """The module after Triton's TTIR passes (inlining, combining, loop unrolling, ...).
+def _after_ttir_passes(ttir_path: Path, target, options: dict) -> str:
+    """The module in `ttir_path` after Triton's TTIR passes (inlining, combining, loop unrolling, ...).
 
     `triton.compile` skips them for IR given as text, but XLA runs them on every Pallas kernel.
     """
@@ -146,14 +147,11 @@ def _after_ttir_passes(ttir: str, target, options: dict) -> str:
     from triton.compiler.compiler import IRSource, make_backend
 
     backend = make_backend(target)
-    with tempfile.NamedTemporaryFile("w", suffix=".ttir") as raw:
-        raw.write(ttir)
-        raw.flush()
-        context = ir.context()
-        source = IRSource(raw.name, context, backend)
-        parsed = backend.parse_options(options)
-        module = source.make_ir(target, parsed, backend.get_codegen_implementation(parsed),
-                                backend.get_module_map(), context)
+    context = ir.context()
+    source = IRSource(str(ttir_path), context, backend)
+    parsed = backend.parse_options(options)
+    module = source.make_ir(target, parsed, backend.get_codegen_implementation(parsed),
+                            backend.get_module_map(), context)
     return str(backend.make_ttir(module, {}, parsed, target.arch))
 
 

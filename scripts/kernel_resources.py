@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import save_json  # noqa: E402
 
+from jpaged.model_runner import matmul_precision  # noqa: E402
 from pallas_kernels.backend import pallas_paged_attention  # noqa: E402
 from pallas_kernels.decode_attention import paged_decode_attention_kernel  # noqa: E402
 from pallas_kernels.paged_attention import AttentionMetadata  # noqa: E402
@@ -86,8 +87,7 @@ def tiled_kernels(shape, tiling: dict):
 
 
 def trace(step, dtype, *args):
-    precision = "highest" if dtype == jnp.float32 else "default"  # what the model runner sets
-    with jax.default_matmul_precision(precision):
+    with matmul_precision(dtype):
         return jax.jit(step).trace(*args)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged_attention
 
+from jpaged.model_runner import matmul_precision
 from pallas_kernels.backend import pallas_paged_attention, select_attention
 from pallas_kernels.decode_attention import choose_num_splits, paged_decode_attention_kernel
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention, write_kv
@@ -102,7 +103,7 @@ def awkward_seqs(block_size: int, chunk: int) -> list[tuple[int, int]]:
 @pytest.fixture(autouse=True)
 def full_precision_float32_matmuls():
     """As the model runner sets: no TF32 in float32 matmuls on a GPU (no change on CPU)."""
-    with jax.default_matmul_precision("highest"):
+    with matmul_precision(jnp.float32):
         yield
 
 
@@ -319,8 +320,7 @@ def trace_for_cuda(batch: Batch, k_cache, v_cache, dtype) -> jax.stages.Traced:
     new_kv = jnp.zeros((batch.q.shape[0], num_kv_heads, head_dim), dtype)
     attention = select_attention("pallas", head_dim, platform="cuda")
     step = jax.jit(layer_scan(attention), static_argnums=6, donate_argnums=(3, 4))
-    precision = "highest" if dtype == jnp.float32 else "default"  # what the model runner sets
-    with jax.default_matmul_precision(precision):
+    with matmul_precision(dtype):
         return step.trace(batch.q, new_kv, new_kv, k_cache, v_cache, batch.md, batch.scale)
 
 
@@ -360,6 +360,7 @@ def triton_kernels(traced: jax.stages.Traced) -> list:
         return capture_triton_kernels(traced)
     except TritonIRNotFound as error:
         pytest.skip(str(error))
+
 
 @pytest.mark.parametrize("capability", [89, 90])
 @pytest.mark.parametrize("config", ENGINE_CONFIGS, ids=config_id)
