@@ -9,6 +9,12 @@
   without a GPU they run only in interpret mode (`interpret=True`, for tests);
 - "auto": "pallas" on a GPU, "reference" elsewhere (interpret mode is only ever asked for).
 
+On a Hopper or newer GPU (sm_90+) with a jax that has Mosaic GPU, the decode rows go to the
+Mosaic GPU kernel (`mosaic_decode_attention.py`) where it supports the shape (16-bit dtypes,
+head_dim a multiple of 64), the Triton flash-decoding kernel otherwise; the environment
+variable `JPAGED_DECODE_KERNEL` = "triton" or "mosaic" overrides the choice ("auto" is the
+default). Interpret mode always runs the Triton kernels.
+
 A shape the kernels cannot run (a head_dim that is not a multiple of 16, such as stories260K's
 8) falls back to the reference, and the reason is logged once on the `jpaged` logger.
 """
@@ -17,12 +23,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decode_attention import paged_decode_attention_kernel
+from pallas_kernels.mosaic_decode_attention import mosaic_paged_decode_attention, mosaic_unsupported_reason, plgpu
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention
 from pallas_kernels.ragged_paged_attention import ragged_attention_rows, unsupported_reason
 
@@ -30,6 +38,9 @@ logger = logging.getLogger("jpaged")
 
 BACKENDS = ("auto", "pallas", "reference")
 GPU_PLATFORMS = ("cuda", "rocm", "gpu")
+DECODE_KERNELS = ("auto", "triton", "mosaic")
+DECODE_KERNEL_ENV = "JPAGED_DECODE_KERNEL"
+MOSAIC_MIN_CAPABILITY = (9, 0)
 _logged_fallbacks: set[str] = set()
 
 AttentionFn = Callable[..., jax.Array]
@@ -54,7 +65,39 @@ def select_attention(backend: str, head_dim: int, interpret: bool = False, *,
     if reason:
         _log_fallback_once(f"Pallas attention cannot run this model ({reason}); using the jnp reference")
         return ragged_paged_attention
+    if not interpret and choose_decode_kernel(platform) == "mosaic":
+        return functools.partial(pallas_paged_attention, interpret=False, decode_kernel="mosaic")
     return functools.partial(pallas_paged_attention, interpret=interpret)
+
+
+def choose_decode_kernel(platform: str, requested: str | None = None) -> str:
+    """"mosaic" or "triton": which kernel computes the decode rows on `platform`.
+
+    `requested` (default: `$JPAGED_DECODE_KERNEL`, else "auto") is one of `DECODE_KERNELS`;
+    "auto" picks Mosaic GPU on a CUDA device of compute capability 9.0 or newer when this jax
+    has `jax.experimental.pallas.mosaic_gpu`. Raises ValueError for an unknown name.
+    """
+    requested = requested or os.environ.get(DECODE_KERNEL_ENV) or "auto"
+    if requested not in DECODE_KERNELS:
+        raise ValueError(f"{DECODE_KERNEL_ENV} must be one of {', '.join(map(repr, DECODE_KERNELS))}, "
+                         f"got {requested!r}")
+    if requested == "auto":
+        capability = cuda_capability(platform)
+        return "mosaic" if plgpu is not None and capability and capability >= MOSAIC_MIN_CAPABILITY else "triton"
+    return requested
+
+
+def cuda_capability(platform: str) -> tuple[int, int] | None:
+    """The compute capability of this process's first CUDA device when `platform` is where jax
+    runs; None on other platforms (a CPU machine lowering for "cuda" included) and on ROCm."""
+    if platform not in ("cuda", "gpu") or jax.default_backend() != "gpu":
+        return None
+    capability = getattr(jax.devices()[0], "compute_capability", "")
+    try:
+        major, minor = capability.split(".")
+        return int(major), int(minor)
+    except ValueError:  # ROCm names its architectures ("gfx90a")
+        return None
 
 
 def _log_fallback_once(message: str) -> None:
@@ -64,23 +107,34 @@ def _log_fallback_once(message: str) -> None:
 
 
 def pallas_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, *,
-                           interpret: bool = False) -> jax.Array:
+                           interpret: bool = False, decode_kernel: str = "triton") -> jax.Array:
     """`ragged_paged_attention` by the Pallas kernels: flash-decoding for the decode rows, then
-    the ragged kernel for the prefill rows, the latter writing into the former's output."""
+    the ragged kernel for the prefill rows, the latter writing into the former's output.
+
+    `decode_kernel="mosaic"` computes the decode rows with the Mosaic GPU kernel where it
+    supports the shape (the Triton kernel otherwise, logged once).
+    """
     num_seqs, num_decode = md.block_tables.shape[0], md.num_decode_seqs
     out = jnp.zeros(q.shape, q.dtype)
     if num_decode:
-        out = _decode_rows(out, q, k_cache, v_cache, layer, md, scale, interpret)
+        out = _decode_rows(out, q, k_cache, v_cache, layer, md, scale, interpret, decode_kernel)
     if num_seqs > num_decode and md.max_query_len > 0:
         out = ragged_attention_rows(out, q, k_cache, v_cache, layer, md, scale, (num_decode, num_seqs),
                                     md.max_query_len, interpret=interpret)
     return out
 
 
-def _decode_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale, interpret):
+def _decode_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale, interpret, decode_kernel):
     """Flash-decoding for rows `[0, num_decode_seqs)`; decode row `i` holds flat token `i`."""
     num_decode = md.num_decode_seqs
     context_lens = jnp.where(md.query_lens[:num_decode] > 0, md.context_lens[:num_decode], 0)
-    attended = paged_decode_attention_kernel(q[:num_decode], k_cache, v_cache, layer, md.block_tables[:num_decode],
-                                             context_lens, scale, interpret=interpret)
+    args = (q[:num_decode], k_cache, v_cache, layer, md.block_tables[:num_decode], context_lens, scale)
+    if decode_kernel == "mosaic":
+        _, _, block_size, num_kv_heads, _ = k_cache.shape
+        reason = mosaic_unsupported_reason(q.shape[1], num_kv_heads, q.shape[2], block_size, q.dtype)
+        if reason is None and k_cache.dtype == q.dtype:
+            return out.at[:num_decode].set(mosaic_paged_decode_attention(*args))
+        _log_fallback_once(f"Mosaic GPU decode cannot run this model ({reason or 'cache dtype differs'}); "
+                           f"using the Triton decode kernel")
+    attended = paged_decode_attention_kernel(*args, interpret=interpret)
     return out.at[:num_decode].set(attended)

@@ -18,8 +18,9 @@ def fresh_fallback_log(monkeypatch):
 
 
 def is_pallas(fn, interpret: bool) -> bool:
+    """The Pallas path; its decode kernel (Triton or Mosaic GPU) depends on the device."""
     return (isinstance(fn, functools.partial) and fn.func is pallas_paged_attention
-            and fn.keywords == {"interpret": interpret})
+            and fn.keywords.get("interpret") == interpret and set(fn.keywords) <= {"interpret", "decode_kernel"})
 
 
 def test_cpu_runs_the_reference_unless_pallas_is_asked_for():
@@ -61,3 +62,18 @@ def test_reference_backend_never_logs_a_fallback(caplog):
         assert select_attention("reference", 8) is ragged_paged_attention
         assert select_attention("auto", 8, platform="cpu") is ragged_paged_attention
     assert not caplog.records
+
+
+def test_decode_kernel_override_is_checked(monkeypatch):
+    monkeypatch.setenv(backend.DECODE_KERNEL_ENV, "cutlass")
+    with pytest.raises(ValueError, match="'cutlass'"):
+        backend.choose_decode_kernel("cuda")
+    monkeypatch.setenv(backend.DECODE_KERNEL_ENV, "mosaic")
+    assert backend.choose_decode_kernel("cuda") == "mosaic"
+    assert select_attention("pallas", 64, platform="cuda").keywords["decode_kernel"] == "mosaic"
+    assert is_pallas(select_attention("pallas", 64, interpret=True, platform="cpu"), interpret=True)
+
+
+def test_interpret_mode_keeps_the_triton_decode_kernel(monkeypatch):
+    monkeypatch.setenv(backend.DECODE_KERNEL_ENV, "mosaic")
+    assert "decode_kernel" not in select_attention("pallas", 64, interpret=True, platform="cpu").keywords
