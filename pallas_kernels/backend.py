@@ -9,11 +9,11 @@
   without a GPU they run only in interpret mode (`interpret=True`, for tests);
 - "auto": "pallas" on a GPU, "reference" elsewhere (interpret mode is only ever asked for).
 
-On a Hopper or newer GPU (sm_90+) with a jax that has Mosaic GPU, the decode rows go to the
-Mosaic GPU kernel (`mosaic_decode_attention.py`) where it supports the shape (16-bit dtypes,
-head_dim a multiple of 64), the Triton flash-decoding kernel otherwise; the environment
-variable `JPAGED_DECODE_KERNEL` = "triton" or "mosaic" overrides the choice ("auto" is the
-default). Interpret mode always runs the Triton kernels.
+The decode rows run on the Triton flash-decoding kernel unless the environment variable
+`JPAGED_DECODE_KERNEL=mosaic` asks for the Mosaic GPU kernel (`mosaic_decode_attention.py`,
+Hopper sm_90+ only), which then takes the shapes it supports (16-bit dtypes, head_dim a
+multiple of 64). It becomes the default on Hopper once a GPU run has measured it. Interpret mode
+always runs the Triton kernels.
 
 A shape the kernels cannot run (a head_dim that is not a multiple of 16, such as stories260K's
 8) falls back to the reference, and the reason is logged once on the `jpaged` logger.
@@ -40,7 +40,6 @@ BACKENDS = ("auto", "pallas", "reference")
 GPU_PLATFORMS = ("cuda", "rocm", "gpu")
 DECODE_KERNELS = ("auto", "triton", "mosaic")
 DECODE_KERNEL_ENV = "JPAGED_DECODE_KERNEL"
-MOSAIC_MIN_CAPABILITY = (9, 0)
 _logged_fallbacks: set[str] = set()
 
 AttentionFn = Callable[..., jax.Array]
@@ -73,31 +72,19 @@ def select_attention(backend: str, head_dim: int, interpret: bool = False, *,
 def choose_decode_kernel(platform: str, requested: str | None = None) -> str:
     """"mosaic" or "triton": which kernel computes the decode rows on `platform`.
 
-    `requested` (default: `$JPAGED_DECODE_KERNEL`, else "auto") is one of `DECODE_KERNELS`;
-    "auto" picks Mosaic GPU on a CUDA device of compute capability 9.0 or newer when this jax
-    has `jax.experimental.pallas.mosaic_gpu`. Raises ValueError for an unknown name.
+    `requested` (default: `$JPAGED_DECODE_KERNEL`, else "auto") is one of `DECODE_KERNELS`.
+    "auto" is Triton everywhere until the GPU check (`scripts/gpu_check.py`) has shown the Mosaic
+    GPU kernel correct and faster on a Hopper GPU; "mosaic" asks for it (sm_90+ only). Raises
+    ValueError for an unknown name, or for "mosaic" where this jax has no Mosaic GPU.
     """
     requested = requested or os.environ.get(DECODE_KERNEL_ENV) or "auto"
     if requested not in DECODE_KERNELS:
         raise ValueError(f"{DECODE_KERNEL_ENV} must be one of {', '.join(map(repr, DECODE_KERNELS))}, "
                          f"got {requested!r}")
-    if requested == "auto":
-        capability = cuda_capability(platform)
-        return "mosaic" if plgpu is not None and capability and capability >= MOSAIC_MIN_CAPABILITY else "triton"
-    return requested
-
-
-def cuda_capability(platform: str) -> tuple[int, int] | None:
-    """The compute capability of this process's first CUDA device when `platform` is where jax
-    runs; None on other platforms (a CPU machine lowering for "cuda" included) and on ROCm."""
-    if platform not in ("cuda", "gpu") or jax.default_backend() != "gpu":
-        return None
-    capability = getattr(jax.devices()[0], "compute_capability", "")
-    try:
-        major, minor = capability.split(".")
-        return int(major), int(minor)
-    except ValueError:  # ROCm names its architectures ("gfx90a")
-        return None
+    if requested == "mosaic" and plgpu is None:
+        raise ValueError(f"{DECODE_KERNEL_ENV}='mosaic' needs jax.experimental.pallas.mosaic_gpu, "
+                         f"which jax {jax.__version__} does not have")
+    return "triton" if requested == "auto" else requested
 
 
 def _log_fallback_once(message: str) -> None:
