@@ -1,5 +1,8 @@
+"""`python -m jpaged`: the command line (`jpaged/cli.py`)."""
+
 import sys
 
 from jpaged.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

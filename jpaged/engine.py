@@ -21,11 +21,12 @@ from jpaged.config import EngineConfig, ModelConfig
 from jpaged.loader.source import open_model
 from jpaged.model_runner import ModelRunner
 from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.parallel.layout import check_layout
 from jpaged.sampler import prompt_logprobs
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Request, Sequence
-from sharding.mesh import check_layout, replica_meshes
+from sharding.mesh import replica_meshes
 
 logger = logging.getLogger("jpaged")
 

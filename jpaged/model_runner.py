@@ -24,6 +24,10 @@ from jpaged.config import CacheConfig, EngineConfig, ModelConfig
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
 from jpaged.loader.weights import load_params, replicate_kv_heads
 from jpaged.models.llama import LlamaForCausalLM
+from jpaged.parallel.expert_parallel import expert_parallel_moe
+from jpaged.parallel.layout import kv_heads_per_model
+from jpaged.parallel.partition import KV_CACHE_SPEC, param_spec, shard_attention_layer
+from jpaged.parallel.pipeline import pipeline
 from jpaged.sampler import (
     SamplerOutput,
     SamplingArrays,
@@ -35,10 +39,6 @@ from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from jpaged.step_batch import StepBatch, build_step_batch
 from pallas_kernels.backend import select_attention
 from pallas_kernels.paged_attention import paged_attention_layer
-from sharding.expert_parallel import expert_parallel_moe
-from sharding.mesh import kv_heads_per_model
-from sharding.partition import KV_CACHE_SPEC, param_spec, shard_attention_layer
-from sharding.pipeline import pipeline
 
 logger = logging.getLogger("jpaged")
 _PADDING_PARAMS = SamplingParams(temperature=0.0)

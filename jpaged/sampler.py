@@ -65,22 +65,6 @@ def _pack_rows(rows: dict[int, tuple[np.ndarray, np.ndarray]], pad_to: int, valu
     return ids_out, values_out
 
 
-def derive_seed(seed: int, index: int) -> int:
-    """Seed of the ``index``-th sequence of a request whose seed is ``seed``, in [0, 2**32).
-
-    Index 0 keeps ``seed`` itself (so ``n == 1`` requests draw exactly as before); siblings of a
-    parallel-sampling request (``n`` / ``best_of`` > 1) get distinct, reproducible seeds mixed by
-    splitmix64, so they do not all draw the same tokens.
-    """
-    if index == 0:
-        return int(seed)
-    mask = (1 << 64) - 1
-    z = (int(seed) * 0x100000001 + index * 0x9E3779B97F4A7C15) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return (z ^ (z >> 31)) % SEED_LIMIT
-
-
 def max_num_logprobs(params: Iterable[SamplingParams]) -> int | None:
     """The static ``num_logprobs`` a batch needs: None when no row asks for logprobs, else the
     largest ``logprobs`` asked for (0 means only the sampled tokens' logprobs)."""

@@ -270,3 +270,19 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
         )
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Seed of the ``index``-th sequence of a request whose seed is ``seed``, in [0, 2**32).
+
+    Index 0 keeps ``seed`` itself (so ``n == 1`` requests draw exactly as before); siblings of a
+    parallel-sampling request (``n`` / ``best_of`` > 1) get distinct, reproducible seeds mixed by
+    splitmix64, so they do not all draw the same tokens.
+    """
+    if index == 0:
+        return int(seed)
+    mask = (1 << 64) - 1
+    z = (int(seed) * 0x100000001 + index * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) % SEED_LIMIT

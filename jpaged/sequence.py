@@ -11,8 +11,7 @@ import itertools
 import time
 from dataclasses import dataclass
 
-from jpaged.sampler import derive_seed
-from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_params import SamplingParams, derive_seed
 
 _arrival_counter = itertools.count()
 

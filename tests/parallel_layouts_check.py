@@ -18,8 +18,8 @@ from hf_models import save_random_model  # noqa: E402
 
 from jpaged import LLM, SamplingParams  # noqa: E402
 from jpaged.config import ParallelConfig  # noqa: E402
+from jpaged.parallel.pipeline import run_pipeline  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
-from sharding.pipeline import run_pipeline  # noqa: E402
 
 SMALL = dict(vocab_size=96, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256)
 CONFIGS = {

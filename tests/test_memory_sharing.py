@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jpaged import LLM, SamplingParams
-from jpaged.sampler import derive_seed
+from jpaged.sampling_params import derive_seed
 
 STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
          "One day, she saw a big red ball.")

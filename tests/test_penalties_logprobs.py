@@ -20,14 +20,13 @@ from jpaged.sampler import (
     SamplerOutput,
     SamplingArrays,
     apply_logits_processors,
-    derive_seed,
     masked_logits,
     max_num_logprobs,
     prompt_logprobs,
     sample,
     sample_with_logprobs,
 )
-from jpaged.sampling_params import SEED_LIMIT, SamplingParams
+from jpaged.sampling_params import SEED_LIMIT, SamplingParams, derive_seed
 
 VOCAB = 97
 EOS = 5

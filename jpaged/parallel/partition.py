@@ -16,7 +16,7 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from sharding.mesh import EP_AXIS, PP_AXIS, TP_AXIS
+from sharding.mesh import EP_AXIS, PP_AXIS, TP_AXIS, context_mesh
 
 # The mesh axis each dimension of a parameter is split over (layer params: dim 0 is the layer).
 _SPLITS = {
@@ -41,12 +41,6 @@ def param_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
         splits[0] = PP_AXIS
     axes = [splits.get(dim) for dim in range(len(shape))]
     return P(*[axis if axis and shape[dim] % mesh.shape[axis] == 0 else None for dim, axis in enumerate(axes)])
-
-
-def context_mesh(mesh: Mesh):
-    """The mesh a nested `shard_map` must name: inside a pipeline stage, the one with "pp" manual."""
-    abstract = jax.sharding.get_abstract_mesh()
-    return mesh if abstract.empty else abstract
 
 
 def shard_attention_layer(attention_layer, mesh: Mesh):

@@ -25,8 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from jpaged.config import ModelConfig
 from jpaged.models.moe import combine, expert_ffn, route, routed_experts, sort_by_expert, sparse_moe
-from sharding.mesh import EP_AXIS, TP_AXIS
-from sharding.partition import context_mesh
+from sharding.mesh import EP_AXIS, TP_AXIS, context_mesh
 
 _EXPERT_SPECS = {
     "router": P(),
