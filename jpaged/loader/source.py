@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from jpaged.loader import gguf, hf
+from jpaged.loader import hf
 from jpaged.loader.default_model import DEFAULT_MODEL_NAME, default_model_path
 
 
@@ -49,6 +49,8 @@ def open_model(model: str | None) -> ModelSource:
 
 
 def _open_gguf(path: Path, name: str) -> ModelSource:
+    from jpaged.loader import gguf  # the `gguf` package is needed for GGUF files only
+
     config = gguf.load_gguf_config(path)
     return ModelSource(
         name=name,
