@@ -44,6 +44,7 @@ class EngineStats:
     num_swap_outs: int
     num_prompt_tokens_computed: int
     num_generated_tokens: int
+    num_compilations: int  # step programs compiled so far (one per new padded shape)
 
 
 class LLMEngine:
@@ -170,6 +171,7 @@ class LLMEngine:
             num_swap_outs=self.scheduler.num_swap_outs,
             num_prompt_tokens_computed=self.num_prompt_tokens_computed,
             num_generated_tokens=self.num_generated_tokens,
+            num_compilations=self.runner.num_compilations,
         )
 
     def step(self) -> list[RequestOutput]:

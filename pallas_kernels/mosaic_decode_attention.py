@@ -45,6 +45,16 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 RUNNING_MAX_INIT = -1e30
 
 
+def runs_here() -> bool:
+    """Whether this process's first device can run the kernel: a CUDA GPU of compute capability
+    9.0 or newer, and a jax with Mosaic GPU."""
+    try:
+        return (plgpu is not None and jax.default_backend() == "gpu"
+                and float(jax.devices()[0].compute_capability) >= 9.0)
+    except (AttributeError, ValueError):  # no such attribute, or a ROCm architecture name
+        return False
+
+
 def mosaic_unsupported_reason(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                               dtype) -> str | None:
     """Why the Mosaic GPU decode kernel cannot run this shape, or None when it can."""

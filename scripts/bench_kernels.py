@@ -10,7 +10,8 @@ For each batch x context x GQA ratio (bfloat16, head_dim 128, 8 KV heads, block 
   the ragged kernel alone on that batch;
 - jax: `jax.experimental.pallas.ops.gpu.paged_attention` on the same cache in its layout
   `[kv_heads, pages, page_size, head_dim]`, best of a small sweep of its tiling;
-- reference: the jnp reference (skipped where its float32 gather would not fit comfortably).
+- reference: the jnp reference (skipped where its float32 gather would not fit comfortably);
+- mosaic: the Mosaic GPU decode kernel (`mosaic_paged_decode_attention`), on Hopper GPUs.
 
 Times are device times: after a warm-up, `--reps` calls chained inside one jitted loop (each
 call's input depends on the previous output, so none is hoisted or overlapped), timed to
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import statistics
 import sys
@@ -45,8 +45,11 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_common import save_json  # noqa: E402
+
 from pallas_kernels.backend import pallas_paged_attention  # noqa: E402
 from pallas_kernels.decode_attention import paged_decode_attention_kernel  # noqa: E402
+from pallas_kernels.mosaic_decode_attention import mosaic_paged_decode_attention, runs_here  # noqa: E402
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention  # noqa: E402
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_kernel  # noqa: E402
 
@@ -63,6 +66,7 @@ PREFILL_CHUNK = 256
 REFERENCE_GATHER_LIMIT = 8 * 2**30  # bytes of float32 K+V the reference may gather at once
 # Our decode kernel's tilings tried with --tune: (chunk_tokens, num_warps).
 OURS_SWEEP = [(chunk, warps) for chunk in (64, 128) for warps in (4, 8)]
+CPU_CHECK_TOLERANCE = 1e-4  # float32, interpret mode
 JAX_SWEEP = [(pages, splits) for pages in (8, 16) for splits in (1, 4, 16)]  # (pages_per_compute_block, k_splits)
 
 
@@ -76,6 +80,7 @@ class Result:
     jax_best_tiling: dict | None
     ours_best_tiling: dict | None  # with --tune: our decode kernel's best of OURS_SWEEP
     max_abs_diff_vs_jax: float | None
+    max_abs_diff_mosaic_vs_ours: float | None = None
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -138,9 +143,10 @@ def device_seconds(step, q, *rest, reps: int, trials: int) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(reps: int, trials: int) -> float:
-    """Bytes/s of reading and writing a 2 GiB array once (x + 1), the device's practical ceiling."""
-    x = jnp.zeros((2**30,), jnp.bfloat16)
+def copy_bandwidth(reps: int, trials: int, num_elements: int = 2**30) -> float:
+    """Bytes/s of reading and writing a bfloat16 array once (x + 1; 2 GiB by default), the device's
+    practical ceiling."""
+    x = jnp.zeros((num_elements,), jnp.bfloat16)
     seconds = device_seconds(lambda x: x + 1, x, reps=reps, trials=trials)
     return 2 * x.nbytes / seconds
 
@@ -204,6 +210,17 @@ def run_case(batch, context, group, cache, reps, trials, jax_layout, tune: bool)
     if 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * 4 <= REFERENCE_GATHER_LIMIT:
         seconds["reference_decode"] = timed(lambda q, k, v, md: ragged_paged_attention(q, k, v, layer, md, scale),
                                             q, k_cache, v_cache, decode_md)
+    mosaic_diff = None
+    if runs_here():
+        try:
+            seconds["mosaic_decode"] = timed(
+                lambda q, k, v, bt, cl: mosaic_paged_decode_attention(q, k, v, layer, bt, cl, scale),
+                q, k_cache, v_cache, block_tables, context_lens)
+            ours = paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, context_lens, scale)
+            mosaic = mosaic_paged_decode_attention(q, k_cache, v_cache, layer, block_tables, context_lens, scale)
+            mosaic_diff = float(jnp.abs(ours.astype(jnp.float32) - mosaic.astype(jnp.float32)).max())
+        except Exception as error:  # noqa: BLE001 - a kernel that fails to build must not end the sweep
+            print(f"    mosaic: {type(error).__name__}: {error}", file=sys.stderr)
     ours_tiling = None
     if tune:
         seconds["ours_decode_tuned"], ours_tiling = ours_decode_best(q, k_cache, v_cache, block_tables, context_lens,
@@ -220,7 +237,7 @@ def run_case(batch, context, group, cache, reps, trials, jax_layout, tune: bool)
                                                          **jax_tiling)
             diff = float(jnp.abs(ours.astype(jnp.float32) - theirs.astype(jnp.float32)).max())
     kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * jnp.dtype(DTYPE).itemsize
-    return Result(batch, context, group, kv_bytes, seconds, jax_tiling, ours_tiling, diff)
+    return Result(batch, context, group, kv_bytes, seconds, jax_tiling, ours_tiling, diff, mosaic_diff)
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -232,14 +249,16 @@ def print_row(result: Result, copy_bytes_per_s: float) -> None:
     vs_jax = f"{s['jax'] / s['ours_decode']:6.2f}x" if "jax" in s else f"{'-':>7}"
     print(f"{result.batch:5d} {result.context:6d} {result.group:3d}:1 |{us('ours_decode')} {gbps:8.0f} "
           f"{100 * gbps * 1e9 / copy_bytes_per_s:5.0f}% |{us('jax')} {vs_jax} |{us('ours_ragged_decode')}"
-          f"{us('ours_mixed')}{us('ours_ragged_mixed')}{us('reference_decode')}{us('ours_decode_tuned')}", flush=True)
+          f"{us('ours_mixed')}{us('ours_ragged_mixed')}{us('reference_decode')}{us('ours_decode_tuned')}"
+          f"{us('mosaic_decode')}", flush=True)
 
 
 HEADER = (f"{'batch':>5} {'ctx':>6} {'gqa':>5} |{'decode us':>9} {'GB/s':>8} {'%copy':>6} |"
-          f"{'jax us':>9} {'jax/us':>7} |{'ragged':>9}{'mixed':>9}{'rg-mixed':>9}{'ref':>9}{'tuned':>9}")
+          f"{'jax us':>9} {'jax/us':>7} |{'ragged':>9}{'mixed':>9}{'rg-mixed':>9}{'ref':>9}{'tuned':>9}{'mosaic':>9}")
 
 
-def run_gpu(args) -> None:
+def run_gpu(args) -> dict:
+    """The sweep of `args` (batches, contexts, groups, reps, trials, tune): prints the table, returns the report."""
     device = jax.devices()[0]
     copy_bytes_per_s = copy_bandwidth(args.reps, args.trials)
     print(f"device: {device.device_kind}; jax {jax.__version__}; copy bandwidth {copy_bytes_per_s / 1e9:.0f} GB/s "
@@ -262,14 +281,16 @@ def run_gpu(args) -> None:
               "copy_bytes_per_s": copy_bytes_per_s, "head_dim": HEAD_DIM, "num_kv_heads": NUM_KV_HEADS,
               "block_size": BLOCK_SIZE, "dtype": jnp.dtype(DTYPE).name, "prefill_chunk": PREFILL_CHUNK,
               "reps": args.reps, "trials": args.trials, "results": results}
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    return report
 
 
 # --- CPU: correctness only -----------------------------------------------------------------------
 
-def run_cpu_check() -> int:
-    """Tiny shapes in interpret mode: our kernels against the jnp reference and jax's reference."""
+def run_cpu_check() -> dict:
+    """Tiny shapes in interpret mode: our kernels against the jnp reference and jax's reference.
+
+    Returns `{"max_abs_error": {check: error}, "tolerance": ..., "ok": bool}`.
+    """
     rng = np.random.default_rng(0)
     contexts, num_kv_heads, group, head_dim, block_size = [5, 40, 97], 2, 4, 64, 16
     pages = -(-max(contexts) // block_size)
@@ -289,20 +310,19 @@ def run_cpu_check() -> int:
         "ragged kernel": ragged_paged_attention_kernel(q, k_cache, v_cache, layer, md, scale, interpret=True),
         "pallas backend": pallas_paged_attention(q, k_cache, v_cache, layer, md, scale, interpret=True),
     }
-    failures = 0
+    errors = {}
     for name, out in checks.items():
-        error = float(jnp.abs(out - expected[: out.shape[0]]).max())
-        failures += error > 1e-4
-        print(f"{name:>15}: max |ours - jnp reference| = {error:.2e}")
+        errors[f"{name} vs jnp reference"] = float(jnp.abs(out - expected[: out.shape[0]]).max())
     if jax_paged_attention is not None:
         keys = k_cache[0][block_tables].reshape(len(contexts), -1, num_kv_heads, head_dim)
         values = v_cache[0][block_tables].reshape(len(contexts), -1, num_kv_heads, head_dim)
         theirs = jax_paged_attention.paged_attention_reference(q[:len(contexts)] * scale, keys, values, context_lens)
-        error = float(jnp.abs(checks["decode kernel"] - theirs).max())
-        failures += error > 1e-4
-        print(f"{'decode kernel':>15}: max |ours - jax reference| = {error:.2e}")
-    print("cpu check:", "FAILED" if failures else "ok")
-    return 1 if failures else 0
+        errors["decode kernel vs jax reference"] = float(jnp.abs(checks["decode kernel"] - theirs).max())
+    for name, error in errors.items():
+        print(f"{name:>34}: max |difference| = {error:.2e}")
+    ok = all(error <= CPU_CHECK_TOLERANCE for error in errors.values())
+    print("cpu check:", "ok" if ok else "FAILED")
+    return {"max_abs_error": errors, "tolerance": CPU_CHECK_TOLERANCE, "ok": ok}
 
 
 def main() -> None:
@@ -317,8 +337,8 @@ def main() -> None:
     parser.add_argument("--tune", action="store_true", help="also sweep our decode kernel's tiling (OURS_SWEEP)")
     args = parser.parse_args()
     if args.cpu_check or jax.default_backend() == "cpu":
-        sys.exit(run_cpu_check())
-    run_gpu(args)
+        sys.exit(0 if run_cpu_check()["ok"] else 1)
+    save_json(run_gpu(args), args.out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.backend import choose_decode_kernel, pallas_paged_attention
-from pallas_kernels.mosaic_decode_attention import mosaic_paged_decode_attention, plgpu
+from pallas_kernels.mosaic_decode_attention import mosaic_paged_decode_attention, plgpu, runs_here
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention, write_kv
 
 if plgpu is None:
@@ -32,17 +32,7 @@ except ImportError:
 NUM_LAYERS, LAYER = 2, 1
 MOSAIC_CALL = "custom_call @mosaic_gpu_v2"
 TRITON_CALL = "custom_call @__gpu$xla.gpu.triton"
-
-
-def on_hopper() -> bool:
-    """A CUDA device of compute capability 9.0 or newer runs this process."""
-    try:
-        return jax.default_backend() == "gpu" and float(jax.devices()[0].compute_capability) >= 9.0
-    except (AttributeError, ValueError):  # no such attribute, or a ROCm architecture name
-        return False
-
-
-ON_HOPPER = on_hopper()
+ON_HOPPER = runs_here()
 F16, BF16 = jnp.float16, jnp.bfloat16
 TOLERANCE = 2e-2  # 16-bit outputs, and probabilities rounded to 16 bits before the second matmul
 

@@ -1,0 +1,250 @@
+"""The whole GPU story in one command: environment, kernels compiled for real, greedy tokens against
+HF transformers, kernel speed and end-to-end throughput, summarised on one page.
+
+    python scripts/gpu_check.py --prepare          # here, once: copy stories260K into .gpu_assets/
+    PYTHONPATH=. python scripts/gpu_check.py OUT_DIR [--cpu] [--budget-s 450]
+
+Each part (`scripts/gpu_check_sections.py`) runs in a process of its own, in order, under what is
+left of `--budget-s` (a part that cannot get its minimum is skipped; one that overruns is killed
+with its process group). A part that fails or times out is recorded and the next one runs.
+After every part the summary is rewritten, so what finished survives a later failure or a kill
+of the whole command. `OUT_DIR` receives three files: `summary.json`, `summary.md` and
+`gpu_check.log` (every part's output). Nothing else is written there, so it fits the few files
+that come back from a GPU machine.
+
+Without a GPU (none found by `nvidia-smi`, or `--cpu`) it runs the same parts at small sizes with
+the Pallas kernels in interpret mode; the suite runs it that way so that it cannot rot. It needs
+only what a GPU image has (jax, flax, transformers, torch): nothing is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS_SCRIPT = Path(__file__).with_name("gpu_check_sections.py")
+ASSETS = ROOT / ".gpu_assets"
+SHARED_STORIES = ROOT.parent / "shared" / "models" / "stories260K"
+
+# (part, most seconds on a GPU, least seconds worth starting it with)
+PLAN = [
+    ("env", 60, 10),
+    ("tests", 150, 30),
+    ("greedy", 90, 20),
+    ("kernels", 120, 30),
+    ("throughput_jpaged", 150, 40),
+    ("throughput_hf", 90, 20),
+    ("throughput_hf_batch", 90, 20),
+]
+TITLES = {
+    "env": "Environment",
+    "tests": "Kernel and engine-backend tests",
+    "greedy": "Greedy tokens against HF transformers on the same device",
+    "kernels": "Paged-attention kernels",
+    "throughput_jpaged": "Throughput: jpaged",
+    "throughput_hf": "Throughput: HF generate",
+    "throughput_hf_batch": "Throughput: HF continuous batching",
+}
+
+
+def gpu_present() -> bool:
+    """A GPU as `nvidia-smi` sees it (jax is not imported here: each part owns the device)."""
+    if not shutil.which("nvidia-smi"):
+        return False
+    result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return result.returncode == 0 and "GPU" in result.stdout
+
+
+def prepare() -> None:
+    """Copy stories260K into the ignored `.gpu_assets/` folder, which travels with the checkout."""
+    target = ASSETS / "stories260K"
+    if not (SHARED_STORIES / "model.safetensors").is_file():
+        sys.exit(f"stories260K not found at {SHARED_STORIES}")
+    shutil.copytree(SHARED_STORIES, target, dirs_exist_ok=True)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    print(f"copied {SHARED_STORIES} to {target} ({size / 1e6:.1f} MB); name '.gpu_assets' in the run's carry")
+
+
+def child_env(cpu: bool) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_PYTHON_CLIENT_PREALLOCATE="false",
+               TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    if cpu:
+        env.update(JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def run_part(name: str, work: Path, log, cpu: bool, timeout: float) -> dict:
+    """Run one part in its own process group; its status, seconds, and result or error."""
+    log.write(f"\n===== {name} (limit {timeout:.0f} s) =====\n")
+    log.flush()
+    command = [sys.executable, str(SECTIONS_SCRIPT), name, str(work)] + (["--cpu"] if cpu else [])
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, env=child_env(cpu), stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        returncode = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        returncode = None
+    seconds = time.perf_counter() - started
+    result_file = work / f"{name}.json"
+    if returncode == 0 and result_file.is_file():
+        return {"status": "ok", "seconds": seconds, "result": json.loads(result_file.read_text())}
+    status = "timeout" if returncode is None else "failed"
+    return {"status": status, "seconds": seconds, "error": f"exit code {returncode}" if returncode is not None
+            else f"killed after {timeout:.0f} s", "log_tail": tail(log.name, 30)}
+
+
+def tail(path: str, lines: int) -> str:
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+def run(out: Path, cpu: bool, budget_s: float) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + budget_s
+    summary = {"mode": "cpu" if cpu else "gpu", "budget_s": budget_s,
+               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "parts": {}}
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as work, open(out / "gpu_check.log", "w") as log:
+        for name, most, least in PLAN:
+            left = deadline - time.monotonic()
+            if left < least:
+                summary["parts"][name] = {"status": "skipped", "seconds": 0.0,
+                                          "error": f"{left:.0f} s left of the budget, {least} s needed"}
+            else:
+                limit = min(left, most if not cpu else max(most, 300))
+                summary["parts"][name] = run_part(name, Path(work), log, cpu, limit)
+            part = summary["parts"][name]
+            print(f"{name:>20}: {part['status']} in {part['seconds']:.1f} s", flush=True)
+            write_summary(out, summary)
+    return summary
+
+
+# --- the summary ---------------------------------------------------------------------------------
+
+def write_summary(out: Path, summary: dict) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(render_markdown(summary))
+
+
+def render_markdown(summary: dict) -> str:
+    lines = [f"# jpaged GPU check ({summary['mode']} mode, {summary['started']})", ""]
+    lines += ["| part | status | seconds |", "|---|---|---|"]
+    lines += [f"| {name} | {p['status']} | {p['seconds']:.1f} |" for name, p in summary["parts"].items()]
+    for name, part in summary["parts"].items():
+        lines += ["", f"## {TITLES[name]}", ""]
+        if part["status"] != "ok":
+            lines.append(f"{part['status']}: {part.get('error', '')}")
+            if part.get("log_tail"):
+                lines += ["", "```", part["log_tail"], "```"]
+            continue
+        lines += RENDERERS[name](part["result"])
+    return "\n".join(lines) + "\n"
+
+
+def md_env(r: dict) -> list[str]:
+    versions = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+    return [f"- device: {r['device_kind']} x {r['num_devices']} ({r['platform']}, compute capability "
+            f"{r['compute_capability']}), driver {r['driver']}, memory {r['gpu_memory']}",
+            f"- Python {r['python']}; {versions}",
+            f"- copy bandwidth (read + write of {r['copy_bytes'] / 2**30:.2f} GiB): "
+            f"{r['copy_bytes_per_s'] / 1e9:.0f} GB/s"]
+
+
+def md_tests(r: dict) -> list[str]:
+    lines = [f"`pytest {' '.join(r['files'])}`: **{r['summary_line']}** (exit {r['returncode']})"]
+    lines += [f"- {failure}" for failure in r["failures"][:40]]
+    return lines
+
+
+def md_greedy(r: dict) -> list[str]:
+    lines = [] if r["stories260K_found"] else ["stories260K not found: run `gpu_check.py --prepare` first.", ""]
+    lines += ["| model | dtype | backend | sequences identical to HF | tokens agreeing (prefix) | first text |",
+              "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        for backend, b in row["backends"].items():
+            label = backend + (" (fell back: reference)" if "fell_back_to_reference" in b else "")
+            text = b["first_text"].replace("|", "\\|").replace("\n", " ")[:60]
+            lines.append(f"| {row['model']} | {row['dtype']} | {label} | {b['identical_sequences']}/{row['prompts']} "
+                         f"| {b['tokens_agreeing']}/{b['tokens']} | {text} |")
+    return lines
+
+
+def md_kernels(r: dict) -> list[str]:
+    if "cpu_check" in r:
+        check = r["cpu_check"]
+        lines = [f"Interpret-mode check: {'ok' if check['ok'] else 'FAILED'} (tolerance {check['tolerance']:g})"]
+        return lines + [f"- {name}: {error:.2e}" for name, error in check["max_abs_error"].items()]
+    copy = r["copy_bytes_per_s"]
+    lines = [f"{r['device']}, jax {r['jax']}, {r['dtype']}, head_dim {r['head_dim']}, {r['num_kv_heads']} KV heads, "
+             f"block {r['block_size']}; microseconds per call", "",
+             "| batch | context | GQA | ours decode | GB/s | % copy | jax best | jax / ours | ours ragged | ours mixed "
+             "| reference | mosaic decode |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case in r["results"]:
+        s = case["seconds"]
+        us = lambda k: f"{s[k] * 1e6:.1f}" if k in s else "-"  # noqa: E731
+        gbps = case["kv_bytes"] / s["ours_decode"] / 1e9
+        ratio = f"{s['jax'] / s['ours_decode']:.2f}x" if "jax" in s else "-"
+        lines.append(f"| {case['batch']} | {case['context']} | {case['group']}:1 | {us('ours_decode')} | {gbps:.0f} | "
+                     f"{100 * gbps * 1e9 / copy:.0f}% | {us('jax')} | {ratio} | {us('ours_ragged_decode')} | "
+                     f"{us('ours_mixed')} | {us('reference_decode')} | {us('mosaic_decode')} |")
+    return lines
+
+
+def md_throughput_jpaged(r: dict) -> list[str]:
+    cold, warm = r["cold"], r["warm"]
+    return [f"{r['requests']} requests, max_num_seqs {r['max_num_seqs']}, max_num_batched_tokens "
+            f"{r['max_num_batched_tokens']}; load {r['load_seconds']:.1f} s",
+            f"- cold pass: {cold['tokens_per_s']:.1f} output tokens/s ({cold['output_tokens']} tokens in "
+            f"{cold['seconds']:.1f} s, {cold['compilations_so_far']} compilations)",
+            f"- warm pass: **{warm['tokens_per_s']:.1f} output tokens/s** ({warm['seconds']:.1f} s); "
+            f"compilations in all: {r['compilations']}"]
+
+
+def md_throughput_hf(r: dict) -> list[str]:
+    extra = f", static batches of {r['batch_size']}, {r['dtype']}" if "batch_size" in r else ""
+    return [f"{r['requests']} requests{extra}: **{r['tokens_per_s']:.1f} output tokens/s** ({r['output_tokens']} "
+            f"tokens in {r['seconds']:.1f} s); sequences identical to jpaged's: {r['identical_to_jpaged']}"]
+
+
+RENDERERS = {
+    "env": md_env,
+    "tests": md_tests,
+    "greedy": md_greedy,
+    "kernels": md_kernels,
+    "throughput_jpaged": md_throughput_jpaged,
+    "throughput_hf": md_throughput_hf,
+    "throughput_hf_batch": md_throughput_hf,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", nargs="?", type=Path)
+    parser.add_argument("--cpu", action="store_true", help="small sizes, kernels interpreted (the default without a GPU)")
+    parser.add_argument("--budget-s", type=float, default=450, help="seconds for all parts together")
+    parser.add_argument("--prepare", action="store_true", help="copy stories260K into .gpu_assets/ and stop")
+    args = parser.parse_args()
+    if args.prepare:
+        prepare()
+        return
+    if args.out_dir is None:
+        parser.error("OUT_DIR is required")
+    summary = run(args.out_dir, args.cpu or not gpu_present(), args.budget_s)
+    print((args.out_dir / "summary.md").read_text())
+    failed = [name for name, part in summary["parts"].items() if part["status"] != "ok"]
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

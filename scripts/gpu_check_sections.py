@@ -1,0 +1,474 @@
+"""The parts of the GPU check (`scripts/gpu_check.py`), each run in a process of its own.
+
+`python scripts/gpu_check_sections.py NAME WORK_DIR [--cpu]` runs one part and writes its result
+to `WORK_DIR/NAME.json`; `gpu_check.py` runs them in order under a time limit and builds the
+summary. A part measures, it never asserts: what it finds goes into the summary.
+
+- `env`: device, driver, library versions, measured device-to-device copy bandwidth;
+- `tests`: the kernel and engine-backend tests (compiled kernels on a GPU, interpreted on CPU);
+- `greedy`: greedy tokens of jpaged (reference and Pallas attention) against HF transformers on
+  the same device, float32 and bfloat16, for stories260K and a random Llama of realistic shape;
+- `kernels`: `bench_kernels.py` at a size that fits (its interpret-mode check on CPU);
+- `throughput_jpaged`, `throughput_hf`, `throughput_hf_batch`: the same random requests on a
+  0.5B-class random Llama (a tiny one on CPU) through jpaged, HF `generate` and HF continuous
+  batching (`generate_batch`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
+
+ASSETS = ROOT / ".gpu_assets"  # ignored by git; travels to the GPU machine when named in `carry`
+STORIES_PLACES = (ASSETS / "stories260K", ROOT.parent / "shared" / "models" / "stories260K")
+KERNEL_TESTS = ["tests/test_pallas_kernels.py", "tests/test_engine_pallas.py", "tests/test_attention_backend.py",
+                "tests/test_mosaic_gpu.py"]
+VERSIONED = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "triton", "torch", "transformers",
+             "numpy")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each part runs: the GPU sizes fit about 8 minutes on one H200; the CPU sizes keep
+    the check's own test in the suite to about a minute."""
+
+    copy_elements: int
+    tests: list[str]
+    greedy_llama: dict  # LlamaConfig fields of the realistic-shape model (head_dim 128, GQA 4:1)
+    greedy_prompt_lens: tuple[int, ...]
+    greedy_tokens: int
+    greedy_dtypes: tuple[str, ...]
+    stories_prompts: tuple[str, ...]
+    kernel_batches: list[int] = field(default_factory=list)
+    kernel_contexts: list[int] = field(default_factory=list)
+    throughput_llama: dict = field(default_factory=dict)
+    num_requests: int = 256
+    prompt_lens: tuple[int, int] = (32, 512)
+    output_lens: tuple[int, int] = (32, 256)
+    hf_batch_size: int = 64
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+
+
+GPU_SIZES = Sizes(
+    copy_elements=2**30,
+    tests=KERNEL_TESTS,
+    greedy_llama=dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048),
+    greedy_prompt_lens=(5, 16, 17, 100),
+    greedy_tokens=32,
+    greedy_dtypes=("float32", "bfloat16"),
+    stories_prompts=("", "Once upon a time, there was a dog named"),
+    kernel_batches=[1, 16, 64],
+    kernel_contexts=[1024, 4096],
+    # about 0.67B parameters: 12 layers of width 2048, 16 heads of 128 over 4 KV heads
+    throughput_llama=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
+                          num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048),
+)
+CPU_SIZES = Sizes(
+    copy_elements=2**22,
+    tests=["tests/test_attention_backend.py"],
+    greedy_llama=dict(vocab_size=256, hidden_size=512, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256),
+    greedy_prompt_lens=(17,),
+    greedy_tokens=6,
+    greedy_dtypes=("float32",),
+    stories_prompts=("Once upon a time, there was a dog named",),
+    throughput_llama=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256),
+    num_requests=4,
+    prompt_lens=(8, 12),
+    output_lens=(4, 8),
+    hf_batch_size=4,
+    max_num_seqs=4,
+    max_num_batched_tokens=64,
+)
+
+
+def sizes_for(cpu: bool) -> Sizes:
+    return CPU_SIZES if cpu else GPU_SIZES
+
+
+def find_stories() -> Path | None:
+    """stories260K: copied into `.gpu_assets/` by `gpu_check.py --prepare`, or beside the checkout."""
+    return next((p for p in STORIES_PLACES if (p / "model.safetensors").is_file()), None)
+
+
+# --- env -----------------------------------------------------------------------------------------
+
+def section_env(sizes: Sizes, work: Path) -> dict:
+    import jax
+    from bench_kernels import copy_bandwidth
+
+    device = jax.devices()[0]
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "platform": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "num_devices": jax.device_count(),
+        "compute_capability": getattr(device, "compute_capability", None),
+        "driver": _nvidia_smi("driver_version"),
+        "gpu_memory": _nvidia_smi("memory.total"),
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "copy_bytes_per_s": copy_bandwidth(reps=5, trials=3, num_elements=sizes.copy_elements),
+        "copy_bytes": 2 * 2 * sizes.copy_elements,
+    }
+
+
+def _nvidia_smi(query: str) -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    result = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+                            capture_output=True, text=True, timeout=30)
+    return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+SUMMARY_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
+
+
+def section_tests(sizes: Sizes, work: Path) -> dict:
+    files = [f for f in sizes.tests if (ROOT / f).is_file()]
+    command = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-rfE", "-p", "no:cacheprovider", *files]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    print(result.stdout[-20000:], result.stderr[-5000:], sep="\n", flush=True)
+    lines = result.stdout.strip().splitlines()
+    counts = {}
+    for kind_count, kind in SUMMARY_COUNT.findall(lines[-1] if lines else ""):
+        counts["errors" if kind.startswith("error") else kind] = int(kind_count)
+    return {
+        "files": files,
+        "returncode": result.returncode,
+        "counts": counts,
+        "failures": [line for line in lines if line.startswith(("FAILED ", "ERROR "))],
+        "summary_line": lines[-1] if lines else "",
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# --- greedy tokens against HF --------------------------------------------------------------------
+
+def section_greedy(sizes: Sizes, work: Path) -> dict:
+    import numpy as np
+    import transformers
+    from hf_models import save_random_model
+
+    from pallas_kernels.backend import DECODE_KERNEL_ENV
+    from pallas_kernels.mosaic_decode_attention import runs_here
+    from pallas_kernels.ragged_paged_attention import unsupported_reason
+
+    models = []
+    stories = find_stories()
+    if stories is not None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(stories))
+        prompts = [tokenizer(text)["input_ids"] if text else [tokenizer.bos_token_id] for text in sizes.stories_prompts]
+        models.append(("stories260K", stories, prompts, 24))
+    llama = work / "greedy_llama"
+    config = transformers.LlamaConfig(**sizes.greedy_llama, bos_token_id=1, eos_token_id=2)
+    save_random_model(llama, config, seed=11, std=0.05)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in sizes.greedy_prompt_lens]
+    models.append(("llama-hd128-gqa4", llama, prompts, sizes.greedy_tokens))
+
+    rows = []
+    for name, folder, prompts, max_tokens in models:
+        for dtype in sizes.greedy_dtypes:
+            hf_tokens = _hf_greedy(folder, prompts, max_tokens, dtype)
+            row = {"model": name, "dtype": dtype, "prompts": len(prompts), "max_tokens": max_tokens,
+                   "hf_tokens": hf_tokens, "backends": {}}
+            reference = _jpaged_greedy(folder, prompts, max_tokens, dtype, "reference", hf_tokens)
+            fallback = unsupported_reason(_head_dim(folder))
+            row["backends"]["reference"] = reference
+            row["backends"]["pallas"] = ({**reference, "fell_back_to_reference": fallback} if fallback else
+                                         _jpaged_greedy(folder, prompts, max_tokens, dtype, "pallas", hf_tokens))
+            if not fallback and runs_here():
+                os.environ[DECODE_KERNEL_ENV] = "mosaic"
+                row["backends"]["pallas (mosaic decode)"] = _jpaged_greedy(folder, prompts, max_tokens, dtype,
+                                                                           "pallas", hf_tokens)
+                del os.environ[DECODE_KERNEL_ENV]
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "hf_tokens"}), flush=True)
+    return {"stories260K_found": stories is not None, "rows": rows}
+
+
+def _head_dim(folder: Path) -> int:
+    config = json.loads((folder / "config.json").read_text())
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def _torch_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _hf_greedy(folder, prompts, max_tokens: int, dtype: str) -> list[list[int]]:
+    import torch
+    from hf_models import torch_single_thread
+    from transformers import AutoModelForCausalLM
+
+    torch.set_float32_matmul_precision("highest")  # no TF32: the float32 oracle must be float32
+    device = _torch_device()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, dtype)).to(device).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    tokens = []
+    with torch.no_grad(), torch_single_thread():
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device=device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                 do_sample=False)
+            tokens.append(out[0, len(prompt):].tolist())
+    del model
+    _free_torch_memory()
+    return tokens
+
+
+def _free_torch_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _jpaged_greedy(folder, prompts, max_tokens: int, dtype: str, backend: str, hf_tokens) -> dict:
+    import jax
+
+    from jpaged import LLM, SamplingParams
+
+    cpu = jax.default_backend() == "cpu"
+    llm = LLM(str(folder), dtype=dtype, attention_backend=backend, attention_interpret=cpu and backend == "pallas",
+              num_blocks=64, block_size=16, max_num_batched_tokens=128)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    result = {
+        "identical_sequences": sum(a == b for a, b in zip(tokens, hf_tokens)),
+        "tokens_agreeing": sum(_common_prefix(a, b) for a, b in zip(tokens, hf_tokens)),
+        "tokens": sum(len(b) for b in hf_tokens),
+        "first_text": outs[0].outputs[0].text,
+        "token_ids": tokens,
+    }
+    del llm
+    gc.collect()
+    return result
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# --- kernel benchmark ----------------------------------------------------------------------------
+
+def section_kernels(sizes: Sizes, work: Path) -> dict:
+    import bench_kernels
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return {"cpu_check": bench_kernels.run_cpu_check()}
+    args = argparse.Namespace(batches=sizes.kernel_batches, contexts=sizes.kernel_contexts, groups=[4],
+                              reps=10, trials=3, tune=False)
+    return bench_kernels.run_gpu(args)
+
+
+# --- end-to-end throughput -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Requests:
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+
+def throughput_model(sizes: Sizes, work: Path) -> tuple[Path, Requests]:
+    """The random bfloat16 Llama (built once, by the first throughput part) and the requests."""
+    import numpy as np
+    import torch
+    import transformers
+    from hf_models import randomize_weights, save_word_level_tokenizer
+
+    folder = work / "throughput_llama"
+    config = transformers.LlamaConfig(**sizes.throughput_llama, bos_token_id=1, eos_token_id=2)
+    if not (folder / "config.json").is_file():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        randomize_weights(model, seed=3, std=0.02)
+        model.to(torch.bfloat16).save_pretrained(str(folder), safe_serialization=True)
+        save_word_level_tokenizer(folder, config.vocab_size)
+        del model
+    rng = np.random.default_rng(3)
+    prompt_lens = rng.integers(sizes.prompt_lens[0], sizes.prompt_lens[1] + 1, sizes.num_requests)
+    max_tokens = rng.integers(sizes.output_lens[0], sizes.output_lens[1] + 1, sizes.num_requests)
+    prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in prompt_lens]
+    return folder, Requests(prompts, [int(n) for n in max_tokens])
+
+
+def section_throughput_jpaged(sizes: Sizes, work: Path) -> dict:
+    from jpaged import LLM, SamplingParams
+
+    folder, requests = throughput_model(sizes, work)
+    started = time.perf_counter()
+    blocks = sum(-(-(len(p) + n) // 16) for p, n in zip(requests.prompts, requests.max_tokens))
+    llm = LLM(str(folder), dtype="bfloat16", num_blocks=blocks + 64, block_size=16, max_num_seqs=sizes.max_num_seqs,
+              max_num_batched_tokens=sizes.max_num_batched_tokens, enable_prefix_caching=False)
+    load_seconds = time.perf_counter() - started
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in requests.max_tokens]
+    passes = []
+    for _ in range(2):  # cold (compiles each new shape), then warm
+        started = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in requests.prompts], params, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        passes.append({"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds,
+                       "compilations_so_far": llm.engine.stats().num_compilations})
+        print(json.dumps(passes[-1]), flush=True)
+    (work / "jpaged_tokens.json").write_text(json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+    return {"requests": len(requests.prompts), "load_seconds": load_seconds, "cold": passes[0], "warm": passes[1],
+            "compilations": passes[-1]["compilations_so_far"], "attention_backend": "auto",
+            "max_num_seqs": sizes.max_num_seqs, "max_num_batched_tokens": sizes.max_num_batched_tokens}
+
+
+def _hf_model(folder):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # bfloat16 matmuls crawl on CPU
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation="sdpa")
+    model = model.to(_torch_device()).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def section_throughput_hf(sizes: Sizes, work: Path) -> dict:
+    """HF `generate` in static batches of `hf_batch_size`, left-padded, each batch run to its longest
+    request; only each request's own `max_tokens` count as output."""
+    import torch
+
+    folder, requests = throughput_model(sizes, work)
+    model = _hf_model(folder)
+    device = _torch_device()
+    if device == "cuda":
+        _hf_generate(model, requests.prompts[:2], 4, device)  # warm-up
+    started = time.perf_counter()
+    tokens = []
+    for first in range(0, len(requests.prompts), sizes.hf_batch_size):
+        batch = slice(first, first + sizes.hf_batch_size)
+        rows = _hf_generate(model, requests.prompts[batch], max(requests.max_tokens[batch]), device)
+        tokens += [row[:n] for row, n in zip(rows, requests.max_tokens[batch])]
+    seconds = time.perf_counter() - started
+    return {"requests": len(requests.prompts), "batch_size": sizes.hf_batch_size, "seconds": seconds,
+            "output_tokens": requests.output_tokens, "tokens_per_s": requests.output_tokens / seconds,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "identical_to_jpaged": _identical_to_jpaged(work, tokens), "torch": torch.__version__}
+
+
+def _hf_generate(model, prompts, max_new_tokens: int, device) -> list[list[int]]:
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens)
+    return out[:, width:].tolist()
+
+
+def section_throughput_hf_batch(sizes: Sizes, work: Path) -> dict:
+    """HF continuous batching: every request added to one manager with its own `max_new_tokens`,
+    timed from the first request added to the last one finished."""
+    from transformers import GenerationConfig
+
+    folder, requests = throughput_model(sizes, work)
+    model = _hf_model(folder)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max(requests.max_tokens), eos_token_id=None,
+                              pad_token_id=0)
+    if _torch_device() == "cuda":  # on CPU a warm-up costs a manager's start and stop (about 12 s) for nothing
+        _hf_continuous(model, requests.prompts[:2], [4, 4], config)
+    tokens, seconds = _hf_continuous(model, requests.prompts, requests.max_tokens, config)
+    produced = sum(min(len(t), n) for t, n in zip(tokens, requests.max_tokens))
+    return {"requests": len(requests.prompts), "seconds": seconds, "output_tokens": produced,
+            "tokens_per_s": produced / seconds, "identical_to_jpaged": _identical_to_jpaged(work, tokens)}
+
+
+def _hf_continuous(model, prompts, max_tokens, config, timeout_s: float = 600) -> tuple[list[list[int]], float]:
+    results = {}
+    with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=5) as manager:
+        started = time.perf_counter()
+        for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
+            manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n)
+        deadline = time.monotonic() + timeout_s
+        while len(results) < len(prompts) and time.monotonic() < deadline:
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                results[result.request_id] = list(result.generated_tokens)
+        seconds = time.perf_counter() - started
+    return [results.get(f"r{i}", []) for i in range(len(prompts))], seconds
+
+
+def _identical_to_jpaged(work: Path, tokens: list[list[int]]) -> int | None:
+    path = work / "jpaged_tokens.json"
+    if not path.is_file():
+        return None
+    return sum(a == b for a, b in zip(json.loads(path.read_text()), tokens))
+
+
+SECTIONS = {
+    "env": section_env,
+    "tests": section_tests,
+    "greedy": section_greedy,
+    "kernels": section_kernels,
+    "throughput_jpaged": section_throughput_jpaged,
+    "throughput_hf": section_throughput_hf,
+    "throughput_hf_batch": section_throughput_hf_batch,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("section", choices=list(SECTIONS))
+    parser.add_argument("work_dir", type=Path)
+    parser.add_argument("--cpu", action="store_true", help="the small CPU sizes")
+    args = parser.parse_args()
+    result = SECTIONS[args.section](sizes_for(args.cpu), args.work_dir)
+    (args.work_dir / f"{args.section}.json").write_text(json.dumps(result, indent=2, default=_jsonable))
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    return str(value)
+
+
+if __name__ == "__main__":
+    main()
