@@ -37,13 +37,13 @@ SHARED_STORIES = ROOT.parent / "shared" / "models" / "stories260K"
 
 # (part, most seconds on a GPU, least seconds worth starting it with)
 PLAN = [
-    ("env", 60, 10),
-    ("tests", 150, 30),
-    ("greedy", 90, 20),
-    ("kernels", 120, 30),
-    ("throughput_jpaged", 150, 40),
-    ("throughput_hf", 90, 20),
-    ("throughput_hf_batch", 90, 20),
+    ("env", 30, 10),
+    ("tests", 110, 30),
+    ("greedy", 80, 20),
+    ("kernels", 80, 30),
+    ("throughput_jpaged", 110, 40),
+    ("throughput_hf", 40, 20),
+    ("throughput_hf_batch", 50, 20),
 ]
 TITLES = {
     "env": "Environment",
@@ -101,9 +101,13 @@ def run_part(name: str, work: Path, log, cpu: bool, timeout: float) -> dict:
     result_file = work / f"{name}.json"
     if returncode == 0 and result_file.is_file():
         return {"status": "ok", "seconds": seconds, "result": json.loads(result_file.read_text())}
-    status = "timeout" if returncode is None else "failed"
-    return {"status": status, "seconds": seconds, "error": f"exit code {returncode}" if returncode is not None
-            else f"killed after {timeout:.0f} s", "log_tail": tail(log.name, 30)}
+    failure = {"status": "timeout" if returncode is None else "failed", "seconds": seconds,
+               "error": f"killed after {timeout:.0f} s" if returncode is None else f"exit code {returncode}",
+               "log_tail": tail(log.name, 30)}
+    partial = work / f"{name}.partial.json"
+    if partial.is_file():
+        failure["partial"] = json.loads(partial.read_text())
+    return failure
 
 
 def tail(path: str, lines: int) -> str:
@@ -145,6 +149,9 @@ def render_markdown(summary: dict) -> str:
         lines += ["", f"## {TITLES[name]}", ""]
         if part["status"] != "ok":
             lines.append(f"{part['status']}: {part.get('error', '')}")
+            if part.get("partial"):
+                lines += ["", "What it found before it stopped:", "", "```",
+                          json.dumps(part["partial"], indent=1)[:4000], "```"]
             if part.get("log_tail"):
                 lines += ["", "```", part["log_tail"], "```"]
             continue

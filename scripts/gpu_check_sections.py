@@ -144,27 +144,38 @@ def _nvidia_smi(query: str) -> str | None:
 
 # --- tests ---------------------------------------------------------------------------------------
 
-SUMMARY_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
+TEST_RESULT = re.compile(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
 
 
 def section_tests(sizes: Sizes, work: Path) -> dict:
+    """pytest on the kernel tests, verbose, its lines tallied as they come: a part stopped by its
+    time limit still reports the tests that finished (`partial`)."""
     files = [f for f in sizes.tests if (ROOT / f).is_file()]
-    command = [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-rfE", "-p", "no:cacheprovider", *files]
+    command = [sys.executable, "-m", "pytest", "-o", "addopts=", "-v", "-rfE", "-p", "no:cacheprovider", *files]
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    print(result.stdout[-20000:], result.stderr[-5000:], sep="\n", flush=True)
-    lines = result.stdout.strip().splitlines()
-    counts = {}
-    for kind_count, kind in SUMMARY_COUNT.findall(lines[-1] if lines else ""):
-        counts["errors" if kind.startswith("error") else kind] = int(kind_count)
-    return {
-        "files": files,
-        "returncode": result.returncode,
-        "counts": counts,
-        "failures": [line for line in lines if line.startswith(("FAILED ", "ERROR "))],
-        "summary_line": lines[-1] if lines else "",
-        "seconds": time.perf_counter() - started,
-    }
+    counts: dict[str, int] = {}
+    failures: list[str] = []
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = ""
+    for line in process.stdout:
+        print(line, end="", flush=True)
+        last = line.strip() or last
+        found = TEST_RESULT.match(line)
+        if found:
+            name, outcome = found.groups()
+            counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
+            if outcome in ("FAILED", "ERROR"):
+                failures.append(f"{outcome} {name}")
+            write_partial(work, "tests", {"files": files, "counts": counts, "failures": failures})
+    return {"files": files, "returncode": process.wait(), "counts": counts, "failures": failures,
+            "summary_line": last, "seconds": time.perf_counter() - started}
+
+
+def write_partial(work: Path, part: str, result: dict) -> None:
+    """What a part has found so far, for the summary if the part is stopped before it ends."""
+    path = work / f"{part}.partial.json"
+    path.with_suffix(".tmp").write_text(json.dumps(result, default=_jsonable))
+    path.with_suffix(".tmp").replace(path)
 
 
 # --- greedy tokens against HF --------------------------------------------------------------------
@@ -209,6 +220,7 @@ def section_greedy(sizes: Sizes, work: Path) -> dict:
                 del os.environ[DECODE_KERNEL_ENV]
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "hf_tokens"}), flush=True)
+            write_partial(work, "greedy", {"rows": rows})
     return {"stories260K_found": stories is not None, "rows": rows}
 
 
@@ -349,6 +361,7 @@ def section_throughput_jpaged(sizes: Sizes, work: Path) -> dict:
         passes.append({"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds,
                        "compilations_so_far": llm.engine.stats().num_compilations})
         print(json.dumps(passes[-1]), flush=True)
+        write_partial(work, "throughput_jpaged", {"load_seconds": load_seconds, "passes": passes})
     (work / "jpaged_tokens.json").write_text(json.dumps([list(o.outputs[0].token_ids) for o in outs]))
     return {"requests": len(requests.prompts), "load_seconds": load_seconds, "cold": passes[0], "warm": passes[1],
             "compilations": passes[-1]["compilations_so_far"], "attention_backend": "auto",
