@@ -168,7 +168,7 @@ def section_tests(sizes: Sizes, work: Path) -> dict:
                 failures.append(f"{outcome} {name}")
             write_partial(work, "tests", {"files": files, "counts": counts, "failures": failures})
     return {"files": files, "returncode": process.wait(), "counts": counts, "failures": failures,
-            "summary_line": last, "seconds": time.perf_counter() - started}
+            "summary_line": last.strip("= "), "seconds": time.perf_counter() - started}
 
 
 def write_partial(work: Path, part: str, result: dict) -> None:
