@@ -147,8 +147,15 @@ def copy_bandwidth(reps: int, trials: int, num_elements: int = 2**30) -> float:
     """Bytes/s of reading and writing a bfloat16 array once (x + 1; 2 GiB by default), the device's
     practical ceiling."""
     x = jnp.zeros((num_elements,), jnp.bfloat16)
-    seconds = device_seconds(lambda x: x + 1, x, reps=reps, trials=trials)
-    return 2 * x.nbytes / seconds
+    # the loop carries the whole array, so every iteration must read and write all of it
+    repeated = jax.jit(lambda x: lax.fori_loop(0, reps, lambda _, y: y + 1, x))
+    repeated(x).block_until_ready()
+    times = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        repeated(x).block_until_ready()
+        times.append((time.perf_counter() - start) / reps)
+    return 2 * x.nbytes / statistics.median(times)
 
 
 # --- one case ------------------------------------------------------------------------------------
@@ -257,8 +264,9 @@ HEADER = (f"{'batch':>5} {'ctx':>6} {'gqa':>5} |{'decode us':>9} {'GB/s':>8} {'%
           f"{'jax us':>9} {'jax/us':>7} |{'ragged':>9}{'mixed':>9}{'rg-mixed':>9}{'ref':>9}{'tuned':>9}{'mosaic':>9}")
 
 
-def run_gpu(args) -> dict:
-    """The sweep of `args` (batches, contexts, groups, reps, trials, tune): prints the table, returns the report."""
+def run_gpu(args, on_result=None) -> dict:
+    """The sweep of `args` (batches, contexts, groups, reps, trials, tune): prints the table, returns the
+    report; `on_result(report so far)` after each case, where given."""
     device = jax.devices()[0]
     copy_bytes_per_s = copy_bandwidth(args.reps, args.trials)
     print(f"device: {device.device_kind}; jax {jax.__version__}; copy bandwidth {copy_bytes_per_s / 1e9:.0f} GB/s "
@@ -275,13 +283,18 @@ def run_gpu(args) -> dict:
                 result = run_case(batch, context, group, cache, args.reps, args.trials, jax_layout, args.tune)
                 print_row(result, copy_bytes_per_s)
                 results.append(asdict(result))
+                if on_result:
+                    on_result(report(device, copy_bytes_per_s, args, results))
             del cache, jax_layout
             gc.collect()
-    report = {"device": device.device_kind, "jax": jax.__version__, "python": platform.python_version(),
-              "copy_bytes_per_s": copy_bytes_per_s, "head_dim": HEAD_DIM, "num_kv_heads": NUM_KV_HEADS,
-              "block_size": BLOCK_SIZE, "dtype": jnp.dtype(DTYPE).name, "prefill_chunk": PREFILL_CHUNK,
-              "reps": args.reps, "trials": args.trials, "results": results}
-    return report
+    return report(device, copy_bytes_per_s, args, results)
+
+
+def report(device, copy_bytes_per_s: float, args, results: list[dict]) -> dict:
+    return {"device": device.device_kind, "jax": jax.__version__, "python": platform.python_version(),
+            "copy_bytes_per_s": copy_bytes_per_s, "head_dim": HEAD_DIM, "num_kv_heads": NUM_KV_HEADS,
+            "block_size": BLOCK_SIZE, "dtype": jnp.dtype(DTYPE).name, "prefill_chunk": PREFILL_CHUNK,
+            "reps": args.reps, "trials": args.trials, "results": results}
 
 
 # --- CPU: correctness only -----------------------------------------------------------------------

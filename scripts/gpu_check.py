@@ -30,30 +30,39 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpu_check_sections import die_with_parent
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS_SCRIPT = Path(__file__).with_name("gpu_check_sections.py")
 ASSETS = ROOT / ".gpu_assets"
 SHARED_STORIES = ROOT.parent / "shared" / "models" / "stories260K"
 
-# (part, most seconds on a GPU, least seconds worth starting it with)
+# (part, most seconds on a GPU, least seconds worth starting it with); the most add up to the
+# default budget, so no part is squeezed out by an earlier one running to its limit
 PLAN = [
-    ("env", 30, 10),
-    ("tests", 110, 30),
-    ("greedy", 80, 20),
-    ("kernels", 80, 30),
-    ("throughput_jpaged", 110, 40),
-    ("throughput_hf", 40, 20),
-    ("throughput_hf_batch", 50, 20),
+    ("env", 25, 10),
+    ("tests", 100, 30),
+    ("greedy", 70, 20),
+    ("kernels", 70, 30),
+    ("throughput_model", 30, 15),
+    ("throughput_jpaged", 85, 40),
+    ("throughput_hf", 35, 20),
+    ("throughput_hf_batch", 35, 20),
 ]
 TITLES = {
     "env": "Environment",
     "tests": "Kernel and engine-backend tests",
     "greedy": "Greedy tokens against HF transformers on the same device",
     "kernels": "Paged-attention kernels",
+    "throughput_model": "Throughput: the model",
     "throughput_jpaged": "Throughput: jpaged",
     "throughput_hf": "Throughput: HF generate",
     "throughput_hf_batch": "Throughput: HF continuous batching",
 }
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT reached the check."""
 
 
 def gpu_present() -> bool:
@@ -69,7 +78,7 @@ def prepare() -> None:
     target = ASSETS / "stories260K"
     if not (SHARED_STORIES / "model.safetensors").is_file():
         sys.exit(f"stories260K not found at {SHARED_STORIES}")
-    shutil.copytree(SHARED_STORIES, target, dirs_exist_ok=True)
+    shutil.copytree(SHARED_STORIES, target, dirs_exist_ok=True, copy_function=shutil.copyfile)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     print(f"copied {SHARED_STORIES} to {target} ({size / 1e6:.1f} MB); name '.gpu_assets' in the run's carry")
 
@@ -83,55 +92,96 @@ def child_env(cpu: bool) -> dict:
     return env
 
 
-def run_part(name: str, work: Path, log, cpu: bool, timeout: float) -> dict:
-    """Run one part in its own process group; its status, seconds, and result or error."""
+def run_part(name: str, work: Path, log, cpu: bool, timeout: float, on_start=lambda pid: None) -> dict:
+    """Run one part in its own process group (which dies with this process); its status,
+    seconds, and result, or error with what it found so far and its own last lines of output."""
     log.write(f"\n===== {name} (limit {timeout:.0f} s) =====\n")
     log.flush()
+    log_start = log.tell()
     command = [sys.executable, str(SECTIONS_SCRIPT), name, str(work)] + (["--cpu"] if cpu else [])
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, env=child_env(cpu), stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=die_with_parent)
+    on_start(process.pid)
     try:
         returncode = process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
         returncode = None
+    finally:  # on a timeout, and on an interrupt of the check itself
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     seconds = time.perf_counter() - started
     result_file = work / f"{name}.json"
     if returncode == 0 and result_file.is_file():
         return {"status": "ok", "seconds": seconds, "result": json.loads(result_file.read_text())}
     failure = {"status": "timeout" if returncode is None else "failed", "seconds": seconds,
                "error": f"killed after {timeout:.0f} s" if returncode is None else f"exit code {returncode}",
-               "log_tail": tail(log.name, 30)}
+               "log_tail": tail(log.name, log_start, 25)}
     partial = work / f"{name}.partial.json"
     if partial.is_file():
         failure["partial"] = json.loads(partial.read_text())
     return failure
 
 
-def tail(path: str, lines: int) -> str:
-    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+def tail(path: str, offset: int, lines: int) -> str:
+    """The last `lines` lines of `path` after byte `offset`, progress-bar redraws dropped."""
+    with open(path, errors="replace") as f:
+        f.seek(offset)
+        text = f.read()
+    kept = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return "\n".join(kept[-lines:])
+
+
+def on_signal(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def run(out: Path, cpu: bool, budget_s: float) -> dict:
+    if out.exists() and not out.is_dir():
+        sys.exit(f"OUT_DIR {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + budget_s
     summary = {"mode": "cpu" if cpu else "gpu", "budget_s": budget_s,
-               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "parts": {}}
+               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               "parts": {name: {"status": "pending", "seconds": 0.0} for name, _, _ in PLAN}}
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    name = PLAN[0][0]
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work, open(out / "gpu_check.log", "w") as log:
-        for name, most, least in PLAN:
-            left = deadline - time.monotonic()
-            if left < least:
-                summary["parts"][name] = {"status": "skipped", "seconds": 0.0,
-                                          "error": f"{left:.0f} s left of the budget, {least} s needed"}
-            else:
-                limit = min(left, most if not cpu else max(most, 300))
-                summary["parts"][name] = run_part(name, Path(work), log, cpu, limit)
-            part = summary["parts"][name]
-            print(f"{name:>20}: {part['status']} in {part['seconds']:.1f} s", flush=True)
+        try:
+            for name, most, least in PLAN:
+                summary["parts"][name] = next_part(name, most, least, deadline, summary, Path(work), log, cpu, out)
+                part = summary["parts"][name]
+                print(f"{name:>20}: {part['status']} in {part['seconds']:.1f} s", flush=True)
+                write_summary(out, summary)
+        except Interrupted as signal_name:
+            summary["interrupted"] = f"{signal_name} while {name} ran"
+            summary["parts"][name] = {"status": "interrupted", "seconds": 0.0, "error": summary["interrupted"]}
             write_summary(out, summary)
+            raise SystemExit(130) from None
     return summary
+
+
+def next_part(name: str, most: float, least: float, deadline: float, summary: dict, work: Path, log, cpu: bool,
+              out: Path) -> dict:
+    """Run part `name` if the budget allows and what it needs worked; else say why not."""
+    env = summary["parts"]["env"]
+    if name != "env" and summary["mode"] == "gpu" and env.get("result", {}).get("platform") not in (None, "gpu"):
+        return {"status": "skipped", "seconds": 0.0,
+                "error": f"nvidia-smi sees a GPU but jax runs on {env['result']['platform']}"}
+    if name.startswith("throughput_") and name != "throughput_model" \
+            and summary["parts"]["throughput_model"]["status"] != "ok":
+        return {"status": "skipped", "seconds": 0.0, "error": "the throughput model was not built"}
+    left = deadline - time.monotonic()
+    if left < least:
+        return {"status": "skipped", "seconds": 0.0,
+                "error": f"{max(left, 0):.0f} s left of the {summary['budget_s']:.0f} s budget, {least} s needed"}
+    def on_start(pid: int) -> None:
+        summary["parts"][name] = {"status": "running", "seconds": 0.0, "pid": pid}
+        write_summary(out, summary)
+
+    return run_part(name, work, log, cpu, min(left, most if not cpu else max(most, 300)), on_start)
 
 
 # --- the summary ---------------------------------------------------------------------------------
@@ -143,20 +193,28 @@ def write_summary(out: Path, summary: dict) -> None:
 
 def render_markdown(summary: dict) -> str:
     lines = [f"# jpaged GPU check ({summary['mode']} mode, {summary['started']})", ""]
+    if summary.get("interrupted"):
+        lines += [f"**Interrupted: {summary['interrupted']}.**", ""]
     lines += ["| part | status | seconds |", "|---|---|---|"]
     lines += [f"| {name} | {p['status']} | {p['seconds']:.1f} |" for name, p in summary["parts"].items()]
     for name, part in summary["parts"].items():
         lines += ["", f"## {TITLES[name]}", ""]
-        if part["status"] != "ok":
-            lines.append(f"{part['status']}: {part.get('error', '')}")
-            if part.get("partial"):
-                lines += ["", "What it found before it stopped:", "", "```",
-                          json.dumps(part["partial"], indent=1)[:4000], "```"]
-            if part.get("log_tail"):
-                lines += ["", "```", part["log_tail"], "```"]
+        if part["status"] == "ok":
+            lines += RENDERERS[name](part["result"])
             continue
-        lines += RENDERERS[name](part["result"])
+        lines.append(f"{part['status']}" + (f": {part['error']}" if part.get("error") else ""))
+        if part.get("partial"):
+            lines += ["", "What it found before it stopped:", ""] + render_partial(name, part["partial"])
+        if part.get("log_tail"):
+            lines += ["", "Its last lines of output:", "", "```", part["log_tail"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def render_partial(name: str, partial: dict) -> list[str]:
+    try:
+        return RENDERERS[name](partial)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return ["```", json.dumps(partial)[:1500], "```"]
 
 
 def md_env(r: dict) -> list[str]:
@@ -169,17 +227,23 @@ def md_env(r: dict) -> list[str]:
 
 
 def md_tests(r: dict) -> list[str]:
-    lines = [f"`pytest {' '.join(r['files'])}`: **{r['summary_line']}** (exit {r['returncode']})"]
-    lines += [f"- {failure}" for failure in r["failures"][:40]]
-    return lines
+    counts = ", ".join(f"{n} {kind}" for kind, n in r["counts"].items())
+    line = f"`pytest {' '.join(r['files'])}`: **{counts}**"
+    if "summary_line" in r:
+        line += f" ({r['summary_line']}; exit {r['returncode']})"
+    return [line] + [f"- {failure}" for failure in r["failures"][:40]]
 
 
 def md_greedy(r: dict) -> list[str]:
-    lines = [] if r["stories260K_found"] else ["stories260K not found: run `gpu_check.py --prepare` first.", ""]
+    lines = [] if r.get("stories260K_found", True) else ["stories260K not found: run `gpu_check.py --prepare` first.",
+                                                          ""]
     lines += ["| model | dtype | backend | sequences identical to HF | tokens agreeing (prefix) | first text |",
               "|---|---|---|---|---|---|"]
     for row in r["rows"]:
         for backend, b in row["backends"].items():
+            if "error" in b:
+                lines.append(f"| {row['model']} | {row['dtype']} | {backend} | failed: {b['error'][:80]} | | |")
+                continue
             label = backend + (" (fell back: reference)" if "fell_back_to_reference" in b else "")
             text = b["first_text"].replace("|", "\\|").replace("\n", " ")[:60]
             lines.append(f"| {row['model']} | {row['dtype']} | {label} | {b['identical_sequences']}/{row['prompts']} "
@@ -208,20 +272,31 @@ def md_kernels(r: dict) -> list[str]:
     return lines
 
 
+def md_throughput_model(r: dict) -> list[str]:
+    return [f"random Llama, {r['parameters'] / 1e6:,.1f}M parameters ({r['config']}), saved in bfloat16 in "
+            f"{r['seconds']:.1f} s; {r['requests']} requests, prompts {r['prompt_lens']} tokens, outputs "
+            f"{r['output_lens']} tokens ({r['output_tokens']} in all), EOS ignored"]
+
+
 def md_throughput_jpaged(r: dict) -> list[str]:
-    cold, warm = r["cold"], r["warm"]
-    return [f"{r['requests']} requests, max_num_seqs {r['max_num_seqs']}, max_num_batched_tokens "
-            f"{r['max_num_batched_tokens']}; load {r['load_seconds']:.1f} s",
-            f"- cold pass: {cold['tokens_per_s']:.1f} output tokens/s ({cold['output_tokens']} tokens in "
-            f"{cold['seconds']:.1f} s, {cold['compilations_so_far']} compilations)",
-            f"- warm pass: **{warm['tokens_per_s']:.1f} output tokens/s** ({warm['seconds']:.1f} s); "
-            f"compilations in all: {r['compilations']}"]
+    lines = [f"bfloat16, max_num_seqs {r['max_num_seqs']}, max_num_batched_tokens {r['max_num_batched_tokens']}; "
+             f"load {r['load_seconds']:.1f} s"] if "max_num_seqs" in r else []
+    for label, p in zip(("cold pass (compiles each new shape)", "warm pass"), r["passes"]):
+        lines.append(f"- {label}: **{p['tokens_per_s']:.1f} output tokens/s** ({p['output_tokens']} tokens in "
+                     f"{p['seconds']:.2f} s; {p['compilations_so_far']} step programs compiled so far)")
+    return lines
 
 
 def md_throughput_hf(r: dict) -> list[str]:
-    extra = f", static batches of {r['batch_size']}, {r['dtype']}" if "batch_size" in r else ""
-    return [f"{r['requests']} requests{extra}: **{r['tokens_per_s']:.1f} output tokens/s** ({r['output_tokens']} "
-            f"tokens in {r['seconds']:.1f} s); sequences identical to jpaged's: {r['identical_to_jpaged']}"]
+    how = f"static batches of {r['batch_size']}" if "batch_size" in r else "continuous batching"
+    same = r["identical_to_jpaged"]
+    same = ("not compared (jpaged's part did not finish)" if same is None else
+            f"{same}/{r['requests']} (random weights in bfloat16: near-tied logits make some differences expected)")
+    lines = [f"{r['requests']} requests, {how}, {r['dtype']}: **{r['tokens_per_s']:.1f} output tokens/s** "
+             f"({r['output_tokens']} tokens in {r['seconds']:.2f} s)", f"- sequences identical to jpaged's: {same}"]
+    if r.get("incomplete"):
+        lines.append(f"- {r['incomplete']} requests came back with fewer tokens than asked (counted as they came)")
+    return lines
 
 
 RENDERERS = {
@@ -229,6 +304,7 @@ RENDERERS = {
     "tests": md_tests,
     "greedy": md_greedy,
     "kernels": md_kernels,
+    "throughput_model": md_throughput_model,
     "throughput_jpaged": md_throughput_jpaged,
     "throughput_hf": md_throughput_hf,
     "throughput_hf_batch": md_throughput_hf,

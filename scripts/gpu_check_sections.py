@@ -9,19 +9,22 @@ summary. A part measures, it never asserts: what it finds goes into the summary.
 - `greedy`: greedy tokens of jpaged (reference and Pallas attention) against HF transformers on
   the same device, float32 and bfloat16, for stories260K and a random Llama of realistic shape;
 - `kernels`: `bench_kernels.py` at a size that fits (its interpret-mode check on CPU);
-- `throughput_jpaged`, `throughput_hf`, `throughput_hf_batch`: the same random requests on a
-  0.5B-class random Llama (a tiny one on CPU) through jpaged, HF `generate` and HF continuous
-  batching (`generate_batch`).
+- `throughput_model`: builds a 0.67B random Llama (a tiny one on CPU) in bfloat16;
+- `throughput_jpaged`, `throughput_hf`, `throughput_hf_batch`: the same random requests on it
+  through jpaged, HF `generate` and HF continuous batching.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import gc
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -79,7 +82,7 @@ GPU_SIZES = Sizes(
                           num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048),
 )
 CPU_SIZES = Sizes(
-    copy_elements=2**22,
+    copy_elements=2**25,
     tests=["tests/test_attention_backend.py"],
     greedy_llama=dict(vocab_size=256, hidden_size=512, intermediate_size=256, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256),
@@ -96,6 +99,15 @@ CPU_SIZES = Sizes(
     max_num_seqs=4,
     max_num_batched_tokens=64,
 )
+
+
+def die_with_parent() -> None:
+    """In a child process before it runs: be killed when the process that started it dies
+    (Linux `PR_SET_PDEATHSIG`), so a killed check leaves no part running on the device."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the check's own timeouts still apply
+        pass
 
 
 def sizes_for(cpu: bool) -> Sizes:
@@ -155,7 +167,8 @@ def section_tests(sizes: Sizes, work: Path) -> dict:
     started = time.perf_counter()
     counts: dict[str, int] = {}
     failures: list[str] = []
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=die_with_parent)
     last = ""
     for line in process.stdout:
         print(line, end="", flush=True)
@@ -185,7 +198,6 @@ def section_greedy(sizes: Sizes, work: Path) -> dict:
     import transformers
     from hf_models import save_random_model
 
-    from pallas_kernels.backend import DECODE_KERNEL_ENV
     from pallas_kernels.mosaic_decode_attention import runs_here
     from pallas_kernels.ragged_paged_attention import unsupported_reason
 
@@ -208,25 +220,31 @@ def section_greedy(sizes: Sizes, work: Path) -> dict:
             hf_tokens = _hf_greedy(folder, prompts, max_tokens, dtype)
             row = {"model": name, "dtype": dtype, "prompts": len(prompts), "max_tokens": max_tokens,
                    "hf_tokens": hf_tokens, "backends": {}}
-            reference = _jpaged_greedy(folder, prompts, max_tokens, dtype, "reference", hf_tokens)
-            fallback = unsupported_reason(_head_dim(folder))
-            row["backends"]["reference"] = reference
-            row["backends"]["pallas"] = ({**reference, "fell_back_to_reference": fallback} if fallback else
-                                         _jpaged_greedy(folder, prompts, max_tokens, dtype, "pallas", hf_tokens))
-            if not fallback and runs_here():
-                os.environ[DECODE_KERNEL_ENV] = "mosaic"
-                row["backends"]["pallas (mosaic decode)"] = _jpaged_greedy(folder, prompts, max_tokens, dtype,
-                                                                           "pallas", hf_tokens)
-                del os.environ[DECODE_KERNEL_ENV]
+            run = functools.partial(_jpaged_greedy, folder, prompts, max_tokens, dtype, hf_tokens=hf_tokens)
+            row["backends"]["reference"] = reference = run("reference")
+            fallback = unsupported_reason(config_of(folder)["head_dim"])
+            row["backends"]["pallas"] = {**reference, "fell_back_to_reference": fallback} if fallback else run("pallas")
+            if not fallback and runs_here() and mosaic_supports(folder, dtype):
+                row["backends"]["pallas (mosaic decode)"] = run("pallas", decode_kernel="mosaic")
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "hf_tokens"}), flush=True)
             write_partial(work, "greedy", {"rows": rows})
     return {"stories260K_found": stories is not None, "rows": rows}
 
 
-def _head_dim(folder: Path) -> int:
+def config_of(folder: Path) -> dict:
+    """The fields of a model folder's config.json that the checks need."""
     config = json.loads((folder / "config.json").read_text())
-    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    heads = config["num_attention_heads"]
+    return {"heads": heads, "kv_heads": config.get("num_key_value_heads", heads),
+            "head_dim": config.get("head_dim") or config["hidden_size"] // heads}
+
+
+def mosaic_supports(folder: Path, dtype: str) -> bool:
+    from pallas_kernels.mosaic_decode_attention import mosaic_unsupported_reason
+
+    c = config_of(folder)
+    return mosaic_unsupported_reason(c["heads"], c["kv_heads"], c["head_dim"], 16, dtype) is None
 
 
 def _torch_device() -> str:
@@ -265,27 +283,38 @@ def _free_torch_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _jpaged_greedy(folder, prompts, max_tokens: int, dtype: str, backend: str, hf_tokens) -> dict:
+def _jpaged_greedy(folder, prompts, max_tokens: int, dtype: str, backend: str, hf_tokens,
+                   decode_kernel: str | None = None) -> dict:
+    """jpaged's greedy tokens on `backend` against HF's; an error is recorded, not raised, so
+    that one failing backend leaves the others' results standing."""
     import jax
 
     from jpaged import LLM, SamplingParams
+    from pallas_kernels.backend import DECODE_KERNEL_ENV
 
     cpu = jax.default_backend() == "cpu"
-    llm = LLM(str(folder), dtype=dtype, attention_backend=backend, attention_interpret=cpu and backend == "pallas",
-              num_blocks=64, block_size=16, max_num_batched_tokens=128)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    if decode_kernel:
+        os.environ[DECODE_KERNEL_ENV] = decode_kernel
+    try:
+        llm = LLM(str(folder), dtype=dtype, attention_backend=backend,
+                  attention_interpret=cpu and backend == "pallas", num_blocks=64, block_size=16,
+                  max_num_batched_tokens=128)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    except Exception as error:  # noqa: BLE001 - a kernel that fails here is a finding, not the end of the part
+        return {"error": f"{type(error).__name__}: {error}"[:500]}
+    finally:
+        os.environ.pop(DECODE_KERNEL_ENV, None)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
-    result = {
+    del llm
+    gc.collect()
+    return {
         "identical_sequences": sum(a == b for a, b in zip(tokens, hf_tokens)),
         "tokens_agreeing": sum(_common_prefix(a, b) for a, b in zip(tokens, hf_tokens)),
         "tokens": sum(len(b) for b in hf_tokens),
         "first_text": outs[0].outputs[0].text,
         "token_ids": tokens,
     }
-    del llm
-    gc.collect()
-    return result
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -305,7 +334,7 @@ def section_kernels(sizes: Sizes, work: Path) -> dict:
         return {"cpu_check": bench_kernels.run_cpu_check()}
     args = argparse.Namespace(batches=sizes.kernel_batches, contexts=sizes.kernel_contexts, groups=[4],
                               reps=10, trials=3, tune=False)
-    return bench_kernels.run_gpu(args)
+    return bench_kernels.run_gpu(args, on_result=lambda report: write_partial(work, "kernels", report))
 
 
 # --- end-to-end throughput -----------------------------------------------------------------------
@@ -320,26 +349,44 @@ class Requests:
         return sum(self.max_tokens)
 
 
-def throughput_model(sizes: Sizes, work: Path) -> tuple[Path, Requests]:
-    """The random bfloat16 Llama (built once, by the first throughput part) and the requests."""
+def throughput_requests(sizes: Sizes, vocab_size: int) -> Requests:
+    """The same random requests in every throughput part (fixed seed)."""
     import numpy as np
+
+    rng = np.random.default_rng(3)
+    prompt_lens = rng.integers(sizes.prompt_lens[0], sizes.prompt_lens[1] + 1, sizes.num_requests)
+    max_tokens = rng.integers(sizes.output_lens[0], sizes.output_lens[1] + 1, sizes.num_requests)
+    prompts = [rng.integers(3, vocab_size, n).tolist() for n in prompt_lens]
+    return Requests(prompts, [int(n) for n in max_tokens])
+
+
+def section_throughput_model(sizes: Sizes, work: Path) -> dict:
+    """The random Llama the throughput parts share, saved in bfloat16 (built in a staging folder
+    and renamed, so a part stopped while saving leaves no half-written model)."""
     import torch
     import transformers
     from hf_models import randomize_weights, save_word_level_tokenizer
 
-    folder = work / "throughput_llama"
+    started = time.perf_counter()
     config = transformers.LlamaConfig(**sizes.throughput_llama, bos_token_id=1, eos_token_id=2)
-    if not (folder / "config.json").is_file():
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        randomize_weights(model, seed=3, std=0.02)
-        model.to(torch.bfloat16).save_pretrained(str(folder), safe_serialization=True)
-        save_word_level_tokenizer(folder, config.vocab_size)
-        del model
-    rng = np.random.default_rng(3)
-    prompt_lens = rng.integers(sizes.prompt_lens[0], sizes.prompt_lens[1] + 1, sizes.num_requests)
-    max_tokens = rng.integers(sizes.output_lens[0], sizes.output_lens[1] + 1, sizes.num_requests)
-    prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in prompt_lens]
-    return folder, Requests(prompts, [int(n) for n in max_tokens])
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_weights(model, seed=3, std=0.02)
+    staging = work / "throughput_llama.staging"
+    model.to(torch.bfloat16).save_pretrained(str(staging), safe_serialization=True)
+    save_word_level_tokenizer(staging, config.vocab_size)
+    staging.rename(work / "throughput_llama")
+    requests = throughput_requests(sizes, config.vocab_size)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "config": sizes.throughput_llama,
+            "seconds": time.perf_counter() - started, "requests": len(requests.prompts),
+            "prompt_lens": list(sizes.prompt_lens), "output_lens": list(sizes.output_lens),
+            "output_tokens": requests.output_tokens}
+
+
+def throughput_model(sizes: Sizes, work: Path) -> tuple[Path, Requests]:
+    """The folder `throughput_model` built, and the requests."""
+    folder = work / "throughput_llama"
+    vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
+    return folder, throughput_requests(sizes, vocab_size)
 
 
 def section_throughput_jpaged(sizes: Sizes, work: Path) -> dict:
@@ -350,22 +397,21 @@ def section_throughput_jpaged(sizes: Sizes, work: Path) -> dict:
     blocks = sum(-(-(len(p) + n) // 16) for p, n in zip(requests.prompts, requests.max_tokens))
     llm = LLM(str(folder), dtype="bfloat16", num_blocks=blocks + 64, block_size=16, max_num_seqs=sizes.max_num_seqs,
               max_num_batched_tokens=sizes.max_num_batched_tokens, enable_prefix_caching=False)
-    load_seconds = time.perf_counter() - started
+    result = {"requests": len(requests.prompts), "load_seconds": time.perf_counter() - started,
+              "max_num_seqs": sizes.max_num_seqs, "max_num_batched_tokens": sizes.max_num_batched_tokens,
+              "passes": []}
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in requests.max_tokens]
-    passes = []
     for _ in range(2):  # cold (compiles each new shape), then warm
         started = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in requests.prompts], params, use_tqdm=False)
         seconds = time.perf_counter() - started
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        passes.append({"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds,
-                       "compilations_so_far": llm.engine.stats().num_compilations})
-        print(json.dumps(passes[-1]), flush=True)
-        write_partial(work, "throughput_jpaged", {"load_seconds": load_seconds, "passes": passes})
+        result["passes"].append({"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds,
+                                 "compilations_so_far": llm.engine.stats().num_compilations})
+        print(json.dumps(result["passes"][-1]), flush=True)
+        write_partial(work, "throughput_jpaged", result)
     (work / "jpaged_tokens.json").write_text(json.dumps([list(o.outputs[0].token_ids) for o in outs]))
-    return {"requests": len(requests.prompts), "load_seconds": load_seconds, "cold": passes[0], "warm": passes[1],
-            "compilations": passes[-1]["compilations_so_far"], "attention_backend": "auto",
-            "max_num_seqs": sizes.max_num_seqs, "max_num_batched_tokens": sizes.max_num_batched_tokens}
+    return result
 
 
 def _hf_model(folder):
@@ -380,11 +426,17 @@ def _hf_model(folder):
     return model
 
 
+def _hf_result(requests: Requests, tokens: list[list[int]], seconds: float, model, work: Path, **extra) -> dict:
+    produced = sum(min(len(t), n) for t, n in zip(tokens, requests.max_tokens))
+    return {"requests": len(requests.prompts), **extra, "seconds": seconds, "output_tokens": produced,
+            "tokens_per_s": produced / seconds, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "incomplete": sum(len(t) < n for t, n in zip(tokens, requests.max_tokens)),
+            "identical_to_jpaged": _identical_to_jpaged(work, tokens)}
+
+
 def section_throughput_hf(sizes: Sizes, work: Path) -> dict:
     """HF `generate` in static batches of `hf_batch_size`, left-padded, each batch run to its longest
     request; only each request's own `max_tokens` count as output."""
-    import torch
-
     folder, requests = throughput_model(sizes, work)
     model = _hf_model(folder)
     device = _torch_device()
@@ -396,11 +448,7 @@ def section_throughput_hf(sizes: Sizes, work: Path) -> dict:
         batch = slice(first, first + sizes.hf_batch_size)
         rows = _hf_generate(model, requests.prompts[batch], max(requests.max_tokens[batch]), device)
         tokens += [row[:n] for row, n in zip(rows, requests.max_tokens[batch])]
-    seconds = time.perf_counter() - started
-    return {"requests": len(requests.prompts), "batch_size": sizes.hf_batch_size, "seconds": seconds,
-            "output_tokens": requests.output_tokens, "tokens_per_s": requests.output_tokens / seconds,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-            "identical_to_jpaged": _identical_to_jpaged(work, tokens), "torch": torch.__version__}
+    return _hf_result(requests, tokens, time.perf_counter() - started, model, work, batch_size=sizes.hf_batch_size)
 
 
 def _hf_generate(model, prompts, max_new_tokens: int, device) -> list[list[int]]:
@@ -416,20 +464,16 @@ def _hf_generate(model, prompts, max_new_tokens: int, device) -> list[list[int]]
 
 
 def section_throughput_hf_batch(sizes: Sizes, work: Path) -> dict:
-    """HF continuous batching: every request added to one manager with its own `max_new_tokens`,
-    timed from the first request added to the last one finished."""
+    """HF continuous batching: every request added to one manager (which warms itself up first)
+    with its own `max_new_tokens`, timed from the first request added to the last one finished."""
     from transformers import GenerationConfig
 
     folder, requests = throughput_model(sizes, work)
     model = _hf_model(folder)
     config = GenerationConfig(do_sample=False, max_new_tokens=max(requests.max_tokens), eos_token_id=None,
                               pad_token_id=0)
-    if _torch_device() == "cuda":  # on CPU a warm-up costs a manager's start and stop (about 12 s) for nothing
-        _hf_continuous(model, requests.prompts[:2], [4, 4], config)
     tokens, seconds = _hf_continuous(model, requests.prompts, requests.max_tokens, config)
-    produced = sum(min(len(t), n) for t, n in zip(tokens, requests.max_tokens))
-    return {"requests": len(requests.prompts), "seconds": seconds, "output_tokens": produced,
-            "tokens_per_s": produced / seconds, "identical_to_jpaged": _identical_to_jpaged(work, tokens)}
+    return _hf_result(requests, tokens, seconds, model, work)
 
 
 def _hf_continuous(model, prompts, max_tokens, config, timeout_s: float = 600) -> tuple[list[list[int]], float]:
@@ -459,6 +503,7 @@ SECTIONS = {
     "tests": section_tests,
     "greedy": section_greedy,
     "kernels": section_kernels,
+    "throughput_model": section_throughput_model,
     "throughput_jpaged": section_throughput_jpaged,
     "throughput_hf": section_throughput_hf,
     "throughput_hf_batch": section_throughput_hf_batch,

@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = ["env", "tests", "greedy", "kernels", "throughput_jpaged", "throughput_hf", "throughput_hf_batch"]
+PARTS = ["env", "tests", "greedy", "kernels", "throughput_model", "throughput_jpaged", "throughput_hf",
+         "throughput_hf_batch"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def test_every_part_finishes_and_writes_the_summary(check):
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "summary.json", "summary.md"]
     markdown = (out / "summary.md").read_text()
     for title in ("Environment", "Kernel and engine-backend tests", "Greedy tokens", "Paged-attention kernels",
-                  "Throughput: jpaged", "Throughput: HF generate", "Throughput: HF continuous batching"):
+                  "Throughput: the model", "Throughput: jpaged", "Throughput: HF generate",
+                  "Throughput: HF continuous batching"):
         assert f"## {title}" in markdown
 
 
@@ -51,9 +53,11 @@ def test_parts_report_what_they_measured(check):
     assert parts["env"]["platform"] == "cpu" and parts["env"]["copy_bytes_per_s"] > 0
     assert parts["tests"]["counts"].get("passed", 0) > 0 and not parts["tests"]["failures"]
     assert parts["kernels"]["cpu_check"]["ok"]
-    jpaged = parts["throughput_jpaged"]
-    assert jpaged["warm"]["output_tokens"] == parts["throughput_hf"]["output_tokens"] > 0
-    assert 0 < jpaged["compilations"] == jpaged["cold"]["compilations_so_far"]  # the warm pass compiles nothing
+    cold, warm = parts["throughput_jpaged"]["passes"]
+    expected = parts["throughput_model"]["output_tokens"]
+    assert warm["output_tokens"] == parts["throughput_hf"]["output_tokens"] == expected > 0
+    assert parts["throughput_hf_batch"]["output_tokens"] == expected
+    assert 0 < cold["compilations_so_far"] == warm["compilations_so_far"]  # the warm pass compiles nothing
 
 
 def test_greedy_tokens_match_hf(check):
@@ -67,3 +71,36 @@ def test_greedy_tokens_match_hf(check):
         for backend in ("reference", "pallas"):
             assert row["backends"][backend]["identical_sequences"] == row["prompts"], (row["model"], backend)
         assert ("fell_back_to_reference" in row["backends"]["pallas"]) == (row["model"] == "stories260K")
+
+
+def test_a_killed_check_leaves_no_part_running_and_says_where_it_stopped(tmp_path):
+    """SIGTERM in the middle: the running part's processes die with it and the summary says so."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), str(out), "--cpu"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not _running_part(out)[0]:
+        time.sleep(0.5)
+    part, pid = _running_part(out)
+    assert part, "no part started within two minutes"
+    time.sleep(2)  # well inside the part
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 130
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parts"][part]["status"] == "interrupted" and part in summary["interrupted"]
+    assert "pending" in {p["status"] for p in summary["parts"].values()}
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def _running_part(out: Path) -> tuple[str | None, int | None]:
+    try:
+        parts = json.loads((out / "summary.json").read_text())["parts"]
+    except (OSError, ValueError):
+        return None, None
+    return next(((name, p["pid"]) for name, p in parts.items() if p["status"] == "running" and name != "env"),
+                (None, None))
