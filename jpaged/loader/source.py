@@ -1,11 +1,14 @@
 """Resolves what the user named as `model` into config, tokenizer and a weight stream.
 
-`None` means the built-in default model; a path ending in `.gguf` is a GGUF file; anything else
-must be an HF model folder.
+`None` means the built-in default model; a path ending in `.gguf` is a GGUF file; an existing
+folder is an HF model folder; anything else shaped like `org/name` is a model id on the HF hub,
+found in the local HF cache (`$HF_HOME`, `$HF_HUB_CACHE`) or downloaded there by
+`huggingface_hub` where a hub is reachable and `HF_HUB_OFFLINE` is not set.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +18,9 @@ import numpy as np
 
 from jpaged.loader import hf
 from jpaged.loader.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]  # what a model folder needs
 
 
 @dataclass
@@ -35,10 +41,10 @@ def open_model(model: str | None) -> ModelSource:
             raise FileNotFoundError(f"GGUF file {path} not found")
         return _open_gguf(path, str(path))
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"model {model!r} is neither an HF model folder nor a .gguf file "
-            "(models are loaded from local files only)"
-        )
+        if not HUB_ID.fullmatch(model):
+            raise FileNotFoundError(f"model {model!r} is neither an HF model folder, a .gguf file "
+                                    "nor an HF hub id of the form 'org/name'")
+        path = hub_snapshot(model)
     return ModelSource(
         name=str(path),
         hf_config=hf.read_json(path / "config.json"),
@@ -49,13 +55,33 @@ def open_model(model: str | None) -> ModelSource:
 
 
 def _open_gguf(path: Path, name: str) -> ModelSource:
-    from jpaged.loader import gguf  # the `gguf` package is needed for GGUF files only
+    from jpaged.loader import gguf, gguf_cache  # the `gguf` package is needed for GGUF files only
 
-    config = gguf.load_gguf_config(path)
+    index, tokenizer = gguf_cache.open_cached(path)
     return ModelSource(
         name=name,
-        hf_config=config,
+        hf_config=index.config,
         generation_config={},
-        tokenizer=gguf.load_gguf_tokenizer(path),
-        weights=lambda: gguf.load_gguf_weights(path),
+        tokenizer=tokenizer,
+        weights=lambda: gguf.load_gguf_weights(path, index=index),
     )
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local folder of hub model `repo_id` (config, tokenizer, safetensors), from the HF
+    cache, or downloaded into it where the hub is reachable and offline mode is off.
+
+    Raises FileNotFoundError naming the id, the cache searched and whether offline mode is on.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as error:
+        mode = "offline mode (HF_HUB_OFFLINE) is on" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
+        raise FileNotFoundError(f"model {repo_id!r} is not in the HF cache at {constants.HF_HUB_CACHE} and "
+                                f"{mode}: {type(error).__name__}") from error
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"hub model {repo_id!r} at {folder} has no config.json")
+    return folder

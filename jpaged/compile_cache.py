@@ -1,0 +1,58 @@
+"""jax's persistent compilation cache, kept in jpaged's cache directory (`<cache dir>/xla`).
+
+A step program compiled once is written to disk and loaded by the next process that needs the
+same program (same model shapes, step shape, jax version and device), so a second start
+compiles nothing it compiled before. The engine turns it on when it starts (`EngineConfig.
+compilation_cache`, on by default); it is left alone where the user has pointed jax's cache
+elsewhere. jax decides once per process, at its first compilation, whether the cache is used,
+so it takes effect when the engine is the first thing in the process to compile (as in the
+CLI, scripts and servers). Entries are evicted least-recently-used beyond `MAX_BYTES`.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+from jax import monitoring
+
+from jpaged.cache_dir import cache_dir
+
+MAX_BYTES = 2 * 2**30
+_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+_counts = {"hits": 0, "misses": 0}
+_listening = False
+
+
+def enable(directory: pathlib.Path | None = None) -> pathlib.Path | None:
+    """Point jax's persistent compilation cache at `directory` (default `<cache dir>/xla`),
+    caching every program however quick its compilation. Returns the directory in use: the
+    user's own where jax already had one, else `directory`."""
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        _listen()
+        return pathlib.Path(current)
+    directory = directory or cache_dir() / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+    _listen()
+    return directory
+
+
+def counts() -> dict[str, int]:
+    """Persistent-cache hits and misses of this process since the cache was enabled."""
+    return dict(_counts)
+
+
+def _listen() -> None:
+    global _listening
+    if not _listening:
+        monitoring.register_event_listener(_count)
+        _listening = True
+
+
+def _count(event: str, **_) -> None:
+    if event in _EVENTS:
+        _counts[_EVENTS[event]] += 1

@@ -1,0 +1,61 @@
+"""jax's persistent compilation cache in jpaged's cache directory: a second process compiles
+nothing the first one compiled, and gives the same tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from hf_models import save_random_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = """
+import json, sys
+from jpaged import LLM, SamplingParams, compile_cache
+llm = LLM(sys.argv[1], num_blocks=16, max_num_seqs=2, compilation_cache=sys.argv[2] == "on")
+outs = llm.generate([{"prompt_token_ids": [5, 6, 7, 8, 9]}, {"prompt_token_ids": [9, 3]}],
+                    SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outs], "counts": compile_cache.counts(),
+                  "programs": llm.engine.stats().num_compilations}))
+"""
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    save_random_model(folder, config, seed=5)
+    return folder
+
+
+def run(folder: Path, cache: Path, setting: str = "on") -> dict:
+    env = dict(os.environ, JPAGED_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", RUN, str(folder), setting], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_compiles_nothing_again(model_folder, tmp_path):
+    first = run(model_folder, tmp_path)
+    second = run(model_folder, tmp_path)
+    assert first["counts"]["misses"] >= first["programs"] > 0
+    assert second["counts"]["misses"] == 0
+    assert second["counts"]["hits"] >= first["counts"]["misses"]  # a program the first run compiled twice hits twice
+    assert second["tokens"] == first["tokens"]
+    assert any((tmp_path / "xla").iterdir())
+
+
+def test_the_cache_can_be_turned_off(model_folder, tmp_path):
+    off = run(model_folder, tmp_path, setting="off")
+    assert off["counts"] == {"hits": 0, "misses": 0}
+    assert not (tmp_path / "xla").exists()

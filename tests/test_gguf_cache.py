@@ -1,0 +1,88 @@
+"""The GGUF cache: a file's metadata is parsed once, later loads read the cached index and
+tokenizer, which give what the file gives (and what HF transformers' own GGUF loader gives)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from jpaged.loader import gguf_cache
+from jpaged.loader.gguf import load_gguf_weights, read_gguf_index
+
+TEXTS = ["What is the capital of France?", "café 😊🍰 お元気ですか", "  leading spaces\nand\ttabs", ""]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi! 😊"}]
+
+
+@pytest.fixture
+def gguf_copy(model_path, tmp_path):
+    path = tmp_path / model_path.name
+    shutil.copy(model_path, path)
+    return path
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the GGUF file was parsed again")
+
+
+def _token_ids(tokenizer) -> list:
+    chat = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    return [tokenizer.encode(text) for text in TEXTS] + [tokenizer.encode(chat, add_special_tokens=False), chat]
+
+
+def test_second_load_reads_the_cache_with_the_same_tokens_as_hf(gguf_copy, tmp_path, monkeypatch):
+    from transformers import AutoTokenizer
+
+    root = tmp_path / "cache"
+    first_index, first_tokenizer = gguf_cache.open_cached(gguf_copy, root)
+    monkeypatch.setattr(gguf_cache, "read_gguf_index", _refuse)
+    monkeypatch.setattr(gguf_cache, "load_gguf_tokenizer", _refuse)
+    index, tokenizer = gguf_cache.open_cached(gguf_copy, root)
+
+    assert index == first_index
+    hf = AutoTokenizer.from_pretrained(str(gguf_copy.parent), gguf_file=gguf_copy.name)
+    assert _token_ids(tokenizer) == _token_ids(first_tokenizer) == _token_ids(hf)
+    assert (tokenizer.eos_token, tokenizer.bos_token) == (hf.eos_token, hf.bos_token)
+    assert [tokenizer.decode(ids) for ids in _token_ids(hf)[:-1]] == [hf.decode(ids) for ids in _token_ids(hf)[:-1]]
+
+
+def test_cached_index_reads_the_same_weights(gguf_copy, tmp_path):
+    index, _ = gguf_cache.open_cached(gguf_copy, tmp_path / "cache")
+    from_cache = load_gguf_weights(gguf_copy, index=index)
+    from_file = load_gguf_weights(gguf_copy)
+    for (name, cached), (other, parsed) in zip(from_cache, from_file):
+        assert name == other
+        np.testing.assert_array_equal(cached, parsed)
+
+
+def test_a_changed_file_gets_a_fresh_entry(gguf_copy, tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    gguf_cache.open_cached(gguf_copy, root)
+    before = gguf_cache.entry_dir(gguf_copy, root)
+    stat = gguf_copy.stat()
+    os.utime(gguf_copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    after = gguf_cache.entry_dir(gguf_copy, root)
+    assert after != before and not after.exists()
+    parses = []
+    monkeypatch.setattr(gguf_cache, "read_gguf_index", lambda path: parses.append(path) or read_gguf_index(path))
+    gguf_cache.open_cached(gguf_copy, root)
+    assert parses == [gguf_copy] and (after / "index.json").is_file()
+
+
+def test_an_unreadable_entry_is_rebuilt(gguf_copy, tmp_path, caplog):
+    root = tmp_path / "cache"
+    index, _ = gguf_cache.open_cached(gguf_copy, root)
+    (gguf_cache.entry_dir(gguf_copy, root) / "index.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="jpaged"):
+        rebuilt, _ = gguf_cache.open_cached(gguf_copy, root)
+    assert rebuilt == index
+    assert any("unreadable" in record.getMessage() for record in caplog.records)
+    assert json.loads((gguf_cache.entry_dir(gguf_copy, root) / "index.json").read_text())["config"] == index.config
+
+
+def test_a_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.gguf"):
+        gguf_cache.open_cached(tmp_path / "nothing.gguf", tmp_path)
