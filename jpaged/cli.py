@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     gen = sub.add_parser("generate", help="generate answers to prompts (the default command)")
     gen.add_argument("prompts", nargs="*", help=f"prompts (default: {DEFAULT_PROMPT!r})")
-    gen.add_argument("--model", default=None, help="HF model folder or .gguf file (default: built-in model)")
+    gen.add_argument("--model", default=None, help="HF model folder, HF hub id (org/name) or .gguf file (default: built-in model)")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
