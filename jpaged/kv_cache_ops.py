@@ -2,8 +2,8 @@
 
 The scheduler decides which blocks move (pairs of block ids); these functions move their
 contents for all layers at once, K and V together, as one device operation per kind of move.
-Index lists are padded to a bucketed length so each operation compiles for few shapes; padding
-pairs point past the end of the cache and are dropped.
+Index lists are padded to a power of two (`jpaged/padding.py`) so each operation compiles for few
+shapes; padding pairs point past the end of the cache and are dropped.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from functools import partial
 import jax
 import numpy as np
 
+from jpaged.padding import power_of_two
+
 KVCache = tuple[jax.Array, jax.Array]  # each [num_layers, num_blocks, block_size, kv_heads, head_dim]
 
 
 def padded_indices(ids: list[int], fill: int) -> np.ndarray:
-    length = 1 << max(0, (len(ids) - 1).bit_length())
+    length = power_of_two(len(ids))
     return np.array(ids + [fill] * (length - len(ids)), np.int32)
 
 

@@ -1,11 +1,11 @@
 """Runs the jitted model step on a scheduled step and returns the sampled tokens.
 
-This is the boundary between the host (Python lists, numpy) and the device (jax): it turns the
-scheduler's plan into a `StepBatch` (`jpaged/step_batch.py`), carries out the plan's block moves
-on the KV cache, and calls the step (model, then on-device sampling) with the KV cache donated
-so it is updated in place. It owns the model's parameters and KV cache, placed on this engine's
-slice of the device mesh under tensor / pipeline / expert parallelism, where the step's arrays
-reach every shard replicated.
+This is the boundary between the host (Python lists, numpy) and the device (jax): it takes the
+step's padded arrays as `jpaged/step_batch.py` prepares them from the scheduler's plan, carries out
+the plan's block moves on the KV cache, and calls the step (model, then on-device sampling) with
+the KV cache donated so it is updated in place. It owns the model's parameters and KV cache,
+placed on this engine's slice of the device mesh under tensor / pipeline / expert parallelism,
+where the step's arrays reach every shard replicated.
 """
 
 from __future__ import annotations
@@ -28,20 +28,13 @@ from jpaged.parallel.expert_parallel import expert_parallel_moe
 from jpaged.parallel.layout import kv_heads_per_model
 from jpaged.parallel.partition import KV_CACHE_SPEC, param_spec, shard_attention_layer
 from jpaged.parallel.pipeline import pipeline
-from jpaged.sampler import (
-    SamplerOutput,
-    SamplingArrays,
-    max_num_logprobs,
-    sample_with_logprobs,
-)
-from jpaged.sampling_params import SamplingParams
+from jpaged.sampler import SamplerOutput, sample_with_logprobs
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
-from jpaged.step_batch import StepBatch, build_step_batch
+from jpaged.step_batch import SamplingArrays, StepBatch, build_step_batch, prepare_step
 from pallas_kernels.backend import select_attention
 from pallas_kernels.paged_attention import paged_attention_layer
 
 logger = logging.getLogger("jpaged")
-_PADDING_PARAMS = SamplingParams(temperature=0.0)
 
 
 def resolve_dtype(dtype: str):
@@ -163,43 +156,19 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledSequence]) -> SamplerOutput:
         """Run one step; per scheduled sequence (in the given order) its sampled token and, where
         a request wants them, logprobs. Rows that do not sample carry meaningless values."""
-        batch, rows = self._build_batch(scheduled, self._num_micro_batches(scheduled))
-        seqs: list = [None] * len(batch.logits_indices)
-        for item, row in zip(scheduled, rows):
-            seqs[row] = item.seq
-        params = [s.sampling_params if s else _PADDING_PARAMS for s in seqs]
-        sampling = SamplingArrays.build(
-            params, [s.seed if s else 0 for s in seqs], [len(s.output_token_ids) if s else 0 for s in seqs],
-            pad_to=len(seqs),
-            prompt_token_ids=[s.prompt_token_ids if s else [] for s in seqs],
-            output_token_ids=[s.output_token_ids if s else [] for s in seqs],
-            eos_token_ids=self.eos_token_ids, vocab_size=self.model_config.vocab_size,
-        )
-        all_greedy = all(p.is_greedy for p in params)
-        num_logprobs = max_num_logprobs(params)
-        if num_logprobs is None and any(p.best_of > p.n for p in params):
-            num_logprobs = 0  # best_of ranks samples by their cumulative logprob
-        out, self.kv_cache = self._step(self.state, self.kv_cache, batch, sampling,
-                                        all_greedy=all_greedy, num_logprobs=num_logprobs)
-        return SamplerOutput(*(None if field is None else np.asarray(field)[rows] for field in out))
-
-    def _num_micro_batches(self, scheduled: list[ScheduledSequence]) -> int:
-        if self.parallel.pipeline_parallel_size == 1:
-            return 1
-        prefills = any(s.num_new_tokens > 1 for s in scheduled)
-        return self.parallel.prefill_micro_batches if prefills else self.parallel.decode_micro_batches
+        step = prepare_step(scheduled, self.block_size, self.parallel, self.eos_token_ids,
+                            self.model_config.vocab_size)
+        out, self.kv_cache = self._step(self.state, self.kv_cache, step.batch, step.sampling,
+                                        all_greedy=step.all_greedy, num_logprobs=step.num_logprobs)
+        return SamplerOutput(*(None if field is None else np.asarray(field)[step.rows] for field in out))
 
     def prompt_logits(self, seq, block_manager: BlockManager) -> np.ndarray:
         """Float32 logits `[num_tokens, vocab]` of a fresh sequence's whole prompt, through the cache."""
         block_manager.grow(seq, seq.num_tokens)
         try:
-            batch, _ = self._build_batch([ScheduledSequence.of(seq, seq.num_tokens)])
+            batch, _ = build_step_batch([ScheduledSequence.of(seq, seq.num_tokens)], self.block_size,
+                                        stacked=self.parallel.pipeline_parallel_size > 1)
             logits, self.kv_cache = self._logits(self.state, self.kv_cache, batch)
         finally:
             block_manager.free(seq)
         return np.asarray(logits)[: seq.num_tokens]
-
-    def _build_batch(self, scheduled: list[ScheduledSequence], num_micro_batches: int = 1
-                     ) -> tuple[StepBatch, np.ndarray]:
-        return build_step_batch(scheduled, self.block_size, num_micro_batches,
-                                stacked=self.parallel.pipeline_parallel_size > 1)

@@ -4,7 +4,7 @@ A ``SamplingParams`` is built by the user (or the CLI) and validated here, on th
 its request enters the engine: a bad value fails at construction with an error naming the field,
 the value and the allowed range, so it can never reach the scheduler or the jitted step. The
 sampler later packs the numeric fields of every scheduled request into device arrays
-(``jpaged.sampler.SamplingArrays``); the stop fields are used by the engine's host-side stop checks.
+(``jpaged.step_batch.SamplingArrays``); the stop fields are used by the engine's host-side stop checks.
 """
 
 from __future__ import annotations

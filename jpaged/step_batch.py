@@ -1,35 +1,37 @@
-"""The step's batch: the scheduled sequences' new tokens as padded arrays for the jitted step.
+"""Host-side step preparation: the scheduled sequences as the padded arrays the jitted step takes.
 
-Between the scheduler (Python lists) and the model (jax arrays): flattened `token_ids` and
-`positions`, the `slot_mapping` where each new token's K/V goes, and per sequence its
-`block_tables` row, `context_lens`, `query_start` and `query_lens`. Decode sequences come first.
-Every dimension is padded to a bucket (see `bucket`) so the step compiles for a small, logged
-set of shapes. For a pipeline the step's tokens are cut into micro-batches of one shape, stacked
-on a leading axis.
+Between the scheduler (Python lists) and the device (`jpaged/model_runner.py`), all numpy:
+
+- the token arrays (`StepBatch`): flattened `token_ids` and `positions`, the `slot_mapping` where
+  each new token's K/V goes, and per sequence its `block_tables` row, `context_lens`,
+  `query_start` and `query_lens`. Decode sequences come first. For a pipeline the step's tokens
+  are cut into micro-batches of one shape, stacked on a leading axis;
+- the logits rows: which row of the step's logits belongs to each scheduled sequence;
+- the sampling arrays (`SamplingArrays`): each row's sampling controls, and the token ids its
+  penalties, bias and `min_tokens` touch, for the on-device sampler (`jpaged/sampler.py`).
+
+Every dimension is padded by the rules in `jpaged/padding.py`, so the step compiles for a small,
+logged set of shapes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
+from jpaged.config import ParallelConfig
+from jpaged.padding import bucket, list_width
+from jpaged.sampling_params import SEED_LIMIT, SamplingParams
 from jpaged.scheduler import ScheduledSequence
 from jpaged.sequence import Sequence
 from pallas_kernels.paged_attention import AttentionMetadata
 
-
-def bucket(n: int) -> int:
-    """The padded size for `n`: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (0 stays 0).
-
-    Powers of two and their halfway points waste at most a third of a dimension while
-    keeping the number of distinct shapes, and so of compilations, logarithmic.
-    """
-    if n <= 2:
-        return n
-    power = 1 << (n - 1).bit_length()
-    return power * 3 // 4 if n <= power * 3 // 4 else power
+_PADDING_PARAMS = SamplingParams(temperature=0.0)
 
 
 @dataclass(frozen=True)
@@ -160,3 +162,272 @@ def _fill(pieces: list[_Piece], shape: _BatchShape, block_size: int) -> tuple[di
         arrays["context_lens"][row] = piece.first + piece.count
         arrays["query_start"][row], arrays["query_lens"][row] = start, piece.count
     return arrays, rows
+
+
+PAD_TOKEN_ID = np.iinfo(np.int32).max
+"""Padding id of the per-row token lists: out of range for any vocabulary, so the device drops it
+(gathers read a fill value, scatters skip it). A negative pad would wrap around in jax indexing."""
+
+
+def _pack_rows(rows: dict[int, tuple[np.ndarray, np.ndarray]], pad_to: int, value_dtype: type,
+               pad_value: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pack per-row (ids, values) into ``[pad_to, width]`` arrays padded with PAD_TOKEN_ID."""
+    width = list_width(max(len(ids) for ids, _ in rows.values()))
+    ids_out = np.full((pad_to, width), PAD_TOKEN_ID, dtype=np.int32)
+    values_out = np.full((pad_to, width), pad_value, dtype=value_dtype)
+    for row, (ids, values) in rows.items():
+        ids_out[row, : len(ids)] = ids
+        values_out[row, : len(ids)] = values
+    return ids_out, values_out
+
+
+def max_num_logprobs(params: Iterable[SamplingParams]) -> int | None:
+    """The static ``num_logprobs`` a batch needs: None when no row asks for logprobs, else the
+    largest ``logprobs`` asked for (0 means only the sampled tokens' logprobs)."""
+    counts = [p.logprobs for p in params if p.logprobs is not None]
+    return max(counts) if counts else None
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SamplingArrays:
+    """Per-row sampling controls for a batch of S rows (a jax pytree).
+
+    Always present, shape [S]:
+        temperature: float32; 0 marks a greedy row.
+        top_k: int32; 0 disables top-k.
+        top_p: float32 in (0, 1]; 1 disables top-p.
+        min_p: float32 in [0, 1]; 0 disables min-p.
+        seed: uint32 request seed.
+        step: int32 number of tokens the sequence has generated so far.
+
+    Present only when some row uses a penalty (else None):
+        repetition_penalty, frequency_penalty, presence_penalty: float32 [S] (1, 0, 0 = off).
+        penalty_ids: int32 [S, L], each row's distinct token ids the penalties touch: the tokens
+            of its output, plus those of its prompt when its repetition penalty is on; padded with
+            ``PAD_TOKEN_ID``.
+        output_counts: int32 [S, L], occurrences of ``penalty_ids`` in the row's output (0 for
+            tokens seen only in the prompt).
+
+    Present only when some row has a ``logit_bias`` or is still under its ``min_tokens`` (else
+    None):
+        bias_ids: int32 [S, B], each row's distinct biased token ids, padded with PAD_TOKEN_ID.
+        bias_values: float32 [S, B], added to those logits; -inf blocks a token (min_tokens).
+    """
+
+    temperature: jax.Array | np.ndarray
+    top_k: jax.Array | np.ndarray
+    top_p: jax.Array | np.ndarray
+    min_p: jax.Array | np.ndarray
+    seed: jax.Array | np.ndarray
+    step: jax.Array | np.ndarray
+    repetition_penalty: jax.Array | np.ndarray | None = None
+    frequency_penalty: jax.Array | np.ndarray | None = None
+    presence_penalty: jax.Array | np.ndarray | None = None
+    penalty_ids: jax.Array | np.ndarray | None = None
+    output_counts: jax.Array | np.ndarray | None = None
+    bias_ids: jax.Array | np.ndarray | None = None
+    bias_values: jax.Array | np.ndarray | None = None
+
+    @property
+    def has_penalties(self) -> bool:
+        """True when the penalty arrays are present (static: part of the pytree structure)."""
+        return self.penalty_ids is not None
+
+    @property
+    def has_bias(self) -> bool:
+        """True when the bias arrays are present (static: part of the pytree structure)."""
+        return self.bias_ids is not None
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        seeds: list[int],
+        steps: list[int],
+        pad_to: int,
+        *,
+        prompt_token_ids: SequenceABC[SequenceABC[int]] | None = None,
+        output_token_ids: SequenceABC[SequenceABC[int]] | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+        stop_ids_before_min: SequenceABC[SequenceABC[int]] | None = None,
+        vocab_size: int | None = None,
+    ) -> SamplingArrays:
+        """Pack one row per request into numpy arrays of ``pad_to`` rows; padding rows are greedy
+        and unpenalised.
+
+        ``seeds`` are already resolved (the engine draws one for requests without a seed) and
+        ``steps`` count the tokens each sequence has generated so far (``min_tokens`` compares
+        against them). The keyword arguments hold one entry per row and are needed only by the
+        rows that use them; a missing one that a row needs is a ValueError:
+
+        Args:
+            prompt_token_ids: each row's prompt tokens; needed when a row has a repetition
+                penalty.
+            output_token_ids: each row's generated tokens; needed when a row has any penalty.
+            eos_token_ids: the model's EOS ids, blocked (with the row's ``stop_token_ids``, and
+                unless ``ignore_eos``) while a row has generated fewer than ``min_tokens``;
+                needed when such a row exists, unless ``stop_ids_before_min`` is given.
+            stop_ids_before_min: instead of ``eos_token_ids``, each row's ids to block, used as
+                given for rows with ``steps < min_tokens`` and ignored for the others.
+            vocab_size: if given, ``logit_bias`` token ids must be below it.
+        """
+        num_rows = len(params)
+        if len(seeds) != num_rows or len(steps) != num_rows:
+            raise ValueError(
+                f"params, seeds and steps must have one entry per row, got "
+                f"{num_rows}, {len(seeds)} and {len(steps)}"
+            )
+        for name, rows in (("prompt_token_ids", prompt_token_ids),
+                           ("output_token_ids", output_token_ids),
+                           ("stop_ids_before_min", stop_ids_before_min)):
+            if rows is not None and len(rows) != num_rows:
+                raise ValueError(
+                    f"{name} must have one entry per row ({num_rows}), got {len(rows)}"
+                )
+        if num_rows > pad_to:
+            raise ValueError(f"pad_to must be >= the number of rows ({num_rows}), got {pad_to}")
+        seed_values = np.asarray(seeds, dtype=np.int64)
+        if np.any((seed_values < 0) | (seed_values >= SEED_LIMIT)):
+            raise ValueError(f"seeds must be in [0, 2**32), got {list(seeds)}")
+
+        def padded(values: list | np.ndarray, dtype: type, pad_value: float) -> np.ndarray:
+            column = np.full(pad_to, pad_value, dtype=dtype)
+            column[:num_rows] = values
+            return column
+
+        penalty_fields: dict[str, np.ndarray | None] = dict.fromkeys(
+            ("repetition_penalty", "frequency_penalty", "presence_penalty", "penalty_ids",
+             "output_counts"))
+        penalty_rows = _penalty_rows(params, prompt_token_ids, output_token_ids)
+        if penalty_rows:
+            penalty_ids, output_counts = _pack_rows(penalty_rows, pad_to, np.int32, 0)
+            penalty_fields.update(
+                repetition_penalty=padded([p.repetition_penalty for p in params], np.float32, 1.0),
+                frequency_penalty=padded([p.frequency_penalty for p in params], np.float32, 0.0),
+                presence_penalty=padded([p.presence_penalty for p in params], np.float32, 0.0),
+                penalty_ids=penalty_ids,
+                output_counts=output_counts,
+            )
+        bias_ids = bias_values = None
+        bias_rows = _bias_rows(params, steps, eos_token_ids, stop_ids_before_min, vocab_size)
+        if bias_rows:
+            bias_ids, bias_values = _pack_rows(bias_rows, pad_to, np.float32, 0.0)
+
+        return cls(
+            temperature=padded([p.temperature for p in params], np.float32, 0.0),
+            top_k=padded([p.top_k for p in params], np.int32, 0),
+            top_p=padded([p.top_p for p in params], np.float32, 1.0),
+            min_p=padded([p.min_p for p in params], np.float32, 0.0),
+            seed=padded(seed_values, np.uint32, 0),
+            step=padded(steps, np.int32, 0),
+            bias_ids=bias_ids,
+            bias_values=bias_values,
+            **penalty_fields,
+        )
+
+
+def _penalty_rows(
+    params: list[SamplingParams],
+    prompt_token_ids: SequenceABC[SequenceABC[int]] | None,
+    output_token_ids: SequenceABC[SequenceABC[int]] | None,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per penalised row: its distinct touched token ids and their counts in the output."""
+    rows = {}
+    for row, p in enumerate(params):
+        if not p.uses_penalties:
+            continue
+        if output_token_ids is None:
+            raise ValueError(
+                f"output_token_ids are needed: row {row} uses a repetition, frequency or "
+                f"presence penalty"
+            )
+        output = np.asarray(output_token_ids[row], dtype=np.int64)
+        ids, counts = np.unique(output, return_counts=True)
+        if p.uses_repetition_penalty:
+            if prompt_token_ids is None:
+                raise ValueError(
+                    f"prompt_token_ids are needed: row {row} uses a repetition penalty"
+                )
+            prompt_only = np.setdiff1d(np.asarray(prompt_token_ids[row], dtype=np.int64), ids)
+            ids = np.concatenate([ids, prompt_only])
+            counts = np.concatenate([counts, np.zeros(len(prompt_only), counts.dtype)])
+        rows[row] = (ids, counts)
+    return rows
+
+
+def _bias_rows(
+    params: list[SamplingParams],
+    steps: list[int],
+    eos_token_ids: Iterable[int] | None,
+    stop_ids_before_min: SequenceABC[SequenceABC[int]] | None,
+    vocab_size: int | None,
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per row with a logit bias or an unmet ``min_tokens``: its distinct ids and additive bias."""
+    eos = None if eos_token_ids is None else [int(t) for t in eos_token_ids]
+    rows = {}
+    for row, p in enumerate(params):
+        bias = dict(p.logit_bias or {})
+        if vocab_size is not None:
+            outside = [t for t in bias if t >= vocab_size]
+            if outside:
+                raise ValueError(
+                    f"logit_bias token ids must be in [0, vocab_size={vocab_size}), got {outside}"
+                )
+        if steps[row] < p.min_tokens:
+            if stop_ids_before_min is not None:
+                blocked = list(stop_ids_before_min[row])
+            elif p.ignore_eos:
+                blocked = list(p.stop_token_ids)
+            elif eos is None:
+                raise ValueError(
+                    f"eos_token_ids (or stop_ids_before_min) are needed: row {row} has generated "
+                    f"{steps[row]} < min_tokens={p.min_tokens} tokens"
+                )
+            else:
+                blocked = list(p.stop_token_ids) + eos
+            bias.update(dict.fromkeys(blocked, -np.inf))
+        if bias:
+            rows[row] = (np.fromiter(bias.keys(), np.int64), np.fromiter(bias.values(), np.float64))
+    return rows
+
+
+class StepInputs(NamedTuple):
+    """What the jitted step takes for one scheduled step, and where each sequence's result is."""
+
+    batch: StepBatch
+    sampling: SamplingArrays
+    rows: np.ndarray  # each scheduled sequence's row of the step's logits, in the order given
+    all_greedy: bool  # static: no row draws at random
+    num_logprobs: int | None  # static: top logprobs the step returns (None: no logprobs)
+
+
+def prepare_step(scheduled: list[ScheduledSequence], block_size: int, parallel: ParallelConfig,
+                 eos_token_ids: list[int], vocab_size: int) -> StepInputs:
+    """The step's token arrays, logits rows and sampling arrays; padding rows sample greedily."""
+    batch, rows = build_step_batch(scheduled, block_size, num_micro_batches(scheduled, parallel),
+                                   stacked=parallel.pipeline_parallel_size > 1)
+    seqs: list = [None] * len(batch.logits_indices)
+    for item, row in zip(scheduled, rows):
+        seqs[row] = item.seq
+    params = [s.sampling_params if s else _PADDING_PARAMS for s in seqs]
+    sampling = SamplingArrays.build(
+        params, [s.seed if s else 0 for s in seqs], [len(s.output_token_ids) if s else 0 for s in seqs],
+        pad_to=len(seqs),
+        prompt_token_ids=[s.prompt_token_ids if s else [] for s in seqs],
+        output_token_ids=[s.output_token_ids if s else [] for s in seqs],
+        eos_token_ids=eos_token_ids, vocab_size=vocab_size,
+    )
+    all_greedy = all(p.is_greedy for p in params)
+    num_logprobs = max_num_logprobs(params)
+    if num_logprobs is None and any(p.best_of > p.n for p in params):
+        num_logprobs = 0  # best_of ranks samples by their cumulative logprob
+    return StepInputs(batch, sampling, rows, all_greedy, num_logprobs)
+
+
+def num_micro_batches(scheduled: list[ScheduledSequence], parallel: ParallelConfig) -> int:
+    """Micro-batches a pipelined step is cut into: more when it prefills (see `ParallelConfig`)."""
+    if parallel.pipeline_parallel_size == 1:
+        return 1
+    prefills = any(s.num_new_tokens > 1 for s in scheduled)
+    return parallel.prefill_micro_batches if prefills else parallel.decode_micro_batches

@@ -16,17 +16,15 @@ from transformers.generation.logits_process import (
 )
 
 from jpaged.sampler import (
-    PAD_TOKEN_ID,
     SamplerOutput,
-    SamplingArrays,
     apply_logits_processors,
     masked_logits,
-    max_num_logprobs,
     prompt_logprobs,
     sample,
     sample_with_logprobs,
 )
 from jpaged.sampling_params import SEED_LIMIT, SamplingParams, derive_seed
+from jpaged.step_batch import PAD_TOKEN_ID, SamplingArrays, max_num_logprobs
 
 VOCAB = 97
 EOS = 5

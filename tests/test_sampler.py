@@ -16,8 +16,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from jpaged.sampler import SamplingArrays, masked_logits, sample
+from jpaged.sampler import masked_logits, sample
 from jpaged.sampling_params import SamplingParams
+from jpaged.step_batch import SamplingArrays
 
 sample_jit = jax.jit(sample, static_argnames="all_greedy")
 masked_logits_jit = jax.jit(masked_logits)
