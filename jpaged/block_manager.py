@@ -5,18 +5,24 @@ Each sequence's `block_table` maps its logical blocks (token `i` is in logical b
 and released when their ref count drops to zero. The manager only does bookkeeping: every call
 that needs KV data moved returns `(src, dst)` block pairs for the model runner to apply.
 
+The scheduler's view of it is three calls, as vLLM V1's KV cache manager: `get_computed_blocks`
+(a sequence's longest cached prefix, looked up once per admission), `allocate_slots` (room for n
+new tokens, or None and no change when they do not fit) and `free`. Forks, swaps and prefix-cache
+commits have their own calls.
+
 Sharing, three ways:
 
 - **Prefix caching.** A full, computed block is registered under a hash of its tokens chained
   with the hash of the block before it. A new sequence reuses the cached blocks of its longest
-  cached prefix (`allocate_prefix`) and computes only the rest. Lookups compare the stored
+  cached prefix (`get_computed_blocks`) and computes only the rest. A sequence that asks for
+  prompt logprobs reads no cached blocks (it must compute every prompt position), as in vLLM. Lookups compare the stored
   tokens and the identity of the parent block's key too, so a hash collision can only cost a
   miss, never return another prefix's KV. Registered blocks whose ref count drops to zero stay
   cached as *evictable*; allocation takes plain free blocks first, then evicts the least
   recently used cached block.
 - **Fork** (parallel sampling, beam search): a child shares all its parent's blocks by ref
-  count. Before KV is written into a block with ref count > 1, `copy_on_write` gives the writer
-  a private copy. Full prefix-cached blocks are never written, so they are never copied.
+  count. Before KV is written into a block with ref count > 1, `allocate_slots` gives the
+  writer a private copy. Full prefix-cached blocks are never written, so they are never copied.
 - **Swap**: a sequence's blocks move to a host pool (`swap_out`) and back to fresh device
   blocks (`swap_in`). A block the sequence shares stays on the device for its other holders;
   the swapped sequence takes a host copy of it and gets a private device block back on swap-in,
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from jpaged.sequence import Sequence
 
@@ -59,6 +66,29 @@ class BlockKey:
         return self.parent is parent and self.tokens == tokens
 
 
+@dataclass(frozen=True)
+class ComputedBlocks:
+    """A sequence's longest cached prefix: its cached blocks, first to last, and the tokens they
+    hold (`len(blocks) * block_size`). Valid until the manager next changes."""
+
+    blocks: tuple[int, ...] = ()
+    num_tokens: int = 0
+
+
+class Slots(NamedTuple):
+    """What `allocate_slots` did: blocks appended to the table, and the `(src, dst)` block copies
+    (copy-on-write) the device must make before the step writes."""
+
+    new_blocks: list[int]
+    copies: list[tuple[int, int]]
+
+
+def reads_prefix_cache(seq: Sequence) -> bool:
+    """Whether `seq` may start after cached blocks: not when it asks for prompt logprobs, which
+    need every prompt position's logits."""
+    return seq.sampling_params.prompt_logprobs is None
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  num_host_blocks: int = 0):
@@ -73,7 +103,7 @@ class BlockManager:
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, ref 0; least recent first
         self.block_keys: dict[int, BlockKey] = {}  # registered block -> its key
         self.cached: dict[int, list[int]] = {}  # hash -> registered blocks with that hash
-        self.prefix_cache_queries = 0  # tokens looked up by allocate_prefix
+        self.prefix_cache_queries = 0  # tokens of admitted sequences looked up
         self.prefix_cache_hits = 0  # tokens found cached
         # per sequence: how many leading blocks are committed, and the key of the last one
         self._progress: dict[Sequence, tuple[int, BlockKey | None]] = {}
@@ -108,25 +138,67 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def num_missing_blocks(self, seq: Sequence, num_tokens: int) -> int:
-        return max(0, self.blocks_for(num_tokens) - len(seq.block_table))
+    # ---- the scheduler's calls -------------------------------------------------------------
 
-    def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.num_missing_blocks(seq, num_tokens) <= self.num_free_blocks
+    def get_computed_blocks(self, seq: Sequence) -> ComputedBlocks:
+        """The cached blocks of a fresh `seq`'s longest cached prefix; changes nothing.
 
-    # ---- allocation ------------------------------------------------------------------------
+        At least one token is always left to compute. Empty when prefix caching is off or `seq`
+        reads no cached blocks (`reads_prefix_cache`). Pass the result to `allocate_slots`.
+        """
+        if not (self.enable_prefix_caching and reads_prefix_cache(seq)):
+            return ComputedBlocks()
+        blocks = self._match_prefix(seq)
+        return ComputedBlocks(tuple(blocks), len(blocks) * self.block_size)
 
-    def grow(self, seq: Sequence, num_tokens: int) -> None:
-        """Extend `seq.block_table` so it holds `num_tokens` tokens."""
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int,
+                       computed: ComputedBlocks | None = None) -> Slots | None:
+        """Make room for `num_new_tokens` more tokens of `seq`, or return None (changing nothing)
+        when the free blocks are too few.
+
+        `computed` (from `get_computed_blocks`, for a fresh sequence only) is taken first: its
+        blocks head the table and the new tokens follow them; the caller then sets
+        `seq.num_computed_tokens = computed.num_tokens`. Blocks shared with other sequences in
+        the range the new tokens are written to are replaced by private copies. Admitting with
+        `computed` counts the lookup in the prefix-cache hit rate.
+
+        Raises ValueError when `computed` is given for a sequence that already holds blocks or
+        computed tokens, RuntimeError when `seq` is swapped out.
+        """
         if seq in self.host_block_table:
             raise RuntimeError(f"sequence {seq.request_id} is swapped out; swap it in to grow it")
-        missing = self.num_missing_blocks(seq, num_tokens)
-        if missing > self.num_free_blocks:
-            raise RuntimeError(f"{missing} blocks needed, {self.num_free_blocks} free")
-        for _ in range(missing):
-            seq.block_table.append(self._allocate())
+        if computed is not None and (seq.block_table or seq.num_computed_tokens):
+            raise ValueError(
+                f"cached blocks go to a fresh sequence; {seq.request_id} has "
+                f"{len(seq.block_table)} blocks, {seq.num_computed_tokens} computed tokens")
+        reused = computed.blocks if computed is not None else ()
+        start = seq.num_computed_tokens + len(reused) * self.block_size
+        stop = start + num_new_tokens
+        missing = max(0, self.blocks_for(stop) - len(seq.block_table) - len(reused))
+        copied = self._shared_indices(seq, start, stop)
+        revived = sum(block_id in self.evictable for block_id in reused)
+        if missing + len(copied) + revived > self.num_free_blocks:
+            return None
+        for block_id in reused:
+            self.evictable.pop(block_id, None)
+            self.ref_counts[block_id] += 1
+        seq.block_table.extend(reused)
+        if computed is not None:
+            self._progress[seq] = (len(reused), self.block_keys[reused[-1]] if reused else None)
+            if self.enable_prefix_caching and reads_prefix_cache(seq):
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += computed.num_tokens
+        new_blocks = [self._allocate() for _ in range(missing)]
+        seq.block_table.extend(new_blocks)
         if seq.block_table:
             self._holders[seq] = None
+        copies = []
+        for index in copied:
+            src, dst = seq.block_table[index], self._allocate()
+            self.ref_counts[src] -= 1  # was shared, so someone still holds it
+            seq.block_table[index] = dst
+            copies.append((src, dst))
+        return Slots(new_blocks, copies)
 
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s device blocks (last first) and host blocks; forget its progress."""
@@ -160,40 +232,6 @@ class BlockManager:
                 self.free_block_ids.append(block_id)
 
     # ---- prefix caching --------------------------------------------------------------------
-
-    def allocate_prefix(self, seq: Sequence) -> int:
-        """Give a fresh `seq` the cached blocks of its longest cached prefix; return tokens covered.
-
-        At least one token is always left to compute. The caller sets `seq.num_computed_tokens`
-        to the result and then grows the sequence for the rest.
-        """
-        if seq.block_table or seq.num_computed_tokens or seq in self.host_block_table:
-            raise ValueError(
-                f"allocate_prefix needs a fresh sequence; {seq.request_id} has "
-                f"{len(seq.block_table)} blocks, {seq.num_computed_tokens} computed tokens")
-        if not self.enable_prefix_caching:
-            return 0
-        blocks = self._match_prefix(seq)
-        for block_id in blocks:
-            self.evictable.pop(block_id, None)
-            self.ref_counts[block_id] += 1
-        seq.block_table = list(blocks)
-        if blocks:
-            self._holders[seq] = None
-        self._progress[seq] = (len(blocks), self.block_keys[blocks[-1]] if blocks else None)
-        self.prefix_cache_queries += seq.num_tokens
-        self.prefix_cache_hits += len(blocks) * self.block_size
-        return len(blocks) * self.block_size
-
-    def peek_prefix(self, seq: Sequence) -> int:
-        """Tokens `allocate_prefix(seq)` would cover now; changes nothing."""
-        return len(self._match_prefix(seq)) * self.block_size if self.enable_prefix_caching else 0
-
-    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
-        """Whether `allocate_prefix(seq)` and then `grow(seq, num_tokens)` would fit."""
-        blocks = self._match_prefix(seq) if self.enable_prefix_caching else []
-        revived = sum(block_id in self.evictable for block_id in blocks)
-        return self.blocks_for(num_tokens) - len(blocks) <= self.num_free_blocks - revived
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
         size = self.block_size
@@ -287,30 +325,6 @@ class BlockManager:
         last = min((stop - 1) // self.block_size, len(seq.block_table) - 1)
         return [i for i in range(start // self.block_size, last + 1)
                 if self.ref_counts[seq.block_table[i]] > 1]
-
-    def num_cow_blocks(self, seq: Sequence, start: int, stop: int) -> int:
-        """Blocks `copy_on_write(seq, start, stop)` would allocate."""
-        return len(self._shared_indices(seq, start, stop))
-
-    def can_copy_on_write(self, seq: Sequence, start: int, stop: int) -> bool:
-        return self.num_cow_blocks(seq, start, stop) <= self.num_free_blocks
-
-    def copy_on_write(self, seq: Sequence, start: int, stop: int) -> list[tuple[int, int]]:
-        """Before KV is written at [start, stop): give `seq` private copies of its shared blocks.
-
-        Returns `(src, dst)` pairs whose contents the device must copy.
-        """
-        indices = self._shared_indices(seq, start, stop)
-        if len(indices) > self.num_free_blocks:
-            raise RuntimeError(
-                f"{len(indices)} blocks needed to copy on write, {self.num_free_blocks} free")
-        pairs = []
-        for index in indices:
-            src, dst = seq.block_table[index], self._allocate()
-            self.ref_counts[src] -= 1  # was shared, so someone still holds it
-            seq.block_table[index] = dst
-            pairs.append((src, dst))
-        return pairs
 
     # ---- swap ------------------------------------------------------------------------------
 

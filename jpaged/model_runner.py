@@ -164,7 +164,9 @@ class ModelRunner:
 
     def prompt_logits(self, seq, block_manager: BlockManager) -> np.ndarray:
         """Float32 logits `[num_tokens, vocab]` of a fresh sequence's whole prompt, through the cache."""
-        block_manager.grow(seq, seq.num_tokens)
+        if block_manager.allocate_slots(seq, seq.num_tokens) is None:
+            raise RuntimeError(f"{block_manager.blocks_for(seq.num_tokens)} blocks needed, "
+                               f"{block_manager.num_free_blocks} free")
         try:
             batch, _ = build_step_batch([ScheduledSequence.of(seq, seq.num_tokens)], self.block_size,
                                         stacked=self.parallel.pipeline_parallel_size > 1)

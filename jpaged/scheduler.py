@@ -2,7 +2,9 @@
 
 Every step the scheduler spends a token budget: first on running sequences in arrival order
 (one token for a decode, a chunk of the remaining prompt for a prefill), then on bringing back
-swapped-out sequences, then on waiting requests, which start after their longest cached prefix.
+swapped-out sequences, then on waiting requests, which start after their longest cached prefix. Blocks come from the
+block manager's narrow face: `get_computed_blocks` once per admission, `allocate_slots` for each
+scheduled chunk (None: no room), `free`; plus `swap_out` / `swap_in` for swap preemption.
 When the block manager runs out of blocks, the latest arrival among the running sequences is
 preempted: swapped to host memory (`preemption_mode="swap"`, when the host pool has room) or
 freed, to be recomputed from its tokens later. Sequences on hold (beams waiting for their
@@ -15,7 +17,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 
-from jpaged.block_manager import BlockManager
+from jpaged.block_manager import BlockManager, Slots
 from jpaged.config import SchedulerConfig
 from jpaged.sequence import Sequence, SequenceStatus
 
@@ -75,18 +77,9 @@ class Scheduler:
                 self._schedule_waiting(out, budget)
         return out
 
-    def _has_room(self, seq: Sequence, target: int) -> bool:
-        manager = self.block_manager
-        needed = manager.num_missing_blocks(seq, target)
-        needed += manager.num_cow_blocks(seq, seq.num_computed_tokens, target)
-        return needed <= manager.num_free_blocks
-
-    def _reserve(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> None:
-        start, target = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-        self.block_manager.grow(seq, target)
-        copies = self.block_manager.copy_on_write(seq, start, target)
-        self.num_block_copies += len(copies)
-        out.block_copies += copies
+    def _scheduled(self, out: SchedulerOutput, seq: Sequence, num_new: int, slots: Slots) -> None:
+        self.num_block_copies += len(slots.copies)
+        out.block_copies += slots.copies
         out.scheduled.append(ScheduledSequence.of(seq, num_new))
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -97,12 +90,12 @@ class Scheduler:
                 index += 1
                 continue
             num_new = min(seq.num_uncomputed_tokens, budget)
-            while not self._has_room(seq, seq.num_computed_tokens + num_new):
+            while (slots := self.block_manager.allocate_slots(seq, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim, out)
                 if victim is seq:
                     return budget
-            self._reserve(out, seq, num_new)
+            self._scheduled(out, seq, num_new, slots)
             budget -= num_new
             index += 1
         return budget
@@ -123,14 +116,15 @@ class Scheduler:
             if seq.on_hold:
                 index += 1
                 continue
-            cached = self.block_manager.peek_prefix(seq)
-            num_new = min(seq.num_tokens - cached, budget)
-            if not self.block_manager.can_allocate(seq, cached + num_new):
+            computed = self.block_manager.get_computed_blocks(seq)
+            num_new = min(seq.num_tokens - computed.num_tokens, budget)
+            slots = self.block_manager.allocate_slots(seq, num_new, computed)
+            if slots is None:
                 return
-            seq.num_computed_tokens = self.block_manager.allocate_prefix(seq)
+            seq.num_computed_tokens = computed.num_tokens
             self.waiting.pop(index)
-            self._note_first_schedule(seq, cached)
-            self._reserve(out, seq, num_new)
+            self._note_first_schedule(seq, computed.num_tokens)
+            self._scheduled(out, seq, num_new, slots)
             self.add_running(seq)
             budget -= num_new
 

@@ -255,13 +255,24 @@ class SimSequence:
         return [0] * (min(stop, self.num_tokens) - start)
 
 
+def allocate(manager: BlockManager, seq: SimSequence, num_new_tokens: int) -> None:
+    """Room for `num_new_tokens` tokens after `seq.num_computed_tokens` (shared blocks copied)."""
+    if manager.allocate_slots(seq, num_new_tokens) is None:
+        raise RuntimeError(f"{seq.request_id}: no room for {num_new_tokens} tokens")
+
+
+def store_prompt(manager: BlockManager, seq: SimSequence) -> None:
+    """Blocks for a fresh sequence's whole prompt."""
+    seq.num_computed_tokens = 0
+    allocate(manager, seq, seq.num_tokens)
+    seq.num_computed_tokens = seq.num_tokens
+
+
 def append_token(manager: BlockManager, seq: SimSequence) -> None:
     """Write one more token's KV: copy the last block first if it is shared, grow if it is full."""
-    position = seq.num_tokens
-    manager.copy_on_write(seq, position, position + 1)
+    allocate(manager, seq, 1)
     seq.num_tokens += 1
     seq.num_computed_tokens = seq.num_tokens
-    manager.grow(seq, seq.num_tokens)
 
 
 def blocks_to_append(manager: BlockManager, seq: SimSequence) -> int:
@@ -300,7 +311,7 @@ class Request:
         return manager.blocks_for(self.seq.num_tokens)
 
     def admit(self, manager: BlockManager) -> None:
-        manager.grow(self.seq, self.seq.num_tokens)
+        store_prompt(manager, self.seq)
 
     def blocks_to_step(self, manager: BlockManager) -> int:
         return blocks_to_append(manager, self.seq)
@@ -332,7 +343,7 @@ class ParallelSampling:
 
     def admit(self, manager: BlockManager) -> None:
         parent = SimSequence(f"{self.request_id}.0", self.prompt_len)
-        manager.grow(parent, self.prompt_len)
+        store_prompt(manager, parent)
         self.sequences = [parent]
         for index in range(1, len(self.output_lens)):
             child = SimSequence(f"{self.request_id}.{index}", self.prompt_len)
@@ -379,7 +390,7 @@ class BeamSearch:
 
     def admit(self, manager: BlockManager) -> None:
         root = self._new_sequence(self.prompt_len)
-        manager.grow(root, self.prompt_len)
+        store_prompt(manager, root)
         self.sequences = [root] + [self._fork(manager, root) for _ in range(self.width - 1)]
         self.steps_done = 0
 

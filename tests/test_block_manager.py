@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import jpaged.block_manager as block_manager_module
-from jpaged.block_manager import BlockManager
+from jpaged.block_manager import BlockManager, ComputedBlocks
 from jpaged.sampling_params import SamplingParams
 from jpaged.sequence import Request, Sequence
 
@@ -23,17 +23,29 @@ def make_seq(tokens, name="seq") -> Sequence:
 def admit(manager: BlockManager, tokens, name="seq") -> Sequence:
     """Admit and fully compute a sequence, as the scheduler and engine would."""
     seq = make_seq(tokens, name)
-    seq.num_computed_tokens = manager.allocate_prefix(seq)
+    take_prefix(manager, seq)
     compute(manager, seq, seq.num_tokens)
     return seq
 
 
+def take_prefix(manager: BlockManager, seq: Sequence) -> int:
+    """Admit a fresh `seq` after its cached prefix, no new tokens yet; return the tokens covered."""
+    computed = manager.get_computed_blocks(seq)
+    assert manager.allocate_slots(seq, 0, computed) is not None
+    seq.num_computed_tokens = computed.num_tokens
+    return computed.num_tokens
+
+
+def cached_tokens(manager: BlockManager, seq: Sequence) -> int:
+    return manager.get_computed_blocks(seq).num_tokens
+
+
 def compute(manager: BlockManager, seq: Sequence, target: int) -> list[tuple[int, int]]:
-    manager.grow(seq, target)
-    pairs = manager.copy_on_write(seq, seq.num_computed_tokens, target)
+    slots = manager.allocate_slots(seq, target - seq.num_computed_tokens)
+    assert slots is not None
     seq.num_computed_tokens = target
     manager.commit_full_blocks(seq, target)
-    return pairs
+    return slots.copies
 
 
 # ---- prefix caching -----------------------------------------------------------------------
@@ -44,10 +56,11 @@ def test_common_prefix_is_reused_and_the_rest_allocated_fresh():
     first = admit(manager, range(10), "first")
     assert manager.prefix_cache_queries == 10 and manager.prefix_cache_hits == 0
     second = make_seq([0, 1, 2, 3, 4, 5, 6, 7, 50, 51, 52], "second")
-    assert manager.peek_prefix(second) == 8 and manager.can_allocate(second, 11)
-    assert manager.allocate_prefix(second) == 8
-    assert second.block_table == first.block_table[:2]
-    assert [manager.ref_counts[b] for b in second.block_table] == [2, 2]
+    computed = manager.get_computed_blocks(second)
+    assert computed == ComputedBlocks(tuple(first.block_table[:2]), 8)
+    assert manager.allocate_slots(second, 3, computed) is not None
+    assert second.block_table[:2] == first.block_table[:2]
+    assert [manager.ref_counts[b] for b in second.block_table[:2]] == [2, 2]
     second.num_computed_tokens = 8
     compute(manager, second, 11)
     fresh = second.block_table[2]
@@ -65,7 +78,7 @@ def test_freed_blocks_stay_cached_and_are_hit_by_a_later_request():
     manager.free(first)
     assert manager.num_free_blocks == 4 and len(manager.evictable) == 2  # two full blocks cached
     second = make_seq([1, 2, 3, 4, 9], "second")
-    assert manager.allocate_prefix(second) == 4 and second.block_table == blocks[:2]
+    assert take_prefix(manager, second) == 4 and second.block_table == blocks[:2]
     assert len(manager.evictable) == 0 and manager.num_free_blocks == 2
     manager.check_invariants()
 
@@ -74,23 +87,22 @@ def test_at_least_one_token_is_left_to_compute():
     manager = BlockManager(num_blocks=8, block_size=4)
     manager.free(admit(manager, range(8)))
     exact = make_seq(range(8))  # every token is in cached full blocks
-    assert manager.allocate_prefix(exact) == 4 and len(exact.block_table) == 1
-    exact.num_computed_tokens = 4
+    assert take_prefix(manager, exact) == 4 and len(exact.block_table) == 1
     compute(manager, exact, 8)  # the last block is recomputed into a fresh block...
     assert len(manager.block_keys) == 2  # ...which is not registered a second time
     one_more = make_seq(range(9))
-    assert manager.allocate_prefix(one_more) == 8
+    assert take_prefix(manager, one_more) == 8
     short = make_seq(range(3))
-    assert manager.allocate_prefix(short) == 0
+    assert take_prefix(manager, short) == 0
     manager.check_invariants()
 
 
-def test_allocate_prefix_needs_a_fresh_sequence():
+def test_cached_blocks_need_a_fresh_sequence():
     manager = BlockManager(num_blocks=4, block_size=2)
     seq = make_seq([1, 2, 3])
-    manager.grow(seq, 3)
+    manager.allocate_slots(seq, 3)
     with pytest.raises(ValueError, match="fresh sequence"):
-        manager.allocate_prefix(seq)
+        manager.allocate_slots(seq, 0, ComputedBlocks())
 
 
 def test_lru_eviction_takes_the_least_recently_freed_and_a_hit_refreshes():
@@ -105,17 +117,17 @@ def test_lru_eviction_takes_the_least_recently_freed_and_a_hit_refreshes():
     assert list(manager.evictable) == [block_of["b"], block_of["c"], block_of["a"]]
 
     def cached(tokens):
-        return manager.peek_prefix(make_seq(tokens + [0])) == 2
+        return cached_tokens(manager, make_seq(tokens + [0])) == 2
 
-    pressure = make_seq([7] * 5, "pressure")
-    manager.grow(pressure, 2)  # takes the plain free block first
+    pressure = make_seq([7] * 5, "pressure")  # nothing computed: each call holds that many tokens
+    manager.allocate_slots(pressure, 2)  # takes the plain free block first
     assert cached([1, 1]) and cached([2, 2]) and cached([3, 3])
-    manager.grow(pressure, 4)
+    manager.allocate_slots(pressure, 4)
     assert not cached([2, 2]) and cached([3, 3]) and cached([1, 1])
-    manager.grow(pressure, 6)
+    manager.allocate_slots(pressure, 6)
     assert not cached([3, 3]) and cached([1, 1])
-    assert not manager.can_grow(pressure, 10)
-    manager.grow(pressure, 8)
+    assert manager.allocate_slots(pressure, 10) is None and len(pressure.block_table) == 3
+    manager.allocate_slots(pressure, 8)
     assert not cached([1, 1]) and manager.num_free_blocks == 0 and not manager.block_keys
     manager.check_invariants()
 
@@ -124,13 +136,13 @@ def test_hash_collisions_never_return_another_prefix(monkeypatch):
     monkeypatch.setattr(block_manager_module, "hash_block", lambda parent_hash, tokens: 42)
     manager = BlockManager(num_blocks=8, block_size=2)
     manager.free(admit(manager, [1, 2, 3, 4, 5], "first"))
-    assert manager.peek_prefix(make_seq([9, 9, 3, 4, 5])) == 0  # same hash, other tokens
-    assert manager.peek_prefix(make_seq([1, 9, 3, 4, 5])) == 0
+    assert cached_tokens(manager, make_seq([9, 9, 3, 4, 5])) == 0  # same hash, other tokens
+    assert cached_tokens(manager, make_seq([1, 9, 3, 4, 5])) == 0
     manager.free(admit(manager, [5, 6, 3, 4, 5], "other first block"))
     # block (1, 2) is cached as a first block only
-    assert manager.peek_prefix(make_seq([5, 6, 1, 2, 0])) == 2
-    assert manager.peek_prefix(make_seq([1, 2, 3, 4, 0])) == 4  # equal tokens and parent still hit
-    assert manager.peek_prefix(make_seq([5, 6, 3, 4, 0])) == 4
+    assert cached_tokens(manager, make_seq([5, 6, 1, 2, 0])) == 2
+    assert cached_tokens(manager, make_seq([1, 2, 3, 4, 0])) == 4  # equal tokens and parent still hit
+    assert cached_tokens(manager, make_seq([5, 6, 3, 4, 0])) == 4
     assert len(manager.cached) == 1 and len(manager.cached[42]) == 4
     manager.check_invariants()
 
@@ -139,7 +151,7 @@ def test_prefix_caching_disabled():
     manager = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=False)
     manager.free(admit(manager, [1, 2, 3, 4, 5]))
     again = make_seq([1, 2, 3, 4, 5])
-    assert manager.peek_prefix(again) == 0 and manager.allocate_prefix(again) == 0
+    assert cached_tokens(manager, again) == 0 and take_prefix(manager, again) == 0
     assert not again.block_table and not manager.block_keys and not manager.evictable
     assert manager.prefix_cache_queries == 0 and len(manager.free_block_ids) == 4
     manager.check_invariants()
@@ -151,17 +163,21 @@ def test_reset_prefix_cache_frees_only_evictable_blocks():
     manager.free(admit(manager, [7, 8, 9, 9, 5], "dropped"))
     assert manager.reset_prefix_cache() == 2
     assert not manager.evictable and len(manager.free_block_ids) == 8 - 3
-    assert manager.peek_prefix(make_seq([7, 8, 9, 9, 5])) == 0
-    assert manager.peek_prefix(make_seq([1, 2, 3, 4, 5])) == 4 and kept.block_table
+    assert cached_tokens(manager, make_seq([7, 8, 9, 9, 5])) == 0
+    assert cached_tokens(manager, make_seq([1, 2, 3, 4, 5])) == 4 and kept.block_table
     manager.check_invariants()
 
 
-def test_can_allocate_counts_revived_evictable_blocks():
+def test_allocate_slots_counts_revived_evictable_blocks():
     manager = BlockManager(num_blocks=3, block_size=2)
     manager.free(admit(manager, [1, 2, 3, 4, 5]))  # two cached blocks, both evictable
     seq = make_seq([1, 2, 3, 4, 5])
     assert manager.num_free_blocks == 3
-    assert manager.can_allocate(seq, 6) and not manager.can_allocate(seq, 8)
+    computed = manager.get_computed_blocks(seq)
+    assert manager.allocate_slots(seq, 4, computed) is None
+    assert not seq.block_table and len(manager.evictable) == 2 and manager.prefix_cache_queries == 5
+    assert manager.allocate_slots(seq, 2, computed) is not None and manager.num_free_blocks == 0
+    manager.check_invariants()
 
 
 # ---- fork and copy-on-write ---------------------------------------------------------------
@@ -177,16 +193,16 @@ def test_fork_shares_blocks_and_copy_on_write_copies_only_shared_written_blocks(
     assert child.block_table == [first, last]
     assert manager.ref_counts[first] == manager.ref_counts[last] == 2
     child.output_token_ids.append(100)
-    assert manager.num_cow_blocks(child, 6, 7) == 1 and manager.can_copy_on_write(child, 6, 7)
-    pairs = manager.copy_on_write(child, 6, 7)
-    assert pairs == [(last, child.block_table[1])] and child.block_table[0] == first
+    slots = manager.allocate_slots(child, 1)
+    assert slots.new_blocks == [] and slots.copies == [(last, child.block_table[1])]
+    assert child.block_table[0] == first
     assert manager.ref_counts[first] == 2 and manager.ref_counts[last] == 1
     assert manager.ref_counts[child.block_table[1]] == 1
     parent.output_token_ids.append(200)
-    assert manager.copy_on_write(parent, 6, 7) == []  # the parent now owns its last block alone
-    assert manager.num_cow_blocks(child, 0, 8) == 1  # only the first block is still shared
+    assert manager.allocate_slots(parent, 1).copies == []  # the parent owns its last block alone
+    assert [manager.ref_counts[b] for b in child.block_table] == [2, 1]  # the first is still shared
     manager.free(parent)
-    assert manager.ref_counts[first] == 1 and manager.num_cow_blocks(child, 0, 8) == 0
+    assert manager.ref_counts[first] == 1
     manager.check_invariants()
 
 
@@ -195,9 +211,8 @@ def test_copy_on_write_needs_room():
     parent = admit(manager, range(6))
     child = make_seq(range(6), "child")
     manager.fork(parent, child)
-    assert not manager.can_copy_on_write(child, 4, 6)
-    with pytest.raises(RuntimeError, match="copy on write"):
-        manager.copy_on_write(child, 4, 6)
+    child.num_computed_tokens = 4
+    assert manager.allocate_slots(child, 2) is None  # the shared last block has no room to copy
     assert child.block_table == parent.block_table
     manager.check_invariants()
 
@@ -233,10 +248,10 @@ def test_swap_needs_room_and_free_releases_host_blocks():
     small = admit(manager, [1, 2, 3], "small")
     manager.swap_out(small)
     filler = make_seq(range(6), "filler")
-    manager.grow(filler, 6)
+    manager.allocate_slots(filler, 6)
     assert not manager.can_swap_in(small)
     with pytest.raises(RuntimeError, match="swapped out"):
-        manager.grow(small, 4)
+        manager.allocate_slots(small, 1)
     manager.free(small)
     assert manager.num_free_host_blocks == 2 and small not in manager.host_block_table
     manager.check_invariants()
@@ -250,7 +265,7 @@ def test_swapping_out_a_sharer_leaves_the_shared_blocks_to_the_others():
     shared = list(parent.block_table)
     assert manager.swap_out(child) == [(shared[0], 0), (shared[1], 1)]
     assert parent.block_table == shared and [manager.ref_counts[b] for b in shared] == [1, 1]
-    assert manager.copy_on_write(parent, 3, 4) == []  # the parent may write in place now
+    assert manager.allocate_slots(parent, 1).copies == []  # the parent may write in place now
     back = manager.swap_in(child)
     assert not set(d for _, d in back) & set(shared)
     manager.check_invariants()
@@ -273,7 +288,7 @@ def test_one_step_of_moves_is_correct_in_the_documented_order():
                 "v": [host[h] for h in manager.host_block_table[v]]}
 
     t.output_token_ids.append(4)
-    cow = manager.copy_on_write(t, 3, 4)
+    cow = manager.allocate_slots(t, 1).copies
     swap_out = manager.swap_out(s)  # s is preempted to host in the same step
     swap_in = manager.swap_in(v)
     assert {src for src, _ in cow} & {d for d, _ in swap_out} & {d for _, d in swap_in}
@@ -354,14 +369,19 @@ class BlockManagerMachine(RuleBasedStateMachine):
             block = seq.block_table[pos // BLOCK_SIZE]
             self.device[block][pos % BLOCK_SIZE] = tuple(tokens[:pos + 1])
 
-    def _step(self, seq: Sequence, target: int) -> bool:
-        """Compute `seq` up to `target` if there is room (grow, copy on write, write, commit)."""
-        manager, start = self.manager, seq.num_computed_tokens
-        need = manager.num_missing_blocks(seq, target) + manager.num_cow_blocks(seq, start, target)
-        if need > manager.num_free_blocks:
+    def _step(self, seq: Sequence, target: int, computed: ComputedBlocks | None = None) -> bool:
+        """Compute `seq` up to `target` if there is room (allocate slots, copy, write, commit);
+        a fresh `seq` starts after `computed`. No room changes nothing."""
+        manager = self.manager
+        start = seq.num_computed_tokens + (computed.num_tokens if computed else 0)
+        before = (list(seq.block_table), list(manager.ref_counts), manager.num_free_blocks)
+        slots = manager.allocate_slots(seq, target - start, computed)
+        if slots is None:
+            assert (seq.block_table, manager.ref_counts, manager.num_free_blocks) == before
             return False
-        manager.grow(seq, target)
-        for src, dst in manager.copy_on_write(seq, start, target):
+        for src, dst in slots.copies:
+            assert before[1][src] > 1 and manager.ref_counts[dst] == 1  # only shared blocks copied
+            assert seq.block_table.index(dst) == before[0].index(src)
             self.device[dst] = list(self.device[src])
         self._write(seq, start, target)
         seq.num_computed_tokens = target
@@ -375,15 +395,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule(tokens=tokens_strategy, data=st.data())
     def add(self, tokens, data):
         seq = self._new_seq(tokens)
-        cached, fits = self.manager.peek_prefix(seq), self.manager.can_allocate(seq, len(tokens))
-        hit = self.manager.allocate_prefix(seq)
-        assert hit == cached and hit % BLOCK_SIZE == 0 and hit < len(tokens)
-        assert self.manager.can_grow(seq, len(tokens)) == fits
-        seq.num_computed_tokens = hit
-        self.running.append(seq)
+        computed = self.manager.get_computed_blocks(seq)
+        hit = computed.num_tokens
+        assert hit % BLOCK_SIZE == 0 and hit < len(tokens) and len(computed.blocks) * BLOCK_SIZE == hit
         target = data.draw(st.integers(hit + 1, len(tokens)), label="prefill to")
-        if not self._step(seq, target):
-            self._drop(seq)  # no room: preempted before it ran
+        if self._step(seq, target, computed):  # else no room: it stays waiting, holding nothing
+            self.running.append(seq)
 
     @precondition(lambda self: self.running)
     @rule(data=st.data(), new_tokens=st.lists(st.integers(0, 1), max_size=3))
@@ -406,28 +423,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
         child.num_computed_tokens = parent.num_computed_tokens
         self.manager.fork(parent, child)
         self.running.append(child)
-
-    @precondition(lambda self: self.running)
-    @rule(data=st.data())
-    def copy_on_write(self, data):
-        seq = data.draw(st.sampled_from(self.running), label="seq")
-        if not seq.block_table:
-            return
-        size = len(seq.block_table) * BLOCK_SIZE
-        start = data.draw(st.integers(0, size - 1), label="start")
-        stop = data.draw(st.integers(start, size), label="stop")
-        last = -(-stop // BLOCK_SIZE)
-        covered = seq.block_table[start // BLOCK_SIZE:last] if stop > start else []
-        shared = [b for b in covered if self.manager.ref_counts[b] > 1]
-        if not self.manager.can_copy_on_write(seq, start, stop):
-            return
-        before = list(seq.block_table)
-        pairs = self.manager.copy_on_write(seq, start, stop)
-        assert [src for src, _ in pairs] == shared
-        for src, dst in pairs:
-            self.device[dst] = list(self.device[src])
-            assert before.index(src) == seq.block_table.index(dst)
-        assert all(self.manager.ref_counts[dst] == 1 for _, dst in pairs)
 
     @precondition(lambda self: self.running or self.swapped)
     @rule(data=st.data())

@@ -1,7 +1,6 @@
 """Scheduler and block manager on their own: budgets, chunking, FCFS preemption, block accounting."""
 
-import pytest
-
+import jpaged.block_manager as block_manager_module
 from jpaged.block_manager import BlockManager
 from jpaged.config import SchedulerConfig
 from jpaged.sampling_params import SamplingParams
@@ -26,15 +25,15 @@ def run_step(scheduler: Scheduler):
 def test_block_manager_grows_on_demand_and_frees():
     manager = BlockManager(num_blocks=4, block_size=4)
     seq = make_seq("a", 5)
-    manager.grow(seq, 5)
+    assert manager.allocate_slots(seq, 5).new_blocks == seq.block_table
     assert len(seq.block_table) == 2 and manager.num_free_blocks == 2
-    manager.grow(seq, 8)
+    seq.num_computed_tokens = 5
+    assert manager.allocate_slots(seq, 3).new_blocks == []
     assert len(seq.block_table) == 2
-    manager.grow(seq, 9)
+    assert len(manager.allocate_slots(seq, 4).new_blocks) == 1
     assert len(seq.block_table) == 3 and manager.ref_counts[seq.block_table[-1]] == 1
-    assert not manager.can_grow(seq, 17)
-    with pytest.raises(RuntimeError, match="2 blocks needed, 1 free"):
-        manager.grow(seq, 17)
+    assert manager.allocate_slots(seq, 12) is None  # 2 blocks needed, 1 free: nothing taken
+    assert len(seq.block_table) == 3 and manager.num_free_blocks == 1
     manager.free(seq)
     assert manager.num_free_blocks == 4 and seq.block_table == [] and not any(manager.ref_counts)
 
@@ -94,3 +93,24 @@ def test_finish_releases_running_and_waiting_sequences():
     scheduler.finish(waiting)
     assert not scheduler.has_unfinished()
     assert manager.num_free_blocks == 8 and not any(manager.ref_counts)
+
+
+def test_admission_looks_up_the_cached_prefix_once(monkeypatch):
+    manager = BlockManager(num_blocks=16, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100), manager)
+    first = make_seq("first", 13)
+    scheduler.add(first)
+    run_step(scheduler)
+    manager.commit_full_blocks(first, first.num_computed_tokens)  # as the engine does after a step
+    scheduler.finish(first)
+    hashed = []
+    real_hash = block_manager_module.hash_block
+    monkeypatch.setattr(block_manager_module, "hash_block",
+                        lambda parent, tokens: hashed.append(tokens) or real_hash(parent, tokens))
+    second = make_seq("second", 13)  # the same prompt: its first 3 blocks are cached
+    scheduler.add(second)
+    plan = run_step(scheduler)
+    assert [(s.seq.request_id, s.num_new_tokens) for s in plan.scheduled] == [("second", 1)]
+    assert hashed == [(1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11, 12)]  # one lookup per block, once
+    assert second.request.metrics.num_cached_prompt_tokens == 12
+    assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (26, 12)
