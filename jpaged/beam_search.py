@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from jpaged.engine_client import EngineClient
 from jpaged.sampling_params import SamplingParams
 from jpaged.sequence import Sequence
 
@@ -64,7 +65,7 @@ class _Search:
         return BeamSearchSequence(tokens, logprob, logprob / len(tokens) ** self.params.length_penalty)
 
 
-def beam_search(engine, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
+def beam_search(engine: EngineClient, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
     searches = [_start(engine, prompt, params) for prompt in prompts]
     while not all(search.done for search in searches):
         engine.step()
@@ -74,16 +75,16 @@ def beam_search(engine, prompts: list, params: BeamSearchParams) -> list[BeamSea
     return [_output(engine, search) for search in searches]
 
 
-def _start(engine, prompt, params: BeamSearchParams) -> _Search:
+def _start(engine: EngineClient, prompt, params: BeamSearchParams) -> _Search:
     request_id = f"beam-search-{next(_search_ids)}"
     step_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True,
                                  logprobs=2 * params.beam_width)
     engine.add_request(request_id, prompt, step_params)
-    first = engine.requests[request_id].seqs[0]
+    first = engine.get_sequence(request_id)
     return _Search(params, [first], {first: 0.0})
 
 
-def _advance(engine, search: _Search) -> None:
+def _advance(engine: EngineClient, search: _Search) -> None:
     target = search.round + 1
     if any(len(beam.output_token_ids) < target for beam in search.beams):
         for beam in search.beams:
@@ -96,15 +97,13 @@ def _advance(engine, search: _Search) -> None:
     survivors = _select(engine, search, _candidates(search), last_round)
     for beam in search.beams:
         if beam not in survivors and not beam.is_finished:
-            beam.finish("abort")
-            engine.scheduler.finish(beam)
+            engine.free_sequence(beam)
     search.beams = survivors
     search.done = last_round or not survivors or _cannot_improve(search)
     if search.done:
         for beam in search.beams:
             if not beam.is_finished:
-                beam.finish("abort")
-                engine.scheduler.finish(beam)
+                engine.free_sequence(beam)
 
 
 def _candidates(search: _Search) -> list[tuple[float, Sequence, int]]:
@@ -117,7 +116,7 @@ def _candidates(search: _Search) -> list[tuple[float, Sequence, int]]:
     return candidates[:width]
 
 
-def _select(engine, search: _Search, candidates, last_round: bool) -> list[Sequence]:
+def _select(engine: EngineClient, search: _Search, candidates, last_round: bool) -> list[Sequence]:
     """Keep the best `beam_width` continuations; EOS ones become finished hypotheses."""
     width = search.params.beam_width
     survivors: list[Sequence] = []
@@ -131,7 +130,7 @@ def _select(engine, search: _Search, candidates, last_round: bool) -> list[Seque
         if last_round:
             search.finished.append(search.hypothesis(tokens, score))
         else:
-            survivor = beam if beam not in taken else _fork(engine, beam)
+            survivor = beam if beam not in taken else engine.fork_sequence(beam)
             taken.add(beam)
             survivor.output_token_ids[-1] = token
             search.scores[survivor] = score
@@ -139,16 +138,6 @@ def _select(engine, search: _Search, candidates, last_round: bool) -> list[Seque
         if len(survivors) == width or (last_round and len(search.finished) >= width):
             break
     return survivors
-
-
-def _fork(engine, beam: Sequence) -> Sequence:
-    child = Sequence(beam.request, beam.index, beam.prompt_token_ids)
-    child.output_token_ids = list(beam.output_token_ids)
-    child.output_logprobs = list(beam.output_logprobs)
-    engine.block_manager.fork(beam, child)
-    child.num_computed_tokens = beam.num_computed_tokens
-    engine.scheduler.add_running(child)
-    return child
 
 
 def _cannot_improve(search: _Search) -> bool:
@@ -161,7 +150,7 @@ def _cannot_improve(search: _Search) -> bool:
     return best_live <= worst
 
 
-def _output(engine, search: _Search) -> BeamSearchOutput:
+def _output(engine: EngineClient, search: _Search) -> BeamSearchOutput:
     best = sorted(search.finished, key=lambda h: -h.score)[: search.params.beam_width]
     for hypothesis in best:
         hypothesis.text = engine.tokenizer.decode(hypothesis.token_ids, skip_special_tokens=True)

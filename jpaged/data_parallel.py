@@ -3,7 +3,8 @@
 Each replica (an `LLMEngine`) owns its devices, weights, KV cache, block manager and scheduler,
 so replicas never talk to each other. A new request goes to the replica with the fewest
 unfinished requests; a step steps every busy replica, each from its own thread: jax releases the
-GIL while a step computes, so the replicas' devices work at the same time.
+GIL while a step computes, so the replicas' devices work at the same time. It implements
+`EngineClient`, routing each call about a request to the replica that holds it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 from jpaged.config import EngineConfig
-from jpaged.engine import EngineStats, LLMEngine, PromptType
+from jpaged.engine import LLMEngine
+from jpaged.engine_client import EngineStats, PromptType
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
+from jpaged.sequence import Sequence
 
 
 class DataParallelEngine:
@@ -25,14 +28,14 @@ class DataParallelEngine:
                          for r in range(num_replicas)]
         first = self.replicas[0]
         self.config, self.model_name, self.model_config = config, first.model_name, first.model_config
-        self.tokenizer = first.tokenizer
+        self.tokenizer, self.max_model_len, self.eos_token_ids = first.tokenizer, first.max_model_len, first.eos_token_ids
         self._replica_of: dict[str, LLMEngine] = {}
         self._pool = ThreadPoolExecutor(num_replicas, thread_name_prefix="jpaged-replica")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
         if request_id in self._replica_of:
             raise ValueError(f"request id {request_id!r} is already in use")
-        replica = min(self.replicas, key=lambda engine: len(engine.requests))
+        replica = min(self.replicas, key=LLMEngine.get_num_unfinished_requests)
         replica.add_request(request_id, prompt, params)
         self._replica_of[request_id] = replica
 
@@ -43,6 +46,23 @@ class DataParallelEngine:
 
     def has_unfinished_requests(self) -> bool:
         return any(engine.has_unfinished_requests() for engine in self.replicas)
+
+    def get_num_unfinished_requests(self) -> int:
+        return sum(engine.get_num_unfinished_requests() for engine in self.replicas)
+
+    def reset_prefix_cache(self) -> int:
+        return sum(engine.reset_prefix_cache() for engine in self.replicas)
+
+    def get_sequence(self, request_id: str) -> Sequence:
+        return self._replica_of[request_id].get_sequence(request_id)
+
+    def fork_sequence(self, seq: Sequence) -> Sequence:
+        return self._replica_of[seq.request_id].fork_sequence(seq)
+
+    def free_sequence(self, seq: Sequence) -> None:
+        replica = self._replica_of.get(seq.request_id)
+        if replica is not None:
+            replica.free_sequence(seq)
 
     def step(self) -> list[RequestOutput]:
         busy = [engine for engine in self.replicas if engine.has_unfinished_requests()]

@@ -3,7 +3,8 @@
 `LLMEngine` owns the scheduler (and through it the block manager) and the model runner.
 `step()` schedules, moves blocks (swaps, copy-on-write), runs the model, appends the sampled
 tokens, forks the extra samples of a request once its prompt is computed, applies stop
-conditions and frees what finished. It is the streaming interface; `LLM` drives it for batches.
+conditions and frees what finished. It implements `EngineClient` (`jpaged/engine_client.py`), the
+interface `LLM`, beam search and a server use.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 from jpaged import compile_cache
 from jpaged.block_manager import BlockManager
 from jpaged.config import EngineConfig, ModelConfig
+from jpaged.engine_client import EngineStats, PromptType
 from jpaged.loader.source import open_model
 from jpaged.model_runner import ModelRunner
 from jpaged.outputs import CompletionOutput, RequestOutput
@@ -31,21 +32,7 @@ from sharding.mesh import replica_meshes
 
 logger = logging.getLogger("jpaged")
 
-PromptType = str | list[int] | dict
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_swapped: int
-    kv_cache_usage: float  # share of device blocks referenced by sequences
-    prefix_cache_hit_rate: float  # share of looked-up prompt tokens found in the prefix cache
-    num_preemptions: int
-    num_swap_outs: int
-    num_prompt_tokens_computed: int
-    num_generated_tokens: int
-    num_compilations: int  # step programs compiled so far (one per new padded shape)
+__all__ = ["EngineStats", "LLMEngine", "PromptType"]
 
 
 class LLMEngine:
@@ -162,6 +149,29 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def reset_prefix_cache(self) -> int:
+        return self.block_manager.reset_prefix_cache()
+
+    def get_sequence(self, request_id: str) -> Sequence:
+        return self.requests[request_id].seqs[0]
+
+    def fork_sequence(self, seq: Sequence) -> Sequence:
+        child = Sequence(seq.request, seq.index, seq.prompt_token_ids)
+        child.output_token_ids = list(seq.output_token_ids)
+        child.output_logprobs = list(seq.output_logprobs)
+        self.block_manager.fork(seq, child)
+        child.num_computed_tokens = seq.num_computed_tokens
+        self.scheduler.add_running(child)
+        return child
+
+    def free_sequence(self, seq: Sequence) -> None:
+        if not seq.is_finished:
+            seq.finish("abort")
+        self.scheduler.finish(seq)
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -1,6 +1,7 @@
 """The offline API: `LLM(model).generate(prompts, SamplingParams(...))`, shaped like vLLM's.
 
-`LLM` builds an `LLMEngine` from keyword arguments (each one a field of the config dataclasses),
+`LLM` builds an engine (`LLMEngine`, or `DataParallelEngine` for replicas) from keyword arguments
+(each one a field of the config dataclasses) and talks to it only through `EngineClient`: it
 queues a batch of requests, steps the engine until all are done and returns their outputs in
 input order, with a progress bar.
 """
@@ -17,7 +18,8 @@ from tqdm.auto import tqdm
 from jpaged.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
 from jpaged.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from jpaged.data_parallel import DataParallelEngine
-from jpaged.engine import LLMEngine, PromptType
+from jpaged.engine import LLMEngine
+from jpaged.engine_client import EngineClient, PromptType
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 
@@ -38,7 +40,8 @@ def engine_config(model: str | None, **kwargs) -> EngineConfig:
 class LLM:
     def __init__(self, model: str | None = None, **kwargs):
         config = engine_config(model, **kwargs)
-        self.engine = DataParallelEngine(config) if config.parallel.data_parallel_size > 1 else LLMEngine(config)
+        self.engine: EngineClient = (DataParallelEngine(config) if config.parallel.data_parallel_size > 1
+                                     else LLMEngine(config))
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):
@@ -91,12 +94,10 @@ class LLM:
 
     def beam_search(self, prompts: PromptType | SequenceABC[PromptType], params: BeamSearchParams
                     ) -> list[BeamSearchOutput]:
-        """The `params.beam_width` best continuations of each prompt, best first (under data
-        parallelism, computed by the first replica)."""
+        """The `params.beam_width` best continuations of each prompt, best first."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        engine = self.engine.replicas[0] if isinstance(self.engine, DataParallelEngine) else self.engine
-        return beam_search(engine, list(prompts), params)
+        return beam_search(self.engine, list(prompts), params)
 
     def chat(
         self,

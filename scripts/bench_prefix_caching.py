@@ -35,7 +35,7 @@ QUESTIONS = ["When do you open?", "How many books can I borrow?", "Where is the 
 def run(model, caching: bool, prompts, params) -> dict:
     llm = LLM(model, enable_prefix_caching=caching)
     llm.generate(prompts[:2], params, use_tqdm=False)  # compile the common shapes first
-    llm.engine.block_manager.reset_prefix_cache()
+    llm.engine.reset_prefix_cache()
     before = llm.engine.stats()
     started = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)

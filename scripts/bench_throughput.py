@@ -48,7 +48,7 @@ def useful(tokens: list[int], limit: int, eos_ids: set[int]) -> list[int]:
 
 def run_jpaged(llm: LLM, prompts, max_tokens) -> tuple[float, list[list[int]]]:
     params = [SamplingParams(temperature=0.0, max_tokens=n) for n in max_tokens]
-    llm.engine.block_manager.reset_prefix_cache()  # no reuse of an earlier pass's prompts
+    llm.engine.reset_prefix_cache()  # no reuse of an earlier pass's prompts
     started = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return time.perf_counter() - started, [o.outputs[0].token_ids for o in outputs]
@@ -109,7 +109,7 @@ def main() -> None:
     prompts, max_tokens = build_requests(tokenizer, args.num_requests)
 
     cold_seconds, _ = run_jpaged(llm, prompts, max_tokens)
-    compilations = llm.engine.runner.num_compilations
+    compilations = llm.engine.stats().num_compilations
     jpaged_seconds, jpaged_tokens = run_jpaged(llm, prompts, max_tokens)
 
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()

@@ -101,6 +101,26 @@ def test_abort_while_waiting_frees_blocks(llm):
     assert all_blocks_free(llm)
 
 
+def test_both_engines_implement_the_engine_client_and_abort_frees_at_once(llm):
+    from jpaged.data_parallel import DataParallelEngine
+    from jpaged.engine_client import EngineClient
+
+    engine = llm.engine
+    assert isinstance(engine, EngineClient)
+    methods = [name for name, value in vars(EngineClient).items() if callable(value) and not name.startswith("_")]
+    assert len(methods) == 10 and all(callable(getattr(DataParallelEngine, name, None)) for name in methods)
+    for name in ("a", "b"):
+        engine.add_request(f"client-{name}", "Once upon a time", SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.step()
+    assert engine.get_num_unfinished_requests() == 2 and engine.stats().kv_cache_usage > 0
+    used = engine.stats().kv_cache_usage
+    engine.abort_request("client-a")
+    assert 0 < engine.stats().kv_cache_usage < used
+    engine.abort_request("client-b")
+    assert engine.get_num_unfinished_requests() == 0 and engine.stats().kv_cache_usage == 0
+    assert not engine.has_unfinished_requests() and all_blocks_free(llm)
+
+
 def test_bad_request_rejected_while_others_run_on(llm):
     engine = llm.engine
     engine.add_request("good", "The little girl", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))

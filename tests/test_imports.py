@@ -23,7 +23,7 @@ PACKAGES = ("jpaged", "pallas_kernels", "sharding")
 # the packages' own __init__ files. None of these may pull in jax.
 HOST_MODULES = {
     "jpaged", "jpaged.__main__", "jpaged.cli", "jpaged.config", "jpaged.sampling_params", "jpaged.sequence",
-    "jpaged.block_manager", "jpaged.scheduler", "jpaged.outputs", "jpaged.beam_search",
+    "jpaged.block_manager", "jpaged.scheduler", "jpaged.outputs", "jpaged.beam_search", "jpaged.engine_client",
     "jpaged.loader", "jpaged.loader.default_model", "jpaged.models", "jpaged.parallel", "jpaged.padding",
     "pallas_kernels", "sharding",
 }

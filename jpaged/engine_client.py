@@ -1,0 +1,79 @@
+"""The engine's one face: what the API (`LLM`), beam search and a server may call.
+
+`EngineClient` is a `typing.Protocol` that `LLMEngine` (one engine) and `DataParallelEngine`
+(replicas) both implement; nothing outside the engine reaches into its scheduler, block manager
+or model runner. Requests go in by id and come out as `RequestOutput`s from `step()`; aborting a
+request frees its KV blocks at once. Beam search also steers single sequences (fork, free), the
+one place where a caller holds `Sequence`s. Plain Python: importing this starts no jax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from jpaged.outputs import RequestOutput
+from jpaged.sampling_params import SamplingParams
+from jpaged.sequence import Sequence
+
+PromptType = str | list[int] | dict  # text, token ids, or {"prompt": ...} / {"prompt_token_ids": [...]}
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_swapped: int
+    kv_cache_usage: float  # share of device blocks referenced by sequences
+    prefix_cache_hit_rate: float  # share of looked-up prompt tokens found in the prefix cache
+    num_preemptions: int
+    num_swap_outs: int
+    num_prompt_tokens_computed: int
+    num_generated_tokens: int
+    num_compilations: int  # step programs compiled so far (one per new padded shape)
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    """A steppable engine. Attributes: `tokenizer` (an HF tokenizer), `model_name` (str),
+    `max_model_len` (prompt + output tokens a request may reach), `eos_token_ids` (set[int])."""
+
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+    eos_token_ids: set[int]
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
+        """Queue a request. ValueError for an id in use or input that can never be served (empty
+        prompt, ids outside the vocabulary, longer than `max_model_len` or the KV cache)."""
+        ...
+
+    def abort_request(self, request_id: str) -> None:
+        """End a request (finish reason "abort") and free its KV blocks now; unknown ids are ignored."""
+        ...
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; the outputs of the requests that advanced in it."""
+        ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def get_num_unfinished_requests(self) -> int: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached block no sequence holds; return how many were dropped."""
+        ...
+
+    def get_sequence(self, request_id: str) -> Sequence:
+        """A queued request's first sequence (beam search steers it). KeyError for unknown ids."""
+        ...
+
+    def fork_sequence(self, seq: Sequence) -> Sequence:
+        """A running copy of `seq` (same tokens, logprobs, progress) sharing its KV blocks."""
+        ...
+
+    def free_sequence(self, seq: Sequence) -> None:
+        """End `seq` (finish reason "abort" unless it finished) and free its KV blocks now."""
+        ...
