@@ -1,8 +1,6 @@
 """`python -m jpaged`: the command line (`jpaged/cli.py`)."""
 
-import sys
-
-from jpaged.cli import main
+from jpaged.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax.numpy as jnp
 import numpy as np
@@ -50,13 +51,16 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)
         check_layout(self.model_config, config.parallel)
         meshes = replica_meshes(config.parallel)
-        self.tokenizer = source.tokenizer
         self.max_model_len = self._resolve_max_model_len()
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer loads while the weights do
+            tokenizer = pool.submit(source.load_tokenizer)
+            self.runner = ModelRunner(self.model_config, config, source.weights(), set(self.model_config.eos_token_ids),
+                                      meshes[replica or 0])
+            self.tokenizer = tokenizer.result()
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        self.runner = ModelRunner(self.model_config, config, source.weights(), self.eos_token_ids,
-                                  meshes[replica or 0])
+        self.runner.eos_token_ids = sorted(self.eos_token_ids)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching, num_host_blocks=self.runner.num_host_blocks)

@@ -29,10 +29,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode_attention import paged_decode_attention_kernel
-from pallas_kernels.mosaic_decode_attention import mosaic_paged_decode_attention, mosaic_unsupported_reason, plgpu
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention
-from pallas_kernels.ragged_paged_attention import ragged_attention_rows, unsupported_reason
+
+# The kernel modules import Pallas (and Mosaic GPU), which costs a start-up that only the Pallas
+# backend needs: they are imported where that backend is chosen or traced.
 
 logger = logging.getLogger("jpaged")
 
@@ -60,6 +60,8 @@ def select_attention(backend: str, head_dim: int, interpret: bool = False, *,
         return ragged_paged_attention
     if not on_gpu and not interpret:
         raise ValueError(f"attention backend 'pallas' needs a GPU or interpret=True; this platform is {platform!r}")
+    from pallas_kernels.ragged_paged_attention import unsupported_reason
+
     reason = unsupported_reason(head_dim)
     if reason:
         _log_fallback_once(f"Pallas attention cannot run this model ({reason}); using the jnp reference")
@@ -81,10 +83,16 @@ def choose_decode_kernel(platform: str, requested: str | None = None) -> str:
     if requested not in DECODE_KERNELS:
         raise ValueError(f"{DECODE_KERNEL_ENV} must be one of {', '.join(map(repr, DECODE_KERNELS))}, "
                          f"got {requested!r}")
-    if requested == "mosaic" and plgpu is None:
+    if requested == "mosaic" and _mosaic_module().plgpu is None:
         raise ValueError(f"{DECODE_KERNEL_ENV}='mosaic' needs jax.experimental.pallas.mosaic_gpu, "
                          f"which jax {jax.__version__} does not have")
     return "triton" if requested == "auto" else requested
+
+
+def _mosaic_module():
+    from pallas_kernels import mosaic_decode_attention
+
+    return mosaic_decode_attention
 
 
 def _log_fallback_once(message: str) -> None:
@@ -106,6 +114,8 @@ def pallas_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, sc
     if num_decode:
         out = _decode_rows(out, q, k_cache, v_cache, layer, md, scale, interpret, decode_kernel)
     if num_seqs > num_decode and md.max_query_len > 0:
+        from pallas_kernels.ragged_paged_attention import ragged_attention_rows
+
         out = ragged_attention_rows(out, q, k_cache, v_cache, layer, md, scale, (num_decode, num_seqs),
                                     md.max_query_len, interpret=interpret)
     return out
@@ -118,10 +128,13 @@ def _decode_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale, 
     args = (q[:num_decode], k_cache, v_cache, layer, md.block_tables[:num_decode], context_lens, scale)
     if decode_kernel == "mosaic":
         _, _, block_size, num_kv_heads, _ = k_cache.shape
-        reason = mosaic_unsupported_reason(q.shape[1], num_kv_heads, q.shape[2], block_size, q.dtype)
+        mosaic = _mosaic_module()
+        reason = mosaic.mosaic_unsupported_reason(q.shape[1], num_kv_heads, q.shape[2], block_size, q.dtype)
         if reason is None and k_cache.dtype == q.dtype:
-            return out.at[:num_decode].set(mosaic_paged_decode_attention(*args))
+            return out.at[:num_decode].set(mosaic.mosaic_paged_decode_attention(*args))
         _log_fallback_once(f"Mosaic GPU decode cannot run this model ({reason or 'cache dtype differs'}); "
                            f"using the Triton decode kernel")
+    from pallas_kernels.decode_attention import paged_decode_attention_kernel
+
     attended = paged_decode_attention_kernel(*args, interpret=interpret)
     return out.at[:num_decode].set(attended)

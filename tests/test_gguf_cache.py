@@ -37,10 +37,12 @@ def test_second_load_reads_the_cache_with_the_same_tokens_as_hf(gguf_copy, tmp_p
     from transformers import AutoTokenizer
 
     root = tmp_path / "cache"
-    first_index, first_tokenizer = gguf_cache.open_cached(gguf_copy, root)
+    first_index, load_first = gguf_cache.open_cached(gguf_copy, root)
+    first_tokenizer = load_first()
     monkeypatch.setattr(gguf_cache, "read_gguf_index", _refuse)
     monkeypatch.setattr(gguf_cache, "load_gguf_tokenizer", _refuse)
-    index, tokenizer = gguf_cache.open_cached(gguf_copy, root)
+    index, load_tokenizer = gguf_cache.open_cached(gguf_copy, root)
+    tokenizer = load_tokenizer()
 
     assert index == first_index
     hf = AutoTokenizer.from_pretrained(str(gguf_copy.parent), gguf_file=gguf_copy.name)

@@ -20,9 +20,11 @@ reader's ``tensor.data`` and its dequantization are already ``[out, in]`` in num
 
 from __future__ import annotations
 
+import collections
 import os
 import pathlib
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
@@ -51,6 +53,7 @@ _LAYER_NAMES = {
 }
 _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _CONFIG_ONLY_TENSORS = {"rope_freqs.weight"}
+PREFETCH = 2  # tensors dequantized ahead of the one being placed
 
 _LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192}
@@ -138,17 +141,26 @@ def load_gguf_tokenizer(path: str | os.PathLike):
 
 
 def _iter_weights(path: pathlib.Path, index: GGUFIndex, dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
-    """Dequantize, un-permute and cast each tensor in file order."""
-    config = index.config
-    rope_heads = {".self_attn.q_proj.": config["num_attention_heads"],
-                  ".self_attn.k_proj.": config["num_key_value_heads"]}
+    """Dequantize, un-permute and cast each tensor in file order, the next `PREFETCH` tensors in
+    worker threads while the caller places the current one (numpy's kernels release the GIL)."""
     file = np.memmap(path, dtype=np.uint8, mode="r")
-    for tensor in index.tensors:
+    rope_heads = {".self_attn.q_proj.": index.config["num_attention_heads"],
+                  ".self_attn.k_proj.": index.config["num_key_value_heads"]}
+
+    def prepare(tensor: GGUFTensor) -> tuple[str, np.ndarray]:
         array = _dequantize(tensor, file[tensor.offset:tensor.offset + tensor.nbytes])
         for marker, n_heads in rope_heads.items():
             if marker in tensor.hf_name:
                 array = _unpermute_rope_rows(array, n_heads)
-        yield tensor.hf_name, np.array(array, dtype=dtype)
+        return tensor.hf_name, np.asarray(array, dtype=dtype)
+
+    with ThreadPoolExecutor(max_workers=PREFETCH) as pool:
+        pending = collections.deque(pool.submit(prepare, t) for t in index.tensors[:PREFETCH])
+        for tensor in index.tensors[PREFETCH:]:
+            yield pending.popleft().result()
+            pending.append(pool.submit(prepare, tensor))
+        while pending:
+            yield pending.popleft().result()
 
 
 _PLAIN_TYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}

@@ -15,6 +15,7 @@ folder and renamed into place, so a crash or a concurrent load never leaves a ha
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from jpaged.cache_dir import cache_dir
@@ -40,8 +42,10 @@ def entry_dir(path: pathlib.Path, root: pathlib.Path | None = None) -> pathlib.P
     return (root or cache_dir()) / "gguf" / f"{path.stem}-{key}"
 
 
-def open_cached(path: str | os.PathLike, root: pathlib.Path | None = None) -> tuple[GGUFIndex, Any]:
-    """`(index, tokenizer)` of the GGUF file at `path`, from the cache when it holds this file.
+def open_cached(path: str | os.PathLike, root: pathlib.Path | None = None) -> tuple[GGUFIndex, Callable[[], Any]]:
+    """`(index, load_tokenizer)` of the GGUF file at `path`, from the cache when it holds this
+    file; `load_tokenizer()` returns its transformers tokenizer (from the cached folder, which
+    is the slow part of a cached load: callers may run it while the weights load).
 
     Raises FileNotFoundError / ValueError as `read_gguf_index` does for a missing or invalid file.
     A cache folder that cannot be written is logged and skipped, never fatal.
@@ -50,23 +54,23 @@ def open_cached(path: str | os.PathLike, root: pathlib.Path | None = None) -> tu
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     entry = entry_dir(path, root)
-    if (entry / "index.json").is_file():
+    if (entry / "index.json").is_file() and (entry / "tokenizer" / "tokenizer.json").is_file():
         try:
-            return _read_entry(entry)
+            index = GGUFIndex.from_json(json.loads((entry / "index.json").read_text()))
+            return index, functools.partial(_cached_tokenizer, entry / "tokenizer")
         except (OSError, ValueError, KeyError, TypeError) as error:
             logger.warning("GGUF cache entry %s is unreadable (%s); reading %s again", entry, error, path)
             shutil.rmtree(entry, ignore_errors=True)
     index = read_gguf_index(path)
     tokenizer = load_gguf_tokenizer(path)
     _write_entry(entry, index, tokenizer)
-    return index, tokenizer
+    return index, lambda: tokenizer
 
 
-def _read_entry(entry: pathlib.Path) -> tuple[GGUFIndex, Any]:
+def _cached_tokenizer(folder: pathlib.Path):
     from transformers import PreTrainedTokenizerFast
 
-    index = GGUFIndex.from_json(json.loads((entry / "index.json").read_text()))
-    return index, PreTrainedTokenizerFast.from_pretrained(str(entry / "tokenizer"))
+    return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
 def _write_entry(entry: pathlib.Path, index: GGUFIndex, tokenizer) -> None:

@@ -54,9 +54,15 @@ def load_safetensors_weights(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
             raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
 
 
-def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
+def tokenizer_loader(folder: Path):
+    """A function that loads `folder`'s tokenizer with transformers; raises FileNotFoundError at
+    once where the folder has none."""
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json or tokenizer_config.json in {folder}")
-    return AutoTokenizer.from_pretrained(str(folder))
+
+    def load():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+
+    return load

@@ -25,10 +25,14 @@ HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.t
 
 @dataclass
 class ModelSource:
+    """A model's parts, the slow ones as loaders: `load_tokenizer()` builds its transformers
+    tokenizer and `weights()` streams `(hf_name, array)` pairs, so that an engine can do both at
+    once."""
+
     name: str
     hf_config: dict
     generation_config: dict
-    tokenizer: Any
+    load_tokenizer: Callable[[], Any]
     weights: Callable[[], Iterator[tuple[str, np.ndarray]]]
 
 
@@ -49,7 +53,7 @@ def open_model(model: str | None) -> ModelSource:
         name=str(path),
         hf_config=hf.read_json(path / "config.json"),
         generation_config=hf.read_json(path / "generation_config.json", required=False),
-        tokenizer=hf.load_tokenizer(path),
+        load_tokenizer=hf.tokenizer_loader(path),
         weights=lambda: hf.load_safetensors_weights(path),
     )
 
@@ -57,12 +61,12 @@ def open_model(model: str | None) -> ModelSource:
 def _open_gguf(path: Path, name: str) -> ModelSource:
     from jpaged.loader import gguf, gguf_cache  # the `gguf` package is needed for GGUF files only
 
-    index, tokenizer = gguf_cache.open_cached(path)
+    index, load_tokenizer = gguf_cache.open_cached(path)
     return ModelSource(
         name=name,
         hf_config=index.config,
         generation_config={},
-        tokenizer=tokenizer,
+        load_tokenizer=load_tokenizer,
         weights=lambda: gguf.load_gguf_weights(path, index=index),
     )
 
