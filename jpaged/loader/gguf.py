@@ -317,11 +317,25 @@ def _existing_file(path: str | os.PathLike) -> pathlib.Path:
     return path
 
 
+class _PlainArrayReader(GGUFReader):
+    """`GGUFReader` over a plain ndarray view of its memory map: the reader slices the file once
+    per metadata item (about a million slices for a 49k-token vocabulary), and `np.memmap`'s
+    bookkeeping on each slice was over half of its parse time."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._plain_data
+
+    @data.setter
+    def data(self, mapped: np.ndarray) -> None:
+        self._plain_data = mapped.view(np.ndarray)
+
+
 def _open(path: str | os.PathLike) -> tuple[pathlib.Path, GGUFReader]:
     """Open ``path`` with GGUFReader, turning any parse failure into a ValueError naming it."""
     path = _existing_file(path)
     try:
-        reader = GGUFReader(path)
+        reader = _PlainArrayReader(path)
     except Exception as exc:
         raise ValueError(f"{path} is not a valid GGUF file (corrupt or truncated?): "
                          f"{type(exc).__name__}: {exc}") from exc
