@@ -1,5 +1,6 @@
 """jax's persistent compilation cache in jpaged's cache directory: a second process compiles
-nothing the first one compiled, and gives the same tokens."""
+nothing the first one compiled, and gives the same tokens (on whatever device jax finds: the GPU
+check runs this file on the GPU image's jax too)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def model_folder(tmp_path_factory):
 
 
 def run(folder: Path, cache: Path, setting: str = "on") -> dict:
-    env = dict(os.environ, JPAGED_CACHE_DIR=str(cache), JAX_PLATFORMS="cpu",
+    env = dict(os.environ, JPAGED_CACHE_DIR=str(cache),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", RUN, str(folder), setting], capture_output=True, text=True,
                             env=env, timeout=300)
