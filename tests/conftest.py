@@ -52,3 +52,16 @@ def run_device_check(tmp_path_factory):
         return json.loads(result.stdout.strip().splitlines()[-1])
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory):
+    """A one-layer random-weight Llama saved as an HF folder (vocabulary of 64 word tokens)."""
+    transformers = pytest.importorskip("transformers")
+    from hf_models import save_random_model
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    save_random_model(folder, config, seed=5)
+    return folder

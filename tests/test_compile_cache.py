@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
-from hf_models import save_random_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = """
@@ -28,15 +27,6 @@ print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outs], "counts": co
 """
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    save_random_model(folder, config, seed=5)
-    return folder
-
-
 def run(folder: Path, cache: Path, setting: str = "on") -> dict:
     env = dict(os.environ, JPAGED_CACHE_DIR=str(cache),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -46,9 +36,9 @@ def run(folder: Path, cache: Path, setting: str = "on") -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_second_process_compiles_nothing_again(model_folder, tmp_path):
-    first = run(model_folder, tmp_path)
-    second = run(model_folder, tmp_path)
+def test_second_process_compiles_nothing_again(tiny_llama_folder, tmp_path):
+    first = run(tiny_llama_folder, tmp_path)
+    second = run(tiny_llama_folder, tmp_path)
     assert first["counts"]["misses"] >= first["programs"] > 0
     assert second["counts"]["misses"] == 0
     assert second["counts"]["hits"] >= first["counts"]["misses"]  # a program the first run compiled twice hits twice
@@ -56,7 +46,7 @@ def test_second_process_compiles_nothing_again(model_folder, tmp_path):
     assert any((tmp_path / "xla").iterdir())
 
 
-def test_the_cache_can_be_turned_off(model_folder, tmp_path):
-    off = run(model_folder, tmp_path, setting="off")
+def test_the_cache_can_be_turned_off(tiny_llama_folder, tmp_path):
+    off = run(tiny_llama_folder, tmp_path, setting="off")
     assert off["counts"] == {"hits": 0, "misses": 0}
     assert not (tmp_path / "xla").exists()

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pytest
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
-from hf_models import save_random_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "jpaged-tests/tiny-llama"
@@ -39,22 +38,13 @@ print(json.dumps({"tokens": outs[0].outputs[0].token_ids, "name": llm.engine.mod
 
 
 @pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    save_random_model(folder, config, seed=9)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def hf_home(model_folder, tmp_path_factory):
+def hf_home(tiny_llama_folder, tmp_path_factory):
     """An HF home whose hub cache holds the model as one snapshot of `main`."""
     from huggingface_hub.file_download import repo_folder_name
 
     home = tmp_path_factory.mktemp("hf_home")
     repo = home / "hub" / repo_folder_name(repo_id=REPO_ID, repo_type="model")
-    shutil.copytree(model_folder, repo / "snapshots" / COMMIT)
+    shutil.copytree(tiny_llama_folder, repo / "snapshots" / COMMIT)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
     cached = huggingface_hub.scan_cache_dir(home / "hub")
@@ -72,9 +62,9 @@ def run(model: str, hf_home: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_hub_id_loads_from_the_local_cache_offline(model_folder, hf_home):
+def test_hub_id_loads_from_the_local_cache_offline(tiny_llama_folder, hf_home):
     from_hub = run(REPO_ID, hf_home)
-    from_folder = run(str(model_folder), hf_home)
+    from_folder = run(str(tiny_llama_folder), hf_home)
     assert from_hub["tokens"] == from_folder["tokens"] and len(from_hub["tokens"]) == 8
     assert COMMIT in from_hub["name"]
 
