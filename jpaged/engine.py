@@ -14,18 +14,14 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import jax.numpy as jnp
-import numpy as np
-
 from jpaged import compile_cache
 from jpaged.block_manager import BlockManager
 from jpaged.config import EngineConfig, ModelConfig
 from jpaged.engine_client import EngineStats, PromptType
 from jpaged.loader.source import open_model
-from jpaged.model_runner import ModelRunner
+from jpaged.model_runner import ModelRunner, StepOutput
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.parallel.layout import check_layout
-from jpaged.sampler import prompt_logprobs
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Request, Sequence
@@ -88,8 +84,6 @@ class LLMEngine:
         self._check_fits(token_ids, params)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
         request = Request(request_id, text, token_ids, params, seed)
-        if params.prompt_logprobs is not None:
-            request.prompt_logprobs = self._prompt_logprobs(token_ids, params.prompt_logprobs)
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
 
@@ -125,22 +119,6 @@ class LLMEngine:
         if total > capacity:
             raise ValueError(f"prompt of {len(token_ids)} tokens + max_tokens {params.max_tokens} = {total} "
                              f"exceeds the KV cache's {capacity} tokens")
-
-    def prompt_logits(self, token_ids: list[int]) -> np.ndarray:
-        """Float32 logits `[len(token_ids), vocab]` at every position of one prompt."""
-        self._check_fits(token_ids, SamplingParams(max_tokens=1))
-        seq = Request("prompt-logits", None, token_ids, SamplingParams(), seed=0).seqs[0]
-        return self.runner.prompt_logits(seq, self.block_manager)
-
-    def _prompt_logprobs(self, token_ids: list[int], k: int) -> list[dict[int, float] | None]:
-        """Per prompt token, its logprob and the top-k alternatives (None for the first token)."""
-        logits = self.prompt_logits(token_ids)
-        found = prompt_logprobs(jnp.asarray(logits[:-1]), jnp.asarray(token_ids[1:], jnp.int32), k)
-        entries: list[dict[int, float] | None] = [None]
-        for t, token in enumerate(token_ids[1:]):
-            top = zip(np.asarray(found.top_ids[t]).tolist(), np.asarray(found.top_logprobs[t]).tolist())
-            entries.append({token: float(found.token_logprobs[t]), **dict(top)})
-        return entries
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -197,7 +175,10 @@ class LLMEngine:
         self.runner.move_blocks(plan)
         if not plan.scheduled:
             return []
-        sampled = self.runner.execute(plan.scheduled)
+        result = self.runner.execute(plan.scheduled)
+        sampled = result.sampled
+        if result.prompt_rows is not None:
+            self._record_prompt_logprobs(plan.scheduled, result)
         touched: dict[str, Request] = {}
         for row, item in enumerate(plan.scheduled):
             seq = item.seq
@@ -220,6 +201,21 @@ class LLMEngine:
         num_prompt = len(seq.prompt_token_ids)
         self.num_prompt_tokens_computed += max(0, min(num_prompt, seq.num_computed_tokens + num_new_tokens)
                                                - seq.num_computed_tokens)
+
+    @staticmethod
+    def _record_prompt_logprobs(scheduled, result: StepOutput) -> None:
+        """File each prompt position's logprobs under its request: entry `p + 1` holds the logprob
+        of prompt token `p + 1` and the top ones at position `p`. A prompt is computed in order
+        (a preempted one again from the start), so the last position completes the list."""
+        found = result.prompt_logprobs
+        for row, (index, position) in enumerate(zip(result.prompt_rows.owner.tolist(),
+                                                    result.prompt_rows.position.tolist())):
+            request = scheduled[index].seq.request
+            wanted, token = request.params.prompt_logprobs, request.prompt_token_ids[position + 1]
+            top = zip(found.top_ids[row][:wanted].tolist(), found.top_logprobs[row][:wanted].tolist())
+            request.prompt_logprobs_so_far[position + 1] = {token: float(found.token_logprobs[row]), **dict(top)}
+            if position + 2 == len(request.prompt_token_ids):
+                request.prompt_logprobs = request.prompt_logprobs_so_far
 
     @staticmethod
     def _record_logprobs(seq: Sequence, sampled, row: int) -> None:

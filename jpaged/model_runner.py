@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jpaged.block_manager import BlockManager
 from jpaged.config import CacheConfig, EngineConfig, ModelConfig
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
 from jpaged.loader.weights import load_params, replicate_kv_heads
@@ -28,13 +28,21 @@ from jpaged.parallel.expert_parallel import expert_parallel_moe
 from jpaged.parallel.layout import kv_heads_per_model
 from jpaged.parallel.partition import KV_CACHE_SPEC, param_spec, shard_attention_layer
 from jpaged.parallel.pipeline import pipeline
-from jpaged.sampler import SamplerOutput, sample_with_logprobs
+from jpaged.sampler import PromptLogprobs, SamplerOutput, prompt_logprobs, sample_with_logprobs
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
-from jpaged.step_batch import SamplingArrays, StepBatch, build_step_batch, prepare_step
+from jpaged.step_batch import PromptRows, SamplingArrays, StepBatch, prepare_step
 from pallas_kernels.backend import select_attention
 from pallas_kernels.paged_attention import paged_attention_layer
 
 logger = logging.getLogger("jpaged")
+
+
+class StepOutput(NamedTuple):
+    """What one step returns to the host (numpy)."""
+
+    sampled: SamplerOutput  # one row per scheduled sequence, in the order given
+    prompt_rows: PromptRows | None  # what each prompt-logprob row is about; None: no such rows
+    prompt_logprobs: PromptLogprobs | None  # one row per `prompt_rows` entry
 
 
 def resolve_dtype(dtype: str):
@@ -76,8 +84,8 @@ class ModelRunner:
         self.num_host_blocks = int(cache_config.swap_space_gib * 2**30 // self.block_bytes) if swaps else 0
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
         self.num_compilations = 0
-        self._step = jax.jit(self._step_fn, static_argnames=("all_greedy", "num_logprobs"), donate_argnums=1)
-        self._logits = jax.jit(self._logits_fn, donate_argnums=1)
+        self._step = jax.jit(self._step_fn, static_argnames=("all_greedy", "num_logprobs", "num_prompt_logprobs"),
+                             donate_argnums=1)
 
     def _layouts(self, config: EngineConfig) -> dict:
         """The model's attention, MoE and layer runner for this backend and device layout."""
@@ -130,21 +138,19 @@ class ModelRunner:
                     md.num_decode_seqs, md.max_query_len, md.block_tables.shape[-1])
 
     def _step_fn(self, state, kv_cache, batch: StepBatch, sampling: SamplingArrays, all_greedy: bool,
-                 num_logprobs: int | None):
+                 num_logprobs: int | None, num_prompt_logprobs: int | None):
+        """((SamplerOutput, PromptLogprobs or None), kv_cache); the prompt rows' logits are only
+        computed in the variant compiled for batches that have them."""
         self._count_compilation("step", batch)
+        prompt = None
         with matmul_precision(self.dtype):
             model = self._model(state)
             hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
             logits = model.logits(hidden[batch.logits_indices])
-        return sample_with_logprobs(logits, sampling, all_greedy, num_logprobs), kv_cache
-
-    def _logits_fn(self, state, kv_cache, batch: StepBatch):
-        self._count_compilation("logits", batch)
-        with matmul_precision(self.dtype):
-            model = self._model(state)
-            hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
-            return model.logits(hidden), kv_cache
-
+            if batch.prompt_indices is not None:
+                prompt_logits = model.logits(hidden[batch.prompt_indices])
+                prompt = prompt_logprobs(prompt_logits, batch.prompt_next_ids, num_prompt_logprobs)
+        return (sample_with_logprobs(logits, sampling, all_greedy, num_logprobs), prompt), kv_cache
 
     def move_blocks(self, plan: SchedulerOutput) -> None:
         """Carry out the step's block moves before it runs: swap-outs, copy-on-write copies, then
@@ -153,24 +159,16 @@ class ModelRunner:
         self.kv_cache = copy_blocks(self.kv_cache, plan.block_copies)
         self.kv_cache = self.host_pool.swap_in(self.kv_cache, plan.swap_in)
 
-    def execute(self, scheduled: list[ScheduledSequence]) -> SamplerOutput:
+    def execute(self, scheduled: list[ScheduledSequence]) -> StepOutput:
         """Run one step; per scheduled sequence (in the given order) its sampled token and, where
-        a request wants them, logprobs. Rows that do not sample carry meaningless values."""
+        a request wants them, logprobs (rows that do not sample carry meaningless values); and
+        the prompt logprobs of the prompt positions computed in this step, where wanted."""
         step = prepare_step(scheduled, self.block_size, self.parallel, self.eos_token_ids,
                             self.model_config.vocab_size)
-        out, self.kv_cache = self._step(self.state, self.kv_cache, step.batch, step.sampling,
-                                        all_greedy=step.all_greedy, num_logprobs=step.num_logprobs)
-        return SamplerOutput(*(None if field is None else np.asarray(field)[step.rows] for field in out))
-
-    def prompt_logits(self, seq, block_manager: BlockManager) -> np.ndarray:
-        """Float32 logits `[num_tokens, vocab]` of a fresh sequence's whole prompt, through the cache."""
-        if block_manager.allocate_slots(seq, seq.num_tokens) is None:
-            raise RuntimeError(f"{block_manager.blocks_for(seq.num_tokens)} blocks needed, "
-                               f"{block_manager.num_free_blocks} free")
-        try:
-            batch, _ = build_step_batch([ScheduledSequence.of(seq, seq.num_tokens)], self.block_size,
-                                        stacked=self.parallel.pipeline_parallel_size > 1)
-            logits, self.kv_cache = self._logits(self.state, self.kv_cache, batch)
-        finally:
-            block_manager.free(seq)
-        return np.asarray(logits)[: seq.num_tokens]
+        (sampled, prompt), self.kv_cache = self._step(
+            self.state, self.kv_cache, step.batch, step.sampling, all_greedy=step.all_greedy,
+            num_logprobs=step.num_logprobs, num_prompt_logprobs=step.num_prompt_logprobs)
+        sampled = SamplerOutput(*(None if field is None else np.asarray(field)[step.rows] for field in sampled))
+        if prompt is not None:
+            prompt = PromptLogprobs(*(np.asarray(field)[: len(step.prompt_rows.owner)] for field in prompt))
+        return StepOutput(sampled, step.prompt_rows, prompt)

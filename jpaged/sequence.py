@@ -87,6 +87,11 @@ class Sequence:
         return self.prompt_token_ids[start:] + self.output_token_ids[: stop - num_prompt]
 
     @property
+    def computes_prompt_logprobs(self) -> bool:
+        """Whether its prefill returns prompt logprobs: its request asks for them and lacks them."""
+        return self.request.prompt_logprobs_so_far is not None and self.request.prompt_logprobs is None
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
@@ -107,7 +112,12 @@ class Request:
         self.arrival = next(_arrival_counter)
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
         self.seqs = [Sequence(self, 0, self.prompt_token_ids)]
-        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        # Per prompt token, its logprob and the top `params.prompt_logprobs` (None for the first):
+        # filled as the prefill computes them, and `prompt_logprobs` once all are in.
+        wanted = params.prompt_logprobs is not None
+        self.prompt_logprobs_so_far: list[dict[int, float] | None] | None = (
+            [None] * len(self.prompt_token_ids) if wanted else None)
+        self.prompt_logprobs = self.prompt_logprobs_so_far if wanted and len(self.prompt_token_ids) < 2 else None
 
     @property
     def num_samples(self) -> int:

@@ -6,7 +6,9 @@ Between the scheduler (Python lists) and the device (`jpaged/model_runner.py`), 
   each new token's K/V goes, and per sequence its `block_tables` row, `context_lens`,
   `query_start` and `query_lens`. Decode sequences come first. For a pipeline the step's tokens
   are cut into micro-batches of one shape, stacked on a leading axis;
-- the logits rows: which row of the step's logits belongs to each scheduled sequence;
+- the logits rows: which row of the step's logits belongs to each scheduled sequence, and which
+  tokens' logits give prompt logprobs (for sequences whose request asks for them, in the chunks
+  that compute their prompt);
 - the sampling arrays (`SamplingArrays`): each row's sampling controls, and the token ids its
   penalties, bias and `min_tokens` touch, for the on-device sampler (`jpaged/sampler.py`).
 
@@ -40,16 +42,30 @@ class StepBatch:
     positions: jax.Array  # like token_ids
     logits_indices: jax.Array  # [S] each row's last new token in the flattened tokens
     attention: AttentionMetadata
+    # Prompt logprobs, None when no scheduled sequence wants them (a variant of the step without
+    # that work): [P] flat indices of the prompt tokens whose logits predict the next prompt
+    # token, and [P] those next tokens (padding rows: index 0, token 0).
+    prompt_indices: jax.Array | None = None
+    prompt_next_ids: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
-    StepBatch, data_fields=["token_ids", "positions", "logits_indices", "attention"], meta_fields=[]
+    StepBatch, data_fields=["token_ids", "positions", "logits_indices", "attention", "prompt_indices",
+                            "prompt_next_ids"], meta_fields=[]
 )
 
 
+class PromptRows(NamedTuple):
+    """What each row of a step's prompt logprobs is about (unpadded, P rows)."""
+
+    owner: np.ndarray  # [P] int64, the scheduled sequence's index in the step's list
+    position: np.ndarray  # [P] int64, the prompt position whose logits predict token position + 1
+
+
 def build_step_batch(scheduled: list[ScheduledSequence], block_size: int, num_micro_batches: int = 1,
-                     stacked: bool = False) -> tuple[StepBatch, np.ndarray]:
-    """Padded arrays for `scheduled` (decodes first); also each sequence's row, in the order given.
+                     stacked: bool = False) -> tuple[StepBatch, np.ndarray, PromptRows | None]:
+    """Padded arrays for `scheduled` (decodes first); also each sequence's row, in the order given,
+    and the prompt-logprob rows (None when no sequence computes prompt logprobs).
 
     Flat arrays by default; with `stacked` (a pipeline) they gain a leading `[M]` axis, each
     micro-batch holding a contiguous share of the step's tokens, all padded to one shape. A
@@ -60,17 +76,43 @@ def build_step_batch(scheduled: list[ScheduledSequence], block_size: int, num_mi
     shape = _BatchShape.of(groups)
     filled = [_fill(group, shape, block_size) for group in groups]
     rows = np.empty(len(scheduled), np.int64)
-    for m, (group, (_, piece_rows)) in enumerate(zip(groups, filled)):
+    for m, (group, (_, piece_rows, _)) in enumerate(zip(groups, filled)):
         for piece, row in zip(group, piece_rows):
             rows[piece.index] = m * shape.num_rows + row  # a later piece's row wins
-    arrays = {name: np.stack([f[name] for f, _ in filled]) for name in filled[0][0]}
+    arrays = {name: np.stack([f[name] for f, _, _ in filled]) for name in filled[0][0]}
     logits_indices = (np.arange(len(groups))[:, None] * shape.num_tokens + np.maximum(
         arrays["query_start"] + arrays["query_lens"] - 1, 0)).reshape(-1)
+    prompt_indices, prompt_next_ids, prompt_rows = _prompt_rows(groups, [f[2] for f in filled], shape.num_tokens)
     if not stacked:
         arrays = {name: array[0] for name, array in arrays.items()}
     token_ids, positions = arrays.pop("token_ids"), arrays.pop("positions")
     attention = AttentionMetadata(**arrays, num_decode_seqs=shape.decode_rows, max_query_len=shape.max_query_len)
-    return StepBatch(token_ids, positions, logits_indices, attention), rows
+    return StepBatch(token_ids, positions, logits_indices, attention, prompt_indices, prompt_next_ids), rows, prompt_rows
+
+
+def _prompt_rows(groups: list[list[_Piece]], starts: list[np.ndarray], num_tokens: int
+                 ) -> tuple[np.ndarray | None, np.ndarray | None, PromptRows | None]:
+    """Flat token indices and next prompt tokens (padded to a bucket) of every new prompt position
+    of a sequence that computes prompt logprobs, and what each row is about."""
+    indices, next_ids, owners, positions = [], [], [], []
+    for m, (group, group_starts) in enumerate(zip(groups, starts)):
+        for piece, start in zip(group, group_starts):
+            seq = piece.seq
+            stop = min(piece.first + piece.count, len(seq.prompt_token_ids) - 1)
+            if not seq.computes_prompt_logprobs or stop <= piece.first:
+                continue
+            span = np.arange(piece.first, stop)
+            indices.append(m * num_tokens + start + span - piece.first)
+            next_ids.append(np.asarray(seq.prompt_token_ids, np.int32)[span + 1])
+            owners.append(np.full(len(span), piece.index))
+            positions.append(span)
+    if not indices:
+        return None, None, None
+    count = sum(len(i) for i in indices)
+    padded = bucket(count)
+    flat_indices, flat_next = np.zeros(padded, np.int32), np.zeros(padded, np.int32)
+    flat_indices[:count], flat_next[:count] = np.concatenate(indices), np.concatenate(next_ids)
+    return flat_indices, flat_next, PromptRows(np.concatenate(owners), np.concatenate(positions))
 
 
 @dataclass(frozen=True)
@@ -127,8 +169,8 @@ class _BatchShape:
         )
 
 
-def _fill(pieces: list[_Piece], shape: _BatchShape, block_size: int) -> tuple[dict, np.ndarray]:
-    """One micro-batch's arrays at `shape`, and each piece's row in them.
+def _fill(pieces: list[_Piece], shape: _BatchShape, block_size: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """One micro-batch's arrays at `shape`, and each piece's row and first token index in them.
 
     Single-token pieces (decodes) take the first rows, row `i` with its token at flat index `i`;
     the other pieces' tokens start after the padded decode rows.
@@ -148,10 +190,10 @@ def _fill(pieces: list[_Piece], shape: _BatchShape, block_size: int) -> tuple[di
         query_lens=np.zeros(shape.num_rows, np.int32),
     )
     arrays["query_start"][: shape.decode_rows] = np.arange(shape.decode_rows)
-    rows = np.empty(len(pieces), np.int64)
+    rows, starts = np.empty(len(pieces), np.int64), np.empty(len(pieces), np.int64)
     for i, row, start in zip(ordered, ordered_rows, first_tokens):
         piece = pieces[i]
-        rows[i] = row
+        rows[i], starts[i] = row, start
         span = slice(start, start + piece.count)
         positions = np.arange(piece.first, piece.first + piece.count)
         arrays["token_ids"][span] = piece.seq.token_ids(piece.first, piece.first + piece.count)
@@ -161,7 +203,7 @@ def _fill(pieces: list[_Piece], shape: _BatchShape, block_size: int) -> tuple[di
         arrays["block_tables"][row, : len(table)] = table
         arrays["context_lens"][row] = piece.first + piece.count
         arrays["query_start"][row], arrays["query_lens"][row] = start, piece.count
-    return arrays, rows
+    return arrays, rows, starts
 
 
 PAD_TOKEN_ID = np.iinfo(np.int32).max
@@ -400,12 +442,14 @@ class StepInputs(NamedTuple):
     rows: np.ndarray  # each scheduled sequence's row of the step's logits, in the order given
     all_greedy: bool  # static: no row draws at random
     num_logprobs: int | None  # static: top logprobs the step returns (None: no logprobs)
+    prompt_rows: PromptRows | None  # what each prompt-logprob row is about (None: no such rows)
+    num_prompt_logprobs: int | None  # static: top prompt logprobs per row (None: no such rows)
 
 
 def prepare_step(scheduled: list[ScheduledSequence], block_size: int, parallel: ParallelConfig,
                  eos_token_ids: list[int], vocab_size: int) -> StepInputs:
     """The step's token arrays, logits rows and sampling arrays; padding rows sample greedily."""
-    batch, rows = build_step_batch(scheduled, block_size, num_micro_batches(scheduled, parallel),
+    batch, rows, prompt_rows = build_step_batch(scheduled, block_size, num_micro_batches(scheduled, parallel),
                                    stacked=parallel.pipeline_parallel_size > 1)
     seqs: list = [None] * len(batch.logits_indices)
     for item, row in zip(scheduled, rows):
@@ -422,7 +466,10 @@ def prepare_step(scheduled: list[ScheduledSequence], block_size: int, parallel: 
     num_logprobs = max_num_logprobs(params)
     if num_logprobs is None and any(p.best_of > p.n for p in params):
         num_logprobs = 0  # best_of ranks samples by their cumulative logprob
-    return StepInputs(batch, sampling, rows, all_greedy, num_logprobs)
+    num_prompt_logprobs = None
+    if prompt_rows is not None:
+        num_prompt_logprobs = max(scheduled[i].seq.sampling_params.prompt_logprobs for i in set(prompt_rows.owner))
+    return StepInputs(batch, sampling, rows, all_greedy, num_logprobs, prompt_rows, num_prompt_logprobs)
 
 
 def num_micro_batches(scheduled: list[ScheduledSequence], parallel: ParallelConfig) -> int:

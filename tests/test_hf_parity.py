@@ -192,12 +192,20 @@ def test_config_reaches_engine(case, llm):
         assert saved["sliding_window"] is None
 
 
-def test_prompt_logits_match_hf(case, llm):
-    ours = llm.engine.prompt_logits(case.logits_prompt)
-    expected = hf_logits(case.model, case.logits_prompt)
-    assert ours.dtype == np.float32 and ours.shape == expected.shape
+def test_prompt_logprobs_match_hf(case, llm):
+    """Every prompt position's logprobs (the token's and the top 20), from the scheduled prefill."""
+    prompt = case.logits_prompt
+    expected = hf_logits(case.model, prompt)
     assert expected.std() > 0.1, "HF logits are nearly flat: the random weights are too small"
-    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=1e-4)
+    expected = expected - np.logaddexp.reduce(expected, axis=-1, keepdims=True)
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=20),
+                       use_tqdm=False)[0]
+    assert len(out.prompt_logprobs) == len(prompt) and out.prompt_logprobs[0] is None
+    for position, entry in enumerate(out.prompt_logprobs[1:], start=1):
+        row = expected[position - 1]
+        assert len(entry) >= 20 and prompt[position] in entry
+        tokens = list(entry)
+        np.testing.assert_allclose([entry[t] for t in tokens], row[tokens], atol=1e-4, rtol=1e-4)
 
 
 def test_hf_oracle_is_not_degenerate(case):

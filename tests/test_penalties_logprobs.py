@@ -415,3 +415,93 @@ def test_derive_seed_and_max_num_logprobs():
     assert max_num_logprobs([SamplingParams(), SamplingParams()]) is None
     assert max_num_logprobs([SamplingParams(logprobs=0), SamplingParams()]) == 0
     assert max_num_logprobs([SamplingParams(logprobs=3), SamplingParams(logprobs=7)]) == 7
+
+
+# ---- prompt logprobs inside the scheduled prefill, end to end --------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A random HF Llama (the oracle) and its folder."""
+    import transformers
+    from hf_models import save_random_model
+
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      bos_token_id=1, eos_token_id=2)
+    folder = tmp_path_factory.mktemp("llama_prompt_logprobs")
+    return save_random_model(folder, config, seed=13), str(folder)
+
+
+def assert_prompt_logprobs_match(entries, prompt, logprobs, k):
+    """`entries` as the engine reports them against `logprobs [len(prompt), vocab]` (row t predicts t + 1)."""
+    assert len(entries) == len(prompt) and entries[0] is None
+    for position in range(1, len(prompt)):
+        entry, row = entries[position], logprobs[position - 1]
+        assert set(entry) == {prompt[position], *np.argsort(-row)[:k].tolist()}, position
+        for token, value in entry.items():
+            assert value == pytest.approx(row[token], abs=1e-4), (position, token)
+
+
+def test_prompt_logprobs_request_waits_for_a_busy_cache_and_matches_hf(tiny_llama):
+    from hf_models import hf_logits
+
+    from jpaged import LLM
+
+    model, folder = tiny_llama
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(3, 96, 37).tolist()
+    logits = hf_logits(model, prompt)
+    expected = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, prompt_logprobs=3)
+
+    alone = LLM(folder, num_blocks=32, block_size=4, dtype="float32").generate(
+        {"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    assert_prompt_logprobs_match(alone.prompt_logprobs, prompt, expected, 3)
+
+    # 14 blocks of 4 tokens and 16 tokens a step: the 37-token prompt is prefilled in chunks, after
+    # two fillers that hold most blocks and the same prompt's blocks cached (which it must not read).
+    busy = LLM(folder, num_blocks=14, block_size=4, dtype="float32", max_num_batched_tokens=16)
+    engine = busy.engine
+    engine.add_request("cached", {"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=1))
+    while engine.has_unfinished_requests():
+        engine.step()
+    filler = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    for name in ("filler-0", "filler-1"):
+        engine.add_request(name, {"prompt_token_ids": rng.integers(3, 96, 12).tolist()}, filler)
+    for _ in range(4):
+        engine.step()
+    assert round((1 - engine.stats().kv_cache_usage) * 14) < 10  # fewer free blocks than the prompt needs
+    engine.add_request("wants-prompt-logprobs", {"prompt_token_ids": prompt}, params)  # queued, not refused
+    assert engine.stats().num_waiting == 1
+    outputs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs[out.request_id] = out
+    out = outputs["wants-prompt-logprobs"]
+    assert out.finished and out.outputs[0].token_ids == alone.outputs[0].token_ids
+    assert out.metrics.num_cached_prompt_tokens == 0
+    assert_prompt_logprobs_match(out.prompt_logprobs, prompt, expected, 3)
+    for got, want in zip(out.prompt_logprobs[1:], alone.prompt_logprobs[1:]):
+        assert got.keys() == want.keys()
+        assert list(got.values()) == pytest.approx(list(want.values()), abs=1e-5)
+
+
+def test_steps_without_prompt_logprobs_build_no_prompt_rows():
+    from jpaged.config import ParallelConfig
+    from jpaged.scheduler import ScheduledSequence
+    from jpaged.sequence import Request
+    from jpaged.step_batch import prepare_step
+
+    def scheduled(prompt_logprobs):
+        seq = Request("r", None, list(range(3, 13)), SamplingParams(prompt_logprobs=prompt_logprobs), 0).seqs[0]
+        seq.block_table = [0, 1, 2]
+        seq.num_computed_tokens = 4
+        return ScheduledSequence.of(seq, 6)
+
+    plain = prepare_step([scheduled(None)], 4, ParallelConfig(), [2], 96)
+    assert plain.batch.prompt_indices is None and plain.prompt_rows is None and plain.num_prompt_logprobs is None
+    wanted = prepare_step([scheduled(None), scheduled(2)], 4, ParallelConfig(), [2], 96)
+    assert wanted.num_prompt_logprobs == 2
+    assert wanted.prompt_rows.owner.tolist() == [1] * 5 and wanted.prompt_rows.position.tolist() == [4, 5, 6, 7, 8]
+    assert wanted.batch.prompt_next_ids[:5].tolist() == [8, 9, 10, 11, 12] and len(wanted.batch.prompt_indices) == 6
