@@ -234,7 +234,7 @@ def test_unknown_architecture_and_broken_weights(stories_path, tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         LLM(str(folder))
-    with pytest.raises(FileNotFoundError, match="neither an HF model folder nor a .gguf"):
+    with pytest.raises(FileNotFoundError, match="neither an HF model folder, a .gguf file nor an HF hub id"):
         LLM(str(tmp_path / "nowhere"))
 
 

@@ -84,8 +84,8 @@ def hub_snapshot(repo_id: str) -> Path:
         folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as error:
         mode = "offline mode (HF_HUB_OFFLINE) is on" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
-        raise FileNotFoundError(f"model {repo_id!r} is not in the HF cache at {constants.HF_HUB_CACHE} and "
-                                f"{mode}: {type(error).__name__}") from error
+        raise FileNotFoundError(f"model {repo_id!r} is neither a local folder nor in the HF cache at "
+                                f"{constants.HF_HUB_CACHE}, and {mode}: {type(error).__name__}") from error
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"hub model {repo_id!r} at {folder} has no config.json")
     return folder
