@@ -282,8 +282,9 @@ def md_throughput_jpaged(r: dict) -> list[str]:
     lines = [f"bfloat16, max_num_seqs {r['max_num_seqs']}, max_num_batched_tokens {r['max_num_batched_tokens']}; "
              f"load {r['load_seconds']:.1f} s"] if "max_num_seqs" in r else []
     for label, p in zip(("cold pass (compiles each new shape)", "warm pass"), r["passes"]):
+        state = "" if p.get("finished", True) else ", stopped before the end"
         lines.append(f"- {label}: **{p['tokens_per_s']:.1f} output tokens/s** ({p['output_tokens']} tokens in "
-                     f"{p['seconds']:.2f} s; {p['compilations_so_far']} step programs compiled so far)")
+                     f"{p['seconds']:.2f} s; {p.get('compilations_so_far', '?')} step programs compiled so far{state})")
     return lines
 
 

@@ -401,17 +401,37 @@ def section_throughput_jpaged(sizes: Sizes, work: Path) -> dict:
               "max_num_seqs": sizes.max_num_seqs, "max_num_batched_tokens": sizes.max_num_batched_tokens,
               "passes": []}
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in requests.max_tokens]
-    for _ in range(2):  # cold (compiles each new shape), then warm
-        started = time.perf_counter()
-        outs = llm.generate([{"prompt_token_ids": p} for p in requests.prompts], params, use_tqdm=False)
-        seconds = time.perf_counter() - started
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        result["passes"].append({"seconds": seconds, "output_tokens": tokens, "tokens_per_s": tokens / seconds,
-                                 "compilations_so_far": llm.engine.stats().num_compilations})
-        print(json.dumps(result["passes"][-1]), flush=True)
-        write_partial(work, "throughput_jpaged", result)
-    (work / "jpaged_tokens.json").write_text(json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+    for label in ("cold", "warm"):  # cold compiles each new shape
+        tokens = _stream_pass(llm.engine, requests, params, label, result, work)
+    (work / "jpaged_tokens.json").write_text(json.dumps(tokens))
     return result
+
+
+def _stream_pass(engine, requests: Requests, params, label: str, result: dict, work: Path,
+                 report_every_s: float = 2.0) -> list[list[int]]:
+    """All requests through the engine's step loop; progress (tokens, seconds, compilations) is
+    written as a partial result every few seconds, so a pass stopped by the time limit still says
+    how far it got."""
+    for i, (prompt, sampling) in enumerate(zip(requests.prompts, params)):
+        engine.add_request(f"{label}-{i}", {"prompt_token_ids": prompt}, sampling)
+    progress = {"pass": label, "seconds": 0.0, "output_tokens": 0, "tokens_per_s": 0.0, "finished": False}
+    result["passes"].append(progress)
+    tokens: dict[str, list[int]] = {}
+    started = last_report = time.perf_counter()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                tokens[out.request_id] = list(out.outputs[0].token_ids)
+        now = time.perf_counter()
+        if now - last_report > report_every_s or not engine.has_unfinished_requests():
+            produced = engine.stats().num_generated_tokens - sum(p["output_tokens"] for p in result["passes"][:-1])
+            progress.update(seconds=now - started, output_tokens=produced, tokens_per_s=produced / (now - started),
+                            compilations_so_far=engine.stats().num_compilations)
+            write_partial(work, "throughput_jpaged", result)
+            last_report = now
+    progress["finished"] = True
+    print(json.dumps(progress), flush=True)
+    return [tokens[f"{label}-{i}"] for i in range(len(requests.prompts))]
 
 
 def _hf_model(folder):
