@@ -11,12 +11,16 @@ CLI, scripts and servers). Entries are evicted least-recently-used beyond `MAX_B
 
 from __future__ import annotations
 
+import logging
 import pathlib
+import tempfile
 
 import jax
 from jax import monitoring
 
 from jpaged.cache_dir import cache_dir
+
+logger = logging.getLogger("jpaged")
 
 MAX_BYTES = 2 * 2**30
 _EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
@@ -27,18 +31,32 @@ _listening = False
 def enable(directory: pathlib.Path | None = None) -> pathlib.Path | None:
     """Point jax's persistent compilation cache at `directory` (default `<cache dir>/xla`),
     caching every program however quick its compilation. Returns the directory in use: the
-    user's own where jax already had one, else `directory`."""
+    user's own where jax already had one (with the thresholds the user set), None where
+    `directory` cannot be written (logged once; compiled programs are then not kept)."""
     current = jax.config.jax_compilation_cache_dir
     if current:
         _listen()
         return pathlib.Path(current)
     directory = directory or cache_dir() / "xla"
+    if not _writable(directory):
+        return None
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     _listen()
     return directory
+
+
+def _writable(directory: pathlib.Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+        return True
+    except OSError as error:
+        logger.warning("compiled programs will not be kept: %s cannot be written (%s)", directory, error)
+        return False
 
 
 def counts() -> dict[str, int]:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 from bench_common import save_json
@@ -86,7 +87,8 @@ def main() -> None:
     cli = [sys.executable, "-m", "jpaged", "generate", QUESTION]
     probe = [sys.executable, "-c", PROBE]
     result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
-              "python": platform.python_version(), "question": QUESTION, "cli": {}, "probe": {}}
+              "python": platform.python_version(), "jax": metadata.version("jax"),
+              "transformers": metadata.version("transformers"), "question": QUESTION, "cli": {}, "probe": {}}
     with tempfile.TemporaryDirectory(prefix="bench_startup_") as tmp:
         cli_cache, probe_cache = fresh_cache(gguf, Path(tmp), "cli"), fresh_cache(gguf, Path(tmp), "probe")
         for run in ("first", "second"):

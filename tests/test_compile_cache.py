@@ -50,3 +50,14 @@ def test_the_cache_can_be_turned_off(tiny_llama_folder, tmp_path):
     off = run(tiny_llama_folder, tmp_path, setting="off")
     assert off["counts"] == {"hits": 0, "misses": 0}
     assert not (tmp_path / "xla").exists()
+
+
+def test_an_unwritable_cache_folder_is_logged_once_and_not_used(tmp_path, caplog):
+    from jpaged import compile_cache
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with caplog.at_level("WARNING", logger="jpaged"):
+        assert not compile_cache._writable(not_a_folder / "xla")
+    assert [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert compile_cache._writable(tmp_path / "xla")

@@ -72,6 +72,7 @@ def test_a_changed_file_gets_a_fresh_entry(gguf_copy, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_cache, "read_gguf_index", lambda path: parses.append(path) or read_gguf_index(path))
     gguf_cache.open_cached(gguf_copy, root)
     assert parses == [gguf_copy] and (after / "index.json").is_file()
+    assert not before.exists()  # the older version's entry is gone
 
 
 def test_an_unreadable_entry_is_rebuilt(gguf_copy, tmp_path, caplog):
@@ -83,6 +84,25 @@ def test_an_unreadable_entry_is_rebuilt(gguf_copy, tmp_path, caplog):
     assert rebuilt == index
     assert any("unreadable" in record.getMessage() for record in caplog.records)
     assert json.loads((gguf_cache.entry_dir(gguf_copy, root) / "index.json").read_text())["config"] == index.config
+
+
+@pytest.mark.parametrize("damage", ["truncated tokenizer.json", "no chat template"])
+def test_a_damaged_tokenizer_is_rebuilt_from_the_file(gguf_copy, tmp_path, damage, caplog):
+    root = tmp_path / "cache"
+    _, load = gguf_cache.open_cached(gguf_copy, root)
+    expected = _token_ids(load())
+    folder = gguf_cache.entry_dir(gguf_copy, root) / "tokenizer"
+    if damage == "no chat template":
+        (folder / "chat_template.jinja").unlink()
+    else:
+        text = (folder / "tokenizer.json").read_text()
+        (folder / "tokenizer.json").write_text(text[: len(text) // 2])
+    with caplog.at_level("WARNING", logger="jpaged"):
+        _, load = gguf_cache.open_cached(gguf_copy, root)
+        assert _token_ids(load()) == expected
+    assert any("unreadable" in record.getMessage() for record in caplog.records)
+    _, load = gguf_cache.open_cached(gguf_copy, root)  # repaired: read from the cache again
+    assert _token_ids(load()) == expected
 
 
 def test_a_missing_file_is_a_clear_error(tmp_path):

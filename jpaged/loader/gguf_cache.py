@@ -9,8 +9,10 @@ conversion, which reads the tokenizer's metadata only) and writes them to
 weights: no metadata parse at all.
 
 The key hashes the file's resolved path, size and modification time (and this cache's format
-version), so a changed or replaced file gets a fresh entry. Entries are written to a temporary
-folder and renamed into place, so a crash or a concurrent load never leaves a half-written one.
+version), so a changed or replaced file gets a fresh entry (and its older entry is removed).
+Entries are written to a temporary folder and renamed into place, so a crash or a concurrent load
+never leaves a half-written one; a manifest lists an entry's files, and an entry missing one, or
+whose index or tokenizer cannot be read, is removed and rebuilt from the file.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from jpaged.loader.gguf import GGUFIndex, load_gguf_tokenizer, read_gguf_index
 
 logger = logging.getLogger("jpaged")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
 
 
 def entry_dir(path: pathlib.Path, root: pathlib.Path | None = None) -> pathlib.Path:
@@ -47,33 +50,56 @@ def open_cached(path: str | os.PathLike, root: pathlib.Path | None = None) -> tu
     file; `load_tokenizer()` returns its transformers tokenizer (from the cached folder, which
     is the slow part of a cached load: callers may run it while the weights load).
 
-    Raises FileNotFoundError / ValueError as `read_gguf_index` does for a missing or invalid file.
-    A cache folder that cannot be written is logged and skipped, never fatal.
+    An entry that is incomplete or unreadable (index or tokenizer) is logged, removed and
+    rebuilt from the file. Raises FileNotFoundError / ValueError as `read_gguf_index` does for a
+    missing or invalid file. A cache folder that cannot be written is logged and skipped.
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     entry = entry_dir(path, root)
-    if (entry / "index.json").is_file() and (entry / "tokenizer" / "tokenizer.json").is_file():
+    if entry.exists():
         try:
-            index = GGUFIndex.from_json(json.loads((entry / "index.json").read_text()))
-            return index, functools.partial(_cached_tokenizer, entry / "tokenizer")
+            index = _read_index(entry)
+            return index, functools.partial(_cached_tokenizer, entry, path, index)
         except (OSError, ValueError, KeyError, TypeError) as error:
-            logger.warning("GGUF cache entry %s is unreadable (%s); reading %s again", entry, error, path)
-            shutil.rmtree(entry, ignore_errors=True)
+            _discard(entry, path, error)
     index = read_gguf_index(path)
     tokenizer = load_gguf_tokenizer(path)
-    _write_entry(entry, index, tokenizer)
+    _write_entry(entry, path, index, tokenizer)
     return index, lambda: tokenizer
 
 
-def _cached_tokenizer(folder: pathlib.Path):
+def _read_index(entry: pathlib.Path) -> GGUFIndex:
+    """The entry's index, once every file its manifest lists is there; ValueError otherwise."""
+    manifest = json.loads((entry / MANIFEST).read_text())
+    missing = [name for name in manifest["files"] if not (entry / name).is_file()]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    return GGUFIndex.from_json(json.loads((entry / "index.json").read_text()))
+
+
+def _cached_tokenizer(entry: pathlib.Path, path: pathlib.Path, index: GGUFIndex):
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast.from_pretrained(str(folder))
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(entry / "tokenizer"))
+    except Exception as error:  # noqa: BLE001 - whatever a damaged tokenizer file raises, the GGUF has the truth
+        _discard(entry, path, error)
+        tokenizer = load_gguf_tokenizer(path)
+        _write_entry(entry, path, index, tokenizer)
+        return tokenizer
 
 
-def _write_entry(entry: pathlib.Path, index: GGUFIndex, tokenizer) -> None:
+def _discard(entry: pathlib.Path, path: pathlib.Path, error: Exception) -> None:
+    logger.warning("GGUF cache entry %s is unreadable (%s: %s); reading %s again",
+                   entry, type(error).__name__, str(error)[:200], path)
+    shutil.rmtree(entry, ignore_errors=True)
+
+
+def _write_entry(entry: pathlib.Path, path: pathlib.Path, index: GGUFIndex, tokenizer) -> None:
+    """Write the entry through a staging folder renamed into place; the manifest, written last,
+    lists its files. Entries of earlier versions of the same file are removed."""
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         staging = pathlib.Path(tempfile.mkdtemp(dir=entry.parent, prefix=".staging-"))
@@ -84,9 +110,22 @@ def _write_entry(entry: pathlib.Path, index: GGUFIndex, tokenizer) -> None:
     try:
         tokenizer.save_pretrained(str(staging / "tokenizer"))
         (staging / "index.json").write_text(json.dumps(index.to_json()))
+        files = sorted(str(f.relative_to(staging)) for f in staging.rglob("*") if f.is_file())
+        (staging / MANIFEST).write_text(json.dumps({"source": str(path.resolve()), "files": files}))
         os.replace(staging, entry)
         logger.info("GGUF index and tokenizer cached in %s", entry)
+        _remove_older_entries(entry, path)
     except OSError as error:  # another process renamed its entry into place first, or the disk is full
         logger.info("GGUF cache entry %s not written: %s", entry, error)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_older_entries(entry: pathlib.Path, path: pathlib.Path) -> None:
+    source = str(path.resolve())
+    for other in entry.parent.glob(f"{path.stem}-*"):
+        try:
+            if other != entry and json.loads((other / MANIFEST).read_text())["source"] == source:
+                shutil.rmtree(other, ignore_errors=True)
+        except (OSError, ValueError, KeyError):
+            continue
