@@ -67,29 +67,43 @@ def apply_logits_processors(logits: jax.Array, arrays: SamplingArrays) -> jax.Ar
     return logits
 
 
-def _kept_prefix_cutoff(sorted_logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
-    """Return, per row, the smallest logit that survives top-k, top-p and min-p ([S, 1]).
+def _kept_prefix_cutoff(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Return the smallest logit of one row that survives top-k, top-p and min-p (a scalar).
 
-    ``sorted_logits`` holds each row's temperature-scaled logits in descending order. Each filter
-    keeps a prefix of that order, so together they keep a prefix too, and the kept set is exactly
-    the tokens whose logit is >= the last kept sorted logit. The top token is always kept.
+    ``scaled`` holds the row's temperature-scaled logits [V]; sorted in descending order, each
+    filter keeps a prefix, so together they keep a prefix too, and the kept set is exactly the
+    tokens whose logit is >= the last kept sorted logit. The top token is always kept.
     """
-    rank = jnp.arange(sorted_logits.shape[-1], dtype=jnp.int32)[None, :]
-    top_k = arrays.top_k[:, None]
+    sorted_logits = -jnp.sort(-scaled)
+    rank = jnp.arange(sorted_logits.shape[-1], dtype=jnp.int32)
     keep = (top_k <= 0) | (rank < top_k)
 
     # Top-p over the probabilities renormalised after top-k: drop the least likely tokens while
     # their total mass stays <= 1 - top_p. Summing from the tail keeps small masses accurate.
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    mass_from_tail = jax.lax.cumsum(probs, axis=1, reverse=True)
-    top_p = arrays.top_p[:, None]
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
+    mass_from_tail = jax.lax.cumsum(probs, reverse=True)
     keep &= (top_p >= 1) | (mass_from_tail > 1 - top_p)
 
     # Min-p: p / p_max = exp(logit - top logit), whatever the renormalisation before it.
-    keep &= jnp.exp(sorted_logits - sorted_logits[:, :1]) >= arrays.min_p[:, None]
+    keep &= jnp.exp(sorted_logits - sorted_logits[0]) >= min_p
 
-    num_kept = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
-    return jnp.take_along_axis(sorted_logits, num_kept - 1, axis=-1)
+    num_kept = jnp.maximum(jnp.sum(keep), 1)
+    return sorted_logits[num_kept - 1]
+
+
+def _cutoffs(scaled: jax.Array, arrays: SamplingArrays, filtered: jax.Array) -> jax.Array:
+    """Each row's `_kept_prefix_cutoff` ([S, 1]), -inf (keep everything) for rows not `filtered`.
+
+    Rows go one at a time and only the filtered ones sort their vocabulary: a batch of greedy or
+    plain-temperature rows with one top-p row pays for one sort, not one per row.
+    """
+    def row_cutoff(row):
+        logits, needs, top_k, top_p, min_p = row
+        return jax.lax.cond(needs, _kept_prefix_cutoff, lambda *_: jnp.array(-jnp.inf, logits.dtype),
+                            logits, top_k, top_p, min_p)
+
+    rows = (scaled, filtered, arrays.top_k, arrays.top_p, arrays.min_p)
+    return jax.lax.map(row_cutoff, rows)[:, None]
 
 
 def _masked_processed(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
@@ -98,8 +112,8 @@ def _masked_processed(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
     temperature = jnp.where(is_greedy, 1.0, arrays.temperature)[:, None]
     scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
 
-    sorted_logits = -jnp.sort(-scaled, axis=-1)
-    cutoff = _kept_prefix_cutoff(sorted_logits, arrays)
+    filtered = ~is_greedy & ((arrays.top_k > 0) | (arrays.top_p < 1) | (arrays.min_p > 0))
+    cutoff = _cutoffs(scaled, arrays, filtered)
     vocab_ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)[None, :]
     greedy_ids = jnp.argmax(logits, axis=-1, keepdims=True)
     kept = jnp.where(is_greedy[:, None], vocab_ids == greedy_ids, scaled >= cutoff)
