@@ -41,9 +41,9 @@ SHARED_STORIES = ROOT.parent / "shared" / "models" / "stories260K"
 # default budget, so no part is squeezed out by an earlier one running to its limit
 PLAN = [
     ("env", 25, 10),
-    ("tests", 100, 30),
+    ("tests", 90, 30),
     ("greedy", 70, 20),
-    ("kernels", 70, 30),
+    ("kernels", 80, 30),
     ("throughput_model", 30, 15),
     ("throughput_jpaged", 85, 40),
     ("throughput_hf", 35, 20),

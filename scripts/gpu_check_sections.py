@@ -75,11 +75,14 @@ GPU_SIZES = Sizes(
     greedy_tokens=32,
     greedy_dtypes=("float32", "bfloat16"),
     stories_prompts=("", "Once upon a time, there was a dog named"),
-    kernel_batches=[1, 16, 64],
-    kernel_contexts=[1024, 4096],
+    kernel_batches=[8, 64],  # two cases: each compiles about 15 kernels (Triton, jax's sweep, Mosaic)
+    kernel_contexts=[4096],
     # about 0.67B parameters: 12 layers of width 2048, 16 heads of 128 over 4 KV heads
     throughput_llama=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
                           num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048),
+    # lengths in a band, so that the cold pass compiles few step shapes and a warm pass fits the budget
+    prompt_lens=(96, 224),
+    output_lens=(96, 160),
 )
 CPU_SIZES = Sizes(
     copy_elements=2**25,
