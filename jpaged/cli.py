@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in ("generate", "-h", "--help"):
         argv = ["generate", *argv]
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("jpaged").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         return generate(args)
     except (ValueError, OSError, TypeError) as err:  # bad input, missing or unwritable files

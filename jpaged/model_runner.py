@@ -133,7 +133,8 @@ class ModelRunner:
     def _count_compilation(self, kind: str, batch: StepBatch) -> None:
         self.num_compilations += 1
         md = batch.attention
-        logger.info("compiling %s #%d: tokens=%s seqs=%s decode_seqs=%d max_query_len=%d blocks/seq=%d",
+        logger.info("new %s program #%d (compiled, or loaded from the compilation cache): tokens=%s seqs=%s "
+                    "decode_seqs=%d max_query_len=%d blocks/seq=%d",
                     kind, self.num_compilations, batch.token_ids.shape, md.block_tables.shape[:-1],
                     md.num_decode_seqs, md.max_query_len, md.block_tables.shape[-1])
 
