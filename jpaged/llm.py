@@ -81,14 +81,15 @@ class LLM:
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm)
-        num_generated, started = 0, time.perf_counter()
+        generated_before, started = self.engine.stats().num_generated_tokens, time.perf_counter()
         while self.engine.has_unfinished_requests():
             for output in self.engine.step():
                 if output.finished:
                     finished[output.request_id] = output
-                    num_generated += len(output.outputs[0].token_ids)
                     bar.update(1)
-            bar.set_postfix_str(f"{num_generated / (time.perf_counter() - started):.1f} tok/s out")
+            if use_tqdm:  # every token generated so far, unfinished requests' too
+                generated = self.engine.stats().num_generated_tokens - generated_before
+                bar.set_postfix_str(f"{generated / (time.perf_counter() - started):.1f} tok/s out")
         bar.close()
         return [finished[request_id] for request_id in request_ids]
 
