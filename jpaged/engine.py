@@ -50,13 +50,11 @@ class LLMEngine:
         self.max_model_len = self._resolve_max_model_len()
         with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(source.load_tokenizer)
-            self.runner = ModelRunner(self.model_config, config, source.weights(), set(self.model_config.eos_token_ids),
-                                      meshes[replica or 0])
+            self.runner = ModelRunner(self.model_config, config, source.weights(), meshes[replica or 0])
             self.tokenizer = tokenizer.result()
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        self.runner.eos_token_ids = sorted(self.eos_token_ids)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching, num_host_blocks=self.runner.num_host_blocks)
@@ -175,7 +173,7 @@ class LLMEngine:
         self.runner.move_blocks(plan)
         if not plan.scheduled:
             return []
-        result = self.runner.execute(plan.scheduled)
+        result = self.runner.execute(plan.scheduled, sorted(self.eos_token_ids))
         sampled = result.sampled
         if result.prompt_rows is not None:
             self._record_prompt_logprobs(plan.scheduled, result)

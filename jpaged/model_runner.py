@@ -57,11 +57,9 @@ def matmul_precision(dtype):
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, eos_token_ids: set[int],
-                 mesh: Mesh | None = None):
+    def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, mesh: Mesh | None = None):
         """`mesh` is this engine's slice of the device mesh ("pp", "ep", "tp"); None: one device."""
         cache_config, self.parallel = config.cache, config.parallel
-        self.eos_token_ids = sorted(eos_token_ids)
         self.mesh = mesh
         kv_heads = kv_heads_per_model(model_config, self.parallel.tensor_parallel_size)
         weights = replicate_kv_heads(weights, model_config, kv_heads)
@@ -160,12 +158,12 @@ class ModelRunner:
         self.kv_cache = copy_blocks(self.kv_cache, plan.block_copies)
         self.kv_cache = self.host_pool.swap_in(self.kv_cache, plan.swap_in)
 
-    def execute(self, scheduled: list[ScheduledSequence]) -> StepOutput:
+    def execute(self, scheduled: list[ScheduledSequence], eos_token_ids: list[int]) -> StepOutput:
         """Run one step; per scheduled sequence (in the given order) its sampled token and, where
         a request wants them, logprobs (rows that do not sample carry meaningless values); and
-        the prompt logprobs of the prompt positions computed in this step, where wanted."""
-        step = prepare_step(scheduled, self.block_size, self.parallel, self.eos_token_ids,
-                            self.model_config.vocab_size)
+        the prompt logprobs of the prompt positions computed in this step, where wanted.
+        `eos_token_ids` are blocked for rows still under their `min_tokens`."""
+        step = prepare_step(scheduled, self.block_size, self.parallel, eos_token_ids, self.model_config.vocab_size)
         (sampled, prompt), self.kv_cache = self._step(
             self.state, self.kv_cache, step.batch, step.sampling, all_greedy=step.all_greedy,
             num_logprobs=step.num_logprobs, num_prompt_logprobs=step.num_prompt_logprobs)

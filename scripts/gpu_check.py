@@ -28,7 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from gpu_check_sections import die_with_parent
 
@@ -36,30 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTIONS_SCRIPT = Path(__file__).with_name("gpu_check_sections.py")
 ASSETS = ROOT / ".gpu_assets"
 SHARED_STORIES = ROOT.parent / "shared" / "models" / "stories260K"
-
-# (part, most seconds on a GPU, least seconds worth starting it with); the most add up to the
-# default budget, so no part is squeezed out by an earlier one running to its limit
-PLAN = [
-    ("env", 25, 10),
-    ("tests", 90, 30),
-    ("greedy", 70, 20),
-    ("kernels", 80, 30),
-    ("throughput_model", 30, 15),
-    ("throughput_jpaged", 85, 40),
-    ("throughput_hf", 35, 20),
-    ("throughput_hf_batch", 35, 20),
-]
-TITLES = {
-    "env": "Environment",
-    "tests": "Kernel and engine-backend tests",
-    "greedy": "Greedy tokens against HF transformers on the same device",
-    "kernels": "Paged-attention kernels",
-    "throughput_model": "Throughput: the model",
-    "throughput_jpaged": "Throughput: jpaged",
-    "throughput_hf": "Throughput: HF generate",
-    "throughput_hf_batch": "Throughput: HF continuous batching",
-}
-
 
 class Interrupted(Exception):
     """SIGTERM or SIGINT reached the check."""
@@ -144,14 +122,14 @@ def run(out: Path, cpu: bool, budget_s: float) -> dict:
     deadline = time.monotonic() + budget_s
     summary = {"mode": "cpu" if cpu else "gpu", "budget_s": budget_s,
                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-               "parts": {name: {"status": "pending", "seconds": 0.0} for name, _, _ in PLAN}}
+               "parts": {name: {"status": "pending", "seconds": 0.0} for name in PARTS}}
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    name = PLAN[0][0]
+    name = next(iter(PARTS))
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work, open(out / "gpu_check.log", "w") as log:
         try:
-            for name, most, least in PLAN:
-                summary["parts"][name] = next_part(name, most, least, deadline, summary, Path(work), log, cpu, out)
+            for name, plan in PARTS.items():
+                summary["parts"][name] = next_part(name, plan, deadline, summary, Path(work), log, cpu, out)
                 part = summary["parts"][name]
                 print(f"{name:>20}: {part['status']} in {part['seconds']:.1f} s", flush=True)
                 write_summary(out, summary)
@@ -163,8 +141,7 @@ def run(out: Path, cpu: bool, budget_s: float) -> dict:
     return summary
 
 
-def next_part(name: str, most: float, least: float, deadline: float, summary: dict, work: Path, log, cpu: bool,
-              out: Path) -> dict:
+def next_part(name: str, plan: Part, deadline: float, summary: dict, work: Path, log, cpu: bool, out: Path) -> dict:
     """Run part `name` if the budget allows and what it needs worked; else say why not."""
     env = summary["parts"]["env"]
     if name != "env" and summary["mode"] == "gpu" and env.get("result", {}).get("platform") not in (None, "gpu"):
@@ -174,14 +151,14 @@ def next_part(name: str, most: float, least: float, deadline: float, summary: di
             and summary["parts"]["throughput_model"]["status"] != "ok":
         return {"status": "skipped", "seconds": 0.0, "error": "the throughput model was not built"}
     left = deadline - time.monotonic()
-    if left < least:
+    if left < plan.least_s:
         return {"status": "skipped", "seconds": 0.0,
-                "error": f"{max(left, 0):.0f} s left of the {summary['budget_s']:.0f} s budget, {least} s needed"}
+                "error": f"{max(left, 0):.0f} s left of the {summary['budget_s']:.0f} s budget, {plan.least_s} s needed"}
     def on_start(pid: int) -> None:
         summary["parts"][name] = {"status": "running", "seconds": 0.0, "pid": pid}
         write_summary(out, summary)
 
-    return run_part(name, work, log, cpu, min(left, most if not cpu else max(most, 300)), on_start)
+    return run_part(name, work, log, cpu, min(left, plan.most_s if not cpu else max(plan.most_s, 300)), on_start)
 
 
 # --- the summary ---------------------------------------------------------------------------------
@@ -198,9 +175,9 @@ def render_markdown(summary: dict) -> str:
     lines += ["| part | status | seconds |", "|---|---|---|"]
     lines += [f"| {name} | {p['status']} | {p['seconds']:.1f} |" for name, p in summary["parts"].items()]
     for name, part in summary["parts"].items():
-        lines += ["", f"## {TITLES[name]}", ""]
+        lines += ["", f"## {PARTS[name].title}", ""]
         if part["status"] == "ok":
-            lines += RENDERERS[name](part["result"])
+            lines += PARTS[name].render(part["result"])
             continue
         lines.append(f"{part['status']}" + (f": {part['error']}" if part.get("error") else ""))
         if part.get("partial"):
@@ -212,7 +189,7 @@ def render_markdown(summary: dict) -> str:
 
 def render_partial(name: str, partial: dict) -> list[str]:
     try:
-        return RENDERERS[name](partial)
+        return PARTS[name].render(partial)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return ["```", json.dumps(partial)[:1500], "```"]
 
@@ -300,15 +277,24 @@ def md_throughput_hf(r: dict) -> list[str]:
     return lines
 
 
-RENDERERS = {
-    "env": md_env,
-    "tests": md_tests,
-    "greedy": md_greedy,
-    "kernels": md_kernels,
-    "throughput_model": md_throughput_model,
-    "throughput_jpaged": md_throughput_jpaged,
-    "throughput_hf": md_throughput_hf,
-    "throughput_hf_batch": md_throughput_hf,
+class Part(NamedTuple):
+    title: str
+    render: Callable[[dict], list[str]]  # its result (or partial result) as markdown lines
+    most_s: float  # most seconds on a GPU
+    least_s: float  # least seconds worth starting it with
+
+
+# In the order they run (each a section of gpu_check_sections.py). The most add up to the default
+# budget, so no part is squeezed out by an earlier one running to its limit.
+PARTS = {
+    "env": Part("Environment", md_env, 25, 10),
+    "tests": Part("Kernel and engine-backend tests", md_tests, 90, 30),
+    "greedy": Part("Greedy tokens against HF transformers on the same device", md_greedy, 70, 20),
+    "kernels": Part("Paged-attention kernels", md_kernels, 80, 30),
+    "throughput_model": Part("Throughput: the model", md_throughput_model, 30, 15),
+    "throughput_jpaged": Part("Throughput: jpaged", md_throughput_jpaged, 85, 40),
+    "throughput_hf": Part("Throughput: HF generate", md_throughput_hf, 35, 20),
+    "throughput_hf_batch": Part("Throughput: HF continuous batching", md_throughput_hf, 35, 20),
 }
 
 
