@@ -31,7 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--block-size", type=int, default=16)
     gen.add_argument("--num-blocks", type=int, default=None)
     gen.add_argument("--max-num-seqs", type=int, default=64)
+    gen.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step")
     gen.add_argument("--max-model-len", type=int, default=None)
+    gen.add_argument("--compile-warmup", action="store_true",
+                     help="compile every step program before the first request")
     gen.add_argument("--tensor-parallel-size", type=int, default=1, help="devices that split each layer")
     gen.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages the layers split into")
     gen.add_argument("--expert-parallel-size", type=int, default=1, help="devices that split the experts")
@@ -49,7 +52,8 @@ def generate(args: argparse.Namespace) -> int:
         seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
     )
     llm = LLM(args.model, dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
-              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.max_model_len, compile_warmup=args.compile_warmup,
               tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
               expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size)
     prompts = args.prompts or [DEFAULT_PROMPT]

@@ -271,6 +271,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto" | "pallas" | "reference"
     attention_interpret: bool = False  # Pallas kernels in interpret mode (tests on CPU)
     compilation_cache: bool = True  # jax's persistent compilation cache in <cache dir>/xla (compile_cache.py)
+    compile_warmup: bool = False  # compile every step program at start-up (LLMEngine.warm_up)
     seed: int = 0
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -14,6 +14,8 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from tqdm.auto import tqdm
+
 from jpaged import compile_cache
 from jpaged.block_manager import BlockManager
 from jpaged.config import EngineConfig, ModelConfig
@@ -21,6 +23,7 @@ from jpaged.engine_client import EngineStats, PromptType
 from jpaged.loader.source import open_model
 from jpaged.model_runner import ModelRunner, StepOutput
 from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
 from jpaged.sampling_params import SamplingParams
 from jpaged.scheduler import Scheduler
@@ -50,8 +53,11 @@ class LLMEngine:
         self.max_model_len = self._resolve_max_model_len()
         with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(source.load_tokenizer)
-            self.runner = ModelRunner(self.model_config, config, source.weights(), meshes[replica or 0])
+            self.runner = ModelRunner(self.model_config, config, source.weights(), self.step_shapes(),
+                                      meshes[replica or 0])
             self.tokenizer = tokenizer.result()
+        if config.compile_warmup:
+            self.warm_up()
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -65,6 +71,18 @@ class LLMEngine:
         self.num_generated_tokens = 0
         logger.info("engine ready: %s, %d KV blocks of %d tokens, max_model_len %d",
                     self.model_name, self.runner.num_blocks, config.cache.block_size, self.max_model_len)
+
+    def step_shapes(self) -> StepShapes:
+        """The padded sizes of every step this engine can run (they fix its compiled programs)."""
+        sched = self.config.scheduler
+        return StepShapes.for_limits(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_model_len,
+                                     self.config.cache.block_size, self.model_config.vocab_size)
+
+    def warm_up(self) -> None:
+        """Compile every step program before the first request, with a progress bar (see
+        `ModelRunner.warm_up`): afterwards no request waits on a compilation."""
+        with tqdm(total=len(self.runner.programs()), desc="compiling step programs", unit="program") as bar:
+            self.runner.warm_up(bar.update)
 
     def _resolve_max_model_len(self) -> int:
         limit = self.model_config.max_position_embeddings
@@ -109,6 +127,11 @@ class LLMEngine:
         bad_bias = [t for t in params.logit_bias or {} if t >= vocab]
         if bad_bias:
             raise ValueError(f"logit_bias token ids {bad_bias[:5]} are outside the vocabulary [0, {vocab})")
+        biased = len(params.logit_bias or {}) + (len(params.stop_token_ids) + len(self.eos_token_ids)
+                                                 if params.min_tokens else 0)
+        if biased > MAX_BIASED_TOKENS:
+            raise ValueError(f"logit_bias ({len(params.logit_bias or {})} ids) and, under min_tokens, the stop token "
+                             f"and EOS ids bias {biased} tokens, more than the limit {MAX_BIASED_TOKENS}")
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt of {len(token_ids)} tokens + max_tokens {params.max_tokens} = {total} "

@@ -1,9 +1,9 @@
 """Block-level moves of the paged KV cache: copy-on-write copies and swaps to and from host memory.
 
 The scheduler decides which blocks move (pairs of block ids); these functions move their
-contents for all layers at once, K and V together, as one device operation per kind of move.
-Index lists are padded to a power of two (`jpaged/padding.py`) so each operation compiles for few
-shapes; padding pairs point past the end of the cache and are dropped.
+contents for all layers at once, K and V together, one device operation per kind of move and
+fixed-width run of pairs, so each operation compiles for one shape (`warm_up` compiles them
+before the first request); padding pairs point past the end of the cache and are dropped.
 """
 
 from __future__ import annotations
@@ -13,14 +13,20 @@ from functools import partial
 import jax
 import numpy as np
 
-from jpaged.padding import power_of_two
-
 KVCache = tuple[jax.Array, jax.Array]  # each [num_layers, num_blocks, block_size, kv_heads, head_dim]
+SWAP_WIDTH = 64  # blocks per swap operation
 
 
-def padded_indices(ids: list[int], fill: int) -> np.ndarray:
-    length = power_of_two(len(ids))
-    return np.array(ids + [fill] * (length - len(ids)), np.int32)
+def padded_runs(pairs: list[tuple[int, int]], width: int, fills: tuple[int, int]
+                ) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """`pairs` cut into runs of `width`, each as (sources, destinations) int32 `[width]` padded
+    with `fills`, and the run's real length."""
+    runs = []
+    for first in range(0, len(pairs), width):
+        run = pairs[first : first + width]
+        padded = run + [fills] * (width - len(run))
+        runs.append((np.array([s for s, _ in padded], np.int32), np.array([d for _, d in padded], np.int32), len(run)))
+    return runs
 
 
 @partial(jax.jit, donate_argnums=0)
@@ -38,14 +44,11 @@ def _scatter_blocks(kv_cache: KVCache, blocks, dst) -> KVCache:
     return tuple(cache.at[:, dst].set(data, mode="drop") for cache, data in zip(kv_cache, blocks))
 
 
-def copy_blocks(kv_cache: KVCache, pairs: list[tuple[int, int]]) -> KVCache:
-    """Copy device block `src` onto device block `dst` for each pair."""
-    if not pairs:
-        return kv_cache
-    num_blocks = kv_cache[0].shape[1]
-    src = padded_indices([s for s, _ in pairs], 0)
-    dst = padded_indices([d for _, d in pairs], num_blocks)
-    return _copy_blocks(kv_cache, src, dst)
+def copy_blocks(kv_cache: KVCache, pairs: list[tuple[int, int]], width: int) -> KVCache:
+    """Copy device block `src` onto device block `dst` for each pair, `width` pairs per operation."""
+    for src, dst, _ in padded_runs(pairs, width, (0, kv_cache[0].shape[1])):
+        kv_cache = _copy_blocks(kv_cache, src, dst)
+    return kv_cache
 
 
 class HostKVPool:
@@ -58,17 +61,12 @@ class HostKVPool:
 
     def swap_out(self, kv_cache: KVCache, pairs: list[tuple[int, int]]) -> None:
         """Copy device block -> host block for each pair."""
-        if not pairs:
-            return
-        src = padded_indices([s for s, _ in pairs], 0)
-        for host, gathered in zip(self.blocks, _gather_blocks(kv_cache, src)):
-            host[:, [h for _, h in pairs]] = np.asarray(gathered)[:, : len(pairs)]
+        for src, host_ids, count in padded_runs(pairs, SWAP_WIDTH, (0, 0)):
+            for host, gathered in zip(self.blocks, _gather_blocks(kv_cache, src)):
+                host[:, host_ids[:count]] = np.asarray(gathered)[:, :count]
 
     def swap_in(self, kv_cache: KVCache, pairs: list[tuple[int, int]]) -> KVCache:
         """Copy host block -> device block for each pair."""
-        if not pairs:
-            return kv_cache
-        num_blocks = kv_cache[0].shape[1]
-        host_ids = padded_indices([h for h, _ in pairs], 0)
-        dst = padded_indices([d for _, d in pairs], num_blocks)
-        return _scatter_blocks(kv_cache, tuple(host[:, host_ids] for host in self.blocks), dst)
+        for host_ids, dst, _ in padded_runs(pairs, SWAP_WIDTH, (0, kv_cache[0].shape[1])):
+            kv_cache = _scatter_blocks(kv_cache, tuple(host[:, host_ids] for host in self.blocks), dst)
+        return kv_cache

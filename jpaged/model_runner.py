@@ -6,6 +6,10 @@ the plan's block moves on the KV cache, and calls the step (model, then on-devic
 the KV cache donated so it is updated in place. It owns the model's parameters and KV cache,
 placed on this engine's slice of the device mesh under tensor / pipeline / expert parallelism,
 where the step's arrays reach every shard replicated.
+
+The step compiles once per padded token count of `StepShapes` (per micro-batch count under a
+pipeline): what requests ask for (sampling settings, logprobs, penalties) changes data, never
+shapes. `warm_up` runs every one of those programs once, so no request waits on a compilation.
 """
 
 from __future__ import annotations
@@ -24,15 +28,17 @@ from jpaged.config import CacheConfig, EngineConfig, ModelConfig
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
 from jpaged.loader.weights import load_params, replicate_kv_heads
 from jpaged.models.llama import LlamaForCausalLM
+from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.expert_parallel import expert_parallel_moe
 from jpaged.parallel.layout import kv_heads_per_model
 from jpaged.parallel.partition import KV_CACHE_SPEC, param_spec, shard_attention_layer
 from jpaged.parallel.pipeline import pipeline
-from jpaged.sampler import PromptLogprobs, SamplerOutput, prompt_logprobs, sample_with_logprobs
+from jpaged.sampler import PromptLogprobs, SamplerOutput, prompt_logprobs, sample, sample_with_logprobs
+from jpaged.sampling_params import MAX_LOGPROBS
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
-from jpaged.step_batch import PromptRows, SamplingArrays, StepBatch, prepare_step
+from jpaged.step_batch import PAD_TOKEN_ID, PADDING_PARAMS, PromptRows, SamplingArrays, StepBatch, prepare_step
 from pallas_kernels.backend import select_attention
-from pallas_kernels.paged_attention import paged_attention_layer
+from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
 
 logger = logging.getLogger("jpaged")
 
@@ -57,9 +63,12 @@ def matmul_precision(dtype):
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, mesh: Mesh | None = None):
-        """`mesh` is this engine's slice of the device mesh ("pp", "ep", "tp"); None: one device."""
+    def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, shapes: StepShapes,
+                 mesh: Mesh | None = None):
+        """`shapes` are the padded sizes of every step; `mesh` is this engine's slice of the device
+        mesh ("pp", "ep", "tp"); None: one device."""
         cache_config, self.parallel = config.cache, config.parallel
+        self.shapes = shapes
         self.mesh = mesh
         kv_heads = kv_heads_per_model(model_config, self.parallel.tensor_parallel_size)
         weights = replicate_kv_heads(weights, model_config, kv_heads)
@@ -82,8 +91,8 @@ class ModelRunner:
         self.num_host_blocks = int(cache_config.swap_space_gib * 2**30 // self.block_bytes) if swaps else 0
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
         self.num_compilations = 0
-        self._step = jax.jit(self._step_fn, static_argnames=("all_greedy", "num_logprobs", "num_prompt_logprobs"),
-                             donate_argnums=1)
+        self._placeholders: dict[tuple, jax.Array] = {}
+        self._step = jax.jit(self._step_fn, donate_argnums=1)
 
     def _layouts(self, config: EngineConfig) -> dict:
         """The model's attention, MoE and layer runner for this backend and device layout."""
@@ -128,46 +137,131 @@ class ModelRunner:
     def _model(self, state):
         return nnx.merge(self.graphdef, state)
 
-    def _count_compilation(self, kind: str, batch: StepBatch) -> None:
+    def _count_compilation(self, batch: StepBatch) -> None:
         self.num_compilations += 1
-        md = batch.attention
-        logger.info("new %s program #%d (compiled, or loaded from the compilation cache): tokens=%s seqs=%s "
-                    "decode_seqs=%d max_query_len=%d blocks/seq=%d",
-                    kind, self.num_compilations, batch.token_ids.shape, md.block_tables.shape[:-1],
-                    md.num_decode_seqs, md.max_query_len, md.block_tables.shape[-1])
+        logger.info("new step program #%d (compiled, or loaded from the compilation cache): tokens=%s rows=%s",
+                    self.num_compilations, batch.token_ids.shape, batch.attention.block_tables.shape[:-1])
 
-    def _step_fn(self, state, kv_cache, batch: StepBatch, sampling: SamplingArrays, all_greedy: bool,
-                 num_logprobs: int | None, num_prompt_logprobs: int | None):
-        """((SamplerOutput, PromptLogprobs or None), kv_cache); the prompt rows' logits are only
-        computed in the variant compiled for batches that have them."""
-        self._count_compilation("step", batch)
-        prompt = None
+    def _step_fn(self, state, kv_cache, batch: StepBatch, sampling: SamplingArrays):
+        """((SamplerOutput, PromptLogprobs), kv_cache). Logprobs are computed only when some row
+        wants them, and prompt logprobs only when the batch has prompt rows (zeros otherwise)."""
+        self._count_compilation(batch)
         with matmul_precision(self.dtype):
             model = self._model(state)
             hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
             logits = model.logits(hidden[batch.logits_indices])
-            if batch.prompt_indices is not None:
-                prompt_logits = model.logits(hidden[batch.prompt_indices])
-                prompt = prompt_logprobs(prompt_logits, batch.prompt_next_ids, num_prompt_logprobs)
-        return (sample_with_logprobs(logits, sampling, all_greedy, num_logprobs), prompt), kv_cache
+
+            def prompt(hidden):
+                rows = hidden[jnp.maximum(batch.prompt_indices, 0)]
+                return prompt_logprobs(model.logits(rows), batch.prompt_next_ids, MAX_LOGPROBS)
+
+            def no_prompt(hidden):
+                return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(prompt, hidden))
+
+            prompt = jax.lax.cond(jnp.any(batch.prompt_indices >= 0), prompt, no_prompt, hidden)
+        return (self._sample(logits, sampling), prompt), kv_cache
+
+    @staticmethod
+    def _sample(logits, sampling: SamplingArrays) -> SamplerOutput:
+        """Sampled tokens, with their top `MAX_LOGPROBS` logprobs when some row wants them (zeros
+        otherwise)."""
+        def with_logprobs(logits):
+            return sample_with_logprobs(logits, sampling, None, MAX_LOGPROBS)
+
+        def without(logits):
+            zeros = [jnp.zeros(x.shape, x.dtype) for x in jax.eval_shape(with_logprobs, logits)[1:]]
+            return SamplerOutput(sample(logits, sampling), *zeros)
+
+        return jax.lax.cond(jnp.any(sampling.logprobs_wanted), with_logprobs, without, logits)
 
     def move_blocks(self, plan: SchedulerOutput) -> None:
         """Carry out the step's block moves before it runs: swap-outs, copy-on-write copies, then
         swap-ins (the order the block manager's bookkeeping assumes)."""
         self.host_pool.swap_out(self.kv_cache, plan.swap_out)
-        self.kv_cache = copy_blocks(self.kv_cache, plan.block_copies)
+        self.kv_cache = copy_blocks(self.kv_cache, plan.block_copies, self.shapes.max_num_seqs)
         self.kv_cache = self.host_pool.swap_in(self.kv_cache, plan.swap_in)
+
+    def programs(self) -> list[tuple[int, int]]:
+        """`(micro-batches, tokens per micro-batch)` of every step program this configuration can
+        run: one per token count, and under a pipeline one per micro-batch count too (a step of
+        fewer tokens than micro-batches is cut into single tokens)."""
+        counts = self.shapes.token_counts
+        if self.parallel.pipeline_parallel_size == 1:
+            return [(1, count) for count in counts]
+        cuts = sorted({self.parallel.decode_micro_batches, self.parallel.prefill_micro_batches})
+        return sorted({(m, count) for m in cuts for count in counts} | {(m, 1) for m in range(1, cuts[-1])})
+
+    def warm_up(self, progress=None) -> None:
+        """Compile (or load from the compilation cache) every step program and block move, running
+        each once on padding that writes nothing. `progress(n)` is called after each program."""
+        for micro_batches, num_tokens in self.programs():
+            self._run(*self._padding_step(micro_batches, num_tokens))
+            if progress:
+                progress(1)
+        empty = [(self.num_blocks, self.num_blocks)]  # a pair past the cache's end: moves nothing
+        self.kv_cache = copy_blocks(self.kv_cache, empty, self.shapes.max_num_seqs)
+        if self.num_host_blocks:
+            self.host_pool.swap_out(self.kv_cache, [(0, 0)])
+            self.kv_cache = self.host_pool.swap_in(self.kv_cache, [(0, self.num_blocks)])
+        jax.block_until_ready(self.kv_cache)
+
+    def _padding_step(self, micro_batches: int, num_tokens: int) -> tuple[StepBatch, SamplingArrays]:
+        """A step of `micro_batches` x `num_tokens` padding tokens, laid out as real ones are."""
+        num_rows = self.shapes.num_rows(num_tokens)
+        lead = (micro_batches,) if self.parallel.pipeline_parallel_size > 1 else ()
+
+        def ints(*shape, fill=0):
+            return np.full(lead + shape, fill, np.int32)
+
+        attention = AttentionMetadata(
+            slot_mapping=ints(num_tokens, fill=-1), block_tables=ints(num_rows, self.shapes.max_blocks_per_seq),
+            context_lens=ints(num_rows), query_start=ints(num_rows), query_lens=ints(num_rows))
+        batch = StepBatch(ints(num_tokens), ints(num_tokens), np.zeros(micro_batches * num_rows, np.int64), attention)
+        rows = micro_batches * num_rows
+        sampling = SamplingArrays.build([PADDING_PARAMS] * rows, [0] * rows, [0] * rows, pad_to=rows)
+        return batch, sampling
 
     def execute(self, scheduled: list[ScheduledSequence], eos_token_ids: list[int]) -> StepOutput:
         """Run one step; per scheduled sequence (in the given order) its sampled token and, where
         a request wants them, logprobs (rows that do not sample carry meaningless values); and
         the prompt logprobs of the prompt positions computed in this step, where wanted.
         `eos_token_ids` are blocked for rows still under their `min_tokens`."""
-        step = prepare_step(scheduled, self.block_size, self.parallel, eos_token_ids, self.model_config.vocab_size)
-        (sampled, prompt), self.kv_cache = self._step(
-            self.state, self.kv_cache, step.batch, step.sampling, all_greedy=step.all_greedy,
-            num_logprobs=step.num_logprobs, num_prompt_logprobs=step.num_prompt_logprobs)
-        sampled = SamplerOutput(*(None if field is None else np.asarray(field)[step.rows] for field in sampled))
-        if prompt is not None:
+        step = prepare_step(scheduled, self.block_size, self.shapes, self.parallel, eos_token_ids,
+                            self.model_config.vocab_size)
+        sampled, prompt = self._run(step.batch, step.sampling)
+        fields = sampled if step.wants_logprobs else sampled[:1]
+        sampled = SamplerOutput(*(np.asarray(field)[step.rows] for field in fields))
+        if step.prompt_rows is not None:
             prompt = PromptLogprobs(*(np.asarray(field)[: len(step.prompt_rows.owner)] for field in prompt))
-        return StepOutput(sampled, step.prompt_rows, prompt)
+        return StepOutput(sampled, step.prompt_rows, prompt if step.prompt_rows is not None else None)
+
+    def _run(self, batch: StepBatch, sampling: SamplingArrays) -> tuple[SamplerOutput, PromptLogprobs]:
+        """The step on the host-built arrays, arrays no row needed standing in as placeholders."""
+        num_rows, num_tokens = len(batch.logits_indices), batch.token_ids.size
+        batch = dataclasses.replace(
+            batch,
+            prompt_indices=self._or_placeholder(batch.prompt_indices, (num_tokens,), np.int32, -1),
+            prompt_next_ids=self._or_placeholder(batch.prompt_next_ids, (num_tokens,), np.int32, 0))
+        penalties, bias = (num_rows, self.shapes.penalty_width), (num_rows, MAX_BIASED_TOKENS)
+        sampling = dataclasses.replace(
+            sampling,
+            penalty_ids=self._or_placeholder(sampling.penalty_ids, penalties, np.int32, PAD_TOKEN_ID),
+            output_counts=self._or_placeholder(sampling.output_counts, penalties, np.int32, 0),
+            bias_ids=self._or_placeholder(sampling.bias_ids, bias, np.int32, PAD_TOKEN_ID),
+            bias_values=self._or_placeholder(sampling.bias_values, bias, np.float32, 0.0))
+        (sampled, prompt), self.kv_cache = self._step(self.state, self.kv_cache, self._put(batch), self._put(sampling))
+        return sampled, prompt
+
+    def _put(self, tree):
+        """Host arrays onto the devices, replicated over the mesh (placeholders are already there)."""
+        sharding = NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
+        return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, sharding), tree)
+
+    def _or_placeholder(self, array: np.ndarray | None, shape: tuple[int, ...], dtype, fill) -> jax.Array | np.ndarray:
+        """`array`, or a cached device array of `fill` of the shape it would have had."""
+        if array is not None:
+            return array
+        key = (shape, np.dtype(dtype).str, fill)
+        if key not in self._placeholders:
+            self._placeholders[key] = self._put(np.full(shape, fill, dtype))
+        return self._placeholders[key]

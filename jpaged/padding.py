@@ -1,26 +1,18 @@
 """Padding rules: the sizes that host-built arrays are rounded up to before a jitted function sees them.
 
 A jitted function compiles once per input shape, so every dimension that changes from step to step
-is rounded up to a few sizes: the step's token, row and block-table dimensions
-(`jpaged/step_batch.py`), the per-row token lists of the sampling arrays (`jpaged/step_batch.py`)
-and the index lists of the KV cache's block moves (`jpaged/kv_cache_ops.py`). Plain Python.
+is rounded up to a few sizes fixed by the configuration alone (`StepShapes`): the step's token,
+row and block-table dimensions and the sampling arrays' widths (`jpaged/step_batch.py`), and the
+index lists of the KV cache's block moves (`jpaged/kv_cache_ops.py`). The step then compiles
+once per token count, whatever the requests ask, and a warm-up can compile them all before the
+first request. Plain Python.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 MIN_LIST_WIDTH = 8
-
-
-def bucket(n: int) -> int:
-    """The padded size for `n`: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (0 stays 0).
-
-    Powers of two and their halfway points waste at most a third of a dimension while
-    keeping the number of distinct shapes, and so of compilations, logarithmic.
-    """
-    if n <= 2:
-        return n
-    power = 1 << (n - 1).bit_length()
-    return power * 3 // 4 if n <= power * 3 // 4 else power
 
 
 def power_of_two(n: int) -> int:
@@ -32,3 +24,51 @@ def list_width(longest: int) -> int:
     """Width of a padded per-row token list: a power of two >= ``longest`` (at least 8), so a
     growing output recompiles the step only log-many times."""
     return max(MIN_LIST_WIDTH, power_of_two(longest))
+
+
+MAX_BIASED_TOKENS = 1024
+"""Most token ids one request may bias per step: its ``logit_bias`` entries, plus its stop token ids
+and the model's EOS ids while it is under ``min_tokens``."""
+
+_HALF_STEPS_FROM = 24  # row counts from here to max_num_seqs also take the 3/4 points (24, 48, 96, ...)
+
+
+@dataclass(frozen=True)
+class StepShapes:
+    """The padded sizes of every step a configuration can run (vLLM's and tpu-inference's fixed
+    token buckets, compiled ahead of the first request).
+
+    A step of `n` new tokens from `r` sequences is padded to `num_tokens(n)` tokens (one of
+    `token_counts`) and `num_rows(...)` rows; every row's block table to `max_blocks_per_seq`
+    entries (the most a sequence of `max_model_len` tokens holds); the sampling arrays'
+    penalty lists to `penalty_width` ids and bias lists to `MAX_BIASED_TOKENS`.
+
+    Token counts are the powers of two below `max_num_batched_tokens`, and that limit itself;
+    from 24 up to `max_num_seqs` (the sizes of decode-only batches) also the 3/4 points between
+    powers of two, which keep decode padding under a third.
+    """
+
+    token_counts: tuple[int, ...]
+    max_num_seqs: int
+    max_blocks_per_seq: int
+    penalty_width: int
+
+    @classmethod
+    def for_limits(cls, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
+                   block_size: int, vocab_size: int) -> StepShapes:
+        counts = {1 << k for k in range(max_num_batched_tokens.bit_length())}
+        counts |= {3 * (1 << k) for k in range(3, max_num_seqs.bit_length())
+                   if _HALF_STEPS_FROM <= 3 * (1 << k) <= max_num_seqs}
+        counts = sorted(c for c in counts if c < max_num_batched_tokens) + [max_num_batched_tokens]
+        return cls(tuple(counts), max_num_seqs, -(-max_model_len // block_size), min(max_model_len, vocab_size))
+
+    def num_tokens(self, n: int) -> int:
+        """The padded token count of a step (or micro-batch) of `n` tokens; ValueError past the limit."""
+        for count in self.token_counts:
+            if n <= count:
+                return count
+        raise ValueError(f"a step of {n} tokens exceeds max_num_batched_tokens {self.token_counts[-1]}")
+
+    def num_rows(self, num_tokens: int) -> int:
+        """Rows of a step padded to `num_tokens` tokens: no more rows than tokens or sequences."""
+        return min(num_tokens, self.max_num_seqs)

@@ -21,10 +21,11 @@ The order follows vLLM's V1 sampler:
    lands in.
 
 Steps 1 and 2 never build ``[S, V]`` arrays on the host: each row sends only the distinct token ids
-it touches (padded ``[S, L]`` id and count arrays, ``L`` bucketed to a power of two), and the device
-gathers, updates and scatters back those logits. When no row of a batch uses penalties (or bias /
-min_tokens) those arrays are None, which changes the pytree's structure, so the jitted step compiles
-a variant that does none of that work.
+it touches (padded ``[S, L]`` id and count arrays), and the device gathers, updates and scatters
+back those logits. Work that no row of a batch needs is skipped at run time (``lax.cond``): the
+logits processors when no row has a bias or penalty, the draw when every row is greedy. A caller may leave the bias or penalty arrays out (None),
+which traces a variant without that work; the engine always passes them, at fixed widths, so one
+compiled step serves every mix of requests.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jpaged.step_batch import SamplingArrays
+from jpaged.step_batch import PAD_TOKEN_ID, SamplingArrays
 
 LOGPROBS_MODES = ("raw", "penalized")
 
@@ -43,27 +44,33 @@ def apply_logits_processors(logits: jax.Array, arrays: SamplingArrays) -> jax.Ar
     """Return float32 ``[S, V]`` logits after ``min_tokens``, ``logit_bias`` and the penalties.
 
     Only the rows' listed token ids are gathered and scattered back (ids are distinct per row;
-    padding ids fall outside the vocabulary and are dropped). With neither the bias nor the
-    penalty arrays present this is just a cast, and traces to no gather or scatter.
+    padding ids fall outside the vocabulary and are dropped), and only when some row has a bias
+    or a penalty. Arrays left out (None) trace to no work at all.
     """
     logits = logits.astype(jnp.float32)
-    if not (arrays.has_bias or arrays.has_penalties):
-        return logits
     rows = jnp.arange(logits.shape[0], dtype=jnp.int32)[:, None]
     if arrays.has_bias:
-        logits = logits.at[rows, arrays.bias_ids].add(arrays.bias_values, mode="drop")
+        def add_bias(logits):
+            return logits.at[rows, arrays.bias_ids].add(arrays.bias_values, mode="drop")
+
+        logits = jax.lax.cond(jnp.any(arrays.bias_ids != PAD_TOKEN_ID), add_bias, lambda x: x, logits)
     if arrays.has_penalties:
-        ids = arrays.penalty_ids
-        current = logits.at[rows, ids].get(mode="fill", fill_value=0.0)
-        repetition = arrays.repetition_penalty[:, None]
-        current = jnp.where(current > 0, current / repetition, current * repetition)
-        counts = arrays.output_counts
-        current = (
-            current
-            - counts.astype(jnp.float32) * arrays.frequency_penalty[:, None]
-            - jnp.where(counts > 0, arrays.presence_penalty[:, None], 0.0)
-        )
-        logits = logits.at[rows, ids].set(current, mode="drop")
+        def penalize(logits):
+            ids = arrays.penalty_ids
+            current = logits.at[rows, ids].get(mode="fill", fill_value=0.0)
+            repetition = arrays.repetition_penalty[:, None]
+            current = jnp.where(current > 0, current / repetition, current * repetition)
+            counts = arrays.output_counts
+            current = (
+                current
+                - counts.astype(jnp.float32) * arrays.frequency_penalty[:, None]
+                - jnp.where(counts > 0, arrays.presence_penalty[:, None], 0.0)
+            )
+            return logits.at[rows, ids].set(current, mode="drop")
+
+        penalized = ((arrays.repetition_penalty != 1) | (arrays.frequency_penalty != 0)
+                     | (arrays.presence_penalty != 0))
+        logits = jax.lax.cond(jnp.any(penalized), penalize, lambda x: x, logits)
     return logits
 
 
@@ -138,25 +145,31 @@ def _draw(row_logits: jax.Array, seed: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.categorical(key, row_logits)
 
 
-def _sample_processed(processed: jax.Array, arrays: SamplingArrays, all_greedy: bool) -> jax.Array:
+def _sample_processed(processed: jax.Array, arrays: SamplingArrays, all_greedy: bool | None) -> jax.Array:
     """Token ids [S] int32 from logits ``apply_logits_processors`` has already processed."""
     greedy_ids = jnp.argmax(processed, axis=-1).astype(jnp.int32)
     if all_greedy:
         return greedy_ids
-    filtered = _masked_processed(processed, arrays)
-    sampled_ids = jax.vmap(_draw)(filtered, arrays.seed, arrays.step).astype(jnp.int32)
-    return jnp.where(arrays.temperature <= 0, greedy_ids, sampled_ids)
+
+    def draw(greedy_ids):
+        filtered = _masked_processed(processed, arrays)
+        sampled_ids = jax.vmap(_draw)(filtered, arrays.seed, arrays.step).astype(jnp.int32)
+        return jnp.where(arrays.temperature <= 0, greedy_ids, sampled_ids)
+
+    if all_greedy is None:
+        return jax.lax.cond(jnp.all(arrays.temperature <= 0), lambda ids: ids, draw, greedy_ids)
+    return draw(greedy_ids)
 
 
-def sample(logits: jax.Array, arrays: SamplingArrays, all_greedy: bool) -> jax.Array:
+def sample(logits: jax.Array, arrays: SamplingArrays, all_greedy: bool | None = None) -> jax.Array:
     """Return the next token id of each row, [S] int32.
 
     Args:
         logits: [S, V] last-position logits, any float dtype (computed in float32).
         arrays: the rows' sampling controls (penalties, bias and min_tokens included: greedy
             rows take the argmax of the processed logits, as in vLLM).
-        all_greedy: static; True when every row is greedy, which skips everything but the
-            logits processors and argmax.
+        all_greedy: static; True when every row is greedy (traces only the argmax), False
+            when some row draws, None to decide at run time from the temperatures.
     """
     return _sample_processed(apply_logits_processors(logits, arrays), arrays, all_greedy)
 
@@ -198,7 +211,7 @@ def _gather_logprobs(
 def sample_with_logprobs(
     logits: jax.Array,
     arrays: SamplingArrays,
-    all_greedy: bool,
+    all_greedy: bool | None = None,
     num_logprobs: int | None = None,
     logprobs_mode: str = "raw",
 ) -> SamplerOutput:
@@ -227,10 +240,7 @@ def sample_with_logprobs(
         raise ValueError(f"num_logprobs must be None or >= 0, got {num_logprobs}")
     source = logits.astype(jnp.float32) if logprobs_mode == "raw" else processed
     logprobs = jax.nn.log_softmax(source, axis=-1)
-    token_logprobs, top_ids, top_logprobs, ranks = _gather_logprobs(
-        logprobs, token_ids, num_logprobs
-    )
-    return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs, ranks)
+    return SamplerOutput(token_ids, *_gather_logprobs(logprobs, token_ids, num_logprobs))
 
 
 class PromptLogprobs(NamedTuple):

@@ -27,13 +27,13 @@ import jax
 import numpy as np
 
 from jpaged.config import ParallelConfig
-from jpaged.padding import bucket, list_width
+from jpaged.padding import MAX_BIASED_TOKENS, StepShapes, list_width
 from jpaged.sampling_params import SEED_LIMIT, SamplingParams
 from jpaged.scheduler import ScheduledSequence
 from jpaged.sequence import Sequence
 from pallas_kernels.paged_attention import AttentionMetadata
 
-_PADDING_PARAMS = SamplingParams(temperature=0.0)
+PADDING_PARAMS = SamplingParams(temperature=0.0)
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,9 @@ class StepBatch:
     positions: jax.Array  # like token_ids
     logits_indices: jax.Array  # [S] each row's last new token in the flattened tokens
     attention: AttentionMetadata
-    # Prompt logprobs, None when no scheduled sequence wants them (a variant of the step without
-    # that work): [P] flat indices of the prompt tokens whose logits predict the next prompt
-    # token, and [P] those next tokens (padding rows: index 0, token 0).
+    # Prompt logprobs, None when no scheduled sequence wants them (the model runner then passes
+    # placeholders of the same shape): [T] flat indices of the prompt tokens whose logits predict
+    # the next prompt token, and [T] those next tokens (padding rows: index -1, token 0).
     prompt_indices: jax.Array | None = None
     prompt_next_ids: jax.Array | None = None
 
@@ -62,10 +62,12 @@ class PromptRows(NamedTuple):
     position: np.ndarray  # [P] int64, the prompt position whose logits predict token position + 1
 
 
-def build_step_batch(scheduled: list[ScheduledSequence], block_size: int, num_micro_batches: int = 1,
-                     stacked: bool = False) -> tuple[StepBatch, np.ndarray, PromptRows | None]:
-    """Padded arrays for `scheduled` (decodes first); also each sequence's row, in the order given,
-    and the prompt-logprob rows (None when no sequence computes prompt logprobs).
+def build_step_batch(scheduled: list[ScheduledSequence], block_size: int, shapes: StepShapes,
+                     num_micro_batches: int = 1, stacked: bool = False
+                     ) -> tuple[StepBatch, np.ndarray, PromptRows | None]:
+    """Padded arrays for `scheduled` (decodes first) at `shapes`' sizes; also each sequence's row,
+    in the order given, and the prompt-logprob rows (None when no sequence computes prompt
+    logprobs; the step's prompt arrays are then None too).
 
     Flat arrays by default; with `stacked` (a pipeline) they gain a leading `[M]` axis, each
     micro-batch holding a contiguous share of the step's tokens, all padded to one shape. A
@@ -73,27 +75,28 @@ def build_step_batch(scheduled: list[ScheduledSequence], block_size: int, num_mi
     last piece.
     """
     groups = split_micro_batches(scheduled, num_micro_batches)
-    shape = _BatchShape.of(groups)
-    filled = [_fill(group, shape, block_size) for group in groups]
+    num_tokens = shapes.num_tokens(max(sum(p.count for p in group) for group in groups))
+    num_rows = shapes.num_rows(num_tokens)
+    filled = [_fill(group, num_tokens, num_rows, shapes.max_blocks_per_seq, block_size) for group in groups]
     rows = np.empty(len(scheduled), np.int64)
     for m, (group, (_, piece_rows, _)) in enumerate(zip(groups, filled)):
         for piece, row in zip(group, piece_rows):
-            rows[piece.index] = m * shape.num_rows + row  # a later piece's row wins
+            rows[piece.index] = m * num_rows + row  # a later piece's row wins
     arrays = {name: np.stack([f[name] for f, _, _ in filled]) for name in filled[0][0]}
-    logits_indices = (np.arange(len(groups))[:, None] * shape.num_tokens + np.maximum(
+    logits_indices = (np.arange(len(groups))[:, None] * num_tokens + np.maximum(
         arrays["query_start"] + arrays["query_lens"] - 1, 0)).reshape(-1)
-    prompt_indices, prompt_next_ids, prompt_rows = _prompt_rows(groups, [f[2] for f in filled], shape.num_tokens)
+    prompt_indices, prompt_next_ids, prompt_rows = _prompt_rows(groups, [f[2] for f in filled], num_tokens)
     if not stacked:
         arrays = {name: array[0] for name, array in arrays.items()}
     token_ids, positions = arrays.pop("token_ids"), arrays.pop("positions")
-    attention = AttentionMetadata(**arrays, num_decode_seqs=shape.decode_rows, max_query_len=shape.max_query_len)
+    attention = AttentionMetadata(**arrays)
     return StepBatch(token_ids, positions, logits_indices, attention, prompt_indices, prompt_next_ids), rows, prompt_rows
 
 
 def _prompt_rows(groups: list[list[_Piece]], starts: list[np.ndarray], num_tokens: int
                  ) -> tuple[np.ndarray | None, np.ndarray | None, PromptRows | None]:
-    """Flat token indices and next prompt tokens (padded to a bucket) of every new prompt position
-    of a sequence that computes prompt logprobs, and what each row is about."""
+    """Flat token indices and next prompt tokens of every new prompt position of a sequence that
+    computes prompt logprobs, padded to the step's whole token count, and what each row is about."""
     indices, next_ids, owners, positions = [], [], [], []
     for m, (group, group_starts) in enumerate(zip(groups, starts)):
         for piece, start in zip(group, group_starts):
@@ -109,8 +112,8 @@ def _prompt_rows(groups: list[list[_Piece]], starts: list[np.ndarray], num_token
     if not indices:
         return None, None, None
     count = sum(len(i) for i in indices)
-    padded = bucket(count)
-    flat_indices, flat_next = np.zeros(padded, np.int32), np.zeros(padded, np.int32)
+    padded = len(groups) * num_tokens
+    flat_indices, flat_next = np.full(padded, -1, np.int32), np.zeros(padded, np.int32)
     flat_indices[:count], flat_next[:count] = np.concatenate(indices), np.concatenate(next_ids)
     return flat_indices, flat_next, PromptRows(np.concatenate(owners), np.concatenate(positions))
 
@@ -145,53 +148,27 @@ def split_micro_batches(scheduled: list[ScheduledSequence], num_groups: int) -> 
     return groups
 
 
-@dataclass(frozen=True)
-class _BatchShape:
-    """The padded sizes every micro-batch of a step shares."""
-
-    decode_rows: int
-    num_rows: int
-    num_tokens: int
-    max_blocks: int
-    max_query_len: int
-
-    @classmethod
-    def of(cls, groups: list[list[_Piece]]) -> _BatchShape:
-        decodes = [sum(1 for p in group if p.count == 1) for group in groups]
-        prefill_tokens = [[p.count for p in group if p.count > 1] for group in groups]
-        decode_rows = bucket(max(decodes))
-        return cls(
-            decode_rows=decode_rows,
-            num_rows=decode_rows + bucket(max(len(p) for p in prefill_tokens)),
-            num_tokens=bucket(decode_rows + max(sum(p) for p in prefill_tokens)),
-            max_blocks=bucket(max(len(p.seq.block_table) for group in groups for p in group)),
-            max_query_len=bucket(max((n for p in prefill_tokens for n in p), default=0)),
-        )
-
-
-def _fill(pieces: list[_Piece], shape: _BatchShape, block_size: int) -> tuple[dict, np.ndarray, np.ndarray]:
-    """One micro-batch's arrays at `shape`, and each piece's row and first token index in them.
+def _fill(pieces: list[_Piece], num_tokens: int, num_rows: int, max_blocks: int,
+          block_size: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """One micro-batch's arrays, and each piece's row and first token index in them.
 
     Single-token pieces (decodes) take the first rows, row `i` with its token at flat index `i`;
-    the other pieces' tokens start after the padded decode rows.
+    the other pieces' rows and tokens follow, in order.
     """
     ordered = sorted(range(len(pieces)), key=lambda i: pieces[i].count > 1)
-    num_decode = sum(1 for p in pieces if p.count == 1)
-    prefill_counts = [pieces[i].count for i in ordered[num_decode:]]
-    ordered_rows = np.concatenate([np.arange(num_decode), shape.decode_rows + np.arange(len(prefill_counts))])
-    first_tokens = np.concatenate([np.arange(num_decode), shape.decode_rows + np.cumsum([0] + prefill_counts)[:-1]])
+    counts = [pieces[i].count for i in ordered]
+    first_tokens = np.cumsum([0] + counts)[:-1]
     arrays = dict(
-        token_ids=np.zeros(shape.num_tokens, np.int32),
-        positions=np.zeros(shape.num_tokens, np.int32),
-        slot_mapping=np.full(shape.num_tokens, -1, np.int32),
-        block_tables=np.zeros((shape.num_rows, shape.max_blocks), np.int32),
-        context_lens=np.zeros(shape.num_rows, np.int32),
-        query_start=np.zeros(shape.num_rows, np.int32),
-        query_lens=np.zeros(shape.num_rows, np.int32),
+        token_ids=np.zeros(num_tokens, np.int32),
+        positions=np.zeros(num_tokens, np.int32),
+        slot_mapping=np.full(num_tokens, -1, np.int32),
+        block_tables=np.zeros((num_rows, max_blocks), np.int32),
+        context_lens=np.zeros(num_rows, np.int32),
+        query_start=np.zeros(num_rows, np.int32),
+        query_lens=np.zeros(num_rows, np.int32),
     )
-    arrays["query_start"][: shape.decode_rows] = np.arange(shape.decode_rows)
     rows, starts = np.empty(len(pieces), np.int64), np.empty(len(pieces), np.int64)
-    for i, row, start in zip(ordered, ordered_rows, first_tokens):
+    for row, (i, start) in enumerate(zip(ordered, first_tokens)):
         piece = pieces[i]
         rows[i], starts[i] = row, start
         span = slice(start, start + piece.count)
@@ -212,9 +189,14 @@ PAD_TOKEN_ID = np.iinfo(np.int32).max
 
 
 def _pack_rows(rows: dict[int, tuple[np.ndarray, np.ndarray]], pad_to: int, value_dtype: type,
-               pad_value: float) -> tuple[np.ndarray, np.ndarray]:
-    """Pack per-row (ids, values) into ``[pad_to, width]`` arrays padded with PAD_TOKEN_ID."""
-    width = list_width(max(len(ids) for ids, _ in rows.values()))
+               pad_value: float, width: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Pack per-row (ids, values) into ``[pad_to, width]`` arrays padded with PAD_TOKEN_ID
+    (``width`` None: a power of two that fits the longest row)."""
+    longest = max(len(ids) for ids, _ in rows.values())
+    if width is None:
+        width = list_width(longest)
+    elif longest > width:
+        raise ValueError(f"a row lists {longest} token ids, more than the width {width}")
     ids_out = np.full((pad_to, width), PAD_TOKEN_ID, dtype=np.int32)
     values_out = np.full((pad_to, width), pad_value, dtype=value_dtype)
     for row, (ids, values) in rows.items():
@@ -243,8 +225,11 @@ class SamplingArrays:
         seed: uint32 request seed.
         step: int32 number of tokens the sequence has generated so far.
 
+    Always present when built here (a test may leave them None), shape [S]:
+        repetition_penalty, frequency_penalty, presence_penalty: float32 (1, 0, 0 = off).
+        logprobs_wanted: bool, the row wants logprobs of its sampled tokens.
+
     Present only when some row uses a penalty (else None):
-        repetition_penalty, frequency_penalty, presence_penalty: float32 [S] (1, 0, 0 = off).
         penalty_ids: int32 [S, L], each row's distinct token ids the penalties touch: the tokens
             of its output, plus those of its prompt when its repetition penalty is on; padded with
             ``PAD_TOKEN_ID``.
@@ -266,6 +251,7 @@ class SamplingArrays:
     repetition_penalty: jax.Array | np.ndarray | None = None
     frequency_penalty: jax.Array | np.ndarray | None = None
     presence_penalty: jax.Array | np.ndarray | None = None
+    logprobs_wanted: jax.Array | np.ndarray | None = None
     penalty_ids: jax.Array | np.ndarray | None = None
     output_counts: jax.Array | np.ndarray | None = None
     bias_ids: jax.Array | np.ndarray | None = None
@@ -294,6 +280,8 @@ class SamplingArrays:
         eos_token_ids: Iterable[int] | None = None,
         stop_ids_before_min: SequenceABC[SequenceABC[int]] | None = None,
         vocab_size: int | None = None,
+        penalty_width: int | None = None,
+        bias_width: int | None = None,
     ) -> SamplingArrays:
         """Pack one row per request into numpy arrays of ``pad_to`` rows; padding rows are greedy
         and unpenalised.
@@ -313,6 +301,8 @@ class SamplingArrays:
             stop_ids_before_min: instead of ``eos_token_ids``, each row's ids to block, used as
                 given for rows with ``steps < min_tokens`` and ignored for the others.
             vocab_size: if given, ``logit_bias`` token ids must be below it.
+            penalty_width, bias_width: fixed widths of the penalty and bias arrays (default:
+                a power of two fitting the longest row); a row listing more ids is a ValueError.
         """
         num_rows = len(params)
         if len(seeds) != num_rows or len(steps) != num_rows:
@@ -338,23 +328,14 @@ class SamplingArrays:
             column[:num_rows] = values
             return column
 
-        penalty_fields: dict[str, np.ndarray | None] = dict.fromkeys(
-            ("repetition_penalty", "frequency_penalty", "presence_penalty", "penalty_ids",
-             "output_counts"))
+        penalty_ids = output_counts = None
         penalty_rows = _penalty_rows(params, prompt_token_ids, output_token_ids)
         if penalty_rows:
-            penalty_ids, output_counts = _pack_rows(penalty_rows, pad_to, np.int32, 0)
-            penalty_fields.update(
-                repetition_penalty=padded([p.repetition_penalty for p in params], np.float32, 1.0),
-                frequency_penalty=padded([p.frequency_penalty for p in params], np.float32, 0.0),
-                presence_penalty=padded([p.presence_penalty for p in params], np.float32, 0.0),
-                penalty_ids=penalty_ids,
-                output_counts=output_counts,
-            )
+            penalty_ids, output_counts = _pack_rows(penalty_rows, pad_to, np.int32, 0, penalty_width)
         bias_ids = bias_values = None
         bias_rows = _bias_rows(params, steps, eos_token_ids, stop_ids_before_min, vocab_size)
         if bias_rows:
-            bias_ids, bias_values = _pack_rows(bias_rows, pad_to, np.float32, 0.0)
+            bias_ids, bias_values = _pack_rows(bias_rows, pad_to, np.float32, 0.0, bias_width)
 
         return cls(
             temperature=padded([p.temperature for p in params], np.float32, 0.0),
@@ -363,9 +344,14 @@ class SamplingArrays:
             min_p=padded([p.min_p for p in params], np.float32, 0.0),
             seed=padded(seed_values, np.uint32, 0),
             step=padded(steps, np.int32, 0),
+            repetition_penalty=padded([p.repetition_penalty for p in params], np.float32, 1.0),
+            frequency_penalty=padded([p.frequency_penalty for p in params], np.float32, 0.0),
+            presence_penalty=padded([p.presence_penalty for p in params], np.float32, 0.0),
+            logprobs_wanted=padded([p.logprobs is not None or p.best_of > p.n for p in params], bool, False),
+            penalty_ids=penalty_ids,
+            output_counts=output_counts,
             bias_ids=bias_ids,
             bias_values=bias_values,
-            **penalty_fields,
         )
 
 
@@ -440,36 +426,28 @@ class StepInputs(NamedTuple):
     batch: StepBatch
     sampling: SamplingArrays
     rows: np.ndarray  # each scheduled sequence's row of the step's logits, in the order given
-    all_greedy: bool  # static: no row draws at random
-    num_logprobs: int | None  # static: top logprobs the step returns (None: no logprobs)
+    wants_logprobs: bool  # some row wants logprobs of its sampled token
     prompt_rows: PromptRows | None  # what each prompt-logprob row is about (None: no such rows)
-    num_prompt_logprobs: int | None  # static: top prompt logprobs per row (None: no such rows)
 
 
-def prepare_step(scheduled: list[ScheduledSequence], block_size: int, parallel: ParallelConfig,
+def prepare_step(scheduled: list[ScheduledSequence], block_size: int, shapes: StepShapes, parallel: ParallelConfig,
                  eos_token_ids: list[int], vocab_size: int) -> StepInputs:
     """The step's token arrays, logits rows and sampling arrays; padding rows sample greedily."""
-    batch, rows, prompt_rows = build_step_batch(scheduled, block_size, num_micro_batches(scheduled, parallel),
-                                   stacked=parallel.pipeline_parallel_size > 1)
+    batch, rows, prompt_rows = build_step_batch(scheduled, block_size, shapes, num_micro_batches(scheduled, parallel),
+                                                stacked=parallel.pipeline_parallel_size > 1)
     seqs: list = [None] * len(batch.logits_indices)
     for item, row in zip(scheduled, rows):
         seqs[row] = item.seq
-    params = [s.sampling_params if s else _PADDING_PARAMS for s in seqs]
+    params = [s.sampling_params if s else PADDING_PARAMS for s in seqs]
     sampling = SamplingArrays.build(
         params, [s.seed if s else 0 for s in seqs], [len(s.output_token_ids) if s else 0 for s in seqs],
         pad_to=len(seqs),
         prompt_token_ids=[s.prompt_token_ids if s else [] for s in seqs],
         output_token_ids=[s.output_token_ids if s else [] for s in seqs],
         eos_token_ids=eos_token_ids, vocab_size=vocab_size,
+        penalty_width=shapes.penalty_width, bias_width=MAX_BIASED_TOKENS,
     )
-    all_greedy = all(p.is_greedy for p in params)
-    num_logprobs = max_num_logprobs(params)
-    if num_logprobs is None and any(p.best_of > p.n for p in params):
-        num_logprobs = 0  # best_of ranks samples by their cumulative logprob
-    num_prompt_logprobs = None
-    if prompt_rows is not None:
-        num_prompt_logprobs = max(scheduled[i].seq.sampling_params.prompt_logprobs for i in set(prompt_rows.owner))
-    return StepInputs(batch, sampling, rows, all_greedy, num_logprobs, prompt_rows, num_prompt_logprobs)
+    return StepInputs(batch, sampling, rows, bool(sampling.logprobs_wanted.any()), prompt_rows)
 
 
 def num_micro_batches(scheduled: list[ScheduledSequence], parallel: ParallelConfig) -> int:

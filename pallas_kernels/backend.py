@@ -4,9 +4,9 @@
 `ragged_paged_attention(q, k_cache, v_cache, layer, md, scale)`:
 
 - "reference": the pure-jnp reference (the CPU backend);
-- "pallas": the Pallas kernels, decode rows `[0, num_decode_seqs)` by the flash-decoding kernel
-  and the other rows by the ragged kernel, writing into the same output in place. On a machine
-  without a GPU they run only in interpret mode (`interpret=True`, for tests);
+- "pallas": the Pallas kernels, the decode rows (one new token each) by the flash-decoding kernel
+  and the prefill rows by the ragged kernel (skipped at run time in a step without any). On a
+  machine without a GPU they run only in interpret mode (`interpret=True`, for tests);
 - "auto": "pallas" on a GPU, "reference" elsewhere (interpret mode is only ever asked for).
 
 The decode rows run on the Triton flash-decoding kernel unless the environment variable
@@ -21,6 +21,7 @@ A shape the kernels cannot run (a head_dim that is not a multiple of 16, such as
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -29,7 +30,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention
+from pallas_kernels.paged_attention import AttentionMetadata, decode_rows, ragged_paged_attention
 
 # The kernel modules import Pallas (and Mosaic GPU), which costs a start-up that only the Pallas
 # backend needs: they are imported where that backend is chosen or traced.
@@ -109,32 +110,33 @@ def pallas_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, sc
     `decode_kernel="mosaic"` computes the decode rows with the Mosaic GPU kernel where it
     supports the shape (the Triton kernel otherwise, logged once).
     """
-    num_seqs, num_decode = md.block_tables.shape[0], md.num_decode_seqs
-    out = jnp.zeros(q.shape, q.dtype)
-    if num_decode:
-        out = _decode_rows(out, q, k_cache, v_cache, layer, md, scale, interpret, decode_kernel)
-    if num_seqs > num_decode and md.max_query_len > 0:
-        from pallas_kernels.ragged_paged_attention import ragged_attention_rows
+    from pallas_kernels.ragged_paged_attention import ragged_attention_rows
 
-        out = ragged_attention_rows(out, q, k_cache, v_cache, layer, md, scale, (num_decode, num_seqs),
-                                    md.max_query_len, interpret=interpret)
-    return out
+    num_rows = md.block_tables.shape[0]
+    decodes = decode_rows(md)
+    attended = _decode_rows(q[:num_rows], k_cache, v_cache, layer, md.block_tables,
+                            jnp.where(decodes, md.context_lens, 0), scale, interpret, decode_kernel)
+    out = jnp.zeros(q.shape, q.dtype).at[:num_rows].set(jnp.where(decodes[:, None, None], attended, 0))
+    prefills = dataclasses.replace(md, query_lens=jnp.where(md.query_lens > 1, md.query_lens, 0))
+
+    def attend_prefills(out):
+        return ragged_attention_rows(out, q, k_cache, v_cache, layer, prefills, scale, (0, num_rows),
+                                     q.shape[0], interpret=interpret)
+
+    return jax.lax.cond(jnp.any(prefills.query_lens > 0), attend_prefills, lambda out: out, out)
 
 
-def _decode_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale, interpret, decode_kernel):
-    """Flash-decoding for rows `[0, num_decode_seqs)`; decode row `i` holds flat token `i`."""
-    num_decode = md.num_decode_seqs
-    context_lens = jnp.where(md.query_lens[:num_decode] > 0, md.context_lens[:num_decode], 0)
-    args = (q[:num_decode], k_cache, v_cache, layer, md.block_tables[:num_decode], context_lens, scale)
+def _decode_rows(q, k_cache, v_cache, layer, block_tables, context_lens, scale, interpret, decode_kernel):
+    """Flash-decoding of one query per row, `q [S, heads, head_dim]`, over `context_lens [S]` keys."""
+    args = (q, k_cache, v_cache, layer, block_tables, context_lens, scale)
     if decode_kernel == "mosaic":
         _, _, block_size, num_kv_heads, _ = k_cache.shape
         mosaic = _mosaic_module()
         reason = mosaic.mosaic_unsupported_reason(q.shape[1], num_kv_heads, q.shape[2], block_size, q.dtype)
         if reason is None and k_cache.dtype == q.dtype:
-            return out.at[:num_decode].set(mosaic.mosaic_paged_decode_attention(*args))
+            return mosaic.mosaic_paged_decode_attention(*args)
         _log_fallback_once(f"Mosaic GPU decode cannot run this model ({reason or 'cache dtype differs'}); "
                            f"using the Triton decode kernel")
     from pallas_kernels.decode_attention import paged_decode_attention_kernel
 
-    attended = paged_decode_attention_kernel(*args, interpret=interpret)
-    return out.at[:num_decode].set(attended)
+    return paged_decode_attention_kernel(*args, interpret=interpret)

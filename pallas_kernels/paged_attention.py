@@ -6,10 +6,17 @@ is one array `[num_layers, num_blocks, block_size, num_kv_heads, head_dim]`; a t
 
 The batch is ragged: sequence `i` brings `query_lens[i]` new tokens, flattened in `q` from
 `query_start[i]`, and attends causally to its `context_lens[i]` cached tokens (the new ones
-included, as `write_kv` ran first). Sequences `[0, num_decode_seqs)` are decodes: row `i` brings
-at most one token, at flat index `i`. The rest are prefill chunks of at most `max_query_len`
-tokens. The reference computes the two groups separately so a decode-heavy batch does not pay
-for the longest prefill chunk.
+included, as `write_kv` ran first). Rows that bring one token (decodes) come first, row `i`
+holding flat token `i`; then the rows that bring more (prefill chunks), then padding rows
+(`query_lens` 0). Which rows are which is data, not shape: one compiled step serves every mix of
+decodes and prefills of its token count.
+
+The reference walks each context in chunks of `KV_CHUNK_TOKENS` keys with an online softmax
+(FlashAttention, Dao et al. 2022), stopping after the last chunk any query can see, so a step
+costs what its live context costs, whatever the block tables' padded width. Decode rows go
+together, one query each; prefill rows go one at a time, in tiles of `QUERY_TILE` queries. A
+chunk a query cannot see leaves its softmax state bit for bit as it was, so a token's attention
+does not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -18,23 +25,31 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+KV_CHUNK_TOKENS = 128  # keys per step of the online softmax (whole blocks)
+QUERY_TILE = 32  # prefill queries per tile
+_RUNNING_MAX_INIT = -1e30  # finite: a fully masked chunk then leaves the state unchanged
 
 
 @dataclass(frozen=True)
 class AttentionMetadata:
-    slot_mapping: jax.Array  # [T] int32, -1 for padding tokens
-    block_tables: jax.Array  # [S, max_blocks] int32
-    context_lens: jax.Array  # [S] int32, cached tokens after this step's write
-    query_start: jax.Array  # [S] int32, first flattened token of each sequence
-    query_lens: jax.Array  # [S] int32, new tokens of each sequence (0 for padding)
-    num_decode_seqs: int  # static: leading sequences with query_len <= 1
-    max_query_len: int  # static: bound on query_lens of the other sequences
+    """Where a step's tokens go and what they attend to (all int32 arrays; a jax pytree).
+
+    T is the step's padded token count and S its padded row count.
+    """
+
+    slot_mapping: jax.Array  # [T] cache slot of each new token, -1 for padding tokens
+    block_tables: jax.Array  # [S, max_blocks] each row's blocks, in order (padding: block 0)
+    context_lens: jax.Array  # [S] cached tokens after this step's write
+    query_start: jax.Array  # [S] first flattened token of each row
+    query_lens: jax.Array  # [S] new tokens of each row (0 for padding rows)
 
 
 jax.tree_util.register_dataclass(
     AttentionMetadata,
     data_fields=["slot_mapping", "block_tables", "context_lens", "query_start", "query_lens"],
-    meta_fields=["num_decode_seqs", "max_query_len"],
+    meta_fields=[],
 )
 
 
@@ -62,61 +77,129 @@ def paged_attention_layer(attend):
     return attention_layer
 
 
+def decode_rows(md: AttentionMetadata) -> jax.Array:
+    """[S] bool: the rows that bring exactly one token (row `i` holds flat token `i`)."""
+    return md.query_lens == 1
+
+
+def prefill_row_range(md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
+    """`(first, stop)`: the rows that bring more than one token, which follow the decode rows."""
+    first = jnp.sum(decode_rows(md), dtype=jnp.int32)
+    return first, first + jnp.sum(md.query_lens > 1, dtype=jnp.int32)
+
+
 def ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float):
-    """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged cache."""
-    num_seqs, num_decode = md.block_tables.shape[0], md.num_decode_seqs
-    out = jnp.zeros(q.shape, jnp.float32)
-    if num_seqs > num_decode and md.max_query_len > 0:
-        out = _attend_rows(out, q, k_cache, v_cache, layer, md, slice(num_decode, num_seqs), scale)
-    if num_decode:
-        out = out.at[:num_decode].set(_attend_decodes(q[:num_decode], k_cache, v_cache, layer, md, scale))
+    """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged cache; `[T, heads,
+    head_dim]` in q's dtype (padding tokens: zeros)."""
+    num_rows = md.block_tables.shape[0]
+    decodes = decode_rows(md)
+    attended = _attend_decodes(q[:num_rows], k_cache, v_cache, layer, md.block_tables,
+                               jnp.where(decodes, md.context_lens, 0), scale)
+    out = jnp.zeros(q.shape, jnp.float32).at[:num_rows].set(
+        jnp.where(decodes[:, None, None], attended, 0.0))
+    out = _attend_prefills(out, q, k_cache, v_cache, layer, md, scale)
     return out.astype(q.dtype)
 
 
-def _gather_context(cache, layer, block_tables, num_kv_heads, head_dim):
-    """The cached tokens of each row's sequence, float32 `[rows, max_blocks * block_size, kv_heads, d]`."""
-    rows = block_tables.shape[0]
-    return cache[layer, block_tables].reshape(rows, -1, num_kv_heads, head_dim).astype(jnp.float32)
+def _kv_chunk(cache, layer, block_tables, chunk: jax.Array, pages_per_chunk: int):
+    """Keys or values of context chunk `chunk` of each row: float32 `[rows, chunk_tokens, kv_heads, d]`."""
+    rows, kv_heads, head_dim = block_tables.shape[0], cache.shape[3], cache.shape[4]
+    pages = lax.dynamic_slice_in_dim(block_tables, chunk * pages_per_chunk, pages_per_chunk, axis=1)
+    return cache[layer, pages].reshape(rows, -1, kv_heads, head_dim).astype(jnp.float32)
 
 
-def _attend_decodes(q, k_cache, v_cache, layer, md, scale):
-    """One query per row, `q [D, heads, head_dim]`; padding rows (empty context) come out finite."""
+def _pages_per_chunk(block_size: int, max_blocks: int) -> int:
+    return max(1, min(KV_CHUNK_TOKENS // block_size, max_blocks))
+
+
+def _padded_tables(block_tables, pages_per_chunk: int):
+    """Widen the tables to whole chunks (block 0 fills; those keys are masked out)."""
+    missing = -block_tables.shape[1] % pages_per_chunk
+    return jnp.pad(block_tables, ((0, 0), (0, missing))) if missing else block_tables
+
+
+def _softmax_step(state, scores, values):
+    """Fold `scores [..., L]` and `values [..., L, d]` (as `einsum` pairs them) into
+    `(acc [..., d], running_max [...], running_sum [...])`."""
+    acc, running_max, running_sum = state
+    new_max = jnp.maximum(running_max, scores.max(axis=-1))
+    rescale = jnp.exp(running_max - new_max)
+    probs = jnp.exp(scores - new_max[..., None])
+    return acc * rescale[..., None] + values(probs), new_max, running_sum * rescale + probs.sum(axis=-1)
+
+
+def _finish(state):
+    acc, _, total = state
+    return acc / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def _attend_decodes(q, k_cache, v_cache, layer, block_tables, context_lens, scale):
+    """One query per row, `q [S, heads, head_dim]` over `context_lens [S]` keys (0: none)."""
     rows, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[3]
-    block_tables, context_lens = md.block_tables[:rows], md.context_lens[:rows]
-    keys = _gather_context(k_cache, layer, block_tables, num_kv_heads, head_dim)
-    values = _gather_context(v_cache, layer, block_tables, num_kv_heads, head_dim)
-    q = q.astype(jnp.float32).reshape(rows, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    # Key position leads the scores' axes: XLA on CPU then reads each gathered key row once.
-    scores = jnp.einsum("nkgd,nlkd->nlkg", q, keys) * scale
-    visible = jnp.arange(keys.shape[1])[None, :] < jnp.maximum(context_lens, 1)[:, None]
-    scores = jnp.where(visible[:, :, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=1)
-    return jnp.einsum("nlkg,nlkd->nkgd", probs, values).reshape(rows, num_heads, head_dim)
+    num_kv_heads, block_size = k_cache.shape[3], k_cache.shape[2]
+    pages = _pages_per_chunk(block_size, block_tables.shape[1])
+    tables = _padded_tables(block_tables, pages)
+    chunk_tokens = pages * block_size
+    q = q.astype(jnp.float32).reshape(rows, num_kv_heads, num_heads // num_kv_heads, head_dim) * scale
+
+    def step(chunk, state):
+        keys = _kv_chunk(k_cache, layer, tables, chunk, pages)
+        values = _kv_chunk(v_cache, layer, tables, chunk, pages)
+        scores = jnp.einsum("nkgd,nlkd->nkgl", q, keys)
+        key_pos = chunk * chunk_tokens + jnp.arange(chunk_tokens)
+        scores = jnp.where((key_pos[None, :] < context_lens[:, None])[:, None, None, :], scores, -jnp.inf)
+        return _softmax_step(state, scores, lambda probs: jnp.einsum("nkgl,nlkd->nkgd", probs, values))
+
+    state = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], _RUNNING_MAX_INIT, jnp.float32),
+             jnp.zeros(q.shape[:-1], jnp.float32))
+    num_chunks = (jnp.max(context_lens) + chunk_tokens - 1) // chunk_tokens
+    return _finish(lax.fori_loop(0, num_chunks, step, state)).reshape(rows, num_heads, head_dim)
 
 
-def _attend_rows(out, q, k_cache, v_cache, layer, md, rows, scale):
-    """Attention for the prefill sequences in `rows`, queries laid on a `[rows, max_query_len]` grid."""
+def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale):
+    """Write into `out [T, heads, head_dim]` (float32) the attention of the prefill rows' tokens."""
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[3]
-    block_tables = md.block_tables[rows]
-    context_lens, query_lens = md.context_lens[rows], md.query_lens[rows]
-    query_offsets = jnp.arange(md.max_query_len)
-    token_index = md.query_start[rows][:, None] + query_offsets  # [N, Q]
-    is_query = query_offsets < query_lens[:, None]
-    n = block_tables.shape[0]
+    num_kv_heads, block_size = k_cache.shape[3], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    tile = min(QUERY_TILE, num_tokens)
+    pages = _pages_per_chunk(block_size, md.block_tables.shape[1])
+    tables = _padded_tables(md.block_tables, pages)
+    chunk_tokens = pages * block_size
+    # Padded so that a tile starting at any token stays in bounds.
+    q = jnp.pad(q.astype(jnp.float32) * scale, ((0, tile), (0, 0), (0, 0)))
+    q = q.reshape(num_tokens + tile, num_kv_heads, group, head_dim)
+    out = jnp.pad(out, ((0, tile), (0, 0), (0, 0)))
 
-    q_grid = q[jnp.clip(token_index, 0, num_tokens - 1)].astype(jnp.float32)
-    q_grid = q_grid.reshape(n, md.max_query_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    keys = _gather_context(k_cache, layer, block_tables, num_kv_heads, head_dim)
-    values = _gather_context(v_cache, layer, block_tables, num_kv_heads, head_dim)
+    def attend_tile(row, first_query, out):
+        query_len, context_len = md.query_lens[row], md.context_lens[row]
+        start = md.query_start[row] + first_query
+        queries = lax.dynamic_slice_in_dim(q, start, tile)  # [tile, kv, g, d]
+        offset = first_query + jnp.arange(tile)
+        query_pos = context_len - query_len + offset
+        row_table = lax.dynamic_slice_in_dim(tables, row, 1)
 
-    scores = jnp.einsum("nqkgd,nlkd->nlkgq", q_grid, keys) * scale
-    query_pos = (context_lens - query_lens)[:, None] + query_offsets  # [N, Q]
-    key_pos = jnp.arange(keys.shape[1])
-    visible = key_pos[None, :, None] <= query_pos[:, None, :]  # [N, L, Q]
-    scores = jnp.where(visible[:, :, None, None, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=1)
-    attended = jnp.einsum("nlkgq,nlkd->nqkgd", probs, values).reshape(n, -1, num_heads, head_dim)
-    scatter_index = jnp.where(is_query, token_index, num_tokens)
-    return out.at[scatter_index].set(attended, mode="drop")
+        def step(chunk, state):
+            keys = _kv_chunk(k_cache, layer, row_table, chunk, pages)[0]
+            values = _kv_chunk(v_cache, layer, row_table, chunk, pages)[0]
+            scores = jnp.einsum("qkgd,lkd->qkgl", queries, keys)
+            key_pos = chunk * chunk_tokens + jnp.arange(chunk_tokens)
+            visible = (key_pos[None, :] <= query_pos[:, None])[:, None, None, :]
+            scores = jnp.where(visible, scores, -jnp.inf)
+            return _softmax_step(state, scores, lambda probs: jnp.einsum("qkgl,lkd->qkgd", probs, values))
+
+        state = (jnp.zeros(queries.shape, jnp.float32),
+                 jnp.full(queries.shape[:-1], _RUNNING_MAX_INIT, jnp.float32),
+                 jnp.zeros(queries.shape[:-1], jnp.float32))
+        last_pos = jnp.minimum(context_len - query_len + first_query + tile, context_len)
+        num_chunks = (last_pos + chunk_tokens - 1) // chunk_tokens
+        attended = _finish(lax.fori_loop(0, num_chunks, step, state)).reshape(tile, num_heads, head_dim)
+        kept = lax.dynamic_slice_in_dim(out, start, tile)
+        attended = jnp.where((offset < query_len)[:, None, None], attended, kept)
+        return lax.dynamic_update_slice_in_dim(out, attended, start, axis=0)
+
+    def attend_row(row, out):
+        num_tiles = (md.query_lens[row] + tile - 1) // tile
+        return lax.fori_loop(0, num_tiles, lambda t, out: attend_tile(row, t * tile, out), out)
+
+    first, stop = prefill_row_range(md)
+    return lax.fori_loop(first, stop, attend_row, out)[:num_tokens]

@@ -284,16 +284,9 @@ def ragged_attention_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata
 
 def ragged_paged_attention_kernel(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, *,
                                   interpret: bool = False, **tuning) -> jax.Array:
-    """The reference's `ragged_paged_attention`, computed by the ragged Pallas kernel.
-
-    Decode rows `[0, num_decode_seqs)` and prefill rows run as two launches sized to their own
-    query lengths, so decodes do not pay for the longest prefill chunk. `tuning` goes to
-    `ragged_attention_rows` (tile rows, chunk tokens, warps, stages).
-    """
+    """The reference's `ragged_paged_attention`, computed by the ragged Pallas kernel alone, every
+    row of the batch in one launch (tiles past a row's queries exit at once). `tuning` goes to
+    `ragged_attention_rows` (tile rows, chunk tokens, warps, stages)."""
     out = jnp.zeros(q.shape, q.dtype)
-    num_seqs, split = md.block_tables.shape[0], md.num_decode_seqs
-    for rows, max_query_len in (((0, split), 1), ((split, num_seqs), md.max_query_len)):
-        if rows[1] > rows[0] and max_query_len > 0:
-            out = ragged_attention_rows(out, q, k_cache, v_cache, layer, md, scale, rows, max_query_len,
-                                        interpret=interpret, **tuning)
-    return out
+    return ragged_attention_rows(out, q, k_cache, v_cache, layer, md, scale, (0, md.block_tables.shape[0]),
+                                 q.shape[0], interpret=interpret, **tuning)

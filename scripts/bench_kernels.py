@@ -107,8 +107,7 @@ def decode_metadata(block_tables, context_lens) -> AttentionMetadata:
     batch = block_tables.shape[0]
     return AttentionMetadata(
         slot_mapping=jnp.full((batch,), -1, jnp.int32), block_tables=block_tables, context_lens=context_lens,
-        query_start=jnp.arange(batch, dtype=jnp.int32), query_lens=jnp.ones((batch,), jnp.int32),
-        num_decode_seqs=batch, max_query_len=0)
+        query_start=jnp.arange(batch, dtype=jnp.int32), query_lens=jnp.ones((batch,), jnp.int32))
 
 
 def mixed_metadata(block_tables, context_lens, context: int, chunk: int = PREFILL_CHUNK) -> AttentionMetadata:
@@ -119,8 +118,7 @@ def mixed_metadata(block_tables, context_lens, context: int, chunk: int = PREFIL
         block_tables=jnp.concatenate([block_tables, block_tables[:1]]),
         context_lens=jnp.concatenate([context_lens, jnp.array([context], jnp.int32)]),
         query_start=jnp.arange(batch + 1, dtype=jnp.int32),
-        query_lens=jnp.concatenate([jnp.ones((batch,), jnp.int32), jnp.array([chunk], jnp.int32)]),
-        num_decode_seqs=batch, max_query_len=chunk)
+        query_lens=jnp.concatenate([jnp.ones((batch,), jnp.int32), jnp.array([chunk], jnp.int32)]))
 
 
 # --- timing --------------------------------------------------------------------------------------

@@ -72,23 +72,20 @@ def median_ms(fn, repeats: int = 7) -> float:
 
 
 class StepClock:
-    """Wraps the pieces of one engine's `step()` with timers; keeps the last step's inputs."""
+    """Wraps the pieces of one engine's `step()` with timers; keeps the last jitted call's
+    arguments (abstract: the KV cache is donated)."""
 
     def __init__(self, engine):
         self.times: dict[str, float] = defaultdict(float)
-        self.inputs = None
+        self.abstract_args = None
         runner = engine.runner
         self.jitted = runner._step
         engine.scheduler.schedule = self._timed("schedule", engine.scheduler.schedule)
         runner.move_blocks = self._timed("move_blocks", runner.move_blocks)
         runner.execute = self._timed("execute", runner.execute)
         prepare = self._timed("prepare", model_runner.prepare_step)
-        model_runner.prepare_step = lambda *a, **k: self._keep(prepare(*a, **k))
+        model_runner.prepare_step = prepare
         runner._step = self._split(runner._step)
-
-    def _keep(self, inputs):
-        self.inputs = inputs
-        return inputs
 
     def _timed(self, name, fn):
         def timed(*args, **kwargs):
@@ -101,6 +98,7 @@ class StepClock:
 
     def _split(self, jitted):
         def step(*args, **kwargs):
+            self.abstract_args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
             start = time.perf_counter()
             out = jitted(*args, **kwargs)
             returned = time.perf_counter()
@@ -237,10 +235,7 @@ def device_split(engine, clock, steps: int = 3, before=None) -> dict[str, float]
     """ms per step of each part of the jitted step: XLA's per-thunk events from a jax profiler
     trace of `steps` engine steps, summed over both CPU threads (so they can add up to more than
     the step's wall time), grouped by `hlo_categories` of the step's compiled module."""
-    runner, inputs = engine.runner, clock.inputs
-    text = clock.jitted.lower(runner.state, runner.kv_cache, inputs.batch, inputs.sampling,
-                              all_greedy=inputs.all_greedy, num_logprobs=inputs.num_logprobs,
-                              num_prompt_logprobs=inputs.num_prompt_logprobs).compile().as_text()
+    text = clock.jitted.lower(*clock.abstract_args).compile().as_text()
     categories = hlo_categories(text)
     with tempfile.TemporaryDirectory() as folder:
         jax.profiler.start_trace(folder)
@@ -306,7 +301,7 @@ def attention_padding(runner, widths=(16, 24, 32, 64, 128), context=256) -> list
             md = AttentionMetadata(
                 slot_mapping=jnp.full(count, -1, jnp.int32), block_tables=jnp.asarray(tables),
                 context_lens=jnp.full(count, context, jnp.int32), query_start=jnp.arange(count, dtype=jnp.int32),
-                query_lens=jnp.ones(count, jnp.int32), num_decode_seqs=count, max_query_len=0)
+                query_lens=jnp.ones(count, jnp.int32))
             ms = median_ms(lambda: jax.block_until_ready(_attention(q, k_cache, v_cache, md)))
             results.append(dict(sequences=count, context=context, block_table_width=width, ms_30_layers=ms))
     return results

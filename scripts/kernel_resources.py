@@ -60,8 +60,7 @@ def step_inputs(shape):
     ints = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32)  # noqa: E731
     cache = jax.ShapeDtypeStruct((1, seqs * pages, block_size, num_kv_heads, head_dim), dtype)
     md = AttentionMetadata(slot_mapping=ints(tokens), block_tables=ints(seqs, pages), context_lens=ints(seqs),
-                           query_start=ints(seqs), query_lens=ints(seqs), num_decode_seqs=NUM_DECODES,
-                           max_query_len=PREFILL_CHUNK)
+                           query_start=ints(seqs), query_lens=ints(seqs))
     return jax.ShapeDtypeStruct((tokens, num_heads, head_dim), dtype), cache, md
 
 

@@ -201,7 +201,7 @@ def measure(folder: str, layout: str, args, decode_micro_batches: int = 1) -> di
 
     def capture(state, kv_cache, batch, sampling, **static):
         if "hlo" not in captured:
-            captured["decode_seqs"] = batch.attention.num_decode_seqs
+            captured["decode_seqs"] = int((np.asarray(batch.attention.query_lens) == 1).sum())
             captured["tokens"] = list(batch.token_ids.shape)
             captured["hlo"] = jitted.lower(state, kv_cache, batch, sampling, **static).compile().as_text()
         return jitted(state, kv_cache, batch, sampling, **static)

@@ -14,7 +14,7 @@ def random_cache(seed=0, shape=(3, 10, 4, 2, 8)):
 def test_copy_blocks_moves_only_named_blocks():
     cache = random_cache()
     before = [np.asarray(c) for c in cache]
-    after = [np.asarray(c) for c in copy_blocks(cache, [(1, 7), (4, 2), (9, 0)])]
+    after = [np.asarray(c) for c in copy_blocks(cache, [(1, 7), (4, 2), (9, 0)], width=2)]
     for old, new in zip(before, after):
         expected = old.copy()
         expected[:, [7, 2, 0]] = old[:, [1, 4, 9]]

@@ -2,9 +2,9 @@
 paged-attention reference; and every kernel configuration the engine uses cross-lowered for CUDA,
 then compiled by Triton for sm_89 and sm_90 where the `triton` package is installed.
 
-Batches are built the way the model runner builds them: decode rows first, every dimension
-padded to the engine's shape buckets (not powers of two), padding rows with no tokens, shuffled
-block tables, fresh random queries and cache. Pools stay small: interpret mode is slow.
+Batches are built the way the model runner builds them: decode rows first, then prefill rows,
+then padding rows with no tokens; dimensions that are not powers of two, shuffled block tables,
+fresh random queries and cache. Pools stay small: interpret mode is slow.
 """
 
 from __future__ import annotations
@@ -31,14 +31,6 @@ INTERPRET = jax.default_backend() == "cpu"  # on a GPU the kernels run compiled 
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
 
-def bucket(n: int) -> int:
-    """The engine's padding buckets: 1, 2, 3, 4, 6, 8, 12, 16, 24, ..."""
-    if n <= 2:
-        return n
-    power = 1 << (n - 1).bit_length()
-    return power * 3 // 4 if n <= power * 3 // 4 else power
-
-
 @dataclass
 class Batch:
     q: jax.Array  # [T, heads, head_dim]
@@ -55,35 +47,30 @@ def make_batch(seed: int, seqs: list[tuple[int, int]], *, num_heads: int, num_kv
                block_size: int, num_blocks: int, dtype=jnp.float32) -> Batch:
     """A padded ragged batch of `seqs = [(cached_tokens, new_tokens), ...]`, decodes listed first.
 
-    Laid out as the model runner lays it: decode row `i` holds its token at flat index `i`, and
-    prefill tokens start after the padded decode rows.
+    Laid out as the model runner lays it: row `i` in the order given, decode row `i` holding its
+    token at flat index `i`, prefill tokens following in row order; then two padding rows, three
+    padding tokens and a spare block-table column.
     """
     rng = np.random.default_rng(seed)
     num_decode = sum(1 for _, new in seqs if new == 1)
     assert all(new == 1 for _, new in seqs[:num_decode]), "list decode sequences first"
-    decode_rows, prefill_rows = bucket(num_decode), bucket(len(seqs) - num_decode)
-    rows = [*range(num_decode), *range(decode_rows, decode_rows + len(seqs) - num_decode)]
     blocks_per_seq = [-(-(cached + new) // block_size) for cached, new in seqs]
     assert sum(blocks_per_seq) <= num_blocks, "pool too small for the batch"
-    prefill_lens = [new for _, new in seqs[num_decode:]]
-    num_tokens = bucket(decode_rows + sum(prefill_lens))
+    num_rows = len(seqs) + 2
+    num_tokens = max(sum(new for _, new in seqs) + 3, num_rows)
 
     free_blocks = rng.permutation(num_blocks)
-    block_tables = np.zeros((decode_rows + prefill_rows, bucket(max(blocks_per_seq))), np.int32)
-    context_lens, query_start, query_lens = (np.zeros(len(block_tables), np.int32) for _ in range(3))
-    query_start[:decode_rows] = np.arange(decode_rows)
-    start = decode_rows
-    for row, (cached, new), count in zip(rows, seqs, blocks_per_seq):
+    block_tables = np.zeros((num_rows, max(blocks_per_seq) + 1), np.int32)
+    context_lens, query_start, query_lens = (np.zeros(num_rows, np.int32) for _ in range(3))
+    start = 0
+    for row, ((cached, new), count) in enumerate(zip(seqs, blocks_per_seq)):
         block_tables[row, :count], free_blocks = free_blocks[:count], free_blocks[count:]
         context_lens[row], query_lens[row] = cached + new, new
-        if row >= decode_rows:
-            query_start[row], start = start, start + new
+        query_start[row], start = start, start + new
     md = AttentionMetadata(
         slot_mapping=jnp.full(num_tokens, -1, jnp.int32), block_tables=jnp.asarray(block_tables),
         context_lens=jnp.asarray(context_lens), query_start=jnp.asarray(query_start),
-        query_lens=jnp.asarray(query_lens), num_decode_seqs=decode_rows,
-        max_query_len=bucket(max(prefill_lens, default=0)),
-    )
+        query_lens=jnp.asarray(query_lens))
     cache_shape = (NUM_LAYERS, num_blocks, block_size, num_kv_heads, head_dim)
     q = rng.standard_normal((num_tokens, num_heads, head_dim))
     k_cache, v_cache = rng.standard_normal(cache_shape), rng.standard_normal(cache_shape)
@@ -185,9 +172,14 @@ def test_query_tiles_satisfy_triton_shape_rules():
 
 # --- the flash-decoding kernel -------------------------------------------------------------------
 
+def num_decode_rows(batch: Batch) -> int:
+    """Rows before the first prefill row: decodes, and in a decode-only batch its padding rows."""
+    return int(np.sum(np.asarray(batch.md.query_lens) <= 1))
+
+
 def decode_inputs(batch: Batch):
     """One query row per decode sequence, as the backend hands them to the decode kernel."""
-    rows = slice(0, batch.md.num_decode_seqs)
+    rows = slice(0, num_decode_rows(batch))
     has_token = np.asarray(batch.md.query_lens[rows]) > 0
     queries = batch.q[batch.md.query_start[rows]]
     context_lens = jnp.where(has_token, batch.md.context_lens[rows], 0)
@@ -224,7 +216,7 @@ def test_decode_kernel_matches_both_references(group, dtype, num_splits):
                        num_blocks=48, dtype=dtype)
     queries, block_tables, context_lens, has_token = decode_inputs(batch)
     out = run_decode(batch, num_splits=num_splits, chunk_tokens=32)
-    ours = reference(batch)[batch.md.query_start[: batch.md.num_decode_seqs]]
+    ours = reference(batch)[batch.md.query_start[: num_decode_rows(batch)]]
     assert_close(out[has_token], ours[has_token], dtype)
     assert not np.asarray(out, np.float32)[~has_token].any(), "padding rows must be zeros"
     if dtype == jnp.float32:  # jax's reference rounds queries through the input dtype after scaling
@@ -338,8 +330,8 @@ def test_engine_configs_cross_lower_for_cuda(config, batch_kind):
     dtype, head_dim, block_size, num_heads, num_kv_heads = config
     batch = make_batch(0, BATCH_SHAPES[batch_kind], num_heads=num_heads, num_kv_heads=num_kv_heads,
                        head_dim=head_dim, block_size=block_size, num_blocks=40, dtype=dtype)
-    kernel_launches = {"decode": 1, "prefill": 1, "mixed": 2}[batch_kind]
-    assert lower_for_cuda(batch, batch.k_cache, batch.v_cache, dtype).count(TRITON_CALL) == kernel_launches
+    # Every step holds both kernels: which rows decode and which prefill is data, not shape.
+    assert lower_for_cuda(batch, batch.k_cache, batch.v_cache, dtype).count(TRITON_CALL) == 2
 
 
 def test_cache_past_4_gib_cross_lowers_for_cuda():

@@ -238,8 +238,7 @@ def test_penalty_free_batches_build_no_lists_and_trace_no_scatter():
     plain = [SamplingParams(), SamplingParams(temperature=0.0, min_tokens=2), SamplingParams()]
     # min_tokens already met (steps=2): nothing to block, so no bias arrays either.
     arrays = SamplingArrays.build(plain, [1, 2, 3], [5, 2, 0], 4, eos_token_ids=[EOS])
-    optional = ("repetition_penalty", "frequency_penalty", "presence_penalty", "penalty_ids",
-                "output_counts", "bias_ids", "bias_values")
+    optional = ("penalty_ids", "output_counts", "bias_ids", "bias_values")
     for name in optional:
         assert getattr(arrays, name) is None, name
     assert not arrays.has_penalties and not arrays.has_bias
@@ -489,6 +488,7 @@ def test_prompt_logprobs_request_waits_for_a_busy_cache_and_matches_hf(tiny_llam
 
 def test_steps_without_prompt_logprobs_build_no_prompt_rows():
     from jpaged.config import ParallelConfig
+    from jpaged.padding import StepShapes
     from jpaged.scheduler import ScheduledSequence
     from jpaged.sequence import Request
     from jpaged.step_batch import prepare_step
@@ -499,9 +499,11 @@ def test_steps_without_prompt_logprobs_build_no_prompt_rows():
         seq.num_computed_tokens = 4
         return ScheduledSequence.of(seq, 6)
 
-    plain = prepare_step([scheduled(None)], 4, ParallelConfig(), [2], 96)
-    assert plain.batch.prompt_indices is None and plain.prompt_rows is None and plain.num_prompt_logprobs is None
-    wanted = prepare_step([scheduled(None), scheduled(2)], 4, ParallelConfig(), [2], 96)
-    assert wanted.num_prompt_logprobs == 2
+    shapes = StepShapes.for_limits(16, 4, 64, 4, 96)
+    plain = prepare_step([scheduled(None)], 4, shapes, ParallelConfig(), [2], 96)
+    assert plain.batch.prompt_indices is None and plain.prompt_rows is None
+    wanted = prepare_step([scheduled(None), scheduled(2)], 4, shapes, ParallelConfig(), [2], 96)
     assert wanted.prompt_rows.owner.tolist() == [1] * 5 and wanted.prompt_rows.position.tolist() == [4, 5, 6, 7, 8]
-    assert wanted.batch.prompt_next_ids[:5].tolist() == [8, 9, 10, 11, 12] and len(wanted.batch.prompt_indices) == 6
+    assert wanted.batch.prompt_next_ids[:5].tolist() == [8, 9, 10, 11, 12]
+    # Padded to the step's 16 tokens (12 scheduled); padding rows are marked -1.
+    assert wanted.batch.prompt_indices[5:].tolist() == [-1] * 11

@@ -1,0 +1,94 @@
+"""The step's compiled programs depend on the configuration alone: a warm-up compiles all of them,
+and afterwards a varied stream of requests (lengths, sampling settings, logprobs, penalties, bias,
+n, aborts, preemptions) runs without a single new compilation, and with the same tokens as an
+engine that compiled as it went."""
+
+from __future__ import annotations
+
+import random
+
+import jax
+import pytest
+
+from jpaged import LLM, SamplingParams
+from jpaged.padding import StepShapes
+
+WORDS = "the dog cat sun sky ran jumped happy little big tree park ball friend".split()
+
+
+def varied_requests(seed: int, count: int) -> list[tuple[str, SamplingParams]]:
+    rng = random.Random(seed)
+    requests = []
+    for i in range(count):
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 120)))
+        kind = i % 8
+        params = dict(max_tokens=rng.randint(1, 60), seed=i)
+        if kind == 1:
+            params.update(temperature=0.8, top_p=0.9, top_k=rng.choice([0, 5]))
+        elif kind == 2:
+            params.update(temperature=0.0, logprobs=rng.randint(0, 5))
+        elif kind == 3:
+            params.update(temperature=0.7, repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2)
+        elif kind == 4:
+            params.update(temperature=0.0, logit_bias={rng.randrange(512): -5.0}, min_tokens=3)
+        elif kind == 5:
+            params.update(temperature=1.0, n=2, best_of=3)
+        elif kind == 6:
+            params.update(temperature=0.0, prompt_logprobs=2, stop=["the"])
+        else:
+            params.update(temperature=0.0)
+        requests.append((prompt, SamplingParams(**params)))
+    return requests
+
+
+def serve(llm: LLM, requests, abort_every: int = 7) -> dict[str, list[list[int]]]:
+    """Feed requests a few at a time while stepping, aborting some midway; tokens per request."""
+    engine, pending, outputs = llm.engine, list(enumerate(requests)), {}
+    steps = 0
+    while pending or engine.has_unfinished_requests():
+        for _ in range(min(3, len(pending))):
+            i, (prompt, params) = pending.pop(0)
+            engine.add_request(str(i), prompt, params)
+        for out in engine.step():
+            if out.finished:
+                outputs[out.request_id] = [c.token_ids for c in out.outputs]
+        steps += 1
+        if steps % abort_every == 0:
+            running = [r for r in list(engine.requests) if r not in outputs]
+            if running:
+                engine.abort_request(running[0])
+                outputs[running[0]] = None
+    return outputs
+
+
+def count_backend_compiles():
+    events = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return events
+
+
+@pytest.mark.parametrize("preemption_mode", ["recompute", "swap"])
+def test_no_compilation_after_warm_up(stories_path, preemption_mode):
+    config = dict(max_model_len=512, num_blocks=28, block_size=16, max_num_seqs=8, max_num_batched_tokens=64,
+                  preemption_mode=preemption_mode, compilation_cache=False)
+    warm = LLM(stories_path, compile_warmup=True, **config)
+    programs = warm.engine.stats().num_compilations
+    shapes = StepShapes.for_limits(64, 8, 512, 16, 512)
+    assert programs == len(shapes.token_counts) <= 16
+    compiles = count_backend_compiles()
+    requests = varied_requests(0, 40)
+    warm_tokens = serve(warm, requests)
+    assert warm.engine.stats().num_compilations == programs
+    assert compiles == [], f"{len(compiles)} compilations after the warm-up"
+    assert warm.engine.stats().num_preemptions > 0, "the stream should have preempted"
+    assert warm.engine.block_manager.num_free_blocks == warm.engine.block_manager.num_blocks
+
+    cold = LLM(stories_path, **config)
+    assert serve(cold, requests) == warm_tokens
+    assert 0 < cold.engine.stats().num_compilations <= programs
+    assert compiles, "the listener sees the compilations of an engine that was not warmed up"
