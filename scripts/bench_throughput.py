@@ -1,156 +1,472 @@
-"""Offline throughput: jpaged against HF transformers `generate` on the same chat requests.
+"""Offline throughput: jpaged side by side with vLLM's CPU build and HF transformers.
 
-Both run SmolLM2-135M-Instruct (the default model's GGUF, dequantized to float32) greedily on
-the same requests. HF batches them with left padding, so a batch runs until its longest
-request is done; jpaged batches continuously. Useful tokens are counted the same way for
-both: each request's tokens up to its EOS or its own `max_tokens`.
+Engines (`--engines`, comma-separated; default all four):
 
-    python scripts/bench_throughput.py [--num-requests 64] [--hf-batch-size 64] [--out FILE]
+    jpaged     jpaged's `LLM.generate` (continuous batching)
+    hf         HF transformers `generate`: static left-padded batches of `--hf-batch-size`
+    hf-batch   HF transformers continuous batching (the manager behind `generate_batch`)
+    vllm       vLLM's CPU build, in its own venv, through scripts/bench_vllm_worker.py; runs only
+               when `--vllm-python` names that venv's python (its docstring tells how to set it up)
+
+Every engine runs SmolLM2-135M-Instruct (the default model's GGUF, dequantized to float32) on
+the same requests, given as token ids: greedy, EOS ignored, each request exactly its own
+`max_tokens`, so every engine produces the same number of tokens. HF and vLLM load an HF
+float32 folder (config, safetensors, tokenizer) written once from the GGUF by transformers' GGUF
+loader into jpaged's cache directory (`hf/<gguf name>`). Each engine's outputs are checked
+token for token against jpaged's (near-ties in float32 can flip a greedy choice; the first
+differing position of each mismatch is reported).
+
+Workloads (`--workload`):
+
+    chat   64 chat questions through the chat template, outputs of 16 to 160 tokens
+    long   16 requests asking for a summary of a passage of 200 to 1,000 prompt tokens (cut
+           from the running Python's standard-library documentation), outputs of 100 to 400
+
+Warm-up is excluded for every engine: jpaged runs the workload once cold (its time and its
+step compilations are reported) and is then timed on a second pass; HF and vLLM run a small
+generate first. Each engine also decodes one request alone (`--single-tokens`, EOS ignored),
+timed after a warm-up run of the same request.
+
+Output: a table, a JSON file (`--out`) and a bar plot beside it (same name, `.png`).
+
+    python scripts/bench_throughput.py --workload chat --vllm-python /work/vllm-venv/bin/python
+    python scripts/bench_throughput.py --workload long --vllm-python /work/vllm-venv/bin/python
+    # a quick check that every engine runs:
+    python scripts/bench_throughput.py --num-requests 4 --output-cap 16 --single-tokens 16 \\
+        --vllm-python /work/vllm-venv/bin/python --out bench_results/smoke.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import inspect
+import json
+import os
 import platform
+import shutil
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 from bench_common import save_json
 
 from jpaged import LLM, SamplingParams
+from jpaged.cache_dir import cache_dir
 from jpaged.llm import chat_token_ids
 from jpaged.loader.default_model import default_model_path
+from jpaged.loader.gguf_cache import open_cached
+
+ENGINES = ("jpaged", "hf", "hf-batch", "vllm")
+LABELS = {"jpaged": "jpaged", "hf": "HF generate", "hf-batch": "HF continuous batching", "vllm": "vLLM (CPU)"}
 
 TOPICS = ["the moon", "volcanoes", "honey bees", "the Roman empire", "rainbows", "chess", "coffee",
           "the ocean", "penguins", "electricity", "bread", "the piano", "glaciers", "owls",
           "the internet", "tea"]
 TEMPLATES = ["What is {}? Answer in one sentence.", "Tell me three facts about {}.",
              "Write a short poem about {}.", "Explain {} to a child."]
-MAX_TOKENS = [24, 64, 128, 200]
+CHAT_MAX_TOKENS = [16, 64, 112, 160]
+
+# Standard-library modules whose documentation is mostly prose.
+PASSAGE_MODULES = ["pdb", "configparser", "socketserver", "statistics", "wave", "site", "argparse",
+                   "json", "csv", "http.cookies", "urllib.request", "cmd", "timeit", "hashlib",
+                   "copy", "unittest", "uuid", "sys"]
+LONG_MAX_TOKENS = [100, 200, 300, 400]
+LONG_PROMPT_TOKENS = (200, 1000)
+
+SINGLE_QUESTION = "Tell me a long story."
 
 
-def build_requests(tokenizer, count: int) -> tuple[list[list[int]], list[int]]:
+@dataclasses.dataclass
+class Workload:
+    """Requests as token ids, each with its exact output length."""
+
+    name: str
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+
+@dataclasses.dataclass
+class EngineRun:
+    """One engine's timed pass over a workload and its single-request decode rate."""
+
+    seconds: float
+    token_ids: list[list[int]]
+    single_tokens_per_s: float
+    details: dict = dataclasses.field(default_factory=dict)
+
+
+
+def chat_workload(tokenizer, count: int) -> Workload:
+    """Chat questions over topics and templates; outputs cycle over 16..160 tokens."""
     prompts, max_tokens = [], []
     for i in range(count):
         question = TEMPLATES[i % len(TEMPLATES)].format(TOPICS[(i // len(TEMPLATES)) % len(TOPICS)])
         prompts.append(chat_token_ids(tokenizer, [{"role": "user", "content": question}]))
-        max_tokens.append(MAX_TOKENS[(i * 3 + i // 4) % len(MAX_TOKENS)])
-    return prompts, max_tokens
+        max_tokens.append(CHAT_MAX_TOKENS[(i * 3 + i // 4) % len(CHAT_MAX_TOKENS)])
+    return Workload("chat", prompts, max_tokens)
 
 
-def useful(tokens: list[int], limit: int, eos_ids: set[int]) -> list[int]:
-    tokens = tokens[:limit]
-    for i, token in enumerate(tokens):
-        if token in eos_ids:
-            return tokens[: i + 1]
-    return tokens
+def passage_tokens(tokenizer) -> list[int]:
+    """The documentation of `PASSAGE_MODULES`, concatenated and tokenized."""
+    docs = [inspect.getdoc(importlib.import_module(name)) or "" for name in PASSAGE_MODULES]
+    return tokenizer.encode("\n\n".join(docs), add_special_tokens=False)
 
 
-def run_jpaged(llm: LLM, prompts, max_tokens) -> tuple[float, list[list[int]]]:
-    params = [SamplingParams(temperature=0.0, max_tokens=n) for n in max_tokens]
-    llm.engine.reset_prefix_cache()  # no reuse of an earlier pass's prompts
-    started = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return time.perf_counter() - started, [o.outputs[0].token_ids for o in outputs]
+def long_workload(tokenizer, count: int) -> Workload:
+    """Summaries of passages whose prompts spread evenly over 200..1,000 tokens; outputs cycle
+    over 100..400 tokens."""
+    corpus = passage_tokens(tokenizer)
+    instruction = "Summarize the following documentation in a few paragraphs.\n\n"
+    overhead = len(chat_token_ids(tokenizer, [{"role": "user", "content": instruction}]))
+    low, high = LONG_PROMPT_TOKENS
+    prompts, max_tokens = [], []
+    for i in range(count):
+        length = low + (high - low) * ((i * 7) % count) // max(count - 1, 1) - overhead
+        start = (i * 1009) % (len(corpus) - length)
+        passage = tokenizer.decode(corpus[start : start + length])
+        prompts.append(chat_token_ids(tokenizer, [{"role": "user", "content": instruction + passage}]))
+        max_tokens.append(LONG_MAX_TOKENS[(i + i // 4) % len(LONG_MAX_TOKENS)])
+    return Workload("long", prompts, max_tokens)
 
 
-def run_hf(model, tokenizer, prompts, max_tokens, batch_size: int, eos_ids) -> tuple[float, list[list[int]]]:
-    import torch
-
-    results: list[list[int]] = []
-    started = time.perf_counter()
-    for first in range(0, len(prompts), batch_size):
-        batch = prompts[first : first + batch_size]
-        width = max(len(p) for p in batch)
-        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in batch])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        with torch.inference_mode():
-            generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
-                                       max_new_tokens=max(max_tokens[first : first + batch_size]),
-                                       pad_token_id=tokenizer.pad_token_id)
-        for row, limit in zip(generated[:, width:].tolist(), max_tokens[first : first + batch_size]):
-            results.append(useful(row, limit, eos_ids))
-    return time.perf_counter() - started, results
+def build_workload(name: str, tokenizer, count: int, output_cap: int | None) -> Workload:
+    """The named workload of `count` requests, each output capped at `output_cap` if given."""
+    workload = (chat_workload if name == "chat" else long_workload)(tokenizer, count)
+    if output_cap:
+        workload.max_tokens = [min(n, output_cap) for n in workload.max_tokens]
+    return workload
 
 
-def single_decode(llm, model, tokenizer, num_tokens: int) -> tuple[float, float]:
-    import torch
 
-    prompt = chat_token_ids(tokenizer, [{"role": "user", "content": "Tell me a long story."}])
-    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, ignore_eos=True)
-    llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)  # compile every shape first
-    started = time.perf_counter()
-    llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)
-    jpaged_rate = num_tokens / (time.perf_counter() - started)
-    started = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=num_tokens,
-                       min_new_tokens=num_tokens, pad_token_id=tokenizer.pad_token_id)
-    return jpaged_rate, num_tokens / (time.perf_counter() - started)
+def run_jpaged(workload: Workload, single: list[int], single_tokens: int, args) -> EngineRun:
+    """A cold pass (compiles), then the timed pass; the single request likewise."""
+    llm = LLM(None, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              cpu_kv_cache_gib=args.kv_cache_gib)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.max_tokens]
+    requests = [{"prompt_token_ids": p} for p in workload.prompts]
+
+    def timed(prompts, sampling) -> tuple[float, list[list[int]]]:
+        llm.engine.reset_prefix_cache()  # no reuse of an earlier pass's prompts
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, sampling, use_tqdm=False)
+        return time.perf_counter() - started, [list(o.outputs[0].token_ids) for o in outputs]
+
+    cold, _ = timed(requests, params)
+    compilations = llm.engine.stats().num_compilations
+    seconds, token_ids = timed(requests, params)
+    single_params = SamplingParams(temperature=0.0, max_tokens=single_tokens, ignore_eos=True)
+    timed({"prompt_token_ids": single}, single_params)
+    single_seconds, _ = timed({"prompt_token_ids": single}, single_params)
+    details = {"cold_seconds": cold, "compilations": compilations,
+               "compilations_after_single": llm.engine.stats().num_compilations,
+               "settings": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                            "cpu_kv_cache_gib": args.kv_cache_gib, "prefix_caching": True}}
+    return EngineRun(seconds, token_ids, single_tokens / single_seconds, details)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--hf-batch-size", type=int, default=64)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--single-tokens", type=int, default=128)
-    parser.add_argument("--out", default="bench_results/throughput.json")
-    args = parser.parse_args()
-
+def hf_model_dir(gguf: Path) -> Path:
+    """An HF float32 folder of the GGUF (config, safetensors, tokenizer), written once."""
+    folder = cache_dir() / "hf" / gguf.stem
+    if (folder / "model.safetensors").is_file():
+        return folder
     import torch
     from transformers import AutoModelForCausalLM
 
+    print(f"writing the float32 HF folder of {gguf.name} to {folder}")
+    quantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    del config.quantization_config  # weights are dequantized: save them as plain float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.generation_config = quantized.generation_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".staging-"))
+    try:
+        model.save_pretrained(staging)
+        open_cached(gguf)[1]().save_pretrained(staging)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def load_hf_model(folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int) -> list[list[int]]:
+    """One left-padded static batch, greedy, EOS ignored; every row `max_new_tokens` long."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
+                                   max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=pad_id)
+    return generated[:, width:].tolist()
+
+
+def run_hf(model, workload: Workload, single: list[int], single_tokens: int, batch_size: int,
+           pad_id: int) -> EngineRun:
+    """Static batches run until their longest request is done; each row is cut to its own length."""
+    hf_generate(model, workload.prompts[:2], 8, pad_id)  # warm-up
+    results: list[list[int]] = []
+    started = time.perf_counter()
+    for first in range(0, len(workload.prompts), batch_size):
+        limits = workload.max_tokens[first : first + batch_size]
+        rows = hf_generate(model, workload.prompts[first : first + batch_size], max(limits), pad_id)
+        results.extend(row[:limit] for row, limit in zip(rows, limits))
+    seconds = time.perf_counter() - started
+    hf_generate(model, [single], 8, pad_id)
+    started = time.perf_counter()
+    hf_generate(model, [single], single_tokens, pad_id)
+    single_rate = single_tokens / (time.perf_counter() - started)
+    return EngineRun(seconds, results, single_rate, {"settings": {"batch_size": batch_size}})
+
+
+def cb_generate(manager, prompts: list[list[int]], max_tokens: list[int], tag: str) -> tuple[float, list[list[int]]]:
+    """All requests through a running continuous-batching manager, EOS ignored, each its own length."""
+    started = time.perf_counter()
+    ids = [manager.add_request(p, request_id=f"{tag}-{i}", max_new_tokens=n, eos_token_id=-1)
+           for i, (p, n) in enumerate(zip(prompts, max_tokens))]
+    done: dict[str, list[int]] = {}
+    while len(done) < len(ids):
+        result = manager.get_result(timeout=1)
+        if result is None:
+            if not manager.is_running():
+                raise RuntimeError("HF continuous batching stopped before finishing")
+            continue
+        if result.error is not None:
+            raise RuntimeError(f"HF continuous batching request {result.request_id}: {result.error}")
+        if result.is_finished():
+            done[result.request_id] = list(result.generated_tokens)
+    return time.perf_counter() - started, [done[i] for i in ids]
+
+
+def cb_config(model, args):
+    """Continuous-batching settings matched to jpaged's: batch tokens, batch rows, KV memory."""
+    from transformers.generation import ContinuousBatchingConfig
+
+    text = model.config.get_text_config()
+    page_size = 256
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    block_bytes = page_size * text.num_hidden_layers * 2 * text.num_key_value_heads * head_dim * 4
+    return ContinuousBatchingConfig(page_size=page_size, num_blocks=int(args.kv_cache_gib * (1 << 30) // block_bytes),
+                                    max_batch_tokens=args.max_num_batched_tokens,
+                                    max_requests_per_batch=args.max_num_seqs)
+
+
+def run_hf_batch(model, workload: Workload, single: list[int], single_tokens: int, args) -> EngineRun:
+    """HF's continuous batching: one manager for the warm-up, the timed pass and the single request."""
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig(do_sample=False, max_new_tokens=max(workload.max_tokens), eos_token_id=-1,
+                                  pad_token_id=model.config.pad_token_id)
+    config = cb_config(model, args)
+    with model.continuous_batching_context_manager(generation_config=generation,
+                                                   continuous_batching_config=config) as manager:
+        cb_generate(manager, [single, single], [8, 8], "warmup")  # no workload prompt: its blocks could be shared
+        seconds, token_ids = cb_generate(manager, workload.prompts, workload.max_tokens, "run")
+        cb_generate(manager, [single], [8], "single-warmup")
+        single_seconds, _ = cb_generate(manager, [single], [single_tokens], "single")
+    settings = {k: v for k, v in dataclasses.asdict(config).items()
+                if k in ("page_size", "num_blocks", "max_batch_tokens", "max_requests_per_batch",
+                         "allow_block_sharing", "use_cuda_graph", "use_async_batching")}
+    settings["attn_implementation"] = model.config._attn_implementation
+    return EngineRun(seconds, token_ids, single_tokens / single_seconds, {"settings": settings})
+
+
+def run_vllm(python: str, folder: Path, workload: Workload, single: list[int], single_tokens: int,
+             args) -> EngineRun:
+    """vLLM in its own venv: the worker gets the job as JSON and writes its result as JSON."""
+    max_model_len = max(len(p) + n for p, n in zip(workload.prompts + [single], workload.max_tokens + [single_tokens]))
+    job = {"model": str(folder),
+           "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+                      "max_model_len": max(2048, max_model_len), "kv_cache_gib": args.kv_cache_gib,
+                      "enable_prefix_caching": True},
+           "requests": [{"prompt_token_ids": p, "max_tokens": n} for p, n in zip(workload.prompts, workload.max_tokens)],
+           "single": {"prompt_token_ids": single, "max_tokens": single_tokens}}
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}" if args.vllm_omp_bind == "all" else args.vllm_omp_bind
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_path.write_text(json.dumps(job))
+        started = time.perf_counter()
+        subprocess.run([python, str(Path(__file__).with_name("bench_vllm_worker.py")), str(job_path),
+                        str(result_path)], env=env, check=True)
+        result = json.loads(result_path.read_text())
+    details = {key: result[key] for key in ("startup_seconds", "warmup_seconds", "settings", "versions", "env")}
+    details["process_seconds"] = time.perf_counter() - started
+    return EngineRun(result["seconds"], result["token_ids"], result["single_tokens"] / result["single_seconds"], details)
+
+
+
+def compare(reference: list[list[int]], other: list[list[int]]) -> dict:
+    """How many requests match the reference token for token; where each other one first differs."""
+    differences = []
+    for i, (a, b) in enumerate(zip(reference, other)):
+        if a != b:
+            position = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            differences.append({"request": i, "position": position})
+    return {"identical": len(reference) - len(differences), "total": len(reference),
+            "first_differences": differences}
+
+
+def summarise(runs: dict[str, EngineRun], workload: Workload) -> dict:
+    """Per engine: output tokens/s, ratio to vLLM, single-request rate, agreement with jpaged."""
+    reference = "jpaged" if "jpaged" in runs else next(iter(runs))
+    engines = {}
+    for name, run in runs.items():
+        tokens = sum(len(t) for t in run.token_ids)
+        engines[name] = {"seconds": run.seconds, "output_tokens": tokens, "tokens_per_s": tokens / run.seconds,
+                         "single_decode_tokens_per_s": run.single_tokens_per_s,
+                         "exact_lengths": [len(t) for t in run.token_ids] == workload.max_tokens,
+                         "agreement": compare(runs[reference].token_ids, run.token_ids), **run.details}
+    vllm_rate = engines["vllm"]["tokens_per_s"] if "vllm" in engines else None
+    for entry in engines.values():
+        entry["ratio_to_vllm"] = entry["tokens_per_s"] / vllm_rate if vllm_rate else None
+    return {"reference": reference, "engines": engines}
+
+
+def print_table(summary: dict) -> None:
+    print(f"{'engine':<24}{'output tok/s':>14}{'vs vLLM':>10}{'single tok/s':>14}"
+          f"{'identical to ' + summary['reference']:>22}{'wall s':>9}")
+    for name, entry in summary["engines"].items():
+        ratio = f"{entry['ratio_to_vllm']:.2f}x" if entry["ratio_to_vllm"] else "-"
+        agreement = f"{entry['agreement']['identical']}/{entry['agreement']['total']}"
+        print(f"{LABELS[name]:<24}{entry['tokens_per_s']:>14.1f}{ratio:>10}"
+              f"{entry['single_decode_tokens_per_s']:>14.1f}{agreement:>22}{entry['seconds']:>9.1f}")
+    for name, entry in summary["engines"].items():
+        differences = entry["agreement"]["first_differences"]
+        if differences:
+            shown = ", ".join(f"#{d['request']}@{d['position']}" for d in differences[:12])
+            print(f"{LABELS[name]}: first differing token (request#@position): {shown}"
+                  + (" ..." if len(differences) > 12 else ""))
+        if not entry["exact_lengths"]:
+            print(f"{LABELS[name]}: some outputs are not exactly their max_tokens long")
+
+
+def plot(summary: dict, title: str, path: Path) -> Path:
+    """Two bar charts side by side: batch throughput and single-request decode rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["engines"])
+    labels = [LABELS[n] for n in names]
+    colors = ["#1f77b4" if n == "jpaged" else "#7f7f7f" for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, heading in ((axes[0], "tokens_per_s", "batch throughput"),
+                             (axes[1], "single_decode_tokens_per_s", "one request alone")):
+        values = [summary["engines"][n][key] for n in names]
+        bars = ax.bar(labels, values, color=colors)
+        ax.bar_label(bars, fmt="%.1f")
+        ax.set_title(heading)
+        ax.set_ylabel("output tokens/s")
+        ax.tick_params(axis="x", labelrotation=15)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"saved {path}")
+    return path
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=("chat", "long"), default="chat")
+    parser.add_argument("--num-requests", type=int, help="default: 64 (chat), 16 (long)")
+    parser.add_argument("--output-cap", type=int, help="cap every request's output length (quick checks)")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
+    parser.add_argument("--vllm-python", help="python of the venv with vllm-cpu (needed for the vllm engine)")
+    parser.add_argument("--vllm-omp-bind", default="all",
+                        help="VLLM_CPU_OMP_THREADS_BIND: 'all' binds every core; 'auto' is vLLM's default, "
+                             "which keeps one core for its scheduler")
+    parser.add_argument("--hf-batch-size", type=int, default=64)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    parser.add_argument("--single-tokens", type=int, default=128)
+    parser.add_argument("--out", help="default: bench_results/throughput_<workload>.json")
+    args = parser.parse_args()
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(args.engines) - set(ENGINES)
+    if unknown:
+        parser.error(f"unknown engines: {', '.join(sorted(unknown))}")
+    if "vllm" in args.engines and not args.vllm_python:
+        print("vllm skipped: no --vllm-python given")
+        args.engines.remove("vllm")
+    args.num_requests = args.num_requests or (64 if args.workload == "chat" else 16)
+    args.out = Path(args.out or f"bench_results/throughput_{args.workload}.json")
+    return args
+
+
+def run_engines(args, workload: Workload, single: list[int], tokenizer) -> dict[str, EngineRun]:
+    """Each chosen engine in turn, jpaged first (the reference)."""
+    runs: dict[str, EngineRun] = {}
+    if "jpaged" in args.engines:
+        print("jpaged ...", flush=True)
+        runs["jpaged"] = run_jpaged(workload, single, args.single_tokens, args)
+    hf_engines = [e for e in args.engines if e != "jpaged"]
+    folder = hf_model_dir(default_model_path()) if hf_engines else None
+    if "hf" in args.engines or "hf-batch" in args.engines:
+        model = load_hf_model(folder)
+        if "hf" in args.engines:
+            print("HF generate ...", flush=True)
+            runs["hf"] = run_hf(model, workload, single, args.single_tokens, args.hf_batch_size,
+                                tokenizer.pad_token_id)
+        if "hf-batch" in args.engines:
+            print("HF continuous batching ...", flush=True)
+            runs["hf-batch"] = run_hf_batch(model, workload, single, args.single_tokens, args)
+        del model
+    if "vllm" in args.engines:
+        print("vLLM ...", flush=True)
+        try:
+            runs["vllm"] = run_vllm(args.vllm_python, folder, workload, single, args.single_tokens, args)
+        except (OSError, subprocess.CalledProcessError) as error:
+            print(f"vLLM left out: {error}")
+    return runs
+
+
+def main() -> None:
+    args = parse_args()
     gguf = default_model_path()
-    llm = LLM(None, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
-    tokenizer = llm.get_tokenizer()
-    eos_ids = llm.engine.eos_token_ids
-    prompts, max_tokens = build_requests(tokenizer, args.num_requests)
-
-    cold_seconds, _ = run_jpaged(llm, prompts, max_tokens)
-    compilations = llm.engine.stats().num_compilations
-    jpaged_seconds, jpaged_tokens = run_jpaged(llm, prompts, max_tokens)
-
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
-    tokenizer.padding_side = "left"
-    hf_seconds, hf_tokens = run_hf(model, tokenizer, prompts, max_tokens, args.hf_batch_size, eos_ids)
-    jpaged_single, hf_single = single_decode(llm, model, tokenizer, args.single_tokens)
-
-    num_jpaged = sum(len(t) for t in jpaged_tokens)
-    num_hf = sum(len(t) for t in hf_tokens)
-    result = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "jax_backend": jax.default_backend(),
-        "torch_threads": torch.get_num_threads(),
-        "num_requests": args.num_requests,
-        "hf_batch_size": args.hf_batch_size,
-        "jpaged_tokens": num_jpaged,
-        "hf_tokens": num_hf,
-        "jpaged_seconds": jpaged_seconds,
-        "jpaged_cold_seconds": cold_seconds,
-        "hf_seconds": hf_seconds,
-        "jpaged_tokens_per_s": num_jpaged / jpaged_seconds,
-        "hf_tokens_per_s": num_hf / hf_seconds,
-        "throughput_ratio": (num_jpaged / jpaged_seconds) / (num_hf / hf_seconds),
-        "identical_outputs": sum(a == b for a, b in zip(jpaged_tokens, hf_tokens)),
-        "jpaged_single_decode_tokens_per_s": jpaged_single,
-        "hf_single_decode_tokens_per_s": hf_single,
-        "jpaged_compilations": compilations,
-    }
-    rows = [
-        ("", "jpaged", "HF transformers"),
-        ("batch throughput (tok/s)", f"{result['jpaged_tokens_per_s']:.1f}", f"{result['hf_tokens_per_s']:.1f}"),
-        ("useful tokens", str(num_jpaged), str(num_hf)),
-        ("wall time (s)", f"{jpaged_seconds:.1f} (cold {cold_seconds:.1f})", f"{hf_seconds:.1f}"),
-        ("single-request decode (tok/s)", f"{jpaged_single:.1f}", f"{hf_single:.1f}"),
-    ]
-    for row in rows:
-        print(f"{row[0]:<32}{row[1]:>24}{row[2]:>20}")
-    print(f"throughput ratio jpaged / HF: {result['throughput_ratio']:.2f}x; "
-          f"identical outputs: {result['identical_outputs']}/{args.num_requests}; "
-          f"jpaged compilations: {compilations}")
+    tokenizer = open_cached(gguf)[1]()
+    workload = build_workload(args.workload, tokenizer, args.num_requests, args.output_cap)
+    single = chat_token_ids(tokenizer, [{"role": "user", "content": SINGLE_QUESTION}])
+    prompt_lengths = [len(p) for p in workload.prompts]
+    print(f"{args.workload}: {len(workload.prompts)} requests, prompts {min(prompt_lengths)}..{max(prompt_lengths)} "
+          f"tokens, outputs {min(workload.max_tokens)}..{max(workload.max_tokens)} "
+          f"({sum(workload.max_tokens)} in all); engines: {', '.join(args.engines)}")
+    runs = run_engines(args, workload, single, tokenizer)
+    summary = summarise(runs, workload)
+    print_table(summary)
+    result = {"workload": args.workload, "num_requests": len(workload.prompts),
+              "prompt_tokens": sum(prompt_lengths), "prompt_tokens_range": [min(prompt_lengths), max(prompt_lengths)],
+              "output_tokens": sum(workload.max_tokens), "max_tokens": workload.max_tokens,
+              "single_tokens": args.single_tokens, "machine": f"{platform.machine()} {platform.processor()}".strip(),
+              "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(), "versions": versions(), **summary}
     save_json(result, args.out)
+    plot(summary, f"{args.workload}: {len(workload.prompts)} requests, {sum(workload.max_tokens)} output tokens, "
+                  f"{os.cpu_count()} CPU cores", args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

