@@ -1,17 +1,19 @@
-"""The GGUF cache: a file's metadata is parsed once, later loads read the cached index and
-tokenizer, which give what the file gives (and what HF transformers' own GGUF loader gives)."""
+"""The GGUF cache: a file's metadata is parsed once (index and tokenizer from one parse), later
+loads read the cached index and tokenizer, which give what the file gives (and what HF
+transformers' own GGUF loader gives)."""
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
 import shutil
 
 import numpy as np
 import pytest
 
 from jpaged.loader import gguf_cache
-from jpaged.loader.gguf import load_gguf_weights, read_gguf_index
+from jpaged.loader.gguf import load_gguf_tokenizer, load_gguf_weights, read_gguf
 
 TEXTS = ["What is the capital of France?", "café 😊🍰 お元気ですか", "  leading spaces\nand\ttabs", ""]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi! 😊"}]
@@ -39,7 +41,7 @@ def test_second_load_reads_the_cache_with_the_same_tokens_as_hf(gguf_copy, tmp_p
     root = tmp_path / "cache"
     first_index, load_first = gguf_cache.open_cached(gguf_copy, root)
     first_tokenizer = load_first()
-    monkeypatch.setattr(gguf_cache, "read_gguf_index", _refuse)
+    monkeypatch.setattr(gguf_cache, "read_gguf", _refuse)
     monkeypatch.setattr(gguf_cache, "load_gguf_tokenizer", _refuse)
     index, load_tokenizer = gguf_cache.open_cached(gguf_copy, root)
     tokenizer = load_tokenizer()
@@ -49,6 +51,52 @@ def test_second_load_reads_the_cache_with_the_same_tokens_as_hf(gguf_copy, tmp_p
     assert _token_ids(tokenizer) == _token_ids(first_tokenizer) == _token_ids(hf)
     assert (tokenizer.eos_token, tokenizer.bos_token) == (hf.eos_token, hf.bos_token)
     assert [tokenizer.decode(ids) for ids in _token_ids(hf)[:-1]] == [hf.decode(ids) for ids in _token_ids(hf)[:-1]]
+
+
+VARIED_TEXTS = TEXTS + ["Ünïcödé naïve résumé", "👩‍👩‍👧 🇫🇷 🤖", "你好，世界。日本語のテキスト",
+                       "a    b\t\t c\n\n\n  ", "<|im_start|>user\nhi<|im_end|><|endoftext|>", "x" * 300]
+
+
+def test_tokenizer_from_the_parsed_metadata_is_transformers_own(model_path):
+    from transformers import PreTrainedTokenizerFast
+
+    _, metadata = read_gguf(model_path)
+    ours = load_gguf_tokenizer(model_path, metadata)
+    hf = PreTrainedTokenizerFast.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
+
+    assert ours.backend_tokenizer.to_str() == hf.backend_tokenizer.to_str()
+    for special in (True, False):
+        assert [ours.encode(t, add_special_tokens=special) for t in VARIED_TEXTS] == \
+               [hf.encode(t, add_special_tokens=special) for t in VARIED_TEXTS]
+    for name in ("bos", "eos", "pad", "unk"):
+        assert (getattr(ours, f"{name}_token"), getattr(ours, f"{name}_token_id")) == \
+               (getattr(hf, f"{name}_token"), getattr(hf, f"{name}_token_id")), name
+    assert ours.all_special_tokens == hf.all_special_tokens
+    assert ours.chat_template == hf.chat_template
+    assert _token_ids(ours) == _token_ids(hf)
+    assert ours.apply_chat_template(CHAT, add_generation_prompt=True) == \
+           hf.apply_chat_template(CHAT, add_generation_prompt=True)
+
+
+def test_first_load_maps_and_parses_the_file_once(gguf_copy, tmp_path, monkeypatch):
+    """One `gguf.GGUFReader`, and no other read: every GGUF reader (gguf's, transformers' own)
+    memory-maps the file to parse it."""
+    import gguf
+
+    readers, mapped = [], []
+    reader_init, memmap = gguf.GGUFReader.__init__, np.memmap
+    monkeypatch.setattr(gguf.GGUFReader, "__init__",
+                        lambda self, *args, **kwargs: readers.append(1) or reader_init(self, *args, **kwargs))
+
+    class CountingMemmap(memmap):
+        def __new__(cls, filename, *args, **kwargs):
+            mapped.append(pathlib.Path(filename).resolve())
+            return memmap.__new__(cls, filename, *args, **kwargs)
+
+    monkeypatch.setattr(np, "memmap", CountingMemmap)
+    _, load = gguf_cache.open_cached(gguf_copy, tmp_path / "cache")
+    load()
+    assert len(readers) == 1 and mapped == [gguf_copy.resolve()]
 
 
 def test_cached_index_reads_the_same_weights(gguf_copy, tmp_path):
@@ -69,7 +117,7 @@ def test_a_changed_file_gets_a_fresh_entry(gguf_copy, tmp_path, monkeypatch):
     after = gguf_cache.entry_dir(gguf_copy, root)
     assert after != before and not after.exists()
     parses = []
-    monkeypatch.setattr(gguf_cache, "read_gguf_index", lambda path: parses.append(path) or read_gguf_index(path))
+    monkeypatch.setattr(gguf_cache, "read_gguf", lambda path: parses.append(path) or read_gguf(path))
     gguf_cache.open_cached(gguf_copy, root)
     assert parses == [gguf_copy] and (after / "index.json").is_file()
     assert not before.exists()  # the older version's entry is gone

@@ -8,10 +8,12 @@ as an HF safetensors checkpoint:
 - :func:`read_gguf_index` reads the file's metadata once (the slow part: ``GGUFReader`` parses
   every vocabulary string) into a :class:`GGUFIndex`: a ``config.json``-style dict and where
   each tensor's bytes lie; the index is plain JSON, so it can be cached (``gguf_cache.py``);
+  :func:`read_gguf` returns the tokenizer's metadata from the same parse as well;
 - :func:`load_gguf_weights` yields dequantized tensors one at a time under HF names, with the
   llama.cpp Q/K row permutation undone, read from a memory map of the file at the index's
   offsets (no metadata parse when an index is given);
-- :func:`load_gguf_tokenizer` builds the transformers tokenizer stored in the file.
+- :func:`load_gguf_tokenizer` builds the transformers tokenizer stored in the file, by
+  transformers' own GGUF tokenizer conversion, from metadata :func:`read_gguf` already read.
 
 Shape convention: GGUF lists dimensions fastest-first, so ``ReaderTensor.shape`` is the reverse of
 the numpy shape. A linear weight of HF shape ``[out, in]`` has GGUF shape ``[in, out]``; the
@@ -93,7 +95,23 @@ def read_gguf_index(path: str | os.PathLike) -> GGUFIndex:
     Raises FileNotFoundError for a missing file, ValueError for one that is not a valid,
     complete llama GGUF file (naming the file and what is wrong).
     """
+    return _index(*_open(path))
+
+
+def read_gguf(path: str | os.PathLike) -> tuple[GGUFIndex, dict[str, Any]]:
+    """Parse the llama GGUF file at ``path`` once: its index (as :func:`read_gguf_index`) and its
+    tokenizer's metadata (``general.architecture`` and every ``tokenizer.*`` key, as plain Python
+    values), from which :func:`load_gguf_tokenizer` builds the tokenizer without reading the file.
+
+    Raises as :func:`read_gguf_index` does.
+    """
     path, reader = _open(path)
+    index = _index(path, reader)
+    keys = [key for key in reader.fields if key.startswith("tokenizer.") or key == "general.architecture"]
+    return index, {key: reader.fields[key].contents() for key in keys}
+
+
+def _index(path: pathlib.Path, reader: GGUFReader) -> GGUFIndex:
     config = _config(path, reader)
     tensors = tuple(
         GGUFTensor(name=t.name, hf_name=_hf_name(path, t.name), ggml_type=int(t.tensor_type),
@@ -128,16 +146,53 @@ def load_gguf_weights(path: str | os.PathLike, dtype: Any = np.float32, index: G
     return _iter_weights(path, index, np.dtype(dtype))
 
 
-def load_gguf_tokenizer(path: str | os.PathLike):
-    """Return the transformers tokenizer stored in the GGUF file (chat template included).
+def load_gguf_tokenizer(path: str | os.PathLike, metadata: dict[str, Any] | None = None):
+    """Return the transformers tokenizer stored in the GGUF file (chat template included), the one
+    ``PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)`` returns.
 
-    Built by transformers' own GGUF tokenizer conversion, which reads the tokenizer's metadata
-    only (not the model config, as ``AutoTokenizer`` would).
+    With ``metadata`` (the tokenizer metadata :func:`read_gguf` returned for this file) it is built
+    from that by transformers' GGUF tokenizer conversion, without reading the file again; without
+    it (or where this transformers has no such conversion) transformers reads the file itself.
     """
-    from transformers import PreTrainedTokenizerFast
-
     path = _existing_file(path)
-    return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = _convert_tokenizer(metadata) if metadata is not None else None
+    if tokenizer is None:
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
+    return tokenizer
+
+
+def _convert_tokenizer(metadata: dict[str, Any]):
+    """The tokenizer transformers builds from a GGUF file's tokenizer metadata; None where this
+    transformers lacks the private names used here.
+
+    Does what ``PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)`` does once it has
+    read the file (transformers 5.x): groups the metadata by
+    ``transformers.integrations.gguf.GGUF_TOKENIZER_MAPPING``, applies what that module's
+    ``get_gguf_tokenizer`` adds (llama.cpp's BOS defaults, the special tokens as strings), converts
+    with its ``convert_gguf_tokenizer`` and passes the result on as ``tokenizer_object`` with the
+    tokenizer config (chat template included) as keyword arguments.
+    """
+    try:
+        from transformers import PreTrainedTokenizerFast
+        from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    except ImportError:
+        return None
+    grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
+                       if f"tokenizer.{key}" in metadata}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)
+    elif tokenizer.get("tokenizer_type") == "gemma4":
+        config["add_bos_token"] = False
+    for name, key in {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
+                      "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}.items():
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(metadata["general.architecture"], tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{**config, **extra})
 
 
 def _iter_weights(path: pathlib.Path, index: GGUFIndex, dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:

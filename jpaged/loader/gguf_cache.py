@@ -1,12 +1,12 @@
 """A GGUF file's metadata read once: its index and tokenizer kept in jpaged's cache directory.
 
 Parsing a GGUF file's metadata is the slow part of loading one (the default model's 49,152
-vocabulary strings and merges take seconds to parse). The first load of a file reads its index
-(`gguf.read_gguf_index`: config and tensor table) and its tokenizer (transformers' GGUF
-conversion, which reads the tokenizer's metadata only) and writes them to
-`<cache dir>/gguf/<key>/` as `index.json` and an HF tokenizer folder (`tokenizer.json`,
-`tokenizer_config.json`, chat template). Later loads read those files and memory-map the
-weights: no metadata parse at all.
+vocabulary strings and merges take about a second to parse). The first load of a file parses it
+once (`gguf.read_gguf`): its index (config and tensor table) and its tokenizer's metadata, from
+which transformers' GGUF tokenizer conversion builds the tokenizer without reading the file again.
+Both are written to `<cache dir>/gguf/<key>/` as `index.json` and an HF tokenizer folder
+(`tokenizer.json`, `tokenizer_config.json`, chat template). Later loads read those files and
+memory-map the weights: no metadata parse at all.
 
 The key hashes the file's resolved path, size and modification time (and this cache's format
 version), so a changed or replaced file gets a fresh entry (and its older entry is removed).
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jpaged.cache_dir import cache_dir
-from jpaged.loader.gguf import GGUFIndex, load_gguf_tokenizer, read_gguf_index
+from jpaged.loader.gguf import GGUFIndex, load_gguf_tokenizer, read_gguf
 
 logger = logging.getLogger("jpaged")
 
@@ -51,7 +51,7 @@ def open_cached(path: str | os.PathLike, root: pathlib.Path | None = None) -> tu
     is the slow part of a cached load: callers may run it while the weights load).
 
     An entry that is incomplete or unreadable (index or tokenizer) is logged, removed and
-    rebuilt from the file. Raises FileNotFoundError / ValueError as `read_gguf_index` does for a
+    rebuilt from the file. Raises FileNotFoundError / ValueError as `read_gguf` does for a
     missing or invalid file. A cache folder that cannot be written is logged and skipped.
     """
     path = pathlib.Path(path)
@@ -64,8 +64,8 @@ def open_cached(path: str | os.PathLike, root: pathlib.Path | None = None) -> tu
             return index, functools.partial(_cached_tokenizer, entry, path, index)
         except (OSError, ValueError, KeyError, TypeError) as error:
             _discard(entry, path, error)
-    index = read_gguf_index(path)
-    tokenizer = load_gguf_tokenizer(path)
+    index, tokenizer_metadata = read_gguf(path)
+    tokenizer = load_gguf_tokenizer(path, tokenizer_metadata)
     _write_entry(entry, path, index, tokenizer)
     return index, lambda: tokenizer
 
