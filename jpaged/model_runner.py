@@ -95,7 +95,7 @@ class ModelRunner:
         self._step = jax.jit(self._step_fn, donate_argnums=1)
 
     def _layouts(self, config: EngineConfig) -> dict:
-        """The model's attention, MoE and layer runner for this backend and device layout."""
+        """The model's attention, MoE, layer runner and stage count for this backend and device layout."""
         model_config, mesh, parallel = self.model_config, self.mesh, self.parallel
         attend = select_attention(config.attention_backend, model_config.head_dim, config.attention_interpret)
         layouts = dict(attention=paged_attention_layer(attend))
@@ -104,7 +104,7 @@ class ModelRunner:
         if model_config.is_moe and parallel.tensor_parallel_size * parallel.expert_parallel_size > 1:
             layouts["moe"] = expert_parallel_moe(mesh)
         if parallel.pipeline_parallel_size > 1:
-            layouts["run_layers"] = pipeline(mesh)
+            layouts.update(run_layers=pipeline(mesh), pipeline_stages=parallel.pipeline_parallel_size)
         return layouts
 
     def _zeros(self, shape: tuple[int, ...], dtype, spec: PartitionSpec | None) -> jax.Array:

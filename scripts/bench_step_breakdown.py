@@ -14,10 +14,9 @@ fresh 256-token prompt chunk plus 8 such decodes. Three measurements:
    Medians over the timed steps.
 2. Inside the jitted step, from a jax profiler trace of 3 more steps of the same kind: XLA's
    per-thunk durations summed over the threads that ran them (so parts can add up to more than
-   the step's wall time where thunks overlap),
-   each thunk assigned by the compiled module's metadata (op name, source function and file) to
-   layer matmuls, the scan's per-layer weight slices, attention (reference jnp paged
-   attention), KV write, norms and RoPE, LM head, sampler, or other.
+   the step's wall time where thunks overlap), each thunk assigned by the compiled module's
+   metadata (op name, source function and file) to layer matmuls, attention (reference jnp
+   paged attention), KV write, norms and RoPE, LM head, sampler, or other.
 3. The clues: XLA's matmul against numpy's (OpenBLAS) on the decode shapes (per-layer shapes
    over all 30 layers' weights, both LM head layouts, and one 566 MB product that no cache
    holds), the reference
@@ -214,8 +213,6 @@ def hlo_categories(text: str) -> dict[str, str]:
 
 
 def _category(op_name: str, file: str, function: str) -> str:
-    if "dynamic_index_in_dim" in op_name:
-        return "layer weight slices"  # the scan's per-layer copy of each stacked weight
     if function == "write_kv":
         return "KV write"
     if file == "paged_attention.py":
@@ -256,25 +253,31 @@ def device_split(engine, clock, steps: int = 3, before=None) -> dict[str, float]
 def matmul_comparison(runner) -> list[dict]:
     """XLA against numpy on the decode shapes; per-layer shapes over all 30 layers' weights."""
     params = nnx.to_pure_dict(runner.state)
-    layers, embed = params["layers"], params["embed_tokens"]
-    cases = [("q_proj / o_proj 576x576, 30 layers", layers["q_proj"], "layers"),
-             ("gate / up 576x1536, 30 layers", layers["gate_proj"], "layers"),
-             ("down 1536x576, 30 layers", layers["down_proj"], "layers"),
+    layers, embed = params["layers"].values(), params["embed_tokens"]
+
+    def stacked(name):
+        return jnp.stack([layer[name] for layer in layers])
+
+    cases = [("q_proj / o_proj 576x576, 30 layers", stacked("q_proj"), "layers"),
+             ("gate / up 576x1536, 30 layers", stacked("gate_proj"), "layers"),
+             ("down 1536x576, 30 layers", stacked("down_proj"), "layers"),
              ("LM head x @ E.T (E 49152x576, as the model)", embed, "transposed"),
              ("LM head x @ W (W 576x49152, pre-transposed)", jnp.asarray(np.ascontiguousarray(np.asarray(embed).T)),
               "plain"),
              ("all weights at once, 576x245760 (566 MB, over L3)",
               jnp.asarray(rng.standard_normal((576, 5 * 49152), np.float32)), "plain")]
-    xla = {"layers": jax.jit(lambda x, w: jax.lax.scan(lambda c, wl: (c, x @ wl), None, w)[1]),
+    # Per-layer weights: one array per layer, as the model keeps them.
+    xla = {"layers": jax.jit(lambda x, w: [x @ wl for wl in w]),
            "transposed": jax.jit(lambda x, w: x @ w.T), "plain": jax.jit(lambda x, w: x @ w)}
     numpy = {"layers": lambda x, w: [x @ wl for wl in w], "transposed": lambda x, w: x @ w.T,
              "plain": lambda x, w: x @ w}
     runs = [(name, weight, kind, count) for name, weight, kind in cases for count in DECODE_BATCHES]
     inputs = [rng.standard_normal((count, weight.shape[-1] if kind == "transposed" else weight.shape[-2]),
                                   np.float32) for _, weight, kind, count in runs]
+    xla_weights = [list(weight) if kind == "layers" else weight for _, weight, kind, _ in runs]
     with matmul_precision(jnp.float32):  # all XLA runs first: the libraries' idle threads spin a while
         xla_ms = [median_ms(lambda: jax.block_until_ready(xla[kind](x, weight)))
-                  for (_, weight, kind, _), x in zip(runs, map(jnp.asarray, inputs))]
+                  for (_, _, kind, _), weight, x in zip(runs, xla_weights, map(jnp.asarray, inputs))]
     time.sleep(1)
     numpy_ms = [median_ms(lambda: numpy[kind](x, weight)) for (_, weight, kind, _), x in
                 zip([(n, np.asarray(w), k, c) for n, w, k, c in runs], inputs)]

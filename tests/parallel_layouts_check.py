@@ -66,7 +66,7 @@ def generate(folder_root: str) -> dict:
                 "blocks_leaked": sum(e.block_manager.num_blocks - e.block_manager.num_free_blocks for e in engines),
                 "model_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(state)),
                 "layer_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(state["layers"])),
-                "expert_bytes": sum(x.nbytes for name, leaf in state["layers"].items()
+                "expert_bytes": sum(x.nbytes for layer in state["layers"].values() for name, leaf in layer.items()
                                     if name.startswith("expert_") for x in jax.tree.leaves(leaf)),
             }
         if name == "llama":
@@ -123,10 +123,12 @@ def schedule(num_stages: int = 4) -> dict:
     """Outputs and busy trace of `run_pipeline` on a toy 8-layer stack for M micro-batches."""
     mesh = make_mesh(ParallelConfig(pipeline_parallel_size=num_stages))
     rng = np.random.default_rng(1)
-    layer_weights = {"w": jnp.asarray(rng.normal(size=(8, 16, 16)) / 4, jnp.float32)}
+    layers = jnp.asarray(rng.normal(size=(8, 16, 16)) / 4, jnp.float32)
+    # Entry j: layer j of every stage, stacked over stages (stage s runs layers 2s and 2s + 1).
+    layer_weights = list(layers.reshape(num_stages, -1, 16, 16).swapaxes(0, 1))
 
     def stage(x, positions, kv_cache, md, weights):
-        for w in weights["w"]:
+        for w in weights:
             x = jnp.tanh(x @ w) + positions[:, None]
         return x, kv_cache + 1  # the cache counts the layers that ran on each stage
 
@@ -134,7 +136,7 @@ def schedule(num_stages: int = 4) -> dict:
     for m in (1, 2, 4, 8, 16):
         hidden = jnp.asarray(rng.normal(size=(m, 3, 16)), jnp.float32)
         positions = jnp.asarray(rng.integers(0, 5, (m, 3)), jnp.float32) / 10
-        expected = jax.vmap(lambda x, p: stage(x, p, 0, None, layer_weights)[0])(hidden, positions)
+        expected = jax.vmap(lambda x, p: stage(x, p, 0, None, layers)[0])(hidden, positions)
         out, kv, busy = jax.jit(lambda *a: run_pipeline(stage, mesh, *a))(
             hidden, positions, jnp.zeros(num_stages), None, layer_weights)
         report[m] = {"max_error": float(jnp.max(jnp.abs(out - expected))), "busy": np.asarray(busy).tolist(),

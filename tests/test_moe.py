@@ -2,7 +2,7 @@
 
 `sparse_moe` (sorted tokens, ragged matmuls) against a naive per-token loop over the chosen
 experts in float64 numpy, on fresh random inputs; `route` against HF's own routers; padding
-rows of `expert_ffn`; MoE fields read from HF configs; per-expert weights into stacked params.
+rows of `expert_ffn`; MoE fields read from HF configs; per-expert weights into each layer's params.
 The end-to-end check against HF models is in `test_hf_parity.py`.
 """
 
@@ -196,17 +196,18 @@ def moe_checkpoint(cfg: ModelConfig, rng) -> dict[str, np.ndarray]:
     return {name: rng.normal(0, 1, shape).astype(np.float32) for name, shape in tensors.items()}
 
 
-def test_per_expert_weights_load_into_stacked_params():
+def test_per_expert_weights_load_into_each_layers_expert_params():
     cfg = moe_config(num_experts=3, shared=SHARED, num_layers=2)
     tensors = moe_checkpoint(cfg, np.random.default_rng(5))
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(cfg))
     layers = load_params(abstract, cfg, tensors.items())["layers"]
-    assert layers["expert_down_proj"].shape == (2, 3, INTER, HIDDEN)
-    for param, index, name in [("expert_gate_proj", (1, 2), "1.mlp.experts.2.gate_proj"),
-                               ("expert_down_proj", (0, 1), "0.mlp.experts.1.down_proj"),
-                               ("router", (1,), "1.mlp.gate"), ("shared_expert_gate", (0,), "0.mlp.shared_expert_gate")]:
-        np.testing.assert_array_equal(layers[param][index], tensors[f"model.layers.{name}.weight"].T)
-    assert "gate_proj" not in layers
+    assert layers[0]["expert_down_proj"].shape == (3, INTER, HIDDEN)
+    for param, (layer, *index), name in [("expert_gate_proj", (1, 2), "1.mlp.experts.2.gate_proj"),
+                                         ("expert_down_proj", (0, 1), "0.mlp.experts.1.down_proj"),
+                                         ("router", (1,), "1.mlp.gate"),
+                                         ("shared_expert_gate", (0,), "0.mlp.shared_expert_gate")]:
+        np.testing.assert_array_equal(layers[layer][param][tuple(index)], tensors[f"model.layers.{name}.weight"].T)
+    assert "gate_proj" not in layers[0]
 
     del tensors["model.layers.1.mlp.experts.2.up_proj.weight"]
     with pytest.raises(ValueError, match=r"expert_up_proj for \(layer, expert\) \[\(1, 2\)\]"):
@@ -218,5 +219,5 @@ def test_per_expert_weights_load_into_stacked_params():
 
 def test_dense_config_has_no_moe_params():
     cfg = dataclasses.replace(moe_config(), num_experts=0, num_experts_per_tok=0)
-    layers = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: LlamaForCausalLM(cfg)).layers))
-    assert {"gate_proj", "up_proj", "down_proj"} <= set(layers) and "router" not in layers
+    layer = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: LlamaForCausalLM(cfg)).layers[0]))
+    assert {"gate_proj", "up_proj", "down_proj"} <= set(layer) and "router" not in layer

@@ -1,10 +1,12 @@
-"""Puts HF-named tensors into the model's stacked parameters, converting layout and dtype.
+"""Puts HF-named tensors into the model's parameters, converting layout and dtype.
 
 Weights arrive one tensor at a time (from safetensors or GGUF) under HF names and `[out, in]`
-layout; the model keeps `x @ W` layout with decoder layers stacked on a leading axis, and MoE
-experts stacked on a second axis (`[layers, experts, ...]`). Checkpoints store one tensor per
-expert (`...experts.{e}.w1.weight` for Mixtral, `...experts.{e}.gate_proj.weight` for Qwen MoE,
-which is also what `save_pretrained` writes), each written into its `(layer, expert)` slot.
+layout; the model keeps `x @ W` layout, one set of arrays per decoder layer (`layers[i]`), MoE
+experts stacked on a leading axis (`[experts, ...]`). Checkpoints store one tensor per expert
+(`...experts.{e}.w1.weight` for Mixtral, `...experts.{e}.gate_proj.weight` for Qwen MoE, which is
+also what `save_pretrained` writes), each written into its expert's slot. A pipelined model's
+`layers[j]` holds layer `j` of every stage, stacked on a leading stage axis, so a layer's
+tensors go into their stage's slot of it.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ _EXPERT_TENSORS = {
     "up_proj.weight": "expert_up_proj",
     "down_proj.weight": "expert_down_proj",
 }
-_EXPERT_PARAMS = frozenset(_EXPERT_TENSORS.values())  # stacked [layers, experts, ...]
+_EXPERT_PARAMS = frozenset(_EXPERT_TENSORS.values())  # [experts, ...] in each layer
 _TOP_TENSORS = {
     "model.embed_tokens.weight": ("embed_tokens", False),
     "model.norm.weight": ("norm", False),
@@ -62,26 +64,34 @@ _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT_NAME = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(.+)")
 
 
-def _target(name: str) -> tuple[tuple[str, ...], tuple[int, ...], bool] | None:
-    """`(param path, index into it, transpose)` for an HF tensor name; None to skip it.
+def _target(name: str) -> tuple[str, tuple[int, ...], bool] | None:
+    """`(param name, where, transpose)` for an HF tensor name; None to skip it.
 
-    The index is `()` for a whole parameter, `(layer,)` for a stacked layer parameter and
-    `(layer, expert)` for one expert of a stacked MoE parameter.
+    `where` is `()` for a top-level parameter, `(layer,)` for a layer's and `(layer, expert)` for
+    one expert of a layer's MoE parameter.
     """
     if name in _TOP_TENSORS:
         param, transpose = _TOP_TENSORS[name]
-        return (param,), (), transpose
+        return param, (), transpose
     match = _LAYER_NAME.fullmatch(name)
     if match and match.group(2) in _LAYER_TENSORS:
         param, transpose = _LAYER_TENSORS[match.group(2)]
-        return ("layers", param), (int(match.group(1)),), transpose
+        return param, (int(match.group(1)),), transpose
     expert = _EXPERT_NAME.fullmatch(match.group(2)) if match else None
     if expert and expert.group(2) in _EXPERT_TENSORS:
-        param = _EXPERT_TENSORS[expert.group(2)]
-        return ("layers", param), (int(match.group(1)), int(expert.group(1))), True
+        return _EXPERT_TENSORS[expert.group(2)], (int(match.group(1)), int(expert.group(1))), True
     if name.endswith("rotary_emb.inv_freq"):
         return None
     raise ValueError(f"unexpected weight {name!r}: not part of a supported Llama-family model")
+
+
+def _slot(param: str, where: tuple[int, ...], layers_per_stage: int, staged: bool):
+    """The model's path to `param` and the index into it of the tensor at `where`."""
+    if not where:
+        return (param,), ()
+    layer, expert = where[0], where[1:]
+    stage = (layer // layers_per_stage,) if staged else ()
+    return ("layers", layer % layers_per_stage, param), stage + expert
 
 
 def replicate_kv_heads(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, num_kv_heads: int):
@@ -107,27 +117,29 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
     parallelism); each tensor is written into it as it arrives, so the host holds one at a time.
     """
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    params: dict[tuple[str, ...], jax.Array] = {}
-    filled: dict[tuple[str, ...], set[tuple[int, ...]]] = {}
+    layers_per_stage = len(state["layers"])
+    staged = layers_per_stage < cfg.num_layers
+    params: dict[tuple, jax.Array] = {}
+    filled: dict[str, set[tuple[int, ...]]] = {}
     for name, tensor in weights:
         target = _target(name)
-        if target is None or (target[0] == ("lm_head",) and cfg.tie_word_embeddings):
+        if target is None or (target[0] == "lm_head" and cfg.tie_word_embeddings):
             continue
-        path, index, transpose = target
+        param, where, transpose = target
+        limits = (cfg.num_layers, cfg.num_experts)[: len(where)]
+        if any(i >= n for i, n in zip(where, limits)):
+            raise ValueError(f"weight {name!r} indexes {where} past the model's {limits} (layers, experts)")
+        path, index = _slot(param, where, layers_per_stage, staged)
         spec = _lookup(state, path, name)
         value = tensor.T if transpose else tensor
         expected = tuple(spec.shape[len(index):])
         if value.shape != expected:
             raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected {expected} (after layout)")
-        if any(i >= n for i, n in zip(index, spec.shape)):
-            raise ValueError(f"weight {name!r} indexes {index} past the model's {tuple(spec.shape[:len(index)])} "
-                             "(layers, experts)")
         if path not in params:
             params[path] = zeros(path, spec.shape, spec.dtype)
-            filled[path] = set()
         value = np.ascontiguousarray(value, dtype=spec.dtype)
         params[path] = _write_at(params[path], index, value)
-        filled[path].add(index)
+        filled.setdefault(param, set()).add(where)
     _check_complete(state, filled, cfg)
     for path, param in params.items():
         _assign(state, path, param)
@@ -135,10 +147,10 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
 
 
 @partial(jax.jit, donate_argnums=0)
-def _write_at(stacked: jax.Array, index: tuple, value) -> jax.Array:
-    """`stacked` with `value` at `index` (`()` for the whole parameter, a layer, or a layer and
-    expert): traced, so one compile per parameter shape."""
-    return stacked.at[index].set(value)
+def _write_at(param: jax.Array, index: tuple, value) -> jax.Array:
+    """`param` with `value` at `index` (`()` for the whole parameter, else a pipeline stage, an
+    expert, or both): traced, so one compile per parameter shape."""
+    return param.at[index].set(value)
 
 
 def _lookup(state: dict, path: tuple[str, ...], name: str):
@@ -157,25 +169,21 @@ def _assign(state: dict, path: tuple[str, ...], value) -> None:
     node[path[-1]] = value
 
 
-def _check_complete(state: dict, filled: dict, cfg: ModelConfig) -> None:
-    expected = {("embed_tokens",): {()}, ("norm",): {()}}
-    if "lm_head" in state:
-        expected[("lm_head",)] = {()}
-    for param in state["layers"]:
-        if param in _EXPERT_PARAMS:
-            indices = {(i, e) for i in range(cfg.num_layers) for e in range(cfg.num_experts)}
-        else:
-            indices = {(i,) for i in range(cfg.num_layers)}
-        expected[("layers", param)] = indices
+def _check_complete(state: dict, filled: dict[str, set[tuple[int, ...]]], cfg: ModelConfig) -> None:
+    layers, experts = range(cfg.num_layers), range(cfg.num_experts)
+    expected = {name: {()} for name in ("embed_tokens", "norm", "lm_head") if name in state}
+    for param in state["layers"][0]:
+        expected[param] = {(i, e) for i in layers for e in experts} if param in _EXPERT_PARAMS else {(i,) for i in layers}
     missing = []
-    for path, indices in expected.items():
-        got = filled.get(path)
+    for param, indices in expected.items():
+        got = filled.get(param)
+        name = param if param in state else f"layers.{param}"
         if got is None:
-            missing.append(".".join(path))
+            missing.append(name)
         elif got != indices:
             what = "layers" if len(next(iter(indices))) == 1 else "(layer, expert)"
             gaps = sorted(indices - got)
             gaps = [g[0] for g in gaps] if what == "layers" else gaps
-            missing.append(f"{'.'.join(path)} for {what} {gaps}")
+            missing.append(f"{name} for {what} {gaps}")
     if missing:
         raise ValueError(f"weights missing from the checkpoint: {', '.join(missing)}")

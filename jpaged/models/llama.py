@@ -1,13 +1,19 @@
 """The Llama family as one Flax NNX model: Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (q/k norm),
 and their mixture-of-experts kin Mixtral, Qwen2-MoE and Qwen3-MoE (the MLP is `moe.sparse_moe`).
 
-Layer weights are stacked on a leading layer axis and the decoder runs as one `lax.scan`, so the
-jitted step compiles in about the same time whatever the depth. The KV cache of all layers is
-one pair of arrays carried through the scan and written in place; attention reads it through
-the block tables in `AttentionMetadata`.
+Each decoder layer keeps its own weight arrays. The decoder is one `lax.scan` over the layer
+index whose body picks the layer's projections with `lax.switch` (one branch per layer, each
+reading its weights in place) and runs attention once, outside the switch. A scan over weights
+stacked on a layer axis made XLA on CPU copy each layer's slices before its matmuls; a Python
+loop over the layers (the whole layer, attention included, compiled once per layer) made the
+step compile 4-8 times slower. The KV cache of all layers is one pair of arrays `[num_layers,
+num_blocks, block_size, kv_heads, head_dim]` carried through the scan and written in place;
+attention reads layer `i` of it through the block tables in `AttentionMetadata`.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -38,44 +44,49 @@ def apply_rope(x, positions, inv_freq):
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-class DecoderLayers(nnx.Module):
-    """All decoder layers' weights, stacked `[num_layers, ...]`, in `x @ W` layout."""
+class DecoderLayer(nnx.Module):
+    """One decoder layer's weights in `x @ W` layout (`q_proj [hidden, heads * head_dim]`, ...,
+    MoE experts `[experts, hidden, moe_intermediate]`), each with the leading axes `lead`."""
 
-    def __init__(self, cfg: ModelConfig, dtype):
-        n, h, i = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    def __init__(self, cfg: ModelConfig, dtype, lead: tuple[int, ...] = ()):
+        h, i = cfg.hidden_size, cfg.intermediate_size
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.input_norm = _param((n, h), dtype)
-        self.q_proj = _param((n, h, q_dim), dtype)
-        self.k_proj = _param((n, h, kv_dim), dtype)
-        self.v_proj = _param((n, h, kv_dim), dtype)
-        self.o_proj = _param((n, q_dim, h), dtype)
-        if cfg.qkv_bias:
-            self.q_bias = _param((n, q_dim), dtype)
-            self.k_bias = _param((n, kv_dim), dtype)
-            self.v_bias = _param((n, kv_dim), dtype)
-        if cfg.qk_norm:
-            self.q_norm = _param((n, cfg.head_dim), dtype)
-            self.k_norm = _param((n, cfg.head_dim), dtype)
-        self.post_attention_norm = _param((n, h), dtype)
-        if cfg.is_moe:
-            self._init_moe(cfg, dtype)
-        else:
-            self.gate_proj = _param((n, h, i), dtype)
-            self.up_proj = _param((n, h, i), dtype)
-            self.down_proj = _param((n, i, h), dtype)
 
-    def _init_moe(self, cfg: ModelConfig, dtype):
-        n, h, e, i = cfg.num_layers, cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
-        self.router = _param((n, h, e), dtype)
-        self.expert_gate_proj = _param((n, e, h, i), dtype)
-        self.expert_up_proj = _param((n, e, h, i), dtype)
-        self.expert_down_proj = _param((n, e, i, h), dtype)
+        def param(*shape):
+            return _param(lead + shape, dtype)
+
+        self.input_norm = param(h)
+        self.q_proj = param(h, q_dim)
+        self.k_proj = param(h, kv_dim)
+        self.v_proj = param(h, kv_dim)
+        self.o_proj = param(q_dim, h)
+        if cfg.qkv_bias:
+            self.q_bias = param(q_dim)
+            self.k_bias = param(kv_dim)
+            self.v_bias = param(kv_dim)
+        if cfg.qk_norm:
+            self.q_norm = param(cfg.head_dim)
+            self.k_norm = param(cfg.head_dim)
+        self.post_attention_norm = param(h)
+        if cfg.is_moe:
+            self._init_moe(cfg, param)
+        else:
+            self.gate_proj = param(h, i)
+            self.up_proj = param(h, i)
+            self.down_proj = param(i, h)
+
+    def _init_moe(self, cfg: ModelConfig, param):
+        h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+        self.router = param(h, e)
+        self.expert_gate_proj = param(e, h, i)
+        self.expert_up_proj = param(e, h, i)
+        self.expert_down_proj = param(e, i, h)
         if cfg.shared_expert_intermediate_size:
             s = cfg.shared_expert_intermediate_size
-            self.shared_gate_proj = _param((n, h, s), dtype)
-            self.shared_up_proj = _param((n, h, s), dtype)
-            self.shared_down_proj = _param((n, s, h), dtype)
-            self.shared_expert_gate = _param((n, h, 1), dtype)
+            self.shared_gate_proj = param(h, s)
+            self.shared_up_proj = param(h, s)
+            self.shared_down_proj = param(s, h)
+            self.shared_expert_gate = param(h, 1)
 
 
 def run_all_layers(decoder, hidden, positions, kv_cache, md, layer_weights):
@@ -90,14 +101,20 @@ class LlamaForCausalLM(nnx.Module):
     mixture-of-experts MLP (expert-parallel or not); `run_layers(decoder, hidden, positions,
     kv_cache, md, layer_weights) -> (hidden [N, hidden], kv_cache)` runs the decoder stack, all
     at once or as a pipeline of stages over micro-batches.
+
+    With `pipeline_stages` S > 1, each stage runs `num_layers / S` consecutive layers, and
+    `layers[j]` holds layer `j` of every stage, its weights stacked `[S, ...]` so that stage `s`'s
+    devices keep entry `s`; model layer `i` is stage `i // (num_layers / S)`'s layer
+    `i % (num_layers / S)`.
     """
 
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention=paged_attention_layer(ragged_paged_attention),
-                 moe=sparse_moe, run_layers=run_all_layers):
+                 moe=sparse_moe, run_layers=run_all_layers, pipeline_stages: int = 1):
         self.cfg = cfg
         self.attention, self.moe, self.run_layers = attention, moe, run_layers
         self.embed_tokens = _param((cfg.vocab_size, cfg.hidden_size), dtype)
-        self.layers = DecoderLayers(cfg, dtype)
+        lead = (pipeline_stages,) if pipeline_stages > 1 else ()
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, lead) for _ in range(cfg.num_layers // pipeline_stages)])
         self.norm = _param((cfg.hidden_size,), dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param((cfg.hidden_size, cfg.vocab_size), dtype)
@@ -106,38 +123,34 @@ class LlamaForCausalLM(nnx.Module):
         """Hidden states `[N, hidden]` of the new tokens (micro-batches flattened), and the
         updated `(k_cache, v_cache)`."""
         hidden = self.embed_tokens[...][token_ids]
-        layer_weights = nnx.to_pure_dict(nnx.state(self.layers))
+        layer_weights = [nnx.to_pure_dict(nnx.state(layer)) for layer in self.layers]
         hidden, kv_cache = self.run_layers(self.decode, hidden, positions, kv_cache, md, layer_weights)
         return rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps), kv_cache
 
     def decode(self, hidden, positions, kv_cache, md: AttentionMetadata, layer_weights):
-        """Run `hidden [T, hidden]` through the layers stacked in `layer_weights`, whose KV cache
-        is `kv_cache` (layer `i` of both is the same layer)."""
+        """Run `hidden [T, hidden]` through the layers whose weight dicts are `layer_weights` (a
+        list), with `kv_cache` their cache (its layer `i` is the list's entry `i`)."""
         cfg = self.cfg
         inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim))
+        qkv = [partial(self._qkv, weights) for weights in layer_weights]
+        out_and_mlp = [partial(self._out_and_mlp, weights) for weights in layer_weights]
 
-        def layer_step(carry, weights):
-            hidden, k_cache, v_cache, layer = carry
-            attn_in = rms_norm(hidden, weights["input_norm"], cfg.rms_norm_eps)
-            attn_out, k_cache, v_cache = self._attention(
-                attn_in, weights, positions, inv_freq, k_cache, v_cache, layer, md
-            )
-            hidden = hidden + attn_out
-            mlp_in = rms_norm(hidden, weights["post_attention_norm"], cfg.rms_norm_eps)
-            if cfg.is_moe:
-                hidden = hidden + self.moe(mlp_in, weights, cfg)
-            else:
-                gate = jax.nn.silu(mlp_in @ weights["gate_proj"])
-                hidden = hidden + (gate * (mlp_in @ weights["up_proj"])) @ weights["down_proj"]
-            return (hidden, k_cache, v_cache, layer + 1), None
+        def layer_step(carry, layer):
+            hidden, k_cache, v_cache = carry
+            q, k, v = jax.lax.switch(layer, qkv, hidden, positions, inv_freq)
+            attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, cfg.head_dim**-0.5)
+            hidden = jax.lax.switch(layer, out_and_mlp, hidden, attended)
+            return (hidden, k_cache, v_cache), None
 
-        carry = (hidden, *kv_cache, jnp.int32(0))
-        (hidden, k_cache, v_cache, _), _ = jax.lax.scan(layer_step, carry, layer_weights)
+        layers = jnp.arange(len(layer_weights), dtype=jnp.int32)
+        (hidden, k_cache, v_cache), _ = jax.lax.scan(layer_step, (hidden, *kv_cache), layers)
         return hidden, (k_cache, v_cache)
 
-    def _attention(self, x, weights, positions, inv_freq, k_cache, v_cache, layer, md):
+    def _qkv(self, weights, hidden, positions, inv_freq):
+        """One layer's roped `q [T, heads, head_dim]`, `k` and `v [T, kv_heads, head_dim]`."""
         cfg = self.cfg
-        num_tokens = x.shape[0]
+        num_tokens = hidden.shape[0]
+        x = rms_norm(hidden, weights["input_norm"], cfg.rms_norm_eps)
         q, k, v = x @ weights["q_proj"], x @ weights["k_proj"], x @ weights["v_proj"]
         if cfg.qkv_bias:
             q, k, v = q + weights["q_bias"], k + weights["k_bias"], v + weights["v_bias"]
@@ -147,9 +160,18 @@ class LlamaForCausalLM(nnx.Module):
         if cfg.qk_norm:
             q = rms_norm(q, weights["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, weights["k_norm"], cfg.rms_norm_eps)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, cfg.head_dim**-0.5)
-        return attended.reshape(num_tokens, -1) @ weights["o_proj"], k_cache, v_cache
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def _out_and_mlp(self, weights, hidden, attended):
+        """`hidden [T, hidden]` after one layer's output projection of `attended [T, heads,
+        head_dim]` and its MLP, each added to the residual stream."""
+        cfg = self.cfg
+        hidden = hidden + attended.reshape(hidden.shape[0], -1) @ weights["o_proj"]
+        mlp_in = rms_norm(hidden, weights["post_attention_norm"], cfg.rms_norm_eps)
+        if cfg.is_moe:
+            return hidden + self.moe(mlp_in, weights, cfg)
+        gate = jax.nn.silu(mlp_in @ weights["gate_proj"])
+        return hidden + (gate * (mlp_in @ weights["up_proj"])) @ weights["down_proj"]
 
     def logits(self, hidden):
         """Float32 logits `[N, vocab]` of final hidden states `[N, hidden]`."""

@@ -1,6 +1,6 @@
 """Mixture-of-experts feed-forward: the MLP of Mixtral, Qwen2-MoE and Qwen3-MoE decoder layers.
 
-Place in the data flow: inside the jitted step, `LlamaForCausalLM`'s layer scan calls
+Place in the data flow: inside the jitted step, each of `LlamaForCausalLM`'s layers calls
 `sparse_moe` on the post-attention-normed hidden states `[T, hidden]` of all the step's tokens
 (instead of the dense SiLU-gated MLP) and adds the result to the residual stream.
 

@@ -2,10 +2,11 @@
 
 Megatron-style on "tp": q/k/v and gate/up are split by output columns, o and down by input rows
 (GSPMD adds the all-reduce after them), embeddings and the LM head by vocabulary, norms and the
-router replicated. Stacked layer parameters are split by layer on "pp" (each pipeline stage
-holds its layers) and expert weights by expert on "ep". A dimension a degree does not divide
-stays whole. The KV cache is split by layer on "pp" and by KV head on "tp"; attention runs
-inside `shard_map`, each tensor shard on its own heads with the same block tables.
+router replicated; expert weights are split by expert on "ep". Under a pipeline each layer
+parameter has a leading stage axis, split on "pp" (each stage holds its layers). A dimension a
+degree does not divide stays whole. The KV cache is split by layer on "pp" and by KV head on
+"tp"; attention runs inside `shard_map`, each tensor shard on its own heads with the same block
+tables.
 """
 
 from __future__ import annotations
@@ -18,26 +19,27 @@ from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import EP_AXIS, PP_AXIS, TP_AXIS, context_mesh
 
-# The mesh axis each dimension of a parameter is split over (layer params: dim 0 is the layer).
+# The mesh axis each dimension of a parameter is split over, counted from its last dimension
+# (a pipelined layer parameter has a leading stage axis).
 _SPLITS = {
-    ("embed_tokens",): {0: TP_AXIS},
-    ("lm_head",): {1: TP_AXIS},
-    **{("layers", name): {2: TP_AXIS} for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
-                                                   "shared_gate_proj", "shared_up_proj")},
-    **{("layers", name): {1: TP_AXIS} for name in ("q_bias", "k_bias", "v_bias", "o_proj", "down_proj",
-                                                   "shared_down_proj")},
-    ("layers", "expert_gate_proj"): {1: EP_AXIS, 3: TP_AXIS},
-    ("layers", "expert_up_proj"): {1: EP_AXIS, 3: TP_AXIS},
-    ("layers", "expert_down_proj"): {1: EP_AXIS, 2: TP_AXIS},
+    "embed_tokens": {-2: TP_AXIS},
+    "lm_head": {-1: TP_AXIS},
+    **{name: {-1: TP_AXIS} for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "shared_gate_proj",
+                                        "shared_up_proj", "q_bias", "k_bias", "v_bias")},
+    **{name: {-2: TP_AXIS} for name in ("o_proj", "down_proj", "shared_down_proj")},
+    "expert_gate_proj": {-3: EP_AXIS, -1: TP_AXIS},
+    "expert_up_proj": {-3: EP_AXIS, -1: TP_AXIS},
+    "expert_down_proj": {-3: EP_AXIS, -2: TP_AXIS},
 }
 KV_CACHE_SPEC = P(PP_AXIS, None, None, TP_AXIS, None)  # [layers, blocks, block_size, kv_heads, head_dim]
 _HEADS = P(None, TP_AXIS, None)  # [tokens, heads, head_dim]
 _CACHE_HEADS = P(None, None, None, TP_AXIS, None)
 
 
-def param_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
-    splits = dict(_SPLITS.get(path, {}))
-    if path[0] == "layers":
+def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Where the parameter at `path` (`("embed_tokens",)`, `("layers", i, "q_proj")`, ...) lives."""
+    splits = {len(shape) + dim: axis for dim, axis in _SPLITS.get(path[-1], {}).items()}
+    if path[0] == "layers" and mesh.shape[PP_AXIS] > 1:
         splits[0] = PP_AXIS
     axes = [splits.get(dim) for dim in range(len(shape))]
     return P(*[axis if axis and shape[dim] % mesh.shape[axis] == 0 else None for dim, axis in enumerate(axes)])

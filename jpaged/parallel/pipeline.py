@@ -3,12 +3,13 @@ micro-batches flowing through them.
 
 The runner hands the step's new tokens over as M micro-batches (arrays with a leading `[M]` axis).
 Inside a `shard_map` that makes "pp" manual, stage `s` of `S` holds its contiguous share of the
-stacked layers and of their KV cache. The schedule runs `M + S - 1` ticks: at tick `t` stage `s`
-works on micro-batch `t - s` when that exists and idles otherwise, then hands its output to stage
-`s + 1` with a `ppermute`. After `S - 1` ticks of filling, every stage is busy until the last
-micro-batch drains, so the idle share of a step is `(S - 1) / (M + S - 1)`: more micro-batches,
-fewer bubbles. A micro-batch reaching a stage finds the KV of all earlier micro-batches already
-written there, so the step's tokens may be cut anywhere, even inside one prompt's chunk.
+layers (entry `s` of each layer weight, which is stacked over stages) and of their KV cache. The
+schedule runs `M + S - 1` ticks: at tick `t` stage `s` works on micro-batch `t - s` when that
+exists and idles otherwise, then hands its output to stage `s + 1` with a `ppermute`. After
+`S - 1` ticks of filling, every stage is busy until the last micro-batch drains, so the idle
+share of a step is `(S - 1) / (M + S - 1)`: more micro-batches, fewer bubbles. A micro-batch
+reaching a stage finds the KV of all earlier micro-batches already written there, so the step's
+tokens may be cut anywhere, even inside one prompt's chunk.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from sharding.mesh import PP_AXIS
 
 def run_pipeline(stage_fn, mesh: Mesh, hidden, positions, kv_cache, md, layer_weights):
     """Run `stage_fn(hidden [T, H], positions [T], kv_cache, md, layer_weights) -> (hidden,
-    kv_cache)` as a pipeline over micro-batches `hidden [M, T, H]`.
+    kv_cache)` as a pipeline over micro-batches `hidden [M, T, H]`. Each leaf of `layer_weights`
+    is stacked over stages `[S, ...]`; `stage_fn` gets its stage's entry, and its stage's share
+    of the KV cache (split on its leading axis).
 
     Returns the last stage's outputs `[M, T, H]`, the updated KV cache, and the schedule as it
     ran: `busy [S, M + S - 1]`, whether each stage worked at each tick.
@@ -34,6 +37,7 @@ def run_pipeline(stage_fn, mesh: Mesh, hidden, positions, kv_cache, md, layer_we
 
     def schedule(hidden, positions, kv_cache, md, layer_weights):
         stage = jax.lax.axis_index(PP_AXIS)
+        layer_weights = jax.tree.map(lambda w: w[0], layer_weights)
         is_last = stage == num_stages - 1
 
         def tick(carry, t):
