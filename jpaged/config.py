@@ -89,7 +89,7 @@ class ModelConfig:
     qk_norm: bool
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    # Mixture of experts (every layer alike: layers are stacked); num_experts 0 = dense MLP.
+    # Mixture of experts (every layer alike: one layer body serves all); num_experts 0 = dense MLP.
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
@@ -165,8 +165,8 @@ class ModelConfig:
             if hf.get("mlp_only_layers") or int(hf.get("decoder_sparse_step", 1)) != 1:
                 raise ValueError(
                     f"{arch}: mlp_only_layers {hf.get('mlp_only_layers')!r} / decoder_sparse_step "
-                    f"{hf.get('decoder_sparse_step')!r} make some layers dense; jpaged stacks layers, so all "
-                    "must be MoE (supported: mlp_only_layers [] and decoder_sparse_step 1)"
+                    f"{hf.get('decoder_sparse_step')!r} make some layers dense; jpaged runs every layer through one layer body, "
+                    "so all must be MoE (supported: mlp_only_layers [] and decoder_sparse_step 1)"
                 )
             if arch == "qwen2_moe":
                 fields["shared_expert_intermediate_size"] = int(hf.get("shared_expert_intermediate_size", 5632))
