@@ -231,9 +231,10 @@ class ModelRunner:
         sampled, prompt = self._run(step.batch, step.sampling)
         fields = sampled if step.wants_logprobs else sampled[:1]
         sampled = SamplerOutput(*(np.asarray(field)[step.rows] for field in fields))
-        if step.prompt_rows is not None:
-            prompt = PromptLogprobs(*(np.asarray(field)[: len(step.prompt_rows.owner)] for field in prompt))
-        return StepOutput(sampled, step.prompt_rows, prompt if step.prompt_rows is not None else None)
+        if step.prompt_rows is None:
+            return StepOutput(sampled, None, None)
+        prompt = PromptLogprobs(*(np.asarray(field)[: len(step.prompt_rows.owner)] for field in prompt))
+        return StepOutput(sampled, step.prompt_rows, prompt)
 
     def _run(self, batch: StepBatch, sampling: SamplingArrays) -> tuple[SamplerOutput, PromptLogprobs]:
         """The step on the host-built arrays, arrays no row needed standing in as placeholders."""

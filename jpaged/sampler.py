@@ -23,8 +23,8 @@ The order follows vLLM's V1 sampler:
 Steps 1 and 2 never build ``[S, V]`` arrays on the host: each row sends only the distinct token ids
 it touches (padded ``[S, L]`` id and count arrays), and the device gathers, updates and scatters
 back those logits. Work that no row of a batch needs is skipped at run time (``lax.cond``): the
-logits processors when no row has a bias or penalty, the draw when every row is greedy. A caller may leave the bias or penalty arrays out (None),
-which traces a variant without that work; the engine always passes them, at fixed widths, so one
+logits processors when no row has a bias or penalty, the draw when every row is greedy. A caller
+may leave the bias or penalty arrays out (None), which traces a variant without that work; the engine always passes them, at fixed widths, so one
 compiled step serves every mix of requests.
 """
 
@@ -221,8 +221,7 @@ def sample_with_logprobs(
         logits, arrays, all_greedy: as for ``sample``; ``token_ids`` equal ``sample``'s.
         num_logprobs: static. None computes no logprobs (the fields are None, and the step is
             ``sample``); k >= 0 returns the sampled token's logprob and rank and the top k
-            (k = 0: shape [S, 0]). Rows may ask for fewer; the host slices each row's share
-            (use ``max_num_logprobs(params)``).
+            (k = 0: shape [S, 0]). Rows may ask for fewer; the host slices each row's share.
         logprobs_mode: static.
             ``"raw"`` (the default; vLLM V1's default ``logprobs_mode="raw_logprobs"``): the
             log_softmax of the model's raw logits, before min_tokens, logit_bias, penalties,

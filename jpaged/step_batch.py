@@ -205,13 +205,6 @@ def _pack_rows(rows: dict[int, tuple[np.ndarray, np.ndarray]], pad_to: int, valu
     return ids_out, values_out
 
 
-def max_num_logprobs(params: Iterable[SamplingParams]) -> int | None:
-    """The static ``num_logprobs`` a batch needs: None when no row asks for logprobs, else the
-    largest ``logprobs`` asked for (0 means only the sampled tokens' logprobs)."""
-    counts = [p.logprobs for p in params if p.logprobs is not None]
-    return max(counts) if counts else None
-
-
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class SamplingArrays:

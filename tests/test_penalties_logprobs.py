@@ -24,7 +24,7 @@ from jpaged.sampler import (
     sample_with_logprobs,
 )
 from jpaged.sampling_params import SEED_LIMIT, SamplingParams, derive_seed
-from jpaged.step_batch import PAD_TOKEN_ID, SamplingArrays, max_num_logprobs
+from jpaged.step_batch import PAD_TOKEN_ID, SamplingArrays
 
 VOCAB = 97
 EOS = 5
@@ -405,15 +405,12 @@ def test_prompt_logprobs_bfloat16_logits():
                                atol=1e-5)
 
 
-def test_derive_seed_and_max_num_logprobs():
+def test_derive_seed():
     assert derive_seed(77, 0) == 77
     children = [derive_seed(77, i) for i in range(1, 50)]
     assert len(set(children)) == 49 and all(0 <= s < SEED_LIMIT for s in children)
     assert children == [derive_seed(77, i) for i in range(1, 50)]
     assert derive_seed(78, 1) != derive_seed(77, 1)
-    assert max_num_logprobs([SamplingParams(), SamplingParams()]) is None
-    assert max_num_logprobs([SamplingParams(logprobs=0), SamplingParams()]) == 0
-    assert max_num_logprobs([SamplingParams(logprobs=3), SamplingParams(logprobs=7)]) == 7
 
 
 # ---- prompt logprobs inside the scheduled prefill, end to end --------------------------------
