@@ -1,4 +1,4 @@
-"""Where one engine step's time goes on CPU, per step kind, and the clues of issue 13.
+"""Where one engine step's time goes on CPU, per step kind, with the matmul, attention and sampler comparisons beside it.
 
 On the default model (`LLM()`: SmolLM2-135M-Instruct, float32), each step kind runs warmed up
 (its shape compiled by untimed steps first; the script checks that the timed steps compile
