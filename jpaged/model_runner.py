@@ -24,15 +24,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jpaged.cache_dir import cache_dir
 from jpaged.config import CacheConfig, EngineConfig, ModelConfig
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
-from jpaged.loader.weights import load_params, replicate_kv_heads
+from jpaged.loader.weights import load_params, replicate_kv_heads, zeros_at
 from jpaged.models.llama import LlamaForCausalLM
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.expert_parallel import expert_parallel_moe
 from jpaged.parallel.layout import kv_heads_per_model
 from jpaged.parallel.partition import KV_CACHE_SPEC, param_spec, shard_attention_layer
 from jpaged.parallel.pipeline import pipeline
+from jpaged.program_cache import ProgramCache
 from jpaged.sampler import PromptLogprobs, SamplerOutput, prompt_logprobs, sample, sample_with_logprobs
 from jpaged.sampling_params import MAX_LOGPROBS
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
@@ -78,21 +80,24 @@ class ModelRunner:
         abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, **self._layouts(config)))
         self.graphdef, state = nnx.split(abstract)
 
-        def zeros_param(path, shape, param_dtype):
-            return self._zeros(shape, param_dtype, param_spec(path, shape, self.mesh) if self.mesh else None)
+        def sharding(path, shape):
+            return NamedSharding(mesh, param_spec(path, shape, mesh)) if mesh is not None else None
 
-        nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, zeros_param))
+        nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, sharding))
         self.state = state
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
         shape = (model_config.num_layers, self.num_blocks, self.block_size,
                  model_config.num_kv_heads, model_config.head_dim)
-        self.kv_cache = (self._zeros(shape, dtype, KV_CACHE_SPEC), self._zeros(shape, dtype, KV_CACHE_SPEC))
+        where = NamedSharding(mesh, KV_CACHE_SPEC) if mesh is not None else None
+        self.kv_cache = (zeros_at(shape, dtype, where), zeros_at(shape, dtype, where))
         swaps = config.scheduler.preemption_mode == "swap"
         self.num_host_blocks = int(cache_config.swap_space_gib * 2**30 // self.block_bytes) if swaps else 0
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
-        self.num_compilations = 0
         self._placeholders: dict[tuple, jax.Array] = {}
-        self._step = jax.jit(self._step_fn, donate_argnums=1)
+        self._decodes_prefetched: set[int] = set()
+        programs = cache_dir() / "programs" if config.compilation_cache else None
+        self._step = ProgramCache(self._step_fn, donate_argnums=(1,), num_fixed=2,
+                                  context=self._program_context(config), directory=programs)
 
     def _layouts(self, config: EngineConfig) -> dict:
         """The model's attention, MoE, layer runner and stage count for this backend and device layout."""
@@ -106,12 +111,6 @@ class ModelRunner:
         if parallel.pipeline_parallel_size > 1:
             layouts.update(run_layers=pipeline(mesh), pipeline_stages=parallel.pipeline_parallel_size)
         return layouts
-
-    def _zeros(self, shape: tuple[int, ...], dtype, spec: PartitionSpec | None) -> jax.Array:
-        """Zeros made where they live: in their shards on a device mesh."""
-        if self.mesh is None:
-            return jnp.zeros(shape, dtype)
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=NamedSharding(self.mesh, spec))()
 
     @property
     def block_bytes(self) -> int:
@@ -134,18 +133,24 @@ class ModelRunner:
                              f"{block_bytes / 2**20:.2f} MiB")
         return num_blocks
 
+    def _program_context(self, config: EngineConfig) -> str:
+        """Every setting the step program is made from beyond its arguments' shapes."""
+        mesh = None if self.mesh is None else (self.mesh.axis_names, self.mesh.devices.shape,
+                                                 [d.id for d in self.mesh.devices.flat])
+        return repr((self.model_config, self.dtype, config.attention_backend, config.attention_interpret,
+                     self.parallel, self.block_size, self.shapes, mesh))
+
+    @property
+    def num_compilations(self) -> int:
+        """Step programs made ready so far (compiled, or loaded from the cache directory)."""
+        return self._step.num_programs
+
     def _model(self, state):
         return nnx.merge(self.graphdef, state)
-
-    def _count_compilation(self, batch: StepBatch) -> None:
-        self.num_compilations += 1
-        logger.info("new step program #%d (compiled, or loaded from the compilation cache): tokens=%s rows=%s",
-                    self.num_compilations, batch.token_ids.shape, batch.attention.block_tables.shape[:-1])
 
     def _step_fn(self, state, kv_cache, batch: StepBatch, sampling: SamplingArrays):
         """((SamplerOutput, PromptLogprobs), kv_cache). Logprobs are computed only when some row
         wants them, and prompt logprobs only when the batch has prompt rows (zeros otherwise)."""
-        self._count_compilation(batch)
         with matmul_precision(self.dtype):
             model = self._model(state)
             hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
@@ -192,10 +197,14 @@ class ModelRunner:
         return sorted({(m, count) for m in cuts for count in counts} | {(m, 1) for m in range(1, cuts[-1])})
 
     def warm_up(self, progress=None) -> None:
-        """Compile (or load from the compilation cache) every step program and block move, running
-        each once on padding that writes nothing. `progress(n)` is called after each program."""
-        for micro_batches, num_tokens in self.programs():
-            self._run(*self._padding_step(micro_batches, num_tokens))
+        """Compile (or load from the cache directory) every step program and block move, two at
+        a time, running each once on padding that writes nothing. `progress(n)` is called after
+        each program."""
+        steps = [self._padding_step(*program) for program in self.programs()]
+        for step in steps:
+            self._step.prefetch(*self._step_args(*step))
+        for step in steps:
+            self._run(*step)
             if progress:
                 progress(1)
         empty = [(self.num_blocks, self.num_blocks)]  # a pair past the cache's end: moves nothing
@@ -228,6 +237,8 @@ class ModelRunner:
         `eos_token_ids` are blocked for rows still under their `min_tokens`."""
         step = prepare_step(scheduled, self.block_size, self.shapes, self.parallel, eos_token_ids,
                             self.model_config.vocab_size)
+        if any(s.num_new_tokens > 1 for s in scheduled):
+            self._prefetch_decode(len(scheduled))
         sampled, prompt = self._run(step.batch, step.sampling)
         fields = sampled if step.wants_logprobs else sampled[:1]
         sampled = SamplerOutput(*(np.asarray(field)[step.rows] for field in fields))
@@ -236,8 +247,21 @@ class ModelRunner:
         prompt = PromptLogprobs(*(np.asarray(field)[: len(step.prompt_rows.owner)] for field in prompt))
         return StepOutput(sampled, step.prompt_rows, prompt)
 
+    def _prefetch_decode(self, num_rows: int) -> None:
+        """Start making ready, in the background, the decode step of `num_rows` sequences that
+        usually follows a step computing prompts."""
+        num_tokens = self.shapes.num_tokens(min(num_rows, self.shapes.max_num_seqs))
+        if self.parallel.pipeline_parallel_size == 1 and num_tokens not in self._decodes_prefetched:
+            self._decodes_prefetched.add(num_tokens)
+            self._step.prefetch(*self._step_args(*self._padding_step(1, num_tokens)))
+
     def _run(self, batch: StepBatch, sampling: SamplingArrays) -> tuple[SamplerOutput, PromptLogprobs]:
-        """The step on the host-built arrays, arrays no row needed standing in as placeholders."""
+        (sampled, prompt), self.kv_cache = self._step(*self._step_args(batch, sampling))
+        return sampled, prompt
+
+    def _step_args(self, batch: StepBatch, sampling: SamplingArrays) -> tuple:
+        """The step's arguments from the host-built arrays, on the devices; arrays no row needed
+        stand in as placeholders."""
         num_rows, num_tokens = len(batch.logits_indices), batch.token_ids.size
         batch = dataclasses.replace(
             batch,
@@ -250,8 +274,7 @@ class ModelRunner:
             output_counts=self._or_placeholder(sampling.output_counts, penalties, np.int32, 0),
             bias_ids=self._or_placeholder(sampling.bias_ids, bias, np.int32, PAD_TOKEN_ID),
             bias_values=self._or_placeholder(sampling.bias_values, bias, np.float32, 0.0))
-        (sampled, prompt), self.kv_cache = self._step(self.state, self.kv_cache, self._put(batch), self._put(sampling))
-        return sampled, prompt
+        return self.state, self.kv_cache, self._put(batch), self._put(sampling)
 
     def _put(self, tree):
         """Host arrays onto the devices, replicated over the mesh (placeholders are already there)."""

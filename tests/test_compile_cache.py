@@ -1,6 +1,7 @@
-"""jax's persistent compilation cache in jpaged's cache directory: a second process compiles
-nothing the first one compiled, and gives the same tokens (on whatever device jax finds: the GPU
-check runs this file on the GPU image's jax too)."""
+"""Compiled programs kept in jpaged's cache directory: a second process loads the step programs
+the first one compiled without tracing them (`program_cache.py`), compiles nothing (jax's
+persistent cache serves the small programs), and gives the same tokens (on whatever device jax
+finds: the GPU check runs this file on the GPU image's jax too)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,16 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
 RUN = """
 import json, sys
+from jax import monitoring
+traced = []
+monitoring.register_event_duration_secs_listener(
+    lambda event, duration, fun_name=None, **_: traced.append(fun_name) if event.endswith("jaxpr_trace_duration") else None)
 from jpaged import LLM, SamplingParams, compile_cache
 llm = LLM(sys.argv[1], num_blocks=16, max_num_seqs=2, compilation_cache=sys.argv[2] == "on")
 outs = llm.generate([{"prompt_token_ids": [5, 6, 7, 8, 9]}, {"prompt_token_ids": [9, 3]}],
                     SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
 print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outs], "counts": compile_cache.counts(),
-                  "programs": llm.engine.stats().num_compilations}))
+                  "programs": llm.engine.stats().num_compilations, "traced": traced}))
 """
 
 
@@ -36,20 +41,30 @@ def run(folder: Path, cache: Path, setting: str = "on") -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_second_process_compiles_nothing_again(tiny_llama_folder, tmp_path):
+def test_second_process_traces_and_compiles_nothing_again(tiny_llama_folder, tmp_path):
     first = run(tiny_llama_folder, tmp_path)
     second = run(tiny_llama_folder, tmp_path)
     assert first["counts"]["misses"] >= first["programs"] > 0
+    assert first["traced"].count("_step_fn") == first["programs"]
     assert second["counts"]["misses"] == 0
-    assert second["counts"]["hits"] >= first["counts"]["misses"]  # a program the first run compiled twice hits twice
+    assert second["counts"]["hits"] > 0
+    assert "_step_fn" not in second["traced"]
+    assert second["programs"] == first["programs"]
     assert second["tokens"] == first["tokens"]
     assert any((tmp_path / "xla").iterdir())
+    assert len(list((tmp_path / "programs").iterdir())) == first["programs"]
+
+    for file in (tmp_path / "programs").iterdir():  # damaged files are compiled afresh
+        file.write_bytes(b"not a program")
+    third = run(tiny_llama_folder, tmp_path)
+    assert third["traced"].count("_step_fn") == first["programs"]
+    assert third["tokens"] == first["tokens"]
 
 
 def test_the_cache_can_be_turned_off(tiny_llama_folder, tmp_path):
     off = run(tiny_llama_folder, tmp_path, setting="off")
     assert off["counts"] == {"hits": 0, "misses": 0}
-    assert not (tmp_path / "xla").exists()
+    assert not (tmp_path / "xla").exists() and not (tmp_path / "programs").exists()
 
 
 def test_an_unwritable_cache_folder_is_logged_once_and_not_used(tmp_path, caplog):

@@ -110,11 +110,13 @@ def replicate_kv_heads(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConf
 
 
 def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str, np.ndarray]],
-                zeros=lambda path, shape, dtype: jnp.zeros(shape, dtype)):
+                sharding=lambda path, shape: None):
     """Fill the (abstract) `model`'s parameters from `weights`; returns the loaded nnx state.
 
-    `zeros(path, shape, dtype)` allocates a parameter where it lives (sharded under tensor
-    parallelism); each tensor is written into it as it arrives, so the host holds one at a time.
+    `sharding(path, shape)` says where a parameter lives (a `jax.sharding.Sharding`, or None for
+    the default device). A tensor that is a whole parameter goes straight there; one that is a
+    pipeline stage's layer or an expert is written into its parameter, allocated as zeros where
+    it lives. Tensors are placed as they arrive, so the host holds one at a time.
     """
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     layers_per_stage = len(state["layers"])
@@ -135,15 +137,24 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
         expected = tuple(spec.shape[len(index):])
         if value.shape != expected:
             raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected {expected} (after layout)")
-        if path not in params:
-            params[path] = zeros(path, spec.shape, spec.dtype)
         value = np.ascontiguousarray(value, dtype=spec.dtype)
-        params[path] = _write_at(params[path], index, value)
+        where_it_lives = sharding(path, spec.shape)
+        if not index:
+            params[path] = jax.device_put(value, where_it_lives)
+        else:
+            if path not in params:
+                params[path] = zeros_at(spec.shape, spec.dtype, where_it_lives)
+            params[path] = _write_at(params[path], index, value)
         filled.setdefault(param, set()).add(where)
     _check_complete(state, filled, cfg)
     for path, param in params.items():
         _assign(state, path, param)
     return state
+
+
+def zeros_at(shape: tuple[int, ...], dtype, sharding) -> jax.Array:
+    """Zeros made where they live (in their shards on a device mesh; None: the default device)."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
 
 
 @partial(jax.jit, donate_argnums=0)

@@ -1,0 +1,173 @@
+"""Compiled step programs kept on disk under what they are made from, so a later process neither
+traces nor compiles them.
+
+jax's persistent compilation cache (`compile_cache.py`) finds a program by its lowered text, so
+each process still traces and lowers every step program before it can look one up (seconds for
+the step programs of a 30-layer model on a small CPU). `ProgramCache` finds a compiled step by a
+key made before any tracing, from everything the program depends on: the source of jpaged's own
+packages, the jax and jaxlib versions, the backend and its devices, a description of the
+program's settings given by the caller, and the arguments' shapes, dtypes and shardings. A hit
+loads the executable (`jax.experimental.serialize_executable`); a miss traces and compiles the
+function (through jax's persistent cache) and stores the result. `prefetch` makes a program
+ready in a background thread (XLA compiles and loads with the GIL released), so a program the
+engine will need next compiles while the current one runs. Files live in
+`<cache dir>/programs`; the least recently used go beyond `MAX_BYTES`. Anything unreadable is
+compiled afresh and overwritten.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import pickle
+import tempfile
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import jax
+import jaxlib
+from jax.experimental import serialize_executable
+
+logger = logging.getLogger("jpaged")
+
+MAX_BYTES = 512 * 2**20
+_PACKAGES = ("jpaged", "pallas_kernels", "sharding")
+
+
+class ProgramCache:
+    """`jax.jit(fn, donate_argnums)` whose compiled programs are also kept in `directory` (None:
+    in this process only). The first `num_fixed` arguments must keep their shapes, dtypes and
+    shardings for the cache's lifetime (parameters, KV cache): they are described once. `context`
+    describes whatever else shapes the program (configurations), as text.
+
+    `num_programs` counts the programs this process has made ready (compiled or loaded)."""
+
+    def __init__(self, fn: Callable, donate_argnums: tuple[int, ...], num_fixed: int, context: str,
+                 directory: pathlib.Path | None):
+        self._jit = jax.jit(fn, donate_argnums=donate_argnums)
+        self._name = getattr(fn, "__name__", "program")
+        self._num_fixed = num_fixed
+        self._context = context
+        self._directory = directory
+        self._ready: dict[tuple, Callable] = {}
+        self._pending: dict[tuple, Future] = {}
+        self._lock = threading.Lock()
+        self._background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jpaged-programs")
+        self._fixed: tuple | None = None  # the fixed arguments' abstract values
+        self._fixed_key: str | None = None  # and their description
+        self.num_programs = 0
+
+    def __call__(self, *args):
+        signature = self._signature(args)
+        program = self._ready.get(signature)
+        if program is None:
+            program = self._ready[signature] = self._future(args, signature).result()
+        return program(*args)
+
+    def prefetch(self, *args) -> None:
+        """Start making the program for `args` (arrays or `jax.ShapeDtypeStruct`s) ready in the
+        background; returns at once."""
+        self._future(args, self._signature(args), self._background.submit)
+
+    def _signature(self, args: tuple) -> tuple:
+        leaves, tree = jax.tree.flatten(args[self._num_fixed:])
+        return (tree, *((x.shape, x.dtype) for x in leaves))
+
+    def _future(self, args: tuple, signature: tuple, submit=None) -> Future:
+        """The program for `args`, made ready through `submit` (default: here and now) unless it
+        is already on its way."""
+        with self._lock:
+            future = self._pending.get(signature)
+            if future is not None:
+                return future
+            future = self._pending[signature] = Future()
+            if self._fixed is None:
+                self._fixed = jax.tree.map(_abstract, args[: self._num_fixed])
+            abstract = (*self._fixed, *jax.tree.map(_abstract, args[self._num_fixed:]))
+            self.num_programs += 1
+            number = self.num_programs
+
+        def make_ready():
+            try:
+                future.set_result(self._load_or_compile(abstract, number))
+            except BaseException as error:
+                with self._lock:
+                    del self._pending[signature]
+                    self.num_programs -= 1
+                future.set_exception(error)
+
+        (submit or (lambda fn: fn()))(make_ready)
+        return future
+
+    def _load_or_compile(self, args: tuple, number: int) -> Callable:
+        path = self._path(args) if self._directory is not None else None
+        if path is not None and path.exists():
+            try:
+                program = serialize_executable.deserialize_and_load(*pickle.loads(path.read_bytes()))
+                os.utime(path)
+                logger.info("step program #%d loaded from %s", number, path)
+                return program
+            except Exception as error:  # a file from an interrupted write or another jaxlib build
+                logger.warning("compiling afresh: %s could not be loaded (%s)", path, error)
+        program = self._jit.lower(*args).compile()
+        logger.info("step program #%d compiled", number)
+        if path is not None:
+            _store(path, program)
+        return program
+
+    def _path(self, args: tuple) -> pathlib.Path:
+        if self._fixed_key is None:
+            self._fixed_key = _describe(args[: self._num_fixed])
+        text = "\n".join([_environment(), self._context, self._fixed_key, _describe(args[self._num_fixed:])])
+        return self._directory / f"{self._name}-{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def _abstract(x) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def _describe(tree) -> str:
+    """The abstract value of every leaf of `tree` (shape, dtype, sharding) and its structure."""
+    leaves, treedef = jax.tree.flatten(tree)
+    avals = [(x.shape, str(x.dtype), str(getattr(x, "sharding", None))) for x in leaves]
+    return f"{treedef}\n{avals}"
+
+
+@functools.cache
+def _environment() -> str:
+    """What every program depends on beyond its arguments: jpaged's source, jax, the devices."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    source = hashlib.sha256()
+    for package in _PACKAGES:
+        for file in sorted((root / package).rglob("*.py")):
+            source.update(file.relative_to(root).as_posix().encode() + file.read_bytes())
+    devices = [(d.id, d.platform, d.device_kind) for d in jax.devices()]
+    backend = jax.extend.backend.get_backend()
+    return "\n".join(map(str, [source.hexdigest(), jax.__version__, jaxlib.__version__, backend.platform_version,
+                               devices, os.environ.get("XLA_FLAGS", ""), jax.config.jax_enable_x64]))
+
+
+def _store(path: pathlib.Path, program) -> None:
+    """Write `program` to `path` atomically, then trim the directory to `MAX_BYTES`."""
+    try:
+        payload = pickle.dumps(serialize_executable.serialize(program))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as file:
+            file.write(payload)
+        os.replace(file.name, path)
+        _trim(path.parent)
+    except Exception as error:  # a full disk or a program jax cannot serialize: keep serving
+        logger.warning("step program not kept in %s (%s)", path.parent, error)
+
+
+def _trim(directory: pathlib.Path) -> None:
+    files = sorted(directory.iterdir(), key=lambda f: f.stat().st_mtime, reverse=True)
+    total = 0
+    for file in files:
+        total += file.stat().st_size
+        if total > MAX_BYTES:
+            file.unlink(missing_ok=True)
