@@ -16,7 +16,9 @@ The rule: every `text` shown before the sequence finishes is a prefix of its fin
 `text` holds back, until the sequence finishes:
 
 - an incomplete UTF-8 character: a window whose new text ends in U+FFFD (a byte-fallback or
-  byte-level token holding part of a character) is not taken in until a later token completes it;
+  byte-level token holding part of a character) is not taken in until a later token completes it.
+  A run of byte-fallback tokens (`<0xNN>`, SentencePiece) is held until a token that is not one
+  ends it: the tokenizer decodes such a run as a whole, and a stray byte makes all of it U+FFFD;
 - with stop strings and `include_stop_str_in_output` False, the longest tail of the text that is
   a proper prefix of a stop string (at most len(longest stop) - 1 characters): it is cut away if
   the next tokens complete that stop string. vLLM holds back a fixed len(longest stop) - 1
@@ -45,12 +47,23 @@ tokens (vLLM drops such a trailing fragment; the stop strings are searched in wh
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
 from jpaged.sampling_params import SamplingParams
 
 PROMPT_CONTEXT = 5  # prompt tokens decoded ahead of the output: they keep its first word-boundary space
 REPLACEMENT = "\ufffd"  # what a decode shows for an incomplete (or invalid) UTF-8 byte sequence
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a SentencePiece byte-fallback token
+
+
+@functools.lru_cache(maxsize=8)
+def run_continuing_ids(tokenizer: Any, skip_special_tokens: bool) -> frozenset[int]:
+    """Ids after which a run of byte-fallback tokens may still go on: the byte tokens, and the
+    special tokens when they are skipped (the decoder never sees them)."""
+    ids = {i for token, i in tokenizer.get_vocab().items() if BYTE_TOKEN.fullmatch(token)}
+    return frozenset(ids | set(tokenizer.all_special_ids) if skip_special_tokens else ids)
 
 
 class IncrementalDetokenizer:
@@ -67,6 +80,7 @@ class IncrementalDetokenizer:
         (its last `PROMPT_CONTEXT` tokens start the decode window); `params`: the stop fields."""
         self._tokenizer = tokenizer
         self._skip_special_tokens = params.skip_special_tokens
+        self._run_continuing = run_continuing_ids(tokenizer, params.skip_special_tokens)
         self._stops = list(params.stop)
         self._include_stop = params.include_stop_str_in_output
         self._min_tokens = params.min_tokens
@@ -100,6 +114,8 @@ class IncrementalDetokenizer:
         self.num_tokens += 1
         self.last_token = token_id
         self._ids.append(token_id)
+        if token_id in self._run_continuing:
+            return None
         new_text = self._window_text()
         if not new_text or new_text.endswith(REPLACEMENT):
             return None
