@@ -101,10 +101,10 @@ class IncrementalDetokenizer:
             return self._text
         return self._text[: len(self._text) - self._stop_prefix_length()]
 
-    def follows(self, token_ids: list[int]) -> bool:
-        """Whether it has taken in exactly `token_ids` (checked by count and last id: beam search
-        rewrites only a sequence's newest token)."""
-        return self.num_tokens == len(token_ids) and (not token_ids or token_ids[-1] == self.last_token)
+    def follows(self, token_ids: list[int], num_tokens: int) -> bool:
+        """Whether it has taken in exactly `token_ids[:num_tokens]` (checked by count and last id:
+        beam search rewrites only a sequence's newest token)."""
+        return self.num_tokens == num_tokens and (num_tokens == 0 or token_ids[num_tokens - 1] == self.last_token)
 
     def add(self, token_id: int) -> str | None:
         """Take in a generated token (not a stop token); return the stop string its text completed

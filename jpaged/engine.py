@@ -2,9 +2,10 @@
 
 `LLMEngine` owns the scheduler (and through it the block manager) and the model runner.
 `step()` schedules, moves blocks (swaps, copy-on-write), runs the model, appends the sampled
-tokens, forks the extra samples of a request once its prompt is computed, applies stop
-conditions and frees what finished. It implements `EngineClient` (`jpaged/engine_client.py`), the
-interface `LLM`, beam search and a server use.
+tokens, forks the extra samples of a request once its prompt is computed, turns each sequence's
+new token into text (`jpaged/detokenizer.py`), applies stop conditions and frees what finished.
+It implements `EngineClient` (`jpaged/engine_client.py`), the interface `LLM`, beam search and a
+server use.
 """
 
 from __future__ import annotations
@@ -294,11 +295,11 @@ class LLMEngine:
     def _detokenizer(self, seq: Sequence, num_tokens: int) -> IncrementalDetokenizer:
         """`seq`'s detokenizer, having taken in its first `num_tokens` output tokens: made (and fed
         them) when `seq` has none yet (a fork) or its tokens were rewritten (beam search)."""
-        detokenizer, done = seq.detokenizer, seq.output_token_ids[:num_tokens]
-        if detokenizer is None or not detokenizer.follows(done):
+        detokenizer, tokens = seq.detokenizer, seq.output_token_ids
+        if detokenizer is None or not detokenizer.follows(tokens, num_tokens):
             detokenizer = seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
                                                                    seq.sampling_params)
-            for token in done:
+            for token in tokens[:num_tokens]:
                 if detokenizer.add(token) is not None:
                     break
         return detokenizer

@@ -239,3 +239,14 @@ def test_engine_streams_prefixes_of_the_final_text(llm, stories_tokenizer):
         tokens = completion.token_ids
         if request_id not in ("eos", "min"):  # the oracle knows neither EOS nor min_tokens
             assert completion.text == oracle(stories_tokenizer, prompt, tokens, requests[request_id][1])
+
+
+def test_abort_releases_the_held_text(llm):
+    engine = llm.engine
+    engine.add_request("abort", DOG, SamplingParams(temperature=0.0, max_tokens=40, stop=["toys"]))
+    seq, shown = engine.get_sequence("abort"), []
+    while len(seq.output_token_ids) < 14:  # "... with his" and " to", which may begin "toys"
+        shown += [output.outputs[0].text for output in engine.step()]
+    engine.abort_request("abort")
+    assert shown[-1] == " Max. Max loved to play with his "
+    assert (engine.text(seq), seq.finish_reason) == (" Max. Max loved to play with his to", "abort")
