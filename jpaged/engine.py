@@ -2,9 +2,10 @@
 
 `LLMEngine` owns the scheduler (and through it the block manager) and the model runner.
 `step()` schedules, moves blocks (swaps, copy-on-write), runs the model, appends the sampled
-tokens, forks the extra samples of a request once its prompt is computed, applies stop
-conditions and frees what finished. It implements `EngineClient` (`jpaged/engine_client.py`), the
-interface `LLM`, beam search and a server use.
+tokens, forks the extra samples of a request once its prompt is computed, turns each sequence's
+new token into text (`jpaged/detokenizer.py`), applies stop conditions and frees what finished.
+It implements `EngineClient` (`jpaged/engine_client.py`), the interface `LLM`, beam search and a
+server use.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from jpaged import compile_cache
 from jpaged.block_manager import BlockManager
 from jpaged.config import EngineConfig, ModelConfig
+from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine_client import EngineStats, PromptType
 from jpaged.loader.source import open_model
 from jpaged.model_runner import ModelRunner, StepOutput
@@ -148,6 +150,7 @@ class LLMEngine:
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish("abort")
+                self._finish_text(seq)
                 self.scheduler.finish(seq)
 
     def has_unfinished_requests(self) -> bool:
@@ -174,6 +177,7 @@ class LLMEngine:
     def free_sequence(self, seq: Sequence) -> None:
         if not seq.is_finished:
             seq.finish("abort")
+            self._finish_text(seq)
         self.scheduler.finish(seq)
 
     def stats(self) -> EngineStats:
@@ -272,39 +276,41 @@ class LLMEngine:
             self.scheduler.add_running(child)
 
     def _check_stop(self, seq: Sequence) -> None:
-        params, token = seq.sampling_params, seq.output_token_ids[-1]
-        if not params.ignore_eos and token in self.eos_token_ids:
+        """Take the newest token into the text and end `seq` on EOS, a stop token, a stop string
+        (its text then cut) or max_tokens."""
+        params, tokens = seq.sampling_params, seq.output_token_ids
+        token, detokenizer = tokens[-1], self._detokenizer(seq, len(tokens) - 1)
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            detokenizer.finish(stop_token=token)
             seq.finish("stop", token if token in params.stop_token_ids else None)
-        elif token in params.stop_token_ids:
-            seq.finish("stop", token)
-        elif params.stop and self._cut_at_stop_string(seq):
-            return
-        elif len(seq.output_token_ids) >= params.max_tokens:
-            seq.finish("length")
-
-    def _cut_at_stop_string(self, seq: Sequence) -> bool:
-        params = seq.sampling_params
-        text = self.decode(seq)
-        for stop in params.stop:
-            at = text.find(stop)
-            if at >= 0:
-                seq.output_text = text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
+        elif (stop := detokenizer.add(token)) is not None:
+            seq.finish("stop", stop)
+        elif len(tokens) >= params.max_tokens:
+            stop = detokenizer.finish()
+            if stop is None:
+                seq.finish("length")
+            else:
                 seq.finish("stop", stop)
-                return True
-        return False
 
-    def decode(self, seq: Sequence) -> str:
-        if seq.output_text is not None:
-            return seq.output_text
-        # Decoding after a few prompt tokens keeps word-boundary spaces that a tokenizer drops at
-        # the start of a text (SentencePiece's leading "▁").
-        skip = seq.sampling_params.skip_special_tokens
-        context = seq.prompt_token_ids[-4:]
-        prefix = self.tokenizer.decode(context, skip_special_tokens=skip)
-        full = self.tokenizer.decode(context + seq.output_token_ids, skip_special_tokens=skip)
-        if full.startswith(prefix):
-            return full[len(prefix):]
-        return self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=skip)
+    def _detokenizer(self, seq: Sequence, num_tokens: int) -> IncrementalDetokenizer:
+        """`seq`'s detokenizer, having taken in its first `num_tokens` output tokens: made (and fed
+        them) when `seq` has none yet (a fork) or its tokens were rewritten (beam search)."""
+        detokenizer, tokens = seq.detokenizer, seq.output_token_ids
+        if detokenizer is None or not detokenizer.follows(tokens, num_tokens):
+            detokenizer = seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
+                                                                   seq.sampling_params)
+            for token in tokens[:num_tokens]:
+                if detokenizer.add(token) is not None:
+                    break
+        return detokenizer
+
+    def _finish_text(self, seq: Sequence) -> None:
+        """Release the held-back text of `seq`, which ended outside a step (abort)."""
+        self._detokenizer(seq, len(seq.output_token_ids)).finish()
+
+    def text(self, seq: Sequence) -> str:
+        """`seq`'s output text as it may be shown now: every earlier one is a prefix of it."""
+        return self._detokenizer(seq, len(seq.output_token_ids)).text
 
     def request_output(self, request: Request) -> RequestOutput:
         seqs = request.seqs
@@ -312,7 +318,7 @@ class LLMEngine:
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: request.params.n]
         wants_logprobs = request.params.logprobs is not None
         completions = [
-            CompletionOutput(i, self.decode(seq), list(seq.output_token_ids), seq.finish_reason, seq.stop_reason,
+            CompletionOutput(i, self.text(seq), list(seq.output_token_ids), seq.finish_reason, seq.stop_reason,
                              seq.cumulative_logprob, list(seq.output_logprobs) if wants_logprobs else None)
             for i, seq in enumerate(seqs)
         ]

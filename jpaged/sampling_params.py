@@ -125,7 +125,8 @@ class SamplingParams:
         stop_token_ids: token ids that end generation (besides EOS); normalised to a list.
         ignore_eos: keep generating past the EOS token.
         skip_special_tokens: leave special tokens out of the detokenized text.
-        include_stop_str_in_output: keep the matched stop string in the output text.
+        include_stop_str_in_output: keep the matched stop string, or the text of the stop token
+            or EOS that ended the sequence, in the output text (see ``jpaged.detokenizer``).
         n: number of output sequences returned for the request, >= 1.
         best_of: number of sequences generated, of which the ``n`` with the highest cumulative
             logprob are returned; >= n. None means ``n`` (normalised to it). Greedy decoding

@@ -10,8 +10,12 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from jpaged.sampling_params import SamplingParams, derive_seed
+
+if TYPE_CHECKING:
+    from jpaged.detokenizer import IncrementalDetokenizer
 
 _arrival_counter = itertools.count()
 
@@ -59,7 +63,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None
-        self.output_text: str | None = None  # set when a stop string cut the text
+        self.detokenizer: IncrementalDetokenizer | None = None  # its output text, built by the engine
         self.on_hold = False  # not to be scheduled until released (beam search rounds)
 
     @property

@@ -19,11 +19,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("jpaged", "pallas_kernels", "sharding")
 
-# The host side of the engine: scheduling, block bookkeeping, requests and their parameters, and
+# The host side of the engine: scheduling, block bookkeeping, requests and their parameters, detokenizing, and
 # the packages' own __init__ files. None of these may pull in jax.
 HOST_MODULES = {
     "jpaged", "jpaged.__main__", "jpaged.cli", "jpaged.config", "jpaged.sampling_params", "jpaged.sequence",
     "jpaged.block_manager", "jpaged.scheduler", "jpaged.outputs", "jpaged.beam_search", "jpaged.engine_client",
+    "jpaged.detokenizer",
     "jpaged.loader", "jpaged.loader.default_model", "jpaged.models", "jpaged.parallel", "jpaged.padding",
     "pallas_kernels", "sharding",
 }
