@@ -41,7 +41,8 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     tokenizer = state.engine.tokenizer
     prompt = chat_prompt(tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message)
     asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-    max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len, "max_completion_tokens")
+    max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len, "max_completion_tokens",
+                                    prompt_param="messages")
     params = chat_params(request, max_tokens)
     request_id = random_id("chatcmpl")
     group = await submit(state, request_id, [prompt], [params])

@@ -20,15 +20,17 @@ def check_model(requested: str | None, served: str) -> None:
                           param="model", code="model_not_found")
 
 
-def resolve_max_tokens(asked: int | None, prompt_len: int, max_model_len: int, param: str) -> int:
+def resolve_max_tokens(asked: int | None, prompt_len: int, max_model_len: int, param: str,
+                       prompt_param: str = "prompt") -> int:
     """The output budget: `asked`, or all the context the prompt leaves when None.
 
     Raises:
-        APIError: 400 when the prompt fills the context or prompt + `asked` exceeds `max_model_len`.
+        APIError: 400 when the prompt fills the context (naming `prompt_param`) or prompt +
+            `asked` exceeds `max_model_len` (naming `param`, the request's max-tokens field).
     """
     if prompt_len >= max_model_len:
         raise bad_request(f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
-                          f"{prompt_len} tokens: it leaves no room for output", param=param,
+                          f"{prompt_len} tokens: it leaves no room for output", param=prompt_param,
                           code="context_length_exceeded")
     if asked is None:
         return max_model_len - prompt_len
