@@ -14,9 +14,9 @@ import socket
 import threading
 import time
 
-import httpx
 import pytest
 
+httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 

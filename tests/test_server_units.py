@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from jpaged.cli import _parser
 from jpaged.engine_client import EngineStats
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import SamplingParams
@@ -160,3 +161,9 @@ def test_input_checks_are_400s_naming_the_field():
     with pytest.raises(APIError):
         completion_prompts([], SimpleNamespace(encode=lambda text: [1]))
     assert [p.token_ids for p in completion_prompts([[3, 4], [5]], None)] == [[3, 4], [5]]
+
+
+def test_serve_command_defaults_to_loopback():
+    args = _parser().parse_args(["serve", "--model", "m", "--api-key", "k"])
+    assert (args.command, args.host, args.port, args.api_key, args.max_queued_requests) == ("serve", "127.0.0.1",
+                                                                                            8000, "k", 256)
