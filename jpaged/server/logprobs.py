@@ -3,12 +3,14 @@
 The engine reports, per generated token, a dict holding the sampled token's logprob first and the
 top alternatives after it (`CompletionOutput.logprobs`). Completions answer OpenAI's legacy shape
 (`tokens`, `token_logprobs`, `top_logprobs` as dicts, `text_offset`); chat answers a list of
-`{token, logprob, bytes, top_logprobs}`. Token strings are each id decoded alone. Logprobs that
-are not finite (a token masked out) are sent as -9999.0, since JSON has no -inf.
+`{token, logprob, bytes, top_logprobs}`. A token's string is its text as it reads inside a text
+(" Paris", with the word-boundary space that a tokenizer drops from a text's first token).
+Logprobs that are not finite (a token masked out) are sent as -9999.0, since JSON has no -inf.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -21,8 +23,13 @@ def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else FLOOR
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def token_text(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode([token_id])
+    """`token_id`'s text after another token: decoding it twice and dropping the first copy keeps
+    the leading space that decoding it alone would strip (SentencePiece's "▁")."""
+    alone = tokenizer.decode([token_id])
+    twice = tokenizer.decode([token_id, token_id])
+    return twice[len(alone):] if twice.startswith(alone) else alone
 
 
 def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, float] | None],
