@@ -1,4 +1,5 @@
-"""Command line: `jpaged generate [PROMPT ...]` prints the model's answers.
+"""Command line: `jpaged generate [PROMPT ...]` prints the model's answers; `jpaged serve` runs
+the OpenAI-compatible HTTP server (`jpaged/server/`) on the same engine settings.
 
 With no prompt it asks the default question; with no model it uses the built-in default model.
 Prompts go through the chat template when the tokenizer has one (turn off with `--no-chat`).
@@ -14,12 +15,48 @@ import sys
 DEFAULT_PROMPT = "What is the capital of France?"
 
 
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine settings `generate` and `serve` share (see `engine_kwargs`)."""
+    parser.add_argument("--model", default=None, help="HF model folder, HF hub id (org/name) or .gguf file (default: built-in model)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--num-blocks", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--compile-warmup", action="store_true",
+                        help="compile every step program before the first request")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="devices that split each layer")
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages the layers split into")
+    parser.add_argument("--expert-parallel-size", type=int, default=1, help="devices that split the experts")
+    parser.add_argument("--data-parallel-size", type=int, default=1, help="whole-engine replicas")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine events")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments for `LLM(model, **kwargs)` / `build_engine` from the shared engine flags."""
+    return dict(dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                max_model_len=args.max_model_len, compile_warmup=args.compile_warmup,
+                tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
+                expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size)
+
+
+def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help="require `Authorization: Bearer KEY` on /v1 routes (default: $JPAGED_API_KEY, else none)")
+    parser.add_argument("--served-model-name", default=None, help="model name the API shows (default: the model's)")
+    parser.add_argument("--max-queued-requests", type=int, default=256,
+                        help="engine requests the server holds at once (running or waiting); more get HTTP 503")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jpaged", description="PagedAttention LLM serving on JAX")
     sub = parser.add_subparsers(dest="command")
     gen = sub.add_parser("generate", help="generate answers to prompts (the default command)")
     gen.add_argument("prompts", nargs="*", help=f"prompts (default: {DEFAULT_PROMPT!r})")
-    gen.add_argument("--model", default=None, help="HF model folder, HF hub id (org/name) or .gguf file (default: built-in model)")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -27,20 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--min-p", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    gen.add_argument("--block-size", type=int, default=16)
-    gen.add_argument("--num-blocks", type=int, default=None)
-    gen.add_argument("--max-num-seqs", type=int, default=64)
-    gen.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step")
-    gen.add_argument("--max-model-len", type=int, default=None)
-    gen.add_argument("--compile-warmup", action="store_true",
-                     help="compile every step program before the first request")
-    gen.add_argument("--tensor-parallel-size", type=int, default=1, help="devices that split each layer")
-    gen.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages the layers split into")
-    gen.add_argument("--expert-parallel-size", type=int, default=1, help="devices that split the experts")
-    gen.add_argument("--data-parallel-size", type=int, default=1, help="whole-engine replicas")
     gen.add_argument("--no-chat", action="store_true", help="send prompts as raw text")
-    gen.add_argument("-v", "--verbose", action="store_true", help="log engine events")
+    _add_engine_args(gen)
+    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    _add_serve_args(serve)
+    _add_engine_args(serve)
     return parser
 
 
@@ -51,11 +79,7 @@ def generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
     )
-    llm = LLM(args.model, dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=args.max_model_len, compile_warmup=args.compile_warmup,
-              tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-              expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size)
+    llm = LLM(args.model, **engine_kwargs(args))
     prompts = args.prompts or [DEFAULT_PROMPT]
     use_chat = not args.no_chat and getattr(llm.get_tokenizer(), "chat_template", None)
     if use_chat:
@@ -71,12 +95,16 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("generate", "-h", "--help"):
+    if not argv or argv[0] not in ("generate", "serve", "-h", "--help"):
         argv = ["generate", *argv]
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("jpaged").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
+        if args.command == "serve":
+            from jpaged.server.launch import serve
+
+            return serve(args)
         return generate(args)
     except (ValueError, OSError, TypeError) as err:  # bad input, missing or unwritable files
         print(f"error: {err}", file=sys.stderr)

@@ -37,11 +37,16 @@ def engine_config(model: str | None, **kwargs) -> EngineConfig:
     return EngineConfig(model=model, **kwargs, **parts)
 
 
+def build_engine(model: str | None = None, **kwargs) -> EngineClient:
+    """The engine `LLM(model, **kwargs)` runs: an `LLMEngine`, or a `DataParallelEngine` when
+    `data_parallel_size` > 1. Keyword arguments are config fields (see `engine_config`)."""
+    config = engine_config(model, **kwargs)
+    return DataParallelEngine(config) if config.parallel.data_parallel_size > 1 else LLMEngine(config)
+
+
 class LLM:
     def __init__(self, model: str | None = None, **kwargs):
-        config = engine_config(model, **kwargs)
-        self.engine: EngineClient = (DataParallelEngine(config) if config.parallel.data_parallel_size > 1
-                                     else LLMEngine(config))
+        self.engine: EngineClient = build_engine(model, **kwargs)
         self._request_counter = itertools.count()
 
     def get_tokenizer(self):

@@ -1,0 +1,201 @@
+"""The FastAPI application: routes, the API key check, disconnect handling and error handlers.
+
+`build_app(state)` wires the routes to the handlers (`completions`, `chat`) and the small routes
+(`/v1/models`, `/health`, `/metrics`, `/tokenize`, `/detokenize`). Every error leaves as an
+OpenAI-shaped body (`errors`): `APIError`s with their status, request validation failures and
+malformed JSON as 400 (not FastAPI's 422), unknown routes with their 404/405, and anything
+unexpected as 500. When an API key is set, /v1 routes need `Authorization: Bearer <key>`.
+
+A client that goes away is noticed while its request runs: streamed responses are cancelled by
+Starlette when the connection drops; non-streamed handlers race a disconnect listener. Either way
+the request's group is closed, which aborts it in the engine and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jpaged.server.chat import create_chat_completion
+from jpaged.server.completions import create_completion
+from jpaged.server.errors import APIError, error_body, error_type_for_status, unauthorized
+from jpaged.server.metrics import CONTENT_TYPE
+from jpaged.server.params import check_model
+from jpaged.server.prompts import chat_prompt
+from jpaged.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from jpaged.server.serving import ServerState
+
+logger = logging.getLogger("jpaged.server")
+
+
+def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
+    """The server's app over `state`. With `manage_engine`, the app starts the engine loop when it
+    starts up and stops it when it shuts down; otherwise the caller does."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if manage_engine:
+            state.engine.start()
+        try:
+            yield
+        finally:
+            if manage_engine:
+                state.engine.shutdown()
+
+    app = FastAPI(title="jpaged", lifespan=lifespan)
+    app.state.server = state
+    _add_error_handlers(app)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
+    v1.add_api_route("/completions", _completions, methods=["POST"])
+    v1.add_api_route("/chat/completions", _chat_completions, methods=["POST"])
+    v1.add_api_route("/models", _models, methods=["GET"])
+    app.include_router(v1)
+    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/metrics", _metrics, methods=["GET"])
+    app.add_api_route("/tokenize", _tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", _detokenize, methods=["POST"])
+    return app
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+async def _check_api_key(request: Request) -> None:
+    key = _state(request).api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), key.encode()):
+        raise unauthorized("a valid API key is needed: send `Authorization: Bearer <key>`")
+
+
+async def _completions(body: CompletionRequest, request: Request) -> Response:
+    return await _respond(request, create_completion(body, _state(request)))
+
+
+async def _chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    return await _respond(request, create_chat_completion(body, _state(request)))
+
+
+async def _respond(request: Request, handler: Awaitable[Response | AsyncIterator[str]]) -> Response:
+    """Run a generation handler until it answers or the client disconnects (then it is cancelled,
+    which aborts its requests); wrap a stream of events as a server-sent event response."""
+    result = await _unless_disconnected(request, handler)
+    if isinstance(result, Response):
+        return result
+    return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _unless_disconnected(request: Request, handler: Awaitable[Any]) -> Any:
+    work = asyncio.ensure_future(handler)
+    watch = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if work not in done:
+        work.cancel()
+        logger.info("client went away before its response was ready: request aborted")
+        return Response(status_code=499)
+    return work.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _models(request: Request) -> ModelList:
+    state = _state(request)
+    return ModelList(data=[ModelCard(id=state.model_name, max_model_len=state.engine.max_model_len)])
+
+
+async def _health(request: Request) -> Response:
+    if not _state(request).engine.is_running:
+        return JSONResponse(error_body("the engine loop is not running", "server_error"), status_code=503)
+    return Response(status_code=200)
+
+
+async def _metrics(request: Request) -> Response:
+    state = _state(request)
+    stats = await state.engine.call(lambda engine: engine.stats())
+    return Response(state.metrics.render(stats), media_type=CONTENT_TYPE)
+
+
+async def _tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    state = _state(request)
+    check_model(body.model, state.model_name)
+    tokenizer = state.engine.tokenizer
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError("give exactly one of prompt and messages", param="prompt")
+    if body.messages is not None:
+        tokens = chat_prompt(tokenizer, body.messages, body.add_generation_prompt, body.continue_final_message,
+                             add_special_tokens=bool(body.add_special_tokens)).token_ids
+    else:
+        add_special = True if body.add_special_tokens is None else body.add_special_tokens
+        tokens = tokenizer.encode(body.prompt, add_special_tokens=add_special) if body.prompt else []
+    return TokenizeResponse(count=len(tokens), max_model_len=state.engine.max_model_len, tokens=tokens)
+
+
+async def _detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    state = _state(request)
+    check_model(body.model, state.model_name)
+    vocab = len(state.engine.tokenizer)
+    bad = [t for t in body.tokens if not 0 <= t < vocab]
+    if bad:
+        raise APIError(f"tokens {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+    return DetokenizeResponse(prompt=state.engine.tokenizer.decode(body.tokens))
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(err)
+        return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(err.detail), error_type_for_status(err.status_code)),
+                            status_code=err.status_code, headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("unexpected error serving %s", request.url.path)
+        return JSONResponse(error_body(f"internal server error: {err!r}", "server_error"), status_code=500)
+
+
+def _describe_validation(err: RequestValidationError) -> tuple[str, str | None]:
+    """A one-line message and the offending field for a body that failed validation."""
+    problems, param = [], None
+    for item in err.errors():
+        location = [str(part) for part in item.get("loc", ()) if part != "body"]
+        if item.get("type") == "json_invalid":
+            problems.append(f"the body is not valid JSON: {item.get('msg')}")
+            continue
+        field = ".".join(location)
+        param = param or (location[0] if location else None)
+        problems.append(f"{field or 'body'}: {item.get('msg')}")
+    return "; ".join(problems[:5]) or "the request body is invalid", param

@@ -1,0 +1,107 @@
+"""POST /v1/chat/completions: messages in through the chat template, assistant replies out.
+
+The conversation is rendered by the tokenizer's chat template (`prompts.chat_prompt`) into one
+engine request with `n` samples. Streams open each choice with a `{"role": "assistant"}` delta,
+then send content deltas, the finish reason in the choice's last chunk, a usage chunk when
+`stream_options.include_usage` is set, and `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from jpaged.outputs import CompletionOutput
+from jpaged.sampling_params import SamplingParams
+from jpaged.server.async_engine import RequestGroup
+from jpaged.server.logprobs import chat_logprobs
+from jpaged.server.params import chat_params, check_model, resolve_max_tokens
+from jpaged.server.prompts import Prompt, chat_prompt
+from jpaged.server.protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    DeltaMessage,
+    random_id,
+)
+from jpaged.server.serving import DONE, ChoiceProgress, ServerState, collect, sse, sse_error, submit, usage
+
+
+async def create_chat_completion(request: ChatCompletionRequest, state: ServerState
+                                 ) -> JSONResponse | AsyncIterator[str]:
+    """Serve a chat completion request: a response body, or (with `stream`) an iterator of SSE
+    events. Raises APIError for bad input (400) or a full server (503)."""
+    check_model(request.model, state.model_name)
+    tokenizer = state.engine.tokenizer
+    prompt = chat_prompt(tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message)
+    asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len, "max_completion_tokens",
+                                    prompt_param="messages")
+    params = chat_params(request, max_tokens)
+    request_id = random_id("chatcmpl")
+    group = await submit(state, request_id, [prompt], [params])
+    if request.stream:
+        return _stream(request, state, request_id, prompt, params, group)
+    (output,) = await collect(group)
+    choices = [ChatChoice(index=choice.index, message=ChatResponseMessage(content=choice.text),
+                          logprobs=_logprobs(tokenizer, params, choice.token_ids, choice.logprobs),
+                          finish_reason=choice.finish_reason, stop_reason=choice.stop_reason)
+               for choice in output.outputs]
+    response = ChatCompletionResponse(id=request_id, model=state.model_name, choices=choices,
+                                      usage=usage(len(prompt.token_ids), [output]))
+    return JSONResponse(response.model_dump())
+
+
+def _logprobs(tokenizer: Any, params: SamplingParams, token_ids: list[int], entries: list | None):
+    if params.logprobs is None:
+        return None
+    return chat_logprobs(tokenizer, token_ids, entries or [], params.logprobs)
+
+
+async def _stream(request: ChatCompletionRequest, state: ServerState, request_id: str, prompt: Prompt,
+                  params: SamplingParams, group: RequestGroup) -> AsyncIterator[str]:
+    tokenizer, created = state.engine.tokenizer, int(time.time())
+    progress = [ChoiceProgress(params) for _ in range(params.n)]
+    final = None
+
+    def chunk(choices: list[ChatStreamChoice], usage_info=None) -> str:
+        return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=state.model_name,
+                                                choices=choices, usage=usage_info))
+
+    try:
+        for index in range(params.n):
+            yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+        async for _, output in group:
+            final = output if output.finished else final
+            for choice in output.outputs:
+                event = _choice_chunk(tokenizer, params, progress[choice.index], choice)
+                if event is not None:
+                    yield chunk([event])
+        if request.stream_options and request.stream_options.include_usage:
+            yield chunk([], usage(len(prompt.token_ids), [final]))
+    except Exception as err:  # the engine failed mid-stream: tell the client, then end the stream
+        yield sse_error(err)
+    finally:
+        group.close()
+    yield DONE
+
+
+def _choice_chunk(tokenizer: Any, params: SamplingParams, sent: ChoiceProgress,
+                  choice: CompletionOutput) -> ChatStreamChoice | None:
+    """The chunk that brings a streamed choice up to date, or None when it has nothing new."""
+    if sent.finished:
+        return None
+    text = sent.deltas.delta(choice.text, choice.finished)
+    token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
+    logprobs = _logprobs(tokenizer, params, token_ids, entries) if token_ids else None
+    if not text and logprobs is None and not choice.finished:
+        return None
+    sent.finished = choice.finished
+    return ChatStreamChoice(index=choice.index, delta=DeltaMessage(content=text), logprobs=logprobs,
+                            finish_reason=choice.finish_reason, stop_reason=choice.stop_reason)

@@ -1,0 +1,130 @@
+"""POST /v1/completions: prompts in, OpenAI text completions out, whole or as a stream of chunks.
+
+Each prompt becomes one engine request with `n` samples; choice `prompt_index * n + j` is sample
+`j` of prompt `prompt_index`. With `echo` the prompt's text leads each choice (and, with
+`logprobs`, the prompt's token logprobs lead the choice's). Streams send each choice's text
+deltas as they come, its finish reason in its last chunk, a usage chunk when
+`stream_options.include_usage` is set, and `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.sampling_params import SamplingParams
+from jpaged.server.async_engine import RequestGroup
+from jpaged.server.logprobs import completion_logprobs
+from jpaged.server.params import check_model, completion_params, resolve_max_tokens
+from jpaged.server.prompts import Prompt, completion_prompts
+from jpaged.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+    random_id,
+)
+from jpaged.server.serving import DONE, ChoiceProgress, ServerState, collect, sse, sse_error, submit, usage
+
+
+async def create_completion(request: CompletionRequest, state: ServerState) -> JSONResponse | AsyncIterator[str]:
+    """Serve a completion request: a response body, or (with `stream`) an iterator of SSE events.
+    Raises APIError for bad input (400) or a full server (503)."""
+    check_model(request.model, state.model_name)
+    tokenizer, max_model_len = state.engine.tokenizer, state.engine.max_model_len
+    prompts = completion_prompts(request.prompt, tokenizer)
+    params = [completion_params(request, resolve_max_tokens(request.max_tokens, len(p.token_ids), max_model_len,
+                                                            "max_tokens")) for p in prompts]
+    request_id = random_id("cmpl")
+    group = await submit(state, request_id, prompts, params)
+    if request.stream:
+        return _stream(request, state, request_id, prompts, params[0], group)
+    outputs = await collect(group)
+    choices = [_choice(request, tokenizer, i, prompt, output, choice)
+               for i, (prompt, output) in enumerate(zip(prompts, outputs)) for choice in output.outputs]
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    response = CompletionResponse(id=request_id, model=state.model_name, choices=choices,
+                                  usage=usage(prompt_tokens, outputs))
+    return JSONResponse(response.model_dump())
+
+
+def _prompt_text(tokenizer: Any, prompt: Prompt) -> str:
+    return prompt.text if prompt.text is not None else tokenizer.decode(prompt.token_ids)
+
+
+def _choice(request: CompletionRequest, tokenizer: Any, prompt_index: int, prompt: Prompt, output: RequestOutput,
+            choice: CompletionOutput) -> CompletionChoice:
+    index = prompt_index * request.n + choice.index
+    echoed = _prompt_text(tokenizer, prompt) if request.echo else ""
+    logprobs = None
+    if request.logprobs is not None:
+        logprobs = completion_logprobs(tokenizer, choice.token_ids, choice.logprobs or [], len(echoed))
+        if request.echo:
+            logprobs = _joined(completion_logprobs(tokenizer, prompt.token_ids,
+                                                   output.prompt_logprobs or [None] * len(prompt.token_ids)),
+                               logprobs)
+    return CompletionChoice(index=index, text=echoed + choice.text, logprobs=logprobs,
+                            finish_reason=choice.finish_reason, stop_reason=choice.stop_reason)
+
+
+def _joined(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(text_offset=first.text_offset + second.text_offset,
+                              token_logprobs=first.token_logprobs + second.token_logprobs,
+                              tokens=first.tokens + second.tokens, top_logprobs=first.top_logprobs + second.top_logprobs)
+
+
+async def _stream(request: CompletionRequest, state: ServerState, request_id: str, prompts: list[Prompt],
+                  params: SamplingParams, group: RequestGroup) -> AsyncIterator[str]:
+    tokenizer, created = state.engine.tokenizer, int(time.time())
+    progress: dict[int, ChoiceProgress] = {}
+    finals: dict[int, RequestOutput] = {}
+
+    def chunk(choices: list[CompletionChoice], usage_info=None) -> str:
+        return sse(CompletionStreamResponse(id=request_id, created=created, model=state.model_name,
+                                            choices=choices, usage=usage_info))
+
+    try:
+        async for prompt_index, output in group:
+            if output.finished:
+                finals[prompt_index] = output
+            for choice in output.outputs:
+                index = prompt_index * request.n + choice.index
+                sent = progress.get(index)
+                if sent is None:
+                    sent = progress[index] = ChoiceProgress(params)
+                    echoed = _prompt_text(tokenizer, prompts[prompt_index]) if request.echo else ""
+                else:
+                    echoed = ""
+                event = _choice_chunk(request, tokenizer, sent, choice, index, echoed)
+                if event is not None:
+                    yield chunk([event])
+        if request.stream_options and request.stream_options.include_usage:
+            outputs = [finals[i] for i in sorted(finals)]
+            yield chunk([], usage(sum(len(p.token_ids) for p in prompts), outputs))
+    except Exception as err:  # the engine failed mid-stream: tell the client, then end the stream
+        yield sse_error(err)
+    finally:
+        group.close()
+    yield DONE
+
+
+def _choice_chunk(request: CompletionRequest, tokenizer: Any, sent: ChoiceProgress, choice: CompletionOutput,
+                  index: int, echoed: str) -> CompletionChoice | None:
+    """The chunk that brings a streamed choice up to date, or None when it has nothing new."""
+    if sent.finished:
+        return None
+    text = echoed + sent.deltas.delta(choice.text, choice.finished)
+    token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
+    logprobs = None
+    if request.logprobs is not None and token_ids:
+        logprobs = completion_logprobs(tokenizer, token_ids, entries, len(sent.deltas.sent) - len(text) + len(echoed))
+    if not text and logprobs is None and not choice.finished:
+        return None
+    sent.finished = choice.finished
+    return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason,
+                            stop_reason=choice.stop_reason)

@@ -1,0 +1,66 @@
+"""Token logprobs in the API's two shapes, from the engine's per-token `{token id: logprob}` dicts.
+
+The engine reports, per generated token, a dict holding the sampled token's logprob first and the
+top alternatives after it (`CompletionOutput.logprobs`). Completions answer OpenAI's legacy shape
+(`tokens`, `token_logprobs`, `top_logprobs` as dicts, `text_offset`); chat answers a list of
+`{token, logprob, bytes, top_logprobs}`. A token's string is its text as it reads inside a text
+(" Paris", with the word-boundary space that a tokenizer drops from a text's first token).
+Logprobs that are not finite (a token masked out) are sent as -9999.0, since JSON has no -inf.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+from jpaged.server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+
+FLOOR = -9999.0
+
+
+def finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else FLOOR
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """`token_id`'s text after another token: decoding it twice and dropping the first copy keeps
+    the leading space that decoding it alone would strip (SentencePiece's "▁")."""
+    alone = tokenizer.decode([token_id])
+    twice = tokenizer.decode([token_id, token_id])
+    return twice[len(alone):] if twice.startswith(alone) else alone
+
+
+def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, float] | None],
+                        text_offset: int = 0) -> CompletionLogprobs:
+    """The completions shape for `token_ids` with their engine entries (None where a token has
+    none, as a prompt's first); `text_offset` is where the first token's text starts."""
+    result = CompletionLogprobs()
+    for token_id, entry in zip(token_ids, entries):
+        text = token_text(tokenizer, token_id)
+        result.tokens.append(text)
+        result.text_offset.append(text_offset)
+        text_offset += len(text)
+        if entry is None:
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+            continue
+        result.token_logprobs.append(finite(entry[token_id]))
+        result.top_logprobs.append({token_text(tokenizer, t): finite(lp) for t, lp in entry.items()})
+    return result
+
+
+def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, float]], top: int) -> ChatLogprobs:
+    """The chat shape for `token_ids` with their engine entries and `top` alternatives each."""
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        best = sorted(entry.items(), key=lambda item: item[1], reverse=True)[:top]
+        content.append(ChatTokenLogprob(**_token(tokenizer, token_id, entry[token_id]),
+                                        top_logprobs=[TopLogprob(**_token(tokenizer, t, lp)) for t, lp in best]))
+    return ChatLogprobs(content=content)
+
+
+def _token(tokenizer: Any, token_id: int, logprob: float) -> dict:
+    text = token_text(tokenizer, token_id)
+    return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}

@@ -1,0 +1,91 @@
+"""From an API request to the engine's `SamplingParams`, and the checks a request must pass first.
+
+Runs in the request handler, after `prompts` has tokenized the prompt (its length sets the
+default `max_tokens` and the context check). Every refusal is an `APIError` with HTTP 400 naming
+the field: `SamplingParams` validates the values and its `ValueError` / `TypeError` message names
+the field, which becomes the error's `param`. Plain Python: no jax.
+"""
+
+from __future__ import annotations
+
+from jpaged.sampling_params import SamplingParams
+from jpaged.server.errors import bad_request
+from jpaged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+
+def check_model(requested: str | None, served: str) -> None:
+    """Accept a request for the served model (or one naming no model); 400 otherwise."""
+    if requested is not None and requested != served:
+        raise bad_request(f"the model `{requested}` does not exist; this server serves `{served}`",
+                          param="model", code="model_not_found")
+
+
+def resolve_max_tokens(asked: int | None, prompt_len: int, max_model_len: int, param: str,
+                       prompt_param: str = "prompt") -> int:
+    """The output budget: `asked`, or all the context the prompt leaves when None.
+
+    Raises:
+        APIError: 400 when the prompt fills the context (naming `prompt_param`) or prompt +
+            `asked` exceeds `max_model_len` (naming `param`, the request's max-tokens field).
+    """
+    if prompt_len >= max_model_len:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens, and the prompt has "
+                          f"{prompt_len} tokens: it leaves no room for output", param=prompt_param,
+                          code="context_length_exceeded")
+    if asked is None:
+        return max_model_len - prompt_len
+    if asked >= 1 and prompt_len + asked > max_model_len:
+        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                          f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} in the completion). "
+                          "Please reduce the prompt or the completion length.", param=param,
+                          code="context_length_exceeded")
+    return asked
+
+
+def completion_params(request: CompletionRequest, max_tokens: int) -> SamplingParams:
+    """`SamplingParams` of a /v1/completions request (`logprobs` is a count; `echo` with
+    `logprobs` asks for the prompt's logprobs too). 400 for unsupported or bad values."""
+    if request.suffix:
+        raise bad_request("suffix is not supported", param="suffix")
+    if request.stream and request.best_of is not None and request.best_of > request.n:
+        raise bad_request("best_of > n cannot be streamed: the best samples are known only at the end",
+                          param="best_of")
+    prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+    return _build(request, max_tokens=max_tokens, logprobs=request.logprobs, best_of=request.best_of,
+                  prompt_logprobs=prompt_logprobs)
+
+
+def chat_params(request: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+    """`SamplingParams` of a /v1/chat/completions request (`logprobs` a bool, `top_logprobs` a
+    count). 400 for tools, non-text response formats and bad values."""
+    if request.tools:
+        raise bad_request("tools are not supported", param="tools")
+    if request.tool_choice not in (None, "none"):
+        raise bad_request("tool_choice is not supported", param="tool_choice")
+    if request.response_format and request.response_format.get("type", "text") != "text":
+        raise bad_request(f"response_format {request.response_format.get('type')!r} is not supported "
+                          "(supported: text)", param="response_format")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    renamed = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"}
+    return _build(request, max_tokens=max_tokens, logprobs=logprobs, renamed=renamed)
+
+
+def _build(request: SamplingFields, renamed: dict[str, str] | None = None, **fields) -> SamplingParams:
+    """A `SamplingParams` from the fields both endpoints share plus `fields`; its errors become 400s."""
+    kwargs = dict(
+        n=request.n, temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0,
+        min_p=request.min_p or 0.0, seed=request.seed, stop=request.stop, stop_token_ids=request.stop_token_ids,
+        presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+        repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+        logit_bias=request.logit_bias, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
+        skip_special_tokens=request.skip_special_tokens,
+        include_stop_str_in_output=request.include_stop_str_in_output, **fields)
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as err:
+        field = str(err).split(" ", 1)[0].split("[", 1)[0]
+        param = (renamed or {}).get(field, field) if field in kwargs else None
+        raise bad_request(str(err), param=param) from err

@@ -1,0 +1,98 @@
+"""From an API request's prompt or chat messages to prompt token ids, with the engine's tokenizer.
+
+Runs in the request handler before the request reaches the engine, so the prompt's length is
+known for the context check and the default `max_tokens`. Text is tokenized exactly as the engine
+and `LLM.generate` tokenize it (`tokenizer.encode(text)`), and chats exactly as `LLM.chat` renders
+them (the chat template's text, encoded without adding special tokens), so the server and the
+offline API give the same tokens. Input that cannot be turned into a prompt is an HTTP 400.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from jpaged.server.errors import bad_request
+from jpaged.server.protocol import ChatMessage
+
+CHAT_ROLES = {"system", "user", "assistant", "developer"}
+
+
+@dataclass
+class Prompt:
+    """One prompt as the engine gets it: its token ids, and its text where the client sent text."""
+
+    token_ids: list[int]
+    text: str | None = None
+
+
+def completion_prompts(prompt: str | list, tokenizer: Any) -> list[Prompt]:
+    """The prompts of a /v1/completions request: a string, a list of strings, a list of token
+    ids, or a list of token-id lists. 400 for an empty prompt or an empty list."""
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif prompt and all(isinstance(item, int) for item in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise bad_request("prompt is an empty list: at least one prompt is needed", param="prompt")
+    prompts = []
+    for item in items:
+        token_ids = (tokenizer.encode(item) if item else []) if isinstance(item, str) else list(item)
+        if not token_ids:
+            raise bad_request("prompt is empty: at least one token is needed", param="prompt")
+        prompts.append(Prompt(token_ids, item if isinstance(item, str) else None))
+    return prompts
+
+
+def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template takes them (`{"role", "content"}`), text parts joined.
+    400 for an empty list, an unknown role or a non-text content part."""
+    if not messages:
+        raise bad_request("messages is empty: at least one message is needed", param="messages")
+    turns = []
+    for i, message in enumerate(messages):
+        if message.role not in CHAT_ROLES:
+            raise bad_request(f"messages[{i}].role {message.role!r} is not supported "
+                              f"(supported: {', '.join(sorted(CHAT_ROLES))})", param="messages")
+        role = "system" if message.role == "developer" else message.role
+        turns.append({"role": role, "content": _text_of(message, i)})
+    return turns
+
+
+def _text_of(message: ChatMessage, i: int) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    for part in message.content:
+        if part.type != "text" or part.text is None:
+            raise bad_request(f"messages[{i}] has a content part of type {part.type!r}; only text parts are "
+                              "supported", param="messages")
+    return "".join(part.text for part in message.content)
+
+
+def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                continue_final_message: bool = False, add_special_tokens: bool = False) -> Prompt:
+    """The prompt of a chat through the tokenizer's chat template.
+
+    Raises:
+        APIError: 400 when the model has no chat template, the messages are bad, both
+            `add_generation_prompt` and `continue_final_message` are set, the final message is
+            not the assistant's when it is to be continued, or the template itself refuses them.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise bad_request("this model's tokenizer has no chat template, so chat completions are not available; "
+                          "use /v1/completions", param="messages")
+    turns = conversation(messages)
+    if add_generation_prompt and continue_final_message:
+        raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
+                          param="continue_final_message")
+    if continue_final_message and turns[-1]["role"] != "assistant":
+        raise bad_request("continue_final_message needs the final message to be the assistant's",
+                          param="continue_final_message")
+    try:
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, tokenize=False)
+    except Exception as err:  # the template's own checks (jinja raise_exception, alternating roles)
+        raise bad_request(f"the chat template refused the messages: {err}", param="messages") from err
+    return Prompt(tokenizer.encode(text, add_special_tokens=add_special_tokens), text)

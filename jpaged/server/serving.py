@@ -1,0 +1,101 @@
+"""What the completion and chat handlers share: the server's state, submitting a request's prompts
+to the `AsyncEngine`, collecting final outputs, usage, and server-sent events.
+
+A handler builds prompts and `SamplingParams`, calls `submit` (which turns the front end's
+refusals into HTTP errors: 503 when the queue is full, 400 when the engine refuses the input),
+then either `collect`s the final outputs or streams `sse` events ending with `DONE`, and always
+closes the group (closing aborts what has not finished).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from jpaged.engine_client import PromptType
+from jpaged.outputs import RequestOutput
+from jpaged.sampling_params import SamplingParams
+from jpaged.server.async_engine import AsyncEngine, EngineStepError, RequestGroup, ServerOverloaded
+from jpaged.server.deltas import TextDeltas
+from jpaged.server.errors import APIError, bad_request, internal_error, overloaded
+from jpaged.server.metrics import ServerMetrics
+from jpaged.server.prompts import Prompt
+from jpaged.server.protocol import UsageInfo
+
+DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class ServerState:
+    """What the routes need: the engine front end, the served model's name, the metrics, the key."""
+
+    engine: AsyncEngine
+    model_name: str
+    metrics: ServerMetrics
+    api_key: str | None = None
+
+
+async def submit(state: ServerState, request_id: str, prompts: list[Prompt],
+                 params: list[SamplingParams]) -> RequestGroup:
+    """Queue one engine request per prompt. Raises APIError: 503 when the server is full, 400
+    when the engine refuses a prompt (ids outside the vocabulary, too long for the KV cache)."""
+    requests: list[tuple[PromptType, SamplingParams]] = [
+        ({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, param)
+        for prompt, param in zip(prompts, params)]
+    try:
+        return await state.engine.add(request_id, requests)
+    except ServerOverloaded as err:
+        raise overloaded(str(err)) from err
+    except ValueError as err:
+        param = "logit_bias" if "logit_bias" in str(err).split(" ", 3)[:3] else "prompt"
+        raise bad_request(str(err), param=param) from err
+
+
+async def collect(group: RequestGroup) -> list[RequestOutput]:
+    """Each request's final output, in prompt order. Raises APIError 500 if the engine failed."""
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async for index, output in group:
+            if output.finished:
+                finals[index] = output
+    except EngineStepError as err:
+        raise internal_error(str(err)) from err
+    finally:
+        group.close()
+    return [finals[i] for i in range(len(finals))]
+
+
+def usage(prompt_tokens: int, outputs: list[RequestOutput]) -> UsageInfo:
+    """Token counts: `prompt_tokens`, and every returned choice's generated tokens."""
+    completion = sum(len(choice.token_ids) for output in outputs for choice in output.outputs)
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                     total_tokens=prompt_tokens + completion)
+
+
+def sse(payload: BaseModel | dict) -> str:
+    """One server-sent event carrying `payload` as JSON."""
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+def sse_error(err: Exception) -> str:
+    """The event that reports a failure in the middle of a stream (then `DONE` follows)."""
+    api_error = err if isinstance(err, APIError) else internal_error(str(err))
+    return sse(api_error.body())
+
+
+class ChoiceProgress:
+    """What one streamed choice has sent: its text (`deltas`), how many tokens' logprobs, and
+    whether its finish chunk went out."""
+
+    def __init__(self, params: SamplingParams):
+        self.deltas = TextDeltas(params.stop, params.include_stop_str_in_output)
+        self.num_tokens_sent = 0
+        self.finished = False
+
+    def new_tokens(self, token_ids: list[int], logprobs: list | None) -> tuple[list[int], list]:
+        """The tokens (and their logprob entries) not yet sent, marked as sent."""
+        start, self.num_tokens_sent = self.num_tokens_sent, len(token_ids)
+        return token_ids[start:], (logprobs or [])[start:]

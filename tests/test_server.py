@@ -1,0 +1,338 @@
+"""The OpenAI-compatible server end to end: one uvicorn server on stories260K (a temp copy whose
+tokenizer has a chat template), driven by the official `openai` client and raw HTTP.
+
+Oracles: `LLM.generate` / `LLM.chat` on the same model folder (greedy text must match), the
+non-streamed response (streamed deltas must concatenate to it), and the engine's own stats
+(after aborts, disconnects and bursts no KV block stays in use and nothing is left unfinished).
+"""
+
+import asyncio
+import json
+import random
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from jpaged import LLM, SamplingParams  # noqa: E402
+from jpaged.server.launch import create_app  # noqa: E402
+
+API_KEY = "test-key"
+QUEUE_LIMIT = 64
+# Small step limits keep the set of step programs to compile small (7).
+ENGINE_ARGS = dict(num_blocks=256, max_num_seqs=16, max_num_batched_tokens=64)
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+PROMPTS = ["Once upon a time, there was a dog named", "Lily wanted to play", "The sun was", "Tom had a big"]
+CHAT = [{"role": "system", "content": "Tell a story."}, {"role": "user", "content": "A dog named Max"}]
+_rng = random.Random(0)
+# 64 streaming clients: (prompt, max_tokens, leaves mid-stream)
+CONCURRENT_PLAN = [(PROMPTS[i % len(PROMPTS)], 8 + i % 9, _rng.random() < 0.3) for i in range(64)]
+
+
+class Server:
+    def __init__(self, app, port: int):
+        self.app, self.port = app, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.front = app.state.server.engine
+        self.model = app.state.server.model_name
+
+    def client(self, **kwargs) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, **kwargs)
+
+    def post(self, path: str, body, headers=None, **kwargs) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {API_KEY}", **(headers or {})}
+        content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+        return httpx.post(f"{self.url}{path}", content=content, headers={"Content-Type": "application/json",
+                                                                         **headers}, timeout=60, **kwargs)
+
+    def stats(self):
+        return asyncio.run(self.front.call(lambda engine: engine.stats()))
+
+    def wait_idle(self, timeout: float = 30.0):
+        """Engine stats once nothing is unfinished and no KV block is in use (or the timeout)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            unfinished = asyncio.run(self.front.call(lambda engine: engine.get_num_unfinished_requests()))
+            stats = self.stats()
+            if (unfinished == 0 and stats.kv_cache_usage == 0 and self.front.num_held_requests == 0) \
+                    or time.monotonic() > deadline:
+                return unfinished, stats
+            time.sleep(0.05)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_folder(stories_path, tmp_path_factory):
+    """stories260K with a chat template added to its tokenizer config."""
+    folder = tmp_path_factory.mktemp("stories_chat") / "stories260K"
+    shutil.copytree(stories_path, folder)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def llm(model_folder):
+    return LLM(model_folder, **ENGINE_ARGS)
+
+
+@pytest.fixture(scope="module")
+def expected(llm):
+    """`LLM.generate` / `LLM.chat` greedy texts, computed before the server takes over the engine."""
+    pairs = sorted({(p, m) for p, m, _ in CONCURRENT_PLAN})
+    return {
+        "completions": _greedy(llm, PROMPTS, 16),
+        "chat": llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0].outputs[0].text,
+        "concurrent": dict(zip(pairs, _greedy(llm, [p for p, _ in pairs], [m for _, m in pairs]))),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(llm, expected):
+    """The server over `llm`'s engine (compiled programs are shared); `llm` is not used after."""
+    app = create_app(llm.engine, served_model_name="stories", api_key=API_KEY, max_queued_requests=QUEUE_LIMIT)
+    port = _free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield Server(app, port)
+    uv.should_exit = True
+    thread.join(30)
+
+
+def _greedy(llm, prompts, max_tokens):
+    """`LLM.generate`'s greedy texts; `max_tokens` is one count for all prompts or one per prompt."""
+    counts = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in counts]
+    return [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+def test_models_health_and_api_key(server):
+    assert [m.id for m in server.client().models.list().data] == ["stories"]
+    assert httpx.get(f"{server.url}/health").status_code == 200  # no key needed outside /v1
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.get(f"{server.url}/v1/models", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_greedy_completions_match_llm_generate(server, expected):
+    response = server.client().completions.create(model="stories", prompt=PROMPTS, max_tokens=16, temperature=0)
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    assert [c.text for c in response.choices] == expected["completions"]
+    assert all(c.finish_reason == "length" for c in response.choices)
+    prompt_tokens = sum(len(server.front.tokenizer.encode(p)) for p in PROMPTS)
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (prompt_tokens, 64)
+    assert response.usage.total_tokens == prompt_tokens + 64
+
+
+def test_streamed_deltas_concatenate_to_the_whole_text(server):
+    client = server.client()
+    args = dict(model="stories", prompt=PROMPTS[0], max_tokens=24, temperature=0)
+    whole = client.completions.create(**args).choices[0].text
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    with_stop = dict(args, stop=[". One"], max_tokens=40)
+    whole = client.completions.create(**with_stop).choices[0]
+    streamed = list(client.completions.create(**with_stop, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == whole.text
+    assert whole.finish_reason == streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_chat_matches_llm_chat_streamed_or_not(server, expected):
+    messages, expected = CHAT, expected["chat"]
+    client = server.client()
+    reply = client.chat.completions.create(model="stories", messages=messages, max_completion_tokens=16,
+                                           temperature=0)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == expected
+    assert reply.usage.completion_tokens == 16
+    chunks = list(client.chat.completions.create(model="stories", messages=messages, max_tokens=16, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.total_tokens == reply.usage.total_tokens
+    continued = client.chat.completions.create(
+        model="stories", messages=[*messages, {"role": "assistant", "content": "Max was"}], max_tokens=4,
+        temperature=0, extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    rendered = "system: Tell a story.\nuser: A dog named Max\nassistant: Max was"  # cut after the final message
+    assert continued.usage.prompt_tokens == len(server.front.tokenizer.encode(rendered, add_special_tokens=False))
+
+
+def test_n_samples_stop_and_logprobs(server):
+    client = server.client()
+    response = client.completions.create(model="stories", prompt="Once upon a time", n=3, max_tokens=8, seed=7,
+                                         temperature=1.0, logprobs=2)
+    assert sorted(c.index for c in response.choices) == [0, 1, 2]
+    for choice in response.choices:
+        logprobs = choice.logprobs
+        assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 8
+        assert all(lp <= 0 for lp in logprobs.token_logprobs)
+        # the top 2 and the sampled token
+        assert all(token in top and len(top) <= 3 for token, top in zip(logprobs.tokens, logprobs.top_logprobs))
+    assert response.usage.completion_tokens == 24
+    stopped = client.completions.create(model="stories", prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=["."])
+    assert stopped.choices[0].finish_reason == "stop" and "." not in stopped.choices[0].text
+    assert stopped.choices[0].model_extra["stop_reason"] == "."
+    chat = client.chat.completions.create(model="stories", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.top_logprobs[0].logprob >= t.logprob for t in content)  # greedy takes the most likely
+    streamed = list(client.completions.create(model="stories", prompt=PROMPTS[:2], n=2, max_tokens=6, seed=3,
+                                              stream=True))
+    finished = sorted(c.choices[0].index for c in streamed if c.choices[0].finish_reason == "length")
+    assert finished == [0, 1, 2, 3]  # choice prompt_index * n + j, each finished once
+    echoed = client.completions.create(model="stories", prompt=PROMPTS[1], max_tokens=4, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith(PROMPTS[1])
+
+
+def test_disconnects_abort_requests_and_free_blocks(server):
+    before = server.stats().num_generated_tokens
+    body = {"model": "stories", "prompt": PROMPTS[0], "max_tokens": 480, "ignore_eos": True, "temperature": 0}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, headers=headers) as r:
+        events = r.iter_lines()
+        assert next(e for e in events if e.startswith("data:"))  # it runs; then the client leaves
+    with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
+        httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=0.5)
+    unfinished, stats = server.wait_idle()
+    assert unfinished == 0 and stats.kv_cache_usage == 0 and server.front.num_held_requests == 0
+    assert stats.num_generated_tokens - before < 2 * 480 - 100  # both were cut short
+
+
+def test_concurrent_streams_with_random_disconnects(server, expected):
+    plan, expected = CONCURRENT_PLAN, expected["concurrent"]
+
+    async def one(client: httpx.AsyncClient, prompt: str, max_tokens: int, leave: bool):
+        body = {"model": "stories", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        text = ""
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if line == "data: [DONE]":
+                    return text
+                if line.startswith("data: "):
+                    text += json.loads(line[6:])["choices"][0]["text"]
+                    if leave and text:
+                        return None  # leaves mid-stream: the connection is closed
+        raise AssertionError("stream ended without [DONE]")
+
+    async def run_all():
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"},
+                                     timeout=120, limits=limits) as client:
+            return await asyncio.gather(*(one(client, *item) for item in plan))
+
+    texts = asyncio.run(run_all())
+    for (prompt, max_tokens, leave), text in zip(plan, texts):
+        if not leave:
+            assert text == expected[prompt, max_tokens]
+    unfinished, stats = server.wait_idle()
+    assert unfinished == 0 and stats.kv_cache_usage == 0
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_burst_over_the_queue_limit_is_refused_at_once(server):
+    body = {"model": "stories", "prompt": "Once", "max_tokens": 400, "ignore_eos": True, "stream": True}
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"},
+                                     timeout=30, limits=httpx.Limits(max_connections=200)) as client:
+            requests = [client.send(client.build_request("POST", "/v1/completions", json=body), stream=True)
+                        for _ in range(QUEUE_LIMIT + 16)]
+            responses = await asyncio.wait_for(asyncio.gather(*requests), timeout=30)
+            refused = [await r.aread() for r in responses if r.status_code != 200]
+            statuses = sorted(r.status_code for r in responses)
+            for r in responses:
+                await r.aclose()
+            return statuses, refused
+
+    statuses, refused = asyncio.run(burst())
+    assert statuses == [200] * QUEUE_LIMIT + [503] * 16
+    error = json.loads(refused[0])["error"]
+    assert error["code"] == "server_overloaded" and "--max-queued-requests" in error["message"]
+    unfinished, stats = server.wait_idle()
+    assert unfinished == 0 and stats.kv_cache_usage == 0
+
+
+BAD_INPUTS = [
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, "model"),
+    ("/v1/completions", {"prompt": "hi", "temperature": -1}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "n": 2, "temperature": 0}, "n"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 50}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 600}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi " * 600}, "prompt"),
+    ("/v1/completions", {"prompt": [1, 2, 99999]}, "prompt"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias"),
+    ("/v1/completions", {"max_tokens": 3}, "prompt"),
+    ("/v1/completions", '{"prompt": "hi",', None),
+    ("/v1/completions", {"prompt": "hi", "stream": True, "best_of": 2, "n": 1}, "best_of"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+     "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+    ("/tokenize", {"prompt": "hi", "model": "nope"}, "model"),
+    ("/detokenize", {"tokens": [99999]}, "tokens"),
+]
+
+
+@pytest.mark.parametrize("path,body,param", BAD_INPUTS, ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD_INPUTS)])
+def test_bad_input_gets_an_openai_shaped_400(server, path, body, param):
+    response = server.post(path, body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["message"] and error["param"] == param
+
+
+def test_server_keeps_serving_after_bad_input(server):
+    response = server.client().completions.create(model="stories", prompt="Once", max_tokens=2)
+    assert len(response.choices[0].text) > 0
+    with pytest.raises(openai.BadRequestError):
+        server.client().completions.create(model="stories", prompt="Once", max_tokens=2, temperature=-3)
+
+
+def test_metrics_expose_engine_and_latency_metrics(server):
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("jpaged:num_requests_running", "jpaged:num_requests_waiting", "jpaged:kv_cache_usage_perc",
+                 "jpaged:prefix_cache_hit_rate", "jpaged:time_to_first_token_seconds_bucket",
+                 "jpaged:time_per_output_token_seconds_bucket", "jpaged:prompt_tokens_total",
+                 "jpaged:generation_tokens_total", "jpaged:request_success_total"):
+        assert f"\n{name}{{" in text, name
+
+
+def test_tokenize_and_detokenize_round_trip(server):
+    text = "Once upon a time, there was a dog named Max."
+    tokens = server.post("/tokenize", {"prompt": text, "add_special_tokens": False}).json()
+    assert tokens["tokens"] == server.front.tokenizer.encode(text, add_special_tokens=False)
+    assert tokens["count"] == len(tokens["tokens"]) and tokens["max_model_len"] == 512
+    assert server.post("/detokenize", {"tokens": tokens["tokens"]}).json()["prompt"] == text
+    chat = server.post("/tokenize", {"messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert chat["tokens"] == server.front.tokenizer.encode("user: Hi\nassistant:", add_special_tokens=False)

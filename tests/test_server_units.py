@@ -1,0 +1,169 @@
+"""The server's parts without a model: the asyncio front end over a scripted engine (failures,
+aborts, back-pressure), streamed text deltas, and the checks that turn bad input into 400s."""
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from jpaged.cli import _parser
+from jpaged.engine_client import EngineStats
+from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.sampling_params import SamplingParams
+from jpaged.server.async_engine import AsyncEngine, EngineStepError, ServerOverloaded
+from jpaged.server.deltas import TextDeltas
+from jpaged.server.errors import APIError
+from jpaged.server.params import resolve_max_tokens
+from jpaged.server.prompts import chat_prompt, completion_prompts
+from jpaged.server.protocol import ChatMessage
+
+
+class ScriptedEngine:
+    """An `EngineClient` stand-in: each request emits one "x" per step up to max_tokens. A prompt
+    "bad" is refused; a step with a "boom" request running raises."""
+
+    tokenizer, model_name, max_model_len, eos_token_ids = None, "scripted", 64, set()
+
+    def __init__(self):
+        self.requests: dict[str, list] = {}
+        self.aborted: list[str] = []
+
+    def add_request(self, request_id, prompt, params=None):
+        if prompt == "bad":
+            raise ValueError("prompt is bad")
+        self.requests[request_id] = [prompt, params or SamplingParams(), 0]
+
+    def abort_request(self, request_id):
+        if self.requests.pop(request_id, None) is not None:
+            self.aborted.append(request_id)
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self):
+        return len(self.requests)
+
+    def step(self):
+        if any(prompt == "boom" for prompt, _, _ in self.requests.values()):
+            raise RuntimeError("boom")
+        outputs = []
+        for request_id, state in list(self.requests.items()):
+            state[2] += 1
+            done = state[2] >= state[1].max_tokens
+            outputs.append(RequestOutput(request_id, state[0], [1], [CompletionOutput(
+                0, "x" * state[2], [7] * state[2], "length" if done else None)], done))
+            if done:
+                del self.requests[request_id]
+        return outputs
+
+    def stats(self):
+        return EngineStats(0, len(self.requests), 0, 0.0, 0.0, 0, 0, 0, 0, 0)
+
+
+def _run(coro_fn, engine=None, **kwargs):
+    """Run `coro_fn(front)` against a started front end over `engine`, then stop it."""
+    engine = engine or ScriptedEngine()
+    front = AsyncEngine(engine, **kwargs)
+    front.start()
+    try:
+        return asyncio.run(coro_fn(front)), engine, front
+    finally:
+        front.shutdown()
+
+
+async def _finals(group):
+    finals = {}
+    async for index, output in group:
+        if output.finished:
+            finals[index] = output
+    return finals
+
+
+def test_outputs_stream_back_and_places_are_returned():
+    async def go(front):
+        group = await front.add("r", [("a", SamplingParams(max_tokens=3)), ("b", SamplingParams(max_tokens=5))])
+        assert front.num_held_requests == 2
+        finals = await _finals(group)
+        return {i: o.outputs[0].text for i, o in finals.items()}, front.num_held_requests
+
+    (texts, held), engine, _ = _run(go)
+    assert texts == {0: "xxx", 1: "xxxxx"} and held == 0 and engine.aborted == []
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving():
+    async def go(front):
+        doomed = await front.add("doomed", [("boom", SamplingParams(max_tokens=4))])
+        with pytest.raises(EngineStepError):
+            await _finals(doomed)
+        fine = await front.add("fine", [("a", SamplingParams(max_tokens=2))])
+        return (await _finals(fine))[0].outputs[0].text, await front.call(lambda e: e.get_num_unfinished_requests())
+
+    (text, unfinished), engine, front = _run(go)
+    assert text == "xx" and unfinished == 0 and engine.aborted == ["doomed-0"]
+
+
+def test_a_refused_request_leaves_nothing_behind():
+    async def go(front):
+        with pytest.raises(ValueError, match="prompt 1: prompt is bad"):
+            await front.add("r", [("a", SamplingParams(max_tokens=50)), ("bad", SamplingParams())])
+        return front.num_held_requests, await front.call(lambda e: e.get_num_unfinished_requests())
+
+    (held, unfinished), engine, _ = _run(go)
+    assert held == 0 and unfinished == 0 and engine.aborted == ["r-0"]
+
+
+def test_closing_a_group_aborts_what_has_not_finished():
+    async def go(front):
+        group = await front.add("r", [("a", SamplingParams(max_tokens=1000))])
+        async for _, output in group:
+            if len(output.outputs[0].text) >= 2:
+                break
+        group.close()
+        return await front.call(lambda e: e.get_num_unfinished_requests())
+
+    unfinished, engine, front = _run(go)
+    assert unfinished == 0 and engine.aborted == ["r-0"] and front.num_held_requests == 0
+
+
+def test_over_the_queue_limit_is_refused_at_once():
+    async def go(front):
+        group = await front.add("r", [("a", SamplingParams(max_tokens=1000))] * 2)
+        with pytest.raises(ServerOverloaded, match="limit of 2 requests"):
+            await front.add("s", [("b", SamplingParams())])
+        group.close()
+        return len(await _finals(await front.add("t", [("c", SamplingParams(max_tokens=1))])))
+
+    count, _, _ = _run(go, max_queued_requests=2)
+    assert count == 1
+
+
+def test_deltas_concatenate_and_hold_what_may_still_change():
+    deltas = TextDeltas(stop=["END"])
+    sent = [deltas.delta(text, False) for text in ("Hello", "Hello wor", "Hello world E", "Hello world EN")]
+    assert sent == ["Hel", "lo w", "orld", " "]  # the last two characters could start "END"
+    assert deltas.delta("Hello world ", True) == ""  # the stop string was cut away at the end
+    assert deltas.sent == "Hello world "
+    plain = TextDeltas()
+    assert plain.delta("caf\ufffd", False) == "caf"  # an unfinished character is held
+    assert plain.delta("café", False) == "é"
+    assert plain.delta("cafX", False) == ""  # not an extension of what was sent: nothing is sent
+    assert plain.delta("café!", True) == "!"
+
+
+def test_input_checks_are_400s_naming_the_field():
+    with pytest.raises(APIError) as err:
+        chat_prompt(SimpleNamespace(chat_template=None), [ChatMessage(role="user", content="hi")])
+    assert err.value.status == 400 and "no chat template" in err.value.message
+    with pytest.raises(APIError) as err:
+        resolve_max_tokens(10, 60, 64, "max_tokens")
+    assert err.value.param == "max_tokens" and err.value.code == "context_length_exceeded"
+    assert resolve_max_tokens(None, 60, 64, "max_tokens") == 4
+    with pytest.raises(APIError):
+        completion_prompts([], SimpleNamespace(encode=lambda text: [1]))
+    assert [p.token_ids for p in completion_prompts([[3, 4], [5]], None)] == [[3, 4], [5]]
+
+
+def test_serve_command_defaults_to_loopback():
+    args = _parser().parse_args(["serve", "--model", "m", "--api-key", "k"])
+    assert (args.command, args.host, args.port, args.api_key, args.max_queued_requests) == ("serve", "127.0.0.1",
+                                                                                            8000, "k", 256)
