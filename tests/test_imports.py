@@ -28,7 +28,7 @@ HOST_MODULES = {
     "jpaged.loader", "jpaged.loader.default_model", "jpaged.models", "jpaged.parallel", "jpaged.padding",
     "pallas_kernels", "sharding",
     # the HTTP server runs the engine it is given, and imports none of it itself
-    "jpaged.server", "jpaged.server.errors", "jpaged.server.protocol", "jpaged.server.deltas", "jpaged.server.params",
+    "jpaged.server", "jpaged.server.errors", "jpaged.server.protocol", "jpaged.server.params",
     "jpaged.server.prompts", "jpaged.server.async_engine", "jpaged.server.metrics", "jpaged.server.logprobs",
     "jpaged.server.serving", "jpaged.server.completions", "jpaged.server.chat", "jpaged.server.app",
     "jpaged.server.launch",

@@ -11,7 +11,6 @@ from jpaged.engine_client import EngineStats
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import AsyncEngine, EngineStepError, ServerOverloaded
-from jpaged.server.deltas import TextDeltas
 from jpaged.server.errors import APIError
 from jpaged.server.params import resolve_max_tokens
 from jpaged.server.prompts import chat_prompt, completion_prompts
@@ -135,19 +134,6 @@ def test_over_the_queue_limit_is_refused_at_once():
 
     count, _, _ = _run(go, max_queued_requests=2)
     assert count == 1
-
-
-def test_deltas_concatenate_and_hold_what_may_still_change():
-    deltas = TextDeltas(stop=["END"])
-    sent = [deltas.delta(text, False) for text in ("Hello", "Hello wor", "Hello world E", "Hello world EN")]
-    assert sent == ["Hel", "lo w", "orld", " "]  # the last two characters could start "END"
-    assert deltas.delta("Hello world ", True) == ""  # the stop string was cut away at the end
-    assert deltas.sent == "Hello world "
-    plain = TextDeltas()
-    assert plain.delta("caf\ufffd", False) == "caf"  # an unfinished character is held
-    assert plain.delta("café", False) == "é"
-    assert plain.delta("cafX", False) == ""  # not an extension of what was sent: nothing is sent
-    assert plain.delta("café!", True) == "!"
 
 
 def test_input_checks_are_400s_naming_the_field():

@@ -67,7 +67,7 @@ def _logprobs(tokenizer: Any, params: SamplingParams, token_ids: list[int], entr
 async def _stream(request: ChatCompletionRequest, state: ServerState, request_id: str, prompt: Prompt,
                   params: SamplingParams, group: RequestGroup) -> AsyncIterator[str]:
     tokenizer, created = state.engine.tokenizer, int(time.time())
-    progress = [ChoiceProgress(params) for _ in range(params.n)]
+    progress = [ChoiceProgress() for _ in range(params.n)]
     final = None
 
     def chunk(choices: list[ChatStreamChoice], usage_info=None) -> str:
@@ -97,7 +97,7 @@ def _choice_chunk(tokenizer: Any, params: SamplingParams, sent: ChoiceProgress,
     """The chunk that brings a streamed choice up to date, or None when it has nothing new."""
     if sent.finished:
         return None
-    text = sent.deltas.delta(choice.text, choice.finished)
+    text = sent.new_text(choice.text)
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
     logprobs = _logprobs(tokenizer, params, token_ids, entries) if token_ids else None
     if not text and logprobs is None and not choice.finished:

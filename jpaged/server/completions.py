@@ -96,7 +96,7 @@ async def _stream(request: CompletionRequest, state: ServerState, request_id: st
                 index = prompt_index * request.n + choice.index
                 sent = progress.get(index)
                 if sent is None:
-                    sent = progress[index] = ChoiceProgress(params)
+                    sent = progress[index] = ChoiceProgress()
                     echoed = _prompt_text(tokenizer, prompts[prompt_index]) if request.echo else ""
                 else:
                     echoed = ""
@@ -118,11 +118,12 @@ def _choice_chunk(request: CompletionRequest, tokenizer: Any, sent: ChoiceProgre
     """The chunk that brings a streamed choice up to date, or None when it has nothing new."""
     if sent.finished:
         return None
-    text = echoed + sent.deltas.delta(choice.text, choice.finished)
+    new = sent.new_text(choice.text)
+    text = echoed + new
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
     logprobs = None
     if request.logprobs is not None and token_ids:
-        logprobs = completion_logprobs(tokenizer, token_ids, entries, len(sent.deltas.sent) - len(text) + len(echoed))
+        logprobs = completion_logprobs(tokenizer, token_ids, entries, len(sent.text_sent) - len(new))
     if not text and logprobs is None and not choice.finished:
         return None
     sent.finished = choice.finished

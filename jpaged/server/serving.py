@@ -18,7 +18,6 @@ from jpaged.engine_client import PromptType
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import AsyncEngine, EngineStepError, RequestGroup, ServerOverloaded
-from jpaged.server.deltas import TextDeltas
 from jpaged.server.errors import APIError, bad_request, internal_error, overloaded
 from jpaged.server.metrics import ServerMetrics
 from jpaged.server.prompts import Prompt
@@ -87,13 +86,20 @@ def sse_error(err: Exception) -> str:
 
 
 class ChoiceProgress:
-    """What one streamed choice has sent: its text (`deltas`), how many tokens' logprobs, and
-    whether its finish chunk went out."""
+    """What one streamed choice has sent: its text, how many tokens' logprobs, and whether its
+    finish chunk went out."""
 
-    def __init__(self, params: SamplingParams):
-        self.deltas = TextDeltas(params.stop, params.include_stop_str_in_output)
+    def __init__(self):
+        self.text_sent = ""
         self.num_tokens_sent = 0
         self.finished = False
+
+    def new_text(self, text: str) -> str:
+        """The part of the choice's cumulative `text` not yet sent, marked as sent. The engine's
+        text of a choice only grows (each step's is a prefix of the final one), so the deltas of
+        a stream concatenate to the final text."""
+        start, self.text_sent = len(self.text_sent), text
+        return text[start:]
 
     def new_tokens(self, token_ids: list[int], logprobs: list | None) -> tuple[list[int], list]:
         """The tokens (and their logprob entries) not yet sent, marked as sent."""
