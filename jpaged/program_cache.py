@@ -10,9 +10,14 @@ program's settings given by the caller, and the arguments' shapes, dtypes and sh
 loads the executable (`jax.experimental.serialize_executable`); a miss traces and compiles the
 function (through jax's persistent cache) and stores the result. `prefetch` makes a program
 ready in a background thread (XLA compiles and loads with the GIL released), so a program the
-engine will need next compiles while the current one runs. Files live in
+engine will need next loads while the current one runs. Files live in
 `<cache dir>/programs`; the least recently used go beyond `MAX_BYTES`. Anything unreadable is
 compiled afresh and overwritten.
+
+An executable that jax itself loaded from its persistent cache cannot be serialized again whole
+on CPU (the copy lacks some of its functions), so such a program is used but not kept. The jitted
+function's name carries a digest of the key's fixed part, which keeps jax's cache from serving a
+program compiled by other jpaged source: a program new to this cache is compiled afresh.
 """
 
 from __future__ import annotations
@@ -48,8 +53,14 @@ class ProgramCache:
 
     def __init__(self, fn: Callable, donate_argnums: tuple[int, ...], num_fixed: int, context: str,
                  directory: pathlib.Path | None):
-        self._jit = jax.jit(fn, donate_argnums=donate_argnums)
         self._name = getattr(fn, "__name__", "program")
+        digest = hashlib.sha256(f"{_environment()}\n{context}".encode()).hexdigest()[:16]
+
+        def program(*args):
+            return fn(*args)
+
+        program.__name__ = f"{self._name}_{digest}"
+        self._jit = jax.jit(program, donate_argnums=donate_argnums)
         self._num_fixed = num_fixed
         self._context = context
         self._directory = directory
@@ -68,9 +79,16 @@ class ProgramCache:
             program = self._ready[signature] = self._future(args, signature).result()
         return program(*args)
 
-    def prefetch(self, *args) -> None:
+    def lower(self, *args):
+        """The jitted function lowered for `args` (as `jax.jit(...).lower`), for inspection."""
+        return self._jit.lower(*args)
+
+    def prefetch(self, *args, only_stored: bool = False) -> None:
         """Start making the program for `args` (arrays or `jax.ShapeDtypeStruct`s) ready in the
-        background; returns at once."""
+        background; returns at once. With `only_stored`, only a program the cache directory
+        holds (loading it is cheap; a compilation would compete with the foreground for the CPU)."""
+        if only_stored and (self._directory is None or not self._path(args).exists()):
+            return
         self._future(args, self._signature(args), self._background.submit)
 
     def _signature(self, args: tuple) -> tuple:
@@ -113,17 +131,39 @@ class ProgramCache:
                 return program
             except Exception as error:  # a file from an interrupted write or another jaxlib build
                 logger.warning("compiling afresh: %s could not be loaded (%s)", path, error)
+                path.unlink(missing_ok=True)
+        hits = _jax_cache_hits()
         program = self._jit.lower(*args).compile()
-        logger.info("step program #%d compiled", number)
-        if path is not None:
-            _store(path, program)
+        if _jax_cache_hits() > hits:
+            logger.info("step program #%d loaded from jax's compilation cache (not kept in %s)", number, path)
+        else:
+            logger.info("step program #%d compiled", number)
+            if path is not None:
+                _store(path, program)
         return program
 
     def _path(self, args: tuple) -> pathlib.Path:
         if self._fixed_key is None:
-            self._fixed_key = _describe(args[: self._num_fixed])
-        text = "\n".join([_environment(), self._context, self._fixed_key, _describe(args[self._num_fixed:])])
+            self._fixed_key = _describe(jax.tree.map(_abstract, args[: self._num_fixed]))
+        text = "\n".join([_environment(), self._context, self._fixed_key,
+                          _describe(jax.tree.map(_abstract, args[self._num_fixed:]))])
         return self._directory / f"{self._name}-{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+_this_thread = threading.local()
+
+
+def _count_hit(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _this_thread.jax_cache_hits = _jax_cache_hits() + 1
+
+
+jax.monitoring.register_event_listener(_count_hit)
+
+
+def _jax_cache_hits() -> int:
+    """Programs this thread has had from jax's persistent cache."""
+    return getattr(_this_thread, "jax_cache_hits", 0)
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:

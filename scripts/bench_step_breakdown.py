@@ -53,7 +53,7 @@ from jpaged.sampler import sample_with_logprobs
 from jpaged.step_batch import SamplingArrays
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention
 
-PROMPT, CHUNK = 272, 256
+CHUNK = 256
 DECODE_BATCHES = (1, 8, 64)
 PHASES = ("schedule", "move_blocks", "prepare", "dispatch", "device", "to_numpy", "outputs", "total")
 rng = np.random.default_rng(0)
@@ -122,11 +122,11 @@ def random_prompt(length: int) -> list[int]:
     return rng.integers(100, 49000, length).tolist()
 
 
-def start_decodes(engine, count: int) -> None:
+def start_decodes(engine, count: int, prompt_tokens: int) -> None:
     """Admit `count` requests with random prompts and step until all of them decode."""
     params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
     for i in range(count):
-        engine.add_request(f"d{count}-{i}", random_prompt(PROMPT), params)
+        engine.add_request(f"d{count}-{i}", random_prompt(prompt_tokens), params)
     seqs = [engine.get_sequence(f"d{count}-{i}") for i in range(count)]
     while any(s.num_computed_tokens < len(s.prompt_token_ids) for s in seqs):
         engine.step()
@@ -156,18 +156,18 @@ def summarize(records: list[dict], rows: int, new_compilations: int) -> dict:
                 tokens_per_s=rows * 1e3 / phases["total"])
 
 
-def measure_engine(llm: LLM, steps: int) -> tuple[dict, dict]:
+def measure_engine(llm: LLM, steps: int, decode_batches: list[int], prompt_tokens: int) -> tuple[dict, dict]:
     """Host phases and the device split per step kind."""
     engine = llm.engine
     clock = StepClock(engine)
     phases, split = {}, {}
-    for count in DECODE_BATCHES:
-        start_decodes(engine, count)
+    for count in decode_batches:
+        start_decodes(engine, count, prompt_tokens)
         records, compiled = timed_steps(clock, engine, steps)
         phases[f"decode {count}"] = summarize(records, count, compiled)
         split[f"decode {count}"] = device_split(engine, clock)
         stop_all(engine)
-    start_decodes(engine, 8)
+    start_decodes(engine, 8, prompt_tokens)
     fresh = iter(range(10**6))
     one_chunk = SamplingParams(temperature=0.0, max_tokens=1)
 
@@ -352,6 +352,8 @@ def print_tables(result: dict) -> None:
     print("\n| device ms (thread-summed) | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds))
     for name in parts:
         print(f"| {name} | " + " | ".join(f"{result['device_split_ms'][k].get(name, 0):.2f}" for k in kinds) + " |")
+    if "matmul" not in result:
+        return
     print_matmul(result["matmul"])
     widths = sorted({r["block_table_width"] for r in result["attention_padding"]})
     print("\n| attention, 30 layers | " + " | ".join(f"width {w}" for w in widths) + " |\n|---|" + "---|" * len(widths))
@@ -367,6 +369,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/results/step_breakdown_cpu.json")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per step kind")
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=list(DECODE_BATCHES),
+                        help="rows of the decode steps")
+    parser.add_argument("--steps-only", action="store_true", help="the engine's steps only, without the clues")
+    parser.add_argument("--prompt-tokens", type=int, default=272, help="prompt length of the decoding requests")
     parser.add_argument("--matmul-only", action="store_true",
                         help="only XLA against numpy (to compare XLA_FLAGS settings)")
     args = parser.parse_args()
@@ -378,16 +384,18 @@ def main() -> None:
         print_matmul(result["matmul"])
         save_json(result, args.out)
         return
-    phases, split = measure_engine(llm, args.steps)
+    phases, split = measure_engine(llm, args.steps, args.decode_batches, args.prompt_tokens)
     runner = llm.engine.runner
     result = dict(
-        command="python scripts/bench_step_breakdown.py " + f"--steps {args.steps}",
+        command="python scripts/bench_step_breakdown.py " + f"--steps {args.steps} --decode-batches "
+                + " ".join(map(str, args.decode_batches)) + f" --prompt-tokens {args.prompt_tokens}",
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), machine=machine(),
         method="host phases: timers wrapped around LLMEngine.step's pieces; device split: XLA thunk events of a "
                "jax profiler trace of 3 steps, summed over threads, grouped by the HLO's op names and source frames",
-        step_phases=phases, device_split_ms=split,
-        attention_padding=attention_padding(runner), sampler=sampler_comparison(runner.model_config.vocab_size),
-        matmul=matmul_comparison(runner))
+        step_phases=phases, device_split_ms=split)
+    if not args.steps_only:
+        result.update(attention_padding=attention_padding(runner),
+                      sampler=sampler_comparison(runner.model_config.vocab_size), matmul=matmul_comparison(runner))
     result["seconds"] = time.time() - started
     print_tables(result)
     save_json(result, args.out)

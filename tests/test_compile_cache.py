@@ -45,10 +45,10 @@ def test_second_process_traces_and_compiles_nothing_again(tiny_llama_folder, tmp
     first = run(tiny_llama_folder, tmp_path)
     second = run(tiny_llama_folder, tmp_path)
     assert first["counts"]["misses"] >= first["programs"] > 0
-    assert first["traced"].count("_step_fn") == first["programs"]
+    assert sum(name.startswith("_step_fn") for name in first["traced"]) == first["programs"]
     assert second["counts"]["misses"] == 0
     assert second["counts"]["hits"] > 0
-    assert "_step_fn" not in second["traced"]
+    assert not any(name.startswith("_step_fn") for name in second["traced"])
     assert second["programs"] == first["programs"]
     assert second["tokens"] == first["tokens"]
     assert any((tmp_path / "xla").iterdir())
@@ -57,8 +57,11 @@ def test_second_process_traces_and_compiles_nothing_again(tiny_llama_folder, tmp
     for file in (tmp_path / "programs").iterdir():  # damaged files are compiled afresh
         file.write_bytes(b"not a program")
     third = run(tiny_llama_folder, tmp_path)
-    assert third["traced"].count("_step_fn") == first["programs"]
+    assert sum(name.startswith("_step_fn") for name in third["traced"]) == first["programs"]
     assert third["tokens"] == first["tokens"]
+    # jax's persistent cache served them: used, but not kept (such a copy would not load whole)
+    assert third["counts"]["hits"] >= first["programs"]
+    assert not any((tmp_path / "programs").iterdir())
 
 
 def test_the_cache_can_be_turned_off(tiny_llama_folder, tmp_path):

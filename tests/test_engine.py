@@ -254,12 +254,13 @@ def test_step_updates_the_kv_cache_in_place(llm):
     """XLA's compiled step (prefill and decode) aliases the donated KV cache to its output and
     writes the new tokens' slots without ever copying the cache whole."""
     runner = llm.engine.runner
-    step, calls = runner._step, []
-    runner._step = lambda *args, **kwargs: calls.append((args, kwargs)) or step(*args, **kwargs)
+    step_args, calls = runner._step_args, []
+    runner._step_args = lambda *args: calls.append((step_args(*args), {})) or calls[-1][0]
     try:
         llm.generate(STORY_STARTS[:3], SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False)
     finally:
-        runner._step = step
+        del runner._step_args
+    step = runner._step
     cache = runner.kv_cache[0]
     cache_type = re.escape(f"{HLO_TYPES[cache.dtype.name]}[{','.join(map(str, cache.shape))}]")
     assert {bool((np.asarray(args[2].attention.query_lens) > 1).any()) for args, _ in calls} == {False, True}  # prefills, decodes
