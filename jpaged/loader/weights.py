@@ -11,6 +11,7 @@ tensors go into their stage's slot of it.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from functools import partial
@@ -154,7 +155,14 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
 
 def zeros_at(shape: tuple[int, ...], dtype, sharding) -> jax.Array:
     """Zeros made where they live (in their shards on a device mesh; None: the default device)."""
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    if sharding is None:
+        return jnp.zeros(shape, dtype)
+    return _sharded_zeros(shape, dtype, sharding)()
+
+
+@functools.cache
+def _sharded_zeros(shape: tuple[int, ...], dtype, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 @partial(jax.jit, donate_argnums=0)
