@@ -30,8 +30,8 @@ CONFIGS = {
                                              num_experts_per_tok=3, norm_topk_prob=True, head_dim=16, **SMALL),
 }
 LAYOUTS = {  # (tensor, pipeline, expert, data) parallel sizes
-    "llama": [(1, 1, 1, 1), (1, 2, 1, 1), (1, 4, 1, 1), (2, 2, 1, 1), (2, 1, 1, 4)],
-    "mixtral": [(1, 1, 1, 1), (1, 1, 2, 1), (1, 1, 8, 1), (2, 1, 2, 1), (1, 2, 2, 1), (2, 2, 2, 1), (1, 1, 2, 2)],
+    "llama": [(1, 1, 1, 1), (1, 2, 1, 1), (2, 2, 1, 1), (2, 1, 1, 4)],  # 4 stages: `one_prompt_split`
+    "mixtral": [(1, 1, 1, 1), (1, 1, 8, 1), (2, 1, 2, 1), (2, 2, 2, 1), (1, 1, 2, 2)],
     "qwen3_moe": [(1, 1, 1, 1), (1, 1, 4, 1), (2, 2, 2, 1)],
 }
 
@@ -54,7 +54,7 @@ def generate(folder_root: str) -> dict:
         save_random_model(folder, config, seed=4)
         for tp, pp, ep, dp in LAYOUTS[name]:
             llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep,
-                      data_parallel_size=dp, dtype="float32", num_blocks=32, max_num_batched_tokens=24)
+                      data_parallel_size=dp, dtype="float32", num_blocks=32, max_num_batched_tokens=64)
             outputs = llm.generate(prompts, params, use_tqdm=False)
             engines = getattr(llm.engine, "replicas", [llm.engine])
             state = engines[0].runner.state
