@@ -84,7 +84,7 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget > 0 and len(out.scheduled) < self.config.max_num_seqs:
             seq = self.running[index]
             if seq.on_hold:
                 index += 1
@@ -111,11 +111,13 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         index = 0
-        while index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while index < len(self.waiting) and budget > 0:
             seq = self.waiting[index]
             if seq.on_hold:
                 index += 1
                 continue
+            if len(self.running) + self._samples_to_come(seq) > self.config.max_num_seqs:
+                return
             computed = self.block_manager.get_computed_blocks(seq)
             num_new = min(seq.num_tokens - computed.num_tokens, budget)
             slots = self.block_manager.allocate_slots(seq, num_new, computed)
@@ -127,6 +129,13 @@ class Scheduler:
             self._scheduled(out, seq, num_new, slots)
             self.add_running(seq)
             budget -= num_new
+
+    @staticmethod
+    def _samples_to_come(seq: Sequence) -> int:
+        """Running sequences `seq` will make: itself, and the samples its request forks from it
+        once its prompt is computed."""
+        request = seq.request
+        return 1 + (request.num_samples - len(request.seqs) if seq.index == 0 else 0)
 
     @staticmethod
     def _note_first_schedule(seq: Sequence, cached: int) -> None:

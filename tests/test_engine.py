@@ -270,3 +270,19 @@ def test_step_updates_the_kv_cache_in_place(llm):
         assert aliases and len(re.findall(r"(may|must)-alias", aliases.group(1))) == 2  # K and V caches
         assert re.search(cache_type + r"\{[\d,]*\} (scatter|dynamic-update-slice)\(", hlo)  # the slot writes
         assert not re.search(cache_type + r"\{[\d,]*\} copy\(", hlo)
+
+
+def test_samples_of_several_requests_never_exceed_max_num_seqs(stories_path):
+    """Requests whose samples (n) add up past max_num_seqs wait their turn; every one is served,
+    each sample runs, and every block is free after; a request of more samples than max_num_seqs
+    can never run and is refused."""
+    small = LLM(stories_path, num_blocks=64, max_num_seqs=4)
+    params = [SamplingParams(temperature=1.0, n=n, max_tokens=5, seed=n) for n in (3, 2, 4, 1)]
+    outputs = small.generate(STORY_STARTS[:4], params, use_tqdm=False)
+    assert [len(o.outputs) for o in outputs] == [3, 2, 4, 1]
+    assert all(len(c.token_ids) == 5 for o in outputs for c in o.outputs)
+    assert all_blocks_free(small)
+    with pytest.raises(ValueError, match="5 samples .* exceeds max_num_seqs 4"):
+        small.generate(STORY_STARTS[:1], SamplingParams(temperature=1.0, n=5), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"stop_token_ids \[100000\] are outside the vocabulary"):
+        small.generate(STORY_STARTS[:1], SamplingParams(stop_token_ids=[100000]), use_tqdm=False)

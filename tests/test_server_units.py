@@ -130,6 +130,8 @@ def test_over_the_queue_limit_is_refused_at_once():
         with pytest.raises(ServerOverloaded, match="limit of 2 requests"):
             await front.add("s", [("b", SamplingParams())])
         group.close()
+        with pytest.raises(ValueError, match="3 prompts in one request exceed"):  # could never fit: not a 503
+            await front.add("u", [("d", SamplingParams())] * 3)
         return len(await _finals(await front.add("t", [("c", SamplingParams(max_tokens=1))])))
 
     count, _, _ = _run(go, max_queued_requests=2)

@@ -151,10 +151,13 @@ class AsyncEngine:
         """Queue `requests` (prompt, params) as `request_id-0`, `request_id-1`, ... and return their group.
 
         Raises:
-            ServerOverloaded: taking them would exceed `max_queued_requests`.
-            ValueError: the engine refused one (none of them is then queued); the message names
+            ServerOverloaded: taking them would exceed `max_queued_requests` now.
+            ValueError: there are more of them than `max_queued_requests`, or the engine refused one (none of them is then queued); the message names
                 the prompt when there are several.
         """
+        if len(requests) > self.max_queued_requests:
+            raise ValueError(f"{len(requests)} prompts in one request exceed the server's limit of "
+                             f"{self.max_queued_requests} requests in flight (--max-queued-requests)")
         if self._held + len(requests) > self.max_queued_requests:
             raise ServerOverloaded(
                 f"the server is at its limit of {self.max_queued_requests} requests in flight "
