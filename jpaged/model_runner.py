@@ -253,7 +253,7 @@ class ModelRunner:
         num_tokens = self.shapes.num_tokens(min(num_rows, self.shapes.max_num_seqs))
         if self.parallel.pipeline_parallel_size == 1 and num_tokens not in self._decodes_prefetched:
             self._decodes_prefetched.add(num_tokens)
-            self._step.prefetch(*self._step_args(*self._padding_step(1, num_tokens)), only_stored=True)
+            self._step.prefetch(*self._step_args(*self._padding_step(1, num_tokens)))
 
     def _run(self, batch: StepBatch, sampling: SamplingArrays) -> tuple[SamplerOutput, PromptLogprobs]:
         (sampled, prompt), self.kv_cache = self._step(*self._step_args(batch, sampling))

@@ -10,7 +10,7 @@ program's settings given by the caller, and the arguments' shapes, dtypes and sh
 loads the executable (`jax.experimental.serialize_executable`); a miss traces and compiles the
 function (through jax's persistent cache) and stores the result. `prefetch` makes a program
 ready in a background thread (XLA compiles and loads with the GIL released), so a program the
-engine will need next loads while the current one runs. Files live in
+engine will need next compiles (or loads) while the current one compiles or runs. Files live in
 `<cache dir>/programs`; the least recently used go beyond `MAX_BYTES`. Anything unreadable is
 compiled afresh and overwritten.
 
@@ -83,12 +83,9 @@ class ProgramCache:
         """The jitted function lowered for `args` (as `jax.jit(...).lower`), for inspection."""
         return self._jit.lower(*args)
 
-    def prefetch(self, *args, only_stored: bool = False) -> None:
+    def prefetch(self, *args) -> None:
         """Start making the program for `args` (arrays or `jax.ShapeDtypeStruct`s) ready in the
-        background; returns at once. With `only_stored`, only a program the cache directory
-        holds (loading it is cheap; a compilation would compete with the foreground for the CPU)."""
-        if only_stored and (self._directory is None or not self._path(args).exists()):
-            return
+        background; returns at once."""
         self._future(args, self._signature(args), self._background.submit)
 
     def _signature(self, args: tuple) -> tuple:
