@@ -48,8 +48,15 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt],
     except ServerOverloaded as err:
         raise overloaded(str(err)) from err
     except ValueError as err:
-        param = "logit_bias" if "logit_bias" in str(err).split(" ", 3)[:3] else "prompt"
-        raise bad_request(str(err), param=param) from err
+        raise bad_request(str(err), param=_refused_field(str(err))) from err
+
+
+def _refused_field(message: str) -> str:
+    """The request field an engine refusal (`LLMEngine.add_request`'s ValueError) is about."""
+    leading = message.split(" ", 3)[:3]
+    if "max_num_seqs" in message:
+        return "n"
+    return next((field for field in ("logit_bias", "stop_token_ids") if field in leading), "prompt")
 
 
 async def collect(group: RequestGroup) -> list[RequestOutput]:
