@@ -237,7 +237,7 @@ class ModelRunner:
         `eos_token_ids` are blocked for rows still under their `min_tokens`."""
         step = prepare_step(scheduled, self.block_size, self.shapes, self.parallel, eos_token_ids,
                             self.model_config.vocab_size)
-        if any(s.num_new_tokens > 1 for s in scheduled):
+        if any(s.num_new_tokens > 1 for s in scheduled) and all(s.samples for s in scheduled):
             self._prefetch_decode(len(scheduled))
         sampled, prompt = self._run(step.batch, step.sampling)
         fields = sampled if step.wants_logprobs else sampled[:1]
@@ -249,7 +249,7 @@ class ModelRunner:
 
     def _prefetch_decode(self, num_rows: int) -> None:
         """Start making ready, in the background, the decode step of `num_rows` sequences that
-        usually follows a step computing prompts."""
+        usually follows a step that completes every prompt it computes."""
         num_tokens = self.shapes.num_tokens(min(num_rows, self.shapes.max_num_seqs))
         if self.parallel.pipeline_parallel_size == 1 and num_tokens not in self._decodes_prefetched:
             self._decodes_prefetched.add(num_tokens)
