@@ -132,9 +132,9 @@ class LLMEngine:
         bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad_stops:
             raise ValueError(f"stop_token_ids {bad_stops[:5]} are outside the vocabulary [0, {vocab})")
-        samples, max_seqs = max(params.n, params.best_of or params.n), self.config.scheduler.max_num_seqs
-        if samples > max_seqs:
-            raise ValueError(f"a request of {samples} samples (n / best_of) exceeds max_num_seqs {max_seqs}")
+        max_seqs = self.config.scheduler.max_num_seqs
+        if params.num_samples > max_seqs:
+            raise ValueError(f"a request of {params.num_samples} samples (n / best_of) exceeds max_num_seqs {max_seqs}")
         biased = len(params.logit_bias or {}) + (len(params.stop_token_ids) + len(self.eos_token_ids)
                                                  if params.min_tokens else 0)
         if biased > MAX_BIASED_TOKENS:

@@ -254,6 +254,11 @@ class SamplingParams:
         )
 
     @property
+    def num_samples(self) -> int:
+        """Sequences a request with these params runs: `best_of`, else `n`."""
+        return max(self.n, self.best_of or self.n)
+
+    @property
     def is_greedy(self) -> bool:
         """True when decoding takes the argmax token (temperature 0)."""
         return self.temperature == 0

@@ -125,7 +125,7 @@ class Request:
 
     @property
     def num_samples(self) -> int:
-        return max(self.params.n, self.params.best_of or self.params.n)
+        return self.params.num_samples
 
     @property
     def is_finished(self) -> bool:
