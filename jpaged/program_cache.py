@@ -102,6 +102,7 @@ class ProgramCache:
             future = self._pending[signature] = Future()
             if self._fixed is None:
                 self._fixed = jax.tree.map(_abstract, args[: self._num_fixed])
+                self._fixed_key = _describe(self._fixed)
             abstract = (*self._fixed, *jax.tree.map(_abstract, args[self._num_fixed:]))
             self.num_programs += 1
             number = self.num_programs
@@ -140,10 +141,8 @@ class ProgramCache:
         return program
 
     def _path(self, args: tuple) -> pathlib.Path:
-        if self._fixed_key is None:
-            self._fixed_key = _describe(jax.tree.map(_abstract, args[: self._num_fixed]))
-        text = "\n".join([_environment(), self._context, self._fixed_key,
-                          _describe(jax.tree.map(_abstract, args[self._num_fixed:]))])
+        """Where the program for `args` (abstract values) is kept."""
+        text = "\n".join([_environment(), self._context, self._fixed_key, _describe(args[self._num_fixed:])])
         return self._directory / f"{self._name}-{hashlib.sha256(text.encode()).hexdigest()}"
 
 
