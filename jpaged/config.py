@@ -268,7 +268,7 @@ class ParallelConfig:
 class EngineConfig:
     model: str | None = None  # HF folder, .gguf file, or None for the default model
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
-    attention_backend: str = "auto"  # "auto" | "pallas" | "reference"
+    attention_backend: str = "auto"  # "auto" | "pallas" | "cpu" | "reference" (pallas_kernels/backend.py)
     attention_interpret: bool = False  # Pallas kernels in interpret mode (tests on CPU)
     compilation_cache: bool = True  # jax's persistent compilation cache in <cache dir>/xla (compile_cache.py)
     compile_warmup: bool = False  # compile every step program at start-up (LLMEngine.warm_up)
@@ -280,7 +280,6 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', got {self.dtype!r}")
-        if self.attention_backend not in ("auto", "pallas", "reference"):
-            raise ValueError(
-                f"attention_backend must be one of 'auto', 'pallas', 'reference', got {self.attention_backend!r}"
-            )
+        if self.attention_backend not in ("auto", "pallas", "cpu", "reference"):
+            raise ValueError("attention_backend must be one of 'auto', 'pallas', 'cpu', 'reference', "
+                             f"got {self.attention_backend!r}")

@@ -39,7 +39,9 @@ from jpaged.sampler import PromptLogprobs, SamplerOutput, prompt_logprobs, sampl
 from jpaged.sampling_params import MAX_LOGPROBS
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from jpaged.step_batch import PAD_TOKEN_ID, PADDING_PARAMS, PromptRows, SamplingArrays, StepBatch, prepare_step
+from pallas_kernels import cpu_paged_attention
 from pallas_kernels.backend import select_attention
+from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
 
 logger = logging.getLogger("jpaged")
@@ -85,6 +87,7 @@ class ModelRunner:
 
         nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, sharding))
         self.state = state
+        self.attention = self._attention_ready(config)
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
         shape = (model_config.num_layers, self.num_blocks, self.block_size,
                  model_config.num_kv_heads, model_config.head_dim)
@@ -102,7 +105,10 @@ class ModelRunner:
     def _layouts(self, config: EngineConfig) -> dict:
         """The model's attention, MoE, layer runner and stage count for this backend and device layout."""
         model_config, mesh, parallel = self.model_config, self.mesh, self.parallel
-        attend = select_attention(config.attention_backend, model_config.head_dim, config.attention_interpret)
+        kernels = cache_dir() / "kernels" if config.attention_backend in ("auto", "cpu") else None
+        attend = select_attention(config.attention_backend, model_config.head_dim, config.attention_interpret,
+                                  kernel_dir=kernels)
+        self._cpu_kernel = attend is cpu_ragged_paged_attention
         layouts = dict(attention=paged_attention_layer(attend))
         if parallel.tensor_parallel_size > 1:
             layouts["attention"] = shard_attention_layer(layouts["attention"], mesh)
@@ -111,6 +117,17 @@ class ModelRunner:
         if parallel.pipeline_parallel_size > 1:
             layouts.update(run_layers=pipeline(mesh), pipeline_stages=parallel.pipeline_parallel_size)
         return layouts
+
+    def _attention_ready(self, config: EngineConfig) -> str:
+        """Wait for the CPU kernel's build (it ran while the weights loaded); the backend's name."""
+        if not self._cpu_kernel:
+            return config.attention_backend
+        reason = cpu_paged_attention.wait()
+        if reason and config.attention_backend == "cpu":
+            raise RuntimeError(reason)
+        if reason:
+            logger.warning("%s; using the jnp reference", reason)
+        return "reference" if reason else "cpu"
 
     @property
     def block_bytes(self) -> int:
@@ -137,7 +154,7 @@ class ModelRunner:
         """Every setting the step program is made from beyond its arguments' shapes."""
         mesh = None if self.mesh is None else (self.mesh.axis_names, self.mesh.devices.shape,
                                                  [d.id for d in self.mesh.devices.flat])
-        return repr((self.model_config, self.dtype, config.attention_backend, config.attention_interpret,
+        return repr((self.model_config, self.dtype, self.attention, config.attention_interpret,
                      self.parallel, self.block_size, self.shapes, mesh))
 
     @property

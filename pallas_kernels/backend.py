@@ -3,11 +3,15 @@
 `select_attention(backend, head_dim)` returns a function with the signature of the reference
 `ragged_paged_attention(q, k_cache, v_cache, layer, md, scale)`:
 
-- "reference": the pure-jnp reference (the CPU backend);
+- "reference": the pure-jnp reference;
+- "cpu": the C++ kernel called through XLA's FFI (`cpu_paged_attention.py`), CPUs only, built
+  once per machine into the folder `kernel_dir` names (in the background: the caller waits with
+  `cpu_paged_attention.wait()` before its first step);
 - "pallas": the Pallas kernels, the decode rows (one new token each) by the flash-decoding kernel
   and the prefill rows by the ragged kernel (skipped at run time in a step without any). On a
   machine without a GPU they run only in interpret mode (`interpret=True`, for tests);
-- "auto": "pallas" on a GPU, "reference" elsewhere (interpret mode is only ever asked for).
+- "auto": "pallas" on a GPU; on a CPU "cpu" where a C++ compiler is found and `kernel_dir` is
+  given, else "reference" (interpret mode is only ever asked for).
 
 The decode rows run on the Triton flash-decoding kernel unless the environment variable
 `JPAGED_DECODE_KERNEL=mosaic` asks for the Mosaic GPU kernel (`mosaic_decode_attention.py`,
@@ -37,7 +41,7 @@ from pallas_kernels.paged_attention import AttentionMetadata, decode_rows, ragge
 
 logger = logging.getLogger("jpaged")
 
-BACKENDS = ("auto", "pallas", "reference")
+BACKENDS = ("auto", "pallas", "cpu", "reference")
 GPU_PLATFORMS = ("cuda", "rocm", "gpu")
 DECODE_KERNELS = ("auto", "triton", "mosaic")
 DECODE_KERNEL_ENV = "JPAGED_DECODE_KERNEL"
@@ -47,16 +51,20 @@ AttentionFn = Callable[..., jax.Array]
 
 
 def select_attention(backend: str, head_dim: int, interpret: bool = False, *,
-                     platform: str | None = None) -> AttentionFn:
+                     platform: str | None = None, kernel_dir: str | os.PathLike | None = None) -> AttentionFn:
     """The attention function for `backend` and this model's `head_dim`.
 
     `platform` is where the step will run (default: jax's default backend); naming "cuda" lets a
-    CPU-only machine build the Pallas path for cross-lowering.
+    CPU-only machine build the Pallas path for cross-lowering. `kernel_dir` is where the CPU
+    kernel is built and kept. Raises ValueError for an unknown backend, or one this platform
+    cannot run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     platform = platform or jax.default_backend()
     on_gpu = platform in GPU_PLATFORMS
+    if backend == "cpu" or (backend == "auto" and platform == "cpu" and kernel_dir is not None):
+        return _cpu_attention(backend, platform, kernel_dir)
     if backend == "reference" or (backend == "auto" and not on_gpu):
         return ragged_paged_attention
     if not on_gpu and not interpret:
@@ -70,6 +78,20 @@ def select_attention(backend: str, head_dim: int, interpret: bool = False, *,
     if not interpret and choose_decode_kernel(platform) == "mosaic":
         return functools.partial(pallas_paged_attention, interpret=False, decode_kernel="mosaic")
     return functools.partial(pallas_paged_attention, interpret=interpret)
+
+
+def _cpu_attention(backend: str, platform: str, kernel_dir) -> AttentionFn:
+    from pallas_kernels import cpu_paged_attention
+
+    if platform != "cpu" or kernel_dir is None or cpu_paged_attention.compiler() is None:
+        reason = (f"this platform is {platform!r}" if platform != "cpu" else
+                  "no folder to build it in" if kernel_dir is None else "no C++ compiler was found (set CXX)")
+        if backend == "cpu":
+            raise ValueError(f"attention backend 'cpu' cannot run: {reason}")
+        _log_fallback_once(f"the CPU attention kernel cannot run ({reason}); using the jnp reference")
+        return ragged_paged_attention
+    cpu_paged_attention.start_build(kernel_dir)
+    return cpu_paged_attention.cpu_ragged_paged_attention
 
 
 def choose_decode_kernel(platform: str, requested: str | None = None) -> str:

@@ -144,7 +144,8 @@ def build_workload(name: str, tokenizer, count: int, output_cap: int | None) -> 
 
 def run_jpaged(workload: Workload, single: list[int], single_tokens: int, args) -> EngineRun:
     """A cold pass (compiles), then the timed pass; the single request likewise."""
-    llm = LLM(None, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+    llm = LLM(None, attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens,
               cpu_kv_cache_gib=args.kv_cache_gib)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.max_tokens]
     requests = [{"prompt_token_ids": p} for p in workload.prompts]
@@ -400,6 +401,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vllm-omp-bind", default="all",
                         help="VLLM_CPU_OMP_THREADS_BIND: 'all' binds every core; 'auto' is vLLM's default, "
                              "which keeps one core for its scheduler")
+    parser.add_argument("--attention-backend", default="auto", help="jpaged's attention backend (auto, cpu, reference)")
     parser.add_argument("--hf-batch-size", type=int, default=64)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)

@@ -1,0 +1,371 @@
+// Ragged paged attention for CPUs, as an XLA FFI custom call (built and loaded by
+// cpu_paged_attention.py; the pure-jnp reference is paged_attention.py).
+//
+// Same contract as `ragged_paged_attention`: q [T, heads, d]; caches [layers, blocks, block_size,
+// kv_heads, d]; row i brings query_lens[i] tokens from flat token query_start[i] and attends
+// causally to context_lens[i] cached tokens (its new ones included). Keys are read in place from
+// the blocks the row's block table names, only up to what its last query can see: no gather, no
+// padded table width. Padding tokens get zeros.
+//
+// Work is split into (row, tile of up to kQueryTile queries) items, shared by the calling thread
+// and XLA's intra-op thread pool. Each item reads its row's blocks (every KV head at once) in
+// three passes: scores, an exact softmax in float32, weighted values. A query's result depends
+// only on its own row, never on what else is in the batch.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kQueryTile = 16;  // queries of one row that share a pass over its keys
+constexpr int64_t kLanes = 16;  // keys scored together; also the head_dim chunk of the fast path
+
+// GCC/Clang vector extensions: one 16-float register on AVX-512, two on AVX2, four on NEON.
+typedef float V16 __attribute__((vector_size(64)));
+typedef int32_t I16 __attribute__((vector_size(64)));
+
+inline V16 LoadV(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void StoreV(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Lane t of the result is the sum of the 16 lanes of p[t] (a transpose-and-add tree).
+inline V16 SumEachOf16(const V16 (&p)[kLanes]) {
+  V16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(p[2 * i], p[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const V16 d = __builtin_shufflevector(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+                __builtin_shufflevector(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  return __builtin_shufflevector(d, d, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
+// e^x lane by lane for x <= 0, to about 2 float32 ulps: Cody-Waite reduction to r in
+// [-ln2/2, ln2/2], a degree-6 Taylor polynomial, and 2^n built in the exponent bits.
+inline V16 ExpNonPositive(V16 x) {
+  const V16 lowest = V16{} - 87.0f;
+  x = x < lowest ? lowest : x;
+  const V16 round = V16{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const V16 n = (x * 1.44269504f + round) - round;
+  const V16 r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  const V16 poly =
+      1.0f + r * (1.0f + r * (0.5f + r * (1.66666667e-1f + r * (4.16666667e-2f + r * (8.33333333e-3f + r * 1.38888889e-3f)))));
+  const I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;
+  return poly * reinterpret_cast<const V16&>(bits);
+}
+
+inline float Bf16ToFloat(uint16_t bits) {
+  uint32_t word = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof(value));
+  return value;
+}
+
+inline uint16_t FloatToBf16(float value) {  // round to nearest even, as XLA converts
+  uint32_t word;
+  std::memcpy(&word, &value, sizeof(word));
+  if (std::isnan(value)) return static_cast<uint16_t>((word >> 16) | 0x40);
+  word += 0x7fff + ((word >> 16) & 1);
+  return static_cast<uint16_t>(word >> 16);
+}
+
+template <typename T>
+inline float Load(const T* p, int64_t i);
+template <>
+inline float Load<float>(const float* p, int64_t i) { return p[i]; }
+template <>
+inline float Load<uint16_t>(const uint16_t* p, int64_t i) { return Bf16ToFloat(p[i]); }
+
+template <typename T>
+inline void Store(T* p, int64_t i, float value);
+template <>
+inline void Store<float>(float* p, int64_t i, float value) { p[i] = value; }
+template <>
+inline void Store<uint16_t>(uint16_t* p, int64_t i, float value) { p[i] = FloatToBf16(value); }
+
+struct Shapes {
+  int64_t num_tokens, num_heads, head_dim;
+  int64_t num_blocks, block_size, num_kv_heads;
+  int64_t num_rows, table_width;
+};
+
+struct WorkItem {
+  int32_t row, first_query, num_queries;
+};
+
+// Pointer to block `b` of the row's table in this layer, and the block's tokens the item reads.
+struct BlockRef {
+  int64_t base, count;
+};
+
+// One work item: `num_queries` consecutive queries of a row, every head. Exact softmax in three
+// passes over the visible keys (scores, exponentials, weighted values); each pass reads a block's
+// tokens (all KV heads, contiguous) once and asks for the next block ahead of time.
+template <typename Q, typename C>
+void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_cache, int64_t layer,
+                const int32_t* block_tables, const int32_t* context_lens, const int32_t* query_start,
+                const int32_t* query_lens, float scale, const Shapes& s, Q* out) {
+  const int64_t d = s.head_dim, heads = s.num_heads;
+  const int64_t group = heads / s.num_kv_heads;
+  const int64_t nq = item.num_queries * heads;  // query vectors: query-major, then head
+  const int64_t first_pos = context_lens[item.row] - query_lens[item.row] + item.first_query;
+  const int64_t first_token = query_start[item.row] + item.first_query;
+  const int64_t num_keys = first_pos + item.num_queries;  // keys the last query sees
+  const int64_t token_elems = s.num_kv_heads * d;
+  const int64_t block_elems = s.block_size * token_elems;
+  const int64_t layer_base = layer * s.num_blocks * block_elems;
+  const int64_t num_blocks = (num_keys + s.block_size - 1) / s.block_size;
+
+  // Score slots per query: rounded up, plus one group of lanes that a last partial group may write.
+  const int64_t slots = (num_keys + kLanes - 1) / kLanes * kLanes + kLanes;
+  thread_local std::vector<float> qv, acc, scores, inv_sum, widened;
+  qv.resize(nq * d);
+  acc.assign(nq * d, 0.0f);
+  scores.resize(nq * slots);
+  inv_sum.resize(nq);
+  widened.resize(block_elems);
+  for (int64_t j = 0; j < nq; ++j) {
+    const Q* src = q + (first_token * heads + j) * d;
+    for (int64_t x = 0; x < d; ++x) qv[j * d + x] = Load(src, x) * scale;
+  }
+  auto block_ref = [&](int64_t b) {
+    return BlockRef{layer_base + block_tables[item.row * s.table_width + b] * block_elems,
+                    std::min(s.block_size, num_keys - b * s.block_size)};
+  };
+  auto prefetch = [&](const C* cache, int64_t b) {
+    if (b >= num_blocks) return;
+    const BlockRef next = block_ref(b);
+    const char* first = reinterpret_cast<const char*>(cache + next.base);
+    const int64_t bytes = next.count * token_elems * static_cast<int64_t>(sizeof(C));
+    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(first + offset);
+  };
+  // Tokens of a block as float32 rows of `token_elems` (bfloat16 widened into a scratch block).
+  auto tokens = [&](const C* cache, const BlockRef& ref) -> const float* {
+    if constexpr (std::is_same_v<C, float>) {
+      return cache + ref.base;
+    } else {
+      for (int64_t i = 0; i < ref.count * token_elems; ++i) widened[i] = Load(cache + ref.base, i);
+      return widened.data();
+    }
+  };
+  thread_local std::vector<int64_t> visible, head_offset;  // keys query vector j sees; its KV head's offset
+  visible.resize(nq);
+  head_offset.resize(nq);
+  for (int64_t j = 0; j < nq; ++j) {
+    visible[j] = first_pos + j / heads + 1;
+    head_offset[j] = (j % heads) / group * d;
+  }
+
+  // Scores: 16 keys at a time, each dot as lane-wise partial sums added across lanes at the end.
+  prefetch(k_cache, 0);
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    prefetch(k_cache, b + 1);
+    const BlockRef ref = block_ref(b);
+    const float* keys = tokens(k_cache, ref);
+    for (int64_t t0 = 0; t0 < ref.count; t0 += kLanes) {
+      const int64_t n = std::min(kLanes, ref.count - t0);
+      for (int64_t j = 0; j < nq; ++j) {
+        const float* qj = qv.data() + j * d;
+        const float* k0 = keys + t0 * token_elems + head_offset[j];
+        float* out_scores = scores.data() + j * slots + b * s.block_size + t0;
+        if (d % kLanes) {
+          for (int64_t t = 0; t < n; ++t) {
+            float dot = 0.0f;
+            for (int64_t x = 0; x < d; ++x) dot += qj[x] * k0[t * token_elems + x];
+            out_scores[t] = dot;
+          }
+          continue;
+        }
+        V16 partial[kLanes];
+        for (int64_t t = 0; t < kLanes; ++t) {
+          V16 sum = {};
+          if (t < n)
+            for (int64_t x = 0; x < d; x += kLanes) sum += LoadV(qj + x) * LoadV(k0 + t * token_elems + x);
+          partial[t] = sum;
+        }
+        StoreV(out_scores, SumEachOf16(partial));
+      }
+    }
+  }
+
+  // Exponentials (unnormalised) and their sums.
+  prefetch(v_cache, 0);
+  I16 lane;
+  for (int i = 0; i < kLanes; ++i) lane[i] = i;
+  for (int64_t j = 0; j < nq; ++j) {
+    float* sj = scores.data() + j * slots;
+    const int64_t n = visible[j];
+    float max_score = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) max_score = std::max(max_score, sj[t]);
+    V16 sum = {};
+    for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
+      V16 e = ExpNonPositive(LoadV(sj + t0) - max_score);
+      e = lane < static_cast<int32_t>(n - t0) ? e : V16{};
+      StoreV(sj + t0, e);
+      sum += e;
+    }
+    float total = 0.0f;
+    for (int i = 0; i < kLanes; ++i) total += sum[i];
+    inv_sum[j] = 1.0f / total;
+  }
+
+  // Weighted values.
+  for (int64_t b = 0; b < num_blocks; ++b) {
+    prefetch(v_cache, b + 1);
+    const BlockRef ref = block_ref(b);
+    const float* values = tokens(v_cache, ref);
+    for (int64_t t = 0; t < ref.count; ++t) {
+      const int64_t key = b * s.block_size + t;
+      for (int64_t j = 0; j < nq; ++j) {
+        if (key >= visible[j]) continue;
+        const float p = scores[j * slots + key];
+        const float* vt = values + t * token_elems + head_offset[j];
+        float* aj = acc.data() + j * d;
+#pragma omp simd
+        for (int64_t x = 0; x < d; ++x) aj[x] += p * vt[x];
+      }
+    }
+  }
+
+  for (int64_t j = 0; j < nq; ++j) {
+    Q* dst = out + (first_token * heads + j) * d;
+    for (int64_t x = 0; x < d; ++x) Store(dst, x, acc[j * d + x] * inv_sum[j]);
+  }
+}
+
+// Runs `work(i)` for i in [0, count) on the calling thread and up to `pool.num_threads()` pool
+// threads. Helpers that start after every item is taken do nothing, so the call never waits on a
+// thread that is busy elsewhere (or is the caller itself).
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, F work) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto state = std::make_shared<State>();
+  auto run = [state, count, work]() {
+    int64_t finished_here = 0;
+    for (int64_t i; (i = state->next.fetch_add(1)) < count; ++finished_here) work(i);
+    if (finished_here && state->done.fetch_add(finished_here) + finished_here == count) {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      state->finished.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(run)(run));
+  run();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done.load() == count; });
+}
+
+template <typename Q, typename C>
+void Attend(ffi::ThreadPool& pool, const Shapes& s, const Q* q, const C* k_cache, const C* v_cache,
+            int64_t layer, const int32_t* block_tables, const int32_t* context_lens,
+            const int32_t* query_start, const int32_t* query_lens, float scale, Q* out) {
+  std::memset(out, 0, sizeof(Q) * s.num_tokens * s.num_heads * s.head_dim);
+  std::vector<WorkItem> items;
+  for (int32_t row = 0; row < s.num_rows; ++row)
+    for (int32_t first = 0; first < query_lens[row]; first += kQueryTile)
+      items.push_back({row, first, static_cast<int32_t>(std::min<int64_t>(kQueryTile, query_lens[row] - first))});
+  // Longest work first, so the threads finish together.
+  std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) {
+    return int64_t(a.num_queries) * context_lens[a.row] > int64_t(b.num_queries) * context_lens[b.row];
+  });
+  ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
+    AttendItem(items[i], q, k_cache, v_cache, layer, block_tables, context_lens, query_start, query_lens, scale, s,
+               out);
+  });
+}
+
+ffi::Error Check(const Shapes& s, int64_t layer, int64_t num_layers, const int32_t* block_tables,
+                 const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens) {
+  if (s.num_heads % s.num_kv_heads) return ffi::Error::InvalidArgument("heads not a multiple of kv heads");
+  if (layer < 0 || layer >= num_layers) return ffi::Error::InvalidArgument("layer out of range");
+  for (int64_t row = 0; row < s.num_rows; ++row) {
+    const int64_t n = query_lens[row], ctx = context_lens[row], start = query_start[row];
+    if (n == 0) continue;
+    if (n < 0 || n > ctx || start < 0 || start + n > s.num_tokens || ctx > s.table_width * s.block_size)
+      return ffi::Error::InvalidArgument("row's query or context out of range");
+    for (int64_t b = 0; b < (ctx + s.block_size - 1) / s.block_size; ++b) {
+      const int64_t block = block_tables[row * s.table_width + b];
+      if (block < 0 || block >= s.num_blocks) return ffi::Error::InvalidArgument("block id out of range");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                                ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> layer,
+                                ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> context_lens,
+                                ffi::Buffer<ffi::S32> query_start, ffi::Buffer<ffi::S32> query_lens, float scale,
+                                ffi::Result<ffi::AnyBuffer> out) {
+  auto qd = q.dimensions();
+  auto cd = k_cache.dimensions();
+  auto td = block_tables.dimensions();
+  if (qd.size() != 3 || cd.size() != 5 || td.size() != 2) return ffi::Error::InvalidArgument("bad ranks");
+  Shapes s{qd[0], qd[1], qd[2], cd[1], cd[2], cd[3], td[0], td[1]};
+  if (cd[4] != s.head_dim) return ffi::Error::InvalidArgument("cache head_dim differs from q's");
+  const int64_t layer_index = layer.typed_data()[0];
+  if (auto error = Check(s, layer_index, cd[0], block_tables.typed_data(), context_lens.typed_data(),
+                         query_start.typed_data(), query_lens.typed_data());
+      error.failure())
+    return error;
+  const auto qt = q.element_type(), ct = k_cache.element_type();
+  if (out->element_type() != qt || v_cache.element_type() != ct)
+    return ffi::Error::InvalidArgument("dtypes differ");
+  auto args = std::make_tuple(layer_index, block_tables.typed_data(), context_lens.typed_data(),
+                              query_start.typed_data(), query_lens.typed_data(), scale);
+  auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
+    std::apply([&](auto... rest) { Attend(pool, s, qp, kp, vp, rest..., op); }, args);
+  };
+  if (qt != ct) return ffi::Error::InvalidArgument("q and the caches must have one dtype");
+  if (qt == ffi::DataType::F32)
+    run((const float*)q.untyped_data(), (const float*)k_cache.untyped_data(), (const float*)v_cache.untyped_data(),
+        (float*)out->untyped_data());
+  else if (qt == ffi::DataType::BF16)
+    run((const uint16_t*)q.untyped_data(), (const uint16_t*)k_cache.untyped_data(),
+        (const uint16_t*)v_cache.untyped_data(), (uint16_t*)out->untyped_data());
+  else
+    return ffi::Error::InvalidArgument("q and the caches must be float32 or bfloat16");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedRaggedPagedAttention, RaggedPagedAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::AnyBuffer>());

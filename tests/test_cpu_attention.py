@@ -1,0 +1,145 @@
+"""The CPU attention kernel (C++ through XLA's FFI) against the jnp reference, on the awkward batches
+the Pallas kernels are tested on; its row independence; its checks of bad metadata; the backend
+switch; and an engine whose compiler fails, which falls back to the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_pallas_kernels import BF16, F32, assert_matches_reference, awkward_seqs, make_batch, run_jitted
+
+from jpaged.cache_dir import cache_dir
+from pallas_kernels import cpu_paged_attention
+from pallas_kernels.backend import select_attention
+from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
+from pallas_kernels.paged_attention import ragged_paged_attention
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    if cpu_paged_attention.compiler() is None:
+        pytest.skip("no C++ compiler")
+    cpu_paged_attention.start_build(cache_dir() / "kernels")
+    reason = cpu_paged_attention.wait()
+    assert reason is None, reason
+
+
+def kernel_output(batch):
+    return run_jitted(cpu_ragged_paged_attention, batch)
+
+
+# (block_size, heads, kv_heads, head_dim): GQA groups 1, 3, 4, 8; head_dims on the vector path
+# (multiples of 16) and off it (8, 40); block sizes smaller and larger than the 16 keys scored at once.
+SHAPES = [(16, 9, 3, 64), (16, 8, 8, 32), (8, 8, 2, 64), (32, 16, 4, 128), (16, 8, 1, 40), (4, 4, 2, 8),
+          (16, 12, 4, 80)]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "bs{}-h{}-kv{}-d{}".format(*s))
+def test_kernel_matches_reference(shape, dtype):
+    block_size, heads, kv_heads, head_dim = shape
+    seqs = awkward_seqs(block_size, chunk=37)
+    batch = make_batch(hash(shape) % 1000, seqs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                       block_size=block_size, num_blocks=160, dtype=dtype)
+    out = kernel_output(batch)
+    assert_matches_reference(out, batch, dtype)
+    padding = np.ones(batch.q.shape[0], bool)
+    for start, n in zip(np.asarray(batch.md.query_start), np.asarray(batch.md.query_lens)):
+        padding[start:start + n] = False
+    assert not np.asarray(out, np.float32)[padding].any(), "padding tokens get zeros"
+
+
+def test_long_contexts_and_prompt_tiles():
+    """Contexts of hundreds of blocks, prefill chunks over several query tiles."""
+    seqs = [(700, 1), (1500, 1), (0, 300), (900, 129)]
+    batch = make_batch(7, seqs, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16, num_blocks=400)
+    assert_matches_reference(kernel_output(batch), batch, F32)
+
+
+def test_each_row_is_independent_of_the_batch():
+    """A row's output is bit for bit the same alone and among other rows (batch invariance)."""
+    seqs = [(40, 1), (300, 1), (17, 1), (0, 50), (120, 33)]
+    batch = make_batch(11, seqs, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16, num_blocks=120)
+    together = np.asarray(kernel_output(batch))
+    md = batch.md
+    for row in range(len(seqs)):
+        alone = dataclasses.replace(md, query_lens=md.query_lens * (jnp.arange(md.query_lens.shape[0]) == row))
+        single = np.asarray(kernel_output(dataclasses.replace(batch, md=alone)))
+        start, n = int(md.query_start[row]), int(md.query_lens[row])
+        np.testing.assert_array_equal(single[start:start + n], together[start:start + n])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("block_tables", 10_000, "block id out of range"),
+    ("context_lens", 10_000, "query or context out of range"),
+    ("query_start", 10_000, "query or context out of range"),
+])
+def test_bad_metadata_is_an_error(field, value, message):
+    batch = make_batch(3, [(20, 1), (5, 7)], num_heads=4, num_kv_heads=2, head_dim=16, block_size=8, num_blocks=12)
+    bad = getattr(batch.md, field).at[0].set(value)
+    batch = dataclasses.replace(batch, md=dataclasses.replace(batch.md, **{field: bad}))
+    with pytest.raises(Exception, match=message):
+        np.asarray(kernel_output(batch))
+
+
+def test_inside_a_layer_scan_matches_reference():
+    """As the model calls it: layer index traced inside `lax.scan`, the caches carried."""
+    batch = make_batch(5, [(33, 1), (90, 1), (10, 20)], num_heads=6, num_kv_heads=2, head_dim=32, block_size=16,
+                       num_blocks=30)
+
+    def all_layers(attend):
+        def run(q, k, v, md):
+            def body(total, layer):
+                return total + attend(q, k, v, layer, md, batch.scale), None
+            return jax.lax.scan(body, jnp.zeros_like(q), jnp.arange(k.shape[0]))[0]
+        return jax.jit(run)(batch.q, batch.k_cache, batch.v_cache, batch.md)
+
+    np.testing.assert_allclose(all_layers(cpu_ragged_paged_attention), all_layers(ragged_paged_attention),
+                               atol=2e-5, rtol=2e-5)
+
+
+def test_backend_switch(tmp_path):
+    assert select_attention("auto", 64, platform="cpu", kernel_dir=tmp_path) is cpu_ragged_paged_attention
+    assert select_attention("cpu", 64, platform="cpu", kernel_dir=tmp_path) is cpu_ragged_paged_attention
+    assert select_attention("reference", 64, platform="cpu", kernel_dir=tmp_path) is ragged_paged_attention
+    with pytest.raises(ValueError, match="'cpu' cannot run: this platform is 'cuda'"):
+        select_attention("cpu", 64, platform="cuda", kernel_dir=tmp_path)
+    with pytest.raises(ValueError, match="no folder"):
+        select_attention("cpu", 64, platform="cpu")
+
+
+def test_engine_without_a_working_compiler_falls_back(tmp_path, stories_path):
+    """A compiler that fails: "auto" warns and computes with the reference, "cpu" is an error."""
+    script = textwrap.dedent(f"""
+        import logging, sys
+        logging.basicConfig(level=logging.WARNING)
+        from jpaged import LLM, SamplingParams
+        backend = sys.argv[1]
+        llm = LLM({stories_path!r}, attention_backend=backend, max_model_len=64)
+        out = llm.generate(["Once upon a time"], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+        print("TOKENS", out[0].outputs[0].token_ids)
+    """)
+    env = {"CXX": "false", "JPAGED_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def run(backend):
+        return subprocess.run([sys.executable, "-c", script, backend], capture_output=True, text=True, env=env,
+                              timeout=300)
+
+    auto = run("auto")
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    assert "CPU attention kernel could not be built" in auto.stderr and "using the jnp reference" in auto.stderr
+    reference = run("reference")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    assert auto.stdout.split("TOKENS")[1] == reference.stdout.split("TOKENS")[1]
+    forced = run("cpu")
+    assert forced.returncode != 0 and "CPU attention kernel could not be built" in forced.stderr
