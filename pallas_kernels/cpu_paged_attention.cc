@@ -24,9 +24,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "xla/ffi/api/c_api.h"  // XLA's FFI in plain C: a fraction of ffi.h's compile time
 
 namespace {
 
@@ -255,11 +253,52 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
   }
 }
 
+// XLA's intra-op thread pool for this call, through the C API.
+class ThreadPool {
+ public:
+  ThreadPool(const XLA_FFI_Api* api, XLA_FFI_ExecutionContext* ctx) : api_(api), ctx_(ctx) {}
+
+  int64_t num_threads() const {
+    int64_t n = 0;
+    XLA_FFI_ThreadPool_NumThreads_Args args{XLA_FFI_ThreadPool_NumThreads_Args_STRUCT_SIZE, nullptr, ctx_, &n};
+    if (XLA_FFI_Error* error = api_->XLA_FFI_ThreadPool_NumThreads(&args)) {
+      Destroy(error);
+      return 0;
+    }
+    return n;
+  }
+
+  // Runs `task` on a pool thread, or here when there is no pool.
+  template <typename F>
+  void Schedule(F task) {
+    auto* data = new F(std::move(task));
+    XLA_FFI_Task* run = +[](void* p) {
+      auto* f = static_cast<F*>(p);
+      (*f)();
+      delete f;
+    };
+    XLA_FFI_ThreadPool_Schedule_Args args{XLA_FFI_ThreadPool_Schedule_Args_STRUCT_SIZE, nullptr, ctx_, run, data};
+    if (XLA_FFI_Error* error = api_->XLA_FFI_ThreadPool_Schedule(&args)) {
+      Destroy(error);
+      run(data);
+    }
+  }
+
+ private:
+  void Destroy(XLA_FFI_Error* error) const {
+    XLA_FFI_Error_Destroy_Args args{XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, nullptr, error};
+    api_->XLA_FFI_Error_Destroy(&args);
+  }
+
+  const XLA_FFI_Api* api_;
+  XLA_FFI_ExecutionContext* ctx_;
+};
+
 // Runs `work(i)` for i in [0, count) on the calling thread and up to `pool.num_threads()` pool
 // threads. Helpers that start after every item is taken do nothing, so the call never waits on a
 // thread that is busy elsewhere (or is the caller itself).
 template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t count, F work) {
+void ParallelFor(ThreadPool& pool, int64_t count, F work) {
   struct State {
     std::atomic<int64_t> next{0};
     std::atomic<int64_t> done{0};
@@ -276,14 +315,14 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, F work) {
     }
   };
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(run)(run));
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(run);
   run();
   std::unique_lock<std::mutex> lock(state->mutex);
   state->finished.wait(lock, [&] { return state->done.load() == count; });
 }
 
 template <typename Q, typename C>
-void Attend(ffi::ThreadPool& pool, const Shapes& s, const Q* q, const C* k_cache, const C* v_cache,
+void Attend(ThreadPool& pool, const Shapes& s, const Q* q, const C* k_cache, const C* v_cache,
             int64_t layer, const int32_t* block_tables, const int32_t* context_lens,
             const int32_t* query_start, const int32_t* query_lens, float scale, Q* out) {
   std::memset(out, 0, sizeof(Q) * s.num_tokens * s.num_heads * s.head_dim);
@@ -301,71 +340,95 @@ void Attend(ffi::ThreadPool& pool, const Shapes& s, const Q* q, const C* k_cache
   });
 }
 
-ffi::Error Check(const Shapes& s, int64_t layer, int64_t num_layers, const int32_t* block_tables,
-                 const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens) {
-  if (s.num_heads % s.num_kv_heads) return ffi::Error::InvalidArgument("heads not a multiple of kv heads");
-  if (layer < 0 || layer >= num_layers) return ffi::Error::InvalidArgument("layer out of range");
+// Why the metadata cannot be read safely, or nullptr.
+const char* Check(const Shapes& s, int64_t layer, int64_t num_layers, const int32_t* block_tables,
+                  const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens) {
+  if (s.num_kv_heads < 1 || s.num_heads % s.num_kv_heads) return "heads not a multiple of kv heads";
+  if (layer < 0 || layer >= num_layers) return "layer out of range";
   for (int64_t row = 0; row < s.num_rows; ++row) {
     const int64_t n = query_lens[row], ctx = context_lens[row], start = query_start[row];
     if (n == 0) continue;
     if (n < 0 || n > ctx || start < 0 || start + n > s.num_tokens || ctx > s.table_width * s.block_size)
-      return ffi::Error::InvalidArgument("row's query or context out of range");
+      return "row's query or context out of range";
     for (int64_t b = 0; b < (ctx + s.block_size - 1) / s.block_size; ++b) {
       const int64_t block = block_tables[row * s.table_width + b];
-      if (block < 0 || block >= s.num_blocks) return ffi::Error::InvalidArgument("block id out of range");
+      if (block < 0 || block >= s.num_blocks) return "block id out of range";
     }
   }
-  return ffi::Error::Success();
+  return nullptr;
 }
 
-ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
-                                ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> layer,
-                                ffi::Buffer<ffi::S32> block_tables, ffi::Buffer<ffi::S32> context_lens,
-                                ffi::Buffer<ffi::S32> query_start, ffi::Buffer<ffi::S32> query_lens, float scale,
-                                ffi::Result<ffi::AnyBuffer> out) {
-  auto qd = q.dimensions();
-  auto cd = k_cache.dimensions();
-  auto td = block_tables.dimensions();
-  if (qd.size() != 3 || cd.size() != 5 || td.size() != 2) return ffi::Error::InvalidArgument("bad ranks");
-  Shapes s{qd[0], qd[1], qd[2], cd[1], cd[2], cd[3], td[0], td[1]};
-  if (cd[4] != s.head_dim) return ffi::Error::InvalidArgument("cache head_dim differs from q's");
-  const int64_t layer_index = layer.typed_data()[0];
-  if (auto error = Check(s, layer_index, cd[0], block_tables.typed_data(), context_lens.typed_data(),
-                         query_start.typed_data(), query_lens.typed_data());
-      error.failure())
-    return error;
-  const auto qt = q.element_type(), ct = k_cache.element_type();
-  if (out->element_type() != qt || v_cache.element_type() != ct)
-    return ffi::Error::InvalidArgument("dtypes differ");
-  auto args = std::make_tuple(layer_index, block_tables.typed_data(), context_lens.typed_data(),
-                              query_start.typed_data(), query_lens.typed_data(), scale);
-  auto run = [&](auto* qp, auto* kp, auto* vp, auto* op) {
-    std::apply([&](auto... rest) { Attend(pool, s, qp, kp, vp, rest..., op); }, args);
-  };
-  if (qt != ct) return ffi::Error::InvalidArgument("q and the caches must have one dtype");
-  if (qt == ffi::DataType::F32)
-    run((const float*)q.untyped_data(), (const float*)k_cache.untyped_data(), (const float*)v_cache.untyped_data(),
-        (float*)out->untyped_data());
-  else if (qt == ffi::DataType::BF16)
-    run((const uint16_t*)q.untyped_data(), (const uint16_t*)k_cache.untyped_data(),
-        (const uint16_t*)v_cache.untyped_data(), (uint16_t*)out->untyped_data());
-  else
-    return ffi::Error::InvalidArgument("q and the caches must be float32 or bfloat16");
-  return ffi::Error::Success();
+XLA_FFI_Error* Fail(const XLA_FFI_Api* api, const char* message) {
+  XLA_FFI_Error_Create_Args args{XLA_FFI_Error_Create_Args_STRUCT_SIZE, nullptr, message,
+                                 XLA_FFI_Error_Code_INVALID_ARGUMENT};
+  return api->XLA_FFI_Error_Create(&args);
 }
+
+// Tells XLA which FFI version the handler was built against (asked once, at registration).
+XLA_FFI_Error* DescribeHandler(XLA_FFI_Metadata_Extension* extension) {
+  XLA_FFI_Metadata* metadata = extension->metadata;
+  metadata->api_version = XLA_FFI_Api_Version{XLA_FFI_Api_Version_STRUCT_SIZE, nullptr, XLA_FFI_API_MAJOR,
+                                              XLA_FFI_API_MINOR};
+  metadata->traits = 0;
+  metadata->state_type_id = XLA_FFI_UNKNOWN_TYPE_ID;
+  return nullptr;
+}
+
+const XLA_FFI_Buffer* Buffer(void* p) { return static_cast<const XLA_FFI_Buffer*>(p); }
+
+const int32_t* Int32s(const XLA_FFI_Buffer* b) { return static_cast<const int32_t*>(b->data); }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JpagedRaggedPagedAttention, RaggedPagedAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Attr<float>("scale")
-                                  .Ret<ffi::AnyBuffer>());
+// Arguments: q, k_cache, v_cache, layer [1], block_tables, context_lens, query_start, query_lens
+// (int32); attribute: scale (float32); result: [T, heads, head_dim] in q's dtype.
+extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
+  const XLA_FFI_Api* api = frame->api;
+  if (frame->extension_start != nullptr && frame->extension_start->type == XLA_FFI_Extension_Metadata)
+    return DescribeHandler(reinterpret_cast<XLA_FFI_Metadata_Extension*>(frame->extension_start));
+  if (frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return Fail(api, "called outside the execute stage");
+  if (frame->args.size != 8 || frame->rets.size != 1 || frame->attrs.size != 1)
+    return Fail(api, "expects 8 arguments, 1 result and the scale attribute");
+  for (int64_t i = 0; i < 8; ++i)
+    if (frame->args.types[i] != XLA_FFI_ArgType_BUFFER) return Fail(api, "arguments must be arrays");
+  if (frame->rets.types[0] != XLA_FFI_RetType_BUFFER || frame->attrs.types[0] != XLA_FFI_AttrType_SCALAR)
+    return Fail(api, "result must be an array and scale a scalar");
+  const auto* scale = static_cast<const XLA_FFI_Scalar*>(frame->attrs.attrs[0]);
+  if (scale->dtype != XLA_FFI_DataType_F32) return Fail(api, "scale must be float32");
+  const XLA_FFI_Buffer *q = Buffer(frame->args.args[0]), *k = Buffer(frame->args.args[1]),
+                       *v = Buffer(frame->args.args[2]), *out = Buffer(frame->rets.rets[0]);
+  const XLA_FFI_Buffer* ints[5];
+  for (int i = 0; i < 5; ++i) {
+    ints[i] = Buffer(frame->args.args[3 + i]);
+    if (ints[i]->dtype != XLA_FFI_DataType_S32) return Fail(api, "layer and metadata must be int32");
+  }
+  if (q->rank != 3 || k->rank != 5 || v->rank != 5 || ints[1]->rank != 2 || out->rank != 3)
+    return Fail(api, "q, caches or block tables of the wrong rank");
+  for (int i = 0; i < 5; ++i)
+    if (k->dims[i] != v->dims[i]) return Fail(api, "k and v caches differ in shape");
+  const Shapes s{q->dims[0], q->dims[1], q->dims[2], k->dims[1], k->dims[2], k->dims[3], ints[1]->dims[0],
+                 ints[1]->dims[1]};
+  if (k->dims[4] != s.head_dim) return Fail(api, "cache head_dim differs from q's");
+  const int64_t layer = Int32s(ints[0])[0];
+  const int32_t *tables = Int32s(ints[1]), *context_lens = Int32s(ints[2]), *query_start = Int32s(ints[3]),
+                *query_lens = Int32s(ints[4]);
+  for (const XLA_FFI_Buffer* meta : {ints[2], ints[3], ints[4]})
+    if (meta->rank != 1 || meta->dims[0] != s.num_rows) return Fail(api, "metadata of the wrong length");
+  if (const char* problem = Check(s, layer, k->dims[0], tables, context_lens, query_start, query_lens))
+    return Fail(api, problem);
+  if (q->dtype != k->dtype || q->dtype != v->dtype || q->dtype != out->dtype)
+    return Fail(api, "q, the caches and the result must have one dtype");
+  ThreadPool pool(api, frame->ctx);
+  const float sc = *static_cast<const float*>(scale->value);
+  if (q->dtype == XLA_FFI_DataType_F32)
+    Attend(pool, s, static_cast<const float*>(q->data), static_cast<const float*>(k->data),
+           static_cast<const float*>(v->data), layer, tables, context_lens, query_start, query_lens, sc,
+           static_cast<float*>(out->data));
+  else if (q->dtype == XLA_FFI_DataType_BF16)
+    Attend(pool, s, static_cast<const uint16_t*>(q->data), static_cast<const uint16_t*>(k->data),
+           static_cast<const uint16_t*>(v->data), layer, tables, context_lens, query_start, query_lens, sc,
+           static_cast<uint16_t*>(out->data));
+  else
+    return Fail(api, "q and the caches must be float32 or bfloat16");
+  return nullptr;
+}
