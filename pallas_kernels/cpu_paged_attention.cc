@@ -227,24 +227,41 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
     float total = 0.0f;
     for (int i = 0; i < kLanes; ++i) total += sum[i];
     inv_sum[j] = 1.0f / total;
+    for (int64_t t = (n + kLanes - 1) / kLanes * kLanes; t < num_keys; ++t) sj[t] = 0.0f;  // keys it cannot see
   }
 
-  // Weighted values.
+  // Weighted values (the weights of keys a query cannot see are 0). Per block and KV head, its
+  // query vectors go four at a time with their accumulators in registers, one 16-float slice of
+  // head_dim at a time.
   for (int64_t b = 0; b < num_blocks; ++b) {
     prefetch(v_cache, b + 1);
     const BlockRef ref = block_ref(b);
     const float* values = tokens(v_cache, ref);
-    for (int64_t t = 0; t < ref.count; ++t) {
-      const int64_t key = b * s.block_size + t;
-      for (int64_t j = 0; j < nq; ++j) {
-        if (key >= visible[j]) continue;
-        const float p = scores[j * slots + key];
-        const float* vt = values + t * token_elems + head_offset[j];
-        float* aj = acc.data() + j * d;
-#pragma omp simd
-        for (int64_t x = 0; x < d; ++x) aj[x] += p * vt[x];
-      }
+    const float* weights = scores.data() + b * s.block_size;
+    if (d % kLanes) {
+      for (int64_t t = 0; t < ref.count; ++t)
+        for (int64_t j = 0; j < nq; ++j) {
+          const float p = weights[j * slots + t];
+          const float* vt = values + t * token_elems + head_offset[j];
+          for (int64_t x = 0; x < d; ++x) acc[j * d + x] += p * vt[x];
+        }
+      continue;
     }
+    for (int64_t h = 0; h < s.num_kv_heads; ++h)
+      for (int64_t i = 0; i < item.num_queries; ++i)
+        for (int64_t g0 = 0; g0 < group; g0 += 4) {
+          const int64_t first_j = i * heads + h * group + g0, count = std::min<int64_t>(4, group - g0);
+          for (int64_t x = 0; x < d; x += kLanes) {
+            V16 a[4] = {};
+            for (int64_t k = 0; k < count; ++k) a[k] = LoadV(acc.data() + (first_j + k) * d + x);
+            const float* v0 = values + h * d + x;
+            for (int64_t t = 0; t < ref.count; ++t) {
+              const V16 v = LoadV(v0 + t * token_elems);
+              for (int64_t k = 0; k < count; ++k) a[k] += weights[(first_j + k) * slots + t] * v;
+            }
+            for (int64_t k = 0; k < count; ++k) StoreV(acc.data() + (first_j + k) * d + x, a[k]);
+          }
+        }
   }
 
   for (int64_t j = 0; j < nq; ++j) {
