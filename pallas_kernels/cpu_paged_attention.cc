@@ -113,6 +113,36 @@ struct WorkItem {
   int32_t row, first_query, num_queries;
 };
 
+// out[t] = q . k[t] for the t < n (at most 16) keys `stride` floats apart: lane-wise partial sums
+// over head_dim, then added across lanes. D is head_dim where known at compile time (the common
+// sizes, with all 16 keys present), else 0.
+template <int D>
+inline void ScoreKeys(const float* q, const float* k, int64_t stride, int64_t n, int64_t d, float* out) {
+  const int64_t dim = D ? D : d;
+  V16 partial[kLanes];
+  for (int64_t t = 0; t < kLanes; ++t) {
+    V16 sum = {};
+    if (D || t < n)
+      for (int64_t x = 0; x < dim; x += kLanes) sum += LoadV(q + x) * LoadV(k + t * stride + x);
+    partial[t] = sum;
+  }
+  StoreV(out, SumEachOf16(partial));
+}
+
+// acc[k * acc_stride + 0..16) += sum over t < count of w[k * w_stride + t] * v[t * v_stride + 0..16),
+// for k < N: N queries' 16-float slices of one KV head's values, accumulated in registers.
+template <int N>
+inline void AddWeighted(float* acc, int64_t acc_stride, const float* v, int64_t v_stride, int64_t count,
+                        const float* w, int64_t w_stride) {
+  V16 a[N];
+  for (int k = 0; k < N; ++k) a[k] = LoadV(acc + k * acc_stride);
+  for (int64_t t = 0; t < count; ++t) {
+    const V16 value = LoadV(v + t * v_stride);
+    for (int k = 0; k < N; ++k) a[k] += w[k * w_stride + t] * value;
+  }
+  for (int k = 0; k < N; ++k) StoreV(acc + k * acc_stride, a[k]);
+}
+
 // Pointer to block `b` of the row's table in this layer, and the block's tokens the item reads.
 struct BlockRef {
   int64_t base, count;
@@ -196,14 +226,12 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
           }
           continue;
         }
-        V16 partial[kLanes];
-        for (int64_t t = 0; t < kLanes; ++t) {
-          V16 sum = {};
-          if (t < n)
-            for (int64_t x = 0; x < d; x += kLanes) sum += LoadV(qj + x) * LoadV(k0 + t * token_elems + x);
-          partial[t] = sum;
-        }
-        StoreV(out_scores, SumEachOf16(partial));
+        if (d == 64 && n == kLanes)
+          ScoreKeys<64>(qj, k0, token_elems, n, d, out_scores);
+        else if (d == 128 && n == kLanes)
+          ScoreKeys<128>(qj, k0, token_elems, n, d, out_scores);
+        else
+          ScoreKeys<0>(qj, k0, token_elems, n, d, out_scores);
       }
     }
   }
@@ -215,8 +243,13 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
   for (int64_t j = 0; j < nq; ++j) {
     float* sj = scores.data() + j * slots;
     const int64_t n = visible[j];
+    V16 lane_max = V16{} - INFINITY;
+    for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
+      const V16 x = LoadV(sj + t0);
+      lane_max = (lane < static_cast<int32_t>(n - t0)) & (x > lane_max) ? x : lane_max;
+    }
     float max_score = -INFINITY;
-    for (int64_t t = 0; t < n; ++t) max_score = std::max(max_score, sj[t]);
+    for (int i = 0; i < kLanes; ++i) max_score = std::max(max_score, lane_max[i]);
     V16 sum = {};
     for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
       V16 e = ExpNonPositive(LoadV(sj + t0) - max_score);
@@ -252,14 +285,15 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
         for (int64_t g0 = 0; g0 < group; g0 += 4) {
           const int64_t first_j = i * heads + h * group + g0, count = std::min<int64_t>(4, group - g0);
           for (int64_t x = 0; x < d; x += kLanes) {
-            V16 a[4] = {};
-            for (int64_t k = 0; k < count; ++k) a[k] = LoadV(acc.data() + (first_j + k) * d + x);
             const float* v0 = values + h * d + x;
-            for (int64_t t = 0; t < ref.count; ++t) {
-              const V16 v = LoadV(v0 + t * token_elems);
-              for (int64_t k = 0; k < count; ++k) a[k] += weights[(first_j + k) * slots + t] * v;
+            float* a = acc.data() + first_j * d + x;
+            const float* w = weights + first_j * slots;
+            switch (count) {
+              case 4: AddWeighted<4>(a, d, v0, token_elems, ref.count, w, slots); break;
+              case 3: AddWeighted<3>(a, d, v0, token_elems, ref.count, w, slots); break;
+              case 2: AddWeighted<2>(a, d, v0, token_elems, ref.count, w, slots); break;
+              default: AddWeighted<1>(a, d, v0, token_elems, ref.count, w, slots);
             }
-            for (int64_t k = 0; k < count; ++k) StoreV(acc.data() + (first_j + k) * d + x, a[k]);
           }
         }
   }
