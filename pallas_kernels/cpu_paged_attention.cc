@@ -20,7 +20,6 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 

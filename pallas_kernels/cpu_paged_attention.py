@@ -4,8 +4,8 @@
 jnp reference `paged_attention.ragged_paged_attention` (same arguments, same result to float32
 rounding). Where the reference gathers every row's context into a padded copy before its einsums,
 the kernel (`cpu_paged_attention.cc`) reads each live key and value once, in place, from the
-blocks the row's block table names; rows and KV heads are shared between the calling thread and
-XLA's intra-op thread pool.
+blocks the row's block table names; rows (and 16-query tiles of prompt chunks) are shared between
+the calling thread and XLA's intra-op thread pool.
 
 The kernel is compiled once per machine with the system's C++ compiler (`$CXX`, else `c++`)
 against jaxlib's FFI headers, for this machine's processor (`-march=native`), and kept in a folder
