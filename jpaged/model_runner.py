@@ -296,11 +296,7 @@ class ModelRunner:
     def _put(self, tree):
         """Host arrays onto the devices, replicated over the mesh (placeholders are already there)."""
         sharding = NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
-        leaves, treedef = jax.tree.flatten(tree)
-        host = [i for i, leaf in enumerate(leaves) if not isinstance(leaf, jax.Array)]
-        for i, placed in zip(host, jax.device_put([leaves[i] for i in host], sharding)):  # one transfer call
-            leaves[i] = placed
-        return jax.tree.unflatten(treedef, leaves)
+        return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, sharding), tree)
 
     def _or_placeholder(self, array: np.ndarray | None, shape: tuple[int, ...], dtype, fill) -> jax.Array | np.ndarray:
         """`array`, or a cached device array of `fill` of the shape it would have had."""

@@ -32,7 +32,7 @@ CONFIGS = {
 LAYOUTS = {  # (tensor, pipeline, expert, data) parallel sizes
     "llama": [(1, 1, 1, 1), (1, 2, 1, 1), (2, 2, 1, 1), (2, 1, 1, 4)],  # 4 stages: `one_prompt_split`
     "mixtral": [(1, 1, 1, 1), (1, 1, 8, 1), (2, 1, 2, 1), (2, 2, 2, 1), (1, 1, 2, 2)],
-    "qwen3_moe": [(1, 1, 1, 1), (1, 1, 4, 1), (2, 2, 2, 1)],
+    "qwen3_moe": [(1, 1, 1, 1), (1, 1, 4, 1)],  # tp x pp x ep together: mixtral
 }
 
 
