@@ -123,7 +123,10 @@ class ProgramCache:
         path = self._path(args) if self._directory is not None else None
         if path is not None and path.exists():
             try:
-                program = serialize_executable.deserialize_and_load(*pickle.loads(path.read_bytes()))
+                serialized, device_ids = pickle.loads(path.read_bytes())
+                devices = {device.id: device for device in jax.devices()}
+                program = serialize_executable.deserialize_and_load(
+                    *serialized, execution_devices=[devices[i] for i in device_ids])
                 os.utime(path)
                 logger.info("step program #%d loaded from %s", number, path)
                 return program
@@ -190,7 +193,9 @@ def _environment() -> str:
 def _store(path: pathlib.Path, program) -> None:
     """Write `program` to `path` atomically, then trim the directory to `MAX_BYTES`."""
     try:
-        payload = pickle.dumps(serialize_executable.serialize(program))
+        # The devices it runs on go with it: loaded without them, a program runs on every device.
+        devices = [device.id for device in program.runtime_executable().local_devices()]
+        payload = pickle.dumps((serialize_executable.serialize(program), devices))
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as file:
             file.write(payload)
