@@ -18,6 +18,10 @@ An executable that jax itself loaded from its persistent cache cannot be seriali
 on CPU (the copy lacks some of its functions), so such a program is used but not kept. The jitted
 function's name carries a digest of the key's fixed part, which keeps jax's cache from serving a
 program compiled by other jpaged source: a program new to this cache is compiled afresh.
+
+In a run of several processes (`jax.distributed`) the cache keeps nothing on disk: every process
+would find the same key, while each one's executable holds only its own devices (jax's persistent
+cache still serves them).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class ProgramCache:
         self._jit = jax.jit(program, donate_argnums=donate_argnums)
         self._num_fixed = num_fixed
         self._context = context
-        self._directory = directory
+        self._directory = directory if jax.process_count() == 1 else None
         self._ready: dict[tuple, Callable] = {}
         self._pending: dict[tuple, Future] = {}
         self._lock = threading.Lock()

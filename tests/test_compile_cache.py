@@ -32,8 +32,8 @@ print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outs], "counts": co
 """
 
 
-def run(folder: Path, cache: Path, setting: str = "on") -> dict:
-    env = dict(os.environ, JPAGED_CACHE_DIR=str(cache),
+def run(folder: Path, cache: Path, setting: str = "on", **environ: str) -> dict:
+    env = dict(os.environ, **environ, JPAGED_CACHE_DIR=str(cache),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", RUN, str(folder), setting], capture_output=True, text=True,
                             env=env, timeout=300)
@@ -62,6 +62,16 @@ def test_second_process_traces_and_compiles_nothing_again(tiny_llama_folder, tmp
     # jax's persistent cache served them: used, but not kept (such a copy would not load whole)
     assert third["counts"]["hits"] >= first["programs"]
     assert not any((tmp_path / "programs").iterdir())
+
+
+def test_a_single_device_program_loads_among_many_devices(tiny_llama_folder, tmp_path):
+    """A process with several (emulated) devices runs a one-device engine from a kept program on
+    the device it was compiled for, not spread over all of them."""
+    flags = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
+    first = run(tiny_llama_folder, tmp_path, **flags)
+    second = run(tiny_llama_folder, tmp_path, **flags)
+    assert not any(name.startswith("_step_fn") for name in second["traced"])
+    assert second["tokens"] == first["tokens"]
 
 
 def test_the_cache_can_be_turned_off(tiny_llama_folder, tmp_path):

@@ -35,15 +35,20 @@ def test_two_processes_match_one(tmp_path):
         [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
         use_tqdm=False)
 
-    port = str(free_port())
-    env = {**os.environ, "JPAGED_TEST_PROMPTS": json.dumps(prompts)}
-    workers = [subprocess.Popen([sys.executable, str(WORKER), str(i), "2", port, str(tmp_path)], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = []
-    for worker in workers:
-        out, err = worker.communicate(timeout=600)
-        assert worker.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    for result in results:
-        assert (result["devices"], result["local_devices"]) == (4, 2)
-        assert result["tokens"] == [o.outputs[0].token_ids for o in single]
+    # Twice over one cache folder: the second run finds whatever the first one kept.
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        port = str(free_port())
+        env = {**os.environ, "JPAGED_TEST_PROMPTS": json.dumps(prompts), "JPAGED_CACHE_DIR": str(cache)}
+        workers = [subprocess.Popen([sys.executable, str(WORKER), str(i), "2", port, str(tmp_path)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+        results = []
+        for worker in workers:
+            out, err = worker.communicate(timeout=600)
+            assert worker.returncode == 0, err[-3000:]
+            results.append(json.loads(out.strip().splitlines()[-1]))
+        for result in results:
+            assert (result["devices"], result["local_devices"]) == (4, 2)
+            assert result["tokens"] == [o.outputs[0].token_ids for o in single]
+    # each process's executable holds only its own devices: no step program is kept for another
+    assert not (cache / "programs").exists()
