@@ -31,6 +31,8 @@ class EngineStats:
     num_prompt_tokens_computed: int
     num_generated_tokens: int
     num_compilations: int  # step programs compiled so far (one per new padded shape)
+    weight_bytes: int  # the model's parameters on the devices (quantized values and scales included)
+    kv_cache_bytes: int  # the KV cache on the devices
 
 
 @runtime_checkable

@@ -39,9 +39,10 @@ from jpaged.sampler import PromptLogprobs, SamplerOutput, prompt_logprobs, sampl
 from jpaged.sampling_params import MAX_LOGPROBS
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from jpaged.step_batch import PAD_TOKEN_ID, PADDING_PARAMS, PromptRows, SamplingArrays, StepBatch, prepare_step
-from pallas_kernels import cpu_paged_attention
+from pallas_kernels import cpu_kernels
 from pallas_kernels.backend import select_attention
 from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
+from pallas_kernels.cpu_quantized_matmul import cpu_quantized_matmul
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
 
 logger = logging.getLogger("jpaged")
@@ -79,11 +80,12 @@ class ModelRunner:
         self.model_config = model_config = dataclasses.replace(model_config, num_kv_heads=kv_heads)
         self.block_size = cache_config.block_size
         self.dtype = dtype = resolve_dtype(config.dtype)
-        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, **self._layouts(config)))
+        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, quantization=config.quantization,
+                                                           **self._layouts(config)))
         self.graphdef, state = nnx.split(abstract)
 
-        def sharding(path, shape):
-            return NamedSharding(mesh, param_spec(path, shape, mesh)) if mesh is not None else None
+        def sharding(path, shape, dtype):
+            return NamedSharding(mesh, param_spec(path, shape, mesh, dtype)) if mesh is not None else None
 
         nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, sharding))
         self.state = state
@@ -110,6 +112,9 @@ class ModelRunner:
                                   kernel_dir=kernels)
         self._cpu_kernel = attend is cpu_ragged_paged_attention
         layouts = dict(attention=paged_attention_layer(attend))
+        if config.quantization and mesh is None and jax.default_backend() == "cpu" and cpu_kernels.compiler():
+            cpu_kernels.start_build(cache_dir() / "kernels")
+            layouts["quantized_linear"] = cpu_quantized_matmul
         if parallel.tensor_parallel_size > 1:
             layouts["attention"] = shard_attention_layer(layouts["attention"], mesh)
         if model_config.is_moe and parallel.tensor_parallel_size * parallel.expert_parallel_size > 1:
@@ -119,15 +124,24 @@ class ModelRunner:
         return layouts
 
     def _attention_ready(self, config: EngineConfig) -> str:
-        """Wait for the CPU kernel's build (it ran while the weights loaded); the backend's name."""
+        """Wait for the CPU kernels' build (it ran while the weights loaded); the attention backend's name."""
+        reason = cpu_kernels.wait() if self._cpu_kernel or config.quantization else None
         if not self._cpu_kernel:
             return config.attention_backend
-        reason = cpu_paged_attention.wait()
         if reason and config.attention_backend == "cpu":
             raise RuntimeError(reason)
         if reason:
             logger.warning("%s; using the jnp reference", reason)
         return "reference" if reason else "cpu"
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the model's parameters (all shards together)."""
+        return sum(x.nbytes for x in jax.tree.leaves(self.state))
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(x.nbytes for x in self.kv_cache)
 
     @property
     def block_bytes(self) -> int:
@@ -154,8 +168,8 @@ class ModelRunner:
         """Every setting the step program is made from beyond its arguments' shapes."""
         mesh = None if self.mesh is None else (self.mesh.axis_names, self.mesh.devices.shape,
                                                  [d.id for d in self.mesh.devices.flat])
-        return repr((self.model_config, self.dtype, self.attention, config.attention_interpret,
-                     self.parallel, self.block_size, self.shapes, mesh))
+        return repr((self.model_config, self.dtype, self.attention, config.attention_interpret, config.quantization,
+                     cpu_kernels.is_loaded(), self.parallel, self.block_size, self.shapes, mesh))
 
     @property
     def num_compilations(self) -> int:

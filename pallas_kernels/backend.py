@@ -6,7 +6,7 @@
 - "reference": the pure-jnp reference;
 - "cpu": the C++ kernel called through XLA's FFI (`cpu_paged_attention.py`), CPUs only, built
   once per machine into the folder `kernel_dir` names (in the background: the caller waits with
-  `cpu_paged_attention.wait()` before its first step);
+  `cpu_kernels.wait()` before its first step);
 - "pallas": the Pallas kernels, the decode rows (one new token each) by the flash-decoding kernel
   and the prefill rows by the ragged kernel (skipped at run time in a step without any). On a
   machine without a GPU they run only in interpret mode (`interpret=True`, for tests);
@@ -81,16 +81,16 @@ def select_attention(backend: str, head_dim: int, interpret: bool = False, *,
 
 
 def _cpu_attention(backend: str, platform: str, kernel_dir) -> AttentionFn:
-    from pallas_kernels import cpu_paged_attention
+    from pallas_kernels import cpu_kernels, cpu_paged_attention
 
-    if platform != "cpu" or kernel_dir is None or cpu_paged_attention.compiler() is None:
+    if platform != "cpu" or kernel_dir is None or cpu_kernels.compiler() is None:
         reason = (f"this platform is {platform!r}" if platform != "cpu" else
                   "no folder to build it in" if kernel_dir is None else "no C++ compiler was found (set CXX)")
         if backend == "cpu":
             raise ValueError(f"attention backend 'cpu' cannot run: {reason}")
         _log_fallback_once(f"the CPU attention kernel cannot run ({reason}); using the jnp reference")
         return ragged_paged_attention
-    cpu_paged_attention.start_build(kernel_dir)
+    cpu_kernels.start_build(kernel_dir)
     return cpu_paged_attention.cpu_ragged_paged_attention
 
 

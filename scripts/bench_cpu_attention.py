@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.cache_dir import cache_dir
-from pallas_kernels import cpu_paged_attention
+from pallas_kernels import cpu_kernels, cpu_paged_attention
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 30, 9, 3, 64, 16
@@ -81,8 +81,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="bench_results/cpu_attention.json")
     args = parser.parse_args()
-    cpu_paged_attention.start_build(cache_dir() / "kernels")
-    if reason := cpu_paged_attention.wait():
+    cpu_kernels.start_build(cache_dir() / "kernels")
+    if reason := cpu_kernels.wait():
         raise SystemExit(reason)
     kernel, reference = all_layers(cpu_paged_attention.cpu_ragged_paged_attention), all_layers(ragged_paged_attention)
     rng = np.random.default_rng(0)

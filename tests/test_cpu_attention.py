@@ -18,7 +18,7 @@ import pytest
 from test_pallas_kernels import BF16, F32, assert_matches_reference, awkward_seqs, make_batch, run_jitted
 
 from jpaged.cache_dir import cache_dir
-from pallas_kernels import cpu_paged_attention
+from pallas_kernels import cpu_kernels
 from pallas_kernels.backend import select_attention
 from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
 from pallas_kernels.paged_attention import ragged_paged_attention
@@ -28,10 +28,10 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU ke
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    if cpu_paged_attention.compiler() is None:
+    if cpu_kernels.compiler() is None:
         pytest.skip("no C++ compiler")
-    cpu_paged_attention.start_build(cache_dir() / "kernels")
-    reason = cpu_paged_attention.wait()
+    cpu_kernels.start_build(cache_dir() / "kernels")
+    reason = cpu_kernels.wait()
     assert reason is None, reason
 
 
@@ -138,7 +138,7 @@ def test_engine_without_a_working_compiler_falls_back(tmp_path, stories_path):
 
     auto = run("auto")
     assert auto.returncode == 0, auto.stderr[-2000:]
-    assert "CPU attention kernel could not be built" in auto.stderr and "using the jnp reference" in auto.stderr
+    assert "CPU kernels could not be built" in auto.stderr and "using the jnp reference" in auto.stderr
     assert len(ast.literal_eval(auto.stdout.split("TOKENS")[1].strip())) == 8
     forced = run("cpu")
-    assert forced.returncode != 0 and "CPU attention kernel could not be built" in forced.stderr
+    assert forced.returncode != 0 and "CPU kernels could not be built" in forced.stderr

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jpaged.config import ModelConfig
+from jpaged.models.quantization import QUANTIZED_PARAMS, quantize, scale_name, scheme_of
 
 _LAYER_TENSORS = {
     "input_layernorm.weight": ("input_norm", False),
@@ -111,13 +112,15 @@ def replicate_kv_heads(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConf
 
 
 def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str, np.ndarray]],
-                sharding=lambda path, shape: None):
+                sharding=lambda path, shape, dtype: None):
     """Fill the (abstract) `model`'s parameters from `weights`; returns the loaded nnx state.
 
-    `sharding(path, shape)` says where a parameter lives (a `jax.sharding.Sharding`, or None for
-    the default device). A tensor that is a whole parameter goes straight there; one that is a
+    `sharding(path, shape, dtype)` says where a parameter lives (a `jax.sharding.Sharding`, or None
+    for the default device). A tensor that is a whole parameter goes straight there; one that is a
     pipeline stage's layer or an expert is written into its parameter, allocated as zeros where
-    it lives. Tensors are placed as they arrive, so the host holds one at a time.
+    it lives. Tensors are placed as they arrive, so the host holds one at a time. A parameter the
+    model keeps quantized (int8 or float8 storage) is quantized as it arrives, its scale placed
+    beside it.
     """
     state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     layers_per_stage = len(state["layers"])
@@ -134,23 +137,32 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
             raise ValueError(f"weight {name!r} indexes {where} past the model's {limits} (layers, experts)")
         path, index = _slot(param, where, layers_per_stage, staged)
         spec = _lookup(state, path, name)
-        value = tensor.T if transpose else tensor
+        scale_path = path[:-1] + (scale_name(param),)
+        scheme = scheme_of(spec.dtype) if param in QUANTIZED_PARAMS else None
+        value = tensor.T if transpose and scheme is None else tensor  # quantized: kept [out, in]
         expected = tuple(spec.shape[len(index):])
         if value.shape != expected:
             raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected {expected} (after layout)")
-        value = np.ascontiguousarray(value, dtype=spec.dtype)
-        where_it_lives = sharding(path, spec.shape)
-        if not index:
-            params[path] = jax.device_put(value, where_it_lives)
-        else:
-            if path not in params:
-                params[path] = zeros_at(spec.shape, spec.dtype, where_it_lives)
-            params[path] = _write_at(params[path], index, value)
+        if scheme is not None:
+            value, scale = quantize(value, scheme)
+            _place(params, scale_path, index, scale, _lookup(state, scale_path, name), sharding)
+        _place(params, path, index, np.ascontiguousarray(value, dtype=spec.dtype), spec, sharding)
         filled.setdefault(param, set()).add(where)
     _check_complete(state, filled, cfg)
     for path, param in params.items():
         _assign(state, path, param)
     return state
+
+
+def _place(params: dict, path: tuple, index: tuple, value: np.ndarray, spec, sharding) -> None:
+    """Put `value` at `index` of the parameter at `path` (the whole of it for `index == ()`)."""
+    where_it_lives = sharding(path, spec.shape, spec.dtype)
+    if not index:
+        params[path] = jax.device_put(value, where_it_lives)
+        return
+    if path not in params:
+        params[path] = zeros_at(spec.shape, spec.dtype, where_it_lives)
+    params[path] = _write_at(params[path], index, value)
 
 
 def zeros_at(shape: tuple[int, ...], dtype, sharding) -> jax.Array:
@@ -192,6 +204,8 @@ def _check_complete(state: dict, filled: dict[str, set[tuple[int, ...]]], cfg: M
     layers, experts = range(cfg.num_layers), range(cfg.num_experts)
     expected = {name: {()} for name in ("embed_tokens", "norm", "lm_head") if name in state}
     for param in state["layers"][0]:
+        if param.endswith("_scale"):  # placed with its weight
+            continue
         expected[param] = {(i, e) for i in layers for e in experts} if param in _EXPERT_PARAMS else {(i,) for i in layers}
     missing = []
     for param, indices in expected.items():

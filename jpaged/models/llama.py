@@ -21,7 +21,9 @@ from flax import nnx
 
 from jpaged.config import ModelConfig
 from jpaged.models.moe import sparse_moe
+from jpaged.models.quantization import QUANTIZED_PARAMS, STORAGE_DTYPES, scale_name
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer, ragged_paged_attention
+from pallas_kernels.quantized_matmul import dequantize, quantized_matmul
 
 
 def _param(shape, dtype) -> nnx.Param:
@@ -46,20 +48,28 @@ def apply_rope(x, positions, inv_freq):
 
 class DecoderLayer(nnx.Module):
     """One decoder layer's weights in `x @ W` layout (`q_proj [hidden, heads * head_dim]`, ...,
-    MoE experts `[experts, hidden, moe_intermediate]`), each with the leading axes `lead`."""
+    MoE experts `[experts, hidden, moe_intermediate]`), each with the leading axes `lead`.
 
-    def __init__(self, cfg: ModelConfig, dtype, lead: tuple[int, ...] = ()):
+    With `quantization` ("int8" | "fp8"), the projections of `QUANTIZED_PARAMS` are kept instead
+    as quantized values in the checkpoint's `[..., out, in]` layout with a float32
+    `<name>_scale [..., out]` (`jpaged/models/quantization.py`)."""
+
+    def __init__(self, cfg: ModelConfig, dtype, lead: tuple[int, ...] = (), quantization: str | None = None):
         h, i = cfg.hidden_size, cfg.intermediate_size
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
 
-        def param(*shape):
-            return _param(lead + shape, dtype)
+        def param(*shape, name=None):
+            if quantization is None or name not in QUANTIZED_PARAMS:
+                return _param(lead + shape, dtype)
+            *experts, k, n = shape
+            setattr(self, scale_name(name), _param(lead + (*experts, n), jnp.float32))
+            return _param(lead + (*experts, n, k), STORAGE_DTYPES[quantization])
 
         self.input_norm = param(h)
-        self.q_proj = param(h, q_dim)
-        self.k_proj = param(h, kv_dim)
-        self.v_proj = param(h, kv_dim)
-        self.o_proj = param(q_dim, h)
+        self.q_proj = param(h, q_dim, name="q_proj")
+        self.k_proj = param(h, kv_dim, name="k_proj")
+        self.v_proj = param(h, kv_dim, name="v_proj")
+        self.o_proj = param(q_dim, h, name="o_proj")
         if cfg.qkv_bias:
             self.q_bias = param(q_dim)
             self.k_bias = param(kv_dim)
@@ -71,21 +81,21 @@ class DecoderLayer(nnx.Module):
         if cfg.is_moe:
             self._init_moe(cfg, param)
         else:
-            self.gate_proj = param(h, i)
-            self.up_proj = param(h, i)
-            self.down_proj = param(i, h)
+            self.gate_proj = param(h, i, name="gate_proj")
+            self.up_proj = param(h, i, name="up_proj")
+            self.down_proj = param(i, h, name="down_proj")
 
     def _init_moe(self, cfg: ModelConfig, param):
         h, e, i = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         self.router = param(h, e)
-        self.expert_gate_proj = param(e, h, i)
-        self.expert_up_proj = param(e, h, i)
-        self.expert_down_proj = param(e, i, h)
+        self.expert_gate_proj = param(e, h, i, name="expert_gate_proj")
+        self.expert_up_proj = param(e, h, i, name="expert_up_proj")
+        self.expert_down_proj = param(e, i, h, name="expert_down_proj")
         if cfg.shared_expert_intermediate_size:
             s = cfg.shared_expert_intermediate_size
-            self.shared_gate_proj = param(h, s)
-            self.shared_up_proj = param(h, s)
-            self.shared_down_proj = param(s, h)
+            self.shared_gate_proj = param(h, s, name="shared_gate_proj")
+            self.shared_up_proj = param(h, s, name="shared_up_proj")
+            self.shared_down_proj = param(s, h, name="shared_down_proj")
             self.shared_expert_gate = param(h, 1)
 
 
@@ -97,7 +107,8 @@ class LlamaForCausalLM(nnx.Module):
     """The model, with its parallel layouts passed in as functions.
 
     `attention(q, k, v, k_cache, v_cache, layer, md, scale) -> (out, k_cache, v_cache)` is paged
-    attention (sharded by head under tensor parallelism); `moe(x, layer_weights, cfg)` is the
+    attention (sharded by head under tensor parallelism); `quantized_linear(x, w, scale)` multiplies
+    by a quantized projection (`quantization` says which, if any: `DecoderLayer`); `moe(x, layer_weights, cfg)` is the
     mixture-of-experts MLP (expert-parallel or not); `run_layers(decoder, hidden, positions,
     kv_cache, md, layer_weights) -> (hidden [N, hidden], kv_cache)` runs the decoder stack, all
     at once or as a pipeline of stages over micro-batches.
@@ -109,20 +120,30 @@ class LlamaForCausalLM(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention=paged_attention_layer(ragged_paged_attention),
-                 moe=sparse_moe, run_layers=run_all_layers, pipeline_stages: int = 1):
+                 moe=sparse_moe, run_layers=run_all_layers, pipeline_stages: int = 1, quantization: str | None = None,
+                 quantized_linear=quantized_matmul):
         self.cfg = cfg
         self.attention, self.moe, self.run_layers = attention, moe, run_layers
-        self.embed_tokens = _param((cfg.vocab_size, cfg.hidden_size), dtype)
+        self.quantized_linear = quantized_linear
+        self.embed_tokens = _param((cfg.vocab_size, cfg.hidden_size), STORAGE_DTYPES.get(quantization, dtype))
+        if quantization:
+            self.embed_tokens_scale = _param((cfg.vocab_size,), jnp.float32)
         lead = (pipeline_stages,) if pipeline_stages > 1 else ()
-        self.layers = nnx.List([DecoderLayer(cfg, dtype, lead) for _ in range(cfg.num_layers // pipeline_stages)])
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, lead, quantization)
+                                for _ in range(cfg.num_layers // pipeline_stages)])
         self.norm = _param((cfg.hidden_size,), dtype)
-        if not cfg.tie_word_embeddings:
+        if not cfg.tie_word_embeddings and quantization:
+            self.lm_head = _param((cfg.vocab_size, cfg.hidden_size), STORAGE_DTYPES[quantization])
+            self.lm_head_scale = _param((cfg.vocab_size,), jnp.float32)
+        elif not cfg.tie_word_embeddings:
             self.lm_head = _param((cfg.hidden_size, cfg.vocab_size), dtype)
 
     def __call__(self, token_ids, positions, kv_cache, md: AttentionMetadata):
         """Hidden states `[N, hidden]` of the new tokens (micro-batches flattened), and the
         updated `(k_cache, v_cache)`."""
         hidden = self.embed_tokens[...][token_ids]
+        if hasattr(self, "embed_tokens_scale"):
+            hidden = hidden.astype(self.norm.dtype) * self.embed_tokens_scale[...][token_ids][:, None]
         layer_weights = [nnx.to_pure_dict(nnx.state(layer)) for layer in self.layers]
         hidden, kv_cache = self.run_layers(self.decode, hidden, positions, kv_cache, md, layer_weights)
         return rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps), kv_cache
@@ -151,7 +172,7 @@ class LlamaForCausalLM(nnx.Module):
         cfg = self.cfg
         num_tokens = hidden.shape[0]
         x = rms_norm(hidden, weights["input_norm"], cfg.rms_norm_eps)
-        q, k, v = x @ weights["q_proj"], x @ weights["k_proj"], x @ weights["v_proj"]
+        q, k, v = (self._linear(x, weights, name) for name in ("q_proj", "k_proj", "v_proj"))
         if cfg.qkv_bias:
             q, k, v = q + weights["q_bias"], k + weights["k_bias"], v + weights["v_bias"]
         q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
@@ -166,15 +187,34 @@ class LlamaForCausalLM(nnx.Module):
         """`hidden [T, hidden]` after one layer's output projection of `attended [T, heads,
         head_dim]` and its MLP, each added to the residual stream."""
         cfg = self.cfg
-        hidden = hidden + attended.reshape(hidden.shape[0], -1) @ weights["o_proj"]
+        hidden = hidden + self._linear(attended.reshape(hidden.shape[0], -1), weights, "o_proj")
         mlp_in = rms_norm(hidden, weights["post_attention_norm"], cfg.rms_norm_eps)
         if cfg.is_moe:
-            return hidden + self.moe(mlp_in, weights, cfg)
-        gate = jax.nn.silu(mlp_in @ weights["gate_proj"])
-        return hidden + (gate * (mlp_in @ weights["up_proj"])) @ weights["down_proj"]
+            return hidden + self.moe(mlp_in, _dequantized(weights, mlp_in.dtype), cfg)
+        gate = jax.nn.silu(self._linear(mlp_in, weights, "gate_proj"))
+        return hidden + self._linear(gate * self._linear(mlp_in, weights, "up_proj"), weights, "down_proj")
+
+    def _linear(self, x, weights, name):
+        """`x [T, in]` times the layer's projection `name` (`[T, out]`), quantized or not."""
+        scale = weights.get(scale_name(name))
+        return x @ weights[name] if scale is None else self.quantized_linear(x, weights[name], scale)
 
     def logits(self, hidden):
         """Float32 logits `[N, vocab]` of final hidden states `[N, hidden]`."""
+        if self.cfg.tie_word_embeddings and hasattr(self, "embed_tokens_scale"):
+            return self.quantized_linear(hidden, self.embed_tokens[...], self.embed_tokens_scale[...]).astype(jnp.float32)
         if self.cfg.tie_word_embeddings:
             return (hidden @ self.embed_tokens[...].T).astype(jnp.float32)
+        if hasattr(self, "lm_head_scale"):
+            return self.quantized_linear(hidden, self.lm_head[...], self.lm_head_scale[...]).astype(jnp.float32)
         return (hidden @ self.lm_head[...]).astype(jnp.float32)
+
+
+def _dequantized(weights: dict, dtype) -> dict:
+    """A layer's weights with every quantized projection widened to `dtype` in `x @ W` layout
+    (the MoE block's experts: one layer's copy at a time, inside the step)."""
+    out = {name: w for name, w in weights.items() if not name.endswith("_scale")}
+    for name in QUANTIZED_PARAMS & weights.keys():
+        if scale_name(name) in weights:
+            out[name] = dequantize(weights[name], weights[scale_name(name)], dtype)
+    return out

@@ -17,6 +17,7 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jpaged.models.quantization import QUANTIZED_PARAMS, scheme_of
 from sharding.mesh import EP_AXIS, PP_AXIS, TP_AXIS, context_mesh
 
 # The mesh axis each dimension of a parameter is split over, counted from its last dimension
@@ -36,13 +37,29 @@ _HEADS = P(None, TP_AXIS, None)  # [tokens, heads, head_dim]
 _CACHE_HEADS = P(None, None, None, TP_AXIS, None)
 
 
-def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """Where the parameter at `path` (`("embed_tokens",)`, `("layers", i, "q_proj")`, ...) lives."""
-    splits = {len(shape) + dim: axis for dim, axis in _SPLITS.get(path[-1], {}).items()}
+def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh, dtype=None) -> P:
+    """Where the parameter at `path` (`("embed_tokens",)`, `("layers", i, "q_proj")`, ...) of
+    `shape` and `dtype` lives."""
+    splits = {len(shape) + dim: axis for dim, axis in _splits(path[-1], dtype).items()}
     if path[0] == "layers" and mesh.shape[PP_AXIS] > 1:
         splits[0] = PP_AXIS
     axes = [splits.get(dim) for dim in range(len(shape))]
     return P(*[axis if axis and shape[dim] % mesh.shape[axis] == 0 else None for dim, axis in enumerate(axes)])
+
+
+def _splits(name: str, dtype) -> dict[int, str]:
+    """Mesh axis by dimension (from the last) of parameter `name`. A quantized projection is kept
+    `[..., out, in]` (the float one `[..., in, out]`) and its scale `[..., out]` splits as its
+    output dimension does."""
+    if name == "embed_tokens_scale":  # the table is [vocab, hidden] either way
+        return {-1: TP_AXIS}
+    if name.endswith("_scale"):
+        weight = _SPLITS.get(name.removesuffix("_scale"), {})
+        return {(-1 if dim == -1 else dim + 1): axis for dim, axis in weight.items() if dim != -2}
+    splits = _SPLITS.get(name, {})
+    if dtype is not None and name in QUANTIZED_PARAMS - {"embed_tokens"} and scheme_of(dtype) is not None:
+        return {{-1: -2, -2: -1}.get(dim, dim): axis for dim, axis in splits.items()}
+    return splits
 
 
 def shard_attention_layer(attention_layer, mesh: Mesh):

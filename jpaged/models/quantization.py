@@ -1,0 +1,60 @@
+"""Weight-only quantization at load time: which parameters are quantized and how.
+
+Place in the data flow: the loader (`loader/weights.py`) passes each checkpoint tensor of a
+quantized parameter through `quantize` as it arrives, so the host holds one tensor at a time;
+the model keeps the values `[..., out, in]` (the checkpoint's layout, one row per output channel)
+with one float32 scale per output channel `[..., out]` beside them (`<name>_scale`), and
+multiplies through `pallas_kernels.quantized_matmul` (or its CPU kernel).
+
+Schemes (vLLM's weight-only int8 and fp8 schemes): symmetric per output channel, the scale the
+channel's largest magnitude over the format's largest value (127 for int8, 448 for
+float8_e4m3fn), values rounded to nearest (int8) or converted (fp8). The token embeddings and the
+LM head are quantized too (per vocabulary row: the embedding table `[vocab, hidden]` is already
+`[out, in]` for the LM head it ties to; a looked-up row is widened with its scale), since a small
+model's LM head is a large share of what a decode step reads. Norms, biases and MoE routers stay
+in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+QUANTIZATIONS = ("int8", "fp8")
+STORAGE_DTYPES = {"int8": np.dtype(np.int8), "fp8": np.dtype(ml_dtypes.float8_e4m3fn)}
+_LARGEST = {"int8": 127.0, "fp8": 448.0}
+QUANTIZED_PARAMS = frozenset({
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "shared_gate_proj", "shared_up_proj", "shared_down_proj",
+    "expert_gate_proj", "expert_up_proj", "expert_down_proj", "lm_head", "embed_tokens",
+})
+
+
+def scale_name(param: str) -> str:
+    return f"{param}_scale"
+
+
+def scheme_of(dtype) -> str | None:
+    """The scheme whose storage dtype `dtype` is, or None for a float dtype."""
+    for scheme, storage in STORAGE_DTYPES.items():
+        if np.dtype(dtype) == storage:
+            return scheme
+    return None
+
+
+def quantize(weight: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """`weight [..., out, in]` (float) as `(values [..., out, in] in the scheme's storage dtype,
+    scale [..., out] float32)` with `values * scale[..., None]` about `weight`.
+
+    ValueError for an unknown scheme or a weight that is not finite."""
+    if scheme not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(map(repr, QUANTIZATIONS))}, got {scheme!r}")
+    weight = np.asarray(weight, dtype=np.float32)
+    if not np.isfinite(weight).all():
+        raise ValueError("cannot quantize a weight holding inf or nan")
+    largest = np.abs(weight).max(axis=-1)
+    scale = np.where(largest > 0, largest / _LARGEST[scheme], 1.0).astype(np.float32)
+    scaled = weight / scale[..., None]
+    if scheme == "int8":
+        return np.clip(np.rint(scaled), -127, 127).astype(np.int8), scale
+    return np.clip(scaled, -448.0, 448.0).astype(STORAGE_DTYPES[scheme]), scale

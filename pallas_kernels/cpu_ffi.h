@@ -1,0 +1,136 @@
+// What the CPU kernels share: XLA's FFI C API (a fraction of ffi.h's compile time), XLA's
+// intra-op thread pool, errors, and buffer access. Included by each kernel source; the kernels
+// are built into one library by cpu_kernels.py.
+
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/c_api.h"
+
+namespace jpaged_cpu {
+
+// GCC/Clang vector extensions: one 16-float register on AVX-512, two on AVX2, four on NEON.
+typedef float V16 __attribute__((vector_size(64)));
+typedef int32_t I16 __attribute__((vector_size(64)));
+
+inline V16 LoadV(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void StoreV(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Lane t of the result is the sum of the 16 lanes of p[t] (a transpose-and-add tree).
+inline V16 SumEachOf16(const V16 (&p)[16]) {
+  V16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = __builtin_shufflevector(p[2 * i], p[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(p[2 * i], p[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const V16 d = __builtin_shufflevector(c[0], c[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+                __builtin_shufflevector(c[0], c[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  return __builtin_shufflevector(d, d, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
+// XLA's intra-op thread pool for this call, through the C API.
+class ThreadPool {
+ public:
+  ThreadPool(const XLA_FFI_Api* api, XLA_FFI_ExecutionContext* ctx) : api_(api), ctx_(ctx) {}
+
+  int64_t num_threads() const {
+    int64_t n = 0;
+    XLA_FFI_ThreadPool_NumThreads_Args args{XLA_FFI_ThreadPool_NumThreads_Args_STRUCT_SIZE, nullptr, ctx_, &n};
+    if (XLA_FFI_Error* error = api_->XLA_FFI_ThreadPool_NumThreads(&args)) {
+      Destroy(error);
+      return 0;
+    }
+    return n;
+  }
+
+  // Runs `task` on a pool thread, or here when there is no pool.
+  template <typename F>
+  void Schedule(F task) {
+    auto* data = new F(std::move(task));
+    XLA_FFI_Task* run = +[](void* p) {
+      auto* f = static_cast<F*>(p);
+      (*f)();
+      delete f;
+    };
+    XLA_FFI_ThreadPool_Schedule_Args args{XLA_FFI_ThreadPool_Schedule_Args_STRUCT_SIZE, nullptr, ctx_, run, data};
+    if (XLA_FFI_Error* error = api_->XLA_FFI_ThreadPool_Schedule(&args)) {
+      Destroy(error);
+      run(data);
+    }
+  }
+
+ private:
+  void Destroy(XLA_FFI_Error* error) const {
+    XLA_FFI_Error_Destroy_Args args{XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, nullptr, error};
+    api_->XLA_FFI_Error_Destroy(&args);
+  }
+
+  const XLA_FFI_Api* api_;
+  XLA_FFI_ExecutionContext* ctx_;
+};
+
+// Runs `work(i)` for i in [0, count) on the calling thread and up to `pool.num_threads()` pool
+// threads. Helpers that start after every item is taken do nothing, so the call never waits on a
+// thread that is busy elsewhere (or is the caller itself).
+template <typename F>
+void ParallelFor(ThreadPool& pool, int64_t count, F work) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  auto state = std::make_shared<State>();
+  auto run = [state, count, work]() {
+    int64_t finished_here = 0;
+    for (int64_t i; (i = state->next.fetch_add(1)) < count; ++finished_here) work(i);
+    if (finished_here && state->done.fetch_add(finished_here) + finished_here == count) {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      state->finished.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(run);
+  run();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done.load() == count; });
+}
+
+inline XLA_FFI_Error* Fail(const XLA_FFI_Api* api, const char* message) {
+  XLA_FFI_Error_Create_Args args{XLA_FFI_Error_Create_Args_STRUCT_SIZE, nullptr, message,
+                                 XLA_FFI_Error_Code_INVALID_ARGUMENT};
+  return api->XLA_FFI_Error_Create(&args);
+}
+
+// Tells XLA which FFI version the handler was built against (asked once, at registration).
+inline XLA_FFI_Error* DescribeHandler(XLA_FFI_Metadata_Extension* extension) {
+  XLA_FFI_Metadata* metadata = extension->metadata;
+  metadata->api_version = XLA_FFI_Api_Version{XLA_FFI_Api_Version_STRUCT_SIZE, nullptr, XLA_FFI_API_MAJOR,
+                                              XLA_FFI_API_MINOR};
+  metadata->traits = 0;
+  metadata->state_type_id = XLA_FFI_UNKNOWN_TYPE_ID;
+  return nullptr;
+}
+
+inline const XLA_FFI_Buffer* Buffer(void* p) { return static_cast<const XLA_FFI_Buffer*>(p); }
+
+inline const int32_t* Int32s(const XLA_FFI_Buffer* b) { return static_cast<const int32_t*>(b->data); }
+
+}  // namespace jpaged_cpu

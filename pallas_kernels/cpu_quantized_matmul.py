@@ -1,0 +1,33 @@
+"""Weight-only quantized matmul on CPUs: a C++ kernel called from the jitted step through XLA's FFI.
+
+`cpu_quantized_matmul(x, w, scale)` has the contract of the jnp reference
+`quantized_matmul.quantized_matmul` (same result to float32 rounding). XLA on CPU widens an int8
+or float8 operand into a float32 copy before its dot, so the reference reads a quantized weight
+slower than the float32 one; the kernel (`cpu_quantized_matmul.cc`) reads each weight once at its
+own width and widens it in registers. Output column tiles are shared between the calling thread
+and XLA's intra-op thread pool; a row's result does not depend on the other rows.
+
+The kernel is built with jpaged's other CPU kernels (`cpu_kernels.py`); until they are
+registered (or where they cannot be built) this function computes with the jnp reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import cpu_kernels
+from pallas_kernels.quantized_matmul import quantized_matmul
+
+TARGET = "jpaged_quantized_matmul"
+
+
+def cpu_quantized_matmul(x, w, scale):
+    """`x [M, K]` times `w [N, K]` (int8 or float8_e4m3fn) with per-column `scale [N]` float32:
+    `[M, N]` in x's dtype. float32 activations run the kernel; other dtypes, or a process where
+    the kernel is not registered, the jnp reference."""
+    if not cpu_kernels.is_loaded() or x.dtype != jnp.float32 or w.ndim != 2:
+        return quantized_matmul(x, w, scale)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w, scale.astype(jnp.float32))
