@@ -19,6 +19,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine settings `generate` and `serve` share (see `engine_kwargs`)."""
     parser.add_argument("--model", default=None, help="HF model folder, HF hub id (org/name) or .gguf file (default: built-in model)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--quantization", default=None, choices=["int8", "fp8"],
+                        help="keep the weights as int8 or float8 (e4m3) with per-channel scales")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -35,7 +37,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for `LLM(model, **kwargs)` / `build_engine` from the shared engine flags."""
-    return dict(dtype=args.dtype, block_size=args.block_size, num_blocks=args.num_blocks,
+    return dict(dtype=args.dtype, quantization=args.quantization, block_size=args.block_size, num_blocks=args.num_blocks,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, compile_warmup=args.compile_warmup,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,

@@ -34,6 +34,10 @@ LAYOUTS = {  # (tensor, pipeline, expert, data) parallel sizes
     "mixtral": [(1, 1, 1, 1), (1, 1, 8, 1), (2, 1, 2, 1), (2, 2, 2, 1), (1, 1, 2, 2)],
     "qwen3_moe": [(1, 1, 1, 1), (1, 1, 4, 1)],  # tp x pp x ep together: mixtral
 }
+QUANTIZED_LAYOUTS = {  # int8 weights: one device, then the layouts split quantized values and scales
+    "llama": [(1, 1, 1, 1), (2, 2, 1, 1)],
+    "mixtral": [(1, 1, 1, 1), (2, 2, 2, 1)],
+}
 
 
 def device_bytes(tree) -> list[int]:
@@ -68,6 +72,13 @@ def generate(folder_root: str) -> dict:
                 "layer_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(state["layers"])),
                 "expert_bytes": sum(x.nbytes for layer in state["layers"].values() for name, leaf in layer.items()
                                     if name.startswith("expert_") for x in jax.tree.leaves(leaf)),
+            }
+        for tp, pp, ep, dp in QUANTIZED_LAYOUTS.get(name, []):
+            llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep,
+                      dtype="float32", num_blocks=32, max_num_batched_tokens=64, quantization="int8")
+            report[f"{name}/int8-{tp}x{pp}x{ep}x{dp}"] = {
+                "tokens": [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)],
+                "param_bytes": device_bytes(llm.engine.runner.state),
             }
         if name == "llama":
             report["llama/preempted"] = preempted_run(folder, prompts, params)

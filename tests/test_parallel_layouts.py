@@ -37,6 +37,17 @@ def test_every_layout_gives_the_single_device_tokens(report, model):
         assert runs[f"{model}/{'x'.join(map(str, layout))}"]["tokens"] == single, f"tp, pp, ep, dp = {layout}"
 
 
+@pytest.mark.parametrize("model", ["llama", "mixtral"])
+def test_int8_layouts_give_the_single_device_int8_tokens(report, model):
+    """Quantized values and their scales split with the layout (tp x pp, and x ep for mixtral): the
+    same tokens as one device with the same quantization, and each device holds a share."""
+    runs = report["generate"]
+    single, split = runs[f"{model}/int8-1x1x1x1"], runs[f"{model}/int8-2x2x{2 if model == 'mixtral' else 1}x1"]
+    assert split["tokens"] == single["tokens"]
+    assert max(split["param_bytes"]) < 0.6 * sum(single["param_bytes"])
+    assert sum(single["param_bytes"]) < 0.4 * runs[f"{model}/1x1x1x1"]["model_bytes"]
+
+
 def test_pipeline_under_preemption_gives_the_same_tokens_and_frees_every_block(report):
     runs = report["generate"]
     preempted = runs["llama/preempted"]

@@ -143,7 +143,7 @@ class LlamaForCausalLM(nnx.Module):
         updated `(k_cache, v_cache)`."""
         hidden = self.embed_tokens[...][token_ids]
         if hasattr(self, "embed_tokens_scale"):
-            hidden = hidden.astype(self.norm.dtype) * self.embed_tokens_scale[...][token_ids][:, None]
+            hidden = hidden.astype(self.norm.dtype) * self.embed_tokens_scale[...][token_ids][..., None]
         layer_weights = [nnx.to_pure_dict(nnx.state(layer)) for layer in self.layers]
         hidden, kv_cache = self.run_layers(self.decode, hidden, positions, kv_cache, md, layer_weights)
         return rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps), kv_cache
