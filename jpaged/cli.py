@@ -19,8 +19,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine settings `generate` and `serve` share (see `engine_kwargs`)."""
     parser.add_argument("--model", default=None, help="HF model folder, HF hub id (org/name) or .gguf file (default: built-in model)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    parser.add_argument("--quantization", default=None, choices=["int8", "fp8"],
-                        help="keep the weights as int8 or float8 (e4m3) with per-channel scales")
+    parser.add_argument("--quantization", default=None, choices=["int8", "fp8", "gguf"],
+                        help="keep the weights as int8 or float8 (e4m3) with per-channel scales, or a GGUF file's blocks packed")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=64)

@@ -268,7 +268,7 @@ class ParallelConfig:
 class EngineConfig:
     model: str | None = None  # HF folder, .gguf file, or None for the default model
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
-    quantization: str | None = None  # weight-only: None | "int8" | "fp8" (jpaged/models/quantization.py)
+    quantization: str | None = None  # weight-only: None | "int8" | "fp8" | "gguf" (jpaged/models/quantization.py)
     attention_backend: str = "auto"  # "auto" | "pallas" | "cpu" | "reference" (pallas_kernels/backend.py)
     attention_interpret: bool = False  # Pallas kernels in interpret mode (tests on CPU)
     compilation_cache: bool = True  # jax's persistent compilation cache in <cache dir>/xla (compile_cache.py)
@@ -281,8 +281,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', got {self.dtype!r}")
-        if self.quantization not in (None, "int8", "fp8"):
-            raise ValueError(f"quantization must be None, 'int8' or 'fp8', got {self.quantization!r}")
+        if self.quantization not in (None, "int8", "fp8", "gguf"):
+            raise ValueError(f"quantization must be None, 'int8', 'fp8' or 'gguf', got {self.quantization!r}")
         if self.attention_backend not in ("auto", "pallas", "cpu", "reference"):
             raise ValueError("attention_backend must be one of 'auto', 'pallas', 'cpu', 'reference', "
                              f"got {self.attention_backend!r}")

@@ -24,6 +24,7 @@ from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine_client import EngineStats, PromptType
 from jpaged.loader.source import open_model
 from jpaged.model_runner import ModelRunner, StepOutput
+from jpaged.models.quantization import gguf_packed
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
@@ -55,8 +56,9 @@ class LLMEngine:
         self.max_model_len = self._resolve_max_model_len()
         with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(source.load_tokenizer)
-            self.runner = ModelRunner(self.model_config, config, source.weights(), self.step_shapes(),
-                                      meshes[replica or 0])
+            packed = gguf_packed(source.block_types) if config.quantization == "gguf" else {}
+            self.runner = ModelRunner(self.model_config, config, source.weights(packed), self.step_shapes(),
+                                      meshes[replica or 0], packed=packed)
             self.tokenizer = tokenizer.result()
         if config.compile_warmup:
             self.warm_up()

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jpaged.cache_dir import cache_dir
 from jpaged.config import CacheConfig, EngineConfig, ModelConfig
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
-from jpaged.loader.weights import load_params, replicate_kv_heads, zeros_at
+from jpaged.loader.weights import load_params, param_formats, replicate_kv_heads, zeros_at
 from jpaged.models.llama import LlamaForCausalLM
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.expert_parallel import expert_parallel_moe
@@ -42,7 +42,7 @@ from jpaged.step_batch import PAD_TOKEN_ID, PADDING_PARAMS, PromptRows, Sampling
 from pallas_kernels import cpu_kernels
 from pallas_kernels.backend import select_attention
 from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
-from pallas_kernels.cpu_quantized_matmul import cpu_quantized_matmul
+from pallas_kernels.cpu_quantized_matmul import cpu_block_matmul, cpu_quantized_matmul
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
 
 logger = logging.getLogger("jpaged")
@@ -69,9 +69,13 @@ def matmul_precision(dtype):
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, shapes: StepShapes,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, packed: dict[str, str] | None = None):
         """`shapes` are the padded sizes of every step; `mesh` is this engine's slice of the device
-        mesh ("pp", "ep", "tp"); None: one device."""
+        mesh ("pp", "ep", "tp"); None: one device. `packed` names the tensors `weights` yields as
+        GGML block rows (HF name: GGML type), kept so on the device."""
+        if packed and mesh is not None:
+            raise ValueError("quantization='gguf' runs on one device; use quantization='int8' to split a "
+                             "quantized model over devices")
         cache_config, self.parallel = config.cache, config.parallel
         self.shapes = shapes
         self.mesh = mesh
@@ -80,8 +84,10 @@ class ModelRunner:
         self.model_config = model_config = dataclasses.replace(model_config, num_kv_heads=kv_heads)
         self.block_size = cache_config.block_size
         self.dtype = dtype = resolve_dtype(config.dtype)
-        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, quantization=config.quantization,
-                                                           **self._layouts(config)))
+        quantization = config.quantization if config.quantization != "gguf" else None
+        formats = param_formats(packed or {})
+        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, quantization=quantization,
+                                                           weight_formats=formats, **self._layouts(config)))
         self.graphdef, state = nnx.split(abstract)
 
         def sharding(path, shape, dtype):
@@ -114,7 +120,7 @@ class ModelRunner:
         layouts = dict(attention=paged_attention_layer(attend))
         if config.quantization and mesh is None and jax.default_backend() == "cpu" and cpu_kernels.compiler():
             cpu_kernels.start_build(cache_dir() / "kernels")
-            layouts["quantized_linear"] = cpu_quantized_matmul
+            layouts.update(quantized_linear=cpu_quantized_matmul, block_linear=cpu_block_matmul)
         if parallel.tensor_parallel_size > 1:
             layouts["attention"] = shard_attention_layer(layouts["attention"], mesh)
         if model_config.is_moe and parallel.tensor_parallel_size * parallel.expert_parallel_size > 1:

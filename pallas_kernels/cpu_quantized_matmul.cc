@@ -14,6 +14,7 @@
 // the same sequence of float32 operations, so a row's result does not depend on the other rows.
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -28,10 +29,7 @@ namespace {
 using namespace jpaged_cpu;
 
 constexpr int64_t kLanes = 16;
-constexpr int64_t kRowGroup = 4;  // rows whose accumulators share a pass over the tile
-constexpr int64_t kDirectRows = 4;
-constexpr int64_t kPrefetchRows = 16;
-constexpr int kWideVectors = 4;
+constexpr int64_t kDirectRows = 4;  // up to this many rows of x, weights are widened as they are used
 
 // 16 bytes from p, sign- or zero-extended to 32 bits (compilers scalarise the generic form).
 template <bool kSigned>
@@ -54,10 +52,40 @@ inline I16 Extend(const void* p) {
   return out;
 }
 
+inline float HalfToFloat(const uint8_t* p) {  // IEEE half, little-endian, exact
+  uint16_t h;
+  std::memcpy(&h, p, sizeof(h));
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#endif
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  float magnitude;
+  if (exponent == 0) {
+    magnitude = std::ldexp(static_cast<float>(mantissa), -24);
+  } else {
+    const uint32_t bits = exponent == 31 ? 0x7f800000 | (mantissa << 13) : ((exponent + 112) << 23) | (mantissa << 13);
+    std::memcpy(&magnitude, &bits, sizeof(magnitude));
+  }
+  uint32_t bits;
+  std::memcpy(&bits, &magnitude, sizeof(bits));
+  bits |= sign;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// Weight formats. Each widens the kVectors * 16 weights from k of one output channel's row of
+// `RowBytes(K)` bytes; K must be a multiple of kBlock. Per-channel formats (kScaled) are then
+// multiplied by the channel's scale; block formats carry their scales inside the row.
 struct Int8 {
-  typedef int8_t Stored;
-  static V16 Widen(const int8_t* p) { return __builtin_convertvector(Extend<true>(p), V16); }
-  static float WidenOne(int8_t v) { return static_cast<float>(v); }
+  static constexpr int64_t kBlock = 1;
+  static constexpr int kVectors = 1;
+  static constexpr bool kScaled = true;
+  static int64_t RowBytes(int64_t k) { return k; }
+  static void Widen(const uint8_t* row, int64_t k, V16* out) {
+    out[0] = __builtin_convertvector(Extend<true>(row + k), V16);
+  }
+  static float WidenOne(const uint8_t* row, int64_t k) { return static_cast<float>(static_cast<int8_t>(row[k])); }
 };
 
 // float8_e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits, no infinities. A normal value's
@@ -65,8 +93,12 @@ struct Int8 {
 // exponent, are the same number; subnormals (exponent 0) are mantissa * 2^-9. NaN (0x7f / 0xff)
 // does not occur in weights quantized by jpaged (they are clipped to +-448).
 struct Fp8E4M3 {
-  typedef uint8_t Stored;
-  static V16 Widen(const uint8_t* p) {
+  static constexpr int64_t kBlock = 1;
+  static constexpr int kVectors = 1;
+  static constexpr bool kScaled = true;
+  static int64_t RowBytes(int64_t k) { return k; }
+  static void Widen(const uint8_t* row, int64_t k, V16* out) { out[0] = WidenBytes(row + k); }
+  static V16 WidenBytes(const uint8_t* p) {
     const I16 x = Extend<false>(p);
     const I16 magnitude = x & 0x7f;
     const I16 normal = (magnitude << 20) + (120 << 23);
@@ -78,44 +110,92 @@ struct Fp8E4M3 {
     std::memcpy(&out, &bits, sizeof(out));
     return out;
   }
-  static float WidenOne(uint8_t v) {
-    const uint8_t lanes[kLanes] = {v};
-    return Widen(lanes)[0];
+  static float WidenOne(const uint8_t* row, int64_t k) {
+    uint8_t lanes[kLanes] = {row[k]};
+    return WidenBytes(lanes)[0];
   }
 };
+
+// GGML's 32-weight blocks (llama.cpp's ggml-quants): Q8_0 = half d, 32 int8 q, w = d * q;
+// Q4_0 = half d, 16 bytes of nibbles, w = d * (q - 8); Q4_1 = half d, half m, nibbles,
+// w = d * q + m. In a nibble block, weight j < 16 is byte j's low nibble, weight j + 16 its high one.
+struct Q8_0 {
+  static constexpr int64_t kBlock = 32;
+  static constexpr int kVectors = 2;
+  static constexpr bool kScaled = false;
+  static int64_t RowBytes(int64_t k) { return k / kBlock * 34; }
+  static void Widen(const uint8_t* row, int64_t k, V16* out) {
+    const uint8_t* block = row + k / kBlock * 34;
+    const float d = HalfToFloat(block);
+    out[0] = __builtin_convertvector(Extend<true>(block + 2), V16) * d;
+    out[1] = __builtin_convertvector(Extend<true>(block + 18), V16) * d;
+  }
+  static float WidenOne(const uint8_t*, int64_t) { return 0.0f; }  // K is a multiple of the block
+};
+
+template <int kHeader, int kOffset>
+struct Nibbles {
+  static constexpr int64_t kBlock = 32;
+  static constexpr int kVectors = 2;
+  static constexpr bool kScaled = false;
+  static constexpr int64_t kBytes = kHeader + 16;
+  static int64_t RowBytes(int64_t k) { return k / kBlock * kBytes; }
+  static void Widen(const uint8_t* row, int64_t k, V16* out) {
+    const uint8_t* block = row + k / kBlock * kBytes;
+    const I16 bytes = Extend<false>(block + kHeader);
+    const float d = HalfToFloat(block);
+    out[0] = __builtin_convertvector((bytes & 0xf) - kOffset, V16) * d;
+    out[1] = __builtin_convertvector((bytes >> 4) - kOffset, V16) * d;
+    if (kHeader == 4) {
+      const float m = HalfToFloat(block + 2);
+      out[0] += m;
+      out[1] += m;
+    }
+  }
+  static float WidenOne(const uint8_t*, int64_t) { return 0.0f; }
+};
+using Q4_0 = Nibbles<2, 8>;
+using Q4_1 = Nibbles<4, 0>;
 
 struct Shapes {
   int64_t m, k, n;
 };
 
-// out[r, j0 + t] for t < count (at most 16) and every row r of x; `weights(t, k)` gives 16
-// widened weights of column j0 + t from k (a multiple of 16 below K rounded down to 16).
+// out[r, j0 + t] for t < count (at most 16) and every row r of x; `weights(t, k, w)` puts the
+// Format::kVectors * 16 widened weights of column j0 + t from k into w (k a multiple of that,
+// below K rounded down to 16).
 template <bool kFull, typename Format, typename Weights>
-void MultiplyColumns(const float* x, const typename Format::Stored* w, const float* scale, const Shapes& s,
-                     int64_t j0, int64_t count, Weights weights, float* out) {
-  const int64_t vector_k = s.k / kLanes * kLanes;
+void MultiplyColumns(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
+                     Weights weights, float* out) {
+  constexpr int64_t kChunk = Format::kVectors * kLanes;
+  const int64_t vector_k = s.k / kChunk * kChunk, row_bytes = Format::RowBytes(s.k);
   for (int64_t r = 0; r < s.m; ++r) {
     const float* xr = x + r * s.k;
     V16 partial[kLanes] = {};
-    for (int64_t k = 0; k < vector_k; k += kLanes) {
-      const V16 xv = LoadV(xr + k);
-      for (int64_t t = 0; t < kLanes; ++t)
-        if (kFull || t < count) partial[t] += xv * weights(t, k);
+    for (int64_t k = 0; k < vector_k; k += kChunk) {
+      V16 xv[Format::kVectors];
+      for (int v = 0; v < Format::kVectors; ++v) xv[v] = LoadV(xr + k + v * kLanes);
+      for (int64_t t = 0; t < kLanes; ++t) {
+        if (!kFull && t >= count) continue;
+        V16 wv[Format::kVectors];
+        weights(t, k, wv);
+        for (int v = 0; v < Format::kVectors; ++v) partial[t] += xv[v] * wv[v];
+      }
     }
     const V16 sums = SumEachOf16(partial);
     for (int64_t t = 0; t < count; ++t) {
       float sum = sums[t];
-      for (int64_t k = vector_k; k < s.k; ++k) sum += xr[k] * Format::WidenOne(w[(j0 + t) * s.k + k]);
-      out[r * s.n + j0 + t] = sum * scale[j0 + t];
+      for (int64_t k = vector_k; k < s.k; ++k) sum += xr[k] * Format::WidenOne(w + (j0 + t) * row_bytes, k);
+      out[r * s.n + j0 + t] = Format::kScaled ? sum * scale[j0 + t] : sum;
     }
   }
 }
 
 template <typename Format>
-void MultiplyBlock(const float* x, const typename Format::Stored* w, const float* scale, const Shapes& s, int64_t j0,
-                   float* out) {
+void MultiplyBlock(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, float* out) {
+  constexpr int64_t kChunk = Format::kVectors * kLanes;
   const int64_t count = std::min<int64_t>(kLanes, s.n - j0);
-  const int64_t vector_k = s.k / kLanes * kLanes;
+  const int64_t vector_k = s.k / kChunk * kChunk, row_bytes = Format::RowBytes(s.k);
   auto run = [&](auto weights) {
     if (count == kLanes)
       MultiplyColumns<true, Format>(x, w, scale, s, j0, count, weights, out);
@@ -123,20 +203,25 @@ void MultiplyBlock(const float* x, const typename Format::Stored* w, const float
       MultiplyColumns<false, Format>(x, w, scale, s, j0, count, weights, out);
   };
   if (s.m <= kDirectRows) {
-    run([&](int64_t t, int64_t k) { return Format::Widen(w + (j0 + t) * s.k + k); });
+    run([&](int64_t t, int64_t k, V16* wv) { Format::Widen(w + (j0 + t) * row_bytes, k, wv); });
     return;
   }
   thread_local std::vector<float> scratch;
   scratch.resize(kLanes * vector_k);
   for (int64_t t = 0; t < count; ++t)
-    for (int64_t k = 0; k < vector_k; k += kLanes) StoreV(&scratch[t * vector_k + k], Format::Widen(w + (j0 + t) * s.k + k));
+    for (int64_t k = 0; k < vector_k; k += kChunk) {
+      V16 wv[Format::kVectors];
+      Format::Widen(w + (j0 + t) * row_bytes, k, wv);
+      for (int v = 0; v < Format::kVectors; ++v) StoreV(&scratch[t * vector_k + k + v * kLanes], wv[v]);
+    }
   const float* widened = scratch.data();
-  run([&](int64_t t, int64_t k) { return LoadV(widened + t * vector_k + k); });
+  run([&](int64_t t, int64_t k, V16* wv) {
+    for (int v = 0; v < Format::kVectors; ++v) wv[v] = LoadV(widened + t * vector_k + k + v * kLanes);
+  });
 }
 
 template <typename Format>
-void Multiply(ThreadPool& pool, const float* x, const typename Format::Stored* w, const float* scale, const Shapes& s,
-              float* out) {
+void Multiply(ThreadPool& pool, const float* x, const uint8_t* w, const float* scale, const Shapes& s, float* out) {
   // Work items of several blocks where there are enough to keep every thread busy.
   const int64_t blocks = (s.n + kLanes - 1) / kLanes;
   const int64_t per_item = blocks >= 32 ? 4 : 1;
@@ -146,37 +231,59 @@ void Multiply(ThreadPool& pool, const float* x, const typename Format::Stored* w
   });
 }
 
+// Runs `Multiply<Format>` after checking that w's row width fits the format; else an error.
+template <typename Format>
+const char* Run(ThreadPool& pool, const float* x, const XLA_FFI_Buffer* w, const float* scale, const Shapes& s,
+                float* out) {
+  if (s.k % Format::kBlock || w->dims[1] != Format::RowBytes(s.k))
+    return "w's row width does not hold K weights of its format";
+  Multiply<Format>(pool, x, static_cast<const uint8_t*>(w->data), scale, s, out);
+  return nullptr;
+}
+
 }  // namespace
 
-// Arguments: x [M, K] float32, w [N, K] int8 or float8_e4m3fn, scale [N] float32; result [M, N]
-// float32.
+// Arguments: x [M, K] float32; w [N, K] int8 or float8_e4m3fn with scale [N] float32, or w [N,
+// row bytes] uint8 of GGML blocks (then scale is ignored); attribute block_format (int32: 0 for
+// int8 / fp8, else GGML's type id: 2 Q4_0, 3 Q4_1, 8 Q8_0). Result [M, N] float32.
 extern "C" XLA_FFI_Error* JpagedQuantizedMatmul(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Api* api = frame->api;
   if (frame->extension_start != nullptr && frame->extension_start->type == XLA_FFI_Extension_Metadata)
     return DescribeHandler(reinterpret_cast<XLA_FFI_Metadata_Extension*>(frame->extension_start));
   if (frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return Fail(api, "called outside the execute stage");
-  if (frame->args.size != 3 || frame->rets.size != 1) return Fail(api, "expects 3 arguments and 1 result");
+  if (frame->args.size != 3 || frame->rets.size != 1 || frame->attrs.size != 1)
+    return Fail(api, "expects 3 arguments, 1 result and the block_format attribute");
   for (int64_t i = 0; i < 3; ++i)
     if (frame->args.types[i] != XLA_FFI_ArgType_BUFFER) return Fail(api, "arguments must be arrays");
-  if (frame->rets.types[0] != XLA_FFI_RetType_BUFFER) return Fail(api, "result must be an array");
+  if (frame->rets.types[0] != XLA_FFI_RetType_BUFFER || frame->attrs.types[0] != XLA_FFI_AttrType_SCALAR)
+    return Fail(api, "result must be an array and block_format a scalar");
+  const auto* attr = static_cast<const XLA_FFI_Scalar*>(frame->attrs.attrs[0]);
+  if (attr->dtype != XLA_FFI_DataType_S32) return Fail(api, "block_format must be int32");
+  const int32_t block_format = *static_cast<const int32_t*>(attr->value);
   const XLA_FFI_Buffer *x = Buffer(frame->args.args[0]), *w = Buffer(frame->args.args[1]),
                        *scale = Buffer(frame->args.args[2]), *out = Buffer(frame->rets.rets[0]);
   if (x->rank != 2 || w->rank != 2 || scale->rank != 1 || out->rank != 2)
     return Fail(api, "x, w, scale or the result of the wrong rank");
   const Shapes s{x->dims[0], x->dims[1], w->dims[0]};
-  if (w->dims[1] != s.k || scale->dims[0] != s.n || out->dims[0] != s.m || out->dims[1] != s.n)
-    return Fail(api, "x, w, scale and the result do not agree in shape");
+  if (out->dims[0] != s.m || out->dims[1] != s.n) return Fail(api, "x, w and the result do not agree in shape");
   if (x->dtype != XLA_FFI_DataType_F32 || scale->dtype != XLA_FFI_DataType_F32 || out->dtype != XLA_FFI_DataType_F32)
     return Fail(api, "x, scale and the result must be float32");
+  const bool scaled = w->dtype == XLA_FFI_DataType_S8 || w->dtype == XLA_FFI_DataType_F8E4M3FN;
+  if (scaled && (block_format != 0 || scale->dims[0] != s.n)) return Fail(api, "scale must have one value per row of w");
   ThreadPool pool(api, frame->ctx);
   const float* xs = static_cast<const float*>(x->data);
   const float* scales = static_cast<const float*>(scale->data);
   float* result = static_cast<float*>(out->data);
+  const char* problem = "w must be int8, float8_e4m3fn, or uint8 GGML blocks of Q4_0, Q4_1 or Q8_0";
   if (w->dtype == XLA_FFI_DataType_S8)
-    Multiply<Int8>(pool, xs, static_cast<const int8_t*>(w->data), scales, s, result);
+    problem = Run<Int8>(pool, xs, w, scales, s, result);
   else if (w->dtype == XLA_FFI_DataType_F8E4M3FN)
-    Multiply<Fp8E4M3>(pool, xs, static_cast<const uint8_t*>(w->data), scales, s, result);
-  else
-    return Fail(api, "w must be int8 or float8_e4m3fn");
-  return nullptr;
+    problem = Run<Fp8E4M3>(pool, xs, w, scales, s, result);
+  else if (w->dtype == XLA_FFI_DataType_U8 && block_format == 2)
+    problem = Run<Q4_0>(pool, xs, w, scales, s, result);
+  else if (w->dtype == XLA_FFI_DataType_U8 && block_format == 3)
+    problem = Run<Q4_1>(pool, xs, w, scales, s, result);
+  else if (w->dtype == XLA_FFI_DataType_U8 && block_format == 8)
+    problem = Run<Q8_0>(pool, xs, w, scales, s, result);
+  return problem ? Fail(api, problem) : nullptr;
 }

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import cpu_kernels
-from pallas_kernels.quantized_matmul import quantized_matmul
+from pallas_kernels.quantized_matmul import BLOCK_FORMATS, block_matmul, quantized_matmul
 
 TARGET = "jpaged_quantized_matmul"
 
@@ -28,6 +29,18 @@ def cpu_quantized_matmul(x, w, scale):
     the kernel is not registered, the jnp reference."""
     if not cpu_kernels.is_loaded() or x.dtype != jnp.float32 or w.ndim != 2:
         return quantized_matmul(x, w, scale)
+    return _call(x, w, scale.astype(jnp.float32), 0)
+
+
+def cpu_block_matmul(x, w, kind: str):
+    """`x [M, K]` times GGML block rows `w [N, K / 32 * block bytes]` (uint8) of format `kind`
+    (`quantized_matmul.BLOCK_FORMATS`): `[M, N]` in x's dtype, as `quantized_matmul.block_matmul`."""
+    if not cpu_kernels.is_loaded() or x.dtype != jnp.float32 or w.ndim != 2:
+        return block_matmul(x, w, kind)
+    return _call(x, w, jnp.zeros((1,), jnp.float32), BLOCK_FORMATS[kind][0])
+
+
+def _call(x, w, scale, block_format: int):
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32),
                             vmap_method="sequential")
-    return call(x, w, scale.astype(jnp.float32))
+    return call(x, w, scale, block_format=np.int32(block_format))

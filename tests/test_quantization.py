@@ -23,8 +23,15 @@ from jpaged import LLM, SamplingParams
 from jpaged.cache_dir import cache_dir
 from jpaged.models.quantization import quantize
 from pallas_kernels import cpu_kernels
-from pallas_kernels.cpu_quantized_matmul import cpu_quantized_matmul
-from pallas_kernels.quantized_matmul import dequantize, quantized_matmul
+from pallas_kernels.cpu_quantized_matmul import cpu_block_matmul, cpu_quantized_matmul
+from pallas_kernels.quantized_matmul import (
+    BLOCK_FORMATS,
+    block_format,
+    block_matmul,
+    dequantize,
+    dequantize_blocks,
+    quantized_matmul,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -105,6 +112,80 @@ def test_cpu_kernel_matches_reference(kernels, scheme, shape):
     # a row's result does not depend on the rest of the batch
     alone = np.asarray(jax.jit(cpu_quantized_matmul)(x[-1:], values, scale))
     np.testing.assert_array_equal(alone[0], got[-1])
+
+
+# --- GGML blocks (GGUF kept packed) ---------------------------------------------------------------
+
+def gguf_blocks(weight: np.ndarray, kind: str) -> np.ndarray:
+    """`weight [N, K]` quantized by the `gguf` package into GGML block rows, uint8 `[N, row bytes]`."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    return gguf_quantize(weight, GGMLQuantizationType[kind])
+
+
+@pytest.mark.parametrize("kind", list(BLOCK_FORMATS))
+def test_block_dequantization_matches_the_gguf_package(kind):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    weight = np.random.default_rng(2).standard_normal((24, 96)).astype(np.float32) * 3
+    rows = gguf_blocks(weight, kind)
+    assert rows.dtype == np.uint8 and rows.shape == (24, 96 // 32 * BLOCK_FORMATS[kind][1])
+    assert block_format(rows, 96) == kind
+    expected = gguf_dequantize(rows, GGMLQuantizationType[kind])
+    np.testing.assert_array_equal(np.asarray(dequantize_blocks(jnp.asarray(rows), kind)), expected)
+    with pytest.raises(ValueError, match="none of"):
+        block_format(rows, 64)
+
+
+@pytest.mark.parametrize("kind", list(BLOCK_FORMATS))
+@pytest.mark.parametrize("shape", [(1, 576, 1536), (5, 64, 37), (64, 1536, 192), (9, 32, 16)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cpu_kernel_matches_reference_on_blocks(kernels, kind, shape):
+    rows, k, n = shape
+    rng = np.random.default_rng(rows + k + n)
+    w = jnp.asarray(gguf_blocks(rng.standard_normal((n, k)).astype(np.float32), kind))
+    x = jnp.asarray(rng.standard_normal((rows, k)).astype(np.float32))
+    with jax.default_matmul_precision("highest"):
+        expected = np.asarray(jax.jit(block_matmul, static_argnums=2)(x, w, kind))
+    got = np.asarray(jax.jit(cpu_block_matmul, static_argnums=2)(x, w, kind))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    alone = np.asarray(jax.jit(cpu_block_matmul, static_argnums=2)(x[-1:], w, kind))
+    np.testing.assert_array_equal(alone[0], got[-1])
+
+
+def test_gguf_packed_default_model_matches_dequantized_at_load(model_path):
+    """The default model's Q4_1 / Q8_0 tensors kept packed: the same prompt logprobs (to float
+    rounding) and greedy answers as the same file dequantized at load, in about the file's size."""
+    from test_default_model import QUESTIONS
+
+    from jpaged.llm import chat_token_ids
+
+    prompt_params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5)
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    runs = {}
+    for quantization in (None, "gguf"):
+        llm = LLM(None, num_blocks=64, quantization=quantization)
+        prompts = [chat_token_ids(llm.get_tokenizer(), [{"role": "user", "content": q}]) for q in QUESTIONS]
+        scored = llm.generate({"prompt_token_ids": prompts[0]}, prompt_params, use_tqdm=False)[0].prompt_logprobs
+        answers = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                                  use_tqdm=False)]
+        runs[quantization] = (scored, answers, llm.engine.stats().weight_bytes)
+    (scored, answers, dense_bytes), (packed_scored, packed_answers, packed_bytes) = runs[None], runs["gguf"]
+    assert packed_answers == answers
+    for entry, packed_entry in zip(scored[1:], packed_scored[1:]):
+        shared = entry.keys() & packed_entry.keys()
+        assert len(shared) >= 3
+        np.testing.assert_allclose([packed_entry[t] for t in shared], [entry[t] for t in shared], atol=1e-3)
+    assert packed_bytes < 0.25 * dense_bytes and packed_bytes < 1.2 * model_path.stat().st_size
+
+
+def test_gguf_packing_needs_a_gguf_model(tmp_path):
+    config = transformers.LlamaConfig(**{**COMMON, **MODELS["llama"][1]})
+    save_random_model(tmp_path, config, seed=1)
+    with pytest.raises(ValueError, match="quantization='gguf'"):
+        LLM(str(tmp_path), quantization="gguf", num_blocks=16, max_model_len=64)
 
 
 # --- whole models against HF --------------------------------------------------------------------

@@ -125,13 +125,15 @@ def load_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
     return read_gguf_index(path).config
 
 
-def load_gguf_weights(path: str | os.PathLike, dtype: Any = np.float32, index: GGUFIndex | None = None
-                      ) -> Iterator[tuple[str, np.ndarray]]:
+def load_gguf_weights(path: str | os.PathLike, dtype: Any = np.float32, index: GGUFIndex | None = None,
+                      keep_packed: dict[str, str] | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(hf_name, array)`` for every weight of the GGUF file at ``path``, one at a time.
 
     Arrays are dequantized, in HF layout (``[out_features, in_features]`` for linear weights),
     with llama.cpp's Q/K RoPE row permutation undone, and cast to ``dtype`` (a numpy dtype such
-    as ``np.float32`` or ``ml_dtypes.bfloat16``). Without an ``index`` the file's metadata is
+    as ``np.float32`` or ``ml_dtypes.bfloat16``). The tensors named in ``keep_packed`` (HF name:
+    GGML type, see :func:`block_types`) come instead as their raw block rows, uint8
+    ``[out_features, row bytes]``, rows un-permuted likewise. Without an ``index`` the file's metadata is
     read and checked before this returns; with one (from :func:`read_gguf_index`, possibly
     cached) only the file's size is checked against it. The tensors are read lazily from a
     memory map as the iterator advances.
@@ -143,7 +145,13 @@ def load_gguf_weights(path: str | os.PathLike, dtype: Any = np.float32, index: G
         if tensor.offset + tensor.nbytes > size:
             raise ValueError(f"{path} does not match its index: tensor {tensor.name!r} ends at byte "
                              f"{tensor.offset + tensor.nbytes}, file has {size} bytes")
-    return _iter_weights(path, index, np.dtype(dtype))
+    return _iter_weights(path, index, np.dtype(dtype), keep_packed or {})
+
+
+def block_types(index: GGUFIndex) -> dict[str, str]:
+    """The GGML type name (``"Q4_1"``, ``"Q8_0"``, ...) of every quantized tensor, by HF name."""
+    return {t.hf_name: GGMLQuantizationType(t.ggml_type).name for t in index.tensors
+            if GGMLQuantizationType(t.ggml_type) not in _PLAIN_TYPES}
 
 
 def load_gguf_tokenizer(path: str | os.PathLike, metadata: dict[str, Any] | None = None):
@@ -195,7 +203,8 @@ def _convert_tokenizer(metadata: dict[str, Any]):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **{**config, **extra})
 
 
-def _iter_weights(path: pathlib.Path, index: GGUFIndex, dtype: np.dtype) -> Iterator[tuple[str, np.ndarray]]:
+def _iter_weights(path: pathlib.Path, index: GGUFIndex, dtype: np.dtype, keep_packed: dict[str, str]
+                  ) -> Iterator[tuple[str, np.ndarray]]:
     """Dequantize, un-permute and cast each tensor in file order, the next `PREFETCH` tensors in
     worker threads while the caller places the current one (numpy's kernels release the GIL)."""
     file = np.memmap(path, dtype=np.uint8, mode="r")
@@ -203,11 +212,14 @@ def _iter_weights(path: pathlib.Path, index: GGUFIndex, dtype: np.dtype) -> Iter
                   ".self_attn.k_proj.": index.config["num_key_value_heads"]}
 
     def prepare(tensor: GGUFTensor) -> tuple[str, np.ndarray]:
-        array = _dequantize(tensor, file[tensor.offset:tensor.offset + tensor.nbytes])
+        raw = file[tensor.offset:tensor.offset + tensor.nbytes]
+        packed = tensor.hf_name in keep_packed
+        kind = GGMLQuantizationType(tensor.ggml_type)
+        array = raw.reshape(quant_shape_to_byte_shape(tensor.shape, kind)) if packed else _dequantize(tensor, raw)
         for marker, n_heads in rope_heads.items():
             if marker in tensor.hf_name:
                 array = _unpermute_rope_rows(array, n_heads)
-        return tensor.hf_name, np.asarray(array, dtype=dtype)
+        return tensor.hf_name, np.array(array) if packed else np.asarray(array, dtype=dtype)
 
     with ThreadPoolExecutor(max_workers=PREFETCH) as pool:
         pending = collections.deque(pool.submit(prepare, t) for t in index.tensors[:PREFETCH])

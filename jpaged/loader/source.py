@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,17 @@ HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.t
 @dataclass
 class ModelSource:
     """A model's parts, the slow ones as loaders: `load_tokenizer()` builds its transformers
-    tokenizer and `weights()` streams `(hf_name, array)` pairs, so that an engine can do both at
-    once."""
+    tokenizer and `weights(keep_packed)` streams `(hf_name, array)` pairs, so that an engine can
+    do both at once. `block_types` gives the GGML block type of each tensor a GGUF file stores
+    quantized (HF name: type name); `weights` yields the tensors named in `keep_packed` as their
+    raw block rows."""
 
     name: str
     hf_config: dict
     generation_config: dict
     load_tokenizer: Callable[[], Any]
-    weights: Callable[[], Iterator[tuple[str, np.ndarray]]]
+    weights: Callable[[dict[str, str] | None], Iterator[tuple[str, np.ndarray]]]
+    block_types: dict[str, str] = field(default_factory=dict)
 
 
 def open_model(model: str | None) -> ModelSource:
@@ -54,7 +57,7 @@ def open_model(model: str | None) -> ModelSource:
         hf_config=hf.read_json(path / "config.json"),
         generation_config=hf.read_json(path / "generation_config.json", required=False),
         load_tokenizer=hf.tokenizer_loader(path),
-        weights=lambda: hf.load_safetensors_weights(path),
+        weights=lambda keep_packed=None: hf.load_safetensors_weights(path),
     )
 
 
@@ -67,7 +70,8 @@ def _open_gguf(path: Path, name: str) -> ModelSource:
         hf_config=index.config,
         generation_config={},
         load_tokenizer=load_tokenizer,
-        weights=lambda: gguf.load_gguf_weights(path, index=index),
+        weights=lambda keep_packed=None: gguf.load_gguf_weights(path, index=index, keep_packed=keep_packed),
+        block_types=gguf.block_types(index),
     )
 
 

@@ -96,6 +96,16 @@ def _slot(param: str, where: tuple[int, ...], layers_per_stage: int, staged: boo
     return ("layers", layer % layers_per_stage, param), stage + expert
 
 
+def param_formats(packed: dict[str, str]) -> dict[str, str]:
+    """The model's parameter keys (`"embed_tokens"`, `"layers.3.q_proj"`, ...) of the HF tensors
+    in `packed` (HF name: GGML block type), with their types."""
+    formats = {}
+    for name, kind in packed.items():
+        param, where, _ = _target(name)
+        formats[".".join(["layers", str(where[0]), param] if where else [param])] = kind
+    return formats
+
+
 def replicate_kv_heads(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, num_kv_heads: int):
     """Repeat each KV head's K/V projection rows until the model has `num_kv_heads` of them.
 
@@ -139,7 +149,8 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
         spec = _lookup(state, path, name)
         scale_path = path[:-1] + (scale_name(param),)
         scheme = scheme_of(spec.dtype) if param in QUANTIZED_PARAMS else None
-        value = tensor.T if transpose and scheme is None else tensor  # quantized: kept [out, in]
+        packed = np.dtype(spec.dtype) == np.uint8  # GGML block rows, [out, row bytes] as the file has them
+        value = tensor.T if transpose and scheme is None and not packed else tensor  # quantized: kept [out, in]
         expected = tuple(spec.shape[len(index):])
         if value.shape != expected:
             raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected {expected} (after layout)")

@@ -23,7 +23,15 @@ from jpaged.config import ModelConfig
 from jpaged.models.moe import sparse_moe
 from jpaged.models.quantization import QUANTIZED_PARAMS, STORAGE_DTYPES, scale_name
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer, ragged_paged_attention
-from pallas_kernels.quantized_matmul import dequantize, quantized_matmul
+from pallas_kernels.quantized_matmul import (
+    BLOCK_FORMATS,
+    BLOCK_SIZE,
+    block_format,
+    block_matmul,
+    dequantize,
+    dequantize_blocks,
+    quantized_matmul,
+)
 
 
 def _param(shape, dtype) -> nnx.Param:
@@ -52,13 +60,18 @@ class DecoderLayer(nnx.Module):
 
     With `quantization` ("int8" | "fp8"), the projections of `QUANTIZED_PARAMS` are kept instead
     as quantized values in the checkpoint's `[..., out, in]` layout with a float32
-    `<name>_scale [..., out]` (`jpaged/models/quantization.py`)."""
+    `<name>_scale [..., out]` (`jpaged/models/quantization.py`). A parameter named in `formats`
+    (name: GGML block type) is kept as the GGUF file's uint8 block rows `[out, row bytes]`."""
 
-    def __init__(self, cfg: ModelConfig, dtype, lead: tuple[int, ...] = (), quantization: str | None = None):
+    def __init__(self, cfg: ModelConfig, dtype, lead: tuple[int, ...] = (), quantization: str | None = None,
+                 formats: dict[str, str] | None = None):
         h, i = cfg.hidden_size, cfg.intermediate_size
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        formats = formats or {}
 
         def param(*shape, name=None):
+            if name in formats:
+                return _packed_param(shape[-2], shape[-1], formats[name])
             if quantization is None or name not in QUANTIZED_PARAMS:
                 return _param(lead + shape, dtype)
             *experts, k, n = shape
@@ -99,6 +112,16 @@ class DecoderLayer(nnx.Module):
             self.shared_expert_gate = param(h, 1)
 
 
+def _packed_param(k: int, n: int, kind: str) -> nnx.Param:
+    """GGML block rows of a `[k, n]` (`x @ W` layout) weight: uint8 `[n, k / 32 * block bytes]`."""
+    return _param((n, k // BLOCK_SIZE * BLOCK_FORMATS[kind][1]), jnp.uint8)
+
+
+def _layer_formats(formats: dict[str, str], layer: int) -> dict[str, str]:
+    prefix = f"layers.{layer}."
+    return {key.removeprefix(prefix): kind for key, kind in formats.items() if key.startswith(prefix)}
+
+
 def run_all_layers(decoder, hidden, positions, kv_cache, md, layer_weights):
     return decoder(hidden, positions, kv_cache, md, layer_weights)
 
@@ -121,18 +144,25 @@ class LlamaForCausalLM(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention=paged_attention_layer(ragged_paged_attention),
                  moe=sparse_moe, run_layers=run_all_layers, pipeline_stages: int = 1, quantization: str | None = None,
-                 quantized_linear=quantized_matmul):
+                 quantized_linear=quantized_matmul, weight_formats: dict[str, str] | None = None,
+                 block_linear=block_matmul):
         self.cfg = cfg
         self.attention, self.moe, self.run_layers = attention, moe, run_layers
-        self.quantized_linear = quantized_linear
-        self.embed_tokens = _param((cfg.vocab_size, cfg.hidden_size), STORAGE_DTYPES.get(quantization, dtype))
+        self.quantized_linear, self.block_linear = quantized_linear, block_linear
+        formats = weight_formats or {}
+        if "embed_tokens" in formats:
+            self.embed_tokens = _packed_param(cfg.hidden_size, cfg.vocab_size, formats["embed_tokens"])
+        else:
+            self.embed_tokens = _param((cfg.vocab_size, cfg.hidden_size), STORAGE_DTYPES.get(quantization, dtype))
         if quantization:
             self.embed_tokens_scale = _param((cfg.vocab_size,), jnp.float32)
         lead = (pipeline_stages,) if pipeline_stages > 1 else ()
-        self.layers = nnx.List([DecoderLayer(cfg, dtype, lead, quantization)
-                                for _ in range(cfg.num_layers // pipeline_stages)])
+        self.layers = nnx.List([DecoderLayer(cfg, dtype, lead, quantization, _layer_formats(formats, i))
+                                for i in range(cfg.num_layers // pipeline_stages)])
         self.norm = _param((cfg.hidden_size,), dtype)
-        if not cfg.tie_word_embeddings and quantization:
+        if not cfg.tie_word_embeddings and "lm_head" in formats:
+            self.lm_head = _packed_param(cfg.hidden_size, cfg.vocab_size, formats["lm_head"])
+        elif not cfg.tie_word_embeddings and quantization:
             self.lm_head = _param((cfg.vocab_size, cfg.hidden_size), STORAGE_DTYPES[quantization])
             self.lm_head_scale = _param((cfg.vocab_size,), jnp.float32)
         elif not cfg.tie_word_embeddings:
@@ -142,7 +172,10 @@ class LlamaForCausalLM(nnx.Module):
         """Hidden states `[N, hidden]` of the new tokens (micro-batches flattened), and the
         updated `(k_cache, v_cache)`."""
         hidden = self.embed_tokens[...][token_ids]
-        if hasattr(self, "embed_tokens_scale"):
+        if hidden.dtype == jnp.uint8:  # GGML block rows
+            kind = block_format(hidden, self.cfg.hidden_size)
+            hidden = dequantize_blocks(hidden, kind).astype(self.norm.dtype)
+        elif hasattr(self, "embed_tokens_scale"):
             hidden = hidden.astype(self.norm.dtype) * self.embed_tokens_scale[...][token_ids][..., None]
         layer_weights = [nnx.to_pure_dict(nnx.state(layer)) for layer in self.layers]
         hidden, kv_cache = self.run_layers(self.decode, hidden, positions, kv_cache, md, layer_weights)
@@ -196,18 +229,24 @@ class LlamaForCausalLM(nnx.Module):
 
     def _linear(self, x, weights, name):
         """`x [T, in]` times the layer's projection `name` (`[T, out]`), quantized or not."""
-        scale = weights.get(scale_name(name))
-        return x @ weights[name] if scale is None else self.quantized_linear(x, weights[name], scale)
+        return self._product(x, weights[name], weights.get(scale_name(name)))
+
+    def _product(self, x, w, scale=None):
+        """`x [T, in]` times a weight kept in any of the model's forms: float `[in, out]`,
+        quantized `[out, in]` with `scale [out]`, or GGML block rows `[out, row bytes]`."""
+        if w.dtype == jnp.uint8:
+            return self.block_linear(x, w, block_format(w, x.shape[-1]))
+        return x @ w if scale is None else self.quantized_linear(x, w, scale)
 
     def logits(self, hidden):
         """Float32 logits `[N, vocab]` of final hidden states `[N, hidden]`."""
-        if self.cfg.tie_word_embeddings and hasattr(self, "embed_tokens_scale"):
-            return self.quantized_linear(hidden, self.embed_tokens[...], self.embed_tokens_scale[...]).astype(jnp.float32)
+        if self.cfg.tie_word_embeddings and self.embed_tokens.dtype not in (jnp.float32, jnp.bfloat16):
+            scale = getattr(self, "embed_tokens_scale", None)
+            return self._product(hidden, self.embed_tokens[...], None if scale is None else scale[...]).astype(jnp.float32)
         if self.cfg.tie_word_embeddings:
             return (hidden @ self.embed_tokens[...].T).astype(jnp.float32)
-        if hasattr(self, "lm_head_scale"):
-            return self.quantized_linear(hidden, self.lm_head[...], self.lm_head_scale[...]).astype(jnp.float32)
-        return (hidden @ self.lm_head[...]).astype(jnp.float32)
+        scale = getattr(self, "lm_head_scale", None)
+        return self._product(hidden, self.lm_head[...], None if scale is None else scale[...]).astype(jnp.float32)
 
 
 def _dequantized(weights: dict, dtype) -> dict:

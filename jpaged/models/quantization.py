@@ -1,5 +1,9 @@
 """Weight-only quantization at load time: which parameters are quantized and how.
 
+`quantization="gguf"` keeps instead a GGUF file's own quantized blocks (Q4_0, Q4_1, Q8_0) on the
+device as the file stores them (`gguf_packed`), uint8 rows of blocks `[out, row bytes]`, and
+multiplies through `pallas_kernels.quantized_matmul.block_matmul` (or its CPU kernel).
+
 Place in the data flow: the loader (`loader/weights.py`) passes each checkpoint tensor of a
 quantized parameter through `quantize` as it arrives, so the host holds one tensor at a time;
 the model keeps the values `[..., out, in]` (the checkpoint's layout, one row per output channel)
@@ -17,10 +21,17 @@ in the compute dtype.
 
 from __future__ import annotations
 
+import logging
+import re
+
 import ml_dtypes
 import numpy as np
 
-QUANTIZATIONS = ("int8", "fp8")
+from pallas_kernels.quantized_matmul import BLOCK_FORMATS
+
+logger = logging.getLogger("jpaged")
+
+QUANTIZATIONS = ("int8", "fp8")  # chosen at load; "gguf" keeps a GGUF file's own blocks instead
 STORAGE_DTYPES = {"int8": np.dtype(np.int8), "fp8": np.dtype(ml_dtypes.float8_e4m3fn)}
 _LARGEST = {"int8": 127.0, "fp8": 448.0}
 QUANTIZED_PARAMS = frozenset({
@@ -28,6 +39,26 @@ QUANTIZED_PARAMS = frozenset({
     "shared_gate_proj", "shared_up_proj", "shared_down_proj",
     "expert_gate_proj", "expert_up_proj", "expert_down_proj", "lm_head", "embed_tokens",
 })
+
+
+_PACKABLE = re.compile(r"model\.embed_tokens\.weight|lm_head\.weight|model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight")
+_logged_unpacked: set[str] = set()
+
+
+def gguf_packed(block_types: dict[str, str]) -> dict[str, str]:
+    """Which of a GGUF file's quantized tensors (`block_types`: HF name -> GGML type) stay packed
+    on the device (`quantization="gguf"`): the projections, embeddings and LM head stored in one
+    of `BLOCK_FORMATS`. Others are dequantized at load; each such type is logged once.
+    ValueError when the file has no quantized tensor."""
+    if not block_types:
+        raise ValueError("quantization='gguf' keeps a GGUF file's quantized tensors packed, and this model has none "
+                         "(an HF folder, or a GGUF file of float tensors)")
+    kept = {name: kind for name, kind in block_types.items() if kind in BLOCK_FORMATS and _PACKABLE.fullmatch(name)}
+    for kind in sorted(set(block_types.values()) - set(BLOCK_FORMATS) - _logged_unpacked):
+        logger.warning("GGUF tensors of type %s cannot stay packed (kept: %s); dequantized at load", kind,
+                       ", ".join(BLOCK_FORMATS))
+        _logged_unpacked.add(kind)
+    return kept
 
 
 def scale_name(param: str) -> str:
