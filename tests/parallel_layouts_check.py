@@ -34,8 +34,7 @@ LAYOUTS = {  # (tensor, pipeline, expert, data) parallel sizes
     "mixtral": [(1, 1, 1, 1), (1, 1, 8, 1), (2, 1, 2, 1), (2, 2, 2, 1), (1, 1, 2, 2)],
     "qwen3_moe": [(1, 1, 1, 1), (1, 1, 4, 1)],  # tp x pp x ep together: mixtral
 }
-QUANTIZED_LAYOUTS = {  # int8 weights: one device, then the layouts split quantized values and scales
-    "llama": [(1, 1, 1, 1), (2, 2, 1, 1)],
+QUANTIZED_LAYOUTS = {  # int8 weights: one device, then tp x pp x ep splitting quantized values and scales
     "mixtral": [(1, 1, 1, 1), (2, 2, 2, 1)],
 }
 

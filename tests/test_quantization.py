@@ -155,39 +155,6 @@ def test_cpu_kernel_matches_reference_on_blocks(kernels, kind, shape):
     np.testing.assert_array_equal(alone[0], got[-1])
 
 
-def test_gguf_packed_default_model_matches_dequantized_at_load(model_path):
-    """The default model's Q4_1 / Q8_0 tensors kept packed: the same prompt logprobs (to float
-    rounding) and greedy answers as the same file dequantized at load, in about the file's size."""
-    from test_default_model import QUESTIONS
-
-    from jpaged.llm import chat_token_ids
-
-    prompt_params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5)
-    params = SamplingParams(temperature=0.0, max_tokens=24)
-    runs = {}
-    for quantization in (None, "gguf"):
-        llm = LLM(None, num_blocks=64, quantization=quantization)
-        prompts = [chat_token_ids(llm.get_tokenizer(), [{"role": "user", "content": q}]) for q in QUESTIONS]
-        scored = llm.generate({"prompt_token_ids": prompts[0]}, prompt_params, use_tqdm=False)[0].prompt_logprobs
-        answers = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                                                  use_tqdm=False)]
-        runs[quantization] = (scored, answers, llm.engine.stats().weight_bytes)
-    (scored, answers, dense_bytes), (packed_scored, packed_answers, packed_bytes) = runs[None], runs["gguf"]
-    assert packed_answers == answers
-    for entry, packed_entry in zip(scored[1:], packed_scored[1:]):
-        shared = entry.keys() & packed_entry.keys()
-        assert len(shared) >= 3
-        np.testing.assert_allclose([packed_entry[t] for t in shared], [entry[t] for t in shared], atol=1e-3)
-    assert packed_bytes < 0.25 * dense_bytes and packed_bytes < 1.2 * model_path.stat().st_size
-
-
-def test_gguf_packing_needs_a_gguf_model(tmp_path):
-    config = transformers.LlamaConfig(**{**COMMON, **MODELS["llama"][1]})
-    save_random_model(tmp_path, config, seed=1)
-    with pytest.raises(ValueError, match="quantization='gguf'"):
-        LLM(str(tmp_path), quantization="gguf", num_blocks=16, max_model_len=64)
-
-
 # --- whole models against HF --------------------------------------------------------------------
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256,
@@ -260,18 +227,55 @@ def _float_bytes(folder: Path) -> int:
 
 # --- the default model --------------------------------------------------------------------------
 
-def test_default_model_greedy_chat_answers_unchanged_with_int8(model_path):
+def default_model_run(quantization: str | None) -> dict:
+    """Prompt logprobs of the first test chat prompt, greedy answers to all of them, weight bytes."""
     from test_default_model import QUESTIONS
 
     from jpaged.llm import chat_token_ids
 
-    params = SamplingParams(temperature=0.0, max_tokens=24)
-    answers, weight_bytes = {}, {}
-    for quantization in (None, "int8"):
-        llm = LLM(None, num_blocks=64, quantization=quantization)
-        prompts = [chat_token_ids(llm.get_tokenizer(), [{"role": "user", "content": q}]) for q in QUESTIONS]
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        answers[quantization] = [o.outputs[0].token_ids for o in outputs]
-        weight_bytes[quantization] = llm.engine.stats().weight_bytes
-    assert answers["int8"] == answers[None]
-    assert weight_bytes["int8"] < 0.3 * weight_bytes[None]
+    llm = LLM(None, num_blocks=64, quantization=quantization)
+    prompts = [chat_token_ids(llm.get_tokenizer(), [{"role": "user", "content": q}]) for q in QUESTIONS]
+    scored = llm.generate({"prompt_token_ids": prompts[0]},
+                          SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5), use_tqdm=False)[0]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=24),
+                           use_tqdm=False)
+    return {"logprobs": scored.prompt_logprobs, "answers": [o.outputs[0].token_ids for o in outputs],
+            "weight_bytes": llm.engine.stats().weight_bytes}
+
+
+@pytest.fixture(scope="module")
+def float_run(model_path):
+    return default_model_run(None)
+
+
+def test_default_model_greedy_chat_answers_unchanged_with_int8(float_run):
+    run = default_model_run("int8")
+    assert run["answers"] == float_run["answers"]
+    assert run["weight_bytes"] < 0.3 * float_run["weight_bytes"]
+
+
+def test_gguf_packed_default_model_matches_dequantized_at_load(float_run, model_path):
+    """The default model's Q4_1 / Q8_0 tensors kept packed: the same prompt logprobs (to float
+    rounding) and greedy answers as the same file dequantized at load, in about the file's size."""
+    run = default_model_run("gguf")
+    assert run["answers"] == float_run["answers"]
+    for entry, packed_entry in zip(float_run["logprobs"][1:], run["logprobs"][1:]):
+        shared = entry.keys() & packed_entry.keys()
+        assert len(shared) >= 3
+        np.testing.assert_allclose([packed_entry[t] for t in shared], [entry[t] for t in shared], atol=1e-3)
+    assert run["weight_bytes"] < 0.25 * float_run["weight_bytes"]
+    assert run["weight_bytes"] < 1.2 * model_path.stat().st_size
+
+
+def test_gguf_packing_needs_a_gguf_model(tmp_path):
+    config = transformers.LlamaConfig(**{**COMMON, **MODELS["llama"][1]})
+    save_random_model(tmp_path, config, seed=1)
+    with pytest.raises(ValueError, match="quantization='gguf'"):
+        LLM(str(tmp_path), quantization="gguf", num_blocks=16, max_model_len=64)
+
+
+def test_cli_flag_reaches_the_engine():
+    from jpaged.cli import _parser, engine_kwargs
+
+    for flag in ("int8", "fp8", "gguf"):
+        assert engine_kwargs(_parser().parse_args(["generate", "--quantization", flag]))["quantization"] == flag
