@@ -56,7 +56,7 @@ class LLMEngine:
         self.max_model_len = self._resolve_max_model_len()
         with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(source.load_tokenizer)
-            packed = gguf_packed(source.block_types) if config.quantization == "gguf" else {}
+            packed = gguf_packed(source.block_types, source.name) if config.quantization == "gguf" else {}
             self.runner = ModelRunner(self.model_config, config, source.weights(packed), self.step_shapes(),
                                       meshes[replica or 0], packed=packed)
             self.tokenizer = tokenizer.result()

@@ -130,9 +130,10 @@ class LlamaForCausalLM(nnx.Module):
     """The model, with its parallel layouts passed in as functions.
 
     `attention(q, k, v, k_cache, v_cache, layer, md, scale) -> (out, k_cache, v_cache)` is paged
-    attention (sharded by head under tensor parallelism); `quantized_linear(x, w, scale)` multiplies
-    by a quantized projection (`quantization` says which, if any: `DecoderLayer`); `moe(x, layer_weights, cfg)` is the
-    mixture-of-experts MLP (expert-parallel or not); `run_layers(decoder, hidden, positions,
+    attention (sharded by head under tensor parallelism); `quantized_linear(x, w, scale)` and
+    `block_linear(x, w, kind)` multiply by a quantized projection or GGML block rows (which
+    weights are kept so: `quantization`, `weight_formats`, see `DecoderLayer`); `moe(x,
+    layer_weights, cfg)` is the mixture-of-experts MLP (expert-parallel or not); `run_layers(decoder, hidden, positions,
     kv_cache, md, layer_weights) -> (hidden [N, hidden], kv_cache)` runs the decoder stack, all
     at once or as a pipeline of stages over micro-batches.
 
@@ -176,7 +177,8 @@ class LlamaForCausalLM(nnx.Module):
             kind = block_format(hidden, self.cfg.hidden_size)
             hidden = dequantize_blocks(hidden, kind).astype(self.norm.dtype)
         elif hasattr(self, "embed_tokens_scale"):
-            hidden = hidden.astype(self.norm.dtype) * self.embed_tokens_scale[...][token_ids][..., None]
+            scale = self.embed_tokens_scale[...][token_ids][..., None]
+            hidden = (hidden.astype(jnp.float32) * scale).astype(self.norm.dtype)
         layer_weights = [nnx.to_pure_dict(nnx.state(layer)) for layer in self.layers]
         hidden, kv_cache = self.run_layers(self.decode, hidden, positions, kv_cache, md, layer_weights)
         return rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps), kv_cache

@@ -45,13 +45,13 @@ _PACKABLE = re.compile(r"model\.embed_tokens\.weight|lm_head\.weight|model\.laye
 _logged_unpacked: set[str] = set()
 
 
-def gguf_packed(block_types: dict[str, str]) -> dict[str, str]:
+def gguf_packed(block_types: dict[str, str], model: str = "this model") -> dict[str, str]:
     """Which of a GGUF file's quantized tensors (`block_types`: HF name -> GGML type) stay packed
     on the device (`quantization="gguf"`): the projections, embeddings and LM head stored in one
     of `BLOCK_FORMATS`. Others are dequantized at load; each such type is logged once.
     ValueError when the file has no quantized tensor."""
     if not block_types:
-        raise ValueError("quantization='gguf' keeps a GGUF file's quantized tensors packed, and this model has none "
+        raise ValueError(f"quantization='gguf' keeps a GGUF file's quantized tensors packed, and {model} has none "
                          "(an HF folder, or a GGUF file of float tensors)")
     kept = {name: kind for name, kind in block_types.items() if kind in BLOCK_FORMATS and _PACKABLE.fullmatch(name)}
     for kind in sorted(set(block_types.values()) - set(BLOCK_FORMATS) - _logged_unpacked):
