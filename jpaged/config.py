@@ -181,10 +181,14 @@ class CacheConfig:
     """How the paged KV cache is sized.
 
     `num_blocks` fixes the block count; otherwise it comes from `gpu_memory_utilization` of the
-    device's free memory on accelerators, or from `cpu_kv_cache_gib` on CPU.
+    device's free memory on accelerators, or from `cpu_kv_cache_gib` on CPU. `kv_cache_dtype`
+    "auto" keeps K/V in the model's dtype; "int8" and "fp8_e4m3" keep them quantized with one
+    float32 scale per token and KV head (`pallas_kernels/quantized_kv.py`), so a budget holds
+    about 2x (vs bfloat16) or 4x (vs float32) the blocks.
     """
 
     block_size: int = 16
+    kv_cache_dtype: str = "auto"  # "auto" | "int8" | "fp8_e4m3"
     num_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 1.0
@@ -194,6 +198,8 @@ class CacheConfig:
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.kv_cache_dtype not in ("auto", "int8", "fp8_e4m3"):
+            raise ValueError(f"kv_cache_dtype must be 'auto', 'int8' or 'fp8_e4m3', got {self.kv_cache_dtype!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

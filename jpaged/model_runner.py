@@ -40,10 +40,12 @@ from jpaged.sampling_params import MAX_LOGPROBS
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from jpaged.step_batch import PAD_TOKEN_ID, PADDING_PARAMS, PromptRows, SamplingArrays, StepBatch, prepare_step
 from pallas_kernels import cpu_kernels
-from pallas_kernels.backend import select_attention
+from pallas_kernels.backend import GPU_PLATFORMS, select_attention
 from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
 from pallas_kernels.cpu_quantized_matmul import cpu_block_matmul, cpu_quantized_matmul
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
+from pallas_kernels.pallas_quantized_matmul import select_quantized_linear
+from pallas_kernels.quantized_kv import bytes_per_token_head, empty_cache
 
 logger = logging.getLogger("jpaged")
 
@@ -83,6 +85,7 @@ class ModelRunner:
         weights = replicate_kv_heads(weights, model_config, kv_heads)
         self.model_config = model_config = dataclasses.replace(model_config, num_kv_heads=kv_heads)
         self.block_size = cache_config.block_size
+        self.kv_cache_dtype = cache_config.kv_cache_dtype
         self.dtype = dtype = resolve_dtype(config.dtype)
         quantization = config.quantization if config.quantization != "gguf" else None
         formats = param_formats(packed or {})
@@ -99,8 +102,12 @@ class ModelRunner:
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
         shape = (model_config.num_layers, self.num_blocks, self.block_size,
                  model_config.num_kv_heads, model_config.head_dim)
-        where = NamedSharding(mesh, KV_CACHE_SPEC) if mesh is not None else None
-        self.kv_cache = (zeros_at(shape, dtype, where), zeros_at(shape, dtype, where))
+
+        def place(shape, dtype):  # a value array or its scales, split as the cache is
+            spec = PartitionSpec(*KV_CACHE_SPEC[:len(shape)])
+            return zeros_at(shape, dtype, NamedSharding(mesh, spec) if mesh is not None else None)
+
+        self.kv_cache = tuple(empty_cache(shape, cache_config.kv_cache_dtype, dtype, place) for _ in "kv")
         swaps = config.scheduler.preemption_mode == "swap"
         self.num_host_blocks = int(cache_config.swap_space_gib * 2**30 // self.block_bytes) if swaps else 0
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
@@ -121,6 +128,8 @@ class ModelRunner:
         if config.quantization and mesh is None and jax.default_backend() == "cpu" and cpu_kernels.compiler():
             cpu_kernels.start_build(cache_dir() / "kernels")
             layouts.update(quantized_linear=cpu_quantized_matmul, block_linear=cpu_block_matmul)
+        elif config.quantization and mesh is None and jax.default_backend() in GPU_PLATFORMS:
+            layouts.update(quantized_linear=select_quantized_linear())
         if parallel.tensor_parallel_size > 1:
             layouts["attention"] = shard_attention_layer(layouts["attention"], mesh)
         if model_config.is_moe and parallel.tensor_parallel_size * parallel.expert_parallel_size > 1:
@@ -147,13 +156,14 @@ class ModelRunner:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return sum(x.nbytes for x in self.kv_cache)
+        return sum(x.nbytes for x in jax.tree.leaves(self.kv_cache))
 
     @property
     def block_bytes(self) -> int:
-        """Bytes of one KV block over all layers, K and V."""
+        """Bytes of one KV block over all layers, K and V (their scales included)."""
         cfg = self.model_config
-        return 2 * cfg.num_layers * cfg.num_kv_heads * self.block_size * cfg.head_dim * jnp.dtype(self.dtype).itemsize
+        per_token_head = bytes_per_token_head(self.kv_cache_dtype, self.dtype, cfg.head_dim)
+        return 2 * cfg.num_layers * cfg.num_kv_heads * self.block_size * per_token_head
 
     def _blocks_for_budget(self, cache_config: CacheConfig) -> int:
         # each device holds its stage's layers of its KV heads
@@ -175,7 +185,7 @@ class ModelRunner:
         mesh = None if self.mesh is None else (self.mesh.axis_names, self.mesh.devices.shape,
                                                  [d.id for d in self.mesh.devices.flat])
         return repr((self.model_config, self.dtype, self.attention, config.attention_interpret, config.quantization,
-                     cpu_kernels.is_loaded(), self.parallel, self.block_size, self.shapes, mesh))
+                     self.kv_cache_dtype, cpu_kernels.is_loaded(), self.parallel, self.block_size, self.shapes, mesh))
 
     @property
     def num_compilations(self) -> int:

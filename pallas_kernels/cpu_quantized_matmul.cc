@@ -169,6 +169,77 @@ struct Nibbles {
 using Q4_0 = Nibbles<2, 8>;
 using Q4_1 = Nibbles<4, 0>;
 
+// GGML's K-quants: super-blocks of 256 weights with a float16 d (and dmin) and integer scales for
+// their sub-blocks. Each Widen covers 32 weights at k (a multiple of 32) of one super-block.
+//
+// Q4_K (144 bytes) = half d, half dmin, 12 bytes of 6-bit scales and minimums for 8 sub-blocks of
+// 32, 128 bytes of nibbles; w = d * scale * q - dmin * min. Bytes 32 g .. 32 g + 31 of the
+// nibbles hold sub-block 2 g in their low nibbles and 2 g + 1 in their high ones. Q5_K (176
+// bytes) puts 32 bytes qh before the nibbles: bit j of qh byte l is the fifth bit (16) of weight
+// l of sub-block j. Of the 12 bytes of scales, sub-block j < 4 has the low 6 bits of byte j
+// (scale) and j + 4 (minimum); j >= 4 has byte j + 4's low (scale) and high (minimum) nibble, with
+// the top two bits of bytes j - 4 and j above them.
+inline void ScaleAndMin(const uint8_t* packed, int j, int* scale, int* min) {
+  if (j < 4) {
+    *scale = packed[j] & 63;
+    *min = packed[j + 4] & 63;
+  } else {
+    *scale = (packed[j + 4] & 0xf) | ((packed[j - 4] >> 6) << 4);
+    *min = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+  }
+}
+
+template <bool kHighBits>
+struct KQuant {
+  static constexpr int64_t kBlock = 256;
+  static constexpr int kVectors = 2;
+  static constexpr bool kScaled = false;
+  static constexpr int64_t kBytes = kHighBits ? 176 : 144;
+  static int64_t RowBytes(int64_t k) { return k / kBlock * kBytes; }
+  static void Widen(const uint8_t* row, int64_t k, V16* out) {
+    const uint8_t* block = row + k / kBlock * kBytes;
+    const int j = k % kBlock / 32;
+    int scale, min;
+    ScaleAndMin(block + 4, j, &scale, &min);
+    const float d = HalfToFloat(block) * scale, m = HalfToFloat(block + 2) * min;
+    const uint8_t* nibbles = block + (kHighBits ? 48 : 16) + j / 2 * 32;
+    const int shift = j % 2 * 4;
+    for (int v = 0; v < 2; ++v) {
+      I16 q = (Extend<false>(nibbles + v * kLanes) >> shift) & 0xf;
+      if (kHighBits) q |= ((Extend<false>(block + 16 + v * kLanes) >> j) & 1) << 4;
+      out[v] = __builtin_convertvector(q, V16) * d - m;
+    }
+  }
+  static float WidenOne(const uint8_t*, int64_t) { return 0.0f; }
+};
+using Q4_K = KQuant<false>;
+using Q5_K = KQuant<true>;
+
+// Q6_K (210 bytes) = 128 bytes ql, 64 bytes qh, 16 int8 scales (one per 16 weights), half d;
+// w = d * scale * (q - 32) with q of 6 bits. In half h of the super-block, weight 32 i + l (i < 4,
+// l < 32) has the low (i < 2) or high nibble of ql byte 64 h + 32 (i % 2) + l and, as bits 4-5,
+// bits 2 i and 2 i + 1 of qh byte 32 h + l.
+struct Q6_K {
+  static constexpr int64_t kBlock = 256;
+  static constexpr int kVectors = 2;
+  static constexpr bool kScaled = false;
+  static int64_t RowBytes(int64_t k) { return k / kBlock * 210; }
+  static void Widen(const uint8_t* row, int64_t k, V16* out) {
+    const uint8_t* block = row + k / kBlock * 210;
+    const int c = k % kBlock / 32, h = c / 4, i = c % 4;
+    const float d = HalfToFloat(block + 208);
+    const uint8_t* ql = block + 64 * h + 32 * (i % 2);
+    const uint8_t* qh = block + 128 + 32 * h;
+    for (int v = 0; v < 2; ++v) {
+      const I16 low = (Extend<false>(ql + v * kLanes) >> (i / 2 * 4)) & 0xf;
+      const I16 high = (Extend<false>(qh + v * kLanes) >> (2 * i)) & 3;
+      const float scale = d * static_cast<int8_t>(block[192 + 2 * c + v]);
+      out[v] = __builtin_convertvector((low | (high << 4)) - 32, V16) * scale;
+    }
+  }
+  static float WidenOne(const uint8_t*, int64_t) { return 0.0f; }
+};
+
 struct Shapes {
   int64_t m, k, n;
 };
@@ -257,7 +328,8 @@ const char* Run(ThreadPool& pool, const float* x, const XLA_FFI_Buffer* w, const
 
 // Arguments: x [M, K] float32; w [N, K] int8 or float8_e4m3fn with scale [N] float32, or w [N,
 // row bytes] uint8 of GGML blocks (then scale is ignored); attribute block_format (int32: 0 for
-// int8 / fp8, else GGML's type id: 2 Q4_0, 3 Q4_1, 8 Q8_0). Result [M, N] float32.
+// int8 / fp8, else GGML's type id: 2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K). Result
+// [M, N] float32.
 extern "C" XLA_FFI_Error* JpagedQuantizedMatmul(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Api* api = frame->api;
   if (frame->extension_start != nullptr && frame->extension_start->type == XLA_FFI_Extension_Metadata)
@@ -286,7 +358,7 @@ extern "C" XLA_FFI_Error* JpagedQuantizedMatmul(XLA_FFI_CallFrame* frame) {
   const float* xs = static_cast<const float*>(x->data);
   const float* scales = static_cast<const float*>(scale->data);
   float* result = static_cast<float*>(out->data);
-  const char* problem = "w must be int8, float8_e4m3fn, or uint8 GGML blocks of Q4_0, Q4_1 or Q8_0";
+  const char* problem = "w must be int8, float8_e4m3fn, or uint8 GGML blocks of Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K";
   if (w->dtype == XLA_FFI_DataType_S8)
     problem = Run<Int8>(pool, xs, w, scales, s, result);
   else if (w->dtype == XLA_FFI_DataType_F8E4M3FN)
@@ -297,5 +369,11 @@ extern "C" XLA_FFI_Error* JpagedQuantizedMatmul(XLA_FFI_CallFrame* frame) {
     problem = Run<Q4_1>(pool, xs, w, scales, s, result);
   else if (w->dtype == XLA_FFI_DataType_U8 && block_format == 8)
     problem = Run<Q8_0>(pool, xs, w, scales, s, result);
+  else if (w->dtype == XLA_FFI_DataType_U8 && block_format == 12)
+    problem = Run<Q4_K>(pool, xs, w, scales, s, result);
+  else if (w->dtype == XLA_FFI_DataType_U8 && block_format == 13)
+    problem = Run<Q5_K>(pool, xs, w, scales, s, result);
+  else if (w->dtype == XLA_FFI_DataType_U8 && block_format == 14)
+    problem = Run<Q6_K>(pool, xs, w, scales, s, result);
   return problem ? Fail(api, problem) : nullptr;
 }

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import cpu_kernels
-from pallas_kernels.quantized_matmul import BLOCK_FORMATS, block_matmul, quantized_matmul
+from pallas_kernels.quantized_matmul import BLOCK_FORMATS, block_matmul, check_block_rows, quantized_matmul
 
 TARGET = "jpaged_quantized_matmul"
 
@@ -33,11 +33,12 @@ def cpu_quantized_matmul(x, w, scale):
 
 
 def cpu_block_matmul(x, w, kind: str):
-    """`x [M, K]` times GGML block rows `w [N, K / 32 * block bytes]` (uint8) of format `kind`
-    (`quantized_matmul.BLOCK_FORMATS`): `[M, N]` in x's dtype, as `quantized_matmul.block_matmul`."""
+    """`x [M, K]` times GGML block rows `w [N, K / block weights * block bytes]` (uint8) of format
+    `kind` (`quantized_matmul.BLOCK_FORMATS`): `[M, N]` in x's dtype, as `quantized_matmul.block_matmul`."""
     if not cpu_kernels.is_loaded() or x.dtype != jnp.float32 or w.ndim != 2:
         return block_matmul(x, w, kind)
-    return _call(x, w, jnp.zeros((1,), jnp.float32), BLOCK_FORMATS[kind][0])
+    check_block_rows(w, x.shape[-1], kind)
+    return _call(x, w, jnp.zeros((1,), jnp.float32), BLOCK_FORMATS[kind].type_id)
 
 
 def _call(x, w, scale, block_format: int):

@@ -24,6 +24,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.ragged_paged_attention import (
     KVChunking,
     QueryTile,
+    cache_operands,
     check_supported,
     default_num_warps,
     default_tile_sizes,
@@ -45,7 +46,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_chunks: int, target_pro
     return pl.cdiv(max_chunks, chunks_per_split)
 
 
-def _decode_kernel(layer_ref, block_tables_ref, context_lens_ref, q_ref, k_ref, v_ref,
+def _decode_kernel(layer_ref, block_tables_ref, context_lens_ref, q_ref, k_ref, v_ref, k_scale_ref, v_scale_ref,
                    acc_ref, max_ref, sum_ref, *,
                    tile: QueryTile, chunking: KVChunking, chunks_per_split: int, scale: float):
     seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -56,10 +57,12 @@ def _decode_kernel(layer_ref, block_tables_ref, context_lens_ref, q_ref, k_ref, 
 
     def chunk_step(chunk, state):
         pages = block_tables_ref[seq, pl.ds(chunk * chunking.pages_per_chunk, chunking.pages_per_chunk)]
-        keys = load_kv_chunk(k_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim)
+        keys = load_kv_chunk(k_ref, k_scale_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim,
+                             queries.dtype)
         key_pos = chunk * chunking.tokens + jnp.arange(chunking.tokens)
         scores = jnp.where(key_pos[None, :] < context_len, scaled_scores(queries, keys, scale), -jnp.inf)
-        values = load_kv_chunk(v_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim)
+        values = load_kv_chunk(v_ref, v_scale_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim,
+                               queries.dtype)
         return online_softmax_step(state, scores, values)
 
     first_chunk = split * chunks_per_split
@@ -88,7 +91,8 @@ def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, cont
 
     `block_tables [B, max_blocks]` and `context_lens [B]` (tokens to attend to, the new one
     included; 0 for padding rows, whose output is zeros) describe each sequence's context in
-    layer `layer` of the stacked cache `[num_layers, num_blocks, block_size, kv_heads, head_dim]`.
+    layer `layer` of the stacked cache `[num_layers, num_blocks, block_size, kv_heads, head_dim]`
+    (or a `quantized_kv.QuantizedKV`).
     `num_splits` defaults to enough context splits to fill a GPU; the tiling defaults as the
     ragged kernel's does.
     """
@@ -112,7 +116,7 @@ def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, cont
     acc, running_max, running_sum = pl.pallas_call(
         kernel,
         grid=partial_shape,
-        in_specs=[whole] * 6,
+        in_specs=[whole] * 8,
         out_specs=[
             pl.BlockSpec((None, None, None, rows, dim), lambda s, h, p: (s, h, p, 0, 0)),
             pl.BlockSpec((None, None, None, rows), lambda s, h, p: (s, h, p, 0)),
@@ -126,7 +130,7 @@ def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, cont
         compiler_params=triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name=f"paged_decode_attention_h{tile.head_slots}_p{chunking.pages_per_chunk}_s{num_splits}",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), block_tables, context_lens, q, k_cache, v_cache)
+    )(jnp.reshape(layer, (1,)).astype(jnp.int32), block_tables, context_lens, q, *cache_operands(k_cache, v_cache))
     real_heads = slice(0, tile.group)
     out = merge_splits(acc[..., real_heads, :head_dim], running_max[..., real_heads], running_sum[..., real_heads])
     return out.reshape(batch, num_heads, head_dim).astype(q.dtype)

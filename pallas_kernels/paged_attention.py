@@ -3,6 +3,8 @@
 The model calls `write_kv` then `ragged_paged_attention` once per layer. The cache of all layers
 is one array `[num_layers, num_blocks, block_size, num_kv_heads, head_dim]`; a token in slot
 `s` lives in block `s // block_size` at offset `s % block_size`, all its KV heads together.
+A quantized cache keeps each of K and V as a `QuantizedKV` (values and per-token scales,
+`quantized_kv.py`), quantized in `write_kv` and widened to float32 as a chunk is read.
 
 The batch is ragged: sequence `i` brings `query_lens[i]` new tokens, flattened in `q` from
 `query_start[i]`, and attends causally to its `context_lens[i]` cached tokens (the new ones
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pallas_kernels.quantized_kv import QuantizedKV, dequantize, is_quantized, quantize
 
 KV_CHUNK_TOKENS = 128  # keys per step of the online softmax (whole blocks)
 QUERY_TILE = 32  # prefill queries per tile
@@ -54,13 +58,20 @@ jax.tree_util.register_dataclass(
 
 
 def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
-    """Store the new tokens' K/V `[T, kv_heads, head_dim]` of one layer into their slots."""
+    """Store the new tokens' K/V `[T, kv_heads, head_dim]` of one layer into their slots
+    (quantized first where the cache is a `QuantizedKV`)."""
     num_blocks, block_size = k_cache.shape[1], k_cache.shape[2]
     block = jnp.where(slot_mapping >= 0, slot_mapping // block_size, num_blocks)
     offset = slot_mapping % block_size
-    k_cache = k_cache.at[layer, block, offset].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[layer, block, offset].set(v.astype(v_cache.dtype), mode="drop")
-    return k_cache, v_cache
+
+    def write(cache, x):
+        if not is_quantized(cache):
+            return cache.at[layer, block, offset].set(x.astype(cache.dtype), mode="drop")
+        values, scales = quantize(x, cache.dtype)
+        return QuantizedKV(cache.values.at[layer, block, offset].set(values, mode="drop"),
+                           cache.scales.at[layer, block, offset].set(scales, mode="drop"))
+
+    return write(k_cache, k), write(v_cache, v)
 
 
 def paged_attention_layer(attend):
@@ -105,7 +116,11 @@ def _kv_chunk(cache, layer, block_tables, chunk: jax.Array, pages_per_chunk: int
     """Keys or values of context chunk `chunk` of each row: float32 `[rows, chunk_tokens, kv_heads, d]`."""
     rows, kv_heads, head_dim = block_tables.shape[0], cache.shape[3], cache.shape[4]
     pages = lax.dynamic_slice_in_dim(block_tables, chunk * pages_per_chunk, pages_per_chunk, axis=1)
-    return cache[layer, pages].reshape(rows, -1, kv_heads, head_dim).astype(jnp.float32)
+    if is_quantized(cache):
+        keys = dequantize(cache.values[layer, pages], cache.scales[layer, pages])
+    else:
+        keys = cache[layer, pages].astype(jnp.float32)
+    return keys.reshape(rows, -1, kv_heads, head_dim)
 
 
 def _pages_per_chunk(block_size: int, max_blocks: int) -> int:

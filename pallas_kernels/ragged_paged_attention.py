@@ -2,7 +2,8 @@
 
 Same contract as `paged_attention.ragged_paged_attention` (the pure-jnp reference): queries
 `q [T, heads, head_dim]` of a ragged batch attend causally, through the block tables, to layer
-`layer` of the stacked cache `[num_layers, num_blocks, block_size, kv_heads, head_dim]`.
+`layer` of the stacked cache `[num_layers, num_blocks, block_size, kv_heads, head_dim]`
+(or a quantized one, `quantized_kv.QuantizedKV`, whose pages are widened as they load).
 
 One program handles one sequence, one KV head and a tile of up to `tile_tokens` of that
 sequence's new tokens, with all query heads of the KV head stacked into the tile's rows
@@ -34,7 +35,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.float8 import widen_fp8_bits
 from pallas_kernels.paged_attention import AttentionMetadata
+from pallas_kernels.quantized_kv import is_quantized
 
 LOG2E = math.log2(math.e)
 # Start of the running max: finite, so a chunk whose scores are all masked (-inf) leaves the
@@ -81,7 +84,7 @@ def unsupported_reason(head_dim: int) -> str | None:
     return None
 
 
-def check_supported(q: jax.Array, k_cache: jax.Array) -> None:
+def check_supported(q: jax.Array, k_cache) -> None:
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[3]
     reason = unsupported_reason(head_dim)
@@ -91,8 +94,17 @@ def check_supported(q: jax.Array, k_cache: jax.Array) -> None:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if k_cache.shape[4] != head_dim:
         raise ValueError(f"cache head_dim {k_cache.shape[4]} != query head_dim {head_dim}")
-    if q.dtype != k_cache.dtype:
+    if q.dtype != k_cache.dtype and not is_quantized(k_cache):
         raise ValueError(f"query dtype {q.dtype} != cache dtype {k_cache.dtype} (the kernels' matmuls need one type)")
+
+
+def cache_operands(k_cache, v_cache) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`(k, v, k_scales, v_scales)` as the kernels take them; a float cache's scales are a
+    placeholder the kernels never read."""
+    if is_quantized(k_cache):
+        return k_cache.values, v_cache.values, k_cache.scales, v_cache.scales
+    unused = jnp.ones((1,), jnp.float32)
+    return k_cache, v_cache, unused, unused
 
 
 @dataclass(frozen=True)
@@ -122,10 +134,13 @@ class KVChunking:
         return pl.cdiv(max_blocks, self.pages_per_chunk)
 
 
-def load_kv_chunk(cache_ref, layer, pages, kv_head, head_dim: int, padded_dim: int):
-    """K or V of `pages [P]` for one KV head, as `[P * block_size, padded_dim]`.
+def load_kv_chunk(cache_ref, scale_ref, layer, pages, kv_head, head_dim: int, padded_dim: int, dtype):
+    """K or V of `pages [P]` for one KV head, as `[P * block_size, padded_dim]` in `dtype`.
 
-    Dimensions past `head_dim` (only when it is not a power of two) read as zeros.
+    A quantized cache (int8, or float8 bits as uint8, widened by integer arithmetic: Triton has
+    no float8 conversion before sm_89) is widened in registers with its per-token scales
+    from `scale_ref [layers, blocks, block_size, kv_heads]`. Dimensions past `head_dim` (only
+    when it is not a power of two) read as zeros.
     """
     block_size = cache_ref.shape[2]
     slot = jnp.arange(block_size)[None, :, None]
@@ -136,7 +151,12 @@ def load_kv_chunk(cache_ref, layer, pages, kv_head, head_dim: int, padded_dim: i
     else:
         dim_ok = jnp.broadcast_to(dim < head_dim, (pages.shape[0], block_size, padded_dim))
         chunk = plgpu.load(cache_ref.at[index], mask=dim_ok, other=0)
-    return chunk.reshape(pages.shape[0] * block_size, padded_dim)
+    chunk = chunk.reshape(pages.shape[0] * block_size, padded_dim)
+    if chunk.dtype == dtype:
+        return chunk
+    scales = scale_ref[layer, pages[:, None], jnp.arange(block_size)[None, :], kv_head]
+    widened = widen_fp8_bits(chunk) if chunk.dtype == jnp.uint8 else chunk.astype(jnp.float32)
+    return (widened * scales.reshape(-1, 1)).astype(dtype)
 
 
 def scaled_scores(queries, keys, scale: float):
@@ -207,7 +227,7 @@ class QueryTile:
 
 
 def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_ref, query_lens_ref,
-                   q_ref, k_ref, v_ref, _out_in_ref, out_ref, *,
+                   q_ref, k_ref, v_ref, k_scale_ref, v_scale_ref, _out_in_ref, out_ref, *,
                    first_row: int, tile: QueryTile, chunking: KVChunking, scale: float):
     row = first_row + pl.program_id(0)
     kv_head = pl.program_id(1)
@@ -227,12 +247,14 @@ def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_re
 
         def chunk_step(chunk, state, causal: bool):
             pages = block_tables_ref[row, pl.ds(chunk * chunking.pages_per_chunk, chunking.pages_per_chunk)]
-            keys = load_kv_chunk(k_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim)
+            keys = load_kv_chunk(k_ref, k_scale_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim,
+                                 queries.dtype)
             scores = scaled_scores(queries, keys, scale)
             if causal:
                 key_pos = chunk * chunking.tokens + jnp.arange(chunking.tokens)
                 scores = jnp.where(key_pos[None, :] <= query_pos[:, None], scores, -jnp.inf)
-            values = load_kv_chunk(v_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim)
+            values = load_kv_chunk(v_ref, v_scale_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim,
+                                   queries.dtype)
             return online_softmax_step(state, scores, values)
 
         # Chunks that end at or before the first query are visible to every query of the tile.
@@ -271,15 +293,15 @@ def ragged_attention_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata
     return pl.pallas_call(
         kernel,
         grid=(stop_row - first_row, num_kv_heads, pl.cdiv(max_query_len, tile.tokens)),
-        in_specs=[whole] * 9,
+        in_specs=[whole] * 11,
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
-        input_output_aliases={8: 0},
+        input_output_aliases={10: 0},
         compiler_params=triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name=f"ragged_paged_attention_t{tile.tokens}_h{tile.head_slots}_p{chunking.pages_per_chunk}",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), block_tables, md.context_lens, md.query_start,
-      md.query_lens, q, k_cache, v_cache, out)
+      md.query_lens, q, *cache_operands(k_cache, v_cache), out)
 
 
 def ragged_paged_attention_kernel(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, *,

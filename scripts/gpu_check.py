@@ -229,10 +229,11 @@ def md_greedy(r: dict) -> list[str]:
 
 
 def md_kernels(r: dict) -> list[str]:
+    quantized = md_quantized(r["quantized_matmul"]) if "quantized_matmul" in r else []
     if "cpu_check" in r:
         check = r["cpu_check"]
         lines = [f"Interpret-mode check: {'ok' if check['ok'] else 'FAILED'} (tolerance {check['tolerance']:g})"]
-        return lines + [f"- {name}: {error:.2e}" for name, error in check["max_abs_error"].items()]
+        return lines + [f"- {name}: {error:.2e}" for name, error in check["max_abs_error"].items()] + quantized
     copy = r["copy_bytes_per_s"]
     lines = [f"{r['device']}, jax {r['jax']}, {r['dtype']}, head_dim {r['head_dim']}, {r['num_kv_heads']} KV heads, "
              f"block {r['block_size']}; microseconds per call", "",
@@ -246,6 +247,26 @@ def md_kernels(r: dict) -> list[str]:
         lines.append(f"| {case['batch']} | {case['context']} | {case['group']}:1 | {us('ours_decode')} | {gbps:.0f} | "
                      f"{100 * gbps * 1e9 / copy:.0f}% | {us('jax')} | {ratio} | {us('ours_ragged_decode')} | "
                      f"{us('ours_mixed')} | {us('reference_decode')} | {us('mosaic_decode')} |")
+    return lines + quantized
+
+
+def md_quantized(r: dict) -> list[str]:
+    """The quantized matmul's cases: error against the reference and, on a GPU, microseconds a call."""
+    cases = r.get("cases", [])
+    ok = all(case["ok"] for case in cases)
+    lines = ["", f"Quantized matmul ({'interpret mode, ' if r['interpret'] else ''}bfloat16 activations, kernel up to "
+             f"{r['max_kernel_rows']} rows): {'ok' if ok else 'FAILED'} against the reference "
+             f"(rtol {r['tolerance'][0]:g}, atol {r['tolerance'][1]:g} x RMS)", "",
+             "| shape | K x N | M | weight | splits | max error | kernel us | GB/s | no split-K us | XLA dequantized us "
+             "| XLA / kernel |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        s = case.get("seconds", {})
+        us = lambda k: f"{s[k] * 1e6:.1f}" if k in s else "-"  # noqa: E731
+        gbps = f"{case['weight_gb_per_s']['kernel']:.0f}" if s else "-"
+        ratio = f"{case['xla_over_kernel']:.2f}x" if s else "-"
+        lines.append(f"| {case['shape']} | {case['k']} x {case['n']} | {case['rows']} | {case['weight']} | "
+                     f"{case['tiling']['splits']} | {case['max_abs_error']['kernel']:.2e} | {us('kernel')} | {gbps} | "
+                     f"{us('kernel_no_split')} | {us('xla_dequantized')} | {ratio} |")
     return lines
 
 

@@ -8,7 +8,11 @@ summary. A part measures, it never asserts: what it finds goes into the summary.
 - `tests`: the kernel and engine-backend tests (compiled kernels on a GPU, interpreted on CPU);
 - `greedy`: greedy tokens of jpaged (reference and Pallas attention) against HF transformers on
   the same device, float32 and bfloat16, for stories260K and a random Llama of realistic shape;
-- `kernels`: `bench_kernels.py` at a size that fits (its interpret-mode check on CPU);
+- `kernels`: `bench_kernels.py` at a size that fits (its interpret-mode check on CPU), then
+  `quantized_matmul`;
+- `quantized_matmul`: the Pallas weight-only quantized matmul against the jnp reference on random
+  data, timed against XLA's matmul on the dequantized weight at decode sizes (interpret mode and
+  correctness only on CPU); part of `kernels` in the check, runnable on its own;
 - `throughput_model`: builds a 0.67B random Llama (a tiny one on CPU) in bfloat16;
 - `throughput_jpaged`, `throughput_hf`, `throughput_hf_batch`: the same random requests on it
   through jpaged, HF `generate` and HF continuous batching.
@@ -25,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -58,6 +63,9 @@ class Sizes:
     kernel_batches: list[int] = field(default_factory=list)
     kernel_contexts: list[int] = field(default_factory=list)
     throughput_llama: dict = field(default_factory=dict)
+    quantized_shapes: dict = field(default_factory=dict)  # name -> (K, N) of `[M, K] @ [N, K]^T`
+    quantized_rows: tuple[int, ...] = ()  # M of the int8 cases
+    quantized_fp8_rows: tuple[int, ...] = ()  # M of the fp8 cases
     num_requests: int = 256
     prompt_lens: tuple[int, int] = (32, 512)
     output_lens: tuple[int, int] = (32, 256)
@@ -77,6 +85,10 @@ GPU_SIZES = Sizes(
     stories_prompts=("", "Once upon a time, there was a dog named"),
     kernel_batches=[8, 64],  # two cases: each compiles about 15 kernels (Triton, jax's sweep, Mosaic)
     kernel_contexts=[4096],
+    quantized_shapes={"Llama-3-8B o_proj": (4096, 4096), "Llama-3-8B up_proj": (4096, 14336),
+                      "awkward": (1000, 1000)},
+    quantized_rows=(1, 8, 16, 64),
+    quantized_fp8_rows=(1, 16),
     # about 0.67B parameters: 12 layers of width 2048, 16 heads of 128 over 4 KV heads
     throughput_llama=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
                           num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048),
@@ -93,6 +105,9 @@ CPU_SIZES = Sizes(
     greedy_tokens=6,
     greedy_dtypes=("float32",),
     stories_prompts=("Once upon a time, there was a dog named",),
+    quantized_shapes={"awkward": (200, 100)},
+    quantized_rows=(1, 33),
+    quantized_fp8_rows=(3,),
     throughput_llama=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256),
     num_requests=4,
@@ -334,10 +349,119 @@ def section_kernels(sizes: Sizes, work: Path) -> dict:
     import jax
 
     if jax.default_backend() == "cpu":
-        return {"cpu_check": bench_kernels.run_cpu_check()}
-    args = argparse.Namespace(batches=sizes.kernel_batches, contexts=sizes.kernel_contexts, groups=[4],
-                              reps=10, trials=3, tune=False)
-    return bench_kernels.run_gpu(args, on_result=lambda report: write_partial(work, "kernels", report))
+        report = {"cpu_check": bench_kernels.run_cpu_check()}
+    else:
+        args = argparse.Namespace(batches=sizes.kernel_batches, contexts=sizes.kernel_contexts, groups=[4],
+                                  reps=10, trials=3, tune=False)
+        report = bench_kernels.run_gpu(args, on_result=lambda report: write_partial(work, "kernels", report))
+    # after the attention kernels, so that a part stopped by its time limit keeps their results
+    report["quantized_matmul"] = section_quantized_matmul(
+        sizes, work, on_result=lambda quantized: write_partial(work, "kernels", {**report, "quantized_matmul": quantized}))
+    return report
+
+
+# --- quantized matmul kernel ---------------------------------------------------------------------
+
+QUANTIZED_TOLERANCE = (2e-2, 1e-3)  # bfloat16 (four roundings of 2^-8 at most): rtol, atol as a share of the RMS
+
+
+def section_quantized_matmul(sizes: Sizes, work: Path, on_result=None) -> dict:
+    """`pallas_quantized_matmul` (bfloat16 activations, int8 and fp8 weights) against the jnp reference
+    on random data; on a GPU also timed, with its default tiling, without split-K (where the default
+    splits), and against the reference jitted (XLA's matmul on the dequantized weight). Case by case,
+    so that a part stopped early reports the cases that finished."""
+    import jax
+
+    from pallas_kernels.pallas_quantized_matmul import MAX_ROWS
+
+    cpu = jax.default_backend() == "cpu"
+    result = {"device": jax.devices()[0].device_kind, "interpret": cpu, "max_kernel_rows": MAX_ROWS,
+              "tolerance": QUANTIZED_TOLERANCE, "reps": None if cpu else 50, "trials": None if cpu else 3, "cases": []}
+    for shape, (k, n) in sizes.quantized_shapes.items():
+        for weight, rows in (("int8", sizes.quantized_rows), ("fp8", sizes.quantized_fp8_rows)):
+            operands = _quantized_weight(k, n, weight)
+            for m in rows:
+                case = {"shape": shape, "k": k, "n": n, "rows": m, "weight": weight,
+                        **_quantized_case(m, *operands, interpret=cpu, reps=result["reps"], trials=result["trials"])}
+                result["cases"].append(case)
+                print(json.dumps(case), flush=True)
+                if on_result:
+                    on_result(result)
+    result["ok"] = all(case["ok"] for case in result["cases"])
+    return result
+
+
+def _quantized_weight(k: int, n: int, weight: str):
+    """Random `w [n, k]` (int8 over its range, or fp8 of a normal spread) and `scale [n]`, |w * scale| ~ 1."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(k + n)
+    if weight == "int8":
+        w, largest = jnp.asarray(rng.integers(-127, 128, (n, k), dtype=np.int8)), 127.0
+    else:
+        w = jnp.asarray(np.clip(rng.standard_normal((n, k), np.float32) * 64, -448, 448)).astype(jnp.float8_e4m3fn)
+        largest = 448.0
+    return w, jnp.asarray(rng.uniform(0.5, 1.5, n) / largest, jnp.float32)
+
+
+def _quantized_case(m: int, w, scale, *, interpret: bool, reps: int | None, trials: int | None) -> dict:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels.pallas_quantized_matmul import choose_tiling, pallas_quantized_matmul
+    from pallas_kernels.quantized_matmul import quantized_matmul
+
+    x = jnp.asarray(np.random.default_rng(m).standard_normal((m, w.shape[1])), jnp.bfloat16)
+    tiling = choose_tiling(x.shape, w.shape, x.dtype, w.dtype)
+    variants = {"kernel": functools.partial(pallas_quantized_matmul, interpret=interpret),
+                "xla_dequantized": quantized_matmul}
+    if tiling.splits > 1 and reps:
+        variants["kernel_no_split"] = functools.partial(pallas_quantized_matmul, split_k=1)
+    seconds, outputs = {}, {}
+    for name, fn in variants.items():
+        seconds[name], outputs[name] = _timed_output(fn, x, w, scale, reps, trials)
+    want = np.asarray(outputs["xla_dequantized"], np.float32)
+    rms = float(np.sqrt(np.mean(want**2)))
+    rtol, atol = QUANTIZED_TOLERANCE
+    case = {"tiling": asdict(tiling), "reference_rms": rms, "ok": True, "max_abs_error": {}}
+    for name in ("kernel", "kernel_no_split"):
+        if name in outputs:
+            error = np.abs(np.asarray(outputs[name], np.float32) - want)
+            case["max_abs_error"][name] = float(error.max())
+            case["ok"] &= bool(np.all(error <= rtol * np.abs(want) + atol * rms))
+    if reps:
+        weight_bytes = w.size * w.dtype.itemsize
+        case["seconds"] = seconds
+        case["weight_gb_per_s"] = {name: weight_bytes / s / 1e9 for name, s in seconds.items()}
+        case["xla_over_kernel"] = seconds["xla_dequantized"] / seconds["kernel"]
+    return case
+
+
+def _timed_output(fn, x, w, scale, reps: int | None, trials: int | None):
+    """`fn(x, w, scale)` and, where `reps` is given, its median seconds a call: `reps` chained calls
+    in one jitted loop per trial (each call's input depends on the previous output)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    @jax.jit
+    def repeated(x, w, scale):
+        def body(_, carry):
+            out = fn(x + carry[0], w, scale)
+            return (out.reshape(-1)[0] * 0).astype(x.dtype), out
+        first = fn(x, w, scale)
+        return lax.fori_loop(0, reps or 0, body, (jnp.zeros((), x.dtype), first))[1]
+
+    out = repeated(x, w, scale).block_until_ready()
+    if not reps:
+        return None, out
+    times = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        repeated(x, w, scale).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / (reps + 1), out
 
 
 # --- end-to-end throughput -----------------------------------------------------------------------
@@ -526,6 +650,7 @@ SECTIONS = {
     "tests": section_tests,
     "greedy": section_greedy,
     "kernels": section_kernels,
+    "quantized_matmul": section_quantized_matmul,
     "throughput_model": section_throughput_model,
     "throughput_jpaged": section_throughput_jpaged,
     "throughput_hf": section_throughput_hf,

@@ -34,7 +34,7 @@ LAYOUTS = {  # (tensor, pipeline, expert, data) parallel sizes
     "mixtral": [(1, 1, 1, 1), (1, 1, 8, 1), (2, 1, 2, 1), (2, 2, 2, 1), (1, 1, 2, 2)],
     "qwen3_moe": [(1, 1, 1, 1), (1, 1, 4, 1)],  # tp x pp x ep together: mixtral
 }
-QUANTIZED_LAYOUTS = {  # int8 weights: one device, then tp x pp x ep splitting quantized values and scales
+QUANTIZED_LAYOUTS = {  # int8 weights and KV cache: one device, then tp x pp x ep splitting values and scales
     "mixtral": [(1, 1, 1, 1), (2, 2, 2, 1)],
 }
 
@@ -74,10 +74,12 @@ def generate(folder_root: str) -> dict:
             }
         for tp, pp, ep, dp in QUANTIZED_LAYOUTS.get(name, []):
             llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep,
-                      dtype="float32", num_blocks=32, max_num_batched_tokens=64, quantization="int8")
+                      dtype="float32", num_blocks=32, max_num_batched_tokens=64, quantization="int8",
+                      kv_cache_dtype="int8")
             report[f"{name}/int8-{tp}x{pp}x{ep}x{dp}"] = {
                 "tokens": [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)],
                 "param_bytes": device_bytes(llm.engine.runner.state),
+                "kv_cache_bytes": device_bytes(llm.engine.runner.kv_cache),
             }
         if name == "llama":
             report["llama/preempted"] = preempted_run(folder, prompts, params)

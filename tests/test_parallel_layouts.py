@@ -38,13 +38,14 @@ def test_every_layout_gives_the_single_device_tokens(report, model):
 
 
 def test_int8_layouts_give_the_single_device_int8_tokens(report, model="mixtral"):
-    """Quantized values and their scales split with the layout (tp x pp x ep): the same tokens as
-    one device with the same quantization, and each device holds a share."""
+    """Quantized weights and KV cache, values and scales split with the layout (tp x pp x ep): the
+    same tokens as one device with the same quantization, and each device holds a share."""
     runs = report["generate"]
     single, split = runs[f"{model}/int8-1x1x1x1"], runs[f"{model}/int8-2x2x2x1"]
     assert split["tokens"] == single["tokens"]
     assert max(split["param_bytes"]) < 0.6 * sum(single["param_bytes"])
     assert sum(single["param_bytes"]) < 0.4 * runs[f"{model}/1x1x1x1"]["model_bytes"]
+    assert max(split["kv_cache_bytes"]) == sum(single["kv_cache_bytes"]) // 4  # tp 2 x pp 2
 
 
 def test_pipeline_under_preemption_gives_the_same_tokens_and_frees_every_block(report):

@@ -21,7 +21,7 @@ import pytest
 
 from jpaged import LLM, SamplingParams
 from jpaged.cache_dir import cache_dir
-from jpaged.models.quantization import quantize
+from jpaged.models.quantization import gguf_packed, quantize
 from pallas_kernels import cpu_kernels
 from pallas_kernels.cpu_quantized_matmul import cpu_block_matmul, cpu_quantized_matmul
 from pallas_kernels.quantized_matmul import (
@@ -31,6 +31,7 @@ from pallas_kernels.quantized_matmul import (
     dequantize,
     dequantize_blocks,
     quantized_matmul,
+    row_bytes,
 )
 
 torch = pytest.importorskip("torch")
@@ -116,6 +117,10 @@ def test_cpu_kernel_matches_reference(kernels, scheme, shape):
 
 # --- GGML blocks (GGUF kept packed) ---------------------------------------------------------------
 
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+HALF_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # byte offsets of a block's float16 d (and dmin)
+
+
 def gguf_blocks(weight: np.ndarray, kind: str) -> np.ndarray:
     """`weight [N, K]` quantized by the `gguf` package into GGML block rows, uint8 `[N, row bytes]`."""
     from gguf import GGMLQuantizationType
@@ -124,34 +129,105 @@ def gguf_blocks(weight: np.ndarray, kind: str) -> np.ndarray:
     return gguf_quantize(weight, GGMLQuantizationType[kind])
 
 
+def block_rows(rng: np.random.Generator, n: int, k: int, kind: str, scale: float = 1e-3) -> np.ndarray:
+    """Rows `[n, row bytes]` of `n x k` weights in format `kind`: the `gguf` package's quantization
+    of random weights (normal, std `scale` * 1000), or, for the formats it cannot quantize (the
+    K-quants), random bytes with each block's float16 d and dmin normal with std `scale` (any
+    bytes are valid elsewhere)."""
+    try:
+        return gguf_blocks(rng.standard_normal((n, k)).astype(np.float32) * (scale * 1e3), kind)
+    except NotImplementedError:
+        pass
+    fmt = BLOCK_FORMATS[kind]
+    blocks = rng.integers(0, 256, (n, k // fmt.block_weights, fmt.block_bytes), dtype=np.uint8)
+    for offset in HALF_FIELDS[kind]:
+        half = (rng.standard_normal(blocks.shape[:2]) * scale).astype(np.float16)
+        blocks[..., offset:offset + 2] = half[..., None].view(np.uint8)
+    return blocks.reshape(n, -1)
+
+
 @pytest.mark.parametrize("kind", list(BLOCK_FORMATS))
 def test_block_dequantization_matches_the_gguf_package(kind):
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize as gguf_dequantize
 
-    weight = np.random.default_rng(2).standard_normal((24, 96)).astype(np.float32) * 3
-    rows = gguf_blocks(weight, kind)
-    assert rows.dtype == np.uint8 and rows.shape == (24, 96 // 32 * BLOCK_FORMATS[kind][1])
-    assert block_format(rows, 96) == kind
+    fmt = BLOCK_FORMATS[kind]
+    n, k = 24, 3 * fmt.block_weights
+    rows = block_rows(np.random.default_rng(2), n, k, kind)
+    assert rows.dtype == np.uint8 and rows.shape == (n, row_bytes(kind, k)) == (n, 3 * fmt.block_bytes)
+    assert block_format(rows, k, (kind,)) == kind
     expected = gguf_dequantize(rows, GGMLQuantizationType[kind])
     np.testing.assert_array_equal(np.asarray(dequantize_blocks(jnp.asarray(rows), kind)), expected)
+    # leading axes (looked-up embedding rows) dequantize row by row
+    np.testing.assert_array_equal(np.asarray(dequantize_blocks(jnp.asarray(rows.reshape(4, 6, -1)), kind)),
+                                  expected.reshape(4, 6, k))
     with pytest.raises(ValueError, match="none of"):
-        block_format(rows, 64)
+        block_format(rows, k - fmt.block_weights)
 
 
-@pytest.mark.parametrize("kind", list(BLOCK_FORMATS))
-@pytest.mark.parametrize("shape", [(1, 576, 1536), (5, 64, 37), (64, 1536, 192), (9, 32, 16)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_cpu_kernel_matches_reference_on_blocks(kernels, kind, shape):
-    rows, k, n = shape
+def test_block_format_tells_formats_by_row_size_within_the_kinds_given():
+    rows = np.zeros((2, 2 * 144), np.uint8)  # two Q4_K super-blocks, or sixteen Q4_0 blocks
+    with pytest.raises(ValueError, match="288 bytes hold 512 weights in each of Q4_0, Q4_K"):
+        block_format(rows, 512)
+    assert block_format(rows, 512, ("Q4_K", "Q6_K", "Q8_0")) == "Q4_K"
+    assert block_format(rows, 512, ("Q4_0", "Q6_K")) == "Q4_0"
+    with pytest.raises(ValueError, match="none of Q4_K, Q5_K"):
+        block_format(np.zeros((2, 18), np.uint8), 32, ("Q4_K", "Q5_K"))
+    with pytest.raises(ValueError, match="multiple of 256 weights, got K = 576"):
+        row_bytes("Q6_K", 576)
+    assert row_bytes("Q6_K", 768) == 3 * 210 and row_bytes("Q4_1", 64) == 2 * 20
+
+
+@pytest.mark.parametrize("matmul", [block_matmul, cpu_block_matmul], ids=["reference", "cpu"])
+def test_block_matmul_rejects_rows_that_do_not_fit(kernels, matmul):
+    w = jnp.zeros((4, 2 * 210), jnp.uint8)  # two Q6_K super-blocks a row
+    with pytest.raises(ValueError, match="Q6_K rows of 256 weights take 210 bytes, got rows of 420"):
+        matmul(jnp.ones((1, 256), jnp.float32), w, "Q6_K")
+    with pytest.raises(ValueError, match="multiple of 256 weights, got K = 320"):
+        matmul(jnp.ones((1, 320), jnp.float32), w, "Q6_K")
+    with pytest.raises(ValueError, match="whole blocks of 144 bytes, got rows of 420"):
+        dequantize_blocks(w, "Q4_K")
+
+
+def test_gguf_packed_keeps_k_quants_and_one_format_per_row_size(caplog):
+    layer = "model.layers.0."
+    types = {"model.embed_tokens.weight": "Q4_K", f"{layer}self_attn.q_proj.weight": "Q4_K",
+             f"{layer}self_attn.v_proj.weight": "Q6_K", f"{layer}mlp.down_proj.weight": "Q5_K",
+             f"{layer}mlp.up_proj.weight": "Q4_0", "lm_head.weight": "Q8_0"}
+    with caplog.at_level("WARNING", logger="jpaged"):
+        kept = gguf_packed(types)
+    # Q4_0 rows are the size of Q4_K's (K a multiple of 256): the rarer format is dequantized at load
+    assert kept == {name: kind for name, kind in types.items() if kind != "Q4_0"}
+    assert "Q4_0 have rows the size of the Q4_K tensors" in caplog.text
+    assert gguf_packed({f"{layer}mlp.up_proj.weight": "Q4_0"}) == {f"{layer}mlp.up_proj.weight": "Q4_0"}
+
+
+# (format, (rows, in, out)): rows on both sides of the kernel's direct / widened-once switch, out
+# on and off multiples of 16 and past 32 blocks of 16 (several per work item)
+BLOCK_CASES = [(kind, shape) for kind in ("Q4_0", "Q4_1", "Q8_0")
+               for shape in [(1, 576, 1536), (5, 64, 37), (64, 1536, 192), (9, 32, 16)]]
+BLOCK_CASES += [(kind, shape) for kind in K_QUANTS
+                for shape in [(1, 256, 37), (3, 768, 200), (17, 512, 45), (64, 768, 130), (1, 512, 600)]]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES, ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}")
+def test_cpu_kernel_matches_reference_on_blocks(kernels, case):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    kind, (rows, k, n) = case
     rng = np.random.default_rng(rows + k + n)
-    w = jnp.asarray(gguf_blocks(rng.standard_normal((n, k)).astype(np.float32), kind))
+    w = block_rows(rng, n, k, kind)
     x = jnp.asarray(rng.standard_normal((rows, k)).astype(np.float32))
     with jax.default_matmul_precision("highest"):
-        expected = np.asarray(jax.jit(block_matmul, static_argnums=2)(x, w, kind))
-    got = np.asarray(jax.jit(cpu_block_matmul, static_argnums=2)(x, w, kind))
+        expected = np.asarray(jax.jit(block_matmul, static_argnums=2)(x, jnp.asarray(w), kind))
+    got = np.asarray(jax.jit(cpu_block_matmul, static_argnums=2)(x, jnp.asarray(w), kind))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
-    alone = np.asarray(jax.jit(cpu_block_matmul, static_argnums=2)(x[-1:], w, kind))
+    # the same as the float64 product with the gguf package's dequantization
+    oracle = np.asarray(x, np.float64) @ gguf_dequantize(w, GGMLQuantizationType[kind]).astype(np.float64).T
+    np.testing.assert_allclose(got, oracle, rtol=1e-4, atol=1e-5 * np.abs(oracle).max())
+    # a row's result does not depend on the rest of the batch
+    alone = np.asarray(jax.jit(cpu_block_matmul, static_argnums=2)(x[-1:], jnp.asarray(w), kind))
     np.testing.assert_array_equal(alone[0], got[-1])
 
 
@@ -227,20 +303,21 @@ def _float_bytes(folder: Path) -> int:
 
 # --- the default model --------------------------------------------------------------------------
 
-def default_model_run(quantization: str | None) -> dict:
-    """Prompt logprobs of the first test chat prompt, greedy answers to all of them, weight bytes."""
+def default_model_run(quantization: str | None, kv_cache_dtype: str = "auto") -> dict:
+    """Prompt logprobs of the first test chat prompt, greedy answers to all of them, weight and KV
+    bytes."""
     from test_default_model import QUESTIONS
 
     from jpaged.llm import chat_token_ids
 
-    llm = LLM(None, num_blocks=64, quantization=quantization)
+    llm = LLM(None, num_blocks=64, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     prompts = [chat_token_ids(llm.get_tokenizer(), [{"role": "user", "content": q}]) for q in QUESTIONS]
     scored = llm.generate({"prompt_token_ids": prompts[0]},
                           SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5), use_tqdm=False)[0]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0.0, max_tokens=24),
                            use_tqdm=False)
     return {"logprobs": scored.prompt_logprobs, "answers": [o.outputs[0].token_ids for o in outputs],
-            "weight_bytes": llm.engine.stats().weight_bytes}
+            "weight_bytes": llm.engine.stats().weight_bytes, "kv_cache_bytes": llm.engine.stats().kv_cache_bytes}
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +331,12 @@ def test_default_model_greedy_chat_answers_unchanged_with_int8(float_run):
     assert run["weight_bytes"] < 0.3 * float_run["weight_bytes"]
 
 
+def test_default_model_greedy_chat_answers_unchanged_with_int8_kv_cache(float_run):
+    run = default_model_run(None, kv_cache_dtype="int8")
+    assert run["answers"] == float_run["answers"]
+    assert run["kv_cache_bytes"] < 0.3 * float_run["kv_cache_bytes"]
+
+
 def test_gguf_packed_default_model_matches_dequantized_at_load(float_run, model_path):
     """The default model's Q4_1 / Q8_0 tensors kept packed: the same prompt logprobs (to float
     rounding) and greedy answers as the same file dequantized at load, in about the file's size."""
@@ -265,6 +348,70 @@ def test_gguf_packed_default_model_matches_dequantized_at_load(float_run, model_
         np.testing.assert_allclose([packed_entry[t] for t in shared], [entry[t] for t in shared], atol=1e-3)
     assert run["weight_bytes"] < 0.25 * float_run["weight_bytes"]
     assert run["weight_bytes"] < 1.2 * model_path.stat().st_size
+
+
+def write_k_quant_gguf(path: Path, vocab: int = 272, hidden: int = 256, intermediate: int = 512) -> None:
+    """A 2-layer llama GGUF (4 heads of 64, 2 KV heads) of random block bytes in the K-quants
+    (Q4_K, Q5_K, Q6_K) with Q8_0 and Q4_0 among them, and a word-level tokenizer."""
+    import gguf
+
+    rng = np.random.default_rng(5)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {"block_count": 2, "context_length": 128, "embedding_length": hidden,
+                       "feed_forward_length": intermediate, "attention.head_count": 4,
+                       "attention.head_count_kv": 2, "vocab_size": vocab}.items():
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-6)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(vocab)])
+    writer.add_token_types([1] * vocab)
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+    def add(name, n, k, kind):
+        rows = block_rows(rng, n, k, kind, scale=1e-4)
+        writer.add_tensor(name, rows, raw_shape=rows.shape, raw_dtype=gguf.GGMLQuantizationType[kind])
+
+    def add_norm(name):
+        writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(hidden)).astype(np.float32))
+
+    add("token_embd.weight", vocab, hidden, "Q5_K")
+    add("output.weight", vocab, hidden, "Q6_K")
+    add_norm("output_norm.weight")
+    for i in range(2):
+        add_norm(f"blk.{i}.attn_norm.weight")
+        add_norm(f"blk.{i}.ffn_norm.weight")
+        for name, n, k, kind in [("attn_q", hidden, hidden, "Q4_K"), ("attn_k", 128, hidden, "Q4_K"),
+                                 ("attn_v", 128, hidden, "Q8_0"), ("attn_output", hidden, hidden, "Q5_K"),
+                                 ("ffn_gate", intermediate, hidden, "Q4_K"), ("ffn_up", intermediate, hidden, "Q4_0"),
+                                 ("ffn_down", hidden, intermediate, "Q6_K")]:
+            add(f"blk.{i}.{name}.weight", n, k, kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_k_quants_packed_match_dequantized_at_load(tmp_path):
+    """K-quant tensors kept packed (Q4_0 beside Q4_K dequantized at load): the same prompt
+    logprobs (to float rounding) and greedy tokens as the same file dequantized at load."""
+    path = tmp_path / "k_quants.gguf"
+    write_k_quant_gguf(path)
+    prompt = np.random.default_rng(3).integers(3, 272, 29).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=5)
+    outputs, weight_bytes = {}, {}
+    for quantization in (None, "gguf"):
+        llm = LLM(str(path), dtype="float32", quantization=quantization, num_blocks=32, max_model_len=128)
+        outputs[quantization] = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        weight_bytes[quantization] = llm.engine.stats().weight_bytes
+    dequantized, packed = outputs[None], outputs["gguf"]
+    assert packed.outputs[0].token_ids == dequantized.outputs[0].token_ids
+    for entry, packed_entry in zip(dequantized.prompt_logprobs[1:], packed.prompt_logprobs[1:]):
+        shared = entry.keys() & packed_entry.keys()
+        assert len(shared) >= 4
+        np.testing.assert_allclose([packed_entry[t] for t in shared], [entry[t] for t in shared], atol=1e-3)
+    assert weight_bytes["gguf"] < 0.4 * weight_bytes[None]
 
 
 def test_gguf_packing_needs_a_gguf_model(tmp_path):

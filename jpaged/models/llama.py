@@ -24,13 +24,12 @@ from jpaged.models.moe import sparse_moe
 from jpaged.models.quantization import QUANTIZED_PARAMS, STORAGE_DTYPES, scale_name
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer, ragged_paged_attention
 from pallas_kernels.quantized_matmul import (
-    BLOCK_FORMATS,
-    BLOCK_SIZE,
     block_format,
     block_matmul,
     dequantize,
     dequantize_blocks,
     quantized_matmul,
+    row_bytes,
 )
 
 
@@ -113,8 +112,8 @@ class DecoderLayer(nnx.Module):
 
 
 def _packed_param(k: int, n: int, kind: str) -> nnx.Param:
-    """GGML block rows of a `[k, n]` (`x @ W` layout) weight: uint8 `[n, k / 32 * block bytes]`."""
-    return _param((n, k // BLOCK_SIZE * BLOCK_FORMATS[kind][1]), jnp.uint8)
+    """GGML block rows of a `[k, n]` (`x @ W` layout) weight: uint8 `[n, row bytes]`."""
+    return _param((n, row_bytes(kind, k)), jnp.uint8)
 
 
 def _layer_formats(formats: dict[str, str], layer: int) -> dict[str, str]:
@@ -151,6 +150,7 @@ class LlamaForCausalLM(nnx.Module):
         self.attention, self.moe, self.run_layers = attention, moe, run_layers
         self.quantized_linear, self.block_linear = quantized_linear, block_linear
         formats = weight_formats or {}
+        self.block_kinds = tuple(sorted(set(formats.values())))  # one per row size (gguf_packed)
         if "embed_tokens" in formats:
             self.embed_tokens = _packed_param(cfg.hidden_size, cfg.vocab_size, formats["embed_tokens"])
         else:
@@ -174,7 +174,7 @@ class LlamaForCausalLM(nnx.Module):
         updated `(k_cache, v_cache)`."""
         hidden = self.embed_tokens[...][token_ids]
         if hidden.dtype == jnp.uint8:  # GGML block rows
-            kind = block_format(hidden, self.cfg.hidden_size)
+            kind = block_format(hidden, self.cfg.hidden_size, self.block_kinds)
             hidden = dequantize_blocks(hidden, kind).astype(self.norm.dtype)
         elif hasattr(self, "embed_tokens_scale"):
             scale = self.embed_tokens_scale[...][token_ids][..., None]
@@ -237,7 +237,7 @@ class LlamaForCausalLM(nnx.Module):
         """`x [T, in]` times a weight kept in any of the model's forms: float `[in, out]`,
         quantized `[out, in]` with `scale [out]`, or GGML block rows `[out, row bytes]`."""
         if w.dtype == jnp.uint8:
-            return self.block_linear(x, w, block_format(w, x.shape[-1]))
+            return self.block_linear(x, w, block_format(w, x.shape[-1], self.block_kinds))
         return x @ w if scale is None else self.quantized_linear(x, w, scale)
 
     def logits(self, hidden):

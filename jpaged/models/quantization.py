@@ -1,8 +1,9 @@
 """Weight-only quantization at load time: which parameters are quantized and how.
 
-`quantization="gguf"` keeps instead a GGUF file's own quantized blocks (Q4_0, Q4_1, Q8_0) on the
-device as the file stores them (`gguf_packed`), uint8 rows of blocks `[out, row bytes]`, and
-multiplies through `pallas_kernels.quantized_matmul.block_matmul` (or its CPU kernel).
+`quantization="gguf"` keeps instead a GGUF file's own quantized blocks (Q4_0, Q4_1, Q8_0 and the
+K-quants Q4_K, Q5_K, Q6_K) on the device as the file stores them (`gguf_packed`), uint8 rows of
+blocks `[out, row bytes]`, and multiplies through `pallas_kernels.quantized_matmul.block_matmul`
+(or its CPU kernel).
 
 Place in the data flow: the loader (`loader/weights.py`) passes each checkpoint tensor of a
 quantized parameter through `quantize` as it arrives, so the host holds one tensor at a time;
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
+from fractions import Fraction
 
 import ml_dtypes
 import numpy as np
 
-from pallas_kernels.quantized_matmul import BLOCK_FORMATS
+from pallas_kernels.quantized_matmul import BLOCK_FORMATS, bytes_per_weight
 
 logger = logging.getLogger("jpaged")
 
@@ -49,7 +52,10 @@ def gguf_packed(block_types: dict[str, str], model: str = "this model") -> dict[
     """Which of a GGUF file's quantized tensors (`block_types`: HF name -> GGML type) stay packed
     on the device (`quantization="gguf"`): the projections, embeddings and LM head stored in one
     of `BLOCK_FORMATS`. Others are dequantized at load; each such type is logged once.
-    ValueError when the file has no quantized tensor."""
+
+    The model tells a packed tensor's format by its row size, so of two formats with rows of the
+    same size (Q4_0 and Q4_K, for K a multiple of 256) only the one with more tensors stays
+    packed. ValueError when the file has no quantized tensor."""
     if not block_types:
         raise ValueError(f"quantization='gguf' keeps a GGUF file's quantized tensors packed, and {model} has none "
                          "(an HF folder, or a GGUF file of float tensors)")
@@ -58,7 +64,12 @@ def gguf_packed(block_types: dict[str, str], model: str = "this model") -> dict[
         logger.warning("GGUF tensors of type %s cannot stay packed (kept: %s); dequantized at load", kind,
                        ", ".join(BLOCK_FORMATS))
         _logged_unpacked.add(kind)
-    return kept
+    by_size: dict[Fraction, str] = {}  # bytes per weight: the format kept packed
+    for kind, _ in Counter(kept.values()).most_common():
+        if (other := by_size.setdefault(bytes_per_weight(kind), kind)) != kind:
+            logger.warning("GGUF tensors of type %s have rows the size of the %s tensors kept packed; "
+                           "dequantized at load", kind, other)
+    return {name: kind for name, kind in kept.items() if kind in by_size.values()}
 
 
 def scale_name(param: str) -> str:

@@ -66,10 +66,12 @@ def shard_attention_layer(attention_layer, mesh: Mesh):
     """Run `attention_layer(q, k, v, k_cache, v_cache, layer, md, scale)` per shard of heads."""
 
     def sharded(q, k, v, k_cache, v_cache, layer, md, scale):
+        # a quantized cache's scales [layers, blocks, block_size, kv_heads] split as its values
+        cache_heads = jax.tree.map(lambda leaf: P(*_CACHE_HEADS[:leaf.ndim]), k_cache)
         body = jax.shard_map(
             partial(attention_layer, scale=scale), mesh=context_mesh(mesh),
-            in_specs=(_HEADS, _HEADS, _HEADS, _CACHE_HEADS, _CACHE_HEADS, P(), P()),
-            out_specs=(_HEADS, _CACHE_HEADS, _CACHE_HEADS), axis_names={TP_AXIS}, check_vma=False,
+            in_specs=(_HEADS, _HEADS, _HEADS, cache_heads, cache_heads, P(), P()),
+            out_specs=(_HEADS, cache_heads, cache_heads), axis_names={TP_AXIS}, check_vma=False,
         )
         return body(q, k, v, k_cache, v_cache, layer, md)
 

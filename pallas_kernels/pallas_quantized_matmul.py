@@ -1,0 +1,235 @@
+"""Weight-only quantized matmul as a Triton-style Pallas kernel: the decode-sized product on GPU.
+
+Same contract as `quantized_matmul.quantized_matmul` (the pure-jnp reference): activations
+`x [M, K]` (float32 or bfloat16) times a per-channel quantized weight `w [N, K]` (int8 or
+float8_e4m3fn, one row per output channel) with `scale [N]` float32, giving `[M, N]` in x's dtype.
+
+In a decode step M is the handful of new tokens, so the product is bound by reading the weight:
+XLA's route (widen the weight to x's dtype, then a dense matmul) reads it at its own width and
+writes and reads again a widened copy, or at best streams it through a generic GEMM tiling made
+for large M. This kernel reads each weight byte once, at its own width, and widens it in
+registers: the idea of weight-streaming GEMV kernels for quantized weights (Marlin-style kernels,
+split-K GEMVs written in Triton), done here in Pallas with Triton's own pipelining.
+
+Design. One program owns a tile of `block_n` output channels. It walks K in steps of `block_k`:
+loads the `[block_n, block_k]` tile of the weight (int8 / fp8), widens it to x's dtype, loads the
+matching `[block_m, block_k]` tile of x and accumulates `x_tile @ w_tile.T` in float32 (tensor
+cores for bfloat16; exact float32 on FMA units for float32). At the end it multiplies each column
+by its channel's scale and stores the tile in x's dtype. Triton matmuls want power-of-two sides of
+at least 16, so the M rows are padded up to `block_m` (16, 32 or 64) with masked loads, and
+loads and stores are masked where N or K is not a multiple of the tile.
+
+When N gives too few tiles to fill the GPU (a small model's 576-wide projections), K is split
+too (split-K): program (tile, split) covers `blocks_per_split` steps of K and writes a float32
+partial product; the partials are summed in plain jnp. The split count is capped so that the
+partials stay a small fraction of the weight's bytes.
+
+`select_quantized_linear` is the switch the model runner uses: the kernel for up to `MAX_ROWS`
+rows on a GPU (or in interpret mode), XLA on the dequantized weight above that (prefill, where
+the product is compute-bound and XLA's GEMMs are the better tool), and the reference elsewhere.
+Weights with leading axes (experts `[E, N, K]`) are not this kernel's job: the model widens them.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.backend import GPU_PLATFORMS
+from pallas_kernels.float8 import widen_fp8_bits
+from pallas_kernels.quantized_matmul import quantized_matmul
+from pallas_kernels.ragged_paged_attention import MIN_DOT_SIDE, next_power_of_2, triton_compiler_params
+
+MAX_ROWS = 64  # the kernel takes products of up to this many rows ("decode-sized")
+WEIGHT_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
+ACTIVATION_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+# Programs that keep every SM of a current GPU busy (132 SMs on an H100 / H200, two each).
+TARGET_PROGRAMS = 264
+# Split-K partials (float32, written then read back) may cost at most this share of the weight's bytes.
+MAX_PARTIAL_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How the product `[rows, n] = [rows, k] @ [n, k]^T` is cut into programs."""
+
+    rows: int
+    n: int
+    k: int
+    block_m: int
+    block_n: int
+    block_k: int
+    splits: int
+    blocks_per_split: int
+
+    @property
+    def n_tiles(self) -> int:
+        return pl.cdiv(self.n, self.block_n)
+
+    @property
+    def k_blocks(self) -> int:
+        return pl.cdiv(self.k, self.block_k)
+
+
+def default_block_sizes(x_dtype) -> tuple[int, int]:
+    """`(block_n, block_k)`: float32 widens the weight tile to 4 bytes an element in registers and
+    multiplies on FMA units, so it takes a narrower K step than bfloat16."""
+    return (32, 32) if jnp.dtype(x_dtype) == jnp.float32 else (64, 128)
+
+
+def choose_splits(rows: int, n_tiles: int, k_blocks: int, k: int, weight_itemsize: int,
+                  target_programs: int = TARGET_PROGRAMS) -> int:
+    """K splits per output tile: enough programs to fill the GPU, never an empty split, and float32
+    partials (`splits * rows * 4` bytes a column, written and read) within `MAX_PARTIAL_SHARE` of
+    the weight's `k * weight_itemsize` bytes a column."""
+    by_traffic = int(MAX_PARTIAL_SHARE * k * weight_itemsize // (8 * max(rows, 1)))
+    wanted = max(1, min(k_blocks, target_programs // n_tiles, by_traffic))
+    return pl.cdiv(k_blocks, pl.cdiv(k_blocks, wanted))
+
+
+def choose_tiling(x_shape, w_shape, x_dtype, w_dtype, *, block_n: int | None = None, block_k: int | None = None,
+                  split_k: int | None = None) -> Tiling:
+    """The tiling for `x [M, K]` times `w [N, K]`; sizes left as None take the defaults."""
+    (rows, k), n = x_shape, w_shape[0]
+    default_n, default_k = default_block_sizes(x_dtype)
+    block_n, block_k = block_n or default_n, block_k or default_k
+    for name, size in (("block_n", block_n), ("block_k", block_k)):
+        if size < MIN_DOT_SIDE or size & (size - 1):
+            raise ValueError(f"{name} must be a power of two of at least {MIN_DOT_SIDE}, got {size}")
+    block_m = max(MIN_DOT_SIDE, next_power_of_2(rows))
+    n_tiles, k_blocks = pl.cdiv(n, block_n), pl.cdiv(k, block_k)
+    if split_k is None:
+        split_k = choose_splits(rows, n_tiles, k_blocks, k, jnp.dtype(w_dtype).itemsize)
+    if split_k < 1:
+        raise ValueError(f"split_k must be at least 1, got {split_k}")
+    blocks_per_split = pl.cdiv(k_blocks, min(split_k, k_blocks))
+    return Tiling(rows, n, k, block_m, block_n, block_k, pl.cdiv(k_blocks, blocks_per_split), blocks_per_split)
+
+
+def unsupported_reason(x, w, scale) -> str | None:
+    """Why the kernel cannot take these operands (shapes, dtypes), or None when it can."""
+    if x.ndim != 2 or w.ndim != 2:
+        return (f"the kernel takes x [M, K] and w [N, K], got x of shape {x.shape} and w of shape {w.shape} "
+                "(weights with leading axes are dequantized by the model)")
+    if x.shape[1] != w.shape[1]:
+        return f"x has K = {x.shape[1]} columns but w has K = {w.shape[1]}"
+    if scale.shape != (w.shape[0],):
+        return f"scale must have shape ({w.shape[0]},) (one per output channel), got {scale.shape}"
+    if x.shape[0] > MAX_ROWS:
+        return f"x has {x.shape[0]} rows; the kernel takes at most {MAX_ROWS} (decode-sized products)"
+    if jnp.dtype(x.dtype) not in ACTIVATION_DTYPES:
+        return f"x dtype {jnp.dtype(x.dtype).name} is not one of {', '.join(d.name for d in ACTIVATION_DTYPES)}"
+    if jnp.dtype(w.dtype) not in WEIGHT_DTYPES:
+        return f"w dtype {jnp.dtype(w.dtype).name} is not one of {', '.join(d.name for d in WEIGHT_DTYPES)}"
+    return None
+
+
+def native_fp8_conversion(device=None) -> bool:
+    """Whether Triton can widen float8_e4m3fn in hardware on `device` (default: jax's first):
+    CUDA sm_89 and newer. False sends fp8 weights through `widen_fp8_bits` instead."""
+    capability = getattr(device or jax.devices()[0], "compute_capability", None)
+    found = re.fullmatch(r"(\d+)\.(\d+)", str(capability))
+    return found is None or (int(found.group(1)), int(found.group(2))) >= (8, 9)
+
+
+def _widen(w, dtype, weight: str):
+    """A weight tile loaded as int8 (fp8 weights as their bits) as `dtype`."""
+    if weight == "fp8":
+        return lax.bitcast_convert_type(w, jnp.float8_e4m3fn).astype(dtype)
+    if weight == "fp8_bits":
+        return widen_fp8_bits(w).astype(dtype)
+    return w.astype(dtype)
+
+
+def _kernel(x_ref, w_ref, scale_ref, out_ref, *, tiling: Tiling, weight: str):
+    t = tiling
+    n_tile, split = pl.program_id(0), pl.program_id(1)
+    first_col = n_tile * t.block_n
+    row_ok = jnp.arange(t.block_m) < t.rows
+    col_ok = first_col + jnp.arange(t.block_n) < t.n
+    precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+
+    def k_step(k_block, acc):
+        first_k = k_block * t.block_k
+        k_ok = first_k + jnp.arange(t.block_k) < t.k
+        x_mask = row_ok[:, None] & k_ok[None, :] if t.k % t.block_k else row_ok[:, None]
+        w_mask = _mask_and(col_ok[:, None] if t.n % t.block_n else None, k_ok[None, :] if t.k % t.block_k else None)
+        x = plgpu.load(x_ref.at[pl.ds(0, t.block_m), pl.ds(first_k, t.block_k)],
+                       mask=jnp.broadcast_to(x_mask, (t.block_m, t.block_k)), other=0)
+        w_view = w_ref.at[pl.ds(first_col, t.block_n), pl.ds(first_k, t.block_k)]
+        w = plgpu.load(w_view) if w_mask is None else plgpu.load(
+            w_view, mask=jnp.broadcast_to(w_mask, (t.block_n, t.block_k)), other=0)
+        return acc + lax.dot_general(x, _widen(w, x.dtype, weight), (((1,), (1,)), ((), ())), precision=precision,
+                                     preferred_element_type=jnp.float32)
+
+    first_block = split * t.blocks_per_split
+    stop_block = jnp.minimum(first_block + t.blocks_per_split, t.k_blocks) if t.splits > 1 else t.k_blocks
+    acc = lax.fori_loop(first_block, stop_block, k_step, jnp.zeros((t.block_m, t.block_n), jnp.float32))
+    scale = plgpu.load(scale_ref.at[pl.ds(first_col, t.block_n)], mask=col_ok, other=0)
+    out = (acc * scale[None, :]).astype(out_ref.dtype)
+    plgpu.store(out_ref.at[split, pl.ds(0, t.block_m), pl.ds(first_col, t.block_n)], out,
+                mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _mask_and(a, b):
+    if a is None or b is None:
+        return b if a is None else a
+    return a & b
+
+
+def pallas_quantized_matmul(x, w, scale, *, interpret: bool = False, block_n: int | None = None,
+                            block_k: int | None = None, split_k: int | None = None, num_warps: int = 4,
+                            num_stages: int = 3, native_fp8: bool | None = None) -> jax.Array:
+    """`x [M, K]` (float32 / bfloat16) times `w [N, K]` (int8 / float8_e4m3fn) with per-channel
+    `scale [N]` (float32): `[M, N]` in x's dtype, as `quantized_matmul.quantized_matmul`, for
+    M <= `MAX_ROWS`. Tiling left as None takes `default_block_sizes` and `choose_splits`.
+    `native_fp8` (default: `native_fp8_conversion()`) widens fp8 weights with Triton's conversion
+    (sm_89+) rather than by integer arithmetic.
+    Raises ValueError for shapes or dtypes the kernel does not take (`unsupported_reason`)."""
+    reason = unsupported_reason(x, w, scale)
+    if reason:
+        raise ValueError(reason)
+    if x.shape[0] == 0:
+        return jnp.zeros((0, w.shape[0]), x.dtype)
+    t = choose_tiling(x.shape, w.shape, x.dtype, w.dtype, block_n=block_n, block_k=block_k, split_k=split_k)
+    out_dtype = x.dtype if t.splits == 1 else jnp.float32
+    weight = "int8"
+    if w.dtype == jnp.float8_e4m3fn:  # loaded as int8 bits: Triton cannot fill masked fp8 lanes
+        weight = "fp8" if (native_fp8_conversion() if native_fp8 is None else native_fp8) else "fp8_bits"
+        w = lax.bitcast_convert_type(w, jnp.int8)
+    whole = pl.BlockSpec(memory_space=pl.ANY)
+    out = pl.pallas_call(
+        functools.partial(_kernel, tiling=t, weight=weight),
+        grid=(t.n_tiles, t.splits),
+        in_specs=[whole] * 3,
+        out_specs=whole,
+        out_shape=jax.ShapeDtypeStruct((t.splits, t.rows, t.n), out_dtype),
+        compiler_params=triton_compiler_params(num_warps, num_stages),
+        interpret=interpret,
+        name=f"quantized_matmul_{weight}_m{t.block_m}_n{t.block_n}_k{t.block_k}_s{t.splits}",
+    )(x, w, scale.astype(jnp.float32))
+    return out[0] if t.splits == 1 else out.sum(axis=0).astype(x.dtype)
+
+
+def quantized_linear(x, w, scale, *, interpret: bool = False, max_rows: int = MAX_ROWS) -> jax.Array:
+    """The kernel where it takes the operands and `x` has at most `max_rows` rows; else the
+    reference (XLA's matmul on the widened weight)."""
+    if x.shape[0] > max_rows or unsupported_reason(x, w, scale):
+        return quantized_matmul(x, w, scale)
+    return pallas_quantized_matmul(x, w, scale, interpret=interpret)
+
+
+def select_quantized_linear(platform: str | None = None, interpret: bool = False, max_rows: int = MAX_ROWS):
+    """The `(x, w, scale) -> [M, N]` product for `platform` (default: jax's default backend): the
+    kernel up to `max_rows` rows on a GPU, or anywhere in interpret mode; the reference otherwise."""
+    platform = platform or jax.default_backend()
+    if platform not in GPU_PLATFORMS and not interpret:
+        return quantized_matmul
+    return functools.partial(quantized_linear, interpret=interpret, max_rows=min(max_rows, MAX_ROWS))

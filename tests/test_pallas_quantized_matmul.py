@@ -1,0 +1,186 @@
+"""The Pallas weight-only quantized matmul (interpret mode on CPU, compiled on a GPU) against the jnp
+reference `quantized_matmul` and a float64 product; its dispatcher; and the kernel
+cross-lowered for CUDA, then compiled by Triton for sm_80, sm_89 and sm_90 where the `triton`
+package is installed.
+
+Fresh random operands: activations from a normal distribution, int8 weights over the whole range,
+fp8 weights from random bytes (every finite float8_e4m3fn value, subnormals and -0 included).
+Shapes stay small: interpret mode is slow.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.float8 import widen_fp8_bits
+from pallas_kernels.pallas_quantized_matmul import (
+    MAX_ROWS,
+    choose_tiling,
+    pallas_quantized_matmul,
+    select_quantized_linear,
+)
+from pallas_kernels.quantized_matmul import quantized_matmul
+from pallas_kernels.triton_compile import MAX_SHARED_BYTES, TritonIRNotFound, capture_triton_kernels, compile_kernel
+
+INTERPRET = jax.default_backend() == "cpu"  # on a GPU the kernel runs compiled by Triton
+# (rtol, atol as a share of the reference's RMS) against the reference. float32: accumulation order
+# only. bfloat16: the reference rounds its product, the scale and the scaled product to bfloat16,
+# the kernel rounds once: four roundings of at most 2^-8 each.
+TOLERANCE = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2e-2, 1e-3)}
+# Against a float64 product of the same (exactly representable) operands: the kernel's one rounding.
+EXACT_TOLERANCE = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2**-8 + 1e-5, 1e-5)}
+FP8_NAN_BYTES = (0x7F, -0x01)  # 0x7F and 0xFF as int8
+TRITON_CALL = "custom_call @__gpu$xla.gpu.triton"
+
+
+def make_operands(seed: int, m: int, n: int, k: int, x_dtype, w_dtype):
+    """`x [m, k]`, quantized `w [n, k]` and `scale [n]` (float32) with |w * scale| of order 1."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((m, k)), x_dtype)
+    if w_dtype == jnp.int8:
+        w, largest = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8), 127.0
+    else:
+        bits = rng.integers(-128, 128, (n, k)).astype(np.int8)
+        bits[np.isin(bits, FP8_NAN_BYTES)] = 0
+        w, largest = jax.lax.bitcast_convert_type(jnp.asarray(bits), jnp.float8_e4m3fn), 448.0
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, n) / largest, jnp.float32)
+    return x, w, scale
+
+
+def assert_matches_reference(got, x, w, scale):
+    want = quantized_matmul(x, w, scale)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    rtol, atol = TOLERANCE[x.dtype.type]
+    rms = float(np.sqrt(np.mean(want**2)))
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * rms)
+    exact = (np.asarray(x, np.float64) @ np.asarray(w, np.float64).T) * np.asarray(scale, np.float64)
+    rtol, atol = EXACT_TOLERANCE[x.dtype.type]
+    np.testing.assert_allclose(got, exact, rtol=rtol, atol=atol * rms)  # an oracle no one here wrote
+
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+@pytest.mark.parametrize("w_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
+@pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_kernel_matches_reference(x_dtype, w_dtype, m):
+    """N = 100 and K = 200 are multiples of no default tile; M = 1 also splits K."""
+    x, w, scale = make_operands(m, m, 100, 200, x_dtype, w_dtype)
+    assert_matches_reference(pallas_quantized_matmul(x, w, scale, interpret=INTERPRET), x, w, scale)
+
+
+@pytest.mark.parametrize("n,k", [(64, 96), (65, 97)], ids=["multiples", "one-past"])
+def test_small_tiles_and_split_k(n, k):
+    """Tiles of 16: whole tiles without masks, then one column and one K step past; K in three splits."""
+    x, w, scale = make_operands(7, 5, n, k, jnp.float32, jnp.int8)
+    tiling = choose_tiling(x.shape, w.shape, x.dtype, w.dtype, block_n=16, block_k=16, split_k=3)
+    assert tiling.splits == 3 and tiling.n_tiles == -(-n // 16)
+    got = pallas_quantized_matmul(x, w, scale, interpret=INTERPRET, block_n=16, block_k=16, split_k=3)
+    assert_matches_reference(got, x, w, scale)
+
+
+def test_fp8_widened_by_integer_arithmetic():
+    """The sm_80 route for fp8 weights: all 256 bit patterns widen exactly (NaN to NaN), and the
+    kernel on that route matches the reference."""
+    bits = jnp.arange(-128, 128, dtype=jnp.int32).astype(jnp.int8)
+    want = jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn).astype(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(widen_fp8_bits(bits)), np.asarray(want))
+    np.testing.assert_array_equal(np.signbit(np.asarray(widen_fp8_bits(bits))), np.signbit(np.asarray(want)))
+    x, w, scale = make_operands(3, 3, 100, 200, jnp.bfloat16, jnp.float8_e4m3fn)
+    assert_matches_reference(pallas_quantized_matmul(x, w, scale, interpret=INTERPRET, native_fp8=False), x, w, scale)
+
+
+def test_no_rows():
+    x, w, scale = make_operands(0, 0, 100, 200, jnp.float32, jnp.int8)
+    assert pallas_quantized_matmul(x, w, scale, interpret=INTERPRET).shape == (0, 100)
+
+
+def test_unsupported_operands_name_the_value_and_the_limit():
+    x, w, scale = make_operands(0, 4, 32, 48, jnp.float32, jnp.int8)
+    call = functools.partial(pallas_quantized_matmul, interpret=True)
+    too_many = jnp.zeros((MAX_ROWS + 1, 48), jnp.float32)
+    cases = [
+        ((too_many, w, scale), {}, f"{MAX_ROWS + 1} rows; the kernel takes at most {MAX_ROWS}"),
+        ((x.astype(jnp.float16), w, scale), {}, "x dtype float16"),
+        ((x, w.astype(jnp.int16), scale), {}, "w dtype int16"),
+        ((x[:, :40], w, scale), {}, "K = 40"),
+        ((x, w[None], scale[None]), {}, "leading axes"),
+        ((x, w, scale[:8]), {}, "scale must have shape (32,)"),
+        ((x, w, scale), {"block_n": 24}, "block_n must be a power of two of at least 16, got 24"),
+        ((x, w, scale), {"split_k": 0}, "split_k must be at least 1, got 0"),
+    ]
+    for args, tuning, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            call(*args, **tuning)
+
+
+def uses_kernel(fn, x, w, scale) -> bool:
+    return "pallas_call" in str(jax.make_jaxpr(fn)(x, w, scale))
+
+
+def test_dispatcher_takes_the_kernel_up_to_the_bound_only():
+    assert select_quantized_linear("cpu") is quantized_matmul
+    linear = select_quantized_linear("cpu", interpret=True)
+    _, w, scale = make_operands(1, 1, 40, 24, jnp.bfloat16, jnp.int8)
+    for m, kernel in ((1, True), (MAX_ROWS, True), (MAX_ROWS + 1, False)):
+        x = make_operands(m, m, 40, 24, jnp.bfloat16, jnp.int8)[0]
+        assert uses_kernel(linear, x, w, scale) == kernel, m
+    x = make_operands(2, MAX_ROWS + 1, 40, 24, jnp.bfloat16, jnp.int8)[0]
+    np.testing.assert_array_equal(np.asarray(linear(x, w, scale), np.float32),
+                                  np.asarray(quantized_matmul(x, w, scale), np.float32))
+    assert not uses_kernel(select_quantized_linear("cpu", interpret=True, max_rows=8), x[:9], w, scale)
+    assert not uses_kernel(linear, x[:4].astype(jnp.float16), w, scale)  # operands the kernel does not take
+
+
+# --- lowered for CUDA, compiled by Triton --------------------------------------------------------
+
+MODEL_SHAPES = {"SmolLM2-135M q_proj": (576, 1536), "Llama-3-8B o_proj": (4096, 4096),
+                "Llama-3-8B up_proj": (4096, 14336)}  # (K, N)
+
+
+def trace_for_cuda(m: int, k: int, n: int, x_dtype, w_dtype, **options) -> jax.stages.Traced:
+    linear = select_quantized_linear("cuda")
+    if options:
+        linear = functools.partial(pallas_quantized_matmul, **options)
+    args = (jax.ShapeDtypeStruct((m, k), x_dtype), jax.ShapeDtypeStruct((n, k), w_dtype),
+            jax.ShapeDtypeStruct((n,), jnp.float32))
+    return jax.jit(linear).trace(*args)
+
+
+@pytest.mark.parametrize("shape", list(MODEL_SHAPES))
+def test_model_shapes_cross_lower_for_cuda(shape):
+    k, n = MODEL_SHAPES[shape]
+    for m in (1, 16, MAX_ROWS, MAX_ROWS + 1):
+        for x_dtype, w_dtype in ((jnp.bfloat16, jnp.int8), (jnp.bfloat16, jnp.float8_e4m3fn), (jnp.float32, jnp.int8)):
+            stablehlo = trace_for_cuda(m, k, n, x_dtype, w_dtype).lower(lowering_platforms=("cuda",)).as_text()
+            assert stablehlo.count(TRITON_CALL) == (m <= MAX_ROWS), (m, x_dtype, w_dtype)
+
+
+def triton_kernel(traced: jax.stages.Traced):
+    pytest.importorskip("triton")
+    try:
+        [kernel] = capture_triton_kernels(traced)
+    except TritonIRNotFound as error:
+        pytest.skip(str(error))
+    return kernel
+
+
+@pytest.mark.parametrize("capability", [80, 89, 90])
+@pytest.mark.parametrize("x_dtype,w_dtype", [(jnp.bfloat16, jnp.int8), (jnp.bfloat16, jnp.float8_e4m3fn),
+                                             (jnp.float32, jnp.int8)], ids=["bf16-int8", "bf16-fp8", "f32-int8"])
+def test_kernel_compiles_with_triton(x_dtype, w_dtype, capability):
+    """What XLA does on a GPU: a cubin that launches, reads the weight in 16-byte loads, spills
+    nothing, and multiplies bfloat16 on tensor cores. fp8 widens in hardware from sm_89 on."""
+    options = {"native_fp8": capability >= 89} if w_dtype == jnp.float8_e4m3fn else {}
+    for m in (1, MAX_ROWS):
+        kernel = triton_kernel(trace_for_cuda(m, 4096, 4096, x_dtype, w_dtype, **options))
+        resources = compile_kernel(kernel, capability)
+        assert resources.fits, (f"{kernel.name} needs {resources.shared_bytes} bytes of shared memory; "
+                                f"sm_{capability} allows {MAX_SHARED_BYTES[capability]}")
+        assert resources.spill_bytes == 0, f"{kernel.name} spills {resources.spill_bytes} bytes on sm_{capability}"
+        assert resources.wide_loads > 0, f"{kernel.name} reads the weight without 16-byte loads"
+        if x_dtype == jnp.bfloat16:
+            assert resources.tensor_core_ops > 0, f"{kernel.name} multiplies without tensor cores"
