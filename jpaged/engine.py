@@ -73,10 +73,10 @@ class LLMEngine:
         self._seed_rng = random.Random(config.seed)
         self.num_prompt_tokens_computed = 0
         self.num_generated_tokens = 0
-        logger.info("engine ready: %s, weights %.1f MiB (%s), %d KV blocks of %d tokens (%.1f MiB), max_model_len %d",
-                    self.model_name, self.runner.weight_bytes / 2**20, config.quantization or "not quantized",
-                    self.runner.num_blocks, config.cache.block_size, self.runner.kv_cache_bytes / 2**20,
-                    self.max_model_len)
+        logger.info("engine ready: %s, weights %.1f MiB (%s), %d KV blocks of %d tokens (%.1f MiB, %s), "
+                    "max_model_len %d", self.model_name, self.runner.weight_bytes / 2**20,
+                    config.quantization or "not quantized", self.runner.num_blocks, config.cache.block_size,
+                    self.runner.kv_cache_bytes / 2**20, config.cache.kv_cache_dtype, self.max_model_len)
 
     def step_shapes(self) -> StepShapes:
         """The padded sizes of every step this engine can run (they fix its compiled programs)."""

@@ -1,16 +1,24 @@
-"""Quantized weights against float: device bytes, perplexity, batch throughput and single-request
-decode speed of the default model, one engine per weight format, in one run.
+"""Quantized weights and KV cache against float: device bytes, perplexity, batch throughput and
+single-request decode speed, one engine per format, in one run.
 
-    python scripts/bench_quantization.py [--formats float32,int8,fp8,gguf] [--out bench_results/quantization.json]
+    python scripts/bench_quantization.py [--formats float32,int8,...] [--out bench_results/quantization.json]
+    python scripts/bench_quantization.py --random-0.5b [--out bench_results/quantization_0.5b.json]
 
-Formats: float32 (the GGUF dequantized at load, as by default), int8 and fp8 (quantized at load
-from those float32 values), gguf (the file's own Q4_1 / Q8_0 blocks kept packed). For each: the
-weights' device bytes (`engine.stats().weight_bytes`) and the KV cache's
-bytes per token; perplexity over `tests/data/public_domain.txt` (the Declaration of Independence
-and the start of the US Constitution, about 2,500 tokens, scored as one prompt through
-`prompt_logprobs`); output tokens/s of the 64-request chat workload of `bench_throughput.py`
-(greedy, EOS ignored, a cold pass that compiles, then the timed pass); and one request's decode
-speed (128 tokens, after a warm-up run of it). Prints a table, saves JSON and a bar plot beside it.
+Formats (`FORMATS`): float32 (the default model's GGUF dequantized at load, as by default) and
+bfloat16; int8 and fp8 weights (quantized at load from the float32 values); gguf (the file's own
+blocks kept packed); float32 weights with an int8 or fp8 KV cache; int8 weights with an int8 KV
+cache. For each: the weights' device bytes (`engine.stats().weight_bytes`) and the KV cache's
+bytes per token (scales included); perplexity over `tests/data/public_domain.txt` (the
+Declaration of Independence and the start of the US Constitution, about 2,500 tokens of the
+default model's tokenizer, scored as one prompt through `prompt_logprobs`); output tokens/s of the
+64-request chat workload of `bench_throughput.py` (greedy, EOS ignored, a cold pass that
+compiles, then the timed pass); and one request's decode speed (128 tokens, after a warm-up run).
+
+`--random-0.5b` runs the formats but gguf on a random-weight Llama of 0.47B parameters (the
+default model's vocabulary, 24 layers of width 1024) built once into `--random-dir`: bytes,
+perplexity over the same token ids (random weights: only its change across formats means
+anything) and single-request speed (32 tokens); no batch pass. Prints a table, saves JSON and a
+bar plot beside it.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -32,14 +41,19 @@ from jpaged import LLM, SamplingParams  # noqa: E402
 from jpaged.llm import chat_token_ids  # noqa: E402
 
 TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "public_domain.txt"
-FORMATS = {  # bfloat16 is left out by default: XLA's CPU matmuls in bfloat16 make the chat pass take minutes
+FORMATS = {
     "float32": dict(dtype="float32"),
+    "bfloat16": dict(dtype="bfloat16"),
     "int8": dict(dtype="float32", quantization="int8"),
     "fp8": dict(dtype="float32", quantization="fp8"),
     "gguf": dict(dtype="float32", quantization="gguf"),
-    "bfloat16": dict(dtype="bfloat16"),
+    "kv-int8": dict(dtype="float32", kv_cache_dtype="int8"),
+    "kv-fp8": dict(dtype="float32", kv_cache_dtype="fp8_e4m3"),
+    "int8+kv-int8": dict(dtype="float32", quantization="int8", kv_cache_dtype="int8"),
 }
 SINGLE_TOKENS = 128
+RANDOM_MODEL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    num_key_value_heads=4, vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=False)
 
 
 def perplexity(llm: LLM, token_ids: list[int]) -> float:
@@ -57,15 +71,26 @@ def timed(llm: LLM, requests, params) -> float:
     return time.perf_counter() - started
 
 
-def measure(name: str, kwargs: dict) -> dict:
-    llm = LLM(None, **kwargs)
-    tokenizer = llm.get_tokenizer()
-    text_ids = tokenizer.encode(TEXT.read_text(), add_special_tokens=False)
-    stats, cfg = llm.engine.stats(), llm.engine.model_config
-    kv_itemsize = 2 if kwargs["dtype"] == "bfloat16" else 4
+def text_token_ids() -> list[int]:
+    """The text in the default model's tokens."""
+    llm = LLM(None, num_blocks=1)
+    return llm.get_tokenizer().encode(TEXT.read_text(), add_special_tokens=False)
+
+
+def measure(name: str, kwargs: dict, text_ids: list[int], model: str | None = None) -> dict:
+    """One format's row; `model` None: the default model, with the batch pass; else a random
+    model (word-level tokenizer), one 32-token request only."""
+    llm = LLM(model, max_model_len=4096, **kwargs)
+    stats, runner = llm.engine.stats(), llm.engine.runner
     row = {"format": name, "weight_mib": stats.weight_bytes / 2**20,
-           "kv_bytes_per_token": 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_itemsize,
+           "kv_bytes_per_token": runner.block_bytes // runner.block_size,
            "text_tokens": len(text_ids), "perplexity": perplexity(llm, text_ids)}
+    if model is not None:
+        request, params = {"prompt_token_ids": text_ids[:64]}, SamplingParams(max_tokens=32, ignore_eos=True)
+        timed(llm, request, params)
+        row["single_tokens_per_s"] = 32 / timed(llm, request, params)
+        return row
+    tokenizer = llm.get_tokenizer()
     workload = chat_workload(tokenizer, 64)
     requests = [{"prompt_token_ids": p} for p in workload.prompts]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.max_tokens]
@@ -78,37 +103,59 @@ def measure(name: str, kwargs: dict) -> dict:
     return row
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    keys = [("weight_mib", "weights (MiB)"), ("perplexity", "perplexity"),
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    keys = [("weight_mib", "weights (MiB)"), ("kv_bytes_per_token", "KV bytes per token"), ("perplexity", "perplexity"),
             ("batch_tokens_per_s", "64 requests, output tok/s"), ("single_tokens_per_s", "one request, tok/s")]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
-    for ax, (key, title) in zip(axes, keys):
+    keys = [(key, label) for key, label in keys if key in rows[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4))
+    for ax, (key, label) in zip(axes, keys):
         ax.bar([r["format"] for r in rows], [r[key] for r in rows], color="tab:blue")
-        ax.set_title(title)
-    fig.suptitle("Default model (SmolLM2-135M-Instruct) by weight format, this CPU")
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=60)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", default="float32,int8,fp8,gguf", help=f"subset of {','.join(FORMATS)}")
+    parser.add_argument("--formats", default=",".join(FORMATS), help=f"subset of {','.join(FORMATS)}")
+    parser.add_argument("--random-0.5b", dest="random", action="store_true",
+                        help="a random-weight 0.47B Llama instead of the default model (no gguf, no batch pass)")
+    parser.add_argument("--random-dir", default="bench_results/random-0.5b", help="where the random model is kept")
     parser.add_argument("--out", default="bench_results/quantization.json")
     args = parser.parse_args()
+    model = random_model(Path(args.random_dir)) if args.random else None
+    text_ids = text_token_ids()
     rows = []
     for name in args.formats.split(","):
-        rows.append(measure(name, FORMATS[name]))
-        gc.collect()
-        print(rows[-1], flush=True)
-    print(f"\n| format | weights MiB | KV bytes/token | perplexity ({rows[0]['text_tokens']} tokens) | "
-          "batch tok/s | single tok/s |\n|---|---|---|---|---|---|")
+        if model is None or name != "gguf":
+            rows.append(measure(name, FORMATS[name], text_ids, model))
+            gc.collect()
+            print(rows[-1], flush=True)
+    float_ppl = rows[0]["perplexity"]
+    print(f"\n| format | weights MiB | KV bytes/token | perplexity ({rows[0]['text_tokens']} tokens) | vs {rows[0]['format']} "
+          "| batch tok/s | single tok/s |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['format']} | {r['weight_mib']:.1f} | {r['kv_bytes_per_token']} | {r['perplexity']:.3f} | "
-              f"{r['batch_tokens_per_s']:.1f} | {r['single_tokens_per_s']:.1f} |")
+        batch = f"{r['batch_tokens_per_s']:.1f}" if "batch_tokens_per_s" in r else "-"
+        print(f"| {r['format']} | {r['weight_mib']:.1f} | {r['kv_bytes_per_token']:,} | {r['perplexity']:.3f} | "
+              f"{100 * (r['perplexity'] / float_ppl - 1):+.2f}% | {batch} | {r['single_tokens_per_s']:.1f} |")
     out = Path(args.out)
-    save_json({"rows": rows}, out)
-    plot(rows, out.with_suffix(".png"))
+    save_json({"rows": rows, "model": "random 0.47B Llama" if model else "default"}, out)
+    title = "Random 0.47B Llama" if model else "Default model (SmolLM2-135M-Instruct)"
+    plot(rows, out.with_suffix(".png"), f"{title} by weight and KV format, this CPU")
     print(f"saved {out.with_suffix('.png')}")
+
+
+def random_model(folder: Path) -> str:
+    """The random-weight Llama of `RANDOM_MODEL`, built (with torch, about a minute) unless `folder` has it."""
+    if not (folder / "config.json").is_file():
+        sys.path.insert(0, str(TEXT.parents[1]))
+        from hf_models import save_random_model
+        from transformers import LlamaConfig
+
+        save_random_model(folder, LlamaConfig(**RANDOM_MODEL), std=0.02)
+    return str(folder)
 
 
 if __name__ == "__main__":

@@ -426,3 +426,5 @@ def test_cli_flag_reaches_the_engine():
 
     for flag in ("int8", "fp8", "gguf"):
         assert engine_kwargs(_parser().parse_args(["generate", "--quantization", flag]))["quantization"] == flag
+    for flag in ("auto", "int8", "fp8_e4m3"):
+        assert engine_kwargs(_parser().parse_args(["serve", "--kv-cache-dtype", flag]))["kv_cache_dtype"] == flag
