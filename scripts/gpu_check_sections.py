@@ -43,7 +43,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
 ASSETS = ROOT / ".gpu_assets"  # ignored by git; travels to the GPU machine when named in `carry`
 STORIES_PLACES = (ASSETS / "stories260K", ROOT.parent / "shared" / "models" / "stories260K")
 KERNEL_TESTS = ["tests/test_pallas_kernels.py", "tests/test_engine_pallas.py", "tests/test_attention_backend.py",
-                "tests/test_mosaic_gpu.py", "tests/test_compile_cache.py"]
+                "tests/test_mosaic_gpu.py", "tests/test_compile_cache.py", "tests/test_kv_quantization.py",
+                "tests/test_pallas_quantized_matmul.py"]
 VERSIONED = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "triton", "torch", "transformers",
              "numpy")
 
