@@ -12,6 +12,10 @@
 #include <memory>
 #include <mutex>
 
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/c_api.h"
 
 namespace jpaged_cpu {
@@ -27,6 +31,62 @@ inline V16 LoadV(const float* p) {
 }
 
 inline void StoreV(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// The 16 bytes at p as int32 lanes, sign-extended (kSigned) or zero-extended. GCC scalarises
+// __builtin_convertvector from a vector of bytes, so AVX-512 and AVX2 widen with intrinsics.
+template <bool kSigned>
+inline I16 ExtendBytes(const void* p) {
+  I16 out;
+#if defined(__AVX512F__)
+  const __m128i bytes = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  const __m512i lanes = kSigned ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+  std::memcpy(&out, &lanes, sizeof(out));
+#elif defined(__AVX2__)
+  const __m128i bytes = _mm_loadu_si128(static_cast<const __m128i*>(p));
+  const __m128i upper = _mm_srli_si128(bytes, 8);
+  const __m256i halves[2] = {kSigned ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes),
+                             kSigned ? _mm256_cvtepi8_epi32(upper) : _mm256_cvtepu8_epi32(upper)};
+  std::memcpy(&out, halves, sizeof(out));
+#else
+  for (int i = 0; i < 16; ++i)
+    out[i] = kSigned ? static_cast<const int8_t*>(p)[i] : static_cast<const uint8_t*>(p)[i];
+#endif
+  return out;
+}
+
+// 16 int8 values from p as float32 (exact).
+inline V16 Int8x16ToFloat(const int8_t* p) { return __builtin_convertvector(ExtendBytes<true>(p), V16); }
+
+// 16 float8_e4m3fn values, given as their bits, from p as float32 (exact). e4m3 is a sign, 4
+// exponent bits (bias 7) and 3 mantissa bits. With AVX-512, the exponent and mantissa bits moved
+// up 7 places and the sign 8 are a float16 (5 exponent bits, bias 15) of the value times 2^-8,
+// subnormals included, which the conversion to float32 keeps (it ignores denormal flushing).
+// Otherwise: for a normal value, its exponent and mantissa bits moved up 20 places, with 127 - 7
+// added to the exponent, are the float32 of the same number; a subnormal one (exponent 0) is its
+// mantissa times 2^-9, made without float32 subnormals (which a thread that flushes denormals
+// would zero). The NaN bits (0x7f, 0xff), which no value quantized to +-448 has, read as +-480.
+inline V16 E4M3x16ToFloat(const uint8_t* p) {
+#if defined(__AVX512F__)
+  const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i half = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(x, 8), _mm256_set1_epi16(-0x8000)),
+                                       _mm256_and_si256(_mm256_slli_epi16(x, 7), _mm256_set1_epi16(0x3f80)));
+  const __m512 wide = _mm512_cvtph_ps(half);
+  V16 out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out * 256.0f;
+#else
+  const I16 bits = ExtendBytes<false>(p);
+  const I16 magnitude = bits & 0x7f;
+  const V16 subnormal = __builtin_convertvector(magnitude, V16) * (1.0f / 512.0f);
+  I16 subnormal_bits;
+  std::memcpy(&subnormal_bits, &subnormal, sizeof(subnormal_bits));
+  const I16 normal_bits = (magnitude << 20) + (120 << 23);
+  const I16 word = (magnitude < 8 ? subnormal_bits : normal_bits) | ((bits & 0x80) << 24);
+  V16 out;
+  std::memcpy(&out, &word, sizeof(out));
+  return out;
+#endif
+}
 
 // Lane t of the result is the sum of the 16 lanes of p[t] (a transpose-and-add tree).
 inline V16 SumEachOf16(const V16 (&p)[16]) {

@@ -7,6 +7,11 @@
 // the blocks the row's block table names, only up to what its last query can see: no gather, no
 // padded table width. Padding tokens get zeros.
 //
+// A quantized cache (quantized_kv.py) holds int8 values, or the bits of float8_e4m3fn values as
+// uint8, with one float32 scale per token and KV head [layers, blocks, block_size, kv_heads]: a key
+// is values * scale. Its blocks are widened unscaled, and the scales are applied to what each key
+// or value contributes: a score is (q . k_values) * k_scale, a value's weight p * v_scale.
+//
 // Work is split into (row, tile of up to kQueryTile queries) items, shared by the calling thread
 // and XLA's intra-op thread pool. Each item reads its row's blocks (every KV head at once) in
 // three passes: scores, an exact softmax in float32, weighted values. A query's result depends
@@ -62,6 +67,29 @@ inline float Load<float>(const float* p, int64_t i) { return p[i]; }
 template <>
 inline float Load<uint16_t>(const uint16_t* p, int64_t i) { return Bf16ToFloat(p[i]); }
 
+// n cache values from src as float32 into dst: bfloat16 exactly; int8 and float8 e4m3 bits exactly
+// and unscaled, 16 at a time.
+inline void Widen(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = Bf16ToFloat(src[i]);
+}
+
+inline V16 Widen16(const int8_t* p) { return Int8x16ToFloat(p); }
+inline V16 Widen16(const uint8_t* p) { return E4M3x16ToFloat(p); }
+
+template <typename C>
+inline void Widen(const C* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) StoreV(dst + i, Widen16(src + i));
+  if (i == n) return;
+  C tail[kLanes] = {};  // the last values, without reading past the cache
+  std::memcpy(tail, src + i, (n - i) * sizeof(C));
+  const V16 widened = Widen16(tail);
+  for (int64_t x = 0; i < n; ++i, ++x) dst[i] = widened[x];
+}
+
+template <typename C>
+constexpr bool kQuantized = std::is_same_v<C, int8_t> || std::is_same_v<C, uint8_t>;
+
 template <typename T>
 inline void Store(T* p, int64_t i, float value);
 template <>
@@ -109,18 +137,20 @@ inline void AddWeighted(float* acc, int64_t acc_stride, const float* v, int64_t 
   for (int k = 0; k < N; ++k) StoreV(acc + k * acc_stride, a[k]);
 }
 
-// Pointer to block `b` of the row's table in this layer, and the block's tokens the item reads.
+// Offsets of block `b` of the row's table in this layer (of its values, and of its scales in a
+// quantized cache), and the block's tokens the item reads.
 struct BlockRef {
-  int64_t base, count;
+  int64_t base, scale_base, count;
 };
 
 // One work item: `num_queries` consecutive queries of a row, every head. Exact softmax in three
 // passes over the visible keys (scores, exponentials, weighted values); each pass reads a block's
-// tokens (all KV heads, contiguous) once and asks for the next block ahead of time.
+// tokens (all KV heads, contiguous) once and asks for the next block ahead of time. `k_scales` and
+// `v_scales` are read only for a quantized cache (C int8, or uint8 float8 bits).
 template <typename Q, typename C>
-void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_cache, int64_t layer,
-                const int32_t* block_tables, const int32_t* context_lens, const int32_t* query_start,
-                const int32_t* query_lens, float scale, const Shapes& s, Q* out) {
+void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_cache, const float* k_scales,
+                const float* v_scales, int64_t layer, const int32_t* block_tables, const int32_t* context_lens,
+                const int32_t* query_start, const int32_t* query_lens, float scale, const Shapes& s, Q* out) {
   const int64_t d = s.head_dim, heads = s.num_heads;
   const int64_t group = heads / s.num_kv_heads;
   const int64_t nq = item.num_queries * heads;  // query vectors: query-major, then head
@@ -129,7 +159,6 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
   const int64_t num_keys = first_pos + item.num_queries;  // keys the last query sees
   const int64_t token_elems = s.num_kv_heads * d;
   const int64_t block_elems = s.block_size * token_elems;
-  const int64_t layer_base = layer * s.num_blocks * block_elems;
   const int64_t num_blocks = (num_keys + s.block_size - 1) / s.block_size;
 
   // Score slots per query: rounded up, plus one group of lanes that a last partial group may write.
@@ -145,37 +174,62 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
     for (int64_t x = 0; x < d; ++x) qv[j * d + x] = Load(src, x) * scale;
   }
   auto block_ref = [&](int64_t b) {
-    return BlockRef{layer_base + block_tables[item.row * s.table_width + b] * block_elems,
+    const int64_t block = layer * s.num_blocks + block_tables[item.row * s.table_width + b];
+    return BlockRef{block * block_elems, block * s.block_size * s.num_kv_heads,
                     std::min(s.block_size, num_keys - b * s.block_size)};
   };
-  auto prefetch = [&](const C* cache, int64_t b) {
+  auto prefetch_bytes = [](const void* first, int64_t bytes) {
+    const char* bytes_at = static_cast<const char*>(first);
+    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(bytes_at + offset);
+  };
+  auto prefetch = [&](const C* cache, const float* scales, int64_t b) {
     if (b >= num_blocks) return;
     const BlockRef next = block_ref(b);
-    const char* first = reinterpret_cast<const char*>(cache + next.base);
-    const int64_t bytes = next.count * token_elems * static_cast<int64_t>(sizeof(C));
-    for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(first + offset);
+    prefetch_bytes(cache + next.base, next.count * token_elems * static_cast<int64_t>(sizeof(C)));
+    if constexpr (kQuantized<C>)
+      prefetch_bytes(scales + next.scale_base, next.count * s.num_kv_heads * static_cast<int64_t>(sizeof(float)));
   };
-  // Tokens of a block as float32 rows of `token_elems` (bfloat16 widened into a scratch block).
+  // Tokens of a block as float32 rows of `token_elems` (other dtypes widened into a scratch block,
+  // a quantized cache's without its scales).
   auto tokens = [&](const C* cache, const BlockRef& ref) -> const float* {
     if constexpr (std::is_same_v<C, float>) {
       return cache + ref.base;
     } else {
-      for (int64_t i = 0; i < ref.count * token_elems; ++i) widened[i] = Load(cache + ref.base, i);
+      Widen(cache + ref.base, ref.count * token_elems, widened.data());
       return widened.data();
     }
   };
-  thread_local std::vector<int64_t> visible, head_offset;  // keys query vector j sees; its KV head's offset
+  thread_local std::vector<int64_t> visible, head_offset, kv_head;  // keys query vector j sees; its KV head
   visible.resize(nq);
   head_offset.resize(nq);
+  kv_head.resize(nq);
   for (int64_t j = 0; j < nq; ++j) {
     visible[j] = first_pos + j / heads + 1;
-    head_offset[j] = (j % heads) / group * d;
+    kv_head[j] = (j % heads) / group;
+    head_offset[j] = kv_head[j] * d;
   }
+  // A quantized cache: multiplies each query vector's scores (or weights) of block b's tokens by
+  // the tokens' scales of its KV head (gathered per KV head first, so that the products vectorise).
+  thread_local std::vector<float> head_scales;
+  head_scales.resize(s.num_kv_heads * s.block_size);
+  auto apply_scales = [&](const float* scales, const BlockRef& ref, int64_t b) {
+    if constexpr (kQuantized<C>) {
+      const float* block_scales = scales + ref.scale_base;
+      for (int64_t t = 0; t < ref.count; ++t)
+        for (int64_t h = 0; h < s.num_kv_heads; ++h)
+          head_scales[h * s.block_size + t] = block_scales[t * s.num_kv_heads + h];
+      for (int64_t j = 0; j < nq; ++j) {
+        float* __restrict sj = scores.data() + j * slots + b * s.block_size;
+        const float* __restrict hs = head_scales.data() + kv_head[j] * s.block_size;
+        for (int64_t t = 0; t < ref.count; ++t) sj[t] *= hs[t];
+      }
+    }
+  };
 
   // Scores: 16 keys at a time, each dot as lane-wise partial sums added across lanes at the end.
-  prefetch(k_cache, 0);
+  prefetch(k_cache, k_scales, 0);
   for (int64_t b = 0; b < num_blocks; ++b) {
-    prefetch(k_cache, b + 1);
+    prefetch(k_cache, k_scales, b + 1);
     const BlockRef ref = block_ref(b);
     const float* keys = tokens(k_cache, ref);
     for (int64_t t0 = 0; t0 < ref.count; t0 += kLanes) {
@@ -200,10 +254,11 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
           ScoreKeys<0>(qj, k0, token_elems, n, d, out_scores);
       }
     }
+    apply_scales(k_scales, ref, b);
   }
 
   // Exponentials (unnormalised) and their sums.
-  prefetch(v_cache, 0);
+  prefetch(v_cache, v_scales, 0);
   I16 lane;
   for (int i = 0; i < kLanes; ++i) lane[i] = i;
   for (int64_t j = 0; j < nq; ++j) {
@@ -233,9 +288,10 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
   // query vectors go four at a time with their accumulators in registers, one 16-float slice of
   // head_dim at a time.
   for (int64_t b = 0; b < num_blocks; ++b) {
-    prefetch(v_cache, b + 1);
+    prefetch(v_cache, v_scales, b + 1);
     const BlockRef ref = block_ref(b);
     const float* values = tokens(v_cache, ref);
+    apply_scales(v_scales, ref, b);
     const float* weights = scores.data() + b * s.block_size;
     if (d % kLanes) {
       for (int64_t t = 0; t < ref.count; ++t)
@@ -271,8 +327,8 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
 }
 
 template <typename Q, typename C>
-void Attend(ThreadPool& pool, const Shapes& s, const Q* q, const C* k_cache, const C* v_cache,
-            int64_t layer, const int32_t* block_tables, const int32_t* context_lens,
+void Attend(ThreadPool& pool, const Shapes& s, const Q* q, const C* k_cache, const C* v_cache, const float* k_scales,
+            const float* v_scales, int64_t layer, const int32_t* block_tables, const int32_t* context_lens,
             const int32_t* query_start, const int32_t* query_lens, float scale, Q* out) {
   std::memset(out, 0, sizeof(Q) * s.num_tokens * s.num_heads * s.head_dim);
   std::vector<WorkItem> items;
@@ -284,8 +340,8 @@ void Attend(ThreadPool& pool, const Shapes& s, const Q* q, const C* k_cache, con
     return int64_t(a.num_queries) * context_lens[a.row] > int64_t(b.num_queries) * context_lens[b.row];
   });
   ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
-    AttendItem(items[i], q, k_cache, v_cache, layer, block_tables, context_lens, query_start, query_lens, scale, s,
-               out);
+    AttendItem(items[i], q, k_cache, v_cache, k_scales, v_scales, layer, block_tables, context_lens, query_start,
+               query_lens, scale, s, out);
   });
 }
 
@@ -309,26 +365,30 @@ const char* Check(const Shapes& s, int64_t layer, int64_t num_layers, const int3
 
 }  // namespace
 
-// Arguments: q, k_cache, v_cache, layer [1], block_tables, context_lens, query_start, query_lens
-// (int32); attribute: scale (float32); result: [T, heads, head_dim] in q's dtype.
+// Arguments: q, k_cache, v_cache, k_scales, v_scales, layer [1], block_tables, context_lens,
+// query_start, query_lens (int32); attribute: scale (float32); result: [T, heads, head_dim] in q's
+// dtype. q float32 or bfloat16; caches of q's dtype (then the scales are ignored: pass any float32
+// arrays), or int8 / uint8 (float8_e4m3fn bits) with float32 scales [layers, blocks, block_size,
+// kv_heads].
 extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Api* api = frame->api;
   if (frame->extension_start != nullptr && frame->extension_start->type == XLA_FFI_Extension_Metadata)
     return DescribeHandler(reinterpret_cast<XLA_FFI_Metadata_Extension*>(frame->extension_start));
   if (frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return Fail(api, "called outside the execute stage");
-  if (frame->args.size != 8 || frame->rets.size != 1 || frame->attrs.size != 1)
-    return Fail(api, "expects 8 arguments, 1 result and the scale attribute");
-  for (int64_t i = 0; i < 8; ++i)
+  if (frame->args.size != 10 || frame->rets.size != 1 || frame->attrs.size != 1)
+    return Fail(api, "expects 10 arguments, 1 result and the scale attribute");
+  for (int64_t i = 0; i < 10; ++i)
     if (frame->args.types[i] != XLA_FFI_ArgType_BUFFER) return Fail(api, "arguments must be arrays");
   if (frame->rets.types[0] != XLA_FFI_RetType_BUFFER || frame->attrs.types[0] != XLA_FFI_AttrType_SCALAR)
     return Fail(api, "result must be an array and scale a scalar");
   const auto* scale = static_cast<const XLA_FFI_Scalar*>(frame->attrs.attrs[0]);
   if (scale->dtype != XLA_FFI_DataType_F32) return Fail(api, "scale must be float32");
   const XLA_FFI_Buffer *q = Buffer(frame->args.args[0]), *k = Buffer(frame->args.args[1]),
-                       *v = Buffer(frame->args.args[2]), *out = Buffer(frame->rets.rets[0]);
+                       *v = Buffer(frame->args.args[2]), *k_scales = Buffer(frame->args.args[3]),
+                       *v_scales = Buffer(frame->args.args[4]), *out = Buffer(frame->rets.rets[0]);
   const XLA_FFI_Buffer* ints[5];
   for (int i = 0; i < 5; ++i) {
-    ints[i] = Buffer(frame->args.args[3 + i]);
+    ints[i] = Buffer(frame->args.args[5 + i]);
     if (ints[i]->dtype != XLA_FFI_DataType_S32) return Fail(api, "layer and metadata must be int32");
   }
   if (q->rank != 3 || k->rank != 5 || v->rank != 5 || ints[1]->rank != 2 || out->rank != 3)
@@ -345,19 +405,35 @@ extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
     if (meta->rank != 1 || meta->dims[0] != s.num_rows) return Fail(api, "metadata of the wrong length");
   if (const char* problem = Check(s, layer, k->dims[0], tables, context_lens, query_start, query_lens))
     return Fail(api, problem);
-  if (q->dtype != k->dtype || q->dtype != v->dtype || q->dtype != out->dtype)
-    return Fail(api, "q, the caches and the result must have one dtype");
+  if (q->dtype != out->dtype) return Fail(api, "the result must have q's dtype");
+  if (q->dtype != XLA_FFI_DataType_F32 && q->dtype != XLA_FFI_DataType_BF16)
+    return Fail(api, "q must be float32 or bfloat16");
+  const bool quantized = k->dtype == XLA_FFI_DataType_S8 || k->dtype == XLA_FFI_DataType_U8;
+  if (!quantized && (q->dtype != k->dtype || q->dtype != v->dtype))
+    return Fail(api, "the caches must have q's dtype, or be int8 or uint8 (float8_e4m3fn bits) with scales");
+  if (quantized && v->dtype != k->dtype) return Fail(api, "k and v caches differ in dtype");
+  if (quantized) {
+    for (const XLA_FFI_Buffer* scales : {k_scales, v_scales}) {
+      if (scales->dtype != XLA_FFI_DataType_F32) return Fail(api, "cache scales must be float32");
+      if (scales->rank != 4 || !std::equal(scales->dims, scales->dims + 4, k->dims))
+        return Fail(api, "cache scales must have the caches' shape without head_dim");
+    }
+  }
   ThreadPool pool(api, frame->ctx);
   const float sc = *static_cast<const float*>(scale->value);
-  if (q->dtype == XLA_FFI_DataType_F32)
-    Attend(pool, s, static_cast<const float*>(q->data), static_cast<const float*>(k->data),
-           static_cast<const float*>(v->data), layer, tables, context_lens, query_start, query_lens, sc,
-           static_cast<float*>(out->data));
-  else if (q->dtype == XLA_FFI_DataType_BF16)
-    Attend(pool, s, static_cast<const uint16_t*>(q->data), static_cast<const uint16_t*>(k->data),
-           static_cast<const uint16_t*>(v->data), layer, tables, context_lens, query_start, query_lens, sc,
-           static_cast<uint16_t*>(out->data));
+  const float *ks = static_cast<const float*>(k_scales->data), *vs = static_cast<const float*>(v_scales->data);
+  auto run = [&](auto q_type, auto cache_type) {
+    using Q = decltype(q_type);
+    using C = decltype(cache_type);
+    Attend(pool, s, static_cast<const Q*>(q->data), static_cast<const C*>(k->data), static_cast<const C*>(v->data),
+           ks, vs, layer, tables, context_lens, query_start, query_lens, sc, static_cast<Q*>(out->data));
+  };
+  const bool f32 = q->dtype == XLA_FFI_DataType_F32;
+  if (k->dtype == XLA_FFI_DataType_S8)
+    f32 ? run(float{}, int8_t{}) : run(uint16_t{}, int8_t{});
+  else if (k->dtype == XLA_FFI_DataType_U8)
+    f32 ? run(float{}, uint8_t{}) : run(uint16_t{}, uint8_t{});
   else
-    return Fail(api, "q and the caches must be float32 or bfloat16");
+    f32 ? run(float{}, float{}) : run(uint16_t{}, uint16_t{});
   return nullptr;
 }

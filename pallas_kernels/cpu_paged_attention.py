@@ -5,7 +5,8 @@ jnp reference `paged_attention.ragged_paged_attention` (same arguments, same res
 rounding). Where the reference gathers every row's context into a padded copy before its einsums,
 the kernel (`cpu_paged_attention.cc`) reads each live key and value once, in place, from the
 blocks the row's block table names; rows (and 16-query tiles of prompt chunks) are shared between
-the calling thread and XLA's intra-op thread pool.
+the calling thread and XLA's intra-op thread pool. A quantized cache (`quantized_kv.QuantizedKV`)
+is read at its own width, its scales applied to the scores and to the values' weights.
 
 The kernel is built with jpaged's other CPU kernels (`cpu_kernels.py`); until they are
 registered (or where they cannot be built) this function computes with the jnp reference.
@@ -19,21 +20,41 @@ import numpy as np
 
 from pallas_kernels import cpu_kernels
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention
+from pallas_kernels.quantized_kv import is_quantized
 
 TARGET = "jpaged_ragged_paged_attention"
+QUERY_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float):
-    """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged caches
-    `[layers, blocks, block_size, kv_heads, head_dim]`; `[T, heads, head_dim]` in q's dtype.
+    """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged caches; `[T, heads,
+    head_dim]` in q's dtype.
 
-    float32 or bfloat16, q and caches of one dtype; other dtypes, or a process where the kernel is
-    not registered, compute with the jnp reference. The kernel checks the metadata it reads
-    (layer, block ids, query and context ranges) and fails the step with an error naming what was
-    out of range.
+    q is float32 or bfloat16. Each cache is an array `[layers, blocks, block_size, kv_heads,
+    head_dim]` of q's dtype, or (both) a `QuantizedKV`: values of that shape, int8 or uint8 holding
+    float8_e4m3fn bits, and float32 scales `[layers, blocks, block_size, kv_heads]`. Other dtypes,
+    or a process where the kernel is not registered, compute with the jnp reference. The kernel
+    checks the metadata it reads (layer, block ids, query and context ranges) and fails the step
+    with an error naming what was out of range.
     """
-    if not cpu_kernels.is_loaded() or q.dtype != k_cache.dtype or q.dtype not in (jnp.float32, jnp.bfloat16):
+    if not cpu_kernels.is_loaded() or not _kernel_reads(q, k_cache, v_cache):
         return ragged_paged_attention(q, k_cache, v_cache, layer, md, scale)
+    if is_quantized(k_cache):
+        caches = (k_cache.values, v_cache.values, k_cache.scales, v_cache.scales)
+    else:
+        unused = jnp.zeros((1,), jnp.float32)  # the kernel reads scales only for a quantized cache
+        caches = (k_cache, v_cache, unused, unused)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
-    return call(q, k_cache, v_cache, jnp.asarray(layer, jnp.int32).reshape(1), md.block_tables, md.context_lens,
+    return call(q, *caches, jnp.asarray(layer, jnp.int32).reshape(1), md.block_tables, md.context_lens,
                 md.query_start, md.query_lens, scale=np.float32(scale))
+
+
+def _kernel_reads(q, k_cache, v_cache) -> bool:
+    """Whether the kernel takes these dtypes: q float32 or bfloat16 with caches of its dtype, or
+    with quantized caches (whose values are int8 or uint8, as `QuantizedKV` holds them)."""
+    if q.dtype not in QUERY_DTYPES:
+        return False
+    if is_quantized(k_cache) or is_quantized(v_cache):
+        return (is_quantized(k_cache) and is_quantized(v_cache) and k_cache.dtype == v_cache.dtype
+                and k_cache.dtype in (jnp.int8, jnp.uint8))
+    return k_cache.dtype == q.dtype and v_cache.dtype == q.dtype

@@ -2,9 +2,9 @@
 
 With `kv_cache_dtype="int8"` or `"fp8_e4m3"` each of K and V is a `QuantizedKV`: the values
 `[num_layers, num_blocks, block_size, kv_heads, head_dim]` (int8, or the bits of float8_e4m3fn
-values held as uint8) and their float32 scales `[num_layers, num_blocks, block_size, kv_heads]`. `write_kv` quantizes a new
-token's K (and V) of each KV head with the scale `max |x| / qmax` of that head's vector (qmax 127
-for int8, 448 for e4m3), and every reader (the jnp reference, the Pallas and C++ kernels) widens
+values held as uint8) and their float32 scales `[num_layers, num_blocks, block_size, kv_heads]`.
+`write_kv` quantizes a new token's K (and V) of each KV head with the scale `max |x| / qmax` of
+that head's vector (qmax 127 for int8, 448 for e4m3), and every reader (the jnp reference, the Pallas and C++ kernels) widens
 `values * scale` back to float32 as it loads a page.
 
 Why one scale per token and KV head rather than per block (or per tensor, as vLLM's fp8 cache):
@@ -75,7 +75,8 @@ def bytes_per_token_head(kv_cache_dtype: str, dtype, head_dim: int) -> int:
 
 
 def empty_cache(shape: tuple[int, ...], kv_cache_dtype: str, dtype, place=jnp.zeros):
-    """One of K or V, zeros: an array of `shape` in `dtype` for "auto", else a `QuantizedKV`. `place(shape, dtype)` makes each array (for example, sharded)."""
+    """One of K or V, zeros: an array of `shape` in `dtype` for "auto", else a `QuantizedKV`.
+    `place(shape, dtype)` makes each array (for example, sharded)."""
     values = place(shape, storage_dtype(kv_cache_dtype, dtype))
     if kv_cache_dtype == "auto":
         return values

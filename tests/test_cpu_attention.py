@@ -1,6 +1,7 @@
 """The CPU attention kernel (C++ through XLA's FFI) against the jnp reference, on the awkward batches
-the Pallas kernels are tested on; its row independence; its checks of bad metadata; the backend
-switch; and an engine whose compiler fails, which falls back to the reference.
+the Pallas kernels are tested on, over float and quantized (int8, fp8 e4m3) caches; its row
+independence; its checks of bad metadata; the backend switch; an engine with a quantized cache;
+and an engine whose compiler fails, which falls back to the reference.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import numpy as np
 import pytest
 from test_pallas_kernels import BF16, F32, assert_matches_reference, awkward_seqs, make_batch, run_jitted
 
+from jpaged import LLM, SamplingParams
 from jpaged.cache_dir import cache_dir
-from pallas_kernels import cpu_kernels
+from pallas_kernels import cpu_kernels, cpu_paged_attention
 from pallas_kernels.backend import select_attention
-from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
+from pallas_kernels.cpu_paged_attention import TARGET, cpu_ragged_paged_attention
 from pallas_kernels.paged_attention import ragged_paged_attention
+from pallas_kernels.quantized_kv import QuantizedKV, quantize, storage_dtype
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
 
@@ -35,8 +38,25 @@ def kernel():
     assert reason is None, reason
 
 
+KV_DTYPES = ("int8", "fp8_e4m3")
+
+
 def kernel_output(batch):
     return run_jitted(cpu_ragged_paged_attention, batch)
+
+
+def calls_kernel(batch) -> bool:
+    """Whether the jitted step computes with the kernel, not with the reference in its place."""
+    step = jax.jit(lambda q, k, v, layer, md: cpu_ragged_paged_attention(q, k, v, layer, md, batch.scale))
+    return TARGET in step.lower(*batch.args()).as_text()
+
+
+def quantized(batch, kv_dtype: str):
+    """The batch with its float caches quantized to `kv_dtype` ("int8" or "fp8_e4m3")."""
+    def quantize_cache(cache):
+        return QuantizedKV(*quantize(cache, storage_dtype(kv_dtype, cache.dtype)))
+
+    return dataclasses.replace(batch, k_cache=quantize_cache(batch.k_cache), v_cache=quantize_cache(batch.v_cache))
 
 
 # (block_size, heads, kv_heads, head_dim): GQA groups 1, 3, 4, 8; head_dims on the vector path
@@ -60,17 +80,36 @@ def test_kernel_matches_reference(shape, dtype):
     assert not np.asarray(out, np.float32)[padding].any(), "padding tokens get zeros"
 
 
-def test_long_contexts_and_prompt_tiles():
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "bs{}-h{}-kv{}-d{}".format(*s))
+def test_kernel_reads_a_quantized_cache(shape, kv_dtype, dtype):
+    """int8 or fp8 values with a scale per token and KV head, read by the kernel (no fallback), as
+    the reference reads the same cache."""
+    block_size, heads, kv_heads, head_dim = shape
+    seqs = awkward_seqs(block_size, chunk=37)
+    batch = quantized(make_batch(hash(shape) % 1000 + 1, seqs, num_heads=heads, num_kv_heads=kv_heads,
+                                 head_dim=head_dim, block_size=block_size, num_blocks=160, dtype=dtype), kv_dtype)
+    assert calls_kernel(batch)
+    assert_matches_reference(kernel_output(batch), batch, dtype)
+
+
+@pytest.mark.parametrize("kv_dtype", ("auto", *KV_DTYPES))
+def test_long_contexts_and_prompt_tiles(kv_dtype):
     """Contexts of hundreds of blocks, prefill chunks over several query tiles."""
     seqs = [(700, 1), (1500, 1), (0, 300), (900, 129)]
     batch = make_batch(7, seqs, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16, num_blocks=400)
+    batch = batch if kv_dtype == "auto" else quantized(batch, kv_dtype)
+    assert calls_kernel(batch)
     assert_matches_reference(kernel_output(batch), batch, F32)
 
 
-def test_each_row_is_independent_of_the_batch():
+@pytest.mark.parametrize("kv_dtype", ("auto", *KV_DTYPES))
+def test_each_row_is_independent_of_the_batch(kv_dtype):
     """A row's output is bit for bit the same alone and among other rows (batch invariance)."""
     seqs = [(40, 1), (300, 1), (17, 1), (0, 50), (120, 33)]
     batch = make_batch(11, seqs, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16, num_blocks=120)
+    batch = batch if kv_dtype == "auto" else quantized(batch, kv_dtype)
     together = np.asarray(kernel_output(batch))
     md = batch.md
     for row in range(len(seqs)):
@@ -91,6 +130,14 @@ def test_bad_metadata_is_an_error(field, value, message):
     batch = dataclasses.replace(batch, md=dataclasses.replace(batch.md, **{field: bad}))
     with pytest.raises(Exception, match=message):
         np.asarray(kernel_output(batch))
+
+
+def test_quantized_cache_scales_of_the_wrong_shape_are_an_error():
+    batch = quantized(make_batch(3, [(20, 1), (5, 7)], num_heads=4, num_kv_heads=2, head_dim=16, block_size=8,
+                                 num_blocks=12), "int8")
+    k_cache = QuantizedKV(batch.k_cache.values, batch.k_cache.scales[:, :, :4])
+    with pytest.raises(Exception, match="cache scales must have the caches' shape without head_dim"):
+        np.asarray(kernel_output(dataclasses.replace(batch, k_cache=k_cache)))
 
 
 def test_inside_a_layer_scan_matches_reference():
@@ -117,6 +164,27 @@ def test_backend_switch(tmp_path):
         select_attention("cpu", 64, platform="cuda", kernel_dir=tmp_path)
     with pytest.raises(ValueError, match="no folder"):
         select_attention("cpu", 64, platform="cpu")
+
+
+def test_engine_reads_a_quantized_cache_with_the_kernel(stories_path, monkeypatch):
+    """kv_cache_dtype="int8" on the "cpu" backend: the kernel reads the cache (the reference is never
+    traced in its place) and generates the greedy tokens of the reference over the same cache dtype."""
+    prompts = ["Once upon a time", "Lily and Ben went to the park to play with a big red ball. They",
+               "One day, a little bird"]
+    params = SamplingParams(max_tokens=24, temperature=0)
+
+    def greedy(backend):
+        llm = LLM(stories_path, kv_cache_dtype="int8", attention_backend=backend, compilation_cache=False)
+        assert llm.engine.runner.attention == backend
+        return [out.outputs[0].token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
+
+    expected = greedy("reference")
+
+    def no_fallback(*args):
+        raise AssertionError("the CPU kernel fell back to the reference")
+
+    monkeypatch.setattr(cpu_paged_attention, "ragged_paged_attention", no_fallback)
+    assert greedy("cpu") == expected
 
 
 def test_engine_without_a_working_compiler_falls_back(tmp_path, stories_path):
