@@ -7,11 +7,13 @@
 // decode step then moves a quarter of float32's bytes.
 //
 // Work items are blocks of 16 output columns (16 contiguous weight rows), shared by the calling
-// thread and XLA's intra-op pool. For each row of x, the 16 dot products are summed lane-wise over
-// K in chunks of 16, then across lanes (SumEachOf16), then the K % 16 tail one by one. With few
-// rows of x each weight is widened as it is used; with more, the block is widened once into a
-// scratch buffer that stays in cache while every row passes over it. Either way each output is
-// the same sequence of float32 operations, so a row's result does not depend on the other rows.
+// thread and XLA's intra-op pool. With few rows of x, each row's 16 dot products are summed
+// lane-wise over K in chunks of 16 with the weights widened as they are read, then across lanes
+// (SumEachOf16), then the K % 16 tail one by one. With more rows, a work item's blocks are widened
+// once into a k-major scratch buffer and groups of 8 rows pass over it, each row value broadcast
+// against 16 columns: the same lane-wise partial sums, transposed, added across lanes in the same
+// order (SumOf16Transposed). Either way each output is the same sequence of float32 operations,
+// so a row's result does not depend on the other rows.
 
 #include <algorithm>
 #include <cmath>
@@ -29,28 +31,7 @@ namespace {
 using namespace jpaged_cpu;
 
 constexpr int64_t kLanes = 16;
-constexpr int64_t kDirectRows = 4;  // up to this many rows of x, weights are widened as they are used
-
-// 16 bytes from p, sign- or zero-extended to 32 bits (compilers scalarise the generic form).
-template <bool kSigned>
-inline I16 Extend(const void* p) {
-  I16 out;
-#if defined(__AVX512F__)
-  const __m128i bytes = _mm_loadu_si128(static_cast<const __m128i*>(p));
-  const __m512i wide = kSigned ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
-  std::memcpy(&out, &wide, sizeof(out));
-#elif defined(__AVX2__)
-  const __m128i bytes = _mm_loadu_si128(static_cast<const __m128i*>(p));
-  const __m256i low = kSigned ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
-  const __m256i high = kSigned ? _mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)) : _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8));
-  std::memcpy(&out, &low, sizeof(low));
-  std::memcpy(reinterpret_cast<char*>(&out) + sizeof(low), &high, sizeof(high));
-#else
-  for (int i = 0; i < kLanes; ++i)
-    out[i] = kSigned ? static_cast<const int8_t*>(p)[i] : static_cast<const uint8_t*>(p)[i];
-#endif
-  return out;
-}
+constexpr int64_t kDirectRows = 6;  // up to this many rows of x, weights are widened as they are used
 
 inline float HalfToFloat(const uint8_t* p) {  // IEEE half, little-endian, exact
   uint16_t h;
@@ -83,45 +64,20 @@ struct Int8 {
   static constexpr bool kScaled = true;
   static int64_t RowBytes(int64_t k) { return k; }
   static void Widen(const uint8_t* row, int64_t k, V16* out) {
-    out[0] = __builtin_convertvector(Extend<true>(row + k), V16);
+    out[0] = Int8x16ToFloat(reinterpret_cast<const int8_t*>(row + k));
   }
   static float WidenOne(const uint8_t* row, int64_t k) { return static_cast<float>(static_cast<int8_t>(row[k])); }
 };
 
-// float8_e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits, no infinities. A normal value's
-// exponent and mantissa bits shifted into float32's positions, with 127 - 7 added to the
-// exponent, are the same number; subnormals (exponent 0) are mantissa * 2^-9. NaN (0x7f / 0xff)
-// does not occur in weights quantized by jpaged (they are clipped to +-448).
+// float8_e4m3fn (widened by cpu_ffi.h's E4M3x16ToFloat). NaN (0x7f / 0xff) does not occur in
+// weights quantized by jpaged (they are clipped to +-448).
 struct Fp8E4M3 {
   static constexpr int64_t kBlock = 1;
   static constexpr int kVectors = 1;
   static constexpr bool kScaled = true;
   static int64_t RowBytes(int64_t k) { return k; }
   static void Widen(const uint8_t* row, int64_t k, V16* out) { out[0] = WidenBytes(row + k); }
-  static V16 WidenBytes(const uint8_t* p) {
-#if defined(__AVX512F__)
-    // As float16 (5 exponent bits, bias 15; subnormals included), 2^8 below the value: the
-    // exponent and mantissa bits move up 7 places, the sign 8.
-    const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256i half = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(x, _mm256_set1_epi16(0x7f)), 7),
-                                         _mm256_slli_epi16(_mm256_and_si256(x, _mm256_set1_epi16(0x80)), 8));
-    V16 out;
-    const __m512 wide = _mm512_cvtph_ps(half);
-    std::memcpy(&out, &wide, sizeof(out));
-    return out * 256.0f;
-#else
-    const I16 x = Extend<false>(p);
-    const I16 magnitude = x & 0x7f;
-    const I16 normal = (magnitude << 20) + (120 << 23);
-    const V16 subnormal_value = __builtin_convertvector(magnitude, V16) * (1.0f / 512.0f);
-    I16 subnormal;
-    std::memcpy(&subnormal, &subnormal_value, sizeof(subnormal));
-    const I16 bits = (magnitude < 8 ? subnormal : normal) | ((x & 0x80) << 24);
-    V16 out;
-    std::memcpy(&out, &bits, sizeof(out));
-    return out;
-#endif
-  }
+  static V16 WidenBytes(const uint8_t* p) { return E4M3x16ToFloat(p); }
   static float WidenOne(const uint8_t* row, int64_t k) {
     uint8_t lanes[kLanes] = {row[k]};
     return WidenBytes(lanes)[0];
@@ -139,8 +95,8 @@ struct Q8_0 {
   static void Widen(const uint8_t* row, int64_t k, V16* out) {
     const uint8_t* block = row + k / kBlock * 34;
     const float d = HalfToFloat(block);
-    out[0] = __builtin_convertvector(Extend<true>(block + 2), V16) * d;
-    out[1] = __builtin_convertvector(Extend<true>(block + 18), V16) * d;
+    out[0] = __builtin_convertvector(ExtendBytes<true>(block + 2), V16) * d;
+    out[1] = __builtin_convertvector(ExtendBytes<true>(block + 18), V16) * d;
   }
   static float WidenOne(const uint8_t*, int64_t) { return 0.0f; }  // K is a multiple of the block
 };
@@ -154,7 +110,7 @@ struct Nibbles {
   static int64_t RowBytes(int64_t k) { return k / kBlock * kBytes; }
   static void Widen(const uint8_t* row, int64_t k, V16* out) {
     const uint8_t* block = row + k / kBlock * kBytes;
-    const I16 bytes = Extend<false>(block + kHeader);
+    const I16 bytes = ExtendBytes<false>(block + kHeader);
     const float d = HalfToFloat(block);
     out[0] = __builtin_convertvector((bytes & 0xf) - kOffset, V16) * d;
     out[1] = __builtin_convertvector((bytes >> 4) - kOffset, V16) * d;
@@ -205,8 +161,8 @@ struct KQuant {
     const uint8_t* nibbles = block + (kHighBits ? 48 : 16) + j / 2 * 32;
     const int shift = j % 2 * 4;
     for (int v = 0; v < 2; ++v) {
-      I16 q = (Extend<false>(nibbles + v * kLanes) >> shift) & 0xf;
-      if (kHighBits) q |= ((Extend<false>(block + 16 + v * kLanes) >> j) & 1) << 4;
+      I16 q = (ExtendBytes<false>(nibbles + v * kLanes) >> shift) & 0xf;
+      if (kHighBits) q |= ((ExtendBytes<false>(block + 16 + v * kLanes) >> j) & 1) << 4;
       out[v] = __builtin_convertvector(q, V16) * d - m;
     }
   }
@@ -231,8 +187,8 @@ struct Q6_K {
     const uint8_t* ql = block + 64 * h + 32 * (i % 2);
     const uint8_t* qh = block + 128 + 32 * h;
     for (int v = 0; v < 2; ++v) {
-      const I16 low = (Extend<false>(ql + v * kLanes) >> (i / 2 * 4)) & 0xf;
-      const I16 high = (Extend<false>(qh + v * kLanes) >> (2 * i)) & 3;
+      const I16 low = (ExtendBytes<false>(ql + v * kLanes) >> (i / 2 * 4)) & 0xf;
+      const I16 high = (ExtendBytes<false>(qh + v * kLanes) >> (2 * i)) & 3;
       const float scale = d * static_cast<int8_t>(block[192 + 2 * c + v]);
       out[v] = __builtin_convertvector((low | (high << 4)) - 32, V16) * scale;
     }
@@ -244,12 +200,24 @@ struct Shapes {
   int64_t m, k, n;
 };
 
-// out[r, j0 + t] for t < count (at most 16) and every row r of x; `weights(t, k, w)` puts the
-// Format::kVectors * 16 widened weights of column j0 + t from k into w (k a multiple of that,
-// below K rounded down to 16).
-template <bool kFull, typename Format, typename Weights>
-void MultiplyColumns(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
-                     Weights weights, float* out) {
+// out[r, j0 + t] = sum[t] + the K % 16 tail of column j0 + t, times its scale where the format has one.
+template <typename Format>
+void Finish(const float* xr, const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
+            const V16& sums, float* out_row) {
+  constexpr int64_t kChunk = Format::kVectors * kLanes;
+  const int64_t vector_k = s.k / kChunk * kChunk, row_bytes = Format::RowBytes(s.k);
+  for (int64_t t = 0; t < count; ++t) {
+    float sum = sums[t];
+    for (int64_t k = vector_k; k < s.k; ++k) sum += xr[k] * Format::WidenOne(w + (j0 + t) * row_bytes, k);
+    out_row[j0 + t] = Format::kScaled ? sum * scale[j0 + t] : sum;
+  }
+}
+
+// Few rows: each row's 16 dot products with columns j0.. (count of them) as 16 lane-wise partial
+// sums over K, the weights widened as they are read.
+template <bool kFull, typename Format>
+void MultiplyDirect(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
+                    float* out) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
   const int64_t vector_k = s.k / kChunk * kChunk, row_bytes = Format::RowBytes(s.k);
   for (int64_t r = 0; r < s.m; ++r) {
@@ -261,46 +229,143 @@ void MultiplyColumns(const float* x, const uint8_t* w, const float* scale, const
       for (int64_t t = 0; t < kLanes; ++t) {
         if (!kFull && t >= count) continue;
         V16 wv[Format::kVectors];
-        weights(t, k, wv);
+        Format::Widen(w + (j0 + t) * row_bytes, k, wv);
         for (int v = 0; v < Format::kVectors; ++v) partial[t] += xv[v] * wv[v];
       }
     }
-    const V16 sums = SumEachOf16(partial);
+    Finish<Format>(xr, w, scale, s, j0, count, SumEachOf16(partial), out + r * s.n);
+  }
+}
+
+// p[i][j] becomes p[j][i]: for each bit of the index, the bit of the row and of the column
+// swap places (rows a and b differ in that bit only; 16 + j is lane j of b).
+inline void Transpose16(V16 (&p)[kLanes]) {
+  for (int a = 0; a < 16; a += 2) {
+    const V16 x = p[a], y = p[a + 1];
+    p[a] = __builtin_shufflevector(x, y, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+    p[a + 1] = __builtin_shufflevector(x, y, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  }
+  for (int a : {0, 1, 4, 5, 8, 9, 12, 13}) {
+    const V16 x = p[a], y = p[a + 2];
+    p[a] = __builtin_shufflevector(x, y, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+    p[a + 2] = __builtin_shufflevector(x, y, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  }
+  for (int a : {0, 1, 2, 3, 8, 9, 10, 11}) {
+    const V16 x = p[a], y = p[a + 4];
+    p[a] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    p[a + 4] = __builtin_shufflevector(x, y, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  }
+  for (int a = 0; a < 8; ++a) {
+    const V16 x = p[a], y = p[a + 8];
+    p[a] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    p[a + 8] = __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+}
+
+// The block of 16 columns from j0 widened once into `widened` [vector_k][16] (k-major; columns
+// past count are zero).
+template <typename Format>
+void WidenTransposed(const uint8_t* w, const Shapes& s, int64_t j0, int64_t count, float* widened) {
+  constexpr int64_t kChunk = Format::kVectors * kLanes;
+  const int64_t vector_k = s.k / kChunk * kChunk, row_bytes = Format::RowBytes(s.k);
+  for (int64_t k = 0; k < vector_k; k += kChunk) {
+    V16 columns[Format::kVectors][kLanes] = {};
     for (int64_t t = 0; t < count; ++t) {
-      float sum = sums[t];
-      for (int64_t k = vector_k; k < s.k; ++k) sum += xr[k] * Format::WidenOne(w + (j0 + t) * row_bytes, k);
-      out[r * s.n + j0 + t] = Format::kScaled ? sum * scale[j0 + t] : sum;
+      V16 wv[Format::kVectors];
+      Format::Widen(w + (j0 + t) * row_bytes, k, wv);
+      for (int v = 0; v < Format::kVectors; ++v) columns[v][t] = wv[v];
+    }
+    for (int v = 0; v < Format::kVectors; ++v) {
+      Transpose16(columns[v]);
+      for (int64_t i = 0; i < kLanes; ++i) StoreV(widened + (k + v * kLanes + i) * kLanes, columns[v][i]);
     }
   }
 }
 
-template <typename Format>
-void MultiplyBlock(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, float* out) {
+// kRows rows of x from r0 against kBlocks widened blocks: lane sums lanes[r][b][l][t] over k = l,
+// l + 16, ... of x[r0 + r, k] * the weight k of block b's column t, each broadcast row value
+// times 16 columns at a time. These are MultiplyDirect's partial sums, transposed, added in the
+// same order. K is taken in tiles whose rows of x and widened weights stay in the L1 cache while
+// the 16 lanes pass over them.
+template <int kRows, int kBlocks>
+void LaneSums(const float* x, const float* widened, const Shapes& s, int64_t vector_k, int64_t r0,
+              V16 (&lanes)[kRows][kBlocks][kLanes]) {
+  constexpr int64_t kTile = 256;
+  for (int r = 0; r < kRows; ++r)
+    for (int b = 0; b < kBlocks; ++b)
+      for (int64_t l = 0; l < kLanes; ++l) lanes[r][b][l] = V16{};
+  for (int64_t tile = 0; tile < vector_k; tile += kTile) {
+    const int64_t tile_end = std::min(vector_k, tile + kTile);
+    for (int64_t l = 0; l < kLanes; ++l) {
+      V16 acc[kRows][kBlocks];
+      for (int r = 0; r < kRows; ++r)
+        for (int b = 0; b < kBlocks; ++b) acc[r][b] = lanes[r][b][l];
+      for (int64_t k = tile + l; k < tile_end; k += kLanes) {
+        V16 wv[kBlocks];
+        for (int b = 0; b < kBlocks; ++b) wv[b] = LoadV(widened + (b * vector_k + k) * kLanes);
+        for (int r = 0; r < kRows; ++r) {
+          const float xk = x[(r0 + r) * s.k + k];
+          for (int b = 0; b < kBlocks; ++b) acc[r][b] += xk * wv[b];
+        }
+      }
+      for (int r = 0; r < kRows; ++r)
+        for (int b = 0; b < kBlocks; ++b) lanes[r][b][l] = acc[r][b];
+    }
+  }
+}
+
+// Many rows: rows r0 .. r0 + kRows - 1 against blocks b0 .. b0 + kBlocks - 1, widened once into
+// `widened` (block after block).
+template <typename Format, int kRows, int kBlocks>
+void MultiplyWidened(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t b0,
+                     const float* widened, int64_t r0, float* out) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
-  const int64_t count = std::min<int64_t>(kLanes, s.n - j0);
-  const int64_t vector_k = s.k / kChunk * kChunk, row_bytes = Format::RowBytes(s.k);
-  auto run = [&](auto weights) {
-    if (count == kLanes)
-      MultiplyColumns<true, Format>(x, w, scale, s, j0, count, weights, out);
-    else
-      MultiplyColumns<false, Format>(x, w, scale, s, j0, count, weights, out);
-  };
+  const int64_t vector_k = s.k / kChunk * kChunk;
+  V16 lanes[kRows][kBlocks][kLanes];
+  LaneSums<kRows, kBlocks>(x, widened, s, vector_k, r0, lanes);
+  for (int b = 0; b < kBlocks; ++b) {
+    const int64_t count = std::min<int64_t>(kLanes, s.n - (b0 + b) * kLanes);
+    for (int r = 0; r < kRows; ++r)
+      Finish<Format>(x + (r0 + r) * s.k, w, scale, s, (b0 + b) * kLanes, count, SumOf16Transposed(lanes[r][b]),
+                     out + (r0 + r) * s.n);
+  }
+}
+
+// Rows in groups of 12, then 4, then one by one, against blocks in pairs, then one.
+template <typename Format, int kBlocks>
+void MultiplyRows(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t b0,
+                  const float* widened, float* out) {
+  int64_t r0 = 0;
+  for (; r0 + 12 <= s.m; r0 += 12) MultiplyWidened<Format, 12, kBlocks>(x, w, scale, s, b0, widened, r0, out);
+  for (; r0 + 4 <= s.m; r0 += 4) MultiplyWidened<Format, 4, kBlocks>(x, w, scale, s, b0, widened, r0, out);
+  for (; r0 < s.m; ++r0) MultiplyWidened<Format, 1, kBlocks>(x, w, scale, s, b0, widened, r0, out);
+}
+
+// Blocks b0 .. b1 - 1 of 16 output columns for every row of x.
+template <typename Format>
+void MultiplyBlocks(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t b0, int64_t b1,
+                    float* out) {
   if (s.m <= kDirectRows) {
-    run([&](int64_t t, int64_t k, V16* wv) { Format::Widen(w + (j0 + t) * row_bytes, k, wv); });
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t count = std::min<int64_t>(kLanes, s.n - b * kLanes);
+      if (count == kLanes)
+        MultiplyDirect<true, Format>(x, w, scale, s, b * kLanes, count, out);
+      else
+        MultiplyDirect<false, Format>(x, w, scale, s, b * kLanes, count, out);
+    }
     return;
   }
+  constexpr int64_t kChunk = Format::kVectors * kLanes;
+  const int64_t vector_k = s.k / kChunk * kChunk;
   thread_local std::vector<float> scratch;
-  scratch.resize(kLanes * vector_k);
-  for (int64_t t = 0; t < count; ++t)
-    for (int64_t k = 0; k < vector_k; k += kChunk) {
-      V16 wv[Format::kVectors];
-      Format::Widen(w + (j0 + t) * row_bytes, k, wv);
-      for (int v = 0; v < Format::kVectors; ++v) StoreV(&scratch[t * vector_k + k + v * kLanes], wv[v]);
-    }
-  const float* widened = scratch.data();
-  run([&](int64_t t, int64_t k, V16* wv) {
-    for (int v = 0; v < Format::kVectors; ++v) wv[v] = LoadV(widened + t * vector_k + k + v * kLanes);
-  });
+  scratch.resize((b1 - b0) * vector_k * kLanes);
+  for (int64_t b = b0; b < b1; ++b)
+    WidenTransposed<Format>(w, s, b * kLanes, std::min<int64_t>(kLanes, s.n - b * kLanes),
+                            scratch.data() + (b - b0) * vector_k * kLanes);
+  int64_t b = b0;
+  for (; b + 2 <= b1; b += 2)
+    MultiplyRows<Format, 2>(x, w, scale, s, b, scratch.data() + (b - b0) * vector_k * kLanes, out);
+  if (b < b1) MultiplyRows<Format, 1>(x, w, scale, s, b, scratch.data() + (b - b0) * vector_k * kLanes, out);
 }
 
 template <typename Format>
@@ -309,8 +374,7 @@ void Multiply(ThreadPool& pool, const float* x, const uint8_t* w, const float* s
   const int64_t blocks = (s.n + kLanes - 1) / kLanes;
   const int64_t per_item = blocks >= 32 ? 4 : 1;
   ParallelFor(pool, (blocks + per_item - 1) / per_item, [&](int64_t i) {
-    for (int64_t b = i * per_item; b < std::min(blocks, (i + 1) * per_item); ++b)
-      MultiplyBlock<Format>(x, w, scale, s, b * kLanes, out);
+    MultiplyBlocks<Format>(x, w, scale, s, i * per_item, std::min(blocks, (i + 1) * per_item), out);
   });
 }
 

@@ -12,12 +12,12 @@ bytes per token (scales included); perplexity over `tests/data/public_domain.txt
 Declaration of Independence and the start of the US Constitution, about 2,500 tokens of the
 default model's tokenizer, scored as one prompt through `prompt_logprobs`); output tokens/s of the
 64-request chat workload of `bench_throughput.py` (greedy, EOS ignored, a cold pass that
-compiles, then the timed pass); and one request's decode speed (128 tokens, after a warm-up run).
+compiles, then the timed pass); and one request's decode speed (128 tokens, the prefill and first token's time taken out).
 
 `--random-0.5b` runs the formats but gguf on a random-weight Llama of 0.47B parameters (the
 default model's vocabulary, 24 layers of width 1024) built once into `--random-dir`: bytes,
 perplexity over the same token ids (random weights: only its change across formats means
-anything) and single-request speed (32 tokens); no batch pass. Prints a table, saves JSON and a
+anything) and single-request decode speed (32 tokens); no batch pass. Prints a table, saves JSON and a
 bar plot beside it.
 """
 
@@ -86,9 +86,7 @@ def measure(name: str, kwargs: dict, text_ids: list[int], model: str | None = No
            "kv_bytes_per_token": runner.block_bytes // runner.block_size,
            "text_tokens": len(text_ids), "perplexity": perplexity(llm, text_ids)}
     if model is not None:
-        request, params = {"prompt_token_ids": text_ids[:64]}, SamplingParams(max_tokens=32, ignore_eos=True)
-        timed(llm, request, params)
-        row["single_tokens_per_s"] = 32 / timed(llm, request, params)
+        row["single_tokens_per_s"] = decode_speed(llm, {"prompt_token_ids": text_ids[:64]}, 32)
         return row
     tokenizer = llm.get_tokenizer()
     workload = chat_workload(tokenizer, 64)
@@ -97,10 +95,19 @@ def measure(name: str, kwargs: dict, text_ids: list[int], model: str | None = No
     timed(llm, requests, params)  # compiles
     row["batch_tokens_per_s"] = sum(workload.max_tokens) / timed(llm, requests, params)
     single = {"prompt_token_ids": chat_token_ids(tokenizer, [{"role": "user", "content": SINGLE_QUESTION}])}
-    single_params = SamplingParams(temperature=0.0, max_tokens=SINGLE_TOKENS, ignore_eos=True)
-    timed(llm, single, single_params)
-    row["single_tokens_per_s"] = SINGLE_TOKENS / timed(llm, single, single_params)
+    row["single_tokens_per_s"] = decode_speed(llm, single, SINGLE_TOKENS)
     return row
+
+
+def decode_speed(llm: LLM, request: dict, tokens: int) -> float:
+    """One request's decode tokens/s: (tokens - 1) over the time of `tokens` output tokens less
+    that of one (the prefill and first token), each after a warm-up run."""
+    times = {}
+    for n in (1, tokens):
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        timed(llm, request, params)
+        times[n] = timed(llm, request, params)
+    return (tokens - 1) / (times[tokens] - times[1])
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
