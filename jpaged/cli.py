@@ -23,6 +23,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="keep the weights as int8 or float8 (e4m3) with per-channel scales, or a GGUF file's blocks packed")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"],
                         help="keep the KV cache as int8 or float8 (e4m3) with a scale per token and KV head")
+    parser.add_argument("--offload-weights", default=None, choices=["host", "disk"],
+                        help="keep decoder layers past --device-weight-budget-gib in host memory or memory-mapped "
+                             "files and stream them onto the device in every step")
+    parser.add_argument("--device-weight-budget-gib", type=float, default=None,
+                        help="device memory for weights with --offload-weights (default: stream every layer)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--num-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=64)
@@ -40,6 +45,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for `LLM(model, **kwargs)` / `build_engine` from the shared engine flags."""
     return dict(dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                offload_weights=args.offload_weights, device_weight_budget_gib=args.device_weight_budget_gib,
                 block_size=args.block_size, num_blocks=args.num_blocks,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, compile_warmup=args.compile_warmup,

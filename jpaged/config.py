@@ -279,6 +279,8 @@ class EngineConfig:
     attention_interpret: bool = False  # Pallas kernels in interpret mode (tests on CPU)
     compilation_cache: bool = True  # jax's persistent compilation cache in <cache dir>/xla (compile_cache.py)
     compile_warmup: bool = False  # compile every step program at start-up (LLMEngine.warm_up)
+    offload_weights: str | None = None  # None | "host" | "disk": stream layers past the budget (weight_streaming.py)
+    device_weight_budget_gib: float | None = None  # device bytes for weights with offload_weights; None: stream all layers
     seed: int = 0
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -289,6 +291,21 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', got {self.dtype!r}")
         if self.quantization not in (None, "int8", "fp8", "gguf"):
             raise ValueError(f"quantization must be None, 'int8', 'fp8' or 'gguf', got {self.quantization!r}")
+        self._check_offload()
         if self.attention_backend not in ("auto", "pallas", "cpu", "reference"):
             raise ValueError("attention_backend must be one of 'auto', 'pallas', 'cpu', 'reference', "
                              f"got {self.attention_backend!r}")
+
+    def _check_offload(self) -> None:
+        if self.offload_weights not in (None, "host", "disk"):
+            raise ValueError(f"offload_weights must be None, 'host' or 'disk', got {self.offload_weights!r}")
+        budget = self.device_weight_budget_gib
+        if budget is not None and self.offload_weights is None:
+            raise ValueError(f"device_weight_budget_gib={budget} needs offload_weights ('host' or 'disk')")
+        if budget is not None and not budget > 0:
+            raise ValueError(f"device_weight_budget_gib must be positive, got {budget}")
+        parallel = self.parallel
+        if self.offload_weights and (parallel.pipeline_parallel_size > 1 or parallel.expert_parallel_size > 1):
+            raise ValueError(f"offload_weights={self.offload_weights!r} streams layers on one device or under tensor "
+                             f"parallelism; pipeline_parallel_size={parallel.pipeline_parallel_size} and "
+                             f"expert_parallel_size={parallel.expert_parallel_size} must be 1")

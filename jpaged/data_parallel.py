@@ -73,8 +73,9 @@ class DataParallelEngine:
         return outputs
 
     def stats(self) -> EngineStats:
-        """Counts summed over replicas; cache usage and hit rate averaged."""
+        """Counts summed over replicas; cache usage, hit rate and layers streamed per step averaged."""
         each = [dataclasses.asdict(engine.stats()) for engine in self.replicas]
-        averaged = ("kv_cache_usage", "prefix_cache_hit_rate")
+        averaged = ("kv_cache_usage", "prefix_cache_hit_rate", "num_resident_layers", "num_streamed_layers",
+                    "streamed_bytes_per_step")
         totals = {name: sum(s[name] for s in each) for name in each[0]}
         return EngineStats(**{name: total / len(each) if name in averaged else total for name, total in totals.items()})

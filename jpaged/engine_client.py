@@ -33,6 +33,11 @@ class EngineStats:
     num_compilations: int  # step programs compiled so far (one per new padded shape)
     weight_bytes: int  # the model's parameters on the devices (quantized values and scales included)
     kv_cache_bytes: int  # the KV cache on the devices
+    offloaded_weight_bytes: int = 0  # streamed decoder layers' weights, kept off the devices (offload_weights)
+    num_resident_layers: int = 0  # decoder layers whose weights stay on the devices
+    num_streamed_layers: int = 0  # decoder layers copied onto the devices in every step
+    streamed_bytes_per_step: int = 0  # bytes those copies move onto each device per step
+    streamed_bytes: int = 0  # bytes copied onto each device so far
 
 
 @runtime_checkable

@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jpaged.cache_dir import cache_dir
 from jpaged.config import CacheConfig, EngineConfig, ModelConfig
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
+from jpaged.loader.host_store import HostStore
 from jpaged.loader.weights import load_params, param_formats, replicate_kv_heads, zeros_at
 from jpaged.models.llama import LlamaForCausalLM
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
@@ -39,6 +40,7 @@ from jpaged.sampler import PromptLogprobs, SamplerOutput, prompt_logprobs, sampl
 from jpaged.sampling_params import MAX_LOGPROBS
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from jpaged.step_batch import PAD_TOKEN_ID, PADDING_PARAMS, PromptRows, SamplingArrays, StepBatch, prepare_step
+from jpaged.weight_streaming import LayerStream, OffloadPlan, device_bytes, plan_offload, to_pinned_host
 from pallas_kernels import cpu_kernels
 from pallas_kernels.backend import GPU_PLATFORMS, select_attention
 from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
@@ -92,12 +94,22 @@ class ModelRunner:
         abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, quantization=quantization,
                                                            weight_formats=formats, **self._layouts(config)))
         self.graphdef, state = nnx.split(abstract)
+        self._abstract = nnx.to_pure_dict(state)
+        self._shape_model = nnx.merge(self.graphdef, jax.tree.map(lambda x: x, state))  # parameters as shapes
+        self.offload = self._plan_offload(config)
+        store = HostStore(cache_dir() / "offload" if config.offload_weights == "disk" else None)
 
         def sharding(path, shape, dtype):
-            return NamedSharding(mesh, param_spec(path, shape, mesh, dtype)) if mesh is not None else None
+            if self.offload is not None and path[0] == "layers" and self.offload.streams(path[1]):
+                return store
+            return self._device_sharding(path, shape, dtype)
 
         nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, sharding))
-        self.state = state
+        self.state, self.stream = state, None
+        if self.offload is not None:  # the step's parameters are the rest; the layers are passed one by one
+            loaded = nnx.to_pure_dict(state)
+            self.stream = self._layer_stream(loaded.pop("layers"), config)
+            self.state = loaded
         self.attention = self._attention_ready(config)
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
         shape = (model_config.num_layers, self.num_blocks, self.block_size,
@@ -114,8 +126,13 @@ class ModelRunner:
         self._placeholders: dict[tuple, jax.Array] = {}
         self._decodes_prefetched: set[int] = set()
         programs = cache_dir() / "programs" if config.compilation_cache else None
-        self._step = ProgramCache(self._step_fn, donate_argnums=(1,), num_fixed=2,
-                                  context=self._program_context(config), directory=programs)
+        context = self._program_context(config)
+        self._step = ProgramCache(self._step_fn, donate_argnums=(1,), num_fixed=2, context=context, directory=programs)
+        if self.stream is not None:
+            self._embed = ProgramCache(self._embed_fn, (), 1, context, programs)
+            self._layer = ProgramCache(self._layer_fn, donate_argnums=(1,), num_fixed=2, context=context,
+                                       directory=programs)
+            self._head = ProgramCache(self._head_fn, (), 1, context, programs)
 
     def _layouts(self, config: EngineConfig) -> dict:
         """The model's attention, MoE, layer runner and stage count for this backend and device layout."""
@@ -151,12 +168,66 @@ class ModelRunner:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the model's parameters (all shards together)."""
-        return sum(x.nbytes for x in jax.tree.leaves(self.state))
+        """Bytes of the model's parameters kept on the devices (all shards together; streamed
+        layers not counted)."""
+        if self.stream is None:
+            return sum(x.nbytes for x in jax.tree.leaves(self.state))
+        resident = [layer for i, layer in enumerate(self.stream.layers) if not self.offload.streams(i)]
+        return sum(x.nbytes for x in jax.tree.leaves([self.state, resident]))
+
+    def offload_stats(self) -> dict[str, int]:
+        """`EngineStats`' fields about streamed layers."""
+        plan = self.offload or OffloadPlan(self.model_config.num_layers, self.model_config.num_layers, 0, 0)
+        return dict(offloaded_weight_bytes=self.offloaded_bytes, num_resident_layers=plan.num_resident,
+                    num_streamed_layers=plan.num_streamed, streamed_bytes_per_step=plan.num_streamed * plan.layer_bytes,
+                    streamed_bytes=self.stream.bytes_copied if self.stream else 0)
+
+    @property
+    def offloaded_bytes(self) -> int:
+        """Bytes of the streamed layers' weights, kept off the devices."""
+        if self.stream is None:
+            return 0
+        return sum(x.nbytes for i, layer in enumerate(self.stream.layers) if self.offload.streams(i)
+                   for x in jax.tree.leaves(layer))
 
     @property
     def kv_cache_bytes(self) -> int:
         return sum(x.nbytes for x in jax.tree.leaves(self.kv_cache))
+
+    def _device_sharding(self, path: tuple, shape: tuple[int, ...], dtype):
+        """Where the parameter at `path` lives on the device(s); None: the default device."""
+        return NamedSharding(self.mesh, param_spec(path, shape, self.mesh, dtype)) if self.mesh is not None else None
+
+    def _plan_offload(self, config: EngineConfig) -> OffloadPlan | None:
+        if config.offload_weights is None:
+            return None
+        abstract = self._abstract
+        others = {name: value for name, value in abstract.items() if name != "layers"}
+        plan = plan_offload(self.model_config.num_layers, device_bytes(abstract["layers"][0], self._placed_at(0)),
+                            device_bytes(others, self._device_sharding), config.device_weight_budget_gib)
+        logger.info("offload_weights=%s: %d decoder layers on the device, %d streamed from %s (%.1f MiB each, "
+                    "%.1f MiB copied per step)", config.offload_weights, plan.num_resident, plan.num_streamed,
+                    "host memory" if config.offload_weights == "host" else "memory-mapped files",
+                    plan.layer_bytes / 2**20, plan.num_streamed * plan.layer_bytes / 2**20)
+        return plan
+
+    def _placed_at(self, layer: int):
+        """`_device_sharding` for the parameters of layer `layer`, given their paths within it."""
+        return lambda path, shape, dtype: self._device_sharding(("layers", layer, *path), shape, dtype)
+
+    def _layer_stream(self, loaded_layers: dict, config: EngineConfig) -> LayerStream:
+        """The decoder layers' weights (`loaded_layers`: layer: weight dict), the streamed ones
+        held off the device."""
+        device = jax.devices()[0] if self.mesh is None else None
+        layers, shardings = [], []
+        for i, layer in sorted(loaded_layers.items()):
+            where = {name: self._device_sharding(("layers", i, name), x.shape, x.dtype) or SingleDeviceSharding(device)
+                     for name, x in layer.items()}
+            if self.offload.streams(i) and config.offload_weights == "host":
+                layer = to_pinned_host(layer, where)
+            layers.append(layer)
+            shardings.append(where)
+        return LayerStream(layers, shardings, self.offload)
 
     @property
     def block_bytes(self) -> int:
@@ -190,7 +261,9 @@ class ModelRunner:
     @property
     def num_compilations(self) -> int:
         """Step programs made ready so far (compiled, or loaded from the cache directory)."""
-        return self._step.num_programs
+        if self.stream is None:
+            return self._step.num_programs
+        return self._embed.num_programs + self._layer.num_programs + self._head.num_programs
 
     def _model(self, state):
         return nnx.merge(self.graphdef, state)
@@ -201,17 +274,56 @@ class ModelRunner:
         with matmul_precision(self.dtype):
             model = self._model(state)
             hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
-            logits = model.logits(hidden[batch.logits_indices])
+            return self._outputs(model, hidden, batch, sampling), kv_cache
 
-            def prompt(hidden):
-                rows = hidden[jnp.maximum(batch.prompt_indices, 0)]
-                return prompt_logprobs(model.logits(rows), batch.prompt_next_ids, MAX_LOGPROBS)
+    def _outputs(self, model, hidden, batch: StepBatch, sampling: SamplingArrays):
+        """(SamplerOutput, PromptLogprobs) from the final hidden states `[N, hidden]`."""
+        logits = model.logits(hidden[batch.logits_indices])
 
-            def no_prompt(hidden):
-                return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(prompt, hidden))
+        def prompt(hidden):
+            rows = hidden[jnp.maximum(batch.prompt_indices, 0)]
+            return prompt_logprobs(model.logits(rows), batch.prompt_next_ids, MAX_LOGPROBS)
 
-            prompt = jax.lax.cond(jnp.any(batch.prompt_indices >= 0), prompt, no_prompt, hidden)
-        return (self._sample(logits, sampling), prompt), kv_cache
+        def no_prompt(hidden):
+            return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(prompt, hidden))
+
+        prompt = jax.lax.cond(jnp.any(batch.prompt_indices >= 0), prompt, no_prompt, hidden)
+        return self._sample(logits, sampling), prompt
+
+    # Streamed layers (weight_streaming.py): the step as an embedding program, one program per
+    # decoder layer (the same for all), and the head; `state` holds the parameters but the layers.
+
+    def _model_with(self, state: dict):
+        """The model with `state`'s parameters (its layers as shapes only)."""
+        graphdef, full = nnx.split(self._shape_model)
+        nnx.replace_by_pure_dict(full, state)
+        return nnx.merge(graphdef, full)
+
+    def _embed_fn(self, state, token_ids):
+        with matmul_precision(self.dtype):
+            return self._model_with(state).embed(token_ids)
+
+    def _layer_fn(self, weights, kv_cache, hidden, positions, md: AttentionMetadata, layer):
+        with matmul_precision(self.dtype):
+            return self._shape_model.decode(hidden, positions, kv_cache, md, [weights], first_layer=layer)
+
+    def _head_fn(self, state, hidden, batch: StepBatch, sampling: SamplingArrays):
+        with matmul_precision(self.dtype):
+            model = self._model_with(state)
+            return self._outputs(model, model.final_norm(hidden), batch, sampling)
+
+    def _run_streamed(self, batch: StepBatch, sampling: SamplingArrays) -> tuple[SamplerOutput, PromptLogprobs]:
+        _, _, batch, sampling = self._step_args(batch, sampling)
+        hidden = self._embed(self.state, batch.token_ids)
+
+        def run_layer(i: int, weights: dict) -> jax.Array:
+            nonlocal hidden
+            hidden, self.kv_cache = self._layer(weights, self.kv_cache, hidden, batch.positions, batch.attention,
+                                                np.int32(i))
+            return hidden
+
+        self.stream.run(run_layer)
+        return self._head(self.state, hidden, batch, sampling)
 
     @staticmethod
     def _sample(logits, sampling: SamplingArrays) -> SamplerOutput:
@@ -248,7 +360,7 @@ class ModelRunner:
         a time, running each once on padding that writes nothing. `progress(n)` is called after
         each program."""
         steps = [self._padding_step(*program) for program in self.programs()]
-        for step in steps:
+        for step in steps if self.stream is None else ():
             self._step.prefetch(*self._step_args(*step))
         for step in steps:
             self._run(*step)
@@ -298,11 +410,13 @@ class ModelRunner:
         """Start making ready, in the background, the decode step of `num_rows` sequences that
         usually follows a step that completes every prompt it computes."""
         num_tokens = self.shapes.num_tokens(min(num_rows, self.shapes.max_num_seqs))
-        if self.parallel.pipeline_parallel_size == 1 and num_tokens not in self._decodes_prefetched:
+        if self.parallel.pipeline_parallel_size == 1 and self.stream is None and num_tokens not in self._decodes_prefetched:
             self._decodes_prefetched.add(num_tokens)
             self._step.prefetch(*self._step_args(*self._padding_step(1, num_tokens)))
 
     def _run(self, batch: StepBatch, sampling: SamplingArrays) -> tuple[SamplerOutput, PromptLogprobs]:
+        if self.stream is not None:
+            return self._run_streamed(batch, sampling)
         (sampled, prompt), self.kv_cache = self._step(*self._step_args(batch, sampling))
         return sampled, prompt
 

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jpaged.config import ModelConfig
+from jpaged.loader.host_store import HostStore
 from jpaged.models.quantization import QUANTIZED_PARAMS, quantize, scale_name, scheme_of
 
 _LAYER_TENSORS = {
@@ -125,8 +126,8 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
                 sharding=lambda path, shape, dtype: None):
     """Fill the (abstract) `model`'s parameters from `weights`; returns the loaded nnx state.
 
-    `sharding(path, shape, dtype)` says where a parameter lives (a `jax.sharding.Sharding`, or None
-    for the default device). A tensor that is a whole parameter goes straight there; one that is a
+    `sharding(path, shape, dtype)` says where a parameter lives (a `jax.sharding.Sharding`, None
+    for the default device, or a `HostStore` that keeps it off the device). A tensor that is a whole parameter goes straight there; one that is a
     pipeline stage's layer or an expert is written into its parameter, allocated as zeros where
     it lives. Tensors are placed as they arrive, so the host holds one at a time. A parameter the
     model keeps quantized (int8 or float8 storage) is quantized as it arrives, its scale placed
@@ -168,6 +169,14 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
 def _place(params: dict, path: tuple, index: tuple, value: np.ndarray, spec, sharding) -> None:
     """Put `value` at `index` of the parameter at `path` (the whole of it for `index == ()`)."""
     where_it_lives = sharding(path, spec.shape, spec.dtype)
+    if isinstance(where_it_lives, HostStore):  # a streamed layer's weight, kept off the device
+        if not index:
+            params[path] = where_it_lives.put(path, value)
+            return
+        if path not in params:
+            params[path] = where_it_lives.zeros(path, spec.shape, spec.dtype)
+        params[path][index] = value
+        return
     if not index:
         params[path] = jax.device_put(value, where_it_lives)
         return

@@ -172,34 +172,43 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, token_ids, positions, kv_cache, md: AttentionMetadata):
         """Hidden states `[N, hidden]` of the new tokens (micro-batches flattened), and the
         updated `(k_cache, v_cache)`."""
+        layer_weights = [nnx.to_pure_dict(nnx.state(layer)) for layer in self.layers]
+        hidden, kv_cache = self.run_layers(self.decode, self.embed(token_ids), positions, kv_cache, md, layer_weights)
+        return self.final_norm(hidden), kv_cache
+
+    def embed(self, token_ids):
+        """The embeddings `[N, hidden]` of `token_ids [N]`, in the model's dtype."""
         hidden = self.embed_tokens[...][token_ids]
         if hidden.dtype == jnp.uint8:  # GGML block rows
             kind = block_format(hidden, self.cfg.hidden_size, self.block_kinds)
-            hidden = dequantize_blocks(hidden, kind).astype(self.norm.dtype)
-        elif hasattr(self, "embed_tokens_scale"):
+            return dequantize_blocks(hidden, kind).astype(self.norm.dtype)
+        if hasattr(self, "embed_tokens_scale"):
             scale = self.embed_tokens_scale[...][token_ids][..., None]
-            hidden = (hidden.astype(jnp.float32) * scale).astype(self.norm.dtype)
-        layer_weights = [nnx.to_pure_dict(nnx.state(layer)) for layer in self.layers]
-        hidden, kv_cache = self.run_layers(self.decode, hidden, positions, kv_cache, md, layer_weights)
-        return rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps), kv_cache
+            return (hidden.astype(jnp.float32) * scale).astype(self.norm.dtype)
+        return hidden
 
-    def decode(self, hidden, positions, kv_cache, md: AttentionMetadata, layer_weights):
+    def final_norm(self, hidden):
+        return rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps)
+
+    def decode(self, hidden, positions, kv_cache, md: AttentionMetadata, layer_weights, first_layer=0):
         """Run `hidden [T, hidden]` through the layers whose weight dicts are `layer_weights` (a
-        list), with `kv_cache` their cache (its layer `i` is the list's entry `i`)."""
+        list), model layers `first_layer` on (an int, or a traced int32 scalar), with `kv_cache`
+        the whole model's cache."""
         cfg = self.cfg
         inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim))
         qkv = [partial(self._qkv, weights) for weights in layer_weights]
         out_and_mlp = [partial(self._out_and_mlp, weights) for weights in layer_weights]
 
-        def layer_step(carry, layer):
+        def layer_step(carry, index):
             hidden, k_cache, v_cache = carry
-            q, k, v = jax.lax.switch(layer, qkv, hidden, positions, inv_freq)
-            attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, cfg.head_dim**-0.5)
-            hidden = jax.lax.switch(layer, out_and_mlp, hidden, attended)
+            q, k, v = jax.lax.switch(index, qkv, hidden, positions, inv_freq)
+            attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, first_layer + index, md,
+                                                        cfg.head_dim**-0.5)
+            hidden = jax.lax.switch(index, out_and_mlp, hidden, attended)
             return (hidden, k_cache, v_cache), None
 
-        layers = jnp.arange(len(layer_weights), dtype=jnp.int32)
-        (hidden, k_cache, v_cache), _ = jax.lax.scan(layer_step, (hidden, *kv_cache), layers)
+        indices = jnp.arange(len(layer_weights), dtype=jnp.int32)
+        (hidden, k_cache, v_cache), _ = jax.lax.scan(layer_step, (hidden, *kv_cache), indices)
         return hidden, (k_cache, v_cache)
 
     def _qkv(self, weights, hidden, positions, inv_freq):
