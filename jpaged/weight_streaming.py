@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import numpy as np
@@ -87,6 +88,9 @@ class LayerStream:
     def __init__(self, layers: list[dict], shardings: list[dict], plan: OffloadPlan):
         self.layers, self.shardings, self.plan = layers, shardings, plan
         self.bytes_copied = 0  # bytes copied onto each device so far
+        # jax's copies from host memory return when done on some platforms (CPU): a thread of
+        # its own lets the next layer's copy run while the current layer computes
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jpaged-stream")
 
     def run(self, run_layer: Callable[[int, dict], jax.Array]) -> None:
         """`run_layer(i, weights)` for every layer in order, with weights on the device;
@@ -99,15 +103,16 @@ class LayerStream:
             if not self.plan.streams(i):
                 run_layer(i, self.layers[i])
                 continue
-            weights, pending = pending, None
+            weights, pending = jax.block_until_ready(pending.result()), None
             pending = self._copy(next(upcoming, None))
             result = run_layer(i, weights)
             del weights
             jax.block_until_ready(result)
 
-    def _copy(self, layer: int | None) -> dict | None:
+    def _copy(self, layer: int | None) -> Future | None:
+        """Layer `layer`'s weights on the device (a future), or None for no layer."""
         if layer is None:
             return None
         self.bytes_copied += self.plan.layer_bytes
-        return jax.device_put(self.layers[layer], self.shardings[layer])
+        return self._copier.submit(jax.device_put, self.layers[layer], self.shardings[layer])
 

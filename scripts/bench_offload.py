@@ -4,14 +4,15 @@ platform's own copy bandwidth beside what the streaming achieved.
 
     python scripts/bench_offload.py [--model PATH] [--batches 1,8,32] [--shares 0,0.5,1] [--out bench_results/offload.json]
 
-For each batch size B: B requests of 16 prompt tokens decode 17 tokens together, after a warm-up
-run; the decode step time is (time of 17 output tokens - time of 1) / 16. Rows: the one-program
-step with every weight on the device ("resident"), then per mode ("host", "disk") and share s of
-the layers streamed (a `device_weight_budget_gib` that keeps the first (1 - s) of them), the
-per-layer programs' step time, its overhead against "resident", the bytes streamed per step, and
-the bandwidth that implies if the whole overhead were copying. "copy" is the platform's own
-`jax.device_put` of one layer's arrays from pinned host memory / a memory-mapped file (after a
-first read, so the file is in the page cache). Prints a table, saves JSON and a plot beside it.
+For each batch size B: B requests of 16 prompt tokens decode 17 tokens together (best of 3 runs
+after a warm-up); the decode step time is (time of 17 output tokens - time of 1) / 16. Rows: the
+one-program step with every weight on the device ("resident"), then per mode ("host", "disk")
+and share s of the layers streamed (a `device_weight_budget_gib` that keeps the first (1 - s) of
+them): the per-layer programs' step time, its overhead against "resident", the bytes streamed
+per step, and the bandwidth that implies if the whole overhead were copying. "copy" is the
+platform's own `jax.device_put` of one layer's bytes from pinned host memory / a memory-mapped
+file (after a first read, so the file is in the page cache). Prints a table, saves JSON and a
+plot beside it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from bench_common import save_json  # noqa: E402
 from jpaged import LLM, SamplingParams  # noqa: E402
 from jpaged.loader.host_store import HostStore  # noqa: E402
 
-PROMPT_TOKENS, DECODE_TOKENS = 16, 17
+PROMPT_TOKENS, DECODE_TOKENS, REPEATS = 16, 17, 3
 
 
 def step_time(llm: LLM, batch: int) -> float:
@@ -45,20 +46,24 @@ def step_time(llm: LLM, batch: int) -> float:
     for n in (1, DECODE_TOKENS):
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
         llm.generate(requests, params, use_tqdm=False)
-        started = time.perf_counter()
-        llm.generate(requests, params, use_tqdm=False)
-        times[n] = time.perf_counter() - started
+        times[n] = min(timed(llm, requests, params) for _ in range(REPEATS))
     return (times[DECODE_TOKENS] - times[1]) / (DECODE_TOKENS - 1)
+
+
+def timed(llm: LLM, requests: list[dict], params: SamplingParams) -> float:
+    started = time.perf_counter()
+    llm.generate(requests, params, use_tqdm=False)
+    return time.perf_counter() - started
 
 
 def copy_bandwidth(num_bytes: int, mode: str) -> float:
     """Bytes per second of `jax.device_put` of `num_bytes` of float32 kept as `mode` keeps a layer."""
-    device = jax.devices()[0]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     array = np.random.default_rng(0).standard_normal(num_bytes // 4).astype(np.float32)
     with tempfile.TemporaryDirectory() as folder:
         kept = HostStore(folder if mode == "disk" else None).put(("layer",), array)
         if mode == "host":
-            kept = jax.device_put(kept, jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host"))
+            kept = jax.device_put(kept, device.with_memory_kind("pinned_host"))
         jax.block_until_ready(jax.device_put(kept, device))
         started, repeats = time.perf_counter(), 10
         for _ in range(repeats):
