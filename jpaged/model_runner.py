@@ -119,7 +119,9 @@ class ModelRunner:
             spec = PartitionSpec(*KV_CACHE_SPEC[:len(shape)])
             return zeros_at(shape, dtype, NamedSharding(mesh, spec) if mesh is not None else None)
 
-        self.kv_cache = tuple(empty_cache(shape, cache_config.kv_cache_dtype, dtype, place) for _ in "kv")
+        bf16_as_bits = jax.default_backend() == "cpu" and self.attention in ("cpu", "reference")
+        self.kv_cache = tuple(empty_cache(shape, cache_config.kv_cache_dtype, dtype, place, bf16_as_bits)
+                              for _ in "kv")
         swaps = config.scheduler.preemption_mode == "swap"
         self.num_host_blocks = int(cache_config.swap_space_gib * 2**30 // self.block_bytes) if swaps else 0
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)

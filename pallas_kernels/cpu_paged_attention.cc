@@ -409,8 +409,11 @@ extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
   if (q->dtype != XLA_FFI_DataType_F32 && q->dtype != XLA_FFI_DataType_BF16)
     return Fail(api, "q must be float32 or bfloat16");
   const bool quantized = k->dtype == XLA_FFI_DataType_S8 || k->dtype == XLA_FFI_DataType_U8;
-  if (!quantized && (q->dtype != k->dtype || q->dtype != v->dtype))
+  // a bfloat16 cache may come as its bits (uint16), which is how the kernel reads it anyway
+  const bool bf16_bits = q->dtype == XLA_FFI_DataType_BF16 && k->dtype == XLA_FFI_DataType_U16;
+  if (!quantized && !bf16_bits && (q->dtype != k->dtype || q->dtype != v->dtype))
     return Fail(api, "the caches must have q's dtype, or be int8 or uint8 (float8_e4m3fn bits) with scales");
+  if (bf16_bits && v->dtype != k->dtype) return Fail(api, "k and v caches differ in dtype");
   if (quantized && v->dtype != k->dtype) return Fail(api, "k and v caches differ in dtype");
   if (quantized) {
     for (const XLA_FFI_Buffer* scales : {k_scales, v_scales}) {

@@ -20,7 +20,7 @@ import numpy as np
 
 from pallas_kernels import cpu_kernels
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention
-from pallas_kernels.quantized_kv import is_quantized
+from pallas_kernels.quantized_kv import BF16_BITS, is_quantized
 
 TARGET = "jpaged_ragged_paged_attention"
 QUERY_DTYPES = (jnp.float32, jnp.bfloat16)
@@ -31,7 +31,7 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
     head_dim]` in q's dtype.
 
     q is float32 or bfloat16. Each cache is an array `[layers, blocks, block_size, kv_heads,
-    head_dim]` of q's dtype, or (both) a `QuantizedKV`: values of that shape, int8 or uint8 holding
+    head_dim]` of q's dtype (for bfloat16, or its bits as `BF16_BITS`), or (both) a `QuantizedKV`: values of that shape, int8 or uint8 holding
     float8_e4m3fn bits, and float32 scales `[layers, blocks, block_size, kv_heads]`. Other dtypes,
     or a process where the kernel is not registered, compute with the jnp reference. The kernel
     checks the metadata it reads (layer, block ids, query and context ranges) and fails the step
@@ -50,11 +50,12 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
 
 
 def _kernel_reads(q, k_cache, v_cache) -> bool:
-    """Whether the kernel takes these dtypes: q float32 or bfloat16 with caches of its dtype, or
-    with quantized caches (whose values are int8 or uint8, as `QuantizedKV` holds them)."""
+    """Whether the kernel takes these dtypes: q float32 or bfloat16 with caches of its dtype (or
+    of bfloat16 bits, `BF16_BITS`, for bfloat16), or with quantized caches (whose values are int8 or uint8, as `QuantizedKV` holds them)."""
     if q.dtype not in QUERY_DTYPES:
         return False
     if is_quantized(k_cache) or is_quantized(v_cache):
         return (is_quantized(k_cache) and is_quantized(v_cache) and k_cache.dtype == v_cache.dtype
                 and k_cache.dtype in (jnp.int8, jnp.uint8))
-    return k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+    stored_as = (q.dtype, BF16_BITS) if q.dtype == jnp.bfloat16 else (q.dtype,)
+    return k_cache.dtype == v_cache.dtype and k_cache.dtype in stored_as

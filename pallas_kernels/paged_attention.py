@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.quantized_kv import QuantizedKV, dequantize, is_quantized, quantize
+from pallas_kernels.quantized_kv import QuantizedKV, dequantize, from_storage, is_quantized, quantize, to_storage
 
 KV_CHUNK_TOKENS = 128  # keys per step of the online softmax (whole blocks)
 QUERY_TILE = 32  # prefill queries per tile
@@ -66,7 +66,7 @@ def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
 
     def write(cache, x):
         if not is_quantized(cache):
-            return cache.at[layer, block, offset].set(x.astype(cache.dtype), mode="drop")
+            return cache.at[layer, block, offset].set(to_storage(x, cache.dtype), mode="drop")
         values, scales = quantize(x, cache.dtype)
         return QuantizedKV(cache.values.at[layer, block, offset].set(values, mode="drop"),
                            cache.scales.at[layer, block, offset].set(scales, mode="drop"))
@@ -119,7 +119,7 @@ def _kv_chunk(cache, layer, block_tables, chunk: jax.Array, pages_per_chunk: int
     if is_quantized(cache):
         keys = dequantize(cache.values[layer, pages], cache.scales[layer, pages])
     else:
-        keys = cache[layer, pages].astype(jnp.float32)
+        keys = from_storage(cache[layer, pages]).astype(jnp.float32)
     return keys.reshape(rows, -1, kv_heads, head_dim)
 
 

@@ -34,6 +34,7 @@ KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
 # kv_cache_dtype: (array dtype, dtype of its values, largest value)
 STORAGE = {"int8": (jnp.int8, jnp.int8, 127.0), "fp8_e4m3": (jnp.uint8, jnp.float8_e4m3fn, 448.0)}
 SCALE_BYTES = 4  # one float32 scale per token and KV head
+BF16_BITS = jnp.uint16  # a bfloat16 cache kept as its bits (see `empty_cache`)
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,29 @@ def bytes_per_token_head(kv_cache_dtype: str, dtype, head_dim: int) -> int:
     return head_dim * itemsize + (SCALE_BYTES if kv_cache_dtype != "auto" else 0)
 
 
-def empty_cache(shape: tuple[int, ...], kv_cache_dtype: str, dtype, place=jnp.zeros):
+def empty_cache(shape: tuple[int, ...], kv_cache_dtype: str, dtype, place=jnp.zeros, bf16_as_bits: bool = False):
     """One of K or V, zeros: an array of `shape` in `dtype` for "auto", else a `QuantizedKV`.
-    `place(shape, dtype)` makes each array (for example, sharded)."""
-    values = place(shape, storage_dtype(kv_cache_dtype, dtype))
+    `place(shape, dtype)` makes each array (for example, sharded). With `bf16_as_bits`, a bfloat16
+    cache is kept as its bits (uint16, `BF16_BITS`): XLA's CPU compiler widens a whole bfloat16
+    operand of a gather or scatter to float32 as it does float8's, so each layer's KV write copied
+    the whole cache (a decode step of the default model took 8 s with a 1 GiB cache)."""
+    storage = storage_dtype(kv_cache_dtype, dtype)
+    values = place(shape, BF16_BITS if bf16_as_bits and storage == jnp.bfloat16 else storage)
     if kv_cache_dtype == "auto":
         return values
     return QuantizedKV(values, place(shape[:-1], jnp.float32))
+
+
+def to_storage(x, storage):
+    """`x` as elements of a float cache of array dtype `storage` (for `BF16_BITS`, bfloat16 bits)."""
+    if storage == BF16_BITS:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), BF16_BITS)
+    return x.astype(storage)
+
+
+def from_storage(values):
+    """A float cache's elements as floats (`BF16_BITS` as bfloat16)."""
+    return jax.lax.bitcast_convert_type(values, jnp.bfloat16) if values.dtype == BF16_BITS else values
 
 
 def quantize(x, dtype):

@@ -24,7 +24,7 @@ from pallas_kernels import cpu_kernels, cpu_paged_attention
 from pallas_kernels.backend import select_attention
 from pallas_kernels.cpu_paged_attention import TARGET, cpu_ragged_paged_attention
 from pallas_kernels.paged_attention import ragged_paged_attention
-from pallas_kernels.quantized_kv import QuantizedKV, quantize, storage_dtype
+from pallas_kernels.quantized_kv import BF16_BITS, QuantizedKV, quantize, storage_dtype
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
 
@@ -78,6 +78,22 @@ def test_kernel_matches_reference(shape, dtype):
     for start, n in zip(np.asarray(batch.md.query_start), np.asarray(batch.md.query_lens)):
         padding[start:start + n] = False
     assert not np.asarray(out, np.float32)[padding].any(), "padding tokens get zeros"
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: "bs{}-h{}-kv{}-d{}".format(*s))
+def test_bfloat16_cache_kept_as_bits_reads_as_bfloat16(shape):
+    """A bfloat16 cache kept as its bits (uint16, as the engine keeps it on CPU) gives the kernel's
+    and the reference's results on the bfloat16 cache, bit for bit."""
+    block_size, heads, kv_heads, head_dim = shape
+    batch = make_batch(hash(shape) % 1000 + 2, awkward_seqs(block_size, chunk=37), num_heads=heads,
+                       num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, num_blocks=160, dtype=BF16)
+    bits = dataclasses.replace(batch, k_cache=jax.lax.bitcast_convert_type(batch.k_cache, BF16_BITS),
+                               v_cache=jax.lax.bitcast_convert_type(batch.v_cache, BF16_BITS))
+    assert calls_kernel(bits)
+    np.testing.assert_array_equal(np.asarray(kernel_output(bits), np.float32),
+                                  np.asarray(kernel_output(batch), np.float32))
+    np.testing.assert_array_equal(np.asarray(run_jitted(ragged_paged_attention, bits), np.float32),
+                                  np.asarray(run_jitted(ragged_paged_attention, batch), np.float32))
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])

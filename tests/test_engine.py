@@ -241,18 +241,22 @@ def test_unknown_architecture_and_broken_weights(stories_path, tmp_path):
 
 def test_bfloat16_weights_and_cache(stories_path):
     llm = LLM(stories_path, num_blocks=64, dtype="bfloat16")
-    assert llm.engine.runner.kv_cache[0].dtype == "bfloat16"
+    assert llm.engine.runner.kv_cache[0].dtype == "uint16"  # bfloat16 bits on CPU (quantized_kv.empty_cache)
     assert {leaf.dtype for leaf in jax.tree.leaves(llm.engine.runner.state)} == {jnp.dtype("bfloat16")}
     out = llm.generate({"prompt_token_ids": [1]}, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)[0]
     assert out.outputs[0].token_ids == GOLDEN_FROM_BOS[:16]
 
 
-HLO_TYPES = {"float32": "f32", "bfloat16": "bf16"}
+HLO_TYPES = {"float32": "f32", "bfloat16": "bf16", "uint16": "u16"}
 
 
-def test_step_updates_the_kv_cache_in_place(llm):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_step_updates_the_kv_cache_in_place(llm, stories_path, dtype):
     """XLA's compiled step (prefill and decode) aliases the donated KV cache to its output and
-    writes the new tokens' slots without ever copying the cache whole."""
+    writes the new tokens' slots without ever copying or converting the cache whole (a bfloat16
+    cache is kept as its bits on CPU: XLA widened a bfloat16 one to float32 for every write)."""
+    if dtype == "bfloat16":
+        llm = LLM(stories_path, num_blocks=256, dtype="bfloat16")
     runner = llm.engine.runner
     step_args, calls = runner._step_args, []
     runner._step_args = lambda *args: calls.append((step_args(*args), {})) or calls[-1][0]
@@ -270,6 +274,7 @@ def test_step_updates_the_kv_cache_in_place(llm):
         assert aliases and len(re.findall(r"(may|must)-alias", aliases.group(1))) == 2  # K and V caches
         assert re.search(cache_type + r"\{[\d,]*\} (scatter|dynamic-update-slice)\(", hlo)  # the slot writes
         assert not re.search(cache_type + r"\{[\d,]*\} copy\(", hlo)
+        assert not re.search(r"\[" + re.escape(",".join(map(str, cache.shape))) + r"\]\{[\d,]*\} convert\(", hlo)
 
 
 def test_samples_of_several_requests_never_exceed_max_num_seqs(stories_path):
