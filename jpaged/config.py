@@ -302,8 +302,9 @@ class EngineConfig:
         budget = self.device_weight_budget_gib
         if budget is not None and self.offload_weights is None:
             raise ValueError(f"device_weight_budget_gib={budget} needs offload_weights ('host' or 'disk')")
-        if budget is not None and not budget > 0:
-            raise ValueError(f"device_weight_budget_gib must be positive, got {budget}")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget < math.inf):
+            raise ValueError(f"device_weight_budget_gib must be a positive, finite number of GiB, got {budget!r}")
         parallel = self.parallel
         if self.offload_weights and (parallel.pipeline_parallel_size > 1 or parallel.expert_parallel_size > 1):
             raise ValueError(f"offload_weights={self.offload_weights!r} streams layers on one device or under tensor "

@@ -105,6 +105,7 @@ class ModelRunner:
             return self._device_sharding(path, shape, dtype)
 
         nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, sharding))
+        store.seal()
         self.state, self.stream = state, None
         if self.offload is not None:  # the step's parameters are the rest; the layers are passed one by one
             loaded = nnx.to_pure_dict(state)
@@ -207,9 +208,13 @@ class ModelRunner:
         others = {name: value for name, value in abstract.items() if name != "layers"}
         plan = plan_offload(self.model_config.num_layers, device_bytes(abstract["layers"][0], self._placed_at(0)),
                             device_bytes(others, self._device_sharding), config.device_weight_budget_gib)
+        if plan.num_streamed == 0:
+            logger.info("offload_weights=%s: every decoder layer fits device_weight_budget_gib=%s; none streams",
+                        config.offload_weights, config.device_weight_budget_gib)
+            return None
         logger.info("offload_weights=%s: %d decoder layers on the device, %d streamed from %s (%.1f MiB each, "
-                    "%.1f MiB copied per step)", config.offload_weights, plan.num_resident, plan.num_streamed,
-                    "host memory" if config.offload_weights == "host" else "memory-mapped files",
+                    "%.1f MiB copied to each device per step)", config.offload_weights, plan.num_resident,
+                    plan.num_streamed, "host memory" if config.offload_weights == "host" else "memory-mapped files",
                     plan.layer_bytes / 2**20, plan.num_streamed * plan.layer_bytes / 2**20)
         return plan
 
@@ -265,7 +270,7 @@ class ModelRunner:
         """Step programs made ready so far (compiled, or loaded from the cache directory)."""
         if self.stream is None:
             return self._step.num_programs
-        return self._embed.num_programs + self._layer.num_programs + self._head.num_programs
+        return self._layer.num_programs  # with its embedding and head programs, one per step shape
 
     def _model(self, state):
         return nnx.merge(self.graphdef, state)

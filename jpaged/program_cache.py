@@ -58,6 +58,7 @@ class ProgramCache:
     def __init__(self, fn: Callable, donate_argnums: tuple[int, ...], num_fixed: int, context: str,
                  directory: pathlib.Path | None):
         self._name = getattr(fn, "__name__", "program")
+        self._label = self._name.strip("_").removesuffix("_fn")  # "_step_fn": "step"
         digest = hashlib.sha256(f"{_environment()}\n{context}".encode()).hexdigest()[:16]
 
         def program(*args):
@@ -132,7 +133,7 @@ class ProgramCache:
                 program = serialize_executable.deserialize_and_load(
                     *serialized, execution_devices=[devices[i] for i in device_ids])
                 os.utime(path)
-                logger.info("step program #%d loaded from %s", number, path)
+                logger.info("%s program #%d loaded from %s", self._label, number, path)
                 return program
             except Exception as error:  # a file from an interrupted write or another jaxlib build
                 logger.warning("compiling afresh: %s could not be loaded (%s)", path, error)
@@ -140,9 +141,9 @@ class ProgramCache:
         hits = _jax_cache_hits()
         program = self._jit.lower(*args).compile()
         if _jax_cache_hits() > hits:
-            logger.info("step program #%d loaded from jax's compilation cache (not kept in %s)", number, path)
+            logger.info("%s program #%d loaded from jax's compilation cache (not kept in %s)", self._label, number, path)
         else:
-            logger.info("step program #%d compiled", number)
+            logger.info("%s program #%d compiled", self._label, number)
             if path is not None:
                 _store(path, program)
         return program

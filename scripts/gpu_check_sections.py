@@ -67,6 +67,7 @@ class Sizes:
     quantized_shapes: dict = field(default_factory=dict)  # name -> (K, N) of `[M, K] @ [N, K]^T`
     quantized_rows: tuple[int, ...] = ()  # M of the int8 cases
     quantized_fp8_rows: tuple[int, ...] = ()  # M of the fp8 cases
+    offload_batches: tuple[int, ...] = (1, 2)  # decode batch sizes of the weight-streaming part
     num_requests: int = 256
     prompt_lens: tuple[int, int] = (32, 512)
     output_lens: tuple[int, int] = (32, 256)
@@ -90,6 +91,7 @@ GPU_SIZES = Sizes(
                       "awkward": (1000, 1000)},
     quantized_rows=(1, 8, 16, 64),
     quantized_fp8_rows=(1, 16),
+    offload_batches=(1, 16, 64, 256),
     # about 0.67B parameters: 12 layers of width 2048, 16 heads of 128 over 4 KV heads
     throughput_llama=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
                           num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048),
@@ -535,6 +537,48 @@ def section_throughput_jpaged(sizes: Sizes, work: Path) -> dict:
     return result
 
 
+def section_throughput_offload(sizes: Sizes, work: Path) -> dict:
+    """Weight streaming on the throughput model: decode step time with every layer resident (one
+    program) and with every decoder layer streamed from pinned host memory, per batch size, and
+    the platform's own copy bandwidth from pinned host memory (`scripts/bench_offload.py` on CPU)."""
+    import jax
+    import numpy as np
+
+    from jpaged import LLM, SamplingParams
+
+    folder, _ = throughput_model(sizes, work)
+    vocab_size = config_of(folder)["vocab_size"]
+    rng = np.random.default_rng(5)
+    result = {"batches": list(sizes.offload_batches), "runs": {}}
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    for label, offload in (("resident", {}), ("host, every layer", dict(offload_weights="host"))):
+        llm = LLM(str(folder), dtype="bfloat16", max_num_seqs=max(sizes.offload_batches), max_model_len=64,
+                  max_num_batched_tokens=max(sizes.offload_batches) * 16, **offload)
+        stats = llm.engine.stats()
+        run = result["runs"][label] = {"streamed_bytes_per_step": stats.streamed_bytes_per_step, "step_ms": {}}
+        for batch in sizes.offload_batches:
+            prompts = [{"prompt_token_ids": rng.integers(3, vocab_size, 16).tolist()} for _ in range(batch)]
+            times = {}
+            for n in (1, 9):
+                params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+                llm.generate(prompts, params, use_tqdm=False)
+                started = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                times[n] = time.perf_counter() - started
+            run["step_ms"][batch] = 1e3 * (times[9] - times[1]) / 8
+            write_partial(work, "throughput_offload", result)
+        if offload:
+            layer_bytes = stats.streamed_bytes_per_step // max(stats.num_streamed_layers, 1)
+            host = jax.device_put(np.ones(layer_bytes // 2, np.float16), device.with_memory_kind("pinned_host"))
+            jax.block_until_ready(jax.device_put(host, device))
+            started = time.perf_counter()
+            for _ in range(10):
+                jax.block_until_ready(jax.device_put(host, device))
+            result["copy_gb_s"] = 10 * layer_bytes / (time.perf_counter() - started) / 1e9
+        del llm
+    return result
+
+
 def _stream_pass(engine, requests: Requests, params, label: str, result: dict, work: Path,
                  report_every_s: float = 2.0) -> list[list[int]]:
     """All requests through the engine's step loop; progress (tokens, seconds, compilations) is
@@ -656,6 +700,7 @@ SECTIONS = {
     "throughput_jpaged": section_throughput_jpaged,
     "throughput_hf": section_throughput_hf,
     "throughput_hf_batch": section_throughput_hf_batch,
+    "throughput_offload": section_throughput_offload,
 }
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ["env", "tests", "greedy", "kernels", "throughput_model", "throughput_jpaged", "throughput_hf",
-         "throughput_hf_batch"]
+         "throughput_hf_batch", "throughput_offload"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_every_part_finishes_and_writes_the_summary(check):
     markdown = (out / "summary.md").read_text()
     for title in ("Environment", "Kernel and engine-backend tests", "Greedy tokens", "Paged-attention kernels",
                   "Throughput: the model", "Throughput: jpaged", "Throughput: HF generate",
-                  "Throughput: HF continuous batching"):
+                  "Throughput: HF continuous batching", "Weight streaming"):
         assert f"## {title}" in markdown
 
 
@@ -58,6 +58,10 @@ def test_parts_report_what_they_measured(check):
     assert warm["output_tokens"] == parts["throughput_hf"]["output_tokens"] == expected > 0
     assert parts["throughput_hf_batch"]["output_tokens"] == expected
     assert 0 < cold["compilations_so_far"] == warm["compilations_so_far"]  # the warm pass compiles nothing
+    offload = parts["throughput_offload"]
+    assert offload["runs"]["resident"]["streamed_bytes_per_step"] == 0 < offload["copy_gb_s"]
+    assert offload["runs"]["host, every layer"]["streamed_bytes_per_step"] > 0
+    assert all(len(run["step_ms"]) == len(offload["batches"]) for run in offload["runs"].values())
 
 
 def test_greedy_tokens_match_hf(check):

@@ -5,6 +5,7 @@ parallelism on two emulated devices; the device holds no more than the budget, t
 layers; bad settings are clear errors."""
 
 import gc
+import os
 
 import jax
 import numpy as np
@@ -74,6 +75,36 @@ def test_offloaded_layers_give_the_same_tokens_and_logprobs(folders, model):
     assert runs["half, disk"]["stats"].num_resident_layers == num_layers // 2
 
 
+@pytest.mark.parametrize(("model", "quantization"), [("llama", "int8"), ("mixtral", "fp8")])
+def test_quantized_layers_stream_as_they_are_kept(folders, model, quantization):
+    """int8 / fp8 values and their scales are what streams: a quarter of float32's bytes, and the
+    tokens and logprobs of the same quantized model kept whole on the device."""
+    resident = run(folders[model], quantization=quantization)
+    streamed = run(folders[model], quantization=quantization, offload_weights="host")
+    float_streamed = run(folders[model], offload_weights="disk")["stats"]
+    assert streamed["tokens"] == resident["tokens"] and streamed["logprobs"] == resident["logprobs"]
+    assert streamed["blocks_leaked"] == 0
+    assert streamed["stats"].streamed_bytes_per_step < 0.3 * float_streamed.streamed_bytes_per_step
+
+
+def test_packed_gguf_layers_stream_as_their_blocks(model_path):
+    """The default model's GGUF blocks kept packed stream as they are (the packed model is 92 MiB
+    against float32's 513), with the resident packed model's greedy tokens and logprobs."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2)
+    prompt = {"prompt_token_ids": [1, 504, 3458, 282, 4649, 314, 253, 1345, 30]}
+    runs = {}
+    for name, offload in (("resident", {}), ("streamed", dict(offload_weights="host"))):
+        llm = LLM(model_path, quantization="gguf", max_model_len=64, num_blocks=16, **offload)
+        out = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]
+        runs[name] = (out.token_ids, out.logprobs, llm.engine.stats())
+        del llm
+        gc.collect()
+    assert runs["streamed"][:2] == runs["resident"][:2]
+    streamed, resident = runs["streamed"][2], runs["resident"][2]
+    assert streamed.num_streamed_layers == 30 and streamed.streamed_bytes_per_step == streamed.offloaded_weight_bytes
+    assert streamed.weight_bytes + streamed.offloaded_weight_bytes == resident.weight_bytes < 100 * 2**20  # packed
+
+
 def live_device_bytes(exclude: set[int]) -> int:
     return sum(x.nbytes for x in jax.live_arrays()
                if id(x) not in exclude and x.sharding.memory_kind in (None, "device"))
@@ -126,6 +157,44 @@ def test_bad_offload_settings_are_clear_errors(folders):
         LLM(folders["llama"], offload_weights="gpu")
     with pytest.raises(ValueError, match=r"device_weight_budget_gib=1\.0 needs offload_weights"):
         LLM(folders["llama"], device_weight_budget_gib=1.0)
+    for budget in (float("inf"), "1", True, -2.0, float("nan")):
+        with pytest.raises(ValueError, match=r"device_weight_budget_gib must be a positive, finite number of GiB, got"):
+            LLM(folders["llama"], offload_weights="host", device_weight_budget_gib=budget)
+
+
+def test_a_budget_that_holds_every_layer_streams_nothing(folders):
+    plain = run(folders["llama"])["stats"]
+    roomy = run(folders["llama"], offload_weights="host", device_weight_budget_gib=1.0)["stats"]
+    assert roomy.num_streamed_layers == 0 and roomy.num_resident_layers == plain.num_resident_layers == 6
+    assert roomy.num_compilations == plain.num_compilations and roomy.weight_bytes == plain.weight_bytes
+
+
+def mine(offload) -> list:
+    """This process's offload folders (other test processes may be loading beside it)."""
+    return [f for f in offload.iterdir() if f.name.startswith(f"{os.getpid()}-")]
+
+
+def test_disk_files_unlinked_after_loading_and_orphans_removed(folders, monkeypatch):
+    """The files are unlinked once loaded (their maps keep them); a folder left by a process that
+    no longer runs is removed; a full disk is a clear error that leaves nothing behind."""
+    from jpaged.cache_dir import cache_dir
+
+    offload = cache_dir() / "offload"
+    orphan = offload / "999999999-leftover"
+    orphan.mkdir(parents=True, exist_ok=True)
+    (orphan / "layers.0.q_proj.bin").write_bytes(b"x" * 64)
+    llm = LLM(folders["llama"], dtype="float32", num_blocks=16, offload_weights="disk")
+    assert not orphan.exists() and not mine(offload)
+    out = llm.generate(prompts(128)[:1], PARAMS, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == PARAMS.max_tokens
+
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.posix_fallocate", no_space)
+    with pytest.raises(OSError, match=r"offload_weights='disk': no room for \d+\.\d MiB more in .*No space left"):
+        LLM(folders["llama"], dtype="float32", num_blocks=16, offload_weights="disk")
+    assert not mine(offload)
 
 
 def test_tensor_parallel_shards_stream_their_slices(run_device_check):
