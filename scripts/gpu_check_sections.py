@@ -547,7 +547,7 @@ def section_throughput_offload(sizes: Sizes, work: Path) -> dict:
     from jpaged import LLM, SamplingParams
 
     folder, _ = throughput_model(sizes, work)
-    vocab_size = config_of(folder)["vocab_size"]
+    vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
     rng = np.random.default_rng(5)
     result = {"batches": list(sizes.offload_batches), "runs": {}}
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -23,6 +23,12 @@ CONFIGS = {
                                           num_experts_per_tok=2, sliding_window=None, **SMALL),
 }
 
+HOST, DISK = dict(offload_weights="host"), dict(offload_weights="disk", half=True)
+RUNS = {  # (tensor parallel size, label, offload settings); "1, none" first
+    "llama": [(1, "none", {}), (1, "all host", HOST), (2, "all host", HOST), (2, "half disk", DISK)],
+    "mixtral": [(1, "none", {}), (2, "all host", HOST)],
+}
+
 
 def main(root: str) -> dict:
     rng = np.random.default_rng(0)
@@ -33,9 +39,8 @@ def main(root: str) -> dict:
         folder = os.path.join(root, name)
         save_random_model(folder, config, seed=4)
         runs = report[name] = {}
-        for tp, label, offload in [(1, "none", {}), (1, "all host", dict(offload_weights="host")),
-                                   (2, "none", {}), (2, "all host", dict(offload_weights="host")),
-                                   (2, "half disk", dict(offload_weights="disk", half=True))]:
+        for tp, label, offload in RUNS[name]:
+            offload = dict(offload)
             if offload.pop("half", False):
                 probe = runs["2, all host"]
                 layer = probe["streamed_bytes_per_step"] // probe["num_streamed_layers"]

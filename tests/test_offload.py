@@ -89,7 +89,7 @@ def test_quantized_layers_stream_as_they_are_kept(folders, model, quantization):
 
 def test_packed_gguf_layers_stream_as_their_blocks(model_path):
     """The default model's GGUF blocks kept packed stream as they are (the packed model is 92 MiB
-    against float32's 513), with the resident packed model's greedy tokens and logprobs."""
+    against float32's 513), with the resident packed model's greedy tokens and logprobs (to 1e-5)."""
     params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2)
     prompt = {"prompt_token_ids": [1, 504, 3458, 282, 4649, 314, 253, 1345, 30]}
     runs = {}
@@ -99,7 +99,12 @@ def test_packed_gguf_layers_stream_as_their_blocks(model_path):
         runs[name] = (out.token_ids, out.logprobs, llm.engine.stats())
         del llm
         gc.collect()
-    assert runs["streamed"][:2] == runs["resident"][:2]
+    # the same tokens; logprobs to float rounding (XLA fuses the per-layer programs' elementwise
+    # work differently from the one-program step's on this model)
+    assert runs["streamed"][0] == runs["resident"][0]
+    for got, expected in zip(runs["streamed"][1], runs["resident"][1]):
+        assert got.keys() == expected.keys()
+        np.testing.assert_allclose([got[t] for t in got], [expected[t] for t in got], atol=1e-5)
     streamed, resident = runs["streamed"][2], runs["resident"][2]
     assert streamed.num_streamed_layers == 30 and streamed.streamed_bytes_per_step == streamed.offloaded_weight_bytes
     assert streamed.weight_bytes + streamed.offloaded_weight_bytes == resident.weight_bytes < 100 * 2**20  # packed
@@ -203,7 +208,8 @@ def test_tensor_parallel_shards_stream_their_slices(run_device_check):
         single = runs["1, none"]["tokens"]
         for name, got in runs.items():
             assert got["tokens"] == single, (model, name)
-        streamed = runs["2, all host"]
-        assert streamed["num_streamed_layers"] > 0
-        # each device receives its share of a layer, not the whole layer
-        assert streamed["streamed_bytes_per_step"] < 0.75 * runs["1, all host"]["streamed_bytes_per_step"]
+        assert runs["2, all host"]["num_streamed_layers"] > 0
+    llama = report["llama"]
+    # each device receives its share of a layer, not the whole layer
+    assert llama["2, all host"]["streamed_bytes_per_step"] < 0.75 * llama["1, all host"]["streamed_bytes_per_step"]
+    assert 0 < llama["2, half disk"]["num_streamed_layers"] < llama["2, all host"]["num_streamed_layers"]
