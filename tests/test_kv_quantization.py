@@ -239,11 +239,11 @@ def test_a_budget_holds_more_quantized_blocks(stories_path, kv_dtype):
 def test_swaps_and_prefix_hits_move_quantized_blocks_whole(stories_path, kv_dtype):
     """Preempted by swapping, or reusing another request's cached prefix, a request generates the
     tokens it generates alone in a roomy cache of the same dtype; every block is free afterwards."""
-    prompts = [STORY[: 20 + 7 * i] for i in range(12)] + [STORY + ending for ending in ENDINGS[:4]]
+    prompts = [STORY[: 20 + 9 * i] for i in range(8)] + [STORY + ending for ending in ENDINGS[:3]]
     params = [greedy(30 + 5 * (i % 4)) for i in range(len(prompts))]
     roomy = LLM(stories_path, num_blocks=512, enable_prefix_caching=False, kv_cache_dtype=kv_dtype)
     expected = token_lists(roomy.generate(prompts, params, use_tqdm=False))
-    tight = LLM(stories_path, num_blocks=24, preemption_mode="swap", swap_space_gib=0.01, kv_cache_dtype=kv_dtype)
+    tight = LLM(stories_path, num_blocks=16, preemption_mode="swap", swap_space_gib=0.01, kv_cache_dtype=kv_dtype)
     assert token_lists(tight.generate(prompts, params, use_tqdm=False)) == expected
     stats = tight.engine.stats()
     assert stats.num_swap_outs > 0 and stats.prefix_cache_hit_rate > 0
