@@ -1,6 +1,7 @@
 """Run in a subprocess with 2 emulated CPU devices: greedy tokens of a random Llama and Mixtral on
 one device and under tensor parallelism 2, with no layer, every layer and half the layers streamed
-(host memory and memory-mapped files), printed as JSON with what each run streamed."""
+(host memory and memory-mapped files), printed as JSON with their logprobs and what each run
+streamed."""
 
 import json
 import os
@@ -25,15 +26,16 @@ CONFIGS = {
 
 HOST, DISK = dict(offload_weights="host"), dict(offload_weights="disk", half=True)
 RUNS = {  # (tensor parallel size, label, offload settings); "1, none" first
-    "llama": [(1, "none", {}), (1, "all host", HOST), (2, "all host", HOST), (2, "half disk", DISK)],
-    "mixtral": [(1, "none", {}), (2, "all host", HOST)],
+    "llama": [(1, "none", {}), (1, "all host", HOST), (2, "none", {}), (2, "all host", HOST),
+              (2, "half disk", DISK)],
+    "mixtral": [(1, "none", {}), (2, "none", {}), (2, "all host", HOST)],
 }
 
 
 def main(root: str) -> dict:
     rng = np.random.default_rng(0)
     prompts = [{"prompt_token_ids": rng.integers(3, 96, n).tolist()} for n in (21, 5, 12)]
-    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=3)
     report = {}
     for name, config in CONFIGS.items():
         folder = os.path.join(root, name)
@@ -50,6 +52,8 @@ def main(root: str) -> dict:
             outputs = llm.generate(prompts, params, use_tqdm=False)
             stats = llm.engine.stats()
             runs[f"{tp}, {label}"] = {"tokens": [o.outputs[0].token_ids for o in outputs],
+                                      "logprobs": [[sorted(step.items()) for step in o.outputs[0].logprobs]
+                                                   for o in outputs],
                                       "num_streamed_layers": stats.num_streamed_layers,
                                       "streamed_bytes_per_step": stats.streamed_bytes_per_step,
                                       "weight_bytes_per_device": stats.weight_bytes // tp}

@@ -202,12 +202,24 @@ def test_disk_files_unlinked_after_loading_and_orphans_removed(folders, monkeypa
     assert not mine(offload)
 
 
+def logprob_values(logprobs) -> list[list[list[float]]]:
+    """[request][step][rank] logprobs, the token ids checked equal."""
+    return [[[value for _, value in step] for step in request] for request in logprobs]
+
+
 def test_tensor_parallel_shards_stream_their_slices(run_device_check):
     report = run_device_check("offload_check.py")
     for model, runs in report.items():
         single = runs["1, none"]["tokens"]
         for name, got in runs.items():
             assert got["tokens"] == single, (model, name)
+            # streamed or not, the same layout gives the same logprobs (to float rounding under TP:
+            # the per-layer programs' all-reduces are scheduled apart from the one-program step's)
+            expected = runs[f"{name[0]}, none"]["logprobs"]
+            np.testing.assert_allclose(logprob_values(got["logprobs"]), logprob_values(expected), atol=1e-5,
+                                       err_msg=f"{model}, {name}")
+            if name[0] == "1":
+                assert got["logprobs"] == expected, (model, name)
         assert runs["2, all host"]["num_streamed_layers"] > 0
     llama = report["llama"]
     # each device receives its share of a layer, not the whole layer
