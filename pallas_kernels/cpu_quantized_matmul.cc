@@ -8,8 +8,8 @@
 //
 // Work items are blocks of 16 output columns (16 contiguous weight rows), shared by the calling
 // thread and XLA's intra-op pool. With few rows of x, each row's 16 dot products are summed
-// lane-wise over K in chunks of 16 with the weights widened as they are read, then across lanes
-// (SumEachOf16), then the K % 16 tail one by one. With more rows, a work item's blocks are widened
+// lane-wise over K in chunks of 16 with the weights widened as they are read (and asked for
+// ahead of use with prefetches), then across lanes (SumEachOf16), then the K % 16 tail one by one. With more rows, a work item's blocks are widened
 // once into a k-major scratch buffer and groups of 8 rows pass over it, each row value broadcast
 // against 16 columns: the same lane-wise partial sums, transposed, added across lanes in the same
 // order (SumOf16Transposed). Either way each output is the same sequence of float32 operations,
@@ -213,26 +213,57 @@ void Finish(const float* xr, const uint8_t* w, const float* scale, const Shapes&
   }
 }
 
+// How far ahead of its reads the few-rows path asks for weights (prefetcht2), in bytes. A
+// decode step reads each weight once, from memory: without the prefetches one thread streamed
+// int8 weights at about 8 GB/s, with them at about 23 (two threads: 15 and 30, near what this
+// VM's memory gives to two threads reading one array).
+constexpr int64_t kPrefetchBytes = 64 << 10;
+
+// Of one column, `kChunks` chunks of weights from k into its 16 lane-wise partial sums, in order.
+template <typename Format, int kChunks>
+inline void AddChunks(const V16 (&xv)[kChunks][Format::kVectors], const uint8_t* row, int64_t k, V16& partial) {
+  constexpr int64_t kChunk = Format::kVectors * kLanes;
+  for (int c = 0; c < kChunks; ++c) {
+    V16 wv[Format::kVectors];
+    Format::Widen(row, k + c * kChunk, wv);
+    for (int v = 0; v < Format::kVectors; ++v) partial += xv[c][v] * wv[v];
+  }
+}
+
+// Row xr's 16 lane-wise partial sums over k0 .. k1 (whole groups of kChunks chunks) with columns
+// j0.. (count of them), the weights widened as they are read, a column's chunks one after
+// another (about a cache line of its weights); `prefetch`: ask for the weights kPrefetchBytes on.
+template <bool kFull, typename Format, int kChunks>
+void DirectSums(const float* xr, const uint8_t* w, int64_t row_bytes, int64_t j0, int64_t count, int64_t k0,
+                int64_t k1, bool prefetch, V16 (&partial)[kLanes]) {
+  constexpr int64_t kChunk = Format::kVectors * kLanes;
+  for (int64_t k = k0; k < k1; k += kChunks * kChunk) {
+    V16 xv[kChunks][Format::kVectors];
+    for (int c = 0; c < kChunks; ++c)
+      for (int v = 0; v < Format::kVectors; ++v) xv[c][v] = LoadV(xr + k + c * kChunk + v * kLanes);
+    for (int64_t t = 0; t < kLanes; ++t) {
+      if (!kFull && t >= count) continue;
+      const uint8_t* row = w + (j0 + t) * row_bytes;
+      if (prefetch) __builtin_prefetch(row + Format::RowBytes(k) + kPrefetchBytes, 0, 1);
+      AddChunks<Format, kChunks>(xv, row, k, partial[t]);
+    }
+  }
+}
+
 // Few rows: each row's 16 dot products with columns j0.. (count of them) as 16 lane-wise partial
-// sums over K, the weights widened as they are read.
+// sums over K. Per-channel weights go 4 chunks (64 bytes) a column at a time, 32-weight blocks 2.
 template <bool kFull, typename Format>
 void MultiplyDirect(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
                     float* out) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
-  const int64_t vector_k = s.k / kChunk * kChunk, row_bytes = Format::RowBytes(s.k);
+  constexpr int kGroup = Format::kBlock == 1 ? 4 : Format::kBlock == 32 ? 2 : 1;
+  const int64_t vector_k = s.k / kChunk * kChunk, grouped_k = s.k / (kGroup * kChunk) * (kGroup * kChunk);
+  const int64_t row_bytes = Format::RowBytes(s.k);
   for (int64_t r = 0; r < s.m; ++r) {
     const float* xr = x + r * s.k;
     V16 partial[kLanes] = {};
-    for (int64_t k = 0; k < vector_k; k += kChunk) {
-      V16 xv[Format::kVectors];
-      for (int v = 0; v < Format::kVectors; ++v) xv[v] = LoadV(xr + k + v * kLanes);
-      for (int64_t t = 0; t < kLanes; ++t) {
-        if (!kFull && t >= count) continue;
-        V16 wv[Format::kVectors];
-        Format::Widen(w + (j0 + t) * row_bytes, k, wv);
-        for (int v = 0; v < Format::kVectors; ++v) partial[t] += xv[v] * wv[v];
-      }
-    }
+    DirectSums<kFull, Format, kGroup>(xr, w, row_bytes, j0, count, 0, grouped_k, r == 0, partial);
+    DirectSums<kFull, Format, 1>(xr, w, row_bytes, j0, count, grouped_k, vector_k, r == 0, partial);
     Finish<Format>(xr, w, scale, s, j0, count, SumEachOf16(partial), out + r * s.n);
   }
 }

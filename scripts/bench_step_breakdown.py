@@ -223,12 +223,14 @@ def hlo_categories(text: str) -> dict[str, str]:
 def _category(op_name: str, file: str, function: str) -> str:
     if function == "write_kv":
         return "KV write"
+    if function == "LlamaForCausalLM.logits":
+        return "LM head"
+    if file == "cpu_quantized_matmul.py":
+        return "layer matmuls"
     if file in ("paged_attention.py", "cpu_paged_attention.py") or "ffi_call" in op_name:
         return "attention"
     if file == "sampler.py":
         return "sampler"
-    if function == "LlamaForCausalLM.logits":
-        return "LM head"
     if function in ("rms_norm", "apply_rope"):
         return "norms, RoPE"
     if op_name.endswith("dot_general"):
@@ -383,11 +385,12 @@ def main() -> None:
                         help="rows of the decode steps")
     parser.add_argument("--steps-only", action="store_true", help="the engine's steps only, without the clues")
     parser.add_argument("--prompt-tokens", type=int, default=272, help="prompt length of the decoding requests")
+    parser.add_argument("--quantization", choices=("int8", "fp8", "gguf"), help="quantized weights (default: float32)")
     parser.add_argument("--matmul-only", action="store_true",
                         help="only XLA against numpy (to compare XLA_FLAGS settings)")
     args = parser.parse_args()
     started = time.time()
-    llm = LLM()
+    llm = LLM(quantization=args.quantization)
     if args.matmul_only:
         result = dict(xla_flags=os.environ.get("XLA_FLAGS", ""), machine=machine(),
                       matmul=matmul_comparison(llm.engine.runner))
