@@ -57,36 +57,40 @@ inline I16 ExtendBytes(const void* p) {
 // 16 int8 values from p as float32 (exact).
 inline V16 Int8x16ToFloat(const int8_t* p) { return __builtin_convertvector(ExtendBytes<true>(p), V16); }
 
-// 16 float8_e4m3fn values, given as their bits, from p as float32 (exact). e4m3 is a sign, 4
-// exponent bits (bias 7) and 3 mantissa bits. With AVX-512, the exponent and mantissa bits moved
-// up 7 places and the sign 8 are a float16 (5 exponent bits, bias 15) of the value times 2^-8,
-// subnormals included, which the conversion to float32 keeps (it ignores denormal flushing).
-// Otherwise: for a normal value, its exponent and mantissa bits moved up 20 places, with 127 - 7
-// added to the exponent, are the float32 of the same number; a subnormal one (exponent 0) is its
-// mantissa times 2^-9, made without float32 subnormals (which a thread that flushes denormals
-// would zero). The NaN bits (0x7f, 0xff), which no value quantized to +-448 has, read as +-480.
-inline V16 E4M3x16ToFloat(const uint8_t* p) {
+// 16 float8_e4m3fn values, given as their bits, from p as float32 times 2^-8 (exact). e4m3 is a
+// sign, 4 exponent bits (bias 7) and 3 mantissa bits. With AVX-512 the bytes are sign-extended to
+// 16 bits and moved up 7 places: bit 15 is then the sign, bits 13-7 the exponent and mantissa,
+// and with bit 14 (a copy of the sign) cleared they are the float16 of the value times 2^-8
+// (5 exponent bits, bias 15), subnormals included, which the conversion to float32 keeps (it
+// ignores denormal flushing). Otherwise: for a normal value, its exponent and mantissa bits moved
+// up 20 places, with 127 - 7 - 8 added to the exponent, are the float32 of the same number times
+// 2^-8; a subnormal one (exponent 0) is its mantissa times 2^-17, made without float32 subnormals
+// (which a thread that flushes denormals would zero). The NaN bits (0x7f, 0xff), which no value
+// quantized to +-448 has, read as +-480 (times 2^-8).
+inline V16 E4M3x16ToFloatOver256(const uint8_t* p) {
 #if defined(__AVX512F__)
-  const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m256i half = _mm256_or_si256(_mm256_and_si256(_mm256_slli_epi16(x, 8), _mm256_set1_epi16(-0x8000)),
-                                       _mm256_and_si256(_mm256_slli_epi16(x, 7), _mm256_set1_epi16(0x3f80)));
+  const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i half = _mm256_and_si256(_mm256_slli_epi16(x, 7), _mm256_set1_epi16(static_cast<int16_t>(0xbf80)));
   const __m512 wide = _mm512_cvtph_ps(half);
   V16 out;
   std::memcpy(&out, &wide, sizeof(out));
-  return out * 256.0f;
+  return out;
 #else
   const I16 bits = ExtendBytes<false>(p);
   const I16 magnitude = bits & 0x7f;
-  const V16 subnormal = __builtin_convertvector(magnitude, V16) * (1.0f / 512.0f);
+  const V16 subnormal = __builtin_convertvector(magnitude, V16) * (1.0f / 131072.0f);
   I16 subnormal_bits;
   std::memcpy(&subnormal_bits, &subnormal, sizeof(subnormal_bits));
-  const I16 normal_bits = (magnitude << 20) + (120 << 23);
+  const I16 normal_bits = (magnitude << 20) + (112 << 23);
   const I16 word = (magnitude < 8 ? subnormal_bits : normal_bits) | ((bits & 0x80) << 24);
   V16 out;
   std::memcpy(&out, &word, sizeof(out));
   return out;
 #endif
 }
+
+// 16 float8_e4m3fn values from p as float32 (exact).
+inline V16 E4M3x16ToFloat(const uint8_t* p) { return E4M3x16ToFloatOver256(p) * 256.0f; }
 
 // Lane t of the result is the sum of the 16 lanes of p[t] (a transpose-and-add tree).
 inline V16 SumEachOf16(const V16 (&p)[16]) {

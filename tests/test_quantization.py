@@ -115,6 +115,22 @@ def test_cpu_kernel_matches_reference(kernels, scheme, shape):
     np.testing.assert_array_equal(alone[0], got[-1])
 
 
+@pytest.mark.parametrize("rows", [1, 16], ids=["direct", "widened"])
+def test_cpu_kernel_widens_every_fp8_value_exactly(kernels, rows):
+    """Each of the 254 non-NaN float8_e4m3fn bit patterns (subnormals and both signs) read by the
+    kernel as ml_dtypes reads it, in every vector lane: row i of w holds them all, rotated by i;
+    x's one-hot rows pick one column, so each output is one weight times a power-of-two scale."""
+    bits = np.array([b for b in range(256) if b & 0x7F != 0x7F], np.uint8)
+    k = 40  # two vectors of 16 and a tail
+    w = bits[(np.arange(len(bits))[:, None] + np.arange(k)[None, :]) % len(bits)]
+    values = w.view(ml_dtypes.float8_e4m3fn)
+    scale = np.full(len(bits), 0.5, np.float32)
+    x = np.zeros((rows, k), np.float32)
+    x[np.arange(rows), np.arange(rows) * 7 % k] = 1.0
+    got = np.asarray(jax.jit(cpu_quantized_matmul)(jnp.asarray(x), jnp.asarray(values), jnp.asarray(scale)))
+    np.testing.assert_array_equal(got, x @ (values.astype(np.float32) * 0.5).T)
+
+
 # --- GGML blocks (GGUF kept packed) ---------------------------------------------------------------
 
 K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
