@@ -320,7 +320,7 @@ class ModelRunner:
             return self._outputs(model, model.final_norm(hidden), batch, sampling)
 
     def _run_streamed(self, batch: StepBatch, sampling: SamplingArrays) -> tuple[SamplerOutput, PromptLogprobs]:
-        _, _, batch, sampling = self._step_args(batch, sampling)
+        batch, sampling = jax.device_put(self._step_args(batch, sampling)[2:])  # used by every layer's program
         hidden = self._embed(self.state, batch.token_ids)
 
         def run_layer(i: int, weights: dict) -> jax.Array:
@@ -445,8 +445,12 @@ class ModelRunner:
         return self.state, self.kv_cache, self._put(batch), self._put(sampling)
 
     def _put(self, tree):
-        """Host arrays onto the devices, replicated over the mesh (placeholders are already there)."""
-        sharding = NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
+        """The step's host arrays as its program takes them: on one device as they are (the call
+        copies them in, faster than placing each array first), else replicated over the mesh.
+        Placeholders are already on the devices."""
+        if self.mesh is None:
+            return tree
+        sharding = NamedSharding(self.mesh, PartitionSpec())
         return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, sharding), tree)
 
     def _or_placeholder(self, array: np.ndarray | None, shape: tuple[int, ...], dtype, fill) -> jax.Array | np.ndarray:
@@ -455,5 +459,6 @@ class ModelRunner:
             return array
         key = (shape, np.dtype(dtype).str, fill)
         if key not in self._placeholders:
-            self._placeholders[key] = self._put(np.full(shape, fill, dtype))
+            sharding = NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
+            self._placeholders[key] = jax.device_put(np.full(shape, fill, dtype), sharding)
         return self._placeholders[key]

@@ -403,11 +403,16 @@ void MultiplyBlocks(const float* x, const uint8_t* w, const float* scale, const 
   if (b < b1) MultiplyRows<Format, 1>(x, w, scale, s, b, scratch.data() + (b - b0) * vector_k * kLanes, out);
 }
 
+constexpr int64_t kSmallProductBytes = 1 << 20;  // rows of x times weight bytes
+
 template <typename Format>
 void Multiply(ThreadPool& pool, const float* x, const uint8_t* w, const float* scale, const Shapes& s, float* out) {
-  // Work items of several blocks where there are enough to keep every thread busy.
+  // Work items of several blocks where there are enough to keep every thread busy; one item (no
+  // helper threads) for a small product: waking a helper costs more than it saves there (a
+  // one-row product with a 576 x 576 int8 weight took 19 us on one thread, 27 on two).
   const int64_t blocks = (s.n + kLanes - 1) / kLanes;
-  const int64_t per_item = blocks >= 32 ? 4 : 1;
+  const bool small = s.m * s.n * Format::RowBytes(s.k) <= kSmallProductBytes;
+  const int64_t per_item = small ? blocks : blocks >= 32 ? 4 : 1;
   ParallelFor(pool, (blocks + per_item - 1) / per_item, [&](int64_t i) {
     MultiplyBlocks<Format>(x, w, scale, s, i * per_item, std::min(blocks, (i + 1) * per_item), out);
   });
