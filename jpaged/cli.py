@@ -20,7 +20,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF model folder, HF hub id (org/name) or .gguf file (default: built-in model)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--quantization", default=None, choices=["int8", "fp8", "gguf"],
-                        help="keep the weights as int8 or float8 (e4m3) with per-channel scales, or a GGUF file's blocks packed")
+                        help="keep the weights as int8 or float8 (e4m3) with a scale per 32 inputs, or a GGUF file's blocks packed")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"],
                         help="keep the KV cache as int8 or float8 (e4m3) with a scale per token and KV head")
     parser.add_argument("--offload-weights", default=None, choices=["host", "disk"],

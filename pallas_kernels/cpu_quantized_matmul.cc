@@ -1,9 +1,9 @@
 // Weight-only quantized matmul for CPUs, as an XLA FFI custom call (built and loaded by
 // cpu_kernels.py; the pure-jnp reference is quantized_matmul.py).
 //
-// out [M, N] float32 = (x [M, K] float32 @ w.T) * scale [N], with w [N, K] (one row of K weights
-// per output column, as checkpoints store them) int8 or float8_e4m3fn and one scale per output
-// column. The weights are read once, at their own width, and widened to float32 in registers: a
+// out [M, N] float32 = x [M, K] float32 @ (w * scale).T, with w [N, K] (one row of K weights per
+// output column, as checkpoints store them) int8 or float8_e4m3fn and scale [N, G] float32, one
+// per output column and group of 32 inputs (G = K / 32), or per output column (G = 1). The weights are read once, at their own width, and widened to float32 in registers: a
 // decode step then moves a quarter of float32's bytes.
 //
 // Work items are blocks of 16 output columns (16 contiguous weight rows), shared by the calling
@@ -56,16 +56,17 @@ inline float HalfToFloat(const uint8_t* p) {  // IEEE half, little-endian, exact
 }
 
 // Weight formats. Each widens the kVectors * 16 weights from k of one output channel's row of
-// `RowBytes(K)` bytes; K must be a multiple of kBlock. Per-channel formats (kScaled) are then
-// multiplied by the channel's scale; block formats carry their scales inside the row.
+// `RowBytes(K)` bytes; K must be a multiple of kBlock. Formats with separate scales (kScaled)
+// multiply by the given scale of the weights' group (GroupScale); block formats carry their scales
+// inside the row and ignore it.
 struct Int8 {
   static constexpr int64_t kBlock = 1;
   static constexpr int kVectors = 1;
   static constexpr bool kScaled = true;
-  static constexpr float kUnit = 1.0f;  // Widen gives the stored values over this
+  static constexpr float kUnit = 1.0f;  // Widen's bytes are the stored values over this
   static int64_t RowBytes(int64_t k) { return k; }
-  static void Widen(const uint8_t* row, int64_t k, V16* out) {
-    out[0] = Int8x16ToFloat(reinterpret_cast<const int8_t*>(row + k));
+  static void Widen(const uint8_t* row, int64_t k, float scale, V16* out) {
+    out[0] = Int8x16ToFloat(reinterpret_cast<const int8_t*>(row + k)) * scale;
   }
   static float WidenOne(const uint8_t* row, int64_t k) { return static_cast<float>(static_cast<int8_t>(row[k])); }
 };
@@ -79,7 +80,7 @@ struct Fp8E4M3 {
   static constexpr bool kScaled = true;
   static constexpr float kUnit = 256.0f;
   static int64_t RowBytes(int64_t k) { return k; }
-  static void Widen(const uint8_t* row, int64_t k, V16* out) { out[0] = WidenBytes(row + k); }
+  static void Widen(const uint8_t* row, int64_t k, float scale, V16* out) { out[0] = WidenBytes(row + k) * scale; }
   static V16 WidenBytes(const uint8_t* p) { return E4M3x16ToFloatOver256(p); }
   static float WidenOne(const uint8_t* row, int64_t k) {
     uint8_t lanes[kLanes] = {row[k]};
@@ -95,7 +96,7 @@ struct Q8_0 {
   static constexpr int kVectors = 2;
   static constexpr bool kScaled = false;
   static int64_t RowBytes(int64_t k) { return k / kBlock * 34; }
-  static void Widen(const uint8_t* row, int64_t k, V16* out) {
+  static void Widen(const uint8_t* row, int64_t k, float, V16* out) {
     const uint8_t* block = row + k / kBlock * 34;
     const float d = HalfToFloat(block);
     out[0] = __builtin_convertvector(ExtendBytes<true>(block + 2), V16) * d;
@@ -111,7 +112,7 @@ struct Nibbles {
   static constexpr bool kScaled = false;
   static constexpr int64_t kBytes = kHeader + 16;
   static int64_t RowBytes(int64_t k) { return k / kBlock * kBytes; }
-  static void Widen(const uint8_t* row, int64_t k, V16* out) {
+  static void Widen(const uint8_t* row, int64_t k, float, V16* out) {
     const uint8_t* block = row + k / kBlock * kBytes;
     const I16 bytes = ExtendBytes<false>(block + kHeader);
     const float d = HalfToFloat(block);
@@ -155,7 +156,7 @@ struct KQuant {
   static constexpr bool kScaled = false;
   static constexpr int64_t kBytes = kHighBits ? 176 : 144;
   static int64_t RowBytes(int64_t k) { return k / kBlock * kBytes; }
-  static void Widen(const uint8_t* row, int64_t k, V16* out) {
+  static void Widen(const uint8_t* row, int64_t k, float, V16* out) {
     const uint8_t* block = row + k / kBlock * kBytes;
     const int j = k % kBlock / 32;
     int scale, min;
@@ -183,7 +184,7 @@ struct Q6_K {
   static constexpr int kVectors = 2;
   static constexpr bool kScaled = false;
   static int64_t RowBytes(int64_t k) { return k / kBlock * 210; }
-  static void Widen(const uint8_t* row, int64_t k, V16* out) {
+  static void Widen(const uint8_t* row, int64_t k, float, V16* out) {
     const uint8_t* block = row + k / kBlock * 210;
     const int c = k % kBlock / 32, h = c / 4, i = c % 4;
     const float d = HalfToFloat(block + 208);
@@ -201,9 +202,22 @@ struct Q6_K {
 
 struct Shapes {
   int64_t m, k, n;
+  int64_t groups;  // scales per output column of a kScaled format: 1, or K / kGroupSize
 };
 
-// out[r, j0 + t] = sum[t] + the K % 16 tail of column j0 + t, times its scale where the format has one.
+constexpr int64_t kGroupSize = 32;
+
+// The factor Widen applies to the 16 weights at k of column j: its group's scale (times the
+// format's unit), or 1 for a block format.
+template <typename Format>
+inline float GroupScale(const float* scale, const Shapes& s, int64_t j, int64_t k) {
+  if constexpr (Format::kScaled)
+    return scale[j * s.groups + (s.groups == 1 ? 0 : k / kGroupSize)] * Format::kUnit;
+  return 1.0f;
+}
+
+// out[r, j0 + t] = sum[t] + the K % 16 tail of column j0 + t (only where K is not a multiple of a
+// group: then the column has one scale).
 template <typename Format>
 void Finish(const float* xr, const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
             const V16& sums, float* out_row) {
@@ -211,8 +225,8 @@ void Finish(const float* xr, const uint8_t* w, const float* scale, const Shapes&
   const int64_t vector_k = s.k / kChunk * kChunk, row_bytes = Format::RowBytes(s.k);
   for (int64_t t = 0; t < count; ++t) {
     float sum = sums[t];
-    for (int64_t k = vector_k; k < s.k; ++k) sum += xr[k] * Format::WidenOne(w + (j0 + t) * row_bytes, k);
-    if constexpr (Format::kScaled) sum *= scale[j0 + t] * Format::kUnit;
+    for (int64_t k = vector_k; k < s.k; ++k)
+      sum += xr[k] * (Format::WidenOne(w + (j0 + t) * row_bytes, k) * GroupScale<Format>(scale, s, j0 + t, k));
     out_row[j0 + t] = sum;
   }
 }
@@ -225,11 +239,12 @@ constexpr int64_t kPrefetchBytes = 64 << 10;
 
 // Of one column, `kChunks` chunks of weights from k into its 16 lane-wise partial sums, in order.
 template <typename Format, int kChunks>
-inline void AddChunks(const V16 (&xv)[kChunks][Format::kVectors], const uint8_t* row, int64_t k, V16& partial) {
+inline void AddChunks(const V16 (&xv)[kChunks][Format::kVectors], const uint8_t* row, const float* scale,
+                      const Shapes& s, int64_t j, int64_t k, V16& partial) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
   for (int c = 0; c < kChunks; ++c) {
     V16 wv[Format::kVectors];
-    Format::Widen(row, k + c * kChunk, wv);
+    Format::Widen(row, k + c * kChunk, GroupScale<Format>(scale, s, j, k + c * kChunk), wv);
     for (int v = 0; v < Format::kVectors; ++v) partial += xv[c][v] * wv[v];
   }
 }
@@ -238,9 +253,10 @@ inline void AddChunks(const V16 (&xv)[kChunks][Format::kVectors], const uint8_t*
 // j0.. (count of them), the weights widened as they are read, a column's chunks one after
 // another (about a cache line of its weights); `prefetch`: ask for the weights kPrefetchBytes on.
 template <bool kFull, typename Format, int kChunks>
-void DirectSums(const float* xr, const uint8_t* w, int64_t row_bytes, int64_t j0, int64_t count, int64_t k0,
-                int64_t k1, bool prefetch, V16 (&partial)[kLanes]) {
+void DirectSums(const float* xr, const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
+                int64_t k0, int64_t k1, bool prefetch, V16 (&partial)[kLanes]) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
+  const int64_t row_bytes = Format::RowBytes(s.k);
   for (int64_t k = k0; k < k1; k += kChunks * kChunk) {
     V16 xv[kChunks][Format::kVectors];
     for (int c = 0; c < kChunks; ++c)
@@ -249,7 +265,7 @@ void DirectSums(const float* xr, const uint8_t* w, int64_t row_bytes, int64_t j0
       if (!kFull && t >= count) continue;
       const uint8_t* row = w + (j0 + t) * row_bytes;
       if (prefetch) __builtin_prefetch(row + Format::RowBytes(k) + kPrefetchBytes, 0, 1);
-      AddChunks<Format, kChunks>(xv, row, k, partial[t]);
+      AddChunks<Format, kChunks>(xv, row, scale, s, j0 + t, k, partial[t]);
     }
   }
 }
@@ -262,12 +278,11 @@ void MultiplyDirect(const float* x, const uint8_t* w, const float* scale, const 
   constexpr int64_t kChunk = Format::kVectors * kLanes;
   constexpr int kGroup = Format::kBlock == 1 ? 4 : Format::kBlock == 32 ? 2 : 1;
   const int64_t vector_k = s.k / kChunk * kChunk, grouped_k = s.k / (kGroup * kChunk) * (kGroup * kChunk);
-  const int64_t row_bytes = Format::RowBytes(s.k);
   for (int64_t r = 0; r < s.m; ++r) {
     const float* xr = x + r * s.k;
     V16 partial[kLanes] = {};
-    DirectSums<kFull, Format, kGroup>(xr, w, row_bytes, j0, count, 0, grouped_k, r == 0, partial);
-    DirectSums<kFull, Format, 1>(xr, w, row_bytes, j0, count, grouped_k, vector_k, r == 0, partial);
+    DirectSums<kFull, Format, kGroup>(xr, w, scale, s, j0, count, 0, grouped_k, r == 0, partial);
+    DirectSums<kFull, Format, 1>(xr, w, scale, s, j0, count, grouped_k, vector_k, r == 0, partial);
     Finish<Format>(xr, w, scale, s, j0, count, SumEachOf16(partial), out + r * s.n);
   }
 }
@@ -300,14 +315,15 @@ inline void Transpose16(V16 (&p)[kLanes]) {
 // The block of 16 columns from j0 widened once into `widened` [vector_k][16] (k-major; columns
 // past count are zero).
 template <typename Format>
-void WidenTransposed(const uint8_t* w, const Shapes& s, int64_t j0, int64_t count, float* widened) {
+void WidenTransposed(const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
+                     float* widened) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
   const int64_t vector_k = s.k / kChunk * kChunk, row_bytes = Format::RowBytes(s.k);
   for (int64_t k = 0; k < vector_k; k += kChunk) {
     V16 columns[Format::kVectors][kLanes] = {};
     for (int64_t t = 0; t < count; ++t) {
       V16 wv[Format::kVectors];
-      Format::Widen(w + (j0 + t) * row_bytes, k, wv);
+      Format::Widen(w + (j0 + t) * row_bytes, k, GroupScale<Format>(scale, s, j0 + t, k), wv);
       for (int v = 0; v < Format::kVectors; ++v) columns[v][t] = wv[v];
     }
     for (int v = 0; v < Format::kVectors; ++v) {
@@ -395,7 +411,7 @@ void MultiplyBlocks(const float* x, const uint8_t* w, const float* scale, const 
   thread_local std::vector<float> scratch;
   scratch.resize((b1 - b0) * vector_k * kLanes);
   for (int64_t b = b0; b < b1; ++b)
-    WidenTransposed<Format>(w, s, b * kLanes, std::min<int64_t>(kLanes, s.n - b * kLanes),
+    WidenTransposed<Format>(w, scale, s, b * kLanes, std::min<int64_t>(kLanes, s.n - b * kLanes),
                             scratch.data() + (b - b0) * vector_k * kLanes);
   int64_t b = b0;
   for (; b + 2 <= b1; b += 2)
@@ -430,7 +446,7 @@ const char* Run(ThreadPool& pool, const float* x, const XLA_FFI_Buffer* w, const
 
 }  // namespace
 
-// Arguments: x [M, K] float32; w [N, K] int8 or float8_e4m3fn with scale [N] float32, or w [N,
+// Arguments: x [M, K] float32; w [N, K] int8 or float8_e4m3fn with scale [N, G] float32, or w [N,
 // row bytes] uint8 of GGML blocks (then scale is ignored); attribute block_format (int32: 0 for
 // int8 / fp8, else GGML's type id: 2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, 13 Q5_K, 14 Q6_K). Result
 // [M, N] float32.
@@ -450,14 +466,15 @@ extern "C" XLA_FFI_Error* JpagedQuantizedMatmul(XLA_FFI_CallFrame* frame) {
   const int32_t block_format = *static_cast<const int32_t*>(attr->value);
   const XLA_FFI_Buffer *x = Buffer(frame->args.args[0]), *w = Buffer(frame->args.args[1]),
                        *scale = Buffer(frame->args.args[2]), *out = Buffer(frame->rets.rets[0]);
-  if (x->rank != 2 || w->rank != 2 || scale->rank != 1 || out->rank != 2)
+  if (x->rank != 2 || w->rank != 2 || scale->rank != 2 || out->rank != 2)
     return Fail(api, "x, w, scale or the result of the wrong rank");
-  const Shapes s{x->dims[0], x->dims[1], w->dims[0]};
+  const Shapes s{x->dims[0], x->dims[1], w->dims[0], scale->dims[1]};
   if (out->dims[0] != s.m || out->dims[1] != s.n) return Fail(api, "x, w and the result do not agree in shape");
   if (x->dtype != XLA_FFI_DataType_F32 || scale->dtype != XLA_FFI_DataType_F32 || out->dtype != XLA_FFI_DataType_F32)
     return Fail(api, "x, scale and the result must be float32");
   const bool scaled = w->dtype == XLA_FFI_DataType_S8 || w->dtype == XLA_FFI_DataType_F8E4M3FN;
-  if (scaled && (block_format != 0 || scale->dims[0] != s.n)) return Fail(api, "scale must have one value per row of w");
+  if (scaled && (block_format != 0 || scale->dims[0] != s.n || (s.groups != 1 && s.groups * kGroupSize != s.k)))
+    return Fail(api, "scale must be [N, K / 32] or [N, 1] for w [N, K]");
   ThreadPool pool(api, frame->ctx);
   const float* xs = static_cast<const float*>(x->data);
   const float* scales = static_cast<const float*>(scale->data);

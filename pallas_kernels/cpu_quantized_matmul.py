@@ -18,17 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import cpu_kernels
-from pallas_kernels.quantized_matmul import BLOCK_FORMATS, block_matmul, check_block_rows, quantized_matmul
+from pallas_kernels.quantized_matmul import BLOCK_FORMATS, block_matmul, check_block_rows, check_scale, quantized_matmul
 
 TARGET = "jpaged_quantized_matmul"
 
 
 def cpu_quantized_matmul(x, w, scale):
-    """`x [M, K]` times `w [N, K]` (int8 or float8_e4m3fn) with per-column `scale [N]` float32:
-    `[M, N]` in x's dtype. float32 activations run the kernel; other dtypes, or a process where
-    the kernel is not registered, the jnp reference."""
+    """`x [M, K]` times `w [N, K]` (int8 or float8_e4m3fn) with grouped scales `scale [N, G]`
+    float32 (`quantized_matmul.num_groups`): `[M, N]` in x's dtype. float32 activations run the
+    kernel; other dtypes, or a process where the kernel is not registered, the jnp reference.
+    ValueError for a scale of the wrong shape."""
     if not cpu_kernels.is_loaded() or x.dtype != jnp.float32 or w.ndim != 2:
         return quantized_matmul(x, w, scale)
+    check_scale(w, scale)
     return _call(x, w, scale.astype(jnp.float32), 0)
 
 
@@ -38,7 +40,7 @@ def cpu_block_matmul(x, w, kind: str):
     if not cpu_kernels.is_loaded() or x.dtype != jnp.float32 or w.ndim != 2:
         return block_matmul(x, w, kind)
     check_block_rows(w, x.shape[-1], kind)
-    return _call(x, w, jnp.zeros((1,), jnp.float32), BLOCK_FORMATS[kind].type_id)
+    return _call(x, w, jnp.zeros((1, 1), jnp.float32), BLOCK_FORMATS[kind].type_id)
 
 
 def _call(x, w, scale, block_format: int):

@@ -1,8 +1,9 @@
 """Weight-only quantized matmul as a Triton-style Pallas kernel: the decode-sized product on GPU.
 
 Same contract as `quantized_matmul.quantized_matmul` (the pure-jnp reference): activations
-`x [M, K]` (float32 or bfloat16) times a per-channel quantized weight `w [N, K]` (int8 or
-float8_e4m3fn, one row per output channel) with `scale [N]` float32, giving `[M, N]` in x's dtype.
+`x [M, K]` (float32 or bfloat16) times a quantized weight `w [N, K]` (int8 or float8_e4m3fn, one
+row per output channel) with grouped float32 scales `scale [N, G]` (G = `num_groups(K)`: one per
+output channel and group of `GROUP_SIZE` inputs, or per channel), giving `[M, N]` in x's dtype.
 
 In a decode step M is the handful of new tokens, so the product is bound by reading the weight:
 XLA's route (widen the weight to x's dtype, then a dense matmul) reads it at its own width and
@@ -11,13 +12,16 @@ for large M. This kernel reads each weight byte once, at its own width, and wide
 registers: the idea of weight-streaming GEMV kernels for quantized weights (Marlin-style kernels,
 split-K GEMVs written in Triton), done here in Pallas with Triton's own pipelining.
 
-Design. One program owns a tile of `block_n` output channels. It walks K in steps of `block_k`:
-loads the `[block_n, block_k]` tile of the weight (int8 / fp8), widens it to x's dtype, loads the
-matching `[block_m, block_k]` tile of x and accumulates `x_tile @ w_tile.T` in float32 (tensor
-cores for bfloat16; exact float32 on FMA units for float32). At the end it multiplies each column
-by its channel's scale and stores the tile in x's dtype. Triton matmuls want power-of-two sides of
-at least 16, so the M rows are padded up to `block_m` (16, 32 or 64) with masked loads, and
-loads and stores are masked where N or K is not a multiple of the tile.
+Design. One program owns a tile of `block_n` output channels. It walks K in steps of `block_k`,
+each step in sub-tiles of one scale group (`GROUP_SIZE` inputs; the whole step where G = 1): it
+loads the `[block_n, group]` tile of the weight (int8 / fp8), widens it to x's dtype (exact for
+both), multiplies it by the matching `[block_m, group]` tile of x in float32 (tensor cores for
+bfloat16; exact float32 on FMA units for float32) and adds the product, each column times its
+channel's scale for that group, to a float32 accumulator; where G = 1 the scale multiplies the
+accumulator once at the end instead. The result is stored in x's dtype, rounded once. `block_k`
+is a multiple of `GROUP_SIZE` where G > 1, so no group straddles two steps. Triton matmuls want
+power-of-two sides of at least 16, so the M rows are padded up to `block_m` (16, 32 or 64) with
+masked loads, and loads and stores are masked where N or K is not a multiple of the tile.
 
 When N gives too few tiles to fill the GPU (a small model's 576-wide projections), K is split
 too (split-K): program (tile, split) covers `blocks_per_split` steps of K and writes a float32
@@ -44,7 +48,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.backend import GPU_PLATFORMS
 from pallas_kernels.float8 import widen_fp8_bits
-from pallas_kernels.quantized_matmul import quantized_matmul
+from pallas_kernels.quantized_matmul import GROUP_SIZE, num_groups, quantized_matmul
 from pallas_kernels.ragged_paged_attention import MIN_DOT_SIDE, next_power_of_2, triton_compiler_params
 
 MAX_ROWS = 64  # the kernel takes products of up to this many rows ("decode-sized")
@@ -77,6 +81,16 @@ class Tiling:
     def k_blocks(self) -> int:
         return pl.cdiv(self.k, self.block_k)
 
+    @property
+    def groups(self) -> int:
+        """Scales per output channel (`num_groups(k)`)."""
+        return num_groups(self.k)
+
+    @property
+    def sub_k(self) -> int:
+        """Inputs per sub-tile of a K step: one scale group, or the whole step where G = 1."""
+        return GROUP_SIZE if self.groups > 1 else self.block_k
+
 
 def default_block_sizes(x_dtype) -> tuple[int, int]:
     """`(block_n, block_k)`: float32 widens the weight tile to 4 bytes an element in registers and
@@ -96,13 +110,18 @@ def choose_splits(rows: int, n_tiles: int, k_blocks: int, k: int, weight_itemsiz
 
 def choose_tiling(x_shape, w_shape, x_dtype, w_dtype, *, block_n: int | None = None, block_k: int | None = None,
                   split_k: int | None = None) -> Tiling:
-    """The tiling for `x [M, K]` times `w [N, K]`; sizes left as None take the defaults."""
+    """The tiling for `x [M, K]` times `w [N, K]`; sizes left as None take the defaults. ValueError
+    for a block size that is not a power of two of at least `MIN_DOT_SIDE`, a `block_k` that is
+    not a multiple of `GROUP_SIZE` where K is (grouped scales), or `split_k` below 1."""
     (rows, k), n = x_shape, w_shape[0]
     default_n, default_k = default_block_sizes(x_dtype)
     block_n, block_k = block_n or default_n, block_k or default_k
     for name, size in (("block_n", block_n), ("block_k", block_k)):
         if size < MIN_DOT_SIDE or size & (size - 1):
             raise ValueError(f"{name} must be a power of two of at least {MIN_DOT_SIDE}, got {size}")
+    if num_groups(k) > 1 and block_k % GROUP_SIZE:
+        raise ValueError(f"block_k must be a multiple of {GROUP_SIZE} (one scale group) where K = {k} has "
+                         f"grouped scales, got {block_k}")
     block_m = max(MIN_DOT_SIDE, next_power_of_2(rows))
     n_tiles, k_blocks = pl.cdiv(n, block_n), pl.cdiv(k, block_k)
     if split_k is None:
@@ -120,8 +139,10 @@ def unsupported_reason(x, w, scale) -> str | None:
                 "(weights with leading axes are dequantized by the model)")
     if x.shape[1] != w.shape[1]:
         return f"x has K = {x.shape[1]} columns but w has K = {w.shape[1]}"
-    if scale.shape != (w.shape[0],):
-        return f"scale must have shape ({w.shape[0]},) (one per output channel), got {scale.shape}"
+    want = (w.shape[0], num_groups(w.shape[1]))
+    if tuple(scale.shape) != want:
+        return (f"scale must have shape {want} (one per output channel and group of {GROUP_SIZE} inputs, or per "
+                f"channel where K is not a multiple of {GROUP_SIZE}), got {tuple(scale.shape)}")
     if x.shape[0] > MAX_ROWS:
         return f"x has {x.shape[0]} rows; the kernel takes at most {MAX_ROWS} (decode-sized products)"
     if jnp.dtype(x.dtype) not in ACTIVATION_DTYPES:
@@ -155,25 +176,37 @@ def _kernel(x_ref, w_ref, scale_ref, out_ref, *, tiling: Tiling, weight: str):
     row_ok = jnp.arange(t.block_m) < t.rows
     col_ok = first_col + jnp.arange(t.block_n) < t.n
     precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+    k_ragged = t.k % t.block_k != 0
+
+    def column_scales(group):
+        """`[1, block_n]`: each column's scale for scale group `group`."""
+        view = scale_ref.at[pl.ds(first_col, t.block_n), pl.ds(group, 1)]
+        scale = plgpu.load(view, mask=col_ok[:, None], other=0) if t.n % t.block_n else plgpu.load(view)
+        return scale.T
 
     def k_step(k_block, acc):
-        first_k = k_block * t.block_k
-        k_ok = first_k + jnp.arange(t.block_k) < t.k
-        x_mask = row_ok[:, None] & k_ok[None, :] if t.k % t.block_k else row_ok[:, None]
-        w_mask = _mask_and(col_ok[:, None] if t.n % t.block_n else None, k_ok[None, :] if t.k % t.block_k else None)
-        x = plgpu.load(x_ref.at[pl.ds(0, t.block_m), pl.ds(first_k, t.block_k)],
-                       mask=jnp.broadcast_to(x_mask, (t.block_m, t.block_k)), other=0)
-        w_view = w_ref.at[pl.ds(first_col, t.block_n), pl.ds(first_k, t.block_k)]
-        w = plgpu.load(w_view) if w_mask is None else plgpu.load(
-            w_view, mask=jnp.broadcast_to(w_mask, (t.block_n, t.block_k)), other=0)
-        return acc + lax.dot_general(x, _widen(w, x.dtype, weight), (((1,), (1,)), ((), ())), precision=precision,
-                                     preferred_element_type=jnp.float32)
+        for sub in range(t.block_k // t.sub_k):
+            first_k = k_block * t.block_k + sub * t.sub_k
+            k_ok = first_k + jnp.arange(t.sub_k) < t.k
+            x_mask = row_ok[:, None] & k_ok[None, :] if k_ragged else row_ok[:, None]
+            w_mask = _mask_and(col_ok[:, None] if t.n % t.block_n else None, k_ok[None, :] if k_ragged else None)
+            x = plgpu.load(x_ref.at[pl.ds(0, t.block_m), pl.ds(first_k, t.sub_k)],
+                           mask=jnp.broadcast_to(x_mask, (t.block_m, t.sub_k)), other=0)
+            w_view = w_ref.at[pl.ds(first_col, t.block_n), pl.ds(first_k, t.sub_k)]
+            w = plgpu.load(w_view) if w_mask is None else plgpu.load(
+                w_view, mask=jnp.broadcast_to(w_mask, (t.block_n, t.sub_k)), other=0)
+            product = lax.dot_general(x, _widen(w, x.dtype, weight), (((1,), (1,)), ((), ())), precision=precision,
+                                      preferred_element_type=jnp.float32)
+            if t.groups > 1:  # a sub-tile past K (all zeros) takes the last group's scales
+                group = first_k // GROUP_SIZE
+                product = product * column_scales(jnp.minimum(group, t.groups - 1) if k_ragged else group)
+            acc = acc + product
+        return acc
 
     first_block = split * t.blocks_per_split
     stop_block = jnp.minimum(first_block + t.blocks_per_split, t.k_blocks) if t.splits > 1 else t.k_blocks
     acc = lax.fori_loop(first_block, stop_block, k_step, jnp.zeros((t.block_m, t.block_n), jnp.float32))
-    scale = plgpu.load(scale_ref.at[pl.ds(first_col, t.block_n)], mask=col_ok, other=0)
-    out = (acc * scale[None, :]).astype(out_ref.dtype)
+    out = (acc if t.groups > 1 else acc * column_scales(0)).astype(out_ref.dtype)
     plgpu.store(out_ref.at[split, pl.ds(0, t.block_m), pl.ds(first_col, t.block_n)], out,
                 mask=row_ok[:, None] & col_ok[None, :])
 
@@ -187,12 +220,13 @@ def _mask_and(a, b):
 def pallas_quantized_matmul(x, w, scale, *, interpret: bool = False, block_n: int | None = None,
                             block_k: int | None = None, split_k: int | None = None, num_warps: int = 4,
                             num_stages: int = 3, native_fp8: bool | None = None) -> jax.Array:
-    """`x [M, K]` (float32 / bfloat16) times `w [N, K]` (int8 / float8_e4m3fn) with per-channel
-    `scale [N]` (float32): `[M, N]` in x's dtype, as `quantized_matmul.quantized_matmul`, for
-    M <= `MAX_ROWS`. Tiling left as None takes `default_block_sizes` and `choose_splits`.
+    """`x [M, K]` (float32 / bfloat16) times `w [N, K]` (int8 / float8_e4m3fn) with grouped scales
+    `scale [N, num_groups(K)]` (float32): `[M, N]` in x's dtype, as `quantized_matmul.quantized_matmul`,
+    for M <= `MAX_ROWS`. Tiling left as None takes `default_block_sizes` and `choose_splits`.
     `native_fp8` (default: `native_fp8_conversion()`) widens fp8 weights with Triton's conversion
     (sm_89+) rather than by integer arithmetic.
-    Raises ValueError for shapes or dtypes the kernel does not take (`unsupported_reason`)."""
+    Raises ValueError for shapes or dtypes the kernel does not take (`unsupported_reason`) and for
+    tilings `choose_tiling` rejects."""
     reason = unsupported_reason(x, w, scale)
     if reason:
         raise ValueError(reason)

@@ -3,10 +3,12 @@
 Two kinds of quantized weight, both stored as checkpoints store them, `[N, ...]` (one row per
 output channel of the product):
 
-- per-channel: int8 or float8_e4m3fn values `w [N, K]` with one float32 scale per output channel
-  (`scale [N]`); the product with activations `x [M, K]` is `(x @ w.T) * scale`, the scale applied
-  to the product's columns rather than to a widened copy of the weight. Weights with leading axes
-  (experts `[E, N, K]` with `scale [E, N]`) widen through `dequantize`;
+- grouped: int8 or float8_e4m3fn values `w [N, K]` with float32 scales `scale [N, G]`, one per
+  output channel and group of `K / G` consecutive inputs: `GROUP_SIZE` of them where K is a
+  multiple of it, else the whole row (G = 1, one scale per output channel). Weight `[n, k]` stands
+  for `w[n, k] * scale[n, k // (K / G)]`; the product with activations `x [M, K]` is `x` times
+  that widened weight (`dequantize`), a form XLA fuses into the dot's operand. Weights with
+  leading axes (experts `[E, N, K]` with `scale [E, N, G]`) widen the same way;
 - GGML blocks (llama.cpp's GGUF formats, `BLOCK_FORMATS`): each row is a run of blocks of 32
   weights (Q4_0, Q4_1, Q8_0) or super-blocks of 256 (the K-quants Q4_K, Q5_K, Q6_K) with their
   own scales (and minimums), `w [N, K / block weights * block bytes]` uint8; the product is
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 QUANTIZED_DTYPES = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}
+GROUP_SIZE = 32  # inputs per scale of a grouped weight (llama.cpp's Q8_0 block)
 
 
 class BlockFormat(NamedTuple):
@@ -42,14 +45,35 @@ BLOCK_FORMATS = {
 }
 
 
+def num_groups(k: int) -> int:
+    """Scales per output channel of a weight with K = `k` inputs: one per `GROUP_SIZE` inputs
+    where `k` is a multiple of it, else one."""
+    return k // GROUP_SIZE if k % GROUP_SIZE == 0 else 1
+
+
+def check_scale(w, scale) -> None:
+    """ValueError unless `scale [..., N, G]` fits the quantized `w [..., N, K]`: G = `num_groups(K)`."""
+    *lead, n, k = w.shape
+    want = (*lead, n, num_groups(k))
+    if tuple(scale.shape) != want:
+        raise ValueError(f"a quantized weight of shape {tuple(w.shape)} takes scales of shape {want} "
+                         f"(one per output channel and group of {GROUP_SIZE} inputs, or per channel where K is "
+                         f"not a multiple of {GROUP_SIZE}), got {tuple(scale.shape)}")
+
+
 def quantized_matmul(x, w, scale):
-    """`x [M, K]` (float) times quantized `w [N, K]` with `scale [N]` (float32): `[M, N]` in x's dtype."""
-    return ((x @ w.astype(x.dtype).T) * scale.astype(x.dtype)).astype(x.dtype)
+    """`x [M, K]` (float) times quantized `w [N, K]` with `scale [N, G]` (float32): `[M, N]` in
+    x's dtype. ValueError for a scale of the wrong shape."""
+    check_scale(w, scale)
+    return (x @ dequantize(w, scale, x.dtype)).astype(x.dtype)
 
 
 def dequantize(w, scale, dtype):
-    """Quantized `w [..., N, K]` with `scale [..., N]` as `dtype` values in `x @ W` layout `[..., K, N]`."""
-    return jnp.swapaxes(w.astype(dtype) * scale[..., :, None].astype(dtype), -1, -2)
+    """Quantized `w [..., N, K]` with `scale [..., N, G]` as `dtype` values in `x @ W` layout `[..., K, N]`."""
+    *lead, n, k = w.shape
+    groups = scale.shape[-1]
+    grouped = w.astype(jnp.float32).reshape(*lead, n, groups, k // groups) * scale[..., None].astype(jnp.float32)
+    return jnp.swapaxes(grouped.reshape(*lead, n, k).astype(dtype), -1, -2)
 
 
 def row_bytes(kind: str, k: int) -> int:

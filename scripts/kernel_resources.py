@@ -9,7 +9,7 @@ matmuls run on tensor cores (mma / wgmma instructions) and whether K/V arrive in
 The weight-only quantized matmul (`pallas_quantized_matmul.py`) is compiled the same way for the
 projections of a few models at decode sizes (M = 1 and 16 rows), bfloat16 activations times int8
 and fp8 weights (fp8 widened by integer arithmetic on sm_80, which has no fp8 conversion) and
-float32 times int8. `--sweep` compiles alternative tilings of a few shapes too, the evidence
+float32 times int8, with grouped scales (one per output channel and 32 inputs). `--sweep` compiles alternative tilings of a few shapes too, the evidence
 behind the kernels' default tiling.
 
     python scripts/kernel_resources.py [--out docs/results/kernel_resources.json] [--sweep]
@@ -38,6 +38,7 @@ from pallas_kernels.backend import pallas_paged_attention  # noqa: E402
 from pallas_kernels.decode_attention import paged_decode_attention_kernel  # noqa: E402
 from pallas_kernels.paged_attention import AttentionMetadata  # noqa: E402
 from pallas_kernels.pallas_quantized_matmul import pallas_quantized_matmul  # noqa: E402
+from pallas_kernels.quantized_matmul import num_groups  # noqa: E402
 from pallas_kernels.ragged_paged_attention import ragged_attention_rows  # noqa: E402
 from pallas_kernels.triton_compile import capture_triton_kernels, compile_kernel  # noqa: E402
 
@@ -104,7 +105,7 @@ def quantized_kernels(shape, rows: int, x_dtype, w_dtype, tiling: dict | None = 
     """`(kernel, capability)` pairs of the quantized matmul: fp8 widens in hardware from sm_89 on."""
     (k, n), tiling = QUANTIZED_SHAPES[shape], tiling or {}
     args = (jax.ShapeDtypeStruct((rows, k), x_dtype), jax.ShapeDtypeStruct((n, k), w_dtype),
-            jax.ShapeDtypeStruct((n,), jnp.float32))
+            jax.ShapeDtypeStruct((n, num_groups(k)), jnp.float32))
     pairs, captured = [], {}
     for capability in CAPABILITIES:
         native = capability >= 89 or jnp.dtype(w_dtype) != jnp.float8_e4m3fn

@@ -4,8 +4,9 @@ cross-lowered for CUDA, then compiled by Triton for sm_80, sm_89 and sm_90 where
 package is installed.
 
 Fresh random operands: activations from a normal distribution, int8 weights over the whole range,
-fp8 weights from random bytes (every finite float8_e4m3fn value, subnormals and -0 included).
-Shapes stay small: interpret mode is slow.
+fp8 weights from random bytes (every finite float8_e4m3fn value, subnormals and -0 included), a
+random scale per output channel and group of 32 inputs (per channel where K is not a multiple of
+32). Shapes stay small: interpret mode is slow.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from pallas_kernels.pallas_quantized_matmul import (
     pallas_quantized_matmul,
     select_quantized_linear,
 )
-from pallas_kernels.quantized_matmul import quantized_matmul
+from pallas_kernels.quantized_matmul import GROUP_SIZE, num_groups, quantized_matmul
 from pallas_kernels.triton_compile import MAX_SHARED_BYTES, TritonIRNotFound, capture_triton_kernels, compile_kernel
 
 INTERPRET = jax.default_backend() == "cpu"  # on a GPU the kernel runs compiled by Triton
-# (rtol, atol as a share of the reference's RMS) against the reference. float32: accumulation order
-# only. bfloat16: the reference rounds its product, the scale and the scaled product to bfloat16,
-# the kernel rounds once: four roundings of at most 2^-8 each.
-TOLERANCE = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2e-2, 1e-3)}
+# (rtol, atol as a share of the reference's RMS) against the reference. float32: rounding and
+# accumulation order only. bfloat16: the reference rounds each scale and each scaled weight to
+# bfloat16 (up to 2^-8 of each term, summing at random to about 2^-8 of the RMS, up to 1e-2 of it
+# in a test's outputs) and its product; the kernel rounds once.
+TOLERANCE = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2e-2, 2e-2)}
 # Against a float64 product of the same (exactly representable) operands: the kernel's one rounding.
 EXACT_TOLERANCE = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2**-8 + 1e-5, 1e-5)}
 FP8_NAN_BYTES = (0x7F, -0x01)  # 0x7F and 0xFF as int8
@@ -39,7 +41,8 @@ TRITON_CALL = "custom_call @__gpu$xla.gpu.triton"
 
 
 def make_operands(seed: int, m: int, n: int, k: int, x_dtype, w_dtype):
-    """`x [m, k]`, quantized `w [n, k]` and `scale [n]` (float32) with |w * scale| of order 1."""
+    """`x [m, k]`, quantized `w [n, k]` and `scale [n, num_groups(k)]` (float32) with |w * scale| of
+    order 1."""
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((m, k)), x_dtype)
     if w_dtype == jnp.int8:
@@ -48,7 +51,7 @@ def make_operands(seed: int, m: int, n: int, k: int, x_dtype, w_dtype):
         bits = rng.integers(-128, 128, (n, k)).astype(np.int8)
         bits[np.isin(bits, FP8_NAN_BYTES)] = 0
         w, largest = jax.lax.bitcast_convert_type(jnp.asarray(bits), jnp.float8_e4m3fn), 448.0
-    scale = jnp.asarray(rng.uniform(0.5, 1.5, n) / largest, jnp.float32)
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, (n, num_groups(k))) / largest, jnp.float32)
     return x, w, scale
 
 
@@ -59,27 +62,46 @@ def assert_matches_reference(got, x, w, scale):
     rtol, atol = TOLERANCE[x.dtype.type]
     rms = float(np.sqrt(np.mean(want**2)))
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * rms)
-    exact = (np.asarray(x, np.float64) @ np.asarray(w, np.float64).T) * np.asarray(scale, np.float64)
+    (n, k), groups = w.shape, scale.shape[1]
+    weight = np.asarray(w, np.float64).reshape(n, groups, k // groups) * np.asarray(scale, np.float64)[..., None]
+    exact = np.asarray(x, np.float64) @ weight.reshape(n, k).T
     rtol, atol = EXACT_TOLERANCE[x.dtype.type]
     np.testing.assert_allclose(got, exact, rtol=rtol, atol=atol * rms)  # an oracle no one here wrote
 
+
 @pytest.mark.parametrize("m", [1, 3, 16, 33])
+@pytest.mark.parametrize("k", [224, 200], ids=["grouped", "per-channel"])
 @pytest.mark.parametrize("w_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_kernel_matches_reference(x_dtype, w_dtype, m):
-    """N = 100 and K = 200 are multiples of no default tile; M = 1 also splits K."""
-    x, w, scale = make_operands(m, m, 100, 200, x_dtype, w_dtype)
+def test_kernel_matches_reference(x_dtype, w_dtype, k, m):
+    """N = 100 and K (7 groups of 32, or 200: one scale a row) are multiples of no default tile;
+    M = 1 also splits K."""
+    x, w, scale = make_operands(m, m, 100, k, x_dtype, w_dtype)
+    assert scale.shape == (100, 7 if k == 224 else 1)
     assert_matches_reference(pallas_quantized_matmul(x, w, scale, interpret=INTERPRET), x, w, scale)
 
 
-@pytest.mark.parametrize("n,k", [(64, 96), (65, 97)], ids=["multiples", "one-past"])
-def test_small_tiles_and_split_k(n, k):
-    """Tiles of 16: whole tiles without masks, then one column and one K step past; K in three splits."""
+@pytest.mark.parametrize("n,k,block_k", [(64, 96, 32), (65, 160, 64), (65, 97, 16)],
+                         ids=["grouped-multiples", "grouped-one-past", "per-channel-one-past"])
+def test_small_tiles_and_split_k(n, k, block_k):
+    """Tiles of 16 columns, K in three splits: whole tiles without masks; one column and half a K
+    step past (the last step's second group past K); per channel, one column and one input past."""
     x, w, scale = make_operands(7, 5, n, k, jnp.float32, jnp.int8)
-    tiling = choose_tiling(x.shape, w.shape, x.dtype, w.dtype, block_n=16, block_k=16, split_k=3)
+    tiling = choose_tiling(x.shape, w.shape, x.dtype, w.dtype, block_n=16, block_k=block_k, split_k=3)
     assert tiling.splits == 3 and tiling.n_tiles == -(-n // 16)
-    got = pallas_quantized_matmul(x, w, scale, interpret=INTERPRET, block_n=16, block_k=16, split_k=3)
+    got = pallas_quantized_matmul(x, w, scale, interpret=INTERPRET, block_n=16, block_k=block_k, split_k=3)
     assert_matches_reference(got, x, w, scale)
+
+
+def test_each_group_takes_its_own_scale():
+    """A weight of ones whose scales double from group to group, one group per column of x: each
+    output is its column's group's scale, so a scale applied to the wrong group shows."""
+    k = 4 * GROUP_SIZE
+    x = jnp.repeat(jnp.eye(4, dtype=jnp.float32), GROUP_SIZE, axis=1)  # row g: ones over group g
+    w = jnp.ones((16, k), jnp.int8)
+    scale = jnp.broadcast_to(2.0 ** jnp.arange(4, dtype=jnp.float32), (16, 4)) * jnp.arange(1, 17)[:, None]
+    got = pallas_quantized_matmul(x, w, scale, interpret=INTERPRET, block_n=16, block_k=64, split_k=2)
+    np.testing.assert_array_equal(np.asarray(got), GROUP_SIZE * np.asarray(scale).T)
 
 
 def test_fp8_widened_by_integer_arithmetic():
@@ -100,6 +122,8 @@ def test_no_rows():
 
 def test_unsupported_operands_name_the_value_and_the_limit():
     x, w, scale = make_operands(0, 4, 32, 48, jnp.float32, jnp.int8)
+    _, w_grouped, scale_grouped = make_operands(0, 4, 32, 64, jnp.float32, jnp.int8)
+    x_grouped = jnp.zeros((4, 64), jnp.float32)
     call = functools.partial(pallas_quantized_matmul, interpret=True)
     too_many = jnp.zeros((MAX_ROWS + 1, 48), jnp.float32)
     cases = [
@@ -108,7 +132,12 @@ def test_unsupported_operands_name_the_value_and_the_limit():
         ((x, w.astype(jnp.int16), scale), {}, "w dtype int16"),
         ((x[:, :40], w, scale), {}, "K = 40"),
         ((x, w[None], scale[None]), {}, "leading axes"),
-        ((x, w, scale[:8]), {}, "scale must have shape (32,)"),
+        ((x, w, scale[:8]), {}, "scale must have shape (32, 1)"),
+        ((x, w, scale[:, 0]), {}, "scale must have shape (32, 1) (one per output channel and group of 32 inputs, "
+                                 "or per channel where K is not a multiple of 32), got (32,)"),
+        ((x_grouped, w_grouped, scale_grouped[:, :1]), {}, "scale must have shape (32, 2)"),
+        ((x_grouped, w_grouped, scale_grouped), {"block_k": 16},
+         "block_k must be a multiple of 32 (one scale group) where K = 64 has grouped scales, got 16"),
         ((x, w, scale), {"block_n": 24}, "block_n must be a power of two of at least 16, got 24"),
         ((x, w, scale), {"split_k": 0}, "split_k must be at least 1, got 0"),
     ]
@@ -124,11 +153,11 @@ def uses_kernel(fn, x, w, scale) -> bool:
 def test_dispatcher_takes_the_kernel_up_to_the_bound_only():
     assert select_quantized_linear("cpu") is quantized_matmul
     linear = select_quantized_linear("cpu", interpret=True)
-    _, w, scale = make_operands(1, 1, 40, 24, jnp.bfloat16, jnp.int8)
+    _, w, scale = make_operands(1, 1, 40, 64, jnp.bfloat16, jnp.int8)
     for m, kernel in ((1, True), (MAX_ROWS, True), (MAX_ROWS + 1, False)):
-        x = make_operands(m, m, 40, 24, jnp.bfloat16, jnp.int8)[0]
+        x = make_operands(m, m, 40, 64, jnp.bfloat16, jnp.int8)[0]
         assert uses_kernel(linear, x, w, scale) == kernel, m
-    x = make_operands(2, MAX_ROWS + 1, 40, 24, jnp.bfloat16, jnp.int8)[0]
+    x = make_operands(2, MAX_ROWS + 1, 40, 64, jnp.bfloat16, jnp.int8)[0]
     np.testing.assert_array_equal(np.asarray(linear(x, w, scale), np.float32),
                                   np.asarray(quantized_matmul(x, w, scale), np.float32))
     assert not uses_kernel(select_quantized_linear("cpu", interpret=True, max_rows=8), x[:9], w, scale)
@@ -138,7 +167,7 @@ def test_dispatcher_takes_the_kernel_up_to_the_bound_only():
 # --- lowered for CUDA, compiled by Triton --------------------------------------------------------
 
 MODEL_SHAPES = {"SmolLM2-135M q_proj": (576, 1536), "Llama-3-8B o_proj": (4096, 4096),
-                "Llama-3-8B up_proj": (4096, 14336)}  # (K, N)
+                "Llama-3-8B up_proj": (4096, 14336), "per-channel K = 4100": (4100, 4096)}  # (K, N)
 
 
 def trace_for_cuda(m: int, k: int, n: int, x_dtype, w_dtype, **options) -> jax.stages.Traced:
@@ -146,7 +175,7 @@ def trace_for_cuda(m: int, k: int, n: int, x_dtype, w_dtype, **options) -> jax.s
     if options:
         linear = functools.partial(pallas_quantized_matmul, **options)
     args = (jax.ShapeDtypeStruct((m, k), x_dtype), jax.ShapeDtypeStruct((n, k), w_dtype),
-            jax.ShapeDtypeStruct((n,), jnp.float32))
+            jax.ShapeDtypeStruct((n, num_groups(k)), jnp.float32))
     return jax.jit(linear).trace(*args)
 
 

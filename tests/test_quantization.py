@@ -2,7 +2,8 @@
 whole models against HF transformers.
 
 The model oracle is HF itself on a fake-quantized checkpoint: the test rounds each quantized
-tensor of a saved random checkpoint to the scheme (symmetric, one scale per output row, written
+tensor of a saved random checkpoint to the scheme (symmetric, one scale per output row and group
+of 32 inputs, or per row where its length is not a multiple of 32, written
 here in torch) and back to float32, saves that, and runs HF's forward on it. jpaged loading the
 original checkpoint with `quantization=...` must give the same prompt logprobs to float32
 rounding. A looser check against the unquantized HF model bounds the quantization error itself.
@@ -47,29 +48,39 @@ LARGEST = {"int8": 127.0, "fp8": 448.0}
 
 
 def fake_quantize(weight: torch.Tensor, scheme: str) -> torch.Tensor:
-    """`weight [out, in]` rounded to the scheme per output row and back to float32 (torch)."""
-    scale = weight.abs().amax(dim=-1, keepdim=True) / LARGEST[scheme]
+    """`weight [..., out, in]` rounded to the scheme per output row and group of 32 inputs (the
+    whole row where `in` is not a multiple of 32) and back to float32 (torch)."""
+    k = weight.shape[-1]
+    group = 32 if k % 32 == 0 else k
+    grouped = weight.reshape(*weight.shape[:-1], k // group, group)
+    scale = grouped.abs().amax(dim=-1, keepdim=True) / LARGEST[scheme]
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if scheme == "int8":
-        values = torch.clamp(torch.round(weight / scale), -127, 127)
+        values = torch.clamp(torch.round(grouped / scale), -127, 127)
     else:
-        values = torch.clamp(weight / scale, -448, 448).to(torch.float8_e4m3fn).to(torch.float32)
-    return values * scale
+        values = torch.clamp(grouped / scale, -448, 448).to(torch.float8_e4m3fn).to(torch.float32)
+    return (values * scale).reshape(weight.shape)
 
 
 # --- the scheme ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
-def test_quantize_matches_the_torch_scheme(scheme):
-    weight = np.random.default_rng(1).standard_normal((3, 40, 24)).astype(np.float32)
+@pytest.mark.parametrize("k, groups", [(24, 1), (96, 3)], ids=["per-channel", "groups"])
+def test_quantize_matches_the_torch_scheme(scheme, k, groups):
+    weight = np.random.default_rng(1).standard_normal((3, 40, k)).astype(np.float32)
     weight[0, 5] = 0.0  # an all-zero channel keeps scale 1
+    weight[1, 2, -1] = 50.0  # an outlier coarsens its own group's scale only
     values, scale = quantize(weight, scheme)
     assert values.dtype == (np.int8 if scheme == "int8" else ml_dtypes.float8_e4m3fn)
-    assert scale.shape == (3, 40) and scale.dtype == np.float32 and scale[0, 5] == 1.0
-    widened = values.astype(np.float32) * scale[..., None]
+    assert scale.shape == (3, 40, groups) and scale.dtype == np.float32 and (scale[0, 5] == 1.0).all()
+    widened = np.asarray(jnp.swapaxes(dequantize(jnp.asarray(values), jnp.asarray(scale), jnp.float32), -1, -2))
     np.testing.assert_allclose(widened, fake_quantize(torch.from_numpy(weight), scheme).numpy(), rtol=1e-6, atol=1e-7)
-    relative = np.abs(widened - weight).max(axis=-1) / np.maximum(np.abs(weight).max(axis=-1), 1e-9)
+    group = k // groups
+    by_group = lambda a: np.abs(a).reshape(3, 40, groups, group).max(axis=-1)  # noqa: E731
+    relative = by_group(widened - weight) / np.maximum(by_group(weight), 1e-9)
     assert relative.max() <= (0.5 / 127 if scheme == "int8" else 1 / 16) + 1e-6
+    if groups > 1:
+        assert scale[1, 2, 0] < scale[1, 2, -1] / 10
 
 
 def test_quantize_rejects_bad_input():
@@ -124,11 +135,28 @@ def test_cpu_kernel_widens_every_fp8_value_exactly(kernels, rows):
     k = 40  # two vectors of 16 and a tail
     w = bits[(np.arange(len(bits))[:, None] + np.arange(k)[None, :]) % len(bits)]
     values = w.view(ml_dtypes.float8_e4m3fn)
-    scale = np.full(len(bits), 0.5, np.float32)
+    scale = np.full((len(bits), 1), 0.5, np.float32)
     x = np.zeros((rows, k), np.float32)
     x[np.arange(rows), np.arange(rows) * 7 % k] = 1.0
     got = np.asarray(jax.jit(cpu_quantized_matmul)(jnp.asarray(x), jnp.asarray(values), jnp.asarray(scale)))
     np.testing.assert_array_equal(got, x @ (values.astype(np.float32) * 0.5).T)
+
+
+def test_cpu_kernel_scales_each_group():
+    """Grouped scales of very different sizes: the kernel (both paths) against float64 with each
+    group widened by its own scale; a scale of the wrong shape is refused."""
+    rng = np.random.default_rng(7)
+    n, k = 40, 128
+    values = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    scale = (10.0 ** rng.uniform(-4, 1, (n, k // 32))).astype(np.float32)
+    widened = values.astype(np.float64) * np.repeat(scale, 32, axis=1)
+    for rows in (2, 9):
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        got = np.asarray(jax.jit(cpu_quantized_matmul)(jnp.asarray(x), jnp.asarray(values), jnp.asarray(scale)))
+        want = x.astype(np.float64) @ widened.T
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match=r"takes scales of shape \(40, 4\).*got \(40,\)"):
+        cpu_quantized_matmul(jnp.ones((1, k)), jnp.asarray(values), jnp.asarray(scale[:, 0]))
 
 
 # --- GGML blocks (GGUF kept packed) ---------------------------------------------------------------

@@ -28,6 +28,7 @@ from pallas_kernels.quantized_matmul import (
     block_matmul,
     dequantize,
     dequantize_blocks,
+    num_groups,
     quantized_matmul,
     row_bytes,
 )
@@ -58,8 +59,8 @@ class DecoderLayer(nnx.Module):
     MoE experts `[experts, hidden, moe_intermediate]`), each with the leading axes `lead`.
 
     With `quantization` ("int8" | "fp8"), the projections of `QUANTIZED_PARAMS` are kept instead
-    as quantized values in the checkpoint's `[..., out, in]` layout with a float32
-    `<name>_scale [..., out]` (`jpaged/models/quantization.py`). A parameter named in `formats`
+    as quantized values in the checkpoint's `[..., out, in]` layout with float32 scales
+    `<name>_scale [..., out, groups]` (`jpaged/models/quantization.py`). A parameter named in `formats`
     (name: GGML block type) is kept as the GGUF file's uint8 block rows `[out, row bytes]`."""
 
     def __init__(self, cfg: ModelConfig, dtype, lead: tuple[int, ...] = (), quantization: str | None = None,
@@ -74,7 +75,7 @@ class DecoderLayer(nnx.Module):
             if quantization is None or name not in QUANTIZED_PARAMS:
                 return _param(lead + shape, dtype)
             *experts, k, n = shape
-            setattr(self, scale_name(name), _param(lead + (*experts, n), jnp.float32))
+            setattr(self, scale_name(name), _param(lead + (*experts, n, num_groups(k)), jnp.float32))
             return _param(lead + (*experts, n, k), STORAGE_DTYPES[quantization])
 
         self.input_norm = param(h)
@@ -156,7 +157,7 @@ class LlamaForCausalLM(nnx.Module):
         else:
             self.embed_tokens = _param((cfg.vocab_size, cfg.hidden_size), STORAGE_DTYPES.get(quantization, dtype))
         if quantization:
-            self.embed_tokens_scale = _param((cfg.vocab_size,), jnp.float32)
+            self.embed_tokens_scale = _param((cfg.vocab_size, num_groups(cfg.hidden_size)), jnp.float32)
         lead = (pipeline_stages,) if pipeline_stages > 1 else ()
         self.layers = nnx.List([DecoderLayer(cfg, dtype, lead, quantization, _layer_formats(formats, i))
                                 for i in range(cfg.num_layers // pipeline_stages)])
@@ -165,7 +166,7 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = _packed_param(cfg.hidden_size, cfg.vocab_size, formats["lm_head"])
         elif not cfg.tie_word_embeddings and quantization:
             self.lm_head = _param((cfg.vocab_size, cfg.hidden_size), STORAGE_DTYPES[quantization])
-            self.lm_head_scale = _param((cfg.vocab_size,), jnp.float32)
+            self.lm_head_scale = _param((cfg.vocab_size, num_groups(cfg.hidden_size)), jnp.float32)
         elif not cfg.tie_word_embeddings:
             self.lm_head = _param((cfg.hidden_size, cfg.vocab_size), dtype)
 
@@ -182,9 +183,10 @@ class LlamaForCausalLM(nnx.Module):
         if hidden.dtype == jnp.uint8:  # GGML block rows
             kind = block_format(hidden, self.cfg.hidden_size, self.block_kinds)
             return dequantize_blocks(hidden, kind).astype(self.norm.dtype)
-        if hasattr(self, "embed_tokens_scale"):
-            scale = self.embed_tokens_scale[...][token_ids][..., None]
-            return (hidden.astype(jnp.float32) * scale).astype(self.norm.dtype)
+        if hasattr(self, "embed_tokens_scale"):  # each row widened group by group
+            scale = self.embed_tokens_scale[...][token_ids]
+            grouped = hidden.astype(jnp.float32).reshape(*scale.shape, -1) * scale[..., None]
+            return grouped.reshape(hidden.shape).astype(self.norm.dtype)
         return hidden
 
     def final_norm(self, hidden):
@@ -244,7 +246,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def _product(self, x, w, scale=None):
         """`x [T, in]` times a weight kept in any of the model's forms: float `[in, out]`,
-        quantized `[out, in]` with `scale [out]`, or GGML block rows `[out, row bytes]`."""
+        quantized `[out, in]` with `scale [out, groups]`, or GGML block rows `[out, row bytes]`."""
         if w.dtype == jnp.uint8:
             return self.block_linear(x, w, block_format(w, x.shape[-1], self.block_kinds))
         return x @ w if scale is None else self.quantized_linear(x, w, scale)

@@ -8,16 +8,20 @@ blocks `[out, row bytes]`, and multiplies through `pallas_kernels.quantized_matm
 Place in the data flow: the loader (`loader/weights.py`) passes each checkpoint tensor of a
 quantized parameter through `quantize` as it arrives, so the host holds one tensor at a time;
 the model keeps the values `[..., out, in]` (the checkpoint's layout, one row per output channel)
-with one float32 scale per output channel `[..., out]` beside them (`<name>_scale`), and
-multiplies through `pallas_kernels.quantized_matmul` (or its CPU kernel).
+with float32 scales `[..., out, groups]` beside them (`<name>_scale`), and multiplies through
+`pallas_kernels.quantized_matmul` (or its CPU kernel).
 
-Schemes (vLLM's weight-only int8 and fp8 schemes): symmetric per output channel, the scale the
-channel's largest magnitude over the format's largest value (127 for int8, 448 for
-float8_e4m3fn), values rounded to nearest (int8) or converted (fp8). The token embeddings and the
-LM head are quantized too (per vocabulary row: the embedding table `[vocab, hidden]` is already
-`[out, in]` for the LM head it ties to; a looked-up row is widened with its scale), since a small
-model's LM head is a large share of what a decode step reads. Norms, biases and MoE routers stay
-in the compute dtype.
+Schemes (weight-only int8 and fp8, symmetric): one scale per output channel and group of
+`GROUP_SIZE` (32) consecutive inputs, as llama.cpp's Q8_0 and the group-wise weight-only schemes
+vLLM serves; a row whose length is not a multiple of 32 has one scale. A scale is its group's
+largest magnitude over the format's largest value (127 for int8, 448 for float8_e4m3fn); values
+are rounded to nearest (int8) or converted (fp8). Why groups: with one scale per output channel
+(vLLM's per-channel int8 / fp8), the default 135M model's perplexity rose 1.6% (int8) and 3.4%
+(fp8); with groups of 32, 0.0% and 0.2% (docs/BENCHMARKS.md), for 1/8 more bytes than the values.
+The token embeddings and the LM head are quantized too (per vocabulary row: the embedding table
+`[vocab, hidden]` is already `[out, in]` for the LM head it ties to; a looked-up row is widened
+with its scales), since a small model's LM head is a large share of what a decode step reads.
+Norms, biases and MoE routers stay in the compute dtype.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from fractions import Fraction
 import ml_dtypes
 import numpy as np
 
-from pallas_kernels.quantized_matmul import BLOCK_FORMATS, bytes_per_weight
+from pallas_kernels.quantized_matmul import BLOCK_FORMATS, bytes_per_weight, num_groups
 
 logger = logging.getLogger("jpaged")
 
@@ -86,7 +90,8 @@ def scheme_of(dtype) -> str | None:
 
 def quantize(weight: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
     """`weight [..., out, in]` (float) as `(values [..., out, in] in the scheme's storage dtype,
-    scale [..., out] float32)` with `values * scale[..., None]` about `weight`.
+    scale [..., out, groups] float32)`, groups = `num_groups(in)`, with each group of values
+    times its scale about `weight` (`quantized_matmul.dequantize`).
 
     ValueError for an unknown scheme or a weight that is not finite."""
     if scheme not in QUANTIZATIONS:
@@ -94,9 +99,12 @@ def quantize(weight: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
     weight = np.asarray(weight, dtype=np.float32)
     if not np.isfinite(weight).all():
         raise ValueError("cannot quantize a weight holding inf or nan")
-    largest = np.abs(weight).max(axis=-1)
+    *lead, out, k = weight.shape
+    groups = num_groups(k)
+    grouped = weight.reshape(*lead, out, groups, k // groups)
+    largest = np.abs(grouped).max(axis=-1)
     scale = np.where(largest > 0, largest / _LARGEST[scheme], 1.0).astype(np.float32)
-    scaled = weight / scale[..., None]
+    scaled = (grouped / scale[..., None]).reshape(weight.shape)
     if scheme == "int8":
         return np.clip(np.rint(scaled), -127, 127).astype(np.int8), scale
     return np.clip(scaled, -448.0, 448.0).astype(STORAGE_DTYPES[scheme]), scale

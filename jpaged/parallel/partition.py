@@ -17,7 +17,7 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jpaged.models.quantization import QUANTIZED_PARAMS, scheme_of
+from jpaged.models.quantization import QUANTIZED_PARAMS, STORAGE_DTYPES, scheme_of
 from sharding.mesh import EP_AXIS, PP_AXIS, TP_AXIS, context_mesh
 
 # The mesh axis each dimension of a parameter is split over, counted from its last dimension
@@ -49,13 +49,10 @@ def param_spec(path: tuple, shape: tuple[int, ...], mesh: Mesh, dtype=None) -> P
 
 def _splits(name: str, dtype) -> dict[int, str]:
     """Mesh axis by dimension (from the last) of parameter `name`. A quantized projection is kept
-    `[..., out, in]` (the float one `[..., in, out]`) and its scale `[..., out]` splits as its
-    output dimension does."""
-    if name == "embed_tokens_scale":  # the table is [vocab, hidden] either way
-        return {-1: TP_AXIS}
+    `[..., out, in]` (the float one `[..., in, out]`) and its scales `[..., out, groups]` split
+    as it does (a split input dimension splits the groups)."""
     if name.endswith("_scale"):
-        weight = _SPLITS.get(name.removesuffix("_scale"), {})
-        return {(-1 if dim == -1 else dim + 1): axis for dim, axis in weight.items() if dim != -2}
+        return _splits(name.removesuffix("_scale"), STORAGE_DTYPES["int8"])
     splits = _SPLITS.get(name, {})
     if dtype is not None and name in QUANTIZED_PARAMS - {"embed_tokens"} and scheme_of(dtype) is not None:
         return {{-1: -2, -2: -1}.get(dim, dim): axis for dim, axis in splits.items()}
