@@ -208,11 +208,14 @@ struct Shapes {
 constexpr int64_t kGroupSize = 32;
 
 // The factor Widen applies to the 16 weights at k of column j: its group's scale (times the
-// format's unit), or 1 for a block format.
+// format's unit), or 1 for a block format. `offset` (in groups, from k's group) lets a caller
+// that walks several chunks of one column find their scales from one computed index.
 template <typename Format>
-inline float GroupScale(const float* scale, const Shapes& s, int64_t j, int64_t k) {
-  if constexpr (Format::kScaled)
-    return scale[j * s.groups + (s.groups == 1 ? 0 : k / kGroupSize)] * Format::kUnit;
+inline float GroupScale(const float* scale, const Shapes& s, int64_t j, int64_t k, int64_t offset = 0) {
+  if constexpr (Format::kScaled) {
+    const int64_t group = s.groups == 1 ? 0 : k / kGroupSize + offset;
+    return scale[j * s.groups + group] * Format::kUnit;
+  }
   return 1.0f;
 }
 
@@ -237,14 +240,15 @@ void Finish(const float* xr, const uint8_t* w, const float* scale, const Shapes&
 // VM's memory gives to two threads reading one array).
 constexpr int64_t kPrefetchBytes = 64 << 10;
 
-// Of one column, `kChunks` chunks of weights from k into its 16 lane-wise partial sums, in order.
+// Of one column, `kChunks` chunks of weights from k into its 16 lane-wise partial sums, in order;
+// `scales[c]`: chunk c's factor for Widen.
 template <typename Format, int kChunks>
-inline void AddChunks(const V16 (&xv)[kChunks][Format::kVectors], const uint8_t* row, const float* scale,
-                      const Shapes& s, int64_t j, int64_t k, V16& partial) {
+inline void AddChunks(const V16 (&xv)[kChunks][Format::kVectors], const uint8_t* row, const float (&scales)[kChunks],
+                      int64_t k, V16& partial) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
   for (int c = 0; c < kChunks; ++c) {
     V16 wv[Format::kVectors];
-    Format::Widen(row, k + c * kChunk, GroupScale<Format>(scale, s, j, k + c * kChunk), wv);
+    Format::Widen(row, k + c * kChunk, scales[c], wv);
     for (int v = 0; v < Format::kVectors; ++v) partial += xv[c][v] * wv[v];
   }
 }
@@ -265,7 +269,9 @@ void DirectSums(const float* xr, const uint8_t* w, const float* scale, const Sha
       if (!kFull && t >= count) continue;
       const uint8_t* row = w + (j0 + t) * row_bytes;
       if (prefetch) __builtin_prefetch(row + Format::RowBytes(k) + kPrefetchBytes, 0, 1);
-      AddChunks<Format, kChunks>(xv, row, scale, s, j0 + t, k, partial[t]);
+      float scales[kChunks];
+      for (int c = 0; c < kChunks; ++c) scales[c] = GroupScale<Format>(scale, s, j0 + t, k, c * kChunk / kGroupSize);
+      AddChunks<Format, kChunks>(xv, row, scales, k, partial[t]);
     }
   }
 }
