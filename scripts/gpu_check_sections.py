@@ -108,7 +108,7 @@ CPU_SIZES = Sizes(
     greedy_tokens=6,
     greedy_dtypes=("float32",),
     stories_prompts=("Once upon a time, there was a dog named",),
-    quantized_shapes={"awkward": (200, 100)},
+    quantized_shapes={"awkward": (200, 100), "grouped scales": (96, 40)},
     quantized_rows=(1, 33),
     quantized_fp8_rows=(3,),
     throughput_llama=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
