@@ -450,8 +450,11 @@ class ModelRunner:
         Placeholders are already on the devices."""
         if self.mesh is None:
             return tree
-        sharding = NamedSharding(self.mesh, PartitionSpec())
-        return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, sharding), tree)
+        return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, self._replicated()), tree)
+
+    def _replicated(self) -> NamedSharding | None:
+        """Every device of the mesh holding a whole copy (None: the one default device)."""
+        return NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
 
     def _or_placeholder(self, array: np.ndarray | None, shape: tuple[int, ...], dtype, fill) -> jax.Array | np.ndarray:
         """`array`, or a cached device array of `fill` of the shape it would have had."""
@@ -459,6 +462,5 @@ class ModelRunner:
             return array
         key = (shape, np.dtype(dtype).str, fill)
         if key not in self._placeholders:
-            sharding = NamedSharding(self.mesh, PartitionSpec()) if self.mesh is not None else None
-            self._placeholders[key] = jax.device_put(np.full(shape, fill, dtype), sharding)
+            self._placeholders[key] = jax.device_put(np.full(shape, fill, dtype), self._replicated())
         return self._placeholders[key]

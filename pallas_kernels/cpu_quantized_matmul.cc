@@ -3,15 +3,16 @@
 //
 // out [M, N] float32 = x [M, K] float32 @ (w * scale).T, with w [N, K] (one row of K weights per
 // output column, as checkpoints store them) int8 or float8_e4m3fn and scale [N, G] float32, one
-// per output column and group of 32 inputs (G = K / 32), or per output column (G = 1). The weights are read once, at their own width, and widened to float32 in registers: a
-// decode step then moves a quarter of float32's bytes.
+// per output column and group of 32 inputs (G = K / 32), or per output column (G = 1). The
+// weights are read once, at their own width, and widened to float32 in registers: a decode step
+// then moves about a quarter of float32's bytes.
 //
 // Work items are blocks of 16 output columns (16 contiguous weight rows), shared by the calling
 // thread and XLA's intra-op pool. With few rows of x, each row's 16 dot products are summed
 // lane-wise over K in chunks of 16 with the weights widened as they are read (and asked for
-// ahead of use with prefetches), then across lanes (SumEachOf16), then the K % 16 tail one by one. With more rows, a work item's blocks are widened
-// once into a k-major scratch buffer and groups of 8 rows pass over it, each row value broadcast
-// against 16 columns: the same lane-wise partial sums, transposed, added across lanes in the same
+// ahead of use with prefetches), then across lanes (SumEachOf16), then the K % 16 tail one by
+// one. With more rows, a work item's blocks are widened once into a k-major scratch buffer and
+// groups of 12 rows pass over it, each row value broadcast against 16 columns at a time: the same lane-wise partial sums, transposed, added across lanes in the same
 // order (SumOf16Transposed). Either way each output is the same sequence of float32 operations,
 // so a row's result does not depend on the other rows.
 
@@ -208,14 +209,10 @@ struct Shapes {
 constexpr int64_t kGroupSize = 32;
 
 // The factor Widen applies to the 16 weights at k of column j: its group's scale (times the
-// format's unit), or 1 for a block format. `offset` (in groups, from k's group) lets a caller
-// that walks several chunks of one column find their scales from one computed index.
+// format's unit), or 1 for a block format.
 template <typename Format>
-inline float GroupScale(const float* scale, const Shapes& s, int64_t j, int64_t k, int64_t offset = 0) {
-  if constexpr (Format::kScaled) {
-    const int64_t group = s.groups == 1 ? 0 : k / kGroupSize + offset;
-    return scale[j * s.groups + group] * Format::kUnit;
-  }
+inline float GroupScale(const float* scale, const Shapes& s, int64_t j, int64_t k) {
+  if constexpr (Format::kScaled) return scale[j * s.groups + (s.groups == 1 ? 0 : k / kGroupSize)] * Format::kUnit;
   return 1.0f;
 }
 
@@ -240,15 +237,14 @@ void Finish(const float* xr, const uint8_t* w, const float* scale, const Shapes&
 // VM's memory gives to two threads reading one array).
 constexpr int64_t kPrefetchBytes = 64 << 10;
 
-// Of one column, `kChunks` chunks of weights from k into its 16 lane-wise partial sums, in order;
-// `scales[c]`: chunk c's factor for Widen.
+// Of column j, `kChunks` chunks of weights from k into its 16 lane-wise partial sums, in order.
 template <typename Format, int kChunks>
-inline void AddChunks(const V16 (&xv)[kChunks][Format::kVectors], const uint8_t* row, const float (&scales)[kChunks],
-                      int64_t k, V16& partial) {
+inline void AddChunks(const V16 (&xv)[kChunks][Format::kVectors], const uint8_t* row, const float* scale,
+                      const Shapes& s, int64_t j, int64_t k, V16& partial) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
   for (int c = 0; c < kChunks; ++c) {
     V16 wv[Format::kVectors];
-    Format::Widen(row, k + c * kChunk, scales[c], wv);
+    Format::Widen(row, k + c * kChunk, GroupScale<Format>(scale, s, j, k + c * kChunk), wv);
     for (int v = 0; v < Format::kVectors; ++v) partial += xv[c][v] * wv[v];
   }
 }
@@ -269,9 +265,7 @@ void DirectSums(const float* xr, const uint8_t* w, const float* scale, const Sha
       if (!kFull && t >= count) continue;
       const uint8_t* row = w + (j0 + t) * row_bytes;
       if (prefetch) __builtin_prefetch(row + Format::RowBytes(k) + kPrefetchBytes, 0, 1);
-      float scales[kChunks];
-      for (int c = 0; c < kChunks; ++c) scales[c] = GroupScale<Format>(scale, s, j0 + t, k, c * kChunk / kGroupSize);
-      AddChunks<Format, kChunks>(xv, row, scales, k, partial[t]);
+      AddChunks<Format, kChunks>(xv, row, scale, s, j0 + t, k, partial[t]);
     }
   }
 }

@@ -183,10 +183,9 @@ class LlamaForCausalLM(nnx.Module):
         if hidden.dtype == jnp.uint8:  # GGML block rows
             kind = block_format(hidden, self.cfg.hidden_size, self.block_kinds)
             return dequantize_blocks(hidden, kind).astype(self.norm.dtype)
-        if hasattr(self, "embed_tokens_scale"):  # each row widened group by group
+        if hasattr(self, "embed_tokens_scale"):  # each row a quantized weight [1, hidden] of its own
             scale = self.embed_tokens_scale[...][token_ids]
-            grouped = hidden.astype(jnp.float32).reshape(*scale.shape, -1) * scale[..., None]
-            return grouped.reshape(hidden.shape).astype(self.norm.dtype)
+            return dequantize(hidden[..., None, :], scale[..., None, :], self.norm.dtype)[..., 0]
         return hidden
 
     def final_norm(self, hidden):

@@ -17,7 +17,8 @@ vLLM serves; a row whose length is not a multiple of 32 has one scale. A scale i
 largest magnitude over the format's largest value (127 for int8, 448 for float8_e4m3fn); values
 are rounded to nearest (int8) or converted (fp8). Why groups: with one scale per output channel
 (vLLM's per-channel int8 / fp8), the default 135M model's perplexity rose 1.6% (int8) and 3.4%
-(fp8); with groups of 32, 0.0% and 0.2% (docs/BENCHMARKS.md), for 1/8 more bytes than the values.
+(fp8); with groups of 32, -1.2% and +0.2% (docs/BENCHMARKS.md), for 1/8 more bytes than the
+values.
 The token embeddings and the LM head are quantized too (per vocabulary row: the embedding table
 `[vocab, hidden]` is already `[out, in]` for the LM head it ties to; a looked-up row is widened
 with its scales), since a small model's LM head is a large share of what a decode step reads.
