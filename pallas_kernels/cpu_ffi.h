@@ -1,16 +1,20 @@
-// What the CPU kernels share: XLA's FFI C API (a fraction of ffi.h's compile time), XLA's
-// intra-op thread pool, errors, and buffer access. Included by each kernel source; the kernels
+// What the CPU kernels share: XLA's FFI C API (a fraction of ffi.h's compile time), helper
+// threads, errors, and buffer access. Included by each kernel source; the kernels
 // are built into one library by cpu_kernels.py.
 
 #pragma once
 
+#include <sched.h>
+
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <thread>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -116,72 +120,108 @@ inline V16 SumOf16Transposed(const V16 (&p)[16]) {
          (((p[1] + p[9]) + (p[5] + p[13])) + ((p[3] + p[11]) + (p[7] + p[15])));
 }
 
-// XLA's intra-op thread pool for this call, through the C API.
-class ThreadPool {
+// Helper threads of the kernels' own, one per processor the process may run on but one. A step
+// calls the kernels hundreds of times, tens of microseconds apart; waking a sleeping thread for
+// each call costs about as much as it saves (a one-row product with a 576 x 576 int8 weight took
+// 19 us on one thread of XLA's intra-op pool, 27 on two). So a helper keeps spinning for
+// kSpinMicros after each job, and a call never waits for one to wake: it opens its work items to
+// whichever helpers are awake, wakes the sleeping ones for the calls that follow, and works
+// through the items itself. One call at a time has the helpers; a concurrent one (another
+// emulated device, another replica) runs alone.
+class Helpers {
  public:
-  ThreadPool(const XLA_FFI_Api* api, XLA_FFI_ExecutionContext* ctx) : api_(api), ctx_(ctx) {}
-
-  int64_t num_threads() const {
-    int64_t n = 0;
-    XLA_FFI_ThreadPool_NumThreads_Args args{XLA_FFI_ThreadPool_NumThreads_Args_STRUCT_SIZE, nullptr, ctx_, &n};
-    if (XLA_FFI_Error* error = api_->XLA_FFI_ThreadPool_NumThreads(&args)) {
-      Destroy(error);
-      return 0;
-    }
-    return n;
+  static Helpers& Get() {
+    static Helpers* helpers = new Helpers();  // never destroyed: its threads outlive main's return
+    return *helpers;
   }
 
-  // Runs `task` on a pool thread, or here when there is no pool.
+  // Runs work(i) for every i in [0, count), here and on the helpers awake; returns when all are done.
   template <typename F>
-  void Schedule(F task) {
-    auto* data = new F(std::move(task));
-    XLA_FFI_Task* run = +[](void* p) {
-      auto* f = static_cast<F*>(p);
-      (*f)();
-      delete f;
-    };
-    XLA_FFI_ThreadPool_Schedule_Args args{XLA_FFI_ThreadPool_Schedule_Args_STRUCT_SIZE, nullptr, ctx_, run, data};
-    if (XLA_FFI_Error* error = api_->XLA_FFI_ThreadPool_Schedule(&args)) {
-      Destroy(error);
-      run(data);
+  void Run(int64_t count, F& work) {
+    if (count <= 1 || threads_ == 0 || owned_.exchange(true)) {
+      for (int64_t i = 0; i < count; ++i) work(i);
+      return;
     }
+    job_.run = +[](void* f, int64_t i) { (*static_cast<F*>(f))(i); };
+    job_.work = &work;
+    job_.count = count;
+    job_.next.store(0);
+    ticket_.fetch_add(1);  // odd: open
+    if (sleeping_.load() > 0) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      wake_.notify_all();
+    }
+    TakeItems();
+    ticket_.fetch_add(1);  // even: closed; helpers inside finish the items they took
+    while (inside_.load() > 0) Pause();
+    owned_.store(false);
   }
 
  private:
-  void Destroy(XLA_FFI_Error* error) const {
-    XLA_FFI_Error_Destroy_Args args{XLA_FFI_Error_Destroy_Args_STRUCT_SIZE, nullptr, error};
-    api_->XLA_FFI_Error_Destroy(&args);
+  static constexpr int64_t kSpinMicros = 100;
+
+  struct Job {
+    void (*run)(void* work, int64_t i);
+    void* work;
+    int64_t count;
+    std::atomic<int64_t> next;
+  };
+
+  Helpers() {
+    cpu_set_t cpus;
+    const int available = sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
+    threads_ = std::max(0, available - 1);
+    for (int t = 0; t < threads_; ++t) std::thread([this] { Loop(); }).detach();
   }
 
-  const XLA_FFI_Api* api_;
-  XLA_FFI_ExecutionContext* ctx_;
+  static void Pause() {
+#if defined(__x86_64__)
+    _mm_pause();
+#endif
+  }
+
+  void TakeItems() {
+    for (int64_t i; (i = job_.next.fetch_add(1)) < job_.count;) job_.run(job_.work, i);
+  }
+
+  void Loop() {
+    uint64_t seen = ticket_.load();
+    for (;;) {
+      auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+      uint64_t ticket;
+      while ((ticket = ticket_.load()) == seen || ticket % 2 == 0) {
+        seen = ticket;  // a job that closed before this thread saw it open is not joined
+        if (std::chrono::steady_clock::now() < deadline) {
+          sched_yield();  // a thread of XLA's own pool that wants this processor gets it
+          continue;
+        }
+        std::unique_lock<std::mutex> lock(mutex_);
+        sleeping_.fetch_add(1);
+        wake_.wait(lock, [&] { return ticket_.load() != seen && ticket_.load() % 2 == 1; });
+        sleeping_.fetch_sub(1);
+        deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+      }
+      inside_.fetch_add(1);
+      if (ticket_.load() == ticket) TakeItems();  // else it closed meanwhile: job_ is not ours to read
+      inside_.fetch_sub(1);
+      seen = ticket;
+    }
+  }
+
+  int threads_ = 0;
+  std::atomic<bool> owned_{false};
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<int> inside_{0};
+  std::atomic<int> sleeping_{0};
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  Job job_;
 };
 
-// Runs `work(i)` for i in [0, count) on the calling thread and up to `pool.num_threads()` pool
-// threads. Helpers that start after every item is taken do nothing, so the call never waits on a
-// thread that is busy elsewhere (or is the caller itself).
+// Runs `work(i)` for i in [0, count) on the calling thread and the helpers awake.
 template <typename F>
-void ParallelFor(ThreadPool& pool, int64_t count, F work) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    std::mutex mutex;
-    std::condition_variable finished;
-  };
-  auto state = std::make_shared<State>();
-  auto run = [state, count, work]() {
-    int64_t finished_here = 0;
-    for (int64_t i; (i = state->next.fetch_add(1)) < count; ++finished_here) work(i);
-    if (finished_here && state->done.fetch_add(finished_here) + finished_here == count) {
-      std::lock_guard<std::mutex> lock(state->mutex);
-      state->finished.notify_all();
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(run);
-  run();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->finished.wait(lock, [&] { return state->done.load() == count; });
+void ParallelFor(int64_t count, F work) {
+  Helpers::Get().Run(count, work);
 }
 
 inline XLA_FFI_Error* Fail(const XLA_FFI_Api* api, const char* message) {

@@ -13,7 +13,7 @@
 // or value contributes: a score is (q . k_values) * k_scale, a value's weight p * v_scale.
 //
 // Work is split into (row, tile of up to kQueryTile queries) items, shared by the calling thread
-// and XLA's intra-op thread pool. Each item reads its row's blocks (every KV head at once) in
+// and the kernels' helper threads (cpu_ffi.h). Each item reads its row's blocks (every KV head at once) in
 // three passes: scores, an exact softmax in float32, weighted values. A query's result depends
 // only on its own row, never on what else is in the batch.
 
@@ -327,7 +327,7 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
 }
 
 template <typename Q, typename C>
-void Attend(ThreadPool& pool, const Shapes& s, const Q* q, const C* k_cache, const C* v_cache, const float* k_scales,
+void Attend(const Shapes& s, const Q* q, const C* k_cache, const C* v_cache, const float* k_scales,
             const float* v_scales, int64_t layer, const int32_t* block_tables, const int32_t* context_lens,
             const int32_t* query_start, const int32_t* query_lens, float scale, Q* out) {
   std::memset(out, 0, sizeof(Q) * s.num_tokens * s.num_heads * s.head_dim);
@@ -339,7 +339,7 @@ void Attend(ThreadPool& pool, const Shapes& s, const Q* q, const C* k_cache, con
   std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) {
     return int64_t(a.num_queries) * context_lens[a.row] > int64_t(b.num_queries) * context_lens[b.row];
   });
-  ParallelFor(pool, static_cast<int64_t>(items.size()), [&](int64_t i) {
+  ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t i) {
     AttendItem(items[i], q, k_cache, v_cache, k_scales, v_scales, layer, block_tables, context_lens, query_start,
                query_lens, scale, s, out);
   });
@@ -422,13 +422,12 @@ extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
         return Fail(api, "cache scales must have the caches' shape without head_dim");
     }
   }
-  ThreadPool pool(api, frame->ctx);
   const float sc = *static_cast<const float*>(scale->value);
   const float *ks = static_cast<const float*>(k_scales->data), *vs = static_cast<const float*>(v_scales->data);
   auto run = [&](auto q_type, auto cache_type) {
     using Q = decltype(q_type);
     using C = decltype(cache_type);
-    Attend(pool, s, static_cast<const Q*>(q->data), static_cast<const C*>(k->data), static_cast<const C*>(v->data),
+    Attend(s, static_cast<const Q*>(q->data), static_cast<const C*>(k->data), static_cast<const C*>(v->data),
            ks, vs, layer, tables, context_lens, query_start, query_lens, sc, static_cast<Q*>(out->data));
   };
   const bool f32 = q->dtype == XLA_FFI_DataType_F32;

@@ -8,7 +8,7 @@
 // then moves about a quarter of float32's bytes.
 //
 // Work items are blocks of 16 output columns (16 contiguous weight rows), shared by the calling
-// thread and XLA's intra-op pool. With few rows of x, each row's 16 dot products are summed
+// thread and the kernels' helper threads (cpu_ffi.h). With few rows of x, each row's 16 dot products are summed
 // lane-wise over K in chunks of 16 with the weights widened as they are read (and asked for
 // ahead of use with prefetches), then across lanes (SumEachOf16), then the K % 16 tail one by
 // one. With more rows, a work item's blocks are widened once into a k-major scratch buffer and
@@ -419,28 +419,23 @@ void MultiplyBlocks(const float* x, const uint8_t* w, const float* scale, const 
   if (b < b1) MultiplyRows<Format, 1>(x, w, scale, s, b, scratch.data() + (b - b0) * vector_k * kLanes, out);
 }
 
-constexpr int64_t kSmallProductBytes = 1 << 20;  // rows of x times weight bytes
-
+// Work items of 4 blocks of 16 output columns where there are enough of them, else of one.
 template <typename Format>
-void Multiply(ThreadPool& pool, const float* x, const uint8_t* w, const float* scale, const Shapes& s, float* out) {
-  // Work items of several blocks where there are enough to keep every thread busy; one item (no
-  // helper threads) for a small product: waking a helper costs more than it saves there (a
-  // one-row product with a 576 x 576 int8 weight took 19 us on one thread, 27 on two).
+void Multiply(const float* x, const uint8_t* w, const float* scale, const Shapes& s, float* out) {
   const int64_t blocks = (s.n + kLanes - 1) / kLanes;
-  const bool small = s.m * s.n * Format::RowBytes(s.k) <= kSmallProductBytes;
-  const int64_t per_item = small ? blocks : blocks >= 32 ? 4 : 1;
-  ParallelFor(pool, (blocks + per_item - 1) / per_item, [&](int64_t i) {
+  const int64_t per_item = blocks >= 32 ? 4 : 1;
+  ParallelFor((blocks + per_item - 1) / per_item, [&](int64_t i) {
     MultiplyBlocks<Format>(x, w, scale, s, i * per_item, std::min(blocks, (i + 1) * per_item), out);
   });
 }
 
 // Runs `Multiply<Format>` after checking that w's row width fits the format; else an error.
 template <typename Format>
-const char* Run(ThreadPool& pool, const float* x, const XLA_FFI_Buffer* w, const float* scale, const Shapes& s,
+const char* Run(const float* x, const XLA_FFI_Buffer* w, const float* scale, const Shapes& s,
                 float* out) {
   if (s.k % Format::kBlock || w->dims[1] != Format::RowBytes(s.k))
     return "w's row width does not hold K weights of its format";
-  Multiply<Format>(pool, x, static_cast<const uint8_t*>(w->data), scale, s, out);
+  Multiply<Format>(x, static_cast<const uint8_t*>(w->data), scale, s, out);
   return nullptr;
 }
 
@@ -475,26 +470,25 @@ extern "C" XLA_FFI_Error* JpagedQuantizedMatmul(XLA_FFI_CallFrame* frame) {
   const bool scaled = w->dtype == XLA_FFI_DataType_S8 || w->dtype == XLA_FFI_DataType_F8E4M3FN;
   if (scaled && (block_format != 0 || scale->dims[0] != s.n || (s.groups != 1 && s.groups * kGroupSize != s.k)))
     return Fail(api, "scale must be [N, K / 32] or [N, 1] for w [N, K]");
-  ThreadPool pool(api, frame->ctx);
   const float* xs = static_cast<const float*>(x->data);
   const float* scales = static_cast<const float*>(scale->data);
   float* result = static_cast<float*>(out->data);
   const char* problem = "w must be int8, float8_e4m3fn, or uint8 GGML blocks of Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K";
   if (w->dtype == XLA_FFI_DataType_S8)
-    problem = Run<Int8>(pool, xs, w, scales, s, result);
+    problem = Run<Int8>(xs, w, scales, s, result);
   else if (w->dtype == XLA_FFI_DataType_F8E4M3FN)
-    problem = Run<Fp8E4M3>(pool, xs, w, scales, s, result);
+    problem = Run<Fp8E4M3>(xs, w, scales, s, result);
   else if (w->dtype == XLA_FFI_DataType_U8 && block_format == 2)
-    problem = Run<Q4_0>(pool, xs, w, scales, s, result);
+    problem = Run<Q4_0>(xs, w, scales, s, result);
   else if (w->dtype == XLA_FFI_DataType_U8 && block_format == 3)
-    problem = Run<Q4_1>(pool, xs, w, scales, s, result);
+    problem = Run<Q4_1>(xs, w, scales, s, result);
   else if (w->dtype == XLA_FFI_DataType_U8 && block_format == 8)
-    problem = Run<Q8_0>(pool, xs, w, scales, s, result);
+    problem = Run<Q8_0>(xs, w, scales, s, result);
   else if (w->dtype == XLA_FFI_DataType_U8 && block_format == 12)
-    problem = Run<Q4_K>(pool, xs, w, scales, s, result);
+    problem = Run<Q4_K>(xs, w, scales, s, result);
   else if (w->dtype == XLA_FFI_DataType_U8 && block_format == 13)
-    problem = Run<Q5_K>(pool, xs, w, scales, s, result);
+    problem = Run<Q5_K>(xs, w, scales, s, result);
   else if (w->dtype == XLA_FFI_DataType_U8 && block_format == 14)
-    problem = Run<Q6_K>(pool, xs, w, scales, s, result);
+    problem = Run<Q6_K>(xs, w, scales, s, result);
   return problem ? Fail(api, problem) : nullptr;
 }

@@ -12,6 +12,7 @@ rounding. A looser check against the unquantized HF model bounds the quantizatio
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -124,6 +125,24 @@ def test_cpu_kernel_matches_reference(kernels, scheme, shape):
     # a row's result does not depend on the rest of the batch
     alone = np.asarray(jax.jit(cpu_quantized_matmul)(x[-1:], values, scale))
     np.testing.assert_array_equal(alone[0], got[-1])
+
+
+def test_cpu_kernel_gives_the_same_result_under_concurrent_calls(kernels):
+    """Calls from several threads at once (as emulated devices or replicas make them) share the
+    kernel's helper threads; each result equals the same call made alone."""
+    rng = np.random.default_rng(7)
+    cases = []
+    for rows, k, n in [(1, 576, 1536), (4, 576, 192), (32, 256, 512)]:
+        values, scale = quantize(rng.standard_normal((n, k)).astype(np.float32), "int8")
+        cases.append((jnp.asarray(rng.standard_normal((rows, k)).astype(np.float32)), values, scale))
+    multiply = jax.jit(cpu_quantized_matmul)
+    alone = [np.asarray(multiply(*case)) for case in cases]
+
+    def repeat(i: int) -> bool:
+        return all(np.array_equal(np.asarray(multiply(*cases[i % 3])), alone[i % 3]) for _ in range(40))
+
+    with ThreadPoolExecutor(6) as pool:
+        assert all(pool.map(repeat, range(6)))
 
 
 @pytest.mark.parametrize("rows", [1, 16], ids=["direct", "widened"])
