@@ -11,7 +11,7 @@
 // thread and the kernels' helper threads (cpu_ffi.h). With few rows of x, each row's 16 dot products are summed
 // lane-wise over K in chunks of 16 with the weights widened as they are read (and asked for
 // ahead of use with prefetches), then across lanes (SumEachOf16), then the K % 16 tail one by
-// one. With more rows, a work item's blocks are widened once into a k-major scratch buffer and
+// one. With more rows, a work item's blocks are widened once into a lane-major scratch buffer and
 // groups of 12 rows pass over it, each row value broadcast against 16 columns at a time: the same lane-wise partial sums, transposed, added across lanes in the same
 // order (SumOf16Transposed). Either way each output is the same sequence of float32 operations,
 // so a row's result does not depend on the other rows.
@@ -312,13 +312,14 @@ inline void Transpose16(V16 (&p)[kLanes]) {
   }
 }
 
-// The block of 16 columns from j0 widened once into `widened` [vector_k][16] (k-major; columns
-// past count are zero).
+// The block of 16 columns from j0 widened once into `widened` lane-major: the weights at k = l +
+// 16 i of its columns are the 16 floats at (l * vector_k / 16 + i) * 16 (columns past count are
+// zero), so that a lane's pass over K reads them in order.
 template <typename Format>
-void WidenTransposed(const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
-                     float* widened) {
+void WidenLaneMajor(const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
+                    float* widened) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
-  const int64_t vector_k = s.k / kChunk * kChunk, row_bytes = Format::RowBytes(s.k);
+  const int64_t vector_k = s.k / kChunk * kChunk, steps = vector_k / kLanes, row_bytes = Format::RowBytes(s.k);
   for (int64_t k = 0; k < vector_k; k += kChunk) {
     V16 columns[Format::kVectors][kLanes] = {};
     for (int64_t t = 0; t < count; ++t) {
@@ -328,52 +329,54 @@ void WidenTransposed(const uint8_t* w, const float* scale, const Shapes& s, int6
     }
     for (int v = 0; v < Format::kVectors; ++v) {
       Transpose16(columns[v]);
-      for (int64_t i = 0; i < kLanes; ++i) StoreV(widened + (k + v * kLanes + i) * kLanes, columns[v][i]);
+      const int64_t i = (k + v * kLanes) / kLanes;
+      for (int64_t l = 0; l < kLanes; ++l) StoreV(widened + (l * steps + i) * kLanes, columns[v][l]);
     }
   }
+}
+
+// The vector part of x's K, lane-major in the same way: x[r, l + 16 i] at (l * vector_k / 16 + i)
+// * M + r, so that a group of rows finds its values at one k side by side.
+void PackLaneMajor(const float* x, const Shapes& s, int64_t vector_k, float* packed) {
+  const int64_t steps = vector_k / kLanes;
+  for (int64_t r = 0; r < s.m; ++r)
+    for (int64_t k = 0; k < vector_k; ++k) packed[(k % kLanes * steps + k / kLanes) * s.m + r] = x[r * s.k + k];
 }
 
 // kRows rows of x from r0 against kBlocks widened blocks: lane sums lanes[r][b][l][t] over k = l,
 // l + 16, ... of x[r0 + r, k] * the weight k of block b's column t, each broadcast row value
 // times 16 columns at a time. These are MultiplyDirect's partial sums, transposed, added in the
-// same order. K is taken in tiles whose rows of x and widened weights stay in the L1 cache while
-// the 16 lanes pass over them.
+// same order. Each lane's pass reads the packed rows and the widened weights in memory order.
 template <int kRows, int kBlocks>
-void LaneSums(const float* x, const float* widened, const Shapes& s, int64_t vector_k, int64_t r0,
+void LaneSums(const float* packed, const float* widened, const Shapes& s, int64_t vector_k, int64_t r0,
               V16 (&lanes)[kRows][kBlocks][kLanes]) {
-  constexpr int64_t kTile = 256;
-  for (int r = 0; r < kRows; ++r)
-    for (int b = 0; b < kBlocks; ++b)
-      for (int64_t l = 0; l < kLanes; ++l) lanes[r][b][l] = V16{};
-  for (int64_t tile = 0; tile < vector_k; tile += kTile) {
-    const int64_t tile_end = std::min(vector_k, tile + kTile);
-    for (int64_t l = 0; l < kLanes; ++l) {
-      V16 acc[kRows][kBlocks];
-      for (int r = 0; r < kRows; ++r)
-        for (int b = 0; b < kBlocks; ++b) acc[r][b] = lanes[r][b][l];
-      for (int64_t k = tile + l; k < tile_end; k += kLanes) {
-        V16 wv[kBlocks];
-        for (int b = 0; b < kBlocks; ++b) wv[b] = LoadV(widened + (b * vector_k + k) * kLanes);
-        for (int r = 0; r < kRows; ++r) {
-          const float xk = x[(r0 + r) * s.k + k];
-          for (int b = 0; b < kBlocks; ++b) acc[r][b] += xk * wv[b];
-        }
+  const int64_t steps = vector_k / kLanes;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    V16 acc[kRows][kBlocks] = {};
+    const float* xl = packed + l * steps * s.m + r0;
+    const float* wl = widened + l * steps * kLanes;
+    for (int64_t i = 0; i < steps; ++i) {
+      V16 wv[kBlocks];
+      for (int b = 0; b < kBlocks; ++b) wv[b] = LoadV(wl + b * vector_k * kLanes + i * kLanes);
+      for (int r = 0; r < kRows; ++r) {
+        const float xk = xl[i * s.m + r];
+        for (int b = 0; b < kBlocks; ++b) acc[r][b] += xk * wv[b];
       }
-      for (int r = 0; r < kRows; ++r)
-        for (int b = 0; b < kBlocks; ++b) lanes[r][b][l] = acc[r][b];
     }
+    for (int r = 0; r < kRows; ++r)
+      for (int b = 0; b < kBlocks; ++b) lanes[r][b][l] = acc[r][b];
   }
 }
 
 // Many rows: rows r0 .. r0 + kRows - 1 against blocks b0 .. b0 + kBlocks - 1, widened once into
 // `widened` (block after block).
 template <typename Format, int kRows, int kBlocks>
-void MultiplyWidened(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t b0,
-                     const float* widened, int64_t r0, float* out) {
+void MultiplyWidened(const float* x, const float* packed, const uint8_t* w, const float* scale, const Shapes& s,
+                     int64_t b0, const float* widened, int64_t r0, float* out) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
   const int64_t vector_k = s.k / kChunk * kChunk;
   V16 lanes[kRows][kBlocks][kLanes];
-  LaneSums<kRows, kBlocks>(x, widened, s, vector_k, r0, lanes);
+  LaneSums<kRows, kBlocks>(packed, widened, s, vector_k, r0, lanes);
   for (int b = 0; b < kBlocks; ++b) {
     const int64_t count = std::min<int64_t>(kLanes, s.n - (b0 + b) * kLanes);
     for (int r = 0; r < kRows; ++r)
@@ -384,18 +387,20 @@ void MultiplyWidened(const float* x, const uint8_t* w, const float* scale, const
 
 // Rows in groups of 12, then 4, then one by one, against blocks in pairs, then one.
 template <typename Format, int kBlocks>
-void MultiplyRows(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t b0,
-                  const float* widened, float* out) {
+void MultiplyRows(const float* x, const float* packed, const uint8_t* w, const float* scale, const Shapes& s,
+                  int64_t b0, const float* widened, float* out) {
   int64_t r0 = 0;
-  for (; r0 + 12 <= s.m; r0 += 12) MultiplyWidened<Format, 12, kBlocks>(x, w, scale, s, b0, widened, r0, out);
-  for (; r0 + 4 <= s.m; r0 += 4) MultiplyWidened<Format, 4, kBlocks>(x, w, scale, s, b0, widened, r0, out);
-  for (; r0 < s.m; ++r0) MultiplyWidened<Format, 1, kBlocks>(x, w, scale, s, b0, widened, r0, out);
+  for (; r0 + 12 <= s.m; r0 += 12)
+    MultiplyWidened<Format, 12, kBlocks>(x, packed, w, scale, s, b0, widened, r0, out);
+  for (; r0 + 4 <= s.m; r0 += 4) MultiplyWidened<Format, 4, kBlocks>(x, packed, w, scale, s, b0, widened, r0, out);
+  for (; r0 < s.m; ++r0) MultiplyWidened<Format, 1, kBlocks>(x, packed, w, scale, s, b0, widened, r0, out);
 }
 
-// Blocks b0 .. b1 - 1 of 16 output columns for every row of x.
+// Blocks b0 .. b1 - 1 of 16 output columns for every row of x (`packed`: x by PackLaneMajor
+// where there are more than kDirectRows rows).
 template <typename Format>
-void MultiplyBlocks(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t b0, int64_t b1,
-                    float* out) {
+void MultiplyBlocks(const float* x, const float* packed, const uint8_t* w, const float* scale, const Shapes& s,
+                    int64_t b0, int64_t b1, float* out) {
   if (s.m <= kDirectRows) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t count = std::min<int64_t>(kLanes, s.n - b * kLanes);
@@ -411,21 +416,28 @@ void MultiplyBlocks(const float* x, const uint8_t* w, const float* scale, const 
   thread_local std::vector<float> scratch;
   scratch.resize((b1 - b0) * vector_k * kLanes);
   for (int64_t b = b0; b < b1; ++b)
-    WidenTransposed<Format>(w, scale, s, b * kLanes, std::min<int64_t>(kLanes, s.n - b * kLanes),
-                            scratch.data() + (b - b0) * vector_k * kLanes);
+    WidenLaneMajor<Format>(w, scale, s, b * kLanes, std::min<int64_t>(kLanes, s.n - b * kLanes),
+                           scratch.data() + (b - b0) * vector_k * kLanes);
   int64_t b = b0;
   for (; b + 2 <= b1; b += 2)
-    MultiplyRows<Format, 2>(x, w, scale, s, b, scratch.data() + (b - b0) * vector_k * kLanes, out);
-  if (b < b1) MultiplyRows<Format, 1>(x, w, scale, s, b, scratch.data() + (b - b0) * vector_k * kLanes, out);
+    MultiplyRows<Format, 2>(x, packed, w, scale, s, b, scratch.data() + (b - b0) * vector_k * kLanes, out);
+  if (b < b1) MultiplyRows<Format, 1>(x, packed, w, scale, s, b, scratch.data() + (b - b0) * vector_k * kLanes, out);
 }
 
 // Work items of 4 blocks of 16 output columns where there are enough of them, else of one.
 template <typename Format>
 void Multiply(const float* x, const uint8_t* w, const float* scale, const Shapes& s, float* out) {
+  constexpr int64_t kChunk = Format::kVectors * kLanes;
+  thread_local std::vector<float> packed;
+  if (s.m > kDirectRows) {
+    packed.resize(s.m * (s.k / kChunk * kChunk));
+    PackLaneMajor(x, s, s.k / kChunk * kChunk, packed.data());
+  }
+  const float* x_packed = packed.data();  // the helpers' own thread_local `packed` is another vector
   const int64_t blocks = (s.n + kLanes - 1) / kLanes;
   const int64_t per_item = blocks >= 32 ? 4 : 1;
   ParallelFor((blocks + per_item - 1) / per_item, [&](int64_t i) {
-    MultiplyBlocks<Format>(x, w, scale, s, i * per_item, std::min(blocks, (i + 1) * per_item), out);
+    MultiplyBlocks<Format>(x, x_packed, w, scale, s, i * per_item, std::min(blocks, (i + 1) * per_item), out);
   });
 }
 
