@@ -237,54 +237,55 @@ void Finish(const float* xr, const uint8_t* w, const float* scale, const Shapes&
 // VM's memory gives to two threads reading one array).
 constexpr int64_t kPrefetchBytes = 64 << 10;
 
-// Of column j, `kChunks` chunks of weights from k into its 16 lane-wise partial sums, in order.
-template <typename Format, int kChunks>
-inline void AddChunks(const V16 (&xv)[kChunks][Format::kVectors], const uint8_t* row, const float* scale,
-                      const Shapes& s, int64_t j, int64_t k, V16& partial) {
+// The 16 lane-wise partial sums of each of x's rows (at most kRows) over k0 .. k1 (whole groups
+// of kChunks chunks) with columns j0.. (count of them), the weights widened as they are read, a
+// column's chunks one after another (about a cache line of its weights) and used for every row
+// before the next; the weights kPrefetchBytes on are asked for meanwhile.
+template <bool kFull, typename Format, int kChunks, int kRows>
+void DirectSums(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
+                int64_t k0, int64_t k1, V16 (&partial)[kRows][kLanes]) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
-  for (int c = 0; c < kChunks; ++c) {
-    V16 wv[Format::kVectors];
-    Format::Widen(row, k + c * kChunk, GroupScale<Format>(scale, s, j, k + c * kChunk), wv);
-    for (int v = 0; v < Format::kVectors; ++v) partial += xv[c][v] * wv[v];
-  }
-}
-
-// Row xr's 16 lane-wise partial sums over k0 .. k1 (whole groups of kChunks chunks) with columns
-// j0.. (count of them), the weights widened as they are read, a column's chunks one after
-// another (about a cache line of its weights); `prefetch`: ask for the weights kPrefetchBytes on.
-template <bool kFull, typename Format, int kChunks>
-void DirectSums(const float* xr, const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
-                int64_t k0, int64_t k1, bool prefetch, V16 (&partial)[kLanes]) {
-  constexpr int64_t kChunk = Format::kVectors * kLanes;
-  const int64_t row_bytes = Format::RowBytes(s.k);
+  const int64_t row_bytes = Format::RowBytes(s.k), rows = kRows == 1 ? 1 : std::min<int64_t>(s.m, kRows);
   for (int64_t k = k0; k < k1; k += kChunks * kChunk) {
-    V16 xv[kChunks][Format::kVectors];
-    for (int c = 0; c < kChunks; ++c)
-      for (int v = 0; v < Format::kVectors; ++v) xv[c][v] = LoadV(xr + k + c * kChunk + v * kLanes);
+    V16 xv[kRows][kChunks][Format::kVectors];
+    for (int64_t r = 0; r < rows; ++r)
+      for (int c = 0; c < kChunks; ++c)
+        for (int v = 0; v < Format::kVectors; ++v) xv[r][c][v] = LoadV(x + r * s.k + k + c * kChunk + v * kLanes);
     for (int64_t t = 0; t < kLanes; ++t) {
       if (!kFull && t >= count) continue;
       const uint8_t* row = w + (j0 + t) * row_bytes;
-      if (prefetch) __builtin_prefetch(row + Format::RowBytes(k) + kPrefetchBytes, 0, 1);
-      AddChunks<Format, kChunks>(xv, row, scale, s, j0 + t, k, partial[t]);
+      __builtin_prefetch(row + Format::RowBytes(k) + kPrefetchBytes, 0, 1);
+      V16 wv[kChunks][Format::kVectors];
+      for (int c = 0; c < kChunks; ++c) {
+        Format::Widen(row, k + c * kChunk, GroupScale<Format>(scale, s, j0 + t, k + c * kChunk), wv[c]);
+        if constexpr (kRows == 1)  // each chunk's products as soon as it is widened: faster for one row
+          for (int v = 0; v < Format::kVectors; ++v) partial[0][t] += xv[0][c][v] * wv[c][v];
+      }
+      if constexpr (kRows > 1)  // a row's sum kept in a register over the chunks
+        for (int64_t r = 0; r < rows; ++r) {
+          V16 sum = partial[r][t];
+          for (int c = 0; c < kChunks; ++c)
+            for (int v = 0; v < Format::kVectors; ++v) sum += xv[r][c][v] * wv[c][v];
+          partial[r][t] = sum;
+        }
     }
   }
 }
 
-// Few rows: each row's 16 dot products with columns j0.. (count of them) as 16 lane-wise partial
-// sums over K. Per-channel weights go 4 chunks (64 bytes) a column at a time, 32-weight blocks 2.
-template <bool kFull, typename Format>
+// Few rows (at most kRows): each row's 16 dot products with columns j0.. (count of them) as 16
+// lane-wise partial sums over K. Per-channel weights go 4 chunks (64 bytes) a column at a time,
+// 32-weight blocks 2.
+template <bool kFull, typename Format, int kRows>
 void MultiplyDirect(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
                     float* out) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
   constexpr int kGroup = Format::kBlock == 1 ? 4 : Format::kBlock == 32 ? 2 : 1;
   const int64_t vector_k = s.k / kChunk * kChunk, grouped_k = s.k / (kGroup * kChunk) * (kGroup * kChunk);
-  for (int64_t r = 0; r < s.m; ++r) {
-    const float* xr = x + r * s.k;
-    V16 partial[kLanes] = {};
-    DirectSums<kFull, Format, kGroup>(xr, w, scale, s, j0, count, 0, grouped_k, r == 0, partial);
-    DirectSums<kFull, Format, 1>(xr, w, scale, s, j0, count, grouped_k, vector_k, r == 0, partial);
-    Finish<Format>(xr, w, scale, s, j0, count, SumEachOf16(partial), out + r * s.n);
-  }
+  V16 partial[kRows][kLanes] = {};
+  DirectSums<kFull, Format, kGroup, kRows>(x, w, scale, s, j0, count, 0, grouped_k, partial);
+  DirectSums<kFull, Format, 1, kRows>(x, w, scale, s, j0, count, grouped_k, vector_k, partial);
+  for (int64_t r = 0; r < (kRows == 1 ? 1 : std::min<int64_t>(s.m, kRows)); ++r)
+    Finish<Format>(x + r * s.k, w, scale, s, j0, count, SumEachOf16(partial[r]), out + r * s.n);
 }
 
 // p[i][j] becomes p[j][i]: for each bit of the index, the bit of the row and of the column
@@ -404,10 +405,12 @@ void MultiplyBlocks(const float* x, const float* packed, const uint8_t* w, const
   if (s.m <= kDirectRows) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t count = std::min<int64_t>(kLanes, s.n - b * kLanes);
-      if (count == kLanes)
-        MultiplyDirect<true, Format>(x, w, scale, s, b * kLanes, count, out);
+      if (s.m == 1)
+        count == kLanes ? MultiplyDirect<true, Format, 1>(x, w, scale, s, b * kLanes, count, out)
+                        : MultiplyDirect<false, Format, 1>(x, w, scale, s, b * kLanes, count, out);
       else
-        MultiplyDirect<false, Format>(x, w, scale, s, b * kLanes, count, out);
+        count == kLanes ? MultiplyDirect<true, Format, kDirectRows>(x, w, scale, s, b * kLanes, count, out)
+                        : MultiplyDirect<false, Format, kDirectRows>(x, w, scale, s, b * kLanes, count, out);
     }
     return;
   }
