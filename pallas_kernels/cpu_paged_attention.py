@@ -5,8 +5,9 @@ jnp reference `paged_attention.ragged_paged_attention` (same arguments, same res
 rounding). Where the reference gathers every row's context into a padded copy before its einsums,
 the kernel (`cpu_paged_attention.cc`) reads each live key and value once, in place, from the
 blocks the row's block table names; rows (and 16-query tiles of prompt chunks) are shared between
-the calling thread and XLA's intra-op thread pool. A quantized cache (`quantized_kv.QuantizedKV`)
-is read at its own width, its scales applied to the scores and to the values' weights.
+the calling thread and the kernels' helper threads (`cpu_ffi.h`). A quantized cache
+(`quantized_kv.QuantizedKV`) is read at its own width, its scales applied to the scores and to
+the values' weights.
 
 The kernel is built with jpaged's other CPU kernels (`cpu_kernels.py`); until they are
 registered (or where they cannot be built) this function computes with the jnp reference.

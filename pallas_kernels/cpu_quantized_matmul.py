@@ -5,7 +5,7 @@
 or float8 operand into a float32 copy before its dot, so the reference reads a quantized weight
 slower than the float32 one; the kernel (`cpu_quantized_matmul.cc`) reads each weight once at its
 own width and widens it in registers. Output column tiles are shared between the calling thread
-and XLA's intra-op thread pool; a row's result does not depend on the other rows.
+and the kernels' helper threads (`cpu_ffi.h`); a row's result does not depend on the other rows.
 
 The kernel is built with jpaged's other CPU kernels (`cpu_kernels.py`); until they are
 registered (or where they cannot be built) this function computes with the jnp reference.
