@@ -12,7 +12,11 @@ bytes per token (scales included); perplexity over `tests/data/public_domain.txt
 Declaration of Independence and the start of the US Constitution, about 2,500 tokens of the
 default model's tokenizer, scored as one prompt through `prompt_logprobs`); output tokens/s of the
 64-request chat workload of `bench_throughput.py` (greedy, EOS ignored, a cold pass that
-compiles, then the timed pass); and one request's decode speed (128 tokens, the prefill and first token's time taken out).
+compiles, then the timed pass); and one request's decode speed (128 tokens, the prefill and
+first token's time taken out), measured last in `--single-rounds` rounds with every format's
+engine loaded side by side and the formats one after another within a round, reported as the
+median and as each round's ratio to the first format: this VM's speed drifts over minutes, and
+ratios of runs seconds apart drift less.
 
 `--random-0.5b` runs the formats but gguf on a random-weight Llama of 0.47B parameters (the
 default model's vocabulary, 24 layers of width 1024) built once into `--random-dir`: bytes,
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,6 +57,7 @@ FORMATS = {
     "int8+kv-int8": dict(dtype="float32", quantization="int8", kv_cache_dtype="int8"),
 }
 SINGLE_TOKENS = 128
+RANDOM_SINGLE_TOKENS = 32
 RANDOM_MODEL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                     num_key_value_heads=4, vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=False)
 
@@ -86,7 +92,6 @@ def measure(name: str, kwargs: dict, text_ids: list[int], model: str | None = No
            "kv_bytes_per_token": runner.block_bytes // runner.block_size,
            "text_tokens": len(text_ids), "perplexity": perplexity(llm, text_ids)}
     if model is not None:
-        row["single_tokens_per_s"] = decode_speed(llm, {"prompt_token_ids": text_ids[:64]}, 32)
         return row
     tokenizer = llm.get_tokenizer()
     workload = chat_workload(tokenizer, 64)
@@ -94,9 +99,24 @@ def measure(name: str, kwargs: dict, text_ids: list[int], model: str | None = No
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.max_tokens]
     timed(llm, requests, params)  # compiles
     row["batch_tokens_per_s"] = sum(workload.max_tokens) / timed(llm, requests, params)
-    single = {"prompt_token_ids": chat_token_ids(tokenizer, [{"role": "user", "content": SINGLE_QUESTION}])}
-    row["single_tokens_per_s"] = decode_speed(llm, single, SINGLE_TOKENS)
     return row
+
+
+def single_request_rounds(names: list[str], model: str | None, text_ids: list[int], rounds: int) -> dict:
+    """Each format's one-request decode tokens/s in `rounds` rounds, the formats' engines loaded
+    side by side (a small KV cache each) and measured one after another within a round, so that
+    a ratio to float32 compares runs seconds apart on a VM whose speed drifts over minutes."""
+    engines = {name: LLM(model, max_model_len=4096, num_blocks=64, **FORMATS[name]) for name in names}
+    if model is None:
+        tokenizer = next(iter(engines.values())).get_tokenizer()
+        request, tokens = {"prompt_token_ids": chat_token_ids(tokenizer, [{"role": "user", "content": SINGLE_QUESTION}])}, SINGLE_TOKENS
+    else:
+        request, tokens = {"prompt_token_ids": text_ids[:64]}, RANDOM_SINGLE_TOKENS
+    rates = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, llm in engines.items():
+            rates[name].append(decode_speed(llm, request, tokens))
+    return rates
 
 
 def decode_speed(llm: LLM, request: dict, tokens: int) -> float:
@@ -130,23 +150,31 @@ def main() -> None:
     parser.add_argument("--random-0.5b", dest="random", action="store_true",
                         help="a random-weight 0.47B Llama instead of the default model (no gguf, no batch pass)")
     parser.add_argument("--random-dir", default="bench_results/random-0.5b", help="where the random model is kept")
+    parser.add_argument("--single-rounds", type=int, default=5, help="rounds of the one-request measurement")
     parser.add_argument("--out", default="bench_results/quantization.json")
     args = parser.parse_args()
     model = random_model(Path(args.random_dir)) if args.random else None
     text_ids = text_token_ids()
+    names = [name for name in args.formats.split(",") if model is None or name != "gguf"]
     rows = []
-    for name in args.formats.split(","):
-        if model is None or name != "gguf":
-            rows.append(measure(name, FORMATS[name], text_ids, model))
-            gc.collect()
-            print(rows[-1], flush=True)
+    for name in names:
+        rows.append(measure(name, FORMATS[name], text_ids, model))
+        gc.collect()
+        print(rows[-1], flush=True)
+    rates = single_request_rounds(names, model, text_ids, args.single_rounds)
+    for row in rows:
+        row["single_tokens_per_s_rounds"] = rates[row["format"]]
+        row["single_tokens_per_s"] = statistics.median(rates[row["format"]])
+        row["single_ratio_rounds"] = [a / b for a, b in zip(rates[row["format"]], rates[rows[0]["format"]])]
+    print({name: [round(r, 1) for r in rate] for name, rate in rates.items()}, flush=True)
     float_ppl = rows[0]["perplexity"]
     print(f"\n| format | weights MiB | KV bytes/token | perplexity ({rows[0]['text_tokens']} tokens) | vs {rows[0]['format']} "
-          "| batch tok/s | single tok/s |\n|---|---|---|---|---|---|---|")
+          "| batch tok/s | single tok/s (median) | single vs first, each round |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         batch = f"{r['batch_tokens_per_s']:.1f}" if "batch_tokens_per_s" in r else "-"
+        ratios = " ".join(f"{x:.2f}" for x in r["single_ratio_rounds"])
         print(f"| {r['format']} | {r['weight_mib']:.1f} | {r['kv_bytes_per_token']:,} | {r['perplexity']:.3f} | "
-              f"{100 * (r['perplexity'] / float_ppl - 1):+.2f}% | {batch} | {r['single_tokens_per_s']:.1f} |")
+              f"{100 * (r['perplexity'] / float_ppl - 1):+.2f}% | {batch} | {r['single_tokens_per_s']:.1f} | {ratios} |")
     out = Path(args.out)
     save_json({"rows": rows, "model": "random 0.47B Llama" if model else "default"}, out)
     title = "Random 0.47B Llama" if model else "Default model (SmolLM2-135M-Instruct)"

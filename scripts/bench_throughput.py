@@ -1,12 +1,15 @@
 """Offline throughput: jpaged side by side with vLLM's CPU build and HF transformers.
 
-Engines (`--engines`, comma-separated; default all four):
+Engines (`--engines`, comma-separated; default all five):
 
     jpaged     jpaged's `LLM.generate` (continuous batching)
     hf         HF transformers `generate`: static left-padded batches of `--hf-batch-size`
     hf-batch   HF transformers continuous batching (the manager behind `generate_batch`)
     vllm       vLLM's CPU build, in its own venv, through scripts/bench_vllm_worker.py; runs only
                when `--vllm-python` names that venv's python (its docstring tells how to set it up)
+    llama.cpp  llama.cpp through llama-cpp-python, through scripts/bench_llama_cpp_worker.py on an
+               all-float32 copy of the GGUF, every request decoded together in one context; runs
+               only when `--llama-cpp-python` names a python that has it (see the worker's docstring)
 
 Every engine runs SmolLM2-135M-Instruct (the default model's GGUF, dequantized to float32) on
 the same requests, given as token ids: greedy, EOS ignored, each request exactly its own
@@ -29,11 +32,14 @@ timed after a warm-up run of the same request.
 
 Output: a table, a JSON file (`--out`) and a bar plot beside it (same name, `.png`).
 
-    python scripts/bench_throughput.py --workload chat --vllm-python /work/vllm-venv/bin/python
-    python scripts/bench_throughput.py --workload long --vllm-python /work/vllm-venv/bin/python
+    python scripts/bench_throughput.py --workload chat --vllm-python /work/vllm-venv/bin/python \\
+        --llama-cpp-python /work/llama-venv/bin/python
+    python scripts/bench_throughput.py --workload long --vllm-python /work/vllm-venv/bin/python \\
+        --llama-cpp-python /work/llama-venv/bin/python
     # a quick check that every engine runs:
     python scripts/bench_throughput.py --num-requests 4 --output-cap 16 --single-tokens 16 \\
-        --vllm-python /work/vllm-venv/bin/python --out bench_results/smoke.json
+        --vllm-python /work/vllm-venv/bin/python --llama-cpp-python /work/llama-venv/bin/python \\
+        --out bench_results/smoke.json
 """
 
 from __future__ import annotations
@@ -60,8 +66,9 @@ from jpaged.llm import chat_token_ids
 from jpaged.loader.default_model import default_model_path
 from jpaged.loader.gguf_cache import open_cached
 
-ENGINES = ("jpaged", "hf", "hf-batch", "vllm")
-LABELS = {"jpaged": "jpaged", "hf": "HF generate", "hf-batch": "HF continuous batching", "vllm": "vLLM (CPU)"}
+ENGINES = ("jpaged", "hf", "hf-batch", "vllm", "llama.cpp")
+LABELS = {"jpaged": "jpaged", "hf": "HF generate", "hf-batch": "HF continuous batching", "vllm": "vLLM (CPU)",
+          "llama.cpp": "llama.cpp"}
 
 TOPICS = ["the moon", "volcanoes", "honey bees", "the Roman empire", "rainbows", "chess", "coffee",
           "the ocean", "penguins", "electricity", "bread", "the piano", "glaciers", "owls",
@@ -285,29 +292,52 @@ def run_hf_batch(model, workload: Workload, single: list[int], single_tokens: in
     return EngineRun(seconds, token_ids, single_tokens / single_seconds, {"settings": settings})
 
 
+def run_worker(python: str, script: str, job: dict, env: dict) -> tuple[dict, float]:
+    """Another engine's worker script run by `python`: it gets the job as JSON and writes its
+    result as JSON. The result and the process's wall seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_path.write_text(json.dumps(job))
+        started = time.perf_counter()
+        subprocess.run([python, str(Path(__file__).with_name(script)), str(job_path), str(result_path)], env=env,
+                       check=True)
+        return json.loads(result_path.read_text()), time.perf_counter() - started
+
+
+def worker_run(result: dict, process_seconds: float, keys: tuple[str, ...]) -> EngineRun:
+    details = {key: result[key] for key in keys}
+    details["process_seconds"] = process_seconds
+    return EngineRun(result["seconds"], result["token_ids"], result["single_tokens"] / result["single_seconds"], details)
+
+
+def requests_json(workload: Workload, single: list[int], single_tokens: int) -> dict:
+    return {"requests": [{"prompt_token_ids": p, "max_tokens": n} for p, n in zip(workload.prompts, workload.max_tokens)],
+            "single": {"prompt_token_ids": single, "max_tokens": single_tokens}}
+
+
 def run_vllm(python: str, folder: Path, workload: Workload, single: list[int], single_tokens: int,
              args) -> EngineRun:
-    """vLLM in its own venv: the worker gets the job as JSON and writes its result as JSON."""
+    """vLLM in its own venv (scripts/bench_vllm_worker.py)."""
     max_model_len = max(len(p) + n for p, n in zip(workload.prompts + [single], workload.max_tokens + [single_tokens]))
     job = {"model": str(folder),
            "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                       "max_model_len": max(2048, max_model_len), "kv_cache_gib": args.kv_cache_gib,
                       "enable_prefix_caching": True},
-           "requests": [{"prompt_token_ids": p, "max_tokens": n} for p, n in zip(workload.prompts, workload.max_tokens)],
-           "single": {"prompt_token_ids": single, "max_tokens": single_tokens}}
+           **requests_json(workload, single, single_tokens)}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}" if args.vllm_omp_bind == "all" else args.vllm_omp_bind
-    with tempfile.TemporaryDirectory() as tmp:
-        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_path.write_text(json.dumps(job))
-        started = time.perf_counter()
-        subprocess.run([python, str(Path(__file__).with_name("bench_vllm_worker.py")), str(job_path),
-                        str(result_path)], env=env, check=True)
-        result = json.loads(result_path.read_text())
-    details = {key: result[key] for key in ("startup_seconds", "warmup_seconds", "settings", "versions", "env")}
-    details["process_seconds"] = time.perf_counter() - started
-    return EngineRun(result["seconds"], result["token_ids"], result["single_tokens"] / result["single_seconds"], details)
+    result, seconds = run_worker(python, "bench_vllm_worker.py", job, env)
+    return worker_run(result, seconds, ("startup_seconds", "warmup_seconds", "settings", "versions", "env"))
 
+
+def run_llama_cpp(python: str, gguf: Path, workload: Workload, single: list[int], single_tokens: int,
+                  args) -> EngineRun:
+    """llama.cpp through llama-cpp-python in its own venv (scripts/bench_llama_cpp_worker.py), on an
+    all-float32 copy of the GGUF kept in jpaged's cache directory (`llama.cpp/<name>-f32.gguf`)."""
+    job = {"gguf": str(gguf), "float32_gguf": str(cache_dir() / "llama.cpp" / f"{gguf.stem}-f32.gguf"),
+           "n_batch": args.max_num_batched_tokens, **requests_json(workload, single, single_tokens)}
+    result, seconds = run_worker(python, "bench_llama_cpp_worker.py", job, dict(os.environ))
+    return worker_run(result, seconds, ("startup_seconds", "warmup_seconds", "settings", "versions"))
 
 
 def compare(reference: list[list[int]], other: list[list[int]]) -> dict:
@@ -398,6 +428,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-cap", type=int, help="cap every request's output length (quick checks)")
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
     parser.add_argument("--vllm-python", help="python of the venv with vllm-cpu (needed for the vllm engine)")
+    parser.add_argument("--llama-cpp-python",
+                        help="python of a venv with llama-cpp-python (needed for the llama.cpp engine)")
     parser.add_argument("--vllm-omp-bind", default="all",
                         help="VLLM_CPU_OMP_THREADS_BIND: 'all' binds every core; 'auto' is vLLM's default, "
                              "which keeps one core for its scheduler")
@@ -416,6 +448,9 @@ def parse_args() -> argparse.Namespace:
     if "vllm" in args.engines and not args.vllm_python:
         print("vllm skipped: no --vllm-python given")
         args.engines.remove("vllm")
+    if "llama.cpp" in args.engines and not args.llama_cpp_python:
+        print("llama.cpp skipped: no --llama-cpp-python given")
+        args.engines.remove("llama.cpp")
     args.num_requests = args.num_requests or (64 if args.workload == "chat" else 16)
     args.out = Path(args.out or f"bench_results/throughput_{args.workload}.json")
     return args
@@ -427,7 +462,7 @@ def run_engines(args, workload: Workload, single: list[int], tokenizer) -> dict[
     if "jpaged" in args.engines:
         print("jpaged ...", flush=True)
         runs["jpaged"] = run_jpaged(workload, single, args.single_tokens, args)
-    hf_engines = [e for e in args.engines if e != "jpaged"]
+    hf_engines = [e for e in args.engines if e in ("hf", "hf-batch", "vllm")]
     folder = hf_model_dir(default_model_path()) if hf_engines else None
     if "hf" in args.engines or "hf-batch" in args.engines:
         model = load_hf_model(folder)
@@ -445,6 +480,13 @@ def run_engines(args, workload: Workload, single: list[int], tokenizer) -> dict[
             runs["vllm"] = run_vllm(args.vllm_python, folder, workload, single, args.single_tokens, args)
         except (OSError, subprocess.CalledProcessError) as error:
             print(f"vLLM left out: {error}")
+    if "llama.cpp" in args.engines:
+        print("llama.cpp ...", flush=True)
+        try:
+            runs["llama.cpp"] = run_llama_cpp(args.llama_cpp_python, default_model_path(), workload, single,
+                                              args.single_tokens, args)
+        except (OSError, subprocess.CalledProcessError) as error:
+            print(f"llama.cpp left out: {error}")
     return runs
 
 
