@@ -34,14 +34,6 @@ import llama_cpp as llama
 import numpy as np
 
 GGML_TYPE_F32 = 0
-GGML_LOG_LEVEL_WARN = 2
-
-
-@llama.llama_log_callback
-def _warnings_only(level: int, text: bytes, _user_data) -> None:
-    """llama.cpp's log: warnings and errors to stderr, the rest (a line per tensor and per setting) dropped."""
-    if level in (GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_WARN + 1):
-        sys.stderr.write(text.decode(errors="replace"))
 
 
 def float32_copy(source: str, target: str) -> str:
@@ -118,7 +110,6 @@ class Engine:
 
 def run(job: dict) -> dict:
     """Start, warm up, time the workload and the single request; the result as a dict."""
-    llama.llama_log_set(_warnings_only, None)
     prompts = [r["prompt_token_ids"] for r in job["requests"]]
     max_tokens = [r["max_tokens"] for r in job["requests"]]
     single = job["single"]
