@@ -22,6 +22,7 @@ cleared before each timed pass. The single request is timed after a warm-up run 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -34,6 +35,21 @@ import llama_cpp as llama
 import numpy as np
 
 GGML_TYPE_F32 = 0
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """llama.cpp's C-level log (a line per tensor and per setting, and its progress dots) goes to
+    /dev/null meanwhile; Python's own errors are raised after it is restored."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def float32_copy(source: str, target: str) -> str:
@@ -115,8 +131,9 @@ def run(job: dict) -> dict:
     single = job["single"]
     n_ctx = sum(len(p) + n for p, n in zip(prompts, max_tokens)) + 256
     started = time.perf_counter()
-    path = float32_copy(job["gguf"], job["float32_gguf"])
-    engine = Engine(path, n_ctx, max(len(prompts), 1), job["n_batch"])
+    with quiet_stderr():
+        path = float32_copy(job["gguf"], job["float32_gguf"])
+        engine = Engine(path, n_ctx, max(len(prompts), 1), job["n_batch"])
     startup = time.perf_counter() - started
     warmup, _ = engine.generate(prompts[:2], [8] * len(prompts[:2]))
     seconds, token_ids = engine.generate(prompts, max_tokens)
