@@ -13,9 +13,9 @@
 // or value contributes: a score is (q . k_values) * k_scale, a value's weight p * v_scale.
 //
 // Work is split into (row, tile of up to kQueryTile queries) items, shared by the calling thread
-// and the kernels' helper threads (cpu_ffi.h). Each item reads its row's blocks (every KV head at once) in
-// three passes: scores, an exact softmax in float32, weighted values. A query's result depends
-// only on its own row, never on what else is in the batch.
+// and the kernels' helper threads (cpu_ffi.h). Each item reads its row's blocks (every KV head at
+// once) in three passes: scores, an exact softmax in float32, weighted values. A query's result
+// depends only on its own row, never on what else is in the batch.
 
 #include <cmath>
 #include <cstring>

@@ -8,13 +8,14 @@
 // then moves about a quarter of float32's bytes.
 //
 // Work items are blocks of 16 output columns (16 contiguous weight rows), shared by the calling
-// thread and the kernels' helper threads (cpu_ffi.h). With few rows of x, each row's 16 dot products are summed
-// lane-wise over K in chunks of 16 with the weights widened as they are read (and asked for
-// ahead of use with prefetches), then across lanes (SumEachOf16), then the K % 16 tail one by
-// one. With more rows, a work item's blocks are widened once into a lane-major scratch buffer and
-// groups of 12 rows pass over it, each row value broadcast against 16 columns at a time: the same lane-wise partial sums, transposed, added across lanes in the same
-// order (SumOf16Transposed). Either way each output is the same sequence of float32 operations,
-// so a row's result does not depend on the other rows.
+// thread and the kernels' helper threads (cpu_ffi.h). With few rows of x, each row's 16 dot
+// products are summed lane-wise over K in chunks of 16 with the weights widened as they are read
+// (and asked for ahead of use with prefetches; each chunk widened once for all the rows), then
+// across lanes (SumEachOf16), then the K % 16 tail one by one. With more rows, a work item's
+// blocks are widened once into a lane-major scratch buffer and groups of 12 rows pass over it,
+// each row value broadcast against 16 columns at a time: the same lane-wise partial sums,
+// transposed, added across lanes in the same order (SumOf16Transposed). Either way each output is
+// the same sequence of float32 operations, so a row's result does not depend on the other rows.
 
 #include <algorithm>
 #include <cmath>
@@ -237,6 +238,13 @@ void Finish(const float* xr, const uint8_t* w, const float* scale, const Shapes&
 // VM's memory gives to two threads reading one array).
 constexpr int64_t kPrefetchBytes = 64 << 10;
 
+// How many of x's rows a few-rows pass of at most kRows takes: all of them (kRows == 1 lets the
+// compiler know there is one).
+template <int kRows>
+inline int64_t DirectRows(const Shapes& s) {
+  return kRows == 1 ? 1 : std::min<int64_t>(s.m, kRows);
+}
+
 // The 16 lane-wise partial sums of each of x's rows (at most kRows) over k0 .. k1 (whole groups
 // of kChunks chunks) with columns j0.. (count of them), the weights widened as they are read, a
 // column's chunks one after another (about a cache line of its weights) and used for every row
@@ -245,7 +253,7 @@ template <bool kFull, typename Format, int kChunks, int kRows>
 void DirectSums(const float* x, const uint8_t* w, const float* scale, const Shapes& s, int64_t j0, int64_t count,
                 int64_t k0, int64_t k1, V16 (&partial)[kRows][kLanes]) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
-  const int64_t row_bytes = Format::RowBytes(s.k), rows = kRows == 1 ? 1 : std::min<int64_t>(s.m, kRows);
+  const int64_t row_bytes = Format::RowBytes(s.k), rows = DirectRows<kRows>(s);
   for (int64_t k = k0; k < k1; k += kChunks * kChunk) {
     V16 xv[kRows][kChunks][Format::kVectors];
     for (int64_t r = 0; r < rows; ++r)
@@ -284,7 +292,7 @@ void MultiplyDirect(const float* x, const uint8_t* w, const float* scale, const 
   V16 partial[kRows][kLanes] = {};
   DirectSums<kFull, Format, kGroup, kRows>(x, w, scale, s, j0, count, 0, grouped_k, partial);
   DirectSums<kFull, Format, 1, kRows>(x, w, scale, s, j0, count, grouped_k, vector_k, partial);
-  for (int64_t r = 0; r < (kRows == 1 ? 1 : std::min<int64_t>(s.m, kRows)); ++r)
+  for (int64_t r = 0; r < DirectRows<kRows>(s); ++r)
     Finish<Format>(x + r * s.k, w, scale, s, j0, count, SumEachOf16(partial[r]), out + r * s.n);
 }
 
@@ -431,10 +439,11 @@ void MultiplyBlocks(const float* x, const float* packed, const uint8_t* w, const
 template <typename Format>
 void Multiply(const float* x, const uint8_t* w, const float* scale, const Shapes& s, float* out) {
   constexpr int64_t kChunk = Format::kVectors * kLanes;
+  const int64_t vector_k = s.k / kChunk * kChunk;
   thread_local std::vector<float> packed;
   if (s.m > kDirectRows) {
-    packed.resize(s.m * (s.k / kChunk * kChunk));
-    PackLaneMajor(x, s, s.k / kChunk * kChunk, packed.data());
+    packed.resize(s.m * vector_k);
+    PackLaneMajor(x, s, vector_k, packed.data());
   }
   const float* x_packed = packed.data();  // the helpers' own thread_local `packed` is another vector
   const int64_t blocks = (s.n + kLanes - 1) / kLanes;
