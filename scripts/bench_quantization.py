@@ -84,8 +84,8 @@ def text_token_ids() -> list[int]:
 
 
 def measure(name: str, kwargs: dict, text_ids: list[int], model: str | None = None) -> dict:
-    """One format's row; `model` None: the default model, with the batch pass; else a random
-    model (word-level tokenizer), one 32-token request only."""
+    """One format's row of bytes and perplexity; `model` None: the default model, with the batch
+    pass too; else a random model, without it. (One-request speed: `single_request_rounds`.)"""
     llm = LLM(model, max_model_len=4096, **kwargs)
     stats, runner = llm.engine.stats(), llm.engine.runner
     row = {"format": name, "weight_mib": stats.weight_bytes / 2**20,
@@ -109,7 +109,8 @@ def single_request_rounds(names: list[str], model: str | None, text_ids: list[in
     engines = {name: LLM(model, max_model_len=4096, num_blocks=64, **FORMATS[name]) for name in names}
     if model is None:
         tokenizer = next(iter(engines.values())).get_tokenizer()
-        request, tokens = {"prompt_token_ids": chat_token_ids(tokenizer, [{"role": "user", "content": SINGLE_QUESTION}])}, SINGLE_TOKENS
+        question = [{"role": "user", "content": SINGLE_QUESTION}]
+        request, tokens = {"prompt_token_ids": chat_token_ids(tokenizer, question)}, SINGLE_TOKENS
     else:
         request, tokens = {"prompt_token_ids": text_ids[:64]}, RANDOM_SINGLE_TOKENS
     rates = {name: [] for name in names}

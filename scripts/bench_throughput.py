@@ -305,12 +305,14 @@ def run_worker(python: str, script: str, job: dict, env: dict) -> tuple[dict, fl
 
 
 def worker_run(result: dict, process_seconds: float, keys: tuple[str, ...]) -> EngineRun:
+    """A worker's result as an EngineRun, with its `keys` and the process's seconds as details."""
     details = {key: result[key] for key in keys}
     details["process_seconds"] = process_seconds
     return EngineRun(result["seconds"], result["token_ids"], result["single_tokens"] / result["single_seconds"], details)
 
 
 def requests_json(workload: Workload, single: list[int], single_tokens: int) -> dict:
+    """The workload's requests and the single request, as a worker's job gives them."""
     return {"requests": [{"prompt_token_ids": p, "max_tokens": n} for p, n in zip(workload.prompts, workload.max_tokens)],
             "single": {"prompt_token_ids": single, "max_tokens": single_tokens}}
 
