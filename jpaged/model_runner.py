@@ -152,6 +152,7 @@ class ModelRunner:
             layouts.update(quantized_linear=select_quantized_linear())
         if parallel.tensor_parallel_size > 1:
             layouts["attention"] = shard_attention_layer(layouts["attention"], mesh)
+            layouts["tensor_parallel_size"] = parallel.tensor_parallel_size
         if model_config.is_moe and parallel.tensor_parallel_size * parallel.expert_parallel_size > 1:
             layouts["moe"] = expert_parallel_moe(mesh)
         if parallel.pipeline_parallel_size > 1:

@@ -270,8 +270,9 @@ def matmul_comparison(runner) -> list[dict]:
     def stacked(name):
         return jnp.stack([layer[name] for layer in layers])
 
-    cases = [("q_proj / o_proj 576x576, 30 layers", stacked("q_proj"), "layers"),
-             ("gate / up 576x1536, 30 layers", stacked("gate_proj"), "layers"),
+    cases = [("q / k / v fused 576x960, 30 layers", stacked("qkv_proj"), "layers"),
+             ("o_proj 576x576, 30 layers", stacked("o_proj"), "layers"),
+             ("gate / up fused 576x3072, 30 layers", stacked("gate_up_proj"), "layers"),
              ("down 1536x576, 30 layers", stacked("down_proj"), "layers"),
              ("LM head x @ E.T (E 49152x576, as the model)", embed, "transposed"),
              ("LM head x @ W (W 576x49152, pre-transposed)", jnp.asarray(np.ascontiguousarray(np.asarray(embed).T)),

@@ -220,4 +220,4 @@ def test_per_expert_weights_load_into_each_layers_expert_params():
 def test_dense_config_has_no_moe_params():
     cfg = dataclasses.replace(moe_config(), num_experts=0, num_experts_per_tok=0)
     layer = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: LlamaForCausalLM(cfg)).layers[0]))
-    assert {"gate_proj", "up_proj", "down_proj"} <= set(layer) and "router" not in layer
+    assert {"gate_up_proj", "down_proj"} <= set(layer) and "router" not in layer

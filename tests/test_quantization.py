@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from flax import nnx
 
 from jpaged import LLM, SamplingParams
 from jpaged.cache_dir import cache_dir
@@ -415,7 +416,9 @@ def test_gguf_packed_default_model_matches_dequantized_at_load(float_run, model_
 
 def write_k_quant_gguf(path: Path, vocab: int = 272, hidden: int = 256, intermediate: int = 512) -> None:
     """A 2-layer llama GGUF (4 heads of 64, 2 KV heads) of random block bytes in the K-quants
-    (Q4_K, Q5_K, Q6_K) with Q8_0 and Q4_0 among them, and a word-level tokenizer."""
+    (Q4_K, Q5_K, Q6_K) with Q8_0 and Q4_0 among them, and a word-level tokenizer. Layer 0's q / k
+    / v and gate / up are of mixed types (kept as separate projections), layer 1's of one type
+    each (fused)."""
     import gguf
 
     rng = np.random.default_rng(5)
@@ -446,8 +449,9 @@ def write_k_quant_gguf(path: Path, vocab: int = 272, hidden: int = 256, intermed
         add_norm(f"blk.{i}.attn_norm.weight")
         add_norm(f"blk.{i}.ffn_norm.weight")
         for name, n, k, kind in [("attn_q", hidden, hidden, "Q4_K"), ("attn_k", 128, hidden, "Q4_K"),
-                                 ("attn_v", 128, hidden, "Q8_0"), ("attn_output", hidden, hidden, "Q5_K"),
-                                 ("ffn_gate", intermediate, hidden, "Q4_K"), ("ffn_up", intermediate, hidden, "Q4_0"),
+                                 ("attn_v", 128, hidden, ("Q8_0", "Q4_K")[i]),
+                                 ("attn_output", hidden, hidden, "Q5_K"), ("ffn_gate", intermediate, hidden, "Q4_K"),
+                                 ("ffn_up", intermediate, hidden, ("Q4_0", "Q4_K")[i]),
                                  ("ffn_down", hidden, intermediate, "Q6_K")]:
             add(f"blk.{i}.{name}.weight", n, k, kind)
     writer.write_header_to_file()
@@ -468,6 +472,8 @@ def test_gguf_k_quants_packed_match_dequantized_at_load(tmp_path):
         llm = LLM(str(path), dtype="float32", quantization=quantization, num_blocks=32, max_model_len=128)
         outputs[quantization] = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
         weight_bytes[quantization] = llm.engine.stats().weight_bytes
+    layers = nnx.to_pure_dict(llm.engine.runner.state)["layers"]  # the last one, packed
+    assert {"q_proj", "gate_proj"} <= set(layers[0]) and {"qkv_proj", "gate_up_proj"} <= set(layers[1])
     dequantized, packed = outputs[None], outputs["gguf"]
     assert packed.outputs[0].token_ids == dequantized.outputs[0].token_ids
     for entry, packed_entry in zip(dequantized.prompt_logprobs[1:], packed.prompt_logprobs[1:]):

@@ -2,7 +2,8 @@
 
 Weights arrive one tensor at a time (from safetensors or GGUF) under HF names and `[out, in]`
 layout; the model keeps `x @ W` layout, one set of arrays per decoder layer (`layers[i]`), MoE
-experts stacked on a leading axis (`[experts, ...]`). Checkpoints store one tensor per expert
+experts stacked on a leading axis (`[experts, ...]`). A layer's q / k / v and gate / up tensors
+are joined into the fused projections the model keeps (`fuse_projections`) before they are placed. Checkpoints store one tensor per expert
 (`...experts.{e}.w1.weight` for Mixtral, `...experts.{e}.gate_proj.weight` for Qwen MoE, which is
 also what `save_pretrained` writes), each written into its expert's slot. A pipelined model's
 `layers[j]` holds layer `j` of every stage, stacked on a leading stage axis, so a layer's
@@ -28,13 +29,13 @@ from jpaged.models.quantization import QUANTIZED_PARAMS, quantize, scale_name, s
 _LAYER_TENSORS = {
     "input_layernorm.weight": ("input_norm", False),
     "post_attention_layernorm.weight": ("post_attention_norm", False),
+    "self_attn.qkv_proj.weight": ("qkv_proj", True),  # joined by fuse_projections
+    "self_attn.qkv_proj.bias": ("qkv_bias", False),
+    "mlp.gate_up_proj.weight": ("gate_up_proj", True),
     "self_attn.q_proj.weight": ("q_proj", True),
     "self_attn.k_proj.weight": ("k_proj", True),
     "self_attn.v_proj.weight": ("v_proj", True),
     "self_attn.o_proj.weight": ("o_proj", True),
-    "self_attn.q_proj.bias": ("q_bias", False),
-    "self_attn.k_proj.bias": ("k_bias", False),
-    "self_attn.v_proj.bias": ("v_bias", False),
     "self_attn.q_norm.weight": ("q_norm", False),
     "self_attn.k_norm.weight": ("k_norm", False),
     "mlp.gate_proj.weight": ("gate_proj", True),
@@ -62,6 +63,13 @@ _TOP_TENSORS = {
     "model.embed_tokens.weight": ("embed_tokens", False),
     "model.norm.weight": ("norm", False),
     "lm_head.weight": ("lm_head", True),
+}
+# Fused tensors (joined from their parts, in this order) and the layer parameters they fill.
+_FUSIONS = {
+    "self_attn.qkv_proj.weight": ("qkv_proj", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                               "self_attn.v_proj.weight")),
+    "self_attn.qkv_proj.bias": ("qkv_bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")),
+    "mlp.gate_up_proj.weight": ("gate_up_proj", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
 }
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT_NAME = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(.+)")
@@ -107,6 +115,42 @@ def param_formats(packed: dict[str, str]) -> dict[str, str]:
     return formats
 
 
+def fuse_rows(parts: list[np.ndarray], shards: int) -> np.ndarray:
+    """Join tensors `[out_i, ...]` along their first axis, shard-major: for each of `shards`
+    tensor-parallel shards, its slice of every part in turn (as `models.llama.split_columns`
+    reads them). Works on `[out, in]` weights, `[out]` biases and GGML block rows alike."""
+    return np.concatenate([piece for shard in range(shards) for piece in
+                           (np.split(part, shards)[shard] for part in parts)])
+
+
+def fuse_projections(weights: Iterable[tuple[str, np.ndarray]], layers: dict, shards: int = 1):
+    """`weights` with each layer's q / k / v tensors (weights, and biases where the model has
+    them) and gate / up weights joined into one tensor each (`fuse_rows`), where the layer's
+    parameters (`layers[i]`, a dict by name; a pipelined model's layer `i % len(layers)`) have
+    the fused one. A layer's parts are held until its last one arrives; a part missing at the
+    end is an error (ValueError naming it)."""
+    pending: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for name, tensor in weights:
+        match = _LAYER_NAME.fullmatch(name)
+        layer = int(match.group(1)) if match else -1
+        params = layers.get(layer % len(layers), {}) if match else {}
+        fused = next((f for f, (param, parts) in _FUSIONS.items() if match.group(2) in parts and param in params),
+                     None) if match else None
+        if fused is None:
+            yield name, tensor
+            continue
+        held = pending.setdefault((layer, fused), {})
+        held[match.group(2)] = tensor
+        parts = _FUSIONS[fused][1]
+        if len(held) == len(parts):
+            del pending[layer, fused]
+            yield f"model.layers.{layer}.{fused}", fuse_rows([held[part] for part in parts], shards)
+    if pending:
+        missing = [f"model.layers.{layer}.{part}" for (layer, fused), held in sorted(pending.items())
+                   for part in _FUSIONS[fused][1] if part not in held]
+        raise ValueError(f"weights missing from the checkpoint: {', '.join(missing)}")
+
+
 def replicate_kv_heads(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, num_kv_heads: int):
     """Repeat each KV head's K/V projection rows until the model has `num_kv_heads` of them.
 
@@ -138,7 +182,7 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
     staged = layers_per_stage < cfg.num_layers
     params: dict[tuple, jax.Array] = {}
     filled: dict[str, set[tuple[int, ...]]] = {}
-    for name, tensor in weights:
+    for name, tensor in fuse_projections(weights, state["layers"], getattr(model, "tensor_parallel_size", 1)):
         target = _target(name)
         if target is None or (target[0] == "lm_head" and cfg.tie_word_embeddings):
             continue
@@ -223,10 +267,11 @@ def _assign(state: dict, path: tuple[str, ...], value) -> None:
 def _check_complete(state: dict, filled: dict[str, set[tuple[int, ...]]], cfg: ModelConfig) -> None:
     layers, experts = range(cfg.num_layers), range(cfg.num_experts)
     expected = {name: {()} for name in ("embed_tokens", "norm", "lm_head") if name in state}
-    for param in state["layers"][0]:
-        if param.endswith("_scale"):  # placed with its weight
-            continue
-        expected[param] = {(i, e) for i in layers for e in experts} if param in _EXPERT_PARAMS else {(i,) for i in layers}
+    for i in layers:  # a GGUF model's layers may differ in which projections are fused
+        for param in state["layers"][i % len(state["layers"])]:
+            if param.endswith("_scale"):  # placed with its weight
+                continue
+            expected.setdefault(param, set()).update({(i, e) for e in experts} if param in _EXPERT_PARAMS else {(i,)})
     missing = []
     for param, indices in expected.items():
         got = filled.get(param)

@@ -54,9 +54,45 @@ def apply_rope(x, positions, inv_freq):
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fused_formats(formats: dict[str, str]) -> dict[str, str]:
+    """A layer's GGML formats (param name: block type) with the fused projections' entries: a
+    fused projection is kept packed when its parts are all of one block type; parts of several
+    types (a K-quant mix) stay separate (no entry under the fused name)."""
+    out = dict(formats)
+    for fused, parts in FUSED.items():
+        kinds = {formats.get(part) for part in parts}
+        if len(kinds) == 1 and None not in kinds:
+            out[fused] = kinds.pop()
+    return out
+
+
+def can_fuse(formats: dict[str, str], fused: str) -> bool:
+    """Whether the parts of `fused` are kept alike: all unpacked, or all packed as one block type."""
+    return fused in formats or not any(part in formats for part in FUSED[fused])
+
+
+def split_columns(y, sizes: tuple[int, ...], shards: int):
+    """Split `y [..., sum(sizes)]`, a fused projection's output, into `[..., size]` parts.
+
+    The fused weight's columns are shard-major (`loader.weights.fuse_rows`): for each of `shards`
+    tensor-parallel shards in turn, its slice of every part. Each shard's columns are then one
+    contiguous piece of the fused weight, split over the mesh like any column-parallel weight,
+    and the split below stays local to each shard."""
+    lead = y.shape[:-1]
+    pieces = y.reshape(*lead, shards, -1)
+    bounds = [sum(sizes[:i + 1]) // shards for i in range(len(sizes) - 1)]
+    return [piece.reshape(*lead, size) for piece, size in zip(jnp.split(pieces, bounds, axis=-1), sizes)]
+
+
 class DecoderLayer(nnx.Module):
-    """One decoder layer's weights in `x @ W` layout (`q_proj [hidden, heads * head_dim]`, ...,
-    MoE experts `[experts, hidden, moe_intermediate]`), each with the leading axes `lead`.
+    """One decoder layer's weights in `x @ W` layout (`qkv_proj [hidden, (heads + 2 kv_heads) *
+    head_dim]`, ..., MoE experts `[experts, hidden, moe_intermediate]`), each with the leading axes
+    `lead`. q / k / v and gate / up are each one fused projection (columns shard-major, see
+    `split_columns`), except GGUF parts kept packed in different block types; q / k / v biases are
+    always one `qkv_bias`.
 
     With `quantization` ("int8" | "fp8"), the projections of `QUANTIZED_PARAMS` are kept instead
     as quantized values in the checkpoint's `[..., out, in]` layout with float32 scales
@@ -67,7 +103,7 @@ class DecoderLayer(nnx.Module):
                  formats: dict[str, str] | None = None):
         h, i = cfg.hidden_size, cfg.intermediate_size
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        formats = formats or {}
+        formats = fused_formats(formats or {})
 
         def param(*shape, name=None):
             if name in formats:
@@ -79,20 +115,24 @@ class DecoderLayer(nnx.Module):
             return _param(lead + (*experts, n, k), STORAGE_DTYPES[quantization])
 
         self.input_norm = param(h)
-        self.q_proj = param(h, q_dim, name="q_proj")
-        self.k_proj = param(h, kv_dim, name="k_proj")
-        self.v_proj = param(h, kv_dim, name="v_proj")
+        if can_fuse(formats, "qkv_proj"):
+            self.qkv_proj = param(h, q_dim + 2 * kv_dim, name="qkv_proj")
+        else:
+            self.q_proj = param(h, q_dim, name="q_proj")
+            self.k_proj = param(h, kv_dim, name="k_proj")
+            self.v_proj = param(h, kv_dim, name="v_proj")
         self.o_proj = param(q_dim, h, name="o_proj")
         if cfg.qkv_bias:
-            self.q_bias = param(q_dim)
-            self.k_bias = param(kv_dim)
-            self.v_bias = param(kv_dim)
+            self.qkv_bias = param(q_dim + 2 * kv_dim)
         if cfg.qk_norm:
             self.q_norm = param(cfg.head_dim)
             self.k_norm = param(cfg.head_dim)
         self.post_attention_norm = param(h)
         if cfg.is_moe:
             self._init_moe(cfg, param)
+        elif can_fuse(formats, "gate_up_proj"):
+            self.gate_up_proj = param(h, 2 * i, name="gate_up_proj")
+            self.down_proj = param(i, h, name="down_proj")
         else:
             self.gate_proj = param(h, i, name="gate_proj")
             self.up_proj = param(h, i, name="up_proj")
@@ -137,6 +177,9 @@ class LlamaForCausalLM(nnx.Module):
     kv_cache, md, layer_weights) -> (hidden [N, hidden], kv_cache)` runs the decoder stack, all
     at once or as a pipeline of stages over micro-batches.
 
+    `tensor_parallel_size` is the number of column shards the fused projections are laid out
+    for (`split_columns`); the model's math is the same whatever the mesh.
+
     With `pipeline_stages` S > 1, each stage runs `num_layers / S` consecutive layers, and
     `layers[j]` holds layer `j` of every stage, its weights stacked `[S, ...]` so that stage `s`'s
     devices keep entry `s`; model layer `i` is stage `i // (num_layers / S)`'s layer
@@ -146,8 +189,9 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention=paged_attention_layer(ragged_paged_attention),
                  moe=sparse_moe, run_layers=run_all_layers, pipeline_stages: int = 1, quantization: str | None = None,
                  quantized_linear=quantized_matmul, weight_formats: dict[str, str] | None = None,
-                 block_linear=block_matmul):
+                 block_linear=block_matmul, tensor_parallel_size: int = 1):
         self.cfg = cfg
+        self.tensor_parallel_size = tensor_parallel_size
         self.attention, self.moe, self.run_layers = attention, moe, run_layers
         self.quantized_linear, self.block_linear = quantized_linear, block_linear
         formats = weight_formats or {}
@@ -217,9 +261,8 @@ class LlamaForCausalLM(nnx.Module):
         cfg = self.cfg
         num_tokens = hidden.shape[0]
         x = rms_norm(hidden, weights["input_norm"], cfg.rms_norm_eps)
-        q, k, v = (self._linear(x, weights, name) for name in ("q_proj", "k_proj", "v_proj"))
-        if cfg.qkv_bias:
-            q, k, v = q + weights["q_bias"], k + weights["k_bias"], v + weights["v_bias"]
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        q, k, v = self._fused_linear(x, weights, "qkv_proj", (q_dim, kv_dim, kv_dim))
         q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
         k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
@@ -236,12 +279,25 @@ class LlamaForCausalLM(nnx.Module):
         mlp_in = rms_norm(hidden, weights["post_attention_norm"], cfg.rms_norm_eps)
         if cfg.is_moe:
             return hidden + self.moe(mlp_in, _dequantized(weights, mlp_in.dtype), cfg)
-        gate = jax.nn.silu(self._linear(mlp_in, weights, "gate_proj"))
-        return hidden + self._linear(gate * self._linear(mlp_in, weights, "up_proj"), weights, "down_proj")
+        gate, up = self._fused_linear(mlp_in, weights, "gate_up_proj", (cfg.intermediate_size,) * 2)
+        return hidden + self._linear(jax.nn.silu(gate) * up, weights, "down_proj")
 
     def _linear(self, x, weights, name):
         """`x [T, in]` times the layer's projection `name` (`[T, out]`), quantized or not."""
         return self._product(x, weights[name], weights.get(scale_name(name)))
+
+    def _fused_linear(self, x, weights, fused, sizes):
+        """The parts (`[T, size]` each) of `x [T, in]` times the fused projection `fused` (or
+        times its parts where they are kept apart), plus the layer's `qkv_bias` for q / k / v."""
+        shards = self.tensor_parallel_size
+        bias = weights.get("qkv_bias") if fused == "qkv_proj" else None
+        if fused in weights:
+            y = self._linear(x, weights, fused)
+            return split_columns(y if bias is None else y + bias, sizes, shards)
+        parts = [self._linear(x, weights, part) for part in FUSED[fused]]
+        if bias is None:
+            return parts
+        return [part + b for part, b in zip(parts, split_columns(bias, sizes, shards))]
 
     def _product(self, x, w, scale=None):
         """`x [T, in]` times a weight kept in any of the model's forms: float `[in, out]`,

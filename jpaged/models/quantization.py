@@ -43,7 +43,7 @@ QUANTIZATIONS = ("int8", "fp8")  # chosen at load; "gguf" keeps a GGUF file's ow
 STORAGE_DTYPES = {"int8": np.dtype(np.int8), "fp8": np.dtype(ml_dtypes.float8_e4m3fn)}
 _LARGEST = {"int8": 127.0, "fp8": 448.0}
 QUANTIZED_PARAMS = frozenset({
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "gate_proj", "up_proj", "down_proj",
     "shared_gate_proj", "shared_up_proj", "shared_down_proj",
     "expert_gate_proj", "expert_up_proj", "expert_down_proj", "lm_head", "embed_tokens",
 })

@@ -1,6 +1,7 @@
 """Partition rules: where each parameter, the KV cache and attention live on the device mesh.
 
-Megatron-style on "tp": q/k/v and gate/up are split by output columns, o and down by input rows
+Megatron-style on "tp": q/k/v and gate/up are split by output columns (fused, each shard's
+columns are one contiguous piece: `models.llama.split_columns`), o and down by input rows
 (GSPMD adds the all-reduce after them), embeddings and the LM head by vocabulary, norms and the
 router replicated; expert weights are split by expert on "ep". Under a pipeline each layer
 parameter has a leading stage axis, split on "pp" (each stage holds its layers). A dimension a
@@ -25,8 +26,8 @@ from sharding.mesh import EP_AXIS, PP_AXIS, TP_AXIS, context_mesh
 _SPLITS = {
     "embed_tokens": {-2: TP_AXIS},
     "lm_head": {-1: TP_AXIS},
-    **{name: {-1: TP_AXIS} for name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "shared_gate_proj",
-                                        "shared_up_proj", "q_bias", "k_bias", "v_bias")},
+    **{name: {-1: TP_AXIS} for name in ("qkv_proj", "q_proj", "k_proj", "v_proj", "gate_up_proj", "gate_proj",
+                                        "up_proj", "shared_gate_proj", "shared_up_proj", "qkv_bias")},
     **{name: {-2: TP_AXIS} for name in ("o_proj", "down_proj", "shared_down_proj")},
     "expert_gate_proj": {-3: EP_AXIS, -1: TP_AXIS},
     "expert_up_proj": {-3: EP_AXIS, -1: TP_AXIS},
