@@ -107,34 +107,70 @@ struct WorkItem {
   int32_t row, first_query, num_queries;
 };
 
-// out[t] = q . k[t] for the t < n (at most 16) keys `stride` floats apart: lane-wise partial sums
-// over head_dim, then added across lanes. D is head_dim where known at compile time (the common
-// sizes, with all 16 keys present), else 0.
-template <int D>
-inline void ScoreKeys(const float* q, const float* k, int64_t stride, int64_t n, int64_t d, float* out) {
+// out[g * out_stride + t] = q[g] . k[t] for g < G query vectors (`d` floats apart, all of one KV
+// head) and the t < n (at most 16) keys `stride` floats apart: each key is loaded once for the G
+// queries; each dot is lane-wise partial sums over head_dim, added across lanes at the end. D is
+// head_dim where known at compile time (the common sizes, with all 16 keys present), else 0.
+template <int D, int G>
+inline void ScoreKeys(const float* q, const float* k, int64_t stride, int64_t n, int64_t d, float* out,
+                      int64_t out_stride) {
   const int64_t dim = D ? D : d;
-  V16 partial[kLanes];
+  V16 partial[G][kLanes];
   for (int64_t t = 0; t < kLanes; ++t) {
-    V16 sum = {};
+    V16 sum[G] = {};
     if (D || t < n)
-      for (int64_t x = 0; x < dim; x += kLanes) sum += LoadV(q + x) * LoadV(k + t * stride + x);
-    partial[t] = sum;
+      for (int64_t x = 0; x < dim; x += kLanes) {
+        const V16 key = LoadV(k + t * stride + x);
+        for (int g = 0; g < G; ++g) sum[g] += LoadV(q + g * dim + x) * key;
+      }
+    for (int g = 0; g < G; ++g) partial[g][t] = sum[g];
   }
-  StoreV(out, SumEachOf16(partial));
+  for (int g = 0; g < G; ++g) StoreV(out + g * out_stride, SumEachOf16(partial[g]));
 }
 
-// acc[k * acc_stride + 0..16) += sum over t < count of w[k * w_stride + t] * v[t * v_stride + 0..16),
-// for k < N: N queries' 16-float slices of one KV head's values, accumulated in registers.
-template <int N>
+// ScoreKeys for `queries` (1 to 4) query vectors.
+template <int D>
+inline void ScoreQueries(int64_t queries, const float* q, const float* k, int64_t stride, int64_t n, int64_t d,
+                         float* out, int64_t out_stride) {
+  switch (queries) {
+    case 4: ScoreKeys<D, 4>(q, k, stride, n, d, out, out_stride); break;
+    case 3: ScoreKeys<D, 3>(q, k, stride, n, d, out, out_stride); break;
+    case 2: ScoreKeys<D, 2>(q, k, stride, n, d, out, out_stride); break;
+    default: ScoreKeys<D, 1>(q, k, stride, n, d, out, out_stride);
+  }
+}
+
+// acc[k * acc_stride + 0..16C) += sum over t < count of w[k * w_stride + t] * v[t * v_stride + 0..16C),
+// for k < N: N queries' slices of C x 16 floats of one KV head's values, accumulated in registers
+// (N x C independent sums, so that consecutive tokens' products do not wait on one another).
+template <int N, int C>
 inline void AddWeighted(float* acc, int64_t acc_stride, const float* v, int64_t v_stride, int64_t count,
                         const float* w, int64_t w_stride) {
-  V16 a[N];
-  for (int k = 0; k < N; ++k) a[k] = LoadV(acc + k * acc_stride);
+  V16 a[N][C];
+  for (int k = 0; k < N; ++k)
+    for (int c = 0; c < C; ++c) a[k][c] = LoadV(acc + k * acc_stride + c * kLanes);
   for (int64_t t = 0; t < count; ++t) {
-    const V16 value = LoadV(v + t * v_stride);
-    for (int k = 0; k < N; ++k) a[k] += w[k * w_stride + t] * value;
+    V16 value[C];
+    for (int c = 0; c < C; ++c) value[c] = LoadV(v + t * v_stride + c * kLanes);
+    for (int k = 0; k < N; ++k) {
+      const float weight = w[k * w_stride + t];
+      for (int c = 0; c < C; ++c) a[k][c] += weight * value[c];
+    }
   }
-  for (int k = 0; k < N; ++k) StoreV(acc + k * acc_stride, a[k]);
+  for (int k = 0; k < N; ++k)
+    for (int c = 0; c < C; ++c) StoreV(acc + k * acc_stride + c * kLanes, a[k][c]);
+}
+
+// AddWeighted for `count` (1 to 4) queries, C 16-float slices at a time.
+template <int C>
+inline void AddWeightedQueries(int64_t queries, float* acc, int64_t acc_stride, const float* v, int64_t v_stride,
+                               int64_t count, const float* w, int64_t w_stride) {
+  switch (queries) {
+    case 4: AddWeighted<4, C>(acc, acc_stride, v, v_stride, count, w, w_stride); break;
+    case 3: AddWeighted<3, C>(acc, acc_stride, v, v_stride, count, w, w_stride); break;
+    case 2: AddWeighted<2, C>(acc, acc_stride, v, v_stride, count, w, w_stride); break;
+    default: AddWeighted<1, C>(acc, acc_stride, v, v_stride, count, w, w_stride);
+  }
 }
 
 // Offsets of block `b` of the row's table in this layer (of its values, and of its scales in a
@@ -234,25 +270,35 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
     const float* keys = tokens(k_cache, ref);
     for (int64_t t0 = 0; t0 < ref.count; t0 += kLanes) {
       const int64_t n = std::min(kLanes, ref.count - t0);
-      for (int64_t j = 0; j < nq; ++j) {
-        const float* qj = qv.data() + j * d;
-        const float* k0 = keys + t0 * token_elems + head_offset[j];
-        float* out_scores = scores.data() + j * slots + b * s.block_size + t0;
-        if (d % kLanes) {
+      if (d % kLanes) {
+        for (int64_t j = 0; j < nq; ++j) {
+          const float* qj = qv.data() + j * d;
+          const float* k0 = keys + t0 * token_elems + head_offset[j];
+          float* out_scores = scores.data() + j * slots + b * s.block_size + t0;
           for (int64_t t = 0; t < n; ++t) {
             float dot = 0.0f;
             for (int64_t x = 0; x < d; ++x) dot += qj[x] * k0[t * token_elems + x];
             out_scores[t] = dot;
           }
-          continue;
         }
-        if (d == 64 && n == kLanes)
-          ScoreKeys<64>(qj, k0, token_elems, n, d, out_scores);
-        else if (d == 128 && n == kLanes)
-          ScoreKeys<128>(qj, k0, token_elems, n, d, out_scores);
-        else
-          ScoreKeys<0>(qj, k0, token_elems, n, d, out_scores);
+        continue;
       }
+      // The query vectors of one KV head (up to 4 at a time, 2 for head_dim 128) share each key.
+      const int64_t per_pass = d > 64 ? 2 : 4;
+      for (int64_t i = 0; i < item.num_queries; ++i)
+        for (int64_t h = 0; h < s.num_kv_heads; ++h)
+          for (int64_t g0 = 0; g0 < group; g0 += per_pass) {
+            const int64_t first_j = i * heads + h * group + g0, count = std::min(per_pass, group - g0);
+            const float* qj = qv.data() + first_j * d;
+            const float* k0 = keys + t0 * token_elems + h * d;
+            float* out_scores = scores.data() + first_j * slots + b * s.block_size + t0;
+            if (d == 64 && n == kLanes)
+              ScoreQueries<64>(count, qj, k0, token_elems, n, d, out_scores, slots);
+            else if (d == 128 && n == kLanes)
+              ScoreQueries<128>(count, qj, k0, token_elems, n, d, out_scores, slots);
+            else
+              ScoreQueries<0>(count, qj, k0, token_elems, n, d, out_scores, slots);
+          }
     }
     apply_scales(k_scales, ref, b);
   }
@@ -285,8 +331,8 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
   }
 
   // Weighted values (the weights of keys a query cannot see are 0). Per block and KV head, its
-  // query vectors go four at a time with their accumulators in registers, one 16-float slice of
-  // head_dim at a time.
+  // query vectors go four at a time with their accumulators in registers, 64 floats of head_dim
+  // at a time (16 where head_dim is not a multiple of 64).
   for (int64_t b = 0; b < num_blocks; ++b) {
     prefetch(v_cache, v_scales, b + 1);
     const BlockRef ref = block_ref(b);
@@ -306,16 +352,15 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
       for (int64_t i = 0; i < item.num_queries; ++i)
         for (int64_t g0 = 0; g0 < group; g0 += 4) {
           const int64_t first_j = i * heads + h * group + g0, count = std::min<int64_t>(4, group - g0);
-          for (int64_t x = 0; x < d; x += kLanes) {
+          const int64_t slice = d % (4 * kLanes) ? kLanes : 4 * kLanes;  // floats of head_dim at a time
+          for (int64_t x = 0; x < d; x += slice) {
             const float* v0 = values + h * d + x;
             float* a = acc.data() + first_j * d + x;
             const float* w = weights + first_j * slots;
-            switch (count) {
-              case 4: AddWeighted<4>(a, d, v0, token_elems, ref.count, w, slots); break;
-              case 3: AddWeighted<3>(a, d, v0, token_elems, ref.count, w, slots); break;
-              case 2: AddWeighted<2>(a, d, v0, token_elems, ref.count, w, slots); break;
-              default: AddWeighted<1>(a, d, v0, token_elems, ref.count, w, slots);
-            }
+            if (slice == kLanes)
+              AddWeightedQueries<1>(count, a, d, v0, token_elems, ref.count, w, slots);
+            else
+              AddWeightedQueries<4>(count, a, d, v0, token_elems, ref.count, w, slots);
           }
         }
   }
