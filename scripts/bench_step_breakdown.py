@@ -76,7 +76,7 @@ class StepClock:
 
     def __init__(self, engine):
         self.times: dict[str, float] = defaultdict(float)
-        self.abstract_args = None
+        self.args = None  # the last step's arguments (the donated KV cache's shape survives it)
         runner = engine.runner
         self.jitted = runner._step
         engine.scheduler.schedule = self._timed("schedule", engine.scheduler.schedule)
@@ -104,7 +104,7 @@ class StepClock:
                 return getattr(programs, name)
 
             def __call__(self, *args, **kwargs):
-                recorder.abstract_args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+                recorder.args = args  # as they are: mapping the tree here would count in the host phases
                 start = time.perf_counter()
                 out = programs(*args, **kwargs)
                 returned = time.perf_counter()
@@ -242,7 +242,8 @@ def device_split(engine, clock, steps: int = 3, before=None) -> dict[str, float]
     """ms per step of each part of the jitted step: XLA's per-thunk events from a jax profiler
     trace of `steps` engine steps, summed over both CPU threads (so they can add up to more than
     the step's wall time), grouped by `hlo_categories` of the step's compiled module."""
-    text = clock.jitted.lower(*clock.abstract_args).compile().as_text()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), clock.args)
+    text = clock.jitted.lower(*abstract).compile().as_text()
     categories = hlo_categories(text)
     # Loops, conditionals and calls: their events span the instructions inside, counted on their own.
     wrappers = set(re.findall(r"^\s*(?:ROOT )?%([\w.\-]+) = .*? (?:while|conditional|call)\(", text, re.M))
