@@ -28,7 +28,7 @@ Workloads (`--workload`):
 Warm-up is excluded for every engine: jpaged runs the workload once cold (its time and its
 step compilations are reported) and is then timed on a second pass; HF and vLLM run a small
 generate first. Each engine also decodes one request alone (`--single-tokens`, EOS ignored),
-timed after a warm-up run of the same request.
+timed after a warm-up run of the same request: the median of `--single-rounds` runs.
 
 Output: a table, a JSON file (`--out`) and a bar plot beside it (same name, `.png`).
 
@@ -52,6 +52,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -168,7 +169,8 @@ def run_jpaged(workload: Workload, single: list[int], single_tokens: int, args) 
     seconds, token_ids = timed(requests, params)
     single_params = SamplingParams(temperature=0.0, max_tokens=single_tokens, ignore_eos=True)
     timed({"prompt_token_ids": single}, single_params)
-    single_seconds, _ = timed({"prompt_token_ids": single}, single_params)
+    single_seconds = statistics.median(timed({"prompt_token_ids": single}, single_params)[0]
+                                       for _ in range(args.single_rounds))
     details = {"cold_seconds": cold, "compilations": compilations,
                "compilations_after_single": llm.engine.stats().num_compilations,
                "settings": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -223,7 +225,7 @@ def hf_generate(model, prompts: list[list[int]], max_new_tokens: int, pad_id: in
 
 
 def run_hf(model, workload: Workload, single: list[int], single_tokens: int, batch_size: int,
-           pad_id: int) -> EngineRun:
+           pad_id: int, rounds: int) -> EngineRun:
     """Static batches run until their longest request is done; each row is cut to its own length."""
     hf_generate(model, workload.prompts[:2], 8, pad_id)  # warm-up
     results: list[list[int]] = []
@@ -234,9 +236,13 @@ def run_hf(model, workload: Workload, single: list[int], single_tokens: int, bat
         results.extend(row[:limit] for row, limit in zip(rows, limits))
     seconds = time.perf_counter() - started
     hf_generate(model, [single], 8, pad_id)
-    started = time.perf_counter()
-    hf_generate(model, [single], single_tokens, pad_id)
-    single_rate = single_tokens / (time.perf_counter() - started)
+
+    def timed_single() -> float:
+        started = time.perf_counter()
+        hf_generate(model, [single], single_tokens, pad_id)
+        return time.perf_counter() - started
+
+    single_rate = single_tokens / statistics.median(timed_single() for _ in range(rounds))
     return EngineRun(seconds, results, single_rate, {"settings": {"batch_size": batch_size}})
 
 
@@ -284,7 +290,8 @@ def run_hf_batch(model, workload: Workload, single: list[int], single_tokens: in
         cb_generate(manager, [single, single], [8, 8], "warmup")  # no workload prompt: its blocks could be shared
         seconds, token_ids = cb_generate(manager, workload.prompts, workload.max_tokens, "run")
         cb_generate(manager, [single], [8], "single-warmup")
-        single_seconds, _ = cb_generate(manager, [single], [single_tokens], "single")
+        single_seconds = statistics.median(cb_generate(manager, [single], [single_tokens], f"single-{i}")[0]
+                                           for i in range(args.single_rounds))
     settings = {k: v for k, v in dataclasses.asdict(config).items()
                 if k in ("page_size", "num_blocks", "max_batch_tokens", "max_requests_per_batch",
                          "allow_block_sharing", "use_cuda_graph", "use_async_batching")}
@@ -311,10 +318,11 @@ def worker_run(result: dict, process_seconds: float, keys: tuple[str, ...]) -> E
     return EngineRun(result["seconds"], result["token_ids"], result["single_tokens"] / result["single_seconds"], details)
 
 
-def requests_json(workload: Workload, single: list[int], single_tokens: int) -> dict:
-    """The workload's requests and the single request, as a worker's job gives them."""
+def requests_json(workload: Workload, single: list[int], single_tokens: int, rounds: int) -> dict:
+    """The workload's requests and the single request (timed `rounds` times, the median kept), as
+    a worker's job gives them."""
     return {"requests": [{"prompt_token_ids": p, "max_tokens": n} for p, n in zip(workload.prompts, workload.max_tokens)],
-            "single": {"prompt_token_ids": single, "max_tokens": single_tokens}}
+            "single": {"prompt_token_ids": single, "max_tokens": single_tokens, "rounds": rounds}}
 
 
 def run_vllm(python: str, folder: Path, workload: Workload, single: list[int], single_tokens: int,
@@ -325,7 +333,7 @@ def run_vllm(python: str, folder: Path, workload: Workload, single: list[int], s
            "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                       "max_model_len": max(2048, max_model_len), "kv_cache_gib": args.kv_cache_gib,
                       "enable_prefix_caching": True},
-           **requests_json(workload, single, single_tokens)}
+           **requests_json(workload, single, single_tokens, args.single_rounds)}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}" if args.vllm_omp_bind == "all" else args.vllm_omp_bind
     result, seconds = run_worker(python, "bench_vllm_worker.py", job, env)
@@ -337,7 +345,7 @@ def run_llama_cpp(python: str, gguf: Path, workload: Workload, single: list[int]
     """llama.cpp through llama-cpp-python in its own venv (scripts/bench_llama_cpp_worker.py), on an
     all-float32 copy of the GGUF kept in jpaged's cache directory (`llama.cpp/<name>-f32.gguf`)."""
     job = {"gguf": str(gguf), "float32_gguf": str(cache_dir() / "llama.cpp" / f"{gguf.stem}-f32.gguf"),
-           "n_batch": args.max_num_batched_tokens, **requests_json(workload, single, single_tokens)}
+           "n_batch": args.max_num_batched_tokens, **requests_json(workload, single, single_tokens, args.single_rounds)}
     result, seconds = run_worker(python, "bench_llama_cpp_worker.py", job, dict(os.environ))
     return worker_run(result, seconds, ("startup_seconds", "warmup_seconds", "settings", "versions"))
 
@@ -441,6 +449,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--single-tokens", type=int, default=128)
+    parser.add_argument("--single-rounds", type=int, default=3,
+                        help="timed runs of the single request per engine (the median is reported)")
     parser.add_argument("--out", help="default: bench_results/throughput_<workload>.json")
     args = parser.parse_args()
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
@@ -471,7 +481,7 @@ def run_engines(args, workload: Workload, single: list[int], tokenizer) -> dict[
         if "hf" in args.engines:
             print("HF generate ...", flush=True)
             runs["hf"] = run_hf(model, workload, single, args.single_tokens, args.hf_batch_size,
-                                tokenizer.pad_token_id)
+                                tokenizer.pad_token_id, args.single_rounds)
         if "hf-batch" in args.engines:
             print("HF continuous batching ...", flush=True)
             runs["hf-batch"] = run_hf_batch(model, workload, single, args.single_tokens, args)

@@ -11,8 +11,9 @@ bench_throughput.py starts it as `<venv python> bench_vllm_worker.py JOB.json RE
 JOB.json holds the model folder (an HF float32 folder: config, safetensors, tokenizer), the
 engine's settings, the requests as token ids with their `max_tokens`, and the single-request
 prompt. The worker warms the engine up (excluded), times `generate` over all requests (greedy,
-EOS ignored, each request exactly its `max_tokens`), then the single request, and writes token
-ids, seconds and the settings it ran with to RESULT.json.
+EOS ignored, each request exactly its `max_tokens`), then the single request (a warm-up run, then
+the median of the job's `rounds` runs), and writes token ids, seconds and the settings it ran with
+to RESULT.json.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -66,7 +68,9 @@ def run(job: dict) -> dict:
     seconds, token_ids = timed_generate(llm, prompts, max_tokens)
     single = job["single"]
     timed_generate(llm, [single["prompt_token_ids"]], [single["max_tokens"]])  # its shapes warmed up
-    single_seconds, single_ids = timed_generate(llm, [single["prompt_token_ids"]], [single["max_tokens"]])
+    rounds = [timed_generate(llm, [single["prompt_token_ids"]], [single["max_tokens"]])
+              for _ in range(single.get("rounds", 1))]
+    single_seconds, single_ids = statistics.median(r[0] for r in rounds), rounds[-1][1]
     return {"seconds": seconds, "token_ids": token_ids, "startup_seconds": startup,
             "warmup_seconds": warmup, "single_seconds": single_seconds,
             "single_tokens": len(single_ids[0]), "settings": job["engine"],
