@@ -128,18 +128,6 @@ inline void ScoreKeys(const float* q, const float* k, int64_t stride, int64_t n,
   for (int g = 0; g < G; ++g) StoreV(out + g * out_stride, SumEachOf16(partial[g]));
 }
 
-// ScoreKeys for `queries` (1 to 4) query vectors.
-template <int D>
-inline void ScoreQueries(int64_t queries, const float* q, const float* k, int64_t stride, int64_t n, int64_t d,
-                         float* out, int64_t out_stride) {
-  switch (queries) {
-    case 4: ScoreKeys<D, 4>(q, k, stride, n, d, out, out_stride); break;
-    case 3: ScoreKeys<D, 3>(q, k, stride, n, d, out, out_stride); break;
-    case 2: ScoreKeys<D, 2>(q, k, stride, n, d, out, out_stride); break;
-    default: ScoreKeys<D, 1>(q, k, stride, n, d, out, out_stride);
-  }
-}
-
 // acc[k * acc_stride + 0..16C) += sum over t < count of w[k * w_stride + t] * v[t * v_stride + 0..16C),
 // for k < N: N queries' slices of C x 16 floats of one KV head's values, accumulated in registers
 // (N x C independent sums, so that consecutive tokens' products do not wait on one another).
@@ -161,15 +149,15 @@ inline void AddWeighted(float* acc, int64_t acc_stride, const float* v, int64_t 
     for (int c = 0; c < C; ++c) StoreV(acc + k * acc_stride + c * kLanes, a[k][c]);
 }
 
-// AddWeighted for `count` (1 to 4) queries, C 16-float slices at a time.
-template <int C>
-inline void AddWeightedQueries(int64_t queries, float* acc, int64_t acc_stride, const float* v, int64_t v_stride,
-                               int64_t count, const float* w, int64_t w_stride) {
-  switch (queries) {
-    case 4: AddWeighted<4, C>(acc, acc_stride, v, v_stride, count, w, w_stride); break;
-    case 3: AddWeighted<3, C>(acc, acc_stride, v, v_stride, count, w, w_stride); break;
-    case 2: AddWeighted<2, C>(acc, acc_stride, v, v_stride, count, w, w_stride); break;
-    default: AddWeighted<1, C>(acc, acc_stride, v, v_stride, count, w, w_stride);
+// f(std::integral_constant<int, n>{}) for a run-time count n of query vectors (1 to 4), so that
+// the kernels above get it as a template argument and keep their sums in registers.
+template <typename F>
+inline void WithQueryCount(int64_t n, F f) {
+  switch (n) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{});
   }
 }
 
@@ -262,6 +250,12 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
     }
   };
 
+  // The query vectors of one KV head go through the scores a few at a time (sharing each key's
+  // loads: 4, or 2 for head_dim above 64) and through the weighted values up to 4 at a time, 64
+  // floats of head_dim at a time (16 where head_dim is not a multiple of 64).
+  const int64_t score_pass = d > 64 ? 2 : 4;
+  const int64_t value_slice = d % (4 * kLanes) ? kLanes : 4 * kLanes;
+
   // Scores: 16 keys at a time, each dot as lane-wise partial sums added across lanes at the end.
   prefetch(k_cache, k_scales, 0);
   for (int64_t b = 0; b < num_blocks; ++b) {
@@ -283,21 +277,21 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
         }
         continue;
       }
-      // The query vectors of one KV head (up to 4 at a time, 2 for head_dim 128) share each key.
-      const int64_t per_pass = d > 64 ? 2 : 4;
       for (int64_t i = 0; i < item.num_queries; ++i)
         for (int64_t h = 0; h < s.num_kv_heads; ++h)
-          for (int64_t g0 = 0; g0 < group; g0 += per_pass) {
-            const int64_t first_j = i * heads + h * group + g0, count = std::min(per_pass, group - g0);
+          for (int64_t g0 = 0; g0 < group; g0 += score_pass) {
+            const int64_t first_j = i * heads + h * group + g0;
             const float* qj = qv.data() + first_j * d;
             const float* k0 = keys + t0 * token_elems + h * d;
             float* out_scores = scores.data() + first_j * slots + b * s.block_size + t0;
-            if (d == 64 && n == kLanes)
-              ScoreQueries<64>(count, qj, k0, token_elems, n, d, out_scores, slots);
-            else if (d == 128 && n == kLanes)
-              ScoreQueries<128>(count, qj, k0, token_elems, n, d, out_scores, slots);
-            else
-              ScoreQueries<0>(count, qj, k0, token_elems, n, d, out_scores, slots);
+            WithQueryCount(std::min(score_pass, group - g0), [&](auto g) {
+              if (d == 64 && n == kLanes)
+                ScoreKeys<64, g>(qj, k0, token_elems, n, d, out_scores, slots);
+              else if (d == 128 && n == kLanes)
+                ScoreKeys<128, g>(qj, k0, token_elems, n, d, out_scores, slots);
+              else
+                ScoreKeys<0, g>(qj, k0, token_elems, n, d, out_scores, slots);
+            });
           }
     }
     apply_scales(k_scales, ref, b);
@@ -330,9 +324,8 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
     for (int64_t t = (n + kLanes - 1) / kLanes * kLanes; t < num_keys; ++t) sj[t] = 0.0f;  // keys it cannot see
   }
 
-  // Weighted values (the weights of keys a query cannot see are 0). Per block and KV head, its
-  // query vectors go four at a time with their accumulators in registers, 64 floats of head_dim
-  // at a time (16 where head_dim is not a multiple of 64).
+  // Weighted values (the weights of keys a query cannot see are 0), per block and KV head, with
+  // the query vectors' accumulators in registers.
   for (int64_t b = 0; b < num_blocks; ++b) {
     prefetch(v_cache, v_scales, b + 1);
     const BlockRef ref = block_ref(b);
@@ -351,17 +344,18 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
     for (int64_t h = 0; h < s.num_kv_heads; ++h)
       for (int64_t i = 0; i < item.num_queries; ++i)
         for (int64_t g0 = 0; g0 < group; g0 += 4) {
-          const int64_t first_j = i * heads + h * group + g0, count = std::min<int64_t>(4, group - g0);
-          const int64_t slice = d % (4 * kLanes) ? kLanes : 4 * kLanes;  // floats of head_dim at a time
-          for (int64_t x = 0; x < d; x += slice) {
-            const float* v0 = values + h * d + x;
-            float* a = acc.data() + first_j * d + x;
-            const float* w = weights + first_j * slots;
-            if (slice == kLanes)
-              AddWeightedQueries<1>(count, a, d, v0, token_elems, ref.count, w, slots);
-            else
-              AddWeightedQueries<4>(count, a, d, v0, token_elems, ref.count, w, slots);
-          }
+          const int64_t first_j = i * heads + h * group + g0;
+          const float* w = weights + first_j * slots;
+          WithQueryCount(std::min<int64_t>(4, group - g0), [&](auto count) {
+            for (int64_t x = 0; x < d; x += value_slice) {
+              const float* v0 = values + h * d + x;
+              float* a = acc.data() + first_j * d + x;
+              if (value_slice == kLanes)
+                AddWeighted<count, 1>(a, d, v0, token_elems, ref.count, w, slots);
+              else
+                AddWeighted<count, 4>(a, d, v0, token_elems, ref.count, w, slots);
+            }
+          });
         }
   }
 
