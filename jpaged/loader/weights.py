@@ -71,6 +71,7 @@ _FUSIONS = {
     "self_attn.qkv_proj.bias": ("qkv_bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")),
     "mlp.gate_up_proj.weight": ("gate_up_proj", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
 }
+_FUSED_INTO = {part: fused for fused, (_, parts) in _FUSIONS.items() for part in parts}
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT_NAME = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(.+)")
 
@@ -132,11 +133,9 @@ def fuse_projections(weights: Iterable[tuple[str, np.ndarray]], layers: dict, sh
     pending: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, tensor in weights:
         match = _LAYER_NAME.fullmatch(name)
-        layer = int(match.group(1)) if match else -1
-        params = layers.get(layer % len(layers), {}) if match else {}
-        fused = next((f for f, (param, parts) in _FUSIONS.items() if match.group(2) in parts and param in params),
-                     None) if match else None
-        if fused is None:
+        fused = _FUSED_INTO.get(match.group(2)) if match else None
+        layer = int(match.group(1)) if fused else -1
+        if fused is None or _FUSIONS[fused][0] not in layers.get(layer % len(layers), {}):
             yield name, tensor
             continue
         held = pending.setdefault((layer, fused), {})
