@@ -123,9 +123,11 @@ inline V16 SumOf16Transposed(const V16 (&p)[16]) {
 // Helper threads of the kernels' own, one per processor the process may run on but one. A step
 // calls the kernels hundreds of times, tens of microseconds apart; waking a sleeping thread for
 // each call costs about as much as it saves (a one-row product with a 576 x 576 int8 weight took
-// 19 us on one thread of XLA's intra-op pool, 27 on two). So a helper keeps spinning for
-// kSpinMicros after each job, and a call never waits for one to wake: it opens its work items to
-// whichever helpers are awake, wakes the sleeping ones for the calls that follow, and works
+// 19 us on one thread of XLA's intra-op pool, 27 on two). So a helper keeps spinning after a job
+// for as long as its call asks (a kernel whose next call comes soon, with no XLA work between,
+// asks for 100 us; one followed by XLA's own matmuls asks for none, as a spinning helper would
+// hold a processor they want), and a call never waits for one to wake: it opens its work items
+// to whichever helpers are awake, wakes the sleeping ones for the calls that follow, and works
 // through the items itself. One call at a time has the helpers; a concurrent one (another
 // emulated device, another replica) runs alone.
 class Helpers {
@@ -135,13 +137,15 @@ class Helpers {
     return *helpers;
   }
 
-  // Runs work(i) for every i in [0, count), here and on the helpers awake; returns when all are done.
+  // Runs work(i) for every i in [0, count), here and on the helpers awake; returns when all are
+  // done. The helpers then spin for spin_micros before they sleep.
   template <typename F>
-  void Run(int64_t count, F& work) {
+  void Run(int64_t count, F& work, int64_t spin_micros) {
     if (count <= 1 || threads_ == 0 || owned_.exchange(true)) {
       for (int64_t i = 0; i < count; ++i) work(i);
       return;
     }
+    spin_micros_.store(spin_micros);
     job_.run = +[](void* f, int64_t i) { (*static_cast<F*>(f))(i); };
     job_.work = &work;
     job_.count = count;
@@ -158,8 +162,6 @@ class Helpers {
   }
 
  private:
-  static constexpr int64_t kSpinMicros = 100;
-
   struct Job {
     void (*run)(void* work, int64_t i);
     void* work;
@@ -187,7 +189,7 @@ class Helpers {
   void Loop() {
     uint64_t seen = ticket_.load();
     for (;;) {
-      auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+      auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_micros_.load());
       uint64_t ticket;
       while ((ticket = ticket_.load()) == seen || ticket % 2 == 0) {
         seen = ticket;  // a job that closed before this thread saw it open is not joined
@@ -199,7 +201,7 @@ class Helpers {
         sleeping_.fetch_add(1);
         wake_.wait(lock, [&] { return ticket_.load() != seen && ticket_.load() % 2 == 1; });
         sleeping_.fetch_sub(1);
-        deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+        deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_micros_.load());
       }
       inside_.fetch_add(1);
       if (ticket_.load() == ticket) TakeItems();  // else it closed meanwhile: job_ is not ours to read
@@ -213,15 +215,22 @@ class Helpers {
   std::atomic<uint64_t> ticket_{0};
   std::atomic<int> inside_{0};
   std::atomic<int> sleeping_{0};
+  std::atomic<int64_t> spin_micros_{0};
   std::mutex mutex_;
   std::condition_variable wake_;
   Job job_;
 };
 
-// Runs `work(i)` for i in [0, count) on the calling thread and the helpers awake.
+// How long helpers wait for a next call after a kernel's (see Helpers): a quantized product is
+// followed by the next one within tens of microseconds, attention by XLA's own matmuls.
+constexpr int64_t kSpinToNextProduct = 100;
+constexpr int64_t kNoSpin = 0;
+
+// Runs `work(i)` for i in [0, count) on the calling thread and the helpers awake, which then
+// spin for `spin_micros` waiting for the next call before they sleep.
 template <typename F>
-void ParallelFor(int64_t count, F work) {
-  Helpers::Get().Run(count, work);
+void ParallelFor(int64_t count, int64_t spin_micros, F work) {
+  Helpers::Get().Run(count, work, spin_micros);
 }
 
 inline XLA_FFI_Error* Fail(const XLA_FFI_Api* api, const char* message) {

@@ -378,7 +378,8 @@ void Attend(const Shapes& s, const Q* q, const C* k_cache, const C* v_cache, con
   std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) {
     return int64_t(a.num_queries) * context_lens[a.row] > int64_t(b.num_queries) * context_lens[b.row];
   });
-  ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t i) {
+  // The layer's products follow (XLA's own, for float weights), which a spinning helper would slow.
+  ParallelFor(static_cast<int64_t>(items.size()), kNoSpin, [&](int64_t i) {
     AttendItem(items[i], q, k_cache, v_cache, k_scales, v_scales, layer, block_tables, context_lens, query_start,
                query_lens, scale, s, out);
   });

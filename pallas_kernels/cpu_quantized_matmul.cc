@@ -448,7 +448,7 @@ void Multiply(const float* x, const uint8_t* w, const float* scale, const Shapes
   const float* x_packed = packed.data();  // the helpers' own thread_local `packed` is another vector
   const int64_t blocks = (s.n + kLanes - 1) / kLanes;
   const int64_t per_item = blocks >= 32 ? 4 : 1;
-  ParallelFor((blocks + per_item - 1) / per_item, [&](int64_t i) {
+  ParallelFor((blocks + per_item - 1) / per_item, kSpinToNextProduct, [&](int64_t i) {
     MultiplyBlocks<Format>(x, x_packed, w, scale, s, i * per_item, std::min(blocks, (i + 1) * per_item), out);
   });
 }
