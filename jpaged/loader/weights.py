@@ -24,6 +24,7 @@ from flax import nnx
 
 from jpaged.config import ModelConfig
 from jpaged.loader.host_store import HostStore
+from jpaged.models.llama import FUSED
 from jpaged.models.quantization import QUANTIZED_PARAMS, quantize, scale_name, scheme_of
 
 _LAYER_TENSORS = {
@@ -64,13 +65,13 @@ _TOP_TENSORS = {
     "model.norm.weight": ("norm", False),
     "lm_head.weight": ("lm_head", True),
 }
-# Fused tensors (joined from their parts, in this order) and the layer parameters they fill.
-_FUSIONS = {
-    "self_attn.qkv_proj.weight": ("qkv_proj", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                               "self_attn.v_proj.weight")),
-    "self_attn.qkv_proj.bias": ("qkv_bias", ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")),
-    "mlp.gate_up_proj.weight": ("gate_up_proj", ("mlp.gate_proj.weight", "mlp.up_proj.weight")),
-}
+_LAYER_TENSOR_OF = {param: name for name, (param, _) in _LAYER_TENSORS.items()}
+# Fused tensors (joined from their parts, in this order; the model's `FUSED` projections, and the
+# q / k / v biases into `qkv_bias`) and the layer parameters they fill.
+_FUSIONS = {_LAYER_TENSOR_OF[fused]: (fused, tuple(_LAYER_TENSOR_OF[part] for part in parts))
+            for fused, parts in FUSED.items()}
+_FUSIONS["self_attn.qkv_proj.bias"] = ("qkv_bias", tuple(name.replace(".weight", ".bias")
+                                                         for name in _FUSIONS["self_attn.qkv_proj.weight"][1]))
 _FUSED_INTO = {part: fused for fused, (_, parts) in _FUSIONS.items() for part in parts}
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _EXPERT_NAME = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(.+)")
