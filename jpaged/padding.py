@@ -30,7 +30,10 @@ MAX_BIASED_TOKENS = 1024
 """Most token ids one request may bias per step: its ``logit_bias`` entries, plus its stop token ids
 and the model's EOS ids while it is under ``min_tokens``."""
 
-_HALF_STEPS_FROM = 24  # row counts from here to max_num_seqs also take the 3/4 points (24, 48, 96, ...)
+MAX_PROGRAMS = 16
+"""Most token counts (so compiled step programs) a configuration has."""
+
+_THREE_QUARTERS_FROM = 24  # the 3/4 points between powers of two from here: 24, 48, 96, ...
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,12 @@ class StepShapes:
     entries (the most a sequence of `max_model_len` tokens holds); the sampling arrays'
     penalty lists to `penalty_width` ids and bias lists to `MAX_BIASED_TOKENS`.
 
-    Token counts are the powers of two below `max_num_batched_tokens`, and that limit itself;
-    from 24 up to `max_num_seqs` (the sizes of decode-only batches) also the 3/4 points between
-    powers of two, which keep decode padding under a third.
+    Token counts are the powers of two below `max_num_batched_tokens`, that limit itself, and the
+    3/4 points between powers of two from 24 up (24, 48, 96, 192, 384, ...), which keep a step's
+    padding under a third: decode batches are weight-bound, but a step with prompt chunks is
+    compute-bound in its matmuls, so its padding costs in proportion. Where that would make more
+    than `MAX_PROGRAMS` counts, the largest 3/4 points are left out (decode-only steps, of any
+    row count up to `max_num_seqs`, are most steps; prompt chunks mostly fill the limit).
     """
 
     token_counts: tuple[int, ...]
@@ -56,11 +62,11 @@ class StepShapes:
     @classmethod
     def for_limits(cls, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
                    block_size: int, vocab_size: int) -> StepShapes:
-        counts = {1 << k for k in range(max_num_batched_tokens.bit_length())}
-        counts |= {3 * (1 << k) for k in range(3, max_num_seqs.bit_length())
-                   if _HALF_STEPS_FROM <= 3 * (1 << k) <= max_num_seqs}
-        counts = sorted(c for c in counts if c < max_num_batched_tokens) + [max_num_batched_tokens]
-        return cls(tuple(counts), max_num_seqs, -(-max_model_len // block_size), min(max_model_len, vocab_size))
+        limit = max_num_batched_tokens
+        counts = {1 << k for k in range(limit.bit_length()) if 1 << k < limit} | {limit}
+        quarters = [3 << k for k in range(3, limit.bit_length()) if _THREE_QUARTERS_FROM <= 3 << k < limit]
+        counts.update(quarters[:max(0, MAX_PROGRAMS - len(counts))])
+        return cls(tuple(sorted(counts)), max_num_seqs, -(-max_model_len // block_size), min(max_model_len, vocab_size))
 
     def num_tokens(self, n: int) -> int:
         """The padded token count of a step (or micro-batch) of `n` tokens; ValueError past the limit."""
