@@ -47,11 +47,12 @@ class StepShapes:
     penalty lists to `penalty_width` ids and bias lists to `MAX_BIASED_TOKENS`.
 
     Token counts are the powers of two below `max_num_batched_tokens`, that limit itself, and the
-    3/4 points between powers of two from 24 up (24, 48, 96, 192, 384, ...), which keep a step's
-    padding under a third: decode batches are weight-bound, but a step with prompt chunks is
-    compute-bound in its matmuls, so its padding costs in proportion. Where that would make more
-    than `MAX_PROGRAMS` counts, the largest 3/4 points are left out (decode-only steps, of any
-    row count up to `max_num_seqs`, are most steps; prompt chunks mostly fill the limit).
+    3/4 points between powers of two from 24 up (24, 48, 96, 192, 384, ...), which keep the
+    padding of a step of more than 16 tokens under a third of it: decode batches are
+    weight-bound, but a step with prompt chunks is compute-bound in its matmuls, so its padding
+    costs in proportion. Where that would make more than `MAX_PROGRAMS` counts, the largest 3/4
+    points are left out (decode-only steps, of any row count up to `max_num_seqs`, are most
+    steps; prompt chunks mostly fill the limit).
     """
 
     token_counts: tuple[int, ...]
