@@ -8,6 +8,7 @@ Prompts go through the chat template when the tokenizer has one (turn off with `
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -39,6 +40,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages the layers split into")
     parser.add_argument("--expert-parallel-size", type=int, default=1, help="devices that split the experts")
     parser.add_argument("--data-parallel-size", type=int, default=1, help="whole-engine replicas")
+    parser.add_argument("--speculative-config", type=json.loads, default=None,
+                        help='n-gram speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine events")
 
 
@@ -50,7 +53,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, compile_warmup=args.compile_warmup,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-                expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size)
+                expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size,
+                speculative_config=args.speculative_config)
 
 
 def _add_serve_args(parser: argparse.ArgumentParser) -> None:

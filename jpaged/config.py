@@ -1,7 +1,8 @@
 """Configuration: what the model is, how the KV cache is sized, how the scheduler batches.
 
 `ModelConfig` is read from an HF `config.json` (or built from GGUF metadata in the same shape);
-`CacheConfig` and `SchedulerConfig` are the engine's knobs; `EngineConfig` bundles them.
+`CacheConfig`, `SchedulerConfig` and `SpeculativeConfig` are the engine's knobs; `EngineConfig`
+bundles them.
 """
 
 from __future__ import annotations
@@ -231,6 +232,39 @@ class SchedulerConfig:
 
 
 @dataclass
+class SpeculativeConfig:
+    """N-gram speculative decoding (prompt lookup, as vLLM's ``"ngram"`` method): before each step
+    a decoding sequence looks for the latest earlier occurrence of its last n tokens (n from
+    `prompt_lookup_max` down to `prompt_lookup_min`) in its prompt and output, proposes the up to
+    `num_speculative_tokens` tokens that followed it, and the step verifies them all at once.
+    Off while `num_speculative_tokens` is 0. Only greedy sequences draft (see
+    `jpaged/ngram_proposer.py`); their tokens are those of plain greedy decoding.
+    """
+
+    method: str | None = None  # None (off) | "ngram"
+    num_speculative_tokens: int = 0
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+
+    def __post_init__(self):
+        if self.method not in (None, "ngram"):
+            raise ValueError(f"speculative method must be 'ngram', got {self.method!r}")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        if self.method is None and self.num_speculative_tokens:
+            self.method = "ngram"
+        if self.method == "ngram" and not self.num_speculative_tokens:
+            raise ValueError("speculative method 'ngram' needs num_speculative_tokens >= 1")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min {self.prompt_lookup_min} and prompt_lookup_max "
+                             f"{self.prompt_lookup_max} must satisfy 1 <= min <= max")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_speculative_tokens > 0
+
+
+@dataclass
 class ParallelConfig:
     """How devices split the model: each size is one named axis of the device mesh.
 
@@ -285,6 +319,7 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self):
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -292,6 +327,9 @@ class EngineConfig:
         if self.quantization not in (None, "int8", "fp8", "gguf"):
             raise ValueError(f"quantization must be None, 'int8', 'fp8' or 'gguf', got {self.quantization!r}")
         self._check_offload()
+        if self.speculative.enabled and self.parallel.pipeline_parallel_size > 1:
+            raise ValueError(f"speculative decoding runs without pipeline parallelism; pipeline_parallel_size="
+                             f"{self.parallel.pipeline_parallel_size} must be 1")
         if self.attention_backend not in ("auto", "pallas", "cpu", "reference"):
             raise ValueError("attention_backend must be one of 'auto', 'pallas', 'cpu', 'reference', "
                              f"got {self.attention_backend!r}")

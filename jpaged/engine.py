@@ -25,6 +25,7 @@ from jpaged.engine_client import EngineStats, PromptType
 from jpaged.loader.source import open_model
 from jpaged.model_runner import ModelRunner, StepOutput
 from jpaged.models.quantization import gguf_packed
+from jpaged.ngram_proposer import NgramProposer, accepted_tokens, can_draft
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
@@ -73,6 +74,9 @@ class LLMEngine:
         self._seed_rng = random.Random(config.seed)
         self.num_prompt_tokens_computed = 0
         self.num_generated_tokens = 0
+        self.proposer = NgramProposer(config.speculative) if config.speculative.enabled else None
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
         logger.info("engine ready: %s, weights %.1f MiB on the device%s (%s), %d KV blocks of %d tokens (%.1f MiB, "
                     "%s), max_model_len %d", self.model_name, self.runner.weight_bytes / 2**20,
                     f" + {self.runner.offloaded_bytes / 2**20:.1f} MiB streamed (all devices)" if self.runner.offload
@@ -203,6 +207,8 @@ class LLMEngine:
             num_swap_outs=self.scheduler.num_swap_outs,
             num_prompt_tokens_computed=self.num_prompt_tokens_computed,
             num_generated_tokens=self.num_generated_tokens,
+            num_draft_tokens=self.num_draft_tokens,
+            num_accepted_draft_tokens=self.num_accepted_tokens,
             num_compilations=self.runner.num_compilations,
             weight_bytes=self.runner.weight_bytes,
             kv_cache_bytes=self.runner.kv_cache_bytes,
@@ -211,6 +217,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One scheduled model step; outputs for every request that took part in it."""
+        if self.proposer is not None:
+            self._propose_drafts()
         plan = self.scheduler.schedule()
         self.runner.move_blocks(plan)
         if not plan.scheduled:
@@ -220,14 +228,21 @@ class LLMEngine:
         if result.prompt_rows is not None:
             self._record_prompt_logprobs(plan.scheduled, result)
         touched: dict[str, Request] = {}
+        checked = 0  # draft checks taken so far from `result.draft_choices`
         for row, item in enumerate(plan.scheduled):
             seq = item.seq
             self._count_computed(seq, item.num_new_tokens)
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
-            if item.samples:
+            seq.num_computed_tokens += item.num_new_tokens - item.num_draft_tokens
+            if item.num_draft_tokens:
+                drafts = seq.draft_token_ids[:item.num_draft_tokens]
+                choices = result.draft_choices[checked:checked + len(drafts)].tolist()
+                checked += len(drafts)
+                seq.num_computed_tokens += self._append_verified(seq, drafts, choices + [int(sampled.token_ids[row])])
+            elif item.samples:
                 self._record_logprobs(seq, sampled, row)
                 self._append_token(seq, int(sampled.token_ids[row]))
+            seq.draft_token_ids = []
+            self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
             if seq.is_finished:
                 self.scheduler.finish(seq)
             touched[seq.request_id] = seq.request
@@ -236,6 +251,26 @@ class LLMEngine:
             if request.is_finished:
                 self.requests.pop(request.request_id, None)
         return outputs
+
+    def _propose_drafts(self) -> None:
+        """Draft tokens for each running sequence about to decode greedily (see `ngram_proposer`),
+        never more than its request's remaining tokens less one."""
+        for seq in self.scheduler.running:
+            limit = seq.sampling_params.max_tokens - len(seq.output_token_ids) - 1
+            ready = seq.num_uncomputed_tokens == 1 and can_draft(seq)
+            seq.draft_token_ids = self.proposer.propose(seq, limit) if ready else []
+
+    def _append_verified(self, seq: Sequence, drafts: list[int], greedy: list[int]) -> int:
+        """Append the tokens a step with `drafts` emits for `seq` (until a stop condition ends it);
+        the number of drafts appended, whose K/V the step computed."""
+        tokens = accepted_tokens(drafts, greedy)
+        self.num_draft_tokens += len(drafts)
+        self.num_accepted_tokens += len(tokens) - 1
+        for appended, token in enumerate(tokens, 1):
+            self._append_token(seq, token)
+            if seq.is_finished:
+                break
+        return min(appended, len(tokens) - 1)
 
     def _count_computed(self, seq: Sequence, num_new_tokens: int) -> None:
         num_prompt = len(seq.prompt_token_ids)

@@ -38,6 +38,8 @@ class EngineStats:
     num_streamed_layers: int = 0  # decoder layers copied onto the devices in every step
     streamed_bytes_per_step: int = 0  # bytes those copies move onto each device per step
     streamed_bytes: int = 0  # bytes copied onto each device so far
+    num_draft_tokens: int = 0  # speculative tokens checked so far (SpeculativeConfig)
+    num_accepted_draft_tokens: int = 0  # of those, the ones the model's own choices confirmed
 
 
 @runtime_checkable

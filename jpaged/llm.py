@@ -16,7 +16,7 @@ from collections.abc import Sequence as SequenceABC
 from tqdm.auto import tqdm
 
 from jpaged.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
-from jpaged.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from jpaged.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineClient, PromptType
@@ -24,13 +24,15 @@ from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 
 
-def engine_config(model: str | None, **kwargs) -> EngineConfig:
-    """Distribute flat keyword arguments over the config dataclasses by field name."""
-    parts = {}
+def engine_config(model: str | None, speculative_config: dict | None = None, **kwargs) -> EngineConfig:
+    """Distribute flat keyword arguments over the config dataclasses by field name;
+    `speculative_config` is a dict of `SpeculativeConfig` fields, as vLLM's argument of that name
+    (e.g. ``{"method": "ngram", "num_speculative_tokens": 4}``)."""
+    parts = {"speculative": SpeculativeConfig(**(speculative_config or {}))}
     for name, cls in (("cache", CacheConfig), ("scheduler", SchedulerConfig), ("parallel", ParallelConfig)):
         names = {f.name for f in dataclasses.fields(cls)}
         parts[name] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
-    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)} - {"model", "cache", "scheduler", "parallel"}
+    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)} - {"model", *parts}
     unknown = sorted(set(kwargs) - engine_fields)
     if unknown:
         raise TypeError(f"unknown engine arguments: {unknown}")

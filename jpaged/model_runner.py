@@ -58,6 +58,7 @@ class StepOutput(NamedTuple):
     sampled: SamplerOutput  # one row per scheduled sequence, in the order given
     prompt_rows: PromptRows | None  # what each prompt-logprob row is about; None: no such rows
     prompt_logprobs: PromptLogprobs | None  # one row per `prompt_rows` entry
+    draft_choices: np.ndarray | None = None  # [D] greedy choices at the draft-check tokens, in order
 
 
 def resolve_dtype(dtype: str):
@@ -399,20 +400,22 @@ class ModelRunner:
 
     def execute(self, scheduled: list[ScheduledSequence], eos_token_ids: list[int]) -> StepOutput:
         """Run one step; per scheduled sequence (in the given order) its sampled token and, where
-        a request wants them, logprobs (rows that do not sample carry meaningless values); and
-        the prompt logprobs of the prompt positions computed in this step, where wanted.
+        a request wants them, logprobs (rows that do not sample carry meaningless values); the
+        prompt logprobs of the prompt positions computed in this step, where wanted; and the
+        greedy choices that check the step's draft tokens, where it has some.
         `eos_token_ids` are blocked for rows still under their `min_tokens`."""
         step = prepare_step(scheduled, self.block_size, self.shapes, self.parallel, eos_token_ids,
                             self.model_config.vocab_size)
         if any(s.num_new_tokens > 1 for s in scheduled) and all(s.samples for s in scheduled):
             self._prefetch_decode(len(scheduled))
         sampled, prompt = self._run(step.batch, step.sampling)
+        drafts = None if step.draft_rows is None else np.asarray(sampled.token_ids)[step.draft_rows]
         fields = sampled if step.wants_logprobs else sampled[:1]
         sampled = SamplerOutput(*(np.asarray(field)[step.rows] for field in fields))
         if step.prompt_rows is None:
-            return StepOutput(sampled, None, None)
+            return StepOutput(sampled, None, None, drafts)
         prompt = PromptLogprobs(*(np.asarray(field)[: len(step.prompt_rows.owner)] for field in prompt))
-        return StepOutput(sampled, step.prompt_rows, prompt)
+        return StepOutput(sampled, step.prompt_rows, prompt, drafts)
 
     def _prefetch_decode(self, num_rows: int) -> None:
         """Start making ready, in the background, the decode step of `num_rows` sequences that

@@ -1,7 +1,8 @@
 """FCFS continuous batching with chunked prefill, prefix reuse and preemption.
 
 Every step the scheduler spends a token budget: first on running sequences in arrival order
-(one token for a decode, a chunk of the remaining prompt for a prefill), then on bringing back
+(one token for a decode, with its draft tokens while the step's rows and drafts together number
+at most `max_num_seqs`; a chunk of the remaining prompt for a prefill), then on bringing back
 swapped-out sequences, then on waiting requests, which start after their longest cached prefix. Blocks come from the
 block manager's narrow face: `get_computed_blocks` once per admission, `allocate_slots` for each
 scheduled chunk (None: no room), `free`; plus `swap_out` / `swap_in` for swap preemption.
@@ -25,12 +26,14 @@ from jpaged.sequence import Sequence, SequenceStatus
 @dataclass(frozen=True)
 class ScheduledSequence:
     seq: Sequence
-    num_new_tokens: int
+    num_new_tokens: int  # its draft tokens included
     samples: bool  # whether this step reaches the sequence's last token, so samples the next one
+    num_draft_tokens: int = 0  # speculative tokens after its last one, the first of `seq.draft_token_ids`
 
     @classmethod
     def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
-        return cls(seq, num_new_tokens, seq.num_computed_tokens + num_new_tokens == seq.num_tokens)
+        past_end = seq.num_computed_tokens + num_new_tokens - seq.num_tokens
+        return cls(seq, num_new_tokens, past_end >= 0, max(past_end, 0))
 
 
 @dataclass
@@ -40,6 +43,7 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device block, host block)
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host block, device block)
+    num_draft_tokens: int = 0  # each checked in a row of the step's logits of its own
 
 
 def _by_priority(seq: Sequence):
@@ -89,12 +93,19 @@ class Scheduler:
             if seq.on_hold:
                 index += 1
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            spare_rows = self.config.max_num_seqs - len(self.running) - out.num_draft_tokens
+            num_drafts = min(len(seq.draft_token_ids), spare_rows, budget - 1) if seq.num_uncomputed_tokens == 1 else 0
+            num_new = min(seq.num_uncomputed_tokens + num_drafts, budget)
             while (slots := self.block_manager.allocate_slots(seq, num_new)) is None:
+                if num_drafts:
+                    num_new -= num_drafts
+                    num_drafts = 0
+                    continue
                 victim = self.running.pop()
                 self._preempt(victim, out)
                 if victim is seq:
                     return budget
+            out.num_draft_tokens += num_drafts
             self._scheduled(out, seq, num_new, slots)
             budget -= num_new
             index += 1
@@ -116,7 +127,7 @@ class Scheduler:
             if seq.on_hold:
                 index += 1
                 continue
-            if len(self.running) + self._samples_to_come(seq) > self.config.max_num_seqs:
+            if len(self.running) + out.num_draft_tokens + self._samples_to_come(seq) > self.config.max_num_seqs:
                 return
             computed = self.block_manager.get_computed_blocks(seq)
             num_new = min(seq.num_tokens - computed.num_tokens, budget)
@@ -146,6 +157,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.num_preemptions += 1
+        seq.draft_token_ids = []
         out.preempted.append(seq)
         if self.config.preemption_mode == "swap" and self.block_manager.can_swap_out(seq):
             out.swap_out += self.block_manager.swap_out(seq)

@@ -65,6 +65,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.detokenizer: IncrementalDetokenizer | None = None  # its output text, built by the engine
         self.on_hold = False  # not to be scheduled until released (beam search rounds)
+        self.draft_token_ids: list[int] = []  # speculative tokens to follow its last one (ngram_proposer.py)
 
     @property
     def request_id(self) -> str:
@@ -89,6 +90,13 @@ class Sequence:
         if start >= num_prompt:  # decodes: no copy of the whole stream each step
             return self.output_token_ids[start - num_prompt : stop - num_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: stop - num_prompt]
+
+    def step_token_ids(self, start: int, stop: int) -> list[int]:
+        """Tokens `[start, stop)` of the stream continued by the draft tokens (a step's row)."""
+        num_tokens = self.num_tokens
+        if stop <= num_tokens:
+            return self.token_ids(start, stop)
+        return self.token_ids(start, num_tokens) + self.draft_token_ids[max(start - num_tokens, 0):stop - num_tokens]
 
     @property
     def computes_prompt_logprobs(self) -> bool:

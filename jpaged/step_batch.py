@@ -6,9 +6,11 @@ Between the scheduler (Python lists) and the device (`jpaged/model_runner.py`), 
   each new token's K/V goes, and per sequence its `block_tables` row, `context_lens`,
   `query_start` and `query_lens`. Decode sequences come first. For a pipeline the step's tokens
   are cut into micro-batches of one shape, stacked on a leading axis;
-- the logits rows: which row of the step's logits belongs to each scheduled sequence, and which
+- the logits rows: which row of the step's logits belongs to each scheduled sequence, which
   tokens' logits give prompt logprobs (for sequences whose request asks for them, in the chunks
-  that compute their prompt);
+  that compute their prompt), and which tokens' greedy choices check draft tokens (a sequence
+  with drafts computes its last token and drafts as one row; the choice after its last token and
+  each draft but the last checks the next draft, and the row's sampled token follows the last);
 - the sampling arrays (`SamplingArrays`): each row's sampling controls, and the token ids its
   penalties, bias and `min_tokens` touch, for the on-device sampler (`jpaged/sampler.py`).
 
@@ -64,10 +66,11 @@ class PromptRows(NamedTuple):
 
 def build_step_batch(scheduled: list[ScheduledSequence], block_size: int, shapes: StepShapes,
                      num_micro_batches: int = 1, stacked: bool = False
-                     ) -> tuple[StepBatch, np.ndarray, PromptRows | None]:
+                     ) -> tuple[StepBatch, np.ndarray, PromptRows | None, np.ndarray | None]:
     """Padded arrays for `scheduled` (decodes first) at `shapes`' sizes; also each sequence's row,
-    in the order given, and the prompt-logprob rows (None when no sequence computes prompt
-    logprobs; the step's prompt arrays are then None too).
+    in the order given, the prompt-logprob rows (None when no sequence computes prompt
+    logprobs; the step's prompt arrays are then None too), and the rows whose tokens are the
+    greedy choices that check draft tokens (see `_draft_rows`; None when there are no drafts).
 
     Flat arrays by default; with `stacked` (a pipeline) they gain a leading `[M]` axis, each
     micro-batch holding a contiguous share of the step's tokens, all padded to one shape. A
@@ -86,11 +89,34 @@ def build_step_batch(scheduled: list[ScheduledSequence], block_size: int, shapes
     logits_indices = (np.arange(len(groups))[:, None] * num_tokens + np.maximum(
         arrays["query_start"] + arrays["query_lens"] - 1, 0)).reshape(-1)
     prompt_indices, prompt_next_ids, prompt_rows = _prompt_rows(groups, [f[2] for f in filled], num_tokens)
+    draft_rows = _draft_rows(scheduled, groups, [f[2] for f in filled], logits_indices)
     if not stacked:
         arrays = {name: array[0] for name, array in arrays.items()}
     token_ids, positions = arrays.pop("token_ids"), arrays.pop("positions")
     attention = AttentionMetadata(**arrays)
-    return StepBatch(token_ids, positions, logits_indices, attention, prompt_indices, prompt_next_ids), rows, prompt_rows
+    batch = StepBatch(token_ids, positions, logits_indices, attention, prompt_indices, prompt_next_ids)
+    return batch, rows, prompt_rows, draft_rows
+
+
+def _draft_rows(scheduled: list[ScheduledSequence], groups: list[list[_Piece]], starts: list[np.ndarray],
+                logits_indices: np.ndarray) -> np.ndarray | None:
+    """Point padding rows of `logits_indices` at the tokens whose greedy choices check drafts (for
+    each scheduled sequence with `d` drafts, in order, the first `d` tokens of its row; a padding
+    row samples greedily with no processor, so its token is that choice) and return those rows.
+    The scheduler keeps rows and drafts within `max_num_seqs`, so within the padded rows."""
+    if not any(item.num_draft_tokens for item in scheduled):
+        return None
+    if len(groups) != 1:
+        raise ValueError("draft tokens are checked in steps of one micro-batch")
+    first_token = {piece.index: start for piece, start in zip(groups[0], starts[0])}
+    checked = np.concatenate([first_token[i] + np.arange(item.num_draft_tokens)
+                              for i, item in enumerate(scheduled) if item.num_draft_tokens])
+    rows = len(groups[0]) + np.arange(len(checked))
+    if rows.size and rows[-1] >= len(logits_indices):
+        raise ValueError(f"{len(groups[0])} rows and {len(checked)} draft tokens exceed the step's "
+                         f"{len(logits_indices)} rows")
+    logits_indices[rows] = checked
+    return rows
 
 
 def _prompt_rows(groups: list[list[_Piece]], starts: list[np.ndarray], num_tokens: int
@@ -173,7 +199,7 @@ def _fill(pieces: list[_Piece], num_tokens: int, num_rows: int, max_blocks: int,
         rows[i], starts[i] = row, start
         span = slice(start, start + piece.count)
         positions = np.arange(piece.first, piece.first + piece.count)
-        arrays["token_ids"][span] = piece.seq.token_ids(piece.first, piece.first + piece.count)
+        arrays["token_ids"][span] = piece.seq.step_token_ids(piece.first, piece.first + piece.count)
         arrays["positions"][span] = positions
         table = np.asarray(piece.seq.block_table, np.int64)
         arrays["slot_mapping"][span] = table[positions // block_size] * block_size + positions % block_size
@@ -421,12 +447,13 @@ class StepInputs(NamedTuple):
     rows: np.ndarray  # each scheduled sequence's row of the step's logits, in the order given
     wants_logprobs: bool  # some row wants logprobs of its sampled token
     prompt_rows: PromptRows | None  # what each prompt-logprob row is about (None: no such rows)
+    draft_rows: np.ndarray | None  # rows whose sampled tokens check the drafts, in order (None: no drafts)
 
 
 def prepare_step(scheduled: list[ScheduledSequence], block_size: int, shapes: StepShapes, parallel: ParallelConfig,
                  eos_token_ids: list[int], vocab_size: int) -> StepInputs:
     """The step's token arrays, logits rows and sampling arrays; padding rows sample greedily."""
-    batch, rows, prompt_rows = build_step_batch(scheduled, block_size, shapes, num_micro_batches(scheduled, parallel),
+    batch, rows, prompt_rows, draft_rows = build_step_batch(scheduled, block_size, shapes, num_micro_batches(scheduled, parallel),
                                                 stacked=parallel.pipeline_parallel_size > 1)
     seqs: list = [None] * len(batch.logits_indices)
     for item, row in zip(scheduled, rows):
@@ -440,7 +467,7 @@ def prepare_step(scheduled: list[ScheduledSequence], block_size: int, shapes: St
         eos_token_ids=eos_token_ids, vocab_size=vocab_size,
         penalty_width=shapes.penalty_width, bias_width=MAX_BIASED_TOKENS,
     )
-    return StepInputs(batch, sampling, rows, bool(sampling.logprobs_wanted.any()), prompt_rows)
+    return StepInputs(batch, sampling, rows, bool(sampling.logprobs_wanted.any()), prompt_rows, draft_rows)
 
 
 def num_micro_batches(scheduled: list[ScheduledSequence], parallel: ParallelConfig) -> int:

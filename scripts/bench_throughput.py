@@ -150,11 +150,19 @@ def build_workload(name: str, tokenizer, count: int, output_cap: int | None) -> 
 
 
 
+def speculative_config(args) -> dict | None:
+    """n-gram speculative decoding for jpaged and vLLM alike when `--speculative-tokens` is given."""
+    if not args.speculative_tokens:
+        return None
+    return {"method": "ngram", "num_speculative_tokens": args.speculative_tokens, "prompt_lookup_max": 4,
+            "prompt_lookup_min": 2}
+
+
 def run_jpaged(workload: Workload, single: list[int], single_tokens: int, args) -> EngineRun:
     """A cold pass (compiles), then the timed pass; the single request likewise."""
     llm = LLM(None, attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              cpu_kv_cache_gib=args.kv_cache_gib)
+              cpu_kv_cache_gib=args.kv_cache_gib, speculative_config=speculative_config(args))
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.max_tokens]
     requests = [{"prompt_token_ids": p} for p in workload.prompts]
 
@@ -171,10 +179,13 @@ def run_jpaged(workload: Workload, single: list[int], single_tokens: int, args) 
     timed({"prompt_token_ids": single}, single_params)
     single_seconds = statistics.median(timed({"prompt_token_ids": single}, single_params)[0]
                                        for _ in range(args.single_rounds))
+    stats = llm.engine.stats()
     details = {"cold_seconds": cold, "compilations": compilations,
-               "compilations_after_single": llm.engine.stats().num_compilations,
+               "compilations_after_single": stats.num_compilations,
+               "draft_tokens": stats.num_draft_tokens, "accepted_draft_tokens": stats.num_accepted_draft_tokens,
                "settings": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                            "cpu_kv_cache_gib": args.kv_cache_gib, "prefix_caching": True}}
+                            "cpu_kv_cache_gib": args.kv_cache_gib, "prefix_caching": True,
+                            "speculative_config": speculative_config(args)}}
     return EngineRun(seconds, token_ids, single_tokens / single_seconds, details)
 
 
@@ -332,7 +343,7 @@ def run_vllm(python: str, folder: Path, workload: Workload, single: list[int], s
     job = {"model": str(folder),
            "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                       "max_model_len": max(2048, max_model_len), "kv_cache_gib": args.kv_cache_gib,
-                      "enable_prefix_caching": True},
+                      "enable_prefix_caching": True, "speculative_config": speculative_config(args)},
            **requests_json(workload, single, single_tokens, args.single_rounds)}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}" if args.vllm_omp_bind == "all" else args.vllm_omp_bind
@@ -449,6 +460,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--single-tokens", type=int, default=128)
+    parser.add_argument("--speculative-tokens", type=int, default=0,
+                        help="n-gram speculative decoding with this many drafts (jpaged and vLLM; default: off)")
     parser.add_argument("--single-rounds", type=int, default=3,
                         help="timed runs of the single request per engine (the median is reported)")
     parser.add_argument("--out", help="default: bench_results/throughput_<workload>.json")

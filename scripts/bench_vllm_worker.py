@@ -51,7 +51,8 @@ def start_engine(job: dict):
                max_model_len=settings["max_model_len"], max_num_seqs=settings["max_num_seqs"],
                max_num_batched_tokens=settings["max_num_batched_tokens"],
                kv_cache_memory_bytes=int(settings["kv_cache_gib"] * (1 << 30)),
-               enable_prefix_caching=settings["enable_prefix_caching"])
+               enable_prefix_caching=settings["enable_prefix_caching"],
+               **({"speculative_config": settings["speculative_config"]} if settings.get("speculative_config") else {}))
 
 
 def run(job: dict) -> dict:

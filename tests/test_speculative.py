@@ -1,0 +1,152 @@
+"""N-gram speculative decoding: drafts from prompt lookup, checked against the model's own greedy
+choices in one step, give exactly the tokens of plain greedy decoding (HF transformers' `generate`
+is the oracle), with fewer steps, and leave no block held."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from jpaged import LLM, SamplingParams
+from jpaged.config import SpeculativeConfig
+from jpaged.ngram_proposer import NgramProposer, accepted_tokens
+from jpaged.sampling_params import SamplingParams as Params
+from jpaged.sequence import Request
+
+SPECULATIVE = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+PROMPTS = ["Once upon a time, there was a little girl named Lily.", "The dog ran to the park. The dog",
+           "Tom and Sue", "One day, a big cat saw a bird"]
+
+
+def latest_match(tokens: list[int], min_n: int, max_n: int, count: int) -> list[int]:
+    """The drafts by definition: the tokens after the latest earlier occurrence of the longest
+    suffix of `tokens` of min_n..max_n tokens (a plain scan)."""
+    for n in range(min(max_n, len(tokens) - 1), min_n - 1, -1):
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start:start + n] == tokens[-n:]:
+                return tokens[start + n:start + n + count]
+    return []
+
+
+def test_proposer_finds_the_latest_longest_match():
+    rng = random.Random(7)
+    for _ in range(200):
+        min_n, k = rng.randint(1, 3), rng.randint(1, 5)
+        max_n = rng.randint(min_n, 5)
+        proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=k, prompt_lookup_min=min_n,
+                                                   prompt_lookup_max=max_n))
+        seq = Request("r", None, [rng.randrange(4) for _ in range(rng.randint(1, 30))], Params(temperature=0), 0).seqs[0]
+        for _ in range(30):
+            limit = rng.randint(0, 6)
+            tokens = seq.token_ids(0, seq.num_tokens)
+            expected = latest_match(tokens, min_n, max_n, min(k, limit)) if min(k, limit) > 0 else []
+            assert proposer.propose(seq, limit) == expected
+            seq.output_token_ids += [rng.randrange(4) for _ in range(rng.randint(1, 3))]
+
+
+def test_accepted_tokens_stop_at_the_first_disagreement():
+    assert accepted_tokens([5, 6, 7], [5, 6, 7, 8]) == [5, 6, 7, 8]
+    assert accepted_tokens([5, 6, 7], [5, 9, 7, 8]) == [5, 9]
+    assert accepted_tokens([5, 6, 7], [1, 6, 7, 8]) == [1]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"method": "eagle", "num_speculative_tokens": 2}, "must be 'ngram'"),
+    ({"method": "ngram"}, "num_speculative_tokens >= 1"),
+    ({"num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "1 <= min <= max"),
+])
+def test_bad_settings_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SpeculativeConfig(**bad)
+
+
+@pytest.fixture(scope="module")
+def engines(stories_path):
+    settings = dict(num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64)
+    plain = LLM(stories_path, **settings)
+    speculative = LLM(stories_path, **settings, speculative_config=SPECULATIVE, compile_warmup=True)
+    return plain, speculative
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def test_greedy_tokens_match_hf_with_fewer_steps(engines, stories_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from hf_models import hf_greedy
+
+    plain, speculative = engines
+    programs = speculative.engine.stats().num_compilations
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    got = token_ids(speculative.generate(PROMPTS, params, use_tqdm=False))
+    stats = speculative.engine.stats()
+    assert stats.num_accepted_draft_tokens >= 20 and stats.num_draft_tokens >= stats.num_accepted_draft_tokens
+    assert stats.num_compilations == programs  # drafts run in the warmed-up step programs
+    model = transformers.AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.float32).eval()
+    tokenizer = speculative.get_tokenizer()
+    assert got == [hf_greedy(model, tokenizer.encode(p), 60) for p in PROMPTS]
+    assert got == token_ids(plain.generate(PROMPTS, params, use_tqdm=False))
+    assert speculative.engine.block_manager.num_free_blocks == speculative.engine.block_manager.num_blocks
+
+
+def test_stops_inside_accepted_drafts_end_where_plain_decoding_ends(engines):
+    plain, speculative = engines
+    first = token_ids(plain.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=40), use_tqdm=False))
+    stop_ids = [tokens[25] for tokens in first[:2]]
+    stop_text = plain.get_tokenizer().decode(first[3][20:23])
+    cases = [SamplingParams(temperature=0.0, max_tokens=37), SamplingParams(temperature=0.0, max_tokens=40,
+             stop_token_ids=stop_ids), SamplingParams(temperature=0.0, max_tokens=40, stop=[stop_text]),
+             SamplingParams(temperature=0.0, max_tokens=40, min_tokens=30)]
+    for params in cases:
+        expected = plain.generate(PROMPTS, params, use_tqdm=False)
+        got = speculative.generate(PROMPTS, params, use_tqdm=False)
+        assert [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in got] == \
+               [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in expected]
+
+
+def test_requests_that_cannot_draft_are_unchanged_beside_drafting_ones(engines):
+    """Sampled, penalised and logprob-asking requests take no drafts; their outputs, and the
+    greedy ones', equal those of the engine without speculation."""
+    plain, speculative = engines
+    params = [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.0, logprobs=2, max_tokens=30, ignore_eos=True)]
+    before = speculative.engine.stats().num_draft_tokens
+    got = speculative.generate(PROMPTS, params, use_tqdm=False)
+    expected = plain.generate(PROMPTS, params, use_tqdm=False)
+    assert token_ids(got) == token_ids(expected)
+    for mine, theirs in zip(got[3].outputs[0].logprobs, expected[3].outputs[0].logprobs):  # other batch shapes
+        assert mine.keys() == theirs.keys() and list(mine.values()) == pytest.approx(list(theirs.values()), abs=1e-5)
+    assert speculative.engine.stats().num_draft_tokens > before
+
+
+def test_preemption_and_abort_with_drafts_free_every_block(stories_path):
+    """A cache too small for every request at once: sequences with drafts are preempted and
+    recomputed, one is aborted mid-way; tokens equal plain decoding's and no block stays held."""
+    small = dict(num_blocks=12, block_size=8, max_num_seqs=4)
+    plain = LLM(stories_path, **small)
+    speculative = LLM(stories_path, **small, speculative_config=SPECULATIVE)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    expected = token_ids(plain.generate(PROMPTS, params, use_tqdm=False))
+    assert token_ids(speculative.generate(PROMPTS, params, use_tqdm=False)) == expected
+    engine = speculative.engine
+    assert engine.stats().num_preemptions > 0 and engine.stats().num_accepted_draft_tokens > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"a{i}", prompt, params)
+    for _ in range(6):
+        engine.step()
+    engine.abort_request("a1")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    engine.block_manager.check_invariants()
+
+
+def test_pipeline_parallelism_is_refused():
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2 must be 1"):
+        LLM("unused", pipeline_parallel_size=2, speculative_config={"num_speculative_tokens": 2})
