@@ -150,3 +150,42 @@ def test_preemption_and_abort_with_drafts_free_every_block(stories_path):
 def test_pipeline_parallelism_is_refused():
     with pytest.raises(ValueError, match="pipeline_parallel_size=2 must be 1"):
         LLM("unused", pipeline_parallel_size=2, speculative_config={"num_speculative_tokens": 2})
+
+
+def test_server_streams_the_tokens_of_plain_decoding(engines, stories_path):
+    """`jpaged serve --speculative-config ...` as the official `openai` client sees it: streamed
+    completions whose text is plain greedy decoding's, and no block held afterwards."""
+    openai = pytest.importorskip("openai")
+    uvicorn = pytest.importorskip("uvicorn")
+    import socket
+    import threading
+    import time
+
+    from jpaged.server.launch import create_app
+
+    plain, _ = engines
+    expected = [o.outputs[0].text for o in plain.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=48),
+                                                          use_tqdm=False)]
+    engine = LLM(stories_path, num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64,
+                 speculative_config=SPECULATIVE).engine
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, served_model_name="stories"), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive()
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        for prompt, text in zip(PROMPTS, expected):
+            chunks = client.completions.create(model="stories", prompt=prompt, max_tokens=48, temperature=0,
+                                               stream=True)
+            assert "".join(c.choices[0].text for c in chunks) == text
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    assert engine.stats().num_accepted_draft_tokens > 0
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
