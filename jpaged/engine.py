@@ -78,11 +78,13 @@ class LLMEngine:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         logger.info("engine ready: %s, weights %.1f MiB on the device%s (%s), %d KV blocks of %d tokens (%.1f MiB, "
-                    "%s), max_model_len %d", self.model_name, self.runner.weight_bytes / 2**20,
+                    "%s), max_model_len %d%s", self.model_name, self.runner.weight_bytes / 2**20,
                     f" + {self.runner.offloaded_bytes / 2**20:.1f} MiB streamed (all devices)" if self.runner.offload
                     else "",
                     config.quantization or "not quantized", self.runner.num_blocks, config.cache.block_size,
-                    self.runner.kv_cache_bytes / 2**20, config.cache.kv_cache_dtype, self.max_model_len)
+                    self.runner.kv_cache_bytes / 2**20, config.cache.kv_cache_dtype, self.max_model_len,
+                    f", n-gram speculation of {config.speculative.num_speculative_tokens} tokens"
+                    if self.proposer else "")
 
     def step_shapes(self) -> StepShapes:
         """The padded sizes of every step this engine can run (they fix its compiled programs)."""

@@ -156,6 +156,7 @@ def test_server_streams_the_tokens_of_plain_decoding(engines, stories_path):
     """`jpaged serve --speculative-config ...` as the official `openai` client sees it: streamed
     completions whose text is plain greedy decoding's, and no block held afterwards."""
     openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx")
     uvicorn = pytest.importorskip("uvicorn")
     import socket
     import threading
@@ -184,8 +185,12 @@ def test_server_streams_the_tokens_of_plain_decoding(engines, stories_path):
             chunks = client.completions.create(model="stories", prompt=prompt, max_tokens=48, temperature=0,
                                                stream=True)
             assert "".join(c.choices[0].text for c in chunks) == text
+        metrics = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in
+                   httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines() if line.startswith("jpaged:spec")}
     finally:
         server.should_exit = True
         thread.join(30)
-    assert engine.stats().num_accepted_draft_tokens > 0
+    stats = engine.stats()
+    assert 0 < metrics["jpaged:spec_decode_num_accepted_tokens_total"] == stats.num_accepted_draft_tokens
+    assert metrics["jpaged:spec_decode_num_draft_tokens_total"] == stats.num_draft_tokens
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -75,7 +75,10 @@ class _EngineCollector:
                "Share of looked-up prompt tokens found in the prefix cache, 0 to 1"))
     COUNTERS = (("prompt_tokens", "num_prompt_tokens_computed", "Prompt tokens computed (prefix-cache hits excluded)"),
                 ("generation_tokens", "num_generated_tokens", "Tokens generated"),
-                ("num_preemptions", "num_preemptions", "Sequences preempted"))
+                ("num_preemptions", "num_preemptions", "Sequences preempted"),
+                ("spec_decode_num_draft_tokens", "num_draft_tokens", "Speculative draft tokens checked"),
+                ("spec_decode_num_accepted_tokens", "num_accepted_draft_tokens",
+                 "Speculative draft tokens the model's own choices confirmed"))
 
     def __init__(self, metrics: ServerMetrics):
         self._metrics = metrics
