@@ -249,15 +249,30 @@ class SpeculativeConfig:
     def __post_init__(self):
         if self.method not in (None, "ngram"):
             raise ValueError(f"speculative method must be 'ngram', got {self.method!r}")
-        if self.num_speculative_tokens < 0:
-            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.method is None and self.num_speculative_tokens:
-            self.method = "ngram"
-        if self.method == "ngram" and not self.num_speculative_tokens:
-            raise ValueError("speculative method 'ngram' needs num_speculative_tokens >= 1")
+            raise ValueError(f"num_speculative_tokens {self.num_speculative_tokens} needs method 'ngram'")
+        if self.method == "ngram" and self.num_speculative_tokens < 1:
+            raise ValueError(f"method 'ngram' needs num_speculative_tokens >= 1, got {self.num_speculative_tokens}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min {self.prompt_lookup_min} and prompt_lookup_max "
                              f"{self.prompt_lookup_max} must satisfy 1 <= min <= max")
+
+    @classmethod
+    def from_dict(cls, settings) -> SpeculativeConfig:
+        """From vLLM's `speculative_config` dict (None: off); ValueError for anything else."""
+        if settings is None:
+            return cls()
+        if not isinstance(settings, dict):
+            raise ValueError(f"speculative_config must be a dict such as {{'method': 'ngram', "
+                             f"'num_speculative_tokens': 4}}, got {settings!r}")
+        unknown = sorted(set(settings) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"speculative_config keys {unknown} are not among {[f.name for f in fields(cls)]}")
+        return cls(**settings)
 
     @property
     def enabled(self) -> bool:

@@ -69,7 +69,7 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching, num_host_blocks=self.runner.num_host_blocks)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, config.speculative.num_speculative_tokens)
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(config.seed)
         self.num_prompt_tokens_computed = 0
@@ -90,7 +90,8 @@ class LLMEngine:
         """The padded sizes of every step this engine can run (they fix its compiled programs)."""
         sched = self.config.scheduler
         return StepShapes.for_limits(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_model_len,
-                                     self.config.cache.block_size, self.model_config.vocab_size)
+                                     self.config.cache.block_size, self.model_config.vocab_size,
+                                     self.config.speculative.num_speculative_tokens)
 
     def warm_up(self) -> None:
         """Compile every step program before the first request, with a progress bar (see
@@ -296,7 +297,7 @@ class LLMEngine:
 
     @staticmethod
     def _record_logprobs(seq: Sequence, sampled, row: int) -> None:
-        if sampled.logprobs is None:
+        if sampled.logprobs is None or not seq.sampling_params.computes_logprobs:
             return
         token, logprob = int(sampled.token_ids[row]), float(sampled.logprobs[row])
         seq.cumulative_logprob += logprob
@@ -371,7 +372,8 @@ class LLMEngine:
         wants_logprobs = request.params.logprobs is not None
         completions = [
             CompletionOutput(i, self.text(seq), list(seq.output_token_ids), seq.finish_reason, seq.stop_reason,
-                             seq.cumulative_logprob, list(seq.output_logprobs) if wants_logprobs else None)
+                             seq.cumulative_logprob if request.params.computes_logprobs else None,
+                             list(seq.output_logprobs) if wants_logprobs else None)
             for i, seq in enumerate(seqs)
         ]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,

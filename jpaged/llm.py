@@ -28,7 +28,7 @@ def engine_config(model: str | None, speculative_config: dict | None = None, **k
     """Distribute flat keyword arguments over the config dataclasses by field name;
     `speculative_config` is a dict of `SpeculativeConfig` fields, as vLLM's argument of that name
     (e.g. ``{"method": "ngram", "num_speculative_tokens": 4}``)."""
-    parts = {"speculative": SpeculativeConfig(**(speculative_config or {}))}
+    parts = {"speculative": SpeculativeConfig.from_dict(speculative_config)}
     for name, cls in (("cache", CacheConfig), ("scheduler", SchedulerConfig), ("parallel", ParallelConfig)):
         names = {f.name for f in dataclasses.fields(cls)}
         parts[name] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})

@@ -14,7 +14,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-    cumulative_logprob: float | None = None
+    cumulative_logprob: float | None = None  # sum of its tokens' logprobs; None unless computed (logprobs, best_of)
     logprobs: list[dict[int, float]] | None = None  # per token: its logprob and the top alternatives
 
     @property

@@ -42,7 +42,8 @@ class StepShapes:
     token buckets, compiled ahead of the first request).
 
     A step of `n` new tokens from `r` sequences is padded to `num_tokens(n)` tokens (one of
-    `token_counts`) and `num_rows(...)` rows; every row's block table to `max_blocks_per_seq`
+    `token_counts`) and `num_rows(...)` rows (with speculative decoding, `num_draft_rows` more
+    than `max_num_seqs`, so that even a full batch can check a few drafts); every row's block table to `max_blocks_per_seq`
     entries (the most a sequence of `max_model_len` tokens holds); the sampling arrays'
     penalty lists to `penalty_width` ids and bias lists to `MAX_BIASED_TOKENS`.
 
@@ -59,15 +60,17 @@ class StepShapes:
     max_num_seqs: int
     max_blocks_per_seq: int
     penalty_width: int
+    num_draft_rows: int = 0  # rows beyond max_num_seqs for the greedy choices that check draft tokens
 
     @classmethod
     def for_limits(cls, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
-                   block_size: int, vocab_size: int) -> StepShapes:
+                   block_size: int, vocab_size: int, num_draft_rows: int = 0) -> StepShapes:
         limit = max_num_batched_tokens
         counts = {1 << k for k in range(limit.bit_length()) if 1 << k < limit} | {limit}
         quarters = [3 << k for k in range(3, limit.bit_length()) if _THREE_QUARTERS_FROM <= 3 << k < limit]
         counts.update(quarters[:max(0, MAX_PROGRAMS - len(counts))])
-        return cls(tuple(sorted(counts)), max_num_seqs, -(-max_model_len // block_size), min(max_model_len, vocab_size))
+        return cls(tuple(sorted(counts)), max_num_seqs, -(-max_model_len // block_size), min(max_model_len, vocab_size),
+                   num_draft_rows)
 
     def num_tokens(self, n: int) -> int:
         """The padded token count of a step (or micro-batch) of `n` tokens; ValueError past the limit."""
@@ -77,5 +80,6 @@ class StepShapes:
         raise ValueError(f"a step of {n} tokens exceeds max_num_batched_tokens {self.token_counts[-1]}")
 
     def num_rows(self, num_tokens: int) -> int:
-        """Rows of a step padded to `num_tokens` tokens: no more rows than tokens or sequences."""
-        return min(num_tokens, self.max_num_seqs)
+        """Logits rows of a step padded to `num_tokens` tokens: one per sequence and one per draft
+        token (`max_num_seqs + num_draft_rows` at most), no more than its tokens."""
+        return min(num_tokens, self.max_num_seqs + self.num_draft_rows)

@@ -259,6 +259,12 @@ class SamplingParams:
         return max(self.n, self.best_of or self.n)
 
     @property
+    def computes_logprobs(self) -> bool:
+        """Whether its sampled tokens' logprobs are computed: asked for, or to rank `best_of`
+        samples by their sums."""
+        return self.logprobs is not None or self.num_samples > self.n
+
+    @property
     def is_greedy(self) -> bool:
         """True when decoding takes the argmax token (temperature 0)."""
         return self.temperature == 0

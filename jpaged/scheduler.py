@@ -2,7 +2,7 @@
 
 Every step the scheduler spends a token budget: first on running sequences in arrival order
 (one token for a decode, with its draft tokens while the step's rows and drafts together number
-at most `max_num_seqs`; a chunk of the remaining prompt for a prefill), then on bringing back
+at most `max_num_seqs + num_draft_rows`; a chunk of the remaining prompt for a prefill), then on bringing back
 swapped-out sequences, then on waiting requests, which start after their longest cached prefix. Blocks come from the
 block manager's narrow face: `get_computed_blocks` once per admission, `allocate_slots` for each
 scheduled chunk (None: no room), `free`; plus `swap_out` / `swap_in` for swap preemption.
@@ -51,8 +51,10 @@ def _by_priority(seq: Sequence):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, num_draft_rows: int = 0):
+        """`num_draft_rows`: the step's logits rows beyond `max_num_seqs`, for checking drafts."""
         self.config = config
+        self.max_rows = config.max_num_seqs + num_draft_rows
         self.block_manager = block_manager
         self.waiting: list[Sequence] = []  # each queue is kept in priority (arrival) order
         self.running: list[Sequence] = []
@@ -93,7 +95,7 @@ class Scheduler:
             if seq.on_hold:
                 index += 1
                 continue
-            spare_rows = self.config.max_num_seqs - len(self.running) - out.num_draft_tokens
+            spare_rows = self.max_rows - len(self.running) - out.num_draft_tokens
             num_drafts = min(len(seq.draft_token_ids), spare_rows, budget - 1) if seq.num_uncomputed_tokens == 1 else 0
             num_new = min(seq.num_uncomputed_tokens + num_drafts, budget)
             while (slots := self.block_manager.allocate_slots(seq, num_new)) is None:
@@ -127,7 +129,8 @@ class Scheduler:
             if seq.on_hold:
                 index += 1
                 continue
-            if len(self.running) + out.num_draft_tokens + self._samples_to_come(seq) > self.config.max_num_seqs:
+            rows = len(self.running) + self._samples_to_come(seq)
+            if rows > self.config.max_num_seqs or rows + out.num_draft_tokens > self.max_rows:
                 return
             computed = self.block_manager.get_computed_blocks(seq)
             num_new = min(seq.num_tokens - computed.num_tokens, budget)

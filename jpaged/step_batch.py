@@ -103,7 +103,8 @@ def _draft_rows(scheduled: list[ScheduledSequence], groups: list[list[_Piece]], 
     """Point padding rows of `logits_indices` at the tokens whose greedy choices check drafts (for
     each scheduled sequence with `d` drafts, in order, the first `d` tokens of its row; a padding
     row samples greedily with no processor, so its token is that choice) and return those rows.
-    The scheduler keeps rows and drafts within `max_num_seqs`, so within the padded rows."""
+    The scheduler keeps rows and drafts within `StepShapes.num_rows`' limit, so within the
+    padded rows."""
     if not any(item.num_draft_tokens for item in scheduled):
         return None
     if len(groups) != 1:
@@ -366,7 +367,7 @@ class SamplingArrays:
             repetition_penalty=padded([p.repetition_penalty for p in params], np.float32, 1.0),
             frequency_penalty=padded([p.frequency_penalty for p in params], np.float32, 0.0),
             presence_penalty=padded([p.presence_penalty for p in params], np.float32, 0.0),
-            logprobs_wanted=padded([p.logprobs is not None or p.best_of > p.n for p in params], bool, False),
+            logprobs_wanted=padded([p.computes_logprobs for p in params], bool, False),
             penalty_ids=penalty_ids,
             output_counts=output_counts,
             bias_ids=bias_ids,

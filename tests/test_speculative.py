@@ -34,8 +34,7 @@ def test_proposer_finds_the_latest_longest_match():
     for _ in range(200):
         min_n, k = rng.randint(1, 3), rng.randint(1, 5)
         max_n = rng.randint(min_n, 5)
-        proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=k, prompt_lookup_min=min_n,
-                                                   prompt_lookup_max=max_n))
+        proposer = NgramProposer(SpeculativeConfig("ngram", k, prompt_lookup_min=min_n, prompt_lookup_max=max_n))
         seq = Request("r", None, [rng.randrange(4) for _ in range(rng.randint(1, 30))], Params(temperature=0), 0).seqs[0]
         for _ in range(30):
             limit = rng.randint(0, 6)
@@ -52,13 +51,21 @@ def test_accepted_tokens_stop_at_the_first_disagreement():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"method": "eagle", "num_speculative_tokens": 2}, "must be 'ngram'"),
-    ({"method": "ngram"}, "num_speculative_tokens >= 1"),
-    ({"num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2}, "1 <= min <= max"),
+    ({"method": "eagle", "num_speculative_tokens": 2}, "must be 'ngram', got 'eagle'"),
+    ({"method": "ngram"}, "needs num_speculative_tokens >= 1, got 0"),
+    ({"method": "ngram", "num_speculative_tokens": -2}, "needs num_speculative_tokens >= 1, got -2"),
+    ({"num_speculative_tokens": 2}, "num_speculative_tokens 2 needs method 'ngram'"),
+    ({"method": "ngram", "num_speculative_tokens": 2.5}, "num_speculative_tokens must be an integer, got 2.5"),
+    ({"method": "ngram", "num_speculative_tokens": True}, "must be an integer, got True"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": "4"}, "prompt_lookup_max must be an"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 3, "prompt_lookup_max": 2},
+     "1 <= min <= max"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, r"keys \['model'\] are not among"),
+    ("ngram", "must be a dict"),
 ])
 def test_bad_settings_are_named(bad, message):
     with pytest.raises(ValueError, match=message):
-        SpeculativeConfig(**bad)
+        SpeculativeConfig.from_dict(bad)
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +129,8 @@ def test_requests_that_cannot_draft_are_unchanged_beside_drafting_ones(engines):
     for mine, theirs in zip(got[3].outputs[0].logprobs, expected[3].outputs[0].logprobs):  # other batch shapes
         assert mine.keys() == theirs.keys() and list(mine.values()) == pytest.approx(list(theirs.values()), abs=1e-5)
     assert speculative.engine.stats().num_draft_tokens > before
+    assert got[0].outputs[0].cumulative_logprob is None  # not computed for a request without logprobs
+    assert got[3].outputs[0].cumulative_logprob == pytest.approx(expected[3].outputs[0].cumulative_logprob, abs=1e-4)
 
 
 def test_preemption_and_abort_with_drafts_free_every_block(stories_path):
@@ -147,9 +156,20 @@ def test_preemption_and_abort_with_drafts_free_every_block(stories_path):
     engine.block_manager.check_invariants()
 
 
+def test_one_sequence_at_a_time_still_drafts(engines, stories_path):
+    """`max_num_seqs=1`: the step's spare logits rows for drafts come on top of the sequences'."""
+    plain, _ = engines
+    single = LLM(stories_path, num_blocks=64, max_num_seqs=1, max_num_batched_tokens=64,
+                 speculative_config=SPECULATIVE)
+    params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+    assert token_ids(single.generate(PROMPTS[:2], params, use_tqdm=False)) == \
+        token_ids(plain.generate(PROMPTS[:2], params, use_tqdm=False))
+    assert single.engine.stats().num_accepted_draft_tokens > 0
+
+
 def test_pipeline_parallelism_is_refused():
     with pytest.raises(ValueError, match="pipeline_parallel_size=2 must be 1"):
-        LLM("unused", pipeline_parallel_size=2, speculative_config={"num_speculative_tokens": 2})
+        LLM("unused", pipeline_parallel_size=2, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
 
 
 def test_server_streams_the_tokens_of_plain_decoding(engines, stories_path):
