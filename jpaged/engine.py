@@ -69,7 +69,7 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching, num_host_blocks=self.runner.num_host_blocks)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, config.speculative.num_speculative_tokens)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self._num_draft_rows())
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(config.seed)
         self.num_prompt_tokens_computed = 0
@@ -90,8 +90,15 @@ class LLMEngine:
         """The padded sizes of every step this engine can run (they fix its compiled programs)."""
         sched = self.config.scheduler
         return StepShapes.for_limits(sched.max_num_batched_tokens, sched.max_num_seqs, self.max_model_len,
-                                     self.config.cache.block_size, self.model_config.vocab_size,
-                                     self.config.speculative.num_speculative_tokens)
+                                     self.config.cache.block_size, self.model_config.vocab_size, self._num_draft_rows())
+
+    def _num_draft_rows(self) -> int:
+        """Logits rows beyond `max_num_seqs` for draft checks: enough for one sequence's drafts.
+        No more: drafts that took a full batch to a larger token count would cost more than they
+        save in a compute-bound step."""
+        speculative = self.config.speculative
+        return max(0, speculative.num_speculative_tokens + 1 - self.config.scheduler.max_num_seqs) \
+            if speculative.enabled else 0
 
     def warm_up(self) -> None:
         """Compile every step program before the first request, with a progress bar (see

@@ -42,10 +42,11 @@ class StepShapes:
     token buckets, compiled ahead of the first request).
 
     A step of `n` new tokens from `r` sequences is padded to `num_tokens(n)` tokens (one of
-    `token_counts`) and `num_rows(...)` rows (with speculative decoding, `num_draft_rows` more
-    than `max_num_seqs`, so that even a full batch can check a few drafts); every row's block table to `max_blocks_per_seq`
-    entries (the most a sequence of `max_model_len` tokens holds); the sampling arrays'
-    penalty lists to `penalty_width` ids and bias lists to `MAX_BIASED_TOKENS`.
+    `token_counts`) and `num_rows(...)` logits rows (with speculative decoding and a
+    `max_num_seqs` below `num_speculative_tokens + 1`, `num_draft_rows` more, so that one
+    sequence can draft); every row's block table to `max_blocks_per_seq` entries (the most a
+    sequence of `max_model_len` tokens holds); the sampling arrays' penalty lists to
+    `penalty_width` ids and bias lists to `MAX_BIASED_TOKENS`.
 
     Token counts are the powers of two below `max_num_batched_tokens`, that limit itself, and the
     3/4 points between powers of two from 24 up (24, 48, 96, 192, 384, ...), which keep the
