@@ -24,6 +24,7 @@ import argparse
 import ctypes
 import functools
 import gc
+import inspect
 import json
 import os
 import re
@@ -669,13 +670,31 @@ def section_throughput_hf_batch(sizes: Sizes, work: Path) -> dict:
     model = _hf_model(folder)
     config = GenerationConfig(do_sample=False, max_new_tokens=max(requests.max_tokens), eos_token_id=None,
                               pad_token_id=0)
-    tokens, seconds = _hf_continuous(model, requests.prompts, requests.max_tokens, config)
+    blocks = sum(-(-(len(p) + n) // 16) for p, n in zip(requests.prompts, requests.max_tokens)) + 64
+    tokens, seconds = _hf_continuous(model, requests.prompts, requests.max_tokens, config,
+                                     _cb_settings(model, blocks, sizes))
     return _hf_result(requests, tokens, seconds, model, work)
 
 
-def _hf_continuous(model, prompts, max_tokens, config, timeout_s: float = 600) -> tuple[list[list[int]], float]:
+def _cb_settings(model, num_blocks: int, sizes: Sizes) -> dict:
+    """HF's continuous-batching cache sized as jpaged's (its default takes most free memory, whose
+    pages the CPU then spends seconds zeroing), where this transformers takes such settings."""
+    try:
+        from transformers.generation import ContinuousBatchingConfig
+    except ImportError:
+        return {}
+    if "continuous_batching_config" not in inspect.signature(model.continuous_batching_context_manager).parameters:
+        return {}
+    return {"continuous_batching_config": ContinuousBatchingConfig(
+        page_size=16, num_blocks=num_blocks, max_batch_tokens=sizes.max_num_batched_tokens,
+        max_requests_per_batch=sizes.max_num_seqs)}
+
+
+def _hf_continuous(model, prompts, max_tokens, config, settings: dict | None = None,
+                   timeout_s: float = 600) -> tuple[list[list[int]], float]:
     results = {}
-    with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=5) as manager:
+    with model.continuous_batching_context_manager(generation_config=config, block=True, timeout=5,
+                                                   **(settings or {})) as manager:
         started = time.perf_counter()
         for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
             manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n)
