@@ -69,14 +69,14 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching, num_host_blocks=self.runner.num_host_blocks)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self._num_draft_rows())
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.runner.shapes.max_rows)
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(config.seed)
         self.num_prompt_tokens_computed = 0
         self.num_generated_tokens = 0
         self.proposer = NgramProposer(config.speculative) if config.speculative.enabled else None
         self.num_draft_tokens = 0
-        self.num_accepted_tokens = 0
+        self.num_accepted_draft_tokens = 0
         logger.info("engine ready: %s, weights %.1f MiB on the device%s (%s), %d KV blocks of %d tokens (%.1f MiB, "
                     "%s), max_model_len %d%s", self.model_name, self.runner.weight_bytes / 2**20,
                     f" + {self.runner.offloaded_bytes / 2**20:.1f} MiB streamed (all devices)" if self.runner.offload
@@ -218,7 +218,7 @@ class LLMEngine:
             num_prompt_tokens_computed=self.num_prompt_tokens_computed,
             num_generated_tokens=self.num_generated_tokens,
             num_draft_tokens=self.num_draft_tokens,
-            num_accepted_draft_tokens=self.num_accepted_tokens,
+            num_accepted_draft_tokens=self.num_accepted_draft_tokens,
             num_compilations=self.runner.num_compilations,
             weight_bytes=self.runner.weight_bytes,
             kv_cache_bytes=self.runner.kv_cache_bytes,
@@ -275,7 +275,7 @@ class LLMEngine:
         the number of drafts appended, whose K/V the step computed."""
         tokens = accepted_tokens(drafts, greedy)
         self.num_draft_tokens += len(drafts)
-        self.num_accepted_tokens += len(tokens) - 1
+        self.num_accepted_draft_tokens += len(tokens) - 1
         for appended, token in enumerate(tokens, 1):
             self._append_token(seq, token)
             if seq.is_finished:

@@ -80,7 +80,12 @@ class StepShapes:
                 return count
         raise ValueError(f"a step of {n} tokens exceeds max_num_batched_tokens {self.token_counts[-1]}")
 
+    @property
+    def max_rows(self) -> int:
+        """Most logits rows a step has: one per sequence and one per draft token together."""
+        return self.max_num_seqs + self.num_draft_rows
+
     def num_rows(self, num_tokens: int) -> int:
-        """Logits rows of a step padded to `num_tokens` tokens: one per sequence and one per draft
-        token (`max_num_seqs + num_draft_rows` at most), no more than its tokens."""
-        return min(num_tokens, self.max_num_seqs + self.num_draft_rows)
+        """Logits rows of a step padded to `num_tokens` tokens: `max_rows` at most, no more than
+        its tokens."""
+        return min(num_tokens, self.max_rows)

@@ -2,7 +2,7 @@
 
 Every step the scheduler spends a token budget: first on running sequences in arrival order
 (one token for a decode, with its draft tokens while the step's rows and drafts together number
-at most `max_num_seqs + num_draft_rows`; a chunk of the remaining prompt for a prefill), then on bringing back
+at most the step's logits rows; a chunk of the remaining prompt for a prefill), then on bringing back
 swapped-out sequences, then on waiting requests, which start after their longest cached prefix. Blocks come from the
 block manager's narrow face: `get_computed_blocks` once per admission, `allocate_slots` for each
 scheduled chunk (None: no room), `free`; plus `swap_out` / `swap_in` for swap preemption.
@@ -51,10 +51,11 @@ def _by_priority(seq: Sequence):
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, num_draft_rows: int = 0):
-        """`num_draft_rows`: the step's logits rows beyond `max_num_seqs`, for checking drafts."""
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_rows: int | None = None):
+        """`max_rows`: the most sequences and draft tokens a step takes together (its logits rows,
+        `StepShapes.max_rows`); `max_num_seqs` by default."""
         self.config = config
-        self.max_rows = config.max_num_seqs + num_draft_rows
+        self.max_rows = max_rows or config.max_num_seqs
         self.block_manager = block_manager
         self.waiting: list[Sequence] = []  # each queue is kept in priority (arrival) order
         self.running: list[Sequence] = []

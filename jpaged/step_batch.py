@@ -113,7 +113,7 @@ def _draft_rows(scheduled: list[ScheduledSequence], groups: list[list[_Piece]], 
     checked = np.concatenate([first_token[i] + np.arange(item.num_draft_tokens)
                               for i, item in enumerate(scheduled) if item.num_draft_tokens])
     rows = len(groups[0]) + np.arange(len(checked))
-    if rows.size and rows[-1] >= len(logits_indices):
+    if rows[-1] >= len(logits_indices):
         raise ValueError(f"{len(groups[0])} rows and {len(checked)} draft tokens exceed the step's "
                          f"{len(logits_indices)} rows")
     logits_indices[rows] = checked
@@ -454,8 +454,8 @@ class StepInputs(NamedTuple):
 def prepare_step(scheduled: list[ScheduledSequence], block_size: int, shapes: StepShapes, parallel: ParallelConfig,
                  eos_token_ids: list[int], vocab_size: int) -> StepInputs:
     """The step's token arrays, logits rows and sampling arrays; padding rows sample greedily."""
-    batch, rows, prompt_rows, draft_rows = build_step_batch(scheduled, block_size, shapes, num_micro_batches(scheduled, parallel),
-                                                stacked=parallel.pipeline_parallel_size > 1)
+    batch, rows, prompt_rows, draft_rows = build_step_batch(
+        scheduled, block_size, shapes, num_micro_batches(scheduled, parallel), stacked=parallel.pipeline_parallel_size > 1)
     seqs: list = [None] * len(batch.logits_indices)
     for item, row in zip(scheduled, rows):
         seqs[row] = item.seq

@@ -530,8 +530,7 @@ def section_throughput_jpaged(sizes: Sizes, work: Path) -> dict:
 
     folder, requests = throughput_model(sizes, work)
     started = time.perf_counter()
-    blocks = sum(-(-(len(p) + n) // 16) for p, n in zip(requests.prompts, requests.max_tokens))
-    llm = LLM(str(folder), dtype="bfloat16", num_blocks=blocks + 64, block_size=16, max_num_seqs=sizes.max_num_seqs,
+    llm = LLM(str(folder), dtype="bfloat16", num_blocks=_num_blocks(requests), block_size=16, max_num_seqs=sizes.max_num_seqs,
               max_num_batched_tokens=sizes.max_num_batched_tokens, enable_prefix_caching=False)
     result = {"requests": len(requests.prompts), "load_seconds": time.perf_counter() - started,
               "max_num_seqs": sizes.max_num_seqs, "max_num_batched_tokens": sizes.max_num_batched_tokens,
@@ -670,10 +669,14 @@ def section_throughput_hf_batch(sizes: Sizes, work: Path) -> dict:
     model = _hf_model(folder)
     config = GenerationConfig(do_sample=False, max_new_tokens=max(requests.max_tokens), eos_token_id=None,
                               pad_token_id=0)
-    blocks = sum(-(-(len(p) + n) // 16) for p, n in zip(requests.prompts, requests.max_tokens)) + 64
     tokens, seconds = _hf_continuous(model, requests.prompts, requests.max_tokens, config,
-                                     _cb_settings(model, blocks, sizes))
+                                     _cb_settings(model, _num_blocks(requests), sizes))
     return _hf_result(requests, tokens, seconds, model, work)
+
+
+def _num_blocks(requests) -> int:
+    """KV blocks of 16 tokens for every request at once, and 64 to spare (jpaged's and HF's caches)."""
+    return sum(-(-(len(p) + n) // 16) for p, n in zip(requests.prompts, requests.max_tokens)) + 64
 
 
 def _cb_settings(model, num_blocks: int, sizes: Sizes) -> dict:
