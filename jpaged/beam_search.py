@@ -15,7 +15,7 @@ import itertools
 from dataclasses import dataclass, field
 
 from jpaged.engine_client import EngineClient
-from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_params import MAX_LOGPROBS, SamplingParams
 from jpaged.sequence import Sequence
 
 _search_ids = itertools.count()
@@ -29,8 +29,9 @@ class BeamSearchParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        if self.beam_width < 1:
-            raise ValueError(f"beam_width must be >= 1, got {self.beam_width}")
+        if not 1 <= self.beam_width <= MAX_LOGPROBS // 2:
+            raise ValueError(f"beam_width must be in [1, {MAX_LOGPROBS // 2}] (each step ranks the top 2 * beam_width "
+                             f"continuations of every beam), got {self.beam_width}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
@@ -117,10 +118,13 @@ def _candidates(search: _Search) -> list[tuple[float, Sequence, int]]:
 
 
 def _select(engine: EngineClient, search: _Search, candidates, last_round: bool) -> list[Sequence]:
-    """Keep the best `beam_width` continuations; EOS ones become finished hypotheses."""
+    """Keep the best `beam_width` continuations; EOS ones become finished hypotheses. In the last
+    round the kept continuations become finished hypotheses too (HF's finalize: every live beam
+    is added, and the best `beam_width` of all hypotheses are returned)."""
     width = search.params.beam_width
     survivors: list[Sequence] = []
     taken: set[Sequence] = set()
+    kept = 0
     for rank, (score, beam, token) in enumerate(candidates):
         tokens = beam.output_token_ids[:-1] + [token]
         if token in engine.eos_token_ids and not search.params.ignore_eos:
@@ -135,7 +139,8 @@ def _select(engine: EngineClient, search: _Search, candidates, last_round: bool)
             survivor.output_token_ids[-1] = token
             search.scores[survivor] = score
             survivors.append(survivor)
-        if len(survivors) == width or (last_round and len(search.finished) >= width):
+        kept += 1
+        if kept == width:
             break
     return survivors
 

@@ -272,6 +272,10 @@ class SpeculativeConfig:
         unknown = sorted(set(settings) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"speculative_config keys {unknown} are not among {[f.name for f in fields(cls)]}")
+        missing = [key for key in ("method", "num_speculative_tokens") if key not in settings]
+        if missing:
+            raise ValueError(f"speculative_config needs {missing}, e.g. {{'method': 'ngram', "
+                             f"'num_speculative_tokens': 4}}; got {settings!r}")
         return cls(**settings)
 
     @property

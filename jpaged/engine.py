@@ -15,6 +15,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from jpaged import compile_cache
@@ -128,15 +129,14 @@ class LLMEngine:
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                token_ids = [int(t) for t in prompt["prompt_token_ids"]]
-                return prompt.get("prompt"), token_ids
+                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
             if "prompt" not in prompt:
                 raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt) if prompt else []
         if isinstance(prompt, list):
-            return None, [int(t) for t in prompt]
+            return None, _token_ids(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
@@ -385,3 +385,11 @@ class LLMEngine:
         ]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
                              request.is_finished, request.metrics, request.prompt_logprobs)
+
+
+def _token_ids(values) -> list[int]:
+    """A prompt's token ids as ints; ValueError naming the first value that is not an integer."""
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+    if bad:
+        raise ValueError(f"prompt token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return [int(v) for v in values]

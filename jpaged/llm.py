@@ -81,6 +81,9 @@ class LLM:
             return [SamplingParams()] * count
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * count
+        if not isinstance(sampling_params, SequenceABC) or not all(isinstance(p, SamplingParams) for p in sampling_params):
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, one per prompt; got "
+                            f"{type(sampling_params).__name__}")
         if len(sampling_params) != count:
             raise ValueError(f"got {len(sampling_params)} sampling params for {count} prompts")
         return list(sampling_params)

@@ -96,7 +96,7 @@ class Scheduler:
             if seq.on_hold:
                 index += 1
                 continue
-            spare_rows = self.max_rows - len(self.running) - out.num_draft_tokens
+            spare_rows = max(0, self.max_rows - len(self.running) - out.num_draft_tokens)
             num_drafts = min(len(seq.draft_token_ids), spare_rows, budget - 1) if seq.num_uncomputed_tokens == 1 else 0
             num_new = min(seq.num_uncomputed_tokens + num_drafts, budget)
             while (slots := self.block_manager.allocate_slots(seq, num_new)) is None:
@@ -115,8 +115,10 @@ class Scheduler:
         return budget
 
     def _schedule_swapped(self, out: SchedulerOutput) -> None:
-        while self.swapped and len(self.running) < self.config.max_num_seqs:
+        while self.swapped:
             seq = self.swapped[0]
+            if self._rows_to_come() + self._samples_to_come(seq) > self.config.max_num_seqs:
+                return
             if not self.block_manager.can_swap_in(seq):
                 return
             self.swapped.pop(0)
@@ -130,7 +132,7 @@ class Scheduler:
             if seq.on_hold:
                 index += 1
                 continue
-            rows = len(self.running) + self._samples_to_come(seq)
+            rows = self._rows_to_come() + self._samples_to_come(seq)
             if rows > self.config.max_num_seqs or rows + out.num_draft_tokens > self.max_rows:
                 return
             computed = self.block_manager.get_computed_blocks(seq)
@@ -144,6 +146,10 @@ class Scheduler:
             self._scheduled(out, seq, num_new, slots)
             self.add_running(seq)
             budget -= num_new
+
+    def _rows_to_come(self) -> int:
+        """Running sequences once every running request has forked its samples."""
+        return sum(self._samples_to_come(seq) for seq in self.running)
 
     @staticmethod
     def _samples_to_come(seq: Sequence) -> int:

@@ -53,8 +53,52 @@ def test_beam_search_matches_hf_on_random_llama_with_length_penalty(tmp_path):
                                                                ignore_eos=True))
 
 
+@pytest.fixture(scope="module")
+def random_llama_with_eos(tmp_path_factory):
+    """A random Llama whose EOS (id 2, of a 32-token vocabulary) often ranks among the candidates,
+    so that hypotheses finish before the last round."""
+    from hf_models import save_random_model
+
+    folder = tmp_path_factory.mktemp("llama_eos")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      eos_token_id=2, bos_token_id=1)
+    model = save_random_model(folder, config, seed=3, std=0.5)
+    model.generation_config.eos_token_id = 2
+    return folder, model
+
+
+@pytest.mark.parametrize("max_num_seqs", [64, 4])
+def test_beam_search_with_finished_hypotheses_matches_hf(random_llama_with_eos, max_num_seqs):
+    """Hypotheses that end in EOS early compete with the beams still live in the last round, as in HF's
+    finalize; with `max_num_seqs` below the number of beams, the beams take turns in the steps."""
+    from hf_models import torch_single_thread
+
+    folder, model = random_llama_with_eos
+    llm = LLM(str(folder), num_blocks=64, dtype="float32", max_num_seqs=max_num_seqs)
+    prompts = [np.random.default_rng(seed).integers(3, 32, 7).tolist() for seed in range(12)]
+    params = BeamSearchParams(beam_width=3, max_tokens=8, length_penalty=2.0)
+    outputs = llm.beam_search([{"prompt_token_ids": p} for p in prompts], params)
+    finished_early = 0
+    for prompt, output in zip(prompts, outputs):
+        with torch.no_grad(), torch_single_thread():
+            out = model.generate(torch.tensor([prompt]), num_beams=3, num_return_sequences=3, do_sample=False,
+                                 max_new_tokens=8, length_penalty=2.0, early_stopping=False, output_scores=True,
+                                 return_dict_in_generate=True, eos_token_id=2, pad_token_id=0)
+        expected = [seq[len(prompt):].tolist() for seq in out.sequences]
+        expected = [tokens[:tokens.index(2) + 1] if 2 in tokens else tokens for tokens in expected]
+        assert [s.token_ids for s in output.sequences] == expected
+        np.testing.assert_allclose([s.score for s in output.sequences], out.sequences_scores.tolist(), atol=1e-4)
+        finished_early += any(len(s.token_ids) < 8 for s in output.sequences)
+    assert finished_early  # an EOS-ended hypothesis was among the best (and before the fix, 10 of 12 differed)
+    manager = llm.engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks and not any(manager.ref_counts)
+
+
 def test_beam_search_params_are_validated():
-    with pytest.raises(ValueError, match="beam_width must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"beam_width must be in \[1, 10\].*got 0"):
         BeamSearchParams(beam_width=0, max_tokens=4)
+    with pytest.raises(ValueError, match=r"beam_width must be in \[1, 10\].*got 11"):
+        BeamSearchParams(beam_width=11, max_tokens=4)
     with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
         BeamSearchParams(beam_width=2, max_tokens=0)

@@ -143,6 +143,11 @@ def test_bad_request_rejected_while_others_run_on(llm):
 def test_generate_rejects_bad_prompt_and_keeps_serving(llm):
     with pytest.raises(ValueError, match="prompt 1: .*exceeds max_model_len"):
         llm.generate(["Once", {"prompt_token_ids": [1] * 600}], GREEDY, use_tqdm=False)
+    for bad in ([1, 2.5], [1, True], [1, "a"]):
+        with pytest.raises(ValueError, match=f"prompt 0: prompt token ids must be integers, got {bad[1]!r}"):
+            llm.generate([bad], GREEDY, use_tqdm=False)
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them"):
+        llm.generate(["Once"], {"max_tokens": 3}, use_tqdm=False)
     assert all_blocks_free(llm)
     assert llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == GOLDEN_FROM_BOS
 
@@ -287,6 +292,14 @@ def test_samples_of_several_requests_never_exceed_max_num_seqs(stories_path):
     assert [len(o.outputs) for o in outputs] == [3, 2, 4, 1]
     assert all(len(c.token_ids) == 5 for o in outputs for c in o.outputs)
     assert all_blocks_free(small)
+    # admitted before any of them forks, these would make 6 running sequences of 4; each waits
+    # instead, and gives what it gives alone (seeded sampling does not depend on the batch)
+    for params in (SamplingParams(temperature=1.0, n=2, max_tokens=5, seed=7),
+                   SamplingParams(temperature=1.0, best_of=3, max_tokens=5, seed=7)):
+        together = small.generate(STORY_STARTS[:3], params, use_tqdm=False)
+        alone = [small.generate(prompt, params, use_tqdm=False)[0] for prompt in STORY_STARTS[:3]]
+        assert [[c.token_ids for c in o.outputs] for o in together] == [[c.token_ids for c in o.outputs] for o in alone]
+        assert all_blocks_free(small)
     with pytest.raises(ValueError, match="5 samples .* exceeds max_num_seqs 4"):
         small.generate(STORY_STARTS[:1], SamplingParams(temperature=1.0, n=5), use_tqdm=False)
     with pytest.raises(ValueError, match=r"stop_token_ids \[100000\] are outside the vocabulary"):

@@ -278,7 +278,6 @@ def test_burst_over_the_queue_limit_is_refused_at_once(server):
 
 
 BAD_INPUTS = [
-    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, "model"),
     ("/v1/completions", {"prompt": "hi", "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, "temperature"),
     ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p"),
@@ -301,7 +300,7 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
      "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": "hi"}, "messages"),
-    ("/tokenize", {"prompt": "hi", "model": "nope"}, "model"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
     ("/detokenize", {"tokens": [99999]}, "tokens"),
 ]
 
@@ -313,6 +312,56 @@ def test_bad_input_gets_an_openai_shaped_400(server, path, body, param):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["message"] and error["param"] == param
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": "hi", "model": "gpt-4"}),
+                                       ("/tokenize", {"prompt": "hi", "model": "nope"})])
+def test_unknown_model_gets_a_404(server, path, body):
+    response = server.post(path, body)
+    assert response.status_code == 404, response.text
+    error = response.json()["error"]
+    assert error["param"] == "model" and error["code"] == "model_not_found" and body["model"] in error["message"]
+
+
+def test_errors_name_the_request_field_not_the_engine_one(server):
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for extra, param in (({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                         ({"max_completion_tokens": 0}, "max_completion_tokens")):
+        error = server.post("/v1/chat/completions", {**chat, **extra}).json()["error"]
+        assert error["param"] == param and error["message"].startswith(param + " "), error
+
+
+def test_null_fields_take_their_defaults(server, expected):
+    """OpenAI's optional fields are nullable, and clients send None for "not given"."""
+    client = server.client()
+    nulls = dict(frequency_penalty=None, presence_penalty=None, n=None, stream=None, logprobs=None, seed=None,
+                 stop=None, top_p=None, extra_body={"min_tokens": None, "ignore_eos": None,
+                                                    "skip_special_tokens": None})
+    response = client.completions.create(model="stories", prompt=PROMPTS[0], max_tokens=16, temperature=0,
+                                         echo=None, **nulls)
+    assert response.choices[0].text == expected["completions"][0]
+    chat = client.chat.completions.create(model="stories", messages=CHAT, max_tokens=16, temperature=0, **nulls)
+    assert chat.choices[0].message.content == expected["chat"]
+
+
+def test_streamed_completion_logprobs_equal_the_whole_response(server):
+    """Concatenated over a stream, the logprobs (echoed prompt's included) and their `text_offset`s
+    equal the non-streamed response's, also while text is held back for a stop string."""
+    client = server.client()
+    text = client.completions.create(model="stories", prompt=PROMPTS[0], max_tokens=12, temperature=0).choices[0].text
+    held = text.split()[2] + " zq"  # the output runs into this stop string's start but never completes it
+    for stop in (None, held):
+        request = dict(model="stories", prompt=PROMPTS[0], max_tokens=12, temperature=0, logprobs=2, echo=True,
+                       stop=stop)
+        whole = client.completions.create(**request).choices[0]
+        chunks = [chunk.choices[0] for chunk in client.completions.create(**request, stream=True) if chunk.choices]
+        streamed = {field: [x for c in chunks if c.logprobs for x in getattr(c.logprobs, field)]
+                    for field in ("tokens", "text_offset", "token_logprobs", "top_logprobs")}
+        assert "".join(c.text for c in chunks) == whole.text
+        assert streamed["tokens"] == whole.logprobs.tokens and streamed["text_offset"] == whole.logprobs.text_offset
+        assert streamed["token_logprobs"][0] is None and whole.logprobs.token_logprobs[0] is None  # the prompt's first
+        assert streamed["token_logprobs"][1:] == pytest.approx(whole.logprobs.token_logprobs[1:])
+        assert streamed["top_logprobs"][1:] == whole.logprobs.top_logprobs[1:]
 
 
 def test_server_keeps_serving_after_bad_input(server):

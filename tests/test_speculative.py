@@ -52,9 +52,10 @@ def test_accepted_tokens_stop_at_the_first_disagreement():
 
 @pytest.mark.parametrize("bad, message", [
     ({"method": "eagle", "num_speculative_tokens": 2}, "must be 'ngram', got 'eagle'"),
-    ({"method": "ngram"}, "needs num_speculative_tokens >= 1, got 0"),
+    ({"method": "ngram"}, r"needs \['num_speculative_tokens'\]"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "needs num_speculative_tokens >= 1, got 0"),
     ({"method": "ngram", "num_speculative_tokens": -2}, "needs num_speculative_tokens >= 1, got -2"),
-    ({"num_speculative_tokens": 2}, "num_speculative_tokens 2 needs method 'ngram'"),
+    ({"num_speculative_tokens": 2}, r"needs \['method'\]"),
     ({"method": "ngram", "num_speculative_tokens": 2.5}, "num_speculative_tokens must be an integer, got 2.5"),
     ({"method": "ngram", "num_speculative_tokens": True}, "must be an integer, got True"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": "4"}, "prompt_lookup_max must be an"),

@@ -93,14 +93,17 @@ async def _stream(request: CompletionRequest, state: ServerState, request_id: st
             if output.finished:
                 finals[prompt_index] = output
             for choice in output.outputs:
+                if not choice.token_ids and not choice.finished:
+                    continue  # its prompt is still being computed (and its prompt logprobs with it)
                 index = prompt_index * request.n + choice.index
                 sent = progress.get(index)
+                echoed, echoed_logprobs = "", None
                 if sent is None:
                     sent = progress[index] = ChoiceProgress()
-                    echoed = _prompt_text(tokenizer, prompts[prompt_index]) if request.echo else ""
-                else:
-                    echoed = ""
-                event = _choice_chunk(request, tokenizer, sent, choice, index, echoed)
+                    if request.echo:
+                        echoed, echoed_logprobs = _echo(request, tokenizer, prompts[prompt_index], output)
+                        sent.token_offset = len(echoed)
+                event = _choice_chunk(request, tokenizer, sent, choice, index, echoed, echoed_logprobs)
                 if event is not None:
                     yield chunk([event])
         if request.stream_options and request.stream_options.include_usage:
@@ -113,17 +116,30 @@ async def _stream(request: CompletionRequest, state: ServerState, request_id: st
     yield DONE
 
 
+def _echo(request: CompletionRequest, tokenizer: Any, prompt: Prompt,
+          output: RequestOutput) -> tuple[str, CompletionLogprobs | None]:
+    """The prompt's text that leads an echoed choice, and its tokens' logprobs where asked for."""
+    if request.logprobs is None:
+        return _prompt_text(tokenizer, prompt), None
+    return _prompt_text(tokenizer, prompt), completion_logprobs(
+        tokenizer, prompt.token_ids, output.prompt_logprobs or [None] * len(prompt.token_ids))
+
+
 def _choice_chunk(request: CompletionRequest, tokenizer: Any, sent: ChoiceProgress, choice: CompletionOutput,
-                  index: int, echoed: str) -> CompletionChoice | None:
-    """The chunk that brings a streamed choice up to date, or None when it has nothing new."""
+                  index: int, echoed: str, echoed_logprobs: CompletionLogprobs | None) -> CompletionChoice | None:
+    """The chunk that brings a streamed choice up to date, or None when it has nothing new. Its
+    tokens' `text_offset`s count from the choice's start as a whole response's do (so text held
+    back for a possible stop string does not shift them)."""
     if sent.finished:
         return None
-    new = sent.new_text(choice.text)
-    text = echoed + new
+    text = echoed + sent.new_text(choice.text)
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
     logprobs = None
-    if request.logprobs is not None and token_ids:
-        logprobs = completion_logprobs(tokenizer, token_ids, entries, len(sent.text_sent) - len(new))
+    if request.logprobs is not None and (token_ids or echoed_logprobs is not None):
+        logprobs = completion_logprobs(tokenizer, token_ids, entries, sent.token_offset)
+        sent.token_offset += sum(len(token) for token in logprobs.tokens)
+        if echoed_logprobs is not None:
+            logprobs = _joined(echoed_logprobs, logprobs)
     if not text and logprobs is None and not choice.finished:
         return None
     sent.finished = choice.finished

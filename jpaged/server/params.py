@@ -8,16 +8,18 @@ the field, which becomes the error's `param`. Plain Python: no jax.
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from jpaged.sampling_params import SamplingParams
-from jpaged.server.errors import bad_request
+from jpaged.server.errors import APIError, bad_request
 from jpaged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
 def check_model(requested: str | None, served: str) -> None:
-    """Accept a request for the served model (or one naming no model); 400 otherwise."""
+    """Accept a request for the served model (or one naming no model); 404 otherwise, as OpenAI."""
     if requested is not None and requested != served:
-        raise bad_request(f"the model `{requested}` does not exist; this server serves `{served}`",
-                          param="model", code="model_not_found")
+        raise APIError(f"the model `{requested}` does not exist; this server serves `{served}`",
+                       HTTPStatus.NOT_FOUND, "invalid_request_error", param="model", code="model_not_found")
 
 
 def resolve_max_tokens(asked: int | None, prompt_len: int, max_model_len: int, param: str,
@@ -73,7 +75,10 @@ def chat_params(request: ChatCompletionRequest, max_tokens: int) -> SamplingPara
 
 
 def _build(request: SamplingFields, renamed: dict[str, str] | None = None, **fields) -> SamplingParams:
-    """A `SamplingParams` from the fields both endpoints share plus `fields`; its errors become 400s."""
+    """A `SamplingParams` from the fields both endpoints share plus `fields`; its errors become 400s
+    naming the request's field (`renamed` maps a `SamplingParams` field to the request's name)."""
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options can only be set when stream is true", param="stream_options")
     kwargs = dict(
         n=request.n, temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0,
@@ -86,6 +91,9 @@ def _build(request: SamplingFields, renamed: dict[str, str] | None = None, **fie
     try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError) as err:
-        field = str(err).split(" ", 1)[0].split("[", 1)[0]
+        message = str(err)
+        field = message.split(" ", 1)[0].split("[", 1)[0]
         param = (renamed or {}).get(field, field) if field in kwargs else None
-        raise bad_request(str(err), param=param) from err
+        if param is not None and param != field:
+            message = param + message[len(field):]
+        raise bad_request(message, param=param) from err

@@ -93,12 +93,14 @@ def sse_error(err: Exception) -> str:
 
 
 class ChoiceProgress:
-    """What one streamed choice has sent: its text, how many tokens' logprobs, and whether its
-    finish chunk went out."""
+    """What one streamed choice has sent: its text, how many tokens' logprobs, where the next
+    token's text starts in the choice (a completion's `text_offset`), and whether its finish
+    chunk went out."""
 
     def __init__(self):
         self.text_sent = ""
         self.num_tokens_sent = 0
+        self.token_offset = 0
         self.finished = False
 
     def new_text(self, text: str) -> str:
