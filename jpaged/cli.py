@@ -22,7 +22,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--quantization", default=None, choices=["int8", "fp8", "gguf"],
                         help="keep the weights as int8 or float8 (e4m3) with a scale per 32 inputs, or a GGUF file's blocks packed")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3"],
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3", "fp8"],
                         help="keep the KV cache as int8 or float8 (e4m3) with a scale per token and KV head")
     parser.add_argument("--offload-weights", default=None, choices=["host", "disk"],
                         help="keep decoder layers past --device-weight-budget-gib in host memory or memory-mapped "

@@ -189,7 +189,7 @@ class CacheConfig:
     """
 
     block_size: int = 16
-    kv_cache_dtype: str = "auto"  # "auto" | "int8" | "fp8_e4m3"
+    kv_cache_dtype: str = "auto"  # "auto" | "int8" | "fp8_e4m3" (or "fp8")
     num_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_gib: float = 1.0
@@ -199,8 +199,10 @@ class CacheConfig:
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
+        if self.kv_cache_dtype == "fp8":  # vLLM's name for the same format
+            self.kv_cache_dtype = "fp8_e4m3"
         if self.kv_cache_dtype not in ("auto", "int8", "fp8_e4m3"):
-            raise ValueError(f"kv_cache_dtype must be 'auto', 'int8' or 'fp8_e4m3', got {self.kv_cache_dtype!r}")
+            raise ValueError(f"kv_cache_dtype must be 'auto', 'int8' or 'fp8_e4m3' ('fp8'), got {self.kv_cache_dtype!r}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -32,6 +32,7 @@ from test_pallas_kernels import (
 )
 
 from jpaged import LLM
+from jpaged.config import CacheConfig
 from pallas_kernels.backend import pallas_paged_attention
 from pallas_kernels.decode_attention import paged_decode_attention_kernel
 from pallas_kernels.paged_attention import ragged_paged_attention, write_kv
@@ -100,6 +101,7 @@ def test_unknown_kv_cache_dtype_is_named():
         storage_dtype("fp16", F32)
     with pytest.raises(ValueError, match="kv_cache_dtype.*'int4'"):
         LLM("unused", kv_cache_dtype="int4")
+    assert CacheConfig(kv_cache_dtype="fp8").kv_cache_dtype == "fp8_e4m3"  # vLLM's name for it
 
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)

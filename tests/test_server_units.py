@@ -155,3 +155,12 @@ def test_serve_command_defaults_to_loopback():
     args = _parser().parse_args(["serve", "--model", "m", "--api-key", "k"])
     assert (args.command, args.host, args.port, args.api_key, args.max_queued_requests) == ("serve", "127.0.0.1",
                                                                                             8000, "k", 256)
+
+
+def test_chat_stream_deltas_carry_only_their_fields():
+    from jpaged.server.protocol import ChatStreamChoice, DeltaMessage
+
+    first = ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content="")).model_dump()
+    later = ChatStreamChoice(index=0, delta=DeltaMessage(content="Hi")).model_dump()
+    assert first["delta"] == {"role": "assistant", "content": ""} and later["delta"] == {"content": "Hi"}
+    assert later["finish_reason"] is None and "logprobs" in later  # the choice's own fields stay

@@ -62,8 +62,12 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 
 def _text_of(message: ChatMessage, i: int) -> str:
-    if message.content is None or isinstance(message.content, str):
-        return message.content or ""
+    if message.content is None:
+        if message.role != "assistant":  # an assistant turn may be empty, as OpenAI's API allows
+            raise bad_request(f"messages[{i}] ({message.role}) has no content", param="messages")
+        return ""
+    if isinstance(message.content, str):
+        return message.content
     for part in message.content:
         if part.type != "text" or part.text is None:
             raise bad_request(f"messages[{i}] has a content part of type {part.type!r}; only text parts are "
