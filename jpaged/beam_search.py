@@ -55,6 +55,7 @@ class BeamSearchOutput:
 class _Search:
     """The state of one prompt's search."""
 
+    request_id: str
     params: BeamSearchParams
     beams: list[Sequence]
     scores: dict[Sequence, float]
@@ -67,12 +68,21 @@ class _Search:
 
 
 def beam_search(engine: EngineClient, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
-    searches = [_start(engine, prompt, params) for prompt in prompts]
-    while not all(search.done for search in searches):
-        engine.step()
+    searches: list[_Search] = []
+    try:
+        for prompt in prompts:
+            searches.append(_start(engine, prompt, params))
+        while not all(search.done for search in searches):
+            engine.step()
+            for search in searches:
+                if not search.done:
+                    _advance(engine, search)
+    except BaseException:  # an interrupt, a refused prompt or a failed step: no beam stays in the engine
         for search in searches:
-            if not search.done:
-                _advance(engine, search)
+            for beam in search.beams:
+                engine.free_sequence(beam)
+            engine.abort_request(search.request_id)
+        raise
     return [_output(engine, search) for search in searches]
 
 
@@ -82,7 +92,7 @@ def _start(engine: EngineClient, prompt, params: BeamSearchParams) -> _Search:
                                  logprobs=2 * params.beam_width)
     engine.add_request(request_id, prompt, step_params)
     first = engine.get_sequence(request_id)
-    return _Search(params, [first], {first: 0.0})
+    return _Search(request_id, params, [first], {first: 0.0})
 
 
 def _advance(engine: EngineClient, search: _Search) -> None:

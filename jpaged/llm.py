@@ -92,15 +92,22 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm)
         generated_before, started = self.engine.stats().num_generated_tokens, time.perf_counter()
-        while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
-                    bar.update(1)
-            if use_tqdm:  # every token generated so far, unfinished requests' too
-                generated = self.engine.stats().num_generated_tokens - generated_before
-                bar.set_postfix_str(f"{generated / (time.perf_counter() - started):.1f} tok/s out")
-        bar.close()
+        try:
+            while self.engine.has_unfinished_requests():
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        bar.update(1)
+                if use_tqdm:  # every token generated so far, unfinished requests' too
+                    generated = self.engine.stats().num_generated_tokens - generated_before
+                    bar.set_postfix_str(f"{generated / (time.perf_counter() - started):.1f} tok/s out")
+        except BaseException:  # an interrupt or a failed step: the call's requests leave the engine
+            for request_id in request_ids:
+                if request_id not in finished:
+                    self.engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
         return [finished[request_id] for request_id in request_ids]
 
     def beam_search(self, prompts: PromptType | SequenceABC[PromptType], params: BeamSearchParams

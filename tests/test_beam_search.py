@@ -95,6 +95,28 @@ def test_beam_search_with_finished_hypotheses_matches_hf(random_llama_with_eos, 
     assert manager.num_free_blocks == manager.num_blocks and not any(manager.ref_counts)
 
 
+def test_interrupted_beam_search_frees_every_beam(random_llama_with_eos, monkeypatch):
+    folder, _ = random_llama_with_eos
+    llm = LLM(str(folder), num_blocks=64, dtype="float32")
+    real_step, calls = llm.engine.step, []
+
+    def interrupted_step():
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", interrupted_step)
+    prompts = [{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [8, 9]}]
+    with pytest.raises(KeyboardInterrupt):
+        llm.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=8))
+    monkeypatch.undo()
+    manager = llm.engine.block_manager
+    assert not llm.engine.has_unfinished_requests()
+    assert manager.num_free_blocks == manager.num_blocks and not any(manager.ref_counts)
+    assert len(llm.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=8))[0].sequences) == 3
+
+
 def test_beam_search_params_are_validated():
     with pytest.raises(ValueError, match=r"beam_width must be in \[1, 10\].*got 0"):
         BeamSearchParams(beam_width=0, max_tokens=4)

@@ -152,6 +152,25 @@ def test_generate_rejects_bad_prompt_and_keeps_serving(llm):
     assert llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == GOLDEN_FROM_BOS
 
 
+def test_interrupted_generate_leaves_nothing_behind(llm, monkeypatch):
+    """A generate call that stops half-way (Ctrl-C, or a step that fails) takes its requests out
+    of the engine, so the next call runs alone and every block is free."""
+    real_step, calls = llm.engine.step, []
+
+    def interrupted_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(STORY_STARTS[:4], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
+    monkeypatch.undo()
+    assert not llm.engine.has_unfinished_requests() and all_blocks_free(llm)
+    assert llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == GOLDEN_FROM_BOS
+
+
 def test_request_larger_than_cache_is_rejected(stories_path):
     small = LLM(stories_path, num_blocks=4)
     with pytest.raises(ValueError, match="exceeds the KV cache's 64 tokens"):
