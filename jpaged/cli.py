@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     _add_serve_args(serve)
     _add_engine_args(serve)
+    for command in (gen, serve):
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -112,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("generate", "serve", "-h", "--help"):
         argv = ["generate", *argv]
-    args = _parser().parse_args(argv)
+    args, unknown = _parser().parse_known_args(argv)
+    if unknown:  # named by the command's own usage, not the top-level one
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("jpaged").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:

@@ -164,3 +164,13 @@ def test_chat_stream_deltas_carry_only_their_fields():
     later = ChatStreamChoice(index=0, delta=DeltaMessage(content="Hi")).model_dump()
     assert first["delta"] == {"role": "assistant", "content": ""} and later["delta"] == {"content": "Hi"}
     assert later["finish_reason"] is None and "logprobs" in later  # the choice's own fields stay
+
+
+def test_an_unknown_flag_is_named_by_its_command(capsys):
+    from jpaged.cli import main
+
+    for command in ("generate", "serve"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--bogus"])
+        assert exit_info.value.code == 2
+        assert f"jpaged {command}: error: unrecognized arguments: --bogus" in capsys.readouterr().err
