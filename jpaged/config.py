@@ -23,6 +23,17 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
+def _check_integers(config, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """ValueError naming the first of `names` on `config` that is not an integer (nor None, for
+    the `optional` ones)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is None and name in optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
@@ -112,6 +123,10 @@ class ModelConfig:
             )
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (supported: silu)")
+        for flag, what in (("attention_bias", "q / k / v / o projection biases"), ("mlp_bias", "MLP biases")):
+            if hf.get(flag):
+                raise ValueError(f"{flag}=True ({what}) is not supported: jpaged's Llama-family layers have "
+                                 "biases only on q / k / v, as Qwen2's")
         num_heads = int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         eos = (generation_config or {}).get("eos_token_id", hf.get("eos_token_id"))
@@ -134,8 +149,7 @@ class ModelConfig:
             rope=RopeConfig.from_hf(hf),
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=(arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True)))
-                      or bool(hf.get("attention_bias", False))),
+            qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
             qk_norm=arch in ("qwen3", "qwen3_moe"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -197,6 +211,7 @@ class CacheConfig:
     swap_space_gib: float = 1.0  # host memory for swapped-out blocks
 
     def __post_init__(self):
+        _check_integers(self, ("block_size", "num_blocks"), optional=("num_blocks",))
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.kv_cache_dtype == "fp8":  # vLLM's name for the same format
@@ -223,6 +238,7 @@ class SchedulerConfig:
     preemption_mode: str = "recompute"  # "recompute" | "swap"
 
     def __post_init__(self):
+        _check_integers(self, ("max_num_seqs", "max_num_batched_tokens", "max_model_len"), optional=("max_model_len",))
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -251,10 +267,7 @@ class SpeculativeConfig:
     def __post_init__(self):
         if self.method not in (None, "ngram"):
             raise ValueError(f"speculative method must be 'ngram', got {self.method!r}")
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+        _check_integers(self, ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"))
         if self.method is None and self.num_speculative_tokens:
             raise ValueError(f"num_speculative_tokens {self.num_speculative_tokens} needs method 'ngram'")
         if self.method == "ngram" and self.num_speculative_tokens < 1:
@@ -309,6 +322,7 @@ class ParallelConfig:
     decode_micro_batches: int = 1
 
     def __post_init__(self):
+        _check_integers(self, tuple(f.name for f in fields(self)), optional=("prefill_micro_batches",))
         if self.prefill_micro_batches is None:
             self.prefill_micro_batches = 2 * self.pipeline_parallel_size
         for name in (f.name for f in fields(self)):  # in field order: a bad stage count before its default
@@ -343,6 +357,7 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self):
+        _check_integers(self, ("seed",))
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', got {self.dtype!r}")
         if self.quantization not in (None, "int8", "fp8", "gguf"):

@@ -1,5 +1,6 @@
 """End-to-end engine behaviour on the real stories260K model: golden tokens, batching, leaks, errors."""
 
+import json
 import re
 import shutil
 
@@ -250,6 +251,10 @@ def test_unknown_architecture_and_broken_weights(stories_path, tmp_path):
     (folder / "config.json").write_text(config.replace("LlamaForCausalLM", "GPTNeoXForCausalLM"))
     with pytest.raises(ValueError, match="GPTNeoXForCausalLM.*not supported"):
         LLM(str(folder))
+    for flag in ("attention_bias", "mlp_bias"):  # HF's Llama then has o_proj / MLP biases too
+        (folder / "config.json").write_text(json.dumps({**json.loads(config), flag: True}))
+        with pytest.raises(ValueError, match=f"{flag}=True .* is not supported"):
+            LLM(str(folder))
     (folder / "config.json").write_text(config)
 
     weights = (folder / "model.safetensors").read_bytes()

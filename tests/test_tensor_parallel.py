@@ -46,3 +46,12 @@ def test_bad_tensor_parallel_configs_are_clear_errors(stories_path):
         LLM(stories_path, tensor_parallel_size=too_many)
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1, got 0"):
         LLM(stories_path, tensor_parallel_size=0)
+
+
+@pytest.mark.parametrize("setting", [dict(tensor_parallel_size=2.0), dict(tensor_parallel_size="2"),
+                                     dict(num_blocks=8.0), dict(max_model_len=64.5), dict(block_size=True),
+                                     dict(max_num_seqs=None)])
+def test_integer_settings_must_be_integers(stories_path, setting):
+    (name, value), = setting.items()
+    with pytest.raises(ValueError, match=rf"{name} must be .*got {value!r}"):
+        LLM(stories_path, **setting)
