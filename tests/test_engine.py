@@ -154,18 +154,18 @@ def test_generate_rejects_bad_prompt_and_keeps_serving(llm):
 
 
 def test_interrupted_generate_leaves_nothing_behind(llm, monkeypatch):
-    """A generate call that stops half-way (Ctrl-C, or a step that fails) takes its requests out
+    """A generate call that stops half-way (a step that fails, or Ctrl-C) takes its requests out
     of the engine, so the next call runs alone and every block is free."""
     real_step, calls = llm.engine.step, []
 
     def interrupted_step():
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt
+            raise RuntimeError("the step failed")
         return real_step()
 
     monkeypatch.setattr(llm.engine, "step", interrupted_step)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="the step failed"):
         llm.generate(STORY_STARTS[:4], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
     monkeypatch.undo()
     assert not llm.engine.has_unfinished_requests() and all_blocks_free(llm)
