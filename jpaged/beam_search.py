@@ -19,6 +19,7 @@ from jpaged.sampling_params import MAX_LOGPROBS, SamplingParams
 from jpaged.sequence import Sequence
 
 _search_ids = itertools.count()
+MAX_IDLE_STEPS = 8  # engine steps in a row that schedule nothing before a search gives up
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,13 @@ def beam_search(engine: EngineClient, prompts: list, params: BeamSearchParams) -
     try:
         for prompt in prompts:
             searches.append(_start(engine, prompt, params))
+        idle_steps = 0
         while not all(search.done for search in searches):
-            engine.step()
+            idle_steps = 0 if engine.step() else idle_steps + 1
+            if idle_steps > MAX_IDLE_STEPS:
+                raise RuntimeError(f"beam search cannot go on: {params.beam_width} beams per prompt do not fit in the "
+                                   "KV cache together (beams waiting for a sibling's step hold the blocks it needs); "
+                                   "use more KV blocks or a smaller beam_width")
             for search in searches:
                 if not search.done:
                     _advance(engine, search)

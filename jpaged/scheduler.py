@@ -148,8 +148,9 @@ class Scheduler:
             budget -= num_new
 
     def _rows_to_come(self) -> int:
-        """Running sequences once every running request has forked its samples."""
-        return sum(self._samples_to_come(seq) for seq in self.running)
+        """Rows the running sequences will take once every running request has forked its samples
+        (beams on hold take none)."""
+        return sum(self._samples_to_come(seq) for seq in self.running if not seq.on_hold)
 
     @staticmethod
     def _samples_to_come(seq: Sequence) -> int:

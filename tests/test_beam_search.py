@@ -117,6 +117,22 @@ def test_interrupted_beam_search_frees_every_beam(random_llama_with_eos, monkeyp
     assert len(llm.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=8))[0].sequences) == 3
 
 
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_beams_that_cannot_fit_together_are_an_error_not_a_hang(stories_path, mode):
+    """Two beams of 5 + 6 tokens in a 12-token cache: each fits alone, both never do (the beam on
+    hold keeps the blocks its preempted sibling needs). The search says so and frees every block."""
+    from jpaged import SamplingParams
+
+    llm = LLM(stories_path, num_blocks=3, block_size=4, max_num_seqs=2, max_num_batched_tokens=16,
+              enable_prefix_caching=False, preemption_mode=mode)
+    with pytest.raises(RuntimeError, match="beam search cannot go on: 2 beams per prompt do not fit"):
+        llm.beam_search([{"prompt_token_ids": [10, 11, 12, 13, 14]}], BeamSearchParams(beam_width=2, max_tokens=6))
+    manager = llm.engine.block_manager
+    assert not llm.engine.has_unfinished_requests()
+    assert manager.num_free_blocks == manager.num_blocks and not any(manager.ref_counts)
+    assert len(llm.generate([[10, 11]], SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) == 4
+
+
 def test_beam_search_params_are_validated():
     with pytest.raises(ValueError, match=r"beam_width must be in \[1, 10\].*got 0"):
         BeamSearchParams(beam_width=0, max_tokens=4)
