@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from jpaged.sampling_params import is_integer
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -30,7 +32,7 @@ def _check_integers(config, names: tuple[str, ...], optional: tuple[str, ...] = 
         value = getattr(config, name)
         if value is None and name in optional:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if not is_integer(value):
             raise ValueError(f"{name} must be an integer, got {value!r}")
 
 

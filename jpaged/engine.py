@@ -15,7 +15,6 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from jpaged import compile_cache
@@ -30,7 +29,7 @@ from jpaged.ngram_proposer import NgramProposer, accepted_tokens, can_draft
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
-from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_params import SamplingParams, is_integer
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Request, Sequence
 from sharding.mesh import replica_meshes
@@ -389,7 +388,7 @@ class LLMEngine:
 
 def _token_ids(values) -> list[int]:
     """A prompt's token ids as ints; ValueError naming the first value that is not an integer."""
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+    bad = [v for v in values if not is_integer(v)]
     if bad:
         raise ValueError(f"prompt token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
     return [int(v) for v in values]

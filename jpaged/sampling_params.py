@@ -29,9 +29,14 @@ def _as_float(field: str, value: object) -> float:
     return number
 
 
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer (Python's or numpy's), bools excluded."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _as_int(field: str, value: object) -> int:
     """Return ``value`` as an int (bools rejected), or raise naming ``field``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_integer(value):
         raise TypeError(f"{field} must be an int, got {value!r} ({type(value).__name__})")
     return int(value)
 
@@ -60,7 +65,7 @@ def _as_logit_bias(value: object) -> dict[int, float] | None:
     for key, item in value.items():
         if isinstance(key, str) and key.strip().lstrip("-").isdigit():
             key = int(key)
-        if isinstance(key, bool) or not isinstance(key, numbers.Integral):
+        if not is_integer(key):
             raise TypeError(f"logit_bias keys must be int token ids, got {key!r}")
         if key < 0:
             raise ValueError(f"logit_bias keys must be token ids >= 0, got {key}")

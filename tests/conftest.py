@@ -65,3 +65,22 @@ def tiny_llama_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_llama")
     save_random_model(folder, config, seed=5)
     return folder
+
+
+@pytest.fixture
+def fail_step(monkeypatch):
+    """`fail_step(engine, at)`: the engine's `at`-th `step()` from now raises RuntimeError("the step
+    failed"); `monkeypatch.undo()` restores it."""
+
+    def patch(engine, at: int) -> None:
+        real_step, calls = engine.step, []
+
+        def step():
+            calls.append(1)
+            if len(calls) == at:
+                raise RuntimeError("the step failed")
+            return real_step()
+
+        monkeypatch.setattr(engine, "step", step)
+
+    return patch

@@ -95,18 +95,10 @@ def test_beam_search_with_finished_hypotheses_matches_hf(random_llama_with_eos, 
     assert manager.num_free_blocks == manager.num_blocks and not any(manager.ref_counts)
 
 
-def test_interrupted_beam_search_frees_every_beam(random_llama_with_eos, monkeypatch):
+def test_interrupted_beam_search_frees_every_beam(random_llama_with_eos, fail_step, monkeypatch):
     folder, _ = random_llama_with_eos
     llm = LLM(str(folder), num_blocks=64, dtype="float32")
-    real_step, calls = llm.engine.step, []
-
-    def interrupted_step():
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("the step failed")
-        return real_step()
-
-    monkeypatch.setattr(llm.engine, "step", interrupted_step)
+    fail_step(llm.engine, 4)
     prompts = [{"prompt_token_ids": [5, 6, 7]}, {"prompt_token_ids": [8, 9]}]
     with pytest.raises(RuntimeError, match="the step failed"):
         llm.beam_search(prompts, BeamSearchParams(beam_width=3, max_tokens=8))

@@ -153,18 +153,10 @@ def test_generate_rejects_bad_prompt_and_keeps_serving(llm):
     assert llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == GOLDEN_FROM_BOS
 
 
-def test_interrupted_generate_leaves_nothing_behind(llm, monkeypatch):
+def test_interrupted_generate_leaves_nothing_behind(llm, fail_step, monkeypatch):
     """A generate call that stops half-way (a step that fails, or Ctrl-C) takes its requests out
     of the engine, so the next call runs alone and every block is free."""
-    real_step, calls = llm.engine.step, []
-
-    def interrupted_step():
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("the step failed")
-        return real_step()
-
-    monkeypatch.setattr(llm.engine, "step", interrupted_step)
+    fail_step(llm.engine, 3)
     with pytest.raises(RuntimeError, match="the step failed"):
         llm.generate(STORY_STARTS[:4], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
     monkeypatch.undo()

@@ -60,14 +60,12 @@ def _prompt_text(tokenizer: Any, prompt: Prompt) -> str:
 def _choice(request: CompletionRequest, tokenizer: Any, prompt_index: int, prompt: Prompt, output: RequestOutput,
             choice: CompletionOutput) -> CompletionChoice:
     index = prompt_index * request.n + choice.index
-    echoed = _prompt_text(tokenizer, prompt) if request.echo else ""
+    echoed, echoed_logprobs = _echo(request, tokenizer, prompt, output) if request.echo else ("", None)
     logprobs = None
     if request.logprobs is not None:
         logprobs = completion_logprobs(tokenizer, choice.token_ids, choice.logprobs or [], len(echoed))
-        if request.echo:
-            logprobs = _joined(completion_logprobs(tokenizer, prompt.token_ids,
-                                                   output.prompt_logprobs or [None] * len(prompt.token_ids)),
-                               logprobs)
+        if echoed_logprobs is not None:
+            logprobs = _joined(echoed_logprobs, logprobs)
     return CompletionChoice(index=index, text=echoed + choice.text, logprobs=logprobs,
                             finish_reason=choice.finish_reason, stop_reason=choice.stop_reason)
 
