@@ -208,8 +208,16 @@ def test_n_samples_stop_and_logprobs(server):
     assert echoed.choices[0].text.startswith(PROMPTS[1])
 
 
+def aborted_count(server) -> float:
+    """The server's jpaged:request_success_total{finished_reason="abort"} (0 before the first)."""
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith("jpaged:request_success_total{") and 'finished_reason="abort"' in line:
+            return float(line.split()[-1])
+    return 0.0
+
+
 def test_disconnects_abort_requests_and_free_blocks(server):
-    before = server.stats().num_generated_tokens
+    before, aborted = server.stats().num_generated_tokens, aborted_count(server)
     body = {"model": "stories", "prompt": PROMPTS[0], "max_tokens": 480, "ignore_eos": True, "temperature": 0}
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.stream("POST", f"{server.url}/v1/completions", json={**body, "stream": True}, headers=headers) as r:
@@ -220,6 +228,7 @@ def test_disconnects_abort_requests_and_free_blocks(server):
     unfinished, stats = server.wait_idle()
     assert unfinished == 0 and stats.kv_cache_usage == 0 and server.front.num_held_requests == 0
     assert stats.num_generated_tokens - before < 2 * 480 - 100  # both were cut short
+    assert aborted_count(server) == aborted + 2
 
 
 def test_concurrent_streams_with_random_disconnects(server, expected):
@@ -264,13 +273,15 @@ def test_burst_over_the_queue_limit_is_refused_at_once(server):
                         for _ in range(QUEUE_LIMIT + 16)]
             responses = await asyncio.wait_for(asyncio.gather(*requests), timeout=30)
             refused = [await r.aread() for r in responses if r.status_code != 200]
+            retry_after = {r.headers.get("retry-after") for r in responses if r.status_code != 200}
             statuses = sorted(r.status_code for r in responses)
             for r in responses:
                 await r.aclose()
-            return statuses, refused
+            return statuses, refused, retry_after
 
-    statuses, refused = asyncio.run(burst())
+    statuses, refused, retry_after = asyncio.run(burst())
     assert statuses == [200] * QUEUE_LIMIT + [503] * 16
+    assert retry_after == {"1"}
     error = json.loads(refused[0])["error"]
     assert error["code"] == "server_overloaded" and "--max-queued-requests" in error["message"]
     unfinished, stats = server.wait_idle()
@@ -374,6 +385,7 @@ def test_server_keeps_serving_after_bad_input(server):
 
 
 def test_metrics_expose_engine_and_latency_metrics(server):
+    server.client().completions.create(model="stories", prompt="Once", max_tokens=3, temperature=0)
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("jpaged:num_requests_running", "jpaged:num_requests_waiting", "jpaged:kv_cache_usage_perc",
                  "jpaged:prefix_cache_hit_rate", "jpaged:time_to_first_token_seconds_bucket",

@@ -103,15 +103,18 @@ class AsyncEngine:
             `model_name` and `max_model_len` are read-only and may be used anywhere.
         max_queued_requests: most engine requests held at once (running or waiting), >= 1.
         on_finished: called on the loop thread with every finished `RequestOutput` (metrics).
+        on_aborted: called on the loop thread with the id of every request it aborts (its client
+            left, or a step failed).
     """
 
     def __init__(self, engine: EngineClient, max_queued_requests: int = 256,
-                 on_finished: Callable[[RequestOutput], None] | None = None):
+                 on_finished: Callable[[RequestOutput], None] | None = None,
+                 on_aborted: Callable[[str], None] | None = None):
         if max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be >= 1, got {max_queued_requests}")
         self.engine = engine
         self.max_queued_requests = max_queued_requests
-        self._on_finished = on_finished
+        self._on_finished, self._on_aborted = on_finished, on_aborted
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._groups: dict[str, tuple[RequestGroup, int]] = {}  # loop thread only: request id -> (group, index)
@@ -222,6 +225,7 @@ class AsyncEngine:
         for request_id in request_ids:
             if self._groups.pop(request_id, None) is not None:
                 self.engine.abort_request(request_id)
+                self._notify(self._on_aborted, request_id)
 
     def _run(self) -> None:
         while not self._stopping:
@@ -258,11 +262,8 @@ class AsyncEngine:
         return bool(outputs)
 
     def _deliver(self, output: RequestOutput) -> None:
-        if output.finished and self._on_finished is not None:
-            try:
-                self._on_finished(output)
-            except Exception:
-                logger.exception("on_finished callback failed")
+        if output.finished:
+            self._notify(self._on_finished, output)
         entry = self._groups.get(output.request_id)
         if entry is None:
             return
@@ -274,6 +275,14 @@ class AsyncEngine:
         except RuntimeError:  # its event loop has closed: nobody is listening
             self._abort([output.request_id])
 
+    @staticmethod
+    def _notify(callback: Callable[[Any], None] | None, arg: Any) -> None:
+        if callback is not None:
+            try:
+                callback(arg)
+            except Exception:
+                logger.exception("server callback failed")
+
     def _fail_all(self, err: Exception) -> None:
         groups = self._groups
         self._groups = {}
@@ -282,6 +291,7 @@ class AsyncEngine:
                 self.engine.abort_request(request_id)
             except Exception:
                 logger.exception("aborting %s after a failed step failed too", request_id)
+            self._notify(self._on_aborted, request_id)
             try:
                 group.push(EngineStepError(f"the engine failed while running this request: {err!r}"))
             except RuntimeError:

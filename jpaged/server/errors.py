@@ -19,12 +19,14 @@ class APIError(Exception):
         type: OpenAI's error type ("invalid_request_error", "authentication_error", "server_error").
         param: the request field at fault, if one is.
         code: a short machine-readable code, if any.
+        headers: HTTP headers to send with it (`Retry-After` on 503).
     """
 
     def __init__(self, message: str, status: int = 400, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -45,9 +47,14 @@ def unauthorized(message: str) -> APIError:
     return APIError(message, HTTPStatus.UNAUTHORIZED, "authentication_error", None, "invalid_api_key")
 
 
+RETRY_AFTER_S = 1
+
+
 def overloaded(message: str) -> APIError:
-    """HTTP 503 when the server holds as many requests as it may; the client should retry later."""
-    return APIError(message, HTTPStatus.SERVICE_UNAVAILABLE, "server_error", None, "server_overloaded")
+    """HTTP 503 when the server holds as many requests as it may, with `Retry-After` (seconds): the
+    official clients wait that long and retry (twice by default)."""
+    return APIError(message, HTTPStatus.SERVICE_UNAVAILABLE, "server_error", None, "server_overloaded",
+                    {"Retry-After": str(RETRY_AFTER_S)})
 
 
 def internal_error(message: str) -> APIError:

@@ -35,7 +35,8 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
     """
     name = served_model_name or engine.model_name
     metrics = ServerMetrics(name)
-    front = AsyncEngine(engine, max_queued_requests, on_finished=metrics.observe_finished)
+    front = AsyncEngine(engine, max_queued_requests, on_finished=metrics.observe_finished,
+                        on_aborted=metrics.observe_aborted)
     return build_app(ServerState(front, name, metrics, api_key or None))
 
 

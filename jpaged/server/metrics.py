@@ -4,7 +4,7 @@ Two sources: the engine's `EngineStats`, snapshot on the loop thread at each scr
 running / waiting / swapped requests, KV cache usage, prefix-cache hit rate; counters of prompt
 tokens computed, tokens generated and preemptions), and every finished request, observed on the
 loop thread as it finishes (time to first token, time per output token and end-to-end latency
-histograms, and finished requests by finish reason). Each server has its own registry, so
+histograms, and finished requests by finish reason, aborted ones included). Each server has its own registry, so
 several can live in one process. Names follow vLLM's with the `jpaged:` prefix.
 """
 
@@ -57,6 +57,10 @@ class ServerMetrics:
                 self.e2e.labels(**self._labels).observe(metrics.finished_time - metrics.arrival_time)
         reason = output.outputs[0].finish_reason if output.outputs else None
         self.finished.labels(**self._labels, finished_reason=reason or "unknown").inc()
+
+    def observe_aborted(self, request_id: str) -> None:
+        """Count a request the server aborted (its client left, or a step failed) as finished by "abort"."""
+        self.finished.labels(**self._labels, finished_reason="abort").inc()
 
     def render(self, stats: EngineStats) -> bytes:
         """Prometheus text exposition of every metric, the engine's from `stats`."""
