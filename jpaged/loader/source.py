@@ -29,7 +29,8 @@ class ModelSource:
     tokenizer and `weights(keep_packed)` streams `(hf_name, array)` pairs, so that an engine can
     do both at once. `block_types` gives the GGML block type of each tensor a GGUF file stores
     quantized (HF name: type name); `weights` yields the tensors named in `keep_packed` as their
-    raw block rows."""
+    raw block rows. `name` is the model as the user gave it (a hub id stays the id), the name
+    engines log and the server serves by default."""
 
     name: str
     hf_config: dict
@@ -53,7 +54,7 @@ def open_model(model: str | None) -> ModelSource:
                                     "nor an HF hub id of the form 'org/name'")
         path = hub_snapshot(model)
     return ModelSource(
-        name=str(path),
+        name=model,
         hf_config=hf.read_json(path / "config.json"),
         generation_config=hf.read_json(path / "generation_config.json", required=False),
         load_tokenizer=hf.tokenizer_loader(path),
