@@ -110,7 +110,9 @@ class LLMEngine:
         limit = self.model_config.max_position_embeddings
         asked = self.config.scheduler.max_model_len
         if asked is not None and asked > limit:
-            raise ValueError(f"max_model_len {asked} exceeds the model's max_position_embeddings {limit}")
+            raise ValueError(f"max_model_len {asked} exceeds the model's limit of {limit} tokens (its "
+                             "max_position_embeddings, or its sliding_window where smaller: jpaged's attention "
+                             "has no window, so sequences stay within it)")
         return asked or limit
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:

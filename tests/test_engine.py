@@ -236,6 +236,19 @@ def test_sampled_request_joining_running_decodes_keeps_its_own_params(llm):
     assert all_blocks_free(llm)
 
 
+def test_max_model_len_beyond_the_model_is_refused(stories_path, tmp_path):
+    with pytest.raises(ValueError, match="max_model_len 513 exceeds the model's limit of 512 tokens"):
+        LLM(stories_path, max_model_len=513, num_blocks=8)
+    folder = tmp_path / "windowed"
+    shutil.copytree(stories_path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=128)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="limit of 128 tokens .*sliding_window"):
+        LLM(str(folder), max_model_len=256, num_blocks=8)
+    assert LLM(str(folder), num_blocks=8).engine.max_model_len == 128
+
+
 def test_unknown_architecture_and_broken_weights(stories_path, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(stories_path, folder)
