@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from jpaged.cache_dir import cache_dir
 from jpaged.config import CacheConfig, EngineConfig, ModelConfig
+from jpaged.huge_pages import collapse_in_background
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
 from jpaged.loader.host_store import HostStore
 from jpaged.loader.weights import load_params, param_formats, replicate_kv_heads, zeros_at
@@ -59,6 +60,12 @@ class StepOutput(NamedTuple):
     prompt_rows: PromptRows | None  # what each prompt-logprob row is about; None: no such rows
     prompt_logprobs: PromptLogprobs | None  # one row per `prompt_rows` entry
     draft_choices: np.ndarray | None = None  # [D] greedy choices at the draft-check tokens, in order
+
+
+def memory_spans(tree) -> list[tuple[int, int]]:
+    """(address, bytes) of every shard of the jax arrays in `tree` (for `huge_pages`)."""
+    return [(shard.data.unsafe_buffer_pointer(), shard.data.nbytes) for x in jax.tree.leaves(tree)
+            if isinstance(x, jax.Array) for shard in x.addressable_shards]
 
 
 def resolve_dtype(dtype: str):
@@ -112,6 +119,8 @@ class ModelRunner:
             loaded = nnx.to_pure_dict(state)
             self.stream = self._layer_stream(loaded.pop("layers"), config)
             self.state = loaded
+        on_cpu = jax.default_backend() == "cpu"
+        self.huge_pages = collapse_in_background(memory_spans(self._resident_weights())) if on_cpu else None
         self.attention = self._attention_ready(config)
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
         shape = (model_config.num_layers, self.num_blocks, self.block_size,
@@ -175,10 +184,13 @@ class ModelRunner:
     def weight_bytes(self) -> int:
         """Bytes of the model's parameters kept on the devices (all shards together; streamed
         layers not counted)."""
+        return sum(x.nbytes for x in jax.tree.leaves(self._resident_weights()))
+
+    def _resident_weights(self):
+        """The parameters kept on the devices: the whole model, or all but the streamed layers."""
         if self.stream is None:
-            return sum(x.nbytes for x in jax.tree.leaves(self.state))
-        resident = [layer for i, layer in enumerate(self.stream.layers) if not self.offload.streams(i)]
-        return sum(x.nbytes for x in jax.tree.leaves([self.state, resident]))
+            return self.state
+        return [self.state, [layer for i, layer in enumerate(self.stream.layers) if not self.offload.streams(i)]]
 
     def offload_stats(self) -> dict[str, int]:
         """`EngineStats`' fields about streamed layers."""

@@ -1,10 +1,15 @@
 """The default model end to end: the CLI's answer, and greedy tokens against HF transformers."""
 
+import ctypes
+import mmap
+import re
+
 import pytest
 
 from jpaged import LLM, SamplingParams
 from jpaged.cli import main
 from jpaged.llm import chat_token_ids
+from jpaged.model_runner import memory_spans
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain."]
 
@@ -32,3 +37,38 @@ def test_greedy_tokens_match_hf_transformers(model_path, hf_gguf_model):
         torch.set_num_threads(threads)
     assert ours == theirs
     assert ours[0][-1] in llm.engine.eos_token_ids  # the first answer ends itself
+    if kernel_collapses():  # the weights moved into huge pages meanwhile (jpaged/huge_pages.py)
+        runner = llm.engine.runner
+        runner.huge_pages.join()
+        weights = memory_spans(runner.state)
+        assert huge_bytes_holding(weights) >= 0.8 * sum(n for _, n in weights)
+
+
+MADV_COLLAPSE = 25  # Linux 6.1+
+
+
+def smaps() -> list[tuple[int, int, int]]:
+    """(start, end, AnonHugePages bytes) of every mapping of this process, as the kernel counts them."""
+    maps = []
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", open("/proc/self/smaps").read()):
+        start, end = (int(x, 16) for x in block.split(" ", 1)[0].split("-"))
+        maps.append((start, end, 1024 * int(re.search(r"AnonHugePages:\s+(\d+) kB", block).group(1))))
+    return maps
+
+
+def huge_bytes_holding(spans) -> int:
+    """Huge-page bytes of the mappings that hold the (address, bytes) spans."""
+    return sum(huge for start, end, huge in smaps() if any(start <= a < end for a, _ in spans))
+
+
+def kernel_collapses() -> bool:
+    """Whether this kernel moves memory into a huge page when asked (checked on a fresh mapping)."""
+    try:
+        area = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        area.write(b"x" * (8 << 20))
+        area.madvise(mmap.MADV_HUGEPAGE)
+        area.madvise(MADV_COLLAPSE)
+    except (OSError, AttributeError, ValueError):
+        return False
+    view = ctypes.c_char.from_buffer(area)
+    return huge_bytes_holding([(ctypes.addressof(view), 1)]) > 0
