@@ -44,6 +44,7 @@ from jpaged.step_batch import PAD_TOKEN_ID, PADDING_PARAMS, PromptRows, Sampling
 from jpaged.weight_streaming import LayerStream, OffloadPlan, device_bytes, plan_offload, to_pinned_host
 from pallas_kernels import cpu_kernels
 from pallas_kernels.backend import GPU_PLATFORMS, select_attention
+from pallas_kernels.cpu_float_matmul import cpu_float_matmul
 from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
 from pallas_kernels.cpu_quantized_matmul import cpu_block_matmul, cpu_quantized_matmul
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
@@ -155,6 +156,8 @@ class ModelRunner:
                                   kernel_dir=kernels)
         self._cpu_kernel = attend is cpu_ragged_paged_attention
         layouts = dict(attention=paged_attention_layer(attend))
+        if self._cpu_kernel and mesh is None:  # the kernels build for attention; float products share them
+            layouts.update(float_linear=cpu_float_matmul)
         if config.quantization and mesh is None and jax.default_backend() == "cpu" and cpu_kernels.compiler():
             cpu_kernels.start_build(cache_dir() / "kernels")
             layouts.update(quantized_linear=cpu_quantized_matmul, block_linear=cpu_block_matmul)

@@ -1,8 +1,8 @@
 """Builds jpaged's C++ CPU kernels into one library and registers them as XLA FFI targets.
 
-The kernels (`cpu_paged_attention.cc`, `cpu_quantized_matmul.cc`, sharing `cpu_ffi.h`) are
-compiled once per machine with the system's C++ compiler (`$CXX`, else `c++`) against jaxlib's FFI
-headers, for this machine's processor (`-march=native`), and kept in a folder the caller names
+The kernels (`cpu_paged_attention.cc`, `cpu_quantized_matmul.cc`, `cpu_float_matmul.cc`, sharing
+`cpu_ffi.h`) are compiled once per machine with the system's C++ compiler (`$CXX`, else `c++`)
+against jaxlib's FFI headers, for this machine's processor (`-march=native`), and kept in a folder the caller names
 (jpaged uses `<cache dir>/kernels`) under a name that hashes the sources, the flags, jaxlib's
 version, the compiler's version and the processor; later processes load that file.
 `start_build(folder)` builds (or finds) and registers the library in a background thread, so that
@@ -27,11 +27,12 @@ import jax
 import jaxlib
 
 HERE = pathlib.Path(__file__).parent
-SOURCES = (HERE / "cpu_paged_attention.cc", HERE / "cpu_quantized_matmul.cc")
+SOURCES = (HERE / "cpu_paged_attention.cc", HERE / "cpu_quantized_matmul.cc", HERE / "cpu_float_matmul.cc")
 HEADERS = (HERE / "cpu_ffi.h",)
 TARGETS = {  # FFI target name: the library's handler symbol
     "jpaged_ragged_paged_attention": "JpagedRaggedPagedAttention",
     "jpaged_quantized_matmul": "JpagedQuantizedMatmul",
+    "jpaged_float_matmul": "JpagedFloatMatmul",
 }
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC", "-w")
 _lock = threading.Lock()

@@ -177,6 +177,7 @@ class LlamaForCausalLM(nnx.Module):
     kv_cache, md, layer_weights) -> (hidden [N, hidden], kv_cache)` runs the decoder stack, all
     at once or as a pipeline of stages over micro-batches.
 
+    `float_linear(x, w)` multiplies by a float projection (`x @ w`; the CPU kernel for few rows).
     `tensor_parallel_size` is the number of column shards the fused projections are laid out
     for (`split_columns`); the model's math is the same whatever the mesh.
 
@@ -189,11 +190,11 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention=paged_attention_layer(ragged_paged_attention),
                  moe=sparse_moe, run_layers=run_all_layers, pipeline_stages: int = 1, quantization: str | None = None,
                  quantized_linear=quantized_matmul, weight_formats: dict[str, str] | None = None,
-                 block_linear=block_matmul, tensor_parallel_size: int = 1):
+                 block_linear=block_matmul, tensor_parallel_size: int = 1, float_linear=jnp.matmul):
         self.cfg = cfg
         self.tensor_parallel_size = tensor_parallel_size
         self.attention, self.moe, self.run_layers = attention, moe, run_layers
-        self.quantized_linear, self.block_linear = quantized_linear, block_linear
+        self.quantized_linear, self.block_linear, self.float_linear = quantized_linear, block_linear, float_linear
         formats = weight_formats or {}
         self.block_kinds = tuple(sorted(set(formats.values())))  # one per row size (gguf_packed)
         if "embed_tokens" in formats:
@@ -304,7 +305,7 @@ class LlamaForCausalLM(nnx.Module):
         quantized `[out, in]` with `scale [out, groups]`, or GGML block rows `[out, row bytes]`."""
         if w.dtype == jnp.uint8:
             return self.block_linear(x, w, block_format(w, x.shape[-1], self.block_kinds))
-        return x @ w if scale is None else self.quantized_linear(x, w, scale)
+        return self.float_linear(x, w) if scale is None else self.quantized_linear(x, w, scale)
 
     def logits(self, hidden):
         """Float32 logits `[N, vocab]` of final hidden states `[N, hidden]`."""

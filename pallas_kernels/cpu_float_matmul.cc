@@ -1,0 +1,116 @@
+// Float32 matmul for few rows on CPUs, as an XLA FFI custom call (built and loaded by
+// cpu_float_matmul.py; the reference is XLA's own `x @ w`).
+//
+// y [M, N] = x [M, K] @ w [K, N], w row-major in the model's `x @ W` layout. A decode step with a
+// row or two reads every weight once for a few multiplies, so the product is bound by how fast
+// the weights stream from memory. The work is split along K into chunks of kChunkRows contiguous
+// weight rows (a plain sequential read each, which the hardware prefetchers follow), shared by
+// the calling thread and the kernels' helper threads (cpu_ffi.h); each chunk's partial sums over
+// its rows go to a scratch row, and the chunks' partials are then added in chunk order. Every
+// output is thus summed in one fixed order (k in order within a chunk, chunks in order),
+// whatever M, the other rows or the threads.
+
+#include <cstring>
+#include <vector>
+
+#include "cpu_ffi.h"
+
+namespace {
+
+using namespace jpaged_cpu;
+
+constexpr int64_t kChunkRows = 64;  // weight rows per work item
+constexpr int64_t kRowGroup = 4;    // rows of x that share each load of a weight vector
+
+// part[r * n + j] = sum over k in [k0, k1) of x[r * K + k] * w[k * n + j], k in order, for the R
+// rows of x at `x` (K apart) and all n columns. Four weight rows at a time: each partial sum is
+// loaded and stored once for four multiply-adds (still one after another, in k's order).
+template <int R>
+void ChunkSums(const float* x, int64_t K, const float* w, int64_t n, int64_t k0, int64_t k1, float* part) {
+  std::memset(part, 0, sizeof(float) * R * n);
+  const int64_t vector_end = n / 16 * 16;
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
+    const float* row = w + k * n;
+    float xs[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) xs[r][i] = x[r * K + k + i];
+    for (int64_t j = 0; j < vector_end; j += 16) {
+      const V16 w0 = LoadV(row + j), w1 = LoadV(row + n + j), w2 = LoadV(row + 2 * n + j), w3 = LoadV(row + 3 * n + j);
+      for (int r = 0; r < R; ++r) {
+        V16 sum = LoadV(part + r * n + j);
+        sum += xs[r][0] * w0;
+        sum += xs[r][1] * w1;
+        sum += xs[r][2] * w2;
+        sum += xs[r][3] * w3;
+        StoreV(part + r * n + j, sum);
+      }
+    }
+    for (int64_t j = vector_end; j < n; ++j)
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < 4; ++i) part[r * n + j] += xs[r][i] * row[i * n + j];
+  }
+  for (; k < k1; ++k) {
+    const float* row = w + k * n;
+    for (int64_t j = 0; j < vector_end; j += 16) {
+      const V16 wv = LoadV(row + j);
+      for (int r = 0; r < R; ++r) StoreV(part + r * n + j, LoadV(part + r * n + j) + x[r * K + k] * wv);
+    }
+    for (int64_t j = vector_end; j < n; ++j)
+      for (int r = 0; r < R; ++r) part[r * n + j] += x[r * K + k] * row[j];
+  }
+}
+
+template <typename F>
+inline void WithRowCount(int64_t n, F f) {
+  switch (n) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{});
+  }
+}
+
+void Matmul(const float* x, const float* w, int64_t M, int64_t K, int64_t N, float* y) {
+  const int64_t chunks = (K + kChunkRows - 1) / kChunkRows;
+  thread_local std::vector<float> parts;
+  for (int64_t r0 = 0; r0 < M; r0 += kRowGroup) {
+    const int64_t rows = std::min(kRowGroup, M - r0);
+    parts.resize(chunks * rows * N);
+    float* scratch = parts.data();
+    WithRowCount(rows, [&](auto r) {
+      ParallelFor(chunks, kSpinToNextProduct, [&](int64_t c) {
+        ChunkSums<r>(x + r0 * K, K, w, N, c * kChunkRows, std::min(K, (c + 1) * kChunkRows), scratch + c * r * N);
+      });
+    });
+    for (int64_t i = 0; i < rows * N; ++i) {
+      float sum = scratch[i];
+      for (int64_t c = 1; c < chunks; ++c) sum += scratch[c * rows * N + i];
+      y[r0 * N + i] = sum;
+    }
+  }
+}
+
+}  // namespace
+
+// Arguments: x [M, K], w [K, N] (float32); result: [M, N] float32.
+extern "C" XLA_FFI_Error* JpagedFloatMatmul(XLA_FFI_CallFrame* frame) {
+  const XLA_FFI_Api* api = frame->api;
+  if (frame->extension_start != nullptr && frame->extension_start->type == XLA_FFI_Extension_Metadata)
+    return DescribeHandler(reinterpret_cast<XLA_FFI_Metadata_Extension*>(frame->extension_start));
+  if (frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return Fail(api, "called outside the execute stage");
+  if (frame->args.size != 2 || frame->rets.size != 1) return Fail(api, "expects 2 arguments and 1 result");
+  for (int64_t i = 0; i < 2; ++i)
+    if (frame->args.types[i] != XLA_FFI_ArgType_BUFFER) return Fail(api, "arguments must be arrays");
+  if (frame->rets.types[0] != XLA_FFI_RetType_BUFFER) return Fail(api, "the result must be an array");
+  const XLA_FFI_Buffer *x = Buffer(frame->args.args[0]), *w = Buffer(frame->args.args[1]),
+                       *y = Buffer(frame->rets.rets[0]);
+  if (x->rank != 2 || w->rank != 2 || y->rank != 2) return Fail(api, "x, w and the result must be matrices");
+  if (x->dtype != XLA_FFI_DataType_F32 || w->dtype != XLA_FFI_DataType_F32 || y->dtype != XLA_FFI_DataType_F32)
+    return Fail(api, "x, w and the result must be float32");
+  const int64_t M = x->dims[0], K = x->dims[1], N = w->dims[1];
+  if (w->dims[0] != K || y->dims[0] != M || y->dims[1] != N) return Fail(api, "shapes must be [M, K] @ [K, N] -> [M, N]");
+  Matmul(static_cast<const float*>(x->data), static_cast<const float*>(w->data), M, K, N,
+         static_cast<float*>(y->data));
+  return nullptr;
+}

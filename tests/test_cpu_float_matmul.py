@@ -1,0 +1,69 @@
+"""The CPU float32 few-rows matmul kernel against XLA's own product."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpaged.cache_dir import cache_dir
+from pallas_kernels import cpu_kernels
+from pallas_kernels.cpu_float_matmul import MAX_ROWS, TARGET, cpu_float_matmul
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    if cpu_kernels.compiler() is None:
+        pytest.skip("no C++ compiler")
+    cpu_kernels.start_build(cache_dir() / "kernels")
+    reason = cpu_kernels.wait()
+    assert reason is None, reason
+
+
+# (in, out): the default model's products, and widths off multiples of 4, 16 and the 64-row chunks
+SHAPES = [(576, 960), (1536, 576), (576, 3072), (64, 344), (172, 64), (33, 5), (7, 17), (130, 200)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_xla(shape):
+    k, n = shape
+    rng = np.random.default_rng(k * n)
+    w = jnp.asarray(rng.standard_normal((k, n)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((MAX_ROWS, k)).astype(np.float32))
+    multiply = jax.jit(cpu_float_matmul)
+    assert TARGET in multiply.lower(x, w).as_text()  # the kernel, not XLA's dot
+    with jax.default_matmul_precision("highest"):
+        expected = np.asarray(jax.jit(jnp.matmul)(x, w))
+    got = np.asarray(multiply(x, w))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+    for rows in range(1, MAX_ROWS):  # each row's sums are the same, bit for bit, in any batch
+        np.testing.assert_array_equal(np.asarray(multiply(x[:rows], w)), got[:rows])
+
+
+def test_more_rows_and_other_dtypes_are_xla_products():
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_normal((64, 32)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((MAX_ROWS + 1, 64)).astype(np.float32))
+    assert TARGET not in jax.jit(cpu_float_matmul).lower(x, w).as_text()
+    bf16 = (x[:1].astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert TARGET not in jax.jit(cpu_float_matmul).lower(*bf16).as_text()
+    np.testing.assert_array_equal(np.asarray(cpu_float_matmul(*bf16)), np.asarray(bf16[0] @ bf16[1]))
+
+
+def test_the_engine_decodes_with_the_kernel(stories_path, monkeypatch):
+    from test_engine import GOLDEN_FROM_BOS  # HF transformers' greedy tokens
+
+    from jpaged import LLM, SamplingParams, model_runner
+
+    rows = []
+
+    def counted(x, w):
+        rows.append(x.shape[0])
+        return cpu_float_matmul(x, w)
+
+    monkeypatch.setattr(model_runner, "cpu_float_matmul", counted)
+    llm = LLM(stories_path, num_blocks=32, compilation_cache=False)
+    out = llm.generate({"prompt_token_ids": [1]}, SamplingParams(temperature=0.0, max_tokens=32), use_tqdm=False)
+    assert out[0].outputs[0].token_ids == GOLDEN_FROM_BOS
+    assert 1 in rows  # the one-row decode steps were traced with the kernel
