@@ -19,8 +19,7 @@ import pytest
 from test_pallas_kernels import BF16, F32, assert_matches_reference, awkward_seqs, make_batch, run_jitted
 
 from jpaged import LLM, SamplingParams
-from jpaged.cache_dir import cache_dir
-from pallas_kernels import cpu_kernels, cpu_paged_attention
+from pallas_kernels import cpu_paged_attention
 from pallas_kernels.backend import select_attention
 from pallas_kernels.cpu_paged_attention import TARGET, cpu_ragged_paged_attention
 from pallas_kernels.paged_attention import ragged_paged_attention
@@ -30,12 +29,8 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU ke
 
 
 @pytest.fixture(scope="module", autouse=True)
-def kernel():
-    if cpu_kernels.compiler() is None:
-        pytest.skip("no C++ compiler")
-    cpu_kernels.start_build(cache_dir() / "kernels")
-    reason = cpu_kernels.wait()
-    assert reason is None, reason
+def kernel(cpu_kernels_built):
+    pass
 
 
 KV_DTYPES = ("int8", "fp8_e4m3")

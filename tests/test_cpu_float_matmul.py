@@ -5,20 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpaged.cache_dir import cache_dir
-from pallas_kernels import cpu_kernels
 from pallas_kernels.cpu_float_matmul import MAX_ROWS, TARGET, cpu_float_matmul
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def kernel():
-    if cpu_kernels.compiler() is None:
-        pytest.skip("no C++ compiler")
-    cpu_kernels.start_build(cache_dir() / "kernels")
-    reason = cpu_kernels.wait()
-    assert reason is None, reason
+def kernel(cpu_kernels_built):
+    pass
 
 
 # (in, out): the default model's products, and widths off multiples of 4, 16 and the 64-row chunks

@@ -23,9 +23,7 @@ import pytest
 from flax import nnx
 
 from jpaged import LLM, SamplingParams
-from jpaged.cache_dir import cache_dir
 from jpaged.models.quantization import gguf_packed, quantize
-from pallas_kernels import cpu_kernels
 from pallas_kernels.cpu_quantized_matmul import cpu_block_matmul, cpu_quantized_matmul
 from pallas_kernels.quantized_matmul import (
     BLOCK_FORMATS,
@@ -97,12 +95,8 @@ def test_quantize_rejects_bad_input():
 # --- the CPU kernel -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def kernels():
-    if cpu_kernels.compiler() is None:
-        pytest.skip("no C++ compiler")
-    cpu_kernels.start_build(cache_dir() / "kernels")
-    if reason := cpu_kernels.wait():
-        pytest.fail(reason)
+def kernels(cpu_kernels_built):
+    pass
 
 
 # (rows, in, out): one and many rows, in and out on and off multiples of 16, wide and narrow.
