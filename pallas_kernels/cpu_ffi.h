@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -246,6 +247,37 @@ inline XLA_FFI_Error* DescribeHandler(XLA_FFI_Metadata_Extension* extension) {
                                               XLA_FFI_API_MINOR};
   metadata->traits = 0;
   metadata->state_type_id = XLA_FFI_UNKNOWN_TYPE_ID;
+  return nullptr;
+}
+
+// f(std::integral_constant<int, n>{}) for a run-time count n from 1 to 4, so that a kernel gets it
+// as a template argument and keeps its per-count sums in registers.
+template <typename F>
+inline void WithCount(int64_t n, F f) {
+  switch (n) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Whether `frame` is XLA's query of the handler's metadata (answered by DescribeHandler) rather than a call.
+inline bool IsMetadataQuery(const XLA_FFI_CallFrame* frame) {
+  return frame->extension_start != nullptr && frame->extension_start->type == XLA_FFI_Extension_Metadata;
+}
+
+// Why `frame` is not an execution with `args` array arguments, one array result and `attrs`
+// scalar attributes, or nullptr.
+inline const char* FrameProblem(const XLA_FFI_CallFrame* frame, int64_t args, int64_t attrs) {
+  if (frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return "called outside the execute stage";
+  if (frame->args.size != args || frame->rets.size != 1 || frame->attrs.size != attrs)
+    return "wrong number of arguments, results or attributes";
+  for (int64_t i = 0; i < args; ++i)
+    if (frame->args.types[i] != XLA_FFI_ArgType_BUFFER) return "arguments must be arrays";
+  if (frame->rets.types[0] != XLA_FFI_RetType_BUFFER) return "the result must be an array";
+  for (int64_t i = 0; i < attrs; ++i)
+    if (frame->attrs.types[i] != XLA_FFI_AttrType_SCALAR) return "attributes must be scalars";
   return nullptr;
 }
 

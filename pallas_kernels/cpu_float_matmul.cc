@@ -61,16 +61,6 @@ void ChunkSums(const float* x, int64_t K, const float* w, int64_t n, int64_t k0,
   }
 }
 
-template <typename F>
-inline void WithRowCount(int64_t n, F f) {
-  switch (n) {
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{});
-  }
-}
-
 void Matmul(const float* x, const float* w, int64_t M, int64_t K, int64_t N, float* y) {
   const int64_t chunks = (K + kChunkRows - 1) / kChunkRows;
   thread_local std::vector<float> parts;
@@ -78,7 +68,7 @@ void Matmul(const float* x, const float* w, int64_t M, int64_t K, int64_t N, flo
     const int64_t rows = std::min(kRowGroup, M - r0);
     parts.resize(chunks * rows * N);
     float* scratch = parts.data();
-    WithRowCount(rows, [&](auto r) {
+    WithCount(rows, [&](auto r) {
       ParallelFor(chunks, kSpinToNextProduct, [&](int64_t c) {
         ChunkSums<r>(x + r0 * K, K, w, N, c * kChunkRows, std::min(K, (c + 1) * kChunkRows), scratch + c * r * N);
       });
@@ -96,20 +86,17 @@ void Matmul(const float* x, const float* w, int64_t M, int64_t K, int64_t N, flo
 // Arguments: x [M, K], w [K, N] (float32); result: [M, N] float32.
 extern "C" XLA_FFI_Error* JpagedFloatMatmul(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Api* api = frame->api;
-  if (frame->extension_start != nullptr && frame->extension_start->type == XLA_FFI_Extension_Metadata)
+  if (IsMetadataQuery(frame))
     return DescribeHandler(reinterpret_cast<XLA_FFI_Metadata_Extension*>(frame->extension_start));
-  if (frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return Fail(api, "called outside the execute stage");
-  if (frame->args.size != 2 || frame->rets.size != 1) return Fail(api, "expects 2 arguments and 1 result");
-  for (int64_t i = 0; i < 2; ++i)
-    if (frame->args.types[i] != XLA_FFI_ArgType_BUFFER) return Fail(api, "arguments must be arrays");
-  if (frame->rets.types[0] != XLA_FFI_RetType_BUFFER) return Fail(api, "the result must be an array");
+  if (const char* problem = FrameProblem(frame, 2, 0)) return Fail(api, problem);
   const XLA_FFI_Buffer *x = Buffer(frame->args.args[0]), *w = Buffer(frame->args.args[1]),
                        *y = Buffer(frame->rets.rets[0]);
   if (x->rank != 2 || w->rank != 2 || y->rank != 2) return Fail(api, "x, w and the result must be matrices");
   if (x->dtype != XLA_FFI_DataType_F32 || w->dtype != XLA_FFI_DataType_F32 || y->dtype != XLA_FFI_DataType_F32)
     return Fail(api, "x, w and the result must be float32");
   const int64_t M = x->dims[0], K = x->dims[1], N = w->dims[1];
-  if (w->dims[0] != K || y->dims[0] != M || y->dims[1] != N) return Fail(api, "shapes must be [M, K] @ [K, N] -> [M, N]");
+  if (w->dims[0] != K || y->dims[0] != M || y->dims[1] != N)
+    return Fail(api, "shapes must be [M, K] @ [K, N] -> [M, N]");
   Matmul(static_cast<const float*>(x->data), static_cast<const float*>(w->data), M, K, N,
          static_cast<float*>(y->data));
   return nullptr;

@@ -149,18 +149,6 @@ inline void AddWeighted(float* acc, int64_t acc_stride, const float* v, int64_t 
     for (int c = 0; c < C; ++c) StoreV(acc + k * acc_stride + c * kLanes, a[k][c]);
 }
 
-// f(std::integral_constant<int, n>{}) for a run-time count n of query vectors (1 to 4), so that
-// the kernels above get it as a template argument and keep their sums in registers.
-template <typename F>
-inline void WithQueryCount(int64_t n, F f) {
-  switch (n) {
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{});
-  }
-}
-
 // Offsets of block `b` of the row's table in this layer (of its values, and of its scales in a
 // quantized cache), and the block's tokens the item reads.
 struct BlockRef {
@@ -284,7 +272,7 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
             const float* qj = qv.data() + first_j * d;
             const float* k0 = keys + t0 * token_elems + h * d;
             float* out_scores = scores.data() + first_j * slots + b * s.block_size + t0;
-            WithQueryCount(std::min(score_pass, group - g0), [&](auto g) {
+            WithCount(std::min(score_pass, group - g0), [&](auto g) {
               if (d == 64 && n == kLanes)
                 ScoreKeys<64, g>(qj, k0, token_elems, n, d, out_scores, slots);
               else if (d == 128 && n == kLanes)
@@ -346,7 +334,7 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
         for (int64_t g0 = 0; g0 < group; g0 += 4) {
           const int64_t first_j = i * heads + h * group + g0;
           const float* w = weights + first_j * slots;
-          WithQueryCount(std::min<int64_t>(4, group - g0), [&](auto count) {
+          WithCount(std::min<int64_t>(4, group - g0), [&](auto count) {
             for (int64_t x = 0; x < d; x += value_slice) {
               const float* v0 = values + h * d + x;
               float* a = acc.data() + first_j * d + x;
@@ -412,15 +400,9 @@ const char* Check(const Shapes& s, int64_t layer, int64_t num_layers, const int3
 // kv_heads].
 extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Api* api = frame->api;
-  if (frame->extension_start != nullptr && frame->extension_start->type == XLA_FFI_Extension_Metadata)
+  if (IsMetadataQuery(frame))
     return DescribeHandler(reinterpret_cast<XLA_FFI_Metadata_Extension*>(frame->extension_start));
-  if (frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return Fail(api, "called outside the execute stage");
-  if (frame->args.size != 10 || frame->rets.size != 1 || frame->attrs.size != 1)
-    return Fail(api, "expects 10 arguments, 1 result and the scale attribute");
-  for (int64_t i = 0; i < 10; ++i)
-    if (frame->args.types[i] != XLA_FFI_ArgType_BUFFER) return Fail(api, "arguments must be arrays");
-  if (frame->rets.types[0] != XLA_FFI_RetType_BUFFER || frame->attrs.types[0] != XLA_FFI_AttrType_SCALAR)
-    return Fail(api, "result must be an array and scale a scalar");
+  if (const char* problem = FrameProblem(frame, 10, 1)) return Fail(api, problem);
   const auto* scale = static_cast<const XLA_FFI_Scalar*>(frame->attrs.attrs[0]);
   if (scale->dtype != XLA_FFI_DataType_F32) return Fail(api, "scale must be float32");
   const XLA_FFI_Buffer *q = Buffer(frame->args.args[0]), *k = Buffer(frame->args.args[1]),

@@ -471,15 +471,9 @@ const char* Run(const float* x, const XLA_FFI_Buffer* w, const float* scale, con
 // [M, N] float32.
 extern "C" XLA_FFI_Error* JpagedQuantizedMatmul(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Api* api = frame->api;
-  if (frame->extension_start != nullptr && frame->extension_start->type == XLA_FFI_Extension_Metadata)
+  if (IsMetadataQuery(frame))
     return DescribeHandler(reinterpret_cast<XLA_FFI_Metadata_Extension*>(frame->extension_start));
-  if (frame->stage != XLA_FFI_ExecutionStage_EXECUTE) return Fail(api, "called outside the execute stage");
-  if (frame->args.size != 3 || frame->rets.size != 1 || frame->attrs.size != 1)
-    return Fail(api, "expects 3 arguments, 1 result and the block_format attribute");
-  for (int64_t i = 0; i < 3; ++i)
-    if (frame->args.types[i] != XLA_FFI_ArgType_BUFFER) return Fail(api, "arguments must be arrays");
-  if (frame->rets.types[0] != XLA_FFI_RetType_BUFFER || frame->attrs.types[0] != XLA_FFI_AttrType_SCALAR)
-    return Fail(api, "result must be an array and block_format a scalar");
+  if (const char* problem = FrameProblem(frame, 3, 1)) return Fail(api, problem);
   const auto* attr = static_cast<const XLA_FFI_Scalar*>(frame->attrs.attrs[0]);
   if (attr->dtype != XLA_FFI_DataType_S32) return Fail(api, "block_format must be int32");
   const int32_t block_format = *static_cast<const int32_t*>(attr->value);
