@@ -155,11 +155,13 @@ class ModelRunner:
         attend = select_attention(config.attention_backend, model_config.head_dim, config.attention_interpret,
                                   kernel_dir=kernels)
         self._cpu_kernel = attend is cpu_ragged_paged_attention
+        self._quantized_kernels = bool(config.quantization and mesh is None and jax.default_backend() == "cpu"
+                                       and cpu_kernels.compiler())
         layouts = dict(attention=paged_attention_layer(attend))
         if self._cpu_kernel and mesh is None:  # the kernels build for attention; float products share them
             layouts.update(float_linear=cpu_float_matmul)
-        if config.quantization and mesh is None and jax.default_backend() == "cpu" and cpu_kernels.compiler():
-            cpu_kernels.start_build(cache_dir() / "kernels")
+        if self._quantized_kernels:
+            cpu_kernels.start_build(cache_dir() / "kernels", "quantized")
             layouts.update(quantized_linear=cpu_quantized_matmul, block_linear=cpu_block_matmul)
         elif config.quantization and mesh is None and jax.default_backend() in GPU_PLATFORMS:
             layouts.update(quantized_linear=select_quantized_linear())
@@ -173,8 +175,10 @@ class ModelRunner:
         return layouts
 
     def _attention_ready(self, config: EngineConfig) -> str:
-        """Wait for the CPU kernels' build (it ran while the weights loaded); the attention backend's name."""
-        reason = cpu_kernels.wait() if self._cpu_kernel or config.quantization else None
+        """Wait for the CPU kernels' builds (they ran while the weights loaded); the attention backend's name."""
+        if self._quantized_kernels and (reason := cpu_kernels.wait("quantized")):
+            logger.warning("%s; quantized products use the jnp reference", reason)
+        reason = cpu_kernels.wait() if self._cpu_kernel else None
         if not self._cpu_kernel:
             return config.attention_backend
         if reason and config.attention_backend == "cpu":
@@ -280,7 +284,8 @@ class ModelRunner:
         mesh = None if self.mesh is None else (self.mesh.axis_names, self.mesh.devices.shape,
                                                  [d.id for d in self.mesh.devices.flat])
         return repr((self.model_config, self.dtype, self.attention, config.attention_interpret, config.quantization,
-                     self.kv_cache_dtype, cpu_kernels.is_loaded(), self.parallel, self.block_size, self.shapes, mesh))
+                     self.kv_cache_dtype, cpu_kernels.is_loaded(), cpu_kernels.is_loaded("quantized"), self.parallel,
+                     self.block_size, self.shapes, mesh))
 
     @property
     def num_compilations(self) -> int:

@@ -88,13 +88,15 @@ def fail_step(monkeypatch):
 
 @pytest.fixture(scope="session")
 def cpu_kernels_built():
-    """jpaged's C++ CPU kernels, built and registered (skips where no C++ compiler is found)."""
+    """jpaged's C++ CPU kernels, both libraries built and registered (skips where no C++ compiler is found)."""
     from jpaged.cache_dir import cache_dir
     from pallas_kernels import cpu_kernels
 
     if cpu_kernels.compiler() is None:
         pytest.skip("no C++ compiler")
-    cpu_kernels.start_build(cache_dir() / "kernels")
-    reason = cpu_kernels.wait()
-    assert reason is None, reason
+    for library in cpu_kernels.LIBRARIES:
+        cpu_kernels.start_build(cache_dir() / "kernels", library)
+    for library in cpu_kernels.LIBRARIES:
+        reason = cpu_kernels.wait(library)
+        assert reason is None, reason
 
