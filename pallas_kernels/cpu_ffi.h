@@ -240,9 +240,10 @@ inline XLA_FFI_Error* Fail(const XLA_FFI_Api* api, const char* message) {
   return api->XLA_FFI_Error_Create(&args);
 }
 
-// Tells XLA which FFI version the handler was built against (asked once, at registration).
-inline XLA_FFI_Error* DescribeHandler(XLA_FFI_Metadata_Extension* extension) {
-  XLA_FFI_Metadata* metadata = extension->metadata;
+// Answers XLA's metadata query (`IsMetadataQuery(frame)`, asked once, at registration): which FFI
+// version the handler was built against.
+inline XLA_FFI_Error* DescribeHandler(XLA_FFI_CallFrame* frame) {
+  XLA_FFI_Metadata* metadata = reinterpret_cast<XLA_FFI_Metadata_Extension*>(frame->extension_start)->metadata;
   metadata->api_version = XLA_FFI_Api_Version{XLA_FFI_Api_Version_STRUCT_SIZE, nullptr, XLA_FFI_API_MAJOR,
                                               XLA_FFI_API_MINOR};
   metadata->traits = 0;

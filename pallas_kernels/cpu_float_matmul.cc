@@ -22,43 +22,37 @@ using namespace jpaged_cpu;
 constexpr int64_t kChunkRows = 64;  // weight rows per work item
 constexpr int64_t kRowGroup = 4;    // rows of x that share each load of a weight vector
 
-// part[r * n + j] = sum over k in [k0, k1) of x[r * K + k] * w[k * n + j], k in order, for the R
-// rows of x at `x` (K apart) and all n columns. Four weight rows at a time: each partial sum is
-// loaded and stored once for four multiply-adds (still one after another, in k's order).
+// part[r * n + j] += x[r * K + k + i] * w[(k + i) * n + j] for i < U, one after another, for the R
+// rows of x at `x` (K apart) and all n columns, `row` pointing at weight row k: each partial sum
+// is loaded and stored once for its U multiply-adds.
+template <int R, int U>
+inline void AddRows(const float* x, int64_t K, const float* row, int64_t n, int64_t k, float* part) {
+  float xs[R][U];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < U; ++i) xs[r][i] = x[r * K + k + i];
+  const int64_t vector_end = n / 16 * 16;
+  for (int64_t j = 0; j < vector_end; j += 16) {
+    V16 wv[U];
+    for (int i = 0; i < U; ++i) wv[i] = LoadV(row + i * n + j);
+    for (int r = 0; r < R; ++r) {
+      V16 sum = LoadV(part + r * n + j);
+      for (int i = 0; i < U; ++i) sum += xs[r][i] * wv[i];
+      StoreV(part + r * n + j, sum);
+    }
+  }
+  for (int64_t j = vector_end; j < n; ++j)
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < U; ++i) part[r * n + j] += xs[r][i] * row[i * n + j];
+}
+
+// part[r * n + j] = sum over k in [k0, k1) of x[r * K + k] * w[k * n + j], k in order: four
+// weight rows at a time, then one at a time.
 template <int R>
 void ChunkSums(const float* x, int64_t K, const float* w, int64_t n, int64_t k0, int64_t k1, float* part) {
   std::memset(part, 0, sizeof(float) * R * n);
-  const int64_t vector_end = n / 16 * 16;
   int64_t k = k0;
-  for (; k + 4 <= k1; k += 4) {
-    const float* row = w + k * n;
-    float xs[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) xs[r][i] = x[r * K + k + i];
-    for (int64_t j = 0; j < vector_end; j += 16) {
-      const V16 w0 = LoadV(row + j), w1 = LoadV(row + n + j), w2 = LoadV(row + 2 * n + j), w3 = LoadV(row + 3 * n + j);
-      for (int r = 0; r < R; ++r) {
-        V16 sum = LoadV(part + r * n + j);
-        sum += xs[r][0] * w0;
-        sum += xs[r][1] * w1;
-        sum += xs[r][2] * w2;
-        sum += xs[r][3] * w3;
-        StoreV(part + r * n + j, sum);
-      }
-    }
-    for (int64_t j = vector_end; j < n; ++j)
-      for (int r = 0; r < R; ++r)
-        for (int i = 0; i < 4; ++i) part[r * n + j] += xs[r][i] * row[i * n + j];
-  }
-  for (; k < k1; ++k) {
-    const float* row = w + k * n;
-    for (int64_t j = 0; j < vector_end; j += 16) {
-      const V16 wv = LoadV(row + j);
-      for (int r = 0; r < R; ++r) StoreV(part + r * n + j, LoadV(part + r * n + j) + x[r * K + k] * wv);
-    }
-    for (int64_t j = vector_end; j < n; ++j)
-      for (int r = 0; r < R; ++r) part[r * n + j] += x[r * K + k] * row[j];
-  }
+  for (; k + 4 <= k1; k += 4) AddRows<R, 4>(x, K, w + k * n, n, k, part);
+  for (; k < k1; ++k) AddRows<R, 1>(x, K, w + k * n, n, k, part);
 }
 
 void Matmul(const float* x, const float* w, int64_t M, int64_t K, int64_t N, float* y) {
@@ -86,8 +80,7 @@ void Matmul(const float* x, const float* w, int64_t M, int64_t K, int64_t N, flo
 // Arguments: x [M, K], w [K, N] (float32); result: [M, N] float32.
 extern "C" XLA_FFI_Error* JpagedFloatMatmul(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Api* api = frame->api;
-  if (IsMetadataQuery(frame))
-    return DescribeHandler(reinterpret_cast<XLA_FFI_Metadata_Extension*>(frame->extension_start));
+  if (IsMetadataQuery(frame)) return DescribeHandler(frame);
   if (const char* problem = FrameProblem(frame, 2, 0)) return Fail(api, problem);
   const XLA_FFI_Buffer *x = Buffer(frame->args.args[0]), *w = Buffer(frame->args.args[1]),
                        *y = Buffer(frame->rets.rets[0]);

@@ -9,8 +9,8 @@ layer products (docs/BENCHMARKS.md). Products of more than `MAX_ROWS` rows are X
 and beyond its blocked matmul is faster. Each output's sum runs in one fixed order whatever the
 number of rows, so a row's result does not depend on the others.
 
-Built with jpaged's other CPU kernels (`cpu_kernels.py`); until they are registered (or where
-they cannot be built), and for other dtypes or shapes, XLA's product is used.
+Built with the attention kernel as the CPU kernels' library "float" (`cpu_kernels.py`); until it
+is registered (or where it cannot be built), and for other dtypes or shapes, XLA's product is used.
 """
 
 from __future__ import annotations

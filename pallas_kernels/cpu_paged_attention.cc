@@ -400,8 +400,7 @@ const char* Check(const Shapes& s, int64_t layer, int64_t num_layers, const int3
 // kv_heads].
 extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Api* api = frame->api;
-  if (IsMetadataQuery(frame))
-    return DescribeHandler(reinterpret_cast<XLA_FFI_Metadata_Extension*>(frame->extension_start));
+  if (IsMetadataQuery(frame)) return DescribeHandler(frame);
   if (const char* problem = FrameProblem(frame, 10, 1)) return Fail(api, problem);
   const auto* scale = static_cast<const XLA_FFI_Scalar*>(frame->attrs.attrs[0]);
   if (scale->dtype != XLA_FFI_DataType_F32) return Fail(api, "scale must be float32");

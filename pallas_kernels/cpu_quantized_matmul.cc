@@ -471,8 +471,7 @@ const char* Run(const float* x, const XLA_FFI_Buffer* w, const float* scale, con
 // [M, N] float32.
 extern "C" XLA_FFI_Error* JpagedQuantizedMatmul(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Api* api = frame->api;
-  if (IsMetadataQuery(frame))
-    return DescribeHandler(reinterpret_cast<XLA_FFI_Metadata_Extension*>(frame->extension_start));
+  if (IsMetadataQuery(frame)) return DescribeHandler(frame);
   if (const char* problem = FrameProblem(frame, 3, 1)) return Fail(api, problem);
   const auto* attr = static_cast<const XLA_FFI_Scalar*>(frame->attrs.attrs[0]);
   if (attr->dtype != XLA_FFI_DataType_S32) return Fail(api, "block_format must be int32");

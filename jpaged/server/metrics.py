@@ -4,8 +4,8 @@ Two sources: the engine's `EngineStats`, snapshot on the loop thread at each scr
 running / waiting / swapped requests, KV cache usage, prefix-cache hit rate; counters of prompt
 tokens computed, tokens generated and preemptions), and every finished request, observed on the
 loop thread as it finishes (time to first token, time per output token and end-to-end latency
-histograms, and finished requests by finish reason, aborted ones included). Each server has its own registry, so
-several can live in one process. Names follow vLLM's with the `jpaged:` prefix.
+histograms, and finished requests by finish reason, aborted ones included). Each server has its
+own registry, so several can live in one process. Names follow vLLM's with the `jpaged:` prefix.
 """
 
 from __future__ import annotations
