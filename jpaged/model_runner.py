@@ -44,8 +44,10 @@ from jpaged.step_batch import PAD_TOKEN_ID, PADDING_PARAMS, PromptRows, Sampling
 from jpaged.weight_streaming import LayerStream, OffloadPlan, device_bytes, plan_offload, to_pinned_host
 from pallas_kernels import cpu_kernels
 from pallas_kernels.backend import GPU_PLATFORMS, select_attention
+from pallas_kernels.cpu_float_matmul import LIBRARY as FLOAT_MATMUL
 from pallas_kernels.cpu_float_matmul import cpu_float_matmul
-from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
+from pallas_kernels.cpu_paged_attention import attention_library, cpu_ragged_paged_attention
+from pallas_kernels.cpu_quantized_matmul import LIBRARY as QUANTIZED_MATMUL
 from pallas_kernels.cpu_quantized_matmul import cpu_block_matmul, cpu_quantized_matmul
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer
 from pallas_kernels.pallas_quantized_matmul import select_quantized_linear
@@ -153,18 +155,20 @@ class ModelRunner:
         model_config, mesh, parallel = self.model_config, self.mesh, self.parallel
         kernels = cache_dir() / "kernels" if config.attention_backend in ("auto", "cpu") else None
         attend = select_attention(config.attention_backend, model_config.head_dim, config.attention_interpret,
-                                  kernel_dir=kernels)
+                                  kernel_dir=kernels, dtype=self.dtype, kv_cache_dtype=self.kv_cache_dtype)
         self._cpu_kernel = attend is cpu_ragged_paged_attention
-        self._quantized_kernels = bool(config.quantization and mesh is None and jax.default_backend() == "cpu"
-                                       and cpu_kernels.compiler())
+        self._kernel_libraries = [attention_library(self.dtype, self.kv_cache_dtype)] if self._cpu_kernel else []
         layouts = dict(attention=paged_attention_layer(attend))
-        if self._cpu_kernel and mesh is None:  # the kernels build for attention; float products share them
+        if self._cpu_kernel and mesh is None and self.dtype == jnp.float32:
+            self._kernel_libraries.append(FLOAT_MATMUL)
             layouts.update(float_linear=cpu_float_matmul)
-        if self._quantized_kernels:
-            cpu_kernels.start_build(cache_dir() / "kernels", "quantized")
+        if config.quantization and mesh is None and jax.default_backend() == "cpu" and cpu_kernels.compiler():
+            self._kernel_libraries.append(QUANTIZED_MATMUL)
             layouts.update(quantized_linear=cpu_quantized_matmul, block_linear=cpu_block_matmul)
         elif config.quantization and mesh is None and jax.default_backend() in GPU_PLATFORMS:
             layouts.update(quantized_linear=select_quantized_linear())
+        for library in self._kernel_libraries[1:]:  # the attention library is building already
+            cpu_kernels.start_build(cache_dir() / "kernels", library)
         if parallel.tensor_parallel_size > 1:
             layouts["attention"] = shard_attention_layer(layouts["attention"], mesh)
             layouts["tensor_parallel_size"] = parallel.tensor_parallel_size
@@ -176,11 +180,14 @@ class ModelRunner:
 
     def _attention_ready(self, config: EngineConfig) -> str:
         """Wait for the CPU kernels' builds (they ran while the weights loaded); the attention backend's name."""
-        if self._quantized_kernels and (reason := cpu_kernels.wait("quantized")):
-            logger.warning("%s; quantized products use the jnp reference", reason)
-        reason = cpu_kernels.wait() if self._cpu_kernel else None
+        reasons = {library: cpu_kernels.wait(library) for library in self._kernel_libraries}
+        for library, reason in reasons.items():
+            if reason and not library.startswith("attention"):
+                logger.warning("%s; %s", reason, "those products are XLA's" if library == FLOAT_MATMUL
+                               else "quantized products use the jnp reference")
         if not self._cpu_kernel:
             return config.attention_backend
+        reason = reasons[self._kernel_libraries[0]]
         if reason and config.attention_backend == "cpu":
             raise RuntimeError(reason)
         if reason:
@@ -284,7 +291,7 @@ class ModelRunner:
         mesh = None if self.mesh is None else (self.mesh.axis_names, self.mesh.devices.shape,
                                                  [d.id for d in self.mesh.devices.flat])
         return repr((self.model_config, self.dtype, self.attention, config.attention_interpret, config.quantization,
-                     self.kv_cache_dtype, cpu_kernels.is_loaded(), cpu_kernels.is_loaded("quantized"), self.parallel,
+                     self.kv_cache_dtype, cpu_kernels.loaded(), self.parallel,
                      self.block_size, self.shapes, mesh))
 
     @property

@@ -5,8 +5,9 @@
 
 - "reference": the pure-jnp reference;
 - "cpu": the C++ kernel called through XLA's FFI (`cpu_paged_attention.py`), CPUs only, built
-  once per machine into the folder `kernel_dir` names (in the background: the caller waits with
-  `cpu_kernels.wait()` before its first step);
+  once per machine for the step's query and cache dtypes into the folder `kernel_dir` names (in
+  the background: the caller waits with `cpu_kernels.wait(attention_library(...))` before its
+  first step);
 - "pallas": the Pallas kernels, the decode rows (one new token each) by the flash-decoding kernel
   and the prefill rows by the ragged kernel (skipped at run time in a step without any). On a
   machine without a GPU they run only in interpret mode (`interpret=True`, for tests);
@@ -51,20 +52,22 @@ AttentionFn = Callable[..., jax.Array]
 
 
 def select_attention(backend: str, head_dim: int, interpret: bool = False, *,
-                     platform: str | None = None, kernel_dir: str | os.PathLike | None = None) -> AttentionFn:
+                     platform: str | None = None, kernel_dir: str | os.PathLike | None = None,
+                     dtype=jnp.float32, kv_cache_dtype: str = "auto") -> AttentionFn:
     """The attention function for `backend` and this model's `head_dim`.
 
     `platform` is where the step will run (default: jax's default backend); naming "cuda" lets a
     CPU-only machine build the Pallas path for cross-lowering. `kernel_dir` is where the CPU
-    kernel is built and kept. Raises ValueError for an unknown backend, or one this platform
-    cannot run.
+    kernel is built and kept, for queries of `dtype` over a cache of `kv_cache_dtype`
+    (`CacheConfig.kv_cache_dtype`). Raises ValueError for an unknown backend, or one this
+    platform cannot run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     platform = platform or jax.default_backend()
     on_gpu = platform in GPU_PLATFORMS
     if backend == "cpu" or (backend == "auto" and platform == "cpu" and kernel_dir is not None):
-        return _cpu_attention(backend, platform, kernel_dir)
+        return _cpu_attention(backend, platform, kernel_dir, dtype, kv_cache_dtype)
     if backend == "reference" or (backend == "auto" and not on_gpu):
         return ragged_paged_attention
     if not on_gpu and not interpret:
@@ -80,17 +83,20 @@ def select_attention(backend: str, head_dim: int, interpret: bool = False, *,
     return functools.partial(pallas_paged_attention, interpret=interpret)
 
 
-def _cpu_attention(backend: str, platform: str, kernel_dir) -> AttentionFn:
+def _cpu_attention(backend: str, platform: str, kernel_dir, dtype, kv_cache_dtype: str) -> AttentionFn:
     from pallas_kernels import cpu_kernels, cpu_paged_attention
 
-    if platform != "cpu" or kernel_dir is None or cpu_kernels.compiler() is None:
+    library = cpu_paged_attention.attention_library(dtype, kv_cache_dtype)
+    if platform != "cpu" or kernel_dir is None or cpu_kernels.compiler() is None or library is None:
         reason = (f"this platform is {platform!r}" if platform != "cpu" else
-                  "no folder to build it in" if kernel_dir is None else "no C++ compiler was found (set CXX)")
+                  "no folder to build it in" if kernel_dir is None else
+                  f"it does not take {jnp.dtype(dtype).name} queries" if library is None else
+                  "no C++ compiler was found (set CXX)")
         if backend == "cpu":
             raise ValueError(f"attention backend 'cpu' cannot run: {reason}")
         _log_fallback_once(f"the CPU attention kernel cannot run ({reason}); using the jnp reference")
         return ragged_paged_attention
-    cpu_kernels.start_build(kernel_dir)
+    cpu_kernels.start_build(kernel_dir, library)
     return cpu_paged_attention.cpu_ragged_paged_attention
 
 

@@ -9,8 +9,8 @@ layer products (docs/BENCHMARKS.md). Products of more than `MAX_ROWS` rows are X
 and beyond its blocked matmul is faster. Each output's sum runs in one fixed order whatever the
 number of rows, so a row's result does not depend on the others.
 
-Built with the attention kernel as the CPU kernels' library "float" (`cpu_kernels.py`); until it
-is registered (or where it cannot be built), and for other dtypes or shapes, XLA's product is used.
+Built as the CPU kernels' library "float-matmul" (`cpu_kernels.py`); until it is registered (or
+where it cannot be built), and for other dtypes or shapes, XLA's product is used.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import jax.numpy as jnp
 
 from pallas_kernels import cpu_kernels
 
-TARGET = "jpaged_float_matmul"
+LIBRARY = "float-matmul"
+TARGET = cpu_kernels.target(LIBRARY)
 MAX_ROWS = 4
 
 
 def cpu_float_matmul(x, w):
     """`x [M, K] @ w [K, N]` in x's dtype: the kernel for float32 with M <= MAX_ROWS, else XLA's."""
-    if (not cpu_kernels.is_loaded() or x.ndim != 2 or w.ndim != 2 or x.shape[0] > MAX_ROWS
+    if (not cpu_kernels.is_loaded(LIBRARY) or x.ndim != 2 or w.ndim != 2 or x.shape[0] > MAX_ROWS
             or x.dtype != jnp.float32 or w.dtype != jnp.float32):
         return x @ w
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),

@@ -1,21 +1,24 @@
-"""Builds jpaged's C++ CPU kernels into two libraries and registers them as XLA FFI targets.
+"""Builds jpaged's C++ CPU kernels, one small library each, and registers them as XLA FFI targets.
 
 The kernels (sharing `cpu_ffi.h`) are compiled with the system's C++ compiler (`$CXX`, else
-`c++`) against jaxlib's FFI headers, for this machine's processor (`-march=native`), into the
-library "float" (`cpu_paged_attention.cc`, `cpu_float_matmul.cc`: what a float model runs) and
-the library "quantized" (`cpu_quantized_matmul.cc`, built only when a quantized model asks for
-it, as it takes about as long to compile as the rest), each once per machine, kept in a folder
-the caller names (jpaged uses `<cache dir>/kernels`) under a name that hashes its sources, the
-flags, jaxlib's version, the compiler's version and the processor; later processes load that
-file. `start_build(folder, library)` builds (or finds) and registers a library in a background
-thread, so that the compile overlaps the model's loading; `wait(library)` returns once it is
-registered, or with the reason it could not be. Until then, and where it cannot be built, each
-kernel's Python wrapper computes with its jnp reference (or XLA's product).
+`c++`) against jaxlib's FFI headers, for this machine's processor (`-march=native`). Each library
+holds one kernel for one set of types, so that a process compiles only what its model runs:
+"float-matmul" (`cpu_float_matmul.cc`), "quantized-matmul" (`cpu_quantized_matmul.cc`) and
+"attention-<query>-<cache>" (`cpu_paged_attention.cc` built for float32 or bfloat16 queries over
+a cache of float32, bfloat16, int8 or fp8 values; `cpu_paged_attention.attention_library` names
+the one a model needs). Each is built once per machine, kept in a folder the caller names (jpaged
+uses `<cache dir>/kernels`) under a name that hashes its source, the flags, jaxlib's version, the
+compiler's version and the processor; later processes load that file. `start_build(folder,
+library)` builds (or finds) and registers a library in a background thread, so that the compile
+overlaps the model's loading (libraries started together compile in parallel); `wait(library)`
+returns once it is registered, or with the reason it could not be. Until then, and where it
+cannot be built, each kernel's Python wrapper computes with its jnp reference (or XLA's product).
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import pathlib
@@ -30,12 +33,27 @@ import jaxlib
 
 HERE = pathlib.Path(__file__).parent
 HEADERS = (HERE / "cpu_ffi.h",)
-# Two libraries, each built on first use: what a float model runs, and the quantized matmul.
-LIBRARIES = {  # name: (sources, {FFI target name: handler symbol})
-    "float": ((HERE / "cpu_paged_attention.cc", HERE / "cpu_float_matmul.cc"),
-              {"jpaged_ragged_paged_attention": "JpagedRaggedPagedAttention",
-               "jpaged_float_matmul": "JpagedFloatMatmul"}),
-    "quantized": ((HERE / "cpu_quantized_matmul.cc",), {"jpaged_quantized_matmul": "JpagedQuantizedMatmul"}),
+QUERY_TYPES = {"float32": "float", "bfloat16": "uint16_t"}  # attention's query dtype: its C++ element type
+CACHE_TYPES = {"float32": "float", "bfloat16": "uint16_t", "int8": "int8_t", "fp8": "uint8_t"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Library:
+    source: pathlib.Path
+    symbol: str  # the FFI handler it exports
+    defines: tuple[str, ...] = ()  # compiler definitions that choose its types
+
+
+def _attention(query: str, cache: str) -> Library:
+    return Library(HERE / "cpu_paged_attention.cc", "JpagedRaggedPagedAttention",
+                   (f"-DJPAGED_QUERY={QUERY_TYPES[query]}", f"-DJPAGED_CACHE={CACHE_TYPES[cache]}"))
+
+
+LIBRARIES = {
+    "float-matmul": Library(HERE / "cpu_float_matmul.cc", "JpagedFloatMatmul"),
+    "quantized-matmul": Library(HERE / "cpu_quantized_matmul.cc", "JpagedQuantizedMatmul"),
+    **{f"attention-{query}-{cache}": _attention(query, cache) for query in QUERY_TYPES
+       for cache in (query, "int8", "fp8")},
 }
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp-simd", "-shared", "-fPIC", "-w")
 _lock = threading.Lock()
@@ -48,9 +66,14 @@ def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
-def start_build(folder: str | os.PathLike, library: str = "float") -> None:
-    """Build (or find) `library`'s kernels in `folder` and register them with XLA, in a background
-    thread: "float" (attention, float32 matmul) or "quantized" (the quantized matmul).
+def target(library: str) -> str:
+    """The FFI target name under which `library`'s kernel is registered."""
+    return "jpaged_" + library.replace("-", "_")
+
+
+def start_build(folder: str | os.PathLike, library: str) -> None:
+    """Build (or find) `library` (a name in `LIBRARIES`) in `folder` and register its kernel with
+    XLA, in a background thread.
 
     Several threads and processes may build at once: a build goes to a temporary file that is
     renamed into place. Only the first call per library in a process does anything.
@@ -62,26 +85,31 @@ def start_build(folder: str | os.PathLike, library: str = "float") -> None:
             _build_threads[library].start()
 
 
-def wait(library: str = "float") -> str | None:
-    """Wait for `start_build`'s thread; None once the kernels are registered, else why they are not."""
+def wait(library: str) -> str | None:
+    """Wait for `start_build`'s thread; None once the kernel is registered, else why it is not."""
     if library not in _build_threads:
-        return "the CPU kernels were never built (start_build)"
+        return f"the CPU kernel library {library!r} was never built (start_build)"
     _build_threads[library].join()
     return _results[library].get("error")
 
 
-def is_loaded(library: str = "float") -> bool:
+def is_loaded(library: str) -> bool:
     return "library" in _results[library]
+
+
+def loaded() -> list[str]:
+    """The libraries registered so far in this process."""
+    return sorted(name for name in LIBRARIES if is_loaded(name))
 
 
 def _load(folder: pathlib.Path, library: str) -> None:
     try:
         loaded = ctypes.cdll.LoadLibrary(str(_build(folder, library)))
-        for target, symbol in LIBRARIES[library][1].items():
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(loaded, symbol)), platform="cpu")
+        handler = getattr(loaded, LIBRARIES[library].symbol)
+        jax.ffi.register_ffi_target(target(library), jax.ffi.pycapsule(handler), platform="cpu")
         _results[library]["library"] = loaded
     except (OSError, AttributeError, subprocess.SubprocessError, RuntimeError) as error:
-        _results[library]["error"] = f"the CPU kernels could not be built ({error})"
+        _results[library]["error"] = f"the CPU kernel library {library!r} could not be built ({error})"
 
 
 def _build(folder: pathlib.Path, library: str) -> pathlib.Path:
@@ -89,32 +117,23 @@ def _build(folder: pathlib.Path, library: str) -> pathlib.Path:
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout
-    sources = LIBRARIES[library][0]
-    parts = [file.read_bytes() for file in (*sources, *HEADERS)]
-    parts += [" ".join(FLAGS).encode(), jaxlib.__version__.encode(), version.encode(), _processor().encode()]
+    spec = LIBRARIES[library]
+    flags = [*FLAGS, *spec.defines]
+    parts = [file.read_bytes() for file in (spec.source, *HEADERS)]
+    parts += [" ".join(flags).encode(), jaxlib.__version__.encode(), version.encode(), _processor().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     path = folder / f"cpu_kernels-{library}-{key}.so"
     if path.exists():
         return path
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        scratch = pathlib.Path(scratch)
-        objects = [scratch / f"{source.stem}.o" for source in sources]
-        compiles = [subprocess.Popen([cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", "-c", str(source), "-o", str(obj)],
-                                     stderr=subprocess.PIPE, text=True) for source, obj in zip(sources, objects)]
-        _check(cxx, compiles)
-        _check(cxx, [subprocess.Popen([cxx, *FLAGS, *map(str, objects), "-o", str(scratch / path.name)],
-                                      stderr=subprocess.PIPE, text=True)])
-        os.replace(scratch / path.name, path)
-    return path
-
-
-def _check(cxx: str, runs: list[subprocess.Popen]) -> None:
-    """Wait for the compiler runs `runs` (in parallel); RuntimeError with its messages if one failed."""
-    errors = [run.communicate()[1] for run in runs]
-    for run, error in zip(runs, errors):
+        built = pathlib.Path(scratch) / path.name
+        run = subprocess.run([cxx, *flags, f"-I{jax.ffi.include_dir()}", str(spec.source), "-o", str(built)],
+                             capture_output=True, text=True)
         if run.returncode:
-            raise RuntimeError(f"{cxx} failed: {error.strip()[-2000:]}")
+            raise RuntimeError(f"{cxx} failed: {run.stderr.strip()[-2000:]}")
+        os.replace(built, path)
+    return path
 
 
 def _processor() -> str:

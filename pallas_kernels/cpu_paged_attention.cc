@@ -12,6 +12,11 @@
 // is values * scale. Its blocks are widened unscaled, and the scales are applied to what each key
 // or value contributes: a score is (q . k_values) * k_scale, a value's weight p * v_scale.
 //
+// Each build holds one pair of types, named by the compiler definitions JPAGED_QUERY (the
+// query's and result's element: float, or uint16_t for bfloat16 bits) and JPAGED_CACHE (float,
+// uint16_t for bfloat16 bits, int8_t, or uint8_t for float8_e4m3fn bits), so that a process
+// compiles only the pair its model reads.
+//
 // Work is split into (row, tile of up to kQueryTile queries) items, shared by the calling thread
 // and the kernels' helper threads (cpu_ffi.h). Each item reads its row's blocks (every KV head at
 // once) in three passes: scores, an exact softmax in float32, weighted values. A query's result
@@ -23,6 +28,10 @@
 #include <vector>
 
 #include "cpu_ffi.h"
+
+#if !defined(JPAGED_QUERY) || !defined(JPAGED_CACHE)
+#error "build with -DJPAGED_QUERY=<type> -DJPAGED_CACHE=<type>"
+#endif
 
 namespace {
 
@@ -391,13 +400,28 @@ const char* Check(const Shapes& s, int64_t layer, int64_t num_layers, const int3
   return nullptr;
 }
 
+using Query = JPAGED_QUERY;
+using Cache = JPAGED_CACHE;
+
+template <typename T>
+constexpr XLA_FFI_DataType kDtype = std::is_same_v<T, float>    ? XLA_FFI_DataType_F32
+                                    : std::is_same_v<T, int8_t> ? XLA_FFI_DataType_S8
+                                    : std::is_same_v<T, uint8_t> ? XLA_FFI_DataType_U8
+                                                                 : XLA_FFI_DataType_BF16;
+
+// Whether a buffer of `dtype` holds elements of type T (bfloat16 may come as its bits, uint16).
+template <typename T>
+bool Holds(XLA_FFI_DataType dtype) {
+  return dtype == kDtype<T> || (std::is_same_v<T, uint16_t> && dtype == XLA_FFI_DataType_U16);
+}
+
 }  // namespace
 
 // Arguments: q, k_cache, v_cache, k_scales, v_scales, layer [1], block_tables, context_lens,
 // query_start, query_lens (int32); attribute: scale (float32); result: [T, heads, head_dim] in q's
-// dtype. q float32 or bfloat16; caches of q's dtype (then the scales are ignored: pass any float32
-// arrays), or int8 / uint8 (float8_e4m3fn bits) with float32 scales [layers, blocks, block_size,
-// kv_heads].
+// dtype. q and the result hold Query, the caches Cache; a quantized cache (int8, or uint8 float8
+// bits) comes with float32 scales [layers, blocks, block_size, kv_heads], else the scales are
+// ignored (pass any float32 arrays).
 extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Api* api = frame->api;
   if (IsMetadataQuery(frame)) return DescribeHandler(frame);
@@ -426,37 +450,18 @@ extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
     if (meta->rank != 1 || meta->dims[0] != s.num_rows) return Fail(api, "metadata of the wrong length");
   if (const char* problem = Check(s, layer, k->dims[0], tables, context_lens, query_start, query_lens))
     return Fail(api, problem);
-  if (q->dtype != out->dtype) return Fail(api, "the result must have q's dtype");
-  if (q->dtype != XLA_FFI_DataType_F32 && q->dtype != XLA_FFI_DataType_BF16)
-    return Fail(api, "q must be float32 or bfloat16");
-  const bool quantized = k->dtype == XLA_FFI_DataType_S8 || k->dtype == XLA_FFI_DataType_U8;
-  // a bfloat16 cache may come as its bits (uint16), which is how the kernel reads it anyway
-  const bool bf16_bits = q->dtype == XLA_FFI_DataType_BF16 && k->dtype == XLA_FFI_DataType_U16;
-  if (!quantized && !bf16_bits && (q->dtype != k->dtype || q->dtype != v->dtype))
-    return Fail(api, "the caches must have q's dtype, or be int8 or uint8 (float8_e4m3fn bits) with scales");
-  if (bf16_bits && v->dtype != k->dtype) return Fail(api, "k and v caches differ in dtype");
-  if (quantized && v->dtype != k->dtype) return Fail(api, "k and v caches differ in dtype");
-  if (quantized) {
+  if (q->dtype != kDtype<Query> || out->dtype != q->dtype || !Holds<Cache>(k->dtype) || !Holds<Cache>(v->dtype))
+    return Fail(api, "q, result or caches of a dtype this build does not read (it is built for one pair)");
+  if constexpr (kQuantized<Cache>) {
     for (const XLA_FFI_Buffer* scales : {k_scales, v_scales}) {
       if (scales->dtype != XLA_FFI_DataType_F32) return Fail(api, "cache scales must be float32");
       if (scales->rank != 4 || !std::equal(scales->dims, scales->dims + 4, k->dims))
         return Fail(api, "cache scales must have the caches' shape without head_dim");
     }
   }
-  const float sc = *static_cast<const float*>(scale->value);
-  const float *ks = static_cast<const float*>(k_scales->data), *vs = static_cast<const float*>(v_scales->data);
-  auto run = [&](auto q_type, auto cache_type) {
-    using Q = decltype(q_type);
-    using C = decltype(cache_type);
-    Attend(s, static_cast<const Q*>(q->data), static_cast<const C*>(k->data), static_cast<const C*>(v->data),
-           ks, vs, layer, tables, context_lens, query_start, query_lens, sc, static_cast<Q*>(out->data));
-  };
-  const bool f32 = q->dtype == XLA_FFI_DataType_F32;
-  if (k->dtype == XLA_FFI_DataType_S8)
-    f32 ? run(float{}, int8_t{}) : run(uint16_t{}, int8_t{});
-  else if (k->dtype == XLA_FFI_DataType_U8)
-    f32 ? run(float{}, uint8_t{}) : run(uint16_t{}, uint8_t{});
-  else
-    f32 ? run(float{}, float{}) : run(uint16_t{}, uint16_t{});
+  Attend(s, static_cast<const Query*>(q->data), static_cast<const Cache*>(k->data),
+         static_cast<const Cache*>(v->data), static_cast<const float*>(k_scales->data),
+         static_cast<const float*>(v_scales->data), layer, tables, context_lens, query_start, query_lens,
+         *static_cast<const float*>(scale->value), static_cast<Query*>(out->data));
   return nullptr;
 }

@@ -9,8 +9,9 @@ the calling thread and the kernels' helper threads (`cpu_ffi.h`). A quantized ca
 (`quantized_kv.QuantizedKV`) is read at its own width, its scales applied to the scores and to
 the values' weights.
 
-The kernel is built with jpaged's other CPU kernels (`cpu_kernels.py`); until they are
-registered (or where they cannot be built) this function computes with the jnp reference.
+The kernel is built once per pair of query and cache types, each pair its own library of jpaged's
+CPU kernels (`cpu_kernels.py`, named by `attention_library`); until the pair's library is
+registered (or where it cannot be built) this function computes with the jnp reference.
 """
 
 from __future__ import annotations
@@ -23,8 +24,18 @@ from pallas_kernels import cpu_kernels
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention
 from pallas_kernels.quantized_kv import BF16_BITS, is_quantized
 
-TARGET = "jpaged_ragged_paged_attention"
-QUERY_DTYPES = (jnp.float32, jnp.bfloat16)
+QUERY_DTYPES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16"}
+QUANTIZED_CACHES = {"int8": "int8", "fp8_e4m3": "fp8"}  # kv_cache_dtype: the library's name for it
+
+
+def attention_library(dtype, kv_cache_dtype: str = "auto") -> str | None:
+    """The CPU kernels' library (`cpu_kernels.LIBRARIES`) whose attention reads queries of `dtype`
+    over a cache of `kv_cache_dtype` ("auto": the queries' dtype, "int8" or "fp8_e4m3"); None for
+    a query dtype the kernel does not take."""
+    query = QUERY_DTYPES.get(jnp.dtype(dtype))
+    if query is None:
+        return None
+    return f"attention-{query}-{QUANTIZED_CACHES.get(kv_cache_dtype, query)}"
 
 
 def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float):
@@ -38,25 +49,28 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
     checks the metadata it reads (layer, block ids, query and context ranges) and fails the step
     with an error naming what was out of range.
     """
-    if not cpu_kernels.is_loaded() or not _kernel_reads(q, k_cache, v_cache):
+    library = _library_for(q, k_cache, v_cache)
+    if library is None or not cpu_kernels.is_loaded(library):
         return ragged_paged_attention(q, k_cache, v_cache, layer, md, scale)
     if is_quantized(k_cache):
         caches = (k_cache.values, v_cache.values, k_cache.scales, v_cache.scales)
     else:
         unused = jnp.zeros((1,), jnp.float32)  # the kernel reads scales only for a quantized cache
         caches = (k_cache, v_cache, unused, unused)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
+    call = jax.ffi.ffi_call(cpu_kernels.target(library), jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
     return call(q, *caches, jnp.asarray(layer, jnp.int32).reshape(1), md.block_tables, md.context_lens,
                 md.query_start, md.query_lens, scale=np.float32(scale))
 
 
-def _kernel_reads(q, k_cache, v_cache) -> bool:
-    """Whether the kernel takes these dtypes: q float32 or bfloat16 with caches of its dtype (or
-    of bfloat16 bits, `BF16_BITS`, for bfloat16), or with quantized caches (whose values are int8 or uint8, as `QuantizedKV` holds them)."""
+def _library_for(q, k_cache, v_cache) -> str | None:
+    """The library whose kernel reads these arrays, or None: q float32 or bfloat16 with caches of
+    its dtype (or of bfloat16 bits, `BF16_BITS`, for bfloat16), or with quantized caches (whose
+    values are int8 or uint8, as `QuantizedKV` holds them)."""
     if q.dtype not in QUERY_DTYPES:
-        return False
+        return None
     if is_quantized(k_cache) or is_quantized(v_cache):
-        return (is_quantized(k_cache) and is_quantized(v_cache) and k_cache.dtype == v_cache.dtype
-                and k_cache.dtype in (jnp.int8, jnp.uint8))
+        kinds = {jnp.dtype(jnp.int8): "int8", jnp.dtype(jnp.uint8): "fp8_e4m3"}
+        same = is_quantized(k_cache) and is_quantized(v_cache) and k_cache.dtype == v_cache.dtype
+        return attention_library(q.dtype, kinds[k_cache.dtype]) if same and k_cache.dtype in kinds else None
     stored_as = (q.dtype, BF16_BITS) if q.dtype == jnp.bfloat16 else (q.dtype,)
-    return k_cache.dtype == v_cache.dtype and k_cache.dtype in stored_as
+    return attention_library(q.dtype) if k_cache.dtype == v_cache.dtype and k_cache.dtype in stored_as else None

@@ -7,7 +7,7 @@ slower than the float32 one; the kernel (`cpu_quantized_matmul.cc`) reads each w
 own width and widens it in registers. Output column tiles are shared between the calling thread
 and the kernels' helper threads (`cpu_ffi.h`); a row's result does not depend on the other rows.
 
-The kernel is built as the CPU kernels' library "quantized" (`cpu_kernels.py`); until it is
+The kernel is built as the CPU kernels' library "quantized-matmul" (`cpu_kernels.py`); until it is
 registered (or where it cannot be built) this function computes with the jnp reference.
 """
 
@@ -20,7 +20,8 @@ import numpy as np
 from pallas_kernels import cpu_kernels
 from pallas_kernels.quantized_matmul import BLOCK_FORMATS, block_matmul, check_block_rows, check_scale, quantized_matmul
 
-TARGET = "jpaged_quantized_matmul"
+LIBRARY = "quantized-matmul"
+TARGET = cpu_kernels.target(LIBRARY)
 
 
 def cpu_quantized_matmul(x, w, scale):
@@ -28,7 +29,7 @@ def cpu_quantized_matmul(x, w, scale):
     float32 (`quantized_matmul.num_groups`): `[M, N]` in x's dtype. float32 activations run the
     kernel; other dtypes, or a process where the kernel is not registered, the jnp reference.
     ValueError for a scale of the wrong shape."""
-    if not cpu_kernels.is_loaded("quantized") or x.dtype != jnp.float32 or w.ndim != 2:
+    if not cpu_kernels.is_loaded(LIBRARY) or x.dtype != jnp.float32 or w.ndim != 2:
         return quantized_matmul(x, w, scale)
     check_scale(w, scale)
     return _call(x, w, scale.astype(jnp.float32), 0)
@@ -37,7 +38,7 @@ def cpu_quantized_matmul(x, w, scale):
 def cpu_block_matmul(x, w, kind: str):
     """`x [M, K]` times GGML block rows `w [N, K / block weights * block bytes]` (uint8) of format
     `kind` (`quantized_matmul.BLOCK_FORMATS`): `[M, N]` in x's dtype, as `quantized_matmul.block_matmul`."""
-    if not cpu_kernels.is_loaded("quantized") or x.dtype != jnp.float32 or w.ndim != 2:
+    if not cpu_kernels.is_loaded(LIBRARY) or x.dtype != jnp.float32 or w.ndim != 2:
         return block_matmul(x, w, kind)
     check_block_rows(w, x.shape[-1], kind)
     return _call(x, w, jnp.zeros((1, 1), jnp.float32), BLOCK_FORMATS[kind].type_id)

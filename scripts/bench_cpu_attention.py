@@ -81,8 +81,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="bench_results/cpu_attention.json")
     args = parser.parse_args()
-    cpu_kernels.start_build(cache_dir() / "kernels")
-    if reason := cpu_kernels.wait():
+    library = cpu_paged_attention.attention_library(jnp.float32)
+    cpu_kernels.start_build(cache_dir() / "kernels", library)
+    if reason := cpu_kernels.wait(library):
         raise SystemExit(reason)
     kernel, reference = all_layers(cpu_paged_attention.cpu_ragged_paged_attention), all_layers(ragged_paged_attention)
     rng = np.random.default_rng(0)
