@@ -13,6 +13,7 @@ _EXPORTS = {
     "BeamSearchParams": "jpaged.beam_search",
     "RequestOutput": "jpaged.outputs",
     "CompletionOutput": "jpaged.outputs",
+    "Logprob": "jpaged.outputs",
 }
 
 __all__ = list(_EXPORTS)

@@ -127,7 +127,7 @@ def _candidates(search: _Search) -> list[tuple[float, Sequence, int]]:
     width = 2 * search.params.beam_width
     candidates = []
     for beam in search.beams:
-        top = sorted(beam.output_logprobs[-1].items(), key=lambda item: -item[1])[:width]
+        top = sorted(((t, lp.logprob) for t, lp in beam.output_logprobs[-1].items()), key=lambda item: -item[1])[:width]
         candidates += [(search.scores[beam] + logprob, beam, token) for token, logprob in top]
     candidates.sort(key=lambda c: -c[0])
     return candidates[:width]

@@ -178,3 +178,13 @@ class IncrementalDetokenizer:
             if any(len(stop) > length and stop.startswith(tail) for stop in self._stops):
                 return length
         return 0
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """`token_id`'s text as it reads after another token (a logprob's `decoded_token`): decoding it
+    twice and dropping the first copy keeps the leading space that decoding it alone strips
+    (SentencePiece's "▁")."""
+    alone = tokenizer.decode([token_id])
+    twice = tokenizer.decode([token_id, token_id])
+    return twice[len(alone):] if twice.startswith(alone) else alone

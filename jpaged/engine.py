@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 from jpaged import compile_cache
 from jpaged.block_manager import BlockManager
 from jpaged.config import EngineConfig, ModelConfig
-from jpaged.detokenizer import IncrementalDetokenizer
+from jpaged.detokenizer import IncrementalDetokenizer, token_text
 from jpaged.engine_client import EngineStats, PromptType
 from jpaged.loader.source import open_model
 from jpaged.model_runner import ModelRunner, StepOutput
 from jpaged.models.quantization import gguf_packed
 from jpaged.ngram_proposer import NgramProposer, accepted_tokens, can_draft
-from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
 from jpaged.sampling_params import SamplingParams, is_integer
@@ -288,8 +288,7 @@ class LLMEngine:
         self.num_prompt_tokens_computed += max(0, min(num_prompt, seq.num_computed_tokens + num_new_tokens)
                                                - seq.num_computed_tokens)
 
-    @staticmethod
-    def _record_prompt_logprobs(scheduled, result: StepOutput) -> None:
+    def _record_prompt_logprobs(self, scheduled, result: StepOutput) -> None:
         """File each prompt position's logprobs under its request: entry `p + 1` holds the logprob
         of prompt token `p + 1` and the top ones at position `p`. A prompt is computed in order
         (a preempted one again from the start), so the last position completes the list."""
@@ -298,21 +297,30 @@ class LLMEngine:
                                                     result.prompt_rows.position.tolist())):
             request = scheduled[index].seq.request
             wanted, token = request.params.prompt_logprobs, request.prompt_token_ids[position + 1]
-            top = zip(found.top_ids[row][:wanted].tolist(), found.top_logprobs[row][:wanted].tolist())
-            request.prompt_logprobs_so_far[position + 1] = {token: float(found.token_logprobs[row]), **dict(top)}
+            request.prompt_logprobs_so_far[position + 1] = self._logprob_entry(
+                token, float(found.token_logprobs[row]), int(found.ranks[row]), found.top_ids[row][:wanted],
+                found.top_logprobs[row][:wanted])
             if position + 2 == len(request.prompt_token_ids):
                 request.prompt_logprobs = request.prompt_logprobs_so_far
 
-    @staticmethod
-    def _record_logprobs(seq: Sequence, sampled, row: int) -> None:
+    def _record_logprobs(self, seq: Sequence, sampled, row: int) -> None:
         if sampled.logprobs is None or not seq.sampling_params.computes_logprobs:
             return
         token, logprob = int(sampled.token_ids[row]), float(sampled.logprobs[row])
         seq.cumulative_logprob += logprob
         wanted = seq.sampling_params.logprobs
         if wanted is not None:
-            top = zip(sampled.top_ids[row][:wanted].tolist(), sampled.top_logprobs[row][:wanted].tolist())
-            seq.output_logprobs.append({token: logprob, **dict(top)})
+            seq.output_logprobs.append(self._logprob_entry(token, logprob, int(sampled.ranks[row]),
+                                                           sampled.top_ids[row][:wanted],
+                                                           sampled.top_logprobs[row][:wanted]))
+
+    def _logprob_entry(self, token: int, logprob: float, rank: int, top_ids, top_logprobs) -> dict[int, Logprob]:
+        """One position's logprobs as vLLM reports them: the chosen token's first, then the top
+        ones, ranked 1.. in order (a chosen token among them takes its top entry)."""
+        entry = {token: Logprob(logprob, rank, token_text(self.tokenizer, token))}
+        for rank, (top, top_logprob) in enumerate(zip(top_ids.tolist(), top_logprobs.tolist()), 1):
+            entry[top] = Logprob(top_logprob, rank, token_text(self.tokenizer, top))
+        return entry
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.output_token_ids.append(token)

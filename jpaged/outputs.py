@@ -8,6 +8,15 @@ from jpaged.sequence import RequestMetrics
 
 
 @dataclass
+class Logprob:
+    """A token's logprob at one position, as vLLM reports it."""
+
+    logprob: float  # natural log, of the model's own distribution (before penalties, bias, temperature)
+    rank: int | None = None  # 1-based: how many tokens have a logprob >= this one's (1: the top token)
+    decoded_token: str | None = None  # the token's text as it reads inside a text (" Paris")
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
@@ -15,7 +24,7 @@ class CompletionOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     cumulative_logprob: float | None = None  # sum of its tokens' logprobs; None unless computed (logprobs, best_of)
-    logprobs: list[dict[int, float]] | None = None  # per token: its logprob and the top alternatives
+    logprobs: list[dict[int, Logprob]] | None = None  # per token: the sampled token's, then the top ones
 
     @property
     def finished(self) -> bool:
@@ -30,4 +39,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
-    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # per prompt token (None for the first)

@@ -16,6 +16,7 @@ from jpaged.sampling_params import SamplingParams, derive_seed
 
 if TYPE_CHECKING:
     from jpaged.detokenizer import IncrementalDetokenizer
+    from jpaged.outputs import Logprob
 
 _arrival_counter = itertools.count()
 
@@ -55,7 +56,7 @@ class Sequence:
         self.prompt_token_ids = prompt_token_ids
         self.output_token_ids: list[int] = []
         self.cumulative_logprob = 0.0
-        self.output_logprobs: list[dict[int, float]] = []
+        self.output_logprobs: list[dict[int, Logprob]] = []
         self.seed = derive_seed(request.seed, index)
         self.priority = (request.arrival, index)  # earlier requests first, then their samples
         self.status = SequenceStatus.WAITING

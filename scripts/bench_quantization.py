@@ -66,7 +66,7 @@ def perplexity(llm: LLM, token_ids: list[int]) -> float:
     """exp of the mean negative log-likelihood of each token after the first, given those before it."""
     out = llm.generate({"prompt_token_ids": token_ids}, SamplingParams(max_tokens=1, prompt_logprobs=0),
                        use_tqdm=False)[0]
-    nll = [-entry[token] for entry, token in zip(out.prompt_logprobs[1:], token_ids[1:])]
+    nll = [-entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], token_ids[1:])]
     return math.exp(sum(nll) / len(nll))
 
 

@@ -52,7 +52,7 @@ def main(root: str) -> dict:
             outputs = llm.generate(prompts, params, use_tqdm=False)
             stats = llm.engine.stats()
             runs[f"{tp}, {label}"] = {"tokens": [o.outputs[0].token_ids for o in outputs],
-                                      "logprobs": [[sorted(step.items()) for step in o.outputs[0].logprobs]
+                                      "logprobs": [[sorted((t, lp.logprob, lp.rank) for t, lp in step.items()) for step in o.outputs[0].logprobs]
                                                    for o in outputs],
                                       "num_streamed_layers": stats.num_streamed_layers,
                                       "streamed_bytes_per_step": stats.streamed_bytes_per_step,

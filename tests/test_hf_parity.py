@@ -205,7 +205,7 @@ def test_prompt_logprobs_match_hf(case, llm):
         row = expected[position - 1]
         assert len(entry) >= 20 and prompt[position] in entry
         tokens = list(entry)
-        np.testing.assert_allclose([entry[t] for t in tokens], row[tokens], atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose([entry[t].logprob for t in tokens], row[tokens], atol=1e-4, rtol=1e-4)
 
 
 def test_hf_oracle_is_not_degenerate(case):

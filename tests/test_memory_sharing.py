@@ -106,7 +106,7 @@ def test_best_of_returns_the_most_likely_samples(stories_path):
     scores = [c.cumulative_logprob for c in out.outputs]
     assert scores[0] >= scores[1]
     for completion in out.outputs:
-        per_token = [entry[token] for entry, token in zip(completion.logprobs, completion.token_ids)]
+        per_token = [entry[token].logprob for entry, token in zip(completion.logprobs, completion.token_ids)]
         assert completion.cumulative_logprob == pytest.approx(sum(per_token), abs=1e-4)
     all_five = llm.generate([STORY] * 5, [SamplingParams(temperature=1.0, seed=derive_seed(3, i), max_tokens=12,
                                                    ignore_eos=True, logprobs=0) for i in range(5)], use_tqdm=False)
@@ -140,13 +140,16 @@ def test_logprobs_and_prompt_logprobs_match_hf(random_llama):
     for step, (token, entry) in enumerate(zip(tokens, out.outputs[0].logprobs)):
         row = logprobs[len(prompt) - 1 + step]
         top3 = np.argsort(-row)[:3].tolist()
-        assert set(entry) == {token, *top3}
+        assert set(entry) == {token, *top3} and next(iter(entry)) == token  # the chosen token first
         for candidate, value in entry.items():
-            assert value == pytest.approx(row[candidate], abs=1e-4)
+            assert value.logprob == pytest.approx(row[candidate], abs=1e-4)
+            assert value.rank == int((row >= row[candidate]).sum())  # vLLM's rank, from HF's logits
     assert out.prompt_logprobs[0] is None
     for position in range(1, len(prompt)):
         entry, row = out.prompt_logprobs[position], logprobs[position - 1]
-        assert entry[prompt[position]] == pytest.approx(row[prompt[position]], abs=1e-4)
+        chosen = entry[prompt[position]]
+        assert chosen.logprob == pytest.approx(row[prompt[position]], abs=1e-4)
+        assert chosen.rank == int((row >= row[prompt[position]]).sum())
         assert set(entry) == {prompt[position], *np.argsort(-row)[:2].tolist()}
 
 
@@ -172,3 +175,21 @@ def test_request_metrics(stories_path):
     assert metrics.time_per_output_token > 0
     stats = llm.engine.stats()
     assert stats.num_generated_tokens == 10 and stats.kv_cache_usage == 0.0
+
+
+def test_logprobs_are_vllm_logprob_objects(stories_path):
+    """Each position's entry maps token ids to `Logprob` (vLLM's fields): greedy picks rank 1, the
+    top ones are ranked 1..k, and the chosen tokens' decoded texts, joined, are the output text."""
+    from jpaged import Logprob
+
+    llm = LLM(stories_path, num_blocks=64)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=3)
+    out = llm.generate("Once upon a time", params, use_tqdm=False)[0].outputs[0]
+    tokenizer = llm.get_tokenizer()
+    assert len(out.logprobs) == len(out.token_ids) == 16
+    for token, entry in zip(out.token_ids, out.logprobs):
+        assert all(isinstance(value, Logprob) for value in entry.values())
+        assert entry[token].rank == 1 and sorted(value.rank for value in entry.values()) == [1, 2, 3]
+        for candidate, value in entry.items():
+            assert value.decoded_token.strip() == tokenizer.decode([candidate]).strip()
+    assert "".join(entry[token].decoded_token for token, entry in zip(out.token_ids, out.logprobs)) == out.text

@@ -48,7 +48,7 @@ def run(folder: str, **kwargs) -> dict:
     outputs = llm.generate(prompts(vocab), PARAMS, use_tqdm=False)
     manager = llm.engine.block_manager
     return {"tokens": [o.outputs[0].token_ids for o in outputs],
-            "logprobs": [[sorted(step.items()) for step in o.outputs[0].logprobs] for o in outputs],
+            "logprobs": [[sorted((t, lp.logprob, lp.rank) for t, lp in step.items()) for step in o.outputs[0].logprobs] for o in outputs],
             "stats": llm.engine.stats(), "blocks_leaked": manager.num_blocks - manager.num_free_blocks}
 
 

@@ -436,7 +436,7 @@ def assert_prompt_logprobs_match(entries, prompt, logprobs, k):
         entry, row = entries[position], logprobs[position - 1]
         assert set(entry) == {prompt[position], *np.argsort(-row)[:k].tolist()}, position
         for token, value in entry.items():
-            assert value == pytest.approx(row[token], abs=1e-4), (position, token)
+            assert value.logprob == pytest.approx(row[token], abs=1e-4), (position, token)
 
 
 def test_prompt_logprobs_request_waits_for_a_busy_cache_and_matches_hf(tiny_llama):
@@ -480,7 +480,8 @@ def test_prompt_logprobs_request_waits_for_a_busy_cache_and_matches_hf(tiny_llam
     assert_prompt_logprobs_match(out.prompt_logprobs, prompt, expected, 3)
     for got, want in zip(out.prompt_logprobs[1:], alone.prompt_logprobs[1:]):
         assert got.keys() == want.keys()
-        assert list(got.values()) == pytest.approx(list(want.values()), abs=1e-5)
+        assert [v.logprob for v in got.values()] == pytest.approx([v.logprob for v in want.values()], abs=1e-5)
+        assert [v.rank for v in got.values()] == [v.rank for v in want.values()]
 
 
 def test_steps_without_prompt_logprobs_build_no_prompt_rows():

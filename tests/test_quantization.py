@@ -346,7 +346,7 @@ def test_quantized_model_matches_hf_on_fake_quantized_weights(case, tmp_path):
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=20),
                        use_tqdm=False)[0]
     where = [(i, t) for i, entry in enumerate(out.prompt_logprobs[1:]) for t in entry]
-    got = np.array([out.prompt_logprobs[1 + i][t] for i, t in where])
+    got = np.array([out.prompt_logprobs[1 + i][t].logprob for i, t in where])
     np.testing.assert_allclose(got, [expected[i, t] for i, t in where], atol=2e-3)
     # the quantization error itself, against the float model: small next to the logits' spread
     unquantized = log_softmax(hf_logits(float_model, prompt))
@@ -403,7 +403,8 @@ def test_gguf_packed_default_model_matches_dequantized_at_load(float_run, model_
     for entry, packed_entry in zip(float_run["logprobs"][1:], run["logprobs"][1:]):
         shared = entry.keys() & packed_entry.keys()
         assert len(shared) >= 3
-        np.testing.assert_allclose([packed_entry[t] for t in shared], [entry[t] for t in shared], atol=1e-3)
+        np.testing.assert_allclose([packed_entry[t].logprob for t in shared], [entry[t].logprob for t in shared],
+                                   atol=1e-3)
     assert run["weight_bytes"] < 0.25 * float_run["weight_bytes"]
     assert run["weight_bytes"] < 1.2 * model_path.stat().st_size
 
@@ -473,7 +474,8 @@ def test_gguf_k_quants_packed_match_dequantized_at_load(tmp_path):
     for entry, packed_entry in zip(dequantized.prompt_logprobs[1:], packed.prompt_logprobs[1:]):
         shared = entry.keys() & packed_entry.keys()
         assert len(shared) >= 4
-        np.testing.assert_allclose([packed_entry[t] for t in shared], [entry[t] for t in shared], atol=1e-3)
+        np.testing.assert_allclose([packed_entry[t].logprob for t in shared], [entry[t].logprob for t in shared],
+                                   atol=1e-3)
     assert weight_bytes["gguf"] < 0.4 * weight_bytes[None]
 
 

@@ -1,7 +1,7 @@
-"""Token logprobs in the API's two shapes, from the engine's per-token `{token id: logprob}` dicts.
+"""Token logprobs in the API's two shapes, from the engine's per-token `{token id: Logprob}` dicts.
 
-The engine reports, per generated token, a dict holding the sampled token's logprob first and the
-top alternatives after it (`CompletionOutput.logprobs`). Completions answer OpenAI's legacy shape
+The engine reports, per generated token, a dict holding the sampled token's `Logprob` first and
+the top alternatives after it (`CompletionOutput.logprobs`). Completions answer OpenAI's legacy shape
 (`tokens`, `token_logprobs`, `top_logprobs` as dicts, `text_offset`); chat answers a list of
 `{token, logprob, bytes, top_logprobs}`. A token's string is its text as it reads inside a text
 (" Paris", with the word-boundary space that a tokenizer drops from a text's first token).
@@ -10,10 +10,11 @@ Logprobs that are not finite (a token masked out) are sent as -9999.0, since JSO
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
+from jpaged.detokenizer import token_text
+from jpaged.outputs import Logprob
 from jpaged.server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 FLOOR = -9999.0
@@ -23,16 +24,7 @@ def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else FLOOR
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def token_text(tokenizer: Any, token_id: int) -> str:
-    """`token_id`'s text after another token: decoding it twice and dropping the first copy keeps
-    the leading space that decoding it alone would strip (SentencePiece's "▁")."""
-    alone = tokenizer.decode([token_id])
-    twice = tokenizer.decode([token_id, token_id])
-    return twice[len(alone):] if twice.startswith(alone) else alone
-
-
-def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, float] | None],
+def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, Logprob] | None],
                         text_offset: int = 0) -> CompletionLogprobs:
     """The completions shape for `token_ids` with their engine entries (None where a token has
     none, as a prompt's first); `text_offset` is where the first token's text starts."""
@@ -46,17 +38,17 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict
             result.token_logprobs.append(None)
             result.top_logprobs.append(None)
             continue
-        result.token_logprobs.append(finite(entry[token_id]))
-        result.top_logprobs.append({token_text(tokenizer, t): finite(lp) for t, lp in entry.items()})
+        result.token_logprobs.append(finite(entry[token_id].logprob))
+        result.top_logprobs.append({token_text(tokenizer, t): finite(lp.logprob) for t, lp in entry.items()})
     return result
 
 
-def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, float]], top: int) -> ChatLogprobs:
+def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, Logprob]], top: int) -> ChatLogprobs:
     """The chat shape for `token_ids` with their engine entries and `top` alternatives each."""
     content = []
     for token_id, entry in zip(token_ids, entries):
-        best = sorted(entry.items(), key=lambda item: item[1], reverse=True)[:top]
-        content.append(ChatTokenLogprob(**_token(tokenizer, token_id, entry[token_id]),
+        best = sorted(((t, lp.logprob) for t, lp in entry.items()), key=lambda item: item[1], reverse=True)[:top]
+        content.append(ChatTokenLogprob(**_token(tokenizer, token_id, entry[token_id].logprob),
                                         top_logprobs=[TopLogprob(**_token(tokenizer, t, lp)) for t, lp in best]))
     return ChatLogprobs(content=content)
 
