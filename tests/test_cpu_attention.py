@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 import subprocess
 import sys
 import textwrap
@@ -224,3 +225,26 @@ def test_engine_without_a_working_compiler_falls_back(tmp_path, stories_path):
     assert len(ast.literal_eval(auto.stdout.split("TOKENS")[1].strip())) == 8
     forced = run("cpu")
     assert forced.returncode != 0 and "library 'attention-float32-float32' could not be built" in forced.stderr
+
+
+def test_a_process_builds_only_the_kernels_its_model_runs(tmp_path, stories_path):
+    """A float32 model builds the float32 attention pair and the float matmul, nothing else; an
+    int8 KV cache then adds its own attention pair (each library named in the kernels folder)."""
+    script = textwrap.dedent(f"""
+        import pathlib, sys
+        from jpaged import LLM, SamplingParams
+        folder = pathlib.Path(sys.argv[1]) / "kernels"
+        def built():
+            return sorted(p.name.rsplit("-", 1)[0].removeprefix("cpu_kernels-") for p in folder.glob("*.so"))
+        for kv in ("auto", "int8"):
+            llm = LLM({stories_path!r}, kv_cache_dtype=kv, max_model_len=64, compilation_cache=False)
+            assert llm.engine.runner.attention == "cpu"
+            llm.generate(["Once upon a time"], SamplingParams(max_tokens=2), use_tqdm=False)
+            print(kv, built())
+    """)
+    env = {**os.environ, "JPAGED_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "auto ['attention-float32-float32', 'float-matmul']" in run.stdout
+    assert "int8 ['attention-float32-float32', 'attention-float32-int8', 'float-matmul']" in run.stdout
