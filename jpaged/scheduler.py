@@ -115,24 +115,26 @@ class Scheduler:
         return budget
 
     def _schedule_swapped(self, out: SchedulerOutput) -> None:
+        rows = self._rows_to_come()
         while self.swapped:
             seq = self.swapped[0]
-            if self._rows_to_come() + self._samples_to_come(seq) > self.config.max_num_seqs:
+            if rows + self._samples_to_come(seq) > self.config.max_num_seqs:
                 return
             if not self.block_manager.can_swap_in(seq):
                 return
             self.swapped.pop(0)
             out.swap_in += self.block_manager.swap_in(seq)
             self.add_running(seq)
+            rows += self._samples_to_come(seq)
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        index = 0
+        index, rows_to_come = 0, self._rows_to_come()
         while index < len(self.waiting) and budget > 0:
             seq = self.waiting[index]
             if seq.on_hold:
                 index += 1
                 continue
-            rows = self._rows_to_come() + self._samples_to_come(seq)
+            rows = rows_to_come + self._samples_to_come(seq)
             if rows > self.config.max_num_seqs or rows + out.num_draft_tokens > self.max_rows:
                 return
             computed = self.block_manager.get_computed_blocks(seq)
@@ -145,6 +147,7 @@ class Scheduler:
             self._note_first_schedule(seq, computed.num_tokens)
             self._scheduled(out, seq, num_new, slots)
             self.add_running(seq)
+            rows_to_come = rows
             budget -= num_new
 
     def _rows_to_come(self) -> int:
