@@ -55,6 +55,7 @@ class LLMEngine:
         check_layout(self.model_config, config.parallel)
         meshes = replica_meshes(config.parallel)
         self.max_model_len = self._resolve_max_model_len()
+        self._max_model_len_source = ""  # why max_model_len is what it is, where not asked or the model's
         with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(source.load_tokenizer)
             packed = gguf_packed(source.block_types, source.name) if config.quantization == "gguf" else {}
@@ -66,6 +67,7 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.max_model_len = self._fit_to_cache(self.max_model_len)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching, num_host_blocks=self.runner.num_host_blocks)
@@ -114,6 +116,18 @@ class LLMEngine:
                              "max_position_embeddings, or its sliding_window where smaller: jpaged's attention "
                              "has no window, so sequences stay within it)")
         return asked or limit
+
+    def _fit_to_cache(self, max_model_len: int) -> int:
+        """`max_model_len`, lowered to what the KV cache holds where it holds less (logged), so
+        that every request within it can run and a server's default `max_tokens` fits."""
+        capacity = self.runner.num_blocks * self.config.cache.block_size
+        if max_model_len <= capacity:
+            return max_model_len
+        logger.warning("max_model_len lowered from %d to %d tokens, what the KV cache holds (%d blocks of %d tokens); "
+                       "give the cache more memory (cpu_kv_cache_gib, gpu_memory_utilization or num_blocks) to serve "
+                       "longer sequences", max_model_len, capacity, self.runner.num_blocks, self.config.cache.block_size)
+        self._max_model_len_source = " (what the KV cache holds)"
+        return capacity
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
         """Queue a request; raises ValueError for input that can never be served."""
@@ -164,11 +178,7 @@ class LLMEngine:
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt of {len(token_ids)} tokens + max_tokens {params.max_tokens} = {total} "
-                             f"exceeds max_model_len {self.max_model_len}")
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        if total > capacity:
-            raise ValueError(f"prompt of {len(token_ids)} tokens + max_tokens {params.max_tokens} = {total} "
-                             f"exceeds the KV cache's {capacity} tokens")
+                             f"exceeds max_model_len {self.max_model_len}{self._max_model_len_source}")
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)

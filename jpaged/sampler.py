@@ -153,9 +153,15 @@ def _draw(row_logits: jax.Array, seed: jax.Array, step: jax.Array) -> jax.Array:
     jax's threefry and gives each row the same draw whatever batch it is in."""
     key = _hash32(seed.astype(jnp.uint32) ^ _hash32(step.astype(jnp.uint32) + jnp.uint32(0x9E3779B9)))
     ids = jnp.arange(row_logits.shape[-1], dtype=jnp.uint32)
-    bits = _hash32(_hash32(ids * jnp.uint32(0x9E3779B9) ^ key) + key)
-    uniform = ((bits >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    uniform = to_uniform(_hash32(_hash32(ids * jnp.uint32(0x9E3779B9) ^ key) + key))
     return jnp.argmax(row_logits - jnp.log(-jnp.log(uniform)))
+
+
+def to_uniform(bits: jax.Array) -> jax.Array:
+    """uint32 hashes to float32 uniforms strictly inside (0, 1): their top 23 bits, centred. (With
+    24 bits the largest, 1 - 2**-25, rounds to 1.0 in float32, and its token's Gumbel noise to
+    +inf, which wins even where the filters masked the token out.)"""
+    return ((bits >> 9).astype(jnp.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def _sample_processed(processed: jax.Array, arrays: SamplingArrays, all_greedy: bool | None) -> jax.Array:

@@ -166,7 +166,8 @@ def test_interrupted_generate_leaves_nothing_behind(llm, fail_step, monkeypatch)
 
 def test_request_larger_than_cache_is_rejected(stories_path):
     small = LLM(stories_path, num_blocks=4)
-    with pytest.raises(ValueError, match="exceeds the KV cache's 64 tokens"):
+    assert small.engine.max_model_len == 64  # lowered from the model's 512 to what the cache holds
+    with pytest.raises(ValueError, match=r"exceeds max_model_len 64 \(what the KV cache holds\)"):
         small.generate("Once upon a time", SamplingParams(max_tokens=100), use_tqdm=False)
     out = small.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == GOLDEN_FROM_BOS

@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from jpaged.sampler import masked_logits, sample
+from jpaged.sampler import masked_logits, sample, to_uniform
 from jpaged.sampling_params import SamplingParams
 from jpaged.step_batch import SamplingArrays
 
@@ -132,6 +132,24 @@ def test_sampled_tokens_stay_inside_the_mask():
         assert np.all(np.isfinite(masked[rows, tokens]))
         greedy_expected = np.argmax(np.asarray(logits)[greedy_rows], axis=-1)
         np.testing.assert_array_equal(tokens[greedy_rows], greedy_expected)
+
+
+def test_uniforms_stay_strictly_inside_zero_one():
+    extremes = np.asarray(to_uniform(jnp.asarray([0, 1, 2**31, 2**32 - 2, 2**32 - 1], jnp.uint32)))
+    assert extremes.dtype == np.float32 and np.all(extremes > 0) and np.all(extremes < 1)
+    assert np.all(np.isfinite(-np.log(-np.log(extremes))))
+
+
+def test_top_k_one_always_draws_the_top_token_of_a_large_vocabulary():
+    """4,096 draws over 49,152 tokens: a noise that could reach +inf (a uniform of 1.0, about one
+    token in 2**24) would pick a masked token in some of them."""
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(random_logits(rng, 64, 49152))
+    params = [SamplingParams(temperature=1.0, top_k=1)] * 64
+    for step in range(64):
+        tokens = np.asarray(sample_jit(logits, build(params, seeds=list(range(64)), steps=[step] * 64),
+                                       all_greedy=False))
+        np.testing.assert_array_equal(tokens, np.argmax(np.asarray(logits), axis=-1))
 
 
 def test_tiny_temperature_is_finite_and_picks_the_top_token():
