@@ -12,10 +12,11 @@ transformers: cumulative logprob / generated length ** length_penalty.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 from jpaged.engine_client import EngineClient
-from jpaged.sampling_params import MAX_LOGPROBS, SamplingParams
+from jpaged.sampling_params import MAX_LOGPROBS, SamplingParams, is_integer
 from jpaged.sequence import Sequence
 
 _search_ids = itertools.count()
@@ -30,6 +31,13 @@ class BeamSearchParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
+        for name in ("beam_width", "max_tokens"):
+            if not is_integer(getattr(self, name)):
+                raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
+        if not isinstance(self.length_penalty, (int, float)) or not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if not 1 <= self.beam_width <= MAX_LOGPROBS // 2:
             raise ValueError(f"beam_width must be in [1, {MAX_LOGPROBS // 2}] (each step ranks the top 2 * beam_width "
                              f"continuations of every beam), got {self.beam_width}")

@@ -8,12 +8,14 @@ Prompts go through the chat template when the tokenizer has one (turn off with `
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
 import sys
 
 DEFAULT_PROMPT = "What is the capital of France?"
+COMMANDS = ("generate", "serve")
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +42,19 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages the layers split into")
     parser.add_argument("--expert-parallel-size", type=int, default=1, help="devices that split the experts")
     parser.add_argument("--data-parallel-size", type=int, default=1, help="whole-engine replicas")
-    parser.add_argument("--speculative-config", type=json.loads, default=None,
+    parser.add_argument("--speculative-config", type=_json_object, default=None,
                         help='n-gram speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine events")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -59,7 +71,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--api-key", default=None,
                         help="require `Authorization: Bearer KEY` on /v1 routes (default: $JPAGED_API_KEY, else none)")
     parser.add_argument("--served-model-name", default=None, help="model name the API shows (default: the model's)")
@@ -70,18 +82,19 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jpaged", description="PagedAttention LLM serving on JAX")
     sub = parser.add_subparsers(dest="command")
-    gen = sub.add_parser("generate", help="generate answers to prompts (the default command)")
-    gen.add_argument("prompts", nargs="*", help=f"prompts (default: {DEFAULT_PROMPT!r})")
-    gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
+    shown = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gen = sub.add_parser("generate", help="generate answers to prompts (the default command)", **shown)
+    gen.add_argument("prompts", nargs="*", default=[DEFAULT_PROMPT], help="prompts")
+    gen.add_argument("--max-tokens", type=int, default=128, help="most tokens per answer")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 disables it")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables it")
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    gen.add_argument("--seed", type=int, default=None, help="random seed of the sampling")
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--no-chat", action="store_true", help="send prompts as raw text")
     _add_engine_args(gen)
-    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API", **shown)
     _add_serve_args(serve)
     _add_engine_args(serve)
     for command in (gen, serve):
@@ -112,7 +125,11 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("generate", "serve", "-h", "--help"):
+    if argv and (near := difflib.get_close_matches(argv[0], COMMANDS, n=1, cutoff=0.7)) and argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; did you mean {near[0]!r}? (to use it as a prompt: "
+              f"jpaged generate {argv[0]!r})", file=sys.stderr)
+        return 2
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["generate", *argv]
     args, unknown = _parser().parse_known_args(argv)
     if unknown:  # named by the command's own usage, not the top-level one

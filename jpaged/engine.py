@@ -10,6 +10,7 @@ server use.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -135,6 +136,8 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
+        if params.max_tokens is None:  # up to max_model_len
+            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(token_ids)))
         self._check_fits(token_ids, params)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
         request = Request(request_id, text, token_ids, params, seed)

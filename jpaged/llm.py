@@ -21,7 +21,7 @@ from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.outputs import RequestOutput
-from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_params import SamplingParams, is_integer
 
 
 def engine_config(model: str | None, speculative_config: dict | None = None, **kwargs) -> EngineConfig:
@@ -60,8 +60,7 @@ class LLM:
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts = _prompt_list(prompts)
         params = self._per_prompt_params(sampling_params, len(prompts))
         request_ids = []
         try:
@@ -113,9 +112,7 @@ class LLM:
     def beam_search(self, prompts: PromptType | SequenceABC[PromptType], params: BeamSearchParams
                     ) -> list[BeamSearchOutput]:
         """The `params.beam_width` best continuations of each prompt, best first."""
-        if isinstance(prompts, (str, dict)):
-            prompts = [prompts]
-        return beam_search(self.engine, list(prompts), params)
+        return beam_search(self.engine, _prompt_list(prompts), params)
 
     def chat(
         self,
@@ -125,7 +122,7 @@ class LLM:
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = _conversations(messages)
         tokenizer = self.engine.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer of {self.engine.model_name} has no chat template")
@@ -139,3 +136,31 @@ class LLM:
 def chat_token_ids(tokenizer, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
     text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _prompt_list(prompts) -> list[PromptType]:
+    """`prompts` as a list of prompts: one prompt (a string, a dict, or a flat list of token ids)
+    becomes a list of one. ValueError for anything else."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and is_integer(prompts[0])):
+        return [prompts]
+    if isinstance(prompts, SequenceABC):
+        return list(prompts)
+    raise ValueError(f"prompts must be a string, a list of token ids, a dict, or a list of those; got "
+                     f"{type(prompts).__name__}")
+
+
+def _conversations(messages) -> list[list[dict]]:
+    """One conversation (a list of message dicts) or a list of them, as a list of conversations;
+    ValueError naming the first message that is not a dict with a string "role" and a "content"."""
+    if not isinstance(messages, list):
+        raise ValueError(f"messages must be a list of message dicts or a list of such lists, got "
+                         f"{type(messages).__name__}")
+    conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+    for i, conversation in enumerate(conversations):
+        if not isinstance(conversation, list):
+            raise ValueError(f"conversation {i} must be a list of message dicts, got {type(conversation).__name__}")
+        for j, message in enumerate(conversation):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message):
+                raise ValueError(f"conversation {i}, message {j} must be a dict with a string 'role' and a "
+                                 f"'content', got {message!r:.200}")
+    return conversations

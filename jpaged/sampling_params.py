@@ -125,7 +125,8 @@ class SamplingParams:
         min_p: drop tokens whose probability is below ``min_p`` times the top probability,
             in [0, 1]; 0 disables it.
         seed: per-request random seed in [0, 2**32); None lets the engine draw one.
-        max_tokens: most tokens to generate, >= 1.
+        max_tokens: most tokens to generate, >= 1; None: as many as ``max_model_len`` leaves
+            after the prompt (the engine sets it when the request is added).
         stop: strings that end generation; normalised to a list of non-empty strings.
         stop_token_ids: token ids that end generation (besides EOS); normalised to a list.
         ignore_eos: keep generating past the EOS token.
@@ -159,7 +160,7 @@ class SamplingParams:
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -204,9 +205,10 @@ class SamplingParams:
 
     def _check_length_and_stop_fields(self) -> None:
         """Validate and normalise the fields the engine's host-side stop checks read."""
-        self.max_tokens = _as_int("max_tokens", self.max_tokens)
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens is not None:
+            self.max_tokens = _as_int("max_tokens", self.max_tokens)
+            if self.max_tokens < 1:
+                raise ValueError(f"max_tokens must be >= 1 (or None: up to max_model_len), got {self.max_tokens}")
         self.stop = _as_stop_strings(self.stop)
         self.stop_token_ids = _as_token_ids(self.stop_token_ids)
         self.ignore_eos = _as_bool("ignore_eos", self.ignore_eos)
@@ -228,7 +230,7 @@ class SamplingParams:
                 f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}"
             )
         self.min_tokens = _as_int("min_tokens", self.min_tokens)
-        if not 0 <= self.min_tokens <= self.max_tokens:
+        if not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise ValueError(
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
             )

@@ -38,6 +38,8 @@ def test_beam_search_matches_hf_on_stories260k(stories_path):
         check_against_hf(llm, model, prompts, BeamSearchParams(beam_width=4, max_tokens=20))
     scheduler = llm.engine.scheduler
     assert 0 < scheduler.num_block_copies  # forked beams copied their shared last block once written
+    one = BeamSearchParams(beam_width=2, max_tokens=3)  # one prompt as a flat token-id list, as generate takes it
+    assert llm.beam_search(prompts[1], one)[0].sequences == llm.beam_search([prompts[1]], one)[0].sequences
 
 
 def test_beam_search_matches_hf_on_random_llama_with_length_penalty(tmp_path):
@@ -132,3 +134,9 @@ def test_beam_search_params_are_validated():
         BeamSearchParams(beam_width=11, max_tokens=4)
     with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
         BeamSearchParams(beam_width=2, max_tokens=0)
+    with pytest.raises(TypeError, match="beam_width must be an int, got 2.5"):
+        BeamSearchParams(beam_width=2.5, max_tokens=4)
+    with pytest.raises(TypeError, match="max_tokens must be an int, got '3'"):
+        BeamSearchParams(beam_width=2, max_tokens="3")
+    with pytest.raises(ValueError, match="length_penalty must be a finite number, got nan"):
+        BeamSearchParams(beam_width=2, max_tokens=3, length_penalty=float("nan"))

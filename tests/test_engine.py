@@ -149,6 +149,9 @@ def test_generate_rejects_bad_prompt_and_keeps_serving(llm):
             llm.generate([bad], GREEDY, use_tqdm=False)
     with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them"):
         llm.generate(["Once"], {"max_tokens": 3}, use_tqdm=False)
+    with pytest.raises(ValueError, match="prompts must be a string, a list of token ids, a dict, or a list of those; "
+                                         "got int"):
+        llm.generate(5, GREEDY, use_tqdm=False)
     assert all_blocks_free(llm)
     assert llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == GOLDEN_FROM_BOS
 
@@ -171,6 +174,23 @@ def test_request_larger_than_cache_is_rejected(stories_path):
         small.generate("Once upon a time", SamplingParams(max_tokens=100), use_tqdm=False)
     out = small.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == GOLDEN_FROM_BOS
+
+
+def test_malformed_chat_messages_are_named(llm):
+    for messages, named in [([{"role": "user"}], "conversation 0, message 0"), ("hello", "got str"),
+                            (["hello"], "conversation 0 must be a list"),
+                            ([[{"role": "user", "content": "hi"}], [{"content": "x"}]], "conversation 1, message 0")]:
+        with pytest.raises(ValueError, match=named):
+            llm.chat(messages, GREEDY, use_tqdm=False)
+
+
+def test_max_tokens_none_runs_up_to_max_model_len(stories_path):
+    small = LLM(stories_path, num_blocks=8, max_model_len=40)
+    out = small.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=None, temperature=0,
+                                                                         ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 40 - 3 and out.outputs[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="min_tokens must be in"):  # checked once max_tokens is known
+        small.generate({"prompt_token_ids": [1] * 30}, SamplingParams(max_tokens=None, min_tokens=20), use_tqdm=False)
 
 
 def test_invalid_sampling_values_raise():

@@ -31,7 +31,6 @@ INVALID_VALUES = [
     ("max_tokens", 0),
     ("max_tokens", -3),
     ("max_tokens", 8.0),
-    ("max_tokens", None),
     ("stop", ""),
     ("stop", ["ok", ""]),
     ("stop", ["ok", 3]),

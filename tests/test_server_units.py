@@ -174,3 +174,16 @@ def test_an_unknown_flag_is_named_by_its_command(capsys):
             main([command, "--bogus"])
         assert exit_info.value.code == 2
         assert f"jpaged {command}: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_a_mistyped_command_is_named_and_bad_json_is_explained(capsys):
+    from jpaged.cli import main
+
+    assert main(["serv", "--port", "1"]) == 2  # not taken as a prompt to generate from
+    assert "unknown command 'serv'; did you mean 'serve'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--speculative-config", "{bad"])
+    assert exit_info.value.code == 2 and "--speculative-config: not JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "most tokens per answer (default: 128)" in capsys.readouterr().out
