@@ -375,6 +375,15 @@ def test_streamed_completion_logprobs_equal_the_whole_response(server):
         assert streamed["token_logprobs"][0] is None and whole.logprobs.token_logprobs[0] is None  # the prompt's first
         assert streamed["token_logprobs"][1:] == pytest.approx(whole.logprobs.token_logprobs[1:])
         assert streamed["top_logprobs"][1:] == whole.logprobs.top_logprobs[1:]
+    # offsets run on through the echoed prompt into the output, each token's string length on,
+    # also where a character spans byte tokens (vLLM's counting)
+    request = dict(model="stories", prompt="Tom saw 東京 and", max_tokens=6, temperature=0, logprobs=1, echo=True)
+    whole = client.completions.create(**request).choices[0].logprobs
+    lengths = [len(token) for token in whole.tokens]
+    assert any(token == "\ufffd" for token in whole.tokens)  # the prompt's characters span byte tokens
+    assert whole.text_offset == [sum(lengths[:i]) for i in range(len(lengths))]
+    chunks = [chunk.choices[0] for chunk in client.completions.create(**request, stream=True) if chunk.choices]
+    assert [x for c in chunks if c.logprobs for x in c.logprobs.text_offset] == whole.text_offset
 
 
 def test_server_keeps_serving_after_bad_input(server):

@@ -63,7 +63,8 @@ def _choice(request: CompletionRequest, tokenizer: Any, prompt_index: int, promp
     echoed, echoed_logprobs = _echo(request, tokenizer, prompt, output) if request.echo else ("", None)
     logprobs = None
     if request.logprobs is not None:
-        logprobs = completion_logprobs(tokenizer, choice.token_ids, choice.logprobs or [], len(echoed))
+        logprobs = completion_logprobs(tokenizer, choice.token_ids, choice.logprobs or [],
+                                       _offset_after(echoed, echoed_logprobs))
         if echoed_logprobs is not None:
             logprobs = _joined(echoed_logprobs, logprobs)
     return CompletionChoice(index=index, text=echoed + choice.text, logprobs=logprobs,
@@ -100,7 +101,7 @@ async def _stream(request: CompletionRequest, state: ServerState, request_id: st
                     sent = progress[index] = ChoiceProgress()
                     if request.echo:
                         echoed, echoed_logprobs = _echo(request, tokenizer, prompts[prompt_index], output)
-                        sent.token_offset = len(echoed)
+                        sent.token_offset = _offset_after(echoed, echoed_logprobs)
                 event = _choice_chunk(request, tokenizer, sent, choice, index, echoed, echoed_logprobs)
                 if event is not None:
                     yield chunk([event])
@@ -121,6 +122,15 @@ def _echo(request: CompletionRequest, tokenizer: Any, prompt: Prompt,
         return _prompt_text(tokenizer, prompt), None
     return _prompt_text(tokenizer, prompt), completion_logprobs(
         tokenizer, prompt.token_ids, output.prompt_logprobs or [None] * len(prompt.token_ids))
+
+
+def _offset_after(echoed: str, echoed_logprobs: CompletionLogprobs | None) -> int:
+    """The `text_offset` of the first generated token: the echoed prompt tokens' offsets run on
+    (each token's string length, as vLLM counts them, which differs from the text's length where a
+    character spans tokens), else the echoed text's length."""
+    if echoed_logprobs is None or not echoed_logprobs.tokens:
+        return len(echoed)
+    return echoed_logprobs.text_offset[-1] + len(echoed_logprobs.tokens[-1])
 
 
 def _choice_chunk(request: CompletionRequest, tokenizer: Any, sent: ChoiceProgress, choice: CompletionOutput,
