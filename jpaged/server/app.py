@@ -148,11 +148,11 @@ async def _tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse
     if (body.prompt is None) == (body.messages is None):
         raise APIError("give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
-        tokens = chat_prompt(tokenizer, body.messages, body.add_generation_prompt, body.continue_final_message,
-                             add_special_tokens=bool(body.add_special_tokens)).token_ids
+        tokens = (await asyncio.to_thread(chat_prompt, tokenizer, body.messages, body.add_generation_prompt,
+                                          body.continue_final_message, bool(body.add_special_tokens))).token_ids
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        tokens = tokenizer.encode(body.prompt, add_special_tokens=add_special) if body.prompt else []
+        tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=add_special) if body.prompt else []
     return TokenizeResponse(count=len(tokens), max_model_len=state.engine.max_model_len, tokens=tokens)
 
 

@@ -8,6 +8,7 @@ then send content deltas, the finish reason in the choice's last chunk, a usage 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -39,7 +40,8 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     events. Raises APIError for bad input (400) or a full server (503)."""
     check_model(request.model, state.model_name)
     tokenizer = state.engine.tokenizer
-    prompt = chat_prompt(tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message)
+    prompt = await asyncio.to_thread(chat_prompt, tokenizer, request.messages, request.add_generation_prompt,
+                                     request.continue_final_message)  # long text: other requests go on meanwhile
     asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len, "max_completion_tokens",
                                     prompt_param="messages")

@@ -9,6 +9,7 @@ deltas as they come, its finish reason in its last chunk, a usage chunk when
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,7 +38,7 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
     Raises APIError for bad input (400) or a full server (503)."""
     check_model(request.model, state.model_name)
     tokenizer, max_model_len = state.engine.tokenizer, state.engine.max_model_len
-    prompts = completion_prompts(request.prompt, tokenizer)
+    prompts = await asyncio.to_thread(completion_prompts, request.prompt, tokenizer)  # other requests go on meanwhile
     params = [completion_params(request, resolve_max_tokens(request.max_tokens, len(p.token_ids), max_model_len,
                                                             "max_tokens")) for p in prompts]
     request_id = random_id("cmpl")
