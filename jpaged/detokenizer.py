@@ -188,3 +188,30 @@ def token_text(tokenizer: Any, token_id: int) -> str:
     alone = tokenizer.decode([token_id])
     twice = tokenizer.decode([token_id, token_id])
     return twice[len(alone):] if twice.startswith(alone) else alone
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def token_bytes(tokenizer: Any, token_id: int) -> tuple[int, ...]:
+    """The UTF-8 bytes `token_id` stands for in a text (OpenAI's logprob `bytes`), so that tokens
+    holding parts of one character join back into it: a byte-fallback token (`<0xE6>`) is its
+    byte, a byte-level BPE token its alphabet's bytes; any other token is its text's encoding."""
+    text = token_text(tokenizer, token_id)
+    if "\ufffd" not in text:
+        return tuple(text.encode())
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if (byte := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)) is not None:
+        return (int(byte.group(1), 16),)
+    if all(char in _BYTE_LEVEL for char in piece):
+        return tuple(_BYTE_LEVEL[char] for char in piece)
+    return tuple(text.encode())
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's characters (GPT-2's): a byte that prints as itself keeps its character,
+    the others take characters 256, 257, ... in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()

@@ -187,3 +187,19 @@ def test_a_mistyped_command_is_named_and_bad_json_is_explained(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     assert "most tokens per answer (default: 128)" in capsys.readouterr().out
+
+
+def test_token_bytes_join_back_into_split_characters(stories_path, model_path):
+    """OpenAI's logprob `bytes`: tokens holding parts of a character (SentencePiece byte-fallback
+    tokens, byte-level BPE pieces) carry those bytes, which join back into the text's UTF-8."""
+    from transformers import AutoTokenizer
+
+    from jpaged.detokenizer import token_bytes
+    from jpaged.loader.source import open_model
+
+    for tokenizer in (AutoTokenizer.from_pretrained(stories_path), open_model(str(model_path)).load_tokenizer()):
+        text = "Tom saw 東京 and 👩🎉 here"
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens split a character
+        joined = bytes(b for i in ids for b in token_bytes(tokenizer, i)).decode()
+        assert joined.strip() == text

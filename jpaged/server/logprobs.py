@@ -1,11 +1,13 @@
 """Token logprobs in the API's two shapes, from the engine's per-token `{token id: Logprob}` dicts.
 
 The engine reports, per generated token, a dict holding the sampled token's `Logprob` first and
-the top alternatives after it (`CompletionOutput.logprobs`). Completions answer OpenAI's legacy shape
-(`tokens`, `token_logprobs`, `top_logprobs` as dicts, `text_offset`); chat answers a list of
-`{token, logprob, bytes, top_logprobs}`. A token's string is its text as it reads inside a text
-(" Paris", with the word-boundary space that a tokenizer drops from a text's first token).
-Logprobs that are not finite (a token masked out) are sent as -9999.0, since JSON has no -inf.
+the top alternatives after it (`CompletionOutput.logprobs`). Completions answer OpenAI's legacy
+shape (`tokens`, `token_logprobs`, `top_logprobs` as dicts, `text_offset`); chat answers a list
+of `{token, logprob, bytes, top_logprobs}`, where `bytes` are what the token stands for (a byte
+token's own byte, so that the bytes of tokens splitting a character join back into it). A
+token's string is its text as it reads inside a text (" Paris", with the word-boundary space
+that a tokenizer drops from a text's first token). Logprobs that are not finite (a token masked
+out) are sent as -9999.0, since JSON has no -inf.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from jpaged.detokenizer import token_text
+from jpaged.detokenizer import token_bytes, token_text
 from jpaged.outputs import Logprob
 from jpaged.server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
@@ -55,4 +57,4 @@ def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, 
 
 def _token(tokenizer: Any, token_id: int, logprob: float) -> dict:
     text = token_text(tokenizer, token_id)
-    return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
+    return {"token": text, "logprob": finite(logprob), "bytes": list(token_bytes(tokenizer, token_id))}
