@@ -40,3 +40,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # per prompt token (None for the first)
+
+    @property
+    def num_cached_tokens(self) -> int | None:
+        """Prompt tokens served from the prefix cache (vLLM's field; `metrics` holds it)."""
+        return None if self.metrics is None else self.metrics.num_cached_prompt_tokens

@@ -43,7 +43,8 @@ def test_prefix_caching_reuses_shared_prefix_and_changes_nothing(stories_path):
     shared = len(tokenizer.encode(STORY)) // 16 * 16  # full blocks of the common story
     assert computed <= sum(lengths) - len(lengths) * (shared - 16)
     assert computed < sum(lengths)
-    hits = [o.metrics.num_cached_prompt_tokens for o in rest]
+    hits = [o.num_cached_tokens for o in rest]
+    assert hits == [o.metrics.num_cached_prompt_tokens for o in rest]
     assert all(h >= shared - 16 and h % 16 == 0 for h in hits)
     assert cached.engine.stats().prefix_cache_hit_rate > 0.5
     assert all_blocks_free(cached)

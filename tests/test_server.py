@@ -126,7 +126,12 @@ def _greedy(llm, prompts, max_tokens):
 
 def test_models_health_and_api_key(server):
     assert [m.id for m in server.client().models.list().data] == ["stories"]
+    assert server.client().models.retrieve("stories").id == "stories"
+    with pytest.raises(openai.NotFoundError, match="the model `other/model` does not exist") as missing:
+        server.client().models.retrieve("other/model")
+    assert missing.value.code == "model_not_found"
     assert httpx.get(f"{server.url}/health").status_code == 200  # no key needed outside /v1
+    assert httpx.head(f"{server.url}/health").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         response = httpx.get(f"{server.url}/v1/models", headers=headers)
         assert response.status_code == 401

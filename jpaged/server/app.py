@@ -67,8 +67,9 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
     v1.add_api_route("/completions", _completions, methods=["POST"])
     v1.add_api_route("/chat/completions", _chat_completions, methods=["POST"])
     v1.add_api_route("/models", _models, methods=["GET"])
+    v1.add_api_route("/models/{model:path}", _model, methods=["GET"])
     app.include_router(v1)
-    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/health", _health, methods=["GET", "HEAD"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.add_api_route("/tokenize", _tokenize, methods=["POST"])
     app.add_api_route("/detokenize", _detokenize, methods=["POST"])
@@ -126,7 +127,13 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 async def _models(request: Request) -> ModelList:
     state = _state(request)
-    return ModelList(data=[ModelCard(id=state.model_name, max_model_len=state.engine.max_model_len)])
+    return ModelList(data=[await _model(state.model_name, request)])
+
+
+async def _model(model: str, request: Request) -> ModelCard:
+    state = _state(request)
+    check_model(model, state.model_name)
+    return ModelCard(id=state.model_name, max_model_len=state.engine.max_model_len)
 
 
 async def _health(request: Request) -> Response:
