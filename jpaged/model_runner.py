@@ -71,6 +71,17 @@ def memory_spans(tree) -> list[tuple[int, int]]:
             if isinstance(x, jax.Array) for shard in x.addressable_shards]
 
 
+def host_memory_available() -> int | None:
+    """Bytes of host memory available to new allocations (Linux's MemAvailable), or None where
+    it cannot be read."""
+    try:
+        with open("/proc/meminfo") as info:
+            fields = dict(line.split(":", 1) for line in info)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
 def resolve_dtype(dtype: str):
     if dtype == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -89,8 +100,11 @@ class ModelRunner:
         mesh ("pp", "ep", "tp"); None: one device. `packed` names the tensors `weights` yields as
         GGML block rows (HF name: GGML type), kept so on the device."""
         if packed and mesh is not None:
-            raise ValueError("quantization='gguf' runs on one device; use quantization='int8' to split a "
-                             "quantized model over devices")
+            sizes = {name: getattr(config.parallel, f"{name}_parallel_size") for name in
+                     ("tensor", "pipeline", "expert", "data")}
+            layout = ", ".join(f"{name}_parallel_size={size}" for name, size in sizes.items() if size > 1)
+            raise ValueError(f"quantization='gguf' runs on one device, not with {layout}; use quantization='int8' to "
+                             "split a quantized model over devices")
         cache_config, self.parallel = config.cache, config.parallel
         self.shapes = shapes
         self.mesh = mesh
@@ -126,6 +140,7 @@ class ModelRunner:
         self.huge_pages = collapse_in_background(memory_spans(self._resident_weights())) if on_cpu else None
         self.attention = self._attention_ready(config)
         self.num_blocks = cache_config.num_blocks or self._blocks_for_budget(cache_config)
+        self._check_kv_memory()
         shape = (model_config.num_layers, self.num_blocks, self.block_size,
                  model_config.num_kv_heads, model_config.head_dim)
 
@@ -138,6 +153,7 @@ class ModelRunner:
                               for _ in "kv")
         swaps = config.scheduler.preemption_mode == "swap"
         self.num_host_blocks = int(cache_config.swap_space_gib * 2**30 // self.block_bytes) if swaps else 0
+        self._check_swap_memory(swaps, cache_config.swap_space_gib)
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
         self._placeholders: dict[tuple, jax.Array] = {}
         self._decodes_prefetched: set[int] = set()
@@ -285,6 +301,32 @@ class ModelRunner:
             raise ValueError(f"KV cache budget of {budget / 2**20:.1f} MiB holds no block of "
                              f"{block_bytes / 2**20:.2f} MiB")
         return num_blocks
+
+    def _check_kv_memory(self) -> None:
+        """ValueError naming the settings where the KV cache cannot fit in its memory (each
+        device's share on accelerators; on CPUs every device's in host memory)."""
+        device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+        if device.platform == "cpu":
+            need, free, settings = self.num_blocks * self.block_bytes, host_memory_available(), "cpu_kv_cache_gib"
+        else:
+            stats = device.memory_stats() or {}
+            shards = self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size
+            free = stats["bytes_limit"] - stats["bytes_in_use"] if "bytes_limit" in stats else None
+            need, settings = self.num_blocks * self.block_bytes // shards, "gpu_memory_utilization"
+        if free is not None and need > free:
+            raise ValueError(f"the KV cache's {self.num_blocks} blocks need {need / 2**30:.2f} GiB of "
+                             f"{device.platform} memory, more than the {free / 2**30:.2f} GiB available: lower "
+                             f"num_blocks or {settings}")
+
+    def _check_swap_memory(self, swaps: bool, swap_space_gib: float) -> None:
+        """ValueError where the swap pool cannot fit in host memory; a warning where it holds no block."""
+        if swaps and self.num_host_blocks == 0:
+            logger.warning("swap_space_gib=%s holds no KV block of %.2f MiB: preempted sequences are recomputed",
+                           swap_space_gib, self.block_bytes / 2**20)
+        free = host_memory_available()
+        if free is not None and self.num_host_blocks * self.block_bytes > free:
+            raise ValueError(f"swap_space_gib={swap_space_gib} is more than the {free / 2**30:.2f} GiB of host memory "
+                             "available for swapped-out blocks")
 
     def _program_context(self, config: EngineConfig) -> str:
         """Every setting the step program is made from beyond its arguments' shapes."""

@@ -184,6 +184,16 @@ def test_malformed_chat_messages_are_named(llm):
             llm.chat(messages, GREEDY, use_tqdm=False)
 
 
+def test_a_cache_or_swap_pool_beyond_memory_is_a_clear_error(stories_path, caplog):
+    with pytest.raises(ValueError, match=r"10000000 blocks need 190.73 GiB of cpu memory, more than the .* GiB "
+                                         "available: lower num_blocks or cpu_kv_cache_gib"):
+        LLM(stories_path, num_blocks=10**7)
+    with pytest.raises(ValueError, match="swap_space_gib=100000 is more than the .* GiB of host memory"):
+        LLM(stories_path, num_blocks=16, preemption_mode="swap", swap_space_gib=100000)
+    LLM(stories_path, num_blocks=16, preemption_mode="swap", swap_space_gib=1e-9)
+    assert "holds no KV block" in caplog.text  # swaps become recomputes, and the log says so
+
+
 def test_max_tokens_none_runs_up_to_max_model_len(stories_path):
     small = LLM(stories_path, num_blocks=8, max_model_len=40)
     out = small.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=None, temperature=0,

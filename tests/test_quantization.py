@@ -486,6 +486,15 @@ def test_gguf_packing_needs_a_gguf_model(tmp_path):
         LLM(str(tmp_path), quantization="gguf", num_blocks=16, max_model_len=64)
 
 
+def test_gguf_packing_refuses_a_device_layout_by_name():
+    from jpaged.llm import engine_config
+    from jpaged.model_runner import ModelRunner
+
+    config = engine_config(None, quantization="gguf", data_parallel_size=2, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="runs on one device, not with tensor_parallel_size=2, data_parallel_size=2"):
+        ModelRunner(None, config, None, None, mesh=object(), packed={"model.layers.0.mlp.up_proj.weight": "Q4_1"})
+
+
 def test_cli_flag_reaches_the_engine():
     from jpaged.cli import _parser, engine_kwargs
 
