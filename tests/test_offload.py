@@ -104,7 +104,7 @@ def test_packed_gguf_layers_stream_as_their_blocks(model_path):
     assert runs["streamed"][0] == runs["resident"][0]
     for got, expected in zip(runs["streamed"][1], runs["resident"][1]):
         assert got.keys() == expected.keys()
-        np.testing.assert_allclose([got[t] for t in got], [expected[t] for t in got], atol=1e-5)
+        np.testing.assert_allclose([got[t].logprob for t in got], [expected[t].logprob for t in got], atol=1e-5)
     streamed, resident = runs["streamed"][2], runs["resident"][2]
     assert streamed.num_streamed_layers == 30 and streamed.streamed_bytes_per_step == streamed.offloaded_weight_bytes
     assert streamed.weight_bytes + streamed.offloaded_weight_bytes == resident.weight_bytes < 100 * 2**20  # packed
@@ -204,7 +204,7 @@ def test_disk_files_unlinked_after_loading_and_orphans_removed(folders, monkeypa
 
 def logprob_values(logprobs) -> list[list[list[float]]]:
     """[request][step][rank] logprobs, the token ids checked equal."""
-    return [[[value for _, value in step] for step in request] for request in logprobs]
+    return [[[value for _, value, _ in step] for step in request] for request in logprobs]
 
 
 def test_tensor_parallel_shards_stream_their_slices(run_device_check):
