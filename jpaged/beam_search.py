@@ -12,11 +12,10 @@ transformers: cumulative logprob / generated length ** length_penalty.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 
 from jpaged.engine_client import EngineClient
-from jpaged.sampling_params import MAX_LOGPROBS, SamplingParams, is_integer
+from jpaged.sampling_params import MAX_LOGPROBS, SamplingParams, as_bool, as_float, as_int
 from jpaged.sequence import Sequence
 
 _search_ids = itertools.count()
@@ -31,13 +30,10 @@ class BeamSearchParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        for name in ("beam_width", "max_tokens"):
-            if not is_integer(getattr(self, name)):
-                raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
-        if not isinstance(self.length_penalty, (int, float)) or not math.isfinite(self.length_penalty):
-            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        as_int("beam_width", self.beam_width)
+        as_int("max_tokens", self.max_tokens)
+        as_float("length_penalty", self.length_penalty)
+        as_bool("ignore_eos", self.ignore_eos)
         if not 1 <= self.beam_width <= MAX_LOGPROBS // 2:
             raise ValueError(f"beam_width must be in [1, {MAX_LOGPROBS // 2}] (each step ranks the top 2 * beam_width "
                              f"continuations of every beam), got {self.beam_width}")
@@ -135,8 +131,8 @@ def _candidates(search: _Search) -> list[tuple[float, Sequence, int]]:
     width = 2 * search.params.beam_width
     candidates = []
     for beam in search.beams:
-        top = sorted(((t, lp.logprob) for t, lp in beam.output_logprobs[-1].items()), key=lambda item: -item[1])[:width]
-        candidates += [(search.scores[beam] + logprob, beam, token) for token, logprob in top]
+        top = sorted(beam.output_logprobs[-1].items(), key=lambda item: -item[1].logprob)[:width]
+        candidates += [(search.scores[beam] + logprob.logprob, beam, token) for token, logprob in top]
     candidates.sort(key=lambda c: -c[0])
     return candidates[:width]
 

@@ -56,7 +56,6 @@ class LLMEngine:
         check_layout(self.model_config, config.parallel)
         meshes = replica_meshes(config.parallel)
         self.max_model_len = self._resolve_max_model_len()
-        self._max_model_len_source = ""  # why max_model_len is what it is, where not asked or the model's
         with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(source.load_tokenizer)
             packed = gguf_packed(source.block_types, source.name) if config.quantization == "gguf" else {}
@@ -127,7 +126,6 @@ class LLMEngine:
         logger.warning("max_model_len lowered from %d to %d tokens, what the KV cache holds (%d blocks of %d tokens); "
                        "give the cache more memory (cpu_kv_cache_gib, gpu_memory_utilization or num_blocks) to serve "
                        "longer sequences", max_model_len, capacity, self.runner.num_blocks, self.config.cache.block_size)
-        self._max_model_len_source = " (what the KV cache holds)"
         return capacity
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
@@ -180,8 +178,9 @@ class LLMEngine:
                              f"and EOS ids bias {biased} tokens, more than the limit {MAX_BIASED_TOKENS}")
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
+            held = self.block_manager.num_blocks * self.block_manager.block_size == self.max_model_len
             raise ValueError(f"prompt of {len(token_ids)} tokens + max_tokens {params.max_tokens} = {total} "
-                             f"exceeds max_model_len {self.max_model_len}{self._max_model_len_source}")
+                             f"exceeds max_model_len {self.max_model_len}{' (what the KV cache holds)' if held else ''}")
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)

@@ -172,18 +172,18 @@ class ModelRunner:
         kernels = cache_dir() / "kernels" if config.attention_backend in ("auto", "cpu") else None
         attend = select_attention(config.attention_backend, model_config.head_dim, config.attention_interpret,
                                   kernel_dir=kernels, dtype=self.dtype, kv_cache_dtype=self.kv_cache_dtype)
-        self._cpu_kernel = attend is cpu_ragged_paged_attention
-        self._kernel_libraries = [attention_library(self.dtype, self.kv_cache_dtype)] if self._cpu_kernel else []
+        self._cpu_kernel = attend is cpu_ragged_paged_attention  # its library is building already
+        self._product_libraries = []  # the CPU kernels' libraries of the products
         layouts = dict(attention=paged_attention_layer(attend))
         if self._cpu_kernel and mesh is None and self.dtype == jnp.float32:
-            self._kernel_libraries.append(FLOAT_MATMUL)
+            self._product_libraries.append(FLOAT_MATMUL)
             layouts.update(float_linear=cpu_float_matmul)
         if config.quantization and mesh is None and jax.default_backend() == "cpu" and cpu_kernels.compiler():
-            self._kernel_libraries.append(QUANTIZED_MATMUL)
+            self._product_libraries.append(QUANTIZED_MATMUL)
             layouts.update(quantized_linear=cpu_quantized_matmul, block_linear=cpu_block_matmul)
         elif config.quantization and mesh is None and jax.default_backend() in GPU_PLATFORMS:
             layouts.update(quantized_linear=select_quantized_linear())
-        for library in self._kernel_libraries[1:]:  # the attention library is building already
+        for library in self._product_libraries:
             cpu_kernels.start_build(cache_dir() / "kernels", library)
         if parallel.tensor_parallel_size > 1:
             layouts["attention"] = shard_attention_layer(layouts["attention"], mesh)
@@ -196,14 +196,13 @@ class ModelRunner:
 
     def _attention_ready(self, config: EngineConfig) -> str:
         """Wait for the CPU kernels' builds (they ran while the weights loaded); the attention backend's name."""
-        reasons = {library: cpu_kernels.wait(library) for library in self._kernel_libraries}
-        for library, reason in reasons.items():
-            if reason and not library.startswith("attention"):
+        for library in self._product_libraries:
+            if reason := cpu_kernels.wait(library):
                 logger.warning("%s; %s", reason, "those products are XLA's" if library == FLOAT_MATMUL
                                else "quantized products use the jnp reference")
         if not self._cpu_kernel:
             return config.attention_backend
-        reason = reasons[self._kernel_libraries[0]]
+        reason = cpu_kernels.wait(attention_library(self.dtype, self.kv_cache_dtype))
         if reason and config.attention_backend == "cpu":
             raise RuntimeError(reason)
         if reason:
@@ -287,10 +286,17 @@ class ModelRunner:
         per_token_head = bytes_per_token_head(self.kv_cache_dtype, self.dtype, cfg.head_dim)
         return 2 * cfg.num_layers * cfg.num_kv_heads * self.block_size * per_token_head
 
+    @property
+    def _device_block_bytes(self) -> int:
+        """Bytes of one KV block on each device: its stage's layers of its KV heads."""
+        return self.block_bytes // (self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size)
+
+    @property
+    def _first_device(self):
+        return self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+
     def _blocks_for_budget(self, cache_config: CacheConfig) -> int:
-        # each device holds its stage's layers of its KV heads
-        block_bytes = self.block_bytes // (self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size)
-        device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+        block_bytes, device = self._device_block_bytes, self._first_device
         stats = device.memory_stats() if device.platform != "cpu" else None
         if stats and "bytes_limit" in stats:
             budget = stats["bytes_limit"] * cache_config.gpu_memory_utilization - stats["bytes_in_use"]
@@ -305,14 +311,13 @@ class ModelRunner:
     def _check_kv_memory(self) -> None:
         """ValueError naming the settings where the KV cache cannot fit in its memory (each
         device's share on accelerators; on CPUs every device's in host memory)."""
-        device = self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+        device = self._first_device
         if device.platform == "cpu":
             need, free, settings = self.num_blocks * self.block_bytes, host_memory_available(), "cpu_kv_cache_gib"
         else:
             stats = device.memory_stats() or {}
-            shards = self.parallel.tensor_parallel_size * self.parallel.pipeline_parallel_size
             free = stats["bytes_limit"] - stats["bytes_in_use"] if "bytes_limit" in stats else None
-            need, settings = self.num_blocks * self.block_bytes // shards, "gpu_memory_utilization"
+            need, settings = self.num_blocks * self._device_block_bytes, "gpu_memory_utilization"
         if free is not None and need > free:
             raise ValueError(f"the KV cache's {self.num_blocks} blocks need {need / 2**30:.2f} GiB of "
                              f"{device.platform} memory, more than the {free / 2**30:.2f} GiB available: lower "

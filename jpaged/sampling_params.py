@@ -19,7 +19,7 @@ PENALTY_LIMIT = 2.0  # presence / frequency penalties lie in [-PENALTY_LIMIT, PE
 LOGIT_BIAS_LIMIT = 100.0  # logit_bias values lie in [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT]
 
 
-def _as_float(field: str, value: object) -> float:
+def as_float(field: str, value: object) -> float:
     """Return ``value`` as a finite float, or raise naming ``field``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{field} must be a number, got {value!r} ({type(value).__name__})")
@@ -34,7 +34,7 @@ def is_integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _as_int(field: str, value: object) -> int:
+def as_int(field: str, value: object) -> int:
     """Return ``value`` as an int (bools rejected), or raise naming ``field``."""
     if not is_integer(value):
         raise TypeError(f"{field} must be an int, got {value!r} ({type(value).__name__})")
@@ -45,7 +45,7 @@ def _as_optional_count(field: str, value: object, limit: int) -> int | None:
     """Return ``value`` as None or an int in [0, limit], or raise naming ``field``."""
     if value is None:
         return None
-    number = _as_int(field, value)
+    number = as_int(field, value)
     if not 0 <= number <= limit:
         raise ValueError(f"{field} must be None or in [0, {limit}], got {number}")
     return number
@@ -69,7 +69,7 @@ def _as_logit_bias(value: object) -> dict[int, float] | None:
             raise TypeError(f"logit_bias keys must be int token ids, got {key!r}")
         if key < 0:
             raise ValueError(f"logit_bias keys must be token ids >= 0, got {key}")
-        number = _as_float(f"logit_bias[{key}]", item)
+        number = as_float(f"logit_bias[{key}]", item)
         if not -LOGIT_BIAS_LIMIT <= number <= LOGIT_BIAS_LIMIT:
             raise ValueError(
                 f"logit_bias values must be in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}], "
@@ -79,7 +79,7 @@ def _as_logit_bias(value: object) -> dict[int, float] | None:
     return bias or None
 
 
-def _as_bool(field: str, value: object) -> bool:
+def as_bool(field: str, value: object) -> bool:
     """Return ``value`` if it is a bool, or raise naming ``field``."""
     if not isinstance(value, bool):
         raise TypeError(f"{field} must be a bool, got {value!r} ({type(value).__name__})")
@@ -107,7 +107,7 @@ def _as_token_ids(value: object) -> list[int]:
         return []
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"stop_token_ids must be a list of ints, got {value!r}")
-    token_ids = [_as_int("stop_token_ids", item) for item in value]
+    token_ids = [as_int("stop_token_ids", item) for item in value]
     for token_id in token_ids:
         if token_id < 0:
             raise ValueError(f"stop_token_ids must be >= 0, got {token_id}")
@@ -184,52 +184,52 @@ class SamplingParams:
 
     def _check_sampling_fields(self) -> None:
         """Validate and normalise the fields the device-side sampler reads."""
-        self.temperature = _as_float("temperature", self.temperature)
+        self.temperature = as_float("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        self.top_p = _as_float("top_p", self.top_p)
+        self.top_p = as_float("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        self.top_k = _as_int("top_k", self.top_k)
+        self.top_k = as_int("top_k", self.top_k)
         if self.top_k == -1:
             self.top_k = 0
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 1, or 0 / -1 to disable it, got {self.top_k}")
-        self.min_p = _as_float("min_p", self.min_p)
+        self.min_p = as_float("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None:
-            self.seed = _as_int("seed", self.seed)
+            self.seed = as_int("seed", self.seed)
             if not 0 <= self.seed < SEED_LIMIT:
                 raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
 
     def _check_length_and_stop_fields(self) -> None:
         """Validate and normalise the fields the engine's host-side stop checks read."""
         if self.max_tokens is not None:
-            self.max_tokens = _as_int("max_tokens", self.max_tokens)
+            self.max_tokens = as_int("max_tokens", self.max_tokens)
             if self.max_tokens < 1:
                 raise ValueError(f"max_tokens must be >= 1 (or None: up to max_model_len), got {self.max_tokens}")
         self.stop = _as_stop_strings(self.stop)
         self.stop_token_ids = _as_token_ids(self.stop_token_ids)
-        self.ignore_eos = _as_bool("ignore_eos", self.ignore_eos)
-        self.skip_special_tokens = _as_bool("skip_special_tokens", self.skip_special_tokens)
-        self.include_stop_str_in_output = _as_bool(
+        self.ignore_eos = as_bool("ignore_eos", self.ignore_eos)
+        self.skip_special_tokens = as_bool("skip_special_tokens", self.skip_special_tokens)
+        self.include_stop_str_in_output = as_bool(
             "include_stop_str_in_output", self.include_stop_str_in_output
         )
 
     def _check_penalty_fields(self) -> None:
         """Validate and normalise the logits processors' fields (penalties, bias, min_tokens)."""
         for field in ("presence_penalty", "frequency_penalty"):
-            value = _as_float(field, getattr(self, field))
+            value = as_float(field, getattr(self, field))
             if not -PENALTY_LIMIT <= value <= PENALTY_LIMIT:
                 raise ValueError(f"{field} must be in [-2, 2], got {value}")
             setattr(self, field, value)
-        self.repetition_penalty = _as_float("repetition_penalty", self.repetition_penalty)
+        self.repetition_penalty = as_float("repetition_penalty", self.repetition_penalty)
         if self.repetition_penalty <= 0:
             raise ValueError(
                 f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}"
             )
-        self.min_tokens = _as_int("min_tokens", self.min_tokens)
+        self.min_tokens = as_int("min_tokens", self.min_tokens)
         if not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise ValueError(
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
@@ -238,12 +238,12 @@ class SamplingParams:
 
     def _check_output_fields(self) -> None:
         """Validate ``n``, ``best_of`` and the logprob counts, and their combinations."""
-        self.n = _as_int("n", self.n)
+        self.n = as_int("n", self.n)
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.best_of is None:
             self.best_of = self.n
-        self.best_of = _as_int("best_of", self.best_of)
+        self.best_of = as_int("best_of", self.best_of)
         if self.best_of < self.n:
             raise ValueError(f"best_of must be >= n (n={self.n}), got {self.best_of}")
         if self.is_greedy and self.n > 1:

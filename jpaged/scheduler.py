@@ -115,17 +115,16 @@ class Scheduler:
         return budget
 
     def _schedule_swapped(self, out: SchedulerOutput) -> None:
-        rows = self._rows_to_come()
+        rows_to_come = self._rows_to_come()
         while self.swapped:
             seq = self.swapped[0]
-            if rows + self._samples_to_come(seq) > self.config.max_num_seqs:
-                return
-            if not self.block_manager.can_swap_in(seq):
+            rows = rows_to_come + self._samples_to_come(seq)
+            if rows > self.config.max_num_seqs or not self.block_manager.can_swap_in(seq):
                 return
             self.swapped.pop(0)
             out.swap_in += self.block_manager.swap_in(seq)
             self.add_running(seq)
-            rows += self._samples_to_come(seq)
+            rows_to_come = rows
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         index, rows_to_come = 0, self._rows_to_come()

@@ -26,6 +26,7 @@ from pallas_kernels.quantized_kv import BF16_BITS, is_quantized
 
 QUERY_DTYPES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16"}
 QUANTIZED_CACHES = {"int8": "int8", "fp8_e4m3": "fp8"}  # kv_cache_dtype: the library's name for it
+QUANTIZED_VALUES = {jnp.dtype(jnp.int8): "int8", jnp.dtype(jnp.uint8): "fp8_e4m3"}  # QuantizedKV values: kv_cache_dtype
 
 
 def attention_library(dtype, kv_cache_dtype: str = "auto") -> str | None:
@@ -69,8 +70,8 @@ def _library_for(q, k_cache, v_cache) -> str | None:
     if q.dtype not in QUERY_DTYPES:
         return None
     if is_quantized(k_cache) or is_quantized(v_cache):
-        kinds = {jnp.dtype(jnp.int8): "int8", jnp.dtype(jnp.uint8): "fp8_e4m3"}
         same = is_quantized(k_cache) and is_quantized(v_cache) and k_cache.dtype == v_cache.dtype
-        return attention_library(q.dtype, kinds[k_cache.dtype]) if same and k_cache.dtype in kinds else None
+        kind = QUANTIZED_VALUES.get(jnp.dtype(k_cache.dtype)) if same else None
+        return attention_library(q.dtype, kind) if kind else None
     stored_as = (q.dtype, BF16_BITS) if q.dtype == jnp.bfloat16 else (q.dtype,)
     return attention_library(q.dtype) if k_cache.dtype == v_cache.dtype and k_cache.dtype in stored_as else None

@@ -41,7 +41,7 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict
             result.top_logprobs.append(None)
             continue
         result.token_logprobs.append(finite(entry[token_id].logprob))
-        result.top_logprobs.append({token_text(tokenizer, t): finite(lp.logprob) for t, lp in entry.items()})
+        result.top_logprobs.append({lp.decoded_token: finite(lp.logprob) for lp in entry.values()})
     return result
 
 
@@ -49,12 +49,12 @@ def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, 
     """The chat shape for `token_ids` with their engine entries and `top` alternatives each."""
     content = []
     for token_id, entry in zip(token_ids, entries):
-        best = sorted(((t, lp.logprob) for t, lp in entry.items()), key=lambda item: item[1], reverse=True)[:top]
-        content.append(ChatTokenLogprob(**_token(tokenizer, token_id, entry[token_id].logprob),
+        best = sorted(entry.items(), key=lambda item: item[1].logprob, reverse=True)[:top]
+        content.append(ChatTokenLogprob(**_token(tokenizer, token_id, entry[token_id]),
                                         top_logprobs=[TopLogprob(**_token(tokenizer, t, lp)) for t, lp in best]))
     return ChatLogprobs(content=content)
 
 
-def _token(tokenizer: Any, token_id: int, logprob: float) -> dict:
-    text = token_text(tokenizer, token_id)
-    return {"token": text, "logprob": finite(logprob), "bytes": list(token_bytes(tokenizer, token_id))}
+def _token(tokenizer: Any, token_id: int, logprob: Logprob) -> dict:
+    return {"token": logprob.decoded_token, "logprob": finite(logprob.logprob),
+            "bytes": list(token_bytes(tokenizer, token_id))}
