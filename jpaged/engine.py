@@ -30,7 +30,7 @@ from jpaged.ngram_proposer import NgramProposer, accepted_tokens, can_draft
 from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
-from jpaged.sampling_params import SamplingParams, is_integer
+from jpaged.sampling_params import SamplingParams, bad_words_token_ids, is_integer
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Request, Sequence
 from sharding.mesh import replica_meshes
@@ -134,11 +134,14 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
+        token_ids = self._truncate(token_ids, params.truncate_prompt_tokens)
         if params.max_tokens is None:  # up to max_model_len
             params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(token_ids)))
-        self._check_fits(token_ids, params)
+        bad_words = bad_words_token_ids(params.bad_words, self.tokenizer)
+        self._check_fits(token_ids, params, len(bad_words))
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
         request = Request(request_id, text, token_ids, params, seed)
+        request.bad_words_token_ids = bad_words
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
 
@@ -155,7 +158,15 @@ class LLMEngine:
             return None, _token_ids(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
-    def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
+    def _truncate(self, token_ids: list[int], keep: int | None) -> list[int]:
+        """The prompt's last `keep` tokens (`truncate_prompt_tokens`; -1: `max_model_len`)."""
+        if keep is None:
+            return token_ids
+        if keep > self.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens {keep} exceeds max_model_len {self.max_model_len}")
+        return token_ids[-(self.max_model_len if keep == -1 else keep):]
+
+    def _check_fits(self, token_ids: list[int], params: SamplingParams, num_bad_words: int) -> None:
         if not token_ids:
             raise ValueError("prompt is empty: at least one token is needed")
         vocab = self.model_config.vocab_size
@@ -165,17 +176,25 @@ class LLMEngine:
         bad_bias = [t for t in params.logit_bias or {} if t >= vocab]
         if bad_bias:
             raise ValueError(f"logit_bias token ids {bad_bias[:5]} are outside the vocabulary [0, {vocab})")
+        bad_allowed = [t for t in params.allowed_token_ids or [] if t >= vocab]
+        if bad_allowed:
+            raise ValueError(f"allowed_token_ids {bad_allowed[:5]} are outside the vocabulary [0, {vocab})")
         bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad_stops:
             raise ValueError(f"stop_token_ids {bad_stops[:5]} are outside the vocabulary [0, {vocab})")
         max_seqs = self.config.scheduler.max_num_seqs
         if params.num_samples > max_seqs:
             raise ValueError(f"a request of {params.num_samples} samples (n / best_of) exceeds max_num_seqs {max_seqs}")
-        biased = len(params.logit_bias or {}) + (len(params.stop_token_ids) + len(self.eos_token_ids)
-                                                 if params.min_tokens else 0)
+        if params.allowed_token_ids is not None:
+            biased = len(params.allowed_token_ids)
+            what = f"allowed_token_ids list {biased} ids"
+        else:
+            biased = len(params.logit_bias or {}) + num_bad_words + (
+                len(params.stop_token_ids) + len(self.eos_token_ids) if params.min_tokens else 0)
+            what = (f"logit_bias ({len(params.logit_bias or {})} ids), bad_words ({num_bad_words} token sequences) "
+                    f"and, under min_tokens, the stop token and EOS ids bias {biased} tokens")
         if biased > MAX_BIASED_TOKENS:
-            raise ValueError(f"logit_bias ({len(params.logit_bias or {})} ids) and, under min_tokens, the stop token "
-                             f"and EOS ids bias {biased} tokens, more than the limit {MAX_BIASED_TOKENS}")
+            raise ValueError(f"{what}, more than the limit {MAX_BIASED_TOKENS}")
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
             held = self.block_manager.num_blocks * self.block_manager.block_size == self.max_model_len

@@ -519,7 +519,8 @@ class ModelRunner:
             penalty_ids=self._or_placeholder(sampling.penalty_ids, penalties, np.int32, PAD_TOKEN_ID),
             output_counts=self._or_placeholder(sampling.output_counts, penalties, np.int32, 0),
             bias_ids=self._or_placeholder(sampling.bias_ids, bias, np.int32, PAD_TOKEN_ID),
-            bias_values=self._or_placeholder(sampling.bias_values, bias, np.float32, 0.0))
+            bias_values=self._or_placeholder(sampling.bias_values, bias, np.float32, 0.0),
+            only_bias_ids=self._or_placeholder(sampling.only_bias_ids, (num_rows,), bool, False))
         return self.state, self.kv_cache, self._put(batch), self._put(sampling)
 
     def _put(self, tree):

@@ -20,11 +20,11 @@ from jpaged.sequence import Sequence
 
 def can_draft(seq: Sequence) -> bool:
     """Whether `seq`'s next tokens are plain greedy choices (the argmax of the model's logits),
-    which drafts can be checked against: temperature 0, no penalty, bias, pending `min_tokens`
+    which drafts can be checked against: temperature 0, no penalty, bias, allowed or bad words, pending `min_tokens`
     or logprobs, one sample, not held (beam search)."""
     params = seq.sampling_params
     return (params.temperature <= 0 and params.repetition_penalty == 1 and not params.presence_penalty
-            and not params.frequency_penalty and not params.logit_bias and params.logprobs is None
+            and not params.frequency_penalty and not params.changes_logits and params.logprobs is None
             and len(seq.output_token_ids) >= max(params.min_tokens, 1) and params.num_samples == 1
             and not seq.on_hold)
 

@@ -9,7 +9,8 @@ jitted step next to the token and block-table arrays. This module is device code
 The order follows vLLM's V1 sampler:
 
 1. Logits processors that can change the argmax, on the raw float32 logits: ``min_tokens`` (EOS
-   and stop ids set to -inf) and ``logit_bias`` (added).
+   and stop ids set to -inf), ``bad_words`` (set to -inf), ``logit_bias`` (added) and
+   ``allowed_token_ids`` (every other token set to -inf).
 2. Penalties (vLLM / HF semantics): repetition (HF ``RepetitionPenaltyLogitsProcessor`` over the
    prompt and output tokens: positive logits divided, negative ones multiplied), then frequency
    (``count in output * frequency_penalty`` subtracted) and presence (``presence_penalty``
@@ -41,7 +42,8 @@ LOGPROBS_MODES = ("raw", "penalized")
 
 
 def apply_logits_processors(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
-    """Return float32 ``[S, V]`` logits after ``min_tokens``, ``logit_bias`` and the penalties.
+    """Return float32 ``[S, V]`` logits after ``min_tokens``, ``logit_bias``, ``bad_words``,
+    ``allowed_token_ids`` and the penalties.
 
     Only the rows' listed token ids are gathered and scattered back (ids are distinct per row;
     padding ids fall outside the vocabulary and are dropped), and only when some row has a bias
@@ -54,6 +56,12 @@ def apply_logits_processors(logits: jax.Array, arrays: SamplingArrays) -> jax.Ar
             return logits.at[rows, arrays.bias_ids].add(arrays.bias_values, mode="drop")
 
         logits = jax.lax.cond(jnp.any(arrays.bias_ids != PAD_TOKEN_ID), add_bias, lambda x: x, logits)
+
+        def keep_only_bias_ids(logits):
+            listed = jnp.zeros(logits.shape, bool).at[rows, arrays.bias_ids].set(True, mode="drop")
+            return jnp.where(arrays.only_bias_ids[:, None] & ~listed, -jnp.inf, logits)
+
+        logits = jax.lax.cond(jnp.any(arrays.only_bias_ids), keep_only_bias_ids, lambda x: x, logits)
     if arrays.has_penalties:
         def penalize(logits):
             ids = arrays.penalty_ids

@@ -86,31 +86,33 @@ def as_bool(field: str, value: object) -> bool:
     return value
 
 
-def _as_stop_strings(value: object) -> list[str]:
-    """Normalise ``stop`` (None, a string or a list of strings) to a list of non-empty strings."""
+def _as_strings(field: str, value: object) -> list[str]:
+    """Normalise ``stop`` or ``bad_words`` (None, a string or a list of strings) to a list of
+    non-empty strings."""
     if value is None:
         return []
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
-        raise TypeError(f"stop must be a string or a list of strings, got {value!r}")
+        raise TypeError(f"{field} must be a string or a list of strings, got {value!r}")
     for item in items:
         if not isinstance(item, str):
-            raise TypeError(f"stop must contain only strings, got {item!r} ({type(item).__name__})")
+            raise TypeError(f"{field} must contain only strings, got {item!r} ({type(item).__name__})")
         if not item:
-            raise ValueError("stop strings must be non-empty, got ''")
+            raise ValueError(f"{field} strings must be non-empty, got ''")
     return list(items)
 
 
-def _as_token_ids(value: object) -> list[int]:
-    """Normalise ``stop_token_ids`` (None or a list of ints) to a list of ints >= 0."""
+def _as_token_ids(field: str, value: object) -> list[int]:
+    """Normalise ``stop_token_ids`` or ``allowed_token_ids`` (None or a list of ints) to a list
+    of ints >= 0."""
     if value is None:
         return []
     if not isinstance(value, (list, tuple)):
-        raise TypeError(f"stop_token_ids must be a list of ints, got {value!r}")
-    token_ids = [as_int("stop_token_ids", item) for item in value]
+        raise TypeError(f"{field} must be a list of ints, got {value!r}")
+    token_ids = [as_int(field, item) for item in value]
     for token_id in token_ids:
         if token_id < 0:
-            raise ValueError(f"stop_token_ids must be >= 0, got {token_id}")
+            raise ValueError(f"{field} must be >= 0, got {token_id}")
     return token_ids
 
 
@@ -151,8 +153,17 @@ class SamplingParams:
         logit_bias: token id -> bias added to that token's logit before sampling, in [-100, 100];
             None (or an empty dict, normalised to None) disables. Keys must be >= 0; the engine
             checks them against the vocabulary.
+        allowed_token_ids: None, or the only token ids that may be sampled (normalised to a
+            sorted list of distinct ids; at most 1,024, ``jpaged.padding.MAX_BIASED_TOKENS``).
+        bad_words: words that must not be generated (a string or a list; vLLM's semantics): each
+            is tokenized as it reads at the start of a text and after a space, and a word's last
+            token is blocked whenever the output ends with the tokens before it (a one-token
+            word is blocked always).
+        truncate_prompt_tokens: None, or keep only the prompt's last k tokens (left truncation,
+            k >= 1); -1 keeps the last ``max_model_len``.
 
-    Penalties, ``logit_bias`` and ``min_tokens`` apply to greedy rows as well (before argmax).
+    Penalties, ``logit_bias``, ``allowed_token_ids``, ``bad_words`` and ``min_tokens`` apply to
+    greedy rows as well (before argmax).
     """
 
     temperature: float = 1.0
@@ -175,6 +186,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     min_tokens: int = 0
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: str | list[str] | None = None
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         self._check_sampling_fields()
@@ -209,8 +223,13 @@ class SamplingParams:
             self.max_tokens = as_int("max_tokens", self.max_tokens)
             if self.max_tokens < 1:
                 raise ValueError(f"max_tokens must be >= 1 (or None: up to max_model_len), got {self.max_tokens}")
-        self.stop = _as_stop_strings(self.stop)
-        self.stop_token_ids = _as_token_ids(self.stop_token_ids)
+        self.stop = _as_strings("stop", self.stop)
+        self.stop_token_ids = _as_token_ids("stop_token_ids", self.stop_token_ids)
+        if self.truncate_prompt_tokens is not None:
+            self.truncate_prompt_tokens = as_int("truncate_prompt_tokens", self.truncate_prompt_tokens)
+            if self.truncate_prompt_tokens == 0 or self.truncate_prompt_tokens < -1:
+                raise ValueError(f"truncate_prompt_tokens must be >= 1, or -1 for max_model_len, "
+                                 f"got {self.truncate_prompt_tokens}")
         self.ignore_eos = as_bool("ignore_eos", self.ignore_eos)
         self.skip_special_tokens = as_bool("skip_special_tokens", self.skip_special_tokens)
         self.include_stop_str_in_output = as_bool(
@@ -235,6 +254,14 @@ class SamplingParams:
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"
             )
         self.logit_bias = _as_logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = sorted(set(_as_token_ids("allowed_token_ids", self.allowed_token_ids)))
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must hold at least one token id, got []")
+        self.bad_words = _as_strings("bad_words", self.bad_words)
+        blank = [word for word in self.bad_words if not word.strip()]
+        if blank:
+            raise ValueError(f"bad_words must hold more than white space, got {blank[0]!r}")
 
     def _check_output_fields(self) -> None:
         """Validate ``n``, ``best_of`` and the logprob counts, and their combinations."""
@@ -282,6 +309,11 @@ class SamplingParams:
         return self.repetition_penalty != 1.0
 
     @property
+    def changes_logits(self) -> bool:
+        """True when ``logit_bias``, ``allowed_token_ids`` or ``bad_words`` reshape the logits."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words)
+
+    @property
     def uses_penalties(self) -> bool:
         """True when any of the repetition, frequency or presence penalties is on."""
         return (
@@ -289,6 +321,20 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0
         )
+
+
+def bad_words_token_ids(bad_words: list[str], tokenizer) -> list[list[int]]:
+    """Each bad word as the token sequences it can take in an output (vLLM's rule): as it reads at
+    the start of a text, and after a space where that tokenizes differently in its first token
+    only (same length). `tokenizer` has `encode(text, add_special_tokens=False)`."""
+    sequences = []
+    for word in bad_words:
+        alone = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        sequences.append(alone)
+        if spaced[0] != alone[0] and len(spaced) == len(alone):
+            sequences.append(spaced)
+    return sequences
 
 
 def derive_seed(seed: int, index: int) -> int:

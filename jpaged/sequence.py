@@ -125,6 +125,7 @@ class Request:
         self.arrival = next(_arrival_counter)
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
         self.seqs = [Sequence(self, 0, self.prompt_token_ids)]
+        self.bad_words_token_ids: list[list[int]] = []  # `params.bad_words` as token sequences (engine)
         # Per prompt token, its logprob and the top `params.prompt_logprobs` (None for the first):
         # filled as the prefill computes them, and `prompt_logprobs` once all are in.
         wanted = params.prompt_logprobs is not None

@@ -256,10 +256,12 @@ class SamplingArrays:
         output_counts: int32 [S, L], occurrences of ``penalty_ids`` in the row's output (0 for
             tokens seen only in the prompt).
 
-    Present only when some row has a ``logit_bias`` or is still under its ``min_tokens`` (else
-    None):
+    Present only when some row has a ``logit_bias``, ``allowed_token_ids`` or ``bad_words`` or is
+    still under its ``min_tokens`` (else None):
         bias_ids: int32 [S, B], each row's distinct biased token ids, padded with PAD_TOKEN_ID.
-        bias_values: float32 [S, B], added to those logits; -inf blocks a token (min_tokens).
+        bias_values: float32 [S, B], added to those logits; -inf blocks a token (min_tokens, bad
+            words).
+        only_bias_ids: bool [S], the row may sample only its ``bias_ids`` (``allowed_token_ids``).
     """
 
     temperature: jax.Array | np.ndarray
@@ -276,6 +278,7 @@ class SamplingArrays:
     output_counts: jax.Array | np.ndarray | None = None
     bias_ids: jax.Array | np.ndarray | None = None
     bias_values: jax.Array | np.ndarray | None = None
+    only_bias_ids: jax.Array | np.ndarray | None = None
 
     @property
     def has_penalties(self) -> bool:
@@ -299,6 +302,7 @@ class SamplingArrays:
         output_token_ids: SequenceABC[SequenceABC[int]] | None = None,
         eos_token_ids: Iterable[int] | None = None,
         stop_ids_before_min: SequenceABC[SequenceABC[int]] | None = None,
+        banned_ids: SequenceABC[SequenceABC[int]] | None = None,
         vocab_size: int | None = None,
         penalty_width: int | None = None,
         bias_width: int | None = None,
@@ -320,6 +324,7 @@ class SamplingArrays:
                 needed when such a row exists, unless ``stop_ids_before_min`` is given.
             stop_ids_before_min: instead of ``eos_token_ids``, each row's ids to block, used as
                 given for rows with ``steps < min_tokens`` and ignored for the others.
+            banned_ids: each row's ids its ``bad_words`` block at this step (`banned_token_ids`).
             vocab_size: if given, ``logit_bias`` token ids must be below it.
             penalty_width, bias_width: fixed widths of the penalty and bias arrays (default:
                 a power of two fitting the longest row); a row listing more ids is a ValueError.
@@ -332,7 +337,7 @@ class SamplingArrays:
             )
         for name, rows in (("prompt_token_ids", prompt_token_ids),
                            ("output_token_ids", output_token_ids),
-                           ("stop_ids_before_min", stop_ids_before_min)):
+                           ("stop_ids_before_min", stop_ids_before_min), ("banned_ids", banned_ids)):
             if rows is not None and len(rows) != num_rows:
                 raise ValueError(
                     f"{name} must have one entry per row ({num_rows}), got {len(rows)}"
@@ -352,10 +357,11 @@ class SamplingArrays:
         penalty_rows = _penalty_rows(params, prompt_token_ids, output_token_ids)
         if penalty_rows:
             penalty_ids, output_counts = _pack_rows(penalty_rows, pad_to, np.int32, 0, penalty_width)
-        bias_ids = bias_values = None
-        bias_rows = _bias_rows(params, steps, eos_token_ids, stop_ids_before_min, vocab_size)
+        bias_ids = bias_values = only_bias_ids = None
+        bias_rows = _bias_rows(params, steps, eos_token_ids, stop_ids_before_min, banned_ids, vocab_size)
         if bias_rows:
             bias_ids, bias_values = _pack_rows(bias_rows, pad_to, np.float32, 0.0, bias_width)
+            only_bias_ids = padded([p.allowed_token_ids is not None for p in params], bool, False)
 
         return cls(
             temperature=padded([p.temperature for p in params], np.float32, 0.0),
@@ -372,6 +378,7 @@ class SamplingArrays:
             output_counts=output_counts,
             bias_ids=bias_ids,
             bias_values=bias_values,
+            only_bias_ids=only_bias_ids,
         )
 
 
@@ -409,9 +416,11 @@ def _bias_rows(
     steps: list[int],
     eos_token_ids: Iterable[int] | None,
     stop_ids_before_min: SequenceABC[SequenceABC[int]] | None,
+    banned_ids: SequenceABC[SequenceABC[int]] | None,
     vocab_size: int | None,
 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Per row with a logit bias or an unmet ``min_tokens``: its distinct ids and additive bias."""
+    """Per row with a logit bias, allowed or banned ids, or an unmet ``min_tokens``: its distinct
+    ids and additive bias (a row with ``allowed_token_ids`` lists exactly those)."""
     eos = None if eos_token_ids is None else [int(t) for t in eos_token_ids]
     rows = {}
     for row, p in enumerate(params):
@@ -422,22 +431,36 @@ def _bias_rows(
                 raise ValueError(
                     f"logit_bias token ids must be in [0, vocab_size={vocab_size}), got {outside}"
                 )
+        blocked = list(banned_ids[row]) if banned_ids is not None else []
         if steps[row] < p.min_tokens:
             if stop_ids_before_min is not None:
-                blocked = list(stop_ids_before_min[row])
+                blocked += stop_ids_before_min[row]
             elif p.ignore_eos:
-                blocked = list(p.stop_token_ids)
+                blocked += p.stop_token_ids
             elif eos is None:
                 raise ValueError(
                     f"eos_token_ids (or stop_ids_before_min) are needed: row {row} has generated "
                     f"{steps[row]} < min_tokens={p.min_tokens} tokens"
                 )
             else:
-                blocked = list(p.stop_token_ids) + eos
-            bias.update(dict.fromkeys(blocked, -np.inf))
+                blocked += list(p.stop_token_ids) + eos
+        bias.update(dict.fromkeys(blocked, -np.inf))
+        if p.allowed_token_ids is not None:
+            bias = {t: bias.get(t, 0.0) for t in p.allowed_token_ids}
         if bias:
             rows[row] = (np.fromiter(bias.keys(), np.int64), np.fromiter(bias.values(), np.float64))
     return rows
+
+
+def banned_token_ids(bad_words_token_ids: SequenceABC[SequenceABC[int]], output_token_ids: SequenceABC[int]) -> list[int]:
+    """The tokens a sequence's bad words block at its next step (vLLM's rule): each word's last
+    token where the output ends with the word's other tokens (always, for a one-token word)."""
+    banned = []
+    for word in bad_words_token_ids:
+        before = list(word[:-1])
+        if len(before) <= len(output_token_ids) and list(output_token_ids[len(output_token_ids) - len(before):]) == before:
+            banned.append(word[-1])
+    return banned
 
 
 class StepInputs(NamedTuple):
@@ -466,6 +489,7 @@ def prepare_step(scheduled: list[ScheduledSequence], block_size: int, shapes: St
         prompt_token_ids=[s.prompt_token_ids if s else [] for s in seqs],
         output_token_ids=[s.output_token_ids if s else [] for s in seqs],
         eos_token_ids=eos_token_ids, vocab_size=vocab_size,
+        banned_ids=[banned_token_ids(s.request.bad_words_token_ids, s.output_token_ids) if s else [] for s in seqs],
         penalty_width=shapes.penalty_width, bias_width=MAX_BIASED_TOKENS,
     )
     return StepInputs(batch, sampling, rows, bool(sampling.logprobs_wanted.any()), prompt_rows, draft_rows)

@@ -31,6 +31,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 PROMPTS = ["Once upon a time, there was a dog named", "Lily wanted to play", "The sun was", "Tom had a big"]
 CHAT = [{"role": "system", "content": "Tell a story."}, {"role": "user", "content": "A dog named Max"}]
+# vLLM's extra sampling fields, each sent alone
+EXTRAS = [{"allowed_token_ids": list(range(300, 340))}, {"bad_words": [" Max", "named"]}, {"truncate_prompt_tokens": 4}]
 _rng = random.Random(0)
 # 64 streaming clients: (prompt, max_tokens, leaves mid-stream)
 CONCURRENT_PLAN = [(PROMPTS[i % len(PROMPTS)], 8 + i % 9, _rng.random() < 0.3) for i in range(64)]
@@ -97,6 +99,9 @@ def expected(llm):
         "completions": _greedy(llm, PROMPTS, 16),
         "chat": llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0].outputs[0].text,
         "concurrent": dict(zip(pairs, _greedy(llm, [p for p, _ in pairs], [m for _, m in pairs]))),
+        "extras": [o.outputs[0].text for o in llm.generate(
+            [PROMPTS[0]] * len(EXTRAS), [SamplingParams(temperature=0, max_tokens=12, **e) for e in EXTRAS],
+            use_tqdm=False)],
     }
 
 
@@ -320,6 +325,12 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
     ("/detokenize", {"tokens": [99999]}, "tokens"),
+    ("/v1/completions", {"prompt": "hi", "allowed_token_ids": [99999]}, "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "bad_words": [" "]}, "bad_words"),
+    ("/v1/completions", {"prompt": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "truncate_prompt_tokens": 10**6},
+     "truncate_prompt_tokens"),
 ]
 
 
@@ -347,6 +358,23 @@ def test_errors_name_the_request_field_not_the_engine_one(server):
                          ({"max_completion_tokens": 0}, "max_completion_tokens")):
         error = server.post("/v1/chat/completions", {**chat, **extra}).json()["error"]
         assert error["param"] == param and error["message"].startswith(param + " "), error
+
+
+def test_vllm_extras_match_llm_generate(server, expected):
+    client = server.client()
+    for extra, text in zip(EXTRAS, expected["extras"]):
+        response = client.completions.create(model="stories", prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                             extra_body=extra)
+        assert response.choices[0].text == text, extra
+    tokenizer = server.front.tokenizer
+    echoed = client.completions.create(model="stories", prompt=PROMPTS[0], max_tokens=12, temperature=0, echo=True,
+                                       extra_body={"truncate_prompt_tokens": 4})
+    kept = tokenizer.encode(PROMPTS[0])[-4:]
+    assert echoed.choices[0].text == tokenizer.decode(kept) + expected["extras"][2]
+    assert echoed.usage.prompt_tokens == 4
+    chat = client.chat.completions.create(model="stories", messages=CHAT, max_tokens=4, temperature=0,
+                                          extra_body={"truncate_prompt_tokens": 6})
+    assert chat.usage.prompt_tokens == 6
 
 
 def test_null_fields_take_their_defaults(server, expected):

@@ -20,7 +20,7 @@ from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
 from jpaged.server.logprobs import chat_logprobs
 from jpaged.server.params import chat_params, check_model, resolve_max_tokens
-from jpaged.server.prompts import Prompt, chat_prompt
+from jpaged.server.prompts import Prompt, chat_prompt, truncated
 from jpaged.server.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -42,6 +42,7 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     tokenizer = state.engine.tokenizer
     prompt = await asyncio.to_thread(chat_prompt, tokenizer, request.messages, request.add_generation_prompt,
                                      request.continue_final_message)  # long text: other requests go on meanwhile
+    prompt = truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len)
     asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len, "max_completion_tokens",
                                     prompt_param="messages")

@@ -21,7 +21,7 @@ from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
 from jpaged.server.logprobs import completion_logprobs
 from jpaged.server.params import check_model, completion_params, resolve_max_tokens
-from jpaged.server.prompts import Prompt, completion_prompts
+from jpaged.server.prompts import Prompt, completion_prompts, truncated
 from jpaged.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -39,6 +39,7 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
     check_model(request.model, state.model_name)
     tokenizer, max_model_len = state.engine.tokenizer, state.engine.max_model_len
     prompts = await asyncio.to_thread(completion_prompts, request.prompt, tokenizer)  # other requests go on meanwhile
+    prompts = [truncated(p, request.truncate_prompt_tokens, max_model_len) for p in prompts]
     params = [completion_params(request, resolve_max_tokens(request.max_tokens, len(p.token_ids), max_model_len,
                                                             "max_tokens")) for p in prompts]
     request_id = random_id("cmpl")

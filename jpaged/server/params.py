@@ -87,7 +87,8 @@ def _build(request: SamplingFields, renamed: dict[str, str] | None = None, **fie
         repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
         logit_bias=request.logit_bias, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
         skip_special_tokens=request.skip_special_tokens,
-        include_stop_str_in_output=request.include_stop_str_in_output, **fields)
+        include_stop_str_in_output=request.include_stop_str_in_output, allowed_token_ids=request.allowed_token_ids,
+        bad_words=request.bad_words, truncate_prompt_tokens=request.truncate_prompt_tokens, **fields)
     try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError) as err:

@@ -46,6 +46,19 @@ def completion_prompts(prompt: str | list, tokenizer: Any) -> list[Prompt]:
     return prompts
 
 
+def truncated(prompt: Prompt, keep: int | None, max_model_len: int) -> Prompt:
+    """`prompt` cut to its last `keep` tokens (`truncate_prompt_tokens`; -1: `max_model_len`), its
+    text then left to be decoded from them. 400 for a `keep` that is 0, below -1 or above
+    `max_model_len`."""
+    if keep is None:
+        return prompt
+    if keep == 0 or keep < -1 or keep > max_model_len:
+        raise bad_request(f"truncate_prompt_tokens must be in [1, max_model_len={max_model_len}], or -1 for "
+                          f"max_model_len, got {keep}", param="truncate_prompt_tokens")
+    keep = max_model_len if keep == -1 else keep
+    return prompt if len(prompt.token_ids) <= keep else Prompt(prompt.token_ids[-keep:])
+
+
 def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """Messages as the chat template takes them (`{"role", "content"}`), text parts joined.
     400 for an empty list, an unknown role or a non-text content part."""

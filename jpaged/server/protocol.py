@@ -4,7 +4,8 @@ FastAPI validates each request body into one of the `*Request` models (a wrong t
 malformed body becomes an HTTP 400, see `app`); handlers answer with the `*Response` /
 `*StreamResponse` models, dumped to JSON. Fields follow the OpenAI API reference for
 completions and chat completions, plus vLLM's sampling extras (`top_k`, `min_p`,
-`repetition_penalty`, `min_tokens`, `ignore_eos`, ...) and its `/tokenize` and `/detokenize`.
+`repetition_penalty`, `min_tokens`, `ignore_eos`, `allowed_token_ids`, `bad_words`,
+`truncate_prompt_tokens`, ...) and its `/tokenize` and `/detokenize`.
 Unknown request fields are ignored, as OpenAI-compatible servers do. Plain pydantic: no jax.
 """
 
@@ -61,6 +62,9 @@ class SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
 
 
 class CompletionRequest(SamplingFields):

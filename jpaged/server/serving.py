@@ -56,7 +56,8 @@ def _refused_field(message: str) -> str:
     leading = message.split(" ", 3)[:3]
     if "max_num_seqs" in message:
         return "n"
-    return next((field for field in ("logit_bias", "stop_token_ids") if field in leading), "prompt")
+    fields = ("logit_bias", "stop_token_ids", "allowed_token_ids", "truncate_prompt_tokens")
+    return next((field for field in fields if field in leading), "prompt")
 
 
 async def collect(group: RequestGroup) -> list[RequestOutput]:
