@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine_client import EngineClient
 from jpaged.sampling_params import MAX_LOGPROBS, SamplingParams, as_bool, as_float, as_int
 from jpaged.sequence import Sequence
@@ -177,7 +178,17 @@ def _cannot_improve(search: _Search) -> bool:
 
 def _output(engine: EngineClient, search: _Search) -> BeamSearchOutput:
     best = sorted(search.finished, key=lambda h: -h.score)[: search.params.beam_width]
-    for hypothesis in best:
-        hypothesis.text = engine.tokenizer.decode(hypothesis.token_ids, skip_special_tokens=True)
     request = next(iter(search.scores)).request
+    for hypothesis in best:
+        hypothesis.text = _text(engine, request.prompt_token_ids, hypothesis.token_ids)
     return BeamSearchOutput(request.prompt, request.prompt_token_ids, best)
+
+
+def _text(engine: EngineClient, prompt_token_ids: list[int], token_ids: list[int]) -> str:
+    """The text of `token_ids` as it reads after the prompt, as `generate` would give it (a first
+    token's word-boundary space kept; special tokens left out)."""
+    detokenizer = IncrementalDetokenizer(engine.tokenizer, prompt_token_ids, SamplingParams())
+    for token_id in token_ids:
+        detokenizer.add(token_id)
+    detokenizer.finish()
+    return detokenizer.text

@@ -20,8 +20,9 @@ COMMANDS = ("generate", "serve")
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine settings `generate` and `serve` share (see `engine_kwargs`)."""
-    parser.add_argument("--model", default=None, help="HF model folder, HF hub id (org/name) or .gguf file (default: built-in model)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--model", default=None, help="HF model folder, HF hub id (org/name) or .gguf file; unset: the built-in model")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
     parser.add_argument("--quantization", default=None, choices=["int8", "fp8", "gguf"],
                         help="keep the weights as int8 or float8 (e4m3) with a scale per 32 inputs, or a GGUF file's blocks packed")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "fp8_e4m3", "fp8"],
@@ -30,12 +31,21 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="keep decoder layers past --device-weight-budget-gib in host memory or memory-mapped "
                              "files and stream them onto the device in every step")
     parser.add_argument("--device-weight-budget-gib", type=float, default=None,
-                        help="device memory for weights with --offload-weights (default: stream every layer)")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--num-blocks", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
+                        help="device memory for weights with --offload-weights; unset: stream every layer")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    parser.add_argument("--num-blocks", type=int, default=None,
+                        help="KV cache blocks; unset: as many as --cpu-kv-cache-gib (CPU) or the device's free memory hold")
+    parser.add_argument("--cpu-kv-cache-gib", type=float, default=1.0, help="KV cache memory on a CPU, GiB")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse the KV blocks of prompt prefixes seen before")
+    parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
+                        help="what a sequence preempted for KV blocks does: recompute its tokens later, or swap its "
+                             "blocks to host memory")
+    parser.add_argument("--swap-space-gib", type=float, default=1.0, help="host memory for swapped-out blocks, GiB")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step")
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt + output, in tokens; unset: the model's (lowered to what the KV cache holds)")
     parser.add_argument("--compile-warmup", action="store_true",
                         help="compile every step program before the first request")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="devices that split each layer")
@@ -61,7 +71,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for `LLM(model, **kwargs)` / `build_engine` from the shared engine flags."""
     return dict(dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                 offload_weights=args.offload_weights, device_weight_budget_gib=args.device_weight_budget_gib,
-                block_size=args.block_size, num_blocks=args.num_blocks,
+                block_size=args.block_size, num_blocks=args.num_blocks, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
+                enable_prefix_caching=args.enable_prefix_caching, preemption_mode=args.preemption_mode,
+                swap_space_gib=args.swap_space_gib,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, compile_warmup=args.compile_warmup,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
@@ -70,19 +82,30 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def _add_serve_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind; the default listens to this machine only")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--api-key", default=None,
-                        help="require `Authorization: Bearer KEY` on /v1 routes (default: $JPAGED_API_KEY, else none)")
-    parser.add_argument("--served-model-name", default=None, help="model name the API shows (default: the model's)")
+                        help="require `Authorization: Bearer KEY` on /v1 routes; when not given, $JPAGED_API_KEY "
+                             "if set")
+    parser.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
+                        help="web origin whose pages may call the server from a browser (CORS), repeatable; "
+                             "'*' for any")
+    parser.add_argument("--served-model-name", default=None, help="model name the API shows; unset: the model's")
     parser.add_argument("--max-queued-requests", type=int, default=256,
                         help="engine requests the server holds at once (running or waiting); more get HTTP 503")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none (None: its help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jpaged", description="PagedAttention LLM serving on JAX")
     sub = parser.add_subparsers(dest="command")
-    shown = dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    shown = dict(formatter_class=_HelpFormatter)
     gen = sub.add_parser("generate", help="generate answers to prompts (the default command)", **shown)
     gen.add_argument("prompts", nargs="*", default=[DEFAULT_PROMPT], help="prompts")
     gen.add_argument("--max-tokens", type=int, default=128, help="most tokens per answer")

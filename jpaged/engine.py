@@ -136,7 +136,10 @@ class LLMEngine:
         text, token_ids = self._tokenize(prompt)
         token_ids = self._truncate(token_ids, params.truncate_prompt_tokens)
         if params.max_tokens is None:  # up to max_model_len
-            params = dataclasses.replace(params, max_tokens=max(1, self.max_model_len - len(token_ids)))
+            if len(token_ids) >= self.max_model_len:
+                raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room for output within max_model_len "
+                                 f"{self.max_model_len}")
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(token_ids))
         bad_words = bad_words_token_ids(params.bad_words, self.tokenizer)
         self._check_fits(token_ids, params, len(bad_words))
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
@@ -153,7 +156,7 @@ class LLMEngine:
                 raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt) if prompt else []
+            return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, list):
             return None, _token_ids(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
@@ -428,7 +431,10 @@ class LLMEngine:
 
 
 def _token_ids(values) -> list[int]:
-    """A prompt's token ids as ints; ValueError naming the first value that is not an integer."""
+    """A prompt's token ids as ints; ValueError naming the first value that is not an integer (or
+    the value itself, when it is not a list)."""
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"prompt_token_ids must be a list of token ids, got {values!r} ({type(values).__name__})")
     bad = [v for v in values if not is_integer(v)]
     if bad:
         raise ValueError(f"prompt token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")

@@ -68,10 +68,12 @@ class LLM:
                 request_id = str(next(self._request_counter))
                 self.engine.add_request(request_id, prompt, param)
                 request_ids.append(request_id)
-        except ValueError as err:
+        except BaseException as err:  # a refused prompt (or an interrupt): none of the call's requests stays
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
-            raise ValueError(f"prompt {len(request_ids)}: {err}") from err
+            if isinstance(err, ValueError):
+                raise ValueError(f"prompt {len(request_ids)}: {err}") from err
+            raise
         return self._run(request_ids, use_tqdm)
 
     @staticmethod

@@ -40,6 +40,10 @@ def test_beam_search_matches_hf_on_stories260k(stories_path):
     assert 0 < scheduler.num_block_copies  # forked beams copied their shared last block once written
     one = BeamSearchParams(beam_width=2, max_tokens=3)  # one prompt as a flat token-id list, as generate takes it
     assert llm.beam_search(prompts[1], one)[0].sequences == llm.beam_search([prompts[1]], one)[0].sequences
+    # a sequence's text is its tokens' as they read after the prompt (a first word keeps its space)
+    for best in llm.beam_search(prompts, one)[0].sequences:
+        assert best.text == tokenizer.decode(prompts[0] + best.token_ids)[len(tokenizer.decode(prompts[0])):]
+        assert best.text.startswith(" ")
 
 
 def test_beam_search_matches_hf_on_random_llama_with_length_penalty(tmp_path):

@@ -130,7 +130,7 @@ def test_bad_request_rejected_while_others_run_on(llm):
     with pytest.raises(ValueError, match="max_model_len 512"):
         engine.add_request("too-long", {"prompt_token_ids": [1] * 500}, SamplingParams(max_tokens=20))
     with pytest.raises(ValueError, match="empty"):
-        engine.add_request("empty", "", GREEDY)
+        engine.add_request("empty", [], GREEDY)
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 512\)"):
         engine.add_request("bad-ids", {"prompt_token_ids": [1, 512]}, GREEDY)
     outputs = []
@@ -147,6 +147,10 @@ def test_generate_rejects_bad_prompt_and_keeps_serving(llm):
     for bad in ([1, 2.5], [1, True], [1, "a"]):
         with pytest.raises(ValueError, match=f"prompt 0: prompt token ids must be integers, got {bad[1]!r}"):
             llm.generate([bad], GREEDY, use_tqdm=False)
+    for bad in (5, None, "12"):
+        with pytest.raises(ValueError, match=f"prompt 1: prompt_token_ids must be a list of token ids, got {bad!r}"):
+            llm.generate(["Once", {"prompt_token_ids": bad}], GREEDY, use_tqdm=False)
+        assert not llm.engine.has_unfinished_requests()  # "Once" left with the call
     with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them"):
         llm.generate(["Once"], {"max_tokens": 3}, use_tqdm=False)
     with pytest.raises(ValueError, match="prompts must be a string, a list of token ids, a dict, or a list of those; "
@@ -201,6 +205,8 @@ def test_max_tokens_none_runs_up_to_max_model_len(stories_path):
     assert len(out.outputs[0].token_ids) == 40 - 3 and out.outputs[0].finish_reason == "length"
     with pytest.raises(ValueError, match="min_tokens must be in"):  # checked once max_tokens is known
         small.generate({"prompt_token_ids": [1] * 30}, SamplingParams(max_tokens=None, min_tokens=20), use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt of 40 tokens leaves no room for output within max_model_len 40"):
+        small.generate({"prompt_token_ids": [1] * 40}, SamplingParams(max_tokens=None), use_tqdm=False)
 
 
 def test_invalid_sampling_values_raise():

@@ -99,6 +99,8 @@ def expected(llm):
         "completions": _greedy(llm, PROMPTS, 16),
         "chat": llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0].outputs[0].text,
         "concurrent": dict(zip(pairs, _greedy(llm, [p for p, _ in pairs], [m for _, m in pairs]))),
+        "prompt_logprobs": llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=3),
+                                        use_tqdm=False)[0].prompt_logprobs,
         "extras": [o.outputs[0].text for o in llm.generate(
             [PROMPTS[0]] * len(EXTRAS), [SamplingParams(temperature=0, max_tokens=12, **e) for e in EXTRAS],
             use_tqdm=False)],
@@ -307,7 +309,7 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": 600}, "max_tokens"),
     ("/v1/completions", {"prompt": "hi " * 600}, "prompt"),
     ("/v1/completions", {"prompt": [1, 2, 99999]}, "prompt"),
-    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": [[]]}, "prompt"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"99999": 1}}, "logit_bias"),
     ("/v1/completions", {"max_tokens": 3}, "prompt"),
     ("/v1/completions", '{"prompt": "hi",', None),
@@ -355,9 +357,11 @@ def test_unknown_model_gets_a_404(server, path, body):
 def test_errors_name_the_request_field_not_the_engine_one(server):
     chat = {"messages": [{"role": "user", "content": "hi"}]}
     for extra, param in (({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-                         ({"max_completion_tokens": 0}, "max_completion_tokens")):
+                         ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"max_tokens": 0}, "max_tokens")):
         error = server.post("/v1/chat/completions", {**chat, **extra}).json()["error"]
         assert error["param"] == param and error["message"].startswith(param + " "), error
+    too_long = server.post("/v1/chat/completions", {**chat, "max_tokens": 10**6}).json()["error"]
+    assert too_long["param"] == "max_tokens" and too_long["code"] == "context_length_exceeded"
 
 
 def test_vllm_extras_match_llm_generate(server, expected):
@@ -375,6 +379,46 @@ def test_vllm_extras_match_llm_generate(server, expected):
     chat = client.chat.completions.create(model="stories", messages=CHAT, max_tokens=4, temperature=0,
                                           extra_body={"truncate_prompt_tokens": 6})
     assert chat.usage.prompt_tokens == 6
+
+
+def test_echo_without_tokens_scores_the_prompt(server, expected):
+    """vLLM's and OpenAI's legacy prompt scoring: echo, max_tokens 0, logprobs."""
+    client = server.client()
+    body = dict(model="stories", prompt=PROMPTS[1], max_tokens=0, echo=True, logprobs=3, temperature=0)
+    whole = client.completions.create(**body)
+    streamed = list(client.completions.create(**body, stream=True))
+    tokens = server.front.tokenizer.encode(PROMPTS[1])
+    choice = whole.choices[0]
+    assert choice.text == PROMPTS[1] == "".join(c.choices[0].text for c in streamed)
+    assert choice.finish_reason == "length" and whole.usage.completion_tokens == 0
+    assert len(choice.logprobs.tokens) == len(tokens) and choice.logprobs.token_logprobs[0] is None
+    want = expected["prompt_logprobs"]
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(
+        [entry[token].logprob for entry, token in zip(want[1:], tokens[1:])], abs=1e-5)
+    assert server.wait_idle()[1].kv_cache_usage == 0
+
+
+def test_prompt_logprobs_field_as_vllm_reports_it(server, expected):
+    want = expected["prompt_logprobs"]
+    response = server.post("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 2, "prompt_logprobs": 3}).json()
+    chat = server.post("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2, "prompt_logprobs": 1}).json()
+    got = response["choices"][0]["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(want)
+    for entry, expected_entry in zip(got[1:], want[1:]):
+        assert set(entry) == {str(t) for t in expected_entry}
+        for token, logprob in expected_entry.items():
+            assert entry[str(token)] == {"logprob": pytest.approx(logprob.logprob, abs=1e-5), "rank": logprob.rank,
+                                         "decoded_token": logprob.decoded_token}
+    assert chat["prompt_logprobs"][0] is None and all(len(e) in (1, 2) for e in chat["prompt_logprobs"][1:])
+    streamed = server.post("/v1/completions", {"prompt": "hi", "prompt_logprobs": 1, "stream": True})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_empty_text_is_its_bos_token(server):
+    tokenizer = server.front.tokenizer
+    assert server.post("/tokenize", {"prompt": ""}).json()["tokens"] == tokenizer.encode("") == [tokenizer.bos_token_id]
+    response = server.post("/v1/completions", {"prompt": "", "max_tokens": 3, "temperature": 0}).json()
+    assert response["usage"]["prompt_tokens"] == 1 and response["usage"]["completion_tokens"] == 3
 
 
 def test_null_fields_take_their_defaults(server, expected):

@@ -10,7 +10,7 @@ from jpaged.cli import _parser
 from jpaged.engine_client import EngineStats
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import SamplingParams
-from jpaged.server.async_engine import AsyncEngine, EngineStepError, ServerOverloaded
+from jpaged.server.async_engine import AsyncEngine, EngineStepError, ServerOverloaded, ServerStopping
 from jpaged.server.errors import APIError
 from jpaged.server.params import resolve_max_tokens
 from jpaged.server.prompts import chat_prompt, completion_prompts
@@ -124,6 +124,48 @@ def test_closing_a_group_aborts_what_has_not_finished():
     assert unfinished == 0 and engine.aborted == ["r-0"] and front.num_held_requests == 0
 
 
+def test_stopping_the_server_ends_open_requests_and_the_loop_serves_on():
+    async def go(front):
+        group = await front.add("r", [("a", SamplingParams(max_tokens=10**6))] * 2)
+        async for _, output in group:
+            if len(output.outputs[0].text) >= 2:
+                front.stop_requests()
+                break
+        with pytest.raises(ServerStopping):
+            await _finals(group)
+        unfinished = await front.call(lambda e: e.get_num_unfinished_requests())
+        return unfinished, front.num_held_requests
+
+    (unfinished, held), engine, _ = _run(go)
+    assert unfinished == 0 and held == 0 and sorted(engine.aborted) == ["r-0", "r-1"]
+
+
+def test_serve_refuses_a_port_in_use_before_loading_the_model():
+    import socket
+
+    from jpaged.server.launch import check_can_listen
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            check_can_listen("127.0.0.1", port)
+    check_can_listen("127.0.0.1", port)
+
+
+def test_cors_preflight_answers_only_allowed_origins():
+    from fastapi.testclient import TestClient
+
+    from jpaged.server.launch import create_app
+
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+    for origins, allowed in ((None, None), (["http://app.example"], "http://app.example"), (["*"], "*")):
+        client = TestClient(create_app(ScriptedEngine(), allowed_origins=origins))  # no lifespan: no engine loop
+        response = client.options("/v1/completions", headers=preflight)
+        assert response.headers.get("access-control-allow-origin") == allowed, origins
+
+
 def test_over_the_queue_limit_is_refused_at_once():
     async def go(front):
         group = await front.add("r", [("a", SamplingParams(max_tokens=1000))] * 2)
@@ -155,6 +197,21 @@ def test_serve_command_defaults_to_loopback():
     args = _parser().parse_args(["serve", "--model", "m", "--api-key", "k"])
     assert (args.command, args.host, args.port, args.api_key, args.max_queued_requests) == ("serve", "127.0.0.1",
                                                                                             8000, "k", 256)
+
+
+def test_engine_flags_reach_the_engine_settings_and_help_shows_defaults(capsys):
+    from jpaged.cli import engine_kwargs
+    from jpaged.llm import engine_config
+
+    args = _parser().parse_args(["generate", "--no-enable-prefix-caching", "--preemption-mode", "swap",
+                                 "--swap-space-gib", "0.5", "--cpu-kv-cache-gib", "0.25", "hi"])
+    config = engine_config(None, **engine_kwargs(args))
+    assert (config.cache.enable_prefix_caching, config.scheduler.preemption_mode, config.cache.swap_space_gib,
+            config.cache.cpu_kv_cache_gib) == (False, "swap", 0.5, 0.25)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["generate", "--help"])
+    shown = capsys.readouterr().out
+    assert "(default: None)" not in shown and "tokens per KV cache block (default: 16)" in " ".join(shown.split())
 
 
 def test_chat_stream_deltas_carry_only_their_fields():

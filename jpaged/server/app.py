@@ -159,7 +159,7 @@ async def _tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse
                                           body.continue_final_message, bool(body.add_special_tokens))).token_ids
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
-        tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=add_special) if body.prompt else []
+        tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=add_special)
     return TokenizeResponse(count=len(tokens), max_model_len=state.engine.max_model_len, tokens=tokens)
 
 

@@ -12,6 +12,8 @@ Back-pressure: at most `max_queued_requests` engine requests are held at a time;
 `add` raises `ServerOverloaded` at once instead of queueing without bound. An exception from one
 request's `add_request` fails that request only; an exception from a step fails the requests the
 engine held (it cannot tell which one caused it), aborts them, and the loop keeps serving.
+When the server is told to stop, every request in flight fails the same way (`ServerStopping`),
+so that its response ends at once with an error instead of being cut off.
 Plain Python over the `EngineClient` interface: importing this starts no jax.
 """
 
@@ -39,6 +41,10 @@ class ServerOverloaded(Exception):
 
 class EngineStepError(RuntimeError):
     """A step of the engine failed while this request was in it."""
+
+
+class ServerStopping(EngineStepError):
+    """The server is shutting down: the request was aborted before it finished."""
 
 
 class RequestGroup:
@@ -145,6 +151,13 @@ class AsyncEngine:
         self._wakeup.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def stop_requests(self) -> None:
+        """Abort every request in flight, failing each group with `ServerStopping` (so that open
+        responses end now, before the server stops); callable from any thread, a signal handler's
+        included."""
+        if self.is_running:
+            self._submit(lambda: self._fail_all(ServerStopping("the server is shutting down")))
 
     @property
     def is_running(self) -> bool:
@@ -255,7 +268,7 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as err:
             logger.exception("engine step failed; failing the %d requests it held", len(self._groups))
-            self._fail_all(err)
+            self._fail_all(EngineStepError(f"the engine failed while running this request: {err!r}"))
             return True
         for output in outputs:
             self._deliver(output)
@@ -283,17 +296,17 @@ class AsyncEngine:
             except Exception:
                 logger.exception("server callback failed")
 
-    def _fail_all(self, err: Exception) -> None:
+    def _fail_all(self, error: EngineStepError) -> None:
         groups = self._groups
         self._groups = {}
         for request_id, (group, _) in groups.items():
             try:
                 self.engine.abort_request(request_id)
             except Exception:
-                logger.exception("aborting %s after a failed step failed too", request_id)
+                logger.exception("aborting %s failed", request_id)
             self._notify(self._on_aborted, request_id)
             try:
-                group.push(EngineStepError(f"the engine failed while running this request: {err!r}"))
+                group.push(error)
             except RuntimeError:
                 pass
 

@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse
 from jpaged.outputs import CompletionOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
-from jpaged.server.logprobs import chat_logprobs
-from jpaged.server.params import chat_params, check_model, resolve_max_tokens
+from jpaged.server.logprobs import chat_logprobs, prompt_logprobs
+from jpaged.server.params import chat_params, check_model, max_tokens_field, resolve_max_tokens
 from jpaged.server.prompts import Prompt, chat_prompt, truncated
 from jpaged.server.protocol import (
     ChatChoice,
@@ -44,8 +44,8 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
                                      request.continue_final_message)  # long text: other requests go on meanwhile
     prompt = truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len)
     asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-    max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len, "max_completion_tokens",
-                                    prompt_param="messages")
+    max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len,
+                                    max_tokens_field(request), prompt_param="messages")
     params = chat_params(request, max_tokens)
     request_id = random_id("chatcmpl")
     group = await submit(state, request_id, [prompt], [params])
@@ -57,7 +57,8 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
                           finish_reason=choice.finish_reason, stop_reason=choice.stop_reason)
                for choice in output.outputs]
     response = ChatCompletionResponse(id=request_id, model=state.model_name, choices=choices,
-                                      usage=usage(len(prompt.token_ids), [output]))
+                                      usage=usage(len(prompt.token_ids), [output]),
+                                      prompt_logprobs=prompt_logprobs(output.prompt_logprobs))
     return JSONResponse(response.model_dump())
 
 

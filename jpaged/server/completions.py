@@ -10,6 +10,7 @@ deltas as they come, its finish reason in its last chunk, a usage chunk when
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from fastapi.responses import JSONResponse
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
-from jpaged.server.logprobs import completion_logprobs
+from jpaged.server.logprobs import completion_logprobs, prompt_logprobs
 from jpaged.server.params import check_model, completion_params, resolve_max_tokens
 from jpaged.server.prompts import Prompt, completion_prompts, truncated
 from jpaged.server.protocol import (
@@ -40,19 +41,36 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
     tokenizer, max_model_len = state.engine.tokenizer, state.engine.max_model_len
     prompts = await asyncio.to_thread(completion_prompts, request.prompt, tokenizer)  # other requests go on meanwhile
     prompts = [truncated(p, request.truncate_prompt_tokens, max_model_len) for p in prompts]
-    params = [completion_params(request, resolve_max_tokens(request.max_tokens, len(p.token_ids), max_model_len,
-                                                            "max_tokens")) for p in prompts]
+    asked = 1 if _scores_only(request) else request.max_tokens  # one token is computed, none returned
+    params = [completion_params(request, resolve_max_tokens(asked, len(p.token_ids), max_model_len, "max_tokens"))
+              for p in prompts]
     request_id = random_id("cmpl")
     group = await submit(state, request_id, prompts, params)
     if request.stream:
         return _stream(request, state, request_id, prompts, params[0], group)
-    outputs = await collect(group)
+    outputs = [_returned(request, output) for output in await collect(group)]
     choices = [_choice(request, tokenizer, i, prompt, output, choice)
                for i, (prompt, output) in enumerate(zip(prompts, outputs)) for choice in output.outputs]
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     response = CompletionResponse(id=request_id, model=state.model_name, choices=choices,
                                   usage=usage(prompt_tokens, outputs))
     return JSONResponse(response.model_dump())
+
+
+def _scores_only(request: CompletionRequest) -> bool:
+    """`echo` with `max_tokens` 0 (vLLM's and OpenAI's legacy way to score a prompt): the answer
+    is the prompt, with its logprobs where asked for, and no generated token."""
+    return request.echo and request.max_tokens == 0
+
+
+def _returned(request: CompletionRequest, output: RequestOutput) -> RequestOutput:
+    """`output` as the response reports it: without its generated tokens when it only scores."""
+    if not _scores_only(request):
+        return output
+    emptied = [dataclasses.replace(choice, text="", token_ids=[], logprobs=None if choice.logprobs is None else [],
+                                   cumulative_logprob=None, finish_reason=choice.finish_reason and "length",
+                                   stop_reason=None) for choice in output.outputs]
+    return dataclasses.replace(output, outputs=emptied)
 
 
 def _prompt_text(tokenizer: Any, prompt: Prompt) -> str:
@@ -70,7 +88,9 @@ def _choice(request: CompletionRequest, tokenizer: Any, prompt_index: int, promp
         if echoed_logprobs is not None:
             logprobs = _joined(echoed_logprobs, logprobs)
     return CompletionChoice(index=index, text=echoed + choice.text, logprobs=logprobs,
-                            finish_reason=choice.finish_reason, stop_reason=choice.stop_reason)
+                            finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,
+                            prompt_logprobs=prompt_logprobs(output.prompt_logprobs) if request.prompt_logprobs is not None
+                            else None)
 
 
 def _joined(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
@@ -91,6 +111,7 @@ async def _stream(request: CompletionRequest, state: ServerState, request_id: st
 
     try:
         async for prompt_index, output in group:
+            output = _returned(request, output)
             if output.finished:
                 finals[prompt_index] = output
             for choice in output.outputs:

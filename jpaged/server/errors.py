@@ -57,6 +57,11 @@ def overloaded(message: str) -> APIError:
                     {"Retry-After": str(RETRY_AFTER_S)})
 
 
+def stopping(message: str) -> APIError:
+    """HTTP 503 for a request cut short because the server is shutting down."""
+    return APIError(message, HTTPStatus.SERVICE_UNAVAILABLE, "server_error", None, "server_stopping")
+
+
 def internal_error(message: str) -> APIError:
     """HTTP 500 for a failure of the server, not of the request."""
     return APIError(message, HTTPStatus.INTERNAL_SERVER_ERROR, "server_error", None, "internal_error")

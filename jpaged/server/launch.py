@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from jpaged.engine_client import EngineClient
 from jpaged.server.app import build_app
@@ -24,7 +26,7 @@ API_KEY_ENV = "JPAGED_API_KEY"
 
 
 def create_app(engine: EngineClient, served_model_name: str | None = None, api_key: str | None = None,
-               max_queued_requests: int = 256) -> FastAPI:
+               max_queued_requests: int = 256, allowed_origins: list[str] | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`; its engine loop starts and stops with the app.
 
     Args:
@@ -32,12 +34,17 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
         served_model_name: the model's name in the API (default: `engine.model_name`).
         api_key: when set, /v1 routes need `Authorization: Bearer <api_key>`.
         max_queued_requests: most engine requests held at once (>= 1); more get HTTP 503.
+        allowed_origins: web origins whose pages may call the server from a browser (CORS;
+            "*" for any); None or empty: none.
     """
     name = served_model_name or engine.model_name
     metrics = ServerMetrics(name)
     front = AsyncEngine(engine, max_queued_requests, on_finished=metrics.observe_finished,
                         on_aborted=metrics.observe_aborted)
-    return build_app(ServerState(front, name, metrics, api_key or None))
+    app = build_app(ServerState(front, name, metrics, api_key or None))
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
+    return app
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -49,11 +56,31 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.max_queued_requests < 1:
         raise ValueError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
+    check_can_listen(args.host, args.port)  # before the model loads
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     engine = build_engine(args.model, **engine_kwargs(args))
-    app = create_app(engine, args.served_model_name, api_key, args.max_queued_requests)
+    app = create_app(engine, args.served_model_name, api_key, args.max_queued_requests, args.allowed_origins)
     logging.getLogger("jpaged.server").setLevel(logging.INFO)
     logger.info("serving %s on http://%s:%d/v1 (%s)", app.state.server.model_name, args.host, args.port,
                 "API key required" if api_key else "no API key")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    front = app.state.server.engine
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # Ctrl-C / SIGTERM: end open responses first
+            front.stop_requests()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)).run()
     return 0
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Raise OSError naming `host:port` when the server could not listen there (in use, or not
+    this machine's address)."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as err:
+        raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --host or --port") from err

@@ -6,7 +6,8 @@ shape (`tokens`, `token_logprobs`, `top_logprobs` as dicts, `text_offset`); chat
 of `{token, logprob, bytes, top_logprobs}`, where `bytes` are what the token stands for (a byte
 token's own byte, so that the bytes of tokens splitting a character join back into it). A
 token's string is its text as it reads inside a text (" Paris", with the word-boundary space
-that a tokenizer drops from a text's first token). Logprobs that are not finite (a token masked
+that a tokenizer drops from a text's first token). Prompt logprobs (vLLM's extra field) keep the
+engine's entries: by token id, with rank and text. Logprobs that are not finite (a token masked
 out) are sent as -9999.0, since JSON has no -inf.
 """
 
@@ -17,7 +18,14 @@ from typing import Any
 
 from jpaged.detokenizer import token_bytes, token_text
 from jpaged.outputs import Logprob
-from jpaged.server.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from jpaged.server.protocol import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
+    TopLogprob,
+)
 
 FLOOR = -9999.0
 
@@ -43,6 +51,16 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict
         result.token_logprobs.append(finite(entry[token_id].logprob))
         result.top_logprobs.append({lp.decoded_token: finite(lp.logprob) for lp in entry.values()})
     return result
+
+
+def prompt_logprobs(entries: list[dict[int, Logprob] | None] | None) -> PromptLogprobs | None:
+    """vLLM's `prompt_logprobs` field: per prompt token (None for the first) its top logprobs by
+    token id, each with its rank and text."""
+    if entries is None:
+        return None
+    return [None if entry is None else
+            {str(token): PromptLogprob(logprob=finite(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
+             for token, lp in entry.items()} for entry in entries]
 
 
 def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, Logprob]], top: int) -> ChatLogprobs:

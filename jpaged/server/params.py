@@ -52,7 +52,9 @@ def completion_params(request: CompletionRequest, max_tokens: int) -> SamplingPa
     if request.stream and request.best_of is not None and request.best_of > request.n:
         raise bad_request("best_of > n cannot be streamed: the best samples are known only at the end",
                           param="best_of")
-    prompt_logprobs = request.logprobs if request.echo and request.logprobs is not None else None
+    prompt_logprobs = request.prompt_logprobs
+    if prompt_logprobs is None and request.echo:
+        prompt_logprobs = request.logprobs
     return _build(request, max_tokens=max_tokens, logprobs=request.logprobs, best_of=request.best_of,
                   prompt_logprobs=prompt_logprobs)
 
@@ -70,8 +72,17 @@ def chat_params(request: ChatCompletionRequest, max_tokens: int) -> SamplingPara
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    renamed = {"logprobs": "top_logprobs", "max_tokens": "max_completion_tokens"}
-    return _build(request, max_tokens=max_tokens, logprobs=logprobs, renamed=renamed)
+    renamed = {"logprobs": "top_logprobs", "max_tokens": max_tokens_field(request)}
+    return _build(request, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=request.prompt_logprobs,
+                  renamed=renamed)
+
+
+def max_tokens_field(request: ChatCompletionRequest) -> str:
+    """The chat request's field that set its output budget: `max_completion_tokens`, or the older
+    `max_tokens` where only that was sent."""
+    if request.max_completion_tokens is None and request.max_tokens is not None:
+        return "max_tokens"
+    return "max_completion_tokens"
 
 
 def _build(request: SamplingFields, renamed: dict[str, str] | None = None, **fields) -> SamplingParams:
@@ -79,6 +90,11 @@ def _build(request: SamplingFields, renamed: dict[str, str] | None = None, **fie
     naming the request's field (`renamed` maps a `SamplingParams` field to the request's name)."""
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options can only be set when stream is true", param="stream_options")
+    if request.stream and request.prompt_logprobs is not None:
+        raise bad_request("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+    if request.use_beam_search:
+        raise bad_request("use_beam_search is not supported by the server (LLM.beam_search offers it)",
+                          param="use_beam_search")
     kwargs = dict(
         n=request.n, temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0,

@@ -28,7 +28,8 @@ class Prompt:
 
 def completion_prompts(prompt: str | list, tokenizer: Any) -> list[Prompt]:
     """The prompts of a /v1/completions request: a string, a list of strings, a list of token
-    ids, or a list of token-id lists. 400 for an empty prompt or an empty list."""
+    ids, or a list of token-id lists. 400 for a prompt of no tokens (an empty text, where the
+    tokenizer adds no BOS) or an empty list."""
     if isinstance(prompt, str):
         items: list = [prompt]
     elif prompt and all(isinstance(item, int) for item in prompt):
@@ -39,7 +40,7 @@ def completion_prompts(prompt: str | list, tokenizer: Any) -> list[Prompt]:
         raise bad_request("prompt is an empty list: at least one prompt is needed", param="prompt")
     prompts = []
     for item in items:
-        token_ids = (tokenizer.encode(item) if item else []) if isinstance(item, str) else list(item)
+        token_ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
         if not token_ids:
             raise bad_request("prompt is empty: at least one token is needed", param="prompt")
         prompts.append(Prompt(token_ids, item if isinstance(item, str) else None))

@@ -17,8 +17,8 @@ from pydantic import BaseModel
 from jpaged.engine_client import PromptType
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
-from jpaged.server.async_engine import AsyncEngine, EngineStepError, RequestGroup, ServerOverloaded
-from jpaged.server.errors import APIError, bad_request, internal_error, overloaded
+from jpaged.server.async_engine import AsyncEngine, EngineStepError, RequestGroup, ServerOverloaded, ServerStopping
+from jpaged.server.errors import APIError, bad_request, internal_error, overloaded, stopping
 from jpaged.server.metrics import ServerMetrics
 from jpaged.server.prompts import Prompt
 from jpaged.server.protocol import UsageInfo
@@ -61,14 +61,15 @@ def _refused_field(message: str) -> str:
 
 
 async def collect(group: RequestGroup) -> list[RequestOutput]:
-    """Each request's final output, in prompt order. Raises APIError 500 if the engine failed."""
+    """Each request's final output, in prompt order. Raises APIError 500 if the engine failed, 503
+    if the server is stopping."""
     finals: dict[int, RequestOutput] = {}
     try:
         async for index, output in group:
             if output.finished:
                 finals[index] = output
     except EngineStepError as err:
-        raise internal_error(str(err)) from err
+        raise failed(err) from err
     finally:
         group.close()
     return [finals[i] for i in range(len(finals))]
@@ -87,10 +88,19 @@ def sse(payload: BaseModel | dict) -> str:
     return f"data: {data}\n\n"
 
 
+def failed(err: Exception) -> APIError:
+    """The API error for a request the engine could not finish: 503 when the server is stopping,
+    else 500."""
+    if isinstance(err, APIError):
+        return err
+    if isinstance(err, ServerStopping):
+        return stopping(str(err))
+    return internal_error(str(err))
+
+
 def sse_error(err: Exception) -> str:
     """The event that reports a failure in the middle of a stream (then `DONE` follows)."""
-    api_error = err if isinstance(err, APIError) else internal_error(str(err))
-    return sse(api_error.body())
+    return sse(failed(err).body())
 
 
 class ChoiceProgress:
