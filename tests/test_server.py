@@ -414,6 +414,26 @@ def test_prompt_logprobs_field_as_vllm_reports_it(server, expected):
     assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "prompt_logprobs"
 
 
+def test_continuous_usage_stats_count_each_choice_so_far(server):
+    client = server.client()
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(client.completions.create(model="stories", prompt=PROMPTS[0], max_tokens=10, n=2, seed=3,
+                                            stream=True, stream_options=options))
+    prompt_tokens = len(server.front.tokenizer.encode(PROMPTS[0]))
+    counts = {0: [], 1: []}
+    for chunk in chunks[:-1]:
+        assert chunk.usage.prompt_tokens == prompt_tokens
+        counts[chunk.choices[0].index].append(chunk.usage.completion_tokens)
+    for index, seen in counts.items():
+        assert seen == sorted(seen) and seen[-1] == 10, (index, seen)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
+    chat = list(client.chat.completions.create(model="stories", messages=CHAT, max_tokens=5, temperature=0,
+                                               stream=True, stream_options=options))
+    assert [c.usage.completion_tokens for c in chat[:-1]][-1] == 5 and chat[0].usage.completion_tokens == 0
+    plain = list(client.completions.create(model="stories", prompt=PROMPTS[0], max_tokens=3, stream=True))
+    assert all(c.usage is None for c in plain)
+
+
 def test_empty_text_is_its_bos_token(server):
     tokenizer = server.front.tokenizer
     assert server.post("/tokenize", {"prompt": ""}).json()["tokens"] == tokenizer.encode("") == [tokenizer.bos_token_id]

@@ -31,7 +31,17 @@ from jpaged.server.protocol import (
     DeltaMessage,
     random_id,
 )
-from jpaged.server.serving import DONE, ChoiceProgress, ServerState, collect, sse, sse_error, submit, usage
+from jpaged.server.serving import (
+    DONE,
+    ChoiceProgress,
+    ServerState,
+    chunk_usage,
+    collect,
+    sse,
+    sse_error,
+    submit,
+    usage,
+)
 
 
 async def create_chat_completion(request: ChatCompletionRequest, state: ServerState
@@ -79,14 +89,16 @@ async def _stream(request: ChatCompletionRequest, state: ServerState, request_id
                                                 choices=choices, usage=usage_info))
 
     try:
+        prompt_tokens = len(prompt.token_ids)
         for index in range(params.n):
-            yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+            yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))],
+                        chunk_usage(request, prompt_tokens, 0))
         async for _, output in group:
             final = output if output.finished else final
             for choice in output.outputs:
                 event = _choice_chunk(tokenizer, params, progress[choice.index], choice)
                 if event is not None:
-                    yield chunk([event])
+                    yield chunk([event], chunk_usage(request, prompt_tokens, len(choice.token_ids)))
         if request.stream_options and request.stream_options.include_usage:
             yield chunk([], usage(len(prompt.token_ids), [final]))
     except Exception as err:  # the engine failed mid-stream: tell the client, then end the stream

@@ -31,7 +31,17 @@ from jpaged.server.protocol import (
     CompletionStreamResponse,
     random_id,
 )
-from jpaged.server.serving import DONE, ChoiceProgress, ServerState, collect, sse, sse_error, submit, usage
+from jpaged.server.serving import (
+    DONE,
+    ChoiceProgress,
+    ServerState,
+    chunk_usage,
+    collect,
+    sse,
+    sse_error,
+    submit,
+    usage,
+)
 
 
 async def create_completion(request: CompletionRequest, state: ServerState) -> JSONResponse | AsyncIterator[str]:
@@ -127,7 +137,8 @@ async def _stream(request: CompletionRequest, state: ServerState, request_id: st
                         sent.token_offset = _offset_after(echoed, echoed_logprobs)
                 event = _choice_chunk(request, tokenizer, sent, choice, index, echoed, echoed_logprobs)
                 if event is not None:
-                    yield chunk([event])
+                    yield chunk([event], chunk_usage(request, len(prompts[prompt_index].token_ids),
+                                                     len(choice.token_ids)))
         if request.stream_options and request.stream_options.include_usage:
             outputs = [finals[i] for i in sorted(finals)]
             yield chunk([], usage(sum(len(p.token_ids) for p in prompts), outputs))

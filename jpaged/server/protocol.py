@@ -36,6 +36,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM's: with include_usage, usage in every chunk
 
 
 class SamplingFields(_Request):

@@ -21,7 +21,7 @@ from jpaged.server.async_engine import AsyncEngine, EngineStepError, RequestGrou
 from jpaged.server.errors import APIError, bad_request, internal_error, overloaded, stopping
 from jpaged.server.metrics import ServerMetrics
 from jpaged.server.prompts import Prompt
-from jpaged.server.protocol import UsageInfo
+from jpaged.server.protocol import SamplingFields, UsageInfo
 
 DONE = "data: [DONE]\n\n"
 
@@ -73,6 +73,16 @@ async def collect(group: RequestGroup) -> list[RequestOutput]:
     finally:
         group.close()
     return [finals[i] for i in range(len(finals))]
+
+
+def chunk_usage(request: SamplingFields, prompt_tokens: int, completion_tokens: int) -> UsageInfo | None:
+    """A streamed chunk's usage under vLLM's `stream_options.continuous_usage_stats` (with
+    `include_usage`): its choice's prompt and its tokens so far; None otherwise."""
+    options = request.stream_options
+    if options is None or not (options.include_usage and options.continuous_usage_stats):
+        return None
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)
 
 
 def usage(prompt_tokens: int, outputs: list[RequestOutput]) -> UsageInfo:
