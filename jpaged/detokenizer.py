@@ -171,13 +171,17 @@ class IncrementalDetokenizer:
         return best
 
     def _stop_prefix_length(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        text = self._text
-        for length in range(min(max(map(len, self._stops)) - 1, len(text)), 0, -1):
-            tail = text[-length:]
-            if any(len(stop) > length and stop.startswith(tail) for stop in self._stops):
-                return length
-        return 0
+        """Length of the longest tail of the text that is a proper prefix of a stop string (for
+        each stop string, only the tails that start with its first character are tried)."""
+        text, longest = self._text, 0
+        for stop in self._stops:
+            start = text.find(stop[0], max(0, len(text) - len(stop) + 1))
+            while start != -1 and len(text) - start > longest:
+                if stop.startswith(text[start:]):
+                    longest = len(text) - start
+                    break
+                start = text.find(stop[0], start + 1)
+        return longest
 
 
 @functools.lru_cache(maxsize=1 << 16)

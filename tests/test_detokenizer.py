@@ -194,6 +194,18 @@ def test_random_streams_match_the_oracle_smollm(smollm_tokenizer, data):
     check_property(smollm_tokenizer, smollm_tokenizer.encode("Say it:"), tokens, data)
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text("ab c\u00e9", max_size=14), stops=st.lists(st.text("ab c\u00e9", min_size=1, max_size=7),
+                                                           min_size=1, max_size=4))
+def test_held_back_text_is_the_longest_tail_that_may_start_a_stop_string(stories_tokenizer, text, stops):
+    """By definition: the longest tail of the text that is a proper prefix of some stop string."""
+    detokenizer = IncrementalDetokenizer(stories_tokenizer, [], SamplingParams(stop=stops))
+    detokenizer._text = text  # the text taken in so far, none of it searched yet
+    held = max((n for n in range(1, len(text) + 1) for stop in stops if len(stop) > n and stop.startswith(text[-n:])),
+               default=0)
+    assert detokenizer.text == text[: len(text) - held]
+
+
 @pytest.fixture(scope="module")
 def llm(stories_path):
     return LLM(stories_path, num_blocks=64)
