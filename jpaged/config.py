@@ -8,6 +8,7 @@ bundles them.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -34,6 +35,14 @@ def _check_integers(config, names: tuple[str, ...], optional: tuple[str, ...] = 
             continue
         if not is_integer(value):
             raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _check_amount(config, name: str, allow_zero: bool = False) -> None:
+    """ValueError naming `name` on `config` unless it is a finite number > 0 (>= 0 with `allow_zero`)."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -224,10 +233,8 @@ class CacheConfig:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.cpu_kv_cache_gib <= 0:
-            raise ValueError(f"cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
-        if self.swap_space_gib < 0:
-            raise ValueError(f"swap_space_gib must be >= 0, got {self.swap_space_gib}")
+        _check_amount(self, "cpu_kv_cache_gib")
+        _check_amount(self, "swap_space_gib", allow_zero=True)
 
 
 @dataclass

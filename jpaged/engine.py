@@ -141,7 +141,7 @@ class LLMEngine:
                                  f"{self.max_model_len}")
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(token_ids))
         bad_words = bad_words_token_ids(params.bad_words, self.tokenizer)
-        self._check_fits(token_ids, params, len(bad_words))
+        self._check_fits(token_ids, params, bad_words)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
         request = Request(request_id, text, token_ids, params, seed)
         request.bad_words_token_ids = bad_words
@@ -169,7 +169,7 @@ class LLMEngine:
             raise ValueError(f"truncate_prompt_tokens {keep} exceeds max_model_len {self.max_model_len}")
         return token_ids[-(self.max_model_len if keep == -1 else keep):]
 
-    def _check_fits(self, token_ids: list[int], params: SamplingParams, num_bad_words: int) -> None:
+    def _check_fits(self, token_ids: list[int], params: SamplingParams, bad_words: list[list[int]]) -> None:
         if not token_ids:
             raise ValueError("prompt is empty: at least one token is needed")
         vocab = self.model_config.vocab_size
@@ -182,6 +182,10 @@ class LLMEngine:
         bad_allowed = [t for t in params.allowed_token_ids or [] if t >= vocab]
         if bad_allowed:
             raise ValueError(f"allowed_token_ids {bad_allowed[:5]} are outside the vocabulary [0, {vocab})")
+        always_banned = {word[0] for word in bad_words if len(word) == 1}
+        if params.allowed_token_ids and always_banned.issuperset(params.allowed_token_ids):
+            raise ValueError(f"allowed_token_ids {params.allowed_token_ids[:5]} are all blocked by bad_words "
+                             f"{params.bad_words[:5]}: no token could be sampled")
         bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad_stops:
             raise ValueError(f"stop_token_ids {bad_stops[:5]} are outside the vocabulary [0, {vocab})")
@@ -192,9 +196,9 @@ class LLMEngine:
             biased = len(params.allowed_token_ids)
             what = f"allowed_token_ids list {biased} ids"
         else:
-            biased = len(params.logit_bias or {}) + num_bad_words + (
+            biased = len(params.logit_bias or {}) + len(bad_words) + (
                 len(params.stop_token_ids) + len(self.eos_token_ids) if params.min_tokens else 0)
-            what = (f"logit_bias ({len(params.logit_bias or {})} ids), bad_words ({num_bad_words} token sequences) "
+            what = (f"logit_bias ({len(params.logit_bias or {})} ids), bad_words ({len(bad_words)} token sequences) "
                     f"and, under min_tokens, the stop token and EOS ids bias {biased} tokens")
         if biased > MAX_BIASED_TOKENS:
             raise ValueError(f"{what}, more than the limit {MAX_BIASED_TOKENS}")

@@ -300,11 +300,13 @@ class ModelRunner:
         stats = device.memory_stats() if device.platform != "cpu" else None
         if stats and "bytes_limit" in stats:
             budget = stats["bytes_limit"] * cache_config.gpu_memory_utilization - stats["bytes_in_use"]
+            source = f"gpu_memory_utilization={cache_config.gpu_memory_utilization} of the device's memory"
         else:
             budget = cache_config.cpu_kv_cache_gib * 2**30
+            source = f"cpu_kv_cache_gib={cache_config.cpu_kv_cache_gib}"
         num_blocks = int(budget // block_bytes)
         if num_blocks < 1:
-            raise ValueError(f"KV cache budget of {budget / 2**20:.1f} MiB holds no block of "
+            raise ValueError(f"KV cache budget of {budget / 2**20:.1f} MiB ({source}) holds no block of "
                              f"{block_bytes / 2**20:.2f} MiB")
         return num_blocks
 

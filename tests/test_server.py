@@ -331,6 +331,7 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids"),
     ("/v1/completions", {"prompt": "hi", "bad_words": [" "]}, "bad_words"),
     ("/v1/completions", {"prompt": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0, "echo": True, "min_tokens": 3}, "min_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "truncate_prompt_tokens": 10**6},
      "truncate_prompt_tokens"),
 ]
@@ -395,6 +396,9 @@ def test_echo_without_tokens_scores_the_prompt(server, expected):
     want = expected["prompt_logprobs"]
     assert choice.logprobs.token_logprobs[1:] == pytest.approx(
         [entry[token].logprob for entry, token in zip(want[1:], tokens[1:])], abs=1e-5)
+    wider = client.completions.create(**{**body, "logprobs": 1}, extra_body={"prompt_logprobs": 3}).choices[0]
+    assert wider.logprobs.token_logprobs == choice.logprobs.token_logprobs
+    assert all(len(top) <= 2 for top in wider.logprobs.top_logprobs[1:])  # its own and the 1 asked for
     assert server.wait_idle()[1].kv_cache_usage == 0
 
 

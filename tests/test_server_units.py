@@ -208,6 +208,11 @@ def test_engine_flags_reach_the_engine_settings_and_help_shows_defaults(capsys):
     config = engine_config(None, **engine_kwargs(args))
     assert (config.cache.enable_prefix_caching, config.scheduler.preemption_mode, config.cache.swap_space_gib,
             config.cache.cpu_kv_cache_gib) == (False, "swap", 0.5, 0.25)
+    for flag in ("--cpu-kv-cache-gib", "--swap-space-gib"):
+        for value in ("nan", "inf", "-1"):
+            name = flag[2:].replace("-", "_")
+            with pytest.raises(ValueError, match=f"{name} must be a finite number >=? 0, got {value}"):
+                engine_config(None, **engine_kwargs(_parser().parse_args(["generate", flag, value, "hi"])))
     with pytest.raises(SystemExit):
         _parser().parse_args(["generate", "--help"])
     shown = capsys.readouterr().out

@@ -136,7 +136,9 @@ def test_bad_values_are_refused_naming_the_field_and_limit(stories):
     for kwargs, message in [({"allowed_token_ids": [1, vocab]}, f"outside the vocabulary \\[0, {vocab}\\)"),
                             ({"logit_bias": dict.fromkeys(range(500), 1.0),
                               "bad_words": [f"w{i}" for i in range(MAX_BIASED_TOKENS - 499)]}, "more than the limit"),
-                            ({"truncate_prompt_tokens": 257}, "exceeds max_model_len 256")]:
+                            ({"truncate_prompt_tokens": 257}, "exceeds max_model_len 256"),
+                            ({"allowed_token_ids": bad_words_token_ids([" she"], llm.get_tokenizer())[0],
+                              "bad_words": [" she"]}, "all blocked by bad_words")]:
         with pytest.raises(ValueError, match=message):
             llm.generate(PROMPT, SamplingParams(max_tokens=2, **kwargs), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests() and llm.engine.stats().kv_cache_usage == 0

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
+from jpaged.server.errors import bad_request
 from jpaged.server.logprobs import completion_logprobs, prompt_logprobs
 from jpaged.server.params import check_model, completion_params, resolve_max_tokens
 from jpaged.server.prompts import Prompt, completion_prompts, truncated
@@ -51,6 +52,8 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
     tokenizer, max_model_len = state.engine.tokenizer, state.engine.max_model_len
     prompts = await asyncio.to_thread(completion_prompts, request.prompt, tokenizer)  # other requests go on meanwhile
     prompts = [truncated(p, request.truncate_prompt_tokens, max_model_len) for p in prompts]
+    if _scores_only(request) and request.min_tokens:
+        raise bad_request(f"min_tokens must be in [0, max_tokens=0], got {request.min_tokens}", param="min_tokens")
     asked = 1 if _scores_only(request) else request.max_tokens  # one token is computed, none returned
     params = [completion_params(request, resolve_max_tokens(asked, len(p.token_ids), max_model_len, "max_tokens"))
               for p in prompts]
@@ -155,7 +158,7 @@ def _echo(request: CompletionRequest, tokenizer: Any, prompt: Prompt,
     if request.logprobs is None:
         return _prompt_text(tokenizer, prompt), None
     return _prompt_text(tokenizer, prompt), completion_logprobs(
-        tokenizer, prompt.token_ids, output.prompt_logprobs or [None] * len(prompt.token_ids))
+        tokenizer, prompt.token_ids, output.prompt_logprobs or [None] * len(prompt.token_ids), top=request.logprobs)
 
 
 def _offset_after(echoed: str, echoed_logprobs: CompletionLogprobs | None) -> int:

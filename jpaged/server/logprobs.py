@@ -35,9 +35,11 @@ def finite(logprob: float) -> float:
 
 
 def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, Logprob] | None],
-                        text_offset: int = 0) -> CompletionLogprobs:
+                        text_offset: int = 0, top: int | None = None) -> CompletionLogprobs:
     """The completions shape for `token_ids` with their engine entries (None where a token has
-    none, as a prompt's first); `text_offset` is where the first token's text starts."""
+    none, as a prompt's first); `text_offset` is where the first token's text starts. With
+    `top`, each token's `top_logprobs` hold its own and at most the `top` most likely (an echoed
+    prompt's entries may have been computed wider, for `prompt_logprobs`)."""
     result = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries):
         text = token_text(tokenizer, token_id)
@@ -49,7 +51,8 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict
             result.top_logprobs.append(None)
             continue
         result.token_logprobs.append(finite(entry[token_id].logprob))
-        result.top_logprobs.append({lp.decoded_token: finite(lp.logprob) for lp in entry.values()})
+        result.top_logprobs.append({lp.decoded_token: finite(lp.logprob) for token, lp in entry.items()
+                                    if top is None or token == token_id or lp.rank <= top})
     return result
 
 
