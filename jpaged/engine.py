@@ -30,7 +30,7 @@ from jpaged.ngram_proposer import NgramProposer, accepted_tokens, can_draft
 from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
-from jpaged.sampling_params import SamplingParams, bad_words_token_ids, is_integer
+from jpaged.sampling_params import SamplingParams, bad_words_token_ids, is_integer, truncated_prompt
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Request, Sequence
 from sharding.mesh import replica_meshes
@@ -134,7 +134,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
-        token_ids = self._truncate(token_ids, params.truncate_prompt_tokens)
+        token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.max_model_len)
         if params.max_tokens is None:  # up to max_model_len
             if len(token_ids) >= self.max_model_len:
                 raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room for output within max_model_len "
@@ -161,34 +161,20 @@ class LLMEngine:
             return None, _token_ids(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
-    def _truncate(self, token_ids: list[int], keep: int | None) -> list[int]:
-        """The prompt's last `keep` tokens (`truncate_prompt_tokens`; -1: `max_model_len`)."""
-        if keep is None:
-            return token_ids
-        if keep > self.max_model_len:
-            raise ValueError(f"truncate_prompt_tokens {keep} exceeds max_model_len {self.max_model_len}")
-        return token_ids[-(self.max_model_len if keep == -1 else keep):]
-
     def _check_fits(self, token_ids: list[int], params: SamplingParams, bad_words: list[list[int]]) -> None:
         if not token_ids:
             raise ValueError("prompt is empty: at least one token is needed")
         vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        bad_bias = [t for t in params.logit_bias or {} if t >= vocab]
-        if bad_bias:
-            raise ValueError(f"logit_bias token ids {bad_bias[:5]} are outside the vocabulary [0, {vocab})")
-        bad_allowed = [t for t in params.allowed_token_ids or [] if t >= vocab]
-        if bad_allowed:
-            raise ValueError(f"allowed_token_ids {bad_allowed[:5]} are outside the vocabulary [0, {vocab})")
+        for what, ids in (("prompt token ids", token_ids), ("logit_bias token ids", params.logit_bias or {}),
+                          ("allowed_token_ids", params.allowed_token_ids or []),
+                          ("stop_token_ids", params.stop_token_ids)):
+            outside = [t for t in ids if not 0 <= t < vocab]
+            if outside:
+                raise ValueError(f"{what} {outside[:5]} are outside the vocabulary [0, {vocab})")
         always_banned = {word[0] for word in bad_words if len(word) == 1}
         if params.allowed_token_ids and always_banned.issuperset(params.allowed_token_ids):
             raise ValueError(f"allowed_token_ids {params.allowed_token_ids[:5]} are all blocked by bad_words "
                              f"{params.bad_words[:5]}: no token could be sampled")
-        bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad_stops:
-            raise ValueError(f"stop_token_ids {bad_stops[:5]} are outside the vocabulary [0, {vocab})")
         max_seqs = self.config.scheduler.max_num_seqs
         if params.num_samples > max_seqs:
             raise ValueError(f"a request of {params.num_samples} samples (n / best_of) exceeds max_num_seqs {max_seqs}")

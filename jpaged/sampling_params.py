@@ -323,6 +323,18 @@ class SamplingParams:
         )
 
 
+def truncated_prompt(token_ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """The prompt's last `keep` tokens (`truncate_prompt_tokens`; -1: the last `max_model_len`;
+    None: all). ValueError for a `keep` of 0, below -1 or above `max_model_len`."""
+    if keep is None:
+        return token_ids
+    if keep == 0 or keep < -1:
+        raise ValueError(f"truncate_prompt_tokens must be >= 1, or -1 for max_model_len, got {keep}")
+    if keep > max_model_len:
+        raise ValueError(f"truncate_prompt_tokens {keep} exceeds max_model_len {max_model_len}")
+    return token_ids[-(max_model_len if keep == -1 else keep):]
+
+
 def bad_words_token_ids(bad_words: list[str], tokenizer) -> list[list[int]]:
     """Each bad word as the token sequences it can take in an output (vLLM's rule): as it reads at
     the start of a text, and after a space where that tokenizes differently in its first token

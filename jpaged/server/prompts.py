@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from jpaged.sampling_params import truncated_prompt
 from jpaged.server.errors import bad_request
 from jpaged.server.protocol import ChatMessage
 
@@ -51,13 +52,11 @@ def truncated(prompt: Prompt, keep: int | None, max_model_len: int) -> Prompt:
     """`prompt` cut to its last `keep` tokens (`truncate_prompt_tokens`; -1: `max_model_len`), its
     text then left to be decoded from them. 400 for a `keep` that is 0, below -1 or above
     `max_model_len`."""
-    if keep is None:
-        return prompt
-    if keep == 0 or keep < -1 or keep > max_model_len:
-        raise bad_request(f"truncate_prompt_tokens must be in [1, max_model_len={max_model_len}], or -1 for "
-                          f"max_model_len, got {keep}", param="truncate_prompt_tokens")
-    keep = max_model_len if keep == -1 else keep
-    return prompt if len(prompt.token_ids) <= keep else Prompt(prompt.token_ids[-keep:])
+    try:
+        token_ids = truncated_prompt(prompt.token_ids, keep, max_model_len)
+    except ValueError as err:
+        raise bad_request(str(err), param="truncate_prompt_tokens") from err
+    return prompt if len(token_ids) == len(prompt.token_ids) else Prompt(token_ids)
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
