@@ -33,6 +33,7 @@ from jpaged.parallel.layout import check_layout
 from jpaged.sampling_params import SamplingParams, bad_words_token_ids, is_integer, truncated_prompt
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Request, Sequence
+from jpaged.structured_output import GrammarCompiler
 from sharding.mesh import replica_meshes
 
 logger = logging.getLogger("jpaged")
@@ -67,6 +68,7 @@ class LLMEngine:
         self.eos_token_ids = set(self.model_config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
         self.max_model_len = self._fit_to_cache(self.max_model_len)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size,
@@ -143,7 +145,8 @@ class LLMEngine:
         bad_words = bad_words_token_ids(params.bad_words, self.tokenizer)
         self._check_fits(token_ids, params, bad_words)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
-        request = Request(request_id, text, token_ids, params, seed)
+        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
+        request = Request(request_id, text, token_ids, params, seed, grammar)
         request.bad_words_token_ids = bad_words
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
@@ -220,6 +223,7 @@ class LLMEngine:
         child = Sequence(seq.request, seq.index, seq.prompt_token_ids)
         child.output_token_ids = list(seq.output_token_ids)
         child.output_logprobs = list(seq.output_logprobs)
+        child.grammar = seq.grammar.copy() if seq.grammar is not None else None
         self.block_manager.fork(seq, child)
         child.num_computed_tokens = seq.num_computed_tokens
         self.scheduler.add_running(child)
@@ -348,6 +352,9 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.output_token_ids.append(token)
+        if seq.grammar is not None and not seq.grammar.accept(token):
+            logger.warning("request %s: token %d breaks its structured output (%s); the sequence ends (abort)",
+                           seq.request_id, token, seq.grammar.error)
         self.num_generated_tokens += 1
         metrics = seq.request.metrics
         metrics.last_token_time = now = time.monotonic()
@@ -373,7 +380,10 @@ class LLMEngine:
         (its text then cut) or max_tokens."""
         params, tokens = seq.sampling_params, seq.output_token_ids
         token, detokenizer = tokens[-1], self._detokenizer(seq, len(tokens) - 1)
-        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+        if seq.grammar is not None and seq.grammar.error:
+            detokenizer.finish()
+            seq.finish("abort")
+        elif token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             detokenizer.finish(stop_token=token)
             seq.finish("stop", token if token in params.stop_token_ids else None)
         elif (stop := detokenizer.add(token)) is not None:

@@ -41,6 +41,7 @@ from jpaged.sampler import PromptLogprobs, SamplerOutput, prompt_logprobs, sampl
 from jpaged.sampling_params import MAX_LOGPROBS
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from jpaged.step_batch import PAD_TOKEN_ID, PADDING_PARAMS, PromptRows, SamplingArrays, StepBatch, prepare_step
+from jpaged.structured_output import bitmask_width
 from jpaged.weight_streaming import LayerStream, OffloadPlan, device_bytes, plan_offload, to_pinned_host
 from pallas_kernels import cpu_kernels
 from pallas_kernels.backend import GPU_PLATFORMS, select_attention
@@ -522,7 +523,9 @@ class ModelRunner:
             output_counts=self._or_placeholder(sampling.output_counts, penalties, np.int32, 0),
             bias_ids=self._or_placeholder(sampling.bias_ids, bias, np.int32, PAD_TOKEN_ID),
             bias_values=self._or_placeholder(sampling.bias_values, bias, np.float32, 0.0),
-            only_bias_ids=self._or_placeholder(sampling.only_bias_ids, (num_rows,), bool, False))
+            only_bias_ids=self._or_placeholder(sampling.only_bias_ids, (num_rows,), bool, False),
+            token_bitmask=self._or_placeholder(sampling.token_bitmask,
+                                               (num_rows, bitmask_width(self.model_config.vocab_size)), np.int32, -1))
         return self.state, self.kv_cache, self._put(batch), self._put(sampling)
 
     def _put(self, tree):

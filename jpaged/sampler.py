@@ -8,6 +8,8 @@ jitted step next to the token and block-table arrays. This module is device code
 
 The order follows vLLM's V1 sampler:
 
+0. A structured-output grammar's token bitmask (forbidden tokens set to -inf), before anything
+   else, so even raw logprobs see it (vLLM masks the logits before its sampler).
 1. Logits processors that can change the argmax, on the raw float32 logits: ``min_tokens`` (EOS
    and stop ids set to -inf), ``bad_words`` (set to -inf), ``logit_bias`` (added) and
    ``allowed_token_ids`` (every other token set to -inf).
@@ -39,6 +41,23 @@ import jax.numpy as jnp
 from jpaged.step_batch import PAD_TOKEN_ID, SamplingArrays
 
 LOGPROBS_MODES = ("raw", "penalized")
+
+
+def apply_token_bitmask(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
+    """Float32 ``[S, V]`` logits with every token a row's structured-output grammar forbids set to
+    -inf (bit ``t % 32`` of ``token_bitmask[row, t // 32]`` clear); unchanged where the bitmask is
+    absent, and at run time when no row is constrained."""
+    logits = logits.astype(jnp.float32)
+    if not arrays.has_grammar:
+        return logits
+
+    def mask(logits):
+        bits = jnp.arange(32, dtype=jnp.int32)
+        allowed = (arrays.token_bitmask[:, :, None] >> bits) & 1
+        allowed = allowed.reshape(logits.shape[0], -1)[:, : logits.shape[1]]
+        return jnp.where(allowed == 1, logits, -jnp.inf)
+
+    return jax.lax.cond(jnp.any(arrays.token_bitmask != -1), mask, lambda x: x, logits)
 
 
 def apply_logits_processors(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
@@ -144,7 +163,7 @@ def masked_logits(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
     temperatures finite), with top-k, top-p and min-p applied. Greedy rows keep only their argmax
     token.
     """
-    return _masked_processed(apply_logits_processors(logits, arrays), arrays)
+    return _masked_processed(apply_logits_processors(apply_token_bitmask(logits, arrays), arrays), arrays)
 
 
 def _hash32(x: jax.Array) -> jax.Array:
@@ -198,7 +217,7 @@ def sample(logits: jax.Array, arrays: SamplingArrays, all_greedy: bool | None = 
         all_greedy: static; True when every row is greedy (traces only the argmax), False
             when some row draws, None to decide at run time from the temperatures.
     """
-    return _sample_processed(apply_logits_processors(logits, arrays), arrays, all_greedy)
+    return _sample_processed(apply_logits_processors(apply_token_bitmask(logits, arrays), arrays), arrays, all_greedy)
 
 
 class SamplerOutput(NamedTuple):
@@ -258,6 +277,7 @@ def sample_with_logprobs(
     """
     if logprobs_mode not in LOGPROBS_MODES:
         raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
+    logits = apply_token_bitmask(logits, arrays)
     processed = apply_logits_processors(logits, arrays)
     token_ids = _sample_processed(processed, arrays, all_greedy)
     if num_logprobs is None:

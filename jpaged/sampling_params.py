@@ -116,6 +116,61 @@ def _as_token_ids(field: str, value: object) -> list[int]:
     return token_ids
 
 
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on what a request generates, shaped like vLLM's ``StructuredOutputsParams``:
+    exactly one of the five kinds (see ``jpaged.structured_output``).
+
+    Attributes:
+        json: a JSON schema (a dict, or its JSON text): the output is one JSON value it accepts.
+        regex: a regular expression (Rust ``regex`` syntax) the whole output matches.
+        choice: a list of strings: the output is exactly one of them.
+        grammar: a context-free grammar in Lark or GBNF (llama.cpp's) syntax.
+        json_object: True: the output is any JSON object (OpenAI's ``json_object`` format).
+        disable_any_whitespace: JSON without white space between tokens (by default any white space
+            JSON allows may appear, which small models can fill without end).
+        disable_additional_properties: JSON objects hold only the properties their schema lists
+            (``additionalProperties: false`` wherever the schema does not say otherwise).
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+    def __post_init__(self) -> None:
+        given = [kind for kind in STRUCTURED_KINDS if getattr(self, kind) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs must set exactly one of {', '.join(STRUCTURED_KINDS)}, "
+                             f"got {given or 'none'}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise TypeError(f"structured_outputs json must be a schema (a dict or its JSON text), got {self.json!r}")
+        for field in ("regex", "grammar"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs {field} must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            self.choice = _as_strings("structured_outputs choice", self.choice)
+            if not self.choice:
+                raise ValueError("structured_outputs choice must hold at least one string, got []")
+        if self.json_object is not None:
+            as_bool("structured_outputs json_object", self.json_object)
+        as_bool("structured_outputs disable_any_whitespace", self.disable_any_whitespace)
+        as_bool("structured_outputs disable_additional_properties", self.disable_additional_properties)
+
+    @property
+    def constraint(self) -> tuple[str, object]:
+        """(kind, value) of the one constraint set."""
+        kind = next(kind for kind in STRUCTURED_KINDS if getattr(self, kind) not in (None, False))
+        return kind, getattr(self, kind)
+
+
 @dataclass
 class SamplingParams:
     """How to decode one request.
@@ -161,6 +216,8 @@ class SamplingParams:
             word is blocked always).
         truncate_prompt_tokens: None, or keep only the prompt's last k tokens (left truncation,
             k >= 1); -1 keeps the last ``max_model_len``.
+        structured_outputs: None, or a `StructuredOutputsParams` (or a dict of its fields) that
+            constrains the output to a JSON schema, a regex, a choice or a grammar.
 
     Penalties, ``logit_bias``, ``allowed_token_ids``, ``bad_words`` and ``min_tokens`` apply to
     greedy rows as well (before argmax).
@@ -189,6 +246,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: str | list[str] | None = None
     truncate_prompt_tokens: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._check_sampling_fields()
@@ -262,6 +320,11 @@ class SamplingParams:
         blank = [word for word in self.bad_words if not word.strip()]
         if blank:
             raise ValueError(f"bad_words must hold more than white space, got {blank[0]!r}")
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise TypeError(f"structured_outputs must be a StructuredOutputsParams or a dict of its fields, "
+                            f"got {self.structured_outputs!r}")
 
     def _check_output_fields(self) -> None:
         """Validate ``n``, ``best_of`` and the logprob counts, and their combinations."""
@@ -310,8 +373,9 @@ class SamplingParams:
 
     @property
     def changes_logits(self) -> bool:
-        """True when ``logit_bias``, ``allowed_token_ids`` or ``bad_words`` reshape the logits."""
-        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words)
+        """True when ``logit_bias``, ``allowed_token_ids``, ``bad_words`` or ``structured_outputs``
+        reshape the logits."""
+        return bool(self.logit_bias or self.allowed_token_ids or self.bad_words or self.structured_outputs)
 
     @property
     def uses_penalties(self) -> bool:

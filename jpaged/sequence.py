@@ -17,6 +17,7 @@ from jpaged.sampling_params import SamplingParams, derive_seed
 if TYPE_CHECKING:
     from jpaged.detokenizer import IncrementalDetokenizer
     from jpaged.outputs import Logprob
+    from jpaged.structured_output import Grammar
 
 _arrival_counter = itertools.count()
 
@@ -67,6 +68,8 @@ class Sequence:
         self.detokenizer: IncrementalDetokenizer | None = None  # its output text, built by the engine
         self.on_hold = False  # not to be scheduled until released (beam search rounds)
         self.draft_token_ids: list[int] = []  # speculative tokens to follow its last one (ngram_proposer.py)
+        # Where its output stands in the request's structured-output grammar (None: unconstrained).
+        self.grammar: Grammar | None = request.grammar.copy() if request.grammar is not None else None
 
     @property
     def request_id(self) -> str:
@@ -116,8 +119,9 @@ class Sequence:
 
 class Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, seed: int):
+                 params: SamplingParams, seed: int, grammar: Grammar | None = None):
         self.request_id = request_id
+        self.grammar = grammar  # its `params.structured_outputs`, compiled, at the start
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params

@@ -11,8 +11,9 @@ Between the scheduler (Python lists) and the device (`jpaged/model_runner.py`), 
   that compute their prompt), and which tokens' greedy choices check draft tokens (a sequence
   with drafts computes its last token and drafts as one row; the choice after its last token and
   each draft but the last checks the next draft, and the row's sampled token follows the last);
-- the sampling arrays (`SamplingArrays`): each row's sampling controls, and the token ids its
-  penalties, bias and `min_tokens` touch, for the on-device sampler (`jpaged/sampler.py`).
+- the sampling arrays (`SamplingArrays`): each row's sampling controls, the token ids its
+  penalties, bias and `min_tokens` touch, and the token bitmask of rows under a structured-output
+  grammar (`jpaged/structured_output.py`), for the on-device sampler (`jpaged/sampler.py`).
 
 Every dimension is padded by the rules in `jpaged/padding.py`, so the step compiles for a small,
 logged set of shapes.
@@ -20,6 +21,7 @@ logged set of shapes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from jpaged.padding import MAX_BIASED_TOKENS, StepShapes, list_width
 from jpaged.sampling_params import SEED_LIMIT, SamplingParams
 from jpaged.scheduler import ScheduledSequence
 from jpaged.sequence import Sequence
+from jpaged.structured_output import Grammar, bitmask_width
 from pallas_kernels.paged_attention import AttentionMetadata
 
 PADDING_PARAMS = SamplingParams(temperature=0.0)
@@ -262,6 +265,10 @@ class SamplingArrays:
         bias_values: float32 [S, B], added to those logits; -inf blocks a token (min_tokens, bad
             words).
         only_bias_ids: bool [S], the row may sample only its ``bias_ids`` (``allowed_token_ids``).
+
+    Present only when some row samples under a structured-output grammar (else None):
+        token_bitmask: int32 [S, ceil(V / 32)], bit ``t % 32`` of word ``t // 32`` set where token
+            t may be sampled; all bits set (-1) in unconstrained rows.
     """
 
     temperature: jax.Array | np.ndarray
@@ -279,11 +286,17 @@ class SamplingArrays:
     bias_ids: jax.Array | np.ndarray | None = None
     bias_values: jax.Array | np.ndarray | None = None
     only_bias_ids: jax.Array | np.ndarray | None = None
+    token_bitmask: jax.Array | np.ndarray | None = None
 
     @property
     def has_penalties(self) -> bool:
         """True when the penalty arrays are present (static: part of the pytree structure)."""
         return self.penalty_ids is not None
+
+    @property
+    def has_grammar(self) -> bool:
+        """True when the token bitmask is present (static: part of the pytree structure)."""
+        return self.token_bitmask is not None
 
     @property
     def has_bias(self) -> bool:
@@ -492,7 +505,20 @@ def prepare_step(scheduled: list[ScheduledSequence], block_size: int, shapes: St
         banned_ids=[banned_token_ids(s.request.bad_words_token_ids, s.output_token_ids) if s else [] for s in seqs],
         penalty_width=shapes.penalty_width, bias_width=MAX_BIASED_TOKENS,
     )
+    constrained = [(row, item.seq.grammar) for item, row in zip(scheduled, rows)
+                   if item.samples and item.seq.grammar is not None]
+    if constrained:
+        sampling = dataclasses.replace(sampling, token_bitmask=token_bitmask(constrained, len(seqs), vocab_size))
     return StepInputs(batch, sampling, rows, bool(sampling.logprobs_wanted.any()), prompt_rows, draft_rows)
+
+
+def token_bitmask(constrained: list[tuple[int, Grammar]], num_rows: int, vocab_size: int) -> np.ndarray:
+    """The step's int32 [num_rows, ceil(vocab_size / 32)] bitmask: each (row, grammar) pair's
+    allowed next tokens, every token in the other rows."""
+    bitmask = np.full((num_rows, bitmask_width(vocab_size)), -1, np.int32)
+    for row, grammar in constrained:
+        grammar.fill_bitmask(bitmask[row])
+    return bitmask
 
 
 def num_micro_batches(scheduled: list[ScheduledSequence], parallel: ParallelConfig) -> int:

@@ -1,6 +1,6 @@
 """The step's compiled programs depend on the configuration alone: a warm-up compiles all of them,
 and afterwards a varied stream of requests (lengths, sampling settings, logprobs, penalties, bias,
-n, aborts, preemptions) runs without a single new compilation, and with the same tokens as an
+structured outputs, n, aborts, preemptions) runs without a single new compilation, and with the same tokens as an
 engine that compiled as it went."""
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def varied_requests(seed: int, count: int) -> list[tuple[str, SamplingParams]]:
             params.update(temperature=1.0, n=2, best_of=3)
         elif kind == 6:
             params.update(temperature=0.0, prompt_logprobs=2, stop=["the"])
+        elif kind == 7:
+            params.update(temperature=0.8, structured_outputs={"regex": r"(the|a) (dog|cat) ran [0-9]{1,9} times"})
         else:
             params.update(temperature=0.0)
         requests.append((prompt, SamplingParams(**params)))

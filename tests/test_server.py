@@ -33,6 +33,11 @@ PROMPTS = ["Once upon a time, there was a dog named", "Lily wanted to play", "Th
 CHAT = [{"role": "system", "content": "Tell a story."}, {"role": "user", "content": "A dog named Max"}]
 # vLLM's extra sampling fields, each sent alone
 EXTRAS = [{"allowed_token_ids": list(range(300, 340))}, {"bad_words": [" Max", "named"]}, {"truncate_prompt_tokens": 4}]
+# structured outputs, each sent alone in extra_body (and the same as a response_format where OpenAI has one)
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+STRUCTURED = [{"json": PERSON, "disable_any_whitespace": True}, {"regex": r"(Max|Lily) (ran|sat) [0-9]{1,2} times\."},
+              {"choice": ["yes", "no", "a red ball"]}, {"grammar": 'start: "The " ("dog" | "cat") " was " /[a-z]{3,6}/'}]
 _rng = random.Random(0)
 # 64 streaming clients: (prompt, max_tokens, leaves mid-stream)
 CONCURRENT_PLAN = [(PROMPTS[i % len(PROMPTS)], 8 + i % 9, _rng.random() < 0.3) for i in range(64)]
@@ -104,6 +109,14 @@ def expected(llm):
         "extras": [o.outputs[0].text for o in llm.generate(
             [PROMPTS[0]] * len(EXTRAS), [SamplingParams(temperature=0, max_tokens=12, **e) for e in EXTRAS],
             use_tqdm=False)],
+        "structured": [o.outputs[0].text for o in llm.generate(
+            [PROMPTS[0]] * len(STRUCTURED),
+            [SamplingParams(temperature=0, max_tokens=40, structured_outputs=s) for s in STRUCTURED], use_tqdm=False)],
+        "chat_json": llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=60, structured_outputs={"json": PERSON}),
+                              use_tqdm=False)[0].outputs[0].text,
+        "chat_json_object": llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=30,
+                                                          structured_outputs={"json_object": True}),
+                                     use_tqdm=False)[0].outputs[0].text,
     }
 
 
@@ -334,6 +347,17 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0, "echo": True, "min_tokens": 3}, "min_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "truncate_prompt_tokens": 10**6},
      "truncate_prompt_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}},
+     "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_object"},
+                         "structured_outputs": {"regex": "a"}}, "structured_outputs"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {}}, "structured_outputs"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"regex": "a", "colour": "red"}}, "structured_outputs"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"regex": "(a"}}, "structured_outputs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "structured_outputs": {"json": {"$ref": "#/nowhere"}}}, "structured_outputs"),
 ]
 
 
@@ -380,6 +404,55 @@ def test_vllm_extras_match_llm_generate(server, expected):
     chat = client.chat.completions.create(model="stories", messages=CHAT, max_tokens=4, temperature=0,
                                           extra_body={"truncate_prompt_tokens": 6})
     assert chat.usage.prompt_tokens == 6
+
+
+def test_structured_outputs_match_llm_generate_and_parse(server, expected):
+    client = server.client()
+    for constraint, text in zip(STRUCTURED, expected["structured"]):
+        response = client.completions.create(model="stories", prompt=PROMPTS[0], max_tokens=40, temperature=0,
+                                             extra_body={"structured_outputs": constraint})
+        assert response.choices[0].text == text and response.choices[0].finish_reason == "stop", constraint
+    person = json.loads(expected["structured"][0])
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int) and len(person["name"]) <= 12
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    chat = client.chat.completions.create(model="stories", messages=CHAT, max_completion_tokens=60, temperature=0,
+                                          response_format=schema_format)
+    assert chat.choices[0].message.content == expected["chat_json"]
+    streamed = client.chat.completions.create(model="stories", messages=CHAT, max_completion_tokens=60,
+                                              temperature=0, response_format=schema_format, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected["chat_json"]
+    any_object = client.chat.completions.create(model="stories", messages=CHAT, max_completion_tokens=30,
+                                                temperature=0, response_format={"type": "json_object"})
+    assert any_object.choices[0].message.content == expected["chat_json_object"]
+    sampled = client.chat.completions.create(model="stories", messages=CHAT, max_completion_tokens=60, n=4, seed=3,
+                                             temperature=1.0, extra_body={"structured_outputs": STRUCTURED[0]})
+    finished = [json.loads(c.message.content) for c in sampled.choices if c.finish_reason == "stop"]
+    assert len(finished) >= 2 and all(set(person) == {"name", "age"} for person in finished)
+    assert server.wait_idle()[1].kv_cache_usage == 0
+
+
+def test_openai_client_parses_a_pydantic_response_format(server):
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=10)
+        kind: Literal["dog", "cat", "bird"]
+        legs: int = Field(ge=0, le=8)
+
+    finished = 0
+    for seed in range(8):
+        try:
+            completion = server.client().chat.completions.parse(
+                model="stories", messages=CHAT, response_format=Pet, max_completion_tokens=100, temperature=1.0,
+                seed=seed, extra_body={"structured_outputs": {"disable_any_whitespace": True}})
+        except openai.LengthFinishReasonError:
+            continue
+        finished += 1
+        assert isinstance(completion.choices[0].message.parsed, Pet), completion
+        assert len(completion.choices[0].message.parsed.name) <= 10
+    assert finished >= 2
 
 
 def test_echo_without_tokens_scores_the_prompt(server, expected):

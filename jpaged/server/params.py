@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_params import SamplingParams, StructuredOutputsParams
 from jpaged.server.errors import APIError, bad_request
 from jpaged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -61,14 +61,11 @@ def completion_params(request: CompletionRequest, max_tokens: int) -> SamplingPa
 
 def chat_params(request: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
     """`SamplingParams` of a /v1/chat/completions request (`logprobs` a bool, `top_logprobs` a
-    count). 400 for tools, non-text response formats and bad values."""
+    count). 400 for tools and bad values."""
     if request.tools:
         raise bad_request("tools are not supported", param="tools")
     if request.tool_choice not in (None, "none"):
         raise bad_request("tool_choice is not supported", param="tool_choice")
-    if request.response_format and request.response_format.get("type", "text") != "text":
-        raise bad_request(f"response_format {request.response_format.get('type')!r} is not supported "
-                          "(supported: text)", param="response_format")
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
@@ -83,6 +80,37 @@ def max_tokens_field(request: ChatCompletionRequest) -> str:
     if request.max_completion_tokens is None and request.max_tokens is not None:
         return "max_tokens"
     return "max_completion_tokens"
+
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def structured_outputs(request: SamplingFields) -> StructuredOutputsParams | None:
+    """The request's output constraint: vLLM's `structured_outputs`, with OpenAI's `response_format`
+    (`json_object`: any JSON object; `json_schema`: its `json_schema.schema`) merged in as vLLM does
+    (so `structured_outputs` may add options such as `disable_any_whitespace` to a response format).
+    400 naming the field for an unknown format, a missing schema, or bad or conflicting constraints."""
+    response_format = request.response_format or {}
+    kind = response_format.get("type", "text")
+    if kind not in RESPONSE_FORMATS:
+        raise bad_request(f"response_format type {kind!r} is not supported (supported: {', '.join(RESPONSE_FORMATS)})",
+                          param="response_format")
+    fields = dict(request.structured_outputs or {})
+    if kind == "json_object":
+        fields["json_object"] = True
+    elif kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, (dict, str)):
+            raise bad_request(f"response_format json_schema needs a schema (a JSON schema object), got {schema!r}",
+                              param="response_format")
+        fields["json"] = schema
+    if request.structured_outputs is None and kind == "text":
+        return None
+    try:
+        return StructuredOutputsParams(**fields)
+    except (ValueError, TypeError) as err:
+        raise bad_request(str(err).replace("StructuredOutputsParams.__init__()", "structured_outputs"),
+                          param="structured_outputs") from err
 
 
 def _build(request: SamplingFields, renamed: dict[str, str] | None = None, **fields) -> SamplingParams:
@@ -104,7 +132,8 @@ def _build(request: SamplingFields, renamed: dict[str, str] | None = None, **fie
         logit_bias=request.logit_bias, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
         skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output, allowed_token_ids=request.allowed_token_ids,
-        bad_words=request.bad_words, truncate_prompt_tokens=request.truncate_prompt_tokens, **fields)
+        bad_words=request.bad_words, truncate_prompt_tokens=request.truncate_prompt_tokens,
+        structured_outputs=structured_outputs(request), **fields)
     try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError) as err:

@@ -5,7 +5,7 @@ malformed body becomes an HTTP 400, see `app`); handlers answer with the `*Respo
 `*StreamResponse` models, dumped to JSON. Fields follow the OpenAI API reference for
 completions and chat completions, plus vLLM's sampling extras (`top_k`, `min_p`,
 `repetition_penalty`, `min_tokens`, `ignore_eos`, `allowed_token_ids`, `bad_words`,
-`truncate_prompt_tokens`, ...) and its `/tokenize` and `/detokenize`.
+`truncate_prompt_tokens`, `structured_outputs`, ...) and its `/tokenize` and `/detokenize`.
 Unknown request fields are ignored, as OpenAI-compatible servers do. Plain pydantic: no jax.
 """
 
@@ -68,6 +68,10 @@ class SamplingFields(_Request):
     truncate_prompt_tokens: int | None = None
     prompt_logprobs: int | None = None
     use_beam_search: StrictBool = False
+    # the output's shape: OpenAI's response_format, or vLLM's structured_outputs
+    # (json / regex / choice / grammar / json_object, and its whitespace and properties options)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -104,7 +108,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     # vLLM's extras
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False

@@ -1,0 +1,216 @@
+"""Structured outputs (`SamplingParams.structured_outputs`) on stories260K.
+
+Oracles: llguidance's own numpy bitmask application (for the sampler's on-device mask), HF
+transformers' greedy `generate` with a logits processor that applies llguidance's mask at each
+step (for the engine's tokens), `jsonschema` and Python's `re` (for what sampled outputs hold).
+"""
+
+import dataclasses
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import jsonschema
+import llguidance
+import llguidance.hf
+import llguidance.numpy
+import numpy as np
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from jpaged import LLM, SamplingParams
+from jpaged.sampler import apply_token_bitmask
+from jpaged.sampling_params import StructuredOutputsParams
+from jpaged.step_batch import SamplingArrays
+
+EOS = 2
+PROMPT = "Once upon a time, there was a little girl"
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+CONSTRAINTS = [
+    StructuredOutputsParams(json=PERSON, disable_any_whitespace=True),
+    StructuredOutputsParams(regex=r"(she|he) (ran|sat) [0-9]{1,3} times\."),
+    StructuredOutputsParams(choice=["dog", "cat", "a big red ball"]),
+    StructuredOutputsParams(grammar='start: "The " NOUN " was " ADJ "."\nNOUN: "dog" | "cat"\nADJ: /[a-z]{3,6}/'),
+    StructuredOutputsParams(json_object=True, disable_any_whitespace=True),
+]
+
+
+def obeys(constraint: StructuredOutputsParams, text: str) -> bool:
+    """Whether a finished output's text is what the constraint allows (independent checkers)."""
+    kind, spec = constraint.constraint
+    if kind in ("json", "json_object"):
+        value = json.loads(text)
+        jsonschema.validate(value, spec if kind == "json" else {"type": "object"})
+        return True
+    if kind == "regex":
+        return re.fullmatch(spec, text) is not None
+    if kind == "choice":
+        return text in spec
+    return re.fullmatch(r"The (dog|cat) was [a-z]{3,6}\.", text) is not None
+
+
+def test_token_bitmask_matches_llguidance_numpy():
+    rng = np.random.default_rng(0)
+    for vocab in (61, 512, 1000):
+        logits = rng.standard_normal((5, vocab)).astype(np.float32)
+        bitmask = rng.integers(-2**31, 2**31, (5, (vocab + 31) // 32), dtype=np.int64).astype(np.int32)
+        bitmask[2] = -1  # an unconstrained row
+        expected = logits.copy()
+        llguidance.numpy.apply_token_bitmask_inplace(expected, bitmask)
+        arrays = SamplingArrays.build([SamplingParams()] * 5, [0] * 5, [0] * 5, 5)
+        ours = jax.jit(apply_token_bitmask)(jnp.asarray(logits), dataclasses.replace(arrays, token_bitmask=bitmask))
+        np.testing.assert_array_equal(np.asarray(ours), expected)
+        np.testing.assert_array_equal(np.asarray(ours)[2], logits[2])
+
+
+class GuidanceMask(LogitsProcessor):
+    """An HF logits processor: llguidance's mask for the tokens generated so far (one sequence)."""
+
+    def __init__(self, tokenizer, constraint: StructuredOutputsParams, prompt_len: int, vocab: int,
+                 eos: int | list[int] = EOS):
+        kind, spec = constraint.constraint
+        if kind in ("json", "json_object"):
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                spec if kind == "json" else {"type": "object"},
+                overrides={"whitespace_flexible": not constraint.disable_any_whitespace})
+        else:
+            grammar = llguidance.grammar_from({"regex": "regex", "choice": "choice", "grammar": "lark"}[kind],
+                                              json.dumps(spec) if kind == "choice" else spec)
+        self.matcher = llguidance.LLMatcher(llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=eos),
+                                            grammar)
+        self.prompt_len, self.vocab, self.consumed = prompt_len, vocab, 0
+
+    def __call__(self, input_ids, scores):
+        generated = input_ids[0, self.prompt_len:].tolist()
+        assert self.matcher.consume_tokens(generated[self.consumed:])
+        self.consumed = len(generated)
+        bitmask = llguidance.numpy.allocate_token_bitmask(1, self.vocab)
+        llguidance.numpy.fill_next_token_bitmask(self.matcher, bitmask)
+        masked = scores.numpy().copy()
+        llguidance.numpy.apply_token_bitmask_inplace(masked, bitmask)
+        return torch.from_numpy(masked)
+
+
+@pytest.fixture(scope="module")
+def stories(stories_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.float32).eval()
+    return LLM(stories_path, num_blocks=64, max_model_len=256), hf, AutoTokenizer.from_pretrained(stories_path)
+
+
+def test_greedy_constrained_requests_in_one_batch_match_hf_generate(stories):
+    llm, hf, tokenizer = stories
+    prompt_ids = tokenizer(PROMPT).input_ids
+    n = 40
+    params = [SamplingParams(temperature=0, max_tokens=n, structured_outputs=c) for c in CONSTRAINTS]
+    params.append(SamplingParams(temperature=0, max_tokens=n))  # an unconstrained row beside them
+    outs = llm.generate([PROMPT] * len(params), params, use_tqdm=False)
+    vocab = llm.engine.model_config.vocab_size
+    for constraint, out in zip(CONSTRAINTS, outs):
+        with torch.no_grad():
+            theirs = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=EOS,
+                                 logits_processor=LogitsProcessorList(
+                                     [GuidanceMask(tokenizer, constraint, len(prompt_ids), vocab)]))
+        assert out.outputs[0].token_ids == theirs[0, len(prompt_ids):].tolist(), constraint.constraint
+        if out.outputs[0].finish_reason == "stop":
+            assert out.outputs[0].token_ids[-1] == EOS and obeys(constraint, out.outputs[0].text), out.outputs[0]
+    assert sum(o.outputs[0].finish_reason == "stop" for o in outs[:-1]) >= 3
+    with torch.no_grad():
+        plain = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=EOS)
+    assert outs[-1].outputs[0].token_ids == plain[0, len(prompt_ids):].tolist()
+    assert llm.engine.stats().kv_cache_usage == 0
+
+
+def test_sampled_outputs_obey_their_constraints(stories):
+    llm, _, _ = stories
+    params = [SamplingParams(temperature=1.0, max_tokens=60, n=3, seed=i, structured_outputs=c)
+              for i, c in enumerate(CONSTRAINTS)]
+    outs = llm.generate([PROMPT] * len(params), params, use_tqdm=False)
+    finished = 0
+    for constraint, out in zip(CONSTRAINTS, outs):
+        for choice in out.outputs:
+            if choice.finish_reason == "stop":
+                finished += 1
+                assert obeys(constraint, choice.text), (constraint.constraint, choice.text)
+            else:
+                assert choice.finish_reason == "length"
+    assert finished >= 9
+    assert len({c.text for c in outs[1].outputs}) > 1  # the samples drew apart within the regex
+    assert llm.engine.stats().kv_cache_usage == 0
+
+
+def test_preempted_constrained_requests_resume_where_their_grammar_was(stories_path):
+    params = [SamplingParams(temperature=0, max_tokens=48, structured_outputs=CONSTRAINTS[i % len(CONSTRAINTS)])
+              for i in range(10)]
+    prompts = [f"{PROMPT} number {i}" for i in range(10)]
+    roomy = LLM(stories_path, num_blocks=128, max_model_len=256, compilation_cache=False)
+    expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    del roomy
+    tight = LLM(stories_path, num_blocks=12, block_size=16, max_model_len=96, compilation_cache=False)
+    outs = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.engine.stats().num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert tight.engine.stats().kv_cache_usage == 0 and not tight.engine.has_unfinished_requests()
+
+
+def test_structured_outputs_are_checked_naming_the_field(stories):
+    llm, _, _ = stories
+    for kwargs, message in [({}, "exactly one of"), ({"regex": "a", "choice": ["b"]}, "exactly one of"),
+                            ({"choice": []}, "choice must hold at least one"), ({"choice": [3]}, "choice"),
+                            ({"json": 5}, "json must be a schema"), ({"regex": ""}, "regex must be a non-empty"),
+                            ({"json_object": "yes"}, "json_object")]:
+        with pytest.raises((ValueError, TypeError), match=message):
+            StructuredOutputsParams(**kwargs)
+    with pytest.raises(TypeError, match="structured_outputs"):
+        SamplingParams(structured_outputs="json")
+    assert SamplingParams(structured_outputs={"regex": "a+"}).structured_outputs == StructuredOutputsParams(regex="a+")
+    for constraint in [{"regex": "(unclosed"}, {"json": "{not json"}, {"grammar": "start: undefined_rule"},
+                       {"json": {"type": "object", "properties": {"a": {"$ref": "#/missing"}}}}]:
+        with pytest.raises(ValueError, match="structured_outputs .* is not valid"):
+            llm.generate(PROMPT, SamplingParams(max_tokens=4, structured_outputs=constraint), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests() and llm.engine.stats().kv_cache_usage == 0
+    out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8, structured_outputs={"choice": ["yes"]}),
+                       use_tqdm=False)
+    assert out[0].outputs[0].text == "yes"
+
+
+def test_default_model_answers_in_json_as_hf_with_the_same_mask(model_path, hf_gguf_model):
+    """The chat model fills a schema: valid JSON (its unconstrained answer here is not: it ends the
+    object with a trailing comma), token for token as HF transformers' greedy search under
+    llguidance's mask."""
+    from jpaged.llm import chat_token_ids
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                                               "population_millions": {"type": "number"}},
+              "required": ["city", "country", "population_millions"], "additionalProperties": False}
+    llm = LLM(None, num_blocks=64, compilation_cache=False)
+    tokenizer = llm.get_tokenizer()
+    question = "Give the capital of France as JSON with city, country and population_millions."
+    prompt = chat_token_ids(tokenizer, [{"role": "user", "content": question}])
+    constraint = StructuredOutputsParams(json=schema)
+    constrained, plain = llm.generate([{"prompt_token_ids": prompt}] * 2, [
+        SamplingParams(temperature=0, max_tokens=60, structured_outputs=constraint),
+        SamplingParams(temperature=0, max_tokens=60)], use_tqdm=False)
+    answer = constrained.outputs[0]
+    assert answer.finish_reason == "stop"
+    value = json.loads(answer.text)
+    jsonschema.validate(value, schema)
+    assert value["city"] == "Paris"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(plain.outputs[0].text)
+    eos = sorted(llm.engine.eos_token_ids)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            mask = GuidanceMask(tokenizer, constraint, len(prompt), llm.engine.model_config.vocab_size, eos)
+            theirs = hf_gguf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=60,
+                                            logits_processor=LogitsProcessorList([mask]))
+    finally:
+        torch.set_num_threads(threads)
+    assert answer.token_ids == theirs[0, len(prompt):].tolist()
