@@ -122,21 +122,25 @@ class LLM:
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, through the chat template."""
+        """Generate replies to one conversation or a list of them, through the chat template (given
+        `tools`, OpenAI-style function definitions, for templates that render them)."""
         conversations = _conversations(messages)
         tokenizer = self.engine.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer of {self.engine.model_name} has no chat template")
         prompts = [
-            {"prompt_token_ids": chat_token_ids(tokenizer, conversation, add_generation_prompt)}
+            {"prompt_token_ids": chat_token_ids(tokenizer, conversation, add_generation_prompt, tools)}
             for conversation in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
 
-def chat_token_ids(tokenizer, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
+def chat_token_ids(tokenizer, conversation: list[dict], add_generation_prompt: bool = True,
+                   tools: list[dict] | None = None) -> list[int]:
+    text = tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
+                                         tokenize=False)
     return tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -27,7 +27,8 @@ API_KEY = "test-key"
 QUEUE_LIMIT = 64
 # Small step limits keep the set of step programs to compile small (7).
 ENGINE_ARGS = dict(num_blocks=256, max_num_seqs=16, max_num_batched_tokens=64)
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+CHAT_TEMPLATE = ("{% if tools %}tools: {{ tools | map(attribute='function.name') | join(', ') }}\n{% endif %}"
+                 "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
 PROMPTS = ["Once upon a time, there was a dog named", "Lily wanted to play", "The sun was", "Tom had a big"]
 CHAT = [{"role": "system", "content": "Tell a story."}, {"role": "user", "content": "A dog named Max"}]
@@ -38,6 +39,17 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
           "required": ["name", "age"], "additionalProperties": False}
 STRUCTURED = [{"json": PERSON, "disable_any_whitespace": True}, {"regex": r"(Max|Lily) (ran|sat) [0-9]{1,2} times\."},
               {"choice": ["yes", "no", "a red ball"]}, {"grammar": 'start: "The " ("dog" | "cat") " was " /[a-z]{3,6}/'}]
+TOOLS = [{"type": "function", "function": {
+              "name": "get_weather", "description": "The weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]},
+                                                              "unit": {"type": "string", "enum": ["C", "F"]}},
+                             "required": ["city", "unit"], "additionalProperties": False}}},
+         {"type": "function", "function": {
+              "name": "count_legs",
+              "parameters": {"type": "object", "properties": {"animal": {"type": "string", "maxLength": 8},
+                                                              "legs": {"type": "integer", "minimum": 0, "maximum": 8}},
+                             "required": ["animal", "legs"], "additionalProperties": False}}}]
+COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}
 _rng = random.Random(0)
 # 64 streaming clients: (prompt, max_tokens, leaves mid-stream)
 CONCURRENT_PLAN = [(PROMPTS[i % len(PROMPTS)], 8 + i % 9, _rng.random() < 0.3) for i in range(64)]
@@ -114,6 +126,8 @@ def expected(llm):
             [SamplingParams(temperature=0, max_tokens=40, structured_outputs=s) for s in STRUCTURED], use_tqdm=False)],
         "chat_json": llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=60, structured_outputs={"json": PERSON}),
                               use_tqdm=False)[0].outputs[0].text,
+        "chat_with_tools": llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False,
+                                    tools=TOOLS)[0].prompt_token_ids,
         "chat_json_object": llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=30,
                                                           structured_outputs={"json_object": True}),
                                      use_tqdm=False)[0].outputs[0].text,
@@ -453,6 +467,76 @@ def test_openai_client_parses_a_pydantic_response_format(server):
         assert isinstance(completion.choices[0].message.parsed, Pet), completion
         assert len(completion.choices[0].message.parsed.name) <= 10
     assert finished >= 2
+
+
+def _check_calls(calls, names):
+    """Each call names one of `names` and its arguments are JSON its tool's parameters accept."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+    assert calls
+    for call in calls:
+        assert call.type == "function" and call.id.startswith("chatcmpl-tool-") and call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_required_and_named_tool_choices_return_tool_calls(server):
+    client = server.client()
+    names = {tool["function"]["name"] for tool in TOOLS}
+    # stories260K would list calls without end: a bias on "]" (token 509) closes the array where it may
+    close = {"509": 100}
+    required = client.chat.completions.create(model="stories", messages=CHAT, tools=TOOLS, tool_choice="required",
+                                              max_completion_tokens=80, temperature=0, extra_body=COMPACT,
+                                              logit_bias=close)
+    choice = required.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    _check_calls(choice.message.tool_calls, names)
+    chunks = list(client.chat.completions.create(model="stories", messages=CHAT, tools=TOOLS, tool_choice="required",
+                                                 max_completion_tokens=80, temperature=0, extra_body=COMPACT,
+                                                 logit_bias=close, stream=True))
+    streamed = [call for chunk in chunks if chunk.choices for call in chunk.choices[0].delta.tool_calls or []]
+    assert [(c.function.name, c.function.arguments) for c in streamed] == \
+        [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    cut = client.chat.completions.create(model="stories", messages=CHAT, tools=TOOLS, tool_choice="required",
+                                         max_completion_tokens=12, temperature=0, extra_body=COMPACT).choices[0]
+    assert cut.finish_reason == "length" and cut.message.content.startswith('[{"name":"') and not cut.message.tool_calls
+    named = client.chat.completions.create(model="stories", messages=CHAT, tools=TOOLS, n=3, seed=1,
+                                           tool_choice={"type": "function", "function": {"name": "count_legs"}},
+                                           max_completion_tokens=60, temperature=1.0, extra_body=COMPACT)
+    finished = [c for c in named.choices if c.finish_reason == "stop"]
+    assert len(finished) >= 2
+    for choice in finished:
+        assert len(choice.message.tool_calls) == 1
+        _check_calls(choice.message.tool_calls, {"count_legs"})
+    assert server.wait_idle()[1].kv_cache_usage == 0
+
+
+def test_tool_turns_reach_the_chat_template(server, expected):
+    reply = server.client().chat.completions.create(model="stories", messages=CHAT, tools=TOOLS, tool_choice="none",
+                                                    max_completion_tokens=1, temperature=0)
+    assert reply.usage.prompt_tokens == len(expected["chat_with_tools"])  # the prompt LLM.chat(tools=) renders
+    assert server.front.tokenizer.decode(expected["chat_with_tools"]).startswith("tools: get_weather, count_legs")
+    call = {"id": "call-1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Paris", "unit": "C"}'}}
+    messages = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call-1", "content": "Sunny, 21 C"}]
+    reply = server.client().chat.completions.create(model="stories", messages=messages, tools=TOOLS,
+                                                    tool_choice="none", max_completion_tokens=4, temperature=0)
+    tokenizer = server.front.tokenizer
+    turns = [*CHAT, {"role": "assistant", "content": ""}, {"role": "tool", "content": "Sunny, 21 C"}]
+    text = tokenizer.apply_chat_template(turns, tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    assert text.startswith("tools: get_weather, count_legs\n")
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(text, add_special_tokens=False))
+    assert not reply.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("extra", [{"tools": TOOLS}, {"tools": TOOLS, "tool_choice": "auto"},
+                                   {"tool_choice": "required"},
+                                   {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}},
+                                   {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}])
+def test_tool_choices_that_cannot_be_served_are_refused(server, extra):
+    error = server.post("/v1/chat/completions", {"messages": CHAT, **extra}).json()["error"]
+    assert error["param"] == "tool_choice" and error["type"] == "invalid_request_error", error
 
 
 def test_echo_without_tokens_scores_the_prompt(server, expected):

@@ -2,7 +2,8 @@
 
 The conversation is rendered by the tokenizer's chat template (`prompts.chat_prompt`) into one
 engine request with `n` samples. Streams open each choice with a `{"role": "assistant"}` delta,
-then send content deltas, the finish reason in the choice's last chunk, a usage chunk when
+then send content deltas (under a required or named `tool_choice`, the tool calls whole in the
+last chunk instead, see `tools`), the finish reason in the choice's last chunk, a usage chunk when
 `stream_options.include_usage` is set, and `data: [DONE]`.
 """
 
@@ -29,6 +30,8 @@ from jpaged.server.protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
     DeltaMessage,
+    DeltaToolCall,
+    ToolCall,
     random_id,
 )
 from jpaged.server.serving import (
@@ -42,6 +45,7 @@ from jpaged.server.serving import (
     submit,
     usage,
 )
+from jpaged.server.tools import template_tools, tool_calls, tool_schema
 
 
 async def create_chat_completion(request: ChatCompletionRequest, state: ServerState
@@ -51,7 +55,8 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     check_model(request.model, state.model_name)
     tokenizer = state.engine.tokenizer
     prompt = await asyncio.to_thread(chat_prompt, tokenizer, request.messages, request.add_generation_prompt,
-                                     request.continue_final_message)  # long text: other requests go on meanwhile
+                                     request.continue_final_message, False,
+                                     template_tools(request))  # long text: other requests go on meanwhile
     prompt = truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len)
     asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len,
@@ -62,14 +67,22 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     if request.stream:
         return _stream(request, state, request_id, prompt, params, group)
     (output,) = await collect(group)
-    choices = [ChatChoice(index=choice.index, message=ChatResponseMessage(content=choice.text),
-                          logprobs=_logprobs(tokenizer, params, choice.token_ids, choice.logprobs),
-                          finish_reason=choice.finish_reason, stop_reason=choice.stop_reason)
-               for choice in output.outputs]
+    choices = []
+    for choice in output.outputs:
+        calls = tool_calls(request, choice.text)
+        message = ChatResponseMessage(content="" if calls else choice.text, tool_calls=calls or [])
+        choices.append(ChatChoice(index=choice.index, message=message,
+                                  logprobs=_logprobs(tokenizer, params, choice.token_ids, choice.logprobs),
+                                  finish_reason=_finish_reason(request, choice, calls), stop_reason=choice.stop_reason))
     response = ChatCompletionResponse(id=request_id, model=state.model_name, choices=choices,
                                       usage=usage(len(prompt.token_ids), [output]),
                                       prompt_logprobs=prompt_logprobs(output.prompt_logprobs))
     return JSONResponse(response.model_dump())
+
+
+def _finish_reason(request: ChatCompletionRequest, choice: CompletionOutput, calls: list[ToolCall] | None) -> str:
+    """"tool_calls" when a required tool choice made its calls (OpenAI's); the engine's reason else."""
+    return "tool_calls" if calls and request.tool_choice == "required" else choice.finish_reason
 
 
 def _logprobs(tokenizer: Any, params: SamplingParams, token_ids: list[int], entries: list | None):
@@ -96,7 +109,7 @@ async def _stream(request: ChatCompletionRequest, state: ServerState, request_id
         async for _, output in group:
             final = output if output.finished else final
             for choice in output.outputs:
-                event = _choice_chunk(tokenizer, params, progress[choice.index], choice)
+                event = _choice_chunk(request, tokenizer, params, progress[choice.index], choice)
                 if event is not None:
                     yield chunk([event], chunk_usage(request, prompt_tokens, len(choice.token_ids)))
         if request.stream_options and request.stream_options.include_usage:
@@ -108,16 +121,26 @@ async def _stream(request: ChatCompletionRequest, state: ServerState, request_id
     yield DONE
 
 
-def _choice_chunk(tokenizer: Any, params: SamplingParams, sent: ChoiceProgress,
+def _choice_chunk(request: ChatCompletionRequest, tokenizer: Any, params: SamplingParams, sent: ChoiceProgress,
                   choice: CompletionOutput) -> ChatStreamChoice | None:
-    """The chunk that brings a streamed choice up to date, or None when it has nothing new."""
+    """The chunk that brings a streamed choice up to date, or None when it has nothing new. Under a
+    required or named tool choice the text is held, and the calls come whole in the last chunk."""
     if sent.finished:
         return None
-    text = sent.new_text(choice.text)
+    holds_text = tool_schema(request) is not None
+    text = "" if holds_text else sent.new_text(choice.text)
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
     logprobs = _logprobs(tokenizer, params, token_ids, entries) if token_ids else None
     if not text and logprobs is None and not choice.finished:
         return None
     sent.finished = choice.finished
-    return ChatStreamChoice(index=choice.index, delta=DeltaMessage(content=text), logprobs=logprobs,
-                            finish_reason=choice.finish_reason, stop_reason=choice.stop_reason)
+    delta = DeltaMessage(content=text)
+    calls = tool_calls(request, choice.text) if holds_text and choice.finished else None
+    if calls:
+        delta = DeltaMessage(tool_calls=[DeltaToolCall(index=i, id=call.id, function=call.function)
+                                         for i, call in enumerate(calls)])
+    elif holds_text and choice.finished:
+        delta = DeltaMessage(content=choice.text)  # cut short: the text as it is, as the whole response has it
+    return ChatStreamChoice(index=choice.index, delta=delta, logprobs=logprobs,
+                            finish_reason=_finish_reason(request, choice, calls) if choice.finished else None,
+                            stop_reason=choice.stop_reason)

@@ -13,6 +13,7 @@ from http import HTTPStatus
 from jpaged.sampling_params import SamplingParams, StructuredOutputsParams
 from jpaged.server.errors import APIError, bad_request
 from jpaged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from jpaged.server.tools import tool_schema
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -56,22 +57,18 @@ def completion_params(request: CompletionRequest, max_tokens: int) -> SamplingPa
     if prompt_logprobs is None and request.echo:
         prompt_logprobs = request.logprobs
     return _build(request, max_tokens=max_tokens, logprobs=request.logprobs, best_of=request.best_of,
-                  prompt_logprobs=prompt_logprobs)
+                  prompt_logprobs=prompt_logprobs, structured_outputs=structured_outputs(request))
 
 
 def chat_params(request: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
     """`SamplingParams` of a /v1/chat/completions request (`logprobs` a bool, `top_logprobs` a
-    count). 400 for tools and bad values."""
-    if request.tools:
-        raise bad_request("tools are not supported", param="tools")
-    if request.tool_choice not in (None, "none"):
-        raise bad_request("tool_choice is not supported", param="tool_choice")
+    count; a required or named `tool_choice` constrains the output, see `tools`). 400 for bad values."""
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     renamed = {"logprobs": "top_logprobs", "max_tokens": max_tokens_field(request)}
     return _build(request, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=request.prompt_logprobs,
-                  renamed=renamed)
+                  renamed=renamed, structured_outputs=structured_outputs(request, tool_schema(request)))
 
 
 def max_tokens_field(request: ChatCompletionRequest) -> str:
@@ -85,17 +82,22 @@ def max_tokens_field(request: ChatCompletionRequest) -> str:
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 
-def structured_outputs(request: SamplingFields) -> StructuredOutputsParams | None:
+def structured_outputs(request: SamplingFields, tool_schema: dict | None = None) -> StructuredOutputsParams | None:
     """The request's output constraint: vLLM's `structured_outputs`, with OpenAI's `response_format`
-    (`json_object`: any JSON object; `json_schema`: its `json_schema.schema`) merged in as vLLM does
-    (so `structured_outputs` may add options such as `disable_any_whitespace` to a response format).
-    400 naming the field for an unknown format, a missing schema, or bad or conflicting constraints."""
+    (`json_object`: any JSON object; `json_schema`: its `json_schema.schema`) or a chat's
+    `tool_schema` merged in as vLLM does (so `structured_outputs` may add options such as
+    `disable_any_whitespace` to them). 400 naming the field for an unknown format, a missing
+    schema, or bad or conflicting constraints."""
     response_format = request.response_format or {}
     kind = response_format.get("type", "text")
     if kind not in RESPONSE_FORMATS:
         raise bad_request(f"response_format type {kind!r} is not supported (supported: {', '.join(RESPONSE_FORMATS)})",
                           param="response_format")
     fields = dict(request.structured_outputs or {})
+    if tool_schema is not None:
+        if kind != "text":
+            raise bad_request("response_format and tool_choice cannot both constrain the output", param="tool_choice")
+        fields["json"] = tool_schema
     if kind == "json_object":
         fields["json_object"] = True
     elif kind == "json_schema":
@@ -104,7 +106,7 @@ def structured_outputs(request: SamplingFields) -> StructuredOutputsParams | Non
             raise bad_request(f"response_format json_schema needs a schema (a JSON schema object), got {schema!r}",
                               param="response_format")
         fields["json"] = schema
-    if request.structured_outputs is None and kind == "text":
+    if not fields and request.structured_outputs is None:
         return None
     try:
         return StructuredOutputsParams(**fields)
@@ -132,8 +134,7 @@ def _build(request: SamplingFields, renamed: dict[str, str] | None = None, **fie
         logit_bias=request.logit_bias, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
         skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output, allowed_token_ids=request.allowed_token_ids,
-        bad_words=request.bad_words, truncate_prompt_tokens=request.truncate_prompt_tokens,
-        structured_outputs=structured_outputs(request), **fields)
+        bad_words=request.bad_words, truncate_prompt_tokens=request.truncate_prompt_tokens, **fields)
     try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError) as err:

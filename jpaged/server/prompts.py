@@ -9,6 +9,7 @@ offline API give the same tokens. Input that cannot be turned into a prompt is a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from jpaged.sampling_params import truncated_prompt
 from jpaged.server.errors import bad_request
 from jpaged.server.protocol import ChatMessage
 
-CHAT_ROLES = {"system", "user", "assistant", "developer"}
+CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
 
 
 @dataclass
@@ -59,9 +60,11 @@ def truncated(prompt: Prompt, keep: int | None, max_model_len: int) -> Prompt:
     return prompt if len(token_ids) == len(prompt.token_ids) else Prompt(token_ids)
 
 
-def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template takes them (`{"role", "content"}`), text parts joined.
-    400 for an empty list, an unknown role or a non-text content part."""
+def conversation(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template takes them (`{"role", "content"}`, text parts joined; an
+    assistant turn's `tool_calls` with their arguments as objects, and a tool turn's
+    `tool_call_id`, as HF templates read them). 400 for an empty list, an unknown role, a
+    non-text content part or a tool turn without `tool_call_id`."""
     if not messages:
         raise bad_request("messages is empty: at least one message is needed", param="messages")
     turns = []
@@ -70,13 +73,30 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
             raise bad_request(f"messages[{i}].role {message.role!r} is not supported "
                               f"(supported: {', '.join(sorted(CHAT_ROLES))})", param="messages")
         role = "system" if message.role == "developer" else message.role
-        turns.append({"role": role, "content": _text_of(message, i)})
+        turn = {"role": role, "content": _text_of(message, i)}
+        if message.role == "tool":
+            if not message.tool_call_id:
+                raise bad_request(f"messages[{i}] (tool) needs the tool_call_id it answers", param="messages")
+            turn["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            turn["tool_calls"] = [{"id": call.id, "type": call.type, "function": {
+                "name": call.function.name, "arguments": _arguments(call.function.arguments)}}
+                for call in message.tool_calls]
+        turns.append(turn)
     return turns
+
+
+def _arguments(text: str):
+    """A call's arguments as an object where they are JSON (HF templates expect one), else as sent."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _text_of(message: ChatMessage, i: int) -> str:
     if message.content is None:
-        if message.role != "assistant":  # an assistant turn may be empty, as OpenAI's API allows
+        if message.role != "assistant":  # an assistant turn may be empty (or only call tools), as OpenAI's API allows
             raise bad_request(f"messages[{i}] ({message.role}) has no content", param="messages")
         return ""
     if isinstance(message.content, str):
@@ -89,8 +109,9 @@ def _text_of(message: ChatMessage, i: int) -> str:
 
 
 def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                continue_final_message: bool = False, add_special_tokens: bool = False) -> Prompt:
-    """The prompt of a chat through the tokenizer's chat template.
+                continue_final_message: bool = False, add_special_tokens: bool = False,
+                tools: list[dict] | None = None) -> Prompt:
+    """The prompt of a chat through the tokenizer's chat template (given the `tools`, if any).
 
     Raises:
         APIError: 400 when the model has no chat template, the messages are bad, both
@@ -108,7 +129,7 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
         raise bad_request("continue_final_message needs the final message to be the assistant's",
                           param="continue_final_message")
     try:
-        text = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt,
+        text = tokenizer.apply_chat_template(turns, tools=tools, add_generation_prompt=add_generation_prompt,
                                              continue_final_message=continue_final_message, tokenize=False)
     except Exception as err:  # the template's own checks (jinja raise_exception, alternating roles)
         raise bad_request(f"the chat template refused the messages: {err}", param="messages") from err

@@ -1,0 +1,73 @@
+"""Function calling in chat completions: OpenAI's `tools` and `tool_choice`, through structured outputs.
+
+The request's tools reach the chat template (`tools=`, as HF templates take them), so a model
+trained for tools sees their definitions. What the reply may be follows `tool_choice`:
+
+- `"none"`, or no tools: a plain reply.
+- `"required"`: the output is constrained to a JSON array of calls, each exactly
+  `{"name": <a tool's name>, "parameters": <its arguments>}` (the shape vLLM uses), and the reply
+  carries them as `tool_calls` (arguments as JSON text) with finish reason "tool_calls".
+- `{"type": "function", "function": {"name": ...}}`: the output is that function's arguments,
+  constrained to its parameters' schema; one tool call, finish reason "stop" (as OpenAI's forced
+  calls).
+- `"auto"` (OpenAI's default when tools are sent): the model would choose between text and its
+  own tool-call syntax, which differs between model families and needs a parser for each; jpaged
+  has none, so this is a 400 that says which choices work.
+
+Plain Python: no jax.
+"""
+
+from __future__ import annotations
+
+import json
+
+from jpaged.server.errors import bad_request
+from jpaged.server.protocol import ChatCompletionRequest, FunctionCall, ToolCall
+
+NO_PARAMETERS = {"type": "object", "properties": {}}
+
+
+def tool_schema(request: ChatCompletionRequest) -> dict | None:
+    """The JSON schema the reply must follow under the request's `tool_choice`, or None for a plain
+    reply. 400 naming `tool_choice` for "auto", a named function that is not among the tools, or a
+    choice without tools."""
+    choice, tools = request.tool_choice, request.tools or []
+    if choice is None and not tools or choice == "none":
+        return None
+    if choice is None or choice == "auto":
+        raise bad_request('tool_choice "auto" (the default when tools are sent) needs a parser of the model\'s own '
+                          'tool-call syntax, which jpaged does not have: send tool_choice "required", "none" or '
+                          '{"type": "function", "function": {"name": ...}}', param="tool_choice")
+    if not tools:
+        raise bad_request(f"tool_choice {choice!r} needs tools", param="tool_choice")
+    if choice == "required":
+        calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [tool.function.name]},
+                                                   "parameters": tool.function.parameters or NO_PARAMETERS},
+                  "required": ["name", "parameters"], "additionalProperties": False} for tool in tools]
+        return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    chosen = [tool for tool in tools if tool.function.name == name]
+    if choice.get("type") != "function" or not chosen:
+        raise bad_request(f"tool_choice {choice!r} names no function among the tools "
+                          f"({', '.join(tool.function.name for tool in tools)})", param="tool_choice")
+    return chosen[0].function.parameters or NO_PARAMETERS
+
+
+def tool_calls(request: ChatCompletionRequest, text: str) -> list[ToolCall] | None:
+    """The calls in a finished reply under a required or named `tool_choice`; None for a plain
+    reply, or one that is not complete JSON (cut by `max_tokens`)."""
+    if tool_schema(request) is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if request.tool_choice == "required":
+        return [ToolCall(function=FunctionCall(name=call["name"], arguments=json.dumps(call["parameters"])))
+                for call in value]
+    return [ToolCall(function=FunctionCall(name=request.tool_choice["function"]["name"], arguments=text))]
+
+
+def template_tools(request: ChatCompletionRequest) -> list[dict] | None:
+    """The tools as the chat template takes them (OpenAI's shape, as dicts)."""
+    return [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
