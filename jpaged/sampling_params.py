@@ -156,6 +156,8 @@ class StructuredOutputsParams:
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"structured_outputs {field} must be a non-empty string, got {value!r}")
         if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)):
+                raise TypeError(f"structured_outputs choice must be a list of strings, got {self.choice!r}")
             self.choice = _as_strings("structured_outputs choice", self.choice)
             if not self.choice:
                 raise ValueError("structured_outputs choice must hold at least one string, got []")

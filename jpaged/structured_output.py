@@ -85,11 +85,11 @@ class GrammarCompiler:
             grammar = _llguidance_grammar(kind, spec, params)
         except ValueError as err:
             raise ValueError(f"structured_outputs {kind} is not valid: {err}") from err
-        tokenizer = self._llguidance_tokenizer()
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
+        tokenizer, limits = self._llguidance_tokenizer(), llguidance.LLParserLimits(verbose_errors=False)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer, limits=limits)
         if is_error:
             raise ValueError(f"structured_outputs {kind} is not valid: {messages[0]}")
-        return Grammar(llguidance.LLMatcher(tokenizer, grammar, log_level=0))
+        return Grammar(llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=limits))
 
     def _llguidance_tokenizer(self):
         if self._ll_tokenizer is None:
@@ -105,30 +105,67 @@ def _llguidance_grammar(kind: str, spec, params: StructuredOutputsParams) -> str
     import llguidance
 
     if kind in ("json", "json_object"):
-        schema = {"type": "object"} if kind == "json_object" else spec
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"the schema is not JSON: {err}") from None
+        schema = {"type": "object"} if kind == "json_object" else _json_schema(spec)
         if params.disable_additional_properties:
-            schema = _without_additional_properties(schema)
+            schema = map_schema(schema, _closed)
         options = {"whitespace_flexible": not params.disable_any_whitespace}
         return llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=options)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec)
-    if kind == "choice":
-        return llguidance.grammar_from("choice", json.dumps(spec))
+    if kind == "choice":  # one regex, not a grammar rule of many alternatives (the parser caps those at 2,000)
+        return llguidance.LLMatcher.grammar_from_regex("|".join(_escaped(choice) for choice in spec))
     return llguidance.grammar_from("grammar", spec)
 
 
-def _without_additional_properties(schema):
-    """``schema`` with ``additionalProperties: false`` on every object that does not set it."""
-    if isinstance(schema, list):
-        return [_without_additional_properties(item) for item in schema]
+def _json_schema(spec) -> dict:
+    """A schema given as a dict, its JSON text, or a boolean (true: any JSON value) as a dict."""
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"the schema is not JSON: {err}") from None
+    if spec is True:
+        return {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"a schema must be a JSON object or true, got {json.dumps(spec)[:100]}")
+    return spec
+
+
+_REGEX_META = set("\\.+*?()|[]{}^$#&-~")
+
+
+def _escaped(text: str) -> str:
+    """``text`` as a regex (Rust ``regex`` syntax) that matches exactly it."""
+    return "".join("\\" + char if char in _REGEX_META else char for char in text)
+
+
+_SUBSCHEMA = ("items", "additionalItems", "additionalProperties", "contains", "not", "if", "then", "else",
+              "propertyNames", "unevaluatedItems", "unevaluatedProperties")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def map_schema(schema, fn):
+    """A copy of a JSON schema with ``fn`` applied to each (sub)schema object, innermost first.
+    Only schema positions are visited (``properties`` values, ``items``, ``anyOf`` members, ``$defs``
+    ...), never data such as ``const``, ``enum`` or ``default`` values."""
     if not isinstance(schema, dict):
         return schema
-    result = {key: _without_additional_properties(value) for key, value in schema.items()}
-    if result.get("type") == "object" or "properties" in result:
-        result.setdefault("additionalProperties", False)
-    return result
+    result = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(result.get(key), dict):
+            result[key] = map_schema(result[key], fn)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(result.get(key), list):
+            result[key] = [map_schema(item, fn) for item in result[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(result.get(key), dict):
+            result[key] = {name: map_schema(sub, fn) for name, sub in result[key].items()}
+    return fn(result)
+
+
+def _closed(schema: dict) -> dict:
+    """An object schema with ``additionalProperties: false`` unless it says otherwise."""
+    if schema.get("type") == "object" or "properties" in schema:
+        return {"additionalProperties": False, **schema}
+    return schema

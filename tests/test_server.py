@@ -370,6 +370,18 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "structured_outputs": {}}, "structured_outputs"),
     ("/v1/completions", {"prompt": "hi", "structured_outputs": {"regex": "a", "colour": "red"}}, "structured_outputs"),
     ("/v1/completions", {"prompt": "hi", "structured_outputs": {"regex": "(a"}}, "structured_outputs"),
+    ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": "oops"}},
+     "response_format"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"json": {"type": "string"}},
+                         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+     "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS,
+                              "tool_choice": {"type": "function", "function": "get_weather"}}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS,
+                              "tool_choice": {"type": "function"}}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS,
+                              "tool_choice": "required", "structured_outputs": {"json": {"type": "string"}}},
+     "tool_choice"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "structured_outputs": {"json": {"$ref": "#/nowhere"}}}, "structured_outputs"),
 ]
@@ -509,6 +521,34 @@ def test_required_and_named_tool_choices_return_tool_calls(server):
         assert len(choice.message.tool_calls) == 1
         _check_calls(choice.message.tool_calls, {"count_legs"})
     assert server.wait_idle()[1].kv_cache_usage == 0
+
+
+def test_pydantic_tools_with_nested_models_parse(server):
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Place(BaseModel):
+        city: Literal["Paris", "Rome"]
+        country: Literal["France", "Italy"]
+
+    class Forecast(BaseModel):
+        """The weather at a place for some days."""
+
+        place: Place  # a $ref into the tool's own $defs
+        days: int = Field(ge=1, le=7)
+
+    tools = [openai.pydantic_function_tool(Forecast), {**TOOLS[1], "function": {**TOOLS[1]["function"], "strict": True}}]
+    assert "$defs" in tools[0]["function"]["parameters"]
+    for choice in ("required", {"type": "function", "function": {"name": "Forecast"}}):
+        completion = server.client().chat.completions.parse(
+            model="stories", messages=CHAT, tools=tools, tool_choice=choice, max_completion_tokens=80, temperature=0,
+            logit_bias={"509": 100}, extra_body=COMPACT)  # token 509, "]", closes the list of calls
+        calls = completion.choices[0].message.tool_calls
+        assert calls and all(call.function.name in ("Forecast", "count_legs") for call in calls), completion
+        forecasts = [call.function.parsed_arguments for call in calls if call.function.name == "Forecast"]
+        assert all(isinstance(forecast, Forecast) for forecast in forecasts)
+        assert forecasts or choice == "required"
 
 
 def test_tool_turns_reach_the_chat_template(server, expected):

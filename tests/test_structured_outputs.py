@@ -173,10 +173,42 @@ def test_structured_outputs_are_checked_naming_the_field(stories):
                        {"json": {"type": "object", "properties": {"a": {"$ref": "#/missing"}}}}]:
         with pytest.raises(ValueError, match="structured_outputs .* is not valid"):
             llm.generate(PROMPT, SamplingParams(max_tokens=4, structured_outputs=constraint), use_tqdm=False)
+    with pytest.raises(ValueError, match="must be a JSON object or true"):
+        llm.generate(PROMPT, SamplingParams(max_tokens=4, structured_outputs={"json": "[1, 2]"}), use_tqdm=False)
+    with pytest.raises(TypeError, match="choice must be a list"):
+        StructuredOutputsParams(choice="yes")
     assert not llm.engine.has_unfinished_requests() and llm.engine.stats().kv_cache_usage == 0
     out = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=8, structured_outputs={"choice": ["yes"]}),
                        use_tqdm=False)
     assert out[0].outputs[0].text == "yes"
+
+
+def test_choices_are_literal_and_many(stories):
+    llm, _, _ = stories
+    odd = ["a.b", "(x)", "1+1=2", "[y]*", "c|d", "#&-~ ^$", "back\\slash", "{z}?"]
+    many = [f"opt{i}" for i in range(3000)]  # more alternatives than llguidance's grammar rows take
+    outs = llm.generate([PROMPT] * 2, [SamplingParams(temperature=1.0, n=8, seed=4, max_tokens=12,
+                                                      structured_outputs={"choice": c}) for c in (odd, many)],
+                        use_tqdm=False)
+    for choices, out in zip((odd, many), outs):
+        assert all(c.finish_reason == "stop" and c.text in choices for c in out.outputs), out.outputs
+    assert len({c.text for c in outs[0].outputs}) > 1
+
+
+def test_schema_options_and_boolean_schemas(stories):
+    llm, _, _ = stories
+    kind = {"type": "object", "properties": {"kind": {"const": {"type": "object"}}}, "required": ["kind"]}
+    open_object = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}},
+                   "required": ["a"]}
+    params = [SamplingParams(temperature=0, max_tokens=30, structured_outputs=dict(
+                  json=schema, disable_any_whitespace=True, disable_additional_properties=True))
+              for schema in (kind, open_object)]
+    params.append(SamplingParams(temperature=0, max_tokens=30, structured_outputs={"json": "true"}))
+    constant, closed, anything = llm.generate([PROMPT] * 3, params, use_tqdm=False)
+    assert json.loads(constant.outputs[0].text) == {"kind": {"type": "object"}}  # data left as it was
+    assert closed.outputs[0].finish_reason == "stop" and set(json.loads(closed.outputs[0].text)) == {"a"}
+    if anything.outputs[0].finish_reason == "stop":
+        json.loads(anything.outputs[0].text)  # any JSON value
 
 
 def test_default_model_answers_in_json_as_hf_with_the_same_mask(model_path, hf_gguf_model):

@@ -42,6 +42,7 @@ from jpaged.server.protocol import (
     TokenizeResponse,
 )
 from jpaged.server.serving import ServerState
+from jpaged.server.tools import template_tools
 
 logger = logging.getLogger("jpaged.server")
 
@@ -156,7 +157,8 @@ async def _tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse
         raise APIError("give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
         tokens = (await asyncio.to_thread(chat_prompt, tokenizer, body.messages, body.add_generation_prompt,
-                                          body.continue_final_message, bool(body.add_special_tokens))).token_ids
+                                          body.continue_final_message, bool(body.add_special_tokens),
+                                          template_tools(body))).token_ids
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=add_special)

@@ -94,18 +94,25 @@ def structured_outputs(request: SamplingFields, tool_schema: dict | None = None)
         raise bad_request(f"response_format type {kind!r} is not supported (supported: {', '.join(RESPONSE_FORMATS)})",
                           param="response_format")
     fields = dict(request.structured_outputs or {})
+
+    def add(kind: str, value, param: str) -> None:
+        if fields.get(kind) not in (None, False):
+            raise bad_request(f"{param} and structured_outputs {kind} cannot both constrain the output", param=param)
+        fields[kind] = value
+
     if tool_schema is not None:
         if kind != "text":
             raise bad_request("response_format and tool_choice cannot both constrain the output", param="tool_choice")
-        fields["json"] = tool_schema
+        add("json", tool_schema, "tool_choice")
     if kind == "json_object":
-        fields["json_object"] = True
+        add("json_object", True, "response_format")
     elif kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
+        json_schema = response_format.get("json_schema")
+        schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
         if not isinstance(schema, (dict, str)):
             raise bad_request(f"response_format json_schema needs a schema (a JSON schema object), got {schema!r}",
                               param="response_format")
-        fields["json"] = schema
+        add("json", schema, "response_format")
     if not fields and request.structured_outputs is None:
         return None
     try:

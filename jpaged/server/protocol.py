@@ -143,6 +143,7 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None  # given to the chat template with the messages
     add_special_tokens: StrictBool | None = None  # default: True for a prompt, False for messages
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False

@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 
 from jpaged.server.errors import bad_request
-from jpaged.server.protocol import ChatCompletionRequest, FunctionCall, ToolCall
+from jpaged.server.protocol import ChatCompletionRequest, FunctionCall, TokenizeRequest, ToolCall
+from jpaged.structured_output import map_schema
 
-NO_PARAMETERS = {"type": "object", "properties": {}}
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 def tool_schema(request: ChatCompletionRequest) -> dict | None:
@@ -42,15 +43,30 @@ def tool_schema(request: ChatCompletionRequest) -> dict | None:
         raise bad_request(f"tool_choice {choice!r} needs tools", param="tool_choice")
     if choice == "required":
         calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [tool.function.name]},
-                                                   "parameters": tool.function.parameters or NO_PARAMETERS},
-                  "required": ["name", "parameters"], "additionalProperties": False} for tool in tools]
-        return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+                                                   "parameters": {"$ref": f"#/$defs/tool_{i}"}},
+                  "required": ["name", "parameters"], "additionalProperties": False} for i, tool in enumerate(tools)]
+        parameters = {f"tool_{i}": _moved(tool.function.parameters or NO_PARAMETERS, f"#/$defs/tool_{i}")
+                      for i, tool in enumerate(tools)}
+        return {"type": "array", "minItems": 1, "items": {"anyOf": calls}, "$defs": parameters}
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     chosen = [tool for tool in tools if tool.function.name == name]
     if choice.get("type") != "function" or not chosen:
         raise bad_request(f"tool_choice {choice!r} names no function among the tools "
                           f"({', '.join(tool.function.name for tool in tools)})", param="tool_choice")
     return chosen[0].function.parameters or NO_PARAMETERS
+
+
+def _moved(schema: dict, place: str) -> dict:
+    """A tool's parameters schema to be placed at `place` (a JSON pointer) in a larger schema: its
+    local `$ref`s ("#/$defs/Location", "#") rewritten to point inside it there."""
+    def relocate(sub: dict) -> dict:
+        ref = sub.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#"):
+            return {**sub, "$ref": place + ref[1:]}
+        return sub
+
+    return map_schema(schema, relocate)
 
 
 def tool_calls(request: ChatCompletionRequest, text: str) -> list[ToolCall] | None:
@@ -68,6 +84,6 @@ def tool_calls(request: ChatCompletionRequest, text: str) -> list[ToolCall] | No
     return [ToolCall(function=FunctionCall(name=request.tool_choice["function"]["name"], arguments=text))]
 
 
-def template_tools(request: ChatCompletionRequest) -> list[dict] | None:
-    """The tools as the chat template takes them (OpenAI's shape, as dicts)."""
+def template_tools(request: ChatCompletionRequest | TokenizeRequest) -> list[dict] | None:
+    """The request's tools as the chat template takes them (OpenAI's shape, as dicts)."""
     return [tool.model_dump(exclude_none=True) for tool in request.tools] if request.tools else None
