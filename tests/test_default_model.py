@@ -1,15 +1,18 @@
 """The default model end to end: the CLI's answer, and greedy tokens against HF transformers."""
 
 import ctypes
+import json
 import mmap
 import re
 
+import jsonschema
 import pytest
 
 from jpaged import LLM, SamplingParams
 from jpaged.cli import main
 from jpaged.llm import chat_token_ids
 from jpaged.model_runner import memory_spans
+from jpaged.sampling_params import StructuredOutputsParams
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write a haiku about rain."]
 
@@ -19,9 +22,14 @@ def test_cli_answers_the_default_question(model_path, capsys):
     assert capsys.readouterr().out.strip() == "The capital of France is Paris."
 
 
-def test_greedy_tokens_match_hf_transformers(model_path, hf_gguf_model):
+@pytest.fixture(scope="module")
+def default_llm(model_path):
+    return LLM(None, num_blocks=64)
+
+
+def test_greedy_tokens_match_hf_transformers(default_llm, hf_gguf_model):
     torch = pytest.importorskip("torch")
-    llm = LLM(None, num_blocks=64)
+    llm = default_llm
     tokenizer = llm.get_tokenizer()
     prompts = [chat_token_ids(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
     params = SamplingParams(temperature=0.0, max_tokens=24)
@@ -72,3 +80,42 @@ def kernel_collapses() -> bool:
         return False
     view = ctypes.c_char.from_buffer(area)
     return huge_bytes_holding([(ctypes.addressof(view), 1)]) > 0
+
+
+def test_default_model_answers_in_json_as_hf_with_the_same_mask(default_llm, hf_gguf_model):
+    """The chat model fills a schema: valid JSON (its unconstrained answer here is not: it ends the
+    object with a trailing comma), token for token as HF transformers' greedy search under
+    llguidance's mask."""
+    torch = pytest.importorskip("torch")
+    from guidance_mask import GuidanceMask
+    from transformers import LogitsProcessorList
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
+                                               "population_millions": {"type": "number"}},
+              "required": ["city", "country", "population_millions"], "additionalProperties": False}
+    llm = default_llm
+    tokenizer = llm.get_tokenizer()
+    question = "Give the capital of France as JSON with city, country and population_millions."
+    prompt = chat_token_ids(tokenizer, [{"role": "user", "content": question}])
+    constraint = StructuredOutputsParams(json=schema)
+    constrained, plain = llm.generate([{"prompt_token_ids": prompt}] * 2, [
+        SamplingParams(temperature=0, max_tokens=60, structured_outputs=constraint),
+        SamplingParams(temperature=0, max_tokens=60)], use_tqdm=False)
+    answer = constrained.outputs[0]
+    assert answer.finish_reason == "stop"
+    value = json.loads(answer.text)
+    jsonschema.validate(value, schema)
+    assert value["city"] == "Paris"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(plain.outputs[0].text)
+    eos = sorted(llm.engine.eos_token_ids)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            mask = GuidanceMask(tokenizer, constraint, len(prompt), llm.engine.model_config.vocab_size, eos)
+            theirs = hf_gguf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=60,
+                                            logits_processor=LogitsProcessorList([mask]))
+    finally:
+        torch.set_num_threads(threads)
+    assert answer.token_ids == theirs[0, len(prompt):].tolist()

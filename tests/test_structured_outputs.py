@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 import jsonschema
 import llguidance
-import llguidance.hf
 import llguidance.numpy
 import numpy as np
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from guidance_mask import GuidanceMask
+from transformers import LogitsProcessorList
 
 from jpaged import LLM, SamplingParams
 from jpaged.sampler import apply_token_bitmask
@@ -67,34 +67,6 @@ def test_token_bitmask_matches_llguidance_numpy():
         np.testing.assert_array_equal(np.asarray(ours)[2], logits[2])
 
 
-class GuidanceMask(LogitsProcessor):
-    """An HF logits processor: llguidance's mask for the tokens generated so far (one sequence)."""
-
-    def __init__(self, tokenizer, constraint: StructuredOutputsParams, prompt_len: int, vocab: int,
-                 eos: int | list[int] = EOS):
-        kind, spec = constraint.constraint
-        if kind in ("json", "json_object"):
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                spec if kind == "json" else {"type": "object"},
-                overrides={"whitespace_flexible": not constraint.disable_any_whitespace})
-        else:
-            grammar = llguidance.grammar_from({"regex": "regex", "choice": "choice", "grammar": "lark"}[kind],
-                                              json.dumps(spec) if kind == "choice" else spec)
-        self.matcher = llguidance.LLMatcher(llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=eos),
-                                            grammar)
-        self.prompt_len, self.vocab, self.consumed = prompt_len, vocab, 0
-
-    def __call__(self, input_ids, scores):
-        generated = input_ids[0, self.prompt_len:].tolist()
-        assert self.matcher.consume_tokens(generated[self.consumed:])
-        self.consumed = len(generated)
-        bitmask = llguidance.numpy.allocate_token_bitmask(1, self.vocab)
-        llguidance.numpy.fill_next_token_bitmask(self.matcher, bitmask)
-        masked = scores.numpy().copy()
-        llguidance.numpy.apply_token_bitmask_inplace(masked, bitmask)
-        return torch.from_numpy(masked)
-
-
 @pytest.fixture(scope="module")
 def stories(stories_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,7 +87,7 @@ def test_greedy_constrained_requests_in_one_batch_match_hf_generate(stories):
         with torch.no_grad():
             theirs = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False, eos_token_id=EOS,
                                  logits_processor=LogitsProcessorList(
-                                     [GuidanceMask(tokenizer, constraint, len(prompt_ids), vocab)]))
+                                     [GuidanceMask(tokenizer, constraint, len(prompt_ids), vocab, EOS)]))
         assert out.outputs[0].token_ids == theirs[0, len(prompt_ids):].tolist(), constraint.constraint
         if out.outputs[0].finish_reason == "stop":
             assert out.outputs[0].token_ids[-1] == EOS and obeys(constraint, out.outputs[0].text), out.outputs[0]
@@ -210,39 +182,3 @@ def test_schema_options_and_boolean_schemas(stories):
     if anything.outputs[0].finish_reason == "stop":
         json.loads(anything.outputs[0].text)  # any JSON value
 
-
-def test_default_model_answers_in_json_as_hf_with_the_same_mask(model_path, hf_gguf_model):
-    """The chat model fills a schema: valid JSON (its unconstrained answer here is not: it ends the
-    object with a trailing comma), token for token as HF transformers' greedy search under
-    llguidance's mask."""
-    from jpaged.llm import chat_token_ids
-
-    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"},
-                                               "population_millions": {"type": "number"}},
-              "required": ["city", "country", "population_millions"], "additionalProperties": False}
-    llm = LLM(None, num_blocks=64, compilation_cache=False)
-    tokenizer = llm.get_tokenizer()
-    question = "Give the capital of France as JSON with city, country and population_millions."
-    prompt = chat_token_ids(tokenizer, [{"role": "user", "content": question}])
-    constraint = StructuredOutputsParams(json=schema)
-    constrained, plain = llm.generate([{"prompt_token_ids": prompt}] * 2, [
-        SamplingParams(temperature=0, max_tokens=60, structured_outputs=constraint),
-        SamplingParams(temperature=0, max_tokens=60)], use_tqdm=False)
-    answer = constrained.outputs[0]
-    assert answer.finish_reason == "stop"
-    value = json.loads(answer.text)
-    jsonschema.validate(value, schema)
-    assert value["city"] == "Paris"
-    with pytest.raises(json.JSONDecodeError):
-        json.loads(plain.outputs[0].text)
-    eos = sorted(llm.engine.eos_token_ids)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            mask = GuidanceMask(tokenizer, constraint, len(prompt), llm.engine.model_config.vocab_size, eos)
-            theirs = hf_gguf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=60,
-                                            logits_processor=LogitsProcessorList([mask]))
-    finally:
-        torch.set_num_threads(threads)
-    assert answer.token_ids == theirs[0, len(prompt):].tolist()
