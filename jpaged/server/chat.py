@@ -20,7 +20,7 @@ from jpaged.outputs import CompletionOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
 from jpaged.server.logprobs import chat_logprobs, prompt_logprobs
-from jpaged.server.params import chat_params, check_model, max_tokens_field, resolve_max_tokens
+from jpaged.server.params import chat_params, check_model, constraint_field, max_tokens_field, resolve_max_tokens
 from jpaged.server.prompts import Prompt, chat_prompt, truncated
 from jpaged.server.protocol import (
     ChatChoice,
@@ -63,7 +63,7 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
                                     max_tokens_field(request), prompt_param="messages")
     params = chat_params(request, max_tokens)
     request_id = random_id("chatcmpl")
-    group = await submit(state, request_id, [prompt], [params])
+    group = await submit(state, request_id, [prompt], [params], constraint_field(request))
     if request.stream:
         return _stream(request, state, request_id, prompt, params, group)
     (output,) = await collect(group)

@@ -22,7 +22,7 @@ from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
 from jpaged.server.errors import bad_request
 from jpaged.server.logprobs import completion_logprobs, prompt_logprobs
-from jpaged.server.params import check_model, completion_params, resolve_max_tokens
+from jpaged.server.params import check_model, completion_params, constraint_field, resolve_max_tokens
 from jpaged.server.prompts import Prompt, completion_prompts, truncated
 from jpaged.server.protocol import (
     CompletionChoice,
@@ -58,7 +58,7 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
     params = [completion_params(request, resolve_max_tokens(asked, len(p.token_ids), max_model_len, "max_tokens"))
               for p in prompts]
     request_id = random_id("cmpl")
-    group = await submit(state, request_id, prompts, params)
+    group = await submit(state, request_id, prompts, params, constraint_field(request))
     if request.stream:
         return _stream(request, state, request_id, prompts, params[0], group)
     outputs = [_returned(request, output) for output in await collect(group)]

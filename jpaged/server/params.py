@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from jpaged.sampling_params import SamplingParams, StructuredOutputsParams
+from jpaged.sampling_params import STRUCTURED_KINDS, SamplingParams, StructuredOutputsParams
 from jpaged.server.errors import APIError, bad_request
 from jpaged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from jpaged.server.tools import tool_schema
@@ -88,16 +88,17 @@ def structured_outputs(request: SamplingFields, tool_schema: dict | None = None)
     `tool_schema` merged in as vLLM does (so `structured_outputs` may add options such as
     `disable_any_whitespace` to them). 400 naming the field for an unknown format, a missing
     schema, or bad or conflicting constraints."""
-    response_format = request.response_format or {}
-    kind = response_format.get("type", "text")
+    response_format = {"type": "text"} if request.response_format is None else request.response_format
+    kind = response_format.get("type")
     if kind not in RESPONSE_FORMATS:
         raise bad_request(f"response_format type {kind!r} is not supported (supported: {', '.join(RESPONSE_FORMATS)})",
                           param="response_format")
     fields = dict(request.structured_outputs or {})
 
     def add(kind: str, value, param: str) -> None:
-        if fields.get(kind) not in (None, False):
-            raise bad_request(f"{param} and structured_outputs {kind} cannot both constrain the output", param=param)
+        sent = [key for key in STRUCTURED_KINDS if fields.get(key) not in (None, False)]
+        if sent:
+            raise bad_request(f"{param} and structured_outputs {sent[0]} cannot both constrain the output", param=param)
         fields[kind] = value
 
     if tool_schema is not None:
@@ -110,8 +111,8 @@ def structured_outputs(request: SamplingFields, tool_schema: dict | None = None)
         json_schema = response_format.get("json_schema")
         schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
         if not isinstance(schema, (dict, str)):
-            raise bad_request(f"response_format json_schema needs a schema (a JSON schema object), got {schema!r}",
-                              param="response_format")
+            raise bad_request(f"response_format json_schema must be an object holding a schema (a JSON schema "
+                              f"object), got {json_schema!r:.200}", param="response_format")
         add("json", schema, "response_format")
     if not fields and request.structured_outputs is None:
         return None
@@ -120,6 +121,15 @@ def structured_outputs(request: SamplingFields, tool_schema: dict | None = None)
     except (ValueError, TypeError) as err:
         raise bad_request(str(err).replace("StructuredOutputsParams.__init__()", "structured_outputs"),
                           param="structured_outputs") from err
+
+
+def constraint_field(request: SamplingFields) -> str:
+    """The request field its output constraint comes from, to blame when it does not compile."""
+    if isinstance(request, ChatCompletionRequest) and tool_schema(request) is not None:
+        return "tools"
+    if request.response_format is not None and request.response_format.get("type") != "text":
+        return "response_format"
+    return "structured_outputs"
 
 
 def _build(request: SamplingFields, renamed: dict[str, str] | None = None, **fields) -> SamplingParams:

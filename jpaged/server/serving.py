@@ -10,6 +10,7 @@ closes the group (closing aborts what has not finished).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from pydantic import BaseModel
@@ -37,9 +38,10 @@ class ServerState:
 
 
 async def submit(state: ServerState, request_id: str, prompts: list[Prompt],
-                 params: list[SamplingParams]) -> RequestGroup:
+                 params: list[SamplingParams], constraint_field: str = "structured_outputs") -> RequestGroup:
     """Queue one engine request per prompt. Raises APIError: 503 when the server is full, 400
-    when the engine refuses a prompt (ids outside the vocabulary, too long for the KV cache)."""
+    when the engine refuses a prompt (ids outside the vocabulary, too long for the KV cache, an
+    output constraint that does not compile, blamed on `constraint_field`, the field it came from)."""
     requests: list[tuple[PromptType, SamplingParams]] = [
         ({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, param)
         for prompt, param in zip(prompts, params)]
@@ -48,7 +50,11 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt],
     except ServerOverloaded as err:
         raise overloaded(str(err)) from err
     except ValueError as err:
-        raise bad_request(str(err), param=_refused_field(str(err))) from err
+        field = _refused_field(str(err))
+        if field == "structured_outputs" != constraint_field:
+            raise bad_request(re.sub(r"^structured_outputs \w+", f"{constraint_field} schema", str(err)),
+                              param=constraint_field) from err
+        raise bad_request(str(err), param=field) from err
 
 
 def _refused_field(message: str) -> str:

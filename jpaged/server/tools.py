@@ -41,6 +41,9 @@ def tool_schema(request: ChatCompletionRequest) -> dict | None:
                           '{"type": "function", "function": {"name": ...}}', param="tool_choice")
     if not tools:
         raise bad_request(f"tool_choice {choice!r} needs tools", param="tool_choice")
+    names = [tool.function.name for tool in tools]
+    if len(set(names)) < len(names):
+        raise bad_request(f"tools must have distinct names, got {names}", param="tools")
     if choice == "required":
         calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [tool.function.name]},
                                                    "parameters": {"$ref": f"#/$defs/tool_{i}"}},
@@ -79,9 +82,14 @@ def tool_calls(request: ChatCompletionRequest, text: str) -> list[ToolCall] | No
     except json.JSONDecodeError:
         return None
     if request.tool_choice == "required":
-        return [ToolCall(function=FunctionCall(name=call["name"], arguments=json.dumps(call["parameters"])))
+        return [ToolCall(function=FunctionCall(name=call["name"], arguments=_json(call["parameters"])))
                 for call in value]
-    return [ToolCall(function=FunctionCall(name=request.tool_choice["function"]["name"], arguments=text))]
+    return [ToolCall(function=FunctionCall(name=request.tool_choice["function"]["name"], arguments=_json(value)))]
+
+
+def _json(value) -> str:
+    """Arguments as JSON text, written the same way under either tool choice (non-ASCII kept)."""
+    return json.dumps(value, ensure_ascii=False)
 
 
 def template_tools(request: ChatCompletionRequest | TokenizeRequest) -> list[dict] | None:
