@@ -518,6 +518,11 @@ def test_required_and_named_tool_choices_return_tool_calls(server):
     assert [(c.function.name, c.function.arguments) for c in streamed] == \
         [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    single = client.chat.completions.create(model="stories", messages=CHAT, tools=TOOLS, tool_choice="required",
+                                            parallel_tool_calls=False, max_completion_tokens=60, temperature=0,
+                                            extra_body=COMPACT).choices[0]  # no bias needed: one call ends the list
+    assert single.finish_reason == "tool_calls" and len(single.message.tool_calls) == 1
+    _check_calls(single.message.tool_calls, names)
     cut = client.chat.completions.create(model="stories", messages=CHAT, tools=TOOLS, tool_choice="required",
                                          max_completion_tokens=12, temperature=0, extra_body=COMPACT).choices[0]
     assert cut.finish_reason == "length" and cut.message.content.startswith('[{"name":"') and not cut.message.tool_calls

@@ -6,7 +6,8 @@ trained for tools sees their definitions. What the reply may be follows `tool_ch
 - `"none"`, or no tools: a plain reply.
 - `"required"`: the output is constrained to a JSON array of calls, each exactly
   `{"name": <a tool's name>, "parameters": <its arguments>}` (the shape vLLM uses), and the reply
-  carries them as `tool_calls` (arguments as JSON text) with finish reason "tool_calls".
+  carries them as `tool_calls` (arguments as JSON text) with finish reason "tool_calls";
+  `parallel_tool_calls: false` makes it exactly one call.
 - `{"type": "function", "function": {"name": ...}}`: the output is that function's arguments,
   constrained to its parameters' schema; one tool call, finish reason "stop" (as OpenAI's forced
   calls).
@@ -50,7 +51,8 @@ def tool_schema(request: ChatCompletionRequest) -> dict | None:
                   "required": ["name", "parameters"], "additionalProperties": False} for i, tool in enumerate(tools)]
         parameters = {f"tool_{i}": _moved(tool.function.parameters or NO_PARAMETERS, f"#/$defs/tool_{i}")
                       for i, tool in enumerate(tools)}
-        return {"type": "array", "minItems": 1, "items": {"anyOf": calls}, "$defs": parameters}
+        limit = {} if request.parallel_tool_calls else {"maxItems": 1}
+        return {"type": "array", "minItems": 1, **limit, "items": {"anyOf": calls}, "$defs": parameters}
     function = choice.get("function") if isinstance(choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     chosen = [tool for tool in tools if tool.function.name == name]
