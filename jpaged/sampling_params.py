@@ -119,6 +119,12 @@ def _as_token_ids(field: str, value: object) -> list[int]:
 STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 
 
+def constraints_set(fields: dict) -> list[str]:
+    """The structured-output kinds that `fields` (a `StructuredOutputsParams`' fields, or a request's
+    dict of them) set: neither None nor False."""
+    return [kind for kind in STRUCTURED_KINDS if fields.get(kind) not in (None, False)]
+
+
 @dataclass
 class StructuredOutputsParams:
     """A constraint on what a request generates, shaped like vLLM's ``StructuredOutputsParams``:
@@ -145,7 +151,7 @@ class StructuredOutputsParams:
     disable_additional_properties: bool = False
 
     def __post_init__(self) -> None:
-        given = [kind for kind in STRUCTURED_KINDS if getattr(self, kind) not in (None, False)]
+        given = constraints_set(vars(self))
         if len(given) != 1:
             raise ValueError(f"structured_outputs must set exactly one of {', '.join(STRUCTURED_KINDS)}, "
                              f"got {given or 'none'}")
@@ -169,7 +175,7 @@ class StructuredOutputsParams:
     @property
     def constraint(self) -> tuple[str, object]:
         """(kind, value) of the one constraint set."""
-        kind = next(kind for kind in STRUCTURED_KINDS if getattr(self, kind) not in (None, False))
+        (kind,) = constraints_set(vars(self))
         return kind, getattr(self, kind)
 
 

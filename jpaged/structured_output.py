@@ -17,16 +17,12 @@ EOS tokens, so a constrained request ends as the grammar does.
 from __future__ import annotations
 
 import json
-import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
     from jpaged.sampling_params import StructuredOutputsParams
-
-logger = logging.getLogger("jpaged")
-
 
 def bitmask_width(vocab_size: int) -> int:
     """int32 words of one row's token bitmask: bit ``t % 32`` of word ``t // 32`` is token t."""

@@ -45,7 +45,7 @@ from jpaged.server.serving import (
     submit,
     usage,
 )
-from jpaged.server.tools import template_tools, tool_calls, tool_schema
+from jpaged.server.tools import forces_tool_calls, template_tools, tool_calls
 
 
 async def create_chat_completion(request: ChatCompletionRequest, state: ServerState
@@ -127,7 +127,7 @@ def _choice_chunk(request: ChatCompletionRequest, tokenizer: Any, params: Sampli
     required or named tool choice the text is held, and the calls come whole in the last chunk."""
     if sent.finished:
         return None
-    holds_text = tool_schema(request) is not None
+    holds_text = forces_tool_calls(request)
     text = "" if holds_text else sent.new_text(choice.text)
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
     logprobs = _logprobs(tokenizer, params, token_ids, entries) if token_ids else None

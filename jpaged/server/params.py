@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from jpaged.sampling_params import STRUCTURED_KINDS, SamplingParams, StructuredOutputsParams
+from jpaged.sampling_params import SamplingParams, StructuredOutputsParams, constraints_set
 from jpaged.server.errors import APIError, bad_request
 from jpaged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
-from jpaged.server.tools import tool_schema
+from jpaged.server.tools import forces_tool_calls, tool_schema
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -82,12 +82,12 @@ def max_tokens_field(request: ChatCompletionRequest) -> str:
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 
-def structured_outputs(request: SamplingFields, tool_schema: dict | None = None) -> StructuredOutputsParams | None:
+def structured_outputs(request: SamplingFields, tool_constraint: dict | None = None) -> StructuredOutputsParams | None:
     """The request's output constraint: vLLM's `structured_outputs`, with OpenAI's `response_format`
     (`json_object`: any JSON object; `json_schema`: its `json_schema.schema`) or a chat's
-    `tool_schema` merged in as vLLM does (so `structured_outputs` may add options such as
-    `disable_any_whitespace` to them). 400 naming the field for an unknown format, a missing
-    schema, or bad or conflicting constraints."""
+    `tool_constraint` (its `tools.tool_schema`) merged in as vLLM does (so `structured_outputs`
+    may add options such as `disable_any_whitespace` to them). 400 naming the field for an
+    unknown format, a missing schema, or bad or conflicting constraints."""
     response_format = {"type": "text"} if request.response_format is None else request.response_format
     kind = response_format.get("type")
     if kind not in RESPONSE_FORMATS:
@@ -96,15 +96,15 @@ def structured_outputs(request: SamplingFields, tool_schema: dict | None = None)
     fields = dict(request.structured_outputs or {})
 
     def add(kind: str, value, param: str) -> None:
-        sent = [key for key in STRUCTURED_KINDS if fields.get(key) not in (None, False)]
+        sent = constraints_set(fields)
         if sent:
             raise bad_request(f"{param} and structured_outputs {sent[0]} cannot both constrain the output", param=param)
         fields[kind] = value
 
-    if tool_schema is not None:
+    if tool_constraint is not None:
         if kind != "text":
             raise bad_request("response_format and tool_choice cannot both constrain the output", param="tool_choice")
-        add("json", tool_schema, "tool_choice")
+        add("json", tool_constraint, "tool_choice")
     if kind == "json_object":
         add("json_object", True, "response_format")
     elif kind == "json_schema":
@@ -125,7 +125,7 @@ def structured_outputs(request: SamplingFields, tool_schema: dict | None = None)
 
 def constraint_field(request: SamplingFields) -> str:
     """The request field its output constraint comes from, to blame when it does not compile."""
-    if isinstance(request, ChatCompletionRequest) and tool_schema(request) is not None:
+    if isinstance(request, ChatCompletionRequest) and forces_tool_calls(request):
         return "tools"
     if request.response_format is not None and request.response_format.get("type") != "text":
         return "response_format"

@@ -74,10 +74,16 @@ def _moved(schema: dict, place: str) -> dict:
     return map_schema(schema, relocate)
 
 
+def forces_tool_calls(request: ChatCompletionRequest) -> bool:
+    """Whether the reply is tool calls: a required or named `tool_choice` (one `tool_schema` has
+    accepted; it alone builds the schema)."""
+    return request.tool_choice == "required" or isinstance(request.tool_choice, dict)
+
+
 def tool_calls(request: ChatCompletionRequest, text: str) -> list[ToolCall] | None:
     """The calls in a finished reply under a required or named `tool_choice`; None for a plain
     reply, or one that is not complete JSON (cut by `max_tokens`)."""
-    if tool_schema(request) is None:
+    if not forces_tool_calls(request):
         return None
     try:
         value = json.loads(text)
