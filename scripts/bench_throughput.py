@@ -1,15 +1,21 @@
 """Offline throughput: jpaged side by side with vLLM's CPU build and HF transformers.
 
-Engines (`--engines`, comma-separated; default all five):
+Engines (`--engines`, comma-separated; default: jpaged, hf, hf-batch, vllm, llama.cpp):
 
-    jpaged     jpaged's `LLM.generate` (continuous batching)
-    hf         HF transformers `generate`: static left-padded batches of `--hf-batch-size`
-    hf-batch   HF transformers continuous batching (the manager behind `generate_batch`)
-    vllm       vLLM's CPU build, in its own venv, through scripts/bench_vllm_worker.py; runs only
-               when `--vllm-python` names that venv's python (its docstring tells how to set it up)
-    llama.cpp  llama.cpp through llama-cpp-python, through scripts/bench_llama_cpp_worker.py on an
-               all-float32 copy of the GGUF, every request decoded together in one context; runs
-               only when `--llama-cpp-python` names a python that has it (see the worker's docstring)
+    jpaged        jpaged's `LLM.generate` (continuous batching)
+    jpaged+ngram  the same with n-gram speculative decoding (`--speculative-tokens` drafts)
+    hf            HF transformers `generate`: static left-padded batches of `--hf-batch-size`
+    hf-batch      HF transformers continuous batching (the manager behind `generate_batch`)
+    vllm          vLLM's CPU build, in its own venv, through scripts/bench_vllm_worker.py; runs
+                  only when `--vllm-python` names that venv's python (its docstring tells how to
+                  set it up)
+    vllm+ngram    the same with vLLM's n-gram speculative decoding, the same setting as jpaged's
+    llama.cpp     llama.cpp through llama-cpp-python, through scripts/bench_llama_cpp_worker.py on
+                  an all-float32 copy of the GGUF, every request decoded together in one context;
+                  runs only when `--llama-cpp-python` names a python that has it (see the
+                  worker's docstring)
+
+"vs vLLM" is each engine's output tokens/s over the faster vLLM setting of the run.
 
 Every engine runs SmolLM2-135M-Instruct (the default model's GGUF, dequantized to float32) on
 the same requests, given as token ids: greedy, EOS ignored, each request exactly its own
@@ -36,6 +42,9 @@ Output: a table, a JSON file (`--out`) and a bar plot beside it (same name, `.pn
         --llama-cpp-python /work/llama-venv/bin/python
     python scripts/bench_throughput.py --workload long --vllm-python /work/vllm-venv/bin/python \\
         --llama-cpp-python /work/llama-venv/bin/python
+    # each engine with and without n-gram speculation, in one run:
+    python scripts/bench_throughput.py --workload long --engines jpaged,jpaged+ngram,vllm,vllm+ngram \\
+        --vllm-python /work/vllm-venv/bin/python
     # a quick check that every engine runs:
     python scripts/bench_throughput.py --num-requests 4 --output-cap 16 --single-tokens 16 \\
         --vllm-python /work/vllm-venv/bin/python --llama-cpp-python /work/llama-venv/bin/python \\
@@ -67,8 +76,11 @@ from jpaged.llm import chat_token_ids
 from jpaged.loader.default_model import default_model_path
 from jpaged.loader.gguf_cache import open_cached
 
-ENGINES = ("jpaged", "hf", "hf-batch", "vllm", "llama.cpp")
-LABELS = {"jpaged": "jpaged", "hf": "HF generate", "hf-batch": "HF continuous batching", "vllm": "vLLM (CPU)",
+ENGINES = ("jpaged", "jpaged+ngram", "hf", "hf-batch", "vllm", "vllm+ngram", "llama.cpp")
+DEFAULT_ENGINES = ("jpaged", "hf", "hf-batch", "vllm", "llama.cpp")
+SPECULATIVE = "+ngram"  # the engine-name suffix of a speculative setting
+LABELS = {"jpaged": "jpaged", "jpaged+ngram": "jpaged, n-gram drafts", "hf": "HF generate",
+          "hf-batch": "HF continuous batching", "vllm": "vLLM (CPU)", "vllm+ngram": "vLLM (CPU), n-gram drafts",
           "llama.cpp": "llama.cpp"}
 
 TOPICS = ["the moon", "volcanoes", "honey bees", "the Roman empire", "rainbows", "chess", "coffee",
@@ -150,19 +162,20 @@ def build_workload(name: str, tokenizer, count: int, output_cap: int | None) -> 
 
 
 
-def speculative_config(args) -> dict | None:
-    """n-gram speculative decoding for jpaged and vLLM alike when `--speculative-tokens` is given."""
-    if not args.speculative_tokens:
+def speculative_config(args, engine: str) -> dict | None:
+    """n-gram speculative decoding, the same setting for jpaged and vLLM, for an engine named with
+    the `+ngram` suffix; None for the others."""
+    if not engine.endswith(SPECULATIVE):
         return None
     return {"method": "ngram", "num_speculative_tokens": args.speculative_tokens, "prompt_lookup_max": 4,
             "prompt_lookup_min": 2}
 
 
-def run_jpaged(workload: Workload, single: list[int], single_tokens: int, args) -> EngineRun:
+def run_jpaged(workload: Workload, single: list[int], single_tokens: int, args, engine: str) -> EngineRun:
     """A cold pass (compiles), then the timed pass; the single request likewise."""
     llm = LLM(None, attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
-              cpu_kv_cache_gib=args.kv_cache_gib, speculative_config=speculative_config(args))
+              cpu_kv_cache_gib=args.kv_cache_gib, speculative_config=speculative_config(args, engine))
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.max_tokens]
     requests = [{"prompt_token_ids": p} for p in workload.prompts]
 
@@ -185,7 +198,7 @@ def run_jpaged(workload: Workload, single: list[int], single_tokens: int, args) 
                "draft_tokens": stats.num_draft_tokens, "accepted_draft_tokens": stats.num_accepted_draft_tokens,
                "settings": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                             "cpu_kv_cache_gib": args.kv_cache_gib, "prefix_caching": True,
-                            "speculative_config": speculative_config(args)}}
+                            "speculative_config": speculative_config(args, engine)}}
     return EngineRun(seconds, token_ids, single_tokens / single_seconds, details)
 
 
@@ -337,13 +350,13 @@ def requests_json(workload: Workload, single: list[int], single_tokens: int, rou
 
 
 def run_vllm(python: str, folder: Path, workload: Workload, single: list[int], single_tokens: int,
-             args) -> EngineRun:
+             args, engine: str) -> EngineRun:
     """vLLM in its own venv (scripts/bench_vllm_worker.py)."""
     max_model_len = max(len(p) + n for p, n in zip(workload.prompts + [single], workload.max_tokens + [single_tokens]))
     job = {"model": str(folder),
            "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                       "max_model_len": max(2048, max_model_len), "kv_cache_gib": args.kv_cache_gib,
-                      "enable_prefix_caching": True, "speculative_config": speculative_config(args)},
+                      "enable_prefix_caching": True, "speculative_config": speculative_config(args, engine)},
            **requests_json(workload, single, single_tokens, args.single_rounds)}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}" if args.vllm_omp_bind == "all" else args.vllm_omp_bind
@@ -382,19 +395,20 @@ def summarise(runs: dict[str, EngineRun], workload: Workload) -> dict:
                          "single_decode_tokens_per_s": run.single_tokens_per_s,
                          "exact_lengths": [len(t) for t in run.token_ids] == workload.max_tokens,
                          "agreement": compare(runs[reference].token_ids, run.token_ids), **run.details}
-    vllm_rate = engines["vllm"]["tokens_per_s"] if "vllm" in engines else None
+    vllm_rate = max((entry["tokens_per_s"] for name, entry in engines.items() if name.startswith("vllm")),
+                    default=None)
     for entry in engines.values():
         entry["ratio_to_vllm"] = entry["tokens_per_s"] / vllm_rate if vllm_rate else None
     return {"reference": reference, "engines": engines}
 
 
 def print_table(summary: dict) -> None:
-    print(f"{'engine':<24}{'output tok/s':>14}{'vs vLLM':>10}{'single tok/s':>14}"
+    print(f"{'engine':<28}{'output tok/s':>14}{'vs vLLM':>10}{'single tok/s':>14}"
           f"{'identical to ' + summary['reference']:>22}{'wall s':>9}")
     for name, entry in summary["engines"].items():
         ratio = f"{entry['ratio_to_vllm']:.2f}x" if entry["ratio_to_vllm"] else "-"
         agreement = f"{entry['agreement']['identical']}/{entry['agreement']['total']}"
-        print(f"{LABELS[name]:<24}{entry['tokens_per_s']:>14.1f}{ratio:>10}"
+        print(f"{LABELS[name]:<28}{entry['tokens_per_s']:>14.1f}{ratio:>10}"
               f"{entry['single_decode_tokens_per_s']:>14.1f}{agreement:>22}{entry['seconds']:>9.1f}")
     for name, entry in summary["engines"].items():
         differences = entry["agreement"]["first_differences"]
@@ -415,7 +429,7 @@ def plot(summary: dict, title: str, path: Path) -> Path:
 
     names = list(summary["engines"])
     labels = [LABELS[n] for n in names]
-    colors = ["#1f77b4" if n == "jpaged" else "#7f7f7f" for n in names]
+    colors = ["#1f77b4" if n.startswith("jpaged") else "#7f7f7f" for n in names]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, heading in ((axes[0], "tokens_per_s", "batch throughput"),
                              (axes[1], "single_decode_tokens_per_s", "one request alone")):
@@ -447,7 +461,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workload", choices=("chat", "long"), default="chat")
     parser.add_argument("--num-requests", type=int, help="default: 64 (chat), 16 (long)")
     parser.add_argument("--output-cap", type=int, help="cap every request's output length (quick checks)")
-    parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of " + ",".join(ENGINES))
+    parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
+                        help="comma-separated subset of " + ",".join(ENGINES))
     parser.add_argument("--vllm-python", help="python of the venv with vllm-cpu (needed for the vllm engine)")
     parser.add_argument("--llama-cpp-python",
                         help="python of a venv with llama-cpp-python (needed for the llama.cpp engine)")
@@ -460,8 +475,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--single-tokens", type=int, default=128)
-    parser.add_argument("--speculative-tokens", type=int, default=0,
-                        help="n-gram speculative decoding with this many drafts (jpaged and vLLM; default: off)")
+    parser.add_argument("--speculative-tokens", type=int, default=4,
+                        help="drafts per step of the +ngram engines (jpaged and vLLM alike)")
     parser.add_argument("--single-rounds", type=int, default=3,
                         help="timed runs of the single request per engine (the median is reported)")
     parser.add_argument("--out", help="default: bench_results/throughput_<workload>.json")
@@ -470,9 +485,10 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.engines) - set(ENGINES)
     if unknown:
         parser.error(f"unknown engines: {', '.join(sorted(unknown))}")
-    if "vllm" in args.engines and not args.vllm_python:
-        print("vllm skipped: no --vllm-python given")
-        args.engines.remove("vllm")
+    for name in [e for e in args.engines if e.startswith("vllm")]:
+        if not args.vllm_python:
+            print(f"{name} skipped: no --vllm-python given")
+            args.engines.remove(name)
     if "llama.cpp" in args.engines and not args.llama_cpp_python:
         print("llama.cpp skipped: no --llama-cpp-python given")
         args.engines.remove("llama.cpp")
@@ -484,10 +500,10 @@ def parse_args() -> argparse.Namespace:
 def run_engines(args, workload: Workload, single: list[int], tokenizer) -> dict[str, EngineRun]:
     """Each chosen engine in turn, jpaged first (the reference)."""
     runs: dict[str, EngineRun] = {}
-    if "jpaged" in args.engines:
-        print("jpaged ...", flush=True)
-        runs["jpaged"] = run_jpaged(workload, single, args.single_tokens, args)
-    hf_engines = [e for e in args.engines if e in ("hf", "hf-batch", "vllm")]
+    for name in [e for e in args.engines if e.startswith("jpaged")]:
+        print(f"{LABELS[name]} ...", flush=True)
+        runs[name] = run_jpaged(workload, single, args.single_tokens, args, name)
+    hf_engines = [e for e in args.engines if e in ("hf", "hf-batch") or e.startswith("vllm")]
     folder = hf_model_dir(default_model_path()) if hf_engines else None
     if "hf" in args.engines or "hf-batch" in args.engines:
         model = load_hf_model(folder)
@@ -499,12 +515,12 @@ def run_engines(args, workload: Workload, single: list[int], tokenizer) -> dict[
             print("HF continuous batching ...", flush=True)
             runs["hf-batch"] = run_hf_batch(model, workload, single, args.single_tokens, args)
         del model
-    if "vllm" in args.engines:
-        print("vLLM ...", flush=True)
+    for name in [e for e in args.engines if e.startswith("vllm")]:
+        print(f"{LABELS[name]} ...", flush=True)
         try:
-            runs["vllm"] = run_vllm(args.vllm_python, folder, workload, single, args.single_tokens, args)
+            runs[name] = run_vllm(args.vllm_python, folder, workload, single, args.single_tokens, args, name)
         except (OSError, subprocess.CalledProcessError) as error:
-            print(f"vLLM left out: {error}")
+            print(f"{LABELS[name]} left out: {error}")
     if "llama.cpp" in args.engines:
         print("llama.cpp ...", flush=True)
         try:
