@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from jpaged.server.tool_parsers import TOOL_PARSERS
+
 DEFAULT_PROMPT = "What is the capital of France?"
 COMMANDS = ("generate", "serve")
 
@@ -93,6 +95,15 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="model name the API shows; unset: the model's")
     parser.add_argument("--max-queued-requests", type=int, default=256,
                         help="engine requests the server holds at once (running or waiting); more get HTTP 503")
+    parser.add_argument("--chat-template", default=None,
+                        help="chat template: a Jinja file, or the template itself; unset: the tokenizer's")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="let requests bring their own chat_template (Jinja the server renders)")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='serve tool_choice "auto": find tool calls in the reply with --tool-call-parser')
+    parser.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                        help="the model family's tool-call syntax (hermes: <tool_call> JSON </tool_call>; "
+                             "llama3_json: a JSON object with name and parameters)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

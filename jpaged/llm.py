@@ -123,24 +123,32 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         tools: list[dict] | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template (given
-        `tools`, OpenAI-style function definitions, for templates that render them)."""
+        `tools`, OpenAI-style function definitions, for templates that render them).
+
+        `chat_template` (Jinja text) replaces the tokenizer's; `chat_template_kwargs` are extra
+        variables for the template (such as `enable_thinking` where a template reads it).
+        ValueError when there is no chat template at all."""
         conversations = _conversations(messages)
         tokenizer = self.engine.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"the tokenizer of {self.engine.model_name} has no chat template")
+        if not chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer of {self.engine.model_name} has no chat template; pass chat_template")
         prompts = [
-            {"prompt_token_ids": chat_token_ids(tokenizer, conversation, add_generation_prompt, tools)}
+            {"prompt_token_ids": chat_token_ids(tokenizer, conversation, add_generation_prompt, tools, chat_template,
+                                                chat_template_kwargs)}
             for conversation in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
 
 
 def chat_token_ids(tokenizer, conversation: list[dict], add_generation_prompt: bool = True,
-                   tools: list[dict] | None = None) -> list[int]:
+                   tools: list[dict] | None = None, chat_template: str | None = None,
+                   chat_template_kwargs: dict | None = None) -> list[int]:
     text = tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
-                                         tokenize=False)
+                                         tokenize=False, chat_template=chat_template, **(chat_template_kwargs or {}))
     return tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -50,6 +50,14 @@ TOOLS = [{"type": "function", "function": {
                                                               "legs": {"type": "integer", "minimum": 0, "maximum": 8}},
                              "required": ["animal", "legs"], "additionalProperties": False}}}]
 COMPACT = {"structured_outputs": {"disable_any_whitespace": True}}
+# a request's own template, rendering tools and a variable from chat_template_kwargs; a reply in the
+# Hermes tool-call syntax that the server's parser reads under tool_choice "auto"
+HERMES_TEMPLATE = ("{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}</tools>\n{% endif %}"
+                   "{% for m in messages %}{{ m['role'] }} ({{ tone }}): {{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}assistant:{% endif %}")
+HERMES_REPLY = (r'(Sure|Yes)\. <tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)", '
+                r'"unit": "(C|F)"\}\}</tool_call>')
+TEMPLATE_FIELDS = {"chat_template": HERMES_TEMPLATE, "chat_template_kwargs": {"tone": "brief"}}
 _rng = random.Random(0)
 # 64 streaming clients: (prompt, max_tokens, leaves mid-stream)
 CONCURRENT_PLAN = [(PROMPTS[i % len(PROMPTS)], 8 + i % 9, _rng.random() < 0.3) for i in range(64)]
@@ -131,13 +139,16 @@ def expected(llm):
         "chat_json_object": llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=30,
                                                           structured_outputs={"json_object": True}),
                                      use_tqdm=False)[0].outputs[0].text,
+        "hermes": llm.chat(CHAT, SamplingParams(temperature=0, max_tokens=120, structured_outputs={"regex": HERMES_REPLY}),
+                           use_tqdm=False, tools=TOOLS, **TEMPLATE_FIELDS)[0],
     }
 
 
 @pytest.fixture(scope="module")
 def server(llm, expected):
     """The server over `llm`'s engine (compiled programs are shared); `llm` is not used after."""
-    app = create_app(llm.engine, served_model_name="stories", api_key=API_KEY, max_queued_requests=QUEUE_LIMIT)
+    app = create_app(llm.engine, served_model_name="stories", api_key=API_KEY, max_queued_requests=QUEUE_LIMIT,
+                     trust_request_chat_template=True, tool_call_parser="hermes")
     port = _free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -584,13 +595,48 @@ def test_tool_turns_reach_the_chat_template(server, expected):
     assert not reply.choices[0].message.tool_calls
 
 
-@pytest.mark.parametrize("extra", [{"tools": TOOLS}, {"tools": TOOLS, "tool_choice": "auto"},
-                                   {"tool_choice": "required"},
+@pytest.mark.parametrize("extra", [{"tool_choice": "auto"}, {"tool_choice": "required"},
                                    {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "fly"}}},
                                    {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}])
 def test_tool_choices_that_cannot_be_served_are_refused(server, extra):
     error = server.post("/v1/chat/completions", {"messages": CHAT, **extra}).json()["error"]
     assert error["param"] == "tool_choice" and error["type"] == "invalid_request_error", error
+
+
+def test_auto_tool_choice_reads_hermes_calls_from_the_reply(server, expected):
+    """Under tool_choice "auto" the server's Hermes parser finds the call in the reply that
+    `LLM.chat` gives (the reply held to the syntax by a regex, as stories260K knows no tools)."""
+    import re
+
+    reply = expected["hermes"]
+    text = reply.outputs[0].text
+    assert re.fullmatch(HERMES_REPLY, text), text
+    content, marked = text.split("<tool_call>")
+    call = json.loads(marked.removesuffix("</tool_call>"))
+    tokenizer = server.front.tokenizer
+    rendered = tokenizer.apply_chat_template(CHAT, tools=TOOLS, add_generation_prompt=True, tokenize=False,
+                                             chat_template=HERMES_TEMPLATE, tone="brief")  # HF's own rendering
+    assert rendered.startswith("<tools>get_weather;count_legs;</tools>\nsystem (brief): ")
+    assert reply.prompt_token_ids == tokenizer.encode(rendered, add_special_tokens=False)
+    tokens = server.post("/tokenize", {"messages": CHAT, "tools": TOOLS, **TEMPLATE_FIELDS}).json()["tokens"]
+    assert tokens == reply.prompt_token_ids
+    client = server.client()
+    body = dict(model="stories", messages=CHAT, tools=TOOLS, max_completion_tokens=120, temperature=0,
+                extra_body={"structured_outputs": {"regex": HERMES_REPLY}, **TEMPLATE_FIELDS})
+    whole = client.chat.completions.create(**body)
+    choice = whole.choices[0]
+    assert whole.usage.prompt_tokens == len(reply.prompt_token_ids)
+    assert choice.finish_reason == "tool_calls" and choice.message.content == content
+    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
+    assert [(name, json.loads(arguments)) for name, arguments in calls] == [(call["name"], call["arguments"])]
+    chunks = [chunk for chunk in client.chat.completions.create(**body, stream=True) if chunk.choices]
+    deltas = [chunk.choices[0].delta for chunk in chunks]
+    assert "".join(delta.content or "" for delta in deltas) == content
+    assert any(delta.content for delta in deltas[:-1])  # the content went out before the reply ended
+    assert [(c.function.name, c.function.arguments) for d in deltas for c in d.tool_calls or []] == calls
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    plain = client.chat.completions.create(**body, tool_choice="none").choices[0]
+    assert plain.message.content == text and not plain.message.tool_calls and plain.finish_reason == "stop"
 
 
 def test_echo_without_tokens_scores_the_prompt(server, expected):

@@ -265,3 +265,97 @@ def test_token_bytes_join_back_into_split_characters(stories_path, model_path):
         assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # some tokens split a character
         joined = bytes(b for i in ids for b in token_bytes(tokenizer, i)).decode()
         assert joined.strip() == text
+
+
+def _random_calls(rng, count):
+    """`count` calls with random names and nested, partly non-ASCII arguments."""
+    def value(depth):
+        kind = rng.choice(["str", "int", "list", "dict"] if depth < 2 else ["str", "int"])
+        if kind == "str":
+            return "".join(rng.choice("abcé☃ \"\\{}<>") for _ in range(rng.randint(0, 8)))
+        if kind == "int":
+            return rng.randint(-1000, 1000)
+        if kind == "list":
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {f"k{i}": value(depth + 1) for i in range(rng.randint(0, 3))}
+
+    return [(f"fn_{rng.randint(0, 99)}", {f"a{i}": value(0) for i in range(rng.randint(0, 4))}) for _ in range(count)]
+
+
+def _streamed(parser, text):
+    """The content a stream sends while `text` grows one character at a time, then at its end."""
+    sent = ""
+    for end in range(len(text) + 1):
+        visible = text[:end][:parser.held_from(text[:end])]
+        assert visible.startswith(sent), (visible, sent)  # what was sent is never taken back
+        sent = max(sent, visible, key=len)
+    content, calls = parser.parse(text)
+    return sent, (content or "") if calls else text
+
+
+def test_tool_parsers_read_their_family_syntax():
+    import json
+    import random
+
+    from jpaged.server.tool_parsers import tool_parser
+
+    rng = random.Random(0)
+    hermes, llama3 = tool_parser("hermes"), tool_parser("llama3_json")
+    for trial in range(40):
+        calls = _random_calls(rng, rng.randint(1, 3))
+        expected = [(name, args) for name, args in calls]
+        content = rng.choice(["", "Let me check. ", "<b>x</b> <tool"])
+        text = content + "".join(f"<tool_call>\n{json.dumps({'name': n, 'arguments': a})}\n</tool_call>\n"
+                                 for n, a in calls)
+        if trial % 4 == 0:
+            text = text.removesuffix("</tool_call>\n")  # a last call left open at the end
+        found, parsed = hermes.parse(text)
+        assert found == (content or None) and [(c.name, json.loads(c.arguments)) for c in parsed] == expected
+        sent, final = _streamed(hermes, text)
+        assert final == content and sent == content[:len(sent)] and "<tool_call>" not in sent
+        text = rng.choice(["", "<|python_tag|>", " "]) + "; ".join(
+            json.dumps({"name": n, "parameters": a}, ensure_ascii=trial % 2 == 0) for n, a in calls)
+        found, parsed = llama3.parse(text)
+        assert found is None and [(c.name, json.loads(c.arguments)) for c in parsed] == expected
+        assert _streamed(llama3, text)[0] == ""
+    for text in ["Hello there.", "<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
+                 'Sure <tool_call>["a"]</tool_call>']:
+        assert hermes.parse(text) == (text, []) and _streamed(hermes, text)[1] == text
+    for text in ["Hello {", '{"name": "f", "parameters": {}} and more', '{"name": 3}', "{"]:
+        assert llama3.parse(text) == (text, [])
+    assert _streamed(llama3, "Hello there.")[0] == "Hello there."
+    with pytest.raises(ValueError, match="unknown tool-call parser 'qwen'; known: hermes, llama3_json"):
+        tool_parser("qwen")
+
+
+def test_auto_tool_choice_and_request_templates_need_the_server_to_allow_them():
+    from jpaged.server.launch import read_chat_template, serve
+    from jpaged.server.prompts import ChatTemplate
+    from jpaged.server.protocol import ChatCompletionRequest
+    from jpaged.server.tool_parsers import tool_parser
+    from jpaged.server.tools import tool_schema
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for choice in (None, "auto"):
+        request = ChatCompletionRequest(messages=[], tools=[tool], tool_choice=choice)
+        with pytest.raises(APIError) as err:
+            tool_schema(request, None)
+        assert err.value.param == "tool_choice" and "--enable-auto-tool-choice --tool-call-parser" in err.value.message
+        assert tool_schema(request, tool_parser("hermes")) is None
+    with pytest.raises(APIError) as err:
+        tool_schema(ChatCompletionRequest(messages=[], tool_choice="auto"), tool_parser("hermes"))
+    assert err.value.param == "tool_choice"
+    with pytest.raises(APIError) as err:
+        ChatTemplate.of_request("{{ 1 }}", None, None, trusted=False)
+    assert err.value.param == "chat_template" and "--trust-request-chat-template" in err.value.message
+    with pytest.raises(APIError) as err:
+        ChatTemplate.of_request(None, {"tools": [], "tokenize": True, "enable_thinking": False}, None, trusted=True)
+    assert err.value.param == "chat_template_kwargs" and "tokenize, tools" in err.value.message
+    assert ChatTemplate.of_request(None, {"x": 1}, "server", trusted=False) == ChatTemplate("server", {"x": 1})
+    assert ChatTemplate.of_request("mine", None, "server", trusted=True).template == "mine"
+    for flags in (["--enable-auto-tool-choice"], ["--tool-call-parser", "hermes"]):
+        with pytest.raises(ValueError, match="go together"):
+            serve(_parser().parse_args(["serve", *flags]))
+    with pytest.raises(ValueError, match="'no-such-file.jinja' is neither a file nor a Jinja template"):
+        read_chat_template("no-such-file.jinja")
+    assert read_chat_template("{{ messages }}") == "{{ messages }}"

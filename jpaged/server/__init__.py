@@ -4,7 +4,8 @@ Data flow: an HTTP request is validated into a `protocol` model, turned into pro
 (`prompts`) and `SamplingParams` (`params`), and handed to the `AsyncEngine` (`async_engine`),
 whose one background thread steps the engine and feeds each request's outputs back to the event
 loop; `completions` and `chat` shape those outputs into OpenAI responses or server-sent event
-streams (logprobs from `logprobs`). `app` wires the routes, the API
+streams (logprobs from `logprobs`; tool calls from `tools` and, under "auto", `tool_parsers`).
+`app` wires the routes, the API
 key check and the error handlers (`errors`); `metrics` serves Prometheus text; `launch` builds
 the engine and runs uvicorn.
 """

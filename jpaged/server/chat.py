@@ -3,7 +3,8 @@
 The conversation is rendered by the tokenizer's chat template (`prompts.chat_prompt`) into one
 engine request with `n` samples. Streams open each choice with a `{"role": "assistant"}` delta,
 then send content deltas (under a required or named `tool_choice`, the tool calls whole in the
-last chunk instead, see `tools`), the finish reason in the choice's last chunk, a usage chunk when
+last chunk instead; under "auto", content up to where a call may begin, and the calls whole in the
+last chunk, see `tools`), the finish reason in the choice's last chunk, a usage chunk when
 `stream_options.include_usage` is set, and `data: [DONE]`.
 """
 
@@ -45,7 +46,7 @@ from jpaged.server.serving import (
     submit,
     usage,
 )
-from jpaged.server.tools import forces_tool_calls, template_tools, tool_calls
+from jpaged.server.tools import parses_tool_calls, reply, streamable_text, template_tools
 
 
 async def create_chat_completion(request: ChatCompletionRequest, state: ServerState
@@ -55,13 +56,13 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     check_model(request.model, state.model_name)
     tokenizer = state.engine.tokenizer
     prompt = await asyncio.to_thread(chat_prompt, tokenizer, request.messages, request.add_generation_prompt,
-                                     request.continue_final_message, False,
-                                     template_tools(request))  # long text: other requests go on meanwhile
+                                     request.continue_final_message, False, template_tools(request),
+                                     state.template(request))  # long text: other requests go on meanwhile
     prompt = truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len)
     asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len,
                                     max_tokens_field(request), prompt_param="messages")
-    params = chat_params(request, max_tokens)
+    params = chat_params(request, max_tokens, state.tool_parser)
     request_id = random_id("chatcmpl")
     group = await submit(state, request_id, [prompt], [params], constraint_field(request))
     if request.stream:
@@ -69,8 +70,8 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     (output,) = await collect(group)
     choices = []
     for choice in output.outputs:
-        calls = tool_calls(request, choice.text)
-        message = ChatResponseMessage(content="" if calls else choice.text, tool_calls=calls or [])
+        content, calls = reply(request, choice.text, state.tool_parser)
+        message = ChatResponseMessage(content=content, tool_calls=calls)
         choices.append(ChatChoice(index=choice.index, message=message,
                                   logprobs=_logprobs(tokenizer, params, choice.token_ids, choice.logprobs),
                                   finish_reason=_finish_reason(request, choice, calls), stop_reason=choice.stop_reason))
@@ -80,9 +81,11 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     return JSONResponse(response.model_dump())
 
 
-def _finish_reason(request: ChatCompletionRequest, choice: CompletionOutput, calls: list[ToolCall] | None) -> str:
-    """"tool_calls" when a required tool choice made its calls (OpenAI's); the engine's reason else."""
-    return "tool_calls" if calls and request.tool_choice == "required" else choice.finish_reason
+def _finish_reason(request: ChatCompletionRequest, choice: CompletionOutput, calls: list[ToolCall]) -> str:
+    """"tool_calls" when a required or "auto" tool choice made calls (OpenAI's); the engine's reason
+    else (a named function's call ends with "stop", as OpenAI's forced calls)."""
+    chose = request.tool_choice == "required" or parses_tool_calls(request)
+    return "tool_calls" if calls and chose else choice.finish_reason
 
 
 def _logprobs(tokenizer: Any, params: SamplingParams, token_ids: list[int], entries: list | None):
@@ -93,7 +96,7 @@ def _logprobs(tokenizer: Any, params: SamplingParams, token_ids: list[int], entr
 
 async def _stream(request: ChatCompletionRequest, state: ServerState, request_id: str, prompt: Prompt,
                   params: SamplingParams, group: RequestGroup) -> AsyncIterator[str]:
-    tokenizer, created = state.engine.tokenizer, int(time.time())
+    created = int(time.time())
     progress = [ChoiceProgress() for _ in range(params.n)]
     final = None
 
@@ -109,7 +112,7 @@ async def _stream(request: ChatCompletionRequest, state: ServerState, request_id
         async for _, output in group:
             final = output if output.finished else final
             for choice in output.outputs:
-                event = _choice_chunk(request, tokenizer, params, progress[choice.index], choice)
+                event = _choice_chunk(request, state, params, progress[choice.index], choice)
                 if event is not None:
                     yield chunk([event], chunk_usage(request, prompt_tokens, len(choice.token_ids)))
         if request.stream_options and request.stream_options.include_usage:
@@ -121,26 +124,28 @@ async def _stream(request: ChatCompletionRequest, state: ServerState, request_id
     yield DONE
 
 
-def _choice_chunk(request: ChatCompletionRequest, tokenizer: Any, params: SamplingParams, sent: ChoiceProgress,
+def _choice_chunk(request: ChatCompletionRequest, state: ServerState, params: SamplingParams, sent: ChoiceProgress,
                   choice: CompletionOutput) -> ChatStreamChoice | None:
-    """The chunk that brings a streamed choice up to date, or None when it has nothing new. Under a
-    required or named tool choice the text is held, and the calls come whole in the last chunk."""
+    """The chunk that brings a streamed choice up to date, or None when it has nothing new. Text
+    that may hold tool calls (`tools.streamable_text`) waits for the finished reply; the calls
+    then come whole in the last chunk, after any content not yet sent."""
     if sent.finished:
         return None
-    holds_text = forces_tool_calls(request)
-    text = "" if holds_text else sent.new_text(choice.text)
+    calls: list[ToolCall] = []
+    if choice.finished:
+        content, calls = reply(request, choice.text, state.tool_parser)
+        text = sent.new_text(content or "") if calls else sent.new_text(choice.text)
+    else:
+        streamable = streamable_text(request, choice.text, state.tool_parser)
+        text = sent.new_text(streamable) if len(streamable) > len(sent.text_sent) else ""
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
-    logprobs = _logprobs(tokenizer, params, token_ids, entries) if token_ids else None
+    logprobs = _logprobs(state.engine.tokenizer, params, token_ids, entries) if token_ids else None
     if not text and logprobs is None and not choice.finished:
         return None
     sent.finished = choice.finished
-    delta = DeltaMessage(content=text)
-    calls = tool_calls(request, choice.text) if holds_text and choice.finished else None
-    if calls:
-        delta = DeltaMessage(tool_calls=[DeltaToolCall(index=i, id=call.id, function=call.function)
-                                         for i, call in enumerate(calls)])
-    elif holds_text and choice.finished:
-        delta = DeltaMessage(content=choice.text)  # cut short: the text as it is, as the whole response has it
+    delta = DeltaMessage(content=text or (None if calls else ""),
+                         tool_calls=[DeltaToolCall(index=i, id=call.id, function=call.function)
+                                     for i, call in enumerate(calls)] or None)
     return ChatStreamChoice(index=choice.index, delta=delta, logprobs=logprobs,
                             finish_reason=_finish_reason(request, choice, calls) if choice.finished else None,
                             stop_reason=choice.stop_reason)

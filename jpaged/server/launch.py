@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import socket
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -19,6 +20,7 @@ from jpaged.server.app import build_app
 from jpaged.server.async_engine import AsyncEngine
 from jpaged.server.metrics import ServerMetrics
 from jpaged.server.serving import ServerState
+from jpaged.server.tool_parsers import tool_parser
 
 logger = logging.getLogger("jpaged.server")
 
@@ -26,7 +28,9 @@ API_KEY_ENV = "JPAGED_API_KEY"
 
 
 def create_app(engine: EngineClient, served_model_name: str | None = None, api_key: str | None = None,
-               max_queued_requests: int = 256, allowed_origins: list[str] | None = None) -> FastAPI:
+               max_queued_requests: int = 256, allowed_origins: list[str] | None = None,
+               chat_template: str | None = None, trust_request_chat_template: bool = False,
+               tool_call_parser: str | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`; its engine loop starts and stops with the app.
 
     Args:
@@ -36,12 +40,21 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
         max_queued_requests: most engine requests held at once (>= 1); more get HTTP 503.
         allowed_origins: web origins whose pages may call the server from a browser (CORS;
             "*" for any); None or empty: none.
+        chat_template: Jinja text of the chat template (default: the tokenizer's).
+        trust_request_chat_template: whether a request may bring its own `chat_template`.
+        tool_call_parser: the model family's tool-call syntax (`tool_parsers.TOOL_PARSERS`), which
+            serves `tool_choice: "auto"`; None: "auto" is refused.
+
+    Raises:
+        ValueError: for an unknown `tool_call_parser`.
     """
     name = served_model_name or engine.model_name
+    parser = tool_parser(tool_call_parser) if tool_call_parser else None
     metrics = ServerMetrics(name)
     front = AsyncEngine(engine, max_queued_requests, on_finished=metrics.observe_finished,
                         on_aborted=metrics.observe_aborted)
-    app = build_app(ServerState(front, name, metrics, api_key or None))
+    app = build_app(ServerState(front, name, metrics, api_key or None, chat_template, trust_request_chat_template,
+                                parser))
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
     return app
@@ -56,10 +69,15 @@ def serve(args: argparse.Namespace) -> int:
 
     if args.max_queued_requests < 1:
         raise ValueError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
+    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
+        raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: the parser reads the "
+                         "model's tool calls under tool_choice \"auto\"")
+    template = read_chat_template(args.chat_template) if args.chat_template else None
     check_can_listen(args.host, args.port)  # before the model loads
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     engine = build_engine(args.model, **engine_kwargs(args))
-    app = create_app(engine, args.served_model_name, api_key, args.max_queued_requests, args.allowed_origins)
+    app = create_app(engine, args.served_model_name, api_key, args.max_queued_requests, args.allowed_origins,
+                     template, args.trust_request_chat_template, args.tool_call_parser)
     logging.getLogger("jpaged.server").setLevel(logging.INFO)
     logger.info("serving %s on http://%s:%d/v1 (%s)", app.state.server.model_name, args.host, args.port,
                 "API key required" if api_key else "no API key")
@@ -84,3 +102,14 @@ def check_can_listen(host: str, port: int) -> None:
             probe.bind(address)
     except OSError as err:
         raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --host or --port") from err
+
+
+def read_chat_template(source: str) -> str:
+    """`--chat-template`: the text of the file it names, or the template itself when it is Jinja
+    text (holds `{{` or `{%`). ValueError when it is neither."""
+    path = Path(source)
+    if path.is_file():
+        return path.read_text()
+    if "{{" in source or "{%" in source:
+        return source
+    raise ValueError(f"--chat-template {source!r} is neither a file nor a Jinja template")

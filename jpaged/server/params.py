@@ -13,6 +13,7 @@ from http import HTTPStatus
 from jpaged.sampling_params import SamplingParams, StructuredOutputsParams, constraints_set
 from jpaged.server.errors import APIError, bad_request
 from jpaged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from jpaged.server.tool_parsers import ToolParser
 from jpaged.server.tools import forces_tool_calls, tool_schema
 
 
@@ -60,15 +61,16 @@ def completion_params(request: CompletionRequest, max_tokens: int) -> SamplingPa
                   prompt_logprobs=prompt_logprobs, structured_outputs=structured_outputs(request))
 
 
-def chat_params(request: ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+def chat_params(request: ChatCompletionRequest, max_tokens: int, tool_parser: ToolParser | None = None) -> SamplingParams:
     """`SamplingParams` of a /v1/chat/completions request (`logprobs` a bool, `top_logprobs` a
-    count; a required or named `tool_choice` constrains the output, see `tools`). 400 for bad values."""
+    count; a required or named `tool_choice` constrains the output, and "auto" needs the server's
+    `tool_parser`, see `tools`). 400 for bad values."""
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     renamed = {"logprobs": "top_logprobs", "max_tokens": max_tokens_field(request)}
     return _build(request, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=request.prompt_logprobs,
-                  renamed=renamed, structured_outputs=structured_outputs(request, tool_schema(request)))
+                  renamed=renamed, structured_outputs=structured_outputs(request, tool_schema(request, tool_parser)))
 
 
 def max_tokens_field(request: ChatCompletionRequest) -> str:

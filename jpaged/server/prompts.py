@@ -18,6 +18,10 @@ from jpaged.server.errors import bad_request
 from jpaged.server.protocol import ChatMessage
 
 CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
+# `apply_chat_template`'s own arguments: a request's chat_template_kwargs may not set them
+_TEMPLATE_ARGUMENTS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                       "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
 
 
 @dataclass
@@ -108,19 +112,47 @@ def _text_of(message: ChatMessage, i: int) -> str:
     return "".join(part.text for part in message.content)
 
 
+@dataclass(frozen=True)
+class ChatTemplate:
+    """Which chat template renders a request's messages, and the extra variables it gets.
+
+    `template`: Jinja text, or None for the tokenizer's own; `variables`: passed to the template
+    (vLLM's `chat_template_kwargs`, such as `enable_thinking` for templates that read it)."""
+
+    template: str | None = None
+    variables: dict[str, Any] | None = None
+
+    @classmethod
+    def of_request(cls, sent: str | None, variables: dict[str, Any] | None, server_template: str | None,
+                   trusted: bool) -> ChatTemplate:
+        """The template of a request that sent `sent` (its `chat_template`) and `variables` (its
+        `chat_template_kwargs`) to a server whose template is `server_template` (None: the
+        tokenizer's). 400 for a sent template the server does not trust (as vLLM, a template is code
+        the server runs) or variables that name `apply_chat_template`'s own arguments."""
+        if sent is not None and not trusted:
+            raise bad_request("this server does not accept chat templates in requests (start it with "
+                              "--trust-request-chat-template to allow them)", param="chat_template")
+        clashing = sorted(_TEMPLATE_ARGUMENTS & set(variables or {}))
+        if clashing:
+            raise bad_request(f"chat_template_kwargs may not set {', '.join(clashing)} (request fields or the "
+                              "server's own)", param="chat_template_kwargs")
+        return cls(sent if sent is not None else server_template, variables)
+
+
 def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True,
                 continue_final_message: bool = False, add_special_tokens: bool = False,
-                tools: list[dict] | None = None) -> Prompt:
-    """The prompt of a chat through the tokenizer's chat template (given the `tools`, if any).
+                tools: list[dict] | None = None, template: ChatTemplate = ChatTemplate()) -> Prompt:
+    """The prompt of a chat through `template` (by default the tokenizer's chat template), given
+    the `tools`, if any.
 
     Raises:
-        APIError: 400 when the model has no chat template, the messages are bad, both
+        APIError: 400 when there is no chat template, the messages are bad, both
             `add_generation_prompt` and `continue_final_message` are set, the final message is
             not the assistant's when it is to be continued, or the template itself refuses them.
     """
-    if not getattr(tokenizer, "chat_template", None):
+    if not template.template and not getattr(tokenizer, "chat_template", None):
         raise bad_request("this model's tokenizer has no chat template, so chat completions are not available; "
-                          "use /v1/completions", param="messages")
+                          "use /v1/completions, or start the server with --chat-template", param="messages")
     turns = conversation(messages)
     if add_generation_prompt and continue_final_message:
         raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
@@ -130,7 +162,8 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
                           param="continue_final_message")
     try:
         text = tokenizer.apply_chat_template(turns, tools=tools, add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message, tokenize=False)
+                                             continue_final_message=continue_final_message, tokenize=False,
+                                             chat_template=template.template, **(template.variables or {}))
     except Exception as err:  # the template's own checks (jinja raise_exception, alternating roles)
         raise bad_request(f"the chat template refused the messages: {err}", param="messages") from err
     return Prompt(tokenizer.encode(text, add_special_tokens=add_special_tokens), text)

@@ -136,6 +136,8 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's extras
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
+    chat_template: str | None = None  # Jinja text; only where the server trusts request templates
+    chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template
 
 
 class TokenizeRequest(_Request):
@@ -148,6 +150,8 @@ class TokenizeRequest(_Request):
     add_special_tokens: StrictBool | None = None  # default: True for a prompt, False for messages
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(_Request):

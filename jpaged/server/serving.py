@@ -21,20 +21,31 @@ from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import AsyncEngine, EngineStepError, RequestGroup, ServerOverloaded, ServerStopping
 from jpaged.server.errors import APIError, bad_request, internal_error, overloaded, stopping
 from jpaged.server.metrics import ServerMetrics
-from jpaged.server.prompts import Prompt
-from jpaged.server.protocol import SamplingFields, UsageInfo
+from jpaged.server.prompts import ChatTemplate, Prompt
+from jpaged.server.protocol import ChatCompletionRequest, SamplingFields, TokenizeRequest, UsageInfo
+from jpaged.server.tool_parsers import ToolParser
 
 DONE = "data: [DONE]\n\n"
 
 
 @dataclass
 class ServerState:
-    """What the routes need: the engine front end, the served model's name, the metrics, the key."""
+    """What the routes need: the engine front end, the served model's name, the metrics, the key,
+    and how chats are rendered and read (the server's chat template, None for the tokenizer's;
+    whether requests may bring their own; the tool-call parser of "auto" tool choice, if any)."""
 
     engine: AsyncEngine
     model_name: str
     metrics: ServerMetrics
     api_key: str | None = None
+    chat_template: str | None = None
+    trust_request_chat_template: bool = False
+    tool_parser: ToolParser | None = None
+
+    def template(self, request: ChatCompletionRequest | TokenizeRequest) -> ChatTemplate:
+        """The chat template that renders `request`'s messages (`ChatTemplate.of_request`)."""
+        return ChatTemplate.of_request(request.chat_template, request.chat_template_kwargs, self.chat_template,
+                                       self.trust_request_chat_template)
 
 
 async def submit(state: ServerState, request_id: str, prompts: list[Prompt],

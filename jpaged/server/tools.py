@@ -11,9 +11,11 @@ trained for tools sees their definitions. What the reply may be follows `tool_ch
 - `{"type": "function", "function": {"name": ...}}`: the output is that function's arguments,
   constrained to its parameters' schema; one tool call, finish reason "stop" (as OpenAI's forced
   calls).
-- `"auto"` (OpenAI's default when tools are sent): the model would choose between text and its
-  own tool-call syntax, which differs between model families and needs a parser for each; jpaged
-  has none, so this is a 400 that says which choices work.
+- `"auto"` (OpenAI's default when tools are sent): the model writes what it likes, and the server
+  finds the calls in its reply with the tool-call parser of the model's family
+  (`tool_parsers`, chosen with `jpaged serve --enable-auto-tool-choice --tool-call-parser NAME`);
+  the text before them is the content, and finish reason "tool_calls" when there are calls.
+  Without a parser this is a 400 that says which choices work.
 
 Plain Python: no jax.
 """
@@ -24,27 +26,31 @@ import json
 
 from jpaged.server.errors import bad_request
 from jpaged.server.protocol import ChatCompletionRequest, FunctionCall, TokenizeRequest, ToolCall
+from jpaged.server.tool_parsers import TOOL_PARSERS, ToolParser
 from jpaged.structured_output import map_schema
 
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
-def tool_schema(request: ChatCompletionRequest) -> dict | None:
-    """The JSON schema the reply must follow under the request's `tool_choice`, or None for a plain
-    reply. 400 naming `tool_choice` for "auto", a named function that is not among the tools, or a
-    choice without tools."""
+def tool_schema(request: ChatCompletionRequest, parser: ToolParser | None) -> dict | None:
+    """The JSON schema the reply must follow under the request's `tool_choice`, or None for a free
+    reply (no tools, "none", or "auto" read by `parser`). 400 naming `tool_choice` for "auto"
+    without a parser, a named function that is not among the tools, or a choice without tools."""
     choice, tools = request.tool_choice, request.tools or []
     if choice is None and not tools or choice == "none":
         return None
-    if choice is None or choice == "auto":
-        raise bad_request('tool_choice "auto" (the default when tools are sent) needs a parser of the model\'s own '
-                          'tool-call syntax, which jpaged does not have: send tool_choice "required", "none" or '
-                          '{"type": "function", "function": {"name": ...}}', param="tool_choice")
     if not tools:
         raise bad_request(f"tool_choice {choice!r} needs tools", param="tool_choice")
     names = [tool.function.name for tool in tools]
     if len(set(names)) < len(names):
         raise bad_request(f"tools must have distinct names, got {names}", param="tools")
+    if choice is None or choice == "auto":
+        if parser is None:
+            raise bad_request('tool_choice "auto" (the default when tools are sent) needs a parser of the model\'s '
+                              'tool-call syntax: start the server with --enable-auto-tool-choice --tool-call-parser '
+                              f'({", ".join(TOOL_PARSERS)}), or send tool_choice "required", "none" or '
+                              '{"type": "function", "function": {"name": ...}}', param="tool_choice")
+        return None
     if choice == "required":
         calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [tool.function.name]},
                                                    "parameters": {"$ref": f"#/$defs/tool_{i}"}},
@@ -80,19 +86,39 @@ def forces_tool_calls(request: ChatCompletionRequest) -> bool:
     return request.tool_choice == "required" or isinstance(request.tool_choice, dict)
 
 
-def tool_calls(request: ChatCompletionRequest, text: str) -> list[ToolCall] | None:
-    """The calls in a finished reply under a required or named `tool_choice`; None for a plain
-    reply, or one that is not complete JSON (cut by `max_tokens`)."""
+def parses_tool_calls(request: ChatCompletionRequest) -> bool:
+    """Whether the reply may hold calls in the model's own syntax: tools under "auto" (explicit or
+    by default), which `tool_schema` accepts only where the server has a parser."""
+    return bool(request.tools) and request.tool_choice in (None, "auto")
+
+
+def reply(request: ChatCompletionRequest, text: str, parser: ToolParser | None) -> tuple[str | None, list[ToolCall]]:
+    """The content and the tool calls of a finished reply. Under a required or named
+    `tool_choice`, no content and the calls, or the text as content and no calls where it is not
+    complete JSON (cut by `max_tokens`); under "auto", what `parser` finds."""
+    if parses_tool_calls(request) and parser is not None:
+        content, calls = parser.parse(text)
+        return content, [ToolCall(function=FunctionCall(name=call.name, arguments=call.arguments)) for call in calls]
     if not forces_tool_calls(request):
-        return None
+        return text, []
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
-        return None
+        return text, []
     if request.tool_choice == "required":
-        return [ToolCall(function=FunctionCall(name=call["name"], arguments=_json(call["parameters"])))
-                for call in value]
-    return [ToolCall(function=FunctionCall(name=request.tool_choice["function"]["name"], arguments=_json(value)))]
+        return None, [ToolCall(function=FunctionCall(name=call["name"], arguments=_json(call["parameters"])))
+                      for call in value]
+    return None, [ToolCall(function=FunctionCall(name=request.tool_choice["function"]["name"], arguments=_json(value)))]
+
+
+def streamable_text(request: ChatCompletionRequest, text: str, parser: ToolParser | None) -> str:
+    """The part of an unfinished reply that can be streamed as content: none of it under a required
+    or named `tool_choice`, the text before where a call may begin under "auto", else all."""
+    if forces_tool_calls(request):
+        return ""
+    if parses_tool_calls(request) and parser is not None:
+        return text[:parser.held_from(text)]
+    return text
 
 
 def _json(value) -> str:

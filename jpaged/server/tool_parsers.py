@@ -1,0 +1,129 @@
+"""Tool-call parsers for `tool_choice: "auto"`: a model's own tool-call syntax in its reply, turned
+into OpenAI's `tool_calls`.
+
+Under "auto" the model writes what it likes; a model trained for tools marks a call in a syntax of
+its family, and the server finds the calls in the finished text (`jpaged serve
+--enable-auto-tool-choice --tool-call-parser NAME`, vLLM's flags and parser names):
+
+- `hermes` (Hermes 2 Pro, Qwen 2.5 and 3, and many others): each call a JSON object
+  `{"name": ..., "arguments": {...}}` between `<tool_call>` and `</tool_call>`; the text before
+  the first `<tool_call>` is the reply's content.
+- `llama3_json` (Llama 3.1 / 3.2 with JSON tool calling): the whole reply is one JSON object
+  `{"name": ..., "parameters": {...}}` (or several, separated by `;`), optionally after
+  `<|python_tag|>`; no content.
+
+A reply whose marked calls are not all valid JSON objects with a string name is plain content, as
+in vLLM. While a reply streams, `held_from` says where the text may start a call: content is sent
+up to there, and the rest waits for the finished text.
+
+Plain Python: no jax.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ParsedCall:
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolParser:
+    """One model family's tool-call syntax."""
+
+    name = ""
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        """The content and the calls of a finished reply; `(text, [])` when it makes no call."""
+        raise NotImplementedError
+
+    def held_from(self, text: str) -> int:
+        """Where, in a reply still being written, a tool call may have begun (len(text) if nowhere):
+        text before it can be streamed as content."""
+        raise NotImplementedError
+
+
+def _call(value, arguments_key: str) -> ParsedCall | None:
+    """A call from one decoded JSON value, or None when it is not `{"name": str, ...}`."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get(arguments_key, value.get("arguments", {}))
+    if isinstance(arguments, str):  # some models write the arguments as JSON text already
+        return ParsedCall(value["name"], arguments)
+    return ParsedCall(value["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def _partial_marker_start(text: str, marker: str) -> int:
+    """Where `text` ends with a proper prefix of `marker` (len(text) if it does not)."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:size]):
+            return len(text) - size
+    return len(text)
+
+
+class HermesToolParser(ToolParser):
+    name = "hermes"
+    START, END = "<tool_call>", "</tool_call>"
+    _CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)\Z", re.DOTALL)
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        start = text.find(self.START)
+        if start < 0:
+            return text, []
+        calls = []
+        for closed, unclosed in self._CALL.findall(text[start:]):
+            try:
+                call = _call(json.loads(closed or unclosed), "arguments")
+            except json.JSONDecodeError:
+                call = None
+            if call is None:
+                return text, []
+            calls.append(call)
+        return text[:start] or None, calls
+
+    def held_from(self, text: str) -> int:
+        start = text.find(self.START)
+        return start if start >= 0 else _partial_marker_start(text, self.START)
+
+
+class Llama3JsonToolParser(ToolParser):
+    name = "llama3_json"
+    PYTHON_TAG = "<|python_tag|>"
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        rest = text.strip().removeprefix(self.PYTHON_TAG).lstrip()
+        if not rest.startswith("{"):
+            return text, []
+        decoder, calls = json.JSONDecoder(), []
+        while rest:
+            try:
+                value, end = decoder.raw_decode(rest)
+            except json.JSONDecodeError:
+                return text, []
+            call = _call(value, "parameters")
+            if call is None:
+                return text, []
+            calls.append(call)
+            rest = rest[end:].lstrip()
+            if rest and not rest.startswith(";"):
+                return text, []
+            rest = rest[1:].lstrip()
+        return None, calls
+
+    def held_from(self, text: str) -> int:
+        body = text.lstrip()
+        return 0 if body.startswith(("{", self.PYTHON_TAG)) or self.PYTHON_TAG.startswith(body) else len(text)
+
+
+TOOL_PARSERS: dict[str, type[ToolParser]] = {parser.name: parser for parser in (HermesToolParser, Llama3JsonToolParser)}
+
+
+def tool_parser(name: str) -> ToolParser:
+    """The parser named `name`; ValueError naming the known ones otherwise."""
+    if name not in TOOL_PARSERS:
+        raise ValueError(f"unknown tool-call parser {name!r}; known: {', '.join(TOOL_PARSERS)}")
+    return TOOL_PARSERS[name]()
