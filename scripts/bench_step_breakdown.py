@@ -225,13 +225,13 @@ def _category(op_name: str, file: str, function: str) -> str:
         return "KV write"
     if function == "LlamaForCausalLM.logits":
         return "LM head"
-    if file == "cpu_quantized_matmul.py":
+    if file in ("cpu_quantized_matmul.py", "cpu_float_matmul.py"):
         return "layer matmuls"
     if file in ("paged_attention.py", "cpu_paged_attention.py") or "ffi_call" in op_name:
         return "attention"
     if file == "sampler.py":
         return "sampler"
-    if function in ("rms_norm", "apply_rope"):
+    if function in ("rms_norm", "apply_rope", "rope_angles"):
         return "norms, RoPE"
     if op_name.endswith("dot_general"):
         return "layer matmuls"

@@ -44,11 +44,17 @@ def rms_norm(x, weight, eps):
     return (weight.astype(jnp.float32) * normed).astype(x.dtype)
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotate-half RoPE on `x [T, heads, head_dim]` at integer `positions [T]`."""
+def rope_angles(positions, inv_freq):
+    """`(cos, sin)`, each float32 `[T, 1, head_dim]`, of rotate-half RoPE at integer `positions
+    [T]`: computed once per step and shared by every layer's q and k."""
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, None, :]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, None, :]
+    return cos, sin
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE on `x [T, heads, head_dim]` with the angles of `rope_angles`."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
@@ -241,13 +247,13 @@ class LlamaForCausalLM(nnx.Module):
         list), model layers `first_layer` on (an int, or a traced int32 scalar), with `kv_cache`
         the whole model's cache."""
         cfg = self.cfg
-        inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim))
+        rope = rope_angles(positions, jnp.asarray(cfg.rope.inv_freq(cfg.head_dim)))
         qkv = [partial(self._qkv, weights) for weights in layer_weights]
         out_and_mlp = [partial(self._out_and_mlp, weights) for weights in layer_weights]
 
         def layer_step(carry, index):
             hidden, k_cache, v_cache = carry
-            q, k, v = jax.lax.switch(index, qkv, hidden, positions, inv_freq)
+            q, k, v = jax.lax.switch(index, qkv, hidden, rope)
             attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, first_layer + index, md,
                                                         cfg.head_dim**-0.5)
             hidden = jax.lax.switch(index, out_and_mlp, hidden, attended)
@@ -257,7 +263,7 @@ class LlamaForCausalLM(nnx.Module):
         (hidden, k_cache, v_cache), _ = jax.lax.scan(layer_step, (hidden, *kv_cache), indices)
         return hidden, (k_cache, v_cache)
 
-    def _qkv(self, weights, hidden, positions, inv_freq):
+    def _qkv(self, weights, hidden, rope):
         """One layer's roped `q [T, heads, head_dim]`, `k` and `v [T, kv_heads, head_dim]`."""
         cfg = self.cfg
         num_tokens = hidden.shape[0]
@@ -270,7 +276,7 @@ class LlamaForCausalLM(nnx.Module):
         if cfg.qk_norm:
             q = rms_norm(q, weights["q_norm"], cfg.rms_norm_eps)
             k = rms_norm(k, weights["k_norm"], cfg.rms_norm_eps)
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
 
     def _out_and_mlp(self, weights, hidden, attended):
         """`hidden [T, hidden]` after one layer's output projection of `attended [T, heads,
