@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from jpaged.sampler import masked_logits, sample, to_uniform
+from jpaged.sampler import first_argmax, masked_logits, sample, to_uniform
 from jpaged.sampling_params import SamplingParams
 from jpaged.step_batch import SamplingArrays
 
@@ -47,6 +47,27 @@ def hf_masked_logits(row_logits, params):
     for warper in warpers:
         scores = warper(None, scores)
     return scores[0].numpy()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_first_argmax_is_jax_argmax(dtype):
+    """Ties (first index wins), rows with NaN (the first NaN, as jnp.argmax), infinities, all -inf."""
+    rng = np.random.default_rng(7)
+    logits = rng.integers(-3, 4, (40, 333)).astype(np.float32)  # many ties
+    logits[1, [5, 200]] = np.nan
+    logits[2, :] = -np.inf
+    logits[3, [9, 30]] = np.inf
+    logits[4, [17]] = np.inf
+    logits[4, [40]] = np.nan
+    logits[5, :] = np.nan
+    logits[6, -1] = 50.0
+    x = jnp.asarray(logits).astype(dtype)
+    expected = np.asarray(jnp.argmax(x, axis=-1))
+    got = np.asarray(jax.jit(first_argmax)(x))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got[:7], [np.argmax(logits[0]), 5, 0, 9, 40, 0, 332])
+    np.testing.assert_array_equal(np.asarray(first_argmax(x[6])), 332)  # one row
 
 
 @pytest.mark.parametrize(("num_rows", "vocab_size"), [(1, 1), (1, 7), (3, 128), (16, 1000)])
