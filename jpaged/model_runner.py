@@ -46,6 +46,7 @@ from jpaged.weight_streaming import LayerStream, OffloadPlan, device_bytes, plan
 from pallas_kernels import cpu_kernels
 from pallas_kernels.backend import GPU_PLATFORMS, select_attention
 from pallas_kernels.cpu_float_matmul import LIBRARY as FLOAT_MATMUL
+from pallas_kernels.cpu_float_matmul import TRANSPOSED_LIBRARY as FLOAT_MATMUL_TRANSPOSED
 from pallas_kernels.cpu_float_matmul import cpu_float_matmul
 from pallas_kernels.cpu_paged_attention import attention_library, cpu_ragged_paged_attention
 from pallas_kernels.cpu_quantized_matmul import LIBRARY as QUANTIZED_MATMUL
@@ -177,7 +178,7 @@ class ModelRunner:
         self._product_libraries = []  # the CPU kernels' libraries of the products
         layouts = dict(attention=paged_attention_layer(attend))
         if self._cpu_kernel and mesh is None and self.dtype == jnp.float32:
-            self._product_libraries.append(FLOAT_MATMUL)
+            self._product_libraries += [FLOAT_MATMUL, FLOAT_MATMUL_TRANSPOSED]
             layouts.update(float_linear=cpu_float_matmul)
         if config.quantization and mesh is None and jax.default_backend() == "cpu" and cpu_kernels.compiler():
             self._product_libraries.append(QUANTIZED_MATMUL)
@@ -199,7 +200,7 @@ class ModelRunner:
         """Wait for the CPU kernels' builds (they ran while the weights loaded); the attention backend's name."""
         for library in self._product_libraries:
             if reason := cpu_kernels.wait(library):
-                logger.warning("%s; %s", reason, "those products are XLA's" if library == FLOAT_MATMUL
+                logger.warning("%s; %s", reason, "those products are XLA's" if library.startswith(FLOAT_MATMUL)
                                else "quantized products use the jnp reference")
         if not self._cpu_kernel:
             return config.attention_backend

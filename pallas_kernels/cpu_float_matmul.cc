@@ -75,7 +75,67 @@ void Matmul(const float* x, const float* w, int64_t M, int64_t K, int64_t N, flo
   }
 }
 
+// y[r, n0 + c] = sum over k of x[r, k] * w[n0 + c, k] for R rows of x and C rows of w from n0:
+// each sum kept in 16 lanes over k in order, 16 at a time (a tail past the last 16 added to lane
+// 0), then the lanes added by SumEachOf16's tree. One fixed order whatever M, the other rows or
+// the threads.
+template <int R, int C>
+void DotGroup(const float* x, const float* w, int64_t K, int64_t N, int64_t n0, float* y) {
+  V16 sums[16] = {};
+  const int64_t vector_end = K / 16 * 16;
+  for (int64_t k = 0; k < vector_end; k += 16) {
+    V16 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = LoadV(w + (n0 + c) * K + k);
+    for (int r = 0; r < R; ++r) {
+      const V16 xv = LoadV(x + r * K + k);
+      for (int c = 0; c < C; ++c) sums[r * 4 + c] += xv * wv[c];
+    }
+  }
+  for (int64_t k = vector_end; k < K; ++k)
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) sums[r * 4 + c][0] += x[r * K + k] * w[(n0 + c) * K + k];
+  const V16 total = SumEachOf16(sums);
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[r * N + n0 + c] = total[r * 4 + c];
+}
+
+constexpr int64_t kColumnsPerItem = 64;  // rows of w (output columns) per work item of MatmulTransposed
+
+// y [M, N] = x [M, K] @ w.T for w [N, K] with M <= 4 (an embedding table used as the LM head: each
+// output column's weights one contiguous row). Work items of kColumnsPerItem rows of w, shared
+// with the helper threads; each group of 4 rows of w is read once for all M rows of x.
+void MatmulTransposed(const float* x, const float* w, int64_t M, int64_t K, int64_t N, float* y) {
+  const int64_t items = (N + kColumnsPerItem - 1) / kColumnsPerItem;
+  ParallelFor(items, kNoSpin, [&](int64_t item) {
+    const int64_t end = std::min(N, (item + 1) * kColumnsPerItem);
+    for (int64_t n0 = item * kColumnsPerItem; n0 < end; n0 += 4) {
+      WithCount(M, [&](auto r) {
+        WithCount(std::min<int64_t>(4, end - n0), [&](auto c) { DotGroup<r, c>(x, w, K, N, n0, y); });
+      });
+    }
+  });
+}
+
 }  // namespace
+
+// Arguments: x [M, K] with M <= 4, w [N, K] (float32); result: [M, N] float32 = x @ w.T.
+extern "C" XLA_FFI_Error* JpagedFloatMatmulTransposed(XLA_FFI_CallFrame* frame) {
+  const XLA_FFI_Api* api = frame->api;
+  if (IsMetadataQuery(frame)) return DescribeHandler(frame);
+  if (const char* problem = FrameProblem(frame, 2, 0)) return Fail(api, problem);
+  const XLA_FFI_Buffer *x = Buffer(frame->args.args[0]), *w = Buffer(frame->args.args[1]),
+                       *y = Buffer(frame->rets.rets[0]);
+  if (x->rank != 2 || w->rank != 2 || y->rank != 2) return Fail(api, "x, w and the result must be matrices");
+  if (x->dtype != XLA_FFI_DataType_F32 || w->dtype != XLA_FFI_DataType_F32 || y->dtype != XLA_FFI_DataType_F32)
+    return Fail(api, "x, w and the result must be float32");
+  const int64_t M = x->dims[0], K = x->dims[1], N = w->dims[0];
+  if (w->dims[1] != K || y->dims[0] != M || y->dims[1] != N)
+    return Fail(api, "shapes must be [M, K] @ [N, K].T -> [M, N]");
+  if (M < 1 || M > 4) return Fail(api, "x must have 1 to 4 rows");
+  MatmulTransposed(static_cast<const float*>(x->data), static_cast<const float*>(w->data), M, K, N,
+                   static_cast<float*>(y->data));
+  return nullptr;
+}
 
 // Arguments: x [M, K], w [K, N] (float32); result: [M, N] float32.
 extern "C" XLA_FFI_Error* JpagedFloatMatmul(XLA_FFI_CallFrame* frame) {

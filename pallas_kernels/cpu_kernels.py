@@ -3,7 +3,7 @@
 The kernels (sharing `cpu_ffi.h`) are compiled with the system's C++ compiler (`$CXX`, else
 `c++`) against jaxlib's FFI headers, for this machine's processor (`-march=native`). Each library
 holds one kernel for one set of types, so that a process compiles only what its model runs:
-"float-matmul" (`cpu_float_matmul.cc`), "quantized-matmul" (`cpu_quantized_matmul.cc`) and
+"float-matmul" and "float-matmul-transposed" (`cpu_float_matmul.cc`), "quantized-matmul" (`cpu_quantized_matmul.cc`) and
 "attention-<query>-<cache>" (`cpu_paged_attention.cc` built for float32 or bfloat16 queries over
 a cache of float32, bfloat16, int8 or fp8 values; `cpu_paged_attention.attention_library` names
 the one a model needs). Each is built once per machine, kept in a folder the caller names (jpaged
@@ -51,6 +51,7 @@ def _attention(query: str, cache: str) -> Library:
 
 LIBRARIES = {
     "float-matmul": Library(HERE / "cpu_float_matmul.cc", "JpagedFloatMatmul"),
+    "float-matmul-transposed": Library(HERE / "cpu_float_matmul.cc", "JpagedFloatMatmulTransposed"),
     "quantized-matmul": Library(HERE / "cpu_quantized_matmul.cc", "JpagedQuantizedMatmul"),
     **{f"attention-{query}-{cache}": _attention(query, cache) for query in QUERY_TYPES
        for cache in (query, "int8", "fp8")},

@@ -44,6 +44,11 @@ def rms_norm(x, weight, eps):
     return (weight.astype(jnp.float32) * normed).astype(x.dtype)
 
 
+def float_matmul(x, w, transposed: bool = False):
+    """`x @ w`, or `x @ w.T` with `transposed`: the model's default `float_linear`."""
+    return x @ (w.T if transposed else w)
+
+
 def rope_angles(positions, inv_freq):
     """`(cos, sin)`, each float32 `[T, 1, head_dim]`, of rotate-half RoPE at integer `positions
     [T]`: computed once per step and shared by every layer's q and k."""
@@ -183,7 +188,8 @@ class LlamaForCausalLM(nnx.Module):
     kv_cache, md, layer_weights) -> (hidden [N, hidden], kv_cache)` runs the decoder stack, all
     at once or as a pipeline of stages over micro-batches.
 
-    `float_linear(x, w)` multiplies by a float projection (`x @ w`; the CPU kernel for few rows).
+    `float_linear(x, w, transposed=False)` multiplies by a float projection (`x @ w`, or `x @ w.T`
+    for the tied LM head; the CPU kernel for few rows).
     `tensor_parallel_size` is the number of column shards the fused projections are laid out
     for (`split_columns`); the model's math is the same whatever the mesh.
 
@@ -196,7 +202,7 @@ class LlamaForCausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention=paged_attention_layer(ragged_paged_attention),
                  moe=sparse_moe, run_layers=run_all_layers, pipeline_stages: int = 1, quantization: str | None = None,
                  quantized_linear=quantized_matmul, weight_formats: dict[str, str] | None = None,
-                 block_linear=block_matmul, tensor_parallel_size: int = 1, float_linear=jnp.matmul):
+                 block_linear=block_matmul, tensor_parallel_size: int = 1, float_linear=float_matmul):
         self.cfg = cfg
         self.tensor_parallel_size = tensor_parallel_size
         self.attention, self.moe, self.run_layers = attention, moe, run_layers
@@ -319,7 +325,7 @@ class LlamaForCausalLM(nnx.Module):
             scale = getattr(self, "embed_tokens_scale", None)
             return self._product(hidden, self.embed_tokens[...], None if scale is None else scale[...]).astype(jnp.float32)
         if self.cfg.tie_word_embeddings:
-            return (hidden @ self.embed_tokens[...].T).astype(jnp.float32)
+            return self.float_linear(hidden, self.embed_tokens[...], transposed=True).astype(jnp.float32)
         scale = getattr(self, "lm_head_scale", None)
         return self._product(hidden, self.lm_head[...], None if scale is None else scale[...]).astype(jnp.float32)
 
