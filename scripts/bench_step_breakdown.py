@@ -223,7 +223,7 @@ def hlo_categories(text: str) -> dict[str, str]:
 def _category(op_name: str, file: str, function: str) -> str:
     if function == "write_kv":
         return "KV write"
-    if function == "LlamaForCausalLM.logits":
+    if function == "LlamaForCausalLM.logits" or "/lm_head/" in op_name:
         return "LM head"
     if file in ("cpu_quantized_matmul.py", "cpu_float_matmul.py"):
         return "layer matmuls"

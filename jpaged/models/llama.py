@@ -320,7 +320,12 @@ class LlamaForCausalLM(nnx.Module):
         return self.float_linear(x, w) if scale is None else self.quantized_linear(x, w, scale)
 
     def logits(self, hidden):
-        """Float32 logits `[N, vocab]` of final hidden states `[N, hidden]`."""
+        """Float32 logits `[N, vocab]` of final hidden states `[N, hidden]` (its ops named in the
+        `lm_head` scope, for profiles)."""
+        with jax.named_scope("lm_head"):
+            return self._logits(hidden)
+
+    def _logits(self, hidden):
         if self.cfg.tie_word_embeddings and self.embed_tokens.dtype not in (jnp.float32, jnp.bfloat16):
             scale = getattr(self, "embed_tokens_scale", None)
             return self._product(hidden, self.embed_tokens[...], None if scale is None else scale[...]).astype(jnp.float32)
