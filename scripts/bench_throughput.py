@@ -64,6 +64,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -428,9 +429,9 @@ def plot(summary: dict, title: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = list(summary["engines"])
-    labels = [LABELS[n] for n in names]
+    labels = [textwrap.fill(LABELS[n], 12) for n in names]
     colors = ["#1f77b4" if n.startswith("jpaged") else "#7f7f7f" for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(max(11, 2.2 * len(names)), 4.6))
     for ax, key, heading in ((axes[0], "tokens_per_s", "batch throughput"),
                              (axes[1], "single_decode_tokens_per_s", "one request alone")):
         values = [summary["engines"][n][key] for n in names]
@@ -438,7 +439,7 @@ def plot(summary: dict, title: str, path: Path) -> Path:
         ax.bar_label(bars, fmt="%.1f")
         ax.set_title(heading)
         ax.set_ylabel("output tokens/s")
-        ax.tick_params(axis="x", labelrotation=15)
+        ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
