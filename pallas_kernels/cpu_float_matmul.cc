@@ -9,6 +9,10 @@
 // its rows go to a scratch row, and the chunks' partials are then added in chunk order. Every
 // output is thus summed in one fixed order (k in order within a chunk, chunks in order),
 // whatever M, the other rows or the threads.
+//
+// The transposed product (JpagedFloatMatmulTransposed) takes w [N, K] instead, an embedding table
+// used as the LM head: each work item reads 64 contiguous rows of w once for all (up to 4) rows
+// of x, each output a whole dot product summed in 16 lanes, then across them.
 
 #include <cstring>
 #include <vector>
@@ -116,41 +120,34 @@ void MatmulTransposed(const float* x, const float* w, int64_t M, int64_t K, int6
   });
 }
 
+// Arguments: x [M, K] and w, float32: [K, N], or [N, K] with kTransposed (then 1 <= M <= 4);
+// result: [M, N] float32, x @ w (or x @ w.T).
+template <bool kTransposed>
+XLA_FFI_Error* Handle(XLA_FFI_CallFrame* frame) {
+  const XLA_FFI_Api* api = frame->api;
+  if (IsMetadataQuery(frame)) return DescribeHandler(frame);
+  if (const char* problem = FrameProblem(frame, 2, 0)) return Fail(api, problem);
+  const XLA_FFI_Buffer *x = Buffer(frame->args.args[0]), *w = Buffer(frame->args.args[1]),
+                       *y = Buffer(frame->rets.rets[0]);
+  if (x->rank != 2 || w->rank != 2 || y->rank != 2) return Fail(api, "x, w and the result must be matrices");
+  if (x->dtype != XLA_FFI_DataType_F32 || w->dtype != XLA_FFI_DataType_F32 || y->dtype != XLA_FFI_DataType_F32)
+    return Fail(api, "x, w and the result must be float32");
+  const int64_t M = x->dims[0], K = x->dims[1], N = w->dims[kTransposed ? 0 : 1];
+  if (w->dims[kTransposed ? 1 : 0] != K || y->dims[0] != M || y->dims[1] != N)
+    return Fail(api, kTransposed ? "shapes must be [M, K] @ [N, K].T -> [M, N]" : "shapes must be [M, K] @ [K, N] -> [M, N]");
+  const float *xs = static_cast<const float*>(x->data), *ws = static_cast<const float*>(w->data);
+  if (!kTransposed) {
+    Matmul(xs, ws, M, K, N, static_cast<float*>(y->data));
+  } else if (M >= 1 && M <= 4) {
+    MatmulTransposed(xs, ws, M, K, N, static_cast<float*>(y->data));
+  } else {
+    return Fail(api, "x must have 1 to 4 rows");
+  }
+  return nullptr;
+}
+
 }  // namespace
 
-// Arguments: x [M, K] with M <= 4, w [N, K] (float32); result: [M, N] float32 = x @ w.T.
-extern "C" XLA_FFI_Error* JpagedFloatMatmulTransposed(XLA_FFI_CallFrame* frame) {
-  const XLA_FFI_Api* api = frame->api;
-  if (IsMetadataQuery(frame)) return DescribeHandler(frame);
-  if (const char* problem = FrameProblem(frame, 2, 0)) return Fail(api, problem);
-  const XLA_FFI_Buffer *x = Buffer(frame->args.args[0]), *w = Buffer(frame->args.args[1]),
-                       *y = Buffer(frame->rets.rets[0]);
-  if (x->rank != 2 || w->rank != 2 || y->rank != 2) return Fail(api, "x, w and the result must be matrices");
-  if (x->dtype != XLA_FFI_DataType_F32 || w->dtype != XLA_FFI_DataType_F32 || y->dtype != XLA_FFI_DataType_F32)
-    return Fail(api, "x, w and the result must be float32");
-  const int64_t M = x->dims[0], K = x->dims[1], N = w->dims[0];
-  if (w->dims[1] != K || y->dims[0] != M || y->dims[1] != N)
-    return Fail(api, "shapes must be [M, K] @ [N, K].T -> [M, N]");
-  if (M < 1 || M > 4) return Fail(api, "x must have 1 to 4 rows");
-  MatmulTransposed(static_cast<const float*>(x->data), static_cast<const float*>(w->data), M, K, N,
-                   static_cast<float*>(y->data));
-  return nullptr;
-}
+extern "C" XLA_FFI_Error* JpagedFloatMatmul(XLA_FFI_CallFrame* frame) { return Handle<false>(frame); }
 
-// Arguments: x [M, K], w [K, N] (float32); result: [M, N] float32.
-extern "C" XLA_FFI_Error* JpagedFloatMatmul(XLA_FFI_CallFrame* frame) {
-  const XLA_FFI_Api* api = frame->api;
-  if (IsMetadataQuery(frame)) return DescribeHandler(frame);
-  if (const char* problem = FrameProblem(frame, 2, 0)) return Fail(api, problem);
-  const XLA_FFI_Buffer *x = Buffer(frame->args.args[0]), *w = Buffer(frame->args.args[1]),
-                       *y = Buffer(frame->rets.rets[0]);
-  if (x->rank != 2 || w->rank != 2 || y->rank != 2) return Fail(api, "x, w and the result must be matrices");
-  if (x->dtype != XLA_FFI_DataType_F32 || w->dtype != XLA_FFI_DataType_F32 || y->dtype != XLA_FFI_DataType_F32)
-    return Fail(api, "x, w and the result must be float32");
-  const int64_t M = x->dims[0], K = x->dims[1], N = w->dims[1];
-  if (w->dims[0] != K || y->dims[0] != M || y->dims[1] != N)
-    return Fail(api, "shapes must be [M, K] @ [K, N] -> [M, N]");
-  Matmul(static_cast<const float*>(x->data), static_cast<const float*>(w->data), M, K, N,
-         static_cast<float*>(y->data));
-  return nullptr;
-}
+extern "C" XLA_FFI_Error* JpagedFloatMatmulTransposed(XLA_FFI_CallFrame* frame) { return Handle<true>(frame); }
