@@ -16,6 +16,7 @@ from collections.abc import Sequence as SequenceABC
 from tqdm.auto import tqdm
 
 from jpaged.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
+from jpaged.chat_template import checked_template, checked_variables
 from jpaged.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine
@@ -129,13 +130,17 @@ class LLM:
         """Generate replies to one conversation or a list of them, through the chat template (given
         `tools`, OpenAI-style function definitions, for templates that render them).
 
-        `chat_template` (Jinja text) replaces the tokenizer's; `chat_template_kwargs` are extra
-        variables for the template (such as `enable_thinking` where a template reads it).
-        ValueError when there is no chat template at all."""
+        `chat_template` (the template's Jinja text) replaces the tokenizer's; `chat_template_kwargs`
+        are extra variables for the template (such as `enable_thinking` where a template reads
+        it). ValueError when there is no chat template at all, the template does not parse, or a
+        variable would set one of `apply_chat_template`'s own arguments (`chat_template.py`)."""
         conversations = _conversations(messages)
         tokenizer = self.engine.tokenizer
-        if not chat_template and not getattr(tokenizer, "chat_template", None):
+        if chat_template is not None:
+            chat_template = checked_template(chat_template)
+        elif not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer of {self.engine.model_name} has no chat template; pass chat_template")
+        chat_template_kwargs = checked_variables(chat_template_kwargs)
         prompts = [
             {"prompt_token_ids": chat_token_ids(tokenizer, conversation, add_generation_prompt, tools, chat_template,
                                                 chat_template_kwargs)}

@@ -319,8 +319,13 @@ def test_tool_parsers_read_their_family_syntax():
         assert found is None and [(c.name, json.loads(c.arguments)) for c in parsed] == expected
         assert _streamed(llama3, text)[0] == ""
     for text in ["Hello there.", "<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
-                 'Sure <tool_call>["a"]</tool_call>']:
+                 'Sure <tool_call>["a"]</tool_call>', '<tool_call>{"name": "", "arguments": {}}</tool_call>',
+                 '<tool_call>{"name": "f", "arguments": null}</tool_call>', '<tool_call>{"name": "f"} x</tool_call>',
+                 '<tool_call>{"name": "f", "arguments": "[1]"}</tool_call>']:
         assert hermes.parse(text) == (text, []) and _streamed(hermes, text)[1] == text
+    closing = '<tool_call>{"name": "f", "parameters": {"s": "</tool_call>"}}</tool_call> and after'
+    assert [(c.name, json.loads(c.arguments)) for c in hermes.parse("Hi " + closing)[1]] == [("f", {"s": "</tool_call>"})]
+    assert hermes.parse("Hi " + closing)[0] == "Hi "
     for text in ["Hello {", '{"name": "f", "parameters": {}} and more', '{"name": 3}', "{"]:
         assert llama3.parse(text) == (text, [])
     assert _streamed(llama3, "Hello there.")[0] == "Hello there."
@@ -329,7 +334,8 @@ def test_tool_parsers_read_their_family_syntax():
 
 
 def test_auto_tool_choice_and_request_templates_need_the_server_to_allow_them():
-    from jpaged.server.launch import read_chat_template, serve
+    from jpaged.chat_template import checked_variables, read_chat_template
+    from jpaged.server.launch import serve
     from jpaged.server.prompts import ChatTemplate
     from jpaged.server.protocol import ChatCompletionRequest
     from jpaged.server.tool_parsers import tool_parser
@@ -351,11 +357,20 @@ def test_auto_tool_choice_and_request_templates_need_the_server_to_allow_them():
     with pytest.raises(APIError) as err:
         ChatTemplate.of_request(None, {"tools": [], "tokenize": True, "enable_thinking": False}, None, trusted=True)
     assert err.value.param == "chat_template_kwargs" and "tokenize, tools" in err.value.message
+    with pytest.raises(ValueError, match="may not set messages"):
+        checked_variables({"messages": []})
+    for bad in ("{% if %}", "  "):  # a request's own template that does not parse, or is empty
+        with pytest.raises(APIError) as err:
+            ChatTemplate.of_request(bad, None, None, trusted=True)
+        assert err.value.param == "chat_template", err.value.message
     assert ChatTemplate.of_request(None, {"x": 1}, "server", trusted=False) == ChatTemplate("server", {"x": 1})
     assert ChatTemplate.of_request("mine", None, "server", trusted=True).template == "mine"
     for flags in (["--enable-auto-tool-choice"], ["--tool-call-parser", "hermes"]):
         with pytest.raises(ValueError, match="go together"):
             serve(_parser().parse_args(["serve", *flags]))
-    with pytest.raises(ValueError, match="'no-such-file.jinja' is neither a file nor a Jinja template"):
+    with pytest.raises(ValueError, match="'no-such-file.jinja' is neither a readable file nor a Jinja template"):
         read_chat_template("no-such-file.jinja")
-    assert read_chat_template("{{ messages }}") == "{{ messages }}"
+    long_template = "{% for m in messages %}" + "{{ m['content'] }} " * 40 + "{% endfor %}"  # longer than a file name
+    assert read_chat_template(long_template) == long_template
+    with pytest.raises(ValueError, match="does not parse"):
+        read_chat_template("{% if %}")

@@ -10,11 +10,11 @@ import argparse
 import logging
 import os
 import socket
-from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from jpaged.chat_template import checked_template, read_chat_template
 from jpaged.engine_client import EngineClient
 from jpaged.server.app import build_app
 from jpaged.server.async_engine import AsyncEngine
@@ -46,10 +46,11 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
             serves `tool_choice: "auto"`; None: "auto" is refused.
 
     Raises:
-        ValueError: for an unknown `tool_call_parser`.
+        ValueError: for an unknown `tool_call_parser` or a `chat_template` that does not parse.
     """
     name = served_model_name or engine.model_name
     parser = tool_parser(tool_call_parser) if tool_call_parser else None
+    chat_template = checked_template(chat_template) if chat_template is not None else None
     metrics = ServerMetrics(name)
     front = AsyncEngine(engine, max_queued_requests, on_finished=metrics.observe_finished,
                         on_aborted=metrics.observe_aborted)
@@ -103,13 +104,3 @@ def check_can_listen(host: str, port: int) -> None:
     except OSError as err:
         raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --host or --port") from err
 
-
-def read_chat_template(source: str) -> str:
-    """`--chat-template`: the text of the file it names, or the template itself when it is Jinja
-    text (holds `{{` or `{%`). ValueError when it is neither."""
-    path = Path(source)
-    if path.is_file():
-        return path.read_text()
-    if "{{" in source or "{%" in source:
-        return source
-    raise ValueError(f"--chat-template {source!r} is neither a file nor a Jinja template")

@@ -13,15 +13,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from jpaged.chat_template import checked_template, checked_variables
 from jpaged.sampling_params import truncated_prompt
 from jpaged.server.errors import bad_request
 from jpaged.server.protocol import ChatMessage
 
 CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
-# `apply_chat_template`'s own arguments: a request's chat_template_kwargs may not set them
-_TEMPLATE_ARGUMENTS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-                       "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
 
 
 @dataclass
@@ -121,22 +118,29 @@ class ChatTemplate:
 
     template: str | None = None
     variables: dict[str, Any] | None = None
+    from_request: bool = False  # the request's own `chat_template`: its errors are blamed on that field
 
     @classmethod
     def of_request(cls, sent: str | None, variables: dict[str, Any] | None, server_template: str | None,
                    trusted: bool) -> ChatTemplate:
         """The template of a request that sent `sent` (its `chat_template`) and `variables` (its
         `chat_template_kwargs`) to a server whose template is `server_template` (None: the
-        tokenizer's). 400 for a sent template the server does not trust (as vLLM, a template is code
-        the server runs) or variables that name `apply_chat_template`'s own arguments."""
-        if sent is not None and not trusted:
+        tokenizer's). 400 naming the field for a sent template the server does not trust (as
+        vLLM, a template is code the server runs) or that does not parse, and for variables that
+        name `apply_chat_template`'s own arguments."""
+        try:
+            variables = checked_variables(variables)
+        except (TypeError, ValueError) as err:
+            raise bad_request(str(err), param="chat_template_kwargs") from err
+        if sent is None:
+            return cls(server_template, variables, from_request=False)
+        if not trusted:
             raise bad_request("this server does not accept chat templates in requests (start it with "
                               "--trust-request-chat-template to allow them)", param="chat_template")
-        clashing = sorted(_TEMPLATE_ARGUMENTS & set(variables or {}))
-        if clashing:
-            raise bad_request(f"chat_template_kwargs may not set {', '.join(clashing)} (request fields or the "
-                              "server's own)", param="chat_template_kwargs")
-        return cls(sent if sent is not None else server_template, variables)
+        try:
+            return cls(checked_template(sent), variables, from_request=True)
+        except ValueError as err:
+            raise bad_request(str(err), param="chat_template") from err
 
 
 def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True,
@@ -165,5 +169,6 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
                                              continue_final_message=continue_final_message, tokenize=False,
                                              chat_template=template.template, **(template.variables or {}))
     except Exception as err:  # the template's own checks (jinja raise_exception, alternating roles)
-        raise bad_request(f"the chat template refused the messages: {err}", param="messages") from err
+        raise bad_request(f"the chat template refused the messages: {err}",
+                          param="chat_template" if template.from_request else "messages") from err
     return Prompt(tokenizer.encode(text, add_special_tokens=add_special_tokens), text)

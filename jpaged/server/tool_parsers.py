@@ -6,14 +6,17 @@ its family, and the server finds the calls in the finished text (`jpaged serve
 --enable-auto-tool-choice --tool-call-parser NAME`, vLLM's flags and parser names):
 
 - `hermes` (Hermes 2 Pro, Qwen 2.5 and 3, and many others): each call a JSON object
-  `{"name": ..., "arguments": {...}}` between `<tool_call>` and `</tool_call>`; the text before
-  the first `<tool_call>` is the reply's content.
+  `{"name": ..., "arguments": {...}}` between `<tool_call>` and `</tool_call>` (the last may be
+  left open at the end of the reply); the text before the first `<tool_call>` is the reply's
+  content, and text after the calls is dropped.
 - `llama3_json` (Llama 3.1 / 3.2 with JSON tool calling): the whole reply is one JSON object
   `{"name": ..., "parameters": {...}}` (or several, separated by `;`), optionally after
   `<|python_tag|>`; no content.
 
-A reply whose marked calls are not all valid JSON objects with a string name is plain content, as
-in vLLM. While a reply streams, `held_from` says where the text may start a call: content is sent
+A reply whose marked calls are not all JSON objects with a non-empty name and object arguments
+(`arguments`, or `parameters`, either as an object or as JSON text of one) is plain content, as
+in vLLM. Names are not checked against the request's tools, nor is `parallel_tool_calls`: the
+reply is what the model wrote. While a reply streams, `held_from` says where the text may start a call: content is sent
 up to there, and the rest waits for the finished text.
 
 Plain Python: no jax.
@@ -22,7 +25,6 @@ Plain Python: no jax.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 
 
@@ -47,13 +49,20 @@ class ToolParser:
         raise NotImplementedError
 
 
-def _call(value, arguments_key: str) -> ParsedCall | None:
-    """A call from one decoded JSON value, or None when it is not `{"name": str, ...}`."""
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+def _call(value) -> ParsedCall | None:
+    """A call from one decoded JSON value: `{"name": <a non-empty string>, "arguments" (or
+    "parameters"): <an object, or JSON text of one>}`; None for anything else."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
         return None
-    arguments = value.get(arguments_key, value.get("arguments", {}))
+    arguments = value["arguments"] if "arguments" in value else value.get("parameters", {})
     if isinstance(arguments, str):  # some models write the arguments as JSON text already
-        return ParsedCall(value["name"], arguments)
+        try:
+            decoded = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+        return ParsedCall(value["name"], arguments) if isinstance(decoded, dict) else None
+    if not isinstance(arguments, dict):
+        return None
     return ParsedCall(value["name"], json.dumps(arguments, ensure_ascii=False))
 
 
@@ -68,21 +77,24 @@ def _partial_marker_start(text: str, marker: str) -> int:
 class HermesToolParser(ToolParser):
     name = "hermes"
     START, END = "<tool_call>", "</tool_call>"
-    _CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)\Z", re.DOTALL)
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         start = text.find(self.START)
         if start < 0:
             return text, []
-        calls = []
-        for closed, unclosed in self._CALL.findall(text[start:]):
+        decoder, calls, rest = json.JSONDecoder(), [], text[start:]
+        while rest.startswith(self.START):  # each call's JSON, then its end tag (the last may lack it)
+            body = rest[len(self.START):].lstrip()
             try:
-                call = _call(json.loads(closed or unclosed), "arguments")
+                value, end = decoder.raw_decode(body)
             except json.JSONDecodeError:
-                call = None
-            if call is None:
+                return text, []
+            call = _call(value)
+            rest = body[end:].lstrip()
+            if call is None or rest and not rest.startswith(self.END):
                 return text, []
             calls.append(call)
+            rest = rest[len(self.END):].lstrip()
         return text[:start] or None, calls
 
     def held_from(self, text: str) -> int:
@@ -104,7 +116,7 @@ class Llama3JsonToolParser(ToolParser):
                 value, end = decoder.raw_decode(rest)
             except json.JSONDecodeError:
                 return text, []
-            call = _call(value, "parameters")
+            call = _call(value)
             if call is None:
                 return text, []
             calls.append(call)
