@@ -228,7 +228,7 @@ def test_engine_without_a_working_compiler_falls_back(tmp_path, stories_path):
 
 
 def test_a_process_builds_only_the_kernels_its_model_runs(tmp_path, stories_path):
-    """A float32 model builds the float32 attention pair and the float matmul, nothing else; an
+    """A float32 model builds the float32 attention pair and the float matmuls, nothing else; an
     int8 KV cache then adds its own attention pair (each library named in the kernels folder)."""
     script = textwrap.dedent(f"""
         import pathlib, sys
@@ -246,5 +246,6 @@ def test_a_process_builds_only_the_kernels_its_model_runs(tmp_path, stories_path
     run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "auto ['attention-float32-float32', 'float-matmul']" in run.stdout
-    assert "int8 ['attention-float32-float32', 'attention-float32-int8', 'float-matmul']" in run.stdout
+    floats = "'float-matmul', 'float-matmul-transposed'"
+    assert f"auto ['attention-float32-float32', {floats}]" in run.stdout
+    assert f"int8 ['attention-float32-float32', 'attention-float32-int8', {floats}]" in run.stdout
