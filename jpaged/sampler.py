@@ -46,15 +46,19 @@ LOGPROBS_MODES = ("raw", "penalized")
 def first_argmax(x: jax.Array) -> jax.Array:
     """``jnp.argmax(x, axis=-1)`` as int32: per row the first index of the maximum, or of the first
     NaN where a row holds one. XLA's CPU argmax is a (value, index) reduction it does not vectorize
-    (7 ms for [64, 49152] float32 on a 2-core VM); this is a NaN-propagating max, then the
-    smallest index holding it (1.9 ms)."""
-    def nan_or_max(a, b):
-        return jnp.where(a != a, a, jnp.maximum(a, b))
-
-    top = jax.lax.reduce(x, jnp.array(-jnp.inf, x.dtype), nan_or_max, (x.ndim - 1,))[..., None]
-    hit = jnp.where(top != top, x != x, x == top)
+    (7 ms for [64, 49152] float32 on a 2-core VM); this takes each row's maximum, then the smallest
+    index holding it (2.3 ms), with standard reductions only (so it shards). Rows whose maximum is
+    +inf, or that hold a NaN, go to ``jnp.argmax`` at run time."""
+    top = jnp.max(jnp.where(x != x, jnp.inf, x), axis=-1, keepdims=True)
     ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
-    return jnp.min(jnp.where(hit, ids, x.shape[-1]), axis=-1)
+
+    def first_of_top(x):
+        return jnp.min(jnp.where(x == top, ids, x.shape[-1]), axis=-1)
+
+    def exact(x):
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.any(top == jnp.inf), exact, first_of_top, x)
 
 
 def apply_token_bitmask(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
