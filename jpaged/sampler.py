@@ -47,8 +47,8 @@ def first_argmax(x: jax.Array) -> jax.Array:
     """``jnp.argmax(x, axis=-1)`` as int32: per row the first index of the maximum, or of the first
     NaN where a row holds one. XLA's CPU argmax is a (value, index) reduction it does not vectorize
     (7 ms for [64, 49152] float32 on a 2-core VM); this takes each row's maximum, then the smallest
-    index holding it (2.3 ms), with standard reductions only (so it shards). Rows whose maximum is
-    +inf, or that hold a NaN, go to ``jnp.argmax`` at run time."""
+    index holding it (2.3 ms), with standard reductions only (so it shards). Where some row's
+    maximum is +inf or some row holds a NaN, the whole call takes ``jnp.argmax`` at run time."""
     top = jnp.max(jnp.where(x != x, jnp.inf, x), axis=-1, keepdims=True)
     ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
 

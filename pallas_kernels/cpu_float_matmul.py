@@ -37,11 +37,11 @@ MAX_ROWS = 4
 def cpu_float_matmul(x, w, transposed: bool = False):
     """`x [M, K] @ w [K, N]` (or `x @ w.T` for `w [N, K]` with `transposed`) in x's dtype: the
     kernel for float32 with M <= MAX_ROWS (2 <= M with `transposed`), else XLA's."""
-    library, few_rows = (TRANSPOSED_LIBRARY, 2 <= x.shape[0] <= MAX_ROWS) if transposed else (LIBRARY, x.shape[0] <= MAX_ROWS)
-    if (not cpu_kernels.is_loaded(library) or x.ndim != 2 or w.ndim != 2 or not few_rows
+    library, target = (TRANSPOSED_LIBRARY, TRANSPOSED_TARGET) if transposed else (LIBRARY, TARGET)
+    fewest_rows = 2 if transposed else 1
+    if (not cpu_kernels.is_loaded(library) or x.ndim != 2 or w.ndim != 2 or not fewest_rows <= x.shape[0] <= MAX_ROWS
             or x.dtype != jnp.float32 or w.dtype != jnp.float32):
         return x @ (w.T if transposed else w)
     n = w.shape[0] if transposed else w.shape[1]
-    call = jax.ffi.ffi_call(cpu_kernels.target(library), jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32),
-                            vmap_method="sequential")
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
     return call(x, w)

@@ -103,4 +103,3 @@ def check_can_listen(host: str, port: int) -> None:
             probe.bind(address)
     except OSError as err:
         raise OSError(f"cannot listen on {host}:{port} ({err.strerror or err}); choose another --host or --port") from err
-
