@@ -300,7 +300,7 @@ def test_tool_parsers_read_their_family_syntax():
     from jpaged.server.tool_parsers import tool_parser
 
     rng = random.Random(0)
-    hermes, llama3 = tool_parser("hermes"), tool_parser("llama3_json")
+    hermes, llama3, pythonic = tool_parser("hermes"), tool_parser("llama3_json"), tool_parser("pythonic")
     for trial in range(40):
         calls = _random_calls(rng, rng.randint(1, 3))
         expected = [(name, args) for name, args in calls]
@@ -318,6 +318,11 @@ def test_tool_parsers_read_their_family_syntax():
         found, parsed = llama3.parse(text)
         assert found is None and [(c.name, json.loads(c.arguments)) for c in parsed] == expected
         assert _streamed(llama3, text)[0] == ""
+        text = "[" + ", ".join(f"{n}({', '.join(f'{k}={v!r}' for k, v in a.items())})" for n, a in calls) + "]"
+        text = rng.choice(["", " ", "<|python_start|>"]) + text + rng.choice(["", "\n", "<|python_end|>"])
+        found, parsed = pythonic.parse(text)  # Python's own literal syntax (repr) read back
+        assert found is None and [(c.name, json.loads(c.arguments)) for c in parsed] == expected
+        assert _streamed(pythonic, text)[0] == ""
     for text in ["Hello there.", "<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
                  'Sure <tool_call>["a"]</tool_call>', '<tool_call>{"name": "", "arguments": {}}</tool_call>',
                  '<tool_call>{"name": "f", "arguments": null}</tool_call>', '<tool_call>{"name": "f"} x</tool_call>',
@@ -329,7 +334,11 @@ def test_tool_parsers_read_their_family_syntax():
     for text in ["Hello {", '{"name": "f", "parameters": {}} and more', '{"name": 3}', "{"]:
         assert llama3.parse(text) == (text, [])
     assert _streamed(llama3, "Hello there.")[0] == "Hello there."
-    with pytest.raises(ValueError, match="unknown tool-call parser 'qwen'; known: hermes, llama3_json"):
+    for text in ["[f(1)]", "[f(x=y)]", "[f(x={1, 2})]", "[]", "[a.b(x=1)]", "[f(**k)]", "[f(x=float('nan'))]",
+                 "[f(x=1e999)]", "[f(x=b'a')]", "[f(x=1)] and more", "[f(x=1)", "[f(x=1), 2]", "[f(x=1, x=2)]"]:
+        assert pythonic.parse(text) == (text, []) and _streamed(pythonic, text)[1] == text
+    assert _streamed(pythonic, "Hello [f(x=1)]") == ("Hello [f(x=1)]", "Hello [f(x=1)]")
+    with pytest.raises(ValueError, match="unknown tool-call parser 'qwen'; known: hermes, llama3_json, pythonic"):
         tool_parser("qwen")
 
 

@@ -12,10 +12,15 @@ its family, and the server finds the calls in the finished text (`jpaged serve
 - `llama3_json` (Llama 3.1 / 3.2 with JSON tool calling): the whole reply is one JSON object
   `{"name": ..., "parameters": {...}}` (or several, separated by `;`), optionally after
   `<|python_tag|>`; no content.
+- `pythonic` (Llama 3.2 and 4 with their Python-style tool calling, ToolACE and others): the
+  whole reply is a Python list of calls with keyword arguments, `[get_weather(city="Paris"),
+  get_time()]`, optionally between `<|python_start|>` and `<|python_end|>`; each argument a Python
+  literal that JSON can hold (strings, numbers, booleans, None, and lists and dicts of them),
+  read with Python's own `ast.literal_eval`, never evaluated; no content.
 
 A reply whose marked calls are not all JSON objects with a non-empty name and object arguments
-(`arguments`, or `parameters`, either as an object or as JSON text of one) is plain content, as
-in vLLM. Names are not checked against the request's tools, nor is `parallel_tool_calls`: the
+(`arguments`, or `parameters`, either as an object or as JSON text of one), or for `pythonic` not
+a list of calls with literal keyword arguments, is plain content, as in vLLM. Names are not checked against the request's tools, nor is `parallel_tool_calls`: the
 reply is what the model wrote. While a reply streams, `held_from` says where the text may start a call: content is sent
 up to there, and the rest waits for the finished text.
 
@@ -24,6 +29,7 @@ Plain Python: no jax.
 
 from __future__ import annotations
 
+import ast
 import json
 from dataclasses import dataclass
 
@@ -131,7 +137,46 @@ class Llama3JsonToolParser(ToolParser):
         return 0 if body.startswith(("{", self.PYTHON_TAG)) or self.PYTHON_TAG.startswith(body) else len(text)
 
 
-TOOL_PARSERS: dict[str, type[ToolParser]] = {parser.name: parser for parser in (HermesToolParser, Llama3JsonToolParser)}
+class PythonicToolParser(ToolParser):
+    name = "pythonic"
+    START, END = "<|python_start|>", "<|python_end|>"
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        body = text.strip().removeprefix(self.START).removesuffix(self.END).strip()
+        if not (body.startswith("[") and body.endswith("]")):
+            return text, []
+        try:
+            tree = ast.parse(body, mode="eval").body
+        except (SyntaxError, ValueError):  # ValueError: a null character in the text
+            return text, []
+        calls = [_pythonic_call(node) for node in tree.elts] if isinstance(tree, ast.List) else []
+        if not calls or None in calls:
+            return text, []
+        return None, calls
+
+    def held_from(self, text: str) -> int:
+        body = text.lstrip()
+        return 0 if body.startswith(("[", self.START)) or self.START.startswith(body) else len(text)
+
+
+def _pythonic_call(node: ast.expr) -> ParsedCall | None:
+    """A call from `name(keyword=<literal>, ...)`; None for anything else (positional or `**`
+    arguments, a keyword given twice, a dotted or computed name, a value that is not a literal
+    JSON can hold)."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args):
+        return None
+    names = [keyword.arg for keyword in node.keywords]
+    if None in names or len(set(names)) < len(names):  # ast.parse lets a repeated keyword through
+        return None
+    try:
+        arguments = {keyword.arg: ast.literal_eval(keyword.value) for keyword in node.keywords}
+        return ParsedCall(node.func.id, json.dumps(arguments, ensure_ascii=False, allow_nan=False))
+    except (ValueError, TypeError, SyntaxError, RecursionError):  # not a literal, or one JSON cannot hold
+        return None
+
+
+TOOL_PARSERS: dict[str, type[ToolParser]] = {
+    parser.name: parser for parser in (HermesToolParser, Llama3JsonToolParser, PythonicToolParser)}
 
 
 def tool_parser(name: str) -> ToolParser:
