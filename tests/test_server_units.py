@@ -301,6 +301,7 @@ def test_tool_parsers_read_their_family_syntax():
 
     rng = random.Random(0)
     hermes, llama3, pythonic = tool_parser("hermes"), tool_parser("llama3_json"), tool_parser("pythonic")
+    mistral = tool_parser("mistral")
     for trial in range(40):
         calls = _random_calls(rng, rng.randint(1, 3))
         expected = [(name, args) for name, args in calls]
@@ -323,6 +324,14 @@ def test_tool_parsers_read_their_family_syntax():
         found, parsed = pythonic.parse(text)  # Python's own literal syntax (repr) read back
         assert found is None and [(c.name, json.loads(c.arguments)) for c in parsed] == expected
         assert _streamed(pythonic, text)[0] == ""
+        listed = "[TOOL_CALLS] " + json.dumps([{"name": n, "arguments": a} for n, a in calls])
+        named = "".join(f"[TOOL_CALLS]{n}[ARGS]{json.dumps(a, ensure_ascii=False)}" for n, a in calls)
+        for text in (content + listed, content + named):  # the older tokenizers' syntax, then v11's
+            found, parsed = mistral.parse(text)
+            assert found == (content or None) and [(c.name, json.loads(c.arguments)) for c in parsed] == expected
+            assert all(len(c.id) == 9 and c.id.isalnum() for c in parsed)
+            sent, final = _streamed(mistral, text)
+            assert final == content and sent == content[:len(sent)] and "[TOOL_CALLS]" not in sent
     for text in ["Hello there.", "<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
                  'Sure <tool_call>["a"]</tool_call>', '<tool_call>{"name": "", "arguments": {}}</tool_call>',
                  '<tool_call>{"name": "f", "arguments": null}</tool_call>', '<tool_call>{"name": "f"} x</tool_call>',
@@ -338,8 +347,35 @@ def test_tool_parsers_read_their_family_syntax():
                  "[f(x=1e999)]", "[f(x=b'a')]", "[f(x=1)] and more", "[f(x=1)", "[f(x=1), 2]", "[f(x=1, x=2)]"]:
         assert pythonic.parse(text) == (text, []) and _streamed(pythonic, text)[1] == text
     assert _streamed(pythonic, "Hello [f(x=1)]") == ("Hello [f(x=1)]", "Hello [f(x=1)]")
-    with pytest.raises(ValueError, match="unknown tool-call parser 'qwen'; known: hermes, llama3_json, pythonic"):
+    for text in ["[TOOL_CALLS]", "[TOOL_CALLS] []", "[TOOL_CALLS]f[ARGS]{bad}", "[TOOL_CALLS]f g[ARGS]{}",
+                 '[TOOL_CALLS]f[ARGS]{"a": 1} and more', '[TOOL_CALLS]f[ARGS][1]', '[TOOL_CALLS] [{"arguments": {}}]',
+                 '[TOOL_CALLS][ARGS]{}', "Hello [TOOL"]:
+        assert mistral.parse(text) == (text, []) and _streamed(mistral, text)[1] == text
+    assert [(c.name, c.arguments) for c in mistral.parse('[TOOL_CALLS]f{"a": [1]}[TOOL_CALLS]g[CALL_ID]x1[ARGS]{}')[1]] \
+        == [("f", '{"a": [1]}'), ("g", "{}")]
+    with pytest.raises(ValueError, match="unknown tool-call parser 'qwen'; known: hermes, llama3_json, mistral, "
+                                         "pythonic"):
         tool_parser("qwen")
+
+
+def test_mistral_replies_keep_their_special_markers_and_get_mistral_call_ids():
+    """[TOOL_CALLS] is a special token: under "auto" with the mistral parser the reply's text keeps
+    special tokens (vLLM does the same), and its calls get ids of 9 letters and digits."""
+    from jpaged.server.params import chat_params
+    from jpaged.server.protocol import ChatCompletionRequest
+    from jpaged.server.tool_parsers import tool_parser
+    from jpaged.server.tools import reply
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    mistral, hermes = tool_parser("mistral"), tool_parser("hermes")
+    auto = ChatCompletionRequest(messages=[], tools=[tool])
+    assert chat_params(auto, 16, mistral).skip_special_tokens is False
+    assert chat_params(auto, 16, hermes).skip_special_tokens is True
+    assert chat_params(auto.model_copy(update={"tool_choice": "none"}), 16, mistral).skip_special_tokens is True
+    content, calls = reply(auto, 'Ok[TOOL_CALLS]f[ARGS]{"x": 1}', mistral)
+    assert content == "Ok" and [(c.function.name, c.function.arguments) for c in calls] == [("f", '{"x": 1}')]
+    assert len(calls[0].id) == 9 and calls[0].id.isalnum()
+    assert reply(auto, '<tool_call>{"name": "f", "arguments": {}}</tool_call>', hermes)[1][0].id.startswith("chatcmpl-tool-")
 
 
 def test_auto_tool_choice_and_request_templates_need_the_server_to_allow_them():

@@ -14,7 +14,7 @@ from jpaged.sampling_params import SamplingParams, StructuredOutputsParams, cons
 from jpaged.server.errors import APIError, bad_request
 from jpaged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from jpaged.server.tool_parsers import ToolParser
-from jpaged.server.tools import forces_tool_calls, tool_schema
+from jpaged.server.tools import forces_tool_calls, parses_tool_calls, tool_schema
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -64,10 +64,13 @@ def completion_params(request: CompletionRequest, max_tokens: int) -> SamplingPa
 def chat_params(request: ChatCompletionRequest, max_tokens: int, tool_parser: ToolParser | None = None) -> SamplingParams:
     """`SamplingParams` of a /v1/chat/completions request (`logprobs` a bool, `top_logprobs` a
     count; a required or named `tool_choice` constrains the output, and "auto" needs the server's
-    `tool_parser`, see `tools`). 400 for bad values."""
+    `tool_parser`, see `tools`; a parser whose markers are special tokens keeps them in the
+    text). 400 for bad values."""
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    if tool_parser is not None and tool_parser.keeps_special_tokens and parses_tool_calls(request):
+        request = request.model_copy(update={"skip_special_tokens": False})  # the calls' markers
     renamed = {"logprobs": "top_logprobs", "max_tokens": max_tokens_field(request)}
     return _build(request, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=request.prompt_logprobs,
                   renamed=renamed, structured_outputs=structured_outputs(request, tool_schema(request, tool_parser)))

@@ -12,6 +12,12 @@ its family, and the server finds the calls in the finished text (`jpaged serve
 - `llama3_json` (Llama 3.1 / 3.2 with JSON tool calling): the whole reply is one JSON object
   `{"name": ..., "parameters": {...}}` (or several, separated by `;`), optionally after
   `<|python_tag|>`; no content.
+- `mistral` (Mistral 7B v0.3, Mixtral, Mistral Small / Large, Ministral): the content, then the
+  `[TOOL_CALLS]` token and either a JSON array of `{"name": ..., "arguments": {...}}` (the older
+  tokenizers) or, once per call, `[TOOL_CALLS]name[ARGS]{...}` (tokenizer v11 and later; also
+  `name{...}` and `name[CALL_ID]id[ARGS]{...}`). The markers are special tokens, so replies under
+  "auto" keep special tokens in their text (`skip_special_tokens` false), and call ids are 9
+  letters and digits, the form Mistral's chat templates accept when the calls come back.
 - `pythonic` (Llama 3.2 and 4 with their Python-style tool calling, ToolACE and others): the
   whole reply is a Python list of calls with keyword arguments, `[get_weather(city="Paris"),
   get_time()]`, optionally between `<|python_start|>` and `<|python_end|>`; each argument a Python
@@ -31,6 +37,8 @@ from __future__ import annotations
 
 import ast
 import json
+import secrets
+import string
 from dataclasses import dataclass
 
 
@@ -38,12 +46,14 @@ from dataclasses import dataclass
 class ParsedCall:
     name: str
     arguments: str  # JSON text
+    id: str | None = None  # None: the server's own form of call id
 
 
 class ToolParser:
     """One model family's tool-call syntax."""
 
     name = ""
+    keeps_special_tokens = False  # whether the syntax's markers are special tokens the reply must keep
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         """The content and the calls of a finished reply; `(text, [])` when it makes no call."""
@@ -137,6 +147,55 @@ class Llama3JsonToolParser(ToolParser):
         return 0 if body.startswith(("{", self.PYTHON_TAG)) or self.PYTHON_TAG.startswith(body) else len(text)
 
 
+class MistralToolParser(ToolParser):
+    name = "mistral"
+    keeps_special_tokens = True
+    START = "[TOOL_CALLS]"
+    ARGS, CALL_ID = "[ARGS]", "[CALL_ID]"
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        start = text.find(self.START)
+        if start < 0:
+            return text, []
+        rest = text[start + len(self.START):].strip()
+        calls = self._listed(rest) if rest.startswith(("[", "{")) else [
+            self._named(part.strip()) for part in rest.split(self.START)]
+        if not calls or None in calls:
+            return text, []
+        return text[:start] or None, [ParsedCall(call.name, call.arguments, _mistral_id()) for call in calls]
+
+    def held_from(self, text: str) -> int:
+        start = text.find(self.START)
+        return start if start >= 0 else _partial_marker_start(text, self.START)
+
+    @staticmethod
+    def _listed(rest: str) -> list[ParsedCall | None]:
+        """The calls of the older syntax: a JSON array of call objects (or one object)."""
+        try:
+            value = json.loads(rest)
+        except json.JSONDecodeError:
+            return []
+        return [_call(item) for item in value] if isinstance(value, list) else [_call(value)]
+
+    def _named(self, part: str) -> ParsedCall | None:
+        """One call of the v11 syntax: `name[ARGS]{...}`, `name[CALL_ID]id[ARGS]{...}` or `name{...}`."""
+        name, marker, arguments = part.partition(self.ARGS)
+        if not marker:
+            brace = part.find("{")
+            name, arguments = (part[:brace], part[brace:]) if brace >= 0 else (part, "")
+        name = name.partition(self.CALL_ID)[0].strip()
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError:
+            return None
+        return _call({"name": name, "arguments": value}) if name and not any(c.isspace() for c in name) else None
+
+
+def _mistral_id() -> str:
+    """A tool call id as Mistral's chat templates require it: 9 letters and digits."""
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+
 class PythonicToolParser(ToolParser):
     name = "pythonic"
     START, END = "<|python_start|>", "<|python_end|>"
@@ -176,7 +235,7 @@ def _pythonic_call(node: ast.expr) -> ParsedCall | None:
 
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
-    parser.name: parser for parser in (HermesToolParser, Llama3JsonToolParser, PythonicToolParser)}
+    parser.name: parser for parser in (HermesToolParser, Llama3JsonToolParser, MistralToolParser, PythonicToolParser)}
 
 
 def tool_parser(name: str) -> ToolParser:

@@ -98,7 +98,8 @@ def reply(request: ChatCompletionRequest, text: str, parser: ToolParser | None) 
     complete JSON (cut by `max_tokens`); under "auto", what `parser` finds."""
     if parses_tool_calls(request) and parser is not None:
         content, calls = parser.parse(text)
-        return content, [ToolCall(function=FunctionCall(name=call.name, arguments=call.arguments)) for call in calls]
+        return content, [ToolCall(function=FunctionCall(name=call.name, arguments=call.arguments),
+                                  **({"id": call.id} if call.id else {})) for call in calls]
     if not forces_tool_calls(request):
         return text, []
     try:
