@@ -185,10 +185,12 @@ class LLMEngine:
             biased = len(params.allowed_token_ids)
             what = f"allowed_token_ids list {biased} ids"
         else:
-            biased = len(params.logit_bias or {}) + len(bad_words) + (
-                len(params.stop_token_ids) + len(self.eos_token_ids) if params.min_tokens else 0)
-            what = (f"logit_bias ({len(params.logit_bias or {})} ids), bad_words ({len(bad_words)} token sequences) "
-                    f"and, under min_tokens, the stop token and EOS ids bias {biased} tokens")
+            parts = {"logit_bias": (len(params.logit_bias or {}), "ids"), "bad_words": (len(bad_words), "token sequences")}
+            if params.min_tokens:
+                parts["stop_token_ids"] = (len(params.stop_token_ids) + len(self.eos_token_ids), "ids with EOS, under min_tokens")
+            biased = sum(count for count, _ in parts.values())
+            largest_first = sorted(parts.items(), key=lambda item: -item[1][0])  # the refusal names the largest
+            what = ", ".join(f"{field} ({count} {unit})" for field, (count, unit) in largest_first) + f" bias {biased} tokens"
         if biased > MAX_BIASED_TOKENS:
             raise ValueError(f"{what}, more than the limit {MAX_BIASED_TOKENS}")
         total = len(token_ids) + params.max_tokens

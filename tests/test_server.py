@@ -404,6 +404,14 @@ BAD_INPUTS = [
      "tool_choice"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "structured_outputs": {"json": {"$ref": "#/nowhere"}}}, "structured_outputs"),
+    ("/v1/completions", {"prompt": "\ud800 hi"}, "prompt"),  # lone surrogates, which JSON allows
+    ("/v1/completions", {"prompt": ["hi", "\udfff"]}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "bad_words": ["\ud83d"]}, "bad_words"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a\ud800"}]}]},
+     "messages"),
+    ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "bad_words": [f"w{i}" for i in range(1025)]}, "bad_words"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 1, "stop_token_ids": list(range(1100))}, "stop_token_ids"),
 ]
 
 
@@ -433,6 +441,8 @@ def test_errors_name_the_request_field_not_the_engine_one(server):
         assert error["param"] == param and error["message"].startswith(param + " "), error
     too_long = server.post("/v1/chat/completions", {**chat, "max_tokens": 10**6}).json()["error"]
     assert too_long["param"] == "max_tokens" and too_long["code"] == "context_length_exceeded"
+    second = server.post("/v1/completions", {"prompt": ["Once", "a " * 600], "max_tokens": 5}).json()["error"]
+    assert second["message"].startswith("prompt 1: ") and second["code"] == "context_length_exceeded", second
 
 
 def test_vllm_extras_match_llm_generate(server, expected):
@@ -769,3 +779,6 @@ def test_tokenize_and_detokenize_round_trip(server):
     assert server.post("/detokenize", {"tokens": tokens["tokens"]}).json()["prompt"] == text
     chat = server.post("/tokenize", {"messages": [{"role": "user", "content": "Hi"}]}).json()
     assert chat["tokens"] == server.front.tokenizer.encode("user: Hi\nassistant:", add_special_tokens=False)
+    parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]  # joined by newlines, as vLLM does
+    chat = server.post("/tokenize", {"messages": [{"role": "user", "content": parts}]}).json()
+    assert chat["tokens"] == server.front.tokenizer.encode("user: Hi\nthere\nassistant:", add_special_tokens=False)

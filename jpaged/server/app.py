@@ -205,6 +205,6 @@ def _describe_validation(err: RequestValidationError) -> tuple[str, str | None]:
             problems.append(f"the body is not valid JSON: {item.get('msg')}")
             continue
         field = ".".join(location)
-        param = param or (location[0] if location else None)
+        param = param or (location[0] if location else (item.get("ctx") or {}).get("param"))
         problems.append(f"{field or 'body'}: {item.get('msg')}")
     return "; ".join(problems[:5]) or "the request body is invalid", param

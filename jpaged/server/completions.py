@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
-from jpaged.server.errors import bad_request
+from jpaged.server.errors import APIError, bad_request
 from jpaged.server.logprobs import completion_logprobs, prompt_logprobs
 from jpaged.server.params import check_model, completion_params, constraint_field, resolve_max_tokens
 from jpaged.server.prompts import Prompt, completion_prompts, truncated
@@ -55,8 +55,8 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
     if _scores_only(request) and request.min_tokens:
         raise bad_request(f"min_tokens must be in [0, max_tokens=0], got {request.min_tokens}", param="min_tokens")
     asked = 1 if _scores_only(request) else request.max_tokens  # one token is computed, none returned
-    params = [completion_params(request, resolve_max_tokens(asked, len(p.token_ids), max_model_len, "max_tokens"))
-              for p in prompts]
+    params = [_params_of(request, asked, prompt, max_model_len, i if len(prompts) > 1 else None)
+              for i, prompt in enumerate(prompts)]
     request_id = random_id("cmpl")
     group = await submit(state, request_id, prompts, params, constraint_field(request))
     if request.stream:
@@ -68,6 +68,18 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
     response = CompletionResponse(id=request_id, model=state.model_name, choices=choices,
                                   usage=usage(prompt_tokens, outputs))
     return JSONResponse(response.model_dump())
+
+
+def _params_of(request: CompletionRequest, asked: int | None, prompt: Prompt, max_model_len: int,
+               index: int | None) -> SamplingParams:
+    """The sampling parameters of one of the request's prompts; a refusal of the prompt at `index`
+    of several says which."""
+    try:
+        return completion_params(request, resolve_max_tokens(asked, len(prompt.token_ids), max_model_len, "max_tokens"))
+    except APIError as err:
+        if index is not None:
+            err.message = f"prompt {index}: {err.message}"
+        raise
 
 
 def _scores_only(request: CompletionRequest) -> bool:

@@ -106,7 +106,7 @@ def _text_of(message: ChatMessage, i: int) -> str:
         if part.type != "text" or part.text is None:
             raise bad_request(f"messages[{i}] has a content part of type {part.type!r}; only text parts are "
                               "supported", param="messages")
-    return "".join(part.text for part in message.content)
+    return "\n".join(part.text for part in message.content)  # as vLLM joins a message's text parts
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,13 @@ Unknown request fields are ignored, as OpenAI-compatible servers do. Plain pydan
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 
 def random_id(prefix: str) -> str:
@@ -30,8 +32,34 @@ class _Request(BaseModel):
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
         """A field sent as null takes its default: OpenAI's API marks the optional fields nullable,
-        and clients send None for "not given"."""
-        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+        and clients send None for "not given". A string holding half of a UTF-16 surrogate pair
+        (JSON allows `"\\ud800"`) is refused, naming where it is: no tokenizer takes it."""
+        if not isinstance(data, dict):
+            return data
+        if (where := _lone_surrogate(data)) is not None:
+            raise PydanticCustomError("lone_surrogate", "{where} holds a lone UTF-16 surrogate (such as \\ud800 in JSON), "
+                                      "which is not Unicode text",
+                                      {"where": where or "a field name", "param": re.split(r"[.\[]", where)[0] or None})
+        return {key: value for key, value in data.items() if value is not None}
+
+
+def _lone_surrogate(data: dict) -> str | None:
+    """The path (`messages[0].content`) of a string or key in `data` that is not valid Unicode text
+    (one that cannot be written as UTF-8), or None."""
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(value, dict):
+            pending += [(f"{path}.{key}" if path else str(key), item) for key, item in value.items()]
+            pending += [(path, key) for key in value if isinstance(key, str)]
+        elif isinstance(value, list):
+            pending += [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+    return None
 
 
 class StreamOptions(_Request):

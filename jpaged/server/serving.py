@@ -73,7 +73,8 @@ def _refused_field(message: str) -> str:
     leading = message.split(" ", 3)[:3]
     if "max_num_seqs" in message:
         return "n"
-    fields = ("logit_bias", "stop_token_ids", "allowed_token_ids", "truncate_prompt_tokens", "structured_outputs")
+    fields = ("logit_bias", "bad_words", "stop_token_ids", "allowed_token_ids", "truncate_prompt_tokens",
+              "structured_outputs")
     return next((field for field in fields if field in leading), "prompt")
 
 
