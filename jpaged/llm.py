@@ -169,8 +169,10 @@ def _prompt_list(prompts) -> list[PromptType]:
 
 
 def _conversations(messages) -> list[list[dict]]:
-    """One conversation (a list of message dicts) or a list of them, as a list of conversations;
-    ValueError naming the first message that is not a dict with a string "role" and a "content"."""
+    """One conversation (a list of message dicts) or a list of them, as a list of conversations,
+    each message's content as text: a list of OpenAI text parts (`{"type": "text", "text": ...}`)
+    joined by newlines, as vLLM does, and an assistant's None as "". ValueError naming the first
+    message that is not a dict with a string "role" and such a "content"."""
     if not isinstance(messages, list):
         raise ValueError(f"messages must be a list of message dicts or a list of such lists, got "
                          f"{type(messages).__name__}")
@@ -182,4 +184,19 @@ def _conversations(messages) -> list[list[dict]]:
             if not (isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message):
                 raise ValueError(f"conversation {i}, message {j} must be a dict with a string 'role' and a "
                                  f"'content', got {message!r:.200}")
-    return conversations
+    return [[{**message, "content": _text(message, f"conversation {i}, message {j}")}
+             for j, message in enumerate(conversation)] for i, conversation in enumerate(conversations)]
+
+
+def _text(message: dict, where: str) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    if content is None and message["role"] == "assistant":  # a turn that only calls tools
+        return ""
+    parts = content if isinstance(content, list) else None
+    if parts is None or not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                for p in parts):
+        raise ValueError(f"{where}: content must be a string or a list of text parts "
+                         f'({{"type": "text", "text": ...}}), got {content!r:.200}')
+    return "\n".join(part["text"] for part in parts)

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 from jpaged.cache_dir import cache_dir
 from jpaged.config import CacheConfig, EngineConfig, ModelConfig
 from jpaged.huge_pages import collapse_in_background
+from jpaged.interrupts import interrupts_held
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
 from jpaged.loader.host_store import HostStore
 from jpaged.loader.weights import load_params, param_formats, replicate_kv_heads, zeros_at
@@ -428,9 +429,10 @@ class ModelRunner:
     def move_blocks(self, plan: SchedulerOutput) -> None:
         """Carry out the step's block moves before it runs: swap-outs, copy-on-write copies, then
         swap-ins (the order the block manager's bookkeeping assumes)."""
-        self.host_pool.swap_out(self.kv_cache, plan.swap_out)
-        self.kv_cache = copy_blocks(self.kv_cache, plan.block_copies, self.shapes.max_num_seqs)
-        self.kv_cache = self.host_pool.swap_in(self.kv_cache, plan.swap_in)
+        with interrupts_held():  # the moves donate the cache
+            self.host_pool.swap_out(self.kv_cache, plan.swap_out)
+            self.kv_cache = copy_blocks(self.kv_cache, plan.block_copies, self.shapes.max_num_seqs)
+            self.kv_cache = self.host_pool.swap_in(self.kv_cache, plan.swap_in)
 
     def programs(self) -> list[tuple[int, int]]:
         """`(micro-batches, tokens per micro-batch)` of every step program this configuration can
@@ -504,9 +506,10 @@ class ModelRunner:
             self._step.prefetch(*self._step_args(*self._padding_step(1, num_tokens)))
 
     def _run(self, batch: StepBatch, sampling: SamplingArrays) -> tuple[SamplerOutput, PromptLogprobs]:
-        if self.stream is not None:
-            return self._run_streamed(batch, sampling)
-        (sampled, prompt), self.kv_cache = self._step(*self._step_args(batch, sampling))
+        with interrupts_held():  # the step donates the cache
+            if self.stream is not None:
+                return self._run_streamed(batch, sampling)
+            (sampled, prompt), self.kv_cache = self._step(*self._step_args(batch, sampling))
         return sampled, prompt
 
     def _step_args(self, batch: StepBatch, sampling: SamplingArrays) -> tuple:

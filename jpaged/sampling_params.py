@@ -131,7 +131,8 @@ class StructuredOutputsParams:
     exactly one of the five kinds (see ``jpaged.structured_output``).
 
     Attributes:
-        json: a JSON schema (a dict, or its JSON text): the output is one JSON value it accepts.
+        json: a JSON schema (a dict, its JSON text, or True for any value): the output is one JSON value it
+            accepts.
         regex: a regular expression (Rust ``regex`` syntax) the whole output matches.
         choice: a list of strings: the output is exactly one of them.
         grammar: a context-free grammar in Lark or GBNF (llama.cpp's) syntax.
@@ -155,8 +156,10 @@ class StructuredOutputsParams:
         if len(given) != 1:
             raise ValueError(f"structured_outputs must set exactly one of {', '.join(STRUCTURED_KINDS)}, "
                              f"got {given or 'none'}")
+        if self.json is True:  # JSON Schema's `true`: any JSON value
+            self.json = "true"
         if self.json is not None and not isinstance(self.json, (dict, str)):
-            raise TypeError(f"structured_outputs json must be a schema (a dict or its JSON text), got {self.json!r}")
+            raise TypeError(f"structured_outputs json must be a schema (a dict, its JSON text, or True), got {self.json!r}")
         for field in ("regex", "grammar"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, str) or not value):

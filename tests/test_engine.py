@@ -171,6 +171,35 @@ def test_interrupted_generate_leaves_nothing_behind(llm, fail_step, monkeypatch)
     assert llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == GOLDEN_FROM_BOS
 
 
+def test_ctrl_c_as_a_step_returns_leaves_the_engine_usable(llm, monkeypatch):
+    """Ctrl-C that arrives while a step runs is raised when it returns: after the step has
+    consumed (donated) the KV cache and before the runner stores the new one, unless it is held
+    back until then. Afterwards the engine serves as before."""
+    import _thread
+
+    runner = llm.engine.runner
+    real_step = runner._step
+
+    class InterruptedOnce:
+        calls = 0
+
+        def __call__(self, *args):
+            result = real_step(*args)
+            InterruptedOnce.calls += 1
+            if InterruptedOnce.calls == 2:
+                _thread.interrupt_main()  # as a SIGINT during the call: Python raises it at the next bytecode
+            return result
+
+        def __getattr__(self, name):
+            return getattr(real_step, name)
+
+    monkeypatch.setattr(runner, "_step", InterruptedOnce())
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(STORY_STARTS[:2], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
+    assert InterruptedOnce.calls == 2 and not llm.engine.has_unfinished_requests() and all_blocks_free(llm)
+    assert llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == GOLDEN_FROM_BOS
+
+
 def test_request_larger_than_cache_is_rejected(stories_path):
     small = LLM(stories_path, num_blocks=4)
     assert small.engine.max_model_len == 64  # lowered from the model's 512 to what the cache holds
@@ -183,9 +212,15 @@ def test_request_larger_than_cache_is_rejected(stories_path):
 def test_malformed_chat_messages_are_named(llm):
     for messages, named in [([{"role": "user"}], "conversation 0, message 0"), ("hello", "got str"),
                             (["hello"], "conversation 0 must be a list"),
-                            ([[{"role": "user", "content": "hi"}], [{"content": "x"}]], "conversation 1, message 0")]:
+                            ([[{"role": "user", "content": "hi"}], [{"content": "x"}]], "conversation 1, message 0"),
+                            ([{"role": "user", "content": None}], "conversation 0, message 0: content must be"),
+                            ([{"role": "user", "content": [{"type": "image_url"}]}], "a list of text parts")]:
         with pytest.raises(ValueError, match=named):
             llm.chat(messages, GREEDY, use_tqdm=False)
+    parts = [{"type": "text", "text": "Once upon"}, {"type": "text", "text": "a time"}]  # joined as vLLM joins them
+    template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
+    joined = llm.chat([{"role": "user", "content": parts}], GREEDY, use_tqdm=False, chat_template=template)[0]
+    assert joined.prompt_token_ids == llm.get_tokenizer().encode("Once upon\na time|", add_special_tokens=False)
 
 
 def test_a_cache_or_swap_pool_beyond_memory_is_a_clear_error(stories_path, caplog):

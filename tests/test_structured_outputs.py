@@ -141,6 +141,7 @@ def test_structured_outputs_are_checked_naming_the_field(stories):
     with pytest.raises(TypeError, match="structured_outputs"):
         SamplingParams(structured_outputs="json")
     assert SamplingParams(structured_outputs={"regex": "a+"}).structured_outputs == StructuredOutputsParams(regex="a+")
+    assert StructuredOutputsParams(json=True) == StructuredOutputsParams(json="true")  # JSON Schema's `true`
     for constraint in [{"regex": "(unclosed"}, {"json": "{not json"}, {"grammar": "start: undefined_rule"},
                        {"json": {"type": "object", "properties": {"a": {"$ref": "#/missing"}}}}]:
         with pytest.raises(ValueError, match="structured_outputs .* is not valid"):
