@@ -10,7 +10,7 @@ _EXPORTS = {
     "LLM": "jpaged.llm",
     "LLMEngine": "jpaged.engine",
     "SamplingParams": "jpaged.sampling_params",
-    "BeamSearchParams": "jpaged.beam_search",
+    "BeamSearchParams": "jpaged.sampling_params",
     "RequestOutput": "jpaged.outputs",
     "CompletionOutput": "jpaged.outputs",
     "Logprob": "jpaged.outputs",

@@ -16,30 +16,11 @@ from dataclasses import dataclass, field
 
 from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine_client import EngineClient
-from jpaged.sampling_params import MAX_LOGPROBS, SamplingParams, as_bool, as_float, as_int
+from jpaged.sampling_params import BeamSearchParams, SamplingParams
 from jpaged.sequence import Sequence
 
 _search_ids = itertools.count()
 MAX_IDLE_STEPS = 8  # engine steps in a row that schedule nothing before a search gives up
-
-
-@dataclass(frozen=True)
-class BeamSearchParams:
-    beam_width: int
-    max_tokens: int
-    length_penalty: float = 1.0
-    ignore_eos: bool = False
-
-    def __post_init__(self):
-        as_int("beam_width", self.beam_width)
-        as_int("max_tokens", self.max_tokens)
-        as_float("length_penalty", self.length_penalty)
-        as_bool("ignore_eos", self.ignore_eos)
-        if not 1 <= self.beam_width <= MAX_LOGPROBS // 2:
-            raise ValueError(f"beam_width must be in [1, {MAX_LOGPROBS // 2}] (each step ranks the top 2 * beam_width "
-                             f"continuations of every beam), got {self.beam_width}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
 @dataclass

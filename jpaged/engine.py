@@ -132,7 +132,8 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
         """Queue a request; raises ValueError for input that can never be served."""
-        params = params or SamplingParams()
+        # a copy, checked afresh as it is made: the caller may have changed fields since making theirs
+        params = SamplingParams() if params is None else dataclasses.replace(params)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)

@@ -15,14 +15,14 @@ from collections.abc import Sequence as SequenceABC
 
 from tqdm.auto import tqdm
 
-from jpaged.beam_search import BeamSearchOutput, BeamSearchParams, beam_search
+from jpaged.beam_search import BeamSearchOutput, beam_search
 from jpaged.chat_template import checked_template, checked_variables
 from jpaged.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.outputs import RequestOutput
-from jpaged.sampling_params import SamplingParams, is_integer
+from jpaged.sampling_params import BeamSearchParams, SamplingParams, is_integer
 
 
 def engine_config(model: str | None, speculative_config: dict | None = None, **kwargs) -> EngineConfig:
@@ -152,8 +152,15 @@ class LLM:
 def chat_token_ids(tokenizer, conversation: list[dict], add_generation_prompt: bool = True,
                    tools: list[dict] | None = None, chat_template: str | None = None,
                    chat_template_kwargs: dict | None = None) -> list[int]:
-    text = tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
-                                         tokenize=False, chat_template=chat_template, **(chat_template_kwargs or {}))
+    """A conversation's prompt token ids through the chat template (`chat_template`, or the
+    tokenizer's). ValueError when the template fails on it (its own checks, such as Jinja's
+    `raise_exception` or alternating roles, or an error in the template)."""
+    try:
+        text = tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
+                                             tokenize=False, chat_template=chat_template, **(chat_template_kwargs or {}))
+    except Exception as err:  # Jinja's errors, and whatever a template's own code raises
+        raise ValueError(f"the chat template{'' if chat_template is None else ' (chat_template)'} failed on the "
+                         f"conversation: {type(err).__name__}: {err}") from err
     return tokenizer.encode(text, add_special_tokens=False)
 
 

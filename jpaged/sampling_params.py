@@ -438,3 +438,26 @@ def derive_seed(seed: int, index: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
     return (z ^ (z >> 31)) % SEED_LIMIT
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """What `LLM.beam_search` searches for (vLLM's `BeamSearchParams`): the `beam_width` best
+    continuations of at most `max_tokens` tokens, ranked by cumulative logprob / length **
+    `length_penalty`. ValueError naming a bad value."""
+
+    beam_width: int
+    max_tokens: int
+    length_penalty: float = 1.0
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        as_int("beam_width", self.beam_width)
+        as_int("max_tokens", self.max_tokens)
+        as_float("length_penalty", self.length_penalty)
+        as_bool("ignore_eos", self.ignore_eos)
+        if not 1 <= self.beam_width <= MAX_LOGPROBS // 2:
+            raise ValueError(f"beam_width must be in [1, {MAX_LOGPROBS // 2}] (each step ranks the top 2 * beam_width "
+                             f"continuations of every beam), got {self.beam_width}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")

@@ -32,8 +32,20 @@ QUESTIONS = ["When do you open?", "How many books can I borrow?", "Where is the 
              "Where is the archive?"]
 
 
-def run(model, caching: bool, prompts, params) -> dict:
-    llm = LLM(model, enable_prefix_caching=caching)
+def shared_prefix_prompts(tokenizer, count: int) -> list[dict]:
+    """`count` questions after the same system prompt, through the chat template (the default
+    model is SmolLM2-135M-Instruct), or one after the other as plain text for a model without one."""
+    def prompt(i: int) -> list[int]:
+        question = QUESTIONS[i % len(QUESTIONS)] + f" (request {i})"
+        if not getattr(tokenizer, "chat_template", None):
+            return tokenizer.encode(f"{SYSTEM_PROMPT}\n\n{question}\n")
+        return chat_token_ids(tokenizer, [{"role": "system", "content": SYSTEM_PROMPT},
+                                          {"role": "user", "content": question}])
+
+    return [{"prompt_token_ids": prompt(i)} for i in range(count)]
+
+
+def run(llm: LLM, prompts, params) -> dict:
     llm.generate(prompts[:2], params, use_tqdm=False)  # compile the common shapes first
     llm.engine.reset_prefix_cache()
     before = llm.engine.stats()
@@ -60,13 +72,17 @@ def main() -> None:
     parser.add_argument("--out", default="bench_results/prefix_caching.json")
     args = parser.parse_args()
 
-    tokenizer = LLM(args.model, num_blocks=1).get_tokenizer()
-    prompts = [{"prompt_token_ids": chat_token_ids(tokenizer, [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + f" (request {i})"}])}
-        for i in range(args.num_requests)]  # a chat model: the default is SmolLM2-135M-Instruct
+    caching = LLM(args.model, enable_prefix_caching=True)
+    prompts = shared_prefix_prompts(caching.get_tokenizer(), args.num_requests)
+    longest = max(len(p["prompt_token_ids"]) for p in prompts) + args.max_tokens
+    if longest > caching.engine.max_model_len:
+        parser.error(f"the prompts share a system prompt of about {len(prompts[0]['prompt_token_ids'])} tokens: with "
+                     f"--max-tokens {args.max_tokens} they need a context of {longest} tokens, more than the model's "
+                     f"{caching.engine.max_model_len}")
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    on, off = run(args.model, True, prompts, params), run(args.model, False, prompts, params)
+    on = run(caching, prompts, params)
+    del caching
+    off = run(LLM(args.model, enable_prefix_caching=False), prompts, params)
     rows = [("", "caching on", "caching off")]
     for key, label in (("seconds", "wall time (s)"), ("prompt_tokens_computed", "prompt tokens computed"),
                        ("cached_prompt_tokens", "prompt tokens from cache"),

@@ -217,6 +217,11 @@ def test_malformed_chat_messages_are_named(llm):
                             ([{"role": "user", "content": [{"type": "image_url"}]}], "a list of text parts")]:
         with pytest.raises(ValueError, match=named):
             llm.chat(messages, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"the chat template \(chat_template\) failed on the conversation: .*no user"):
+        llm.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False,
+                 chat_template="{{ raise_exception('no user turns') }}")
+    with pytest.raises(ValueError, match="UndefinedError"):
+        llm.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False, chat_template="{{ messages[0].nope.x }}")
     parts = [{"type": "text", "text": "Once upon"}, {"type": "text", "text": "a time"}]  # joined as vLLM joins them
     template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
     joined = llm.chat([{"role": "user", "content": parts}], GREEDY, use_tqdm=False, chat_template=template)[0]
@@ -251,6 +256,20 @@ def test_invalid_sampling_values_raise():
         SamplingParams(top_p=0.0)
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+
+
+def test_sampling_params_changed_after_making_are_checked_again(llm):
+    for field, value, message in [("max_tokens", 0, "max_tokens must be >= 1"), ("n", 0, "n must be >= 1"),
+                                  ("temperature", -5, "temperature must be >= 0")]:
+        params = SamplingParams(temperature=0.7, max_tokens=3)
+        setattr(params, field, value)
+        with pytest.raises(ValueError, match=message):
+            llm.generate("Once", params, use_tqdm=False)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    params.stop = " time"  # one stop string, as if given to the constructor
+    assert llm.generate("Once", params, use_tqdm=False)[0].outputs[0].text == \
+        llm.generate("Once", SamplingParams(temperature=0, max_tokens=8, stop=" time"), use_tqdm=False)[0].outputs[0].text
+    assert all_blocks_free(llm)
 
 
 def test_stop_strings_and_stop_token_ids(llm):

@@ -8,6 +8,7 @@ found in the local HF cache (`$HF_HOME`, `$HF_HUB_CACHE`) or downloaded there by
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,6 +44,10 @@ class ModelSource:
 def open_model(model: str | None) -> ModelSource:
     if model is None:
         return _open_gguf(default_model_path(), DEFAULT_MODEL_NAME)
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a path, an HF hub id or None (the built-in model), got {type(model).__name__} "
+                        f"{model!r:.100}")
+    model = os.fspath(model)
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
