@@ -90,7 +90,17 @@ def _partial_marker_start(text: str, marker: str) -> int:
     return len(text)
 
 
-class HermesToolParser(ToolParser):
+class _MarkedToolParser(ToolParser):
+    """A syntax whose calls follow a marker, `START`: the text before the first one is content."""
+
+    START = ""
+
+    def held_from(self, text: str) -> int:
+        start = text.find(self.START)
+        return start if start >= 0 else _partial_marker_start(text, self.START)
+
+
+class HermesToolParser(_MarkedToolParser):
     name = "hermes"
     START, END = "<tool_call>", "</tool_call>"
 
@@ -113,9 +123,6 @@ class HermesToolParser(ToolParser):
             rest = rest[len(self.END):].lstrip()
         return text[:start] or None, calls
 
-    def held_from(self, text: str) -> int:
-        start = text.find(self.START)
-        return start if start >= 0 else _partial_marker_start(text, self.START)
 
 
 class Llama3JsonToolParser(ToolParser):
@@ -147,7 +154,7 @@ class Llama3JsonToolParser(ToolParser):
         return 0 if body.startswith(("{", self.PYTHON_TAG)) or self.PYTHON_TAG.startswith(body) else len(text)
 
 
-class MistralToolParser(ToolParser):
+class MistralToolParser(_MarkedToolParser):
     name = "mistral"
     keeps_special_tokens = True
     START = "[TOOL_CALLS]"
@@ -164,9 +171,6 @@ class MistralToolParser(ToolParser):
             return text, []
         return text[:start] or None, [ParsedCall(call.name, call.arguments, _mistral_id()) for call in calls]
 
-    def held_from(self, text: str) -> int:
-        start = text.find(self.START)
-        return start if start >= 0 else _partial_marker_start(text, self.START)
 
     @staticmethod
     def _listed(rest: str) -> list[ParsedCall | None]:
