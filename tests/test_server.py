@@ -779,6 +779,9 @@ def test_tokenize_and_detokenize_round_trip(server):
     assert server.post("/detokenize", {"tokens": tokens["tokens"]}).json()["prompt"] == text
     chat = server.post("/tokenize", {"messages": [{"role": "user", "content": "Hi"}]}).json()
     assert chat["tokens"] == server.front.tokenizer.encode("user: Hi\nassistant:", add_special_tokens=False)
+    named = {"messages": [{"role": "user", "content": "Hi", "name": "Ann"}],
+             "chat_template": "{% for m in messages %}{{ m.name }}: {{ m.content }}{% endfor %}", "add_generation_prompt": False}
+    assert server.post("/tokenize", named).json()["tokens"] == server.front.tokenizer.encode("Ann: Hi", add_special_tokens=False)
     parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]  # joined by newlines, as vLLM does
     chat = server.post("/tokenize", {"messages": [{"role": "user", "content": parts}]}).json()
     assert chat["tokens"] == server.front.tokenizer.encode("user: Hi\nthere\nassistant:", add_special_tokens=False)

@@ -62,9 +62,9 @@ def truncated(prompt: Prompt, keep: int | None, max_model_len: int) -> Prompt:
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the chat template takes them (`{"role", "content"}`, text parts joined; an
-    assistant turn's `tool_calls` with their arguments as objects, and a tool turn's
-    `tool_call_id`, as HF templates read them). 400 for an empty list, an unknown role, a
+    """Messages as the chat template takes them (`{"role", "content"}`, text parts joined by
+    newlines, and `name` where given; an assistant turn's `tool_calls` with their arguments as
+    objects, and a tool turn's `tool_call_id`, as HF templates read them). 400 for an empty list, an unknown role, a
     non-text content part or a tool turn without `tool_call_id`."""
     if not messages:
         raise bad_request("messages is empty: at least one message is needed", param="messages")
@@ -75,6 +75,8 @@ def conversation(messages: list[ChatMessage]) -> list[dict]:
                               f"(supported: {', '.join(sorted(CHAT_ROLES))})", param="messages")
         role = "system" if message.role == "developer" else message.role
         turn = {"role": role, "content": _text_of(message, i)}
+        if message.name is not None:  # a participant's name, for templates that render it (vLLM passes it on)
+            turn["name"] = message.name
         if message.role == "tool":
             if not message.tool_call_id:
                 raise bad_request(f"messages[{i}] (tool) needs the tool_call_id it answers", param="messages")
