@@ -228,6 +228,14 @@ def test_chat_matches_llm_chat_streamed_or_not(server, expected):
         temperature=0, extra_body={"add_generation_prompt": False, "continue_final_message": True})
     rendered = "system: Tell a story.\nuser: A dog named Max\nassistant: Max was"  # cut after the final message
     assert continued.usage.prompt_tokens == len(server.front.tokenizer.encode(rendered, add_special_tokens=False))
+    body = dict(model="stories", messages=[*messages, {"role": "assistant", "content": "Max was"}], max_tokens=4,
+                temperature=0, extra_body={"add_generation_prompt": False, "continue_final_message": True, "echo": True})
+    echoed = client.chat.completions.create(**body).choices[0].message.content
+    assert echoed == "Max was" + continued.choices[0].message.content  # vLLM's chat echo: the final message leads
+    streamed = client.chat.completions.create(**body, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == echoed
+    plain = client.chat.completions.create(**{**body, "messages": messages, "extra_body": {"echo": True}})
+    assert plain.choices[0].message.content == expected[:len(plain.choices[0].message.content)]  # a user turn last
 
 
 def test_n_samples_stop_and_logprobs(server):

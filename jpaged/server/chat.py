@@ -71,6 +71,8 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     choices = []
     for choice in output.outputs:
         content, calls = reply(request, choice.text, state.tool_parser)
+        if echo := _echoed(request):
+            content = echo + (content or "")
         message = ChatResponseMessage(content=content, tool_calls=calls)
         choices.append(ChatChoice(index=choice.index, message=message,
                                   logprobs=_logprobs(tokenizer, params, choice.token_ids, choice.logprobs),
@@ -79,6 +81,15 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
                                       usage=usage(len(prompt.token_ids), [output]),
                                       prompt_logprobs=prompt_logprobs(output.prompt_logprobs))
     return JSONResponse(response.model_dump())
+
+
+def _echoed(request: ChatCompletionRequest) -> str:
+    """What vLLM's chat `echo` puts before the reply: the final message's text when it is the
+    assistant's (the reply continues or follows it), else nothing."""
+    last = request.messages[-1]
+    if not request.echo or last.role != "assistant":
+        return ""
+    return last.content if isinstance(last.content, str) else "\n".join(part.text or "" for part in last.content or [])
 
 
 def _finish_reason(request: ChatCompletionRequest, choice: CompletionOutput, calls: list[ToolCall]) -> str:
@@ -109,6 +120,9 @@ async def _stream(request: ChatCompletionRequest, state: ServerState, request_id
         for index in range(params.n):
             yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))],
                         chunk_usage(request, prompt_tokens, 0))
+            if echo := _echoed(request):
+                yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(content=echo))],
+                            chunk_usage(request, prompt_tokens, 0))
         async for _, output in group:
             final = output if output.finished else final
             for choice in output.outputs:

@@ -164,6 +164,7 @@ class ChatCompletionRequest(SamplingFields):
     # vLLM's extras
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
+    echo: StrictBool = False  # a final assistant message's text leads the reply (with continue_final_message)
     chat_template: str | None = None  # Jinja text; only where the server trusts request templates
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template
 
