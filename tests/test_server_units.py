@@ -329,7 +329,6 @@ def test_tool_parsers_read_their_family_syntax():
         for text in (content + listed, content + named):  # the older tokenizers' syntax, then v11's
             found, parsed = mistral.parse(text)
             assert found == (content or None) and [(c.name, json.loads(c.arguments)) for c in parsed] == expected
-            assert all(len(c.id) == 9 and c.id.isalnum() for c in parsed)
             sent, final = _streamed(mistral, text)
             assert final == content and sent == content[:len(sent)] and "[TOOL_CALLS]" not in sent
     for text in ["Hello there.", "<tool_call>{not json}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
@@ -375,6 +374,10 @@ def test_mistral_replies_keep_their_special_markers_and_get_mistral_call_ids():
     content, calls = reply(auto, 'Ok[TOOL_CALLS]f[ARGS]{"x": 1}', mistral)
     assert content == "Ok" and [(c.function.name, c.function.arguments) for c in calls] == [("f", '{"x": 1}')]
     assert len(calls[0].id) == 9 and calls[0].id.isalnum()
+    required = auto.model_copy(update={"tool_choice": "required"})  # forced calls too: ids Mistral's templates take
+    forced = reply(required, '[{"name": "f", "parameters": {"x": 2}}]', mistral)[1]
+    assert [(c.function.name, c.function.arguments) for c in forced] == [("f", '{"x": 2}')]
+    assert len(forced[0].id) == 9 and forced[0].id.isalnum() and forced[0].id != calls[0].id
     assert reply(auto, '<tool_call>{"name": "f", "arguments": {}}</tool_call>', hermes)[1][0].id.startswith("chatcmpl-tool-")
 
 

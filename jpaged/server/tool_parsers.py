@@ -16,8 +16,9 @@ its family, and the server finds the calls in the finished text (`jpaged serve
   `[TOOL_CALLS]` token and either a JSON array of `{"name": ..., "arguments": {...}}` (the older
   tokenizers) or, once per call, `[TOOL_CALLS]name[ARGS]{...}` (tokenizer v11 and later; also
   `name{...}` and `name[CALL_ID]id[ARGS]{...}`). The markers are special tokens, so replies under
-  "auto" keep special tokens in their text (`skip_special_tokens` false), and call ids are 9
-  letters and digits, the form Mistral's chat templates accept when the calls come back.
+  "auto" keep special tokens in their text (`skip_special_tokens` false), and call ids (under any
+  tool choice) are 9 letters and digits, the form Mistral's chat templates accept when the calls
+  come back.
 - `pythonic` (Llama 3.2 and 4 with their Python-style tool calling, ToolACE and others): the
   whole reply is a Python list of calls with keyword arguments, `[get_weather(city="Paris"),
   get_time()]`, optionally between `<|python_start|>` and `<|python_end|>`; each argument a Python
@@ -46,7 +47,6 @@ from dataclasses import dataclass
 class ParsedCall:
     name: str
     arguments: str  # JSON text
-    id: str | None = None  # None: the server's own form of call id
 
 
 class ToolParser:
@@ -63,6 +63,10 @@ class ToolParser:
         """Where, in a reply still being written, a tool call may have begun (len(text) if nowhere):
         text before it can be streamed as content."""
         raise NotImplementedError
+
+    def call_id(self) -> str | None:
+        """A new call's id in the form the family's chat templates take back; None: the server's own."""
+        return None
 
 
 def _call(value) -> ParsedCall | None:
@@ -169,7 +173,10 @@ class MistralToolParser(_MarkedToolParser):
             self._named(part.strip()) for part in rest.split(self.START)]
         if not calls or None in calls:
             return text, []
-        return text[:start] or None, [ParsedCall(call.name, call.arguments, _mistral_id()) for call in calls]
+        return text[:start] or None, calls
+
+    def call_id(self) -> str:
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
 
 
     @staticmethod
@@ -193,11 +200,6 @@ class MistralToolParser(_MarkedToolParser):
         except json.JSONDecodeError:
             return None
         return _call({"name": name, "arguments": value}) if name and not any(c.isspace() for c in name) else None
-
-
-def _mistral_id() -> str:
-    """A tool call id as Mistral's chat templates require it: 9 letters and digits."""
-    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
 
 
 class PythonicToolParser(ToolParser):

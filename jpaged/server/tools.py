@@ -98,8 +98,7 @@ def reply(request: ChatCompletionRequest, text: str, parser: ToolParser | None) 
     complete JSON (cut by `max_tokens`); under "auto", what `parser` finds."""
     if parses_tool_calls(request) and parser is not None:
         content, calls = parser.parse(text)
-        return content, [ToolCall(function=FunctionCall(name=call.name, arguments=call.arguments),
-                                  **({"id": call.id} if call.id else {})) for call in calls]
+        return content, [_tool_call(call.name, call.arguments, parser) for call in calls]
     if not forces_tool_calls(request):
         return text, []
     try:
@@ -107,9 +106,14 @@ def reply(request: ChatCompletionRequest, text: str, parser: ToolParser | None) 
     except json.JSONDecodeError:
         return text, []
     if request.tool_choice == "required":
-        return None, [ToolCall(function=FunctionCall(name=call["name"], arguments=_json(call["parameters"])))
-                      for call in value]
-    return None, [ToolCall(function=FunctionCall(name=request.tool_choice["function"]["name"], arguments=_json(value)))]
+        return None, [_tool_call(call["name"], _json(call["parameters"]), parser) for call in value]
+    return None, [_tool_call(request.tool_choice["function"]["name"], _json(value), parser)]
+
+
+def _tool_call(name: str, arguments: str, parser: ToolParser | None) -> ToolCall:
+    """A call with an id in the form `parser`'s model family takes back, or the server's own."""
+    call_id = parser.call_id() if parser is not None else None
+    return ToolCall(function=FunctionCall(name=name, arguments=arguments), **({"id": call_id} if call_id else {}))
 
 
 def streamable_text(request: ChatCompletionRequest, text: str, parser: ToolParser | None) -> str:
