@@ -129,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat", action="store_true", help="send prompts as raw text")
     _add_engine_args(gen)
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API", **shown)
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="the model, as --model (`jpaged serve org/name`, as `vllm serve`)")
     _add_serve_args(serve)
     _add_engine_args(serve)
     for command in (gen, serve):
@@ -168,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = _parser().parse_known_args(argv)
     if unknown:  # named by the command's own usage, not the top-level one
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if getattr(args, "model_tag", None) is not None:
+        if args.model is not None and args.model != args.model_tag:
+            args.command_parser.error(f"the model is given twice: {args.model_tag!r} and --model {args.model!r}")
+        args.model = args.model_tag
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("jpaged").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:

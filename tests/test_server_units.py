@@ -249,6 +249,13 @@ def test_a_mistyped_command_is_named_and_bad_json_is_explained(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
     assert "most tokens per answer (default: 128)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # the model as `vllm serve` takes it, or --model, not both
+        main(["serve", "org/one", "--model", "org/two"])
+    assert exit_info.value.code == 2 and "the model is given twice: 'org/one' and --model 'org/two'" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "the model, as --model" in capsys.readouterr().out
 
 
 def test_token_bytes_join_back_into_split_characters(stories_path, model_path):
@@ -346,9 +353,25 @@ def test_tool_parsers_read_their_family_syntax():
                  "[f(x=1e999)]", "[f(x=b'a')]", "[f(x=1)] and more", "[f(x=1)", "[f(x=1), 2]", "[f(x=1, x=2)]"]:
         assert pythonic.parse(text) == (text, []) and _streamed(pythonic, text)[1] == text
     assert _streamed(pythonic, "Hello [f(x=1)]") == ("Hello [f(x=1)]", "Hello [f(x=1)]")
+    between = '<tool_call>{"name": "a", "arguments": {}}</tool_call>\nand now\n<tool_call>{"name": "b", "arguments": {}}'
+    assert [c.name for c in hermes.parse("Hi " + between)[1]] == ["a", "b"]  # every marked call, as vLLM finds them
+    listed = '[TOOL_CALLS][{"name": "a", "arguments": {"city": "Paris"}}]\n\nLet me look that up.'
+    assert [(c.name, c.arguments) for c in mistral.parse(listed)[1]] == [("a", '{"city": "Paris"}')]
+    marker_inside = '[TOOL_CALLS]a[ARGS]{"s": "has [TOOL_CALLS] inside"}[TOOL_CALLS]b{"t": 1}'
+    assert [(c.name, json.loads(c.arguments)) for c in mistral.parse(marker_inside)[1]] == \
+        [("a", {"s": "has [TOOL_CALLS] inside"}), ("b", {"t": 1})]
+    spaced = '<tool_call>{"name": "a", "arguments": "{\\"x\\":   1}"}</tool_call>'
+    assert hermes.parse(spaced)[1][0].arguments == '{"x": 1}'  # written again by json.dumps
+    for parser, text in [(hermes, '<tool_call>{"name": "a", "arguments": {"x": ' + "1" * 5000 + "}}</tool_call>"),
+                         (hermes, '<tool_call>{"name": "a", "arguments": {"x": ' + "[" * 100000 + "]" * 100000 + "}}"),
+                         (hermes, '<tool_call>{"name": "a", "arguments": {"x": NaN}}</tool_call>'),
+                         (mistral, "[TOOL_CALLS]" + "[" * 100000), (mistral, '[TOOL_CALLS]a[ARGS]{"x": Infinity}'),
+                         (llama3, '{"name": "a", "parameters": {"x": ' + "1" * 5000 + "}}"),
+                         (pythonic, "[f(a=1" + "+1" * 3000 + ")]"), (pythonic, "[f(a=" + "-" * 6000 + "1)]")]:
+        assert parser.parse(text) == (text, [])  # too deep, too long or not JSON: plain content, never an error
     for text in ["[TOOL_CALLS]", "[TOOL_CALLS] []", "[TOOL_CALLS]f[ARGS]{bad}", "[TOOL_CALLS]f g[ARGS]{}",
                  '[TOOL_CALLS]f[ARGS]{"a": 1} and more', '[TOOL_CALLS]f[ARGS][1]', '[TOOL_CALLS] [{"arguments": {}}]',
-                 '[TOOL_CALLS][ARGS]{}', "Hello [TOOL"]:
+                 '[TOOL_CALLS][ARGS]{}', "Hello [TOOL", '[TOOL_CALLS]f[CALL_ID]x{"a": 1}']:
         assert mistral.parse(text) == (text, []) and _streamed(mistral, text)[1] == text
     assert [(c.name, c.arguments) for c in mistral.parse('[TOOL_CALLS]f{"a": [1]}[TOOL_CALLS]g[CALL_ID]x1[ARGS]{}')[1]] \
         == [("f", '{"a": [1]}'), ("g", "{}")]

@@ -8,13 +8,13 @@ its family, and the server finds the calls in the finished text (`jpaged serve
 - `hermes` (Hermes 2 Pro, Qwen 2.5 and 3, and many others): each call a JSON object
   `{"name": ..., "arguments": {...}}` between `<tool_call>` and `</tool_call>` (the last may be
   left open at the end of the reply); the text before the first `<tool_call>` is the reply's
-  content, and text after the calls is dropped.
+  content, and text between and after the calls is dropped (as vLLM finds every marked call).
 - `llama3_json` (Llama 3.1 / 3.2 with JSON tool calling): the whole reply is one JSON object
   `{"name": ..., "parameters": {...}}` (or several, separated by `;`), optionally after
   `<|python_tag|>`; no content.
 - `mistral` (Mistral 7B v0.3, Mixtral, Mistral Small / Large, Ministral): the content, then the
   `[TOOL_CALLS]` token and either a JSON array of `{"name": ..., "arguments": {...}}` (the older
-  tokenizers) or, once per call, `[TOOL_CALLS]name[ARGS]{...}` (tokenizer v11 and later; also
+  tokenizers; text after it is dropped) or, once per call, `[TOOL_CALLS]name[ARGS]{...}` (tokenizer v11 and later; also
   `name{...}` and `name[CALL_ID]id[ARGS]{...}`). The markers are special tokens, so replies under
   "auto" keep special tokens in their text (`skip_special_tokens` false), and call ids (under any
   tool choice) are 9 letters and digits, the form Mistral's chat templates accept when the calls
@@ -27,8 +27,11 @@ its family, and the server finds the calls in the finished text (`jpaged serve
 
 A reply whose marked calls are not all JSON objects with a non-empty name and object arguments
 (`arguments`, or `parameters`, either as an object or as JSON text of one), or for `pythonic` not
-a list of calls with literal keyword arguments, is plain content, as in vLLM. Names are not checked against the request's tools, nor is `parallel_tool_calls`: the
-reply is what the model wrote. While a reply streams, `held_from` says where the text may start a call: content is sent
+a list of calls with literal keyword arguments, is plain content, as in vLLM; so is one whose
+arguments hold NaN or Infinity (not JSON), or that is too deep or long for Python's JSON and AST
+readers. Arguments come back written by `json.dumps`, whatever the model's spacing. Names are not
+checked against the request's tools, nor is `parallel_tool_calls`: the reply is what the model
+wrote. While a reply streams, `held_from` says where the text may start a call: content is sent
 up to there, and the rest waits for the finished text.
 
 Plain Python: no jax.
@@ -56,7 +59,15 @@ class ToolParser:
     keeps_special_tokens = False  # whether the syntax's markers are special tokens the reply must keep
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
-        """The content and the calls of a finished reply; `(text, [])` when it makes no call."""
+        """The content and the calls of a finished reply; `(text, [])` when it makes no call, or
+        when its calls cannot be read (malformed, or too deep or long for Python's JSON and AST
+        readers)."""
+        try:
+            return self._parse(text)
+        except (ValueError, SyntaxError, RecursionError, MemoryError):  # json's errors are ValueErrors
+            return text, []
+
+    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         raise NotImplementedError
 
     def held_from(self, text: str) -> int:
@@ -71,19 +82,16 @@ class ToolParser:
 
 def _call(value) -> ParsedCall | None:
     """A call from one decoded JSON value: `{"name": <a non-empty string>, "arguments" (or
-    "parameters"): <an object, or JSON text of one>}`; None for anything else."""
+    "parameters"): <an object, or JSON text of one>}`, its arguments written again by `json.dumps`;
+    None for anything else. ValueError for arguments that are not JSON (NaN, Infinity)."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
         return None
     arguments = value["arguments"] if "arguments" in value else value.get("parameters", {})
     if isinstance(arguments, str):  # some models write the arguments as JSON text already
-        try:
-            decoded = json.loads(arguments)
-        except json.JSONDecodeError:
-            return None
-        return ParsedCall(value["name"], arguments) if isinstance(decoded, dict) else None
+        arguments = json.loads(arguments)
     if not isinstance(arguments, dict):
         return None
-    return ParsedCall(value["name"], json.dumps(arguments, ensure_ascii=False))
+    return ParsedCall(value["name"], json.dumps(arguments, ensure_ascii=False, allow_nan=False))
 
 
 def _partial_marker_start(text: str, marker: str) -> int:
@@ -108,41 +116,33 @@ class HermesToolParser(_MarkedToolParser):
     name = "hermes"
     START, END = "<tool_call>", "</tool_call>"
 
-    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         start = text.find(self.START)
         if start < 0:
             return text, []
         decoder, calls, rest = json.JSONDecoder(), [], text[start:]
-        while rest.startswith(self.START):  # each call's JSON, then its end tag (the last may lack it)
-            body = rest[len(self.START):].lstrip()
-            try:
-                value, end = decoder.raw_decode(body)
-            except json.JSONDecodeError:
-                return text, []
-            call = _call(value)
-            rest = body[end:].lstrip()
+        while rest:  # each call's JSON, then its end tag (the last may lack it); text between calls is dropped
+            value, end = decoder.raw_decode(body := rest[len(self.START):].lstrip())
+            call, rest = _call(value), body[end:].lstrip()
             if call is None or rest and not rest.startswith(self.END):
                 return text, []
             calls.append(call)
-            rest = rest[len(self.END):].lstrip()
+            following = rest.find(self.START)
+            rest = rest[following:] if following >= 0 else ""
         return text[:start] or None, calls
-
 
 
 class Llama3JsonToolParser(ToolParser):
     name = "llama3_json"
     PYTHON_TAG = "<|python_tag|>"
 
-    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         rest = text.strip().removeprefix(self.PYTHON_TAG).lstrip()
         if not rest.startswith("{"):
             return text, []
         decoder, calls = json.JSONDecoder(), []
         while rest:
-            try:
-                value, end = decoder.raw_decode(rest)
-            except json.JSONDecodeError:
-                return text, []
+            value, end = decoder.raw_decode(rest)
             call = _call(value)
             if call is None:
                 return text, []
@@ -164,13 +164,25 @@ class MistralToolParser(_MarkedToolParser):
     START = "[TOOL_CALLS]"
     ARGS, CALL_ID = "[ARGS]", "[CALL_ID]"
 
-    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         start = text.find(self.START)
         if start < 0:
             return text, []
-        rest = text[start + len(self.START):].strip()
-        calls = self._listed(rest) if rest.startswith(("[", "{")) else [
-            self._named(part.strip()) for part in rest.split(self.START)]
+        decoder, rest = json.JSONDecoder(), text[start + len(self.START):].lstrip()
+        if rest.startswith(("[", "{")):  # the older syntax: one JSON array of calls (text after it is dropped)
+            value = decoder.raw_decode(rest)[0]
+            calls = [_call(item) for item in value] if isinstance(value, list) else [_call(value)]
+        else:
+            calls = []
+            while rest:  # v11: name[ARGS]{...}, name{...} or name[CALL_ID]id[ARGS]{...}, each after the marker
+                brace = rest.find("{")
+                value, end = decoder.raw_decode(rest, brace) if brace > 0 else (None, 0)
+                name = self._name(rest[:brace])
+                calls.append(_call({"name": name, "arguments": value}) if name and value is not None else None)
+                rest = rest[end:].lstrip()
+                if not rest.startswith(self.START) and rest or None in calls:
+                    return text, []
+                rest = rest.removeprefix(self.START).lstrip()
         if not calls or None in calls:
             return text, []
         return text[:start] or None, calls
@@ -178,42 +190,24 @@ class MistralToolParser(_MarkedToolParser):
     def call_id(self) -> str:
         return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
 
-
-    @staticmethod
-    def _listed(rest: str) -> list[ParsedCall | None]:
-        """The calls of the older syntax: a JSON array of call objects (or one object)."""
-        try:
-            value = json.loads(rest)
-        except json.JSONDecodeError:
-            return []
-        return [_call(item) for item in value] if isinstance(value, list) else [_call(value)]
-
-    def _named(self, part: str) -> ParsedCall | None:
-        """One call of the v11 syntax: `name[ARGS]{...}`, `name[CALL_ID]id[ARGS]{...}` or `name{...}`."""
-        name, marker, arguments = part.partition(self.ARGS)
-        if not marker:
-            brace = part.find("{")
-            name, arguments = (part[:brace], part[brace:]) if brace >= 0 else (part, "")
-        name = name.partition(self.CALL_ID)[0].strip()
-        try:
-            value = json.loads(arguments)
-        except json.JSONDecodeError:
+    def _name(self, head: str) -> str | None:
+        """The function name of a v11 call's head (`name`, `name[ARGS]`, `name[CALL_ID]id[ARGS]`)."""
+        name, marker, call_id = head.partition(self.CALL_ID)
+        name = name.removesuffix(self.ARGS).strip() if not marker else name.strip()
+        if marker and not call_id.endswith(self.ARGS):
             return None
-        return _call({"name": name, "arguments": value}) if name and not any(c.isspace() for c in name) else None
+        return name if name and not any(c.isspace() or c in "[]{}" for c in name) else None
 
 
 class PythonicToolParser(ToolParser):
     name = "pythonic"
     START, END = "<|python_start|>", "<|python_end|>"
 
-    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         body = text.strip().removeprefix(self.START).removesuffix(self.END).strip()
         if not (body.startswith("[") and body.endswith("]")):
             return text, []
-        try:
-            tree = ast.parse(body, mode="eval").body
-        except (SyntaxError, ValueError):  # ValueError: a null character in the text
-            return text, []
+        tree = ast.parse(body, mode="eval").body
         calls = [_pythonic_call(node) for node in tree.elts] if isinstance(tree, ast.List) else []
         if not calls or None in calls:
             return text, []
