@@ -107,6 +107,18 @@ class _MarkedToolParser(ToolParser):
 
     START = ""
 
+    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        start = text.find(self.START)
+        calls = self._calls(text[start + len(self.START):].lstrip()) if start >= 0 else []
+        if not calls or None in calls:
+            return text, []
+        return text[:start] or None, calls
+
+    def _calls(self, rest: str) -> list[ParsedCall | None]:
+        """The calls in `rest`, the text after the first marker; none, or a None among them, when
+        the reply does not hold calls in this syntax."""
+        raise NotImplementedError
+
     def held_from(self, text: str) -> int:
         start = text.find(self.START)
         return start if start >= 0 else _partial_marker_start(text, self.START)
@@ -116,20 +128,18 @@ class HermesToolParser(_MarkedToolParser):
     name = "hermes"
     START, END = "<tool_call>", "</tool_call>"
 
-    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
-        start = text.find(self.START)
-        if start < 0:
-            return text, []
-        decoder, calls, rest = json.JSONDecoder(), [], text[start:]
-        while rest:  # each call's JSON, then its end tag (the last may lack it); text between calls is dropped
-            value, end = decoder.raw_decode(body := rest[len(self.START):].lstrip())
-            call, rest = _call(value), body[end:].lstrip()
+    def _calls(self, rest: str) -> list[ParsedCall | None]:
+        decoder, calls = json.JSONDecoder(), []
+        while True:  # each call's JSON, then its end tag (the last may lack it); text between calls is dropped
+            value, end = decoder.raw_decode(rest)
+            call, rest = _call(value), rest[end:].lstrip()
             if call is None or rest and not rest.startswith(self.END):
-                return text, []
+                return [None]
             calls.append(call)
             following = rest.find(self.START)
-            rest = rest[following:] if following >= 0 else ""
-        return text[:start] or None, calls
+            if following < 0:
+                return calls
+            rest = rest[following + len(self.START):].lstrip()
 
 
 class Llama3JsonToolParser(ToolParser):
@@ -164,28 +174,22 @@ class MistralToolParser(_MarkedToolParser):
     START = "[TOOL_CALLS]"
     ARGS, CALL_ID = "[ARGS]", "[CALL_ID]"
 
-    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
-        start = text.find(self.START)
-        if start < 0:
-            return text, []
-        decoder, rest = json.JSONDecoder(), text[start + len(self.START):].lstrip()
+    def _calls(self, rest: str) -> list[ParsedCall | None]:
+        decoder = json.JSONDecoder()
         if rest.startswith(("[", "{")):  # the older syntax: one JSON array of calls (text after it is dropped)
             value = decoder.raw_decode(rest)[0]
-            calls = [_call(item) for item in value] if isinstance(value, list) else [_call(value)]
-        else:
-            calls = []
-            while rest:  # v11: name[ARGS]{...}, name{...} or name[CALL_ID]id[ARGS]{...}, each after the marker
-                brace = rest.find("{")
-                value, end = decoder.raw_decode(rest, brace) if brace > 0 else (None, 0)
-                name = self._name(rest[:brace])
-                calls.append(_call({"name": name, "arguments": value}) if name and value is not None else None)
-                rest = rest[end:].lstrip()
-                if not rest.startswith(self.START) and rest or None in calls:
-                    return text, []
-                rest = rest.removeprefix(self.START).lstrip()
-        if not calls or None in calls:
-            return text, []
-        return text[:start] or None, calls
+            return [_call(item) for item in value] if isinstance(value, list) else [_call(value)]
+        calls = []
+        while rest:  # v11: name[ARGS]{...}, name{...} or name[CALL_ID]id[ARGS]{...}, each after the marker
+            brace = rest.find("{")
+            value, end = decoder.raw_decode(rest, brace) if brace > 0 else (None, 0)
+            name = self._name(rest[:brace])
+            calls.append(_call({"name": name, "arguments": value}) if name and value is not None else None)
+            rest = rest[end:].lstrip()
+            if not rest.startswith(self.START) and rest or None in calls:
+                return [None]
+            rest = rest.removeprefix(self.START).lstrip()
+        return calls
 
     def call_id(self) -> str:
         return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
