@@ -201,8 +201,8 @@ class ModelRunner:
         """Wait for the CPU kernels' builds (they ran while the weights loaded); the attention backend's name."""
         for library in self._product_libraries:
             if reason := cpu_kernels.wait(library):
-                logger.warning("%s; %s", reason, "those products are XLA's" if library.startswith(FLOAT_MATMUL)
-                               else "quantized products use the jnp reference")
+                logger.warning("%s; %s", reason, "quantized products use the jnp reference" if library == QUANTIZED_MATMUL
+                               else "those products are XLA's")
         if not self._cpu_kernel:
             return config.attention_backend
         reason = cpu_kernels.wait(attention_library(self.dtype, self.kv_cache_dtype))

@@ -22,7 +22,7 @@ from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
 from jpaged.server.logprobs import chat_logprobs, prompt_logprobs
 from jpaged.server.params import chat_params, check_model, constraint_field, max_tokens_field, resolve_max_tokens
-from jpaged.server.prompts import Prompt, chat_prompt, truncated
+from jpaged.server.prompts import Prompt, chat_prompt, message_text, truncated
 from jpaged.server.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -86,10 +86,10 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
 def _echoed(request: ChatCompletionRequest) -> str:
     """What vLLM's chat `echo` puts before the reply: the final message's text when it is the
     assistant's (the reply continues or follows it), else nothing."""
-    last = request.messages[-1]
-    if not request.echo or last.role != "assistant":
+    last = len(request.messages) - 1
+    if not request.echo or request.messages[last].role != "assistant":
         return ""
-    return last.content if isinstance(last.content, str) else "\n".join(part.text or "" for part in last.content or [])
+    return message_text(request.messages[last], last)
 
 
 def _finish_reason(request: ChatCompletionRequest, choice: CompletionOutput, calls: list[ToolCall]) -> str:

@@ -62,10 +62,10 @@ def truncated(prompt: Prompt, keep: int | None, max_model_len: int) -> Prompt:
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the chat template takes them (`{"role", "content"}`, text parts joined by
-    newlines, and `name` where given; an assistant turn's `tool_calls` with their arguments as
-    objects, and a tool turn's `tool_call_id`, as HF templates read them). 400 for an empty list, an unknown role, a
-    non-text content part or a tool turn without `tool_call_id`."""
+    """Messages as the chat template takes them (`{"role", "content"}`, the content as
+    `message_text` gives it, and `name` where given; an assistant turn's `tool_calls` with their
+    arguments as objects, and a tool turn's `tool_call_id`, as HF templates read them). 400 for an
+    empty list, an unknown role, a non-text content part or a tool turn without `tool_call_id`."""
     if not messages:
         raise bad_request("messages is empty: at least one message is needed", param="messages")
     turns = []
@@ -74,7 +74,7 @@ def conversation(messages: list[ChatMessage]) -> list[dict]:
             raise bad_request(f"messages[{i}].role {message.role!r} is not supported "
                               f"(supported: {', '.join(sorted(CHAT_ROLES))})", param="messages")
         role = "system" if message.role == "developer" else message.role
-        turn = {"role": role, "content": _text_of(message, i)}
+        turn = {"role": role, "content": message_text(message, i)}
         if message.name is not None:  # a participant's name, for templates that render it (vLLM passes it on)
             turn["name"] = message.name
         if message.role == "tool":
@@ -97,7 +97,9 @@ def _arguments(text: str):
         return text
 
 
-def _text_of(message: ChatMessage, i: int) -> str:
+def message_text(message: ChatMessage, i: int) -> str:
+    """The text of `messages[i]`: its content, text parts joined by newlines (as vLLM joins them),
+    "" for an assistant turn without content. 400 for other missing content or non-text parts."""
     if message.content is None:
         if message.role != "assistant":  # an assistant turn may be empty (or only call tools), as OpenAI's API allows
             raise bad_request(f"messages[{i}] ({message.role}) has no content", param="messages")
@@ -108,7 +110,7 @@ def _text_of(message: ChatMessage, i: int) -> str:
         if part.type != "text" or part.text is None:
             raise bad_request(f"messages[{i}] has a content part of type {part.type!r}; only text parts are "
                               "supported", param="messages")
-    return "\n".join(part.text for part in message.content)  # as vLLM joins a message's text parts
+    return "\n".join(part.text for part in message.content)
 
 
 @dataclass(frozen=True)

@@ -32,15 +32,23 @@ class _Request(BaseModel):
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
         """A field sent as null takes its default: OpenAI's API marks the optional fields nullable,
-        and clients send None for "not given". A string holding half of a UTF-16 surrogate pair
-        (JSON allows `"\\ud800"`) is refused, naming where it is: no tokenizer takes it."""
-        if not isinstance(data, dict):
-            return data
-        if (where := _lone_surrogate(data)) is not None:
+        and clients send None for "not given"."""
+        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+
+
+class _Body(_Request):
+    """A whole request body (its parts are `_Request`s): checked once, before its parts, for text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text_only(cls, data: Any) -> Any:
+        """A string holding half of a UTF-16 surrogate pair (JSON allows `"\\ud800"`) is refused,
+        naming where it is: no tokenizer takes it."""
+        if isinstance(data, dict) and (where := _lone_surrogate(data)) is not None:
             raise PydanticCustomError("lone_surrogate", "{where} holds a lone UTF-16 surrogate (such as \\ud800 in JSON), "
                                       "which is not Unicode text",
                                       {"where": where or "a field name", "param": re.split(r"[.\[]", where)[0] or None})
-        return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 def _lone_surrogate(data: dict) -> str | None:
@@ -67,7 +75,7 @@ class StreamOptions(_Request):
     continuous_usage_stats: StrictBool = False  # vLLM's: with include_usage, usage in every chunk
 
 
-class SamplingFields(_Request):
+class SamplingFields(_Body):
     """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
 
     model: str | None = None
@@ -169,7 +177,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template
 
 
-class TokenizeRequest(_Request):
+class TokenizeRequest(_Body):
     """POST /tokenize: a `prompt` (text), or chat `messages` rendered by the chat template."""
 
     model: str | None = None
@@ -183,7 +191,7 @@ class TokenizeRequest(_Request):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class DetokenizeRequest(_Request):
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
 
