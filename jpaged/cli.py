@@ -44,6 +44,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="what a sequence preempted for KV blocks does: recompute its tokens later, or swap its "
                              "blocks to host memory")
     parser.add_argument("--swap-space-gib", type=float, default=1.0, help="host memory for swapped-out blocks, GiB")
+    parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                        help="order of service: arrival, or each request's priority (lower first), then arrival")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step")
     parser.add_argument("--max-model-len", type=int, default=None,
@@ -75,7 +77,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 offload_weights=args.offload_weights, device_weight_budget_gib=args.device_weight_budget_gib,
                 block_size=args.block_size, num_blocks=args.num_blocks, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
                 enable_prefix_caching=args.enable_prefix_caching, preemption_mode=args.preemption_mode,
-                swap_space_gib=args.swap_space_gib,
+                swap_space_gib=args.swap_space_gib, scheduling_policy=args.scheduling_policy,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, compile_warmup=args.compile_warmup,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,

@@ -245,6 +245,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     preemption_mode: str = "recompute"  # "recompute" | "swap"
+    scheduling_policy: str = "fcfs"  # "fcfs" | "priority": requests' `priority` first, then arrival
 
     def __post_init__(self):
         _check_integers(self, ("max_num_seqs", "max_num_batched_tokens", "max_model_len"), optional=("max_model_len",))
@@ -256,6 +257,8 @@ class SchedulerConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
 
 
 @dataclass

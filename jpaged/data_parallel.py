@@ -32,11 +32,12 @@ class DataParallelEngine:
         self._replica_of: dict[str, LLMEngine] = {}
         self._pool = ThreadPoolExecutor(num_replicas, thread_name_prefix="jpaged-replica")
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
         if request_id in self._replica_of:
             raise ValueError(f"request id {request_id!r} is already in use")
         replica = min(self.replicas, key=LLMEngine.get_num_unfinished_requests)
-        replica.add_request(request_id, prompt, params)
+        replica.add_request(request_id, prompt, params, priority)
         self._replica_of[request_id] = replica
 
     def abort_request(self, request_id: str) -> None:

@@ -31,7 +31,7 @@ from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
 from jpaged.sampling_params import SamplingParams, bad_words_token_ids, is_integer, truncated_prompt
-from jpaged.scheduler import Scheduler
+from jpaged.scheduler import Scheduler, check_priority
 from jpaged.sequence import Request, Sequence
 from jpaged.structured_output import GrammarCompiler
 from sharding.mesh import replica_meshes
@@ -130,12 +130,15 @@ class LLMEngine:
                        "longer sequences", max_model_len, capacity, self.runner.num_blocks, self.config.cache.block_size)
         return capacity
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
-        """Queue a request; raises ValueError for input that can never be served."""
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        """Queue a request; raises ValueError for input that can never be served, or a `priority`
+        other than 0 without `scheduling_policy="priority"`."""
         # a copy, checked afresh as it is made: the caller may have changed fields since making theirs
         params = SamplingParams() if params is None else dataclasses.replace(params)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        check_priority(priority, self.config.scheduler.scheduling_policy)
         text, token_ids = self._tokenize(prompt)
         token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.max_model_len)
         if params.max_tokens is None:  # up to max_model_len
@@ -147,7 +150,7 @@ class LLMEngine:
         self._check_fits(token_ids, params, bad_words)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
-        request = Request(request_id, text, token_ids, params, seed, grammar)
+        request = Request(request_id, text, token_ids, params, seed, grammar, int(priority))
         request.bad_words_token_ids = bad_words
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])

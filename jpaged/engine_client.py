@@ -52,9 +52,12 @@ class EngineClient(Protocol):
     max_model_len: int
     eos_token_ids: set[int]
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
         """Queue a request. ValueError for an id in use or input that can never be served (empty
-        prompt, ids outside the vocabulary, longer than `max_model_len` or the KV cache)."""
+        prompt, ids outside the vocabulary, longer than `max_model_len` or the KV cache), or a
+        `priority` other than 0 under first-come-first-served scheduling (lower values are
+        served first under `scheduling_policy="priority"`)."""
         ...
 
     def abort_request(self, request_id: str) -> None:

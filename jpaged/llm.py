@@ -60,14 +60,20 @@ class LLM:
         prompts: PromptType | SequenceABC[PromptType],
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: SequenceABC[int] | None = None,
     ) -> list[RequestOutput]:
+        """Outputs for `prompts`, in their order. `priority` (one int per prompt, lower served
+        first) needs `scheduling_policy="priority"`. ValueError names the prompt it refuses."""
         prompts = _prompt_list(prompts)
         params = self._per_prompt_params(sampling_params, len(prompts))
+        priorities = [0] * len(prompts) if priority is None else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
         request_ids = []
         try:
-            for prompt, param in zip(prompts, params):
+            for prompt, param, rank in zip(prompts, params, priorities):
                 request_id = str(next(self._request_counter))
-                self.engine.add_request(request_id, prompt, param)
+                self.engine.add_request(request_id, prompt, param, rank)
                 request_ids.append(request_id)
         except BaseException as err:  # a refused prompt (or an interrupt): none of the call's requests stays
             for request_id in request_ids:

@@ -1,13 +1,17 @@
-"""FCFS continuous batching with chunked prefill, prefix reuse and preemption.
+"""Continuous batching with chunked prefill, prefix reuse and preemption, first come first served
+or by request priority.
 
-Every step the scheduler spends a token budget: first on running sequences in arrival order
+Sequences are kept in order of (priority, arrival): under `scheduling_policy="fcfs"` every
+priority is 0, so arrival alone decides; under `"priority"` a lower priority value goes first,
+arrival breaking ties (vLLM's priority scheduling). Every step the scheduler spends a token
+budget: first on running sequences in that order
 (one token for a decode, with its draft tokens while the step's rows and drafts together number
 at most the step's logits rows; a chunk of the remaining prompt for a prefill), then on bringing back
 swapped-out sequences, then on waiting requests, which start after their longest cached prefix. Blocks come from the
 block manager's narrow face: `get_computed_blocks` once per admission, `allocate_slots` for each
 scheduled chunk (None: no room), `free`; plus `swap_out` / `swap_in` for swap preemption.
-When the block manager runs out of blocks, the latest arrival among the running sequences is
-preempted: swapped to host memory (`preemption_mode="swap"`, when the host pool has room) or
+When the block manager runs out of blocks, the last running sequence in that order (the latest
+arrival of the lowest priority) is preempted: swapped to host memory (`preemption_mode="swap"`, when the host pool has room) or
 freed, to be recomputed from its tokens later. Sequences on hold (beams waiting for their
 siblings' step) are passed over.
 """
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 
 from jpaged.block_manager import BlockManager, Slots
 from jpaged.config import SchedulerConfig
+from jpaged.sampling_params import is_integer
 from jpaged.sequence import Sequence, SequenceStatus
 
 
@@ -48,6 +53,15 @@ class SchedulerOutput:
 
 def _by_priority(seq: Sequence):
     return seq.priority
+
+
+def check_priority(priority: object, policy: str) -> None:
+    """Raise ValueError unless `priority` is an int that `policy` ("fcfs" | "priority") takes:
+    any int under "priority", only 0 under "fcfs" (as vLLM refuses it)."""
+    if not is_integer(priority):
+        raise ValueError(f"priority must be an integer, got {priority!r}")
+    if priority != 0 and policy != "priority":
+        raise ValueError(f"priority {priority} needs scheduling_policy='priority' (the engine's is {policy!r})")
 
 
 class Scheduler:

@@ -59,7 +59,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.output_logprobs: list[dict[int, Logprob]] = []
         self.seed = derive_seed(request.seed, index)
-        self.priority = (request.arrival, index)  # earlier requests first, then their samples
+        self.priority = (request.priority, request.arrival, index)  # scheduled in this order
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
@@ -119,8 +119,9 @@ class Sequence:
 
 class Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, seed: int, grammar: Grammar | None = None):
+                 params: SamplingParams, seed: int, grammar: Grammar | None = None, priority: int = 0):
         self.request_id = request_id
+        self.priority = priority  # lower first (vLLM's); always 0 under first-come-first-served
         self.grammar = grammar  # its `params.structured_outputs`, compiled, at the start
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)

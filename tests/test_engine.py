@@ -123,6 +123,29 @@ def test_both_engines_implement_the_engine_client_and_abort_frees_at_once(llm):
     assert not engine.has_unfinished_requests() and all_blocks_free(llm)
 
 
+def test_priority_scheduling_serves_lower_values_first_with_unchanged_tokens(stories_path, llm):
+    """One sequence at a time: requests finish in (priority, arrival) order, each with the tokens it
+    gets alone; the first-come-first-served engine refuses priorities, naming the policy."""
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompts, priorities = STORY_STARTS[:5], [3, 0, 1, 0, -2]
+    alone = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    ranked = LLM(stories_path, num_blocks=64, max_num_seqs=1, scheduling_policy="priority")
+    engine, finished = ranked.engine, []
+    for i, (prompt, priority) in enumerate(zip(prompts, priorities)):
+        engine.add_request(str(i), prompt, params, priority=priority)
+    while engine.has_unfinished_requests():
+        finished += [o for o in engine.step() if o.finished]
+    assert [o.request_id for o in finished] == ["4", "1", "3", "2", "0"]
+    assert [o.outputs[0].token_ids for o in sorted(finished, key=lambda o: int(o.request_id))] == alone
+    outs = ranked.generate(prompts, params, use_tqdm=False, priority=priorities)
+    assert [o.outputs[0].token_ids for o in outs] == alone and all_blocks_free(ranked)
+    with pytest.raises(ValueError, match="got 2 priorities for 5 prompts"):
+        ranked.generate(prompts, params, priority=[0, 1])
+    with pytest.raises(ValueError, match=r"prompt 1: priority 4 needs scheduling_policy='priority'"):
+        llm.generate(prompts[:2], params, use_tqdm=False, priority=[0, 4])
+    assert not llm.engine.has_unfinished_requests() and all_blocks_free(llm)
+
+
 def test_bad_request_rejected_while_others_run_on(llm):
     engine = llm.engine
     engine.add_request("good", "The little girl", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))

@@ -1,15 +1,19 @@
-"""Scheduler and block manager on their own: budgets, chunking, FCFS preemption, block accounting."""
+"""Scheduler and block manager on their own: budgets, chunking, FCFS and priority order, preemption,
+block accounting."""
+
+import pytest
 
 import jpaged.block_manager as block_manager_module
 from jpaged.block_manager import BlockManager
 from jpaged.config import SchedulerConfig
 from jpaged.sampling_params import SamplingParams
-from jpaged.scheduler import Scheduler
+from jpaged.scheduler import Scheduler, check_priority
 from jpaged.sequence import Request, Sequence, SequenceStatus
 
 
-def make_seq(name: str, prompt_len: int) -> Sequence:
-    return Request(name, None, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=100), seed=0).seqs[0]
+def make_seq(name: str, prompt_len: int, priority: int = 0) -> Sequence:
+    return Request(name, None, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=100), seed=0,
+                   priority=priority).seqs[0]
 
 
 def run_step(scheduler: Scheduler):
@@ -114,3 +118,40 @@ def test_admission_looks_up_the_cached_prefix_once(monkeypatch):
     assert hashed == [(1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11, 12)]  # one lookup per block, once
     assert second.request.metrics.num_cached_prompt_tokens == 12
     assert (manager.prefix_cache_queries, manager.prefix_cache_hits) == (26, 12)
+
+
+def test_priority_orders_admission_then_arrival():
+    """vLLM's priority scheduling: lower values first, ties in arrival order."""
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100, scheduling_policy="priority"),
+                          BlockManager(64, 4))
+    for name, priority in (("a", 2), ("b", 0), ("c", 1), ("d", 0), ("e", -1)):
+        scheduler.add(make_seq(name, 2, priority))
+    plan = run_step(scheduler)
+    assert [s.seq.request_id for s in plan.scheduled] == ["e", "b"]
+    assert [s.request_id for s in scheduler.waiting] == ["d", "c", "a"]
+
+
+def test_preemption_takes_the_lowest_priority_before_later_arrivals():
+    manager = BlockManager(num_blocks=4, block_size=2)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=100, scheduling_policy="priority"),
+                          manager)
+    low, high, mid = make_seq("low", 2, priority=5), make_seq("high", 2, priority=0), make_seq("mid", 2, priority=1)
+    for seq in (low, high, mid):
+        scheduler.add(seq)
+    assert [s.seq.request_id for s in run_step(scheduler).scheduled] == ["high", "mid", "low"]
+    plan = run_step(scheduler)  # each needs a second block, one is free: the lowest priority goes
+    assert plan.preempted == [low] and [s.seq.request_id for s in plan.scheduled] == ["high", "mid"]
+    scheduler.add(make_seq("newer", 1, priority=3))
+    assert [s.request_id for s in scheduler.waiting] == ["newer", "low"]
+
+
+def test_check_priority_names_the_value_and_the_policy():
+    check_priority(-3, "priority")
+    check_priority(0, "fcfs")
+    with pytest.raises(ValueError, match=r"priority 2 needs scheduling_policy='priority' .*'fcfs'"):
+        check_priority(2, "fcfs")
+    for bad in (1.5, True, "1", None):
+        with pytest.raises(ValueError, match="priority must be an integer"):
+            check_priority(bad, "priority")
+    with pytest.raises(ValueError, match="scheduling_policy must be 'fcfs' or 'priority', got 'lifo'"):
+        SchedulerConfig(scheduling_policy="lifo")

@@ -420,6 +420,8 @@ BAD_INPUTS = [
     ("/tokenize", {"prompt": "\ud800"}, "prompt"),
     ("/v1/completions", {"prompt": "hi", "bad_words": [f"w{i}" for i in range(1025)]}, "bad_words"),
     ("/v1/completions", {"prompt": "hi", "min_tokens": 1, "stop_token_ids": list(range(1100))}, "stop_token_ids"),
+    ("/v1/completions", {"prompt": ["hi", "ho"], "priority": 2}, "priority"),  # a first-come-first-served server
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "priority": 1.5}, "priority"),
 ]
 
 

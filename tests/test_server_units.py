@@ -26,11 +26,13 @@ class ScriptedEngine:
     def __init__(self):
         self.requests: dict[str, list] = {}
         self.aborted: list[str] = []
+        self.priorities: dict[str, int] = {}
 
-    def add_request(self, request_id, prompt, params=None):
+    def add_request(self, request_id, prompt, params=None, priority=0):
         if prompt == "bad":
             raise ValueError("prompt is bad")
         self.requests[request_id] = [prompt, params or SamplingParams(), 0]
+        self.priorities[request_id] = priority
 
     def abort_request(self, request_id):
         if self.requests.pop(request_id, None) is not None:
@@ -87,6 +89,17 @@ def test_outputs_stream_back_and_places_are_returned():
 
     (texts, held), engine, _ = _run(go)
     assert texts == {0: "xxx", 1: "xxxxx"} and held == 0 and engine.aborted == []
+    assert engine.priorities == {"r-0": 0, "r-1": 0}
+
+
+def test_a_request_priority_reaches_each_of_its_engine_requests():
+    async def go(front):
+        group = await front.add("r", [("a", SamplingParams(max_tokens=1)), ("b", SamplingParams(max_tokens=1))],
+                                priority=-4)
+        return await _finals(group)
+
+    _, engine, _ = _run(go)
+    assert engine.priorities == {"r-0": -4, "r-1": -4}
 
 
 def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving():
@@ -204,10 +217,11 @@ def test_engine_flags_reach_the_engine_settings_and_help_shows_defaults(capsys):
     from jpaged.llm import engine_config
 
     args = _parser().parse_args(["generate", "--no-enable-prefix-caching", "--preemption-mode", "swap",
-                                 "--swap-space-gib", "0.5", "--cpu-kv-cache-gib", "0.25", "hi"])
+                                 "--swap-space-gib", "0.5", "--cpu-kv-cache-gib", "0.25",
+                                 "--scheduling-policy", "priority", "hi"])
     config = engine_config(None, **engine_kwargs(args))
     assert (config.cache.enable_prefix_caching, config.scheduler.preemption_mode, config.cache.swap_space_gib,
-            config.cache.cpu_kv_cache_gib) == (False, "swap", 0.5, 0.25)
+            config.cache.cpu_kv_cache_gib, config.scheduler.scheduling_policy) == (False, "swap", 0.5, 0.25, "priority")
     for flag in ("--cpu-kv-cache-gib", "--swap-space-gib"):
         for value in ("nan", "inf", "-1"):
             name = flag[2:].replace("-", "_")

@@ -163,8 +163,10 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._thread.is_alive() and not self._stopping
 
-    async def add(self, request_id: str, requests: list[tuple[PromptType, SamplingParams]]) -> RequestGroup:
-        """Queue `requests` (prompt, params) as `request_id-0`, `request_id-1`, ... and return their group.
+    async def add(self, request_id: str, requests: list[tuple[PromptType, SamplingParams]],
+                  priority: int = 0) -> RequestGroup:
+        """Queue `requests` (prompt, params) as `request_id-0`, `request_id-1`, ..., each with
+        `priority`, and return their group.
 
         Raises:
             ServerOverloaded: taking them would exceed `max_queued_requests` now.
@@ -182,7 +184,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         group = RequestGroup(self, [f"{request_id}-{i}" for i in range(len(requests))], loop)
         try:
-            await self.call(lambda engine: self._add_group(engine, group, requests))
+            await self.call(lambda engine: self._add_group(engine, group, requests, priority))
         except BaseException as err:
             self._held -= len(requests)
             if isinstance(err, asyncio.CancelledError):  # the add may still run: undo it after
@@ -219,11 +221,11 @@ class AsyncEngine:
 
     # Everything below runs on the loop thread.
 
-    def _add_group(self, engine: EngineClient, group: RequestGroup, requests: list) -> None:
+    def _add_group(self, engine: EngineClient, group: RequestGroup, requests: list, priority: int) -> None:
         added = []
         try:
             for request_id, (prompt, params) in zip(group.request_ids, requests):
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, prompt, params, priority)
                 added.append(request_id)
         except Exception as err:
             for request_id in added:

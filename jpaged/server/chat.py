@@ -64,7 +64,7 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
                                     max_tokens_field(request), prompt_param="messages")
     params = chat_params(request, max_tokens, state.tool_parser)
     request_id = random_id("chatcmpl")
-    group = await submit(state, request_id, [prompt], [params], constraint_field(request))
+    group = await submit(state, request_id, [prompt], [params], request.priority, constraint_field(request))
     if request.stream:
         return _stream(request, state, request_id, prompt, params, group)
     (output,) = await collect(group)

@@ -58,7 +58,7 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
     params = [_params_of(request, asked, prompt, max_model_len, i if len(prompts) > 1 else None)
               for i, prompt in enumerate(prompts)]
     request_id = random_id("cmpl")
-    group = await submit(state, request_id, prompts, params, constraint_field(request))
+    group = await submit(state, request_id, prompts, params, request.priority, constraint_field(request))
     if request.stream:
         return _stream(request, state, request_id, prompts, params[0], group)
     outputs = [_returned(request, output) for output in await collect(group)]

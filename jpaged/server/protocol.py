@@ -104,6 +104,7 @@ class SamplingFields(_Body):
     truncate_prompt_tokens: int | None = None
     prompt_logprobs: int | None = None
     use_beam_search: StrictBool = False
+    priority: StrictInt = 0  # lower first, under a server started with --scheduling-policy priority
     # the output's shape: OpenAI's response_format, or vLLM's structured_outputs
     # (json / regex / choice / grammar / json_object, and its whitespace and properties options)
     response_format: dict[str, Any] | None = None

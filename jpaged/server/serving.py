@@ -48,16 +48,17 @@ class ServerState:
                                        self.trust_request_chat_template)
 
 
-async def submit(state: ServerState, request_id: str, prompts: list[Prompt],
-                 params: list[SamplingParams], constraint_field: str = "structured_outputs") -> RequestGroup:
-    """Queue one engine request per prompt. Raises APIError: 503 when the server is full, 400
-    when the engine refuses a prompt (ids outside the vocabulary, too long for the KV cache, an
-    output constraint that does not compile, blamed on `constraint_field`, the field it came from)."""
+async def submit(state: ServerState, request_id: str, prompts: list[Prompt], params: list[SamplingParams],
+                 priority: int = 0, constraint_field: str = "structured_outputs") -> RequestGroup:
+    """Queue one engine request per prompt, each with `priority`. Raises APIError: 503 when the
+    server is full, 400 when the engine refuses a prompt (ids outside the vocabulary, too long for
+    the KV cache, an output constraint that does not compile, blamed on `constraint_field`, the
+    field it came from) or the priority (not 0 under first-come-first-served scheduling)."""
     requests: list[tuple[PromptType, SamplingParams]] = [
         ({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, param)
         for prompt, param in zip(prompts, params)]
     try:
-        return await state.engine.add(request_id, requests)
+        return await state.engine.add(request_id, requests, priority)
     except ServerOverloaded as err:
         raise overloaded(str(err)) from err
     except ValueError as err:
@@ -74,7 +75,7 @@ def _refused_field(message: str) -> str:
     if "max_num_seqs" in message:
         return "n"
     fields = ("logit_bias", "bad_words", "stop_token_ids", "allowed_token_ids", "truncate_prompt_tokens",
-              "structured_outputs")
+              "structured_outputs", "priority")
     return next((field for field in fields if field in leading), "prompt")
 
 
