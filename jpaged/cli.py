@@ -44,6 +44,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="what a sequence preempted for KV blocks does: recompute its tokens later, or swap its "
                              "blocks to host memory")
     parser.add_argument("--swap-space-gib", type=float, default=1.0, help="host memory for swapped-out blocks, GiB")
+    parser.add_argument("--generation-config", default="auto",
+                        help="sampling defaults for what requests leave unset: 'auto' (the model's "
+                             "generation_config.json), 'none', or a folder holding a generation_config.json")
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                         help="order of service: arrival, or each request's priority (lower first), then arrival")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
@@ -82,7 +85,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, compile_warmup=args.compile_warmup,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size,
-                speculative_config=args.speculative_config)
+                speculative_config=args.speculative_config, generation_config=args.generation_config)
 
 
 def _add_serve_args(parser: argparse.ArgumentParser) -> None:

@@ -363,6 +363,8 @@ class EngineConfig:
     offload_weights: str | None = None  # None | "host" | "disk": stream layers past the budget (weight_streaming.py)
     device_weight_budget_gib: float | None = None  # device bytes for weights with offload_weights; None: stream all layers
     seed: int = 0
+    # sampling defaults: "auto" (the model's generation_config.json), "none", or a folder holding one
+    generation_config: str = "auto"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -370,6 +372,8 @@ class EngineConfig:
 
     def __post_init__(self):
         _check_integers(self, ("seed",))
+        if not isinstance(self.generation_config, str):
+            raise ValueError(f"generation_config must be 'auto', 'none' or a folder, got {self.generation_config!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', got {self.dtype!r}")
         if self.quantization not in (None, "int8", "fp8", "gguf"):

@@ -11,10 +11,12 @@ server use.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -30,7 +32,13 @@ from jpaged.ngram_proposer import NgramProposer, accepted_tokens, can_draft
 from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
-from jpaged.sampling_params import SamplingParams, bad_words_token_ids, is_integer, truncated_prompt
+from jpaged.sampling_params import (
+    SamplingParams,
+    bad_words_token_ids,
+    generation_defaults,
+    is_integer,
+    truncated_prompt,
+)
 from jpaged.scheduler import Scheduler, check_priority
 from jpaged.sequence import Request, Sequence
 from jpaged.structured_output import GrammarCompiler
@@ -54,6 +62,10 @@ class LLMEngine:
         source = open_model(config.model)
         self.model_name = source.name
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)
+        self.default_sampling_params = generation_defaults(self._generation_config(source.generation_config))
+        if self.default_sampling_params:
+            logger.warning("sampling defaults from generation_config.json: %s (generation_config='none' keeps "
+                           "jpaged's own)", self.default_sampling_params)
         check_layout(self.model_config, config.parallel)
         meshes = replica_meshes(config.parallel)
         self.max_model_len = self._resolve_max_model_len()
@@ -89,6 +101,19 @@ class LLMEngine:
                     self.runner.kv_cache_bytes / 2**20, config.cache.kv_cache_dtype, self.max_model_len,
                     f", n-gram speculation of {config.speculative.num_speculative_tokens} tokens"
                     if self.proposer else "")
+
+    def _generation_config(self, model_generation_config: dict) -> dict:
+        """The generation config whose sampling defaults the engine applies (`generation_config`)."""
+        setting = self.config.generation_config
+        if setting == "none":
+            return {}
+        if setting == "auto":
+            return model_generation_config
+        path = Path(setting) / "generation_config.json"
+        if not path.is_file():
+            raise ValueError(f"generation_config {setting!r}: no generation_config.json there (give 'auto', 'none' "
+                             "or a folder holding one)")
+        return json.loads(path.read_text())
 
     def step_shapes(self) -> StepShapes:
         """The padded sizes of every step this engine can run (they fix its compiled programs)."""
@@ -135,7 +160,7 @@ class LLMEngine:
         """Queue a request; raises ValueError for input that can never be served, or a `priority`
         other than 0 without `scheduling_policy="priority"`."""
         # a copy, checked afresh as it is made: the caller may have changed fields since making theirs
-        params = SamplingParams() if params is None else dataclasses.replace(params)
+        params = SamplingParams(**self.default_sampling_params) if params is None else dataclasses.replace(params)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         check_priority(priority, self.config.scheduler.scheduling_policy)

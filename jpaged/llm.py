@@ -55,6 +55,11 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What `generate` and `chat` use when given no `SamplingParams`: jpaged's defaults, with
+        the model's generation-config recommendations on top (see `generation_config`)."""
+        return SamplingParams(**self.engine.default_sampling_params)
+
     def generate(
         self,
         prompts: PromptType | SequenceABC[PromptType],
@@ -83,10 +88,9 @@ class LLM:
             raise
         return self._run(request_ids, use_tqdm)
 
-    @staticmethod
-    def _per_prompt_params(sampling_params, count: int) -> list[SamplingParams]:
+    def _per_prompt_params(self, sampling_params, count: int) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * count
+            return [self.get_default_sampling_params()] * count
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * count
         if not isinstance(sampling_params, SequenceABC) or not all(isinstance(p, SamplingParams) for p in sampling_params):

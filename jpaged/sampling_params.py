@@ -440,6 +440,25 @@ def derive_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) % SEED_LIMIT
 
 
+GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                            "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+"""HF generation-config keys that set sampling defaults, and the `SamplingParams` field each sets."""
+
+
+def generation_defaults(generation_config: dict) -> dict:
+    """The sampling defaults a model's HF `generation_config.json` recommends, as `SamplingParams`
+    fields: its temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens (as
+    max_tokens), where set (vLLM's `generation_config="auto"`; `do_sample` is not read, as in
+    vLLM). ValueError, naming the file, for a value `SamplingParams` refuses."""
+    defaults = {field: generation_config[key] for key, field in GENERATION_CONFIG_FIELDS.items()
+                if generation_config.get(key) is not None}
+    try:
+        SamplingParams(**defaults)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"generation_config.json: {err}") from err
+    return defaults
+
+
 @dataclass(frozen=True)
 class BeamSearchParams:
     """What `LLM.beam_search` searches for (vLLM's `BeamSearchParams`): the `beam_width` best

@@ -146,6 +146,33 @@ def test_priority_scheduling_serves_lower_values_first_with_unchanged_tokens(sto
     assert not llm.engine.has_unfinished_requests() and all_blocks_free(llm)
 
 
+def test_generation_config_defaults_match_hf_generate(stories_path, tmp_path):
+    """A model folder whose generation_config.json recommends sampling settings: `generate` with no
+    SamplingParams follows them as HF transformers' `generate` does (greedy here, a repetition
+    penalty and 7 new tokens); generation_config="none" keeps jpaged's own defaults."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "stories260K"
+    shutil.copytree(stories_path, folder)
+    recommended = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False, "temperature": 0.0,
+                   "repetition_penalty": 1.3, "max_new_tokens": 7}
+    (folder / "generation_config.json").write_text(json.dumps(recommended))
+    prompt = "Once upon a time, there was a dog named"
+    ids = AutoTokenizer.from_pretrained(folder)(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(folder).generate(ids)[0, ids.shape[1]:].tolist()
+    llm = LLM(str(folder), num_blocks=64)
+    assert llm.get_default_sampling_params() == SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=7)
+    assert len(expected) == 7 and llm.generate(prompt, use_tqdm=False)[0].outputs[0].token_ids == expected
+    plain = LLM(str(folder), num_blocks=64, generation_config="none")
+    assert plain.get_default_sampling_params() == SamplingParams()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with pytest.raises(ValueError, match="generation_config .*elsewhere.*: no generation_config.json there"):
+        LLM(stories_path, generation_config=str(elsewhere))
+
+
 def test_bad_request_rejected_while_others_run_on(llm):
     engine = llm.engine
     engine.add_request("good", "The little girl", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))

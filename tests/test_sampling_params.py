@@ -2,7 +2,7 @@
 
 import pytest
 
-from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_params import SamplingParams, generation_defaults
 
 INVALID_VALUES = [
     ("temperature", -0.1),
@@ -193,3 +193,13 @@ def test_new_fields_accept_their_boundaries():
     assert not SamplingParams(presence_penalty=0.0).uses_penalties
     assert SamplingParams(frequency_penalty=0.1).uses_penalties
     assert not SamplingParams(frequency_penalty=0.1).uses_repetition_penalty
+
+
+def test_generation_defaults_take_the_sampling_keys_of_an_hf_generation_config():
+    config = {"bos_token_id": 1, "eos_token_id": [2, 3], "do_sample": True, "temperature": 0.6, "top_p": 0.9,
+              "top_k": 20, "min_p": None, "repetition_penalty": 1.05, "max_new_tokens": 256, "max_length": 4096}
+    assert generation_defaults(config) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20,
+                                           "repetition_penalty": 1.05, "max_tokens": 256}
+    assert generation_defaults({"bos_token_id": 1, "max_length": 512}) == {}
+    with pytest.raises(ValueError, match=r"generation_config.json: top_p must be in \(0, 1\], got 1.5"):
+        generation_defaults({"top_p": 1.5})

@@ -21,7 +21,7 @@ class ScriptedEngine:
     """An `EngineClient` stand-in: each request emits one "x" per step up to max_tokens. A prompt
     "bad" is refused; a step with a "boom" request running raises."""
 
-    tokenizer, model_name, max_model_len, eos_token_ids = None, "scripted", 64, set()
+    tokenizer, model_name, max_model_len, eos_token_ids, default_sampling_params = None, "scripted", 64, set(), {}
 
     def __init__(self):
         self.requests: dict[str, list] = {}
@@ -204,6 +204,23 @@ def test_input_checks_are_400s_naming_the_field():
     with pytest.raises(APIError):
         completion_prompts([], SimpleNamespace(encode=lambda text: [1]))
     assert [p.token_ids for p in completion_prompts([[3, 4], [5]], None)] == [[3, 4], [5]]
+
+
+def test_unset_sampling_fields_take_the_model_defaults_and_max_new_tokens_caps_the_output():
+    from jpaged.server.params import chat_params, completion_params
+    from jpaged.server.protocol import ChatCompletionRequest, CompletionRequest
+
+    defaults = {"temperature": 0.6, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_tokens": 7}
+    chat = ChatCompletionRequest(messages=[], top_k=-1, min_p=0.1)
+    params = chat_params(chat, 5, None, defaults)
+    assert (params.temperature, params.top_p, params.top_k, params.min_p, params.repetition_penalty) == (
+        0.6, 0.8, 0, 0.1, 1.05)  # top_k -1 (sent) is "off", as vLLM normalises it
+    plain = completion_params(CompletionRequest(prompt="hi", temperature=0, top_p=None), 5)
+    assert (plain.temperature, plain.top_p, plain.top_k, plain.repetition_penalty) == (0.0, 1.0, 0, 1.0)
+    assert resolve_max_tokens(None, 10, 64, "max_tokens", limit=7) == 7
+    assert resolve_max_tokens(20, 10, 64, "max_tokens", limit=7) == 7
+    assert resolve_max_tokens(5, 10, 64, "max_tokens", limit=7) == 5
+    assert resolve_max_tokens(None, 60, 64, "max_tokens", limit=7) == 4
 
 
 def test_serve_command_defaults_to_loopback():

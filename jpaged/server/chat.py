@@ -61,8 +61,9 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     prompt = truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len)
     asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len,
-                                    max_tokens_field(request), prompt_param="messages")
-    params = chat_params(request, max_tokens, state.tool_parser)
+                                    max_tokens_field(request), prompt_param="messages",
+                                    limit=state.sampling_defaults.get("max_tokens"))
+    params = chat_params(request, max_tokens, state.tool_parser, state.sampling_defaults)
     request_id = random_id("chatcmpl")
     group = await submit(state, request_id, [prompt], [params], request.priority, constraint_field(request))
     if request.stream:

@@ -55,7 +55,7 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
     if _scores_only(request) and request.min_tokens:
         raise bad_request(f"min_tokens must be in [0, max_tokens=0], got {request.min_tokens}", param="min_tokens")
     asked = 1 if _scores_only(request) else request.max_tokens  # one token is computed, none returned
-    params = [_params_of(request, asked, prompt, max_model_len, i if len(prompts) > 1 else None)
+    params = [_params_of(request, asked, prompt, max_model_len, state.sampling_defaults, i if len(prompts) > 1 else None)
               for i, prompt in enumerate(prompts)]
     request_id = random_id("cmpl")
     group = await submit(state, request_id, prompts, params, request.priority, constraint_field(request))
@@ -70,12 +70,14 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
     return JSONResponse(response.model_dump())
 
 
-def _params_of(request: CompletionRequest, asked: int | None, prompt: Prompt, max_model_len: int,
+def _params_of(request: CompletionRequest, asked: int | None, prompt: Prompt, max_model_len: int, defaults: dict,
                index: int | None) -> SamplingParams:
-    """The sampling parameters of one of the request's prompts; a refusal of the prompt at `index`
-    of several says which."""
+    """The sampling parameters of one of the request's prompts, unset fields from `defaults`; a
+    refusal of the prompt at `index` of several says which."""
+    limit = None if _scores_only(request) else defaults.get("max_tokens")
     try:
-        return completion_params(request, resolve_max_tokens(asked, len(prompt.token_ids), max_model_len, "max_tokens"))
+        max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), max_model_len, "max_tokens", limit=limit)
+        return completion_params(request, max_tokens, defaults)
     except APIError as err:
         if index is not None:
             err.message = f"prompt {index}: {err.message}"

@@ -55,7 +55,7 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
     front = AsyncEngine(engine, max_queued_requests, on_finished=metrics.observe_finished,
                         on_aborted=metrics.observe_aborted)
     app = build_app(ServerState(front, name, metrics, api_key or None, chat_template, trust_request_chat_template,
-                                parser))
+                                parser, dict(engine.default_sampling_params)))
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
     return app

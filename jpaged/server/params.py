@@ -25,8 +25,9 @@ def check_model(requested: str | None, served: str) -> None:
 
 
 def resolve_max_tokens(asked: int | None, prompt_len: int, max_model_len: int, param: str,
-                       prompt_param: str = "prompt") -> int:
-    """The output budget: `asked`, or all the context the prompt leaves when None.
+                       prompt_param: str = "prompt", limit: int | None = None) -> int:
+    """The output budget: `asked`, or all the context the prompt leaves when None; no more than
+    `limit` where given (the model's generation-config `max_new_tokens`, as vLLM caps it).
 
     Raises:
         APIError: 400 when the prompt fills the context (naming `prompt_param`) or prompt +
@@ -37,18 +38,19 @@ def resolve_max_tokens(asked: int | None, prompt_len: int, max_model_len: int, p
                           f"{prompt_len} tokens: it leaves no room for output", param=prompt_param,
                           code="context_length_exceeded")
     if asked is None:
-        return max_model_len - prompt_len
+        return min(max_model_len - prompt_len, limit or max_model_len)
     if asked >= 1 and prompt_len + asked > max_model_len:
         raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
                           f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} in the completion). "
                           "Please reduce the prompt or the completion length.", param=param,
                           code="context_length_exceeded")
-    return asked
+    return min(asked, limit) if limit and asked >= 1 else asked
 
 
-def completion_params(request: CompletionRequest, max_tokens: int) -> SamplingParams:
+def completion_params(request: CompletionRequest, max_tokens: int, defaults: dict | None = None) -> SamplingParams:
     """`SamplingParams` of a /v1/completions request (`logprobs` is a count; `echo` with
-    `logprobs` asks for the prompt's logprobs too). 400 for unsupported or bad values."""
+    `logprobs` asks for the prompt's logprobs too; unset fields from `defaults`, see `_build`).
+    400 for unsupported or bad values."""
     if request.suffix:
         raise bad_request("suffix is not supported", param="suffix")
     if request.stream and request.best_of is not None and request.best_of > request.n:
@@ -57,22 +59,23 @@ def completion_params(request: CompletionRequest, max_tokens: int) -> SamplingPa
     prompt_logprobs = request.prompt_logprobs
     if prompt_logprobs is None and request.echo:
         prompt_logprobs = request.logprobs
-    return _build(request, max_tokens=max_tokens, logprobs=request.logprobs, best_of=request.best_of,
+    return _build(request, defaults, max_tokens=max_tokens, logprobs=request.logprobs, best_of=request.best_of,
                   prompt_logprobs=prompt_logprobs, structured_outputs=structured_outputs(request))
 
 
-def chat_params(request: ChatCompletionRequest, max_tokens: int, tool_parser: ToolParser | None = None) -> SamplingParams:
+def chat_params(request: ChatCompletionRequest, max_tokens: int, tool_parser: ToolParser | None = None,
+                defaults: dict | None = None) -> SamplingParams:
     """`SamplingParams` of a /v1/chat/completions request (`logprobs` a bool, `top_logprobs` a
     count; a required or named `tool_choice` constrains the output, and "auto" needs the server's
     `tool_parser`, see `tools`; a parser whose markers are special tokens keeps them in the
-    text). 400 for bad values."""
+    text; unset fields from `defaults`, see `_build`). 400 for bad values."""
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs needs logprobs to be true", param="top_logprobs")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     if tool_parser is not None and tool_parser.keeps_special_tokens and parses_tool_calls(request):
         request = request.model_copy(update={"skip_special_tokens": False})  # the calls' markers
     renamed = {"logprobs": "top_logprobs", "max_tokens": max_tokens_field(request)}
-    return _build(request, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=request.prompt_logprobs,
+    return _build(request, defaults, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=request.prompt_logprobs,
                   renamed=renamed, structured_outputs=structured_outputs(request, tool_schema(request, tool_parser)))
 
 
@@ -137,9 +140,16 @@ def constraint_field(request: SamplingFields) -> str:
     return "structured_outputs"
 
 
-def _build(request: SamplingFields, renamed: dict[str, str] | None = None, **fields) -> SamplingParams:
-    """A `SamplingParams` from the fields both endpoints share plus `fields`; its errors become 400s
-    naming the request's field (`renamed` maps a `SamplingParams` field to the request's name)."""
+# request fields that take the model's generation-config default when unset, and their own default
+_DEFAULTED = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+def _build(request: SamplingFields, defaults: dict | None, renamed: dict[str, str] | None = None,
+           **fields) -> SamplingParams:
+    """A `SamplingParams` from the fields both endpoints share plus `fields`; `temperature`,
+    `top_p`, `top_k`, `min_p` and `repetition_penalty` left unset (or null) take `defaults` (the
+    model's generation config), else OpenAI's / vLLM's. Its errors become 400s naming the
+    request's field (`renamed` maps a `SamplingParams` field to the request's name)."""
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options can only be set when stream is true", param="stream_options")
     if request.stream and request.prompt_logprobs is not None:
@@ -147,12 +157,12 @@ def _build(request: SamplingFields, renamed: dict[str, str] | None = None, **fie
     if request.use_beam_search:
         raise bad_request("use_beam_search is not supported by the server (LLM.beam_search offers it)",
                           param="use_beam_search")
+    unset = {name: (defaults or {}).get(name, default) for name, default in _DEFAULTED.items()
+             if getattr(request, name) is None}
     kwargs = dict(
-        n=request.n, temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0,
-        min_p=request.min_p or 0.0, seed=request.seed, stop=request.stop, stop_token_ids=request.stop_token_ids,
+        n=request.n, seed=request.seed, stop=request.stop, stop_token_ids=request.stop_token_ids,
         presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-        repetition_penalty=1.0 if request.repetition_penalty is None else request.repetition_penalty,
+        **{name: getattr(request, name) for name in _DEFAULTED if name not in unset}, **unset,
         logit_bias=request.logit_bias, min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
         skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output, allowed_token_ids=request.allowed_token_ids,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
@@ -32,7 +32,8 @@ DONE = "data: [DONE]\n\n"
 class ServerState:
     """What the routes need: the engine front end, the served model's name, the metrics, the key,
     and how chats are rendered and read (the server's chat template, None for the tokenizer's;
-    whether requests may bring their own; the tool-call parser of "auto" tool choice, if any)."""
+    whether requests may bring their own; the tool-call parser of "auto" tool choice, if any), and
+    the sampling defaults of fields a request leaves unset (`EngineClient.default_sampling_params`)."""
 
     engine: AsyncEngine
     model_name: str
@@ -41,6 +42,7 @@ class ServerState:
     chat_template: str | None = None
     trust_request_chat_template: bool = False
     tool_parser: ToolParser | None = None
+    sampling_defaults: dict = field(default_factory=dict)
 
     def template(self, request: ChatCompletionRequest | TokenizeRequest) -> ChatTemplate:
         """The chat template that renders `request`'s messages (`ChatTemplate.of_request`)."""
