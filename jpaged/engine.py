@@ -64,8 +64,8 @@ class LLMEngine:
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)
         self.default_sampling_params = generation_defaults(self._generation_config(source.generation_config))
         if self.default_sampling_params:
-            logger.warning("sampling defaults from generation_config.json: %s (generation_config='none' keeps "
-                           "jpaged's own)", self.default_sampling_params)
+            logger.info("sampling defaults from generation_config.json: %s (generation_config='none' keeps "
+                        "jpaged's own)", self.default_sampling_params)
         check_layout(self.model_config, config.parallel)
         meshes = replica_meshes(config.parallel)
         self.max_model_len = self._resolve_max_model_len()

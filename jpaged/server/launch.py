@@ -82,6 +82,9 @@ def serve(args: argparse.Namespace) -> int:
     logging.getLogger("jpaged.server").setLevel(logging.INFO)
     logger.info("serving %s on http://%s:%d/v1 (%s)", app.state.server.model_name, args.host, args.port,
                 "API key required" if api_key else "no API key")
+    if engine.default_sampling_params:
+        logger.warning("requests that leave them unset take the model's generation_config.json sampling defaults "
+                       "%s (--generation-config none keeps the usual ones)", engine.default_sampling_params)
     front = app.state.server.engine
 
     class Server(uvicorn.Server):
