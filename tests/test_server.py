@@ -764,6 +764,30 @@ def test_streamed_completion_logprobs_equal_the_whole_response(server):
     assert [x for c in chunks if c.logprobs for x in c.logprobs.text_offset] == whole.text_offset
 
 
+def test_null_max_tokens_is_the_rest_of_the_context_and_refusals_say_where(server):
+    """vLLM's reading of a completion's `max_tokens: null` (the default 16 would not fit here), and
+    400s that point at the bad prompt, part or character."""
+    prompt = [1] + [300] * 505  # 6 tokens left of 512
+    body = {"prompt": prompt, "max_tokens": None, "ignore_eos": True, "temperature": 0}
+    response = server.post("/v1/completions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 6
+    assert server.post("/v1/completions", {**body, "max_tokens": 16}).json()["error"]["code"] == "context_length_exceeded"
+    empty = server.post("/v1/completions", {"prompt": [[5], []]}).json()["error"]
+    assert empty["message"].startswith("prompt 1: prompt is empty"), empty
+    no_text = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]})
+    assert no_text.json()["error"]["message"] == "messages[0].content[0] is a text part without its text"
+    broken = server.post("/v1/chat/completions", '{"messages": [').json()["error"]
+    assert broken["message"].startswith("the body is not valid JSON: ") and "at character 14" in broken["message"], broken
+
+
+def test_ping_and_version(server):
+    assert httpx.get(f"{server.url}/ping").status_code == 200 and httpx.post(f"{server.url}/ping").status_code == 200
+    from importlib.metadata import version
+
+    assert httpx.get(f"{server.url}/version").json() == {"version": version("jpaged")}
+
+
 def test_server_keeps_serving_after_bad_input(server):
     response = server.client().completions.create(model="stories", prompt="Once", max_tokens=2)
     assert len(response.choices[0].text) > 0
@@ -795,3 +819,6 @@ def test_tokenize_and_detokenize_round_trip(server):
     parts = [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]  # joined by newlines, as vLLM does
     chat = server.post("/tokenize", {"messages": [{"role": "user", "content": parts}]}).json()
     assert chat["tokens"] == server.front.tokenizer.encode("user: Hi\nthere\nassistant:", add_special_tokens=False)
+    strings = server.post("/tokenize", {"prompt": text, "return_token_strs": True}).json()
+    assert strings["token_strs"] == server.front.tokenizer.convert_ids_to_tokens(strings["tokens"])
+    assert tokens["token_strs"] is None

@@ -1,7 +1,7 @@
 """The FastAPI application: routes, the API key check, disconnect handling and error handlers.
 
 `build_app(state)` wires the routes to the handlers (`completions`, `chat`) and the small routes
-(`/v1/models`, `/health`, `/metrics`, `/tokenize`, `/detokenize`). Every error leaves as an
+(`/v1/models`, `/health` and `/ping`, `/version`, `/metrics`, `/tokenize`, `/detokenize`). Every error leaves as an
 OpenAI-shaped body (`errors`): `APIError`s with their status, request validation failures and
 malformed JSON as 400 (not FastAPI's 422), unknown routes with their 404/405, and anything
 unexpected as 500. When an API key is set, /v1 routes need `Authorization: Bearer <key>`.
@@ -14,6 +14,7 @@ the request's group is closed, which aborts it in the engine and frees its KV bl
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable
@@ -71,6 +72,8 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
     v1.add_api_route("/models/{model:path}", _model, methods=["GET"])
     app.include_router(v1)
     app.add_api_route("/health", _health, methods=["GET", "HEAD"])
+    app.add_api_route("/ping", _health, methods=["GET", "POST"])
+    app.add_api_route("/version", _version, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.add_api_route("/tokenize", _tokenize, methods=["POST"])
     app.add_api_route("/detokenize", _detokenize, methods=["POST"])
@@ -143,6 +146,10 @@ async def _health(request: Request) -> Response:
     return Response(status_code=200)
 
 
+async def _version() -> dict:
+    return {"version": importlib.metadata.version("jpaged")}
+
+
 async def _metrics(request: Request) -> Response:
     state = _state(request)
     stats = await state.engine.call(lambda engine: engine.stats())
@@ -162,7 +169,9 @@ async def _tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=add_special)
-    return TokenizeResponse(count=len(tokens), max_model_len=state.engine.max_model_len, tokens=tokens)
+    strings = tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+    return TokenizeResponse(count=len(tokens), max_model_len=state.engine.max_model_len, tokens=tokens,
+                            token_strs=strings)
 
 
 async def _detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
@@ -202,7 +211,9 @@ def _describe_validation(err: RequestValidationError) -> tuple[str, str | None]:
     for item in err.errors():
         location = [str(part) for part in item.get("loc", ()) if part != "body"]
         if item.get("type") == "json_invalid":
-            problems.append(f"the body is not valid JSON: {item.get('msg')}")
+            reason = (item.get("ctx") or {}).get("error") or item.get("msg")
+            where = f" at character {location[0]}" if location else ""
+            problems.append(f"the body is not valid JSON: {reason}{where}")
             continue
         field = ".".join(location)
         param = param or (location[0] if location else (item.get("ctx") or {}).get("param"))

@@ -42,10 +42,11 @@ def completion_prompts(prompt: str | list, tokenizer: Any) -> list[Prompt]:
     if not items:
         raise bad_request("prompt is an empty list: at least one prompt is needed", param="prompt")
     prompts = []
-    for item in items:
+    for i, item in enumerate(items):
         token_ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
         if not token_ids:
-            raise bad_request("prompt is empty: at least one token is needed", param="prompt")
+            which = f"prompt {i}: " if len(items) > 1 else ""
+            raise bad_request(f"{which}prompt is empty: at least one token is needed", param="prompt")
         prompts.append(Prompt(token_ids, item if isinstance(item, str) else None))
     return prompts
 
@@ -106,10 +107,12 @@ def message_text(message: ChatMessage, i: int) -> str:
         return ""
     if isinstance(message.content, str):
         return message.content
-    for part in message.content:
-        if part.type != "text" or part.text is None:
+    for j, part in enumerate(message.content):
+        if part.type != "text":
             raise bad_request(f"messages[{i}] has a content part of type {part.type!r}; only text parts are "
                               "supported", param="messages")
+        if part.text is None:
+            raise bad_request(f"messages[{i}].content[{j}] is a text part without its text", param="messages")
     return "\n".join(part.text for part in message.content)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
@@ -27,13 +27,16 @@ def random_id(prefix: str) -> str:
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+    _null_kept: ClassVar[tuple[str, ...]] = ()  # fields whose null means something of its own
 
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
         """A field sent as null takes its default: OpenAI's API marks the optional fields nullable,
         and clients send None for "not given"."""
-        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if value is not None or key in cls._null_kept}
 
 
 class _Body(_Request):
@@ -115,8 +118,10 @@ class CompletionRequest(SamplingFields):
     """POST /v1/completions. `prompt` is a string, a list of strings, a list of token ids, or a
     list of token-id lists; each prompt gets `n` choices (choice index = prompt index * n + j)."""
 
+    _null_kept = ("max_tokens",)
+
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # null: all the context the prompt leaves (vLLM's)
     logprobs: int | None = None
     echo: StrictBool = False
     best_of: int | None = None
@@ -188,6 +193,7 @@ class TokenizeRequest(_Body):
     add_special_tokens: StrictBool | None = None  # default: True for a prompt, False for messages
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
+    return_token_strs: StrictBool = False  # each token's own string too (the tokenizer's, "Ġthe")
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -339,6 +345,7 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None
 
 
 class DetokenizeResponse(BaseModel):
