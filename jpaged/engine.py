@@ -207,9 +207,6 @@ class LLMEngine:
         if params.allowed_token_ids and always_banned.issuperset(params.allowed_token_ids):
             raise ValueError(f"allowed_token_ids {params.allowed_token_ids[:5]} are all blocked by bad_words "
                              f"{params.bad_words[:5]}: no token could be sampled")
-        max_seqs = self.config.scheduler.max_num_seqs
-        if params.num_samples > max_seqs:
-            raise ValueError(f"a request of {params.num_samples} samples (n / best_of) exceeds max_num_seqs {max_seqs}")
         if params.allowed_token_ids is not None:
             biased = len(params.allowed_token_ids)
             what = f"allowed_token_ids list {biased} ids"

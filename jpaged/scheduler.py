@@ -148,7 +148,8 @@ class Scheduler:
                 index += 1
                 continue
             rows = rows_to_come + self._samples_to_come(seq)
-            if rows > self.config.max_num_seqs or rows + out.num_draft_tokens > self.max_rows:
+            alone = rows_to_come + out.num_draft_tokens == 0  # a request of more samples than fit starts alone
+            if not alone and (rows > self.config.max_num_seqs or rows + out.num_draft_tokens > self.max_rows):
                 return
             computed = self.block_manager.get_computed_blocks(seq)
             num_new = min(seq.num_tokens - computed.num_tokens, budget)

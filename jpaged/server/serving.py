@@ -74,8 +74,6 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt], par
 def _refused_field(message: str) -> str:
     """The request field an engine refusal (`LLMEngine.add_request`'s ValueError) is about."""
     leading = message.split(" ", 3)[:3]
-    if "max_num_seqs" in message:
-        return "n"
     fields = ("logit_bias", "bad_words", "stop_token_ids", "allowed_token_ids", "truncate_prompt_tokens",
               "structured_outputs", "priority")
     return next((field for field in fields if field in leading), "prompt")
