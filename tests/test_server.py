@@ -568,6 +568,98 @@ def test_required_and_named_tool_choices_return_tool_calls(server):
     assert server.wait_idle()[1].kv_cache_usage == 0
 
 
+FLAT_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]  # the Responses API's shape
+
+
+def test_responses_api_gives_the_chat_reply_as_output_items(server, expected):
+    """OpenAI's Responses API over the chat path: the same text as chat completions, a response
+    that OpenAI's own types accept as it stands, and a stream that the official client's
+    accumulator (which checks every event's order and ids) turns into the same response."""
+    import pydantic
+    from openai.types.responses import Response, ResponseStreamEvent
+
+    client = server.client()
+    args = dict(model="stories", instructions=CHAT[0]["content"], input=CHAT[1]["content"], temperature=0)
+    whole = client.responses.create(**args, max_output_tokens=16)
+    assert whole.output_text == expected["chat"] and whole.usage.output_tokens == 16
+    assert whole.status == "incomplete" and whole.incomplete_details.reason == "max_output_tokens"
+    chat = client.chat.completions.create(model="stories", messages=CHAT, max_completion_tokens=16, temperature=0)
+    assert whole.usage.input_tokens == chat.usage.prompt_tokens
+    raw = server.post("/v1/responses", {**args, "max_output_tokens": 16}).json()
+    Response.model_validate(raw, strict=False)
+    assert [item["type"] for item in raw["output"]] == ["message"] and raw["id"].startswith("resp_")
+    stopped = client.responses.create(**args, max_output_tokens=40, extra_body={"stop": ["."]})
+    stopped_chat = client.chat.completions.create(model="stories", messages=CHAT, max_completion_tokens=40,
+                                                  temperature=0, stop=["."]).choices[0]
+    assert stopped_chat.finish_reason == "stop" and stopped.status == "completed"
+    assert stopped.output_text == stopped_chat.message.content
+    with client.responses.stream(**args, max_output_tokens=40, extra_body={"stop": ["."]}) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert final.output_text == stopped.output_text and final.id == events[0].response.id
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == stopped.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert [events[0].type, events[1].type, events[-1].type] == ["response.created", "response.in_progress",
+                                                                 "response.completed"]
+    body = {**args, "max_output_tokens": 40, "stop": ["."], "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/responses", json=body, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        raw_events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    parsed = [pydantic.TypeAdapter(ResponseStreamEvent).validate_python(e) for e in raw_events]  # OpenAI's own types
+    def shape(events):  # the events but the text deltas (how many depends on timing), and the text
+        return ([e.type for e in events if e.type != "response.output_text.delta"],
+                "".join(e.delta for e in events if e.type == "response.output_text.delta"))
+
+    assert shape(parsed) == shape(events)
+    long = {**args, "max_output_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/responses", json=long, headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        assert any(line.startswith("data:") and "output_text.delta" in line for line in r.iter_lines())  # then it leaves
+    unfinished, stats = server.wait_idle()
+    assert unfinished == 0 and stats.kv_cache_usage == 0
+
+
+def test_responses_api_tool_calls_and_their_outputs_as_input_items(server):
+    client = server.client()
+    args = dict(model="stories", input=CHAT[1]["content"], tools=FLAT_TOOLS, tool_choice="required",
+                max_output_tokens=80, temperature=0, extra_body={**COMPACT, "logit_bias": {"509": 100}})
+    whole = client.responses.create(**args)
+    calls = [item for item in whole.output if item.type == "function_call"]
+    assert calls and [item.type for item in whole.output] == ["function_call"] * len(calls)
+    for call in calls:
+        assert call.name in {tool["name"] for tool in FLAT_TOOLS} and isinstance(json.loads(call.arguments), dict)
+    with client.responses.stream(**args) as stream:
+        final = stream.get_final_response()
+    assert [(c.name, c.arguments) for c in final.output] == [(c.name, c.arguments) for c in calls]
+    turn = [{"role": "user", "content": "Weather?"},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Rome"}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"}]
+    answered = client.responses.create(model="stories", input=turn, tools=FLAT_TOOLS, tool_choice="none",
+                                       max_output_tokens=2)
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
+                                                      "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "Sunny"}]
+    chat = client.chat.completions.create(model="stories", messages=messages, tools=TOOLS, tool_choice="none",
+                                          max_completion_tokens=2)
+    assert answered.usage.input_tokens == chat.usage.prompt_tokens
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+    ({"input": []}, "input"),
+    ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "hi", "max_output_tokens": 10**6}, "max_output_tokens"),
+    ({"input": "hi", "n": 2}, "n"),
+    ({"input": "hi", "temperature": "hot"}, "temperature"),
+    ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text"),
+])
+def test_responses_api_refusals_name_the_field(server, body, param):
+    response = server.post("/v1/responses", {"model": "stories", **body})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param, response.text
+
+
 def test_pydantic_tools_with_nested_models_parse(server):
     from typing import Literal
 

@@ -1,6 +1,6 @@
 """The FastAPI application: routes, the API key check, disconnect handling and error handlers.
 
-`build_app(state)` wires the routes to the handlers (`completions`, `chat`) and the small routes
+`build_app(state)` wires the routes to the handlers (`completions`, `chat`, `responses`) and the small routes
 (`/v1/models`, `/health` and `/ping`, `/version`, `/metrics`, `/tokenize`, `/detokenize`). Every error leaves as an
 OpenAI-shaped body (`errors`): `APIError`s with their status, request validation failures and
 malformed JSON as 400 (not FastAPI's 422), unknown routes with their 404/405, and anything
@@ -39,9 +39,11 @@ from jpaged.server.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    ResponsesRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
+from jpaged.server.responses import create_response
 from jpaged.server.serving import ServerState
 from jpaged.server.tools import template_tools
 
@@ -68,6 +70,7 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
     v1.add_api_route("/completions", _completions, methods=["POST"])
     v1.add_api_route("/chat/completions", _chat_completions, methods=["POST"])
+    v1.add_api_route("/responses", _responses, methods=["POST"])
     v1.add_api_route("/models", _models, methods=["GET"])
     v1.add_api_route("/models/{model:path}", _model, methods=["GET"])
     app.include_router(v1)
@@ -99,6 +102,10 @@ async def _completions(body: CompletionRequest, request: Request) -> Response:
 
 async def _chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     return await _respond(request, create_chat_completion(body, _state(request)))
+
+
+async def _responses(body: ResponsesRequest, request: Request) -> Response:
+    return await _respond(request, create_response(body, _state(request)))
 
 
 async def _respond(request: Request, handler: Awaitable[Response | AsyncIterator[str]]) -> Response:

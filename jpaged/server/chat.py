@@ -55,15 +55,7 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     events. Raises APIError for bad input (400) or a full server (503)."""
     check_model(request.model, state.model_name)
     tokenizer = state.engine.tokenizer
-    prompt = await asyncio.to_thread(chat_prompt, tokenizer, request.messages, request.add_generation_prompt,
-                                     request.continue_final_message, False, template_tools(request),
-                                     state.template(request))  # long text: other requests go on meanwhile
-    prompt = truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len)
-    asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-    max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len,
-                                    max_tokens_field(request), prompt_param="messages",
-                                    limit=state.sampling_defaults.get("max_tokens"))
-    params = chat_params(request, max_tokens, state.tool_parser, state.sampling_defaults)
+    prompt, params = await chat_request_input(request, state)
     request_id = random_id("chatcmpl")
     group = await submit(state, request_id, [prompt], [params], request.priority, constraint_field(request))
     if request.stream:
@@ -82,6 +74,20 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
                                       usage=usage(len(prompt.token_ids), [output]),
                                       prompt_logprobs=prompt_logprobs(output.prompt_logprobs))
     return JSONResponse(response.model_dump())
+
+
+async def chat_request_input(request: ChatCompletionRequest, state: ServerState) -> tuple[Prompt, SamplingParams]:
+    """The engine's prompt (the messages through the chat template) and sampling parameters of a
+    chat request. Raises APIError 400 naming the field that cannot be served."""
+    prompt = await asyncio.to_thread(chat_prompt, state.engine.tokenizer, request.messages,
+                                     request.add_generation_prompt, request.continue_final_message, False,
+                                     template_tools(request), state.template(request))  # other requests go on meanwhile
+    prompt = truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len)
+    asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len,
+                                    max_tokens_field(request), prompt_param="messages",
+                                    limit=state.sampling_defaults.get("max_tokens"))
+    return prompt, chat_params(request, max_tokens, state.tool_parser, state.sampling_defaults)
 
 
 def _echoed(request: ChatCompletionRequest) -> str:

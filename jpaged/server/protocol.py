@@ -183,6 +183,28 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template
 
 
+class ResponsesRequest(_Body):
+    """POST /v1/responses (OpenAI's Responses API; see `responses`). Fields it does not name
+    (`temperature`, `top_p`, `parallel_tool_calls`, `user` and vLLM's extras such as `top_k`,
+    `seed`, `stop` or `priority`) pass to the chat request it becomes."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    stream: StrictBool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    text: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    store: StrictBool | None = None  # nothing is kept either way
+    previous_response_id: str | None = None  # refused: no response is kept
+    top_logprobs: int | None = None  # refused
+    include: list[str] | None = None  # refused unless empty
+
+
 class TokenizeRequest(_Body):
     """POST /tokenize: a `prompt` (text), or chat `messages` rendered by the chat template."""
 

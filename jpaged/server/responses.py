@@ -1,0 +1,301 @@
+"""POST /v1/responses: OpenAI's Responses API, served by the chat path.
+
+A request becomes a chat completion request (`chat_request`): `instructions` a leading system
+message; `input` (a string, or a list of items: messages whose content is a string or
+`input_text` / `output_text` parts, `function_call` items and the `function_call_output` items
+that answer them) the messages; `max_output_tokens` the output budget; `text.format` the
+`response_format`; flat function `tools` and `tool_choice` the chat's; other fields
+(`temperature`, `top_p`, vLLM's extras) pass as they are. The chat path renders, checks and runs
+it, and its reply comes back as output items: a `message` with one `output_text` part (when the
+reply has text, or makes no call), then a `function_call` item per tool call. The status is
+"incomplete" (reason `max_output_tokens`) when the output ran out of tokens.
+
+A stream sends OpenAI's typed events, numbered by `sequence_number`: `response.created`,
+`response.in_progress`; for the message `response.output_item.added`,
+`response.content_part.added`, `response.output_text.delta` as text arrives,
+`response.output_text.done`, `response.content_part.done`, `response.output_item.done`; for each
+call `response.output_item.added`, `response.function_call_arguments.delta` (the arguments
+whole, as the chat path finds calls in the finished reply) and `.done`,
+`response.output_item.done`; then `response.completed` (or `response.incomplete`) carrying the
+whole response. A failure mid-stream is an `error` event. Nothing is stored: `previous_response_id`
+is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from jpaged.outputs import RequestOutput
+from jpaged.server.async_engine import RequestGroup
+from jpaged.server.chat import chat_request_input
+from jpaged.server.errors import APIError, bad_request
+from jpaged.server.params import check_model, constraint_field
+from jpaged.server.protocol import ChatCompletionRequest, ResponsesRequest, ToolCall
+from jpaged.server.serving import ChoiceProgress, ServerState, collect, failed, submit
+from jpaged.server.tools import reply, streamable_text
+
+# chat request fields a Responses request names otherwise, or that have no meaning here
+_CHAT_ONLY = ("messages", "max_tokens", "max_completion_tokens", "response_format", "n", "best_of", "logprobs",
+              "echo", "stream_options", "use_beam_search")
+_RENAMED = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text"}
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+async def create_response(body: ResponsesRequest, state: ServerState) -> JSONResponse | AsyncIterator[str]:
+    """Serve a Responses request: a response body, or (with `stream`) an iterator of SSE events.
+    Raises APIError for bad input (400) or a full server (503)."""
+    check_model(body.model, state.model_name)
+    request = chat_request(body)
+    try:
+        prompt, params = await chat_request_input(request, state)
+        response = _Response(body, request, state.model_name, params.temperature, params.top_p)
+        group = await submit(state, response.id, [prompt], [params], request.priority, constraint_field(request))
+    except APIError as err:
+        err.param = _RENAMED.get(err.param, err.param)
+        raise
+    if body.stream:
+        return _stream(response, state, group)
+    (output,) = await collect(group)
+    choice = output.outputs[0]
+    content, calls = reply(request, choice.text, state.tool_parser)
+    items = ([_message_item(response.message_id, content or "", "completed")] if content or not calls else [])
+    items += [_call_item(call) for call in calls]
+    return JSONResponse(response.body(output, items))
+
+
+def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
+    """The chat completion request that serves `body`. Raises APIError 400 naming the field of
+    `body` that cannot be served."""
+    if body.previous_response_id is not None:
+        raise bad_request("previous_response_id is not supported: the server keeps no responses; send the "
+                          "conversation so far as input items", param="previous_response_id")
+    if body.top_logprobs is not None or body.include:
+        field = "top_logprobs" if body.top_logprobs is not None else "include"
+        raise bad_request(f"{field} is not supported on /v1/responses (chat completions give logprobs)", param=field)
+    extra = body.model_extra or {}
+    if refused := [name for name in _CHAT_ONLY if name in extra]:
+        raise bad_request(f"{refused[0]} is a chat completions field, not a Responses one", param=refused[0])
+    system = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
+    fields = {**extra, "messages": system + _messages(body.input), "max_completion_tokens": body.max_output_tokens,
+              "tools": _tools(body.tools), "tool_choice": _tool_choice(body.tool_choice),
+              "response_format": _response_format(body.text)}
+    try:
+        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as err:
+        error = err.errors()[0]
+        location = [str(part) for part in error.get("loc", ())]
+        param = _RENAMED.get(location[0], location[0]) if location else None
+        raise bad_request(f"{'.'.join(location) or 'body'}: {error.get('msg')}", param=param) from err
+
+
+def _messages(items: str | list[dict[str, Any]]) -> list[dict]:
+    """Chat messages from `input`: a string is one user message; a `function_call` item joins
+    the assistant message before it (or starts one); a `function_call_output` is a tool message."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not items:
+        raise bad_request("input is an empty list: at least one item is needed", param="input")
+    messages: list[dict] = []
+    for i, item in enumerate(items):
+        where, kind = f"input[{i}]", item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise bad_request(f"{where} has role {role!r}; a message's role is user, system, developer or "
+                                  "assistant", param="input")
+            messages.append({"role": role, "content": _text(item.get("content"), where)})
+        elif kind == "function_call":
+            call = {"id": _string(item, "call_id", where), "type": "function",
+                    "function": {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}}
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
+                             "content": _text(item.get("output"), where)})
+        else:
+            raise bad_request(f"{where} is of type {kind!r}; supported items are message, function_call and "
+                              "function_call_output", param="input")
+    return messages
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's text: a string, or its text parts joined by newlines (as chat parts are)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise bad_request(f"{where} needs its content: a string or a list of input_text parts", param="input")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise bad_request(f"{where}.content[{j}] is not a text part (type {kind!r}); only input_text and "
+                              "output_text parts are supported", param="input")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _string(item: dict, field: str, where: str) -> str:
+    value = item.get(field)
+    if not isinstance(value, str):
+        raise bad_request(f"{where} needs `{field}` as a string, got {value!r:.100}", param="input")
+    return value
+
+
+def _tools(tools: list[dict] | None) -> list[dict] | None:
+    """Flat function tools (`{"type": "function", "name", "parameters"}`) in the chat's shape."""
+    if tools is None:
+        return None
+    chat_tools = []
+    for i, tool in enumerate(tools):
+        if tool.get("type") != "function":
+            raise bad_request(f"tools[{i}] is of type {tool.get('type')!r}; only function tools are supported",
+                              param="tools")
+        chat_tools.append({"type": "function", "function": {key: tool[key] for key in ("name", "description",
+                                                                                         "parameters") if key in tool}})
+    return chat_tools
+
+
+def _tool_choice(choice: str | dict | None) -> str | dict | None:
+    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+        return {"type": "function", "function": {"name": choice["name"]}}
+    return choice
+
+
+def _response_format(text: dict | None) -> dict | None:
+    """`text.format` as the chat's `response_format` (None: plain text)."""
+    fmt = (text or {}).get("format")
+    if fmt is None or fmt == {"type": "text"} or not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return None if fmt is None or fmt == {"type": "text"} else fmt
+    return {"type": "json_schema", "json_schema": {key: fmt[key] for key in ("name", "schema", "strict") if key in fmt}}
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _message_item(item_id: str, text: str | None, status: str) -> dict:
+    """The reply's message item; `text` None: no content part yet (a stream's opening)."""
+    content = [] if text is None else [_text_part(text)]
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _call_item(call: ToolCall, arguments: str | None = None, status: str = "completed") -> dict:
+    return {"id": "fc_" + call.id.rsplit("-", 1)[-1], "type": "function_call", "call_id": call.id,
+            "name": call.function.name, "arguments": call.function.arguments if arguments is None else arguments,
+            "status": status}
+
+
+@dataclass
+class _Response:
+    """What a response says of its request, and its ids."""
+
+    request: ResponsesRequest
+    chat: ChatCompletionRequest
+    model: str
+    temperature: float
+    top_p: float
+
+    def __post_init__(self):
+        self.id, self.message_id, self.created_at = _new_id("resp"), _new_id("msg"), int(time.time())
+
+    def body(self, output: RequestOutput | None, items: list[dict]) -> dict:
+        """The response object: in progress (`output` None), or finished with `items`."""
+        request, status, usage, incomplete = self.request, "in_progress", None, None
+        if output is not None:
+            choice = output.outputs[0]
+            status = "incomplete" if choice.finish_reason == "length" else "completed"
+            incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+            prompt_tokens, completion_tokens = len(output.prompt_token_ids), len(choice.token_ids)
+            usage = {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": output.num_cached_tokens,
+                                                                            "cache_write_tokens": 0},
+                     "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                     "total_tokens": prompt_tokens + completion_tokens}
+        return {"id": self.id, "object": "response", "created_at": self.created_at, "model": self.model,
+                "status": status, "output": items, "error": None, "incomplete_details": incomplete,
+                "instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
+                "metadata": request.metadata or {}, "parallel_tool_calls": self.chat.parallel_tool_calls,
+                "temperature": self.temperature, "top_p": self.top_p,
+                "tool_choice": request.tool_choice or ("auto" if request.tools else "none"),
+                "tools": request.tools or [], "text": {"format": (request.text or {}).get("format") or {"type": "text"}},
+                "previous_response_id": None, "store": False, "truncation": "disabled", "usage": usage,
+                "user": self.chat.user}
+
+
+class _Events:
+    """Server-sent events of a Responses stream, numbered in order."""
+
+    def __init__(self):
+        self.sequence_number = 0
+
+    def __call__(self, kind: str, **fields) -> str:
+        payload = {"type": kind, "sequence_number": self.sequence_number, **fields}
+        self.sequence_number += 1
+        return f"event: {kind}\ndata: {json.dumps(payload)}\n\n"
+
+
+async def _stream(response: _Response, state: ServerState, group: RequestGroup) -> AsyncIterator[str]:
+    event, sent, opened = _Events(), ChoiceProgress(), False
+    message = dict(item_id=response.message_id, output_index=0, content_index=0)
+
+    def open_message() -> list[str]:
+        return [event("response.output_item.added", output_index=0,
+                      item=_message_item(response.message_id, None, "in_progress")),
+                event("response.content_part.added", **message, part=_text_part(""))]
+
+    try:
+        yield event("response.created", response=response.body(None, []))
+        yield event("response.in_progress", response=response.body(None, []))
+        final, calls = None, []
+        async for _, output in group:
+            final, choice = output, output.outputs[0]
+            if choice.finished:
+                content, calls = reply(response.chat, choice.text, state.tool_parser)
+                text = sent.new_text(content or "") if calls else sent.new_text(choice.text)
+            else:
+                streamable = streamable_text(response.chat, choice.text, state.tool_parser)
+                text = sent.new_text(streamable) if len(streamable) > len(sent.text_sent) else ""
+            if text:
+                if not opened:
+                    for opening in open_message():
+                        yield opening
+                    opened = True
+                yield event("response.output_text.delta", **message, delta=text, logprobs=[])
+        items = []
+        if opened or not calls:
+            if not opened:
+                for opening in open_message():
+                    yield opening
+            items.append(_message_item(response.message_id, sent.text_sent, "completed"))
+            yield event("response.output_text.done", **message, text=sent.text_sent, logprobs=[])
+            yield event("response.content_part.done", **message, part=_text_part(sent.text_sent))
+            yield event("response.output_item.done", output_index=0, item=items[0])
+        for call in calls:
+            index, item = len(items), _call_item(call)
+            items.append(item)
+            yield event("response.output_item.added", output_index=index, item=_call_item(call, "", "in_progress"))
+            yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                        delta=item["arguments"])
+            yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                        name=item["name"], arguments=item["arguments"])
+            yield event("response.output_item.done", output_index=index, item=item)
+        body = response.body(final, items)
+        yield event("response.completed" if body["status"] == "completed" else "response.incomplete", response=body)
+    except Exception as err:  # the engine failed mid-stream: tell the client, then end the stream
+        error = failed(err)
+        yield event("error", code=error.code or error.type, message=error.message, param=error.param)
+    finally:
+        group.close()
