@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
         argv = ["generate", *argv]
     args, unknown = _parser().parse_known_args(argv)
+    if args.command == "generate" and unknown and not any(item.startswith("-") for item in unknown):
+        args.prompts, unknown = [*args.prompts, *unknown], []  # prompts on both sides of the options
     if unknown:  # named by the command's own usage, not the top-level one
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "model_tag", None) is not None:

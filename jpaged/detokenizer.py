@@ -219,3 +219,19 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 _BYTE_LEVEL = _byte_level_alphabet()
+
+
+class NoDetokenizer:
+    """Stands in for `IncrementalDetokenizer` for a request that wants no text (`detokenize=False`):
+    its text stays "" and it finds no stop string."""
+
+    text = ""
+
+    def follows(self, token_ids: list[int], num_tokens: int) -> bool:
+        return True
+
+    def add(self, token_id: int) -> str | None:
+        return None
+
+    def finish(self, stop_token: int | None = None) -> str | None:
+        return None

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from jpaged import compile_cache
 from jpaged.block_manager import BlockManager
 from jpaged.config import EngineConfig, ModelConfig
-from jpaged.detokenizer import IncrementalDetokenizer, token_text
+from jpaged.detokenizer import IncrementalDetokenizer, NoDetokenizer, token_text
 from jpaged.engine_client import EngineStats, PromptType
 from jpaged.loader.source import open_model
 from jpaged.model_runner import ModelRunner, StepOutput
@@ -47,6 +47,7 @@ from sharding.mesh import replica_meshes
 logger = logging.getLogger("jpaged")
 
 __all__ = ["EngineStats", "LLMEngine", "PromptType"]
+NO_TEXT = NoDetokenizer()
 
 
 class LLMEngine:
@@ -166,11 +167,13 @@ class LLMEngine:
         check_priority(priority, self.config.scheduler.scheduling_policy)
         text, token_ids = self._tokenize(prompt)
         token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.max_model_len)
-        if params.max_tokens is None:  # up to max_model_len
-            if len(token_ids) >= self.max_model_len:
-                raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room for output within max_model_len "
-                                 f"{self.max_model_len}")
-            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(token_ids))
+        room = self.max_model_len - len(token_ids)
+        if token_ids and room < 1:
+            held = self.block_manager.num_blocks * self.block_manager.block_size == self.max_model_len
+            raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room for output within max_model_len "
+                             f"{self.max_model_len}{' (what the KV cache holds)' if held else ''}")
+        if token_ids and (params.max_tokens is None or params.max_tokens > room):  # ends at max_model_len (vLLM's)
+            params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
         bad_words = bad_words_token_ids(params.bad_words, self.tokenizer)
         self._check_fits(token_ids, params, bad_words)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
@@ -182,6 +185,9 @@ class LLMEngine:
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
+            if unknown := sorted(set(prompt) - {"prompt", "prompt_token_ids"}, key=str):
+                raise ValueError(f"a prompt dict takes 'prompt' and 'prompt_token_ids' (a text model), got also "
+                                 f"{unknown}")
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
             if "prompt" not in prompt:
@@ -207,6 +213,10 @@ class LLMEngine:
         if params.allowed_token_ids and always_banned.issuperset(params.allowed_token_ids):
             raise ValueError(f"allowed_token_ids {params.allowed_token_ids[:5]} are all blocked by bad_words "
                              f"{params.bad_words[:5]}: no token could be sampled")
+        ending = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        if params.allowed_token_ids and params.min_tokens and always_banned | ending >= set(params.allowed_token_ids):
+            raise ValueError(f"allowed_token_ids {params.allowed_token_ids[:5]} are all EOS, stop_token_ids or bad_words"
+                             f", which cannot be sampled before min_tokens {params.min_tokens}: no token could be")
         if params.allowed_token_ids is not None:
             biased = len(params.allowed_token_ids)
             what = f"allowed_token_ids list {biased} ids"
@@ -219,11 +229,6 @@ class LLMEngine:
             what = ", ".join(f"{field} ({count} {unit})" for field, (count, unit) in largest_first) + f" bias {biased} tokens"
         if biased > MAX_BIASED_TOKENS:
             raise ValueError(f"{what}, more than the limit {MAX_BIASED_TOKENS}")
-        total = len(token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            held = self.block_manager.num_blocks * self.block_manager.block_size == self.max_model_len
-            raise ValueError(f"prompt of {len(token_ids)} tokens + max_tokens {params.max_tokens} = {total} "
-                             f"exceeds max_model_len {self.max_model_len}{' (what the KV cache holds)' if held else ''}")
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
@@ -423,10 +428,12 @@ class LLMEngine:
             else:
                 seq.finish("stop", stop)
 
-    def _detokenizer(self, seq: Sequence, num_tokens: int) -> IncrementalDetokenizer:
+    def _detokenizer(self, seq: Sequence, num_tokens: int) -> IncrementalDetokenizer | NoDetokenizer:
         """`seq`'s detokenizer, having taken in its first `num_tokens` output tokens: made (and fed
         them) when `seq` has none yet (a fork) or its tokens were rewritten (beam search)."""
         detokenizer, tokens = seq.detokenizer, seq.output_token_ids
+        if not seq.sampling_params.detokenize:
+            return NO_TEXT
         if detokenizer is None or not detokenizer.follows(tokens, num_tokens):
             detokenizer = seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
                                                                    seq.sampling_params)

@@ -136,9 +136,13 @@ class LLM:
         tools: list[dict] | None = None,
         chat_template: str | None = None,
         chat_template_kwargs: dict | None = None,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template (given
-        `tools`, OpenAI-style function definitions, for templates that render them).
+        `tools`, OpenAI-style function definitions, for templates that render them). Each output's
+        `prompt` is the rendered conversation. With `continue_final_message` (and
+        `add_generation_prompt=False`), the reply continues the final (assistant) message instead
+        of starting a new turn, as in vLLM.
 
         `chat_template` (the template's Jinja text) replaces the tokenizer's; `chat_template_kwargs`
         are extra variables for the template (such as `enable_thinking` where a template reads
@@ -151,27 +155,36 @@ class LLM:
         elif not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer of {self.engine.model_name} has no chat template; pass chat_template")
         chat_template_kwargs = checked_variables(chat_template_kwargs)
-        prompts = [
-            {"prompt_token_ids": chat_token_ids(tokenizer, conversation, add_generation_prompt, tools, chat_template,
-                                                chat_template_kwargs)}
-            for conversation in conversations
-        ]
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message continues the final message: it needs add_generation_prompt=False")
+        texts = [chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs,
+                           continue_final_message) for conversation in conversations]
+        prompts = [{"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+                   for text in texts]
         return self.generate(prompts, sampling_params, use_tqdm)
 
 
 def chat_token_ids(tokenizer, conversation: list[dict], add_generation_prompt: bool = True,
                    tools: list[dict] | None = None, chat_template: str | None = None,
                    chat_template_kwargs: dict | None = None) -> list[int]:
-    """A conversation's prompt token ids through the chat template (`chat_template`, or the
-    tokenizer's). ValueError when the template fails on it (its own checks, such as Jinja's
-    `raise_exception` or alternating roles, or an error in the template)."""
+    """A conversation's prompt token ids through the chat template (see `chat_text`)."""
+    text = chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_text(tokenizer, conversation: list[dict], add_generation_prompt: bool = True,
+              tools: list[dict] | None = None, chat_template: str | None = None,
+              chat_template_kwargs: dict | None = None, continue_final_message: bool = False) -> str:
+    """A conversation rendered by the chat template (`chat_template`, or the tokenizer's).
+    ValueError when the template fails on it (its own checks, such as Jinja's `raise_exception`
+    or alternating roles, or an error in the template)."""
     try:
-        text = tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
-                                             tokenize=False, chat_template=chat_template, **(chat_template_kwargs or {}))
+        return tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, tokenize=False,
+                                             chat_template=chat_template, **(chat_template_kwargs or {}))
     except Exception as err:  # Jinja's errors, and whatever a template's own code raises
         raise ValueError(f"the chat template{'' if chat_template is None else ' (chat_template)'} failed on the "
                          f"conversation: {type(err).__name__}: {err}") from err
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _prompt_list(prompts) -> list[PromptType]:

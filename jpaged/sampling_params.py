@@ -199,6 +199,8 @@ class SamplingParams:
         stop_token_ids: token ids that end generation (besides EOS); normalised to a list.
         ignore_eos: keep generating past the EOS token.
         skip_special_tokens: leave special tokens out of the detokenized text.
+        detokenize: build the output text; False leaves it "" (token ids only, less host work per
+            token) and cannot go with stop strings, which are found in the text.
         include_stop_str_in_output: keep the matched stop string, or the text of the stop token
             or EOS that ended the sequence, in the output text (see ``jpaged.detokenizer``).
         n: number of output sequences returned for the request, >= 1.
@@ -245,6 +247,7 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    detokenize: bool = True
     n: int = 1
     best_of: int | None = None
     presence_penalty: float = 0.0
@@ -304,6 +307,9 @@ class SamplingParams:
         self.include_stop_str_in_output = as_bool(
             "include_stop_str_in_output", self.include_stop_str_in_output
         )
+        self.detokenize = as_bool("detokenize", self.detokenize)
+        if self.stop and not self.detokenize:
+            raise ValueError(f"stop strings {self.stop[:3]} are found in the output text: they need detokenize=True")
 
     def _check_penalty_fields(self) -> None:
         """Validate and normalise the logits processors' fields (penalties, bias, min_tokens)."""

@@ -1,5 +1,6 @@
 """End-to-end engine behaviour on the real stories260K model: golden tokens, batching, leaks, errors."""
 
+import dataclasses
 import json
 import re
 import shutil
@@ -177,8 +178,8 @@ def test_bad_request_rejected_while_others_run_on(llm):
     engine = llm.engine
     engine.add_request("good", "The little girl", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     engine.step()
-    with pytest.raises(ValueError, match="max_model_len 512"):
-        engine.add_request("too-long", {"prompt_token_ids": [1] * 500}, SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="prompt of 512 tokens leaves no room for output within max_model_len 512"):
+        engine.add_request("too-long", {"prompt_token_ids": [1] * 512}, SamplingParams(max_tokens=20))
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("empty", [], GREEDY)
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 512\)"):
@@ -192,7 +193,7 @@ def test_bad_request_rejected_while_others_run_on(llm):
 
 
 def test_generate_rejects_bad_prompt_and_keeps_serving(llm):
-    with pytest.raises(ValueError, match="prompt 1: .*exceeds max_model_len"):
+    with pytest.raises(ValueError, match="prompt 1: prompt of 600 tokens leaves no room"):
         llm.generate(["Once", {"prompt_token_ids": [1] * 600}], GREEDY, use_tqdm=False)
     for bad in ([1, 2.5], [1, True], [1, "a"]):
         with pytest.raises(ValueError, match=f"prompt 0: prompt token ids must be integers, got {bad[1]!r}"):
@@ -253,8 +254,11 @@ def test_ctrl_c_as_a_step_returns_leaves_the_engine_usable(llm, monkeypatch):
 def test_request_larger_than_cache_is_rejected(stories_path):
     small = LLM(stories_path, num_blocks=4)
     assert small.engine.max_model_len == 64  # lowered from the model's 512 to what the cache holds
-    with pytest.raises(ValueError, match=r"exceeds max_model_len 64 \(what the KV cache holds\)"):
-        small.generate("Once upon a time", SamplingParams(max_tokens=100), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"leaves no room for output within max_model_len 64 \(what the KV cache holds\)"):
+        small.generate({"prompt_token_ids": [1] * 64}, SamplingParams(max_tokens=100), use_tqdm=False)
+    capped = small.generate("Once upon a time", SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)[0]
+    assert len(capped.prompt_token_ids) + len(capped.outputs[0].token_ids) == 64  # vLLM's: it ends at max_model_len
+    assert capped.outputs[0].finish_reason == "length"
     out = small.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == GOLDEN_FROM_BOS
 
@@ -276,6 +280,39 @@ def test_malformed_chat_messages_are_named(llm):
     template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}"
     joined = llm.chat([{"role": "user", "content": parts}], GREEDY, use_tqdm=False, chat_template=template)[0]
     assert joined.prompt_token_ids == llm.get_tokenizer().encode("Once upon\na time|", add_special_tokens=False)
+    assert joined.prompt == "Once upon\na time|"  # the rendered conversation, as vLLM reports it
+
+
+def test_chat_continues_the_final_message_as_vllm(llm):
+    """`continue_final_message`: the reply continues the final assistant message (HF's template
+    rendering cut right after its text), the same tokens as `generate` on that text."""
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    conversation = [{"role": "user", "content": "Tell a story"}, {"role": "assistant", "content": "Once upon a time"}]
+    out = llm.chat(conversation, GREEDY, use_tqdm=False, chat_template=template, add_generation_prompt=False,
+                   continue_final_message=True)[0]
+    rendered = "user: Tell a story\nassistant: Once upon a time"
+    assert out.prompt == rendered
+    tokens = llm.get_tokenizer().encode(rendered, add_special_tokens=False)
+    alone = llm.generate({"prompt_token_ids": tokens}, GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == alone.outputs[0].token_ids
+    with pytest.raises(ValueError, match="continue_final_message .* needs add_generation_prompt=False"):
+        llm.chat(conversation, GREEDY, chat_template=template, continue_final_message=True)
+
+
+def test_detokenize_false_gives_the_same_tokens_without_text(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[265])
+    full = llm.generate(STORY_STARTS[:3], params, use_tqdm=False)
+    bare = llm.generate(STORY_STARTS[:3], dataclasses.replace(params, detokenize=False), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in bare] == [o.outputs[0].token_ids for o in full]
+    assert [(o.outputs[0].text, o.outputs[0].finish_reason) for o in bare] == [
+        ("", o.outputs[0].finish_reason) for o in full]
+    assert any(o.outputs[0].stop_reason == 265 for o in bare)
+    with pytest.raises(ValueError, match=r"stop strings \['\.'\] .* need detokenize=True"):
+        SamplingParams(stop=".", detokenize=False)
+    with pytest.raises(ValueError, match=r"a prompt dict takes 'prompt' and 'prompt_token_ids' .*\['multi_modal_data'\]"):
+        llm.generate({"prompt": "Hi", "multi_modal_data": {"image": None}}, params, use_tqdm=False)
+    assert all_blocks_free(llm)
 
 
 def test_a_cache_or_swap_pool_beyond_memory_is_a_clear_error(stories_path, caplog):
@@ -293,8 +330,10 @@ def test_max_tokens_none_runs_up_to_max_model_len(stories_path):
     out = small.generate({"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=None, temperature=0,
                                                                          ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 40 - 3 and out.outputs[0].finish_reason == "length"
-    with pytest.raises(ValueError, match="min_tokens must be in"):  # checked once max_tokens is known
-        small.generate({"prompt_token_ids": [1] * 30}, SamplingParams(max_tokens=None, min_tokens=20), use_tqdm=False)
+    for params in (SamplingParams(max_tokens=None, min_tokens=20, ignore_eos=True),  # ended by max_model_len
+                   SamplingParams(max_tokens=25, ignore_eos=True)):
+        out = small.generate({"prompt_token_ids": [1] * 30}, params, use_tqdm=False)[0].outputs[0]
+        assert len(out.token_ids) == 10 and out.finish_reason == "length"
     with pytest.raises(ValueError, match="prompt of 40 tokens leaves no room for output within max_model_len 40"):
         small.generate({"prompt_token_ids": [1] * 40}, SamplingParams(max_tokens=None), use_tqdm=False)
 

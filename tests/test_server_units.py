@@ -167,6 +167,17 @@ def test_serve_refuses_a_port_in_use_before_loading_the_model():
     check_can_listen("127.0.0.1", port)
 
 
+def test_serve_refuses_a_port_out_of_range_and_generate_takes_prompts_around_options(capsys, monkeypatch):
+    import jpaged.cli as cli
+
+    assert cli.main(["serve", "--model", "m", "--port", "99999"]) == 2  # before loading the model
+    assert "--port must be in [0, 65535], got 99999" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(cli, "generate", lambda args: seen.append((args.prompts, args.max_tokens)) or 0)
+    assert cli.main(["generate", "A", "--max-tokens", "8", "B", "C"]) == 0
+    assert seen == [(["A", "B", "C"], 8)]
+
+
 def test_cors_preflight_answers_only_allowed_origins():
     from fastapi.testclient import TestClient
 

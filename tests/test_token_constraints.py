@@ -138,7 +138,13 @@ def test_bad_values_are_refused_naming_the_field_and_limit(stories):
                               "bad_words": [f"w{i}" for i in range(MAX_BIASED_TOKENS - 499)]}, "more than the limit"),
                             ({"truncate_prompt_tokens": 257}, "exceeds max_model_len 256"),
                             ({"allowed_token_ids": bad_words_token_ids([" she"], llm.get_tokenizer())[0],
-                              "bad_words": [" she"]}, "all blocked by bad_words")]:
+                              "bad_words": [" she"]}, "all blocked by bad_words"),
+                            ({"allowed_token_ids": [2], "min_tokens": 1},  # only EOS, which min_tokens blocks
+                             r"allowed_token_ids \[2\] are all EOS, stop_token_ids or bad_words, which cannot be "
+                             "sampled before min_tokens 1"),
+                            ({"allowed_token_ids": [300, *bad_words_token_ids([" she"], llm.get_tokenizer())[0]],
+                              "stop_token_ids": [300], "bad_words": [" she"], "min_tokens": 2},
+                             "are all EOS, stop_token_ids or bad_words")]:
         with pytest.raises(ValueError, match=message):
             llm.generate(PROMPT, SamplingParams(max_tokens=2, **kwargs), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests() and llm.engine.stats().kv_cache_usage == 0

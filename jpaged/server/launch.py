@@ -68,6 +68,8 @@ def serve(args: argparse.Namespace) -> int:
     from jpaged.cli import engine_kwargs
     from jpaged.llm import build_engine
 
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_queued_requests < 1:
         raise ValueError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
     if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
