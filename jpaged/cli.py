@@ -124,11 +124,16 @@ def _parser() -> argparse.ArgumentParser:
     shown = dict(formatter_class=_HelpFormatter)
     gen = sub.add_parser("generate", help="generate answers to prompts (the default command)", **shown)
     gen.add_argument("prompts", nargs="*", default=[DEFAULT_PROMPT], help="prompts")
-    gen.add_argument("--max-tokens", type=int, default=128, help="most tokens per answer")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 disables it")
-    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 disables it")
-    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    gen.add_argument("--max-tokens", type=int, default=None,
+                     help="most tokens per answer; unset: the model's generation config's max_new_tokens, else 128")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="0 is greedy; unset: the model's generation config's, else 0")
+    gen.add_argument("--top-p", type=float, default=None,
+                     help="nucleus sampling, 1 disables it; unset: the model's generation config's, else 1")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help="keep the k most likely tokens, 0 disables it; unset: the model's generation config's, else 0")
+    gen.add_argument("--min-p", type=float, default=None,
+                     help="drop tokens below min_p x the top probability; unset: the model's generation config's, else 0")
     gen.add_argument("--seed", type=int, default=None, help="random seed of the sampling")
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--no-chat", action="store_true", help="send prompts as raw text")
@@ -146,11 +151,14 @@ def _parser() -> argparse.ArgumentParser:
 def generate(args: argparse.Namespace) -> int:
     from jpaged import LLM, SamplingParams
 
-    params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-        seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
-    )
+    given = {name: value for name, value in dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                                  min_p=args.min_p, max_tokens=args.max_tokens).items()
+             if value is not None}
+    SamplingParams(**given, seed=args.seed, stop=args.stop)  # bad values are refused before the model loads
     llm = LLM(args.model, **engine_kwargs(args))
+    # flags first, then the model's generation config (--generation-config), then greedy answers of 128 tokens
+    params = SamplingParams(**{"temperature": 0.0, "max_tokens": 128, **llm.engine.default_sampling_params, **given},
+                            seed=args.seed, stop=args.stop)
     prompts = args.prompts or [DEFAULT_PROMPT]
     use_chat = not args.no_chat and getattr(llm.get_tokenizer(), "chat_template", None)
     if use_chat:

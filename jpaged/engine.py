@@ -106,7 +106,7 @@ class LLMEngine:
     def _generation_config(self, model_generation_config: dict) -> dict:
         """The generation config whose sampling defaults the engine applies (`generation_config`)."""
         setting = self.config.generation_config
-        if setting == "none":
+        if setting in ("none", "vllm"):  # "vllm": as vLLM users turn it off
             return {}
         if setting == "auto":
             return model_generation_config
@@ -114,7 +114,10 @@ class LLMEngine:
         if not path.is_file():
             raise ValueError(f"generation_config {setting!r}: no generation_config.json there (give 'auto', 'none' "
                              "or a folder holding one)")
-        return json.loads(path.read_text())
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
 
     def step_shapes(self) -> StepShapes:
         """The padded sizes of every step this engine can run (they fix its compiled programs)."""

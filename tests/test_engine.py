@@ -147,7 +147,7 @@ def test_priority_scheduling_serves_lower_values_first_with_unchanged_tokens(sto
     assert not llm.engine.has_unfinished_requests() and all_blocks_free(llm)
 
 
-def test_generation_config_defaults_match_hf_generate(stories_path, tmp_path):
+def test_generation_config_defaults_match_hf_generate(stories_path, tmp_path, monkeypatch):
     """A model folder whose generation_config.json recommends sampling settings: `generate` with no
     SamplingParams follows them as HF transformers' `generate` does (greedy here, a repetition
     penalty and 7 new tokens); generation_config="none" keeps jpaged's own defaults."""
@@ -168,6 +168,14 @@ def test_generation_config_defaults_match_hf_generate(stories_path, tmp_path):
     assert len(expected) == 7 and llm.generate(prompt, use_tqdm=False)[0].outputs[0].token_ids == expected
     plain = LLM(str(folder), num_blocks=64, generation_config="none")
     assert plain.get_default_sampling_params() == SamplingParams()
+    from jpaged import cli
+
+    asked = []  # the command line: its flags first, then the file, then greedy answers of 128 tokens
+    monkeypatch.setattr(LLM, "generate", lambda self, prompts, params, **kwargs: asked.append(params) or [])
+    for flags in ([], ["--max-tokens", "9", "--top-k", "4"], ["--generation-config", "vllm"]):
+        assert cli.main(["generate", "--model", str(folder), "--num-blocks", "64", "--no-chat", "Once", *flags]) == 0
+    assert [(p.temperature, p.repetition_penalty, p.max_tokens, p.top_k) for p in asked] == [
+        (0.0, 1.3, 7, 0), (0.0, 1.3, 9, 4), (0.0, 1.0, 128, 0)]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     with pytest.raises(ValueError, match="generation_config .*elsewhere.*: no generation_config.json there"):

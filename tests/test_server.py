@@ -565,6 +565,18 @@ def test_required_and_named_tool_choices_return_tool_calls(server):
     for choice in finished:
         assert len(choice.message.tool_calls) == 1
         _check_calls(choice.message.tool_calls, {"count_legs"})
+    named = dict(model="stories", messages=CHAT, tools=TOOLS, max_completion_tokens=60, temperature=0,
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}}, extra_body=COMPACT)
+    whole = client.chat.completions.create(**named).choices[0].message.tool_calls
+    chunks = [c.choices[0].delta for c in client.chat.completions.create(**named, stream=True) if c.choices]
+    calls = [call for delta in chunks for call in delta.tool_calls or []]
+    assert calls[0].id and (calls[0].type, calls[0].function.name) == ("function", "get_weather")
+    assert all(c.id is None and c.function.name is None for c in calls[1:]) and len(calls) > 1
+    assert "".join(c.function.arguments for c in calls) == whole[0].function.arguments  # streamed as generated
+    with client.chat.completions.stream(**named) as stream:
+        accumulated = stream.get_final_completion().choices[0].message.tool_calls
+    assert [(c.function.name, c.function.arguments) for c in accumulated] == [
+        (c.function.name, c.function.arguments) for c in whole]
     assert server.wait_idle()[1].kv_cache_usage == 0
 
 
@@ -632,8 +644,16 @@ def test_responses_api_tool_calls_and_their_outputs_as_input_items(server):
     turn = [{"role": "user", "content": "Weather?"},
             {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Rome"}'},
             {"type": "function_call_output", "call_id": "call_1", "output": "Sunny"}]
+    named = dict(args, tool_choice={"type": "function", "name": "count_legs"}, max_output_tokens=60)
+    whole = client.responses.create(**named).output
+    with client.responses.stream(**named) as stream:
+        pieces = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
+        final = stream.get_final_response().output
+    assert [(c.type, c.name) for c in whole] == [("function_call", "count_legs")]
+    assert final[0].arguments == whole[0].arguments == "".join(pieces) and len(pieces) > 1  # as they are generated
+    json.loads(whole[0].arguments)
     answered = client.responses.create(model="stories", input=turn, tools=FLAT_TOOLS, tool_choice="none",
-                                       max_output_tokens=2)
+                                       max_output_tokens=2, stream_options={"include_obfuscation": False})
     messages = [{"role": "user", "content": "Weather?"},
                 {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
                                                       "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
@@ -653,6 +673,12 @@ def test_responses_api_tool_calls_and_their_outputs_as_input_items(server):
     ({"input": "hi", "n": 2}, "n"),
     ({"input": "hi", "temperature": "hot"}, "temperature"),
     ({"input": "hi", "text": {"format": {"type": "xml"}}}, "text"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "text"),  # no name
+    ({"input": "hi", "background": True}, "background"),
+    ({"input": "hi", "conversation": "conv_1"}, "conversation"),
+    ({"input": "hi", "prompt": {"id": "pmpt_1"}}, "prompt"),
+    ({"input": "hi", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+    ({"input": [{"type": "function_call_output", "call_id": "call_9", "output": "x"}]}, "input"),
 ])
 def test_responses_api_refusals_name_the_field(server, body, param):
     response = server.post("/v1/responses", {"model": "stories", **body})

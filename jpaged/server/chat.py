@@ -2,9 +2,9 @@
 
 The conversation is rendered by the tokenizer's chat template (`prompts.chat_prompt`) into one
 engine request with `n` samples. Streams open each choice with a `{"role": "assistant"}` delta,
-then send content deltas (under a required or named `tool_choice`, the tool calls whole in the
-last chunk instead; under "auto", content up to where a call may begin, and the calls whole in the
-last chunk, see `tools`), the finish reason in the choice's last chunk, a usage chunk when
+then send content deltas (under a named `tool_choice`, the call's arguments as they come instead;
+under "required", the calls whole in the last chunk; under "auto", content up to where a call may
+begin, and the calls whole in the last chunk, see `tools`), the finish reason in the choice's last chunk, a usage chunk when
 `stream_options.include_usage` is set, and `data: [DONE]`.
 """
 
@@ -30,8 +30,10 @@ from jpaged.server.protocol import (
     ChatCompletionStreamResponse,
     ChatResponseMessage,
     ChatStreamChoice,
+    DeltaFunctionCall,
     DeltaMessage,
     DeltaToolCall,
+    FunctionCall,
     ToolCall,
     random_id,
 )
@@ -46,7 +48,7 @@ from jpaged.server.serving import (
     submit,
     usage,
 )
-from jpaged.server.tools import parses_tool_calls, reply, streamable_text, template_tools
+from jpaged.server.tools import named_call, names_one_call, parses_tool_calls, reply, streamable_text, template_tools
 
 
 async def create_chat_completion(request: ChatCompletionRequest, state: ServerState
@@ -149,9 +151,12 @@ def _choice_chunk(request: ChatCompletionRequest, state: ServerState, params: Sa
                   choice: CompletionOutput) -> ChatStreamChoice | None:
     """The chunk that brings a streamed choice up to date, or None when it has nothing new. Text
     that may hold tool calls (`tools.streamable_text`) waits for the finished reply; the calls
-    then come whole in the last chunk, after any content not yet sent."""
+    then come whole in the last chunk, after any content not yet sent. A named function's
+    arguments stream as they come (`_arguments_chunk`)."""
     if sent.finished:
         return None
+    if names_one_call(request):
+        return _arguments_chunk(request, state, params, sent, choice)
     calls: list[ToolCall] = []
     if choice.finished:
         content, calls = reply(request, choice.text, state.tool_parser)
@@ -165,8 +170,34 @@ def _choice_chunk(request: ChatCompletionRequest, state: ServerState, params: Sa
         return None
     sent.finished = choice.finished
     delta = DeltaMessage(content=text or (None if calls else ""),
-                         tool_calls=[DeltaToolCall(index=i, id=call.id, function=call.function)
-                                     for i, call in enumerate(calls)] or None)
+                         tool_calls=[_whole_call(i, call) for i, call in enumerate(calls)] or None)
     return ChatStreamChoice(index=choice.index, delta=delta, logprobs=logprobs,
                             finish_reason=_finish_reason(request, choice, calls) if choice.finished else None,
+                            stop_reason=choice.stop_reason)
+
+
+def _whole_call(index: int, call: ToolCall) -> DeltaToolCall:
+    return DeltaToolCall(index=index, id=call.id, type="function",
+                         function=DeltaFunctionCall(name=call.function.name, arguments=call.function.arguments))
+
+
+def _arguments_chunk(request: ChatCompletionRequest, state: ServerState, params: SamplingParams, sent: ChoiceProgress,
+                     choice: CompletionOutput) -> ChatStreamChoice | None:
+    """A named function's call as its arguments are generated (vLLM's): the first chunk brings
+    the call's id, type, name and first piece, later ones further pieces. (A reply cut by
+    `max_tokens` leaves the arguments incomplete; finish reason "length" says so.)"""
+    pieces = sent.new_text(choice.text)
+    token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
+    logprobs = _logprobs(state.engine.tokenizer, params, token_ids, entries) if token_ids else None
+    if not pieces and logprobs is None and not choice.finished:
+        return None
+    sent.finished, first = choice.finished, sent.call is None
+    if first:
+        sent.call = named_call(request, state.tool_parser)
+        calls = [_whole_call(0, sent.call.model_copy(update={"function": FunctionCall(
+            name=sent.call.function.name, arguments=pieces)}))]
+    else:
+        calls = [DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=pieces))] if pieces else None
+    return ChatStreamChoice(index=choice.index, delta=DeltaMessage(tool_calls=calls), logprobs=logprobs,
+                            finish_reason=choice.finish_reason if choice.finished else None,
                             stop_reason=choice.stop_reason)

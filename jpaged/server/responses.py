@@ -17,8 +17,10 @@ A stream sends OpenAI's typed events, numbered by `sequence_number`: `response.c
 call `response.output_item.added`, `response.function_call_arguments.delta` (the arguments
 whole, as the chat path finds calls in the finished reply) and `.done`,
 `response.output_item.done`; then `response.completed` (or `response.incomplete`) carrying the
-whole response. A failure mid-stream is an `error` event. Nothing is stored: `previous_response_id`
-is refused.
+whole response. Under a named `tool_choice` the call's arguments stream as they are generated
+instead. A failure mid-stream is an `error` event. Nothing is stored and every request runs at
+once: `previous_response_id`, `conversation`, `prompt` (stored templates) and `background` are
+refused.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ from jpaged.server.errors import APIError, bad_request
 from jpaged.server.params import check_model, constraint_field
 from jpaged.server.protocol import ChatCompletionRequest, ResponsesRequest, ToolCall
 from jpaged.server.serving import ChoiceProgress, ServerState, collect, failed, submit
-from jpaged.server.tools import reply, streamable_text
+from jpaged.server.tools import named_call, names_one_call, reply, streamable_text
 
 # chat request fields a Responses request names otherwise, or that have no meaning here
 _CHAT_ONLY = ("messages", "max_tokens", "max_completion_tokens", "response_format", "n", "best_of", "logprobs",
-              "echo", "stream_options", "use_beam_search")
+              "echo", "use_beam_search")
+_STATEFUL = ("previous_response_id", "conversation", "prompt", "background")  # need kept state or a queue
 _RENAMED = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text"}
+_MAX_METADATA_KEYS = 16  # OpenAI's limit
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
@@ -60,6 +64,8 @@ async def create_response(body: ResponsesRequest, state: ServerState) -> JSONRes
         group = await submit(state, response.id, [prompt], [params], request.priority, constraint_field(request))
     except APIError as err:
         err.param = _RENAMED.get(err.param, err.param)
+        for chat_name, name in (("max_completion_tokens", "max_output_tokens"), ("response_format", "text.format")):
+            err.message = err.message.replace(chat_name, name)
         raise
     if body.stream:
         return _stream(response, state, group)
@@ -74,15 +80,19 @@ async def create_response(body: ResponsesRequest, state: ServerState) -> JSONRes
 def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion request that serves `body`. Raises APIError 400 naming the field of
     `body` that cannot be served."""
-    if body.previous_response_id is not None:
-        raise bad_request("previous_response_id is not supported: the server keeps no responses; send the "
-                          "conversation so far as input items", param="previous_response_id")
+    extra = {key: value for key, value in (body.model_extra or {}).items() if key != "stream_options"}
+    if stateful := [name for name in _STATEFUL if getattr(body, name, None) or extra.get(name)]:
+        raise bad_request(f"{stateful[0]} is not supported: the server keeps no responses, conversations or "
+                          "prompts and runs each request at once; send the conversation so far as input items",
+                          param=stateful[0])
     if body.top_logprobs is not None or body.include:
         field = "top_logprobs" if body.top_logprobs is not None else "include"
         raise bad_request(f"{field} is not supported on /v1/responses (chat completions give logprobs)", param=field)
-    extra = body.model_extra or {}
     if refused := [name for name in _CHAT_ONLY if name in extra]:
         raise bad_request(f"{refused[0]} is a chat completions field, not a Responses one", param=refused[0])
+    if body.metadata is not None and len(body.metadata) > _MAX_METADATA_KEYS:
+        raise bad_request(f"metadata has {len(body.metadata)} keys, more than the limit {_MAX_METADATA_KEYS}",
+                          param="metadata")
     system = [{"role": "system", "content": body.instructions}] if body.instructions is not None else []
     fields = {**extra, "messages": system + _messages(body.input), "max_completion_tokens": body.max_output_tokens,
               "tools": _tools(body.tools), "tool_choice": _tool_choice(body.tool_choice),
@@ -104,6 +114,7 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict]:
     if not items:
         raise bad_request("input is an empty list: at least one item is needed", param="input")
     messages: list[dict] = []
+    call_ids: set[str] = set()
     for i, item in enumerate(items):
         where, kind = f"input[{i}]", item.get("type", "message")
         if kind == "message":
@@ -115,13 +126,16 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict]:
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", where), "type": "function",
                     "function": {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}}
+            call_ids.add(call["id"])
             if messages and messages[-1]["role"] == "assistant":
                 messages[-1].setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "tool_calls": [call]})
         elif kind == "function_call_output":
-            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
-                             "content": _text(item.get("output"), where)})
+            if (call_id := _string(item, "call_id", where)) not in call_ids:
+                raise bad_request(f"{where} answers call_id {call_id!r}, which no earlier function_call item made",
+                                  param="input")
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": _text(item.get("output"), where)})
         else:
             raise bad_request(f"{where} is of type {kind!r}; supported items are message, function_call and "
                               "function_call_output", param="input")
@@ -137,9 +151,11 @@ def _text(content: Any, where: str) -> str:
     texts = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in _TEXT_PARTS or not isinstance(part.get("text"), str):
+        if kind not in _TEXT_PARTS:
             raise bad_request(f"{where}.content[{j}] is not a text part (type {kind!r}); only input_text and "
                               "output_text parts are supported", param="input")
+        if not isinstance(part.get("text"), str):
+            raise bad_request(f"{where}.content[{j}] is a text part without its text", param="input")
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -172,10 +188,13 @@ def _tool_choice(choice: str | dict | None) -> str | dict | None:
 
 
 def _response_format(text: dict | None) -> dict | None:
-    """`text.format` as the chat's `response_format` (None: plain text)."""
+    """`text.format` as the chat's `response_format` (None: plain text). A json_schema format
+    needs its `name`, as OpenAI's does."""
     fmt = (text or {}).get("format")
     if fmt is None or fmt == {"type": "text"} or not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         return None if fmt is None or fmt == {"type": "text"} else fmt
+    if not isinstance(fmt.get("name"), str) or not fmt["name"]:
+        raise bad_request("text.format of type json_schema needs its name", param="text")
     return {"type": "json_schema", "json_schema": {key: fmt[key] for key in ("name", "schema", "strict") if key in fmt}}
 
 
@@ -230,7 +249,8 @@ class _Response:
                 "metadata": request.metadata or {}, "parallel_tool_calls": self.chat.parallel_tool_calls,
                 "temperature": self.temperature, "top_p": self.top_p,
                 "tool_choice": request.tool_choice or ("auto" if request.tools else "none"),
-                "tools": request.tools or [], "text": {"format": (request.text or {}).get("format") or {"type": "text"}},
+                "tools": request.tools or [],
+                "text": {**(request.text or {}), "format": (request.text or {}).get("format") or {"type": "text"}},
                 "previous_response_id": None, "store": False, "truncation": "disabled", "usage": usage,
                 "user": self.chat.user}
 
@@ -248,7 +268,29 @@ class _Events:
 
 
 async def _stream(response: _Response, state: ServerState, group: RequestGroup) -> AsyncIterator[str]:
-    event, sent, opened = _Events(), ChoiceProgress(), False
+    """The response's events: its lifecycle around the output items' events (`_reply_events`, or
+    `_argument_events` for a named function's call), or an `error` event if the engine fails."""
+    event, outcome = _Events(), {}
+    items = _argument_events if names_one_call(response.chat) else _reply_events
+    try:
+        yield event("response.created", response=response.body(None, []))
+        yield event("response.in_progress", response=response.body(None, []))
+        async for line in items(response, state, group, event, outcome):
+            yield line
+        body = response.body(outcome["final"], outcome["items"])
+        yield event("response.completed" if body["status"] == "completed" else "response.incomplete", response=body)
+    except Exception as err:  # the engine failed mid-stream: tell the client, then end the stream
+        error = failed(err)
+        yield event("error", code=error.code or error.type, message=error.message, param=error.param)
+    finally:
+        group.close()
+
+
+async def _reply_events(response: _Response, state: ServerState, group: RequestGroup, event: _Events,
+                        outcome: dict) -> AsyncIterator[str]:
+    """The message's events as its text arrives (held back where a call may begin, as chat
+    streams hold it), then each call's, whole; `outcome` gets the final output and the items."""
+    sent, opened, final, calls = ChoiceProgress(), False, None, []
     message = dict(item_id=response.message_id, output_index=0, content_index=0)
 
     def open_message() -> list[str]:
@@ -256,46 +298,54 @@ async def _stream(response: _Response, state: ServerState, group: RequestGroup) 
                       item=_message_item(response.message_id, None, "in_progress")),
                 event("response.content_part.added", **message, part=_text_part(""))]
 
-    try:
-        yield event("response.created", response=response.body(None, []))
-        yield event("response.in_progress", response=response.body(None, []))
-        final, calls = None, []
-        async for _, output in group:
-            final, choice = output, output.outputs[0]
-            if choice.finished:
-                content, calls = reply(response.chat, choice.text, state.tool_parser)
-                text = sent.new_text(content or "") if calls else sent.new_text(choice.text)
-            else:
-                streamable = streamable_text(response.chat, choice.text, state.tool_parser)
-                text = sent.new_text(streamable) if len(streamable) > len(sent.text_sent) else ""
-            if text:
-                if not opened:
-                    for opening in open_message():
-                        yield opening
-                    opened = True
-                yield event("response.output_text.delta", **message, delta=text, logprobs=[])
-        items = []
-        if opened or not calls:
+    async for _, output in group:
+        final, choice = output, output.outputs[0]
+        if choice.finished:
+            content, calls = reply(response.chat, choice.text, state.tool_parser)
+            text = sent.new_text(content or "") if calls else sent.new_text(choice.text)
+        else:
+            streamable = streamable_text(response.chat, choice.text, state.tool_parser)
+            text = sent.new_text(streamable) if len(streamable) > len(sent.text_sent) else ""
+        if text:
             if not opened:
                 for opening in open_message():
                     yield opening
-            items.append(_message_item(response.message_id, sent.text_sent, "completed"))
-            yield event("response.output_text.done", **message, text=sent.text_sent, logprobs=[])
-            yield event("response.content_part.done", **message, part=_text_part(sent.text_sent))
-            yield event("response.output_item.done", output_index=0, item=items[0])
-        for call in calls:
-            index, item = len(items), _call_item(call)
-            items.append(item)
-            yield event("response.output_item.added", output_index=index, item=_call_item(call, "", "in_progress"))
-            yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
-                        delta=item["arguments"])
-            yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                        name=item["name"], arguments=item["arguments"])
-            yield event("response.output_item.done", output_index=index, item=item)
-        body = response.body(final, items)
-        yield event("response.completed" if body["status"] == "completed" else "response.incomplete", response=body)
-    except Exception as err:  # the engine failed mid-stream: tell the client, then end the stream
-        error = failed(err)
-        yield event("error", code=error.code or error.type, message=error.message, param=error.param)
-    finally:
-        group.close()
+                opened = True
+            yield event("response.output_text.delta", **message, delta=text, logprobs=[])
+    items = []
+    if opened or not calls:
+        if not opened:
+            for opening in open_message():
+                yield opening
+        items.append(_message_item(response.message_id, sent.text_sent, "completed"))
+        yield event("response.output_text.done", **message, text=sent.text_sent, logprobs=[])
+        yield event("response.content_part.done", **message, part=_text_part(sent.text_sent))
+        yield event("response.output_item.done", output_index=0, item=items[0])
+    for call in calls:
+        index, item = len(items), _call_item(call)
+        items.append(item)
+        yield event("response.output_item.added", output_index=index, item=_call_item(call, "", "in_progress"))
+        yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                    delta=item["arguments"])
+        yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                    name=item["name"], arguments=item["arguments"])
+        yield event("response.output_item.done", output_index=index, item=item)
+    outcome.update(final=final, items=items)
+
+
+async def _argument_events(response: _Response, state: ServerState, group: RequestGroup, event: _Events,
+                           outcome: dict) -> AsyncIterator[str]:
+    """A named function's call, its arguments as they are generated (as chat streams send them).
+    (A reply cut by `max_output_tokens` leaves them incomplete; the status says so.)"""
+    sent, final, call = ChoiceProgress(), None, named_call(response.chat, state.tool_parser)
+    item_id = _call_item(call)["id"]
+    yield event("response.output_item.added", output_index=0, item=_call_item(call, "", "in_progress"))
+    async for _, output in group:
+        final = output
+        if pieces := sent.new_text(output.outputs[0].text):
+            yield event("response.function_call_arguments.delta", item_id=item_id, output_index=0, delta=pieces)
+    item = _call_item(call, sent.text_sent)
+    yield event("response.function_call_arguments.done", item_id=item_id, output_index=0, name=item["name"],
+                arguments=item["arguments"])
+    yield event("response.output_item.done", output_index=0, item=item)
+    outcome.update(final=final, items=[item])

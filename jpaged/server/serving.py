@@ -22,7 +22,7 @@ from jpaged.server.async_engine import AsyncEngine, EngineStepError, RequestGrou
 from jpaged.server.errors import APIError, bad_request, internal_error, overloaded, stopping
 from jpaged.server.metrics import ServerMetrics
 from jpaged.server.prompts import ChatTemplate, Prompt
-from jpaged.server.protocol import ChatCompletionRequest, SamplingFields, TokenizeRequest, UsageInfo
+from jpaged.server.protocol import ChatCompletionRequest, SamplingFields, TokenizeRequest, ToolCall, UsageInfo
 from jpaged.server.tool_parsers import ToolParser
 
 DONE = "data: [DONE]\n\n"
@@ -134,14 +134,15 @@ def sse_error(err: Exception) -> str:
 
 class ChoiceProgress:
     """What one streamed choice has sent: its text, how many tokens' logprobs, where the next
-    token's text starts in the choice (a completion's `text_offset`), and whether its finish
-    chunk went out."""
+    token's text starts in the choice (a completion's `text_offset`), whether its finish chunk
+    went out, and the call whose arguments it streams (a named tool choice's, once begun)."""
 
     def __init__(self):
         self.text_sent = ""
         self.num_tokens_sent = 0
         self.token_offset = 0
         self.finished = False
+        self.call: ToolCall | None = None
 
     def new_text(self, text: str) -> str:
         """The part of the choice's cumulative `text` not yet sent, marked as sent. The engine's

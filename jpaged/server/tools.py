@@ -92,10 +92,17 @@ def parses_tool_calls(request: ChatCompletionRequest) -> bool:
     return bool(request.tools) and request.tool_choice in (None, "auto")
 
 
+def names_one_call(request: ChatCompletionRequest) -> bool:
+    """Whether the reply is the arguments of one named function (`tool_choice` names it), so
+    that they can be streamed as they are generated."""
+    return isinstance(request.tool_choice, dict)
+
+
 def reply(request: ChatCompletionRequest, text: str, parser: ToolParser | None) -> tuple[str | None, list[ToolCall]]:
     """The content and the tool calls of a finished reply. Under a required or named
     `tool_choice`, no content and the calls, or the text as content and no calls where it is not
-    complete JSON (cut by `max_tokens`); under "auto", what `parser` finds."""
+    complete JSON (cut by `max_tokens`); under "auto", what `parser` finds. A named function's
+    arguments are the reply's text as it is (vLLM's); other calls' are written by `json.dumps`."""
     if parses_tool_calls(request) and parser is not None:
         content, calls = parser.parse(text)
         return content, [_tool_call(call.name, call.arguments, parser) for call in calls]
@@ -107,13 +114,18 @@ def reply(request: ChatCompletionRequest, text: str, parser: ToolParser | None) 
         return text, []
     if request.tool_choice == "required":
         return None, [_tool_call(call["name"], _json(call["parameters"]), parser) for call in value]
-    return None, [_tool_call(request.tool_choice["function"]["name"], _json(value), parser)]
+    return None, [_tool_call(request.tool_choice["function"]["name"], text, parser)]
 
 
 def _tool_call(name: str, arguments: str, parser: ToolParser | None) -> ToolCall:
     """A call with an id in the form `parser`'s model family takes back, or the server's own."""
     call_id = parser.call_id() if parser is not None else None
     return ToolCall(function=FunctionCall(name=name, arguments=arguments), **({"id": call_id} if call_id else {}))
+
+
+def named_call(request: ChatCompletionRequest, parser: ToolParser | None) -> ToolCall:
+    """The call a named `tool_choice` makes, with its id and no arguments yet (a stream's first)."""
+    return _tool_call(request.tool_choice["function"]["name"], "", parser)
 
 
 def streamable_text(request: ChatCompletionRequest, text: str, parser: ToolParser | None) -> str:
