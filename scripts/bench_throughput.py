@@ -543,6 +543,8 @@ def main() -> None:
           f"tokens, outputs {min(workload.max_tokens)}..{max(workload.max_tokens)} "
           f"({sum(workload.max_tokens)} in all); engines: {', '.join(args.engines)}")
     runs = run_engines(args, workload, single, tokenizer)
+    if not runs:
+        raise SystemExit(f"no engine could run (asked for: {', '.join(args.engines)}); see the lines above")
     summary = summarise(runs, workload)
     print_table(summary)
     result = {"workload": args.workload, "num_requests": len(workload.prompts),
