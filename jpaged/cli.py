@@ -23,7 +23,7 @@ COMMANDS = ("generate", "serve")
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine settings `generate` and `serve` share (see `engine_kwargs`)."""
     parser.add_argument("--model", default=None, help="HF model folder, HF hub id (org/name) or .gguf file; unset: the built-in model")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float", "half"],
                         help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
     parser.add_argument("--quantization", default=None, choices=["int8", "fp8", "gguf"],
                         help="keep the weights as int8 or float8 (e4m3) with a scale per 32 inputs, or a GGUF file's blocks packed")

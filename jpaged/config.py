@@ -24,6 +24,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names for the compute dtypes
 
 
 def _check_integers(config, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
@@ -354,7 +355,7 @@ class ParallelConfig:
 @dataclass
 class EngineConfig:
     model: str | None = None  # HF folder, .gguf file, or None for the default model
-    dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
+    dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16" (vLLM's "float" and "half" too)
     quantization: str | None = None  # weight-only: None | "int8" | "fp8" | "gguf" (jpaged/models/quantization.py)
     attention_backend: str = "auto"  # "auto" | "pallas" | "cpu" | "reference" (pallas_kernels/backend.py)
     attention_interpret: bool = False  # Pallas kernels in interpret mode (tests on CPU)
@@ -374,8 +375,10 @@ class EngineConfig:
         _check_integers(self, ("seed",))
         if not isinstance(self.generation_config, str):
             raise ValueError(f"generation_config must be 'auto', 'none' or a folder, got {self.generation_config!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype must be one of 'auto', 'float32', 'bfloat16', got {self.dtype!r}")
+        self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be one of 'auto', 'float32' ('float'), 'bfloat16', 'float16' ('half'), "
+                             f"got {self.dtype!r}")
         if self.quantization not in (None, "int8", "fp8", "gguf"):
             raise ValueError(f"quantization must be None, 'int8', 'fp8' or 'gguf', got {self.quantization!r}")
         self._check_offload()

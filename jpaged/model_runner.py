@@ -88,7 +88,7 @@ def host_memory_available() -> int | None:
 def resolve_dtype(dtype: str):
     if dtype == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
 
 
 def matmul_precision(dtype):

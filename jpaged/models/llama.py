@@ -326,7 +326,7 @@ class LlamaForCausalLM(nnx.Module):
             return self._logits(hidden)
 
     def _logits(self, hidden):
-        if self.cfg.tie_word_embeddings and self.embed_tokens.dtype not in (jnp.float32, jnp.bfloat16):
+        if self.cfg.tie_word_embeddings and self.embed_tokens.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
             scale = getattr(self, "embed_tokens_scale", None)
             return self._product(hidden, self.embed_tokens[...], None if scale is None else scale[...]).astype(jnp.float32)
         if self.cfg.tie_word_embeddings:
