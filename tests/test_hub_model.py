@@ -1,4 +1,5 @@
-"""`LLM("org/name")`: a model named as on the HF hub, found in the local HF cache, offline.
+"""`LLM("org/name")`: a model named as on the HF hub, found in the local HF cache, offline; and
+`LLM(model, tokenizer=...)`, a tokenizer from another folder or hub id.
 
 The cache is laid out as `huggingface_hub` lays it out (`repo_folder_name`, a snapshot folder
 named by commit, `refs/main`), and `huggingface_hub.scan_cache_dir` must see the model there
@@ -73,3 +74,59 @@ def test_missing_hub_id_is_a_clear_error(hf_home):
     error = run("jpaged-tests/no-such-model", hf_home)["error"]
     assert "'jpaged-tests/no-such-model'" in error
     assert str(hf_home / "hub") in error and "HF_HUB_OFFLINE" in error
+
+
+TOKENIZER_RUN = """
+import json, sys
+from jpaged import LLM, SamplingParams
+llm = LLM(sys.argv[1], tokenizer=sys.argv[2], num_blocks=16, max_num_seqs=2)
+out = llm.generate(sys.argv[3], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+print(json.dumps({"prompt": out.prompt_token_ids, "tokens": out.outputs[0].token_ids, "text": out.outputs[0].text}))
+"""
+
+
+@pytest.fixture(scope="module")
+def model_without_tokenizer(tiny_llama_folder, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("no_tokenizer")
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_folder / name, folder / name)
+    return folder
+
+
+def test_tokenizer_from_another_folder(model_without_tokenizer, tmp_path):
+    """The prompt is encoded and the output decoded by the tokenizer named (here one whose words
+    are `w<id>`), as its own encode and decode do; the model's tokens are unchanged."""
+    from hf_models import save_word_level_tokenizer
+    from transformers import AutoTokenizer
+
+    from jpaged import LLM, SamplingParams
+
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        LLM(str(model_without_tokenizer))
+    with pytest.raises(FileNotFoundError, match="tokenizer 'nowhere' is neither a folder nor an HF hub id"):
+        LLM(str(model_without_tokenizer), tokenizer="nowhere")
+    save_word_level_tokenizer(tmp_path, 64)
+    words = json.loads((tmp_path / "tokenizer.json").read_text())
+    words["model"]["vocab"] = {(f"w{i}" if token.startswith("t") else token): i for token, i in words["model"]["vocab"].items()}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(words))
+    reference = AutoTokenizer.from_pretrained(str(tmp_path))
+    llm = LLM(str(model_without_tokenizer), tokenizer=str(tmp_path), num_blocks=16, max_num_seqs=2)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    out = llm.generate("w9 w17 w40 w3", params, use_tqdm=False)[0]
+    assert out.prompt_token_ids == reference("w9 w17 w40 w3").input_ids == [9, 17, 40, 3]
+    text = reference.decode(out.prompt_token_ids + list(out.outputs[0].token_ids))
+    assert text == "w9 w17 w40 w3" + out.outputs[0].text and out.outputs[0].text.startswith(" w")
+    by_ids = llm.generate({"prompt_token_ids": [9, 17, 40, 3]}, params, use_tqdm=False)[0]
+    assert by_ids.outputs[0].token_ids == out.outputs[0].token_ids
+
+
+def test_tokenizer_from_the_hub_cache(model_without_tokenizer, hf_home):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", TOKENIZER_RUN, str(model_without_tokenizer), REPO_ID, "t9 t17 t40"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["prompt"] == [9, 17, 40] and len(out["tokens"]) == 6
+    assert out["text"].split() == [f"t{token}" for token in out["tokens"]]

@@ -22,6 +22,7 @@ from jpaged.loader.default_model import DEFAULT_MODEL_NAME, default_model_path
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]  # what a model folder needs
+TOKENIZER_FILES = ["*.json", "*.jinja", "tokenizer*", "*.model", "*.txt"]
 
 
 @dataclass
@@ -41,7 +42,28 @@ class ModelSource:
     block_types: dict[str, str] = field(default_factory=dict)
 
 
-def open_model(model: str | None) -> ModelSource:
+def open_model(model: str | None, tokenizer: str | None = None) -> ModelSource:
+    """`model`'s parts; with `tokenizer` (an HF folder or hub id), that tokenizer instead of the
+    model's own (vLLM's `tokenizer` argument). Raises FileNotFoundError naming what is missing."""
+    load_tokenizer = None if tokenizer is None else _tokenizer_loader(tokenizer)
+    source = _open_model(model, load_tokenizer)
+    source.load_tokenizer = load_tokenizer or source.load_tokenizer
+    return source
+
+
+def _tokenizer_loader(tokenizer: str):
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError(f"tokenizer must be a folder or an HF hub id, got {type(tokenizer).__name__} {tokenizer!r:.100}")
+    path = Path(tokenizer).expanduser()
+    if not path.is_dir():
+        if not HUB_ID.fullmatch(os.fspath(tokenizer)):
+            raise FileNotFoundError(f"tokenizer {os.fspath(tokenizer)!r} is neither a folder nor an HF hub id of "
+                                    "the form 'org/name'")
+        path = hub_snapshot(os.fspath(tokenizer), TOKENIZER_FILES, required="tokenizer_config.json")
+    return hf.tokenizer_loader(path)
+
+
+def _open_model(model: str | None, load_tokenizer=None) -> ModelSource:
     if model is None:
         return _open_gguf(default_model_path(), DEFAULT_MODEL_NAME)
     if not isinstance(model, (str, os.PathLike)):
@@ -62,7 +84,7 @@ def open_model(model: str | None) -> ModelSource:
         name=model,
         hf_config=hf.read_json(path / "config.json"),
         generation_config=hf.read_json(path / "generation_config.json", required=False),
-        load_tokenizer=hf.tokenizer_loader(path),
+        load_tokenizer=load_tokenizer or hf.tokenizer_loader(path),
         weights=lambda keep_packed=None: hf.load_safetensors_weights(path),
     )
 
@@ -81,21 +103,23 @@ def _open_gguf(path: Path, name: str) -> ModelSource:
     )
 
 
-def hub_snapshot(repo_id: str) -> Path:
-    """The local folder of hub model `repo_id` (config, tokenizer, safetensors), from the HF
-    cache, or downloaded into it where the hub is reachable and offline mode is off.
+def hub_snapshot(repo_id: str, patterns: list[str] = HUB_FILES, required: str = "config.json") -> Path:
+    """The local folder of hub model `repo_id` (its files matching `patterns`: by default config,
+    tokenizer, safetensors), from the HF cache, or downloaded into it where the hub is reachable
+    and offline mode is off.
 
-    Raises FileNotFoundError naming the id, the cache searched and whether offline mode is on.
+    Raises FileNotFoundError naming the id, the cache searched and whether offline mode is on, or
+    the `required` file the snapshot lacks.
     """
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as error:
         mode = "offline mode (HF_HUB_OFFLINE) is on" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
         raise FileNotFoundError(f"model {repo_id!r} is neither a local folder nor in the HF cache at "
                                 f"{constants.HF_HUB_CACHE}, and {mode}: {type(error).__name__}") from error
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"hub model {repo_id!r} at {folder} has no config.json")
+    if not (folder / required).is_file():
+        raise FileNotFoundError(f"hub model {repo_id!r} at {folder} has no {required}")
     return folder
