@@ -1,8 +1,11 @@
-"""What the benchmark scripts share: saving a result as JSON."""
+"""What the benchmark scripts share: saving a result as JSON, and argument types that refuse
+values a run cannot use (argparse then names the flag and the value)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from pathlib import Path
 
 
@@ -13,3 +16,48 @@ def save_json(result: dict, path: str | Path) -> Path:
     path.write_text(json.dumps(result, indent=2))
     print(f"saved {path}")
     return path
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    return _at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    return _at_least(text, 0)
+
+
+def _at_least(text: str, lowest: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"{value} is below {lowest}")
+    return value
+
+
+def positive_rates(text: str) -> list[float]:
+    """An argparse type: comma-separated numbers > 0 (`inf` allowed), e.g. `1,2,4,inf`."""
+    rates = []
+    for part in text.split(","):
+        try:
+            rate = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number (rates are comma-separated, e.g. 1,2,inf)") from None
+        if not rate > 0 or math.isnan(rate):
+            raise argparse.ArgumentTypeError(f"rate {part!r} must be > 0 (inf: all at once)")
+        rates.append(rate)
+    return rates
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value

@@ -17,7 +17,7 @@ import time
 from collections import defaultdict
 
 import numpy as np
-from bench_common import save_json
+from bench_common import positive_int, save_json
 from jax import monitoring
 
 from jpaged import LLM, SamplingParams
@@ -60,7 +60,7 @@ def decode_step_ms(engine, rows: int, prompt_len: int = 64, steps: int = 8) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="JSON result file")
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--rows", type=positive_int, nargs="+", default=[1, 8, 64])
     args = parser.parse_args()
     durations = listen_to_step_compiles()
     llm = LLM(compilation_cache=False)

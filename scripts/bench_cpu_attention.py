@@ -20,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_common import positive_int
 
 from jpaged.cache_dir import cache_dir
 from pallas_kernels import cpu_kernels, cpu_paged_attention
@@ -78,7 +79,7 @@ def median_ms(fn, args, repeats: int) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=positive_int, default=7)
     parser.add_argument("--out", default="bench_results/cpu_attention.json")
     args = parser.parse_args()
     library = cpu_paged_attention.attention_library(jnp.float32)

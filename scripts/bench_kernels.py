@@ -45,7 +45,7 @@ from jax import lax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_common import save_json  # noqa: E402
+from bench_common import positive_int, save_json  # noqa: E402
 
 from pallas_kernels.backend import pallas_paged_attention  # noqa: E402
 from pallas_kernels.decode_attention import paged_decode_attention_kernel  # noqa: E402
@@ -340,15 +340,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-check", action="store_true", help="correctness-only pass in interpret mode")
     parser.add_argument("--out", default="bench_kernels.json")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64, 256])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
-    parser.add_argument("--groups", type=int, nargs="+", default=[4, 8], help="query heads per KV head")
-    parser.add_argument("--reps", type=int, default=20, help="chained calls per timed trial")
-    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8, 64, 256])
+    parser.add_argument("--contexts", type=positive_int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--groups", type=positive_int, nargs="+", default=[4, 8], help="query heads per KV head")
+    parser.add_argument("--reps", type=positive_int, default=20, help="chained calls per timed trial")
+    parser.add_argument("--trials", type=positive_int, default=5)
     parser.add_argument("--tune", action="store_true", help="also sweep our decode kernel's tiling (OURS_SWEEP)")
     args = parser.parse_args()
-    if args.cpu_check or jax.default_backend() == "cpu":
-        sys.exit(0 if run_cpu_check()["ok"] else 1)
+    if args.cpu_check or jax.default_backend() == "cpu":  # no GPU to time: the correctness pass, saved too
+        result = run_cpu_check()
+        save_json({"backend": jax.default_backend(), "cpu_check": result}, args.out)
+        sys.exit(0 if result["ok"] else 1)
     save_json(run_gpu(args), args.out)
 
 

@@ -23,6 +23,7 @@ seconds the median of the job's `rounds` runs.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import json
@@ -33,8 +34,12 @@ import sys
 import time
 from pathlib import Path
 
-import llama_cpp as llama
 import numpy as np
+
+try:
+    import llama_cpp as llama
+except ModuleNotFoundError:  # --help still answers; main() says what is missing
+    llama = None
 
 GGML_TYPE_F32 = 0
 
@@ -149,7 +154,13 @@ def run(job: dict) -> dict:
 
 
 def main() -> None:
-    job_path, result_path = sys.argv[1:3]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job", help="JOB.json written by bench_throughput.py")
+    parser.add_argument("result", help="where RESULT.json goes")
+    args = parser.parse_args()
+    job_path, result_path = args.job, args.result
+    if llama is None:
+        sys.exit(f"llama-cpp-python is not installed for {sys.executable}; see this script's --help")
     with open(job_path) as f:
         job = json.load(f)
     with open(result_path, "w") as f:

@@ -29,7 +29,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from bench_common import save_json  # noqa: E402
+from bench_common import positive_int, save_json  # noqa: E402
 
 from jpaged import LLM, SamplingParams  # noqa: E402
 from jpaged.loader.host_store import HostStore  # noqa: E402
@@ -79,7 +79,13 @@ def main() -> None:
     parser.add_argument("--shares", default="0,0.5,1", help="shares of the layers streamed")
     parser.add_argument("--out", default="bench_results/offload.json")
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    try:
+        batches = [positive_int(b) for b in args.batches.split(",")]
+        shares = [float(s) for s in args.shares.split(",")]
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        parser.error(f"--batches takes integers >= 1 and --shares numbers in [0, 1], comma-separated: {error}")
+    if not all(0 <= share <= 1 for share in shares):
+        parser.error(f"--shares must lie in [0, 1], got {args.shares}")
     common = dict(dtype="float32", max_num_seqs=max(batches), max_model_len=64)
     rows = []
     probe = LLM(args.model, offload_weights="host", num_blocks=1, **common).engine.stats()
@@ -95,9 +101,10 @@ def main() -> None:
     del llm
     gc.collect()
     for mode in ("host", "disk"):
-        for share in (float(s) for s in args.shares.split(",")):
+        for share in shares:
             keep = layers - round(share * layers)
-            budget = (other_bytes + keep * layer_bytes + 1) / 2**30
+            # no budget streams every layer (a budget under one layer's bytes would be refused)
+            budget = (other_bytes + keep * layer_bytes + 1) / 2**30 if keep else None
             llm = LLM(args.model, offload_weights=mode, device_weight_budget_gib=budget, **common)
             stats = llm.engine.stats()
             times = {b: step_time(llm, b) for b in batches}

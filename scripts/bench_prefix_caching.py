@@ -13,7 +13,7 @@ import argparse
 import platform
 import time
 
-from bench_common import save_json
+from bench_common import positive_int, save_json
 
 from jpaged import LLM, SamplingParams
 from jpaged.llm import chat_token_ids
@@ -46,7 +46,7 @@ def shared_prefix_prompts(tokenizer, count: int) -> list[dict]:
 
 
 def run(llm: LLM, prompts, params) -> dict:
-    llm.generate(prompts[:2], params, use_tqdm=False)  # compile the common shapes first
+    llm.generate(prompts[:2], params, use_tqdm=False)  # host-side warm-up
     llm.engine.reset_prefix_cache()
     before = llm.engine.stats()
     started = time.perf_counter()
@@ -67,12 +67,13 @@ def run(llm: LLM, prompts, params) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF folder or .gguf (default: the built-in model)")
-    parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--num-requests", type=positive_int, default=32)
+    parser.add_argument("--max-tokens", type=positive_int, default=32)
     parser.add_argument("--out", default="bench_results/prefix_caching.json")
     args = parser.parse_args()
 
-    caching = LLM(args.model, enable_prefix_caching=True)
+    # every step program compiled before timing, in both engines: neither pays for a compile
+    caching = LLM(args.model, enable_prefix_caching=True, compile_warmup=True)
     prompts = shared_prefix_prompts(caching.get_tokenizer(), args.num_requests)
     longest = max(len(p["prompt_token_ids"]) for p in prompts) + args.max_tokens
     if longest > caching.engine.max_model_len:
@@ -82,7 +83,7 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     on = run(caching, prompts, params)
     del caching
-    off = run(LLM(args.model, enable_prefix_caching=False), prompts, params)
+    off = run(LLM(args.model, enable_prefix_caching=False, compile_warmup=True), prompts, params)
     rows = [("", "caching on", "caching off")]
     for key, label in (("seconds", "wall time (s)"), ("prompt_tokens_computed", "prompt tokens computed"),
                        ("cached_prompt_tokens", "prompt tokens from cache"),

@@ -39,7 +39,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from bench_common import save_json  # noqa: E402
+from bench_common import positive_int, save_json  # noqa: E402
 from bench_throughput import SINGLE_QUESTION, chat_workload  # noqa: E402
 
 from jpaged import LLM, SamplingParams  # noqa: E402
@@ -151,12 +151,17 @@ def main() -> None:
     parser.add_argument("--random-0.5b", dest="random", action="store_true",
                         help="a random-weight 0.47B Llama instead of the default model (no gguf, no batch pass)")
     parser.add_argument("--random-dir", default="bench_results/random-0.5b", help="where the random model is kept")
-    parser.add_argument("--single-rounds", type=int, default=5, help="rounds of the one-request measurement")
+    parser.add_argument("--single-rounds", type=positive_int, default=5, help="rounds of the one-request measurement")
     parser.add_argument("--out", default="bench_results/quantization.json")
     args = parser.parse_args()
+    unknown = [name for name in args.formats.split(",") if name not in FORMATS]
+    if unknown:
+        parser.error(f"--formats: unknown {', '.join(map(repr, unknown))}; choose from {','.join(FORMATS)}")
+    names = [name for name in args.formats.split(",") if not args.random or name != "gguf"]
+    if not names:
+        parser.error("--formats: the random model has no gguf form; name another format")
     model = random_model(Path(args.random_dir)) if args.random else None
     text_ids = text_token_ids()
-    names = [name for name in args.formats.split(",") if model is None or name != "gguf"]
     rows = []
     for name in names:
         rows.append(measure(name, FORMATS[name], text_ids, model))

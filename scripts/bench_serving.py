@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from bench_common import save_json
+from bench_common import positive_int, positive_rates, save_json
 
 WORDS = ("the cat dog sun tree house little big happy sad girl boy named ran jumped played saw found "
          "park ball red blue friend mom day night garden river box toy bird fish cake").split()
@@ -213,19 +214,23 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model for the started server (default: the built-in one)")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `jpaged serve` flag (repeatable)")
     parser.add_argument("--api-key", default=os.environ.get("JPAGED_API_KEY"))
-    parser.add_argument("--rates", default="1,2,4,8,inf", help="request rates per second, comma-separated")
-    parser.add_argument("--num-requests", type=int, default=64, help="requests per rate")
-    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
-    parser.add_argument("--min-words", type=int, default=8)
-    parser.add_argument("--max-words", type=int, default=48)
-    parser.add_argument("--warmup", type=int, default=8, help="requests sent at once before measuring")
+    parser.add_argument("--rates", type=positive_rates, default="1,2,4,8,inf",
+                        help="request rates per second, comma-separated (inf: all at once)")
+    parser.add_argument("--num-requests", type=positive_int, default=64, help="requests per rate")
+    parser.add_argument("--max-tokens", type=positive_int, default=64, help="output tokens per request")
+    parser.add_argument("--min-words", type=positive_int, default=8)
+    parser.add_argument("--max-words", type=positive_int, default=48)
+    parser.add_argument("--warmup", type=positive_int, default=8, help="requests sent at once before measuring")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-timeout", type=float, default=900, help="seconds to wait for a started server")
     parser.add_argument("--out", default="bench_results/serving.json", help="JSON path; the plot goes beside it")
     args = parser.parse_args()
-    args.rates = [float(r) for r in args.rates.split(",")]
+    if args.min_words > args.max_words:
+        parser.error(f"--min-words {args.min_words} is above --max-words {args.max_words}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops the server it started
     if args.url:
-        rows = run_all(args.url.rstrip("/"), args)
+        url = args.url.rstrip("/")
+        rows = run_all(url[:-3] if url.endswith("/v1") else url, args)
     else:
         with started_server(args.model, args.serve_arg, args.api_key, args.start_timeout) as url:
             rows = run_all(url, args)

@@ -42,7 +42,7 @@ from collections import defaultdict
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_common import save_json
+from bench_common import positive_int, save_json
 from flax import nnx
 from jax.profiler import ProfileData
 
@@ -382,11 +382,11 @@ def print_tables(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/results/step_breakdown_cpu.json")
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per step kind")
-    parser.add_argument("--decode-batches", type=int, nargs="+", default=list(DECODE_BATCHES),
+    parser.add_argument("--steps", type=positive_int, default=12, help="timed steps per step kind")
+    parser.add_argument("--decode-batches", type=positive_int, nargs="+", default=list(DECODE_BATCHES),
                         help="rows of the decode steps")
     parser.add_argument("--steps-only", action="store_true", help="the engine's steps only, without the clues")
-    parser.add_argument("--prompt-tokens", type=int, default=272, help="prompt length of the decoding requests")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=272, help="prompt length of the decoding requests")
     parser.add_argument("--quantization", choices=("int8", "fp8", "gguf"), help="quantized weights (default: float32)")
     parser.add_argument("--matmul-only", action="store_true",
                         help="only XLA against numpy (to compare XLA_FLAGS settings)")

