@@ -469,18 +469,22 @@ def generation_defaults(generation_config: dict) -> dict:
 class BeamSearchParams:
     """What `LLM.beam_search` searches for (vLLM's `BeamSearchParams`): the `beam_width` best
     continuations of at most `max_tokens` tokens, ranked by cumulative logprob / length **
-    `length_penalty`. ValueError naming a bad value."""
+    `length_penalty`. `temperature` (>= 0) is taken as vLLM takes it and, as there, leaves the
+    result unchanged: beams are ranked on the model's raw logprobs. ValueError naming a bad value."""
 
     beam_width: int
     max_tokens: int
-    length_penalty: float = 1.0
     ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
 
     def __post_init__(self):
         as_int("beam_width", self.beam_width)
         as_int("max_tokens", self.max_tokens)
         as_float("length_penalty", self.length_penalty)
         as_bool("ignore_eos", self.ignore_eos)
+        if as_float("temperature", self.temperature) < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 1 <= self.beam_width <= MAX_LOGPROBS // 2:
             raise ValueError(f"beam_width must be in [1, {MAX_LOGPROBS // 2}] (each step ranks the top 2 * beam_width "
                              f"continuations of every beam), got {self.beam_width}")

@@ -40,6 +40,10 @@ def test_beam_search_matches_hf_on_stories260k(stories_path):
     assert 0 < scheduler.num_block_copies  # forked beams copied their shared last block once written
     one = BeamSearchParams(beam_width=2, max_tokens=3)  # one prompt as a flat token-id list, as generate takes it
     assert llm.beam_search(prompts[1], one)[0].sequences == llm.beam_search([prompts[1]], one)[0].sequences
+    hot = BeamSearchParams(beam_width=2, max_tokens=3, temperature=1.5)  # vLLM's field: raw logprobs rank either way
+    assert llm.beam_search([prompts[1]], hot)[0].sequences == llm.beam_search([prompts[1]], one)[0].sequences
+    with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+        BeamSearchParams(beam_width=2, max_tokens=3, temperature=-1)
     # a sequence's text is its tokens' as they read after the prompt (a first word keeps its space)
     for best in llm.beam_search(prompts, one)[0].sequences:
         assert best.text == tokenizer.decode(prompts[0] + best.token_ids)[len(tokenizer.decode(prompts[0])):]
