@@ -24,6 +24,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine settings `generate` and `serve` share (see `engine_kwargs`)."""
     parser.add_argument("--model", default=None, help="HF model folder, HF hub id (org/name) or .gguf file; unset: the built-in model")
     parser.add_argument("--tokenizer", default=None, help="HF folder or hub id of the tokenizer; unset: the model's own")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub model; unset: main")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "float", "half"],
                         help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators)")
     parser.add_argument("--quantization", default=None, choices=["int8", "fp8", "gguf"],
@@ -77,7 +78,7 @@ def _json_object(text: str) -> dict:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for `LLM(model, **kwargs)` / `build_engine` from the shared engine flags."""
-    return dict(tokenizer=args.tokenizer, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+    return dict(tokenizer=args.tokenizer, revision=args.revision, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                 offload_weights=args.offload_weights, device_weight_budget_gib=args.device_weight_budget_gib,
                 block_size=args.block_size, num_blocks=args.num_blocks, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
                 enable_prefix_caching=args.enable_prefix_caching, preemption_mode=args.preemption_mode,

@@ -356,6 +356,7 @@ class ParallelConfig:
 class EngineConfig:
     model: str | None = None  # HF folder, .gguf file, or None for the default model
     tokenizer: str | None = None  # HF folder or hub id of the tokenizer; None: the model's own
+    revision: str | None = None  # branch, tag or commit of a hub model; None: main
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16" (vLLM's "float" and "half" too)
     quantization: str | None = None  # weight-only: None | "int8" | "fp8" | "gguf" (jpaged/models/quantization.py)
     attention_backend: str = "auto"  # "auto" | "pallas" | "cpu" | "reference" (pallas_kernels/backend.py)

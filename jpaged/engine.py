@@ -60,7 +60,7 @@ class LLMEngine:
         self.config = config
         if config.compilation_cache:
             compile_cache.enable()
-        source = open_model(config.model, config.tokenizer)
+        source = open_model(config.model, config.tokenizer, config.revision)
         self.model_name = source.name
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)
         self.default_sampling_params = generation_defaults(self._generation_config(source.generation_config))

@@ -24,11 +24,12 @@ huggingface_hub = pytest.importorskip("huggingface_hub")
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "jpaged-tests/tiny-llama"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+COMMIT_V2 = "89abcdef0123456789abcdef0123456789abcdef"  # a second version, tagged v2, other weights
 RUN = """
 import json, sys
 from jpaged import LLM, SamplingParams
 try:
-    llm = LLM(sys.argv[1], num_blocks=16, max_num_seqs=2)
+    llm = LLM(sys.argv[1], num_blocks=16, max_num_seqs=2, revision=sys.argv[2] if len(sys.argv) > 2 else None)
 except FileNotFoundError as error:
     print(json.dumps({"error": str(error)}))
     raise SystemExit(0)
@@ -39,26 +40,41 @@ print(json.dumps({"tokens": outs[0].outputs[0].token_ids, "name": llm.engine.mod
 
 
 @pytest.fixture(scope="module")
-def hf_home(tiny_llama_folder, tmp_path_factory):
-    """An HF home whose hub cache holds the model as one snapshot of `main`."""
+def second_version(tiny_llama_folder, tmp_path_factory) -> Path:
+    """The tiny Llama's shapes with other random weights."""
+    import transformers
+    from hf_models import save_random_model
+
+    folder = tmp_path_factory.mktemp("tiny_llama_v2")
+    save_random_model(folder, transformers.LlamaConfig.from_pretrained(tiny_llama_folder), seed=6)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_home(tiny_llama_folder, second_version, tmp_path_factory):
+    """An HF home whose hub cache holds the model as a snapshot of `main` and one tagged `v2`."""
     from huggingface_hub.file_download import repo_folder_name
 
     home = tmp_path_factory.mktemp("hf_home")
     repo = home / "hub" / repo_folder_name(repo_id=REPO_ID, repo_type="model")
     shutil.copytree(tiny_llama_folder, repo / "snapshots" / COMMIT)
+    shutil.copytree(second_version, repo / "snapshots" / COMMIT_V2)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "refs" / "v2").write_text(COMMIT_V2)
     cached = huggingface_hub.scan_cache_dir(home / "hub")
     assert {r.repo_id for r in cached.repos} == {REPO_ID}
+    assert {ref for r in cached.repos for rev in r.revisions for ref in rev.refs} == {"main", "v2"}
     assert "config.json" in {f.file_name for r in cached.repos for rev in r.revisions for f in rev.files}
     return home
 
 
-def run(model: str, hf_home: Path) -> dict:
+def run(model: str, hf_home: Path, *revision: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", RUN, model], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-c", RUN, model, *revision], capture_output=True, text=True, env=env,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -68,6 +84,24 @@ def test_hub_id_loads_from_the_local_cache_offline(tiny_llama_folder, hf_home):
     from_folder = run(str(tiny_llama_folder), hf_home)
     assert from_hub["tokens"] == from_folder["tokens"] and len(from_hub["tokens"]) == 8
     assert from_hub["name"] == REPO_ID  # the server's model id, as vLLM names a hub model
+
+
+def test_revision_picks_the_hub_models_version(tiny_llama_folder, second_version, hf_home):
+    """`revision` as a tag or a commit loads that snapshot (here other weights: other tokens)."""
+    main = run(REPO_ID, hf_home)["tokens"]
+    tagged, by_commit = run(REPO_ID, hf_home, "v2")["tokens"], run(REPO_ID, hf_home, COMMIT_V2)["tokens"]
+    assert tagged == by_commit == run(str(second_version), hf_home)["tokens"] != main
+    error = run(REPO_ID, hf_home, "v3")["error"]
+    assert "'jpaged-tests/tiny-llama' at revision 'v3'" in error and "HF_HUB_OFFLINE" in error
+
+
+def test_revision_of_a_local_model_is_refused(tiny_llama_folder):
+    from jpaged import LLM
+
+    with pytest.raises(ValueError, match="revision='v2' picks a version of an HF hub model; .* is not a hub id"):
+        LLM(str(tiny_llama_folder), revision="v2")
+    with pytest.raises(ValueError, match="is the built-in model"):
+        LLM(revision="v2")
 
 
 def test_missing_hub_id_is_a_clear_error(hf_home):

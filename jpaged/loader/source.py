@@ -42,11 +42,13 @@ class ModelSource:
     block_types: dict[str, str] = field(default_factory=dict)
 
 
-def open_model(model: str | None, tokenizer: str | None = None) -> ModelSource:
+def open_model(model: str | None, tokenizer: str | None = None, revision: str | None = None) -> ModelSource:
     """`model`'s parts; with `tokenizer` (an HF folder or hub id), that tokenizer instead of the
-    model's own (vLLM's `tokenizer` argument). Raises FileNotFoundError naming what is missing."""
+    model's own (vLLM's `tokenizer` argument); `revision` (a branch, tag or commit) picks the
+    version of a hub model. Raises FileNotFoundError naming what is missing, ValueError for a
+    revision of a local model."""
     load_tokenizer = None if tokenizer is None else _tokenizer_loader(tokenizer)
-    source = _open_model(model, load_tokenizer)
+    source = _open_model(model, load_tokenizer, revision)
     source.load_tokenizer = load_tokenizer or source.load_tokenizer
     return source
 
@@ -63,7 +65,11 @@ def _tokenizer_loader(tokenizer: str):
     return hf.tokenizer_loader(path)
 
 
-def _open_model(model: str | None, load_tokenizer=None) -> ModelSource:
+def _open_model(model: str | None, load_tokenizer=None, revision: str | None = None) -> ModelSource:
+    if revision is not None and (model is None or not HUB_ID.fullmatch(os.fspath(model))
+                                 or Path(model).expanduser().exists()):
+        raise ValueError(f"revision={revision!r} picks a version of an HF hub model; {model!r} is "
+                         f"{'the built-in model' if model is None else 'not a hub id'}")
     if model is None:
         return _open_gguf(default_model_path(), DEFAULT_MODEL_NAME)
     if not isinstance(model, (str, os.PathLike)):
@@ -79,7 +85,7 @@ def _open_model(model: str | None, load_tokenizer=None) -> ModelSource:
         if not HUB_ID.fullmatch(model):
             raise FileNotFoundError(f"model {model!r} is neither an HF model folder, a .gguf file "
                                     "nor an HF hub id of the form 'org/name'")
-        path = hub_snapshot(model)
+        path = hub_snapshot(model, revision=revision)
     return ModelSource(
         name=model,
         hf_config=hf.read_json(path / "config.json"),
@@ -103,10 +109,11 @@ def _open_gguf(path: Path, name: str) -> ModelSource:
     )
 
 
-def hub_snapshot(repo_id: str, patterns: list[str] = HUB_FILES, required: str = "config.json") -> Path:
-    """The local folder of hub model `repo_id` (its files matching `patterns`: by default config,
-    tokenizer, safetensors), from the HF cache, or downloaded into it where the hub is reachable
-    and offline mode is off.
+def hub_snapshot(repo_id: str, patterns: list[str] = HUB_FILES, required: str = "config.json",
+                 revision: str | None = None) -> Path:
+    """The local folder of hub model `repo_id` at `revision` (None: main; its files matching
+    `patterns`: by default config, tokenizer, safetensors), from the HF cache, or downloaded into
+    it where the hub is reachable and offline mode is off.
 
     Raises FileNotFoundError naming the id, the cache searched and whether offline mode is on, or
     the `required` file the snapshot lacks.
@@ -115,10 +122,11 @@ def hub_snapshot(repo_id: str, patterns: list[str] = HUB_FILES, required: str = 
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as error:
         mode = "offline mode (HF_HUB_OFFLINE) is on" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
-        raise FileNotFoundError(f"model {repo_id!r} is neither a local folder nor in the HF cache at "
+        at = "" if revision is None else f" at revision {revision!r}"
+        raise FileNotFoundError(f"model {repo_id!r}{at} is neither a local folder nor in the HF cache at "
                                 f"{constants.HF_HUB_CACHE}, and {mode}: {type(error).__name__}") from error
     if not (folder / required).is_file():
         raise FileNotFoundError(f"hub model {repo_id!r} at {folder} has no {required}")
