@@ -469,16 +469,16 @@ def test_bfloat16_weights_and_cache(stories_path):
     assert out.outputs[0].token_ids == GOLDEN_FROM_BOS[:16]
 
 
-HLO_TYPES = {"float32": "f32", "bfloat16": "bf16", "uint16": "u16"}
+HLO_TYPES = {"float32": "f32", "bfloat16": "bf16", "uint16": "u16", "float16": "f16"}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_step_updates_the_kv_cache_in_place(llm, stories_path, dtype):
     """XLA's compiled step (prefill and decode) aliases the donated KV cache to its output and
     writes the new tokens' slots without ever copying or converting the cache whole (a bfloat16
     cache is kept as its bits on CPU: XLA widened a bfloat16 one to float32 for every write)."""
-    if dtype == "bfloat16":
-        llm = LLM(stories_path, num_blocks=256, dtype="bfloat16")
+    if dtype != "float32":
+        llm = LLM(stories_path, num_blocks=256, dtype=dtype)
     runner = llm.engine.runner
     step_args, calls = runner._step_args, []
     runner._step_args = lambda *args: calls.append((step_args(*args), {})) or calls[-1][0]
