@@ -214,6 +214,7 @@ def _fill(pieces: list[_Piece], num_tokens: int, num_rows: int, max_blocks: int,
 
 
 PAD_TOKEN_ID = np.iinfo(np.int32).max
+TOP_K_KEEPS_ALL = np.iinfo(np.int32).max  # any top_k from the vocabulary's size up keeps every token
 """Padding id of the per-row token lists: out of range for any vocabulary, so the device drops it
 (gathers read a fill value, scatters skip it). A negative pad would wrap around in jax indexing."""
 
@@ -378,7 +379,7 @@ class SamplingArrays:
 
         return cls(
             temperature=padded([p.temperature for p in params], np.float32, 0.0),
-            top_k=padded([p.top_k for p in params], np.int32, 0),
+            top_k=padded([min(p.top_k, TOP_K_KEEPS_ALL) for p in params], np.int32, 0),
             top_p=padded([p.top_p for p in params], np.float32, 1.0),
             min_p=padded([p.min_p for p in params], np.float32, 0.0),
             seed=padded(seed_values, np.uint32, 0),

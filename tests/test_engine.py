@@ -461,6 +461,16 @@ def test_unknown_architecture_and_broken_weights(stories_path, tmp_path):
         LLM(str(tmp_path / "nowhere"))
 
 
+def test_top_k_beyond_int32_keeps_every_token(llm):
+    """A top_k past int32 (any from the vocabulary's size up keeps every token) samples as top_k =
+    vocabulary size does, beside another request, instead of failing the step."""
+    vocab = llm.engine.model_config.vocab_size
+    params = [SamplingParams(temperature=1.0, top_k=k, seed=3, max_tokens=8) for k in (2**31, 2**63, vocab)]
+    outputs = llm.generate([STORY_STARTS[0]] * 3, params, use_tqdm=False)
+    assert outputs[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids == outputs[2].outputs[0].token_ids
+    assert all_blocks_free(llm)
+
+
 def test_bfloat16_weights_and_cache(stories_path):
     llm = LLM(stories_path, num_blocks=64, dtype="bfloat16")
     assert llm.engine.runner.kv_cache[0].dtype == "uint16"  # bfloat16 bits on CPU (quantized_kv.empty_cache)
