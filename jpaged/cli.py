@@ -101,7 +101,7 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
                              "'*' for any")
     parser.add_argument("--served-model-name", default=None, help="model name the API shows; unset: the model's")
     parser.add_argument("--max-queued-requests", type=int, default=256,
-                        help="engine requests the server holds at once (running or waiting); more get HTTP 503")
+                        help="sequences the server holds at once (running or waiting; each prompt and each sample counts); more get HTTP 503")
     parser.add_argument("--chat-template", default=None,
                         help="chat template: a Jinja file, or the template itself; unset: the tokenizer's")
     parser.add_argument("--trust-request-chat-template", action="store_true",

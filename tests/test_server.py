@@ -422,6 +422,8 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "min_tokens": 1, "stop_token_ids": list(range(1100))}, "stop_token_ids"),
     ("/v1/completions", {"prompt": ["hi", "ho"], "priority": 2}, "priority"),  # a first-come-first-served server
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "priority": 1.5}, "priority"),
+    ("/v1/completions", {"prompt": "hi", "n": 2**40, "temperature": 1.0}, "n"),  # more samples than the queue holds
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2**40, "temperature": 1.0}, "n"),
 ]
 
 

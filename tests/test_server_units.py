@@ -193,11 +193,19 @@ def test_cors_preflight_answers_only_allowed_origins():
 def test_over_the_queue_limit_is_refused_at_once():
     async def go(front):
         group = await front.add("r", [("a", SamplingParams(max_tokens=1000))] * 2)
-        with pytest.raises(ServerOverloaded, match="limit of 2 requests"):
+        with pytest.raises(ServerOverloaded, match="limit of 2 sequences"):
             await front.add("s", [("b", SamplingParams())])
         group.close()
         with pytest.raises(ValueError, match="3 prompts in one request exceed"):  # could never fit: not a 503
             await front.add("u", [("d", SamplingParams())] * 3)
+        # each sample is a sequence: n counts against the limit (a huge n is refused, not forked)
+        with pytest.raises(ValueError, match=r"1099511627776 samples \(n / best_of\) in one request exceed") as err:
+            await front.add("v", [("d", SamplingParams(n=2**40, temperature=1.0))])
+        assert err.value.param == "n"
+        one = await front.add("w", [("e", SamplingParams(n=2, temperature=1.0, max_tokens=1000))])
+        with pytest.raises(ServerOverloaded):
+            await front.add("x", [("f", SamplingParams(max_tokens=1))])
+        one.close()
         return len(await _finals(await front.add("t", [("c", SamplingParams(max_tokens=1))])))
 
     count, _, _ = _run(go, max_queued_requests=2)

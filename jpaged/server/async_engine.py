@@ -8,8 +8,9 @@ a `RequestGroup` with one asyncio queue, which the loop thread feeds through
 `loop.call_soon_threadsafe`. Closing a group (the handler finished, or its client went away)
 aborts its unfinished requests, which frees their KV blocks at once.
 
-Back-pressure: at most `max_queued_requests` engine requests are held at a time; beyond that
-`add` raises `ServerOverloaded` at once instead of queueing without bound. An exception from one
+Back-pressure: at most `max_queued_requests` sequences are held at a time (an engine request
+counts once per sample it draws, `n` or `best_of`); beyond that `add` raises `ServerOverloaded`
+at once instead of queueing without bound. An exception from one
 request's `add_request` fails that request only; an exception from a step fails the requests the
 engine held (it cannot tell which one caused it), aborts them, and the loop keeps serving.
 When the server is told to stop, every request in flight fails the same way (`ServerStopping`),
@@ -57,8 +58,9 @@ class RequestGroup:
     whatever has not finished and gives back the group's places in the queue; it is idempotent.
     """
 
-    def __init__(self, front: AsyncEngine, request_ids: list[str], loop: asyncio.AbstractEventLoop):
+    def __init__(self, front: AsyncEngine, request_ids: list[str], loop: asyncio.AbstractEventLoop, places: int):
         self.request_ids = request_ids
+        self.places = places  # its sequences, counted against max_queued_requests
         self._front, self._loop = front, loop
         self._queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException] = asyncio.Queue()
         self._unfinished = set(range(len(request_ids)))
@@ -98,7 +100,7 @@ class RequestGroup:
             return
         self._closed = True
         unfinished = [self.request_ids[i] for i in sorted(self._unfinished)]
-        self._front._release(len(self.request_ids), unfinished)
+        self._front._release(self.places, unfinished)
 
 
 class AsyncEngine:
@@ -107,7 +109,8 @@ class AsyncEngine:
     Args:
         engine: the engine; after `start()` only the loop thread calls it. Its `tokenizer`,
             `model_name` and `max_model_len` are read-only and may be used anywhere.
-        max_queued_requests: most engine requests held at once (running or waiting), >= 1.
+        max_queued_requests: most sequences held at once (running or waiting; a request counts
+            once per sample), >= 1.
         on_finished: called on the loop thread with every finished `RequestOutput` (metrics).
         on_aborted: called on the loop thread with the id of every request it aborts (its client
             left, or a step failed).
@@ -139,7 +142,7 @@ class AsyncEngine:
 
     @property
     def num_held_requests(self) -> int:
-        """Engine requests the server holds now (what `max_queued_requests` bounds)."""
+        """Sequences the server holds now (what `max_queued_requests` bounds)."""
         return self._held
 
     def start(self) -> None:
@@ -169,24 +172,30 @@ class AsyncEngine:
         `priority`, and return their group.
 
         Raises:
-            ServerOverloaded: taking them would exceed `max_queued_requests` now.
-            ValueError: there are more of them than `max_queued_requests`, or the engine refused one (none of them is then queued); the message names
+            ServerOverloaded: taking them would exceed `max_queued_requests` sequences now.
+            ValueError: they draw more samples than `max_queued_requests`, or the engine refused one (none of them is then queued); the message names
                 the prompt when there are several.
         """
-        if len(requests) > self.max_queued_requests:
-            raise ValueError(f"{len(requests)} prompts in one request exceed the server's limit of "
-                             f"{self.max_queued_requests} requests in flight (--max-queued-requests)")
-        if self._held + len(requests) > self.max_queued_requests:
+        places = sum(params.num_samples for _, params in requests)
+        if places > self.max_queued_requests:
+            samples = max(params.num_samples for _, params in requests)
+            what = f"{len(requests)} prompts" + (f" of up to {samples} samples each" if samples > 1 else "")
+            error = ValueError(f"{what if len(requests) > 1 else f'{samples} samples (n / best_of)'} in one request "
+                               f"exceed the server's limit of {self.max_queued_requests} sequences in flight "
+                               "(--max-queued-requests)")
+            error.param = "n" if samples > 1 else "prompt"
+            raise error
+        if self._held + places > self.max_queued_requests:
             raise ServerOverloaded(
-                f"the server is at its limit of {self.max_queued_requests} requests in flight "
+                f"the server is at its limit of {self.max_queued_requests} sequences in flight "
                 f"(--max-queued-requests); retry later")
-        self._held += len(requests)
+        self._held += places
         loop = asyncio.get_running_loop()
-        group = RequestGroup(self, [f"{request_id}-{i}" for i in range(len(requests))], loop)
+        group = RequestGroup(self, [f"{request_id}-{i}" for i in range(len(requests))], loop, places)
         try:
             await self.call(lambda engine: self._add_group(engine, group, requests, priority))
         except BaseException as err:
-            self._held -= len(requests)
+            self._held -= places
             if isinstance(err, asyncio.CancelledError):  # the add may still run: undo it after
                 self._submit(lambda: self._abort(group.request_ids))
             raise

@@ -64,7 +64,7 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt], par
     except ServerOverloaded as err:
         raise overloaded(str(err)) from err
     except ValueError as err:
-        field = _refused_field(str(err))
+        field = getattr(err, "param", None) or _refused_field(str(err))
         if field == "structured_outputs" != constraint_field:
             raise bad_request(re.sub(r"^structured_outputs \w+", f"{constraint_field} schema", str(err)),
                               param=constraint_field) from err
