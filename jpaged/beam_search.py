@@ -44,6 +44,7 @@ class _Search:
 
     request_id: str
     params: BeamSearchParams
+    max_tokens: int  # params.max_tokens, or what max_model_len leaves after the prompt
     beams: list[Sequence]
     scores: dict[Sequence, float]
     finished: list[BeamSearchSequence] = field(default_factory=list)
@@ -84,7 +85,8 @@ def _start(engine: EngineClient, prompt, params: BeamSearchParams) -> _Search:
                                  logprobs=2 * params.beam_width)
     engine.add_request(request_id, prompt, step_params)
     first = engine.get_sequence(request_id)
-    return _Search(request_id, params, [first], {first: 0.0})
+    max_tokens = min(params.max_tokens, engine.max_model_len - len(first.prompt_token_ids))  # generate's limit too
+    return _Search(request_id, params, max_tokens, [first], {first: 0.0})
 
 
 def _advance(engine: EngineClient, search: _Search) -> None:
@@ -96,7 +98,7 @@ def _advance(engine: EngineClient, search: _Search) -> None:
     for beam in search.beams:
         beam.on_hold = False
     search.round = target
-    last_round = target == search.params.max_tokens
+    last_round = target == search.max_tokens
     survivors = _select(engine, search, _candidates(search), last_round)
     for beam in search.beams:
         if beam not in survivors and not beam.is_finished:

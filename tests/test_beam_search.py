@@ -148,3 +148,17 @@ def test_beam_search_params_are_validated():
         BeamSearchParams(beam_width=2, max_tokens="3")
     with pytest.raises(ValueError, match="length_penalty must be a finite number, got nan"):
         BeamSearchParams(beam_width=2, max_tokens=3, length_penalty=float("nan"))
+
+
+def test_beam_search_ends_at_max_model_len(random_llama_with_eos):
+    """A max_tokens past max_model_len ends the beams there, as generate ends its output: the same
+    search as one asking for exactly what the context leaves."""
+    folder, _ = random_llama_with_eos
+    llm = LLM(str(folder), num_blocks=64, dtype="float32", max_model_len=24)
+    prompt = [{"prompt_token_ids": [5, 6, 7, 8, 9]}]
+    past = llm.beam_search(prompt, BeamSearchParams(beam_width=2, max_tokens=100, ignore_eos=True))[0]
+    exact = llm.beam_search(prompt, BeamSearchParams(beam_width=2, max_tokens=19, ignore_eos=True))[0]
+    assert [s.token_ids for s in past.sequences] == [s.token_ids for s in exact.sequences]
+    assert all(len(s.token_ids) == 19 for s in past.sequences)
+    manager = llm.engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks and not any(manager.ref_counts)
