@@ -643,7 +643,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small sizes (for tests)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/memory.json"))
-    parser.add_argument("--plot", type=Path, default=Path("bench_results/memory.png"))
+    parser.add_argument("--plot", type=Path, default=None, help="default: beside --out, as .png")
     args = parser.parse_args(argv)
     if args.quick:
         args.num_requests, args.sharing_requests = min(args.num_requests, 150), min(args.sharing_requests, 30)
@@ -694,6 +694,7 @@ def write_outputs(report: dict, out: Path, plot_path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     report, _ = run_study(args)
+    args.plot = args.plot or args.out.with_suffix(".png")
     write_outputs(report, args.out, args.plot)
     print(f"\nwrote {args.out} and {args.plot}")
     return report

@@ -196,7 +196,12 @@ def started_server(model: str | None, serve_args: list[str], api_key: str | None
 
 def run_all(url: str, args: argparse.Namespace) -> list[dict]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    try:
+        models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
+        models.raise_for_status()
+    except httpx.HTTPError as error:
+        sys.exit(f"cannot list the models of {url}/v1/models: {error}")
+    model = models.json()["data"][0]["id"]
     warm = make_prompts(args.warmup, args.min_words, args.max_words, args.seed + 1)
     asyncio.run(run_rate(url, headers, model, warm, args.max_tokens, math.inf, args.seed))  # compile, fill caches
     rows = []
