@@ -76,6 +76,10 @@ class LLMEngine:
             self.runner = ModelRunner(self.model_config, config, source.weights(packed), self.step_shapes(),
                                       meshes[replica or 0], packed=packed)
             self.tokenizer = tokenizer.result()
+        if len(self.tokenizer) > self.model_config.vocab_size:
+            logger.warning("the tokenizer has %d tokens, more than the model's vocabulary of %d: prompts holding ids "
+                           "past it are refused (is tokenizer= the model's?)", len(self.tokenizer),
+                           self.model_config.vocab_size)
         if config.compile_warmup:
             self.warm_up()
         self.eos_token_ids = set(self.model_config.eos_token_ids)

@@ -154,6 +154,19 @@ def test_tokenizer_from_another_folder(model_without_tokenizer, tmp_path):
     assert by_ids.outputs[0].token_ids == out.outputs[0].token_ids
 
 
+def test_a_tokenizer_larger_than_the_vocabulary_is_named_at_load(model_without_tokenizer, tmp_path, caplog):
+    from hf_models import save_word_level_tokenizer
+
+    from jpaged import LLM, SamplingParams
+
+    save_word_level_tokenizer(tmp_path, 100)
+    with caplog.at_level("WARNING", logger="jpaged"):
+        llm = LLM(str(model_without_tokenizer), tokenizer=str(tmp_path), num_blocks=16, max_num_seqs=2)
+    assert "the tokenizer has 100 tokens, more than the model's vocabulary of 64" in caplog.text
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate("t3 t80", SamplingParams(max_tokens=2), use_tqdm=False)
+
+
 def test_tokenizer_from_the_hub_cache(model_without_tokenizer, hf_home):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
