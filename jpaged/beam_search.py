@@ -60,10 +60,11 @@ def beam_search(engine: EngineClient, prompts: list, params: BeamSearchParams) -
     try:
         for prompt in prompts:
             searches.append(_start(engine, prompt, params))
-        idle_steps = 0
+        idle_steps, progress = 0, _Progress(engine)
         while not all(search.done for search in searches):
             idle_steps = 0 if engine.step() else idle_steps + 1
-            if idle_steps > MAX_IDLE_STEPS:
+            live_beams = sum(len(search.beams) for search in searches if not search.done)
+            if idle_steps > MAX_IDLE_STEPS or progress.cycling(live_beams):
                 raise RuntimeError(f"beam search cannot go on: {params.beam_width} beams per prompt do not fit in the "
                                    "KV cache together (beams waiting for a sibling's step hold the blocks it needs); "
                                    "use more KV blocks or a smaller beam_width")
@@ -77,6 +78,26 @@ def beam_search(engine: EngineClient, prompts: list, params: BeamSearchParams) -
             engine.abort_request(search.request_id)
         raise
     return [_output(engine, search) for search in searches]
+
+
+class _Progress:
+    """Whether the engine is preempting beams in a cycle: every live beam preempted twice over
+    since a token was last generated (beams on hold keep the blocks that the preempted ones then
+    recompute into, and are preempted in turn), which no number of further steps undoes."""
+
+    def __init__(self, engine: EngineClient):
+        self.engine = engine
+        self._mark(engine.stats())
+
+    def _mark(self, stats) -> None:
+        self.generated, self.preemptions = stats.num_generated_tokens, stats.num_preemptions
+
+    def cycling(self, live_beams: int) -> bool:
+        stats = self.engine.stats()
+        if stats.num_generated_tokens > self.generated:
+            self._mark(stats)
+            return False
+        return stats.num_preemptions - self.preemptions > 2 * max(live_beams, 1)
 
 
 def _start(engine: EngineClient, prompt, params: BeamSearchParams) -> _Search:

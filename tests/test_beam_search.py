@@ -135,6 +135,21 @@ def test_beams_that_cannot_fit_together_are_an_error_not_a_hang(stories_path, mo
     assert len(llm.generate([[10, 11]], SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) == 4
 
 
+def test_beams_preempted_in_a_cycle_are_an_error_not_a_hang(stories_path):
+    """With a step budget smaller than a beam's context, every step recomputes a chunk of some
+    preempted beam, so no step is idle, yet the beams on hold make it preempt the others again and
+    no token is ever generated: the search says so instead of stepping forever."""
+    llm = LLM(stories_path, num_blocks=16, max_num_batched_tokens=16)
+    prompt = "Once upon a time, there was a little girl named Lily. She loved to play outside."
+    with pytest.raises(RuntimeError, match="beam search cannot go on: 10 beams per prompt do not fit"):
+        llm.beam_search([prompt], BeamSearchParams(beam_width=10, max_tokens=200, ignore_eos=True))
+    manager = llm.engine.block_manager
+    assert not llm.engine.has_unfinished_requests()
+    assert manager.num_free_blocks == manager.num_blocks and not any(manager.ref_counts)
+    assert llm.engine.stats().num_preemptions < 100
+    assert len(llm.beam_search([prompt], BeamSearchParams(beam_width=2, max_tokens=20))[0].sequences) == 2
+
+
 def test_beam_search_params_are_validated():
     with pytest.raises(ValueError, match=r"beam_width must be in \[1, 10\].*got 0"):
         BeamSearchParams(beam_width=0, max_tokens=4)
