@@ -214,9 +214,9 @@ def _fill(pieces: list[_Piece], num_tokens: int, num_rows: int, max_blocks: int,
 
 
 PAD_TOKEN_ID = np.iinfo(np.int32).max
-TOP_K_KEEPS_ALL = np.iinfo(np.int32).max  # any top_k from the vocabulary's size up keeps every token
 """Padding id of the per-row token lists: out of range for any vocabulary, so the device drops it
 (gathers read a fill value, scatters skip it). A negative pad would wrap around in jax indexing."""
+TOP_K_KEEPS_ALL = np.iinfo(np.int32).max  # any top_k from the vocabulary's size up keeps every token
 
 
 def _pack_rows(rows: dict[int, tuple[np.ndarray, np.ndarray]], pad_to: int, value_dtype: type,
