@@ -37,7 +37,16 @@ IDLE_STEP_WAIT_S = 0.002  # pause after a step that scheduled nothing, rather th
 
 
 class ServerOverloaded(Exception):
-    """The server already holds `max_queued_requests` requests."""
+    """The server already holds `max_queued_requests` sequences."""
+
+
+class TooManySequences(ValueError):
+    """One request draws more sequences than `max_queued_requests`: it could never be served.
+    `param` is the request field to blame ("n" for samples, "prompt" for prompts)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 class EngineStepError(RuntimeError):
@@ -173,18 +182,19 @@ class AsyncEngine:
 
         Raises:
             ServerOverloaded: taking them would exceed `max_queued_requests` sequences now.
-            ValueError: they draw more samples than `max_queued_requests`, or the engine refused one (none of them is then queued); the message names
+            TooManySequences (a ValueError): they draw more samples than `max_queued_requests`.
+            ValueError: the engine refused one (none of them is then queued); the message names
                 the prompt when there are several.
         """
         places = sum(params.num_samples for _, params in requests)
         if places > self.max_queued_requests:
             samples = max(params.num_samples for _, params in requests)
-            what = f"{len(requests)} prompts" + (f" of up to {samples} samples each" if samples > 1 else "")
-            error = ValueError(f"{what if len(requests) > 1 else f'{samples} samples (n / best_of)'} in one request "
-                               f"exceed the server's limit of {self.max_queued_requests} sequences in flight "
-                               "(--max-queued-requests)")
-            error.param = "n" if samples > 1 else "prompt"
-            raise error
+            if len(requests) == 1:
+                what = f"{samples} samples (n / best_of)"
+            else:
+                what = f"{len(requests)} prompts" + (f" of up to {samples} samples each" if samples > 1 else "")
+            raise TooManySequences(f"{what} in one request exceed the server's limit of {self.max_queued_requests} "
+                                   "sequences in flight (--max-queued-requests)", "n" if samples > 1 else "prompt")
         if self._held + places > self.max_queued_requests:
             raise ServerOverloaded(
                 f"the server is at its limit of {self.max_queued_requests} sequences in flight "

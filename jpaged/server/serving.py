@@ -18,7 +18,14 @@ from pydantic import BaseModel
 from jpaged.engine_client import PromptType
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
-from jpaged.server.async_engine import AsyncEngine, EngineStepError, RequestGroup, ServerOverloaded, ServerStopping
+from jpaged.server.async_engine import (
+    AsyncEngine,
+    EngineStepError,
+    RequestGroup,
+    ServerOverloaded,
+    ServerStopping,
+    TooManySequences,
+)
 from jpaged.server.errors import APIError, bad_request, internal_error, overloaded, stopping
 from jpaged.server.metrics import ServerMetrics
 from jpaged.server.prompts import ChatTemplate, Prompt
@@ -63,8 +70,10 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt], par
         return await state.engine.add(request_id, requests, priority)
     except ServerOverloaded as err:
         raise overloaded(str(err)) from err
+    except TooManySequences as err:
+        raise bad_request(str(err), param=err.param) from err
     except ValueError as err:
-        field = getattr(err, "param", None) or _refused_field(str(err))
+        field = _refused_field(str(err))
         if field == "structured_outputs" != constraint_field:
             raise bad_request(re.sub(r"^structured_outputs \w+", f"{constraint_field} schema", str(err)),
                               param=constraint_field) from err
