@@ -139,6 +139,10 @@ def test_tokenizer_from_another_folder(model_without_tokenizer, tmp_path):
         LLM(str(model_without_tokenizer))
     with pytest.raises(FileNotFoundError, match="tokenizer 'nowhere' is neither a folder nor an HF hub id"):
         LLM(str(model_without_tokenizer), tokenizer="nowhere")
+    with pytest.raises(TypeError, match="tokenizer must be a path, an HF hub id, got int 7"):
+        LLM(str(model_without_tokenizer), tokenizer=7)
+    with pytest.raises(TypeError, match=r"model must be a path, an HF hub id or None \(the built-in model\), got list"):
+        LLM([str(model_without_tokenizer)])
     save_word_level_tokenizer(tmp_path, 64)
     words = json.loads((tmp_path / "tokenizer.json").read_text())
     words["model"]["vocab"] = {(f"w{i}" if token.startswith("t") else token): i for token, i in words["model"]["vocab"].items()}

@@ -45,47 +45,27 @@ class ModelSource:
 def open_model(model: str | None, tokenizer: str | None = None, revision: str | None = None) -> ModelSource:
     """`model`'s parts; with `tokenizer` (an HF folder or hub id), that tokenizer instead of the
     model's own (vLLM's `tokenizer` argument); `revision` (a branch, tag or commit) picks the
-    version of a hub model. Raises FileNotFoundError naming what is missing, ValueError for a
-    revision of a local model."""
-    load_tokenizer = None if tokenizer is None else _tokenizer_loader(tokenizer)
-    source = _open_model(model, load_tokenizer, revision)
-    source.load_tokenizer = load_tokenizer or source.load_tokenizer
-    return source
-
-
-def _tokenizer_loader(tokenizer: str):
-    if not isinstance(tokenizer, (str, os.PathLike)):
-        raise TypeError(f"tokenizer must be a folder or an HF hub id, got {type(tokenizer).__name__} {tokenizer!r:.100}")
-    path = Path(tokenizer).expanduser()
-    if not path.is_dir():
-        if not HUB_ID.fullmatch(os.fspath(tokenizer)):
-            raise FileNotFoundError(f"tokenizer {os.fspath(tokenizer)!r} is neither a folder nor an HF hub id of "
-                                    "the form 'org/name'")
-        path = hub_snapshot(os.fspath(tokenizer), TOKENIZER_FILES, required="tokenizer_config.json")
-    return hf.tokenizer_loader(path)
-
-
-def _open_model(model: str | None, load_tokenizer=None, revision: str | None = None) -> ModelSource:
+    version of a hub model. Raises TypeError for a model or tokenizer that is not a name,
+    FileNotFoundError naming what is missing, ValueError for a revision of a local model."""
+    _check_name("model", model, none_means="None (the built-in model)")
     if revision is not None and (model is None or not HUB_ID.fullmatch(os.fspath(model))
                                  or Path(model).expanduser().exists()):
         raise ValueError(f"revision={revision!r} picks a version of an HF hub model; {model!r} is "
                          f"{'the built-in model' if model is None else 'not a hub id'}")
+    load_tokenizer = None
+    if tokenizer is not None:
+        _check_name("tokenizer", tokenizer)
+        load_tokenizer = hf.tokenizer_loader(_folder_or_hub("tokenizer", os.fspath(tokenizer), TOKENIZER_FILES,
+                                                            required="tokenizer_config.json"))
     if model is None:
-        return _open_gguf(default_model_path(), DEFAULT_MODEL_NAME)
-    if not isinstance(model, (str, os.PathLike)):
-        raise TypeError(f"model must be a path, an HF hub id or None (the built-in model), got {type(model).__name__} "
-                        f"{model!r:.100}")
+        return _open_gguf(default_model_path(), DEFAULT_MODEL_NAME, load_tokenizer)
     model = os.fspath(model)
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {path} not found")
-        return _open_gguf(path, str(path))
-    if not path.is_dir():
-        if not HUB_ID.fullmatch(model):
-            raise FileNotFoundError(f"model {model!r} is neither an HF model folder, a .gguf file "
-                                    "nor an HF hub id of the form 'org/name'")
-        path = hub_snapshot(model, revision=revision)
+        return _open_gguf(path, str(path), load_tokenizer)
+    path = _folder_or_hub("model", model, HUB_FILES, revision=revision)
     return ModelSource(
         name=model,
         hf_config=hf.read_json(path / "config.json"),
@@ -95,15 +75,33 @@ def _open_model(model: str | None, load_tokenizer=None, revision: str | None = N
     )
 
 
-def _open_gguf(path: Path, name: str) -> ModelSource:
+def _check_name(what: str, value, none_means: str | None = None) -> None:
+    if not isinstance(value, (str, os.PathLike)) and not (value is None and none_means):
+        accepted = "a path, an HF hub id" + (f" or {none_means}" if none_means else "")
+        raise TypeError(f"{what} must be {accepted}, got {type(value).__name__} {value!r:.100}")
+
+
+def _folder_or_hub(what: str, name: str, patterns: list[str], required: str = "config.json",
+                   revision: str | None = None) -> Path:
+    """`name` as an existing folder, or else as a hub id resolved by `hub_snapshot`."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if not HUB_ID.fullmatch(name):
+        kinds = "an HF model folder, a .gguf file" if what == "model" else "a folder"
+        raise FileNotFoundError(f"{what} {name!r} is neither {kinds} nor an HF hub id of the form 'org/name'")
+    return hub_snapshot(name, patterns, required=required, revision=revision)
+
+
+def _open_gguf(path: Path, name: str, load_tokenizer=None) -> ModelSource:
     from jpaged.loader import gguf, gguf_cache  # the `gguf` package is needed for GGUF files only
 
-    index, load_tokenizer = gguf_cache.open_cached(path)
+    index, own_tokenizer = gguf_cache.open_cached(path)
     return ModelSource(
         name=name,
         hf_config=index.config,
         generation_config={},
-        load_tokenizer=load_tokenizer,
+        load_tokenizer=load_tokenizer or own_tokenizer,
         weights=lambda keep_packed=None: gguf.load_gguf_weights(path, index=index, keep_packed=keep_packed),
         block_types=gguf.block_types(index),
     )
