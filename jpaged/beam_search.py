@@ -56,6 +56,13 @@ class _Search:
 
 
 def beam_search(engine: EngineClient, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
+    """The `params.beam_width` best continuations of each prompt. ValueError for a beam width
+    whose `2 * beam_width` ranked continuations exceed the engine's `max_logprobs`, or a prompt
+    the engine refuses; RuntimeError when the beams cannot fit in the KV cache together."""
+    if 2 * params.beam_width > engine.max_logprobs:
+        raise ValueError(f"beam_width {params.beam_width} needs the top {2 * params.beam_width} logprobs of every beam "
+                         f"each step, more than max_logprobs {engine.max_logprobs}: use beam_width <= "
+                         f"{engine.max_logprobs // 2} or start the engine with a larger max_logprobs")
     searches: list[_Search] = []
     try:
         for prompt in prompts:

@@ -55,6 +55,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="longest prompt + output, in tokens; unset: the model's (lowered to what the KV cache holds)")
+    parser.add_argument("--max-logprobs", type=int, default=20,
+                        help="most top logprobs a request may ask for per token; -1: the whole vocabulary")
     parser.add_argument("--compile-warmup", action="store_true",
                         help="compile every step program before the first request")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="devices that split each layer")
@@ -84,7 +86,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, preemption_mode=args.preemption_mode,
                 swap_space_gib=args.swap_space_gib, scheduling_policy=args.scheduling_policy,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=args.max_model_len, compile_warmup=args.compile_warmup,
+                max_model_len=args.max_model_len, max_logprobs=args.max_logprobs, compile_warmup=args.compile_warmup,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size,
                 speculative_config=args.speculative_config, generation_config=args.generation_config)

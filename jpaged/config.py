@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from jpaged.sampling_params import is_integer
+from jpaged.sampling_params import MAX_LOGPROBS, is_integer
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -366,6 +366,7 @@ class EngineConfig:
     offload_weights: str | None = None  # None | "host" | "disk": stream layers past the budget (weight_streaming.py)
     device_weight_budget_gib: float | None = None  # device bytes for weights with offload_weights; None: stream all layers
     seed: int = 0
+    max_logprobs: int = MAX_LOGPROBS  # most top logprobs a request may ask for per token; -1: the whole vocabulary
     # sampling defaults: "auto" (the model's generation_config.json), "none", or a folder holding one
     generation_config: str = "auto"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -374,7 +375,9 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self):
-        _check_integers(self, ("seed",))
+        _check_integers(self, ("seed", "max_logprobs"))
+        if self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be -1 (the whole vocabulary) or >= 0, got {self.max_logprobs}")
         if not isinstance(self.generation_config, str):
             raise ValueError(f"generation_config must be 'auto', 'none' or a folder, got {self.generation_config!r}")
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)

@@ -33,6 +33,7 @@ from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
 from jpaged.sampling_params import (
+    ALL_LOGPROBS,
     SamplingParams,
     bad_words_token_ids,
     generation_defaults,
@@ -70,6 +71,8 @@ class LLMEngine:
         check_layout(self.model_config, config.parallel)
         meshes = replica_meshes(config.parallel)
         self.max_model_len = self._resolve_max_model_len()
+        vocab = self.model_config.vocab_size
+        self.max_logprobs = vocab if config.max_logprobs == ALL_LOGPROBS else config.max_logprobs
         with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(source.load_tokenizer)
             packed = gguf_packed(source.block_types, source.name) if config.quantization == "gguf" else {}
@@ -181,6 +184,7 @@ class LLMEngine:
                              f"{self.max_model_len}{' (what the KV cache holds)' if held else ''}")
         if token_ids and (params.max_tokens is None or params.max_tokens > room):  # ends at max_model_len (vLLM's)
             params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
+        params = self._resolve_logprobs(params)
         bad_words = bad_words_token_ids(params.bad_words, self.tokenizer)
         self._check_fits(token_ids, params, bad_words)
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
@@ -205,6 +209,21 @@ class LLMEngine:
         if isinstance(prompt, list):
             return None, _token_ids(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _resolve_logprobs(self, params: SamplingParams) -> SamplingParams:
+        """`params` with `ALL_LOGPROBS` counts made the vocabulary's size; ValueError for a count
+        past `max_logprobs`."""
+        vocab, resolved = self.model_config.vocab_size, {}
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            if asked == ALL_LOGPROBS:
+                resolved[name] = asked = vocab
+            if asked is not None and asked > self.max_logprobs:
+                whole = f" (the whole vocabulary of {vocab} tokens)" if name in resolved else ""
+                raise ValueError(f"{name} {getattr(params, name)}{whole} is more than max_logprobs {self.max_logprobs}"
+                                 f", the most top logprobs this engine returns per token; start it with a larger "
+                                 f"max_logprobs (-1: the whole vocabulary)")
+        return dataclasses.replace(params, **resolved) if resolved else params
 
     def _check_fits(self, token_ids: list[int], params: SamplingParams, bad_words: list[list[int]]) -> None:
         if not token_ids:

@@ -45,13 +45,15 @@ class EngineStats:
 @runtime_checkable
 class EngineClient(Protocol):
     """A steppable engine. Attributes: `tokenizer` (an HF tokenizer), `model_name` (str),
-    `max_model_len` (prompt + output tokens a request may reach), `eos_token_ids` (set[int]),
+    `max_model_len` (prompt + output tokens a request may reach), `max_logprobs` (the most top
+    logprobs a request may ask for per token), `eos_token_ids` (set[int]),
     `default_sampling_params` (`SamplingParams` fields that requests which leave them unset
     take, from the model's generation config; see `generation_defaults`)."""
 
     tokenizer: Any
     model_name: str
     max_model_len: int
+    max_logprobs: int
     eos_token_ids: set[int]
     default_sampling_params: dict[str, Any]
 

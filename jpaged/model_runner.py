@@ -39,7 +39,7 @@ from jpaged.parallel.partition import KV_CACHE_SPEC, param_spec, shard_attention
 from jpaged.parallel.pipeline import pipeline
 from jpaged.program_cache import ProgramCache
 from jpaged.sampler import PromptLogprobs, SamplerOutput, prompt_logprobs, sample, sample_with_logprobs
-from jpaged.sampling_params import MAX_LOGPROBS
+from jpaged.sampling_params import ALL_LOGPROBS
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from jpaged.step_batch import PAD_TOKEN_ID, PADDING_PARAMS, PromptRows, SamplingArrays, StepBatch, prepare_step
 from jpaged.structured_output import bitmask_width
@@ -117,6 +117,8 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.kv_cache_dtype = cache_config.kv_cache_dtype
         self.dtype = dtype = resolve_dtype(config.dtype)
+        vocab = model_config.vocab_size
+        self.num_logprobs = vocab if config.max_logprobs == ALL_LOGPROBS else min(config.max_logprobs, vocab)
         quantization = config.quantization if config.quantization != "gguf" else None
         formats = param_formats(packed or {})
         abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, quantization=quantization,
@@ -344,7 +346,7 @@ class ModelRunner:
                                                  [d.id for d in self.mesh.devices.flat])
         return repr((self.model_config, self.dtype, self.attention, config.attention_interpret, config.quantization,
                      self.kv_cache_dtype, cpu_kernels.loaded(), self.parallel,
-                     self.block_size, self.shapes, mesh))
+                     self.block_size, self.shapes, mesh, self.num_logprobs))
 
     @property
     def num_compilations(self) -> int:
@@ -370,7 +372,7 @@ class ModelRunner:
 
         def prompt(hidden):
             rows = hidden[jnp.maximum(batch.prompt_indices, 0)]
-            return prompt_logprobs(model.logits(rows), batch.prompt_next_ids, MAX_LOGPROBS)
+            return prompt_logprobs(model.logits(rows), batch.prompt_next_ids, self.num_logprobs)
 
         def no_prompt(hidden):
             return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(prompt, hidden))
@@ -413,12 +415,11 @@ class ModelRunner:
         self.stream.run(run_layer)
         return self._head(self.state, hidden, batch, sampling)
 
-    @staticmethod
-    def _sample(logits, sampling: SamplingArrays) -> SamplerOutput:
-        """Sampled tokens, with their top `MAX_LOGPROBS` logprobs when some row wants them (zeros
+    def _sample(self, logits, sampling: SamplingArrays) -> SamplerOutput:
+        """Sampled tokens, with their top `num_logprobs` logprobs when some row wants them (zeros
         otherwise)."""
         def with_logprobs(logits):
-            return sample_with_logprobs(logits, sampling, None, MAX_LOGPROBS)
+            return sample_with_logprobs(logits, sampling, None, self.num_logprobs)
 
         def without(logits):
             zeros = [jnp.zeros(x.shape, x.dtype) for x in jax.eval_shape(with_logprobs, logits)[1:]]

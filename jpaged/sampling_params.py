@@ -14,7 +14,8 @@ import numbers
 from dataclasses import dataclass
 
 SEED_LIMIT = 2**32  # seeds are packed into uint32 device arrays
-MAX_LOGPROBS = 20  # most top logprobs per token (``logprobs``, ``prompt_logprobs``): vLLM's default
+MAX_LOGPROBS = 20  # default of the engine's ``max_logprobs``, the most top logprobs per token: vLLM's default
+ALL_LOGPROBS = -1  # ``logprobs`` / ``prompt_logprobs`` asking for the whole vocabulary (vLLM's)
 PENALTY_LIMIT = 2.0  # presence / frequency penalties lie in [-PENALTY_LIMIT, PENALTY_LIMIT]
 LOGIT_BIAS_LIMIT = 100.0  # logit_bias values lie in [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT]
 
@@ -41,13 +42,14 @@ def as_int(field: str, value: object) -> int:
     return int(value)
 
 
-def _as_optional_count(field: str, value: object, limit: int) -> int | None:
-    """Return ``value`` as None or an int in [0, limit], or raise naming ``field``."""
+def _as_logprob_count(field: str, value: object) -> int | None:
+    """Return ``value`` as None, ``ALL_LOGPROBS`` or an int >= 0, or raise naming ``field`` (the
+    engine checks the count against its ``max_logprobs``)."""
     if value is None:
         return None
     number = as_int(field, value)
-    if not 0 <= number <= limit:
-        raise ValueError(f"{field} must be None or in [0, {limit}], got {number}")
+    if number < ALL_LOGPROBS:
+        raise ValueError(f"{field} must be None, {ALL_LOGPROBS} (the whole vocabulary) or >= 0, got {number}")
     return number
 
 
@@ -213,9 +215,10 @@ class SamplingParams:
             in [-2, 2]; 0 disables.
         repetition_penalty: HF / CTRL penalty over tokens in the prompt or the output: a positive
             logit is divided by it, a negative one multiplied; > 0, 1 disables.
-        logprobs: None, or how many top logprobs to report per generated token, in [0, 20]; the
-            sampled token's logprob is reported whenever this is not None (0 reports only it).
-        prompt_logprobs: None, or how many top logprobs to report per prompt token, in [0, 20].
+        logprobs: None, or how many top logprobs to report per generated token, >= 0, or -1 for
+            the whole vocabulary; the engine refuses more than its ``max_logprobs`` (default 20).
+            The sampled token's logprob is reported whenever this is not None (0 reports only it).
+        prompt_logprobs: None, or how many top logprobs to report per prompt token, as ``logprobs``.
         min_tokens: EOS and ``stop_token_ids`` cannot be sampled before this many tokens have been
             generated; in [0, max_tokens]. (Stop strings are not blocked, as in vLLM.)
         logit_bias: token id -> bias added to that token's logit before sampling, in [-100, 100];
@@ -362,10 +365,8 @@ class SamplingParams:
             raise ValueError(
                 f"best_of must be 1 when using greedy sampling (temperature=0), got {self.best_of}"
             )
-        self.logprobs = _as_optional_count("logprobs", self.logprobs, MAX_LOGPROBS)
-        self.prompt_logprobs = _as_optional_count(
-            "prompt_logprobs", self.prompt_logprobs, MAX_LOGPROBS
-        )
+        self.logprobs = _as_logprob_count("logprobs", self.logprobs)
+        self.prompt_logprobs = _as_logprob_count("prompt_logprobs", self.prompt_logprobs)
 
     @property
     def num_samples(self) -> int:
@@ -485,8 +486,7 @@ class BeamSearchParams:
         as_bool("ignore_eos", self.ignore_eos)
         if as_float("temperature", self.temperature) < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 1 <= self.beam_width <= MAX_LOGPROBS // 2:
-            raise ValueError(f"beam_width must be in [1, {MAX_LOGPROBS // 2}] (each step ranks the top 2 * beam_width "
-                             f"continuations of every beam), got {self.beam_width}")
+        if self.beam_width < 1:
+            raise ValueError(f"beam_width must be >= 1, got {self.beam_width}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")

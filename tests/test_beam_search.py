@@ -151,10 +151,8 @@ def test_beams_preempted_in_a_cycle_are_an_error_not_a_hang(stories_path):
 
 
 def test_beam_search_params_are_validated():
-    with pytest.raises(ValueError, match=r"beam_width must be in \[1, 10\].*got 0"):
+    with pytest.raises(ValueError, match=r"beam_width must be >= 1, got 0"):
         BeamSearchParams(beam_width=0, max_tokens=4)
-    with pytest.raises(ValueError, match=r"beam_width must be in \[1, 10\].*got 11"):
-        BeamSearchParams(beam_width=11, max_tokens=4)
     with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
         BeamSearchParams(beam_width=2, max_tokens=0)
     with pytest.raises(TypeError, match="beam_width must be an int, got 2.5"):

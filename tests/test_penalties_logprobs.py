@@ -505,3 +505,42 @@ def test_steps_without_prompt_logprobs_build_no_prompt_rows():
     assert wanted.batch.prompt_next_ids[:5].tolist() == [8, 9, 10, 11, 12]
     # Padded to the step's 16 tokens (12 scheduled); padding rows are marked -1.
     assert wanted.batch.prompt_indices[5:].tolist() == [-1] * 11
+
+
+def test_whole_vocabulary_logprobs_match_hf_and_max_logprobs_caps_requests(tiny_llama):
+    """`logprobs=-1` / `prompt_logprobs=-1` report every token's logprob (vLLM's), here against HF's
+    log-softmax, once the engine allows it (`max_logprobs=-1`); an engine with the default cap of
+    20 refuses them, and any count past its cap, naming both."""
+    from hf_models import hf_logits
+
+    from jpaged import LLM, BeamSearchParams
+
+    model, folder = tiny_llama
+    prompt = np.random.default_rng(8).integers(3, 96, 9).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True, logprobs=-1, prompt_logprobs=-1)
+    out = LLM(folder, num_blocks=16, block_size=4, dtype="float32", max_logprobs=-1).generate(
+        {"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    generated = out.outputs[0].token_ids
+    logits = hf_logits(model, prompt + generated[:-1])
+    expected = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    assert_prompt_logprobs_match(out.prompt_logprobs, prompt, expected, 96)
+    assert len(out.outputs[0].logprobs) == len(generated)
+    for step, (token, entry) in enumerate(zip(generated, out.outputs[0].logprobs)):
+        row = expected[len(prompt) - 1 + step]
+        assert len(entry) == 96 and token == row.argmax() and entry[token].rank == 1
+        assert sorted(entry) == list(range(96))
+        assert [entry[t].logprob for t in range(96)] == pytest.approx(row.tolist(), abs=1e-4)
+
+    capped = LLM(folder, num_blocks=16, block_size=4, dtype="float32", max_logprobs=20)
+    for asked, named in (({"logprobs": 21}, "logprobs 21 is more than max_logprobs 20"),
+                         ({"prompt_logprobs": -1}, r"prompt_logprobs -1 \(the whole vocabulary of 96 tokens\) is more "
+                                                   "than max_logprobs 20")):
+        with pytest.raises(ValueError, match=named):
+            capped.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=2, **asked), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"beam_width 11 needs the top 22 logprobs .* use beam_width <= 10"):
+        capped.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(beam_width=11, max_tokens=2))
+    twenty = capped.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=2, logprobs=20),
+                             use_tqdm=False)[0].outputs[0]
+    assert twenty.token_ids == generated[:2] and all(len(entry) in (20, 21) for entry in twenty.logprobs)
+    manager = capped.engine.block_manager
+    assert not capped.engine.has_unfinished_requests() and manager.num_free_blocks == manager.num_blocks

@@ -451,6 +451,9 @@ def test_errors_name_the_request_field_not_the_engine_one(server):
                          ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"max_tokens": 0}, "max_tokens")):
         error = server.post("/v1/chat/completions", {**chat, **extra}).json()["error"]
         assert error["param"] == param and error["message"].startswith(param + " "), error
+    past_cap = server.post("/v1/completions", {"prompt": "hi", "logprobs": -1})
+    assert past_cap.status_code == 400 and past_cap.json()["error"]["param"] == "logprobs"
+    assert "more than max_logprobs 20" in past_cap.json()["error"]["message"]
     too_long = server.post("/v1/chat/completions", {**chat, "max_tokens": 10**6}).json()["error"]
     assert too_long["param"] == "max_tokens" and too_long["code"] == "context_length_exceeded"
     second = server.post("/v1/completions", {"prompt": ["Once", "a " * 600], "max_tokens": 5}).json()["error"]

@@ -59,7 +59,8 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     tokenizer = state.engine.tokenizer
     prompt, params = await chat_request_input(request, state)
     request_id = random_id("chatcmpl")
-    group = await submit(state, request_id, [prompt], [params], request.priority, constraint_field(request))
+    group = await submit(state, request_id, [prompt], [params], request.priority, constraint_field(request),
+                         renamed={"logprobs": "top_logprobs"})
     if request.stream:
         return _stream(request, state, request_id, prompt, params, group)
     (output,) = await collect(group)

@@ -58,11 +58,14 @@ class ServerState:
 
 
 async def submit(state: ServerState, request_id: str, prompts: list[Prompt], params: list[SamplingParams],
-                 priority: int = 0, constraint_field: str = "structured_outputs") -> RequestGroup:
+                 priority: int = 0, constraint_field: str = "structured_outputs",
+                 renamed: dict[str, str] | None = None) -> RequestGroup:
     """Queue one engine request per prompt, each with `priority`. Raises APIError: 503 when the
     server is full, 400 when the engine refuses a prompt (ids outside the vocabulary, too long for
-    the KV cache, an output constraint that does not compile, blamed on `constraint_field`, the
-    field it came from) or the priority (not 0 under first-come-first-served scheduling)."""
+    the KV cache, more logprobs than `--max-logprobs`, an output constraint that does not compile,
+    blamed on `constraint_field`, the field it came from) or the priority (not 0 under
+    first-come-first-served scheduling). `renamed` maps a `SamplingParams` field to the request's
+    name for it, for the error's `param` and message."""
     requests: list[tuple[PromptType, SamplingParams]] = [
         ({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, param)
         for prompt, param in zip(prompts, params)]
@@ -77,14 +80,15 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt], par
         if field == "structured_outputs" != constraint_field:
             raise bad_request(re.sub(r"^structured_outputs \w+", f"{constraint_field} schema", str(err)),
                               param=constraint_field) from err
-        raise bad_request(str(err), param=field) from err
+        param = (renamed or {}).get(field, field)
+        raise bad_request(re.sub(rf"^{field}\b", param, str(err)), param=param) from err
 
 
 def _refused_field(message: str) -> str:
     """The request field an engine refusal (`LLMEngine.add_request`'s ValueError) is about."""
     leading = message.split(" ", 3)[:3]
     fields = ("logit_bias", "bad_words", "stop_token_ids", "allowed_token_ids", "truncate_prompt_tokens",
-              "structured_outputs", "priority")
+              "structured_outputs", "priority", "logprobs", "prompt_logprobs")
     return next((field for field in fields if field in leading), "prompt")
 
 
