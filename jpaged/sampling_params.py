@@ -9,6 +9,7 @@ sampler later packs the numeric fields of every scheduled request into device ar
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ def _as_token_ids(field: str, value: object) -> list[int]:
     return token_ids
 
 
-STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 def constraints_set(fields: dict) -> list[str]:
@@ -130,7 +131,7 @@ def constraints_set(fields: dict) -> list[str]:
 @dataclass
 class StructuredOutputsParams:
     """A constraint on what a request generates, shaped like vLLM's ``StructuredOutputsParams``:
-    exactly one of the five kinds (see ``jpaged.structured_output``).
+    exactly one of the six kinds (see ``jpaged.structured_output``).
 
     Attributes:
         json: a JSON schema (a dict, its JSON text, or True for any value): the output is one JSON value it
@@ -139,6 +140,11 @@ class StructuredOutputsParams:
         choice: a list of strings: the output is exactly one of them.
         grammar: a context-free grammar in Lark or GBNF (llama.cpp's) syntax.
         json_object: True: the output is any JSON object (OpenAI's ``json_object`` format).
+        structural_tag: free text in which tagged segments are constrained (vLLM's, for tool
+            calls amid text): the JSON text (or a dict) of ``{"structures": [{"begin", "schema",
+            "end"}, ...], "triggers": [...]}``. Once the output holds a trigger, the rest of the
+            segment must be one structure's ``begin``, a JSON value its ``schema`` accepts, then its
+            ``end``; each ``begin`` starts with one of the triggers.
         disable_any_whitespace: JSON without white space between tokens (by default any white space
             JSON allows may appear, which small models can fill without end).
         disable_additional_properties: JSON objects hold only the properties their schema lists
@@ -150,6 +156,7 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: str | None = None
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
 
@@ -162,7 +169,9 @@ class StructuredOutputsParams:
             self.json = "true"
         if self.json is not None and not isinstance(self.json, (dict, str)):
             raise TypeError(f"structured_outputs json must be a schema (a dict, its JSON text, or True), got {self.json!r}")
-        for field in ("regex", "grammar"):
+        if isinstance(self.structural_tag, dict):
+            self.structural_tag = json.dumps(self.structural_tag)
+        for field in ("regex", "grammar", "structural_tag"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"structured_outputs {field} must be a non-empty string, got {value!r}")

@@ -3,7 +3,7 @@
 Host side, between the engine and the sampler. When a request with
 ``SamplingParams.structured_outputs`` is added, `GrammarCompiler` turns its constraint (a JSON
 schema, any JSON object, a regular expression, a choice of strings, or a Lark / GBNF grammar) into
-a `Grammar`; every sequence of the request holds its own copy. Before a step samples a sequence,
+a `Grammar` (a structural tag: free text whose tagged segments follow a schema); every sequence of the request holds its own copy. Before a step samples a sequence,
 `jpaged/step_batch.py` asks its grammar for the next token bitmask (one bit per vocabulary entry);
 the sampler (`jpaged/sampler.py`) sets the logits of every token whose bit is clear to -inf, first
 of all, so raw logprobs see the constraint as in vLLM. After the step the engine feeds each
@@ -110,7 +110,38 @@ def _llguidance_grammar(kind: str, spec, params: StructuredOutputsParams) -> str
         return llguidance.LLMatcher.grammar_from_regex(spec)
     if kind == "choice":  # one regex, not a grammar rule of many alternatives (the parser caps those at 2,000)
         return llguidance.LLMatcher.grammar_from_regex("|".join(_escaped(choice) for choice in spec))
+    if kind == "structural_tag":
+        return llguidance.StructTag.to_grammar(_struct_tags(spec))
     return llguidance.grammar_from("grammar", spec)
+
+
+def _struct_tags(spec: str) -> list:
+    """llguidance `StructTag`s of a structural tag's JSON text (vLLM's `structural_tag` layout:
+    `{"structures": [{"begin", "schema", "end"}], "triggers": [...]}`), each with the trigger its
+    `begin` starts with. ValueError naming what is missing or wrong."""
+    import llguidance
+
+    try:
+        tag = json.loads(spec)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"it is not JSON: {err}") from None
+    triggers = tag.get("triggers") if isinstance(tag, dict) else None
+    structures = tag.get("structures") if isinstance(tag, dict) else None
+    if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
+        raise ValueError(f"'triggers' must be a list of non-empty strings, got {triggers!r:.200}")
+    if not isinstance(structures, list) or not structures:
+        raise ValueError(f"'structures' must be a non-empty list of {{'begin', 'schema', 'end'}}, got {structures!r:.200}")
+    tags = []
+    for i, structure in enumerate(structures):
+        if not isinstance(structure, dict) or not all(isinstance(structure.get(key), str) for key in ("begin", "end")):
+            raise ValueError(f"structures[{i}] must hold 'begin' and 'end' strings, got {structure!r:.200}")
+        begin = structure["begin"]
+        trigger = next((t for t in triggers if begin.startswith(t)), None)
+        if trigger is None:
+            raise ValueError(f"structures[{i}] begin {begin!r} starts with none of the triggers {triggers}")
+        schema = _json_schema(structure.get("schema", True))
+        tags.append(llguidance.StructTag(trigger=trigger, begin=begin, grammar=schema, end=structure["end"]))
+    return tags
 
 
 def _json_schema(spec) -> dict:

@@ -9,6 +9,7 @@ non-streamed response (streamed deltas must concatenate to it), and the engine's
 import asyncio
 import json
 import random
+import re
 import shutil
 import socket
 import threading
@@ -500,6 +501,27 @@ def test_structured_outputs_match_llm_generate_and_parse(server, expected):
     finished = [json.loads(c.message.content) for c in sampled.choices if c.finish_reason == "stop"]
     assert len(finished) >= 2 and all(set(person) == {"name", "age"} for person in finished)
     assert server.wait_idle()[1].kv_cache_usage == 0
+
+
+def test_structural_tag_response_format(server):
+    """vLLM's `structural_tag` response format constrains the segments its triggers start, as the
+    same tag sent in `structured_outputs` does."""
+    tag = {"triggers": [" ball"], "structures": [{"begin": " ball ", "schema": {"type": "integer", "minimum": 0,
+                                                                                "maximum": 99}, "end": " dogs"}]}
+    client = server.client()
+    texts = []
+    for extra in ({"response_format": {"type": "structural_tag", **tag}},
+                  {"structured_outputs": {"structural_tag": json.dumps({"type": "structural_tag", **tag})}}):
+        chat = client.chat.completions.create(model="stories", messages=CHAT, max_completion_tokens=60, temperature=0,
+                                              extra_body=extra)
+        texts.append(chat.choices[0].message.content)
+    assert texts[0] == texts[1] and re.search(r" ball (0|[1-9][0-9]?) dogs", texts[0]), texts[0]
+    pieces = texts[0].split(" ball")[1:]
+    for piece in pieces[:-1]:
+        assert re.match(r" (0|[1-9][0-9]?) dogs", piece), texts[0]
+    bad = server.post("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "structural_tag",
+                                                                                       "structures": []}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format", bad.text
 
 
 def test_openai_client_parses_a_pydantic_response_format(server):

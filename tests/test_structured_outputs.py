@@ -183,3 +183,42 @@ def test_schema_options_and_boolean_schemas(stories):
     if anything.outputs[0].finish_reason == "stop":
         json.loads(anything.outputs[0].text)  # any JSON value
 
+
+
+# a structural tag: free text, but " the" starts a segment " the <0-99> dogs"
+COUNTED_DOGS = {"triggers": [" the"], "structures": [
+    {"begin": " the ", "schema": {"type": "integer", "minimum": 0, "maximum": 99}, "end": " dogs"}]}
+
+
+def tagged_segments_obey(text: str, finish_reason: str) -> int:
+    """How many ` the <0-99> dogs` segments `text` holds, asserting that every " the" starts one
+    (the last may be cut short when the output ran out of tokens)."""
+    pieces = text.split(" the")[1:]
+    for i, piece in enumerate(pieces):
+        if not re.match(r" (0|[1-9][0-9]?) dogs", piece):
+            assert i == len(pieces) - 1 and finish_reason == "length" and len(piece) < len(" 99 dogs"), text
+    return len(pieces)
+
+
+def test_structural_tag_constrains_only_its_segments(stories):
+    """Text before the first trigger is the unconstrained output's; every trigger is followed by
+    the structure's begin, a value its schema accepts, and its end (vLLM's `structural_tag`)."""
+    llm, _, _ = stories
+    tag = StructuredOutputsParams(structural_tag=json.dumps({"type": "structural_tag", **COUNTED_DOGS}))
+    assert StructuredOutputsParams(structural_tag=COUNTED_DOGS).constraint[0] == "structural_tag"
+    plain, greedy, sampled = llm.generate([PROMPT] * 3, [
+        SamplingParams(temperature=0, max_tokens=60), SamplingParams(temperature=0, max_tokens=60, structured_outputs=tag),
+        SamplingParams(temperature=1.0, max_tokens=60, n=4, seed=2, structured_outputs=tag)], use_tqdm=False)
+    plain, constrained = plain.outputs[0].text, greedy.outputs[0].text
+    assert " the" in plain
+    cut = plain.index(" the") + len(" the")
+    assert constrained[:cut] == plain[:cut] and constrained != plain
+    assert tagged_segments_obey(constrained, greedy.outputs[0].finish_reason) >= 1
+    assert sum(tagged_segments_obey(c.text, c.finish_reason) for c in sampled.outputs) >= 2
+    for spec, message in [("{not json", "is not JSON"), ({"structures": COUNTED_DOGS["structures"]}, "'triggers' must"),
+                          ({"triggers": [" a"], "structures": COUNTED_DOGS["structures"]}, "starts with none of"),
+                          ({"triggers": [" the"], "structures": [{"begin": " the"}]}, "must hold 'begin' and 'end'")]:
+        with pytest.raises(ValueError, match=f"structured_outputs structural_tag is not valid: .*{message}"):
+            llm.generate(PROMPT, SamplingParams(max_tokens=4, structured_outputs={"structural_tag": spec}),
+                         use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests() and llm.engine.stats().kv_cache_usage == 0

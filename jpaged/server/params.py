@@ -8,6 +8,7 @@ the field, which becomes the error's `param`. Plain Python: no jax.
 
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
 
 from jpaged.sampling_params import SamplingParams, StructuredOutputsParams, constraints_set
@@ -87,12 +88,13 @@ def max_tokens_field(request: ChatCompletionRequest) -> str:
     return "max_completion_tokens"
 
 
-RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema", "structural_tag")
 
 
 def structured_outputs(request: SamplingFields, tool_constraint: dict | None = None) -> StructuredOutputsParams | None:
     """The request's output constraint: vLLM's `structured_outputs`, with OpenAI's `response_format`
-    (`json_object`: any JSON object; `json_schema`: its `json_schema.schema`) or a chat's
+    (`json_object`: any JSON object; `json_schema`: its `json_schema.schema`; `structural_tag`:
+    vLLM's, its `structures` and `triggers` as `structural_tag`) or a chat's
     `tool_constraint` (its `tools.tool_schema`) merged in as vLLM does (so `structured_outputs`
     may add options such as `disable_any_whitespace` to them). 400 naming the field for an
     unknown format, a missing schema, or bad or conflicting constraints."""
@@ -122,6 +124,8 @@ def structured_outputs(request: SamplingFields, tool_constraint: dict | None = N
             raise bad_request(f"response_format json_schema must be an object holding a schema (a JSON schema "
                               f"object), got {json_schema!r:.200}", param="response_format")
         add("json", schema, "response_format")
+    elif kind == "structural_tag":
+        add("structural_tag", json.dumps(response_format), "response_format")
     if not fields and request.structured_outputs is None:
         return None
     try:
