@@ -36,6 +36,7 @@ from jpaged.sampling_params import (
     ALL_LOGPROBS,
     SamplingParams,
     bad_words_token_ids,
+    device_seed,
     generation_defaults,
     is_integer,
     truncated_prompt,
@@ -187,7 +188,7 @@ class LLMEngine:
         params = self._resolve_logprobs(params)
         bad_words = bad_words_token_ids(params.bad_words, self.tokenizer)
         self._check_fits(token_ids, params, bad_words)
-        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
+        seed = device_seed(params.seed) if params.seed is not None else self._seed_rng.getrandbits(32)
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         request = Request(request_id, text, token_ids, params, seed, grammar, int(priority))
         request.bad_words_token_ids = bad_words

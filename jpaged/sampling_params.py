@@ -14,7 +14,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
-SEED_LIMIT = 2**32  # seeds are packed into uint32 device arrays
+SEED_LIMIT = 2**32  # seeds are packed into uint32 device arrays (`device_seed` maps a request's seed there)
+SEED_RANGE = (-(2**63), 2**64)  # request seeds: any int64 or uint64, as torch's manual_seed takes
 MAX_LOGPROBS = 20  # default of the engine's ``max_logprobs``, the most top logprobs per token: vLLM's default
 ALL_LOGPROBS = -1  # ``logprobs`` / ``prompt_logprobs`` asking for the whole vocabulary (vLLM's)
 PENALTY_LIMIT = 2.0  # presence / frequency penalties lie in [-PENALTY_LIMIT, PENALTY_LIMIT]
@@ -203,7 +204,8 @@ class SamplingParams:
         top_k: keep only the k most likely tokens; 0 (or -1, normalised to 0) disables it.
         min_p: drop tokens whose probability is below ``min_p`` times the top probability,
             in [0, 1]; 0 disables it.
-        seed: per-request random seed in [0, 2**32); None lets the engine draw one.
+        seed: per-request random seed, any int64 or uint64 (as vLLM takes); None lets the engine
+            draw one. Seeds in [0, 2**32) are drawn from as they are, others after a hash.
         max_tokens: most tokens to generate, >= 1; None: as many as ``max_model_len`` leaves
             after the prompt (the engine sets it when the request is added).
         stop: strings that end generation; normalised to a list of non-empty strings.
@@ -298,8 +300,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None:
             self.seed = as_int("seed", self.seed)
-            if not 0 <= self.seed < SEED_LIMIT:
-                raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+            if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+                raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
 
     def _check_length_and_stop_fields(self) -> None:
         """Validate and normalise the fields the engine's host-side stop checks read."""
@@ -440,6 +442,22 @@ def bad_words_token_ids(bad_words: list[str], tokenizer) -> list[list[int]]:
     return sequences
 
 
+def _splitmix64(z: int) -> int:
+    mask = (1 << 64) - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def device_seed(seed: int) -> int:
+    """A request's seed (in `SEED_RANGE`) as the uint32 the device draws from: seeds in
+    [0, 2**32) as they are, others (a negative seed taken as its 64 bits, as torch's
+    `manual_seed` takes it) mixed by splitmix64 into that range."""
+    if 0 <= seed < SEED_LIMIT:
+        return seed
+    return _splitmix64(seed & ((1 << 64) - 1)) % SEED_LIMIT
+
+
 def derive_seed(seed: int, index: int) -> int:
     """Seed of the ``index``-th sequence of a request whose seed is ``seed``, in [0, 2**32).
 
@@ -449,11 +467,7 @@ def derive_seed(seed: int, index: int) -> int:
     """
     if index == 0:
         return int(seed)
-    mask = (1 << 64) - 1
-    z = (int(seed) * 0x100000001 + index * 0x9E3779B97F4A7C15) & mask
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-    return (z ^ (z >> 31)) % SEED_LIMIT
+    return _splitmix64((int(seed) * 0x100000001 + index * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)) % SEED_LIMIT
 
 
 GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
