@@ -125,11 +125,15 @@ class IncrementalDetokenizer:
     def finish(self, stop_token: int | None = None) -> str | None:
         """End the text: release what is held back and, when the sequence ended on `stop_token`
         (a stop token id or EOS), add its text under `include_stop_str_in_output`. Return the stop
-        string the released text completed (the text is cut at it), else None. Idempotent."""
+        string the released text completed (the text is cut at it), else None; the U+FFFD of an
+        incomplete last character is shown but completes no stop string. Idempotent."""
         if self.finished:
             return None
-        base = self._text
-        stop = self._take(self._window_text())
+        base, held = self._text, self._window_text()
+        complete = held.rstrip(REPLACEMENT)
+        stop = self._take(complete)
+        if stop is None:
+            self._text += held[len(complete):]
         if stop_token is not None:
             self.num_tokens += 1
             self.last_token = stop_token

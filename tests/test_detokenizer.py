@@ -106,6 +106,10 @@ def test_a_trailing_split_character_is_released_on_finish(smollm_tokenizer):
     tokens = smollm_tokenizer.encode("ok 😊", add_special_tokens=False)[:-1]
     shown, final, _, _ = stream(smollm_tokenizer, [], tokens, SamplingParams())
     assert shown[-1] == "ok" and final == smollm_tokenizer.decode(tokens) and final.endswith("\ufffd")
+    # the U+FFFD stands for bytes the output never completed: no stop string matches it (a length cut stays one)
+    for stop in ("\ufffd", "k \ufffd"):
+        assert stream(smollm_tokenizer, [], tokens, SamplingParams(stop=[stop]))[1:] == (final, len(tokens), None)
+    assert stream(smollm_tokenizer, [], tokens, SamplingParams(stop=["k "]))[1:] == ("o", len(tokens), "k ")
 
 
 @pytest.mark.parametrize(("include", "expected"), [(False, " Max"), (True, " Max.")])
