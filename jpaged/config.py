@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from jpaged.sampling_params import MAX_LOGPROBS, is_integer
+from jpaged.sampling_params import MAX_LOGPROBS, as_bool, is_integer
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -224,6 +224,7 @@ class CacheConfig:
 
     def __post_init__(self):
         _check_integers(self, ("block_size", "num_blocks"), optional=("num_blocks",))
+        as_bool("enable_prefix_caching", self.enable_prefix_caching)
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two >= 1, got {self.block_size}")
         if self.kv_cache_dtype == "fp8":  # vLLM's name for the same format
@@ -376,6 +377,8 @@ class EngineConfig:
 
     def __post_init__(self):
         _check_integers(self, ("seed", "max_logprobs"))
+        for name in ("attention_interpret", "compilation_cache", "compile_warmup"):
+            as_bool(name, getattr(self, name))
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be -1 (the whole vocabulary) or >= 0, got {self.max_logprobs}")
         if not isinstance(self.generation_config, str):

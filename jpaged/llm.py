@@ -202,10 +202,10 @@ def _conversations(messages) -> list[list[dict]]:
     """One conversation (a list of message dicts) or a list of them, as a list of conversations,
     each message's content as text: a list of OpenAI text parts (`{"type": "text", "text": ...}`)
     joined by newlines, as vLLM does, and an assistant's None as "". ValueError naming the first
-    message that is not a dict with a string "role" and such a "content"."""
-    if not isinstance(messages, list):
-        raise ValueError(f"messages must be a list of message dicts or a list of such lists, got "
-                         f"{type(messages).__name__}")
+    message that is not a dict with a string "role" and such a "content", or for no messages."""
+    if not isinstance(messages, list) or not messages:
+        got = type(messages).__name__ if messages else repr(messages)
+        raise ValueError(f"messages must be a list of message dicts or a list of such lists, got {got}")
     conversations = [messages] if messages and isinstance(messages[0], dict) else messages
     for i, conversation in enumerate(conversations):
         if not isinstance(conversation, list):

@@ -273,6 +273,7 @@ def test_request_larger_than_cache_is_rejected(stories_path):
 
 def test_malformed_chat_messages_are_named(llm):
     for messages, named in [([{"role": "user"}], "conversation 0, message 0"), ("hello", "got str"),
+                            ([], "a list of message dicts or a list of such lists, got \\[\\]"),
                             (["hello"], "conversation 0 must be a list"),
                             ([[{"role": "user", "content": "hi"}], [{"content": "x"}]], "conversation 1, message 0"),
                             ([{"role": "user", "content": None}], "conversation 0, message 0: content must be"),
@@ -543,3 +544,19 @@ def test_samples_of_several_requests_never_exceed_max_num_seqs(stories_path):
     assert [[c.token_ids for c in o.outputs] for o in together] == expected and all_blocks_free(small)
     with pytest.raises(ValueError, match=r"stop_token_ids \[100000\] are outside the vocabulary"):
         small.generate(STORY_STARTS[:1], SamplingParams(stop_token_ids=[100000]), use_tqdm=False)
+
+
+def test_engine_switches_and_counts_are_checked_before_loading():
+    """A switch given as anything but a bool, or a logprob cap below -1, is refused naming it
+    (not taken as true, as a non-empty string would be)."""
+    from jpaged.llm import engine_config
+
+    for kwargs, message in [({"enable_prefix_caching": "no"}, "enable_prefix_caching must be a bool, got 'no'"),
+                            ({"compilation_cache": 0}, "compilation_cache must be a bool, got 0"),
+                            ({"compile_warmup": "yes"}, "compile_warmup must be a bool"),
+                            ({"attention_interpret": None}, "attention_interpret must be a bool")]:
+        with pytest.raises(TypeError, match=message):
+            engine_config(None, **kwargs)
+    with pytest.raises(ValueError, match=r"max_logprobs must be -1 \(the whole vocabulary\) or >= 0, got -2"):
+        engine_config(None, max_logprobs=-2)
+    assert engine_config(None, enable_prefix_caching=False, max_logprobs=-1).cache.enable_prefix_caching is False
