@@ -387,7 +387,7 @@ class LLMEngine:
             wanted, token = request.params.prompt_logprobs, request.prompt_token_ids[position + 1]
             request.prompt_logprobs_so_far[position + 1] = self._logprob_entry(
                 token, float(found.token_logprobs[row]), int(found.ranks[row]), found.top_ids[row][:wanted],
-                found.top_logprobs[row][:wanted])
+                found.top_logprobs[row][:wanted], request.params.detokenize)
             if position + 2 == len(request.prompt_token_ids):
                 request.prompt_logprobs = request.prompt_logprobs_so_far
 
@@ -400,14 +400,20 @@ class LLMEngine:
         if wanted is not None:
             seq.output_logprobs.append(self._logprob_entry(token, logprob, int(sampled.ranks[row]),
                                                            sampled.top_ids[row][:wanted],
-                                                           sampled.top_logprobs[row][:wanted]))
+                                                           sampled.top_logprobs[row][:wanted],
+                                                           seq.sampling_params.detokenize))
 
-    def _logprob_entry(self, token: int, logprob: float, rank: int, top_ids, top_logprobs) -> dict[int, Logprob]:
+    def _logprob_entry(self, token: int, logprob: float, rank: int, top_ids, top_logprobs,
+                       detokenize: bool) -> dict[int, Logprob]:
         """One position's logprobs as vLLM reports them: the chosen token's first, then the top
-        ones, ranked 1.. in order (a chosen token among them takes its top entry)."""
-        entry = {token: Logprob(logprob, rank, token_text(self.tokenizer, token))}
+        ones, ranked 1.. in order (a chosen token among them takes its top entry); each token's
+        text where the request's text is made (`detokenize`), else None."""
+        def text(token: int) -> str | None:
+            return token_text(self.tokenizer, token) if detokenize else None
+
+        entry = {token: Logprob(logprob, rank, text(token))}
         for rank, (top, top_logprob) in enumerate(zip(top_ids.tolist(), top_logprobs.tolist()), 1):
-            entry[top] = Logprob(top_logprob, rank, token_text(self.tokenizer, top))
+            entry[top] = Logprob(top_logprob, rank, text(top))
         return entry
 
     def _append_token(self, seq: Sequence, token: int) -> None:

@@ -317,6 +317,12 @@ def test_detokenize_false_gives_the_same_tokens_without_text(llm):
     assert [(o.outputs[0].text, o.outputs[0].finish_reason) for o in bare] == [
         ("", o.outputs[0].finish_reason) for o in full]
     assert any(o.outputs[0].stop_reason == 265 for o in bare)
+    scored = [llm.generate(STORY_STARTS[0], dataclasses.replace(params, logprobs=2, prompt_logprobs=1, detokenize=d),
+                           use_tqdm=False)[0] for d in (True, False)]
+    entries = [[lp for entry in out.outputs[0].logprobs + out.prompt_logprobs[1:] for lp in entry.values()]
+               for out in scored]
+    assert all(lp.decoded_token for lp in entries[0]) and all(lp.decoded_token is None for lp in entries[1])
+    assert [lp.logprob for lp in entries[0]] == [lp.logprob for lp in entries[1]]  # texts only, as vLLM's
     with pytest.raises(ValueError, match=r"stop strings \['\.'\] .* need detokenize=True"):
         SamplingParams(stop=".", detokenize=False)
     with pytest.raises(ValueError, match=r"a prompt dict takes 'prompt' and 'prompt_token_ids' .*\['multi_modal_data'\]"):
