@@ -25,10 +25,24 @@ MAX_IDLE_STEPS = 8  # engine steps in a row that schedule nothing before a searc
 
 @dataclass
 class BeamSearchSequence:
-    token_ids: list[int]  # generated tokens
-    cumulative_logprob: float
-    score: float  # cumulative_logprob / len(token_ids) ** length_penalty
+    """One hypothesis, with vLLM's fields: `tokens` (prompt and generated tokens), `logprobs`
+    (per generated token, its beam's top `2 * beam_width` as `{token id: Logprob}`),
+    `cum_logprob`, `text` (of the generated tokens, EOS left out) and `finish_reason` ("stop":
+    it ended on EOS; "length": at `max_tokens`); and `score`, what beams are ranked by:
+    `cum_logprob / len(token_ids) ** length_penalty`."""
+
+    tokens: list[int]
+    logprobs: list[dict] = field(repr=False)
+    cum_logprob: float
+    score: float
     text: str = ""
+    finish_reason: str = "length"
+    num_prompt_tokens: int = field(default=0, repr=False)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated tokens (an EOS that ended the hypothesis included)."""
+        return self.tokens[self.num_prompt_tokens:]
 
 
 @dataclass
@@ -51,8 +65,12 @@ class _Search:
     round: int = 0
     done: bool = False
 
-    def hypothesis(self, tokens: list[int], logprob: float) -> BeamSearchSequence:
-        return BeamSearchSequence(tokens, logprob, logprob / len(tokens) ** self.params.length_penalty)
+    def hypothesis(self, beam: Sequence, token: int, logprob: float, finish_reason: str) -> BeamSearchSequence:
+        """`beam`'s tokens with its newest one made `token`, scored by `logprob`, their sum."""
+        tokens = beam.output_token_ids[:-1] + [token]
+        return BeamSearchSequence(beam.prompt_token_ids + tokens, list(beam.output_logprobs), logprob,
+                                  logprob / len(tokens) ** self.params.length_penalty,
+                                  finish_reason=finish_reason, num_prompt_tokens=len(beam.prompt_token_ids))
 
 
 def beam_search(engine: EngineClient, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
@@ -158,13 +176,12 @@ def _select(engine: EngineClient, search: _Search, candidates, last_round: bool)
     taken: set[Sequence] = set()
     kept = 0
     for rank, (score, beam, token) in enumerate(candidates):
-        tokens = beam.output_token_ids[:-1] + [token]
         if token in engine.eos_token_ids and not search.params.ignore_eos:
             if rank < width:
-                search.finished.append(search.hypothesis(tokens, score))
+                search.finished.append(search.hypothesis(beam, token, score, "stop"))
             continue
         if last_round:
-            search.finished.append(search.hypothesis(tokens, score))
+            search.finished.append(search.hypothesis(beam, token, score, "length"))
         else:
             survivor = beam if beam not in taken else engine.fork_sequence(beam)
             taken.add(beam)
