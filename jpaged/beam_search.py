@@ -78,9 +78,10 @@ def beam_search(engine: EngineClient, prompts: list, params: BeamSearchParams) -
     whose `2 * beam_width` ranked continuations exceed the engine's `max_logprobs`, or a prompt
     the engine refuses; RuntimeError when the beams cannot fit in the KV cache together."""
     if 2 * params.beam_width > engine.max_logprobs:
+        smaller = f"use beam_width <= {engine.max_logprobs // 2} or " if engine.max_logprobs >= 2 else ""
         raise ValueError(f"beam_width {params.beam_width} needs the top {2 * params.beam_width} logprobs of every beam "
-                         f"each step, more than max_logprobs {engine.max_logprobs}: use beam_width <= "
-                         f"{engine.max_logprobs // 2} or start the engine with a larger max_logprobs")
+                         f"each step, more than max_logprobs {engine.max_logprobs}: {smaller}start the engine with a "
+                         "larger max_logprobs")
     searches: list[_Search] = []
     try:
         for prompt in prompts:

@@ -204,8 +204,9 @@ class SamplingParams:
         top_k: keep only the k most likely tokens; 0 (or -1, normalised to 0) disables it.
         min_p: drop tokens whose probability is below ``min_p`` times the top probability,
             in [0, 1]; 0 disables it.
-        seed: per-request random seed, any int64 or uint64 (as vLLM takes); None lets the engine
-            draw one. Seeds in [0, 2**32) are drawn from as they are, others after a hash.
+        seed: per-request random seed, any int64 or uint64 (as vLLM takes); None (or -1, as in
+            vLLM) lets the engine draw one. Seeds in [0, 2**32) are drawn from as they are, others
+            after a hash into that range.
         max_tokens: most tokens to generate, >= 1; None: as many as ``max_model_len`` leaves
             after the prompt (the engine sets it when the request is added).
         stop: strings that end generation; normalised to a list of non-empty strings.
@@ -300,6 +301,9 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None:
             self.seed = as_int("seed", self.seed)
+            if self.seed == -1:  # vLLM's "no seed"
+                self.seed = None
+        if self.seed is not None:
             if not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
                 raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
 

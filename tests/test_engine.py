@@ -413,10 +413,11 @@ def test_seeded_sampling_is_reproducible_across_batches(llm):
     assert unseeded[0].outputs[0].token_ids != unseeded[1].outputs[0].token_ids
     # seeds outside uint32 (any int64 or uint64, as vLLM takes) draw reproducibly, each its own way
     wide = [SamplingParams(temperature=1.0, seed=seed, max_tokens=24, ignore_eos=True)
-            for seed in (-1, 2**40 + 1234, 2**63 + 5, 0)]
+            for seed in (-5, 2**40 + 1234, 2**63 + 5, 0)]
     twice = [llm.generate(["Tom and Sue"] * 4, wide, use_tqdm=False) for _ in range(2)]
     drawn = [tuple(out.outputs[0].token_ids) for out in twice[0]]
     assert drawn == [tuple(out.outputs[0].token_ids) for out in twice[1]] and len(set(drawn + [tuple(alone)])) == 5
+    assert SamplingParams(seed=-1).seed is None  # vLLM's "no seed": drawn afresh each time
 
 
 def test_sampled_request_joining_running_decodes_keeps_its_own_params(llm):

@@ -495,3 +495,32 @@ def test_auto_tool_choice_and_request_templates_need_the_server_to_allow_them():
     assert read_chat_template(long_template) == long_template
     with pytest.raises(ValueError, match="does not parse"):
         read_chat_template("{% if %}")
+
+
+def test_whole_vocabulary_logprobs_keep_every_entry(stories_path):
+    """-1 (the whole vocabulary, under --max-logprobs -1) keeps every entry the engine computed, in
+    the chat shape and in an echoed completion's; a count keeps that many."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from jpaged.detokenizer import token_text
+    from jpaged.outputs import Logprob
+    from jpaged.server.logprobs import chat_logprobs, completion_logprobs
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_path)
+    vocab, rng = len(tokenizer), np.random.default_rng(0)
+    token_ids, entries = [], []
+    for _ in range(3):
+        values = np.log(rng.dirichlet(np.ones(vocab)))
+        order = np.argsort(-values)
+        token_ids.append(int(order[4]))
+        entries.append({int(t): Logprob(float(values[t]), rank, token_text(tokenizer, int(t)))
+                        for rank, t in enumerate(order, 1)})
+    chat = chat_logprobs(tokenizer, token_ids, entries, -1).content
+    assert [len(c.top_logprobs) for c in chat] == [vocab] * 3
+    assert [len(c.top_logprobs) for c in chat_logprobs(tokenizer, token_ids, entries, 3).content] == [3] * 3
+    texts = [len({lp.decoded_token for lp in entry.values()}) for entry in entries]  # keyed by text: equal texts join
+    assert [len(top) for top in completion_logprobs(tokenizer, token_ids, entries, top=-1).top_logprobs] == texts
+    three = [len({lp.decoded_token for t, lp in entry.items() if lp.rank <= 3 or t == token})
+             for token, entry in zip(token_ids, entries)]
+    assert [len(top) for top in completion_logprobs(tokenizer, token_ids, entries, top=3).top_logprobs] == three

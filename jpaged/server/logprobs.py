@@ -38,8 +38,10 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict
                         text_offset: int = 0, top: int | None = None) -> CompletionLogprobs:
     """The completions shape for `token_ids` with their engine entries (None where a token has
     none, as a prompt's first); `text_offset` is where the first token's text starts. With
-    `top`, each token's `top_logprobs` hold its own and at most the `top` most likely (an echoed
-    prompt's entries may have been computed wider, for `prompt_logprobs`)."""
+    `top` >= 0, each token's `top_logprobs` hold its own and at most the `top` most likely (an
+    echoed prompt's entries may have been computed wider, for `prompt_logprobs`); None or -1
+    (the whole vocabulary) keeps every entry."""
+    top = None if top is not None and top < 0 else top
     result = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries):
         text = token_text(tokenizer, token_id)
@@ -67,10 +69,11 @@ def prompt_logprobs(entries: list[dict[int, Logprob] | None] | None) -> PromptLo
 
 
 def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, Logprob]], top: int) -> ChatLogprobs:
-    """The chat shape for `token_ids` with their engine entries and `top` alternatives each."""
+    """The chat shape for `token_ids` with their engine entries and `top` alternatives each (-1:
+    every entry, the whole vocabulary)."""
     content = []
     for token_id, entry in zip(token_ids, entries):
-        best = sorted(entry.items(), key=lambda item: item[1].logprob, reverse=True)[:top]
+        best = sorted(entry.items(), key=lambda item: item[1].logprob, reverse=True)[: None if top < 0 else top]
         content.append(ChatTokenLogprob(**_token(tokenizer, token_id, entry[token_id]),
                                         top_logprobs=[TopLogprob(**_token(tokenizer, t, lp)) for t, lp in best]))
     return ChatLogprobs(content=content)
