@@ -208,8 +208,9 @@ def _conversations(messages) -> list[list[dict]]:
         raise ValueError(f"messages must be a list of message dicts or a list of such lists, got {got}")
     conversations = [messages] if messages and isinstance(messages[0], dict) else messages
     for i, conversation in enumerate(conversations):
-        if not isinstance(conversation, list):
-            raise ValueError(f"conversation {i} must be a list of message dicts, got {type(conversation).__name__}")
+        if not isinstance(conversation, list) or not conversation:
+            got = type(conversation).__name__ if conversation else "no messages"
+            raise ValueError(f"conversation {i} must be a list of message dicts, got {got}")
         for j, message in enumerate(conversation):
             if not (isinstance(message, dict) and isinstance(message.get("role"), str) and "content" in message):
                 raise ValueError(f"conversation {i}, message {j} must be a dict with a string 'role' and a "

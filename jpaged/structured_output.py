@@ -125,8 +125,13 @@ def _struct_tags(spec: str) -> list:
         tag = json.loads(spec)
     except json.JSONDecodeError as err:
         raise ValueError(f"it is not JSON: {err}") from None
-    triggers = tag.get("triggers") if isinstance(tag, dict) else None
-    structures = tag.get("structures") if isinstance(tag, dict) else None
+    if not isinstance(tag, dict):
+        raise ValueError(f"it must be a JSON object of 'triggers' and 'structures', got {spec:.200}")
+    if unknown := sorted(set(tag) - {"type", "triggers", "structures"}):
+        raise ValueError(f"keys {unknown} are not among 'type', 'triggers' and 'structures' (the layout of vLLM's "
+                         "structural_tag response format)")
+    triggers = tag.get("triggers")
+    structures = tag.get("structures")
     if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
         raise ValueError(f"'triggers' must be a list of non-empty strings, got {triggers!r:.200}")
     if not isinstance(structures, list) or not structures:

@@ -275,6 +275,7 @@ def test_malformed_chat_messages_are_named(llm):
     for messages, named in [([{"role": "user"}], "conversation 0, message 0"), ("hello", "got str"),
                             ([], "a list of message dicts or a list of such lists, got \\[\\]"),
                             (["hello"], "conversation 0 must be a list"),
+                            ([[{"role": "user", "content": "hi"}], []], "conversation 1 must be a list .* got no messages"),
                             ([[{"role": "user", "content": "hi"}], [{"content": "x"}]], "conversation 1, message 0"),
                             ([{"role": "user", "content": None}], "conversation 0, message 0: content must be"),
                             ([{"role": "user", "content": [{"type": "image_url"}]}], "a list of text parts")]:

@@ -522,6 +522,7 @@ def test_structural_tag_response_format(server):
     bad = server.post("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "structural_tag",
                                                                                        "structures": []}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format", bad.text
+    assert bad.json()["error"]["message"].startswith("response_format structural_tag is not valid: 'triggers'"), bad.text
 
 
 def test_openai_client_parses_a_pydantic_response_format(server):

@@ -217,7 +217,9 @@ def test_structural_tag_constrains_only_its_segments(stories):
     assert sum(tagged_segments_obey(c.text, c.finish_reason) for c in sampled.outputs) >= 2
     for spec, message in [("{not json", "is not JSON"), ({"structures": COUNTED_DOGS["structures"]}, "'triggers' must"),
                           ({"triggers": [" a"], "structures": COUNTED_DOGS["structures"]}, "starts with none of"),
-                          ({"triggers": [" the"], "structures": [{"begin": " the"}]}, "must hold 'begin' and 'end'")]:
+                          ({"triggers": [" the"], "structures": [{"begin": " the"}]}, "must hold 'begin' and 'end'"),
+                          ({"type": "structural_tag", "format": {}}, r"keys \['format'\] are not among"),
+                          ("[1]", "must be a JSON object")]:
         with pytest.raises(ValueError, match=f"structured_outputs structural_tag is not valid: .*{message}"):
             llm.generate(PROMPT, SamplingParams(max_tokens=4, structured_outputs={"structural_tag": spec}),
                          use_tqdm=False)

@@ -78,8 +78,8 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt], par
     except ValueError as err:
         field = _refused_field(str(err))
         if field == "structured_outputs" != constraint_field:
-            raise bad_request(re.sub(r"^structured_outputs \w+", f"{constraint_field} schema", str(err)),
-                              param=constraint_field) from err
+            raise bad_request(re.sub(r"^structured_outputs (\w+)", lambda found: f"{constraint_field} " + (
+                found[1] if found[1] == "structural_tag" else "schema"), str(err)), param=constraint_field) from err
         param = (renamed or {}).get(field, field)
         raise bad_request(re.sub(rf"^{field}\b", param, str(err)), param=param) from err
 
