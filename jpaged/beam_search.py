@@ -26,7 +26,8 @@ MAX_IDLE_STEPS = 8  # engine steps in a row that schedule nothing before a searc
 @dataclass
 class BeamSearchSequence:
     """One hypothesis, with vLLM's fields: `tokens` (prompt and generated tokens), `logprobs`
-    (per generated token, its beam's top `2 * beam_width` as `{token id: Logprob}`),
+    (per generated token, its beam's top `2 * beam_width` as `{token id: Logprob}`, the chosen
+    token first, as `generate` reports them),
     `cum_logprob`, `text` (of the generated tokens, EOS left out) and `finish_reason` ("stop":
     it ended on EOS; "length": at `max_tokens`); and `score`, what beams are ranked by:
     `cum_logprob / len(token_ids) ** length_penalty`."""
@@ -68,7 +69,8 @@ class _Search:
     def hypothesis(self, beam: Sequence, token: int, logprob: float, finish_reason: str) -> BeamSearchSequence:
         """`beam`'s tokens with its newest one made `token`, scored by `logprob`, their sum."""
         tokens = beam.output_token_ids[:-1] + [token]
-        return BeamSearchSequence(beam.prompt_token_ids + tokens, list(beam.output_logprobs), logprob,
+        logprobs = [{chosen: entry[chosen], **entry} for chosen, entry in zip(tokens, beam.output_logprobs)]
+        return BeamSearchSequence(beam.prompt_token_ids + tokens, logprobs, logprob,
                                   logprob / len(tokens) ** self.params.length_penalty,
                                   finish_reason=finish_reason, num_prompt_tokens=len(beam.prompt_token_ids))
 

@@ -103,6 +103,7 @@ def test_beam_search_with_finished_hypotheses_matches_hf(random_llama_with_eos, 
         for s in output.sequences:  # vLLM's fields: the prompt in `tokens`, per-token logprobs, "stop" on EOS
             assert s.tokens == prompt + s.token_ids and s.finish_reason == ("stop" if s.token_ids[-1] == 2 else "length")
             assert len(s.logprobs) == len(s.token_ids) and all(len(entry) >= 6 for entry in s.logprobs)
+            assert [next(iter(entry)) for entry in s.logprobs] == s.token_ids  # the chosen token first
             assert sum(entry[t].logprob for entry, t in zip(s.logprobs, s.token_ids)) == pytest.approx(s.cum_logprob)
             assert s.score == pytest.approx(s.cum_logprob / len(s.token_ids) ** 2.0)
     assert finished_early  # an EOS-ended hypothesis was among the best (and before the fix, 10 of 12 differed)
