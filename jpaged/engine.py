@@ -39,6 +39,7 @@ from jpaged.sampling_params import (
     device_seed,
     generation_defaults,
     is_integer,
+    logprob_cap,
     truncated_prompt,
 )
 from jpaged.scheduler import Scheduler, check_priority
@@ -72,8 +73,7 @@ class LLMEngine:
         check_layout(self.model_config, config.parallel)
         meshes = replica_meshes(config.parallel)
         self.max_model_len = self._resolve_max_model_len()
-        vocab = self.model_config.vocab_size
-        self.max_logprobs = vocab if config.max_logprobs == ALL_LOGPROBS else config.max_logprobs
+        self.max_logprobs = logprob_cap(config.max_logprobs, self.model_config.vocab_size)
         with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(source.load_tokenizer)
             packed = gguf_packed(source.block_types, source.name) if config.quantization == "gguf" else {}

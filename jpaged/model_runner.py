@@ -39,7 +39,7 @@ from jpaged.parallel.partition import KV_CACHE_SPEC, param_spec, shard_attention
 from jpaged.parallel.pipeline import pipeline
 from jpaged.program_cache import ProgramCache
 from jpaged.sampler import PromptLogprobs, SamplerOutput, prompt_logprobs, sample, sample_with_logprobs
-from jpaged.sampling_params import ALL_LOGPROBS
+from jpaged.sampling_params import logprob_cap
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from jpaged.step_batch import PAD_TOKEN_ID, PADDING_PARAMS, PromptRows, SamplingArrays, StepBatch, prepare_step
 from jpaged.structured_output import bitmask_width
@@ -117,8 +117,7 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.kv_cache_dtype = cache_config.kv_cache_dtype
         self.dtype = dtype = resolve_dtype(config.dtype)
-        vocab = model_config.vocab_size
-        self.num_logprobs = vocab if config.max_logprobs == ALL_LOGPROBS else min(config.max_logprobs, vocab)
+        self.num_logprobs = min(logprob_cap(config.max_logprobs, model_config.vocab_size), model_config.vocab_size)
         quantization = config.quantization if config.quantization != "gguf" else None
         formats = param_formats(packed or {})
         abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, quantization=quantization,

@@ -44,6 +44,11 @@ def as_int(field: str, value: object) -> int:
     return int(value)
 
 
+def logprob_cap(max_logprobs: int, vocab_size: int) -> int:
+    """The engine's ``max_logprobs`` as a count: ``ALL_LOGPROBS`` is the vocabulary's size."""
+    return vocab_size if max_logprobs == ALL_LOGPROBS else max_logprobs
+
+
 def _as_logprob_count(field: str, value: object) -> int | None:
     """Return ``value`` as None, ``ALL_LOGPROBS`` or an int >= 0, or raise naming ``field`` (the
     engine checks the count against its ``max_logprobs``)."""
