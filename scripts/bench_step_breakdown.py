@@ -21,7 +21,7 @@ fresh 256-token prompt chunk plus 8 such decodes. Three measurements:
    over all 30 layers' weights, both LM head layouts, and one 566 MB product that no cache
    holds), the reference
    attention as the block table's padded width grows over the same 256-token context, and the
-   sampler with all rows greedy against one row that samples with top-p (which sorts).
+   sampler with all rows greedy against one row and every row that sample with top-p or top-k.
 
     python scripts/bench_step_breakdown.py [--out docs/results/step_breakdown_cpu.json] [--steps 12]
     XLA_FLAGS=... python scripts/bench_step_breakdown.py --matmul-only --out FILE   # the matmuls alone
@@ -325,16 +325,20 @@ def attention_padding(runner, widths=(16, 24, 32, 64, 128), context=256) -> list
 
 
 def sampler_comparison(vocab: int) -> list[dict]:
-    """All rows greedy (the `all_greedy` program) against one row with temperature and top-p."""
+    """All rows greedy (the `all_greedy` program) against one row, then every row, with temperature
+    and top-p, and every row with top-k."""
+    greedy, top_p = SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_p=0.9)
     results = []
     for count in DECODE_BATCHES:
         logits = jnp.asarray(rng.standard_normal((count, vocab)), jnp.float32)
-        for label, first in (("all greedy", SamplingParams(temperature=0.0)),
-                             ("one row top_p=0.9, T=0.8", SamplingParams(temperature=0.8, top_p=0.9))):
-            params = [first] + [SamplingParams(temperature=0.0)] * (count - 1)
+        for label, first, rest in (("all greedy", greedy, greedy),
+                                   ("one row top_p=0.9, T=0.8", top_p, greedy),
+                                   ("every row top_p=0.9, T=0.8", top_p, top_p),
+                                   ("every row top_k=50, T=0.8", SamplingParams(temperature=0.8, top_k=50), None)):
+            params = [first] + [rest or first] * (count - 1)
             arrays = jax.device_put(SamplingArrays.build(params, [1] * count, [0] * count, pad_to=count))
-            greedy = all(p.is_greedy for p in params)
-            ms = median_ms(lambda: jax.block_until_ready(_sampler(logits, arrays, all_greedy=greedy,
+            all_greedy = all(p.is_greedy for p in params)
+            ms = median_ms(lambda: jax.block_until_ready(_sampler(logits, arrays, all_greedy=all_greedy,
                                                                   num_logprobs=None)))
             results.append(dict(rows=count, case=label, ms=ms))
     return results

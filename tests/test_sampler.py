@@ -141,6 +141,39 @@ def test_masks_match_hf_warpers(vocab_size):
         np.testing.assert_array_equal(kept, [np.argmax(padded_logits[row])])
 
 
+@pytest.mark.parametrize("num_filtered", [1, 6, 20, 64])
+def test_filtered_rows_anywhere_in_a_batch_match_hf_warpers(num_filtered):
+    """A 64-row batch with 1, 6, 20 or all rows filtered, at random rows (each count takes its own
+    row bucket); the other rows greedy or plain temperature, which keep their argmax or everything."""
+    rng = np.random.default_rng(num_filtered)
+    vocab_size = 4099
+    logits = random_logits(rng, 64, vocab_size)
+    logits[::5, rng.integers(0, vocab_size, 40)] = -np.inf  # tokens a grammar or bad_words removed
+    filtered_rows = set(rng.choice(64, num_filtered, replace=False).tolist())
+    filters = [p for p in MIXED_ROWS if not p.is_greedy and (p.top_k > 0 or p.top_p < 1 or p.min_p > 0)]
+    params = [filters[row % len(filters)] if row in filtered_rows else SamplingParams(temperature=float(row % 2))
+              for row in range(64)]
+    masked = np.asarray(masked_logits_jit(jnp.asarray(logits), build(params)))
+    for row, p in enumerate(params):
+        expected = (np.where(np.arange(vocab_size) == np.argmax(logits[row]), 0.0, -np.inf) if p.is_greedy
+                    else hf_masked_logits(logits[row], p))
+        np.testing.assert_array_equal(np.isfinite(masked[row]), np.isfinite(expected), err_msg=f"row {row}: {p}")
+
+
+def test_ties_keep_the_whole_group_at_the_cutoff_as_hf_top_k_and_min_p():
+    """Integer logits (every value shared by many tokens): top-k keeps every token tied with the
+    k-th largest and min-p every token at its bound, as HF's warpers do."""
+    rng = np.random.default_rng(17)
+    logits = rng.integers(-6, 7, (6, 500)).astype(np.float32)
+    params = [SamplingParams(top_k=1), SamplingParams(top_k=37), SamplingParams(top_k=499),
+              SamplingParams(min_p=float(np.exp(-3.0))), SamplingParams(temperature=0.5, top_k=60, min_p=0.2),
+              SamplingParams(top_k=500)]
+    masked = np.asarray(masked_logits_jit(jnp.asarray(logits), build(params)))
+    for row, p in enumerate(params):
+        expected = hf_masked_logits(logits[row], p)
+        np.testing.assert_array_equal(np.isfinite(masked[row]), np.isfinite(expected), err_msg=f"row {row}: {p}")
+
+
 def test_sampled_tokens_stay_inside_the_mask():
     rng = np.random.default_rng(11)
     logits = jnp.asarray(random_logits(rng, len(MIXED_ROWS), 200))
