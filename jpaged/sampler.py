@@ -244,15 +244,16 @@ def _hash32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def _draw(row_logits: jax.Array, seed: jax.Array, step: jax.Array) -> jax.Array:
-    """Draw one token id from one row's logits [V], fixed by (seed, step): the Gumbel-max trick
-    (argmax of logits plus Gumbel noise, as `jax.random.categorical` does), its uniforms from a
-    counter-based hash of (seed, step, token id), which compiles and runs far cheaper than
-    jax's threefry and gives each row the same draw whatever batch it is in."""
-    key = _hash32(seed.astype(jnp.uint32) ^ _hash32(step.astype(jnp.uint32) + jnp.uint32(0x9E3779B9)))
-    ids = jnp.arange(row_logits.shape[-1], dtype=jnp.uint32)
+def _draw(logits: jax.Array, seed: jax.Array, step: jax.Array) -> jax.Array:
+    """Draw one token id per row ([R] int32) from logits [R, V], each row fixed by its (seed, step)
+    ([R] each): the Gumbel-max trick (argmax of logits plus Gumbel noise, as
+    `jax.random.categorical` does), its uniforms from a counter-based hash of (seed, step, token
+    id), which compiles and runs far cheaper than jax's threefry and gives each row the same draw
+    whatever batch it is in."""
+    key = _hash32(seed.astype(jnp.uint32) ^ _hash32(step.astype(jnp.uint32) + jnp.uint32(0x9E3779B9)))[:, None]
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.uint32)[None, :]
     uniform = to_uniform(_hash32(_hash32(ids * jnp.uint32(0x9E3779B9) ^ key) + key))
-    return first_argmax(row_logits - jnp.log(-jnp.log(uniform)))
+    return first_argmax(logits - jnp.log(-jnp.log(uniform)))
 
 
 def to_uniform(bits: jax.Array) -> jax.Array:
@@ -270,7 +271,7 @@ def _sample_processed(processed: jax.Array, arrays: SamplingArrays, all_greedy: 
 
     def draw(greedy_ids):
         filtered = _masked_processed(processed, arrays)
-        sampled_ids = _on_selected_rows(arrays.temperature > 0, jax.vmap(_draw), filtered, arrays.seed, arrays.step)
+        sampled_ids = _on_selected_rows(arrays.temperature > 0, _draw, filtered, arrays.seed, arrays.step)
         return jnp.where(arrays.temperature <= 0, greedy_ids, sampled_ids.astype(jnp.int32))
 
     if all_greedy is None:

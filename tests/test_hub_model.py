@@ -28,14 +28,15 @@ COMMIT_V2 = "89abcdef0123456789abcdef0123456789abcdef"  # a second version, tagg
 RUN = """
 import json, sys
 from jpaged import LLM, SamplingParams
-try:
-    llm = LLM(sys.argv[1], num_blocks=16, max_num_seqs=2, revision=sys.argv[2] if len(sys.argv) > 2 else None)
-except FileNotFoundError as error:
-    print(json.dumps({"error": str(error)}))
-    raise SystemExit(0)
-outs = llm.generate([{"prompt_token_ids": [5, 6, 7, 8, 9]}], SamplingParams(temperature=0.0, max_tokens=8,
-                    ignore_eos=True), use_tqdm=False)
-print(json.dumps({"tokens": outs[0].outputs[0].token_ids, "name": llm.engine.model_name}))
+for spec in json.loads(sys.argv[1]):  # [model, revision or None] pairs, one result line each
+    try:
+        llm = LLM(spec[0], num_blocks=16, max_num_seqs=2, revision=spec[1])
+    except FileNotFoundError as error:
+        print("RESULT", json.dumps({"error": str(error)}))
+        continue
+    outs = llm.generate([{"prompt_token_ids": [5, 6, 7, 8, 9]}], SamplingParams(temperature=0.0, max_tokens=8,
+                        ignore_eos=True), use_tqdm=False)
+    print("RESULT", json.dumps({"tokens": outs[0].outputs[0].token_ids, "name": llm.engine.model_name}))
 """
 
 
@@ -69,30 +70,32 @@ def hf_home(tiny_llama_folder, second_version, tmp_path_factory):
     return home
 
 
-def run(model: str, hf_home: Path, *revision: str) -> dict:
+def run(hf_home: Path, *specs: tuple[str, str | None]) -> list[dict]:
+    """Load each (model, revision) in turn in one fresh offline process; their tokens or errors."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", RUN, model, *revision], capture_output=True, text=True, env=env,
+    result = subprocess.run([sys.executable, "-c", RUN, json.dumps(specs)], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    results = [json.loads(line.removeprefix("RESULT ")) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == len(specs), result.stdout[-3000:]
+    return results
 
 
 def test_hub_id_loads_from_the_local_cache_offline(tiny_llama_folder, hf_home):
-    from_hub = run(REPO_ID, hf_home)
-    from_folder = run(str(tiny_llama_folder), hf_home)
+    from_hub, from_folder = run(hf_home, (REPO_ID, None), (str(tiny_llama_folder), None))
     assert from_hub["tokens"] == from_folder["tokens"] and len(from_hub["tokens"]) == 8
     assert from_hub["name"] == REPO_ID  # the server's model id, as vLLM names a hub model
 
 
 def test_revision_picks_the_hub_models_version(tiny_llama_folder, second_version, hf_home):
-    """`revision` as a tag or a commit loads that snapshot (here other weights: other tokens)."""
-    main = run(REPO_ID, hf_home)["tokens"]
-    tagged, by_commit = run(REPO_ID, hf_home, "v2")["tokens"], run(REPO_ID, hf_home, COMMIT_V2)["tokens"]
-    assert tagged == by_commit == run(str(second_version), hf_home)["tokens"] != main
-    error = run(REPO_ID, hf_home, "v3")["error"]
-    assert "'jpaged-tests/tiny-llama' at revision 'v3'" in error and "HF_HUB_OFFLINE" in error
+    """`revision` as a tag or a commit loads that snapshot (here other weights: other tokens), and
+    a revision the cache lacks is a clear error."""
+    main, tagged, by_commit, folder, missing = run(
+        hf_home, (REPO_ID, None), (REPO_ID, "v2"), (REPO_ID, COMMIT_V2), (str(second_version), None), (REPO_ID, "v3"))
+    assert tagged["tokens"] == by_commit["tokens"] == folder["tokens"] != main["tokens"]
+    assert "'jpaged-tests/tiny-llama' at revision 'v3'" in missing["error"] and "HF_HUB_OFFLINE" in missing["error"]
 
 
 def test_revision_of_a_local_model_is_refused(tiny_llama_folder):
@@ -105,7 +108,8 @@ def test_revision_of_a_local_model_is_refused(tiny_llama_folder):
 
 
 def test_missing_hub_id_is_a_clear_error(hf_home):
-    error = run("jpaged-tests/no-such-model", hf_home)["error"]
+    (result,) = run(hf_home, ("jpaged-tests/no-such-model", None))
+    error = result["error"]
     assert "'jpaged-tests/no-such-model'" in error
     assert str(hf_home / "hub") in error and "HF_HUB_OFFLINE" in error
 
