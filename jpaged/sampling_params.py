@@ -20,6 +20,11 @@ MAX_LOGPROBS = 20  # default of the engine's ``max_logprobs``, the most top logp
 ALL_LOGPROBS = -1  # ``logprobs`` / ``prompt_logprobs`` asking for the whole vocabulary (vLLM's)
 PENALTY_LIMIT = 2.0  # presence / frequency penalties lie in [-PENALTY_LIMIT, PENALTY_LIMIT]
 LOGIT_BIAS_LIMIT = 100.0  # logit_bias values lie in [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT]
+# Temperatures and repetition penalties reach the device as float32 and divide logits there (XLA may multiply by the
+# reciprocal): within this range a value and its reciprocal are both normal float32 numbers. Beyond it a value becomes
+# inf or 0 (a 0 temperature makes a sampled row greedy), or its reciprocal 0 (-inf logits times 0: NaN, which the
+# argmax picks, so masked tokens could be drawn).
+FLOAT32_RANGE = (1.1754943508222875e-38, 1 / 1.1754943508222875e-38)
 
 
 def as_float(field: str, value: object) -> float:
@@ -204,7 +209,8 @@ class SamplingParams:
     """How to decode one request.
 
     Attributes:
-        temperature: softmax temperature, >= 0; 0 means greedy (argmax).
+        temperature: softmax temperature; 0 means greedy (argmax), else in [1.2e-38, 8.5e37]
+            (``FLOAT32_RANGE``).
         top_p: nucleus sampling mass in (0, 1]; 1 disables it.
         top_k: keep only the k most likely tokens; 0 (or -1, normalised to 0) disables it.
         min_p: drop tokens whose probability is below ``min_p`` times the top probability,
@@ -231,7 +237,7 @@ class SamplingParams:
         frequency_penalty: subtracted once per occurrence of a token in the generated output,
             in [-2, 2]; 0 disables.
         repetition_penalty: HF / CTRL penalty over tokens in the prompt or the output: a positive
-            logit is divided by it, a negative one multiplied; > 0, 1 disables.
+            logit is divided by it, a negative one multiplied; in ``FLOAT32_RANGE``, 1 disables.
         logprobs: None, or how many top logprobs to report per generated token, >= 0, or -1 for
             the whole vocabulary; the engine refuses more than its ``max_logprobs`` (default 20).
             The sampled token's logprob is reported whenever this is not None (0 reports only it).
@@ -291,8 +297,9 @@ class SamplingParams:
     def _check_sampling_fields(self) -> None:
         """Validate and normalise the fields the device-side sampler reads."""
         self.temperature = as_float("temperature", self.temperature)
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        if self.temperature != 0 and not FLOAT32_RANGE[0] <= self.temperature <= FLOAT32_RANGE[1]:
+            raise ValueError(f"temperature must be 0 (greedy) or in [{FLOAT32_RANGE[0]:.4g}, {FLOAT32_RANGE[1]:.4g}] "
+                             f"(float32 numbers whose reciprocal is one too), got {self.temperature}")
         self.top_p = as_float("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -342,10 +349,10 @@ class SamplingParams:
                 raise ValueError(f"{field} must be in [-2, 2], got {value}")
             setattr(self, field, value)
         self.repetition_penalty = as_float("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise ValueError(
-                f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}"
-            )
+        if not FLOAT32_RANGE[0] <= self.repetition_penalty <= FLOAT32_RANGE[1]:
+            raise ValueError(f"repetition_penalty must be in [{FLOAT32_RANGE[0]:.4g}, {FLOAT32_RANGE[1]:.4g}] "
+                             f"(float32 numbers whose reciprocal is one too; 1 disables it), "
+                             f"got {self.repetition_penalty}")
         self.min_tokens = as_int("min_tokens", self.min_tokens)
         if not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise ValueError(

@@ -215,6 +215,24 @@ def test_tiny_temperature_is_finite_and_picks_the_top_token():
     np.testing.assert_array_equal(np.asarray(tokens), np.argmax(np.asarray(logits), axis=-1))
 
 
+@pytest.mark.parametrize("temperature", [1.2e-38, 1e-3, 1e4, 8.5e37])
+def test_masked_tokens_stay_masked_at_extreme_temperatures(temperature):
+    """Tokens outside `allowed_token_ids` are -inf before the temperature divides; at the largest
+    temperature SamplingParams accepts, they must not turn into NaN (which the argmax would pick)."""
+    rng = np.random.default_rng(23)
+    logits = jnp.asarray(random_logits(rng, 4, 300))
+    allowed = [11, 12, 13]
+    params = [SamplingParams(temperature=temperature, allowed_token_ids=allowed, top_p=top_p)
+              for top_p in (1.0, 0.9, 0.5, 1.0)]
+    arrays = SamplingArrays.build(params, [1, 2, 3, 4], [0] * 4, 4, vocab_size=300)
+    masked = np.asarray(masked_logits_jit(logits, arrays))
+    assert not np.isnan(masked).any()
+    assert set(np.flatnonzero(np.isfinite(masked).any(axis=0))) <= set(allowed)
+    for step in range(8):
+        arrays = SamplingArrays.build(params, [1, 2, 3, 4], [step] * 4, 4, vocab_size=300)
+        assert set(np.asarray(sample_jit(logits, arrays, all_greedy=False)).tolist()) <= set(allowed)
+
+
 @functools.partial(jax.jit, static_argnames="num_draws")
 def draw_many(row_logits, arrays_row, num_draws):
     """Sample one row at steps 0..num_draws-1 (a batch of num_draws copies of the row)."""

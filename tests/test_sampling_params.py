@@ -93,7 +93,9 @@ def test_invalid_value_names_the_field(field, value):
 @pytest.mark.parametrize(
     ("field", "value", "allowed"),
     [
-        ("temperature", -1.0, ">= 0"),
+        ("temperature", -1.0, "0 (greedy) or in [1.175e-38, 8.507e+37]"),
+        ("temperature", 1e38, "0 (greedy) or in [1.175e-38, 8.507e+37]"),  # a 0 reciprocal on the device
+        ("temperature", 1e-300, "0 (greedy) or in [1.175e-38, 8.507e+37]"),  # float32 0: greedy where n > 1 is allowed
         ("top_p", 1.5, "(0, 1]"),
         ("top_k", -5, ">= 1"),
         ("min_p", 2.0, "[0, 1]"),
@@ -103,7 +105,8 @@ def test_invalid_value_names_the_field(field, value):
         ("n", 0, ">= 1"),
         ("presence_penalty", 2.5, "[-2, 2]"),
         ("frequency_penalty", -3.0, "[-2, 2]"),
-        ("repetition_penalty", 0.0, "> 0"),
+        ("repetition_penalty", 0.0, "[1.175e-38, 8.507e+37]"),
+        ("repetition_penalty", 1e39, "[1.175e-38, 8.507e+37]"),
         ("logprobs", -2, "-1 (the whole vocabulary) or >= 0"),
         ("prompt_logprobs", -5, "-1 (the whole vocabulary) or >= 0"),
         ("min_tokens", 17, "[0, max_tokens=16]"),
@@ -146,6 +149,8 @@ def test_normalisations():
 def test_boundary_values_are_accepted():
     SamplingParams(temperature=0.0, top_p=1.0, top_k=1, min_p=0.0, seed=0, max_tokens=1)
     SamplingParams(temperature=1e-3, top_p=1e-6, top_k=10**6, min_p=1.0)
+    SamplingParams(temperature=1.2e-38, repetition_penalty=8.5e37)
+    SamplingParams(temperature=8.5e37, repetition_penalty=1.2e-38)
 
 
 def test_best_of_must_cover_n():
