@@ -301,6 +301,8 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting),
             num_swapped=len(self.scheduler.swapped),
             kv_cache_usage=self.block_manager.usage,
+            num_blocks=self.block_manager.num_blocks,
+            num_free_blocks=self.block_manager.num_free_blocks,
             prefix_cache_hit_rate=self.block_manager.prefix_cache_hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
             num_swap_outs=self.scheduler.num_swap_outs,

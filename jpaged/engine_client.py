@@ -40,6 +40,8 @@ class EngineStats:
     streamed_bytes: int = 0  # bytes copied onto each device so far
     num_draft_tokens: int = 0  # speculative tokens checked so far (SpeculativeConfig)
     num_accepted_draft_tokens: int = 0  # of those, the ones the model's own choices confirmed
+    num_blocks: int = 0  # KV cache blocks on the devices (summed over data-parallel replicas)
+    num_free_blocks: int = 0  # of those, blocks no request holds (cached prefix blocks included)
 
 
 @runtime_checkable

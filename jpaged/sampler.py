@@ -119,95 +119,43 @@ def apply_logits_processors(logits: jax.Array, arrays: SamplingArrays) -> jax.Ar
     return logits
 
 
-def _order_keys(x: jax.Array) -> jax.Array:
-    """uint32 keys that order like the float32 values ``x`` (the radix-sort key: the sign bit set
-    for positives, every bit flipped for negatives)."""
-    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+def _kept_prefix_cutoff(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Return the smallest logit of one row that survives top-k, top-p and min-p (a scalar).
 
-
-def _largest_key_reaching(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
-    """Per row, the largest key ``x`` with ``sum(weights[keys >= x]) >= target`` ([S, 1] uint32).
-
-    ``keys`` [S, V] uint32, ``weights`` [S, V] float32 (non-negative), ``target`` [S, 1] at most
-    the row's total weight. A bisection over the 2**32 keys: 32 passes over the rows, each a
-    compare and a sum, where a sort of every row's vocabulary costs about 15 ms a row on a 2-core
-    CPU.
+    ``scaled`` holds the row's temperature-scaled logits [V]; sorted in descending order, each
+    filter keeps a prefix, so together they keep a prefix too, and the kept set is exactly the
+    tokens whose logit is >= the last kept sorted logit. The top token is always kept.
     """
-    low = jnp.min(keys, axis=-1, keepdims=True)  # the sum there is the total: reaches the target
-    high = jnp.max(keys, axis=-1, keepdims=True)
+    sorted_logits = -jnp.sort(-scaled)
+    rank = jnp.arange(sorted_logits.shape[-1], dtype=jnp.int32)
+    keep = (top_k <= 0) | (rank < top_k)
 
-    def halve(_, bounds):
-        low, high = bounds
-        mid = high - (high - low) // 2  # in (low, high] until they meet
-        reached = jnp.sum(jnp.where(keys >= mid, weights, 0.0), axis=-1, keepdims=True) >= target
-        return jnp.where(reached, mid, low), jnp.where(reached | (mid == low), high, mid - 1)
+    # Top-p over the probabilities renormalised after top-k: drop the least likely tokens while
+    # their total mass stays <= 1 - top_p. Summing from the tail keeps small masses accurate.
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
+    mass_from_tail = jax.lax.cumsum(probs, reverse=True)
+    keep &= (top_p >= 1) | (mass_from_tail > 1 - top_p)
 
-    low, _ = jax.lax.fori_loop(0, 32, halve, (low, high))
-    return low
+    # Min-p: p / p_max = exp(logit - top logit), whatever the renormalisation before it.
+    keep &= jnp.exp(sorted_logits - sorted_logits[0]) >= min_p
+
+    num_kept = jnp.maximum(jnp.sum(keep), 1)
+    return sorted_logits[num_kept - 1]
 
 
-def _kept_keys_cutoff(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
-    """Each row's smallest kept order key after top-k, top-p and min-p ([S, 1] uint32): a row
-    keeps exactly the tokens whose ``_order_keys`` are >= it, the top token always among them.
+def _cutoffs(scaled: jax.Array, arrays: SamplingArrays, filtered: jax.Array) -> jax.Array:
+    """Each row's `_kept_prefix_cutoff` ([S, 1]), -inf (keep everything) for rows not `filtered`.
 
-    ``scaled`` [S, V] float32 holds each row's temperature-scaled logits, its maximum 0; ``top_k``,
-    ``top_p`` and ``min_p`` [S] the rows' filters (0, 1 and 0 for off). Sorted in
-    descending order, each filter keeps a prefix (HF transformers' top-k, then top-p over the
-    probabilities renormalised after top-k, then min-p), so together they keep the tokens at or
-    above a cutoff, found here without sorting:
-    top-k keeps the keys >= the k-th largest; top-p keeps a token while the mass of the top-k
-    tokens strictly above it is below ``top_p`` of their total (HF drops the least likely tokens
-    while their mass stays <= 1 - top_p), so its cutoff is the largest key whose head mass (at or
-    above it) reaches ``top_p``; min-p keeps ``exp(logit - top logit) >= min_p`` token by token.
+    Rows go one at a time and only the filtered ones sort their vocabulary: a batch of greedy or
+    plain-temperature rows with one top-p row pays for one sort, not one per row.
     """
-    keys = _order_keys(scaled)
-    top_key = jnp.max(keys, axis=-1, keepdims=True)
-    lowest = jnp.zeros_like(top_key)
-    top_k, top_p, min_p = top_k[:, None], top_p[:, None], min_p[:, None]
-    vocab_size = scaled.shape[-1]
+    def row_cutoff(row):
+        logits, needs, top_k, top_p, min_p = row
+        return jax.lax.cond(needs, _kept_prefix_cutoff, lambda *_: jnp.array(-jnp.inf, logits.dtype),
+                            logits, top_k, top_p, min_p)
 
-    def top_k_cutoff(_):
-        target = jnp.clip(top_k, 1, vocab_size).astype(jnp.float32)
-        cutoff = _largest_key_reaching(keys, jnp.ones_like(scaled), target)
-        return jnp.where((top_k > 0) & (top_k < vocab_size), cutoff, lowest)
-
-    k_cutoff = jax.lax.cond(jnp.any(top_k > 0), top_k_cutoff, lambda _: lowest, None)
-
-    def top_p_cutoff(_):
-        probs = jnp.where(keys >= k_cutoff, jnp.exp(scaled), 0.0)
-        target = top_p * jnp.sum(probs, axis=-1, keepdims=True)
-        return jnp.where(top_p < 1, _largest_key_reaching(keys, probs, target), lowest)
-
-    p_cutoff = jax.lax.cond(jnp.any(top_p < 1), top_p_cutoff, lambda _: lowest, None)
-    kept_by_min_p = jnp.exp(scaled) >= min_p
-    min_p_cutoff = jnp.min(jnp.where(kept_by_min_p, keys, top_key), axis=-1, keepdims=True)
-    return jnp.minimum(jnp.maximum(jnp.maximum(k_cutoff, p_cutoff), min_p_cutoff), top_key)
-
-
-def _on_selected_rows(selected: jax.Array, fn, *operands: jax.Array) -> jax.Array:
-    """``fn`` over the ``selected`` rows only ([S] bool), the other rows' results zero.
-
-    ``fn`` maps operands with a leading row axis ``[R, ...]`` to one ``[R, ...]`` array. The selected
-    rows are gathered first, into the smaller of two static row counts (S/8 or S) that holds them,
-    so a batch with a handful of such rows pays for a handful (one compiled branch per count).
-    """
-    num_rows = selected.shape[0]
-    rows = jnp.argsort(~selected, stable=True)  # the selected rows first
-    position = jnp.argsort(rows)  # where each row went
-    sizes = sorted({0, num_rows // 8, num_rows})
-    out_shape = jax.eval_shape(fn, *(x[:1] for x in operands))
-
-    def on_first(size):
-        def run(operands):
-            if size == 0:
-                return jnp.zeros((num_rows, *out_shape.shape[1:]), out_shape.dtype)
-            out = fn(*(x[rows[:size]] for x in operands))
-            return jnp.concatenate([out, jnp.zeros((num_rows - size, *out.shape[1:]), out.dtype)])[position]
-        return run
-
-    branch = jnp.searchsorted(jnp.asarray(sizes), jnp.sum(selected))  # the smallest size >= the count
-    return jax.lax.switch(branch, [on_first(size) for size in sizes], operands)
+    rows = (scaled, filtered, arrays.top_k, arrays.top_p, arrays.min_p)
+    return jax.lax.map(row_cutoff, rows)[:, None]
 
 
 def _masked_processed(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
@@ -217,11 +165,10 @@ def _masked_processed(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
     scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
 
     filtered = ~is_greedy & ((arrays.top_k > 0) | (arrays.top_p < 1) | (arrays.min_p > 0))
-    cutoff = _on_selected_rows(filtered, _kept_keys_cutoff, scaled, arrays.top_k, arrays.top_p, arrays.min_p)
-    kept = _order_keys(scaled) >= cutoff
+    cutoff = _cutoffs(scaled, arrays, filtered)
     vocab_ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)[None, :]
     greedy_ids = first_argmax(logits)[:, None]
-    kept = jnp.where(is_greedy[:, None], vocab_ids == greedy_ids, kept)
+    kept = jnp.where(is_greedy[:, None], vocab_ids == greedy_ids, scaled >= cutoff)
     return jnp.where(kept, scaled, -jnp.inf)
 
 
@@ -271,8 +218,8 @@ def _sample_processed(processed: jax.Array, arrays: SamplingArrays, all_greedy: 
 
     def draw(greedy_ids):
         filtered = _masked_processed(processed, arrays)
-        sampled_ids = _on_selected_rows(arrays.temperature > 0, _draw, filtered, arrays.seed, arrays.step)
-        return jnp.where(arrays.temperature <= 0, greedy_ids, sampled_ids.astype(jnp.int32))
+        sampled_ids = _draw(filtered, arrays.seed, arrays.step)
+        return jnp.where(arrays.temperature <= 0, greedy_ids, sampled_ids)
 
     if all_greedy is None:
         return jax.lax.cond(jnp.all(arrays.temperature <= 0), lambda ids: ids, draw, greedy_ids)

@@ -31,7 +31,8 @@ def llm(stories_path):
 
 
 def all_blocks_free(llm: LLM) -> bool:
-    manager = llm.engine.block_manager
+    manager, stats = llm.engine.block_manager, llm.engine.stats()
+    assert (stats.num_blocks, stats.num_free_blocks) == (manager.num_blocks, manager.num_free_blocks)
     return manager.num_free_blocks == manager.num_blocks and not any(manager.ref_counts)
 
 

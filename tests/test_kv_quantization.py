@@ -232,9 +232,10 @@ def test_a_budget_holds_more_quantized_blocks(stories_path, kv_dtype):
     cfg = plain.engine.runner.model_config
     per_block = 2 * cfg.num_layers * cfg.num_kv_heads * 16 * (cfg.head_dim + 4)
     stats = quantized.engine.stats()
-    assert quantized.engine.runner.num_blocks == int(budget * 2**30 // per_block)
-    assert stats.kv_cache_bytes == quantized.engine.runner.num_blocks * per_block <= budget * 2**30
-    assert quantized.engine.runner.num_blocks >= 2.5 * plain.engine.runner.num_blocks  # head_dim 8: 32 / 12 bytes
+    assert stats.num_blocks == stats.num_free_blocks == quantized.engine.runner.num_blocks
+    assert stats.num_blocks == int(budget * 2**30 // per_block)
+    assert stats.kv_cache_bytes == stats.num_blocks * per_block <= budget * 2**30
+    assert stats.num_blocks >= 2.5 * plain.engine.stats().num_blocks  # head_dim 8: 32 / 12 bytes
 
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
