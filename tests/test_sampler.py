@@ -143,8 +143,8 @@ def test_masks_match_hf_warpers(vocab_size):
 
 @pytest.mark.parametrize("num_filtered", [1, 6, 20, 64])
 def test_filtered_rows_anywhere_in_a_batch_match_hf_warpers(num_filtered):
-    """A 64-row batch with 1, 6, 20 or all rows filtered, at random rows (each count takes its own
-    row bucket); the other rows greedy or plain temperature, which keep their argmax or everything."""
+    """A 64-row batch with 1, 6, 20 or all rows filtered, at random rows; the other rows greedy or
+    plain temperature, which keep their argmax or everything."""
     rng = np.random.default_rng(num_filtered)
     vocab_size = 4099
     logits = random_logits(rng, 64, vocab_size)
