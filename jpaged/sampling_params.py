@@ -27,6 +27,13 @@ LOGIT_BIAS_LIMIT = 100.0  # logit_bias values lie in [-LOGIT_BIAS_LIMIT, LOGIT_B
 FLOAT32_RANGE = (1.1754943508222875e-38, 1 / 1.1754943508222875e-38)
 
 
+def _check_float32_range(field: str, value: float, must: str, note: str) -> None:
+    """Raise ValueError naming ``field`` unless ``value`` lies in ``FLOAT32_RANGE``."""
+    if not FLOAT32_RANGE[0] <= value <= FLOAT32_RANGE[1]:
+        raise ValueError(f"{field} {must} [{FLOAT32_RANGE[0]:.4g}, {FLOAT32_RANGE[1]:.4g}] "
+                         f"(float32 numbers whose reciprocal is one too{note}), got {value}")
+
+
 def as_float(field: str, value: object) -> float:
     """Return ``value`` as a finite float, or raise naming ``field``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -297,9 +304,8 @@ class SamplingParams:
     def _check_sampling_fields(self) -> None:
         """Validate and normalise the fields the device-side sampler reads."""
         self.temperature = as_float("temperature", self.temperature)
-        if self.temperature != 0 and not FLOAT32_RANGE[0] <= self.temperature <= FLOAT32_RANGE[1]:
-            raise ValueError(f"temperature must be 0 (greedy) or in [{FLOAT32_RANGE[0]:.4g}, {FLOAT32_RANGE[1]:.4g}] "
-                             f"(float32 numbers whose reciprocal is one too), got {self.temperature}")
+        if self.temperature != 0:
+            _check_float32_range("temperature", self.temperature, "must be 0 (greedy) or in", "")
         self.top_p = as_float("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -349,10 +355,7 @@ class SamplingParams:
                 raise ValueError(f"{field} must be in [-2, 2], got {value}")
             setattr(self, field, value)
         self.repetition_penalty = as_float("repetition_penalty", self.repetition_penalty)
-        if not FLOAT32_RANGE[0] <= self.repetition_penalty <= FLOAT32_RANGE[1]:
-            raise ValueError(f"repetition_penalty must be in [{FLOAT32_RANGE[0]:.4g}, {FLOAT32_RANGE[1]:.4g}] "
-                             f"(float32 numbers whose reciprocal is one too; 1 disables it), "
-                             f"got {self.repetition_penalty}")
+        _check_float32_range("repetition_penalty", self.repetition_penalty, "must be in", "; 1 disables it")
         self.min_tokens = as_int("min_tokens", self.min_tokens)
         if not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise ValueError(
