@@ -38,7 +38,7 @@ from jpaged.parallel.layout import kv_heads_per_model
 from jpaged.parallel.partition import KV_CACHE_SPEC, param_spec, shard_attention_layer
 from jpaged.parallel.pipeline import pipeline
 from jpaged.program_cache import ProgramCache
-from jpaged.sampler import PromptLogprobs, SamplerOutput, prompt_logprobs, sample, sample_with_logprobs
+from jpaged.sampler import PromptLogprobs, SamplerOutput, prompt_logprobs, sample_with_logprobs
 from jpaged.sampling_params import logprob_cap
 from jpaged.scheduler import ScheduledSequence, SchedulerOutput
 from jpaged.step_batch import PAD_TOKEN_ID, PADDING_PARAMS, PromptRows, SamplingArrays, StepBatch, prepare_step
@@ -417,14 +417,7 @@ class ModelRunner:
     def _sample(self, logits, sampling: SamplingArrays) -> SamplerOutput:
         """Sampled tokens, with their top `num_logprobs` logprobs when some row wants them (zeros
         otherwise)."""
-        def with_logprobs(logits):
-            return sample_with_logprobs(logits, sampling, None, self.num_logprobs)
-
-        def without(logits):
-            zeros = [jnp.zeros(x.shape, x.dtype) for x in jax.eval_shape(with_logprobs, logits)[1:]]
-            return SamplerOutput(sample(logits, sampling), *zeros)
-
-        return jax.lax.cond(jnp.any(sampling.logprobs_wanted), with_logprobs, without, logits)
+        return sample_with_logprobs(logits, sampling, None, self.num_logprobs, when_wanted=True)
 
     def move_blocks(self, plan: SchedulerOutput) -> None:
         """Carry out the step's block moves before it runs: swap-outs, copy-on-write copies, then

@@ -33,6 +33,7 @@ compiled step serves every mix of requests.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -41,6 +42,7 @@ import jax.numpy as jnp
 from jpaged.step_batch import PAD_TOKEN_ID, SamplingArrays
 
 LOGPROBS_MODES = ("raw", "penalized")
+ROW_GROUP = 8  # rows whose top-k / top-p cutoffs are found together (a group with none skips)
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
@@ -119,43 +121,82 @@ def apply_logits_processors(logits: jax.Array, arrays: SamplingArrays) -> jax.Ar
     return logits
 
 
-def _kept_prefix_cutoff(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
-    """Return the smallest logit of one row that survives top-k, top-p and min-p (a scalar).
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys that order like the float32 values ``x`` (the radix-sort key: the sign bit set
+    for positives, every bit flipped for negatives)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
-    ``scaled`` holds the row's temperature-scaled logits [V]; sorted in descending order, each
-    filter keeps a prefix, so together they keep a prefix too, and the kept set is exactly the
-    tokens whose logit is >= the last kept sorted logit. The top token is always kept.
+
+def _largest_key_reaching(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row, the largest key ``x`` with ``sum(weights[keys >= x]) >= target`` ([R, 1] uint32).
+
+    ``keys`` [R, V] uint32, ``weights`` [R, V] float32 (non-negative), ``target`` [R, 1] at most
+    the row's total weight. A bisection over the 2**32 keys: 32 passes over the rows, each a
+    compare and a sum, where sorting a 49,152-token row costs about 15 ms on a 2-core CPU.
     """
-    sorted_logits = -jnp.sort(-scaled)
-    rank = jnp.arange(sorted_logits.shape[-1], dtype=jnp.int32)
-    keep = (top_k <= 0) | (rank < top_k)
+    low = jnp.min(keys, axis=-1, keepdims=True)  # the sum there is the total: reaches the target
+    high = jnp.max(keys, axis=-1, keepdims=True)
 
-    # Top-p over the probabilities renormalised after top-k: drop the least likely tokens while
-    # their total mass stays <= 1 - top_p. Summing from the tail keeps small masses accurate.
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
-    mass_from_tail = jax.lax.cumsum(probs, reverse=True)
-    keep &= (top_p >= 1) | (mass_from_tail > 1 - top_p)
+    def halve(_, bounds):
+        low, high = bounds
+        mid = high - (high - low) // 2  # in (low, high] until they meet
+        reached = jnp.sum(jnp.where(keys >= mid, weights, 0.0), axis=-1, keepdims=True) >= target
+        return jnp.where(reached, mid, low), jnp.where(reached | (mid == low), high, mid - 1)
 
-    # Min-p: p / p_max = exp(logit - top logit), whatever the renormalisation before it.
-    keep &= jnp.exp(sorted_logits - sorted_logits[0]) >= min_p
+    low, _ = jax.lax.fori_loop(0, 32, halve, (low, high))
+    return low
 
-    num_kept = jnp.maximum(jnp.sum(keep), 1)
-    return sorted_logits[num_kept - 1]
+
+def _kept_keys_cutoff(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Each row's smallest kept order key after top-k, top-p and min-p ([R, 1] uint32): a row
+    keeps exactly the tokens whose ``_order_keys`` are >= it, its top token always among them.
+
+    ``scaled`` [R, V] float32 holds each row's temperature-scaled logits, its maximum 0; ``top_k``,
+    ``top_p`` and ``min_p`` [R] the rows' filters (0, 1 and 0 for off). Sorted in descending
+    order, each filter keeps a prefix (HF transformers' top-k, then top-p over the probabilities
+    renormalised after top-k, then min-p), so together they keep the tokens at or above a cutoff,
+    found here without sorting. Top-k keeps the keys >= the k-th largest. Top-p keeps a token
+    while the mass strictly above it is below ``top_p`` of what top-k kept (HF drops the least
+    likely tokens while their mass stays <= 1 - top_p): its cutoff is the largest key whose mass
+    at or above it reaches ``top_p``. Min-p keeps ``exp(logit - top logit) >= min_p``.
+    """
+    keys = _order_keys(scaled)
+    top_key = jnp.max(keys, axis=-1, keepdims=True)
+    probs = jnp.exp(scaled)  # unnormalised: the maximum is 1
+    top_k, top_p, min_p = top_k[:, None], top_p[:, None], min_p[:, None]
+    uses_top_k = (top_k > 0) & (top_k < scaled.shape[-1])
+
+    def stage(i, cutoff):  # 0: top-k's cutoff over token counts; 1: top-p's over the mass top-k kept
+        weights = jnp.where(keys >= cutoff, jnp.where(i == 0, 1.0, probs), 0.0)
+        target = jnp.where(i == 0, top_k.astype(jnp.float32), top_p * jnp.sum(weights, axis=-1, keepdims=True))
+        used = jnp.where(i == 0, uses_top_k, top_p < 1)
+        return jnp.where(used, _largest_key_reaching(keys, weights, target), cutoff)
+
+    first = jnp.where(jnp.any(uses_top_k), 0, 1)
+    last = jnp.where(jnp.any(top_p < 1), 2, 1)
+    cutoff = jax.lax.fori_loop(first, last, stage, jnp.zeros_like(top_key))  # one traced bisection
+    min_p_cutoff = jnp.min(jnp.where(probs >= min_p, keys, top_key), axis=-1, keepdims=True)
+    return jnp.minimum(jnp.maximum(cutoff, min_p_cutoff), top_key)
 
 
 def _cutoffs(scaled: jax.Array, arrays: SamplingArrays, filtered: jax.Array) -> jax.Array:
-    """Each row's `_kept_prefix_cutoff` ([S, 1]), -inf (keep everything) for rows not `filtered`.
+    """Each row's `_kept_keys_cutoff` ([S, 1] uint32), 0 (keep everything) for rows not `filtered`.
 
-    Rows go one at a time and only the filtered ones sort their vocabulary: a batch of greedy or
-    plain-temperature rows with one top-p row pays for one sort, not one per row.
+    Rows go in groups of up to ``ROW_GROUP``, and a group without a filtered row is skipped at run
+    time: a batch of greedy or plain-temperature rows with one top-p row pays for one group.
     """
-    def row_cutoff(row):
-        logits, needs, top_k, top_p, min_p = row
-        return jax.lax.cond(needs, _kept_prefix_cutoff, lambda *_: jnp.array(-jnp.inf, logits.dtype),
-                            logits, top_k, top_p, min_p)
+    num_rows = scaled.shape[0]
+    group = math.gcd(num_rows, ROW_GROUP)
+
+    def group_cutoff(rows):
+        scaled, filtered, top_k, top_p, min_p = rows
+        return jax.lax.cond(jnp.any(filtered), _kept_keys_cutoff, lambda *_: jnp.zeros((group, 1), jnp.uint32),
+                            scaled, top_k, top_p, min_p)
 
     rows = (scaled, filtered, arrays.top_k, arrays.top_p, arrays.min_p)
-    return jax.lax.map(row_cutoff, rows)[:, None]
+    cutoffs = jax.lax.map(group_cutoff, [x.reshape(num_rows // group, group, *x.shape[1:]) for x in rows])
+    return jnp.where(filtered[:, None], cutoffs.reshape(num_rows, 1), jnp.uint32(0))
 
 
 def _masked_processed(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
@@ -165,10 +206,10 @@ def _masked_processed(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
     scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
 
     filtered = ~is_greedy & ((arrays.top_k > 0) | (arrays.top_p < 1) | (arrays.min_p > 0))
-    cutoff = _cutoffs(scaled, arrays, filtered)
+    kept = _order_keys(scaled) >= _cutoffs(scaled, arrays, filtered)
     vocab_ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)[None, :]
     greedy_ids = first_argmax(logits)[:, None]
-    kept = jnp.where(is_greedy[:, None], vocab_ids == greedy_ids, scaled >= cutoff)
+    kept = jnp.where(is_greedy[:, None], vocab_ids == greedy_ids, kept)
     return jnp.where(kept, scaled, -jnp.inf)
 
 
@@ -279,6 +320,7 @@ def sample_with_logprobs(
     all_greedy: bool | None = None,
     num_logprobs: int | None = None,
     logprobs_mode: str = "raw",
+    when_wanted: bool = False,
 ) -> SamplerOutput:
     """``sample``, plus each sampled token's logprob, rank and the top ``num_logprobs`` logprobs.
 
@@ -293,6 +335,9 @@ def sample_with_logprobs(
             temperature, top-k, top-p and min-p: the model's own distribution.
             ``"penalized"``: the log_softmax of the processed logits (after min_tokens,
             logit_bias and penalties; before temperature and the top-k / top-p / min-p filters).
+        when_wanted: static. True computes the logprob fields only when some row's
+            ``arrays.logprobs_wanted`` is set, at run time (zeros otherwise); the tokens are drawn
+            the same either way, by one traced copy of the sampler.
     """
     if logprobs_mode not in LOGPROBS_MODES:
         raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
@@ -304,8 +349,17 @@ def sample_with_logprobs(
     if num_logprobs < 0:
         raise ValueError(f"num_logprobs must be None or >= 0, got {num_logprobs}")
     source = logits.astype(jnp.float32) if logprobs_mode == "raw" else processed
-    logprobs = jax.nn.log_softmax(source, axis=-1)
-    return SamplerOutput(token_ids, *_gather_logprobs(logprobs, token_ids, num_logprobs))
+
+    def gather(source):
+        return _gather_logprobs(jax.nn.log_softmax(source, axis=-1), token_ids, num_logprobs)
+
+    if not when_wanted:
+        return SamplerOutput(token_ids, *gather(source))
+
+    def zeros(source):
+        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(gather, source))
+
+    return SamplerOutput(token_ids, *jax.lax.cond(jnp.any(arrays.logprobs_wanted), gather, zeros, source))
 
 
 class PromptLogprobs(NamedTuple):
