@@ -49,18 +49,11 @@ def first_argmax(x: jax.Array) -> jax.Array:
     """``jnp.argmax(x, axis=-1)`` as int32: per row the first index of the maximum, or of the first
     NaN where a row holds one. XLA's CPU argmax is a (value, index) reduction it does not vectorize
     (7 ms for [64, 49152] float32 on a 2-core VM); this takes each row's maximum, then the smallest
-    index holding it (2.3 ms), with standard reductions only (so it shards). Where some row's
-    maximum is +inf or some row holds a NaN, the whole call takes ``jnp.argmax`` at run time."""
-    top = jnp.max(jnp.where(x != x, jnp.inf, x), axis=-1, keepdims=True)
-    ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
-
-    def first_of_top(x):
-        return jnp.min(jnp.where(x == top, ids, x.shape[-1]), axis=-1)
-
-    def exact(x):
-        return jnp.argmax(x, axis=-1).astype(jnp.int32)
-
-    return jax.lax.cond(jnp.any(top == jnp.inf), exact, first_of_top, x)
+    index holding it, with standard reductions only (so it shards) and no branch to compile."""
+    nan = x != x
+    top = jnp.max(x, axis=-1, keepdims=True)
+    holds_top = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, x == top)
+    return jnp.min(jnp.where(holds_top, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1]), axis=-1)
 
 
 def apply_token_bitmask(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
@@ -199,18 +192,14 @@ def _cutoffs(scaled: jax.Array, arrays: SamplingArrays, filtered: jax.Array) -> 
     return jnp.where(filtered[:, None], cutoffs.reshape(num_rows, 1), jnp.uint32(0))
 
 
-def _masked_processed(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
-    """``masked_logits`` of logits that ``apply_logits_processors`` has already processed."""
+def _filtered(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
+    """Sampled rows of processed ``logits`` as ``masked_logits`` gives them; greedy rows only
+    shifted (their draw is not used)."""
     is_greedy = arrays.temperature <= 0
     temperature = jnp.where(is_greedy, 1.0, arrays.temperature)[:, None]
     scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
-
     filtered = ~is_greedy & ((arrays.top_k > 0) | (arrays.top_p < 1) | (arrays.min_p > 0))
-    kept = _order_keys(scaled) >= _cutoffs(scaled, arrays, filtered)
-    vocab_ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)[None, :]
-    greedy_ids = first_argmax(logits)[:, None]
-    kept = jnp.where(is_greedy[:, None], vocab_ids == greedy_ids, kept)
-    return jnp.where(kept, scaled, -jnp.inf)
+    return jnp.where(_order_keys(scaled) >= _cutoffs(scaled, arrays, filtered), scaled, -jnp.inf)
 
 
 def masked_logits(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
@@ -222,7 +211,10 @@ def masked_logits(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
     temperatures finite), with top-k, top-p and min-p applied. Greedy rows keep only their argmax
     token.
     """
-    return _masked_processed(apply_logits_processors(apply_token_bitmask(logits, arrays), arrays), arrays)
+    processed = apply_logits_processors(apply_token_bitmask(logits, arrays), arrays)
+    vocab_ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)[None, :]
+    greedy_only = (arrays.temperature <= 0)[:, None] & (vocab_ids != first_argmax(processed)[:, None])
+    return jnp.where(greedy_only, -jnp.inf, _filtered(processed, arrays))
 
 
 def _hash32(x: jax.Array) -> jax.Array:
@@ -258,8 +250,7 @@ def _sample_processed(processed: jax.Array, arrays: SamplingArrays, all_greedy: 
         return greedy_ids
 
     def draw(greedy_ids):
-        filtered = _masked_processed(processed, arrays)
-        sampled_ids = _draw(filtered, arrays.seed, arrays.step)
+        sampled_ids = _draw(_filtered(processed, arrays), arrays.seed, arrays.step)
         return jnp.where(arrays.temperature <= 0, greedy_ids, sampled_ids)
 
     if all_greedy is None:

@@ -68,7 +68,7 @@ class Sizes:
     quantized_shapes: dict = field(default_factory=dict)  # name -> (K, N) of `[M, K] @ [N, K]^T`
     quantized_rows: tuple[int, ...] = ()  # M of the int8 cases
     quantized_fp8_rows: tuple[int, ...] = ()  # M of the fp8 cases
-    offload_batches: tuple[int, ...] = (1, 2)  # decode batch sizes of the weight-streaming part
+    offload_batches: tuple[int, ...] = (1,)  # decode batch sizes of the weight-streaming part
     num_requests: int = 256
     prompt_lens: tuple[int, int] = (32, 512)
     output_lens: tuple[int, int] = (32, 256)
