@@ -9,7 +9,11 @@ where the step's arrays reach every shard replicated.
 
 The step compiles once per padded token count of `StepShapes` (per micro-batch count under a
 pipeline): what requests ask for (sampling settings, logprobs, penalties) changes data, never
-shapes. `warm_up` runs every one of those programs once, so no request waits on a compilation.
+shapes. The model part of a step and its sampler are two programs: the sampler's depends only on
+the logits rows, vocabulary and logprob count, so it compiles once per row count and, through the
+cache directory, once for every engine with that vocabulary (it is half the compile time of a
+small model's step). `warm_up` runs every one of those programs once, so no request waits on a
+compilation.
 """
 
 from __future__ import annotations
@@ -164,6 +168,7 @@ class ModelRunner:
         programs = cache_dir() / "programs" if config.compilation_cache else None
         context = self._program_context(config)
         self._step = ProgramCache(self._step_fn, donate_argnums=(1,), num_fixed=2, context=context, directory=programs)
+        self._sampler = ProgramCache(self._sample, (), 0, self._sampler_context(), programs)
         if self.stream is not None:
             self._embed = ProgramCache(self._embed_fn, (), 1, context, programs)
             self._layer = ProgramCache(self._layer_fn, donate_argnums=(1,), num_fixed=2, context=context,
@@ -347,27 +352,34 @@ class ModelRunner:
                      self.kv_cache_dtype, cpu_kernels.loaded(), self.parallel,
                      self.block_size, self.shapes, mesh, self.num_logprobs))
 
+    def _sampler_context(self) -> str:
+        """Every setting the sampler program is made from beyond its arguments' shapes."""
+        mesh = None if self.mesh is None else (self.mesh.axis_names, self.mesh.devices.shape,
+                                                 [d.id for d in self.mesh.devices.flat])
+        return repr(("sampler", mesh, self.num_logprobs))
+
     @property
     def num_compilations(self) -> int:
-        """Step programs made ready so far (compiled, or loaded from the cache directory)."""
+        """Step and sampler programs made ready so far (compiled, or loaded from the cache
+        directory)."""
         if self.stream is None:
-            return self._step.num_programs
-        return self._layer.num_programs  # with its embedding and head programs, one per step shape
+            return self._step.num_programs + self._sampler.num_programs
+        return self._layer.num_programs + self._sampler.num_programs  # with the embedding and head per step shape
 
     def _model(self, state):
         return nnx.merge(self.graphdef, state)
 
-    def _step_fn(self, state, kv_cache, batch: StepBatch, sampling: SamplingArrays):
-        """((SamplerOutput, PromptLogprobs), kv_cache). Logprobs are computed only when some row
-        wants them, and prompt logprobs only when the batch has prompt rows (zeros otherwise)."""
+    def _step_fn(self, state, kv_cache, batch: StepBatch):
+        """((logits, PromptLogprobs), kv_cache): the float32 logits of the rows that sample; prompt
+        logprobs only when the batch has prompt rows (zeros otherwise)."""
         with matmul_precision(self.dtype):
             model = self._model(state)
             hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
-            return self._outputs(model, hidden, batch, sampling), kv_cache
+            return self._outputs(model, hidden, batch), kv_cache
 
-    def _outputs(self, model, hidden, batch: StepBatch, sampling: SamplingArrays):
-        """(SamplerOutput, PromptLogprobs) from the final hidden states `[N, hidden]`."""
-        logits = model.logits(hidden[batch.logits_indices])
+    def _outputs(self, model, hidden, batch: StepBatch):
+        """(logits [rows, V] float32, PromptLogprobs) from the final hidden states `[N, hidden]`."""
+        logits = model.logits(hidden[batch.logits_indices]).astype(jnp.float32)
 
         def prompt(hidden):
             rows = hidden[jnp.maximum(batch.prompt_indices, 0)]
@@ -376,8 +388,7 @@ class ModelRunner:
         def no_prompt(hidden):
             return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(prompt, hidden))
 
-        prompt = jax.lax.cond(jnp.any(batch.prompt_indices >= 0), prompt, no_prompt, hidden)
-        return self._sample(logits, sampling), prompt
+        return logits, jax.lax.cond(jnp.any(batch.prompt_indices >= 0), prompt, no_prompt, hidden)
 
     # Streamed layers (weight_streaming.py): the step as an embedding program, one program per
     # decoder layer (the same for all), and the head; `state` holds the parameters but the layers.
@@ -396,13 +407,13 @@ class ModelRunner:
         with matmul_precision(self.dtype):
             return self._shape_model.decode(hidden, positions, kv_cache, md, [weights], first_layer=layer)
 
-    def _head_fn(self, state, hidden, batch: StepBatch, sampling: SamplingArrays):
+    def _head_fn(self, state, hidden, batch: StepBatch):
         with matmul_precision(self.dtype):
             model = self._model_with(state)
-            return self._outputs(model, model.final_norm(hidden), batch, sampling)
+            return self._outputs(model, model.final_norm(hidden), batch)
 
-    def _run_streamed(self, batch: StepBatch, sampling: SamplingArrays) -> tuple[SamplerOutput, PromptLogprobs]:
-        batch, sampling = jax.device_put(self._step_args(batch, sampling)[2:])  # used by every layer's program
+    def _run_streamed(self, batch: StepBatch) -> tuple[jax.Array, PromptLogprobs]:
+        batch = jax.device_put(batch)  # used by every layer's program
         hidden = self._embed(self.state, batch.token_ids)
 
         def run_layer(i: int, weights: dict) -> jax.Array:
@@ -412,11 +423,11 @@ class ModelRunner:
             return hidden
 
         self.stream.run(run_layer)
-        return self._head(self.state, hidden, batch, sampling)
+        return self._head(self.state, hidden, batch)
 
-    def _sample(self, logits, sampling: SamplingArrays) -> SamplerOutput:
-        """Sampled tokens, with their top `num_logprobs` logprobs when some row wants them (zeros
-        otherwise)."""
+    def _sample(self, logits: jax.Array, sampling: SamplingArrays) -> SamplerOutput:
+        """The sampler program: tokens, with their top `num_logprobs` logprobs when some row
+        wants them (zeros otherwise)."""
         return sample_with_logprobs(logits, sampling, None, self.num_logprobs, when_wanted=True)
 
     def move_blocks(self, plan: SchedulerOutput) -> None:
@@ -443,7 +454,7 @@ class ModelRunner:
         each program."""
         steps = [self._padding_step(*program) for program in self.programs()]
         for step in steps if self.stream is None else ():
-            self._step.prefetch(*self._step_args(*step))
+            self._prefetch(*step)
         for step in steps:
             self._run(*step)
             if progress:
@@ -496,23 +507,38 @@ class ModelRunner:
         num_tokens = self.shapes.num_tokens(min(num_rows, self.shapes.max_num_seqs))
         if self.parallel.pipeline_parallel_size == 1 and self.stream is None and num_tokens not in self._decodes_prefetched:
             self._decodes_prefetched.add(num_tokens)
-            self._step.prefetch(*self._step_args(*self._padding_step(1, num_tokens)))
+            self._prefetch(*self._padding_step(1, num_tokens))
+
+    def _prefetch(self, batch: StepBatch, sampling: SamplingArrays) -> None:
+        """Start making the step program for `batch` and, on one device, its sampler program ready
+        in the background."""
+        self._step.prefetch(*self._step_args(batch))
+        if self.mesh is None:
+            rows = (len(batch.logits_indices), self.model_config.vocab_size)
+            logits = jax.ShapeDtypeStruct(rows, jnp.float32, sharding=SingleDeviceSharding(jax.devices()[0]))
+            self._sampler.prefetch(logits, self._sampler_args(sampling))
 
     def _run(self, batch: StepBatch, sampling: SamplingArrays) -> tuple[SamplerOutput, PromptLogprobs]:
         with interrupts_held():  # the step donates the cache
             if self.stream is not None:
-                return self._run_streamed(batch, sampling)
-            (sampled, prompt), self.kv_cache = self._step(*self._step_args(batch, sampling))
-        return sampled, prompt
+                logits, prompt = self._run_streamed(batch)
+            else:
+                (logits, prompt), self.kv_cache = self._step(*self._step_args(batch))
+        return self._sampler(logits, self._sampler_args(sampling)), prompt
 
-    def _step_args(self, batch: StepBatch, sampling: SamplingArrays) -> tuple:
-        """The step's arguments from the host-built arrays, on the devices; arrays no row needed
-        stand in as placeholders."""
-        num_rows, num_tokens = len(batch.logits_indices), batch.token_ids.size
+    def _step_args(self, batch: StepBatch) -> tuple:
+        """The model step's arguments from the host-built arrays, on the devices; arrays no row
+        needed stand in as placeholders."""
+        num_tokens = batch.token_ids.size
         batch = dataclasses.replace(
             batch,
             prompt_indices=self._or_placeholder(batch.prompt_indices, (num_tokens,), np.int32, -1),
             prompt_next_ids=self._or_placeholder(batch.prompt_next_ids, (num_tokens,), np.int32, 0))
+        return self.state, self.kv_cache, self._put(batch)
+
+    def _sampler_args(self, sampling: SamplingArrays) -> SamplingArrays:
+        """The sampler's arrays, as `_step_args` gives the step's."""
+        num_rows = len(sampling.temperature)
         penalties, bias = (num_rows, self.shapes.penalty_width), (num_rows, MAX_BIASED_TOKENS)
         sampling = dataclasses.replace(
             sampling,
@@ -523,7 +549,7 @@ class ModelRunner:
             only_bias_ids=self._or_placeholder(sampling.only_bias_ids, (num_rows,), bool, False),
             token_bitmask=self._or_placeholder(sampling.token_bitmask,
                                                (num_rows, bitmask_width(self.model_config.vocab_size)), np.int32, -1))
-        return self.state, self.kv_cache, self._put(batch), self._put(sampling)
+        return self._put(sampling)
 
     def _put(self, tree):
         """The step's host arrays as its program takes them: on one device as they are (the call

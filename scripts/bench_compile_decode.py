@@ -1,8 +1,8 @@
 """Compile time of the jitted step and decode step time of the default model (CPU).
 
 `LLM()` (SmolLM2-135M-Instruct, 30 layers, float32) with the persistent compilation cache off.
-Compile time: jax's trace, lowering and XLA compile durations of every step program (`_step_fn`)
-the run builds: one 272-token prompt generated greedily for 16 tokens (its prefill and decode
+Compile time: jax's trace, lowering and XLA compile durations of every step program (`_step_fn`,
+the model) and sampler program (`_sample`) the run builds: one 272-token prompt generated greedily for 16 tokens (its prefill and decode
 programs), then one decode program per batch size. Decode step time: `n` requests, each with
 its own random 64-token prompt, decoding greedily with EOS ignored; after the prompts and two
 untimed steps, the median wall time of 8 `engine.step()` calls.
@@ -26,11 +26,11 @@ rng = np.random.default_rng(0)
 
 
 def listen_to_step_compiles() -> dict[str, list[float]]:
-    """Seconds of each compile phase (`jaxpr_trace_duration`, ...) of each step program, in order."""
+    """Seconds of each compile phase (`jaxpr_trace_duration`, ...) of each step and sampler program, in order."""
     durations = defaultdict(list)
 
     def listen(event, seconds, fun_name="", **_):
-        if event.startswith("/jax/core/compile/") and "_step_fn" in str(fun_name):
+        if event.startswith("/jax/core/compile/") and ("_step_fn" in str(fun_name) or "_sample" in str(fun_name)):
             durations[event.rsplit("/", 1)[1]].append(seconds)
 
     monitoring.register_event_duration_secs_listener(listen)
@@ -72,7 +72,7 @@ def main() -> None:
     per_program = np.sum([durations[phase] for phase in sorted(durations)], axis=0)
     result = dict(first_generate_s=first_generate_s, decode_step_ms=decode_ms,
                   compile_s_per_program=per_program.tolist(), compile_phases_s=dict(durations))
-    print(f"first generate (3 programs compiled) {first_generate_s:.2f} s; step programs: {len(per_program)}, "
+    print(f"first generate {first_generate_s:.2f} s; step and sampler programs: {len(per_program)}, "
           f"compile median {np.median(per_program):.2f} s, total {per_program.sum():.1f} s")
     print("decode step ms: " + ", ".join(f"{rows} rows {ms:.1f}" for rows, ms in decode_ms.items()))
     if args.out:

@@ -85,6 +85,7 @@ class StepClock:
         prepare = self._timed("prepare", model_runner.prepare_step)
         model_runner.prepare_step = prepare
         runner._step = self._split(runner._step)
+        runner._sampler = self._split(runner._sampler, keep_args=False)
 
     def _timed(self, name, fn):
         def timed(*args, **kwargs):
@@ -95,8 +96,9 @@ class StepClock:
                 self.times[name] += time.perf_counter() - start
         return timed
 
-    def _split(self, programs):
-        """The runner's program cache, its calls split into dispatch and device time."""
+    def _split(self, programs, keep_args: bool = True):
+        """The runner's program cache, its calls split into dispatch and device time (the step's
+        and the sampler's together)."""
         recorder = self
 
         class Split:
@@ -104,7 +106,8 @@ class StepClock:
                 return getattr(programs, name)
 
             def __call__(self, *args, **kwargs):
-                recorder.args = args  # as they are: mapping the tree here would count in the host phases
+                if keep_args:
+                    recorder.args = args  # as they are: mapping the tree here would count in the host phases
                 start = time.perf_counter()
                 out = programs(*args, **kwargs)
                 returned = time.perf_counter()

@@ -208,12 +208,12 @@ def measure(folder: str, layout: str, args, decode_micro_batches: int = 1) -> di
     captured = {}
     jitted = runner._step
 
-    def capture(state, kv_cache, batch, sampling, **static):
+    def capture(state, kv_cache, batch, **static):
         if "hlo" not in captured:
             captured["decode_seqs"] = int((np.asarray(batch.attention.query_lens) == 1).sum())
             captured["tokens"] = list(batch.token_ids.shape)
-            captured["hlo"] = jitted.lower(state, kv_cache, batch, sampling, **static).compile().as_text()
-        return jitted(state, kv_cache, batch, sampling, **static)
+            captured["hlo"] = jitted.lower(state, kv_cache, batch, **static).compile().as_text()
+        return jitted(state, kv_cache, batch, **static)
 
     capture.prefetch = jitted.prefetch  # the engine makes the next decode program ready in the background
     runner._step = capture
