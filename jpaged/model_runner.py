@@ -413,7 +413,7 @@ class ModelRunner:
             return self._outputs(model, model.final_norm(hidden), batch)
 
     def _run_streamed(self, batch: StepBatch) -> tuple[jax.Array, PromptLogprobs]:
-        batch = jax.device_put(batch)  # used by every layer's program
+        batch = jax.device_put(self._step_args(batch)[2])  # used by every layer's program
         hidden = self._embed(self.state, batch.token_ids)
 
         def run_layer(i: int, weights: dict) -> jax.Array:

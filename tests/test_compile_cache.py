@@ -17,6 +17,8 @@ pytest.importorskip("transformers")
 
 
 ROOT = Path(__file__).resolve().parents[1]
+PROGRAMS = ("_step_fn_", "_sample_")  # the jitted names of the model step and sampler programs
+
 RUN = """
 import json, sys
 from jax import monitoring
@@ -45,10 +47,10 @@ def test_second_process_traces_and_compiles_nothing_again(tiny_llama_folder, tmp
     first = run(tiny_llama_folder, tmp_path)
     second = run(tiny_llama_folder, tmp_path)
     assert first["counts"]["misses"] >= first["programs"] > 0
-    assert sum(name.startswith("_step_fn") for name in first["traced"]) == first["programs"]
+    assert sum(name.startswith(PROGRAMS) for name in first["traced"]) == first["programs"]
     assert second["counts"]["misses"] == 0
     assert second["counts"]["hits"] > 0
-    assert not any(name.startswith("_step_fn") for name in second["traced"])
+    assert not any(name.startswith(PROGRAMS) for name in second["traced"])
     assert second["programs"] == first["programs"]
     assert second["tokens"] == first["tokens"]
     assert any((tmp_path / "xla").iterdir())
@@ -57,7 +59,7 @@ def test_second_process_traces_and_compiles_nothing_again(tiny_llama_folder, tmp
     for file in (tmp_path / "programs").iterdir():  # damaged files are compiled afresh
         file.write_bytes(b"not a program")
     third = run(tiny_llama_folder, tmp_path)
-    assert sum(name.startswith("_step_fn") for name in third["traced"]) == first["programs"]
+    assert sum(name.startswith(PROGRAMS) for name in third["traced"]) == first["programs"]
     assert third["tokens"] == first["tokens"]
     # jax's persistent cache served them: used, but not kept (such a copy would not load whole)
     assert third["counts"]["hits"] >= first["programs"]
@@ -70,7 +72,7 @@ def test_a_single_device_program_loads_among_many_devices(tiny_llama_folder, tmp
     flags = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
     first = run(tiny_llama_folder, tmp_path, **flags)
     second = run(tiny_llama_folder, tmp_path, **flags)
-    assert not any(name.startswith("_step_fn") for name in second["traced"])
+    assert not any(name.startswith(PROGRAMS) for name in second["traced"])
     assert second["tokens"] == first["tokens"]
 
 
