@@ -346,17 +346,19 @@ class ModelRunner:
 
     def _program_context(self, config: EngineConfig) -> str:
         """Every setting the step program is made from beyond its arguments' shapes."""
-        mesh = None if self.mesh is None else (self.mesh.axis_names, self.mesh.devices.shape,
-                                                 [d.id for d in self.mesh.devices.flat])
         return repr((self.model_config, self.dtype, self.attention, config.attention_interpret, config.quantization,
                      self.kv_cache_dtype, cpu_kernels.loaded(), self.parallel,
-                     self.block_size, self.shapes, mesh, self.num_logprobs))
+                     self.block_size, self.shapes, self._mesh_layout(), self.num_logprobs))
 
     def _sampler_context(self) -> str:
         """Every setting the sampler program is made from beyond its arguments' shapes."""
-        mesh = None if self.mesh is None else (self.mesh.axis_names, self.mesh.devices.shape,
-                                                 [d.id for d in self.mesh.devices.flat])
-        return repr(("sampler", mesh, self.num_logprobs))
+        return repr(("sampler", self._mesh_layout(), self.num_logprobs))
+
+    def _mesh_layout(self) -> tuple | None:
+        """The mesh's axes, shape and device ids (None: one device), for the programs' keys."""
+        if self.mesh is None:
+            return None
+        return self.mesh.axis_names, self.mesh.devices.shape, [d.id for d in self.mesh.devices.flat]
 
     @property
     def num_compilations(self) -> int:
@@ -515,7 +517,7 @@ class ModelRunner:
         self._step.prefetch(*self._step_args(batch))
         if self.mesh is None:
             rows = (len(batch.logits_indices), self.model_config.vocab_size)
-            logits = jax.ShapeDtypeStruct(rows, jnp.float32, sharding=SingleDeviceSharding(jax.devices()[0]))
+            logits = jax.ShapeDtypeStruct(rows, jnp.float32, sharding=SingleDeviceSharding(self._first_device))
             self._sampler.prefetch(logits, self._sampler_args(sampling))
 
     def _run(self, batch: StepBatch, sampling: SamplingArrays) -> tuple[SamplerOutput, PromptLogprobs]:

@@ -1,10 +1,11 @@
-"""Next-token sampling: the last step of the jitted model step.
+"""Next-token sampling: the sampler program that runs on the logits of each model step.
 
 ``sample`` turns the last-position logits of each scheduled sequence (``[S, V]``) into the next
 token id of each sequence, on device; ``sample_with_logprobs`` also returns logprobs. Their per-row
 controls travel in ``SamplingArrays``, which ``jpaged/step_batch.py`` builds on the host from each
-request's ``SamplingParams`` (padded to the batch's shape bucket) and the ModelRunner passes into the
-jitted step next to the token and block-table arrays. This module is device code only.
+request's ``SamplingParams`` (padded to the batch's shape bucket) and the ModelRunner passes, with
+the step's logits, to its sampler program (one per logits row count). This module is device code
+only.
 
 The order follows vLLM's V1 sampler:
 
@@ -27,8 +28,8 @@ Steps 1 and 2 never build ``[S, V]`` arrays on the host: each row sends only the
 it touches (padded ``[S, L]`` id and count arrays), and the device gathers, updates and scatters
 back those logits. Work that no row of a batch needs is skipped at run time (``lax.cond``): the
 logits processors when no row has a bias or penalty, the draw when every row is greedy. A caller
-may leave the bias or penalty arrays out (None), which traces a variant without that work; the engine always passes them, at fixed widths, so one
-compiled step serves every mix of requests.
+may leave the bias or penalty arrays out (None), which traces a variant without that work; the
+engine always passes them, at fixed widths, so one compiled sampler serves every mix of requests.
 """
 
 from __future__ import annotations

@@ -107,9 +107,11 @@ def _split(text: str) -> dict[str, str]:
     parts: dict[str, str] = {}
     current = None
     for line in text.splitlines(keepends=True):
-        if line.startswith(("BEGIN ", "END ")):
-            current = line.split()[1] if line.startswith("BEGIN ") else None
-            parts.setdefault(current or "", "")
+        if line.startswith("BEGIN "):
+            current = line.split()[1]
+            parts[current] = ""
+        elif line.startswith("END "):
+            current = None
         elif current:
             parts[current] += line
     return parts
