@@ -4,8 +4,8 @@ The kernels (sharing `cpu_ffi.h`) are compiled with the system's C++ compiler (`
 `c++`) against jaxlib's FFI headers, for this machine's processor (`-march=native`). Each library
 holds one kernel for one set of types, so that a process compiles only what its model runs:
 "float-matmul" and "float-matmul-transposed" (`cpu_float_matmul.cc`), "quantized-matmul"
-(`cpu_quantized_matmul.cc`) and "attention-<query>-<cache>" (`cpu_paged_attention.cc` built for float32 or bfloat16 queries over
-a cache of float32, bfloat16, int8 or fp8 values; `cpu_paged_attention.attention_library` names
+(`cpu_quantized_matmul.cc`) and "attention-<query>-<cache>" (`cpu_paged_attention.cc` built for float32, bfloat16 or
+float16 queries over a cache of the queries' dtype or of int8 or fp8 values; `cpu_paged_attention.attention_library` names
 the one a model needs). Each is built once per machine, kept in a folder the caller names (jpaged
 uses `<cache dir>/kernels`) under a name that hashes its source, the flags, jaxlib's version, the
 compiler's version and the processor; later processes load that file. `start_build(folder,
@@ -33,8 +33,8 @@ import jaxlib
 
 HERE = pathlib.Path(__file__).parent
 HEADERS = (HERE / "cpu_ffi.h",)
-QUERY_TYPES = {"float32": "float", "bfloat16": "uint16_t"}  # attention's query dtype: its C++ element type
-CACHE_TYPES = {"float32": "float", "bfloat16": "uint16_t", "int8": "int8_t", "fp8": "uint8_t"}
+QUERY_TYPES = {"float32": "float", "bfloat16": "uint16_t", "float16": "_Float16"}  # attention's query dtype: its C++ type
+CACHE_TYPES = {**QUERY_TYPES, "int8": "int8_t", "fp8": "uint8_t"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,9 +13,9 @@
 // or value contributes: a score is (q . k_values) * k_scale, a value's weight p * v_scale.
 //
 // Each build holds one pair of types, named by the compiler definitions JPAGED_QUERY (the
-// query's and result's element: float, or uint16_t for bfloat16 bits) and JPAGED_CACHE (float,
-// uint16_t for bfloat16 bits, int8_t, or uint8_t for float8_e4m3fn bits), so that a process
-// compiles only the pair its model reads.
+// query's and result's element: float, _Float16, or uint16_t for bfloat16 bits) and JPAGED_CACHE
+// (float, _Float16, uint16_t for bfloat16 bits, int8_t, or uint8_t for float8_e4m3fn bits), so that
+// a process compiles only the pair its model reads.
 //
 // Work is split into (row, tile of up to kQueryTile queries) items, shared by the calling thread
 // and the kernels' helper threads (cpu_ffi.h). Each item reads its row's blocks (every KV head at
@@ -75,11 +75,17 @@ template <>
 inline float Load<float>(const float* p, int64_t i) { return p[i]; }
 template <>
 inline float Load<uint16_t>(const uint16_t* p, int64_t i) { return Bf16ToFloat(p[i]); }
+template <>
+inline float Load<_Float16>(const _Float16* p, int64_t i) { return static_cast<float>(p[i]); }
 
-// n cache values from src as float32 into dst: bfloat16 exactly; int8 and float8 e4m3 bits exactly
-// and unscaled, 16 at a time.
+// n cache values from src as float32 into dst: bfloat16 and float16 exactly; int8 and float8 e4m3
+// bits exactly and unscaled, 16 at a time.
 inline void Widen(const uint16_t* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = Bf16ToFloat(src[i]);
+}
+
+inline void Widen(const _Float16* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 inline V16 Widen16(const int8_t* p) { return Int8x16ToFloat(p); }
@@ -105,6 +111,8 @@ template <>
 inline void Store<float>(float* p, int64_t i, float value) { p[i] = value; }
 template <>
 inline void Store<uint16_t>(uint16_t* p, int64_t i, float value) { p[i] = FloatToBf16(value); }
+template <>  // round to nearest even, as XLA converts
+inline void Store<_Float16>(_Float16* p, int64_t i, float value) { p[i] = static_cast<_Float16>(value); }
 
 struct Shapes {
   int64_t num_tokens, num_heads, head_dim;
@@ -404,10 +412,11 @@ using Query = JPAGED_QUERY;
 using Cache = JPAGED_CACHE;
 
 template <typename T>
-constexpr XLA_FFI_DataType kDtype = std::is_same_v<T, float>    ? XLA_FFI_DataType_F32
-                                    : std::is_same_v<T, int8_t> ? XLA_FFI_DataType_S8
-                                    : std::is_same_v<T, uint8_t> ? XLA_FFI_DataType_U8
-                                                                 : XLA_FFI_DataType_BF16;
+constexpr XLA_FFI_DataType kDtype = std::is_same_v<T, float>      ? XLA_FFI_DataType_F32
+                                    : std::is_same_v<T, _Float16> ? XLA_FFI_DataType_F16
+                                    : std::is_same_v<T, int8_t>   ? XLA_FFI_DataType_S8
+                                    : std::is_same_v<T, uint8_t>  ? XLA_FFI_DataType_U8
+                                                                  : XLA_FFI_DataType_BF16;
 
 // Whether a buffer of `dtype` holds elements of type T (bfloat16 may come as its bits, uint16).
 template <typename T>

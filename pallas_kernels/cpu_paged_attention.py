@@ -24,7 +24,7 @@ from pallas_kernels import cpu_kernels
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention
 from pallas_kernels.quantized_kv import BF16_BITS, is_quantized
 
-QUERY_DTYPES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16"}
+QUERY_DTYPES = {jnp.dtype(name): name for name in ("float32", "bfloat16", "float16")}
 QUANTIZED_CACHES = {"int8": "int8", "fp8_e4m3": "fp8"}  # kv_cache_dtype: the library's name for it
 QUANTIZED_VALUES = {jnp.dtype(jnp.int8): "int8", jnp.dtype(jnp.uint8): "fp8_e4m3"}  # QuantizedKV values: kv_cache_dtype
 
@@ -43,8 +43,9 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
     """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged caches; `[T, heads,
     head_dim]` in q's dtype.
 
-    q is float32 or bfloat16. Each cache is an array `[layers, blocks, block_size, kv_heads,
-    head_dim]` of q's dtype (for bfloat16, or its bits as `BF16_BITS`), or (both) a `QuantizedKV`: values of that shape, int8 or uint8 holding
+    q is float32, bfloat16 or float16. Each cache is an array `[layers, blocks, block_size, kv_heads,
+    head_dim]` of q's dtype (for bfloat16, or its bits as `BF16_BITS`), or (both) a `QuantizedKV`:
+    values of that shape, int8 or uint8 holding
     float8_e4m3fn bits, and float32 scales `[layers, blocks, block_size, kv_heads]`. Other dtypes,
     or a process where the kernel is not registered, compute with the jnp reference. The kernel
     checks the metadata it reads (layer, block ids, query and context ranges) and fails the step
@@ -64,7 +65,7 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
 
 
 def _library_for(q, k_cache, v_cache) -> str | None:
-    """The library whose kernel reads these arrays, or None: q float32 or bfloat16 with caches of
+    """The library whose kernel reads these arrays, or None: q float32, bfloat16 or float16 with caches of
     its dtype (or of bfloat16 bits, `BF16_BITS`, for bfloat16), or with quantized caches (whose
     values are int8 or uint8, as `QuantizedKV` holds them)."""
     if q.dtype not in QUERY_DTYPES:

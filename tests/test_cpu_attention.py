@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_pallas_kernels import BF16, F32, assert_matches_reference, awkward_seqs, make_batch, run_jitted
+from test_pallas_kernels import BF16, F16, F32, assert_matches_reference, awkward_seqs, make_batch, run_jitted
 
 from jpaged import LLM, SamplingParams
 from pallas_kernels import cpu_paged_attention
@@ -61,13 +61,14 @@ SHAPES = [(16, 9, 3, 64), (16, 8, 8, 32), (8, 8, 2, 64), (32, 16, 4, 128), (16, 
           (16, 12, 4, 80)]
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "bs{}-h{}-kv{}-d{}".format(*s))
 def test_kernel_matches_reference(shape, dtype):
     block_size, heads, kv_heads, head_dim = shape
     seqs = awkward_seqs(block_size, chunk=37)
     batch = make_batch(hash(shape) % 1000, seqs, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                        block_size=block_size, num_blocks=160, dtype=dtype)
+    assert calls_kernel(batch)
     out = kernel_output(batch)
     assert_matches_reference(out, batch, dtype)
     padding = np.ones(batch.q.shape[0], bool)
@@ -92,9 +93,13 @@ def test_bfloat16_cache_kept_as_bits_reads_as_bfloat16(shape):
                                   np.asarray(run_jitted(ragged_paged_attention, batch), np.float32))
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
+# Every shape with float32 and bfloat16 queries; float16 queries on the first three.
+QUANTIZED_CASES = [(shape, dtype) for dtype in (F32, BF16) for shape in SHAPES] + [(shape, F16) for shape in SHAPES[:3]]
+
+
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "bs{}-h{}-kv{}-d{}".format(*s))
+@pytest.mark.parametrize(("shape", "dtype"), QUANTIZED_CASES,
+                         ids=lambda case: "bs{}-h{}-kv{}-d{}".format(*case) if isinstance(case, tuple) else case.__name__)
 def test_kernel_reads_a_quantized_cache(shape, kv_dtype, dtype):
     """int8 or fp8 values with a scale per token and KV head, read by the kernel (no fallback), as
     the reference reads the same cache."""
@@ -176,8 +181,8 @@ def test_backend_switch(tmp_path):
         select_attention("cpu", 64, platform="cuda", kernel_dir=tmp_path)
     with pytest.raises(ValueError, match="no folder"):
         select_attention("cpu", 64, platform="cpu")
-    with pytest.raises(ValueError, match="does not take float16 queries"):
-        select_attention("cpu", 64, platform="cpu", kernel_dir=tmp_path, dtype=jnp.float16)
+    with pytest.raises(ValueError, match="does not take float64 queries"):
+        select_attention("cpu", 64, platform="cpu", kernel_dir=tmp_path, dtype=np.float64)
 
 
 def test_engine_reads_a_quantized_cache_with_the_kernel(stories_path, monkeypatch):

@@ -27,8 +27,8 @@ from pallas_kernels.triton_compile import MAX_SHARED_BYTES, TritonIRNotFound, ca
 NUM_LAYERS = 2
 LAYER = 1
 INTERPRET = jax.default_backend() == "cpu"  # on a GPU the kernels run compiled by Triton
-# bfloat16: the reference rounds its output to bfloat16 too, so allow a couple of its ulps at |x| ~ 3.
-TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+# bfloat16 and float16: the reference rounds its output to that dtype too, so allow a couple of its ulps at |x| ~ 3.
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
 
 
 @dataclass
@@ -124,7 +124,7 @@ def assert_matches_reference(out, batch: Batch, dtype):
 
 # --- the ragged kernel ---------------------------------------------------------------------------
 
-F32, BF16 = jnp.float32, jnp.bfloat16
+F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 # Every GQA ratio in both dtypes at block size 16, and a few at 32 (interpret mode is slow).
 RAGGED_CASES = [(16, group, dtype) for group in (1, 2, 4, 8) for dtype in (F32, BF16)] + [(32, 2, F32), (32, 8, BF16)]
 
