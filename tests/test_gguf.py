@@ -188,10 +188,10 @@ def test_rope_scaling(tmp_path):
         "rope_type": "linear", "factor": 4.0}
 
 
-def test_non_llama_architecture(tmp_path):
-    _write_tiny_llama(tmp_path / "qwen.gguf", arch="qwen2")
-    with pytest.raises(ValueError, match="qwen2"):
-        load_gguf_config(tmp_path / "qwen.gguf")
+def test_unsupported_architecture(tmp_path):
+    _write_tiny_llama(tmp_path / "phi3.gguf", arch="phi3")
+    with pytest.raises(ValueError, match="architecture is 'phi3'; supported: llama, qwen2, qwen3"):
+        load_gguf_config(tmp_path / "phi3.gguf")
 
 
 def _refuse_download(tmpdir):

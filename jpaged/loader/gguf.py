@@ -1,4 +1,5 @@
-"""Read a llama-architecture GGUF file into an HF-style config, weights and tokenizer.
+"""Read a GGUF file of a dense Llama-family architecture (llama, qwen2, qwen3) into an HF-style
+config, weights and tokenizer.
 
 The engine's model code consumes HF conventions (``config.json`` keys, ``model.layers.{i}...``
 tensor names, ``[out_features, in_features]`` layout, rotate-half RoPE). This module translates
@@ -10,7 +11,7 @@ as an HF safetensors checkpoint:
   each tensor's bytes lie; the index is plain JSON, so it can be cached (``gguf_cache.py``);
   :func:`read_gguf` returns the tokenizer's metadata from the same parse as well;
 - :func:`load_gguf_weights` yields dequantized tensors one at a time under HF names, with the
-  llama.cpp Q/K row permutation undone, read from a memory map of the file at the index's
+  Q/K row permutation llama.cpp's converter applies to llama models undone, read from a memory map of the file at the index's
   offsets (no metadata parse when an index is given);
 - :func:`load_gguf_tokenizer` builds the transformers tokenizer stored in the file, by
   transformers' own GGUF tokenizer conversion, from metadata :func:`read_gguf` already read.
@@ -35,7 +36,11 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf import quants as gguf_quants
 from gguf.quants import dequantize, quant_shape_to_byte_shape
 
-ARCHITECTURE = "llama"
+# GGUF `general.architecture`: the HF model_type and architecture it becomes. Each names its
+# metadata keys with its own prefix ("qwen2.embedding_length", ...).
+ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                 "qwen3": ("qwen3", "Qwen3ForCausalLM")}
+ROPE_PERMUTED = {"llama"}  # model_types whose Q/K rows llama.cpp's converter interleaves (qwen's it leaves)
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -52,6 +57,8 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _CONFIG_ONLY_TENSORS = {"rope_freqs.weight"}
@@ -66,7 +73,7 @@ class GGUFTensor:
     """Where one tensor's bytes lie in the file, and what they hold."""
 
     name: str  # GGUF name, e.g. "blk.0.attn_q.weight"
-    hf_name: str  # the HF llama parameter it becomes
+    hf_name: str  # the HF parameter it becomes
     ggml_type: int  # GGMLQuantizationType value
     shape: tuple[int, ...]  # numpy (HF) order
     offset: int  # absolute byte offset of the data in the file
@@ -90,16 +97,16 @@ class GGUFIndex:
 
 
 def read_gguf_index(path: str | os.PathLike) -> GGUFIndex:
-    """Parse the llama GGUF file at ``path`` once: its config and tensor table.
+    """Parse the GGUF file at ``path`` once: its config and tensor table.
 
     Raises FileNotFoundError for a missing file, ValueError for one that is not a valid,
-    complete llama GGUF file (naming the file and what is wrong).
+    complete GGUF file of an architecture in ``ARCHITECTURES`` (naming the file and what is wrong).
     """
     return _index(*_open(path))
 
 
 def read_gguf(path: str | os.PathLike) -> tuple[GGUFIndex, dict[str, Any]]:
-    """Parse the llama GGUF file at ``path`` once: its index (as :func:`read_gguf_index`) and its
+    """Parse the GGUF file at ``path`` once: its index (as :func:`read_gguf_index`) and its
     tokenizer's metadata (``general.architecture`` and every ``tokenizer.*`` key, as plain Python
     values), from which :func:`load_gguf_tokenizer` builds the tokenizer without reading the file.
 
@@ -121,7 +128,7 @@ def _index(path: pathlib.Path, reader: GGUFReader) -> GGUFIndex:
 
 
 def load_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Return an HF ``config.json``-style dict for the llama GGUF file at ``path``."""
+    """Return an HF ``config.json``-style dict for the GGUF file at ``path``."""
     return read_gguf_index(path).config
 
 
@@ -130,7 +137,7 @@ def load_gguf_weights(path: str | os.PathLike, dtype: Any = np.float32, index: G
     """Yield ``(hf_name, array)`` for every weight of the GGUF file at ``path``, one at a time.
 
     Arrays are dequantized, in HF layout (``[out_features, in_features]`` for linear weights),
-    with llama.cpp's Q/K RoPE row permutation undone, and cast to ``dtype`` (a numpy dtype such
+    with llama.cpp's Q/K RoPE row permutation undone (llama models only), and cast to ``dtype`` (a numpy dtype such
     as ``np.float32`` or ``ml_dtypes.bfloat16``). The tensors named in ``keep_packed`` (HF name:
     GGML type, see :func:`block_types`) come instead as their raw block rows, uint8
     ``[out_features, row bytes]``, rows un-permuted likewise. Without an ``index`` the file's metadata is
@@ -210,6 +217,8 @@ def _iter_weights(path: pathlib.Path, index: GGUFIndex, dtype: np.dtype, keep_pa
     file = np.memmap(path, dtype=np.uint8, mode="r")
     rope_heads = {".self_attn.q_proj.": index.config["num_attention_heads"],
                   ".self_attn.k_proj.": index.config["num_key_value_heads"]}
+    if index.config["model_type"] not in ROPE_PERMUTED:
+        rope_heads = {}
 
     def prepare(tensor: GGUFTensor) -> tuple[str, np.ndarray]:
         raw = file[tensor.offset:tensor.offset + tensor.nbytes]
@@ -260,12 +269,12 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _hf_name(path: pathlib.Path, name: str) -> str:
-    """HF llama parameter name for a GGUF tensor name; ValueError for unknown tensors."""
+    """HF parameter name for a GGUF tensor name; ValueError for unknown tensors."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     match = _LAYER_PATTERN.fullmatch(name)
     if match is None or match.group(2) not in _LAYER_NAMES:
-        raise ValueError(f"{path}: tensor {name!r} has no known HF llama counterpart")
+        raise ValueError(f"{path}: tensor {name!r} has no known HF counterpart")
     layer, kind, suffix = match.groups()
     return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
 
@@ -273,39 +282,40 @@ def _hf_name(path: pathlib.Path, name: str) -> str:
 def _config(path: pathlib.Path, reader: GGUFReader) -> dict[str, Any]:
     meta = _Metadata(path, reader)
     arch = meta.get("general.architecture")
-    if arch != ARCHITECTURE:
-        raise ValueError(f"{path}: GGUF architecture is {arch!r}; only {ARCHITECTURE!r} is supported")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path}: GGUF architecture is {arch!r}; supported: {', '.join(ARCHITECTURES)}")
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: no token_embd.weight tensor")
 
-    hidden = meta.require("llama.embedding_length")
-    heads = meta.require("llama.attention.head_count")
-    head_dim = meta.get("llama.attention.key_length") or meta.get("llama.rope.dimension_count")
+    model_type, architecture = ARCHITECTURES[arch]
+    hidden = meta.require(f"{arch}.embedding_length")
+    heads = meta.require(f"{arch}.attention.head_count")
+    head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
     config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": meta.get("llama.vocab_size") or int(tensors["token_embd.weight"].shape[1]),
+        "model_type": model_type,
+        "architectures": [architecture],
+        "vocab_size": meta.get(f"{arch}.vocab_size") or int(tensors["token_embd.weight"].shape[1]),
         "hidden_size": hidden,
-        "intermediate_size": meta.require("llama.feed_forward_length"),
-        "num_hidden_layers": meta.require("llama.block_count"),
+        "intermediate_size": meta.require(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": meta.require(f"{arch}.block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": meta.get("llama.attention.head_count_kv") or heads,
+        "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv") or heads,
         "head_dim": head_dim or hidden // heads,
-        "rms_norm_eps": meta.require("llama.attention.layer_norm_rms_epsilon"),
-        "rope_theta": meta.get("llama.rope.freq_base") or 10000.0,
-        "max_position_embeddings": meta.require("llama.context_length"),
+        "rms_norm_eps": meta.require(f"{arch}.attention.layer_norm_rms_epsilon"),
+        "rope_theta": meta.get(f"{arch}.rope.freq_base") or 10000.0,
+        "max_position_embeddings": meta.require(f"{arch}.context_length"),
         "tie_word_embeddings": "output.weight" not in tensors,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
-    rope_scaling = _rope_scaling(meta, tensors.get("rope_freqs.weight"), config)
+    rope_scaling = _rope_scaling(meta, arch, tensors.get("rope_freqs.weight"), config)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
     return config
 
 
-def _rope_scaling(meta: _Metadata, rope_freqs, config: dict[str, Any]) -> dict[str, Any] | None:
+def _rope_scaling(meta: _Metadata, arch: str, rope_freqs, config: dict[str, Any]) -> dict[str, Any] | None:
     """HF ``rope_scaling`` from GGUF metadata, or from a llama3 ``rope_freqs`` tensor.
 
     llama.cpp stores llama3 scaling only as per-frequency divisors (``rope_freqs``). Assuming the
@@ -313,10 +323,10 @@ def _rope_scaling(meta: _Metadata, rope_freqs, config: dict[str, Any]) -> dict[s
     frequency and all divisors are checked against HF's llama3 formula; anything else is rejected
     rather than silently mis-rotated.
     """
-    kind = meta.get("llama.rope.scaling.type")
+    kind = meta.get(f"{arch}.rope.scaling.type")
     if kind not in (None, "none"):
-        scaling = {"rope_type": kind, "factor": meta.require("llama.rope.scaling.factor")}
-        original = meta.get("llama.rope.scaling.original_context_length")
+        scaling = {"rope_type": kind, "factor": meta.require(f"{arch}.rope.scaling.factor")}
+        original = meta.get(f"{arch}.rope.scaling.original_context_length")
         if original:
             scaling["original_max_position_embeddings"] = original
         return scaling

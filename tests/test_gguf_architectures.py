@@ -1,0 +1,190 @@
+"""GGUF files of each dense architecture jpaged reads (llama, qwen2, qwen3), written from random-weight
+HF models the way llama.cpp's converter lays them out, with a small byte-level BPE vocabulary:
+the tokenizer, config and weights jpaged reads, and its greedy tokens and prompt logprobs, against
+HF transformers' own GGUF loading of the same file (float32 tensors, and Q8_0 tensors that jpaged
+keeps packed).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from jpaged import LLM, SamplingParams
+from jpaged.loader.gguf import load_gguf_config, load_gguf_weights
+
+DATA = pathlib.Path(__file__).parent / "data" / "public_domain.txt"
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256,
+              rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False)
+CASES = {
+    # GQA 2:1; llama.cpp interleaves each Q/K head's rows for llama models only.
+    "llama": (transformers.LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=2)),
+    # QKV bias, tied embeddings (no output.weight tensor).
+    "qwen2": (transformers.Qwen2Config, dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                             use_sliding_window=False)),
+    # q/k RMSNorm; head_dim 128 is not hidden 64 / 4 heads (attention.key_length; transformers' GGUF
+    # loading leaves head_dim at Qwen3Config's default, 128, as in the released Qwen3 models).
+    "qwen3": (transformers.Qwen3Config, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                                             use_sliding_window=False)),
+}
+LAYER_NAMES = {  # HF module: GGUF tensor, per layer
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+}
+PROMPTS = ["The old man looked at the sea and said", "Once there was a ship", "What is the capital of"]
+
+
+def train_tokenizer() -> Tokenizer:
+    """A byte-level BPE of 400 tokens learned from the public-domain test text, with chat specials."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train([str(DATA)], trainer)
+    return tokenizer
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    _, _, layer, rest = hf_name.split(".", 3)
+    module, suffix = rest.rsplit(".", 1)
+    return f"blk.{layer}.{LAYER_NAMES[module]}.{suffix}"
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter's Q/K row order for llama models: each head's halves interleaved."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer, quantize: bool) -> None:
+    """`model` as a GGUF file of `arch`; with `quantize`, its 2-D weights as Q8_0 blocks."""
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    if getattr(cfg, "head_dim", None):
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([gguf.TokenType.CONTROL if token in SPECIALS else gguf.TokenType.NORMAL
+                            for token, _ in vocab])
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    writer.add_bos_token_id(tokenizer.token_to_id("<|endoftext|>"))
+    writer.add_eos_token_id(tokenizer.token_to_id("<|im_end|>"))
+    writer.add_chat_template(CHAT_TEMPLATE)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        array = tensor.detach().numpy().astype(np.float32)
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            array = llama_cpp_permute(array, cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads)
+        if quantize and array.ndim == 2:
+            kind = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(gguf_name(name), gguf.quants.quantize(array, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(gguf_name(name), array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="module", params=[(arch, q) for arch in CASES for q in (False, True)],
+                ids=lambda case: f"{case[0]}-{'q8_0' if case[1] else 'f32'}")
+def written(request, tokenizer, tmp_path_factory):
+    """(arch, GGUF path, jpaged's engine arguments, HF's model loaded by transformers from that GGUF
+    file); a Q8_0 file is run with its blocks kept packed."""
+    arch, quantize = request.param
+    config_class, overrides = CASES[arch]
+    torch.manual_seed(0)
+    config = config_class(**{**COMMON, **overrides, "vocab_size": tokenizer.get_vocab_size()})
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    folder = tmp_path_factory.mktemp(f"gguf_{arch}")
+    path = folder / f"{arch}.gguf"
+    write_gguf(path, arch, model, tokenizer, quantize)
+    oracle = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=path.name,
+                                                               dtype=torch.float32).eval()
+    engine_args = dict(num_blocks=32, max_model_len=256, compilation_cache=False,
+                       quantization="gguf" if quantize else None)
+    return arch, path, engine_args, oracle
+
+
+@pytest.fixture(scope="module")
+def llm(written):
+    _, path, engine_args, _ = written
+    return LLM(str(path), **engine_args)
+
+
+def test_config_and_weights_equal_transformers_gguf_loading(written):
+    arch, path, _, oracle = written
+    config = load_gguf_config(path)
+    assert config["model_type"] == arch and config["architectures"] == [type(oracle).__name__]
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
+        assert config[key] == getattr(oracle.config, key), key
+    hf = oracle.config
+    assert config["rms_norm_eps"] == pytest.approx(hf.rms_norm_eps)
+    assert config["head_dim"] == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    expected = {name: t.detach().numpy() for name, t in oracle.state_dict().items()}
+    ours = dict(load_gguf_weights(path))
+    assert set(ours) == set(expected) - ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
+    for name, array in ours.items():
+        np.testing.assert_allclose(array, expected[name], rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_tokenizer_and_chat_template(llm, tokenizer):
+    ours = llm.get_tokenizer()
+    for text in [*PROMPTS, "Numbers 1234 and  spaces\n\ttabs!"]:
+        assert ours.encode(text, add_special_tokens=False) == tokenizer.encode(text).ids
+    prompt = ours.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert ours.eos_token_id == tokenizer.token_to_id("<|im_end|>")
+
+
+def test_greedy_tokens_and_logprobs_equal_transformers(written, llm, tokenizer):
+    arch, _, _, oracle = written
+    prompts = [tokenizer.encode(text).ids for text in PROMPTS]
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
+                        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=1),
+                        use_tqdm=False)
+    for ids, out in zip(prompts, outs):
+        with torch.no_grad():
+            expected = oracle.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
+                                       eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+            logits = oracle(torch.tensor([ids])).logits[0].double()
+        assert out.outputs[0].token_ids == expected, arch
+        logprobs = torch.log_softmax(logits, -1).numpy()
+        got = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], ids[1:])]
+        np.testing.assert_allclose(got, logprobs[np.arange(len(ids) - 1), ids[1:]], atol=2e-4)
