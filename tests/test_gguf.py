@@ -110,7 +110,8 @@ def _write_tiny_llama(path, arch="llama", q=None, k=None, rope_freqs=None, scali
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
     writer.add_float32(f"{arch}.rope.freq_base", 500000.0)
     for key, value in (scaling or {}).items():
-        (writer.add_string if isinstance(value, str) else writer.add_float32)(key, value)
+        add = writer.add_string if isinstance(value, str) else writer.add_uint32 if isinstance(value, int) else writer.add_float32
+        add(key, value)
     tensors = {
         "token_embd.weight": (32, 8), "output_norm.weight": (8,), "output.weight": (32, 8),
         "blk.0.attn_norm.weight": (8,), "blk.0.ffn_norm.weight": (8,),
@@ -192,6 +193,9 @@ def test_unsupported_architecture(tmp_path):
     _write_tiny_llama(tmp_path / "phi3.gguf", arch="phi3")
     with pytest.raises(ValueError, match="architecture is 'phi3'; supported: llama, qwen2, qwen3"):
         load_gguf_config(tmp_path / "phi3.gguf")
+    _write_tiny_llama(tmp_path / "mixtral.gguf", scaling={"llama.expert_count": 8, "llama.expert_used_count": 2})
+    with pytest.raises(ValueError, match="a llama GGUF file with 8 experts .* is not supported"):
+        load_gguf_config(tmp_path / "mixtral.gguf")
 
 
 def _refuse_download(tmpdir):

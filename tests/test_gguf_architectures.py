@@ -1,5 +1,5 @@
-"""GGUF files of each dense architecture jpaged reads (llama, qwen2, qwen3), written from random-weight
-HF models the way llama.cpp's converter lays them out, with a small byte-level BPE vocabulary:
+"""GGUF files of each architecture jpaged reads (llama, qwen2, qwen3, qwen2moe, qwen3moe), written from
+random-weight HF models the way llama.cpp's converter lays them out, with a small byte-level BPE vocabulary:
 the tokenizer, config and weights jpaged reads, and its greedy tokens and prompt logprobs, against
 HF transformers' own GGUF loading of the same file (float32 tensors, and Q8_0 tensors that jpaged
 keeps packed).
@@ -36,12 +36,23 @@ CASES = {
     # loading leaves head_dim at Qwen3Config's default, 128, as in the released Qwen3 models).
     "qwen3": (transformers.Qwen3Config, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=128,
                                              use_sliding_window=False)),
+    # Experts (one GGUF tensor per projection) and a sigmoid-gated shared expert, top-2 of 4 not
+    # renormalised; expert sizes are Qwen2MoeConfig's defaults, which transformers' GGUF loading keeps.
+    "qwen2moe": (transformers.Qwen2MoeConfig, dict(num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                                   num_experts_per_tok=2, moe_intermediate_size=1408,
+                                                   shared_expert_intermediate_size=5632, use_sliding_window=False)),
+    # Experts with q/k norms, top-3 of 6 renormalised, as llama.cpp always runs qwen3moe.
+    "qwen3moe": (transformers.Qwen3MoeConfig, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=128,
+                                                   num_experts=6, num_experts_per_tok=3, moe_intermediate_size=768,
+                                                   norm_topk_prob=True)),
 }
 LAYER_NAMES = {  # HF module: GGUF tensor, per layer
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp",
+    "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
+    "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
 PROMPTS = ["The old man looked at the sea and said", "Once there was a ship", "What is the capital of"]
 
@@ -54,6 +65,36 @@ def train_tokenizer() -> Tokenizer:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train([str(DATA)], trainer)
     return tokenizer
+
+
+def per_expert(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF's tensors with each layer's stacked experts (`mlp.experts.gate_up_proj [E, 2 * ff, hidden]`,
+    `mlp.experts.down_proj [E, hidden, ff]`) as one tensor per expert and projection."""
+    out = {}
+    for name, array in state_dict.items():
+        prefix, _, kind = name.rpartition(".experts.")
+        if not prefix:
+            out[name] = array
+            continue
+        for e, expert in enumerate(array):
+            parts = dict(zip(("gate_proj", "up_proj"), np.split(expert, 2))) if kind == "gate_up_proj" else {kind: expert}
+            out.update({f"{prefix}.experts.{e}.{proj}.weight": part for proj, part in parts.items()})
+    return out
+
+
+def gguf_tensors(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF's tensors under llama.cpp's names: a layer's experts stacked, one tensor per projection."""
+    out = {}
+    for name, array in state_dict.items():
+        if ".experts." not in name:  # llama.cpp keeps the shared expert's gate [1, hidden] as [hidden]
+            out[gguf_name(name)] = array.reshape(-1) if name.endswith("shared_expert_gate.weight") else array
+            continue
+        layer, kind = name.split(".")[2], name.rpartition(".experts.")[2]
+        if kind == "gate_up_proj":
+            out[f"blk.{layer}.ffn_gate_exps.weight"], out[f"blk.{layer}.ffn_up_exps.weight"] = np.split(array, 2, axis=1)
+        else:
+            out[f"blk.{layer}.ffn_down_exps.weight"] = array
+    return out
 
 
 def gguf_name(hf_name: str) -> str:
@@ -85,6 +126,12 @@ def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer, quant
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    if getattr(cfg, "num_experts", 0):
+        writer.add_expert_count(cfg.num_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if getattr(cfg, "shared_expert_intermediate_size", 0):
+            writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
     if getattr(cfg, "head_dim", None):
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
@@ -99,17 +146,16 @@ def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer, quant
     writer.add_bos_token_id(tokenizer.token_to_id("<|endoftext|>"))
     writer.add_eos_token_id(tokenizer.token_to_id("<|im_end|>"))
     writer.add_chat_template(CHAT_TEMPLATE)
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        array = tensor.detach().numpy().astype(np.float32)
-        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-            array = llama_cpp_permute(array, cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads)
-        if quantize and array.ndim == 2:
+    state_dict = {name: t.detach().numpy().astype(np.float32) for name, t in model.state_dict().items()
+                  if not (name == "lm_head.weight" and cfg.tie_word_embeddings)}
+    for name, array in gguf_tensors(state_dict).items():
+        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+            array = llama_cpp_permute(array, cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads)
+        if quantize and array.ndim >= 2 and array.shape[-1] % 32 == 0:
             kind = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(gguf_name(name), gguf.quants.quantize(array, kind), raw_dtype=kind)
+            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
         else:
-            writer.add_tensor(gguf_name(name), array)
+            writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -150,14 +196,17 @@ def llm(written):
 def test_config_and_weights_equal_transformers_gguf_loading(written):
     arch, path, _, oracle = written
     config = load_gguf_config(path)
-    assert config["model_type"] == arch and config["architectures"] == [type(oracle).__name__]
+    assert config["model_type"] == oracle.config.model_type and config["architectures"] == [type(oracle).__name__]
+    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                "shared_expert_intermediate_size"):
+        assert config.get(key) == getattr(oracle.config, key, None), key
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
         assert config[key] == getattr(oracle.config, key), key
     hf = oracle.config
     assert config["rms_norm_eps"] == pytest.approx(hf.rms_norm_eps)
     assert config["head_dim"] == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
-    expected = {name: t.detach().numpy() for name, t in oracle.state_dict().items()}
+    expected = per_expert({name: t.detach().numpy() for name, t in oracle.state_dict().items()})
     ours = dict(load_gguf_weights(path))
     assert set(ours) == set(expected) - ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
     for name, array in ours.items():

@@ -1,5 +1,5 @@
-"""Read a GGUF file of a dense Llama-family architecture (llama, qwen2, qwen3) into an HF-style
-config, weights and tokenizer.
+"""Read a GGUF file of a Llama-family architecture (llama, qwen2, qwen3, and the mixtures of experts
+qwen2moe and qwen3moe) into an HF-style config, weights and tokenizer.
 
 The engine's model code consumes HF conventions (``config.json`` keys, ``model.layers.{i}...``
 tensor names, ``[out_features, in_features]`` layout, rotate-half RoPE). This module translates
@@ -11,7 +11,8 @@ as an HF safetensors checkpoint:
   each tensor's bytes lie; the index is plain JSON, so it can be cached (``gguf_cache.py``);
   :func:`read_gguf` returns the tokenizer's metadata from the same parse as well;
 - :func:`load_gguf_weights` yields dequantized tensors one at a time under HF names, with the
-  Q/K row permutation llama.cpp's converter applies to llama models undone, read from a memory map of the file at the index's
+  Q/K row permutation llama.cpp's converter applies to llama models undone, a layer's experts
+  (one GGUF tensor ``[experts, out, in]`` per projection) split into HF's per-expert tensors, read from a memory map of the file at the index's
   offsets (no metadata parse when an index is given);
 - :func:`load_gguf_tokenizer` builds the transformers tokenizer stored in the file, by
   transformers' own GGUF tokenizer conversion, from metadata :func:`read_gguf` already read.
@@ -39,7 +40,9 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape
 # GGUF `general.architecture`: the HF model_type and architecture it becomes. Each names its
 # metadata keys with its own prefix ("qwen2.embedding_length", ...).
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
-                 "qwen3": ("qwen3", "Qwen3ForCausalLM")}
+                 "qwen3": ("qwen3", "Qwen3ForCausalLM"), "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+                 "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM")}
+NORMALIZED_TOP_K = {"qwen3moe"}  # MoE architectures whose top-k routing weights llama.cpp renormalises
 ROPE_PERMUTED = {"llama"}  # model_types whose Q/K rows llama.cpp's converter interleaves (qwen's it leaves)
 
 _GLOBAL_NAMES = {
@@ -47,6 +50,7 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+EXPERT = "{expert}"  # in the HF name of a GGUF tensor that holds every expert of a layer
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -59,6 +63,14 @@ _LAYER_NAMES = {
     "ffn_norm": "post_attention_layernorm",
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": f"mlp.experts.{EXPERT}.gate_proj",
+    "ffn_up_exps": f"mlp.experts.{EXPERT}.up_proj",
+    "ffn_down_exps": f"mlp.experts.{EXPERT}.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _CONFIG_ONLY_TENSORS = {"rope_freqs.weight"}
@@ -73,7 +85,7 @@ class GGUFTensor:
     """Where one tensor's bytes lie in the file, and what they hold."""
 
     name: str  # GGUF name, e.g. "blk.0.attn_q.weight"
-    hf_name: str  # the HF parameter it becomes
+    hf_name: str  # the HF parameter it becomes (with `EXPERT` in it: one per expert, split on load)
     ggml_type: int  # GGMLQuantizationType value
     shape: tuple[int, ...]  # numpy (HF) order
     offset: int  # absolute byte offset of the data in the file
@@ -137,7 +149,8 @@ def load_gguf_weights(path: str | os.PathLike, dtype: Any = np.float32, index: G
     """Yield ``(hf_name, array)`` for every weight of the GGUF file at ``path``, one at a time.
 
     Arrays are dequantized, in HF layout (``[out_features, in_features]`` for linear weights),
-    with llama.cpp's Q/K RoPE row permutation undone (llama models only), and cast to ``dtype`` (a numpy dtype such
+    with llama.cpp's Q/K RoPE row permutation undone (llama models only), a layer's experts one
+    at a time, and cast to ``dtype`` (a numpy dtype such
     as ``np.float32`` or ``ml_dtypes.bfloat16``). The tensors named in ``keep_packed`` (HF name:
     GGML type, see :func:`block_types`) come instead as their raw block rows, uint8
     ``[out_features, row bytes]``, rows un-permuted likewise. Without an ``index`` the file's metadata is
@@ -220,7 +233,7 @@ def _iter_weights(path: pathlib.Path, index: GGUFIndex, dtype: np.dtype, keep_pa
     if index.config["model_type"] not in ROPE_PERMUTED:
         rope_heads = {}
 
-    def prepare(tensor: GGUFTensor) -> tuple[str, np.ndarray]:
+    def prepare(tensor: GGUFTensor) -> list[tuple[str, np.ndarray]]:
         raw = file[tensor.offset:tensor.offset + tensor.nbytes]
         packed = tensor.hf_name in keep_packed
         kind = GGMLQuantizationType(tensor.ggml_type)
@@ -228,15 +241,20 @@ def _iter_weights(path: pathlib.Path, index: GGUFIndex, dtype: np.dtype, keep_pa
         for marker, n_heads in rope_heads.items():
             if marker in tensor.hf_name:
                 array = _unpermute_rope_rows(array, n_heads)
-        return tensor.hf_name, np.array(array) if packed else np.asarray(array, dtype=dtype)
+        if tensor.hf_name.endswith("shared_expert_gate.weight"):
+            array = array.reshape(1, -1)  # HF's [1, hidden]; llama.cpp also takes it as [hidden]
+        array = np.array(array) if packed else np.asarray(array, dtype=dtype)
+        if EXPERT in tensor.hf_name:
+            return [(tensor.hf_name.replace(EXPERT, str(e)), expert) for e, expert in enumerate(array)]
+        return [(tensor.hf_name, array)]
 
     with ThreadPoolExecutor(max_workers=PREFETCH) as pool:
         pending = collections.deque(pool.submit(prepare, t) for t in index.tensors[:PREFETCH])
         for tensor in index.tensors[PREFETCH:]:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
             pending.append(pool.submit(prepare, tensor))
         while pending:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
 
 
 _PLAIN_TYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}
@@ -309,9 +327,27 @@ def _config(path: pathlib.Path, reader: GGUFReader) -> dict[str, Any]:
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
+    config.update(_experts(meta, arch))
     rope_scaling = _rope_scaling(meta, arch, tensors.get("rope_freqs.weight"), config)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
+    return config
+
+
+def _experts(meta: _Metadata, arch: str) -> dict[str, Any]:
+    """The HF config's mixture-of-experts keys, from `{arch}.expert_*` metadata (none for a dense model)."""
+    num_experts = meta.get(f"{arch}.expert_count")
+    if not num_experts:
+        return {}
+    if arch not in ("qwen2moe", "qwen3moe"):
+        raise ValueError(f"{meta.path}: a {arch} GGUF file with {num_experts} experts (such as Mixtral's) is not "
+                         "supported; mixtures of experts load from qwen2moe and qwen3moe GGUF files, or HF folders")
+    config = {"num_experts": num_experts, "num_experts_per_tok": meta.require(f"{arch}.expert_used_count"),
+              "moe_intermediate_size": meta.require(f"{arch}.expert_feed_forward_length"),
+              "norm_topk_prob": arch in NORMALIZED_TOP_K}
+    shared = meta.get(f"{arch}.expert_shared_feed_forward_length")
+    if arch == "qwen2moe":
+        config["shared_expert_intermediate_size"] = shared or 0
     return config
 
 
