@@ -425,6 +425,14 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "priority": 1.5}, "priority"),
     ("/v1/completions", {"prompt": "hi", "n": 2**40, "temperature": 1.0}, "n"),  # more samples than the queue holds
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2**40, "temperature": 1.0}, "n"),
+    # a JSON value of another type is refused, not coerced (as OpenAI's API refuses it)
+    ("/v1/completions", {"prompt": "hi", "logprobs": False}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "n": True}, "n"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "seed": 1.0}, "seed"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": "0.5"}, "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": True,
+                              "logprobs": True}, "top_logprobs"),
 ]
 
 
@@ -623,6 +631,7 @@ def test_responses_api_gives_the_chat_reply_as_output_items(server, expected):
     whole = client.responses.create(**args, max_output_tokens=16)
     assert whole.output_text == expected["chat"] and whole.usage.output_tokens == 16
     assert whole.status == "incomplete" and whole.incomplete_details.reason == "max_output_tokens"
+    assert [item.status for item in whole.output] == ["incomplete"] and whole.tool_choice == "auto"
     chat = client.chat.completions.create(model="stories", messages=CHAT, max_completion_tokens=16, temperature=0)
     assert whole.usage.input_tokens == chat.usage.prompt_tokens
     raw = server.post("/v1/responses", {**args, "max_output_tokens": 16}).json()
@@ -632,6 +641,7 @@ def test_responses_api_gives_the_chat_reply_as_output_items(server, expected):
     stopped_chat = client.chat.completions.create(model="stories", messages=CHAT, max_completion_tokens=40,
                                                   temperature=0, stop=["."]).choices[0]
     assert stopped_chat.finish_reason == "stop" and stopped.status == "completed"
+    assert [item.status for item in stopped.output] == ["completed"]
     assert stopped.output_text == stopped_chat.message.content
     with client.responses.stream(**args, max_output_tokens=40, extra_body={"stop": ["."]}) as stream:
         events = list(stream)
@@ -899,12 +909,14 @@ def test_streamed_completion_logprobs_equal_the_whole_response(server):
         assert streamed["token_logprobs"][0] is None and whole.logprobs.token_logprobs[0] is None  # the prompt's first
         assert streamed["token_logprobs"][1:] == pytest.approx(whole.logprobs.token_logprobs[1:])
         assert streamed["top_logprobs"][1:] == whole.logprobs.top_logprobs[1:]
-    # offsets run on through the echoed prompt into the output, each token's string length on,
-    # also where a character spans byte tokens (vLLM's counting)
+    # offsets run on through the echoed prompt into the output, each token's text length on, also
+    # where a character spans byte tokens (vLLM's counting: each such token's text is one U+FFFD),
+    # which are named by their bytes (OpenAI's naming)
     request = dict(model="stories", prompt="Tom saw 東京 and", max_tokens=6, temperature=0, logprobs=1, echo=True)
     whole = client.completions.create(**request).choices[0].logprobs
-    lengths = [len(token) for token in whole.tokens]
-    assert any(token == "\ufffd" for token in whole.tokens)  # the prompt's characters span byte tokens
+    lengths = [1 if token.startswith("bytes:") else len(token) for token in whole.tokens]
+    byte_tokens = [token for token in whole.tokens if token.startswith("bytes:")]
+    assert b"".join(bytes.fromhex(t[6:].replace("\\x", "")) for t in byte_tokens).decode() == "東京"
     assert whole.text_offset == [sum(lengths[:i]) for i in range(len(lengths))]
     chunks = [chunk.choices[0] for chunk in client.completions.create(**request, stream=True) if chunk.choices]
     assert [x for c in chunks if c.logprobs for x in c.logprobs.text_offset] == whole.text_offset

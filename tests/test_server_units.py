@@ -503,7 +503,7 @@ def test_whole_vocabulary_logprobs_keep_every_entry(stories_path):
     import numpy as np
     from transformers import AutoTokenizer
 
-    from jpaged.detokenizer import token_text
+    from jpaged.detokenizer import token_bytes, token_text
     from jpaged.outputs import Logprob
     from jpaged.server.logprobs import chat_logprobs, completion_logprobs
 
@@ -519,8 +519,44 @@ def test_whole_vocabulary_logprobs_keep_every_entry(stories_path):
     chat = chat_logprobs(tokenizer, token_ids, entries, -1).content
     assert [len(c.top_logprobs) for c in chat] == [vocab] * 3
     assert [len(c.top_logprobs) for c in chat_logprobs(tokenizer, token_ids, entries, 3).content] == [3] * 3
-    texts = [len({lp.decoded_token for lp in entry.values()}) for entry in entries]  # keyed by text: equal texts join
-    assert [len(top) for top in completion_logprobs(tokenizer, token_ids, entries, top=-1).top_logprobs] == texts
-    three = [len({lp.decoded_token for t, lp in entry.items() if lp.rank <= 3 or t == token})
-             for token, entry in zip(token_ids, entries)]
+    def names(entry, keep):  # keyed by text, a part of a character by its bytes: equal names join
+        return len({lp.decoded_token if "\ufffd" not in lp.decoded_token else token_bytes(tokenizer, t)
+                    for t, lp in entry.items() if keep(t, lp)})
+
+    whole = completion_logprobs(tokenizer, token_ids, entries, top=-1).top_logprobs
+    assert [len(top) for top in whole] == [names(entry, lambda t, lp: True) for entry in entries]
+    three = [names(entry, lambda t, lp: lp.rank <= 3 or t == token) for token, entry in zip(token_ids, entries)]
     assert [len(top) for top in completion_logprobs(tokenizer, token_ids, entries, top=3).top_logprobs] == three
+
+
+def test_completion_logprobs_name_each_part_of_a_character_by_its_bytes(stories_path, model_path):
+    """OpenAI's legacy shape names a token holding part of a character `bytes:\\xNN...`, so that
+    each keeps its own `top_logprobs` key; every token's key holds its own logprob, and the named
+    bytes of a character's tokens join back into its UTF-8."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from jpaged.detokenizer import token_text
+    from jpaged.loader.source import open_model
+    from jpaged.outputs import Logprob
+    from jpaged.server.logprobs import completion_logprobs
+
+    rng = np.random.default_rng(1)
+    for tokenizer in (AutoTokenizer.from_pretrained(stories_path), open_model(str(model_path)).load_tokenizer()):
+        text = "Tom saw 東京 and 👩🎉"
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        partial = [i for i in ids if "\ufffd" in token_text(tokenizer, i)]
+        assert len(partial) >= 4
+        entries = []
+        for token in ids:  # the token first, then others, some of them also parts of characters
+            others = [t for t in rng.choice(partial + list(range(100)), 8) if t != token]
+            values = np.sort(np.log(rng.dirichlet(np.ones(len(others) + 1))))[::-1]
+            entries.append({int(t): Logprob(float(v), rank, token_text(tokenizer, int(t)))
+                            for rank, (t, v) in enumerate(zip([token, *others], rng.permutation(values)), 1)})
+        shape = completion_logprobs(tokenizer, ids, entries)
+        for name, logprob, top in zip(shape.tokens, shape.token_logprobs, shape.top_logprobs):
+            assert top[name] == logprob and "\ufffd" not in name
+        named = [name for name in shape.tokens if name.startswith("bytes:")]
+        assert len(named) == len(partial)
+        joined = b"".join(bytes.fromhex(name[6:].replace("\\x", "")) for name in named)
+        assert set(joined.decode()) <= set("東京👩🎉 ")  # whole characters (and a space a piece may lead with)

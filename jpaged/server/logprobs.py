@@ -2,7 +2,9 @@
 
 The engine reports, per generated token, a dict holding the sampled token's `Logprob` first and
 the top alternatives after it (`CompletionOutput.logprobs`). Completions answer OpenAI's legacy
-shape (`tokens`, `token_logprobs`, `top_logprobs` as dicts, `text_offset`); chat answers a list
+shape (`tokens`, `token_logprobs`, `top_logprobs` as dicts keyed by token, `text_offset`), where a
+token that is part of a character is named by its bytes (`bytes:\\xe6`), as OpenAI's API names
+it, so that such tokens do not all become one U+FFFD key; chat answers a list
 of `{token, logprob, bytes, top_logprobs}`, where `bytes` are what the token stands for (a byte
 token's own byte, so that the bytes of tokens splitting a character join back into it). A
 token's string is its text as it reads inside a text (" Paris", with the word-boundary space
@@ -45,7 +47,7 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict
     result = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries):
         text = token_text(tokenizer, token_id)
-        result.tokens.append(text)
+        result.tokens.append(legacy_token(tokenizer, token_id, text))
         result.text_offset.append(text_offset)
         text_offset += len(text)
         if entry is None:
@@ -53,9 +55,23 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict
             result.top_logprobs.append(None)
             continue
         result.token_logprobs.append(finite(entry[token_id].logprob))
-        result.top_logprobs.append({lp.decoded_token: finite(lp.logprob) for token, lp in entry.items()
-                                    if top is None or token == token_id or lp.rank <= top})
+        named: dict[str, float] = {}
+        for token, lp in entry.items():  # the chosen token first: its name keeps its own logprob
+            if top is None or token == token_id or lp.rank <= top:
+                named.setdefault(legacy_token(tokenizer, token, lp.decoded_token), finite(lp.logprob))
+        result.top_logprobs.append(named)
     return result
+
+
+def legacy_token(tokenizer: Any, token_id: int, text: str) -> str:
+    """`token_id`'s name in the completions shape: its `text`, or, for a token that holds part of a
+    character (its text shows U+FFFD in its place), `bytes:` and its bytes as `\\xNN` escapes."""
+    if "\ufffd" not in text:
+        return text
+    raw = bytes(token_bytes(tokenizer, token_id))
+    if raw.decode("utf-8", errors="replace") == text and "\ufffd".encode() in raw:
+        return text  # a token of the replacement character itself
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def prompt_logprobs(entries: list[dict[int, Logprob] | None] | None) -> PromptLogprobs | None:

@@ -26,7 +26,9 @@ def random_id(prefix: str) -> str:
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a number must come as a JSON number (an integer for an int field), a flag as a JSON
+    # bool; "5", true for 1 or 1.0 for an int are 400s, as OpenAI's API refuses them
+    model_config = ConfigDict(extra="ignore", strict=True)
     _null_kept: ClassVar[tuple[str, ...]] = ()  # fields whose null means something of its own
 
     @model_validator(mode="before")

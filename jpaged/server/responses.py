@@ -72,8 +72,9 @@ async def create_response(body: ResponsesRequest, state: ServerState) -> JSONRes
     (output,) = await collect(group)
     choice = output.outputs[0]
     content, calls = reply(request, choice.text, state.tool_parser)
-    items = ([_message_item(response.message_id, content or "", "completed")] if content or not calls else [])
-    items += [_call_item(call) for call in calls]
+    status = _item_status(output)
+    items = ([_message_item(response.message_id, content or "", status)] if content or not calls else [])
+    items += [_call_item(call, status=status) for call in calls]
     return JSONResponse(response.body(output, items))
 
 
@@ -202,6 +203,11 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+def _item_status(output: RequestOutput) -> str:
+    """A finished output item's status: "incomplete" where `max_output_tokens` cut the reply."""
+    return "incomplete" if output.outputs[0].finish_reason == "length" else "completed"
+
+
 def _message_item(item_id: str, text: str | None, status: str) -> dict:
     """The reply's message item; `text` None: no content part yet (a stream's opening)."""
     content = [] if text is None else [_text_part(text)]
@@ -248,7 +254,7 @@ class _Response:
                 "instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
                 "metadata": request.metadata or {}, "parallel_tool_calls": self.chat.parallel_tool_calls,
                 "temperature": self.temperature, "top_p": self.top_p,
-                "tool_choice": request.tool_choice or ("auto" if request.tools else "none"),
+                "tool_choice": request.tool_choice or "auto",
                 "tools": request.tools or [],
                 "text": {**(request.text or {}), "format": (request.text or {}).get("format") or {"type": "text"}},
                 "previous_response_id": None, "store": False, "truncation": "disabled", "usage": usage,
@@ -317,12 +323,12 @@ async def _reply_events(response: _Response, state: ServerState, group: RequestG
         if not opened:
             for opening in open_message():
                 yield opening
-        items.append(_message_item(response.message_id, sent.text_sent, "completed"))
+        items.append(_message_item(response.message_id, sent.text_sent, _item_status(final)))
         yield event("response.output_text.done", **message, text=sent.text_sent, logprobs=[])
         yield event("response.content_part.done", **message, part=_text_part(sent.text_sent))
         yield event("response.output_item.done", output_index=0, item=items[0])
     for call in calls:
-        index, item = len(items), _call_item(call)
+        index, item = len(items), _call_item(call, status=_item_status(final))
         items.append(item)
         yield event("response.output_item.added", output_index=index, item=_call_item(call, "", "in_progress"))
         yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
@@ -344,7 +350,7 @@ async def _argument_events(response: _Response, state: ServerState, group: Reque
         final = output
         if pieces := sent.new_text(output.outputs[0].text):
             yield event("response.function_call_arguments.delta", item_id=item_id, output_index=0, delta=pieces)
-    item = _call_item(call, sent.text_sent)
+    item = _call_item(call, sent.text_sent, _item_status(final))
     yield event("response.function_call_arguments.done", item_id=item_id, output_index=0, name=item["name"],
                 arguments=item["arguments"])
     yield event("response.output_item.done", output_index=0, item=item)
