@@ -243,7 +243,8 @@ class LLMEngine:
         ending = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
         if params.allowed_token_ids and params.min_tokens and always_banned | ending >= set(params.allowed_token_ids):
             raise ValueError(f"allowed_token_ids {params.allowed_token_ids[:5]} are all EOS, stop_token_ids or bad_words"
-                             f", which cannot be sampled before min_tokens {params.min_tokens}: no token could be")
+                             f", which cannot be sampled before min_tokens {params.min_tokens}: no token could be "
+                             "sampled")
         if params.allowed_token_ids is not None:
             biased = len(params.allowed_token_ids)
             what = f"allowed_token_ids list {biased} ids"
@@ -453,7 +454,8 @@ class LLMEngine:
             seq.finish("abort")
         elif token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             detokenizer.finish(stop_token=token)
-            seq.finish("stop", token if token in params.stop_token_ids else None)
+            eos = not params.ignore_eos and token in self.eos_token_ids  # EOS first, as vLLM checks: no stop_reason
+            seq.finish("stop", None if eos else token)
         elif (stop := detokenizer.add(token)) is not None:
             seq.finish("stop", stop)
         elif len(tokens) >= params.max_tokens:

@@ -48,9 +48,18 @@ def build_engine(model: str | None = None, **kwargs) -> EngineClient:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **kwargs):
+    def __init__(self, model: str | None = None, *, trust_remote_code: bool = False, enforce_eager: bool = False,
+                 **kwargs):
+        """An engine for `model` (see `build_engine`). vLLM's `trust_remote_code` and
+        `enforce_eager` are taken, so that vLLM scripts run unchanged, and change nothing: jpaged
+        runs no model code from a hub, and every step is a compiled program."""
         self.engine: EngineClient = build_engine(model, **kwargs)
         self._request_counter = itertools.count()
+
+    @property
+    def llm_engine(self) -> EngineClient:
+        """`engine`, under vLLM's name for it."""
+        return self.engine
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -71,9 +80,12 @@ class LLM:
         first) needs `scheduling_policy="priority"`. ValueError names the prompt it refuses."""
         prompts = _prompt_list(prompts)
         params = self._per_prompt_params(sampling_params, len(prompts))
+        if priority is not None and not isinstance(priority, SequenceABC):
+            raise TypeError(f"priority must be a list of ints, one per prompt; got {type(priority).__name__} {priority!r:.50}")
         priorities = [0] * len(prompts) if priority is None else list(priority)
         if len(priorities) != len(prompts):
             raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
+        self._check_no_other_requests("generate")
         request_ids = []
         try:
             for prompt, param, rank in zip(prompts, params, priorities):
@@ -125,7 +137,18 @@ class LLM:
     def beam_search(self, prompts: PromptType | SequenceABC[PromptType], params: BeamSearchParams
                     ) -> list[BeamSearchOutput]:
         """The `params.beam_width` best continuations of each prompt, best first."""
-        return beam_search(self.engine, _prompt_list(prompts), params)
+        prompts = _prompt_list(prompts)
+        self._check_no_other_requests("beam_search")
+        return beam_search(self.engine, prompts, params)
+
+    def _check_no_other_requests(self, call: str) -> None:
+        """RuntimeError where the engine holds requests added through `engine.add_request`: `call`
+        steps the engine until its own requests finish, and would swallow the others' outputs."""
+        pending = self.engine.get_num_unfinished_requests()
+        if pending:
+            raise RuntimeError(f"{call} steps the engine until its own requests finish, and the engine holds {pending} "
+                               "unfinished requests added through llm.engine.add_request, whose outputs it would "
+                               "not return: step them with llm.engine.step() or abort them first")
 
     def chat(
         self,
@@ -192,7 +215,7 @@ def _prompt_list(prompts) -> list[PromptType]:
     becomes a list of one. ValueError for anything else."""
     if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and is_integer(prompts[0])):
         return [prompts]
-    if isinstance(prompts, SequenceABC):
+    if isinstance(prompts, SequenceABC) and not isinstance(prompts, (bytes, bytearray)):
         return list(prompts)
     raise ValueError(f"prompts must be a string, a list of token ids, a dict, or a list of those; got "
                      f"{type(prompts).__name__}")

@@ -26,8 +26,8 @@ class CompletionOutput:
     cumulative_logprob: float | None = None  # sum of its tokens' logprobs; None unless computed (logprobs, best_of)
     logprobs: list[dict[int, Logprob]] | None = None  # per token: the sampled token's, then the top ones
 
-    @property
     def finished(self) -> bool:
+        """Whether this sample has ended (a method, as vLLM's)."""
         return self.finish_reason is not None
 
 

@@ -9,6 +9,7 @@ sampler later packs the numeric fields of every scheduled request into device ar
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import numbers
@@ -397,6 +398,10 @@ class SamplingParams:
             )
         self.logprobs = _as_logprob_count("logprobs", self.logprobs)
         self.prompt_logprobs = _as_logprob_count("prompt_logprobs", self.prompt_logprobs)
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's method), to change without touching these params."""
+        return copy.deepcopy(self)
 
     @property
     def num_samples(self) -> int:

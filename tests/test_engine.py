@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpaged import LLM, SamplingParams
+from jpaged import LLM, BeamSearchParams, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32)
 # HF transformers, greedy, from BOS alone (see ../shared/models/stories260K/README.md).
@@ -213,11 +213,43 @@ def test_generate_rejects_bad_prompt_and_keeps_serving(llm):
         assert not llm.engine.has_unfinished_requests()  # "Once" left with the call
     with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them"):
         llm.generate(["Once"], {"max_tokens": 3}, use_tqdm=False)
-    with pytest.raises(ValueError, match="prompts must be a string, a list of token ids, a dict, or a list of those; "
-                                         "got int"):
-        llm.generate(5, GREEDY, use_tqdm=False)
+    for bad, kind in ((5, "int"), (b"Once", "bytes")):
+        with pytest.raises(ValueError, match="prompts must be a string, a list of token ids, a dict, or a list of "
+                                             f"those; got {kind}"):
+            llm.generate(bad, GREEDY, use_tqdm=False)
+    with pytest.raises(TypeError, match="priority must be a list of ints, one per prompt; got int 3"):
+        llm.generate(["Once"], GREEDY, priority=3, use_tqdm=False)
     assert all_blocks_free(llm)
     assert llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == GOLDEN_FROM_BOS
+
+
+def test_generate_refuses_to_swallow_requests_added_through_the_engine(llm):
+    """generate and beam_search step until their own requests finish: with a request added by hand
+    waiting in the engine they refuse, and that request's outputs still come from engine.step()."""
+    llm.engine.add_request("mine", {"prompt_token_ids": [1]}, GREEDY)
+    with pytest.raises(RuntimeError, match="holds 1 unfinished requests added through llm.engine.add_request"):
+        llm.generate("Once", GREEDY, use_tqdm=False)
+    with pytest.raises(RuntimeError, match="beam_search steps the engine"):
+        llm.beam_search(["Once"], BeamSearchParams(beam_width=2, max_tokens=4))
+    outputs = []
+    while llm.engine.has_unfinished_requests():
+        outputs += [out for out in llm.engine.step() if out.finished]
+    assert [(out.request_id, out.outputs[0].token_ids) for out in outputs] == [("mine", GOLDEN_FROM_BOS)]
+    assert outputs[0].outputs[0].finished() and all_blocks_free(llm)
+
+
+def test_vllm_names_run_unchanged(stories_path):
+    """vLLM's `trust_remote_code` / `enforce_eager` arguments, `llm_engine` and
+    `SamplingParams.clone()`."""
+    llm = LLM(stories_path, num_blocks=64, trust_remote_code=True, enforce_eager=True)
+    assert llm.llm_engine is llm.engine
+    params = SamplingParams(temperature=0, max_tokens=16, stop=["zq"])
+    copy = params.clone()
+    copy.stop.append("qz")
+    assert params.stop == ["zq"] and copy.stop == ["zq", "qz"]
+    assert llm.generate({"prompt_token_ids": [1]}, copy, use_tqdm=False)[0].outputs[0].token_ids == GOLDEN_FROM_BOS[:16]
+    with pytest.raises(TypeError, match=r"unknown engine arguments: \['tensor_paralel_size'\]"):
+        LLM(stories_path, tensor_paralel_size=2)
 
 
 def test_interrupted_generate_leaves_nothing_behind(llm, fail_step, monkeypatch):
@@ -397,7 +429,11 @@ def test_eos_from_generation_config_ends_generation_unless_ignored(stories_path,
     llm = LLM(str(folder), num_blocks=64)
     stopped = llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0]
     assert stopped.token_ids == GOLDEN_FROM_BOS[:6]
-    assert stopped.finish_reason == "stop"
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", None)
+    # EOS listed in stop_token_ids too: EOS is checked first (vLLM's order), so no stop_reason
+    both = llm.generate({"prompt_token_ids": [1]}, SamplingParams(temperature=0.0, max_tokens=32, stop_token_ids=[eos]),
+                        use_tqdm=False)[0].outputs[0]
+    assert (both.token_ids, both.finish_reason, both.stop_reason) == (GOLDEN_FROM_BOS[:6], "stop", None)
     ignored = llm.generate({"prompt_token_ids": [1]}, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
                            use_tqdm=False)[0].outputs[0]
     assert ignored.token_ids == GOLDEN_FROM_BOS

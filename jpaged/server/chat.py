@@ -159,7 +159,7 @@ def _choice_chunk(request: ChatCompletionRequest, state: ServerState, params: Sa
     if names_one_call(request):
         return _arguments_chunk(request, state, params, sent, choice)
     calls: list[ToolCall] = []
-    if choice.finished:
+    if choice.finished():
         content, calls = reply(request, choice.text, state.tool_parser)
         text = sent.new_text(content or "") if calls else sent.new_text(choice.text)
     else:
@@ -167,13 +167,13 @@ def _choice_chunk(request: ChatCompletionRequest, state: ServerState, params: Sa
         text = sent.new_text(streamable) if len(streamable) > len(sent.text_sent) else ""
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
     logprobs = _logprobs(state.engine.tokenizer, params, token_ids, entries) if token_ids else None
-    if not text and logprobs is None and not choice.finished:
+    if not text and logprobs is None and not choice.finished():
         return None
-    sent.finished = choice.finished
+    sent.finished = choice.finished()
     delta = DeltaMessage(content=text or (None if calls else ""),
                          tool_calls=[_whole_call(i, call) for i, call in enumerate(calls)] or None)
     return ChatStreamChoice(index=choice.index, delta=delta, logprobs=logprobs,
-                            finish_reason=_finish_reason(request, choice, calls) if choice.finished else None,
+                            finish_reason=_finish_reason(request, choice, calls) if choice.finished() else None,
                             stop_reason=choice.stop_reason)
 
 
@@ -190,9 +190,9 @@ def _arguments_chunk(request: ChatCompletionRequest, state: ServerState, params:
     pieces = sent.new_text(choice.text)
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
     logprobs = _logprobs(state.engine.tokenizer, params, token_ids, entries) if token_ids else None
-    if not pieces and logprobs is None and not choice.finished:
+    if not pieces and logprobs is None and not choice.finished():
         return None
-    sent.finished, first = choice.finished, sent.call is None
+    sent.finished, first = choice.finished(), sent.call is None
     if first:
         sent.call = named_call(request, state.tool_parser)
         calls = [_whole_call(0, sent.call.model_copy(update={"function": FunctionCall(
@@ -200,5 +200,5 @@ def _arguments_chunk(request: ChatCompletionRequest, state: ServerState, params:
     else:
         calls = [DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=pieces))] if pieces else None
     return ChatStreamChoice(index=choice.index, delta=DeltaMessage(tool_calls=calls), logprobs=logprobs,
-                            finish_reason=choice.finish_reason if choice.finished else None,
+                            finish_reason=choice.finish_reason if choice.finished() else None,
                             stop_reason=choice.stop_reason)

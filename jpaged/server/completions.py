@@ -142,7 +142,7 @@ async def _stream(request: CompletionRequest, state: ServerState, request_id: st
             if output.finished:
                 finals[prompt_index] = output
             for choice in output.outputs:
-                if not choice.token_ids and not choice.finished:
+                if not choice.token_ids and not choice.finished():
                     continue  # its prompt is still being computed (and its prompt logprobs with it)
                 index = prompt_index * request.n + choice.index
                 sent = progress.get(index)
@@ -199,8 +199,8 @@ def _choice_chunk(request: CompletionRequest, tokenizer: Any, sent: ChoiceProgre
         sent.token_offset += sum(len(token) for token in logprobs.tokens)
         if echoed_logprobs is not None:
             logprobs = _joined(echoed_logprobs, logprobs)
-    if not text and logprobs is None and not choice.finished:
+    if not text and logprobs is None and not choice.finished():
         return None
-    sent.finished = choice.finished
+    sent.finished = choice.finished()
     return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason,
                             stop_reason=choice.stop_reason)

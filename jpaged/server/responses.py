@@ -306,7 +306,7 @@ async def _reply_events(response: _Response, state: ServerState, group: RequestG
 
     async for _, output in group:
         final, choice = output, output.outputs[0]
-        if choice.finished:
+        if choice.finished():
             content, calls = reply(response.chat, choice.text, state.tool_parser)
             text = sent.new_text(content or "") if calls else sent.new_text(choice.text)
         else:
