@@ -560,3 +560,32 @@ def test_completion_logprobs_name_each_part_of_a_character_by_its_bytes(stories_
         assert len(named) == len(partial)
         joined = b"".join(bytes.fromhex(name[6:].replace("\\x", "")) for name in named)
         assert set(joined.decode()) <= set("東京👩🎉 ")  # whole characters (and a space a piece may lead with)
+
+
+def test_bodies_the_json_parser_cannot_take_get_400s_saying_why():
+    """A body nested past the parser's depth, a number of more digits than Python converts, or a
+    JSON object sent as text: each a 400 in OpenAI's shape that says what is wrong."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from jpaged.server import app as server_app
+    from jpaged.server.protocol import CompletionRequest
+
+    app = FastAPI()
+    server_app._add_error_handlers(app)
+
+    @app.post("/v1/completions")
+    async def complete(body: CompletionRequest):
+        return {"prompt": body.prompt}
+
+    client = TestClient(app)
+    json_type = {"content-type": "application/json"}
+    cases = [('{"prompt": "hi", "max_tokens": ' + "9" * 5000 + "}", json_type, "could not be read as JSON: Exceeds"),
+             ('{"prompt": "hi", "x": ' + "[" * 5000 + "]" * 5000 + "}", json_type, "could not be read as JSON: maximum "
+                                                                                 "recursion depth"),
+             ('{"prompt": "hi"}', {"content-type": "text/plain"}, "must be a JSON object, sent with Content-Type: "
+                                                                 "application/json")]
+    for body, headers, message in cases:
+        response = client.post("/v1/completions", content=body, headers=headers)
+        assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+    assert client.post("/v1/completions", json={"prompt": "hi"}).json() == {"prompt": "hi"}

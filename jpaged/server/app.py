@@ -203,7 +203,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(err.detail), error_type_for_status(err.status_code)),
+        message = str(err.detail)
+        if err.status_code == 400 and err.__cause__ is not None:  # JSON the parser could not take in
+            message = f"the body could not be read as JSON: {err.__cause__}"
+        return JSONResponse(error_body(message, error_type_for_status(err.status_code)),
                             status_code=err.status_code, headers=getattr(err, "headers", None))
 
     @app.exception_handler(Exception)
@@ -221,6 +224,9 @@ def _describe_validation(err: RequestValidationError) -> tuple[str, str | None]:
             reason = (item.get("ctx") or {}).get("error") or item.get("msg")
             where = f" at character {location[0]}" if location else ""
             problems.append(f"the body is not valid JSON: {reason}{where}")
+            continue
+        if not location and item.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            problems.append("the body must be a JSON object, sent with Content-Type: application/json")
             continue
         field = ".".join(location)
         param = param or (location[0] if location else (item.get("ctx") or {}).get("param"))
