@@ -167,7 +167,12 @@ def tokenizer() -> Tokenizer:
     return train_tokenizer()
 
 
-@pytest.fixture(scope="module", params=[(arch, q) for arch in CASES for q in (False, True)],
+# Every architecture in float32; Q8_0 (kept packed) where the packed path meets something new: the
+# Q/K row interleave, QKV biases, and experts beside packed attention.
+FILES = [(arch, False) for arch in CASES] + [(arch, True) for arch in ("llama", "qwen2", "qwen3moe")]
+
+
+@pytest.fixture(scope="module", params=FILES,
                 ids=lambda case: f"{case[0]}-{'q8_0' if case[1] else 'f32'}")
 def written(request, tokenizer, tmp_path_factory):
     """(arch, GGUF path, jpaged's engine arguments, HF's model loaded by transformers from that GGUF
