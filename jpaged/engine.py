@@ -81,9 +81,9 @@ class LLMEngine:
                                       meshes[replica or 0], packed=packed)
             self.tokenizer = tokenizer.result()
         if len(self.tokenizer) > self.model_config.vocab_size:
+            hint = "is tokenizer= the model's?" if config.tokenizer else "is the model's tokenizer the one it ships with?"
             logger.warning("the tokenizer has %d tokens, more than the model's vocabulary of %d: prompts holding ids "
-                           "past it are refused (is tokenizer= the model's?)", len(self.tokenizer),
-                           self.model_config.vocab_size)
+                           "past it are refused (%s)", len(self.tokenizer), self.model_config.vocab_size, hint)
         if config.compile_warmup:
             self.warm_up()
         self.eos_token_ids = set(self.model_config.eos_token_ids)

@@ -114,38 +114,42 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer, quantize: bool) -> None:
-    """`model` as a GGUF file of `arch`; with `quantize`, its 2-D weights as Q8_0 blocks."""
+def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer | None, quantize: bool,
+               metadata: dict | None = None) -> None:
+    """`model` as a GGUF file of `arch`; with `quantize`, its 2-D weights as Q8_0 blocks; without a
+    `tokenizer`, no tokenizer metadata. `metadata` replaces keys (None drops one)."""
     cfg = model.config
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    keys = {"block_count": cfg.num_hidden_layers, "context_length": cfg.max_position_embeddings,
+            "embedding_length": cfg.hidden_size, "feed_forward_length": cfg.intermediate_size,
+            "attention.head_count": cfg.num_attention_heads, "attention.head_count_kv": cfg.num_key_value_heads,
+            "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
+            "rope.freq_base": float(cfg.rope_parameters["rope_theta"])}
     if getattr(cfg, "num_experts", 0):
-        writer.add_expert_count(cfg.num_experts)
-        writer.add_expert_used_count(cfg.num_experts_per_tok)
-        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        keys.update({"expert_count": cfg.num_experts, "expert_used_count": cfg.num_experts_per_tok,
+                     "expert_feed_forward_length": cfg.moe_intermediate_size})
         if getattr(cfg, "shared_expert_intermediate_size", 0):
-            writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+            keys["expert_shared_feed_forward_length"] = cfg.shared_expert_intermediate_size
     if getattr(cfg, "head_dim", None):
-        writer.add_key_length(cfg.head_dim)
-        writer.add_value_length(cfg.head_dim)
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list([token for token, _ in vocab])
-    writer.add_token_types([gguf.TokenType.CONTROL if token in SPECIALS else gguf.TokenType.NORMAL
-                            for token, _ in vocab])
-    merges = json.loads(tokenizer.to_str())["model"]["merges"]
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
-    writer.add_bos_token_id(tokenizer.token_to_id("<|endoftext|>"))
-    writer.add_eos_token_id(tokenizer.token_to_id("<|im_end|>"))
-    writer.add_chat_template(CHAT_TEMPLATE)
+        keys.update({"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim})
+    keys = {f"{arch}.{key}": value for key, value in keys.items()}
+    if tokenizer is not None:
+        keys.update({"tokenizer.ggml.bos_token_id": tokenizer.token_to_id("<|endoftext|>"),
+                     "tokenizer.ggml.eos_token_id": tokenizer.token_to_id("<|im_end|>")})
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in {**keys, **(metadata or {})}.items():
+        if value is not None:
+            (writer.add_string if isinstance(value, str) else writer.add_uint32 if isinstance(value, int)
+             else writer.add_float32)(key, value)
+    if tokenizer is not None:
+        vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt2")
+        writer.add_token_list([token for token, _ in vocab])
+        writer.add_token_types([gguf.TokenType.CONTROL if token in SPECIALS else gguf.TokenType.NORMAL
+                                for token, _ in vocab])
+        merges = json.loads(tokenizer.to_str())["model"]["merges"]
+        writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+        writer.add_chat_template(CHAT_TEMPLATE)
     state_dict = {name: t.detach().numpy().astype(np.float32) for name, t in model.state_dict().items()
                   if not (name == "lm_head.weight" and cfg.tie_word_embeddings)}
     for name, array in gguf_tensors(state_dict).items():
@@ -160,6 +164,13 @@ def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer, quant
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def random_model(arch: str, tokenizer: Tokenizer):
+    config_class, overrides = CASES[arch]
+    torch.manual_seed(0)
+    config = config_class(**{**COMMON, **overrides, "vocab_size": tokenizer.get_vocab_size()})
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -178,10 +189,7 @@ def written(request, tokenizer, tmp_path_factory):
     """(arch, GGUF path, jpaged's engine arguments, HF's model loaded by transformers from that GGUF
     file); a Q8_0 file is run with its blocks kept packed."""
     arch, quantize = request.param
-    config_class, overrides = CASES[arch]
-    torch.manual_seed(0)
-    config = config_class(**{**COMMON, **overrides, "vocab_size": tokenizer.get_vocab_size()})
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = random_model(arch, tokenizer)
     folder = tmp_path_factory.mktemp(f"gguf_{arch}")
     path = folder / f"{arch}.gguf"
     write_gguf(path, arch, model, tokenizer, quantize)
@@ -242,3 +250,40 @@ def test_greedy_tokens_and_logprobs_equal_transformers(written, llm, tokenizer):
         logprobs = torch.log_softmax(logits, -1).numpy()
         got = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], ids[1:])]
         np.testing.assert_allclose(got, logprobs[np.arange(len(ids) - 1), ids[1:]], atol=2e-4)
+
+
+def test_expert_sizes_missing_from_older_files_come_from_the_tensors(tokenizer, tmp_path):
+    """Qwen2-MoE files converted before llama.cpp wrote the experts' sizes load as the same model."""
+    model = random_model("qwen2moe", tokenizer)
+    write_gguf(tmp_path / "new.gguf", "qwen2moe", model, tokenizer, False)
+    write_gguf(tmp_path / "old.gguf", "qwen2moe", model, tokenizer, False,
+               {"qwen2moe.expert_feed_forward_length": None, "qwen2moe.expert_shared_feed_forward_length": None})
+    old = load_gguf_config(tmp_path / "old.gguf")
+    assert old == load_gguf_config(tmp_path / "new.gguf")
+    assert (old["moe_intermediate_size"], old["shared_expert_intermediate_size"]) == (1408, 5632)
+
+
+def test_a_file_without_a_usable_tokenizer_runs_with_tokenizer_given(tokenizer, tmp_path):
+    """No tokenizer metadata, or a special token id outside the vocabulary: the model alone refuses
+    with the reason, and runs with the tokenizer given as `tokenizer=`; metadata of the wrong type
+    is refused by name."""
+    model = random_model("qwen2", tokenizer)
+    hf_tokenizer = tmp_path / "hf_tokenizer"
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>").save_pretrained(hf_tokenizer)
+    write_gguf(tmp_path / "bare.gguf", "qwen2", model, None, False)
+    write_gguf(tmp_path / "eos.gguf", "qwen2", model, tokenizer, False, {"tokenizer.ggml.eos_token_id": 9999})
+    prompt = tokenizer.encode(PROMPTS[0]).ids
+    expected = None
+    for name, reason in (("bare", "holds no tokenizer"), ("eos", "eos_token_id 9999 is not a token of its vocabulary "
+                                                                 f"of {tokenizer.get_vocab_size()}")):
+        for _ in range(2):  # the first load and the cached one say the same
+            with pytest.raises(ValueError, match=reason):
+                LLM(str(tmp_path / f"{name}.gguf"), num_blocks=16, compilation_cache=False)
+        llm = LLM(str(tmp_path / f"{name}.gguf"), tokenizer=str(hf_tokenizer), num_blocks=16, compilation_cache=False)
+        out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+        assert out.prompt_token_ids == prompt
+        expected = expected or out.outputs[0].token_ids
+        assert out.outputs[0].token_ids == expected
+    write_gguf(tmp_path / "typed.gguf", "qwen2", model, tokenizer, False, {"qwen2.embedding_length": "64"})
+    with pytest.raises(ValueError, match="metadata 'qwen2.embedding_length' is str '64', expected an integer >= 1"):
+        load_gguf_config(tmp_path / "typed.gguf")

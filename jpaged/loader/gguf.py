@@ -180,15 +180,36 @@ def load_gguf_tokenizer(path: str | os.PathLike, metadata: dict[str, Any] | None
 
     With ``metadata`` (the tokenizer metadata :func:`read_gguf` returned for this file) it is built
     from that by transformers' GGUF tokenizer conversion, without reading the file again; without
-    it (or where this transformers has no such conversion) transformers reads the file itself.
+    it the file's metadata is read first (and where this transformers has no such conversion,
+    transformers reads the file itself). ValueError naming the file where its metadata holds no
+    tokenizer, or one with a special token id outside its vocabulary.
     """
     path = _existing_file(path)
-    tokenizer = _convert_tokenizer(metadata) if metadata is not None else None
+    if metadata is None:
+        metadata = read_gguf(path)[1]
+    _check_tokenizer(path, metadata)
+    tokenizer = _convert_tokenizer(metadata)
     if tokenizer is None:
         from transformers import PreTrainedTokenizerFast
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
     return tokenizer
+
+
+def _check_tokenizer(path: pathlib.Path, metadata: dict[str, Any]) -> None:
+    """ValueError naming `path` where its tokenizer metadata cannot make a tokenizer."""
+    tokens, kind = metadata.get("tokenizer.ggml.tokens") or [], metadata.get("tokenizer.ggml.model")
+    if not tokens or kind in (None, "none"):
+        raise ValueError(f"{path} holds no tokenizer (tokenizer.ggml.model {kind!r}, {len(tokens)} tokens): give the "
+                         "model's tokenizer with tokenizer= (--tokenizer)")
+    needed = {"gpt2": "merges", "llama": "scores"}.get(kind)
+    if needed and not metadata.get(f"tokenizer.ggml.{needed}"):
+        raise ValueError(f"{path}: its {kind} tokenizer has no tokenizer.ggml.{needed}")
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
+        token_id = metadata.get(f"tokenizer.ggml.{key}")
+        if token_id is not None and not (isinstance(token_id, int) and 0 <= token_id < len(tokens)):
+            raise ValueError(f"{path}: tokenizer.ggml.{key} {token_id!r} is not a token of its vocabulary of "
+                             f"{len(tokens)}")
 
 
 def _convert_tokenizer(metadata: dict[str, Any]):
@@ -307,47 +328,56 @@ def _config(path: pathlib.Path, reader: GGUFReader) -> dict[str, Any]:
         raise ValueError(f"{path}: no token_embd.weight tensor")
 
     model_type, architecture = ARCHITECTURES[arch]
-    hidden = meta.require(f"{arch}.embedding_length")
-    heads = meta.require(f"{arch}.attention.head_count")
-    head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+    hidden = meta.require(f"{arch}.embedding_length", int)
+    heads = meta.require(f"{arch}.attention.head_count", int)
+    head_dim = meta.get(f"{arch}.attention.key_length", int) or meta.get(f"{arch}.rope.dimension_count", int)
     config = {
         "model_type": model_type,
         "architectures": [architecture],
-        "vocab_size": meta.get(f"{arch}.vocab_size") or int(tensors["token_embd.weight"].shape[1]),
+        "vocab_size": meta.get(f"{arch}.vocab_size", int) or int(tensors["token_embd.weight"].shape[1]),
         "hidden_size": hidden,
-        "intermediate_size": meta.require(f"{arch}.feed_forward_length"),
-        "num_hidden_layers": meta.require(f"{arch}.block_count"),
+        "intermediate_size": meta.require(f"{arch}.feed_forward_length", int),
+        "num_hidden_layers": meta.require(f"{arch}.block_count", int),
         "num_attention_heads": heads,
-        "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv") or heads,
+        "num_key_value_heads": meta.get(f"{arch}.attention.head_count_kv", int) or heads,
         "head_dim": head_dim or hidden // heads,
-        "rms_norm_eps": meta.require(f"{arch}.attention.layer_norm_rms_epsilon"),
-        "rope_theta": meta.get(f"{arch}.rope.freq_base") or 10000.0,
-        "max_position_embeddings": meta.require(f"{arch}.context_length"),
+        "rms_norm_eps": meta.require(f"{arch}.attention.layer_norm_rms_epsilon", float),
+        "rope_theta": meta.get(f"{arch}.rope.freq_base", float) or 10000.0,
+        "max_position_embeddings": meta.require(f"{arch}.context_length", int),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id", int, minimum=0),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id", int, minimum=0),
     }
-    config.update(_experts(meta, arch))
+    config.update(_experts(meta, arch, tensors))
     rope_scaling = _rope_scaling(meta, arch, tensors.get("rope_freqs.weight"), config)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
     return config
 
 
-def _experts(meta: _Metadata, arch: str) -> dict[str, Any]:
-    """The HF config's mixture-of-experts keys, from `{arch}.expert_*` metadata (none for a dense model)."""
-    num_experts = meta.get(f"{arch}.expert_count")
+def _experts(meta: _Metadata, arch: str, tensors: dict[str, Any]) -> dict[str, Any]:
+    """The HF config's mixture-of-experts keys, from `{arch}.expert_*` metadata (none for a dense
+    model). Files converted before llama.cpp wrote the experts' sizes (early Qwen1.5-MoE ones)
+    have them read from the first layer's expert tensors, as the file's shapes say."""
+    num_experts = meta.get(f"{arch}.expert_count", int)
     if not num_experts:
         return {}
     if arch not in ("qwen2moe", "qwen3moe"):
         raise ValueError(f"{meta.path}: a {arch} GGUF file with {num_experts} experts (such as Mixtral's) is not "
                          "supported; mixtures of experts load from qwen2moe and qwen3moe GGUF files, or HF folders")
-    config = {"num_experts": num_experts, "num_experts_per_tok": meta.require(f"{arch}.expert_used_count"),
-              "moe_intermediate_size": meta.require(f"{arch}.expert_feed_forward_length"),
+    def rows(name: str) -> int:  # a tensor's output size (GGUF lists dimensions fastest first)
+        return int(tensors[name].shape[1]) if name in tensors else 0
+
+    config = {"num_experts": num_experts, "num_experts_per_tok": meta.require(f"{arch}.expert_used_count", int),
+              "moe_intermediate_size": (meta.get(f"{arch}.expert_feed_forward_length", int)
+                                        or rows("blk.0.ffn_gate_exps.weight")),
               "norm_topk_prob": arch in NORMALIZED_TOP_K}
-    shared = meta.get(f"{arch}.expert_shared_feed_forward_length")
+    if not config["moe_intermediate_size"]:
+        raise ValueError(f"{meta.path}: neither metadata {arch}.expert_feed_forward_length nor a tensor "
+                         "blk.0.ffn_gate_exps.weight gives the experts' size")
     if arch == "qwen2moe":
-        config["shared_expert_intermediate_size"] = shared or 0
+        config["shared_expert_intermediate_size"] = (meta.get(f"{arch}.expert_shared_feed_forward_length", int)
+                                                     or rows("blk.0.ffn_gate_shexp.weight"))
     return config
 
 
@@ -401,7 +431,20 @@ class _Metadata:
         self.path = path
         self.fields = reader.fields
 
-    def get(self, key: str) -> Any:
+    def get(self, key: str, expected: type | None = None, minimum: int = 1) -> Any:
+        """The value of `key`, or None; with `expected` (int: at least `minimum`; float: a float),
+        ValueError naming the key for a value of another type."""
+        value = self._value(key)
+        if value is None or expected is None:
+            return value
+        if expected is int and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ValueError(f"{self.path}: metadata {key!r} is {type(value).__name__} {value!r:.50}, "
+                             f"expected an integer >= {minimum}")
+        if expected is float and not isinstance(value, float):
+            raise ValueError(f"{self.path}: metadata {key!r} is {type(value).__name__} {value!r:.50}, expected a float")
+        return value
+
+    def _value(self, key: str) -> Any:
         field = self.fields.get(key)
         if field is None:
             return None
@@ -416,8 +459,8 @@ class _Metadata:
             return float(str(np.float32(value)))
         return value
 
-    def require(self, key: str) -> Any:
-        value = self.get(key)
+    def require(self, key: str, expected: type | None = None) -> Any:
+        value = self.get(key, expected)
         if value is None:
             raise ValueError(f"{self.path}: required GGUF metadata {key!r} is missing")
         return value

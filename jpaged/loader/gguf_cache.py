@@ -5,7 +5,8 @@ vocabulary strings and merges take about a second to parse). The first load of a
 once (`gguf.read_gguf`): its index (config and tensor table) and its tokenizer's metadata, from
 which transformers' GGUF tokenizer conversion builds the tokenizer without reading the file again.
 Both are written to `<cache dir>/gguf/<key>/` as `index.json` and an HF tokenizer folder
-(`tokenizer.json`, `tokenizer_config.json`, chat template). Later loads read those files and
+(`tokenizer.json`, `tokenizer_config.json`, chat template; none for a file whose metadata holds
+no usable tokenizer, which then runs with `tokenizer=`). Later loads read those files and
 memory-map the weights: no metadata parse at all.
 
 The key hashes the file's resolved path, size and modification time (and this cache's format
@@ -65,9 +66,17 @@ def open_cached(path: str | os.PathLike, root: pathlib.Path | None = None) -> tu
         except (OSError, ValueError, KeyError, TypeError) as error:
             _discard(entry, path, error)
     index, tokenizer_metadata = read_gguf(path)
-    tokenizer = load_gguf_tokenizer(path, tokenizer_metadata)
+    try:
+        tokenizer = load_gguf_tokenizer(path, tokenizer_metadata)
+    except ValueError as error:  # no tokenizer to use: the model still runs with another (tokenizer=)
+        _write_entry(entry, path, index, None)
+        return index, functools.partial(_refuse, error)
     _write_entry(entry, path, index, tokenizer)
     return index, lambda: tokenizer
+
+
+def _refuse(error: ValueError):
+    raise error
 
 
 def _read_index(entry: pathlib.Path) -> GGUFIndex:
@@ -82,6 +91,8 @@ def _read_index(entry: pathlib.Path) -> GGUFIndex:
 def _cached_tokenizer(entry: pathlib.Path, path: pathlib.Path, index: GGUFIndex):
     from transformers import PreTrainedTokenizerFast
 
+    if not (entry / "tokenizer").is_dir():  # the file's metadata has no tokenizer to use: say why
+        return load_gguf_tokenizer(path)
     try:
         return PreTrainedTokenizerFast.from_pretrained(str(entry / "tokenizer"))
     except Exception as error:  # noqa: BLE001 - whatever a damaged tokenizer file raises, the GGUF has the truth
@@ -108,7 +119,8 @@ def _write_entry(entry: pathlib.Path, path: pathlib.Path, index: GGUFIndex, toke
                        entry.parent, error)
         return
     try:
-        tokenizer.save_pretrained(str(staging / "tokenizer"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging / "tokenizer"))
         (staging / "index.json").write_text(json.dumps(index.to_json()))
         files = sorted(str(f.relative_to(staging)) for f in staging.rglob("*") if f.is_file())
         (staging / MANIFEST).write_text(json.dumps({"source": str(path.resolve()), "files": files}))

@@ -187,9 +187,9 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
         if target is None or (target[0] == "lm_head" and cfg.tie_word_embeddings):
             continue
         param, where, transpose = target
-        limits = (cfg.num_layers, cfg.num_experts)[: len(where)]
-        if any(i >= n for i, n in zip(where, limits)):
-            raise ValueError(f"weight {name!r} indexes {where} past the model's {limits} (layers, experts)")
+        for i, n, what in zip(where, (cfg.num_layers, cfg.num_experts), ("layer", "expert")):
+            if i >= n:
+                raise ValueError(f"weight {name!r} is for {what} {i}, but the model has {n} {what}s (0 to {n - 1})")
         path, index = _slot(param, where, layers_per_stage, staged)
         spec = _lookup(state, path, name)
         scale_path = path[:-1] + (scale_name(param),)
