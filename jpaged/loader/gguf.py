@@ -188,7 +188,10 @@ def load_gguf_tokenizer(path: str | os.PathLike, metadata: dict[str, Any] | None
     if metadata is None:
         metadata = read_gguf(path)[1]
     _check_tokenizer(path, metadata)
-    tokenizer = _convert_tokenizer(metadata)
+    try:
+        tokenizer = _convert_tokenizer(metadata)
+    except KeyError as error:  # a field the conversion needs for this kind of tokenizer
+        raise ValueError(f"{path}: its {metadata['tokenizer.ggml.model']} tokenizer lacks metadata {error}") from error
     if tokenizer is None:
         from transformers import PreTrainedTokenizerFast
 
@@ -202,9 +205,6 @@ def _check_tokenizer(path: pathlib.Path, metadata: dict[str, Any]) -> None:
     if not tokens or kind in (None, "none"):
         raise ValueError(f"{path} holds no tokenizer (tokenizer.ggml.model {kind!r}, {len(tokens)} tokens): give the "
                          "model's tokenizer with tokenizer= (--tokenizer)")
-    needed = {"gpt2": "merges", "llama": "scores"}.get(kind)
-    if needed and not metadata.get(f"tokenizer.ggml.{needed}"):
-        raise ValueError(f"{path}: its {kind} tokenizer has no tokenizer.ggml.{needed}")
     for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
         token_id = metadata.get(f"tokenizer.ggml.{key}")
         if token_id is not None and not (isinstance(token_id, int) and 0 <= token_id < len(tokens)):
