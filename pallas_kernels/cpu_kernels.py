@@ -4,9 +4,9 @@ The kernels (sharing `cpu_ffi.h`) are compiled with the system's C++ compiler (`
 `c++`) against jaxlib's FFI headers, for this machine's processor (`-march=native`). Each library
 holds one kernel for one set of types, so that a process compiles only what its model runs:
 "float-matmul" and "float-matmul-transposed" (`cpu_float_matmul.cc`), "quantized-matmul"
-(`cpu_quantized_matmul.cc`) and "attention-<query>-<cache>" (`cpu_paged_attention.cc` built for float32, bfloat16 or
-float16 queries over a cache of the queries' dtype or of int8 or fp8 values; `cpu_paged_attention.attention_library` names
-the one a model needs). Each is built once per machine, kept in a folder the caller names (jpaged
+(`cpu_quantized_matmul.cc`) and "attention-<query>-<cache>" (`cpu_paged_attention.cc` built
+for float32, bfloat16 or float16 queries over a cache of the queries' dtype or of int8 or fp8
+values; `cpu_paged_attention.attention_library` names the one a model needs). Each is built once per machine, kept in a folder the caller names (jpaged
 uses `<cache dir>/kernels`) under a name that hashes its source, the flags, jaxlib's version, the
 compiler's version and the processor; later processes load that file. `start_build(folder,
 library)` builds (or finds) and registers a library in a background thread, so that the compile

@@ -43,10 +43,9 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
     """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged caches; `[T, heads,
     head_dim]` in q's dtype.
 
-    q is float32, bfloat16 or float16. Each cache is an array `[layers, blocks, block_size, kv_heads,
-    head_dim]` of q's dtype (for bfloat16, or its bits as `BF16_BITS`), or (both) a `QuantizedKV`:
-    values of that shape, int8 or uint8 holding
-    float8_e4m3fn bits, and float32 scales `[layers, blocks, block_size, kv_heads]`. Other dtypes,
+    q is float32, bfloat16 or float16. Each cache is an array `[layers, blocks, block_size,
+    kv_heads, head_dim]` of q's dtype (for bfloat16, or its bits as `BF16_BITS`), or (both) a
+    `QuantizedKV`: values of that shape, int8 or uint8 holding float8_e4m3fn bits, and float32 scales `[layers, blocks, block_size, kv_heads]`. Other dtypes,
     or a process where the kernel is not registered, compute with the jnp reference. The kernel
     checks the metadata it reads (layer, block ids, query and context ranges) and fails the step
     with an error naming what was out of range.
@@ -65,8 +64,8 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
 
 
 def _library_for(q, k_cache, v_cache) -> str | None:
-    """The library whose kernel reads these arrays, or None: q float32, bfloat16 or float16 with caches of
-    its dtype (or of bfloat16 bits, `BF16_BITS`, for bfloat16), or with quantized caches (whose
+    """The library whose kernel reads these arrays, or None: q float32, bfloat16 or float16 with
+    caches of its dtype (or of bfloat16 bits, `BF16_BITS`, for bfloat16), or with quantized caches (whose
     values are int8 or uint8, as `QuantizedKV` holds them)."""
     if q.dtype not in QUERY_DTYPES:
         return None

@@ -12,8 +12,9 @@ as an HF safetensors checkpoint:
   :func:`read_gguf` returns the tokenizer's metadata from the same parse as well;
 - :func:`load_gguf_weights` yields dequantized tensors one at a time under HF names, with the
   Q/K row permutation llama.cpp's converter applies to llama models undone, a layer's experts
-  (one GGUF tensor ``[experts, out, in]`` per projection) split into HF's per-expert tensors, read from a memory map of the file at the index's
-  offsets (no metadata parse when an index is given);
+  (one GGUF tensor ``[experts, out, in]`` per projection) split into HF's per-expert tensors,
+  read from a memory map of the file at the index's offsets (no metadata parse when an index
+  is given);
 - :func:`load_gguf_tokenizer` builds the transformers tokenizer stored in the file, by
   transformers' own GGUF tokenizer conversion, from metadata :func:`read_gguf` already read.
 
@@ -150,8 +151,8 @@ def load_gguf_weights(path: str | os.PathLike, dtype: Any = np.float32, index: G
 
     Arrays are dequantized, in HF layout (``[out_features, in_features]`` for linear weights),
     with llama.cpp's Q/K RoPE row permutation undone (llama models only), a layer's experts one
-    at a time, and cast to ``dtype`` (a numpy dtype such
-    as ``np.float32`` or ``ml_dtypes.bfloat16``). The tensors named in ``keep_packed`` (HF name:
+    at a time, and cast to ``dtype`` (a numpy dtype such as ``np.float32`` or
+    ``ml_dtypes.bfloat16``). The tensors named in ``keep_packed`` (HF name:
     GGML type, see :func:`block_types`) come instead as their raw block rows, uint8
     ``[out_features, row bytes]``, rows un-permuted likewise. Without an ``index`` the file's metadata is
     read and checked before this returns; with one (from :func:`read_gguf_index`, possibly
@@ -249,10 +250,9 @@ def _iter_weights(path: pathlib.Path, index: GGUFIndex, dtype: np.dtype, keep_pa
     """Dequantize, un-permute and cast each tensor in file order, the next `PREFETCH` tensors in
     worker threads while the caller places the current one (numpy's kernels release the GIL)."""
     file = np.memmap(path, dtype=np.uint8, mode="r")
-    rope_heads = {".self_attn.q_proj.": index.config["num_attention_heads"],
-                  ".self_attn.k_proj.": index.config["num_key_value_heads"]}
-    if index.config["model_type"] not in ROPE_PERMUTED:
-        rope_heads = {}
+    rope_heads = ({".self_attn.q_proj.": index.config["num_attention_heads"],
+                   ".self_attn.k_proj.": index.config["num_key_value_heads"]}
+                  if index.config["model_type"] in ROPE_PERMUTED else {})
 
     def prepare(tensor: GGUFTensor) -> list[tuple[str, np.ndarray]]:
         raw = file[tensor.offset:tensor.offset + tensor.nbytes]
@@ -365,6 +365,7 @@ def _experts(meta: _Metadata, arch: str, tensors: dict[str, Any]) -> dict[str, A
     if arch not in ("qwen2moe", "qwen3moe"):
         raise ValueError(f"{meta.path}: a {arch} GGUF file with {num_experts} experts (such as Mixtral's) is not "
                          "supported; mixtures of experts load from qwen2moe and qwen3moe GGUF files, or HF folders")
+
     def rows(name: str) -> int:  # a tensor's output size (GGUF lists dimensions fastest first)
         return int(tensors[name].shape[1]) if name in tensors else 0
 

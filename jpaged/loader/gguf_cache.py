@@ -68,15 +68,11 @@ def open_cached(path: str | os.PathLike, root: pathlib.Path | None = None) -> tu
     index, tokenizer_metadata = read_gguf(path)
     try:
         tokenizer = load_gguf_tokenizer(path, tokenizer_metadata)
-    except ValueError as error:  # no tokenizer to use: the model still runs with another (tokenizer=)
+    except ValueError:  # no tokenizer to use: the model still runs with another (tokenizer=)
         _write_entry(entry, path, index, None)
-        return index, functools.partial(_refuse, error)
+        return index, functools.partial(load_gguf_tokenizer, path, tokenizer_metadata)  # says why, if called
     _write_entry(entry, path, index, tokenizer)
     return index, lambda: tokenizer
-
-
-def _refuse(error: ValueError):
-    raise error
 
 
 def _read_index(entry: pathlib.Path) -> GGUFIndex:

@@ -318,17 +318,17 @@ async def _reply_events(response: _Response, state: ServerState, group: RequestG
                     yield opening
                 opened = True
             yield event("response.output_text.delta", **message, delta=text, logprobs=[])
-    items = []
+    items, status = [], _item_status(final)
     if opened or not calls:
         if not opened:
             for opening in open_message():
                 yield opening
-        items.append(_message_item(response.message_id, sent.text_sent, _item_status(final)))
+        items.append(_message_item(response.message_id, sent.text_sent, status))
         yield event("response.output_text.done", **message, text=sent.text_sent, logprobs=[])
         yield event("response.content_part.done", **message, part=_text_part(sent.text_sent))
         yield event("response.output_item.done", output_index=0, item=items[0])
     for call in calls:
-        index, item = len(items), _call_item(call, status=_item_status(final))
+        index, item = len(items), _call_item(call, status=status)
         items.append(item)
         yield event("response.output_item.added", output_index=index, item=_call_item(call, "", "in_progress"))
         yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
