@@ -14,6 +14,7 @@ _EXPORTS = {
     "RequestOutput": "jpaged.outputs",
     "CompletionOutput": "jpaged.outputs",
     "Logprob": "jpaged.outputs",
+    "LoRARequest": "jpaged.lora",
 }
 
 __all__ = list(_EXPORTS)

@@ -15,7 +15,9 @@ Sharing, three ways:
 - **Prefix caching.** A full, computed block is registered under a hash of its tokens chained
   with the hash of the block before it. A new sequence reuses the cached blocks of its longest
   cached prefix (`get_computed_blocks`) and computes only the rest. A sequence that asks for
-  prompt logprobs reads no cached blocks (it must compute every prompt position), as in vLLM. Lookups compare the stored
+  prompt logprobs reads no cached blocks (it must compute every prompt position), as in vLLM. The
+  first block of a sequence run through a LoRA adapter chains from that adapter's own root key,
+  so sequences share cached blocks only under the same adapter. Lookups compare the stored
   tokens and the identity of the parent block's key too, so a hash collision can only cost a
   miss, never return another prefix's KV. Registered blocks whose ref count drops to zero stay
   cached as *evictable*; allocation takes plain free blocks first, then evicts the least
@@ -108,6 +110,7 @@ class BlockManager:
         # per sequence: how many leading blocks are committed, and the key of the last one
         self._progress: dict[Sequence, tuple[int, BlockKey | None]] = {}
         self._holders: dict[Sequence, None] = {}  # sequences that may hold device blocks
+        self._lora_roots: dict[int, BlockKey] = {}  # adapter id -> the parent key of its first blocks
         self.num_host_blocks = num_host_blocks
         self.host_free_block_ids: deque[int] = deque(range(num_host_blocks))
         self.host_ref_counts = [0] * num_host_blocks
@@ -237,7 +240,7 @@ class BlockManager:
         size = self.block_size
         tokens = seq.token_ids(0, seq.num_tokens)
         blocks: list[int] = []
-        parent: BlockKey | None = None
+        parent = self._root(seq)
         for index in range((seq.num_tokens - 1) // size):  # the last token is always computed
             chunk = tuple(tokens[index * size:(index + 1) * size])
             block_id = self._lookup(chunk, parent)
@@ -246,6 +249,13 @@ class BlockManager:
             blocks.append(block_id)
             parent = self.block_keys[block_id]
         return blocks
+
+    def _root(self, seq: Sequence) -> BlockKey | None:
+        """The parent key of `seq`'s first block: None for the base model, else its LoRA adapter's."""
+        lora = seq.request.lora
+        if lora is None:
+            return None
+        return self._lora_roots.setdefault(lora.lora_int_id, BlockKey(hash(("lora", lora.lora_int_id)), (), None))
 
     def _lookup(self, tokens: tuple[int, ...], parent: BlockKey | None) -> int | None:
         parent_hash = parent.hash if parent is not None else ROOT_HASH
@@ -258,7 +268,7 @@ class BlockManager:
         """Register every block of `seq` whose tokens are all computed and not yet registered."""
         if not self.enable_prefix_caching:
             return
-        done, parent = self._progress.get(seq, (0, None))
+        done, parent = self._progress.get(seq, (0, self._root(seq)))
         num_full = min(num_computed_tokens // self.block_size, len(seq.block_table))
         if num_full <= done:
             return

@@ -313,6 +313,24 @@ class SpeculativeConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Multi-LoRA serving, as vLLM's `enable_lora`: requests may name a PEFT LoRA adapter
+    (`LoRARequest`, `jpaged/lora.py`), and the adapters of up to `max_loras` requests' worth run
+    in one step, each of rank at most `max_lora_rank` (`jpaged/lora_slots.py`)."""
+
+    enable_lora: bool = False
+    max_loras: int = 1  # adapters held on the device at once, so at most this many in one step
+    max_lora_rank: int = 16
+
+    def __post_init__(self):
+        as_bool("enable_lora", self.enable_lora)
+        _check_integers(self, ("max_loras", "max_lora_rank"))
+        for name in ("max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
 class ParallelConfig:
     """How devices split the model: each size is one named axis of the device mesh.
 
@@ -374,6 +392,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         _check_integers(self, ("seed", "max_logprobs"))
@@ -390,6 +409,7 @@ class EngineConfig:
         if self.quantization not in (None, "int8", "fp8", "gguf"):
             raise ValueError(f"quantization must be None, 'int8', 'fp8' or 'gguf', got {self.quantization!r}")
         self._check_offload()
+        self._check_lora()
         if self.speculative.enabled and self.parallel.pipeline_parallel_size > 1:
             raise ValueError(f"speculative decoding runs without pipeline parallelism; pipeline_parallel_size="
                              f"{self.parallel.pipeline_parallel_size} must be 1")
@@ -411,3 +431,14 @@ class EngineConfig:
             raise ValueError(f"offload_weights={self.offload_weights!r} streams layers on one device or under tensor "
                              f"parallelism; pipeline_parallel_size={parallel.pipeline_parallel_size} and "
                              f"expert_parallel_size={parallel.expert_parallel_size} must be 1")
+
+    def _check_lora(self) -> None:
+        if not self.lora.enable_lora:
+            return
+        parallel = self.parallel
+        if parallel.replica_size > 1 or self.offload_weights:
+            raise ValueError(f"enable_lora runs each replica on one device without offload_weights; "
+                             f"tensor_parallel_size={parallel.tensor_parallel_size}, pipeline_parallel_size="
+                             f"{parallel.pipeline_parallel_size}, expert_parallel_size={parallel.expert_parallel_size} "
+                             f"must be 1 and offload_weights={self.offload_weights!r} None (data_parallel_size may "
+                             "be more)")

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from jpaged.config import EngineConfig
 from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineStats, PromptType
+from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.sequence import Sequence
@@ -34,11 +35,11 @@ class DataParallelEngine:
         self._pool = ThreadPoolExecutor(num_replicas, thread_name_prefix="jpaged-replica")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
+                    priority: int = 0, lora_request: LoRARequest | None = None) -> None:
         if request_id in self._replica_of:
             raise ValueError(f"request id {request_id!r} is already in use")
         replica = min(self.replicas, key=LLMEngine.get_num_unfinished_requests)
-        replica.add_request(request_id, prompt, params, priority)
+        replica.add_request(request_id, prompt, params, priority, lora_request)
         self._replica_of[request_id] = replica
 
     def abort_request(self, request_id: str) -> None:

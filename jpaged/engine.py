@@ -26,6 +26,7 @@ from jpaged.config import EngineConfig, ModelConfig
 from jpaged.detokenizer import IncrementalDetokenizer, NoDetokenizer, token_text
 from jpaged.engine_client import EngineStats, PromptType
 from jpaged.loader.source import open_model
+from jpaged.lora import LoRAAdapter, LoRARequest, load_lora_adapter
 from jpaged.model_runner import ModelRunner, StepOutput
 from jpaged.models.quantization import gguf_packed
 from jpaged.ngram_proposer import NgramProposer, accepted_tokens, can_draft
@@ -94,7 +95,9 @@ class LLMEngine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching, num_host_blocks=self.runner.num_host_blocks)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.runner.shapes.max_rows)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.runner.shapes.max_rows,
+                                   config.lora.max_loras)
+        self.loras: dict[int, LoRAAdapter] = {}  # adapters read so far, by lora_int_id
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(config.seed)
         self.num_prompt_tokens_computed = 0
@@ -168,14 +171,16 @@ class LLMEngine:
         return capacity
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
-        """Queue a request; raises ValueError for input that can never be served, or a `priority`
-        other than 0 without `scheduling_policy="priority"`."""
+                    priority: int = 0, lora_request: LoRARequest | None = None) -> None:
+        """Queue a request; raises ValueError for input that can never be served, a `priority`
+        other than 0 without `scheduling_policy="priority"`, or a `lora_request` the engine cannot
+        run (see `lora_adapter`)."""
         # a copy, checked afresh as it is made: the caller may have changed fields since making theirs
         params = SamplingParams(**self.default_sampling_params) if params is None else dataclasses.replace(params)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         check_priority(priority, self.config.scheduler.scheduling_policy)
+        lora = self.lora_adapter(lora_request)
         text, token_ids = self._tokenize(prompt)
         token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.max_model_len)
         room = self.max_model_len - len(token_ids)
@@ -190,10 +195,31 @@ class LLMEngine:
         self._check_fits(token_ids, params, bad_words)
         seed = device_seed(params.seed) if params.seed is not None else self._seed_rng.getrandbits(32)
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
-        request = Request(request_id, text, token_ids, params, seed, grammar, int(priority))
+        request = Request(request_id, text, token_ids, params, seed, grammar, int(priority), lora)
         request.bad_words_token_ids = bad_words
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
+
+    def lora_adapter(self, lora_request: LoRARequest | None) -> LoRAAdapter | None:
+        """The adapter `lora_request` names, read once per `lora_int_id`. ValueError without
+        `enable_lora`, for an id already used by another adapter, or for a folder the model cannot
+        take (`load_lora_adapter`)."""
+        if lora_request is None:
+            return None
+        if not isinstance(lora_request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+        if not self.config.lora.enable_lora:
+            raise ValueError(f"lora_request {lora_request.lora_name!r} needs an engine started with enable_lora=True")
+        known = self.loras.get(lora_request.lora_int_id)
+        if known is None:
+            known = self.loras[lora_request.lora_int_id] = load_lora_adapter(
+                lora_request, self.model_config, self.config.lora.max_lora_rank)
+        elif (known.request.lora_name, str(known.request.lora_path)) != (lora_request.lora_name,
+                                                                         str(lora_request.lora_path)):
+            raise ValueError(f"lora_int_id {lora_request.lora_int_id} is adapter {known.request.lora_name!r} "
+                             f"({known.request.lora_path}); {lora_request.lora_name!r} ({lora_request.lora_path}) "
+                             "needs an id of its own")
+        return known
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.sequence import Sequence
@@ -60,11 +61,12 @@ class EngineClient(Protocol):
     default_sampling_params: dict[str, Any]
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
-        """Queue a request. ValueError for an id in use or input that can never be served (empty
-        prompt, ids outside the vocabulary, longer than `max_model_len` or the KV cache), or a
+                    priority: int = 0, lora_request: LoRARequest | None = None) -> None:
+        """Queue a request, run through the LoRA adapter `lora_request` names where given (with
+        `enable_lora`). ValueError for an id in use or input that can never be served (empty
+        prompt, ids outside the vocabulary, longer than `max_model_len` or the KV cache), a
         `priority` other than 0 under first-come-first-served scheduling (lower values are
-        served first under `scheduling_policy="priority"`)."""
+        served first under `scheduling_policy="priority"`), or an adapter the engine cannot run."""
         ...
 
     def abort_request(self, request_id: str) -> None:

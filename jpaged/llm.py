@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 
 from jpaged.beam_search import BeamSearchOutput, beam_search
 from jpaged.chat_template import checked_template, checked_variables
-from jpaged.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
+from jpaged.config import CacheConfig, EngineConfig, LoRAConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineClient, PromptType
+from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import BeamSearchParams, SamplingParams, is_integer
 
@@ -30,7 +31,8 @@ def engine_config(model: str | None, speculative_config: dict | None = None, **k
     `speculative_config` is a dict of `SpeculativeConfig` fields, as vLLM's argument of that name
     (e.g. ``{"method": "ngram", "num_speculative_tokens": 4}``)."""
     parts = {"speculative": SpeculativeConfig.from_dict(speculative_config)}
-    for name, cls in (("cache", CacheConfig), ("scheduler", SchedulerConfig), ("parallel", ParallelConfig)):
+    for name, cls in (("cache", CacheConfig), ("scheduler", SchedulerConfig), ("parallel", ParallelConfig),
+                      ("lora", LoRAConfig)):
         names = {f.name for f in dataclasses.fields(cls)}
         parts[name] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
     engine_fields = {f.name for f in dataclasses.fields(EngineConfig)} - {"model", *parts}
@@ -75,11 +77,15 @@ class LLM:
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: SequenceABC[int] | None = None,
+        lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Outputs for `prompts`, in their order. `priority` (one int per prompt, lower served
-        first) needs `scheduling_policy="priority"`. ValueError names the prompt it refuses."""
+        first) needs `scheduling_policy="priority"`. `lora_request` (one for every prompt, or one
+        per prompt, None for the base model) needs `enable_lora=True`. ValueError names the
+        prompt it refuses."""
         prompts = _prompt_list(prompts)
         params = self._per_prompt_params(sampling_params, len(prompts))
+        loras = _per_prompt(lora_request, len(prompts))
         if priority is not None and not isinstance(priority, SequenceABC):
             raise TypeError(f"priority must be a list of ints, one per prompt; got {type(priority).__name__} {priority!r:.50}")
         priorities = [0] * len(prompts) if priority is None else list(priority)
@@ -88,9 +94,9 @@ class LLM:
         self._check_no_other_requests("generate")
         request_ids = []
         try:
-            for prompt, param, rank in zip(prompts, params, priorities):
+            for prompt, param, rank, lora in zip(prompts, params, priorities, loras):
                 request_id = str(next(self._request_counter))
-                self.engine.add_request(request_id, prompt, param, rank)
+                self.engine.add_request(request_id, prompt, param, rank, lora)
                 request_ids.append(request_id)
         except BaseException as err:  # a refused prompt (or an interrupt): none of the call's requests stays
             for request_id in request_ids:
@@ -160,6 +166,7 @@ class LLM:
         chat_template: str | None = None,
         chat_template_kwargs: dict | None = None,
         continue_final_message: bool = False,
+        lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template (given
         `tools`, OpenAI-style function definitions, for templates that render them). Each output's
@@ -184,7 +191,7 @@ class LLM:
                            continue_final_message) for conversation in conversations]
         prompts = [{"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
                    for text in texts]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
 
 def chat_token_ids(tokenizer, conversation: list[dict], add_generation_prompt: bool = True,
@@ -208,6 +215,19 @@ def chat_text(tokenizer, conversation: list[dict], add_generation_prompt: bool =
     except Exception as err:  # Jinja's errors, and whatever a template's own code raises
         raise ValueError(f"the chat template{'' if chat_template is None else ' (chat_template)'} failed on the "
                          f"conversation: {type(err).__name__}: {err}") from err
+
+
+def _per_prompt(lora_request, count: int) -> list[LoRARequest | None]:
+    """`lora_request` (one, None, or a list of one per prompt) as a list of one per prompt."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * count
+    if not isinstance(lora_request, SequenceABC) or not all(r is None or isinstance(r, LoRARequest)
+                                                             for r in lora_request):
+        raise TypeError(f"lora_request must be a LoRARequest or a list of them (None for the base model), one per "
+                        f"prompt; got {type(lora_request).__name__}")
+    if len(lora_request) != count:
+        raise ValueError(f"got {len(lora_request)} lora requests for {count} prompts")
+    return list(lora_request)
 
 
 def _prompt_list(prompts) -> list[PromptType]:

@@ -35,6 +35,7 @@ from jpaged.interrupts import interrupts_held
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
 from jpaged.loader.host_store import HostStore
 from jpaged.loader.weights import load_params, param_formats, replicate_kv_heads, zeros_at
+from jpaged.lora_slots import LoRASlots
 from jpaged.models.llama import LlamaForCausalLM
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.expert_parallel import expert_parallel_moe
@@ -140,6 +141,7 @@ class ModelRunner:
         nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, sharding))
         store.seal()
         self.state, self.stream = state, None
+        self.lora = LoRASlots(model_config, config.lora, dtype) if config.lora.enable_lora else None
         if self.offload is not None:  # the step's parameters are the rest; the layers are passed one by one
             loaded = nnx.to_pure_dict(state)
             self.stream = self._layer_stream(loaded.pop("layers"), config)
@@ -371,12 +373,15 @@ class ModelRunner:
     def _model(self, state):
         return nnx.merge(self.graphdef, state)
 
-    def _step_fn(self, state, kv_cache, batch: StepBatch):
+    def _step_fn(self, params, kv_cache, batch: StepBatch):
         """((logits, PromptLogprobs), kv_cache): the float32 logits of the rows that sample; prompt
-        logprobs only when the batch has prompt rows (zeros otherwise)."""
+        logprobs only when the batch has prompt rows (zeros otherwise). `params`: the model's
+        state and the LoRA slots' weights (None without LoRA)."""
+        state, lora_weights = params
+        lora = None if lora_weights is None else (lora_weights, batch.lora_slots, self.lora.column_slots)
         with matmul_precision(self.dtype):
             model = self._model(state)
-            hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention)
+            hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention, lora)
             return self._outputs(model, hidden, batch), kv_cache
 
     def _outputs(self, model, hidden, batch: StepBatch):
@@ -494,7 +499,9 @@ class ModelRunner:
                             self.model_config.vocab_size)
         if any(s.num_new_tokens > 1 for s in scheduled) and all(s.samples for s in scheduled):
             self._prefetch_decode(len(scheduled))
-        sampled, prompt = self._run(step.batch, step.sampling)
+        batch = step.batch if self.lora is None else dataclasses.replace(
+            step.batch, lora_slots=self._lora_token_slots(scheduled, step.batch, step.rows))
+        sampled, prompt = self._run(batch, step.sampling)
         drafts = None if step.draft_rows is None else np.asarray(sampled.token_ids)[step.draft_rows]
         fields = sampled if step.wants_logprobs else sampled[:1]
         sampled = SamplerOutput(*(np.asarray(field)[step.rows] for field in fields))
@@ -502,6 +509,21 @@ class ModelRunner:
             return StepOutput(sampled, None, None, drafts)
         prompt = PromptLogprobs(*(np.asarray(field)[: len(step.prompt_rows.owner)] for field in prompt))
         return StepOutput(sampled, step.prompt_rows, prompt, drafts)
+
+    def _lora_token_slots(self, scheduled: list[ScheduledSequence], batch: StepBatch, rows: np.ndarray
+                          ) -> np.ndarray | None:
+        """Each of the step's tokens' LoRA slot (-1: none), the adapters it needs put in slots;
+        None when no sequence of the step has an adapter."""
+        adapters = [item.seq.request.lora for item in scheduled if item.seq.request.lora is not None]
+        if not adapters:
+            return None
+        slot_of = self.lora.assign(adapters)
+        slots = np.full(batch.token_ids.size, -1, np.int32)
+        starts, lengths = batch.attention.query_start, batch.attention.query_lens
+        for item, row in zip(scheduled, rows):
+            if item.seq.request.lora is not None:
+                slots[starts[row]:starts[row] + lengths[row]] = slot_of[item.seq.request.lora.lora_int_id]
+        return slots
 
     def _prefetch_decode(self, num_rows: int) -> None:
         """Start making ready, in the background, the decode step of `num_rows` sequences that
@@ -535,8 +557,9 @@ class ModelRunner:
         batch = dataclasses.replace(
             batch,
             prompt_indices=self._or_placeholder(batch.prompt_indices, (num_tokens,), np.int32, -1),
-            prompt_next_ids=self._or_placeholder(batch.prompt_next_ids, (num_tokens,), np.int32, 0))
-        return self.state, self.kv_cache, self._put(batch)
+            prompt_next_ids=self._or_placeholder(batch.prompt_next_ids, (num_tokens,), np.int32, 0),
+            lora_slots=None if self.lora is None else self._or_placeholder(batch.lora_slots, (num_tokens,), np.int32, -1))
+        return (self.state, None if self.lora is None else self.lora.weights), self.kv_cache, self._put(batch)
 
     def _sampler_args(self, sampling: SamplingArrays) -> SamplingArrays:
         """The sampler's arrays, as `_step_args` gives the step's."""

@@ -65,10 +65,14 @@ def check_priority(priority: object, policy: str) -> None:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_rows: int | None = None):
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_rows: int | None = None,
+                 max_loras: int = 1):
         """`max_rows`: the most sequences and draft tokens a step takes together (its logits rows,
-        `StepShapes.max_rows`); `max_num_seqs` by default."""
+        `StepShapes.max_rows`); `max_num_seqs` by default. `max_loras`: the most LoRA adapters the
+        running sequences may use together (a waiting one that would add another waits, and
+        later ones may go first, as in vLLM)."""
         self.config = config
+        self.max_loras = max_loras
         self.max_rows = max_rows or config.max_num_seqs
         self.block_manager = block_manager
         self.waiting: list[Sequence] = []  # each queue is kept in priority (arrival) order
@@ -133,7 +137,7 @@ class Scheduler:
         while self.swapped:
             seq = self.swapped[0]
             rows = rows_to_come + self._samples_to_come(seq)
-            if rows > self.config.max_num_seqs or not self.block_manager.can_swap_in(seq):
+            if rows > self.config.max_num_seqs or not self._lora_fits(seq) or not self.block_manager.can_swap_in(seq):
                 return
             self.swapped.pop(0)
             out.swap_in += self.block_manager.swap_in(seq)
@@ -144,7 +148,7 @@ class Scheduler:
         index, rows_to_come = 0, self._rows_to_come()
         while index < len(self.waiting) and budget > 0:
             seq = self.waiting[index]
-            if seq.on_hold:
+            if seq.on_hold or not self._lora_fits(seq):
                 index += 1
                 continue
             rows = rows_to_come + self._samples_to_come(seq)
@@ -163,6 +167,14 @@ class Scheduler:
             self.add_running(seq)
             rows_to_come = rows
             budget -= num_new
+
+    def _lora_fits(self, seq: Sequence) -> bool:
+        """Whether `seq` may run beside the running sequences within `max_loras` adapters."""
+        lora = seq.request.lora
+        if lora is None:
+            return True
+        running = {s.request.lora.lora_int_id for s in self.running if s.request.lora is not None}
+        return lora.lora_int_id in running or len(running) < self.max_loras
 
     def _rows_to_come(self) -> int:
         """Rows the running sequences will take once every running request has forked its samples

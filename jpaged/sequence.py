@@ -16,6 +16,7 @@ from jpaged.sampling_params import SamplingParams, derive_seed
 
 if TYPE_CHECKING:
     from jpaged.detokenizer import IncrementalDetokenizer
+    from jpaged.lora import LoRAAdapter
     from jpaged.outputs import Logprob
     from jpaged.structured_output import Grammar
 
@@ -119,8 +120,10 @@ class Sequence:
 
 class Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, seed: int, grammar: Grammar | None = None, priority: int = 0):
+                 params: SamplingParams, seed: int, grammar: Grammar | None = None, priority: int = 0,
+                 lora: LoRAAdapter | None = None):
         self.request_id = request_id
+        self.lora = lora  # the LoRA adapter its tokens run through (None: the base model)
         self.priority = priority  # lower first (vLLM's); always 0 under first-come-first-served
         self.grammar = grammar  # its `params.structured_outputs`, compiled, at the start
         self.prompt = prompt

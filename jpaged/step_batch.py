@@ -52,11 +52,12 @@ class StepBatch:
     # the next prompt token, and [T] those next tokens (padding rows: index -1, token 0).
     prompt_indices: jax.Array | None = None
     prompt_next_ids: jax.Array | None = None
+    lora_slots: jax.Array | None = None  # [T] int32, each token's LoRA slot (-1: none); None: LoRA is off
 
 
 jax.tree_util.register_dataclass(
     StepBatch, data_fields=["token_ids", "positions", "logits_indices", "attention", "prompt_indices",
-                            "prompt_next_ids"], meta_fields=[]
+                            "prompt_next_ids", "lora_slots"], meta_fields=[]
 )
 
 

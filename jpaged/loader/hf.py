@@ -42,16 +42,22 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 def load_safetensors_weights(folder: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Yield `(name, array)` one tensor at a time, in the file's dtype (bfloat16 included)."""
-    cpu = jax.local_devices(backend="cpu")[0]
     for path in safetensors_files(folder):
-        try:
-            with jax.default_device(cpu), safe_open(str(path), framework="flax") as f:
-                for name in f.keys():
-                    yield name, np.asarray(f.get_tensor(name))
-        except Exception as err:  # the Rust reader raises its own error type
-            if isinstance(err, (FileNotFoundError, ValueError)):
-                raise
-            raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+        yield from read_safetensors(path)
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield the `(name, array)` tensors of one safetensors file, in its dtypes (bfloat16
+    included, as `ml_dtypes`' numpy type). ValueError for a file that cannot be read."""
+    cpu = jax.local_devices(backend="cpu")[0]
+    try:
+        with jax.default_device(cpu), safe_open(str(path), framework="flax") as f:
+            for name in f.keys():
+                yield name, np.asarray(f.get_tensor(name))
+    except Exception as err:  # the Rust reader raises its own error type
+        if isinstance(err, (FileNotFoundError, ValueError)):
+            raise
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
 
 
 def tokenizer_loader(folder: Path):

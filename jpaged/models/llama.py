@@ -227,10 +227,16 @@ class LlamaForCausalLM(nnx.Module):
         elif not cfg.tie_word_embeddings:
             self.lm_head = _param((cfg.hidden_size, cfg.vocab_size), dtype)
 
-    def __call__(self, token_ids, positions, kv_cache, md: AttentionMetadata):
+    def __call__(self, token_ids, positions, kv_cache, md: AttentionMetadata, lora=None):
         """Hidden states `[N, hidden]` of the new tokens (micro-batches flattened), and the
-        updated `(k_cache, v_cache)`."""
+        updated `(k_cache, v_cache)`. `lora`: None, or `(weights, token_slots, column_slots)`, the
+        LoRA slots' per-layer factors, each token's slot and each slot column's slot
+        (`jpaged/lora_slots.py`)."""
         layer_weights = [nnx.to_pure_dict(nnx.state(layer)) for layer in self.layers]
+        if lora is not None:
+            weights, token_slots, column_slots = lora
+            mask = (token_slots[:, None] == column_slots[None, :]).astype(self.norm.dtype)
+            layer_weights = [{**own, **factors, "lora_mask": mask} for own, factors in zip(layer_weights, weights)]
         hidden, kv_cache = self.run_layers(self.decode, self.embed(token_ids), positions, kv_cache, md, layer_weights)
         return self.final_norm(hidden), kv_cache
 
@@ -296,8 +302,9 @@ class LlamaForCausalLM(nnx.Module):
         return hidden + self._linear(jax.nn.silu(gate) * up, weights, "down_proj")
 
     def _linear(self, x, weights, name):
-        """`x [T, in]` times the layer's projection `name` (`[T, out]`), quantized or not."""
-        return self._product(x, weights[name], weights.get(scale_name(name)))
+        """`x [T, in]` times the layer's projection `name` (`[T, out]`), quantized or not, plus
+        its LoRA term."""
+        return _plus_lora(self._product(x, weights[name], weights.get(scale_name(name))), x, weights, name)
 
     def _fused_linear(self, x, weights, fused, sizes):
         """The parts (`[T, size]` each) of `x [T, in]` times the fused projection `fused` (or
@@ -306,7 +313,8 @@ class LlamaForCausalLM(nnx.Module):
         bias = weights.get("qkv_bias") if fused == "qkv_proj" else None
         if fused in weights:
             y = self._linear(x, weights, fused)
-            return split_columns(y if bias is None else y + bias, sizes, shards)
+            parts = split_columns(y if bias is None else y + bias, sizes, shards)
+            return [_plus_lora(part, x, weights, name) for part, name in zip(parts, FUSED[fused])]
         parts = [self._linear(x, weights, part) for part in FUSED[fused]]
         if bias is None:
             return parts
@@ -333,6 +341,15 @@ class LlamaForCausalLM(nnx.Module):
             return self.float_linear(hidden, self.embed_tokens[...], transposed=True).astype(jnp.float32)
         scale = getattr(self, "lm_head_scale", None)
         return self._product(hidden, self.lm_head[...], None if scale is None else scale[...]).astype(jnp.float32)
+
+
+def _plus_lora(y, x, weights: dict, name: str):
+    """`y`, the output of projection `name` for `x [T, in]`, plus each token's LoRA term from the
+    layer's slots (`jpaged/lora_slots.py`), where the layer has them."""
+    a = weights.get(f"lora_a.{name}")
+    if a is None:
+        return y
+    return y + (((x @ a) * weights["lora_mask"]) @ weights[f"lora_b.{name}"]).astype(y.dtype)
 
 
 def _dequantized(weights: dict, dtype) -> dict:
