@@ -187,7 +187,7 @@ class BlockManager:
             self.ref_counts[block_id] += 1
         seq.block_table.extend(reused)
         if computed is not None:
-            self._progress[seq] = (len(reused), self.block_keys[reused[-1]] if reused else None)
+            self._progress[seq] = (len(reused), self.block_keys[reused[-1]] if reused else self._root(seq))
             if self.enable_prefix_caching and reads_prefix_cache(seq):
                 self.prefix_cache_queries += seq.num_tokens
                 self.prefix_cache_hits += computed.num_tokens

@@ -63,6 +63,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages the layers split into")
     parser.add_argument("--expert-parallel-size", type=int, default=1, help="devices that split the experts")
     parser.add_argument("--data-parallel-size", type=int, default=1, help="whole-engine replicas")
+    parser.add_argument("--enable-lora", action="store_true", help="serve requests through LoRA adapters")
+    parser.add_argument("--max-loras", type=int, default=1, help="LoRA adapters usable in one step")
+    parser.add_argument("--max-lora-rank", type=int, default=16, help="highest LoRA adapter rank")
     parser.add_argument("--speculative-config", type=_json_object, default=None,
                         help='n-gram speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine events")
@@ -78,6 +81,13 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"a LoRA module is NAME=PATH, got {text!r}")
+    return name, path
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for `LLM(model, **kwargs)` / `build_engine` from the shared engine flags."""
     return dict(tokenizer=args.tokenizer, revision=args.revision, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
@@ -89,7 +99,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 max_model_len=args.max_model_len, max_logprobs=args.max_logprobs, compile_warmup=args.compile_warmup,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size,
-                speculative_config=args.speculative_config, generation_config=args.generation_config)
+                speculative_config=args.speculative_config, generation_config=args.generation_config,
+                enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
 
 
 def _add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +113,8 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="web origin whose pages may call the server from a browser (CORS), repeatable; "
                              "'*' for any")
     parser.add_argument("--served-model-name", default=None, help="model name the API shows; unset: the model's")
+    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
+                        help="LoRA adapters (PEFT folders) served under their own model names (with --enable-lora)")
     parser.add_argument("--max-queued-requests", type=int, default=256,
                         help="sequences the server holds at once (running or waiting; each prompt and each sample counts); more get HTTP 503")
     parser.add_argument("--chat-template", default=None,

@@ -42,6 +42,9 @@ class DataParallelEngine:
         replica.add_request(request_id, prompt, params, priority, lora_request)
         self._replica_of[request_id] = replica
 
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return all(replica.add_lora(lora_request) for replica in self.replicas)
+
     def abort_request(self, request_id: str) -> None:
         replica = self._replica_of.pop(request_id, None)
         if replica is not None:

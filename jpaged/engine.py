@@ -174,13 +174,13 @@ class LLMEngine:
                     priority: int = 0, lora_request: LoRARequest | None = None) -> None:
         """Queue a request; raises ValueError for input that can never be served, a `priority`
         other than 0 without `scheduling_policy="priority"`, or a `lora_request` the engine cannot
-        run (see `lora_adapter`)."""
+        run (see `add_lora`)."""
         # a copy, checked afresh as it is made: the caller may have changed fields since making theirs
         params = SamplingParams(**self.default_sampling_params) if params is None else dataclasses.replace(params)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         check_priority(priority, self.config.scheduler.scheduling_policy)
-        lora = self.lora_adapter(lora_request)
+        lora = self._lora_adapter(lora_request)
         text, token_ids = self._tokenize(prompt)
         token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.max_model_len)
         room = self.max_model_len - len(token_ids)
@@ -200,7 +200,12 @@ class LLMEngine:
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
 
-    def lora_adapter(self, lora_request: LoRARequest | None) -> LoRAAdapter | None:
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read the adapter `lora_request` names now, so that requests naming it start at once
+        (vLLM's `add_lora`); True. ValueError as `add_request` gives for it."""
+        return self._lora_adapter(lora_request) is not None
+
+    def _lora_adapter(self, lora_request: LoRARequest | None) -> LoRAAdapter | None:
         """The adapter `lora_request` names, read once per `lora_int_id`. ValueError without
         `enable_lora`, for an id already used by another adapter, or for a folder the model cannot
         take (`load_lora_adapter`)."""

@@ -69,6 +69,11 @@ class EngineClient(Protocol):
         served first under `scheduling_policy="priority"`), or an adapter the engine cannot run."""
         ...
 
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Read a LoRA adapter now (with `enable_lora`), so that its first request starts at once;
+        True. ValueError for one the engine cannot run."""
+        ...
+
     def abort_request(self, request_id: str) -> None:
         """End a request (finish reason "abort") and free its KV blocks now; unknown ids are ignored."""
         ...

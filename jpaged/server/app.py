@@ -30,7 +30,6 @@ from jpaged.server.chat import create_chat_completion
 from jpaged.server.completions import create_completion
 from jpaged.server.errors import APIError, error_body, error_type_for_status, unauthorized
 from jpaged.server.metrics import CONTENT_TYPE
-from jpaged.server.params import check_model
 from jpaged.server.prompts import chat_prompt
 from jpaged.server.protocol import (
     ChatCompletionRequest,
@@ -138,13 +137,17 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 async def _models(request: Request) -> ModelList:
     state = _state(request)
-    return ModelList(data=[await _model(state.model_name, request)])
+    return ModelList(data=[await _model(name, request) for name in (state.model_name, *state.loras)])
 
 
 async def _model(model: str, request: Request) -> ModelCard:
     state = _state(request)
-    check_model(model, state.model_name)
-    return ModelCard(id=state.model_name, max_model_len=state.engine.max_model_len)
+    name = state.model(model)
+    lora = state.loras.get(name)
+    if lora is None:
+        return ModelCard(id=name, max_model_len=state.engine.max_model_len)
+    return ModelCard(id=name, max_model_len=state.engine.max_model_len, root=str(lora.lora_path),
+                     parent=state.model_name)
 
 
 async def _health(request: Request) -> Response:
@@ -165,7 +168,7 @@ async def _metrics(request: Request) -> Response:
 
 async def _tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = _state(request)
-    check_model(body.model, state.model_name)
+    state.model(body.model)
     tokenizer = state.engine.tokenizer
     if (body.prompt is None) == (body.messages is None):
         raise APIError("give exactly one of prompt and messages", param="prompt")
@@ -183,7 +186,7 @@ async def _tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse
 
 async def _detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = _state(request)
-    check_model(body.model, state.model_name)
+    state.model(body.model)
     vocab = len(state.engine.tokenizer)
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:

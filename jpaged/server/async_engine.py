@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from jpaged.engine_client import EngineClient, PromptType
+from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 
@@ -176,9 +177,9 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._stopping
 
     async def add(self, request_id: str, requests: list[tuple[PromptType, SamplingParams]],
-                  priority: int = 0) -> RequestGroup:
+                  priority: int = 0, lora_request: LoRARequest | None = None) -> RequestGroup:
         """Queue `requests` (prompt, params) as `request_id-0`, `request_id-1`, ..., each with
-        `priority`, and return their group.
+        `priority` and `lora_request`, and return their group.
 
         Raises:
             ServerOverloaded: taking them would exceed `max_queued_requests` sequences now.
@@ -203,7 +204,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         group = RequestGroup(self, [f"{request_id}-{i}" for i in range(len(requests))], loop, places)
         try:
-            await self.call(lambda engine: self._add_group(engine, group, requests, priority))
+            await self.call(lambda engine: self._add_group(engine, group, requests, priority, lora_request))
         except BaseException as err:
             self._held -= places
             if isinstance(err, asyncio.CancelledError):  # the add may still run: undo it after
@@ -240,11 +241,12 @@ class AsyncEngine:
 
     # Everything below runs on the loop thread.
 
-    def _add_group(self, engine: EngineClient, group: RequestGroup, requests: list, priority: int) -> None:
+    def _add_group(self, engine: EngineClient, group: RequestGroup, requests: list, priority: int,
+                   lora_request: LoRARequest | None) -> None:
         added = []
         try:
             for request_id, (prompt, params) in zip(group.request_ids, requests):
-                engine.add_request(request_id, prompt, params, priority)
+                engine.add_request(request_id, prompt, params, priority, lora_request)
                 added.append(request_id)
         except Exception as err:
             for request_id in added:

@@ -21,7 +21,7 @@ from jpaged.outputs import CompletionOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
 from jpaged.server.logprobs import chat_logprobs, prompt_logprobs
-from jpaged.server.params import chat_params, check_model, constraint_field, max_tokens_field, resolve_max_tokens
+from jpaged.server.params import chat_params, constraint_field, max_tokens_field, resolve_max_tokens
 from jpaged.server.prompts import Prompt, chat_prompt, message_text, truncated
 from jpaged.server.protocol import (
     ChatChoice,
@@ -55,14 +55,14 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
                                  ) -> JSONResponse | AsyncIterator[str]:
     """Serve a chat completion request: a response body, or (with `stream`) an iterator of SSE
     events. Raises APIError for bad input (400) or a full server (503)."""
-    check_model(request.model, state.model_name)
+    model = state.model(request.model)
     tokenizer = state.engine.tokenizer
     prompt, params = await chat_request_input(request, state)
     request_id = random_id("chatcmpl")
     group = await submit(state, request_id, [prompt], [params], request.priority, constraint_field(request),
-                         renamed={"logprobs": "top_logprobs"})
+                         renamed={"logprobs": "top_logprobs"}, model=model)
     if request.stream:
-        return _stream(request, state, request_id, prompt, params, group)
+        return _stream(request, state, model, request_id, prompt, params, group)
     (output,) = await collect(group)
     choices = []
     for choice in output.outputs:
@@ -73,7 +73,7 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
         choices.append(ChatChoice(index=choice.index, message=message,
                                   logprobs=_logprobs(tokenizer, params, choice.token_ids, choice.logprobs),
                                   finish_reason=_finish_reason(request, choice, calls), stop_reason=choice.stop_reason))
-    response = ChatCompletionResponse(id=request_id, model=state.model_name, choices=choices,
+    response = ChatCompletionResponse(id=request_id, model=model, choices=choices,
                                       usage=usage(len(prompt.token_ids), [output]),
                                       prompt_logprobs=prompt_logprobs(output.prompt_logprobs))
     return JSONResponse(response.model_dump())
@@ -115,14 +115,14 @@ def _logprobs(tokenizer: Any, params: SamplingParams, token_ids: list[int], entr
     return chat_logprobs(tokenizer, token_ids, entries or [], params.logprobs)
 
 
-async def _stream(request: ChatCompletionRequest, state: ServerState, request_id: str, prompt: Prompt,
+async def _stream(request: ChatCompletionRequest, state: ServerState, model: str, request_id: str, prompt: Prompt,
                   params: SamplingParams, group: RequestGroup) -> AsyncIterator[str]:
     created = int(time.time())
     progress = [ChoiceProgress() for _ in range(params.n)]
     final = None
 
     def chunk(choices: list[ChatStreamChoice], usage_info=None) -> str:
-        return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=state.model_name,
+        return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model,
                                                 choices=choices, usage=usage_info))
 
     try:

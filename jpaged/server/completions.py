@@ -22,7 +22,7 @@ from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
 from jpaged.server.errors import APIError, bad_request
 from jpaged.server.logprobs import completion_logprobs, prompt_logprobs
-from jpaged.server.params import check_model, completion_params, constraint_field, resolve_max_tokens
+from jpaged.server.params import completion_params, constraint_field, resolve_max_tokens
 from jpaged.server.prompts import Prompt, completion_prompts, truncated
 from jpaged.server.protocol import (
     CompletionChoice,
@@ -48,7 +48,7 @@ from jpaged.server.serving import (
 async def create_completion(request: CompletionRequest, state: ServerState) -> JSONResponse | AsyncIterator[str]:
     """Serve a completion request: a response body, or (with `stream`) an iterator of SSE events.
     Raises APIError for bad input (400) or a full server (503)."""
-    check_model(request.model, state.model_name)
+    model = state.model(request.model)
     tokenizer, max_model_len = state.engine.tokenizer, state.engine.max_model_len
     prompts = await asyncio.to_thread(completion_prompts, request.prompt, tokenizer)  # other requests go on meanwhile
     prompts = [truncated(p, request.truncate_prompt_tokens, max_model_len) for p in prompts]
@@ -58,14 +58,14 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
     params = [_params_of(request, asked, prompt, max_model_len, state.sampling_defaults, i if len(prompts) > 1 else None)
               for i, prompt in enumerate(prompts)]
     request_id = random_id("cmpl")
-    group = await submit(state, request_id, prompts, params, request.priority, constraint_field(request))
+    group = await submit(state, request_id, prompts, params, request.priority, constraint_field(request), model=model)
     if request.stream:
-        return _stream(request, state, request_id, prompts, params[0], group)
+        return _stream(request, state, model, request_id, prompts, params[0], group)
     outputs = [_returned(request, output) for output in await collect(group)]
     choices = [_choice(request, tokenizer, i, prompt, output, choice)
                for i, (prompt, output) in enumerate(zip(prompts, outputs)) for choice in output.outputs]
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
-    response = CompletionResponse(id=request_id, model=state.model_name, choices=choices,
+    response = CompletionResponse(id=request_id, model=model, choices=choices,
                                   usage=usage(prompt_tokens, outputs))
     return JSONResponse(response.model_dump())
 
@@ -126,14 +126,14 @@ def _joined(first: CompletionLogprobs, second: CompletionLogprobs) -> Completion
                               tokens=first.tokens + second.tokens, top_logprobs=first.top_logprobs + second.top_logprobs)
 
 
-async def _stream(request: CompletionRequest, state: ServerState, request_id: str, prompts: list[Prompt],
+async def _stream(request: CompletionRequest, state: ServerState, model: str, request_id: str, prompts: list[Prompt],
                   params: SamplingParams, group: RequestGroup) -> AsyncIterator[str]:
     tokenizer, created = state.engine.tokenizer, int(time.time())
     progress: dict[int, ChoiceProgress] = {}
     finals: dict[int, RequestOutput] = {}
 
     def chunk(choices: list[CompletionChoice], usage_info=None) -> str:
-        return sse(CompletionStreamResponse(id=request_id, created=created, model=state.model_name,
+        return sse(CompletionStreamResponse(id=request_id, created=created, model=model,
                                             choices=choices, usage=usage_info))
 
     try:

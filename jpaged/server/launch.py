@@ -16,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from jpaged.chat_template import checked_template, read_chat_template
 from jpaged.engine_client import EngineClient
+from jpaged.lora import LoRARequest
 from jpaged.server.app import build_app
 from jpaged.server.async_engine import AsyncEngine
 from jpaged.server.metrics import ServerMetrics
@@ -30,7 +31,7 @@ API_KEY_ENV = "JPAGED_API_KEY"
 def create_app(engine: EngineClient, served_model_name: str | None = None, api_key: str | None = None,
                max_queued_requests: int = 256, allowed_origins: list[str] | None = None,
                chat_template: str | None = None, trust_request_chat_template: bool = False,
-               tool_call_parser: str | None = None) -> FastAPI:
+               tool_call_parser: str | None = None, lora_modules: list[LoRARequest] | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`; its engine loop starts and stops with the app.
 
     Args:
@@ -44,18 +45,27 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
         trust_request_chat_template: whether a request may bring its own `chat_template`.
         tool_call_parser: the model family's tool-call syntax (`tool_parsers.TOOL_PARSERS`), which
             serves `tool_choice: "auto"`; None: "auto" is refused.
+        lora_modules: LoRA adapters served under their `lora_name`s (the engine needs
+            `enable_lora`); each is read before the app is made.
 
     Raises:
-        ValueError: for an unknown `tool_call_parser` or a `chat_template` that does not parse.
+        ValueError: for an unknown `tool_call_parser`, a `chat_template` that does not parse, or a
+            LoRA adapter the engine cannot run, or whose name is taken.
     """
     name = served_model_name or engine.model_name
     parser = tool_parser(tool_call_parser) if tool_call_parser else None
     chat_template = checked_template(chat_template) if chat_template is not None else None
+    loras = {}
+    for lora in lora_modules or ():
+        if lora.lora_name in (name, *loras):
+            raise ValueError(f"LoRA module name {lora.lora_name!r} is taken: the served model or another adapter has it")
+        engine.add_lora(lora)
+        loras[lora.lora_name] = lora
     metrics = ServerMetrics(name)
     front = AsyncEngine(engine, max_queued_requests, on_finished=metrics.observe_finished,
                         on_aborted=metrics.observe_aborted)
     app = build_app(ServerState(front, name, metrics, api_key or None, chat_template, trust_request_chat_template,
-                                parser, dict(engine.default_sampling_params)))
+                                parser, dict(engine.default_sampling_params), loras))
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
     return app
@@ -75,12 +85,15 @@ def serve(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
         raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: the parser reads the "
                          "model's tool calls under tool_choice \"auto\"")
+    if args.lora_modules and not args.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
     template = read_chat_template(args.chat_template) if args.chat_template else None
     check_can_listen(args.host, args.port)  # before the model loads
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     engine = build_engine(args.model, **engine_kwargs(args))
     app = create_app(engine, args.served_model_name, api_key, args.max_queued_requests, args.allowed_origins,
-                     template, args.trust_request_chat_template, args.tool_call_parser)
+                     template, args.trust_request_chat_template, args.tool_call_parser,
+                     [LoRARequest(name, i, path) for i, (name, path) in enumerate(args.lora_modules or (), start=1)])
     logging.getLogger("jpaged.server").setLevel(logging.INFO)
     logger.info("serving %s on http://%s:%d/v1 (%s)", app.state.server.model_name, args.host, args.port,
                 "API key required" if api_key else "no API key")

@@ -18,11 +18,16 @@ from jpaged.server.tool_parsers import ToolParser
 from jpaged.server.tools import forces_tool_calls, parses_tool_calls, tool_schema
 
 
-def check_model(requested: str | None, served: str) -> None:
-    """Accept a request for the served model (or one naming no model); 404 otherwise, as OpenAI."""
-    if requested is not None and requested != served:
-        raise APIError(f"the model `{requested}` does not exist; this server serves `{served}`",
+def check_model(requested: str | None, served: list[str]) -> str:
+    """The name a request is served under: `requested`, one of `served` (the model, then its LoRA
+    adapters), or the model's for a request naming none; 404 otherwise, as OpenAI."""
+    if requested is None:
+        return served[0]
+    if requested not in served:
+        listed = ", ".join(f"`{name}`" for name in served)
+        raise APIError(f"the model `{requested}` does not exist; this server serves {listed}",
                        HTTPStatus.NOT_FOUND, "invalid_request_error", param="model", code="model_not_found")
+    return requested
 
 
 def resolve_max_tokens(asked: int | None, prompt_len: int, max_model_len: int, param: str,

@@ -39,7 +39,7 @@ from jpaged.outputs import RequestOutput
 from jpaged.server.async_engine import RequestGroup
 from jpaged.server.chat import chat_request_input
 from jpaged.server.errors import APIError, bad_request
-from jpaged.server.params import check_model, constraint_field
+from jpaged.server.params import constraint_field
 from jpaged.server.protocol import ChatCompletionRequest, ResponsesRequest, ToolCall
 from jpaged.server.serving import ChoiceProgress, ServerState, collect, failed, submit
 from jpaged.server.tools import named_call, names_one_call, reply, streamable_text
@@ -56,12 +56,13 @@ _TEXT_PARTS = ("input_text", "output_text", "text")
 async def create_response(body: ResponsesRequest, state: ServerState) -> JSONResponse | AsyncIterator[str]:
     """Serve a Responses request: a response body, or (with `stream`) an iterator of SSE events.
     Raises APIError for bad input (400) or a full server (503)."""
-    check_model(body.model, state.model_name)
+    model = state.model(body.model)
     request = chat_request(body)
     try:
         prompt, params = await chat_request_input(request, state)
-        response = _Response(body, request, state.model_name, params.temperature, params.top_p)
-        group = await submit(state, response.id, [prompt], [params], request.priority, constraint_field(request))
+        response = _Response(body, request, model, params.temperature, params.top_p)
+        group = await submit(state, response.id, [prompt], [params], request.priority, constraint_field(request),
+                             model=model)
     except APIError as err:
         err.param = _RENAMED.get(err.param, err.param)
         for chat_name, name in (("max_completion_tokens", "max_output_tokens"), ("response_format", "text.format")):

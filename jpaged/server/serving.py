@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from jpaged.engine_client import PromptType
+from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import (
@@ -28,6 +29,7 @@ from jpaged.server.async_engine import (
 )
 from jpaged.server.errors import APIError, bad_request, internal_error, overloaded, stopping
 from jpaged.server.metrics import ServerMetrics
+from jpaged.server.params import check_model
 from jpaged.server.prompts import ChatTemplate, Prompt
 from jpaged.server.protocol import ChatCompletionRequest, SamplingFields, TokenizeRequest, ToolCall, UsageInfo
 from jpaged.server.tool_parsers import ToolParser
@@ -50,6 +52,12 @@ class ServerState:
     trust_request_chat_template: bool = False
     tool_parser: ToolParser | None = None
     sampling_defaults: dict = field(default_factory=dict)
+    loras: dict[str, LoRARequest] = field(default_factory=dict)  # LoRA adapters served, by model name
+
+    def model(self, requested: str | None) -> str:
+        """The model name a request is served under (the base model's, or a LoRA adapter's);
+        APIError 404 for a name the server does not serve."""
+        return check_model(requested, [self.model_name, *self.loras])
 
     def template(self, request: ChatCompletionRequest | TokenizeRequest) -> ChatTemplate:
         """The chat template that renders `request`'s messages (`ChatTemplate.of_request`)."""
@@ -59,8 +67,9 @@ class ServerState:
 
 async def submit(state: ServerState, request_id: str, prompts: list[Prompt], params: list[SamplingParams],
                  priority: int = 0, constraint_field: str = "structured_outputs",
-                 renamed: dict[str, str] | None = None) -> RequestGroup:
-    """Queue one engine request per prompt, each with `priority`. Raises APIError: 503 when the
+                 renamed: dict[str, str] | None = None, model: str | None = None) -> RequestGroup:
+    """Queue one engine request per prompt, each with `priority`, run through the LoRA adapter
+    `model` names where it names one (`ServerState.model`). Raises APIError: 503 when the
     server is full, 400 when the engine refuses a prompt (ids outside the vocabulary, too long for
     the KV cache, more logprobs than `--max-logprobs`, an output constraint that does not compile,
     blamed on `constraint_field`, the field it came from) or the priority (not 0 under
@@ -70,7 +79,7 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt], par
         ({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, param)
         for prompt, param in zip(prompts, params)]
     try:
-        return await state.engine.add(request_id, requests, priority)
+        return await state.engine.add(request_id, requests, priority, state.loras.get(model))
     except ServerOverloaded as err:
         raise overloaded(str(err)) from err
     except TooManySequences as err:
