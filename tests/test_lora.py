@@ -249,3 +249,38 @@ def test_server_serves_adapters_by_model_name(llama, llama_llm):
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_default_model_with_an_adapter_matches_peft(model_path, tmp_path):
+    """The default model (a real trained model) with an adapter on every projection, against PEFT
+    on transformers' own load of the same GGUF file: greedy chat answers, token for token."""
+    from jpaged.llm import chat_token_ids
+
+    with torch_single_thread():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32)
+        torch.manual_seed(0)
+        config = peft.LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        adapted = peft.get_peft_model(model, config).eval()
+        with torch.no_grad():
+            for name, param in adapted.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(0.05)  # a nudge: the answers change, and stay answers
+        adapted.save_pretrained(tmp_path / "adapter")
+    llm = LLM(None, enable_lora=True, max_lora_rank=8, num_blocks=64)
+    request = LoRARequest("nudge", 1, str(tmp_path / "adapter"))
+    tokenizer = llm.get_tokenizer()
+    prompts = [chat_token_ids(tokenizer, [{"role": "user", "content": q}])
+               for q in ["What is the capital of France?", "Name three colours."]]
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    ours = llm.generate([{"prompt_token_ids": p} for p in prompts] * 2, params, use_tqdm=False,
+                        lora_request=[request] * len(prompts) + [None] * len(prompts))
+    with torch.no_grad(), torch_single_thread():
+        theirs = [adapted.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=20)[0, len(p):].tolist()
+                  for p in prompts]
+        with adapted.disable_adapter():
+            base = [adapted.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=20)[0, len(p):].tolist()
+                    for p in prompts]
+    assert [o.outputs[0].token_ids for o in ours] == theirs + base
+    assert theirs != base
