@@ -10,7 +10,8 @@ build pins its own torch, so it lives in a venv of its own, set up once:
 bench_throughput.py starts it as `<venv python> bench_vllm_worker.py JOB.json RESULT.json`.
 JOB.json holds the model folder (an HF float32 folder: config, safetensors, tokenizer), the
 engine's settings, the requests as token ids with their `max_tokens`, and the single-request
-prompt. The worker warms the engine up (excluded), times `generate` over all requests (greedy,
+prompt; for LoRA runs (scripts/bench_lora.py), `engine.lora` (`max_loras`, `max_lora_rank`), the
+adapters' folders (`loras`) and each request's adapter (`lora`: an index, or null). The worker warms the engine up (excluded), times `generate` over all requests (greedy,
 EOS ignored, each request exactly its `max_tokens`), then the single request (a warm-up run, then
 the median of the job's `rounds` runs), and writes token ids, seconds and the settings it ran with
 to RESULT.json.
@@ -33,12 +34,13 @@ def sampling(max_tokens: int):
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def timed_generate(llm, prompts: list[list[int]], max_tokens: list[int]) -> tuple[float, list[list[int]]]:
-    """Seconds and each request's output token ids for one `generate` over all `prompts`."""
+def timed_generate(llm, prompts: list[list[int]], max_tokens: list[int], loras=None) -> tuple[float, list[list[int]]]:
+    """Seconds and each request's output token ids for one `generate` over all `prompts`, each
+    through its LoRA request in `loras` where given."""
     llm.reset_prefix_cache()  # nothing reused from an earlier pass
     started = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], [sampling(n) for n in max_tokens],
-                           use_tqdm=False)
+                           use_tqdm=False, **({"lora_request": loras} if loras else {}))
     return time.perf_counter() - started, [list(o.outputs[0].token_ids) for o in outputs]
 
 
@@ -52,7 +54,18 @@ def start_engine(job: dict):
                max_num_batched_tokens=settings["max_num_batched_tokens"],
                kv_cache_memory_bytes=int(settings["kv_cache_gib"] * (1 << 30)),
                enable_prefix_caching=settings["enable_prefix_caching"],
+               **({"enable_lora": True, **settings["lora"]} if settings.get("lora") else {}),
                **({"speculative_config": settings["speculative_config"]} if settings.get("speculative_config") else {}))
+
+
+def lora_requests(job: dict) -> list | None:
+    """Each request's vLLM `LoRARequest` (None for the base model); None for a run without LoRA."""
+    if not job.get("loras"):
+        return None
+    from vllm.lora.request import LoRARequest
+
+    adapters = [LoRARequest(f"adapter{i}", i + 1, path) for i, path in enumerate(job["loras"])]
+    return [None if r.get("lora") is None else adapters[r["lora"]] for r in job["requests"]]
 
 
 def run(job: dict) -> dict:
@@ -65,11 +78,13 @@ def run(job: dict) -> dict:
     startup = time.perf_counter() - started
     prompts = [r["prompt_token_ids"] for r in job["requests"]]
     max_tokens = [r["max_tokens"] for r in job["requests"]]
-    warmup, _ = timed_generate(llm, prompts[:2], [8] * len(prompts[:2]))
-    seconds, token_ids = timed_generate(llm, prompts, max_tokens)
+    loras = lora_requests(job)
+    warmup, _ = timed_generate(llm, prompts, [8] * len(prompts), loras)
+    seconds, token_ids = timed_generate(llm, prompts, max_tokens, loras)
     single = job["single"]
-    timed_generate(llm, [single["prompt_token_ids"]], [single["max_tokens"]])  # its shapes warmed up
-    rounds = [timed_generate(llm, [single["prompt_token_ids"]], [single["max_tokens"]])
+    single_lora = loras[:1] if loras else None
+    timed_generate(llm, [single["prompt_token_ids"]], [single["max_tokens"]], single_lora)  # its shapes warmed up
+    rounds = [timed_generate(llm, [single["prompt_token_ids"]], [single["max_tokens"]], single_lora)
               for _ in range(single.get("rounds", 1))]
     single_seconds, single_ids = statistics.median(r[0] for r in rounds), rounds[-1][1]
     return {"seconds": seconds, "token_ids": token_ids, "startup_seconds": startup,
