@@ -219,8 +219,8 @@ class LLMEngine:
         if known is None:
             known = self.loras[lora_request.lora_int_id] = load_lora_adapter(
                 lora_request, self.model_config, self.config.lora.max_lora_rank)
-        elif (known.request.lora_name, str(known.request.lora_path)) != (lora_request.lora_name,
-                                                                         str(lora_request.lora_path)):
+        elif (known.request.lora_name, Path(known.request.lora_path).resolve()) != (
+                lora_request.lora_name, Path(lora_request.lora_path).resolve()):
             raise ValueError(f"lora_int_id {lora_request.lora_int_id} is adapter {known.request.lora_name!r} "
                              f"({known.request.lora_path}); {lora_request.lora_name!r} ({lora_request.lora_path}) "
                              "needs an id of its own")

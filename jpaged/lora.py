@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from jpaged.config import ModelConfig
+from jpaged.sampling_params import is_integer
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -39,8 +40,9 @@ class LoRARequest:
     def __post_init__(self):
         if not isinstance(self.lora_name, str) or not self.lora_name:
             raise ValueError(f"lora_name must be a non-empty string, got {self.lora_name!r}")
-        if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) or self.lora_int_id < 1:
+        if not is_integer(self.lora_int_id) or self.lora_int_id < 1:
             raise ValueError(f"lora_int_id must be an int >= 1, got {self.lora_int_id!r}")
+        object.__setattr__(self, "lora_int_id", int(self.lora_int_id))
         if not isinstance(self.lora_path, (str, Path)):
             raise ValueError(f"lora_path must be a folder path, got {self.lora_path!r}")
 
@@ -87,8 +89,14 @@ def load_lora_adapter(request: LoRARequest, cfg: ModelConfig, max_rank: int) -> 
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"LoRA adapter {request.lora_name!r}: {config_path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"LoRA adapter {request.lora_name!r}: {config_path} must hold a JSON object, got "
+                         f"{type(config).__name__}")
     rank, scaling = _rank_and_scaling(config, request, max_rank)
-    tensors = dict(read_safetensors(weights_path))
+    try:
+        tensors = dict(read_safetensors(weights_path))
+    except ValueError as err:
+        raise ValueError(f"LoRA adapter {request.lora_name!r}: {err}") from err
     return LoRAAdapter(request, rank, _factors(tensors, cfg, rank, scaling, request))
 
 

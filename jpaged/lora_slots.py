@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jpaged.config import LoRAConfig, ModelConfig
@@ -27,13 +26,15 @@ class LoRASlots:
     "lora_b.<module>": b}`) and `column_slots` are what the step takes; `assign` puts the adapters
     a step needs into slots, evicting the least recently used."""
 
-    def __init__(self, cfg: ModelConfig, config: LoRAConfig, dtype):
-        self.max_loras, self.rank, self.dtype = config.max_loras, config.max_lora_rank, dtype
+    def __init__(self, cfg: ModelConfig, config: LoRAConfig, dtype, sharding=None):
+        """`sharding`: where the slots live (the engine's devices, each holding a whole copy);
+        None: the default device."""
+        self.max_loras, self.rank, self.dtype, self.sharding = config.max_loras, config.max_lora_rank, dtype, sharding
         width = self.max_loras * self.rank
         self._host = [{name: (np.zeros((d_in, width), np.float32), np.zeros((width, d_out), np.float32))
                        for name, (d_in, d_out) in lora_modules(cfg).items()} for _ in range(cfg.num_layers)]
         self.weights = [self._layer_on_device(layer) for layer in range(cfg.num_layers)]
-        self.column_slots = jnp.asarray(np.repeat(np.arange(self.max_loras, dtype=np.int32), self.rank))
+        self.column_slots = np.repeat(np.arange(self.max_loras, dtype=np.int32), self.rank)  # a constant of the step
         self._slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, least recent first
 
     @property
@@ -85,6 +86,6 @@ class LoRASlots:
     def _layer_on_device(self, layer: int) -> dict[str, jax.Array]:
         out = {}
         for name, (a, b) in self._host[layer].items():
-            out[f"lora_a.{name}"] = jnp.asarray(a, self.dtype)
-            out[f"lora_b.{name}"] = jnp.asarray(b, self.dtype)
+            out[f"lora_a.{name}"] = jax.device_put(a.astype(self.dtype), self.sharding)
+            out[f"lora_b.{name}"] = jax.device_put(b.astype(self.dtype), self.sharding)
         return out

@@ -141,7 +141,7 @@ class ModelRunner:
         nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, sharding))
         store.seal()
         self.state, self.stream = state, None
-        self.lora = LoRASlots(model_config, config.lora, dtype) if config.lora.enable_lora else None
+        self.lora = LoRASlots(model_config, config.lora, dtype, self._replicated()) if config.lora.enable_lora else None
         if self.offload is not None:  # the step's parameters are the rest; the layers are passed one by one
             loaded = nnx.to_pure_dict(state)
             self.stream = self._layer_stream(loaded.pop("layers"), config)

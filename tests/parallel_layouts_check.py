@@ -16,7 +16,7 @@ import transformers  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_models import save_random_model  # noqa: E402
 
-from jpaged import LLM, SamplingParams  # noqa: E402
+from jpaged import LLM, LoRARequest, SamplingParams  # noqa: E402
 from jpaged.config import ParallelConfig  # noqa: E402
 from jpaged.parallel.pipeline import run_pipeline  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
@@ -85,6 +85,7 @@ def generate(folder_root: str) -> dict:
             report["llama/preempted"] = preempted_run(folder, prompts, params)
             report["llama/one-prompt-split"] = one_prompt_split(folder, rng, params)
             report["llama/replica-abort"] = replica_abort(folder, prompts, params)
+            report["llama/lora-replicas"] = lora_replicas(folder, prompts, params)
     return report
 
 
@@ -129,6 +130,34 @@ def replica_abort(folder: str, prompts, params) -> dict:
     return {"finished": finished, "seen_after_abort": sorted(seen_after_abort), "duplicate_error": duplicate_error,
             "blocks_leaked": [e.block_manager.num_blocks - e.block_manager.num_free_blocks for e in engine.replicas],
             "requests_per_replica": [e.num_generated_tokens > 0 for e in engine.replicas]}
+
+
+def lora_replicas(folder: str, prompts, params) -> dict:
+    """A PEFT LoRA adapter on every other prompt, on one device and over two data-parallel replicas."""
+    import peft
+    import torch
+
+    adapter = folder + "-lora"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
+                                                         target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.mul_(4.0)
+    adapted.save_pretrained(adapter)
+    loras = [LoRARequest("a", 1, adapter) if i % 2 == 0 else None for i in range(len(prompts))]
+    report = {}
+    for layout, dp in (("single", 1), ("dp2", 2)):
+        llm = LLM(folder, enable_lora=True, data_parallel_size=dp, dtype="float32", num_blocks=32)
+        outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
+        engines = getattr(llm.engine, "replicas", [llm.engine])
+        report[layout] = {"tokens": [o.outputs[0].token_ids for o in outputs],
+                          "blocks_leaked": sum(e.block_manager.num_blocks - e.block_manager.num_free_blocks
+                                               for e in engines),
+                          "replicas_used": sum(e.num_generated_tokens > 0 for e in engines)}
+    return report
 
 
 def schedule(num_stages: int = 4) -> dict:

@@ -183,6 +183,7 @@ def test_refusals_name_the_problem(llama, llama_llm, tmp_path):
             llm.generate(PROMPTS[0], params, use_tqdm=False, lora_request=lora_request)
 
     refused(LoRARequest("missing", 7, str(tmp_path / "nowhere")), "no adapter_config.json in")
+    assert llm.engine.add_lora(requests["all"]) is True
     refused(LoRARequest("other", requests["all"].lora_int_id, requests["qv-down"].lora_path),
             "lora_int_id 3 is adapter 'all'")
     save_adapter(base, tmp_path / "big", 16, 16, ["q_proj"], {}, torch.float32, seed=1)
@@ -193,6 +194,15 @@ def test_refusals_name_the_problem(llama, llama_llm, tmp_path):
     (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4, "use_dora": True}))
     (tmp_path / "dora" / "adapter_model.safetensors").write_bytes(b"")
     refused(LoRARequest("dora", 10, str(tmp_path / "dora")), "DoRA")
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "adapter_config.json").write_text("[1, 2]")
+    (tmp_path / "list" / "adapter_model.safetensors").write_bytes(b"")
+    refused(LoRARequest("list", 11, str(tmp_path / "list")), "adapter_config.json must hold a JSON object, got list")
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4}))
+    refused(LoRARequest("corrupt", 12, str(tmp_path / "dora")), "LoRA adapter 'corrupt': .* not a readable safetensors")
+    same = llm.generate(PROMPTS[0], params, use_tqdm=False, lora_request=LoRARequest(
+        "all", np.int64(requests["all"].lora_int_id), requests["all"].lora_path + "/"))  # the same adapter, spelled so
+    assert same[0].outputs[0].finish_reason == "length"
     with pytest.raises(TypeError, match="lora_request must be a LoRARequest"):
         llm.generate(PROMPTS[0], params, use_tqdm=False, lora_request="qv-down")
     with pytest.raises(ValueError, match="lora_int_id must be an int >= 1"):

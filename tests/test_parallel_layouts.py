@@ -73,6 +73,17 @@ def test_data_parallel_replicas_abort_and_free_their_blocks(report):
     assert run["blocks_leaked"] == [0, 0] and all(run["requests_per_replica"])
 
 
+def test_data_parallel_replicas_serve_a_lora_adapter_as_one_device_does(report):
+    """Every other prompt through a LoRA adapter: two replicas give one device's tokens (which
+    tests/test_lora.py checks against PEFT); the base prompts keep the base model's tokens."""
+    runs = report["generate"]
+    lora, base = runs["llama/lora-replicas"], runs["llama/1x1x1x1"]["tokens"]
+    assert lora["dp2"]["tokens"] == lora["single"]["tokens"]
+    for i, tokens in enumerate(lora["single"]["tokens"]):
+        assert (tokens == base[i]) == (i % 2 == 1), i
+    assert lora["dp2"]["blocks_leaked"] == 0 and lora["dp2"]["replicas_used"] == 2
+
+
 @pytest.mark.parametrize(("new_tokens", "num_groups"), [([1, 1, 1, 40], 4), ([40], 3), ([1], 4), ([5] * 6, 4),
                                                          ([1, 1, 100], 3), ([7, 1], 2)])
 def test_micro_batches_cover_every_new_token_once_in_order(new_tokens, num_groups):

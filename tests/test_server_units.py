@@ -8,6 +8,7 @@ import pytest
 
 from jpaged.cli import _parser
 from jpaged.engine_client import EngineStats
+from jpaged.lora import LoRARequest
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import AsyncEngine, EngineStepError, ServerOverloaded, ServerStopping
@@ -27,12 +28,14 @@ class ScriptedEngine:
         self.requests: dict[str, list] = {}
         self.aborted: list[str] = []
         self.priorities: dict[str, int] = {}
+        self.loras: dict[str, object] = {}
 
-    def add_request(self, request_id, prompt, params=None, priority=0):
+    def add_request(self, request_id, prompt, params=None, priority=0, lora_request=None):
         if prompt == "bad":
             raise ValueError("prompt is bad")
         self.requests[request_id] = [prompt, params or SamplingParams(), 0]
         self.priorities[request_id] = priority
+        self.loras[request_id] = lora_request
 
     def abort_request(self, request_id):
         if self.requests.pop(request_id, None) is not None:
@@ -92,14 +95,17 @@ def test_outputs_stream_back_and_places_are_returned():
     assert engine.priorities == {"r-0": 0, "r-1": 0}
 
 
-def test_a_request_priority_reaches_each_of_its_engine_requests():
+def test_a_request_priority_and_adapter_reach_each_of_its_engine_requests():
+    adapter = LoRARequest("sql", 3, "/adapters/sql")
+
     async def go(front):
         group = await front.add("r", [("a", SamplingParams(max_tokens=1)), ("b", SamplingParams(max_tokens=1))],
-                                priority=-4)
+                                priority=-4, lora_request=adapter)
         return await _finals(group)
 
     _, engine, _ = _run(go)
     assert engine.priorities == {"r-0": -4, "r-1": -4}
+    assert engine.loras == {"r-0": adapter, "r-1": adapter}
 
 
 def test_a_failing_step_fails_its_requests_and_the_loop_keeps_serving():
