@@ -154,6 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="random seed of the sampling")
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--no-chat", action="store_true", help="send prompts as raw text")
+    gen.add_argument("--lora", default=None, metavar="PATH",
+                     help="answer through this LoRA adapter (a PEFT folder); turns --enable-lora on")
     _add_engine_args(gen)
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API", **shown)
     serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
@@ -166,22 +168,26 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> int:
-    from jpaged import LLM, SamplingParams
+    from jpaged import LLM, LoRARequest, SamplingParams
 
     given = {name: value for name, value in dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                                   min_p=args.min_p, max_tokens=args.max_tokens).items()
              if value is not None}
     SamplingParams(**given, seed=args.seed, stop=args.stop)  # bad values are refused before the model loads
-    llm = LLM(args.model, **engine_kwargs(args))
+    lora = LoRARequest("lora", 1, args.lora) if args.lora else None
+    llm = LLM(args.model, **{**engine_kwargs(args), **({"enable_lora": True} if lora else {})})
+    if lora:
+        llm.engine.add_lora(lora)  # a folder the model cannot take is refused before any answer
     # flags first, then the model's generation config (--generation-config), then greedy answers of 128 tokens
     params = SamplingParams(**{"temperature": 0.0, "max_tokens": 128, **llm.engine.default_sampling_params, **given},
                             seed=args.seed, stop=args.stop)
     prompts = args.prompts or [DEFAULT_PROMPT]
     use_chat = not args.no_chat and getattr(llm.get_tokenizer(), "chat_template", None)
     if use_chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False,
+                           lora_request=lora)
     else:
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
     for prompt, output in zip(prompts, outputs):
         if len(prompts) > 1:
             print(f"### {prompt}")

@@ -174,6 +174,20 @@ def test_mixture_of_experts_attention_adapter(tmp_path_factory):
         llm.generate(PROMPTS[0], params, lora_request=LoRARequest("experts", 2, str(folder / "experts")))
 
 
+def test_cli_answers_through_an_adapter(llama, llama_llm, capsys):
+    from jpaged.cli import main
+
+    base, requests, _ = llama
+    prompt, params = "t5 t9 t13 t20", SamplingParams(temperature=0, max_tokens=6)
+    expected = [prompt + llama_llm.generate(prompt, params, use_tqdm=False, lora_request=lora)[0].outputs[0].text
+                for lora in (requests["qv-down"], None)]
+    assert expected[0] != expected[1]
+    for lora, text in zip((requests["qv-down"], None), expected):
+        flags = ["--lora", lora.lora_path] if lora else []
+        assert main(["generate", "--model", str(base), "--no-chat", "--max-tokens", "6", *flags, prompt]) == 0
+        assert capsys.readouterr().out.strip() == text
+
+
 def test_refusals_name_the_problem(llama, llama_llm, tmp_path):
     base, requests, _ = llama
     llm, params = llama_llm, SamplingParams(max_tokens=2)
