@@ -241,9 +241,9 @@ def plot(table: dict, title: str, path: Path) -> Path:
     for ax, key, heading in ((axes[0], "tokens_per_s", "batch throughput"),
                              (axes[1], "single_decode_tokens_per_s", "one request alone")):
         for k, engine in enumerate(engines):
-            values = [table.get(f"{engine} | {s}", {}).get(key, 0.0) for s in SETTINGS]
+            values = [table.get(f"{engine} | {s}", {}).get(key, float("nan")) for s in SETTINGS]  # nan: not run
             bars = ax.bar([i + k * width for i in range(len(SETTINGS))], values, width, label=engine)
-            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+            ax.bar_label(bars, labels=[f"{v:.0f}" if v == v else "" for v in values], fontsize=7)
         ax.set_xticks([i + width * (len(engines) - 1) / 2 for i in range(len(SETTINGS))], SETTINGS, fontsize=8)
         ax.set_title(heading)
         ax.set_ylabel("output tokens/s")
