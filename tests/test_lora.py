@@ -6,8 +6,6 @@ and the refusals."""
 
 import asyncio
 import json
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -231,9 +229,9 @@ def test_refusals_name_the_problem(llama, llama_llm, tmp_path):
 
 def test_server_serves_adapters_by_model_name(llama, llama_llm):
     """`/v1/models` lists the adapters beside the model; a request naming one runs through it."""
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     openai = pytest.importorskip("openai")
-    import socket
+    from server_thread import serving
 
     from jpaged.server.launch import create_app
 
@@ -245,18 +243,8 @@ def test_server_serves_adapters_by_model_name(llama, llama_llm):
     for name, output in expected.items():
         assert output.token_ids == oracle[names[name] and name][0][0]
     app = create_app(llama_llm.engine, served_model_name="base", lora_modules=[requests["qv-down"], requests["all"]])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         cards = {card.id: card for card in client.models.list().data}
         assert list(cards) == ["base", "qv-down", "all"]
         assert cards["all"].model_extra["parent"] == "base"
@@ -270,9 +258,6 @@ def test_server_serves_adapters_by_model_name(llama, llama_llm):
             client.completions.create(model="rs-k-o-mlp", prompt=PROMPTS[0], max_tokens=2)
         stats = asyncio.run(app.state.server.engine.call(lambda engine: engine.stats()))
         assert stats.num_free_blocks == stats.num_blocks
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def test_default_model_with_an_adapter_matches_peft(model_path, tmp_path):

@@ -11,8 +11,6 @@ import json
 import random
 import re
 import shutil
-import socket
-import threading
 import time
 
 import pytest
@@ -20,6 +18,8 @@ import pytest
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
+
+from server_thread import serving  # noqa: E402
 
 from jpaged import LLM, SamplingParams  # noqa: E402
 from jpaged.server.launch import create_app  # noqa: E402
@@ -65,9 +65,8 @@ CONCURRENT_PLAN = [(PROMPTS[i % len(PROMPTS)], 8 + i % 9, _rng.random() < 0.3) f
 
 
 class Server:
-    def __init__(self, app, port: int):
-        self.app, self.port = app, port
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, app, url: str):
+        self.app, self.url = app, url
         self.front = app.state.server.engine
         self.model = app.state.server.model_name
 
@@ -93,12 +92,6 @@ class Server:
                     or time.monotonic() > deadline:
                 return unfinished, stats
             time.sleep(0.05)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -150,17 +143,8 @@ def server(llm, expected):
     """The server over `llm`'s engine (compiled programs are shared); `llm` is not used after."""
     app = create_app(llm.engine, served_model_name="stories", api_key=API_KEY, max_queued_requests=QUEUE_LIMIT,
                      trust_request_chat_template=True, tool_call_parser="hermes")
-    port = _free_port()
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield Server(app, port)
-    uv.should_exit = True
-    thread.join(30)
+    with serving(app) as url:
+        yield Server(app, url)
 
 
 def _greedy(llm, prompts, max_tokens):

@@ -179,10 +179,8 @@ def test_server_streams_the_tokens_of_plain_decoding(engines, stories_path):
     completions whose text is plain greedy decoding's, and no block held afterwards."""
     openai = pytest.importorskip("openai")
     httpx = pytest.importorskip("httpx")
-    uvicorn = pytest.importorskip("uvicorn")
-    import socket
-    import threading
-    import time
+    pytest.importorskip("uvicorn")
+    from server_thread import serving
 
     from jpaged.server.launch import create_app
 
@@ -191,27 +189,14 @@ def test_server_streams_the_tokens_of_plain_decoding(engines, stories_path):
                                                           use_tqdm=False)]
     engine = LLM(stories_path, num_blocks=64, max_num_seqs=8, max_num_batched_tokens=64,
                  speculative_config=SPECULATIVE).engine
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, served_model_name="stories"), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive()
-            time.sleep(0.05)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+    with serving(create_app(engine, served_model_name="stories")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         for prompt, text in zip(PROMPTS, expected):
             chunks = client.completions.create(model="stories", prompt=prompt, max_tokens=48, temperature=0,
                                                stream=True)
             assert "".join(c.choices[0].text for c in chunks) == text
         metrics = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in
-                   httpx.get(f"http://127.0.0.1:{port}/metrics").text.splitlines() if line.startswith("jpaged:spec")}
-    finally:
-        server.should_exit = True
-        thread.join(30)
+                   httpx.get(f"{url}/metrics").text.splitlines() if line.startswith("jpaged:spec")}
     stats = engine.stats()
     assert 0 < metrics["jpaged:spec_decode_num_accepted_tokens_total"] == stats.num_accepted_draft_tokens
     assert metrics["jpaged:spec_decode_num_draft_tokens_total"] == stats.num_draft_tokens
