@@ -18,6 +18,18 @@ def save_json(result: dict, path: str | Path) -> Path:
     return path
 
 
+def save_figure(fig, title: str, path: str | Path) -> Path:
+    """Title `fig`, lay it out, write it to `path`, close it, and say where it went."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"saved {path}")
+    return Path(path)
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
     return _at_least(text, 1)

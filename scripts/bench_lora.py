@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import jax
-from bench_common import positive_float, positive_int, save_json
+from bench_common import positive_float, positive_int, save_figure, save_json
 from bench_throughput import (
     SINGLE_QUESTION,
     EngineRun,
@@ -248,12 +248,7 @@ def plot(table: dict, title: str, path: Path) -> Path:
         ax.set_title(heading)
         ax.set_ylabel("output tokens/s")
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"saved {path}")
-    return path
+    return save_figure(fig, title, path)
 
 
 def parse_args() -> argparse.Namespace:

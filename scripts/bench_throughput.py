@@ -69,7 +69,7 @@ import time
 from pathlib import Path
 
 import jax
-from bench_common import positive_float, positive_int, save_json
+from bench_common import positive_float, positive_int, save_figure, save_json
 
 from jpaged import LLM, SamplingParams
 from jpaged.cache_dir import cache_dir
@@ -440,12 +440,7 @@ def plot(summary: dict, title: str, path: Path) -> Path:
         ax.set_title(heading)
         ax.set_ylabel("output tokens/s")
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"saved {path}")
-    return path
+    return save_figure(fig, title, path)
 
 
 def versions() -> dict:
