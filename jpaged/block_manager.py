@@ -257,6 +257,11 @@ class BlockManager:
             return None
         return self._lora_roots.setdefault(lora.lora_int_id, BlockKey(hash(("lora", lora.lora_int_id)), (), None))
 
+    def forget_lora(self, lora_int_id: int) -> None:
+        """Stop matching the cached prefixes of adapter `lora_int_id` (it was removed, and the id may
+        come back as another adapter); its unused cached blocks are evicted as any others."""
+        self._lora_roots.pop(lora_int_id, None)
+
     def _lookup(self, tokens: tuple[int, ...], parent: BlockKey | None) -> int | None:
         parent_hash = parent.hash if parent is not None else ROOT_HASH
         for block_id in self.cached.get(hash_block(parent_hash, tokens), ()):

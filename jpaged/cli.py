@@ -115,6 +115,8 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None, help="model name the API shows; unset: the model's")
     parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
                         help="LoRA adapters (PEFT folders) served under their own model names (with --enable-lora)")
+    parser.add_argument("--allow-runtime-lora-updating", action="store_true",
+                        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with --enable-lora)")
     parser.add_argument("--max-queued-requests", type=int, default=256,
                         help="sequences the server holds at once (running or waiting; each prompt and each sample counts); more get HTTP 503")
     parser.add_argument("--chat-template", default=None,

@@ -43,7 +43,15 @@ class DataParallelEngine:
         self._replica_of[request_id] = replica
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
-        return all(replica.add_lora(lora_request) for replica in self.replicas)
+        return all([replica.add_lora(lora_request) for replica in self.replicas])
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """As `LLMEngine.remove_lora`, on every replica (one still using it raises; the others
+        have then forgotten it, and read it again if it is named again)."""
+        return any([replica.remove_lora(lora_int_id) for replica in self.replicas])
+
+    def list_loras(self) -> set[int]:
+        return set().union(*(replica.list_loras() for replica in self.replicas))
 
     def abort_request(self, request_id: str) -> None:
         replica = self._replica_of.pop(request_id, None)

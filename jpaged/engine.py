@@ -205,6 +205,24 @@ class LLMEngine:
         (vLLM's `add_lora`); True. ValueError as `add_request` gives for it."""
         return self._lora_adapter(lora_request) is not None
 
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter read before and clear its device slot (vLLM's `remove_lora`); False
+        for an id not known. ValueError while unfinished requests run through it."""
+        if lora_int_id not in self.loras:
+            return False
+        users = sum(1 for request in self.requests.values() if request.lora is self.loras[lora_int_id])
+        if users:
+            raise ValueError(f"LoRA adapter {self.loras[lora_int_id].request.lora_name!r} (lora_int_id {lora_int_id}) "
+                             f"is in use by {users} unfinished requests")
+        del self.loras[lora_int_id]
+        self.runner.lora.evict(lora_int_id)
+        self.block_manager.forget_lora(lora_int_id)
+        return True
+
+    def list_loras(self) -> set[int]:
+        """The ids of the adapters read so far (vLLM's `list_loras`)."""
+        return set(self.loras)
+
     def _lora_adapter(self, lora_request: LoRARequest | None) -> LoRAAdapter | None:
         """The adapter `lora_request` names, read once per `lora_int_id`. ValueError without
         `enable_lora`, for an id already used by another adapter, or for a folder the model cannot

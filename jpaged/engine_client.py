@@ -74,6 +74,15 @@ class EngineClient(Protocol):
         True. ValueError for one the engine cannot run."""
         ...
 
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter and clear its device slot; False for an unknown id. ValueError while
+        unfinished requests use it."""
+        ...
+
+    def list_loras(self) -> set[int]:
+        """The ids of the adapters the engine holds."""
+        ...
+
     def abort_request(self, request_id: str) -> None:
         """End a request (finish reason "abort") and free its KV blocks now; unknown ids are ignored."""
         ...

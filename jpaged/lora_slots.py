@@ -58,6 +58,17 @@ class LoRASlots:
             self.weights[layer] = self._layer_on_device(layer)
         return {lora_id: self._slot_of[lora_id] for lora_id in wanted}
 
+    def evict(self, lora_id: int) -> None:
+        """Clear the slot of adapter `lora_id`, if it holds one."""
+        slot = self._slot_of.pop(lora_id, None)
+        if slot is not None:
+            columns = slice(slot * self.rank, (slot + 1) * self.rank)
+            for layer, modules in enumerate(self._host):
+                for a, b in modules.values():
+                    a[:, columns] = 0
+                    b[columns, :] = 0
+                self.weights[layer] = self._layer_on_device(layer)
+
     def _free_slot(self, wanted: dict[int, LoRAAdapter]) -> int:
         used = set(self._slot_of.values())
         free = [slot for slot in range(self.max_loras) if slot not in used]

@@ -242,7 +242,10 @@ def test_server_serves_adapters_by_model_name(llama, llama_llm):
                 for name, lora in names.items()}
     for name, output in expected.items():
         assert output.token_ids == oracle[names[name] and name][0][0]
-    app = create_app(llama_llm.engine, served_model_name="base", lora_modules=[requests["qv-down"], requests["all"]])
+    expected["rs-k-o-mlp"] = llama_llm.generate(PROMPTS[0], params, use_tqdm=False,
+                                                lora_request=requests["rs-k-o-mlp"])[0].outputs[0]
+    app = create_app(llama_llm.engine, served_model_name="base", lora_modules=[requests["qv-down"], requests["all"]],
+                     allow_runtime_lora_updating=True)
     with serving(app) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         cards = {card.id: card for card in client.models.list().data}
@@ -256,6 +259,7 @@ def test_server_serves_adapters_by_model_name(llama, llama_llm):
             assert reply.choices[0].text == expected[name].text, name
         with pytest.raises(openai.NotFoundError, match="serves `base`, `qv-down`, `all`"):
             client.completions.create(model="rs-k-o-mlp", prompt=PROMPTS[0], max_tokens=2)
+        check_runtime_updates(url, client, requests["rs-k-o-mlp"], expected["rs-k-o-mlp"].text)
         stats = asyncio.run(app.state.server.engine.call(lambda engine: engine.stats()))
         assert stats.num_free_blocks == stats.num_blocks
 
@@ -293,3 +297,49 @@ def test_default_model_with_an_adapter_matches_peft(model_path, tmp_path):
                     for p in prompts]
     assert [o.outputs[0].token_ids for o in ours] == theirs + base
     assert theirs != base
+
+
+def check_runtime_updates(url, client, lora, text):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: an adapter served from the load
+    on, gone after the unload; taken names, unreadable folders and unknown names refused."""
+    import httpx
+    import openai
+
+    def post(route, **body):
+        return httpx.post(f"{url}/v1/{route}", json=body, timeout=60)
+
+    assert post("load_lora_adapter", lora_name="all", lora_path=lora.lora_path).status_code == 400  # name taken
+    refused = post("load_lora_adapter", lora_name="nowhere", lora_path="/nonexistent")
+    assert refused.status_code == 400 and "no adapter_config.json" in refused.json()["error"]["message"]
+    loaded = post("load_lora_adapter", lora_name="late", lora_path=lora.lora_path)
+    assert loaded.status_code == 200, loaded.text
+    assert [card.id for card in client.models.list().data] == ["base", "qv-down", "all", "late"]
+    reply = client.completions.create(model="late", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert reply.choices[0].text == text
+    assert post("unload_lora_adapter", lora_name="late").status_code == 200
+    assert post("unload_lora_adapter", lora_name="late").status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="late", prompt=PROMPTS[0], max_tokens=2)
+
+
+def test_engine_forgets_an_adapter_unless_it_is_in_use(llama, tmp_path):
+    base, requests, oracle = llama
+    llm = LLM(str(base), enable_lora=True, max_lora_rank=8, **ENGINE)
+    engine, lora = llm.engine, requests["qv-down"]
+    engine.add_request("r", PROMPTS[0], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                       lora_request=lora)
+    engine.step()
+    assert engine.list_loras() == {lora.lora_int_id}
+    with pytest.raises(ValueError, match="'qv-down' .* is in use by 1 unfinished requests"):
+        engine.remove_lora(lora.lora_int_id)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.remove_lora(lora.lora_int_id) and engine.list_loras() == set()
+    assert not engine.remove_lora(lora.lora_int_id)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert llm.generate(PROMPTS[0], params, use_tqdm=False)[0].outputs[0].token_ids == oracle[None][0][0]
+    other = requests["all"]  # the id is free again, and the slot holds nothing of the adapter removed
+    again = llm.generate(PROMPTS[0], params, use_tqdm=False, lora_request=LoRARequest("all", lora.lora_int_id,
+                                                                                     other.lora_path))
+    assert again[0].outputs[0].token_ids == oracle["all"][0][0]

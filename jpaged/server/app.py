@@ -19,6 +19,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -26,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jpaged.lora import LoRARequest
 from jpaged.server.chat import create_chat_completion
 from jpaged.server.completions import create_completion
 from jpaged.server.errors import APIError, error_body, error_type_for_status, unauthorized
@@ -36,11 +38,13 @@ from jpaged.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     ResponsesRequest,
     TokenizeRequest,
     TokenizeResponse,
+    UnloadLoRAAdapterRequest,
 )
 from jpaged.server.responses import create_response
 from jpaged.server.serving import ServerState
@@ -72,6 +76,9 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
     v1.add_api_route("/responses", _responses, methods=["POST"])
     v1.add_api_route("/models", _models, methods=["GET"])
     v1.add_api_route("/models/{model:path}", _model, methods=["GET"])
+    if state.runtime_lora_updating:
+        v1.add_api_route("/load_lora_adapter", _load_lora_adapter, methods=["POST"])
+        v1.add_api_route("/unload_lora_adapter", _unload_lora_adapter, methods=["POST"])
     app.include_router(v1)
     app.add_api_route("/health", _health, methods=["GET", "HEAD"])
     app.add_api_route("/ping", _health, methods=["GET", "POST"])
@@ -148,6 +155,38 @@ async def _model(model: str, request: Request) -> ModelCard:
         return ModelCard(id=name, max_model_len=state.engine.max_model_len)
     return ModelCard(id=name, max_model_len=state.engine.max_model_len, root=str(lora.lora_path),
                      parent=state.model_name)
+
+
+async def _load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> Response:
+    """Read the adapter and serve it under its name (400 for a name taken or an adapter the
+    engine cannot run)."""
+    state = _state(request)
+    if body.lora_name in (state.model_name, *state.loras):
+        raise APIError(f"the model name {body.lora_name!r} is already served", param="lora_name")
+    lora_int_id = max([0, *await state.engine.call(lambda engine: engine.list_loras()),
+                       *(lora.lora_int_id for lora in state.loras.values())]) + 1
+    try:
+        lora = LoRARequest(body.lora_name, lora_int_id, body.lora_path)
+        await state.engine.call(lambda engine: engine.add_lora(lora))
+    except ValueError as err:
+        raise APIError(str(err), param="lora_path") from err
+    state.loras[lora.lora_name] = lora
+    return Response(f"Success: LoRA adapter '{lora.lora_name}' added successfully.", media_type="text/plain")
+
+
+async def _unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> Response:
+    """Stop serving the adapter (404 for a name not served; 400 while requests use it)."""
+    state = _state(request)
+    lora = state.loras.get(body.lora_name)
+    if lora is None:
+        raise APIError(f"the LoRA adapter {body.lora_name!r} is not served", HTTPStatus.NOT_FOUND,
+                       param="lora_name", code="model_not_found")
+    try:
+        await state.engine.call(lambda engine: engine.remove_lora(lora.lora_int_id))
+    except ValueError as err:
+        raise APIError(str(err), param="lora_name") from err
+    del state.loras[body.lora_name]
+    return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
 
 async def _health(request: Request) -> Response:

@@ -31,7 +31,8 @@ API_KEY_ENV = "JPAGED_API_KEY"
 def create_app(engine: EngineClient, served_model_name: str | None = None, api_key: str | None = None,
                max_queued_requests: int = 256, allowed_origins: list[str] | None = None,
                chat_template: str | None = None, trust_request_chat_template: bool = False,
-               tool_call_parser: str | None = None, lora_modules: list[LoRARequest] | None = None) -> FastAPI:
+               tool_call_parser: str | None = None, lora_modules: list[LoRARequest] | None = None,
+               allow_runtime_lora_updating: bool = False) -> FastAPI:
     """The OpenAI-compatible app over `engine`; its engine loop starts and stops with the app.
 
     Args:
@@ -47,6 +48,8 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
             serves `tool_choice: "auto"`; None: "auto" is refused.
         lora_modules: LoRA adapters served under their `lora_name`s (the engine needs
             `enable_lora`); each is read before the app is made.
+        allow_runtime_lora_updating: whether `POST /v1/load_lora_adapter` and
+            `/v1/unload_lora_adapter` (vLLM's) may add and remove adapters while serving.
 
     Raises:
         ValueError: for an unknown `tool_call_parser`, a `chat_template` that does not parse, or a
@@ -65,7 +68,8 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
     front = AsyncEngine(engine, max_queued_requests, on_finished=metrics.observe_finished,
                         on_aborted=metrics.observe_aborted)
     app = build_app(ServerState(front, name, metrics, api_key or None, chat_template, trust_request_chat_template,
-                                parser, dict(engine.default_sampling_params), loras))
+                                parser, dict(engine.default_sampling_params), loras,
+                                allow_runtime_lora_updating))
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
     return app
@@ -85,15 +89,17 @@ def serve(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
         raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: the parser reads the "
                          "model's tool calls under tool_choice \"auto\"")
-    if args.lora_modules and not args.enable_lora:
-        raise ValueError("--lora-modules needs --enable-lora")
+    if (args.lora_modules or args.allow_runtime_lora_updating) and not args.enable_lora:
+        flag = "--lora-modules" if args.lora_modules else "--allow-runtime-lora-updating"
+        raise ValueError(f"{flag} needs --enable-lora")
     template = read_chat_template(args.chat_template) if args.chat_template else None
     check_can_listen(args.host, args.port)  # before the model loads
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     engine = build_engine(args.model, **engine_kwargs(args))
     app = create_app(engine, args.served_model_name, api_key, args.max_queued_requests, args.allowed_origins,
                      template, args.trust_request_chat_template, args.tool_call_parser,
-                     [LoRARequest(name, i, path) for i, (name, path) in enumerate(args.lora_modules or (), start=1)])
+                     [LoRARequest(name, i, path) for i, (name, path) in enumerate(args.lora_modules or (), start=1)],
+                     args.allow_runtime_lora_updating)
     logging.getLogger("jpaged.server").setLevel(logging.INFO)
     logger.info("serving %s on http://%s:%d/v1 (%s)", app.state.server.model_name, args.host, args.port,
                 "API key required" if api_key else "no API key")

@@ -227,6 +227,20 @@ class DetokenizeRequest(_Body):
     tokens: list[int]
 
 
+class LoadLoRAAdapterRequest(_Body):
+    """POST /v1/load_lora_adapter (vLLM's): serve the PEFT adapter at `lora_path` as model `lora_name`."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Body):
+    """POST /v1/unload_lora_adapter (vLLM's): stop serving the adapter named `lora_name`."""
+
+    lora_name: str
+    lora_int_id: int | None = None  # vLLM's field; the name decides
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0

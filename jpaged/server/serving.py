@@ -53,6 +53,7 @@ class ServerState:
     tool_parser: ToolParser | None = None
     sampling_defaults: dict = field(default_factory=dict)
     loras: dict[str, LoRARequest] = field(default_factory=dict)  # LoRA adapters served, by model name
+    runtime_lora_updating: bool = False  # whether requests may load and unload adapters
 
     def model(self, requested: str | None) -> str:
         """The model name a request is served under (the base model's, or a LoRA adapter's);
