@@ -435,10 +435,7 @@ class EngineConfig:
     def _check_lora(self) -> None:
         if not self.lora.enable_lora:
             return
-        parallel = self.parallel
-        if parallel.replica_size > 1 or self.offload_weights:
-            raise ValueError(f"enable_lora runs each replica on one device without offload_weights: "
-                             f"tensor_parallel_size={parallel.tensor_parallel_size}, pipeline_parallel_size="
-                             f"{parallel.pipeline_parallel_size} and expert_parallel_size="
-                             f"{parallel.expert_parallel_size} must be 1, offload_weights={self.offload_weights!r} "
-                             "None (data_parallel_size may be more)")
+        if self.parallel.pipeline_parallel_size > 1 or self.offload_weights:
+            raise ValueError(f"enable_lora runs without pipeline parallelism and offload_weights: "
+                             f"pipeline_parallel_size={self.parallel.pipeline_parallel_size} must be 1 and "
+                             f"offload_weights={self.offload_weights!r} None")

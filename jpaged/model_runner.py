@@ -117,6 +117,7 @@ class ModelRunner:
         self.shapes = shapes
         self.mesh = mesh
         kv_heads = kv_heads_per_model(model_config, self.parallel.tensor_parallel_size)
+        weights_kv_heads = model_config.num_kv_heads
         weights = replicate_kv_heads(weights, model_config, kv_heads)
         self.model_config = model_config = dataclasses.replace(model_config, num_kv_heads=kv_heads)
         self.block_size = cache_config.block_size
@@ -141,7 +142,7 @@ class ModelRunner:
         nnx.replace_by_pure_dict(state, load_params(abstract, model_config, weights, sharding))
         store.seal()
         self.state, self.stream = state, None
-        self.lora = LoRASlots(model_config, config.lora, dtype, self._replicated()) if config.lora.enable_lora else None
+        self.lora = self._lora_slots(config, kv_heads != weights_kv_heads)
         if self.offload is not None:  # the step's parameters are the rest; the layers are passed one by one
             loaded = nnx.to_pure_dict(state)
             self.stream = self._layer_stream(loaded.pop("layers"), config)
@@ -176,6 +177,16 @@ class ModelRunner:
             self._layer = ProgramCache(self._layer_fn, donate_argnums=(1,), num_fixed=2, context=context,
                                        directory=programs)
             self._head = ProgramCache(self._head_fn, (), 1, context, programs)
+
+    def _lora_slots(self, config: EngineConfig, kv_heads_replicated: bool) -> LoRASlots | None:
+        """The LoRA slots (None without `enable_lora`), a whole copy on every device of the mesh.
+        ValueError where tensor parallelism replicates KV heads (adapters' k / v factors are not)."""
+        if not config.lora.enable_lora:
+            return None
+        if kv_heads_replicated:
+            raise ValueError(f"enable_lora under tensor_parallel_size={self.parallel.tensor_parallel_size} needs at "
+                             f"least as many KV heads as devices; the model has fewer, and they would be replicated")
+        return LoRASlots(self.model_config, config.lora, self.dtype, self._replicated())
 
     def _layouts(self, config: EngineConfig) -> dict:
         """The model's attention, MoE, layer runner and stage count for this backend and device layout."""

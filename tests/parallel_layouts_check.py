@@ -86,6 +86,8 @@ def generate(folder_root: str) -> dict:
             report["llama/one-prompt-split"] = one_prompt_split(folder, rng, params)
             report["llama/replica-abort"] = replica_abort(folder, prompts, params)
             report["llama/lora-replicas"] = lora_replicas(folder, prompts, params)
+        if name == "qwen3_moe":
+            report["qwen3_moe/lora-experts"] = lora_replicas(folder, prompts, params, EXPERT_LORA_LAYOUTS)
     return report
 
 
@@ -132,16 +134,24 @@ def replica_abort(folder: str, prompts, params) -> dict:
             "requests_per_replica": [e.num_generated_tokens > 0 for e in engine.replicas]}
 
 
-def lora_replicas(folder: str, prompts, params) -> dict:
-    """A PEFT LoRA adapter on every other prompt, on one device and over two data-parallel replicas."""
+LORA_LAYOUTS = (("single", {}), ("dp2", {"data_parallel_size": 2}), ("tp2", {"tensor_parallel_size": 2}),
+                ("tp2xdp2", {"tensor_parallel_size": 2, "data_parallel_size": 2}))
+EXPERT_LORA_LAYOUTS = (("single", {}), ("ep4", {"expert_parallel_size": 4}),
+                       ("tp2xep2", {"tensor_parallel_size": 2, "expert_parallel_size": 2}))
+
+
+def lora_replicas(folder: str, prompts, params, layouts=LORA_LAYOUTS) -> dict:
+    """A PEFT LoRA adapter on the attention (and a dense model's MLP) on every other prompt, under
+    each of `layouts`."""
     import peft
     import torch
 
     adapter = folder + "-lora"
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    targets = ["q_proj", "v_proj"] + ([] if "moe" in folder else ["down_proj"])
     adapted = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=16, init_lora_weights=False,
-                                                         target_modules=["q_proj", "v_proj", "down_proj"]))
+                                                         target_modules=targets))
     with torch.no_grad():
         for name, param in adapted.named_parameters():
             if "lora_B" in name:
@@ -149,14 +159,18 @@ def lora_replicas(folder: str, prompts, params) -> dict:
     adapted.save_pretrained(adapter)
     loras = [LoRARequest("a", 1, adapter) if i % 2 == 0 else None for i in range(len(prompts))]
     report = {}
-    for layout, dp in (("single", 1), ("dp2", 2)):
-        llm = LLM(folder, enable_lora=True, data_parallel_size=dp, dtype="float32", num_blocks=32)
+    for layout, sizes in layouts:
+        llm = LLM(folder, enable_lora=True, dtype="float32", num_blocks=32, **sizes)
         outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
         engines = getattr(llm.engine, "replicas", [llm.engine])
         report[layout] = {"tokens": [o.outputs[0].token_ids for o in outputs],
                           "blocks_leaked": sum(e.block_manager.num_blocks - e.block_manager.num_free_blocks
                                                for e in engines),
                           "replicas_used": sum(e.num_generated_tokens > 0 for e in engines)}
+    try:  # 4 shards of 2 KV heads would replicate them
+        LLM(folder, enable_lora=True, dtype="float32", num_blocks=32, tensor_parallel_size=4)
+    except ValueError as error:
+        report["tp4_error"] = str(error)
     return report
 
 

@@ -219,8 +219,8 @@ def test_refusals_name_the_problem(llama, llama_llm, tmp_path):
         llm.generate(PROMPTS[0], params, use_tqdm=False, lora_request="qv-down")
     with pytest.raises(ValueError, match="lora_int_id must be an int >= 1"):
         LoRARequest("zero", 0, "x")
-    with pytest.raises(ValueError, match="enable_lora runs each replica on one device"):
-        EngineConfig(parallel=ParallelConfig(tensor_parallel_size=2), lora=LoRAConfig(enable_lora=True))
+    with pytest.raises(ValueError, match="enable_lora runs without pipeline parallelism"):
+        EngineConfig(parallel=ParallelConfig(pipeline_parallel_size=2), lora=LoRAConfig(enable_lora=True))
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_blocks and llm.engine.get_num_unfinished_requests() == 0
     plain = LLM(str(base), **ENGINE)

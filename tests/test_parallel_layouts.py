@@ -73,15 +73,29 @@ def test_data_parallel_replicas_abort_and_free_their_blocks(report):
     assert run["blocks_leaked"] == [0, 0] and all(run["requests_per_replica"])
 
 
-def test_data_parallel_replicas_serve_a_lora_adapter_as_one_device_does(report):
-    """Every other prompt through a LoRA adapter: two replicas give one device's tokens (which
-    tests/test_lora.py checks against PEFT); the base prompts keep the base model's tokens."""
+def test_lora_adapters_under_data_and_tensor_parallelism_give_one_device_tokens(report):
+    """Every other prompt through a LoRA adapter: two replicas, two tensor-parallel shards and both
+    give one device's tokens (which tests/test_lora.py checks against PEFT); the base prompts keep
+    the base model's tokens."""
     runs = report["generate"]
     lora, base = runs["llama/lora-replicas"], runs["llama/1x1x1x1"]["tokens"]
-    assert lora["dp2"]["tokens"] == lora["single"]["tokens"]
+    for layout in ("dp2", "tp2", "tp2xdp2"):
+        assert lora[layout]["tokens"] == lora["single"]["tokens"], layout
+        assert lora[layout]["blocks_leaked"] == 0, layout
     for i, tokens in enumerate(lora["single"]["tokens"]):
         assert (tokens == base[i]) == (i % 2 == 1), i
-    assert lora["dp2"]["blocks_leaked"] == 0 and lora["dp2"]["replicas_used"] == 2
+    assert lora["dp2"]["replicas_used"] == lora["tp2xdp2"]["replicas_used"] == 2
+    assert "enable_lora under tensor_parallel_size=4 needs at least as many KV heads" in lora["tp4_error"]
+
+
+def test_lora_adapters_under_expert_parallelism_give_one_device_tokens(report):
+    runs = report["generate"]
+    lora, base = runs["qwen3_moe/lora-experts"], runs["qwen3_moe/1x1x1x1"]["tokens"]
+    for layout in ("ep4", "tp2xep2"):
+        assert lora[layout]["tokens"] == lora["single"]["tokens"], layout
+        assert lora[layout]["blocks_leaked"] == 0, layout
+    for i, tokens in enumerate(lora["single"]["tokens"]):
+        assert (tokens == base[i]) == (i % 2 == 1), i
 
 
 @pytest.mark.parametrize(("new_tokens", "num_groups"), [([1, 1, 1, 40], 4), ([40], 3), ([1], 4), ([5] * 6, 4),
