@@ -292,11 +292,9 @@ def test_default_model_with_an_adapter_matches_peft(model_path, tmp_path):
     with torch.no_grad(), torch_single_thread():
         theirs = [adapted.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=20)[0, len(p):].tolist()
                   for p in prompts]
-        with adapted.disable_adapter():
-            base = [adapted.generate(input_ids=torch.tensor([p]), do_sample=False, max_new_tokens=20)[0, len(p):].tolist()
-                    for p in prompts]
-    assert [o.outputs[0].token_ids for o in ours] == theirs + base
-    assert theirs != base
+    ours = [o.outputs[0].token_ids for o in ours]
+    assert ours[:len(prompts)] == theirs
+    assert ours[len(prompts):] != theirs  # the base model's answers (tests/test_default_model.py checks them) differ
 
 
 def check_runtime_updates(url, client, lora, text):
