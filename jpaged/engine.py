@@ -107,8 +107,9 @@ class LLMEngine:
         self.num_accepted_draft_tokens = 0
         logger.info("engine ready: %s, weights %.1f MiB on the device%s (%s), %d KV blocks of %d tokens (%.1f MiB, "
                     "%s), max_model_len %d%s", self.model_name, self.runner.weight_bytes / 2**20,
-                    f" + {self.runner.offloaded_bytes / 2**20:.1f} MiB streamed (all devices)" if self.runner.offload
-                    else "",
+                    (f" + {self.runner.offloaded_bytes / 2**20:.1f} MiB streamed (all devices)" if self.runner.offload
+                     else "") + (f" + {self.runner.lora.nbytes / 2**20:.1f} MiB of LoRA slots" if self.runner.lora
+                                 else ""),
                     config.quantization or "not quantized", self.runner.num_blocks, config.cache.block_size,
                     self.runner.kv_cache_bytes / 2**20, config.cache.kv_cache_dtype, self.max_model_len,
                     f", n-gram speculation of {config.speculative.num_speculative_tokens} tokens"

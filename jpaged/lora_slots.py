@@ -54,20 +54,14 @@ class LoRASlots:
             if lora_id not in self._slot_of:
                 self._slot_of[lora_id] = slot = self._free_slot(wanted)
                 changed |= self._write(slot, adapter)
-        for layer in sorted(changed):
-            self.weights[layer] = self._layer_on_device(layer)
+        self._upload(changed)
         return {lora_id: self._slot_of[lora_id] for lora_id in wanted}
 
     def evict(self, lora_id: int) -> None:
         """Clear the slot of adapter `lora_id`, if it holds one."""
         slot = self._slot_of.pop(lora_id, None)
         if slot is not None:
-            columns = slice(slot * self.rank, (slot + 1) * self.rank)
-            for layer, modules in enumerate(self._host):
-                for a, b in modules.values():
-                    a[:, columns] = 0
-                    b[columns, :] = 0
-                self.weights[layer] = self._layer_on_device(layer)
+            self._upload(self._clear(slot))
 
     def _free_slot(self, wanted: dict[int, LoRAAdapter]) -> int:
         used = set(self._slot_of.values())
@@ -77,22 +71,33 @@ class LoRASlots:
         evicted = next(lora_id for lora_id in self._slot_of if lora_id not in wanted)
         return self._slot_of.pop(evicted)
 
-    def _write(self, slot: int, adapter: LoRAAdapter) -> set[int]:
-        """Put `adapter`'s factors into `slot` of the host copies, zeros where it has none; the
-        layers whose copies changed."""
-        columns = slice(slot * self.rank, (slot + 1) * self.rank)
-        changed = {layer for layer, _ in adapter.factors}
+    def _columns(self, slot: int) -> slice:
+        return slice(slot * self.rank, (slot + 1) * self.rank)
+
+    def _clear(self, slot: int) -> set[int]:
+        """Zero `slot` in the host copies; the layers where it held something."""
+        columns, changed = self._columns(slot), set()
         for layer, modules in enumerate(self._host):
-            for name, (a, b) in modules.items():
+            for a, b in modules.values():
                 if a[:, columns].any() or b[columns, :].any():
                     changed.add(layer)
-                a[:, columns] = 0
-                b[columns, :] = 0
-                factors = adapter.factors.get((layer, name))
-                if factors is not None:
-                    a[:, columns][:, :adapter.rank] = factors[0]
-                    b[columns, :][:adapter.rank] = factors[1]
+                    a[:, columns] = 0
+                    b[columns, :] = 0
         return changed
+
+    def _write(self, slot: int, adapter: LoRAAdapter) -> set[int]:
+        """Put `adapter`'s factors into `slot` of the host copies (zeros where it has none); the
+        layers whose copies changed."""
+        changed, columns = self._clear(slot) | {layer for layer, _ in adapter.factors}, self._columns(slot)
+        for (layer, name), (a_new, b_new) in adapter.factors.items():
+            a, b = self._host[layer][name]
+            a[:, columns][:, :adapter.rank] = a_new
+            b[columns, :][:adapter.rank] = b_new
+        return changed
+
+    def _upload(self, layers: set[int]) -> None:
+        for layer in sorted(layers):
+            self.weights[layer] = self._layer_on_device(layer)
 
     def _layer_on_device(self, layer: int) -> dict[str, jax.Array]:
         out = {}
