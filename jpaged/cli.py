@@ -176,7 +176,7 @@ def generate(args: argparse.Namespace) -> int:
                                                   min_p=args.min_p, max_tokens=args.max_tokens).items()
              if value is not None}
     SamplingParams(**given, seed=args.seed, stop=args.stop)  # bad values are refused before the model loads
-    lora = LoRARequest("lora", 1, args.lora) if args.lora else None
+    lora = LoRARequest("lora", 1, args.lora) if args.lora is not None else None
     llm = LLM(args.model, **{**engine_kwargs(args), **({"enable_lora": True} if lora else {})})
     if lora:
         llm.engine.add_lora(lora)  # a folder the model cannot take is refused before any answer

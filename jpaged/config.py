@@ -437,5 +437,5 @@ class EngineConfig:
             return
         if self.parallel.pipeline_parallel_size > 1 or self.offload_weights:
             raise ValueError(f"enable_lora runs without pipeline parallelism and offload_weights: "
-                             f"pipeline_parallel_size={self.parallel.pipeline_parallel_size} must be 1 and "
-                             f"offload_weights={self.offload_weights!r} None")
+                             f"pipeline_parallel_size must be 1 (got {self.parallel.pipeline_parallel_size}) and "
+                             f"offload_weights None (got {self.offload_weights!r})")

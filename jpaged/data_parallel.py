@@ -43,11 +43,24 @@ class DataParallelEngine:
         self._replica_of[request_id] = replica
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
-        return all([replica.add_lora(lora_request) for replica in self.replicas])
+        """As `LLMEngine.add_lora`, on every replica or (raising) on none."""
+        added = []
+        try:
+            for replica in self.replicas:
+                if lora_request.lora_int_id not in replica.list_loras():
+                    added.append(replica)
+                replica.add_lora(lora_request)
+        except ValueError:
+            for replica in added:
+                replica.remove_lora(lora_request.lora_int_id)
+            raise
+        return True
 
     def remove_lora(self, lora_int_id: int) -> bool:
-        """As `LLMEngine.remove_lora`, on every replica (one still using it raises; the others
-        have then forgotten it, and read it again if it is named again)."""
+        """As `LLMEngine.remove_lora`, on every replica or (raising) on none."""
+        busy = [replica for replica in self.replicas if replica.lora_in_use(lora_int_id)]
+        if busy:
+            return busy[0].remove_lora(lora_int_id)  # raises, counting its requests
         return any([replica.remove_lora(lora_int_id) for replica in self.replicas])
 
     def list_loras(self) -> set[int]:

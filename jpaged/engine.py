@@ -211,14 +211,18 @@ class LLMEngine:
         for an id not known. ValueError while unfinished requests run through it."""
         if lora_int_id not in self.loras:
             return False
-        users = sum(1 for request in self.requests.values() if request.lora is self.loras[lora_int_id])
-        if users:
+        if users := self.lora_in_use(lora_int_id):
             raise ValueError(f"LoRA adapter {self.loras[lora_int_id].request.lora_name!r} (lora_int_id {lora_int_id}) "
                              f"is in use by {users} unfinished requests")
         del self.loras[lora_int_id]
         self.runner.lora.evict(lora_int_id)
         self.block_manager.forget_lora(lora_int_id)
         return True
+
+    def lora_in_use(self, lora_int_id: int) -> int:
+        """How many unfinished requests run through adapter `lora_int_id`."""
+        adapter = self.loras.get(lora_int_id)
+        return sum(1 for request in self.requests.values() if adapter is not None and request.lora is adapter)
 
     def list_loras(self) -> set[int]:
         """The ids of the adapters read so far (vLLM's `list_loras`)."""

@@ -167,11 +167,35 @@ def lora_replicas(folder: str, prompts, params, layouts=LORA_LAYOUTS) -> dict:
                           "blocks_leaked": sum(e.block_manager.num_blocks - e.block_manager.num_free_blocks
                                                for e in engines),
                           "replicas_used": sum(e.num_generated_tokens > 0 for e in engines)}
+        if layout == "dp2":
+            report["dp2_changes"] = replica_lora_changes(llm.engine, loras[0], prompts, params, folder)
     try:  # 4 shards of 2 KV heads would replicate them
         LLM(folder, enable_lora=True, dtype="float32", num_blocks=32, tensor_parallel_size=4)
     except ValueError as error:
         report["tp4_error"] = str(error)
     return report
+
+
+def replica_lora_changes(engine, lora, prompts, params, folder) -> dict:
+    """Adapter ids per replica after a refused add (its id taken by another folder on one replica)
+    and a refused removal (in use on one replica): each changes every replica or none."""
+    ids = {"before": [sorted(r.list_loras()) for r in engine.replicas]}
+    try:
+        engine.add_lora(LoRARequest("other", lora.lora_int_id, folder))
+    except ValueError as error:
+        ids["add_error"] = str(error)
+    ids["after_add"] = [sorted(r.list_loras()) for r in engine.replicas]
+    engine.add_request("busy", prompts[0], params, lora_request=lora)
+    try:
+        engine.remove_lora(lora.lora_int_id)
+    except ValueError as error:
+        ids["remove_error"] = str(error)
+    ids["after_remove"] = [sorted(r.list_loras()) for r in engine.replicas]
+    while engine.has_unfinished_requests():
+        engine.step()
+    ids["removed"] = engine.remove_lora(lora.lora_int_id)
+    ids["at_end"] = [sorted(r.list_loras()) for r in engine.replicas]
+    return ids
 
 
 def schedule(num_stages: int = 4) -> dict:

@@ -219,7 +219,7 @@ def test_refusals_name_the_problem(llama, llama_llm, tmp_path):
         llm.generate(PROMPTS[0], params, use_tqdm=False, lora_request="qv-down")
     with pytest.raises(ValueError, match="lora_int_id must be an int >= 1"):
         LoRARequest("zero", 0, "x")
-    with pytest.raises(ValueError, match="enable_lora runs without pipeline parallelism"):
+    with pytest.raises(ValueError, match=r"enable_lora runs without pipeline parallelism .* must be 1 \(got 2\)"):
         EngineConfig(parallel=ParallelConfig(pipeline_parallel_size=2), lora=LoRAConfig(enable_lora=True))
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_blocks and llm.engine.get_num_unfinished_requests() == 0
@@ -317,6 +317,16 @@ def check_runtime_updates(url, client, lora, text):
     assert reply.choices[0].text == text
     assert post("unload_lora_adapter", lora_name="late").status_code == 200
     assert post("unload_lora_adapter", lora_name="late").status_code == 404
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [f"same-{i}" for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:  # changes run one at a time: fresh names all load, an unload wins once
+        loads = list(pool.map(lambda name: post("load_lora_adapter", lora_name=name, lora_path=lora.lora_path), names))
+        assert [r.status_code for r in loads] == [200] * 4, [r.text for r in loads]
+        unloads = list(pool.map(lambda _: post("unload_lora_adapter", lora_name="same-0").status_code, range(3)))
+        assert sorted(unloads) == [200, 404, 404]
+        assert all(r.status_code == 200 for r in pool.map(
+            lambda name: post("unload_lora_adapter", lora_name=name), names[1:]))
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="late", prompt=PROMPTS[0], max_tokens=2)
 

@@ -86,6 +86,11 @@ def test_lora_adapters_under_data_and_tensor_parallelism_give_one_device_tokens(
         assert (tokens == base[i]) == (i % 2 == 1), i
     assert lora["dp2"]["replicas_used"] == lora["tp2xdp2"]["replicas_used"] == 2
     assert "enable_lora under tensor_parallel_size=4 needs at least as many KV heads" in lora["tp4_error"]
+    changes = lora["dp2_changes"]  # one replica ran the adapter's requests, the other none
+    assert sorted(changes["before"]) == [[], [1]]
+    assert "lora_int_id 1 is adapter 'a'" in changes["add_error"] and changes["after_add"] == changes["before"]
+    assert "in use by 1 unfinished requests" in changes["remove_error"] and changes["after_remove"] == changes["before"]
+    assert changes["removed"] and changes["at_end"] == [[], []]
 
 
 def test_lora_adapters_under_expert_parallelism_give_one_device_tokens(report):

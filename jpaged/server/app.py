@@ -19,7 +19,6 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -27,7 +26,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from jpaged.lora import LoRARequest
 from jpaged.server.chat import create_chat_completion
 from jpaged.server.completions import create_completion
 from jpaged.server.errors import APIError, error_body, error_type_for_status, unauthorized
@@ -159,33 +157,16 @@ async def _model(model: str, request: Request) -> ModelCard:
 
 async def _load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> Response:
     """Read the adapter and serve it under its name (400 for a name taken or an adapter the
-    engine cannot run)."""
+    engine cannot run). It runs on the engine loop, one change at a time."""
     state = _state(request)
-    if body.lora_name in (state.model_name, *state.loras):
-        raise APIError(f"the model name {body.lora_name!r} is already served", param="lora_name")
-    lora_int_id = max([0, *await state.engine.call(lambda engine: engine.list_loras()),
-                       *(lora.lora_int_id for lora in state.loras.values())]) + 1
-    try:
-        lora = LoRARequest(body.lora_name, lora_int_id, body.lora_path)
-        await state.engine.call(lambda engine: engine.add_lora(lora))
-    except ValueError as err:
-        raise APIError(str(err), param="lora_path") from err
-    state.loras[lora.lora_name] = lora
+    lora = await state.engine.call(lambda engine: state.load_lora(engine, body.lora_name, body.lora_path))
     return Response(f"Success: LoRA adapter '{lora.lora_name}' added successfully.", media_type="text/plain")
 
 
 async def _unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> Response:
     """Stop serving the adapter (404 for a name not served; 400 while requests use it)."""
     state = _state(request)
-    lora = state.loras.get(body.lora_name)
-    if lora is None:
-        raise APIError(f"the LoRA adapter {body.lora_name!r} is not served", HTTPStatus.NOT_FOUND,
-                       param="lora_name", code="model_not_found")
-    try:
-        await state.engine.call(lambda engine: engine.remove_lora(lora.lora_int_id))
-    except ValueError as err:
-        raise APIError(str(err), param="lora_name") from err
-    del state.loras[body.lora_name]
+    await state.engine.call(lambda engine: state.unload_lora(engine, body.lora_name))
     return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
 
 

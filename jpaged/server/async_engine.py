@@ -177,9 +177,11 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._stopping
 
     async def add(self, request_id: str, requests: list[tuple[PromptType, SamplingParams]],
-                  priority: int = 0, lora_request: LoRARequest | None = None) -> RequestGroup:
+                  priority: int = 0, lora_request: LoRARequest | Callable[[], LoRARequest | None] | None = None
+                  ) -> RequestGroup:
         """Queue `requests` (prompt, params) as `request_id-0`, `request_id-1`, ..., each with
-        `priority` and `lora_request`, and return their group.
+        `priority` and `lora_request` (or what that function returns on the loop thread, just
+        before they are added; its errors are raised here), and return their group.
 
         Raises:
             ServerOverloaded: taking them would exceed `max_queued_requests` sequences now.
@@ -242,8 +244,10 @@ class AsyncEngine:
     # Everything below runs on the loop thread.
 
     def _add_group(self, engine: EngineClient, group: RequestGroup, requests: list, priority: int,
-                   lora_request: LoRARequest | None) -> None:
+                   lora_request) -> None:
         added = []
+        if callable(lora_request):
+            lora_request = lora_request()
         try:
             for request_id, (prompt, params) in zip(group.request_ids, requests):
                 engine.add_request(request_id, prompt, params, priority, lora_request)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
 from pydantic import BaseModel
 
-from jpaged.engine_client import PromptType
+from jpaged.engine_client import EngineClient, PromptType
 from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
@@ -60,6 +61,44 @@ class ServerState:
         APIError 404 for a name the server does not serve."""
         return check_model(requested, [self.model_name, *self.loras])
 
+    # The calls below run on the engine loop thread (`AsyncEngine.call`), so that an adapter is
+    # loaded, unloaded and looked up for a request one at a time.
+
+    def lora_for(self, model: str) -> LoRARequest | None:
+        """The adapter a request for `model` runs through (None: the base model); APIError 404
+        where `model` stopped being served since the request named it."""
+        return None if model == self.model_name else self.loras.get(check_model(model, [self.model_name, *self.loras]))
+
+    def load_lora(self, engine: EngineClient, name: str, path: str) -> LoRARequest:
+        """Read the adapter at `path` into `engine` and serve it as `name` (APIError 400 naming the
+        field at fault)."""
+        if name in (self.model_name, *self.loras):
+            raise bad_request(f"the model name {name!r} is already served", param="lora_name")
+        lora_int_id = max([0, *engine.list_loras(), *(lora.lora_int_id for lora in self.loras.values())]) + 1
+        try:
+            lora = LoRARequest(name, lora_int_id, path)
+        except ValueError as err:
+            raise bad_request(str(err), param="lora_name" if "lora_name" in str(err) else "lora_path") from err
+        try:
+            engine.add_lora(lora)
+        except ValueError as err:
+            raise bad_request(str(err), param="lora_path") from err
+        self.loras[name] = lora
+        return lora
+
+    def unload_lora(self, engine: EngineClient, name: str) -> None:
+        """Stop serving adapter `name` and remove it from `engine` (APIError 404 for a name not
+        served, 400 while requests run through it)."""
+        lora = self.loras.get(name)
+        if lora is None:
+            raise APIError(f"the LoRA adapter {name!r} is not served", HTTPStatus.NOT_FOUND, param="lora_name",
+                           code="model_not_found")
+        try:
+            engine.remove_lora(lora.lora_int_id)
+        except ValueError as err:
+            raise bad_request(str(err), param="lora_name") from err
+        del self.loras[name]
+
     def template(self, request: ChatCompletionRequest | TokenizeRequest) -> ChatTemplate:
         """The chat template that renders `request`'s messages (`ChatTemplate.of_request`)."""
         return ChatTemplate.of_request(request.chat_template, request.chat_template_kwargs, self.chat_template,
@@ -80,7 +119,7 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt], par
         ({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, param)
         for prompt, param in zip(prompts, params)]
     try:
-        return await state.engine.add(request_id, requests, priority, state.loras.get(model))
+        return await state.engine.add(request_id, requests, priority, lambda: state.lora_for(model))
     except ServerOverloaded as err:
         raise overloaded(str(err)) from err
     except TooManySequences as err:
