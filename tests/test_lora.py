@@ -184,6 +184,8 @@ def test_cli_answers_through_an_adapter(llama, llama_llm, capsys):
         flags = ["--lora", lora.lora_path] if lora else []
         assert main(["generate", "--model", str(base), "--no-chat", "--max-tokens", "6", *flags, prompt]) == 0
         assert capsys.readouterr().out.strip() == text
+    assert main(["generate", "--model", str(base), "--no-chat", "--lora", "", prompt]) == 2  # no folder: refused
+    assert "no adapter_config.json" in capsys.readouterr().err
 
 
 def test_refusals_name_the_problem(llama, llama_llm, tmp_path):
