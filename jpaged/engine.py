@@ -222,7 +222,9 @@ class LLMEngine:
     def lora_in_use(self, lora_int_id: int) -> int:
         """How many unfinished requests run through adapter `lora_int_id`."""
         adapter = self.loras.get(lora_int_id)
-        return sum(1 for request in self.requests.values() if adapter is not None and request.lora is adapter)
+        if adapter is None:
+            return 0
+        return sum(1 for request in self.requests.values() if request.lora is adapter)
 
     def list_loras(self) -> set[int]:
         """The ids of the adapters read so far (vLLM's `list_loras`)."""

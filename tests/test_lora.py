@@ -246,6 +246,8 @@ def test_server_serves_adapters_by_model_name(llama, llama_llm):
         assert output.token_ids == oracle[names[name] and name][0][0]
     expected["rs-k-o-mlp"] = llama_llm.generate(PROMPTS[0], params, use_tqdm=False,
                                                 lora_request=requests["rs-k-o-mlp"])[0].outputs[0]
+    with pytest.raises(ValueError, match="LoRA module 'base': the model name 'base' is already served"):
+        create_app(llama_llm.engine, served_model_name="base", lora_modules=[LoRARequest("base", 9, requests["all"].lora_path)])
     app = create_app(llama_llm.engine, served_model_name="base", lora_modules=[requests["qv-down"], requests["all"]],
                      allow_runtime_lora_updating=True)
     with serving(app) as url:

@@ -19,6 +19,7 @@ from jpaged.engine_client import EngineClient
 from jpaged.lora import LoRARequest
 from jpaged.server.app import build_app
 from jpaged.server.async_engine import AsyncEngine
+from jpaged.server.errors import APIError
 from jpaged.server.metrics import ServerMetrics
 from jpaged.server.serving import ServerState
 from jpaged.server.tool_parsers import tool_parser
@@ -58,18 +59,17 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
     name = served_model_name or engine.model_name
     parser = tool_parser(tool_call_parser) if tool_call_parser else None
     chat_template = checked_template(chat_template) if chat_template is not None else None
-    loras = {}
-    for lora in lora_modules or ():
-        if lora.lora_name in (name, *loras):
-            raise ValueError(f"LoRA module name {lora.lora_name!r} is taken: the served model or another adapter has it")
-        engine.add_lora(lora)
-        loras[lora.lora_name] = lora
     metrics = ServerMetrics(name)
     front = AsyncEngine(engine, max_queued_requests, on_finished=metrics.observe_finished,
                         on_aborted=metrics.observe_aborted)
-    app = build_app(ServerState(front, name, metrics, api_key or None, chat_template, trust_request_chat_template,
-                                parser, dict(engine.default_sampling_params), loras,
-                                allow_runtime_lora_updating))
+    state = ServerState(front, name, metrics, api_key or None, chat_template, trust_request_chat_template, parser,
+                        dict(engine.default_sampling_params), runtime_lora_updating=allow_runtime_lora_updating)
+    for lora in lora_modules or ():  # the engine loop has not started: the engine is called here
+        try:
+            state.load_lora(engine, lora.lora_name, lora.lora_path, lora.lora_int_id)
+        except APIError as err:
+            raise ValueError(f"LoRA module {lora.lora_name!r}: {err.message}") from err
+    app = build_app(state)
     if allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
     return app

@@ -67,14 +67,15 @@ class ServerState:
     def lora_for(self, model: str) -> LoRARequest | None:
         """The adapter a request for `model` runs through (None: the base model); APIError 404
         where `model` stopped being served since the request named it."""
-        return None if model == self.model_name else self.loras.get(check_model(model, [self.model_name, *self.loras]))
+        return self.loras.get(self.model(model))
 
-    def load_lora(self, engine: EngineClient, name: str, path: str) -> LoRARequest:
-        """Read the adapter at `path` into `engine` and serve it as `name` (APIError 400 naming the
-        field at fault)."""
+    def load_lora(self, engine: EngineClient, name: str, path: str, lora_int_id: int | None = None) -> LoRARequest:
+        """Read the adapter at `path` into `engine` and serve it as `name`, under `lora_int_id`
+        (None: the next id free). APIError 400 naming the field at fault."""
         if name in (self.model_name, *self.loras):
             raise bad_request(f"the model name {name!r} is already served", param="lora_name")
-        lora_int_id = max([0, *engine.list_loras(), *(lora.lora_int_id for lora in self.loras.values())]) + 1
+        if lora_int_id is None:
+            lora_int_id = max([0, *engine.list_loras(), *(lora.lora_int_id for lora in self.loras.values())]) + 1
         try:
             lora = LoRARequest(name, lora_int_id, path)
         except ValueError as err:
