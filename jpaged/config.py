@@ -119,6 +119,9 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert; 0 = none
+    # Each layer's sliding attention window in tokens (0: it attends to the whole context); () when no
+    # layer has one. A query at position p sees keys p - window + 1 .. p.
+    sliding_windows: tuple[int, ...] = ()
 
     @property
     def is_moe(self) -> bool:
@@ -143,10 +146,6 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         eos = (generation_config or {}).get("eos_token_id", hf.get("eos_token_id"))
         max_positions = int(hf.get("max_position_embeddings", 2048))
-        window = hf.get("sliding_window") if hf.get("use_sliding_window", arch in ("mistral", "mixtral")) else None
-        if window and window < max_positions:
-            # Attention never reaches past the window as long as sequences stay within it.
-            max_positions = int(window)
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
             architecture=arch,
@@ -165,6 +164,7 @@ class ModelConfig:
             qk_norm=arch in ("qwen3", "qwen3_moe"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            sliding_windows=layer_windows(arch, hf, max_positions),
             **ModelConfig._moe_fields(arch, hf),
         )
 
@@ -201,6 +201,38 @@ class ModelConfig:
             raise ValueError(f"num_experts_per_tok must be in [1, {num_experts}] (num_experts), "
                              f"got {fields['num_experts_per_tok']}")
         return dict(num_experts=num_experts, **fields)
+
+
+def layer_windows(arch: str, hf: dict, max_positions: int) -> tuple[int, ...]:
+    """Each layer's sliding window (0: none) as HF's modeling code applies them, or () where no
+    layer's window is shorter than `max_positions`.
+
+    `layer_types` ("sliding_attention" / "full_attention") names the windowed layers where the
+    config has it; otherwise Mistral and Mixtral window every layer, and the Qwen families the
+    layers from `max_window_layers` on. The Qwen families have no window without `use_sliding_window`.
+    """
+    num_layers = int(hf["num_hidden_layers"])
+    window = hf.get("sliding_window")
+    if not window or (arch.startswith("qwen") and not hf.get("use_sliding_window", False)):
+        return ()
+    if not is_integer(window) or window < 1:
+        raise ValueError(f"sliding_window must be an integer >= 1, got {window!r}")
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        if len(layer_types) != num_layers or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+            raise ValueError(f"layer_types must name 'sliding_attention' or 'full_attention' for each of the "
+                             f"{num_layers} layers, got {layer_types!r}")
+        windowed = [kind == "sliding_attention" for kind in layer_types]
+    elif arch in ("mistral", "mixtral"):
+        windowed = [True] * num_layers
+    elif hf.get("use_sliding_window", False):
+        first = int(hf.get("max_window_layers", num_layers))
+        windowed = [i >= first for i in range(num_layers)]
+    else:
+        windowed = [False] * num_layers
+    if window >= max_positions or not any(windowed):
+        return ()
+    return tuple(int(window) if w else 0 for w in windowed)
 
 
 @dataclass

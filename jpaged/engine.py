@@ -156,8 +156,7 @@ class LLMEngine:
         asked = self.config.scheduler.max_model_len
         if asked is not None and asked > limit:
             raise ValueError(f"max_model_len {asked} exceeds the model's limit of {limit} tokens (its "
-                             "max_position_embeddings, or its sliding_window where smaller: jpaged's attention "
-                             "has no window, so sequences stay within it)")
+                             "max_position_embeddings)")
         return asked or limit
 
     def _fit_to_cache(self, max_model_len: int) -> int:

@@ -178,17 +178,20 @@ struct BlockRef {
 // `v_scales` are read only for a quantized cache (C int8, or uint8 float8 bits).
 template <typename Q, typename C>
 void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_cache, const float* k_scales,
-                const float* v_scales, int64_t layer, const int32_t* block_tables, const int32_t* context_lens,
-                const int32_t* query_start, const int32_t* query_lens, float scale, const Shapes& s, Q* out) {
+                const float* v_scales, int64_t layer, int64_t span, const int32_t* block_tables,
+                const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens, float scale,
+                const Shapes& s, Q* out) {
   const int64_t d = s.head_dim, heads = s.num_heads;
   const int64_t group = heads / s.num_kv_heads;
   const int64_t nq = item.num_queries * heads;  // query vectors: query-major, then head
   const int64_t first_pos = context_lens[item.row] - query_lens[item.row] + item.first_query;
   const int64_t first_token = query_start[item.row] + item.first_query;
   const int64_t num_keys = first_pos + item.num_queries;  // keys the last query sees
+  const int64_t first_key = std::max<int64_t>(0, first_pos - span + 1);  // the first key the first query sees
   const int64_t token_elems = s.num_kv_heads * d;
   const int64_t block_elems = s.block_size * token_elems;
   const int64_t num_blocks = (num_keys + s.block_size - 1) / s.block_size;
+  const int64_t first_block = first_key / s.block_size;  // the blocks before it are wholly out of every window
 
   // Score slots per query: rounded up, plus one group of lanes that a last partial group may write.
   const int64_t slots = (num_keys + kLanes - 1) / kLanes * kLanes + kLanes;
@@ -228,12 +231,15 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
       return widened.data();
     }
   };
-  thread_local std::vector<int64_t> visible, head_offset, kv_head;  // keys query vector j sees; its KV head
+  // Query vector j sees keys [window_start[j], visible[j]); its KV head.
+  thread_local std::vector<int64_t> visible, window_start, head_offset, kv_head;
   visible.resize(nq);
+  window_start.resize(nq);
   head_offset.resize(nq);
   kv_head.resize(nq);
   for (int64_t j = 0; j < nq; ++j) {
     visible[j] = first_pos + j / heads + 1;
+    window_start[j] = std::max<int64_t>(0, visible[j] - span);
     kv_head[j] = (j % heads) / group;
     head_offset[j] = kv_head[j] * d;
   }
@@ -262,8 +268,8 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
   const int64_t value_slice = d % (4 * kLanes) ? kLanes : 4 * kLanes;
 
   // Scores: 16 keys at a time, each dot as lane-wise partial sums added across lanes at the end.
-  prefetch(k_cache, k_scales, 0);
-  for (int64_t b = 0; b < num_blocks; ++b) {
+  prefetch(k_cache, k_scales, first_block);
+  for (int64_t b = first_block; b < num_blocks; ++b) {
     prefetch(k_cache, k_scales, b + 1);
     const BlockRef ref = block_ref(b);
     const float* keys = tokens(k_cache, ref);
@@ -303,23 +309,25 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
   }
 
   // Exponentials (unnormalised) and their sums.
-  prefetch(v_cache, v_scales, 0);
+  prefetch(v_cache, v_scales, first_block);
   I16 lane;
   for (int i = 0; i < kLanes; ++i) lane[i] = i;
   for (int64_t j = 0; j < nq; ++j) {
     float* sj = scores.data() + j * slots;
-    const int64_t n = visible[j];
+    const int64_t n = visible[j], lo = window_start[j], first_t0 = lo / kLanes * kLanes;
+    // Score slots before the first block read hold no scores: only lanes in [lo, n) are read.
+    auto in_window = [&](int64_t t0) { return (lane < static_cast<int32_t>(n - t0)) & (lane >= static_cast<int32_t>(lo - t0)); };
     V16 lane_max = V16{} - INFINITY;
-    for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
+    for (int64_t t0 = first_t0; t0 < n; t0 += kLanes) {
       const V16 x = LoadV(sj + t0);
-      lane_max = (lane < static_cast<int32_t>(n - t0)) & (x > lane_max) ? x : lane_max;
+      lane_max = in_window(t0) & (x > lane_max) ? x : lane_max;
     }
     float max_score = -INFINITY;
     for (int i = 0; i < kLanes; ++i) max_score = std::max(max_score, lane_max[i]);
     V16 sum = {};
-    for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
+    for (int64_t t0 = first_t0; t0 < n; t0 += kLanes) {
       V16 e = ExpNonPositive(LoadV(sj + t0) - max_score);
-      e = lane < static_cast<int32_t>(n - t0) ? e : V16{};
+      e = in_window(t0) ? e : V16{};
       StoreV(sj + t0, e);
       sum += e;
     }
@@ -327,11 +335,12 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
     for (int i = 0; i < kLanes; ++i) total += sum[i];
     inv_sum[j] = 1.0f / total;
     for (int64_t t = (n + kLanes - 1) / kLanes * kLanes; t < num_keys; ++t) sj[t] = 0.0f;  // keys it cannot see
+    for (int64_t t = first_block * s.block_size; t < first_t0; ++t) sj[t] = 0.0f;  // and those before its window
   }
 
   // Weighted values (the weights of keys a query cannot see are 0), per block and KV head, with
   // the query vectors' accumulators in registers.
-  for (int64_t b = 0; b < num_blocks; ++b) {
+  for (int64_t b = first_block; b < num_blocks; ++b) {
     prefetch(v_cache, v_scales, b + 1);
     const BlockRef ref = block_ref(b);
     const float* values = tokens(v_cache, ref);
@@ -372,21 +381,22 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
 
 template <typename Q, typename C>
 void Attend(const Shapes& s, const Q* q, const C* k_cache, const C* v_cache, const float* k_scales,
-            const float* v_scales, int64_t layer, const int32_t* block_tables, const int32_t* context_lens,
-            const int32_t* query_start, const int32_t* query_lens, float scale, Q* out) {
+            const float* v_scales, int64_t layer, int64_t span, const int32_t* block_tables,
+            const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens, float scale, Q* out) {
   std::memset(out, 0, sizeof(Q) * s.num_tokens * s.num_heads * s.head_dim);
   std::vector<WorkItem> items;
   for (int32_t row = 0; row < s.num_rows; ++row)
     for (int32_t first = 0; first < query_lens[row]; first += kQueryTile)
       items.push_back({row, first, static_cast<int32_t>(std::min<int64_t>(kQueryTile, query_lens[row] - first))});
   // Longest work first, so the threads finish together.
-  std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) {
-    return int64_t(a.num_queries) * context_lens[a.row] > int64_t(b.num_queries) * context_lens[b.row];
-  });
+  auto work = [&](const WorkItem& item) {
+    return int64_t(item.num_queries) * std::min<int64_t>(context_lens[item.row], span + item.num_queries);
+  };
+  std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) { return work(a) > work(b); });
   // The layer's products follow (XLA's own, for float weights), which a spinning helper would slow.
   ParallelFor(static_cast<int64_t>(items.size()), kNoSpin, [&](int64_t i) {
-    AttendItem(items[i], q, k_cache, v_cache, k_scales, v_scales, layer, block_tables, context_lens, query_start,
-               query_lens, scale, s, out);
+    AttendItem(items[i], q, k_cache, v_cache, k_scales, v_scales, layer, span, block_tables, context_lens,
+               query_start, query_lens, scale, s, out);
   });
 }
 
@@ -426,8 +436,9 @@ bool Holds(XLA_FFI_DataType dtype) {
 
 }  // namespace
 
-// Arguments: q, k_cache, v_cache, k_scales, v_scales, layer [1], block_tables, context_lens,
-// query_start, query_lens (int32); attribute: scale (float32); result: [T, heads, head_dim] in q's
+// Arguments: q, k_cache, v_cache, k_scales, v_scales, layer [2] (the layer, and the keys a query
+// sees back from itself, itself included: its sliding window, or more than any context), block_tables,
+// context_lens, query_start, query_lens (int32); attribute: scale (float32); result: [T, heads, head_dim] in q's
 // dtype. q and the result hold Query, the caches Cache; a quantized cache (int8, or uint8 float8
 // bits) comes with float32 scales [layers, blocks, block_size, kv_heads], else the scales are
 // ignored (pass any float32 arrays).
@@ -452,7 +463,9 @@ extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
   const Shapes s{q->dims[0], q->dims[1], q->dims[2], k->dims[1], k->dims[2], k->dims[3], ints[1]->dims[0],
                  ints[1]->dims[1]};
   if (k->dims[4] != s.head_dim) return Fail(api, "cache head_dim differs from q's");
-  const int64_t layer = Int32s(ints[0])[0];
+  if (ints[0]->rank != 1 || ints[0]->dims[0] != 2) return Fail(api, "layer must be [layer, span]");
+  const int64_t layer = Int32s(ints[0])[0], span = Int32s(ints[0])[1];
+  if (span < 1) return Fail(api, "span must be >= 1");
   const int32_t *tables = Int32s(ints[1]), *context_lens = Int32s(ints[2]), *query_start = Int32s(ints[3]),
                 *query_lens = Int32s(ints[4]);
   for (const XLA_FFI_Buffer* meta : {ints[2], ints[3], ints[4]})
@@ -470,7 +483,7 @@ extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
   }
   Attend(s, static_cast<const Query*>(q->data), static_cast<const Cache*>(k->data),
          static_cast<const Cache*>(v->data), static_cast<const float*>(k_scales->data),
-         static_cast<const float*>(v_scales->data), layer, tables, context_lens, query_start, query_lens,
+         static_cast<const float*>(v_scales->data), layer, span, tables, context_lens, query_start, query_lens,
          *static_cast<const float*>(scale->value), static_cast<Query*>(out->data));
   return nullptr;
 }

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import cpu_kernels
-from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention
+from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention, window_span
 from pallas_kernels.quantized_kv import BF16_BITS, is_quantized
 
 QUERY_DTYPES = {jnp.dtype(name): name for name in ("float32", "bfloat16", "float16")}
@@ -39,9 +39,10 @@ def attention_library(dtype, kv_cache_dtype: str = "auto") -> str | None:
     return f"attention-{query}-{QUANTIZED_CACHES.get(kv_cache_dtype, query)}"
 
 
-def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float):
+def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None):
     """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged caches; `[T, heads,
-    head_dim]` in q's dtype.
+    head_dim]` in q's dtype; `window` as the reference takes it (None, or an int32 scalar: the
+    layer's sliding window, 0 for none).
 
     q is float32, bfloat16 or float16. Each cache is an array `[layers, blocks, block_size,
     kv_heads, head_dim]` of q's dtype (for bfloat16, or its bits as `BF16_BITS`), or (both) a
@@ -52,14 +53,15 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
     """
     library = _library_for(q, k_cache, v_cache)
     if library is None or not cpu_kernels.is_loaded(library):
-        return ragged_paged_attention(q, k_cache, v_cache, layer, md, scale)
+        return ragged_paged_attention(q, k_cache, v_cache, layer, md, scale, window)
     if is_quantized(k_cache):
         caches = (k_cache.values, v_cache.values, k_cache.scales, v_cache.scales)
     else:
         unused = jnp.zeros((1,), jnp.float32)  # the kernel reads scales only for a quantized cache
         caches = (k_cache, v_cache, unused, unused)
     call = jax.ffi.ffi_call(cpu_kernels.target(library), jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
-    return call(q, *caches, jnp.asarray(layer, jnp.int32).reshape(1), md.block_tables, md.context_lens,
+    layer_and_span = jnp.stack([jnp.asarray(layer, jnp.int32), window_span(window)])
+    return call(q, *caches, layer_and_span, md.block_tables, md.context_lens,
                 md.query_start, md.query_lens, scale=np.float32(scale))
 
 

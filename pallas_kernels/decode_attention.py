@@ -29,6 +29,7 @@ from pallas_kernels.ragged_paged_attention import (
     default_num_warps,
     default_tile_sizes,
     initial_softmax_state,
+    layer_operand,
     load_kv_chunk,
     online_softmax_step,
     scaled_scores,
@@ -50,7 +51,7 @@ def _decode_kernel(layer_ref, block_tables_ref, context_lens_ref, q_ref, k_ref, 
                    acc_ref, max_ref, sum_ref, *,
                    tile: QueryTile, chunking: KVChunking, chunks_per_split: int, scale: float):
     seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer = layer_ref[0]
+    layer, span = layer_ref[0], layer_ref[1]
     context_len = context_lens_ref[seq]
     queries = plgpu.load(tile.view(q_ref, seq, kv_head), mask=tile.mask(1), other=0)
     queries = queries.reshape(tile.rows, tile.padded_dim)
@@ -60,13 +61,15 @@ def _decode_kernel(layer_ref, block_tables_ref, context_lens_ref, q_ref, k_ref, 
         keys = load_kv_chunk(k_ref, k_scale_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim,
                              queries.dtype)
         key_pos = chunk * chunking.tokens + jnp.arange(chunking.tokens)
-        scores = jnp.where(key_pos[None, :] < context_len, scaled_scores(queries, keys, scale), -jnp.inf)
+        visible = (key_pos[None, :] < context_len) & (key_pos[None, :] >= context_len - span)
+        scores = jnp.where(visible, scaled_scores(queries, keys, scale), -jnp.inf)
         values = load_kv_chunk(v_ref, v_scale_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim,
                                queries.dtype)
         return online_softmax_step(state, scores, values)
 
     first_chunk = split * chunks_per_split
     stop_chunk = jnp.minimum(first_chunk + chunks_per_split, pl.cdiv(context_len, chunking.tokens))
+    first_chunk = jnp.maximum(first_chunk, jnp.maximum(context_len - span, 0) // chunking.tokens)
     state = initial_softmax_state(tile.rows, tile.padded_dim)
     acc, running_max, running_sum = lax.fori_loop(first_chunk, stop_chunk, chunk_step, state)
     acc_ref[...] = acc
@@ -83,7 +86,8 @@ def merge_splits(acc, running_max, running_sum):
     return out / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, context_lens, scale: float, *,
+def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, context_lens, scale: float,
+                                  window=None, *,
                                   num_splits: int | None = None, chunk_tokens: int | None = None,
                                   num_warps: int | None = None, num_stages: int = 2,
                                   interpret: bool = False) -> jax.Array:
@@ -92,7 +96,7 @@ def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, cont
     `block_tables [B, max_blocks]` and `context_lens [B]` (tokens to attend to, the new one
     included; 0 for padding rows, whose output is zeros) describe each sequence's context in
     layer `layer` of the stacked cache `[num_layers, num_blocks, block_size, kv_heads, head_dim]`
-    (or a `quantized_kv.QuantizedKV`).
+    (or a `quantized_kv.QuantizedKV`); `window` as the reference takes it.
     `num_splits` defaults to enough context splits to fill a GPU; the tiling defaults as the
     ragged kernel's does.
     """
@@ -130,7 +134,7 @@ def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, cont
         compiler_params=triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name=f"paged_decode_attention_h{tile.head_slots}_p{chunking.pages_per_chunk}_s{num_splits}",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), block_tables, context_lens, q, *cache_operands(k_cache, v_cache))
+    )(layer_operand(layer, window), block_tables, context_lens, q, *cache_operands(k_cache, v_cache))
     real_heads = slice(0, tile.group)
     out = merge_splits(acc[..., real_heads, :head_dim], running_max[..., real_heads], running_sum[..., real_heads])
     return out.reshape(batch, num_heads, head_dim).astype(q.dtype)

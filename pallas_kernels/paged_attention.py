@@ -8,7 +8,9 @@ A quantized cache keeps each of K and V as a `QuantizedKV` (values and per-token
 
 The batch is ragged: sequence `i` brings `query_lens[i]` new tokens, flattened in `q` from
 `query_start[i]`, and attends causally to its `context_lens[i]` cached tokens (the new ones
-included, as `write_kv` ran first). Rows that bring one token (decodes) come first, row `i`
+included, as `write_kv` ran first); with a sliding `window` of W tokens, a query at position p
+sees only the keys at positions p - W + 1 .. p (HF's and Mistral's convention: W keys, itself
+included). Rows that bring one token (decodes) come first, row `i`
 holding flat token `i`; then the rows that bring more (prefill chunks), then padding rows
 (`query_lens` 0). Which rows are which is data, not shape: one compiled step serves every mix of
 decodes and prefills of its token count.
@@ -34,6 +36,7 @@ from pallas_kernels.quantized_kv import QuantizedKV, dequantize, from_storage, i
 KV_CHUNK_TOKENS = 128  # keys per step of the online softmax (whole blocks)
 QUERY_TILE = 32  # prefill queries per tile
 _RUNNING_MAX_INIT = -1e30  # finite: a fully masked chunk then leaves the state unchanged
+NO_WINDOW = 2**30  # the span of a layer without a sliding window: longer than any context
 
 
 @dataclass(frozen=True)
@@ -77,15 +80,24 @@ def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
 def paged_attention_layer(attend):
     """One layer's paged attention: write the step's K/V into the cache, then `attend` over it.
 
-    The returned function maps `(q, k, v, k_cache, v_cache, layer, md, scale)` to
+    The returned function maps `(q, k, v, k_cache, v_cache, layer, md, scale, window=None)` to
     `(out, k_cache, v_cache)`; `attend` is the reference below or a Pallas kernel.
     """
 
-    def attention_layer(q, k, v, k_cache, v_cache, layer, md: AttentionMetadata, scale: float):
+    def attention_layer(q, k, v, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None):
         k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, md.slot_mapping)
-        return attend(q, k_cache, v_cache, layer, md, scale), k_cache, v_cache
+        return attend(q, k_cache, v_cache, layer, md, scale, window=window), k_cache, v_cache
 
     return attention_layer
+
+
+def window_span(window) -> jax.Array:
+    """The keys a query sees back from itself (itself included), int32: `window` where it is > 0,
+    else `NO_WINDOW`. `window` is None (no layer has one), or an int32 scalar (0: this layer has none)."""
+    if window is None:
+        return jnp.int32(NO_WINDOW)
+    window = jnp.asarray(window, jnp.int32)
+    return jnp.where(window > 0, window, NO_WINDOW)
 
 
 def decode_rows(md: AttentionMetadata) -> jax.Array:
@@ -99,16 +111,18 @@ def prefill_row_range(md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
     return first, first + jnp.sum(md.query_lens > 1, dtype=jnp.int32)
 
 
-def ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float):
+def ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None):
     """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged cache; `[T, heads,
-    head_dim]` in q's dtype (padding tokens: zeros)."""
+    head_dim]` in q's dtype (padding tokens: zeros). `window`: None, or this layer's sliding
+    window in tokens as an int32 scalar (0: none)."""
     num_rows = md.block_tables.shape[0]
     decodes = decode_rows(md)
+    span = window_span(window)
     attended = _attend_decodes(q[:num_rows], k_cache, v_cache, layer, md.block_tables,
-                               jnp.where(decodes, md.context_lens, 0), scale)
+                               jnp.where(decodes, md.context_lens, 0), scale, span)
     out = jnp.zeros(q.shape, jnp.float32).at[:num_rows].set(
         jnp.where(decodes[:, None, None], attended, 0.0))
-    out = _attend_prefills(out, q, k_cache, v_cache, layer, md, scale)
+    out = _attend_prefills(out, q, k_cache, v_cache, layer, md, scale, span)
     return out.astype(q.dtype)
 
 
@@ -148,8 +162,9 @@ def _finish(state):
     return acc / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-def _attend_decodes(q, k_cache, v_cache, layer, block_tables, context_lens, scale):
-    """One query per row, `q [S, heads, head_dim]` over `context_lens [S]` keys (0: none)."""
+def _attend_decodes(q, k_cache, v_cache, layer, block_tables, context_lens, scale, span):
+    """One query per row, `q [S, heads, head_dim]` over the last `span` of its `context_lens [S]`
+    keys (0: none)."""
     rows, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[3], k_cache.shape[2]
     pages = _pages_per_chunk(block_size, block_tables.shape[1])
@@ -162,16 +177,20 @@ def _attend_decodes(q, k_cache, v_cache, layer, block_tables, context_lens, scal
         values = _kv_chunk(v_cache, layer, tables, chunk, pages)
         scores = jnp.einsum("nkgd,nlkd->nkgl", q, keys)
         key_pos = chunk * chunk_tokens + jnp.arange(chunk_tokens)
-        scores = jnp.where((key_pos[None, :] < context_lens[:, None])[:, None, None, :], scores, -jnp.inf)
+        visible = (key_pos[None, :] < context_lens[:, None]) & (key_pos[None, :] >= context_lens[:, None] - span)
+        scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
         return _softmax_step(state, scores, lambda probs: jnp.einsum("nkgl,nlkd->nkgd", probs, values))
 
     state = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], _RUNNING_MAX_INIT, jnp.float32),
              jnp.zeros(q.shape[:-1], jnp.float32))
     num_chunks = (jnp.max(context_lens) + chunk_tokens - 1) // chunk_tokens
-    return _finish(lax.fori_loop(0, num_chunks, step, state)).reshape(rows, num_heads, head_dim)
+    # Chunks wholly before every row's window leave the state as it was: skipped.
+    first_key = jnp.min(jnp.where(context_lens > 0, jnp.maximum(context_lens - span, 0), NO_WINDOW))
+    first_chunk = jnp.minimum(first_key // chunk_tokens, num_chunks)
+    return _finish(lax.fori_loop(first_chunk, num_chunks, step, state)).reshape(rows, num_heads, head_dim)
 
 
-def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale):
+def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale, span):
     """Write into `out [T, heads, head_dim]` (float32) the attention of the prefill rows' tokens."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[3], k_cache.shape[2]
@@ -198,7 +217,8 @@ def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, sca
             values = _kv_chunk(v_cache, layer, row_table, chunk, pages)[0]
             scores = jnp.einsum("qkgd,lkd->qkgl", queries, keys)
             key_pos = chunk * chunk_tokens + jnp.arange(chunk_tokens)
-            visible = (key_pos[None, :] <= query_pos[:, None])[:, None, None, :]
+            visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - span)
+            visible = visible[:, None, None, :]
             scores = jnp.where(visible, scores, -jnp.inf)
             return _softmax_step(state, scores, lambda probs: jnp.einsum("qkgl,lkd->qkgd", probs, values))
 
@@ -207,7 +227,8 @@ def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, sca
                  jnp.zeros(queries.shape[:-1], jnp.float32))
         last_pos = jnp.minimum(context_len - query_len + first_query + tile, context_len)
         num_chunks = (last_pos + chunk_tokens - 1) // chunk_tokens
-        attended = _finish(lax.fori_loop(0, num_chunks, step, state)).reshape(tile, num_heads, head_dim)
+        first_chunk = jnp.maximum(context_len - query_len + first_query - span + 1, 0) // chunk_tokens
+        attended = _finish(lax.fori_loop(first_chunk, num_chunks, step, state)).reshape(tile, num_heads, head_dim)
         kept = lax.dynamic_slice_in_dim(out, start, tile)
         attended = jnp.where((offset < query_len)[:, None, None], attended, kept)
         return lax.dynamic_update_slice_in_dim(out, attended, start, axis=0)

@@ -9,8 +9,9 @@ One program handles one sequence, one KV head and a tile of up to `tile_tokens` 
 sequence's new tokens, with all query heads of the KV head stacked into the tile's rows
 (GQA: the KV chunk is read once for the whole group). It walks the context in chunks of whole
 pages, `pages_per_chunk` pages gathered through the block table per step, keeping an online
-softmax in float32. Chunks entirely before the tile's first query need no causal mask and take a
-cheaper loop. The cache is passed whole (`memory_space=pl.ANY`) and pages are indexed inside
+softmax in float32. Chunks that every query of the tile sees whole (before its first query and,
+with a sliding window, inside its last query's window) need no mask and take a cheaper loop;
+chunks before the first query's window are skipped. The cache is passed whole (`memory_space=pl.ANY`) and pages are indexed inside
 the kernel, so nothing is sliced or copied per layer.
 
 Triton wants every tensor's size to be a power of two and matmul sides of at least 16, while the
@@ -36,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.float8 import widen_fp8_bits
-from pallas_kernels.paged_attention import AttentionMetadata
+from pallas_kernels.paged_attention import AttentionMetadata, window_span
 from pallas_kernels.quantized_kv import is_quantized
 
 LOG2E = math.log2(math.e)
@@ -226,6 +227,11 @@ class QueryTile:
                       pl.ds(0, self.padded_dim)]
 
 
+def layer_operand(layer, window) -> jax.Array:
+    """int32 `[2]`: the layer, and the keys a query sees back from itself (`window_span`)."""
+    return jnp.stack([jnp.asarray(layer, jnp.int32), window_span(window)])
+
+
 def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_ref, query_lens_ref,
                    q_ref, k_ref, v_ref, k_scale_ref, v_scale_ref, _out_in_ref, out_ref, *,
                    first_row: int, tile: QueryTile, chunking: KVChunking, scale: float):
@@ -236,7 +242,7 @@ def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_re
 
     @pl.when(tile_offset < query_len)
     def _():
-        layer = layer_ref[0]
+        layer, span = layer_ref[0], layer_ref[1]
         num_tokens = jnp.minimum(tile.tokens, query_len - tile_offset)
         first_token = query_start_ref[row] + tile_offset
         first_pos = context_lens_ref[row] - query_len + tile_offset  # position of the tile's first query
@@ -252,17 +258,24 @@ def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_re
             scores = scaled_scores(queries, keys, scale)
             if causal:
                 key_pos = chunk * chunking.tokens + jnp.arange(chunking.tokens)
-                scores = jnp.where(key_pos[None, :] <= query_pos[:, None], scores, -jnp.inf)
+                visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - span)
+                scores = jnp.where(visible, scores, -jnp.inf)
             values = load_kv_chunk(v_ref, v_scale_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim,
                                    queries.dtype)
             return online_softmax_step(state, scores, values)
 
-        # Chunks that end at or before the first query are visible to every query of the tile.
-        num_open_chunks = (first_pos + 1) // chunking.tokens
-        num_chunks = pl.cdiv(first_pos + num_tokens, chunking.tokens)
+        # Chunks [open_start, open_stop) end at or before the first query and start inside the last
+        # query's window: every query of the tile sees them whole.
+        last_pos = first_pos + num_tokens - 1
+        first_chunk = jnp.maximum(first_pos - span + 1, 0) // chunking.tokens
+        open_stop = (first_pos + 1) // chunking.tokens
+        open_start = jnp.clip(pl.cdiv(jnp.maximum(last_pos - span + 1, 0), chunking.tokens), first_chunk, open_stop)
+        num_chunks = pl.cdiv(last_pos + 1, chunking.tokens)
+        masked, whole = functools.partial(chunk_step, causal=True), functools.partial(chunk_step, causal=False)
         state = initial_softmax_state(tile.rows, tile.padded_dim)
-        state = lax.fori_loop(0, num_open_chunks, functools.partial(chunk_step, causal=False), state)
-        state = lax.fori_loop(num_open_chunks, num_chunks, functools.partial(chunk_step, causal=True), state)
+        state = lax.fori_loop(first_chunk, open_start, masked, state)
+        state = lax.fori_loop(open_start, open_stop, whole, state)
+        state = lax.fori_loop(open_stop, num_chunks, masked, state)
         acc, _, total = state
         out = acc / jnp.where(total > 0, total, 1.0)[:, None]
         out = out.reshape(tile.tokens, tile.head_slots, tile.padded_dim).astype(out_ref.dtype)
@@ -272,8 +285,9 @@ def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_re
 def ragged_attention_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float,
                           rows: tuple[int, int], max_query_len: int, *, interpret: bool = False,
                           target_rows: int | None = None, chunk_tokens: int | None = None,
-                          num_warps: int | None = None, num_stages: int = 2) -> jax.Array:
-    """Write into `out [T, heads, head_dim]` the attention of sequences `rows = (first, stop)`.
+                          num_warps: int | None = None, num_stages: int = 2, window=None) -> jax.Array:
+    """Write into `out [T, heads, head_dim]` the attention of sequences `rows = (first, stop)`
+    (`window` as the reference takes it).
 
     Their query lengths must be at most `max_query_len`; the other tokens of `out` keep their
     values (`out` is aliased to the kernel's output, so it is updated in place when donated).
@@ -300,15 +314,15 @@ def ragged_attention_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata
         compiler_params=triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name=f"ragged_paged_attention_t{tile.tokens}_h{tile.head_slots}_p{chunking.pages_per_chunk}",
-    )(jnp.reshape(layer, (1,)).astype(jnp.int32), block_tables, md.context_lens, md.query_start,
+    )(layer_operand(layer, window), block_tables, md.context_lens, md.query_start,
       md.query_lens, q, *cache_operands(k_cache, v_cache), out)
 
 
-def ragged_paged_attention_kernel(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, *,
+def ragged_paged_attention_kernel(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None, *,
                                   interpret: bool = False, **tuning) -> jax.Array:
     """The reference's `ragged_paged_attention`, computed by the ragged Pallas kernel alone, every
     row of the batch in one launch (tiles past a row's queries exit at once). `tuning` goes to
     `ragged_attention_rows` (tile rows, chunk tokens, warps, stages)."""
     out = jnp.zeros(q.shape, q.dtype)
     return ragged_attention_rows(out, q, k_cache, v_cache, layer, md, scale, (0, md.block_tables.shape[0]),
-                                 q.shape[0], interpret=interpret, **tuning)
+                                 q.shape[0], interpret=interpret, window=window, **tuning)

@@ -484,9 +484,8 @@ def test_max_model_len_beyond_the_model_is_refused(stories_path, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config.update(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=128)
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="limit of 128 tokens .*sliding_window"):
-        LLM(str(folder), max_model_len=256, num_blocks=8)
-    assert LLM(str(folder), num_blocks=8).engine.max_model_len == 128
+    windowed = LLM(str(folder), num_blocks=64).engine  # a sliding window does not cap the length
+    assert windowed.max_model_len == 512 and set(windowed.model_config.sliding_windows) == {128}
 
 
 def test_unknown_architecture_and_broken_weights(stories_path, tmp_path):

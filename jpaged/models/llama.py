@@ -180,8 +180,9 @@ def run_all_layers(decoder, hidden, positions, kv_cache, md, layer_weights):
 class LlamaForCausalLM(nnx.Module):
     """The model, with its parallel layouts passed in as functions.
 
-    `attention(q, k, v, k_cache, v_cache, layer, md, scale) -> (out, k_cache, v_cache)` is paged
-    attention (sharded by head under tensor parallelism); `quantized_linear(x, w, scale)` and
+    `attention(q, k, v, k_cache, v_cache, layer, md, scale, window=None) -> (out, k_cache, v_cache)`
+    is paged attention (sharded by head under tensor parallelism; `window` the layer's sliding
+    window, an int32 scalar, where the model has any); `quantized_linear(x, w, scale)` and
     `block_linear(x, w, kind)` multiply by a quantized projection or GGML block rows (which
     weights are kept so: `quantization`, `weight_formats`, see `DecoderLayer`); `moe(x,
     layer_weights, cfg)` is the mixture-of-experts MLP (expert-parallel or not); `run_layers(decoder, hidden, positions,
@@ -262,12 +263,14 @@ class LlamaForCausalLM(nnx.Module):
         rope = rope_angles(positions, jnp.asarray(cfg.rope.inv_freq(cfg.head_dim)))
         qkv = [partial(self._qkv, weights) for weights in layer_weights]
         out_and_mlp = [partial(self._out_and_mlp, weights) for weights in layer_weights]
+        windows = jnp.asarray(cfg.sliding_windows, jnp.int32) if cfg.sliding_windows else None
 
         def layer_step(carry, index):
             hidden, k_cache, v_cache = carry
             q, k, v = jax.lax.switch(index, qkv, hidden, rope)
-            attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, first_layer + index, md,
-                                                        cfg.head_dim**-0.5)
+            layer = first_layer + index
+            attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, cfg.head_dim**-0.5,
+                                                        window=None if windows is None else windows[layer])
             hidden = jax.lax.switch(index, out_and_mlp, hidden, attended)
             return (hidden, k_cache, v_cache), None
 

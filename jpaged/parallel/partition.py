@@ -12,8 +12,6 @@ tables.
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -61,16 +59,19 @@ def _splits(name: str, dtype) -> dict[int, str]:
 
 
 def shard_attention_layer(attention_layer, mesh: Mesh):
-    """Run `attention_layer(q, k, v, k_cache, v_cache, layer, md, scale)` per shard of heads."""
+    """Run `attention_layer(q, k, v, k_cache, v_cache, layer, md, scale, window=None)` per shard of heads."""
 
-    def sharded(q, k, v, k_cache, v_cache, layer, md, scale):
+    def sharded(q, k, v, k_cache, v_cache, layer, md, scale, window=None):
         # a quantized cache's scales [layers, blocks, block_size, kv_heads] split as its values
         cache_heads = jax.tree.map(lambda leaf: P(*_CACHE_HEADS[:leaf.ndim]), k_cache)
+        def per_shard(q, k, v, k_cache, v_cache, layer, md, window):
+            return attention_layer(q, k, v, k_cache, v_cache, layer, md, scale, window)
+
         body = jax.shard_map(
-            partial(attention_layer, scale=scale), mesh=context_mesh(mesh),
-            in_specs=(_HEADS, _HEADS, _HEADS, cache_heads, cache_heads, P(), P()),
+            per_shard, mesh=context_mesh(mesh),
+            in_specs=(_HEADS, _HEADS, _HEADS, cache_heads, cache_heads, P(), P(), P()),
             out_specs=(_HEADS, cache_heads, cache_heads), axis_names={TP_AXIS}, check_vma=False,
         )
-        return body(q, k, v, k_cache, v_cache, layer, md)
+        return body(q, k, v, k_cache, v_cache, layer, md, window)
 
     return sharded

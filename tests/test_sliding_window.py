@@ -1,0 +1,192 @@
+"""Sliding-window attention in every attention path: the jnp reference against jax's own
+`jax.nn.dot_product_attention` with `local_window_size`, then the Pallas kernels (interpret mode on
+CPU) and the CPU kernel against the reference, on the awkward ragged batches of the kernel tests,
+with windows shorter than a block, of one block, spanning several and longer than any context.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_pallas_kernels import BF16, F32, INTERPRET, LAYER, assert_matches_reference, awkward_seqs, make_batch
+
+from pallas_kernels.backend import pallas_paged_attention
+from pallas_kernels.decode_attention import paged_decode_attention_kernel
+from pallas_kernels.paged_attention import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention_kernel
+
+WINDOWS = (1, 3, 16, 21, 45, 1000)
+
+
+def run_windowed(fn, batch, window, **kwargs):
+    step = jax.jit(lambda q, k, v, layer, md, window: fn(q, k, v, layer, md, batch.scale, window, **kwargs))
+    return step(*batch.args(), jnp.int32(window))
+
+
+def jax_windowed_oracle(batch, window: int) -> np.ndarray:
+    """Each row's queries over its whole context laid out in order, by `jax.nn.dot_product_attention`
+    with a causal mask and `local_window_size=(window - 1, 0)`; float32 `[T, heads, head_dim]`."""
+    md = batch.md
+    out = np.zeros(batch.q.shape, np.float32)
+    for row in range(md.block_tables.shape[0]):
+        n, ctx, start = (int(x[row]) for x in (md.query_lens, md.context_lens, md.query_start))
+        if n == 0:
+            continue
+        blocks = md.block_tables[row]
+        keys = batch.k_cache[LAYER][blocks].reshape(-1, *batch.k_cache.shape[3:])[:ctx]
+        values = batch.v_cache[LAYER][blocks].reshape(-1, *batch.v_cache.shape[3:])[:ctx]
+        # Queries sit at the context's last n positions: pad them in front to a square causal mask.
+        queries = jnp.zeros((ctx, *batch.q.shape[1:]), jnp.float32).at[ctx - n:].set(batch.q[start:start + n])
+        attended = jax.nn.dot_product_attention(
+            queries[None], keys[None].astype(jnp.float32), values[None].astype(jnp.float32),
+            scale=batch.scale, is_causal=True, local_window_size=(window - 1, 0), implementation="xla")
+        out[start:start + n] = np.asarray(attended[0, ctx - n:])
+    return out
+
+
+def real_rows(batch) -> np.ndarray:
+    mask = np.zeros(batch.q.shape[0], bool)
+    for start, n in zip(np.asarray(batch.md.query_start), np.asarray(batch.md.query_lens)):
+        mask[start:start + n] = True
+    return mask
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_reference_matches_jax_dot_product_attention(window, block_size):
+    batch = make_batch(window + block_size, awkward_seqs(block_size, chunk=37), num_heads=6, num_kv_heads=2,
+                       head_dim=32, block_size=block_size, num_blocks=200)
+    out = np.asarray(run_windowed(ragged_paged_attention, batch, window))
+    real = real_rows(batch)
+    np.testing.assert_allclose(out[real], jax_windowed_oracle(batch, window)[real], atol=2e-5, rtol=2e-5)
+
+
+def test_window_zero_or_beyond_every_context_is_full_attention():
+    batch = make_batch(7, awkward_seqs(16, chunk=37), num_heads=4, num_kv_heads=2, head_dim=32, block_size=16,
+                       num_blocks=64)
+    full = np.asarray(jax.jit(lambda *a: ragged_paged_attention(*a, batch.scale))(*batch.args()))
+    for window in (0, 10_000):
+        np.testing.assert_array_equal(np.asarray(run_windowed(ragged_paged_attention, batch, window)), full)
+
+
+def test_reference_windowed_token_independent_of_its_batch():
+    """A decode token's attention is the same bits alone and beside rows with longer contexts
+    (whose windows start later, so the loop over chunks starts elsewhere)."""
+    alone = make_batch(3, [(70, 1)], num_heads=4, num_kv_heads=2, head_dim=32, block_size=8, num_blocks=100)
+    crowded = make_batch(3, [(70, 1), (300, 1), (250, 40)], num_heads=4, num_kv_heads=2, head_dim=32,
+                         block_size=8, num_blocks=100)
+    # The same query and keys for the shared row: copy them over.
+    crowded.q = crowded.q.at[0].set(alone.q[0])
+    blocks_alone, blocks_crowded = alone.md.block_tables[0, :9], crowded.md.block_tables[0, :9]
+    crowded.k_cache = crowded.k_cache.at[LAYER, blocks_crowded].set(alone.k_cache[LAYER, blocks_alone])
+    crowded.v_cache = crowded.v_cache.at[LAYER, blocks_crowded].set(alone.v_cache[LAYER, blocks_alone])
+    a = np.asarray(run_windowed(ragged_paged_attention, alone, 20))[0]
+    b = np.asarray(run_windowed(ragged_paged_attention, crowded, 20))[0]
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("window", (1, 21, 45))
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
+def test_ragged_kernel_with_window(window, dtype):
+    batch = make_batch(window, awkward_seqs(16, chunk=24), num_heads=4, num_kv_heads=2, head_dim=64,
+                       block_size=16, num_blocks=32, dtype=dtype)
+    out = run_windowed(ragged_paged_attention_kernel, batch, window, interpret=INTERPRET, chunk_tokens=32)
+    assert_matches_reference(out, batch, dtype, window=window)
+
+
+@pytest.mark.parametrize("window", (3, 40))
+def test_decode_kernel_and_backend_with_window(window):
+    seqs = [(0, 1), (15, 1), (60, 1), (130, 1), (33, 20)]
+    batch = make_batch(window + 1, seqs, num_heads=8, num_kv_heads=2, head_dim=64, block_size=16, num_blocks=40)
+    rows = slice(0, 4)
+    queries = batch.q[batch.md.query_start[rows]]
+    decode = jax.jit(lambda q, k, v, bt, cl, w: paged_decode_attention_kernel(
+        q, k, v, jnp.int32(LAYER), bt, cl, batch.scale, w, num_splits=3, chunk_tokens=16, interpret=INTERPRET))
+    out = decode(queries, batch.k_cache, batch.v_cache, batch.md.block_tables[rows], batch.md.context_lens[rows],
+                 jnp.int32(window))
+    expected = np.asarray(run_windowed(ragged_paged_attention, batch, window))[np.asarray(batch.md.query_start[rows])]
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=2e-5)
+    whole = run_windowed(pallas_paged_attention, batch, window, interpret=INTERPRET)
+    assert_matches_reference(whole, batch, F32, window=window)
+
+
+# (block_size, heads, kv_heads, head_dim): blocks smaller and larger than the kernel's 16 lanes,
+# head_dims on its vector path and off it.
+CPU_SHAPES = [(16, 9, 3, 64), (8, 8, 2, 64), (4, 4, 2, 8), (32, 8, 1, 128)]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
+@pytest.mark.parametrize("window", (1, 5, 16, 37, 1000))
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "bs{}-h{}-kv{}-d{}".format(*s))
+def test_cpu_kernel_with_window(shape, window, cpu_kernels_built):
+    from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
+    from pallas_kernels.quantized_kv import QuantizedKV, quantize, storage_dtype
+
+    block_size, heads, kv_heads, head_dim = shape
+    batch = make_batch(window, awkward_seqs(block_size, chunk=37), num_heads=heads, num_kv_heads=kv_heads,
+                       head_dim=head_dim, block_size=block_size, num_blocks=160)
+    step = jax.jit(lambda q, k, v, layer, md, w: cpu_ragged_paged_attention(q, k, v, layer, md, batch.scale, w))
+    assert "jpaged_attention_" in step.lower(*batch.args(), jnp.int32(window)).as_text()
+    assert_matches_reference(run_windowed(cpu_ragged_paged_attention, batch, window), batch, F32, window=window)
+    # An int8 cache: the kernel against the reference over the same quantized cache.
+    k_cache, v_cache = (QuantizedKV(*quantize(c, storage_dtype("int8", c.dtype))) for c in (batch.k_cache, batch.v_cache))
+    q, _, _, layer, md = batch.args()
+    kernel = step(q, k_cache, v_cache, layer, md, jnp.int32(window))
+    expected = jax.jit(lambda *a: ragged_paged_attention(*a, batch.scale, jnp.int32(window)))(q, k_cache, v_cache,
+                                                                                            layer, md)
+    real = real_rows(batch)
+    np.testing.assert_allclose(np.asarray(kernel)[real], np.asarray(expected)[real], atol=2e-5, rtol=2e-5)
+
+
+# --- whole models against HF transformers ---------------------------------------------------------
+
+WINDOWED_MODELS = {
+    # Every layer windowed (Mistral's rule), GQA 4:1; block size 4, so windows span blocks.
+    "mistral": ("MistralConfig", dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=6)),
+    # The Qwen rule: layers from max_window_layers on, here the second of two.
+    "qwen2": ("Qwen2Config", dict(num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                  sliding_window=5, max_window_layers=1)),
+}
+
+
+@pytest.fixture(scope="module", params=list(WINDOWED_MODELS))
+def windowed_model(request, tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from hf_models import save_random_model
+
+    config_class, overrides = WINDOWED_MODELS[request.param]
+    config = getattr(transformers, config_class)(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **overrides)
+    folder = tmp_path_factory.mktemp(f"windowed_{request.param}")
+    return request.param, save_random_model(folder, config, seed=7), str(folder)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_windowed_models_match_hf(windowed_model, backend):
+    """Prompt logprobs and greedy tokens far past the window, whole and in prefill chunks of 8 (a
+    chunk's queries then reach back into earlier chunks' windows), equal HF's."""
+    from hf_models import hf_greedy, hf_logits
+
+    from jpaged import LLM, SamplingParams
+
+    name, model, folder = windowed_model
+    windows = {"mistral": (6, 6), "qwen2": (0, 5)}[name]
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(3, 256, 29).tolist()
+    expected = hf_logits(model, prompt)
+    expected = expected - np.logaddexp.reduce(expected, axis=-1, keepdims=True)
+    continuation = hf_greedy(model, prompt, 24)
+    for chunk in (128, 8):
+        llm = LLM(folder, dtype="float32", num_blocks=64, block_size=4, max_model_len=128, attention_backend=backend,
+                  max_num_batched_tokens=chunk, enable_prefix_caching=False)
+        assert llm.engine.model_config.sliding_windows == windows
+        params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, prompt_logprobs=5)
+        out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        assert list(out.outputs[0].token_ids) == continuation
+        for position, entry in enumerate(out.prompt_logprobs[1:], start=1):
+            tokens = list(entry)
+            np.testing.assert_allclose([entry[t].logprob for t in tokens], expected[position - 1][tokens],
+                                       atol=1e-4, rtol=1e-4)
