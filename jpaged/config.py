@@ -17,6 +17,7 @@ from jpaged.sampling_params import MAX_LOGPROBS, as_bool, is_integer
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
+    "Gemma3ForCausalLM": "gemma3",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
@@ -49,7 +50,7 @@ def _check_amount(config, name: str, allow_zero: bool = False) -> None:
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
-    scaling_type: str = "default"  # "default" or "llama3"
+    scaling_type: str = "default"  # "default", "linear" (positions divided by `factor`) or "llama3"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -60,12 +61,19 @@ class RopeConfig:
         # transformers 5 keeps theta and scaling in `rope_parameters`; older configs split them.
         params = dict(hf.get("rope_scaling") or {})
         params.update(hf.get("rope_parameters") or {})
-        theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        return cls.from_params(params, float(hf.get("rope_theta", 10000.0)))
+
+    @classmethod
+    def from_params(cls, params: dict, default_theta: float = 10000.0) -> RopeConfig:
+        """From one set of HF rope parameters (`rope_type`, `rope_theta`, `factor`, ...)."""
+        theta = float(params.get("rope_theta", default_theta))
         scaling_type = params.get("rope_type", params.get("type", "default")) or "default"
-        if scaling_type not in ("default", "llama3"):
-            raise ValueError(f"rope scaling type {scaling_type!r} is not supported (supported: default, llama3)")
+        if scaling_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"rope scaling type {scaling_type!r} is not supported (supported: default, linear, llama3)")
         if scaling_type == "default":
             return cls(theta=theta)
+        if scaling_type == "linear":
+            return cls(theta=theta, scaling_type="linear", factor=float(params["factor"]))
         return cls(
             theta=theta,
             scaling_type="llama3",
@@ -80,6 +88,8 @@ class RopeConfig:
         inv_freq = 1.0 / (self.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
         if self.scaling_type == "llama3":
             inv_freq = self._llama3_scale(inv_freq)
+        elif self.scaling_type == "linear":
+            inv_freq = inv_freq / self.factor
         return inv_freq.astype(np.float32)
 
     def _llama3_scale(self, inv_freq: np.ndarray) -> np.ndarray:
@@ -122,6 +132,20 @@ class ModelConfig:
     # Each layer's sliding attention window in tokens (0: it attends to the whole context); () when no
     # layer has one. A query at position p sees keys p - window + 1 .. p.
     sliding_windows: tuple[int, ...] = ()
+    # Gemma 3's differences from Llama (the defaults are Llama's): the gated MLP's activation
+    # ("silu" or "gelu_tanh"); norms scale by (offset + weight); embeddings are multiplied by
+    # `embedding_multiplier` (rounded to the model's dtype, as HF does); norms also after attention
+    # and after the MLP (`post_attention_norm` on attention's output, `pre_mlp_norm` before the
+    # MLP, `post_mlp_norm` on its output); queries scaled by `attention_scale` (None:
+    # head_dim ** -0.5); the windowed layers' own RoPE; logits soft-capped at
+    # `final_logit_softcapping` (cap * tanh(logits / cap)).
+    hidden_act: str = "silu"
+    norm_weight_offset: float = 0.0
+    embedding_multiplier: float = 1.0
+    sandwich_norms: bool = False
+    attention_scale: float | None = None
+    local_rope: RopeConfig | None = None
+    final_logit_softcapping: float | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -136,7 +160,7 @@ class ModelConfig:
                 f"architecture {archs or hf.get('model_type')!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
-        if hf.get("hidden_act", "silu") != "silu":
+        if arch != "gemma3" and hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (supported: silu)")
         for flag, what in (("attention_bias", "q / k / v / o projection biases"), ("mlp_bias", "MLP biases")):
             if hf.get(flag):
@@ -147,7 +171,7 @@ class ModelConfig:
         eos = (generation_config or {}).get("eos_token_id", hf.get("eos_token_id"))
         max_positions = int(hf.get("max_position_embeddings", 2048))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        return cls(
+        fields = dict(
             architecture=arch,
             vocab_size=int(hf["vocab_size"]),
             hidden_size=int(hf["hidden_size"]),
@@ -167,6 +191,7 @@ class ModelConfig:
             sliding_windows=layer_windows(arch, hf, max_positions),
             **ModelConfig._moe_fields(arch, hf),
         )
+        return cls(**{**fields, **(_gemma3_fields(hf) if arch == "gemma3" else {})})
 
     @staticmethod
     def _moe_fields(arch: str, hf: dict) -> dict:
@@ -203,6 +228,31 @@ class ModelConfig:
         return dict(num_experts=num_experts, **fields)
 
 
+def _gemma3_fields(hf: dict) -> dict:
+    """The `ModelConfig` fields of Gemma 3's text model (HF's `Gemma3TextConfig`, old and new
+    spellings of its RoPE settings); ValueError for what jpaged does not run (attention logit
+    soft-capping, bidirectional attention, activations other than tanh-approximated GELU)."""
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ValueError(f"gemma3: hidden_activation {act!r} is not supported (supported: gelu_pytorch_tanh)")
+    for flag, what in (("attn_logit_softcapping", "attention logit soft-capping"),
+                       ("use_bidirectional_attention", "bidirectional attention")):
+        if hf.get(flag):
+            raise ValueError(f"gemma3: {flag}={hf[flag]!r} ({what}) is not supported")
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        rope = RopeConfig.from_params(params.get("full_attention") or {}, 1_000_000.0)
+        local_rope = RopeConfig.from_params(params.get("sliding_attention") or {}, 10_000.0)
+    else:
+        rope = RopeConfig.from_params({**(hf.get("rope_scaling") or {}), **params}, float(hf.get("rope_theta", 1e6)))
+        local_rope = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10_000.0)))
+    cap = hf.get("final_logit_softcapping")
+    return dict(hidden_act="gelu_tanh", norm_weight_offset=1.0, embedding_multiplier=float(hf["hidden_size"]) ** 0.5,
+                sandwich_norms=True, attention_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+                rope=rope, local_rope=local_rope, qk_norm=True,
+                final_logit_softcapping=float(cap) if cap else None)
+
+
 def layer_windows(arch: str, hf: dict, max_positions: int) -> tuple[int, ...]:
     """Each layer's sliding window (0: none) as HF's modeling code applies them, or () where no
     layer's window is shorter than `max_positions`.
@@ -225,6 +275,9 @@ def layer_windows(arch: str, hf: dict, max_positions: int) -> tuple[int, ...]:
         windowed = [kind == "sliding_attention" for kind in layer_types]
     elif arch in ("mistral", "mixtral"):
         windowed = [True] * num_layers
+    elif arch == "gemma3":  # configs from before `layer_types`: every `sliding_window_pattern`-th layer is global
+        pattern = int(hf.get("sliding_window_pattern", 6))
+        windowed = [(i + 1) % pattern != 0 for i in range(num_layers)]
     elif hf.get("use_sliding_window", False):
         first = int(hf.get("max_window_layers", num_layers))
         windowed = [i >= first for i in range(num_layers)]

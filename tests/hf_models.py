@@ -46,17 +46,19 @@ def save_word_level_tokenizer(folder: str | Path, vocab_size: int) -> None:
 
 
 def randomize_weights(model: torch.nn.Module, seed: int, std: float = 0.2) -> None:
-    """Draw every parameter afresh: normal(0, std), norm scales normal(1, std).
+    """Draw every parameter afresh: normal(0, std), norm scales normal(1, std) (Gemma's, which
+    scale by 1 + weight, normal(0, std)).
 
     HF initialises norm weights to one and biases to zero, which would let a loader that drops
     them (or a model that skips them) pass a parity test; random values make both count.
     """
     generator = torch.Generator().manual_seed(seed)
+    norm_center = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, param in model.named_parameters():  # tied weights appear once
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
             is_norm_scale = name.endswith("norm.weight")
-            param.copy_((1.0 + noise) if is_norm_scale else noise)
+            param.copy_((norm_center + noise) if is_norm_scale else noise)
 
 
 def save_random_model(folder: str | Path, config, seed: int = 0, std: float = 0.2):

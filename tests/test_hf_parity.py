@@ -9,7 +9,10 @@ biases included), saves it with `save_pretrained`, loads the folder with `jpaged
 Between them the cases cover GQA 2:1, MHA, GQA 8:1, tied and untied lm_head, llama3 rope
 scaling, QKV bias (Qwen2) and q/k RMSNorm with an explicit head_dim (Qwen3), and mixtures of
 experts: Mixtral (top-2 of 8, renormalised), Qwen3-MoE (top-3 of 6, `norm_topk_prob`) and
-Qwen2-MoE (top-2 of 8 left as softmax probabilities) with its sigmoid-gated shared expert. The
+Qwen2-MoE (top-2 of 8 left as softmax probabilities) with its sigmoid-gated shared expert; and
+Gemma 3 (GELU, (1 + w) norms before and after attention and the MLP, scaled embeddings, a query
+scale of its own, a sliding-window layer with its own RoPE beside a global one with linear RoPE
+scaling, soft-capped logits). The
 MoE oracles are checked to route tokens to most experts, so wrong routing cannot hide behind one
 favourite expert.
 """
@@ -94,6 +97,12 @@ CASES = {
                                          num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                          shared_expert_intermediate_size=96, norm_topk_prob=False,
                                          tie_word_embeddings=False, use_sliding_window=False)),
+    # Gemma 3: a windowed local layer (window 6, so the longer prompts reach past it) and a global one.
+    "gemma3": ("Gemma3TextConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                        query_pre_attn_scalar=24, sliding_window=6,
+                                        layer_types=["sliding_attention", "full_attention"],
+                                        rope_scaling={"rope_type": "linear", "factor": 4.0},
+                                        final_logit_softcapping=30.0, pad_token_id=0, tie_word_embeddings=False)),
 }
 MOE_CASES = ("mixtral", "qwen3_moe", "qwen2_moe")
 
@@ -178,10 +187,15 @@ def test_config_reaches_engine(case, llm):
         assert saved["rope_parameters"]["rope_type"] == "llama3"
         assert cfg.rope.scaling_type == "llama3" and cfg.rope.factor == 8.0
         assert cfg.rope.original_max_position_embeddings == 64
+    elif case.name == "gemma3":
+        assert saved["rope_parameters"]["full_attention"]["rope_type"] == "linear"
+        assert (cfg.rope.scaling_type, cfg.rope.factor, cfg.rope.theta) == ("linear", 4.0, 1e6)
+        assert cfg.local_rope.theta == 1e4 and cfg.sliding_windows == (6, 0)
+        assert cfg.sandwich_norms and cfg.hidden_act == "gelu_tanh" and cfg.final_logit_softcapping == 30.0
     else:
         assert cfg.rope.scaling_type == "default"
     assert cfg.qkv_bias == case.name.startswith("qwen2")
-    assert cfg.qk_norm == case.name.startswith("qwen3")
+    assert cfg.qk_norm == case.name.startswith(("qwen3", "gemma3"))
     assert cfg.is_moe == (case.name in MOE_CASES)
     if cfg.is_moe:
         assert cfg.num_experts == hf_cfg.num_experts and cfg.num_experts_per_tok == hf_cfg.num_experts_per_tok

@@ -30,6 +30,8 @@ from jpaged.models.quantization import QUANTIZED_PARAMS, quantize, scale_name, s
 _LAYER_TENSORS = {
     "input_layernorm.weight": ("input_norm", False),
     "post_attention_layernorm.weight": ("post_attention_norm", False),
+    "pre_feedforward_layernorm.weight": ("pre_mlp_norm", False),  # Gemma's norms before and after the MLP
+    "post_feedforward_layernorm.weight": ("post_mlp_norm", False),
     "self_attn.qkv_proj.weight": ("qkv_proj", True),  # joined by fuse_projections
     "self_attn.qkv_proj.bias": ("qkv_bias", False),
     "mlp.gate_up_proj.weight": ("gate_up_proj", True),

@@ -1,5 +1,6 @@
 """The Llama family as one Flax NNX model: Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (q/k norm),
-and their mixture-of-experts kin Mixtral, Qwen2-MoE and Qwen3-MoE (the MLP is `moe.sparse_moe`).
+Gemma 3 (GELU, norms around attention and the MLP, scaled embeddings, local and global layers),
+and the mixture-of-experts kin Mixtral, Qwen2-MoE and Qwen3-MoE (the MLP is `moe.sparse_moe`).
 
 Each decoder layer keeps its own weight arrays. The decoder is one `lax.scan` over the layer
 index whose body picks the layer's projections with `lax.switch` (one branch per layer, each
@@ -38,10 +39,16 @@ def _param(shape, dtype) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype))
 
 
-def rms_norm(x, weight, eps):
+def rms_norm(x, weight, eps, offset: float = 0.0):
+    """RMSNorm of `x [..., d]` scaled by `offset + weight [d]` (Gemma's norms store weight - 1),
+    computed in float32 and returned in x's dtype."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (weight.astype(jnp.float32) * normed).astype(x.dtype)
+    scale = weight.astype(jnp.float32)
+    return ((scale + offset if offset else scale) * normed).astype(x.dtype)
+
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": partial(jax.nn.gelu, approximate=True)}
 
 
 def float_matmul(x, w, transposed: bool = False):
@@ -139,6 +146,9 @@ class DecoderLayer(nnx.Module):
             self.q_norm = param(cfg.head_dim)
             self.k_norm = param(cfg.head_dim)
         self.post_attention_norm = param(h)
+        if cfg.sandwich_norms:
+            self.pre_mlp_norm = param(h)
+            self.post_mlp_norm = param(h)
         if cfg.is_moe:
             self._init_moe(cfg, param)
         elif can_fuse(formats, "gate_up_proj"):
@@ -246,14 +256,19 @@ class LlamaForCausalLM(nnx.Module):
         hidden = self.embed_tokens[...][token_ids]
         if hidden.dtype == jnp.uint8:  # GGML block rows
             kind = block_format(hidden, self.cfg.hidden_size, self.block_kinds)
-            return dequantize_blocks(hidden, kind).astype(self.norm.dtype)
+            hidden = dequantize_blocks(hidden, kind).astype(self.norm.dtype)
         if hasattr(self, "embed_tokens_scale"):  # each row a quantized weight [1, hidden] of its own
             scale = self.embed_tokens_scale[...][token_ids]
-            return dequantize(hidden[..., None, :], scale[..., None, :], self.norm.dtype)[..., 0]
+            hidden = dequantize(hidden[..., None, :], scale[..., None, :], self.norm.dtype)[..., 0]
+        if self.cfg.embedding_multiplier != 1.0:
+            return hidden * jnp.asarray(self.cfg.embedding_multiplier, hidden.dtype)
         return hidden
 
     def final_norm(self, hidden):
-        return rms_norm(hidden, self.norm[...], self.cfg.rms_norm_eps)
+        return self._norm(hidden, self.norm[...])
+
+    def _norm(self, x, weight):
+        return rms_norm(x, weight, self.cfg.rms_norm_eps, self.cfg.norm_weight_offset)
 
     def decode(self, hidden, positions, kv_cache, md: AttentionMetadata, layer_weights, first_layer=0):
         """Run `hidden [T, hidden]` through the layers whose weight dicts are `layer_weights` (a
@@ -261,16 +276,23 @@ class LlamaForCausalLM(nnx.Module):
         the whole model's cache."""
         cfg = self.cfg
         rope = rope_angles(positions, jnp.asarray(cfg.rope.inv_freq(cfg.head_dim)))
+        if cfg.local_rope is not None:
+            local_rope = rope_angles(positions, jnp.asarray(cfg.local_rope.inv_freq(cfg.head_dim)))
         qkv = [partial(self._qkv, weights) for weights in layer_weights]
         out_and_mlp = [partial(self._out_and_mlp, weights) for weights in layer_weights]
         windows = jnp.asarray(cfg.sliding_windows, jnp.int32) if cfg.sliding_windows else None
+        scale = cfg.attention_scale or cfg.head_dim**-0.5
 
         def layer_step(carry, index):
             hidden, k_cache, v_cache = carry
-            q, k, v = jax.lax.switch(index, qkv, hidden, rope)
             layer = first_layer + index
-            attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, cfg.head_dim**-0.5,
-                                                        window=None if windows is None else windows[layer])
+            window = None if windows is None else windows[layer]
+            layer_rope = rope
+            if cfg.local_rope is not None:  # the windowed layers' own rotation
+                windowed = window > 0 if window is not None else False
+                layer_rope = tuple(jnp.where(windowed, local, full) for local, full in zip(local_rope, rope))
+            q, k, v = jax.lax.switch(index, qkv, hidden, layer_rope)
+            attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, scale, window=window)
             hidden = jax.lax.switch(index, out_and_mlp, hidden, attended)
             return (hidden, k_cache, v_cache), None
 
@@ -282,27 +304,33 @@ class LlamaForCausalLM(nnx.Module):
         """One layer's roped `q [T, heads, head_dim]`, `k` and `v [T, kv_heads, head_dim]`."""
         cfg = self.cfg
         num_tokens = hidden.shape[0]
-        x = rms_norm(hidden, weights["input_norm"], cfg.rms_norm_eps)
+        x = self._norm(hidden, weights["input_norm"])
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q, k, v = self._fused_linear(x, weights, "qkv_proj", (q_dim, kv_dim, kv_dim))
         q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
         k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
-            q = rms_norm(q, weights["q_norm"], cfg.rms_norm_eps)
-            k = rms_norm(k, weights["k_norm"], cfg.rms_norm_eps)
+            q = self._norm(q, weights["q_norm"])
+            k = self._norm(k, weights["k_norm"])
         return apply_rope(q, *rope), apply_rope(k, *rope), v
 
     def _out_and_mlp(self, weights, hidden, attended):
         """`hidden [T, hidden]` after one layer's output projection of `attended [T, heads,
         head_dim]` and its MLP, each added to the residual stream."""
         cfg = self.cfg
-        hidden = hidden + self._linear(attended.reshape(hidden.shape[0], -1), weights, "o_proj")
-        mlp_in = rms_norm(hidden, weights["post_attention_norm"], cfg.rms_norm_eps)
+        out = self._linear(attended.reshape(hidden.shape[0], -1), weights, "o_proj")
+        if cfg.sandwich_norms:  # Gemma: HF's post_attention_layernorm is on attention's output
+            hidden = hidden + self._norm(out, weights["post_attention_norm"])
+            mlp_in = self._norm(hidden, weights["pre_mlp_norm"])
+        else:  # Llama: HF's post_attention_layernorm is the MLP's input norm
+            hidden = hidden + out
+            mlp_in = self._norm(hidden, weights["post_attention_norm"])
         if cfg.is_moe:
             return hidden + self.moe(mlp_in, _dequantized(weights, mlp_in.dtype), cfg)
         gate, up = self._fused_linear(mlp_in, weights, "gate_up_proj", (cfg.intermediate_size,) * 2)
-        return hidden + self._linear(jax.nn.silu(gate) * up, weights, "down_proj")
+        mlp_out = self._linear(ACTIVATIONS[cfg.hidden_act](gate) * up, weights, "down_proj")
+        return hidden + (self._norm(mlp_out, weights["post_mlp_norm"]) if cfg.sandwich_norms else mlp_out)
 
     def _linear(self, x, weights, name):
         """`x [T, in]` times the layer's projection `name` (`[T, out]`), quantized or not, plus
@@ -334,7 +362,9 @@ class LlamaForCausalLM(nnx.Module):
         """Float32 logits `[N, vocab]` of final hidden states `[N, hidden]` (its ops named in the
         `lm_head` scope, for profiles)."""
         with jax.named_scope("lm_head"):
-            return self._logits(hidden)
+            logits = self._logits(hidden)
+        cap = self.cfg.final_logit_softcapping
+        return logits if cap is None else jnp.tanh(logits / cap) * cap
 
     def _logits(self, hidden):
         if self.cfg.tie_word_embeddings and self.embed_tokens.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
