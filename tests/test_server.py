@@ -904,6 +904,18 @@ def test_streamed_completion_logprobs_equal_the_whole_response(server):
     assert whole.text_offset == [sum(lengths[:i]) for i in range(len(lengths))]
     chunks = [chunk.choices[0] for chunk in client.completions.create(**request, stream=True) if chunk.choices]
     assert [x for c in chunks if c.logprobs for x in c.logprobs.text_offset] == whole.text_offset
+    # the same where the echoed prompt ends in a byte token and the output is byte tokens (forced by
+    # logit_bias on the bytes of "東"), with and without echo
+    byte_ids = server.post("/tokenize", {"prompt": "東", "add_special_tokens": False}).json()["tokens"][-3:]
+    for echo in (True, False):
+        request = dict(model="stories", prompt="Tom saw 東京", max_tokens=5, temperature=0, logprobs=1, echo=echo,
+                       logit_bias={str(token): 100 for token in byte_ids})
+        whole = client.completions.create(**request).choices[0].logprobs
+        assert sum(token.startswith("bytes:") for token in whole.tokens) >= (11 if echo else 5)
+        lengths = [1 if token.startswith("bytes:") else len(token) for token in whole.tokens]
+        assert whole.text_offset == [sum(lengths[:i]) for i in range(len(lengths))]
+        chunks = [chunk.choices[0] for chunk in client.completions.create(**request, stream=True) if chunk.choices]
+        assert [x for c in chunks if c.logprobs for x in c.logprobs.text_offset] == whole.text_offset
 
 
 def test_null_max_tokens_is_the_rest_of_the_context_and_refusals_say_where(server):

@@ -21,7 +21,7 @@ from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
 from jpaged.server.errors import APIError, bad_request
-from jpaged.server.logprobs import completion_logprobs, prompt_logprobs
+from jpaged.server.logprobs import completion_logprobs, prompt_logprobs, text_length
 from jpaged.server.params import completion_params, constraint_field, resolve_max_tokens
 from jpaged.server.prompts import Prompt, completion_prompts, truncated
 from jpaged.server.protocol import (
@@ -111,7 +111,7 @@ def _choice(request: CompletionRequest, tokenizer: Any, prompt_index: int, promp
     logprobs = None
     if request.logprobs is not None:
         logprobs = completion_logprobs(tokenizer, choice.token_ids, choice.logprobs or [],
-                                       _offset_after(echoed, echoed_logprobs))
+                                       _offset_after(tokenizer, prompt, echoed, echoed_logprobs))
         if echoed_logprobs is not None:
             logprobs = _joined(echoed_logprobs, logprobs)
     return CompletionChoice(index=index, text=echoed + choice.text, logprobs=logprobs,
@@ -151,7 +151,8 @@ async def _stream(request: CompletionRequest, state: ServerState, model: str, re
                     sent = progress[index] = ChoiceProgress()
                     if request.echo:
                         echoed, echoed_logprobs = _echo(request, tokenizer, prompts[prompt_index], output)
-                        sent.token_offset = _offset_after(echoed, echoed_logprobs)
+                        sent.token_offset = _offset_after(tokenizer, prompts[prompt_index], echoed,
+                                                          echoed_logprobs)
                 event = _choice_chunk(request, tokenizer, sent, choice, index, echoed, echoed_logprobs)
                 if event is not None:
                     yield chunk([event], chunk_usage(request, len(prompts[prompt_index].token_ids),
@@ -175,13 +176,13 @@ def _echo(request: CompletionRequest, tokenizer: Any, prompt: Prompt,
         tokenizer, prompt.token_ids, output.prompt_logprobs or [None] * len(prompt.token_ids), top=request.logprobs)
 
 
-def _offset_after(echoed: str, echoed_logprobs: CompletionLogprobs | None) -> int:
+def _offset_after(tokenizer: Any, prompt: Prompt, echoed: str, echoed_logprobs: CompletionLogprobs | None) -> int:
     """The `text_offset` of the first generated token: the echoed prompt tokens' offsets run on
-    (each token's string length, as vLLM counts them, which differs from the text's length where a
-    character spans tokens), else the echoed text's length."""
+    (`text_length`, as vLLM counts them, which differs from the text's length where a character
+    spans tokens), else the echoed text's length."""
     if echoed_logprobs is None or not echoed_logprobs.tokens:
         return len(echoed)
-    return echoed_logprobs.text_offset[-1] + len(echoed_logprobs.tokens[-1])
+    return echoed_logprobs.text_offset[-1] + text_length(tokenizer, prompt.token_ids[-1:])
 
 
 def _choice_chunk(request: CompletionRequest, tokenizer: Any, sent: ChoiceProgress, choice: CompletionOutput,
@@ -196,7 +197,7 @@ def _choice_chunk(request: CompletionRequest, tokenizer: Any, sent: ChoiceProgre
     logprobs = None
     if request.logprobs is not None and (token_ids or echoed_logprobs is not None):
         logprobs = completion_logprobs(tokenizer, token_ids, entries, sent.token_offset)
-        sent.token_offset += sum(len(token) for token in logprobs.tokens)
+        sent.token_offset += text_length(tokenizer, token_ids)
         if echoed_logprobs is not None:
             logprobs = _joined(echoed_logprobs, logprobs)
     if not text and logprobs is None and not choice.finished():

@@ -63,6 +63,12 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict
     return result
 
 
+def text_length(tokenizer: Any, token_ids: list[int]) -> int:
+    """How far `text_offset` runs over `token_ids`: the length of each token's own text, a part of
+    a character counting as the one U+FFFD it decodes to (not as its `bytes:` name)."""
+    return sum(len(token_text(tokenizer, token_id)) for token_id in token_ids)
+
+
 def legacy_token(tokenizer: Any, token_id: int, text: str) -> str:
     """`token_id`'s name in the completions shape: its `text`, or, for a token that holds part of a
     character (its text shows U+FFFD in its place), `bytes:` and its bytes as `\\xNN` escapes."""
