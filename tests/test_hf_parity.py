@@ -271,3 +271,28 @@ def test_greedy_matches_hf(case, llm):
 def test_greedy_with_chunked_prefill_matches_hf(case):
     chunked = LLM(model=case.folder, **engine_kwargs(max_num_batched_tokens=8))
     assert_same_greedy(case, jpaged_greedy(chunked, case.prompts), case.continuations)
+
+
+def test_gemma3_hub_config_read_as_hf_reads_it():
+    """A Gemma 3 config.json in the Hub's older spelling (`rope_theta`, `rope_local_base_freq`,
+    `rope_scaling`, `sliding_window_pattern`, no `layer_types`): jpaged's layer windows and RoPE
+    are what HF's own config class makes of it."""
+    from jpaged.config import ModelConfig
+
+    hub = dict(architectures=["Gemma3ForCausalLM"], model_type="gemma3_text", vocab_size=262144, hidden_size=1152,
+               intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+               head_dim=256, max_position_embeddings=32768, query_pre_attn_scalar=256, sliding_window=512,
+               sliding_window_pattern=6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+               rope_scaling={"rope_type": "linear", "factor": 8.0}, hidden_activation="gelu_pytorch_tanh",
+               final_logit_softcapping=None, attn_logit_softcapping=None, rms_norm_eps=1e-6, bos_token_id=2,
+               eos_token_id=1)
+    ours = ModelConfig.from_hf(hub)
+    theirs = transformers.Gemma3TextConfig(**{k: v for k, v in hub.items() if k != "architectures"})
+    assert ours.sliding_windows == tuple(512 if kind == "sliding_attention" else 0 for kind in theirs.layer_types)
+    assert ours.sliding_windows.count(0) == 4  # layers 5, 11, 17 and 23 are global
+    full, local = theirs.rope_parameters["full_attention"], theirs.rope_parameters["sliding_attention"]
+    assert (ours.rope.theta, ours.rope.scaling_type, ours.rope.factor) == (full["rope_theta"], "linear", full["factor"])
+    assert (ours.local_rope.theta, ours.local_rope.scaling_type) == (local["rope_theta"], "default")
+    assert ours.attention_scale == theirs.query_pre_attn_scalar**-0.5 and ours.final_logit_softcapping is None
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        ModelConfig.from_hf({**hub, "attn_logit_softcapping": 50.0})
