@@ -87,9 +87,10 @@ class LLMEngine:
                            "past it are refused (%s)", len(self.tokenizer), self.model_config.vocab_size, hint)
         if config.compile_warmup:
             self.warm_up()
-        self.eos_token_ids = set(self.model_config.eos_token_ids)
-        if getattr(self.tokenizer, "eos_token_id", None) is not None:
-            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        # The tokenizer's EOS ends a sequence with no stop_reason; the model's other EOS ids (its
+        # generation config's) end it as stop tokens do, their id the stop_reason (vLLM's reading).
+        self.primary_eos = getattr(self.tokenizer, "eos_token_id", None)
+        self.eos_token_ids = set(self.model_config.eos_token_ids) | ({self.primary_eos} - {None})
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
         self.max_model_len = self._fit_to_cache(self.max_model_len)
         self.block_manager = BlockManager(
@@ -509,7 +510,7 @@ class LLMEngine:
             seq.finish("abort")
         elif token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             detokenizer.finish(stop_token=token)
-            eos = not params.ignore_eos and token in self.eos_token_ids  # EOS first, as vLLM checks: no stop_reason
+            eos = not params.ignore_eos and token == self.primary_eos  # EOS first, as vLLM checks: no stop_reason
             seq.finish("stop", None if eos else token)
         elif (stop := detokenizer.add(token)) is not None:
             seq.finish("stop", stop)

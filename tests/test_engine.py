@@ -429,11 +429,13 @@ def test_eos_from_generation_config_ends_generation_unless_ignored(stories_path,
     llm = LLM(str(folder), num_blocks=64)
     stopped = llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0]
     assert stopped.token_ids == GOLDEN_FROM_BOS[:6]
-    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", None)
-    # EOS listed in stop_token_ids too: EOS is checked first (vLLM's order), so no stop_reason
+    # vLLM's reading: the generation config's EOS ids other than the tokenizer's are stop tokens,
+    # which name themselves as the stop_reason; the tokenizer's own EOS (checked first) has none
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", eos)
+    assert llm.engine.primary_eos == 2 and llm.engine.eos_token_ids == {2, eos}
     both = llm.generate({"prompt_token_ids": [1]}, SamplingParams(temperature=0.0, max_tokens=32, stop_token_ids=[eos]),
                         use_tqdm=False)[0].outputs[0]
-    assert (both.token_ids, both.finish_reason, both.stop_reason) == (GOLDEN_FROM_BOS[:6], "stop", None)
+    assert (both.token_ids, both.finish_reason, both.stop_reason) == (GOLDEN_FROM_BOS[:6], "stop", eos)
     ignored = llm.generate({"prompt_token_ids": [1]}, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True),
                            use_tqdm=False)[0].outputs[0]
     assert ignored.token_ids == GOLDEN_FROM_BOS
