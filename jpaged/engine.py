@@ -42,6 +42,7 @@ from jpaged.sampling_params import (
     is_integer,
     logprob_cap,
     truncated_prompt,
+    unicode_text,
 )
 from jpaged.scheduler import Scheduler, check_priority
 from jpaged.sequence import Request, Sequence
@@ -262,7 +263,7 @@ class LLMEngine:
                 raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
+            return prompt, self.tokenizer.encode(unicode_text("prompt", prompt))
         if isinstance(prompt, list):
             return None, _token_ids(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")

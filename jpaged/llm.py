@@ -23,7 +23,7 @@ from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
-from jpaged.sampling_params import BeamSearchParams, SamplingParams, is_integer
+from jpaged.sampling_params import BeamSearchParams, SamplingParams, is_integer, unicode_text
 
 
 def engine_config(model: str | None, speculative_config: dict | None = None, **kwargs) -> EngineConfig:
@@ -189,7 +189,8 @@ class LLM:
             raise ValueError("continue_final_message continues the final message: it needs add_generation_prompt=False")
         texts = [chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs,
                            continue_final_message) for conversation in conversations]
-        prompts = [{"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+        prompts = [{"prompt": text, "prompt_token_ids": tokenizer.encode(unicode_text("the rendered chat", text),
+                                                                         add_special_tokens=False)}
                    for text in texts]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 

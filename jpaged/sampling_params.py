@@ -101,6 +101,17 @@ def _as_logit_bias(value: object) -> dict[int, float] | None:
     return bias or None
 
 
+def unicode_text(field: str, text: str) -> str:
+    """`text`, or ValueError naming `field` where it holds a lone UTF-16 surrogate (not Unicode
+    text, so no tokenizer takes it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{field} holds {text[err.start:err.end]!r} at character {err.start}, a lone UTF-16 "
+                         "surrogate, which is not Unicode text") from None
+    return text
+
+
 def as_bool(field: str, value: object) -> bool:
     """Return ``value`` if it is a bool, or raise naming ``field``."""
     if not isinstance(value, bool):
@@ -121,6 +132,7 @@ def _as_strings(field: str, value: object) -> list[str]:
             raise TypeError(f"{field} must contain only strings, got {item!r} ({type(item).__name__})")
         if not item:
             raise ValueError(f"{field} strings must be non-empty, got ''")
+        unicode_text(field, item)
     return list(items)
 
 

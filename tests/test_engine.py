@@ -219,6 +219,14 @@ def test_generate_rejects_bad_prompt_and_keeps_serving(llm):
             llm.generate(bad, GREEDY, use_tqdm=False)
     with pytest.raises(TypeError, match="priority must be a list of ints, one per prompt; got int 3"):
         llm.generate(["Once"], GREEDY, priority=3, use_tqdm=False)
+    # a lone UTF-16 surrogate is not text any tokenizer takes
+    with pytest.raises(ValueError, match=r"prompt 1: prompt holds '\\ud800' at character 5, a lone UTF-16 surrogate"):
+        llm.generate(["Once", "Once \ud800 upon"], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="the rendered chat holds .* a lone UTF-16 surrogate"):
+        llm.chat([{"role": "user", "content": "Hi \udc00"}], GREEDY, use_tqdm=False,
+                 chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")
+    with pytest.raises(ValueError, match="bad_words holds"):
+        SamplingParams(bad_words=["fine", "\ud800"])
     assert all_blocks_free(llm)
     assert llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == GOLDEN_FROM_BOS
 
