@@ -17,6 +17,7 @@ from jpaged.sampling_params import MAX_LOGPROBS, as_bool, is_integer
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
+    "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
@@ -132,13 +133,13 @@ class ModelConfig:
     # Each layer's sliding attention window in tokens (0: it attends to the whole context); () when no
     # layer has one. A query at position p sees keys p - window + 1 .. p.
     sliding_windows: tuple[int, ...] = ()
-    # Gemma 3's differences from Llama (the defaults are Llama's): the gated MLP's activation
+    # Gemma 2 and 3's differences from Llama (the defaults are Llama's): the gated MLP's activation
     # ("silu" or "gelu_tanh"); norms scale by (offset + weight); embeddings are multiplied by
     # `embedding_multiplier` (rounded to the model's dtype, as HF does); norms also after attention
     # and after the MLP (`post_attention_norm` on attention's output, `pre_mlp_norm` before the
     # MLP, `post_mlp_norm` on its output); queries scaled by `attention_scale` (None:
-    # head_dim ** -0.5); the windowed layers' own RoPE; logits soft-capped at
-    # `final_logit_softcapping` (cap * tanh(logits / cap)).
+    # head_dim ** -0.5); the windowed layers' own RoPE; attention scores and logits soft-capped at
+    # `attn_logit_softcapping` and `final_logit_softcapping` (cap * tanh(x / cap)).
     hidden_act: str = "silu"
     norm_weight_offset: float = 0.0
     embedding_multiplier: float = 1.0
@@ -146,6 +147,7 @@ class ModelConfig:
     attention_scale: float | None = None
     local_rope: RopeConfig | None = None
     final_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -160,7 +162,7 @@ class ModelConfig:
                 f"architecture {archs or hf.get('model_type')!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
-        if arch != "gemma3" and hf.get("hidden_act", "silu") != "silu":
+        if not arch.startswith("gemma") and hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (supported: silu)")
         for flag, what in (("attention_bias", "q / k / v / o projection biases"), ("mlp_bias", "MLP biases")):
             if hf.get(flag):
@@ -191,7 +193,7 @@ class ModelConfig:
             sliding_windows=layer_windows(arch, hf, max_positions),
             **ModelConfig._moe_fields(arch, hf),
         )
-        return cls(**{**fields, **(_gemma3_fields(hf) if arch == "gemma3" else {})})
+        return cls(**{**fields, **(_gemma_fields(arch, hf) if arch.startswith("gemma") else {})})
 
     @staticmethod
     def _moe_fields(arch: str, hf: dict) -> dict:
@@ -228,17 +230,22 @@ class ModelConfig:
         return dict(num_experts=num_experts, **fields)
 
 
-def _gemma3_fields(hf: dict) -> dict:
-    """The `ModelConfig` fields of Gemma 3's text model (HF's `Gemma3TextConfig`, old and new
-    spellings of its RoPE settings); ValueError for what jpaged does not run (attention logit
-    soft-capping, bidirectional attention, activations other than tanh-approximated GELU)."""
+def _gemma_fields(arch: str, hf: dict) -> dict:
+    """The `ModelConfig` fields of Gemma 2 (HF's `Gemma2Config`) and Gemma 3's text model
+    (`Gemma3TextConfig`, old and new spellings of its RoPE settings); ValueError for what jpaged
+    does not run (bidirectional attention, activations other than tanh-approximated GELU)."""
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ValueError(f"gemma3: hidden_activation {act!r} is not supported (supported: gelu_pytorch_tanh)")
-    for flag, what in (("attn_logit_softcapping", "attention logit soft-capping"),
-                       ("use_bidirectional_attention", "bidirectional attention")):
-        if hf.get(flag):
-            raise ValueError(f"gemma3: {flag}={hf[flag]!r} ({what}) is not supported")
+        raise ValueError(f"{arch}: hidden_activation {act!r} is not supported (supported: gelu_pytorch_tanh)")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{arch}: use_bidirectional_attention=True (bidirectional attention) is not supported")
+    defaults = {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0} if arch == "gemma2" else {}
+    caps = {name: float(cap) if (cap := hf.get(name, defaults.get(name))) else None
+            for name in ("final_logit_softcapping", "attn_logit_softcapping")}
+    common = dict(hidden_act="gelu_tanh", norm_weight_offset=1.0, embedding_multiplier=float(hf["hidden_size"]) ** 0.5,
+                  sandwich_norms=True, attention_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5, **caps)
+    if arch == "gemma2":
+        return common
     params = hf.get("rope_parameters") or {}
     if "full_attention" in params or "sliding_attention" in params:
         rope = RopeConfig.from_params(params.get("full_attention") or {}, 1_000_000.0)
@@ -246,11 +253,7 @@ def _gemma3_fields(hf: dict) -> dict:
     else:
         rope = RopeConfig.from_params({**(hf.get("rope_scaling") or {}), **params}, float(hf.get("rope_theta", 1e6)))
         local_rope = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10_000.0)))
-    cap = hf.get("final_logit_softcapping")
-    return dict(hidden_act="gelu_tanh", norm_weight_offset=1.0, embedding_multiplier=float(hf["hidden_size"]) ** 0.5,
-                sandwich_norms=True, attention_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
-                rope=rope, local_rope=local_rope, qk_norm=True,
-                final_logit_softcapping=float(cap) if cap else None)
+    return dict(common, rope=rope, local_rope=local_rope, qk_norm=True)
 
 
 def layer_windows(arch: str, hf: dict, max_positions: int) -> tuple[int, ...]:
@@ -275,8 +278,8 @@ def layer_windows(arch: str, hf: dict, max_positions: int) -> tuple[int, ...]:
         windowed = [kind == "sliding_attention" for kind in layer_types]
     elif arch in ("mistral", "mixtral"):
         windowed = [True] * num_layers
-    elif arch == "gemma3":  # configs from before `layer_types`: every `sliding_window_pattern`-th layer is global
-        pattern = int(hf.get("sliding_window_pattern", 6))
+    elif arch.startswith("gemma"):  # configs from before `layer_types`: every `sliding_window_pattern`-th layer
+        pattern = int(hf.get("sliding_window_pattern", 6 if arch == "gemma3" else 2))  # is global
         windowed = [(i + 1) % pattern != 0 for i in range(num_layers)]
     elif hf.get("use_sliding_window", False):
         first = int(hf.get("max_window_layers", num_layers))

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string_view>
 #include <thread>
 #include <type_traits>
 
@@ -283,6 +284,15 @@ inline const char* FrameProblem(const XLA_FFI_CallFrame* frame, int64_t args, in
 }
 
 inline const XLA_FFI_Buffer* Buffer(void* p) { return static_cast<const XLA_FFI_Buffer*>(p); }
+
+// The scalar attribute `name`, or nullptr.
+inline const XLA_FFI_Scalar* ScalarAttr(const XLA_FFI_CallFrame* frame, std::string_view name) {
+  for (int64_t i = 0; i < frame->attrs.size; ++i) {
+    const XLA_FFI_ByteSpan* key = frame->attrs.names[i];
+    if (std::string_view(key->ptr, key->len) == name) return static_cast<const XLA_FFI_Scalar*>(frame->attrs.attrs[i]);
+  }
+  return nullptr;
+}
 
 inline const int32_t* Int32s(const XLA_FFI_Buffer* b) { return static_cast<const int32_t*>(b->data); }
 

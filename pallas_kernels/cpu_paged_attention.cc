@@ -180,7 +180,7 @@ template <typename Q, typename C>
 void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_cache, const float* k_scales,
                 const float* v_scales, int64_t layer, int64_t span, const int32_t* block_tables,
                 const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens, float scale,
-                const Shapes& s, Q* out) {
+                float softcap, const Shapes& s, Q* out) {
   const int64_t d = s.head_dim, heads = s.num_heads;
   const int64_t group = heads / s.num_kv_heads;
   const int64_t nq = item.num_queries * heads;  // query vectors: query-major, then head
@@ -315,6 +315,8 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
   for (int64_t j = 0; j < nq; ++j) {
     float* sj = scores.data() + j * slots;
     const int64_t n = visible[j], lo = window_start[j], first_t0 = lo / kLanes * kLanes;
+    if (softcap > 0.0f)  // Gemma 2's soft-capped scores
+      for (int64_t t = lo; t < n; ++t) sj[t] = softcap * std::tanh(sj[t] / softcap);
     // Score slots before the first block read hold no scores: only lanes in [lo, n) are read.
     auto in_window = [&](int64_t t0) { return (lane < static_cast<int32_t>(n - t0)) & (lane >= static_cast<int32_t>(lo - t0)); };
     V16 lane_max = V16{} - INFINITY;
@@ -382,7 +384,8 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
 template <typename Q, typename C>
 void Attend(const Shapes& s, const Q* q, const C* k_cache, const C* v_cache, const float* k_scales,
             const float* v_scales, int64_t layer, int64_t span, const int32_t* block_tables,
-            const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens, float scale, Q* out) {
+            const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens, float scale,
+            float softcap, Q* out) {
   std::memset(out, 0, sizeof(Q) * s.num_tokens * s.num_heads * s.head_dim);
   std::vector<WorkItem> items;
   for (int32_t row = 0; row < s.num_rows; ++row)
@@ -396,7 +399,7 @@ void Attend(const Shapes& s, const Q* q, const C* k_cache, const C* v_cache, con
   // The layer's products follow (XLA's own, for float weights), which a spinning helper would slow.
   ParallelFor(static_cast<int64_t>(items.size()), kNoSpin, [&](int64_t i) {
     AttendItem(items[i], q, k_cache, v_cache, k_scales, v_scales, layer, span, block_tables, context_lens,
-               query_start, query_lens, scale, s, out);
+               query_start, query_lens, scale, softcap, s, out);
   });
 }
 
@@ -438,16 +441,18 @@ bool Holds(XLA_FFI_DataType dtype) {
 
 // Arguments: q, k_cache, v_cache, k_scales, v_scales, layer [2] (the layer, and the keys a query
 // sees back from itself, itself included: its sliding window, or more than any context), block_tables,
-// context_lens, query_start, query_lens (int32); attribute: scale (float32); result: [T, heads, head_dim] in q's
+// context_lens, query_start, query_lens (int32); attributes: scale and softcap (float32; a softcap > 0
+// turns each score s into softcap * tanh(s / softcap)); result: [T, heads, head_dim] in q's
 // dtype. q and the result hold Query, the caches Cache; a quantized cache (int8, or uint8 float8
 // bits) comes with float32 scales [layers, blocks, block_size, kv_heads], else the scales are
 // ignored (pass any float32 arrays).
 extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Api* api = frame->api;
   if (IsMetadataQuery(frame)) return DescribeHandler(frame);
-  if (const char* problem = FrameProblem(frame, 10, 1)) return Fail(api, problem);
-  const auto* scale = static_cast<const XLA_FFI_Scalar*>(frame->attrs.attrs[0]);
-  if (scale->dtype != XLA_FFI_DataType_F32) return Fail(api, "scale must be float32");
+  if (const char* problem = FrameProblem(frame, 10, 2)) return Fail(api, problem);
+  const XLA_FFI_Scalar *scale = ScalarAttr(frame, "scale"), *softcap = ScalarAttr(frame, "softcap");
+  if (!scale || !softcap || scale->dtype != XLA_FFI_DataType_F32 || softcap->dtype != XLA_FFI_DataType_F32)
+    return Fail(api, "scale and softcap must be float32 attributes");
   const XLA_FFI_Buffer *q = Buffer(frame->args.args[0]), *k = Buffer(frame->args.args[1]),
                        *v = Buffer(frame->args.args[2]), *k_scales = Buffer(frame->args.args[3]),
                        *v_scales = Buffer(frame->args.args[4]), *out = Buffer(frame->rets.rets[0]);
@@ -484,6 +489,7 @@ extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
   Attend(s, static_cast<const Query*>(q->data), static_cast<const Cache*>(k->data),
          static_cast<const Cache*>(v->data), static_cast<const float*>(k_scales->data),
          static_cast<const float*>(v_scales->data), layer, span, tables, context_lens, query_start, query_lens,
-         *static_cast<const float*>(scale->value), static_cast<Query*>(out->data));
+         *static_cast<const float*>(scale->value), *static_cast<const float*>(softcap->value),
+         static_cast<Query*>(out->data));
   return nullptr;
 }

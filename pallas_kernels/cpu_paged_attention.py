@@ -39,10 +39,11 @@ def attention_library(dtype, kv_cache_dtype: str = "auto") -> str | None:
     return f"attention-{query}-{QUANTIZED_CACHES.get(kv_cache_dtype, query)}"
 
 
-def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None):
+def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None,
+                               softcap: float | None = None):
     """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged caches; `[T, heads,
-    head_dim]` in q's dtype; `window` as the reference takes it (None, or an int32 scalar: the
-    layer's sliding window, 0 for none).
+    head_dim]` in q's dtype; `window` and `softcap` as the reference takes them (None, or an int32
+    scalar: the layer's sliding window, 0 for none; None or the scores' cap).
 
     q is float32, bfloat16 or float16. Each cache is an array `[layers, blocks, block_size,
     kv_heads, head_dim]` of q's dtype (for bfloat16, or its bits as `BF16_BITS`), or (both) a
@@ -53,7 +54,7 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
     """
     library = _library_for(q, k_cache, v_cache)
     if library is None or not cpu_kernels.is_loaded(library):
-        return ragged_paged_attention(q, k_cache, v_cache, layer, md, scale, window)
+        return ragged_paged_attention(q, k_cache, v_cache, layer, md, scale, window, softcap)
     if is_quantized(k_cache):
         caches = (k_cache.values, v_cache.values, k_cache.scales, v_cache.scales)
     else:
@@ -62,7 +63,7 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
     call = jax.ffi.ffi_call(cpu_kernels.target(library), jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
     layer_and_span = jnp.stack([jnp.asarray(layer, jnp.int32), window_span(window)])
     return call(q, *caches, layer_and_span, md.block_tables, md.context_lens,
-                md.query_start, md.query_lens, scale=np.float32(scale))
+                md.query_start, md.query_lens, scale=np.float32(scale), softcap=np.float32(softcap or 0.0))
 
 
 def _library_for(q, k_cache, v_cache) -> str | None:

@@ -49,7 +49,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_chunks: int, target_pro
 
 def _decode_kernel(layer_ref, block_tables_ref, context_lens_ref, q_ref, k_ref, v_ref, k_scale_ref, v_scale_ref,
                    acc_ref, max_ref, sum_ref, *,
-                   tile: QueryTile, chunking: KVChunking, chunks_per_split: int, scale: float):
+                   tile: QueryTile, chunking: KVChunking, chunks_per_split: int, scale: float,
+                   softcap: float | None):
     seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer, span = layer_ref[0], layer_ref[1]
     context_len = context_lens_ref[seq]
@@ -62,7 +63,7 @@ def _decode_kernel(layer_ref, block_tables_ref, context_lens_ref, q_ref, k_ref, 
                              queries.dtype)
         key_pos = chunk * chunking.tokens + jnp.arange(chunking.tokens)
         visible = (key_pos[None, :] < context_len) & (key_pos[None, :] >= context_len - span)
-        scores = jnp.where(visible, scaled_scores(queries, keys, scale), -jnp.inf)
+        scores = jnp.where(visible, scaled_scores(queries, keys, scale, softcap), -jnp.inf)
         values = load_kv_chunk(v_ref, v_scale_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim,
                                queries.dtype)
         return online_softmax_step(state, scores, values)
@@ -87,7 +88,7 @@ def merge_splits(acc, running_max, running_sum):
 
 
 def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, context_lens, scale: float,
-                                  window=None, *,
+                                  window=None, softcap: float | None = None, *,
                                   num_splits: int | None = None, chunk_tokens: int | None = None,
                                   num_warps: int | None = None, num_stages: int = 2,
                                   interpret: bool = False) -> jax.Array:
@@ -96,7 +97,7 @@ def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, cont
     `block_tables [B, max_blocks]` and `context_lens [B]` (tokens to attend to, the new one
     included; 0 for padding rows, whose output is zeros) describe each sequence's context in
     layer `layer` of the stacked cache `[num_layers, num_blocks, block_size, kv_heads, head_dim]`
-    (or a `quantized_kv.QuantizedKV`); `window` as the reference takes it.
+    (or a `quantized_kv.QuantizedKV`); `window` and `softcap` as the reference takes them.
     `num_splits` defaults to enough context splits to fill a GPU; the tiling defaults as the
     ragged kernel's does.
     """
@@ -116,7 +117,7 @@ def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, cont
     partial_shape = (batch, num_kv_heads, num_splits)
     whole = pl.BlockSpec(memory_space=pl.ANY)
     kernel = functools.partial(_decode_kernel, tile=tile, chunking=chunking,
-                               chunks_per_split=chunks_per_split, scale=scale)
+                               chunks_per_split=chunks_per_split, scale=scale, softcap=softcap)
     acc, running_max, running_sum = pl.pallas_call(
         kernel,
         grid=partial_shape,

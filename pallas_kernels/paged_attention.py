@@ -10,7 +10,8 @@ The batch is ragged: sequence `i` brings `query_lens[i]` new tokens, flattened i
 `query_start[i]`, and attends causally to its `context_lens[i]` cached tokens (the new ones
 included, as `write_kv` ran first); with a sliding `window` of W tokens, a query at position p
 sees only the keys at positions p - W + 1 .. p (HF's and Mistral's convention: W keys, itself
-included). Rows that bring one token (decodes) come first, row `i`
+included); with a `softcap` c, each score s (q . k times the scale) becomes c * tanh(s / c)
+before the softmax (Gemma 2's attention logit soft-capping). Rows that bring one token (decodes) come first, row `i`
 holding flat token `i`; then the rows that bring more (prefill chunks), then padding rows
 (`query_lens` 0). Which rows are which is data, not shape: one compiled step serves every mix of
 decodes and prefills of its token count.
@@ -80,13 +81,14 @@ def write_kv(k_cache, v_cache, layer, k, v, slot_mapping):
 def paged_attention_layer(attend):
     """One layer's paged attention: write the step's K/V into the cache, then `attend` over it.
 
-    The returned function maps `(q, k, v, k_cache, v_cache, layer, md, scale, window=None)` to
-    `(out, k_cache, v_cache)`; `attend` is the reference below or a Pallas kernel.
+    The returned function maps `(q, k, v, k_cache, v_cache, layer, md, scale, window=None,
+    softcap=None)` to `(out, k_cache, v_cache)`; `attend` is the reference below or a Pallas kernel.
     """
 
-    def attention_layer(q, k, v, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None):
+    def attention_layer(q, k, v, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None,
+                        softcap: float | None = None):
         k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, md.slot_mapping)
-        return attend(q, k_cache, v_cache, layer, md, scale, window=window), k_cache, v_cache
+        return attend(q, k_cache, v_cache, layer, md, scale, window=window, softcap=softcap), k_cache, v_cache
 
     return attention_layer
 
@@ -111,19 +113,25 @@ def prefill_row_range(md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
     return first, first + jnp.sum(md.query_lens > 1, dtype=jnp.int32)
 
 
-def ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None):
+def ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None,
+                           softcap: float | None = None):
     """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged cache; `[T, heads,
     head_dim]` in q's dtype (padding tokens: zeros). `window`: None, or this layer's sliding
-    window in tokens as an int32 scalar (0: none)."""
+    window in tokens as an int32 scalar (0: none); `softcap`: None, or the cap of the scores."""
     num_rows = md.block_tables.shape[0]
     decodes = decode_rows(md)
     span = window_span(window)
     attended = _attend_decodes(q[:num_rows], k_cache, v_cache, layer, md.block_tables,
-                               jnp.where(decodes, md.context_lens, 0), scale, span)
+                               jnp.where(decodes, md.context_lens, 0), scale, span, softcap)
     out = jnp.zeros(q.shape, jnp.float32).at[:num_rows].set(
         jnp.where(decodes[:, None, None], attended, 0.0))
-    out = _attend_prefills(out, q, k_cache, v_cache, layer, md, scale, span)
+    out = _attend_prefills(out, q, k_cache, v_cache, layer, md, scale, span, softcap)
     return out.astype(q.dtype)
+
+
+def soft_cap(scores, softcap: float | None):
+    """`softcap * tanh(scores / softcap)`, or `scores` for None."""
+    return scores if softcap is None else softcap * jnp.tanh(scores / softcap)
 
 
 def _kv_chunk(cache, layer, block_tables, chunk: jax.Array, pages_per_chunk: int):
@@ -162,7 +170,7 @@ def _finish(state):
     return acc / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-def _attend_decodes(q, k_cache, v_cache, layer, block_tables, context_lens, scale, span):
+def _attend_decodes(q, k_cache, v_cache, layer, block_tables, context_lens, scale, span, softcap):
     """One query per row, `q [S, heads, head_dim]` over the last `span` of its `context_lens [S]`
     keys (0: none)."""
     rows, num_heads, head_dim = q.shape
@@ -175,7 +183,7 @@ def _attend_decodes(q, k_cache, v_cache, layer, block_tables, context_lens, scal
     def step(chunk, state):
         keys = _kv_chunk(k_cache, layer, tables, chunk, pages)
         values = _kv_chunk(v_cache, layer, tables, chunk, pages)
-        scores = jnp.einsum("nkgd,nlkd->nkgl", q, keys)
+        scores = soft_cap(jnp.einsum("nkgd,nlkd->nkgl", q, keys), softcap)
         key_pos = chunk * chunk_tokens + jnp.arange(chunk_tokens)
         visible = (key_pos[None, :] < context_lens[:, None]) & (key_pos[None, :] >= context_lens[:, None] - span)
         scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
@@ -190,7 +198,7 @@ def _attend_decodes(q, k_cache, v_cache, layer, block_tables, context_lens, scal
     return _finish(lax.fori_loop(first_chunk, num_chunks, step, state)).reshape(rows, num_heads, head_dim)
 
 
-def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale, span):
+def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale, span, softcap):
     """Write into `out [T, heads, head_dim]` (float32) the attention of the prefill rows' tokens."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[3], k_cache.shape[2]
@@ -215,7 +223,7 @@ def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, sca
         def step(chunk, state):
             keys = _kv_chunk(k_cache, layer, row_table, chunk, pages)[0]
             values = _kv_chunk(v_cache, layer, row_table, chunk, pages)[0]
-            scores = jnp.einsum("qkgd,lkd->qkgl", queries, keys)
+            scores = soft_cap(jnp.einsum("qkgd,lkd->qkgl", queries, keys), softcap)
             key_pos = chunk * chunk_tokens + jnp.arange(chunk_tokens)
             visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - span)
             visible = visible[:, None, None, :]

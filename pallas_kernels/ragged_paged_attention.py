@@ -160,10 +160,13 @@ def load_kv_chunk(cache_ref, scale_ref, layer, pages, kv_head, head_dim: int, pa
     return (widened * scales.reshape(-1, 1)).astype(dtype)
 
 
-def scaled_scores(queries, keys, scale: float):
-    """`queries [M, D] @ keys [N, D]^T` in float32, in log2 units (ready for `exp2`)."""
+def scaled_scores(queries, keys, scale: float, softcap: float | None = None):
+    """`queries [M, D] @ keys [N, D]^T` times `scale` in float32, soft-capped at `softcap` (where
+    not None), in log2 units (ready for `exp2`)."""
     scores = lax.dot_general(queries, keys, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return scores * (scale * LOG2E)
+    if softcap is None:
+        return scores * (scale * LOG2E)
+    return jnp.tanh(scores * (scale / softcap)) * (softcap * LOG2E)
 
 
 def online_softmax_step(state, scores, values):
@@ -234,7 +237,7 @@ def layer_operand(layer, window) -> jax.Array:
 
 def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_ref, query_lens_ref,
                    q_ref, k_ref, v_ref, k_scale_ref, v_scale_ref, _out_in_ref, out_ref, *,
-                   first_row: int, tile: QueryTile, chunking: KVChunking, scale: float):
+                   first_row: int, tile: QueryTile, chunking: KVChunking, scale: float, softcap: float | None):
     row = first_row + pl.program_id(0)
     kv_head = pl.program_id(1)
     tile_offset = pl.program_id(2) * tile.tokens
@@ -255,7 +258,7 @@ def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_re
             pages = block_tables_ref[row, pl.ds(chunk * chunking.pages_per_chunk, chunking.pages_per_chunk)]
             keys = load_kv_chunk(k_ref, k_scale_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim,
                                  queries.dtype)
-            scores = scaled_scores(queries, keys, scale)
+            scores = scaled_scores(queries, keys, scale, softcap)
             if causal:
                 key_pos = chunk * chunking.tokens + jnp.arange(chunking.tokens)
                 visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - span)
@@ -285,9 +288,10 @@ def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_re
 def ragged_attention_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float,
                           rows: tuple[int, int], max_query_len: int, *, interpret: bool = False,
                           target_rows: int | None = None, chunk_tokens: int | None = None,
-                          num_warps: int | None = None, num_stages: int = 2, window=None) -> jax.Array:
+                          num_warps: int | None = None, num_stages: int = 2, window=None,
+                          softcap: float | None = None) -> jax.Array:
     """Write into `out [T, heads, head_dim]` the attention of sequences `rows = (first, stop)`
-    (`window` as the reference takes it).
+    (`window` and `softcap` as the reference takes them).
 
     Their query lengths must be at most `max_query_len`; the other tokens of `out` keep their
     values (`out` is aliased to the kernel's output, so it is updated in place when donated).
@@ -302,7 +306,8 @@ def ragged_attention_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata
     chunking = KVChunking.for_cache(k_cache.shape[2], chunk_tokens or default_chunk)
     num_warps = num_warps or default_num_warps(tile.rows, tile.padded_dim, q.dtype)
     block_tables = chunking.pad_block_tables(md.block_tables, chunking.chunks_for(md.block_tables.shape[1]))
-    kernel = functools.partial(_ragged_kernel, first_row=first_row, tile=tile, chunking=chunking, scale=scale)
+    kernel = functools.partial(_ragged_kernel, first_row=first_row, tile=tile, chunking=chunking, scale=scale,
+                               softcap=softcap)
     whole = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
         kernel,
@@ -318,11 +323,11 @@ def ragged_attention_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata
       md.query_lens, q, *cache_operands(k_cache, v_cache), out)
 
 
-def ragged_paged_attention_kernel(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None, *,
-                                  interpret: bool = False, **tuning) -> jax.Array:
+def ragged_paged_attention_kernel(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None,
+                                  softcap: float | None = None, *, interpret: bool = False, **tuning) -> jax.Array:
     """The reference's `ragged_paged_attention`, computed by the ragged Pallas kernel alone, every
     row of the batch in one launch (tiles past a row's queries exit at once). `tuning` goes to
     `ragged_attention_rows` (tile rows, chunk tokens, warps, stages)."""
     out = jnp.zeros(q.shape, q.dtype)
     return ragged_attention_rows(out, q, k_cache, v_cache, layer, md, scale, (0, md.block_tables.shape[0]),
-                                 q.shape[0], interpret=interpret, window=window, **tuning)
+                                 q.shape[0], interpret=interpret, window=window, softcap=softcap, **tuning)

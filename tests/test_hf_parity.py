@@ -12,7 +12,7 @@ experts: Mixtral (top-2 of 8, renormalised), Qwen3-MoE (top-3 of 6, `norm_topk_p
 Qwen2-MoE (top-2 of 8 left as softmax probabilities) with its sigmoid-gated shared expert; and
 Gemma 3 (GELU, (1 + w) norms before and after attention and the MLP, scaled embeddings, a query
 scale of its own, a sliding-window layer with its own RoPE beside a global one with linear RoPE
-scaling, soft-capped logits). The
+scaling, soft-capped logits), and Gemma 2 (soft-capped attention scores, no q/k norm). The
 MoE oracles are checked to route tokens to most experts, so wrong routing cannot hide behind one
 favourite expert.
 """
@@ -103,6 +103,11 @@ CASES = {
                                         layer_types=["sliding_attention", "full_attention"],
                                         rope_scaling={"rope_type": "linear", "factor": 4.0},
                                         final_logit_softcapping=30.0, pad_token_id=0, tie_word_embeddings=False)),
+    # Gemma 2: soft-capped attention scores (at 2.0, so that the cap bends most scores) beside
+    # sliding (window 6) and global layers.
+    "gemma2": ("Gemma2Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                    query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=2.0,
+                                    final_logit_softcapping=30.0, pad_token_id=0, tie_word_embeddings=False)),
 }
 MOE_CASES = ("mixtral", "qwen3_moe", "qwen2_moe")
 
@@ -187,6 +192,9 @@ def test_config_reaches_engine(case, llm):
         assert saved["rope_parameters"]["rope_type"] == "llama3"
         assert cfg.rope.scaling_type == "llama3" and cfg.rope.factor == 8.0
         assert cfg.rope.original_max_position_embeddings == 64
+    elif case.name == "gemma2":
+        assert cfg.attn_logit_softcapping == 2.0 and cfg.sliding_windows == (6, 0) and cfg.local_rope is None
+        assert cfg.rope.scaling_type == "default" and not cfg.qk_norm
     elif case.name == "gemma3":
         assert saved["rope_parameters"]["full_attention"]["rope_type"] == "linear"
         assert (cfg.rope.scaling_type, cfg.rope.factor, cfg.rope.theta) == ("linear", 4.0, 1e6)
@@ -294,5 +302,6 @@ def test_gemma3_hub_config_read_as_hf_reads_it():
     assert (ours.rope.theta, ours.rope.scaling_type, ours.rope.factor) == (full["rope_theta"], "linear", full["factor"])
     assert (ours.local_rope.theta, ours.local_rope.scaling_type) == (local["rope_theta"], "default")
     assert ours.attention_scale == theirs.query_pre_attn_scalar**-0.5 and ours.final_logit_softcapping is None
-    with pytest.raises(ValueError, match="attn_logit_softcapping"):
-        ModelConfig.from_hf({**hub, "attn_logit_softcapping": 50.0})
+    assert ModelConfig.from_hf({**hub, "attn_logit_softcapping": 50.0}).attn_logit_softcapping == 50.0
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
+        ModelConfig.from_hf({**hub, "use_bidirectional_attention": True})

@@ -98,10 +98,10 @@ def run_jitted(fn, batch: Batch, **kwargs):
     return jax.jit(lambda q, k, v, layer, md: fn(q, k, v, layer, md, batch.scale, **kwargs))(*batch.args())
 
 
-def reference(batch: Batch, window: int | None = None):
+def reference(batch: Batch, window: int | None = None, softcap: float | None = None):
     if window is None:
-        return run_jitted(ragged_paged_attention, batch)
-    return run_jitted(ragged_paged_attention, batch, window=jnp.int32(window))
+        return run_jitted(ragged_paged_attention, batch, softcap=softcap)
+    return run_jitted(ragged_paged_attention, batch, window=jnp.int32(window), softcap=softcap)
 
 
 def assert_close(actual, expected, dtype):
@@ -116,13 +116,13 @@ def real_tokens(md: AttentionMetadata) -> np.ndarray:
     return mask
 
 
-def assert_matches_reference(out, batch: Batch, dtype, window: int | None = None):
-    """Equal to the reference (with sliding `window`) on every real token; finite everywhere
-    (padding is unspecified)."""
+def assert_matches_reference(out, batch: Batch, dtype, window: int | None = None, softcap: float | None = None):
+    """Equal to the reference (with sliding `window` and `softcap`) on every real token; finite
+    everywhere (padding is unspecified)."""
     assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
     assert np.isfinite(np.asarray(out, np.float32)).all()
     real = real_tokens(batch.md)
-    assert_close(np.asarray(out, np.float32)[real], np.asarray(reference(batch, window), np.float32)[real], dtype)
+    assert_close(np.asarray(out, np.float32)[real], np.asarray(reference(batch, window, softcap), np.float32)[real], dtype)
 
 
 # --- the ragged kernel ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The Llama family as one Flax NNX model: Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (q/k norm),
-Gemma 3 (GELU, norms around attention and the MLP, scaled embeddings, local and global layers),
+Gemma 2 and 3 (GELU, norms around attention and the MLP, scaled embeddings, local and global
+layers, soft-capped scores),
 and the mixture-of-experts kin Mixtral, Qwen2-MoE and Qwen3-MoE (the MLP is `moe.sparse_moe`).
 
 Each decoder layer keeps its own weight arrays. The decoder is one `lax.scan` over the layer
@@ -190,9 +191,9 @@ def run_all_layers(decoder, hidden, positions, kv_cache, md, layer_weights):
 class LlamaForCausalLM(nnx.Module):
     """The model, with its parallel layouts passed in as functions.
 
-    `attention(q, k, v, k_cache, v_cache, layer, md, scale, window=None) -> (out, k_cache, v_cache)`
-    is paged attention (sharded by head under tensor parallelism; `window` the layer's sliding
-    window, an int32 scalar, where the model has any); `quantized_linear(x, w, scale)` and
+    `attention(q, k, v, k_cache, v_cache, layer, md, scale, window=None, softcap=None) -> (out,
+    k_cache, v_cache)` is paged attention (sharded by head under tensor parallelism; `window` the
+    layer's sliding window, an int32 scalar, where the model has any; `softcap` the scores' cap); `quantized_linear(x, w, scale)` and
     `block_linear(x, w, kind)` multiply by a quantized projection or GGML block rows (which
     weights are kept so: `quantization`, `weight_formats`, see `DecoderLayer`); `moe(x,
     layer_weights, cfg)` is the mixture-of-experts MLP (expert-parallel or not); `run_layers(decoder, hidden, positions,
@@ -292,7 +293,8 @@ class LlamaForCausalLM(nnx.Module):
                 windowed = window > 0 if window is not None else False
                 layer_rope = tuple(jnp.where(windowed, local, full) for local, full in zip(local_rope, rope))
             q, k, v = jax.lax.switch(index, qkv, hidden, layer_rope)
-            attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, scale, window=window)
+            attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, scale, window=window,
+                                                        softcap=cfg.attn_logit_softcapping)
             hidden = jax.lax.switch(index, out_and_mlp, hidden, attended)
             return (hidden, k_cache, v_cache), None
 

@@ -59,13 +59,14 @@ def _splits(name: str, dtype) -> dict[int, str]:
 
 
 def shard_attention_layer(attention_layer, mesh: Mesh):
-    """Run `attention_layer(q, k, v, k_cache, v_cache, layer, md, scale, window=None)` per shard of heads."""
+    """Run `attention_layer(q, k, v, k_cache, v_cache, layer, md, scale, window=None, softcap=None)`
+    per shard of heads."""
 
-    def sharded(q, k, v, k_cache, v_cache, layer, md, scale, window=None):
+    def sharded(q, k, v, k_cache, v_cache, layer, md, scale, window=None, softcap=None):
         # a quantized cache's scales [layers, blocks, block_size, kv_heads] split as its values
         cache_heads = jax.tree.map(lambda leaf: P(*_CACHE_HEADS[:leaf.ndim]), k_cache)
         def per_shard(q, k, v, k_cache, v_cache, layer, md, window):
-            return attention_layer(q, k, v, k_cache, v_cache, layer, md, scale, window)
+            return attention_layer(q, k, v, k_cache, v_cache, layer, md, scale, window, softcap)
 
         body = jax.shard_map(
             per_shard, mesh=context_mesh(mesh),

@@ -1,7 +1,8 @@
-"""Sliding-window attention in every attention path: the jnp reference against jax's own
-`jax.nn.dot_product_attention` with `local_window_size`, then the Pallas kernels (interpret mode on
-CPU) and the CPU kernel against the reference, on the awkward ragged batches of the kernel tests,
-with windows shorter than a block, of one block, spanning several and longer than any context.
+"""Sliding-window attention and soft-capped scores in every attention path: the jnp reference
+against jax's own `jax.nn.dot_product_attention` with `local_window_size` (and, for soft caps, a
+dense numpy softmax), then the Pallas kernels (interpret mode on CPU) and the CPU kernel against
+the reference, on the awkward ragged batches of the kernel tests, with windows shorter than a
+block, of one block, spanning several and longer than any context; and windowed models against HF.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pallas_kernels.ragged_paged_attention import ragged_paged_attention_kernel
 WINDOWS = (1, 3, 16, 21, 45, 1000)
 
 
-def run_windowed(fn, batch, window, **kwargs):
-    step = jax.jit(lambda q, k, v, layer, md, window: fn(q, k, v, layer, md, batch.scale, window, **kwargs))
+def run_windowed(fn, batch, window, softcap=None, **kwargs):
+    step = jax.jit(lambda q, k, v, layer, md, window: fn(q, k, v, layer, md, batch.scale, window, softcap, **kwargs))
     return step(*batch.args(), jnp.int32(window))
 
 
@@ -43,6 +44,29 @@ def jax_windowed_oracle(batch, window: int) -> np.ndarray:
             queries[None], keys[None].astype(jnp.float32), values[None].astype(jnp.float32),
             scale=batch.scale, is_causal=True, local_window_size=(window - 1, 0), implementation="xla")
         out[start:start + n] = np.asarray(attended[0, ctx - n:])
+    return out
+
+
+def dense_softcap_oracle(batch, window: int, softcap: float) -> np.ndarray:
+    """Each row's queries over its context in float64 numpy: scores q . k * scale, capped at
+    `softcap`, masked causally and to the window, softmax, times the values."""
+    md, group = batch.md, batch.q.shape[1] // batch.k_cache.shape[3]
+    out = np.zeros(batch.q.shape, np.float64)
+    for row in range(md.block_tables.shape[0]):
+        n, ctx, start = (int(x[row]) for x in (md.query_lens, md.context_lens, md.query_start))
+        if n == 0:
+            continue
+        blocks = np.asarray(md.block_tables[row])
+        keys = np.asarray(batch.k_cache[LAYER], np.float64)[blocks].reshape(-1, *batch.k_cache.shape[3:])[:ctx]
+        values = np.asarray(batch.v_cache[LAYER], np.float64)[blocks].reshape(-1, *batch.v_cache.shape[3:])[:ctx]
+        keys, values = np.repeat(keys, group, axis=1), np.repeat(values, group, axis=1)
+        queries = np.asarray(batch.q[start:start + n], np.float64)
+        scores = np.einsum("qhd,khd->hqk", queries, keys) * batch.scale
+        scores = softcap * np.tanh(scores / softcap)
+        query_pos, key_pos = np.arange(ctx - n, ctx)[:, None], np.arange(ctx)[None, :]
+        scores = np.where((key_pos <= query_pos) & (key_pos > query_pos - window), scores, -np.inf)
+        probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        out[start:start + n] = np.einsum("hqk,khd->qhd", probs / probs.sum(axis=-1, keepdims=True), values)
     return out
 
 
@@ -190,3 +214,56 @@ def test_windowed_models_match_hf(windowed_model, backend):
             tokens = list(entry)
             np.testing.assert_allclose([entry[t].logprob for t in tokens], expected[position - 1][tokens],
                                        atol=1e-4, rtol=1e-4)
+
+
+# --- soft-capped scores (Gemma 2) -----------------------------------------------------------------
+
+@pytest.mark.parametrize(("window", "softcap"), [(1000, 1.5), (7, 0.8)])
+def test_reference_softcap_matches_dense_oracle(window, softcap):
+    batch = make_batch(11, awkward_seqs(8, chunk=30), num_heads=6, num_kv_heads=2, head_dim=32, block_size=8,
+                       num_blocks=120)
+    out = np.asarray(run_windowed(ragged_paged_attention, batch, window, softcap))
+    real = real_rows(batch)
+    np.testing.assert_allclose(out[real], dense_softcap_oracle(batch, window, softcap)[real], atol=2e-5, rtol=2e-5)
+    uncapped = np.asarray(run_windowed(ragged_paged_attention, batch, window))
+    assert np.abs(uncapped - out)[real].max() > 0.05  # the cap bends these scores
+
+
+@pytest.mark.parametrize("window", (0, 21))
+def test_kernels_with_softcap(window, cpu_kernels_built):
+    batch = make_batch(window + 5, awkward_seqs(16, chunk=24), num_heads=4, num_kv_heads=2, head_dim=64,
+                       block_size=16, num_blocks=32)
+    assert_matches_reference(run_windowed(pallas_paged_attention, batch, window, 1.5, interpret=INTERPRET), batch, F32,
+                             window=window, softcap=1.5)
+    if jax.default_backend() == "cpu":
+        from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
+
+        assert_matches_reference(run_windowed(cpu_ragged_paged_attention, batch, window, 1.5), batch, F32,
+                                 window=window, softcap=1.5)
+
+
+def test_windowed_softcapped_kernels_cross_lower_and_compile_for_cuda():
+    """Gemma 2's shape (bfloat16, head_dim 256, every other layer windowed, capped scores) through
+    the model's layer scan with the Pallas backend: lowered for CUDA, both kernels; compiled by
+    Triton for sm_90 where the `triton` package is installed."""
+    from test_pallas_kernels import TRITON_CALL, layer_scan, triton_kernels
+
+    from jpaged.model_runner import matmul_precision
+    from pallas_kernels.backend import select_attention
+    from pallas_kernels.triton_compile import compile_kernel
+
+    batch = make_batch(0, [(5, 1), (70, 1), (0, 21), (16, 3)], num_heads=8, num_kv_heads=4, head_dim=256,
+                       block_size=16, num_blocks=40, dtype=BF16)
+    attend = select_attention("pallas", 256, platform="cuda")
+    windows = jnp.asarray([6, 0], jnp.int32)
+
+    def attention(q, k_cache, v_cache, layer, md, scale):
+        return attend(q, k_cache, v_cache, layer, md, scale, window=windows[layer], softcap=50.0)
+
+    new_kv = jnp.zeros((batch.q.shape[0], 4, 256), BF16)
+    with matmul_precision(BF16):
+        traced = jax.jit(layer_scan(attention), static_argnums=6).trace(
+            batch.q, new_kv, new_kv, batch.k_cache, batch.v_cache, batch.md, batch.scale)
+    assert traced.lower(lowering_platforms=("cuda",)).as_text().count(TRITON_CALL) == 2
+    for kernel in triton_kernels(traced):
+        assert compile_kernel(kernel, 90).fits
