@@ -26,6 +26,8 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
+               "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names for the compute dtypes
 
 
@@ -157,6 +159,8 @@ class ModelConfig:
     def from_hf(cls, hf: dict, generation_config: dict | None = None) -> ModelConfig:
         archs = hf.get("architectures") or []
         arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None and not archs:  # a config without `architectures`: its model_type, as HF's Auto classes read it
+            arch = MODEL_TYPES.get(hf.get("model_type"))
         if arch is None:
             raise ValueError(
                 f"architecture {archs or hf.get('model_type')!r} is not supported "

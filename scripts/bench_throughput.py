@@ -172,9 +172,11 @@ def speculative_config(args, engine: str) -> dict | None:
             "prompt_lookup_min": 2}
 
 
-def run_jpaged(workload: Workload, single: list[int], single_tokens: int, args, engine: str) -> EngineRun:
-    """A cold pass (compiles), then the timed pass; the single request likewise."""
-    llm = LLM(None, attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
+def run_jpaged(workload: Workload, single: list[int], single_tokens: int, args, engine: str,
+               model: str | None = None) -> EngineRun:
+    """A cold pass (compiles), then the timed pass; the single request likewise; on `model` (the
+    default model for None)."""
+    llm = LLM(model, attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               cpu_kv_cache_gib=args.kv_cache_gib, speculative_config=speculative_config(args, engine))
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.max_tokens]

@@ -303,5 +303,9 @@ def test_gemma3_hub_config_read_as_hf_reads_it():
     assert (ours.local_rope.theta, ours.local_rope.scaling_type) == (local["rope_theta"], "default")
     assert ours.attention_scale == theirs.query_pre_attn_scalar**-0.5 and ours.final_logit_softcapping is None
     assert ModelConfig.from_hf({**hub, "attn_logit_softcapping": 50.0}).attn_logit_softcapping == 50.0
+    # without `architectures` (a config made by hand), its model_type says what it is, as for HF's Auto classes
+    assert ModelConfig.from_hf({k: v for k, v in hub.items() if k != "architectures"}) == ours
+    with pytest.raises(ValueError, match="'gemma3' is not supported"):
+        ModelConfig.from_hf({**{k: v for k, v in hub.items() if k != "architectures"}, "model_type": "gemma3"})
     with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
         ModelConfig.from_hf({**hub, "use_bidirectional_attention": True})
