@@ -189,12 +189,12 @@ class ModelConfig:
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope=RopeConfig.from_hf(hf),
             max_position_embeddings=max_positions,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch.startswith("gemma"))),  # HF's defaults
             qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
             qk_norm=arch in ("qwen3", "qwen3_moe"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            sliding_windows=layer_windows(arch, hf, max_positions),
+            sliding_windows=layer_windows(arch, hf),
             **ModelConfig._moe_fields(arch, hf),
         )
         return cls(**{**fields, **(_gemma_fields(arch, hf) if arch.startswith("gemma") else {})})
@@ -243,9 +243,10 @@ def _gemma_fields(arch: str, hf: dict) -> dict:
         raise ValueError(f"{arch}: hidden_activation {act!r} is not supported (supported: gelu_pytorch_tanh)")
     if hf.get("use_bidirectional_attention"):
         raise ValueError(f"{arch}: use_bidirectional_attention=True (bidirectional attention) is not supported")
+    # HF's Gemma 3 keeps attn_logit_softcapping in its config but never applies it.
     defaults = {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0} if arch == "gemma2" else {}
     caps = {name: float(cap) if (cap := hf.get(name, defaults.get(name))) else None
-            for name in ("final_logit_softcapping", "attn_logit_softcapping")}
+            for name in ("final_logit_softcapping", "attn_logit_softcapping")[:2 if arch == "gemma2" else 1]}
     common = dict(hidden_act="gelu_tanh", norm_weight_offset=1.0, embedding_multiplier=float(hf["hidden_size"]) ** 0.5,
                   sandwich_norms=True, attention_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5, **caps)
     if arch == "gemma2":
@@ -260,9 +261,10 @@ def _gemma_fields(arch: str, hf: dict) -> dict:
     return dict(common, rope=rope, local_rope=local_rope, qk_norm=True)
 
 
-def layer_windows(arch: str, hf: dict, max_positions: int) -> tuple[int, ...]:
+def layer_windows(arch: str, hf: dict) -> tuple[int, ...]:
     """Each layer's sliding window (0: none) as HF's modeling code applies them, or () where no
-    layer's window is shorter than `max_positions`.
+    layer has one (a window past every context still marks its layer as local: Gemma 3's local
+    layers have a RoPE of their own).
 
     `layer_types` ("sliding_attention" / "full_attention") names the windowed layers where the
     config has it; otherwise Mistral and Mixtral window every layer, and the Qwen families the
@@ -282,15 +284,17 @@ def layer_windows(arch: str, hf: dict, max_positions: int) -> tuple[int, ...]:
         windowed = [kind == "sliding_attention" for kind in layer_types]
     elif arch in ("mistral", "mixtral"):
         windowed = [True] * num_layers
-    elif arch.startswith("gemma"):  # configs from before `layer_types`: every `sliding_window_pattern`-th layer
-        pattern = int(hf.get("sliding_window_pattern", 6 if arch == "gemma3" else 2))  # is global
+    elif arch == "gemma2":  # every other layer, as HF's Gemma2Config lays them out
+        windowed = [i % 2 == 0 for i in range(num_layers)]
+    elif arch == "gemma3":  # configs from before `layer_types`: every `sliding_window_pattern`-th layer is global
+        pattern = int(hf.get("sliding_window_pattern", 6))
         windowed = [(i + 1) % pattern != 0 for i in range(num_layers)]
     elif hf.get("use_sliding_window", False):
         first = int(hf.get("max_window_layers", num_layers))
         windowed = [i >= first for i in range(num_layers)]
     else:
         windowed = [False] * num_layers
-    if window >= max_positions or not any(windowed):
+    if not any(windowed):
         return ()
     return tuple(int(window) if w else 0 for w in windowed)
 

@@ -206,7 +206,7 @@ def schedule(num_stages: int = 4) -> dict:
     # Entry j: layer j of every stage, stacked over stages (stage s runs layers 2s and 2s + 1).
     layer_weights = list(layers.reshape(num_stages, -1, 16, 16).swapaxes(0, 1))
 
-    def stage(x, positions, kv_cache, md, weights):
+    def stage(x, positions, kv_cache, md, weights, model_first_layer=0):
         for w in weights:
             x = jnp.tanh(x @ w) + positions[:, None]
         return x, kv_cache + 1  # the cache counts the layers that ran on each stage

@@ -267,3 +267,27 @@ def test_windowed_softcapped_kernels_cross_lower_and_compile_for_cuda():
     assert traced.lower(lowering_platforms=("cuda",)).as_text().count(TRITON_CALL) == 2
     for kernel in triton_kernels(traced):
         assert compile_kernel(kernel, 90).fits
+
+
+def test_windowed_layers_keep_their_windows_in_pipeline_stages(windowed_model):
+    """Under pipeline parallelism each stage's layers take their own windows (Qwen2's: only the
+    second stage's layer is windowed), on two emulated devices in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    from hf_models import hf_greedy
+
+    name, model, folder = windowed_model
+    prompt = np.random.default_rng(5).integers(3, 256, 29).tolist()
+    script = ("import sys; from jpaged import LLM, SamplingParams\n"
+              f"llm = LLM({folder!r}, dtype='float32', num_blocks=64, block_size=4, max_model_len=128, "
+              "pipeline_parallel_size=2)\n"
+              f"out = llm.generate({{'prompt_token_ids': {prompt}}}, SamplingParams(temperature=0.0, max_tokens=16, "
+              "ignore_eos=True), use_tqdm=False)[0]\n"
+              "print('TOKENS', list(out.outputs[0].token_ids))\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    tokens = next(line for line in run.stdout.splitlines() if line.startswith("TOKENS"))
+    assert tokens == f"TOKENS {hf_greedy(model, prompt, 16)}"

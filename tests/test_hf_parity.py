@@ -302,7 +302,15 @@ def test_gemma3_hub_config_read_as_hf_reads_it():
     assert (ours.rope.theta, ours.rope.scaling_type, ours.rope.factor) == (full["rope_theta"], "linear", full["factor"])
     assert (ours.local_rope.theta, ours.local_rope.scaling_type) == (local["rope_theta"], "default")
     assert ours.attention_scale == theirs.query_pre_attn_scalar**-0.5 and ours.final_logit_softcapping is None
-    assert ModelConfig.from_hf({**hub, "attn_logit_softcapping": 50.0}).attn_logit_softcapping == 50.0
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings  # the key absent: HF's Gemma default, tied
+    # HF's Gemma 3 keeps attn_logit_softcapping but never applies it; Gemma 2 does (50 by default)
+    assert ModelConfig.from_hf({**hub, "attn_logit_softcapping": 50.0}).attn_logit_softcapping is None
+    gemma2 = {**{k: v for k, v in hub.items() if not k.endswith("softcapping")},
+              "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}
+    assert ModelConfig.from_hf(gemma2).attn_logit_softcapping == transformers.Gemma2Config().attn_logit_softcapping
+    # a window past every context still marks Gemma 3's local layers, which keep their own RoPE
+    assert ModelConfig.from_hf({**hub, "sliding_window": 40_000}).sliding_windows == tuple(
+        40_000 if w else 0 for w in ours.sliding_windows)
     # without `architectures` (a config made by hand), its model_type says what it is, as for HF's Auto classes
     assert ModelConfig.from_hf({k: v for k, v in hub.items() if k != "architectures"}) == ours
     with pytest.raises(ValueError, match="'gemma3' is not supported"):

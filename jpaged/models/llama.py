@@ -271,10 +271,13 @@ class LlamaForCausalLM(nnx.Module):
     def _norm(self, x, weight):
         return rms_norm(x, weight, self.cfg.rms_norm_eps, self.cfg.norm_weight_offset)
 
-    def decode(self, hidden, positions, kv_cache, md: AttentionMetadata, layer_weights, first_layer=0):
+    def decode(self, hidden, positions, kv_cache, md: AttentionMetadata, layer_weights, first_layer=0,
+               model_first_layer=None):
         """Run `hidden [T, hidden]` through the layers whose weight dicts are `layer_weights` (a
-        list), model layers `first_layer` on (an int, or a traced int32 scalar), with `kv_cache`
-        the whole model's cache."""
+        list), the cache's layers `first_layer` on (an int, or a traced int32 scalar), with
+        `kv_cache` the whole model's cache (or a pipeline stage's share). `model_first_layer`
+        (default: `first_layer`) is the model's number of the first of them, which picks each
+        layer's sliding window and RoPE."""
         cfg = self.cfg
         rope = rope_angles(positions, jnp.asarray(cfg.rope.inv_freq(cfg.head_dim)))
         if cfg.local_rope is not None:
@@ -287,7 +290,8 @@ class LlamaForCausalLM(nnx.Module):
         def layer_step(carry, index):
             hidden, k_cache, v_cache = carry
             layer = first_layer + index
-            window = None if windows is None else windows[layer]
+            window = None if windows is None else windows[(first_layer if model_first_layer is None
+                                                           else model_first_layer) + index]
             layer_rope = rope
             if cfg.local_rope is not None:  # the windowed layers' own rotation
                 windowed = window > 0 if window is not None else False

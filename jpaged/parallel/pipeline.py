@@ -23,10 +23,11 @@ from sharding.mesh import PP_AXIS
 
 
 def run_pipeline(stage_fn, mesh: Mesh, hidden, positions, kv_cache, md, layer_weights):
-    """Run `stage_fn(hidden [T, H], positions [T], kv_cache, md, layer_weights) -> (hidden,
-    kv_cache)` as a pipeline over micro-batches `hidden [M, T, H]`. Each leaf of `layer_weights`
-    is stacked over stages `[S, ...]`; `stage_fn` gets its stage's entry, and its stage's share
-    of the KV cache (split on its leading axis).
+    """Run `stage_fn(hidden [T, H], positions [T], kv_cache, md, layer_weights, model_first_layer)
+    -> (hidden, kv_cache)` as a pipeline over micro-batches `hidden [M, T, H]`. Each leaf of
+    `layer_weights` is stacked over stages `[S, ...]`; `stage_fn` gets its stage's entry, its
+    stage's share of the KV cache (split on its leading axis) and the model's number of its first
+    layer (a traced int32).
 
     Returns the last stage's outputs `[M, T, H]`, the updated KV cache, and the schedule as it
     ran: `busy [S, M + S - 1]`, whether each stage worked at each tick.
@@ -48,7 +49,8 @@ def run_pipeline(stage_fn, mesh: Mesh, hidden, positions, kv_cache, md, layer_we
             x = jnp.where(stage == 0, hidden[m], received)
             y, kv_cache = jax.lax.cond(
                 busy,
-                lambda: stage_fn(x, positions[m], kv_cache, jax.tree.map(lambda a: a[m], md), layer_weights),
+                lambda: stage_fn(x, positions[m], kv_cache, jax.tree.map(lambda a: a[m], md), layer_weights,
+                                 model_first_layer=stage * len(layer_weights)),
                 lambda: (x, kv_cache),
             )
             outputs = outputs.at[m].set(jnp.where(busy & is_last, y, outputs[m]))
