@@ -1,4 +1,4 @@
-"""GGUF files of each architecture jpaged reads (llama, qwen2, qwen3, qwen2moe, qwen3moe), written from
+"""GGUF files of each architecture jpaged reads (llama, qwen2, qwen3, qwen2moe, qwen3moe, gemma2, gemma3), written from
 random-weight HF models the way llama.cpp's converter lays them out, with a small byte-level BPE vocabulary:
 the tokenizer, config and weights jpaged reads, and its greedy tokens and prompt logprobs, against
 HF transformers' own GGUF loading of the same file (float32 tensors, and Q8_0 tensors that jpaged
@@ -7,6 +7,7 @@ keeps packed).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -21,7 +22,7 @@ from jpaged import LLM, SamplingParams
 from jpaged.loader.gguf import load_gguf_config, load_gguf_weights
 
 DATA = pathlib.Path(__file__).parent / "data" / "public_domain.txt"
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_turn>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256,
@@ -45,6 +46,14 @@ CASES = {
     "qwen3moe": (transformers.Qwen3MoeConfig, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=128,
                                                    num_experts=6, num_experts_per_tok=3, moe_intermediate_size=768,
                                                    norm_topk_prob=True)),
+    # Sandwich norms stored as 1 + w, GELU, scaled embeddings, a window of 4 on every other layer,
+    # both soft caps; head_dim 256 (query_pre_attn_scalar as transformers' GGUF loading sets it).
+    "gemma2": (transformers.Gemma2Config, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=256,
+                                               query_pre_attn_scalar=256, sliding_window=4, tie_word_embeddings=True)),
+    # Five windowed layers (RoPE base 10,000) then a global one (base 10^6); q/k norms.
+    "gemma3": (transformers.Gemma3TextConfig, dict(num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                                                   head_dim=256, query_pre_attn_scalar=256, sliding_window=4,
+                                                   tie_word_embeddings=True)),
 }
 LAYER_NAMES = {  # HF module: GGUF tensor, per layer
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -54,6 +63,9 @@ LAYER_NAMES = {  # HF module: GGUF tensor, per layer
     "mlp.shared_expert.gate_proj": "ffn_gate_shexp", "mlp.shared_expert.up_proj": "ffn_up_shexp",
     "mlp.shared_expert.down_proj": "ffn_down_shexp", "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
 }
+GEMMA_LAYER_NAMES = {**LAYER_NAMES, "pre_feedforward_layernorm": "ffn_norm",
+                     "post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # llama.cpp's llama_model.cpp tells the 27B models by these
 PROMPTS = ["The old man looked at the sea and said", "Once there was a ship", "What is the capital of"]
 
 
@@ -82,12 +94,16 @@ def per_expert(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def gguf_tensors(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """HF's tensors under llama.cpp's names: a layer's experts stacked, one tensor per projection."""
+def gguf_tensors(state_dict: dict[str, np.ndarray], arch: str) -> dict[str, np.ndarray]:
+    """HF's tensors under llama.cpp's names: a layer's experts stacked, one tensor per projection;
+    Gemma's norm scales stored as 1 + w, as llama.cpp's converter writes them."""
     out = {}
+    layer_names = GEMMA_LAYER_NAMES if arch.startswith("gemma") else LAYER_NAMES
     for name, array in state_dict.items():
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            array = array + 1
         if ".experts." not in name:  # llama.cpp keeps the shared expert's gate [1, hidden] as [hidden]
-            out[gguf_name(name)] = array.reshape(-1) if name.endswith("shared_expert_gate.weight") else array
+            out[gguf_name(name, layer_names)] = array.reshape(-1) if name.endswith("shared_expert_gate.weight") else array
             continue
         layer, kind = name.split(".")[2], name.rpartition(".experts.")[2]
         if kind == "gate_up_proj":
@@ -97,7 +113,7 @@ def gguf_tensors(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str, layer_names: dict[str, str]) -> str:
     if hf_name == "model.embed_tokens.weight":
         return "token_embd.weight"
     if hf_name == "model.norm.weight":
@@ -106,7 +122,7 @@ def gguf_name(hf_name: str) -> str:
         return "output.weight"
     _, _, layer, rest = hf_name.split(".", 3)
     module, suffix = rest.rsplit(".", 1)
-    return f"blk.{layer}.{LAYER_NAMES[module]}.{suffix}"
+    return f"blk.{layer}.{layer_names[module]}.{suffix}"
 
 
 def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -123,12 +139,17 @@ def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer | None
             "embedding_length": cfg.hidden_size, "feed_forward_length": cfg.intermediate_size,
             "attention.head_count": cfg.num_attention_heads, "attention.head_count_kv": cfg.num_key_value_heads,
             "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
-            "rope.freq_base": float(cfg.rope_parameters["rope_theta"])}
+            "rope.freq_base": float(cfg.rope_parameters.get("full_attention", cfg.rope_parameters)["rope_theta"])}
     if getattr(cfg, "num_experts", 0):
         keys.update({"expert_count": cfg.num_experts, "expert_used_count": cfg.num_experts_per_tok,
                      "expert_feed_forward_length": cfg.moe_intermediate_size})
         if getattr(cfg, "shared_expert_intermediate_size", 0):
             keys["expert_shared_feed_forward_length"] = cfg.shared_expert_intermediate_size
+    if arch.startswith("gemma"):
+        keys["attention.sliding_window"] = cfg.sliding_window
+    if arch == "gemma2":
+        keys.update(attn_logit_softcapping=float(cfg.attn_logit_softcapping),
+                    final_logit_softcapping=float(cfg.final_logit_softcapping))
     if getattr(cfg, "head_dim", None):
         keys.update({"attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim})
     keys = {f"{arch}.{key}": value for key, value in keys.items()}
@@ -152,7 +173,7 @@ def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer | None
         writer.add_chat_template(CHAT_TEMPLATE)
     state_dict = {name: t.detach().numpy().astype(np.float32) for name, t in model.state_dict().items()
                   if not (name == "lm_head.weight" and cfg.tie_word_embeddings)}
-    for name, array in gguf_tensors(state_dict).items():
+    for name, array in gguf_tensors(state_dict, arch).items():
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             array = llama_cpp_permute(array, cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads)
         if quantize and array.ndim >= 2 and array.shape[-1] % 32 == 0:
@@ -170,7 +191,12 @@ def random_model(arch: str, tokenizer: Tokenizer):
     config_class, overrides = CASES[arch]
     torch.manual_seed(0)
     config = config_class(**{**COMMON, **overrides, "vocab_size": tokenizer.get_vocab_size()})
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # Gemma's norm scales start at 0 (for 1 + w): give them values
+        for name, param in model.named_parameters():
+            if arch.startswith("gemma") and name.endswith("norm.weight"):
+                param.normal_(0.0, 0.3)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +205,8 @@ def tokenizer() -> Tokenizer:
 
 
 # Every architecture in float32; Q8_0 (kept packed) where the packed path meets something new: the
-# Q/K row interleave, QKV biases, and experts beside packed attention.
-FILES = [(arch, False) for arch in CASES] + [(arch, True) for arch in ("llama", "qwen2", "qwen3moe")]
+# Q/K row interleave, QKV biases, experts beside packed attention, and scaled embeddings tied to the head.
+FILES = [(arch, False) for arch in CASES] + [(arch, True) for arch in ("llama", "qwen2", "qwen3moe", "gemma3")]
 
 
 @pytest.fixture(scope="module", params=FILES,
@@ -287,3 +313,31 @@ def test_a_file_without_a_usable_tokenizer_runs_with_tokenizer_given(tokenizer, 
     write_gguf(tmp_path / "typed.gguf", "qwen2", model, tokenizer, False, {"qwen2.embedding_length": "64"})
     with pytest.raises(ValueError, match="metadata 'qwen2.embedding_length' is str '64', expected an integer >= 1"):
         load_gguf_config(tmp_path / "typed.gguf")
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_files_run_as_their_hf_configs_and_end_turns(arch, tokenizer, tmp_path):
+    """A Gemma file's model settings (windows per layer, RoPE of local and global layers, soft caps,
+    attention scale, norms) are those of the HF config it came from; its replies also end at
+    <end_of_turn> (with that id as stop_reason, as an end token of generation_config.json does), as
+    every released Gemma 2 / 3 generation_config.json says. llama.cpp scales the 27B models' queries
+    by hidden / heads instead of head_dim (the layer count tells them apart)."""
+    from jpaged.config import ModelConfig
+
+    model = random_model(arch, tokenizer)
+    write_gguf(tmp_path / "m.gguf", arch, model, tokenizer, False)
+    config = load_gguf_config(tmp_path / "m.gguf")
+    ours, hf = ModelConfig.from_hf(config), ModelConfig.from_hf(model.config.to_dict())
+    end_of_turn, eos = tokenizer.token_to_id("<end_of_turn>"), tokenizer.token_to_id("<|im_end|>")
+    assert ours.sliding_windows == hf.sliding_windows and any(ours.sliding_windows)
+    assert ours == dataclasses.replace(hf, eos_token_ids=(eos, end_of_turn), bos_token_id=ours.bos_token_id,
+                                       max_position_embeddings=ours.max_position_embeddings)
+
+    llm = LLM(str(tmp_path / "m.gguf"), num_blocks=16, compilation_cache=False)
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, logit_bias={end_of_turn: 100.0}), use_tqdm=False)[0]
+    assert (out.outputs[0].token_ids, out.outputs[0].finish_reason, out.outputs[0].stop_reason) == \
+        ([end_of_turn], "stop", end_of_turn)
+
+    write_gguf(tmp_path / "27b.gguf", arch, model, tokenizer, False, {f"{arch}.block_count": GEMMA_27B_LAYERS[arch]})
+    assert load_gguf_config(tmp_path / "27b.gguf")["query_pre_attn_scalar"] == model.config.hidden_size // 4
+    assert config["query_pre_attn_scalar"] == model.config.head_dim

@@ -1,5 +1,5 @@
-"""Read a GGUF file of a Llama-family architecture (llama, qwen2, qwen3, and the mixtures of experts
-qwen2moe and qwen3moe) into an HF-style config, weights and tokenizer.
+"""Read a GGUF file of a Llama-family architecture (llama, qwen2, qwen3, the mixtures of experts
+qwen2moe and qwen3moe, and gemma2 / gemma3) into an HF-style config, weights and tokenizer.
 
 The engine's model code consumes HF conventions (``config.json`` keys, ``model.layers.{i}...``
 tensor names, ``[out_features, in_features]`` layout, rotate-half RoPE). This module translates
@@ -11,7 +11,8 @@ as an HF safetensors checkpoint:
   each tensor's bytes lie; the index is plain JSON, so it can be cached (``gguf_cache.py``);
   :func:`read_gguf` returns the tokenizer's metadata from the same parse as well;
 - :func:`load_gguf_weights` yields dequantized tensors one at a time under HF names, with the
-  Q/K row permutation llama.cpp's converter applies to llama models undone, a layer's experts
+  Q/K row permutation llama.cpp's converter applies to llama models undone, the 1 it adds to
+  Gemma's norm weights taken off again, a layer's experts
   (one GGUF tensor ``[experts, out, in]`` per projection) split into HF's per-expert tensors,
   read from a memory map of the file at the index's offsets (no metadata parse when an index
   is given);
@@ -42,7 +43,8 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape
 # metadata keys with its own prefix ("qwen2.embedding_length", ...).
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
                  "qwen3": ("qwen3", "Qwen3ForCausalLM"), "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
-                 "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM")}
+                 "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
 NORMALIZED_TOP_K = {"qwen3moe"}  # MoE architectures whose top-k routing weights llama.cpp renormalises
 ROPE_PERMUTED = {"llama"}  # model_types whose Q/K rows llama.cpp's converter interleaves (qwen's it leaves)
 
@@ -73,6 +75,15 @@ _LAYER_NAMES = {
     "ffn_down_shexp": "mlp.shared_expert.down_proj",
     "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+# Gemma's norms before and after attention and the MLP, as llama.cpp names them (its "ffn_norm"
+# is the norm before the MLP, as in every model, which Gemma's HF code calls pre_feedforward_layernorm).
+_GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
+                      "post_attention_norm": "post_attention_layernorm",
+                      "post_ffw_norm": "post_feedforward_layernorm"}
+GEMMA = {"gemma2": 46, "gemma3": 62}  # layer count of each family's 27B model (llama.cpp's test for its attention scale)
+# Every released Gemma 2 and 3 generation_config.json ends a reply at <end_of_turn> as well as at
+# EOS, and llama.cpp stops there too; GGUF files name only EOS.
+GEMMA_END_OF_TURN = b"<end_of_turn>"
 _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _CONFIG_ONLY_TENSORS = {"rope_freqs.weight"}
 PREFETCH = 2  # tensors dequantized ahead of the one being placed
@@ -133,8 +144,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[GGUFIndex, dict[str, Any]]:
 
 def _index(path: pathlib.Path, reader: GGUFReader) -> GGUFIndex:
     config = _config(path, reader)
+    layer_names = _GEMMA_LAYER_NAMES if config["model_type"].startswith("gemma") else _LAYER_NAMES
     tensors = tuple(
-        GGUFTensor(name=t.name, hf_name=_hf_name(path, t.name), ggml_type=int(t.tensor_type),
+        GGUFTensor(name=t.name, hf_name=_hf_name(path, t.name, layer_names), ggml_type=int(t.tensor_type),
                    shape=tuple(int(d) for d in reversed(t.shape)), offset=int(t.data_offset), nbytes=int(t.n_bytes))
         for t in reader.tensors if t.name not in _CONFIG_ONLY_TENSORS)
     return GGUFIndex(config, tensors)
@@ -253,6 +265,7 @@ def _iter_weights(path: pathlib.Path, index: GGUFIndex, dtype: np.dtype, keep_pa
     rope_heads = ({".self_attn.q_proj.": index.config["num_attention_heads"],
                    ".self_attn.k_proj.": index.config["num_key_value_heads"]}
                   if index.config["model_type"] in ROPE_PERMUTED else {})
+    norm_shift = 1.0 if index.config["model_type"].startswith("gemma") else 0.0
 
     def prepare(tensor: GGUFTensor) -> list[tuple[str, np.ndarray]]:
         raw = file[tensor.offset:tensor.offset + tensor.nbytes]
@@ -262,6 +275,8 @@ def _iter_weights(path: pathlib.Path, index: GGUFIndex, dtype: np.dtype, keep_pa
         for marker, n_heads in rope_heads.items():
             if marker in tensor.hf_name:
                 array = _unpermute_rope_rows(array, n_heads)
+        if norm_shift and tensor.hf_name.endswith("norm.weight"):
+            array = array - norm_shift  # llama.cpp's converter stores Gemma's (1 + w) norm scales as w + 1
         if tensor.hf_name.endswith("shared_expert_gate.weight"):
             array = array.reshape(1, -1)  # HF's [1, hidden]; llama.cpp also takes it as [hidden]
         array = np.array(array) if packed else np.asarray(array, dtype=dtype)
@@ -307,15 +322,15 @@ def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return pairs.swapaxes(1, 2).reshape(w.shape)
 
 
-def _hf_name(path: pathlib.Path, name: str) -> str:
+def _hf_name(path: pathlib.Path, name: str, layer_names: dict[str, str]) -> str:
     """HF parameter name for a GGUF tensor name; ValueError for unknown tensors."""
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     match = _LAYER_PATTERN.fullmatch(name)
-    if match is None or match.group(2) not in _LAYER_NAMES:
+    if match is None or match.group(2) not in layer_names:
         raise ValueError(f"{path}: tensor {name!r} has no known HF counterpart")
     layer, kind, suffix = match.groups()
-    return f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"
+    return f"model.layers.{layer}.{layer_names[kind]}.{suffix}"
 
 
 def _config(path: pathlib.Path, reader: GGUFReader) -> dict[str, Any]:
@@ -349,6 +364,8 @@ def _config(path: pathlib.Path, reader: GGUFReader) -> dict[str, Any]:
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id", int, minimum=0),
     }
     config.update(_experts(meta, arch, tensors))
+    if arch in GEMMA:
+        config.update(_gemma(meta, arch, config, reader))
     rope_scaling = _rope_scaling(meta, arch, tensors.get("rope_freqs.weight"), config)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
@@ -380,6 +397,38 @@ def _experts(meta: _Metadata, arch: str, tensors: dict[str, Any]) -> dict[str, A
         config["shared_expert_intermediate_size"] = (meta.get(f"{arch}.expert_shared_feed_forward_length", int)
                                                      or rows("blk.0.ffn_gate_shexp.weight"))
     return config
+
+
+def _gemma(meta: _Metadata, arch: str, config: dict[str, Any], reader: GGUFReader) -> dict[str, Any]:
+    """The HF config keys of a gemma2 / gemma3 file that GGUF metadata leaves out, set as llama.cpp
+    runs these files: queries scaled by head_dim ** -0.5 except in the 27B models (hidden / heads);
+    Gemma 2's soft caps from metadata (defaults 50 and 30), its window on every other layer
+    (default 4,096); Gemma 3's window on five layers of six, RoPE base 10,000 on those; and
+    <end_of_turn> as a second end of sequence."""
+    head_dim, heads = config["head_dim"], config["num_attention_heads"]
+    keys = {"hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": (config["hidden_size"] // heads if config["num_hidden_layers"] == GEMMA[arch]
+                                      else head_dim)}
+    window = meta.get(f"{arch}.attention.sliding_window", int)
+    if arch == "gemma2":
+        keys.update(sliding_window=window or 4096,
+                    attn_logit_softcapping=meta.get(f"{arch}.attn_logit_softcapping", float) or 50.0,
+                    final_logit_softcapping=meta.get(f"{arch}.final_logit_softcapping", float) or 30.0)
+    else:
+        keys.update(sliding_window=window, sliding_window_pattern=6, rope_local_base_freq=10_000.0)
+    end_of_turn = _token_id(reader, GEMMA_END_OF_TURN)
+    if end_of_turn is not None and config["eos_token_id"] not in (None, end_of_turn):
+        keys["eos_token_id"] = [config["eos_token_id"], end_of_turn]
+    return keys
+
+
+def _token_id(reader: GGUFReader, token: bytes) -> int | None:
+    """The id of `token` in the file's vocabulary, or None (without decoding the whole vocabulary)."""
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        return None
+    parts = field.parts
+    return next((i for i, part in enumerate(field.data) if parts[part].tobytes() == token), None)
 
 
 def _rope_scaling(meta: _Metadata, arch: str, rope_freqs, config: dict[str, Any]) -> dict[str, Any] | None:
