@@ -19,7 +19,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from jpaged import LLM, SamplingParams
-from jpaged.loader.gguf import load_gguf_config, load_gguf_weights
+from jpaged.loader.gguf import load_gguf_config, load_gguf_tokenizer, load_gguf_weights
 
 DATA = pathlib.Path(__file__).parent / "data" / "public_domain.txt"
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_turn>"]
@@ -341,3 +341,34 @@ def test_gemma_files_run_as_their_hf_configs_and_end_turns(arch, tokenizer, tmp_
     write_gguf(tmp_path / "27b.gguf", arch, model, tokenizer, False, {f"{arch}.block_count": GEMMA_27B_LAYERS[arch]})
     assert load_gguf_config(tmp_path / "27b.gguf")["query_pre_attn_scalar"] == model.config.hidden_size // 4
     assert config["query_pre_attn_scalar"] == model.config.head_dim
+
+
+def test_gemma_sentencepiece_vocabulary_tokenizes_as_transformers_reads_it(tmp_path):
+    """Gemma files carry a SentencePiece vocabulary (`tokenizer.ggml.model` "llama": pieces, scores,
+    byte-fallback tokens): jpaged's tokenizer from its metadata gives the ids, BOS and text that
+    transformers' own GGUF tokenizer gives for the same file."""
+    words = ["▁", "▁the", "▁sea", "▁old", "▁man", "▁said", "▁and", "▁a", *"etaohsnrildmcwkpygu"]
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+              *(f"<0x{b:02X}>" for b in range(256)), *words]
+    writer = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "gemma3")
+    for key, value in {"block_count": 1, "context_length": 64, "embedding_length": 8, "feed_forward_length": 8,
+                       "attention.head_count": 1, "attention.key_length": 8, "attention.sliding_window": 4}.items():
+        writer.add_uint32(f"gemma3.{key}", value)
+    writer.add_float32("gemma3.attention.layer_norm_rms_epsilon", 1e-6)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([0.0] * 262 + [-float(i) for i in range(len(words))])
+    writer.add_token_types([gguf.TokenType.CONTROL] * 6 + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(words))
+    for key, token_id in {"bos": 2, "eos": 1, "unknown": 3, "padding": 0}.items():
+        writer.add_uint32(f"tokenizer.ggml.{key}_token_id", token_id)
+    writer.add_tensor("token_embd.weight", np.random.default_rng(0).normal(size=(len(pieces), 8)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = load_gguf_tokenizer(tmp_path / "spm.gguf")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="spm.gguf")
+    for text in ["the old man said", "The sea, and a ünïcode ☃ word", "  two  spaces\nnew<end_of_turn>"]:
+        ids = ours(text).input_ids
+        assert ids == theirs(text).input_ids and ids[0] == 2
+        assert ours.decode(ids) == theirs.decode(ids)
