@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from jpaged.reasoning import REASONING_PARSERS
 from jpaged.sampling_params import MAX_LOGPROBS, as_bool, is_integer
 
 SUPPORTED_ARCHITECTURES = {
@@ -481,6 +482,9 @@ class EngineConfig:
     offload_weights: str | None = None  # None | "host" | "disk": stream layers past the budget (weight_streaming.py)
     device_weight_budget_gib: float | None = None  # device bytes for weights with offload_weights; None: stream all layers
     seed: int = 0
+    # the reasoning model family's <think> markers (jpaged/reasoning.py): structured outputs apply
+    # once reasoning ends; the server splits replies into reasoning and content. None: neither
+    reasoning_parser: str | None = None
     max_logprobs: int = MAX_LOGPROBS  # most top logprobs a request may ask for per token; -1: the whole vocabulary
     # sampling defaults: "auto" (the model's generation_config.json), "none", or a folder holding one
     generation_config: str = "auto"
@@ -502,6 +506,9 @@ class EngineConfig:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of 'auto', 'float32' ('float'), 'bfloat16', 'float16' ('half'), "
                              f"got {self.dtype!r}")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be None or one of {', '.join(REASONING_PARSERS)}, "
+                             f"got {self.reasoning_parser!r}")
         if self.quantization not in (None, "int8", "fp8", "gguf"):
             raise ValueError(f"quantization must be None, 'int8', 'fp8' or 'gguf', got {self.quantization!r}")
         self._check_offload()

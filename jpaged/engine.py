@@ -33,6 +33,7 @@ from jpaged.ngram_proposer import NgramProposer, accepted_tokens, can_draft
 from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
+from jpaged.reasoning import ReasoningParser
 from jpaged.sampling_params import (
     ALL_LOGPROBS,
     SamplingParams,
@@ -93,6 +94,8 @@ class LLMEngine:
         self.primary_eos = getattr(self.tokenizer, "eos_token_id", None)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | ({self.primary_eos} - {None})
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
+        self.reasoning_parser = (ReasoningParser.from_tokenizer(config.reasoning_parser, self.tokenizer)
+                                 if config.reasoning_parser else None)
         self.max_model_len = self._fit_to_cache(self.max_model_len)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size,
@@ -197,6 +200,8 @@ class LLMEngine:
         self._check_fits(token_ids, params, bad_words)
         seed = device_seed(params.seed) if params.seed is not None else self._seed_rng.getrandbits(32)
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
+        if grammar is not None and self.reasoning_parser and not self.reasoning_parser.reasoning_ended(token_ids):
+            grammar.starts_after = self.reasoning_parser.end_token_id  # the model thinks first, unconstrained
         request = Request(request_id, text, token_ids, params, seed, grammar, int(priority), lora)
         request.bad_words_token_ids = bad_words
         self.requests[request_id] = request

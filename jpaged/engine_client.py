@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
+from jpaged.reasoning import ReasoningParser
 from jpaged.sampling_params import SamplingParams
 from jpaged.sequence import Sequence
 
@@ -51,7 +52,8 @@ class EngineClient(Protocol):
     `max_model_len` (prompt + output tokens a request may reach), `max_logprobs` (the most top
     logprobs a request may ask for per token), `eos_token_ids` (set[int]),
     `default_sampling_params` (`SamplingParams` fields that requests which leave them unset
-    take, from the model's generation config; see `generation_defaults`)."""
+    take, from the model's generation config; see `generation_defaults`), `reasoning_parser`
+    (the `ReasoningParser` of `EngineConfig.reasoning_parser`, or None)."""
 
     tokenizer: Any
     model_name: str
@@ -59,6 +61,7 @@ class EngineClient(Protocol):
     max_logprobs: int
     eos_token_ids: set[int]
     default_sampling_params: dict[str, Any]
+    reasoning_parser: ReasoningParser | None
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     priority: int = 0, lora_request: LoRARequest | None = None) -> None:

@@ -30,22 +30,32 @@ def bitmask_width(vocab_size: int) -> int:
 
 
 class Grammar:
-    """One sequence's place in its grammar (an llguidance ``LLMatcher``)."""
+    """One sequence's place in its grammar (an llguidance ``LLMatcher``). With ``starts_after`` (a
+    token id: a reasoning model's end of thinking, see `jpaged.reasoning`), every token is allowed
+    until that token has been generated, and the grammar applies from the next one."""
 
-    def __init__(self, matcher):
+    def __init__(self, matcher, starts_after: int | None = None):
         self._matcher = matcher
+        self.starts_after = starts_after
 
     def copy(self) -> Grammar:
         """An independent grammar in the same state (a request's other samples)."""
-        return Grammar(self._matcher.deep_copy())
+        return Grammar(self._matcher.deep_copy(), self.starts_after)
 
     def fill_bitmask(self, row: np.ndarray) -> None:
         """Write the tokens allowed next into ``row`` (int32 [`bitmask_width`], C-contiguous)."""
+        if self.starts_after is not None:
+            row.fill(-1)
+            return
         self._matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
 
     def accept(self, token_id: int) -> bool:
         """Advance past ``token_id``; False (the grammar then rejects everything) when it was not
         allowed."""
+        if self.starts_after is not None:
+            if token_id == self.starts_after:
+                self.starts_after = None
+            return True
         return self._matcher.consume_token(token_id)
 
     @property

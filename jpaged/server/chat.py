@@ -66,10 +66,13 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     (output,) = await collect(group)
     choices = []
     for choice in output.outputs:
-        content, calls = reply(request, choice.text, state.tool_parser)
+        reasoning, answer = state.split_reply(request, choice.text)
+        content, calls = reply(request, answer, state.tool_parser)
+        if reasoning is not None and not content:
+            content = None  # all thinking: no answer (vLLM's)
         if echo := _echoed(request):
             content = echo + (content or "")
-        message = ChatResponseMessage(content=content, tool_calls=calls)
+        message = ChatResponseMessage(content=content, reasoning=reasoning, tool_calls=calls)
         choices.append(ChatChoice(index=choice.index, message=message,
                                   logprobs=_logprobs(tokenizer, params, choice.token_ids, choice.logprobs),
                                   finish_reason=_finish_reason(request, choice, calls), stop_reason=choice.stop_reason))
@@ -156,21 +159,23 @@ def _choice_chunk(request: ChatCompletionRequest, state: ServerState, params: Sa
     arguments stream as they come (`_arguments_chunk`)."""
     if sent.finished:
         return None
+    reasoning, answer = state.split_reply(request, choice.text)
+    thinking = sent.new_reasoning(reasoning)
     if names_one_call(request):
-        return _arguments_chunk(request, state, params, sent, choice)
+        return _arguments_chunk(request, state, params, sent, choice, answer, thinking)
     calls: list[ToolCall] = []
     if choice.finished():
-        content, calls = reply(request, choice.text, state.tool_parser)
-        text = sent.new_text(content or "") if calls else sent.new_text(choice.text)
+        content, calls = reply(request, answer, state.tool_parser)
+        text = sent.new_text(content or "") if calls else sent.new_text(answer)
     else:
-        streamable = streamable_text(request, choice.text, state.tool_parser)
+        streamable = streamable_text(request, answer, state.tool_parser)
         text = sent.new_text(streamable) if len(streamable) > len(sent.text_sent) else ""
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
     logprobs = _logprobs(state.engine.tokenizer, params, token_ids, entries) if token_ids else None
-    if not text and logprobs is None and not choice.finished():
+    if not text and not thinking and logprobs is None and not choice.finished():
         return None
     sent.finished = choice.finished()
-    delta = DeltaMessage(content=text or (None if calls else ""),
+    delta = DeltaMessage(content=text or (None if calls or thinking else ""), reasoning=thinking,
                          tool_calls=[_whole_call(i, call) for i, call in enumerate(calls)] or None)
     return ChatStreamChoice(index=choice.index, delta=delta, logprobs=logprobs,
                             finish_reason=_finish_reason(request, choice, calls) if choice.finished() else None,
@@ -183,22 +188,27 @@ def _whole_call(index: int, call: ToolCall) -> DeltaToolCall:
 
 
 def _arguments_chunk(request: ChatCompletionRequest, state: ServerState, params: SamplingParams, sent: ChoiceProgress,
-                     choice: CompletionOutput) -> ChatStreamChoice | None:
-    """A named function's call as its arguments are generated (vLLM's): the first chunk brings
-    the call's id, type, name and first piece, later ones further pieces. (A reply cut by
-    `max_tokens` leaves the arguments incomplete; finish reason "length" says so.)"""
-    pieces = sent.new_text(choice.text)
+                     choice: CompletionOutput, answer: str, thinking: str | None) -> ChatStreamChoice | None:
+    """A named function's call as its arguments (`answer`, the reply after any reasoning) are
+    generated (vLLM's): the first chunk with a piece brings the call's id, type, name and that
+    piece, later ones further pieces; reasoning (`thinking`, new since the last chunk) comes
+    before. (A reply cut by `max_tokens` leaves the arguments incomplete; finish reason "length"
+    says so.)"""
+    pieces = sent.new_text(answer)
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
     logprobs = _logprobs(state.engine.tokenizer, params, token_ids, entries) if token_ids else None
-    if not pieces and logprobs is None and not choice.finished():
+    if not pieces and not thinking and logprobs is None and not choice.finished():
         return None
-    sent.finished, first = choice.finished(), sent.call is None
+    sent.finished = choice.finished()
+    if not pieces and sent.call is None and not choice.finished():  # still thinking: no call yet
+        return ChatStreamChoice(index=choice.index, delta=DeltaMessage(reasoning=thinking), logprobs=logprobs)
+    first = sent.call is None
     if first:
         sent.call = named_call(request, state.tool_parser)
         calls = [_whole_call(0, sent.call.model_copy(update={"function": FunctionCall(
             name=sent.call.function.name, arguments=pieces)}))]
     else:
         calls = [DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=pieces))] if pieces else None
-    return ChatStreamChoice(index=choice.index, delta=DeltaMessage(tool_calls=calls), logprobs=logprobs,
+    return ChatStreamChoice(index=choice.index, delta=DeltaMessage(reasoning=thinking, tool_calls=calls), logprobs=logprobs,
                             finish_reason=choice.finish_reason if choice.finished() else None,
                             stop_reason=choice.stop_reason)

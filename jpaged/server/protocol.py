@@ -300,6 +300,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: str = "assistant"
     content: str | None = None
+    reasoning: str | None = None  # a reasoning model's thinking (with a reasoning parser, vLLM's field)
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
@@ -349,6 +350,7 @@ class DeltaMessage(_WithoutNulls):
 
     role: str | None = None
     content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

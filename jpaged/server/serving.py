@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
+from jpaged.reasoning import ReasoningParser
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import (
     AsyncEngine,
@@ -52,9 +53,20 @@ class ServerState:
     chat_template: str | None = None
     trust_request_chat_template: bool = False
     tool_parser: ToolParser | None = None
+    reasoning_parser: ReasoningParser | None = None  # the engine's (`EngineConfig.reasoning_parser`)
     sampling_defaults: dict = field(default_factory=dict)
     loras: dict[str, LoRARequest] = field(default_factory=dict)  # LoRA adapters served, by model name
     runtime_lora_updating: bool = False  # whether requests may load and unload adapters
+
+    def split_reply(self, request: ChatCompletionRequest, text: str) -> tuple[str | None, str]:
+        """(reasoning, answer) of a reply's text: with a reasoning parser, its thinking (None
+        where there is none) and the text after it; else None and the whole text. A `qwen3`
+        request whose `chat_template_kwargs` turn `enable_thinking` off is all answer."""
+        if self.reasoning_parser is None:
+            return None, text
+        thinking = (request.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+        reasoning, answer = self.reasoning_parser.split(text, thinking)
+        return reasoning, answer or ""
 
     def model(self, requested: str | None) -> str:
         """The model name a request is served under (the base model's, or a LoRA adapter's);
@@ -202,6 +214,7 @@ class ChoiceProgress:
 
     def __init__(self):
         self.text_sent = ""
+        self.reasoning_sent = ""
         self.num_tokens_sent = 0
         self.token_offset = 0
         self.finished = False
@@ -213,6 +226,11 @@ class ChoiceProgress:
         a stream concatenate to the final text."""
         start, self.text_sent = len(self.text_sent), text
         return text[start:]
+
+    def new_reasoning(self, reasoning: str | None) -> str | None:
+        """The part of the choice's cumulative reasoning not yet sent (None: nothing new), marked as sent."""
+        start, self.reasoning_sent = len(self.reasoning_sent), reasoning or ""
+        return self.reasoning_sent[start:] or None
 
     def new_tokens(self, token_ids: list[int], logprobs: list | None) -> tuple[list[int], list]:
         """The tokens (and their logprob entries) not yet sent, marked as sent."""
