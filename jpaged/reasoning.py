@@ -69,6 +69,14 @@ class ReasoningParser:
                 return False
         return False
 
+    def count_reasoning_tokens(self, token_ids: list[int], thinking: bool = True) -> int:
+        """How many of a reply's `token_ids` are its reasoning: those before the first end marker,
+        markers not counted (none with `thinking=False` for `qwen3`)."""
+        if not thinking and self.name == "qwen3":
+            return 0
+        end = token_ids.index(self.end_token_id) if self.end_token_id in token_ids else len(token_ids)
+        return sum(token != self.start_token_id for token in token_ids[:end])
+
     def split(self, text: str, thinking: bool = True) -> tuple[str | None, str | None]:
         """(reasoning, content) of a reply's `text`, each None where empty. `thinking=False` (a
         `qwen3` request with `enable_thinking` off): all content. As `text` grows, both parts only

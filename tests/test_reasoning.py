@@ -86,7 +86,7 @@ def raw(llm):
     """Each seed's raw reply text from `LLM.chat`, before the server takes the engine."""
     tokenizer = llm.get_tokenizer()
     outs = llm.chat([MESSAGES] * len(SEEDS), [SamplingParams(**sampled(tokenizer, s)) for s in SEEDS], use_tqdm=False)
-    return [out.outputs[0].text for out in outs]
+    return [out.outputs[0].text for out in outs], [out.outputs[0].token_ids for out in outs]
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +95,18 @@ def client(llm, raw):
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), llm
 
 
+def request_fields(tokenizer, seed: int) -> dict:
+    """`sampled` as the `openai` client sends it: vLLM's extras in `extra_body`, biases by string."""
+    fields = sampled(tokenizer, seed)
+    fields["extra_body"] = {"allowed_token_ids": fields.pop("allowed_token_ids"), "seed": fields.pop("seed")}
+    fields["logit_bias"] = {str(token): bias for token, bias in fields["logit_bias"].items()}
+    return fields
+
+
 def test_the_replies_cover_every_case(raw):
     """The fixtures' replies think then answer, think only, and answer after a second `</think>`
     (each reading below is then checked on real cases)."""
+    raw, _ = raw
     readings = [vllm_reading(text) for text in raw]
     assert any(r and c for r, c in readings) and any(c is None for _, c in readings)
     assert any(text.count("</think>") > 1 for text in raw)
@@ -105,17 +114,12 @@ def test_the_replies_cover_every_case(raw):
 
 def test_chat_splits_reasoning_from_content_whole_and_streamed(client, raw):
     api, llm = client
-    tokenizer = llm.get_tokenizer()
-    for seed, text in zip(SEEDS, raw):
-        fields = sampled(tokenizer, seed)
-        extra = {"allowed_token_ids": fields.pop("allowed_token_ids"), "seed": fields.pop("seed")}
-        fields["logit_bias"] = {str(token): bias for token, bias in fields["logit_bias"].items()}
-        reply = api.chat.completions.create(model="thinker", messages=MESSAGES, extra_body=extra, **fields)
-        message = reply.choices[0].message
+    for seed, text in zip(SEEDS, raw[0]):
+        fields = request_fields(llm.get_tokenizer(), seed)
+        message = api.chat.completions.create(model="thinker", messages=MESSAGES, **fields).choices[0].message
         assert (message.model_extra["reasoning"], message.content) == vllm_reading(text), text
         pieces = {"reasoning": [], "content": []}
-        for chunk in api.chat.completions.create(model="thinker", messages=MESSAGES, extra_body=extra, stream=True,
-                                                 **fields):
+        for chunk in api.chat.completions.create(model="thinker", messages=MESSAGES, stream=True, **fields):
             delta = chunk.choices[0].delta
             for part in pieces:
                 if (value := getattr(delta, part, None) or (delta.model_extra or {}).get(part)):
@@ -124,13 +128,41 @@ def test_chat_splits_reasoning_from_content_whole_and_streamed(client, raw):
     assert llm.engine.stats().kv_cache_usage == 0
 
 
+def test_responses_give_a_reasoning_item_before_the_message(client, raw):
+    """/v1/responses: a `reasoning` item (its `reasoning_text`) before the `message`, whole and as
+    streamed events, and the reasoning tokens counted in the usage."""
+    api, llm = client
+    tokenizer = llm.get_tokenizer()
+    end, start = (tokenizer.convert_tokens_to_ids(t) for t in ("</think>", "<think>"))
+    for seed, text, token_ids in zip(SEEDS, *raw):
+        reasoning, content = vllm_reading(text)
+        fields = request_fields(tokenizer, seed)
+        fields["max_output_tokens"] = fields.pop("max_tokens")
+        fields["extra_body"]["logit_bias"] = fields.pop("logit_bias")
+        response = api.responses.create(model="thinker", input=MESSAGES[0]["content"], **fields)
+        kinds = [item.type for item in response.output]
+        assert kinds == ["reasoning"] * (reasoning is not None) + ["message"], text
+        if reasoning is not None:
+            assert response.output[0].content[0].text == reasoning
+        assert response.output[-1].content[0].text == (content or "")
+        thought = token_ids[:token_ids.index(end)] if end in token_ids else token_ids
+        assert response.usage.output_tokens_details.reasoning_tokens == sum(t != start for t in thought)
+        events = list(api.responses.create(model="thinker", input=MESSAGES[0]["content"], stream=True, **fields))
+        deltas = {kind: "".join(e.delta for e in events if e.type == kind)
+                  for kind in ("response.reasoning_text.delta", "response.output_text.delta")}
+        assert tuple(deltas.values()) == (reasoning or "", content or "")
+        final = events[-1].response
+        assert [(item.type, item.content[0].text) for item in final.output] == \
+            [(item.type, item.content[0].text) for item in response.output]
+        added = [e.output_index for e in events if e.type == "response.output_item.added"]
+        assert added == list(range(len(kinds)))
+
+
 def test_thinking_turned_off_makes_the_whole_reply_content(client):
     api, llm = client
-    fields = sampled(llm.get_tokenizer(), 1)
-    extra = {"allowed_token_ids": fields.pop("allowed_token_ids"), "seed": fields.pop("seed"),
-             "chat_template_kwargs": {"enable_thinking": False}}
-    fields["logit_bias"] = {str(token): bias for token, bias in fields["logit_bias"].items()}
-    message = api.chat.completions.create(model="thinker", messages=MESSAGES, extra_body=extra, **fields).choices[0].message
+    fields = request_fields(llm.get_tokenizer(), 1)
+    fields["extra_body"]["chat_template_kwargs"] = {"enable_thinking": False}
+    message = api.chat.completions.create(model="thinker", messages=MESSAGES, **fields).choices[0].message
     assert message.model_extra["reasoning"] is None and message.content
 
 
@@ -169,3 +201,22 @@ def test_parsers_read_prompts_and_refuse_what_they_cannot_parse(llm, stories_pat
         LLM(stories_path, num_blocks=16, reasoning_parser="qwen3")
     with pytest.raises(ValueError, match="reasoning_parser must be None or one of deepseek_r1, qwen3, got 'r2'"):
         LLM(stories_path, num_blocks=16, reasoning_parser="r2")
+
+
+def test_a_named_tool_call_follows_the_reasoning(client):
+    """Under a named tool choice the arguments' grammar waits for the end of the thinking too;
+    the call's arguments come whole and streamed alike."""
+    api, llm = client
+    end = llm.get_tokenizer().convert_tokens_to_ids("</think>")
+    tool = {"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"digit": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["digit"], "additionalProperties": False}}}
+    common = dict(model="thinker", messages=MESSAGES, temperature=0, max_tokens=30, logit_bias={str(end): 100},
+                  tools=[tool], tool_choice={"type": "function", "function": {"name": "pick"}},
+                  extra_body={"structured_outputs": {"disable_any_whitespace": True}})
+    message = api.chat.completions.create(**common).choices[0].message
+    (call,) = message.tool_calls
+    assert message.model_extra["reasoning"] is None and 0 <= json.loads(call.function.arguments)["digit"] <= 9
+    pieces = [c.choices[0].delta.tool_calls[0].function.arguments
+              for c in api.chat.completions.create(**common, stream=True) if c.choices and c.choices[0].delta.tool_calls]
+    assert "".join(pieces) == call.function.arguments

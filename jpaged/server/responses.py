@@ -6,12 +6,16 @@ message; `input` (a string, or a list of items: messages whose content is a stri
 that answer them) the messages; `max_output_tokens` the output budget; `text.format` the
 `response_format`; flat function `tools` and `tool_choice` the chat's; other fields
 (`temperature`, `top_p`, vLLM's extras) pass as they are. The chat path renders, checks and runs
-it, and its reply comes back as output items: a `message` with one `output_text` part (when the
+it, and its reply comes back as output items: with a reasoning parser, a `reasoning` item with one
+`reasoning_text` part (when the model thought), then a `message` with one `output_text` part (when the
 reply has text, or makes no call), then a `function_call` item per tool call. The status is
 "incomplete" (reason `max_output_tokens`) when the output ran out of tokens.
 
 A stream sends OpenAI's typed events, numbered by `sequence_number`: `response.created`,
-`response.in_progress`; for the message `response.output_item.added`,
+`response.in_progress`; for the reasoning `response.output_item.added`,
+`response.content_part.added`, `response.reasoning_text.delta` as it arrives,
+`response.reasoning_text.done`, `response.content_part.done`, `response.output_item.done`; for
+the message `response.output_item.added`,
 `response.content_part.added`, `response.output_text.delta` as text arrives,
 `response.output_text.done`, `response.content_part.done`, `response.output_item.done`; for each
 call `response.output_item.added`, `response.function_call_arguments.delta` (the arguments
@@ -72,11 +76,13 @@ async def create_response(body: ResponsesRequest, state: ServerState) -> JSONRes
         return _stream(response, state, group)
     (output,) = await collect(group)
     choice = output.outputs[0]
-    content, calls = reply(request, choice.text, state.tool_parser)
+    reasoning, answer = state.split_reply(request, choice.text)
+    content, calls = reply(request, answer, state.tool_parser)
     status = _item_status(output)
-    items = ([_message_item(response.message_id, content or "", status)] if content or not calls else [])
+    items = [_reasoning_item(response.reasoning_id, reasoning, status)] if reasoning else []
+    items += ([_message_item(response.message_id, content or "", status)] if content or not calls else [])
     items += [_call_item(call, status=status) for call in calls]
-    return JSONResponse(response.body(output, items))
+    return JSONResponse(response.body(output, items, state.reasoning_tokens(request, choice.token_ids)))
 
 
 def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
@@ -215,6 +221,16 @@ def _message_item(item_id: str, text: str | None, status: str) -> dict:
     return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
 
 
+def _reasoning_item(item_id: str, text: str | None, status: str) -> dict:
+    """The reply's reasoning item; `text` None: no content part yet (a stream's opening)."""
+    content = [] if text is None else [_reasoning_part(text)]
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": status}
+
+
+def _reasoning_part(text: str) -> dict:
+    return {"type": "reasoning_text", "text": text}
+
+
 def _text_part(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
@@ -237,9 +253,11 @@ class _Response:
 
     def __post_init__(self):
         self.id, self.message_id, self.created_at = _new_id("resp"), _new_id("msg"), int(time.time())
+        self.reasoning_id = _new_id("rs")
 
-    def body(self, output: RequestOutput | None, items: list[dict]) -> dict:
-        """The response object: in progress (`output` None), or finished with `items`."""
+    def body(self, output: RequestOutput | None, items: list[dict], reasoning_tokens: int = 0) -> dict:
+        """The response object: in progress (`output` None), or finished with `items` (of whose
+        output tokens `reasoning_tokens` were reasoning)."""
         request, status, usage, incomplete = self.request, "in_progress", None, None
         if output is not None:
             choice = output.outputs[0]
@@ -248,7 +266,7 @@ class _Response:
             prompt_tokens, completion_tokens = len(output.prompt_token_ids), len(choice.token_ids)
             usage = {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": output.num_cached_tokens,
                                                                             "cache_write_tokens": 0},
-                     "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                     "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
                      "total_tokens": prompt_tokens + completion_tokens}
         return {"id": self.id, "object": "response", "created_at": self.created_at, "model": self.model,
                 "status": status, "output": items, "error": None, "incomplete_details": incomplete,
@@ -284,7 +302,8 @@ async def _stream(response: _Response, state: ServerState, group: RequestGroup) 
         yield event("response.in_progress", response=response.body(None, []))
         async for line in items(response, state, group, event, outcome):
             yield line
-        body = response.body(outcome["final"], outcome["items"])
+        final = outcome["final"]
+        body = response.body(final, outcome["items"], state.reasoning_tokens(response.chat, final.outputs[0].token_ids))
         yield event("response.completed" if body["status"] == "completed" else "response.incomplete", response=body)
     except Exception as err:  # the engine failed mid-stream: tell the client, then end the stream
         error = failed(err)
@@ -293,33 +312,69 @@ async def _stream(response: _Response, state: ServerState, group: RequestGroup) 
         group.close()
 
 
+class _ReasoningEvents:
+    """A stream's reasoning item (output index 0): opened by its first text, closed before the
+    answer's first item or at the end."""
+
+    def __init__(self, response: _Response, event: _Events):
+        self.event, self.id, self.text, self.item = event, response.reasoning_id, "", None
+        self.part = dict(item_id=self.id, output_index=0, content_index=0)
+
+    def delta(self, reasoning: str | None) -> list[str]:
+        new, self.text = (reasoning or "")[len(self.text):], reasoning or ""
+        if not new:
+            return []
+        opening = [] if len(self.text) > len(new) else [
+            self.event("response.output_item.added", output_index=0, item=_reasoning_item(self.id, None, "in_progress")),
+            self.event("response.content_part.added", **self.part, part=_reasoning_part(""))]
+        return [*opening, self.event("response.reasoning_text.delta", **self.part, delta=new)]
+
+    def close(self, status: str, items: list[dict]) -> list[str]:
+        """The closing events (once, where the item opened); the item joins `items`."""
+        if not self.text or self.item is not None:
+            return []
+        self.item = _reasoning_item(self.id, self.text, status)
+        items.append(self.item)
+        return [self.event("response.reasoning_text.done", **self.part, text=self.text),
+                self.event("response.content_part.done", **self.part, part=_reasoning_part(self.text)),
+                self.event("response.output_item.done", output_index=0, item=self.item)]
+
+
 async def _reply_events(response: _Response, state: ServerState, group: RequestGroup, event: _Events,
                         outcome: dict) -> AsyncIterator[str]:
-    """The message's events as its text arrives (held back where a call may begin, as chat
-    streams hold it), then each call's, whole; `outcome` gets the final output and the items."""
-    sent, opened, final, calls = ChoiceProgress(), False, None, []
+    """The reasoning's events as it arrives, the message's as its text arrives (held back where a
+    call may begin, as chat streams hold it), then each call's, whole; `outcome` gets the final
+    output and the items."""
+    sent, opened, final, calls, items = ChoiceProgress(), False, None, [], []
+    thinking = _ReasoningEvents(response, event)
     message = dict(item_id=response.message_id, output_index=0, content_index=0)
 
     def open_message() -> list[str]:
-        return [event("response.output_item.added", output_index=0,
+        message["output_index"] = len(items)
+        return [event("response.output_item.added", output_index=len(items),
                       item=_message_item(response.message_id, None, "in_progress")),
                 event("response.content_part.added", **message, part=_text_part(""))]
 
     async for _, output in group:
         final, choice = output, output.outputs[0]
+        reasoning, answer = state.split_reply(response.chat, choice.text)
+        for line in thinking.delta(reasoning):
+            yield line
         if choice.finished():
-            content, calls = reply(response.chat, choice.text, state.tool_parser)
-            text = sent.new_text(content or "") if calls else sent.new_text(choice.text)
+            content, calls = reply(response.chat, answer, state.tool_parser)
+            text = sent.new_text(content or "") if calls else sent.new_text(answer)
         else:
-            streamable = streamable_text(response.chat, choice.text, state.tool_parser)
+            streamable = streamable_text(response.chat, answer, state.tool_parser)
             text = sent.new_text(streamable) if len(streamable) > len(sent.text_sent) else ""
         if text:
             if not opened:
-                for opening in open_message():
-                    yield opening
+                for line in [*thinking.close("completed", items), *open_message()]:
+                    yield line
                 opened = True
             yield event("response.output_text.delta", **message, delta=text, logprobs=[])
-    items, status = [], _item_status(final)
+    status = _item_status(final)
+    for line in thinking.close(status, items):
+        yield line
     if opened or not calls:
         if not opened:
             for opening in open_message():
@@ -327,7 +382,7 @@ async def _reply_events(response: _Response, state: ServerState, group: RequestG
         items.append(_message_item(response.message_id, sent.text_sent, status))
         yield event("response.output_text.done", **message, text=sent.text_sent, logprobs=[])
         yield event("response.content_part.done", **message, part=_text_part(sent.text_sent))
-        yield event("response.output_item.done", output_index=0, item=items[0])
+        yield event("response.output_item.done", output_index=message["output_index"], item=items[-1])
     for call in calls:
         index, item = len(items), _call_item(call, status=status)
         items.append(item)
@@ -345,14 +400,23 @@ async def _argument_events(response: _Response, state: ServerState, group: Reque
     """A named function's call, its arguments as they are generated (as chat streams send them).
     (A reply cut by `max_output_tokens` leaves them incomplete; the status says so.)"""
     sent, final, call = ChoiceProgress(), None, named_call(response.chat, state.tool_parser)
+    thinking, items, index = _ReasoningEvents(response, event), [], None
     item_id = _call_item(call)["id"]
-    yield event("response.output_item.added", output_index=0, item=_call_item(call, "", "in_progress"))
     async for _, output in group:
         final = output
-        if pieces := sent.new_text(output.outputs[0].text):
-            yield event("response.function_call_arguments.delta", item_id=item_id, output_index=0, delta=pieces)
+        reasoning, answer = state.split_reply(response.chat, output.outputs[0].text)
+        for line in thinking.delta(reasoning):
+            yield line
+        pieces = sent.new_text(answer)
+        if index is None and (pieces or output.finished):
+            for line in thinking.close("completed", items):
+                yield line
+            index = len(items)
+            yield event("response.output_item.added", output_index=index, item=_call_item(call, "", "in_progress"))
+        if pieces:
+            yield event("response.function_call_arguments.delta", item_id=item_id, output_index=index, delta=pieces)
     item = _call_item(call, sent.text_sent, _item_status(final))
-    yield event("response.function_call_arguments.done", item_id=item_id, output_index=0, name=item["name"],
+    yield event("response.function_call_arguments.done", item_id=item_id, output_index=index, name=item["name"],
                 arguments=item["arguments"])
-    yield event("response.output_item.done", output_index=0, item=item)
-    outcome.update(final=final, items=[item])
+    yield event("response.output_item.done", output_index=index, item=item)
+    outcome.update(final=final, items=[*items, item])

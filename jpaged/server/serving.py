@@ -39,6 +39,11 @@ from jpaged.server.tool_parsers import ToolParser
 DONE = "data: [DONE]\n\n"
 
 
+def _thinking(request: ChatCompletionRequest) -> bool:
+    """Whether a chat request leaves a model's thinking on (`chat_template_kwargs.enable_thinking`)."""
+    return (request.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+
+
 @dataclass
 class ServerState:
     """What the routes need: the engine front end, the served model's name, the metrics, the key,
@@ -64,9 +69,14 @@ class ServerState:
         request whose `chat_template_kwargs` turn `enable_thinking` off is all answer."""
         if self.reasoning_parser is None:
             return None, text
-        thinking = (request.chat_template_kwargs or {}).get("enable_thinking", True) is not False
-        reasoning, answer = self.reasoning_parser.split(text, thinking)
+        reasoning, answer = self.reasoning_parser.split(text, _thinking(request))
         return reasoning, answer or ""
+
+    def reasoning_tokens(self, request: ChatCompletionRequest, token_ids: list[int]) -> int:
+        """How many of a reply's tokens are reasoning (0 without a reasoning parser)."""
+        if self.reasoning_parser is None:
+            return 0
+        return self.reasoning_parser.count_reasoning_tokens(token_ids, _thinking(request))
 
     def model(self, requested: str | None) -> str:
         """The model name a request is served under (the base model's, or a LoRA adapter's);
