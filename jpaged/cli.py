@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from jpaged.pooling import RUNNERS
 from jpaged.reasoning import REASONING_PARSERS
 from jpaged.server.tool_parsers import TOOL_PARSERS
 
@@ -50,6 +51,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generation-config", default="auto",
                         help="sampling defaults for what requests leave unset: 'auto' (the model's "
                              "generation_config.json), 'none', or a folder holding a generation_config.json")
+    parser.add_argument("--runner", default="generate", choices=RUNNERS,
+                        help="'pooling' embeds prompts (the last token's hidden state; serve: /v1/embeddings) "
+                             "instead of generating")
     parser.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                         help="the reasoning model family's <think> markers: structured outputs apply once the "
                              "reasoning ends, and the server answers with reasoning apart from content")
@@ -104,7 +108,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size,
                 speculative_config=args.speculative_config, generation_config=args.generation_config,
-                reasoning_parser=args.reasoning_parser,
+                reasoning_parser=args.reasoning_parser, runner=args.runner,
                 enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from jpaged.pooling import RUNNERS
 from jpaged.reasoning import REASONING_PARSERS
 from jpaged.sampling_params import MAX_LOGPROBS, as_bool, is_integer
 
@@ -485,6 +486,8 @@ class EngineConfig:
     # the reasoning model family's <think> markers (jpaged/reasoning.py): structured outputs apply
     # once reasoning ends; the server splits replies into reasoning and content. None: neither
     reasoning_parser: str | None = None
+    # "generate" (sample tokens) or "pooling" (embed each prompt, jpaged/pooling.py; vLLM's runner)
+    runner: str = "generate"
     max_logprobs: int = MAX_LOGPROBS  # most top logprobs a request may ask for per token; -1: the whole vocabulary
     # sampling defaults: "auto" (the model's generation_config.json), "none", or a folder holding one
     generation_config: str = "auto"
@@ -506,6 +509,10 @@ class EngineConfig:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of 'auto', 'float32' ('float'), 'bfloat16', 'float16' ('half'), "
                              f"got {self.dtype!r}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
+        if self.runner == "pooling" and self.speculative.enabled:
+            raise ValueError("runner='pooling' generates nothing, so it takes no speculative_config")
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be None or one of {', '.join(REASONING_PARSERS)}, "
                              f"got {self.reasoning_parser!r}")

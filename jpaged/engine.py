@@ -30,9 +30,10 @@ from jpaged.lora import LoRAAdapter, LoRARequest, load_lora_adapter
 from jpaged.model_runner import ModelRunner, StepOutput
 from jpaged.models.quantization import gguf_packed
 from jpaged.ngram_proposer import NgramProposer, accepted_tokens, can_draft
-from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
+from jpaged.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
+from jpaged.pooling import pool, read_pooler_config
 from jpaged.reasoning import ReasoningParser
 from jpaged.sampling_params import (
     ALL_LOGPROBS,
@@ -45,12 +46,13 @@ from jpaged.sampling_params import (
     truncated_prompt,
     unicode_text,
 )
-from jpaged.scheduler import Scheduler, check_priority
+from jpaged.scheduler import Scheduler, SchedulerOutput, check_priority
 from jpaged.sequence import Request, Sequence
 from jpaged.structured_output import GrammarCompiler
 from sharding.mesh import replica_meshes
 
 logger = logging.getLogger("jpaged")
+EMBEDDING_PARAMS = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)  # a pooling runner's requests
 
 __all__ = ["EngineStats", "LLMEngine", "PromptType"]
 NO_TEXT = NoDetokenizer()
@@ -96,6 +98,8 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
         self.reasoning_parser = (ReasoningParser.from_tokenizer(config.reasoning_parser, self.tokenizer)
                                  if config.reasoning_parser else None)
+        self.runner_type = config.runner
+        self.pooler = read_pooler_config(source.folder) if config.runner == "pooling" else None
         self.max_model_len = self._fit_to_cache(self.max_model_len)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size,
@@ -179,7 +183,13 @@ class LLMEngine:
                     priority: int = 0, lora_request: LoRARequest | None = None) -> None:
         """Queue a request; raises ValueError for input that can never be served, a `priority`
         other than 0 without `scheduling_policy="priority"`, or a `lora_request` the engine cannot
-        run (see `add_lora`)."""
+        run (see `add_lora`). Under the pooling runner a request takes no `params` (it embeds its
+        prompt and samples nothing)."""
+        if self.pooler is not None:
+            if params is not None:
+                raise ValueError("runner='pooling' embeds prompts and samples nothing: add requests without "
+                                 "SamplingParams")
+            params = EMBEDDING_PARAMS
         # a copy, checked afresh as it is made: the caller may have changed fields since making theirs
         params = SamplingParams(**self.default_sampling_params) if params is None else dataclasses.replace(params)
         if request_id in self.requests:
@@ -388,6 +398,8 @@ class LLMEngine:
         if not plan.scheduled:
             return []
         result = self.runner.execute(plan.scheduled, sorted(self.eos_token_ids))
+        if result.pooled is not None:
+            return self._embeddings_done(plan, result.pooled)
         sampled = result.sampled
         if result.prompt_rows is not None:
             self._record_prompt_logprobs(plan.scheduled, result)
@@ -414,6 +426,23 @@ class LLMEngine:
         for request in touched.values():
             if request.is_finished:
                 self.requests.pop(request.request_id, None)
+        return outputs
+
+    def _embeddings_done(self, plan: SchedulerOutput, pooled) -> list[EmbeddingRequestOutput]:
+        """Advance each sequence of a pooling step; those whose prompt is now computed end with
+        their embedding (the step's hidden state at their last prompt token)."""
+        outputs = []
+        for row, item in enumerate(plan.scheduled):
+            seq = item.seq
+            self._count_computed(seq, item.num_new_tokens)
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
+            if item.samples:
+                seq.request.embedding = pool(pooled[row:row + 1], self.pooler)[0]
+                seq.finish("stop")
+                self.scheduler.finish(seq)
+                self.requests.pop(seq.request_id, None)
+                outputs.append(self.request_output(seq.request))
         return outputs
 
     def _propose_drafts(self) -> None:
@@ -549,7 +578,11 @@ class LLMEngine:
         """`seq`'s output text as it may be shown now: every earlier one is a prefix of it."""
         return self._detokenizer(seq, len(seq.output_token_ids)).text
 
-    def request_output(self, request: Request) -> RequestOutput:
+    def request_output(self, request: Request) -> RequestOutput | EmbeddingRequestOutput:
+        if self.pooler is not None:
+            embedding = [] if request.embedding is None else request.embedding.tolist()
+            return EmbeddingRequestOutput(request.request_id, EmbeddingOutput(embedding),
+                                          request.prompt_token_ids, request.is_finished, request.metrics)
         seqs = request.seqs
         if request.is_finished and len(seqs) > request.params.n:
             seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)[: request.params.n]

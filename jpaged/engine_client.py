@@ -53,7 +53,9 @@ class EngineClient(Protocol):
     logprobs a request may ask for per token), `eos_token_ids` (set[int]),
     `default_sampling_params` (`SamplingParams` fields that requests which leave them unset
     take, from the model's generation config; see `generation_defaults`), `reasoning_parser`
-    (the `ReasoningParser` of `EngineConfig.reasoning_parser`, or None)."""
+    (the `ReasoningParser` of `EngineConfig.reasoning_parser`, or None), `runner_type`
+    ("generate", or "pooling": requests take no `SamplingParams` and end with their prompt's
+    embedding, an `EmbeddingRequestOutput`)."""
 
     tokenizer: Any
     model_name: str
@@ -62,6 +64,7 @@ class EngineClient(Protocol):
     eos_token_ids: set[int]
     default_sampling_params: dict[str, Any]
     reasoning_parser: ReasoningParser | None
+    runner_type: str
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     priority: int = 0, lora_request: LoRARequest | None = None) -> None:

@@ -22,7 +22,7 @@ from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.lora import LoRARequest
-from jpaged.outputs import RequestOutput
+from jpaged.outputs import EmbeddingRequestOutput, RequestOutput
 from jpaged.sampling_params import BeamSearchParams, SamplingParams, is_integer, unicode_text
 
 
@@ -83,6 +83,8 @@ class LLM:
         first) needs `scheduling_policy="priority"`. `lora_request` (one for every prompt, or one
         per prompt, None for the base model) needs `enable_lora=True`. ValueError names the
         prompt it refuses."""
+        if self.engine.runner_type == "pooling":
+            raise ValueError("this engine runs runner='pooling': it embeds prompts (LLM.embed) and generates nothing")
         prompts = _prompt_list(prompts)
         params = self._per_prompt_params(sampling_params, len(prompts))
         loras = _per_prompt(lora_request, len(prompts))
@@ -92,6 +94,22 @@ class LLM:
         if len(priorities) != len(prompts):
             raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
         self._check_no_other_requests("generate")
+        return self._add_and_run(prompts, params, priorities, loras, use_tqdm)
+
+    def embed(self, prompts: PromptType | SequenceABC[PromptType], use_tqdm: bool = True,
+              lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None
+              ) -> list[EmbeddingRequestOutput]:
+        """The embedding of each prompt (text or token ids), in their order: `outputs.embedding`,
+        a list of `hidden_size` floats (see `jpaged/pooling.py`). Needs `runner="pooling"`;
+        ValueError names the prompt it refuses (empty, or longer than `max_model_len`)."""
+        if self.engine.runner_type != "pooling":
+            raise ValueError("LLM.embed needs an engine made with runner='pooling' (this one generates)")
+        prompts = _prompt_list(prompts)
+        self._check_no_other_requests("embed")
+        return self._add_and_run(prompts, [None] * len(prompts), [0] * len(prompts),
+                                 _per_prompt(lora_request, len(prompts)), use_tqdm)
+
+    def _add_and_run(self, prompts, params, priorities, loras, use_tqdm: bool) -> list:
         request_ids = []
         try:
             for prompt, param, rank, lora in zip(prompts, params, priorities, loras):

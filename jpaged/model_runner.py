@@ -71,6 +71,7 @@ class StepOutput(NamedTuple):
     prompt_rows: PromptRows | None  # what each prompt-logprob row is about; None: no such rows
     prompt_logprobs: PromptLogprobs | None  # one row per `prompt_rows` entry
     draft_choices: np.ndarray | None = None  # [D] greedy choices at the draft-check tokens, in order
+    pooled: np.ndarray | None = None  # runner "pooling": float32 [scheduled, hidden] final hidden states, no samples
 
 
 def memory_spans(tree) -> list[tuple[int, int]]:
@@ -124,6 +125,7 @@ class ModelRunner:
         self.kv_cache_dtype = cache_config.kv_cache_dtype
         self.dtype = dtype = resolve_dtype(config.dtype)
         self.num_logprobs = min(logprob_cap(config.max_logprobs, model_config.vocab_size), model_config.vocab_size)
+        self.pooling = config.runner == "pooling"  # the steps return hidden states, not logits, and sample nothing
         quantization = config.quantization if config.quantization != "gguf" else None
         formats = param_formats(packed or {})
         abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, quantization=quantization,
@@ -361,7 +363,7 @@ class ModelRunner:
         """Every setting the step program is made from beyond its arguments' shapes."""
         return repr((self.model_config, self.dtype, self.attention, config.attention_interpret, config.quantization,
                      self.kv_cache_dtype, cpu_kernels.loaded(), self.parallel,
-                     self.block_size, self.shapes, self._mesh_layout(), self.num_logprobs))
+                     self.block_size, self.shapes, self._mesh_layout(), self.num_logprobs, self.pooling))
 
     def _sampler_context(self) -> str:
         """Every setting the sampler program is made from beyond its arguments' shapes."""
@@ -396,7 +398,10 @@ class ModelRunner:
             return self._outputs(model, hidden, batch), kv_cache
 
     def _outputs(self, model, hidden, batch: StepBatch):
-        """(logits [rows, V] float32, PromptLogprobs) from the final hidden states `[N, hidden]`."""
+        """(logits [rows, V] float32, PromptLogprobs) from the final hidden states `[N, hidden]`;
+        under the pooling runner (hidden states [rows, hidden] float32, None)."""
+        if self.pooling:
+            return hidden[batch.logits_indices].astype(jnp.float32), None
         logits = model.logits(hidden[batch.logits_indices]).astype(jnp.float32)
 
         def prompt(hidden):
@@ -513,6 +518,8 @@ class ModelRunner:
         batch = step.batch if self.lora is None else dataclasses.replace(
             step.batch, lora_slots=self._lora_token_slots(scheduled, step.batch, step.rows))
         sampled, prompt = self._run(batch, step.sampling)
+        if self.pooling:
+            return StepOutput(None, None, None, pooled=np.asarray(sampled)[step.rows])
         drafts = None if step.draft_rows is None else np.asarray(sampled.token_ids)[step.draft_rows]
         fields = sampled if step.wants_logprobs else sampled[:1]
         sampled = SamplerOutput(*(np.asarray(field)[step.rows] for field in fields))
@@ -548,7 +555,7 @@ class ModelRunner:
         """Start making the step program for `batch` and, on one device, its sampler program ready
         in the background."""
         self._step.prefetch(*self._step_args(batch))
-        if self.mesh is None:
+        if self.mesh is None and not self.pooling:
             rows = (len(batch.logits_indices), self.model_config.vocab_size)
             logits = jax.ShapeDtypeStruct(rows, jnp.float32, sharding=SingleDeviceSharding(self._first_device))
             self._sampler.prefetch(logits, self._sampler_args(sampling))
@@ -559,6 +566,8 @@ class ModelRunner:
                 logits, prompt = self._run_streamed(batch)
             else:
                 (logits, prompt), self.kv_cache = self._step(*self._step_args(batch))
+        if self.pooling:
+            return logits, prompt  # the hidden states
         return self._sampler(logits, self._sampler_args(sampling)), prompt
 
     def _step_args(self, batch: StepBatch) -> tuple:

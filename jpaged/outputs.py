@@ -32,6 +32,22 @@ class CompletionOutput:
 
 
 @dataclass
+class EmbeddingOutput:
+    embedding: list[float]  # the pooled hidden state (runner "pooling", jpaged/pooling.py); [] if none was made
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """A prompt's embedding, as vLLM's `EmbeddingRequestOutput` (`outputs.embedding`)."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool
+    metrics: RequestMetrics | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None

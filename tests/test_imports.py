@@ -25,14 +25,14 @@ PACKAGES = ("jpaged", "pallas_kernels", "sharding")
 HOST_MODULES = {
     "jpaged", "jpaged.__main__", "jpaged.cli", "jpaged.config", "jpaged.sampling_params", "jpaged.sequence",
     "jpaged.block_manager", "jpaged.scheduler", "jpaged.outputs", "jpaged.beam_search", "jpaged.engine_client",
-    "jpaged.detokenizer", "jpaged.structured_output", "jpaged.reasoning", "jpaged.chat_template", "jpaged.interrupts", "jpaged.lora",
+    "jpaged.detokenizer", "jpaged.structured_output", "jpaged.reasoning", "jpaged.pooling", "jpaged.chat_template", "jpaged.interrupts", "jpaged.lora",
     "jpaged.loader", "jpaged.loader.default_model", "jpaged.models", "jpaged.parallel", "jpaged.padding",
     "pallas_kernels", "sharding",
     # the HTTP server runs the engine it is given, and imports none of it itself
     "jpaged.server", "jpaged.server.errors", "jpaged.server.protocol", "jpaged.server.params",
     "jpaged.server.prompts", "jpaged.server.async_engine", "jpaged.server.metrics", "jpaged.server.logprobs",
     "jpaged.server.serving", "jpaged.server.completions", "jpaged.server.chat", "jpaged.server.app",
-    "jpaged.server.launch", "jpaged.server.tools", "jpaged.server.tool_parsers",
+    "jpaged.server.launch", "jpaged.server.tools", "jpaged.server.tool_parsers", "jpaged.server.embeddings",
 }
 
 def discover() -> list[str]:

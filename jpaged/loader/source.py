@@ -40,6 +40,7 @@ class ModelSource:
     load_tokenizer: Callable[[], Any]
     weights: Callable[[dict[str, str] | None], Iterator[tuple[str, np.ndarray]]]
     block_types: dict[str, str] = field(default_factory=dict)
+    folder: Path | None = None  # where an HF model's files lie (None: a GGUF file)
 
 
 def open_model(model: str | None, tokenizer: str | None = None, revision: str | None = None) -> ModelSource:
@@ -72,6 +73,7 @@ def open_model(model: str | None, tokenizer: str | None = None, revision: str | 
         generation_config=hf.read_json(path / "generation_config.json", required=False),
         load_tokenizer=load_tokenizer or hf.tokenizer_loader(path),
         weights=lambda keep_packed=None: hf.load_safetensors_weights(path),
+        folder=path,
     )
 
 

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jpaged.server.chat import create_chat_completion
 from jpaged.server.completions import create_completion
+from jpaged.server.embeddings import create_embedding
 from jpaged.server.errors import APIError, error_body, error_type_for_status, unauthorized
 from jpaged.server.metrics import CONTENT_TYPE
 from jpaged.server.prompts import chat_prompt
@@ -36,6 +37,7 @@ from jpaged.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
     LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
@@ -72,6 +74,7 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
     v1.add_api_route("/completions", _completions, methods=["POST"])
     v1.add_api_route("/chat/completions", _chat_completions, methods=["POST"])
     v1.add_api_route("/responses", _responses, methods=["POST"])
+    v1.add_api_route("/embeddings", _embeddings, methods=["POST"])
     v1.add_api_route("/models", _models, methods=["GET"])
     v1.add_api_route("/models/{model:path}", _model, methods=["GET"])
     if state.runtime_lora_updating:
@@ -110,6 +113,10 @@ async def _chat_completions(body: ChatCompletionRequest, request: Request) -> Re
 
 async def _responses(body: ResponsesRequest, request: Request) -> Response:
     return await _respond(request, create_response(body, _state(request)))
+
+
+async def _embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    return await _respond(request, create_embedding(body, _state(request)))
 
 
 async def _respond(request: Request, handler: Awaitable[Response | AsyncIterator[str]]) -> Response:

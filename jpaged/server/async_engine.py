@@ -189,9 +189,10 @@ class AsyncEngine:
             ValueError: the engine refused one (none of them is then queued); the message names
                 the prompt when there are several.
         """
-        places = sum(params.num_samples for _, params in requests)
+        counts = [1 if params is None else params.num_samples for _, params in requests]  # None: an embedding
+        places = sum(counts)
         if places > self.max_queued_requests:
-            samples = max(params.num_samples for _, params in requests)
+            samples = max(counts)
             if len(requests) == 1:
                 what = f"{samples} samples (n / best_of)"
             else:

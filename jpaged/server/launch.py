@@ -63,7 +63,7 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
     front = AsyncEngine(engine, max_queued_requests, on_finished=metrics.observe_finished,
                         on_aborted=metrics.observe_aborted)
     state = ServerState(front, name, metrics, api_key or None, chat_template, trust_request_chat_template, parser,
-                        engine.reasoning_parser, dict(engine.default_sampling_params),
+                        engine.reasoning_parser, engine.runner_type == "pooling", dict(engine.default_sampling_params),
                         runtime_lora_updating=allow_runtime_lora_updating)
     for lora in lora_modules or ():  # the engine loop has not started: the engine is called here
         try:

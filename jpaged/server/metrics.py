@@ -55,7 +55,8 @@ class ServerMetrics:
                 self.tpot.labels(**self._labels).observe(metrics.time_per_output_token)
             if metrics.finished_time is not None:
                 self.e2e.labels(**self._labels).observe(metrics.finished_time - metrics.arrival_time)
-        reason = output.outputs[0].finish_reason if output.outputs else None
+        first = output.outputs[0] if isinstance(output.outputs, list) and output.outputs else output.outputs
+        reason = getattr(first, "finish_reason", "stop")  # an embedding (no samples) ends as "stop"
         self.finished.labels(**self._labels, finished_reason=reason or "unknown").inc()
 
     def observe_aborted(self, request_id: str) -> None:

@@ -207,6 +207,18 @@ class ResponsesRequest(_Body):
     include: list[str] | None = None  # refused unless empty
 
 
+class EmbeddingRequest(_Body):
+    """POST /v1/embeddings: `input` as a completion's `prompt` (a string, strings, token ids, or
+    token-id lists); `encoding_format` "float" or "base64"; `dimensions` is refused."""
+
+    model: str | None = None
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep each input's last tokens (-1: max_model_len)
+
+
 class TokenizeRequest(_Body):
     """POST /tokenize: a `prompt` (text), or chat `messages` rendered by the chat template."""
 

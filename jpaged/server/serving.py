@@ -59,6 +59,7 @@ class ServerState:
     trust_request_chat_template: bool = False
     tool_parser: ToolParser | None = None
     reasoning_parser: ReasoningParser | None = None  # the engine's (`EngineConfig.reasoning_parser`)
+    pooling: bool = False  # the engine embeds (runner "pooling"): /v1/embeddings only
     sampling_defaults: dict = field(default_factory=dict)
     loras: dict[str, LoRARequest] = field(default_factory=dict)  # LoRA adapters served, by model name
     runtime_lora_updating: bool = False  # whether requests may load and unload adapters
@@ -128,7 +129,7 @@ class ServerState:
                                        self.trust_request_chat_template)
 
 
-async def submit(state: ServerState, request_id: str, prompts: list[Prompt], params: list[SamplingParams],
+async def submit(state: ServerState, request_id: str, prompts: list[Prompt], params: list[SamplingParams | None],
                  priority: int = 0, constraint_field: str = "structured_outputs",
                  renamed: dict[str, str] | None = None, model: str | None = None) -> RequestGroup:
     """Queue one engine request per prompt, each with `priority`, run through the LoRA adapter
@@ -137,8 +138,12 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt], par
     the KV cache, more logprobs than `--max-logprobs`, an output constraint that does not compile,
     blamed on `constraint_field`, the field it came from) or the priority (not 0 under
     first-come-first-served scheduling). `renamed` maps a `SamplingParams` field to the request's
-    name for it, for the error's `param` and message."""
-    requests: list[tuple[PromptType, SamplingParams]] = [
+    name for it, for the error's `param` and message. Params None (embeddings) go to a pooling
+    engine only, and params to a generating one only (400 otherwise)."""
+    if state.pooling != all(param is None for param in params):
+        raise bad_request("this server's model embeds (runner pooling): send its inputs to /v1/embeddings"
+                          if state.pooling else "an embedding request needs a model run with --runner pooling")
+    requests: list[tuple[PromptType, SamplingParams | None]] = [
         ({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, param)
         for prompt, param in zip(prompts, params)]
     try:

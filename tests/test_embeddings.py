@@ -1,0 +1,126 @@
+"""Embeddings (`runner="pooling"`): `LLM.embed` and `POST /v1/embeddings` on a random-weight Qwen3
+model laid out as a sentence-transformers embedding model (last-token pooling, then `Normalize`).
+
+Oracle: HF transformers' `AutoModel` (the base model, no LM head) on the same folder: its
+`last_hidden_state` at each input's last token, L2-normalised as sentence-transformers'
+`Normalize` module does; for the server, the official `openai` client (float and base64
+encodings) against `LLM.embed`. Inputs are long enough to be prefilled in several chunks, and one
+repeats so that the prefix cache serves it.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+from hf_models import save_random_model  # noqa: E402
+from server_thread import serving  # noqa: E402
+
+from jpaged import LLM, SamplingParams  # noqa: E402
+from jpaged.server.launch import create_app  # noqa: E402
+
+VOCAB = 128
+ENGINE_ARGS = dict(runner="pooling", num_blocks=64, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128)
+LENGTHS = (5, 40, 17, 70, 40)  # the last repeats the second: a prefix-cache hit
+
+
+def sentence_transformers_files(folder, pooling: str = "pooling_mode_lasttoken", normalize: bool = True) -> None:
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, pooling: True}))
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3_embedding")
+    config = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=256, tie_word_embeddings=True)
+    save_random_model(folder, config, seed=1)
+    sentence_transformers_files(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(3, VOCAB, n).tolist() for n in LENGTHS[:-1]]
+    return ids + [ids[1]]
+
+
+def hf_last_token_states(folder, prompts) -> np.ndarray:
+    base = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return np.stack([base(torch.tensor([p])).last_hidden_state[0, -1].numpy() for p in prompts])
+
+
+@pytest.fixture(scope="module")
+def llm(model_folder):
+    return LLM(str(model_folder), **ENGINE_ARGS)
+
+
+@pytest.fixture(scope="module")
+def expected(llm, prompts):
+    return np.array([out.outputs.embedding for out in llm.embed([{"prompt_token_ids": p} for p in prompts],
+                                                                use_tqdm=False)])
+
+
+def test_embeddings_are_the_normalised_last_token_states(llm, model_folder, prompts, expected):
+    states = hf_last_token_states(model_folder, prompts)
+    np.testing.assert_allclose(expected, states / np.linalg.norm(states, axis=1, keepdims=True), atol=2e-6)
+    assert expected.shape == (len(prompts), 64)
+    stats = llm.engine.stats()
+    assert stats.kv_cache_usage == 0 and stats.num_generated_tokens == 0 and stats.prefix_cache_hit_rate > 0
+
+
+def test_pooling_settings_come_from_the_sentence_transformers_files(model_folder, prompts, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(model_folder, plain)
+    sentence_transformers_files(plain, normalize=False)
+    out = LLM(str(plain), **ENGINE_ARGS).embed({"prompt_token_ids": prompts[0]}, use_tqdm=False)[0]
+    np.testing.assert_allclose(out.outputs.embedding, hf_last_token_states(plain, prompts[:1])[0], atol=2e-5)
+    sentence_transformers_files(plain, pooling="pooling_mode_mean_tokens")
+    with pytest.raises(ValueError, match=r"1_Pooling/config.json pools by pooling_mode_mean_tokens; .* last token"):
+        LLM(str(plain), **ENGINE_ARGS)
+
+
+def test_each_runner_refuses_the_other_runners_calls(llm, stories_path):
+    with pytest.raises(ValueError, match="runner='pooling'.*LLM.embed"):
+        llm.generate("t5 t6", SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="without SamplingParams"):
+        llm.engine.add_request("x", "t5 t6", SamplingParams())
+    with pytest.raises(ValueError, match="runner='pooling'"):
+        LLM(stories_path, num_blocks=16).embed("Once upon a time", use_tqdm=False)
+    with pytest.raises(ValueError, match="runner must be one of generate, pooling, got 'embed'"):
+        LLM(stories_path, runner="embed")
+
+
+def test_server_embeddings_match_llm_embed(llm, prompts, expected):
+    texts = [" ".join(f"t{i}" for i in p) for p in prompts[:2]]
+    with serving(create_app(llm.engine, served_model_name="embedder")) as url:
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        as_base64 = api.embeddings.create(model="embedder", input=texts)  # the client's default encoding
+        as_floats = api.embeddings.create(model="embedder", input=prompts, encoding_format="float")
+        assert [d.index for d in as_floats.data] == list(range(len(prompts)))
+        np.testing.assert_allclose([d.embedding for d in as_floats.data], expected, atol=1e-6)
+        np.testing.assert_allclose([d.embedding for d in as_base64.data], expected[:2], atol=1e-6)
+        assert as_floats.usage.prompt_tokens == as_floats.usage.total_tokens == sum(LENGTHS)
+        for call, param in ((lambda: api.embeddings.create(model="embedder", input=[]), "input"),
+                            (lambda: api.embeddings.create(model="embedder", input=[[5] * 200]), "input"),
+                            (lambda: api.embeddings.create(model="embedder", input="t5", dimensions=8), "dimensions"),
+                            (lambda: api.completions.create(model="embedder", prompt="t5", max_tokens=2), None)):
+            with pytest.raises(openai.BadRequestError) as caught:
+                call()
+            assert caught.value.body["param"] == param
+        assert "/v1/embeddings" in caught.value.body["message"]
+    assert llm.engine.stats().kv_cache_usage == 0
