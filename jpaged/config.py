@@ -28,6 +28,9 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
+# Base models without an LM head (an embedding model's checkpoint, for runner "pooling")
+SUPPORTED_ARCHITECTURES.update({name.replace("ForCausalLM", "Model").replace("Gemma3Model", "Gemma3TextModel"): arch
+                                for name, arch in SUPPORTED_ARCHITECTURES.items()})
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma2": "gemma2", "gemma3_text": "gemma3"}
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names for the compute dtypes

@@ -71,6 +71,8 @@ class LLMEngine:
         source = open_model(config.model, config.tokenizer, config.revision)
         self.model_name = source.name
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)
+        if config.runner == "pooling":  # no LM head: a base model's checkpoint has none, and embeddings need none
+            self.model_config = dataclasses.replace(self.model_config, tie_word_embeddings=True)
         self.default_sampling_params = generation_defaults(self._generation_config(source.generation_config))
         if self.default_sampling_params:
             logger.info("sampling defaults from generation_config.json: %s (generation_config='none' keeps "

@@ -83,6 +83,20 @@ def test_embeddings_are_the_normalised_last_token_states(llm, model_folder, prom
     assert stats.kv_cache_usage == 0 and stats.num_generated_tokens == 0 and stats.prefix_cache_hit_rate > 0
 
 
+def test_a_base_model_checkpoint_embeds_alike(model_folder, prompts, expected, tmp_path):
+    """A checkpoint of the base model (`Qwen3Model`: no `model.` prefix, no LM head, untied), as
+    embedding models ship, gives the same embeddings."""
+    base = transformers.AutoModel.from_pretrained(str(model_folder), dtype=torch.float32)
+    base.config.tie_word_embeddings = False
+    base.save_pretrained(str(tmp_path))
+    for name in ("tokenizer.json", "tokenizer_config.json", "modules.json", "1_Pooling"):
+        copy = shutil.copytree if (model_folder / name).is_dir() else shutil.copy
+        copy(model_folder / name, tmp_path / name)
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["Qwen3Model"]
+    outs = LLM(str(tmp_path), **ENGINE_ARGS).embed([{"prompt_token_ids": p} for p in prompts[:2]], use_tqdm=False)
+    np.testing.assert_allclose([o.outputs.embedding for o in outs], expected[:2], atol=1e-6)
+
+
 def test_pooling_settings_come_from_the_sentence_transformers_files(model_folder, prompts, tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(model_folder, plain)

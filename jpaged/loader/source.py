@@ -72,9 +72,16 @@ def open_model(model: str | None, tokenizer: str | None = None, revision: str | 
         hf_config=hf.read_json(path / "config.json"),
         generation_config=hf.read_json(path / "generation_config.json", required=False),
         load_tokenizer=load_tokenizer or hf.tokenizer_loader(path),
-        weights=lambda keep_packed=None: hf.load_safetensors_weights(path),
+        weights=lambda keep_packed=None: _with_model_prefix(hf.load_safetensors_weights(path)),
         folder=path,
     )
+
+
+def _with_model_prefix(weights: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    """A checkpoint's tensors under the causal LM's names: a base model's (`embed_tokens.weight`,
+    `layers.0....`, as `Qwen3Model.save_pretrained` writes them) get the `model.` prefix."""
+    for name, tensor in weights:
+        yield (name if name.startswith(("model.", "lm_head.")) else f"model.{name}"), tensor
 
 
 def _check_name(what: str, value, none_means: str | None = None) -> None:
