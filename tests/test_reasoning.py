@@ -113,11 +113,18 @@ def test_the_replies_cover_every_case(raw):
 
 
 def test_chat_splits_reasoning_from_content_whole_and_streamed(client, raw):
+    """The message's `reasoning` and `content`, the stream's pieces of each, and the reasoning
+    tokens in the usage (the reply's tokens before its first `</think>`, `<think>` not counted)."""
     api, llm = client
-    for seed, text in zip(SEEDS, raw[0]):
-        fields = request_fields(llm.get_tokenizer(), seed)
-        message = api.chat.completions.create(model="thinker", messages=MESSAGES, **fields).choices[0].message
+    tokenizer = llm.get_tokenizer()
+    end, start = (tokenizer.convert_tokens_to_ids(t) for t in ("</think>", "<think>"))
+    for seed, text, token_ids in zip(SEEDS, *raw):
+        fields = request_fields(tokenizer, seed)
+        reply = api.chat.completions.create(model="thinker", messages=MESSAGES, **fields)
+        message = reply.choices[0].message
         assert (message.model_extra["reasoning"], message.content) == vllm_reading(text), text
+        thought = token_ids[:token_ids.index(end)] if end in token_ids else token_ids
+        assert reply.usage.completion_tokens_details.reasoning_tokens == sum(t != start for t in thought)
         pieces = {"reasoning": [], "content": []}
         for chunk in api.chat.completions.create(model="thinker", messages=MESSAGES, stream=True, **fields):
             delta = chunk.choices[0].delta

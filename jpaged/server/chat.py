@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from jpaged.outputs import CompletionOutput
+from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
 from jpaged.server.logprobs import chat_logprobs, prompt_logprobs
@@ -35,6 +35,7 @@ from jpaged.server.protocol import (
     DeltaToolCall,
     FunctionCall,
     ToolCall,
+    UsageInfo,
     random_id,
 )
 from jpaged.server.serving import (
@@ -77,7 +78,7 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
                                   logprobs=_logprobs(tokenizer, params, choice.token_ids, choice.logprobs),
                                   finish_reason=_finish_reason(request, choice, calls), stop_reason=choice.stop_reason))
     response = ChatCompletionResponse(id=request_id, model=model, choices=choices,
-                                      usage=usage(len(prompt.token_ids), [output]),
+                                      usage=_usage(request, state, prompt, output),
                                       prompt_logprobs=prompt_logprobs(output.prompt_logprobs))
     return JSONResponse(response.model_dump())
 
@@ -94,6 +95,16 @@ async def chat_request_input(request: ChatCompletionRequest, state: ServerState)
                                     max_tokens_field(request), prompt_param="messages",
                                     limit=state.sampling_defaults.get("max_tokens"))
     return prompt, chat_params(request, max_tokens, state.tool_parser, state.sampling_defaults)
+
+
+def _usage(request: ChatCompletionRequest, state: ServerState, prompt: Prompt, output: RequestOutput) -> UsageInfo:
+    """The token counts, with the reasoning tokens among the completion's where a reasoning parser
+    reads the replies (vLLM's `completion_tokens_details`)."""
+    counts = usage(len(prompt.token_ids), [output])
+    if state.reasoning_parser is not None:
+        thought = sum(state.reasoning_tokens(request, choice.token_ids) for choice in output.outputs)
+        counts.completion_tokens_details = {"reasoning_tokens": thought}
+    return counts
 
 
 def _echoed(request: ChatCompletionRequest) -> str:
@@ -143,7 +154,7 @@ async def _stream(request: ChatCompletionRequest, state: ServerState, model: str
                 if event is not None:
                     yield chunk([event], chunk_usage(request, prompt_tokens, len(choice.token_ids)))
         if request.stream_options and request.stream_options.include_usage:
-            yield chunk([], usage(len(prompt.token_ids), [final]))
+            yield chunk([], _usage(request, state, prompt, final))
     except Exception as err:  # the engine failed mid-stream: tell the client, then end the stream
         yield sse_error(err)
     finally:

@@ -257,6 +257,14 @@ class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    completion_tokens_details: dict[str, int] | None = None  # {"reasoning_tokens"} with a reasoning parser
+
+    @model_serializer(mode="wrap")
+    def _details_when_given(self, handler) -> dict:
+        data = handler(self)
+        if data.get("completion_tokens_details") is None:
+            data.pop("completion_tokens_details", None)
+        return data
 
 
 class CompletionLogprobs(BaseModel):
