@@ -514,8 +514,9 @@ class EngineConfig:
                              f"got {self.dtype!r}")
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
-        if self.runner == "pooling" and self.speculative.enabled:
-            raise ValueError("runner='pooling' generates nothing, so it takes no speculative_config")
+        if self.runner == "pooling" and (self.speculative.enabled or self.reasoning_parser):
+            raise ValueError("runner='pooling' generates nothing, so it takes no speculative_config or "
+                             "reasoning_parser")
         if self.reasoning_parser not in (None, *REASONING_PARSERS):
             raise ValueError(f"reasoning_parser must be None or one of {', '.join(REASONING_PARSERS)}, "
                              f"got {self.reasoning_parser!r}")

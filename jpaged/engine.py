@@ -201,11 +201,12 @@ class LLMEngine:
         text, token_ids = self._tokenize(prompt)
         token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.max_model_len)
         room = self.max_model_len - len(token_ids)
-        if token_ids and room < 1:
+        if token_ids and room < (0 if self.pooler else 1):  # an embedding adds no token
             held = self.block_manager.num_blocks * self.block_manager.block_size == self.max_model_len
-            raise ValueError(f"prompt of {len(token_ids)} tokens leaves no room for output within max_model_len "
+            what = "is longer than" if self.pooler else "leaves no room for output within"
+            raise ValueError(f"prompt of {len(token_ids)} tokens {what} max_model_len "
                              f"{self.max_model_len}{' (what the KV cache holds)' if held else ''}")
-        if token_ids and (params.max_tokens is None or params.max_tokens > room):  # ends at max_model_len (vLLM's)
+        if token_ids and not self.pooler and (params.max_tokens is None or params.max_tokens > room):  # ends at max_model_len (vLLM's)
             params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
         params = self._resolve_logprobs(params)
         bad_words = bad_words_token_ids(params.bad_words, self.tokenizer)

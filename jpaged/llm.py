@@ -138,7 +138,9 @@ class LLM:
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm)
+        pooling = self.engine.runner_type == "pooling"
+        bar = tqdm(total=len(request_ids), desc="embedding" if pooling else "generating", unit="req",
+                   disable=not use_tqdm)
         generated_before, started = self.engine.stats().num_generated_tokens, time.perf_counter()
         try:
             while self.engine.has_unfinished_requests():
@@ -146,7 +148,7 @@ class LLM:
                     if output.finished:
                         finished[output.request_id] = output
                         bar.update(1)
-                if use_tqdm:  # every token generated so far, unfinished requests' too
+                if use_tqdm and not pooling:  # every token generated so far, unfinished requests' too
                     generated = self.engine.stats().num_generated_tokens - generated_before
                     bar.set_postfix_str(f"{generated / (time.perf_counter() - started):.1f} tok/s out")
         except BaseException:  # an interrupt or a failed step: the call's requests leave the engine

@@ -6,10 +6,11 @@ after the prompt's last token, takes the hidden state there instead (after the f
 L2-normalised: the last-token pooling of decoder embedding models (Qwen3-Embedding, gte-Qwen2,
 e5-mistral), which vLLM applies to them by default. The request then ends; nothing is generated.
 
-A model folder's sentence-transformers files say how it pools: `modules.json` lists a `Pooling`
-module (its `config.json` names the mode: only `pooling_mode_lasttoken` is served; mean and CLS
-pooling are refused by name) and, where present, a `Normalize` module (without one the vector is
-returned as it is).
+A model folder's sentence-transformers files say how it pools: `modules.json` lists the
+`Transformer`, a `Pooling` module (its `config.json` names the mode: only last-token pooling is
+served; mean, CLS and max pooling are refused by name) and, where present, a `Normalize` module
+(without one the vector is returned as it is). Any other module (`Dense`, ...) would change the
+vector after pooling, and is refused by name.
 
 Plain Python: no jax.
 """
@@ -43,13 +44,19 @@ def read_pooler_config(folder: Path | None) -> PoolerConfig:
         return PoolerConfig()
     modules = json.loads(modules_file.read_text())
     kinds = {module.get("type", "").rsplit(".", 1)[-1]: module for module in modules}
+    if others := sorted(set(kinds) - {"Transformer", "Pooling", "Normalize"}):
+        raise ValueError(f"{modules_file} lists the modules {', '.join(others)} after the transformer; jpaged's "
+                         "pooling runner applies Pooling (last token) and Normalize only")
     if "Pooling" in kinds:
         pooling_file = folder / kinds["Pooling"].get("path", "") / "config.json"
-        if pooling_file.is_file():
-            modes = [mode for mode in _MODES if json.loads(pooling_file.read_text()).get(mode)]
-            if modes != ["pooling_mode_lasttoken"]:
-                raise ValueError(f"{pooling_file} pools by {', '.join(modes) or 'no mode'}; jpaged's pooling runner "
-                                 "pools by the last token only (pooling_mode_lasttoken)")
+        if not pooling_file.is_file():
+            raise ValueError(f"{modules_file} lists a Pooling module, but {pooling_file} is missing")
+        settings = json.loads(pooling_file.read_text())
+        modes = ([settings["pooling_mode"]] if isinstance(settings.get("pooling_mode"), str)
+                 else [mode for mode in _MODES if settings.get(mode)])
+        if modes not in (["pooling_mode_lasttoken"], ["lasttoken"]):
+            raise ValueError(f"{pooling_file} pools by {', '.join(modes) or 'no mode'}; jpaged's pooling runner "
+                             "pools by the last token only (pooling_mode_lasttoken)")
     return PoolerConfig(normalize="Normalize" in kinds)
 
 

@@ -16,8 +16,10 @@ Parsers (vLLM's names and readings):
 - `deepseek_r1`: the output is reasoning up to the first `</think>`, the answer after it; without
   a `</think>` it is all reasoning.
 - `qwen3`: the same, and later `</think>` markers in the answer are dropped; with
-  `chat_template_kwargs={"enable_thinking": False}` (the template then closes the thinking in
-  the prompt) the whole output is the answer. The prompt's turn markers (`<|im_start|>`,
+  `chat_template_kwargs={"enable_thinking": False}` the whole output is the answer.
+
+Where the prompt already closed the reasoning (`reasoning_ended`: Qwen3's template does so with
+thinking off; a continued assistant message may), the whole output is the answer. The prompt's turn markers (`<|im_start|>`,
   `<|im_end|>`) bound the search for a closed reasoning in the prompt to the current turn.
 
 `<think>` markers inside the reasoning are dropped. The markers must reach the output text:
@@ -28,8 +30,11 @@ Plain Python: no jax.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+logger = logging.getLogger("jpaged")
 
 START, END = "<think>", "</think>"
 TURN_MARKERS = {"deepseek_r1": (), "qwen3": ("<|im_start|>", "<|im_end|>")}
@@ -56,6 +61,9 @@ class ReasoningParser:
         if missing:
             raise ValueError(f"reasoning_parser {name!r} needs {START} and {END} as tokens of the tokenizer; "
                              f"it has no {' or '.join(missing)} (is this a reasoning model?)")
+        if special := [token for token in (START, END) if vocab[token] in set(tokenizer.all_special_ids)]:
+            logger.warning("reasoning_parser %r: the tokenizer marks %s special, so replies decoded without special "
+                           "tokens lose them and cannot be split into reasoning and content", name, " and ".join(special))
         turns = frozenset(vocab[token] for token in TURN_MARKERS[name] if token in vocab)
         return cls(name, vocab[START], vocab[END], turns)
 
@@ -71,17 +79,17 @@ class ReasoningParser:
 
     def count_reasoning_tokens(self, token_ids: list[int], thinking: bool = True) -> int:
         """How many of a reply's `token_ids` are its reasoning: those before the first end marker,
-        markers not counted (none with `thinking=False` for `qwen3`)."""
-        if not thinking and self.name == "qwen3":
+        markers not counted (none with `thinking=False`)."""
+        if not thinking:
             return 0
         end = token_ids.index(self.end_token_id) if self.end_token_id in token_ids else len(token_ids)
         return sum(token != self.start_token_id for token in token_ids[:end])
 
     def split(self, text: str, thinking: bool = True) -> tuple[str | None, str | None]:
-        """(reasoning, content) of a reply's `text`, each None where empty. `thinking=False` (a
-        `qwen3` request with `enable_thinking` off): all content. As `text` grows, both parts only
-        grow (a stream's pieces are their differences)."""
-        if not thinking and self.name == "qwen3":
+        """(reasoning, content) of a reply's `text`, each None where empty. `thinking=False` (the
+        prompt closed the reasoning, or a `qwen3` request turned `enable_thinking` off): all
+        content. As `text` grows, both parts only grow (a stream's pieces are their differences)."""
+        if not thinking:
             return None, text or None
         reasoning, ended, content = text.partition(END)
         reasoning = reasoning.replace(START, "")

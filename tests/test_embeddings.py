@@ -97,14 +97,32 @@ def test_a_base_model_checkpoint_embeds_alike(model_folder, prompts, expected, t
     np.testing.assert_allclose([o.outputs.embedding for o in outs], expected[:2], atol=1e-6)
 
 
+def test_a_prompt_of_max_model_len_tokens_embeds(llm, model_folder):
+    """An embedding adds no token, so a prompt may fill `max_model_len` (a generating engine
+    keeps room for one output token)."""
+    prompt = np.random.default_rng(1).integers(3, VOCAB, ENGINE_ARGS["max_model_len"]).tolist()
+    (out,) = llm.embed({"prompt_token_ids": prompt}, use_tqdm=False)
+    state = hf_last_token_states(model_folder, [prompt])[0]
+    np.testing.assert_allclose(out.outputs.embedding, state / np.linalg.norm(state), atol=2e-6)
+    with pytest.raises(ValueError, match="prompt 0: prompt of 129 tokens is longer than max_model_len 128"):
+        llm.embed({"prompt_token_ids": prompt + [5]}, use_tqdm=False)
+
+
 def test_pooling_settings_come_from_the_sentence_transformers_files(model_folder, prompts, tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(model_folder, plain)
     sentence_transformers_files(plain, normalize=False)
     out = LLM(str(plain), **ENGINE_ARGS).embed({"prompt_token_ids": prompts[0]}, use_tqdm=False)[0]
     np.testing.assert_allclose(out.outputs.embedding, hf_last_token_states(plain, prompts[:1])[0], atol=2e-5)
+    (plain / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "lasttoken"}))  # the short form
+    assert LLM(str(plain), **ENGINE_ARGS).embed({"prompt_token_ids": prompts[0]}, use_tqdm=False)[0].outputs.embedding
     sentence_transformers_files(plain, pooling="pooling_mode_mean_tokens")
     with pytest.raises(ValueError, match=r"1_Pooling/config.json pools by pooling_mode_mean_tokens; .* last token"):
+        LLM(str(plain), **ENGINE_ARGS)
+    modules = json.loads((plain / "modules.json").read_text())
+    modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (plain / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(ValueError, match="lists the modules Dense after the transformer"):
         LLM(str(plain), **ENGINE_ARGS)
 
 

@@ -89,8 +89,20 @@ def raw(llm):
     return [out.outputs[0].text for out in outs], [out.outputs[0].token_ids for out in outs]
 
 
+CONTINUED = [*MESSAGES, {"role": "assistant", "content": "<think>The old man</think> He is"}]
+
+
 @pytest.fixture(scope="module")
-def client(llm, raw):
+def raw_continued(llm):
+    """Raw replies continuing an assistant message that already closed its thinking."""
+    tokenizer = llm.get_tokenizer()
+    outs = llm.chat([CONTINUED] * 3, [SamplingParams(**sampled(tokenizer, s)) for s in range(3)], use_tqdm=False,
+                    add_generation_prompt=False, continue_final_message=True)
+    return [out.outputs[0].text for out in outs]
+
+
+@pytest.fixture(scope="module")
+def client(llm, raw, raw_continued):
     with serving(create_app(llm.engine, served_model_name="thinker")) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0), llm
 
@@ -163,6 +175,19 @@ def test_responses_give_a_reasoning_item_before_the_message(client, raw):
             [(item.type, item.content[0].text) for item in response.output]
         added = [e.output_index for e in events if e.type == "response.output_item.added"]
         assert added == list(range(len(kinds)))
+
+
+def test_a_prompt_that_closed_the_thinking_gets_all_content(client, raw_continued):
+    """Continuing an assistant message whose thinking is closed: the reply is all content (its
+    `</think>` markers included), and holds no reasoning tokens."""
+    api, llm = client
+    assert any("</think>" in text for text in raw_continued)
+    for seed, text in enumerate(raw_continued):
+        fields = request_fields(llm.get_tokenizer(), seed)
+        fields["extra_body"].update(add_generation_prompt=False, continue_final_message=True)
+        reply = api.chat.completions.create(model="thinker", messages=CONTINUED, **fields)
+        assert (reply.choices[0].message.model_extra["reasoning"], reply.choices[0].message.content) == (None, text)
+        assert reply.usage.completion_tokens_details.reasoning_tokens == 0
 
 
 def test_thinking_turned_off_makes_the_whole_reply_content(client):

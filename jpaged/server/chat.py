@@ -67,10 +67,10 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     (output,) = await collect(group)
     choices = []
     for choice in output.outputs:
-        reasoning, answer = state.split_reply(request, choice.text)
+        reasoning, answer = state.split_reply(request, prompt.token_ids, choice.text)
         content, calls = reply(request, answer, state.tool_parser)
-        if reasoning is not None and not content:
-            content = None  # all thinking: no answer (vLLM's)
+        if state.reasoning_parser is not None and not content:
+            content = None  # no answer (vLLM's, under a reasoning parser)
         if echo := _echoed(request):
             content = echo + (content or "")
         message = ChatResponseMessage(content=content, reasoning=reasoning, tool_calls=calls)
@@ -102,7 +102,7 @@ def _usage(request: ChatCompletionRequest, state: ServerState, prompt: Prompt, o
     reads the replies (vLLM's `completion_tokens_details`)."""
     counts = usage(len(prompt.token_ids), [output])
     if state.reasoning_parser is not None:
-        thought = sum(state.reasoning_tokens(request, choice.token_ids) for choice in output.outputs)
+        thought = sum(state.reasoning_tokens(request, prompt.token_ids, choice.token_ids) for choice in output.outputs)
         counts.completion_tokens_details = {"reasoning_tokens": thought}
     return counts
 
@@ -150,7 +150,7 @@ async def _stream(request: ChatCompletionRequest, state: ServerState, model: str
         async for _, output in group:
             final = output if output.finished else final
             for choice in output.outputs:
-                event = _choice_chunk(request, state, params, progress[choice.index], choice)
+                event = _choice_chunk(request, state, params, progress[choice.index], choice, prompt.token_ids)
                 if event is not None:
                     yield chunk([event], chunk_usage(request, prompt_tokens, len(choice.token_ids)))
         if request.stream_options and request.stream_options.include_usage:
@@ -163,14 +163,14 @@ async def _stream(request: ChatCompletionRequest, state: ServerState, model: str
 
 
 def _choice_chunk(request: ChatCompletionRequest, state: ServerState, params: SamplingParams, sent: ChoiceProgress,
-                  choice: CompletionOutput) -> ChatStreamChoice | None:
+                  choice: CompletionOutput, prompt_ids: list[int]) -> ChatStreamChoice | None:
     """The chunk that brings a streamed choice up to date, or None when it has nothing new. Text
     that may hold tool calls (`tools.streamable_text`) waits for the finished reply; the calls
     then come whole in the last chunk, after any content not yet sent. A named function's
     arguments stream as they come (`_arguments_chunk`)."""
     if sent.finished:
         return None
-    reasoning, answer = state.split_reply(request, choice.text)
+    reasoning, answer = state.split_reply(request, prompt_ids, choice.text)
     thinking = sent.new_reasoning(reasoning)
     if names_one_call(request):
         return _arguments_chunk(request, state, params, sent, choice, answer, thinking)

@@ -76,13 +76,14 @@ async def create_response(body: ResponsesRequest, state: ServerState) -> JSONRes
         return _stream(response, state, group)
     (output,) = await collect(group)
     choice = output.outputs[0]
-    reasoning, answer = state.split_reply(request, choice.text)
+    reasoning, answer = state.split_reply(request, output.prompt_token_ids, choice.text)
     content, calls = reply(request, answer, state.tool_parser)
     status = _item_status(output)
     items = [_reasoning_item(response.reasoning_id, reasoning, status)] if reasoning else []
     items += ([_message_item(response.message_id, content or "", status)] if content or not calls else [])
     items += [_call_item(call, status=status) for call in calls]
-    return JSONResponse(response.body(output, items, state.reasoning_tokens(request, choice.token_ids)))
+    return JSONResponse(response.body(output, items, state.reasoning_tokens(request, output.prompt_token_ids,
+                                                                            choice.token_ids)))
 
 
 def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
@@ -303,7 +304,8 @@ async def _stream(response: _Response, state: ServerState, group: RequestGroup) 
         async for line in items(response, state, group, event, outcome):
             yield line
         final = outcome["final"]
-        body = response.body(final, outcome["items"], state.reasoning_tokens(response.chat, final.outputs[0].token_ids))
+        body = response.body(final, outcome["items"], state.reasoning_tokens(response.chat, final.prompt_token_ids,
+                                                                              final.outputs[0].token_ids))
         yield event("response.completed" if body["status"] == "completed" else "response.incomplete", response=body)
     except Exception as err:  # the engine failed mid-stream: tell the client, then end the stream
         error = failed(err)
@@ -357,7 +359,7 @@ async def _reply_events(response: _Response, state: ServerState, group: RequestG
 
     async for _, output in group:
         final, choice = output, output.outputs[0]
-        reasoning, answer = state.split_reply(response.chat, choice.text)
+        reasoning, answer = state.split_reply(response.chat, output.prompt_token_ids, choice.text)
         for line in thinking.delta(reasoning):
             yield line
         if choice.finished():
@@ -404,7 +406,7 @@ async def _argument_events(response: _Response, state: ServerState, group: Reque
     item_id = _call_item(call)["id"]
     async for _, output in group:
         final = output
-        reasoning, answer = state.split_reply(response.chat, output.outputs[0].text)
+        reasoning, answer = state.split_reply(response.chat, output.prompt_token_ids, output.outputs[0].text)
         for line in thinking.delta(reasoning):
             yield line
         pieces = sent.new_text(answer)

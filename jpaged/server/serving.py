@@ -39,11 +39,6 @@ from jpaged.server.tool_parsers import ToolParser
 DONE = "data: [DONE]\n\n"
 
 
-def _thinking(request: ChatCompletionRequest) -> bool:
-    """Whether a chat request leaves a model's thinking on (`chat_template_kwargs.enable_thinking`)."""
-    return (request.chat_template_kwargs or {}).get("enable_thinking", True) is not False
-
-
 @dataclass
 class ServerState:
     """What the routes need: the engine front end, the served model's name, the metrics, the key,
@@ -64,20 +59,27 @@ class ServerState:
     loras: dict[str, LoRARequest] = field(default_factory=dict)  # LoRA adapters served, by model name
     runtime_lora_updating: bool = False  # whether requests may load and unload adapters
 
-    def split_reply(self, request: ChatCompletionRequest, text: str) -> tuple[str | None, str]:
+    def split_reply(self, request: ChatCompletionRequest, prompt_ids: list[int], text: str) -> tuple[str | None, str]:
         """(reasoning, answer) of a reply's text: with a reasoning parser, its thinking (None
-        where there is none) and the text after it; else None and the whole text. A `qwen3`
-        request whose `chat_template_kwargs` turn `enable_thinking` off is all answer."""
+        where there is none) and the text after it; else None and the whole text. A reply to a
+        prompt that closed the reasoning (`prompt_ids`), or to a `qwen3` request whose
+        `chat_template_kwargs` turn `enable_thinking` off, is all answer."""
         if self.reasoning_parser is None:
             return None, text
-        reasoning, answer = self.reasoning_parser.split(text, _thinking(request))
+        reasoning, answer = self.reasoning_parser.split(text, self._thinking(request, prompt_ids))
         return reasoning, answer or ""
 
-    def reasoning_tokens(self, request: ChatCompletionRequest, token_ids: list[int]) -> int:
+    def reasoning_tokens(self, request: ChatCompletionRequest, prompt_ids: list[int], token_ids: list[int]) -> int:
         """How many of a reply's tokens are reasoning (0 without a reasoning parser)."""
         if self.reasoning_parser is None:
             return 0
-        return self.reasoning_parser.count_reasoning_tokens(token_ids, _thinking(request))
+        return self.reasoning_parser.count_reasoning_tokens(token_ids, self._thinking(request, prompt_ids))
+
+    def _thinking(self, request: ChatCompletionRequest, prompt_ids: list[int]) -> bool:
+        """Whether a reply starts in the model's thinking: the request leaves it on
+        (`chat_template_kwargs.enable_thinking`) and the prompt has not closed it."""
+        enabled = (request.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+        return enabled and not self.reasoning_parser.reasoning_ended(prompt_ids)
 
     def model(self, requested: str | None) -> str:
         """The model name a request is served under (the base model's, or a LoRA adapter's);
