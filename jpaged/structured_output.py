@@ -16,6 +16,7 @@ EOS tokens, so a constrained request ends as the grammar does.
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import TYPE_CHECKING
 
@@ -99,11 +100,33 @@ class GrammarCompiler:
 
     def _llguidance_tokenizer(self):
         if self._ll_tokenizer is None:
-            import llguidance.hf
+            import llguidance
 
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self._vocab_size,
-                                                              eos_token=self._eos_token_ids)
+            self._ll_tokenizer = llguidance.LLTokenizer(_with_text_added_tokens(self._tokenizer),
+                                                        n_vocab=self._vocab_size, eos_token=self._eos_token_ids)
         return self._ll_tokenizer
+
+
+def _with_text_added_tokens(tokenizer) -> str:
+    """The tokenizer's JSON for llguidance, its added tokens that are not special (Qwen's `<think>`,
+    `<tool_call>`) moved into the model's vocabulary: llguidance takes every added token for a
+    special one, which no text matches, so a constraint whose text holds `<think>` would reject the
+    very token that writes it. Only tokens of plain ASCII without spaces move (their vocabulary
+    entry is their text in byte-level and SentencePiece vocabularies alike), and only into a
+    vocabulary that maps tokens to ids."""
+    backend = copy.copy(tokenizer.backend_tokenizer)
+    backend.no_padding()
+    backend.no_truncation()
+    spec = json.loads(backend.to_str())
+    vocab = spec.get("model", {}).get("vocab")
+    if isinstance(vocab, dict):
+        textual = [token for token in spec.get("added_tokens", [])
+                   if not token.get("special") and token["content"].isascii() and token["content"].isprintable()
+                   and " " not in token["content"]]
+        for token in textual:
+            vocab.setdefault(token["content"], token["id"])
+        spec["added_tokens"] = [token for token in spec.get("added_tokens", []) if token not in textual]
+    return json.dumps(spec)
 
 
 def _llguidance_grammar(kind: str, spec, params: StructuredOutputsParams) -> str:

@@ -13,6 +13,7 @@ a reply with no `</think>` is all reasoning), and `json.loads` for constrained a
 
 import json
 import pathlib
+import re
 
 import pytest
 import transformers
@@ -122,6 +123,23 @@ def test_the_replies_cover_every_case(raw):
     readings = [vllm_reading(text) for text in raw]
     assert any(r and c for r, c in readings) and any(c is None for _, c in readings)
     assert any(text.count("</think>") > 1 for text in raw)
+
+
+def test_constraints_may_hold_the_markers_text(llm):
+    """`<think>` and `</think>` are ordinary added tokens: a constraint whose text holds them is met
+    (where it forces them, spelled as the tokenizer spells that text; where it offers them, as
+    their own tokens) and the reply ends when the constraint does. The prompt closes the
+    thinking, so the grammars hold from the first token."""
+    tokenizer = llm.get_tokenizer()
+    markers = {tokenizer.convert_tokens_to_ids(t) for t in ("<think>", "</think>")}
+    prompt = {"prompt_token_ids": tokenizer.encode("Where?</think>", add_special_tokens=False)}
+    forced, offered = "(the|a)<think>(old|sea)</think>", "(the|a)(<think>|x)(old|sea)(</think>|y)"
+    outs = llm.generate([prompt] * 2, [SamplingParams(temperature=0, max_tokens=30, structured_outputs={"regex": rx},
+                                                      logit_bias={token: 50.0 for token in markers})
+                                       for rx in (forced, offered)], use_tqdm=False)
+    for rx, out in zip((forced, offered), outs):
+        assert out.outputs[0].finish_reason == "stop" and re.fullmatch(rx, out.outputs[0].text), out
+    assert markers <= set(outs[1].outputs[0].token_ids)
 
 
 def test_chat_splits_reasoning_from_content_whole_and_streamed(client, raw):
