@@ -208,6 +208,21 @@ def test_a_prompt_that_closed_the_thinking_gets_all_content(client, raw_continue
         assert reply.usage.completion_tokens_details.reasoning_tokens == 0
 
 
+def test_the_end_of_sequence_is_no_reasoning_token(client):
+    """A reply that ends at EOS while still thinking: every token but the EOS is reasoning."""
+    api, llm = client
+    tokenizer = llm.get_tokenizer()
+    word, eos = tokenizer.encode(WORDS[0], add_special_tokens=False)[0], tokenizer.eos_token_id
+    replies = [api.chat.completions.create(model="thinker", messages=MESSAGES, max_tokens=12, temperature=1.0,
+                                           extra_body={"seed": seed, "allowed_token_ids": [word, eos]})
+               for seed in range(4)]
+    ended = [reply for reply in replies if reply.choices[0].finish_reason == "stop"]
+    assert ended
+    for reply in ended:
+        assert reply.choices[0].message.content is None
+        assert reply.usage.completion_tokens_details.reasoning_tokens == reply.usage.completion_tokens - 1
+
+
 def test_thinking_turned_off_makes_the_whole_reply_content(client):
     api, llm = client
     fields = request_fields(llm.get_tokenizer(), 1)

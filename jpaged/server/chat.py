@@ -102,7 +102,7 @@ def _usage(request: ChatCompletionRequest, state: ServerState, prompt: Prompt, o
     reads the replies (vLLM's `completion_tokens_details`)."""
     counts = usage(len(prompt.token_ids), [output])
     if state.reasoning_parser is not None:
-        thought = sum(state.reasoning_tokens(request, prompt.token_ids, choice.token_ids) for choice in output.outputs)
+        thought = sum(state.reasoning_tokens(request, prompt.token_ids, choice) for choice in output.outputs)
         counts.completion_tokens_details = {"reasoning_tokens": thought}
     return counts
 

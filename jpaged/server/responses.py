@@ -82,8 +82,7 @@ async def create_response(body: ResponsesRequest, state: ServerState) -> JSONRes
     items = [_reasoning_item(response.reasoning_id, reasoning, status)] if reasoning else []
     items += ([_message_item(response.message_id, content or "", status)] if content or not calls else [])
     items += [_call_item(call, status=status) for call in calls]
-    return JSONResponse(response.body(output, items, state.reasoning_tokens(request, output.prompt_token_ids,
-                                                                            choice.token_ids)))
+    return JSONResponse(response.body(output, items, state.reasoning_tokens(request, output.prompt_token_ids, choice)))
 
 
 def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
@@ -305,7 +304,7 @@ async def _stream(response: _Response, state: ServerState, group: RequestGroup) 
             yield line
         final = outcome["final"]
         body = response.body(final, outcome["items"], state.reasoning_tokens(response.chat, final.prompt_token_ids,
-                                                                              final.outputs[0].token_ids))
+                                                                              final.outputs[0]))
         yield event("response.completed" if body["status"] == "completed" else "response.incomplete", response=body)
     except Exception as err:  # the engine failed mid-stream: tell the client, then end the stream
         error = failed(err)

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.lora import LoRARequest
-from jpaged.outputs import RequestOutput
+from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.reasoning import ReasoningParser
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import (
@@ -69,10 +69,14 @@ class ServerState:
         reasoning, answer = self.reasoning_parser.split(text, self._thinking(request, prompt_ids))
         return reasoning, answer or ""
 
-    def reasoning_tokens(self, request: ChatCompletionRequest, prompt_ids: list[int], token_ids: list[int]) -> int:
-        """How many of a reply's tokens are reasoning (0 without a reasoning parser)."""
+    def reasoning_tokens(self, request: ChatCompletionRequest, prompt_ids: list[int], choice: CompletionOutput) -> int:
+        """How many of a reply's tokens are reasoning (0 without a reasoning parser); the EOS or
+        stop token that ended it is none."""
         if self.reasoning_parser is None:
             return 0
+        token_ids = choice.token_ids
+        if choice.finish_reason == "stop" and not isinstance(choice.stop_reason, str):
+            token_ids = token_ids[:-1]
         return self.reasoning_parser.count_reasoning_tokens(token_ids, self._thinking(request, prompt_ids))
 
     def _thinking(self, request: ChatCompletionRequest, prompt_ids: list[int]) -> bool:
