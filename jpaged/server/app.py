@@ -1,6 +1,6 @@
 """The FastAPI application: routes, the API key check, disconnect handling and error handlers.
 
-`build_app(state)` wires the routes to the handlers (`completions`, `chat`, `responses`) and the small routes
+`build_app(state)` wires the routes to the handlers (`completions`, `chat`, `responses`, `embeddings`) and the small routes
 (`/v1/models`, `/health` and `/ping`, `/version`, `/metrics`, `/tokenize`, `/detokenize`). Every error leaves as an
 OpenAI-shaped body (`errors`): `APIError`s with their status, request validation failures and
 malformed JSON as 400 (not FastAPI's 422), unknown routes with their 404/405, and anything
