@@ -434,14 +434,14 @@ class LLMEngine:
     def _embeddings_done(self, plan: SchedulerOutput, pooled) -> list[EmbeddingRequestOutput]:
         """Advance each sequence of a pooling step; those whose prompt is now computed end with
         their embedding (the step's hidden state at their last prompt token)."""
-        outputs = []
+        outputs, embeddings = [], pool(pooled, self.pooler)
         for row, item in enumerate(plan.scheduled):
             seq = item.seq
             self._count_computed(seq, item.num_new_tokens)
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
             if item.samples:
-                seq.request.embedding = pool(pooled[row:row + 1], self.pooler)[0]
+                seq.request.embedding = embeddings[row]
                 seq.finish("stop")
                 self.scheduler.finish(seq)
                 self.requests.pop(seq.request_id, None)

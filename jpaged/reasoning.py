@@ -19,8 +19,8 @@ Parsers (vLLM's names and readings):
   `chat_template_kwargs={"enable_thinking": False}` the whole output is the answer.
 
 Where the prompt already closed the reasoning (`reasoning_ended`: Qwen3's template does so with
-thinking off; a continued assistant message may), the whole output is the answer. The prompt's turn markers (`<|im_start|>`,
-  `<|im_end|>`) bound the search for a closed reasoning in the prompt to the current turn.
+thinking off; a continued assistant message may), the whole output is the answer. For `qwen3`
+the prompt's turn markers (`<|im_start|>`, `<|im_end|>`) bound that search to the current turn.
 
 `<think>` markers inside the reasoning are dropped. The markers must reach the output text:
 they do where the tokenizer keeps them as ordinary added tokens, as these models' tokenizers do.

@@ -65,9 +65,9 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     if request.stream:
         return _stream(request, state, model, request_id, prompt, params, group)
     (output,) = await collect(group)
-    choices = []
+    choices, thinking = [], state.thinking(request, prompt.token_ids)
     for choice in output.outputs:
-        reasoning, answer = state.split_reply(request, prompt.token_ids, choice.text)
+        reasoning, answer = state.split_reply(choice.text, thinking)
         content, calls = reply(request, answer, state.tool_parser)
         if state.reasoning_parser is not None and not content:
             content = None  # no answer (vLLM's, under a reasoning parser)
@@ -78,7 +78,7 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
                                   logprobs=_logprobs(tokenizer, params, choice.token_ids, choice.logprobs),
                                   finish_reason=_finish_reason(request, choice, calls), stop_reason=choice.stop_reason))
     response = ChatCompletionResponse(id=request_id, model=model, choices=choices,
-                                      usage=_usage(request, state, prompt, output),
+                                      usage=_usage(state, prompt, output, thinking),
                                       prompt_logprobs=prompt_logprobs(output.prompt_logprobs))
     return JSONResponse(response.model_dump())
 
@@ -97,12 +97,12 @@ async def chat_request_input(request: ChatCompletionRequest, state: ServerState)
     return prompt, chat_params(request, max_tokens, state.tool_parser, state.sampling_defaults)
 
 
-def _usage(request: ChatCompletionRequest, state: ServerState, prompt: Prompt, output: RequestOutput) -> UsageInfo:
+def _usage(state: ServerState, prompt: Prompt, output: RequestOutput, thinking: bool) -> UsageInfo:
     """The token counts, with the reasoning tokens among the completion's where a reasoning parser
-    reads the replies (vLLM's `completion_tokens_details`)."""
+    reads the replies (vLLM's `completion_tokens_details`; `thinking` as `ServerState.thinking`)."""
     counts = usage(len(prompt.token_ids), [output])
     if state.reasoning_parser is not None:
-        thought = sum(state.reasoning_tokens(request, prompt.token_ids, choice) for choice in output.outputs)
+        thought = sum(state.reasoning_tokens(choice, thinking) for choice in output.outputs)
         counts.completion_tokens_details = {"reasoning_tokens": thought}
     return counts
 
@@ -133,7 +133,7 @@ async def _stream(request: ChatCompletionRequest, state: ServerState, model: str
                   params: SamplingParams, group: RequestGroup) -> AsyncIterator[str]:
     created = int(time.time())
     progress = [ChoiceProgress() for _ in range(params.n)]
-    final = None
+    final, thinking = None, state.thinking(request, prompt.token_ids)
 
     def chunk(choices: list[ChatStreamChoice], usage_info=None) -> str:
         return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model,
@@ -150,11 +150,11 @@ async def _stream(request: ChatCompletionRequest, state: ServerState, model: str
         async for _, output in group:
             final = output if output.finished else final
             for choice in output.outputs:
-                event = _choice_chunk(request, state, params, progress[choice.index], choice, prompt.token_ids)
+                event = _choice_chunk(request, state, params, progress[choice.index], choice, thinking)
                 if event is not None:
                     yield chunk([event], chunk_usage(request, prompt_tokens, len(choice.token_ids)))
         if request.stream_options and request.stream_options.include_usage:
-            yield chunk([], _usage(request, state, prompt, final))
+            yield chunk([], _usage(state, prompt, final, thinking))
     except Exception as err:  # the engine failed mid-stream: tell the client, then end the stream
         yield sse_error(err)
     finally:
@@ -163,17 +163,17 @@ async def _stream(request: ChatCompletionRequest, state: ServerState, model: str
 
 
 def _choice_chunk(request: ChatCompletionRequest, state: ServerState, params: SamplingParams, sent: ChoiceProgress,
-                  choice: CompletionOutput, prompt_ids: list[int]) -> ChatStreamChoice | None:
+                  choice: CompletionOutput, thinking: bool) -> ChatStreamChoice | None:
     """The chunk that brings a streamed choice up to date, or None when it has nothing new. Text
     that may hold tool calls (`tools.streamable_text`) waits for the finished reply; the calls
     then come whole in the last chunk, after any content not yet sent. A named function's
     arguments stream as they come (`_arguments_chunk`)."""
     if sent.finished:
         return None
-    reasoning, answer = state.split_reply(request, prompt_ids, choice.text)
-    thinking = sent.new_reasoning(reasoning)
+    reasoning, answer = state.split_reply(choice.text, thinking)
+    thought = sent.new_reasoning(reasoning)
     if names_one_call(request):
-        return _arguments_chunk(request, state, params, sent, choice, answer, thinking)
+        return _arguments_chunk(request, state, params, sent, choice, answer, thought)
     calls: list[ToolCall] = []
     if choice.finished():
         content, calls = reply(request, answer, state.tool_parser)
@@ -183,10 +183,10 @@ def _choice_chunk(request: ChatCompletionRequest, state: ServerState, params: Sa
         text = sent.new_text(streamable) if len(streamable) > len(sent.text_sent) else ""
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
     logprobs = _logprobs(state.engine.tokenizer, params, token_ids, entries) if token_ids else None
-    if not text and not thinking and logprobs is None and not choice.finished():
+    if not text and not thought and logprobs is None and not choice.finished():
         return None
     sent.finished = choice.finished()
-    delta = DeltaMessage(content=text or (None if calls or thinking else ""), reasoning=thinking,
+    delta = DeltaMessage(content=text or (None if calls or thought else ""), reasoning=thought,
                          tool_calls=[_whole_call(i, call) for i, call in enumerate(calls)] or None)
     return ChatStreamChoice(index=choice.index, delta=delta, logprobs=logprobs,
                             finish_reason=_finish_reason(request, choice, calls) if choice.finished() else None,
@@ -199,20 +199,20 @@ def _whole_call(index: int, call: ToolCall) -> DeltaToolCall:
 
 
 def _arguments_chunk(request: ChatCompletionRequest, state: ServerState, params: SamplingParams, sent: ChoiceProgress,
-                     choice: CompletionOutput, answer: str, thinking: str | None) -> ChatStreamChoice | None:
+                     choice: CompletionOutput, answer: str, thought: str | None) -> ChatStreamChoice | None:
     """A named function's call as its arguments (`answer`, the reply after any reasoning) are
     generated (vLLM's): the first chunk with a piece brings the call's id, type, name and that
-    piece, later ones further pieces; reasoning (`thinking`, new since the last chunk) comes
+    piece, later ones further pieces; reasoning (`thought`, new since the last chunk) comes
     before. (A reply cut by `max_tokens` leaves the arguments incomplete; finish reason "length"
     says so.)"""
     pieces = sent.new_text(answer)
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
     logprobs = _logprobs(state.engine.tokenizer, params, token_ids, entries) if token_ids else None
-    if not pieces and not thinking and logprobs is None and not choice.finished():
+    if not pieces and not thought and logprobs is None and not choice.finished():
         return None
     sent.finished = choice.finished()
     if not pieces and sent.call is None and not choice.finished():  # still thinking: no call yet
-        return ChatStreamChoice(index=choice.index, delta=DeltaMessage(reasoning=thinking), logprobs=logprobs)
+        return ChatStreamChoice(index=choice.index, delta=DeltaMessage(reasoning=thought), logprobs=logprobs)
     first = sent.call is None
     if first:
         sent.call = named_call(request, state.tool_parser)
@@ -220,6 +220,6 @@ def _arguments_chunk(request: ChatCompletionRequest, state: ServerState, params:
             name=sent.call.function.name, arguments=pieces)}))]
     else:
         calls = [DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=pieces))] if pieces else None
-    return ChatStreamChoice(index=choice.index, delta=DeltaMessage(reasoning=thinking, tool_calls=calls), logprobs=logprobs,
+    return ChatStreamChoice(index=choice.index, delta=DeltaMessage(reasoning=thought, tool_calls=calls), logprobs=logprobs,
                             finish_reason=choice.finish_reason if choice.finished() else None,
                             stop_reason=choice.stop_reason)

@@ -64,7 +64,8 @@ async def create_response(body: ResponsesRequest, state: ServerState) -> JSONRes
     request = chat_request(body)
     try:
         prompt, params = await chat_request_input(request, state)
-        response = _Response(body, request, model, params.temperature, params.top_p)
+        response = _Response(body, request, model, params.temperature, params.top_p,
+                             state.thinking(request, prompt.token_ids))
         group = await submit(state, response.id, [prompt], [params], request.priority, constraint_field(request),
                              model=model)
     except APIError as err:
@@ -76,13 +77,13 @@ async def create_response(body: ResponsesRequest, state: ServerState) -> JSONRes
         return _stream(response, state, group)
     (output,) = await collect(group)
     choice = output.outputs[0]
-    reasoning, answer = state.split_reply(request, output.prompt_token_ids, choice.text)
+    reasoning, answer = state.split_reply(choice.text, response.thinking)
     content, calls = reply(request, answer, state.tool_parser)
     status = _item_status(output)
     items = [_reasoning_item(response.reasoning_id, reasoning, status)] if reasoning else []
     items += ([_message_item(response.message_id, content or "", status)] if content or not calls else [])
     items += [_call_item(call, status=status) for call in calls]
-    return JSONResponse(response.body(output, items, state.reasoning_tokens(request, output.prompt_token_ids, choice)))
+    return JSONResponse(response.body(output, items, state.reasoning_tokens(choice, response.thinking)))
 
 
 def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
@@ -250,6 +251,7 @@ class _Response:
     model: str
     temperature: float
     top_p: float
+    thinking: bool  # whether the reply starts in the model's thinking (`ServerState.thinking`)
 
     def __post_init__(self):
         self.id, self.message_id, self.created_at = _new_id("resp"), _new_id("msg"), int(time.time())
@@ -303,8 +305,7 @@ async def _stream(response: _Response, state: ServerState, group: RequestGroup) 
         async for line in items(response, state, group, event, outcome):
             yield line
         final = outcome["final"]
-        body = response.body(final, outcome["items"], state.reasoning_tokens(response.chat, final.prompt_token_ids,
-                                                                              final.outputs[0]))
+        body = response.body(final, outcome["items"], state.reasoning_tokens(final.outputs[0], response.thinking))
         yield event("response.completed" if body["status"] == "completed" else "response.incomplete", response=body)
     except Exception as err:  # the engine failed mid-stream: tell the client, then end the stream
         error = failed(err)
@@ -347,7 +348,7 @@ async def _reply_events(response: _Response, state: ServerState, group: RequestG
     call may begin, as chat streams hold it), then each call's, whole; `outcome` gets the final
     output and the items."""
     sent, opened, final, calls, items = ChoiceProgress(), False, None, [], []
-    thinking = _ReasoningEvents(response, event)
+    thought = _ReasoningEvents(response, event)
     message = dict(item_id=response.message_id, output_index=0, content_index=0)
 
     def open_message() -> list[str]:
@@ -358,8 +359,8 @@ async def _reply_events(response: _Response, state: ServerState, group: RequestG
 
     async for _, output in group:
         final, choice = output, output.outputs[0]
-        reasoning, answer = state.split_reply(response.chat, output.prompt_token_ids, choice.text)
-        for line in thinking.delta(reasoning):
+        reasoning, answer = state.split_reply(choice.text, response.thinking)
+        for line in thought.delta(reasoning):
             yield line
         if choice.finished():
             content, calls = reply(response.chat, answer, state.tool_parser)
@@ -369,12 +370,12 @@ async def _reply_events(response: _Response, state: ServerState, group: RequestG
             text = sent.new_text(streamable) if len(streamable) > len(sent.text_sent) else ""
         if text:
             if not opened:
-                for line in [*thinking.close("completed", items), *open_message()]:
+                for line in [*thought.close("completed", items), *open_message()]:
                     yield line
                 opened = True
             yield event("response.output_text.delta", **message, delta=text, logprobs=[])
     status = _item_status(final)
-    for line in thinking.close(status, items):
+    for line in thought.close(status, items):
         yield line
     if opened or not calls:
         if not opened:
@@ -401,16 +402,16 @@ async def _argument_events(response: _Response, state: ServerState, group: Reque
     """A named function's call, its arguments as they are generated (as chat streams send them).
     (A reply cut by `max_output_tokens` leaves them incomplete; the status says so.)"""
     sent, final, call = ChoiceProgress(), None, named_call(response.chat, state.tool_parser)
-    thinking, items, index = _ReasoningEvents(response, event), [], None
+    thought, items, index = _ReasoningEvents(response, event), [], None
     item_id = _call_item(call)["id"]
     async for _, output in group:
         final = output
-        reasoning, answer = state.split_reply(response.chat, output.prompt_token_ids, output.outputs[0].text)
-        for line in thinking.delta(reasoning):
+        reasoning, answer = state.split_reply(output.outputs[0].text, response.thinking)
+        for line in thought.delta(reasoning):
             yield line
         pieces = sent.new_text(answer)
         if index is None and (pieces or output.finished):
-            for line in thinking.close("completed", items):
+            for line in thought.close("completed", items):
                 yield line
             index = len(items)
             yield event("response.output_item.added", output_index=index, item=_call_item(call, "", "in_progress"))

@@ -59,17 +59,26 @@ class ServerState:
     loras: dict[str, LoRARequest] = field(default_factory=dict)  # LoRA adapters served, by model name
     runtime_lora_updating: bool = False  # whether requests may load and unload adapters
 
-    def split_reply(self, request: ChatCompletionRequest, prompt_ids: list[int], text: str) -> tuple[str | None, str]:
+    def thinking(self, request: ChatCompletionRequest, prompt_ids: list[int]) -> bool:
+        """Whether the replies to `request` (rendered as `prompt_ids`) start in the model's
+        thinking: there is a reasoning parser, the request leaves thinking on
+        (`chat_template_kwargs.enable_thinking`) and the prompt has not closed it. Read once per
+        request, for `split_reply` and `reasoning_tokens`."""
+        if self.reasoning_parser is None:
+            return False
+        enabled = (request.chat_template_kwargs or {}).get("enable_thinking", True) is not False
+        return enabled and not self.reasoning_parser.reasoning_ended(prompt_ids)
+
+    def split_reply(self, text: str, thinking: bool) -> tuple[str | None, str]:
         """(reasoning, answer) of a reply's text: with a reasoning parser, its thinking (None
-        where there is none) and the text after it; else None and the whole text. A reply to a
-        prompt that closed the reasoning (`prompt_ids`), or to a `qwen3` request whose
-        `chat_template_kwargs` turn `enable_thinking` off, is all answer."""
+        where there is none) and the text after it; else None and the whole text. A reply that
+        does not start `thinking` is all answer."""
         if self.reasoning_parser is None:
             return None, text
-        reasoning, answer = self.reasoning_parser.split(text, self._thinking(request, prompt_ids))
+        reasoning, answer = self.reasoning_parser.split(text, thinking)
         return reasoning, answer or ""
 
-    def reasoning_tokens(self, request: ChatCompletionRequest, prompt_ids: list[int], choice: CompletionOutput) -> int:
+    def reasoning_tokens(self, choice: CompletionOutput, thinking: bool) -> int:
         """How many of a reply's tokens are reasoning (0 without a reasoning parser); the EOS or
         stop token that ended it is none."""
         if self.reasoning_parser is None:
@@ -77,13 +86,7 @@ class ServerState:
         token_ids = choice.token_ids
         if choice.finish_reason == "stop" and not isinstance(choice.stop_reason, str):
             token_ids = token_ids[:-1]
-        return self.reasoning_parser.count_reasoning_tokens(token_ids, self._thinking(request, prompt_ids))
-
-    def _thinking(self, request: ChatCompletionRequest, prompt_ids: list[int]) -> bool:
-        """Whether a reply starts in the model's thinking: the request leaves it on
-        (`chat_template_kwargs.enable_thinking`) and the prompt has not closed it."""
-        enabled = (request.chat_template_kwargs or {}).get("enable_thinking", True) is not False
-        return enabled and not self.reasoning_parser.reasoning_ended(prompt_ids)
+        return self.reasoning_parser.count_reasoning_tokens(token_ids, thinking)
 
     def model(self, requested: str | None) -> str:
         """The model name a request is served under (the base model's, or a LoRA adapter's);
