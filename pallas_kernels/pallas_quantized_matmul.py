@@ -28,9 +28,10 @@ too (split-K): program (tile, split) covers `blocks_per_split` steps of K and wr
 partial product; the partials are summed in plain jnp. The split count is capped so that the
 partials stay a small fraction of the weight's bytes.
 
-`select_quantized_linear` is the switch the model runner uses: the kernel for up to `MAX_ROWS`
-rows on a GPU (or in interpret mode), XLA on the dequantized weight above that (prefill, where
-the product is compute-bound and XLA's GEMMs are the better tool), and the reference elsewhere.
+`select_quantized_linear` is the switch the model runner uses: on a GPU the kernel for bfloat16
+activations up to `MAX_ROWS` rows where it measured faster (`gpu_prefers_kernel`), XLA on the
+dequantized weight otherwise (prefill, where the product is compute-bound and XLA's GEMMs are the
+better tool, and small weights past a few rows); the reference elsewhere.
 Weights with leading axes (experts `[E, N, K]`) are not this kernel's job: the model widens them.
 """
 
@@ -52,6 +53,8 @@ from pallas_kernels.quantized_matmul import GROUP_SIZE, num_groups, quantized_ma
 from pallas_kernels.ragged_paged_attention import MIN_DOT_SIDE, next_power_of_2, triton_compiler_params
 
 MAX_ROWS = 64  # the kernel takes products of up to this many rows ("decode-sized")
+SMALL_WEIGHT = 1 << 22  # K x N below this: on a GPU the kernel takes up to SMALL_WEIGHT_ROWS rows only
+SMALL_WEIGHT_ROWS = 8
 WEIGHT_DTYPES = (jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn))
 ACTIVATION_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 # Programs that keep every SM of a current GPU busy (132 SMs on an H100 / H200, two each).
@@ -260,10 +263,31 @@ def quantized_linear(x, w, scale, *, interpret: bool = False, max_rows: int = MA
     return pallas_quantized_matmul(x, w, scale, interpret=interpret)
 
 
+def gpu_prefers_kernel(x, w) -> bool:
+    """Whether the compiled kernel is the faster product on a GPU, as measured on an H200
+    (docs/BENCHMARKS.md, "GPU check"): for weights of 16M elements it beats XLA's matmul on the
+    widened weight at every M up to 64 (1.2x to 2.3x), for a 1000 x 1000 weight only up to
+    `SMALL_WEIGHT_ROWS` rows (0.6x to 0.8x from 16 rows, where both are launch-bound). float32
+    activations stay with XLA: the same check found the float32 kernel cases failing."""
+    if jnp.dtype(x.dtype) != jnp.bfloat16:
+        return False
+    return x.shape[0] <= SMALL_WEIGHT_ROWS or w.shape[0] * w.shape[1] >= SMALL_WEIGHT
+
+
+def _gpu_quantized_linear(x, w, scale, *, max_rows: int) -> jax.Array:
+    if not gpu_prefers_kernel(x, w):
+        return quantized_matmul(x, w, scale)
+    return quantized_linear(x, w, scale, max_rows=max_rows)
+
+
 def select_quantized_linear(platform: str | None = None, interpret: bool = False, max_rows: int = MAX_ROWS):
-    """The `(x, w, scale) -> [M, N]` product for `platform` (default: jax's default backend): the
-    kernel up to `max_rows` rows on a GPU, or anywhere in interpret mode; the reference otherwise."""
+    """The `(x, w, scale) -> [M, N]` product for `platform` (default: jax's default backend): on a
+    GPU the kernel up to `max_rows` rows where `gpu_prefers_kernel`; in interpret mode (tests)
+    the kernel wherever it takes the operands, up to `max_rows` rows; the reference otherwise."""
     platform = platform or jax.default_backend()
-    if platform not in GPU_PLATFORMS and not interpret:
-        return quantized_matmul
-    return functools.partial(quantized_linear, interpret=interpret, max_rows=min(max_rows, MAX_ROWS))
+    max_rows = min(max_rows, MAX_ROWS)
+    if interpret:
+        return functools.partial(quantized_linear, interpret=True, max_rows=max_rows)
+    if platform in GPU_PLATFORMS:
+        return functools.partial(_gpu_quantized_linear, max_rows=max_rows)
+    return quantized_matmul

@@ -43,8 +43,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
 
 ASSETS = ROOT / ".gpu_assets"  # ignored by git; travels to the GPU machine when named in `carry`
 STORIES_PLACES = (ASSETS / "stories260K", ROOT.parent / "shared" / "models" / "stories260K")
-KERNEL_TESTS = ["tests/test_pallas_kernels.py", "tests/test_engine_pallas.py", "tests/test_attention_backend.py",
-                "tests/test_mosaic_gpu.py", "tests/test_compile_cache.py", "tests/test_kv_quantization.py",
+KERNEL_TESTS = ["tests/test_compile_cache.py", "tests/test_pallas_kernels.py", "tests/test_engine_pallas.py",
+                "tests/test_attention_backend.py", "tests/test_mosaic_gpu.py", "tests/test_kv_quantization.py",
                 "tests/test_pallas_quantized_matmul.py"]
 VERSIONED = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "triton", "torch", "transformers",
              "numpy")
@@ -52,11 +52,12 @@ VERSIONED = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", 
 
 @dataclass(frozen=True)
 class Sizes:
-    """How big each part runs: the GPU sizes fit about 8 minutes on one H200; the CPU sizes keep
+    """How big each part runs: the GPU sizes fit about 9 minutes on one H200; the CPU sizes keep
     the check's own test in the suite to about a minute."""
 
     copy_elements: int
     tests: list[str]
+    test_workers: int  # pytest-xdist processes (Triton compiles on the host's cores; 0: one process)
     greedy_llama: dict  # LlamaConfig fields of the realistic-shape model (head_dim 128, GQA 4:1)
     greedy_prompt_lens: tuple[int, ...]
     greedy_tokens: int
@@ -80,6 +81,7 @@ class Sizes:
 GPU_SIZES = Sizes(
     copy_elements=2**30,
     tests=KERNEL_TESTS,
+    test_workers=12,
     greedy_llama=dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048),
     greedy_prompt_lens=(5, 16, 17, 100),
@@ -103,6 +105,7 @@ GPU_SIZES = Sizes(
 CPU_SIZES = Sizes(
     copy_elements=2**25,
     tests=["tests/test_kv_cache_ops.py"],  # the part runs; the suite itself runs the kernel tests on CPU
+    test_workers=0,
     greedy_llama=dict(vocab_size=256, hidden_size=512, intermediate_size=256, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256),
     greedy_prompt_lens=(17,),
@@ -178,32 +181,51 @@ def _nvidia_smi(query: str) -> str | None:
 
 # --- tests ---------------------------------------------------------------------------------------
 
-TEST_RESULT = re.compile(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)")
+OUTCOMES = "PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS"
+# `pytest -v` writes "name OUTCOME"; under xdist, "[gw0] [ 12%] OUTCOME name"
+TEST_RESULT = re.compile(rf"^(?:(?P<name>\S+::\S+) (?P<outcome>{OUTCOMES})"
+                         rf"|\[gw\d+\] \[\s*\d+%\] (?P<xdist_outcome>{OUTCOMES}) (?P<xdist_name>\S+::\S+))")
+FAILURE_DETAIL = re.compile(r"^FAILURE-DETAIL (?P<name>\S+) :: (?P<error>.*)$")
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def section_tests(sizes: Sizes, work: Path) -> dict:
     """pytest on the kernel tests, verbose, its lines tallied as they come: a part stopped by its
     time limit still reports the tests that finished (`partial`)."""
     files = [f for f in sizes.tests if (ROOT / f).is_file()]
-    command = [sys.executable, "-m", "pytest", "-o", "addopts=", "-v", "-rfE", "-p", "no:cacheprovider", *files]
+    workers = ["-n", str(sizes.test_workers)] if sizes.test_workers and _has_module("xdist") else []
+    command = [sys.executable, "-m", "pytest", "-o", "addopts=", "-v", "-rfE", "-p", "no:cacheprovider",
+               "-p", "pytest_report_now", *workers, *files]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "scripts"),
+                                                                     os.environ.get("PYTHONPATH")])))
     started = time.perf_counter()
     counts: dict[str, int] = {}
     failures: list[str] = []
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               preexec_fn=die_with_parent)
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, preexec_fn=die_with_parent)
+    details: dict[str, str] = {}  # node id -> its last error line (`pytest_report_now`)
     last = ""
     for line in process.stdout:
         print(line, end="", flush=True)
         last = line.strip() or last
-        found = TEST_RESULT.match(line)
+        found, detail = TEST_RESULT.match(line), FAILURE_DETAIL.match(line)
         if found:
-            name, outcome = found.groups()
+            name = found["name"] or found["xdist_name"]
+            outcome = found["outcome"] or found["xdist_outcome"]
             counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
             if outcome in ("FAILED", "ERROR"):
                 failures.append(f"{outcome} {name}")
-            write_partial(work, "tests", {"files": files, "counts": counts, "failures": failures})
+        elif detail:
+            details[detail["name"]] = detail["error"]
+        if found or detail:
+            write_partial(work, "tests", {"files": files, "counts": counts, "failures": failures, "details": details})
     return {"files": files, "returncode": process.wait(), "counts": counts, "failures": failures,
-            "summary_line": last.strip("= "), "seconds": time.perf_counter() - started}
+            "details": details, "summary_line": last.strip("= "), "seconds": time.perf_counter() - started}
 
 
 def write_partial(work: Path, part: str, result: dict) -> None:
@@ -557,7 +579,11 @@ def section_throughput_offload(sizes: Sizes, work: Path) -> dict:
     result = {"batches": list(sizes.offload_batches), "runs": {}}
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     for label, offload in (("resident", {}), ("host, every layer", dict(offload_weights="host"))):
+        # A cache for the batches' 64 tokens each: one sized by gpu_memory_utilization (about 100 GB
+        # here) ran out of memory in its first step on an H200 (an allocation the size of one of its
+        # K / V arrays), which the throughput part, with its cache sized likewise, does not meet.
         llm = LLM(str(folder), dtype="bfloat16", max_num_seqs=max(sizes.offload_batches), max_model_len=64,
+                  num_blocks=max(sizes.offload_batches) * 64 // 16 + 16,
                   max_num_batched_tokens=max(sizes.offload_batches) * 16, **offload)
         stats = llm.engine.stats()
         run = result["runs"][label] = {"streamed_bytes_per_step": stats.streamed_bytes_per_step, "step_ms": {}}
@@ -688,9 +714,12 @@ def _cb_settings(model, num_blocks: int, sizes: Sizes) -> dict:
         return {}
     if "continuous_batching_config" not in inspect.signature(model.continuous_batching_context_manager).parameters:
         return {}
+    accepted = inspect.signature(ContinuousBatchingConfig).parameters
+    block_key = "page_size" if "page_size" in accepted else "block_size"  # the name changed in transformers 5.2x
+    wanted = {block_key: 16, "num_blocks": num_blocks, "max_batch_tokens": sizes.max_num_batched_tokens,
+              "max_requests_per_batch": sizes.max_num_seqs}
     return {"continuous_batching_config": ContinuousBatchingConfig(
-        page_size=16, num_blocks=num_blocks, max_batch_tokens=sizes.max_num_batched_tokens,
-        max_requests_per_batch=sizes.max_num_seqs)}
+        **{key: value for key, value in wanted.items() if key in accepted})}
 
 
 def _hf_continuous(model, prompts, max_tokens, config, settings: dict | None = None,

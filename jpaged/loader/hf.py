@@ -51,9 +51,13 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     included, as `ml_dtypes`' numpy type). ValueError for a file that cannot be read."""
     cpu = jax.local_devices(backend="cpu")[0]
     try:
-        with jax.default_device(cpu), safe_open(str(path), framework="flax") as f:
+        with safe_open(str(path), framework="flax") as f:
             for name in f.keys():
-                yield name, np.asarray(f.get_tensor(name))
+                # Scoped to the read: a context held across `yield` would set the caller's default
+                # device to the CPU until the generator ends.
+                with jax.default_device(cpu):
+                    array = np.asarray(f.get_tensor(name))
+                yield name, array
     except Exception as err:  # the Rust reader raises its own error type
         if isinstance(err, (FileNotFoundError, ValueError)):
             raise
