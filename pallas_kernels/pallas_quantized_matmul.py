@@ -50,7 +50,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.backend import GPU_PLATFORMS
 from pallas_kernels.float8 import widen_fp8_bits
 from pallas_kernels.quantized_matmul import GROUP_SIZE, num_groups, quantized_matmul
-from pallas_kernels.ragged_paged_attention import MIN_DOT_SIDE, next_power_of_2, triton_compiler_params
+from pallas_kernels.ragged_paged_attention import MIN_DOT_SIDE, dot_precision, next_power_of_2, triton_compiler_params
 
 MAX_ROWS = 64  # the kernel takes products of up to this many rows ("decode-sized")
 SMALL_WEIGHT = 1 << 22  # K x N below this: on a GPU the kernel takes up to SMALL_WEIGHT_ROWS rows only
@@ -178,7 +178,7 @@ def _kernel(x_ref, w_ref, scale_ref, out_ref, *, tiling: Tiling, weight: str):
     first_col = n_tile * t.block_n
     row_ok = jnp.arange(t.block_m) < t.rows
     col_ok = first_col + jnp.arange(t.block_n) < t.n
-    precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
+    precision = dot_precision(x_ref.dtype)
     k_ragged = t.k % t.block_k != 0
 
     def column_scales(group):

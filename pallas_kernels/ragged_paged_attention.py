@@ -160,10 +160,17 @@ def load_kv_chunk(cache_ref, scale_ref, layer, pages, kv_head, head_dim: int, pa
     return (widened * scales.reshape(-1, 1)).astype(dtype)
 
 
+def dot_precision(dtype):
+    """A kernel product's precision: full float32 (IEEE) for float32 operands, where Triton's
+    default, as Pallas lowers an unset precision, is TF32 (inputs rounded to 10-bit mantissas)."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def scaled_scores(queries, keys, scale: float, softcap: float | None = None):
     """`queries [M, D] @ keys [N, D]^T` times `scale` in float32, soft-capped at `softcap` (where
     not None), in log2 units (ready for `exp2`)."""
-    scores = lax.dot_general(queries, keys, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    scores = lax.dot_general(queries, keys, (((1,), (1,)), ((), ())), precision=dot_precision(keys.dtype),
+                             preferred_element_type=jnp.float32)
     if softcap is None:
         return scores * (scale * LOG2E)
     return jnp.tanh(scores * (scale / softcap)) * (softcap * LOG2E)
@@ -179,7 +186,8 @@ def online_softmax_step(state, scores, values):
     rescale = jnp.exp2(running_max - new_max)
     probs = jnp.exp2(scores - new_max[:, None])
     running_sum = running_sum * rescale + probs.sum(axis=1)
-    chunk_out = jnp.dot(probs.astype(values.dtype), values, preferred_element_type=jnp.float32)
+    chunk_out = jnp.dot(probs.astype(values.dtype), values, precision=dot_precision(values.dtype),
+                        preferred_element_type=jnp.float32)
     return acc * rescale[:, None] + chunk_out, new_max, running_sum
 
 

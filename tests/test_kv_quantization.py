@@ -40,6 +40,8 @@ from pallas_kernels.quantized_kv import QuantizedKV, bytes_per_token_head, empty
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_kernel
 from pallas_kernels.triton_compile import compile_kernel
 
+pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")  # exact float32 references on a GPU
+
 KV_DTYPES = ("int8", "fp8_e4m3")
 F32, BF16 = jnp.float32, jnp.bfloat16
 

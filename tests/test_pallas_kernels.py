@@ -27,6 +27,7 @@ from pallas_kernels.triton_compile import MAX_SHARED_BYTES, TritonIRNotFound, ca
 NUM_LAYERS = 2
 LAYER = 1
 INTERPRET = jax.default_backend() == "cpu"  # on a GPU the kernels run compiled by Triton
+pytestmark = pytest.mark.usefixtures("exact_float32_matmuls")  # exact float32 references on a GPU
 # bfloat16 and float16: the reference rounds its output to that dtype too, so allow a couple of its ulps at |x| ~ 3.
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
 
