@@ -300,6 +300,11 @@ def md_throughput_offload(r: dict) -> list[str]:
 def md_throughput_jpaged(r: dict) -> list[str]:
     lines = [f"bfloat16, max_num_seqs {r['max_num_seqs']}, max_num_batched_tokens {r['max_num_batched_tokens']}; "
              f"load {r['load_seconds']:.1f} s"] if "max_num_seqs" in r else []
+    if r.get("peak_bytes_in_use") and "kv_cache_bytes" in r:
+        working = r["peak_bytes_in_use"] - r["weight_bytes"] - r["kv_cache_bytes"]
+        lines.append(f"- device memory: weights {r['weight_bytes'] / 2**30:.2f} GiB, KV cache "
+                     f"{r['kv_cache_bytes'] / 2**30:.2f} GiB, peak in use {r['peak_bytes_in_use'] / 2**30:.2f} GiB: "
+                     f"{working / 2**30:.2f} GiB beyond both (one K or V array is {r['kv_cache_bytes'] / 2**31:.2f} GiB)")
     for label, p in zip(("cold pass (compiles each new shape)", "warm pass"), r["passes"]):
         state = "" if p.get("finished", True) else ", stopped before the end"
         lines.append(f"- {label}: **{p['tokens_per_s']:.1f} output tokens/s** ({p['output_tokens']} tokens in "

@@ -554,14 +554,26 @@ def section_throughput_jpaged(sizes: Sizes, work: Path) -> dict:
     started = time.perf_counter()
     llm = LLM(str(folder), dtype="bfloat16", num_blocks=_num_blocks(requests), block_size=16, max_num_seqs=sizes.max_num_seqs,
               max_num_batched_tokens=sizes.max_num_batched_tokens, enable_prefix_caching=False)
+    stats = llm.engine.stats()
     result = {"requests": len(requests.prompts), "load_seconds": time.perf_counter() - started,
               "max_num_seqs": sizes.max_num_seqs, "max_num_batched_tokens": sizes.max_num_batched_tokens,
-              "passes": []}
+              "weight_bytes": stats.weight_bytes, "kv_cache_bytes": stats.kv_cache_bytes, "passes": []}
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in requests.max_tokens]
     for label in ("cold", "warm"):  # cold compiles each new shape
         tokens = _stream_pass(llm.engine, requests, params, label, result, work)
+        result["peak_bytes_in_use"] = _peak_device_bytes()
+        write_partial(work, "throughput_jpaged", result)
     (work / "jpaged_tokens.json").write_text(json.dumps(tokens))
     return result
+
+
+def _peak_device_bytes() -> int | None:
+    """The first device's peak allocated bytes so far (None where jax does not say): beyond the
+    weights and the KV cache, what the steps needed at most (a step that copied its KV cache
+    would need one more K or V array)."""
+    import jax
+
+    return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
 
 
 def section_throughput_offload(sizes: Sizes, work: Path) -> dict:
