@@ -111,6 +111,13 @@ def choose_splits(rows: int, n_tiles: int, k_blocks: int, k: int, weight_itemsiz
     return pl.cdiv(k_blocks, pl.cdiv(k_blocks, wanted))
 
 
+def default_num_warps(block_m: int, x_dtype) -> int:
+    """Four warps, eight for float32 tiles of 64 rows: at four, Triton 3.6's full-precision float32
+    product for 64 rows held 255 registers a thread and spilled on sm_90 (`tests/test_pallas_quantized_matmul.py`
+    compiles each case)."""
+    return 8 if jnp.dtype(x_dtype) == jnp.float32 and block_m >= 64 else 4
+
+
 def choose_tiling(x_shape, w_shape, x_dtype, w_dtype, *, block_n: int | None = None, block_k: int | None = None,
                   split_k: int | None = None) -> Tiling:
     """The tiling for `x [M, K]` times `w [N, K]`; sizes left as None take the defaults. ValueError
@@ -221,11 +228,12 @@ def _mask_and(a, b):
 
 
 def pallas_quantized_matmul(x, w, scale, *, interpret: bool = False, block_n: int | None = None,
-                            block_k: int | None = None, split_k: int | None = None, num_warps: int = 4,
+                            block_k: int | None = None, split_k: int | None = None, num_warps: int | None = None,
                             num_stages: int = 3, native_fp8: bool | None = None) -> jax.Array:
     """`x [M, K]` (float32 / bfloat16) times `w [N, K]` (int8 / float8_e4m3fn) with grouped scales
     `scale [N, num_groups(K)]` (float32): `[M, N]` in x's dtype, as `quantized_matmul.quantized_matmul`,
-    for M <= `MAX_ROWS`. Tiling left as None takes `default_block_sizes` and `choose_splits`.
+    for M <= `MAX_ROWS`. Tiling left as None takes `default_block_sizes`, `choose_splits` and
+    `default_num_warps`.
     `native_fp8` (default: `native_fp8_conversion()`) widens fp8 weights with Triton's conversion
     (sm_89+) rather than by integer arithmetic.
     Raises ValueError for shapes or dtypes the kernel does not take (`unsupported_reason`) and for
@@ -248,7 +256,7 @@ def pallas_quantized_matmul(x, w, scale, *, interpret: bool = False, block_n: in
         in_specs=[whole] * 3,
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct((t.splits, t.rows, t.n), out_dtype),
-        compiler_params=triton_compiler_params(num_warps, num_stages),
+        compiler_params=triton_compiler_params(num_warps or default_num_warps(t.block_m, x.dtype), num_stages),
         interpret=interpret,
         name=f"quantized_matmul_{weight}_m{t.block_m}_n{t.block_n}_k{t.block_k}_s{t.splits}",
     )(x, w, scale.astype(jnp.float32))
