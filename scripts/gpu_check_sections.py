@@ -567,6 +567,30 @@ def section_throughput_jpaged(sizes: Sizes, work: Path) -> dict:
     return result
 
 
+def section_default_memory(sizes: Sizes, work: Path) -> dict:
+    """The throughput model with its KV cache sized as a user gets it by default (most of the
+    device's memory, `gpu_memory_utilization`), eight short requests: whether the steps fit beside
+    such a cache, and the peak bytes they needed beyond the weights and the cache. (On a CPU the
+    cache is `cpu_kv_cache_gib`, here a quarter GiB.)"""
+    import jax
+
+    from jpaged import LLM, SamplingParams
+
+    folder, requests = throughput_model(sizes, work)
+    on_cpu = jax.default_backend() == "cpu"
+    llm = LLM(str(folder), dtype="bfloat16", **({"cpu_kv_cache_gib": 0.25} if on_cpu else {}))
+    stats = llm.engine.stats()
+    result = {"num_blocks": stats.num_blocks, "weight_bytes": stats.weight_bytes,
+              "kv_cache_bytes": stats.kv_cache_bytes, "peak_bytes_in_use": _peak_device_bytes()}
+    write_partial(work, "default_memory", result)
+    prompts = requests.prompts[:8]
+    outs = llm.generate([{"prompt_token_ids": prompt} for prompt in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    result.update(requests=len(prompts), output_tokens=sum(len(o.outputs[0].token_ids) for o in outs),
+                  peak_bytes_in_use=_peak_device_bytes())
+    return result
+
+
 def _peak_device_bytes() -> int | None:
     """The first device's peak allocated bytes so far (None where jax does not say): beyond the
     weights and the KV cache, what the steps needed at most (a step that copied its KV cache
@@ -769,6 +793,7 @@ SECTIONS = {
     "throughput_hf": section_throughput_hf,
     "throughput_hf_batch": section_throughput_hf_batch,
     "throughput_offload": section_throughput_offload,
+    "default_memory": section_default_memory,
 }
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ["env", "tests", "greedy", "kernels", "throughput_model", "throughput_jpaged", "throughput_hf",
-         "throughput_hf_batch", "throughput_offload"]
+         "throughput_hf_batch", "throughput_offload", "default_memory"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_every_part_finishes_and_writes_the_summary(check):
     markdown = (out / "summary.md").read_text()
     for title in ("Environment", "Kernel and engine-backend tests", "Greedy tokens", "Paged-attention kernels",
                   "Throughput: the model", "Throughput: jpaged", "Throughput: HF generate",
-                  "Throughput: HF continuous batching", "Weight streaming"):
+                  "Throughput: HF continuous batching", "Weight streaming", "The KV cache as sized by default"):
         assert f"## {title}" in markdown
 
 
@@ -62,6 +62,9 @@ def test_parts_report_what_they_measured(check):
     assert offload["runs"]["resident"]["streamed_bytes_per_step"] == 0 < offload["copy_gb_s"]
     assert offload["runs"]["host, every layer"]["streamed_bytes_per_step"] > 0
     assert all(len(run["step_ms"]) == len(offload["batches"]) for run in offload["runs"].values())
+    default = parts["default_memory"]
+    assert default["output_tokens"] == 8 * default["requests"] > 0 and default["num_blocks"] > 0
+    assert default["kv_cache_bytes"] > 0
 
 
 def test_greedy_tokens_match_hf(check):
