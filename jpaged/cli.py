@@ -67,6 +67,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="most top logprobs a request may ask for per token; -1: the whole vocabulary")
     parser.add_argument("--compile-warmup", action="store_true",
                         help="compile every step program before the first request")
+    parser.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep compiled programs in jpaged's cache directory and load them in later runs")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="devices that split each layer")
     parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages the layers split into")
     parser.add_argument("--expert-parallel-size", type=int, default=1, help="devices that split the experts")
@@ -105,6 +107,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 swap_space_gib=args.swap_space_gib, scheduling_policy=args.scheduling_policy,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, max_logprobs=args.max_logprobs, compile_warmup=args.compile_warmup,
+                compilation_cache=args.compilation_cache,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size,
                 speculative_config=args.speculative_config, generation_config=args.generation_config,

@@ -26,6 +26,7 @@ cache still serves them).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
+import jax.extend.backend
 import jaxlib
 from jax.experimental import serialize_executable
 
@@ -132,12 +134,15 @@ class ProgramCache:
                 devices = {device.id: device for device in jax.devices()}
                 program = serialize_executable.deserialize_and_load(
                     *serialized, execution_devices=[devices[i] for i in device_ids])
-                os.utime(path)
-                logger.info("%s program #%d loaded from %s", self._label, number, path)
-                return program
             except Exception as error:  # a file from an interrupted write or another jaxlib build
                 logger.warning("compiling afresh: %s could not be loaded (%s)", path, error)
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a read-only cache keeps it
+                    path.unlink(missing_ok=True)
+            else:
+                with contextlib.suppress(OSError):  # its use, for the least-recently-used trim
+                    os.utime(path)
+                logger.info("%s program #%d loaded from %s", self._label, number, path)
+                return program
         hits = _jax_cache_hits()
         program = self._jit.lower(*args).compile()
         if _jax_cache_hits() > hits:
@@ -206,8 +211,13 @@ def _store(path: pathlib.Path, program) -> None:
             file.write(payload)
         os.replace(file.name, path)
         _trim(path.parent)
-    except Exception as error:  # a full disk or a program jax cannot serialize: keep serving
-        logger.warning("step program not kept in %s (%s)", path.parent, error)
+    except Exception as error:  # a full disk, a read-only folder, a program jax cannot serialize: keep serving
+        if path.parent not in _warned:
+            _warned.add(path.parent)
+            logger.warning("compiled programs not kept in %s (%s)", path.parent, error)
+
+
+_warned: set[pathlib.Path] = set()  # folders whose write failure was logged
 
 
 def _trim(directory: pathlib.Path) -> None:

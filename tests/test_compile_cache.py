@@ -91,3 +91,48 @@ def test_an_unwritable_cache_folder_is_logged_once_and_not_used(tmp_path, caplog
         assert not compile_cache._writable(not_a_folder / "xla")
     assert [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
     assert compile_cache._writable(tmp_path / "xla")
+
+
+def read_only(monkeypatch):
+    """Every write under the cache fails as on a read-only mount (root ignores file modes)."""
+    import errno
+    import pathlib
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "utime", refuse)
+    monkeypatch.setattr(pathlib.Path, "unlink", refuse)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+
+
+def test_a_read_only_cache_still_serves_its_programs(tmp_path, monkeypatch, caplog):
+    """Programs kept by an earlier process load from a folder that can no longer be written; a
+    damaged one is compiled afresh and left in place; what cannot be kept is logged once."""
+    import jax.numpy as jnp
+
+    from jpaged.program_cache import ProgramCache
+
+    def double(x):
+        return 2 * x
+
+    def cache():
+        return ProgramCache(double, (), 0, "read-only test", tmp_path)
+
+    x, y = jnp.arange(6.0), jnp.arange(3, dtype=jnp.int32)
+    writer = cache()
+    writer(x), writer(y)
+    kept = sorted(tmp_path.iterdir())
+    assert len(kept) == 2
+    kept[1].write_bytes(b"damaged")
+    read_only(monkeypatch)
+    with caplog.at_level("INFO", logger="jpaged"):
+        reader = cache()
+        results = [reader(x), reader(y), reader(jnp.ones((2, 2)))]  # a new shape cannot be kept either
+    assert [r.tolist() for r in results] == [(2 * x).tolist(), (2 * y).tolist(), [[2.0, 2.0], [2.0, 2.0]]]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("loaded from" in m for m in messages) == 1
+    assert sum("could not be loaded" in m for m in messages) == 1
+    assert sum("not kept in" in m for m in messages) == 1
+    assert sorted(tmp_path.iterdir()) == kept

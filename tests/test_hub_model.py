@@ -114,6 +114,28 @@ def test_missing_hub_id_is_a_clear_error(hf_home):
     assert str(hf_home / "hub") in error and "HF_HUB_OFFLINE" in error
 
 
+NAME_ERRORS = """
+import json
+from jpaged.loader.source import open_model
+for model, tokenizer in [("jpaged-tests/tiny-llama", "jpaged-tests/no-such-tokenizer"), ("", None)]:
+    try:
+        open_model(model, tokenizer=tokenizer)
+    except FileNotFoundError as error:
+        print("RESULT", json.dumps(str(error)))
+"""
+
+
+def test_missing_tokenizer_id_and_empty_model_name_are_named(hf_home):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(hf_home), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", NAME_ERRORS], capture_output=True, text=True, env=env, timeout=300)
+    tokenizer, empty = [json.loads(line.removeprefix("RESULT ")) for line in result.stdout.splitlines()
+                        if line.startswith("RESULT ")]
+    assert tokenizer.startswith("tokenizer 'jpaged-tests/no-such-tokenizer' is neither a local folder nor in the HF cache")
+    assert empty.startswith("model is an empty name")
+
+
 TOKENIZER_RUN = """
 import json, sys
 from jpaged import LLM, SamplingParams

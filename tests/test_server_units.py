@@ -261,10 +261,12 @@ def test_engine_flags_reach_the_engine_settings_and_help_shows_defaults(capsys):
 
     args = _parser().parse_args(["generate", "--no-enable-prefix-caching", "--preemption-mode", "swap",
                                  "--swap-space-gib", "0.5", "--cpu-kv-cache-gib", "0.25",
-                                 "--scheduling-policy", "priority", "hi"])
+                                 "--scheduling-policy", "priority", "--no-compilation-cache", "hi"])
     config = engine_config(None, **engine_kwargs(args))
     assert (config.cache.enable_prefix_caching, config.scheduler.preemption_mode, config.cache.swap_space_gib,
             config.cache.cpu_kv_cache_gib, config.scheduler.scheduling_policy) == (False, "swap", 0.5, 0.25, "priority")
+    assert not config.compilation_cache
+    assert engine_config(None, **engine_kwargs(_parser().parse_args(["generate", "hi"]))).compilation_cache
     for flag in ("--cpu-kv-cache-gib", "--swap-space-gib"):
         for value in ("nan", "inf", "-1"):
             name = flag[2:].replace("-", "_")

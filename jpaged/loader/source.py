@@ -93,13 +93,15 @@ def _check_name(what: str, value, none_means: str | None = None) -> None:
 def _folder_or_hub(what: str, name: str, patterns: list[str], required: str = "config.json",
                    revision: str | None = None) -> Path:
     """`name` as an existing folder, or else as a hub id resolved by `hub_snapshot`."""
+    if not name.strip():
+        raise FileNotFoundError(f"{what} is an empty name; give a folder, a .gguf file or an HF hub id")
     path = Path(name).expanduser()
     if path.is_dir():
         return path
     if not HUB_ID.fullmatch(name):
         kinds = "an HF model folder, a .gguf file" if what == "model" else "a folder"
         raise FileNotFoundError(f"{what} {name!r} is neither {kinds} nor an HF hub id of the form 'org/name'")
-    return hub_snapshot(name, patterns, required=required, revision=revision)
+    return hub_snapshot(name, patterns, required=required, revision=revision, what=what)
 
 
 def _open_gguf(path: Path, name: str, load_tokenizer=None) -> ModelSource:
@@ -117,13 +119,13 @@ def _open_gguf(path: Path, name: str, load_tokenizer=None) -> ModelSource:
 
 
 def hub_snapshot(repo_id: str, patterns: list[str] = HUB_FILES, required: str = "config.json",
-                 revision: str | None = None) -> Path:
+                 revision: str | None = None, what: str = "model") -> Path:
     """The local folder of hub model `repo_id` at `revision` (None: main; its files matching
     `patterns`: by default config, tokenizer, safetensors), from the HF cache, or downloaded into
     it where the hub is reachable and offline mode is off.
 
-    Raises FileNotFoundError naming the id, the cache searched and whether offline mode is on, or
-    the `required` file the snapshot lacks.
+    Raises FileNotFoundError naming `what` it is ("model", "tokenizer"), the id, the cache searched
+    and whether offline mode is on, or the `required` file the snapshot lacks.
     """
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -133,8 +135,8 @@ def hub_snapshot(repo_id: str, patterns: list[str] = HUB_FILES, required: str = 
     except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError, OSError) as error:
         mode = "offline mode (HF_HUB_OFFLINE) is on" if constants.HF_HUB_OFFLINE else "the hub could not be reached"
         at = "" if revision is None else f" at revision {revision!r}"
-        raise FileNotFoundError(f"model {repo_id!r}{at} is neither a local folder nor in the HF cache at "
+        raise FileNotFoundError(f"{what} {repo_id!r}{at} is neither a local folder nor in the HF cache at "
                                 f"{constants.HF_HUB_CACHE}, and {mode}: {type(error).__name__}") from error
     if not (folder / required).is_file():
-        raise FileNotFoundError(f"hub model {repo_id!r} at {folder} has no {required}")
+        raise FileNotFoundError(f"hub {what} {repo_id!r} at {folder} has no {required}")
     return folder
