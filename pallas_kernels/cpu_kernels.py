@@ -123,16 +123,27 @@ def _build(folder: pathlib.Path, library: str) -> pathlib.Path:
     parts = [file.read_bytes() for file in (spec.source, *HEADERS)]
     parts += [" ".join(flags).encode(), jaxlib.__version__.encode(), version.encode(), _processor().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
-    path = folder / f"cpu_kernels-{library}-{key}.so"
+    name = f"cpu_kernels-{library}-{key}.so"
+    command = [cxx, *flags, f"-I{jax.ffi.include_dir()}", str(spec.source), "-o"]
+    try:
+        return _compiled(folder / name, command)
+    except OSError:  # a cache folder that cannot be written: this user's temporary folder instead
+        fallback = pathlib.Path(tempfile.gettempdir()) / f"jpaged-kernels-{os.getuid()}"
+        if fallback == folder:
+            raise
+        return _compiled(fallback / name, command)
+
+
+def _compiled(path: pathlib.Path, command: list[str]) -> pathlib.Path:
+    """`path`, compiled by `command` + its output file unless it exists already."""
     if path.exists():
         return path
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         built = pathlib.Path(scratch) / path.name
-        run = subprocess.run([cxx, *flags, f"-I{jax.ffi.include_dir()}", str(spec.source), "-o", str(built)],
-                             capture_output=True, text=True)
+        run = subprocess.run([*command, str(built)], capture_output=True, text=True)
         if run.returncode:
-            raise RuntimeError(f"{cxx} failed: {run.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{command[0]} failed: {run.stderr.strip()[-2000:]}")
         os.replace(built, path)
     return path
 

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import jax
@@ -254,3 +255,20 @@ def test_a_process_builds_only_the_kernels_its_model_runs(tmp_path, stories_path
     floats = "'float-matmul', 'float-matmul-transposed'"
     assert f"auto ['attention-float32-float32', {floats}]" in run.stdout
     assert f"int8 ['attention-float32-float32', 'attention-float32-int8', {floats}]" in run.stdout
+
+
+def test_a_cache_folder_that_cannot_be_written_builds_in_the_temporary_folder(tmp_path, monkeypatch):
+    """A read-only cache does not cost the kernels: they are built in this user's temporary folder
+    (once: a second build finds the library there)."""
+    from pallas_kernels import cpu_kernels
+
+    if cpu_kernels.compiler() is None:
+        pytest.skip("no C++ compiler")
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    built = cpu_kernels._build(blocked / "kernels", "float-matmul")
+    assert built.parent == tmp_path / "tmp" / f"jpaged-kernels-{os.getuid()}" and built.is_file()
+    stamp = built.stat().st_mtime_ns
+    assert cpu_kernels._build(blocked / "kernels", "float-matmul") == built and built.stat().st_mtime_ns == stamp
