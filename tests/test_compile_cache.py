@@ -93,18 +93,26 @@ def test_an_unwritable_cache_folder_is_logged_once_and_not_used(tmp_path, caplog
     assert compile_cache._writable(tmp_path / "xla")
 
 
-def read_only(monkeypatch):
-    """Every write under the cache fails as on a read-only mount (root ignores file modes)."""
+def read_only(monkeypatch, folder: Path):
+    """Every write under `folder` fails as on a read-only mount (root ignores file modes); other
+    paths (jax's own cache, pytest's) are untouched."""
     import errno
     import pathlib
     import tempfile
 
-    def refuse(*args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system")
+    def refusing(original, where):
+        def call(*args, **kwargs):
+            target = where(args, kwargs)
+            if target is not None and Path(target).resolve().is_relative_to(folder.resolve()):
+                raise OSError(errno.EROFS, "Read-only file system", str(target))
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(os, "utime", refuse)
-    monkeypatch.setattr(pathlib.Path, "unlink", refuse)
-    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+        return call
+
+    monkeypatch.setattr(os, "utime", refusing(os.utime, lambda args, kwargs: args[0]))
+    monkeypatch.setattr(pathlib.Path, "unlink", refusing(pathlib.Path.unlink, lambda args, kwargs: args[0]))
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile",
+                        refusing(tempfile.NamedTemporaryFile, lambda args, kwargs: kwargs.get("dir")))
 
 
 def test_a_read_only_cache_still_serves_its_programs(tmp_path, monkeypatch, caplog):
@@ -126,7 +134,7 @@ def test_a_read_only_cache_still_serves_its_programs(tmp_path, monkeypatch, capl
     kept = sorted(tmp_path.iterdir())
     assert len(kept) == 2
     kept[1].write_bytes(b"damaged")
-    read_only(monkeypatch)
+    read_only(monkeypatch, tmp_path)
     with caplog.at_level("INFO", logger="jpaged"):
         reader = cache()
         results = [reader(x), reader(y), reader(jnp.ones((2, 2)))]  # a new shape cannot be kept either
