@@ -498,6 +498,11 @@ def test_auto_tool_choice_and_request_templates_need_the_server_to_allow_them():
     for flags in (["--enable-auto-tool-choice"], ["--tool-call-parser", "hermes"]):
         with pytest.raises(ValueError, match="go together"):
             serve(_parser().parse_args(["serve", *flags]))
+    with pytest.raises(ValueError, match="--reasoning-parser shape generated replies; --runner pooling serves"):
+        serve(_parser().parse_args(["serve", "--runner", "pooling", "--reasoning-parser", "qwen3"]))
+    with pytest.raises(ValueError, match="--enable-auto-tool-choice, --tool-call-parser shape generated replies"):
+        serve(_parser().parse_args(["serve", "--runner", "pooling", "--enable-auto-tool-choice",
+                                    "--tool-call-parser", "hermes"]))
     with pytest.raises(ValueError, match="'no-such-file.jinja' is neither a readable file nor a Jinja template"):
         read_chat_template("no-such-file.jinja")
     long_template = "{% for m in messages %}" + "{{ m['content'] }} " * 40 + "{% endfor %}"  # longer than a file name

@@ -90,6 +90,12 @@ def serve(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
         raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: the parser reads the "
                          "model's tool calls under tool_choice \"auto\"")
+    if args.runner == "pooling":
+        flags = [flag for flag, given in (("--enable-auto-tool-choice", args.enable_auto_tool_choice),
+                                          ("--tool-call-parser", args.tool_call_parser is not None),
+                                          ("--reasoning-parser", args.reasoning_parser is not None)) if given]
+        if flags:
+            raise ValueError(f"{', '.join(flags)} shape generated replies; --runner pooling serves /v1/embeddings only")
     if (args.lora_modules or args.allow_runtime_lora_updating) and not args.enable_lora:
         flag = "--lora-modules" if args.lora_modules else "--allow-runtime-lora-updating"
         raise ValueError(f"{flag} needs --enable-lora")
