@@ -70,6 +70,11 @@ class LLMEngine:
             compile_cache.enable()
         source = open_model(config.model, config.tokenizer, config.revision)
         self.model_name = source.name
+        self.pooler = read_pooler_config(source.folder) if config.runner == "pooling" else None
+        if self.pooler is not None and self.pooler.pooling_type != "last" and config.parallel.pipeline_parallel_size > 1:
+            raise ValueError(f"{self.pooler.pooling_type} pooling runs on one pipeline stage only (a pipeline may cut "
+                             "a prompt chunk across micro-batches); got pipeline_parallel_size "
+                             f"{config.parallel.pipeline_parallel_size}")
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)
         if config.runner == "pooling":  # no LM head: a base model's checkpoint has none, and embeddings need none
             self.model_config = dataclasses.replace(self.model_config, tie_word_embeddings=True)
@@ -101,11 +106,14 @@ class LLMEngine:
         self.reasoning_parser = (ReasoningParser.from_tokenizer(config.reasoning_parser, self.tokenizer)
                                  if config.reasoning_parser else None)
         self.runner_type = config.runner
-        self.pooler = read_pooler_config(source.folder) if config.runner == "pooling" else None
         self.max_model_len = self._fit_to_cache(self.max_model_len)
-        self.block_manager = BlockManager(
-            self.runner.num_blocks, config.cache.block_size,
-            enable_prefix_caching=config.cache.enable_prefix_caching, num_host_blocks=self.runner.num_host_blocks)
+        prefix_caching = config.cache.enable_prefix_caching
+        if prefix_caching and self.pooler is not None and self.pooler.pooling_type != "last":
+            logger.info("%s pooling reads every prompt token's state: prefix caching is off", self.pooler.pooling_type)
+            prefix_caching = False
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
+                                          enable_prefix_caching=prefix_caching,
+                                          num_host_blocks=self.runner.num_host_blocks)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.runner.shapes.max_rows,
                                    config.lora.max_loras)
         self.loras: dict[int, LoRAAdapter] = {}  # adapters read so far, by lora_int_id
@@ -432,16 +440,22 @@ class LLMEngine:
         return outputs
 
     def _embeddings_done(self, plan: SchedulerOutput, pooled) -> list[EmbeddingRequestOutput]:
-        """Advance each sequence of a pooling step; those whose prompt is now computed end with
-        their embedding (the step's hidden state at their last prompt token)."""
-        outputs, embeddings = [], pool(pooled, self.pooler)
+        """Advance each sequence of a pooling step (`pooled`: `pooled_rows` of its rows); those
+        whose prompt is now computed end with their embedding (jpaged/pooling.py)."""
+        outputs, (last, sums, first) = [], pooled
+        kind = self.pooler.pooling_type
         for row, item in enumerate(plan.scheduled):
             seq = item.seq
+            if kind == "mean":  # a chunk from position 0 (again, after a recompute) restarts the sum
+                seq.pooled = sums[row] + (seq.pooled if seq.num_computed_tokens else 0.0)
+            elif kind == "cls" and seq.num_computed_tokens == 0:
+                seq.pooled = first[row]
             self._count_computed(seq, item.num_new_tokens)
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
             if item.samples:
-                seq.request.embedding = embeddings[row]
+                state = last[row] if kind == "last" else seq.pooled / (seq.num_tokens if kind == "mean" else 1)
+                seq.request.embedding = pool(state, self.pooler)
                 seq.finish("stop")
                 self.scheduler.finish(seq)
                 self.requests.pop(seq.request_id, None)

@@ -71,7 +71,7 @@ class StepOutput(NamedTuple):
     prompt_rows: PromptRows | None  # what each prompt-logprob row is about; None: no such rows
     prompt_logprobs: PromptLogprobs | None  # one row per `prompt_rows` entry
     draft_choices: np.ndarray | None = None  # [D] greedy choices at the draft-check tokens, in order
-    pooled: np.ndarray | None = None  # runner "pooling": float32 [scheduled, hidden] final hidden states, no samples
+    pooled: np.ndarray | None = None  # runner "pooling": float32 [3, scheduled, hidden] (`pooled_rows`), no samples
 
 
 def memory_spans(tree) -> list[tuple[int, int]]:
@@ -89,6 +89,27 @@ def host_memory_available() -> int | None:
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, ValueError, KeyError, IndexError):
         return None
+
+
+def pooled_rows(hidden: jax.Array, batch: StepBatch) -> jax.Array:
+    """Per row of the step, from the final hidden states `hidden` [N, H] float32: the state at
+    its last new token, the sum of its new tokens' states and the state at its first new token,
+    stacked as [3, rows, H] float32 (what last-token, mean and CLS pooling take). Under a
+    pipeline the rows of each micro-batch index its own `N / M` tokens (a sequence cut across
+    micro-batches has its sum and first state split too: only the last token's state is whole)."""
+    starts, lens = batch.attention.query_start, batch.attention.query_lens
+    micro_batches = starts.shape[0] if starts.ndim > 1 else 1
+    per_batch = hidden.shape[0] // micro_batches
+    starts = jnp.where(lens > 0, starts, per_batch)  # padding rows (no tokens, start 0) sort after the real ones
+    if starts.ndim > 1:  # [M, rows]: tokens numbered within each micro-batch
+        starts = (starts + per_batch * jnp.arange(micro_batches)[:, None]).reshape(-1)
+        lens = lens.reshape(-1)
+    token = jnp.arange(hidden.shape[0])
+    row = jnp.clip(jnp.searchsorted(starts, token, side="right") - 1, 0, starts.shape[0] - 1)
+    inside = (token >= starts[row]) & (token < starts[row] + lens[row])
+    sums = jax.ops.segment_sum(jnp.where(inside[:, None], hidden, 0.0), row, num_segments=starts.shape[0])
+    first = hidden[jnp.clip(starts, 0, hidden.shape[0] - 1)]
+    return jnp.stack([hidden[batch.logits_indices], sums, first])
 
 
 def resolve_dtype(dtype: str):
@@ -399,9 +420,9 @@ class ModelRunner:
 
     def _outputs(self, model, hidden, batch: StepBatch):
         """(logits [rows, V] float32, PromptLogprobs) from the final hidden states `[N, hidden]`;
-        under the pooling runner (hidden states [rows, hidden] float32, None)."""
+        under the pooling runner (`pooled_rows`, None)."""
         if self.pooling:
-            return hidden[batch.logits_indices].astype(jnp.float32), None
+            return pooled_rows(hidden.astype(jnp.float32), batch), None
         logits = model.logits(hidden[batch.logits_indices]).astype(jnp.float32)
 
         def prompt(hidden):
@@ -519,7 +540,7 @@ class ModelRunner:
             step.batch, lora_slots=self._lora_token_slots(scheduled, step.batch, step.rows))
         sampled, prompt = self._run(batch, step.sampling)
         if self.pooling:
-            return StepOutput(None, None, None, pooled=np.asarray(sampled)[step.rows])
+            return StepOutput(None, None, None, pooled=np.asarray(sampled)[:, step.rows])
         drafts = None if step.draft_rows is None else np.asarray(sampled.token_ids)[step.draft_rows]
         fields = sampled if step.wants_logprobs else sampled[:1]
         sampled = SamplerOutput(*(np.asarray(field)[step.rows] for field in fields))

@@ -1,16 +1,23 @@
-"""Embeddings: a prompt's final hidden state pooled into one vector (vLLM's pooling runner).
+"""Embeddings: a prompt's final hidden states pooled into one vector (vLLM's pooling runner).
 
 With `EngineConfig.runner = "pooling"` the engine computes each prompt as any prefill (in chunks,
-through the paged KV cache, prefix cache included) and, where a generating engine would sample
-after the prompt's last token, takes the hidden state there instead (after the final norm),
-L2-normalised: the last-token pooling of decoder embedding models (Qwen3-Embedding, gte-Qwen2,
-e5-mistral), which vLLM applies to them by default. The request then ends; nothing is generated.
+through the paged KV cache) and, where a generating engine would sample after the prompt's last
+token, pools the final hidden states (after the final norm) instead: by default the last token's
+state, the pooling of decoder embedding models (Qwen3-Embedding, gte-Qwen2, e5-mistral), which
+vLLM applies to them by default; the mean over the prompt's tokens (LLM2Vec, GritLM) or the first
+token's state (CLS) where the model's files say so. The request then ends; nothing is generated.
+
+Each step gives, per scheduled sequence, the state at its last new token, the sum of the states
+of its new tokens and the state at its first new token (`ModelRunner`); the engine keeps a
+sequence's running sum (`Sequence.pooled`) from chunk to chunk, restarting it when a chunk starts
+at position 0 (a sequence preempted and recomputed). Mean and CLS pooling need every prompt token
+computed, so they turn prefix caching off.
 
 A model folder's sentence-transformers files say how it pools: `modules.json` lists the
-`Transformer`, a `Pooling` module (its `config.json` names the mode: only last-token pooling is
-served; mean, CLS and max pooling are refused by name) and, where present, a `Normalize` module
-(without one the vector is returned as it is). Any other module (`Dense`, ...) would change the
-vector after pooling, and is refused by name.
+`Transformer`, a `Pooling` module (its `config.json` names the mode: last token, mean or CLS;
+max and weighted pooling are refused by name) and, where present, a `Normalize` module (without
+one the vector is returned as it is). Any other module (`Dense`, ...) would change the vector
+after pooling, and is refused by name.
 
 Plain Python: no jax.
 """
@@ -28,17 +35,22 @@ _MODES = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_ma
           "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
 
 
+POOLING_TYPES = {"pooling_mode_lasttoken": "last", "lasttoken": "last", "pooling_mode_mean_tokens": "mean",
+                 "mean": "mean", "pooling_mode_cls_token": "cls", "cls": "cls"}
+
+
 @dataclass(frozen=True)
 class PoolerConfig:
-    """How the last token's hidden state becomes the embedding."""
+    """How a prompt's final hidden states become its embedding."""
 
+    pooling_type: str = "last"  # "last" (token), "mean" (over the prompt's tokens) or "cls" (first token)
     normalize: bool = True  # L2-normalise (vLLM's default for embedding models)
 
 
 def read_pooler_config(folder: Path | None) -> PoolerConfig:
     """The pooling a model folder's sentence-transformers files describe (None, or no
     `modules.json`: last token, normalised). ValueError naming the file and mode for a pooling
-    other than the last token's."""
+    other than the last token's, the mean or the first token's."""
     modules_file = folder / "modules.json" if folder is not None else None
     if modules_file is None or not modules_file.is_file():
         return PoolerConfig()
@@ -54,15 +66,18 @@ def read_pooler_config(folder: Path | None) -> PoolerConfig:
         settings = json.loads(pooling_file.read_text())
         modes = ([settings["pooling_mode"]] if isinstance(settings.get("pooling_mode"), str)
                  else [mode for mode in _MODES if settings.get(mode)])
-        if modes not in (["pooling_mode_lasttoken"], ["lasttoken"]):
+        if len(modes) != 1 or modes[0] not in POOLING_TYPES:
             raise ValueError(f"{pooling_file} pools by {', '.join(modes) or 'no mode'}; jpaged's pooling runner "
-                             "pools by the last token only (pooling_mode_lasttoken)")
+                             "pools by one of the last token, the mean or the first token (pooling_mode_lasttoken, "
+                             "pooling_mode_mean_tokens, pooling_mode_cls_token)")
+        return PoolerConfig(pooling_type=POOLING_TYPES[modes[0]], normalize="Normalize" in kinds)
     return PoolerConfig(normalize="Normalize" in kinds)
 
 
-def pool(hidden: np.ndarray, config: PoolerConfig) -> np.ndarray:
-    """The embeddings (float32 [rows, hidden]) of last-token hidden states `hidden` [rows, hidden]."""
-    hidden = np.asarray(hidden, np.float32)
+def pool(pooled: np.ndarray, config: PoolerConfig) -> np.ndarray:
+    """The embedding (float32 [hidden]) of a prompt's pooled state `pooled` [hidden] (its last
+    token's, its mean or its first token's)."""
+    pooled = np.asarray(pooled, np.float32)
     if not config.normalize:
-        return hidden
-    return hidden / np.maximum(np.linalg.norm(hidden, axis=-1, keepdims=True), 1e-12)
+        return pooled
+    return pooled / max(float(np.linalg.norm(pooled)), 1e-12)

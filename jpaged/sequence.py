@@ -69,6 +69,7 @@ class Sequence:
         self.detokenizer: IncrementalDetokenizer | None = None  # its output text, built by the engine
         self.on_hold = False  # not to be scheduled until released (beam search rounds)
         self.draft_token_ids: list[int] = []  # speculative tokens to follow its last one (ngram_proposer.py)
+        self.pooled = None  # runner "pooling", mean or CLS: the running sum or first state (numpy [hidden])
         # Where its output stands in the request's structured-output grammar (None: unconstrained).
         self.grammar: Grammar | None = request.grammar.copy() if request.grammar is not None else None
 

@@ -1,5 +1,6 @@
 """Embeddings (`runner="pooling"`): `LLM.embed` and `POST /v1/embeddings` on a random-weight Qwen3
-model laid out as a sentence-transformers embedding model (last-token pooling, then `Normalize`).
+model laid out as a sentence-transformers embedding model (last-token pooling, then `Normalize`;
+mean and CLS pooling too).
 
 Oracle: HF transformers' `AutoModel` (the base model, no LM head) on the same folder: its
 `last_hidden_state` at each input's last token, L2-normalised as sentence-transformers'
@@ -116,14 +117,39 @@ def test_pooling_settings_come_from_the_sentence_transformers_files(model_folder
     np.testing.assert_allclose(out.outputs.embedding, hf_last_token_states(plain, prompts[:1])[0], atol=2e-5)
     (plain / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "lasttoken"}))  # the short form
     assert LLM(str(plain), **ENGINE_ARGS).embed({"prompt_token_ids": prompts[0]}, use_tqdm=False)[0].outputs.embedding
-    sentence_transformers_files(plain, pooling="pooling_mode_mean_tokens")
-    with pytest.raises(ValueError, match=r"1_Pooling/config.json pools by pooling_mode_mean_tokens; .* last token"):
+    sentence_transformers_files(plain, pooling="pooling_mode_max_tokens")
+    with pytest.raises(ValueError, match=r"1_Pooling/config.json pools by pooling_mode_max_tokens; .* last token, the "
+                                         r"mean or the first token"):
         LLM(str(plain), **ENGINE_ARGS)
     modules = json.loads((plain / "modules.json").read_text())
     modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
     (plain / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ValueError, match="lists the modules Dense after the transformer"):
         LLM(str(plain), **ENGINE_ARGS)
+
+
+@pytest.mark.parametrize("mode", ["pooling_mode_mean_tokens", "pooling_mode_cls_token"])
+def test_mean_and_first_token_pooling(model_folder, prompts, tmp_path, mode):
+    """Mean pooling (LLM2Vec, GritLM) and CLS pooling against HF's states of every prompt token:
+    prompts prefilled in chunks of up to 32 tokens, with room in the cache and with a cache of six
+    blocks; prefix caching is off (a cached prefix's states are never computed), so the repeated
+    prompt is computed again."""
+    folder = tmp_path / mode
+    shutil.copytree(model_folder, folder)
+    sentence_transformers_files(folder, pooling=mode)
+    base = transformers.AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        states = [base(torch.tensor([p])).last_hidden_state[0].numpy() for p in prompts]
+    want = np.stack([s.mean(axis=0) if mode == "pooling_mode_mean_tokens" else s[0] for s in states])
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    for args in (ENGINE_ARGS, {**ENGINE_ARGS, "num_blocks": 6}):
+        llm = LLM(str(folder), **args)
+        outs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+        np.testing.assert_allclose([o.outputs.embedding for o in outs], want, atol=2e-6)
+        stats = llm.engine.stats()
+        assert stats.prefix_cache_hit_rate == 0 and stats.num_free_blocks == stats.num_blocks
+    with pytest.raises(ValueError, match="pooling runs on one pipeline stage only .* pipeline_parallel_size 2"):
+        LLM(str(folder), **ENGINE_ARGS, pipeline_parallel_size=2)
 
 
 def test_each_runner_refuses_the_other_runners_calls(llm, stories_path):
