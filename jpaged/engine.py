@@ -71,7 +71,7 @@ class LLMEngine:
         source = open_model(config.model, config.tokenizer, config.revision)
         self.model_name = source.name
         self.pooler = read_pooler_config(source.folder) if config.runner == "pooling" else None
-        if self.pooler is not None and self.pooler.pooling_type != "last" and config.parallel.pipeline_parallel_size > 1:
+        if self.pooler is not None and self.pooler.reads_every_token and config.parallel.pipeline_parallel_size > 1:
             raise ValueError(f"{self.pooler.pooling_type} pooling runs on one pipeline stage only (a pipeline may cut "
                              "a prompt chunk across micro-batches); got pipeline_parallel_size "
                              f"{config.parallel.pipeline_parallel_size}")
@@ -108,7 +108,7 @@ class LLMEngine:
         self.runner_type = config.runner
         self.max_model_len = self._fit_to_cache(self.max_model_len)
         prefix_caching = config.cache.enable_prefix_caching
-        if prefix_caching and self.pooler is not None and self.pooler.pooling_type != "last":
+        if prefix_caching and self.pooler is not None and self.pooler.reads_every_token:
             logger.info("%s pooling reads every prompt token's state: prefix caching is off", self.pooler.pooling_type)
             prefix_caching = False
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,

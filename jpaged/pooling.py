@@ -46,6 +46,12 @@ class PoolerConfig:
     pooling_type: str = "last"  # "last" (token), "mean" (over the prompt's tokens) or "cls" (first token)
     normalize: bool = True  # L2-normalise (vLLM's default for embedding models)
 
+    @property
+    def reads_every_token(self) -> bool:
+        """Whether the embedding needs every prompt token's state (mean and CLS pooling): no
+        prefix cache, and one pipeline stage."""
+        return self.pooling_type != "last"
+
 
 def read_pooler_config(folder: Path | None) -> PoolerConfig:
     """The pooling a model folder's sentence-transformers files describe (None, or no
@@ -58,7 +64,7 @@ def read_pooler_config(folder: Path | None) -> PoolerConfig:
     kinds = {module.get("type", "").rsplit(".", 1)[-1]: module for module in modules}
     if others := sorted(set(kinds) - {"Transformer", "Pooling", "Normalize"}):
         raise ValueError(f"{modules_file} lists the modules {', '.join(others)} after the transformer; jpaged's "
-                         "pooling runner applies Pooling (last token) and Normalize only")
+                         "pooling runner applies Pooling and Normalize only")
     if "Pooling" in kinds:
         pooling_file = folder / kinds["Pooling"].get("path", "") / "config.json"
         if not pooling_file.is_file():
