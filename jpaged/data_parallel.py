@@ -101,10 +101,12 @@ class DataParallelEngine:
         return outputs
 
     def stats(self) -> EngineStats:
-        """Counts summed over replicas; cache usage and hit rate averaged; layers streamed as in one replica."""
+        """Counts summed over replicas; cache usage and hit rate averaged; layers streamed as in one
+        replica; a step's working memory per device, the most of any replica."""
         each = [dataclasses.asdict(engine.stats()) for engine in self.replicas]
         averaged = ("kv_cache_usage", "prefix_cache_hit_rate")
         alike = ("num_resident_layers", "num_streamed_layers", "streamed_bytes_per_step")  # the same in every replica
         totals = {name: sum(s[name] for s in each) for name in each[0]}
+        totals["step_temp_bytes"] = max(s["step_temp_bytes"] for s in each)
         return EngineStats(**{name: total / len(each) if name in averaged else total // len(each) if name in alike
                               else total for name, total in totals.items()})

@@ -125,14 +125,16 @@ class LLMEngine:
         self.num_draft_tokens = 0
         self.num_accepted_draft_tokens = 0
         logger.info("engine ready: %s, weights %.1f MiB on the device%s (%s), %d KV blocks of %d tokens (%.1f MiB, "
-                    "%s), max_model_len %d%s", self.model_name, self.runner.weight_bytes / 2**20,
+                    "%s), max_model_len %d%s%s", self.model_name, self.runner.weight_bytes / 2**20,
                     (f" + {self.runner.offloaded_bytes / 2**20:.1f} MiB streamed (all devices)" if self.runner.offload
                      else "") + (f" + {self.runner.lora.nbytes / 2**20:.1f} MiB of LoRA slots" if self.runner.lora
                                  else ""),
                     config.quantization or "not quantized", self.runner.num_blocks, config.cache.block_size,
                     self.runner.kv_cache_bytes / 2**20, config.cache.kv_cache_dtype, self.max_model_len,
                     f", n-gram speculation of {config.speculative.num_speculative_tokens} tokens"
-                    if self.proposer else "")
+                    if self.proposer else "",
+                    f", step working memory up to {self.runner.step_temp_bytes / 2**20:.1f} MiB per device"
+                    if self.runner.step_temp_bytes else "")
 
     def _generation_config(self, model_generation_config: dict) -> dict:
         """The generation config whose sampling defaults the engine applies (`generation_config`)."""
@@ -397,6 +399,7 @@ class LLMEngine:
             num_compilations=self.runner.num_compilations,
             weight_bytes=self.runner.weight_bytes,
             kv_cache_bytes=self.runner.kv_cache_bytes,
+            step_temp_bytes=self.runner.step_temp_bytes,
             **self.runner.offload_stats(),
         )
 

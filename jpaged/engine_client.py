@@ -44,6 +44,7 @@ class EngineStats:
     num_accepted_draft_tokens: int = 0  # of those, the ones the model's own choices confirmed
     num_blocks: int = 0  # KV cache blocks on the devices (summed over data-parallel replicas)
     num_free_blocks: int = 0  # of those, blocks no request holds (cached prefix blocks included)
+    step_temp_bytes: int = 0  # most working memory of a compiled step program so far (XLA's temporaries, per device)
 
 
 @runtime_checkable

@@ -63,6 +63,8 @@ from pallas_kernels.quantized_kv import bytes_per_token_head, empty_cache
 
 logger = logging.getLogger("jpaged")
 
+PROMPT_LOGPROBS_TILE = 256  # prompt positions per LM-head product of the prompt logprobs
+
 
 class StepOutput(NamedTuple):
     """What one step returns to the host (numpy)."""
@@ -116,6 +118,30 @@ def resolve_dtype(dtype: str):
     if dtype == "auto":
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[dtype]
+
+
+
+def tiled_prompt_logprobs(lm_head, hidden: jax.Array, prompt_indices: jax.Array, next_token_ids: jax.Array,
+                          k: int) -> PromptLogprobs:
+    """`prompt_logprobs` of the hidden states at `prompt_indices` ([T] int32, -1: none, read as
+    row 0), `PROMPT_LOGPROBS_TILE` positions at a time, so the step's working memory holds one
+    tile's logits `[tile, V]` rather than all T positions' (T x V float32 is a gigabyte at 4,096
+    tokens and a 64K vocabulary, reserved by every step program whether or not a request asks).
+    `lm_head` maps `[n, hidden]` to the logits `[n, V]`."""
+    num_positions = prompt_indices.shape[0]
+    tile = min(num_positions, PROMPT_LOGPROBS_TILE)
+    num_tiles = -(-num_positions // tile)
+    pad = num_tiles * tile - num_positions
+
+    def tiles(x):
+        return jnp.pad(x, (0, pad)).reshape(num_tiles, tile)
+
+    def one_tile(args):
+        indices, next_ids = args
+        return prompt_logprobs(lm_head(hidden[indices]), next_ids, k)
+
+    out = jax.lax.map(one_tile, (tiles(jnp.maximum(prompt_indices, 0)), tiles(next_token_ids)))
+    return jax.tree.map(lambda x: x.reshape(num_tiles * tile, *x.shape[2:])[:num_positions], out)
 
 
 def matmul_precision(dtype):
@@ -404,6 +430,14 @@ class ModelRunner:
             return self._step.num_programs + self._sampler.num_programs
         return self._layer.num_programs + self._sampler.num_programs  # with the embedding and head per step shape
 
+    @property
+    def step_temp_bytes(self) -> int:
+        """The most working memory (XLA's temporaries, bytes per device) any step or sampler
+        program made ready so far needs beyond its arguments and outputs."""
+        caches = [self._step, self._sampler] if self.stream is None else [self._embed, self._layer, self._head,
+                                                                          self._sampler]
+        return max(cache.max_temp_bytes for cache in caches)
+
     def _model(self, state):
         return nnx.merge(self.graphdef, state)
 
@@ -426,8 +460,8 @@ class ModelRunner:
         logits = model.logits(hidden[batch.logits_indices]).astype(jnp.float32)
 
         def prompt(hidden):
-            rows = hidden[jnp.maximum(batch.prompt_indices, 0)]
-            return prompt_logprobs(model.logits(rows), batch.prompt_next_ids, self.num_logprobs)
+            return tiled_prompt_logprobs(model.logits, hidden, batch.prompt_indices, batch.prompt_next_ids,
+                                         self.num_logprobs)
 
         def no_prompt(hidden):
             return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(prompt, hidden))

@@ -55,7 +55,9 @@ class ProgramCache:
     shardings for the cache's lifetime (parameters, KV cache): they are described once. `context`
     describes whatever else shapes the program (configurations), as text.
 
-    `num_programs` counts the programs this process has made ready (compiled or loaded)."""
+    `num_programs` counts the programs this process has made ready (compiled or loaded);
+    `max_temp_bytes` is the most working memory (XLA's temporaries, in bytes per device) any of
+    them needs beyond its arguments and outputs."""
 
     def __init__(self, fn: Callable, donate_argnums: tuple[int, ...], num_fixed: int, context: str,
                  directory: pathlib.Path | None):
@@ -78,6 +80,7 @@ class ProgramCache:
         self._fixed: tuple | None = None  # the fixed arguments' abstract values
         self._fixed_key: str | None = None  # and their description
         self.num_programs = 0
+        self.max_temp_bytes = 0
 
     def __call__(self, *args):
         signature = self._signature(args)
@@ -116,7 +119,10 @@ class ProgramCache:
 
         def make_ready():
             try:
-                future.set_result(self._load_or_compile(abstract, number))
+                program = self._load_or_compile(abstract, number)
+                with self._lock:
+                    self.max_temp_bytes = max(self.max_temp_bytes, _temp_bytes(program))
+                future.set_result(program)
             except BaseException as error:
                 with self._lock:
                     del self._pending[signature]
@@ -173,6 +179,15 @@ jax.monitoring.register_event_listener(_count_hit)
 def _jax_cache_hits() -> int:
     """Programs this thread has had from jax's persistent cache."""
     return getattr(_this_thread, "jax_cache_hits", 0)
+
+
+def _temp_bytes(program) -> int:
+    """The working memory XLA set aside for `program` (0 where the backend does not say)."""
+    try:
+        stats = program.memory_analysis()
+    except Exception:  # not every backend or loaded executable can say
+        return 0
+    return int(getattr(stats, "temp_size_in_bytes", 0) or 0)
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:

@@ -311,6 +311,9 @@ def md_default_memory(r: dict) -> list[str]:
     lines = [f"KV cache as sized by default: {r['num_blocks']} blocks"]
     if "output_tokens" in r:
         lines[0] += f"; {r['requests']} requests of 8 tokens gave {r['output_tokens']} tokens"
+    if "step_temp_bytes" in r:
+        lines.append(f"- step programs' working memory (XLA): {r['step_temp_bytes'] / 2**30:.2f} GiB")
+    lines += [f"- large allocation: {line}" for line in r.get("large_allocations", [])]
     return lines + md_memory(r)
 
 

@@ -571,7 +571,14 @@ def section_default_memory(sizes: Sizes, work: Path) -> dict:
     """The throughput model with its KV cache sized as a user gets it by default (most of the
     device's memory, `gpu_memory_utilization`), eight short requests: whether the steps fit beside
     such a cache, and the peak bytes they needed beyond the weights and the cache. (On a CPU the
-    cache is `cpu_kv_cache_gib`, here a quarter GiB.)"""
+    cache is `cpu_kv_cache_gib`, here a quarter GiB.) XLA dumps the step and sampler programs'
+    buffer assignments; their large allocations other than parameters go into the result, also
+    when a step fails, so an allocation the size of the cache names the program and values
+    holding it."""
+    dump = work / "xla_dump"
+    shutil.rmtree(dump, ignore_errors=True)
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), f"--xla_dump_to={dump}",
+                                                     "--xla_dump_hlo_module_re=.*(_sample|_step_fn).*"]))
     import jax
 
     from jpaged import LLM, SamplingParams
@@ -584,11 +591,31 @@ def section_default_memory(sizes: Sizes, work: Path) -> dict:
               "kv_cache_bytes": stats.kv_cache_bytes, "peak_bytes_in_use": _peak_device_bytes()}
     write_partial(work, "default_memory", result)
     prompts = requests.prompts[:8]
-    outs = llm.generate([{"prompt_token_ids": prompt} for prompt in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    try:
+        outs = llm.generate([{"prompt_token_ids": prompt} for prompt in prompts],
+                            SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    finally:
+        result.update(step_temp_bytes=llm.engine.stats().step_temp_bytes,
+                      large_allocations=large_allocations(dump, min_bytes=2**16 if on_cpu else 2**28))
+        write_partial(work, "default_memory", result)
     result.update(requests=len(prompts), output_tokens=sum(len(o.outputs[0].token_ids) for o in outs),
                   peak_bytes_in_use=_peak_device_bytes())
     return result
+
+
+def large_allocations(dump: Path, min_bytes: int) -> list[str]:
+    """From XLA's buffer-assignment dumps in `dump`: each allocation of at least `min_bytes` that
+    is not a parameter, as "<program>: <allocation line> | <first value it holds>"."""
+    found = []
+    for path in sorted(dump.glob("*after_optimizations-buffer-assignment.txt")):
+        program = path.name.split(".")[1]
+        lines = path.read_text(errors="replace").splitlines()
+        for i, line in enumerate(lines):
+            size = re.match(r"allocation \d+: size (\d+)", line)
+            if size and int(size.group(1)) >= min_bytes and "parameter" not in line:
+                first = lines[i + 1].strip() if i + 1 < len(lines) else ""
+                found.append(f"{program}: {line.strip()} | {first[:300]}")
+    return found
 
 
 def _peak_device_bytes() -> int | None:

@@ -64,7 +64,8 @@ def test_parts_report_what_they_measured(check):
     assert all(len(run["step_ms"]) == len(offload["batches"]) for run in offload["runs"].values())
     default = parts["default_memory"]
     assert default["output_tokens"] == 8 * default["requests"] > 0 and default["num_blocks"] > 0
-    assert default["kv_cache_bytes"] > 0
+    assert default["kv_cache_bytes"] > 0 and default["step_temp_bytes"] > 0
+    assert any("_step_fn" in line and "preallocated-temp" in line for line in default["large_allocations"])
 
 
 def test_greedy_tokens_match_hf(check):
