@@ -7,8 +7,8 @@ that needs KV data moved returns `(src, dst)` block pairs for the model runner t
 
 The scheduler's view of it is three calls, as vLLM V1's KV cache manager: `get_computed_blocks`
 (a sequence's longest cached prefix, looked up once per admission), `allocate_slots` (room for n
-new tokens, or None and no change when they do not fit) and `free`. Forks, swaps and prefix-cache
-commits have their own calls.
+new tokens, or None and no change when they do not fit) and `free`. Forks, swaps, prefix-cache
+commits and releases behind a sliding window have their own calls.
 
 Sharing, three ways:
 
@@ -30,6 +30,13 @@ Sharing, three ways:
   the swapped sequence takes a host copy of it and gets a private device block back on swap-in,
   so no sharer is ever affected. Swapping is refused only when the host pool has no room.
 
+Sliding windows. When every layer of the model attends to at most the last W keys (Mistral's
+sliding window on all layers, say), a block wholly before the window of a sequence's next token
+is never read again: `release_behind_window` releases it after each step, and its table entry
+becomes `NO_BLOCK` (the step reads block 0 there, and every attention path skips blocks before a
+query's window). A long sequence then holds about W / block_size blocks plus its next chunk's, as
+vLLM's sliding-window KV manager does. Released cached blocks stay cached as evictable.
+
 Order of a step's block moves on the device, for the returned pairs to stay correct when a block
 released in one call is reallocated in a later call of the same step: swap-outs first, then
 copy-on-write copies (all sources read before any destination is written), then swap-ins, then
@@ -46,6 +53,7 @@ from typing import NamedTuple
 from jpaged.sequence import Sequence
 
 ROOT_HASH = 0x9E3779B97F4A7C15  # the parent hash of every sequence's first block
+NO_BLOCK = -1  # a block-table entry released behind the sliding window (`release_behind_window`)
 
 
 def hash_block(parent_hash: int, tokens: tuple[int, ...]) -> int:
@@ -92,11 +100,15 @@ def reads_prefix_cache(seq: Sequence) -> bool:
 
 
 class BlockManager:
+    """`sliding_window`: None, or W when no layer's query sees more than its last W keys (then
+    `release_behind_window` frees what no query reaches again)."""
+
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_host_blocks: int = 0):
-        if num_blocks < 0 or block_size <= 0 or num_host_blocks < 0:
+                 num_host_blocks: int = 0, sliding_window: int | None = None):
+        if num_blocks < 0 or block_size <= 0 or num_host_blocks < 0 or (sliding_window or 1) <= 0:
             raise ValueError(f"bad sizes: num_blocks={num_blocks}, block_size={block_size}, "
-                             f"num_host_blocks={num_host_blocks}")
+                             f"num_host_blocks={num_host_blocks}, sliding_window={sliding_window}")
+        self.sliding_window = sliding_window
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -205,13 +217,30 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s device blocks (last first) and host blocks; forget its progress."""
-        for block_id in reversed(seq.block_table):
+        for block_id in _live(reversed(seq.block_table)):
             self._release(block_id)
         seq.block_table = []
-        for host_id in self.host_block_table.pop(seq, []):
+        for host_id in _live(self.host_block_table.pop(seq, [])):
             self._release_host(host_id)
         self._progress.pop(seq, None)
         self._holders.pop(seq, None)
+
+    def release_behind_window(self, seq: Sequence) -> int:
+        """Release the blocks of `seq` that no query of its reaches again: its next token, at
+        position `seq.num_computed_tokens`, sees keys from that position - `sliding_window` + 1
+        on, and so does every later one. Their entries become `NO_BLOCK`; returns how many
+        were released (0 without a sliding window)."""
+        if self.sliding_window is None:
+            return 0
+        first_seen = max(0, seq.num_computed_tokens - self.sliding_window + 1)
+        released = 0
+        for index in range(min(first_seen // self.block_size, len(seq.block_table)) - 1, -1, -1):
+            if seq.block_table[index] == NO_BLOCK:
+                break  # released in an earlier step, and all before it too
+            self._release(seq.block_table[index])
+            seq.block_table[index] = NO_BLOCK
+            released += 1
+        return released
 
     def _allocate(self) -> int:
         if self.free_block_ids:
@@ -280,6 +309,9 @@ class BlockManager:
         size = self.block_size
         tokens = seq.token_ids(0, num_full * size)
         for index in range(done, num_full):
+            if seq.block_table[index] == NO_BLOCK:  # released before it was committed: the chain ends
+                num_full = index
+                break
             chunk = tuple(tokens[index * size:(index + 1) * size])
             parent = self._commit_block(seq.block_table[index], chunk, parent)
         self._progress[seq] = (num_full, parent)
@@ -326,7 +358,7 @@ class BlockManager:
             raise ValueError(f"fork target {child.request_id} already holds blocks")
         if parent in self.host_block_table:
             raise ValueError(f"cannot fork {parent.request_id}: it is swapped out")
-        for block_id in parent.block_table:
+        for block_id in _live(parent.block_table):
             self.ref_counts[block_id] += 1
         child.block_table = list(parent.block_table)
         if child.block_table:
@@ -339,38 +371,40 @@ class BlockManager:
             return []
         last = min((stop - 1) // self.block_size, len(seq.block_table) - 1)
         return [i for i in range(start // self.block_size, last + 1)
-                if self.ref_counts[seq.block_table[i]] > 1]
+                if seq.block_table[i] != NO_BLOCK and self.ref_counts[seq.block_table[i]] > 1]
 
     # ---- swap ------------------------------------------------------------------------------
 
     def can_swap_out(self, seq: Sequence) -> bool:
         return (bool(seq.block_table) and seq not in self.host_block_table
-                and len(seq.block_table) <= len(self.host_free_block_ids))
+                and len(_live(seq.block_table)) <= len(self.host_free_block_ids))
 
     def swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
         """Move `seq`'s blocks to the host pool; return `(device, host)` pairs to copy.
 
         Each device block loses `seq`'s reference: unshared blocks are freed (cached ones become
-        evictable), shared ones stay with their other holders, untouched.
+        evictable), shared ones stay with their other holders, untouched. `NO_BLOCK` entries
+        stay as they are.
         """
         if not self.can_swap_out(seq):
-            raise RuntimeError(f"cannot swap out {seq.request_id}: {len(seq.block_table)} blocks, "
+            raise RuntimeError(f"cannot swap out {seq.request_id}: {len(_live(seq.block_table))} blocks, "
                                f"{len(self.host_free_block_ids)} free host blocks")
         pairs = []
-        for block_id in seq.block_table:
+        for block_id in _live(seq.block_table):
             host_id = self.host_free_block_ids.popleft()
             self.host_ref_counts[host_id] = 1
             pairs.append((block_id, host_id))
-        for block_id in reversed(seq.block_table):
+        for block_id in _live(reversed(seq.block_table)):
             self._release(block_id)
-        self.host_block_table[seq] = [host_id for _, host_id in pairs]
+        host_ids = iter([host_id for _, host_id in pairs])
+        self.host_block_table[seq] = [NO_BLOCK if b == NO_BLOCK else next(host_ids) for b in seq.block_table]
         seq.block_table = []
         self._holders.pop(seq, None)
         return pairs
 
     def can_swap_in(self, seq: Sequence) -> bool:
         table = self.host_block_table.get(seq)
-        return table is not None and len(table) <= self.num_free_blocks
+        return table is not None and len(_live(table)) <= self.num_free_blocks
 
     def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
         """Bring `seq`'s blocks back to fresh device blocks; return `(host, device)` pairs."""
@@ -378,10 +412,11 @@ class BlockManager:
             raise RuntimeError(f"cannot swap in {seq.request_id}: not swapped out or "
                                f"{self.num_free_blocks} free blocks are too few")
         host_table = self.host_block_table.pop(seq)
-        pairs = [(host_id, self._allocate()) for host_id in host_table]
-        for host_id in host_table:
+        pairs = [(host_id, self._allocate()) for host_id in _live(host_table)]
+        for host_id in _live(host_table):
             self._release_host(host_id)
-        seq.block_table = [block_id for _, block_id in pairs]
+        device_ids = iter([block_id for _, block_id in pairs])
+        seq.block_table = [NO_BLOCK if h == NO_BLOCK else next(device_ids) for h in host_table]
         self._holders[seq] = None
         return pairs
 
@@ -417,7 +452,7 @@ class BlockManager:
     def _count(tables) -> dict[int, int]:
         counts: dict[int, int] = {}
         for table in tables:
-            for block_id in table:
+            for block_id in _live(table):
                 counts[block_id] = counts.get(block_id, 0) + 1
         return counts
 
@@ -435,3 +470,8 @@ class BlockManager:
             assert refs or block_id in free_set, (
                 f"{name} {block_id} leaked: neither free nor referenced")
         assert set(held) <= set(range(size)), f"a table holds an unknown {name}"
+
+
+def _live(table) -> list[int]:
+    """The entries of a block table (or an iterator over one) that hold blocks."""
+    return [block_id for block_id in table if block_id != NO_BLOCK]

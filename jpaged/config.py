@@ -160,6 +160,14 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def kv_window(self) -> int | None:
+        """The most keys a query of any layer sees back, itself included, when every layer has a
+        sliding window; None when some layer attends to the whole context."""
+        if self.sliding_windows and all(self.sliding_windows):
+            return max(self.sliding_windows)
+        return None
+
     @classmethod
     def from_hf(cls, hf: dict, generation_config: dict | None = None) -> ModelConfig:
         archs = hf.get("architectures") or []

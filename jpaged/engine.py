@@ -113,7 +113,8 @@ class LLMEngine:
             prefix_caching = False
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           enable_prefix_caching=prefix_caching,
-                                          num_host_blocks=self.runner.num_host_blocks)
+                                          num_host_blocks=self.runner.num_host_blocks,
+                                          sliding_window=self.model_config.kv_window)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.runner.shapes.max_rows,
                                    config.lora.max_loras)
         self.loras: dict[int, LoRAAdapter] = {}  # adapters read so far, by lora_int_id
@@ -433,6 +434,7 @@ class LLMEngine:
                 self._append_token(seq, int(sampled.token_ids[row]))
             seq.draft_token_ids = []
             self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
+            self.block_manager.release_behind_window(seq)
             if seq.is_finished:
                 self.scheduler.finish(seq)
             touched[seq.request_id] = seq.request
@@ -456,6 +458,7 @@ class LLMEngine:
             self._count_computed(seq, item.num_new_tokens)
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
+            self.block_manager.release_behind_window(seq)
             if item.samples:
                 state = last[row] if kind == "last" else seq.pooled / (seq.num_tokens if kind == "mean" else 1)
                 seq.request.embedding = pool(state, self.pooler)

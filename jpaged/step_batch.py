@@ -208,7 +208,7 @@ def _fill(pieces: list[_Piece], num_tokens: int, num_rows: int, max_blocks: int,
         arrays["positions"][span] = positions
         table = np.asarray(piece.seq.block_table, np.int64)
         arrays["slot_mapping"][span] = table[positions // block_size] * block_size + positions % block_size
-        arrays["block_tables"][row, : len(table)] = table
+        arrays["block_tables"][row, : len(table)] = np.maximum(table, 0)  # NO_BLOCK: behind every window, never read
         arrays["context_lens"][row] = piece.first + piece.count
         arrays["query_start"][row], arrays["query_lens"][row] = start, piece.count
     return arrays, rows, starts

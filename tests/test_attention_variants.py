@@ -216,6 +216,32 @@ def test_windowed_models_match_hf(windowed_model, backend):
                                        atol=1e-4, rtol=1e-4)
 
 
+def test_blocks_behind_every_window_are_released_and_tokens_stay_hf_greedy(windowed_model):
+    """Four 29-token prompts, 24 tokens each, on a 24-block cache of 4-token blocks: kept whole
+    they need 56 blocks, and the model with a full-attention layer (Qwen2 here) is preempted. With
+    every layer windowed (Mistral) each sequence keeps only the blocks its next token's window
+    reaches, so all four run without a preemption. Both give HF's greedy tokens, and every block
+    is free again at the end."""
+    from hf_models import hf_greedy
+
+    from jpaged import LLM, SamplingParams
+
+    name, model, folder = windowed_model
+    llm = LLM(folder, dtype="float32", num_blocks=24, block_size=4, max_model_len=64, enable_prefix_caching=False)
+    engine = llm.engine
+    assert engine.model_config.kv_window == (6 if name == "mistral" else None)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, 256, 29).tolist() for _ in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert list(out.outputs[0].token_ids) == hf_greedy(model, prompt, 24)
+    stats = engine.stats()
+    assert (stats.num_preemptions == 0) == (name == "mistral")
+    assert stats.num_free_blocks == stats.num_blocks == 24
+    engine.block_manager.check_invariants()
+
+
 # --- soft-capped scores (Gemma 2) -----------------------------------------------------------------
 
 @pytest.mark.parametrize(("window", "softcap"), [(1000, 1.5), (7, 0.8)])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import jpaged.block_manager as block_manager_module
-from jpaged.block_manager import BlockManager, ComputedBlocks
+from jpaged.block_manager import NO_BLOCK, BlockManager, ComputedBlocks
 from jpaged.sampling_params import SamplingParams
 from jpaged.sequence import Request, Sequence
 
@@ -434,7 +434,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def swap_out(self, data):
         seq = data.draw(st.sampled_from(self.running), label="seq")
         if not self.manager.can_swap_out(seq):
-            assert not seq.block_table or len(seq.block_table) > self.manager.num_free_host_blocks
+            live = len(seq.block_table) - seq.block_table.count(NO_BLOCK)
+            assert not seq.block_table or live > self.manager.num_free_host_blocks
             return
         for device_id, host_id in self.manager.swap_out(seq):
             self.host[host_id] = list(self.device[device_id])
@@ -466,7 +467,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert len(manager.free_block_ids) + len(manager.evictable) + referenced == NUM_BLOCKS
         assert manager.num_free_blocks == NUM_BLOCKS - referenced
         assert set(manager.host_block_table) == set(self.swapped)
-        in_host = sum(len(table) for table in manager.host_block_table.values())
+        in_host = sum(len(table) - table.count(NO_BLOCK) for table in manager.host_block_table.values())
         assert manager.num_free_host_blocks + in_host == NUM_HOST_BLOCKS
 
     @invariant()
@@ -475,8 +476,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
             table, memory = ((seq.block_table, self.device) if seq in self.running
                              else (self.manager.host_block_table[seq], self.host))
             tokens = seq.token_ids(0, seq.num_tokens)
-            for pos in range(seq.num_computed_tokens):
+            for pos in range(self._first_readable(seq), seq.num_computed_tokens):
                 assert memory[table[pos // BLOCK_SIZE]][pos % BLOCK_SIZE] == tuple(tokens[:pos + 1])
+
+    def _first_readable(self, seq: Sequence) -> int:
+        """The first position a query of `seq` may still read (all of them without a window)."""
+        return 0
 
     @invariant()
     def every_cached_block_holds_its_key(self):
@@ -524,3 +529,67 @@ CollidingHashMachine.TestCase.settings = settings(
     max_examples=40, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 TestCollidingHashMachine = CollidingHashMachine.TestCase
+
+
+class SlidingWindowMachine(BlockManagerMachine):
+    """The same operations on a model whose every layer sees its last 3 keys: after each step the
+    blocks behind the next token's window go, and everything a query can still read is intact."""
+
+    WINDOW = 3
+
+    def __init__(self):
+        super().__init__()
+        self.manager = BlockManager(NUM_BLOCKS, BLOCK_SIZE, num_host_blocks=NUM_HOST_BLOCKS,
+                                    sliding_window=self.WINDOW)
+
+    def _step(self, seq, target, computed=None):
+        done = super()._step(seq, target, computed)
+        if done:
+            self.manager.release_behind_window(seq)
+        return done
+
+    def _first_readable(self, seq):
+        return max(0, seq.num_computed_tokens - self.WINDOW + 1)
+
+    @invariant()
+    def only_blocks_a_query_reads_are_held(self):
+        for seq in self.running:
+            behind = self._first_readable(seq) // BLOCK_SIZE
+            assert all(b == NO_BLOCK for b in seq.block_table[:behind])
+            assert NO_BLOCK not in seq.block_table[behind:]
+
+
+SlidingWindowMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestSlidingWindowMachine = SlidingWindowMachine.TestCase
+
+
+def test_a_long_sequence_holds_only_its_window():
+    """Window 6, blocks of 4: computing 40 tokens one at a time never holds more than the blocks
+    the next token's window spans plus the one it is written to; prefix-cached blocks released
+    behind the window stay cached, and every block is free again at the end."""
+    manager = BlockManager(num_blocks=8, block_size=4, sliding_window=6)
+    seq = make_seq(range(2))
+    take_prefix(manager, seq)
+    compute(manager, seq, 2)
+    for target in range(3, 41):
+        seq.output_token_ids.append(100 + target)
+        compute(manager, seq, target)
+        released = manager.release_behind_window(seq)
+        live = [b for b in seq.block_table if b != NO_BLOCK]
+        first = max(0, target - 6 + 1)
+        assert seq.block_table[:first // 4] == [NO_BLOCK] * (first // 4)
+        assert len(live) == len(seq.block_table) - first // 4 <= 3
+        assert released == (1 if target >= 9 and (target - 5) % 4 == 0 else 0), target
+        manager.check_invariants()
+    assert len(seq.block_table) == 10 and len(manager.evictable) == 8 - len(live) - len(manager.free_block_ids)
+    manager.free(seq)
+    manager.check_invariants()
+    assert manager.num_free_blocks == 8 and not any(manager.ref_counts)
+
+
+def test_no_window_releases_nothing():
+    manager = BlockManager(num_blocks=8, block_size=4)
+    seq = admit(manager, range(30))
+    assert manager.release_behind_window(seq) == 0 and NO_BLOCK not in seq.block_table
