@@ -78,8 +78,9 @@ class BlockKey:
 
 @dataclass(frozen=True)
 class ComputedBlocks:
-    """A sequence's longest cached prefix: its cached blocks, first to last, and the tokens they
-    hold (`len(blocks) * block_size`). Valid until the manager next changes."""
+    """A sequence's longest cached prefix: its cached blocks, first to last (`NO_BLOCK` for those
+    behind the sliding window of its first token to compute), and the tokens they hold
+    (`len(blocks) * block_size`). Valid until the manager next changes."""
 
     blocks: tuple[int, ...] = ()
     num_tokens: int = 0
@@ -159,12 +160,16 @@ class BlockManager:
         """The cached blocks of a fresh `seq`'s longest cached prefix; changes nothing.
 
         At least one token is always left to compute. Empty when prefix caching is off or `seq`
-        reads no cached blocks (`reads_prefix_cache`). Pass the result to `allocate_slots`.
+        reads no cached blocks (`reads_prefix_cache`). Under a sliding window, the blocks no query
+        of `seq` reaches are `NO_BLOCK`: only those in the window are taken. Pass the result to
+        `allocate_slots`.
         """
         if not (self.enable_prefix_caching and reads_prefix_cache(seq)):
             return ComputedBlocks()
         blocks = self._match_prefix(seq)
-        return ComputedBlocks(tuple(blocks), len(blocks) * self.block_size)
+        num_tokens = len(blocks) * self.block_size
+        behind = self._blocks_behind_window(num_tokens)
+        return ComputedBlocks((NO_BLOCK,) * behind + tuple(blocks[behind:]), num_tokens)
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int,
                        computed: ComputedBlocks | None = None) -> Slots | None:
@@ -194,7 +199,7 @@ class BlockManager:
         revived = sum(block_id in self.evictable for block_id in reused)
         if missing + len(copied) + revived > self.num_free_blocks:
             return None
-        for block_id in reused:
+        for block_id in _live(reused):
             self.evictable.pop(block_id, None)
             self.ref_counts[block_id] += 1
         seq.block_table.extend(reused)
@@ -230,17 +235,21 @@ class BlockManager:
         position `seq.num_computed_tokens`, sees keys from that position - `sliding_window` + 1
         on, and so does every later one. Their entries become `NO_BLOCK`; returns how many
         were released (0 without a sliding window)."""
-        if self.sliding_window is None:
-            return 0
-        first_seen = max(0, seq.num_computed_tokens - self.sliding_window + 1)
         released = 0
-        for index in range(min(first_seen // self.block_size, len(seq.block_table)) - 1, -1, -1):
+        for index in range(min(self._blocks_behind_window(seq.num_computed_tokens), len(seq.block_table)) - 1, -1, -1):
             if seq.block_table[index] == NO_BLOCK:
                 break  # released in an earlier step, and all before it too
             self._release(seq.block_table[index])
             seq.block_table[index] = NO_BLOCK
             released += 1
         return released
+
+    def _blocks_behind_window(self, position: int) -> int:
+        """How many leading blocks hold only keys before the sliding window of a query at
+        `position` (0 without a window)."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, position - self.sliding_window + 1) // self.block_size
 
     def _allocate(self) -> int:
         if self.free_block_ids:
@@ -475,3 +484,10 @@ class BlockManager:
 def _live(table) -> list[int]:
     """The entries of a block table (or an iterator over one) that hold blocks."""
     return [block_id for block_id in table if block_id != NO_BLOCK]
+
+
+def blocks_held_under_window(sliding_window: int, block_size: int, max_new_tokens: int) -> int:
+    """The most blocks a sequence holds at once when no layer's query sees more than its last
+    `sliding_window` keys and a step computes at most `max_new_tokens` of it: its next token's
+    window and the new tokens, block-aligned at both ends (`release_behind_window` after every step)."""
+    return -(-(sliding_window - 1 + max_new_tokens) // block_size) + 1

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from jpaged import compile_cache
-from jpaged.block_manager import BlockManager
+from jpaged.block_manager import BlockManager, blocks_held_under_window
 from jpaged.config import EngineConfig, ModelConfig
 from jpaged.detokenizer import IncrementalDetokenizer, NoDetokenizer, token_text
 from jpaged.engine_client import EngineStats, PromptType
@@ -183,9 +183,13 @@ class LLMEngine:
 
     def _fit_to_cache(self, max_model_len: int) -> int:
         """`max_model_len`, lowered to what the KV cache holds where it holds less (logged), so
-        that every request within it can run and a server's default `max_tokens` fits."""
+        that every request within it can run and a server's default `max_tokens` fits. Under a
+        sliding window on every layer a sequence holds only its window's blocks and its next
+        chunk's, so any length runs where those fit."""
         capacity = self.runner.num_blocks * self.config.cache.block_size
-        if max_model_len <= capacity:
+        window, block_size = self.model_config.kv_window, self.config.cache.block_size
+        if max_model_len <= capacity or (window and blocks_held_under_window(
+                window, block_size, self.config.scheduler.max_num_batched_tokens) <= self.runner.num_blocks):
             return max_model_len
         logger.warning("max_model_len lowered from %d to %d tokens, what the KV cache holds (%d blocks of %d tokens); "
                        "give the cache more memory (cpu_kv_cache_gib, gpu_memory_utilization or num_blocks) to serve "

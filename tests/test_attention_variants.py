@@ -242,6 +242,37 @@ def test_blocks_behind_every_window_are_released_and_tokens_stay_hf_greedy(windo
     engine.block_manager.check_invariants()
 
 
+def test_a_windowed_model_serves_sequences_longer_than_its_cache(windowed_model):
+    """A 24-block cache (96 tokens) and steps of at most 8 tokens: a Mistral sequence never holds
+    more than its window's and its next chunk's 5 blocks, so max_model_len stays at 128 and a
+    29-token prompt continues for 90 tokens as HF's greedy does. A shorter request run twice
+    takes its window's blocks from the prefix cache the second time, same tokens. Qwen2's full-attention
+    layer needs every block, so its max_model_len is lowered to what the cache holds."""
+    from hf_models import hf_greedy
+
+    from jpaged import LLM, SamplingParams
+
+    name, model, folder = windowed_model
+    llm = LLM(folder, dtype="float32", num_blocks=24, block_size=4, max_model_len=128, max_num_batched_tokens=8)
+    if name != "mistral":
+        assert llm.engine.max_model_len == 96
+        return
+    assert llm.engine.max_model_len == 128
+    rng = np.random.default_rng(12)
+    prompt = rng.integers(3, 256, 29).tolist()
+    long = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True),
+                        use_tqdm=False)[0]
+    assert list(long.outputs[0].token_ids) == hf_greedy(model, prompt, 90)
+    prompt = rng.integers(3, 256, 29).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    first, again = (llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0] for _ in range(2))
+    assert list(first.outputs[0].token_ids) == list(again.outputs[0].token_ids) == hf_greedy(model, prompt, 20)
+    assert first.metrics.num_cached_prompt_tokens == 0 < again.metrics.num_cached_prompt_tokens
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_blocks == 24
+    llm.engine.block_manager.check_invariants()
+
+
 # --- soft-capped scores (Gemma 2) -----------------------------------------------------------------
 
 @pytest.mark.parametrize(("window", "softcap"), [(1000, 1.5), (7, 0.8)])

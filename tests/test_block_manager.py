@@ -593,3 +593,23 @@ def test_no_window_releases_nothing():
     manager = BlockManager(num_blocks=8, block_size=4)
     seq = admit(manager, range(30))
     assert manager.release_behind_window(seq) == 0 and NO_BLOCK not in seq.block_table
+
+
+def test_a_cached_prefix_under_a_window_revives_only_the_blocks_its_window_reaches():
+    """A 30-token sequence, freed and cached whole; the same prompt comes again. Of its seven
+    cached blocks (4 tokens each) the first token to compute, at 28, sees 23..28 with a window of
+    6: only blocks 5 and 6 are taken, the rest stay evictable."""
+    manager = BlockManager(num_blocks=10, block_size=4, sliding_window=6)
+    first = admit(manager, range(30), "first")
+    table = list(first.block_table)
+    assert manager.release_behind_window(first) == 6  # the next token, 30, sees 25..30
+    manager.free(first)
+    again = make_seq(range(30), "again")
+    computed = manager.get_computed_blocks(again)
+    assert computed == ComputedBlocks((NO_BLOCK,) * 5 + tuple(table[5:7]), 28)
+    evictable = len(manager.evictable)
+    assert manager.allocate_slots(again, 2, computed) is not None
+    assert len(manager.evictable) == evictable - 2 and again.block_table[:5] == [NO_BLOCK] * 5
+    manager.check_invariants()
+    manager.free(again)
+    assert manager.num_free_blocks == 10 and not any(manager.ref_counts)
