@@ -12,7 +12,7 @@ request still waiting, so the KV budget is what limits the batch); the drain at 
 the queue is empty, is left out (a run in which no request ever waited is averaged over all
 its steps, and marked).
 
-Three measurements, beside the paper's figures (Kwon et al., SOSP 2023, Fig. 2 and Fig. 15):
+Four measurements, the first three beside the paper's figures (Kwon et al., SOSP 2023, Fig. 2 and Fig. 15):
 
 1. Share of KV memory holding real tokens while serving. jpaged: tokens stored / (allocated
    blocks x block size). Contiguous reservation systems (Orca-style), with
@@ -36,6 +36,11 @@ Three measurements, beside the paper's figures (Kwon et al., SOSP 2023, Fig. 2 a
    steps back on average), so these savings need not match real beam search, whose survivors
    are picked by score.
 
+4. Sliding window: the same requests for a model whose every layer attends to its last
+   `--sliding-window` keys (Mistral's rule), with every block kept (as for a model with any
+   full-attention layer) against the blocks behind each sequence's window released after every
+   step (`BlockManager.release_behind_window`): requests batched, preemptions, steps to drain.
+
 Workloads are synthetic approximations, NOT the real ShareGPT or Alpaca data sets: prompt and
 output lengths are independent lognormals with the given means (mu = ln(mean) - sigma^2 / 2)
 and sigmas, rounded, at least 1 token, and capped so that prompt + output <= 2048:
@@ -44,7 +49,7 @@ and sigmas, rounded, at least 1 token, and capped so that prompt + output <= 204
     Alpaca-like:   prompt mean 20,  sigma 0.6; output mean 60,  sigma 0.8
 
     python scripts/bench_memory.py [--num-requests 3000] [--sharing-requests 600]
-        [--kv-tokens 16384] [--block-size 16] [--seed 0] [--quick]
+        [--kv-tokens 16384] [--block-size 16] [--sliding-window 256] [--seed 0] [--quick]
         [--out bench_results/memory.json] [--plot bench_results/memory.png]
 """
 
@@ -266,6 +271,7 @@ def store_prompt(manager: BlockManager, seq: SimSequence) -> None:
     seq.num_computed_tokens = 0
     allocate(manager, seq, seq.num_tokens)
     seq.num_computed_tokens = seq.num_tokens
+    manager.release_behind_window(seq)
 
 
 def append_token(manager: BlockManager, seq: SimSequence) -> None:
@@ -273,6 +279,7 @@ def append_token(manager: BlockManager, seq: SimSequence) -> None:
     allocate(manager, seq, 1)
     seq.num_tokens += 1
     seq.num_computed_tokens = seq.num_tokens
+    manager.release_behind_window(seq)
 
 
 def blocks_to_append(manager: BlockManager, seq: SimSequence) -> int:
@@ -433,9 +440,10 @@ class PagedRun:
 
 
 def simulate_paged(groups: list[Group], kv_tokens: int, block_size: int, rng: np.random.Generator,
-                   policy: str = "jpaged") -> PagedRun:
+                   policy: str = "jpaged", sliding_window: int | None = None) -> PagedRun:
     """FCFS serving of `groups` (Request, ParallelSampling or BeamSearch) on a BlockManager."""
-    manager = BlockManager(kv_tokens // block_size, block_size, enable_prefix_caching=False)
+    manager = BlockManager(kv_tokens // block_size, block_size, enable_prefix_caching=False,
+                           sliding_window=sliding_window)
     watermark = int(WATERMARK * manager.num_blocks)
     waiting, running, log, preemptions = deque(groups), [], StepLog(), 0
     while waiting or running:
@@ -486,12 +494,12 @@ def admit_waiting(manager: BlockManager, running: list[Group], waiting: deque[Gr
 def record_paged_step(manager: BlockManager, running: list[Group], log: StepLog, loaded: bool) -> None:
     sequences = [seq for group in running for seq in group.sequences]
     used_blocks = manager.num_blocks - manager.num_free_blocks
-    unshared_blocks = sum(len(seq.block_table) for seq in sequences)
+    unshared_blocks = sum(len(seq.block_table) for seq in sequences)  # released entries too: all they would hold
     log.record(sum(seq.num_tokens for seq in sequences), used_blocks * manager.block_size,
                len(running), loaded, unshared_blocks * manager.block_size)
 
 
-# ---- the three studies ------------------------------------------------------------------------
+# ---- the studies ------------------------------------------------------------------------------
 
 def serving_study(workload: Workload, num_requests: int, kv_tokens: int, block_size: int,
                   seed: int) -> tuple[list[ServingResult], list[PagedRun]]:
@@ -517,6 +525,17 @@ def sharing_study(workload: Workload, num_requests: int, kv_tokens: int, block_s
             results.append(run.result)
             runs.append(run)
     return results, runs
+
+
+def window_study(workload: Workload, num_requests: int, kv_tokens: int, block_size: int, seed: int,
+                 window: int) -> tuple[list[ServingResult], list[PagedRun]]:
+    """The serving study's requests with every block kept, and with the blocks behind a
+    `window`-token sliding window released."""
+    requests = sample_requests(workload, num_requests, np.random.default_rng(seed))
+    runs = [simulate_paged([Request(str(i), p, o) for i, (p, o) in enumerate(requests)], kv_tokens, block_size,
+                           np.random.default_rng(seed), policy=policy, sliding_window=kept)
+            for policy, kept in (("every block", None), (f"window {window}", window))]
+    return [run.result for run in runs], runs
 
 
 def make_group(kind: str, request_id: str, prompt_len: int, output_len: int, width: int,
@@ -568,6 +587,11 @@ def serving_table(results: list[ServingResult]) -> str:
                          "batched requests", "steps (loaded)", "preemptions"], rows)
 
 
+def window_table(results: list[ServingResult]) -> str:
+    rows = [[r.policy, pct(r.held_share), f"{r.mean_batch:.1f}", steps(r), r.preemptions] for r in results]
+    return format_table(["KV blocks", "held / budget", "batched requests", "steps (loaded)", "preemptions"], rows)
+
+
 def sharing_table(results: list[ServingResult]) -> str:
     rows = []
     for r in results:
@@ -608,13 +632,23 @@ def plot_sharing(ax, report: dict) -> None:
     ax.legend(fontsize=7)
 
 
+def plot_window(ax, report: dict) -> None:
+    """Requests batched per step with every block kept and with a sliding window, per workload."""
+    for offset, (name, workload) in zip((-0.2, 0.2), report["workloads"].items()):
+        bars = ax.bar(np.arange(2) + offset, [r["mean_batch"] for r in workload["window"]], 0.4, label=name)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(np.arange(2), [r["policy"] for r in next(iter(report["workloads"].values()))["window"]])
+    ax.set_title(f"requests batched per step, every layer windowed ({report['config']['sliding_window']} tokens)")
+    ax.legend(fontsize=8)
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
     plot_serving(axes[0], report, "real_token_share", 100, "KV memory holding real tokens (%)")
     axes[0].scatter(np.arange(len(POLICIES)), [PAPER_REAL_TOKEN_SHARE[p] for p in POLICIES], color="black",
                     marker="_", s=600, zorder=3, label="paper (Fig. 2)")
@@ -622,6 +656,7 @@ def plot(report: dict, path: Path) -> None:
     for ax in axes[:2]:
         ax.legend(fontsize=8)
     plot_sharing(axes[2], report)
+    plot_window(axes[3], report)
     config = report["config"]
     fig.suptitle(f"jpaged memory study (simulated; {config['kv_tokens']} KV tokens, block size "
                  f"{config['block_size']}; synthetic workloads)")
@@ -640,6 +675,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="requests per parallel-sampling / beam-search simulation")
     parser.add_argument("--kv-tokens", type=int, default=16384, help="KV budget in tokens")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--sliding-window", type=int, default=256, help="tokens each layer sees in the window study")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small sizes (for tests)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/memory.json"))
@@ -647,7 +683,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.num_requests, args.sharing_requests = min(args.num_requests, 150), min(args.sharing_requests, 30)
-    for name in ("num_requests", "sharing_requests", "kv_tokens", "block_size"):
+    for name in ("num_requests", "sharing_requests", "kv_tokens", "block_size", "sliding_window"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.kv_tokens < MAX_MODEL_LEN * max(SHARING_WIDTHS):
@@ -671,9 +707,11 @@ def run_study(args: argparse.Namespace, verbose: bool = True) -> tuple[dict, lis
         sizes = (args.kv_tokens, args.block_size, args.seed)
         serving, serving_runs = serving_study(workload, args.num_requests, *sizes)
         sharing, sharing_runs = sharing_study(workload, args.sharing_requests, *sizes)
-        runs += serving_runs + sharing_runs
+        window, window_runs = window_study(workload, args.num_requests, *sizes, args.sliding_window)
+        runs += serving_runs + sharing_runs + window_runs
         report["workloads"][workload.name] = {"lengths": summary, "serving": [asdict(r) for r in serving],
-                                              "sharing": [asdict(r) for r in sharing]}
+                                              "sharing": [asdict(r) for r in sharing],
+                                              "window": [asdict(r) for r in window]}
         say(f"\n== {workload.name} (synthetic): prompt lognormal mean {workload.prompt.mean} sigma "
             f"{workload.prompt.sigma}, output mean {workload.output.mean} sigma {workload.output.sigma}, "
             f"prompt+output <= {workload.max_len}; sampled means {summary['sampled_mean_prompt']:.0f} / "
@@ -682,6 +720,8 @@ def run_study(args: argparse.Namespace, verbose: bool = True) -> tuple[dict, lis
         say(with_note(serving_table(serving), serving))
         say(f"\nsharing: {args.sharing_requests} requests per row\n")
         say(with_note(sharing_table(sharing), sharing))
+        say(f"\nsliding window of {args.sliding_window} tokens on every layer: the serving study's requests\n")
+        say(with_note(window_table(window), window))
     return report, runs
 
 

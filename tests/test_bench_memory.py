@@ -76,12 +76,27 @@ def test_sharing_saves_blocks_and_single_requests_share_nothing(study):
 
 def test_every_block_is_free_at_the_end(study):
     _, _, runs = study
-    assert len(runs) == 2 * (1 + 2 * len(bench.SHARING_WIDTHS))
+    assert len(runs) == 2 * (1 + 2 * len(bench.SHARING_WIDTHS) + 2)
     for run in runs:
         manager = run.manager
         assert manager.num_free_blocks == manager.num_blocks, run.result.policy
         assert not any(manager.ref_counts), run.result.policy
         manager.check_invariants()
+
+
+def test_a_sliding_window_batches_more_long_requests(study):
+    """The "every block" run is the serving study's; on the ShareGPT-like workload, whose
+    sequences mostly outgrow a 256-token window, releasing the blocks behind it batches more
+    requests with fewer preemptions."""
+    args, report, _ = study
+    for name, workload in report["workloads"].items():
+        kept, windowed = workload["window"]
+        assert kept["policy"] == "every block" and windowed["policy"] == f"window {args.sliding_window}"
+        assert {k: v for k, v in kept.items() if k != "policy"} == {
+            k: v for k, v in by_policy(workload["serving"])["jpaged"].items() if k != "policy"}
+        assert windowed["held_share"] <= 1
+        if name == "ShareGPT-like":
+            assert windowed["mean_batch"] > kept["mean_batch"] and windowed["preemptions"] < kept["preemptions"]
 
 
 def test_outputs_are_written(study, tmp_path):
