@@ -156,3 +156,20 @@ def test_a_damaged_tokenizer_is_rebuilt_from_the_file(gguf_copy, tmp_path, damag
 def test_a_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.gguf"):
         gguf_cache.open_cached(tmp_path / "nothing.gguf", tmp_path)
+
+
+def test_a_file_copied_over_with_its_size_and_time_kept_gets_a_fresh_entry(gguf_copy, tmp_path):
+    """As `cp -p` leaves it: other bytes at the file's end (its last tensors), same size, same
+    modification time."""
+    root = tmp_path / "cache"
+    gguf_cache.open_cached(gguf_copy, root)
+    before = gguf_cache.entry_dir(gguf_copy, root)
+    stat = gguf_copy.stat()
+    with gguf_copy.open("r+b") as file:
+        file.seek(stat.st_size - 16)
+        tail = file.read(16)
+        file.seek(stat.st_size - 16)
+        file.write(bytes(255 - b for b in tail))
+    os.utime(gguf_copy, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert gguf_copy.stat().st_size == stat.st_size and gguf_copy.stat().st_mtime_ns == stat.st_mtime_ns
+    assert gguf_cache.entry_dir(gguf_copy, root) != before

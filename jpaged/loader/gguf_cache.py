@@ -9,8 +9,10 @@ Both are written to `<cache dir>/gguf/<key>/` as `index.json` and an HF tokenize
 no usable tokenizer, which then runs with `tokenizer=`). Later loads read those files and
 memory-map the weights: no metadata parse at all.
 
-The key hashes the file's resolved path, size and modification time (and this cache's format
-version), so a changed or replaced file gets a fresh entry (and its older entry is removed).
+The key hashes the file's resolved path, size, modification time and its first and last MiB
+(where the metadata starts and the last tensors lie; this cache's format version too), so a
+changed or replaced file gets a fresh entry (and its older entry is removed), one copied over it
+with its size and time kept included, unless the two differ only in the middle of their tensors.
 Entries are written to a temporary folder and renamed into place, so a crash or a concurrent load
 never leaves a half-written one; a manifest lists an entry's files, and an entry missing one, or
 whose index or tokenizer cannot be read, is removed and rebuilt from the file.
@@ -34,15 +36,20 @@ from jpaged.loader.gguf import GGUFIndex, load_gguf_tokenizer, read_gguf
 
 logger = logging.getLogger("jpaged")
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+SAMPLED_BYTES = 2**20  # from each end of the file, into its key
 MANIFEST = "manifest.json"
 
 
 def entry_dir(path: pathlib.Path, root: pathlib.Path | None = None) -> pathlib.Path:
     """The cache folder for the GGUF file at `path` as it is now."""
     stat = path.stat()
-    identity = f"{FORMAT_VERSION}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    key = hashlib.sha256(identity.encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{FORMAT_VERSION}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    with path.open("rb") as file:
+        key.update(file.read(SAMPLED_BYTES))
+        file.seek(max(0, stat.st_size - SAMPLED_BYTES))
+        key.update(file.read(SAMPLED_BYTES))
+    key = key.hexdigest()[:24]
     return (root or cache_dir()) / "gguf" / f"{path.stem}-{key}"
 
 
