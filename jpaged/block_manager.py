@@ -161,14 +161,14 @@ class BlockManager:
 
         At least one token is always left to compute. Empty when prefix caching is off or `seq`
         reads no cached blocks (`reads_prefix_cache`). Under a sliding window, the blocks no query
-        of `seq` reaches are `NO_BLOCK`: only those in the window are taken. Pass the result to
+        of `seq` reaches are `NO_BLOCK` (all but the last): only those in the window are taken. Pass the result to
         `allocate_slots`.
         """
         if not (self.enable_prefix_caching and reads_prefix_cache(seq)):
             return ComputedBlocks()
         blocks = self._match_prefix(seq)
         num_tokens = len(blocks) * self.block_size
-        behind = self._blocks_behind_window(num_tokens)
+        behind = min(self._blocks_behind_window(num_tokens), len(blocks) - 1)  # the last keys the next commits
         return ComputedBlocks((NO_BLOCK,) * behind + tuple(blocks[behind:]), num_tokens)
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int,

@@ -613,3 +613,23 @@ def test_a_cached_prefix_under_a_window_revives_only_the_blocks_its_window_reach
     manager.check_invariants()
     manager.free(again)
     assert manager.num_free_blocks == 10 and not any(manager.ref_counts)
+
+
+def test_a_one_token_window_still_takes_the_last_cached_block():
+    """With a window of 1 no cached block is read again, but the prefix's last block is taken
+    anyway: its key chains the blocks the sequence commits next."""
+    manager = BlockManager(num_blocks=10, block_size=4, sliding_window=1)
+    first = admit(manager, range(21), "first")
+    table = list(first.block_table)
+    manager.free(first)
+    again = make_seq(range(21), "again")
+    computed = manager.get_computed_blocks(again)
+    assert computed == ComputedBlocks((NO_BLOCK,) * 4 + (table[4],), 20)
+    take_prefix(manager, again)
+    compute(manager, again, 21)
+    again.output_token_ids.extend(range(50, 54))
+    compute(manager, again, 25)
+    manager.check_invariants()
+    assert manager.get_computed_blocks(make_seq(list(range(21)) + list(range(50, 54)) + [9], "third")).num_tokens == 24
+    manager.free(again)
+    assert manager.num_free_blocks == 10 and not any(manager.ref_counts)
