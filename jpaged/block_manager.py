@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import NamedTuple
 
 from jpaged.sequence import Sequence
@@ -167,9 +168,7 @@ class BlockManager:
         if not (self.enable_prefix_caching and reads_prefix_cache(seq)):
             return ComputedBlocks()
         blocks = self._match_prefix(seq)
-        num_tokens = len(blocks) * self.block_size
-        behind = min(self._blocks_behind_window(num_tokens), len(blocks) - 1)  # the last keys the next commits
-        return ComputedBlocks((NO_BLOCK,) * behind + tuple(blocks[behind:]), num_tokens)
+        return ComputedBlocks(tuple(blocks), len(blocks) * self.block_size)
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int,
                        computed: ComputedBlocks | None = None) -> Slots | None:
@@ -235,14 +234,14 @@ class BlockManager:
         position `seq.num_computed_tokens`, sees keys from that position - `sliding_window` + 1
         on, and so does every later one. Their entries become `NO_BLOCK`; returns how many
         were released (0 without a sliding window)."""
-        released = 0
-        for index in range(min(self._blocks_behind_window(seq.num_computed_tokens), len(seq.block_table)) - 1, -1, -1):
-            if seq.block_table[index] == NO_BLOCK:
-                break  # released in an earlier step, and all before it too
-            self._release(seq.block_table[index])
-            seq.block_table[index] = NO_BLOCK
-            released += 1
-        return released
+        table = seq.block_table
+        stop = start = min(self._blocks_behind_window(seq.num_computed_tokens), len(table))
+        while start > 0 and table[start - 1] != NO_BLOCK:  # those before were released in earlier steps
+            start -= 1
+        for index in range(start, stop):  # oldest first: the first to be evicted, as no window reads them
+            self._release(table[index])
+            table[index] = NO_BLOCK
+        return stop - start
 
     def _blocks_behind_window(self, position: int) -> int:
         """How many leading blocks hold only keys before the sliding window of a query at
@@ -275,18 +274,41 @@ class BlockManager:
     # ---- prefix caching --------------------------------------------------------------------
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
+        """The blocks of `seq`'s longest prefix whose needed blocks are cached: all of them without
+        a sliding window; under one, those the window of its first token to compute reaches and
+        the last (whose key the next commits chain from), `NO_BLOCK` before them. Blocks are
+        found by the chain of their prefix's keys, which outlives evicted blocks, so a prefix
+        whose oldest blocks were evicted is still found under a window (as vLLM's sliding-window
+        manager finds it)."""
         size = self.block_size
         tokens = seq.token_ids(0, seq.num_tokens)
-        blocks: list[int] = []
-        parent = self._root(seq)
-        for index in range((seq.num_tokens - 1) // size):  # the last token is always computed
-            chunk = tuple(tokens[index * size:(index + 1) * size])
-            block_id = self._lookup(chunk, parent)
-            if block_id is None:
+        chunks = [tuple(tokens[i * size:(i + 1) * size]) for i in range((seq.num_tokens - 1) // size)]
+        root = self._root(seq)
+        keys: list = [root] + [_UNKNOWN] * len(chunks)  # keys[i + 1]: the key of chunks[:i + 1], once found
+        found: list[int | None] = []
+        block_hash = root.hash if root is not None else ROOT_HASH
+        for index, chunk in enumerate(chunks):  # the last token is always computed
+            block_hash = hash_block(block_hash, chunk)
+            block_id = self._find(block_hash, chunks, index, keys)
+            if block_id is None and self.sliding_window is None:
                 break
-            blocks.append(block_id)
-            parent = self.block_keys[block_id]
-        return blocks
+            found.append(block_id)
+        missing = list(accumulate((block_id is None for block_id in found), initial=0))
+        for n in range(len(found), 0, -1):
+            first = min(self._blocks_behind_window(n * size), n - 1)
+            if missing[n] == missing[first]:
+                return [NO_BLOCK] * first + found[first:n]
+        return []
+
+    def _find(self, block_hash: int, chunks: list[tuple[int, ...]], index: int, keys: list) -> int | None:
+        """A cached block holding `chunks[index]` after the prefix `chunks[:index]`, or None;
+        records the keys of the prefix it confirms in `keys`."""
+        for block_id in self.cached.get(block_hash, ()):
+            key = self.block_keys[block_id]
+            if key.tokens == chunks[index] and _is_prefix_key(key.parent, chunks, index - 1, keys):
+                keys[index + 1] = key
+                return block_id
+        return None
 
     def _root(self, seq: Sequence) -> BlockKey | None:
         """The parent key of `seq`'s first block: None for the base model, else its LoRA adapter's."""
@@ -479,6 +501,26 @@ class BlockManager:
             assert refs or block_id in free_set, (
                 f"{name} {block_id} leaked: neither free nor referenced")
         assert set(held) <= set(range(size)), f"a table holds an unknown {name}"
+
+
+_UNKNOWN = object()  # a prefix key not found yet
+
+
+def _is_prefix_key(key: BlockKey | None, chunks: list[tuple[int, ...]], index: int, keys: list) -> bool:
+    """Whether `key` is the key of the prefix `chunks[:index + 1]`: its chain of parents holds
+    those chunks down to a key already confirmed in `keys` (`keys[0]`: the root). The keys it
+    passes are recorded in `keys`."""
+    passed = []
+    while keys[index + 1] is _UNKNOWN:
+        if key is None or key.tokens != chunks[index]:
+            return False
+        passed.append((index, key))
+        key, index = key.parent, index - 1
+    if key is not keys[index + 1]:
+        return False
+    for i, confirmed in passed:
+        keys[i + 1] = confirmed
+    return True
 
 
 def _live(table) -> list[int]:

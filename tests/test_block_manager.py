@@ -633,3 +633,42 @@ def test_a_one_token_window_still_takes_the_last_cached_block():
     assert manager.get_computed_blocks(make_seq(list(range(21)) + list(range(50, 54)) + [9], "third")).num_tokens == 24
     manager.free(again)
     assert manager.num_free_blocks == 10 and not any(manager.ref_counts)
+
+
+def test_a_prefix_whose_oldest_blocks_were_evicted_is_found_by_its_window():
+    """Window 6, blocks of 4: a 30-token sequence is cached (its seven full blocks), then another
+    one evicts the two oldest of them (released first behind the window, so the least recently
+    used). The same prompt again still finds the two blocks its window reaches."""
+    manager = BlockManager(num_blocks=10, block_size=4, sliding_window=6)
+    first = admit(manager, range(30), "first")
+    table = list(first.block_table)
+    manager.release_behind_window(first)
+    manager.free(first)
+    other = admit(manager, range(100, 120), "other")  # 3 plain free blocks, then 2 evicted
+    assert set(table[:2]) <= set(other.block_table) and not set(table[2:7]) & set(other.block_table)
+    manager.free(other)
+    computed = manager.get_computed_blocks(make_seq(range(30), "again"))
+    assert computed == ComputedBlocks((NO_BLOCK,) * 5 + tuple(table[5:7]), 28)
+    manager.check_invariants()
+
+
+class CollidingHashWindowMachine(SlidingWindowMachine):
+    """The windowed operations under the colliding hash: prefixes found past evicted blocks are
+    confirmed by their keys' tokens, never by a hash."""
+
+    def __init__(self):
+        self.real_hash = block_manager_module.hash_block
+        block_manager_module.hash_block = lambda parent_hash, tokens: sum(tokens) % 2
+        super().__init__()
+
+    def teardown(self):
+        try:
+            super().teardown()
+        finally:
+            block_manager_module.hash_block = self.real_hash
+
+
+CollidingHashWindowMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+TestCollidingHashWindowMachine = CollidingHashWindowMachine.TestCase
