@@ -510,8 +510,8 @@ BlockManagerMachine.TestCase.settings = settings(
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 
 
-class CollidingHashMachine(BlockManagerMachine):
-    """The same operations under a hash that ignores the parent and collides all the time."""
+class CollidingHash:
+    """A machine's operations under a hash that ignores the parent and collides all the time."""
 
     def __init__(self):
         self.real_hash = block_manager_module.hash_block
@@ -523,6 +523,10 @@ class CollidingHashMachine(BlockManagerMachine):
             super().teardown()
         finally:
             block_manager_module.hash_block = self.real_hash
+
+
+class CollidingHashMachine(CollidingHash, BlockManagerMachine):
+    """The same operations under the colliding hash."""
 
 
 CollidingHashMachine.TestCase.settings = settings(
@@ -652,20 +656,9 @@ def test_a_prefix_whose_oldest_blocks_were_evicted_is_found_by_its_window():
     manager.check_invariants()
 
 
-class CollidingHashWindowMachine(SlidingWindowMachine):
+class CollidingHashWindowMachine(CollidingHash, SlidingWindowMachine):
     """The windowed operations under the colliding hash: prefixes found past evicted blocks are
     confirmed by their keys' tokens, never by a hash."""
-
-    def __init__(self):
-        self.real_hash = block_manager_module.hash_block
-        block_manager_module.hash_block = lambda parent_hash, tokens: sum(tokens) % 2
-        super().__init__()
-
-    def teardown(self):
-        try:
-            super().teardown()
-        finally:
-            block_manager_module.hash_block = self.real_hash
 
 
 CollidingHashWindowMachine.TestCase.settings = settings(
