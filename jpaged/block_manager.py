@@ -282,12 +282,14 @@ class BlockManager:
         manager finds it)."""
         size = self.block_size
         tokens = seq.token_ids(0, seq.num_tokens)
-        chunks = [tuple(tokens[i * size:(i + 1) * size]) for i in range((seq.num_tokens - 1) // size)]
+        num_full = (seq.num_tokens - 1) // size  # the last token is always computed
         root = self._root(seq)
-        keys: list = [root] + [_UNKNOWN] * len(chunks)  # keys[i + 1]: the key of chunks[:i + 1], once found
+        keys: list = [root] + [_UNKNOWN] * num_full  # keys[i + 1]: the key of chunks[:i + 1], once found
+        chunks: list[tuple[int, ...]] = []
         found: list[int | None] = []
         block_hash = root.hash if root is not None else ROOT_HASH
-        for index, chunk in enumerate(chunks):  # the last token is always computed
+        for index in range(num_full):
+            chunks.append(chunk := tuple(tokens[index * size:(index + 1) * size]))
             block_hash = hash_block(block_hash, chunk)
             block_id = self._find(block_hash, chunks, index, keys)
             if block_id is None and self.sliding_window is None:
