@@ -35,7 +35,9 @@ sliding window on all layers, say), a block wholly before the window of a sequen
 is never read again: `release_behind_window` releases it after each step, and its table entry
 becomes `NO_BLOCK` (the step reads block 0 there, and every attention path skips blocks before a
 query's window). A long sequence then holds about W / block_size blocks plus its next chunk's, as
-vLLM's sliding-window KV manager does. Released cached blocks stay cached as evictable.
+vLLM's sliding-window KV manager does. Released cached blocks stay cached as evictable, the
+oldest first in line for eviction, and a prefix hit needs only the cached blocks of its window
+(`_match_prefix` follows the prefix's chain of keys past evicted blocks).
 
 Order of a step's block moves on the device, for the returned pairs to stay correct when a block
 released in one call is reallocated in a later call of the same step: swap-outs first, then
@@ -161,9 +163,9 @@ class BlockManager:
         """The cached blocks of a fresh `seq`'s longest cached prefix; changes nothing.
 
         At least one token is always left to compute. Empty when prefix caching is off or `seq`
-        reads no cached blocks (`reads_prefix_cache`). Under a sliding window, the blocks no query
-        of `seq` reaches are `NO_BLOCK` (all but the last): only those in the window are taken. Pass the result to
-        `allocate_slots`.
+        reads no cached blocks (`reads_prefix_cache`). Under a sliding window the blocks no query
+        of `seq` reaches, all but the prefix's last, are `NO_BLOCK`: only those in the window are
+        taken. Pass the result to `allocate_slots`.
         """
         if not (self.enable_prefix_caching and reads_prefix_cache(seq)):
             return ComputedBlocks()
