@@ -431,8 +431,7 @@ class BlockManager:
             pairs.append((block_id, host_id))
         for block_id in _live(reversed(seq.block_table)):
             self._release(block_id)
-        host_ids = iter([host_id for _, host_id in pairs])
-        self.host_block_table[seq] = [NO_BLOCK if b == NO_BLOCK else next(host_ids) for b in seq.block_table]
+        self.host_block_table[seq] = _relabel(seq.block_table, [host_id for _, host_id in pairs])
         seq.block_table = []
         self._holders.pop(seq, None)
         return pairs
@@ -450,8 +449,7 @@ class BlockManager:
         pairs = [(host_id, self._allocate()) for host_id in _live(host_table)]
         for host_id in _live(host_table):
             self._release_host(host_id)
-        device_ids = iter([block_id for _, block_id in pairs])
-        seq.block_table = [NO_BLOCK if h == NO_BLOCK else next(device_ids) for h in host_table]
+        seq.block_table = _relabel(host_table, [block_id for _, block_id in pairs])
         self._holders[seq] = None
         return pairs
 
@@ -530,6 +528,12 @@ def _is_prefix_key(key: BlockKey | None, chunks: list[tuple[int, ...]], index: i
 def _live(table) -> list[int]:
     """The entries of a block table (or an iterator over one) that hold blocks."""
     return [block_id for block_id in table if block_id != NO_BLOCK]
+
+
+def _relabel(table: list[int], block_ids: list[int]) -> list[int]:
+    """`table` with its live entries replaced, in order, by `block_ids` (`NO_BLOCK` entries kept)."""
+    replacements = iter(block_ids)
+    return [NO_BLOCK if block_id == NO_BLOCK else next(replacements) for block_id in table]
 
 
 def blocks_held_under_window(sliding_window: int, block_size: int, max_new_tokens: int) -> int:
