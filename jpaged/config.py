@@ -7,6 +7,7 @@ bundles them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field, fields
@@ -19,6 +20,7 @@ from jpaged.sampling_params import MAX_LOGPROBS, as_bool, is_integer
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
+    "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "MistralForCausalLM": "mistral",
@@ -27,12 +29,16 @@ SUPPORTED_ARCHITECTURES = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Phi3ForCausalLM": "phi3",
+    "GraniteForCausalLM": "granite",
+    "Olmo2ForCausalLM": "olmo2",
 }
 # Base models without an LM head (an embedding model's checkpoint, for runner "pooling")
 SUPPORTED_ARCHITECTURES.update({name.replace("ForCausalLM", "Model").replace("Gemma3Model", "Gemma3TextModel"): arch
                                 for name, arch in SUPPORTED_ARCHITECTURES.items()})
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
-               "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma2": "gemma2", "gemma3_text": "gemma3"}
+               "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2",
+               "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "olmo2": "olmo2"}
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names for the compute dtypes
 
 
@@ -57,31 +63,53 @@ def _check_amount(config, name: str, allow_zero: bool = False) -> None:
 
 @dataclass(frozen=True)
 class RopeConfig:
+    """A model's rotary embedding: its base `theta` and scaling.
+
+    `scaling_type` "default", "linear" (positions divided by `factor`), "llama3" (Llama 3.1's
+    banded frequency scaling) or "longrope" (Phi-3's LongRoPE, Ding et al. 2024: each frequency
+    divided by its own factor, `short_factor` or `long_factor`, and cos / sin multiplied by
+    `attention_factor`). HF picks LongRoPE's factors per forward pass from the batch's longest
+    position; jpaged, as vLLM, picks them once per engine (`for_context`): the long ones when
+    `max_model_len` passes `original_max_position_embeddings`.
+    """
+
     theta: float = 10000.0
-    scaling_type: str = "default"  # "default", "linear" (positions divided by `factor`) or "llama3"
+    scaling_type: str = "default"
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0  # cos and sin are multiplied by it (LongRoPE)
+    use_long_factor: bool = False
 
     @classmethod
     def from_hf(cls, hf: dict) -> RopeConfig:
         # transformers 5 keeps theta and scaling in `rope_parameters`; older configs split them.
         params = dict(hf.get("rope_scaling") or {})
         params.update(hf.get("rope_parameters") or {})
-        return cls.from_params(params, float(hf.get("rope_theta", 10000.0)))
+        if "original_max_position_embeddings" in hf:  # Phi-3 keeps it beside its rope scaling
+            params.setdefault("original_max_position_embeddings", hf["original_max_position_embeddings"])
+        return cls.from_params(params, float(hf.get("rope_theta", 10000.0)), hf.get("max_position_embeddings"))
 
     @classmethod
-    def from_params(cls, params: dict, default_theta: float = 10000.0) -> RopeConfig:
-        """From one set of HF rope parameters (`rope_type`, `rope_theta`, `factor`, ...)."""
+    def from_params(cls, params: dict, default_theta: float = 10000.0,
+                    max_position_embeddings: int | None = None) -> RopeConfig:
+        """From one set of HF rope parameters (`rope_type`, `rope_theta`, `factor`, ...);
+        `max_position_embeddings` sets LongRoPE's default factor, as in HF."""
         theta = float(params.get("rope_theta", default_theta))
         scaling_type = params.get("rope_type", params.get("type", "default")) or "default"
-        if scaling_type not in ("default", "linear", "llama3"):
-            raise ValueError(f"rope scaling type {scaling_type!r} is not supported (supported: default, linear, llama3)")
+        scaling_type = {"su": "longrope"}.get(scaling_type, scaling_type)  # Phi-3's first name for it
+        if scaling_type not in ("default", "linear", "llama3", "longrope"):
+            raise ValueError(f"rope scaling type {scaling_type!r} is not supported "
+                             "(supported: default, linear, llama3, longrope)")
         if scaling_type == "default":
             return cls(theta=theta)
         if scaling_type == "linear":
             return cls(theta=theta, scaling_type="linear", factor=float(params["factor"]))
+        if scaling_type == "longrope":
+            return cls._longrope(params, theta, max_position_embeddings)
         return cls(
             theta=theta,
             scaling_type="llama3",
@@ -91,13 +119,47 @@ class RopeConfig:
             original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
         )
 
-    def inv_freq(self, head_dim: int) -> np.ndarray:
-        """Per-pair rotation frequencies, float32 [head_dim // 2]."""
-        inv_freq = 1.0 / (self.theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    @classmethod
+    def _longrope(cls, params: dict, theta: float, max_position_embeddings: int | None) -> RopeConfig:
+        """LongRoPE as HF's `_compute_longrope_parameters` reads it: `factor` defaults to
+        max_position_embeddings / original_max_position_embeddings, and the attention factor to
+        sqrt(1 + ln(factor) / ln(original)) (1 where factor <= 1)."""
+        missing = [key for key in ("short_factor", "long_factor", "original_max_position_embeddings")
+                   if key not in params]
+        if missing:
+            raise ValueError(f"longrope rope scaling needs {missing}")
+        original = int(params["original_max_position_embeddings"])
+        factor = params.get("factor")
+        factor = float(factor) if factor is not None else (max_position_embeddings or original) / original
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return cls(theta=theta, scaling_type="longrope", factor=factor, original_max_position_embeddings=original,
+                   short_factor=tuple(float(f) for f in params["short_factor"]),
+                   long_factor=tuple(float(f) for f in params["long_factor"]),
+                   attention_factor=float(attention_factor))
+
+    def for_context(self, max_model_len: int) -> RopeConfig:
+        """This rotation for an engine of `max_model_len` tokens: LongRoPE takes its long
+        factors where that passes `original_max_position_embeddings` (vLLM's choice), else its
+        short ones; other scalings are unchanged."""
+        if self.scaling_type != "longrope":
+            return self
+        return dataclasses.replace(self, use_long_factor=max_model_len > self.original_max_position_embeddings)
+
+    def inv_freq(self, rotary_dim: int) -> np.ndarray:
+        """Per-pair rotation frequencies, float32 [rotary_dim // 2]."""
+        inv_freq = 1.0 / (self.theta ** (np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim))
         if self.scaling_type == "llama3":
             inv_freq = self._llama3_scale(inv_freq)
         elif self.scaling_type == "linear":
             inv_freq = inv_freq / self.factor
+        elif self.scaling_type == "longrope":
+            factors = np.asarray(self.long_factor if self.use_long_factor else self.short_factor, np.float64)
+            if factors.shape != inv_freq.shape:
+                raise ValueError(f"longrope {'long' if self.use_long_factor else 'short'}_factor has {factors.size} "
+                                 f"entries, expected rotary_dim / 2 = {inv_freq.size}")
+            inv_freq = inv_freq / factors
         return inv_freq.astype(np.float32)
 
     def _llama3_scale(self, inv_freq: np.ndarray) -> np.ndarray:
@@ -140,21 +202,29 @@ class ModelConfig:
     # Each layer's sliding attention window in tokens (0: it attends to the whole context); () when no
     # layer has one. A query at position p sees keys p - window + 1 .. p.
     sliding_windows: tuple[int, ...] = ()
-    # Gemma 2 and 3's differences from Llama (the defaults are Llama's): the gated MLP's activation
-    # ("silu" or "gelu_tanh"); norms scale by (offset + weight); embeddings are multiplied by
-    # `embedding_multiplier` (rounded to the model's dtype, as HF does); norms also after attention
-    # and after the MLP (`post_attention_norm` on attention's output, `pre_mlp_norm` before the
-    # MLP, `post_mlp_norm` on its output); queries scaled by `attention_scale` (None:
-    # head_dim ** -0.5); the windowed layers' own RoPE; attention scores and logits soft-capped at
-    # `attn_logit_softcapping` and `final_logit_softcapping` (cap * tanh(x / cap)).
+    # Other families' differences from Llama (the defaults are Llama's): the gated MLP's activation
+    # ("silu" or "gelu_tanh"); norms scale by (offset + weight) (Gemma); embeddings are multiplied
+    # by `embedding_multiplier` (rounded to the model's dtype, as HF does; Gemma, Granite); where
+    # the norms sit (`norm_layout`): "pre" (Llama: before attention and before the MLP),
+    # "sandwich" (Gemma 2 / 3: also on attention's and the MLP's outputs) or "post" (OLMo 2: only
+    # on their outputs); queries scaled by `attention_scale` (None: head_dim ** -0.5); the windowed
+    # layers' own RoPE; attention scores and logits soft-capped at `attn_logit_softcapping` and
+    # `final_logit_softcapping` (cap * tanh(x / cap)); RoPE on the first `rotary_dim` dims of each
+    # head only (Phi-4-mini; None: all); attention's and the MLP's outputs multiplied by
+    # `residual_multiplier` and logits divided by `logits_scaling` (Granite); q / k norms over all
+    # heads at once rather than per head (`qk_norm_over_heads`, OLMo 2).
     hidden_act: str = "silu"
     norm_weight_offset: float = 0.0
     embedding_multiplier: float = 1.0
-    sandwich_norms: bool = False
+    norm_layout: str = "pre"
     attention_scale: float | None = None
     local_rope: RopeConfig | None = None
     final_logit_softcapping: float | None = None
     attn_logit_softcapping: float | None = None
+    rotary_dim: int | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    qk_norm_over_heads: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -201,16 +271,18 @@ class ModelConfig:
             head_dim=int(head_dim),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope=RopeConfig.from_hf(hf),
+            rotary_dim=_rotary_dim(hf, int(head_dim)),
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch.startswith("gemma"))),  # HF's defaults
             qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
-            qk_norm=arch in ("qwen3", "qwen3_moe"),
+            qk_norm=arch in ("qwen3", "qwen3_moe", "olmo2"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             sliding_windows=layer_windows(arch, hf),
             **ModelConfig._moe_fields(arch, hf),
         )
-        return cls(**{**fields, **(_gemma_fields(arch, hf) if arch.startswith("gemma") else {})})
+        family = _gemma_fields(arch, hf) if arch.startswith("gemma") else _FAMILY_FIELDS.get(arch, lambda hf: {})(hf)
+        return cls(**{**fields, **family})
 
     @staticmethod
     def _moe_fields(arch: str, hf: dict) -> dict:
@@ -248,10 +320,12 @@ class ModelConfig:
 
 
 def _gemma_fields(arch: str, hf: dict) -> dict:
-    """The `ModelConfig` fields of Gemma 2 (HF's `Gemma2Config`) and Gemma 3's text model
+    """The `ModelConfig` fields of Gemma (HF's `GemmaConfig`), Gemma 2 (`Gemma2Config`) and Gemma 3's text model
     (`Gemma3TextConfig`, old and new spellings of its RoPE settings); ValueError for what jpaged
     does not run (bidirectional attention, activations other than tanh-approximated GELU)."""
     act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    if arch == "gemma" and act == "gelu":  # Gemma's first releases' name for the tanh GELU, as HF reads it
+        act = "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ValueError(f"{arch}: hidden_activation {act!r} is not supported (supported: gelu_pytorch_tanh)")
     if hf.get("use_bidirectional_attention"):
@@ -260,8 +334,10 @@ def _gemma_fields(arch: str, hf: dict) -> dict:
     defaults = {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0} if arch == "gemma2" else {}
     caps = {name: float(cap) if (cap := hf.get(name, defaults.get(name))) else None
             for name in ("final_logit_softcapping", "attn_logit_softcapping")[:2 if arch == "gemma2" else 1]}
-    common = dict(hidden_act="gelu_tanh", norm_weight_offset=1.0, embedding_multiplier=float(hf["hidden_size"]) ** 0.5,
-                  sandwich_norms=True, attention_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5, **caps)
+    common = dict(hidden_act="gelu_tanh", norm_weight_offset=1.0, embedding_multiplier=float(hf["hidden_size"]) ** 0.5)
+    if arch == "gemma":
+        return common
+    common.update(norm_layout="sandwich", attention_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5, **caps)
     if arch == "gemma2":
         return common
     params = hf.get("rope_parameters") or {}
@@ -272,6 +348,34 @@ def _gemma_fields(arch: str, hf: dict) -> dict:
         rope = RopeConfig.from_params({**(hf.get("rope_scaling") or {}), **params}, float(hf.get("rope_theta", 1e6)))
         local_rope = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10_000.0)))
     return dict(common, rope=rope, local_rope=local_rope, qk_norm=True)
+
+
+def _rotary_dim(hf: dict, head_dim: int) -> int | None:
+    """The dims of each head that RoPE rotates (HF's `partial_rotary_factor`, at the top of the
+    config or in its rope parameters), None for all of them."""
+    factor = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if not 0.0 < float(factor) <= 1.0:
+        raise ValueError(f"partial_rotary_factor must be in (0, 1], got {factor!r}")
+    rotary_dim = int(head_dim * float(factor))
+    if rotary_dim % 2:
+        raise ValueError(f"partial_rotary_factor {factor} leaves {rotary_dim} rotary dims of {head_dim}: RoPE "
+                         "rotates pairs, so they must be even")
+    return None if rotary_dim == head_dim else rotary_dim
+
+
+def _granite_fields(hf: dict) -> dict:
+    """Granite's multipliers, as HF's `GraniteConfig` names them (1.0 where absent)."""
+    return dict(embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+                residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+                attention_scale=float(hf.get("attention_multiplier", 1.0)),
+                logits_scaling=float(hf.get("logits_scaling", 1.0)))
+
+
+# Fields of the families whose configs need more than `from_hf`'s common reading.
+_FAMILY_FIELDS = {
+    "granite": _granite_fields,
+    "olmo2": lambda hf: dict(norm_layout="post", qk_norm_over_heads=True),
+}
 
 
 def layer_windows(arch: str, hf: dict) -> tuple[int, ...]:
@@ -295,7 +399,7 @@ def layer_windows(arch: str, hf: dict) -> tuple[int, ...]:
             raise ValueError(f"layer_types must name 'sliding_attention' or 'full_attention' for each of the "
                              f"{num_layers} layers, got {layer_types!r}")
         windowed = [kind == "sliding_attention" for kind in layer_types]
-    elif arch in ("mistral", "mixtral"):
+    elif arch in ("mistral", "mixtral", "phi3"):
         windowed = [True] * num_layers
     elif arch == "gemma2":  # every other layer, as HF's Gemma2Config lays them out
         windowed = [i % 2 == 0 for i in range(num_layers)]

@@ -85,6 +85,8 @@ class LLMEngine:
         check_layout(self.model_config, config.parallel)
         meshes = replica_meshes(config.parallel)
         self.max_model_len = self._resolve_max_model_len()
+        self.model_config = dataclasses.replace(self.model_config,
+                                                rope=self.model_config.rope.for_context(self.max_model_len))
         self.max_logprobs = logprob_cap(config.max_logprobs, self.model_config.vocab_size)
         with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(source.load_tokenizer)

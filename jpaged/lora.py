@@ -58,6 +58,20 @@ def lora_modules(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+# A fused projection's adapter is its parts' adapters: one A, and B's rows split as the parts' outputs.
+_FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _adapter_modules(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """`lora_modules`, and the fused projections of their parts as Phi-3's checkpoints (and so
+    its adapters) name them, with their `(in, out)` sizes."""
+    shapes = lora_modules(cfg)
+    for fused, parts in _FUSED_MODULES.items():
+        if all(part in shapes for part in parts):
+            shapes[fused] = (shapes[parts[0]][0], sum(shapes[part][1] for part in parts))
+    return shapes
+
+
 @dataclass
 class LoRAAdapter:
     """An adapter read for one model: per `(layer, module)`, float32 `a [in, rank]` and `b [rank,
@@ -126,7 +140,7 @@ def _rank_and_scaling(config: dict, request: LoRARequest, max_rank: int) -> tupl
 def _factors(tensors: dict[str, np.ndarray], cfg: ModelConfig, rank: int, scaling: float, request: LoRARequest
              ) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
     where = f"LoRA adapter {request.lora_name!r} ({request.lora_path})"
-    shapes = lora_modules(cfg)
+    shapes = _adapter_modules(cfg)
     found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, tensor in tensors.items():
         match = _WEIGHT_NAME.fullmatch(name)
@@ -150,8 +164,13 @@ def _factors(tensors: dict[str, np.ndarray], cfg: ModelConfig, rank: int, scalin
                 raise ValueError(f"{where}: layer {layer} {module} lora_{which} has shape "
                                  f"{None if got is None else got.shape}, expected {shape}")
         a = np.ascontiguousarray(pair["A"].astype(np.float32).T)
-        b = np.ascontiguousarray(pair["B"].astype(np.float32).T * np.float32(scaling))
-        factors[layer, module] = (a, b)
+        b = pair["B"].astype(np.float32).T * np.float32(scaling)
+        parts = _FUSED_MODULES.get(module, (module,))
+        bounds = np.cumsum([shapes[part][1] for part in parts])[:-1]
+        for part, b_part in zip(parts, np.split(b, bounds, axis=1)):
+            if (layer, part) in factors:
+                raise ValueError(f"{where}: layer {layer} {part} is targeted twice (as {part} and within {module})")
+            factors[layer, part] = (a, np.ascontiguousarray(b_part))
     if not factors:
         raise ValueError(f"{where}: adapter_model.safetensors holds no LoRA weights")
     return factors

@@ -23,6 +23,16 @@ CONFIGS = {
     "qwen2": transformers.Qwen2Config(vocab_size=96, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
                                       use_sliding_window=False),
+    # Checkpoint-fused q / k / v and gate / up, half of each head rotated, a window of 8.
+    "phi3": transformers.Phi3Config(vocab_size=96, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                                    sliding_window=8, pad_token_id=0,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                     "partial_rotary_factor": 0.5}),
+    # q / k norms over all heads, which the shards split (at TP 4 and 8 the KV heads and k norm repeat).
+    "olmo2": transformers.Olmo2Config(vocab_size=96, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                                      pad_token_id=0),
 }
 
 

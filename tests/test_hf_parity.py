@@ -68,6 +68,16 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 64,
 }
 
+# Phi-3's LongRoPE with 8 rotary pairs (head_dim 16, three quarters rotated: 12 dims, 6 pairs).
+PHI3_ROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.75,
+    "short_factor": [1.0, 1.3, 1.9, 2.6, 4.0, 7.5],
+    "long_factor": [1.5, 2.0, 3.0, 5.0, 9.0, 16.0],
+    "original_max_position_embeddings": 128,
+}
+
 CASES = {
     # GQA 2:1, untied lm_head, default rope.
     "llama": ("LlamaConfig", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2,
@@ -108,6 +118,23 @@ CASES = {
     "gemma2": ("Gemma2Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                     query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=2.0,
                                     final_logit_softcapping=30.0, pad_token_id=0, tie_word_embeddings=False)),
+    # Gemma: GELU, (1 + w) norms, scaled embeddings, tied LM head (its default), MHA.
+    "gemma": ("GemmaConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+                                  pad_token_id=0)),
+    # Phi-3: q / k / v and gate / up fused in the checkpoint, a window on every layer (10, so the
+    # longer prompts reach past it), a quarter of each head left unrotated, LongRoPE's short factors
+    # (the engine's 128 tokens are within the original 128) and its attention factor.
+    "phi3": ("Phi3Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, sliding_window=10,
+                                max_position_embeddings=512, original_max_position_embeddings=128,
+                                pad_token_id=0, tie_word_embeddings=False,
+                                rope_parameters=PHI3_ROPE)),
+    # Granite: embedding, attention, residual and logit multipliers.
+    "granite": ("GraniteConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2,
+                                      embedding_multiplier=3.0, attention_multiplier=0.09, residual_multiplier=0.5,
+                                      logits_scaling=2.5, tie_word_embeddings=False)),
+    # OLMo 2: norms after attention and the MLP only, q / k norms over all heads.
+    "olmo2": ("Olmo2Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                  tie_word_embeddings=False)),
 }
 MOE_CASES = ("mixtral", "qwen3_moe", "qwen2_moe")
 
@@ -199,11 +226,22 @@ def test_config_reaches_engine(case, llm):
         assert saved["rope_parameters"]["full_attention"]["rope_type"] == "linear"
         assert (cfg.rope.scaling_type, cfg.rope.factor, cfg.rope.theta) == ("linear", 4.0, 1e6)
         assert cfg.local_rope.theta == 1e4 and cfg.sliding_windows == (6, 0)
-        assert cfg.sandwich_norms and cfg.hidden_act == "gelu_tanh" and cfg.final_logit_softcapping == 30.0
+        assert cfg.norm_layout == "sandwich" and cfg.hidden_act == "gelu_tanh" and cfg.final_logit_softcapping == 30.0
+    elif case.name == "phi3":
+        assert "qkv_proj" in str(case.model.model.layers[0].self_attn) and cfg.sliding_windows == (10, 10)
+        assert (cfg.rope.scaling_type, cfg.rope.use_long_factor, cfg.rotary_dim) == ("longrope", False, 12)
+        assert cfg.rope.attention_factor == pytest.approx(case.model.model.rotary_emb.attention_scaling)
+        assert cfg.rope.attention_factor > 1.05  # 512 / 128 positions: sqrt(1 + ln 4 / ln 128)
+    elif case.name == "granite":
+        assert (cfg.embedding_multiplier, cfg.attention_scale, cfg.residual_multiplier, cfg.logits_scaling) == \
+            (3.0, 0.09, 0.5, 2.5)
+    elif case.name == "olmo2":
+        assert cfg.norm_layout == "post" and cfg.qk_norm_over_heads
     else:
         assert cfg.rope.scaling_type == "default"
     assert cfg.qkv_bias == case.name.startswith("qwen2")
-    assert cfg.qk_norm == case.name.startswith(("qwen3", "gemma3"))
+    assert cfg.qk_norm == case.name.startswith(("qwen3", "gemma3", "olmo2"))
+    assert cfg.norm_layout == {"gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post"}.get(case.name, "pre")
     assert cfg.is_moe == (case.name in MOE_CASES)
     if cfg.is_moe:
         assert cfg.num_experts == hf_cfg.num_experts and cfg.num_experts_per_tok == hf_cfg.num_experts_per_tok
@@ -279,6 +317,29 @@ def test_greedy_matches_hf(case, llm):
 def test_greedy_with_chunked_prefill_matches_hf(case):
     chunked = LLM(model=case.folder, **engine_kwargs(max_num_batched_tokens=8))
     assert_same_greedy(case, jpaged_greedy(chunked, case.prompts), case.continuations)
+
+
+def test_phi3_long_factors_match_hf_past_the_original_context(case):
+    """An engine whose max_model_len passes Phi-3's original context (128 here) rotates with
+    LongRoPE's long factors, as vLLM does; HF takes them for a forward pass that reaches past it,
+    so a 150-token prompt's logprobs are HF's (while the short factors give other values)."""
+    if case.name != "phi3":
+        pytest.skip("LongRoPE is Phi-3's")
+    prompt = np.random.default_rng(7).integers(0, case.model.config.vocab_size, 150).tolist()
+    expected = hf_logits(case.model, prompt)
+    expected = expected - np.logaddexp.reduce(expected, axis=-1, keepdims=True)
+    long = LLM(model=case.folder, **engine_kwargs(max_model_len=256, num_blocks=32))
+    assert long.engine.model_config.rope.use_long_factor
+    out = long.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, prompt_logprobs=5),
+                        use_tqdm=False)[0]
+    got = np.array([entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], prompt[1:])])
+    want = expected[np.arange(len(prompt) - 1), prompt[1:]]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    short = LLM(model=case.folder, **engine_kwargs())  # 128 tokens: the short factors
+    short_out = short.generate({"prompt_token_ids": prompt[:120]}, SamplingParams(max_tokens=1, prompt_logprobs=5),
+                               use_tqdm=False)[0]
+    short_got = np.array([entry[token].logprob for entry, token in zip(short_out.prompt_logprobs[1:], prompt[1:120])])
+    assert np.abs(short_got - got[:119]).max() > 1e-2  # the two factor sets differ where it counts
 
 
 def test_gemma3_hub_config_read_as_hf_reads_it():

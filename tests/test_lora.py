@@ -148,6 +148,26 @@ def test_qwen2_biases_and_fused_qkv(tmp_path_factory):
     check_against_peft(llm, requests, oracle, [None, "all", "qv-down", "rs-k-o-mlp"])
 
 
+def test_phi3_adapters_on_its_fused_projections(tmp_path_factory):
+    """PEFT adapters of Phi-3 target its checkpoint's fused `qkv_proj` and `gate_up_proj`; each
+    is read as its parts' adapters (one A, B's rows split) and gives PEFT's tokens and logprobs."""
+    folder = tmp_path_factory.mktemp("lora_phi3")
+    config = transformers.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     pad_token_id=0, tie_word_embeddings=False)
+    save_random_model(folder / "base", config, seed=31)
+    requests, oracle = {}, {None: None}
+    for i, (name, targets) in enumerate({"fused": ["qkv_proj", "gate_up_proj"],
+                                         "fused-o-down": ["qkv_proj", "o_proj", "down_proj"]}.items(), start=1):
+        save_adapter(folder / "base", folder / name, 4, 16, targets, {}, torch.float32, seed=31 + i)
+        requests[name] = LoRARequest(name, i, str(folder / name))
+    for name in oracle.keys() | requests.keys():
+        model = peft_model(folder / "base", None if name is None else requests[name].lora_path)
+        oracle[name] = ([hf_greedy(model, p, MAX_TOKENS) for p in PROMPTS], peft_prompt_logprobs(model, PROMPTS[0]))
+    llm = LLM(str(folder / "base"), enable_lora=True, max_loras=2, max_lora_rank=8, **ENGINE)
+    check_against_peft(llm, requests, oracle, [None, "fused", "fused-o-down"])
+
+
 def test_mixture_of_experts_attention_adapter(tmp_path_factory):
     """A mixture of experts takes adapters on its attention projections; one on its experts is refused."""
     folder = tmp_path_factory.mktemp("lora_moe")

@@ -305,8 +305,12 @@ MODELS = {
                                          num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                          shared_expert_intermediate_size=64, norm_topk_prob=False,
                                          tie_word_embeddings=False, use_sliding_window=False)),
+    # q / k / v and gate / up fused in the checkpoint: quantized per output row, fused or split alike.
+    "phi3": ("Phi3Config", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                tie_word_embeddings=False)),
 }
-CASES = [("llama", "int8"), ("llama", "fp8"), ("qwen2_tied", "int8"), ("mixtral", "int8"), ("qwen2_moe", "fp8")]
+CASES = [("llama", "int8"), ("llama", "fp8"), ("qwen2_tied", "int8"), ("mixtral", "int8"), ("qwen2_moe", "fp8"),
+         ("phi3", "int8")]
 
 
 def save_fake_quantized(folder: Path, target: Path, scheme: str) -> list[str]:

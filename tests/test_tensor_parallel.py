@@ -13,7 +13,7 @@ def report(run_device_check):
     return run_device_check("tensor_parallel_check.py")
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "phi3", "olmo2"])
 def test_every_degree_gives_the_single_device_tokens(report, model):
     single = report[f"{model}/1"]["tokens"]
     assert len({t for tokens in single for t in tokens}) > 6

@@ -153,6 +153,28 @@ def fuse_projections(weights: Iterable[tuple[str, np.ndarray]], layers: dict, sh
         raise ValueError(f"weights missing from the checkpoint: {', '.join(missing)}")
 
 
+def split_fused_tensors(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig):
+    """`weights` with a checkpoint's own fused tensors (Phi-3's `self_attn.qkv_proj` and
+    `mlp.gate_up_proj`: q, k, v and gate, up stacked by rows) split into their parts, which
+    `fuse_projections` joins again in the model's layout. ValueError for a fused tensor whose
+    rows are not the parts' sizes."""
+    q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    sizes = {"qkv_proj": (q_dim, kv_dim, kv_dim), "qkv_bias": (q_dim, kv_dim, kv_dim),
+             "gate_up_proj": (cfg.intermediate_size,) * 2}
+    for name, tensor in weights:
+        match = _LAYER_NAME.fullmatch(name)
+        fusion = _FUSIONS.get(match.group(2)) if match else None
+        if fusion is None:
+            yield name, tensor
+            continue
+        fused, parts = fusion
+        if tensor.shape[0] != sum(sizes[fused]):
+            raise ValueError(f"weight {name!r} has {tensor.shape[0]} rows, expected {sum(sizes[fused])} "
+                             f"({' + '.join(map(str, sizes[fused]))} for {', '.join(parts)})")
+        for part, piece in zip(parts, np.split(tensor, np.cumsum(sizes[fused])[:-1])):
+            yield f"model.layers.{match.group(1)}.{part}", piece
+
+
 def replicate_kv_heads(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, num_kv_heads: int):
     """Repeat each KV head's K/V projection rows until the model has `num_kv_heads` of them.
 
@@ -162,7 +184,8 @@ def replicate_kv_heads(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConf
     """
     repeats = num_kv_heads // cfg.num_kv_heads
     for name, tensor in weights:
-        if repeats > 1 and re.search(r"self_attn\.[kv]_proj\.(weight|bias)$", name):
+        if repeats > 1 and (re.search(r"self_attn\.[kv]_proj\.(weight|bias)$", name) or
+                            (cfg.qk_norm_over_heads and name.endswith("self_attn.k_norm.weight"))):
             per_head = tensor.reshape(cfg.num_kv_heads, cfg.head_dim, *tensor.shape[1:])
             tensor = np.repeat(per_head, repeats, axis=0).reshape(num_kv_heads * cfg.head_dim, *tensor.shape[1:])
         yield name, tensor

@@ -1,6 +1,8 @@
 """The Llama family as one Flax NNX model: Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (q/k norm),
-Gemma 2 and 3 (GELU, norms around attention and the MLP, scaled embeddings, local and global
-layers, soft-capped scores),
+Gemma (GELU, (1 + w) norms, scaled embeddings), Gemma 2 and 3 (also norms around attention and
+the MLP, local and global layers, soft-capped scores), Phi-3 (partial rotary, LongRoPE), Granite
+(residual and logit multipliers), OLMo 2 (norms only after attention and the MLP, q / k norms
+over all heads),
 and the mixture-of-experts kin Mixtral, Qwen2-MoE and Qwen3-MoE (the MLP is `moe.sparse_moe`).
 
 Each decoder layer keeps its own weight arrays. The decoder is one `lax.scan` over the layer
@@ -57,20 +59,35 @@ def float_matmul(x, w, transposed: bool = False):
     return x @ (w.T if transposed else w)
 
 
-def rope_angles(positions, inv_freq):
-    """`(cos, sin)`, each float32 `[T, 1, head_dim]`, of rotate-half RoPE at integer `positions
-    [T]`: computed once per step and shared by every layer's q and k."""
+def rope_angles(positions, inv_freq, attention_factor: float = 1.0):
+    """`(cos, sin)`, each float32 `[T, 1, rotary_dim]`, of rotate-half RoPE at integer `positions
+    [T]` with `inv_freq [rotary_dim // 2]`, times `attention_factor` (LongRoPE's): computed once
+    per step and shared by every layer's q and k."""
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, None, :]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, None, :]
+    if attention_factor != 1.0:
+        return cos * attention_factor, sin * attention_factor
     return cos, sin
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE on `x [T, heads, head_dim]` with the angles of `rope_angles`."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+    """Rotate-half RoPE on the first `rotary_dim` dims of each head of `x [T, heads, head_dim]`
+    (all of them, or a leading share: partial rotary), with the angles of `rope_angles`; the
+    other dims pass unchanged."""
+    rotary_dim = cos.shape[-1]
+    x32 = x.astype(jnp.float32)
+    x_rot, x_pass = x32[..., :rotary_dim], x32[..., rotary_dim:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
+    rotated = x_rot * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    if x_pass.shape[-1]:
+        rotated = jnp.concatenate([rotated, x_pass], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def rope_of(rope, positions, rotary_dim: int):
+    """`rope_angles` of a `RopeConfig` at `positions`."""
+    return rope_angles(positions, jnp.asarray(rope.inv_freq(rotary_dim)), rope.attention_factor)
 
 
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -133,7 +150,8 @@ class DecoderLayer(nnx.Module):
             setattr(self, scale_name(name), _param(lead + (*experts, n, num_groups(k)), jnp.float32))
             return _param(lead + (*experts, n, k), STORAGE_DTYPES[quantization])
 
-        self.input_norm = param(h)
+        if cfg.norm_layout != "post":
+            self.input_norm = param(h)
         if can_fuse(formats, "qkv_proj"):
             self.qkv_proj = param(h, q_dim + 2 * kv_dim, name="qkv_proj")
         else:
@@ -144,11 +162,12 @@ class DecoderLayer(nnx.Module):
         if cfg.qkv_bias:
             self.qkv_bias = param(q_dim + 2 * kv_dim)
         if cfg.qk_norm:
-            self.q_norm = param(cfg.head_dim)
-            self.k_norm = param(cfg.head_dim)
+            self.q_norm = param(q_dim if cfg.qk_norm_over_heads else cfg.head_dim)
+            self.k_norm = param(kv_dim if cfg.qk_norm_over_heads else cfg.head_dim)
         self.post_attention_norm = param(h)
-        if cfg.sandwich_norms:
+        if cfg.norm_layout == "sandwich":
             self.pre_mlp_norm = param(h)
+        if cfg.norm_layout != "pre":
             self.post_mlp_norm = param(h)
         if cfg.is_moe:
             self._init_moe(cfg, param)
@@ -279,9 +298,10 @@ class LlamaForCausalLM(nnx.Module):
         (default: `first_layer`) is the model's number of the first of them, which picks each
         layer's sliding window and RoPE."""
         cfg = self.cfg
-        rope = rope_angles(positions, jnp.asarray(cfg.rope.inv_freq(cfg.head_dim)))
+        rotary_dim = cfg.rotary_dim or cfg.head_dim
+        rope = rope_of(cfg.rope, positions, rotary_dim)
         if cfg.local_rope is not None:
-            local_rope = rope_angles(positions, jnp.asarray(cfg.local_rope.inv_freq(cfg.head_dim)))
+            local_rope = rope_of(cfg.local_rope, positions, rotary_dim)
         qkv = [partial(self._qkv, weights) for weights in layer_weights]
         out_and_mlp = [partial(self._out_and_mlp, weights) for weights in layer_weights]
         windows = jnp.asarray(cfg.sliding_windows, jnp.int32) if cfg.sliding_windows else None
@@ -310,13 +330,15 @@ class LlamaForCausalLM(nnx.Module):
         """One layer's roped `q [T, heads, head_dim]`, `k` and `v [T, kv_heads, head_dim]`."""
         cfg = self.cfg
         num_tokens = hidden.shape[0]
-        x = self._norm(hidden, weights["input_norm"])
+        x = hidden if cfg.norm_layout == "post" else self._norm(hidden, weights["input_norm"])
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q, k, v = self._fused_linear(x, weights, "qkv_proj", (q_dim, kv_dim, kv_dim))
+        if cfg.qk_norm and cfg.qk_norm_over_heads:  # OLMo 2: one norm over all heads' dims
+            q, k = self._norm(q, weights["q_norm"]), self._norm(k, weights["k_norm"])
         q = q.reshape(num_tokens, cfg.num_heads, cfg.head_dim)
         k = k.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(num_tokens, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
+        if cfg.qk_norm and not cfg.qk_norm_over_heads:
             q = self._norm(q, weights["q_norm"])
             k = self._norm(k, weights["k_norm"])
         return apply_rope(q, *rope), apply_rope(k, *rope), v
@@ -326,17 +348,24 @@ class LlamaForCausalLM(nnx.Module):
         head_dim]` and its MLP, each added to the residual stream."""
         cfg = self.cfg
         out = self._linear(attended.reshape(hidden.shape[0], -1), weights, "o_proj")
-        if cfg.sandwich_norms:  # Gemma: HF's post_attention_layernorm is on attention's output
-            hidden = hidden + self._norm(out, weights["post_attention_norm"])
-            mlp_in = self._norm(hidden, weights["pre_mlp_norm"])
-        else:  # Llama: HF's post_attention_layernorm is the MLP's input norm
-            hidden = hidden + out
+        if cfg.norm_layout == "pre":  # Llama: HF's post_attention_layernorm is the MLP's input norm
+            hidden = hidden + self._residual(out)
             mlp_in = self._norm(hidden, weights["post_attention_norm"])
+        else:  # Gemma 2 / 3, OLMo 2: HF's post_attention_layernorm is on attention's output
+            hidden = hidden + self._norm(out, weights["post_attention_norm"])
+            mlp_in = self._norm(hidden, weights["pre_mlp_norm"]) if cfg.norm_layout == "sandwich" else hidden
         if cfg.is_moe:
-            return hidden + self.moe(mlp_in, _dequantized(weights, mlp_in.dtype), cfg)
+            return hidden + self._residual(self.moe(mlp_in, _dequantized(weights, mlp_in.dtype), cfg))
         gate, up = self._fused_linear(mlp_in, weights, "gate_up_proj", (cfg.intermediate_size,) * 2)
         mlp_out = self._linear(ACTIVATIONS[cfg.hidden_act](gate) * up, weights, "down_proj")
-        return hidden + (self._norm(mlp_out, weights["post_mlp_norm"]) if cfg.sandwich_norms else mlp_out)
+        if cfg.norm_layout != "pre":
+            return hidden + self._norm(mlp_out, weights["post_mlp_norm"])
+        return hidden + self._residual(mlp_out)
+
+    def _residual(self, x):
+        """A sublayer's output as it joins the residual stream (times Granite's multiplier)."""
+        multiplier = self.cfg.residual_multiplier
+        return x if multiplier == 1.0 else x * jnp.asarray(multiplier, x.dtype)
 
     def _linear(self, x, weights, name):
         """`x [T, in]` times the layer's projection `name` (`[T, out]`), quantized or not, plus
@@ -369,6 +398,8 @@ class LlamaForCausalLM(nnx.Module):
         `lm_head` scope, for profiles)."""
         with jax.named_scope("lm_head"):
             logits = self._logits(hidden)
+        if self.cfg.logits_scaling != 1.0:  # Granite
+            logits = logits / self.cfg.logits_scaling
         cap = self.cfg.final_logit_softcapping
         return logits if cap is None else jnp.tanh(logits / cap) * cap
 
