@@ -1,4 +1,4 @@
-"""GGUF files of each architecture jpaged reads (llama, qwen2, qwen3, qwen2moe, qwen3moe, gemma2, gemma3), written from
+"""GGUF files of each architecture jpaged reads (llama, qwen2, qwen3, qwen2moe, qwen3moe, gemma2, gemma3, phi3), written from
 random-weight HF models the way llama.cpp's converter lays them out, with a small byte-level BPE vocabulary:
 the tokenizer, config and weights jpaged reads, and its greedy tokens and prompt logprobs, against
 HF transformers' own GGUF loading of the same file (float32 tensors, and Q8_0 tensors that jpaged
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 
 import gguf
@@ -22,7 +23,7 @@ from jpaged import LLM, SamplingParams
 from jpaged.loader.gguf import load_gguf_config, load_gguf_tokenizer, load_gguf_weights
 
 DATA = pathlib.Path(__file__).parent / "data" / "public_domain.txt"
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_turn>"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<end_of_turn>", "<|end|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=256,
@@ -54,7 +55,18 @@ CASES = {
     "gemma3": (transformers.Gemma3TextConfig, dict(num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
                                                    head_dim=256, query_pre_attn_scalar=256, sliding_window=4,
                                                    tie_word_embeddings=True)),
+    # q / k / v in one tensor (attn_qkv), gate and up in ffn_up.
+    "phi3": (transformers.Phi3Config, dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
+    # Half of each head rotated (rope.dimension_count), a window of 8, LongRoPE factors as tensors;
+    # transformers' GGUF loading reads none of these, so the oracle is the HF model the file was written from.
+    "phi3_longrope": (transformers.Phi3Config, dict(
+        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, sliding_window=8,
+        original_max_position_embeddings=64,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "short_factor": [1.0, 1.5, 2.0, 4.0], "long_factor": [2.0, 3.0, 5.0, 9.0]})),
 }
+GGUF_ARCH = {"phi3_longrope": "phi3"}  # a case's GGUF architecture, where not its name
+ORACLE_IS_SOURCE = {"phi3_longrope"}
 LAYER_NAMES = {  # HF module: GGUF tensor, per layer
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -65,6 +77,7 @@ LAYER_NAMES = {  # HF module: GGUF tensor, per layer
 }
 GEMMA_LAYER_NAMES = {**LAYER_NAMES, "pre_feedforward_layernorm": "ffn_norm",
                      "post_attention_layernorm": "post_attention_norm", "post_feedforward_layernorm": "post_ffw_norm"}
+PHI3_LAYER_NAMES = {**LAYER_NAMES, "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # llama.cpp's llama_model.cpp tells the 27B models by these
 PROMPTS = ["The old man looked at the sea and said", "Once there was a ship", "What is the capital of"]
 
@@ -98,7 +111,7 @@ def gguf_tensors(state_dict: dict[str, np.ndarray], arch: str) -> dict[str, np.n
     """HF's tensors under llama.cpp's names: a layer's experts stacked, one tensor per projection;
     Gemma's norm scales stored as 1 + w, as llama.cpp's converter writes them."""
     out = {}
-    layer_names = GEMMA_LAYER_NAMES if arch.startswith("gemma") else LAYER_NAMES
+    layer_names = GEMMA_LAYER_NAMES if arch.startswith("gemma") else PHI3_LAYER_NAMES if arch == "phi3" else LAYER_NAMES
     for name, array in state_dict.items():
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             array = array + 1
@@ -113,7 +126,24 @@ def gguf_tensors(state_dict: dict[str, np.ndarray], arch: str) -> dict[str, np.n
     return out
 
 
+def phi3_keys(cfg) -> dict:
+    """A phi3 file's own metadata, as llama.cpp's converter writes it: the rotated dims of each head,
+    the window (0: none), and LongRoPE's original context and attention factor."""
+    rope = cfg.rope_parameters
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    keys = {"rope.dimension_count": int(rope.get("partial_rotary_factor", 1.0) * head_dim),
+            "attention.sliding_window": cfg.sliding_window or 0}
+    if rope.get("long_factor"):
+        scale = cfg.max_position_embeddings / rope["original_max_position_embeddings"]
+        keys.update({"rope.scaling.original_context_length": rope["original_max_position_embeddings"],
+                     "rope.scaling.attn_factor": math.sqrt(1 + math.log(scale) / math.log(
+                         rope["original_max_position_embeddings"]))})
+    return keys
+
+
 def gguf_name(hf_name: str, layer_names: dict[str, str]) -> str:
+    if hf_name.startswith("rope_factors_"):
+        return hf_name
     if hf_name == "model.embed_tokens.weight":
         return "token_embd.weight"
     if hf_name == "model.norm.weight":
@@ -147,6 +177,8 @@ def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer | None
             keys["expert_shared_feed_forward_length"] = cfg.shared_expert_intermediate_size
     if arch.startswith("gemma"):
         keys["attention.sliding_window"] = cfg.sliding_window
+    if arch == "phi3":
+        keys.update(phi3_keys(cfg))
     if arch == "gemma2":
         keys.update(attn_logit_softcapping=float(cfg.attn_logit_softcapping),
                     final_logit_softcapping=float(cfg.final_logit_softcapping))
@@ -156,6 +188,8 @@ def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer | None
     if tokenizer is not None:
         keys.update({"tokenizer.ggml.bos_token_id": tokenizer.token_to_id("<|endoftext|>"),
                      "tokenizer.ggml.eos_token_id": tokenizer.token_to_id("<|im_end|>")})
+        if arch == "phi3":  # else transformers keeps Phi3Config's pad id, 32000, past this vocabulary
+            keys["tokenizer.ggml.padding_token_id"] = tokenizer.token_to_id("<|endoftext|>")
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in {**keys, **(metadata or {})}.items():
         if value is not None:
@@ -173,6 +207,9 @@ def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer | None
         writer.add_chat_template(CHAT_TEMPLATE)
     state_dict = {name: t.detach().numpy().astype(np.float32) for name, t in model.state_dict().items()
                   if not (name == "lm_head.weight" and cfg.tie_word_embeddings)}
+    if arch == "phi3" and cfg.rope_parameters.get("long_factor"):
+        for kind in ("long", "short"):
+            state_dict[f"rope_factors_{kind}.weight"] = np.asarray(cfg.rope_parameters[f"{kind}_factor"], np.float32)
     for name, array in gguf_tensors(state_dict, arch).items():
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             array = llama_cpp_permute(array, cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads)
@@ -206,7 +243,7 @@ def tokenizer() -> Tokenizer:
 
 # Every architecture in float32; Q8_0 (kept packed) where the packed path meets something new: the
 # Q/K row interleave, QKV biases, experts beside packed attention, and scaled embeddings tied to the head.
-FILES = [(arch, False) for arch in CASES] + [(arch, True) for arch in ("llama", "qwen2", "qwen3moe", "gemma3")]
+FILES = [(arch, False) for arch in CASES] + [(arch, True) for arch in ("llama", "qwen2", "qwen3moe", "gemma3", "phi3")]
 
 
 @pytest.fixture(scope="module", params=FILES,
@@ -218,10 +255,11 @@ def written(request, tokenizer, tmp_path_factory):
     model = random_model(arch, tokenizer)
     folder = tmp_path_factory.mktemp(f"gguf_{arch}")
     path = folder / f"{arch}.gguf"
-    write_gguf(path, arch, model, tokenizer, quantize)
-    oracle = transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=path.name,
-                                                               dtype=torch.float32).eval()
-    engine_args = dict(num_blocks=32, max_model_len=256, compilation_cache=False,
+    write_gguf(path, GGUF_ARCH.get(arch, arch), model, tokenizer, quantize)
+    oracle = model if arch in ORACLE_IS_SOURCE else transformers.AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file=path.name, dtype=torch.float32).eval()
+    # HF rotates these short prompts with LongRoPE's short factors, which jpaged takes within the original context
+    engine_args = dict(num_blocks=32, max_model_len=64 if arch == "phi3_longrope" else 256, compilation_cache=False,
                        quantization="gguf" if quantize else None)
     return arch, path, engine_args, oracle
 
@@ -341,6 +379,28 @@ def test_gemma_files_run_as_their_hf_configs_and_end_turns(arch, tokenizer, tmp_
     write_gguf(tmp_path / "27b.gguf", arch, model, tokenizer, False, {f"{arch}.block_count": GEMMA_27B_LAYERS[arch]})
     assert load_gguf_config(tmp_path / "27b.gguf")["query_pre_attn_scalar"] == model.config.hidden_size // 4
     assert config["query_pre_attn_scalar"] == model.config.head_dim
+
+
+def test_phi3_file_runs_as_its_hf_config_and_ends_turns(tokenizer, tmp_path):
+    """A phi3 file's model settings (partial rotary, window, LongRoPE factors, original context and
+    attention factor) are those of the HF config it came from; its replies also end at <|end|>
+    (with that id as stop_reason), as Phi-3's generation_config.json and llama.cpp do; an engine
+    past the original context takes the long factors, as llama.cpp does for such a context."""
+    from jpaged.config import ModelConfig
+
+    model = random_model("phi3_longrope", tokenizer)
+    write_gguf(tmp_path / "m.gguf", "phi3", model, tokenizer, False)
+    ours = ModelConfig.from_hf(load_gguf_config(tmp_path / "m.gguf"))
+    hf = ModelConfig.from_hf(model.config.to_dict())
+    end, eos = tokenizer.token_to_id("<|end|>"), tokenizer.token_to_id("<|im_end|>")
+    assert ours.rope.long_factor == hf.rope.long_factor == (2.0, 3.0, 5.0, 9.0) and ours.rotary_dim == 8
+    assert ours.rope.attention_factor == pytest.approx(hf.rope.attention_factor) and ours.sliding_windows == (8, 8)
+    assert ours == dataclasses.replace(hf, eos_token_ids=(eos, end), bos_token_id=ours.bos_token_id,
+                                       rope=dataclasses.replace(hf.rope, attention_factor=ours.rope.attention_factor))
+    llm = LLM(str(tmp_path / "m.gguf"), num_blocks=32, compilation_cache=False)
+    assert llm.engine.model_config.rope.use_long_factor  # the default max_model_len, 256, passes 64
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, logit_bias={end: 100.0}), use_tqdm=False)[0]
+    assert (out.outputs[0].token_ids, out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ([end], "stop", end)
 
 
 def test_gemma_sentencepiece_vocabulary_tokenizes_as_transformers_reads_it(tmp_path):

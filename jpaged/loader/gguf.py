@@ -1,5 +1,5 @@
 """Read a GGUF file of a Llama-family architecture (llama, qwen2, qwen3, the mixtures of experts
-qwen2moe and qwen3moe, and gemma2 / gemma3) into an HF-style config, weights and tokenizer.
+qwen2moe and qwen3moe, gemma2 / gemma3, and phi3) into an HF-style config, weights and tokenizer.
 
 The engine's model code consumes HF conventions (``config.json`` keys, ``model.layers.{i}...``
 tensor names, ``[out_features, in_features]`` layout, rotate-half RoPE). This module translates
@@ -44,7 +44,7 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
                  "qwen3": ("qwen3", "Qwen3ForCausalLM"), "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
                  "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
-                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM"), "phi3": ("phi3", "Phi3ForCausalLM")}
 NORMALIZED_TOP_K = {"qwen3moe"}  # MoE architectures whose top-k routing weights llama.cpp renormalises
 ROPE_PERMUTED = {"llama"}  # model_types whose Q/K rows llama.cpp's converter interleaves (qwen's it leaves)
 
@@ -80,12 +80,18 @@ _LAYER_NAMES = {
 _GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
                       "post_attention_norm": "post_attention_layernorm",
                       "post_ffw_norm": "post_feedforward_layernorm"}
+# Phi-3's q / k / v in one tensor, and its gate and up in "ffn_up", as in its HF checkpoints.
+_PHI3_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_LAYER_NAMES_OF = {"gemma2": _GEMMA_LAYER_NAMES, "gemma3_text": _GEMMA_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES}
 GEMMA = {"gemma2": 46, "gemma3": 62}  # layer count of each family's 27B model (llama.cpp's test for its attention scale)
 # Every released Gemma 2 and 3 generation_config.json ends a reply at <end_of_turn> as well as at
 # EOS, and llama.cpp stops there too; GGUF files name only EOS.
 GEMMA_END_OF_TURN = b"<end_of_turn>"
 _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-_CONFIG_ONLY_TENSORS = {"rope_freqs.weight"}
+_CONFIG_ONLY_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
+# Phi-3 instruct models end a turn with <|end|>, which their generation_config.json lists as an
+# end of sequence and llama.cpp stops at; GGUF files name only EOS.
+PHI3_END_OF_TURN = b"<|end|>"
 PREFETCH = 2  # tensors dequantized ahead of the one being placed
 
 _LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -144,7 +150,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[GGUFIndex, dict[str, Any]]:
 
 def _index(path: pathlib.Path, reader: GGUFReader) -> GGUFIndex:
     config = _config(path, reader)
-    layer_names = _GEMMA_LAYER_NAMES if config["model_type"].startswith("gemma") else _LAYER_NAMES
+    layer_names = _LAYER_NAMES_OF.get(config["model_type"], _LAYER_NAMES)
     tensors = tuple(
         GGUFTensor(name=t.name, hf_name=_hf_name(path, t.name, layer_names), ggml_type=int(t.tensor_type),
                    shape=tuple(int(d) for d in reversed(t.shape)), offset=int(t.data_offset), nbytes=int(t.n_bytes))
@@ -345,7 +351,8 @@ def _config(path: pathlib.Path, reader: GGUFReader) -> dict[str, Any]:
     model_type, architecture = ARCHITECTURES[arch]
     hidden = meta.require(f"{arch}.embedding_length", int)
     heads = meta.require(f"{arch}.attention.head_count", int)
-    head_dim = meta.get(f"{arch}.attention.key_length", int) or meta.get(f"{arch}.rope.dimension_count", int)
+    head_dim = meta.get(f"{arch}.attention.key_length", int) or (  # Phi-3 rotates only part of each head
+        meta.get(f"{arch}.rope.dimension_count", int) if arch != "phi3" else None)
     config = {
         "model_type": model_type,
         "architectures": [architecture],
@@ -366,6 +373,8 @@ def _config(path: pathlib.Path, reader: GGUFReader) -> dict[str, Any]:
     config.update(_experts(meta, arch, tensors))
     if arch in GEMMA:
         config.update(_gemma(meta, arch, config, reader))
+    if arch == "phi3":
+        config.update(_phi3(meta, config, tensors, reader))
     rope_scaling = _rope_scaling(meta, arch, tensors.get("rope_freqs.weight"), config)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
@@ -417,6 +426,34 @@ def _gemma(meta: _Metadata, arch: str, config: dict[str, Any], reader: GGUFReade
     else:
         keys.update(sliding_window=window, sliding_window_pattern=6, rope_local_base_freq=10_000.0)
     end_of_turn = _token_id(reader, GEMMA_END_OF_TURN)
+    if end_of_turn is not None and config["eos_token_id"] not in (None, end_of_turn):
+        keys["eos_token_id"] = [config["eos_token_id"], end_of_turn]
+    return keys
+
+
+def _phi3(meta: _Metadata, config: dict[str, Any], tensors: dict[str, Any], reader: GGUFReader) -> dict[str, Any]:
+    """The HF config keys of a phi3 file, as llama.cpp's converter writes them: the rotated share of
+    each head (`rope.dimension_count`), the sliding window (0: none, as in Phi-4), LongRoPE from its
+    `rope_factors_long` / `rope_factors_short` tensors with the original context and attention
+    factor from metadata, and <|end|> as a second end of sequence."""
+    keys: dict[str, Any] = {"sliding_window": meta.get("phi3.attention.sliding_window", int, minimum=0) or None}
+    rotary = meta.get("phi3.rope.dimension_count", int)
+    if rotary and rotary != config["head_dim"]:
+        keys["partial_rotary_factor"] = rotary / config["head_dim"]
+    factors = {kind: tensors.get(f"rope_factors_{kind}.weight") for kind in ("long", "short")}
+    if any(t is not None for t in factors.values()):
+        missing = [f"rope_factors_{kind}.weight" for kind, t in factors.items() if t is None]
+        if missing:
+            raise ValueError(f"{meta.path}: LongRoPE needs both factor tensors; {', '.join(missing)} is missing")
+        scaling = {f"{kind}_factor": dequantize(t.data, t.tensor_type).astype(np.float64).reshape(-1).tolist()
+                   for kind, t in factors.items()}
+        scaling.update(rope_type="longrope", original_max_position_embeddings=meta.require(
+            "phi3.rope.scaling.original_context_length", int))
+        attention_factor = meta.get("phi3.rope.scaling.attn_factor", float)
+        if attention_factor:
+            scaling["attention_factor"] = attention_factor
+        keys["rope_scaling"] = scaling
+    end_of_turn = _token_id(reader, PHI3_END_OF_TURN)
     if end_of_turn is not None and config["eos_token_id"] not in (None, end_of_turn):
         keys["eos_token_id"] = [config["eos_token_id"], end_of_turn]
     return keys
