@@ -32,13 +32,15 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "GraniteForCausalLM": "granite",
     "Olmo2ForCausalLM": "olmo2",
+    "SmolLM3ForCausalLM": "smollm3",
 }
 # Base models without an LM head (an embedding model's checkpoint, for runner "pooling")
 SUPPORTED_ARCHITECTURES.update({name.replace("ForCausalLM", "Model").replace("Gemma3Model", "Gemma3TextModel"): arch
                                 for name, arch in SUPPORTED_ARCHITECTURES.items()})
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2",
-               "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "olmo2": "olmo2"}
+               "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "olmo2": "olmo2",
+               "smollm3": "smollm3"}
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names for the compute dtypes
 
 
@@ -212,7 +214,8 @@ class ModelConfig:
     # `final_logit_softcapping` (cap * tanh(x / cap)); RoPE on the first `rotary_dim` dims of each
     # head only (Phi-4-mini; None: all); attention's and the MLP's outputs multiplied by
     # `residual_multiplier` and logits divided by `logits_scaling` (Granite); q / k norms over all
-    # heads at once rather than per head (`qk_norm_over_heads`, OLMo 2).
+    # heads at once rather than per head (`qk_norm_over_heads`, OLMo 2); which layers apply RoPE
+    # at all (`rope_layers`, one bool per layer; () where all do: SmolLM3's NoPE layers do not).
     hidden_act: str = "silu"
     norm_weight_offset: float = 0.0
     embedding_multiplier: float = 1.0
@@ -225,6 +228,7 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
     qk_norm_over_heads: bool = False
+    rope_layers: tuple[bool, ...] = ()
 
     @property
     def is_moe(self) -> bool:
@@ -273,7 +277,7 @@ class ModelConfig:
             rope=RopeConfig.from_hf(hf),
             rotary_dim=_rotary_dim(hf, int(head_dim)),
             max_position_embeddings=max_positions,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch.startswith("gemma"))),  # HF's defaults
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch.startswith("gemma") or arch == "smollm3")),
             qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
             qk_norm=arch in ("qwen3", "qwen3_moe", "olmo2"),
             bos_token_id=hf.get("bos_token_id"),
@@ -371,10 +375,24 @@ def _granite_fields(hf: dict) -> dict:
                 logits_scaling=float(hf.get("logits_scaling", 1.0)))
 
 
+def _rope_flags(hf: dict) -> list[bool]:
+    """Which layers of a SmolLM3 config apply RoPE: `no_rope_layers` (1: RoPE, 0: none), or
+    every layer but each `no_rope_layer_interval`-th, as HF's `SmolLM3Config` fills it in."""
+    num_layers = int(hf["num_hidden_layers"])
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        interval = int(hf.get("no_rope_layer_interval", 4))
+        return [(i + 1) % interval != 0 for i in range(num_layers)]
+    if len(flags) != num_layers:
+        raise ValueError(f"no_rope_layers must have one entry per layer ({num_layers}), got {len(flags)}")
+    return [bool(flag) for flag in flags]
+
+
 # Fields of the families whose configs need more than `from_hf`'s common reading.
 _FAMILY_FIELDS = {
     "granite": _granite_fields,
     "olmo2": lambda hf: dict(norm_layout="post", qk_norm_over_heads=True),
+    "smollm3": lambda hf: dict(rope_layers=() if all(flags := _rope_flags(hf)) else tuple(flags)),
 }
 
 
@@ -389,7 +407,7 @@ def layer_windows(arch: str, hf: dict) -> tuple[int, ...]:
     """
     num_layers = int(hf["num_hidden_layers"])
     window = hf.get("sliding_window")
-    if not window or (arch.startswith("qwen") and not hf.get("use_sliding_window", False)):
+    if not window or ((arch.startswith("qwen") or arch == "smollm3") and not hf.get("use_sliding_window", False)):
         return ()
     if not is_integer(window) or window < 1:
         raise ValueError(f"sliding_window must be an integer >= 1, got {window!r}")
@@ -403,6 +421,8 @@ def layer_windows(arch: str, hf: dict) -> tuple[int, ...]:
         windowed = [True] * num_layers
     elif arch == "gemma2":  # every other layer, as HF's Gemma2Config lays them out
         windowed = [i % 2 == 0 for i in range(num_layers)]
+    elif arch == "smollm3":  # HF's default: the NoPE layers are windowed
+        windowed = [not rope for rope in _rope_flags(hf)]
     elif arch == "gemma3":  # configs from before `layer_types`: every `sliding_window_pattern`-th layer is global
         pattern = int(hf.get("sliding_window_pattern", 6))
         windowed = [(i + 1) % pattern != 0 for i in range(num_layers)]

@@ -132,6 +132,9 @@ CASES = {
     "granite": ("GraniteConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2,
                                       embedding_multiplier=3.0, attention_multiplier=0.09, residual_multiplier=0.5,
                                       logits_scaling=2.5, tie_word_embeddings=False)),
+    # SmolLM3: the second of every two layers without RoPE (NoPE), tied embeddings (its default).
+    "smollm3": ("SmolLM3Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                      no_rope_layer_interval=2)),
     # OLMo 2: norms after attention and the MLP only, q / k norms over all heads.
     "olmo2": ("Olmo2Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
                                   tie_word_embeddings=False)),
@@ -235,6 +238,8 @@ def test_config_reaches_engine(case, llm):
     elif case.name == "granite":
         assert (cfg.embedding_multiplier, cfg.attention_scale, cfg.residual_multiplier, cfg.logits_scaling) == \
             (3.0, 0.09, 0.5, 2.5)
+    elif case.name == "smollm3":
+        assert cfg.rope_layers == (True, False) and cfg.tie_word_embeddings and not cfg.sliding_windows
     elif case.name == "olmo2":
         assert cfg.norm_layout == "post" and cfg.qk_norm_over_heads
     else:

@@ -2,7 +2,7 @@
 Gemma (GELU, (1 + w) norms, scaled embeddings), Gemma 2 and 3 (also norms around attention and
 the MLP, local and global layers, soft-capped scores), Phi-3 (partial rotary, LongRoPE), Granite
 (residual and logit multipliers), OLMo 2 (norms only after attention and the MLP, q / k norms
-over all heads),
+over all heads), SmolLM3 (layers without RoPE),
 and the mixture-of-experts kin Mixtral, Qwen2-MoE and Qwen3-MoE (the MLP is `moe.sparse_moe`).
 
 Each decoder layer keeps its own weight arrays. The decoder is one `lax.scan` over the layer
@@ -305,17 +305,21 @@ class LlamaForCausalLM(nnx.Module):
         qkv = [partial(self._qkv, weights) for weights in layer_weights]
         out_and_mlp = [partial(self._out_and_mlp, weights) for weights in layer_weights]
         windows = jnp.asarray(cfg.sliding_windows, jnp.int32) if cfg.sliding_windows else None
+        rope_layers = jnp.asarray(cfg.rope_layers) if cfg.rope_layers else None
         scale = cfg.attention_scale or cfg.head_dim**-0.5
 
         def layer_step(carry, index):
             hidden, k_cache, v_cache = carry
             layer = first_layer + index
-            window = None if windows is None else windows[(first_layer if model_first_layer is None
-                                                           else model_first_layer) + index]
+            model_layer = (first_layer if model_first_layer is None else model_first_layer) + index
+            window = None if windows is None else windows[model_layer]
             layer_rope = rope
             if cfg.local_rope is not None:  # the windowed layers' own rotation
                 windowed = window > 0 if window is not None else False
                 layer_rope = tuple(jnp.where(windowed, local, full) for local, full in zip(local_rope, rope))
+            if rope_layers is not None:  # a layer without RoPE: cos 1, sin 0 leave q and k as they are
+                cos, sin = layer_rope
+                layer_rope = (jnp.where(rope_layers[model_layer], cos, 1.0), jnp.where(rope_layers[model_layer], sin, 0.0))
             q, k, v = jax.lax.switch(index, qkv, hidden, layer_rope)
             attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, scale, window=window,
                                                         softcap=cfg.attn_logit_softcapping)
