@@ -1,4 +1,5 @@
-"""GGUF files of each architecture jpaged reads (llama, qwen2, qwen3, qwen2moe, qwen3moe, gemma2, gemma3, phi3), written from
+"""GGUF files of each architecture jpaged reads (llama, qwen2, qwen3, qwen2moe, qwen3moe, gemma, gemma2, gemma3,
+phi3, granite, olmo2, smollm3), written from
 random-weight HF models the way llama.cpp's converter lays them out, with a small byte-level BPE vocabulary:
 the tokenizer, config and weights jpaged reads, and its greedy tokens and prompt logprobs, against
 HF transformers' own GGUF loading of the same file (float32 tensors, and Q8_0 tensors that jpaged
@@ -64,9 +65,25 @@ CASES = {
         original_max_position_embeddings=64,
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                          "short_factor": [1.0, 1.5, 2.0, 4.0], "long_factor": [2.0, 3.0, 5.0, 9.0]})),
+    # Families transformers' GGUF loading does not read: their files are written with the tensor
+    # names of llama.cpp's own map (gguf-py's `get_tensor_name_map`), and the oracle is the HF model
+    # the file was written from. Gemma: (1 + w) norms stored as 1 + w, GELU, scaled embeddings.
+    "gemma": (transformers.GemmaConfig, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                             tie_word_embeddings=True)),
+    # Granite: Q/K rows interleaved as llama's; its four multipliers as metadata.
+    "granite": (transformers.GraniteConfig, dict(num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=3.0,
+                                                 attention_multiplier=0.09, residual_multiplier=0.5,
+                                                 logits_scaling=2.5)),
+    # OLMo 2: norms after attention and the MLP only; q / k norms over all heads.
+    "olmo2": (transformers.Olmo2Config, dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
+    # SmolLM3: every fourth layer without RoPE (llama.cpp's fixed rule), Q/K rows interleaved.
+    "smollm3": (transformers.SmolLM3Config, dict(num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                                 pad_token_id=0, no_rope_layer_interval=4)),
 }
 GGUF_ARCH = {"phi3_longrope": "phi3"}  # a case's GGUF architecture, where not its name
-ORACLE_IS_SOURCE = {"phi3_longrope"}
+ORACLE_IS_SOURCE = {"phi3_longrope", "gemma", "granite", "olmo2", "smollm3"}
+NAMED_BY_GGUF_PY = {"gemma", "granite", "olmo2", "smollm3"}
+PERMUTED = {"llama", "granite", "smollm3"}  # llama.cpp runs these with consecutive-pair RoPE
 LAYER_NAMES = {  # HF module: GGUF tensor, per layer
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -112,6 +129,11 @@ def gguf_tensors(state_dict: dict[str, np.ndarray], arch: str) -> dict[str, np.n
     Gemma's norm scales stored as 1 + w, as llama.cpp's converter writes them."""
     out = {}
     layer_names = GEMMA_LAYER_NAMES if arch.startswith("gemma") else PHI3_LAYER_NAMES if arch == "phi3" else LAYER_NAMES
+    if arch in NAMED_BY_GGUF_PY:
+        names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 8)
+        return {names.get_name(name, try_suffixes=(".weight",)): array + (1 if arch == "gemma" and
+                                                                          name.endswith("norm.weight") else 0)
+                for name, array in state_dict.items()}
     for name, array in state_dict.items():
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             array = array + 1
@@ -176,7 +198,10 @@ def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer | None
         if getattr(cfg, "shared_expert_intermediate_size", 0):
             keys["expert_shared_feed_forward_length"] = cfg.shared_expert_intermediate_size
     if arch.startswith("gemma"):
-        keys["attention.sliding_window"] = cfg.sliding_window
+        keys["attention.sliding_window"] = getattr(cfg, "sliding_window", None)
+    if arch == "granite":
+        keys.update({"embedding_scale": cfg.embedding_multiplier, "residual_scale": cfg.residual_multiplier,
+                     "logit_scale": cfg.logits_scaling, "attention.scale": cfg.attention_multiplier})
     if arch == "phi3":
         keys.update(phi3_keys(cfg))
     if arch == "gemma2":
@@ -211,7 +236,7 @@ def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer | None
         for kind in ("long", "short"):
             state_dict[f"rope_factors_{kind}.weight"] = np.asarray(cfg.rope_parameters[f"{kind}_factor"], np.float32)
     for name, array in gguf_tensors(state_dict, arch).items():
-        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+        if arch in PERMUTED and (".attn_q." in name or ".attn_k." in name):
             array = llama_cpp_permute(array, cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads)
         if quantize and array.ndim >= 2 and array.shape[-1] % 32 == 0:
             kind = gguf.GGMLQuantizationType.Q8_0
@@ -229,10 +254,12 @@ def random_model(arch: str, tokenizer: Tokenizer):
     torch.manual_seed(0)
     config = config_class(**{**COMMON, **overrides, "vocab_size": tokenizer.get_vocab_size()})
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():  # Gemma's norm scales start at 0 (for 1 + w): give them values
+    with torch.no_grad():  # Gemma's norm scales start at 0 (for 1 + w), others' at 1: give them values
         for name, param in model.named_parameters():
             if arch.startswith("gemma") and name.endswith("norm.weight"):
                 param.normal_(0.0, 0.3)
+            elif arch in NAMED_BY_GGUF_PY and name.endswith("norm.weight"):
+                param.normal_(1.0, 0.3)
     return model
 
 
@@ -242,7 +269,8 @@ def tokenizer() -> Tokenizer:
 
 
 # Every architecture in float32; Q8_0 (kept packed) where the packed path meets something new: the
-# Q/K row interleave, QKV biases, experts beside packed attention, and scaled embeddings tied to the head.
+# Q/K row interleave, QKV biases, experts beside packed attention, scaled embeddings tied to the
+# head, and q / k / v and gate / up fused in the file.
 FILES = [(arch, False) for arch in CASES] + [(arch, True) for arch in ("llama", "qwen2", "qwen3moe", "gemma3", "phi3")]
 
 
@@ -401,6 +429,23 @@ def test_phi3_file_runs_as_its_hf_config_and_ends_turns(tokenizer, tmp_path):
     assert llm.engine.model_config.rope.use_long_factor  # the default max_model_len, 256, passes 64
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, logit_bias={end: 100.0}), use_tqdm=False)[0]
     assert (out.outputs[0].token_ids, out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ([end], "stop", end)
+
+
+def test_granite_scales_missing_from_metadata_are_what_llama_cpp_takes(tokenizer, tmp_path):
+    """llama.cpp's converter writes Granite's multipliers only where they are not 0, and llama.cpp
+    then scales queries by head_dim ** -0.5 and leaves the rest at 1; SmolLM3's files carry no
+    NoPE setting, and llama.cpp leaves RoPE out of every fourth layer."""
+    from jpaged.config import ModelConfig
+
+    model = random_model("granite", tokenizer)
+    write_gguf(tmp_path / "g.gguf", "granite", model, tokenizer, False,
+               {f"granite.{key}": None for key in ("embedding_scale", "residual_scale", "logit_scale", "attention.scale")})
+    config = ModelConfig.from_hf(load_gguf_config(tmp_path / "g.gguf"))
+    assert (config.embedding_multiplier, config.residual_multiplier, config.logits_scaling) == (1.0, 1.0, 1.0)
+    assert config.attention_scale == pytest.approx((64 // 4) ** -0.5)
+    write_gguf(tmp_path / "s.gguf", "smollm3", random_model("smollm3", tokenizer), tokenizer, False,
+               {"smollm3.block_count": 8})
+    assert ModelConfig.from_hf(load_gguf_config(tmp_path / "s.gguf")).rope_layers == (True, True, True, False) * 2
 
 
 def test_gemma_sentencepiece_vocabulary_tokenizes_as_transformers_reads_it(tmp_path):

@@ -1,5 +1,6 @@
 """Read a GGUF file of a Llama-family architecture (llama, qwen2, qwen3, the mixtures of experts
-qwen2moe and qwen3moe, gemma2 / gemma3, and phi3) into an HF-style config, weights and tokenizer.
+qwen2moe and qwen3moe, gemma / gemma2 / gemma3, phi3, granite, olmo2 and smollm3) into an HF-style
+config, weights and tokenizer.
 
 The engine's model code consumes HF conventions (``config.json`` keys, ``model.layers.{i}...``
 tensor names, ``[out_features, in_features]`` layout, rotate-half RoPE). This module translates
@@ -44,9 +45,13 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
                  "qwen3": ("qwen3", "Qwen3ForCausalLM"), "qwen2moe": ("qwen2_moe", "Qwen2MoeForCausalLM"),
                  "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
-                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM"), "phi3": ("phi3", "Phi3ForCausalLM")}
+                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM"), "phi3": ("phi3", "Phi3ForCausalLM"),
+                 "gemma": ("gemma", "GemmaForCausalLM"), "granite": ("granite", "GraniteForCausalLM"),
+                 "olmo2": ("olmo2", "Olmo2ForCausalLM"), "smollm3": ("smollm3", "SmolLM3ForCausalLM")}
 NORMALIZED_TOP_K = {"qwen3moe"}  # MoE architectures whose top-k routing weights llama.cpp renormalises
-ROPE_PERMUTED = {"llama"}  # model_types whose Q/K rows llama.cpp's converter interleaves (qwen's it leaves)
+# model_types whose Q/K rows llama.cpp's converter interleaves: those it runs with "normal" RoPE
+# (consecutive pairs); the others (qwen, gemma, phi3, olmo2) it runs, and stores, as HF does.
+ROPE_PERMUTED = {"llama", "granite", "smollm3"}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -82,7 +87,11 @@ _GEMMA_LAYER_NAMES = {**_LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
                       "post_ffw_norm": "post_feedforward_layernorm"}
 # Phi-3's q / k / v in one tensor, and its gate and up in "ffn_up", as in its HF checkpoints.
 _PHI3_LAYER_NAMES = {**_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
-_LAYER_NAMES_OF = {"gemma2": _GEMMA_LAYER_NAMES, "gemma3_text": _GEMMA_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES}
+# OLMo 2's norms after attention and after the MLP (it has none before them).
+_OLMO2_LAYER_NAMES = {**_LAYER_NAMES, "post_attention_norm": "post_attention_layernorm",
+                      "post_ffw_norm": "post_feedforward_layernorm"}
+_LAYER_NAMES_OF = {"gemma2": _GEMMA_LAYER_NAMES, "gemma3_text": _GEMMA_LAYER_NAMES, "phi3": _PHI3_LAYER_NAMES,
+                   "olmo2": _OLMO2_LAYER_NAMES}
 GEMMA = {"gemma2": 46, "gemma3": 62}  # layer count of each family's 27B model (llama.cpp's test for its attention scale)
 # Every released Gemma 2 and 3 generation_config.json ends a reply at <end_of_turn> as well as at
 # EOS, and llama.cpp stops there too; GGUF files name only EOS.
@@ -371,10 +380,14 @@ def _config(path: pathlib.Path, reader: GGUFReader) -> dict[str, Any]:
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id", int, minimum=0),
     }
     config.update(_experts(meta, arch, tensors))
-    if arch in GEMMA:
+    if arch in GEMMA or arch == "gemma":
         config.update(_gemma(meta, arch, config, reader))
     if arch == "phi3":
         config.update(_phi3(meta, config, tensors, reader))
+    if arch == "granite":
+        config.update(_granite(meta, config))
+    if arch == "smollm3":  # llama.cpp's rule (no metadata says it): every fourth layer without RoPE
+        config["no_rope_layer_interval"] = 4
     rope_scaling = _rope_scaling(meta, arch, tensors.get("rope_freqs.weight"), config)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
@@ -415,6 +428,8 @@ def _gemma(meta: _Metadata, arch: str, config: dict[str, Any], reader: GGUFReade
     (default 4,096); Gemma 3's window on five layers of six, RoPE base 10,000 on those; and
     <end_of_turn> as a second end of sequence."""
     head_dim, heads = config["head_dim"], config["num_attention_heads"]
+    if arch == "gemma":
+        return {"hidden_activation": "gelu_pytorch_tanh", **_end_of_turn(reader, config, GEMMA_END_OF_TURN)}
     keys = {"hidden_activation": "gelu_pytorch_tanh",
             "query_pre_attn_scalar": (config["hidden_size"] // heads if config["num_hidden_layers"] == GEMMA[arch]
                                       else head_dim)}
@@ -425,9 +440,24 @@ def _gemma(meta: _Metadata, arch: str, config: dict[str, Any], reader: GGUFReade
                     final_logit_softcapping=meta.get(f"{arch}.final_logit_softcapping", float) or 30.0)
     else:
         keys.update(sliding_window=window, sliding_window_pattern=6, rope_local_base_freq=10_000.0)
-    end_of_turn = _token_id(reader, GEMMA_END_OF_TURN)
+    return {**keys, **_end_of_turn(reader, config, GEMMA_END_OF_TURN)}
+
+
+def _end_of_turn(reader: GGUFReader, config: dict[str, Any], token: bytes) -> dict[str, Any]:
+    """`eos_token_id` as EOS and `token`'s id, where the vocabulary has that token."""
+    end_of_turn = _token_id(reader, token)
     if end_of_turn is not None and config["eos_token_id"] not in (None, end_of_turn):
-        keys["eos_token_id"] = [config["eos_token_id"], end_of_turn]
+        return {"eos_token_id": [config["eos_token_id"], end_of_turn]}
+    return {}
+
+
+def _granite(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]:
+    """Granite's multipliers, which llama.cpp's converter writes only where they are not 0, as
+    llama.cpp reads them: a missing attention scale is head_dim ** -0.5, the others 1."""
+    scales = {"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
+              "logits_scaling": "logit_scale"}
+    keys = {name: meta.get(f"granite.{key}", float) or 1.0 for name, key in scales.items()}
+    keys["attention_multiplier"] = meta.get("granite.attention.scale", float) or config["head_dim"] ** -0.5
     return keys
 
 
@@ -453,10 +483,7 @@ def _phi3(meta: _Metadata, config: dict[str, Any], tensors: dict[str, Any], read
         if attention_factor:
             scaling["attention_factor"] = attention_factor
         keys["rope_scaling"] = scaling
-    end_of_turn = _token_id(reader, PHI3_END_OF_TURN)
-    if end_of_turn is not None and config["eos_token_id"] not in (None, end_of_turn):
-        keys["eos_token_id"] = [config["eos_token_id"], end_of_turn]
-    return keys
+    return {**keys, **_end_of_turn(reader, config, PHI3_END_OF_TURN)}
 
 
 def _token_id(reader: GGUFReader, token: bytes) -> int | None:
