@@ -190,9 +190,9 @@ def test_rope_scaling(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    _write_tiny_llama(tmp_path / "phi3.gguf", arch="phi3")
-    with pytest.raises(ValueError, match="architecture is 'phi3'; supported: llama, qwen2, qwen3"):
-        load_gguf_config(tmp_path / "phi3.gguf")
+    _write_tiny_llama(tmp_path / "phi2.gguf", arch="phi2")
+    with pytest.raises(ValueError, match="architecture is 'phi2'; supported: llama, qwen2, qwen3"):
+        load_gguf_config(tmp_path / "phi2.gguf")
     _write_tiny_llama(tmp_path / "mixtral.gguf", scaling={"llama.expert_count": 8, "llama.expert_used_count": 2})
     with pytest.raises(ValueError, match="a llama GGUF file with 8 experts .* is not supported"):
         load_gguf_config(tmp_path / "mixtral.gguf")
