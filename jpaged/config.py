@@ -68,9 +68,11 @@ class RopeConfig:
     """A model's rotary embedding: its base `theta` and scaling.
 
     `scaling_type` "default", "linear" (positions divided by `factor`), "llama3" (Llama 3.1's
-    banded frequency scaling) or "longrope" (Phi-3's LongRoPE, Ding et al. 2024: each frequency
-    divided by its own factor, `short_factor` or `long_factor`, and cos / sin multiplied by
-    `attention_factor`). HF picks LongRoPE's factors per forward pass from the batch's longest
+    banded frequency scaling), "yarn" (YaRN, Peng et al. 2023: frequencies that turn fewer than
+    `beta_slow` times over the original context divided by `factor`, those that turn more than
+    `beta_fast` times kept, a linear ramp between, and cos / sin multiplied by `attention_factor`)
+    or "longrope" (Phi-3's LongRoPE, Ding et al. 2024: each frequency divided by its own factor,
+    `short_factor` or `long_factor`, and cos / sin multiplied by `attention_factor`). HF picks LongRoPE's factors per forward pass from the batch's longest
     position; jpaged, as vLLM, picks them once per engine (`for_context`): the long ones when
     `max_model_len` passes `original_max_position_embeddings`.
     """
@@ -83,16 +85,24 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
-    attention_factor: float = 1.0  # cos and sin are multiplied by it (LongRoPE)
+    attention_factor: float = 1.0  # cos and sin are multiplied by it (YaRN, LongRoPE)
     use_long_factor: bool = False
+    beta_fast: float = 32.0  # YaRN's ramp, in rotations over the original context
+    beta_slow: float = 1.0
+    truncate: bool = True  # YaRN: the ramp's ends rounded to whole dims, as HF by default
 
     @classmethod
     def from_hf(cls, hf: dict) -> RopeConfig:
         # transformers 5 keeps theta and scaling in `rope_parameters`; older configs split them.
         params = dict(hf.get("rope_scaling") or {})
         params.update(hf.get("rope_parameters") or {})
-        if "original_max_position_embeddings" in hf:  # Phi-3 keeps it beside its rope scaling
-            params.setdefault("original_max_position_embeddings", hf["original_max_position_embeddings"])
+        if params.get("rope_type", params.get("type")) in ("llama3", "yarn", "longrope", "su"):
+            # as HF's standardize_rope_params: the config's own (Phi-3 keeps it beside its rope
+            # scaling) first, else the rope parameters', else max_position_embeddings
+            if "original_max_position_embeddings" in hf:
+                params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+            elif "max_position_embeddings" in hf:
+                params.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
         return cls.from_params(params, float(hf.get("rope_theta", 10000.0)), hf.get("max_position_embeddings"))
 
     @classmethod
@@ -103,15 +113,17 @@ class RopeConfig:
         theta = float(params.get("rope_theta", default_theta))
         scaling_type = params.get("rope_type", params.get("type", "default")) or "default"
         scaling_type = {"su": "longrope"}.get(scaling_type, scaling_type)  # Phi-3's first name for it
-        if scaling_type not in ("default", "linear", "llama3", "longrope"):
+        if scaling_type not in ("default", "linear", "llama3", "yarn", "longrope"):
             raise ValueError(f"rope scaling type {scaling_type!r} is not supported "
-                             "(supported: default, linear, llama3, longrope)")
+                             "(supported: default, linear, llama3, yarn, longrope)")
         if scaling_type == "default":
             return cls(theta=theta)
         if scaling_type == "linear":
             return cls(theta=theta, scaling_type="linear", factor=float(params["factor"]))
         if scaling_type == "longrope":
             return cls._longrope(params, theta, max_position_embeddings)
+        if scaling_type == "yarn":
+            return cls._yarn(params, theta, max_position_embeddings)
         return cls(
             theta=theta,
             scaling_type="llama3",
@@ -141,6 +153,28 @@ class RopeConfig:
                    long_factor=tuple(float(f) for f in params["long_factor"]),
                    attention_factor=float(attention_factor))
 
+    @classmethod
+    def _yarn(cls, params: dict, theta: float, max_position_embeddings: int | None) -> RopeConfig:
+        """YaRN as HF's `_compute_yarn_parameters` reads it: `factor` defaults to
+        max_position_embeddings / original_max_position_embeddings, the attention factor to
+        0.1 ln(factor) + 1 (or the ratio of that at `mscale` and at `mscale_all_dim`, DeepSeek's)."""
+        if "original_max_position_embeddings" not in params:
+            raise ValueError("yarn rope scaling needs original_max_position_embeddings")
+        original = int(params["original_max_position_embeddings"])
+        factor = params.get("factor")
+        factor = float(factor) if factor is not None else (max_position_embeddings or original) / original
+
+        def mscale(scale: float = 1.0) -> float:
+            return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            scale, scale_all = params.get("mscale"), params.get("mscale_all_dim")
+            attention_factor = mscale(scale) / mscale(scale_all) if scale and scale_all else mscale()
+        return cls(theta=theta, scaling_type="yarn", factor=factor, original_max_position_embeddings=original,
+                   attention_factor=float(attention_factor), beta_fast=float(params.get("beta_fast") or 32),
+                   beta_slow=float(params.get("beta_slow") or 1), truncate=bool(params.get("truncate", True)))
+
     def for_context(self, max_model_len: int) -> RopeConfig:
         """This rotation for an engine of `max_model_len` tokens: LongRoPE takes its long
         factors where that passes `original_max_position_embeddings` (vLLM's choice), else its
@@ -156,6 +190,8 @@ class RopeConfig:
             inv_freq = self._llama3_scale(inv_freq)
         elif self.scaling_type == "linear":
             inv_freq = inv_freq / self.factor
+        elif self.scaling_type == "yarn":
+            inv_freq = self._yarn_scale(inv_freq, rotary_dim)
         elif self.scaling_type == "longrope":
             factors = np.asarray(self.long_factor if self.use_long_factor else self.short_factor, np.float64)
             if factors.shape != inv_freq.shape:
@@ -163,6 +199,18 @@ class RopeConfig:
                                  f"entries, expected rotary_dim / 2 = {inv_freq.size}")
             inv_freq = inv_freq / factors
         return inv_freq.astype(np.float32)
+
+    def _yarn_scale(self, inv_freq: np.ndarray, rotary_dim: int) -> np.ndarray:
+        def correction_dim(rotations: float) -> float:  # the dim that turns `rotations` times over the original context
+            return rotary_dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+                2 * math.log(self.theta))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rotary_dim - 1)
+        ramp = np.clip((np.arange(rotary_dim // 2) - low) / ((high + 0.001 if low == high else high) - low), 0, 1)
+        return inv_freq / self.factor * ramp + inv_freq * (1 - ramp)
 
     def _llama3_scale(self, inv_freq: np.ndarray) -> np.ndarray:
         low_freq_wavelen = self.original_max_position_embeddings / self.low_freq_factor

@@ -12,6 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from jpaged.config import ModelConfig
 from jpaged.loader import default_model
 from jpaged.loader.default_model import DownloadError, default_model_path
 from jpaged.loader.gguf import load_gguf_config, load_gguf_tokenizer, load_gguf_weights
@@ -187,6 +188,17 @@ def test_rope_scaling(tmp_path):
                       scaling={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0})
     assert load_gguf_config(tmp_path / "linear.gguf")["rope_scaling"] == {
         "rope_type": "linear", "factor": 4.0}
+
+    # YaRN as llama.cpp's converter writes Qwen's: ggml scales cos / sin by the file's attention
+    # factor times YaRN's own 0.1 ln(factor) + 1
+    _write_tiny_llama(tmp_path / "yarn.gguf", scaling={
+        "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+        "llama.rope.scaling.original_context_length": 32, "llama.rope.scaling.yarn_beta_fast": 16.0,
+        "llama.rope.scaling.attn_factor": 1.5})
+    rope = ModelConfig.from_hf(load_gguf_config(tmp_path / "yarn.gguf")).rope
+    assert (rope.scaling_type, rope.factor, rope.original_max_position_embeddings, rope.beta_fast, rope.beta_slow) == \
+        ("yarn", 4.0, 32, 16.0, 1.0)
+    assert rope.attention_factor == pytest.approx(1.5 * (0.1 * np.log(4.0) + 1))
 
 
 def test_unsupported_architecture(tmp_path):

@@ -94,6 +94,12 @@ CASES = {
     # q/k RMSNorm, head_dim 32 != hidden 64 / 4 heads.
     "qwen3": ("Qwen3Config", dict(vocab_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                   tie_word_embeddings=False, use_sliding_window=False)),
+    # YaRN rope scaling (static, as in HF): factor 4 over an original 32 positions, HF's default
+    # attention factor (0.1 ln 4 + 1) and ramp (beta 32 / 1).
+    "qwen3_yarn": ("Qwen3Config", dict(vocab_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                       tie_word_embeddings=True, use_sliding_window=False,
+                                       rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                        "original_max_position_embeddings": 32})),
     # Mixture of experts: top-2 of 8 experts of intermediate size 64, softmax then renormalised top-k.
     "mixtral": ("MixtralConfig", dict(vocab_size=512, num_attention_heads=4, num_key_value_heads=2,
                                       intermediate_size=64, num_local_experts=8, num_experts_per_tok=2,
@@ -238,6 +244,10 @@ def test_config_reaches_engine(case, llm):
     elif case.name == "granite":
         assert (cfg.embedding_multiplier, cfg.attention_scale, cfg.residual_multiplier, cfg.logits_scaling) == \
             (3.0, 0.09, 0.5, 2.5)
+    elif case.name == "qwen3_yarn":
+        assert (cfg.rope.scaling_type, cfg.rope.factor, cfg.rope.original_max_position_embeddings) == ("yarn", 4.0, 32)
+        assert cfg.rope.attention_factor == pytest.approx(case.model.model.rotary_emb.attention_scaling)
+        assert cfg.rope.attention_factor > 1.1  # 0.1 ln 4 + 1
     elif case.name == "smollm3":
         assert cfg.rope_layers == (True, False) and cfg.tie_word_embeddings and not cfg.sliding_windows
     elif case.name == "olmo2":

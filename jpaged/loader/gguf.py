@@ -28,6 +28,7 @@ reader's ``tensor.data`` and its dequantization are already ``[out, in]`` in num
 from __future__ import annotations
 
 import collections
+import math
 import os
 import pathlib
 import re
@@ -509,6 +510,14 @@ def _rope_scaling(meta: _Metadata, arch: str, rope_freqs, config: dict[str, Any]
         original = meta.get(f"{arch}.rope.scaling.original_context_length")
         if original:
             scaling["original_max_position_embeddings"] = original
+        if kind == "yarn":  # llama.cpp's keys for what HF's yarn parameters default
+            for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+                if (value := meta.get(f"{arch}.rope.scaling.{key}", float)) is not None:
+                    scaling[name] = value
+            # ggml multiplies YaRN's own 0.1 ln(factor) + 1 by the file's attention factor
+            if (value := meta.get(f"{arch}.rope.scaling.attn_factor", float)) is not None:
+                scaling["attention_factor"] = value * (0.1 * math.log(scaling["factor"]) + 1.0
+                                                       if scaling["factor"] > 1 else 1.0)
         return scaling
     if rope_freqs is None:
         return None
