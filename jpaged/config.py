@@ -32,6 +32,7 @@ SUPPORTED_ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "GraniteForCausalLM": "granite",
     "Olmo2ForCausalLM": "olmo2",
+    "Olmo3ForCausalLM": "olmo3",
     "SmolLM3ForCausalLM": "smollm3",
 }
 # Base models without an LM head (an embedding model's checkpoint, for runner "pooling")
@@ -40,7 +41,7 @@ SUPPORTED_ARCHITECTURES.update({name.replace("ForCausalLM", "Model").replace("Ge
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2",
                "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "olmo2": "olmo2",
-               "smollm3": "smollm3"}
+               "olmo3": "olmo3", "smollm3": "smollm3"}
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names for the compute dtypes
 
 
@@ -327,7 +328,7 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch.startswith("gemma") or arch == "smollm3")),
             qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
-            qk_norm=arch in ("qwen3", "qwen3_moe", "olmo2"),
+            qk_norm=arch in ("qwen3", "qwen3_moe", "olmo2", "olmo3"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             sliding_windows=layer_windows(arch, hf),
@@ -423,6 +424,20 @@ def _granite_fields(hf: dict) -> dict:
                 logits_scaling=float(hf.get("logits_scaling", 1.0)))
 
 
+def _olmo3_ropes(hf: dict) -> dict:
+    """OLMo 3's RoPE of its full and its windowed layers, as HF's `Olmo3Config` reads them: from
+    `rope_parameters` per layer type, or in an older config.json the `rope_scaling` and
+    `rope_theta` of the full layers, the windowed ones then at the default base of 500,000."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full, sliding = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    else:
+        full, sliding = {**(hf.get("rope_scaling") or {}), **params, "rope_theta": hf.get("rope_theta", 500_000.0)}, {}
+    rope, local = (RopeConfig.from_hf({**hf, "rope_scaling": None, "rope_parameters": {"rope_theta": 500_000.0, **p}})
+                   for p in (full, sliding))
+    return dict(rope=rope, local_rope=None if local == rope else local)
+
+
 def _rope_flags(hf: dict) -> list[bool]:
     """Which layers of a SmolLM3 config apply RoPE: `no_rope_layers` (1: RoPE, 0: none), or
     every layer but each `no_rope_layer_interval`-th, as HF's `SmolLM3Config` fills it in."""
@@ -440,6 +455,7 @@ def _rope_flags(hf: dict) -> list[bool]:
 _FAMILY_FIELDS = {
     "granite": _granite_fields,
     "olmo2": lambda hf: dict(norm_layout="post", qk_norm_over_heads=True),
+    "olmo3": lambda hf: dict(norm_layout="post", qk_norm_over_heads=True, **_olmo3_ropes(hf)),
     "smollm3": lambda hf: dict(rope_layers=() if all(flags := _rope_flags(hf)) else tuple(flags)),
 }
 
@@ -469,6 +485,8 @@ def layer_windows(arch: str, hf: dict) -> tuple[int, ...]:
         windowed = [True] * num_layers
     elif arch == "gemma2":  # every other layer, as HF's Gemma2Config lays them out
         windowed = [i % 2 == 0 for i in range(num_layers)]
+    elif arch == "olmo3":  # HF's default: every fourth layer is global
+        windowed = [(i + 1) % 4 != 0 for i in range(num_layers)]
     elif arch == "smollm3":  # HF's default: the NoPE layers are windowed
         windowed = [not rope for rope in _rope_flags(hf)]
     elif arch == "gemma3":  # configs from before `layer_types`: every `sliding_window_pattern`-th layer is global

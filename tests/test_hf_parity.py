@@ -138,6 +138,15 @@ CASES = {
     "granite": ("GraniteConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2,
                                       embedding_multiplier=3.0, attention_multiplier=0.09, residual_multiplier=0.5,
                                       logits_scaling=2.5, tie_word_embeddings=False)),
+    # OLMo 3: OLMo 2's layer with a window (6) on the first layer, whose RoPE (base 10,000) is not
+    # the global layer's (YaRN, base 500,000).
+    "olmo3": ("Olmo3Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                  tie_word_embeddings=False, sliding_window=6,
+                                  layer_types=["sliding_attention", "full_attention"],
+                                  rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                                   "full_attention": {"rope_type": "yarn", "rope_theta": 5e5,
+                                                                      "factor": 4.0,
+                                                                      "original_max_position_embeddings": 64}})),
     # SmolLM3: the second of every two layers without RoPE (NoPE), tied embeddings (its default).
     "smollm3": ("SmolLM3Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
                                       no_rope_layer_interval=2)),
@@ -250,13 +259,18 @@ def test_config_reaches_engine(case, llm):
         assert cfg.rope.attention_factor > 1.1  # 0.1 ln 4 + 1
     elif case.name == "smollm3":
         assert cfg.rope_layers == (True, False) and cfg.tie_word_embeddings and not cfg.sliding_windows
+    elif case.name == "olmo3":
+        assert cfg.sliding_windows == (6, 0) and (cfg.local_rope.theta, cfg.local_rope.scaling_type) == (1e4, "default")
+        assert (cfg.rope.theta, cfg.rope.scaling_type, cfg.rope.factor) == (5e5, "yarn", 4.0)
     elif case.name == "olmo2":
-        assert cfg.norm_layout == "post" and cfg.qk_norm_over_heads
+        assert cfg.qk_norm_over_heads
     else:
         assert cfg.rope.scaling_type == "default"
     assert cfg.qkv_bias == case.name.startswith("qwen2")
-    assert cfg.qk_norm == case.name.startswith(("qwen3", "gemma3", "olmo2"))
-    assert cfg.norm_layout == {"gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post"}.get(case.name, "pre")
+    assert cfg.qk_norm == case.name.startswith(("qwen3", "gemma3", "olmo"))
+    assert cfg.qk_norm_over_heads == case.name.startswith("olmo")
+    assert cfg.norm_layout == {"gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post", "olmo3": "post"}.get(
+        case.name, "pre")
     assert cfg.is_moe == (case.name in MOE_CASES)
     if cfg.is_moe:
         assert cfg.num_experts == hf_cfg.num_experts and cfg.num_experts_per_tok == hf_cfg.num_experts_per_tok
@@ -355,6 +369,26 @@ def test_phi3_long_factors_match_hf_past_the_original_context(case):
                                use_tqdm=False)[0]
     short_got = np.array([entry[token].logprob for entry, token in zip(short_out.prompt_logprobs[1:], prompt[1:120])])
     assert np.abs(short_got - got[:119]).max() > 1e-2  # the two factor sets differ where it counts
+
+
+def test_olmo3_hub_config_read_as_hf_reads_it():
+    """An OLMo 3 config.json in the Hub's older spelling (`rope_theta` and a YaRN `rope_scaling`
+    at the top): the global layers' RoPE and the windowed layers' are what HF's own config class
+    makes of it (the scaling on the global layers only)."""
+    from jpaged.config import ModelConfig, RopeConfig
+
+    hub = dict(architectures=["Olmo3ForCausalLM"], model_type="olmo3", vocab_size=100278, hidden_size=4096,
+               intermediate_size=11008, num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=32,
+               max_position_embeddings=65536, rope_theta=500000.0, sliding_window=4096,
+               rope_scaling={"attention_factor": 1.2079441541679836, "beta_fast": 32, "beta_slow": 1, "factor": 8.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "yarn"})
+    ours = ModelConfig.from_hf(hub)
+    theirs = transformers.Olmo3Config(**{k: v for k, v in hub.items() if k != "architectures"})
+    for rope, layer_type in ((ours.rope, "full_attention"), (ours.local_rope, "sliding_attention")):
+        expected = RopeConfig.from_params(theirs.rope_parameters[layer_type], max_position_embeddings=65536)
+        assert rope == expected, layer_type
+    assert ours.rope.scaling_type == "yarn" and ours.rope.attention_factor == pytest.approx(1.2079441541679836)
+    assert ours.sliding_windows == tuple(4096 if kind == "sliding_attention" else 0 for kind in theirs.layer_types)
 
 
 def test_gemma3_hub_config_read_as_hf_reads_it():
