@@ -36,6 +36,10 @@ CONFIGS = {
 }
 
 
+# The newer families at one degree that splits the KV heads and one that repeats them.
+DEGREES = {"phi3": (1, 2, 4), "olmo2": (1, 2, 4)}
+
+
 def device_bytes(llm) -> list[int]:
     per_device = [0] * len(jax.devices())
     for leaf in jax.tree.leaves(llm.engine.runner.state):
@@ -52,7 +56,7 @@ def main(folder_root: str) -> None:
     for name, config in CONFIGS.items():
         folder = os.path.join(folder_root, name)
         save_random_model(folder, config, seed=4)
-        for tp in (1, 2, 4, 8):
+        for tp in DEGREES.get(name, (1, 2, 4, 8)):
             llm = LLM(folder, tensor_parallel_size=tp, dtype="float32", num_blocks=32, max_num_batched_tokens=16)
             outputs = llm.generate(prompts, params, use_tqdm=False)
             report[f"{name}/{tp}"] = {"tokens": [o.outputs[0].token_ids for o in outputs],

@@ -17,7 +17,9 @@ def report(run_device_check):
 def test_every_degree_gives_the_single_device_tokens(report, model):
     single = report[f"{model}/1"]["tokens"]
     assert len({t for tokens in single for t in tokens}) > 6
-    for tp in (2, 4, 8):
+    degrees = [int(key.split("/")[1]) for key in report if key.startswith(f"{model}/")]
+    assert set(degrees) >= {1, 2, 4}
+    for tp in degrees:
         assert report[f"{model}/{tp}"]["tokens"] == single, f"tensor_parallel_size={tp}"
 
 

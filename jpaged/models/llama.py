@@ -1,7 +1,7 @@
 """The Llama family as one Flax NNX model: Llama 2/3, Mistral, Qwen2 (QKV bias), Qwen3 (q/k norm),
 Gemma (GELU, (1 + w) norms, scaled embeddings), Gemma 2 and 3 (also norms around attention and
 the MLP, local and global layers, soft-capped scores), Phi-3 (partial rotary, LongRoPE), Granite
-(residual and logit multipliers), OLMo 2 (norms only after attention and the MLP, q / k norms
+(residual and logit multipliers), OLMo 2 and 3 (norms only after attention and the MLP, q / k norms
 over all heads), SmolLM3 (layers without RoPE),
 and the mixture-of-experts kin Mixtral, Qwen2-MoE and Qwen3-MoE (the MLP is `moe.sparse_moe`).
 
