@@ -31,6 +31,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Phi3ForCausalLM": "phi3",
     "GraniteForCausalLM": "granite",
+    "GraniteMoeForCausalLM": "granitemoe",
     "Olmo2ForCausalLM": "olmo2",
     "Olmo3ForCausalLM": "olmo3",
     "SmolLM3ForCausalLM": "smollm3",
@@ -40,7 +41,7 @@ SUPPORTED_ARCHITECTURES.update({name.replace("ForCausalLM", "Model").replace("Ge
                                 for name, arch in SUPPORTED_ARCHITECTURES.items()})
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2",
-               "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "olmo2": "olmo2",
+               "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "granitemoe": "granitemoe", "olmo2": "olmo2",
                "olmo3": "olmo3", "smollm3": "smollm3"}
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names for the compute dtypes
 
@@ -344,9 +345,9 @@ class ModelConfig:
         Mixtral always renormalises its top-k softmax weights; Qwen MoE models do so when
         `norm_topk_prob`, and Qwen2-MoE adds a shared expert behind a sigmoid gate.
         """
-        if arch not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        if arch not in ("mixtral", "granitemoe", "qwen2_moe", "qwen3_moe"):
             return {}
-        if arch == "mixtral":
+        if arch in ("mixtral", "granitemoe"):  # GraniteMoE's softmax over the top-k logits is the same
             num_experts = int(hf.get("num_local_experts", hf.get("num_experts", 8)))
             fields = dict(moe_intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True,
                           num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)))
@@ -454,6 +455,7 @@ def _rope_flags(hf: dict) -> list[bool]:
 # Fields of the families whose configs need more than `from_hf`'s common reading.
 _FAMILY_FIELDS = {
     "granite": _granite_fields,
+    "granitemoe": _granite_fields,
     "olmo2": lambda hf: dict(norm_layout="post", qk_norm_over_heads=True),
     "olmo3": lambda hf: dict(norm_layout="post", qk_norm_over_heads=True, **_olmo3_ropes(hf)),
     "smollm3": lambda hf: dict(rope_layers=() if all(flags := _rope_flags(hf)) else tuple(flags)),

@@ -124,6 +124,11 @@ CASES = {
     "gemma2": ("Gemma2Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                     query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=2.0,
                                     final_logit_softcapping=30.0, pad_token_id=0, tie_word_embeddings=False)),
+    # GraniteMoE: Granite's multipliers over top-2 of 6 experts stacked in one tensor per layer.
+    "granitemoe": ("GraniteMoeConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2,
+                                            intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
+                                            embedding_multiplier=3.0, attention_multiplier=0.09,
+                                            residual_multiplier=0.5, logits_scaling=2.5, tie_word_embeddings=False)),
     # Gemma: GELU, (1 + w) norms, scaled embeddings, tied LM head (its default), MHA.
     "gemma": ("GemmaConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
                                   pad_token_id=0)),
@@ -154,7 +159,7 @@ CASES = {
     "olmo2": ("Olmo2Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
                                   tie_word_embeddings=False)),
 }
-MOE_CASES = ("mixtral", "qwen3_moe", "qwen2_moe")
+MOE_CASES = ("mixtral", "qwen3_moe", "qwen2_moe", "granitemoe")
 
 
 @dataclass
@@ -273,9 +278,10 @@ def test_config_reaches_engine(case, llm):
         case.name, "pre")
     assert cfg.is_moe == (case.name in MOE_CASES)
     if cfg.is_moe:
-        assert cfg.num_experts == hf_cfg.num_experts and cfg.num_experts_per_tok == hf_cfg.num_experts_per_tok
+        num_experts = getattr(hf_cfg, "num_experts", None) or hf_cfg.num_local_experts
+        assert cfg.num_experts == num_experts and cfg.num_experts_per_tok == hf_cfg.num_experts_per_tok
         assert cfg.norm_topk_prob == getattr(hf_cfg, "norm_topk_prob", True)  # Mixtral always renormalises
-        expert_size = hf_cfg.intermediate_size if case.name == "mixtral" else hf_cfg.moe_intermediate_size
+        expert_size = hf_cfg.intermediate_size if case.name in ("mixtral", "granitemoe") else hf_cfg.moe_intermediate_size
         assert cfg.moe_intermediate_size == expert_size
         assert cfg.shared_expert_intermediate_size == getattr(hf_cfg, "shared_expert_intermediate_size", 0)
     if case.name == "qwen3":
@@ -336,7 +342,8 @@ def test_hf_moe_oracle_uses_many_experts(case):
     for layer, logits in enumerate(out.router_logits):
         chosen = torch.topk(logits.float().softmax(-1), config.num_experts_per_tok, dim=-1).indices
         used = len(torch.unique(chosen))
-        assert used >= max(2, (config.num_experts * 3) // 4), f"{case.name} layer {layer}: {used} experts used"
+        num_experts = getattr(config, "num_experts", None) or config.num_local_experts
+        assert used >= max(2, (num_experts * 3) // 4), f"{case.name} layer {layer}: {used} experts used"
 
 
 def test_greedy_matches_hf(case, llm):

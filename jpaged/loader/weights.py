@@ -46,6 +46,7 @@ _LAYER_TENSORS = {
     "mlp.down_proj.weight": ("down_proj", True),
     # Mixture of experts: the router, and Qwen2-MoE's shared expert and its sigmoid gate.
     "block_sparse_moe.gate.weight": ("router", True),
+    "block_sparse_moe.router.layer.weight": ("router", True),  # GraniteMoE
     "mlp.gate.weight": ("router", True),
     "mlp.shared_expert.gate_proj.weight": ("shared_gate_proj", True),
     "mlp.shared_expert.up_proj.weight": ("shared_up_proj", True),
@@ -156,13 +157,22 @@ def fuse_projections(weights: Iterable[tuple[str, np.ndarray]], layers: dict, sh
 def split_fused_tensors(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig):
     """`weights` with a checkpoint's own fused tensors (Phi-3's `self_attn.qkv_proj` and
     `mlp.gate_up_proj`: q, k, v and gate, up stacked by rows) split into their parts, which
-    `fuse_projections` joins again in the model's layout. ValueError for a fused tensor whose
-    rows are not the parts' sizes."""
+    `fuse_projections` joins again in the model's layout, and GraniteMoE's experts stacked in one
+    tensor (`block_sparse_moe.input_linear [experts, 2 * ff, hidden]`, gate then up, and
+    `output_linear`) split into one tensor per expert. ValueError for a fused tensor whose rows
+    are not the parts' sizes."""
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     sizes = {"qkv_proj": (q_dim, kv_dim, kv_dim), "qkv_bias": (q_dim, kv_dim, kv_dim),
              "gate_up_proj": (cfg.intermediate_size,) * 2}
     for name, tensor in weights:
         match = _LAYER_NAME.fullmatch(name)
+        stacked = _STACKED_EXPERTS.get(match.group(2)) if match else None
+        if stacked is not None:
+            for expert, per_expert in enumerate(tensor):
+                parts = np.split(per_expert, len(stacked))
+                for part, piece in zip(stacked, parts):
+                    yield f"model.layers.{match.group(1)}.block_sparse_moe.experts.{expert}.{part}", piece
+            continue
         fusion = _FUSIONS.get(match.group(2)) if match else None
         if fusion is None:
             yield name, tensor
@@ -173,6 +183,11 @@ def split_fused_tensors(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelCon
                              f"({' + '.join(map(str, sizes[fused]))} for {', '.join(parts)})")
         for part, piece in zip(parts, np.split(tensor, np.cumsum(sizes[fused])[:-1])):
             yield f"model.layers.{match.group(1)}.{part}", piece
+
+
+# GraniteMoE's stacked experts: the per-expert tensors each holds, stacked by rows in this order.
+_STACKED_EXPERTS = {"block_sparse_moe.input_linear.weight": ("gate_proj.weight", "up_proj.weight"),
+                    "block_sparse_moe.output_linear.weight": ("down_proj.weight",)}
 
 
 def replicate_kv_heads(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, num_kv_heads: int):
