@@ -151,9 +151,16 @@ class RopeConfig:
         if attention_factor is None:
             attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
         return cls(theta=theta, scaling_type="longrope", factor=factor, original_max_position_embeddings=original,
-                   short_factor=tuple(float(f) for f in params["short_factor"]),
-                   long_factor=tuple(float(f) for f in params["long_factor"]),
+                   short_factor=_factor_list(params, "short_factor"), long_factor=_factor_list(params, "long_factor"),
                    attention_factor=float(attention_factor))
+
+    def check_rotary_dim(self, rotary_dim: int) -> None:
+        """ValueError where LongRoPE's factor lists are not one per rotary pair."""
+        for name in ("short_factor", "long_factor"):
+            factors = getattr(self, name)
+            if self.scaling_type == "longrope" and len(factors) != rotary_dim // 2:
+                raise ValueError(f"longrope {name} has {len(factors)} entries, expected one per rotary pair: "
+                                 f"{rotary_dim // 2} (rotary dims {rotary_dim} / 2)")
 
     @classmethod
     def _yarn(cls, params: dict, theta: float, max_position_embeddings: int | None) -> RopeConfig:
@@ -195,11 +202,8 @@ class RopeConfig:
         elif self.scaling_type == "yarn":
             inv_freq = self._yarn_scale(inv_freq, rotary_dim)
         elif self.scaling_type == "longrope":
-            factors = np.asarray(self.long_factor if self.use_long_factor else self.short_factor, np.float64)
-            if factors.shape != inv_freq.shape:
-                raise ValueError(f"longrope {'long' if self.use_long_factor else 'short'}_factor has {factors.size} "
-                                 f"entries, expected rotary_dim / 2 = {inv_freq.size}")
-            inv_freq = inv_freq / factors
+            self.check_rotary_dim(rotary_dim)
+            inv_freq = inv_freq / np.asarray(self.long_factor if self.use_long_factor else self.short_factor, np.float64)
         return inv_freq.astype(np.float32)
 
     def _yarn_scale(self, inv_freq: np.ndarray, rotary_dim: int) -> np.ndarray:
@@ -279,6 +283,11 @@ class ModelConfig:
     logits_scaling: float = 1.0
     qk_norm_over_heads: bool = False
     rope_layers: tuple[bool, ...] = ()
+
+    def __post_init__(self):
+        for rope in (self.rope, self.local_rope):
+            if rope is not None:
+                rope.check_rotary_dim(self.rotary_dim or self.head_dim)
 
     @property
     def is_moe(self) -> bool:
@@ -377,11 +386,12 @@ def _gemma_fields(arch: str, hf: dict) -> dict:
     """The `ModelConfig` fields of Gemma (HF's `GemmaConfig`), Gemma 2 (`Gemma2Config`) and Gemma 3's text model
     (`Gemma3TextConfig`, old and new spellings of its RoPE settings); ValueError for what jpaged
     does not run (bidirectional attention, activations other than tanh-approximated GELU)."""
-    act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
+    key = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"
+    act = hf.get(key) or "gelu_pytorch_tanh"
     if arch == "gemma" and act == "gelu":  # Gemma's first releases' name for the tanh GELU, as HF reads it
         act = "gelu_pytorch_tanh"
-    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ValueError(f"{arch}: hidden_activation {act!r} is not supported (supported: gelu_pytorch_tanh)")
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new"):  # HF's names of the tanh-approximated GELU
+        raise ValueError(f"{arch}: {key} {act!r} is not supported (supported: gelu_pytorch_tanh, gelu_new)")
     if hf.get("use_bidirectional_attention"):
         raise ValueError(f"{arch}: use_bidirectional_attention=True (bidirectional attention) is not supported")
     # HF's Gemma 3 keeps attn_logit_softcapping in its config but never applies it.
@@ -402,6 +412,15 @@ def _gemma_fields(arch: str, hf: dict) -> dict:
         rope = RopeConfig.from_params({**(hf.get("rope_scaling") or {}), **params}, float(hf.get("rope_theta", 1e6)))
         local_rope = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10_000.0)))
     return dict(common, rope=rope, local_rope=local_rope, qk_norm=True)
+
+
+def _factor_list(params: dict, name: str) -> tuple[float, ...]:
+    """LongRoPE's `name` factors as floats; ValueError naming them where they are not a list of numbers."""
+    value = params[name]
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(f, numbers.Real) and not isinstance(f, bool) and math.isfinite(f) and f > 0 for f in value):
+        raise ValueError(f"longrope {name} must be a list of positive numbers, one per rotary pair, got {value!r:.80}")
+    return tuple(float(f) for f in value)
 
 
 def _rotary_dim(hf: dict, head_dim: int) -> int | None:

@@ -85,8 +85,6 @@ class LLMEngine:
         check_layout(self.model_config, config.parallel)
         meshes = replica_meshes(config.parallel)
         self.max_model_len = self._resolve_max_model_len()
-        self.model_config = dataclasses.replace(self.model_config,
-                                                rope=self.model_config.rope.for_context(self.max_model_len))
         self.max_logprobs = logprob_cap(config.max_logprobs, self.model_config.vocab_size)
         with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(source.load_tokenizer)
@@ -98,6 +96,11 @@ class LLMEngine:
             hint = "is tokenizer= the model's?" if config.tokenizer else "is the model's tokenizer the one it ships with?"
             logger.warning("the tokenizer has %d tokens, more than the model's vocabulary of %d: prompts holding ids "
                            "past it are refused (%s)", len(self.tokenizer), self.model_config.vocab_size, hint)
+        self.max_model_len = self._fit_to_cache(self.max_model_len)
+        # LongRoPE's factors follow the context the engine serves, known once the KV cache is sized
+        self.model_config = dataclasses.replace(self.model_config,
+                                                rope=self.model_config.rope.for_context(self.max_model_len))
+        self.runner.use_rope(self.model_config.rope)
         if config.compile_warmup:
             self.warm_up()
         # The tokenizer's EOS ends a sequence with no stop_reason; the model's other EOS ids (its
@@ -108,7 +111,6 @@ class LLMEngine:
         self.reasoning_parser = (ReasoningParser.from_tokenizer(config.reasoning_parser, self.tokenizer)
                                  if config.reasoning_parser else None)
         self.runner_type = config.runner
-        self.max_model_len = self._fit_to_cache(self.max_model_len)
         prefix_caching = config.cache.enable_prefix_caching
         if prefix_caching and self.pooler is not None and self.pooler.reads_every_token:
             logger.info("%s pooling reads every prompt token's state: prefix caching is off", self.pooler.pooling_type)

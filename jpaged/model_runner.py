@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jpaged.cache_dir import cache_dir
-from jpaged.config import CacheConfig, EngineConfig, ModelConfig
+from jpaged.config import CacheConfig, EngineConfig, ModelConfig, RopeConfig
 from jpaged.huge_pages import collapse_in_background
 from jpaged.interrupts import interrupts_held
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
@@ -217,6 +217,12 @@ class ModelRunner:
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
         self._placeholders: dict[tuple, jax.Array] = {}
         self._decodes_prefetched: set[int] = set()
+        self._config = config
+        self._make_programs()
+
+    def _make_programs(self) -> None:
+        """The (empty) caches of the step and sampler programs."""
+        config = self._config
         programs = cache_dir() / "programs" if config.compilation_cache else None
         context = self._program_context(config)
         self._step = ProgramCache(self._step_fn, donate_argnums=(1,), num_fixed=2, context=context, directory=programs)
@@ -226,6 +232,17 @@ class ModelRunner:
             self._layer = ProgramCache(self._layer_fn, donate_argnums=(1,), num_fixed=2, context=context,
                                        directory=programs)
             self._head = ProgramCache(self._head_fn, (), 1, context, programs)
+
+    def use_rope(self, rope: RopeConfig) -> None:
+        """Rotate with `rope` rather than the model config's (LongRoPE's factors for the context the
+        engine settles on once the KV cache is sized). Call before the first step: it starts the
+        step programs afresh."""
+        if rope == self.model_config.rope:
+            return
+        self.model_config = dataclasses.replace(self.model_config, rope=rope)
+        self._shape_model.cfg = self.model_config
+        self.graphdef, _ = nnx.split(self._shape_model)
+        self._make_programs()
 
     def _lora_slots(self, config: EngineConfig, kv_heads_replicated: bool) -> LoRASlots | None:
         """The LoRA slots (None without `enable_lora`), a whole copy on every device of the mesh.

@@ -371,11 +371,35 @@ def test_phi3_long_factors_match_hf_past_the_original_context(case):
     got = np.array([entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], prompt[1:])])
     want = expected[np.arange(len(prompt) - 1), prompt[1:]]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-    short = LLM(model=case.folder, **engine_kwargs())  # 128 tokens: the short factors
-    short_out = short.generate({"prompt_token_ids": prompt[:120]}, SamplingParams(max_tokens=1, prompt_logprobs=5),
+    # The model's whole context (512) asked for, but a cache of 7 blocks lowers max_model_len to
+    # 112: the short factors, and a 100-token prompt's logprobs are HF's.
+    short = LLM(model=case.folder, **engine_kwargs(max_model_len=None, num_blocks=7))
+    assert short.engine.max_model_len == 112 and not short.engine.model_config.rope.use_long_factor
+    short_out = short.generate({"prompt_token_ids": prompt[:100]}, SamplingParams(max_tokens=1, prompt_logprobs=5),
                                use_tqdm=False)[0]
-    short_got = np.array([entry[token].logprob for entry, token in zip(short_out.prompt_logprobs[1:], prompt[1:120])])
-    assert np.abs(short_got - got[:119]).max() > 1e-2  # the two factor sets differ where it counts
+    short_got = np.array([entry[token].logprob for entry, token in zip(short_out.prompt_logprobs[1:], prompt[1:100])])
+    expected_short = hf_logits(case.model, prompt[:100])
+    expected_short = expected_short - np.logaddexp.reduce(expected_short, axis=-1, keepdims=True)
+    np.testing.assert_allclose(short_got, expected_short[np.arange(99), prompt[1:100]], atol=1e-4, rtol=1e-4)
+    assert np.abs(short_got - got[:99]).max() > 1e-2  # the two factor sets differ where it counts
+
+
+@pytest.mark.parametrize("long_factor, message", [
+    ([1.0] * 7, r"longrope long_factor has 7 entries, expected one per rotary pair: 8"),
+    (2.0, r"longrope long_factor must be a list of positive numbers, one per rotary pair, got 2.0"),
+    (["1.0x"] * 8, r"longrope long_factor must be a list of positive numbers"),
+])
+def test_longrope_factor_lists_are_checked_when_read(long_factor, message):
+    """Both factor sets are checked when the config is read, whichever the engine will use (HF
+    refuses such configs too)."""
+    from jpaged.config import ModelConfig
+
+    config = dict(architectures=["Phi3ForCausalLM"], vocab_size=64, hidden_size=64, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                  original_max_position_embeddings=64,
+                  rope_scaling={"type": "su", "short_factor": [1.0] * 8, "long_factor": long_factor})
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf(config)
 
 
 def test_olmo3_hub_config_read_as_hf_reads_it():
