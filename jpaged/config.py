@@ -41,8 +41,8 @@ SUPPORTED_ARCHITECTURES.update({name.replace("ForCausalLM", "Model").replace("Ge
                                 for name, arch in SUPPORTED_ARCHITECTURES.items()})
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2",
-               "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "granitemoe": "granitemoe", "olmo2": "olmo2",
-               "olmo3": "olmo3", "smollm3": "smollm3"}
+               "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "granitemoe": "granitemoe",
+               "olmo2": "olmo2", "olmo3": "olmo3", "smollm3": "smollm3"}
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names for the compute dtypes
 
 
@@ -74,9 +74,10 @@ class RopeConfig:
     `beta_slow` times over the original context divided by `factor`, those that turn more than
     `beta_fast` times kept, a linear ramp between, and cos / sin multiplied by `attention_factor`)
     or "longrope" (Phi-3's LongRoPE, Ding et al. 2024: each frequency divided by its own factor,
-    `short_factor` or `long_factor`, and cos / sin multiplied by `attention_factor`). HF picks LongRoPE's factors per forward pass from the batch's longest
-    position; jpaged, as vLLM, picks them once per engine (`for_context`): the long ones when
-    `max_model_len` passes `original_max_position_embeddings`.
+    `short_factor` or `long_factor`, and cos / sin multiplied by `attention_factor`). HF picks
+    LongRoPE's factors per forward pass from the batch's longest position; jpaged, as vLLM, picks
+    them once per engine (`for_context`): the long ones when `max_model_len` passes
+    `original_max_position_embeddings`.
     """
 
     theta: float = 10000.0

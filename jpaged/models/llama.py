@@ -61,7 +61,7 @@ def float_matmul(x, w, transposed: bool = False):
 
 def rope_angles(positions, inv_freq, attention_factor: float = 1.0):
     """`(cos, sin)`, each float32 `[T, 1, rotary_dim]`, of rotate-half RoPE at integer `positions
-    [T]` with `inv_freq [rotary_dim // 2]`, times `attention_factor` (LongRoPE's): computed once
+    [T]` with `inv_freq [rotary_dim // 2]`, times `attention_factor` (YaRN's, LongRoPE's): computed once
     per step and shared by every layer's q and k."""
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, None, :]
