@@ -12,9 +12,13 @@ experts: Mixtral (top-2 of 8, renormalised), Qwen3-MoE (top-3 of 6, `norm_topk_p
 Qwen2-MoE (top-2 of 8 left as softmax probabilities) with its sigmoid-gated shared expert; and
 Gemma 3 (GELU, (1 + w) norms before and after attention and the MLP, scaled embeddings, a query
 scale of its own, a sliding-window layer with its own RoPE beside a global one with linear RoPE
-scaling, soft-capped logits), and Gemma 2 (soft-capped attention scores, no q/k norm). The
-MoE oracles are checked to route tokens to most experts, so wrong routing cannot hide behind one
-favourite expert.
+scaling, soft-capped logits), and Gemma 2 (soft-capped attention scores, no q/k norm); Gemma
+(GELU, (1 + w) norms, tied head), Phi-3 (checkpoint-fused projections, a window on every layer,
+partial rotary, LongRoPE's short and long factors), Granite and GraniteMoE (multipliers, stacked
+experts), OLMo 2 and 3 (norms after attention and the MLP only, q / k norms over all heads, a
+windowed layer with its own RoPE beside a YaRN one), SmolLM3 (a layer without RoPE) and YaRN on
+Qwen3. The MoE oracles are checked to route tokens to most experts, so wrong routing cannot hide
+behind one favourite expert.
 """
 
 from __future__ import annotations
