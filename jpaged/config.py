@@ -43,6 +43,9 @@ MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3"
                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2",
                "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "granitemoe": "granitemoe",
                "olmo2": "olmo2", "olmo3": "olmo3", "smollm3": "smollm3"}
+# The projections the model keeps fused, each with its parts in order (`models/llama.py`); Phi-3's
+# checkpoints (and so its LoRA adapters) name them so too.
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names for the compute dtypes
 
 
@@ -95,10 +98,13 @@ class RopeConfig:
     truncate: bool = True  # YaRN: the ramp's ends rounded to whole dims, as HF by default
 
     @classmethod
-    def from_hf(cls, hf: dict) -> RopeConfig:
-        # transformers 5 keeps theta and scaling in `rope_parameters`; older configs split them.
-        params = dict(hf.get("rope_scaling") or {})
-        params.update(hf.get("rope_parameters") or {})
+    def from_hf(cls, hf: dict, params: dict | None = None, default_theta: float | None = None) -> RopeConfig:
+        """From HF config `hf`'s rope parameters (transformers 5 keeps theta and scaling in
+        `rope_parameters`; older configs split them into `rope_theta` and `rope_scaling`), or from
+        `params`, one layer type's, with `default_theta` where they name no `rope_theta`."""
+        if params is None:
+            params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+        params = dict(params)
         if params.get("rope_type", params.get("type")) in ("llama3", "yarn", "longrope", "su"):
             # as HF's standardize_rope_params: the config's own (Phi-3 keeps it beside its rope
             # scaling) first, else the rope parameters', else max_position_embeddings
@@ -106,7 +112,8 @@ class RopeConfig:
                 params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
             elif "max_position_embeddings" in hf:
                 params.setdefault("original_max_position_embeddings", hf["max_position_embeddings"])
-        return cls.from_params(params, float(hf.get("rope_theta", 10000.0)), hf.get("max_position_embeddings"))
+        theta = default_theta if default_theta is not None else float(hf.get("rope_theta", 10000.0))
+        return cls.from_params(params, theta, hf.get("max_position_embeddings"))
 
     @classmethod
     def from_params(cls, params: dict, default_theta: float = 10000.0,
@@ -145,9 +152,7 @@ class RopeConfig:
                    if key not in params]
         if missing:
             raise ValueError(f"longrope rope scaling needs {missing}")
-        original = int(params["original_max_position_embeddings"])
-        factor = params.get("factor")
-        factor = float(factor) if factor is not None else (max_position_embeddings or original) / original
+        original, factor = _original_and_factor(params, max_position_embeddings, "longrope")
         attention_factor = params.get("attention_factor")
         if attention_factor is None:
             attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
@@ -168,11 +173,7 @@ class RopeConfig:
         """YaRN as HF's `_compute_yarn_parameters` reads it: `factor` defaults to
         max_position_embeddings / original_max_position_embeddings, the attention factor to
         0.1 ln(factor) + 1 (or the ratio of that at `mscale` and at `mscale_all_dim`, DeepSeek's)."""
-        if "original_max_position_embeddings" not in params:
-            raise ValueError("yarn rope scaling needs original_max_position_embeddings")
-        original = int(params["original_max_position_embeddings"])
-        factor = params.get("factor")
-        factor = float(factor) if factor is not None else (max_position_embeddings or original) / original
+        original, factor = _original_and_factor(params, max_position_embeddings, "yarn")
 
         def mscale(scale: float = 1.0) -> float:
             return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
@@ -202,8 +203,7 @@ class RopeConfig:
             inv_freq = inv_freq / self.factor
         elif self.scaling_type == "yarn":
             inv_freq = self._yarn_scale(inv_freq, rotary_dim)
-        elif self.scaling_type == "longrope":
-            self.check_rotary_dim(rotary_dim)
+        elif self.scaling_type == "longrope":  # one factor per pair: checked by ModelConfig
             inv_freq = inv_freq / np.asarray(self.long_factor if self.use_long_factor else self.short_factor, np.float64)
         return inv_freq.astype(np.float32)
 
@@ -407,12 +407,22 @@ def _gemma_fields(arch: str, hf: dict) -> dict:
         return common
     params = hf.get("rope_parameters") or {}
     if "full_attention" in params or "sliding_attention" in params:
-        rope = RopeConfig.from_params(params.get("full_attention") or {}, 1_000_000.0)
-        local_rope = RopeConfig.from_params(params.get("sliding_attention") or {}, 10_000.0)
+        rope = RopeConfig.from_hf(hf, params.get("full_attention") or {}, 1_000_000.0)
+        local_rope = RopeConfig.from_hf(hf, params.get("sliding_attention") or {}, 10_000.0)
     else:
-        rope = RopeConfig.from_params({**(hf.get("rope_scaling") or {}), **params}, float(hf.get("rope_theta", 1e6)))
+        rope = RopeConfig.from_hf(hf, default_theta=float(hf.get("rope_theta", 1e6)))
         local_rope = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10_000.0)))
     return dict(common, rope=rope, local_rope=local_rope, qk_norm=True)
+
+
+def _original_and_factor(params: dict, max_position_embeddings: int | None, kind: str) -> tuple[int, float]:
+    """`(original_max_position_embeddings, factor)` of YaRN or LongRoPE parameters; `factor`
+    defaults to max_position_embeddings / original, as HF's. ValueError where the original is missing."""
+    if "original_max_position_embeddings" not in params:
+        raise ValueError(f"{kind} rope scaling needs original_max_position_embeddings")
+    original = int(params["original_max_position_embeddings"])
+    factor = params.get("factor")
+    return original, float(factor) if factor is not None else (max_position_embeddings or original) / original
 
 
 def _factor_list(params: dict, name: str) -> tuple[float, ...]:
@@ -454,8 +464,7 @@ def _olmo3_ropes(hf: dict) -> dict:
         full, sliding = params.get("full_attention") or {}, params.get("sliding_attention") or {}
     else:
         full, sliding = {**(hf.get("rope_scaling") or {}), **params, "rope_theta": hf.get("rope_theta", 500_000.0)}, {}
-    rope, local = (RopeConfig.from_hf({**hf, "rope_scaling": None, "rope_parameters": {"rope_theta": 500_000.0, **p}})
-                   for p in (full, sliding))
+    rope, local = (RopeConfig.from_hf(hf, p, 500_000.0) for p in (full, sliding))
     return dict(rope=rope, local_rope=None if local == rope else local)
 
 

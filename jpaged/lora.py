@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jpaged.config import ModelConfig
+from jpaged.config import FUSED_PROJECTIONS, ModelConfig
 from jpaged.sampling_params import is_integer
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -58,15 +58,11 @@ def lora_modules(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-# A fused projection's adapter is its parts' adapters: one A, and B's rows split as the parts' outputs.
-_FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
 def _adapter_modules(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """`lora_modules`, and the fused projections of their parts as Phi-3's checkpoints (and so
     its adapters) name them, with their `(in, out)` sizes."""
     shapes = lora_modules(cfg)
-    for fused, parts in _FUSED_MODULES.items():
+    for fused, parts in FUSED_PROJECTIONS.items():
         if all(part in shapes for part in parts):
             shapes[fused] = (shapes[parts[0]][0], sum(shapes[part][1] for part in parts))
     return shapes
@@ -165,7 +161,7 @@ def _factors(tensors: dict[str, np.ndarray], cfg: ModelConfig, rank: int, scalin
                                  f"{None if got is None else got.shape}, expected {shape}")
         a = np.ascontiguousarray(pair["A"].astype(np.float32).T)
         b = pair["B"].astype(np.float32).T * np.float32(scaling)
-        parts = _FUSED_MODULES.get(module, (module,))
+        parts = FUSED_PROJECTIONS.get(module, (module,))  # a fused projection's: one A, B's rows split
         bounds = np.cumsum([shapes[part][1] for part in parts])[:-1]
         for part, b_part in zip(parts, np.split(b, bounds, axis=1)):
             if (layer, part) in factors:

@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jpaged.config import ModelConfig
+from jpaged.config import FUSED_PROJECTIONS, ModelConfig
 from jpaged.loader.host_store import HostStore
-from jpaged.models.llama import FUSED
 from jpaged.models.quantization import QUANTIZED_PARAMS, quantize, scale_name, scheme_of
 
 _LAYER_TENSORS = {
@@ -69,10 +68,10 @@ _TOP_TENSORS = {
     "lm_head.weight": ("lm_head", True),
 }
 _LAYER_TENSOR_OF = {param: name for name, (param, _) in _LAYER_TENSORS.items()}
-# Fused tensors (joined from their parts, in this order; the model's `FUSED` projections, and the
-# q / k / v biases into `qkv_bias`) and the layer parameters they fill.
+# Fused tensors (joined from their parts, in this order: `FUSED_PROJECTIONS`, and the q / k / v
+# biases into `qkv_bias`) and the layer parameters they fill.
 _FUSIONS = {_LAYER_TENSOR_OF[fused]: (fused, tuple(_LAYER_TENSOR_OF[part] for part in parts))
-            for fused, parts in FUSED.items()}
+            for fused, parts in FUSED_PROJECTIONS.items()}
 _FUSIONS["self_attn.qkv_proj.bias"] = ("qkv_bias", tuple(name.replace(".weight", ".bias")
                                                          for name in _FUSIONS["self_attn.qkv_proj.weight"][1]))
 _FUSED_INTO = {part: fused for fused, (_, parts) in _FUSIONS.items() for part in parts}

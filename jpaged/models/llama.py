@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jpaged.config import ModelConfig
+from jpaged.config import FUSED_PROJECTIONS, ModelConfig
 from jpaged.models.moe import sparse_moe
 from jpaged.models.quantization import QUANTIZED_PARAMS, STORAGE_DTYPES, scale_name
 from pallas_kernels.paged_attention import AttentionMetadata, paged_attention_layer, ragged_paged_attention
@@ -90,7 +90,6 @@ def rope_of(rope, positions, rotary_dim: int):
     return rope_angles(positions, jnp.asarray(rope.inv_freq(rotary_dim)), rope.attention_factor)
 
 
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def fused_formats(formats: dict[str, str]) -> dict[str, str]:
@@ -98,7 +97,7 @@ def fused_formats(formats: dict[str, str]) -> dict[str, str]:
     fused projection is kept packed when its parts are all of one block type; parts of several
     types (a K-quant mix) stay separate (no entry under the fused name)."""
     out = dict(formats)
-    for fused, parts in FUSED.items():
+    for fused, parts in FUSED_PROJECTIONS.items():
         kinds = {formats.get(part) for part in parts}
         if len(kinds) == 1 and None not in kinds:
             out[fused] = kinds.pop()
@@ -107,7 +106,7 @@ def fused_formats(formats: dict[str, str]) -> dict[str, str]:
 
 def can_fuse(formats: dict[str, str], fused: str) -> bool:
     """Whether the parts of `fused` are kept alike: all unpacked, or all packed as one block type."""
-    return fused in formats or not any(part in formats for part in FUSED[fused])
+    return fused in formats or not any(part in formats for part in FUSED_PROJECTIONS[fused])
 
 
 def split_columns(y, sizes: tuple[int, ...], shards: int):
@@ -384,8 +383,8 @@ class LlamaForCausalLM(nnx.Module):
         if fused in weights:
             y = self._linear(x, weights, fused)
             parts = split_columns(y if bias is None else y + bias, sizes, shards)
-            return [_plus_lora(part, x, weights, name) for part, name in zip(parts, FUSED[fused])]
-        parts = [self._linear(x, weights, part) for part in FUSED[fused]]
+            return [_plus_lora(part, x, weights, name) for part, name in zip(parts, FUSED_PROJECTIONS[fused])]
+        parts = [self._linear(x, weights, part) for part in FUSED_PROJECTIONS[fused]]
         if bias is None:
             return parts
         return [part + b for part, b in zip(parts, split_columns(bias, sizes, shards))]
