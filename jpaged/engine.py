@@ -17,6 +17,7 @@ import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -50,6 +51,9 @@ from jpaged.scheduler import Scheduler, SchedulerOutput, check_priority
 from jpaged.sequence import Request, Sequence
 from jpaged.structured_output import GrammarCompiler
 from sharding.mesh import replica_meshes
+
+if TYPE_CHECKING:
+    from jpaged.sampler import SamplerOutput
 
 logger = logging.getLogger("jpaged")
 EMBEDDING_PARAMS = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)  # a pooling runner's requests
@@ -427,16 +431,16 @@ class LLMEngine:
         if result.prompt_rows is not None:
             self._record_prompt_logprobs(plan.scheduled, result)
         touched: dict[str, Request] = {}
-        checked = 0  # draft checks taken so far from `result.draft_choices`
+        checked = 0  # draft checks taken so far from `result.draft_sampled`
         for row, item in enumerate(plan.scheduled):
             seq = item.seq
             self._count_computed(seq, item.num_new_tokens)
             seq.num_computed_tokens += item.num_new_tokens - item.num_draft_tokens
             if item.num_draft_tokens:
                 drafts = seq.draft_token_ids[:item.num_draft_tokens]
-                choices = result.draft_choices[checked:checked + len(drafts)].tolist()
+                picks = [(result.draft_sampled, checked + i) for i in range(len(drafts))] + [(sampled, row)]
                 checked += len(drafts)
-                seq.num_computed_tokens += self._append_verified(seq, drafts, choices + [int(sampled.token_ids[row])])
+                seq.num_computed_tokens += self._append_verified(seq, drafts, picks)
             elif item.samples:
                 self._record_logprobs(seq, sampled, row)
                 self._append_token(seq, int(sampled.token_ids[row]))
@@ -477,20 +481,23 @@ class LLMEngine:
         return outputs
 
     def _propose_drafts(self) -> None:
-        """Draft tokens for each running sequence about to decode greedily (see `ngram_proposer`),
-        never more than its request's remaining tokens less one."""
+        """Draft tokens for each running sequence about to decode (see `ngram_proposer`), never
+        more than its request's remaining tokens less one."""
         for seq in self.scheduler.running:
             limit = seq.sampling_params.max_tokens - len(seq.output_token_ids) - 1
             ready = seq.num_uncomputed_tokens == 1 and can_draft(seq)
             seq.draft_token_ids = self.proposer.propose(seq, limit) if ready else []
 
-    def _append_verified(self, seq: Sequence, drafts: list[int], greedy: list[int]) -> int:
-        """Append the tokens a step with `drafts` emits for `seq` (until a stop condition ends it);
-        the number of drafts appended, whose K/V the step computed."""
-        tokens = accepted_tokens(drafts, greedy)
+    def _append_verified(self, seq: Sequence, drafts: list[int], picks: list[tuple[SamplerOutput, int]]) -> int:
+        """Append the tokens a step with `drafts` emits for `seq` (until a stop condition ends it),
+        with their logprobs where wanted; the number of drafts appended, whose K/V the step
+        computed. `picks` locate the step's draw after the last token and after each draft
+        (a `SamplerOutput` and its row), one more than `drafts`."""
+        tokens = accepted_tokens(drafts, [int(out.token_ids[row]) for out, row in picks])
         self.num_draft_tokens += len(drafts)
         self.num_accepted_draft_tokens += len(tokens) - 1
-        for appended, token in enumerate(tokens, 1):
+        for appended, (token, (out, row)) in enumerate(zip(tokens, picks), 1):
+            self._record_logprobs(seq, out, row)
             self._append_token(seq, token)
             if seq.is_finished:
                 break

@@ -72,7 +72,7 @@ class StepOutput(NamedTuple):
     sampled: SamplerOutput  # one row per scheduled sequence, in the order given
     prompt_rows: PromptRows | None  # what each prompt-logprob row is about; None: no such rows
     prompt_logprobs: PromptLogprobs | None  # one row per `prompt_rows` entry
-    draft_choices: np.ndarray | None = None  # [D] greedy choices at the draft-check tokens, in order
+    draft_sampled: SamplerOutput | None = None  # one row per draft-check token, in order; None: no drafts
     pooled: np.ndarray | None = None  # runner "pooling": float32 [3, scheduled, hidden] (`pooled_rows`), no samples
 
 
@@ -581,7 +581,7 @@ class ModelRunner:
         """Run one step; per scheduled sequence (in the given order) its sampled token and, where
         a request wants them, logprobs (rows that do not sample carry meaningless values); the
         prompt logprobs of the prompt positions computed in this step, where wanted; and the
-        greedy choices that check the step's draft tokens, where it has some.
+        samples (and logprobs, where wanted) that check the step's draft tokens, where it has some.
         `eos_token_ids` are blocked for rows still under their `min_tokens`."""
         step = prepare_step(scheduled, self.block_size, self.shapes, self.parallel, eos_token_ids,
                             self.model_config.vocab_size)
@@ -592,9 +592,9 @@ class ModelRunner:
         sampled, prompt = self._run(batch, step.sampling)
         if self.pooling:
             return StepOutput(None, None, None, pooled=np.asarray(sampled)[:, step.rows])
-        drafts = None if step.draft_rows is None else np.asarray(sampled.token_ids)[step.draft_rows]
-        fields = sampled if step.wants_logprobs else sampled[:1]
-        sampled = SamplerOutput(*(np.asarray(field)[step.rows] for field in fields))
+        fields = [np.asarray(field) for field in (sampled if step.wants_logprobs else sampled[:1])]
+        drafts = None if step.draft_rows is None else SamplerOutput(*(field[step.draft_rows] for field in fields))
+        sampled = SamplerOutput(*(field[step.rows] for field in fields))
         if step.prompt_rows is None:
             return StepOutput(sampled, None, None, drafts)
         prompt = PromptLogprobs(*(np.asarray(field)[: len(step.prompt_rows.owner)] for field in prompt))

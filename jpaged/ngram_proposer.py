@@ -4,10 +4,11 @@ Before each step the engine asks `NgramProposer.propose` for every running seque
 to decode. A sequence whose last n tokens (n from `prompt_lookup_max` down to `prompt_lookup_min`)
 occurred earlier in its prompt or output gets the tokens that followed the latest such
 occurrence as drafts; the scheduler gives them slots behind its last token, the step computes
-them as one row, and the engine keeps the drafts that the model's own greedy choices confirm
-(`accepted_tokens`). The method is prompt lookup decoding (Saxena, 2023), vLLM's ``"ngram"``
-speculative method; verification by greedy agreement is that of speculative decoding (Leviathan
-et al., 2023, for a temperature of 0).
+them as one row, and the engine keeps the drafts that the model's own choices confirm
+(`accepted_tokens`): those equal to the token the model draws at their position with the
+sequence's own sampling controls and seed. The method is prompt lookup decoding (Saxena, 2023),
+vLLM's ``"ngram"`` speculative method; verification is speculative decoding's rejection sampling
+(Leviathan et al., 2023), which for a greedy sequence is agreement with the argmax.
 """
 
 from __future__ import annotations
@@ -19,24 +20,28 @@ from jpaged.sequence import Sequence
 
 
 def can_draft(seq: Sequence) -> bool:
-    """Whether `seq`'s next tokens are plain greedy choices (the argmax of the model's logits),
-    which drafts can be checked against: temperature 0, no penalty, bias, allowed or bad words, pending `min_tokens`
-    or logprobs, one sample, not held (beam search)."""
-    params = seq.sampling_params
-    return (params.temperature <= 0 and params.repetition_penalty == 1 and not params.presence_penalty
-            and not params.frequency_penalty and not params.changes_logits and params.logprobs is None
-            and len(seq.output_token_ids) >= max(params.min_tokens, 1) and params.num_samples == 1
-            and not seq.on_hold)
+    """Whether drafts may follow `seq`'s tokens: it has sampled its first token (a request's
+    samples fork there), is not under a structured-output grammar (whose state the drafts would
+    have to advance) and is not held (beam search)."""
+    return len(seq.output_token_ids) >= 1 and seq.grammar is None and not seq.on_hold
 
 
-def accepted_tokens(drafts: list[int], greedy: list[int]) -> list[int]:
+def accepted_tokens(drafts: list[int], sampled: list[int]) -> list[int]:
     """The tokens a verified step emits: the drafts up to the first that differs from the model's
-    greedy choice at its position, then the model's choice there (`greedy[i]` is the argmax after
-    the sequence's last token and drafts `[:i]`; it has one entry more than `drafts`)."""
+    own choice at its position, then the model's choice there (`sampled[i]` is the token the
+    sequence samples after its last token and drafts `[:i]`, as it would without drafts; it has
+    one entry more than `drafts`).
+
+    For a greedy row this is greedy agreement. For a sampled row it is the rejection sampling of
+    speculative decoding (Leviathan et al., 2023; Chen et al., 2023) for a draft that is one token
+    with certainty: a draft `d` is kept with probability p(d) (the draw equals it), and else the
+    token comes from p with `d` taken out and renormalised (the draw, given it is not `d`), so
+    each token has exactly the distribution, and with a seed the value, of decoding without
+    drafts."""
     for i, draft in enumerate(drafts):
-        if greedy[i] != draft:
-            return drafts[:i] + [greedy[i]]
-    return drafts + [greedy[len(drafts)]]
+        if sampled[i] != draft:
+            return drafts[:i] + [sampled[i]]
+    return drafts + [sampled[len(drafts)]]
 
 
 class NgramProposer:

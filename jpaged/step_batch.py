@@ -8,7 +8,7 @@ Between the scheduler (Python lists) and the device (`jpaged/model_runner.py`), 
   are cut into micro-batches of one shape, stacked on a leading axis;
 - the logits rows: which row of the step's logits belongs to each scheduled sequence, which
   tokens' logits give prompt logprobs (for sequences whose request asks for them, in the chunks
-  that compute their prompt), and which tokens' greedy choices check draft tokens (a sequence
+  that compute their prompt), and which tokens' sampled choices check draft tokens (a sequence
   with drafts computes its last token and drafts as one row; the choice after its last token and
   each draft but the last checks the next draft, and the row's sampled token follows the last);
 - the sampling arrays (`SamplingArrays`): each row's sampling controls, the token ids its
@@ -73,8 +73,8 @@ def build_step_batch(scheduled: list[ScheduledSequence], block_size: int, shapes
                      ) -> tuple[StepBatch, np.ndarray, PromptRows | None, np.ndarray | None]:
     """Padded arrays for `scheduled` (decodes first) at `shapes`' sizes; also each sequence's row,
     in the order given, the prompt-logprob rows (None when no sequence computes prompt
-    logprobs; the step's prompt arrays are then None too), and the rows whose tokens are the
-    greedy choices that check draft tokens (see `_draft_rows`; None when there are no drafts).
+    logprobs; the step's prompt arrays are then None too), and the rows whose sampled tokens are
+    the choices that check draft tokens (see `_draft_rows`; None when there are no drafts).
 
     Flat arrays by default; with `stacked` (a pipeline) they gain a leading `[M]` axis, each
     micro-batch holding a contiguous share of the step's tokens, all padded to one shape. A
@@ -104,9 +104,9 @@ def build_step_batch(scheduled: list[ScheduledSequence], block_size: int, shapes
 
 def _draft_rows(scheduled: list[ScheduledSequence], groups: list[list[_Piece]], starts: list[np.ndarray],
                 logits_indices: np.ndarray) -> np.ndarray | None:
-    """Point padding rows of `logits_indices` at the tokens whose greedy choices check drafts (for
-    each scheduled sequence with `d` drafts, in order, the first `d` tokens of its row; a padding
-    row samples greedily with no processor, so its token is that choice) and return those rows.
+    """Point padding rows of `logits_indices` at the tokens whose sampled choices check drafts (for
+    each scheduled sequence with `d` drafts, in order, the first `d` tokens of its row;
+    `prepare_step` gives each such row its sequence's sampling controls) and return those rows.
     The scheduler keeps rows and drafts within `StepShapes.num_rows`' limit, so within the
     padded rows."""
     if not any(item.num_draft_tokens for item in scheduled):
@@ -491,20 +491,31 @@ class StepInputs(NamedTuple):
 
 def prepare_step(scheduled: list[ScheduledSequence], block_size: int, shapes: StepShapes, parallel: ParallelConfig,
                  eos_token_ids: list[int], vocab_size: int) -> StepInputs:
-    """The step's token arrays, logits rows and sampling arrays; padding rows sample greedily."""
+    """The step's token arrays, logits rows and sampling arrays; padding rows sample greedily.
+
+    A row that checks a draft samples as its sequence would after the drafts before it: the
+    sequence's seed, its step counted past those drafts, its penalties and bad words over its
+    output with them appended; the sequence's own row follows all its drafts."""
     batch, rows, prompt_rows, draft_rows = build_step_batch(
         scheduled, block_size, shapes, num_micro_batches(scheduled, parallel), stacked=parallel.pipeline_parallel_size > 1)
     seqs: list = [None] * len(batch.logits_indices)
+    outputs: list = [[]] * len(seqs)  # each row's output tokens, with the drafts it follows
+    checks = iter([] if draft_rows is None else draft_rows)
     for item, row in zip(scheduled, rows):
-        seqs[row] = item.seq
+        seqs[row], drafts = item.seq, item.seq.draft_token_ids[:item.num_draft_tokens]
+        outputs[row] = item.seq.output_token_ids + drafts if drafts else item.seq.output_token_ids
+        for i in range(len(drafts)):
+            check = next(checks)
+            seqs[check], outputs[check] = item.seq, item.seq.output_token_ids + drafts[:i]
     params = [s.sampling_params if s else PADDING_PARAMS for s in seqs]
     sampling = SamplingArrays.build(
-        params, [s.seed if s else 0 for s in seqs], [len(s.output_token_ids) if s else 0 for s in seqs],
+        params, [s.seed if s else 0 for s in seqs], [len(output) for output in outputs],
         pad_to=len(seqs),
         prompt_token_ids=[s.prompt_token_ids if s else [] for s in seqs],
-        output_token_ids=[s.output_token_ids if s else [] for s in seqs],
+        output_token_ids=outputs,
         eos_token_ids=eos_token_ids, vocab_size=vocab_size,
-        banned_ids=[banned_token_ids(s.request.bad_words_token_ids, s.output_token_ids) if s else [] for s in seqs],
+        banned_ids=[banned_token_ids(s.request.bad_words_token_ids, output) if s else []
+                    for s, output in zip(seqs, outputs)],
         penalty_width=shapes.penalty_width, bias_width=MAX_BIASED_TOKENS,
     )
     constrained = [(row, item.seq.grammar) for item, row in zip(scheduled, rows)

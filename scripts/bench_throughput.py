@@ -18,7 +18,8 @@ Engines (`--engines`, comma-separated; default: jpaged, hf, hf-batch, vllm, llam
 "vs vLLM" is each engine's output tokens/s over the faster vLLM setting of the run.
 
 Every engine runs SmolLM2-135M-Instruct (the default model's GGUF, dequantized to float32) on
-the same requests, given as token ids: greedy, EOS ignored, each request exactly its own
+the same requests, given as token ids: greedy (or, with `--temperature`, sampled, each request
+seeded by its index; jpaged and vLLM only), EOS ignored, each request exactly its own
 `max_tokens`, so every engine produces the same number of tokens. HF and vLLM load an HF
 float32 folder (config, safetensors, tokenizer) written once from the GGUF by transformers' GGUF
 loader into jpaged's cache directory (`hf/<gguf name>`). Each engine's outputs are checked
@@ -172,6 +173,13 @@ def speculative_config(args, engine: str) -> dict | None:
             "prompt_lookup_min": 2}
 
 
+def request_params(max_tokens: int, index: int, temperature: float) -> SamplingParams:
+    """EOS ignored, so every request yields exactly `max_tokens` tokens: greedy at temperature 0,
+    else sampled with the request's `index` as its seed (as the vLLM worker sets it)."""
+    return SamplingParams(temperature=temperature, seed=index if temperature else None, max_tokens=max_tokens,
+                          ignore_eos=True)
+
+
 def run_jpaged(workload: Workload, single: list[int], single_tokens: int, args, engine: str,
                model: str | None = None) -> EngineRun:
     """A cold pass (compiles), then the timed pass; the single request likewise; on `model` (the
@@ -179,7 +187,7 @@ def run_jpaged(workload: Workload, single: list[int], single_tokens: int, args, 
     llm = LLM(model, attention_backend=args.attention_backend, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens,
               cpu_kv_cache_gib=args.kv_cache_gib, speculative_config=speculative_config(args, engine))
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.max_tokens]
+    params = [request_params(n, i, args.temperature) for i, n in enumerate(workload.max_tokens)]
     requests = [{"prompt_token_ids": p} for p in workload.prompts]
 
     def timed(prompts, sampling) -> tuple[float, list[list[int]]]:
@@ -191,7 +199,7 @@ def run_jpaged(workload: Workload, single: list[int], single_tokens: int, args, 
     cold, _ = timed(requests, params)
     compilations = llm.engine.stats().num_compilations
     seconds, token_ids = timed(requests, params)
-    single_params = SamplingParams(temperature=0.0, max_tokens=single_tokens, ignore_eos=True)
+    single_params = request_params(single_tokens, 0, args.temperature)
     timed({"prompt_token_ids": single}, single_params)
     single_seconds = statistics.median(timed({"prompt_token_ids": single}, single_params)[0]
                                        for _ in range(args.single_rounds))
@@ -360,7 +368,7 @@ def run_vllm(python: str, folder: Path, workload: Workload, single: list[int], s
            "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                       "max_model_len": max(2048, max_model_len), "kv_cache_gib": args.kv_cache_gib,
                       "enable_prefix_caching": True, "speculative_config": speculative_config(args, engine)},
-           **requests_json(workload, single, single_tokens, args.single_rounds)}
+           "temperature": args.temperature, **requests_json(workload, single, single_tokens, args.single_rounds)}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{os.cpu_count() - 1}" if args.vllm_omp_bind == "all" else args.vllm_omp_bind
     result, seconds = run_worker(python, "bench_vllm_worker.py", job, env)
@@ -475,6 +483,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--single-tokens", type=positive_int, default=128)
     parser.add_argument("--speculative-tokens", type=positive_int, default=4,
                         help="drafts per step of the +ngram engines (jpaged and vLLM alike)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sample at this temperature, each request seeded by its index (jpaged and vLLM "
+                             "engines only; outputs then agree between jpaged settings, not with vLLM's)")
     parser.add_argument("--single-rounds", type=positive_int, default=3,
                         help="timed runs of the single request per engine (the median is reported)")
     parser.add_argument("--out", help="default: bench_results/throughput_<workload>.json")
@@ -490,6 +501,12 @@ def parse_args() -> argparse.Namespace:
     if "llama.cpp" in args.engines and not args.llama_cpp_python:
         print("llama.cpp skipped: no --llama-cpp-python given")
         args.engines.remove("llama.cpp")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.temperature:
+        greedy_only = [e for e in args.engines if e in ("hf", "hf-batch", "llama.cpp")]
+        if greedy_only:
+            parser.error(f"--temperature {args.temperature}: engines {', '.join(greedy_only)} run greedy only")
     args.num_requests = args.num_requests or (64 if args.workload == "chat" else 16)
     args.out = Path(args.out or f"bench_results/throughput_{args.workload}.json")
     return args
@@ -544,13 +561,14 @@ def main() -> None:
         raise SystemExit(f"no engine could run (asked for: {', '.join(args.engines)}); see the lines above")
     summary = summarise(runs, workload)
     print_table(summary)
-    result = {"workload": args.workload, "num_requests": len(workload.prompts),
+    result = {"workload": args.workload, "temperature": args.temperature, "num_requests": len(workload.prompts),
               "prompt_tokens": sum(prompt_lengths), "prompt_tokens_range": [min(prompt_lengths), max(prompt_lengths)],
               "output_tokens": sum(workload.max_tokens), "max_tokens": workload.max_tokens,
               "single_tokens": args.single_tokens, "machine": f"{platform.machine()} {platform.processor()}".strip(),
               "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(), "versions": versions(), **summary}
     save_json(result, args.out)
-    plot(summary, f"{args.workload}: {len(workload.prompts)} requests, {sum(workload.max_tokens)} output tokens, "
+    sampled = f", temperature {args.temperature}" if args.temperature else ""
+    plot(summary, f"{args.workload}{sampled}: {len(workload.prompts)} requests, {sum(workload.max_tokens)} output tokens, "
                   f"{os.cpu_count()} CPU cores", args.out.with_suffix(".png"))
 
 

@@ -27,19 +27,23 @@ import statistics
 import time
 
 
-def sampling(max_tokens: int):
-    """Greedy, EOS ignored: every request yields exactly `max_tokens` tokens."""
+def sampling(max_tokens: int, temperature: float, seed: int):
+    """EOS ignored, so every request yields exactly `max_tokens` tokens: greedy at temperature 0,
+    else sampled with the request's `seed` (its index)."""
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return SamplingParams(temperature=temperature, seed=seed if temperature else None, max_tokens=max_tokens,
+                          ignore_eos=True)
 
 
-def timed_generate(llm, prompts: list[list[int]], max_tokens: list[int], loras=None) -> tuple[float, list[list[int]]]:
+def timed_generate(llm, prompts: list[list[int]], max_tokens: list[int], loras=None, temperature: float = 0.0
+                   ) -> tuple[float, list[list[int]]]:
     """Seconds and each request's output token ids for one `generate` over all `prompts`, each
     through its LoRA request in `loras` where given."""
     llm.reset_prefix_cache()  # nothing reused from an earlier pass
     started = time.perf_counter()
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], [sampling(n) for n in max_tokens],
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           [sampling(n, temperature, i) for i, n in enumerate(max_tokens)],
                            use_tqdm=False, **({"lora_request": loras} if loras else {}))
     return time.perf_counter() - started, [list(o.outputs[0].token_ids) for o in outputs]
 
@@ -79,13 +83,14 @@ def run(job: dict) -> dict:
     prompts = [r["prompt_token_ids"] for r in job["requests"]]
     max_tokens = [r["max_tokens"] for r in job["requests"]]
     loras = lora_requests(job)
-    warmup, _ = timed_generate(llm, prompts, [8] * len(prompts), loras)
-    seconds, token_ids = timed_generate(llm, prompts, max_tokens, loras)
+    temperature = job.get("temperature", 0.0)
+    warmup, _ = timed_generate(llm, prompts, [8] * len(prompts), loras, temperature)
+    seconds, token_ids = timed_generate(llm, prompts, max_tokens, loras, temperature)
     single = job["single"]
     single_lora = loras[:1] if loras else None
-    timed_generate(llm, [single["prompt_token_ids"]], [single["max_tokens"]], single_lora)  # its shapes warmed up
-    rounds = [timed_generate(llm, [single["prompt_token_ids"]], [single["max_tokens"]], single_lora)
-              for _ in range(single.get("rounds", 1))]
+    single_run = [single["prompt_token_ids"]], [single["max_tokens"]], single_lora, temperature
+    timed_generate(llm, *single_run)  # its shapes warmed up
+    rounds = [timed_generate(llm, *single_run) for _ in range(single.get("rounds", 1))]
     single_seconds, single_ids = statistics.median(r[0] for r in rounds), rounds[-1][1]
     return {"seconds": seconds, "token_ids": token_ids, "startup_seconds": startup,
             "warmup_seconds": warmup, "single_seconds": single_seconds,

@@ -1,6 +1,7 @@
-"""N-gram speculative decoding: drafts from prompt lookup, checked against the model's own greedy
-choices in one step, give exactly the tokens of plain greedy decoding (HF transformers' `generate`
-is the oracle), with fewer steps, and leave no block held."""
+"""N-gram speculative decoding: drafts from prompt lookup, checked against the model's own
+choices in one step, give exactly the tokens of decoding without drafts (greedy: HF transformers'
+`generate` is the oracle; sampled with a seed: the engine without drafts), with fewer steps, and
+leave no block held."""
 
 from __future__ import annotations
 
@@ -115,24 +116,62 @@ def test_stops_inside_accepted_drafts_end_where_plain_decoding_ends(engines):
                [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in expected]
 
 
-def test_requests_that_cannot_draft_are_unchanged_beside_drafting_ones(engines):
-    """Sampled, penalised and logprob-asking requests take no drafts; their outputs, and the
-    greedy ones', equal those of the engine without speculation."""
+def outputs_of(results) -> list[list[tuple]]:
+    return [[(o.token_ids, o.text, o.finish_reason) for o in r.outputs] for r in results]
+
+
+def test_seeded_sampled_requests_draft_and_give_the_tokens_of_plain_decoding(engines):
+    """Sampled requests draft too: a draft is kept when the sequence's own seeded draw at its
+    position equals it, so each token, its logprobs and the samples of `n` / `best_of` equal those
+    of the engine without drafts; some drafts are kept and some rejected."""
+    plain, speculative = engines
+    cases = [SamplingParams(temperature=0.4, top_p=0.9, top_k=20, seed=1, max_tokens=50, ignore_eos=True, logprobs=2),
+             SamplingParams(temperature=1.0, min_p=0.05, seed=2, max_tokens=50, ignore_eos=True),
+             SamplingParams(temperature=0.5, seed=3, repetition_penalty=1.1, presence_penalty=0.2,
+                            frequency_penalty=0.1, min_tokens=45, max_tokens=50),
+             SamplingParams(temperature=0.5, seed=4, bad_words=["the"], logit_bias={5: 2.0}, max_tokens=50,
+                            ignore_eos=True)]
+    for params in cases:
+        before = speculative.engine.stats()
+        got = speculative.generate(PROMPTS, params, use_tqdm=False)
+        after = speculative.engine.stats()
+        expected = plain.generate(PROMPTS, params, use_tqdm=False)
+        assert outputs_of(got) == outputs_of(expected)
+        drafts = after.num_draft_tokens - before.num_draft_tokens
+        accepted = after.num_accepted_draft_tokens - before.num_accepted_draft_tokens
+        assert 0 < accepted < drafts
+    for mine, theirs in zip(got, expected):
+        assert mine.outputs[0].cumulative_logprob is None
+    got, expected = (engine.generate(PROMPTS, cases[0], use_tqdm=False) for engine in (speculative, plain))
+    for mine, theirs in zip(got, expected):  # other batch shapes: float32 rounding
+        assert mine.outputs[0].cumulative_logprob == pytest.approx(theirs.outputs[0].cumulative_logprob, abs=1e-3)
+        for a, b in zip(mine.outputs[0].logprobs, theirs.outputs[0].logprobs):
+            assert a.keys() == b.keys()
+            assert [v.rank for v in a.values()] == [v.rank for v in b.values()]
+            assert [v.logprob for v in a.values()] == pytest.approx([v.logprob for v in b.values()], abs=1e-4)
+    samples = SamplingParams(temperature=0.4, n=2, best_of=3, seed=5, max_tokens=40, ignore_eos=True)
+    before = speculative.engine.stats().num_accepted_draft_tokens
+    got = speculative.generate(PROMPTS[1:3], samples, use_tqdm=False)
+    assert outputs_of(got) == outputs_of(plain.generate(PROMPTS[1:3], samples, use_tqdm=False))
+    assert speculative.engine.stats().num_accepted_draft_tokens > before
+    assert speculative.engine.block_manager.num_free_blocks == speculative.engine.block_manager.num_blocks
+
+
+def test_constrained_requests_take_no_drafts_beside_drafting_ones(engines):
+    """A request under a structured-output grammar decodes without drafts; beside it greedy and
+    sampled requests draft; every output equals the engine's without drafts."""
     plain, speculative = engines
     params = [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
               SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=30, ignore_eos=True),
-              SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.0, max_tokens=30, structured_outputs={"regex": "(ab|cd)+"}),
               SamplingParams(temperature=0.0, logprobs=2, max_tokens=30, ignore_eos=True)]
     before = speculative.engine.stats().num_draft_tokens
     got = speculative.generate(PROMPTS, params, use_tqdm=False)
-    expected = plain.generate(PROMPTS, params, use_tqdm=False)
-    assert token_ids(got) == token_ids(expected)
-    for mine, theirs in zip(got[3].outputs[0].logprobs, expected[3].outputs[0].logprobs):  # other batch shapes
-        assert mine.keys() == theirs.keys()
-        assert [v.logprob for v in mine.values()] == pytest.approx([v.logprob for v in theirs.values()], abs=1e-5)
+    assert outputs_of(got) == outputs_of(plain.generate(PROMPTS, params, use_tqdm=False))
     assert speculative.engine.stats().num_draft_tokens > before
-    assert got[0].outputs[0].cumulative_logprob is None  # not computed for a request without logprobs
-    assert got[3].outputs[0].cumulative_logprob == pytest.approx(expected[3].outputs[0].cumulative_logprob, abs=1e-4)
+    alone = speculative.engine.stats().num_draft_tokens
+    speculative.generate(PROMPTS[2], params[2], use_tqdm=False)
+    assert speculative.engine.stats().num_draft_tokens == alone
 
 
 def test_preemption_and_abort_with_drafts_free_every_block(stories_path):
@@ -176,7 +215,8 @@ def test_pipeline_parallelism_is_refused():
 
 def test_server_streams_the_tokens_of_plain_decoding(engines, stories_path):
     """`jpaged serve --speculative-config ...` as the official `openai` client sees it: streamed
-    completions whose text is plain greedy decoding's, and no block held afterwards."""
+    completions whose text is that of decoding without drafts (greedy, and sampled with a seed),
+    and no block held afterwards."""
     openai = pytest.importorskip("openai")
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
@@ -195,6 +235,10 @@ def test_server_streams_the_tokens_of_plain_decoding(engines, stories_path):
             chunks = client.completions.create(model="stories", prompt=prompt, max_tokens=48, temperature=0,
                                                stream=True)
             assert "".join(c.choices[0].text for c in chunks) == text
+        sampled = plain.generate(PROMPTS[1], SamplingParams(temperature=0.7, seed=11, max_tokens=48), use_tqdm=False)
+        chunks = client.completions.create(model="stories", prompt=PROMPTS[1], max_tokens=48, temperature=0.7,
+                                           seed=11, stream=True)
+        assert "".join(c.choices[0].text for c in chunks) == sampled[0].outputs[0].text
         metrics = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in
                    httpx.get(f"{url}/metrics").text.splitlines() if line.startswith("jpaged:spec")}
     stats = engine.stats()
