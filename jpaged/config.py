@@ -599,9 +599,9 @@ class SpeculativeConfig:
     a decoding sequence looks for the latest earlier occurrence of its last n tokens (n from
     `prompt_lookup_max` down to `prompt_lookup_min`) in its prompt and output, proposes the up to
     `num_speculative_tokens` tokens that followed it, and the step verifies them all at once.
-    Off while `num_speculative_tokens` is 0. Every decoding sequence drafts except those under a
-    structured-output grammar (see `jpaged/ngram_proposer.py`); the tokens are those of decoding
-    without drafts (with a seed, the same tokens).
+    Off while `num_speculative_tokens` is 0. Every decoding sequence drafts (see
+    `jpaged/ngram_proposer.py`); the tokens are those of decoding without drafts (with a seed,
+    the same tokens).
     """
 
     method: str | None = None  # None (off) | "ngram"

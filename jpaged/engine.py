@@ -482,11 +482,14 @@ class LLMEngine:
 
     def _propose_drafts(self) -> None:
         """Draft tokens for each running sequence about to decode (see `ngram_proposer`), never
-        more than its request's remaining tokens less one."""
+        more than its request's remaining tokens less one, nor past the first its structured-output
+        grammar forbids."""
         for seq in self.scheduler.running:
             limit = seq.sampling_params.max_tokens - len(seq.output_token_ids) - 1
-            ready = seq.num_uncomputed_tokens == 1 and can_draft(seq)
-            seq.draft_token_ids = self.proposer.propose(seq, limit) if ready else []
+            drafts = self.proposer.propose(seq, limit) if seq.num_uncomputed_tokens == 1 and can_draft(seq) else []
+            if drafts and seq.grammar is not None:
+                drafts = drafts[:seq.grammar.valid_prefix(drafts)]
+            seq.draft_token_ids = drafts
 
     def _append_verified(self, seq: Sequence, drafts: list[int], picks: list[tuple[SamplerOutput, int]]) -> int:
         """Append the tokens a step with `drafts` emits for `seq` (until a stop condition ends it),

@@ -21,9 +21,8 @@ from jpaged.sequence import Sequence
 
 def can_draft(seq: Sequence) -> bool:
     """Whether drafts may follow `seq`'s tokens: it has sampled its first token (a request's
-    samples fork there), is not under a structured-output grammar (whose state the drafts would
-    have to advance) and is not held (beam search)."""
-    return len(seq.output_token_ids) >= 1 and seq.grammar is None and not seq.on_hold
+    samples fork there) and is not held (beam search)."""
+    return len(seq.output_token_ids) >= 1 and not seq.on_hold
 
 
 def accepted_tokens(drafts: list[int], sampled: list[int]) -> list[int]:

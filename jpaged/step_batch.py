@@ -495,17 +495,19 @@ def prepare_step(scheduled: list[ScheduledSequence], block_size: int, shapes: St
 
     A row that checks a draft samples as its sequence would after the drafts before it: the
     sequence's seed, its step counted past those drafts, its penalties and bad words over its
-    output with them appended; the sequence's own row follows all its drafts."""
+    output with them appended, its grammar's bitmask after them; the sequence's own row follows
+    all its drafts."""
     batch, rows, prompt_rows, draft_rows = build_step_batch(
         scheduled, block_size, shapes, num_micro_batches(scheduled, parallel), stacked=parallel.pipeline_parallel_size > 1)
     seqs: list = [None] * len(batch.logits_indices)
     outputs: list = [[]] * len(seqs)  # each row's output tokens, with the drafts it follows
     checks = iter([] if draft_rows is None else draft_rows)
+    draft_rows_of = []  # each scheduled sequence's draft-check rows
     for item, row in zip(scheduled, rows):
         seqs[row], drafts = item.seq, item.seq.draft_token_ids[:item.num_draft_tokens]
         outputs[row] = item.seq.output_token_ids + drafts if drafts else item.seq.output_token_ids
-        for i in range(len(drafts)):
-            check = next(checks)
+        draft_rows_of.append([next(checks) for _ in drafts])
+        for i, check in enumerate(draft_rows_of[-1]):
             seqs[check], outputs[check] = item.seq, item.seq.output_token_ids + drafts[:i]
     params = [s.sampling_params if s else PADDING_PARAMS for s in seqs]
     sampling = SamplingArrays.build(
@@ -518,19 +520,20 @@ def prepare_step(scheduled: list[ScheduledSequence], block_size: int, shapes: St
                     for s, output in zip(seqs, outputs)],
         penalty_width=shapes.penalty_width, bias_width=MAX_BIASED_TOKENS,
     )
-    constrained = [(row, item.seq.grammar) for item, row in zip(scheduled, rows)
-                   if item.samples and item.seq.grammar is not None]
+    constrained = [(item.seq.grammar, [*draft_rows_of[i], row], item.seq.draft_token_ids[:item.num_draft_tokens])
+                   for i, (item, row) in enumerate(zip(scheduled, rows)) if item.samples and item.seq.grammar is not None]
     if constrained:
         sampling = dataclasses.replace(sampling, token_bitmask=token_bitmask(constrained, len(seqs), vocab_size))
     return StepInputs(batch, sampling, rows, bool(sampling.logprobs_wanted.any()), prompt_rows, draft_rows)
 
 
-def token_bitmask(constrained: list[tuple[int, Grammar]], num_rows: int, vocab_size: int) -> np.ndarray:
-    """The step's int32 [num_rows, ceil(vocab_size / 32)] bitmask: each (row, grammar) pair's
-    allowed next tokens, every token in the other rows."""
+def token_bitmask(constrained: list[tuple[Grammar, list[int], list[int]]], num_rows: int, vocab_size: int) -> np.ndarray:
+    """The step's int32 [num_rows, ceil(vocab_size / 32)] bitmask: for each (grammar, rows, drafts)
+    entry, in `rows[i]` the tokens the grammar allows after `drafts[:i]`; every token in the other
+    rows."""
     bitmask = np.full((num_rows, bitmask_width(vocab_size)), -1, np.int32)
-    for row, grammar in constrained:
-        grammar.fill_bitmask(bitmask[row])
+    for grammar, rows, drafts in constrained:
+        grammar.fill_bitmasks([bitmask[row] for row in rows], drafts)
     return bitmask
 
 

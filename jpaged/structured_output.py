@@ -4,7 +4,8 @@ Host side, between the engine and the sampler. When a request with
 ``SamplingParams.structured_outputs`` is added, `GrammarCompiler` turns its constraint (a JSON
 schema, any JSON object, a regular expression, a choice of strings, or a Lark / GBNF grammar) into
 a `Grammar` (a structural tag: free text whose tagged segments follow a schema); every sequence of the request holds its own copy. Before a step samples a sequence,
-`jpaged/step_batch.py` asks its grammar for the next token bitmask (one bit per vocabulary entry);
+`jpaged/step_batch.py` asks its grammar for the next token bitmask (one bit per vocabulary entry;
+with draft tokens, one after each draft too);
 the sampler (`jpaged/sampler.py`) sets the logits of every token whose bit is clear to -inf, first
 of all, so raw logprobs see the constraint as in vLLM. After the step the engine feeds each
 sampled token back (`Grammar.accept`).
@@ -43,12 +44,31 @@ class Grammar:
         """An independent grammar in the same state (a request's other samples)."""
         return Grammar(self._matcher.deep_copy(), self.starts_after)
 
-    def fill_bitmask(self, row: np.ndarray) -> None:
-        """Write the tokens allowed next into ``row`` (int32 [`bitmask_width`], C-contiguous)."""
+    def fill_bitmasks(self, rows: list[np.ndarray], drafts: list[int]) -> None:
+        """Write into ``rows[i]`` (int32 [`bitmask_width`], C-contiguous) the tokens allowed after
+        ``drafts[:i]`` (one row more than drafts, which the grammar must allow, see
+        `valid_prefix`), and leave the grammar where it was."""
+        start = 0  # the rows from `start` on are under the grammar
         if self.starts_after is not None:
+            start = drafts.index(self.starts_after) + 1 if self.starts_after in drafts else len(rows)
+        for row in rows[:start]:
             row.fill(-1)
-            return
-        self._matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+        consumed = 0
+        for i in range(start, len(rows)):
+            if i > start:
+                self._matcher.consume_token(drafts[i - 1])
+                consumed += 1
+            self._matcher.unsafe_compute_mask_ptr(rows[i].ctypes.data, rows[i].nbytes)
+        self._matcher.rollback(consumed)
+
+    def valid_prefix(self, drafts: list[int]) -> int:
+        """How many of ``drafts``, from the first, the grammar allows in turn (it is not advanced)."""
+        start = 0
+        if self.starts_after is not None:
+            if self.starts_after not in drafts:
+                return len(drafts)
+            start = drafts.index(self.starts_after) + 1
+        return start + self._matcher.validate_tokens(drafts[start:])
 
     def accept(self, token_id: int) -> bool:
         """Advance past ``token_id``; False (the grammar then rejects everything) when it was not

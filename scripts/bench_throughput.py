@@ -19,7 +19,7 @@ Engines (`--engines`, comma-separated; default: jpaged, hf, hf-batch, vllm, llam
 
 Every engine runs SmolLM2-135M-Instruct (the default model's GGUF, dequantized to float32) on
 the same requests, given as token ids: greedy (or, with `--temperature`, sampled, each request
-seeded by its index; jpaged and vLLM only), EOS ignored, each request exactly its own
+seeded by its index in jpaged; jpaged and vLLM only), EOS ignored, each request exactly its own
 `max_tokens`, so every engine produces the same number of tokens. HF and vLLM load an HF
 float32 folder (config, safetensors, tokenizer) written once from the GGUF by transformers' GGUF
 loader into jpaged's cache directory (`hf/<gguf name>`). Each engine's outputs are checked
@@ -175,7 +175,7 @@ def speculative_config(args, engine: str) -> dict | None:
 
 def request_params(max_tokens: int, index: int, temperature: float) -> SamplingParams:
     """EOS ignored, so every request yields exactly `max_tokens` tokens: greedy at temperature 0,
-    else sampled with the request's `index` as its seed (as the vLLM worker sets it)."""
+    else sampled with the request's `index` as its seed (vLLM samples with its engine's seed)."""
     return SamplingParams(temperature=temperature, seed=index if temperature else None, max_tokens=max_tokens,
                           ignore_eos=True)
 

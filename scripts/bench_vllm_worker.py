@@ -27,13 +27,13 @@ import statistics
 import time
 
 
-def sampling(max_tokens: int, temperature: float, seed: int):
+def sampling(max_tokens: int, temperature: float):
     """EOS ignored, so every request yields exactly `max_tokens` tokens: greedy at temperature 0,
-    else sampled with the request's `seed` (its index)."""
+    else sampled from the engine's seeded generator. Not with a seed per request: vLLM 0.32's CPU
+    build then fails its first chunked prefill ("CPU Generator does not use offset")."""
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=temperature, seed=seed if temperature else None, max_tokens=max_tokens,
-                          ignore_eos=True)
+    return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
 
 
 def timed_generate(llm, prompts: list[list[int]], max_tokens: list[int], loras=None, temperature: float = 0.0
@@ -43,7 +43,7 @@ def timed_generate(llm, prompts: list[list[int]], max_tokens: list[int], loras=N
     llm.reset_prefix_cache()  # nothing reused from an earlier pass
     started = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           [sampling(n, temperature, i) for i, n in enumerate(max_tokens)],
+                           [sampling(n, temperature) for n in max_tokens],
                            use_tqdm=False, **({"lora_request": loras} if loras else {}))
     return time.perf_counter() - started, [list(o.outputs[0].token_ids) for o in outputs]
 

@@ -5,16 +5,22 @@ leave no block held."""
 
 from __future__ import annotations
 
+import json
 import random
+import re
 
+import numpy as np
 import pytest
 
 from jpaged import LLM, SamplingParams
 from jpaged.config import SpeculativeConfig
 from jpaged.ngram_proposer import NgramProposer, accepted_tokens
 from jpaged.sampling_params import SamplingParams as Params
+from jpaged.sampling_params import StructuredOutputsParams
 from jpaged.sequence import Request
+from jpaged.structured_output import GrammarCompiler, bitmask_width
 
+EOS_ID = 2
 SPECULATIVE = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 PROMPTS = ["Once upon a time, there was a little girl named Lily.", "The dog ran to the park. The dog",
            "Tom and Sue", "One day, a big cat saw a bird"]
@@ -157,21 +163,75 @@ def test_seeded_sampled_requests_draft_and_give_the_tokens_of_plain_decoding(eng
     assert speculative.engine.block_manager.num_free_blocks == speculative.engine.block_manager.num_blocks
 
 
-def test_constrained_requests_take_no_drafts_beside_drafting_ones(engines):
-    """A request under a structured-output grammar decodes without drafts; beside it greedy and
-    sampled requests draft; every output equals the engine's without drafts."""
+CONSTRAINED = [StructuredOutputsParams(regex=r"(The dog (ran|sat) to the park\. ){2,3}"),
+               StructuredOutputsParams(json={"type": "array", "items": {"enum": ["dog", "cat"]}, "maxItems": 5},
+                                       disable_any_whitespace=True)]
+
+
+def test_constrained_requests_draft_within_their_grammar(engines):
+    """Requests under structured outputs draft only what their grammar allows and check each draft
+    under the grammar's mask after the drafts before it: greedy and seeded sampled outputs equal
+    the engine's without drafts, beside unconstrained requests, and obey the constraint."""
     plain, speculative = engines
-    params = [SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
-              SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=30, ignore_eos=True),
-              SamplingParams(temperature=0.0, max_tokens=30, structured_outputs={"regex": "(ab|cd)+"}),
-              SamplingParams(temperature=0.0, logprobs=2, max_tokens=30, ignore_eos=True)]
-    before = speculative.engine.stats().num_draft_tokens
+    params = [SamplingParams(temperature=0.0, max_tokens=60, structured_outputs=CONSTRAINED[0]),
+              SamplingParams(temperature=0.7, seed=8, max_tokens=60, structured_outputs=CONSTRAINED[1]),
+              SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0.7, seed=9, max_tokens=60, structured_outputs=CONSTRAINED[0], logprobs=1)]
+    before = speculative.engine.stats()
     got = speculative.generate(PROMPTS, params, use_tqdm=False)
     assert outputs_of(got) == outputs_of(plain.generate(PROMPTS, params, use_tqdm=False))
-    assert speculative.engine.stats().num_draft_tokens > before
-    alone = speculative.engine.stats().num_draft_tokens
-    speculative.generate(PROMPTS[2], params[2], use_tqdm=False)
-    assert speculative.engine.stats().num_draft_tokens == alone
+    assert re.fullmatch(r"(The dog (ran|sat) to the park\. ){2,3}", got[0].outputs[0].text)
+    assert set(json.loads(got[1].outputs[0].text)) <= {"dog", "cat"}
+    drafts = speculative.engine.stats().num_draft_tokens
+    speculative.generate(PROMPTS[0], params[0], use_tqdm=False)
+    after = speculative.engine.stats()
+    assert after.num_accepted_draft_tokens > before.num_accepted_draft_tokens and after.num_draft_tokens > drafts
+    assert speculative.engine.block_manager.num_free_blocks == speculative.engine.block_manager.num_blocks
+
+
+def stepwise_bitmasks(compiler, constraint, tokens: list[int], starts_after: int | None) -> list[np.ndarray]:
+    """The oracle: a fresh grammar advanced token by token, its mask read before each token."""
+    grammar = compiler.compile(constraint)
+    grammar.starts_after = starts_after
+    rows = []
+    for token in tokens + [None]:
+        row = np.zeros(bitmask_width(512), np.int32)
+        grammar.fill_bitmasks([row], [])
+        rows.append(row)
+        if token is not None:
+            assert grammar.accept(token)
+    return rows
+
+
+@pytest.mark.parametrize("thinks", [False, True])
+def test_grammar_bitmasks_after_drafts_leave_the_grammar_where_it_was(engines, thinks):
+    """`Grammar.fill_bitmasks` over drafts equals a grammar stepped token by token, also where the
+    grammar starts after a reasoning model's end-of-thinking token among the drafts;
+    `valid_prefix` stops at the first token the grammar forbids; neither moves the grammar."""
+    plain, _ = engines
+    tokenizer = plain.get_tokenizer()
+    compiler = GrammarCompiler(tokenizer, 512, [EOS_ID])
+    tokens = list(plain.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=60,
+                                                            structured_outputs=CONSTRAINED[0]),
+                                 use_tqdm=False)[0].outputs[0].token_ids)[:-1]  # a text the grammar holds, EOS left out
+    marker = next(t for t in range(3, 512) if t not in tokens)
+    allowed_at_7 = stepwise_bitmasks(compiler, CONSTRAINED[0], tokens[:7], None)[7]
+    bad = next(t for t in range(3, 512) if not (allowed_at_7[t // 32] >> (t % 32)) & 1 and t != marker)
+    thinking = [5, 9, marker] if thinks else []
+    grammar = compiler.compile(CONSTRAINED[0])
+    grammar.starts_after = marker if thinks else None
+    drafts = thinking + tokens
+    for count in range(len(drafts) + 1):
+        rows = [np.zeros(bitmask_width(512), np.int32) for _ in range(count + 1)]
+        grammar.fill_bitmasks(rows, drafts[:count])
+        expected = stepwise_bitmasks(compiler, CONSTRAINED[0], drafts[:count], grammar.starts_after)
+        assert all(np.array_equal(a, b) for a, b in zip(rows, expected))
+    assert grammar.valid_prefix(drafts) == len(drafts)
+    assert grammar.valid_prefix(thinking + tokens[:7] + [bad] + tokens[7:]) == len(thinking) + 7
+    assert grammar.starts_after == (marker if thinks else None)
+    row = np.zeros(bitmask_width(512), np.int32)
+    grammar.fill_bitmasks([row], [])
+    assert np.array_equal(row, stepwise_bitmasks(compiler, CONSTRAINED[0], [], grammar.starts_after)[0])
 
 
 def test_preemption_and_abort_with_drafts_free_every_block(stories_path):
