@@ -36,9 +36,12 @@ SUPPORTED_ARCHITECTURES = {
     "Olmo3ForCausalLM": "olmo3",
     "SmolLM3ForCausalLM": "smollm3",
 }
-# Base models without an LM head (an embedding model's checkpoint, for runner "pooling")
-SUPPORTED_ARCHITECTURES.update({name.replace("ForCausalLM", "Model").replace("Gemma3Model", "Gemma3TextModel"): arch
-                                for name, arch in SUPPORTED_ARCHITECTURES.items()})
+# Base models without an LM head (an embedding model's checkpoint), and sequence classifiers (a
+# `score` head instead of the LM head), both for runner "pooling"
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+SUPPORTED_ARCHITECTURES.update({name.replace("ForCausalLM", suffix).replace("Gemma3Model", "Gemma3TextModel"): arch
+                                for name, arch in list(SUPPORTED_ARCHITECTURES.items())
+                                for suffix in ("Model", CLASSIFIER_SUFFIX)})
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2",
                "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "granitemoe": "granitemoe",

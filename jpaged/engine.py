@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from jpaged import compile_cache
 from jpaged.block_manager import BlockManager, blocks_held_under_window
-from jpaged.config import EngineConfig, ModelConfig
+from jpaged.config import CLASSIFIER_SUFFIX, EngineConfig, ModelConfig
 from jpaged.detokenizer import IncrementalDetokenizer, NoDetokenizer, token_text
 from jpaged.engine_client import EngineStats, PromptType
 from jpaged.loader.source import open_model
@@ -31,10 +31,18 @@ from jpaged.lora import LoRAAdapter, LoRARequest, load_lora_adapter
 from jpaged.model_runner import ModelRunner, StepOutput
 from jpaged.models.quantization import gguf_packed
 from jpaged.ngram_proposer import NgramProposer, accepted_tokens, can_draft
-from jpaged.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
+from jpaged.outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    RequestOutput,
+)
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
-from jpaged.pooling import pool, read_pooler_config
+from jpaged.pooling import Classifier, PoolerConfig, pool, read_pooler_config, split_score_head
 from jpaged.reasoning import ReasoningParser
 from jpaged.sampling_params import (
     ALL_LOGPROBS,
@@ -80,6 +88,12 @@ class LLMEngine:
                              "a prompt chunk across micro-batches); got pipeline_parallel_size "
                              f"{config.parallel.pipeline_parallel_size}")
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)
+        classifies = any(name.endswith(CLASSIFIER_SUFFIX) for name in source.hf_config.get("architectures") or [])
+        if classifies and config.runner != "pooling":
+            raise ValueError(f"{source.name} is a sequence classification model ({source.hf_config['architectures'][0]}):"
+                             " it runs with runner='pooling' (LLM.classify), not runner='generate'")
+        if classifies:
+            self.pooler = PoolerConfig(normalize=False)  # the head reads the last token's state as it is
         if config.runner == "pooling":  # no LM head: a base model's checkpoint has none, and embeddings need none
             self.model_config = dataclasses.replace(self.model_config, tie_word_embeddings=True)
         self.default_sampling_params = generation_defaults(self._generation_config(source.generation_config))
@@ -93,9 +107,12 @@ class LLMEngine:
         with ThreadPoolExecutor(max_workers=1) as pool:  # the tokenizer loads while the weights do
             tokenizer = pool.submit(source.load_tokenizer)
             packed = gguf_packed(source.block_types, source.name) if config.quantization == "gguf" else {}
-            self.runner = ModelRunner(self.model_config, config, source.weights(packed), self.step_shapes(),
-                                      meshes[replica or 0], packed=packed)
+            head: dict = {}
+            self.runner = ModelRunner(self.model_config, config, split_score_head(source.weights(packed), head),
+                                      self.step_shapes(), meshes[replica or 0], packed=packed)
             self.tokenizer = tokenizer.result()
+        self.classifier = self._classifier(source, head) if classifies else None
+        self.pooling_task = None if self.pooler is None else "classify" if classifies else "embed"
         if len(self.tokenizer) > self.model_config.vocab_size:
             hint = "is tokenizer= the model's?" if config.tokenizer else "is the model's tokenizer the one it ships with?"
             logger.warning("the tokenizer has %d tokens, more than the model's vocabulary of %d: prompts holding ids "
@@ -160,6 +177,16 @@ class LLMEngine:
             return json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+    def _classifier(self, source, head: dict) -> Classifier:
+        """The `score` head the checkpoint of a sequence classification model holds."""
+        weight = head.get("score")
+        expected = self.model_config.hidden_size
+        if weight is None or weight.ndim != 2 or weight.shape[1] != expected:
+            found = "none" if weight is None else f"one of shape {tuple(weight.shape)}"
+            raise ValueError(f"{source.name} is a sequence classification model, but its checkpoint has {found} for "
+                             f"score.weight (expected [num_labels, {expected}])")
+        return Classifier.from_hf(source.hf_config, weight)
 
     def step_shapes(self) -> StepShapes:
         """The padded sizes of every step this engine can run (they fix its compiled programs)."""
@@ -473,7 +500,7 @@ class LLMEngine:
             self.block_manager.release_behind_window(seq)
             if item.samples:
                 state = last[row] if kind == "last" else seq.pooled / (seq.num_tokens if kind == "mean" else 1)
-                seq.request.embedding = pool(state, self.pooler)
+                seq.request.embedding = self.classifier(state) if self.classifier else pool(state, self.pooler)
                 seq.finish("stop")
                 self.scheduler.finish(seq)
                 self.requests.pop(seq.request_id, None)
@@ -619,7 +646,11 @@ class LLMEngine:
         """`seq`'s output text as it may be shown now: every earlier one is a prefix of it."""
         return self._detokenizer(seq, len(seq.output_token_ids)).text
 
-    def request_output(self, request: Request) -> RequestOutput | EmbeddingRequestOutput:
+    def request_output(self, request: Request) -> RequestOutput | EmbeddingRequestOutput | ClassificationRequestOutput:
+        if self.classifier is not None:
+            probs = [] if request.embedding is None else request.embedding.tolist()
+            return ClassificationRequestOutput(request.request_id, ClassificationOutput(probs, self.classifier.label_of(probs)),
+                                               request.prompt_token_ids, request.is_finished, request.metrics)
         if self.pooler is not None:
             embedding = [] if request.embedding is None else request.embedding.tolist()
             return EmbeddingRequestOutput(request.request_id, EmbeddingOutput(embedding),

@@ -56,7 +56,9 @@ class EngineClient(Protocol):
     take, from the model's generation config; see `generation_defaults`), `reasoning_parser`
     (the `ReasoningParser` of `EngineConfig.reasoning_parser`, or None), `runner_type`
     ("generate", or "pooling": requests take no `SamplingParams` and end with their prompt's
-    embedding, an `EmbeddingRequestOutput`)."""
+    embedding, an `EmbeddingRequestOutput`, or its class probabilities, a
+    `ClassificationRequestOutput`), `pooling_task` (under "pooling", "embed" or "classify";
+    None under "generate")."""
 
     tokenizer: Any
     model_name: str
@@ -66,6 +68,7 @@ class EngineClient(Protocol):
     default_sampling_params: dict[str, Any]
     reasoning_parser: ReasoningParser | None
     runner_type: str
+    pooling_task: str | None
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     priority: int = 0, lora_request: LoRARequest | None = None) -> None:

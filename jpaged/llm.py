@@ -22,7 +22,7 @@ from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.lora import LoRARequest
-from jpaged.outputs import EmbeddingRequestOutput, RequestOutput
+from jpaged.outputs import ClassificationRequestOutput, EmbeddingRequestOutput, RequestOutput
 from jpaged.sampling_params import BeamSearchParams, SamplingParams, is_integer, unicode_text
 
 
@@ -84,7 +84,9 @@ class LLM:
         per prompt, None for the base model) needs `enable_lora=True`. ValueError names the
         prompt it refuses."""
         if self.engine.runner_type == "pooling":
-            raise ValueError("this engine runs runner='pooling': it embeds prompts (LLM.embed) and generates nothing")
+            task = "classifies prompts (LLM.classify)" if self.engine.pooling_task == "classify" else \
+                "embeds prompts (LLM.embed)"
+            raise ValueError(f"this engine runs runner='pooling': it {task} and generates nothing")
         prompts = _prompt_list(prompts)
         params = self._per_prompt_params(sampling_params, len(prompts))
         loras = _per_prompt(lora_request, len(prompts))
@@ -102,10 +104,25 @@ class LLM:
         """The embedding of each prompt (text or token ids), in their order: `outputs.embedding`,
         a list of `hidden_size` floats (see `jpaged/pooling.py`). Needs `runner="pooling"`;
         ValueError names the prompt it refuses (empty, or longer than `max_model_len`)."""
+        return self._pool("embed", prompts, use_tqdm, lora_request)
+
+    def classify(self, prompts: PromptType | SequenceABC[PromptType], use_tqdm: bool = True,
+                 lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None
+                 ) -> list[ClassificationRequestOutput]:
+        """Each prompt's class probabilities, in their order: `outputs.probs`, one float per label
+        (`outputs.label`: the most probable one's name), from a sequence classification model's
+        head (see `jpaged/pooling.py`). Needs `runner="pooling"` and such a model; ValueError
+        names the prompt it refuses (empty, or longer than `max_model_len`)."""
+        return self._pool("classify", prompts, use_tqdm, lora_request)
+
+    def _pool(self, task: str, prompts, use_tqdm: bool, lora_request) -> list:
         if self.engine.runner_type != "pooling":
-            raise ValueError("LLM.embed needs an engine made with runner='pooling' (this one generates)")
+            raise ValueError(f"LLM.{task} needs an engine made with runner='pooling' (this one generates)")
+        if self.engine.pooling_task != task:
+            other = {"embed": "embeds prompts (LLM.embed)", "classify": "classifies prompts (LLM.classify)"}
+            raise ValueError(f"LLM.{task} cannot run on this model: it {other[self.engine.pooling_task]}")
         prompts = _prompt_list(prompts)
-        self._check_no_other_requests("embed")
+        self._check_no_other_requests(task)
         return self._add_and_run(prompts, [None] * len(prompts), [0] * len(prompts),
                                  _per_prompt(lora_request, len(prompts)), use_tqdm)
 
@@ -139,7 +156,8 @@ class LLM:
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         pooling = self.engine.runner_type == "pooling"
-        bar = tqdm(total=len(request_ids), desc="embedding" if pooling else "generating", unit="req",
+        desc = {"embed": "embedding", "classify": "classifying"}.get(self.engine.pooling_task, "generating")
+        bar = tqdm(total=len(request_ids), desc=desc, unit="req",
                    disable=not use_tqdm)
         generated_before, started = self.engine.stats().num_generated_tokens, time.perf_counter()
         try:

@@ -48,6 +48,23 @@ class EmbeddingRequestOutput:
 
 
 @dataclass
+class ClassificationOutput:
+    probs: list[float]  # one per label: the classifier's activation of its logits (jpaged/pooling.py); [] if none
+    label: str | None = None  # the most probable label's name (config.json's id2label, else LABEL_<i>)
+
+
+@dataclass
+class ClassificationRequestOutput:
+    """A prompt's class probabilities, as vLLM's `ClassificationRequestOutput` (`outputs.probs`)."""
+
+    request_id: str
+    outputs: ClassificationOutput
+    prompt_token_ids: list[int]
+    finished: bool
+    metrics: RequestMetrics | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None

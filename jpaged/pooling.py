@@ -19,12 +19,20 @@ max and weighted pooling are refused by name) and, where present, a `Normalize` 
 one the vector is returned as it is). Any other module (`Dense`, ...) would change the vector
 after pooling, and is refused by name.
 
+A sequence classification model (HF's `*ForSequenceClassification`: a reward model, a
+classifier) runs on the same runner: its checkpoint's `score` head ([num_labels, hidden], no bias)
+takes the last token's state, unnormalised, to one logit per label, and `Classifier` applies the
+activation vLLM applies (after HF's loss for the config's `problem_type`: softmax for single-label
+classification, sigmoid for multi-label, none for regression; otherwise softmax, or sigmoid for
+one label).
+
 Plain Python: no jax.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,3 +95,57 @@ def pool(pooled: np.ndarray, config: PoolerConfig) -> np.ndarray:
     if not config.normalize:
         return pooled
     return pooled / max(float(np.linalg.norm(pooled)), 1e-12)
+
+
+SCORE_TENSORS = ("score.weight", "model.score.weight")  # a classifier's head, as saved (the latter once prefixed)
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A sequence classification model's head: `weight` float32 [num_labels, hidden], the
+    `activation` that turns its logits into `probs`, and each label's name (`id2label`)."""
+
+    weight: np.ndarray
+    activation: str
+    labels: tuple[str, ...]  # config.json's id2label, else transformers' default names (LABEL_0, ...)
+
+    @classmethod
+    def from_hf(cls, hf_config: dict, weight: np.ndarray) -> Classifier:
+        """The head of `weight` (the checkpoint's `score.weight`) as `hf_config` (config.json)
+        describes it. ValueError when its label names disagree with the head's rows."""
+        weight = np.asarray(weight, np.float32)
+        names = hf_config.get("id2label") or {}
+        num_labels = weight.shape[0]
+        if names and len(names) != num_labels:
+            raise ValueError(f"config.json names {len(names)} labels (id2label), but score.weight has {num_labels} rows")
+        problem = hf_config.get("problem_type")
+        activation = {"regression": "identity", "multi_label_classification": "sigmoid",
+                      "single_label_classification": "softmax"}.get(problem)
+        if activation is None:
+            activation = "sigmoid" if num_labels < 2 else "softmax"
+        return cls(weight, activation, tuple(names.get(str(i), f"LABEL_{i}") for i in range(num_labels)))
+
+    def __call__(self, state: np.ndarray) -> np.ndarray:
+        """float32 [num_labels]: the probabilities (or, under regression, the values) of the
+        pooled last-token state `state` [hidden]."""
+        logits = self.weight.astype(np.float64) @ np.asarray(state, np.float64)
+        if self.activation == "sigmoid":
+            return (1 / (1 + np.exp(-logits))).astype(np.float32)
+        if self.activation == "softmax":
+            shifted = np.exp(logits - logits.max())
+            return (shifted / shifted.sum()).astype(np.float32)
+        return logits.astype(np.float32)
+
+
+    def label_of(self, probs: list[float]) -> str | None:
+        """The name of the most probable label (None for no probs)."""
+        return self.labels[int(np.argmax(probs))] if len(probs) else None
+
+
+def split_score_head(weights: Iterable[tuple[str, np.ndarray]], found: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """`weights` without a classifier's `score.weight`, which goes to `found["score"]`."""
+    for name, tensor in weights:
+        if name in SCORE_TENSORS:
+            found["score"] = tensor
+        else:
+            yield name, tensor

@@ -23,7 +23,7 @@ class ScriptedEngine:
     "bad" is refused; a step with a "boom" request running raises."""
 
     tokenizer, model_name, max_model_len, eos_token_ids, default_sampling_params = None, "scripted", 64, set(), {}
-    reasoning_parser, runner_type = None, "generate"
+    reasoning_parser, runner_type, pooling_task = None, "generate", None
 
     def __init__(self):
         self.requests: dict[str, list] = {}

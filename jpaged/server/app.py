@@ -1,10 +1,11 @@
 """The FastAPI application: routes, the API key check, disconnect handling and error handlers.
 
-`build_app(state)` wires the routes to the handlers (`completions`, `chat`, `responses`, `embeddings`) and the small routes
+`build_app(state)` wires the routes to the handlers (`completions`, `chat`, `responses`, `embeddings`: also
+/classify) and the small routes
 (`/v1/models`, `/health` and `/ping`, `/version`, `/metrics`, `/tokenize`, `/detokenize`). Every error leaves as an
 OpenAI-shaped body (`errors`): `APIError`s with their status, request validation failures and
 malformed JSON as 400 (not FastAPI's 422), unknown routes with their 404/405, and anything
-unexpected as 500. When an API key is set, /v1 routes need `Authorization: Bearer <key>`.
+unexpected as 500. When an API key is set, /v1 routes and /classify need `Authorization: Bearer <key>`.
 
 A client that goes away is noticed while its request runs: streamed responses are cancelled by
 Starlette when the connection drops; non-streamed handlers race a disconnect listener. Either way
@@ -28,12 +29,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jpaged.server.chat import create_chat_completion
 from jpaged.server.completions import create_completion
-from jpaged.server.embeddings import create_embedding
+from jpaged.server.embeddings import create_classification, create_embedding
 from jpaged.server.errors import APIError, error_body, error_type_for_status, unauthorized
 from jpaged.server.metrics import CONTENT_TYPE
 from jpaged.server.prompts import chat_prompt
 from jpaged.server.protocol import (
     ChatCompletionRequest,
+    ClassificationRequest,
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
@@ -85,6 +87,7 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
     app.add_api_route("/ping", _health, methods=["GET", "POST"])
     app.add_api_route("/version", _version, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
+    app.add_api_route("/classify", _classify, methods=["POST"], dependencies=[Depends(_check_api_key)])
     app.add_api_route("/tokenize", _tokenize, methods=["POST"])
     app.add_api_route("/detokenize", _detokenize, methods=["POST"])
     return app
@@ -117,6 +120,10 @@ async def _responses(body: ResponsesRequest, request: Request) -> Response:
 
 async def _embeddings(body: EmbeddingRequest, request: Request) -> Response:
     return await _respond(request, create_embedding(body, _state(request)))
+
+
+async def _classify(body: ClassificationRequest, request: Request) -> Response:
+    return await _respond(request, create_classification(body, _state(request)))
 
 
 async def _respond(request: Request, handler: Awaitable[Response | AsyncIterator[str]]) -> Response:

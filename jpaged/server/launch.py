@@ -63,7 +63,7 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
     front = AsyncEngine(engine, max_queued_requests, on_finished=metrics.observe_finished,
                         on_aborted=metrics.observe_aborted)
     state = ServerState(front, name, metrics, api_key or None, chat_template, trust_request_chat_template, parser,
-                        engine.reasoning_parser, engine.runner_type == "pooling", dict(engine.default_sampling_params),
+                        engine.reasoning_parser, engine.pooling_task, dict(engine.default_sampling_params),
                         runtime_lora_updating=allow_runtime_lora_updating)
     for lora in lora_modules or ():  # the engine loop has not started: the engine is called here
         try:
@@ -95,7 +95,7 @@ def serve(args: argparse.Namespace) -> int:
                                           ("--tool-call-parser", args.tool_call_parser is not None),
                                           ("--reasoning-parser", args.reasoning_parser is not None)) if given]
         if flags:
-            raise ValueError(f"{', '.join(flags)} shape generated replies; --runner pooling serves /v1/embeddings only")
+            raise ValueError(f"{', '.join(flags)} shape generated replies; --runner pooling serves /v1/embeddings or /classify only")
     if (args.lora_modules or args.allow_runtime_lora_updating) and not args.enable_lora:
         flag = "--lora-modules" if args.lora_modules else "--allow-runtime-lora-updating"
         raise ValueError(f"{flag} needs --enable-lora")

@@ -219,6 +219,17 @@ class EmbeddingRequest(_Body):
     truncate_prompt_tokens: int | None = None  # vLLM's: keep each input's last tokens (-1: max_model_len)
 
 
+class ClassificationRequest(_Body):
+    """POST /classify (vLLM's): `input` as a completion's `prompt`; `use_activation` false (raw
+    logits) is refused."""
+
+    model: str | None = None
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep each input's last tokens (-1: max_model_len)
+    use_activation: StrictBool | None = None  # None or true: the model's activation
+
+
 class TokenizeRequest(_Body):
     """POST /tokenize: a `prompt` (text), or chat `messages` rendered by the chat template."""
 

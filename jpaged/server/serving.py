@@ -54,7 +54,7 @@ class ServerState:
     trust_request_chat_template: bool = False
     tool_parser: ToolParser | None = None
     reasoning_parser: ReasoningParser | None = None  # the engine's (`EngineConfig.reasoning_parser`)
-    pooling: bool = False  # the engine embeds (runner "pooling"): /v1/embeddings only
+    pooling_task: str | None = None  # runner "pooling": "embed" (/v1/embeddings only) or "classify" (/classify only)
     sampling_defaults: dict = field(default_factory=dict)
     loras: dict[str, LoRARequest] = field(default_factory=dict)  # LoRA adapters served, by model name
     runtime_lora_updating: bool = False  # whether requests may load and unload adapters
@@ -147,11 +147,10 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt], par
     the KV cache, more logprobs than `--max-logprobs`, an output constraint that does not compile,
     blamed on `constraint_field`, the field it came from) or the priority (not 0 under
     first-come-first-served scheduling). `renamed` maps a `SamplingParams` field to the request's
-    name for it, for the error's `param` and message. Params None (embeddings) go to a pooling
+    name for it, for the error's `param` and message. Params None (embeddings, classifications) go to a pooling
     engine only, and params to a generating one only (400 otherwise)."""
-    if state.pooling != all(param is None for param in params):
-        raise bad_request("this server's model embeds (runner pooling): send its inputs to /v1/embeddings"
-                          if state.pooling else "an embedding request needs a model run with --runner pooling")
+    if (state.pooling_task is not None) != all(param is None for param in params):
+        raise bad_request(pooling_route_error(state.pooling_task))
     requests: list[tuple[PromptType, SamplingParams | None]] = [
         ({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, param)
         for prompt, param in zip(prompts, params)]
@@ -168,6 +167,14 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt], par
                 found[1] if found[1] == "structural_tag" else "schema"), str(err)), param=constraint_field) from err
         param = (renamed or {}).get(field, field)
         raise bad_request(re.sub(rf"^{field}\b", param, str(err)), param=param) from err
+
+
+def pooling_route_error(pooling_task: str | None) -> str:
+    """Why a route does not serve this server's model: what the model does, and where to send it."""
+    if pooling_task is None:
+        return "this server's model generates text; embeddings and classifications need a model run with --runner pooling"
+    route = {"embed": "/v1/embeddings", "classify": "/classify"}[pooling_task]
+    return f"this server's model runs --runner pooling to {pooling_task} prompts: send its inputs to {route}"
 
 
 def _refused_field(message: str) -> str:
