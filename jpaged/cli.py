@@ -52,7 +52,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="sampling defaults for what requests leave unset: 'auto' (the model's "
                              "generation_config.json), 'none', or a folder holding a generation_config.json")
     parser.add_argument("--runner", default="generate", choices=RUNNERS,
-                        help="'pooling' embeds prompts (pooled final hidden states; serve: /v1/embeddings) "
+                        help="'pooling' embeds prompts (pooled final hidden states; serve: /v1/embeddings), or "
+                             "with a *ForSequenceClassification model classifies them (serve: /classify), "
                              "instead of generating")
     parser.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                         help="the reasoning model family's <think> markers: structured outputs apply once the "
