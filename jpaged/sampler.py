@@ -44,6 +44,7 @@ from jpaged.step_batch import PAD_TOKEN_ID, SamplingArrays
 
 LOGPROBS_MODES = ("raw", "penalized")
 ROW_GROUP = 8  # rows whose top-k / top-p cutoffs are found together (a group with none skips)
+DRAW_BLOCK = 256  # tokens per block of the draw's two-level cumulative sums
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
@@ -226,21 +227,39 @@ def _hash32(x: jax.Array) -> jax.Array:
 
 
 def _draw(logits: jax.Array, seed: jax.Array, step: jax.Array) -> jax.Array:
-    """Draw one token id per row ([R] int32) from logits [R, V], each row fixed by its (seed, step)
-    ([R] each): the Gumbel-max trick (argmax of logits plus Gumbel noise, as
-    `jax.random.categorical` does), its uniforms from a counter-based hash of (seed, step, token
-    id), which compiles and runs far cheaper than jax's threefry and gives each row the same draw
-    whatever batch it is in."""
-    key = _hash32(seed.astype(jnp.uint32) ^ _hash32(step.astype(jnp.uint32) + jnp.uint32(0x9E3779B9)))[:, None]
-    ids = jnp.arange(logits.shape[-1], dtype=jnp.uint32)[None, :]
-    uniform = to_uniform(_hash32(_hash32(ids * jnp.uint32(0x9E3779B9) ^ key) + key))
-    return first_argmax(logits - jnp.log(-jnp.log(uniform)))
+    """Draw one token id per row ([R] int32) from logits [R, V] (-inf: never drawn), each row fixed
+    by its (seed, step) ([R] each): inverse transform sampling of the row's softmax with one uniform
+    from a counter-based hash of (seed, step), which gives each row the same draw whatever batch it
+    is in. The cumulative sums run in two levels, over blocks of `DRAW_BLOCK` tokens and then
+    within the block drawn, so that float32 keeps small probabilities a flat sum over the
+    vocabulary would round away; the draw costs one exp per logit (a Gumbel-max draw, two hashes
+    and two logs: 35 ms against 4 ms for 64 rows of 49,152 logits on a 2-core CPU)."""
+    rows, vocab = logits.shape
+    blocks = -(-vocab // DRAW_BLOCK)
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    probs = jnp.pad(probs, ((0, 0), (0, blocks * DRAW_BLOCK - vocab))).reshape(rows, blocks, DRAW_BLOCK)
+    sums = jnp.sum(probs, axis=-1)
+    cumulative = jnp.cumsum(sums, axis=-1)
+    key = _hash32(seed.astype(jnp.uint32) ^ _hash32(step.astype(jnp.uint32) + jnp.uint32(0x9E3779B9)))
+    target = to_uniform(key) * cumulative[:, -1]
+    block = _first_past(cumulative, target, sums > 0)
+    before = jnp.where(block > 0, jnp.take_along_axis(cumulative, jnp.maximum(block - 1, 0)[:, None], 1)[:, 0], 0.0)
+    inside = jnp.take_along_axis(probs, block[:, None, None], 1)[:, 0]
+    return block * DRAW_BLOCK + _first_past(jnp.cumsum(inside, axis=-1), target - before, inside > 0)
+
+
+def _first_past(cumulative: jax.Array, target: jax.Array, nonzero: jax.Array) -> jax.Array:
+    """Per row ([R] int32), the first index whose running sum in `cumulative` [R, N] passes
+    `target` [R]: an entry of nonzero weight, and no later than the last one (float rounding may
+    bring a target to the row's total)."""
+    passed = jnp.sum(cumulative <= target[:, None], axis=-1, dtype=jnp.int32)
+    last = jnp.max(jnp.where(nonzero, jnp.arange(cumulative.shape[-1], dtype=jnp.int32), 0), axis=-1)
+    return jnp.minimum(passed, last)
 
 
 def to_uniform(bits: jax.Array) -> jax.Array:
-    """uint32 hashes to float32 uniforms strictly inside (0, 1): their top 23 bits, centred. (With
-    24 bits the largest, 1 - 2**-25, rounds to 1.0 in float32, and its token's Gumbel noise to
-    +inf, which wins even where the filters masked the token out.)"""
+    """uint32 hashes to float32 uniforms strictly inside (0, 1): their top 23 bits, centred (with
+    24 bits the largest, 1 - 2**-25, would round to 1.0 in float32)."""
     return ((bits >> 9).astype(jnp.float32) + 0.5) * (1.0 / (1 << 23))
 
 

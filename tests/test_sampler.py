@@ -257,6 +257,29 @@ def test_empirical_distribution_matches_masked_softmax():
     assert np.max(np.abs(frequencies - expected)) < 0.02, (frequencies, expected)
 
 
+def test_draws_over_many_blocks_follow_the_softmax():
+    """A vocabulary of several draw blocks and a part of one (3,000 tokens), the last tokens and
+    one whole block masked out, top-p cutting a long tail: 40,000 draws land on each token (and on
+    the tail's blocks together) within binomial noise of the masked softmax, never on a masked
+    token."""
+    vocab_size, num_draws = 3000, 40_000
+    rng = np.random.default_rng(77)
+    logits = random_logits(rng, 1, vocab_size, scale=1.0)
+    logits[0, :40] += 4.0  # a head of likely tokens before a long tail
+    logits[0, 512:768] = logits[0, -7:] = -np.inf
+    arrays = build([SamplingParams(temperature=0.9, top_p=0.98)], seeds=[5])
+    expected = np.asarray(jax.nn.softmax(masked_logits_jit(jnp.asarray(logits), arrays)[0]), np.float64)
+    tokens = np.asarray(draw_many(jnp.asarray(logits[0]), jax.tree.map(lambda a: a[0], arrays), num_draws))
+    counts = np.bincount(tokens, minlength=vocab_size)
+    assert counts[expected == 0].sum() == 0
+    head = np.argsort(expected)[::-1][:30]
+    groups = [[t] for t in head] + [np.setdiff1d(np.arange(i, min(i + 256, vocab_size)), head) for i in range(0, vocab_size, 256)]
+    for group in groups:
+        p = expected[group].sum()
+        z = (counts[group].sum() - num_draws * p) / np.sqrt(num_draws * p * (1 - p) + 1e-12)
+        assert abs(z) < 5, (group[:3], counts[group].sum(), num_draws * p)
+
+
 def test_seeded_draw_independent_of_batch_position():
     rng = np.random.default_rng(5)
     vocab_size = 300
