@@ -1,5 +1,5 @@
 """GGUF files of each architecture jpaged reads (llama, qwen2, qwen3, qwen2moe, qwen3moe, gemma, gemma2, gemma3,
-phi3, granite, olmo2, smollm3), written from
+phi3, granite, granitemoe, olmo2, smollm3), written from
 random-weight HF models the way llama.cpp's converter lays them out, with a small byte-level BPE vocabulary:
 the tokenizer, config and weights jpaged reads, and its greedy tokens and prompt logprobs, against
 HF transformers' own GGUF loading of the same file (float32 tensors, and Q8_0 tensors that jpaged
@@ -74,6 +74,12 @@ CASES = {
     "granite": (transformers.GraniteConfig, dict(num_attention_heads=4, num_key_value_heads=2, embedding_multiplier=3.0,
                                                  attention_multiplier=0.09, residual_multiplier=0.5,
                                                  logits_scaling=2.5)),
+    # GraniteMoE: Granite's multipliers, each layer's experts stacked (input_linear: gate then up),
+    # top-2 of 4 under a softmax over the top-k logits.
+    "granitemoe": (transformers.GraniteMoeConfig, dict(num_attention_heads=4, num_key_value_heads=2,
+                                                       num_local_experts=4, num_experts_per_tok=2,
+                                                       embedding_multiplier=3.0, attention_multiplier=0.09,
+                                                       residual_multiplier=0.5, logits_scaling=2.5)),
     # OLMo 2: norms after attention and the MLP only; q / k norms over all heads.
     "olmo2": (transformers.Olmo2Config, dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)),
     # SmolLM3: every fourth layer without RoPE (llama.cpp's fixed rule), Q/K rows interleaved.
@@ -81,9 +87,9 @@ CASES = {
                                                  pad_token_id=0, no_rope_layer_interval=4)),
 }
 GGUF_ARCH = {"phi3_longrope": "phi3"}  # a case's GGUF architecture, where not its name
-ORACLE_IS_SOURCE = {"phi3_longrope", "gemma", "granite", "olmo2", "smollm3"}
-NAMED_BY_GGUF_PY = {"gemma", "granite", "olmo2", "smollm3"}
-PERMUTED = {"llama", "granite", "smollm3"}  # llama.cpp runs these with consecutive-pair RoPE
+ORACLE_IS_SOURCE = {"phi3_longrope", "gemma", "granite", "granitemoe", "olmo2", "smollm3"}
+NAMED_BY_GGUF_PY = {"gemma", "granite", "granitemoe", "olmo2", "smollm3"}
+PERMUTED = {"llama", "granite", "granitemoe", "smollm3"}  # llama.cpp runs these with consecutive-pair RoPE
 LAYER_NAMES = {  # HF module: GGUF tensor, per layer
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
@@ -131,9 +137,16 @@ def gguf_tensors(state_dict: dict[str, np.ndarray], arch: str) -> dict[str, np.n
     layer_names = GEMMA_LAYER_NAMES if arch.startswith("gemma") else PHI3_LAYER_NAMES if arch == "phi3" else LAYER_NAMES
     if arch in NAMED_BY_GGUF_PY:
         names = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 8)
-        return {names.get_name(name, try_suffixes=(".weight",)): array + (1 if arch == "gemma" and
-                                                                          name.endswith("norm.weight") else 0)
-                for name, array in state_dict.items()}
+        for name in [n for n in state_dict if ".experts." in n or n.endswith("router.weight")]:  # GraniteMoE's
+            layer, array = name.split(".")[2], state_dict.pop(name)
+            if name.endswith("router.weight"):
+                out[f"blk.{layer}.ffn_gate_inp.weight"] = array
+            elif name.endswith("gate_up_proj"):
+                out[f"blk.{layer}.ffn_gate_exps.weight"], out[f"blk.{layer}.ffn_up_exps.weight"] = np.split(array, 2, 1)
+            else:
+                out[f"blk.{layer}.ffn_down_exps.weight"] = array
+        return {**out, **{names.get_name(name, try_suffixes=(".weight",)): array + (
+            1 if arch == "gemma" and name.endswith("norm.weight") else 0) for name, array in state_dict.items()}}
     for name, array in state_dict.items():
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             array = array + 1
@@ -192,14 +205,15 @@ def write_gguf(path: pathlib.Path, arch: str, model, tokenizer: Tokenizer | None
             "attention.head_count": cfg.num_attention_heads, "attention.head_count_kv": cfg.num_key_value_heads,
             "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps),
             "rope.freq_base": float(cfg.rope_parameters.get("full_attention", cfg.rope_parameters)["rope_theta"])}
-    if getattr(cfg, "num_experts", 0):
-        keys.update({"expert_count": cfg.num_experts, "expert_used_count": cfg.num_experts_per_tok,
-                     "expert_feed_forward_length": cfg.moe_intermediate_size})
+    num_experts = getattr(cfg, "num_experts", 0) or getattr(cfg, "num_local_experts", 0)
+    if num_experts:
+        keys.update({"expert_count": num_experts, "expert_used_count": cfg.num_experts_per_tok,
+                     "expert_feed_forward_length": getattr(cfg, "moe_intermediate_size", cfg.intermediate_size)})
         if getattr(cfg, "shared_expert_intermediate_size", 0):
             keys["expert_shared_feed_forward_length"] = cfg.shared_expert_intermediate_size
     if arch.startswith("gemma"):
         keys["attention.sliding_window"] = getattr(cfg, "sliding_window", None)
-    if arch == "granite":
+    if arch in ("granite", "granitemoe"):
         keys.update({"embedding_scale": cfg.embedding_multiplier, "residual_scale": cfg.residual_multiplier,
                      "logit_scale": cfg.logits_scaling, "attention.scale": cfg.attention_multiplier})
     if arch == "phi3":
@@ -302,7 +316,7 @@ def test_config_and_weights_equal_transformers_gguf_loading(written):
     arch, path, _, oracle = written
     config = load_gguf_config(path)
     assert config["model_type"] == oracle.config.model_type and config["architectures"] == [type(oracle).__name__]
-    for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+    for key in ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
                 "shared_expert_intermediate_size"):
         assert config.get(key) == getattr(oracle.config, key, None), key
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -311,7 +325,8 @@ def test_config_and_weights_equal_transformers_gguf_loading(written):
     hf = oracle.config
     assert config["rms_norm_eps"] == pytest.approx(hf.rms_norm_eps)
     assert config["head_dim"] == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
-    expected = per_expert({name: t.detach().numpy() for name, t in oracle.state_dict().items()})
+    expected = per_expert({name.replace("block_sparse_moe.router.", "mlp.gate.").replace(  # GraniteMoE's, as Qwen MoE's
+        "block_sparse_moe.", "mlp."): t.detach().numpy() for name, t in oracle.state_dict().items()})
     ours = dict(load_gguf_weights(path))
     assert set(ours) == set(expected) - ({"lm_head.weight"} if config["tie_word_embeddings"] else set())
     for name, array in ours.items():

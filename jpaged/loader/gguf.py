@@ -1,5 +1,5 @@
 """Read a GGUF file of a Llama-family architecture (llama, qwen2, qwen3, the mixtures of experts
-qwen2moe and qwen3moe, gemma / gemma2 / gemma3, phi3, granite, olmo2 and smollm3) into an HF-style
+qwen2moe, qwen3moe and granitemoe, gemma / gemma2 / gemma3, phi3, granite, olmo2 and smollm3) into an HF-style
 config, weights and tokenizer.
 
 The engine's model code consumes HF conventions (``config.json`` keys, ``model.layers.{i}...``
@@ -48,11 +48,12 @@ ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwe
                  "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM"),
                  "gemma3": ("gemma3_text", "Gemma3ForCausalLM"), "phi3": ("phi3", "Phi3ForCausalLM"),
                  "gemma": ("gemma", "GemmaForCausalLM"), "granite": ("granite", "GraniteForCausalLM"),
-                 "olmo2": ("olmo2", "Olmo2ForCausalLM"), "smollm3": ("smollm3", "SmolLM3ForCausalLM")}
+                 "olmo2": ("olmo2", "Olmo2ForCausalLM"), "smollm3": ("smollm3", "SmolLM3ForCausalLM"),
+                 "granitemoe": ("granitemoe", "GraniteMoeForCausalLM")}
 NORMALIZED_TOP_K = {"qwen3moe"}  # MoE architectures whose top-k routing weights llama.cpp renormalises
 # model_types whose Q/K rows llama.cpp's converter interleaves: those it runs with "normal" RoPE
 # (consecutive pairs); the others (qwen, gemma, phi3, olmo2) it runs, and stores, as HF does.
-ROPE_PERMUTED = {"llama", "granite", "smollm3"}
+ROPE_PERMUTED = {"llama", "granite", "granitemoe", "smollm3"}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -385,8 +386,8 @@ def _config(path: pathlib.Path, reader: GGUFReader) -> dict[str, Any]:
         config.update(_gemma(meta, arch, config, reader))
     if arch == "phi3":
         config.update(_phi3(meta, config, tensors, reader))
-    if arch == "granite":
-        config.update(_granite(meta, config))
+    if arch in ("granite", "granitemoe"):
+        config.update(_granite(meta, arch, config))
     if arch == "smollm3":  # llama.cpp's rule (no metadata says it): every fourth layer without RoPE
         config["no_rope_layer_interval"] = 4
     rope_scaling = _rope_scaling(meta, arch, tensors.get("rope_freqs.weight"), config)
@@ -402,9 +403,13 @@ def _experts(meta: _Metadata, arch: str, tensors: dict[str, Any]) -> dict[str, A
     num_experts = meta.get(f"{arch}.expert_count", int)
     if not num_experts:
         return {}
-    if arch not in ("qwen2moe", "qwen3moe"):
+    if arch not in ("qwen2moe", "qwen3moe", "granitemoe"):
         raise ValueError(f"{meta.path}: a {arch} GGUF file with {num_experts} experts (such as Mixtral's) is not "
-                         "supported; mixtures of experts load from qwen2moe and qwen3moe GGUF files, or HF folders")
+                         "supported; mixtures of experts load from qwen2moe, qwen3moe and granitemoe GGUF files, "
+                         "or HF folders")
+
+    if arch == "granitemoe":  # HF's GraniteMoeConfig: its experts' size is intermediate_size
+        return {"num_local_experts": num_experts, "num_experts_per_tok": meta.require(f"{arch}.expert_used_count", int)}
 
     def rows(name: str) -> int:  # a tensor's output size (GGUF lists dimensions fastest first)
         return int(tensors[name].shape[1]) if name in tensors else 0
@@ -452,13 +457,13 @@ def _end_of_turn(reader: GGUFReader, config: dict[str, Any], token: bytes) -> di
     return {}
 
 
-def _granite(meta: _Metadata, config: dict[str, Any]) -> dict[str, Any]:
+def _granite(meta: _Metadata, arch: str, config: dict[str, Any]) -> dict[str, Any]:
     """Granite's multipliers, which llama.cpp's converter writes only where they are not 0, as
     llama.cpp reads them: a missing attention scale is head_dim ** -0.5, the others 1."""
     scales = {"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
               "logits_scaling": "logit_scale"}
-    keys = {name: meta.get(f"granite.{key}", float) or 1.0 for name, key in scales.items()}
-    keys["attention_multiplier"] = meta.get("granite.attention.scale", float) or config["head_dim"] ** -0.5
+    keys = {name: meta.get(f"{arch}.{key}", float) or 1.0 for name, key in scales.items()}
+    keys["attention_multiplier"] = meta.get(f"{arch}.attention.scale", float) or config["head_dim"] ** -0.5
     return keys
 
 
