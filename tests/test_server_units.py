@@ -367,7 +367,7 @@ def test_tool_parsers_read_their_family_syntax():
 
     rng = random.Random(0)
     hermes, llama3, pythonic = tool_parser("hermes"), tool_parser("llama3_json"), tool_parser("pythonic")
-    mistral = tool_parser("mistral")
+    mistral, granite, phi4 = tool_parser("mistral"), tool_parser("granite"), tool_parser("phi4_mini_json")
     for trial in range(40):
         calls = _random_calls(rng, rng.randint(1, 3))
         expected = [(name, args) for name, args in calls]
@@ -392,6 +392,16 @@ def test_tool_parsers_read_their_family_syntax():
         assert _streamed(pythonic, text)[0] == ""
         listed = "[TOOL_CALLS] " + json.dumps([{"name": n, "arguments": a} for n, a in calls])
         named = "".join(f"[TOOL_CALLS]{n}[ARGS]{json.dumps(a, ensure_ascii=False)}" for n, a in calls)
+        array = json.dumps([{"name": n, "arguments": a} for n, a in calls], ensure_ascii=trial % 2 == 0)
+        text = rng.choice(["", " ", "\n"]) + rng.choice(["<|tool_call|>", "<tool_call>", ""]) + array + rng.choice(["", "\n"])
+        found, parsed = granite.parse(text)
+        assert found is None and [(c.name, json.loads(c.arguments)) for c in parsed] == expected
+        assert _streamed(granite, text)[0] == ""
+        text = content + "functools" + array + rng.choice(["", "\nDone."])
+        found, parsed = phi4.parse(text)
+        assert found == (content or None) and [(c.name, json.loads(c.arguments)) for c in parsed] == expected
+        sent, final = _streamed(phi4, text)
+        assert final == content and sent == content[:len(sent)] and "functools" not in sent
         for text in (content + listed, content + named):  # the older tokenizers' syntax, then v11's
             found, parsed = mistral.parse(text)
             assert found == (content or None) and [(c.name, json.loads(c.arguments)) for c in parsed] == expected
@@ -434,8 +444,19 @@ def test_tool_parsers_read_their_family_syntax():
         assert mistral.parse(text) == (text, []) and _streamed(mistral, text)[1] == text
     assert [(c.name, c.arguments) for c in mistral.parse('[TOOL_CALLS]f{"a": [1]}[TOOL_CALLS]g[CALL_ID]x1[ARGS]{}')[1]] \
         == [("f", '{"a": [1]}'), ("g", "{}")]
+    for text in ["Hello [1]", "<|tool_call|>", "<|tool_call|>[]", '<|tool_call|>[{"name": "f", "arguments": {}}] more',
+                 '<|tool_call|>{"name": "f", "arguments": {}}', '<|tool_call|>[{"name": "f", "arguments": [1]}]',
+                 'Sure <|tool_call|>[{"name": "f", "arguments": {}}]']:
+        assert granite.parse(text) == (text, []) and _streamed(granite, text)[1] == text
+    for text in ["functools", "functools[]", 'functools{"name": "f"}', 'functools[{"name": "f", "arguments": 1}]',
+                 "Hello funct"]:
+        assert phi4.parse(text) == (text, []) and _streamed(phi4, text)[1] == text
+    assert granite.parse("<|tool_call|>" + "[" * 100000) == ("<|tool_call|>" + "[" * 100000, [])  # too deep: content
+    assert phi4.parse("functools" + "[" * 100000) == ("functools" + "[" * 100000, [])
+    nested = 'functools[{"name": "f", "arguments": {"xs": [1, [2]]}}, {"name": "g", "parameters": {}}]'
+    assert [(c.name, c.arguments) for c in phi4.parse(nested)[1]] == [("f", '{"xs": [1, [2]]}'), ("g", "{}")]
     with pytest.raises(ValueError, match="unknown tool-call parser 'qwen'; known: hermes, llama3_json, mistral, "
-                                         "pythonic"):
+                                         "pythonic, granite, phi4_mini_json"):
         tool_parser("qwen")
 
 

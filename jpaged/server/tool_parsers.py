@@ -24,6 +24,10 @@ its family, and the server finds the calls in the finished text (`jpaged serve
   get_time()]`, optionally between `<|python_start|>` and `<|python_end|>`; each argument a Python
   literal that JSON can hold (strings, numbers, booleans, None, and lists and dicts of them),
   read with Python's own `ast.literal_eval`, never evaluated; no content.
+- `granite` (IBM Granite 3.x): the whole reply is `<|tool_call|>` (`<tool_call>` in Granite 3.0)
+  and a JSON array of `{"name": ..., "arguments": {...}}`; no content.
+- `phi4_mini_json` (Phi-4-mini): the content, then `functools` and a JSON array of calls (text
+  after the array is dropped).
 
 A reply whose marked calls are not all JSON objects with a non-empty name and object arguments
 (`arguments`, or `parameters`, either as an object or as JSON text of one), or for `pythonic` not
@@ -238,8 +242,41 @@ def _pythonic_call(node: ast.expr) -> ParsedCall | None:
         return None
 
 
+class GraniteToolParser(ToolParser):
+    name = "granite"
+    MARKERS = ("<|tool_call|>", "<tool_call>")  # Granite 3.1 and later, then 3.0
+
+    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        body = text.strip()
+        body = next((body[len(m):].lstrip() for m in self.MARKERS if body.startswith(m)), body)
+        if not body.startswith("["):
+            return text, []
+        value = json.loads(body)
+        calls = [_call(item) for item in value] if isinstance(value, list) else []
+        if not calls or None in calls:
+            return text, []
+        return None, calls
+
+    def held_from(self, text: str) -> int:
+        body = text.lstrip()
+        starts = body.startswith(("[", *self.MARKERS)) or any(m.startswith(body) for m in self.MARKERS)
+        return 0 if starts else len(text)
+
+
+class Phi4MiniJsonToolParser(_MarkedToolParser):
+    name = "phi4_mini_json"
+    START = "functools"
+
+    def _calls(self, rest: str) -> list[ParsedCall | None]:
+        if not rest.startswith("["):
+            return [None]
+        value = json.JSONDecoder().raw_decode(rest)[0]  # text after the array is dropped
+        return [_call(item) for item in value] if isinstance(value, list) else [None]
+
+
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
-    parser.name: parser for parser in (HermesToolParser, Llama3JsonToolParser, MistralToolParser, PythonicToolParser)}
+    parser.name: parser for parser in (HermesToolParser, Llama3JsonToolParser, MistralToolParser, PythonicToolParser,
+                                       GraniteToolParser, Phi4MiniJsonToolParser)}
 
 
 def tool_parser(name: str) -> ToolParser:
