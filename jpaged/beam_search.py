@@ -134,6 +134,7 @@ def _start(engine: EngineClient, prompt, params: BeamSearchParams) -> _Search:
                                  logprobs=2 * params.beam_width)
     engine.add_request(request_id, prompt, step_params)
     first = engine.get_sequence(request_id)
+    first.request.may_draft = False  # a round takes one token a beam
     max_tokens = min(params.max_tokens, engine.max_model_len - len(first.prompt_token_ids))  # generate's limit too
     return _Search(request_id, params, max_tokens, [first], {first: 0.0})
 

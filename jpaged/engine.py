@@ -239,8 +239,8 @@ class LLMEngine:
         prompt and samples nothing)."""
         if self.pooler is not None:
             if params is not None:
-                raise ValueError("runner='pooling' embeds prompts and samples nothing: add requests without "
-                                 "SamplingParams")
+                raise ValueError(f"runner='pooling' {'classifies' if self.classifier else 'embeds'} prompts and "
+                                 "samples nothing: add requests without SamplingParams")
             params = EMBEDDING_PARAMS
         # a copy, checked afresh as it is made: the caller may have changed fields since making theirs
         params = SamplingParams(**self.default_sampling_params) if params is None else dataclasses.replace(params)

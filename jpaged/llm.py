@@ -83,10 +83,7 @@ class LLM:
         first) needs `scheduling_policy="priority"`. `lora_request` (one for every prompt, or one
         per prompt, None for the base model) needs `enable_lora=True`. ValueError names the
         prompt it refuses."""
-        if self.engine.runner_type == "pooling":
-            task = "classifies prompts (LLM.classify)" if self.engine.pooling_task == "classify" else \
-                "embeds prompts (LLM.embed)"
-            raise ValueError(f"this engine runs runner='pooling': it {task} and generates nothing")
+        self._check_generates()
         prompts = _prompt_list(prompts)
         params = self._per_prompt_params(sampling_params, len(prompts))
         loras = _per_prompt(lora_request, len(prompts))
@@ -97,6 +94,12 @@ class LLM:
             raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
         self._check_no_other_requests("generate")
         return self._add_and_run(prompts, params, priorities, loras, use_tqdm)
+
+    def _check_generates(self) -> None:
+        if self.engine.runner_type == "pooling":
+            task = "classifies prompts (LLM.classify)" if self.engine.pooling_task == "classify" else \
+                "embeds prompts (LLM.embed)"
+            raise ValueError(f"this engine runs runner='pooling': it {task} and generates nothing")
 
     def embed(self, prompts: PromptType | SequenceABC[PromptType], use_tqdm: bool = True,
               lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None
@@ -216,6 +219,7 @@ class LLM:
         are extra variables for the template (such as `enable_thinking` where a template reads
         it). ValueError when there is no chat template at all, the template does not parse, or a
         variable would set one of `apply_chat_template`'s own arguments (`chat_template.py`)."""
+        self._check_generates()
         conversations = _conversations(messages)
         tokenizer = self.engine.tokenizer
         if chat_template is not None:

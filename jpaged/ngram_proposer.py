@@ -21,8 +21,9 @@ from jpaged.sequence import Sequence
 
 def can_draft(seq: Sequence) -> bool:
     """Whether drafts may follow `seq`'s tokens: it has sampled its first token (a request's
-    samples fork there) and is not held (beam search)."""
-    return len(seq.output_token_ids) >= 1 and not seq.on_hold
+    samples fork there) and its request is not a beam search (whose rounds take one token a
+    beam)."""
+    return len(seq.output_token_ids) >= 1 and seq.request.may_draft
 
 
 def accepted_tokens(drafts: list[int], sampled: list[int]) -> list[int]:

@@ -134,6 +134,7 @@ class Request:
         self.arrival = next(_arrival_counter)
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
         self.seqs = [Sequence(self, 0, self.prompt_token_ids)]
+        self.may_draft = True  # False: its sequences decode one token a step (beam search's rounds)
         self.bad_words_token_ids: list[list[int]] = []  # `params.bad_words` as token sequences (engine)
         self.embedding = None  # the pooling runner's float32 [hidden] embedding of the prompt, once computed
         # Per prompt token, its logprob and the top `params.prompt_logprobs` (None for the first):

@@ -122,8 +122,11 @@ def test_server_classify_matches_llm_classify(classifier, prompts):
         assert client.post(f"{url}/classify", json={"input": "t5"}).status_code == 401
         wrong_route = client.post(f"{url}/v1/embeddings", json={"input": "t5"}, headers=headers)
         assert wrong_route.status_code == 400 and "/classify" in wrong_route.json()["error"]["message"]
-        completion = client.post(f"{url}/v1/completions", json={"prompt": "t5", "max_tokens": 2}, headers=headers)
-        assert completion.status_code == 400 and "/classify" in completion.json()["error"]["message"]
+        for route, request in (("/v1/completions", {"prompt": "t5", "max_tokens": 2}),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "t5"}]}),
+                               ("/v1/responses", {"input": "t5"})):  # the model has no chat template either
+            reply = client.post(f"{url}{route}", json=request, headers=headers)
+            assert reply.status_code == 400 and "/classify" in reply.json()["error"]["message"], route
     assert llm.engine.stats().kv_cache_usage == 0
 
 
@@ -135,5 +138,9 @@ def test_a_classifier_refuses_other_tasks(classifier, stories_path):
         llm.embed("t5 t6", use_tqdm=False)
     with pytest.raises(ValueError, match="it classifies prompts .LLM.classify. and generates nothing"):
         llm.generate("t5 t6", SamplingParams(max_tokens=2), use_tqdm=False)
+    with pytest.raises(ValueError, match="it classifies prompts .LLM.classify. and generates nothing"):
+        llm.chat([{"role": "user", "content": "t5"}], use_tqdm=False)
+    with pytest.raises(ValueError, match="runner='pooling' classifies prompts and samples nothing"):
+        llm.engine.add_request("x", "t5 t6", SamplingParams())
     with pytest.raises(ValueError, match="LLM.classify needs an engine made with runner='pooling'"):
         LLM(stories_path, num_blocks=16).classify("Once upon a time", use_tqdm=False)

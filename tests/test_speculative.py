@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from jpaged import LLM, SamplingParams
+from jpaged import LLM, BeamSearchParams, SamplingParams
 from jpaged.config import SpeculativeConfig
 from jpaged.ngram_proposer import NgramProposer, accepted_tokens
 from jpaged.sampling_params import SamplingParams as Params
@@ -232,6 +232,20 @@ def test_grammar_bitmasks_after_drafts_leave_the_grammar_where_it_was(engines, t
     row = np.zeros(bitmask_width(512), np.int32)
     grammar.fill_bitmasks([row], [])
     assert np.array_equal(row, stepwise_bitmasks(compiler, CONSTRAINED[0], [], grammar.starts_after)[0])
+
+
+def test_beam_search_takes_no_drafts(engines):
+    """A beam search's rounds take one token a beam: with speculation on, its beams draft nothing
+    and its hypotheses (tokens and scores) are those of the engine without it."""
+    plain, speculative = engines
+    params = BeamSearchParams(beam_width=3, max_tokens=20)
+    before = speculative.engine.stats().num_draft_tokens
+    got = speculative.beam_search(["The cat sat on the mat. The cat"], params)[0].sequences
+    expected = plain.beam_search(["The cat sat on the mat. The cat"], params)[0].sequences
+    assert [(s.tokens, s.text) for s in got] == [(s.tokens, s.text) for s in expected]
+    assert [s.cum_logprob for s in got] == pytest.approx([s.cum_logprob for s in expected], abs=1e-4)
+    assert speculative.engine.stats().num_draft_tokens == before
+    assert speculative.engine.block_manager.num_free_blocks == speculative.engine.block_manager.num_blocks
 
 
 def test_preemption_and_abort_with_drafts_free_every_block(stories_path):

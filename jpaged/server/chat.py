@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import RequestGroup
+from jpaged.server.errors import bad_request
 from jpaged.server.logprobs import chat_logprobs, prompt_logprobs
 from jpaged.server.params import chat_params, constraint_field, max_tokens_field, resolve_max_tokens
 from jpaged.server.prompts import Prompt, chat_prompt, message_text, truncated
@@ -44,6 +45,7 @@ from jpaged.server.serving import (
     ServerState,
     chunk_usage,
     collect,
+    pooling_route_error,
     sse,
     sse_error,
     submit,
@@ -85,7 +87,10 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
 
 async def chat_request_input(request: ChatCompletionRequest, state: ServerState) -> tuple[Prompt, SamplingParams]:
     """The engine's prompt (the messages through the chat template) and sampling parameters of a
-    chat request. Raises APIError 400 naming the field that cannot be served."""
+    chat request. Raises APIError 400 naming the field that cannot be served, or for a pooling
+    engine (which generates nothing)."""
+    if state.pooling_task is not None:
+        raise bad_request(pooling_route_error(state.pooling_task))
     prompt = await asyncio.to_thread(chat_prompt, state.engine.tokenizer, request.messages,
                                      request.add_generation_prompt, request.continue_final_message, False,
                                      template_tools(request), state.template(request))  # other requests go on meanwhile
