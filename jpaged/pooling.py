@@ -136,7 +136,6 @@ class Classifier:
             return (shifted / shifted.sum()).astype(np.float32)
         return logits.astype(np.float32)
 
-
     def label_of(self, probs: list[float]) -> str | None:
         """The name of the most probable label (None for no probs)."""
         return self.labels[int(np.argmax(probs))] if len(probs) else None
