@@ -97,9 +97,8 @@ class LLM:
 
     def _check_generates(self) -> None:
         if self.engine.runner_type == "pooling":
-            task = "classifies prompts (LLM.classify)" if self.engine.pooling_task == "classify" else \
-                "embeds prompts (LLM.embed)"
-            raise ValueError(f"this engine runs runner='pooling': it {task} and generates nothing")
+            raise ValueError(f"this engine runs runner='pooling': it {_POOLING_TASKS[self.engine.pooling_task]} "
+                             "and generates nothing")
 
     def embed(self, prompts: PromptType | SequenceABC[PromptType], use_tqdm: bool = True,
               lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None
@@ -122,8 +121,7 @@ class LLM:
         if self.engine.runner_type != "pooling":
             raise ValueError(f"LLM.{task} needs an engine made with runner='pooling' (this one generates)")
         if self.engine.pooling_task != task:
-            other = {"embed": "embeds prompts (LLM.embed)", "classify": "classifies prompts (LLM.classify)"}
-            raise ValueError(f"LLM.{task} cannot run on this model: it {other[self.engine.pooling_task]}")
+            raise ValueError(f"LLM.{task} cannot run on this model: it {_POOLING_TASKS[self.engine.pooling_task]}")
         prompts = _prompt_list(prompts)
         self._check_no_other_requests(task)
         return self._add_and_run(prompts, [None] * len(prompts), [0] * len(prompts),
@@ -271,6 +269,9 @@ def _per_prompt(lora_request, count: int) -> list[LoRARequest | None]:
     if len(lora_request) != count:
         raise ValueError(f"got {len(lora_request)} lora requests for {count} prompts")
     return list(lora_request)
+
+
+_POOLING_TASKS = {"embed": "embeds prompts (LLM.embed)", "classify": "classifies prompts (LLM.classify)"}
 
 
 def _prompt_list(prompts) -> list[PromptType]:
