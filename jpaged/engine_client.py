@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
+from jpaged.pooling import Classifier
 from jpaged.reasoning import ReasoningParser
 from jpaged.sampling_params import SamplingParams
 from jpaged.sequence import Sequence
@@ -58,7 +59,8 @@ class EngineClient(Protocol):
     ("generate", or "pooling": requests take no `SamplingParams` and end with their prompt's
     embedding, an `EmbeddingRequestOutput`, or its class probabilities, a
     `ClassificationRequestOutput`), `pooling_task` (under "pooling", "embed" or "classify";
-    None under "generate")."""
+    None under "generate"), `classifier` (a classifying engine's head: its labels, activation and
+    how it reads a text pair, `jpaged.pooling.Classifier`; None otherwise)."""
 
     tokenizer: Any
     model_name: str
@@ -69,6 +71,7 @@ class EngineClient(Protocol):
     reasoning_parser: ReasoningParser | None
     runner_type: str
     pooling_task: str | None
+    classifier: Classifier | None
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
                     priority: int = 0, lora_request: LoRARequest | None = None) -> None:

@@ -22,8 +22,15 @@ from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.lora import LoRARequest
-from jpaged.outputs import ClassificationRequestOutput, EmbeddingRequestOutput, RequestOutput
+from jpaged.outputs import (
+    ClassificationRequestOutput,
+    EmbeddingRequestOutput,
+    RequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
 from jpaged.sampling_params import BeamSearchParams, SamplingParams, is_integer, unicode_text
+from jpaged.scoring import cosine_similarity, pair_token_ids, paired, score_pairs, score_type
 
 
 def engine_config(model: str | None, speculative_config: dict | None = None, **kwargs) -> EngineConfig:
@@ -117,6 +124,44 @@ class LLM:
         names the prompt it refuses (empty, or longer than `max_model_len`)."""
         return self._pool("classify", prompts, use_tqdm, lora_request)
 
+    def score(self, data_1: str | SequenceABC[str], data_2: str | SequenceABC[str], /, *, use_tqdm: bool = True,
+              lora_request: LoRARequest | None = None) -> list[ScoringRequestOutput]:
+        """A score per text pair, in `data_2`'s order: `outputs.score`. Pairs are one query
+        (`data_1`, a text) with each document of `data_2` (1:N), or the i-th query with the i-th
+        document (N:N). A cross-encoder (a classifier of one label) scores each pair as one
+        prompt (its probability); an embedding model scores the cosine of the two embeddings
+        (see `jpaged/scoring.py`). Needs `runner="pooling"`. ValueError for another model (one
+        that generates, or classifies into several labels), texts that do not pair up, or a text
+        the engine refuses (named by its place)."""
+        kind = score_type(self.engine.pooling_task, self.engine.classifier)
+        queries, documents = score_pairs(data_1, data_2)
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest or None; got {type(lora_request).__name__}")
+        self._check_no_other_requests("score")
+        if kind == "cross-encoder":
+            pairs = paired(queries, documents)
+            prompts = [self._pair_prompt(i, query, document) for i, (query, document) in enumerate(pairs)]
+            outputs = self._add_and_run(prompts, [None] * len(pairs), [0] * len(pairs), [lora_request] * len(pairs),
+                                        use_tqdm, name=lambda i: f"pair {i}")
+            return [ScoringRequestOutput(out.request_id, ScoringOutput(out.outputs.probs[0]), out.prompt_token_ids,
+                                         out.finished, out.metrics) for out in outputs]
+        texts = queries + documents
+        outputs = self._add_and_run(texts, [None] * len(texts), [0] * len(texts), [lora_request] * len(texts),
+                                    use_tqdm, name=lambda i: f"data_1[{i}]" if i < len(queries)
+                                    else f"data_2[{i - len(queries)}]")
+        pad = self.engine.tokenizer.pad_token_id
+        return [ScoringRequestOutput(f"{query.request_id}_{document.request_id}",
+                                     ScoringOutput(cosine_similarity(query.outputs.embedding, document.outputs.embedding)),
+                                     query.prompt_token_ids + ([] if pad is None else [pad]) + document.prompt_token_ids,
+                                     True) for query, document in paired(outputs[:len(queries)], outputs[len(queries):])]
+
+    def _pair_prompt(self, index: int, query: str, document: str) -> dict:
+        try:
+            return {"prompt_token_ids": pair_token_ids(self.engine.tokenizer, query, document,
+                                                       self.engine.classifier.use_sep_token)}
+        except ValueError as err:
+            raise ValueError(f"pair {index}: {err}") from err
+
     def _pool(self, task: str, prompts, use_tqdm: bool, lora_request) -> list:
         if self.engine.runner_type != "pooling":
             raise ValueError(f"LLM.{task} needs an engine made with runner='pooling' (this one generates)")
@@ -127,7 +172,8 @@ class LLM:
         return self._add_and_run(prompts, [None] * len(prompts), [0] * len(prompts),
                                  _per_prompt(lora_request, len(prompts)), use_tqdm)
 
-    def _add_and_run(self, prompts, params, priorities, loras, use_tqdm: bool) -> list:
+    def _add_and_run(self, prompts, params, priorities, loras, use_tqdm: bool,
+                     name=lambda i: f"prompt {i}") -> list:
         request_ids = []
         try:
             for prompt, param, rank, lora in zip(prompts, params, priorities, loras):
@@ -138,7 +184,7 @@ class LLM:
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
             if isinstance(err, ValueError):
-                raise ValueError(f"prompt {len(request_ids)}: {err}") from err
+                raise ValueError(f"{name(len(request_ids))}: {err}") from err
             raise
         return self._run(request_ids, use_tqdm)
 

@@ -65,6 +65,24 @@ class ClassificationRequestOutput:
 
 
 @dataclass
+class ScoringOutput:
+    score: float  # a cross-encoder's probability for the pair, or the cosine of its embeddings (jpaged/scoring.py)
+
+
+@dataclass
+class ScoringRequestOutput:
+    """A text pair's score, as vLLM's `ScoringRequestOutput` (`outputs.score`). For a
+    bi-encoder, `request_id` joins the query's and the document's, and `prompt_token_ids` holds
+    the query's tokens, a pad token where the tokenizer has one, and the document's."""
+
+    request_id: str
+    outputs: ScoringOutput
+    prompt_token_ids: list[int]
+    finished: bool
+    metrics: RequestMetrics | None = None
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None

@@ -108,6 +108,7 @@ class Classifier:
     weight: np.ndarray
     activation: str
     labels: tuple[str, ...]  # config.json's id2label, else transformers' default names (LABEL_0, ...)
+    use_sep_token: bool = True  # as a cross-encoder, read a text pair with the tokenizer's separators (jpaged/scoring.py)
 
     @classmethod
     def from_hf(cls, hf_config: dict, weight: np.ndarray) -> Classifier:
@@ -123,7 +124,8 @@ class Classifier:
                       "single_label_classification": "softmax"}.get(problem)
         if activation is None:
             activation = "sigmoid" if num_labels < 2 else "softmax"
-        return cls(weight, activation, tuple(names.get(str(i), f"LABEL_{i}") for i in range(num_labels)))
+        labels = tuple(names.get(str(i), f"LABEL_{i}") for i in range(num_labels))
+        return cls(weight, activation, labels, bool(hf_config.get("use_sep_token", True)))
 
     def __call__(self, state: np.ndarray) -> np.ndarray:
         """float32 [num_labels]: the probabilities (or, under regression, the values) of the

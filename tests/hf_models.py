@@ -10,6 +10,7 @@ any checkpoint from the Hub.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,16 @@ def greedy_margin(model, prompt: list[int], continuation: list[int]) -> float:
     assert logits.argmax(-1).tolist() == continuation, "HF generate() disagrees with HF's own forward"
     top2 = np.sort(logits, axis=-1)[:, -2:]
     return float((top2[:, 1] - top2[:, 0]).min())
+
+
+def sentence_transformers_files(folder: Path, pooling: str = "pooling_mode_lasttoken", normalize: bool = True,
+                                dimension: int = 64) -> None:
+    """The files that make `folder` a sentence-transformers model: the transformer, a `Pooling`
+    module pooling by `pooling`, and a `Normalize` module where `normalize`."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": dimension, pooling: True}))

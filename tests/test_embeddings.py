@@ -20,7 +20,7 @@ import transformers
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from hf_models import save_random_model  # noqa: E402
+from hf_models import save_random_model, sentence_transformers_files  # noqa: E402
 from server_thread import serving  # noqa: E402
 
 from jpaged import LLM, SamplingParams  # noqa: E402
@@ -29,16 +29,6 @@ from jpaged.server.launch import create_app  # noqa: E402
 VOCAB = 128
 ENGINE_ARGS = dict(runner="pooling", num_blocks=64, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128)
 LENGTHS = (5, 40, 17, 70, 40)  # the last repeats the second: a prefix-cache hit
-
-
-def sentence_transformers_files(folder, pooling: str = "pooling_mode_lasttoken", normalize: bool = True) -> None:
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-    (folder / "modules.json").write_text(json.dumps(modules))
-    (folder / "1_Pooling").mkdir(exist_ok=True)
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, pooling: True}))
 
 
 @pytest.fixture(scope="module")

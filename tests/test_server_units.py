@@ -23,7 +23,7 @@ class ScriptedEngine:
     "bad" is refused; a step with a "boom" request running raises."""
 
     tokenizer, model_name, max_model_len, eos_token_ids, default_sampling_params = None, "scripted", 64, set(), {}
-    reasoning_parser, runner_type, pooling_task = None, "generate", None
+    reasoning_parser, runner_type, pooling_task, classifier = None, "generate", None, None
 
     def __init__(self):
         self.requests: dict[str, list] = {}

@@ -1,11 +1,11 @@
 """The FastAPI application: routes, the API key check, disconnect handling and error handlers.
 
 `build_app(state)` wires the routes to the handlers (`completions`, `chat`, `responses`, `embeddings`: also
-/classify) and the small routes
+/classify; `scoring`: /score and /rerank) and the small routes
 (`/v1/models`, `/health` and `/ping`, `/version`, `/metrics`, `/tokenize`, `/detokenize`). Every error leaves as an
 OpenAI-shaped body (`errors`): `APIError`s with their status, request validation failures and
 malformed JSON as 400 (not FastAPI's 422), unknown routes with their 404/405, and anything
-unexpected as 500. When an API key is set, /v1 routes and /classify need `Authorization: Bearer <key>`.
+unexpected as 500. When an API key is set, /v1 routes, /classify, /score and /rerank need `Authorization: Bearer <key>`.
 
 A client that goes away is noticed while its request runs: streamed responses are cancelled by
 Starlette when the connection drops; non-streamed handlers race a disconnect listener. Either way
@@ -43,12 +43,15 @@ from jpaged.server.protocol import (
     LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
+    RerankRequest,
     ResponsesRequest,
+    ScoreRequest,
     TokenizeRequest,
     TokenizeResponse,
     UnloadLoRAAdapterRequest,
 )
 from jpaged.server.responses import create_response
+from jpaged.server.scoring import create_rerank, create_score
 from jpaged.server.serving import ServerState
 from jpaged.server.tools import template_tools
 
@@ -88,6 +91,10 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
     app.add_api_route("/version", _version, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.add_api_route("/classify", _classify, methods=["POST"], dependencies=[Depends(_check_api_key)])
+    for path in ("/score", "/v1/score"):
+        app.add_api_route(path, _score, methods=["POST"], dependencies=[Depends(_check_api_key)])
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.add_api_route(path, _rerank, methods=["POST"], dependencies=[Depends(_check_api_key)])
     app.add_api_route("/tokenize", _tokenize, methods=["POST"])
     app.add_api_route("/detokenize", _detokenize, methods=["POST"])
     return app
@@ -124,6 +131,14 @@ async def _embeddings(body: EmbeddingRequest, request: Request) -> Response:
 
 async def _classify(body: ClassificationRequest, request: Request) -> Response:
     return await _respond(request, create_classification(body, _state(request)))
+
+
+async def _score(body: ScoreRequest, request: Request) -> Response:
+    return await _respond(request, create_score(body, _state(request)))
+
+
+async def _rerank(body: RerankRequest, request: Request) -> Response:
+    return await _respond(request, create_rerank(body, _state(request)))
 
 
 async def _respond(request: Request, handler: Awaitable[Response | AsyncIterator[str]]) -> Response:

@@ -64,7 +64,7 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
                         on_aborted=metrics.observe_aborted)
     state = ServerState(front, name, metrics, api_key or None, chat_template, trust_request_chat_template, parser,
                         engine.reasoning_parser, engine.pooling_task, dict(engine.default_sampling_params),
-                        runtime_lora_updating=allow_runtime_lora_updating)
+                        classifier=engine.classifier, runtime_lora_updating=allow_runtime_lora_updating)
     for lora in lora_modules or ():  # the engine loop has not started: the engine is called here
         try:
             state.load_lora(engine, lora.lora_name, lora.lora_path, lora.lora_int_id)

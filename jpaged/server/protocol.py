@@ -230,6 +230,52 @@ class ClassificationRequest(_Body):
     use_activation: StrictBool | None = None  # None or true: the model's activation
 
 
+class _ScoringBody(_Body):
+    """What /score and /rerank share (vLLM's): per-text token limits (0: none) and the engine
+    prompt's `truncate_prompt_tokens`; `use_activation` false (raw logits) is refused."""
+
+    model: str | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep each engine prompt's last tokens (-1: max_model_len)
+    max_tokens_per_query: StrictInt = 0  # keep each query's first tokens
+    max_tokens_per_doc: StrictInt = 0  # keep each document's first tokens
+    use_activation: StrictBool | None = None
+
+
+SCORE_FIELDS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))
+
+
+class ScoreRequest(_ScoringBody):
+    """POST /score (vLLM's): one query and N documents, or N of each paired in order, under any
+    of vLLM's names for them (`queries` / `documents`, `queries` / `items`, `data_1` /
+    `data_2`, `text_1` / `text_2`); each a text or a list of texts."""
+
+    queries: str | list[str] | None = None
+    documents: str | list[str] | None = None
+    items: str | list[str] | None = None
+    data_1: str | list[str] | None = None
+    data_2: str | list[str] | None = None
+    text_1: str | list[str] | None = None
+    text_2: str | list[str] | None = None
+
+    def pair_fields(self) -> tuple[str, str]:
+        """The names of the two sides the request gave. ValueError when it gave none, or half."""
+        for first, second in SCORE_FIELDS:
+            if getattr(self, first) is not None and getattr(self, second) is not None:
+                return first, second
+        names = " or ".join(f"{first} and {second}" for first, second in SCORE_FIELDS)
+        raise ValueError(f"the texts to score are missing: give {names}")
+
+
+class RerankRequest(_ScoringBody):
+    """POST /rerank, /v1/rerank, /v2/rerank (vLLM's, Jina's and Cohere's shape): a `query`, its
+    `documents`, and `top_n` (the best n to return; 0: all)."""
+
+    query: str
+    documents: str | list[str]
+    top_n: StrictInt = Field(default=0, ge=0)
+
+
 class TokenizeRequest(_Body):
     """POST /tokenize: a `prompt` (text), or chat `messages` rendered by the chat template."""
 

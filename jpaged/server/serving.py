@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.lora import LoRARequest
 from jpaged.outputs import CompletionOutput, RequestOutput
+from jpaged.pooling import Classifier
 from jpaged.reasoning import ReasoningParser
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import (
@@ -58,6 +59,7 @@ class ServerState:
     sampling_defaults: dict = field(default_factory=dict)
     loras: dict[str, LoRARequest] = field(default_factory=dict)  # LoRA adapters served, by model name
     runtime_lora_updating: bool = False  # whether requests may load and unload adapters
+    classifier: Classifier | None = None  # a classifying engine's head (`EngineClient.classifier`)
 
     def thinking(self, request: ChatCompletionRequest, prompt_ids: list[int]) -> bool:
         """Whether the replies to `request` (rendered as `prompt_ids`) start in the model's

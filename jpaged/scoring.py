@@ -1,0 +1,106 @@
+"""Scores of text pairs (vLLM's `LLM.score` and its /score and /rerank routes) on a pooling engine.
+
+Between the scoring APIs (`LLM.score`, `jpaged/server/scoring.py`) and the engine: it checks the
+pairs, turns them into pooling requests and the requests' outputs into one score per pair.
+
+- A **cross-encoder** is a sequence classification model with one label (a reranker such as
+  bge-reranker or mxbai-rerank). It reads each (query, document) pair as one prompt, and the
+  pair's score is the classifier's output for it: the sigmoid of the head's logit
+  (`jpaged/pooling.py`). The prompt is the tokenizer's encoding of the pair,
+  `tokenizer(text=query, text_pair=document)`, with whatever separators its template puts
+  between and around the two texts (`[CLS] query [SEP] document [SEP]`, `<s> query </s></s>
+  document </s>`; none for most decoder tokenizers); where config.json sets `use_sep_token`
+  false (an LLM turned reranker) the two texts are joined and encoded as one. As vLLM does.
+- A **bi-encoder** is an embedding model. It embeds every query and document on its own, and a
+  pair's score is the cosine similarity of their embeddings.
+
+Pairs come as vLLM takes them: one query and N documents (1:N, the query is read N times), or N
+queries and N documents paired in order (N:N).
+
+Plain Python: no jax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from jpaged.pooling import Classifier
+
+SCORE_TYPES = {"embed": "bi-encoder", "classify": "cross-encoder"}  # by the engine's pooling task
+
+
+def score_type(pooling_task: str | None, classifier: Classifier | None) -> str:
+    """How an engine of `pooling_task` (None: it generates) scores pairs: "cross-encoder" (a
+    classifier of one label) or "bi-encoder" (an embedding model). ValueError naming what the
+    engine does instead: generate text, or classify into more than one label."""
+    if pooling_task is None:
+        raise ValueError("scoring needs a model run with runner='pooling' (this one generates text): a cross-encoder "
+                         "(a sequence classification model of one label) or an embedding model")
+    if classifier is not None and len(classifier.labels) != 1:
+        raise ValueError(f"scoring needs a classifier of one label (num_labels == 1); this model has "
+                         f"{len(classifier.labels)} ({', '.join(classifier.labels)}): use classify")
+    return SCORE_TYPES[pooling_task]
+
+
+def score_pairs(data_1: str | Sequence[str], data_2: str | Sequence[str]) -> tuple[list[str], list[str]]:
+    """The queries and documents of a scoring call, as lists: 1 query (1:N) or as many as the
+    documents (N:N). A single text stands for a list of one. ValueError for anything but texts,
+    no texts on either side, or counts other than 1:N and N:N."""
+    queries, documents = _texts(data_1, "data_1"), _texts(data_2, "data_2")
+    if not queries:
+        raise ValueError("data_1 is empty: at least one query text is needed")
+    if not documents:
+        raise ValueError("data_2 is empty: at least one document text is needed")
+    if len(queries) > 1 and len(queries) != len(documents):
+        raise ValueError(f"got {len(queries)} queries for {len(documents)} documents: pairs are 1:N (one query) or "
+                         "N:N (one query per document)")
+    return queries, documents
+
+
+def _texts(data, name: str) -> list[str]:
+    items = [data] if isinstance(data, str) else data
+    if not isinstance(items, Sequence) or isinstance(items, (bytes, bytearray)):
+        raise ValueError(f"{name} must be a text or a list of texts; got {type(data).__name__}")
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise ValueError(f"{name}[{i}] must be a text; got {type(item).__name__} {item!r:.50}")
+    return list(items)
+
+
+def pair_token_ids(tokenizer, query: str, document: str, use_sep_token: bool = True) -> list[int]:
+    """The prompt token ids a cross-encoder reads for (`query`, `document`) (see the module's
+    docstring). ValueError for a pair that encodes to no tokens."""
+    if use_sep_token:
+        token_ids = tokenizer(text=query, text_pair=document)["input_ids"]
+    else:
+        token_ids = tokenizer(text=query + document)["input_ids"]
+    if not token_ids:
+        raise ValueError("the pair encodes to no tokens: query and document are both empty")
+    return list(token_ids)
+
+
+def truncated_text(tokenizer, text: str, max_tokens: int) -> str:
+    """`text` cut after its first `max_tokens` tokens (encoded without special tokens; 0 keeps it
+    whole): vLLM's `max_tokens_per_query` / `max_tokens_per_doc`. Cut at a token's end in the
+    text, so the kept part reads as the original does; cut again if it then encodes longer."""
+    while max_tokens > 0:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        end = offsets[max_tokens - 1][1] if len(offsets) > max_tokens else len(text)
+        if end >= len(text):
+            break
+        text = text[:end]
+    return text
+
+
+def cosine_similarity(a: Sequence[float], b: Sequence[float]) -> float:
+    """The cosine of the angle between two embeddings (in float64; 0 where one is all zeros)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    norms = float(np.linalg.norm(a)) * float(np.linalg.norm(b))
+    return float(a @ b / norms) if norms > 0 else 0.0
+
+
+def paired(queries: list, documents: list) -> list[tuple]:
+    """(query's, document's) per pair, in the documents' order: a lone query goes with each."""
+    return list(zip(queries * len(documents) if len(queries) == 1 else queries, documents))
