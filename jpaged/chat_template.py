@@ -60,3 +60,18 @@ def checked_variables(variables: Any) -> dict[str, Any]:
         raise ValueError(f"chat_template_kwargs may not set {', '.join(clashing)}: they are the template's own "
                          "inputs, set by the call")
     return variables
+
+
+def chat_text(tokenizer, conversation: list[dict], add_generation_prompt: bool = True,
+              tools: list[dict] | None = None, chat_template: str | None = None,
+              chat_template_kwargs: dict | None = None, continue_final_message: bool = False) -> str:
+    """A conversation rendered by the chat template (`chat_template`, or the tokenizer's).
+    ValueError when the template fails on it (its own checks, such as Jinja's `raise_exception`
+    or alternating roles, or an error in the template)."""
+    try:
+        return tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, tokenize=False,
+                                             chat_template=chat_template, **(chat_template_kwargs or {}))
+    except Exception as err:  # Jinja's errors, and whatever a template's own code raises
+        raise ValueError(f"the chat template{'' if chat_template is None else ' (chat_template)'} failed on the "
+                         f"conversation: {type(err).__name__}: {err}") from err

@@ -77,6 +77,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-lora", action="store_true", help="serve requests through LoRA adapters")
     parser.add_argument("--max-loras", type=int, default=1, help="LoRA adapters usable in one step")
     parser.add_argument("--max-lora-rank", type=int, default=16, help="highest LoRA adapter rank")
+    parser.add_argument("--hf-overrides", type=_json_object, default=None,
+                        help='keys set over the model\'s config.json, as JSON, e.g. a causal LM read as a reranker: '
+                             '\'{"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": '
+                             '["no", "yes"], "is_original_qwen3_reranker": true}\'')
     parser.add_argument("--speculative-config", type=_json_object, default=None,
                         help='n-gram speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     parser.add_argument("-v", "--verbose", action="store_true", help="log engine events")
@@ -101,7 +105,7 @@ def _lora_module(text: str) -> tuple[str, str]:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for `LLM(model, **kwargs)` / `build_engine` from the shared engine flags."""
-    return dict(tokenizer=args.tokenizer, revision=args.revision, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+    return dict(tokenizer=args.tokenizer, revision=args.revision, hf_overrides=args.hf_overrides, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
                 offload_weights=args.offload_weights, device_weight_budget_gib=args.device_weight_budget_gib,
                 block_size=args.block_size, num_blocks=args.num_blocks, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
                 enable_prefix_caching=args.enable_prefix_caching, preemption_mode=args.preemption_mode,

@@ -710,6 +710,9 @@ class EngineConfig:
     model: str | None = None  # HF folder, .gguf file, or None for the default model
     tokenizer: str | None = None  # HF folder or hub id of the tokenizer; None: the model's own
     revision: str | None = None  # branch, tag or commit of a hub model; None: main
+    # keys set over the model's config.json (vLLM's hf_overrides), such as those that read a causal LM
+    # as a reranker (`classifier_from_token`, `method`: jpaged/pooling.py)
+    hf_overrides: dict | None = None
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16" | "float16" (vLLM's "float" and "half" too)
     quantization: str | None = None  # weight-only: None | "int8" | "fp8" | "gguf" (jpaged/models/quantization.py)
     attention_backend: str = "auto"  # "auto" | "pallas" | "cpu" | "reference" (pallas_kernels/backend.py)
@@ -737,6 +740,9 @@ class EngineConfig:
         _check_integers(self, ("seed", "max_logprobs"))
         for name in ("attention_interpret", "compilation_cache", "compile_warmup"):
             as_bool(name, getattr(self, name))
+        if self.hf_overrides is not None and not (isinstance(self.hf_overrides, dict)
+                                                  and all(isinstance(key, str) for key in self.hf_overrides)):
+            raise ValueError(f"hf_overrides must be a dict of config.json keys, got {self.hf_overrides!r:.100}")
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be -1 (the whole vocabulary) or >= 0, got {self.max_logprobs}")
         if not isinstance(self.generation_config, str):

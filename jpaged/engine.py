@@ -11,6 +11,7 @@ server use.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import random
@@ -42,7 +43,16 @@ from jpaged.outputs import (
 )
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.layout import check_layout
-from jpaged.pooling import Classifier, PoolerConfig, pool, read_pooler_config, split_score_head
+from jpaged.pooling import (
+    LM_HEAD_TENSORS,
+    Classifier,
+    PoolerConfig,
+    answer_token_ids,
+    pool,
+    read_pooler_config,
+    split_score_head,
+    token_head,
+)
 from jpaged.reasoning import ReasoningParser
 from jpaged.sampling_params import (
     ALL_LOGPROBS,
@@ -81,6 +91,8 @@ class LLMEngine:
         if config.compilation_cache:
             compile_cache.enable()
         source = open_model(config.model, config.tokenizer, config.revision)
+        if config.hf_overrides:
+            source = dataclasses.replace(source, hf_config={**source.hf_config, **config.hf_overrides})
         self.model_name = source.name
         self.pooler = read_pooler_config(source.folder) if config.runner == "pooling" else None
         if self.pooler is not None and self.pooler.reads_every_token and config.parallel.pipeline_parallel_size > 1:
@@ -108,7 +120,9 @@ class LLMEngine:
             tokenizer = pool.submit(source.load_tokenizer)
             packed = gguf_packed(source.block_types, source.name) if config.quantization == "gguf" else {}
             head: dict = {}
-            self.runner = ModelRunner(self.model_config, config, split_score_head(source.weights(packed), head),
+            answers = token_head(source.hf_config) if classifies else None
+            token_rows = functools.cache(lambda: answer_token_ids(tokenizer.result(), answers[0])) if answers else None
+            self.runner = ModelRunner(self.model_config, config, split_score_head(source.weights(packed), head, token_rows),
                                       self.step_shapes(), meshes[replica or 0], packed=packed)
             self.tokenizer = tokenizer.result()
         self.classifier = self._classifier(source, head) if classifies else None
@@ -179,14 +193,18 @@ class LLMEngine:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
 
     def _classifier(self, source, head: dict) -> Classifier:
-        """The `score` head the checkpoint of a sequence classification model holds."""
-        weight = head.get("score")
+        """The `score` head the checkpoint of a sequence classification model holds, or that its
+        LM head's rows of its answer tokens make (`pooling.token_head`)."""
+        from_tokens = token_head(source.hf_config) is not None
+        name = "the LM head's answer rows" if from_tokens else "score.weight"
+        weight = head.get(LM_HEAD_TENSORS[0], head.get(LM_HEAD_TENSORS[1])) if from_tokens else head.get("score")
         expected = self.model_config.hidden_size
         if weight is None or weight.ndim != 2 or weight.shape[1] != expected:
             found = "none" if weight is None else f"one of shape {tuple(weight.shape)}"
             raise ValueError(f"{source.name} is a sequence classification model, but its checkpoint has {found} for "
-                             f"score.weight (expected [num_labels, {expected}])")
-        return Classifier.from_hf(source.hf_config, weight)
+                             f"{name} (expected [num_labels, {expected}])")
+        return Classifier.from_token_rows(source.hf_config, weight) if from_tokens else Classifier.from_hf(
+            source.hf_config, weight)
 
     def step_shapes(self) -> StepShapes:
         """The padded sizes of every step this engine can run (they fix its compiled programs)."""

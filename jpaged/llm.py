@@ -16,7 +16,7 @@ from collections.abc import Sequence as SequenceABC
 from tqdm.auto import tqdm
 
 from jpaged.beam_search import BeamSearchOutput, beam_search
-from jpaged.chat_template import checked_template, checked_variables
+from jpaged.chat_template import chat_text, checked_template, checked_variables
 from jpaged.config import CacheConfig, EngineConfig, LoRAConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig
 from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine
@@ -125,22 +125,29 @@ class LLM:
         return self._pool("classify", prompts, use_tqdm, lora_request)
 
     def score(self, data_1: str | SequenceABC[str], data_2: str | SequenceABC[str], /, *, use_tqdm: bool = True,
-              lora_request: LoRARequest | None = None) -> list[ScoringRequestOutput]:
+              lora_request: LoRARequest | None = None, chat_template: str | None = None,
+              chat_template_kwargs: dict | None = None) -> list[ScoringRequestOutput]:
         """A score per text pair, in `data_2`'s order: `outputs.score`. Pairs are one query
         (`data_1`, a text) with each document of `data_2` (1:N), or the i-th query with the i-th
         document (N:N). A cross-encoder (a classifier of one label) scores each pair as one
         prompt (its probability); an embedding model scores the cosine of the two embeddings
-        (see `jpaged/scoring.py`). Needs `runner="pooling"`. ValueError for another model (one
-        that generates, or classifies into several labels), texts that do not pair up, or a text
-        the engine refuses (named by its place)."""
+        (see `jpaged/scoring.py`). A cross-encoder's pairs go through `chat_template` where one
+        is given (`chat_template_kwargs`: its variables, such as a reranker's `instruction`) as
+        a "query" turn and a "document" turn. Needs `runner="pooling"`. ValueError for another
+        model (one that generates, or classifies into several labels), texts that do not pair
+        up, a template that fails, or a text the engine refuses (named by its place)."""
         kind = score_type(self.engine.pooling_task, self.engine.classifier)
         queries, documents = score_pairs(data_1, data_2)
         if lora_request is not None and not isinstance(lora_request, LoRARequest):
             raise TypeError(f"lora_request must be a LoRARequest or None; got {type(lora_request).__name__}")
+        if chat_template is not None:
+            chat_template = checked_template(chat_template)
+        chat_template_kwargs = checked_variables(chat_template_kwargs)
         self._check_no_other_requests("score")
         if kind == "cross-encoder":
             pairs = paired(queries, documents)
-            prompts = [self._pair_prompt(i, query, document) for i, (query, document) in enumerate(pairs)]
+            prompts = [self._pair_prompt(i, query, document, chat_template, chat_template_kwargs)
+                       for i, (query, document) in enumerate(pairs)]
             outputs = self._add_and_run(prompts, [None] * len(pairs), [0] * len(pairs), [lora_request] * len(pairs),
                                         use_tqdm, name=lambda i: f"pair {i}")
             return [ScoringRequestOutput(out.request_id, ScoringOutput(out.outputs.probs[0]), out.prompt_token_ids,
@@ -155,10 +162,12 @@ class LLM:
                                      query.prompt_token_ids + ([] if pad is None else [pad]) + document.prompt_token_ids,
                                      True) for query, document in paired(outputs[:len(queries)], outputs[len(queries):])]
 
-    def _pair_prompt(self, index: int, query: str, document: str) -> dict:
+    def _pair_prompt(self, index: int, query: str, document: str, chat_template: str | None,
+                     chat_template_kwargs: dict) -> dict:
         try:
             return {"prompt_token_ids": pair_token_ids(self.engine.tokenizer, query, document,
-                                                       self.engine.classifier.use_sep_token)}
+                                                       self.engine.classifier.use_sep_token, chat_template,
+                                                       chat_template_kwargs)}
         except ValueError as err:
             raise ValueError(f"pair {index}: {err}") from err
 
@@ -287,21 +296,6 @@ def chat_token_ids(tokenizer, conversation: list[dict], add_generation_prompt: b
     """A conversation's prompt token ids through the chat template (see `chat_text`)."""
     text = chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs)
     return tokenizer.encode(text, add_special_tokens=False)
-
-
-def chat_text(tokenizer, conversation: list[dict], add_generation_prompt: bool = True,
-              tools: list[dict] | None = None, chat_template: str | None = None,
-              chat_template_kwargs: dict | None = None, continue_final_message: bool = False) -> str:
-    """A conversation rendered by the chat template (`chat_template`, or the tokenizer's).
-    ValueError when the template fails on it (its own checks, such as Jinja's `raise_exception`
-    or alternating roles, or an error in the template)."""
-    try:
-        return tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
-                                             continue_final_message=continue_final_message, tokenize=False,
-                                             chat_template=chat_template, **(chat_template_kwargs or {}))
-    except Exception as err:  # Jinja's errors, and whatever a template's own code raises
-        raise ValueError(f"the chat template{'' if chat_template is None else ' (chat_template)'} failed on the "
-                         f"conversation: {type(err).__name__}: {err}") from err
 
 
 def _per_prompt(lora_request, count: int) -> list[LoRARequest | None]:

@@ -26,13 +26,22 @@ activation vLLM applies (after HF's loss for the config's `problem_type`: softma
 classification, sigmoid for multi-label, none for regression; otherwise softmax, or sigmoid for
 one label).
 
+A causal LM trained to answer a token (Qwen3-Reranker answers "yes" or "no") is read as such a
+classifier the way vLLM reads it, where config.json (or `hf_overrides`) names it a
+`*ForSequenceClassification` and gives `classifier_from_token` (the answer tokens) and `method`
+(`is_original_qwen3_reranker` means "from_2_way_softmax"): the head is made of the LM head's rows
+of those tokens (the embedding's, where they are tied), as they are ("no_post_processing": one
+label per token) or, for "from_2_way_softmax", the second token's row minus the first's: one
+label, whose sigmoid is the softmax of the two tokens' logits taken at the second. Such a model
+reads a text pair joined, without separators (`use_sep_token` false, jpaged/scoring.py).
+
 Plain Python: no jax.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +120,17 @@ class Classifier:
     use_sep_token: bool = True  # as a cross-encoder, read a text pair with the tokenizer's separators (jpaged/scoring.py)
 
     @classmethod
+    def from_token_rows(cls, hf_config: dict, rows: np.ndarray) -> Classifier:
+        """The head of a causal LM read as a classifier (see the module's docstring) from the LM
+        head's `rows` [len(classifier_from_token), hidden] of its answer tokens."""
+        tokens, method = token_head(hf_config)
+        rows = np.asarray(rows, np.float32)
+        weight = rows[1:2] - rows[0:1] if method == "from_2_way_softmax" else rows
+        names = {} if method == "from_2_way_softmax" else {str(i): token for i, token in enumerate(tokens)}
+        return cls.from_hf({**hf_config, "id2label": names, "use_sep_token": hf_config.get("use_sep_token", False)},
+                           weight)
+
+    @classmethod
     def from_hf(cls, hf_config: dict, weight: np.ndarray) -> Classifier:
         """The head of `weight` (the checkpoint's `score.weight`) as `hf_config` (config.json)
         describes it. ValueError when its label names disagree with the head's rows."""
@@ -143,10 +163,51 @@ class Classifier:
         return self.labels[int(np.argmax(probs))] if len(probs) else None
 
 
-def split_score_head(weights: Iterable[tuple[str, np.ndarray]], found: dict) -> Iterator[tuple[str, np.ndarray]]:
-    """`weights` without a classifier's `score.weight`, which goes to `found["score"]`."""
+TOKEN_HEAD_METHODS = ("from_2_way_softmax", "no_post_processing")
+LM_HEAD_TENSORS = ("lm_head.weight", "model.embed_tokens.weight")  # where a causal LM's answer tokens' rows lie
+
+
+def token_head(hf_config: dict) -> tuple[list[str], str] | None:
+    """The answer tokens and method of a causal LM read as a classifier (config.json's
+    `classifier_from_token` and `method`), or None for a model with a `score` head of its own.
+    ValueError for a method vLLM does not define, or tokens that do not fit it."""
+    tokens, method = hf_config.get("classifier_from_token"), hf_config.get("method")
+    if method is None and hf_config.get("is_original_qwen3_reranker"):
+        method = "from_2_way_softmax"
+    if tokens is None and method is None:
+        return None
+    if method not in TOKEN_HEAD_METHODS:
+        raise ValueError(f"config.json's method {method!r} does not say how to read the model as a classifier "
+                         f"(one of: {', '.join(TOKEN_HEAD_METHODS)}, with classifier_from_token)")
+    if not (isinstance(tokens, list) and tokens and all(isinstance(token, str) for token in tokens)) or (
+            method == "from_2_way_softmax" and len(tokens) != 2):
+        need = "two tokens (false, then true)" if method == "from_2_way_softmax" else "a list of tokens"
+        raise ValueError(f"classifier_from_token must be {need} for method {method!r}, got {tokens!r:.100}")
+    return list(tokens), method
+
+
+def answer_token_ids(tokenizer, tokens: list[str]) -> list[int]:
+    """The vocabulary ids of `tokens` (tokens as the vocabulary spells them, `classifier_from_token`).
+    ValueError naming a token the vocabulary does not hold."""
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in tokens]
+    for token, token_id in zip(tokens, ids):
+        if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+            raise ValueError(f"classifier_from_token names {token!r}, which is not a token of the model's vocabulary")
+    return ids
+
+
+def split_score_head(weights: Iterable[tuple[str, np.ndarray]], found: dict,
+                     token_rows: Callable[[], list[int]] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """`weights` without a classifier's `score.weight`, which goes to `found["score"]`. With
+    `token_rows` (the answer tokens' ids of a causal LM read as a classifier), the rows of those
+    tokens of the LM head and of the embedding go to `found[name]` (and the LM head, which the
+    pooling runner does not keep, no further)."""
     for name, tensor in weights:
         if name in SCORE_TENSORS:
             found["score"] = tensor
-        else:
-            yield name, tensor
+            continue
+        if token_rows is not None and name in LM_HEAD_TENSORS:
+            found[name] = np.asarray(tensor[token_rows()], np.float32)
+            if name == LM_HEAD_TENSORS[0]:
+                continue
+        yield name, tensor

@@ -11,6 +11,8 @@ pairs, turns them into pooling requests and the requests' outputs into one score
   between and around the two texts (`[CLS] query [SEP] document [SEP]`, `<s> query </s></s>
   document </s>`; none for most decoder tokenizers); where config.json sets `use_sep_token`
   false (an LLM turned reranker) the two texts are joined and encoded as one. As vLLM does.
+  Where a chat template is given (a reranker's prompt format, such as Qwen3-Reranker's), it
+  renders the pair as a query turn and a document turn instead.
 - A **bi-encoder** is an embedding model. It embeds every query and document on its own, and a
   pair's score is the cosine similarity of their embeddings.
 
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jpaged.chat_template import chat_text
 from jpaged.pooling import Classifier
 
 SCORE_TYPES = {"embed": "bi-encoder", "classify": "cross-encoder"}  # by the engine's pooling task
@@ -69,10 +72,19 @@ def _texts(data, name: str) -> list[str]:
     return list(items)
 
 
-def pair_token_ids(tokenizer, query: str, document: str, use_sep_token: bool = True) -> list[int]:
+def pair_token_ids(tokenizer, query: str, document: str, use_sep_token: bool = True, chat_template: str | None = None,
+                   chat_template_kwargs: dict | None = None) -> list[int]:
     """The prompt token ids a cross-encoder reads for (`query`, `document`) (see the module's
-    docstring). ValueError for a pair that encodes to no tokens."""
-    if use_sep_token:
+    docstring). With `chat_template` (vLLM applies one only where it is given), the pair is the
+    conversation `[{"role": "query", ...}, {"role": "document", ...}]` rendered by it (given
+    `chat_template_kwargs`, such as a reranker's `instruction`) and encoded. ValueError for a
+    template that fails on the pair, or a pair that encodes to no tokens."""
+    if chat_template is not None:
+        conversation = [{"role": "query", "content": query}, {"role": "document", "content": document}]
+        text = chat_text(tokenizer, conversation, add_generation_prompt=False, chat_template=chat_template,
+                         chat_template_kwargs=chat_template_kwargs)
+        token_ids = tokenizer(text)["input_ids"]
+    elif use_sep_token:
         token_ids = tokenizer(text=query, text_pair=document)["input_ids"]
     else:
         token_ids = tokenizer(text=query + document)["input_ids"]

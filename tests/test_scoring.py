@@ -10,6 +10,8 @@ are long enough to be prefilled in several chunks, and repeated pairs hit the pr
 KV block is free afterwards.
 """
 
+from pathlib import Path
+
 import httpx
 import numpy as np
 import pytest
@@ -29,6 +31,7 @@ pytest.importorskip("uvicorn")
 from server_thread import serving  # noqa: E402
 
 from jpaged import LLM  # noqa: E402
+from jpaged.chat_template import chat_text  # noqa: E402
 from jpaged.server.launch import create_app  # noqa: E402
 
 VOCAB = 128
@@ -244,3 +247,110 @@ def test_a_generating_server_refuses_scoring(stories_path):
         for route, request in (("/score", {"text_1": "a", "text_2": "b"}), ("/rerank", {"query": "a", "documents": ["b"]})):
             reply = httpx.post(f"{url}{route}", json=request, timeout=60)
             assert reply.status_code == 400 and "runner='pooling'" in reply.json()["error"]["message"]
+
+
+RERANKER_OVERRIDES = {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
+                      "is_original_qwen3_reranker": True}  # how vLLM's docs load Qwen3-Reranker
+RERANK_TEMPLATE = ('t5 {{ instruction | default("t3 t4") }} t6 {{ messages[0]["content"] }} t7 '
+                   '{{ messages[1]["content"] }} t8')  # query turn, document turn: a reranker's prompt format
+
+
+def save_answer_tokenizer(folder) -> None:
+    """A word-level tokenizer of `<unk> <s> </s> t3 ... t125 no yes`: a causal LM's answer tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)} | {f"t{i}": i for i in range(3, VOCAB - 2)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab | {"no": VOCAB - 2, "yes": VOCAB - 1}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
+                                         eos_token="</s>").save_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def causal_reranker(request, tmp_path_factory):
+    """A random-weight Qwen3 causal LM that answers "yes" or "no" (the answer rows come from the
+    embedding where it is tied to the LM head, else from the LM head), and its torch model."""
+    folder = tmp_path_factory.mktemp(f"causal_reranker_{request.param}")
+    config = transformers.Qwen3Config(**SMALL, head_dim=16, tie_word_embeddings=request.param == "tied")
+    model = save_random_model(folder, config, seed=11)
+    save_answer_tokenizer(folder)
+    return folder, model
+
+
+def yes_probability(model, token_ids: list[int]) -> float:
+    """Qwen3-Reranker's score, as its model card computes it: the softmax of the last position's
+    "no" and "yes" logits, at "yes"."""
+    with torch.no_grad(), torch_single_thread():
+        logits = model(torch.tensor([token_ids])).logits[0, -1, [VOCAB - 2, VOCAB - 1]].double()
+    return float(torch.softmax(logits, 0)[1])
+
+
+def test_a_causal_lm_scores_as_a_reranker_through_its_template(causal_reranker, texts):
+    folder, model = causal_reranker
+    query, documents = texts
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    llm = LLM(str(folder), hf_overrides=RERANKER_OVERRIDES, **ENGINE_ARGS)
+    for variables, instruction in ((None, "t3 t4"), ({"instruction": "t9 t10 t11"}, "t9 t10 t11")):
+        outputs = llm.score(query, documents, use_tqdm=False, chat_template=RERANK_TEMPLATE,
+                            chat_template_kwargs=variables)
+        prompts = [tokenizer(f"t5 {instruction} t6 {query} t7 {document} t8")["input_ids"] for document in documents]
+        assert [out.prompt_token_ids for out in outputs] == prompts
+        np.testing.assert_allclose([out.outputs.score for out in outputs], [yes_probability(model, p) for p in prompts],
+                                   rtol=1e-4, atol=1e-6)
+    plain = llm.score(query, documents[:2], use_tqdm=False)  # no template: the texts joined (use_sep_token false)
+    joined = [tokenizer(query + document)["input_ids"] for document in documents[:2]]
+    np.testing.assert_allclose([out.outputs.score for out in plain], [yes_probability(model, p) for p in joined],
+                               rtol=1e-4, atol=1e-6)
+    with serving(create_app(llm.engine, chat_template=RERANK_TEMPLATE)) as url:
+        reply = httpx.post(f"{url}/rerank", json={"query": query, "documents": documents, "instruction": "t9 t10 t11"},
+                           timeout=120)
+        assert reply.status_code == 200, reply.text
+        with_instruction = llm.score(query, documents, use_tqdm=False, chat_template=RERANK_TEMPLATE,
+                                     chat_template_kwargs={"instruction": "t9 t10 t11"})
+        assert {r["index"]: r["relevance_score"] for r in reply.json()["results"]} == pytest.approx(
+            {i: out.outputs.score for i, out in enumerate(with_instruction)}, rel=1e-6)
+    assert llm.engine.stats().kv_cache_usage == 0
+
+
+def test_a_causal_lm_classifies_by_its_answer_tokens(causal_reranker, texts):
+    """`method` "no_post_processing": one label per answer token, their logits through softmax."""
+    folder, model = causal_reranker
+    overrides = {"architectures": ["Qwen3ForSequenceClassification"], "classifier_from_token": ["no", "yes"],
+                 "method": "no_post_processing"}
+    llm = LLM(str(folder), hf_overrides=overrides, **ENGINE_ARGS)
+    prompts = [texts[0], *texts[1][:3]]
+    outputs = llm.classify(prompts, use_tqdm=False)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    expected = [yes_probability(model, tokenizer(p)["input_ids"]) for p in prompts]
+    np.testing.assert_allclose([out.outputs.probs[1] for out in outputs], expected, rtol=1e-4, atol=1e-6)
+    assert [out.outputs.label for out in outputs] == ["yes" if p > 0.5 else "no" for p in expected]
+    with pytest.raises(ValueError, match="one label .num_labels == 1.; this model has 2 .no, yes."):
+        llm.score("t5", "t6")
+
+
+def test_answer_token_settings_are_checked(causal_reranker):
+    folder, _ = causal_reranker
+    for overrides, message in (({"method": "from_3_way"}, "method 'from_3_way' does not say how"),
+                               ({"classifier_from_token": ["yes"]}, "must be two tokens .false, then true."),
+                               ({"classifier_from_token": ["no", "maybe"]}, "'maybe', which is not a token")):
+        with pytest.raises(ValueError, match=message):
+            LLM(str(folder), hf_overrides={**RERANKER_OVERRIDES, **overrides}, **ENGINE_ARGS)
+    with pytest.raises(ValueError, match="hf_overrides must be a dict"):
+        LLM(str(folder), hf_overrides=["architectures"], **ENGINE_ARGS)
+
+
+def test_the_qwen3_reranker_template_writes_the_model_cards_prompt(reranker):
+    """docs/templates/qwen3_reranker.jinja against the prompt Qwen3-Reranker's model card builds
+    (its prefix, `<Instruct>: ...\\n<Query>: ...\\n<Document>: ...`, its suffix)."""
+    template = (Path(__file__).parents[1] / "docs" / "templates" / "qwen3_reranker.jinja").read_text()
+    prefix = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+              'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n')
+    suffix = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    pair = [{"role": "query", "content": "What is the capital of China?"},
+            {"role": "document", "content": "The capital of China is Beijing."}]
+    default = "Given a web search query, retrieve relevant passages that answer the query"
+    for variables, instruction in (({}, default), ({"instruction": "Find the answer"}, "Find the answer")):
+        text = chat_text(reranker[0].tokenizer, pair, add_generation_prompt=False, chat_template=template,
+                         chat_template_kwargs=variables)
+        assert text == (f"{prefix}<Instruct>: {instruction}\n<Query>: What is the capital of China?\n"
+                        f"<Document>: The capital of China is Beijing.{suffix}")

@@ -231,8 +231,9 @@ class ClassificationRequest(_Body):
 
 
 class _ScoringBody(_Body):
-    """What /score and /rerank share (vLLM's): per-text token limits (0: none) and the engine
-    prompt's `truncate_prompt_tokens`; `use_activation` false (raw logits) is refused."""
+    """What /score and /rerank share (vLLM's): per-text token limits (0: none), the engine
+    prompt's `truncate_prompt_tokens`, the variables of the server's chat template for pairs;
+    `use_activation` false (raw logits) is refused."""
 
     model: str | None = None
     user: str | None = None
@@ -240,6 +241,15 @@ class _ScoringBody(_Body):
     max_tokens_per_query: StrictInt = 0  # keep each query's first tokens
     max_tokens_per_doc: StrictInt = 0  # keep each document's first tokens
     use_activation: StrictBool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # variables of the server's --chat-template for pairs
+    instruction: str | None = None  # the template variable `instruction` (unless chat_template_kwargs sets it)
+
+    def template_variables(self) -> dict[str, Any]:
+        """`chat_template_kwargs`, with `instruction` where they do not set it (as vLLM merges them)."""
+        variables = dict(self.chat_template_kwargs or {})
+        if self.instruction is not None:
+            variables.setdefault("instruction", self.instruction)
+        return variables
 
 
 SCORE_FIELDS = (("queries", "documents"), ("queries", "items"), ("data_1", "data_2"), ("text_1", "text_2"))

@@ -5,7 +5,9 @@ Both score a query against documents as `LLM.score` does (`jpaged/scoring.py`): 
 reads each pair as one engine request, a bi-encoder embeds each text once and takes cosines.
 /score answers one `score` per pair in the documents' order; /rerank answers the documents
 sorted by `relevance_score`, best first, each with its `index` in the request and its `document`
-text, cut to `top_n`. Usage counts the tokens of the engine's prompts. A generating engine, and a
+text, cut to `top_n`. A cross-encoder's pairs go through the server's `--chat-template` where one
+is given (a reranker's prompt format), with the request's `chat_template_kwargs` and
+`instruction`. Usage counts the tokens of the engine's prompts. A generating engine, and a
 classifier of more than one label, refuse both (400).
 """
 
@@ -16,6 +18,7 @@ import time
 
 from fastapi.responses import JSONResponse
 
+from jpaged.chat_template import checked_variables
 from jpaged.scoring import cosine_similarity, pair_token_ids, paired, score_pairs, score_type, truncated_text
 from jpaged.server.errors import bad_request
 from jpaged.server.prompts import Prompt, truncated
@@ -75,8 +78,12 @@ async def _scores(request: ScoreRequest | RerankRequest, state: ServerState, mod
     queries = [truncated_text(tokenizer, text, request.max_tokens_per_query) for text in queries]
     documents = [truncated_text(tokenizer, text, request.max_tokens_per_doc) for text in documents]
     if kind == "cross-encoder":
+        try:
+            variables = checked_variables(request.template_variables())
+        except ValueError as err:
+            raise bad_request(str(err), param="chat_template_kwargs") from err
         prompts = await asyncio.to_thread(_pair_prompts, tokenizer, paired(queries, documents),
-                                          state.classifier.use_sep_token)
+                                          state.classifier.use_sep_token, state.chat_template, variables)
     else:
         prompts = await asyncio.to_thread(_text_prompts, tokenizer, queries, documents, fields)
     prompts = [truncated(prompt, request.truncate_prompt_tokens, engine.max_model_len) for prompt in prompts]
@@ -90,11 +97,12 @@ async def _scores(request: ScoreRequest | RerankRequest, state: ServerState, mod
             for query, document in paired(embeddings[:len(queries)], embeddings[len(queries):])], tokens
 
 
-def _pair_prompts(tokenizer, pairs: list[tuple[str, str]], use_sep_token: bool) -> list[Prompt]:
+def _pair_prompts(tokenizer, pairs: list[tuple[str, str]], use_sep_token: bool, chat_template: str | None,
+                  variables: dict) -> list[Prompt]:
     prompts = []
     for i, (query, document) in enumerate(pairs):
         try:
-            prompts.append(Prompt(pair_token_ids(tokenizer, query, document, use_sep_token)))
+            prompts.append(Prompt(pair_token_ids(tokenizer, query, document, use_sep_token, chat_template, variables)))
         except ValueError as err:
             raise bad_request(f"pair {i}: {err}") from err
     return prompts
