@@ -15,6 +15,7 @@ _EXPORTS = {
     "CompletionOutput": "jpaged.outputs",
     "Logprob": "jpaged.outputs",
     "LoRARequest": "jpaged.lora",
+    "PoolingParams": "jpaged.pooling",
 }
 
 __all__ = list(_EXPORTS)

@@ -17,6 +17,7 @@ from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineStats, PromptType
 from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
+from jpaged.pooling import PoolingParams
 from jpaged.sampling_params import SamplingParams
 from jpaged.sequence import Sequence
 
@@ -36,7 +37,7 @@ class DataParallelEngine:
         self._replica_of: dict[str, LLMEngine] = {}
         self._pool = ThreadPoolExecutor(num_replicas, thread_name_prefix="jpaged-replica")
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                     priority: int = 0, lora_request: LoRARequest | None = None) -> None:
         if request_id in self._replica_of:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -47,8 +47,9 @@ from jpaged.pooling import (
     LM_HEAD_TENSORS,
     Classifier,
     PoolerConfig,
+    PoolingParams,
     answer_token_ids,
-    pool,
+    pooled_output,
     read_pooler_config,
     split_score_head,
     token_head,
@@ -249,17 +250,21 @@ class LLMEngine:
                        "longer sequences", max_model_len, capacity, self.runner.num_blocks, self.config.cache.block_size)
         return capacity
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                     priority: int = 0, lora_request: LoRARequest | None = None) -> None:
         """Queue a request; raises ValueError for input that can never be served, a `priority`
         other than 0 without `scheduling_policy="priority"`, or a `lora_request` the engine cannot
-        run (see `add_lora`). Under the pooling runner a request takes no `params` (it embeds its
-        prompt and samples nothing)."""
+        run (see `add_lora`). Under the pooling runner a request takes `PoolingParams` or None (it
+        embeds or classifies its prompt and samples nothing), else `SamplingParams` or None."""
+        pooling_params = None
         if self.pooler is not None:
-            if params is not None:
+            if params is not None and not isinstance(params, PoolingParams):
                 raise ValueError(f"runner='pooling' {'classifies' if self.classifier else 'embeds'} prompts and "
-                                 "samples nothing: add requests without SamplingParams")
-            params = EMBEDDING_PARAMS
+                                 "samples nothing: add requests with PoolingParams or none, not SamplingParams")
+            pooling_params, params = params, EMBEDDING_PARAMS
+        elif isinstance(params, PoolingParams):
+            raise ValueError("this engine generates: add requests with SamplingParams or none; PoolingParams are for "
+                             "runner='pooling'")
         # a copy, checked afresh as it is made: the caller may have changed fields since making theirs
         params = SamplingParams(**self.default_sampling_params) if params is None else dataclasses.replace(params)
         if request_id in self.requests:
@@ -285,6 +290,7 @@ class LLMEngine:
             grammar.starts_after = self.reasoning_parser.end_token_id  # the model thinks first, unconstrained
         request = Request(request_id, text, token_ids, params, seed, grammar, int(priority), lora)
         request.bad_words_token_ids = bad_words
+        request.pooling_params = pooling_params
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
 
@@ -518,7 +524,7 @@ class LLMEngine:
             self.block_manager.release_behind_window(seq)
             if item.samples:
                 state = last[row] if kind == "last" else seq.pooled / (seq.num_tokens if kind == "mean" else 1)
-                seq.request.embedding = self.classifier(state) if self.classifier else pool(state, self.pooler)
+                seq.request.embedding = pooled_output(state, seq.request.pooling_params, self.classifier, self.pooler)
                 seq.finish("stop")
                 self.scheduler.finish(seq)
                 self.requests.pop(seq.request_id, None)

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
-from jpaged.pooling import Classifier
+from jpaged.pooling import Classifier, PoolingParams
 from jpaged.reasoning import ReasoningParser
 from jpaged.sampling_params import SamplingParams
 from jpaged.sequence import Sequence
@@ -73,13 +73,15 @@ class EngineClient(Protocol):
     pooling_task: str | None
     classifier: Classifier | None
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                     priority: int = 0, lora_request: LoRARequest | None = None) -> None:
         """Queue a request, run through the LoRA adapter `lora_request` names where given (with
         `enable_lora`). ValueError for an id in use or input that can never be served (empty
         prompt, ids outside the vocabulary, longer than `max_model_len` or the KV cache), a
         `priority` other than 0 under first-come-first-served scheduling (lower values are
-        served first under `scheduling_policy="priority"`), or an adapter the engine cannot run."""
+        served first under `scheduling_policy="priority"`), an adapter the engine cannot run, or
+        params of the other runner (`PoolingParams` go to a pooling engine, `SamplingParams` to a
+        generating one)."""
         ...
 
     def add_lora(self, lora_request: LoRARequest) -> bool:

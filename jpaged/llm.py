@@ -29,6 +29,7 @@ from jpaged.outputs import (
     ScoringOutput,
     ScoringRequestOutput,
 )
+from jpaged.pooling import PoolingParams
 from jpaged.sampling_params import BeamSearchParams, SamplingParams, is_integer, unicode_text
 from jpaged.scoring import cosine_similarity, pair_token_ids, paired, score_pairs, score_type
 
@@ -108,38 +109,47 @@ class LLM:
                              "and generates nothing")
 
     def embed(self, prompts: PromptType | SequenceABC[PromptType], use_tqdm: bool = True,
-              lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None
+              lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
+              pooling_params: PoolingParams | SequenceABC[PoolingParams] | None = None
               ) -> list[EmbeddingRequestOutput]:
         """The embedding of each prompt (text or token ids), in their order: `outputs.embedding`,
-        a list of `hidden_size` floats (see `jpaged/pooling.py`). Needs `runner="pooling"`;
+        a list of `hidden_size` floats (see `jpaged/pooling.py`); `pooling_params` (one, or one
+        per prompt) with `use_activation=False` leaves it unnormalised. Needs `runner="pooling"`;
         ValueError names the prompt it refuses (empty, or longer than `max_model_len`)."""
-        return self._pool("embed", prompts, use_tqdm, lora_request)
+        return self._pool("embed", prompts, use_tqdm, lora_request, pooling_params)
 
     def classify(self, prompts: PromptType | SequenceABC[PromptType], use_tqdm: bool = True,
-                 lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None
+                 lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
+                 pooling_params: PoolingParams | SequenceABC[PoolingParams] | None = None
                  ) -> list[ClassificationRequestOutput]:
         """Each prompt's class probabilities, in their order: `outputs.probs`, one float per label
         (`outputs.label`: the most probable one's name), from a sequence classification model's
-        head (see `jpaged/pooling.py`). Needs `runner="pooling"` and such a model; ValueError
-        names the prompt it refuses (empty, or longer than `max_model_len`)."""
-        return self._pool("classify", prompts, use_tqdm, lora_request)
+        head (see `jpaged/pooling.py`); `pooling_params` (one, or one per prompt) with
+        `use_activation=False` gives the head's raw logits instead. Needs `runner="pooling"` and
+        such a model; ValueError names the prompt it refuses (empty, or longer than
+        `max_model_len`)."""
+        return self._pool("classify", prompts, use_tqdm, lora_request, pooling_params)
 
     def score(self, data_1: str | SequenceABC[str], data_2: str | SequenceABC[str], /, *, use_tqdm: bool = True,
-              lora_request: LoRARequest | None = None, chat_template: str | None = None,
-              chat_template_kwargs: dict | None = None) -> list[ScoringRequestOutput]:
+              lora_request: LoRARequest | None = None, pooling_params: PoolingParams | None = None,
+              chat_template: str | None = None, chat_template_kwargs: dict | None = None
+              ) -> list[ScoringRequestOutput]:
         """A score per text pair, in `data_2`'s order: `outputs.score`. Pairs are one query
         (`data_1`, a text) with each document of `data_2` (1:N), or the i-th query with the i-th
         document (N:N). A cross-encoder (a classifier of one label) scores each pair as one
         prompt (its probability); an embedding model scores the cosine of the two embeddings
         (see `jpaged/scoring.py`). A cross-encoder's pairs go through `chat_template` where one
         is given (`chat_template_kwargs`: its variables, such as a reranker's `instruction`) as
-        a "query" turn and a "document" turn. Needs `runner="pooling"`. ValueError for another
+        a "query" turn and a "document" turn. `pooling_params` with `use_activation=False`
+        gives a cross-encoder's raw logit instead of its probability. Needs `runner="pooling"`. ValueError for another
         model (one that generates, or classifies into several labels), texts that do not pair
         up, a template that fails, or a text the engine refuses (named by its place)."""
         kind = score_type(self.engine.pooling_task, self.engine.classifier)
         queries, documents = score_pairs(data_1, data_2)
-        if lora_request is not None and not isinstance(lora_request, LoRARequest):
-            raise TypeError(f"lora_request must be a LoRARequest or None; got {type(lora_request).__name__}")
+        for name, value, cls in (("lora_request", lora_request, LoRARequest),
+                                 ("pooling_params", pooling_params, PoolingParams)):
+            if value is not None and not isinstance(value, cls):
+                raise TypeError(f"{name} must be a {cls.__name__} or None; got {type(value).__name__}")
         if chat_template is not None:
             chat_template = checked_template(chat_template)
         chat_template_kwargs = checked_variables(chat_template_kwargs)
@@ -148,12 +158,12 @@ class LLM:
             pairs = paired(queries, documents)
             prompts = [self._pair_prompt(i, query, document, chat_template, chat_template_kwargs)
                        for i, (query, document) in enumerate(pairs)]
-            outputs = self._add_and_run(prompts, [None] * len(pairs), [0] * len(pairs), [lora_request] * len(pairs),
-                                        use_tqdm, name=lambda i: f"pair {i}")
+            outputs = self._add_and_run(prompts, [pooling_params] * len(pairs), [0] * len(pairs),
+                                        [lora_request] * len(pairs), use_tqdm, name=lambda i: f"pair {i}")
             return [ScoringRequestOutput(out.request_id, ScoringOutput(out.outputs.probs[0]), out.prompt_token_ids,
                                          out.finished, out.metrics) for out in outputs]
         texts = queries + documents
-        outputs = self._add_and_run(texts, [None] * len(texts), [0] * len(texts), [lora_request] * len(texts),
+        outputs = self._add_and_run(texts, [pooling_params] * len(texts), [0] * len(texts), [lora_request] * len(texts),
                                     use_tqdm, name=lambda i: f"data_1[{i}]" if i < len(queries)
                                     else f"data_2[{i - len(queries)}]")
         pad = self.engine.tokenizer.pad_token_id
@@ -171,14 +181,14 @@ class LLM:
         except ValueError as err:
             raise ValueError(f"pair {index}: {err}") from err
 
-    def _pool(self, task: str, prompts, use_tqdm: bool, lora_request) -> list:
+    def _pool(self, task: str, prompts, use_tqdm: bool, lora_request, pooling_params) -> list:
         if self.engine.runner_type != "pooling":
             raise ValueError(f"LLM.{task} needs an engine made with runner='pooling' (this one generates)")
         if self.engine.pooling_task != task:
             raise ValueError(f"LLM.{task} cannot run on this model: it {_POOLING_TASKS[self.engine.pooling_task]}")
         prompts = _prompt_list(prompts)
         self._check_no_other_requests(task)
-        return self._add_and_run(prompts, [None] * len(prompts), [0] * len(prompts),
+        return self._add_and_run(prompts, _per_prompt_pooling(pooling_params, len(prompts)), [0] * len(prompts),
                                  _per_prompt(lora_request, len(prompts)), use_tqdm)
 
     def _add_and_run(self, prompts, params, priorities, loras, use_tqdm: bool,
@@ -296,6 +306,18 @@ def chat_token_ids(tokenizer, conversation: list[dict], add_generation_prompt: b
     """A conversation's prompt token ids through the chat template (see `chat_text`)."""
     text = chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _per_prompt_pooling(pooling_params, count: int) -> list[PoolingParams | None]:
+    """`pooling_params` (one, None, or a list of one per prompt) as a list of one per prompt."""
+    if pooling_params is None or isinstance(pooling_params, PoolingParams):
+        return [pooling_params] * count
+    if not isinstance(pooling_params, SequenceABC) or not all(isinstance(p, PoolingParams) for p in pooling_params):
+        raise TypeError(f"pooling_params must be a PoolingParams or a list of them, one per prompt; got "
+                        f"{type(pooling_params).__name__}")
+    if len(pooling_params) != count:
+        raise ValueError(f"got {len(pooling_params)} pooling params for {count} prompts")
+    return list(pooling_params)
 
 
 def _per_prompt(lora_request, count: int) -> list[LoRARequest | None]:

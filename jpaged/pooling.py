@@ -106,6 +106,35 @@ def pool(pooled: np.ndarray, config: PoolerConfig) -> np.ndarray:
     return pooled / max(float(np.linalg.norm(pooled)), 1e-12)
 
 
+@dataclass(frozen=True)
+class PoolingParams:
+    """A pooling request's options, as vLLM's `PoolingParams`. `use_activation` (None: True)
+    applies the model's output activation: a classifier's softmax or sigmoid (False: its raw
+    logits, one per label), an embedding model's normalisation where its files ask for one
+    (False: the pooled state as it is). TypeError for a value that is not a bool or None."""
+
+    use_activation: bool | None = None
+
+    def __post_init__(self):
+        if self.use_activation is not None and not isinstance(self.use_activation, bool):
+            raise TypeError(f"use_activation must be a bool or None, got {type(self.use_activation).__name__} "
+                            f"{self.use_activation!r:.50}")
+
+    @property
+    def activates(self) -> bool:
+        return self.use_activation is not False
+
+
+def pooled_output(state: np.ndarray, params: PoolingParams | None, classifier: Classifier | None,
+                  pooler: PoolerConfig) -> np.ndarray:
+    """A request's output (float32) from its pooled last-token, mean or first-token state: the
+    classifier's probabilities or logits, or the embedding, normalised or as it is (`params`)."""
+    activates = params is None or params.activates
+    if classifier is not None:
+        return classifier(state) if activates else classifier.logits(state).astype(np.float32)
+    return pool(state, pooler) if activates else np.asarray(state, np.float32)
+
+
 SCORE_TENSORS = ("score.weight", "model.score.weight")  # a classifier's head, as saved (the latter once prefixed)
 
 
@@ -150,13 +179,17 @@ class Classifier:
     def __call__(self, state: np.ndarray) -> np.ndarray:
         """float32 [num_labels]: the probabilities (or, under regression, the values) of the
         pooled last-token state `state` [hidden]."""
-        logits = self.weight.astype(np.float64) @ np.asarray(state, np.float64)
+        logits = self.logits(state)
         if self.activation == "sigmoid":
             return (1 / (1 + np.exp(-logits))).astype(np.float32)
         if self.activation == "softmax":
             shifted = np.exp(logits - logits.max())
             return (shifted / shifted.sum()).astype(np.float32)
         return logits.astype(np.float32)
+
+    def logits(self, state: np.ndarray) -> np.ndarray:
+        """float64 [num_labels]: the head's logits of the pooled last-token state `state` [hidden]."""
+        return self.weight.astype(np.float64) @ np.asarray(state, np.float64)
 
     def label_of(self, probs: list[float]) -> str | None:
         """The name of the most probable label (None for no probs)."""

@@ -137,6 +137,7 @@ class Request:
         self.may_draft = True  # False: its sequences decode one token a step (beam search's rounds)
         self.bad_words_token_ids: list[list[int]] = []  # `params.bad_words` as token sequences (engine)
         self.embedding = None  # the pooling runner's float32 [hidden] embedding of the prompt, once computed
+        self.pooling_params = None  # under the pooling runner, its `PoolingParams` (None: the defaults)
         # Per prompt token, its logprob and the top `params.prompt_logprobs` (None for the first):
         # filled as the prefill computes them, and `prompt_logprobs` once all are in.
         wanted = params.prompt_logprobs is not None

@@ -18,7 +18,7 @@ from hf_models import randomize_weights, save_word_level_tokenizer, torch_single
 pytest.importorskip("uvicorn")
 from server_thread import serving  # noqa: E402
 
-from jpaged import LLM, SamplingParams  # noqa: E402
+from jpaged import LLM, PoolingParams, SamplingParams  # noqa: E402
 from jpaged.server.launch import create_app  # noqa: E402
 
 VOCAB = 128
@@ -78,6 +78,8 @@ def test_probs_match_hf_sequence_classification(case, prompts):
         logits = [model(torch.tensor([p])).logits[0].numpy().astype(np.float64) for p in prompts]
     expected = np.array([activate(x, activation) for x in logits])
     got = np.array([out.outputs.probs for out in outputs])
+    raw = llm.classify({"prompt_token_ids": prompts[2]}, use_tqdm=False, pooling_params=PoolingParams(use_activation=False))
+    np.testing.assert_allclose(raw[0].outputs.probs, logits[2], rtol=1e-4, atol=1e-5)
     assert got.shape == expected.shape == (len(prompts), model.config.num_labels)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     assert [out.outputs.label for out in outputs] == [model.config.id2label[int(np.argmax(p))] for p in expected]
@@ -112,8 +114,13 @@ def test_server_classify_matches_llm_classify(classifier, prompts):
         assert [d["label"] for d in data] == [e.label for e in expected]
         assert all(d["num_classes"] == 3 for d in data)
         assert ids["usage"] == {"prompt_tokens": sum(LENGTHS), "total_tokens": sum(LENGTHS), "completion_tokens": 0}
+        raw = client.post(f"{url}/classify", json={"input": prompts[:2], "use_activation": False}, headers=headers)
+        logits = [out.outputs.probs for out in llm.classify(prompts[:2], use_tqdm=False,
+                                                            pooling_params=PoolingParams(use_activation=False))]
+        np.testing.assert_allclose([d["probs"] for d in raw.json()["data"]], logits, atol=1e-6)
+        np.testing.assert_allclose(np.exp(logits) / np.exp(logits).sum(1, keepdims=True), [e.probs for e in expected[
+            len(texts):len(texts) + 2]], atol=1e-6)  # the probabilities are the logits' softmax
         refusals = [({"input": []}, "input"), ({"input": [[5] * 200]}, "input"),
-                    ({"input": "t5", "use_activation": False}, "use_activation"),
                     ({"input": "t5", "model": "other"}, "model")]
         for request, param in refusals:
             reply = client.post(f"{url}/classify", json=request, headers=headers)

@@ -12,6 +12,7 @@ repeats so that the prefix cache serves it.
 import json
 import shutil
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,7 @@ pytest.importorskip("uvicorn")
 from hf_models import save_random_model, sentence_transformers_files  # noqa: E402
 from server_thread import serving  # noqa: E402
 
-from jpaged import LLM, SamplingParams  # noqa: E402
+from jpaged import LLM, PoolingParams, SamplingParams  # noqa: E402
 from jpaged.server.launch import create_app  # noqa: E402
 
 VOCAB = 128
@@ -72,6 +73,22 @@ def test_embeddings_are_the_normalised_last_token_states(llm, model_folder, prom
     assert expected.shape == (len(prompts), 64)
     stats = llm.engine.stats()
     assert stats.kv_cache_usage == 0 and stats.num_generated_tokens == 0 and stats.prefix_cache_hit_rate > 0
+
+
+def test_use_activation_false_leaves_the_embedding_unnormalised(llm, model_folder, prompts):
+    states = hf_last_token_states(model_folder, prompts[:3])
+    outputs = llm.embed([{"prompt_token_ids": p} for p in prompts[:3]], use_tqdm=False,
+                        pooling_params=[PoolingParams(use_activation=False), PoolingParams(), PoolingParams(False)])
+    np.testing.assert_allclose(outputs[0].outputs.embedding, states[0], atol=2e-5)
+    np.testing.assert_allclose(outputs[1].outputs.embedding, states[1] / np.linalg.norm(states[1]), atol=2e-6)
+    np.testing.assert_allclose(outputs[2].outputs.embedding, states[2], atol=2e-5)
+    with serving(create_app(llm.engine)) as url:
+        reply = httpx.post(f"{url}/v1/embeddings", json={"input": [prompts[0]], "use_activation": False}, timeout=60)
+        np.testing.assert_allclose(reply.json()["data"][0]["embedding"], states[0], atol=2e-5)
+    with pytest.raises(TypeError, match="use_activation must be a bool or None, got str 'no'"):
+        PoolingParams(use_activation="no")
+    with pytest.raises(ValueError, match="got 2 pooling params for 1 prompts"):
+        llm.embed("t5", pooling_params=[PoolingParams()] * 2)
 
 
 def test_a_base_model_checkpoint_embeds_alike(model_folder, prompts, expected, tmp_path):
@@ -145,10 +162,13 @@ def test_mean_and_first_token_pooling(model_folder, prompts, tmp_path, mode):
 def test_each_runner_refuses_the_other_runners_calls(llm, stories_path):
     with pytest.raises(ValueError, match="runner='pooling'.*LLM.embed"):
         llm.generate("t5 t6", SamplingParams(max_tokens=2), use_tqdm=False)
-    with pytest.raises(ValueError, match="without SamplingParams"):
+    with pytest.raises(ValueError, match="with PoolingParams or none, not SamplingParams"):
         llm.engine.add_request("x", "t5 t6", SamplingParams())
+    generator = LLM(stories_path, num_blocks=16)
     with pytest.raises(ValueError, match="runner='pooling'"):
-        LLM(stories_path, num_blocks=16).embed("Once upon a time", use_tqdm=False)
+        generator.embed("Once upon a time", use_tqdm=False)
+    with pytest.raises(ValueError, match="this engine generates: .* PoolingParams are for runner='pooling'"):
+        generator.engine.add_request("x", "Once upon a time", PoolingParams())
     with pytest.raises(ValueError, match="runner must be one of generate, pooling, got 'embed'"):
         LLM(stories_path, runner="embed")
 

@@ -30,7 +30,7 @@ cohere = pytest.importorskip("cohere")
 pytest.importorskip("uvicorn")
 from server_thread import serving  # noqa: E402
 
-from jpaged import LLM  # noqa: E402
+from jpaged import LLM, PoolingParams  # noqa: E402
 from jpaged.chat_template import chat_text  # noqa: E402
 from jpaged.server.launch import create_app  # noqa: E402
 
@@ -100,6 +100,8 @@ def test_cross_encoder_scores_match_sentence_transformers(reranker, texts):
     assert one_to_n[1].prompt_token_ids[:9] == [1, *oracle.tokenizer(query)["input_ids"][1:-1], 2, 2]
     n_to_n = llm.score(documents, documents[::-1], use_tqdm=False)
     np.testing.assert_allclose([out.outputs.score for out in n_to_n], expected_pairs, rtol=1e-5, atol=1e-6)
+    logits = llm.score(query, documents, use_tqdm=False, pooling_params=PoolingParams(use_activation=False))
+    np.testing.assert_allclose([out.outputs.score for out in logits], np.log(expected / (1 - expected)), atol=1e-4)
     again = llm.score([query], documents[2:3], use_tqdm=False)  # one pair; its prompt is in the prefix cache
     assert again[0].outputs.score == pytest.approx(float(expected[2]), rel=1e-5)
     stats = llm.engine.stats()
@@ -200,6 +202,11 @@ def test_server_score_and_rerank(reranker, texts):
             np.testing.assert_allclose([r["relevance_score"] for r in results], [r["score"] for r in ranked[:3]],
                                        rtol=1e-5, atol=1e-6)
             assert [r["document"]["text"] for r in results] == [documents[r["corpus_id"]] for r in ranked[:3]]
+        with torch_single_thread():
+            logits = oracle.predict([(query, document) for document in documents[:2]], batch_size=1,
+                                    activation_fn=torch.nn.Identity())
+        raw = client.post(f"{url}/score", json={"queries": query, "documents": documents[:2], "use_activation": False})
+        np.testing.assert_allclose([d["score"] for d in raw.json()["data"]], logits, rtol=1e-4, atol=1e-5)
         cut = client.post(f"{url}/score", json={"queries": query, "documents": documents[2],
                                                 "max_tokens_per_doc": 10}).json()["data"][0]["score"]
         assert cut == pytest.approx(llm.score(query, " ".join(documents[2].split()[:10]), use_tqdm=False)[0]
@@ -207,7 +214,6 @@ def test_server_score_and_rerank(reranker, texts):
         refusals = [("/score", {"queries": ["t5", "t6"], "documents": ["t7", "t8", "t9"]}, "queries"),
                     ("/score", {"queries": "t5"}, None), ("/rerank", {"query": "t5", "documents": []}, "query"),
                     ("/rerank", {"query": "t5", "documents": ["t6"], "top_n": -1}, "top_n"),
-                    ("/score", {"text_1": "t5", "text_2": "t6", "use_activation": False}, "use_activation"),
                     ("/score", {"text_1": "t5", "text_2": "t6", "max_tokens_per_doc": 128}, "max_tokens_per_doc"),
                     ("/rerank", {"query": "t5", "documents": ["t6", " ".join(["t9"] * 130)]}, "documents")]
         for route, request, param in refusals:

@@ -189,7 +189,7 @@ class AsyncEngine:
             ValueError: the engine refused one (none of them is then queued); the message names
                 the prompt when there are several.
         """
-        counts = [1 if params is None else params.num_samples for _, params in requests]  # None: an embedding
+        counts = [params.num_samples if isinstance(params, SamplingParams) else 1 for _, params in requests]
         places = sum(counts)
         if places > self.max_queued_requests:
             samples = max(counts)

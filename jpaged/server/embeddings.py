@@ -8,7 +8,8 @@ completion's `prompt`); each item becomes one engine request that ends with its 
 default and decodes. `dimensions` (shortened embeddings) is refused. The usage counts the inputs'
 tokens. /classify takes the same `input` and answers, per item, its class probabilities
 (`probs`, `num_classes`) and the most probable label's name (`label`, from the model's
-`id2label`, else transformers' default `LABEL_<i>`). Each route serves only the engine that does its task: a
+`id2label`, else transformers' default `LABEL_<i>`); with `use_activation` false, the head's raw
+logits in `probs` instead. `use_activation` false leaves an embedding unnormalised. Each route serves only the engine that does its task: a
 generating engine refuses both, an embedding one /classify and a classifying one /v1/embeddings,
 and a pooling one the generating routes (400s that say what the model does and where to send it).
 """
@@ -22,6 +23,7 @@ import time
 import numpy as np
 from fastapi.responses import JSONResponse
 
+from jpaged.pooling import PoolingParams
 from jpaged.server.errors import APIError, bad_request
 from jpaged.server.prompts import completion_prompts, truncated
 from jpaged.server.protocol import ClassificationRequest, EmbeddingRequest, random_id
@@ -50,9 +52,6 @@ async def create_classification(request: ClassificationRequest, state: ServerSta
     model = state.model(request.model)
     if state.pooling_task != "classify":
         raise bad_request(pooling_route_error(state.pooling_task), param="model")
-    if request.use_activation is False:
-        raise bad_request("use_activation false (raw logits) is not supported: /classify returns the model's "
-                          "probabilities", param="use_activation")
     outputs, tokens = await _pool_inputs(request, state, model, "classify")
     data = [{"index": i, "label": output.outputs.label, "probs": output.outputs.probs,
              "num_classes": len(output.outputs.probs)} for i, output in enumerate(outputs)]
@@ -71,7 +70,8 @@ async def _pool_inputs(request: EmbeddingRequest | ClassificationRequest, state:
         err.param, err.message = "input", err.message.replace("prompt", "input")
         raise
     prompts = [truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len) for prompt in prompts]
-    group = await submit(state, random_id(prefix), prompts, [None] * len(prompts), model=model,
+    params = PoolingParams(use_activation=request.use_activation)
+    group = await submit(state, random_id(prefix), prompts, [params] * len(prompts), model=model,
                          renamed={"prompt": "input"})
     return await collect(group), sum(len(prompt.token_ids) for prompt in prompts)
 

@@ -209,7 +209,8 @@ class ResponsesRequest(_Body):
 
 class EmbeddingRequest(_Body):
     """POST /v1/embeddings: `input` as a completion's `prompt` (a string, strings, token ids, or
-    token-id lists); `encoding_format` "float" or "base64"; `dimensions` is refused."""
+    token-id lists); `encoding_format` "float" or "base64"; `dimensions` is refused;
+    `use_activation` false (vLLM's) leaves the embeddings unnormalised."""
 
     model: str | None = None
     input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
@@ -217,11 +218,12 @@ class EmbeddingRequest(_Body):
     dimensions: int | None = None
     user: str | None = None
     truncate_prompt_tokens: int | None = None  # vLLM's: keep each input's last tokens (-1: max_model_len)
+    use_activation: StrictBool | None = None  # false: the pooled state unnormalised
 
 
 class ClassificationRequest(_Body):
-    """POST /classify (vLLM's): `input` as a completion's `prompt`; `use_activation` false (raw
-    logits) is refused."""
+    """POST /classify (vLLM's): `input` as a completion's `prompt`; `use_activation` false: raw
+    logits."""
 
     model: str | None = None
     input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
@@ -233,7 +235,7 @@ class ClassificationRequest(_Body):
 class _ScoringBody(_Body):
     """What /score and /rerank share (vLLM's): per-text token limits (0: none), the engine
     prompt's `truncate_prompt_tokens`, the variables of the server's chat template for pairs;
-    `use_activation` false (raw logits) is refused."""
+    `use_activation` false: a cross-encoder's raw logits."""
 
     model: str | None = None
     user: str | None = None

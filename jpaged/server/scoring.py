@@ -7,7 +7,7 @@ reads each pair as one engine request, a bi-encoder embeds each text once and ta
 sorted by `relevance_score`, best first, each with its `index` in the request and its `document`
 text, cut to `top_n`. A cross-encoder's pairs go through the server's `--chat-template` where one
 is given (a reranker's prompt format), with the request's `chat_template_kwargs` and
-`instruction`. Usage counts the tokens of the engine's prompts. A generating engine, and a
+`instruction`. `use_activation` false gives a cross-encoder's raw logits. Usage counts the tokens of the engine's prompts. A generating engine, and a
 classifier of more than one label, refuse both (400).
 """
 
@@ -19,6 +19,7 @@ import time
 from fastapi.responses import JSONResponse
 
 from jpaged.chat_template import checked_variables
+from jpaged.pooling import PoolingParams
 from jpaged.scoring import cosine_similarity, pair_token_ids, paired, score_pairs, score_type, truncated_text
 from jpaged.server.errors import bad_request
 from jpaged.server.prompts import Prompt, truncated
@@ -60,9 +61,6 @@ async def _scores(request: ScoreRequest | RerankRequest, state: ServerState, mod
                   fields: tuple[str, str]) -> tuple[list[float], int]:
     """The score of each pair, in the documents' order, and the engine prompts' token count."""
     engine = state.engine
-    if request.use_activation is False:
-        raise bad_request("use_activation false (raw logits) is not supported: scores are the model's probabilities "
-                          "or cosine similarities", param="use_activation")
     try:
         kind = score_type(state.pooling_task, state.classifier)
         queries, documents = score_pairs(data_1, data_2)
@@ -87,7 +85,8 @@ async def _scores(request: ScoreRequest | RerankRequest, state: ServerState, mod
     else:
         prompts = await asyncio.to_thread(_text_prompts, tokenizer, queries, documents, fields)
     prompts = [truncated(prompt, request.truncate_prompt_tokens, engine.max_model_len) for prompt in prompts]
-    outputs = await collect(await submit(state, random_id("score"), prompts, [None] * len(prompts), model=model,
+    params = [PoolingParams(use_activation=request.use_activation)] * len(prompts)
+    outputs = await collect(await submit(state, random_id("score"), prompts, params, model=model,
                                          renamed={"prompt": fields[1]}))
     tokens = sum(len(prompt.token_ids) for prompt in prompts)
     if kind == "cross-encoder":

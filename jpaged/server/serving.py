@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.lora import LoRARequest
 from jpaged.outputs import CompletionOutput, RequestOutput
-from jpaged.pooling import Classifier
+from jpaged.pooling import Classifier, PoolingParams
 from jpaged.reasoning import ReasoningParser
 from jpaged.sampling_params import SamplingParams
 from jpaged.server.async_engine import (
@@ -140,7 +140,8 @@ class ServerState:
                                        self.trust_request_chat_template)
 
 
-async def submit(state: ServerState, request_id: str, prompts: list[Prompt], params: list[SamplingParams | None],
+async def submit(state: ServerState, request_id: str, prompts: list[Prompt],
+                 params: list[SamplingParams | PoolingParams | None],
                  priority: int = 0, constraint_field: str = "structured_outputs",
                  renamed: dict[str, str] | None = None, model: str | None = None) -> RequestGroup:
     """Queue one engine request per prompt, each with `priority`, run through the LoRA adapter
@@ -149,9 +150,10 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt], par
     the KV cache, more logprobs than `--max-logprobs`, an output constraint that does not compile,
     blamed on `constraint_field`, the field it came from) or the priority (not 0 under
     first-come-first-served scheduling). `renamed` maps a `SamplingParams` field to the request's
-    name for it, for the error's `param` and message. Params None (embeddings, classifications) go to a pooling
-    engine only, and params to a generating one only (400 otherwise)."""
-    if (state.pooling_task is not None) != all(param is None for param in params):
+    name for it, for the error's `param` and message. `PoolingParams` or None (embeddings,
+    classifications, scores) go to a pooling engine only, `SamplingParams` to a generating one
+    only (400 otherwise)."""
+    if (state.pooling_task is not None) != all(param is None or isinstance(param, PoolingParams) for param in params):
         raise bad_request(pooling_route_error(state.pooling_task))
     requests: list[tuple[PromptType, SamplingParams | None]] = [
         ({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, param)
