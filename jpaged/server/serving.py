@@ -177,7 +177,8 @@ def pooling_route_error(pooling_task: str | None) -> str:
     """Why a route does not serve this server's model: what the model does, and where to send it."""
     if pooling_task is None:
         return "this server's model generates text; embeddings and classifications need a model run with --runner pooling"
-    route = {"embed": "/v1/embeddings", "classify": "/classify"}[pooling_task]
+    route = {"embed": "/v1/embeddings (text pairs to /score or /rerank)",
+             "classify": "/classify (text pairs, where the model has one label, to /score or /rerank)"}[pooling_task]
     return f"this server's model runs --runner pooling to {pooling_task} prompts: send its inputs to {route}"
 
 
