@@ -107,6 +107,12 @@ class LLMEngine:
                              " it runs with runner='pooling' (LLM.classify), not runner='generate'")
         if classifies:
             self.pooler = PoolerConfig(normalize=False)  # the head reads the last token's state as it is
+        answers = token_head(source.hf_config) if config.runner == "pooling" else None
+        if answers and not classifies:
+            raise ValueError(f"{source.name}: classifier_from_token and method read a causal LM as a classifier only "
+                             "where its architectures name a *ForSequenceClassification (set them, e.g. through "
+                             "hf_overrides)")
+        lm_head_tied = self.model_config.tie_word_embeddings
         if config.runner == "pooling":  # no LM head: a base model's checkpoint has none, and embeddings need none
             self.model_config = dataclasses.replace(self.model_config, tie_word_embeddings=True)
         self.default_sampling_params = generation_defaults(self._generation_config(source.generation_config))
@@ -121,12 +127,11 @@ class LLMEngine:
             tokenizer = pool.submit(source.load_tokenizer)
             packed = gguf_packed(source.block_types, source.name) if config.quantization == "gguf" else {}
             head: dict = {}
-            answers = token_head(source.hf_config) if classifies else None
             token_rows = functools.cache(lambda: answer_token_ids(tokenizer.result(), answers[0])) if answers else None
             self.runner = ModelRunner(self.model_config, config, split_score_head(source.weights(packed), head, token_rows),
                                       self.step_shapes(), meshes[replica or 0], packed=packed)
             self.tokenizer = tokenizer.result()
-        self.classifier = self._classifier(source, head) if classifies else None
+        self.classifier = self._classifier(source, head, lm_head_tied) if classifies else None
         self.pooling_task = None if self.pooler is None else "classify" if classifies else "embed"
         if len(self.tokenizer) > self.model_config.vocab_size:
             hint = "is tokenizer= the model's?" if config.tokenizer else "is the model's tokenizer the one it ships with?"
@@ -193,12 +198,15 @@ class LLMEngine:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
 
-    def _classifier(self, source, head: dict) -> Classifier:
-        """The `score` head the checkpoint of a sequence classification model holds, or that its
-        LM head's rows of its answer tokens make (`pooling.token_head`)."""
+    def _classifier(self, source, head: dict, lm_head_tied: bool) -> Classifier:
+        """The `score` head the checkpoint of a sequence classification model holds, or that the
+        rows of its answer tokens make (`pooling.token_head`) of its LM head (of its embedding,
+        where `lm_head_tied`)."""
         from_tokens = token_head(source.hf_config) is not None
-        name = "the LM head's answer rows" if from_tokens else "score.weight"
-        weight = head.get(LM_HEAD_TENSORS[0], head.get(LM_HEAD_TENSORS[1])) if from_tokens else head.get("score")
+        weight, name = head.get("score"), "score.weight"
+        if from_tokens:
+            weight = head.get(LM_HEAD_TENSORS[0], head.get(LM_HEAD_TENSORS[1]) if lm_head_tied else None)
+            name = "the answer tokens' rows of lm_head.weight" + (" or the tied embedding" if lm_head_tied else "")
         expected = self.model_config.hidden_size
         if weight is None or weight.ndim != 2 or weight.shape[1] != expected:
             found = "none" if weight is None else f"one of shape {tuple(weight.shape)}"

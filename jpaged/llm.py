@@ -30,8 +30,8 @@ from jpaged.outputs import (
     ScoringRequestOutput,
 )
 from jpaged.pooling import PoolingParams
-from jpaged.sampling_params import BeamSearchParams, SamplingParams, is_integer, unicode_text
-from jpaged.scoring import cosine_similarity, pair_token_ids, paired, score_pairs, score_type
+from jpaged.sampling_params import BeamSearchParams, SamplingParams, is_integer, truncated_prompt, unicode_text
+from jpaged.scoring import cosine_similarity, pair_max_length, pair_token_ids, paired, score_pairs, score_type
 
 
 def engine_config(model: str | None, speculative_config: dict | None = None, **kwargs) -> EngineConfig:
@@ -132,8 +132,8 @@ class LLM:
 
     def score(self, data_1: str | SequenceABC[str], data_2: str | SequenceABC[str], /, *, use_tqdm: bool = True,
               lora_request: LoRARequest | None = None, pooling_params: PoolingParams | None = None,
-              chat_template: str | None = None, chat_template_kwargs: dict | None = None
-              ) -> list[ScoringRequestOutput]:
+              truncate_prompt_tokens: int | None = None, chat_template: str | None = None,
+              chat_template_kwargs: dict | None = None) -> list[ScoringRequestOutput]:
         """A score per text pair, in `data_2`'s order: `outputs.score`. Pairs are one query
         (`data_1`, a text) with each document of `data_2` (1:N), or the i-th query with the i-th
         document (N:N). A cross-encoder (a classifier of one label) scores each pair as one
@@ -141,7 +141,10 @@ class LLM:
         (see `jpaged/scoring.py`). A cross-encoder's pairs go through `chat_template` where one
         is given (`chat_template_kwargs`: its variables, such as a reranker's `instruction`) as
         a "query" turn and a "document" turn. `pooling_params` with `use_activation=False`
-        gives a cross-encoder's raw logit instead of its probability. Needs `runner="pooling"`. ValueError for another
+        gives a cross-encoder's raw logit instead of its probability. `truncate_prompt_tokens`
+        (-1: `max_model_len`) cuts each pair's encoding as its tokenizer truncates (the longer
+        text first, separators kept), or each text's to its last tokens on an embedding model.
+        Needs `runner="pooling"`. ValueError for another
         model (one that generates, or classifies into several labels), texts that do not pair
         up, a template that fails, or a text the engine refuses (named by its place)."""
         kind = score_type(self.engine.pooling_task, self.engine.classifier)
@@ -151,18 +154,25 @@ class LLM:
             if value is not None and not isinstance(value, cls):
                 raise TypeError(f"{name} must be a {cls.__name__} or None; got {type(value).__name__}")
         if chat_template is not None:
+            if kind == "bi-encoder":
+                raise ValueError("chat_template renders a cross-encoder's pairs; an embedding model embeds each text "
+                                 "on its own")
             chat_template = checked_template(chat_template)
         chat_template_kwargs = checked_variables(chat_template_kwargs)
+        max_length = pair_max_length(truncate_prompt_tokens, self.engine.max_model_len)
         self._check_no_other_requests("score")
         if kind == "cross-encoder":
             pairs = paired(queries, documents)
-            prompts = [self._pair_prompt(i, query, document, chat_template, chat_template_kwargs)
+            prompts = [self._pair_prompt(i, query, document, chat_template, chat_template_kwargs, max_length)
                        for i, (query, document) in enumerate(pairs)]
             outputs = self._add_and_run(prompts, [pooling_params] * len(pairs), [0] * len(pairs),
                                         [lora_request] * len(pairs), use_tqdm, name=lambda i: f"pair {i}")
             return [ScoringRequestOutput(out.request_id, ScoringOutput(out.outputs.probs[0]), out.prompt_token_ids,
                                          out.finished, out.metrics) for out in outputs]
-        texts = queries + documents
+        tokenizer = self.engine.tokenizer
+        texts = [{"prompt": text, "prompt_token_ids": truncated_prompt(tokenizer.encode(text), truncate_prompt_tokens,
+                                                                       self.engine.max_model_len)}
+                 for text in queries + documents]
         outputs = self._add_and_run(texts, [pooling_params] * len(texts), [0] * len(texts), [lora_request] * len(texts),
                                     use_tqdm, name=lambda i: f"data_1[{i}]" if i < len(queries)
                                     else f"data_2[{i - len(queries)}]")
@@ -173,11 +183,11 @@ class LLM:
                                      True) for query, document in paired(outputs[:len(queries)], outputs[len(queries):])]
 
     def _pair_prompt(self, index: int, query: str, document: str, chat_template: str | None,
-                     chat_template_kwargs: dict) -> dict:
+                     chat_template_kwargs: dict, max_length: int | None) -> dict:
         try:
             return {"prompt_token_ids": pair_token_ids(self.engine.tokenizer, query, document,
                                                        self.engine.classifier.use_sep_token, chat_template,
-                                                       chat_template_kwargs)}
+                                                       chat_template_kwargs, max_length)}
         except ValueError as err:
             raise ValueError(f"pair {index}: {err}") from err
 

@@ -23,8 +23,8 @@ A sequence classification model (HF's `*ForSequenceClassification`: a reward mod
 classifier) runs on the same runner: its checkpoint's `score` head ([num_labels, hidden], no bias)
 takes the last token's state, unnormalised, to one logit per label, and `Classifier` applies the
 activation vLLM applies (after HF's loss for the config's `problem_type`: softmax for single-label
-classification, sigmoid for multi-label, none for regression; otherwise softmax, or sigmoid for
-one label).
+classification, sigmoid for multi-label, none for regression; otherwise the one a
+sentence-transformers cross-encoder's config.json names, else softmax, or sigmoid for one label).
 
 A causal LM trained to answer a token (Qwen3-Reranker answers "yes" or "no") is read as such a
 classifier the way vLLM reads it, where config.json (or `hf_overrides`) names it a
@@ -125,6 +125,25 @@ class PoolingParams:
         return self.use_activation is not False
 
 
+ACTIVATION_MODULES = {"torch.nn.modules.linear.Identity": "identity", "torch.nn.modules.activation.Sigmoid": "sigmoid",
+                      "torch.nn.modules.activation.Softmax": "softmax", "torch.nn.modules.activation.Tanh": "tanh"}
+
+
+def _cross_encoder_activation(hf_config: dict) -> str | None:
+    """The activation a sentence-transformers cross-encoder's config.json names (its
+    `sentence_transformers.activation_fn`, or the older `sbert_ce_default_activation_function`),
+    as vLLM reads it; None where it names none. ValueError for a module outside torch.nn's
+    Identity, Sigmoid, Softmax and Tanh."""
+    name = (hf_config.get("sentence_transformers") or {}).get("activation_fn") or hf_config.get(
+        "sbert_ce_default_activation_function")
+    if name is None:
+        return None
+    if name not in ACTIVATION_MODULES:
+        raise ValueError(f"config.json names the cross-encoder activation {name!r}; jpaged applies "
+                         f"{', '.join(ACTIVATION_MODULES)}")
+    return ACTIVATION_MODULES[name]
+
+
 def pooled_output(state: np.ndarray, params: PoolingParams | None, classifier: Classifier | None,
                   pooler: PoolerConfig) -> np.ndarray:
     """A request's output (float32) from its pooled last-token, mean or first-token state: the
@@ -144,7 +163,7 @@ class Classifier:
     `activation` that turns its logits into `probs`, and each label's name (`id2label`)."""
 
     weight: np.ndarray
-    activation: str
+    activation: str  # "softmax", "sigmoid", "tanh" or "identity"
     labels: tuple[str, ...]  # config.json's id2label, else transformers' default names (LABEL_0, ...)
     use_sep_token: bool = True  # as a cross-encoder, read a text pair with the tokenizer's separators (jpaged/scoring.py)
 
@@ -170,7 +189,7 @@ class Classifier:
             raise ValueError(f"config.json names {len(names)} labels (id2label), but score.weight has {num_labels} rows")
         problem = hf_config.get("problem_type")
         activation = {"regression": "identity", "multi_label_classification": "sigmoid",
-                      "single_label_classification": "softmax"}.get(problem)
+                      "single_label_classification": "softmax"}.get(problem) or _cross_encoder_activation(hf_config)
         if activation is None:
             activation = "sigmoid" if num_labels < 2 else "softmax"
         labels = tuple(names.get(str(i), f"LABEL_{i}") for i in range(num_labels))
@@ -185,6 +204,8 @@ class Classifier:
         if self.activation == "softmax":
             shifted = np.exp(logits - logits.max())
             return (shifted / shifted.sum()).astype(np.float32)
+        if self.activation == "tanh":
+            return np.tanh(logits).astype(np.float32)
         return logits.astype(np.float32)
 
     def logits(self, state: np.ndarray) -> np.ndarray:
@@ -216,6 +237,8 @@ def token_head(hf_config: dict) -> tuple[list[str], str] | None:
             method == "from_2_way_softmax" and len(tokens) != 2):
         need = "two tokens (false, then true)" if method == "from_2_way_softmax" else "a list of tokens"
         raise ValueError(f"classifier_from_token must be {need} for method {method!r}, got {tokens!r:.100}")
+    if len(set(tokens)) != len(tokens):
+        raise ValueError(f"classifier_from_token names a token twice: {tokens!r:.100}")
     return list(tokens), method
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from jpaged.chat_template import chat_text
 from jpaged.pooling import Classifier
+from jpaged.sampling_params import truncated_prompt, unicode_text
 
 SCORE_TYPES = {"embed": "bi-encoder", "classify": "cross-encoder"}  # by the engine's pooling task
 
@@ -69,40 +70,63 @@ def _texts(data, name: str) -> list[str]:
     for i, item in enumerate(items):
         if not isinstance(item, str):
             raise ValueError(f"{name}[{i}] must be a text; got {type(item).__name__} {item!r:.50}")
+        unicode_text(f"{name}[{i}]", item)
     return list(items)
 
 
 def pair_token_ids(tokenizer, query: str, document: str, use_sep_token: bool = True, chat_template: str | None = None,
-                   chat_template_kwargs: dict | None = None) -> list[int]:
+                   chat_template_kwargs: dict | None = None, max_length: int | None = None) -> list[int]:
     """The prompt token ids a cross-encoder reads for (`query`, `document`) (see the module's
     docstring). With `chat_template` (vLLM applies one only where it is given), the pair is the
     conversation `[{"role": "query", ...}, {"role": "document", ...}]` rendered by it (given
-    `chat_template_kwargs`, such as a reranker's `instruction`) and encoded. ValueError for a
-    template that fails on the pair, or a pair that encodes to no tokens."""
+    `chat_template_kwargs`, such as a reranker's `instruction`) and encoded. `max_length`
+    (vLLM's `truncate_prompt_tokens`) has the tokenizer cut the encoding to that many tokens,
+    as it truncates: a pair's longer text first, keeping the separators; one text at its end.
+    An empty document leaves the pair the query alone (the tokenizer drops an empty second
+    text). ValueError for a template that fails on the pair, a `max_length` the tokenizer cannot
+    meet, or a pair that encodes to no tokens."""
+    limit = {} if max_length is None else {"truncation": True, "max_length": max_length}
     if chat_template is not None:
         conversation = [{"role": "query", "content": query}, {"role": "document", "content": document}]
         text = chat_text(tokenizer, conversation, add_generation_prompt=False, chat_template=chat_template,
                          chat_template_kwargs=chat_template_kwargs)
-        token_ids = tokenizer(text)["input_ids"]
-    elif use_sep_token:
-        token_ids = tokenizer(text=query, text_pair=document)["input_ids"]
+        texts = {"text": text}
     else:
-        token_ids = tokenizer(text=query + document)["input_ids"]
+        texts = {"text": query, "text_pair": document} if use_sep_token else {"text": query + document}
+    try:
+        token_ids = tokenizer(**texts, **limit)["input_ids"]
+    except Exception as err:  # the tokenizer's refusal of a length it cannot cut to
+        if max_length is None:
+            raise
+        raise ValueError(f"truncate_prompt_tokens {max_length} cannot be met: {err}") from err
+    if max_length is not None and len(token_ids) > max_length:  # the tokenizer logs this and keeps them all
+        raise ValueError(f"truncate_prompt_tokens {max_length} cannot be met: the pair keeps {len(token_ids)} tokens "
+                         "(its template's and separators' tokens stay)")
     if not token_ids:
         raise ValueError("the pair encodes to no tokens: query and document are both empty")
     return list(token_ids)
 
 
+def pair_max_length(truncate_prompt_tokens: int | None, max_model_len: int) -> int | None:
+    """The `max_length` of `pair_token_ids` for vLLM's `truncate_prompt_tokens` (-1:
+    `max_model_len`; None: no limit). ValueError for 0, below -1 or above `max_model_len`."""
+    truncated_prompt([], truncate_prompt_tokens, max_model_len)  # checks it as a prompt's
+    if truncate_prompt_tokens is None:
+        return None
+    return max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+
+
 def truncated_text(tokenizer, text: str, max_tokens: int) -> str:
-    """`text` cut after its first `max_tokens` tokens (encoded without special tokens; 0 keeps it
-    whole): vLLM's `max_tokens_per_query` / `max_tokens_per_doc`. Cut at a token's end in the
-    text, so the kept part reads as the original does; cut again if it then encodes longer."""
-    while max_tokens > 0:
+    """`text` cut to its first `max_tokens` tokens at most (encoded without special tokens; 0
+    keeps it whole): vLLM's `max_tokens_per_query` / `max_tokens_per_doc`. Cut in the text
+    before the first token past the limit (before its character, where tokens split one), so
+    the kept part reads as the original does; cut again if it then encodes longer."""
+    while max_tokens > 0 and text:
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        end = offsets[max_tokens - 1][1] if len(offsets) > max_tokens else len(text)
-        if end >= len(text):
+        if len(offsets) <= max_tokens:
             break
-        text = text[:end]
+        end = min(offsets[max_tokens - 1][1], offsets[max_tokens][0])
+        text = text[:min(end, len(text) - 1)]
     return text
 
 
@@ -110,7 +134,7 @@ def cosine_similarity(a: Sequence[float], b: Sequence[float]) -> float:
     """The cosine of the angle between two embeddings (in float64; 0 where one is all zeros)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     norms = float(np.linalg.norm(a)) * float(np.linalg.norm(b))
-    return float(a @ b / norms) if norms > 0 else 0.0
+    return float(np.clip(a @ b / norms, -1.0, 1.0)) if norms > 0 else 0.0
 
 
 def paired(queries: list, documents: list) -> list[tuple]:

@@ -10,11 +10,14 @@ are long enough to be prefilled in several chunks, and repeated pairs hit the pr
 KV block is free afterwards.
 """
 
+import json
+import shutil
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import transformers
 from hf_models import (
@@ -32,6 +35,7 @@ from server_thread import serving  # noqa: E402
 
 from jpaged import LLM, PoolingParams  # noqa: E402
 from jpaged.chat_template import chat_text  # noqa: E402
+from jpaged.scoring import truncated_text  # noqa: E402
 from jpaged.server.launch import create_app  # noqa: E402
 
 VOCAB = 128
@@ -66,13 +70,15 @@ def save_pair_tokenizer(folder) -> None:
                                          model_input_names=["input_ids", "attention_mask"]).save_pretrained(str(folder))
 
 
-def save_reranker(folder, seed: int, **config):
+def save_reranker(folder, seed: int, st_config: dict | None = None, **config):
     with torch_single_thread():
         torch.manual_seed(seed)
         model = transformers.AutoModelForSequenceClassification.from_config(
             transformers.LlamaConfig(**SMALL, num_labels=1, pad_token_id=0, **config), dtype=torch.float32,
             attn_implementation="eager")
         randomize_weights(model, seed)
+        if st_config is not None:  # as sentence-transformers' CrossEncoder saves it
+            model.config.sentence_transformers = st_config
         model.eval().save_pretrained(str(folder), safe_serialization=True)
     save_pair_tokenizer(folder)
     return model
@@ -106,6 +112,56 @@ def test_cross_encoder_scores_match_sentence_transformers(reranker, texts):
     assert again[0].outputs.score == pytest.approx(float(expected[2]), rel=1e-5)
     stats = llm.engine.stats()
     assert stats.prefix_cache_hit_rate > 0 and stats.num_free_blocks == stats.num_blocks
+
+
+def test_pairs_truncate_as_the_tokenizer_truncates(reranker, texts, tmp_path):
+    """`truncate_prompt_tokens` cuts a pair as sentence-transformers' `CrossEncoder(max_length=...)`
+    does (the tokenizer's own truncation: the longer text first, separators kept)."""
+    _, llm = reranker
+    query, documents = texts
+    with torch_single_thread():
+        oracle = sentence_transformers.CrossEncoder(str(llm.engine.model_name), device="cpu", max_length=12)
+        expected = oracle.predict([(query, document) for document in documents], batch_size=1)
+    outputs = llm.score(query, documents, truncate_prompt_tokens=12, use_tqdm=False)
+    assert [len(out.prompt_token_ids) for out in outputs] == [min(12, 4 + 6 + len(d.split())) for d in documents]
+    np.testing.assert_allclose([out.outputs.score for out in outputs], expected, rtol=1e-5, atol=1e-6)
+    with serving(create_app(llm.engine)) as url:
+        reply = httpx.post(f"{url}/score", json={"text_1": query, "text_2": documents, "truncate_prompt_tokens": 12},
+                           timeout=60)
+        np.testing.assert_allclose([d["score"] for d in reply.json()["data"]], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_texts_keep_at_most_their_first_tokens():
+    """`max_tokens_per_query` / `max_tokens_per_doc` (`truncated_text`) on a byte-level tokenizer,
+    where an emoji or an accented letter is several tokens: the kept text is a prefix that encodes
+    to at most the limit, and the longest such prefix that ends between characters of tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
+    text = "😀😀 café ok"
+    count = lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+    for limit in range(1, count(text) + 2):
+        kept = truncated_text(tokenizer, text, limit)
+        assert text.startswith(kept) and count(kept) <= limit
+        longer = [text[:end] for end in range(len(kept) + 1, len(text) + 1)]
+        assert all(count(prefix) > limit for prefix in longer), (limit, kept)
+    assert truncated_text(tokenizer, text, 0) == text
+
+
+def test_the_activation_a_cross_encoders_config_names(tmp_path, texts):
+    """config.json's `sentence_transformers.activation_fn` (here Identity: raw logits), as
+    sentence-transformers' `CrossEncoder` and vLLM read it."""
+    save_reranker(tmp_path, seed=9, st_config={"activation_fn": "torch.nn.modules.linear.Identity"})
+    query, documents = texts
+    with torch_single_thread():
+        expected = sentence_transformers.CrossEncoder(str(tmp_path), device="cpu").predict(
+            [(query, document) for document in documents], batch_size=1)
+    assert expected.min() < 0 or expected.max() > 1  # logits, not probabilities
+    outputs = LLM(str(tmp_path), **ENGINE_ARGS).score(query, documents, use_tqdm=False)
+    np.testing.assert_allclose([out.outputs.score for out in outputs], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_reranker_without_separators_reads_the_joined_texts(tmp_path, texts):
@@ -163,6 +219,12 @@ def test_score_refusals(reranker, embedder, stories_path, tmp_path):
         llm.score("t5", ["t6", " ".join(["t9"] * 130)], use_tqdm=False)
     with pytest.raises(ValueError, match=r"data_2\[0\]: .*empty"):
         embedder[1].score("t5", [""], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"data_2\[1\] holds '\\ud800' at character 3, a lone UTF-16 surrogate"):
+        llm.score("t5", ["t6", "t7 \ud800"], use_tqdm=False)
+    with pytest.raises(ValueError, match="pair 0: truncate_prompt_tokens 3 cannot be met: the pair keeps 6 tokens"):
+        llm.score("t5", "t6", truncate_prompt_tokens=3, use_tqdm=False)
+    with pytest.raises(ValueError, match="chat_template renders a cross-encoder's pairs"):
+        embedder[1].score("t5", "t6", chat_template="{{ messages }}", use_tqdm=False)
     assert llm.engine.stats().kv_cache_usage == 0 and embedder[1].engine.stats().kv_cache_usage == 0
     with pytest.raises(ValueError, match="runner='pooling' .this one generates text"):
         LLM(stories_path, num_blocks=16).score("a", "b")
@@ -212,7 +274,11 @@ def test_server_score_and_rerank(reranker, texts):
         assert cut == pytest.approx(llm.score(query, " ".join(documents[2].split()[:10]), use_tqdm=False)[0]
                                     .outputs.score, rel=1e-6)
         refusals = [("/score", {"queries": ["t5", "t6"], "documents": ["t7", "t8", "t9"]}, "queries"),
-                    ("/score", {"queries": "t5"}, None), ("/rerank", {"query": "t5", "documents": []}, "query"),
+                    ("/score", {"queries": "t5"}, None), ("/rerank", {"query": "t5", "documents": []}, "documents"),
+                    ("/score", {"queries": "t5", "documents": "t6", "text_1": "t5", "text_2": "t6"}, None),
+                    ("/score", {"queries": ["t5", " ".join(["t9"] * 130)], "documents": ["t6", "t7"]}, "documents"),
+                    ("/score", {"queries": "t5", "documents": "t6", "truncate_prompt_tokens": 3},
+                     "truncate_prompt_tokens"),
                     ("/rerank", {"query": "t5", "documents": ["t6"], "top_n": -1}, "top_n"),
                     ("/score", {"text_1": "t5", "text_2": "t6", "max_tokens_per_doc": 128}, "max_tokens_per_doc"),
                     ("/rerank", {"query": "t5", "documents": ["t6", " ".join(["t9"] * 130)]}, "documents")]
@@ -220,6 +286,7 @@ def test_server_score_and_rerank(reranker, texts):
             reply = client.post(f"{url}{route}", json=request)
             assert reply.status_code == 400, (request, reply.text)
             assert reply.json()["error"]["param"] == param, reply.json()
+        assert reply.json()["error"]["message"].startswith("pair 1: prompt of 13")
         assert httpx.post(f"{url}/rerank", json={"query": "t5", "documents": ["t6"]}).status_code == 401
         client_v2 = cohere.ClientV2(api_key="secret", base_url=url)
         reranked = client_v2.rerank(model="ranker", query=query, documents=documents)
@@ -334,13 +401,26 @@ def test_a_causal_lm_classifies_by_its_answer_tokens(causal_reranker, texts):
         llm.score("t5", "t6")
 
 
-def test_answer_token_settings_are_checked(causal_reranker):
+def test_answer_token_settings_are_checked(causal_reranker, tmp_path):
     folder, _ = causal_reranker
     for overrides, message in (({"method": "from_3_way"}, "method 'from_3_way' does not say how"),
                                ({"classifier_from_token": ["yes"]}, "must be two tokens .false, then true."),
                                ({"classifier_from_token": ["no", "maybe"]}, "'maybe', which is not a token")):
         with pytest.raises(ValueError, match=message):
             LLM(str(folder), hf_overrides={**RERANKER_OVERRIDES, **overrides}, **ENGINE_ARGS)
+    with pytest.raises(ValueError, match="names a token twice"):
+        LLM(str(folder), hf_overrides={**RERANKER_OVERRIDES, "classifier_from_token": ["yes", "yes"]}, **ENGINE_ARGS)
+    without_architectures = {key: value for key, value in RERANKER_OVERRIDES.items() if key != "architectures"}
+    with pytest.raises(ValueError, match="only where its architectures name a .ForSequenceClassification"):
+        LLM(str(folder), hf_overrides=without_architectures, **ENGINE_ARGS)
+    if not json.loads((folder / "config.json").read_text())["tie_word_embeddings"]:  # no LM head: nothing to read
+        bare = tmp_path / "no_lm_head"
+        shutil.copytree(folder, bare)
+        weights = safetensors.torch.load_file(str(bare / "model.safetensors"))
+        safetensors.torch.save_file({k: v for k, v in weights.items() if k != "lm_head.weight"},
+                                    str(bare / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ValueError, match="has none for the answer tokens' rows of lm_head.weight \\(expected"):
+            LLM(str(bare), hf_overrides=RERANKER_OVERRIDES, **ENGINE_ARGS)
     with pytest.raises(ValueError, match="hf_overrides must be a dict"):
         LLM(str(folder), hf_overrides=["architectures"], **ENGINE_ARGS)
 

@@ -272,10 +272,14 @@ class ScoreRequest(_ScoringBody):
 
     def pair_fields(self) -> tuple[str, str]:
         """The names of the two sides the request gave. ValueError when it gave none, or half."""
-        for first, second in SCORE_FIELDS:
-            if getattr(self, first) is not None and getattr(self, second) is not None:
-                return first, second
+        given = [(first, second) for first, second in SCORE_FIELDS
+                 if getattr(self, first) is not None and getattr(self, second) is not None]
+        if len(given) == 1:
+            return given[0]
         names = " or ".join(f"{first} and {second}" for first, second in SCORE_FIELDS)
+        if given:
+            raise ValueError(f"the texts to score come under more than one pair of names "
+                             f"({', '.join(f'{first} and {second}' for first, second in given)}): give one of {names}")
         raise ValueError(f"the texts to score are missing: give {names}")
 
 

@@ -14,14 +14,23 @@ classifier of more than one label, refuse both (400).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 from fastapi.responses import JSONResponse
 
 from jpaged.chat_template import checked_variables
 from jpaged.pooling import PoolingParams
-from jpaged.scoring import cosine_similarity, pair_token_ids, paired, score_pairs, score_type, truncated_text
-from jpaged.server.errors import bad_request
+from jpaged.scoring import (
+    cosine_similarity,
+    pair_max_length,
+    pair_token_ids,
+    paired,
+    score_pairs,
+    score_type,
+    truncated_text,
+)
+from jpaged.server.errors import APIError, bad_request
 from jpaged.server.prompts import Prompt, truncated
 from jpaged.server.protocol import RerankRequest, ScoreRequest, random_id
 from jpaged.server.serving import ServerState, collect, submit
@@ -66,7 +75,8 @@ async def _scores(request: ScoreRequest | RerankRequest, state: ServerState, mod
         queries, documents = score_pairs(data_1, data_2)
     except ValueError as err:
         message = str(err).replace("data_1", fields[0]).replace("data_2", fields[1])
-        raise bad_request(message, param="model" if "scoring needs" in message else fields[0]) from err
+        param = "model" if "scoring needs" in message else fields[1] if fields[1] in message.split()[0] else fields[0]
+        raise bad_request(message, param=param) from err
     for name, limit in (("max_tokens_per_query", request.max_tokens_per_query),
                         ("max_tokens_per_doc", request.max_tokens_per_doc)):
         if not 0 <= limit < engine.max_model_len:
@@ -80,14 +90,25 @@ async def _scores(request: ScoreRequest | RerankRequest, state: ServerState, mod
             variables = checked_variables(request.template_variables())
         except ValueError as err:
             raise bad_request(str(err), param="chat_template_kwargs") from err
+        try:
+            max_length = pair_max_length(request.truncate_prompt_tokens, engine.max_model_len)
+        except ValueError as err:
+            raise bad_request(str(err), param="truncate_prompt_tokens") from err
         prompts = await asyncio.to_thread(_pair_prompts, tokenizer, paired(queries, documents),
-                                          state.classifier.use_sep_token, state.chat_template, variables)
+                                          state.classifier.use_sep_token, state.chat_template, variables, max_length)
+        names = [(f"pair {i}", fields[1]) for i in range(len(prompts))]
     else:
         prompts = await asyncio.to_thread(_text_prompts, tokenizer, queries, documents, fields)
-    prompts = [truncated(prompt, request.truncate_prompt_tokens, engine.max_model_len) for prompt in prompts]
+        prompts = [truncated(prompt, request.truncate_prompt_tokens, engine.max_model_len) for prompt in prompts]
+        names = [(f"{fields[0]}[{i}]", fields[0]) for i in range(len(queries))] + [
+            (f"{fields[1]}[{i}]", fields[1]) for i in range(len(documents))]
     params = [PoolingParams(use_activation=request.use_activation)] * len(prompts)
-    outputs = await collect(await submit(state, random_id("score"), prompts, params, model=model,
-                                         renamed={"prompt": fields[1]}))
+    try:
+        group = await submit(state, random_id("score"), prompts, params, model=model)
+    except APIError as err:
+        err.message, err.param = _blamed(err.message, err.param, names)
+        raise
+    outputs = await collect(group)
     tokens = sum(len(prompt.token_ids) for prompt in prompts)
     if kind == "cross-encoder":
         return [output.outputs.probs[0] for output in outputs], tokens
@@ -96,14 +117,27 @@ async def _scores(request: ScoreRequest | RerankRequest, state: ServerState, mod
             for query, document in paired(embeddings[:len(queries)], embeddings[len(queries):])], tokens
 
 
+def _blamed(message: str, param: str | None, names: list[tuple[str, str]]) -> tuple[str, str | None]:
+    """An engine refusal's message and param, with "prompt i" (or, for one prompt, "prompt") told
+    as the pair or text it is, and the field it came from."""
+    found = re.match(r"prompt (\d+): ", message)
+    index = int(found[1]) if found else 0 if len(names) == 1 else None
+    if index is None:
+        return message, names[-1][1] if param == "prompt" else param
+    name, field = names[index]
+    return f"{name}: {message[found.end():] if found else message}", field if param == "prompt" else param
+
+
 def _pair_prompts(tokenizer, pairs: list[tuple[str, str]], use_sep_token: bool, chat_template: str | None,
-                  variables: dict) -> list[Prompt]:
+                  variables: dict, max_length: int | None) -> list[Prompt]:
     prompts = []
     for i, (query, document) in enumerate(pairs):
         try:
-            prompts.append(Prompt(pair_token_ids(tokenizer, query, document, use_sep_token, chat_template, variables)))
+            prompts.append(Prompt(pair_token_ids(tokenizer, query, document, use_sep_token, chat_template, variables,
+                                                 max_length)))
         except ValueError as err:
-            raise bad_request(f"pair {i}: {err}") from err
+            param = "truncate_prompt_tokens" if str(err).startswith("truncate_prompt_tokens") else None
+            raise bad_request(f"pair {i}: {err}", param=param) from err
     return prompts
 
 
