@@ -94,7 +94,7 @@ class LLM:
         self._check_generates()
         prompts = _prompt_list(prompts)
         params = self._per_prompt_params(sampling_params, len(prompts))
-        loras = _per_prompt(lora_request, len(prompts))
+        loras = _per_prompt_loras(lora_request, len(prompts))
         if priority is not None and not isinstance(priority, SequenceABC):
             raise TypeError(f"priority must be a list of ints, one per prompt; got {type(priority).__name__} {priority!r:.50}")
         priorities = [0] * len(prompts) if priority is None else list(priority)
@@ -198,8 +198,9 @@ class LLM:
             raise ValueError(f"LLM.{task} cannot run on this model: it {_POOLING_TASKS[self.engine.pooling_task]}")
         prompts = _prompt_list(prompts)
         self._check_no_other_requests(task)
-        return self._add_and_run(prompts, _per_prompt_pooling(pooling_params, len(prompts)), [0] * len(prompts),
-                                 _per_prompt(lora_request, len(prompts)), use_tqdm)
+        params = _per_prompt(pooling_params, len(prompts), PoolingParams, "pooling_params", "pooling params")
+        return self._add_and_run(prompts, params, [0] * len(prompts), _per_prompt_loras(lora_request, len(prompts)),
+                                 use_tqdm)
 
     def _add_and_run(self, prompts, params, priorities, loras, use_tqdm: bool,
                      name=lambda i: f"prompt {i}") -> list:
@@ -218,16 +219,8 @@ class LLM:
         return self._run(request_ids, use_tqdm)
 
     def _per_prompt_params(self, sampling_params, count: int) -> list[SamplingParams]:
-        if sampling_params is None:
-            return [self.get_default_sampling_params()] * count
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * count
-        if not isinstance(sampling_params, SequenceABC) or not all(isinstance(p, SamplingParams) for p in sampling_params):
-            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, one per prompt; got "
-                            f"{type(sampling_params).__name__}")
-        if len(sampling_params) != count:
-            raise ValueError(f"got {len(sampling_params)} sampling params for {count} prompts")
-        return list(sampling_params)
+        params = _per_prompt(sampling_params, count, SamplingParams, "sampling_params", "sampling params")
+        return [self.get_default_sampling_params() if p is None else p for p in params]
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
@@ -318,29 +311,22 @@ def chat_token_ids(tokenizer, conversation: list[dict], add_generation_prompt: b
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def _per_prompt_pooling(pooling_params, count: int) -> list[PoolingParams | None]:
-    """`pooling_params` (one, None, or a list of one per prompt) as a list of one per prompt."""
-    if pooling_params is None or isinstance(pooling_params, PoolingParams):
-        return [pooling_params] * count
-    if not isinstance(pooling_params, SequenceABC) or not all(isinstance(p, PoolingParams) for p in pooling_params):
-        raise TypeError(f"pooling_params must be a PoolingParams or a list of them, one per prompt; got "
-                        f"{type(pooling_params).__name__}")
-    if len(pooling_params) != count:
-        raise ValueError(f"got {len(pooling_params)} pooling params for {count} prompts")
-    return list(pooling_params)
+def _per_prompt(value, count: int, cls: type, name: str, noun: str, none_means: str = "") -> list:
+    """`value` (one `cls`, None, or a list of one per prompt) as a list of one per prompt. A list
+    may hold None items where `none_means` says what None is. TypeError for anything else,
+    ValueError for a list of another length (`noun`: what its items are, for the message)."""
+    if value is None or isinstance(value, cls):
+        return [value] * count
+    if not isinstance(value, SequenceABC) or not all(isinstance(v, cls) or (none_means and v is None) for v in value):
+        raise TypeError(f"{name} must be a {cls.__name__} or a list of them{f' ({none_means})' if none_means else ''}, "
+                        f"one per prompt; got {type(value).__name__}")
+    if len(value) != count:
+        raise ValueError(f"got {len(value)} {noun} for {count} prompts")
+    return list(value)
 
 
-def _per_prompt(lora_request, count: int) -> list[LoRARequest | None]:
-    """`lora_request` (one, None, or a list of one per prompt) as a list of one per prompt."""
-    if lora_request is None or isinstance(lora_request, LoRARequest):
-        return [lora_request] * count
-    if not isinstance(lora_request, SequenceABC) or not all(r is None or isinstance(r, LoRARequest)
-                                                             for r in lora_request):
-        raise TypeError(f"lora_request must be a LoRARequest or a list of them (None for the base model), one per "
-                        f"prompt; got {type(lora_request).__name__}")
-    if len(lora_request) != count:
-        raise ValueError(f"got {len(lora_request)} lora requests for {count} prompts")
-    return list(lora_request)
+def _per_prompt_loras(lora_request, count: int) -> list[LoRARequest | None]:
+    return _per_prompt(lora_request, count, LoRARequest, "lora_request", "lora requests", "None for the base model")
 
 
 _POOLING_TASKS = {"embed": "embeds prompts (LLM.embed)", "classify": "classifies prompts (LLM.classify)"}
