@@ -5,8 +5,8 @@ pairs, turns them into pooling requests and the requests' outputs into one score
 
 - A **cross-encoder** is a sequence classification model with one label (a reranker such as
   bge-reranker or mxbai-rerank). It reads each (query, document) pair as one prompt, and the
-  pair's score is the classifier's output for it: the sigmoid of the head's logit
-  (`jpaged/pooling.py`). The prompt is the tokenizer's encoding of the pair,
+  pair's score is the classifier's output for it: the sigmoid of the head's logit, unless
+  config.json names another activation (`jpaged/pooling.py`). The prompt is the tokenizer's encoding of the pair,
   `tokenizer(text=query, text_pair=document)`, with whatever separators its template puts
   between and around the two texts (`[CLS] query [SEP] document [SEP]`, `<s> query </s></s>
   document </s>`; none for most decoder tokenizers); where config.json sets `use_sep_token`

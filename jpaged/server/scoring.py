@@ -83,8 +83,9 @@ async def _scores(request: ScoreRequest | RerankRequest, state: ServerState, mod
             raise bad_request(f"{name} {limit} must be at least 0 and less than max_model_len "
                               f"({engine.max_model_len})", param=name)
     tokenizer = engine.tokenizer
-    queries = [truncated_text(tokenizer, text, request.max_tokens_per_query) for text in queries]
-    documents = [truncated_text(tokenizer, text, request.max_tokens_per_doc) for text in documents]
+    queries, documents = await asyncio.to_thread(
+        lambda: ([truncated_text(tokenizer, text, request.max_tokens_per_query) for text in queries],
+                 [truncated_text(tokenizer, text, request.max_tokens_per_doc) for text in documents]))
     if kind == "cross-encoder":
         try:
             variables = checked_variables(request.template_variables())
