@@ -131,7 +131,7 @@ class LLMEngine:
             self.runner = ModelRunner(self.model_config, config, split_score_head(source.weights(packed), head, token_rows),
                                       self.step_shapes(), meshes[replica or 0], packed=packed)
             self.tokenizer = tokenizer.result()
-        self.classifier = self._classifier(source, head, lm_head_tied) if classifies else None
+        self.classifier = self._classifier(source, head, answers, lm_head_tied) if classifies else None
         self.pooling_task = None if self.pooler is None else "classify" if classifies else "embed"
         if len(self.tokenizer) > self.model_config.vocab_size:
             hint = "is tokenizer= the model's?" if config.tokenizer else "is the model's tokenizer the one it ships with?"
@@ -198,13 +198,12 @@ class LLMEngine:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
 
-    def _classifier(self, source, head: dict, lm_head_tied: bool) -> Classifier:
+    def _classifier(self, source, head: dict, answers: tuple[list[str], str] | None, lm_head_tied: bool) -> Classifier:
         """The `score` head the checkpoint of a sequence classification model holds, or that the
-        rows of its answer tokens make (`pooling.token_head`) of its LM head (of its embedding,
+        rows of its `answers` tokens make (`pooling.token_head`) of its LM head (of its embedding,
         where `lm_head_tied`)."""
-        from_tokens = token_head(source.hf_config) is not None
         weight, name = head.get("score"), "score.weight"
-        if from_tokens:
+        if answers:
             weight = head.get(LM_HEAD_TENSORS[0], head.get(LM_HEAD_TENSORS[1]) if lm_head_tied else None)
             name = "the answer tokens' rows of lm_head.weight" + (" or the tied embedding" if lm_head_tied else "")
         expected = self.model_config.hidden_size
@@ -212,7 +211,7 @@ class LLMEngine:
             found = "none" if weight is None else f"one of shape {tuple(weight.shape)}"
             raise ValueError(f"{source.name} is a sequence classification model, but its checkpoint has {found} for "
                              f"{name} (expected [num_labels, {expected}])")
-        return Classifier.from_token_rows(source.hf_config, weight) if from_tokens else Classifier.from_hf(
+        return Classifier.from_token_rows(source.hf_config, weight, *answers) if answers else Classifier.from_hf(
             source.hf_config, weight)
 
     def step_shapes(self) -> StepShapes:

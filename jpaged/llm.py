@@ -31,7 +31,7 @@ from jpaged.outputs import (
 )
 from jpaged.pooling import PoolingParams
 from jpaged.sampling_params import BeamSearchParams, SamplingParams, is_integer, truncated_prompt, unicode_text
-from jpaged.scoring import cosine_similarity, pair_max_length, pair_token_ids, paired, score_pairs, score_type
+from jpaged.scoring import pair_max_length, pair_scores, pair_token_ids, paired, score_pairs, score_type
 
 
 def engine_config(model: str | None, speculative_config: dict | None = None, **kwargs) -> EngineConfig:
@@ -162,25 +162,26 @@ class LLM:
         max_length = pair_max_length(truncate_prompt_tokens, self.engine.max_model_len)
         self._check_no_other_requests("score")
         if kind == "cross-encoder":
-            pairs = paired(queries, documents)
             prompts = [self._pair_prompt(i, query, document, chat_template, chat_template_kwargs, max_length)
-                       for i, (query, document) in enumerate(pairs)]
-            outputs = self._add_and_run(prompts, [pooling_params] * len(pairs), [0] * len(pairs),
-                                        [lora_request] * len(pairs), use_tqdm, name=lambda i: f"pair {i}")
-            return [ScoringRequestOutput(out.request_id, ScoringOutput(out.outputs.probs[0]), out.prompt_token_ids,
-                                         out.finished, out.metrics) for out in outputs]
-        tokenizer = self.engine.tokenizer
-        texts = [{"prompt": text, "prompt_token_ids": truncated_prompt(tokenizer.encode(text), truncate_prompt_tokens,
-                                                                       self.engine.max_model_len)}
-                 for text in queries + documents]
-        outputs = self._add_and_run(texts, [pooling_params] * len(texts), [0] * len(texts), [lora_request] * len(texts),
-                                    use_tqdm, name=lambda i: f"data_1[{i}]" if i < len(queries)
-                                    else f"data_2[{i - len(queries)}]")
+                       for i, (query, document) in enumerate(paired(queries, documents))]
+            name = lambda i: f"pair {i}"
+        else:
+            prompts = [{"prompt": text, "prompt_token_ids": truncated_prompt(
+                self.engine.tokenizer.encode(text), truncate_prompt_tokens, self.engine.max_model_len)}
+                for text in queries + documents]
+            name = lambda i: f"data_1[{i}]" if i < len(queries) else f"data_2[{i - len(queries)}]"
+        count = len(prompts)
+        outputs = self._add_and_run(prompts, [pooling_params] * count, [0] * count, [lora_request] * count, use_tqdm,
+                                    name=name)
+        scores = pair_scores(kind, outputs, len(queries))
+        if kind == "cross-encoder":
+            return [ScoringRequestOutput(out.request_id, ScoringOutput(score), out.prompt_token_ids, out.finished,
+                                         out.metrics) for out, score in zip(outputs, scores)]
         pad = self.engine.tokenizer.pad_token_id
-        return [ScoringRequestOutput(f"{query.request_id}_{document.request_id}",
-                                     ScoringOutput(cosine_similarity(query.outputs.embedding, document.outputs.embedding)),
+        return [ScoringRequestOutput(f"{query.request_id}_{document.request_id}", ScoringOutput(score),
                                      query.prompt_token_ids + ([] if pad is None else [pad]) + document.prompt_token_ids,
-                                     True) for query, document in paired(outputs[:len(queries)], outputs[len(queries):])]
+                                     True)
+                for (query, document), score in zip(paired(outputs[:len(queries)], outputs[len(queries):]), scores)]
 
     def _pair_prompt(self, index: int, query: str, document: str, chat_template: str | None,
                      chat_template_kwargs: dict, max_length: int | None) -> dict:

@@ -168,10 +168,10 @@ class Classifier:
     use_sep_token: bool = True  # as a cross-encoder, read a text pair with the tokenizer's separators (jpaged/scoring.py)
 
     @classmethod
-    def from_token_rows(cls, hf_config: dict, rows: np.ndarray) -> Classifier:
+    def from_token_rows(cls, hf_config: dict, rows: np.ndarray, tokens: list[str], method: str) -> Classifier:
         """The head of a causal LM read as a classifier (see the module's docstring) from the LM
-        head's `rows` [len(classifier_from_token), hidden] of its answer tokens."""
-        tokens, method = token_head(hf_config)
+        head's `rows` [len(tokens), hidden] of its answer `tokens`, as `method` (`token_head`)
+        combines them."""
         rows = np.asarray(rows, np.float32)
         weight = rows[1:2] - rows[0:1] if method == "from_2_way_softmax" else rows
         names = {} if method == "from_2_way_softmax" else {str(i): token for i, token in enumerate(tokens)}

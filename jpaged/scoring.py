@@ -137,6 +137,17 @@ def cosine_similarity(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.clip(a @ b / norms, -1.0, 1.0)) if norms > 0 else 0.0
 
 
+def pair_scores(kind: str, outputs: list, num_queries: int) -> list[float]:
+    """One score per pair from a scoring call's engine outputs: a cross-encoder's (one output per
+    pair) its classifier's single value; a bi-encoder's (the queries' embeddings, then the
+    documents') the cosine of the two embeddings `paired` pairs."""
+    if kind == "cross-encoder":
+        return [output.outputs.probs[0] for output in outputs]
+    embeddings = [output.outputs.embedding for output in outputs]
+    return [cosine_similarity(query, document)
+            for query, document in paired(embeddings[:num_queries], embeddings[num_queries:])]
+
+
 def paired(queries: list, documents: list) -> list[tuple]:
     """(query's, document's) per pair, in the documents' order: a lone query goes with each."""
     return list(zip(queries * len(documents) if len(queries) == 1 else queries, documents))

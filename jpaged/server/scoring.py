@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse
 from jpaged.chat_template import checked_variables
 from jpaged.pooling import PoolingParams
 from jpaged.scoring import (
-    cosine_similarity,
     pair_max_length,
+    pair_scores,
     pair_token_ids,
     paired,
     score_pairs,
@@ -110,12 +110,7 @@ async def _scores(request: ScoreRequest | RerankRequest, state: ServerState, mod
         err.message, err.param = _blamed(err.message, err.param, names)
         raise
     outputs = await collect(group)
-    tokens = sum(len(prompt.token_ids) for prompt in prompts)
-    if kind == "cross-encoder":
-        return [output.outputs.probs[0] for output in outputs], tokens
-    embeddings = [output.outputs.embedding for output in outputs]
-    return [cosine_similarity(query, document)
-            for query, document in paired(embeddings[:len(queries)], embeddings[len(queries):])], tokens
+    return pair_scores(kind, outputs, len(queries)), sum(len(prompt.token_ids) for prompt in prompts)
 
 
 def _blamed(message: str, param: str | None, names: list[tuple[str, str]]) -> tuple[str, str | None]:
