@@ -16,6 +16,7 @@ _EXPORTS = {
     "Logprob": "jpaged.outputs",
     "LoRARequest": "jpaged.lora",
     "PoolingParams": "jpaged.pooling",
+    "PoolingRequestOutput": "jpaged.outputs",
 }
 
 __all__ = list(_EXPORTS)

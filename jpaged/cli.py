@@ -54,7 +54,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runner", default="generate", choices=RUNNERS,
                         help="'pooling' embeds prompts (pooled final hidden states; serve: /v1/embeddings), or "
                              "with a *ForSequenceClassification model classifies them (serve: /classify), "
-                             "instead of generating")
+                             "instead of generating; every pooling model also serves /pooling")
+    parser.add_argument("--pooler-config", type=_json_object, default=None,
+                        help='with --runner pooling, the task the model runs and how it pools, as JSON: "task" '
+                             '(embed, classify, token_embed, token_classify) and "pooling_type" (LAST, MEAN, CLS, '
+                             'ALL), e.g. \'{"task": "token_embed"}\'')
     parser.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                         help="the reasoning model family's <think> markers: structured outputs apply once the "
                              "reasoning ends, and the server answers with reasoning apart from content")
@@ -116,7 +120,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size,
                 speculative_config=args.speculative_config, generation_config=args.generation_config,
-                reasoning_parser=args.reasoning_parser, runner=args.runner,
+                reasoning_parser=args.reasoning_parser, runner=args.runner, pooler_config=args.pooler_config,
                 enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from jpaged.pooling import RUNNERS
+from jpaged.pooling import CLASSIFIER_SUFFIX, RUNNERS, TOKEN_CLASSIFIER_SUFFIX, check_pooler_config
 from jpaged.reasoning import REASONING_PARSERS
 from jpaged.sampling_params import MAX_LOGPROBS, as_bool, is_integer
 
@@ -36,12 +36,11 @@ SUPPORTED_ARCHITECTURES = {
     "Olmo3ForCausalLM": "olmo3",
     "SmolLM3ForCausalLM": "smollm3",
 }
-# Base models without an LM head (an embedding model's checkpoint), and sequence classifiers (a
-# `score` head instead of the LM head), both for runner "pooling"
-CLASSIFIER_SUFFIX = "ForSequenceClassification"
+# Base models without an LM head (an embedding model's checkpoint), and sequence and token
+# classifiers (a `score` head instead of the LM head), all for runner "pooling"
 SUPPORTED_ARCHITECTURES.update({name.replace("ForCausalLM", suffix).replace("Gemma3Model", "Gemma3TextModel"): arch
                                 for name, arch in list(SUPPORTED_ARCHITECTURES.items())
-                                for suffix in ("Model", CLASSIFIER_SUFFIX)})
+                                for suffix in ("Model", CLASSIFIER_SUFFIX, TOKEN_CLASSIFIER_SUFFIX)})
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2",
                "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "granitemoe": "granitemoe",
@@ -727,6 +726,9 @@ class EngineConfig:
     reasoning_parser: str | None = None
     # "generate" (sample tokens) or "pooling" (embed each prompt, jpaged/pooling.py; vLLM's runner)
     runner: str = "generate"
+    # under runner "pooling", vLLM's pooler_config: `task` (embed, classify, token_embed,
+    # token_classify; None: the model's own) and `pooling_type` (LAST, MEAN, CLS, ALL)
+    pooler_config: dict | None = None
     max_logprobs: int = MAX_LOGPROBS  # most top logprobs a request may ask for per token; -1: the whole vocabulary
     # sampling defaults: "auto" (the model's generation_config.json), "none", or a folder holding one
     generation_config: str = "auto"
@@ -753,6 +755,9 @@ class EngineConfig:
                              f"got {self.dtype!r}")
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
+        check_pooler_config(self.pooler_config)
+        if self.pooler_config and self.runner != "pooling":
+            raise ValueError(f"pooler_config {self.pooler_config!r:.100} applies to runner='pooling' only")
         if self.runner == "pooling" and (self.speculative.enabled or self.reasoning_parser):
             raise ValueError("runner='pooling' generates nothing, so it takes no speculative_config or "
                              "reasoning_parser")

@@ -20,11 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from jpaged import compile_cache
 from jpaged.block_manager import BlockManager, blocks_held_under_window
-from jpaged.config import CLASSIFIER_SUFFIX, EngineConfig, ModelConfig
+from jpaged.config import CLASSIFIER_SUFFIX, TOKEN_CLASSIFIER_SUFFIX, EngineConfig, ModelConfig
 from jpaged.detokenizer import IncrementalDetokenizer, NoDetokenizer, token_text
 from jpaged.engine_client import EngineStats, PromptType
 from jpaged.loader.source import open_model
@@ -39,6 +40,8 @@ from jpaged.outputs import (
     EmbeddingOutput,
     EmbeddingRequestOutput,
     Logprob,
+    PoolingOutput,
+    PoolingRequestOutput,
     RequestOutput,
 )
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
@@ -46,10 +49,11 @@ from jpaged.parallel.layout import check_layout
 from jpaged.pooling import (
     LM_HEAD_TENSORS,
     Classifier,
-    PoolerConfig,
     PoolingParams,
     answer_token_ids,
     pooled_output,
+    pooler_for_task,
+    pooling_task,
     read_pooler_config,
     split_score_head,
     token_head,
@@ -95,18 +99,19 @@ class LLMEngine:
         if config.hf_overrides:
             source = dataclasses.replace(source, hf_config={**source.hf_config, **config.hf_overrides})
         self.model_name = source.name
-        self.pooler = read_pooler_config(source.folder) if config.runner == "pooling" else None
+        architectures = source.hf_config.get("architectures") or []
+        classifies = [name for name in architectures if name.endswith((CLASSIFIER_SUFFIX, TOKEN_CLASSIFIER_SUFFIX))]
+        if classifies and config.runner != "pooling":
+            raise ValueError(f"{source.name} is a classification model ({classifies[0]}): it runs with runner='pooling'"
+                             " (LLM.classify, LLM.encode), not runner='generate'")
+        self.pooling_task = pooling_task(architectures, config.pooler_config) if config.runner == "pooling" else None
+        self.pooler = None if self.pooling_task is None else pooler_for_task(
+            read_pooler_config(source.folder), self.pooling_task, config.pooler_config)
         if self.pooler is not None and self.pooler.reads_every_token and config.parallel.pipeline_parallel_size > 1:
             raise ValueError(f"{self.pooler.pooling_type} pooling runs on one pipeline stage only (a pipeline may cut "
                              "a prompt chunk across micro-batches); got pipeline_parallel_size "
                              f"{config.parallel.pipeline_parallel_size}")
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)
-        classifies = any(name.endswith(CLASSIFIER_SUFFIX) for name in source.hf_config.get("architectures") or [])
-        if classifies and config.runner != "pooling":
-            raise ValueError(f"{source.name} is a sequence classification model ({source.hf_config['architectures'][0]}):"
-                             " it runs with runner='pooling' (LLM.classify), not runner='generate'")
-        if classifies:
-            self.pooler = PoolerConfig(normalize=False)  # the head reads the last token's state as it is
         answers = token_head(source.hf_config) if config.runner == "pooling" else None
         if answers and not classifies:
             raise ValueError(f"{source.name}: classifier_from_token and method read a causal LM as a classifier only "
@@ -129,10 +134,10 @@ class LLMEngine:
             head: dict = {}
             token_rows = functools.cache(lambda: answer_token_ids(tokenizer.result(), answers[0])) if answers else None
             self.runner = ModelRunner(self.model_config, config, split_score_head(source.weights(packed), head, token_rows),
-                                      self.step_shapes(), meshes[replica or 0], packed=packed)
+                                      self.step_shapes(), meshes[replica or 0], packed=packed,
+                                      token_states=self.pooler is not None and self.pooler.pooling_type == "all")
             self.tokenizer = tokenizer.result()
         self.classifier = self._classifier(source, head, answers, lm_head_tied) if classifies else None
-        self.pooling_task = None if self.pooler is None else "classify" if classifies else "embed"
         if len(self.tokenizer) > self.model_config.vocab_size:
             hint = "is tokenizer= the model's?" if config.tokenizer else "is the model's tokenizer the one it ships with?"
             logger.warning("the tokenizer has %d tokens, more than the model's vocabulary of %d: prompts holding ids "
@@ -202,17 +207,17 @@ class LLMEngine:
         """The `score` head the checkpoint of a sequence classification model holds, or that the
         rows of its `answers` tokens make (`pooling.token_head`) of its LM head (of its embedding,
         where `lm_head_tied`)."""
-        weight, name = head.get("score"), "score.weight"
+        weight, name, bias = head.get("score"), "score.weight", head.get("score.bias")
         if answers:
             weight = head.get(LM_HEAD_TENSORS[0], head.get(LM_HEAD_TENSORS[1]) if lm_head_tied else None)
             name = "the answer tokens' rows of lm_head.weight" + (" or the tied embedding" if lm_head_tied else "")
         expected = self.model_config.hidden_size
         if weight is None or weight.ndim != 2 or weight.shape[1] != expected:
             found = "none" if weight is None else f"one of shape {tuple(weight.shape)}"
-            raise ValueError(f"{source.name} is a sequence classification model, but its checkpoint has {found} for "
+            raise ValueError(f"{source.name} is a classification model, but its checkpoint has {found} for "
                              f"{name} (expected [num_labels, {expected}])")
         return Classifier.from_token_rows(source.hf_config, weight, *answers) if answers else Classifier.from_hf(
-            source.hf_config, weight)
+            source.hf_config, weight, bias)
 
     def step_shapes(self) -> StepShapes:
         """The padded sizes of every step this engine can run (they fix its compiled programs)."""
@@ -515,23 +520,28 @@ class LLMEngine:
         return outputs
 
     def _embeddings_done(self, plan: SchedulerOutput, pooled) -> list[EmbeddingRequestOutput]:
-        """Advance each sequence of a pooling step (`pooled`: `pooled_rows` of its rows); those
-        whose prompt is now computed end with their embedding (jpaged/pooling.py)."""
-        outputs, (last, sums, first) = [], pooled
-        kind = self.pooler.pooling_type
+        """Advance each sequence of a pooling step (`pooled`: `pooled_rows` of its rows, or each
+        row's token states); those whose prompt is now computed end with their output
+        (jpaged/pooling.py)."""
+        outputs, kind = [], self.pooler.pooling_type
         for row, item in enumerate(plan.scheduled):
             seq = item.seq
-            if kind == "mean":  # a chunk from position 0 (again, after a recompute) restarts the sum
-                seq.pooled = sums[row] + (seq.pooled if seq.num_computed_tokens else 0.0)
-            elif kind == "cls" and seq.num_computed_tokens == 0:
-                seq.pooled = first[row]
+            restart = seq.num_computed_tokens == 0  # a chunk from position 0 (again, after a recompute)
+            if kind == "all":
+                seq.pooled = [pooled[row]] if restart else [*seq.pooled, pooled[row]]
+            elif kind == "mean":
+                seq.pooled = pooled[1][row] + (0.0 if restart else seq.pooled)
+            elif kind == "cls" and restart:
+                seq.pooled = pooled[2][row]
             self._count_computed(seq, item.num_new_tokens)
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
             self.block_manager.release_behind_window(seq)
             if item.samples:
-                state = last[row] if kind == "last" else seq.pooled / (seq.num_tokens if kind == "mean" else 1)
+                state = {"last": lambda: pooled[0][row], "mean": lambda: seq.pooled / seq.num_tokens,
+                         "cls": lambda: seq.pooled, "all": lambda: np.concatenate(seq.pooled)}[kind]()
                 seq.request.embedding = pooled_output(state, seq.request.pooling_params, self.classifier, self.pooler)
+                seq.pooled = None
                 seq.finish("stop")
                 self.scheduler.finish(seq)
                 self.requests.pop(seq.request_id, None)
@@ -677,7 +687,13 @@ class LLMEngine:
         """`seq`'s output text as it may be shown now: every earlier one is a prefix of it."""
         return self._detokenizer(seq, len(seq.output_token_ids)).text
 
-    def request_output(self, request: Request) -> RequestOutput | EmbeddingRequestOutput | ClassificationRequestOutput:
+    def request_output(self, request: Request) -> (RequestOutput | EmbeddingRequestOutput | ClassificationRequestOutput
+                                                   | PoolingRequestOutput):
+        if self.pooling_task in ("token_embed", "token_classify"):
+            width = len(self.classifier.labels) if self.pooling_task == "token_classify" else self.model_config.hidden_size
+            data = np.zeros((0, width), np.float32) if request.embedding is None else request.embedding
+            return PoolingRequestOutput(request.request_id, PoolingOutput(data), request.prompt_token_ids,
+                                        request.is_finished, request.metrics)
         if self.classifier is not None:
             probs = [] if request.embedding is None else request.embedding.tolist()
             return ClassificationRequestOutput(request.request_id, ClassificationOutput(probs, self.classifier.label_of(probs)),

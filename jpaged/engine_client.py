@@ -57,9 +57,10 @@ class EngineClient(Protocol):
     take, from the model's generation config; see `generation_defaults`), `reasoning_parser`
     (the `ReasoningParser` of `EngineConfig.reasoning_parser`, or None), `runner_type`
     ("generate", or "pooling": requests take no `SamplingParams` and end with their prompt's
-    embedding, an `EmbeddingRequestOutput`, or its class probabilities, a
-    `ClassificationRequestOutput`), `pooling_task` (under "pooling", "embed" or "classify";
-    None under "generate"), `classifier` (a classifying engine's head: its labels, activation and
+    embedding, an `EmbeddingRequestOutput`, its class probabilities, a
+    `ClassificationRequestOutput`, or per-token rows, a `PoolingRequestOutput`), `pooling_task`
+    (under "pooling", "embed", "classify", "token_embed" or "token_classify"; None under
+    "generate"), `classifier` (a classifying engine's head: its labels, activation and
     how it reads a text pair, `jpaged.pooling.Classifier`; None otherwise)."""
 
     tokenizer: Any

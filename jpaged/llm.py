@@ -25,11 +25,13 @@ from jpaged.lora import LoRARequest
 from jpaged.outputs import (
     ClassificationRequestOutput,
     EmbeddingRequestOutput,
+    PoolingRequestOutput,
     RequestOutput,
     ScoringOutput,
     ScoringRequestOutput,
+    pooling_request_output,
 )
-from jpaged.pooling import PoolingParams
+from jpaged.pooling import POOLING_TASKS, PoolingParams
 from jpaged.sampling_params import BeamSearchParams, SamplingParams, is_integer, truncated_prompt, unicode_text
 from jpaged.scoring import pair_max_length, pair_scores, pair_token_ids, paired, score_pairs, score_type
 
@@ -130,6 +132,23 @@ class LLM:
         `max_model_len`)."""
         return self._pool("classify", prompts, use_tqdm, lora_request, pooling_params)
 
+    def encode(self, prompts: PromptType | SequenceABC[PromptType],
+               pooling_params: PoolingParams | SequenceABC[PoolingParams] | None = None, *, use_tqdm: bool = True,
+               lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
+               pooling_task: str | None = None) -> list[PoolingRequestOutput]:
+        """Each prompt's pooling output, in their order (vLLM's `LLM.encode`): `outputs.data`, a
+        float32 numpy array: the embedding ("embed") or class probabilities ("classify"), or one
+        row per prompt token, its normalised final state ("token_embed", multi-vector retrieval)
+        or its class probabilities ("token_classify", a `*ForTokenClassification` model's, or a
+        reward model's per-token scores). `pooling_task` is required and must be the engine's
+        (`pooler_config["task"]` chooses it at load; see `jpaged/pooling.py`); `pooling_params`
+        as for `embed`. ValueError for no task or another task, and as `embed` gives."""
+        if pooling_task is None:
+            raise ValueError("LLM.encode needs pooling_task: 'embed' (as LLM.embed), 'classify' (as LLM.classify), "
+                             "'token_embed' (a vector per token) or 'token_classify' (class probabilities per token)")
+        return [pooling_request_output(out) for out in self._pool(pooling_task, prompts, use_tqdm, lora_request,
+                                                                   pooling_params, f"LLM.encode(pooling_task={pooling_task!r})")]
+
     def score(self, data_1: str | SequenceABC[str], data_2: str | SequenceABC[str], /, *, use_tqdm: bool = True,
               lora_request: LoRARequest | None = None, pooling_params: PoolingParams | None = None,
               truncate_prompt_tokens: int | None = None, chat_template: str | None = None,
@@ -192,11 +211,14 @@ class LLM:
         except ValueError as err:
             raise ValueError(f"pair {index}: {err}") from err
 
-    def _pool(self, task: str, prompts, use_tqdm: bool, lora_request, pooling_params) -> list:
+    def _pool(self, task: str, prompts, use_tqdm: bool, lora_request, pooling_params, call: str | None = None) -> list:
+        call = call or f"LLM.{task}"
         if self.engine.runner_type != "pooling":
-            raise ValueError(f"LLM.{task} needs an engine made with runner='pooling' (this one generates)")
+            raise ValueError(f"{call} needs an engine made with runner='pooling' (this one generates)")
+        if task not in POOLING_TASKS:
+            raise ValueError(f"pooling_task must be one of {', '.join(POOLING_TASKS)}, got {task!r:.50}")
         if self.engine.pooling_task != task:
-            raise ValueError(f"LLM.{task} cannot run on this model: it {_POOLING_TASKS[self.engine.pooling_task]}")
+            raise ValueError(f"{call} cannot run on this model: it {_POOLING_TASKS[self.engine.pooling_task]}")
         prompts = _prompt_list(prompts)
         self._check_no_other_requests(task)
         params = _per_prompt(pooling_params, len(prompts), PoolingParams, "pooling_params", "pooling params")
@@ -226,7 +248,8 @@ class LLM:
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         pooling = self.engine.runner_type == "pooling"
-        desc = {"embed": "embedding", "classify": "classifying"}.get(self.engine.pooling_task, "generating")
+        desc = {"embed": "embedding", "classify": "classifying", "token_embed": "embedding tokens",
+                "token_classify": "classifying tokens"}.get(self.engine.pooling_task, "generating")
         bar = tqdm(total=len(request_ids), desc=desc, unit="req",
                    disable=not use_tqdm)
         generated_before, started = self.engine.stats().num_generated_tokens, time.perf_counter()
@@ -330,7 +353,9 @@ def _per_prompt_loras(lora_request, count: int) -> list[LoRARequest | None]:
     return _per_prompt(lora_request, count, LoRARequest, "lora_request", "lora requests", "None for the base model")
 
 
-_POOLING_TASKS = {"embed": "embeds prompts (LLM.embed)", "classify": "classifies prompts (LLM.classify)"}
+_POOLING_TASKS = {"embed": "embeds prompts (LLM.embed)", "classify": "classifies prompts (LLM.classify)",
+                  "token_embed": "embeds each prompt token (LLM.encode(pooling_task='token_embed'))",
+                  "token_classify": "classifies each prompt token (LLM.encode(pooling_task='token_classify'))"}
 
 
 def _prompt_list(prompts) -> list[PromptType]:

@@ -73,7 +73,9 @@ class StepOutput(NamedTuple):
     prompt_rows: PromptRows | None  # what each prompt-logprob row is about; None: no such rows
     prompt_logprobs: PromptLogprobs | None  # one row per `prompt_rows` entry
     draft_sampled: SamplerOutput | None = None  # one row per draft-check token, in order; None: no drafts
-    pooled: np.ndarray | None = None  # runner "pooling": float32 [3, scheduled, hidden] (`pooled_rows`), no samples
+    # runner "pooling", no samples: float32 [3, scheduled, hidden] (`pooled_rows`), or with
+    # token_states one float32 [num_new_tokens, hidden] per scheduled sequence
+    pooled: np.ndarray | list[np.ndarray] | None = None
 
 
 def memory_spans(tree) -> list[tuple[int, int]]:
@@ -151,10 +153,11 @@ def matmul_precision(dtype):
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, shapes: StepShapes,
-                 mesh: Mesh | None = None, packed: dict[str, str] | None = None):
+                 mesh: Mesh | None = None, packed: dict[str, str] | None = None, token_states: bool = False):
         """`shapes` are the padded sizes of every step; `mesh` is this engine's slice of the device
         mesh ("pp", "ep", "tp"); None: one device. `packed` names the tensors `weights` yields as
-        GGML block rows (HF name: GGML type), kept so on the device."""
+        GGML block rows (HF name: GGML type), kept so on the device. `token_states` (runner
+        "pooling"): the steps return every token's final state rather than `pooled_rows`."""
         if packed and mesh is not None:
             sizes = {name: getattr(config.parallel, f"{name}_parallel_size") for name in
                      ("tensor", "pipeline", "expert", "data")}
@@ -172,7 +175,9 @@ class ModelRunner:
         self.kv_cache_dtype = cache_config.kv_cache_dtype
         self.dtype = dtype = resolve_dtype(config.dtype)
         self.num_logprobs = min(logprob_cap(config.max_logprobs, model_config.vocab_size), model_config.vocab_size)
-        self.pooling = config.runner == "pooling"  # the steps return hidden states, not logits, and sample nothing
+        # the steps return hidden states ("rows": `pooled_rows`, "tokens": every token's), not logits,
+        # and sample nothing
+        self.pooling = None if config.runner != "pooling" else "tokens" if token_states else "rows"
         quantization = config.quantization if config.quantization != "gguf" else None
         formats = param_formats(packed or {})
         abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, quantization=quantization,
@@ -471,7 +476,10 @@ class ModelRunner:
 
     def _outputs(self, model, hidden, batch: StepBatch):
         """(logits [rows, V] float32, PromptLogprobs) from the final hidden states `[N, hidden]`;
-        under the pooling runner (`pooled_rows`, None)."""
+        under the pooling runner (`pooled_rows`, None), or (the states as float32, None) with
+        token_states."""
+        if self.pooling == "tokens":
+            return hidden.astype(jnp.float32), None
         if self.pooling:
             return pooled_rows(hidden.astype(jnp.float32), batch), None
         logits = model.logits(hidden[batch.logits_indices]).astype(jnp.float32)
@@ -590,6 +598,9 @@ class ModelRunner:
         batch = step.batch if self.lora is None else dataclasses.replace(
             step.batch, lora_slots=self._lora_token_slots(scheduled, step.batch, step.rows))
         sampled, prompt = self._run(batch, step.sampling)
+        if self.pooling == "tokens":
+            states, starts, lens = np.asarray(sampled), batch.attention.query_start, batch.attention.query_lens
+            return StepOutput(None, None, None, pooled=[states[starts[r]:starts[r] + lens[r]] for r in step.rows])
         if self.pooling:
             return StepOutput(None, None, None, pooled=np.asarray(sampled)[:, step.rows])
         fields = [np.asarray(field) for field in (sampled if step.wants_logprobs else sampled[:1])]

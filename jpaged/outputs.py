@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from jpaged.sequence import RequestMetrics
 
 
@@ -62,6 +64,38 @@ class ClassificationRequestOutput:
     prompt_token_ids: list[int]
     finished: bool
     metrics: RequestMetrics | None = None
+
+
+@dataclass
+class PoolingOutput:
+    """What a pooling model made of a prompt (`LLM.encode`): `data` float32, [hidden] (embed),
+    [num_labels] (classify), or one row per prompt token, [num_prompt_tokens, hidden]
+    (token_embed) or [num_prompt_tokens, num_labels] (token_classify); no rows if none was made.
+    vLLM's holds a torch tensor; this one a numpy array."""
+
+    data: np.ndarray
+
+
+@dataclass
+class PoolingRequestOutput:
+    """A prompt's pooling output, as vLLM's `PoolingRequestOutput` (`outputs.data`)."""
+
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    finished: bool
+    metrics: RequestMetrics | None = None
+
+
+def pooling_request_output(output: EmbeddingRequestOutput | ClassificationRequestOutput | PoolingRequestOutput
+                           ) -> PoolingRequestOutput:
+    """`output` as the `PoolingRequestOutput` `LLM.encode` gives: an embedding's or class
+    probabilities' values as `data` (float32)."""
+    if isinstance(output, PoolingRequestOutput):
+        return output
+    values = output.outputs.embedding if isinstance(output, EmbeddingRequestOutput) else output.outputs.probs
+    return PoolingRequestOutput(output.request_id, PoolingOutput(np.asarray(values, np.float32)),
+                                output.prompt_token_ids, output.finished, output.metrics)
 
 
 @dataclass

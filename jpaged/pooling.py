@@ -35,11 +35,23 @@ label per token) or, for "from_2_way_softmax", the second token's row minus the 
 label, whose sigmoid is the softmax of the two tokens' logits taken at the second. Such a model
 reads a text pair joined, without separators (`use_sep_token` false, jpaged/scoring.py).
 
+Token-level tasks (vLLM's `token_embed` and `token_classify`, `LLM.encode` and POST /pooling)
+pool nothing: every prompt token's final state is kept (`pooling_type` "all", which like mean
+pooling turns prefix caching off), and the output is one row per prompt token, each row
+normalised (`token_embed`, as the model's files ask for sequence embeddings) or through the
+classifier (`token_classify`). HF's `*ForTokenClassification` checkpoints hold such a head
+(`score.weight` [num_labels, hidden] and `score.bias` [num_labels]); a sequence classifier's
+head may be read token by token too, where `pooler_config` asks for that task. Which task an
+engine runs is fixed at load, as in vLLM: the architecture's (a token classifier's
+`token_classify`, a sequence classifier's `classify`, else `embed`), or `pooler_config["task"]`
+among the tasks the model has (`supported_tasks`).
+
 Plain Python: no jax.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -54,18 +66,24 @@ _MODES = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_ma
 
 POOLING_TYPES = {"pooling_mode_lasttoken": "last", "lasttoken": "last", "pooling_mode_mean_tokens": "mean",
                  "mean": "mean", "pooling_mode_cls_token": "cls", "cls": "cls"}
+POOLING_TASKS = ("embed", "classify", "token_embed", "token_classify")  # vLLM's names
+CLASSIFIER_SUFFIX = "ForSequenceClassification"
+TOKEN_CLASSIFIER_SUFFIX = "ForTokenClassification"
+_POOLER_TYPES = {"LAST": "last", "MEAN": "mean", "CLS": "cls", "ALL": "all"}  # vLLM's pooler_config pooling_type
 
 
 @dataclass(frozen=True)
 class PoolerConfig:
     """How a prompt's final hidden states become its embedding."""
 
-    pooling_type: str = "last"  # "last" (token), "mean" (over the prompt's tokens) or "cls" (first token)
+    # "last" (token), "mean" (over the prompt's tokens), "cls" (first token) or "all" (no pooling:
+    # every prompt token's state, for the token-level tasks)
+    pooling_type: str = "last"
     normalize: bool = True  # L2-normalise (vLLM's default for embedding models)
 
     @property
     def reads_every_token(self) -> bool:
-        """Whether the embedding needs every prompt token's state (mean and CLS pooling): no
+        """Whether the output needs every prompt token's state (mean, CLS and token-level): no
         prefix cache, and one pipeline stage."""
         return self.pooling_type != "last"
 
@@ -97,13 +115,69 @@ def read_pooler_config(folder: Path | None) -> PoolerConfig:
     return PoolerConfig(normalize="Normalize" in kinds)
 
 
+def supported_tasks(architectures: list[str]) -> tuple[str, ...]:
+    """The pooling tasks a model of `architectures` (config.json's) can run, its default first."""
+    if any(name.endswith(TOKEN_CLASSIFIER_SUFFIX) for name in architectures):
+        return ("token_classify",)
+    if any(name.endswith(CLASSIFIER_SUFFIX) for name in architectures):
+        return ("classify", "token_classify")
+    return ("embed", "token_embed")
+
+
+def pooling_task(architectures: list[str], pooler_config: dict | None) -> str:
+    """The task a pooling engine runs (`supported_tasks`' default, or `pooler_config["task"]`).
+    ValueError naming a task the model does not have."""
+    tasks = supported_tasks(architectures)
+    task = (pooler_config or {}).get("task") or tasks[0]
+    if task not in tasks:
+        kind = architectures[0] if architectures else "an embedding model"
+        raise ValueError(f"pooler_config task {task!r} is not one this model runs ({kind}): it runs "
+                         f"{' or '.join(tasks)}")
+    return task
+
+
+def check_pooler_config(pooler_config: dict | None) -> None:
+    """ValueError naming a key or value of `pooler_config` (vLLM's) that jpaged does not read:
+    it reads `task` (one of `POOLING_TASKS`) and `pooling_type` (LAST, MEAN, CLS, or ALL)."""
+    if pooler_config is None:
+        return
+    if not isinstance(pooler_config, dict):
+        raise ValueError(f"pooler_config must be a dict (task, pooling_type), got {pooler_config!r:.100}")
+    if others := sorted(set(pooler_config) - {"task", "pooling_type"}):
+        raise ValueError(f"pooler_config key(s) {', '.join(map(repr, others))} are not read by jpaged: it takes "
+                         "task and pooling_type")
+    if pooler_config.get("task") not in (None, *POOLING_TASKS):
+        raise ValueError(f"pooler_config task must be one of {', '.join(POOLING_TASKS)}, got "
+                         f"{pooler_config['task']!r:.50}")
+    if pooler_config.get("pooling_type") not in (None, *_POOLER_TYPES):
+        raise ValueError(f"pooler_config pooling_type must be one of {', '.join(_POOLER_TYPES)}, got "
+                         f"{pooler_config['pooling_type']!r:.50}")
+
+
+def pooler_for_task(pooler: PoolerConfig, task: str, pooler_config: dict | None) -> PoolerConfig:
+    """The pooling `task` takes: "all" for the token-level tasks, the last token's unnormalised
+    state for a classifier's sequence task, else `pooler` (the model's files') with
+    `pooler_config`'s `pooling_type` over it. ValueError for a pooling_type the task cannot take."""
+    asked = _POOLER_TYPES.get((pooler_config or {}).get("pooling_type"))
+    token_level = task.startswith("token_")
+    if asked is not None and (asked == "all") != token_level:
+        raise ValueError(f"pooler_config pooling_type {pooler_config['pooling_type']!r} does not suit the task "
+                         f"{task!r}: {'ALL' if token_level else 'LAST, MEAN or CLS'}")
+    if token_level:
+        return PoolerConfig("all", normalize=pooler.normalize and task == "token_embed")
+    if task == "classify":
+        return PoolerConfig(asked or "last", normalize=False)  # the head reads the state as it is
+    return dataclasses.replace(pooler, pooling_type=asked or pooler.pooling_type)
+
+
 def pool(pooled: np.ndarray, config: PoolerConfig) -> np.ndarray:
-    """The embedding (float32 [hidden]) of a prompt's pooled state `pooled` [hidden] (its last
-    token's, its mean or its first token's)."""
+    """The embedding (float32 [hidden], or [tokens, hidden] for pooling "all": each row) of a
+    prompt's pooled state `pooled` (its last token's, its mean, its first token's, or every
+    token's)."""
     pooled = np.asarray(pooled, np.float32)
     if not config.normalize:
         return pooled
-    return pooled / max(float(np.linalg.norm(pooled)), 1e-12)
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
 @dataclass(frozen=True)
@@ -146,8 +220,10 @@ def _cross_encoder_activation(hf_config: dict) -> str | None:
 
 def pooled_output(state: np.ndarray, params: PoolingParams | None, classifier: Classifier | None,
                   pooler: PoolerConfig) -> np.ndarray:
-    """A request's output (float32) from its pooled last-token, mean or first-token state: the
-    classifier's probabilities or logits, or the embedding, normalised or as it is (`params`)."""
+    """A request's output (float32) from its pooled last-token, mean or first-token state
+    [hidden] (or, pooling "all", every prompt token's [tokens, hidden]): the classifier's
+    probabilities or logits, or the embedding, normalised or as it is (`params`), one row per
+    token for the token-level tasks."""
     activates = params is None or params.activates
     if classifier is not None:
         return classifier(state) if activates else classifier.logits(state).astype(np.float32)
@@ -155,17 +231,20 @@ def pooled_output(state: np.ndarray, params: PoolingParams | None, classifier: C
 
 
 SCORE_TENSORS = ("score.weight", "model.score.weight")  # a classifier's head, as saved (the latter once prefixed)
+SCORE_BIAS_TENSORS = ("score.bias", "model.score.bias")  # a token classifier's (HF's sequence classifiers have none)
 
 
 @dataclass(frozen=True)
 class Classifier:
-    """A sequence classification model's head: `weight` float32 [num_labels, hidden], the
-    `activation` that turns its logits into `probs`, and each label's name (`id2label`)."""
+    """A classification model's head: `weight` float32 [num_labels, hidden] (and a token
+    classifier's `bias` [num_labels]), the `activation` that turns its logits into `probs`, and
+    each label's name (`id2label`)."""
 
     weight: np.ndarray
     activation: str  # "softmax", "sigmoid", "tanh" or "identity"
     labels: tuple[str, ...]  # config.json's id2label, else transformers' default names (LABEL_0, ...)
     use_sep_token: bool = True  # as a cross-encoder, read a text pair with the tokenizer's separators (jpaged/scoring.py)
+    bias: np.ndarray | None = None
 
     @classmethod
     def from_token_rows(cls, hf_config: dict, rows: np.ndarray, tokens: list[str], method: str) -> Classifier:
@@ -179,38 +258,45 @@ class Classifier:
                            weight)
 
     @classmethod
-    def from_hf(cls, hf_config: dict, weight: np.ndarray) -> Classifier:
-        """The head of `weight` (the checkpoint's `score.weight`) as `hf_config` (config.json)
-        describes it. ValueError when its label names disagree with the head's rows."""
+    def from_hf(cls, hf_config: dict, weight: np.ndarray, bias: np.ndarray | None = None) -> Classifier:
+        """The head of `weight` (the checkpoint's `score.weight`) and `bias` (`score.bias`, if
+        any) as `hf_config` (config.json) describes it. ValueError when its label names or bias
+        disagree with the head's rows."""
         weight = np.asarray(weight, np.float32)
         names = hf_config.get("id2label") or {}
         num_labels = weight.shape[0]
         if names and len(names) != num_labels:
             raise ValueError(f"config.json names {len(names)} labels (id2label), but score.weight has {num_labels} rows")
+        if bias is not None and np.shape(bias) != (num_labels,):
+            raise ValueError(f"score.bias has shape {tuple(np.shape(bias))}, but score.weight has {num_labels} rows")
         problem = hf_config.get("problem_type")
         activation = {"regression": "identity", "multi_label_classification": "sigmoid",
                       "single_label_classification": "softmax"}.get(problem) or _cross_encoder_activation(hf_config)
         if activation is None:
             activation = "sigmoid" if num_labels < 2 else "softmax"
         labels = tuple(names.get(str(i), f"LABEL_{i}") for i in range(num_labels))
-        return cls(weight, activation, labels, bool(hf_config.get("use_sep_token", True)))
+        return cls(weight, activation, labels, bool(hf_config.get("use_sep_token", True)),
+                   None if bias is None else np.asarray(bias, np.float32))
 
     def __call__(self, state: np.ndarray) -> np.ndarray:
-        """float32 [num_labels]: the probabilities (or, under regression, the values) of the
-        pooled last-token state `state` [hidden]."""
+        """float32 [num_labels] (or [tokens, num_labels]): the probabilities (or, under
+        regression, the values) of the pooled state `state` [hidden] (or each token's, [tokens,
+        hidden])."""
         logits = self.logits(state)
         if self.activation == "sigmoid":
             return (1 / (1 + np.exp(-logits))).astype(np.float32)
         if self.activation == "softmax":
-            shifted = np.exp(logits - logits.max())
-            return (shifted / shifted.sum()).astype(np.float32)
+            shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
         if self.activation == "tanh":
             return np.tanh(logits).astype(np.float32)
         return logits.astype(np.float32)
 
     def logits(self, state: np.ndarray) -> np.ndarray:
-        """float64 [num_labels]: the head's logits of the pooled last-token state `state` [hidden]."""
-        return self.weight.astype(np.float64) @ np.asarray(state, np.float64)
+        """float64 [num_labels] (or [tokens, num_labels]): the head's logits of the pooled state
+        `state` [hidden] (or each token's, [tokens, hidden])."""
+        logits = np.asarray(state, np.float64) @ self.weight.astype(np.float64).T
+        return logits if self.bias is None else logits + self.bias
 
     def label_of(self, probs: list[float]) -> str | None:
         """The name of the most probable label (None for no probs)."""
@@ -254,13 +340,14 @@ def answer_token_ids(tokenizer, tokens: list[str]) -> list[int]:
 
 def split_score_head(weights: Iterable[tuple[str, np.ndarray]], found: dict,
                      token_rows: Callable[[], list[int]] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """`weights` without a classifier's `score.weight`, which goes to `found["score"]`. With
+    """`weights` without a classifier's `score.weight` and `score.bias`, which go to
+    `found["score"]` and `found["score.bias"]`. With
     `token_rows` (the answer tokens' ids of a causal LM read as a classifier), the rows of those
     tokens of the LM head and of the embedding go to `found[name]` (and the LM head, which the
     pooling runner does not keep, no further)."""
     for name, tensor in weights:
-        if name in SCORE_TENSORS:
-            found["score"] = tensor
+        if name in SCORE_TENSORS or name in SCORE_BIAS_TENSORS:
+            found["score" if name in SCORE_TENSORS else "score.bias"] = tensor
             continue
         if token_rows is not None and name in LM_HEAD_TENSORS:
             found[name] = np.asarray(tensor[token_rows()], np.float32)

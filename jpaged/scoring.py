@@ -42,6 +42,9 @@ def score_type(pooling_task: str | None, classifier: Classifier | None) -> str:
     if pooling_task is None:
         raise ValueError("scoring needs a model run with runner='pooling' (this one generates text): a cross-encoder "
                          "(a sequence classification model of one label) or an embedding model")
+    if pooling_task not in SCORE_TYPES:
+        raise ValueError(f"scoring needs a cross-encoder or an embedding model run for its sequence task; this engine "
+                         f"runs {pooling_task!r} (one output per token)")
     if classifier is not None and len(classifier.labels) != 1:
         raise ValueError(f"scoring needs a classifier of one label (num_labels == 1); this model has "
                          f"{len(classifier.labels)} ({', '.join(classifier.labels)}): use classify")

@@ -139,7 +139,7 @@ def test_server_classify_matches_llm_classify(classifier, prompts):
 
 def test_a_classifier_refuses_other_tasks(classifier, stories_path):
     folder, llm = classifier
-    with pytest.raises(ValueError, match="sequence classification model .* runner='pooling'"):
+    with pytest.raises(ValueError, match="classification model .* runner='pooling'"):
         LLM(str(folder), num_blocks=16)
     with pytest.raises(ValueError, match="LLM.embed cannot run on this model: it classifies prompts"):
         llm.embed("t5 t6", use_tqdm=False)

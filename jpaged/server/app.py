@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jpaged.server.chat import create_chat_completion
 from jpaged.server.completions import create_completion
-from jpaged.server.embeddings import create_classification, create_embedding
+from jpaged.server.embeddings import create_classification, create_embedding, create_pooling
 from jpaged.server.errors import APIError, error_body, error_type_for_status, unauthorized
 from jpaged.server.metrics import CONTENT_TYPE
 from jpaged.server.prompts import chat_prompt
@@ -43,6 +43,7 @@ from jpaged.server.protocol import (
     LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
+    PoolingRequest,
     RerankRequest,
     ResponsesRequest,
     ScoreRequest,
@@ -91,6 +92,7 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
     app.add_api_route("/version", _version, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.add_api_route("/classify", _classify, methods=["POST"], dependencies=[Depends(_check_api_key)])
+    app.add_api_route("/pooling", _pooling, methods=["POST"], dependencies=[Depends(_check_api_key)])
     for path in ("/score", "/v1/score"):
         app.add_api_route(path, _score, methods=["POST"], dependencies=[Depends(_check_api_key)])
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
@@ -131,6 +133,10 @@ async def _embeddings(body: EmbeddingRequest, request: Request) -> Response:
 
 async def _classify(body: ClassificationRequest, request: Request) -> Response:
     return await _respond(request, create_classification(body, _state(request)))
+
+
+async def _pooling(body: PoolingRequest, request: Request) -> Response:
+    return await _respond(request, create_pooling(body, _state(request)))
 
 
 async def _score(body: ScoreRequest, request: Request) -> Response:

@@ -232,6 +232,28 @@ class ClassificationRequest(_Body):
     use_activation: StrictBool | None = None  # None or true: the model's activation
 
 
+class PoolingRequest(_Body):
+    """POST /pooling (vLLM's): `input` as a completion's `prompt`, or `messages` (one chat, through
+    the chat template: `add_generation_prompt` false by default, as vLLM's pooling routes);
+    `task` (None: the server's); `encoding_format` "float" or "base64"; `dimensions` is refused;
+    `use_activation` false: raw logits or unnormalised states."""
+
+    model: str | None = None
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]] | None = None
+    messages: list[ChatMessage] | None = None
+    task: Literal["embed", "classify", "token_embed", "token_classify"] | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep each input's last tokens (-1: max_model_len)
+    use_activation: StrictBool | None = None
+    add_generation_prompt: StrictBool = False
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False  # with messages: special tokens beyond the template's
+    chat_template: str | None = None  # Jinja text; only where the server trusts request templates
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
 class _ScoringBody(_Body):
     """What /score and /rerank share (vLLM's): per-text token limits (0: none), the engine
     prompt's `truncate_prompt_tokens`, the variables of the server's chat template for pairs;

@@ -55,7 +55,9 @@ class ServerState:
     trust_request_chat_template: bool = False
     tool_parser: ToolParser | None = None
     reasoning_parser: ReasoningParser | None = None  # the engine's (`EngineConfig.reasoning_parser`)
-    pooling_task: str | None = None  # runner "pooling": "embed" (/v1/embeddings only) or "classify" (/classify only)
+    # runner "pooling": "embed" (/v1/embeddings), "classify" (/classify), "token_embed" or
+    # "token_classify" (/pooling only; /pooling serves the others too)
+    pooling_task: str | None = None
     sampling_defaults: dict = field(default_factory=dict)
     loras: dict[str, LoRARequest] = field(default_factory=dict)  # LoRA adapters served, by model name
     runtime_lora_updating: bool = False  # whether requests may load and unload adapters
@@ -178,7 +180,8 @@ def pooling_route_error(pooling_task: str | None) -> str:
     if pooling_task is None:
         return "this server's model generates text; embeddings and classifications need a model run with --runner pooling"
     route = {"embed": "/v1/embeddings (text pairs to /score or /rerank)",
-             "classify": "/classify (text pairs, where the model has one label, to /score or /rerank)"}[pooling_task]
+             "classify": "/classify (text pairs, where the model has one label, to /score or /rerank)",
+             "token_embed": "/pooling", "token_classify": "/pooling"}[pooling_task]
     return f"this server's model runs --runner pooling to {pooling_task} prompts: send its inputs to {route}"
 
 
