@@ -100,7 +100,9 @@ def pooling_request_output(output: EmbeddingRequestOutput | ClassificationReques
 
 @dataclass
 class ScoringOutput:
-    score: float  # a cross-encoder's probability for the pair, or the cosine of its embeddings (jpaged/scoring.py)
+    # a cross-encoder's probability for the pair, the cosine of its embeddings, or the MaxSim of its
+    # token embeddings (jpaged/scoring.py)
+    score: float
 
 
 @dataclass

@@ -15,6 +15,11 @@ pairs, turns them into pooling requests and the requests' outputs into one score
   renders the pair as a query turn and a document turn instead.
 - A **bi-encoder** is an embedding model. It embeds every query and document on its own, and a
   pair's score is the cosine similarity of their embeddings.
+- A **late-interaction** model (ColBERT's scoring, Khattab and Zaharia, SIGIR 2020) is an
+  embedding model run for `token_embed`: it embeds every token of each query and document on its
+  own, and a pair's score is MaxSim: for each query token, its largest dot product with a
+  document token (cosines, the rows being normalised), summed over the query's tokens. As vLLM
+  scores a `token_embed` model.
 
 Pairs come as vLLM takes them: one query and N documents (1:N, the query is read N times), or N
 queries and N documents paired in order (N:N).
@@ -32,19 +37,20 @@ from jpaged.chat_template import chat_text
 from jpaged.pooling import Classifier
 from jpaged.sampling_params import truncated_prompt, unicode_text
 
-SCORE_TYPES = {"embed": "bi-encoder", "classify": "cross-encoder"}  # by the engine's pooling task
+SCORE_TYPES = {"embed": "bi-encoder", "classify": "cross-encoder", "token_embed": "late-interaction"}  # by pooling task
 
 
 def score_type(pooling_task: str | None, classifier: Classifier | None) -> str:
     """How an engine of `pooling_task` (None: it generates) scores pairs: "cross-encoder" (a
-    classifier of one label) or "bi-encoder" (an embedding model). ValueError naming what the
-    engine does instead: generate text, or classify into more than one label."""
+    classifier of one label), "bi-encoder" (an embedding model) or "late-interaction" (one run
+    for `token_embed`). ValueError naming what the engine does instead: generate text, classify
+    tokens, or classify into more than one label."""
     if pooling_task is None:
         raise ValueError("scoring needs a model run with runner='pooling' (this one generates text): a cross-encoder "
                          "(a sequence classification model of one label) or an embedding model")
     if pooling_task not in SCORE_TYPES:
-        raise ValueError(f"scoring needs a cross-encoder or an embedding model run for its sequence task; this engine "
-                         f"runs {pooling_task!r} (one output per token)")
+        raise ValueError(f"scoring needs a cross-encoder or an embedding model; this engine runs {pooling_task!r} "
+                         "(class probabilities per token)")
     if classifier is not None and len(classifier.labels) != 1:
         raise ValueError(f"scoring needs a classifier of one label (num_labels == 1); this model has "
                          f"{len(classifier.labels)} ({', '.join(classifier.labels)}): use classify")
@@ -140,12 +146,23 @@ def cosine_similarity(a: Sequence[float], b: Sequence[float]) -> float:
     return float(np.clip(a @ b / norms, -1.0, 1.0)) if norms > 0 else 0.0
 
 
+def max_sim(query: np.ndarray, document: np.ndarray) -> float:
+    """ColBERT's MaxSim of a query's token embeddings `query` [query_tokens, dim] and a
+    document's `document` [document_tokens, dim] (in float64): each query token's largest dot
+    product with a document token, summed over the query's tokens."""
+    return float((np.asarray(query, np.float64) @ np.asarray(document, np.float64).T).max(axis=1).sum())
+
+
 def pair_scores(kind: str, outputs: list, num_queries: int) -> list[float]:
     """One score per pair from a scoring call's engine outputs: a cross-encoder's (one output per
     pair) its classifier's single value; a bi-encoder's (the queries' embeddings, then the
-    documents') the cosine of the two embeddings `paired` pairs."""
+    documents') the cosine of the two embeddings `paired` pairs; a late-interaction model's (the
+    queries' token embeddings, then the documents') their `max_sim`."""
     if kind == "cross-encoder":
         return [output.outputs.probs[0] for output in outputs]
+    if kind == "late-interaction":
+        rows = [output.outputs.data for output in outputs]
+        return [max_sim(query, document) for query, document in paired(rows[:num_queries], rows[num_queries:])]
     embeddings = [output.outputs.embedding for output in outputs]
     return [cosine_similarity(query, document)
             for query, document in paired(embeddings[:num_queries], embeddings[num_queries:])]

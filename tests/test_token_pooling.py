@@ -148,6 +148,26 @@ def test_token_embed_gives_each_tokens_normalised_state(embedding_folder, prompt
     assert llm.engine.stats().num_free_blocks == llm.engine.stats().num_blocks
 
 
+def test_a_token_embedding_model_scores_pairs_by_max_sim(embedding_folder, prompts):
+    llm = LLM(str(embedding_folder), **ENGINE_ARGS, pooler_config={"task": "token_embed"})
+    query, documents = "t5 t9 t40 t17", ["t5 t6 t7", "t100 t99 t40 t17 t5 t3", "t9"]
+    tokenizer = llm.get_tokenizer()
+    texts = [query, *documents]
+    states = hf_states(embedding_folder, [tokenizer.encode(text) for text in texts])
+    rows = [state / np.linalg.norm(state, axis=1, keepdims=True) for state in states]
+    expected = [(rows[0] @ document.T).max(axis=1).sum() for document in rows[1:]]
+    got = llm.score(query, documents, use_tqdm=False)
+    np.testing.assert_allclose([out.outputs.score for out in got], expected, rtol=1e-5)
+    assert [out.prompt_token_ids for out in got] == [tokenizer.encode(query) + tokenizer.encode(d) for d in documents]
+    with serving(create_app(llm.engine)) as url:
+        reply = httpx.post(f"{url}/rerank", json={"query": query, "documents": documents}, timeout=120)
+        assert reply.status_code == 200, reply.text
+        ranked = reply.json()["results"]
+        assert [r["index"] for r in ranked] == list(np.argsort(expected)[::-1])
+        np.testing.assert_allclose([r["relevance_score"] for r in ranked], sorted(expected, reverse=True), rtol=1e-5)
+    assert llm.engine.stats().num_free_blocks == llm.engine.stats().num_blocks
+
+
 def test_encode_runs_the_sequence_tasks_and_pooler_config_chooses_the_pooling(embedding_folder, prompts):
     llm = LLM(str(embedding_folder), **ENGINE_ARGS)
     encoded = llm.encode([{"prompt_token_ids": p} for p in prompts], pooling_task="embed", use_tqdm=False)
