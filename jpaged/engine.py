@@ -51,12 +51,14 @@ from jpaged.pooling import (
     Classifier,
     PoolingParams,
     answer_token_ids,
+    check_dimensions,
     pooled_output,
     pooler_for_task,
     pooling_task,
     read_pooler_config,
     split_score_head,
     token_head,
+    with_matryoshka,
 )
 from jpaged.reasoning import ReasoningParser
 from jpaged.sampling_params import (
@@ -105,8 +107,8 @@ class LLMEngine:
             raise ValueError(f"{source.name} is a classification model ({classifies[0]}): it runs with runner='pooling'"
                              " (LLM.classify, LLM.encode), not runner='generate'")
         self.pooling_task = pooling_task(architectures, config.pooler_config) if config.runner == "pooling" else None
-        self.pooler = None if self.pooling_task is None else pooler_for_task(
-            read_pooler_config(source.folder), self.pooling_task, config.pooler_config)
+        self.pooler = None if self.pooling_task is None else with_matryoshka(pooler_for_task(
+            read_pooler_config(source.folder), self.pooling_task, config.pooler_config), source.hf_config)
         if self.pooler is not None and self.pooler.reads_every_token and config.parallel.pipeline_parallel_size > 1:
             raise ValueError(f"{self.pooler.pooling_type} pooling runs on one pipeline stage only (a pipeline may cut "
                              "a prompt chunk across micro-batches); got pipeline_parallel_size "
@@ -273,6 +275,7 @@ class LLMEngine:
             if params is not None and not isinstance(params, PoolingParams):
                 raise ValueError(f"runner='pooling' {'classifies' if self.classifier else 'embeds'} prompts and "
                                  "samples nothing: add requests with PoolingParams or none, not SamplingParams")
+            check_dimensions(params, self.pooling_task, self.pooler, self.model_config.hidden_size)
             pooling_params, params = params, EMBEDDING_PARAMS
         elif isinstance(params, PoolingParams):
             raise ValueError("this engine generates: add requests with SamplingParams or none; PoolingParams are for "

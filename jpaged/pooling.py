@@ -80,6 +80,10 @@ class PoolerConfig:
     # every prompt token's state, for the token-level tasks)
     pooling_type: str = "last"
     normalize: bool = True  # L2-normalise (vLLM's default for embedding models)
+    # Matryoshka embeddings (config.json's `is_matryoshka`, or its `matryoshka_dimensions`, the
+    # sizes the model was trained to be cut to): requests may ask for their first `dimensions`
+    matryoshka: bool = False
+    matryoshka_dimensions: tuple[int, ...] | None = None
 
     @property
     def reads_every_token(self) -> bool:
@@ -185,18 +189,55 @@ class PoolingParams:
     """A pooling request's options, as vLLM's `PoolingParams`. `use_activation` (None: True)
     applies the model's output activation: a classifier's softmax or sigmoid (False: its raw
     logits, one per label), an embedding model's normalisation where its files ask for one
-    (False: the pooled state as it is). TypeError for a value that is not a bool or None."""
+    (False: the pooled state as it is). `dimensions` (embeddings of a Matryoshka model only;
+    None: all) keeps an embedding's (or each token embedding's) first `dimensions` values,
+    normalised after the cut (`check_dimensions`). TypeError for a value of the wrong type,
+    ValueError for `dimensions` below 1."""
 
     use_activation: bool | None = None
+    dimensions: int | None = None
 
     def __post_init__(self):
         if self.use_activation is not None and not isinstance(self.use_activation, bool):
             raise TypeError(f"use_activation must be a bool or None, got {type(self.use_activation).__name__} "
                             f"{self.use_activation!r:.50}")
+        if self.dimensions is not None and (isinstance(self.dimensions, bool) or not isinstance(self.dimensions, int)):
+            raise TypeError(f"dimensions must be an int or None, got {type(self.dimensions).__name__} "
+                            f"{self.dimensions!r:.50}")
+        if self.dimensions is not None and self.dimensions < 1:
+            raise ValueError(f"dimensions must be at least 1, got {self.dimensions}")
 
     @property
     def activates(self) -> bool:
         return self.use_activation is not False
+
+
+def check_dimensions(params: PoolingParams | None, task: str, pooler: PoolerConfig, hidden_size: int) -> None:
+    """ValueError (starting "dimensions") where `params` asks for `dimensions` that an engine of
+    `task` and `pooler` cannot give: a task other than embed / token_embed, a model not trained
+    for Matryoshka embeddings, more than `hidden_size`, or a size outside the model's
+    `matryoshka_dimensions`. As vLLM checks them."""
+    dimensions = None if params is None else params.dimensions
+    if dimensions is None:
+        return
+    if task not in ("embed", "token_embed"):
+        raise ValueError(f"dimensions {dimensions} applies to embeddings; this model runs {task!r}")
+    if not pooler.matryoshka:
+        raise ValueError(f"dimensions {dimensions} is not supported: the model is not a Matryoshka embedding model "
+                         "(config.json, or hf_overrides, sets is_matryoshka or matryoshka_dimensions for one)")
+    if dimensions > hidden_size:
+        raise ValueError(f"dimensions {dimensions} is more than the model's embedding size {hidden_size}")
+    if pooler.matryoshka_dimensions and dimensions not in pooler.matryoshka_dimensions:
+        raise ValueError(f"dimensions {dimensions} is not one of the model's matryoshka_dimensions "
+                         f"{list(pooler.matryoshka_dimensions)}")
+
+
+def with_matryoshka(pooler: PoolerConfig, hf_config: dict) -> PoolerConfig:
+    """`pooler` with the Matryoshka sizes config.json (`hf_config`) declares."""
+    sizes = hf_config.get("matryoshka_dimensions")
+    sizes = tuple(sizes) if isinstance(sizes, list) and sizes else None
+    return dataclasses.replace(pooler, matryoshka=bool(sizes) or bool(hf_config.get("is_matryoshka")),
+                               matryoshka_dimensions=sizes)
 
 
 ACTIVATION_MODULES = {"torch.nn.modules.linear.Identity": "identity", "torch.nn.modules.activation.Sigmoid": "sigmoid",
@@ -222,11 +263,13 @@ def pooled_output(state: np.ndarray, params: PoolingParams | None, classifier: C
                   pooler: PoolerConfig) -> np.ndarray:
     """A request's output (float32) from its pooled last-token, mean or first-token state
     [hidden] (or, pooling "all", every prompt token's [tokens, hidden]): the classifier's
-    probabilities or logits, or the embedding, normalised or as it is (`params`), one row per
-    token for the token-level tasks."""
+    probabilities or logits, or the embedding (cut to `params.dimensions`), normalised or as it
+    is (`params`), one row per token for the token-level tasks."""
     activates = params is None or params.activates
     if classifier is not None:
         return classifier(state) if activates else classifier.logits(state).astype(np.float32)
+    if params is not None and params.dimensions is not None:
+        state = np.asarray(state)[..., :params.dimensions]
     return pool(state, pooler) if activates else np.asarray(state, np.float32)
 
 

@@ -192,3 +192,30 @@ def test_server_embeddings_match_llm_embed(llm, prompts, expected):
             assert caught.value.body["param"] == param
         assert "/v1/embeddings" in caught.value.body["message"]
     assert llm.engine.stats().kv_cache_usage == 0
+
+
+def test_matryoshka_dimensions_cut_the_embedding_before_normalising(model_folder, prompts):
+    llm = LLM(str(model_folder), **ENGINE_ARGS, hf_overrides={"matryoshka_dimensions": [16, 32]})
+    states = hf_last_token_states(model_folder, prompts[:3])
+    cut = states[:, :16] / np.linalg.norm(states[:, :16], axis=1, keepdims=True)
+    got = llm.embed(prompts[:3], use_tqdm=False, pooling_params=PoolingParams(dimensions=16))
+    np.testing.assert_allclose([out.outputs.embedding for out in got], cut, rtol=1e-4, atol=1e-5)
+    for dimensions, message in ((20, "not one of the model's matryoshka_dimensions"),
+                                (0, "dimensions must be at least 1")):
+        with pytest.raises(ValueError, match=message):
+            llm.embed(prompts[0], use_tqdm=False, pooling_params=PoolingParams(dimensions=dimensions))
+    with serving(create_app(llm.engine, served_model_name="embedder")) as url:
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        reply = api.embeddings.create(model="embedder", input=prompts[:3], dimensions=16)
+        np.testing.assert_allclose([d.embedding for d in reply.data], cut, rtol=1e-4, atol=1e-5)
+        for dimensions in (20, 0):
+            with pytest.raises(openai.BadRequestError) as caught:
+                api.embeddings.create(model="embedder", input="t5", dimensions=dimensions)
+            assert caught.value.body["param"] == "dimensions", caught.value.body
+    unlisted = LLM(str(model_folder), **ENGINE_ARGS, hf_overrides={"is_matryoshka": True})
+    whole = unlisted.embed(prompts[0], use_tqdm=False, pooling_params=PoolingParams(dimensions=64))
+    np.testing.assert_allclose(whole[0].outputs.embedding, llm.embed(prompts[0], use_tqdm=False)[0].outputs.embedding,
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="more than the model's embedding size 64"):
+        unlisted.embed(prompts[0], use_tqdm=False, pooling_params=PoolingParams(dimensions=65))
+    assert llm.engine.stats().kv_cache_usage == 0

@@ -133,7 +133,8 @@ def hf_states(folder, prompts) -> list[np.ndarray]:
 
 
 def test_token_embed_gives_each_tokens_normalised_state(embedding_folder, prompts):
-    llm = LLM(str(embedding_folder), **ENGINE_ARGS, pooler_config={"task": "token_embed"})
+    llm = LLM(str(embedding_folder), **ENGINE_ARGS, pooler_config={"task": "token_embed"},
+              hf_overrides={"is_matryoshka": True})
     outputs = llm.encode([{"prompt_token_ids": p} for p in prompts], pooling_task="token_embed", use_tqdm=False)
     states = hf_states(embedding_folder, prompts)
     for out, prompt, state in zip(outputs, prompts, states):
@@ -143,6 +144,10 @@ def test_token_embed_gives_each_tokens_normalised_state(embedding_folder, prompt
     raw = llm.encode({"prompt_token_ids": prompts[1]}, PoolingParams(use_activation=False), pooling_task="token_embed",
                      use_tqdm=False)
     np.testing.assert_allclose(raw[0].outputs.data, states[1], rtol=1e-4, atol=1e-4)
+    cut = llm.encode({"prompt_token_ids": prompts[2]}, PoolingParams(dimensions=8), pooling_task="token_embed",
+                     use_tqdm=False)[0].outputs.data
+    np.testing.assert_allclose(cut, states[2][:, :8] / np.linalg.norm(states[2][:, :8], axis=1, keepdims=True),
+                               rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="LLM.embed cannot run on this model: it embeds each prompt token"):
         llm.embed("t5 t6", use_tqdm=False)
     assert llm.engine.stats().num_free_blocks == llm.engine.stats().num_blocks

@@ -5,7 +5,7 @@ POST /pooling (vLLM's pooling API), served by an engine with the pooling runner.
 completion's `prompt`); each item becomes one engine request that ends with its embedding
 (`jpaged/pooling.py`). `encoding_format` "float" gives each embedding as a list of floats,
 "base64" as its float32 bytes (little-endian) in base64, which the `openai` client asks for by
-default and decodes. `dimensions` (shortened embeddings) is refused. The usage counts the inputs'
+default and decodes. `dimensions` shortens a Matryoshka model's embeddings (400 for another model). The usage counts the inputs'
 tokens. /classify takes the same `input` and answers, per item, its class probabilities
 (`probs`, `num_classes`) and the most probable label's name (`label`, from the model's
 `id2label`, else transformers' default `LABEL_<i>`); with `use_activation` false, the head's raw
@@ -16,7 +16,8 @@ and a pooling one the generating routes (400s that say what the model does and w
 /pooling serves every pooling engine, whatever its task: per item, the output `LLM.encode`
 gives (`data`: an embedding, class probabilities, or a row per prompt token for the token-level
 tasks; "base64" encodes the rows' float32 bytes in order). It takes `messages` (one chat through
-the chat template) instead of `input`, and refuses (400) a `task` other than the engine's.
+the chat template) instead of `input`, and refuses (400) a `task` other than the engine's;
+`dimensions` as for /v1/embeddings.
 """
 
 from __future__ import annotations
@@ -42,9 +43,6 @@ async def create_embedding(request: EmbeddingRequest, state: ServerState) -> JSO
     model = state.model(request.model)
     if state.pooling_task != "embed":
         raise bad_request(pooling_route_error(state.pooling_task), param="model")
-    if request.dimensions is not None:
-        raise bad_request(f"dimensions {request.dimensions} is not supported: embeddings have the model's hidden size",
-                          param="dimensions")
     outputs, tokens = await _pool_inputs(request, state, model, "embd")
     data = [{"index": i, "object": "embedding", "embedding": _encoded(output.outputs.embedding, request.encoding_format)}
             for i, output in enumerate(outputs)]
@@ -68,7 +66,7 @@ async def create_classification(request: ClassificationRequest, state: ServerSta
 
 async def create_pooling(request: PoolingRequest, state: ServerState) -> JSONResponse:
     """The pooling output of each item of `request.input` (or of `request.messages`), in order.
-    Raises APIError: 400 for bad input, a generating engine, another task or `dimensions`; 503
+    Raises APIError: 400 for bad input, a generating engine, another task or bad `dimensions`; 503
     for a full server."""
     model = state.model(request.model)
     if state.pooling_task is None:
@@ -77,9 +75,6 @@ async def create_pooling(request: PoolingRequest, state: ServerState) -> JSONRes
         raise bad_request(f"task {request.task!r} is not this server's: its model runs {state.pooling_task!r} (a "
                           f"server started with --pooler-config '{{\"task\": \"{request.task}\"}}' runs it, where "
                           "the model has that task)", param="task")
-    if request.dimensions is not None:
-        raise bad_request(f"dimensions {request.dimensions} is not supported: outputs have the model's width",
-                          param="dimensions")
     if (request.input is None) == (request.messages is None):
         raise bad_request("give the inputs as either input or messages (one of the two)", param="input")
     prompts = None
@@ -107,7 +102,10 @@ async def _pool_inputs(request: EmbeddingRequest | ClassificationRequest | Pooli
             err.param, err.message = "input", err.message.replace("prompt", "input")
             raise
     prompts = [truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len) for prompt in prompts]
-    params = PoolingParams(use_activation=request.use_activation)
+    try:
+        params = PoolingParams(use_activation=request.use_activation, dimensions=getattr(request, "dimensions", None))
+    except ValueError as err:
+        raise bad_request(str(err), param="dimensions") from err
     group = await submit(state, random_id(prefix), prompts, [params] * len(prompts), model=model,
                          renamed={"prompt": "input"})
     return await collect(group), sum(len(prompt.token_ids) for prompt in prompts)

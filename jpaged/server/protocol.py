@@ -209,7 +209,7 @@ class ResponsesRequest(_Body):
 
 class EmbeddingRequest(_Body):
     """POST /v1/embeddings: `input` as a completion's `prompt` (a string, strings, token ids, or
-    token-id lists); `encoding_format` "float" or "base64"; `dimensions` is refused;
+    token-id lists); `encoding_format` "float" or "base64"; `dimensions` (a Matryoshka model's);
     `use_activation` false (vLLM's) leaves the embeddings unnormalised."""
 
     model: str | None = None
@@ -235,7 +235,8 @@ class ClassificationRequest(_Body):
 class PoolingRequest(_Body):
     """POST /pooling (vLLM's): `input` as a completion's `prompt`, or `messages` (one chat, through
     the chat template: `add_generation_prompt` false by default, as vLLM's pooling routes);
-    `task` (None: the server's); `encoding_format` "float" or "base64"; `dimensions` is refused;
+    `task` (None: the server's); `encoding_format` "float" or "base64"; `dimensions` as for
+    /v1/embeddings;
     `use_activation` false: raw logits or unnormalised states."""
 
     model: str | None = None
