@@ -104,13 +104,16 @@ class LLMEngine:
         architectures = source.hf_config.get("architectures") or []
         classifies = [name for name in architectures if name.endswith((CLASSIFIER_SUFFIX, TOKEN_CLASSIFIER_SUFFIX))]
         if classifies and config.runner != "pooling":
+            call = ("LLM.encode(pooling_task='token_classify')" if classifies[0].endswith(TOKEN_CLASSIFIER_SUFFIX)
+                    else "LLM.classify")
             raise ValueError(f"{source.name} is a classification model ({classifies[0]}): it runs with runner='pooling'"
-                             " (LLM.classify, LLM.encode), not runner='generate'")
+                             f" ({call}), not runner='generate'")
         self.pooling_task = pooling_task(architectures, config.pooler_config) if config.runner == "pooling" else None
         self.pooler = None if self.pooling_task is None else with_matryoshka(pooler_for_task(
             read_pooler_config(source.folder), self.pooling_task, config.pooler_config), source.hf_config)
         if self.pooler is not None and self.pooler.reads_every_token and config.parallel.pipeline_parallel_size > 1:
-            raise ValueError(f"{self.pooler.pooling_type} pooling runs on one pipeline stage only (a pipeline may cut "
+            kind = "token-level" if self.pooler.pooling_type == "all" else self.pooler.pooling_type
+            raise ValueError(f"{kind} pooling runs on one pipeline stage only (a pipeline may cut "
                              "a prompt chunk across micro-batches); got pipeline_parallel_size "
                              f"{config.parallel.pipeline_parallel_size}")
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)
@@ -161,7 +164,8 @@ class LLMEngine:
         self.runner_type = config.runner
         prefix_caching = config.cache.enable_prefix_caching
         if prefix_caching and self.pooler is not None and self.pooler.reads_every_token:
-            logger.info("%s pooling reads every prompt token's state: prefix caching is off", self.pooler.pooling_type)
+            logger.info("%s pooling reads every prompt token's state: prefix caching is off",
+                        "token-level" if self.pooler.pooling_type == "all" else self.pooler.pooling_type)
             prefix_caching = False
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           enable_prefix_caching=prefix_caching,
@@ -276,7 +280,8 @@ class LLMEngine:
                 raise ValueError(f"runner='pooling' {'classifies' if self.classifier else 'embeds'} prompts and "
                                  "samples nothing: add requests with PoolingParams or none, not SamplingParams")
             check_dimensions(params, self.pooling_task, self.pooler, self.model_config.hidden_size)
-            pooling_params, params = params, EMBEDDING_PARAMS
+            keep = None if params is None else params.truncate_prompt_tokens
+            pooling_params, params = params, dataclasses.replace(EMBEDDING_PARAMS, truncate_prompt_tokens=keep)
         elif isinstance(params, PoolingParams):
             raise ValueError("this engine generates: add requests with SamplingParams or none; PoolingParams are for "
                              "runner='pooling'")

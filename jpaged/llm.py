@@ -112,42 +112,47 @@ class LLM:
 
     def embed(self, prompts: PromptType | SequenceABC[PromptType], use_tqdm: bool = True,
               lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
-              pooling_params: PoolingParams | SequenceABC[PoolingParams] | None = None
-              ) -> list[EmbeddingRequestOutput]:
+              pooling_params: PoolingParams | SequenceABC[PoolingParams] | None = None,
+              truncate_prompt_tokens: int | None = None) -> list[EmbeddingRequestOutput]:
         """The embedding of each prompt (text or token ids), in their order: `outputs.embedding`,
         a list of `hidden_size` floats (see `jpaged/pooling.py`); `pooling_params` (one, or one
-        per prompt) with `use_activation=False` leaves it unnormalised. Needs `runner="pooling"`;
-        ValueError names the prompt it refuses (empty, or longer than `max_model_len`)."""
-        return self._pool("embed", prompts, use_tqdm, lora_request, pooling_params)
+        per prompt) with `use_activation=False` leaves it unnormalised. `truncate_prompt_tokens`
+        (every prompt's `PoolingParams.truncate_prompt_tokens`) keeps each prompt's last N tokens.
+        Needs `runner="pooling"`; ValueError names the prompt it refuses (empty, or longer than
+        `max_model_len`)."""
+        return self._pool("embed", prompts, use_tqdm, lora_request, pooling_params, truncate_prompt_tokens)
 
     def classify(self, prompts: PromptType | SequenceABC[PromptType], use_tqdm: bool = True,
                  lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
-                 pooling_params: PoolingParams | SequenceABC[PoolingParams] | None = None
-                 ) -> list[ClassificationRequestOutput]:
+                 pooling_params: PoolingParams | SequenceABC[PoolingParams] | None = None,
+                 truncate_prompt_tokens: int | None = None) -> list[ClassificationRequestOutput]:
         """Each prompt's class probabilities, in their order: `outputs.probs`, one float per label
         (`outputs.label`: the most probable one's name), from a sequence classification model's
         head (see `jpaged/pooling.py`); `pooling_params` (one, or one per prompt) with
-        `use_activation=False` gives the head's raw logits instead. Needs `runner="pooling"` and
-        such a model; ValueError names the prompt it refuses (empty, or longer than
-        `max_model_len`)."""
-        return self._pool("classify", prompts, use_tqdm, lora_request, pooling_params)
+        `use_activation=False` gives the head's raw logits instead; `truncate_prompt_tokens` as
+        for `embed`. Needs `runner="pooling"` and such a model; ValueError names the prompt it
+        refuses (empty, or longer than `max_model_len`)."""
+        return self._pool("classify", prompts, use_tqdm, lora_request, pooling_params, truncate_prompt_tokens)
 
     def encode(self, prompts: PromptType | SequenceABC[PromptType],
                pooling_params: PoolingParams | SequenceABC[PoolingParams] | None = None, *, use_tqdm: bool = True,
                lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
-               pooling_task: str | None = None) -> list[PoolingRequestOutput]:
+               pooling_task: str | None = None, truncate_prompt_tokens: int | None = None
+               ) -> list[PoolingRequestOutput]:
         """Each prompt's pooling output, in their order (vLLM's `LLM.encode`): `outputs.data`, a
         float32 numpy array: the embedding ("embed") or class probabilities ("classify"), or one
         row per prompt token, its normalised final state ("token_embed", multi-vector retrieval)
         or its class probabilities ("token_classify", a `*ForTokenClassification` model's, or a
         reward model's per-token scores). `pooling_task` is required and must be the engine's
         (`pooler_config["task"]` chooses it at load; see `jpaged/pooling.py`); `pooling_params`
-        as for `embed`. ValueError for no task or another task, and as `embed` gives."""
+        and `truncate_prompt_tokens` as for `embed`. ValueError for no task or another task, and
+        as `embed` gives."""
         if pooling_task is None:
             raise ValueError("LLM.encode needs pooling_task: 'embed' (as LLM.embed), 'classify' (as LLM.classify), "
                              "'token_embed' (a vector per token) or 'token_classify' (class probabilities per token)")
-        return [pooling_request_output(out) for out in self._pool(pooling_task, prompts, use_tqdm, lora_request,
-                                                                   pooling_params, f"LLM.encode(pooling_task={pooling_task!r})")]
+        outputs = self._pool(pooling_task, prompts, use_tqdm, lora_request, pooling_params, truncate_prompt_tokens,
+                             f"LLM.encode(pooling_task={pooling_task!r})")
+        return [pooling_request_output(out) for out in outputs]
 
     def score(self, data_1: str | SequenceABC[str], data_2: str | SequenceABC[str], /, *, use_tqdm: bool = True,
               lora_request: LoRARequest | None = None, pooling_params: PoolingParams | None = None,
@@ -211,7 +216,8 @@ class LLM:
         except ValueError as err:
             raise ValueError(f"pair {index}: {err}") from err
 
-    def _pool(self, task: str, prompts, use_tqdm: bool, lora_request, pooling_params, call: str | None = None) -> list:
+    def _pool(self, task: str, prompts, use_tqdm: bool, lora_request, pooling_params, truncate_prompt_tokens,
+              call: str | None = None) -> list:
         call = call or f"LLM.{task}"
         if self.engine.runner_type != "pooling":
             raise ValueError(f"{call} needs an engine made with runner='pooling' (this one generates)")
@@ -222,6 +228,9 @@ class LLM:
         prompts = _prompt_list(prompts)
         self._check_no_other_requests(task)
         params = _per_prompt(pooling_params, len(prompts), PoolingParams, "pooling_params", "pooling params")
+        if truncate_prompt_tokens is not None:
+            params = [dataclasses.replace(param or PoolingParams(), truncate_prompt_tokens=truncate_prompt_tokens)
+                      for param in params]
         return self._add_and_run(prompts, params, [0] * len(prompts), _per_prompt_loras(lora_request, len(prompts)),
                                  use_tqdm)
 

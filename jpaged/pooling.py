@@ -191,11 +191,13 @@ class PoolingParams:
     logits, one per label), an embedding model's normalisation where its files ask for one
     (False: the pooled state as it is). `dimensions` (embeddings of a Matryoshka model only;
     None: all) keeps an embedding's (or each token embedding's) first `dimensions` values,
-    normalised after the cut (`check_dimensions`). TypeError for a value of the wrong type,
-    ValueError for `dimensions` below 1."""
+    normalised after the cut (`check_dimensions`). `truncate_prompt_tokens` keeps the
+    prompt's last N tokens (-1: `max_model_len`; None: all; checked as a generating request's).
+    TypeError for a value of the wrong type, ValueError for `dimensions` below 1."""
 
     use_activation: bool | None = None
     dimensions: int | None = None
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self):
         if self.use_activation is not None and not isinstance(self.use_activation, bool):
@@ -204,6 +206,10 @@ class PoolingParams:
         if self.dimensions is not None and (isinstance(self.dimensions, bool) or not isinstance(self.dimensions, int)):
             raise TypeError(f"dimensions must be an int or None, got {type(self.dimensions).__name__} "
                             f"{self.dimensions!r:.50}")
+        if self.truncate_prompt_tokens is not None and (isinstance(self.truncate_prompt_tokens, bool)
+                                                        or not isinstance(self.truncate_prompt_tokens, int)):
+            raise TypeError(f"truncate_prompt_tokens must be an int or None, got "
+                            f"{type(self.truncate_prompt_tokens).__name__} {self.truncate_prompt_tokens!r:.50}")
         if self.dimensions is not None and self.dimensions < 1:
             raise ValueError(f"dimensions must be at least 1, got {self.dimensions}")
 

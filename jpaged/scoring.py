@@ -49,8 +49,8 @@ def score_type(pooling_task: str | None, classifier: Classifier | None) -> str:
         raise ValueError("scoring needs a model run with runner='pooling' (this one generates text): a cross-encoder "
                          "(a sequence classification model of one label) or an embedding model")
     if pooling_task not in SCORE_TYPES:
-        raise ValueError(f"scoring needs a cross-encoder or an embedding model; this engine runs {pooling_task!r} "
-                         "(class probabilities per token)")
+        raise ValueError(f"scoring needs a cross-encoder or an embedding model; this engine runs {pooling_task!r}: "
+                         "class probabilities per token, from LLM.encode (on the server, POST /pooling)")
     if classifier is not None and len(classifier.labels) != 1:
         raise ValueError(f"scoring needs a classifier of one label (num_labels == 1); this model has "
                          f"{len(classifier.labels)} ({', '.join(classifier.labels)}): use classify")

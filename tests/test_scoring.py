@@ -276,6 +276,7 @@ def test_server_score_and_rerank(reranker, texts):
         refusals = [("/score", {"queries": ["t5", "t6"], "documents": ["t7", "t8", "t9"]}, "queries"),
                     ("/score", {"queries": "t5"}, None), ("/rerank", {"query": "t5", "documents": []}, "documents"),
                     ("/score", {"queries": "t5", "documents": "t6", "text_1": "t5", "text_2": "t6"}, None),
+                    ("/score", {"queries": "t5", "documents": "t6", "text_1": "t5"}, None),
                     ("/score", {"queries": ["t5", " ".join(["t9"] * 130)], "documents": ["t6", "t7"]}, "documents"),
                     ("/score", {"queries": "t5", "documents": "t6", "truncate_prompt_tokens": 3},
                      "truncate_prompt_tokens"),
@@ -305,7 +306,8 @@ def test_server_scores_with_an_embedding_model(embedder, texts):
         assert reply.status_code == 200, reply.text
         results = reply.json()["results"]
         assert [r["index"] for r in results] == list(np.argsort(expected)[::-1])
-        np.testing.assert_allclose(sorted(r["relevance_score"] for r in results), sorted(expected), rtol=1e-6)
+        np.testing.assert_allclose(sorted(r["relevance_score"] for r in results), sorted(expected), rtol=1e-5,
+                                   atol=1e-6)  # (a prefix-cache hit computes the last token alone)
         tokenizer = llm.get_tokenizer()
         tokens = len(tokenizer.encode(query)) + sum(len(tokenizer.encode(d)) for d in documents)
         assert reply.json()["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}

@@ -206,7 +206,7 @@ def test_pooler_config_is_checked(embedding_folder, token_classifier):
         LLM(str(embedding_folder), pooler_config={"task": "embed"})
     with pytest.raises(ValueError, match="task 'classify' is not one this model runs .*token_classify"):
         LLM(str(token_classifier[0]), **ENGINE_ARGS, pooler_config={"task": "classify"})
-    with pytest.raises(ValueError, match="classification model .*runner='pooling'"):
+    with pytest.raises(ValueError, match=r"classification model .*runner='pooling' \(LLM.encode\(pooling_task="):
         LLM(str(token_classifier[0]))
 
 
@@ -240,13 +240,33 @@ def test_server_pooling_matches_llm_encode(token_classifier, prompts):
         np.testing.assert_allclose(chat.json()["data"][0]["data"], joined[0].outputs.data, atol=1e-6)
         refusals = [({"input": "t5", "task": "embed"}, "task"), ({"input": "t5", "dimensions": 8}, "dimensions"),
                     ({"input": [[5] * 200]}, "input"), ({}, "input"),
+                    ({"messages": [{"role": "user", "content": "t5 " * 130}]}, "messages"),
                     ({"input": "t5", "messages": [{"role": "user", "content": "t5"}]}, "input")]
         for request, param in refusals:
             reply = client.post(f"{url}/pooling", json=request)
             assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
         for route, request in (("/v1/embeddings", {"input": "t5"}), ("/classify", {"input": "t5"}),
-                               ("/v1/completions", {"prompt": "t5", "max_tokens": 2})):
+                               ("/v1/completions", {"prompt": "t5", "max_tokens": 2}),
+                               ("/score", {"queries": "t5", "documents": "t6"})):
             reply = client.post(f"{url}{route}", json=request)
             assert reply.status_code == 400 and "/pooling" in reply.json()["error"]["message"], route
         assert httpx.post(f"{url}/pooling", json={"input": "t5"}).status_code == 401
     assert llm.engine.stats().kv_cache_usage == 0
+    with serving(create_app(llm.engine)) as url:  # no chat template: messages cannot be rendered
+        reply = httpx.post(f"{url}/pooling", json={"messages": [{"role": "user", "content": "t5"}]}, timeout=60)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
+        assert "send the text as input" in reply.json()["error"]["message"]
+
+
+def test_truncate_prompt_tokens_keeps_each_prompts_last_tokens(token_classifier, prompts):
+    folder, model = token_classifier
+    llm = LLM(str(folder), **ENGINE_ARGS)
+    cut = llm.encode([{"prompt_token_ids": p} for p in prompts[1:4]], pooling_task="token_classify", use_tqdm=False,
+                     truncate_prompt_tokens=10)
+    for out, prompt, logits in zip(cut, prompts[1:4], hf_token_logits(model, [p[-10:] for p in prompts[1:4]])):
+        assert out.prompt_token_ids == prompt[-10:]
+        np.testing.assert_allclose(out.outputs.data, softmax(logits), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens 200 exceeds max_model_len 128"):
+        llm.encode("t5", pooling_task="token_classify", use_tqdm=False, truncate_prompt_tokens=200)
+    with pytest.raises(TypeError, match="truncate_prompt_tokens must be an int"):
+        PoolingParams(truncate_prompt_tokens="10")

@@ -79,9 +79,13 @@ async def create_pooling(request: PoolingRequest, state: ServerState) -> JSONRes
         raise bad_request("give the inputs as either input or messages (one of the two)", param="input")
     prompts = None
     if request.messages is not None:
+        template = state.template(request)
+        if not template.template and not getattr(state.engine.tokenizer, "chat_template", None):
+            raise bad_request("this model's tokenizer has no chat template, so messages cannot be rendered: send the "
+                              "text as input, or start the server with --chat-template", param="messages")
         prompts = [await asyncio.to_thread(chat_prompt, state.engine.tokenizer, request.messages,
                                            request.add_generation_prompt, request.continue_final_message,
-                                           request.add_special_tokens, None, state.template(request))]
+                                           request.add_special_tokens, None, template)]
     outputs, tokens = await _pool_inputs(request, state, model, "pool", prompts)
     data = [{"index": i, "object": "pooling",
              "data": _encoded(pooling_request_output(output).outputs.data, request.encoding_format)}
@@ -93,8 +97,9 @@ async def create_pooling(request: PoolingRequest, state: ServerState) -> JSONRes
 
 async def _pool_inputs(request: EmbeddingRequest | ClassificationRequest | PoolingRequest, state: ServerState,
                        model: str, prefix: str, prompts: list[Prompt] | None = None) -> tuple[list, int]:
-    """Run each item of `request.input` (or each of `prompts`) through the pooling engine: the
-    outputs, in order, and the inputs' token count."""
+    """Run each item of `request.input` (or each of `prompts`, rendered from `messages`) through
+    the pooling engine: the outputs, in order, and the inputs' token count."""
+    field = "input" if prompts is None else "messages"
     if prompts is None:
         try:
             prompts = await asyncio.to_thread(completion_prompts, request.input, state.engine.tokenizer)
@@ -107,7 +112,7 @@ async def _pool_inputs(request: EmbeddingRequest | ClassificationRequest | Pooli
     except ValueError as err:
         raise bad_request(str(err), param="dimensions") from err
     group = await submit(state, random_id(prefix), prompts, [params] * len(prompts), model=model,
-                         renamed={"prompt": "input"})
+                         renamed={"prompt": field})
     return await collect(group), sum(len(prompt.token_ids) for prompt in prompts)
 
 

@@ -297,9 +297,14 @@ class ScoreRequest(_ScoringBody):
         """The names of the two sides the request gave. ValueError when it gave none, or half."""
         given = [(first, second) for first, second in SCORE_FIELDS
                  if getattr(self, first) is not None and getattr(self, second) is not None]
-        if len(given) == 1:
-            return given[0]
         names = " or ".join(f"{first} and {second}" for first, second in SCORE_FIELDS)
+        if len(given) == 1:
+            extra = sorted({name for pair in SCORE_FIELDS for name in pair if getattr(self, name) is not None}
+                           - set(given[0]))
+            if extra:
+                raise ValueError(f"{', '.join(extra)} does not pair with {given[0][0]} and {given[0][1]}: give the "
+                                 f"texts to score under one of {names}")
+            return given[0]
         if given:
             raise ValueError(f"the texts to score come under more than one pair of names "
                              f"({', '.join(f'{first} and {second}' for first, second in given)}): give one of {names}")
