@@ -1,5 +1,11 @@
 """Embedding throughput: jpaged's pooling runner and vLLM's CPU build, side by side.
 
+`--task embed` (the default) embeds each input as one vector; `--task token_embed` gives every
+input token's normalised state (multi-vector retrieval, `LLM.encode(pooling_task="token_embed")`
+in both engines, each loaded with `pooler_config={"task": "token_embed"}`); then only the first
+`COMPARED_INPUTS` inputs' rows are compared (the others would make the worker's answer hundreds
+of megabytes).
+
 The model is the default model's float32 HF folder (SmolLM2-135M, written once from its GGUF into
 jpaged's cache directory, as scripts/bench_throughput.py writes it) run as an embedding model:
 the final hidden state at each input's last token, L2-normalised, in both engines
@@ -36,6 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--min-len", type=positive_int, default=32)
     parser.add_argument("--max-len", type=positive_int, default=512)
     parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--task", choices=("embed", "token_embed"), default="embed")
     parser.add_argument("--max-num-seqs", type=positive_int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
@@ -44,26 +51,31 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+COMPARED_INPUTS = 4  # with --task token_embed: the inputs whose rows the engines' comparison reads
+
+
 def run_jpaged(folder: Path, inputs: list[list[int]], args) -> dict:
     started = time.perf_counter()
     llm = LLM(str(folder), runner="pooling", max_num_seqs=args.max_num_seqs, max_model_len=args.max_len,
               max_num_batched_tokens=args.max_num_batched_tokens, cpu_kv_cache_gib=args.kv_cache_gib,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, pooler_config={"task": args.task})
     startup = time.perf_counter() - started
     prompts = [{"prompt_token_ids": ids} for ids in inputs]
-    llm.embed(prompts, use_tqdm=False)  # warm-up: compiles the step shapes
+    llm.encode(prompts, use_tqdm=False, pooling_task=args.task)  # warm-up: compiles the step shapes
     rounds, outputs = [], None
     for _ in range(args.rounds):
         started = time.perf_counter()
-        outputs = llm.embed(prompts, use_tqdm=False)
+        outputs = llm.encode(prompts, use_tqdm=False, pooling_task=args.task)
         rounds.append(time.perf_counter() - started)
+    compared = outputs if args.task == "embed" else outputs[:COMPARED_INPUTS]
     return {"seconds": statistics.median(rounds), "rounds": rounds, "startup_seconds": startup,
             "compilations": llm.engine.stats().num_compilations,
-            "embeddings": [o.outputs.embedding for o in outputs]}
+            "embeddings": np.concatenate([np.atleast_2d(o.outputs.data) for o in compared]).tolist()}
 
 
 def run_vllm(python: str, folder: Path, inputs: list[list[int]], args) -> dict:
-    job = {"model": str(folder), "inputs": inputs, "rounds": args.rounds,
+    job = {"model": str(folder), "inputs": inputs, "rounds": args.rounds, "task": args.task,
+           "compared_inputs": len(inputs) if args.task == "embed" else COMPARED_INPUTS,
            "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                       "max_model_len": args.max_len, "kv_cache_gib": args.kv_cache_gib}}
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -97,7 +109,8 @@ def main() -> None:
         row = summary[name]
         print(f"{name:10} {row['inputs_per_s']:9.1f} {row['tokens_per_s']:9.0f} "
               f"{row['max_abs_diff_vs_jpaged']:11.2e} {cosine:11.6f}")
-    result = {"engines": summary, "workload": {"num_inputs": len(inputs), "tokens": tokens, "min_len": args.min_len,
+    result = {"engines": summary, "workload": {"task": args.task, "num_inputs": len(inputs), "tokens": tokens,
+                                               "min_len": args.min_len,
                                                "max_len": args.max_len, "rounds": args.rounds},
               "model": str(folder), "versions": {**versions(), "machine": platform.machine()}}
     save_json(result, args.out)
@@ -107,7 +120,7 @@ def main() -> None:
     names = list(summary)
     ax.bar(names, [summary[n]["tokens_per_s"] for n in names])
     ax.set_ylabel("input tokens / s")
-    save_figure(fig, f"Embeddings, {len(inputs)} inputs of {args.min_len}-{args.max_len} tokens",
+    save_figure(fig, f"{args.task}, {len(inputs)} inputs of {args.min_len}-{args.max_len} tokens",
                 Path(args.out).with_suffix(".png"))
 
 
