@@ -95,7 +95,8 @@ def serve(args: argparse.Namespace) -> int:
                                           ("--tool-call-parser", args.tool_call_parser is not None),
                                           ("--reasoning-parser", args.reasoning_parser is not None)) if given]
         if flags:
-            raise ValueError(f"{', '.join(flags)} shape generated replies; --runner pooling serves /v1/embeddings or /classify only")
+            raise ValueError(f"{', '.join(flags)} shape generated replies; --runner pooling serves "
+                             "/v1/embeddings, /classify, /score, /rerank and /pooling only")
     if (args.lora_modules or args.allow_runtime_lora_updating) and not args.enable_lora:
         flag = "--lora-modules" if args.lora_modules else "--allow-runtime-lora-updating"
         raise ValueError(f"{flag} needs --enable-lora")
