@@ -112,8 +112,7 @@ class LLMEngine:
         self.pooler = None if self.pooling_task is None else with_matryoshka(pooler_for_task(
             read_pooler_config(source.folder), self.pooling_task, config.pooler_config), source.hf_config)
         if self.pooler is not None and self.pooler.reads_every_token and config.parallel.pipeline_parallel_size > 1:
-            kind = "token-level" if self.pooler.pooling_type == "all" else self.pooler.pooling_type
-            raise ValueError(f"{kind} pooling runs on one pipeline stage only (a pipeline may cut "
+            raise ValueError(f"{self.pooler.name} pooling runs on one pipeline stage only (a pipeline may cut "
                              "a prompt chunk across micro-batches); got pipeline_parallel_size "
                              f"{config.parallel.pipeline_parallel_size}")
         self.model_config = ModelConfig.from_hf(source.hf_config, source.generation_config)
@@ -164,8 +163,7 @@ class LLMEngine:
         self.runner_type = config.runner
         prefix_caching = config.cache.enable_prefix_caching
         if prefix_caching and self.pooler is not None and self.pooler.reads_every_token:
-            logger.info("%s pooling reads every prompt token's state: prefix caching is off",
-                        "token-level" if self.pooler.pooling_type == "all" else self.pooler.pooling_type)
+            logger.info("%s pooling reads every prompt token's state: prefix caching is off", self.pooler.name)
             prefix_caching = False
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           enable_prefix_caching=prefix_caching,
@@ -546,8 +544,12 @@ class LLMEngine:
             self.block_manager.commit_full_blocks(seq, seq.num_computed_tokens)
             self.block_manager.release_behind_window(seq)
             if item.samples:
-                state = {"last": lambda: pooled[0][row], "mean": lambda: seq.pooled / seq.num_tokens,
-                         "cls": lambda: seq.pooled, "all": lambda: np.concatenate(seq.pooled)}[kind]()
+                if kind == "last":
+                    state = pooled[0][row]
+                elif kind == "all":
+                    state = np.concatenate(seq.pooled)
+                else:
+                    state = seq.pooled / (seq.num_tokens if kind == "mean" else 1)
                 seq.request.embedding = pooled_output(state, seq.request.pooling_params, self.classifier, self.pooler)
                 seq.pooled = None
                 seq.finish("stop")

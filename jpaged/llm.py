@@ -162,15 +162,15 @@ class LLM:
         (`data_1`, a text) with each document of `data_2` (1:N), or the i-th query with the i-th
         document (N:N). A cross-encoder (a classifier of one label) scores each pair as one
         prompt (its probability); an embedding model scores the cosine of the two embeddings, or,
-        run for `token_embed`, the MaxSim of their token embeddings (see `jpaged/scoring.py`). A cross-encoder's pairs go through `chat_template` where one
-        is given (`chat_template_kwargs`: its variables, such as a reranker's `instruction`) as
+        run for `token_embed`, the MaxSim of their token embeddings (see `jpaged/scoring.py`). A
+        cross-encoder's pairs go through `chat_template` where one is given (`chat_template_kwargs`: its variables, such as a reranker's `instruction`) as
         a "query" turn and a "document" turn. `pooling_params` with `use_activation=False`
         gives a cross-encoder's raw logit instead of its probability. `truncate_prompt_tokens`
         (-1: `max_model_len`) cuts each pair's encoding as its tokenizer truncates (the longer
         text first, separators kept), or each text's to its last tokens on an embedding model.
-        Needs `runner="pooling"`. ValueError for another
-        model (one that generates, classifies tokens, or classifies into several labels), texts that do not pair
-        up, a template that fails, or a text the engine refuses (named by its place)."""
+        Needs `runner="pooling"`. ValueError for another model (one that generates, classifies
+        tokens, or classifies into several labels), texts that do not pair up, a template that
+        fails, or a text the engine refuses (named by its place)."""
         kind = score_type(self.engine.pooling_task, self.engine.classifier)
         queries, documents = score_pairs(data_1, data_2)
         for name, value, cls in (("lora_request", lora_request, LoRARequest),

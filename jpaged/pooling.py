@@ -86,6 +86,11 @@ class PoolerConfig:
     matryoshka_dimensions: tuple[int, ...] | None = None
 
     @property
+    def name(self) -> str:
+        """The pooling's name in messages ("last", "mean", "cls", "token-level")."""
+        return "token-level" if self.pooling_type == "all" else self.pooling_type
+
+    @property
     def reads_every_token(self) -> bool:
         """Whether the output needs every prompt token's state (mean, CLS and token-level): no
         prefix cache, and one pipeline stage."""

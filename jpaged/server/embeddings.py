@@ -5,8 +5,8 @@ POST /pooling (vLLM's pooling API), served by an engine with the pooling runner.
 completion's `prompt`); each item becomes one engine request that ends with its embedding
 (`jpaged/pooling.py`). `encoding_format` "float" gives each embedding as a list of floats,
 "base64" as its float32 bytes (little-endian) in base64, which the `openai` client asks for by
-default and decodes. `dimensions` shortens a Matryoshka model's embeddings (400 for another model). The usage counts the inputs'
-tokens. /classify takes the same `input` and answers, per item, its class probabilities
+default and decodes. `dimensions` shortens a Matryoshka model's embeddings (400 for another
+model). The usage counts the inputs' tokens. /classify takes the same `input` and answers, per item, its class probabilities
 (`probs`, `num_classes`) and the most probable label's name (`label`, from the model's
 `id2label`, else transformers' default `LABEL_<i>`); with `use_activation` false, the head's raw
 logits in `probs` instead. `use_activation` false leaves an embedding unnormalised. Each route serves only the engine that does its task: a
@@ -79,13 +79,10 @@ async def create_pooling(request: PoolingRequest, state: ServerState) -> JSONRes
         raise bad_request("give the inputs as either input or messages (one of the two)", param="input")
     prompts = None
     if request.messages is not None:
-        template = state.template(request)
-        if not template.template and not getattr(state.engine.tokenizer, "chat_template", None):
-            raise bad_request("this model's tokenizer has no chat template, so messages cannot be rendered: send the "
-                              "text as input, or start the server with --chat-template", param="messages")
         prompts = [await asyncio.to_thread(chat_prompt, state.engine.tokenizer, request.messages,
                                            request.add_generation_prompt, request.continue_final_message,
-                                           request.add_special_tokens, None, template)]
+                                           request.add_special_tokens, None, state.template(request),
+                                           "messages cannot be rendered: send the text as input")]
     outputs, tokens = await _pool_inputs(request, state, model, "pool", prompts)
     data = [{"index": i, "object": "pooling",
              "data": _encoded(pooling_request_output(output).outputs.data, request.encoding_format)}

@@ -152,9 +152,11 @@ class ChatTemplate:
 
 def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True,
                 continue_final_message: bool = False, add_special_tokens: bool = False,
-                tools: list[dict] | None = None, template: ChatTemplate = ChatTemplate()) -> Prompt:
+                tools: list[dict] | None = None, template: ChatTemplate = ChatTemplate(),
+                without_template: str = "chat completions are not available; use /v1/completions") -> Prompt:
     """The prompt of a chat through `template` (by default the tokenizer's chat template), given
-    the `tools`, if any.
+    the `tools`, if any. `without_template`: what the refusal says the route's caller may do
+    where there is no chat template.
 
     Raises:
         APIError: 400 when there is no chat template, the messages are bad, both
@@ -162,8 +164,8 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
             not the assistant's when it is to be continued, or the template itself refuses them.
     """
     if not template.template and not getattr(tokenizer, "chat_template", None):
-        raise bad_request("this model's tokenizer has no chat template, so chat completions are not available; "
-                          "use /v1/completions, or start the server with --chat-template", param="messages")
+        raise bad_request(f"this model's tokenizer has no chat template, so {without_template}, or start the server "
+                          "with --chat-template", param="messages")
     turns = conversation(messages)
     if add_generation_prompt and continue_final_message:
         raise bad_request("continue_final_message and add_generation_prompt cannot both be true",

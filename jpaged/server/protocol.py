@@ -236,8 +236,7 @@ class PoolingRequest(_Body):
     """POST /pooling (vLLM's): `input` as a completion's `prompt`, or `messages` (one chat, through
     the chat template: `add_generation_prompt` false by default, as vLLM's pooling routes);
     `task` (None: the server's); `encoding_format` "float" or "base64"; `dimensions` as for
-    /v1/embeddings;
-    `use_activation` false: raw logits or unnormalised states."""
+    /v1/embeddings; `use_activation` false: raw logits or unnormalised states."""
 
     model: str | None = None
     input: str | list[str] | list[StrictInt] | list[list[StrictInt]] | None = None

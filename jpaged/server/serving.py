@@ -181,7 +181,7 @@ def pooling_route_error(pooling_task: str | None) -> str:
         return "this server's model generates text; embeddings and classifications need a model run with --runner pooling"
     route = {"embed": "/v1/embeddings (text pairs to /score or /rerank)",
              "classify": "/classify (text pairs, where the model has one label, to /score or /rerank)",
-             "token_embed": "/pooling", "token_classify": "/pooling"}[pooling_task]
+             "token_embed": "/pooling (text pairs to /score or /rerank)", "token_classify": "/pooling"}[pooling_task]
     return f"this server's model runs --runner pooling to {pooling_task} prompts: send its inputs to {route}"
 
 
