@@ -1,5 +1,6 @@
 """Command line: `jpaged generate [PROMPT ...]` prints the model's answers; `jpaged serve` runs
-the OpenAI-compatible HTTP server (`jpaged/server/`) on the same engine settings.
+the OpenAI-compatible HTTP server (`jpaged/server/`) on the same engine settings, and `jpaged
+run-batch` answers a file of OpenAI batch requests through that server's routes, offline.
 
 With no prompt it asks the default question; with no model it uses the built-in default model.
 Prompts go through the chat template when the tokenizer has one (turn off with `--no-chat`).
@@ -19,7 +20,7 @@ from jpaged.reasoning import REASONING_PARSERS
 from jpaged.server.tool_parsers import TOOL_PARSERS
 
 DEFAULT_PROMPT = "What is the capital of France?"
-COMMANDS = ("generate", "serve")
+COMMANDS = ("generate", "serve", "run-batch")
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -124,7 +125,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
 
 
-def _add_serve_args(parser: argparse.ArgumentParser) -> None:
+def _add_server_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of the HTTP server alone (`serve`)."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; the default listens to this machine only")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--api-key", default=None,
@@ -133,13 +135,17 @@ def _add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allowed-origins", action="append", default=None, metavar="ORIGIN",
                         help="web origin whose pages may call the server from a browser (CORS), repeatable; "
                              "'*' for any")
-    parser.add_argument("--served-model-name", default=None, help="model name the API shows; unset: the model's")
-    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
-                        help="LoRA adapters (PEFT folders) served under their own model names (with --enable-lora)")
     parser.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with --enable-lora)")
     parser.add_argument("--max-queued-requests", type=int, default=256,
                         help="sequences the server holds at once (running or waiting; each prompt and each sample counts); more get HTTP 503")
+
+
+def _add_app_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of the OpenAI routes, which `serve` and `run-batch` share."""
+    parser.add_argument("--served-model-name", default=None, help="model name the API shows; unset: the model's")
+    parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
+                        help="LoRA adapters (PEFT folders) served under their own model names (with --enable-lora)")
     parser.add_argument("--chat-template", default=None,
                         help="chat template: a Jinja file, or the template itself; unset: the tokenizer's")
     parser.add_argument("--trust-request-chat-template", action="store_true",
@@ -183,9 +189,18 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API", **shown)
     serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                        help="the model, as --model (`jpaged serve org/name`, as `vllm serve`)")
-    _add_serve_args(serve)
+    _add_server_args(serve)
+    _add_app_args(serve)
     _add_engine_args(serve)
-    for command in (gen, serve):
+    batch = sub.add_parser("run-batch", help="answer a file of OpenAI batch requests (JSON lines) as the server would",
+                           **shown)
+    batch.add_argument("-i", "--input-file", required=True,
+                       help='JSON lines {"custom_id", "method": "POST", "url", "body"} (OpenAI\'s batch input); '
+                            "'-': standard input")
+    batch.add_argument("-o", "--output-file", required=True, help="where the answers go, one JSON line per input line")
+    _add_app_args(batch)
+    _add_engine_args(batch)
+    for command in (gen, serve, batch):
         command.set_defaults(command_parser=command)
     return parser
 
@@ -242,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             from jpaged.server.launch import serve
 
             return serve(args)
+        if args.command == "run-batch":
+            from jpaged.server.launch import run_batch_file
+
+            return run_batch_file(args)
         return generate(args)
     except (ValueError, OSError, TypeError) as err:  # bad input, missing or unwritable files
         print(f"error: {err}", file=sys.stderr)

@@ -33,7 +33,7 @@ HOST_MODULES = {
     "jpaged.server.prompts", "jpaged.server.async_engine", "jpaged.server.metrics", "jpaged.server.logprobs",
     "jpaged.server.serving", "jpaged.server.completions", "jpaged.server.chat", "jpaged.server.app",
     "jpaged.server.launch", "jpaged.server.tools", "jpaged.server.tool_parsers", "jpaged.server.embeddings",
-    "jpaged.server.scoring", "jpaged.scoring",
+    "jpaged.server.scoring", "jpaged.server.batch", "jpaged.scoring",
 }
 
 def discover() -> list[str]:

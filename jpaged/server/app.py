@@ -87,8 +87,8 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
         v1.add_api_route("/load_lora_adapter", _load_lora_adapter, methods=["POST"])
         v1.add_api_route("/unload_lora_adapter", _unload_lora_adapter, methods=["POST"])
     app.include_router(v1)
-    app.add_api_route("/health", _health, methods=["GET", "HEAD"])
-    app.add_api_route("/ping", _health, methods=["GET", "POST"])
+    for path, method in (("/health", "GET"), ("/health", "HEAD"), ("/ping", "GET"), ("/ping", "POST")):
+        app.add_api_route(path, _health, methods=[method])  # a route per method: each its own OpenAPI operation
     app.add_api_route("/version", _version, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.add_api_route("/classify", _classify, methods=["POST"], dependencies=[Depends(_check_api_key)])

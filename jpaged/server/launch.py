@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import socket
+import sys
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -80,34 +81,16 @@ def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted; the exit status."""
     import uvicorn
 
-    from jpaged.cli import engine_kwargs
-    from jpaged.llm import build_engine
-
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_queued_requests < 1:
         raise ValueError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
-    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
-        raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: the parser reads the "
-                         "model's tool calls under tool_choice \"auto\"")
-    if args.runner == "pooling":
-        flags = [flag for flag, given in (("--enable-auto-tool-choice", args.enable_auto_tool_choice),
-                                          ("--tool-call-parser", args.tool_call_parser is not None),
-                                          ("--reasoning-parser", args.reasoning_parser is not None)) if given]
-        if flags:
-            raise ValueError(f"{', '.join(flags)} shape generated replies; --runner pooling serves "
-                             "/v1/embeddings, /classify, /score, /rerank and /pooling only")
-    if (args.lora_modules or args.allow_runtime_lora_updating) and not args.enable_lora:
-        flag = "--lora-modules" if args.lora_modules else "--allow-runtime-lora-updating"
-        raise ValueError(f"{flag} needs --enable-lora")
-    template = read_chat_template(args.chat_template) if args.chat_template else None
+    template = _checked_app_flags(args)
     check_can_listen(args.host, args.port)  # before the model loads
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    engine = build_engine(args.model, **engine_kwargs(args))
-    app = create_app(engine, args.served_model_name, api_key, args.max_queued_requests, args.allowed_origins,
-                     template, args.trust_request_chat_template, args.tool_call_parser,
-                     [LoRARequest(name, i, path) for i, (name, path) in enumerate(args.lora_modules or (), start=1)],
-                     args.allow_runtime_lora_updating)
+    app = _app_from_flags(args, template, api_key=api_key, max_queued_requests=args.max_queued_requests,
+                          allowed_origins=args.allowed_origins)
+    engine = app.state.server.engine.engine
     logging.getLogger("jpaged.server").setLevel(logging.INFO)
     logger.info("serving %s on http://%s:%d/v1 (%s)", app.state.server.model_name, args.host, args.port,
                 "API key required" if api_key else "no API key")
@@ -123,6 +106,55 @@ def serve(args: argparse.Namespace) -> int:
 
     Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)).run()
     return 0
+
+
+def run_batch_file(args: argparse.Namespace) -> int:
+    """`jpaged run-batch`: answer the input file's lines into the output file (`batch.py`); the
+    exit status, 1 when any line was answered with an error."""
+    from jpaged.server.batch import read_batch, run_batch
+
+    template = _checked_app_flags(args)
+    lines = read_batch(args.input_file)  # a malformed file is refused before the model loads
+    with open(args.output_file, "w", encoding="utf-8") as output:  # an unwritable path too
+        app = _app_from_flags(args, template, max_queued_requests=sys.maxsize)
+        failed = run_batch(app, lines, output)
+    logger.warning("%d of %d batch lines answered to %s%s", len(lines) - failed, len(lines), args.output_file,
+                   f"; {failed} refused (their error is in their line)" if failed else "")
+    return 1 if failed else 0
+
+
+def _checked_app_flags(args: argparse.Namespace) -> str | None:
+    """Check the app flags `serve` and `run-batch` share against each other and the runner, before
+    the model loads; the chat template's text, if one is given."""
+    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
+        raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: the parser reads the "
+                         "model's tool calls under tool_choice \"auto\"")
+    if args.runner == "pooling":
+        flags = [flag for flag, given in (("--enable-auto-tool-choice", args.enable_auto_tool_choice),
+                                          ("--tool-call-parser", args.tool_call_parser is not None),
+                                          ("--reasoning-parser", args.reasoning_parser is not None)) if given]
+        if flags:
+            raise ValueError(f"{', '.join(flags)} shape generated replies; --runner pooling serves "
+                             "/v1/embeddings, /classify, /score, /rerank and /pooling only")
+    if (args.lora_modules or getattr(args, "allow_runtime_lora_updating", False)) and not args.enable_lora:
+        flag = "--lora-modules" if args.lora_modules else "--allow-runtime-lora-updating"
+        raise ValueError(f"{flag} needs --enable-lora")
+    return read_chat_template(args.chat_template) if args.chat_template else None
+
+
+def _app_from_flags(args: argparse.Namespace, template: str | None, **server) -> FastAPI:
+    """Load the model of the engine flags and make the app over it with the app flags and `server`'s
+    `create_app` arguments."""
+    from jpaged.cli import engine_kwargs
+    from jpaged.llm import build_engine
+
+    engine = build_engine(args.model, **engine_kwargs(args))
+    return create_app(engine, args.served_model_name, chat_template=template,
+                      trust_request_chat_template=args.trust_request_chat_template,
+                      tool_call_parser=args.tool_call_parser,
+                      lora_modules=[LoRARequest(name, i, path)
+                                    for i, (name, path) in enumerate(args.lora_modules or (), start=1)],
+                      allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False), **server)
 
 
 def check_can_listen(host: str, port: int) -> None:
