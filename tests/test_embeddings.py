@@ -9,8 +9,10 @@ encodings) against `LLM.embed`. Inputs are long enough to be prefilled in severa
 repeats so that the prefix cache serves it.
 """
 
+import base64
 import json
 import shutil
+import sys
 
 import httpx
 import numpy as np
@@ -191,6 +193,56 @@ def test_server_embeddings_match_llm_embed(llm, prompts, expected):
                 call()
             assert caught.value.body["param"] == param
         assert "/v1/embeddings" in caught.value.body["message"]
+    assert llm.engine.stats().kv_cache_usage == 0
+
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def torch_decoded(raw: bytes, embed_dtype: str, endianness: str, shape) -> torch.Tensor:
+    """`raw` read back by torch as `embed_dtype` numbers in `endianness` byte order."""
+    dtype = TORCH_DTYPES[embed_dtype]
+    width = torch.empty(0, dtype=dtype).element_size()
+    swap = endianness not in ("native", sys.byteorder)
+    ordered = np.frombuffer(raw, np.uint8).reshape(-1, width)[:, ::-1 if swap else 1]
+    return torch.frombuffer(bytearray(ordered.tobytes()), dtype=dtype).reshape(shape)
+
+
+def test_server_encodings_are_torch_conversions_of_the_float_embeddings(model_folder, prompts):
+    """vLLM's `embed_dtype` / `endianness` and the bytes formats: each vector read back by torch
+    equals torch's own conversion of the same request's float32 embedding, bit for bit."""
+    llm = LLM(str(model_folder), **ENGINE_ARGS, enable_prefix_caching=False)  # every request computed alike
+    inputs = prompts[:2]
+    with serving(create_app(llm.engine, served_model_name="embedder")) as url, httpx.Client(timeout=120) as client:
+        def post(**fields):
+            reply = client.post(f"{url}/v1/embeddings", json={"input": inputs, **fields})
+            assert reply.status_code == 200, reply.text
+            return reply
+
+        floats = torch.tensor([d["embedding"] for d in post(encoding_format="float").json()["data"]])
+        for embed_dtype in TORCH_DTYPES:
+            want = floats.to(TORCH_DTYPES[embed_dtype])
+            for endianness in ("native", "big", "little"):
+                data = post(encoding_format="base64", embed_dtype=embed_dtype, endianness=endianness).json()["data"]
+                got = torch.stack([torch_decoded(base64.b64decode(d["embedding"]), embed_dtype, endianness, (64,))
+                                   for d in data])
+                assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (embed_dtype, endianness)
+        reply = post(encoding_format="bytes", embed_dtype="bfloat16", endianness="big")
+        assert reply.headers["content-type"] == "application/octet-stream"
+        metadata = json.loads(reply.headers["metadata"])
+        assert metadata["model"] == "embedder" and metadata["usage"]["prompt_tokens"] == sum(LENGTHS[:2])
+        assert [(d["index"], d["start"], d["end"], d["shape"]) for d in metadata["data"]] == [(0, 0, 128, [64]),
+                                                                                             (1, 128, 256, [64])]
+        for item, row in zip(metadata["data"], floats.to(torch.bfloat16)):
+            got = torch_decoded(reply.content[item["start"]:item["end"]], item["embed_dtype"], item["endianness"],
+                                item["shape"])
+            assert torch.equal(got.view(torch.uint8), row.view(torch.uint8))
+        bare = post(encoding_format="bytes_only")
+        assert "metadata" not in bare.headers
+        assert torch.equal(torch_decoded(bare.content, "float32", "native", (2, 64)), floats)
+        reply = client.post(f"{url}/v1/embeddings", json={"input": "t5", "embed_dtype": "int8"})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "embed_dtype", reply.text
     assert llm.engine.stats().kv_cache_usage == 0
 
 

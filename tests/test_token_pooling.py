@@ -11,6 +11,7 @@ aborted mid-prompt included.
 """
 
 import base64
+import json
 
 import httpx
 import numpy as np
@@ -233,6 +234,14 @@ def test_server_pooling_matches_llm_encode(token_classifier, prompts):
         for item, want in zip(encoded.json()["data"], expected):
             rows = np.frombuffer(base64.b64decode(item["data"]), "<f4").reshape(-1, 3)
             np.testing.assert_allclose(rows, want, atol=1e-6)
+        packed = client.post(f"{url}/pooling", json={"input": prompts[:3], "encoding_format": "bytes",
+                                                    "embed_dtype": "float16", "endianness": "big"})
+        assert packed.status_code == 200 and packed.headers["content-type"] == "application/octet-stream"
+        items = json.loads(packed.headers["metadata"])["data"]
+        assert [item["shape"] for item in items] == [[n, 3] for n in LENGTHS[:3]]
+        for item, want in zip(items, expected):  # float16 rows, big-endian, one input after another
+            rows = np.frombuffer(packed.content[item["start"]:item["end"]], ">f2").reshape(item["shape"])
+            np.testing.assert_allclose(rows, want, rtol=1e-3, atol=1e-4)
         chat = client.post(f"{url}/pooling", json={"messages": [{"role": "user", "content": texts[0]},
                                                                 {"role": "assistant", "content": texts[1]}]})
         assert chat.status_code == 200, chat.text

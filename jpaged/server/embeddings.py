@@ -4,8 +4,10 @@ POST /pooling (vLLM's pooling API), served by an engine with the pooling runner.
 `input` is a string, a list of strings, a list of token ids, or a list of token-id lists (as a
 completion's `prompt`); each item becomes one engine request that ends with its embedding
 (`jpaged/pooling.py`). `encoding_format` "float" gives each embedding as a list of floats,
-"base64" as its float32 bytes (little-endian) in base64, which the `openai` client asks for by
-default and decodes. `dimensions` shortens a Matryoshka model's embeddings (400 for another
+"base64" as its bytes in base64 (float32 in this machine's byte order by default, which the
+`openai` client asks for and decodes; vLLM's `embed_dtype` and `endianness` choose others), and
+vLLM's "bytes" / "bytes_only" send the bytes as the body itself, described (with "bytes") by a
+`metadata` header: each vector's `start`, `end`, `shape`, `embed_dtype` and `endianness`. `dimensions` shortens a Matryoshka model's embeddings (400 for another
 model). The usage counts the inputs' tokens. /classify takes the same `input` and answers, per item, its class probabilities
 (`probs`, `num_classes`) and the most probable label's name (`label`, from the model's
 `id2label`, else transformers' default `LABEL_<i>`); with `use_activation` false, the head's raw
@@ -15,7 +17,7 @@ and a pooling one the generating routes (400s that say what the model does and w
 
 /pooling serves every pooling engine, whatever its task: per item, the output `LLM.encode`
 gives (`data`: an embedding, class probabilities, or a row per prompt token for the token-level
-tasks; "base64" encodes the rows' float32 bytes in order). It takes `messages` (one chat through
+tasks; "base64" and the bytes formats encode the rows in order). It takes `messages` (one chat through
 the chat template) instead of `input`, and refuses (400) a `task` other than the engine's;
 `dimensions` as for /v1/embeddings.
 """
@@ -24,10 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import sys
 import time
 
+import ml_dtypes
 import numpy as np
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from jpaged.outputs import pooling_request_output
 from jpaged.pooling import PoolingParams
@@ -37,17 +42,17 @@ from jpaged.server.protocol import ClassificationRequest, EmbeddingRequest, Pool
 from jpaged.server.serving import ServerState, collect, pooling_route_error, submit
 
 
-async def create_embedding(request: EmbeddingRequest, state: ServerState) -> JSONResponse:
+async def create_embedding(request: EmbeddingRequest, state: ServerState) -> Response:
     """The embeddings of `request.input`, in order. Raises APIError: 400 for bad input or a
     generating engine, 503 for a full server."""
     model = state.model(request.model)
     if state.pooling_task != "embed":
         raise bad_request(pooling_route_error(state.pooling_task), param="model")
     outputs, tokens = await _pool_inputs(request, state, model, "embd")
-    data = [{"index": i, "object": "embedding", "embedding": _encoded(output.outputs.embedding, request.encoding_format)}
-            for i, output in enumerate(outputs)]
-    return JSONResponse({"id": random_id("embd"), "object": "list", "created": int(time.time()), "model": model,
-                         "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    body = {"id": random_id("embd"), "object": "list", "created": int(time.time()), "model": model,
+            "data": [{"index": i, "object": "embedding"} for i in range(len(outputs))],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    return _respond(request, body, "embedding", [output.outputs.embedding for output in outputs])
 
 
 async def create_classification(request: ClassificationRequest, state: ServerState) -> JSONResponse:
@@ -64,7 +69,7 @@ async def create_classification(request: ClassificationRequest, state: ServerSta
                                                  "completion_tokens": 0}})
 
 
-async def create_pooling(request: PoolingRequest, state: ServerState) -> JSONResponse:
+async def create_pooling(request: PoolingRequest, state: ServerState) -> Response:
     """The pooling output of each item of `request.input` (or of `request.messages`), in order.
     Raises APIError: 400 for bad input, a generating engine, another task or bad `dimensions`; 503
     for a full server."""
@@ -84,12 +89,10 @@ async def create_pooling(request: PoolingRequest, state: ServerState) -> JSONRes
                                            request.add_special_tokens, None, state.template(request),
                                            "messages cannot be rendered: send the text as input")]
     outputs, tokens = await _pool_inputs(request, state, model, "pool", prompts)
-    data = [{"index": i, "object": "pooling",
-             "data": _encoded(pooling_request_output(output).outputs.data, request.encoding_format)}
-            for i, output in enumerate(outputs)]
-    return JSONResponse({"id": random_id("pool"), "object": "list", "created": int(time.time()), "model": model,
-                         "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
-                                                 "completion_tokens": 0}})
+    body = {"id": random_id("pool"), "object": "list", "created": int(time.time()), "model": model,
+            "data": [{"index": i, "object": "pooling"} for i in range(len(outputs))],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0}}
+    return _respond(request, body, "data", [pooling_request_output(output).outputs.data for output in outputs])
 
 
 async def _pool_inputs(request: EmbeddingRequest | ClassificationRequest | PoolingRequest, state: ServerState,
@@ -113,9 +116,37 @@ async def _pool_inputs(request: EmbeddingRequest | ClassificationRequest | Pooli
     return await collect(group), sum(len(prompt.token_ids) for prompt in prompts)
 
 
-def _encoded(values, encoding_format: str) -> list | str:
-    """`values` (a list or array of floats, or of rows of them) as a JSON list, or ("base64")
-    their float32 bytes, little-endian, rows in order."""
-    if encoding_format == "float":
-        return values.tolist() if isinstance(values, np.ndarray) else values
-    return base64.b64encode(np.asarray(values, "<f4").tobytes()).decode("ascii")
+EMBED_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
+                "fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
+
+
+def _respond(request: EmbeddingRequest | PoolingRequest, body: dict, field: str, vectors: list) -> Response:
+    """The response of a route whose `body["data"]` items each carry one of `vectors` under
+    `field`, encoded as `request` asks: JSON (lists or base64 text), or the vectors' bytes as the
+    body itself, one after the other, described by a `metadata` header (vLLM's "bytes"; none
+    with "bytes_only")."""
+    if request.encoding_format in ("float", "base64"):
+        for item, values in zip(body["data"], vectors):
+            item[field] = (np.asarray(values).tolist() if request.encoding_format == "float"
+                           else base64.b64encode(_binary(values, request)).decode("ascii"))
+        return JSONResponse(body)
+    chunks, items, start = [], [], 0
+    for index, values in enumerate(vectors):
+        chunks.append(_binary(values, request))
+        items.append({"index": index, "embed_dtype": request.embed_dtype, "endianness": request.endianness,
+                      "start": start, "end": start + len(chunks[-1]), "shape": list(np.shape(values))})
+        start += len(chunks[-1])
+    metadata = {key: body[key] for key in ("id", "created", "model", "usage")}
+    headers = {"metadata": json.dumps({**metadata, "data": items})} if request.encoding_format == "bytes" else None
+    return Response(b"".join(chunks), media_type="application/octet-stream", headers=headers)
+
+
+def _binary(values, request: EmbeddingRequest | PoolingRequest) -> bytes:
+    """`values` (floats, or rows of them) as `request.embed_dtype` numbers in `request.endianness`
+    byte order ("native": this machine's), rows in order; converted from float32 rounding to
+    nearest, as torch converts."""
+    array = np.asarray(values, np.float32).astype(EMBED_DTYPES[request.embed_dtype])
+    raw = array.view(f"u{array.itemsize}")
+    if request.endianness not in ("native", sys.byteorder):
+        raw = raw.byteswap()
+    return raw.tobytes()

@@ -207,14 +207,23 @@ class ResponsesRequest(_Body):
     include: list[str] | None = None  # refused unless empty
 
 
-class EmbeddingRequest(_Body):
+class _Encoded(_Body):
+    """How vectors leave (vLLM's fields): `encoding_format` "float" (JSON lists), "base64" (the
+    values' bytes in base64), "bytes" or "bytes_only" (the bytes as the body itself, with or without
+    a `metadata` header); `embed_dtype` and `endianness` choose those bytes' type and order."""
+
+    encoding_format: Literal["float", "base64", "bytes", "bytes_only"] = "float"
+    embed_dtype: Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "float32"
+    endianness: Literal["native", "big", "little"] = "native"
+
+
+class EmbeddingRequest(_Encoded):
     """POST /v1/embeddings: `input` as a completion's `prompt` (a string, strings, token ids, or
-    token-id lists); `encoding_format` "float" or "base64"; `dimensions` (a Matryoshka model's);
+    token-id lists); the encoding fields of `_Encoded`; `dimensions` (a Matryoshka model's);
     `use_activation` false (vLLM's) leaves the embeddings unnormalised."""
 
     model: str | None = None
     input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
     truncate_prompt_tokens: int | None = None  # vLLM's: keep each input's last tokens (-1: max_model_len)
@@ -232,17 +241,16 @@ class ClassificationRequest(_Body):
     use_activation: StrictBool | None = None  # None or true: the model's activation
 
 
-class PoolingRequest(_Body):
+class PoolingRequest(_Encoded):
     """POST /pooling (vLLM's): `input` as a completion's `prompt`, or `messages` (one chat, through
     the chat template: `add_generation_prompt` false by default, as vLLM's pooling routes);
-    `task` (None: the server's); `encoding_format` "float" or "base64"; `dimensions` as for
+    `task` (None: the server's); the encoding fields of `_Encoded`; `dimensions` as for
     /v1/embeddings; `use_activation` false: raw logits or unnormalised states."""
 
     model: str | None = None
     input: str | list[str] | list[StrictInt] | list[list[StrictInt]] | None = None
     messages: list[ChatMessage] | None = None
     task: Literal["embed", "classify", "token_embed", "token_classify"] | None = None
-    encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
     truncate_prompt_tokens: int | None = None  # vLLM's: keep each input's last tokens (-1: max_model_len)
