@@ -144,6 +144,8 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
 def _add_app_args(parser: argparse.ArgumentParser) -> None:
     """The flags of the OpenAI routes, which `serve` and `run-batch` share."""
     parser.add_argument("--served-model-name", default=None, help="model name the API shows; unset: the model's")
+    parser.add_argument("--return-tokens-as-token-ids", action="store_true",
+                        help="name logprobs' tokens 'token_id:N' unless a request's return_tokens_as_token_ids says not")
     parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
                         help="LoRA adapters (PEFT folders) served under their own model names (with --enable-lora)")
     parser.add_argument("--chat-template", default=None,

@@ -71,9 +71,12 @@ def test_batch_answers_each_line_as_the_server_would(llm, tmp_path, monkeypatch)
         _line("streamed", "/v1/chat/completions", {"model": "stories", "messages": CHAT, "stream": True}),
         _line("no-route", "/v1/images/generations", {"prompt": "a dog"}),
         _line("tokens", "/tokenize", {"prompt": PROMPTS[0]}),
+        _line("logprobs", "/v1/completions", {"model": "stories", "prompt": PROMPTS[0], "max_tokens": 4,
+                                               "temperature": 0, "logprobs": 1, "return_token_ids": True}),
     ]
     monkeypatch.setattr(batch, "LINES_IN_FLIGHT", 3)  # more lines than places: the rest wait their turn
-    app = create_app(llm.engine, served_model_name="stories", max_queued_requests=10**9)
+    app = create_app(llm.engine, served_model_name="stories", max_queued_requests=10**9,
+                     return_tokens_as_token_ids=True)  # the server's default for logprobs' token names
     output = io.StringIO()
     failed = run_batch(app, read_batch(_write(tmp_path, lines)), output, use_tqdm=False)
 
@@ -90,6 +93,9 @@ def test_batch_answers_each_line_as_the_server_would(llm, tmp_path, monkeypatch)
     both = openai.types.Completion.model_validate(by_id["two-prompts"]["response"]["body"])
     assert [c.text for c in sorted(both.choices, key=lambda c: c.index)] == texts[:2]
     assert by_id["tokens"]["response"]["body"]["tokens"] == tokenizer.encode(PROMPTS[0])
+    named = by_id["logprobs"]["response"]["body"]["choices"][0]
+    assert named["logprobs"]["tokens"] == [f"token_id:{t}" for t in named["token_ids"]]
+    assert tokenizer.decode(named["prompt_token_ids"] + named["token_ids"]).endswith(named["text"])
 
     refused = {"bad-temperature": (400, "temperature"), "other-model": (404, "model"), "streamed": (400, "stream"),
                "no-route": (404, "url")}

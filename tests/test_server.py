@@ -918,6 +918,61 @@ def test_streamed_completion_logprobs_equal_the_whole_response(server):
         assert [x for c in chunks if c.logprobs for x in c.logprobs.text_offset] == whole.text_offset
 
 
+def _decoded_after(tokenizer, prompt_ids: list[int], token_ids: list[int]) -> str:
+    """The text `token_ids` add after `prompt_ids`, as the tokenizer decodes them (a first token's
+    word-boundary space kept)."""
+    return tokenizer.decode(prompt_ids + token_ids)[len(tokenizer.decode(prompt_ids)):]
+
+
+def test_return_token_ids_and_tokens_as_ids(server):
+    """vLLM's `return_token_ids`: the prompt's ids (the tokenizer's encoding; a stream: in its first
+    chunk) and each choice's generated ids (their decoding is the text; a stream: each chunk's,
+    concatenating to the whole); `return_tokens_as_token_ids` names logprob tokens `token_id:N`."""
+    client, tokenizer = server.client(), server.front.engine.tokenizer
+    extra = {"return_token_ids": True}
+    prompt_ids = tokenizer.encode(PROMPTS[1])
+    whole = client.completions.create(model="stories", prompt=PROMPTS[1], max_tokens=10, temperature=0,
+                                      logprobs=1, extra_body=extra)
+    sampled = client.completions.create(model="stories", prompt=PROMPTS[1], max_tokens=10, temperature=1, seed=3,
+                                        n=2, extra_body=extra)
+    for choice in [*whole.choices, *sampled.choices]:
+        assert choice.prompt_token_ids == prompt_ids and len(choice.token_ids) == 10
+        assert _decoded_after(tokenizer, prompt_ids, choice.token_ids) == choice.text
+    assert len(whole.choices[0].logprobs.tokens) == 10 and sampled.choices[0].token_ids != sampled.choices[1].token_ids
+    chunks = [c.choices[0] for c in client.completions.create(model="stories", prompt=PROMPTS[1], max_tokens=10,
+                                                              temperature=0, stream=True, extra_body=extra)]
+    assert chunks[0].prompt_token_ids == prompt_ids and all(c.prompt_token_ids is None for c in chunks[1:])
+    assert [t for c in chunks for t in c.token_ids] == whole.choices[0].token_ids
+
+    chat = client.chat.completions.create(model="stories", messages=CHAT, max_tokens=10, temperature=0,
+                                          extra_body=extra)
+    rendered = server.post("/tokenize", {"messages": CHAT}).json()["tokens"]
+    assert chat.prompt_token_ids == rendered
+    assert _decoded_after(tokenizer, rendered, chat.choices[0].token_ids) == chat.choices[0].message.content
+    stream = list(client.chat.completions.create(model="stories", messages=CHAT, max_tokens=10, temperature=0,
+                                                 stream=True, extra_body=extra))
+    assert stream[0].prompt_token_ids == rendered and all(c.prompt_token_ids is None for c in stream[1:])
+    assert [t for c in stream for t in (c.choices[0].token_ids or [])] == chat.choices[0].token_ids
+    plain = client.completions.create(model="stories", prompt=PROMPTS[1], max_tokens=4, temperature=0)
+    assert plain.choices[0].token_ids is None and plain.choices[0].prompt_token_ids is None
+
+    as_ids = {"return_tokens_as_token_ids": True, **extra}
+    named = client.completions.create(model="stories", prompt=PROMPTS[1], max_tokens=10, temperature=0, logprobs=2,
+                                      echo=True, extra_body=as_ids).choices[0]
+    ids = prompt_ids + named.token_ids
+    assert named.logprobs.tokens == [f"token_id:{t}" for t in ids]
+    assert all(re.fullmatch(r"token_id:\d+", key) for top in named.logprobs.top_logprobs[1:] for key in top)
+    assert named.logprobs.token_logprobs[len(prompt_ids):] == pytest.approx(
+        whole.choices[0].logprobs.token_logprobs, abs=1e-5)
+    reply = client.chat.completions.create(model="stories", messages=CHAT, max_tokens=6, temperature=0, logprobs=True,
+                                           top_logprobs=2, extra_body=as_ids).choices[0]
+    assert [t.token for t in reply.logprobs.content] == [f"token_id:{t}" for t in reply.token_ids]
+    assert all(re.fullmatch(r"token_id:\d+", top.token) for t in reply.logprobs.content for top in t.top_logprobs)
+    assert [bytes(t.bytes) for t in reply.logprobs.content] == [  # what each token stands for, as without
+        bytes(t.bytes) for t in client.chat.completions.create(
+            model="stories", messages=CHAT, max_tokens=6, temperature=0, logprobs=True).choices[0].logprobs.content]
+
+
 def test_null_max_tokens_is_the_rest_of_the_context_and_refusals_say_where(server):
     """vLLM's reading of a completion's `max_tokens: null` (the default 16 would not fit here), and
     400s that point at the bad prompt, part or character."""

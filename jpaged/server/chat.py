@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi.responses import JSONResponse
 
@@ -59,7 +58,6 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
     """Serve a chat completion request: a response body, or (with `stream`) an iterator of SSE
     events. Raises APIError for bad input (400) or a full server (503)."""
     model = state.model(request.model)
-    tokenizer = state.engine.tokenizer
     prompt, params = await chat_request_input(request, state)
     request_id = random_id("chatcmpl")
     group = await submit(state, request_id, [prompt], [params], request.priority, constraint_field(request),
@@ -77,11 +75,13 @@ async def create_chat_completion(request: ChatCompletionRequest, state: ServerSt
             content = echo + (content or "")
         message = ChatResponseMessage(content=content, reasoning=reasoning, tool_calls=calls)
         choices.append(ChatChoice(index=choice.index, message=message,
-                                  logprobs=_logprobs(tokenizer, params, choice.token_ids, choice.logprobs),
-                                  finish_reason=_finish_reason(request, choice, calls), stop_reason=choice.stop_reason))
+                                  logprobs=_logprobs(state, request, params, choice.token_ids, choice.logprobs),
+                                  finish_reason=_finish_reason(request, choice, calls), stop_reason=choice.stop_reason,
+                                  token_ids=list(choice.token_ids) if request.return_token_ids else None))
     response = ChatCompletionResponse(id=request_id, model=model, choices=choices,
                                       usage=_usage(state, prompt, output, thinking),
-                                      prompt_logprobs=prompt_logprobs(output.prompt_logprobs))
+                                      prompt_logprobs=prompt_logprobs(output.prompt_logprobs),
+                                      prompt_token_ids=prompt.token_ids if request.return_token_ids else None)
     return JSONResponse(response.model_dump())
 
 
@@ -128,10 +128,11 @@ def _finish_reason(request: ChatCompletionRequest, choice: CompletionOutput, cal
     return "tool_calls" if calls and chose else choice.finish_reason
 
 
-def _logprobs(tokenizer: Any, params: SamplingParams, token_ids: list[int], entries: list | None):
+def _logprobs(state: ServerState, request: ChatCompletionRequest, params: SamplingParams, token_ids: list[int],
+              entries: list | None):
     if params.logprobs is None:
         return None
-    return chat_logprobs(tokenizer, token_ids, entries or [], params.logprobs)
+    return chat_logprobs(state.engine.tokenizer, token_ids, entries or [], params.logprobs, state.tokens_as_ids(request))
 
 
 async def _stream(request: ChatCompletionRequest, state: ServerState, model: str, request_id: str, prompt: Prompt,
@@ -140,15 +141,16 @@ async def _stream(request: ChatCompletionRequest, state: ServerState, model: str
     progress = [ChoiceProgress() for _ in range(params.n)]
     final, thinking = None, state.thinking(request, prompt.token_ids)
 
-    def chunk(choices: list[ChatStreamChoice], usage_info=None) -> str:
+    def chunk(choices: list[ChatStreamChoice], usage_info=None, prompt_ids=None) -> str:
         return sse(ChatCompletionStreamResponse(id=request_id, created=created, model=model,
-                                                choices=choices, usage=usage_info))
+                                                choices=choices, usage=usage_info, prompt_token_ids=prompt_ids))
 
     try:
         prompt_tokens = len(prompt.token_ids)
         for index in range(params.n):
+            first = index == 0 and request.return_token_ids
             yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))],
-                        chunk_usage(request, prompt_tokens, 0))
+                        chunk_usage(request, prompt_tokens, 0), prompt.token_ids if first else None)
             if echo := _echoed(request):
                 yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(content=echo))],
                             chunk_usage(request, prompt_tokens, 0))
@@ -187,15 +189,25 @@ def _choice_chunk(request: ChatCompletionRequest, state: ServerState, params: Sa
         streamable = streamable_text(request, answer, state.tool_parser)
         text = sent.new_text(streamable) if len(streamable) > len(sent.text_sent) else ""
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
-    logprobs = _logprobs(state.engine.tokenizer, params, token_ids, entries) if token_ids else None
-    if not text and not thought and logprobs is None and not choice.finished():
+    logprobs = _logprobs(state, request, params, token_ids, entries) if token_ids else None
+    if not text and not thought and logprobs is None and not _sends_tokens(request, token_ids) \
+            and not choice.finished():
         return None
     sent.finished = choice.finished()
     delta = DeltaMessage(content=text or (None if calls or thought else ""), reasoning=thought,
                          tool_calls=[_whole_call(i, call) for i, call in enumerate(calls)] or None)
     return ChatStreamChoice(index=choice.index, delta=delta, logprobs=logprobs,
                             finish_reason=_finish_reason(request, choice, calls) if choice.finished() else None,
-                            stop_reason=choice.stop_reason)
+                            stop_reason=choice.stop_reason, token_ids=_chunk_tokens(request, token_ids))
+
+
+def _sends_tokens(request: ChatCompletionRequest, token_ids: list[int]) -> bool:
+    """Whether a chunk must go out for its new tokens alone (`return_token_ids`: every token is sent)."""
+    return request.return_token_ids and bool(token_ids)
+
+
+def _chunk_tokens(request: ChatCompletionRequest, token_ids: list[int]) -> list[int] | None:
+    return list(token_ids) if request.return_token_ids else None
 
 
 def _whole_call(index: int, call: ToolCall) -> DeltaToolCall:
@@ -212,12 +224,14 @@ def _arguments_chunk(request: ChatCompletionRequest, state: ServerState, params:
     says so.)"""
     pieces = sent.new_text(answer)
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
-    logprobs = _logprobs(state.engine.tokenizer, params, token_ids, entries) if token_ids else None
-    if not pieces and not thought and logprobs is None and not choice.finished():
+    logprobs = _logprobs(state, request, params, token_ids, entries) if token_ids else None
+    if not pieces and not thought and logprobs is None and not _sends_tokens(request, token_ids) \
+            and not choice.finished():
         return None
     sent.finished = choice.finished()
     if not pieces and sent.call is None and not choice.finished():  # still thinking: no call yet
-        return ChatStreamChoice(index=choice.index, delta=DeltaMessage(reasoning=thought), logprobs=logprobs)
+        return ChatStreamChoice(index=choice.index, delta=DeltaMessage(reasoning=thought), logprobs=logprobs,
+                                token_ids=_chunk_tokens(request, token_ids))
     first = sent.call is None
     if first:
         sent.call = named_call(request, state.tool_parser)
@@ -227,4 +241,4 @@ def _arguments_chunk(request: ChatCompletionRequest, state: ServerState, params:
         calls = [DeltaToolCall(index=0, function=DeltaFunctionCall(arguments=pieces))] if pieces else None
     return ChatStreamChoice(index=choice.index, delta=DeltaMessage(reasoning=thought, tool_calls=calls), logprobs=logprobs,
                             finish_reason=choice.finish_reason if choice.finished() else None,
-                            stop_reason=choice.stop_reason)
+                            stop_reason=choice.stop_reason, token_ids=_chunk_tokens(request, token_ids))

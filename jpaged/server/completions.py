@@ -62,7 +62,8 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
     if request.stream:
         return _stream(request, state, model, request_id, prompts, params[0], group)
     outputs = [_returned(request, output) for output in await collect(group)]
-    choices = [_choice(request, tokenizer, i, prompt, output, choice)
+    as_ids = state.tokens_as_ids(request)
+    choices = [_choice(request, tokenizer, i, prompt, output, choice, as_ids)
                for i, (prompt, output) in enumerate(zip(prompts, outputs)) for choice in output.outputs]
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     response = CompletionResponse(id=request_id, model=model, choices=choices,
@@ -105,19 +106,24 @@ def _prompt_text(tokenizer: Any, prompt: Prompt) -> str:
 
 
 def _choice(request: CompletionRequest, tokenizer: Any, prompt_index: int, prompt: Prompt, output: RequestOutput,
-            choice: CompletionOutput) -> CompletionChoice:
+            choice: CompletionOutput, as_ids: bool) -> CompletionChoice:
     index = prompt_index * request.n + choice.index
-    echoed, echoed_logprobs = _echo(request, tokenizer, prompt, output) if request.echo else ("", None)
+    echoed, echoed_logprobs = _echo(request, tokenizer, prompt, output, as_ids) if request.echo else ("", None)
     logprobs = None
     if request.logprobs is not None:
         logprobs = completion_logprobs(tokenizer, choice.token_ids, choice.logprobs or [],
-                                       _offset_after(tokenizer, prompt, echoed, echoed_logprobs))
+                                       _offset_after(tokenizer, prompt, echoed, echoed_logprobs), as_token_ids=as_ids)
         if echoed_logprobs is not None:
             logprobs = _joined(echoed_logprobs, logprobs)
     return CompletionChoice(index=index, text=echoed + choice.text, logprobs=logprobs,
                             finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,
                             prompt_logprobs=prompt_logprobs(output.prompt_logprobs) if request.prompt_logprobs is not None
-                            else None)
+                            else None, **_token_ids(request, prompt.token_ids, choice.token_ids))
+
+
+def _token_ids(request: CompletionRequest, prompt_ids: list[int] | None, token_ids: list[int]) -> dict:
+    """A choice's `prompt_token_ids` and `token_ids` fields where the request asks for them."""
+    return {"prompt_token_ids": prompt_ids, "token_ids": list(token_ids)} if request.return_token_ids else {}
 
 
 def _joined(first: CompletionLogprobs, second: CompletionLogprobs) -> CompletionLogprobs:
@@ -128,7 +134,7 @@ def _joined(first: CompletionLogprobs, second: CompletionLogprobs) -> Completion
 
 async def _stream(request: CompletionRequest, state: ServerState, model: str, request_id: str, prompts: list[Prompt],
                   params: SamplingParams, group: RequestGroup) -> AsyncIterator[str]:
-    tokenizer, created = state.engine.tokenizer, int(time.time())
+    tokenizer, created, as_ids = state.engine.tokenizer, int(time.time()), state.tokens_as_ids(request)
     progress: dict[int, ChoiceProgress] = {}
     finals: dict[int, RequestOutput] = {}
 
@@ -146,14 +152,16 @@ async def _stream(request: CompletionRequest, state: ServerState, model: str, re
                     continue  # its prompt is still being computed (and its prompt logprobs with it)
                 index = prompt_index * request.n + choice.index
                 sent = progress.get(index)
-                echoed, echoed_logprobs = "", None
+                echoed, echoed_logprobs, prompt_ids = "", None, None
                 if sent is None:
                     sent = progress[index] = ChoiceProgress()
+                    prompt_ids = prompts[prompt_index].token_ids
                     if request.echo:
-                        echoed, echoed_logprobs = _echo(request, tokenizer, prompts[prompt_index], output)
+                        echoed, echoed_logprobs = _echo(request, tokenizer, prompts[prompt_index], output, as_ids)
                         sent.token_offset = _offset_after(tokenizer, prompts[prompt_index], echoed,
                                                           echoed_logprobs)
-                event = _choice_chunk(request, tokenizer, sent, choice, index, echoed, echoed_logprobs)
+                event = _choice_chunk(request, tokenizer, sent, choice, index, echoed, echoed_logprobs, prompt_ids,
+                                      as_ids)
                 if event is not None:
                     yield chunk([event], chunk_usage(request, len(prompts[prompt_index].token_ids),
                                                      len(choice.token_ids)))
@@ -167,13 +175,14 @@ async def _stream(request: CompletionRequest, state: ServerState, model: str, re
     yield DONE
 
 
-def _echo(request: CompletionRequest, tokenizer: Any, prompt: Prompt,
-          output: RequestOutput) -> tuple[str, CompletionLogprobs | None]:
+def _echo(request: CompletionRequest, tokenizer: Any, prompt: Prompt, output: RequestOutput,
+          as_ids: bool) -> tuple[str, CompletionLogprobs | None]:
     """The prompt's text that leads an echoed choice, and its tokens' logprobs where asked for."""
     if request.logprobs is None:
         return _prompt_text(tokenizer, prompt), None
     return _prompt_text(tokenizer, prompt), completion_logprobs(
-        tokenizer, prompt.token_ids, output.prompt_logprobs or [None] * len(prompt.token_ids), top=request.logprobs)
+        tokenizer, prompt.token_ids, output.prompt_logprobs or [None] * len(prompt.token_ids), top=request.logprobs,
+        as_token_ids=as_ids)
 
 
 def _offset_after(tokenizer: Any, prompt: Prompt, echoed: str, echoed_logprobs: CompletionLogprobs | None) -> int:
@@ -186,22 +195,25 @@ def _offset_after(tokenizer: Any, prompt: Prompt, echoed: str, echoed_logprobs: 
 
 
 def _choice_chunk(request: CompletionRequest, tokenizer: Any, sent: ChoiceProgress, choice: CompletionOutput,
-                  index: int, echoed: str, echoed_logprobs: CompletionLogprobs | None) -> CompletionChoice | None:
+                  index: int, echoed: str, echoed_logprobs: CompletionLogprobs | None, prompt_ids: list[int] | None,
+                  as_ids: bool) -> CompletionChoice | None:
     """The chunk that brings a streamed choice up to date, or None when it has nothing new. Its
     tokens' `text_offset`s count from the choice's start as a whole response's do (so text held
-    back for a possible stop string does not shift them)."""
+    back for a possible stop string does not shift them). `prompt_ids` are given for the
+    choice's first chunk (sent with `return_token_ids`)."""
     if sent.finished:
         return None
     text = echoed + sent.new_text(choice.text)
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
     logprobs = None
     if request.logprobs is not None and (token_ids or echoed_logprobs is not None):
-        logprobs = completion_logprobs(tokenizer, token_ids, entries, sent.token_offset)
+        logprobs = completion_logprobs(tokenizer, token_ids, entries, sent.token_offset, as_token_ids=as_ids)
         sent.token_offset += text_length(tokenizer, token_ids)
         if echoed_logprobs is not None:
             logprobs = _joined(echoed_logprobs, logprobs)
-    if not text and logprobs is None and not choice.finished():
+    tokens_to_send = request.return_token_ids and (token_ids or prompt_ids is not None)
+    if not text and logprobs is None and not tokens_to_send and not choice.finished():
         return None
     sent.finished = choice.finished()
     return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=choice.finish_reason,
-                            stop_reason=choice.stop_reason)
+                            stop_reason=choice.stop_reason, **_token_ids(request, prompt_ids, token_ids))

@@ -34,7 +34,7 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
                max_queued_requests: int = 256, allowed_origins: list[str] | None = None,
                chat_template: str | None = None, trust_request_chat_template: bool = False,
                tool_call_parser: str | None = None, lora_modules: list[LoRARequest] | None = None,
-               allow_runtime_lora_updating: bool = False) -> FastAPI:
+               allow_runtime_lora_updating: bool = False, return_tokens_as_token_ids: bool = False) -> FastAPI:
     """The OpenAI-compatible app over `engine`; its engine loop starts and stops with the app.
 
     Args:
@@ -52,6 +52,8 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
             `enable_lora`); each is read before the app is made.
         allow_runtime_lora_updating: whether `POST /v1/load_lora_adapter` and
             `/v1/unload_lora_adapter` (vLLM's) may add and remove adapters while serving.
+        return_tokens_as_token_ids: name logprobs' tokens `token_id:N` where a request does not
+            say (its `return_tokens_as_token_ids`).
 
     Raises:
         ValueError: for an unknown `tool_call_parser`, a `chat_template` that does not parse, or a
@@ -65,7 +67,8 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
                         on_aborted=metrics.observe_aborted)
     state = ServerState(front, name, metrics, api_key or None, chat_template, trust_request_chat_template, parser,
                         engine.reasoning_parser, engine.pooling_task, dict(engine.default_sampling_params),
-                        classifier=engine.classifier, runtime_lora_updating=allow_runtime_lora_updating)
+                        classifier=engine.classifier, runtime_lora_updating=allow_runtime_lora_updating,
+                        return_tokens_as_token_ids=return_tokens_as_token_ids)
     for lora in lora_modules or ():  # the engine loop has not started: the engine is called here
         try:
             state.load_lora(engine, lora.lora_name, lora.lora_path, lora.lora_int_id)
@@ -154,7 +157,8 @@ def _app_from_flags(args: argparse.Namespace, template: str | None, **server) ->
                       tool_call_parser=args.tool_call_parser,
                       lora_modules=[LoRARequest(name, i, path)
                                     for i, (name, path) in enumerate(args.lora_modules or (), start=1)],
-                      allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False), **server)
+                      allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),
+                      return_tokens_as_token_ids=args.return_tokens_as_token_ids, **server)
 
 
 def check_can_listen(host: str, port: int) -> None:

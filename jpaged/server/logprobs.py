@@ -37,17 +37,18 @@ def finite(logprob: float) -> float:
 
 
 def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, Logprob] | None],
-                        text_offset: int = 0, top: int | None = None) -> CompletionLogprobs:
+                        text_offset: int = 0, top: int | None = None, as_token_ids: bool = False) -> CompletionLogprobs:
     """The completions shape for `token_ids` with their engine entries (None where a token has
     none, as a prompt's first); `text_offset` is where the first token's text starts. With
     `top` >= 0, each token's `top_logprobs` hold its own and at most the `top` most likely (an
     echoed prompt's entries may have been computed wider, for `prompt_logprobs`); None or -1
-    (the whole vocabulary) keeps every entry."""
+    (the whole vocabulary) keeps every entry. `as_token_ids`: tokens are named `token_id:N`
+    (vLLM's `return_tokens_as_token_ids`) instead of by their text."""
     top = None if top is not None and top < 0 else top
     result = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries):
         text = token_text(tokenizer, token_id)
-        result.tokens.append(legacy_token(tokenizer, token_id, text))
+        result.tokens.append(id_name(token_id) if as_token_ids else legacy_token(tokenizer, token_id, text))
         result.text_offset.append(text_offset)
         text_offset += len(text)
         if entry is None:
@@ -58,9 +59,15 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict
         named: dict[str, float] = {}
         for token, lp in entry.items():  # the chosen token first: its name keeps its own logprob
             if top is None or token == token_id or lp.rank <= top:
-                named.setdefault(legacy_token(tokenizer, token, lp.decoded_token), finite(lp.logprob))
+                name = id_name(token) if as_token_ids else legacy_token(tokenizer, token, lp.decoded_token)
+                named.setdefault(name, finite(lp.logprob))
         result.top_logprobs.append(named)
     return result
+
+
+def id_name(token_id: int) -> str:
+    """A token named by its id, as vLLM's `return_tokens_as_token_ids` names it."""
+    return f"token_id:{token_id}"
 
 
 def text_length(tokenizer: Any, token_ids: list[int]) -> int:
@@ -90,17 +97,20 @@ def prompt_logprobs(entries: list[dict[int, Logprob] | None] | None) -> PromptLo
              for token, lp in entry.items()} for entry in entries]
 
 
-def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, Logprob]], top: int) -> ChatLogprobs:
+def chat_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, Logprob]], top: int,
+                  as_token_ids: bool = False) -> ChatLogprobs:
     """The chat shape for `token_ids` with their engine entries and `top` alternatives each (-1:
-    every entry, the whole vocabulary)."""
+    every entry, the whole vocabulary); `as_token_ids` names each `token` `token_id:N` (its
+    `bytes` stay what it stands for)."""
     content = []
     for token_id, entry in zip(token_ids, entries):
         best = sorted(entry.items(), key=lambda item: item[1].logprob, reverse=True)[: None if top < 0 else top]
-        content.append(ChatTokenLogprob(**_token(tokenizer, token_id, entry[token_id]),
-                                        top_logprobs=[TopLogprob(**_token(tokenizer, t, lp)) for t, lp in best]))
+        content.append(ChatTokenLogprob(**_token(tokenizer, token_id, entry[token_id], as_token_ids),
+                                        top_logprobs=[TopLogprob(**_token(tokenizer, t, lp, as_token_ids))
+                                                      for t, lp in best]))
     return ChatLogprobs(content=content)
 
 
-def _token(tokenizer: Any, token_id: int, logprob: Logprob) -> dict:
-    return {"token": logprob.decoded_token, "logprob": finite(logprob.logprob),
+def _token(tokenizer: Any, token_id: int, logprob: Logprob, as_token_ids: bool) -> dict:
+    return {"token": id_name(token_id) if as_token_ids else logprob.decoded_token, "logprob": finite(logprob.logprob),
             "bytes": list(token_bytes(tokenizer, token_id))}

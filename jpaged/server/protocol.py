@@ -128,6 +128,8 @@ class CompletionRequest(SamplingFields):
     echo: StrictBool = False
     best_of: int | None = None
     suffix: str | None = None
+    return_token_ids: StrictBool = False  # vLLM's: the prompt's and each choice's token ids too
+    return_tokens_as_token_ids: StrictBool | None = None  # vLLM's: logprob tokens as "token_id:N" (None: the server's)
 
 
 class ContentPart(_Request):
@@ -183,6 +185,8 @@ class ChatCompletionRequest(SamplingFields):
     echo: StrictBool = False  # a final assistant message's text leads the reply (with continue_final_message)
     chat_template: str | None = None  # Jinja text; only where the server trusts request templates
     chat_template_kwargs: dict[str, Any] | None = None  # extra variables for the template
+    return_token_ids: StrictBool = False  # the prompt's and each choice's token ids too
+    return_tokens_as_token_ids: StrictBool | None = None  # logprob tokens as "token_id:N" (None: the server's)
 
 
 class ResponsesRequest(_Body):
@@ -400,6 +404,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids (a stream: in the choice's first chunk)
+    token_ids: list[int] | None = None  # with return_token_ids: the choice's tokens (a stream: the chunk's)
 
 
 class CompletionResponse(BaseModel):
@@ -461,6 +467,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -471,6 +478,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: UsageInfo
     prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids
 
 
 class DeltaMessage(_WithoutNulls):
@@ -488,6 +496,7 @@ class ChatStreamChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # with return_token_ids: the chunk's tokens
 
 
 class ChatCompletionStreamResponse(BaseModel):
@@ -497,6 +506,7 @@ class ChatCompletionStreamResponse(BaseModel):
     model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids: in the stream's first chunk
 
 
 class CompletionStreamResponse(BaseModel):

@@ -34,7 +34,14 @@ from jpaged.server.errors import APIError, bad_request, internal_error, overload
 from jpaged.server.metrics import ServerMetrics
 from jpaged.server.params import check_model
 from jpaged.server.prompts import ChatTemplate, Prompt
-from jpaged.server.protocol import ChatCompletionRequest, SamplingFields, TokenizeRequest, ToolCall, UsageInfo
+from jpaged.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    TokenizeRequest,
+    ToolCall,
+    UsageInfo,
+)
 from jpaged.server.tool_parsers import ToolParser
 
 DONE = "data: [DONE]\n\n"
@@ -62,6 +69,12 @@ class ServerState:
     loras: dict[str, LoRARequest] = field(default_factory=dict)  # LoRA adapters served, by model name
     runtime_lora_updating: bool = False  # whether requests may load and unload adapters
     classifier: Classifier | None = None  # a classifying engine's head (`EngineClient.classifier`)
+    return_tokens_as_token_ids: bool = False  # logprob tokens named `token_id:N` unless a request says otherwise
+
+    def tokens_as_ids(self, request: CompletionRequest | ChatCompletionRequest) -> bool:
+        """Whether `request`'s logprobs name tokens by id (its `return_tokens_as_token_ids`, else the server's)."""
+        asked = request.return_tokens_as_token_ids
+        return self.return_tokens_as_token_ids if asked is None else asked
 
     def thinking(self, request: ChatCompletionRequest, prompt_ids: list[int]) -> bool:
         """Whether the replies to `request` (rendered as `prompt_ids`) start in the model's
