@@ -2,6 +2,7 @@
 aborts, back-pressure), streamed text deltas, and the checks that turn bad input into 400s."""
 
 import asyncio
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -595,6 +596,57 @@ def test_completion_logprobs_name_each_part_of_a_character_by_its_bytes(stories_
         assert len(named) == len(partial)
         joined = b"".join(bytes.fromhex(name[6:].replace("\\x", "")) for name in named)
         assert set(joined.decode()) <= set("東京👩🎉 ")  # whole characters (and a space a piece may lead with)
+
+
+def _qwen3_coder_call(name: str, arguments: dict) -> str:
+    """A call written in Qwen3-Coder's XML syntax: each value as text (JSON for objects, arrays and
+    booleans), one newline framing it on each side."""
+    def text(value):
+        return json.dumps(value) if isinstance(value, (dict, list, bool)) else str(value)
+
+    parameters = "".join(f"<parameter={key}>\n{text(value)}\n</parameter>\n" for key, value in arguments.items())
+    return f"<tool_call>\n<function={name}>\n{parameters}</function>\n</tool_call>"
+
+
+def test_qwen3_coder_calls_are_read_as_transformers_reads_them():
+    """Oracle: transformers' own response parser (`parse_response`) with its template for the
+    Qwen 3.5 family, which writes calls in this syntax, given the same tools to type the values."""
+    import random
+
+    from jpaged.server.tool_parsers import tool_parser
+    chat_parsing = pytest.importorskip("transformers.utils.chat_parsing.response_parser")
+    templates = pytest.importorskip("transformers.cli.serving.utils")._RESPONSE_TEMPLATE_FALLBACKS
+    template = next(spec for families, spec in templates.items() if "qwen3_5" in families)
+    prefix = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    parser, rng = tool_parser("qwen3_coder"), random.Random(0)
+    kinds = {"string": lambda: "".join(rng.choice("abé☃ {}[]\"'") for _ in range(rng.randint(1, 8))).strip() or "x",
+             "integer": lambda: rng.randint(-10**6, 10**6), "number": lambda: rng.randint(-10**4, 10**4) / 8 + 0.5,
+             "boolean": lambda: rng.random() < 0.5, "object": lambda: {"k": rng.randint(0, 9), "s": ["a", None]},
+             "array": lambda: [rng.randint(0, 9), "b", {"c": True}]}
+    for trial in range(60):
+        tools, calls = [], []
+        for j in range(rng.randint(1, 3)):
+            types = {f"p{i}": rng.choice(sorted(kinds)) for i in range(rng.randint(0, 5))}
+            tools.append({"type": "function", "function": {"name": f"fn_{j}", "parameters": {
+                "type": "object", "properties": {key: {"type": kind} for key, kind in types.items()}}}})
+            calls.append((f"fn_{j}", {key: kinds[kind]() for key, kind in types.items()}))
+        content = rng.choice(["", "Let me look. ", "Sure: <b>x</b> "])
+        text = content + "\n".join(_qwen3_coder_call(name, args) for name, args in calls)
+        want = chat_parsing.parse_response(text + "<|im_end|>", template, prefix=prefix, tools=tools)
+        found, parsed = parser.parse(text, tools)
+        assert [(c.name, json.loads(c.arguments)) for c in parsed] == \
+            [(c["function"]["name"], c["function"]["arguments"]) for c in want["tool_calls"]] == calls
+        assert (found or "").strip() == (want.get("content") or "")
+        sent, final = _streamed(parser, text)
+        assert final == content and "<tool_call>" not in sent
+    untyped = parser.parse(_qwen3_coder_call("f", {"n": 3, "o": {"a": 1}}))[1][0]  # no tools: every value is text
+    assert json.loads(untyped.arguments) == {"n": "3", "o": '{"a": 1}'}
+    number = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": {"type": "number"}}}}}]
+    for text in ["Hello there.", "<tool_call>\n<function=>\n</function>\n</tool_call>",
+                 "<tool_call>\n<function=f>\n<parameter=x>\nnan\n</parameter>\n</function>\n</tool_call>"]:
+        assert parser.parse(text, number) == (text, [])  # no call, no name, or a number JSON cannot hold
+    open_ended = "<function=f>\n<parameter=x>\n2\n</parameter>\n<parameter=y>\nlast"  # cut short, no <tool_call>
+    assert [(c.name, json.loads(c.arguments)) for c in parser.parse(open_ended, number)[1]] == [("f", {"x": 2, "y": "last"})]
 
 
 def test_bodies_the_json_parser_cannot_take_get_400s_saying_why():

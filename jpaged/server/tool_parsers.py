@@ -28,6 +28,15 @@ its family, and the server finds the calls in the finished text (`jpaged serve
   and a JSON array of `{"name": ..., "arguments": {...}}`; no content.
 - `phi4_mini_json` (Phi-4-mini): the content, then `functools` and a JSON array of calls (text
   after the array is dropped).
+- `qwen3_coder` (Qwen3-Coder, and Qwen3 models prompted in its style): the content, then per call
+  `<tool_call>`, `<function=NAME>`, one `<parameter=KEY>` VALUE `</parameter>` per argument,
+  `</function>` and `</tool_call>` (the last tags may be missing at the end of the reply). A
+  value is text (one newline after its opening tag and one before its closing tag are
+  framing); it is read by the type the request's tool schema gives that parameter, as vLLM
+  reads it: text for strings (and for parameters the schema does not name), `int` for integers,
+  a number for numbers (an integer where the text has no point or exponent), `true` / `false`
+  for booleans, JSON (else a Python literal, else the text) for objects, arrays and the rest;
+  `null` is null.
 
 A reply whose marked calls are not all JSON objects with a non-empty name and object arguments
 (`arguments`, or `parameters`, either as an object or as JSON text of one), or for `pythonic` not
@@ -45,6 +54,8 @@ from __future__ import annotations
 
 import ast
 import json
+import math
+import re
 import secrets
 import string
 from dataclasses import dataclass
@@ -62,16 +73,17 @@ class ToolParser:
     name = ""
     keeps_special_tokens = False  # whether the syntax's markers are special tokens the reply must keep
 
-    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+    def parse(self, text: str, tools: list[dict] | None = None) -> tuple[str | None, list[ParsedCall]]:
         """The content and the calls of a finished reply; `(text, [])` when it makes no call, or
         when its calls cannot be read (malformed, or too deep or long for Python's JSON and AST
-        readers)."""
+        readers). `tools`: the request's function definitions (OpenAI's `{"type": "function",
+        "function": {...}}`), for syntaxes whose argument values are read by their schema."""
         try:
-            return self._parse(text)
+            return self._parse(text, tools or [])
         except (ValueError, SyntaxError, RecursionError, MemoryError):  # json's errors are ValueErrors
             return text, []
 
-    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+    def _parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[ParsedCall]]:
         raise NotImplementedError
 
     def held_from(self, text: str) -> int:
@@ -111,7 +123,7 @@ class _MarkedToolParser(ToolParser):
 
     START = ""
 
-    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+    def _parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[ParsedCall]]:
         start = text.find(self.START)
         calls = self._calls(text[start + len(self.START):].lstrip()) if start >= 0 else []
         if not calls or None in calls:
@@ -150,7 +162,7 @@ class Llama3JsonToolParser(ToolParser):
     name = "llama3_json"
     PYTHON_TAG = "<|python_tag|>"
 
-    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+    def _parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[ParsedCall]]:
         rest = text.strip().removeprefix(self.PYTHON_TAG).lstrip()
         if not rest.startswith("{"):
             return text, []
@@ -211,7 +223,7 @@ class PythonicToolParser(ToolParser):
     name = "pythonic"
     START, END = "<|python_start|>", "<|python_end|>"
 
-    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+    def _parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[ParsedCall]]:
         body = text.strip().removeprefix(self.START).removesuffix(self.END).strip()
         if not (body.startswith("[") and body.endswith("]")):
             return text, []
@@ -246,7 +258,7 @@ class GraniteToolParser(ToolParser):
     name = "granite"
     MARKERS = ("<|tool_call|>", "<tool_call>")  # Granite 3.1 and later, then 3.0
 
-    def _parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+    def _parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[ParsedCall]]:
         body = text.strip()
         body = next((body[len(m):].lstrip() for m in self.MARKERS if body.startswith(m)), body)
         if not body.startswith("["):
@@ -274,9 +286,88 @@ class Phi4MiniJsonToolParser(_MarkedToolParser):
         return [_call(item) for item in value] if isinstance(value, list) else [None]
 
 
+class Qwen3CoderToolParser(ToolParser):
+    name = "qwen3_coder"
+    START, FUNCTION = "<tool_call>", "<function="
+    FUNCTIONS = re.compile(r"<function=([^>\n]*)>(.*?)(?:</function>|$)", re.DOTALL)
+    PARAMETERS = re.compile(r"<parameter=([^>\n]*)>(.*?)(?:</parameter>|(?=<parameter=)|$)", re.DOTALL)
+
+    def _parse(self, text: str, tools: list[dict]) -> tuple[str | None, list[ParsedCall]]:
+        start = self._start(text)
+        if start == len(text):
+            return text, []
+        schemas = {tool.get("function", {}).get("name"): tool.get("function", {}).get("parameters") or {}
+                   for tool in tools}
+        calls = []
+        for match in self.FUNCTIONS.finditer(text, start):
+            name = match.group(1).strip()
+            if not name:
+                return text, []
+            properties = (schemas.get(name) or {}).get("properties") or {}
+            arguments = {key.strip(): _typed(_unframed(value), properties.get(key.strip()))
+                         for key, value in self.PARAMETERS.findall(match.group(2))}
+            calls.append(ParsedCall(name, json.dumps(arguments, ensure_ascii=False, allow_nan=False)))
+        if not calls:
+            return text, []
+        return text[:start] or None, calls
+
+    def _start(self, text: str) -> int:
+        """Where the first call begins: its `<tool_call>`, or a `<function=` written without one."""
+        found = [i for i in (text.find(self.START), text.find(self.FUNCTION)) if i >= 0]
+        return min(found, default=len(text))
+
+    def held_from(self, text: str) -> int:
+        start = self._start(text)
+        if start < len(text):
+            return start
+        return min(_partial_marker_start(text, self.START), _partial_marker_start(text, self.FUNCTION))
+
+
+def _unframed(value: str) -> str:
+    """A parameter's text without the newline after its opening tag and the one before its closing tag."""
+    value = value[1:] if value.startswith("\n") else value
+    return value[:-1] if value.endswith("\n") else value
+
+
+def _number(value: str, kind: type):
+    """`value` read as a `kind` number, or the text itself where it is not one."""
+    try:
+        return kind(value)
+    except ValueError:
+        return value
+
+
+def _typed(value: str, schema: dict | None):
+    """A `qwen3_coder` parameter's text as the JSON value its schema's type says (see the module
+    docstring); ValueError for a number JSON cannot hold."""
+    kind = str((schema or {}).get("type", "string")).lower()
+    if schema is None or kind in ("string", "str", "text", "varchar", "char", "enum"):
+        return value
+    if value.lower() == "null":
+        return None
+    if kind.startswith(("int", "uint", "long", "short", "unsigned")):
+        return _number(value, int)
+    if kind.startswith(("num", "float", "double")):
+        number = _number(value, float)
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ValueError(f"{value!r} is not a JSON number")
+        return _number(value, int) if isinstance(number, float) and not any(c in value for c in ".eE") else number
+    if kind.startswith("bool"):
+        return value.strip().lower() == "true"
+    try:
+        return json.loads(value)
+    except ValueError:
+        try:
+            parsed = ast.literal_eval(value)
+            json.dumps(parsed, allow_nan=False)
+            return parsed
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return value
+
+
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     parser.name: parser for parser in (HermesToolParser, Llama3JsonToolParser, MistralToolParser, PythonicToolParser,
-                                       GraniteToolParser, Phi4MiniJsonToolParser)}
+                                       GraniteToolParser, Phi4MiniJsonToolParser, Qwen3CoderToolParser)}
 
 
 def tool_parser(name: str) -> ToolParser:

@@ -104,7 +104,7 @@ def reply(request: ChatCompletionRequest, text: str, parser: ToolParser | None) 
     complete JSON (cut by `max_tokens`); under "auto", what `parser` finds. A named function's
     arguments are the reply's text as it is (vLLM's); other calls' are written by `json.dumps`."""
     if parses_tool_calls(request) and parser is not None:
-        content, calls = parser.parse(text)
+        content, calls = parser.parse(text, [tool.model_dump() for tool in request.tools or ()])
         return content, [_tool_call(call.name, call.arguments, parser) for call in calls]
     if not forces_tool_calls(request):
         return text, []
