@@ -35,6 +35,7 @@ SUPPORTED_ARCHITECTURES = {
     "Olmo2ForCausalLM": "olmo2",
     "Olmo3ForCausalLM": "olmo3",
     "SmolLM3ForCausalLM": "smollm3",
+    "GptOssForCausalLM": "gpt_oss",
 }
 # Base models without an LM head (an embedding model's checkpoint), and sequence and token
 # classifiers (a `score` head instead of the LM head), all for runner "pooling"
@@ -44,7 +45,7 @@ SUPPORTED_ARCHITECTURES.update({name.replace("ForCausalLM", suffix).replace("Gem
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2",
                "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "granitemoe": "granitemoe",
-               "olmo2": "olmo2", "olmo3": "olmo3", "smollm3": "smollm3"}
+               "olmo2": "olmo2", "olmo3": "olmo3", "smollm3": "smollm3", "gpt_oss": "gpt_oss"}
 # The projections the model keeps fused, each with its parts in order (`models/llama.py`); Phi-3's
 # checkpoints (and so its LoRA adapters) name them so too.
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -286,6 +287,17 @@ class ModelConfig:
     logits_scaling: float = 1.0
     qk_norm_over_heads: bool = False
     rope_layers: tuple[bool, ...] = ()
+    # gpt-oss: a bias on attention's output projection (`o_bias`); a learned logit per query head
+    # that joins each softmax's denominator (`attention_sinks`, Xiao et al. 2023's attention sinks as
+    # gpt-oss learns them); biases on the router and on every expert's projections (`moe_bias`);
+    # experts whose SwiGLU clamps the gate at `swiglu_limit` from above and the up projection to
+    # [-limit, limit], then computes `(up + 1) * gate * sigmoid(swiglu_alpha * gate)`
+    # (`swiglu_limit` None: the plain SiLU-gated experts).
+    o_bias: bool = False
+    attention_sinks: bool = False
+    moe_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.0
 
     def __post_init__(self):
         for rope in (self.rope, self.local_rope):
@@ -315,10 +327,12 @@ class ModelConfig:
                 f"architecture {archs or hf.get('model_type')!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
+        if arch == "gpt_oss":
+            hf = _gpt_oss_defaults(hf)
         if not arch.startswith("gemma") and hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (supported: silu)")
         for flag, what in (("attention_bias", "q / k / v / o projection biases"), ("mlp_bias", "MLP biases")):
-            if hf.get(flag):
+            if hf.get(flag) and not (arch == "gpt_oss" and flag == "attention_bias"):
                 raise ValueError(f"{flag}=True ({what}) is not supported: jpaged's Llama-family layers have "
                                  "biases only on q / k / v, as Qwen2's")
         num_heads = int(hf["num_attention_heads"])
@@ -340,7 +354,8 @@ class ModelConfig:
             rotary_dim=_rotary_dim(hf, int(head_dim)),
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch.startswith("gemma") or arch == "smollm3")),
-            qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True))),
+            qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True)))
+            or (arch == "gpt_oss" and bool(hf.get("attention_bias", True))),
             qk_norm=arch in ("qwen3", "qwen3_moe", "olmo2", "olmo3"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -357,9 +372,9 @@ class ModelConfig:
         Mixtral always renormalises its top-k softmax weights; Qwen MoE models do so when
         `norm_topk_prob`, and Qwen2-MoE adds a shared expert behind a sigmoid gate.
         """
-        if arch not in ("mixtral", "granitemoe", "qwen2_moe", "qwen3_moe"):
+        if arch not in ("mixtral", "granitemoe", "qwen2_moe", "qwen3_moe", "gpt_oss"):
             return {}
-        if arch in ("mixtral", "granitemoe"):  # GraniteMoE's softmax over the top-k logits is the same
+        if arch in ("mixtral", "granitemoe", "gpt_oss"):  # a softmax over the top-k logits is the same
             num_experts = int(hf.get("num_local_experts", hf.get("num_experts", 8)))
             fields = dict(moe_intermediate_size=int(hf["intermediate_size"]), norm_topk_prob=True,
                           num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)))
@@ -449,6 +464,25 @@ def _rotary_dim(hf: dict, head_dim: int) -> int | None:
     return None if rotary_dim == head_dim else rotary_dim
 
 
+def _gpt_oss_defaults(hf: dict) -> dict:
+    """A gpt-oss config.json with the settings it leaves out filled in as HF's `GptOssConfig` fills
+    them: 128 experts, 4 per token, every other layer windowed (128 tokens), YaRN RoPE (factor 32
+    over 4,096 positions, base 150,000, ramp ends not rounded)."""
+    yarn = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+            "original_max_position_embeddings": 4096}
+    filled = {"num_local_experts": 128, "num_experts_per_tok": 4, "sliding_window": 128, "head_dim": 64,
+              "rope_theta": (hf.get("rope_parameters") or {}).get("rope_theta", 150_000.0), **hf}
+    if not hf.get("rope_parameters") and not hf.get("rope_scaling"):
+        filled["rope_parameters"] = {**yarn, "rope_theta": filled["rope_theta"]}
+    return filled
+
+
+def _gpt_oss_fields(hf: dict) -> dict:
+    """gpt-oss's sinks, biases and clamped SwiGLU experts (see `ModelConfig`)."""
+    return dict(o_bias=bool(hf.get("attention_bias", True)), attention_sinks=True, moe_bias=True,
+                swiglu_limit=float(hf.get("swiglu_limit", 7.0)), swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)))
+
+
 def _granite_fields(hf: dict) -> dict:
     """Granite's multipliers, as HF's `GraniteConfig` names them (1.0 where absent)."""
     return dict(embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
@@ -490,6 +524,7 @@ _FAMILY_FIELDS = {
     "olmo2": lambda hf: dict(norm_layout="post", qk_norm_over_heads=True),
     "olmo3": lambda hf: dict(norm_layout="post", qk_norm_over_heads=True, **_olmo3_ropes(hf)),
     "smollm3": lambda hf: dict(rope_layers=() if all(flags := _rope_flags(hf)) else tuple(flags)),
+    "gpt_oss": _gpt_oss_fields,
 }
 
 
@@ -516,7 +551,7 @@ def layer_windows(arch: str, hf: dict) -> tuple[int, ...]:
         windowed = [kind == "sliding_attention" for kind in layer_types]
     elif arch in ("mistral", "mixtral", "phi3"):
         windowed = [True] * num_layers
-    elif arch == "gemma2":  # every other layer, as HF's Gemma2Config lays them out
+    elif arch in ("gemma2", "gpt_oss"):  # every other layer, as HF's Gemma2Config and GptOssConfig lay them out
         windowed = [i % 2 == 0 for i in range(num_layers)]
     elif arch == "olmo3":  # HF's default: every fourth layer is global
         windowed = [(i + 1) % 4 != 0 for i in range(num_layers)]

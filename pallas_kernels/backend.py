@@ -131,33 +131,33 @@ def _log_fallback_once(message: str) -> None:
 
 
 def pallas_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None,
-                           softcap: float | None = None, *, interpret: bool = False,
+                           softcap: float | None = None, sinks=None, *, interpret: bool = False,
                            decode_kernel: str = "triton") -> jax.Array:
     """`ragged_paged_attention` by the Pallas kernels: flash-decoding for the decode rows, then
     the ragged kernel for the prefill rows, the latter writing into the former's output.
 
     `decode_kernel="mosaic"` computes the decode rows with the Mosaic GPU kernel where it
-    supports the shape and the model has no sliding window or soft cap (the Triton kernel otherwise,
-    logged once).
+    supports the shape and the model has no sliding window, soft cap or attention sinks (the
+    Triton kernel otherwise, logged once).
     """
     from pallas_kernels.ragged_paged_attention import ragged_attention_rows
 
     num_rows = md.block_tables.shape[0]
     decodes = decode_rows(md)
     attended = _decode_rows(q[:num_rows], k_cache, v_cache, layer, md.block_tables,
-                            jnp.where(decodes, md.context_lens, 0), scale, window, softcap, interpret,
+                            jnp.where(decodes, md.context_lens, 0), scale, window, softcap, sinks, interpret,
                             decode_kernel)
     out = jnp.zeros(q.shape, q.dtype).at[:num_rows].set(jnp.where(decodes[:, None, None], attended, 0))
     prefills = dataclasses.replace(md, query_lens=jnp.where(md.query_lens > 1, md.query_lens, 0))
 
     def attend_prefills(out):
         return ragged_attention_rows(out, q, k_cache, v_cache, layer, prefills, scale, (0, num_rows),
-                                     q.shape[0], interpret=interpret, window=window, softcap=softcap)
+                                     q.shape[0], interpret=interpret, window=window, softcap=softcap, sinks=sinks)
 
     return jax.lax.cond(jnp.any(prefills.query_lens > 0), attend_prefills, lambda out: out, out)
 
 
-def _decode_rows(q, k_cache, v_cache, layer, block_tables, context_lens, scale, window, softcap, interpret,
+def _decode_rows(q, k_cache, v_cache, layer, block_tables, context_lens, scale, window, softcap, sinks, interpret,
                  decode_kernel):
     """Flash-decoding of one query per row, `q [S, heads, head_dim]`, over `context_lens [S]` keys."""
     args = (q, k_cache, v_cache, layer, block_tables, context_lens, scale)
@@ -168,9 +168,10 @@ def _decode_rows(q, k_cache, v_cache, layer, block_tables, context_lens, scale, 
         reason = reason or ("cache dtype differs" if k_cache.dtype != q.dtype else None)
         reason = reason or ("it has no sliding window" if window is not None else None)
         reason = reason or ("it has no soft cap" if softcap is not None else None)
+        reason = reason or ("it has no attention sinks" if sinks is not None else None)
         if reason is None:
             return mosaic.mosaic_paged_decode_attention(*args)
         _log_fallback_once(f"Mosaic GPU decode cannot run this model ({reason}); using the Triton decode kernel")
     from pallas_kernels.decode_attention import paged_decode_attention_kernel
 
-    return paged_decode_attention_kernel(*args, window=window, softcap=softcap, interpret=interpret)
+    return paged_decode_attention_kernel(*args, window=window, softcap=softcap, sinks=sinks, interpret=interpret)

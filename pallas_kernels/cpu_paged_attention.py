@@ -40,7 +40,7 @@ def attention_library(dtype, kv_cache_dtype: str = "auto") -> str | None:
 
 
 def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None,
-                               softcap: float | None = None):
+                               softcap: float | None = None, sinks=None):
     """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged caches; `[T, heads,
     head_dim]` in q's dtype; `window` and `softcap` as the reference takes them (None, or an int32
     scalar: the layer's sliding window, 0 for none; None or the scores' cap).
@@ -53,8 +53,8 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
     with an error naming what was out of range.
     """
     library = _library_for(q, k_cache, v_cache)
-    if library is None or not cpu_kernels.is_loaded(library):
-        return ragged_paged_attention(q, k_cache, v_cache, layer, md, scale, window, softcap)
+    if library is None or not cpu_kernels.is_loaded(library) or sinks is not None:
+        return ragged_paged_attention(q, k_cache, v_cache, layer, md, scale, window, softcap, sinks)
     if is_quantized(k_cache):
         caches = (k_cache.values, v_cache.values, k_cache.scales, v_cache.scales)
     else:

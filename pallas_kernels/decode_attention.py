@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ragged_paged_attention import (
+    LOG2E,
     KVChunking,
     QueryTile,
     cache_operands,
@@ -78,8 +79,15 @@ def _decode_kernel(layer_ref, block_tables_ref, context_lens_ref, q_ref, k_ref, 
     sum_ref[...] = running_sum
 
 
-def merge_splits(acc, running_max, running_sum):
-    """Combine per-split `acc [..., splits, R, D]`, `max`/`sum [..., splits, R]` (log2 units)."""
+def merge_splits(acc, running_max, running_sum, sinks=None):
+    """Combine per-split `acc [..., splits, R, D]`, `max`/`sum [..., splits, R]` (log2 units);
+    `sinks [..., 1, R]` (log2 units, broadcasting), where given, join as one more split whose
+    max is the sink, sum 1 and acc zero: each row's sink logit in its denominator."""
+    if sinks is not None:
+        sinks = jnp.broadcast_to(sinks, (*running_max.shape[:-2], 1, running_max.shape[-1]))
+        running_max = jnp.concatenate([running_max, sinks], axis=-2)
+        running_sum = jnp.concatenate([running_sum, jnp.ones_like(sinks)], axis=-2)
+        acc = jnp.concatenate([acc, jnp.zeros((*sinks.shape, acc.shape[-1]), acc.dtype)], axis=-3)
     overall_max = running_max.max(axis=-2, keepdims=True)
     weight = jnp.exp2(running_max - overall_max)
     total = (running_sum * weight).sum(axis=-2)
@@ -88,7 +96,7 @@ def merge_splits(acc, running_max, running_sum):
 
 
 def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, context_lens, scale: float,
-                                  window=None, softcap: float | None = None, *,
+                                  window=None, softcap: float | None = None, sinks=None, *,
                                   num_splits: int | None = None, chunk_tokens: int | None = None,
                                   num_warps: int | None = None, num_stages: int = 2,
                                   interpret: bool = False) -> jax.Array:
@@ -97,7 +105,8 @@ def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, cont
     `block_tables [B, max_blocks]` and `context_lens [B]` (tokens to attend to, the new one
     included; 0 for padding rows, whose output is zeros) describe each sequence's context in
     layer `layer` of the stacked cache `[num_layers, num_blocks, block_size, kv_heads, head_dim]`
-    (or a `quantized_kv.QuantizedKV`); `window` and `softcap` as the reference takes them.
+    (or a `quantized_kv.QuantizedKV`); `window`, `softcap` and `sinks` as the reference takes them
+    (the sinks join when the splits are merged).
     `num_splits` defaults to enough context splits to fill a GPU; the tiling defaults as the
     ragged kernel's does.
     """
@@ -137,5 +146,7 @@ def paged_decode_attention_kernel(q, k_cache, v_cache, layer, block_tables, cont
         name=f"paged_decode_attention_h{tile.head_slots}_p{chunking.pages_per_chunk}_s{num_splits}",
     )(layer_operand(layer, window), block_tables, context_lens, q, *cache_operands(k_cache, v_cache))
     real_heads = slice(0, tile.group)
-    out = merge_splits(acc[..., real_heads, :head_dim], running_max[..., real_heads], running_sum[..., real_heads])
+    sink_rows = None if sinks is None else (jnp.asarray(sinks, jnp.float32) * LOG2E).reshape(num_kv_heads, 1, -1)
+    out = merge_splits(acc[..., real_heads, :head_dim], running_max[..., real_heads], running_sum[..., real_heads],
+                       sink_rows)
     return out.reshape(batch, num_heads, head_dim).astype(q.dtype)

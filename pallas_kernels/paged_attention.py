@@ -11,7 +11,9 @@ The batch is ragged: sequence `i` brings `query_lens[i]` new tokens, flattened i
 included, as `write_kv` ran first); with a sliding `window` of W tokens, a query at position p
 sees only the keys at positions p - W + 1 .. p (HF's and Mistral's convention: W keys, itself
 included); with a `softcap` c, each score s (q . k times the scale) becomes c * tanh(s / c)
-before the softmax (Gemma 2's attention logit soft-capping). Rows that bring one token (decodes) come first, row `i`
+before the softmax (Gemma 2's attention logit soft-capping); with `sinks` (one logit per query head,
+gpt-oss's attention sinks) each softmax's denominator also holds exp(sink), so a query may attend
+to less than all of its value (the sink has no value). Rows that bring one token (decodes) come first, row `i`
 holding flat token `i`; then the rows that bring more (prefill chunks), then padding rows
 (`query_lens` 0). Which rows are which is data, not shape: one compiled step serves every mix of
 decodes and prefills of its token count.
@@ -82,13 +84,15 @@ def paged_attention_layer(attend):
     """One layer's paged attention: write the step's K/V into the cache, then `attend` over it.
 
     The returned function maps `(q, k, v, k_cache, v_cache, layer, md, scale, window=None,
-    softcap=None)` to `(out, k_cache, v_cache)`; `attend` is the reference below or a Pallas kernel.
+    softcap=None, sinks=None)` to `(out, k_cache, v_cache)`; `attend` is the reference below or a
+    Pallas kernel (which take `sinks` only where the model has them).
     """
 
     def attention_layer(q, k, v, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None,
-                        softcap: float | None = None):
+                        softcap: float | None = None, sinks=None):
         k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, md.slot_mapping)
-        return attend(q, k_cache, v_cache, layer, md, scale, window=window, softcap=softcap), k_cache, v_cache
+        extra = {} if sinks is None else {"sinks": sinks}
+        return attend(q, k_cache, v_cache, layer, md, scale, window=window, softcap=softcap, **extra), k_cache, v_cache
 
     return attention_layer
 
@@ -114,18 +118,19 @@ def prefill_row_range(md: AttentionMetadata) -> tuple[jax.Array, jax.Array]:
 
 
 def ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None,
-                           softcap: float | None = None):
+                           softcap: float | None = None, sinks=None):
     """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged cache; `[T, heads,
     head_dim]` in q's dtype (padding tokens: zeros). `window`: None, or this layer's sliding
-    window in tokens as an int32 scalar (0: none); `softcap`: None, or the cap of the scores."""
+    window in tokens as an int32 scalar (0: none); `softcap`: None, or the cap of the scores;
+    `sinks`: None, or float32 `[heads]`, each head's sink logit (in the scaled scores' units)."""
     num_rows = md.block_tables.shape[0]
     decodes = decode_rows(md)
     span = window_span(window)
     attended = _attend_decodes(q[:num_rows], k_cache, v_cache, layer, md.block_tables,
-                               jnp.where(decodes, md.context_lens, 0), scale, span, softcap)
+                               jnp.where(decodes, md.context_lens, 0), scale, span, softcap, sinks)
     out = jnp.zeros(q.shape, jnp.float32).at[:num_rows].set(
         jnp.where(decodes[:, None, None], attended, 0.0))
-    out = _attend_prefills(out, q, k_cache, v_cache, layer, md, scale, span, softcap)
+    out = _attend_prefills(out, q, k_cache, v_cache, layer, md, scale, span, softcap, sinks)
     return out.astype(q.dtype)
 
 
@@ -165,12 +170,23 @@ def _softmax_step(state, scores, values):
     return acc * rescale[..., None] + values(probs), new_max, running_sum * rescale + probs.sum(axis=-1)
 
 
-def _finish(state):
-    acc, _, total = state
+def _finish(state, sinks=None):
+    """The attention output of an online softmax's final state; with `sinks` (broadcasting against
+    the running max), each softmax's denominator also holds exp(sink)."""
+    acc, running_max, total = state
+    if sinks is not None:
+        new_max = jnp.maximum(running_max, sinks)
+        rescale = jnp.exp(running_max - new_max)
+        acc, total = acc * rescale[..., None], total * rescale + jnp.exp(sinks - new_max)
     return acc / jnp.where(total > 0, total, 1.0)[..., None]
 
 
-def _attend_decodes(q, k_cache, v_cache, layer, block_tables, context_lens, scale, span, softcap):
+def _grouped_sinks(sinks, num_kv_heads: int):
+    """`sinks [heads]` as `[kv_heads, group]` (the queries' grouped layout), float32; None stays None."""
+    return None if sinks is None else jnp.asarray(sinks, jnp.float32).reshape(num_kv_heads, -1)
+
+
+def _attend_decodes(q, k_cache, v_cache, layer, block_tables, context_lens, scale, span, softcap, sinks=None):
     """One query per row, `q [S, heads, head_dim]` over the last `span` of its `context_lens [S]`
     keys (0: none)."""
     rows, num_heads, head_dim = q.shape
@@ -195,10 +211,11 @@ def _attend_decodes(q, k_cache, v_cache, layer, block_tables, context_lens, scal
     # Chunks wholly before every row's window leave the state as it was: skipped.
     first_key = jnp.min(jnp.where(context_lens > 0, jnp.maximum(context_lens - span, 0), NO_WINDOW))
     first_chunk = jnp.minimum(first_key // chunk_tokens, num_chunks)
-    return _finish(lax.fori_loop(first_chunk, num_chunks, step, state)).reshape(rows, num_heads, head_dim)
+    state = lax.fori_loop(first_chunk, num_chunks, step, state)
+    return _finish(state, _grouped_sinks(sinks, num_kv_heads)).reshape(rows, num_heads, head_dim)
 
 
-def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale, span, softcap):
+def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, scale, span, softcap, sinks=None):
     """Write into `out [T, heads, head_dim]` (float32) the attention of the prefill rows' tokens."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[3], k_cache.shape[2]
@@ -236,7 +253,8 @@ def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, sca
         last_pos = jnp.minimum(context_len - query_len + first_query + tile, context_len)
         num_chunks = (last_pos + chunk_tokens - 1) // chunk_tokens
         first_chunk = jnp.maximum(context_len - query_len + first_query - span + 1, 0) // chunk_tokens
-        attended = _finish(lax.fori_loop(first_chunk, num_chunks, step, state)).reshape(tile, num_heads, head_dim)
+        state = lax.fori_loop(first_chunk, num_chunks, step, state)
+        attended = _finish(state, _grouped_sinks(sinks, num_kv_heads)).reshape(tile, num_heads, head_dim)
         kept = lax.dynamic_slice_in_dim(out, start, tile)
         attended = jnp.where((offset < query_len)[:, None, None], attended, kept)
         return lax.dynamic_update_slice_in_dim(out, attended, start, axis=0)

@@ -191,6 +191,28 @@ def online_softmax_step(state, scores, values):
     return acc * rescale[:, None] + chunk_out, new_max, running_sum
 
 
+def tile_sinks(sinks_ref, tile: QueryTile, kv_head):
+    """The attention sinks `[rows]` (log2 units) of a tile's rows, each its query head's (0 for
+    slots past the group), from `sinks_ref [heads]` (float32)."""
+    slot_ok = jnp.arange(tile.head_slots) < tile.group
+    heads = plgpu.load(sinks_ref.at[pl.ds(kv_head * tile.group, tile.head_slots)], mask=slot_ok, other=0)
+    return jnp.broadcast_to(heads[None, :] * LOG2E, (tile.tokens, tile.head_slots)).reshape(tile.rows)
+
+
+def with_sinks(state, sinks):
+    """An online softmax's final state with each row's sink logit `sinks [rows]` (log2 units) in its
+    denominator: the sink counts as one more key, whose value is zero."""
+    acc, running_max, running_sum = state
+    new_max = jnp.maximum(running_max, sinks)
+    rescale = jnp.exp2(running_max - new_max)
+    return acc * rescale[:, None], new_max, running_sum * rescale + jnp.exp2(sinks - new_max)
+
+
+def sinks_operand(sinks, num_heads: int) -> jax.Array:
+    """The kernels' sinks input: float32 `[heads]` (zeros, unread, where the model has none)."""
+    return jnp.zeros((num_heads,), jnp.float32) if sinks is None else jnp.asarray(sinks, jnp.float32)
+
+
 def initial_softmax_state(rows: int, padded_dim: int):
     return (jnp.zeros((rows, padded_dim), jnp.float32),
             jnp.full((rows,), RUNNING_MAX_INIT, jnp.float32),
@@ -244,8 +266,9 @@ def layer_operand(layer, window) -> jax.Array:
 
 
 def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_ref, query_lens_ref,
-                   q_ref, k_ref, v_ref, k_scale_ref, v_scale_ref, _out_in_ref, out_ref, *,
-                   first_row: int, tile: QueryTile, chunking: KVChunking, scale: float, softcap: float | None):
+                   q_ref, k_ref, v_ref, k_scale_ref, v_scale_ref, sinks_ref, _out_in_ref, out_ref, *,
+                   first_row: int, tile: QueryTile, chunking: KVChunking, scale: float, softcap: float | None,
+                   has_sinks: bool):
     row = first_row + pl.program_id(0)
     kv_head = pl.program_id(1)
     tile_offset = pl.program_id(2) * tile.tokens
@@ -287,6 +310,8 @@ def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_re
         state = lax.fori_loop(first_chunk, open_start, masked, state)
         state = lax.fori_loop(open_start, open_stop, whole, state)
         state = lax.fori_loop(open_stop, num_chunks, masked, state)
+        if has_sinks:
+            state = with_sinks(state, tile_sinks(sinks_ref, tile, kv_head))
         acc, _, total = state
         out = acc / jnp.where(total > 0, total, 1.0)[:, None]
         out = out.reshape(tile.tokens, tile.head_slots, tile.padded_dim).astype(out_ref.dtype)
@@ -297,9 +322,9 @@ def ragged_attention_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata
                           rows: tuple[int, int], max_query_len: int, *, interpret: bool = False,
                           target_rows: int | None = None, chunk_tokens: int | None = None,
                           num_warps: int | None = None, num_stages: int = 2, window=None,
-                          softcap: float | None = None) -> jax.Array:
+                          softcap: float | None = None, sinks=None) -> jax.Array:
     """Write into `out [T, heads, head_dim]` the attention of sequences `rows = (first, stop)`
-    (`window` and `softcap` as the reference takes them).
+    (`window`, `softcap` and `sinks` as the reference takes them).
 
     Their query lengths must be at most `max_query_len`; the other tokens of `out` keep their
     values (`out` is aliased to the kernel's output, so it is updated in place when donated).
@@ -315,27 +340,29 @@ def ragged_attention_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata
     num_warps = num_warps or default_num_warps(tile.rows, tile.padded_dim, q.dtype)
     block_tables = chunking.pad_block_tables(md.block_tables, chunking.chunks_for(md.block_tables.shape[1]))
     kernel = functools.partial(_ragged_kernel, first_row=first_row, tile=tile, chunking=chunking, scale=scale,
-                               softcap=softcap)
+                               softcap=softcap, has_sinks=sinks is not None)
     whole = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
         kernel,
         grid=(stop_row - first_row, num_kv_heads, pl.cdiv(max_query_len, tile.tokens)),
-        in_specs=[whole] * 11,
+        in_specs=[whole] * 12,
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
-        input_output_aliases={10: 0},
+        input_output_aliases={11: 0},
         compiler_params=triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name=f"ragged_paged_attention_t{tile.tokens}_h{tile.head_slots}_p{chunking.pages_per_chunk}",
     )(layer_operand(layer, window), block_tables, md.context_lens, md.query_start,
-      md.query_lens, q, *cache_operands(k_cache, v_cache), out)
+      md.query_lens, q, *cache_operands(k_cache, v_cache), sinks_operand(sinks, num_heads), out)
 
 
 def ragged_paged_attention_kernel(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None,
-                                  softcap: float | None = None, *, interpret: bool = False, **tuning) -> jax.Array:
+                                  softcap: float | None = None, sinks=None, *, interpret: bool = False,
+                                  **tuning) -> jax.Array:
     """The reference's `ragged_paged_attention`, computed by the ragged Pallas kernel alone, every
     row of the batch in one launch (tiles past a row's queries exit at once). `tuning` goes to
     `ragged_attention_rows` (tile rows, chunk tokens, warps, stages)."""
     out = jnp.zeros(q.shape, q.dtype)
     return ragged_attention_rows(out, q, k_cache, v_cache, layer, md, scale, (0, md.block_tables.shape[0]),
-                                 q.shape[0], interpret=interpret, window=window, softcap=softcap, **tuning)
+                                 q.shape[0], interpret=interpret, window=window, softcap=softcap, sinks=sinks,
+                                 **tuning)

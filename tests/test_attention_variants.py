@@ -47,9 +47,11 @@ def jax_windowed_oracle(batch, window: int) -> np.ndarray:
     return out
 
 
-def dense_softcap_oracle(batch, window: int, softcap: float) -> np.ndarray:
+def dense_softcap_oracle(batch, window: int, softcap: float | None, sinks=None) -> np.ndarray:
     """Each row's queries over its context in float64 numpy: scores q . k * scale, capped at
-    `softcap`, masked causally and to the window, softmax, times the values."""
+    `softcap` (where given), masked causally and to the window, softmax (with each head's sink
+    logit in the denominator, where `sinks [heads]` are given, as HF's gpt-oss appends it as one
+    more score and drops its probability), times the values."""
     md, group = batch.md, batch.q.shape[1] // batch.k_cache.shape[3]
     out = np.zeros(batch.q.shape, np.float64)
     for row in range(md.block_tables.shape[0]):
@@ -62,11 +64,16 @@ def dense_softcap_oracle(batch, window: int, softcap: float) -> np.ndarray:
         keys, values = np.repeat(keys, group, axis=1), np.repeat(values, group, axis=1)
         queries = np.asarray(batch.q[start:start + n], np.float64)
         scores = np.einsum("qhd,khd->hqk", queries, keys) * batch.scale
-        scores = softcap * np.tanh(scores / softcap)
+        if softcap is not None:
+            scores = softcap * np.tanh(scores / softcap)
         query_pos, key_pos = np.arange(ctx - n, ctx)[:, None], np.arange(ctx)[None, :]
         scores = np.where((key_pos <= query_pos) & (key_pos > query_pos - window), scores, -np.inf)
+        if sinks is not None:  # one more column per head: its sink, which has no value
+            column = np.broadcast_to(np.asarray(sinks, np.float64)[:, None, None], (*scores.shape[:2], 1))
+            scores = np.concatenate([scores, column], axis=-1)
         probs = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        out[start:start + n] = np.einsum("hqk,khd->qhd", probs / probs.sum(axis=-1, keepdims=True), values)
+        probs = (probs / probs.sum(axis=-1, keepdims=True))[..., :ctx]
+        out[start:start + n] = np.einsum("hqk,khd->qhd", probs, values)
     return out
 
 
@@ -297,6 +304,52 @@ def test_kernels_with_softcap(window, cpu_kernels_built):
 
         assert_matches_reference(run_windowed(cpu_ragged_paged_attention, batch, window, 1.5), batch, F32,
                                  window=window, softcap=1.5)
+
+
+# --- attention sinks (gpt-oss) ---------------------------------------------------------------------
+
+def _sinks(num_heads: int, seed: int) -> jax.Array:
+    """Sink logits spread over the scores' range, so that some heads give them most weight."""
+    return jnp.asarray(np.random.default_rng(seed).normal(0.0, 2.0, num_heads), jnp.float32)
+
+
+@pytest.mark.parametrize("window", (1000, 7))
+def test_reference_sinks_match_dense_oracle(window):
+    batch = make_batch(13, awkward_seqs(8, chunk=30), num_heads=6, num_kv_heads=2, head_dim=32, block_size=8,
+                       num_blocks=120)
+    sinks = _sinks(6, window)
+    out = np.asarray(run_windowed(ragged_paged_attention, batch, window, sinks=sinks))
+    real = real_rows(batch)
+    np.testing.assert_allclose(out[real], dense_softcap_oracle(batch, window, None, sinks)[real], atol=2e-5, rtol=2e-5)
+    without = np.asarray(run_windowed(ragged_paged_attention, batch, window))
+    assert np.abs(without - out)[real].max() > 0.05  # the sinks take weight from the keys
+
+
+@pytest.mark.parametrize("window", (0, 21))
+def test_kernels_with_sinks(window, cpu_kernels_built):
+    """The Pallas kernels (ragged, flash-decoding with its splits, the backend's mix of both) and
+    the CPU kernel against the reference, with sinks, beside a window and a soft cap."""
+    batch = make_batch(window + 7, awkward_seqs(16, chunk=24), num_heads=4, num_kv_heads=2, head_dim=64,
+                       block_size=16, num_blocks=32)
+    sinks = _sinks(4, window + 1)
+    expected = np.asarray(run_windowed(ragged_paged_attention, batch, window, 1.5, sinks=sinks))
+    real = real_rows(batch)
+    outputs = [run_windowed(pallas_paged_attention, batch, window, 1.5, sinks=sinks, interpret=INTERPRET),
+               run_windowed(ragged_paged_attention_kernel, batch, window, 1.5, sinks=sinks, interpret=INTERPRET)]
+    if jax.default_backend() == "cpu":
+        from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
+
+        outputs.append(run_windowed(cpu_ragged_paged_attention, batch, window, 1.5, sinks=sinks))
+    for out in outputs:
+        np.testing.assert_allclose(np.asarray(out)[real], expected[real], atol=2e-5, rtol=2e-5)
+    md = batch.md
+    decodes = np.asarray(md.query_lens) == 1
+    q, args = batch.q[:md.block_tables.shape[0]], batch.args()
+    context = jnp.where(jnp.asarray(decodes), md.context_lens, 0)
+    for splits in (1, 3):
+        split = paged_decode_attention_kernel(q, args[1], args[2], LAYER, md.block_tables, context, batch.scale,
+                                              jnp.int32(window), 1.5, sinks, num_splits=splits, interpret=INTERPRET)
+        np.testing.assert_allclose(np.asarray(split)[decodes], expected[:len(decodes)][decodes], atol=2e-5, rtol=2e-5)
 
 
 def test_windowed_softcapped_kernels_cross_lower_and_compile_for_cuda():

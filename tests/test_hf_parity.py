@@ -16,8 +16,8 @@ scaling, soft-capped logits), and Gemma 2 (soft-capped attention scores, no q/k 
 (GELU, (1 + w) norms, tied head), Phi-3 (checkpoint-fused projections, a window on every layer,
 partial rotary, LongRoPE's short and long factors), Granite and GraniteMoE (multipliers, stacked
 experts), OLMo 2 and 3 (norms after attention and the MLP only, q / k norms over all heads, a
-windowed layer with its own RoPE beside a YaRN one), SmolLM3 (a layer without RoPE) and YaRN on
-Qwen3. The MoE oracles are checked to route tokens to most experts, so wrong routing cannot hide
+windowed layer with its own RoPE beside a YaRN one), SmolLM3 (a layer without RoPE), YaRN on
+Qwen3, and gpt-oss (attention sinks, biases everywhere, clamped SwiGLU experts). The MoE oracles are checked to route tokens to most experts, so wrong routing cannot hide
 behind one favourite expert.
 """
 
@@ -159,11 +159,20 @@ CASES = {
     # SmolLM3: the second of every two layers without RoPE (NoPE), tied embeddings (its default).
     "smollm3": ("SmolLM3Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
                                       no_rope_layer_interval=2)),
+    # gpt-oss: attention sinks, q / k / v / o biases, a window (6) on every other layer, YaRN, and
+    # top-2 of 6 experts with router and expert biases and the clamped SwiGLU (gate and up
+    # interleaved in one stacked tensor per layer).
+    "gpt_oss": ("GptOssConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
+                                     sliding_window=6, tie_word_embeddings=False,
+                                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                      "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                                      "original_max_position_embeddings": 64})),
     # OLMo 2: norms after attention and the MLP only, q / k norms over all heads.
     "olmo2": ("Olmo2Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
                                   tie_word_embeddings=False)),
 }
-MOE_CASES = ("mixtral", "qwen3_moe", "qwen2_moe", "granitemoe")
+MOE_CASES = ("mixtral", "qwen3_moe", "qwen2_moe", "granitemoe", "gpt_oss")
 
 
 @dataclass
@@ -273,9 +282,13 @@ def test_config_reaches_engine(case, llm):
         assert (cfg.rope.theta, cfg.rope.scaling_type, cfg.rope.factor) == (5e5, "yarn", 4.0)
     elif case.name == "olmo2":
         assert cfg.qk_norm_over_heads
+    elif case.name == "gpt_oss":
+        assert cfg.sliding_windows == (6, 0) and cfg.attention_sinks and cfg.o_bias and cfg.moe_bias
+        assert (cfg.rope.scaling_type, cfg.rope.truncate, cfg.swiglu_limit, cfg.swiglu_alpha) == ("yarn", False, 7.0, 1.702)
+        assert cfg.rope.attention_factor == pytest.approx(case.model.model.rotary_emb.attention_scaling)
     else:
         assert cfg.rope.scaling_type == "default"
-    assert cfg.qkv_bias == case.name.startswith("qwen2")
+    assert cfg.qkv_bias == case.name.startswith(("qwen2", "gpt_oss"))
     assert cfg.qk_norm == case.name.startswith(("qwen3", "gemma3", "olmo"))
     assert cfg.qk_norm_over_heads == case.name.startswith("olmo")
     assert cfg.norm_layout == {"gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post", "olmo3": "post"}.get(
@@ -285,7 +298,8 @@ def test_config_reaches_engine(case, llm):
         num_experts = getattr(hf_cfg, "num_experts", None) or hf_cfg.num_local_experts
         assert cfg.num_experts == num_experts and cfg.num_experts_per_tok == hf_cfg.num_experts_per_tok
         assert cfg.norm_topk_prob == getattr(hf_cfg, "norm_topk_prob", True)  # Mixtral always renormalises
-        expert_size = hf_cfg.intermediate_size if case.name in ("mixtral", "granitemoe") else hf_cfg.moe_intermediate_size
+        expert_size = hf_cfg.intermediate_size if case.name in ("mixtral", "granitemoe", "gpt_oss") \
+            else hf_cfg.moe_intermediate_size
         assert cfg.moe_intermediate_size == expert_size
         assert cfg.shared_expert_intermediate_size == getattr(hf_cfg, "shared_expert_intermediate_size", 0)
     if case.name == "qwen3":

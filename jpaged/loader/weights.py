@@ -51,6 +51,11 @@ _LAYER_TENSORS = {
     "mlp.shared_expert.up_proj.weight": ("shared_up_proj", True),
     "mlp.shared_expert.down_proj.weight": ("shared_down_proj", True),
     "mlp.shared_expert_gate.weight": ("shared_expert_gate", True),
+    # gpt-oss: the output projection's bias, each head's attention sink, the router's weight and bias
+    "self_attn.o_proj.bias": ("o_bias", False),
+    "self_attn.sinks": ("sinks", False),
+    "mlp.router.weight": ("router", True),
+    "mlp.router.bias": ("router_bias", False),
 }
 # Per-expert tensors (after `experts.{e}.`): Mixtral's w1 / w3 / w2 are gate / up / down.
 _EXPERT_TENSORS = {
@@ -60,6 +65,9 @@ _EXPERT_TENSORS = {
     "gate_proj.weight": "expert_gate_proj",
     "up_proj.weight": "expert_up_proj",
     "down_proj.weight": "expert_down_proj",
+    "gate_proj.bias": "expert_gate_bias",  # gpt-oss's (split from its stacked tensors)
+    "up_proj.bias": "expert_up_bias",
+    "down_proj.bias": "expert_down_bias",
 }
 _EXPERT_PARAMS = frozenset(_EXPERT_TENSORS.values())  # [experts, ...] in each layer
 _TOP_TENSORS = {
@@ -158,13 +166,16 @@ def split_fused_tensors(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelCon
     `mlp.gate_up_proj`: q, k, v and gate, up stacked by rows) split into their parts, which
     `fuse_projections` joins again in the model's layout, and GraniteMoE's experts stacked in one
     tensor (`block_sparse_moe.input_linear [experts, 2 * ff, hidden]`, gate then up, and
-    `output_linear`) split into one tensor per expert. ValueError for a fused tensor whose rows
+    `output_linear`) and gpt-oss's (`_INTERLEAVED_EXPERTS`) split into one tensor per expert. ValueError for a fused tensor whose rows
     are not the parts' sizes."""
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     sizes = {"qkv_proj": (q_dim, kv_dim, kv_dim), "qkv_bias": (q_dim, kv_dim, kv_dim),
              "gate_up_proj": (cfg.intermediate_size,) * 2}
     for name, tensor in weights:
         match = _LAYER_NAME.fullmatch(name)
+        if match and match.group(2) in _INTERLEAVED_EXPERTS:
+            yield from _split_interleaved(match.group(2), match.group(1), tensor)
+            continue
         stacked = _STACKED_EXPERTS.get(match.group(2)) if match else None
         if stacked is not None:
             for expert, per_expert in enumerate(tensor):
@@ -187,6 +198,21 @@ def split_fused_tensors(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelCon
 # GraniteMoE's stacked experts: the per-expert tensors each holds, stacked by rows in this order.
 _STACKED_EXPERTS = {"block_sparse_moe.input_linear.weight": ("gate_proj.weight", "up_proj.weight"),
                     "block_sparse_moe.output_linear.weight": ("down_proj.weight",)}
+# gpt-oss's stacked experts, in `x @ W` layout with gate and up interleaved by column (gate in the
+# even columns): the per-expert tensors each holds, in [out, in] layout as the others' checkpoints.
+_INTERLEAVED_EXPERTS = {"mlp.experts.gate_up_proj": ("gate_proj.weight", "up_proj.weight"),
+                        "mlp.experts.gate_up_proj_bias": ("gate_proj.bias", "up_proj.bias"),
+                        "mlp.experts.down_proj": ("down_proj.weight",),
+                        "mlp.experts.down_proj_bias": ("down_proj.bias",)}
+
+
+def _split_interleaved(name: str, layer: str, tensor: np.ndarray):
+    """One gpt-oss stacked expert tensor as per-expert tensors under the names `_target` reads."""
+    parts = _INTERLEAVED_EXPERTS[name]
+    for expert, per_expert in enumerate(tensor):
+        for i, part in enumerate(parts):
+            piece = per_expert[..., i::len(parts)]
+            yield f"model.layers.{layer}.mlp.experts.{expert}.{part}", piece.T if piece.ndim == 2 else piece
 
 
 def replicate_kv_heads(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, num_kv_heads: int):

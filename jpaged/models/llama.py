@@ -3,7 +3,8 @@ Gemma (GELU, (1 + w) norms, scaled embeddings), Gemma 2 and 3 (also norms around
 the MLP, local and global layers, soft-capped scores), Phi-3 (partial rotary, LongRoPE), Granite
 (residual and logit multipliers), OLMo 2 and 3 (norms only after attention and the MLP, q / k norms
 over all heads), SmolLM3 (layers without RoPE),
-and the mixture-of-experts kin Mixtral, Qwen2-MoE and Qwen3-MoE (the MLP is `moe.sparse_moe`).
+and the mixture-of-experts kin Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss (attention sinks, biases,
+clamped SwiGLU experts; the MLP is `moe.sparse_moe`).
 
 Each decoder layer keeps its own weight arrays. The decoder is one `lax.scan` over the layer
 index whose body picks the layer's projections with `lax.switch` (one branch per layer, each
@@ -160,6 +161,10 @@ class DecoderLayer(nnx.Module):
         self.o_proj = param(q_dim, h, name="o_proj")
         if cfg.qkv_bias:
             self.qkv_bias = param(q_dim + 2 * kv_dim)
+        if cfg.o_bias:
+            self.o_bias = param(h)
+        if cfg.attention_sinks:
+            self.sinks = _param(lead + (cfg.num_heads,), jnp.float32)
         if cfg.qk_norm:
             self.q_norm = param(q_dim if cfg.qk_norm_over_heads else cfg.head_dim)
             self.k_norm = param(kv_dim if cfg.qk_norm_over_heads else cfg.head_dim)
@@ -184,6 +189,11 @@ class DecoderLayer(nnx.Module):
         self.expert_gate_proj = param(e, h, i, name="expert_gate_proj")
         self.expert_up_proj = param(e, h, i, name="expert_up_proj")
         self.expert_down_proj = param(e, i, h, name="expert_down_proj")
+        if cfg.moe_bias:
+            self.router_bias = param(e)
+            self.expert_gate_bias = param(e, i)
+            self.expert_up_bias = param(e, i)
+            self.expert_down_bias = param(e, h)
         if cfg.shared_expert_intermediate_size:
             s = cfg.shared_expert_intermediate_size
             self.shared_gate_proj = param(h, s, name="shared_gate_proj")
@@ -209,9 +219,10 @@ def run_all_layers(decoder, hidden, positions, kv_cache, md, layer_weights):
 class LlamaForCausalLM(nnx.Module):
     """The model, with its parallel layouts passed in as functions.
 
-    `attention(q, k, v, k_cache, v_cache, layer, md, scale, window=None, softcap=None) -> (out,
-    k_cache, v_cache)` is paged attention (sharded by head under tensor parallelism; `window` the
-    layer's sliding window, an int32 scalar, where the model has any; `softcap` the scores' cap); `quantized_linear(x, w, scale)` and
+    `attention(q, k, v, k_cache, v_cache, layer, md, scale, window=None, softcap=None, sinks=None)
+    -> (out, k_cache, v_cache)` is paged attention (sharded by head under tensor parallelism;
+    `window` the layer's sliding window, an int32 scalar, where the model has any; `softcap` the
+    scores' cap; `sinks` the layer's attention sinks, float32 `[heads]`, where the model has them); `quantized_linear(x, w, scale)` and
     `block_linear(x, w, kind)` multiply by a quantized projection or GGML block rows (which
     weights are kept so: `quantization`, `weight_formats`, see `DecoderLayer`); `moe(x,
     layer_weights, cfg)` is the mixture-of-experts MLP (expert-parallel or not); `run_layers(decoder, hidden, positions,
@@ -303,6 +314,7 @@ class LlamaForCausalLM(nnx.Module):
             local_rope = rope_of(cfg.local_rope, positions, rotary_dim)
         qkv = [partial(self._qkv, weights) for weights in layer_weights]
         out_and_mlp = [partial(self._out_and_mlp, weights) for weights in layer_weights]
+        layer_sinks = [partial(lambda w: w["sinks"], weights) for weights in layer_weights]
         windows = jnp.asarray(cfg.sliding_windows, jnp.int32) if cfg.sliding_windows else None
         rope_layers = jnp.asarray(cfg.rope_layers) if cfg.rope_layers else None
         scale = cfg.attention_scale or cfg.head_dim**-0.5
@@ -320,8 +332,9 @@ class LlamaForCausalLM(nnx.Module):
                 cos, sin = layer_rope
                 layer_rope = (jnp.where(rope_layers[model_layer], cos, 1.0), jnp.where(rope_layers[model_layer], sin, 0.0))
             q, k, v = jax.lax.switch(index, qkv, hidden, layer_rope)
+            sinks = jax.lax.switch(index, layer_sinks) if cfg.attention_sinks else None
             attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, scale, window=window,
-                                                        softcap=cfg.attn_logit_softcapping)
+                                                        softcap=cfg.attn_logit_softcapping, sinks=sinks)
             hidden = jax.lax.switch(index, out_and_mlp, hidden, attended)
             return (hidden, k_cache, v_cache), None
 
@@ -351,6 +364,8 @@ class LlamaForCausalLM(nnx.Module):
         head_dim]` and its MLP, each added to the residual stream."""
         cfg = self.cfg
         out = self._linear(attended.reshape(hidden.shape[0], -1), weights, "o_proj")
+        if "o_bias" in weights:
+            out = out + weights["o_bias"]
         if cfg.norm_layout == "pre":  # Llama: HF's post_attention_layernorm is the MLP's input norm
             hidden = hidden + self._residual(out)
             mlp_in = self._norm(hidden, weights["post_attention_norm"])

@@ -24,7 +24,16 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jpaged.config import ModelConfig
-from jpaged.models.moe import combine, expert_ffn, route, routed_experts, sort_by_expert, sparse_moe
+from jpaged.models.moe import (
+    combine,
+    down_bias_term,
+    expert_ffn,
+    route,
+    routed_experts,
+    router_logits,
+    sort_by_expert,
+    sparse_moe,
+)
 from sharding.mesh import EP_AXIS, TP_AXIS, context_mesh
 
 _EXPERT_SPECS = {
@@ -32,6 +41,12 @@ _EXPERT_SPECS = {
     "expert_gate_proj": P(EP_AXIS, None, TP_AXIS),
     "expert_up_proj": P(EP_AXIS, None, TP_AXIS),
     "expert_down_proj": P(EP_AXIS, TP_AXIS, None),
+    # gpt-oss's biases: the router's and the down projections' whole on every shard (the latter
+    # weighted per token by its routing, `down_bias_term`), gate / up with their columns
+    "router_bias": P(),
+    "expert_gate_bias": P(EP_AXIS, TP_AXIS),
+    "expert_up_bias": P(EP_AXIS, TP_AXIS),
+    "expert_down_bias": P(),
 }
 
 
@@ -39,10 +54,11 @@ def expert_parallel_moe(mesh: Mesh):
     """A model's `moe(x, layer_weights, cfg)` that runs the routed experts expert-parallel."""
 
     def moe(x, weights, cfg: ModelConfig):
-        experts = {name: weights[name] for name in _EXPERT_SPECS}
+        experts = {name: weights[name] for name in _EXPERT_SPECS if name in weights}
         routed = jax.shard_map(
             partial(_routed_experts, cfg=cfg), mesh=context_mesh(mesh),
-            in_specs=(P(), _EXPERT_SPECS), out_specs=P(), axis_names={EP_AXIS, TP_AXIS}, check_vma=False,
+            in_specs=(P(), {name: _EXPERT_SPECS[name] for name in experts}), out_specs=P(),
+            axis_names={EP_AXIS, TP_AXIS}, check_vma=False,
         )
         return sparse_moe(x, weights, cfg, routed=lambda x, _weights, _cfg: routed(x, experts))
 
@@ -52,6 +68,9 @@ def expert_parallel_moe(mesh: Mesh):
 def _routed_experts(x, weights, cfg: ModelConfig):
     """This shard's part of the routed experts: float32 `[T, H]`, equal on every shard."""
     num_shards = jax.lax.axis_size(EP_AXIS)
+    if "expert_down_bias" in weights and jax.lax.axis_size(TP_AXIS) > 1:  # added by one "tp" shard, then summed
+        weights = {**weights, "expert_down_bias": jnp.where(jax.lax.axis_index(TP_AXIS) == 0,
+                                                            weights["expert_down_bias"], 0)}
     out = _dispatched(x, weights, cfg, num_shards) if num_shards > 1 else routed_experts(x, weights, cfg)
     if jax.lax.axis_size(TP_AXIS) > 1:  # down_proj's rows are split over "tp": sum the partial outputs
         out = jax.lax.psum(out, TP_AXIS)
@@ -67,7 +86,7 @@ def _dispatched(x, weights, cfg: ModelConfig, num_shards: int):
     per_shard = -(-num_tokens // num_shards)
     padded = jnp.pad(x, ((0, per_shard * num_shards - num_tokens), (0, 0)))
     mine = jax.lax.dynamic_slice_in_dim(padded, jax.lax.axis_index(EP_AXIS) * per_shard, per_shard)
-    topk_weights, topk_ids = route(mine @ weights["router"], k, cfg.norm_topk_prob)
+    topk_weights, topk_ids = route(router_logits(mine, weights), k, cfg.norm_topk_prob)
 
     # Pack each (token, slot) pair into its destination's buffer, in expert order.
     order, per_expert = sort_by_expert(topk_ids, cfg.num_experts)
@@ -85,7 +104,7 @@ def _dispatched(x, weights, cfg: ModelConfig, num_shards: int):
     local_order = jnp.argsort(received_ids, stable=True)  # padding (id = local_experts) sorts last
     group_sizes = jnp.bincount(received_ids, length=local_experts).astype(jnp.int32)
     rows = expert_ffn(received[local_order], group_sizes, weights["expert_gate_proj"], weights["expert_up_proj"],
-                      weights["expert_down_proj"])
+                      weights["expert_down_proj"], weights, cfg)
     rows = jnp.zeros_like(rows).at[local_order].set(rows)
     returned = jax.lax.all_to_all(rows.reshape(num_shards, capacity, -1), EP_AXIS, 0, 0, tiled=True)
-    return combine(returned[destination, slot], order, topk_weights)
+    return combine(returned[destination, slot], order, topk_weights) + down_bias_term(weights, topk_weights, topk_ids)

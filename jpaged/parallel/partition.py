@@ -30,6 +30,9 @@ _SPLITS = {
     "expert_gate_proj": {-3: EP_AXIS, -1: TP_AXIS},
     "expert_up_proj": {-3: EP_AXIS, -1: TP_AXIS},
     "expert_down_proj": {-3: EP_AXIS, -2: TP_AXIS},
+    "sinks": {-1: TP_AXIS},  # one per query head, with its head
+    "expert_gate_bias": {-2: EP_AXIS, -1: TP_AXIS},
+    "expert_up_bias": {-2: EP_AXIS, -1: TP_AXIS},
 }
 KV_CACHE_SPEC = P(PP_AXIS, None, None, TP_AXIS, None)  # [layers, blocks, block_size, kv_heads, head_dim]
 _HEADS = P(None, TP_AXIS, None)  # [tokens, heads, head_dim]
@@ -59,20 +62,21 @@ def _splits(name: str, dtype) -> dict[int, str]:
 
 
 def shard_attention_layer(attention_layer, mesh: Mesh):
-    """Run `attention_layer(q, k, v, k_cache, v_cache, layer, md, scale, window=None, softcap=None)`
-    per shard of heads."""
+    """Run `attention_layer(q, k, v, k_cache, v_cache, layer, md, scale, window=None, softcap=None,
+    sinks=None)` per shard of heads (each head's sink with its head)."""
 
-    def sharded(q, k, v, k_cache, v_cache, layer, md, scale, window=None, softcap=None):
+    def sharded(q, k, v, k_cache, v_cache, layer, md, scale, window=None, softcap=None, sinks=None):
         # a quantized cache's scales [layers, blocks, block_size, kv_heads] split as its values
         cache_heads = jax.tree.map(lambda leaf: P(*_CACHE_HEADS[:leaf.ndim]), k_cache)
-        def per_shard(q, k, v, k_cache, v_cache, layer, md, window):
-            return attention_layer(q, k, v, k_cache, v_cache, layer, md, scale, window, softcap)
+        def per_shard(q, k, v, k_cache, v_cache, layer, md, window, sinks):
+            return attention_layer(q, k, v, k_cache, v_cache, layer, md, scale, window, softcap, sinks)
 
         body = jax.shard_map(
             per_shard, mesh=context_mesh(mesh),
-            in_specs=(_HEADS, _HEADS, _HEADS, cache_heads, cache_heads, P(), P(), P()),
+            in_specs=(_HEADS, _HEADS, _HEADS, cache_heads, cache_heads, P(), P(), P(),
+                      None if sinks is None else P(TP_AXIS)),
             out_specs=(_HEADS, cache_heads, cache_heads), axis_names={TP_AXIS}, check_vma=False,
         )
-        return body(q, k, v, k_cache, v_cache, layer, md, window)
+        return body(q, k, v, k_cache, v_cache, layer, md, window, sinks)
 
     return sharded
