@@ -180,7 +180,7 @@ template <typename Q, typename C>
 void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_cache, const float* k_scales,
                 const float* v_scales, int64_t layer, int64_t span, const int32_t* block_tables,
                 const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens, float scale,
-                float softcap, const Shapes& s, Q* out) {
+                float softcap, const float* sinks, const Shapes& s, Q* out) {
   const int64_t d = s.head_dim, heads = s.num_heads;
   const int64_t group = heads / s.num_kv_heads;
   const int64_t nq = item.num_queries * heads;  // query vectors: query-major, then head
@@ -326,6 +326,8 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
     }
     float max_score = -INFINITY;
     for (int i = 0; i < kLanes; ++i) max_score = std::max(max_score, lane_max[i]);
+    const float sink = sinks ? sinks[j % heads] : -INFINITY;  // gpt-oss: one more logit, without a value
+    max_score = std::max(max_score, sink);
     V16 sum = {};
     for (int64_t t0 = first_t0; t0 < n; t0 += kLanes) {
       V16 e = ExpNonPositive(LoadV(sj + t0) - max_score);
@@ -333,7 +335,7 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
       StoreV(sj + t0, e);
       sum += e;
     }
-    float total = 0.0f;
+    float total = sinks ? std::exp(sink - max_score) : 0.0f;
     for (int i = 0; i < kLanes; ++i) total += sum[i];
     inv_sum[j] = 1.0f / total;
     for (int64_t t = (n + kLanes - 1) / kLanes * kLanes; t < num_keys; ++t) sj[t] = 0.0f;  // keys it cannot see
@@ -385,7 +387,7 @@ template <typename Q, typename C>
 void Attend(const Shapes& s, const Q* q, const C* k_cache, const C* v_cache, const float* k_scales,
             const float* v_scales, int64_t layer, int64_t span, const int32_t* block_tables,
             const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens, float scale,
-            float softcap, Q* out) {
+            float softcap, const float* sinks, Q* out) {
   std::memset(out, 0, sizeof(Q) * s.num_tokens * s.num_heads * s.head_dim);
   std::vector<WorkItem> items;
   for (int32_t row = 0; row < s.num_rows; ++row)
@@ -399,7 +401,7 @@ void Attend(const Shapes& s, const Q* q, const C* k_cache, const C* v_cache, con
   // The layer's products follow (XLA's own, for float weights), which a spinning helper would slow.
   ParallelFor(static_cast<int64_t>(items.size()), kNoSpin, [&](int64_t i) {
     AttendItem(items[i], q, k_cache, v_cache, k_scales, v_scales, layer, span, block_tables, context_lens,
-               query_start, query_lens, scale, softcap, s, out);
+               query_start, query_lens, scale, softcap, sinks, s, out);
   });
 }
 
@@ -441,7 +443,8 @@ bool Holds(XLA_FFI_DataType dtype) {
 
 // Arguments: q, k_cache, v_cache, k_scales, v_scales, layer [2] (the layer, and the keys a query
 // sees back from itself, itself included: its sliding window, or more than any context), block_tables,
-// context_lens, query_start, query_lens (int32); attributes: scale and softcap (float32; a softcap > 0
+// context_lens, query_start, query_lens (int32), sinks (float32 [heads]: each head's sink logit, which joins its
+// softmax's denominator; or [0]: none); attributes: scale and softcap (float32; a softcap > 0
 // turns each score s into softcap * tanh(s / softcap)); result: [T, heads, head_dim] in q's
 // dtype. q and the result hold Query, the caches Cache; a quantized cache (int8, or uint8 float8
 // bits) comes with float32 scales [layers, blocks, block_size, kv_heads], else the scales are
@@ -449,7 +452,7 @@ bool Holds(XLA_FFI_DataType dtype) {
 extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Api* api = frame->api;
   if (IsMetadataQuery(frame)) return DescribeHandler(frame);
-  if (const char* problem = FrameProblem(frame, 10, 2)) return Fail(api, problem);
+  if (const char* problem = FrameProblem(frame, 11, 2)) return Fail(api, problem);
   const XLA_FFI_Scalar *scale = ScalarAttr(frame, "scale"), *softcap = ScalarAttr(frame, "softcap");
   if (!scale || !softcap || scale->dtype != XLA_FFI_DataType_F32 || softcap->dtype != XLA_FFI_DataType_F32)
     return Fail(api, "scale and softcap must be float32 attributes");
@@ -477,6 +480,9 @@ extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
     if (meta->rank != 1 || meta->dims[0] != s.num_rows) return Fail(api, "metadata of the wrong length");
   if (const char* problem = Check(s, layer, k->dims[0], tables, context_lens, query_start, query_lens))
     return Fail(api, problem);
+  const XLA_FFI_Buffer* sinks = Buffer(frame->args.args[10]);
+  if (sinks->dtype != XLA_FFI_DataType_F32 || sinks->rank != 1 || (sinks->dims[0] != 0 && sinks->dims[0] != s.num_heads))
+    return Fail(api, "sinks must be float32 [heads], or [0] for none");
   if (q->dtype != kDtype<Query> || out->dtype != q->dtype || !Holds<Cache>(k->dtype) || !Holds<Cache>(v->dtype))
     return Fail(api, "q, result or caches of a dtype this build does not read (it is built for one pair)");
   if constexpr (kQuantized<Cache>) {
@@ -490,6 +496,6 @@ extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
          static_cast<const Cache*>(v->data), static_cast<const float*>(k_scales->data),
          static_cast<const float*>(v_scales->data), layer, span, tables, context_lens, query_start, query_lens,
          *static_cast<const float*>(scale->value), *static_cast<const float*>(softcap->value),
-         static_cast<Query*>(out->data));
+         sinks->dims[0] ? static_cast<const float*>(sinks->data) : nullptr, static_cast<Query*>(out->data));
   return nullptr;
 }

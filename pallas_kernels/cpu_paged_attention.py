@@ -42,8 +42,8 @@ def attention_library(dtype, kv_cache_dtype: str = "auto") -> str | None:
 def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None,
                                softcap: float | None = None, sinks=None):
     """Attention of `q [T, heads, head_dim]` over layer `layer` of the paged caches; `[T, heads,
-    head_dim]` in q's dtype; `window` and `softcap` as the reference takes them (None, or an int32
-    scalar: the layer's sliding window, 0 for none; None or the scores' cap).
+    head_dim]` in q's dtype; `window`, `softcap` and `sinks` as the reference takes them (None, or an int32
+    scalar: the layer's sliding window, 0 for none; None or the scores' cap; None or each head's sink).
 
     q is float32, bfloat16 or float16. Each cache is an array `[layers, blocks, block_size,
     kv_heads, head_dim]` of q's dtype (for bfloat16, or its bits as `BF16_BITS`), or (both) a
@@ -53,7 +53,7 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
     with an error naming what was out of range.
     """
     library = _library_for(q, k_cache, v_cache)
-    if library is None or not cpu_kernels.is_loaded(library) or sinks is not None:
+    if library is None or not cpu_kernels.is_loaded(library):
         return ragged_paged_attention(q, k_cache, v_cache, layer, md, scale, window, softcap, sinks)
     if is_quantized(k_cache):
         caches = (k_cache.values, v_cache.values, k_cache.scales, v_cache.scales)
@@ -62,8 +62,9 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
         caches = (k_cache, v_cache, unused, unused)
     call = jax.ffi.ffi_call(cpu_kernels.target(library), jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
     layer_and_span = jnp.stack([jnp.asarray(layer, jnp.int32), window_span(window)])
+    sinks = jnp.zeros((0,), jnp.float32) if sinks is None else jnp.asarray(sinks, jnp.float32)
     return call(q, *caches, layer_and_span, md.block_tables, md.context_lens,
-                md.query_start, md.query_lens, scale=np.float32(scale), softcap=np.float32(softcap or 0.0))
+                md.query_start, md.query_lens, sinks, scale=np.float32(scale), softcap=np.float32(softcap or 0.0))
 
 
 def _library_for(q, k_cache, v_cache) -> str | None:
