@@ -28,14 +28,19 @@ CONFIGS = {
                                           num_experts_per_tok=2, sliding_window=None, **SMALL),
     "qwen3_moe": transformers.Qwen3MoeConfig(moe_intermediate_size=32, num_hidden_layers=2, num_experts=8,
                                              num_experts_per_tok=3, norm_topk_prob=True, head_dim=16, **SMALL),
+    # attention sinks split with their heads, biased experts split by expert and column, a window of 4
+    "gpt_oss": transformers.GptOssConfig(intermediate_size=32, num_hidden_layers=4, num_local_experts=8,
+                                         num_experts_per_tok=2, head_dim=16, sliding_window=4, **SMALL),
 }
 LAYOUTS = {  # (tensor, pipeline, expert, data) parallel sizes
     "llama": [(1, 1, 1, 1), (1, 2, 1, 1), (2, 2, 1, 1), (2, 1, 1, 4)],  # 4 stages: `one_prompt_split`
     "mixtral": [(1, 1, 1, 1), (1, 1, 8, 1), (2, 1, 2, 1), (2, 2, 2, 1), (1, 1, 2, 2)],
     "qwen3_moe": [(1, 1, 1, 1), (1, 1, 4, 1)],  # tp x pp x ep together: mixtral
+    "gpt_oss": [(1, 1, 1, 1), (2, 2, 2, 1), (2, 1, 1, 1)],
 }
 QUANTIZED_LAYOUTS = {  # int8 weights and KV cache: one device, then tp x pp x ep splitting values and scales
     "mixtral": [(1, 1, 1, 1), (2, 2, 2, 1)],
+    "gpt_oss": [(1, 1, 1, 1), (2, 2, 2, 1)],
 }
 
 

@@ -12,7 +12,7 @@ from jpaged import LLM
 from jpaged.step_batch import split_micro_batches
 
 pytest.importorskip("transformers")
-MODELS = ("llama", "mixtral", "qwen3_moe")  # the check's models; it owns their layouts
+MODELS = ("llama", "mixtral", "qwen3_moe", "gpt_oss")  # the check's models; it owns their layouts
 
 
 def layouts(report, model) -> list[tuple[int, ...]]:
@@ -37,7 +37,8 @@ def test_every_layout_gives_the_single_device_tokens(report, model):
         assert runs[f"{model}/{'x'.join(map(str, layout))}"]["tokens"] == single, f"tp, pp, ep, dp = {layout}"
 
 
-def test_int8_layouts_give_the_single_device_int8_tokens(report, model="mixtral"):
+@pytest.mark.parametrize("model", ("mixtral", "gpt_oss"))
+def test_int8_layouts_give_the_single_device_int8_tokens(report, model):
     """Quantized weights and KV cache, values and scales split with the layout (tp x pp x ep): the
     same tokens as one device with the same quantization, and each device holds a share."""
     runs = report["generate"]

@@ -166,13 +166,24 @@ def split_fused_tensors(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelCon
     `mlp.gate_up_proj`: q, k, v and gate, up stacked by rows) split into their parts, which
     `fuse_projections` joins again in the model's layout, and GraniteMoE's experts stacked in one
     tensor (`block_sparse_moe.input_linear [experts, 2 * ff, hidden]`, gate then up, and
-    `output_linear`) and gpt-oss's (`_INTERLEAVED_EXPERTS`) split into one tensor per expert. ValueError for a fused tensor whose rows
+    `output_linear`) and gpt-oss's (`_INTERLEAVED_EXPERTS`, as float tensors or as MXFP4 blocks
+    and scales, `dequantize_mxfp4`) split into one tensor per expert. ValueError for a fused tensor whose rows
     are not the parts' sizes."""
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     sizes = {"qkv_proj": (q_dim, kv_dim, kv_dim), "qkv_bias": (q_dim, kv_dim, kv_dim),
              "gate_up_proj": (cfg.intermediate_size,) * 2}
+    mxfp4: dict[str, dict[str, np.ndarray]] = {}  # an MXFP4 tensor's blocks or scales, until the other comes
     for name, tensor in weights:
         match = _LAYER_NAME.fullmatch(name)
+        part = next((suffix for suffix in _MXFP4_PARTS if name.endswith(suffix)), None)
+        if match and part and match.group(2).removesuffix(part) in _INTERLEAVED_EXPERTS:
+            held = mxfp4.setdefault(name.removesuffix(part), {})
+            held[part] = tensor
+            if len(held) < 2:
+                continue
+            del mxfp4[name.removesuffix(part)]
+            name, tensor = name.removesuffix(part), dequantize_mxfp4(held["_blocks"], held["_scales"])
+            match = _LAYER_NAME.fullmatch(name)
         if match and match.group(2) in _INTERLEAVED_EXPERTS:
             yield from _split_interleaved(match.group(2), match.group(1), tensor)
             continue
@@ -193,6 +204,9 @@ def split_fused_tensors(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelCon
                              f"({' + '.join(map(str, sizes[fused]))} for {', '.join(parts)})")
         for part, piece in zip(parts, np.split(tensor, np.cumsum(sizes[fused])[:-1])):
             yield f"model.layers.{match.group(1)}.{part}", piece
+    if mxfp4:
+        missing = [f"{name}{suffix}" for name, held in mxfp4.items() for suffix in _MXFP4_PARTS if suffix not in held]
+        raise ValueError(f"weights missing from the checkpoint: {', '.join(missing)} (MXFP4 blocks and scales pair)")
 
 
 # GraniteMoE's stacked experts: the per-expert tensors each holds, stacked by rows in this order.
@@ -204,6 +218,26 @@ _INTERLEAVED_EXPERTS = {"mlp.experts.gate_up_proj": ("gate_proj.weight", "up_pro
                         "mlp.experts.gate_up_proj_bias": ("gate_proj.bias", "up_proj.bias"),
                         "mlp.experts.down_proj": ("down_proj.weight",),
                         "mlp.experts.down_proj_bias": ("down_proj.bias",)}
+
+
+# MXFP4 (OCP Microscaling, 4-bit e2m1 values with an e8m0 scale per 32), as gpt-oss ships its experts:
+# each 4-bit code's value, low nibble first in each byte.
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                      np.float32)
+_MXFP4_PARTS = ("_blocks", "_scales")
+
+
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """An MXFP4 tensor as float32: `blocks [..., out, groups, 16]` uint8 (two 4-bit codes a byte,
+    low nibble first), `scales [..., out, groups]` uint8 (powers of two, biased by 127) to
+    `[..., in, out]` (`x @ W` layout, in = groups * 32), as transformers' gpt-oss loader reads it.
+    ValueError for shapes that do not pair."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not pair "
+                         "(blocks [..., groups, 16], scales [..., groups])")
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*scales.shape, 32)
+    values = np.ldexp(FP4_VALUES[codes], scales.astype(np.int32)[..., None] - 127)
+    return values.reshape(*scales.shape[:-1], -1).swapaxes(-1, -2)
 
 
 def _split_interleaved(name: str, layer: str, tensor: np.ndarray):
