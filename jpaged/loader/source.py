@@ -19,6 +19,7 @@ import numpy as np
 
 from jpaged.loader import hf
 from jpaged.loader.default_model import DEFAULT_MODEL_NAME, default_model_path
+from jpaged.loader.multimodal import is_vision_language, language_model_weights, text_only_config
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]  # what a model folder needs
@@ -67,12 +68,15 @@ def open_model(model: str | None, tokenizer: str | None = None, revision: str | 
             raise FileNotFoundError(f"GGUF file {path} not found")
         return _open_gguf(path, str(path), load_tokenizer)
     path = _folder_or_hub("model", model, HUB_FILES, revision=revision)
+    hf_config = hf.read_json(path / "config.json")
+    vision_language = is_vision_language(hf_config)  # read as its language model alone
+    named = language_model_weights if vision_language else _with_model_prefix
     return ModelSource(
         name=model,
-        hf_config=hf.read_json(path / "config.json"),
+        hf_config=text_only_config(hf_config) if vision_language else hf_config,
         generation_config=hf.read_json(path / "generation_config.json", required=False),
         load_tokenizer=load_tokenizer or hf.tokenizer_loader(path),
-        weights=lambda keep_packed=None: _with_model_prefix(hf.load_safetensors_weights(path)),
+        weights=lambda keep_packed=None: named(hf.load_safetensors_weights(path)),
         folder=path,
     )
 

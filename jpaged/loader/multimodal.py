@@ -1,0 +1,78 @@
+"""Vision-language checkpoints read as their language model alone: text in, text out.
+
+Gemma 3 (4B and up), Mistral Small 3.x, Qwen2-VL / Qwen2.5-VL and Qwen3-VL ship as
+`*ForConditionalGeneration` folders: a vision encoder and a projector beside a language model of an
+architecture jpaged runs. `text_only_config` turns such a config.json into its language model's
+(`text_config`, under the text architecture, with the wrapper's embedding tying), and
+`language_model_weights` yields the language model's tensors under a causal LM's names, leaving
+the vision tower's and the projector's out. For text the language model computes what the whole
+model does: Qwen's multimodal RoPE, whose three sections all take a text token's one position, is
+plain RoPE. Images are not read (a chat part that is not text is refused, as for any model).
+Plain Python: no jax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+# each vision-language architecture's language model, as jpaged names it
+TEXT_ARCHITECTURES = {
+    "Gemma3ForConditionalGeneration": "Gemma3ForCausalLM",
+    "Mistral3ForConditionalGeneration": "MistralForCausalLM",
+    "Qwen2VLForConditionalGeneration": "Qwen2ForCausalLM",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2ForCausalLM",
+    "Qwen3VLForConditionalGeneration": "Qwen3ForCausalLM",
+}
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "visual.", "model.visual.", "model.vision_tower.",
+                    "model.multi_modal_projector.")
+# a language model's tensors as the checkpoints name them (the hub's layout, then transformers 5's), and as a causal LM does
+_RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+            ("model.language_model.", "model."))
+_MROPE_KEYS = ("mrope_section", "mrope_interleaved")
+
+
+def is_vision_language(hf_config: dict) -> bool:
+    """Whether config.json describes a vision-language model whose language model jpaged runs."""
+    return any(name in TEXT_ARCHITECTURES for name in hf_config.get("architectures") or [])
+
+
+def text_only_config(hf_config: dict) -> dict:
+    """The language model's config.json of a vision-language model's: its `text_config`, the
+    text architecture, the wrapper's `tie_word_embeddings` (which decides, as in transformers),
+    and a multimodal RoPE read as RoPE. ValueError for a config without a `text_config`."""
+    text = hf_config.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"config.json of {hf_config['architectures'][0]} has no text_config to read the "
+                         "language model from")
+    architecture = next(TEXT_ARCHITECTURES[name] for name in hf_config["architectures"] if name in TEXT_ARCHITECTURES)
+    config = {**text, "architectures": [architecture]}
+    if "tie_word_embeddings" in hf_config:
+        config["tie_word_embeddings"] = hf_config["tie_word_embeddings"]
+    for key in ("rope_parameters", "rope_scaling"):
+        if isinstance(config.get(key), dict):
+            config[key] = _plain_rope(config[key])
+    return config
+
+
+def _plain_rope(params: dict) -> dict:
+    """Rope parameters without their multimodal sections (`mrope`: plain RoPE for text)."""
+    plain = {key: value for key, value in params.items() if key not in _MROPE_KEYS}
+    for name in ("rope_type", "type"):
+        if plain.get(name) == "mrope":
+            plain[name] = "default"
+    return plain
+
+
+def language_model_weights(weights: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    """A vision-language checkpoint's language-model tensors under a causal LM's names; the
+    vision tower's and the projector's are left out."""
+    for name, tensor in weights:
+        if name.startswith(_VISION_PREFIXES):
+            continue
+        for old, new in _RENAMES:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        yield name, tensor
