@@ -11,7 +11,7 @@ Place in the data flow: inside the jitted step, each of `LlamaForCausalLM`'s lay
 
 gpt-oss adds a bias to the router's logits and to each expert's projections, and its experts'
 SwiGLU clamps its inputs (`ModelConfig.swiglu_limit`); the down projection's bias is weighted and
-summed per token by its routing weights (`down_bias_term`), outside the grouped matmuls, so that a
+summed per token by its routing weights (`plus_down_bias`), outside the grouped matmuls, so that a
 down projection split over devices still adds it once.
 
 No token is dropped (no capacity factor), so the result is exactly HF's. `route` and
@@ -44,7 +44,7 @@ def expert_ffn(x_sorted: jax.Array, group_sizes: jax.Array, gate: jax.Array, up:
     expert 1, and so on. Returns `[N, hidden]` in `x_sorted`'s dtype (float32 accumulation); rows
     past `sum(group_sizes)` (padding) come back as zeros, whatever they held. SiLU-gated, or with
     `cfg.swiglu_limit` gpt-oss's clamped SwiGLU with the gate / up biases `weights["expert_gate_bias"]`,
-    `["expert_up_bias"]` `[E, I]` (the down bias is `down_bias_term`'s)."""
+    `["expert_up_bias"]` `[E, I]` (the down bias is `plus_down_bias`'s)."""
     def grouped(lhs, rhs):
         return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
 
@@ -69,13 +69,13 @@ def gated(gate: jax.Array, up: jax.Array, cfg: ModelConfig | None) -> jax.Array:
     return (jnp.clip(up, -limit, limit) + 1.0) * gate * jax.nn.sigmoid(gate * cfg.swiglu_alpha)
 
 
-def down_bias_term(weights: dict, topk_weights: jax.Array, topk_ids: jax.Array) -> jax.Array:
-    """Each token's routing-weighted sum of its experts' down-projection biases, float32 `[T,
-    hidden]` (zeros where the experts have none)."""
+def plus_down_bias(out: jax.Array, weights: dict, topk_weights: jax.Array, topk_ids: jax.Array) -> jax.Array:
+    """`out` (float32 `[T, hidden]`) plus each token's routing-weighted sum of its experts'
+    down-projection biases, where the experts have them (gpt-oss)."""
     bias = weights.get("expert_down_bias")
     if bias is None:
-        return jnp.zeros((topk_ids.shape[0], 1), jnp.float32)
-    return jnp.einsum("tk,tkh->th", topk_weights, bias[topk_ids].astype(jnp.float32))
+        return out
+    return out + jnp.einsum("tk,tkh->th", topk_weights, bias[topk_ids].astype(jnp.float32))
 
 
 def router_logits(x: jax.Array, weights: dict) -> jax.Array:
@@ -117,7 +117,7 @@ def routed_experts(x: jax.Array, weights: dict, cfg: ModelConfig) -> jax.Array:
     order, group_sizes = sort_by_expert(topk_ids, cfg.num_experts)
     rows = expert_ffn(x[order // k], group_sizes, weights["expert_gate_proj"], weights["expert_up_proj"],
                       weights["expert_down_proj"], weights, cfg)
-    return combine(rows, order, topk_weights) + down_bias_term(weights, topk_weights, topk_ids)
+    return plus_down_bias(combine(rows, order, topk_weights), weights, topk_weights, topk_ids)
 
 
 def sparse_moe(x: jax.Array, weights: dict, cfg: ModelConfig, routed=routed_experts) -> jax.Array:

@@ -26,8 +26,8 @@ from jax.sharding import PartitionSpec as P
 from jpaged.config import ModelConfig
 from jpaged.models.moe import (
     combine,
-    down_bias_term,
     expert_ffn,
+    plus_down_bias,
     route,
     routed_experts,
     router_logits,
@@ -42,7 +42,7 @@ _EXPERT_SPECS = {
     "expert_up_proj": P(EP_AXIS, None, TP_AXIS),
     "expert_down_proj": P(EP_AXIS, TP_AXIS, None),
     # gpt-oss's biases: the router's and the down projections' whole on every shard (the latter
-    # weighted per token by its routing, `down_bias_term`), gate / up with their columns
+    # weighted per token by its routing, `plus_down_bias`), gate / up with their columns
     "router_bias": P(),
     "expert_gate_bias": P(EP_AXIS, TP_AXIS),
     "expert_up_bias": P(EP_AXIS, TP_AXIS),
@@ -107,4 +107,4 @@ def _dispatched(x, weights, cfg: ModelConfig, num_shards: int):
                       weights["expert_down_proj"], weights, cfg)
     rows = jnp.zeros_like(rows).at[local_order].set(rows)
     returned = jax.lax.all_to_all(rows.reshape(num_shards, capacity, -1), EP_AXIS, 0, 0, tiled=True)
-    return combine(returned[destination, slot], order, topk_weights) + down_bias_term(weights, topk_weights, topk_ids)
+    return plus_down_bias(combine(returned[destination, slot], order, topk_weights), weights, topk_weights, topk_ids)
