@@ -137,13 +137,14 @@ def _add_server_args(parser: argparse.ArgumentParser) -> None:
                              "'*' for any")
     parser.add_argument("--allow-runtime-lora-updating", action="store_true",
                         help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with --enable-lora)")
-    parser.add_argument("--max-queued-requests", type=int, default=256,
-                        help="sequences the server holds at once (running or waiting; each prompt and each sample counts); more get HTTP 503")
 
 
 def _add_app_args(parser: argparse.ArgumentParser) -> None:
     """The flags of the OpenAI routes, which `serve` and `run-batch` share."""
     parser.add_argument("--served-model-name", default=None, help="model name the API shows; unset: the model's")
+    parser.add_argument("--max-queued-requests", type=int, default=256,
+                        help="sequences the server holds at once (running or waiting; each prompt and each sample "
+                             "counts); more get HTTP 503 (run-batch: wait), a request that alone draws more a 400")
     parser.add_argument("--return-tokens-as-token-ids", action="store_true",
                         help="name logprobs' tokens 'token_id:N' unless a request's return_tokens_as_token_ids says not")
     parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
@@ -199,7 +200,8 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("-i", "--input-file", required=True,
                        help='JSON lines {"custom_id", "method": "POST", "url", "body"} (OpenAI\'s batch input); '
                             "'-': standard input")
-    batch.add_argument("-o", "--output-file", required=True, help="where the answers go, one JSON line per input line")
+    batch.add_argument("-o", "--output-file", required=True,
+                       help="where the answers go, one JSON line per input line; '-': standard output")
     _add_app_args(batch)
     _add_engine_args(batch)
     for command in (gen, serve, batch):

@@ -73,9 +73,16 @@ def test_batch_answers_each_line_as_the_server_would(llm, tmp_path, monkeypatch)
         _line("tokens", "/tokenize", {"prompt": PROMPTS[0]}),
         _line("logprobs", "/v1/completions", {"model": "stories", "prompt": PROMPTS[0], "max_tokens": 4,
                                                "temperature": 0, "logprobs": 1, "return_token_ids": True}),
+        _line("too-many", "/v1/completions", {"model": "stories", "prompt": "Tom", "max_tokens": 2, "n": 100}),
+        _line("bytes", "/v1/embeddings", {"model": "stories", "input": "Tom", "encoding_format": "bytes"}),
+        _line("stream-text", "/v1/completions", {"model": "stories", "prompt": "Tom", "stream": "false"}),
+        _line("ping", "/ping", {}),
     ]
+    lines += [_line(f"sampled{i}", "/v1/completions", {"model": "stories", "prompt": PROMPTS[i], "max_tokens": 6,
+                                                       "temperature": 1, "seed": i, "n": 3}) for i in range(4)]
     monkeypatch.setattr(batch, "LINES_IN_FLIGHT", 3)  # more lines than places: the rest wait their turn
-    app = create_app(llm.engine, served_model_name="stories", max_queued_requests=10**9,
+    # a queue of 8 sequences: the sampled lines (3 each) wait for room, and are sent again
+    app = create_app(llm.engine, served_model_name="stories", max_queued_requests=8,
                      return_tokens_as_token_ids=True)  # the server's default for logprobs' token names
     output = io.StringIO()
     failed = run_batch(app, read_batch(_write(tmp_path, lines)), output, use_tqdm=False)
@@ -97,8 +104,12 @@ def test_batch_answers_each_line_as_the_server_would(llm, tmp_path, monkeypatch)
     assert named["logprobs"]["tokens"] == [f"token_id:{t}" for t in named["token_ids"]]
     assert tokenizer.decode(named["prompt_token_ids"] + named["token_ids"]).endswith(named["text"])
 
+    for i in range(4):
+        sampled = by_id[f"sampled{i}"]["response"]
+        assert sampled["status_code"] == 200 and len(sampled["body"]["choices"]) == 3, sampled
     refused = {"bad-temperature": (400, "temperature"), "other-model": (404, "model"), "streamed": (400, "stream"),
-               "no-route": (404, "url")}
+               "no-route": (404, "url"), "too-many": (400, "n"), "bytes": (400, "encoding_format"),
+               "stream-text": (400, "stream"), "ping": (404, "url")}
     assert failed == len(refused)
     for custom_id, (status, param) in refused.items():
         answer = by_id[custom_id]
@@ -120,12 +131,19 @@ def test_batch_answers_each_line_as_the_server_would(llm, tmp_path, monkeypatch)
     ('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n\n'
      '{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}', "custom_id 'a' is already used on line 1"),
     ("\n\n", "no batch request line"),
+    (b"\xff\xfe{}", "is not UTF-8 text"),
 ])
 def test_malformed_files_are_refused_naming_the_line(tmp_path, text, message):
     path = tmp_path / "in.jsonl"
-    path.write_text(text)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ValueError, match=message):
         read_batch(path)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes("\ufeff".encode() + _line("a", "/v1/completions", {"prompt": "Tom"}).encode())
+    assert [line.custom_id for line in read_batch(path)] == ["a"]
 
 
 def test_command_line(model_folder, tmp_path, capsys):
@@ -139,6 +157,9 @@ def test_command_line(model_folder, tmp_path, capsys):
     assert [a["custom_id"] for a in answers] == ["a", "b"]
     assert all(a["response"]["status_code"] == 200 and a["response"]["body"]["model"] == model_folder
                for a in answers)
+
+    assert main(args[:4] + ["-"] + args[5:]) == 0  # to standard output
+    assert [json.loads(text)["custom_id"] for text in capsys.readouterr().out.splitlines()] == ["a", "b"]
 
     bad = _write(tmp_path, [lines[0], "{}"], "bad.jsonl")  # refused before the model loads
     assert main(["run-batch", "-i", str(bad), "-o", str(tmp_path / "never.jsonl"), "--model", model_folder]) == 2

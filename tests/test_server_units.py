@@ -645,6 +645,13 @@ def test_qwen3_coder_calls_are_read_as_transformers_reads_them():
     for text in ["Hello there.", "<tool_call>\n<function=>\n</function>\n</tool_call>",
                  "<tool_call>\n<function=f>\n<parameter=x>\nnan\n</parameter>\n</function>\n</tool_call>"]:
         assert parser.parse(text, number) == (text, [])  # no call, no name, or a number JSON cannot hold
+    call = _qwen3_coder_call("f", {"n": 3})
+    for odd in ([{"type": "function", "function": {"name": "f", "parameters": {"properties": {"n": True}}}}],
+                [{"function": {"name": "f", "parameters": {"properties": {"n": "integer"}}}}],
+                [{"function": None}], ["f"], [{"function": {"name": "f", "parameters": {"properties": [1]}}}]):
+        assert json.loads(parser.parse(call, odd)[1][0].arguments) == {"n": "3"}  # a schema not to be read: text
+    typed = [{"function": {"name": "f", "parameters": {"properties": {"n": {"type": "integer"}}}}}]
+    assert json.loads(parser.parse(_qwen3_coder_call("f", {"n": "1_000"}), typed)[1][0].arguments) == {"n": "1_000"}
     open_ended = "<function=f>\n<parameter=x>\n2\n</parameter>\n<parameter=y>\nlast"  # cut short, no <tool_call>
     assert [(c.name, json.loads(c.arguments)) for c in parser.parse(open_ended, number)[1]] == [("f", {"x": 2, "y": "last"})]
 

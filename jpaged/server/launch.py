@@ -7,6 +7,7 @@ it); `serve` is the command, reading the CLI's engine and server flags (`jpaged/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -112,14 +113,18 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def run_batch_file(args: argparse.Namespace) -> int:
-    """`jpaged run-batch`: answer the input file's lines into the output file (`batch.py`); the
-    exit status, 1 when any line was answered with an error."""
+    """`jpaged run-batch`: answer the input file's lines into the output file (`batch.py`; "-":
+    standard output); the exit status, 1 when any line was answered with an error."""
     from jpaged.server.batch import read_batch, run_batch
 
+    if args.max_queued_requests < 1:
+        raise ValueError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
     template = _checked_app_flags(args)
     lines = read_batch(args.input_file)  # a malformed file is refused before the model loads
-    with open(args.output_file, "w", encoding="utf-8") as output:  # an unwritable path too
-        app = _app_from_flags(args, template, max_queued_requests=sys.maxsize)
+    with contextlib.ExitStack() as stack:
+        output = sys.stdout if args.output_file == "-" else stack.enter_context(
+            open(args.output_file, "w", encoding="utf-8"))  # an unwritable path too, before the model loads
+        app = _app_from_flags(args, template, max_queued_requests=args.max_queued_requests)
         failed = run_batch(app, lines, output)
     logger.warning("%d of %d batch lines answered to %s%s", len(lines) - failed, len(lines), args.output_file,
                    f"; {failed} refused (their error is in their line)" if failed else "")

@@ -296,14 +296,12 @@ class Qwen3CoderToolParser(ToolParser):
         start = self._start(text)
         if start == len(text):
             return text, []
-        schemas = {tool.get("function", {}).get("name"): tool.get("function", {}).get("parameters") or {}
-                   for tool in tools}
-        calls = []
+        calls, properties_of = [], _properties(tools)
         for match in self.FUNCTIONS.finditer(text, start):
             name = match.group(1).strip()
             if not name:
                 return text, []
-            properties = (schemas.get(name) or {}).get("properties") or {}
+            properties = properties_of.get(name, {})
             arguments = {key.strip(): _typed(_unframed(value), properties.get(key.strip()))
                          for key, value in self.PARAMETERS.findall(match.group(2))}
             calls.append(ParsedCall(name, json.dumps(arguments, ensure_ascii=False, allow_nan=False)))
@@ -323,25 +321,43 @@ class Qwen3CoderToolParser(ToolParser):
         return min(_partial_marker_start(text, self.START), _partial_marker_start(text, self.FUNCTION))
 
 
+def _properties(tools: list) -> dict[str, dict]:
+    """Each tool's parameter schemas by name (`{function name: {parameter: schema}}`), from the
+    request's tools as they come: entries, schemas or properties that are not objects are skipped
+    (their values are then read as text)."""
+    found = {}
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        parameters = function.get("parameters") if isinstance(function, dict) else None
+        properties = parameters.get("properties") if isinstance(parameters, dict) else None
+        if isinstance(properties, dict):
+            found[function.get("name")] = properties
+    return found
+
+
 def _unframed(value: str) -> str:
     """A parameter's text without the newline after its opening tag and the one before its closing tag."""
     value = value[1:] if value.startswith("\n") else value
     return value[:-1] if value.endswith("\n") else value
 
 
+_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*|\s*[+-]?(nan|inf|infinity)\s*", re.IGNORECASE)
+
+
 def _number(value: str, kind: type):
-    """`value` read as a `kind` number, or the text itself where it is not one."""
-    try:
-        return kind(value)
-    except ValueError:
-        return value
+    """`value` read as a `kind` number (digits as JSON writes them, and for floats NaN and
+    infinities, which the caller refuses), or the text itself where it is not one."""
+    return kind(value) if (_INTEGER if kind is int else _NUMBER).fullmatch(value) else value
 
 
 def _typed(value: str, schema: dict | None):
     """A `qwen3_coder` parameter's text as the JSON value its schema's type says (see the module
     docstring); ValueError for a number JSON cannot hold."""
-    kind = str((schema or {}).get("type", "string")).lower()
-    if schema is None or kind in ("string", "str", "text", "varchar", "char", "enum"):
+    if not isinstance(schema, dict):  # no schema, or one that says nothing of a type (JSON Schema's `true`)
+        return value
+    kind = str(schema.get("type", "string")).lower()
+    if kind in ("string", "str", "text", "varchar", "char", "enum"):
         return value
     if value.lower() == "null":
         return None
