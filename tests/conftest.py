@@ -47,7 +47,7 @@ def run_device_check(tmp_path_factory):
     def run(script: str) -> dict:
         folder = tmp_path_factory.mktemp(Path(script).stem)
         result = subprocess.run([sys.executable, str(Path(__file__).with_name(script)), str(folder)],
-                                capture_output=True, text=True, timeout=900)
+                                capture_output=True, text=True, timeout=1500)
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.strip().splitlines()[-1])
 

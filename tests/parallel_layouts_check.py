@@ -36,7 +36,7 @@ LAYOUTS = {  # (tensor, pipeline, expert, data) parallel sizes
     "llama": [(1, 1, 1, 1), (1, 2, 1, 1), (2, 2, 1, 1), (2, 1, 1, 4)],  # 4 stages: `one_prompt_split`
     "mixtral": [(1, 1, 1, 1), (1, 1, 8, 1), (2, 1, 2, 1), (2, 2, 2, 1), (1, 1, 2, 2)],
     "qwen3_moe": [(1, 1, 1, 1), (1, 1, 4, 1)],  # tp x pp x ep together: mixtral
-    "gpt_oss": [(1, 1, 1, 1), (2, 2, 2, 1), (2, 1, 1, 1)],
+    "gpt_oss": [(1, 1, 1, 1), (2, 2, 2, 1)],
 }
 QUANTIZED_LAYOUTS = {  # int8 weights and KV cache: one device, then tp x pp x ep splitting values and scales
     "mixtral": [(1, 1, 1, 1), (2, 2, 2, 1)],

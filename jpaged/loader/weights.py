@@ -236,7 +236,8 @@ def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
         raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not pair "
                          "(blocks [..., groups, 16], scales [..., groups])")
     codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*scales.shape, 32)
-    values = np.ldexp(FP4_VALUES[codes], scales.astype(np.int32)[..., None] - 127)
+    with np.errstate(over="ignore"):  # scale 255 (E8M0's NaN) overflows to inf, as transformers reads it
+        values = np.ldexp(FP4_VALUES[codes], scales.astype(np.int32)[..., None] - 127)
     return values.reshape(*scales.shape[:-1], -1).swapaxes(-1, -2)
 
 
