@@ -85,14 +85,13 @@ def paged_attention_layer(attend):
 
     The returned function maps `(q, k, v, k_cache, v_cache, layer, md, scale, window=None,
     softcap=None, sinks=None)` to `(out, k_cache, v_cache)`; `attend` is the reference below or a
-    Pallas kernel (which take `sinks` only where the model has them).
+    Pallas kernel.
     """
 
     def attention_layer(q, k, v, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None,
                         softcap: float | None = None, sinks=None):
         k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, md.slot_mapping)
-        extra = {} if sinks is None else {"sinks": sinks}
-        return attend(q, k_cache, v_cache, layer, md, scale, window=window, softcap=softcap, **extra), k_cache, v_cache
+        return attend(q, k_cache, v_cache, layer, md, scale, window=window, softcap=softcap, sinks=sinks), k_cache, v_cache
 
     return attention_layer
 

@@ -87,8 +87,6 @@ def serve(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    if args.max_queued_requests < 1:
-        raise ValueError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
     template = _checked_app_flags(args)
     check_can_listen(args.host, args.port)  # before the model loads
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
@@ -117,8 +115,6 @@ def run_batch_file(args: argparse.Namespace) -> int:
     standard output); the exit status, 1 when any line was answered with an error."""
     from jpaged.server.batch import read_batch, run_batch
 
-    if args.max_queued_requests < 1:
-        raise ValueError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
     template = _checked_app_flags(args)
     lines = read_batch(args.input_file)  # a malformed file is refused before the model loads
     with contextlib.ExitStack() as stack:
@@ -134,6 +130,8 @@ def run_batch_file(args: argparse.Namespace) -> int:
 def _checked_app_flags(args: argparse.Namespace) -> str | None:
     """Check the app flags `serve` and `run-batch` share against each other and the runner, before
     the model loads; the chat template's text, if one is given."""
+    if args.max_queued_requests < 1:
+        raise ValueError(f"--max-queued-requests must be >= 1, got {args.max_queued_requests}")
     if args.enable_auto_tool_choice != (args.tool_call_parser is not None):
         raise ValueError("--enable-auto-tool-choice and --tool-call-parser go together: the parser reads the "
                          "model's tool calls under tool_choice \"auto\"")
