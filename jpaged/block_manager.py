@@ -59,6 +59,19 @@ ROOT_HASH = 0x9E3779B97F4A7C15  # the parent hash of every sequence's first bloc
 NO_BLOCK = -1  # a block-table entry released behind the sliding window (`release_behind_window`)
 
 
+def _chunk(seq: Sequence, tokens: list[int], index: int, size: int) -> tuple:
+    """What block `index` of `seq` is cached under: its tokens, then `(hash, offset)` of each
+    prompt image whose placeholders it holds (so that blocks of equal placeholders but other
+    images never match)."""
+    start, stop = index * size, (index + 1) * size
+    chunk = tuple(tokens[start:stop])
+    images = seq.request.images
+    if not images:
+        return chunk
+    return chunk + tuple((image.hash, image.offset) for image in images
+                         if image.offset < stop and image.offset + image.length > start)
+
+
 def hash_block(parent_hash: int, tokens: tuple[int, ...]) -> int:
     """Hash of a full block: its tokens chained with the hash of the block before it."""
     return hash((parent_hash, tokens))
@@ -291,7 +304,7 @@ class BlockManager:
         found: list[int | None] = []
         block_hash = root.hash if root is not None else ROOT_HASH
         for index in range(num_full):
-            chunks.append(chunk := tuple(tokens[index * size:(index + 1) * size]))
+            chunks.append(chunk := _chunk(seq, tokens, index, size))
             block_hash = hash_block(block_hash, chunk)
             block_id = self._find(block_hash, chunks, index, keys)
             if block_id is None and self.sliding_window is None:
@@ -347,7 +360,7 @@ class BlockManager:
             if seq.block_table[index] == NO_BLOCK:  # released before it was committed: the chain ends
                 num_full = index
                 break
-            chunk = tuple(tokens[index * size:(index + 1) * size])
+            chunk = _chunk(seq, tokens, index, size)
             parent = self._commit_block(seq.block_table[index], chunk, parent)
         self._progress[seq] = (num_full, parent)
 

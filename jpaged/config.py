@@ -570,6 +570,71 @@ def layer_windows(arch: str, hf: dict) -> tuple[int, ...]:
     return tuple(int(window) if w else 0 for w in windowed)
 
 
+VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """A LLaVA model's CLIP vision tower and projector (`LlavaForConditionalGeneration`'s
+    config.json): images of `image_size` pixels cut into `patch_size` patches, the states of
+    `feature_layers` (indices into the tower's states, the embeddings' being 0; several are
+    concatenated), the class token's state dropped where `drop_cls` (vLLM's and transformers'
+    "default" feature selection), and a two-layer projector into the language model's embeddings.
+    Each image becomes `tokens_per_image` embeddings that replace as many `image_token_id`
+    placeholders in the prompt."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    layer_norm_eps: float
+    hidden_act: str
+    feature_layers: tuple[int, ...]
+    drop_cls: bool
+    projector_act: str
+    image_token_id: int
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + (0 if self.drop_cls else 1)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> VisionConfig:
+        """From a LLaVA config.json; ValueError for a vision tower or setting jpaged does not run."""
+        vision = hf.get("vision_config") or {}
+        if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
+            raise ValueError(f"LLaVA's vision tower {vision.get('model_type')!r} is not supported (supported: "
+                             "clip_vision_model)")
+        strategy = hf.get("vision_feature_select_strategy", "default")
+        if strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported (supported: default, full)")
+        num_layers = int(vision.get("num_hidden_layers", 24))
+        layers = hf.get("vision_feature_layer", -2)
+        layers = tuple(int(i) for i in (layers if isinstance(layers, list) else [layers]))
+        if any(not -num_layers - 1 <= i <= num_layers for i in layers):
+            raise ValueError(f"vision_feature_layer {layers} is outside the tower's {num_layers + 1} states")
+        for name, act in (("vision_config.hidden_act", vision.get("hidden_act", "quick_gelu")),
+                          ("projector_hidden_act", hf.get("projector_hidden_act", "gelu"))):
+            if act not in VISION_ACTIVATIONS:
+                raise ValueError(f"{name} {act!r} is not supported (supported: {', '.join(VISION_ACTIVATIONS)})")
+        return cls(
+            hidden_size=int(vision.get("hidden_size", 1024)),
+            intermediate_size=int(vision.get("intermediate_size", 4096)),
+            num_layers=num_layers,
+            num_heads=int(vision.get("num_attention_heads", 16)),
+            image_size=int(vision.get("image_size", 336)),
+            patch_size=int(vision.get("patch_size", 14)),
+            layer_norm_eps=float(vision.get("layer_norm_eps", 1e-5)),
+            hidden_act=vision.get("hidden_act", "quick_gelu"),
+            feature_layers=tuple(i % (num_layers + 1) for i in layers),
+            drop_cls=strategy == "default",
+            projector_act=hf.get("projector_hidden_act", "gelu"),
+            image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 32000))),
+        )
+
+
 @dataclass
 class CacheConfig:
     """How the paged KV cache is sized.

@@ -25,13 +25,15 @@ from tqdm.auto import tqdm
 
 from jpaged import compile_cache
 from jpaged.block_manager import BlockManager, blocks_held_under_window
-from jpaged.config import CLASSIFIER_SUFFIX, TOKEN_CLASSIFIER_SUFFIX, EngineConfig, ModelConfig
+from jpaged.config import CLASSIFIER_SUFFIX, TOKEN_CLASSIFIER_SUFFIX, EngineConfig, ModelConfig, VisionConfig
 from jpaged.detokenizer import IncrementalDetokenizer, NoDetokenizer, token_text
 from jpaged.engine_client import EngineStats, PromptType
+from jpaged.images import ImageInput, ImageProcessor, as_image_list, pixel_hash, placeholder_offsets
 from jpaged.loader.source import open_model
 from jpaged.lora import LoRAAdapter, LoRARequest, load_lora_adapter
 from jpaged.model_runner import ModelRunner, StepOutput
 from jpaged.models.quantization import gguf_packed
+from jpaged.models.vision import ImageEncoder
 from jpaged.ngram_proposer import NgramProposer, accepted_tokens, can_draft
 from jpaged.outputs import (
     ClassificationOutput,
@@ -137,10 +139,15 @@ class LLMEngine:
             packed = gguf_packed(source.block_types, source.name) if config.quantization == "gguf" else {}
             head: dict = {}
             token_rows = functools.cache(lambda: answer_token_ids(tokenizer.result(), answers[0])) if answers else None
+            vision = self._vision_config(source)
             self.runner = ModelRunner(self.model_config, config, split_score_head(source.weights(packed), head, token_rows),
                                       self.step_shapes(), meshes[replica or 0], packed=packed,
-                                      token_states=self.pooler is not None and self.pooler.pooling_type == "all")
+                                      token_states=self.pooler is not None and self.pooler.pooling_type == "all",
+                                      reads_images=vision is not None)
             self.tokenizer = tokenizer.result()
+        self.image_encoder = None if vision is None else ImageEncoder(vision, source.vision_weights,
+                                                                       self.runner.first_device)
+        self.image_processor = None if vision is None else ImageProcessor(source.folder)
         self.classifier = self._classifier(source, head, answers, lm_head_tied) if classifies else None
         if len(self.tokenizer) > self.model_config.vocab_size:
             hint = "is tokenizer= the model's?" if config.tokenizer else "is the model's tokenizer the one it ships with?"
@@ -190,6 +197,19 @@ class LLMEngine:
                     if self.proposer else "",
                     f", step working memory up to {self.runner.step_temp_bytes / 2**20:.1f} MiB per device"
                     if self.runner.step_temp_bytes else "")
+
+    def _vision_config(self, source) -> VisionConfig | None:
+        """The vision tower of a model that reads images, where this engine can feed it (one
+        pipeline stage, no streamed layers, runner "generate"); None otherwise (logged)."""
+        if source.vision_config is None:
+            return None
+        vision = VisionConfig.from_hf(source.vision_config)
+        parallel = self.config.parallel
+        if parallel.pipeline_parallel_size > 1 or self.config.offload_weights or self.config.runner != "generate":
+            logger.warning("%s reads images on one pipeline stage, without offload_weights, under runner 'generate': "
+                           "this engine serves its text alone", source.name)
+            return None
+        return vision
 
     def _generation_config(self, model_generation_config: dict) -> dict:
         """The generation config whose sampling defaults the engine applies (`generation_config`)."""
@@ -289,7 +309,13 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         check_priority(priority, self.config.scheduler.scheduling_policy)
         lora = self._lora_adapter(lora_request)
-        text, token_ids = self._tokenize(prompt)
+        text, token_ids, images = self._tokenize(prompt)
+        if images:
+            token_ids, offsets = placeholder_offsets(token_ids, self.image_encoder.cfg.image_token_id,
+                                                     self.image_encoder.cfg.tokens_per_image, len(images))
+            if params.truncate_prompt_tokens is not None:
+                raise ValueError("truncate_prompt_tokens would cut a prompt with images (its placeholders); leave it "
+                                 "unset for such prompts")
         token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.max_model_len)
         room = self.max_model_len - len(token_ids)
         if token_ids and room < (0 if self.pooler else 1):  # an embedding adds no token
@@ -309,6 +335,8 @@ class LLMEngine:
         request = Request(request_id, text, token_ids, params, seed, grammar, int(priority), lora)
         request.bad_words_token_ids = bad_words
         request.pooling_params = pooling_params
+        if images:
+            request.images = self._image_inputs(images, offsets)
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
 
@@ -362,21 +390,33 @@ class LLMEngine:
                              "needs an id of its own")
         return known
 
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int], list]:
+        """The prompt's text (None for token ids), token ids and images (loaded PIL images)."""
+        images = []
         if isinstance(prompt, dict):
-            if unknown := sorted(set(prompt) - {"prompt", "prompt_token_ids"}, key=str):
-                raise ValueError(f"a prompt dict takes 'prompt' and 'prompt_token_ids' (a text model), got also "
+            keys = {"prompt", "prompt_token_ids"} | ({"multi_modal_data"} if self.image_encoder else set())
+            if unknown := sorted(set(prompt) - keys, key=str):
+                what = "a model that reads images" if self.image_encoder else f"{self.model_name}, which reads no images"
+                raise ValueError(f"a prompt dict takes {', '.join(map(repr, sorted(keys)))} ({what}), got also "
                                  f"{unknown}")
+            if "multi_modal_data" in prompt:
+                images = as_image_list(prompt["multi_modal_data"])
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
+                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"]), images
             if "prompt" not in prompt:
                 raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(unicode_text("prompt", prompt))
+            return prompt, self.tokenizer.encode(unicode_text("prompt", prompt)), images
         if isinstance(prompt, list):
-            return None, _token_ids(prompt)
+            return None, _token_ids(prompt), images
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _image_inputs(self, images: list, offsets: list[int]) -> list[ImageInput]:
+        """Each image's embeddings, placed at its placeholders' offset."""
+        pixels = self.image_processor.pixel_values(images)
+        embeds = self.image_encoder.encode(pixels)
+        return [ImageInput(offset, embeds[i], pixel_hash(pixels[i])) for i, offset in enumerate(offsets)]
 
     def _resolve_logprobs(self, params: SamplingParams) -> SamplingParams:
         """`params` with `ALL_LOGPROBS` counts made the vocabulary's size; ValueError for a count

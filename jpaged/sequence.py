@@ -16,6 +16,7 @@ from jpaged.sampling_params import SamplingParams, derive_seed
 
 if TYPE_CHECKING:
     from jpaged.detokenizer import IncrementalDetokenizer
+    from jpaged.images import ImageInput
     from jpaged.lora import LoRAAdapter
     from jpaged.outputs import Logprob
     from jpaged.structured_output import Grammar
@@ -138,6 +139,7 @@ class Request:
         self.bad_words_token_ids: list[list[int]] = []  # `params.bad_words` as token sequences (engine)
         self.embedding = None  # the pooling runner's float32 [hidden] embedding of the prompt, once computed
         self.pooling_params = None  # under the pooling runner, its `PoolingParams` (None: the defaults)
+        self.images: list[ImageInput] = []  # its prompt's images, in order (`jpaged/images.py`)
         # Per prompt token, its logprob and the top `params.prompt_logprobs` (None for the first):
         # filled as the prefill computes them, and `prompt_logprobs` once all are in.
         wanted = params.prompt_logprobs is not None

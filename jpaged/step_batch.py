@@ -53,11 +53,15 @@ class StepBatch:
     prompt_indices: jax.Array | None = None
     prompt_next_ids: jax.Array | None = None
     lora_slots: jax.Array | None = None  # [T] int32, each token's LoRA slot (-1: none); None: LoRA is off
+    # A model that reads images: [T, hidden] float32 image embeddings to take in place of the
+    # token embeddings where `image_mask [T]` (bool) is set; None: the model reads none
+    image_embeds: jax.Array | None = None
+    image_mask: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
     StepBatch, data_fields=["token_ids", "positions", "logits_indices", "attention", "prompt_indices",
-                            "prompt_next_ids", "lora_slots"], meta_fields=[]
+                            "prompt_next_ids", "lora_slots", "image_embeds", "image_mask"], meta_fields=[]
 )
 
 

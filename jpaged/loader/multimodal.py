@@ -1,14 +1,14 @@
-"""Vision-language checkpoints read as their language model alone: text in, text out.
+"""Vision-language checkpoints: their language model, and LLaVA's vision tower beside it.
 
-Gemma 3 (4B and up), Mistral Small 3.x, Qwen2-VL / Qwen2.5-VL and Qwen3-VL ship as
+LLaVA, Gemma 3 (4B and up), Mistral Small 3.x, Qwen2-VL / Qwen2.5-VL and Qwen3-VL ship as
 `*ForConditionalGeneration` folders: a vision encoder and a projector beside a language model of an
 architecture jpaged runs. `text_only_config` turns such a config.json into its language model's
 (`text_config`, under the text architecture, with the wrapper's embedding tying), and
-`language_model_weights` yields the language model's tensors under a causal LM's names, leaving
-the vision tower's and the projector's out. For text the language model computes what the whole
+`language_model_weights` yields the language model's tensors under a causal LM's names, setting
+the vision tower's and the projector's aside. For text the language model computes what the whole
 model does: Qwen's multimodal RoPE, whose three sections all take a text token's one position, is
-plain RoPE. Images are not read (a chat part that is not text is refused, as for any model).
-Plain Python: no jax.
+plain RoPE. Only LLaVA reads images (`reads_images`; its tower runs in `models/vision.py`); the
+others serve text alone. Plain Python: no jax.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-# each vision-language architecture's language model, as jpaged names it
+# each vision-language architecture's language model, as jpaged names it (None: its text_config's own)
 TEXT_ARCHITECTURES = {
+    "LlavaForConditionalGeneration": None,
     "Gemma3ForConditionalGeneration": "Gemma3ForCausalLM",
     "Mistral3ForConditionalGeneration": "MistralForCausalLM",
     "Qwen2VLForConditionalGeneration": "Qwen2ForCausalLM",
@@ -31,6 +32,14 @@ _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "visual.", "model
 _RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
             ("model.language_model.", "model."))
 _MROPE_KEYS = ("mrope_section", "mrope_interleaved")
+# LLaVA's vision tensors as `models/vision.py` names them
+_VISION_RENAMES = (("vision_tower.vision_model.", ""), ("vision_tower.", ""), ("multi_modal_projector.", "projector."))
+IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+
+
+def reads_images(hf_config: dict) -> bool:
+    """Whether config.json describes a vision-language model whose images jpaged reads (LLaVA)."""
+    return any(name in IMAGE_ARCHITECTURES for name in hf_config.get("architectures") or [])
 
 
 def is_vision_language(hf_config: dict) -> bool:
@@ -47,7 +56,7 @@ def text_only_config(hf_config: dict) -> dict:
         raise ValueError(f"config.json of {hf_config['architectures'][0]} has no text_config to read the "
                          "language model from")
     architecture = next(TEXT_ARCHITECTURES[name] for name in hf_config["architectures"] if name in TEXT_ARCHITECTURES)
-    config = {**text, "architectures": [architecture]}
+    config = {**text, "architectures": [architecture]} if architecture else dict(text)
     if "tie_word_embeddings" in hf_config:
         config["tie_word_embeddings"] = hf_config["tie_word_embeddings"]
     for key in ("rope_parameters", "rope_scaling"):
@@ -65,14 +74,26 @@ def _plain_rope(params: dict) -> dict:
     return plain
 
 
-def language_model_weights(weights: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+def language_model_weights(weights: Iterable[tuple[str, np.ndarray]], vision: dict | None = None
+                           ) -> Iterator[tuple[str, np.ndarray]]:
     """A vision-language checkpoint's language-model tensors under a causal LM's names; the
-    vision tower's and the projector's are left out."""
+    vision tower's and the projector's go into `vision` (LLaVA's, renamed as `models/vision.py`
+    reads them), or are left out where it is None."""
     for name, tensor in weights:
         if name.startswith(_VISION_PREFIXES):
+            if vision is not None:
+                vision[_vision_name(name)] = tensor
             continue
         for old, new in _RENAMES:
             if name.startswith(old):
                 name = new + name[len(old):]
                 break
         yield name, tensor
+
+
+def _vision_name(name: str) -> str:
+    name = name.removeprefix("model.")
+    for old, new in _VISION_RENAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name

@@ -19,7 +19,7 @@ import numpy as np
 
 from jpaged.loader import hf
 from jpaged.loader.default_model import DEFAULT_MODEL_NAME, default_model_path
-from jpaged.loader.multimodal import is_vision_language, language_model_weights, text_only_config
+from jpaged.loader.multimodal import is_vision_language, language_model_weights, reads_images, text_only_config
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]  # what a model folder needs
@@ -42,6 +42,10 @@ class ModelSource:
     weights: Callable[[dict[str, str] | None], Iterator[tuple[str, np.ndarray]]]
     block_types: dict[str, str] = field(default_factory=dict)
     folder: Path | None = None  # where an HF model's files lie (None: a GGUF file)
+    # A model that reads images (LLaVA): its whole config.json, and its vision tensors, filled as
+    # `weights` streams past them
+    vision_config: dict | None = None
+    vision_weights: dict[str, np.ndarray] | None = None
 
 
 def open_model(model: str | None, tokenizer: str | None = None, revision: str | None = None) -> ModelSource:
@@ -69,8 +73,12 @@ def open_model(model: str | None, tokenizer: str | None = None, revision: str | 
         return _open_gguf(path, str(path), load_tokenizer)
     path = _folder_or_hub("model", model, HUB_FILES, revision=revision)
     hf_config = hf.read_json(path / "config.json")
-    vision_language = is_vision_language(hf_config)  # read as its language model alone
-    named = language_model_weights if vision_language else _with_model_prefix
+    vision_language = is_vision_language(hf_config)  # its language model, the vision tensors aside
+    vision_weights = {} if reads_images(hf_config) else None
+
+    def named(weights):
+        return language_model_weights(weights, vision_weights) if vision_language else _with_model_prefix(weights)
+
     return ModelSource(
         name=model,
         hf_config=text_only_config(hf_config) if vision_language else hf_config,
@@ -78,6 +86,8 @@ def open_model(model: str | None, tokenizer: str | None = None, revision: str | 
         load_tokenizer=load_tokenizer or hf.tokenizer_loader(path),
         weights=lambda keep_packed=None: named(hf.load_safetensors_weights(path)),
         folder=path,
+        vision_config=hf_config if vision_weights is not None else None,
+        vision_weights=vision_weights,
     )
 
 

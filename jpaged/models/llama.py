@@ -268,17 +268,22 @@ class LlamaForCausalLM(nnx.Module):
         elif not cfg.tie_word_embeddings:
             self.lm_head = _param((cfg.hidden_size, cfg.vocab_size), dtype)
 
-    def __call__(self, token_ids, positions, kv_cache, md: AttentionMetadata, lora=None):
+    def __call__(self, token_ids, positions, kv_cache, md: AttentionMetadata, lora=None, images=None):
         """Hidden states `[N, hidden]` of the new tokens (micro-batches flattened), and the
         updated `(k_cache, v_cache)`. `lora`: None, or `(weights, token_slots, column_slots)`, the
         LoRA slots' per-layer factors, each token's slot and each slot column's slot
-        (`jpaged/lora_slots.py`)."""
+        (`jpaged/lora_slots.py`). `images`: None, or `(embeds [N, hidden], mask [N] bool)`, image
+        embeddings that replace the token embeddings where `mask` is set (`models/vision.py`)."""
         layer_weights = [nnx.to_pure_dict(nnx.state(layer)) for layer in self.layers]
         if lora is not None:
             weights, token_slots, column_slots = lora
             mask = (token_slots[:, None] == column_slots[None, :]).astype(self.norm.dtype)
             layer_weights = [{**own, **factors, "lora_mask": mask} for own, factors in zip(layer_weights, weights)]
-        hidden, kv_cache = self.run_layers(self.decode, self.embed(token_ids), positions, kv_cache, md, layer_weights)
+        hidden = self.embed(token_ids)
+        if images is not None:
+            embeds, mask = images
+            hidden = jnp.where(mask[:, None], embeds.astype(hidden.dtype), hidden)
+        hidden, kv_cache = self.run_layers(self.decode, hidden, positions, kv_cache, md, layer_weights)
         return self.final_norm(hidden), kv_cache
 
     def embed(self, token_ids):

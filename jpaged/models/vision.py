@@ -1,0 +1,105 @@
+"""LLaVA's image side: a CLIP vision transformer and the projector into the language model.
+
+The engine runs it once per image when a request is added (`ImageEncoder.encode`); the
+resulting embeddings replace the prompt's image placeholder tokens in the steps that compute
+them (`LlamaForCausalLM.__call__`'s `images`). Math as transformers' `CLIPVisionModel` and
+`LlavaMultiModalProjector` (Liu et al., "Visual Instruction Tuning", 2023): patch convolution,
+class token and learned positions, pre-norm encoder layers, the chosen layers' states, then
+linear, activation, linear. Parameters are a flat dict under the checkpoint's names, without the
+`vision_tower.vision_model.` / `multi_modal_projector.` prefixes (the projector's as
+`projector.linear_1.weight`, ...), computed in float32.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpaged.config import VisionConfig
+
+_ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+}
+
+
+def _layer_norm(x, params: dict, name: str, eps: float):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * params[f"{name}.weight"] + params[f"{name}.bias"]
+
+
+def _linear(x, params: dict, name: str):
+    y = x @ params[f"{name}.weight"].T
+    bias = params.get(f"{name}.bias")
+    return y if bias is None else y + bias
+
+
+def _attention(x, params: dict, name: str, num_heads: int):
+    n, t, d = x.shape
+    head_dim = d // num_heads
+
+    def heads(y):
+        return y.reshape(n, t, num_heads, head_dim)
+
+    q = heads(_linear(x, params, f"{name}.q_proj")) * head_dim ** -0.5
+    k, v = heads(_linear(x, params, f"{name}.k_proj")), heads(_linear(x, params, f"{name}.v_proj"))
+    weights = jax.nn.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k), axis=-1)
+    return _linear(jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, t, d), params, f"{name}.out_proj")
+
+
+def image_features(params: dict, pixel_values, cfg: VisionConfig):
+    """The projected embeddings `[N, tokens_per_image, text_hidden]` float32 of `pixel_values
+    [N, 3, image_size, image_size]` (as the model's image processor prepares them)."""
+    x = pixel_values.astype(jnp.float32)
+    patches = jax.lax.conv_general_dilated(x, params["embeddings.patch_embedding.weight"],
+                                           (cfg.patch_size, cfg.patch_size), "VALID")
+    n, d = patches.shape[:2]
+    patches = patches.reshape(n, d, -1).transpose(0, 2, 1)
+    cls = jnp.broadcast_to(params["embeddings.class_embedding"], (n, 1, d))
+    hidden = jnp.concatenate([cls, patches], axis=1) + params["embeddings.position_embedding.weight"][None]
+    hidden = _layer_norm(hidden, params, "pre_layrnorm", cfg.layer_norm_eps)
+    states = [hidden]
+    act = _ACTIVATIONS[cfg.hidden_act]
+    for i in range(max(cfg.feature_layers)):
+        name = f"encoder.layers.{i}"
+        attended = _attention(_layer_norm(hidden, params, f"{name}.layer_norm1", cfg.layer_norm_eps), params,
+                              f"{name}.self_attn", cfg.num_heads)
+        hidden = hidden + attended
+        mlp_in = _layer_norm(hidden, params, f"{name}.layer_norm2", cfg.layer_norm_eps)
+        hidden = hidden + _linear(act(_linear(mlp_in, params, f"{name}.mlp.fc1")), params, f"{name}.mlp.fc2")
+        states.append(hidden)
+    features = jnp.concatenate([states[i] for i in cfg.feature_layers], axis=-1)
+    if cfg.drop_cls:
+        features = features[:, 1:]
+    projected = _ACTIVATIONS[cfg.projector_act](_linear(features, params, "projector.linear_1"))
+    return _linear(projected, params, "projector.linear_2")
+
+
+class ImageEncoder:
+    """The vision tower and projector on one device, compiled once per image count."""
+
+    def __init__(self, cfg: VisionConfig, weights: dict[str, np.ndarray], device=None):
+        """`weights`: the tower's and projector's tensors by name (see the module docstring).
+        ValueError naming a tensor the model needs that `weights` lacks."""
+        needed = [f"embeddings.{name}" for name in ("patch_embedding.weight", "class_embedding",
+                                                     "position_embedding.weight")]
+        needed += ["projector.linear_1.weight", "projector.linear_2.weight"]
+        needed += [f"encoder.layers.{i}.self_attn.q_proj.weight" for i in range(max(cfg.feature_layers))]
+        if missing := [name for name in needed if name not in weights]:
+            raise ValueError(f"the LLaVA checkpoint lacks vision tensors {missing[:3]}")
+        self.cfg = cfg
+        self.params = {name: jax.device_put(np.asarray(w, np.float32), device) for name, w in weights.items()}
+        self._encode = jax.jit(partial(image_features, cfg=cfg))
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Each image's embeddings, float32 numpy `[N, tokens_per_image, text_hidden]`."""
+        expected = (3, self.cfg.image_size, self.cfg.image_size)
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
+            raise ValueError(f"pixel_values of shape {pixel_values.shape}; the vision tower takes [N, {expected[0]}, "
+                             f"{expected[1]}, {expected[2]}]")
+        return np.asarray(self._encode(self.params, pixel_values))
