@@ -21,6 +21,7 @@ from jpaged.config import CacheConfig, EngineConfig, LoRAConfig, ParallelConfig,
 from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineClient, PromptType
+from jpaged.images import IMAGE_PART_TYPES, chat_images
 from jpaged.lora import LoRARequest
 from jpaged.outputs import (
     ClassificationRequestOutput,
@@ -317,7 +318,11 @@ class LLM:
         `chat_template` (the template's Jinja text) replaces the tokenizer's; `chat_template_kwargs`
         are extra variables for the template (such as `enable_thinking` where a template reads
         it). ValueError when there is no chat template at all, the template does not parse, or a
-        variable would set one of `apply_chat_template`'s own arguments (`chat_template.py`)."""
+        variable would set one of `apply_chat_template`'s own arguments (`chat_template.py`).
+        On a model that reads images (LLaVA), content parts `{"type": "image_url", "image_url":
+        {"url": ...}}` or `{"type": "image_pil", "image_pil": image}` give the turn's images
+        (`jpaged/images.py`), rendered by the template as its image token; on any other model
+        they are a ValueError."""
         self._check_generates()
         conversations = _conversations(messages)
         tokenizer = self.engine.tokenizer
@@ -328,11 +333,14 @@ class LLM:
         chat_template_kwargs = checked_variables(chat_template_kwargs)
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message continues the final message: it needs add_generation_prompt=False")
-        texts = [chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs,
-                           continue_final_message) for conversation in conversations]
-        prompts = [{"prompt": text, "prompt_token_ids": tokenizer.encode(unicode_text("the rendered chat", text),
-                                                                         add_special_tokens=False)}
-                   for text in texts]
+        prompts = []
+        for conversation in conversations:
+            conversation, images = chat_images(conversation)
+            text = chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs,
+                             continue_final_message)
+            prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(unicode_text("the rendered chat", text),
+                                                                           add_special_tokens=False)}
+            prompts.append(prompt | ({"multi_modal_data": {"image": images}} if images else {}))
         return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
 
@@ -381,7 +389,8 @@ def _prompt_list(prompts) -> list[PromptType]:
 def _conversations(messages) -> list[list[dict]]:
     """One conversation (a list of message dicts) or a list of them, as a list of conversations,
     each message's content as text: a list of OpenAI text parts (`{"type": "text", "text": ...}`)
-    joined by newlines, as vLLM does, and an assistant's None as "". ValueError naming the first
+    joined by newlines, as vLLM does, and an assistant's None as ""; a list that holds image parts
+    stays a list. ValueError naming the first
     message that is not a dict with a string "role" and such a "content", or for no messages."""
     if not isinstance(messages, list) or not messages:
         got = type(messages).__name__ if messages else repr(messages)
@@ -406,8 +415,12 @@ def _text(message: dict, where: str) -> str:
     if content is None and message["role"] == "assistant":  # a turn that only calls tools
         return ""
     parts = content if isinstance(content, list) else None
-    if parts is None or not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                for p in parts):
-        raise ValueError(f"{where}: content must be a string or a list of text parts "
-                         f'({{"type": "text", "text": ...}}), got {content!r:.200}')
+    texts = [isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in parts or ()]
+    images = [isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES for p in parts or ()]
+    if parts is None or not all(text or image for text, image in zip(texts, images)):
+        raise ValueError(f"{where}: content must be a string or a list of text and image parts "
+                         f'({{"type": "text", "text": ...}}, {{"type": "image_url", "image_url": {{"url": ...}}}}), '
+                         f"got {content!r:.200}")
+    if any(images):  # the parts as they are, for the template to place each image's token
+        return parts
     return "\n".join(part["text"] for part in parts)

@@ -1,0 +1,165 @@
+"""Image input on a LLaVA checkpoint: prompts with images, offline and through the chat template.
+
+Oracle: HF transformers' `LlavaForConditionalGeneration` on random weights (CLIP vision tower,
+projector, Llama language model) and its own `LlavaProcessor`: the prompt tokens it widens, its
+image features, and its greedy tokens for the same prompt and image. Prompts are prefilled in
+chunks that cut through an image's placeholders, and served from the prefix cache.
+"""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+Image = pytest.importorskip("PIL.Image")
+from hf_models import randomize_weights, torch_single_thread  # noqa: E402
+
+from jpaged import LLM, SamplingParams  # noqa: E402
+
+VOCAB = 320
+IMAGE_TOKEN = VOCAB - 1
+PATCHES = 16  # (28 / 7) ** 2: one embedding per patch, the class token's dropped
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+            "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}assistant:"
+            "{% endif %}")
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, VOCAB - 1)} | {"<image>": IMAGE_TOKEN}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   extra_special_tokens={"image_token": "<image>"})
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llava")
+    config = transformers.LlavaConfig(
+        text_config=dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                           num_attention_heads=2, image_size=28, patch_size=7),
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    with torch_single_thread():
+        model = transformers.LlavaForConditionalGeneration(config).eval()
+        randomize_weights(model, seed=5)
+    model.save_pretrained(str(folder))
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=_tokenizer(), patch_size=7,
+                                            vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                            chat_template=TEMPLATE)
+    processor.save_pretrained(str(folder))
+    llm = LLM(str(folder), dtype="float32", num_blocks=64, block_size=4, max_num_batched_tokens=16,
+              max_model_len=128)
+    return folder, model, processor, llm
+
+
+def _image(seed: int, size=(40, 50)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def _hf_greedy(model, processor, text: str, images) -> tuple[list[int], list[int]]:
+    inputs = processor(text=text, images=images, return_tensors="pt")
+    with torch.no_grad(), torch_single_thread():
+        out = model.generate(**inputs, max_new_tokens=GREEDY.max_tokens, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    prompt = inputs["input_ids"][0].tolist()
+    return prompt, out[0, len(prompt):].tolist()
+
+
+def _blocks_all_free(llm):
+    stats = llm.engine.stats()
+    return stats.num_running == stats.num_waiting == 0 and stats.kv_cache_usage == 0.0
+
+
+def test_image_prompts_match_hf_llava(llava):
+    """Two images in one prompt, and prompts that differ only in their image, chunked through the
+    placeholders (16 tokens a step): the widened prompt and greedy tokens are HF's."""
+    _, model, processor, llm = llava
+    cases = [("t5 t6 <image> t7 t8", [_image(1)]), ("t5 t6 <image> t7 t8", [_image(2)]),
+             ("t9 <image> t10 <image> t11", [_image(3), _image(4, (30, 30))])]
+    outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": images if len(images) > 1 else images[0]}}
+                            for text, images in cases], GREEDY, use_tqdm=False)
+    for (text, images), out in zip(cases, outputs):
+        prompt, expected = _hf_greedy(model, processor, text, images)
+        assert out.prompt_token_ids == prompt
+        assert prompt.count(IMAGE_TOKEN) == PATCHES * len(images)
+        assert out.outputs[0].token_ids == expected, text
+    assert outputs[0].outputs[0].token_ids != outputs[1].outputs[0].token_ids  # the image counts
+    assert _blocks_all_free(llm)
+
+
+def test_prefix_cache_matches_images_not_placeholders(llava):
+    """The same image again reads its placeholders' blocks from the prefix cache; another image
+    behind the same tokens computes them afresh (and answers as HF does)."""
+    _, model, processor, llm = llava
+    llm.engine.reset_prefix_cache()
+    text = "t5 t6 t7 t8 t9 t10 t11 t12 <image> t13"
+    first = llm.generate({"prompt": text, "multi_modal_data": {"image": _image(7)}}, GREEDY, use_tqdm=False)[0]
+    again = llm.generate({"prompt": text, "multi_modal_data": {"image": _image(7)}}, GREEDY, use_tqdm=False)[0]
+    other = llm.generate({"prompt": text, "multi_modal_data": {"image": _image(8)}}, GREEDY, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0
+    assert again.num_cached_tokens >= 8 + PATCHES  # the text and the image's blocks
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert other.num_cached_tokens == 8  # the two blocks of text before the image, no more
+    assert other.outputs[0].token_ids == _hf_greedy(model, processor, text, [_image(8)])[1]
+    assert _blocks_all_free(llm)
+
+
+def test_chat_with_image_parts(llava):
+    """`LLM.chat` takes OpenAI `image_url` parts (a base64 data URL) and `image_pil` parts; the
+    template renders each as the image token, and the answer is HF's for the rendered text."""
+    _, model, processor, llm = llava
+    buffer = io.BytesIO()
+    _image(9).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    for part in ({"type": "image_url", "image_url": {"url": url}}, {"type": "image_pil", "image_pil": _image(9)}):
+        messages = [{"role": "user", "content": [part, {"type": "text", "text": "t20 t21"}]}]
+        out = llm.chat(messages, GREEDY, use_tqdm=False)[0]
+        text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                           {"type": "text", "text": "t20 t21"}]}],
+                                             add_generation_prompt=True)
+        assert out.prompt == text
+        assert out.outputs[0].token_ids == _hf_greedy(model, processor, text, [_image(9)])[1]
+
+
+def test_image_errors_name_the_problem(llava, tmp_path):
+    _, _, _, llm = llava
+    with pytest.raises(ValueError, match="2 image placeholders .* for 1 images"):
+        llm.generate({"prompt": "t5 <image> t6 <image>", "multi_modal_data": {"image": _image(1)}}, GREEDY,
+                     use_tqdm=False)
+    with pytest.raises(ValueError, match="0 image placeholders"):
+        llm.generate({"prompt": "t5 t6", "multi_modal_data": {"image": _image(1)}}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="could not read the image"):
+        llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": str(tmp_path / "missing.png")}}, GREEDY,
+                     use_tqdm=False)
+    with pytest.raises(ValueError, match="takes 'image' only"):
+        llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"video": _image(1)}}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": _image(1)}},
+                     SamplingParams(max_tokens=2, truncate_prompt_tokens=4), use_tqdm=False)
+    assert _blocks_all_free(llm)  # and the engine serves on
+    assert llm.generate("t5 t6", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_text_models_refuse_images(tmp_path):
+    from hf_models import save_word_level_tokenizer
+
+    with torch_single_thread():
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=64))
+    model.save_pretrained(str(tmp_path))
+    save_word_level_tokenizer(tmp_path, VOCAB)
+    llm = LLM(str(tmp_path), dtype="float32", num_blocks=16, max_model_len=64)
+    with pytest.raises(ValueError, match="reads no images"):
+        llm.generate({"prompt": "t5", "multi_modal_data": {"image": _image(1)}}, GREEDY, use_tqdm=False)
