@@ -397,7 +397,8 @@ class LLMEngine:
             keys = {"prompt", "prompt_token_ids"} | ({"multi_modal_data"} if self.image_encoder else set())
             if unknown := sorted(set(prompt) - keys, key=str):
                 what = "a model that reads images" if self.image_encoder else f"{self.model_name}, which reads no images"
-                raise ValueError(f"a prompt dict takes {', '.join(map(repr, sorted(keys)))} ({what}), got also "
+                named = " and ".join(", ".join(map(repr, sorted(keys))).rsplit(", ", 1))
+                raise ValueError(f"a prompt dict takes {named} ({what}), got also "
                                  f"{unknown}")
             if "multi_modal_data" in prompt:
                 images = as_image_list(prompt["multi_modal_data"])

@@ -319,7 +319,7 @@ def test_malformed_chat_messages_are_named(llm):
                             ([[{"role": "user", "content": "hi"}], []], "conversation 1 must be a list .* got no messages"),
                             ([[{"role": "user", "content": "hi"}], [{"content": "x"}]], "conversation 1, message 0"),
                             ([{"role": "user", "content": None}], "conversation 0, message 0: content must be"),
-                            ([{"role": "user", "content": [{"type": "image_url"}]}], "a list of text parts")]:
+                            ([{"role": "user", "content": [{"type": "audio_url"}]}], "a list of text and image parts")]:
         with pytest.raises(ValueError, match=named):
             llm.chat(messages, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match=r"the chat template \(chat_template\) failed on the conversation: .*no user"):

@@ -144,6 +144,8 @@ def test_image_errors_name_the_problem(llava, tmp_path):
                      use_tqdm=False)
     with pytest.raises(ValueError, match="takes 'image' only"):
         llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"video": _image(1)}}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="needs its image under 'image_url'"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url"}]}], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
         llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": _image(1)}},
                      SamplingParams(max_tokens=2, truncate_prompt_tokens=4), use_tqdm=False)
