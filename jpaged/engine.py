@@ -148,6 +148,7 @@ class LLMEngine:
         self.image_encoder = None if vision is None else ImageEncoder(vision, source.vision_weights,
                                                                        self.runner.first_device)
         self.image_processor = None if vision is None else ImageProcessor(source.folder)
+        self.image_placeholder = None if vision is None else (vision.image_token_id, vision.tokens_per_image)
         self.classifier = self._classifier(source, head, answers, lm_head_tied) if classifies else None
         if len(self.tokenizer) > self.model_config.vocab_size:
             hint = "is tokenizer= the model's?" if config.tokenizer else "is the model's tokenizer the one it ships with?"

@@ -61,7 +61,10 @@ class EngineClient(Protocol):
     `ClassificationRequestOutput`, or per-token rows, a `PoolingRequestOutput`), `pooling_task`
     (under "pooling", "embed", "classify", "token_embed" or "token_classify"; None under
     "generate"), `classifier` (a classifying engine's head: its labels, activation and
-    how it reads a text pair, `jpaged.pooling.Classifier`; None otherwise)."""
+    how it reads a text pair, `jpaged.pooling.Classifier`; None otherwise), `image_placeholder`
+    (a model that reads images: `(image_token_id, tokens_per_image)`, each image's placeholder
+    token and how many of them its embeddings fill, `jpaged.images.placeholder_offsets`; None
+    otherwise)."""
 
     tokenizer: Any
     model_name: str
@@ -73,6 +76,7 @@ class EngineClient(Protocol):
     runner_type: str
     pooling_task: str | None
     classifier: Classifier | None
+    image_placeholder: tuple[int, int] | None
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                     priority: int = 0, lora_request: LoRARequest | None = None) -> None:

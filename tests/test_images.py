@@ -165,3 +165,40 @@ def test_text_models_refuse_images(tmp_path):
     llm = LLM(str(tmp_path), dtype="float32", num_blocks=16, max_model_len=64)
     with pytest.raises(ValueError, match="reads no images"):
         llm.generate({"prompt": "t5", "multi_modal_data": {"image": _image(1)}}, GREEDY, use_tqdm=False)
+
+
+def test_server_chat_with_image_url_parts(llava):
+    """`/v1/chat/completions` through the official client: an `image_url` part (a base64 data URL)
+    answers as HF does for the rendered chat and image, streamed or not; the usage counts the
+    widened placeholders; an unreadable image and truncation through one are 400s."""
+    openai = pytest.importorskip("openai")
+    from server_thread import serving
+
+    from jpaged.server.launch import create_app
+
+    folder, model, processor, llm = llava
+    buffer = io.BytesIO()
+    _image(11).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "t30"},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "t30"},
+                                                                       {"type": "image"}]}], add_generation_prompt=True)
+    prompt, expected = _hf_greedy(model, processor, text, [_image(11)])
+    with serving(create_app(llm.engine, served_model_name="llava")) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model="llava", messages=messages, max_tokens=8, temperature=0,
+                                               extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert reply.choices[0].token_ids == expected
+        assert reply.usage.prompt_tokens == len(prompt)
+        streamed = client.chat.completions.create(model="llava", messages=messages, max_tokens=8, temperature=0,
+                                                  stream=True, extra_body={"ignore_eos": True})
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) \
+            == reply.choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="could not read the image"):
+            client.chat.completions.create(model="llava", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+        with pytest.raises(openai.BadRequestError, match="would cut a prompt with images"):
+            client.chat.completions.create(model="llava", messages=messages, max_tokens=2,
+                                           extra_body={"truncate_prompt_tokens": 4})
+    assert _blocks_all_free(llm)

@@ -151,6 +151,10 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def image_placeholder(self) -> tuple[int, int] | None:
+        return self.engine.image_placeholder
+
+    @property
     def num_held_requests(self) -> int:
         """Sequences the server holds now (what `max_queued_requests` bounds)."""
         return self._held

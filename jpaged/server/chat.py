@@ -93,7 +93,8 @@ async def chat_request_input(request: ChatCompletionRequest, state: ServerState)
         raise bad_request(pooling_route_error(state.pooling_task))
     prompt = await asyncio.to_thread(chat_prompt, state.engine.tokenizer, request.messages,
                                      request.add_generation_prompt, request.continue_final_message, False,
-                                     template_tools(request), state.template(request))  # other requests go on meanwhile
+                                     template_tools(request), state.template(request),  # other requests go on meanwhile
+                                     image_placeholder=state.engine.image_placeholder)
     prompt = truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len)
     asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len,

@@ -10,10 +10,11 @@ offline API give the same tokens. Input that cannot be turned into a prompt is a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jpaged.chat_template import checked_template, checked_variables
+from jpaged.images import chat_images, placeholder_offsets
 from jpaged.sampling_params import truncated_prompt
 from jpaged.server.errors import bad_request
 from jpaged.server.protocol import ChatMessage
@@ -23,10 +24,17 @@ CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
 
 @dataclass
 class Prompt:
-    """One prompt as the engine gets it: its token ids, and its text where the client sent text."""
+    """One prompt as the engine gets it: its token ids, its text where the client sent text, and
+    its images (PIL images, each placeholder already widened in `token_ids`)."""
 
     token_ids: list[int]
     text: str | None = None
+    images: list = field(default_factory=list)
+
+    def engine_prompt(self) -> dict:
+        """The prompt dict `add_request` takes."""
+        prompt = {"prompt": self.text, "prompt_token_ids": self.token_ids}
+        return prompt | ({"multi_modal_data": {"image": self.images}} if self.images else {})
 
 
 def completion_prompts(prompt: str | list, tokenizer: Any) -> list[Prompt]:
@@ -54,12 +62,17 @@ def completion_prompts(prompt: str | list, tokenizer: Any) -> list[Prompt]:
 def truncated(prompt: Prompt, keep: int | None, max_model_len: int) -> Prompt:
     """`prompt` cut to its last `keep` tokens (`truncate_prompt_tokens`; -1: `max_model_len`), its
     text then left to be decoded from them. 400 for a `keep` that is 0, below -1 or above
-    `max_model_len`."""
+    `max_model_len`, or that would cut a prompt with images."""
     try:
         token_ids = truncated_prompt(prompt.token_ids, keep, max_model_len)
     except ValueError as err:
         raise bad_request(str(err), param="truncate_prompt_tokens") from err
-    return prompt if len(token_ids) == len(prompt.token_ids) else Prompt(token_ids)
+    if len(token_ids) == len(prompt.token_ids):
+        return prompt
+    if prompt.images:
+        raise bad_request(f"truncate_prompt_tokens {keep} would cut a prompt with images (of {len(prompt.token_ids)} "
+                          "tokens, their placeholders included)", param="truncate_prompt_tokens")
+    return Prompt(token_ids)
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict]:
@@ -98,9 +111,11 @@ def _arguments(text: str):
         return text
 
 
-def message_text(message: ChatMessage, i: int) -> str:
+def message_text(message: ChatMessage, i: int) -> str | list[dict]:
     """The text of `messages[i]`: its content, text parts joined by newlines (as vLLM joins them),
-    "" for an assistant turn without content. 400 for other missing content or non-text parts."""
+    "" for an assistant turn without content; content with `image_url` parts stays a list of
+    parts, for the chat template to place each image's token. 400 for other missing content or
+    parts neither text nor image."""
     if message.content is None:
         if message.role != "assistant":  # an assistant turn may be empty (or only call tools), as OpenAI's API allows
             raise bad_request(f"messages[{i}] ({message.role}) has no content", param="messages")
@@ -108,11 +123,14 @@ def message_text(message: ChatMessage, i: int) -> str:
     if isinstance(message.content, str):
         return message.content
     for j, part in enumerate(message.content):
-        if part.type != "text":
-            raise bad_request(f"messages[{i}] has a content part of type {part.type!r}; only text parts are "
-                              "supported", param="messages")
-        if part.text is None:
+        if part.type not in ("text", "image_url"):
+            raise bad_request(f"messages[{i}] has a content part of type {part.type!r}; only text and image_url "
+                              "parts are supported", param="messages")
+        if part.type == "text" and part.text is None:
             raise bad_request(f"messages[{i}].content[{j}] is a text part without its text", param="messages")
+    if any(part.type == "image_url" for part in message.content):
+        return [{"type": "text", "text": part.text} if part.type == "text" else
+                {"type": "image_url", "image_url": part.image_url} for part in message.content]
     return "\n".join(part.text for part in message.content)
 
 
@@ -153,13 +171,16 @@ class ChatTemplate:
 def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prompt: bool = True,
                 continue_final_message: bool = False, add_special_tokens: bool = False,
                 tools: list[dict] | None = None, template: ChatTemplate = ChatTemplate(),
-                without_template: str = "chat completions are not available; use /v1/completions") -> Prompt:
+                without_template: str = "chat completions are not available; use /v1/completions",
+                image_placeholder: tuple[int, int] | None = None) -> Prompt:
     """The prompt of a chat through `template` (by default the tokenizer's chat template), given
     the `tools`, if any. `without_template`: what the refusal says the route's caller may do
-    where there is no chat template.
+    where there is no chat template. `image_placeholder`: the engine's, for a model that reads
+    images (their parts are then read, and each image's token widened).
 
     Raises:
-        APIError: 400 when there is no chat template, the messages are bad, both
+        APIError: 400 when there is no chat template, the messages are bad (an image that cannot
+            be read, or images for a model that reads none), both
             `add_generation_prompt` and `continue_final_message` are set, the final message is
             not the assistant's when it is to be continued, or the template itself refuses them.
     """
@@ -167,6 +188,12 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
         raise bad_request(f"this model's tokenizer has no chat template, so {without_template}, or start the server "
                           "with --chat-template", param="messages")
     turns = conversation(messages)
+    try:
+        turns, images = chat_images(turns)
+    except ValueError as err:
+        raise bad_request(str(err), param="messages") from err
+    if images and image_placeholder is None:
+        raise bad_request("messages hold image_url parts, and this server's model reads no images", param="messages")
     if add_generation_prompt and continue_final_message:
         raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
                           param="continue_final_message")
@@ -180,4 +207,10 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
     except Exception as err:  # the template's own checks (jinja raise_exception, alternating roles)
         raise bad_request(f"the chat template refused the messages: {err}",
                           param="chat_template" if template.from_request else "messages") from err
-    return Prompt(tokenizer.encode(text, add_special_tokens=add_special_tokens), text)
+    token_ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    if images:
+        try:
+            token_ids, _ = placeholder_offsets(token_ids, *image_placeholder, len(images))
+        except ValueError as err:
+            raise bad_request(f"the chat template's rendering of the messages: {err}", param="messages") from err
+    return Prompt(token_ids, text, images)

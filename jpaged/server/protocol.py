@@ -135,6 +135,7 @@ class CompletionRequest(SamplingFields):
 class ContentPart(_Request):
     type: str
     text: str | None = None
+    image_url: dict[str, Any] | str | None = None  # {"url": ...} (OpenAI's), for models that read images
 
 
 class FunctionCall(BaseModel):

@@ -171,7 +171,7 @@ async def submit(state: ServerState, request_id: str, prompts: list[Prompt],
     if (state.pooling_task is not None) != all(param is None or isinstance(param, PoolingParams) for param in params):
         raise bad_request(pooling_route_error(state.pooling_task))
     requests: list[tuple[PromptType, SamplingParams | None]] = [
-        ({"prompt": prompt.text, "prompt_token_ids": prompt.token_ids}, param)
+        (prompt.engine_prompt(), param)
         for prompt, param in zip(prompts, params)]
     try:
         return await state.engine.add(request_id, requests, priority, lambda: state.lora_for(model))
