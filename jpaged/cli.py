@@ -186,6 +186,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="random seed of the sampling")
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--no-chat", action="store_true", help="send prompts as raw text")
+    gen.add_argument("--image", action="append", default=None, metavar="PATH_OR_URL",
+                     help="an image for every prompt, on a model that reads images (LLaVA; repeatable): through the "
+                          "chat template it comes before the prompt's text; with --no-chat the prompt places it with "
+                          "the model's image token, such as <image>")
     gen.add_argument("--lora", default=None, metavar="PATH",
                      help="answer through this LoRA adapter (a PEFT folder); turns --enable-lora on")
     _add_engine_args(gen)
@@ -225,11 +229,14 @@ def generate(args: argparse.Namespace) -> int:
                             seed=args.seed, stop=args.stop)
     prompts = args.prompts or [DEFAULT_PROMPT]
     use_chat = not args.no_chat and getattr(llm.get_tokenizer(), "chat_template", None)
+    images = args.image or []
     if use_chat:
-        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False,
-                           lora_request=lora)
+        parts = [{"type": "image_url", "image_url": {"url": image}} for image in images]
+        outputs = llm.chat([[{"role": "user", "content": [*parts, {"type": "text", "text": p}] if parts else p}]
+                            for p in prompts], params, use_tqdm=False, lora_request=lora)
     else:
-        outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
+        outputs = llm.generate([{"prompt": p, "multi_modal_data": {"image": images}} if images else p for p in prompts],
+                               params, use_tqdm=False, lora_request=lora)
     for prompt, output in zip(prompts, outputs):
         if len(prompts) > 1:
             print(f"### {prompt}")

@@ -202,3 +202,27 @@ def test_server_chat_with_image_url_parts(llava):
             client.chat.completions.create(model="llava", messages=messages, max_tokens=2,
                                            extra_body={"truncate_prompt_tokens": 4})
     assert _blocks_all_free(llm)
+
+
+def test_cli_generate_with_image(llava, tmp_path, capsys):
+    """`jpaged generate --image PATH` answers as `LLM.chat` does with that image before the text,
+    and with --no-chat as `LLM.generate` with the prompt's own image token; a model that reads no
+    image refuses it (exit 2, the reason on stderr)."""
+    from jpaged.cli import main
+
+    folder, _, _, llm = llava
+    path = tmp_path / "picture.png"
+    _image(12).save(path)
+    args = ["generate", "--model", str(folder), "--dtype", "float32", "--num-blocks", "64", "--block-size", "4",
+            "--max-model-len", "128", "--max-tokens", "6", "--image", str(path)]
+    chat = llm.chat([{"role": "user", "content": [{"type": "image_pil", "image_pil": _image(12)},
+                                                  {"type": "text", "text": "t40 t41"}]}],
+                    SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0].text
+    raw = llm.generate({"prompt": "t40 <image> t41", "multi_modal_data": {"image": _image(12)}},
+                       SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0].outputs[0].text
+    assert main([*args, "t40 t41"]) == 0
+    assert capsys.readouterr().out.strip() == chat.strip()
+    assert main([*args, "--no-chat", "t40 <image> t41"]) == 0
+    assert capsys.readouterr().out.strip() == ("t40 <image> t41" + raw).strip()
+    assert main([*args, "--no-chat", "t40 t41"]) == 2
+    assert "0 image placeholders" in capsys.readouterr().err
