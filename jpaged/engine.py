@@ -312,8 +312,7 @@ class LLMEngine:
         lora = self._lora_adapter(lora_request)
         text, token_ids, images = self._tokenize(prompt)
         if images:
-            token_ids, offsets = placeholder_offsets(token_ids, self.image_encoder.cfg.image_token_id,
-                                                     self.image_encoder.cfg.tokens_per_image, len(images))
+            token_ids, offsets = placeholder_offsets(token_ids, *self.image_placeholder, len(images))
             if params.truncate_prompt_tokens is not None:
                 raise ValueError("truncate_prompt_tokens would cut a prompt with images (its placeholders); leave it "
                                  "unset for such prompts")

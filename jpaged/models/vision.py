@@ -81,7 +81,7 @@ def image_features(params: dict, pixel_values, cfg: VisionConfig):
 
 
 class ImageEncoder:
-    """The vision tower and projector on one device, compiled once per image count."""
+    """The vision tower and projector on one device, compiled once (for one image at a time)."""
 
     def __init__(self, cfg: VisionConfig, weights: dict[str, np.ndarray], device=None):
         """`weights`: the tower's and projector's tensors by name (see the module docstring).
@@ -102,4 +102,4 @@ class ImageEncoder:
         if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
             raise ValueError(f"pixel_values of shape {pixel_values.shape}; the vision tower takes [N, {expected[0]}, "
                              f"{expected[1]}, {expected[2]}]")
-        return np.asarray(self._encode(self.params, pixel_values))
+        return np.stack([np.asarray(self._encode(self.params, image[None]))[0] for image in pixel_values])
