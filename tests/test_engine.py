@@ -275,7 +275,7 @@ def test_ctrl_c_as_a_step_returns_leaves_the_engine_usable(llm, monkeypatch):
     """Ctrl-C that arrives while a step runs is raised when it returns: after the step has
     consumed (donated) the KV cache and before the runner stores the new one, unless it is held
     back until then. Afterwards the engine serves as before."""
-    import _thread
+    import signal
 
     runner = llm.engine.runner
     real_step = runner._step
@@ -287,7 +287,9 @@ def test_ctrl_c_as_a_step_returns_leaves_the_engine_usable(llm, monkeypatch):
             result = real_step(*args)
             InterruptedOnce.calls += 1
             if InterruptedOnce.calls == 2:
-                _thread.interrupt_main()  # as a SIGINT during the call: Python raises it at the next bytecode
+                # SIGINT during the call: its handler runs there (called here directly, as a signal
+                # left pending could also be taken in a finalizer, which swallows the exception)
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
             return result
 
         def __getattr__(self, name):
