@@ -145,6 +145,8 @@ def _add_app_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queued-requests", type=int, default=256,
                         help="sequences the server holds at once (running or waiting; each prompt and each sample "
                              "counts); more get HTTP 503 (run-batch: wait), a request that alone draws more a 400")
+    parser.add_argument("--allowed-local-media-path", default=None, metavar="FOLDER",
+                        help="a folder whose images chat requests may name by path or file:// URL; unset: none")
     parser.add_argument("--return-tokens-as-token-ids", action="store_true",
                         help="name logprobs' tokens 'token_id:N' unless a request's return_tokens_as_token_ids says not")
     parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,

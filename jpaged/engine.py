@@ -394,14 +394,12 @@ class LLMEngine:
         """The prompt's text (None for token ids), token ids and images (loaded PIL images)."""
         images = []
         if isinstance(prompt, dict):
-            keys = {"prompt", "prompt_token_ids"} | ({"multi_modal_data"} if self.image_encoder else set())
-            if unknown := sorted(set(prompt) - keys, key=str):
-                what = "a model that reads images" if self.image_encoder else f"{self.model_name}, which reads no images"
-                named = " and ".join(", ".join(map(repr, sorted(keys))).rsplit(", ", 1))
-                raise ValueError(f"a prompt dict takes {named} ({what}), got also "
+            if unknown := sorted(set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}, key=str):
+                raise ValueError(f"a prompt dict takes 'prompt', 'prompt_token_ids' and 'multi_modal_data', got also "
                                  f"{unknown}")
-            if "multi_modal_data" in prompt:
-                images = as_image_list(prompt["multi_modal_data"])
+            images = as_image_list(prompt.get("multi_modal_data"))
+            if images and self.image_encoder is None:
+                raise ValueError(f"{self.model_name} reads no images (multi_modal_data holds {len(images)})")
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"]), images
             if "prompt" not in prompt:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ import numpy as np
 
 IMAGE_PART_TYPES = ("image_url", "image_pil", "image")  # chat content parts holding an image (vLLM's)
 URL_TIMEOUT_S = 10.0
+# a template that loops over a message's content parts (`{% for part in message['content'] %}`, or `.content`)
+_READS_PARTS = re.compile(r"\{%-?\s*for\s+\w+\s+in\s+\w+\s*(\[\s*['\"]content['\"]\s*\]|\.content\b)")
 
 
 @dataclass(frozen=True)
@@ -41,69 +44,117 @@ class ImageInput:
         return len(self.embeds)
 
 
-def load_image(source):
-    """A PIL image in RGB from a PIL image, a `data:` URL, an `http(s)://` or `file://` URL, or a
-    path. ValueError naming what could not be read."""
-    from PIL import Image
+def load_image(source, local_root: Path | None | bool = True):
+    """A PIL image from a PIL image, a `data:` URL, an `http(s)://` or `file://` URL, or a path
+    (in its own mode: the image processor converts it to RGB, transparency onto white, as the
+    model's processor does). `local_root`: whether paths and `file://` URLs may be read (True:
+    any; a folder: those inside it; None or False: none, as a server refuses them unless told).
+    ValueError naming what could not be read or is not allowed; at most `MAX_IMAGE_BYTES` are read."""
+    from PIL import Image, UnidentifiedImageError
 
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    if not isinstance(source, str):
+    if not isinstance(source, (Image.Image, str)):
         raise ValueError(f"an image must be a PIL image or a URL or path string, got {type(source).__name__}")
+    shown = source if not isinstance(source, str) or len(source) <= 80 else source[:77] + "..."
     try:
-        if source.startswith("data:"):
-            header, _, payload = source.partition(",")
-            if not header.endswith(";base64"):
-                raise ValueError("only base64 data URLs hold images")
-            data = base64.b64decode(payload, validate=True)
-        elif source.startswith(("http://", "https://")):
-            import httpx
-
-            response = httpx.get(source, timeout=URL_TIMEOUT_S, follow_redirects=True)
-            response.raise_for_status()
-            data = response.content
-        else:
-            data = Path(source.removeprefix("file://")).expanduser().read_bytes()
-        image = Image.open(io.BytesIO(data))
-        return image.convert("RGB")
+        image = source if isinstance(source, Image.Image) else Image.open(io.BytesIO(_image_bytes(source, local_root)))
+        image.load()
+    except UnidentifiedImageError as err:
+        raise ValueError(f"could not read the image {shown!r}: not an image format PIL reads") from err
+    except ImageRefused:
+        raise
     except Exception as err:
-        shown = source if len(source) <= 80 else source[:77] + "..."
         raise ValueError(f"could not read the image {shown!r}: {type(err).__name__}: {err}") from err
+    if not image.width or not image.height:
+        raise ValueError(f"the image {shown!r} is {image.width}x{image.height} pixels: it has no pixels to read")
+    return image
+
+
+class ImageRefused(ValueError):
+    """An image source the caller may not read (a local path a server does not allow)."""
+
+
+MAX_IMAGE_BYTES = 64 * 2**20
+
+
+def _image_bytes(source: str, local_root: Path | None | bool) -> bytes:
+    if source.startswith("data:"):
+        header, _, payload = source.partition(",")
+        if not header.endswith(";base64"):
+            raise ValueError("only base64 data URLs hold images")
+        return base64.b64decode(payload, validate=True)
+    if source.startswith(("http://", "https://")):
+        import httpx
+
+        with httpx.stream("GET", source, timeout=URL_TIMEOUT_S, follow_redirects=True) as response:
+            response.raise_for_status()
+            data = b""
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > MAX_IMAGE_BYTES:
+                    raise ValueError(f"the image at the URL is over {MAX_IMAGE_BYTES} bytes")
+            return data
+    path = Path(source.removeprefix("file://")).expanduser()
+    if local_root is None or local_root is False:
+        raise ImageRefused(f"image {source[:80]!r} is a local path or file:// URL, which this server does not read "
+                           "(start it with --allowed-local-media-path FOLDER to serve that folder's images)")
+    if local_root is not True and not path.resolve().is_relative_to(Path(local_root).resolve()):
+        raise ImageRefused(f"image {source[:80]!r} is outside the allowed local media path {local_root}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file")
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise ValueError(f"{path} is over {MAX_IMAGE_BYTES} bytes")
+    return path.read_bytes()
 
 
 def as_image_list(multi_modal_data) -> list:
-    """The images of a prompt's `multi_modal_data` (`{"image": image or [images]}`), loaded.
-    ValueError for other keys or an empty list."""
+    """The images of a prompt's `multi_modal_data` (`{"image": image or [images]}`; `{}`, None or
+    an empty list: none, as vLLM reads them), loaded. ValueError for other keys."""
+    if multi_modal_data is None:
+        return []
     if not isinstance(multi_modal_data, dict):
         raise ValueError(f"multi_modal_data must be a dict such as {{'image': image}}, got "
                          f"{type(multi_modal_data).__name__}")
     if unknown := sorted(set(multi_modal_data) - {"image"}, key=str):
         raise ValueError(f"multi_modal_data takes 'image' only, got {unknown}")
     images = multi_modal_data.get("image")
+    if images is None:
+        return []
     images = images if isinstance(images, (list, tuple)) else [images]
-    if not images:
-        raise ValueError("multi_modal_data['image'] is an empty list")
     return [load_image(image) for image in images]
 
 
-def chat_images(conversation: list[dict]) -> tuple[list[dict], list]:
-    """The conversation with each image part made `{"type": "image"}` (what chat templates
-    render as the image token), and its images in order, loaded. ValueError for an image part
-    without its image."""
+def chat_images(conversation: list[dict], image_token: str | None = None, as_parts: bool = False,
+                local_root: Path | None | bool = True) -> tuple[list[dict], list]:
+    """The conversation as the chat template takes it, and its images in order, loaded
+    (`load_image`, with `local_root`). Contents are text or lists of text and image parts. With
+    `as_parts` (a template that loops over each message's content parts, as LLaVA's do;
+    `template_reads_parts`), every content is a list of parts, a string becoming one text part
+    and each image part `{"type": "image"}`; otherwise lists become text, their parts joined by
+    newlines (as vLLM joins them for templates that take text), each image written as
+    `image_token`. ValueError for an image part without its image."""
     images, messages = [], []
     for message in conversation:
         content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list) or not any(_is_image(part) for part in content):
-            messages.append(message)
-            continue
-        parts = []
-        for part in content:
-            if _is_image(part):
-                images.append(load_image(_image_of(part)))
-                part = {"type": "image"}
-            parts.append(part)
-        messages.append({**message, "content": parts})
+        if isinstance(content, str) and as_parts:
+            message = {**message, "content": [{"type": "text", "text": content}]}
+        elif isinstance(content, list):
+            parts = []
+            for part in content:
+                if _is_image(part):
+                    images.append(load_image(_image_of(part), local_root))
+                    part = {"type": "image"}
+                parts.append(part)
+            if not as_parts:
+                parts = "\n".join(image_token if part["type"] == "image" else part["text"] for part in parts)
+            message = {**message, "content": parts}
+        messages.append(message)
     return messages, images
+
+
+def template_reads_parts(template: str | None) -> bool:
+    """Whether a chat template loops over each message's content parts (as LLaVA's do), so that
+    it takes contents as lists of parts rather than text (vLLM's "openai" content format)."""
+    return bool(template) and _READS_PARTS.search(template) is not None
 
 
 def _is_image(part) -> bool:
@@ -122,9 +173,10 @@ def _image_of(part: dict):
 
 def placeholder_offsets(token_ids: list[int], image_token_id: int, tokens_per_image: int, num_images: int
                         ) -> tuple[list[int], list[int]]:
-    """`(token_ids, offsets)`: the prompt with each lone image token widened to a run of
-    `tokens_per_image` (runs already that long stay), and where each image's run starts.
-    ValueError when the prompt's image tokens do not make `num_images` such runs."""
+    """`(token_ids, offsets)`: the prompt with each image's token widened to a run of
+    `tokens_per_image` (a run of k such lengths is k images already widened; any other run of k
+    image tokens is k images side by side), and where each image's run starts. ValueError when
+    the prompt's image tokens stand for other than `num_images` images."""
     runs, start = [], None
     for i, token in enumerate([*token_ids, None]):
         if token == image_token_id and start is None:
@@ -132,15 +184,17 @@ def placeholder_offsets(token_ids: list[int], image_token_id: int, tokens_per_im
         elif token != image_token_id and start is not None:
             runs.append((start, i - start))
             start = None
-    if len(runs) != num_images or any(length not in (1, tokens_per_image) for _, length in runs):
-        raise ValueError(f"the prompt holds {len(runs)} image placeholders (runs of image token {image_token_id}, of "
-                         f"lengths {[length for _, length in runs]}) for {num_images} images: each image needs one "
-                         f"image token, or a run of {tokens_per_image}")
+    counts = [length // tokens_per_image if length % tokens_per_image == 0 else length for _, length in runs]
+    if sum(counts) != num_images:
+        raise ValueError(f"the prompt's image tokens (id {image_token_id}, in runs of {[n for _, n in runs]}) stand "
+                         f"for {sum(counts)} images, and {num_images} were given: write one image token per image "
+                         f"(or a run of {tokens_per_image} per image)")
     widened, offsets, done = [], [], 0
-    for start, length in runs:
+    for (start, length), count in zip(runs, counts):
         widened += token_ids[done:start]
-        offsets.append(len(widened))
-        widened += [image_token_id] * tokens_per_image
+        for _ in range(count):
+            offsets.append(len(widened))
+            widened += [image_token_id] * tokens_per_image
         done = start + length
     return widened + token_ids[done:], offsets
 

@@ -21,7 +21,7 @@ from jpaged.config import CacheConfig, EngineConfig, LoRAConfig, ParallelConfig,
 from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineClient, PromptType
-from jpaged.images import IMAGE_PART_TYPES, chat_images
+from jpaged.images import IMAGE_PART_TYPES, chat_images, template_reads_parts
 from jpaged.lora import LoRARequest
 from jpaged.outputs import (
     ClassificationRequestOutput,
@@ -333,9 +333,15 @@ class LLM:
         chat_template_kwargs = checked_variables(chat_template_kwargs)
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message continues the final message: it needs add_generation_prompt=False")
+        placeholder = self.engine.image_placeholder
+        if placeholder is None and any(isinstance(m["content"], list) and any(p["type"] != "text" for p in m["content"])
+                                       for c in conversations for m in c):
+            raise ValueError(f"{self.engine.model_name} reads no images, and the messages hold image parts")
+        image_token = None if placeholder is None else tokenizer.convert_ids_to_tokens(placeholder[0])
+        as_parts = placeholder is not None and template_reads_parts(chat_template or tokenizer.chat_template)
         prompts = []
         for conversation in conversations:
-            conversation, images = chat_images(conversation)
+            conversation, images = chat_images(conversation, image_token, as_parts)
             text = chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs,
                              continue_final_message)
             prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(unicode_text("the rendered chat", text),
@@ -389,8 +395,8 @@ def _prompt_list(prompts) -> list[PromptType]:
 def _conversations(messages) -> list[list[dict]]:
     """One conversation (a list of message dicts) or a list of them, as a list of conversations,
     each message's content as text: a list of OpenAI text parts (`{"type": "text", "text": ...}`)
-    joined by newlines, as vLLM does, and an assistant's None as ""; a list that holds image parts
-    stays a list. ValueError naming the first
+    (or text and image parts) kept as a list for `chat_images` to join or pass on, and an
+    assistant's None as "". ValueError naming the first
     message that is not a dict with a string "role" and such a "content", or for no messages."""
     if not isinstance(messages, list) or not messages:
         got = type(messages).__name__ if messages else repr(messages)
@@ -421,6 +427,4 @@ def _text(message: dict, where: str) -> str:
         raise ValueError(f"{where}: content must be a string or a list of text and image parts "
                          f'({{"type": "text", "text": ...}}, {{"type": "image_url", "image_url": {{"url": ...}}}}), '
                          f"got {content!r:.200}")
-    if any(images):  # the parts as they are, for the template to place each image's token
-        return parts
-    return "\n".join(part["text"] for part in parts)
+    return parts  # joined, or kept for a template that reads parts, by `chat_images`

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from jpaged import LLM, BeamSearchParams, SamplingParams
 
@@ -369,8 +370,13 @@ def test_detokenize_false_gives_the_same_tokens_without_text(llm):
     assert [lp.logprob for lp in entries[0]] == [lp.logprob for lp in entries[1]]  # texts only, as vLLM's
     with pytest.raises(ValueError, match=r"stop strings \['\.'\] .* need detokenize=True"):
         SamplingParams(stop=".", detokenize=False)
-    with pytest.raises(ValueError, match=r"a prompt dict takes 'prompt' and 'prompt_token_ids' .*\['multi_modal_data'\]"):
-        llm.generate({"prompt": "Hi", "multi_modal_data": {"image": None}}, params, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"a prompt dict takes 'prompt', 'prompt_token_ids' and 'multi_modal_data', "
+                                         r"got also \['images'\]"):
+        llm.generate({"prompt": "Hi", "images": None}, params, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"stories260K reads no images \(multi_modal_data holds 1\)"):
+        llm.generate({"prompt": "Hi", "multi_modal_data": {"image": Image.new("RGB", (4, 4))}}, params, use_tqdm=False)
+    empty = llm.generate({"prompt": "Hi", "multi_modal_data": {"image": []}}, GREEDY, use_tqdm=False)[0]  # none, as vLLM
+    assert empty.outputs[0].token_ids == llm.generate("Hi", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert all_blocks_free(llm)
 
 

@@ -63,8 +63,9 @@ def llava(tmp_path_factory):
     return folder, model, processor, llm
 
 
-def _image(seed: int, size=(40, 50)):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+def _image(seed: int, size=(40, 50), mode="RGB"):
+    channels = len(mode)
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, channels), dtype=np.uint8), mode)
 
 
 def _hf_greedy(model, processor, text: str, images) -> tuple[list[int], list[int]]:
@@ -82,11 +83,13 @@ def _blocks_all_free(llm):
 
 
 def test_image_prompts_match_hf_llava(llava):
-    """Two images in one prompt, and prompts that differ only in their image, chunked through the
+    """Two images in one prompt (apart and side by side), prompts that differ only in their image,
+    and a transparent image (composited onto white, as the processor does), chunked through the
     placeholders (16 tokens a step): the widened prompt and greedy tokens are HF's."""
     _, model, processor, llm = llava
     cases = [("t5 t6 <image> t7 t8", [_image(1)]), ("t5 t6 <image> t7 t8", [_image(2)]),
-             ("t9 <image> t10 <image> t11", [_image(3), _image(4, (30, 30))])]
+             ("t9 <image> t10 <image> t11", [_image(3), _image(4, (30, 30))]),
+             ("t9 <image><image> t11", [_image(5), _image(6)]), ("t5 <image> t7", [_image(13, mode="RGBA")])]
     outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": images if len(images) > 1 else images[0]}}
                             for text, images in cases], GREEDY, use_tqdm=False)
     for (text, images), out in zip(cases, outputs):
@@ -134,16 +137,22 @@ def test_chat_with_image_parts(llava):
 
 def test_image_errors_name_the_problem(llava, tmp_path):
     _, _, _, llm = llava
-    with pytest.raises(ValueError, match="2 image placeholders .* for 1 images"):
+    with pytest.raises(ValueError, match="stand for 2 images, and 1 were given"):
         llm.generate({"prompt": "t5 <image> t6 <image>", "multi_modal_data": {"image": _image(1)}}, GREEDY,
                      use_tqdm=False)
-    with pytest.raises(ValueError, match="0 image placeholders"):
+    with pytest.raises(ValueError, match="stand for 0 images"):
         llm.generate({"prompt": "t5 t6", "multi_modal_data": {"image": _image(1)}}, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="could not read the image"):
         llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": str(tmp_path / "missing.png")}}, GREEDY,
                      use_tqdm=False)
     with pytest.raises(ValueError, match="takes 'image' only"):
         llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"video": _image(1)}}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="is 0x5 pixels"):
+        llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": Image.new("RGB", (0, 5))}}, GREEDY,
+                     use_tqdm=False)
+    with pytest.raises(ValueError, match="not an image format PIL reads"):
+        llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": "data:image/png;base64,AAAA"}}, GREEDY,
+                     use_tqdm=False)
     with pytest.raises(ValueError, match="needs its image under 'image_url'"):
         llm.chat([{"role": "user", "content": [{"type": "image_url"}]}], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
@@ -225,4 +234,66 @@ def test_cli_generate_with_image(llava, tmp_path, capsys):
     assert main([*args, "--no-chat", "t40 <image> t41"]) == 0
     assert capsys.readouterr().out.strip() == ("t40 <image> t41" + raw).strip()
     assert main([*args, "--no-chat", "t40 t41"]) == 2
-    assert "0 image placeholders" in capsys.readouterr().err
+    assert "stand for 0 images" in capsys.readouterr().err
+
+
+LLAVA_15_TEMPLATE = (  # llava-hf/llava-1.5-7b-hf's: each turn's images first, then its text parts
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def test_templates_of_content_parts_get_every_turn_as_parts(llava):
+    """A template that loops over content parts (llava-1.5's) gets text-only turns as parts too,
+    as HF's processor renders them: a multi-turn chat with an image in its first turn renders
+    and answers as HF's; and one that takes text gets the image token in the text."""
+    _, model, processor, llm = llava
+    turns = [[{"type": "image_pil", "image_pil": _image(14)}, {"type": "text", "text": "t20"}], "t30 t31",
+             [{"type": "text", "text": "t22"}, {"type": "text", "text": "t23"}]]
+    messages = [{"role": role, "content": content} for role, content in zip(("user", "assistant", "user"), turns)]
+    hf_messages = [{"role": m["role"], "content": [{"type": "image"} if part["type"] == "image_pil" else part
+                                                   for part in m["content"]] if isinstance(m["content"], list)
+                    else [{"type": "text", "text": m["content"]}]} for m in messages]
+    text = processor.apply_chat_template(hf_messages, add_generation_prompt=True, chat_template=LLAVA_15_TEMPLATE)
+    assert "t30 t31" in text and "t22 t23" in text
+    out = llm.chat(messages, GREEDY, use_tqdm=False, chat_template=LLAVA_15_TEMPLATE)[0]
+    assert out.prompt == text
+    assert out.outputs[0].token_ids == _hf_greedy(model, processor, text, [_image(14)])[1]
+    as_text = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"  # takes text: vLLM writes the token
+    out = llm.chat(messages[:1], GREEDY, use_tqdm=False, chat_template=as_text)[0]
+    assert out.prompt == "user: <image>\nt20 "
+    assert out.outputs[0].token_ids == _hf_greedy(model, processor, out.prompt, [_image(14)])[1]
+
+
+def test_server_reads_local_images_only_from_the_allowed_folder(llava, tmp_path):
+    """`image_url` parts naming a path or file:// URL are refused (400) unless the server was
+    started with that folder as `allowed_local_media_path`, and then only inside it."""
+    openai = pytest.importorskip("openai")
+    from server_thread import serving
+
+    from jpaged.server.launch import create_app
+
+    _, _, _, llm = llava
+    allowed = tmp_path / "media"
+    allowed.mkdir()
+    _image(15).save(allowed / "a.png")
+    _image(15).save(tmp_path / "outside.png")
+
+    def ask(client, url):
+        return client.chat.completions.create(model="llava", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "t5"}]}])
+
+    with serving(create_app(llm.engine, served_model_name="llava")) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="--allowed-local-media-path"):
+            ask(client, str(allowed / "a.png"))
+    with serving(create_app(llm.engine, served_model_name="llava", allowed_local_media_path=str(allowed))) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        assert ask(client, f"file://{allowed / 'a.png'}").choices[0].message.content is not None
+        with pytest.raises(openai.BadRequestError, match="outside the allowed local media path"):
+            ask(client, str(tmp_path / "outside.png"))
+    with pytest.raises(ValueError, match="is not a folder"):
+        create_app(llm.engine, allowed_local_media_path=str(tmp_path / "outside.png"))
+    assert _blocks_all_free(llm)

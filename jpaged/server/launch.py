@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import sys
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -35,7 +36,8 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
                max_queued_requests: int = 256, allowed_origins: list[str] | None = None,
                chat_template: str | None = None, trust_request_chat_template: bool = False,
                tool_call_parser: str | None = None, lora_modules: list[LoRARequest] | None = None,
-               allow_runtime_lora_updating: bool = False, return_tokens_as_token_ids: bool = False) -> FastAPI:
+               allow_runtime_lora_updating: bool = False, return_tokens_as_token_ids: bool = False,
+               allowed_local_media_path: str | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`; its engine loop starts and stops with the app.
 
     Args:
@@ -55,11 +57,16 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
             `/v1/unload_lora_adapter` (vLLM's) may add and remove adapters while serving.
         return_tokens_as_token_ids: name logprobs' tokens `token_id:N` where a request does not
             say (its `return_tokens_as_token_ids`).
+        allowed_local_media_path: a folder whose images chat requests may name by path or
+            `file://` URL (vLLM's); None: requests' images come as data or http(s) URLs only.
 
     Raises:
-        ValueError: for an unknown `tool_call_parser`, a `chat_template` that does not parse, or a
-            LoRA adapter the engine cannot run, or whose name is taken.
+        ValueError: for an unknown `tool_call_parser`, a `chat_template` that does not parse, a
+            LoRA adapter the engine cannot run, or whose name is taken, or an
+            `allowed_local_media_path` that is not a folder.
     """
+    if allowed_local_media_path is not None and not Path(allowed_local_media_path).is_dir():
+        raise ValueError(f"allowed_local_media_path {allowed_local_media_path!r} is not a folder")
     name = served_model_name or engine.model_name
     parser = tool_parser(tool_call_parser) if tool_call_parser else None
     chat_template = checked_template(chat_template) if chat_template is not None else None
@@ -69,7 +76,8 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
     state = ServerState(front, name, metrics, api_key or None, chat_template, trust_request_chat_template, parser,
                         engine.reasoning_parser, engine.pooling_task, dict(engine.default_sampling_params),
                         classifier=engine.classifier, runtime_lora_updating=allow_runtime_lora_updating,
-                        return_tokens_as_token_ids=return_tokens_as_token_ids)
+                        return_tokens_as_token_ids=return_tokens_as_token_ids,
+                        local_media=None if allowed_local_media_path is None else Path(allowed_local_media_path))
     for lora in lora_modules or ():  # the engine loop has not started: the engine is called here
         try:
             state.load_lora(engine, lora.lora_name, lora.lora_path, lora.lora_int_id)
@@ -161,7 +169,8 @@ def _app_from_flags(args: argparse.Namespace, template: str | None, **server) ->
                       lora_modules=[LoRARequest(name, i, path)
                                     for i, (name, path) in enumerate(args.lora_modules or (), start=1)],
                       allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),
-                      return_tokens_as_token_ids=args.return_tokens_as_token_ids, **server)
+                      return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                      allowed_local_media_path=args.allowed_local_media_path, **server)
 
 
 def check_can_listen(host: str, port: int) -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jpaged.chat_template import checked_template, checked_variables
-from jpaged.images import chat_images, placeholder_offsets
+from jpaged.images import chat_images, placeholder_offsets, template_reads_parts
 from jpaged.sampling_params import truncated_prompt
 from jpaged.server.errors import bad_request
 from jpaged.server.protocol import ChatMessage
@@ -76,10 +77,11 @@ def truncated(prompt: Prompt, keep: int | None, max_model_len: int) -> Prompt:
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the chat template takes them (`{"role", "content"}`, the content as
-    `message_text` gives it, and `name` where given; an assistant turn's `tool_calls` with their
-    arguments as objects, and a tool turn's `tool_call_id`, as HF templates read them). 400 for an
-    empty list, an unknown role, a non-text content part or a tool turn without `tool_call_id`."""
+    """Messages as the chat template takes them (`{"role", "content"}`, the content a string or a
+    list of text and image_url parts, which `images.chat_images` then shapes for the template, and
+    `name` where given; an assistant turn's `tool_calls` with their arguments as objects, and a
+    tool turn's `tool_call_id`, as HF templates read them). 400 for an empty list, an unknown
+    role, a part neither text nor image_url, or a tool turn without `tool_call_id`."""
     if not messages:
         raise bad_request("messages is empty: at least one message is needed", param="messages")
     turns = []
@@ -88,7 +90,8 @@ def conversation(messages: list[ChatMessage]) -> list[dict]:
             raise bad_request(f"messages[{i}].role {message.role!r} is not supported "
                               f"(supported: {', '.join(sorted(CHAT_ROLES))})", param="messages")
         role = "system" if message.role == "developer" else message.role
-        turn = {"role": role, "content": message_text(message, i)}
+        text = message_text(message, i)  # checks the parts too
+        turn = {"role": role, "content": _parts(message.content) if isinstance(message.content, list) else text}
         if message.name is not None:  # a participant's name, for templates that render it (vLLM passes it on)
             turn["name"] = message.name
         if message.role == "tool":
@@ -103,6 +106,13 @@ def conversation(messages: list[ChatMessage]) -> list[dict]:
     return turns
 
 
+def _parts(content: list) -> list[dict]:
+    """Content parts as the chat template (or `chat_images`, which joins them for templates that
+    take text) reads them."""
+    return [{"type": "text", "text": part.text} if part.type == "text" else
+            {"type": "image_url", "image_url": part.image_url} for part in content]
+
+
 def _arguments(text: str):
     """A call's arguments as an object where they are JSON (HF templates expect one), else as sent."""
     try:
@@ -111,11 +121,10 @@ def _arguments(text: str):
         return text
 
 
-def message_text(message: ChatMessage, i: int) -> str | list[dict]:
+def message_text(message: ChatMessage, i: int) -> str:
     """The text of `messages[i]`: its content, text parts joined by newlines (as vLLM joins them),
-    "" for an assistant turn without content; content with `image_url` parts stays a list of
-    parts, for the chat template to place each image's token. 400 for other missing content or
-    parts neither text nor image."""
+    "" for an assistant turn without content. 400 for other missing content or parts neither
+    text nor image_url."""
     if message.content is None:
         if message.role != "assistant":  # an assistant turn may be empty (or only call tools), as OpenAI's API allows
             raise bad_request(f"messages[{i}] ({message.role}) has no content", param="messages")
@@ -128,10 +137,7 @@ def message_text(message: ChatMessage, i: int) -> str | list[dict]:
                               "parts are supported", param="messages")
         if part.type == "text" and part.text is None:
             raise bad_request(f"messages[{i}].content[{j}] is a text part without its text", param="messages")
-    if any(part.type == "image_url" for part in message.content):
-        return [{"type": "text", "text": part.text} if part.type == "text" else
-                {"type": "image_url", "image_url": part.image_url} for part in message.content]
-    return "\n".join(part.text for part in message.content)
+    return "\n".join(part.text if part.type == "text" else "" for part in message.content)
 
 
 @dataclass(frozen=True)
@@ -172,11 +178,12 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
                 continue_final_message: bool = False, add_special_tokens: bool = False,
                 tools: list[dict] | None = None, template: ChatTemplate = ChatTemplate(),
                 without_template: str = "chat completions are not available; use /v1/completions",
-                image_placeholder: tuple[int, int] | None = None) -> Prompt:
+                image_placeholder: tuple[int, int] | None = None, local_media: Path | None = None) -> Prompt:
     """The prompt of a chat through `template` (by default the tokenizer's chat template), given
     the `tools`, if any. `without_template`: what the refusal says the route's caller may do
     where there is no chat template. `image_placeholder`: the engine's, for a model that reads
-    images (their parts are then read, and each image's token widened).
+    images (their parts are then read, and each image's token widened); `local_media`: the
+    folder whose images may be named by path (None: no paths).
 
     Raises:
         APIError: 400 when there is no chat template, the messages are bad (an image that cannot
@@ -188,12 +195,15 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
         raise bad_request(f"this model's tokenizer has no chat template, so {without_template}, or start the server "
                           "with --chat-template", param="messages")
     turns = conversation(messages)
+    if image_placeholder is None and any(isinstance(turn["content"], list) and any(p["type"] != "text" for p in
+                                                                                     turn["content"]) for turn in turns):
+        raise bad_request("messages hold image_url parts, and this server's model reads no images", param="messages")
+    image_token = None if image_placeholder is None else tokenizer.convert_ids_to_tokens(image_placeholder[0])
+    as_parts = image_placeholder is not None and template_reads_parts(template.template or tokenizer.chat_template)
     try:
-        turns, images = chat_images(turns)
+        turns, images = chat_images(turns, image_token, as_parts, local_media)
     except ValueError as err:
         raise bad_request(str(err), param="messages") from err
-    if images and image_placeholder is None:
-        raise bad_request("messages hold image_url parts, and this server's model reads no images", param="messages")
     if add_generation_prompt and continue_final_message:
         raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
                           param="continue_final_message")

@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -70,6 +71,7 @@ class ServerState:
     runtime_lora_updating: bool = False  # whether requests may load and unload adapters
     classifier: Classifier | None = None  # a classifying engine's head (`EngineClient.classifier`)
     return_tokens_as_token_ids: bool = False  # logprob tokens named `token_id:N` unless a request says otherwise
+    local_media: Path | None = None  # the folder whose images requests may name by path (None: no paths)
 
     def tokens_as_ids(self, request: CompletionRequest | ChatCompletionRequest) -> bool:
         """Whether `request`'s logprobs name tokens by id (its `return_tokens_as_token_ids`, else the server's)."""
