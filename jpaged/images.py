@@ -26,8 +26,13 @@ import numpy as np
 
 IMAGE_PART_TYPES = ("image_url", "image_pil", "image")  # chat content parts holding an image (vLLM's)
 URL_TIMEOUT_S = 10.0
+MAX_IMAGE_BYTES = 64 * 2**20
 # a template that loops over a message's content parts (`{% for part in message['content'] %}`, or `.content`)
 _READS_PARTS = re.compile(r"\{%-?\s*for\s+\w+\s+in\s+\w+\s*(\[\s*['\"]content['\"]\s*\]|\.content\b)")
+
+
+class ImageRefused(ValueError):
+    """An image source the caller may not read (a local path a server does not allow)."""
 
 
 @dataclass(frozen=True)
@@ -67,13 +72,6 @@ def load_image(source, local_root: Path | None | bool = True):
     if not image.width or not image.height:
         raise ValueError(f"the image {shown!r} is {image.width}x{image.height} pixels: it has no pixels to read")
     return image
-
-
-class ImageRefused(ValueError):
-    """An image source the caller may not read (a local path a server does not allow)."""
-
-
-MAX_IMAGE_BYTES = 64 * 2**20
 
 
 def _image_bytes(source: str, local_root: Path | None | bool) -> bytes:
