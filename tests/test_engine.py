@@ -289,7 +289,7 @@ def test_ctrl_c_as_a_step_returns_leaves_the_engine_usable(llm, monkeypatch):
             InterruptedOnce.calls += 1
             if InterruptedOnce.calls == 2:
                 # SIGINT during the call: its handler runs there (called here directly, as a signal
-                # left pending could also be taken in a finalizer, which swallows the exception)
+                # left pending could be taken in a finalizer, which swallows the exception)
                 signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
             return result
 
@@ -297,8 +297,14 @@ def test_ctrl_c_as_a_step_returns_leaves_the_engine_usable(llm, monkeypatch):
             return getattr(real_step, name)
 
     monkeypatch.setattr(runner, "_step", InterruptedOnce())
-    with pytest.raises(KeyboardInterrupt):
-        llm.generate(STORY_STARTS[:2], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
+    # Python's own handler, as in a terminal: a process started in the background ignores SIGINT,
+    # and the engine then leaves it alone
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(STORY_STARTS[:2], SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert InterruptedOnce.calls == 2 and not llm.engine.has_unfinished_requests() and all_blocks_free(llm)
     assert llm.generate({"prompt_token_ids": [1]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == GOLDEN_FROM_BOS
 
