@@ -149,6 +149,20 @@ def chat_images(conversation: list[dict], image_token: str | None = None, as_par
     return messages, images
 
 
+def chat_for_template(conversation: list[dict], tokenizer, image_placeholder: tuple[int, int] | None,
+                      template: str | None, local_root: Path | None | bool = True) -> tuple[list[dict], list]:
+    """`chat_images` for an engine's model (`image_placeholder`, None where it reads no images) and
+    the chat template that renders it (`template`, None: the tokenizer's). ValueError for image
+    parts where the model reads no images, and as `chat_images`."""
+    if image_placeholder is None:
+        if any(isinstance(m.get("content"), list) and any(_is_image(part) for part in m["content"])
+               for m in conversation):
+            raise ValueError("the messages hold image parts, and the model reads no images")
+        return chat_images(conversation)
+    as_parts = template_reads_parts(template or tokenizer.chat_template)
+    return chat_images(conversation, tokenizer.convert_ids_to_tokens(image_placeholder[0]), as_parts, local_root)
+
+
 def template_reads_parts(template: str | None) -> bool:
     """Whether a chat template loops over each message's content parts (as LLaVA's do), so that
     it takes contents as lists of parts rather than text (vLLM's "openai" content format)."""

@@ -21,7 +21,7 @@ from jpaged.config import CacheConfig, EngineConfig, LoRAConfig, ParallelConfig,
 from jpaged.data_parallel import DataParallelEngine
 from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineClient, PromptType
-from jpaged.images import IMAGE_PART_TYPES, chat_images, template_reads_parts
+from jpaged.images import IMAGE_PART_TYPES, chat_for_template
 from jpaged.lora import LoRARequest
 from jpaged.outputs import (
     ClassificationRequestOutput,
@@ -333,15 +333,10 @@ class LLM:
         chat_template_kwargs = checked_variables(chat_template_kwargs)
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message continues the final message: it needs add_generation_prompt=False")
-        placeholder = self.engine.image_placeholder
-        if placeholder is None and any(isinstance(m["content"], list) and any(p["type"] != "text" for p in m["content"])
-                                       for c in conversations for m in c):
-            raise ValueError(f"{self.engine.model_name} reads no images, and the messages hold image parts")
-        image_token = None if placeholder is None else tokenizer.convert_ids_to_tokens(placeholder[0])
-        as_parts = placeholder is not None and template_reads_parts(chat_template or tokenizer.chat_template)
         prompts = []
         for conversation in conversations:
-            conversation, images = chat_images(conversation, image_token, as_parts)
+            conversation, images = chat_for_template(conversation, tokenizer, self.engine.image_placeholder,
+                                                     chat_template)
             text = chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs,
                              continue_final_message)
             prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(unicode_text("the rendered chat", text),

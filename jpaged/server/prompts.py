@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jpaged.chat_template import checked_template, checked_variables
-from jpaged.images import chat_images, placeholder_offsets, template_reads_parts
+from jpaged.images import chat_for_template, placeholder_offsets
 from jpaged.sampling_params import truncated_prompt
 from jpaged.server.errors import bad_request
 from jpaged.server.protocol import ChatMessage
@@ -195,13 +195,8 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
         raise bad_request(f"this model's tokenizer has no chat template, so {without_template}, or start the server "
                           "with --chat-template", param="messages")
     turns = conversation(messages)
-    if image_placeholder is None and any(isinstance(turn["content"], list) and any(p["type"] != "text" for p in
-                                                                                     turn["content"]) for turn in turns):
-        raise bad_request("messages hold image_url parts, and this server's model reads no images", param="messages")
-    image_token = None if image_placeholder is None else tokenizer.convert_ids_to_tokens(image_placeholder[0])
-    as_parts = image_placeholder is not None and template_reads_parts(template.template or tokenizer.chat_template)
     try:
-        turns, images = chat_images(turns, image_token, as_parts, local_media)
+        turns, images = chat_for_template(turns, tokenizer, image_placeholder, template.template, local_media)
     except ValueError as err:
         raise bad_request(str(err), param="messages") from err
     if add_generation_prompt and continue_final_message:
