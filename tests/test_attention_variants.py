@@ -27,23 +27,30 @@ def run_windowed(fn, batch, window, softcap=None, **kwargs):
 
 
 def jax_windowed_oracle(batch, window: int) -> np.ndarray:
-    """Each row's queries over its whole context laid out in order, by `jax.nn.dot_product_attention`
-    with a causal mask and `local_window_size=(window - 1, 0)`; float32 `[T, heads, head_dim]`."""
+    """Each row's queries over its whole context laid out in order, by one call of
+    `jax.nn.dot_product_attention` over every row (keys past a row's context masked by
+    `key_value_seq_lengths`) with a causal mask and `local_window_size=(window - 1, 0)`; float32
+    `[T, heads, head_dim]`."""
     md = batch.md
+    rows = [(row, *(int(x[row]) for x in (md.query_lens, md.context_lens, md.query_start)))
+            for row in range(md.block_tables.shape[0])]
+    rows = [r for r in rows if r[1] > 0]
+    longest = max(ctx for _, _, ctx, _ in rows)
+    queries = np.zeros((len(rows), longest, *batch.q.shape[1:]), np.float32)
+    keys = np.zeros((len(rows), longest, *batch.k_cache.shape[3:]), np.float32)
+    values = np.zeros_like(keys)
+    k_cache, v_cache, q = (np.asarray(a, np.float32) for a in (batch.k_cache[LAYER], batch.v_cache[LAYER], batch.q))
+    for i, (row, n, ctx, start) in enumerate(rows):
+        blocks = np.asarray(md.block_tables[row])
+        keys[i, :ctx] = k_cache[blocks].reshape(-1, *keys.shape[2:])[:ctx]
+        values[i, :ctx] = v_cache[blocks].reshape(-1, *keys.shape[2:])[:ctx]
+        queries[i, ctx - n:ctx] = q[start:start + n]  # at the context's last n positions
+    attended = np.asarray(jax.nn.dot_product_attention(
+        queries, keys, values, scale=batch.scale, is_causal=True, local_window_size=(window - 1, 0),
+        key_value_seq_lengths=jnp.asarray([ctx for _, _, ctx, _ in rows], jnp.int32), implementation="xla"))
     out = np.zeros(batch.q.shape, np.float32)
-    for row in range(md.block_tables.shape[0]):
-        n, ctx, start = (int(x[row]) for x in (md.query_lens, md.context_lens, md.query_start))
-        if n == 0:
-            continue
-        blocks = md.block_tables[row]
-        keys = batch.k_cache[LAYER][blocks].reshape(-1, *batch.k_cache.shape[3:])[:ctx]
-        values = batch.v_cache[LAYER][blocks].reshape(-1, *batch.v_cache.shape[3:])[:ctx]
-        # Queries sit at the context's last n positions: pad them in front to a square causal mask.
-        queries = jnp.zeros((ctx, *batch.q.shape[1:]), jnp.float32).at[ctx - n:].set(batch.q[start:start + n])
-        attended = jax.nn.dot_product_attention(
-            queries[None], keys[None].astype(jnp.float32), values[None].astype(jnp.float32),
-            scale=batch.scale, is_causal=True, local_window_size=(window - 1, 0), implementation="xla")
-        out[start:start + n] = np.asarray(attended[0, ctx - n:])
+    for i, (row, n, ctx, start) in enumerate(rows):
+        out[start:start + n] = attended[i, ctx - n:ctx]
     return out
 
 
