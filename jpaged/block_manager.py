@@ -17,9 +17,10 @@ Sharing, three ways:
   cached prefix (`get_computed_blocks`) and computes only the rest. A sequence that asks for
   prompt logprobs reads no cached blocks (it must compute every prompt position), as in vLLM. The
   first block of a sequence run through a LoRA adapter chains from that adapter's own root key,
-  so sequences share cached blocks only under the same adapter. Lookups compare the stored
-  tokens and the identity of the parent block's key too, so a hash collision can only cost a
-  miss, never return another prefix's KV. Registered blocks whose ref count drops to zero stay
+  so sequences share cached blocks only under the same adapter; a request's `cache_salt` is
+  part of its first block's key, so salted prefixes are shared only under the same salt. Lookups
+  compare the stored tokens and the identity of the parent block's key too, so a hash collision
+  can only cost a miss, never return another prefix's KV. Registered blocks whose ref count drops to zero stay
   cached as *evictable*; allocation takes plain free blocks first, then evicts the least
   recently used cached block.
 - **Fork** (parallel sampling, beam search): a child shares all its parent's blocks by ref
@@ -60,16 +61,19 @@ NO_BLOCK = -1  # a block-table entry released behind the sliding window (`releas
 
 
 def _chunk(seq: Sequence, tokens: list[int], index: int, size: int) -> tuple:
-    """What block `index` of `seq` is cached under: its tokens, then `(hash, offset)` of each
-    prompt image whose placeholders it holds (so that blocks of equal placeholders but other
-    images never match)."""
+    """What block `index` of `seq` is cached under: its tokens, then `(hash, offset)` of each of
+    the prompt's input embeddings (an image, or an embeds prompt's block) it holds positions of,
+    so that blocks of equal placeholders but other embeddings never match; the first block also
+    holds the request's cache salt, which every later block chains from (vLLM's `cache_salt`)."""
     start, stop = index * size, (index + 1) * size
     chunk = tuple(tokens[start:stop])
-    images = seq.request.images
-    if not images:
+    request = seq.request
+    if index == 0 and request.cache_salt is not None:
+        chunk += (("salt", request.cache_salt),)
+    if not request.input_embeds:
         return chunk
-    return chunk + tuple((image.hash, image.offset) for image in images
-                         if image.offset < stop and image.offset + image.length > start)
+    return chunk + tuple((embeds.hash, embeds.offset) for embeds in request.input_embeds
+                         if embeds.offset < stop and embeds.offset + embeds.length > start)
 
 
 def hash_block(parent_hash: int, tokens: tuple[int, ...]) -> int:

@@ -274,9 +274,13 @@ class ModelConfig:
     # `residual_multiplier` and logits divided by `logits_scaling` (Granite); q / k norms over all
     # heads at once rather than per head (`qk_norm_over_heads`, OLMo 2); which layers apply RoPE
     # at all (`rope_layers`, one bool per layer; () where all do: SmolLM3's NoPE layers do not).
+    # `multiplies_input_embeds`: the multiplier also scales embeddings given in place of tokens
+    # (images, embeds prompts), as HF's Granite scales its `inputs_embeds`; otherwise it is part of
+    # the table lookup, as HF's Gemma embedding module applies it.
     hidden_act: str = "silu"
     norm_weight_offset: float = 0.0
     embedding_multiplier: float = 1.0
+    multiplies_input_embeds: bool = False
     norm_layout: str = "pre"
     attention_scale: float | None = None
     local_rope: RopeConfig | None = None
@@ -485,7 +489,7 @@ def _gpt_oss_fields(hf: dict) -> dict:
 
 def _granite_fields(hf: dict) -> dict:
     """Granite's multipliers, as HF's `GraniteConfig` names them (1.0 where absent)."""
-    return dict(embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+    return dict(embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)), multiplies_input_embeds=True,
                 residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
                 attention_scale=float(hf.get("attention_multiplier", 1.0)),
                 logits_scaling=float(hf.get("logits_scaling", 1.0)))
@@ -830,6 +834,9 @@ class EngineConfig:
     # token_classify; None: the model's own) and `pooling_type` (LAST, MEAN, CLS, ALL)
     pooler_config: dict | None = None
     max_logprobs: int = MAX_LOGPROBS  # most top logprobs a request may ask for per token; -1: the whole vocabulary
+    # prompts may be given as embeddings (`{"prompt_embeds": [length, hidden_size]}`, vLLM's): each
+    # step then takes a [tokens, hidden_size] float32 array beside the token ids
+    enable_prompt_embeds: bool = False
     # sampling defaults: "auto" (the model's generation_config.json), "none", or a folder holding one
     generation_config: str = "auto"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -840,7 +847,7 @@ class EngineConfig:
 
     def __post_init__(self):
         _check_integers(self, ("seed", "max_logprobs"))
-        for name in ("attention_interpret", "compilation_cache", "compile_warmup"):
+        for name in ("attention_interpret", "compilation_cache", "compile_warmup", "enable_prompt_embeds"):
             as_bool(name, getattr(self, name))
         if self.hf_overrides is not None and not (isinstance(self.hf_overrides, dict)
                                                   and all(isinstance(key, str) for key in self.hf_overrides)):
@@ -868,6 +875,7 @@ class EngineConfig:
             raise ValueError(f"quantization must be None, 'int8', 'fp8' or 'gguf', got {self.quantization!r}")
         self._check_offload()
         self._check_lora()
+        self._check_prompt_embeds()
         if self.speculative.enabled and self.parallel.pipeline_parallel_size > 1:
             raise ValueError(f"speculative decoding runs without pipeline parallelism; pipeline_parallel_size="
                              f"{self.parallel.pipeline_parallel_size} must be 1")
@@ -897,3 +905,11 @@ class EngineConfig:
             raise ValueError(f"enable_lora runs without pipeline parallelism and offload_weights: "
                              f"pipeline_parallel_size must be 1 (got {self.parallel.pipeline_parallel_size}) and "
                              f"offload_weights None (got {self.offload_weights!r})")
+
+    def _check_prompt_embeds(self) -> None:
+        if not self.enable_prompt_embeds:
+            return
+        if self.runner != "generate" or self.parallel.pipeline_parallel_size > 1 or self.offload_weights:
+            raise ValueError(f"enable_prompt_embeds runs under runner 'generate' without pipeline parallelism and "
+                             f"offload_weights: got runner {self.runner!r}, pipeline_parallel_size "
+                             f"{self.parallel.pipeline_parallel_size}, offload_weights {self.offload_weights!r}")

@@ -28,7 +28,7 @@ from jpaged.block_manager import BlockManager, blocks_held_under_window
 from jpaged.config import CLASSIFIER_SUFFIX, TOKEN_CLASSIFIER_SUFFIX, EngineConfig, ModelConfig, VisionConfig
 from jpaged.detokenizer import IncrementalDetokenizer, NoDetokenizer, token_text
 from jpaged.engine_client import EngineStats, PromptType
-from jpaged.images import ImageInput, ImageProcessor, as_image_list, pixel_hash, placeholder_offsets
+from jpaged.images import ImageProcessor, as_image_list, pixel_hash, placeholder_offsets
 from jpaged.loader.source import open_model
 from jpaged.lora import LoRAAdapter, LoRARequest, load_lora_adapter
 from jpaged.model_runner import ModelRunner, StepOutput
@@ -62,6 +62,7 @@ from jpaged.pooling import (
     token_head,
     with_matryoshka,
 )
+from jpaged.prompt_inputs import InputEmbeds, PromptInputs, embeds_by_block, parse_prompt
 from jpaged.reasoning import ReasoningParser
 from jpaged.sampling_params import (
     ALL_LOGPROBS,
@@ -69,7 +70,6 @@ from jpaged.sampling_params import (
     bad_words_token_ids,
     device_seed,
     generation_defaults,
-    is_integer,
     logprob_cap,
     truncated_prompt,
     unicode_text,
@@ -143,12 +143,13 @@ class LLMEngine:
             self.runner = ModelRunner(self.model_config, config, split_score_head(source.weights(packed), head, token_rows),
                                       self.step_shapes(), meshes[replica or 0], packed=packed,
                                       token_states=self.pooler is not None and self.pooler.pooling_type == "all",
-                                      reads_images=vision is not None)
+                                      reads_embeds=vision is not None or config.enable_prompt_embeds)
             self.tokenizer = tokenizer.result()
         self.image_encoder = None if vision is None else ImageEncoder(vision, source.vision_weights,
                                                                        self.runner.first_device)
         self.image_processor = None if vision is None else ImageProcessor(source.folder)
         self.image_placeholder = None if vision is None else (vision.image_token_id, vision.tokens_per_image)
+        self.enable_prompt_embeds = config.enable_prompt_embeds
         self.classifier = self._classifier(source, head, answers, lm_head_tied) if classifies else None
         if len(self.tokenizer) > self.model_config.vocab_size:
             hint = "is tokenizer= the model's?" if config.tokenizer else "is the model's tokenizer the one it ships with?"
@@ -310,13 +311,19 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         check_priority(priority, self.config.scheduler.scheduling_policy)
         lora = self._lora_adapter(lora_request)
-        text, token_ids, images = self._tokenize(prompt)
+        parsed = self._parse(prompt)
+        token_ids, embeds = parsed.token_ids, parsed.embeds
+        images = as_image_list(parsed.multi_modal_data)
         if images:
             token_ids, offsets = placeholder_offsets(token_ids, *self.image_placeholder, len(images))
             if params.truncate_prompt_tokens is not None:
                 raise ValueError("truncate_prompt_tokens would cut a prompt with images (its placeholders); leave it "
                                  "unset for such prompts")
+        if embeds is not None:
+            self._check_embeds_prompt(embeds, params)
         token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.max_model_len)
+        if embeds is not None:
+            embeds = embeds[len(embeds) - len(token_ids):]
         room = self.max_model_len - len(token_ids)
         if token_ids and room < (0 if self.pooler else 1):  # an embedding adds no token
             held = self.block_manager.num_blocks * self.block_manager.block_size == self.max_model_len
@@ -332,11 +339,14 @@ class LLMEngine:
         grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs else None
         if grammar is not None and self.reasoning_parser and not self.reasoning_parser.reasoning_ended(token_ids):
             grammar.starts_after = self.reasoning_parser.end_token_id  # the model thinks first, unconstrained
-        request = Request(request_id, text, token_ids, params, seed, grammar, int(priority), lora)
+        request = Request(request_id, parsed.text, token_ids, params, seed, grammar, int(priority), lora)
         request.bad_words_token_ids = bad_words
         request.pooling_params = pooling_params
+        request.cache_salt = parsed.cache_salt
         if images:
-            request.images = self._image_inputs(images, offsets)
+            request.input_embeds = self._image_inputs(images, offsets)
+        if embeds is not None:
+            request.input_embeds, request.embeds_prompt = embeds_by_block(embeds, self.block_manager.block_size), True
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
 
@@ -390,32 +400,31 @@ class LLMEngine:
                              "needs an id of its own")
         return known
 
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int], list]:
-        """The prompt's text (None for token ids), token ids and images (loaded PIL images)."""
-        images = []
-        if isinstance(prompt, dict):
-            if unknown := sorted(set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data"}, key=str):
-                raise ValueError(f"a prompt dict takes 'prompt', 'prompt_token_ids' and 'multi_modal_data', got also "
-                                 f"{unknown}")
-            images = as_image_list(prompt.get("multi_modal_data"))
-            if images and self.image_encoder is None:
-                raise ValueError(f"{self.model_name} reads no images (multi_modal_data holds {len(images)})")
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"]), images
-            if "prompt" not in prompt:
-                raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(prompt)}")
-            prompt = prompt["prompt"]
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(unicode_text("prompt", prompt)), images
-        if isinstance(prompt, list):
-            return None, _token_ids(prompt), images
-        raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+    def _parse(self, prompt: PromptType) -> PromptInputs:
+        """`prompt` parsed (`jpaged/prompt_inputs.py`); ValueError for images to a model that reads
+        none, or prompt embeddings to an engine not started for them."""
+        parsed = parse_prompt(prompt, lambda text: self.tokenizer.encode(unicode_text("prompt", text)))
+        if parsed.multi_modal_data and self.image_encoder is None and (images := as_image_list(parsed.multi_modal_data)):
+            raise ValueError(f"{self.model_name} reads no images (multi_modal_data holds {len(images)})")
+        if parsed.embeds is not None and not self.config.enable_prompt_embeds:
+            raise ValueError("prompt_embeds needs an engine started with enable_prompt_embeds=True "
+                             "(--enable-prompt-embeds)")
+        return parsed
 
-    def _image_inputs(self, images: list, offsets: list[int]) -> list[ImageInput]:
+    def _check_embeds_prompt(self, embeds, params: SamplingParams) -> None:
+        """ValueError for embeddings of another width than the model's, or asking for prompt
+        logprobs (an embeds prompt has no tokens to score)."""
+        if embeds.shape[1] != self.model_config.hidden_size:
+            raise ValueError(f"prompt_embeds rows hold {embeds.shape[1]} values, the model's hidden_size is "
+                             f"{self.model_config.hidden_size}")
+        if params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs needs prompt tokens; a prompt given as prompt_embeds has none")
+
+    def _image_inputs(self, images: list, offsets: list[int]) -> list[InputEmbeds]:
         """Each image's embeddings, placed at its placeholders' offset."""
         pixels = self.image_processor.pixel_values(images)
         embeds = self.image_encoder.encode(pixels)
-        return [ImageInput(offset, embeds[i], pixel_hash(pixels[i])) for i, offset in enumerate(offsets)]
+        return [InputEmbeds(offset, embeds[i], pixel_hash(pixels[i])) for i, offset in enumerate(offsets)]
 
     def _resolve_logprobs(self, params: SamplingParams) -> SamplingParams:
         """`params` with `ALL_LOGPROBS` counts made the vocabulary's size; ValueError for a count
@@ -721,8 +730,8 @@ class LLMEngine:
         if not seq.sampling_params.detokenize:
             return NO_TEXT
         if detokenizer is None or not detokenizer.follows(tokens, num_tokens):
-            detokenizer = seq.detokenizer = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
-                                                                   seq.sampling_params)
+            context = [] if seq.request.embeds_prompt else seq.prompt_token_ids
+            detokenizer = seq.detokenizer = IncrementalDetokenizer(self.tokenizer, context, seq.sampling_params)
             for token in tokens[:num_tokens]:
                 if detokenizer.add(token) is not None:
                     break
@@ -761,16 +770,6 @@ class LLMEngine:
                              list(seq.output_logprobs) if wants_logprobs else None)
             for i, seq in enumerate(seqs)
         ]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
+        prompt_token_ids = None if request.embeds_prompt else request.prompt_token_ids  # vLLM's, for embeds
+        return RequestOutput(request.request_id, request.prompt, prompt_token_ids, completions,
                              request.is_finished, request.metrics, request.prompt_logprobs)
-
-
-def _token_ids(values) -> list[int]:
-    """A prompt's token ids as ints; ValueError naming the first value that is not an integer (or
-    the value itself, when it is not a list)."""
-    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"prompt_token_ids must be a list of token ids, got {values!r} ({type(values).__name__})")
-    bad = [v for v in values if not is_integer(v)]
-    if bad:
-        raise ValueError(f"prompt token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
-    return [int(v) for v in values]

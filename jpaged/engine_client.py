@@ -64,7 +64,8 @@ class EngineClient(Protocol):
     how it reads a text pair, `jpaged.pooling.Classifier`; None otherwise), `image_placeholder`
     (a model that reads images: `(image_token_id, tokens_per_image)`, each image's placeholder
     token and how many of them its embeddings fill, `jpaged.images.placeholder_offsets`; None
-    otherwise)."""
+    otherwise), `enable_prompt_embeds` (whether prompts may come as embeddings,
+    `{"prompt_embeds": ...}`)."""
 
     tokenizer: Any
     model_name: str
@@ -77,6 +78,7 @@ class EngineClient(Protocol):
     pooling_task: str | None
     classifier: Classifier | None
     image_placeholder: tuple[int, int] | None
+    enable_prompt_embeds: bool
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                     priority: int = 0, lora_request: LoRARequest | None = None) -> None:

@@ -7,9 +7,10 @@ model's pixel arrays with the checkpoint's own image processor (transformers'), 
 `placeholder_offsets` finds where each image's embeddings go in the prompt: a run of
 `tokens_per_image` image tokens per image, written by the user or the chat template as one image
 token and widened here, as LLaVA's processor widens it. The engine encodes the pixels
-(`models/vision.py`) and keeps one `ImageInput` per image on the request; the model runner puts
-the embeddings in place of the placeholders' token embeddings in the steps that compute them,
-and the block manager keys cached blocks by the images they hold (`ImageInput.hash`).
+(`models/vision.py`) and keeps one `InputEmbeds` per image on the request
+(`jpaged/prompt_inputs.py`); the model runner puts the embeddings in place of the placeholders'
+token embeddings in the steps that compute them, and the block manager keys cached blocks by the
+images they hold (`InputEmbeds.hash`, of the pixels).
 Host side: no jax.
 """
 
@@ -19,7 +20,6 @@ import base64
 import hashlib
 import io
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,20 +33,6 @@ _READS_PARTS = re.compile(r"\{%-?\s*for\s+\w+\s+in\s+\w+\s*(\[\s*['\"]content['\
 
 class ImageRefused(ValueError):
     """An image source the caller may not read (a local path a server does not allow)."""
-
-
-@dataclass(frozen=True)
-class ImageInput:
-    """One image of a prompt: its embeddings `[length, hidden]` (float32 numpy) for prompt
-    positions `[offset, offset + length)`, and a hash of its pixels."""
-
-    offset: int
-    embeds: np.ndarray
-    hash: str
-
-    @property
-    def length(self) -> int:
-        return len(self.embeds)
 
 
 def load_image(source, local_root: Path | None | bool = True):

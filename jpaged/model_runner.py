@@ -154,13 +154,13 @@ def matmul_precision(dtype):
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, shapes: StepShapes,
                  mesh: Mesh | None = None, packed: dict[str, str] | None = None, token_states: bool = False,
-                 reads_images: bool = False):
+                 reads_embeds: bool = False):
         """`shapes` are the padded sizes of every step; `mesh` is this engine's slice of the device
         mesh ("pp", "ep", "tp"); None: one device. `packed` names the tensors `weights` yields as
         GGML block rows (HF name: GGML type), kept so on the device. `token_states` (runner
         "pooling"): the steps return every token's final state rather than `pooled_rows`.
-        `reads_images`: the steps take image embeddings in place of placeholder tokens' (the
-        requests' `images`)."""
+        `reads_embeds`: the steps take embeddings in place of some tokens' embeddings (the
+        requests' `input_embeds`: images, embeds prompts)."""
         if packed and mesh is not None:
             sizes = {name: getattr(config.parallel, f"{name}_parallel_size") for name in
                      ("tensor", "pipeline", "expert", "data")}
@@ -223,7 +223,7 @@ class ModelRunner:
         self.num_host_blocks = int(cache_config.swap_space_gib * 2**30 // self.block_bytes) if swaps else 0
         self._check_swap_memory(swaps, cache_config.swap_space_gib)
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
-        self.reads_images = reads_images
+        self.reads_embeds = reads_embeds
         self._placeholders: dict[tuple, jax.Array] = {}
         self._decodes_prefetched: set[int] = set()
         self._config = config
@@ -473,10 +473,10 @@ class ModelRunner:
         state and the LoRA slots' weights (None without LoRA)."""
         state, lora_weights = params
         lora = None if lora_weights is None else (lora_weights, batch.lora_slots, self.lora.column_slots)
-        images = None if batch.image_embeds is None else (batch.image_embeds, batch.image_mask)
+        embeds = None if batch.input_embeds is None else (batch.input_embeds, batch.input_embeds_mask)
         with matmul_precision(self.dtype):
             model = self._model(state)
-            hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention, lora, images)
+            hidden, kv_cache = model(batch.token_ids, batch.positions, kv_cache, batch.attention, lora, embeds)
             return self._outputs(model, hidden, batch), kv_cache
 
     def _outputs(self, model, hidden, batch: StepBatch):
@@ -602,8 +602,8 @@ class ModelRunner:
             self._prefetch_decode(len(scheduled))
         batch = step.batch if self.lora is None else dataclasses.replace(
             step.batch, lora_slots=self._lora_token_slots(scheduled, step.batch, step.rows))
-        if self.reads_images:
-            batch = self._with_images(scheduled, batch, step.rows)
+        if self.reads_embeds:
+            batch = self._with_input_embeds(scheduled, batch, step.rows)
         sampled, prompt = self._run(batch, step.sampling)
         if self.pooling == "tokens":
             states, starts, lens = np.asarray(sampled), batch.attention.query_start, batch.attention.query_lens
@@ -633,24 +633,24 @@ class ModelRunner:
                 slots[starts[row]:starts[row] + lengths[row]] = slot_of[item.seq.request.lora.lora_int_id]
         return slots
 
-    def _with_images(self, scheduled: list[ScheduledSequence], batch: StepBatch, rows: np.ndarray) -> StepBatch:
-        """`batch` with the image embeddings of the placeholder tokens it computes (unchanged when
-        it computes none)."""
+    def _with_input_embeds(self, scheduled: list[ScheduledSequence], batch: StepBatch, rows: np.ndarray) -> StepBatch:
+        """`batch` with the input embeddings (images, embeds prompts) of the positions it computes
+        (unchanged when it computes none)."""
         embeds = mask = None
         starts = batch.attention.query_start
         for item, row in zip(scheduled, rows):
             first, stop = item.seq.num_computed_tokens, item.seq.num_computed_tokens + item.num_new_tokens
-            for image in item.seq.request.images:
-                lo, hi = max(first, image.offset), min(stop, image.offset + image.length)
+            for given in item.seq.request.input_embeds:
+                lo, hi = max(first, given.offset), min(stop, given.offset + given.length)
                 if lo >= hi:
                     continue
                 if embeds is None:
                     embeds = np.zeros((batch.token_ids.size, self.model_config.hidden_size), np.float32)
                     mask = np.zeros(batch.token_ids.size, bool)
                 at = starts[row] + lo - first
-                embeds[at:at + hi - lo] = image.embeds[lo - image.offset:hi - image.offset]
+                embeds[at:at + hi - lo] = given.embeds[lo - given.offset:hi - given.offset]
                 mask[at:at + hi - lo] = True
-        return batch if embeds is None else dataclasses.replace(batch, image_embeds=embeds, image_mask=mask)
+        return batch if embeds is None else dataclasses.replace(batch, input_embeds=embeds, input_embeds_mask=mask)
 
     def _prefetch_decode(self, num_rows: int) -> None:
         """Start making ready, in the background, the decode step of `num_rows` sequences that
@@ -688,11 +688,11 @@ class ModelRunner:
             prompt_indices=self._or_placeholder(batch.prompt_indices, (num_tokens,), np.int32, -1),
             prompt_next_ids=self._or_placeholder(batch.prompt_next_ids, (num_tokens,), np.int32, 0),
             lora_slots=None if self.lora is None else self._or_placeholder(batch.lora_slots, (num_tokens,), np.int32, -1))
-        if self.reads_images:
+        if self.reads_embeds:
             batch = dataclasses.replace(
-                batch, image_embeds=self._or_placeholder(batch.image_embeds, (num_tokens, self.model_config.hidden_size),
+                batch, input_embeds=self._or_placeholder(batch.input_embeds, (num_tokens, self.model_config.hidden_size),
                                                          np.float32, 0.0),
-                image_mask=self._or_placeholder(batch.image_mask, (num_tokens,), bool, False))
+                input_embeds_mask=self._or_placeholder(batch.input_embeds_mask, (num_tokens,), bool, False))
         return (self.state, None if self.lora is None else self.lora.weights), self.kv_cache, self._put(batch)
 
     def _sampler_args(self, sampling: SamplingArrays) -> SamplingArrays:

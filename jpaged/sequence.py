@@ -16,9 +16,9 @@ from jpaged.sampling_params import SamplingParams, derive_seed
 
 if TYPE_CHECKING:
     from jpaged.detokenizer import IncrementalDetokenizer
-    from jpaged.images import ImageInput
     from jpaged.lora import LoRAAdapter
     from jpaged.outputs import Logprob
+    from jpaged.prompt_inputs import InputEmbeds
     from jpaged.structured_output import Grammar
 
 _arrival_counter = itertools.count()
@@ -139,7 +139,11 @@ class Request:
         self.bad_words_token_ids: list[list[int]] = []  # `params.bad_words` as token sequences (engine)
         self.embedding = None  # the pooling runner's float32 [hidden] embedding of the prompt, once computed
         self.pooling_params = None  # under the pooling runner, its `PoolingParams` (None: the defaults)
-        self.images: list[ImageInput] = []  # its prompt's images, in order (`jpaged/images.py`)
+        # embeddings that stand in for some of its prompt's token embeddings, in order: its images',
+        # or, for an embeds prompt, its own by block (`jpaged/prompt_inputs.py`)
+        self.input_embeds: list[InputEmbeds] = []
+        self.embeds_prompt = False  # its prompt is embeddings: its token ids are placeholders
+        self.cache_salt: str | None = None  # keys its prefix-cache blocks apart from unsalted ones
         # Per prompt token, its logprob and the top `params.prompt_logprobs` (None for the first):
         # filled as the prefill computes them, and `prompt_logprobs` once all are in.
         wanted = params.prompt_logprobs is not None

@@ -53,15 +53,15 @@ class StepBatch:
     prompt_indices: jax.Array | None = None
     prompt_next_ids: jax.Array | None = None
     lora_slots: jax.Array | None = None  # [T] int32, each token's LoRA slot (-1: none); None: LoRA is off
-    # A model that reads images: [T, hidden] float32 image embeddings to take in place of the
-    # token embeddings where `image_mask [T]` (bool) is set; None: the model reads none
-    image_embeds: jax.Array | None = None
-    image_mask: jax.Array | None = None
+    # An engine that reads images or embeds prompts: [T, hidden] float32 embeddings to take in
+    # place of the token embeddings where `input_embeds_mask [T]` (bool) is set; None: it reads none
+    input_embeds: jax.Array | None = None
+    input_embeds_mask: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
     StepBatch, data_fields=["token_ids", "positions", "logits_indices", "attention", "prompt_indices",
-                            "prompt_next_ids", "lora_slots", "image_embeds", "image_mask"], meta_fields=[]
+                            "prompt_next_ids", "lora_slots", "input_embeds", "input_embeds_mask"], meta_fields=[]
 )
 
 
@@ -517,7 +517,7 @@ def prepare_step(scheduled: list[ScheduledSequence], block_size: int, shapes: St
     sampling = SamplingArrays.build(
         params, [s.seed if s else 0 for s in seqs], [len(output) for output in outputs],
         pad_to=len(seqs),
-        prompt_token_ids=[s.prompt_token_ids if s else [] for s in seqs],
+        prompt_token_ids=[s.prompt_token_ids if s and not s.request.embeds_prompt else [] for s in seqs],
         output_token_ids=outputs,
         eos_token_ids=eos_token_ids, vocab_size=vocab_size,
         banned_ids=[banned_token_ids(s.request.bad_words_token_ids, output) if s else []

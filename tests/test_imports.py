@@ -27,6 +27,7 @@ HOST_MODULES = {
     "jpaged.block_manager", "jpaged.scheduler", "jpaged.outputs", "jpaged.beam_search", "jpaged.engine_client",
     "jpaged.detokenizer", "jpaged.structured_output", "jpaged.reasoning", "jpaged.pooling", "jpaged.chat_template", "jpaged.interrupts", "jpaged.lora",
     "jpaged.images",
+    "jpaged.prompt_inputs",
     "jpaged.loader", "jpaged.loader.default_model", "jpaged.models", "jpaged.parallel", "jpaged.padding",
     "pallas_kernels", "sharding",
     # the HTTP server runs the engine it is given, and imports none of it itself

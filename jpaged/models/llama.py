@@ -268,26 +268,33 @@ class LlamaForCausalLM(nnx.Module):
         elif not cfg.tie_word_embeddings:
             self.lm_head = _param((cfg.hidden_size, cfg.vocab_size), dtype)
 
-    def __call__(self, token_ids, positions, kv_cache, md: AttentionMetadata, lora=None, images=None):
+    def __call__(self, token_ids, positions, kv_cache, md: AttentionMetadata, lora=None, input_embeds=None):
         """Hidden states `[N, hidden]` of the new tokens (micro-batches flattened), and the
         updated `(k_cache, v_cache)`. `lora`: None, or `(weights, token_slots, column_slots)`, the
         LoRA slots' per-layer factors, each token's slot and each slot column's slot
-        (`jpaged/lora_slots.py`). `images`: None, or `(embeds [N, hidden], mask [N] bool)`, image
-        embeddings that replace the token embeddings where `mask` is set (`models/vision.py`)."""
+        (`jpaged/lora_slots.py`). `input_embeds`: None, or `(embeds [N, hidden], mask [N] bool)`,
+        embeddings (an image's, `models/vision.py`, or an embeds prompt's) that replace the token
+        embeddings where `mask` is set, as HF's models take `inputs_embeds`."""
         layer_weights = [nnx.to_pure_dict(nnx.state(layer)) for layer in self.layers]
         if lora is not None:
             weights, token_slots, column_slots = lora
             mask = (token_slots[:, None] == column_slots[None, :]).astype(self.norm.dtype)
             layer_weights = [{**own, **factors, "lora_mask": mask} for own, factors in zip(layer_weights, weights)]
-        hidden = self.embed(token_ids)
-        if images is not None:
-            embeds, mask = images
+        if input_embeds is None:
+            hidden = self.embed(token_ids)
+        else:
+            embeds, mask = input_embeds
+            scales_given = self.cfg.multiplies_input_embeds
+            hidden = self.embed(token_ids, multiply=not scales_given)
             hidden = jnp.where(mask[:, None], embeds.astype(hidden.dtype), hidden)
+            if scales_given:
+                hidden = self._multiply(hidden)
         hidden, kv_cache = self.run_layers(self.decode, hidden, positions, kv_cache, md, layer_weights)
         return self.final_norm(hidden), kv_cache
 
-    def embed(self, token_ids):
-        """The embeddings `[N, hidden]` of `token_ids [N]`, in the model's dtype."""
+    def embed(self, token_ids, multiply: bool = True):
+        """The embeddings `[N, hidden]` of `token_ids [N]`, in the model's dtype, times
+        `embedding_multiplier` unless `multiply` is False."""
         hidden = self.embed_tokens[...][token_ids]
         if hidden.dtype == jnp.uint8:  # GGML block rows
             kind = block_format(hidden, self.cfg.hidden_size, self.block_kinds)
@@ -295,6 +302,9 @@ class LlamaForCausalLM(nnx.Module):
         if hasattr(self, "embed_tokens_scale"):  # each row a quantized weight [1, hidden] of its own
             scale = self.embed_tokens_scale[...][token_ids]
             hidden = dequantize(hidden[..., None, :], scale[..., None, :], self.norm.dtype)[..., 0]
+        return self._multiply(hidden) if multiply else hidden
+
+    def _multiply(self, hidden):
         if self.cfg.embedding_multiplier != 1.0:
             return hidden * jnp.asarray(self.cfg.embedding_multiplier, hidden.dtype)
         return hidden

@@ -155,6 +155,10 @@ class AsyncEngine:
         return self.engine.image_placeholder
 
     @property
+    def enable_prompt_embeds(self) -> bool:
+        return self.engine.enable_prompt_embeds
+
+    @property
     def num_held_requests(self) -> int:
         """Sequences the server holds now (what `max_queued_requests` bounds)."""
         return self._held

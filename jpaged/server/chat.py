@@ -11,6 +11,7 @@ begin, and the calls whole in the last chunk, see `tools`), the finish reason in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -95,7 +96,8 @@ async def chat_request_input(request: ChatCompletionRequest, state: ServerState)
                                      request.add_generation_prompt, request.continue_final_message, False,
                                      template_tools(request), state.template(request),  # other requests go on meanwhile
                                      image_placeholder=state.engine.image_placeholder, local_media=state.local_media)
-    prompt = truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len)
+    prompt = dataclasses.replace(truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len),
+                                 cache_salt=request.cache_salt)
     asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), state.engine.max_model_len,
                                     max_tokens_field(request), prompt_param="messages",

@@ -50,8 +50,12 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
     Raises APIError for bad input (400) or a full server (503)."""
     model = state.model(request.model)
     tokenizer, max_model_len = state.engine.tokenizer, state.engine.max_model_len
-    prompts = await asyncio.to_thread(completion_prompts, request.prompt, tokenizer)  # other requests go on meanwhile
-    prompts = [truncated(p, request.truncate_prompt_tokens, max_model_len) for p in prompts]
+    prompts = await asyncio.to_thread(completion_prompts, request.prompt, tokenizer, request.prompt_embeds,
+                                      state.engine.enable_prompt_embeds)  # other requests go on meanwhile
+    if request.echo and any(p.embeds is not None for p in prompts):
+        raise bad_request("echo needs the prompt's tokens; a prompt given as prompt_embeds has none", param="echo")
+    prompts = [dataclasses.replace(truncated(p, request.truncate_prompt_tokens, max_model_len),
+                                   cache_salt=request.cache_salt) for p in prompts]
     if _scores_only(request) and request.min_tokens:
         raise bad_request(f"min_tokens must be in [0, max_tokens=0], got {request.min_tokens}", param="min_tokens")
     asked = 1 if _scores_only(request) else request.max_tokens  # one token is computed, none returned
@@ -118,7 +122,7 @@ def _choice(request: CompletionRequest, tokenizer: Any, prompt_index: int, promp
     return CompletionChoice(index=index, text=echoed + choice.text, logprobs=logprobs,
                             finish_reason=choice.finish_reason, stop_reason=choice.stop_reason,
                             prompt_logprobs=prompt_logprobs(output.prompt_logprobs) if request.prompt_logprobs is not None
-                            else None, **_token_ids(request, prompt.token_ids, choice.token_ids))
+                            else None, **_token_ids(request, prompt.prompt_token_ids, choice.token_ids))
 
 
 def _token_ids(request: CompletionRequest, prompt_ids: list[int] | None, token_ids: list[int]) -> dict:
@@ -155,7 +159,7 @@ async def _stream(request: CompletionRequest, state: ServerState, model: str, re
                 echoed, echoed_logprobs, prompt_ids = "", None, None
                 if sent is None:
                     sent = progress[index] = ChoiceProgress()
-                    prompt_ids = prompts[prompt_index].token_ids
+                    prompt_ids = prompts[prompt_index].prompt_token_ids
                     if request.echo:
                         echoed, echoed_logprobs = _echo(request, tokenizer, prompts[prompt_index], output, as_ids)
                         sent.token_offset = _offset_after(tokenizer, prompts[prompt_index], echoed,

@@ -9,13 +9,18 @@ offline API give the same tokens. Input that cannot be turned into a prompt is a
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jpaged.chat_template import checked_template, checked_variables
 from jpaged.images import chat_for_template, placeholder_offsets
+from jpaged.prompt_inputs import EMBEDS_PLACEHOLDER_ID, as_embeds_array
 from jpaged.sampling_params import truncated_prompt
 from jpaged.server.errors import bad_request
 from jpaged.server.protocol import ChatMessage
@@ -25,23 +30,79 @@ CHAT_ROLES = {"system", "user", "assistant", "developer", "tool"}
 
 @dataclass
 class Prompt:
-    """One prompt as the engine gets it: its token ids, its text where the client sent text, and
-    its images (PIL images, each placeholder already widened in `token_ids`)."""
+    """One prompt as the engine gets it: its token ids, its text where the client sent text, its
+    images (PIL images, each placeholder already widened in `token_ids`), or its embeddings
+    (`embeds`, float32 `[length, hidden]`; `token_ids` then hold placeholders), and the request's
+    cache salt."""
 
     token_ids: list[int]
     text: str | None = None
     images: list = field(default_factory=list)
+    embeds: np.ndarray | None = None
+    cache_salt: str | None = None
 
     def engine_prompt(self) -> dict:
         """The prompt dict `add_request` takes."""
-        prompt = {"prompt": self.text, "prompt_token_ids": self.token_ids}
+        salt = {} if self.cache_salt is None else {"cache_salt": self.cache_salt}
+        if self.embeds is not None:
+            return {"prompt_embeds": self.embeds} | salt
+        prompt = {"prompt": self.text, "prompt_token_ids": self.token_ids} | salt
         return prompt | ({"multi_modal_data": {"image": self.images}} if self.images else {})
 
+    @property
+    def prompt_token_ids(self) -> list[int] | None:
+        """Its token ids as responses report them: None for embeddings, as vLLM reports them."""
+        return None if self.embeds is not None else self.token_ids
 
-def completion_prompts(prompt: str | list, tokenizer: Any) -> list[Prompt]:
-    """The prompts of a /v1/completions request: a string, a list of strings, a list of token
-    ids, or a list of token-id lists. 400 for a prompt of no tokens (an empty text, where the
-    tokenizer adds no BOS) or an empty list."""
+
+def completion_prompts(prompt: str | list | None, tokenizer: Any, prompt_embeds: str | list[str] | None = None,
+                       embeds_enabled: bool = False) -> list[Prompt]:
+    """The prompts of a /v1/completions request: `prompt_embeds` (base64 `torch.save`s, vLLM's),
+    then `prompt`: a string, a list of strings, a list of token ids, or a list of token-id lists.
+    400 for a prompt of no tokens (an empty text, where the tokenizer adds no BOS), an empty
+    list, neither field, or embeddings the server was not started for (`embeds_enabled`) or
+    cannot read."""
+    if prompt_embeds is not None and not embeds_enabled:
+        raise bad_request("prompt_embeds needs a server started with --enable-prompt-embeds", param="prompt_embeds")
+    embeds = [decoded_embeds(item, i) for i, item in enumerate(
+        [prompt_embeds] if isinstance(prompt_embeds, str) else prompt_embeds or [])]
+    if prompt_embeds is not None and not embeds:
+        raise bad_request("prompt_embeds is an empty list: at least one prompt is needed", param="prompt_embeds")
+    prompts = [Prompt([EMBEDS_PLACEHOLDER_ID] * len(rows), embeds=rows) for rows in embeds]
+    if prompt is None:
+        if not prompts:
+            raise bad_request("a completion needs a prompt or prompt_embeds", param="prompt")
+        return prompts
+    return prompts + _text_or_token_prompts(prompt, tokenizer)
+
+
+def decoded_embeds(item: str, index: int) -> np.ndarray:
+    """One of `prompt_embeds`: base64 of a `torch.save`d `[length, hidden]` tensor (read with
+    `weights_only`, so it runs no code), as float32 numpy. 400 naming what could not be read."""
+    where = f"prompt_embeds[{index}]"
+    try:
+        data = base64.b64decode(item, validate=True)
+    except ValueError as err:
+        raise bad_request(f"{where} is not base64 ({err})", param="prompt_embeds") from err
+    try:
+        import torch
+    except ImportError as err:
+        raise bad_request("prompt_embeds needs torch on the server, to read torch.save'd tensors",
+                          param="prompt_embeds") from err
+    try:
+        tensor = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except Exception as err:  # torch raises many kinds for bytes that are not a saved tensor
+        raise bad_request(f"{where} is not a torch.save'd tensor ({type(err).__name__}: {str(err)[:200]})",
+                          param="prompt_embeds") from err
+    if not isinstance(tensor, torch.Tensor):
+        raise bad_request(f"{where} holds a {type(tensor).__name__}, not a tensor", param="prompt_embeds")
+    try:
+        return as_embeds_array(tensor.to_dense() if tensor.is_sparse else tensor)
+    except ValueError as err:
+        raise bad_request(f"{where}: {err}", param="prompt_embeds") from err
+
+
+def _text_or_token_prompts(prompt: str | list, tokenizer: Any) -> list[Prompt]:
     if isinstance(prompt, str):
         items: list = [prompt]
     elif prompt and all(isinstance(item, int) for item in prompt):
@@ -73,7 +134,8 @@ def truncated(prompt: Prompt, keep: int | None, max_model_len: int) -> Prompt:
     if prompt.images:
         raise bad_request(f"truncate_prompt_tokens {keep} would cut a prompt with images (of {len(prompt.token_ids)} "
                           "tokens, their placeholders included)", param="truncate_prompt_tokens")
-    return Prompt(token_ids)
+    embeds = None if prompt.embeds is None else prompt.embeds[len(prompt.embeds) - len(token_ids):]
+    return Prompt(token_ids, embeds=embeds, cache_salt=prompt.cache_salt)
 
 
 def conversation(messages: list[ChatMessage]) -> list[dict]:

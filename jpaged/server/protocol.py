@@ -114,15 +114,21 @@ class SamplingFields(_Body):
     # (json / regex / choice / grammar / json_object, and its whitespace and properties options)
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
+    # keys the prompt's prefix-cache blocks apart from those of requests without the same salt
+    cache_salt: str | None = None
 
 
 class CompletionRequest(SamplingFields):
     """POST /v1/completions. `prompt` is a string, a list of strings, a list of token ids, or a
-    list of token-id lists; each prompt gets `n` choices (choice index = prompt index * n + j)."""
+    list of token-id lists, and `prompt_embeds` one or more embeds prompts (vLLM's); each prompt
+    gets `n` choices (choice index = prompt index * n + j, the embeds prompts first)."""
 
     _null_kept = ("max_tokens",)
 
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] | None = None
+    # vLLM's: prompts as embeddings, each a base64 `torch.save` of a [length, hidden_size] tensor
+    # (with --enable-prompt-embeds); they come before the `prompt`s
+    prompt_embeds: str | list[str] | None = None
     max_tokens: int | None = 16  # null: all the context the prompt leaves (vLLM's)
     logprobs: int | None = None
     echo: StrictBool = False

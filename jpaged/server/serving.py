@@ -204,7 +204,8 @@ def _refused_field(message: str) -> str:
     """The request field an engine refusal (`LLMEngine.add_request`'s ValueError) is about."""
     leading = message.split(" ", 3)[:3]
     fields = ("logit_bias", "bad_words", "stop_token_ids", "allowed_token_ids", "truncate_prompt_tokens",
-              "structured_outputs", "priority", "logprobs", "prompt_logprobs", "dimensions")
+              "structured_outputs", "priority", "logprobs", "prompt_logprobs", "dimensions", "cache_salt",
+              "prompt_embeds")
     return next((field for field in fields if field in leading), "prompt")
 
 
