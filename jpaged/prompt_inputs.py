@@ -108,15 +108,26 @@ def token_ids(values) -> list[int]:
 
 def as_embeds_array(value) -> np.ndarray:
     """Prompt embeddings as a float32 numpy `[length, hidden]`: from a torch tensor (any float
-    dtype, on any device), a numpy or jax array, or nested lists; a leading batch axis of 1 is
-    dropped, as vLLM drops it. ValueError for another rank, no rows, or values not finite."""
+    dtype, on any device), a numpy or jax array, or nested lists of floats; a leading batch axis
+    of 1 is dropped, as vLLM drops it. ValueError for values that are not floats (integers,
+    bools, complex numbers), another rank, no rows, or values not finite."""
+    if value is None:
+        raise ValueError("prompt_embeds must be a [length, hidden_size] array of floats, got None")
     if hasattr(value, "detach"):  # a torch tensor, read without importing torch
-        value = value.detach().to("cpu").float().numpy()
+        if not value.is_floating_point():
+            raise ValueError(f"prompt_embeds must hold floats, got a tensor of {value.dtype}")
+        try:
+            value = value.detach().to("cpu").float().numpy()
+        except Exception as err:  # a tensor with no data to copy (on the "meta" device, say)
+            raise ValueError(f"prompt_embeds could not be read ({type(err).__name__}: {err})") from err
     try:
-        embeds = np.asarray(value, np.float32)
+        given = np.asarray(value)
     except (TypeError, ValueError) as err:
         raise ValueError(f"prompt_embeds must be a [length, hidden_size] array of floats, got "
                          f"{type(value).__name__} ({err})") from err
+    if given.dtype.kind in "biucOSUM":  # bfloat16 and float8 (ml_dtypes) are of kind "V", and floats
+        raise ValueError(f"prompt_embeds must hold floats, got {given.dtype}")
+    embeds = given.astype(np.float32)
     if embeds.ndim == 3 and embeds.shape[0] == 1:
         embeds = embeds[0]
     if embeds.ndim != 2 or embeds.shape[0] == 0:

@@ -148,6 +148,8 @@ def test_bad_prompts_are_refused_and_the_engine_goes_on(llama, tmp_path):
         ({"prompt_embeds": nan}, "not finite"),
         ({"prompt_embeds": embeds[:0]}, "at least one row"),
         ({"prompt_embeds": torch.stack([embeds, embeds])}, "got shape \\[2, 6, 64\\]"),
+        ({"prompt_embeds": torch.ones(6, 64, dtype=torch.int64)}, "must hold floats, got a tensor of torch.int64"),
+        ({"prompt_embeds": None}, "array of floats, got None"),
         ({"prompt_token_ids": [5, 6], "cache_salt": ""}, "cache_salt must be a non-empty string"),
         ({"prompt_token_ids": [5, 6], "cache_salt": 7}, "cache_salt must be a non-empty string"),
     ]
