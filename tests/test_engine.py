@@ -376,8 +376,8 @@ def test_detokenize_false_gives_the_same_tokens_without_text(llm):
     assert [lp.logprob for lp in entries[0]] == [lp.logprob for lp in entries[1]]  # texts only, as vLLM's
     with pytest.raises(ValueError, match=r"stop strings \['\.'\] .* need detokenize=True"):
         SamplingParams(stop=".", detokenize=False)
-    with pytest.raises(ValueError, match=r"a prompt dict takes 'prompt', 'prompt_token_ids' and 'multi_modal_data', "
-                                         r"got also \['images'\]"):
+    with pytest.raises(ValueError, match=r"a prompt dict takes 'prompt', 'prompt_token_ids', 'multi_modal_data', "
+                                         r"'prompt_embeds', 'cache_salt', got also \['images'\]"):
         llm.generate({"prompt": "Hi", "images": None}, params, use_tqdm=False)
     with pytest.raises(ValueError, match=r"stories260K reads no images \(multi_modal_data holds 1\)"):
         llm.generate({"prompt": "Hi", "multi_modal_data": {"image": Image.new("RGB", (4, 4))}}, params, use_tqdm=False)
