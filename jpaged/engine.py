@@ -314,6 +314,8 @@ class LLMEngine:
         parsed = self._parse(prompt)
         token_ids, embeds = parsed.token_ids, parsed.embeds
         images = as_image_list(parsed.multi_modal_data)
+        if images and self.image_encoder is None:
+            raise ValueError(f"{self.model_name} reads no images (multi_modal_data holds {len(images)})")
         if images:
             token_ids, offsets = placeholder_offsets(token_ids, *self.image_placeholder, len(images))
             if params.truncate_prompt_tokens is not None:
@@ -401,11 +403,9 @@ class LLMEngine:
         return known
 
     def _parse(self, prompt: PromptType) -> PromptInputs:
-        """`prompt` parsed (`jpaged/prompt_inputs.py`); ValueError for images to a model that reads
-        none, or prompt embeddings to an engine not started for them."""
+        """`prompt` parsed (`jpaged/prompt_inputs.py`); ValueError for prompt embeddings to an engine
+        not started for them."""
         parsed = parse_prompt(prompt, lambda text: self.tokenizer.encode(unicode_text("prompt", text)))
-        if parsed.multi_modal_data and self.image_encoder is None and (images := as_image_list(parsed.multi_modal_data)):
-            raise ValueError(f"{self.model_name} reads no images (multi_modal_data holds {len(images)})")
         if parsed.embeds is not None and not self.config.enable_prompt_embeds:
             raise ValueError("prompt_embeds needs an engine started with enable_prompt_embeds=True "
                              "(--enable-prompt-embeds)")

@@ -77,21 +77,22 @@ def _parse_dict(prompt: dict, encode: Callable[[str], list[int]]) -> PromptInput
     salt = prompt.get("cache_salt")
     if salt is not None and not (isinstance(salt, str) and salt):
         raise ValueError(f"cache_salt must be a non-empty string, got {salt!r:.50}")
-    images = prompt.get("multi_modal_data")
+    multi_modal_data = prompt.get("multi_modal_data")
     if "prompt_embeds" in prompt:
         if others := sorted(set(prompt) & {"prompt", "prompt_token_ids", "multi_modal_data"}):
             raise ValueError(f"a prompt dict with 'prompt_embeds' takes no {others} (one prompt per dict)")
         embeds = as_embeds_array(prompt["prompt_embeds"])
         return PromptInputs(None, [EMBEDS_PLACEHOLDER_ID] * len(embeds), embeds=embeds, cache_salt=salt)
     if "prompt_token_ids" in prompt:
-        return PromptInputs(prompt.get("prompt"), token_ids(prompt["prompt_token_ids"]), images, cache_salt=salt)
+        return PromptInputs(prompt.get("prompt"), token_ids(prompt["prompt_token_ids"]), multi_modal_data,
+                            cache_salt=salt)
     if "prompt" not in prompt:
         raise ValueError(f"a prompt dict needs 'prompt', 'prompt_token_ids' or 'prompt_embeds', got keys "
                          f"{sorted(prompt)}")
     if isinstance(prompt["prompt"], dict):
         raise ValueError("a prompt dict's 'prompt' must be a string or a list of token ids, got a dict")
     inner = parse_prompt(prompt["prompt"], encode)
-    return PromptInputs(inner.text, inner.token_ids, images, cache_salt=salt)
+    return PromptInputs(inner.text, inner.token_ids, multi_modal_data, cache_salt=salt)
 
 
 def token_ids(values) -> list[int]:
