@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from jpaged.image_tiles import num_image_tokens
 from jpaged.pooling import CLASSIFIER_SUFFIX, RUNNERS, TOKEN_CLASSIFIER_SUFFIX, check_pooler_config
 from jpaged.reasoning import REASONING_PARSERS
 from jpaged.sampling_params import MAX_LOGPROBS, as_bool, is_integer
@@ -579,13 +580,16 @@ VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """A LLaVA model's CLIP vision tower and projector (`LlavaForConditionalGeneration`'s
-    config.json): images of `image_size` pixels cut into `patch_size` patches, the states of
+    """A LLaVA model's CLIP vision tower and projector (`LlavaForConditionalGeneration`'s and
+    `LlavaNextForConditionalGeneration`'s config.json): images of `image_size` pixels cut into
+    `patch_size` patches, the states of
     `feature_layers` (indices into the tower's states, the embeddings' being 0; several are
     concatenated), the class token's state dropped where `drop_cls` (vLLM's and transformers'
     "default" feature selection), and a two-layer projector into the language model's embeddings.
-    Each image becomes `tokens_per_image` embeddings that replace as many `image_token_id`
-    placeholders in the prompt."""
+    Each image becomes `image_tokens(height, width)` embeddings that replace as many
+    `image_token_id` placeholders in the prompt: `tokens_per_image` for LLaVA, and for LLaVA-NeXT
+    (`grid_pinpoints`, its `image_grid_pinpoints` as (height, width) pairs) that many for the
+    whole image and more for its tiles (`jpaged/image_tiles.py`)."""
 
     hidden_size: int
     intermediate_size: int
@@ -599,21 +603,33 @@ class VisionConfig:
     drop_cls: bool
     projector_act: str
     image_token_id: int
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     @property
     def tokens_per_image(self) -> int:
         return (self.image_size // self.patch_size) ** 2 + (0 if self.drop_cls else 1)
 
+    def image_tokens(self, height: int, width: int) -> int:
+        """How many embeddings (and placeholders) an image of `height` x `width` pixels becomes."""
+        if not self.grid_pinpoints:
+            return self.tokens_per_image
+        return num_image_tokens(height, width, self.grid_pinpoints, self.image_size, self.image_size // self.patch_size)
+
     @classmethod
     def from_hf(cls, hf: dict) -> VisionConfig:
-        """From a LLaVA config.json; ValueError for a vision tower or setting jpaged does not run."""
+        """From a LLaVA or LLaVA-NeXT config.json; ValueError for a vision tower or setting jpaged
+        does not run."""
         vision = hf.get("vision_config") or {}
+        pinpoints = _grid_pinpoints(hf) if "LlavaNextForConditionalGeneration" in hf.get("architectures", []) else ()
         if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
             raise ValueError(f"LLaVA's vision tower {vision.get('model_type')!r} is not supported (supported: "
                              "clip_vision_model)")
         strategy = hf.get("vision_feature_select_strategy", "default")
         if strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported (supported: default, full)")
+        if pinpoints and strategy != "default":
+            raise ValueError(f"LLaVA-NeXT's vision_feature_select_strategy {strategy!r} is not supported (supported: "
+                             "default)")
         num_layers = int(vision.get("num_hidden_layers", 24))
         layers = hf.get("vision_feature_layer", -2)
         layers = tuple(int(i) for i in (layers if isinstance(layers, list) else [layers]))
@@ -636,7 +652,23 @@ class VisionConfig:
             drop_cls=strategy == "default",
             projector_act=hf.get("projector_hidden_act", "gelu"),
             image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 32000))),
+            grid_pinpoints=pinpoints,
         )
+
+
+def _grid_pinpoints(hf: dict) -> tuple[tuple[int, int], ...]:
+    """LLaVA-NeXT's `image_grid_pinpoints`: (height, width) pairs, each a multiple of the tower's
+    `image_size`. ValueError otherwise."""
+    side = int((hf.get("vision_config") or {}).get("image_size", 336))
+    pinpoints = hf.get("image_grid_pinpoints")
+    try:
+        pairs = tuple((int(h), int(w)) for h, w in pinpoints)
+    except (TypeError, ValueError):
+        pairs = ()
+    if not pairs or any(h <= 0 or w <= 0 or h % side or w % side for h, w in pairs):
+        raise ValueError(f"image_grid_pinpoints {pinpoints!r} must be (height, width) pairs, each a positive multiple "
+                         f"of the vision tower's image_size {side}")
+    return pairs
 
 
 @dataclass

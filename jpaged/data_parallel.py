@@ -33,7 +33,7 @@ class DataParallelEngine:
         self.tokenizer, self.max_model_len, self.eos_token_ids = first.tokenizer, first.max_model_len, first.eos_token_ids
         self.default_sampling_params, self.max_logprobs = first.default_sampling_params, first.max_logprobs
         self.reasoning_parser, self.runner_type, self.pooling_task = first.reasoning_parser, first.runner_type, first.pooling_task
-        self.classifier, self.image_placeholder = first.classifier, first.image_placeholder
+        self.classifier, self.vision_config = first.classifier, first.vision_config
         self.enable_prompt_embeds = first.enable_prompt_embeds
         self._replica_of: dict[str, LLMEngine] = {}
         self._pool = ThreadPoolExecutor(num_replicas, thread_name_prefix="jpaged-replica")

@@ -28,7 +28,7 @@ from jpaged.block_manager import BlockManager, blocks_held_under_window
 from jpaged.config import CLASSIFIER_SUFFIX, TOKEN_CLASSIFIER_SUFFIX, EngineConfig, ModelConfig, VisionConfig
 from jpaged.detokenizer import IncrementalDetokenizer, NoDetokenizer, token_text
 from jpaged.engine_client import EngineStats, PromptType
-from jpaged.images import ImageProcessor, as_image_list, pixel_hash, placeholder_offsets
+from jpaged.images import ImageProcessor, as_image_list, pixel_hash, widened_placeholders
 from jpaged.loader.source import open_model
 from jpaged.lora import LoRAAdapter, LoRARequest, load_lora_adapter
 from jpaged.model_runner import ModelRunner, StepOutput
@@ -148,7 +148,7 @@ class LLMEngine:
         self.image_encoder = None if vision is None else ImageEncoder(vision, source.vision_weights,
                                                                        self.runner.first_device)
         self.image_processor = None if vision is None else ImageProcessor(source.folder)
-        self.image_placeholder = None if vision is None else (vision.image_token_id, vision.tokens_per_image)
+        self.vision_config = vision
         self.enable_prompt_embeds = config.enable_prompt_embeds
         self.classifier = self._classifier(source, head, answers, lm_head_tied) if classifies else None
         if len(self.tokenizer) > self.model_config.vocab_size:
@@ -317,7 +317,7 @@ class LLMEngine:
         if images and self.image_encoder is None:
             raise ValueError(f"{self.model_name} reads no images (multi_modal_data holds {len(images)})")
         if images:
-            token_ids, offsets = placeholder_offsets(token_ids, *self.image_placeholder, len(images))
+            token_ids, offsets = widened_placeholders(token_ids, self.vision_config, images)
             if params.truncate_prompt_tokens is not None:
                 raise ValueError("truncate_prompt_tokens would cut a prompt with images (its placeholders); leave it "
                                  "unset for such prompts")
@@ -422,9 +422,9 @@ class LLMEngine:
 
     def _image_inputs(self, images: list, offsets: list[int]) -> list[InputEmbeds]:
         """Each image's embeddings, placed at its placeholders' offset."""
-        pixels = self.image_processor.pixel_values(images)
-        embeds = self.image_encoder.encode(pixels)
-        return [InputEmbeds(offset, embeds[i], pixel_hash(pixels[i])) for i, offset in enumerate(offsets)]
+        tiles = self.image_processor.pixel_values(images)
+        return [InputEmbeds(offset, self.image_encoder.encode(pixels, image.height, image.width), pixel_hash(pixels))
+                for image, pixels, offset in zip(images, tiles, offsets)]
 
     def _resolve_logprobs(self, params: SamplingParams) -> SamplingParams:
         """`params` with `ALL_LOGPROBS` counts made the vocabulary's size; ValueError for a count

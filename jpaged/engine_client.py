@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from jpaged.config import VisionConfig
 from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
 from jpaged.pooling import Classifier, PoolingParams
@@ -61,9 +62,9 @@ class EngineClient(Protocol):
     `ClassificationRequestOutput`, or per-token rows, a `PoolingRequestOutput`), `pooling_task`
     (under "pooling", "embed", "classify", "token_embed" or "token_classify"; None under
     "generate"), `classifier` (a classifying engine's head: its labels, activation and
-    how it reads a text pair, `jpaged.pooling.Classifier`; None otherwise), `image_placeholder`
-    (a model that reads images: `(image_token_id, tokens_per_image)`, each image's placeholder
-    token and how many of them its embeddings fill, `jpaged.images.placeholder_offsets`; None
+    how it reads a text pair, `jpaged.pooling.Classifier`; None otherwise), `vision_config`
+    (a model that reads images: its vision tower, which names each image's placeholder token and
+    how many of them an image's embeddings fill, `jpaged.images.widened_placeholders`; None
     otherwise), `enable_prompt_embeds` (whether prompts may come as embeddings,
     `{"prompt_embeds": ...}`)."""
 
@@ -77,7 +78,7 @@ class EngineClient(Protocol):
     runner_type: str
     pooling_task: str | None
     classifier: Classifier | None
-    image_placeholder: tuple[int, int] | None
+    vision_config: VisionConfig | None
     enable_prompt_embeds: bool
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,

@@ -4,9 +4,9 @@ Images arrive as vLLM takes them: `{"prompt": ..., "multi_modal_data": {"image":
 [images]}}` offline (PIL images, or strings: a `data:` URL, an `http(s)://` URL, a `file://` URL
 or a local path), and as OpenAI `image_url` chat parts. `ImageProcessor` turns them into the
 model's pixel arrays with the checkpoint's own image processor (transformers'), and
-`placeholder_offsets` finds where each image's embeddings go in the prompt: a run of
-`tokens_per_image` image tokens per image, written by the user or the chat template as one image
-token and widened here, as LLaVA's processor widens it. The engine encodes the pixels
+`placeholder_offsets` finds where each image's embeddings go in the prompt: a run of image
+tokens per image (as many as its embeddings: `VisionConfig.image_tokens`), written by the user or
+the chat template as one image token and widened here, as LLaVA's processor widens it. The engine encodes the pixels
 (`models/vision.py`) and keeps one `InputEmbeds` per image on the request
 (`jpaged/prompt_inputs.py`); the model runner puts the embeddings in place of the placeholders'
 token embeddings in the steps that compute them, and the block manager keys cached blocks by the
@@ -23,6 +23,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+
+from jpaged.config import VisionConfig
 
 IMAGE_PART_TYPES = ("image_url", "image_pil", "image")  # chat content parts holding an image (vLLM's)
 URL_TIMEOUT_S = 10.0
@@ -135,18 +137,18 @@ def chat_images(conversation: list[dict], image_token: str | None = None, as_par
     return messages, images
 
 
-def chat_for_template(conversation: list[dict], tokenizer, image_placeholder: tuple[int, int] | None,
+def chat_for_template(conversation: list[dict], tokenizer, vision: VisionConfig | None,
                       template: str | None, local_root: Path | None | bool = True) -> tuple[list[dict], list]:
-    """`chat_images` for an engine's model (`image_placeholder`, None where it reads no images) and
-    the chat template that renders it (`template`, None: the tokenizer's). ValueError for image
-    parts where the model reads no images, and as `chat_images`."""
-    if image_placeholder is None:
+    """`chat_images` for an engine's model (`vision`, its vision tower; None where it reads no
+    images) and the chat template that renders it (`template`, None: the tokenizer's). ValueError
+    for image parts where the model reads no images, and as `chat_images`."""
+    if vision is None:
         if any(isinstance(m.get("content"), list) and any(_is_image(part) for part in m["content"])
                for m in conversation):
             raise ValueError("the messages hold image parts, and the model reads no images")
         return chat_images(conversation)
     as_parts = template_reads_parts(template or tokenizer.chat_template)
-    return chat_images(conversation, tokenizer.convert_ids_to_tokens(image_placeholder[0]), as_parts, local_root)
+    return chat_images(conversation, tokenizer.convert_ids_to_tokens(vision.image_token_id), as_parts, local_root)
 
 
 def template_reads_parts(template: str | None) -> bool:
@@ -169,12 +171,19 @@ def _image_of(part: dict):
     return value
 
 
-def placeholder_offsets(token_ids: list[int], image_token_id: int, tokens_per_image: int, num_images: int
-                        ) -> tuple[list[int], list[int]]:
-    """`(token_ids, offsets)`: the prompt with each image's token widened to a run of
-    `tokens_per_image` (a run of k such lengths is k images already widened; any other run of k
-    image tokens is k images side by side), and where each image's run starts. ValueError when
-    the prompt's image tokens stand for other than `num_images` images."""
+def widened_placeholders(token_ids: list[int], vision: VisionConfig, images: list) -> tuple[list[int], list[int]]:
+    """`placeholder_offsets` for `images` (PIL images) on the model `vision` describes: each image
+    takes `vision.image_tokens` of its size."""
+    return placeholder_offsets(token_ids, vision.image_token_id,
+                               [vision.image_tokens(image.height, image.width) for image in images])
+
+
+def placeholder_offsets(token_ids: list[int], image_token_id: int, image_tokens: list[int]) -> tuple[list[int], list[int]]:
+    """`(token_ids, offsets)`: the prompt with each image's token widened to a run of its
+    `image_tokens` placeholders (a run as long as the next k images' runs together is those k
+    images already widened; any other run of k image tokens is k images side by side), and where
+    each image's run starts. ValueError when the prompt's image tokens stand for other than
+    `len(image_tokens)` images."""
     runs, start = [], None
     for i, token in enumerate([*token_ids, None]):
         if token == image_token_id and start is None:
@@ -182,18 +191,23 @@ def placeholder_offsets(token_ids: list[int], image_token_id: int, tokens_per_im
         elif token != image_token_id and start is not None:
             runs.append((start, i - start))
             start = None
-    counts = [length // tokens_per_image if length % tokens_per_image == 0 else length for _, length in runs]
-    if sum(counts) != num_images:
+    counts, image = [], 0
+    for _, length in runs:
+        sums = np.cumsum(image_tokens[image:]).tolist()
+        counts.append(sums.index(length) + 1 if length in sums else length)
+        image += counts[-1]
+    if image != len(image_tokens):
+        sizes = sorted(set(image_tokens))
         raise ValueError(f"the prompt's image tokens (id {image_token_id}, in runs of {[n for _, n in runs]}) stand "
-                         f"for {sum(counts)} images, and {num_images} were given: write one image token per image "
-                         f"(or a run of {tokens_per_image} per image)")
-    widened, offsets, done = [], [], 0
+                         f"for {image} images, and {len(image_tokens)} were given: write one image token per image "
+                         f"(or a run of {sizes[0] if len(sizes) == 1 else 'as many as its embeddings'} per image)")
+    widened, offsets, done, image = [], [], 0, 0
     for (start, length), count in zip(runs, counts):
         widened += token_ids[done:start]
-        for _ in range(count):
+        for size in image_tokens[image:image + count]:
             offsets.append(len(widened))
-            widened += [image_token_id] * tokens_per_image
-        done = start + length
+            widened += [image_token_id] * size
+        done, image = start + length, image + count
     return widened + token_ids[done:], offsets
 
 
@@ -209,9 +223,12 @@ class ImageProcessor:
             raise ValueError(f"{folder} has no image processor (preprocessor_config.json or processor_config.json) "
                              f"to prepare images with: {type(err).__name__}: {err}") from err
 
-    def pixel_values(self, images: list) -> np.ndarray:
-        """`[N, 3, H, W]` float32, as the model's processor prepares them."""
-        return np.asarray(self._processor(images, return_tensors="np")["pixel_values"], np.float32)
+    def pixel_values(self, images: list) -> list[np.ndarray]:
+        """Each image's tiles, `[tiles, 3, H, W]` float32, as the model's processor prepares them
+        (one tile for LLaVA; the whole image, then its grid's tiles row by row, for LLaVA-NeXT)."""
+        tiles = [np.asarray(self._processor([image], return_tensors="np")["pixel_values"], np.float32)[0]
+                 for image in images]
+        return [pixels if pixels.ndim == 4 else pixels[None] for pixels in tiles]
 
 
 def pixel_hash(pixels: np.ndarray) -> str:

@@ -335,7 +335,7 @@ class LLM:
             raise ValueError("continue_final_message continues the final message: it needs add_generation_prompt=False")
         prompts = []
         for conversation in conversations:
-            conversation, images = chat_for_template(conversation, tokenizer, self.engine.image_placeholder,
+            conversation, images = chat_for_template(conversation, tokenizer, self.engine.vision_config,
                                                      chat_template)
             text = chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs,
                              continue_final_message)

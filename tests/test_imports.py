@@ -26,7 +26,7 @@ HOST_MODULES = {
     "jpaged", "jpaged.__main__", "jpaged.cli", "jpaged.config", "jpaged.sampling_params", "jpaged.sequence",
     "jpaged.block_manager", "jpaged.scheduler", "jpaged.outputs", "jpaged.beam_search", "jpaged.engine_client",
     "jpaged.detokenizer", "jpaged.structured_output", "jpaged.reasoning", "jpaged.pooling", "jpaged.chat_template", "jpaged.interrupts", "jpaged.lora",
-    "jpaged.images",
+    "jpaged.images", "jpaged.image_tiles",
     "jpaged.prompt_inputs",
     "jpaged.loader", "jpaged.loader.default_model", "jpaged.models", "jpaged.parallel", "jpaged.padding",
     "pallas_kernels", "sharding",

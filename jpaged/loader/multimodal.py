@@ -1,14 +1,14 @@
 """Vision-language checkpoints: their language model, and LLaVA's vision tower beside it.
 
-LLaVA, Gemma 3 (4B and up), Mistral Small 3.x, Qwen2-VL / Qwen2.5-VL and Qwen3-VL ship as
+LLaVA, LLaVA-NeXT, Gemma 3 (4B and up), Mistral Small 3.x, Qwen2-VL / Qwen2.5-VL and Qwen3-VL ship as
 `*ForConditionalGeneration` folders: a vision encoder and a projector beside a language model of an
 architecture jpaged runs. `text_only_config` turns such a config.json into its language model's
 (`text_config`, under the text architecture, with the wrapper's embedding tying), and
 `language_model_weights` yields the language model's tensors under a causal LM's names, setting
 the vision tower's and the projector's aside. For text the language model computes what the whole
 model does: Qwen's multimodal RoPE, whose three sections all take a text token's one position, is
-plain RoPE. Only LLaVA reads images (`reads_images`; its tower runs in `models/vision.py`); the
-others serve text alone. Plain Python: no jax.
+plain RoPE. Only LLaVA and LLaVA-NeXT read images (`reads_images`; their tower runs in
+`models/vision.py`); the others serve text alone. Plain Python: no jax.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 # each vision-language architecture's language model, as jpaged names it (None: its text_config's own)
 TEXT_ARCHITECTURES = {
     "LlavaForConditionalGeneration": None,
+    "LlavaNextForConditionalGeneration": None,
     "Gemma3ForConditionalGeneration": "Gemma3ForCausalLM",
     "Mistral3ForConditionalGeneration": "MistralForCausalLM",
     "Qwen2VLForConditionalGeneration": "Qwen2ForCausalLM",
@@ -27,18 +28,19 @@ TEXT_ARCHITECTURES = {
     "Qwen3VLForConditionalGeneration": "Qwen3ForCausalLM",
 }
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "visual.", "model.visual.", "model.vision_tower.",
-                    "model.multi_modal_projector.")
+                    "model.multi_modal_projector.", "image_newline", "model.image_newline")
 # a language model's tensors as the checkpoints name them (the hub's layout, then transformers 5's), and as a causal LM does
 _RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
             ("model.language_model.", "model."))
 _MROPE_KEYS = ("mrope_section", "mrope_interleaved")
 # LLaVA's vision tensors as `models/vision.py` names them
 _VISION_RENAMES = (("vision_tower.vision_model.", ""), ("vision_tower.", ""), ("multi_modal_projector.", "projector."))
-IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration",)
+IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 
 
 def reads_images(hf_config: dict) -> bool:
-    """Whether config.json describes a vision-language model whose images jpaged reads (LLaVA)."""
+    """Whether config.json describes a vision-language model whose images jpaged reads (LLaVA,
+    LLaVA-NeXT)."""
     return any(name in IMAGE_ARCHITECTURES for name in hf_config.get("architectures") or [])
 
 

@@ -1,6 +1,7 @@
 """LLaVA's image side: a CLIP vision transformer and the projector into the language model.
 
-The engine runs it once per image when a request is added (`ImageEncoder.encode`); the
+The engine runs it once per image when a request is added (`ImageEncoder.encode`; one tile per
+image for LLaVA, several for LLaVA-NeXT, whose tiles' embeddings `jpaged/image_tiles.py` packs); the
 resulting embeddings replace the prompt's image placeholder tokens in the steps that compute
 them (`LlamaForCausalLM.__call__`'s `images`). Math as transformers' `CLIPVisionModel` and
 `LlavaMultiModalProjector` (Liu et al., "Visual Instruction Tuning", 2023): patch convolution,
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.config import VisionConfig
+from jpaged.image_tiles import pack_tiles
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -90,16 +92,23 @@ class ImageEncoder:
                                                      "position_embedding.weight")]
         needed += ["projector.linear_1.weight", "projector.linear_2.weight"]
         needed += [f"encoder.layers.{i}.self_attn.q_proj.weight" for i in range(max(cfg.feature_layers))]
+        needed += ["image_newline"] if cfg.grid_pinpoints else []
         if missing := [name for name in needed if name not in weights]:
             raise ValueError(f"the LLaVA checkpoint lacks vision tensors {missing[:3]}")
         self.cfg = cfg
         self.params = {name: jax.device_put(np.asarray(w, np.float32), device) for name, w in weights.items()}
+        self.newline = np.asarray(weights["image_newline"], np.float32) if cfg.grid_pinpoints else None
         self._encode = jax.jit(partial(image_features, cfg=cfg))
 
-    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Each image's embeddings, float32 numpy `[N, tokens_per_image, text_hidden]`."""
+    def encode(self, tiles: np.ndarray, height: int, width: int) -> np.ndarray:
+        """The embeddings, float32 numpy `[cfg.image_tokens(height, width), text_hidden]`, of an
+        image of `height` x `width` pixels from its `tiles` `[tiles, 3, image_size, image_size]`
+        (`ImageProcessor.pixel_values`: one for LLaVA). ValueError for tiles of another shape."""
         expected = (3, self.cfg.image_size, self.cfg.image_size)
-        if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
-            raise ValueError(f"pixel_values of shape {pixel_values.shape}; the vision tower takes [N, {expected[0]}, "
-                             f"{expected[1]}, {expected[2]}]")
-        return np.stack([np.asarray(self._encode(self.params, image[None]))[0] for image in pixel_values])
+        if tiles.ndim != 4 or tiles.shape[1:] != expected or not self.cfg.grid_pinpoints and len(tiles) != 1:
+            raise ValueError(f"pixel values of shape {tiles.shape}; the vision tower takes "
+                             f"[{'tiles' if self.cfg.grid_pinpoints else 1}, {expected[0]}, {expected[1]}, {expected[2]}]")
+        features = np.concatenate([np.asarray(self._encode(self.params, tile[None])) for tile in tiles])
+        if not self.cfg.grid_pinpoints:
+            return features[0]
+        return pack_tiles(features, self.newline, height, width, self.cfg.grid_pinpoints, self.cfg.image_size)

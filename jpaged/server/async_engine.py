@@ -27,6 +27,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from jpaged.config import VisionConfig
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
@@ -151,8 +152,8 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
-    def image_placeholder(self) -> tuple[int, int] | None:
-        return self.engine.image_placeholder
+    def vision_config(self) -> VisionConfig | None:
+        return self.engine.vision_config
 
     @property
     def enable_prompt_embeds(self) -> bool:

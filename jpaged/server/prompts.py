@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from jpaged.chat_template import checked_template, checked_variables
-from jpaged.images import chat_for_template, placeholder_offsets
+from jpaged.config import VisionConfig
+from jpaged.images import chat_for_template, widened_placeholders
 from jpaged.prompt_inputs import EMBEDS_PLACEHOLDER_ID, as_embeds_array
 from jpaged.sampling_params import truncated_prompt
 from jpaged.server.errors import bad_request
@@ -240,10 +241,10 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
                 continue_final_message: bool = False, add_special_tokens: bool = False,
                 tools: list[dict] | None = None, template: ChatTemplate = ChatTemplate(),
                 without_template: str = "chat completions are not available; use /v1/completions",
-                image_placeholder: tuple[int, int] | None = None, local_media: Path | None = None) -> Prompt:
+                vision: VisionConfig | None = None, local_media: Path | None = None) -> Prompt:
     """The prompt of a chat through `template` (by default the tokenizer's chat template), given
     the `tools`, if any. `without_template`: what the refusal says the route's caller may do
-    where there is no chat template. `image_placeholder`: the engine's, for a model that reads
+    where there is no chat template. `vision`: the engine's vision tower, for a model that reads
     images (their parts are then read, and each image's token widened); `local_media`: the
     folder whose images may be named by path (None: no paths).
 
@@ -258,7 +259,7 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
                           "with --chat-template", param="messages")
     turns = conversation(messages)
     try:
-        turns, images = chat_for_template(turns, tokenizer, image_placeholder, template.template, local_media)
+        turns, images = chat_for_template(turns, tokenizer, vision, template.template, local_media)
     except ValueError as err:
         raise bad_request(str(err), param="messages") from err
     if add_generation_prompt and continue_final_message:
@@ -277,7 +278,7 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
     token_ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
     if images:
         try:
-            token_ids, _ = placeholder_offsets(token_ids, *image_placeholder, len(images))
+            token_ids, _ = widened_placeholders(token_ids, vision, images)
         except ValueError as err:
             raise bad_request(f"the chat template's rendering of the messages: {err}", param="messages") from err
     return Prompt(token_ids, text, images)
