@@ -576,16 +576,24 @@ def layer_windows(arch: str, hf: dict) -> tuple[int, ...]:
 
 
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh")
+# a vision_config's settings where it leaves them out: LLaVA's CLIP ViT-L/14-336, and SigLIP's as transformers defaults them
+_TOWER_DEFAULTS = {
+    "clip_vision_model": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, layer_norm_eps=1e-5, hidden_act="quick_gelu"),
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh"),
+}
 
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """A LLaVA model's CLIP vision tower and projector (`LlavaForConditionalGeneration`'s and
-    `LlavaNextForConditionalGeneration`'s config.json): images of `image_size` pixels cut into
-    `patch_size` patches, the states of
-    `feature_layers` (indices into the tower's states, the embeddings' being 0; several are
-    concatenated), the class token's state dropped where `drop_cls` (vLLM's and transformers'
-    "default" feature selection), and a two-layer projector into the language model's embeddings.
+    """A LLaVA model's vision tower and projector (`LlavaForConditionalGeneration`'s and
+    `LlavaNextForConditionalGeneration`'s config.json): a CLIP tower (with a `class_token` before
+    the patches) or a SigLIP one (without), images of `image_size` pixels cut into `patch_size`
+    patches, the states of `feature_layers` (indices into the tower's states, the embeddings' being
+    0; several are concatenated), the first position's state (CLIP's class token) dropped where
+    `drop_cls` (vLLM's and transformers' "default" feature selection), and a two-layer projector
+    into the language model's embeddings.
     Each image becomes `image_tokens(height, width)` embeddings that replace as many
     `image_token_id` placeholders in the prompt: `tokens_per_image` for LLaVA, and for LLaVA-NeXT
     (`grid_pinpoints`, its `image_grid_pinpoints` as (height, width) pairs) that many for the
@@ -604,10 +612,11 @@ class VisionConfig:
     projector_act: str
     image_token_id: int
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    class_token: bool = True
 
     @property
     def tokens_per_image(self) -> int:
-        return (self.image_size // self.patch_size) ** 2 + (0 if self.drop_cls else 1)
+        return (self.image_size // self.patch_size) ** 2 + self.class_token - self.drop_cls
 
     def image_tokens(self, height: int, width: int) -> int:
         """How many embeddings (and placeholders) an image of `height` x `width` pixels becomes."""
@@ -621,38 +630,42 @@ class VisionConfig:
         does not run."""
         vision = hf.get("vision_config") or {}
         pinpoints = _grid_pinpoints(hf) if "LlavaNextForConditionalGeneration" in hf.get("architectures", []) else ()
-        if vision.get("model_type", "clip_vision_model") != "clip_vision_model":
-            raise ValueError(f"LLaVA's vision tower {vision.get('model_type')!r} is not supported (supported: "
-                             "clip_vision_model)")
+        tower = vision.get("model_type", "clip_vision_model")
+        if tower not in _TOWER_DEFAULTS:
+            raise ValueError(f"LLaVA's vision tower {tower!r} is not supported (supported: {', '.join(_TOWER_DEFAULTS)})")
+        if pinpoints and tower != "clip_vision_model":
+            raise ValueError(f"LLaVA-NeXT's vision tower {tower!r} is not supported (supported: clip_vision_model)")
+        vision = _TOWER_DEFAULTS[tower] | vision
         strategy = hf.get("vision_feature_select_strategy", "default")
         if strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported (supported: default, full)")
         if pinpoints and strategy != "default":
             raise ValueError(f"LLaVA-NeXT's vision_feature_select_strategy {strategy!r} is not supported (supported: "
                              "default)")
-        num_layers = int(vision.get("num_hidden_layers", 24))
+        num_layers = int(vision["num_hidden_layers"])
         layers = hf.get("vision_feature_layer", -2)
         layers = tuple(int(i) for i in (layers if isinstance(layers, list) else [layers]))
         if any(not -num_layers - 1 <= i <= num_layers for i in layers):
             raise ValueError(f"vision_feature_layer {layers} is outside the tower's {num_layers + 1} states")
-        for name, act in (("vision_config.hidden_act", vision.get("hidden_act", "quick_gelu")),
+        for name, act in (("vision_config.hidden_act", vision["hidden_act"]),
                           ("projector_hidden_act", hf.get("projector_hidden_act", "gelu"))):
             if act not in VISION_ACTIVATIONS:
                 raise ValueError(f"{name} {act!r} is not supported (supported: {', '.join(VISION_ACTIVATIONS)})")
         return cls(
-            hidden_size=int(vision.get("hidden_size", 1024)),
-            intermediate_size=int(vision.get("intermediate_size", 4096)),
+            hidden_size=int(vision["hidden_size"]),
+            intermediate_size=int(vision["intermediate_size"]),
             num_layers=num_layers,
-            num_heads=int(vision.get("num_attention_heads", 16)),
-            image_size=int(vision.get("image_size", 336)),
-            patch_size=int(vision.get("patch_size", 14)),
-            layer_norm_eps=float(vision.get("layer_norm_eps", 1e-5)),
-            hidden_act=vision.get("hidden_act", "quick_gelu"),
+            num_heads=int(vision["num_attention_heads"]),
+            image_size=int(vision["image_size"]),
+            patch_size=int(vision["patch_size"]),
+            layer_norm_eps=float(vision["layer_norm_eps"]),
+            hidden_act=vision["hidden_act"],
             feature_layers=tuple(i % (num_layers + 1) for i in layers),
             drop_cls=strategy == "default",
             projector_act=hf.get("projector_hidden_act", "gelu"),
             image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 32000))),
             grid_pinpoints=pinpoints,
+            class_token=tower == "clip_vision_model",
         )
 
 

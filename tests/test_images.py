@@ -297,3 +297,48 @@ def test_server_reads_local_images_only_from_the_allowed_folder(llava, tmp_path)
     with pytest.raises(ValueError, match="is not a folder"):
         create_app(llm.engine, allowed_local_media_path=str(tmp_path / "outside.png"))
     assert _blocks_all_free(llm)
+
+
+def test_siglip_tower_with_qwen2_matches_hf(tmp_path):
+    """A LLaVA of a SigLIP tower (no class token, a patch-embedding bias, no pre-norm) and a
+    Qwen2 language model, all of every layer's features (llava-interleave-qwen's "full" selection
+    of the last layer): the widened prompt, the image features and greedy tokens are HF's."""
+    from safetensors.numpy import load_file
+
+    from jpaged.config import VisionConfig
+    from jpaged.images import ImageProcessor
+    from jpaged.loader.multimodal import language_model_weights
+    from jpaged.models.vision import ImageEncoder
+
+    config = transformers.LlavaConfig(
+        text_config=dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=7),
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=-1, vision_feature_select_strategy="full")
+    with torch_single_thread():
+        model = transformers.LlavaForConditionalGeneration(config).eval()
+        randomize_weights(model, seed=9)
+    model.save_pretrained(str(tmp_path))
+    image_processor = transformers.SiglipImageProcessor(size={"height": 28, "width": 28})
+    processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=_tokenizer(), patch_size=7,
+                                            vision_feature_select_strategy="full", num_additional_image_tokens=0)
+    processor.save_pretrained(str(tmp_path))
+    vision_weights: dict = {}
+    list(language_model_weights(load_file(tmp_path / "model.safetensors").items(), vision_weights))
+    encoder = ImageEncoder(VisionConfig.from_hf(config.to_dict()), vision_weights)
+    inputs = processor(text="<image>", images=[_image(16)], return_tensors="pt")
+    with torch.no_grad(), torch_single_thread():
+        expected = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0].numpy()
+    tiles = ImageProcessor(tmp_path).pixel_values([_image(16)])[0]
+    np.testing.assert_allclose(encoder.encode(tiles, 40, 50), expected.reshape(PATCHES, -1), rtol=1e-4, atol=1e-5)
+    llm = LLM(str(tmp_path), dtype="float32", num_blocks=32, block_size=4, max_num_batched_tokens=16, max_model_len=96)
+    cases = [("t5 <image> t7", [_image(16)]), ("t9 <image> t10 <image>", [_image(17), _image(18, (30, 30))])]
+    outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": images}} for text, images in cases],
+                           GREEDY, use_tqdm=False)
+    for (text, images), out in zip(cases, outputs):
+        prompt, tokens = _hf_greedy(model, processor, text, images)
+        assert out.prompt_token_ids == prompt and prompt.count(IMAGE_TOKEN) == PATCHES * len(images)
+        assert out.outputs[0].token_ids == tokens, text
+    assert _blocks_all_free(llm)

@@ -1,12 +1,13 @@
-"""LLaVA's image side: a CLIP vision transformer and the projector into the language model.
+"""LLaVA's image side: a CLIP or SigLIP vision transformer and the projector into the language model.
 
 The engine runs it once per image when a request is added (`ImageEncoder.encode`; one tile per
 image for LLaVA, several for LLaVA-NeXT, whose tiles' embeddings `jpaged/image_tiles.py` packs); the
 resulting embeddings replace the prompt's image placeholder tokens in the steps that compute
 them (`LlamaForCausalLM.__call__`'s `images`). Math as transformers' `CLIPVisionModel` and
-`LlavaMultiModalProjector` (Liu et al., "Visual Instruction Tuning", 2023): patch convolution,
-class token and learned positions, pre-norm encoder layers, the chosen layers' states, then
-linear, activation, linear. Parameters are a flat dict under the checkpoint's names, without the
+`SiglipVisionModel` and `LlavaMultiModalProjector` (Liu et al., "Visual Instruction Tuning",
+2023; Zhai et al., "Sigmoid Loss for Language Image Pre-Training", 2023): patch convolution,
+learned positions (CLIP: after a class token, then a layer norm), pre-norm encoder layers, the
+chosen layers' states, then linear, activation, linear. Parameters are a flat dict under the checkpoint's names, without the
 `vision_tower.vision_model.` / `multi_modal_projector.` prefixes (the projector's as
 `projector.linear_1.weight`, ...), computed in float32.
 """
@@ -62,9 +63,15 @@ def image_features(params: dict, pixel_values, cfg: VisionConfig):
                                            (cfg.patch_size, cfg.patch_size), "VALID")
     n, d = patches.shape[:2]
     patches = patches.reshape(n, d, -1).transpose(0, 2, 1)
-    cls = jnp.broadcast_to(params["embeddings.class_embedding"], (n, 1, d))
-    hidden = jnp.concatenate([cls, patches], axis=1) + params["embeddings.position_embedding.weight"][None]
-    hidden = _layer_norm(hidden, params, "pre_layrnorm", cfg.layer_norm_eps)
+    if "embeddings.patch_embedding.bias" in params:  # SigLIP's
+        patches = patches + params["embeddings.patch_embedding.bias"]
+    positions = params["embeddings.position_embedding.weight"][None]
+    if cfg.class_token:
+        cls = jnp.broadcast_to(params["embeddings.class_embedding"], (n, 1, d))
+        hidden = _layer_norm(jnp.concatenate([cls, patches], axis=1) + positions, params, "pre_layrnorm",
+                             cfg.layer_norm_eps)
+    else:
+        hidden = patches + positions
     states = [hidden]
     act = _ACTIVATIONS[cfg.hidden_act]
     for i in range(max(cfg.feature_layers)):
@@ -88,8 +95,8 @@ class ImageEncoder:
     def __init__(self, cfg: VisionConfig, weights: dict[str, np.ndarray], device=None):
         """`weights`: the tower's and projector's tensors by name (see the module docstring).
         ValueError naming a tensor the model needs that `weights` lacks."""
-        needed = [f"embeddings.{name}" for name in ("patch_embedding.weight", "class_embedding",
-                                                     "position_embedding.weight")]
+        needed = [f"embeddings.{name}" for name in ("patch_embedding.weight", "position_embedding.weight")]
+        needed += ["embeddings.class_embedding", "pre_layrnorm.weight"] if cfg.class_token else []
         needed += ["projector.linear_1.weight", "projector.linear_2.weight"]
         needed += [f"encoder.layers.{i}.self_attn.q_proj.weight" for i in range(max(cfg.feature_layers))]
         needed += ["image_newline"] if cfg.grid_pinpoints else []
