@@ -210,6 +210,16 @@ def test_server_chat_with_image_url_parts(llava):
         with pytest.raises(openai.BadRequestError, match="would cut a prompt with images"):
             client.chat.completions.create(model="llava", messages=messages, max_tokens=2,
                                            extra_body={"truncate_prompt_tokens": 4})
+        # the Responses API's input_image parts: the same prompt, so the chat's answer
+        parts = [{"type": "input_text", "text": "t30"}, {"type": "input_image", "image_url": url, "detail": "auto"}]
+        response = client.responses.create(model="llava", input=[{"role": "user", "content": parts}],
+                                           max_output_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+        assert response.output_text == reply.choices[0].message.content
+        assert response.usage.input_tokens == len(prompt)
+        with pytest.raises(openai.BadRequestError, match="file_id") as refused:
+            client.responses.create(model="llava", input=[{"role": "user", "content": [
+                {"type": "input_image", "file_id": "file-1"}]}])
+        assert refused.value.body["param"] == "input"
     assert _blocks_all_free(llm)
 
 

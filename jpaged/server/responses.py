@@ -2,8 +2,8 @@
 
 A request becomes a chat completion request (`chat_request`): `instructions` a leading system
 message; `input` (a string, or a list of items: messages whose content is a string or
-`input_text` / `output_text` parts, `function_call` items and the `function_call_output` items
-that answer them) the messages; `max_output_tokens` the output budget; `text.format` the
+`input_text` / `output_text` / `input_image` parts, `function_call` items and the
+`function_call_output` items that answer them) the messages; `max_output_tokens` the output budget; `text.format` the
 `response_format`; flat function `tools` and `tool_choice` the chat's; other fields
 (`temperature`, `top_p`, vLLM's extras) pass as they are. The chat path renders, checks and runs
 it, and its reply comes back as output items: with a reasoning parser, a `reasoning` item with one
@@ -131,7 +131,7 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict]:
             if role not in ("user", "system", "developer", "assistant"):
                 raise bad_request(f"{where} has role {role!r}; a message's role is user, system, developer or "
                                   "assistant", param="input")
-            messages.append({"role": role, "content": _text(item.get("content"), where)})
+            messages.append({"role": role, "content": _content(item.get("content"), where)})
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", where), "type": "function",
                     "function": {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}}
@@ -151,6 +151,25 @@ def _messages(items: str | list[dict[str, Any]]) -> list[dict]:
     return messages
 
 
+def _content(content: Any, where: str) -> str | list[dict]:
+    """A message's content for the chat template: its text (`_text`), or where it holds
+    `input_image` parts, its parts as chat parts (each image an `image_url` part)."""
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") == "input_image"
+                                                  for p in content):
+        return _text(content, where)
+    parts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "input_image":
+            parts.append({"type": "text", "text": _text([part], where)})
+        elif isinstance(part.get("image_url"), str):
+            parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        else:
+            kind = "file_id, which needs stored files this server does not keep" if part.get("file_id") else "no image_url"
+            raise bad_request(f"{where}.content[{j}] is an input_image part with {kind}: send the image as its "
+                              "image_url (an http(s) or data URL)", param="input")
+    return parts
+
+
 def _text(content: Any, where: str) -> str:
     """A message's text: a string, or its text parts joined by newlines (as chat parts are)."""
     if isinstance(content, str):
@@ -161,8 +180,8 @@ def _text(content: Any, where: str) -> str:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in _TEXT_PARTS:
-            raise bad_request(f"{where}.content[{j}] is not a text part (type {kind!r}); only input_text and "
-                              "output_text parts are supported", param="input")
+            raise bad_request(f"{where}.content[{j}] is not a text part (type {kind!r}); only input_text, "
+                              "output_text and input_image parts are supported", param="input")
         if not isinstance(part.get("text"), str):
             raise bad_request(f"{where}.content[{j}] is a text part without its text", param="input")
         texts.append(part["text"])
