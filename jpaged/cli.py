@@ -74,6 +74,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-prompt-embeds", action="store_true",
                         help="take prompts as embeddings (serve: /v1/completions' prompt_embeds, base64 torch.save'd "
                              "[length, hidden_size] tensors; read with weights_only, yet only for trusted clients)")
+    parser.add_argument("--limit-mm-per-prompt", type=_json_object, default=None,
+                        help='most images a prompt may hold, as JSON, e.g. \'{"image": 2}\'; {"image": 0} serves an '
+                             "image model's text alone, without loading its vision tower")
     parser.add_argument("--compile-warmup", action="store_true",
                         help="compile every step program before the first request")
     parser.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction, default=True,
@@ -120,7 +123,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 swap_space_gib=args.swap_space_gib, scheduling_policy=args.scheduling_policy,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_model_len=args.max_model_len, max_logprobs=args.max_logprobs, compile_warmup=args.compile_warmup,
-                enable_prompt_embeds=args.enable_prompt_embeds,
+                enable_prompt_embeds=args.enable_prompt_embeds, limit_mm_per_prompt=args.limit_mm_per_prompt,
                 compilation_cache=args.compilation_cache,
                 tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
                 expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size,

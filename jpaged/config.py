@@ -669,6 +669,18 @@ class VisionConfig:
         )
 
 
+def _check_mm_limits(limits) -> None:
+    """ValueError unless `limits` is None or a dict of "image" to a count >= 0."""
+    if limits is None:
+        return
+    if not isinstance(limits, dict) or set(limits) - {"image"}:
+        raise ValueError(f"limit_mm_per_prompt takes {{'image': N}} (images are the one modality read), got "
+                         f"{limits!r:.100}")
+    count = limits.get("image", 0)
+    if not is_integer(count) or count < 0:
+        raise ValueError(f"limit_mm_per_prompt['image'] must be an integer >= 0, got {count!r}")
+
+
 def _grid_pinpoints(hf: dict) -> tuple[tuple[int, int], ...]:
     """LLaVA-NeXT's `image_grid_pinpoints`: (height, width) pairs, each a multiple of the tower's
     `image_size`. ValueError otherwise."""
@@ -882,6 +894,9 @@ class EngineConfig:
     # prompts may be given as embeddings (`{"prompt_embeds": [length, hidden_size]}`, vLLM's): each
     # step then takes a [tokens, hidden_size] float32 array beside the token ids
     enable_prompt_embeds: bool = False
+    # most images a prompt may hold, vLLM's {"image": N}; {"image": 0} serves an image model's text
+    # alone, its vision tower not loaded. None: no limit
+    limit_mm_per_prompt: dict | None = None
     # sampling defaults: "auto" (the model's generation_config.json), "none", or a folder holding one
     generation_config: str = "auto"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -897,6 +912,7 @@ class EngineConfig:
         if self.hf_overrides is not None and not (isinstance(self.hf_overrides, dict)
                                                   and all(isinstance(key, str) for key in self.hf_overrides)):
             raise ValueError(f"hf_overrides must be a dict of config.json keys, got {self.hf_overrides!r:.100}")
+        _check_mm_limits(self.limit_mm_per_prompt)
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be -1 (the whole vocabulary) or >= 0, got {self.max_logprobs}")
         if not isinstance(self.generation_config, str):

@@ -97,6 +97,7 @@ class LLMEngine:
             raise ValueError(f"data_parallel_size {config.parallel.data_parallel_size} runs one engine per "
                              "replica: use LLM or DataParallelEngine")
         self.config = config
+        self.max_images = (config.limit_mm_per_prompt or {}).get("image")  # None: no limit
         if config.compilation_cache:
             compile_cache.enable()
         source = open_model(config.model, config.tokenizer, config.revision)
@@ -204,6 +205,10 @@ class LLMEngine:
         """The vision tower of a model that reads images, where this engine can feed it (one
         pipeline stage, no streamed layers, runner "generate"); None otherwise (logged)."""
         if source.vision_config is None:
+            return None
+        if self.max_images == 0:
+            logger.info("limit_mm_per_prompt allows no images: %s serves its text alone, its vision tower not loaded",
+                        source.name)
             return None
         vision = VisionConfig.from_hf(source.vision_config)
         parallel = self.config.parallel
@@ -314,6 +319,9 @@ class LLMEngine:
         parsed = self._parse(prompt)
         token_ids, embeds = parsed.token_ids, parsed.embeds
         images = as_image_list(parsed.multi_modal_data)
+        if self.max_images is not None and len(images) > self.max_images:
+            raise ValueError(f"the prompt holds {len(images)} image{'s' * (len(images) > 1)}, more than "
+                             f"limit_mm_per_prompt['image'] {self.max_images} allows")
         if images and self.image_encoder is None:
             raise ValueError(f"{self.model_name} reads no images (multi_modal_data holds {len(images)})")
         if images:

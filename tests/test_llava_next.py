@@ -183,3 +183,30 @@ def test_config_errors_name_the_setting():
         VisionConfig.from_hf(base)
     with pytest.raises(ValueError, match="LLaVA-NeXT's vision_feature_select_strategy 'full'"):
         VisionConfig.from_hf(base | {"image_grid_pinpoints": [[336, 672]], "vision_feature_select_strategy": "full"})
+
+
+def test_limit_mm_per_prompt(llava_next):
+    """vLLM's `limit_mm_per_prompt`: a prompt of more images than the limit is refused, naming
+    it (and the engine serves on, its blocks free); {"image": 0} serves the model's text alone,
+    without its vision tower; other keys and counts are refused at start."""
+    folder, model, processor, _ = llava_next
+    shapes = dict(dtype="float32", num_blocks=160, block_size=4, max_num_batched_tokens=16, max_model_len=320)
+    llm = LLM(str(folder), limit_mm_per_prompt={"image": 1}, **shapes)
+    two = {"prompt": "t9 <image> t10 <image>", "multi_modal_data": {"image": [_image(40), _image(41, (60, 60))]}}
+    with pytest.raises(ValueError, match=r"holds 2 images, more than limit_mm_per_prompt\['image'\] 1 allows"):
+        llm.generate(two, GREEDY, use_tqdm=False)
+    one = llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": _image(42)}}, GREEDY, use_tqdm=False)
+    assert one[0].outputs[0].token_ids == _hf_greedy(model, processor, "t5 <image>", [_image(42)])[1]
+    assert _blocks_all_free(llm)
+    text_only = LLM(str(folder), limit_mm_per_prompt={"image": 0}, **shapes)
+    assert text_only.engine.vision_config is None
+    with pytest.raises(ValueError, match=r"holds 1 image, more than limit_mm_per_prompt\['image'\] 0 allows"):
+        text_only.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": _image(42)}}, GREEDY, use_tqdm=False)
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([[1, 5, 6, 7]]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0)[0, 4:].tolist()
+    assert text_only.generate({"prompt_token_ids": [1, 5, 6, 7]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids \
+        == expected
+    for limits in ({"video": 1}, {"image": -1}, {"image": 1.5}, [1]):
+        with pytest.raises(ValueError, match="limit_mm_per_prompt"):
+            LLM(str(folder), limit_mm_per_prompt=limits, **shapes)
