@@ -185,7 +185,7 @@ def test_config_errors_name_the_setting():
         VisionConfig.from_hf(base | {"image_grid_pinpoints": [[336, 672]], "vision_feature_select_strategy": "full"})
 
 
-def test_limit_mm_per_prompt(llava_next):
+def test_limit_mm_per_prompt(llava_next, tmp_path, capsys):
     """vLLM's `limit_mm_per_prompt`: a prompt of more images than the limit is refused, naming
     it (and the engine serves on, its blocks free); {"image": 0} serves the model's text alone,
     without its vision tower; other keys and counts are refused at start."""
@@ -210,3 +210,11 @@ def test_limit_mm_per_prompt(llava_next):
     for limits in ({"video": 1}, {"image": -1}, {"image": 1.5}, [1]):
         with pytest.raises(ValueError, match="limit_mm_per_prompt"):
             LLM(str(folder), limit_mm_per_prompt=limits, **shapes)
+    from jpaged.cli import main
+
+    _image(43).save(tmp_path / "a.png")
+    args = ["generate", "--model", str(folder), "--dtype", "float32", "--num-blocks", "160", "--block-size", "4",
+            "--max-model-len", "320", "--max-tokens", "4", "--image", str(tmp_path / "a.png"), "--image",
+            str(tmp_path / "a.png"), "--limit-mm-per-prompt", '{"image": 1}', "t5"]
+    assert main(args) == 2
+    assert "holds 2 images, more than limit_mm_per_prompt['image'] 1" in capsys.readouterr().err
