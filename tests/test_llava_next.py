@@ -18,15 +18,14 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 from hf_models import randomize_weights, torch_single_thread  # noqa: E402
-from test_images import IMAGE_TOKEN, VOCAB, _tokenizer  # noqa: E402
+from test_images import GREEDY, IMAGE_TOKEN, VOCAB, _blocks_all_free, _hf_greedy, _tokenizer  # noqa: E402
 
-from jpaged import LLM, SamplingParams  # noqa: E402
+from jpaged import LLM  # noqa: E402
 from jpaged.config import VisionConfig  # noqa: E402
 
 TILE = 28  # pixels; 4 x 4 patches of 7
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
 V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's
-GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 # (height, width): wide, tall, square, thin, odd, and smaller than a tile
 SHAPES = [(40, 90), (90, 40), (60, 60), (12, 100), (33, 57), (9, 7)]
 
@@ -66,20 +65,6 @@ def _image(seed: int, shape=(40, 90)):
 
 def _hf_placeholders(processor, image) -> int:
     return processor(text="<image>", images=[image], return_tensors="np")["input_ids"][0].tolist().count(IMAGE_TOKEN)
-
-
-def _hf_greedy(model, processor, text: str, images) -> tuple[list[int], list[int]]:
-    inputs = processor(text=text, images=images, return_tensors="pt")
-    with torch.no_grad(), torch_single_thread():
-        out = model.generate(**inputs, max_new_tokens=GREEDY.max_tokens, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    prompt = inputs["input_ids"][0].tolist()
-    return prompt, out[0, len(prompt):].tolist()
-
-
-def _blocks_all_free(llm):
-    stats = llm.engine.stats()
-    return stats.num_running == stats.num_waiting == 0 and stats.kv_cache_usage == 0.0
 
 
 def test_placeholder_counts_match_the_processor(llava_next):
