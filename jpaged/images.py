@@ -79,6 +79,10 @@ def _image_bytes(source: str, local_root: Path | None | bool) -> bytes:
                 if len(data) > MAX_IMAGE_BYTES:
                     raise ValueError(f"the image at the URL is over {MAX_IMAGE_BYTES} bytes")
             return data
+    if not source.strip():
+        raise ValueError("the image's URL or path is empty")
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source) and not source.startswith("file://"):
+        raise ValueError(f"image URL {source[:80]!r}: only data:, http(s):// and file:// URLs (or paths) are read")
     path = Path(source.removeprefix("file://")).expanduser()
     if local_root is None or local_root is False:
         raise ImageRefused(f"image {source[:80]!r} is a local path or file:// URL, which this server does not read "
@@ -199,8 +203,9 @@ def placeholder_offsets(token_ids: list[int], image_token_id: int, image_tokens:
     if image != len(image_tokens):
         sizes = sorted(set(image_tokens))
         raise ValueError(f"the prompt's image tokens (id {image_token_id}, in runs of {[n for _, n in runs]}) stand "
-                         f"for {image} images, and {len(image_tokens)} were given: write one image token per image "
-                         f"(or a run of {sizes[0] if len(sizes) == 1 else 'as many as its embeddings'} per image)")
+                         f"for {image} image{'s' * (image != 1)}, and {len(image_tokens)} "
+                         f"{'were' if len(image_tokens) != 1 else 'was'} given: write one image token per image (or "
+                         f"a run of {sizes[0] if len(sizes) == 1 else 'as many as its embeddings'} per image)")
     widened, offsets, done, image = [], [], 0, 0
     for (start, length), count in zip(runs, counts):
         widened += token_ids[done:start]

@@ -137,7 +137,7 @@ def test_chat_with_image_parts(llava):
 
 def test_image_errors_name_the_problem(llava, tmp_path):
     _, _, _, llm = llava
-    with pytest.raises(ValueError, match="stand for 2 images, and 1 were given"):
+    with pytest.raises(ValueError, match="stand for 2 images, and 1 was given"):
         llm.generate({"prompt": "t5 <image> t6 <image>", "multi_modal_data": {"image": _image(1)}}, GREEDY,
                      use_tqdm=False)
     with pytest.raises(ValueError, match="stand for 0 images"):
@@ -152,6 +152,11 @@ def test_image_errors_name_the_problem(llava, tmp_path):
                      use_tqdm=False)
     with pytest.raises(ValueError, match="not an image format PIL reads"):
         llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": "data:image/png;base64,AAAA"}}, GREEDY,
+                     use_tqdm=False)
+    with pytest.raises(ValueError, match="URL or path is empty"):
+        llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": " "}}, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="only data:, http"):
+        llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": "ftp://host/a.png"}}, GREEDY,
                      use_tqdm=False)
     with pytest.raises(ValueError, match="needs its image under 'image_url'"):
         llm.chat([{"role": "user", "content": [{"type": "image_url"}]}], GREEDY, use_tqdm=False)

@@ -203,3 +203,26 @@ def test_limit_mm_per_prompt(llava_next, tmp_path, capsys):
             str(tmp_path / "a.png"), "--limit-mm-per-prompt", '{"image": 1}', "t5"]
     assert main(args) == 2
     assert "holds 2 images, more than limit_mm_per_prompt['image'] 1" in capsys.readouterr().err
+
+
+def test_checkpoints_that_do_not_fit_their_config_are_refused(llava_next, tmp_path):
+    """A projector narrower than the features config.json selects is refused at load; an image
+    processor whose grid pinpoints are not the model's is refused at the first image, naming both."""
+    import shutil
+
+    folder, _, _, _ = llava_next
+    shapes = dict(dtype="float32", num_blocks=160, block_size=4, max_num_batched_tokens=16, max_model_len=320)
+    wide = shutil.copytree(folder, tmp_path / "wide")
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps(config | {"vision_feature_layer": [-2, -1]}))
+    with pytest.raises(ValueError, match="the projector takes 32 features, and vision_feature_layer"):
+        LLM(str(wide), **shapes)
+    other = shutil.copytree(folder, tmp_path / "other")
+    preprocessor = next(path for path in other.glob("*.json") if "image_grid_pinpoints" in path.read_text())
+    settings = json.loads(preprocessor.read_text())
+    (settings["image_processor"] if "image_processor" in settings else settings)["image_grid_pinpoints"] = [[28, 28]]
+    preprocessor.write_text(json.dumps(settings))
+    llm = LLM(str(other), **shapes)
+    with pytest.raises(ValueError, match="the processor's image_grid_pinpoints must be the model's"):
+        llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": _image(44)}}, GREEDY, use_tqdm=False)
+    assert _blocks_all_free(llm)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.config import VisionConfig
-from jpaged.image_tiles import pack_tiles
+from jpaged.image_tiles import pack_tiles, tile_grid
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -102,6 +102,11 @@ class ImageEncoder:
         needed += ["image_newline"] if cfg.grid_pinpoints else []
         if missing := [name for name in needed if name not in weights]:
             raise ValueError(f"the LLaVA checkpoint lacks vision tensors {missing[:3]}")
+        width = np.shape(weights["projector.linear_1.weight"])[1]
+        if width != cfg.hidden_size * len(cfg.feature_layers):
+            raise ValueError(f"the projector takes {width} features, and vision_feature_layer "
+                             f"{list(cfg.feature_layers)} gives {len(cfg.feature_layers)} x the tower's hidden_size "
+                             f"{cfg.hidden_size}: config.json does not describe this checkpoint")
         self.cfg = cfg
         self.params = {name: jax.device_put(np.asarray(w, np.float32), device) for name, w in weights.items()}
         self.newline = np.asarray(weights["image_newline"], np.float32) if cfg.grid_pinpoints else None
@@ -115,6 +120,12 @@ class ImageEncoder:
         if tiles.ndim != 4 or tiles.shape[1:] != expected or not self.cfg.grid_pinpoints and len(tiles) != 1:
             raise ValueError(f"pixel values of shape {tiles.shape}; the vision tower takes "
                              f"[{'tiles' if self.cfg.grid_pinpoints else 1}, {expected[0]}, {expected[1]}, {expected[2]}]")
+        if self.cfg.grid_pinpoints:
+            rows, cols = tile_grid(height, width, self.cfg.grid_pinpoints, self.cfg.image_size)
+            if len(tiles) != 1 + rows * cols:
+                raise ValueError(f"the image processor cut a {height}x{width} image into {len(tiles)} tiles, and "
+                                 f"config.json's image_grid_pinpoints into 1 + {rows}x{cols}: the processor's "
+                                 "image_grid_pinpoints must be the model's")
         features = np.concatenate([np.asarray(self._encode(self.params, tile[None])) for tile in tiles])
         if not self.cfg.grid_pinpoints:
             return features[0]
