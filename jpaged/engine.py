@@ -28,7 +28,7 @@ from jpaged.block_manager import BlockManager, blocks_held_under_window
 from jpaged.config import CLASSIFIER_SUFFIX, TOKEN_CLASSIFIER_SUFFIX, EngineConfig, ModelConfig, VisionConfig
 from jpaged.detokenizer import IncrementalDetokenizer, NoDetokenizer, token_text
 from jpaged.engine_client import EngineStats, PromptType
-from jpaged.images import ImageProcessor, as_image_list, pixel_hash, widened_placeholders
+from jpaged.images import ImageProcessor, as_image_list, check_image_count, pixel_hash, widened_placeholders
 from jpaged.loader.source import open_model
 from jpaged.lora import LoRAAdapter, LoRARequest, load_lora_adapter
 from jpaged.model_runner import ModelRunner, StepOutput
@@ -319,9 +319,7 @@ class LLMEngine:
         parsed = self._parse(prompt)
         token_ids, embeds = parsed.token_ids, parsed.embeds
         images = as_image_list(parsed.multi_modal_data)
-        if self.max_images is not None and len(images) > self.max_images:
-            raise ValueError(f"the prompt holds {len(images)} image{'s' * (len(images) > 1)}, more than "
-                             f"limit_mm_per_prompt['image'] {self.max_images} allows")
+        check_image_count(len(images), self.max_images)
         if images and self.image_encoder is None:
             raise ValueError(f"{self.model_name} reads no images (multi_modal_data holds {len(images)})")
         if images:

@@ -65,7 +65,8 @@ class EngineClient(Protocol):
     how it reads a text pair, `jpaged.pooling.Classifier`; None otherwise), `vision_config`
     (a model that reads images: its vision tower, which names each image's placeholder token and
     how many of them an image's embeddings fill, `jpaged.images.widened_placeholders`; None
-    otherwise), `enable_prompt_embeds` (whether prompts may come as embeddings,
+    otherwise), `max_images` (the most images a prompt may hold, `limit_mm_per_prompt`; None: no
+    limit), `enable_prompt_embeds` (whether prompts may come as embeddings,
     `{"prompt_embeds": ...}`)."""
 
     tokenizer: Any
@@ -79,6 +80,7 @@ class EngineClient(Protocol):
     pooling_task: str | None
     classifier: Classifier | None
     vision_config: VisionConfig | None
+    max_images: int | None
     enable_prompt_embeds: bool
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,

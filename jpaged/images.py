@@ -142,10 +142,14 @@ def chat_images(conversation: list[dict], image_token: str | None = None, as_par
 
 
 def chat_for_template(conversation: list[dict], tokenizer, vision: VisionConfig | None,
-                      template: str | None, local_root: Path | None | bool = True) -> tuple[list[dict], list]:
+                      template: str | None, local_root: Path | None | bool = True,
+                      max_images: int | None = None) -> tuple[list[dict], list]:
     """`chat_images` for an engine's model (`vision`, its vision tower; None where it reads no
     images) and the chat template that renders it (`template`, None: the tokenizer's). ValueError
-    for image parts where the model reads no images, and as `chat_images`."""
+    for more image parts than `max_images` (before any is read), image parts where the model
+    reads no images, and as `chat_images`."""
+    check_image_count(sum(_is_image(part) for m in conversation if isinstance(m, dict)
+                          and isinstance(m.get("content"), list) for part in m["content"]), max_images)
     if vision is None:
         if any(isinstance(m.get("content"), list) and any(_is_image(part) for part in m["content"])
                for m in conversation):
@@ -153,6 +157,14 @@ def chat_for_template(conversation: list[dict], tokenizer, vision: VisionConfig 
         return chat_images(conversation)
     as_parts = template_reads_parts(template or tokenizer.chat_template)
     return chat_images(conversation, tokenizer.convert_ids_to_tokens(vision.image_token_id), as_parts, local_root)
+
+
+def check_image_count(count: int, max_images: int | None) -> None:
+    """ValueError when a prompt's `count` images are more than `max_images` (the engine's
+    `limit_mm_per_prompt`; None: no limit)."""
+    if max_images is not None and count > max_images:
+        raise ValueError(f"the prompt holds {count} image{'s' * (count > 1)}, more than limit_mm_per_prompt['image'] "
+                         f"{max_images} allows")
 
 
 def template_reads_parts(template: str | None) -> bool:

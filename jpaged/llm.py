@@ -336,7 +336,7 @@ class LLM:
         prompts = []
         for conversation in conversations:
             conversation, images = chat_for_template(conversation, tokenizer, self.engine.vision_config,
-                                                     chat_template)
+                                                     chat_template, max_images=self.engine.max_images)
             text = chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs,
                              continue_final_message)
             prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(unicode_text("the rendered chat", text),

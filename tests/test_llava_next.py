@@ -226,3 +226,23 @@ def test_checkpoints_that_do_not_fit_their_config_are_refused(llava_next, tmp_pa
     with pytest.raises(ValueError, match="the processor's image_grid_pinpoints must be the model's"):
         llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": _image(44)}}, GREEDY, use_tqdm=False)
     assert _blocks_all_free(llm)
+
+
+def test_server_counts_image_parts_before_reading_them(llava_next):
+    """Over HTTP, a chat of more image parts than `limit_mm_per_prompt` is a 400 before any is
+    read (these could not be)."""
+    folder, _, _, _ = llava_next
+    llm = LLM(str(folder), limit_mm_per_prompt={"image": 1}, dtype="float32", num_blocks=160, block_size=4,
+              max_num_batched_tokens=16, max_model_len=320)
+    openai = pytest.importorskip("openai")
+    from server_thread import serving
+
+    from jpaged.server.launch import create_app
+
+    unreadable = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}  # counted, never read
+    with serving(create_app(llm.engine, served_model_name="next", chat_template="{{ messages }}")) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match=r"holds 2 images, more than limit_mm_per_prompt"):
+            client.chat.completions.create(model="next", max_tokens=2, messages=[
+                {"role": "user", "content": [unreadable, {"type": "text", "text": "t5"}, unreadable]}])
+    assert _blocks_all_free(llm)

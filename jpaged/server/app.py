@@ -231,8 +231,8 @@ async def _tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse
         tokens = (await asyncio.to_thread(chat_prompt, tokenizer, body.messages, body.add_generation_prompt,
                                           body.continue_final_message, bool(body.add_special_tokens),
                                           template_tools(body), state.template(body),
-                                          vision=state.engine.vision_config,
-                                          local_media=state.local_media)).token_ids
+                                          vision=state.engine.vision_config, local_media=state.local_media,
+                                          max_images=state.engine.max_images)).token_ids
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=add_special)

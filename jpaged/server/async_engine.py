@@ -156,6 +156,10 @@ class AsyncEngine:
         return self.engine.vision_config
 
     @property
+    def max_images(self) -> int | None:
+        return self.engine.max_images
+
+    @property
     def enable_prompt_embeds(self) -> bool:
         return self.engine.enable_prompt_embeds
 

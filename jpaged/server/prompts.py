@@ -241,12 +241,14 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
                 continue_final_message: bool = False, add_special_tokens: bool = False,
                 tools: list[dict] | None = None, template: ChatTemplate = ChatTemplate(),
                 without_template: str = "chat completions are not available; use /v1/completions",
-                vision: VisionConfig | None = None, local_media: Path | None = None) -> Prompt:
+                vision: VisionConfig | None = None, local_media: Path | None = None,
+                max_images: int | None = None) -> Prompt:
     """The prompt of a chat through `template` (by default the tokenizer's chat template), given
     the `tools`, if any. `without_template`: what the refusal says the route's caller may do
     where there is no chat template. `vision`: the engine's vision tower, for a model that reads
     images (their parts are then read, and each image's token widened); `local_media`: the
-    folder whose images may be named by path (None: no paths).
+    folder whose images may be named by path (None: no paths); `max_images`: the most image
+    parts a chat may hold (counted before any is read).
 
     Raises:
         APIError: 400 when there is no chat template, the messages are bad (an image that cannot
@@ -259,7 +261,7 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
                           "with --chat-template", param="messages")
     turns = conversation(messages)
     try:
-        turns, images = chat_for_template(turns, tokenizer, vision, template.template, local_media)
+        turns, images = chat_for_template(turns, tokenizer, vision, template.template, local_media, max_images)
     except ValueError as err:
         raise bad_request(str(err), param="messages") from err
     if add_generation_prompt and continue_final_message:
