@@ -629,13 +629,14 @@ class VisionConfig:
         """From a LLaVA or LLaVA-NeXT config.json; ValueError for a vision tower or setting jpaged
         does not run."""
         vision = hf.get("vision_config") or {}
-        pinpoints = _grid_pinpoints(hf) if "LlavaNextForConditionalGeneration" in hf.get("architectures", []) else ()
         tower = vision.get("model_type", "clip_vision_model")
         if tower not in _TOWER_DEFAULTS:
             raise ValueError(f"LLaVA's vision tower {tower!r} is not supported (supported: {', '.join(_TOWER_DEFAULTS)})")
+        vision = _TOWER_DEFAULTS[tower] | vision
+        pinpoints = (_grid_pinpoints(hf.get("image_grid_pinpoints"), int(vision["image_size"]))
+                     if "LlavaNextForConditionalGeneration" in hf.get("architectures", []) else ())
         if pinpoints and tower != "clip_vision_model":
             raise ValueError(f"LLaVA-NeXT's vision tower {tower!r} is not supported (supported: clip_vision_model)")
-        vision = _TOWER_DEFAULTS[tower] | vision
         strategy = hf.get("vision_feature_select_strategy", "default")
         if strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported (supported: default, full)")
@@ -681,11 +682,9 @@ def _check_mm_limits(limits) -> None:
         raise ValueError(f"limit_mm_per_prompt['image'] must be an integer >= 0, got {count!r}")
 
 
-def _grid_pinpoints(hf: dict) -> tuple[tuple[int, int], ...]:
-    """LLaVA-NeXT's `image_grid_pinpoints`: (height, width) pairs, each a multiple of the tower's
-    `image_size`. ValueError otherwise."""
-    side = int((hf.get("vision_config") or {}).get("image_size", 336))
-    pinpoints = hf.get("image_grid_pinpoints")
+def _grid_pinpoints(pinpoints, side: int) -> tuple[tuple[int, int], ...]:
+    """LLaVA-NeXT's `image_grid_pinpoints` as (height, width) pairs, each a multiple of the
+    tower's `image_size` (`side`). ValueError otherwise."""
     try:
         pairs = tuple((int(h), int(w)) for h, w in pinpoints)
     except (TypeError, ValueError):

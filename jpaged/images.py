@@ -148,11 +148,11 @@ def chat_for_template(conversation: list[dict], tokenizer, vision: VisionConfig 
     images) and the chat template that renders it (`template`, None: the tokenizer's). ValueError
     for more image parts than `max_images` (before any is read), image parts where the model
     reads no images, and as `chat_images`."""
-    check_image_count(sum(_is_image(part) for m in conversation if isinstance(m, dict)
-                          and isinstance(m.get("content"), list) for part in m["content"]), max_images)
+    count = sum(_is_image(part) for m in conversation if isinstance(m, dict) and isinstance(m.get("content"), list)
+                for part in m["content"])
+    check_image_count(count, max_images)
     if vision is None:
-        if any(isinstance(m.get("content"), list) and any(_is_image(part) for part in m["content"])
-               for m in conversation):
+        if count:
             raise ValueError("the messages hold image parts, and the model reads no images")
         return chat_images(conversation)
     as_parts = template_reads_parts(template or tokenizer.chat_template)
