@@ -26,6 +26,12 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}
             "{% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %}assistant:"
             "{% endif %}")
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+# the random LLaVA models' language model and CLIP tower (28-pixel images of 7-pixel patches)
+LLAMA_TEXT = dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+CLIP_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                   num_attention_heads=2, image_size=28, patch_size=7)
 
 
 def _tokenizer():
@@ -43,12 +49,7 @@ def _tokenizer():
 def llava(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llava")
     config = transformers.LlavaConfig(
-        text_config=dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                           num_attention_heads=2, image_size=28, patch_size=7),
-        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default")
+        text_config=LLAMA_TEXT, vision_config=CLIP_VISION, image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default")
     with torch_single_thread():
         model = transformers.LlavaForConditionalGeneration(config).eval()
         randomize_weights(model, seed=5)

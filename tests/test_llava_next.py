@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 from hf_models import randomize_weights, torch_single_thread  # noqa: E402
-from test_images import GREEDY, IMAGE_TOKEN, VOCAB, _blocks_all_free, _hf_greedy, _tokenizer  # noqa: E402
+from test_images import CLIP_VISION, GREEDY, IMAGE_TOKEN, LLAMA_TEXT, _blocks_all_free, _hf_greedy, _tokenizer  # noqa: E402
 
 from jpaged import LLM  # noqa: E402
 from jpaged.config import VisionConfig  # noqa: E402
@@ -34,11 +34,7 @@ SHAPES = [(40, 90), (90, 40), (60, 60), (12, 100), (33, 57), (9, 7)]
 def llava_next(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llava_next")
     config = transformers.LlavaNextConfig(
-        text_config=dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                         max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                           num_attention_heads=2, image_size=TILE, patch_size=7),
+        text_config=LLAMA_TEXT | dict(max_position_embeddings=512), vision_config=CLIP_VISION | dict(image_size=TILE),
         image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default",
         image_grid_pinpoints=PINPOINTS)
     with torch_single_thread():
