@@ -78,15 +78,16 @@ async def create_completion(request: CompletionRequest, state: ServerState) -> J
 def _params_of(request: CompletionRequest, asked: int | None, prompt: Prompt, max_model_len: int, defaults: dict,
                index: int | None) -> SamplingParams:
     """The sampling parameters of one of the request's prompts, unset fields from `defaults`; a
-    refusal of the prompt at `index` of several says which."""
+    refusal of the prompt at `index` of several (its length against the context) says which, a
+    refusal of the request's own values does not."""
     limit = None if _scores_only(request) else defaults.get("max_tokens")
     try:
         max_tokens = resolve_max_tokens(asked, len(prompt.token_ids), max_model_len, "max_tokens", limit=limit)
-        return completion_params(request, max_tokens, defaults)
     except APIError as err:
         if index is not None:
             err.message = f"prompt {index}: {err.message}"
         raise
+    return completion_params(request, max_tokens, defaults)
 
 
 def _scores_only(request: CompletionRequest) -> bool:
