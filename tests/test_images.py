@@ -49,7 +49,8 @@ def _tokenizer():
 def llava(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llava")
     config = transformers.LlavaConfig(
-        text_config=LLAMA_TEXT, vision_config=CLIP_VISION, image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy="default")
+        text_config=LLAMA_TEXT, vision_config=CLIP_VISION, image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
+        vision_feature_select_strategy="default")
     with torch_single_thread():
         model = transformers.LlavaForConditionalGeneration(config).eval()
         randomize_weights(model, seed=5)

@@ -451,10 +451,10 @@ def test_errors_name_the_request_field_not_the_engine_one(server):
     assert too_long["param"] == "max_tokens" and too_long["code"] == "context_length_exceeded"
     second = server.post("/v1/completions", {"prompt": ["Once", "a " * 600], "max_tokens": 5}).json()["error"]
     assert second["message"].startswith("prompt 1: ") and second["code"] == "context_length_exceeded", second
-    for extra, param in (({"max_tokens": -3}, "max_tokens"), ({"stream_options": {"include_usage": True}},
-                                                              "stream_options")):
+    request_wide = {"max_tokens": {"max_tokens": -3}, "stream_options": {"stream_options": {"include_usage": True}}}
+    for param, extra in request_wide.items():  # a refusal of the request's own values names no prompt
         whole = server.post("/v1/completions", {"prompt": ["Once", "Twice"], **extra}).json()["error"]
-        assert whole["param"] == param and whole["message"].startswith(param + " "), whole  # the request's, no prompt's
+        assert whole["param"] == param and whole["message"].startswith(param + " "), whole
 
 
 def test_vllm_extras_match_llm_generate(server, expected):
