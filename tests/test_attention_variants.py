@@ -7,11 +7,23 @@ block, of one block, spanning several and longer than any context; and windowed 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_pallas_kernels import BF16, F32, INTERPRET, LAYER, assert_matches_reference, awkward_seqs, make_batch
+from test_pallas_kernels import (
+    BF16,
+    F32,
+    INTERPRET,
+    LAYER,
+    assert_matches_reference,
+    attention_program,
+    awkward_seqs,
+    make_batch,
+    run_jitted,
+)
 
 from pallas_kernels.backend import pallas_paged_attention
 from pallas_kernels.decode_attention import paged_decode_attention_kernel
@@ -19,11 +31,6 @@ from pallas_kernels.paged_attention import ragged_paged_attention
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_kernel
 
 WINDOWS = (1, 3, 16, 21, 45, 1000)
-
-
-def run_windowed(fn, batch, window, softcap=None, **kwargs):
-    step = jax.jit(lambda q, k, v, layer, md, window: fn(q, k, v, layer, md, batch.scale, window, softcap, **kwargs))
-    return step(*batch.args(), jnp.int32(window))
 
 
 def jax_windowed_oracle(batch, window: int) -> np.ndarray:
@@ -96,7 +103,7 @@ def real_rows(batch) -> np.ndarray:
 def test_reference_matches_jax_dot_product_attention(window, block_size):
     batch = make_batch(window + block_size, awkward_seqs(block_size, chunk=37), num_heads=6, num_kv_heads=2,
                        head_dim=32, block_size=block_size, num_blocks=200)
-    out = np.asarray(run_windowed(ragged_paged_attention, batch, window))
+    out = np.asarray(run_jitted(ragged_paged_attention, batch, window))
     real = real_rows(batch)
     np.testing.assert_allclose(out[real], jax_windowed_oracle(batch, window)[real], atol=2e-5, rtol=2e-5)
 
@@ -104,9 +111,9 @@ def test_reference_matches_jax_dot_product_attention(window, block_size):
 def test_window_zero_or_beyond_every_context_is_full_attention():
     batch = make_batch(7, awkward_seqs(16, chunk=37), num_heads=4, num_kv_heads=2, head_dim=32, block_size=16,
                        num_blocks=64)
-    full = np.asarray(jax.jit(lambda *a: ragged_paged_attention(*a, batch.scale))(*batch.args()))
+    full = np.asarray(run_jitted(ragged_paged_attention, batch))
     for window in (0, 10_000):
-        np.testing.assert_array_equal(np.asarray(run_windowed(ragged_paged_attention, batch, window)), full)
+        np.testing.assert_array_equal(np.asarray(run_jitted(ragged_paged_attention, batch, window)), full)
 
 
 def test_reference_windowed_token_independent_of_its_batch():
@@ -120,8 +127,8 @@ def test_reference_windowed_token_independent_of_its_batch():
     blocks_alone, blocks_crowded = alone.md.block_tables[0, :9], crowded.md.block_tables[0, :9]
     crowded.k_cache = crowded.k_cache.at[LAYER, blocks_crowded].set(alone.k_cache[LAYER, blocks_alone])
     crowded.v_cache = crowded.v_cache.at[LAYER, blocks_crowded].set(alone.v_cache[LAYER, blocks_alone])
-    a = np.asarray(run_windowed(ragged_paged_attention, alone, 20))[0]
-    b = np.asarray(run_windowed(ragged_paged_attention, crowded, 20))[0]
+    a = np.asarray(run_jitted(ragged_paged_attention, alone, 20))[0]
+    b = np.asarray(run_jitted(ragged_paged_attention, crowded, 20))[0]
     np.testing.assert_array_equal(a, b)
 
 
@@ -130,7 +137,7 @@ def test_reference_windowed_token_independent_of_its_batch():
 def test_ragged_kernel_with_window(window, dtype):
     batch = make_batch(window, awkward_seqs(16, chunk=24), num_heads=4, num_kv_heads=2, head_dim=64,
                        block_size=16, num_blocks=32, dtype=dtype)
-    out = run_windowed(ragged_paged_attention_kernel, batch, window, interpret=INTERPRET, chunk_tokens=32)
+    out = run_jitted(ragged_paged_attention_kernel, batch, window, interpret=INTERPRET, chunk_tokens=32)
     assert_matches_reference(out, batch, dtype, window=window)
 
 
@@ -144,9 +151,9 @@ def test_decode_kernel_and_backend_with_window(window):
         q, k, v, jnp.int32(LAYER), bt, cl, batch.scale, w, num_splits=3, chunk_tokens=16, interpret=INTERPRET))
     out = decode(queries, batch.k_cache, batch.v_cache, batch.md.block_tables[rows], batch.md.context_lens[rows],
                  jnp.int32(window))
-    expected = np.asarray(run_windowed(ragged_paged_attention, batch, window))[np.asarray(batch.md.query_start[rows])]
+    expected = np.asarray(run_jitted(ragged_paged_attention, batch, window))[np.asarray(batch.md.query_start[rows])]
     np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=2e-5)
-    whole = run_windowed(pallas_paged_attention, batch, window, interpret=INTERPRET)
+    whole = run_jitted(pallas_paged_attention, batch, window, interpret=INTERPRET)
     assert_matches_reference(whole, batch, F32, window=window)
 
 
@@ -165,15 +172,14 @@ def test_cpu_kernel_with_window(shape, window, cpu_kernels_built):
     block_size, heads, kv_heads, head_dim = shape
     batch = make_batch(window, awkward_seqs(block_size, chunk=37), num_heads=heads, num_kv_heads=kv_heads,
                        head_dim=head_dim, block_size=block_size, num_blocks=160)
-    step = jax.jit(lambda q, k, v, layer, md, w: cpu_ragged_paged_attention(q, k, v, layer, md, batch.scale, w))
-    assert "jpaged_attention_" in step.lower(*batch.args(), jnp.int32(window)).as_text()
-    assert_matches_reference(run_windowed(cpu_ragged_paged_attention, batch, window), batch, F32, window=window)
+    step = attention_program(cpu_ragged_paged_attention, batch.scale, None, ())
+    assert "jpaged_attention_" in step.lower(*batch.args(), jnp.int32(window), None).as_text()
+    assert_matches_reference(run_jitted(cpu_ragged_paged_attention, batch, window), batch, F32, window=window)
     # An int8 cache: the kernel against the reference over the same quantized cache.
     k_cache, v_cache = (QuantizedKV(*quantize(c, storage_dtype("int8", c.dtype))) for c in (batch.k_cache, batch.v_cache))
-    q, _, _, layer, md = batch.args()
-    kernel = step(q, k_cache, v_cache, layer, md, jnp.int32(window))
-    expected = jax.jit(lambda *a: ragged_paged_attention(*a, batch.scale, jnp.int32(window)))(q, k_cache, v_cache,
-                                                                                            layer, md)
+    quantized = dataclasses.replace(batch, k_cache=k_cache, v_cache=v_cache)
+    kernel = run_jitted(cpu_ragged_paged_attention, quantized, window)
+    expected = run_jitted(ragged_paged_attention, quantized, window)
     real = real_rows(batch)
     np.testing.assert_allclose(np.asarray(kernel)[real], np.asarray(expected)[real], atol=2e-5, rtol=2e-5)
 
@@ -293,10 +299,10 @@ def test_a_windowed_model_serves_sequences_longer_than_its_cache(windowed_model)
 def test_reference_softcap_matches_dense_oracle(window, softcap):
     batch = make_batch(11, awkward_seqs(8, chunk=30), num_heads=6, num_kv_heads=2, head_dim=32, block_size=8,
                        num_blocks=120)
-    out = np.asarray(run_windowed(ragged_paged_attention, batch, window, softcap))
+    out = np.asarray(run_jitted(ragged_paged_attention, batch, window, softcap))
     real = real_rows(batch)
     np.testing.assert_allclose(out[real], dense_softcap_oracle(batch, window, softcap)[real], atol=2e-5, rtol=2e-5)
-    uncapped = np.asarray(run_windowed(ragged_paged_attention, batch, window))
+    uncapped = np.asarray(run_jitted(ragged_paged_attention, batch, window))
     assert np.abs(uncapped - out)[real].max() > 0.05  # the cap bends these scores
 
 
@@ -304,12 +310,12 @@ def test_reference_softcap_matches_dense_oracle(window, softcap):
 def test_kernels_with_softcap(window, cpu_kernels_built):
     batch = make_batch(window + 5, awkward_seqs(16, chunk=24), num_heads=4, num_kv_heads=2, head_dim=64,
                        block_size=16, num_blocks=32)
-    assert_matches_reference(run_windowed(pallas_paged_attention, batch, window, 1.5, interpret=INTERPRET), batch, F32,
+    assert_matches_reference(run_jitted(pallas_paged_attention, batch, window, 1.5, interpret=INTERPRET), batch, F32,
                              window=window, softcap=1.5)
     if jax.default_backend() == "cpu":
         from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
 
-        assert_matches_reference(run_windowed(cpu_ragged_paged_attention, batch, window, 1.5), batch, F32,
+        assert_matches_reference(run_jitted(cpu_ragged_paged_attention, batch, window, 1.5), batch, F32,
                                  window=window, softcap=1.5)
 
 
@@ -325,10 +331,10 @@ def test_reference_sinks_match_dense_oracle(window):
     batch = make_batch(13, awkward_seqs(8, chunk=30), num_heads=6, num_kv_heads=2, head_dim=32, block_size=8,
                        num_blocks=120)
     sinks = _sinks(6, window)
-    out = np.asarray(run_windowed(ragged_paged_attention, batch, window, sinks=sinks))
+    out = np.asarray(run_jitted(ragged_paged_attention, batch, window, sinks=sinks))
     real = real_rows(batch)
     np.testing.assert_allclose(out[real], dense_softcap_oracle(batch, window, None, sinks)[real], atol=2e-5, rtol=2e-5)
-    without = np.asarray(run_windowed(ragged_paged_attention, batch, window))
+    without = np.asarray(run_jitted(ragged_paged_attention, batch, window))
     assert np.abs(without - out)[real].max() > 0.05  # the sinks take weight from the keys
 
 
@@ -339,14 +345,14 @@ def test_kernels_with_sinks(window, cpu_kernels_built):
     batch = make_batch(window + 7, awkward_seqs(16, chunk=24), num_heads=4, num_kv_heads=2, head_dim=64,
                        block_size=16, num_blocks=32)
     sinks = _sinks(4, window + 1)
-    expected = np.asarray(run_windowed(ragged_paged_attention, batch, window, 1.5, sinks=sinks))
+    expected = np.asarray(run_jitted(ragged_paged_attention, batch, window, 1.5, sinks=sinks))
     real = real_rows(batch)
-    outputs = [run_windowed(pallas_paged_attention, batch, window, 1.5, sinks=sinks, interpret=INTERPRET),
-               run_windowed(ragged_paged_attention_kernel, batch, window, 1.5, sinks=sinks, interpret=INTERPRET)]
+    outputs = [run_jitted(pallas_paged_attention, batch, window, 1.5, sinks=sinks, interpret=INTERPRET),
+               run_jitted(ragged_paged_attention_kernel, batch, window, 1.5, sinks=sinks, interpret=INTERPRET)]
     if jax.default_backend() == "cpu":
         from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
 
-        outputs.append(run_windowed(cpu_ragged_paged_attention, batch, window, 1.5, sinks=sinks))
+        outputs.append(run_jitted(cpu_ragged_paged_attention, batch, window, 1.5, sinks=sinks))
     for out in outputs:
         np.testing.assert_allclose(np.asarray(out)[real], expected[real], atol=2e-5, rtol=2e-5)
     md = batch.md

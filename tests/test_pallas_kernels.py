@@ -9,6 +9,7 @@ fresh random queries and cache. Pools stay small: interpret mode is slow.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -95,14 +96,23 @@ def full_precision_float32_matmuls():
         yield
 
 
-def run_jitted(fn, batch: Batch, **kwargs):
-    return jax.jit(lambda q, k, v, layer, md: fn(q, k, v, layer, md, batch.scale, **kwargs))(*batch.args())
+@functools.cache
+def attention_program(fn, scale: float, softcap: float | None, options: tuple):
+    """`fn(q, k, v, layer, md, scale, window, softcap, sinks, **options)` jitted once per distinct
+    static settings in the test process, window and sinks traced: every later batch of the same
+    shapes runs the program already compiled (compiling is most of these files' time)."""
+    return jax.jit(lambda q, k, v, layer, md, window, sinks: fn(q, k, v, layer, md, scale, window, softcap, sinks,
+                                                                **dict(options)))
+
+
+def run_jitted(fn, batch: Batch, window: int | None = None, softcap: float | None = None, sinks=None, **options):
+    """`fn` over `batch`, with an int32 sliding `window` (None: no window argument) and `sinks`."""
+    program = attention_program(fn, batch.scale, softcap, tuple(sorted(options.items())))
+    return program(*batch.args(), None if window is None else jnp.int32(window), sinks)
 
 
 def reference(batch: Batch, window: int | None = None, softcap: float | None = None):
-    if window is None:
-        return run_jitted(ragged_paged_attention, batch, softcap=softcap)
-    return run_jitted(ragged_paged_attention, batch, window=jnp.int32(window), softcap=softcap)
+    return run_jitted(ragged_paged_attention, batch, window, softcap)
 
 
 def assert_close(actual, expected, dtype):
