@@ -101,6 +101,21 @@ def cpu_kernels_built():
         assert reason is None, reason
 
 
+@pytest.fixture
+def link_built_kernels():
+    """`link_built_kernels(cache)`: a fresh jpaged cache directory shares the default one's C++ CPU
+    kernels (a link to its `kernels` folder), so a process started on it loads them where it would
+    otherwise spend about 20 s building them again."""
+    from jpaged.cache_dir import cache_dir
+
+    def link(cache: Path) -> None:
+        built = cache_dir() / "kernels"
+        built.mkdir(parents=True, exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "kernels").symlink_to(built, target_is_directory=True)
+
+    return link
+
 
 @pytest.fixture
 def exact_float32_matmuls():

@@ -43,7 +43,8 @@ def run(folder: Path, cache: Path, setting: str = "on", **environ: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_second_process_traces_and_compiles_nothing_again(tiny_llama_folder, tmp_path):
+def test_second_process_traces_and_compiles_nothing_again(tiny_llama_folder, tmp_path, link_built_kernels):
+    link_built_kernels(tmp_path)
     first = run(tiny_llama_folder, tmp_path)
     second = run(tiny_llama_folder, tmp_path)
     assert first["counts"]["misses"] >= first["programs"] > 0
@@ -66,9 +67,10 @@ def test_second_process_traces_and_compiles_nothing_again(tiny_llama_folder, tmp
     assert not any((tmp_path / "programs").iterdir())
 
 
-def test_a_single_device_program_loads_among_many_devices(tiny_llama_folder, tmp_path):
+def test_a_single_device_program_loads_among_many_devices(tiny_llama_folder, tmp_path, link_built_kernels):
     """A process with several (emulated) devices runs a one-device engine from a kept program on
     the device it was compiled for, not spread over all of them."""
+    link_built_kernels(tmp_path)
     flags = {"XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"}
     first = run(tiny_llama_folder, tmp_path, **flags)
     second = run(tiny_llama_folder, tmp_path, **flags)
@@ -76,7 +78,8 @@ def test_a_single_device_program_loads_among_many_devices(tiny_llama_folder, tmp
     assert second["tokens"] == first["tokens"]
 
 
-def test_the_cache_can_be_turned_off(tiny_llama_folder, tmp_path):
+def test_the_cache_can_be_turned_off(tiny_llama_folder, tmp_path, link_built_kernels):
+    link_built_kernels(tmp_path)
     off = run(tiny_llama_folder, tmp_path, setting="off")
     assert off["counts"] == {"hits": 0, "misses": 0}
     assert not (tmp_path / "xla").exists() and not (tmp_path / "programs").exists()

@@ -23,7 +23,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, link_built_kernels):
     from hf_models import save_random_model
 
     config = transformers.LlamaConfig(vocab_size=96, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
@@ -37,6 +37,7 @@ def test_two_processes_match_one(tmp_path):
 
     # Twice over one cache folder: the second run finds whatever the first one kept.
     cache = tmp_path / "cache"
+    link_built_kernels(cache)
     for _ in range(2):
         port = str(free_port())
         env = {**os.environ, "JPAGED_TEST_PROMPTS": json.dumps(prompts), "JPAGED_CACHE_DIR": str(cache)}
