@@ -32,9 +32,11 @@ CONFIGS = {
     "gpt_oss": transformers.GptOssConfig(intermediate_size=32, num_hidden_layers=4, num_local_experts=8,
                                          num_experts_per_tok=2, head_dim=16, sliding_window=4, **SMALL),
 }
-LAYOUTS = {  # (tensor, pipeline, expert, data) parallel sizes
-    "llama": [(1, 1, 1, 1), (1, 2, 1, 1), (2, 2, 1, 1), (2, 1, 1, 4)],  # 4 stages: `one_prompt_split`
-    "mixtral": [(1, 1, 1, 1), (1, 1, 8, 1), (2, 1, 2, 1), (2, 2, 2, 1), (1, 1, 2, 2)],
+# (tensor, pipeline, expert, data) parallel sizes. A pipeline alone runs in `one_prompt_split` (4
+# stages), so each layout here adds a combination.
+LAYOUTS = {
+    "llama": [(1, 1, 1, 1), (2, 2, 1, 1), (2, 1, 1, 4)],
+    "mixtral": [(1, 1, 1, 1), (1, 1, 8, 1), (2, 2, 2, 1), (1, 1, 2, 2)],
     "qwen3_moe": [(1, 1, 1, 1), (1, 1, 4, 1)],  # tp x pp x ep together: mixtral
     "gpt_oss": [(1, 1, 1, 1), (2, 2, 2, 1)],
 }
