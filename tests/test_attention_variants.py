@@ -7,8 +7,6 @@ block, of one block, spanning several and longer than any context; and windowed 
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +20,7 @@ from test_pallas_kernels import (
     attention_program,
     awkward_seqs,
     make_batch,
+    quantized,
     run_jitted,
 )
 
@@ -167,7 +166,6 @@ CPU_SHAPES = [(16, 9, 3, 64), (8, 8, 2, 64), (4, 4, 2, 8), (32, 8, 1, 128)]
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "bs{}-h{}-kv{}-d{}".format(*s))
 def test_cpu_kernel_with_window(shape, window, cpu_kernels_built):
     from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
-    from pallas_kernels.quantized_kv import QuantizedKV, quantize, storage_dtype
 
     block_size, heads, kv_heads, head_dim = shape
     batch = make_batch(window, awkward_seqs(block_size, chunk=37), num_heads=heads, num_kv_heads=kv_heads,
@@ -176,10 +174,9 @@ def test_cpu_kernel_with_window(shape, window, cpu_kernels_built):
     assert "jpaged_attention_" in step.lower(*batch.args(), jnp.int32(window), None).as_text()
     assert_matches_reference(run_jitted(cpu_ragged_paged_attention, batch, window), batch, F32, window=window)
     # An int8 cache: the kernel against the reference over the same quantized cache.
-    k_cache, v_cache = (QuantizedKV(*quantize(c, storage_dtype("int8", c.dtype))) for c in (batch.k_cache, batch.v_cache))
-    quantized = dataclasses.replace(batch, k_cache=k_cache, v_cache=v_cache)
-    kernel = run_jitted(cpu_ragged_paged_attention, quantized, window)
-    expected = run_jitted(ragged_paged_attention, quantized, window)
+    int8 = quantized(batch, "int8")
+    kernel = run_jitted(cpu_ragged_paged_attention, int8, window)
+    expected = run_jitted(ragged_paged_attention, int8, window)
     real = real_rows(batch)
     np.testing.assert_allclose(np.asarray(kernel)[real], np.asarray(expected)[real], atol=2e-5, rtol=2e-5)
 

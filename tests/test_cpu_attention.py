@@ -18,14 +18,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_pallas_kernels import BF16, F16, F32, assert_matches_reference, awkward_seqs, make_batch, run_jitted
+from test_pallas_kernels import (
+    BF16,
+    F16,
+    F32,
+    assert_matches_reference,
+    attention_program,
+    awkward_seqs,
+    make_batch,
+    quantized,
+    run_jitted,
+)
 
 from jpaged import LLM, SamplingParams
 from pallas_kernels import cpu_paged_attention
 from pallas_kernels.backend import select_attention
 from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
 from pallas_kernels.paged_attention import ragged_paged_attention
-from pallas_kernels.quantized_kv import BF16_BITS, QuantizedKV, quantize, storage_dtype
+from pallas_kernels.quantized_kv import BF16_BITS, QuantizedKV
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
 
@@ -44,16 +54,8 @@ def kernel_output(batch):
 
 def calls_kernel(batch) -> bool:
     """Whether the jitted step computes with the kernel, not with the reference in its place."""
-    step = jax.jit(lambda q, k, v, layer, md: cpu_ragged_paged_attention(q, k, v, layer, md, batch.scale))
-    return "jpaged_attention_" in step.lower(*batch.args()).as_text()
-
-
-def quantized(batch, kv_dtype: str):
-    """The batch with its float caches quantized to `kv_dtype` ("int8" or "fp8_e4m3")."""
-    def quantize_cache(cache):
-        return QuantizedKV(*quantize(cache, storage_dtype(kv_dtype, cache.dtype)))
-
-    return dataclasses.replace(batch, k_cache=quantize_cache(batch.k_cache), v_cache=quantize_cache(batch.v_cache))
+    step = attention_program(cpu_ragged_paged_attention, batch.scale, None, ())
+    return "jpaged_attention_" in step.lower(*batch.args(), None, None).as_text()
 
 
 # (block_size, heads, kv_heads, head_dim): GQA groups 1, 3, 4, 8; head_dims on the vector path

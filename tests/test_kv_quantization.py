@@ -25,6 +25,7 @@ from test_pallas_kernels import (
     awkward_seqs,
     lower_for_cuda,
     make_batch,
+    quantized,
     real_tokens,
     run_jitted,
     trace_for_cuda,
@@ -36,7 +37,7 @@ from jpaged.config import CacheConfig
 from pallas_kernels.backend import pallas_paged_attention
 from pallas_kernels.decode_attention import paged_decode_attention_kernel
 from pallas_kernels.paged_attention import ragged_paged_attention, write_kv
-from pallas_kernels.quantized_kv import QuantizedKV, bytes_per_token_head, empty_cache, quantize, storage_dtype
+from pallas_kernels.quantized_kv import bytes_per_token_head, empty_cache, quantize, storage_dtype
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention_kernel
 from pallas_kernels.triton_compile import compile_kernel
 
@@ -73,15 +74,6 @@ def random_vectors(seed: int, shape) -> np.ndarray:
     x *= 10.0 ** rng.uniform(-3, 3, shape[:-1])[..., None].astype(np.float32)
     x.reshape(-1, shape[-1])[0] = 0.0
     return x
-
-
-def quantized_cache(cache, kv_dtype: str) -> QuantizedKV:
-    return QuantizedKV(*quantize(cache, storage_dtype(kv_dtype, F32)))
-
-
-def quantized_batch(batch, kv_dtype: str):
-    return dataclasses.replace(batch, k_cache=quantized_cache(batch.k_cache, kv_dtype),
-                               v_cache=quantized_cache(batch.v_cache, kv_dtype))
 
 
 # --- the scheme ----------------------------------------------------------------------------------
@@ -138,12 +130,12 @@ def test_write_kv_quantizes_only_the_named_slots(kv_dtype):
 def test_reference_equals_float_attention_over_dequantized_cache(kv_dtype):
     batch = make_batch(3, awkward_seqs(16, chunk=20), num_heads=4, num_kv_heads=2, head_dim=32, block_size=16,
                        num_blocks=32)
-    quantized = quantized_batch(batch, kv_dtype)
+    quantized_kv = quantized(batch, kv_dtype)
     dequantized = dataclasses.replace(batch, **{
         name: jnp.asarray(torch_dequantize(np.asarray(cache.values), np.asarray(cache.scales), kv_dtype))
-        for name, cache in (("k_cache", quantized.k_cache), ("v_cache", quantized.v_cache))})
+        for name, cache in (("k_cache", quantized_kv.k_cache), ("v_cache", quantized_kv.v_cache))})
     real = real_tokens(batch.md)
-    out = np.asarray(run_jitted(ragged_paged_attention, quantized))[real]
+    out = np.asarray(run_jitted(ragged_paged_attention, quantized_kv))[real]
     np.testing.assert_allclose(out, np.asarray(run_jitted(ragged_paged_attention, dequantized))[real],
                                atol=1e-6, rtol=1e-6)
     exact = np.asarray(run_jitted(ragged_paged_attention, batch))[real]
@@ -167,7 +159,7 @@ def assert_kernel_matches_reference(out, batch, dtype):
 
 @pytest.mark.parametrize(("kv_dtype", "dtype"), KERNEL_CASES, ids=map(kernel_case_id, KERNEL_CASES))
 def test_ragged_kernel_over_quantized_cache(kv_dtype, dtype):
-    batch = quantized_batch(make_batch(7, awkward_seqs(16, chunk=24), num_heads=4, num_kv_heads=2, head_dim=64,
+    batch = quantized(make_batch(7, awkward_seqs(16, chunk=24), num_heads=4, num_kv_heads=2, head_dim=64,
                                        block_size=16, num_blocks=32, dtype=dtype), kv_dtype)
     out = run_jitted(ragged_paged_attention_kernel, batch, interpret=INTERPRET, chunk_tokens=32)
     assert_kernel_matches_reference(out, batch, dtype)
@@ -175,7 +167,7 @@ def test_ragged_kernel_over_quantized_cache(kv_dtype, dtype):
 
 @pytest.mark.parametrize(("kv_dtype", "dtype"), KERNEL_CASES, ids=map(kernel_case_id, KERNEL_CASES))
 def test_decode_kernel_over_quantized_cache(kv_dtype, dtype):
-    batch = quantized_batch(make_batch(8, [(0, 1), (14, 1), (15, 1), (47, 1), (90, 1)], num_heads=8,
+    batch = quantized(make_batch(8, [(0, 1), (14, 1), (15, 1), (47, 1), (90, 1)], num_heads=8,
                                        num_kv_heads=2, head_dim=48, block_size=16, num_blocks=24, dtype=dtype),
                             kv_dtype)
     md = batch.md
@@ -189,7 +181,7 @@ def test_decode_kernel_over_quantized_cache(kv_dtype, dtype):
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_pallas_backend_mixed_batch_over_quantized_cache(kv_dtype):
-    batch = quantized_batch(make_batch(9, awkward_seqs(16, chunk=12), num_heads=6, num_kv_heads=3, head_dim=32,
+    batch = quantized(make_batch(9, awkward_seqs(16, chunk=12), num_heads=6, num_kv_heads=3, head_dim=32,
                                        block_size=16, num_blocks=32), kv_dtype)
     assert_kernel_matches_reference(run_jitted(pallas_paged_attention, batch, interpret=INTERPRET), batch, F32)
 
@@ -203,7 +195,7 @@ def config_batch(config, seqs):
     kv_dtype, dtype, head_dim, block_size, num_heads, num_kv_heads = config
     batch = make_batch(0, seqs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                        block_size=block_size, num_blocks=40, dtype=dtype)
-    return quantized_batch(batch, kv_dtype)
+    return quantized(batch, kv_dtype)
 
 
 @pytest.mark.parametrize("config", QUANTIZED_CONFIGS, ids=lambda c: f"{c[0]}-{jnp.dtype(c[1]).name}-d{c[2]}")

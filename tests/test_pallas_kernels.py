@@ -9,6 +9,7 @@ fresh random queries and cache. Pools stay small: interpret mode is slow.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from jpaged.model_runner import matmul_precision
 from pallas_kernels.backend import pallas_paged_attention, select_attention
 from pallas_kernels.decode_attention import choose_num_splits, paged_decode_attention_kernel
 from pallas_kernels.paged_attention import AttentionMetadata, ragged_paged_attention, write_kv
+from pallas_kernels.quantized_kv import QuantizedKV, quantize, storage_dtype
 from pallas_kernels.ragged_paged_attention import QueryTile, ragged_paged_attention_kernel
 from pallas_kernels.triton_compile import MAX_SHARED_BYTES, TritonIRNotFound, capture_triton_kernels, compile_kernel
 
@@ -109,6 +111,14 @@ def run_jitted(fn, batch: Batch, window: int | None = None, softcap: float | Non
     """`fn` over `batch`, with an int32 sliding `window` (None: no window argument) and `sinks`."""
     program = attention_program(fn, batch.scale, softcap, tuple(sorted(options.items())))
     return program(*batch.args(), None if window is None else jnp.int32(window), sinks)
+
+
+def quantized(batch: Batch, kv_dtype: str) -> Batch:
+    """The batch with its float caches quantized to `kv_dtype` ("int8" or "fp8_e4m3")."""
+    def quantize_cache(cache):
+        return QuantizedKV(*quantize(cache, storage_dtype(kv_dtype, cache.dtype)))
+
+    return dataclasses.replace(batch, k_cache=quantize_cache(batch.k_cache), v_cache=quantize_cache(batch.v_cache))
 
 
 def reference(batch: Batch, window: int | None = None, softcap: float | None = None):
