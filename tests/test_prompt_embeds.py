@@ -206,6 +206,14 @@ def test_server_completions_take_prompt_embeds_and_cache_salt(llama):
         streamed = client.completions.create(model="m", prompt=None, max_tokens=NEW, temperature=0, stream=True,
                                              extra_body={"prompt_embeds": encoded(first), "ignore_eos": True})
         assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == one.choices[0].text
+        scored = [client.completions.create(model="m", prompt=None, max_tokens=NEW, temperature=0, logprobs=1,
+                                            stream=stream, extra_body={"prompt_embeds": encoded(first), **body})
+                  for stream in (False, True)]
+        chunks = [c.choices[0].logprobs for c in scored[1] if c.choices and c.choices[0].logprobs]
+        offsets = [scored[0].choices[0].logprobs.text_offset, [x for chunk in chunks for x in chunk.text_offset]]
+        ids = scored[0].choices[0].token_ids
+        tokenizer = llm.get_tokenizer()  # each token's text starts where the text of the tokens before it ends
+        assert offsets[0] == offsets[1] == [len(tokenizer.decode(ids[:i])) for i in range(len(ids))]
 
         prompt = np.random.default_rng(23).integers(3, VOCAB, 20).tolist()
         cached = [client.completions.create(model="m", prompt=prompt, max_tokens=2, extra_body={"cache_salt": salt})

@@ -117,7 +117,8 @@ def _choice(request: CompletionRequest, tokenizer: Any, prompt_index: int, promp
     logprobs = None
     if request.logprobs is not None:
         logprobs = completion_logprobs(tokenizer, choice.token_ids, choice.logprobs or [],
-                                       _offset_after(tokenizer, prompt, echoed, echoed_logprobs), as_token_ids=as_ids)
+                                       _offset_after(tokenizer, prompt, echoed, echoed_logprobs), as_token_ids=as_ids,
+                                       first_alone=prompt.embeds is not None)
         if echoed_logprobs is not None:
             logprobs = _joined(echoed_logprobs, logprobs)
     return CompletionChoice(index=index, text=echoed + choice.text, logprobs=logprobs,
@@ -166,7 +167,7 @@ async def _stream(request: CompletionRequest, state: ServerState, model: str, re
                         sent.token_offset = _offset_after(tokenizer, prompts[prompt_index], echoed,
                                                           echoed_logprobs)
                 event = _choice_chunk(request, tokenizer, sent, choice, index, echoed, echoed_logprobs, prompt_ids,
-                                      as_ids)
+                                      as_ids, prompts[prompt_index].embeds is not None)
                 if event is not None:
                     yield chunk([event], chunk_usage(request, len(prompts[prompt_index].token_ids),
                                                      len(choice.token_ids)))
@@ -201,7 +202,7 @@ def _offset_after(tokenizer: Any, prompt: Prompt, echoed: str, echoed_logprobs: 
 
 def _choice_chunk(request: CompletionRequest, tokenizer: Any, sent: ChoiceProgress, choice: CompletionOutput,
                   index: int, echoed: str, echoed_logprobs: CompletionLogprobs | None, prompt_ids: list[int] | None,
-                  as_ids: bool) -> CompletionChoice | None:
+                  as_ids: bool, embeds_prompt: bool) -> CompletionChoice | None:
     """The chunk that brings a streamed choice up to date, or None when it has nothing new. Its
     tokens' `text_offset`s count from the choice's start as a whole response's do (so text held
     back for a possible stop string does not shift them). `prompt_ids` are given for the
@@ -209,11 +210,13 @@ def _choice_chunk(request: CompletionRequest, tokenizer: Any, sent: ChoiceProgre
     if sent.finished:
         return None
     text = echoed + sent.new_text(choice.text)
+    first_alone = embeds_prompt and sent.num_tokens_sent == 0
     token_ids, entries = sent.new_tokens(choice.token_ids, choice.logprobs)
     logprobs = None
     if request.logprobs is not None and (token_ids or echoed_logprobs is not None):
-        logprobs = completion_logprobs(tokenizer, token_ids, entries, sent.token_offset, as_token_ids=as_ids)
-        sent.token_offset += text_length(tokenizer, token_ids)
+        logprobs = completion_logprobs(tokenizer, token_ids, entries, sent.token_offset, as_token_ids=as_ids,
+                                       first_alone=first_alone)
+        sent.token_offset += text_length(tokenizer, token_ids, first_alone)
         if echoed_logprobs is not None:
             logprobs = _joined(echoed_logprobs, logprobs)
     tokens_to_send = request.return_token_ids and (token_ids or prompt_ids is not None)

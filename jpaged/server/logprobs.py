@@ -37,20 +37,23 @@ def finite(logprob: float) -> float:
 
 
 def completion_logprobs(tokenizer: Any, token_ids: list[int], entries: list[dict[int, Logprob] | None],
-                        text_offset: int = 0, top: int | None = None, as_token_ids: bool = False) -> CompletionLogprobs:
+                        text_offset: int = 0, top: int | None = None, as_token_ids: bool = False,
+                        first_alone: bool = False) -> CompletionLogprobs:
     """The completions shape for `token_ids` with their engine entries (None where a token has
-    none, as a prompt's first); `text_offset` is where the first token's text starts. With
+    none, as a prompt's first); `text_offset` is where the first token's text starts
+    (`first_alone`: the first token starts a text, as an embeds prompt's output does, so it is
+    as long as its text decoded alone; see `text_length`). With
     `top` >= 0, each token's `top_logprobs` hold its own and at most the `top` most likely (an
     echoed prompt's entries may have been computed wider, for `prompt_logprobs`); None or -1
     (the whole vocabulary) keeps every entry. `as_token_ids`: tokens are named `token_id:N`
     (vLLM's `return_tokens_as_token_ids`) instead of by their text."""
     top = None if top is not None and top < 0 else top
     result = CompletionLogprobs()
-    for token_id, entry in zip(token_ids, entries):
+    for i, (token_id, entry) in enumerate(zip(token_ids, entries)):
         text = token_text(tokenizer, token_id)
         result.tokens.append(id_name(token_id) if as_token_ids else legacy_token(tokenizer, token_id, text))
         result.text_offset.append(text_offset)
-        text_offset += len(text)
+        text_offset += text_length(tokenizer, [token_id], first_alone and i == 0)
         if entry is None:
             result.token_logprobs.append(None)
             result.top_logprobs.append(None)
@@ -70,10 +73,16 @@ def id_name(token_id: int) -> str:
     return f"token_id:{token_id}"
 
 
-def text_length(tokenizer: Any, token_ids: list[int]) -> int:
+def text_length(tokenizer: Any, token_ids: list[int], first_alone: bool = False) -> int:
     """How far `text_offset` runs over `token_ids`: the length of each token's own text, a part of
-    a character counting as the one U+FFFD it decodes to (not as its `bytes:` name)."""
-    return sum(len(token_text(tokenizer, token_id)) for token_id in token_ids)
+    a character counting as the one U+FFFD it decodes to (not as its `bytes:` name). With
+    `first_alone` the first token starts a text (an embeds prompt's output, decoded without a
+    prompt before it), where a tokenizer drops the word-boundary space its text reads with
+    elsewhere: it counts as long as it decodes alone."""
+    lengths = [len(token_text(tokenizer, token_id)) for token_id in token_ids]
+    if first_alone and token_ids:
+        lengths[0] = len(tokenizer.decode(token_ids[:1]))
+    return sum(lengths)
 
 
 def legacy_token(tokenizer: Any, token_id: int, text: str) -> str:
