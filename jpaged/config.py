@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -597,7 +598,8 @@ class VisionConfig:
     Each image becomes `image_tokens(height, width)` embeddings that replace as many
     `image_token_id` placeholders in the prompt: `tokens_per_image` for LLaVA, and for LLaVA-NeXT
     (`grid_pinpoints`, its `image_grid_pinpoints` as (height, width) pairs) that many for the
-    whole image and more for its tiles (`jpaged/image_tiles.py`)."""
+    whole image and more for its tiles (`jpaged/image_tiles.py`); LLaVA-OneVision's as
+    LLaVA-NeXT's, its grid capped at `max_tiles` tiles (`vision_aspect_ratio` "anyres_max_N")."""
 
     hidden_size: int
     intermediate_size: int
@@ -613,6 +615,7 @@ class VisionConfig:
     image_token_id: int
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     class_token: bool = True
+    max_tiles: int = 0  # LLaVA-OneVision's cap on an image's grid (0: none, LLaVA-NeXT)
 
     @property
     def tokens_per_image(self) -> int:
@@ -622,29 +625,32 @@ class VisionConfig:
         """How many embeddings (and placeholders) an image of `height` x `width` pixels becomes."""
         if not self.grid_pinpoints:
             return self.tokens_per_image
-        return num_image_tokens(height, width, self.grid_pinpoints, self.image_size, self.image_size // self.patch_size)
+        return num_image_tokens(height, width, self.grid_pinpoints, self.image_size, self.image_size // self.patch_size,
+                                self.max_tiles)
 
     @classmethod
     def from_hf(cls, hf: dict) -> VisionConfig:
-        """From a LLaVA or LLaVA-NeXT config.json; ValueError for a vision tower or setting jpaged
-        does not run."""
+        """From a LLaVA, LLaVA-NeXT or LLaVA-OneVision config.json; ValueError for a vision tower
+        or setting jpaged does not run."""
+        architectures = hf.get("architectures") or []
+        onevision = "LlavaOnevisionForConditionalGeneration" in architectures
         vision = hf.get("vision_config") or {}
-        tower = vision.get("model_type", "clip_vision_model")
+        tower = vision.get("model_type", "siglip_vision_model" if onevision else "clip_vision_model")
         if tower not in _TOWER_DEFAULTS:
             raise ValueError(f"LLaVA's vision tower {tower!r} is not supported (supported: {', '.join(_TOWER_DEFAULTS)})")
         vision = _TOWER_DEFAULTS[tower] | vision
-        pinpoints = (_grid_pinpoints(hf.get("image_grid_pinpoints"), int(vision["image_size"]))
-                     if "LlavaNextForConditionalGeneration" in hf.get("architectures", []) else ())
-        if pinpoints and tower != "clip_vision_model":
+        tiled = onevision or "LlavaNextForConditionalGeneration" in architectures
+        pinpoints = _grid_pinpoints(hf.get("image_grid_pinpoints"), int(vision["image_size"])) if tiled else ()
+        if pinpoints and not onevision and tower != "clip_vision_model":
             raise ValueError(f"LLaVA-NeXT's vision tower {tower!r} is not supported (supported: clip_vision_model)")
-        strategy = hf.get("vision_feature_select_strategy", "default")
+        strategy = hf.get("vision_feature_select_strategy", "full" if onevision else "default")
         if strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported (supported: default, full)")
-        if pinpoints and strategy != "default":
-            raise ValueError(f"LLaVA-NeXT's vision_feature_select_strategy {strategy!r} is not supported (supported: "
-                             "default)")
+        if pinpoints and strategy != ("full" if onevision else "default"):
+            raise ValueError(f"{'LLaVA-OneVision' if onevision else 'LLaVA-NeXT'}'s vision_feature_select_strategy "
+                             f"{strategy!r} is not supported (supported: {'full' if onevision else 'default'})")
         num_layers = int(vision["num_hidden_layers"])
-        layers = hf.get("vision_feature_layer", -2)
+        layers = hf.get("vision_feature_layer", -1 if onevision else -2)
         layers = tuple(int(i) for i in (layers if isinstance(layers, list) else [layers]))
         if any(not -num_layers - 1 <= i <= num_layers for i in layers):
             raise ValueError(f"vision_feature_layer {layers} is outside the tower's {num_layers + 1} states")
@@ -667,7 +673,16 @@ class VisionConfig:
             image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 32000))),
             grid_pinpoints=pinpoints,
             class_token=tower == "clip_vision_model",
+            max_tiles=_max_tiles(hf.get("vision_aspect_ratio", "anyres_max_9")) if onevision else 0,
         )
+
+
+def _max_tiles(aspect_ratio) -> int:
+    """N of LLaVA-OneVision's `vision_aspect_ratio` "anyres_max_N". ValueError otherwise."""
+    match = re.fullmatch(r"anyres_max_([1-9][0-9]*)", str(aspect_ratio))
+    if match is None:
+        raise ValueError(f"vision_aspect_ratio {aspect_ratio!r} is not supported (supported: anyres_max_N)")
+    return int(match.group(1))
 
 
 def _check_mm_limits(limits) -> None:

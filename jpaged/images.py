@@ -242,7 +242,8 @@ class ImageProcessor:
 
     def pixel_values(self, images: list) -> list[np.ndarray]:
         """Each image's tiles, `[tiles, 3, H, W]` float32, as the model's processor prepares them
-        (one tile for LLaVA; the whole image, then its grid's tiles row by row, for LLaVA-NeXT)."""
+        (one tile for LLaVA; the whole image, then its grid's tiles row by row, for LLaVA-NeXT and
+        LLaVA-OneVision)."""
         tiles = [np.asarray(self._processor([image], return_tensors="np")["pixel_values"], np.float32)[0]
                  for image in images]
         return [pixels if pixels.ndim == 4 else pixels[None] for pixels in tiles]

@@ -1,13 +1,13 @@
 """Vision-language checkpoints: their language model, and LLaVA's vision tower beside it.
 
-LLaVA, LLaVA-NeXT, Gemma 3 (4B and up), Mistral Small 3.x, Qwen2-VL / Qwen2.5-VL and Qwen3-VL ship as
+LLaVA, LLaVA-NeXT, LLaVA-OneVision, Gemma 3 (4B and up), Mistral Small 3.x, Qwen2-VL / Qwen2.5-VL and Qwen3-VL ship as
 `*ForConditionalGeneration` folders: a vision encoder and a projector beside a language model of an
 architecture jpaged runs. `text_only_config` turns such a config.json into its language model's
 (`text_config`, under the text architecture, with the wrapper's embedding tying), and
 `language_model_weights` yields the language model's tensors under a causal LM's names, setting
 the vision tower's and the projector's aside. For text the language model computes what the whole
 model does: Qwen's multimodal RoPE, whose three sections all take a text token's one position, is
-plain RoPE. Only LLaVA and LLaVA-NeXT read images (`reads_images`; their tower runs in
+plain RoPE. Only the LLaVA family reads images (`reads_images`; its tower runs in
 `models/vision.py`); the others serve text alone. Plain Python: no jax.
 """
 
@@ -21,6 +21,7 @@ import numpy as np
 TEXT_ARCHITECTURES = {
     "LlavaForConditionalGeneration": None,
     "LlavaNextForConditionalGeneration": None,
+    "LlavaOnevisionForConditionalGeneration": None,
     "Gemma3ForConditionalGeneration": "Gemma3ForCausalLM",
     "Mistral3ForConditionalGeneration": "MistralForCausalLM",
     "Qwen2VLForConditionalGeneration": "Qwen2ForCausalLM",
@@ -35,12 +36,13 @@ _RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm
 _MROPE_KEYS = ("mrope_section", "mrope_interleaved")
 # LLaVA's vision tensors as `models/vision.py` names them
 _VISION_RENAMES = (("vision_tower.vision_model.", ""), ("vision_tower.", ""), ("multi_modal_projector.", "projector."))
-IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                       "LlavaOnevisionForConditionalGeneration")
 
 
 def reads_images(hf_config: dict) -> bool:
     """Whether config.json describes a vision-language model whose images jpaged reads (LLaVA,
-    LLaVA-NeXT)."""
+    LLaVA-NeXT, LLaVA-OneVision)."""
     return any(name in IMAGE_ARCHITECTURES for name in hf_config.get("architectures") or [])
 
 

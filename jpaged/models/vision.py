@@ -1,7 +1,8 @@
 """LLaVA's image side: a CLIP or SigLIP vision transformer and the projector into the language model.
 
 The engine runs it once per image when a request is added (`ImageEncoder.encode`; one tile per
-image for LLaVA, several for LLaVA-NeXT, whose tiles' embeddings `jpaged/image_tiles.py` packs); the
+image for LLaVA, several for LLaVA-NeXT and LLaVA-OneVision, whose tiles' embeddings
+`jpaged/image_tiles.py` packs); the
 resulting embeddings replace the prompt's image placeholder tokens in the steps that compute
 them (`LlamaForCausalLM.__call__`'s `images`). Math as transformers' `CLIPVisionModel` and
 `SiglipVisionModel` and `LlavaMultiModalProjector` (Liu et al., "Visual Instruction Tuning",
@@ -129,4 +130,5 @@ class ImageEncoder:
         features = np.concatenate([np.asarray(self._encode(self.params, tile[None])) for tile in tiles])
         if not self.cfg.grid_pinpoints:
             return features[0]
-        return pack_tiles(features, self.newline, height, width, self.cfg.grid_pinpoints, self.cfg.image_size)
+        return pack_tiles(features, self.newline, height, width, self.cfg.grid_pinpoints, self.cfg.image_size,
+                          self.cfg.max_tiles)
