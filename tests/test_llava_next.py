@@ -113,28 +113,41 @@ def test_greedy_tokens_match_hf_for_images_of_every_shape(llava_next):
     cases = [("t5 t6 <image> t7 t8", [_image(i, shape)]) for i, shape in enumerate(SHAPES)]
     cases += [("t9 <image> t10 <image> t11", [_image(20, (40, 90)), _image(21, (90, 40))]),
               ("t9 <image><image> t11", [_image(22, (33, 57)), _image(23, (60, 60))])]
+    outputs = check_greedy_matches_hf(model, processor, llm, cases)
+    assert len({len(out.prompt_token_ids) for out in outputs[:len(SHAPES)]}) > 3  # the shapes take their own counts
+
+
+def check_greedy_matches_hf(model, processor, llm, cases: list[tuple[str, list]]) -> list:
+    """`cases` (prompt text, images) in one batch: the widened prompts and greedy tokens are HF's
+    (`model`, `processor`), and every block is free after. Returns the outputs."""
     outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": images}} for text, images in cases],
                            GREEDY, use_tqdm=False)
     for (text, images), out in zip(cases, outputs):
         prompt, expected = _hf_greedy(model, processor, text, images)
         assert out.prompt_token_ids == prompt
         assert out.outputs[0].token_ids == expected, (text, [image.size for image in images])
-    assert len({len(out.prompt_token_ids) for out in outputs[:len(SHAPES)]}) > 3  # the shapes take their own counts
     assert _blocks_all_free(llm)
+    return outputs
 
 
 def test_server_chat_with_images_of_two_shapes(llava_next):
     """`/v1/chat/completions` through the official client with two `image_url` parts of different
     shapes answers as HF does for the rendered chat; `usage` and `/tokenize` count HF's widened
     prompt."""
+    _, model, processor, llm = llava_next
+    check_server_chat_with_two_images(model, processor, llm, [_image(30, (40, 90)), _image(31, (90, 40))])
+
+
+def check_server_chat_with_two_images(model, processor, llm, images) -> None:
+    """A chat with `images` as two `image_url` data URLs, through the server and the `openai`
+    client: HF's greedy tokens (`model`, `processor`) for the rendered chat, its widened prompt's
+    length as `usage` and as `/tokenize`'s tokens; every block free after."""
     openai = pytest.importorskip("openai")
     import httpx
     from server_thread import serving
 
     from jpaged.server.launch import create_app
 
-    _, model, processor, llm = llava_next
-    images = [_image(30, (40, 90)), _image(31, (90, 40))]
     urls = []
     for image in images:
         buffer = io.BytesIO()
@@ -145,13 +158,13 @@ def test_server_chat_with_images_of_two_shapes(llava_next):
                                              {"type": "text", "text": "t30"},
                                              {"type": "image_url", "image_url": {"url": urls[1]}}]}]
     prompt, expected = _hf_greedy(model, processor, "user: <image>\nt30\n<image> assistant:", images)
-    with serving(create_app(llm.engine, served_model_name="next", chat_template=template)) as base:
+    with serving(create_app(llm.engine, served_model_name="m", chat_template=template)) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
-        reply = client.chat.completions.create(model="next", messages=messages, max_tokens=8, temperature=0,
+        reply = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0,
                                                extra_body={"ignore_eos": True, "return_token_ids": True})
         assert reply.choices[0].token_ids == expected
         assert reply.usage.prompt_tokens == len(prompt)
-        tokenized = httpx.post(f"{base}/tokenize", json={"model": "next", "messages": messages}).json()
+        tokenized = httpx.post(f"{base}/tokenize", json={"model": "m", "messages": messages}).json()
         assert tokenized["tokens"] == prompt
     assert _blocks_all_free(llm)
 

@@ -8,8 +8,6 @@ placeholders it widens each image into, the packed image features (grids below a
 cap), and greedy tokens offline and through the server.
 """
 
-import base64
-import io
 import json
 
 import numpy as np
@@ -19,7 +17,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 from hf_models import randomize_weights, torch_single_thread  # noqa: E402
-from test_images import GREEDY, IMAGE_TOKEN, LLAMA_TEXT, _blocks_all_free, _hf_greedy, _tokenizer  # noqa: E402
+from test_images import IMAGE_TOKEN, LLAMA_TEXT, _tokenizer  # noqa: E402
+from test_llava_next import check_greedy_matches_hf, check_server_chat_with_two_images  # noqa: E402
 
 from jpaged import LLM  # noqa: E402
 from jpaged.config import VisionConfig  # noqa: E402
@@ -134,42 +133,14 @@ def test_greedy_tokens_match_hf(onevision):
     _, model, processor, llm = onevision
     cases = [("t5 t6 <image> t7 t8", [_image(i, shape)]) for i, shape in enumerate(SHAPES)]
     cases += [("t9 <image> t10 <image> t11", [_image(20, (40, 90)), _image(21, (90, 40))])]
-    outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": images}} for text, images in cases],
-                           GREEDY, use_tqdm=False)
-    for (text, images), out in zip(cases, outputs):
-        prompt, expected = _hf_greedy(model, processor, text, images)
-        assert out.prompt_token_ids == prompt
-        assert out.outputs[0].token_ids == expected, (text, [image.size for image in images])
-    assert _blocks_all_free(llm)
+    check_greedy_matches_hf(model, processor, llm, cases)
 
 
 def test_server_chat_with_two_images(onevision):
     """`/v1/chat/completions` through the official client with two `image_url` parts answers as HF
-    does for the rendered chat; `usage` counts HF's widened prompt."""
-    openai = pytest.importorskip("openai")
-    from server_thread import serving
-
-    from jpaged.server.launch import create_app
-
+    does for the rendered chat; `usage` and `/tokenize` count HF's widened prompt."""
     _, model, processor, llm = onevision
-    images = [_image(40, (40, 90)), _image(41, (90, 40))]
-    urls = []
-    for image in images:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
-    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}assistant:"
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[0]}},
-                                             {"type": "text", "text": "t30"},
-                                             {"type": "image_url", "image_url": {"url": urls[1]}}]}]
-    prompt, expected = _hf_greedy(model, processor, "user: <image>\nt30\n<image> assistant:", images)
-    with serving(create_app(llm.engine, served_model_name="ov", chat_template=template)) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
-        reply = client.chat.completions.create(model="ov", messages=messages, max_tokens=8, temperature=0,
-                                               extra_body={"ignore_eos": True, "return_token_ids": True})
-        assert reply.choices[0].token_ids == expected
-        assert reply.usage.prompt_tokens == len(prompt)
-    assert _blocks_all_free(llm)
+    check_server_chat_with_two_images(model, processor, llm, [_image(40, (40, 90)), _image(41, (90, 40))])
 
 
 def test_config_errors_name_the_setting():
