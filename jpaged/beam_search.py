@@ -14,8 +14,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
+from tqdm.auto import tqdm
+
 from jpaged.detokenizer import IncrementalDetokenizer
 from jpaged.engine_client import EngineClient
+from jpaged.lora import LoRARequest
 from jpaged.sampling_params import BeamSearchParams, SamplingParams
 from jpaged.sequence import Sequence
 
@@ -75,19 +78,23 @@ class _Search:
                                   finish_reason=finish_reason, num_prompt_tokens=len(beam.prompt_token_ids))
 
 
-def beam_search(engine: EngineClient, prompts: list, params: BeamSearchParams) -> list[BeamSearchOutput]:
-    """The `params.beam_width` best continuations of each prompt. ValueError for a beam width
-    whose `2 * beam_width` ranked continuations exceed the engine's `max_logprobs`, or a prompt
-    the engine refuses; RuntimeError when the beams cannot fit in the KV cache together."""
+def beam_search(engine: EngineClient, prompts: list, params: BeamSearchParams,
+                loras: list[LoRARequest | None] | None = None, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+    """The `params.beam_width` best continuations of each prompt, each through its LoRA adapter
+    in `loras` (None: the base model); `use_tqdm` shows the rounds (tokens) done. ValueError for
+    a beam width whose `2 * beam_width` ranked continuations exceed the engine's `max_logprobs`,
+    or a prompt or adapter the engine refuses; RuntimeError when the beams cannot fit in the KV
+    cache together."""
     if 2 * params.beam_width > engine.max_logprobs:
         smaller = f"use beam_width <= {engine.max_logprobs // 2} or " if engine.max_logprobs >= 2 else ""
         raise ValueError(f"beam_width {params.beam_width} needs the top {2 * params.beam_width} logprobs of every beam "
                          f"each step, more than max_logprobs {engine.max_logprobs}: {smaller}start the engine with a "
                          "larger max_logprobs")
     searches: list[_Search] = []
+    bar = tqdm(total=params.max_tokens, desc="Beam search", unit="tok", disable=not use_tqdm)
     try:
-        for prompt in prompts:
-            searches.append(_start(engine, prompt, params))
+        for prompt, lora in zip(prompts, loras or [None] * len(prompts)):
+            searches.append(_start(engine, prompt, params, lora))
         idle_steps, progress = 0, _Progress(engine)
         while not all(search.done for search in searches):
             idle_steps = 0 if engine.step() else idle_steps + 1
@@ -99,12 +106,15 @@ def beam_search(engine: EngineClient, prompts: list, params: BeamSearchParams) -
             for search in searches:
                 if not search.done:
                     _advance(engine, search)
+            bar.update(max(search.round for search in searches) - bar.n)
     except BaseException:  # an interrupt, a refused prompt or a failed step: no beam stays in the engine
         for search in searches:
             for beam in search.beams:
                 engine.free_sequence(beam)
             engine.abort_request(search.request_id)
         raise
+    finally:
+        bar.close()
     return [_output(engine, search) for search in searches]
 
 
@@ -128,11 +138,11 @@ class _Progress:
         return stats.num_preemptions - self.preemptions > 2 * max(live_beams, 1)
 
 
-def _start(engine: EngineClient, prompt, params: BeamSearchParams) -> _Search:
+def _start(engine: EngineClient, prompt, params: BeamSearchParams, lora: LoRARequest | None) -> _Search:
     request_id = f"beam-search-{next(_search_ids)}"
     step_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True,
                                  logprobs=2 * params.beam_width)
-    engine.add_request(request_id, prompt, step_params)
+    engine.add_request(request_id, prompt, step_params, lora_request=lora)
     first = engine.get_sequence(request_id)
     first.request.may_draft = False  # a round takes one token a beam
     max_tokens = min(params.max_tokens, engine.max_model_len - len(first.prompt_token_ids))  # generate's limit too

@@ -368,6 +368,11 @@ class ModelConfig:
             sliding_windows=layer_windows(arch, hf),
             **ModelConfig._moe_fields(arch, hf),
         )
+        for key, name in (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
+                          ("num_hidden_layers", "num_layers"), ("num_attention_heads", "num_heads"),
+                          ("num_key_value_heads", "num_kv_heads"), ("max_position_embeddings", "max_position_embeddings")):
+            if fields[name] < 1:
+                raise ValueError(f"config.json's {key} must be >= 1, got {fields[name]}")
         family = _gemma_fields(arch, hf) if arch.startswith("gemma") else _FAMILY_FIELDS.get(arch, lambda hf: {})(hf)
         return cls(**{**fields, **family})
 

@@ -281,12 +281,16 @@ class LLM:
             bar.close()
         return [finished[request_id] for request_id in request_ids]
 
-    def beam_search(self, prompts: PromptType | SequenceABC[PromptType], params: BeamSearchParams
-                    ) -> list[BeamSearchOutput]:
-        """The `params.beam_width` best continuations of each prompt, best first."""
+    def beam_search(self, prompts: PromptType | SequenceABC[PromptType], params: BeamSearchParams,
+                    lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """The `params.beam_width` best continuations of each prompt, best first, through the
+        LoRA adapter `lora_request` names (one for every prompt, or one per prompt, None for the
+        base model), as `generate` takes it; `use_tqdm` shows a bar of the rounds (tokens) done."""
         prompts = _prompt_list(prompts)
+        loras = _per_prompt_loras(lora_request, len(prompts))
         self._check_no_other_requests("beam_search")
-        return beam_search(self.engine, prompts, params)
+        return beam_search(self.engine, prompts, params, loras, use_tqdm)
 
     def _check_no_other_requests(self, call: str) -> None:
         """RuntimeError where the engine holds requests added through `engine.add_request`: `call`

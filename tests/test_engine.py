@@ -512,6 +512,12 @@ def test_max_model_len_beyond_the_model_is_refused(stories_path, tmp_path):
     assert windowed.max_model_len == 512 and set(windowed.model_config.sliding_windows) == {128}
 
 
+@pytest.mark.parametrize("key", ["num_hidden_layers", "max_position_embeddings", "num_attention_heads", "vocab_size"])
+def test_sizes_below_one_are_refused_at_load_naming_the_key(stories_path, key):
+    with pytest.raises(ValueError, match=f"config.json's {key} must be >= 1, got 0"):
+        LLM(stories_path, hf_overrides={key: 0}, num_blocks=8)
+
+
 def test_unknown_architecture_and_broken_weights(stories_path, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(stories_path, folder)

@@ -17,7 +17,7 @@ peft = pytest.importorskip("peft")
 
 from hf_models import hf_greedy, save_random_model, torch_single_thread  # noqa: E402
 
-from jpaged import LLM, LoRARequest, SamplingParams  # noqa: E402
+from jpaged import LLM, BeamSearchParams, LoRARequest, SamplingParams  # noqa: E402
 from jpaged.config import EngineConfig, LoRAConfig, ParallelConfig  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 13, 20, 30, 4, 8, 17, 22, 41, 7, 3], [1, 44, 6, 27, 33]]
@@ -110,6 +110,27 @@ def test_adapters_and_the_base_model_in_one_batch_match_peft(llama, llama_llm):
     _, requests, oracle = llama
     assert len({tuple(oracle[name][0][0]) for name in oracle}) == len(oracle), "the adapters change no token"
     check_against_peft(llama_llm, requests, oracle, [None, "qv-down", "rs-k-o-mlp"])
+
+
+def test_beam_search_through_an_adapter_matches_peft(llama, llama_llm):
+    """`LLM.beam_search(..., lora_request=...)`: one prompt through an adapter, one through the
+    base model, each beam list and score as HF's beam search on the PEFT model (or the base)."""
+    from test_beam_search import hf_beams
+
+    base, requests, _ = llama
+    params = BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True)
+    names = ["all", None]
+    outputs = llama_llm.beam_search([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=True,
+                                    lora_request=[None if name is None else requests[name] for name in names])
+    for prompt, name, output in zip(PROMPTS, names, outputs):
+        model = peft_model(base, None if name is None else requests[name].lora_path)
+        with torch_single_thread():
+            tokens, scores = hf_beams(model, prompt, params.beam_width, params.max_tokens, params.length_penalty)
+        assert [s.token_ids for s in output.sequences] == tokens, name
+        np.testing.assert_allclose([s.score for s in output.sequences], scores, atol=1e-4)
+    assert outputs[0].sequences[0].token_ids != llama_llm.beam_search(PROMPTS[0], params)[0].sequences[0].token_ids
+    stats = llama_llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_blocks
 
 
 def test_more_adapters_than_slots_take_turns(llama, llama_llm):

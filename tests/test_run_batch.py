@@ -140,10 +140,18 @@ def test_malformed_files_are_refused_naming_the_line(tmp_path, text, message):
         read_batch(path)
 
 
-def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path, monkeypatch):
+    """In a file, and on standard input ("-") as a pipe gives it (bytes, decoded here)."""
     path = tmp_path / "in.jsonl"
     path.write_bytes("\ufeff".encode() + _line("a", "/v1/completions", {"prompt": "Tom"}).encode())
     assert [line.custom_id for line in read_batch(path)] == ["a"]
+    for data, expected in ((path.read_bytes(), None), (b"\xff\xfe{}", "- is not UTF-8 text")):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data), encoding="latin-1"))
+        if expected is None:
+            assert [line.custom_id for line in read_batch("-")] == ["a"]
+        else:
+            with pytest.raises(ValueError, match=expected):
+                read_batch("-")
 
 
 def test_command_line(model_folder, tmp_path, capsys):

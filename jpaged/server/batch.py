@@ -56,7 +56,7 @@ def read_batch(path: str | Path) -> list[BatchRequestLine]:
         OSError: the file cannot be read.
     """
     try:
-        text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8-sig")
+        text = (sys.stdin.buffer.read() if str(path) == "-" else Path(path).read_bytes()).decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path} is not UTF-8 text ({err}); a batch file is JSON lines") from None
     lines, seen = [], {}
