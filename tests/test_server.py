@@ -154,8 +154,8 @@ def _greedy(llm, prompts, max_tokens):
     return [o.outputs[0].text for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-def test_models_health_and_api_key(server):
-    assert [m.id for m in server.client().models.list().data] == ["stories"]
+def test_models_health_and_api_key(server, model_folder):
+    assert [(m.id, m.root) for m in server.client().models.list().data] == [("stories", str(model_folder))]
     assert server.client().models.retrieve("stories").id == "stories"
     with pytest.raises(openai.NotFoundError, match="the model `other/model` does not exist") as missing:
         server.client().models.retrieve("other/model")
@@ -381,6 +381,8 @@ BAD_INPUTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
                               "tools": [TOOLS[0], TOOLS[0]]}, "tools"),
     ("/v1/completions", {"prompt": "hi", "structured_outputs": {}}, "structured_outputs"),
+    ("/v1/completions", {"prompt": "hi", "guided_json": {"type": "object"}}, "guided_json"),  # vLLM's former field
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "guided_choice": ["a"]}, "guided_choice"),
     ("/v1/completions", {"prompt": "hi", "structured_outputs": {"regex": "a", "colour": "red"}}, "structured_outputs"),
     ("/v1/completions", {"prompt": "hi", "structured_outputs": {"regex": "(a"}}, "structured_outputs"),
     ("/v1/completions", {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": "oops"}},

@@ -185,7 +185,7 @@ async def _model(model: str, request: Request) -> ModelCard:
     name = state.model(model)
     lora = state.loras.get(name)
     if lora is None:
-        return ModelCard(id=name, max_model_len=state.engine.max_model_len)
+        return ModelCard(id=name, max_model_len=state.engine.max_model_len, root=state.engine.model_name)
     return ModelCard(id=name, max_model_len=state.engine.max_model_len, root=str(lora.lora_path),
                      parent=state.model_name)
 

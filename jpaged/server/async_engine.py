@@ -152,6 +152,11 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def model_name(self) -> str:
+        """The model as the engine was given it (a path or hub id)."""
+        return self.engine.model_name
+
+    @property
     def vision_config(self) -> VisionConfig | None:
         return self.engine.vision_config
 

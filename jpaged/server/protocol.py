@@ -80,8 +80,25 @@ class StreamOptions(_Request):
     continuous_usage_stats: StrictBool = False  # vLLM's: with include_usage, usage in every chunk
 
 
+# vLLM's structured-output fields before `structured_outputs` replaced them: refused, not ignored
+# (ignored, a request would get unconstrained text)
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar", "guided_whitespace_pattern": None, "guided_decoding_backend": None}
+
+
 class SamplingFields(_Body):
     """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_guided_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (given := [name for name in _GUIDED_FIELDS if name in data]):
+            key = _GUIDED_FIELDS[given[0]]
+            instead = f'structured_outputs={{"{key}": ...}}' if key else "structured_outputs"
+            raise PydanticCustomError("guided_field", "{field} is vLLM's former structured-output field, no longer "
+                                      "read: use {instead} (or response_format)",
+                                      {"field": given[0], "instead": instead, "param": given[0]})
+        return data
 
     model: str | None = None
     n: int = 1
@@ -530,7 +547,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "jpaged"
-    root: str | None = None  # a LoRA adapter's folder (vLLM's field)
+    root: str | None = None  # the model as the engine was given it, or a LoRA adapter's folder (vLLM's field)
     parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
 
