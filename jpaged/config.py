@@ -38,6 +38,7 @@ SUPPORTED_ARCHITECTURES = {
     "Olmo3ForCausalLM": "olmo3",
     "SmolLM3ForCausalLM": "smollm3",
     "GptOssForCausalLM": "gpt_oss",
+    "Exaone4ForCausalLM": "exaone4",
 }
 # Base models without an LM head (an embedding model's checkpoint), and sequence and token
 # classifiers (a `score` head instead of the LM head), all for runner "pooling"
@@ -47,7 +48,7 @@ SUPPORTED_ARCHITECTURES.update({name.replace("ForCausalLM", suffix).replace("Gem
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2",
                "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "granitemoe": "granitemoe",
-               "olmo2": "olmo2", "olmo3": "olmo3", "smollm3": "smollm3", "gpt_oss": "gpt_oss"}
+               "olmo2": "olmo2", "olmo3": "olmo3", "smollm3": "smollm3", "gpt_oss": "gpt_oss", "exaone4": "exaone4"}
 # The projections the model keeps fused, each with its parts in order (`models/llama.py`); Phi-3's
 # checkpoints (and so its LoRA adapters) name them so too.
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -362,7 +363,7 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch.startswith("gemma") or arch == "smollm3")),
             qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True)))
             or (arch == "gpt_oss" and bool(hf.get("attention_bias", True))),
-            qk_norm=arch in ("qwen3", "qwen3_moe", "olmo2", "olmo3"),
+            qk_norm=arch in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "exaone4"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             sliding_windows=layer_windows(arch, hf),
@@ -536,7 +537,15 @@ _FAMILY_FIELDS = {
     "olmo3": lambda hf: dict(norm_layout="post", qk_norm_over_heads=True, **_olmo3_ropes(hf)),
     "smollm3": lambda hf: dict(rope_layers=() if all(flags := _rope_flags(hf)) else tuple(flags)),
     "gpt_oss": _gpt_oss_fields,
+    "exaone4": lambda hf: dict(norm_layout="post", rope_layers=_exaone4_rope_layers(hf)),
 }
+
+
+def _exaone4_rope_layers(hf: dict) -> tuple[bool, ...]:
+    """Which layers of an EXAONE 4 config apply RoPE: with windows, only the windowed ones (its
+    global layers are NoPE, as HF's `Exaone4Attention` reads them); () where every layer does."""
+    windows = layer_windows("exaone4", hf)
+    return tuple(window > 0 for window in windows) if windows and not all(windows) else ()
 
 
 def layer_windows(arch: str, hf: dict) -> tuple[int, ...]:
@@ -571,6 +580,10 @@ def layer_windows(arch: str, hf: dict) -> tuple[int, ...]:
     elif arch == "gemma3":  # configs from before `layer_types`: every `sliding_window_pattern`-th layer is global
         pattern = int(hf.get("sliding_window_pattern", 6))
         windowed = [(i + 1) % pattern != 0 for i in range(num_layers)]
+    elif arch == "exaone4":  # `sliding_window_pattern`: every N-th layer global, or a string such as "LLLG" repeated
+        pattern = hf.get("sliding_window_pattern", 4)
+        windowed = ([pattern[i % len(pattern)] == "L" for i in range(num_layers)] if isinstance(pattern, str)
+                    else [(i + 1) % int(pattern) != 0 for i in range(num_layers)])
     elif hf.get("use_sliding_window", False):
         first = int(hf.get("max_window_layers", num_layers))
         windowed = [i >= first for i in range(num_layers)]

@@ -169,6 +169,11 @@ CASES = {
                                      rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                       "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                                                       "original_max_position_embeddings": 64})),
+    # EXAONE 4: OLMo 2's post-norms with per-head q / k norms, a window (6) on the first layer and no
+    # RoPE on the global one (`sliding_window_pattern` 2).
+    "exaone4": ("Exaone4Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      pad_token_id=0, tie_word_embeddings=False, sliding_window=6,
+                                      sliding_window_pattern=2)),
     # OLMo 2: norms after attention and the MLP only, q / k norms over all heads.
     "olmo2": ("Olmo2Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
                                   tie_word_embeddings=False)),
@@ -285,6 +290,9 @@ def test_config_reaches_engine(case, llm):
         assert (cfg.rope.theta, cfg.rope.scaling_type, cfg.rope.factor) == (5e5, "yarn", 4.0)
     elif case.name == "olmo2":
         assert cfg.qk_norm_over_heads
+    elif case.name == "exaone4":
+        assert saved["layer_types"] == ["sliding_attention", "full_attention"]
+        assert cfg.sliding_windows == (6, 0) and cfg.rope_layers == (True, False)
     elif case.name == "gpt_oss":
         assert cfg.sliding_windows == (6, 0) and cfg.attention_sinks and cfg.o_bias and cfg.moe_bias
         assert (cfg.rope.scaling_type, cfg.rope.truncate, cfg.swiglu_limit, cfg.swiglu_alpha) == ("yarn", False, 7.0, 1.702)
@@ -292,10 +300,10 @@ def test_config_reaches_engine(case, llm):
     else:
         assert cfg.rope.scaling_type == "default"
     assert cfg.qkv_bias == case.name.startswith(("qwen2", "gpt_oss"))
-    assert cfg.qk_norm == case.name.startswith(("qwen3", "gemma3", "olmo"))
+    assert cfg.qk_norm == case.name.startswith(("qwen3", "gemma3", "olmo", "exaone4"))
     assert cfg.qk_norm_over_heads == case.name.startswith("olmo")
-    assert cfg.norm_layout == {"gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post", "olmo3": "post"}.get(
-        case.name, "pre")
+    assert cfg.norm_layout == {"gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post", "olmo3": "post",
+                               "exaone4": "post"}.get(case.name, "pre")
     assert cfg.is_moe == (case.name in MOE_CASES)
     if cfg.is_moe:
         num_experts = getattr(hf_cfg, "num_experts", None) or hf_cfg.num_local_experts
