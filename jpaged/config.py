@@ -39,6 +39,7 @@ SUPPORTED_ARCHITECTURES = {
     "SmolLM3ForCausalLM": "smollm3",
     "GptOssForCausalLM": "gpt_oss",
     "Exaone4ForCausalLM": "exaone4",
+    "SeedOssForCausalLM": "seed_oss",
 }
 # Base models without an LM head (an embedding model's checkpoint), and sequence and token
 # classifiers (a `score` head instead of the LM head), all for runner "pooling"
@@ -48,7 +49,8 @@ SUPPORTED_ARCHITECTURES.update({name.replace("ForCausalLM", suffix).replace("Gem
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2",
                "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "granitemoe": "granitemoe",
-               "olmo2": "olmo2", "olmo3": "olmo3", "smollm3": "smollm3", "gpt_oss": "gpt_oss", "exaone4": "exaone4"}
+               "olmo2": "olmo2", "olmo3": "olmo3", "smollm3": "smollm3", "gpt_oss": "gpt_oss", "exaone4": "exaone4",
+               "seed_oss": "seed_oss"}
 # The projections the model keeps fused, each with its parts in order (`models/llama.py`); Phi-3's
 # checkpoints (and so its LoRA adapters) name them so too.
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -336,10 +338,12 @@ class ModelConfig:
             )
         if arch == "gpt_oss":
             hf = _gpt_oss_defaults(hf)
+        if arch == "seed_oss":  # as HF's `SeedOssConfig` fills them
+            hf = {"head_dim": 128, "attention_bias": True, **hf}
         if not arch.startswith("gemma") and hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (supported: silu)")
         for flag, what in (("attention_bias", "q / k / v / o projection biases"), ("mlp_bias", "MLP biases")):
-            if hf.get(flag) and not (arch == "gpt_oss" and flag == "attention_bias"):
+            if hf.get(flag) and not (arch in ("gpt_oss", "seed_oss") and flag == "attention_bias"):
                 raise ValueError(f"{flag}=True ({what}) is not supported: jpaged's Llama-family layers have "
                                  "biases only on q / k / v, as Qwen2's")
         num_heads = int(hf["num_attention_heads"])
@@ -362,7 +366,7 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch.startswith("gemma") or arch == "smollm3")),
             qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True)))
-            or (arch == "gpt_oss" and bool(hf.get("attention_bias", True))),
+            or (arch in ("gpt_oss", "seed_oss") and bool(hf.get("attention_bias", True))),
             qk_norm=arch in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "exaone4"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -538,6 +542,7 @@ _FAMILY_FIELDS = {
     "smollm3": lambda hf: dict(rope_layers=() if all(flags := _rope_flags(hf)) else tuple(flags)),
     "gpt_oss": _gpt_oss_fields,
     "exaone4": lambda hf: dict(norm_layout="post", rope_layers=_exaone4_rope_layers(hf)),
+    "seed_oss": lambda hf: dict(o_bias=bool(hf.get("attention_out_bias", False))),
 }
 
 

@@ -174,6 +174,9 @@ CASES = {
     "exaone4": ("Exaone4Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                       pad_token_id=0, tie_word_embeddings=False, sliding_window=6,
                                       sliding_window_pattern=2)),
+    # Seed-OSS: biases on q / k / v and (`attention_out_bias`) on o.
+    "seed_oss": ("SeedOssConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       attention_out_bias=True, tie_word_embeddings=False)),
     # OLMo 2: norms after attention and the MLP only, q / k norms over all heads.
     "olmo2": ("Olmo2Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
                                   tie_word_embeddings=False)),
@@ -299,7 +302,8 @@ def test_config_reaches_engine(case, llm):
         assert cfg.rope.attention_factor == pytest.approx(case.model.model.rotary_emb.attention_scaling)
     else:
         assert cfg.rope.scaling_type == "default"
-    assert cfg.qkv_bias == case.name.startswith(("qwen2", "gpt_oss"))
+    assert cfg.qkv_bias == case.name.startswith(("qwen2", "gpt_oss", "seed_oss"))
+    assert cfg.o_bias == case.name.startswith(("gpt_oss", "seed_oss"))
     assert cfg.qk_norm == case.name.startswith(("qwen3", "gemma3", "olmo", "exaone4"))
     assert cfg.qk_norm_over_heads == case.name.startswith("olmo")
     assert cfg.norm_layout == {"gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post", "olmo3": "post",
