@@ -40,6 +40,8 @@ SUPPORTED_ARCHITECTURES = {
     "GptOssForCausalLM": "gpt_oss",
     "Exaone4ForCausalLM": "exaone4",
     "SeedOssForCausalLM": "seed_oss",
+    "MinistralForCausalLM": "mistral",
+    "Ministral3ForCausalLM": "mistral",
 }
 # Base models without an LM head (an embedding model's checkpoint), and sequence and token
 # classifiers (a `score` head instead of the LM head), all for runner "pooling"
@@ -50,7 +52,7 @@ MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3"
                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2",
                "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "granitemoe": "granitemoe",
                "olmo2": "olmo2", "olmo3": "olmo3", "smollm3": "smollm3", "gpt_oss": "gpt_oss", "exaone4": "exaone4",
-               "seed_oss": "seed_oss"}
+               "seed_oss": "seed_oss", "ministral": "mistral", "ministral3": "mistral"}
 # The projections the model keeps fused, each with its parts in order (`models/llama.py`); Phi-3's
 # checkpoints (and so its LoRA adapters) name them so too.
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -278,7 +280,9 @@ class ModelConfig:
     # head only (Phi-4-mini; None: all); attention's and the MLP's outputs multiplied by
     # `residual_multiplier` and logits divided by `logits_scaling` (Granite); q / k norms over all
     # heads at once rather than per head (`qk_norm_over_heads`, OLMo 2); which layers apply RoPE
-    # at all (`rope_layers`, one bool per layer; () where all do: SmolLM3's NoPE layers do not).
+    # at all (`rope_layers`, one bool per layer; () where all do: SmolLM3's NoPE layers do not);
+    # queries after RoPE multiplied by 1 + `query_scale_beta` * ln(1 + floor(position /
+    # `query_scale_period`)) (Ministral 3's `llama_4_scaling_beta`: 0, none).
     # `multiplies_input_embeds`: the multiplier also scales embeddings given in place of tokens
     # (images, embeds prompts), as HF's Granite scales its `inputs_embeds`; otherwise it is part of
     # the table lookup, as HF's Gemma embedding module applies it.
@@ -296,6 +300,8 @@ class ModelConfig:
     logits_scaling: float = 1.0
     qk_norm_over_heads: bool = False
     rope_layers: tuple[bool, ...] = ()
+    query_scale_beta: float = 0.0
+    query_scale_period: int = 1
     # gpt-oss: a bias on attention's output projection (`o_bias`); a learned logit per query head
     # that joins each softmax's denominator (`attention_sinks`, Xiao et al. 2023's attention sinks as
     # gpt-oss learns them); biases on the router and on every expert's projections (`moe_bias`);
@@ -371,6 +377,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             sliding_windows=layer_windows(arch, hf),
+            **_query_scale(hf),
             **ModelConfig._moe_fields(arch, hf),
         )
         for key, name in (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
@@ -544,6 +551,20 @@ _FAMILY_FIELDS = {
     "exaone4": lambda hf: dict(norm_layout="post", rope_layers=_exaone4_rope_layers(hf)),
     "seed_oss": lambda hf: dict(o_bias=bool(hf.get("attention_out_bias", False))),
 }
+
+
+def _query_scale(hf: dict) -> dict:
+    """The query scaling by position of Ministral 3 (its rope parameters' `llama_4_scaling_beta`,
+    over their `original_max_position_embeddings`), as HF's `Ministral3Attention` applies it."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    beta = params.get("llama_4_scaling_beta")
+    if not beta:
+        return {}
+    period = params.get("original_max_position_embeddings")
+    if not is_integer(period) or period < 1:
+        raise ValueError(f"llama_4_scaling_beta needs the rope parameters' original_max_position_embeddings, an "
+                         f"integer >= 1, got {period!r}")
+    return dict(query_scale_beta=float(beta), query_scale_period=int(period))
 
 
 def _exaone4_rope_layers(hf: dict) -> tuple[bool, ...]:

@@ -174,6 +174,19 @@ CASES = {
     "exaone4": ("Exaone4Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                       pad_token_id=0, tie_word_embeddings=False, sliding_window=6,
                                       sliding_window_pattern=2)),
+    # Ministral 3: YaRN (as its config defaults it, mscale terms included) and queries scaled up by
+    # position (`llama_4_scaling_beta`, each 16 positions: the prompts and outputs reach past 48).
+    "ministral3": ("Ministral3Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                            tie_word_embeddings=False,
+                                            rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                                             "original_max_position_embeddings": 16,
+                                                             "max_position_embeddings": 256, "beta_fast": 32.0,
+                                                             "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                                             "llama_4_scaling_beta": 0.4})),
+    # Ministral: Mistral's layers, windowed (6) where `layer_types` says.
+    "ministral": ("MinistralConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                          tie_word_embeddings=False, sliding_window=6,
+                                          layer_types=["full_attention", "sliding_attention"])),
     # Seed-OSS: biases on q / k / v and (`attention_out_bias`) on o.
     "seed_oss": ("SeedOssConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                        attention_out_bias=True, tie_word_embeddings=False)),
@@ -293,6 +306,11 @@ def test_config_reaches_engine(case, llm):
         assert (cfg.rope.theta, cfg.rope.scaling_type, cfg.rope.factor) == (5e5, "yarn", 4.0)
     elif case.name == "olmo2":
         assert cfg.qk_norm_over_heads
+    elif case.name == "ministral3":
+        assert (cfg.query_scale_beta, cfg.query_scale_period) == (0.4, 16) and cfg.rope.scaling_type == "yarn"
+        assert cfg.rope.attention_factor == pytest.approx(case.model.model.rotary_emb.attention_scaling)
+    elif case.name == "ministral":
+        assert cfg.sliding_windows == (0, 6)
     elif case.name == "exaone4":
         assert saved["layer_types"] == ["sliding_attention", "full_attention"]
         assert cfg.sliding_windows == (6, 0) and cfg.rope_layers == (True, False)

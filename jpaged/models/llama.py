@@ -333,6 +333,10 @@ class LlamaForCausalLM(nnx.Module):
         windows = jnp.asarray(cfg.sliding_windows, jnp.int32) if cfg.sliding_windows else None
         rope_layers = jnp.asarray(cfg.rope_layers) if cfg.rope_layers else None
         scale = cfg.attention_scale or cfg.head_dim**-0.5
+        query_scale = None
+        if cfg.query_scale_beta:  # Ministral 3: queries scaled up with the position, past each period
+            periods = jnp.floor(positions.astype(jnp.float32) / cfg.query_scale_period)
+            query_scale = (1 + cfg.query_scale_beta * jnp.log1p(periods))[:, None, None]
 
         def layer_step(carry, index):
             hidden, k_cache, v_cache = carry
@@ -347,6 +351,8 @@ class LlamaForCausalLM(nnx.Module):
                 cos, sin = layer_rope
                 layer_rope = (jnp.where(rope_layers[model_layer], cos, 1.0), jnp.where(rope_layers[model_layer], sin, 0.0))
             q, k, v = jax.lax.switch(index, qkv, hidden, layer_rope)
+            if query_scale is not None:
+                q = q * query_scale.astype(q.dtype)
             sinks = jax.lax.switch(index, layer_sinks) if cfg.attention_sinks else None
             attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, scale, window=window,
                                                         softcap=cfg.attn_logit_softcapping, sinks=sinks)
