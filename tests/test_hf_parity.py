@@ -183,10 +183,6 @@ CASES = {
                                                              "max_position_embeddings": 256, "beta_fast": 32.0,
                                                              "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                                                              "llama_4_scaling_beta": 0.4})),
-    # Ministral: Mistral's layers, windowed (6) where `layer_types` says.
-    "ministral": ("MinistralConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                          tie_word_embeddings=False, sliding_window=6,
-                                          layer_types=["full_attention", "sliding_attention"])),
     # Seed-OSS: biases on q / k / v and (`attention_out_bias`) on o.
     "seed_oss": ("SeedOssConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                        attention_out_bias=True, tie_word_embeddings=False)),
@@ -309,8 +305,6 @@ def test_config_reaches_engine(case, llm):
     elif case.name == "ministral3":
         assert (cfg.query_scale_beta, cfg.query_scale_period) == (0.4, 16) and cfg.rope.scaling_type == "yarn"
         assert cfg.rope.attention_factor == pytest.approx(case.model.model.rotary_emb.attention_scaling)
-    elif case.name == "ministral":
-        assert cfg.sliding_windows == (0, 6)
     elif case.name == "exaone4":
         assert saved["layer_types"] == ["sliding_attention", "full_attention"]
         assert cfg.sliding_windows == (6, 0) and cfg.rope_layers == (True, False)
@@ -456,6 +450,21 @@ def test_longrope_factor_lists_are_checked_when_read(long_factor, message):
                   rope_scaling={"type": "su", "short_factor": [1.0] * 8, "long_factor": long_factor})
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_hf(config)
+
+
+def test_ministral_windows_follow_layer_types():
+    """Ministral's layers are Mistral's (the engine's Mistral case runs them), windowed where HF's
+    `MinistralConfig` lays out `layer_types`, or every layer where it gives none."""
+    from jpaged.config import ModelConfig
+
+    sizes = dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, sliding_window=6)
+    for layer_types, windows in ((["full_attention", "sliding_attention", "full_attention"], (0, 6, 0)),
+                                 (None, (6, 6, 6))):
+        config = transformers.MinistralConfig(**sizes, layer_types=layer_types)
+        ours = ModelConfig.from_hf({**config.to_dict(), "architectures": ["MinistralForCausalLM"]})
+        assert (ours.architecture, ours.sliding_windows) == ("mistral", windows)
+        assert windows == tuple(6 if kind == "sliding_attention" else 0 for kind in config.layer_types)
 
 
 def test_olmo3_hub_config_read_as_hf_reads_it():
