@@ -42,6 +42,7 @@ SUPPORTED_ARCHITECTURES = {
     "SeedOssForCausalLM": "seed_oss",
     "MinistralForCausalLM": "mistral",
     "Ministral3ForCausalLM": "mistral",
+    "Ernie4_5ForCausalLM": "ernie4_5",
 }
 # Base models without an LM head (an embedding model's checkpoint), and sequence and token
 # classifiers (a `score` head instead of the LM head), all for runner "pooling"
@@ -52,7 +53,8 @@ MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3"
                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "gemma": "gemma", "gemma2": "gemma2",
                "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "granitemoe": "granitemoe",
                "olmo2": "olmo2", "olmo3": "olmo3", "smollm3": "smollm3", "gpt_oss": "gpt_oss", "exaone4": "exaone4",
-               "seed_oss": "seed_oss", "ministral": "mistral", "ministral3": "mistral"}
+               "seed_oss": "seed_oss", "ministral": "mistral", "ministral3": "mistral",
+               "ernie4_5": "ernie4_5"}
 # The projections the model keeps fused, each with its parts in order (`models/llama.py`); Phi-3's
 # checkpoints (and so its LoRA adapters) name them so too.
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -302,6 +304,9 @@ class ModelConfig:
     rope_layers: tuple[bool, ...] = ()
     query_scale_beta: float = 0.0
     query_scale_period: int = 1
+    # RoPE pairs dims 2i and 2i + 1 (GLM, ERNIE 4.5) rather than i and i + d/2: the q / k rows are
+    # reordered when read (`loader/rope_rows.py`), and the model computes rotate-half RoPE as always
+    rope_interleaved: bool = False
     # gpt-oss: a bias on attention's output projection (`o_bias`); a learned logit per query head
     # that joins each softmax's denominator (`attention_sinks`, Xiao et al. 2023's attention sinks as
     # gpt-oss learns them); biases on the router and on every expert's projections (`moe_bias`);
@@ -346,6 +351,10 @@ class ModelConfig:
             hf = _gpt_oss_defaults(hf)
         if arch == "seed_oss":  # as HF's `SeedOssConfig` fills them
             hf = {"head_dim": 128, "attention_bias": True, **hf}
+        if arch == "ernie4_5":  # as HF's `Ernie4_5Config` fills them
+            hf = {"head_dim": 128, "tie_word_embeddings": True, **hf}
+            if hf.get("use_bias"):
+                raise ValueError("ernie4_5: use_bias=True (biases on every projection) is not supported")
         if not arch.startswith("gemma") and hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (supported: silu)")
         for flag, what in (("attention_bias", "q / k / v / o projection biases"), ("mlp_bias", "MLP biases")):
@@ -550,6 +559,7 @@ _FAMILY_FIELDS = {
     "gpt_oss": _gpt_oss_fields,
     "exaone4": lambda hf: dict(norm_layout="post", rope_layers=_exaone4_rope_layers(hf)),
     "seed_oss": lambda hf: dict(o_bias=bool(hf.get("attention_out_bias", False))),
+    "ernie4_5": lambda hf: dict(rope_interleaved=True),
 }
 
 

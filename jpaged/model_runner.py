@@ -34,7 +34,14 @@ from jpaged.huge_pages import collapse_in_background
 from jpaged.interrupts import interrupts_held
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
 from jpaged.loader.host_store import HostStore
-from jpaged.loader.weights import load_params, param_formats, replicate_kv_heads, split_fused_tensors, zeros_at
+from jpaged.loader.weights import (
+    load_params,
+    param_formats,
+    replicate_kv_heads,
+    rotate_half_rows,
+    split_fused_tensors,
+    zeros_at,
+)
 from jpaged.lora_slots import LoRASlots
 from jpaged.models.llama import LlamaForCausalLM
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
@@ -172,7 +179,8 @@ class ModelRunner:
         self.mesh = mesh
         kv_heads = kv_heads_per_model(model_config, self.parallel.tensor_parallel_size)
         weights_kv_heads = model_config.num_kv_heads
-        weights = replicate_kv_heads(split_fused_tensors(weights, model_config), model_config, kv_heads)
+        weights = replicate_kv_heads(rotate_half_rows(split_fused_tensors(weights, model_config), model_config),
+                                     model_config, kv_heads)
         self.model_config = model_config = dataclasses.replace(model_config, num_kv_heads=kv_heads)
         self.block_size = cache_config.block_size
         self.kv_cache_dtype = cache_config.kv_cache_dtype

@@ -183,6 +183,9 @@ CASES = {
                                                              "max_position_embeddings": 256, "beta_fast": 32.0,
                                                              "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                                                              "llama_4_scaling_beta": 0.4})),
+    # ERNIE 4.5: RoPE on interleaved pairs of dims (GLM's pairing), tied embeddings (its default).
+    "ernie4_5": ("Ernie4_5Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        pad_token_id=0)),
     # Seed-OSS: biases on q / k / v and (`attention_out_bias`) on o.
     "seed_oss": ("SeedOssConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                        attention_out_bias=True, tie_word_embeddings=False)),
@@ -305,6 +308,8 @@ def test_config_reaches_engine(case, llm):
     elif case.name == "ministral3":
         assert (cfg.query_scale_beta, cfg.query_scale_period) == (0.4, 16) and cfg.rope.scaling_type == "yarn"
         assert cfg.rope.attention_factor == pytest.approx(case.model.model.rotary_emb.attention_scaling)
+    elif case.name == "ernie4_5":
+        assert cfg.rope_interleaved and cfg.tie_word_embeddings
     elif case.name == "exaone4":
         assert saved["layer_types"] == ["sliding_attention", "full_attention"]
         assert cfg.sliding_windows == (6, 0) and cfg.rope_layers == (True, False)

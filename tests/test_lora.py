@@ -169,6 +169,17 @@ def test_qwen2_biases_and_fused_qkv(tmp_path_factory):
     check_against_peft(llm, requests, oracle, [None, "all", "qv-down", "rs-k-o-mlp"])
 
 
+def test_ernie_adapters_on_its_interleaved_rope_projections(tmp_path_factory):
+    """ERNIE 4.5's q / k rows are reordered for rotate-half RoPE when read; its adapters' q / k B
+    factors are reordered alike, and give PEFT's tokens and logprobs."""
+    config = transformers.Ernie4_5Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                         max_position_embeddings=64, tie_word_embeddings=False)
+    base, requests, oracle = build_case(tmp_path_factory.mktemp("lora_ernie"), config, seed=13)
+    llm = LLM(str(base), enable_lora=True, max_loras=3, max_lora_rank=8, **ENGINE)
+    check_against_peft(llm, requests, oracle, [None, "all", "qv-down", "rs-k-o-mlp"])
+
+
 def test_phi3_adapters_on_its_fused_projections(tmp_path_factory):
     """PEFT adapters of Phi-3 target its checkpoint's fused `qkv_proj` and `gate_up_proj`; each
     is read as its parts' adapters (one A, B's rows split) and gives PEFT's tokens and logprobs."""

@@ -41,6 +41,8 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf import quants as gguf_quants
 from gguf.quants import dequantize, quant_shape_to_byte_shape
 
+from jpaged.loader.rope_rows import interleaved_to_rotate_half
+
 # GGUF `general.architecture`: the HF model_type and architecture it becomes. Each names its
 # metadata keys with its own prefix ("qwen2.embedding_length", ...).
 ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
@@ -291,7 +293,7 @@ def _iter_weights(path: pathlib.Path, index: GGUFIndex, dtype: np.dtype, keep_pa
         array = raw.reshape(quant_shape_to_byte_shape(tensor.shape, kind)) if packed else _dequantize(tensor, raw)
         for marker, n_heads in rope_heads.items():
             if marker in tensor.hf_name:
-                array = _unpermute_rope_rows(array, n_heads)
+                array = interleaved_to_rotate_half(array, n_heads)  # llama.cpp's converter interleaves them
         if norm_shift and tensor.hf_name.endswith("norm.weight"):
             array = array - norm_shift  # llama.cpp's converter stores Gemma's (1 + w) norm scales as w + 1
         if tensor.hf_name.endswith("shared_expert_gate.weight"):
@@ -326,17 +328,6 @@ def _dequantize(tensor: GGUFTensor, raw: np.ndarray) -> np.ndarray:
     except NotImplementedError as exc:
         raise ValueError(f"tensor {tensor.name!r} has type {kind.name}, which gguf cannot dequantize") from exc
     return values.reshape(tensor.shape)
-
-
-def _unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's per-head row interleave of Q/K so HF's rotate-half RoPE applies.
-
-    llama.cpp reorders each head's rows from ``[x_0..x_{d/2-1}, y_0..y_{d/2-1}]`` (HF) to
-    ``[x_0, y_0, x_1, y_1, ...]``; this maps rows back.
-    """
-    head_dim = w.shape[0] // n_heads
-    pairs = w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:])
-    return pairs.swapaxes(1, 2).reshape(w.shape)
 
 
 def _hf_name(path: pathlib.Path, name: str, layer_names: dict[str, str]) -> str:

@@ -24,6 +24,7 @@ from flax import nnx
 
 from jpaged.config import FUSED_PROJECTIONS, ModelConfig
 from jpaged.loader.host_store import HostStore
+from jpaged.loader.rope_rows import interleaved_to_rotate_half
 from jpaged.models.quantization import QUANTIZED_PARAMS, quantize, scale_name, scheme_of
 
 _LAYER_TENSORS = {
@@ -207,6 +208,18 @@ def split_fused_tensors(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelCon
     if mxfp4:
         missing = [f"{name}{suffix}" for name, held in mxfp4.items() for suffix in _MXFP4_PARTS if suffix not in held]
         raise ValueError(f"weights missing from the checkpoint: {', '.join(missing)} (MXFP4 blocks and scales pair)")
+
+
+def rotate_half_rows(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig):
+    """`weights` with each layer's q and k rows (weights and biases) reordered from interleaved
+    RoPE pairs to rotate-half where `cfg.rope_interleaved` (`loader/rope_rows.py`)."""
+    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+    for name, tensor in weights:
+        match = _LAYER_NAME.fullmatch(name)
+        module = match.group(2).removeprefix("self_attn.").rsplit(".", 1)[0] if match else None
+        if cfg.rope_interleaved and match and match.group(2).startswith("self_attn.") and module in heads:
+            tensor = interleaved_to_rotate_half(tensor, heads[module], cfg.rotary_dim)
+        yield name, tensor
 
 
 # GraniteMoE's stacked experts: the per-expert tensors each holds, stacked by rows in this order.
