@@ -35,10 +35,10 @@ from jpaged.interrupts import interrupts_held
 from jpaged.kv_cache_ops import HostKVPool, copy_blocks
 from jpaged.loader.host_store import HostStore
 from jpaged.loader.weights import (
+    as_model_layout,
     load_params,
     param_formats,
     replicate_kv_heads,
-    rotate_half_rows,
     split_fused_tensors,
     zeros_at,
 )
@@ -179,7 +179,7 @@ class ModelRunner:
         self.mesh = mesh
         kv_heads = kv_heads_per_model(model_config, self.parallel.tensor_parallel_size)
         weights_kv_heads = model_config.num_kv_heads
-        weights = replicate_kv_heads(rotate_half_rows(split_fused_tensors(weights, model_config), model_config),
+        weights = replicate_kv_heads(as_model_layout(split_fused_tensors(weights, model_config), model_config),
                                      model_config, kv_heads)
         self.model_config = model_config = dataclasses.replace(model_config, num_kv_heads=kv_heads)
         self.block_size = cache_config.block_size

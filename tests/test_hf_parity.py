@@ -186,6 +186,10 @@ CASES = {
     # ERNIE 4.5: RoPE on interleaved pairs of dims (GLM's pairing), tied embeddings (its default).
     "ernie4_5": ("Ernie4_5Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                         pad_token_id=0)),
+    # GLM-4: Gemma 2's four norms a layer (plain RMSNorms), q / k / v biases, gate and up fused in
+    # the checkpoint, RoPE on interleaved pairs of the first half of each head's dims.
+    "glm4": ("Glm4Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                pad_token_id=0, tie_word_embeddings=False)),
     # Seed-OSS: biases on q / k / v and (`attention_out_bias`) on o.
     "seed_oss": ("SeedOssConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                        attention_out_bias=True, tie_word_embeddings=False)),
@@ -308,6 +312,9 @@ def test_config_reaches_engine(case, llm):
     elif case.name == "ministral3":
         assert (cfg.query_scale_beta, cfg.query_scale_period) == (0.4, 16) and cfg.rope.scaling_type == "yarn"
         assert cfg.rope.attention_factor == pytest.approx(case.model.model.rotary_emb.attention_scaling)
+    elif case.name == "glm4":
+        assert cfg.rope_interleaved and cfg.rotary_dim == 8 and cfg.norm_layout == "sandwich"
+        assert cfg.norm_weight_offset == 0.0
     elif case.name == "ernie4_5":
         assert cfg.rope_interleaved and cfg.tie_word_embeddings
     elif case.name == "exaone4":
@@ -319,12 +326,12 @@ def test_config_reaches_engine(case, llm):
         assert cfg.rope.attention_factor == pytest.approx(case.model.model.rotary_emb.attention_scaling)
     else:
         assert cfg.rope.scaling_type == "default"
-    assert cfg.qkv_bias == case.name.startswith(("qwen2", "gpt_oss", "seed_oss"))
+    assert cfg.qkv_bias == case.name.startswith(("qwen2", "gpt_oss", "seed_oss", "glm4"))
     assert cfg.o_bias == case.name.startswith(("gpt_oss", "seed_oss"))
     assert cfg.qk_norm == case.name.startswith(("qwen3", "gemma3", "olmo", "exaone4"))
     assert cfg.qk_norm_over_heads == case.name.startswith("olmo")
     assert cfg.norm_layout == {"gemma2": "sandwich", "gemma3": "sandwich", "olmo2": "post", "olmo3": "post",
-                               "exaone4": "post"}.get(case.name, "pre")
+                               "exaone4": "post", "glm4": "sandwich"}.get(case.name, "pre")
     assert cfg.is_moe == (case.name in MOE_CASES)
     if cfg.is_moe:
         num_experts = getattr(hf_cfg, "num_experts", None) or hf_cfg.num_local_experts

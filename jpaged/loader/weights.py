@@ -210,15 +210,24 @@ def split_fused_tensors(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelCon
         raise ValueError(f"weights missing from the checkpoint: {', '.join(missing)} (MXFP4 blocks and scales pair)")
 
 
-def rotate_half_rows(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig):
-    """`weights` with each layer's q and k rows (weights and biases) reordered from interleaved
-    RoPE pairs to rotate-half where `cfg.rope_interleaved` (`loader/rope_rows.py`)."""
-    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+# GLM-4's four norms a layer, by the names of Gemma 2's (the same places: before and after
+# attention, before and after the MLP)
+_GLM4_NORMS = {"post_self_attn_layernorm.weight": "post_attention_layernorm.weight",
+               "post_attention_layernorm.weight": "pre_feedforward_layernorm.weight",
+               "post_mlp_layernorm.weight": "post_feedforward_layernorm.weight"}
+
+
+def as_model_layout(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig):
+    """`weights` as the model reads them: each layer's q and k rows (weights and biases)
+    reordered from interleaved RoPE pairs to rotate-half where `cfg.rope_interleaved`
+    (`loader/rope_rows.py`), and GLM-4's norms under Gemma 2's names."""
+    heads = {"self_attn.q_proj": cfg.num_heads, "self_attn.k_proj": cfg.num_kv_heads}
     for name, tensor in weights:
         match = _LAYER_NAME.fullmatch(name)
-        module = match.group(2).removeprefix("self_attn.").rsplit(".", 1)[0] if match else None
-        if cfg.rope_interleaved and match and match.group(2).startswith("self_attn.") and module in heads:
+        if match and cfg.rope_interleaved and (module := match.group(2).rsplit(".", 1)[0]) in heads:
             tensor = interleaved_to_rotate_half(tensor, heads[module], cfg.rotary_dim)
+        if match and cfg.architecture == "glm4" and match.group(2) in _GLM4_NORMS:
+            name = f"model.layers.{match.group(1)}.{_GLM4_NORMS[match.group(2)]}"
         yield name, tensor
 
 
