@@ -44,6 +44,8 @@ SUPPORTED_ARCHITECTURES = {
     "Ministral3ForCausalLM": "mistral",
     "Ernie4_5ForCausalLM": "ernie4_5",
     "Glm4ForCausalLM": "glm4",
+    "GlmForCausalLM": "glm",
+    "HeliumForCausalLM": "helium",
 }
 # Base models without an LM head (an embedding model's checkpoint), and sequence and token
 # classifiers (a `score` head instead of the LM head), all for runner "pooling"
@@ -55,10 +57,12 @@ MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3"
                "gemma3_text": "gemma3", "phi3": "phi3", "granite": "granite", "granitemoe": "granitemoe",
                "olmo2": "olmo2", "olmo3": "olmo3", "smollm3": "smollm3", "gpt_oss": "gpt_oss", "exaone4": "exaone4",
                "seed_oss": "seed_oss", "ministral": "mistral", "ministral3": "mistral",
-               "ernie4_5": "ernie4_5", "glm4": "glm4"}
+               "ernie4_5": "ernie4_5", "glm4": "glm4", "glm": "glm", "helium": "helium"}
 # The projections the model keeps fused, each with its parts in order (`models/llama.py`); Phi-3's
 # checkpoints (and so its LoRA adapters) name them so too.
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# architectures whose `attention_bias` puts biases on q / k / v (gpt-oss's, also on o: `o_bias`)
+_QKV_BIAS_FLAG = ("gpt_oss", "seed_oss", "glm4", "glm", "helium")
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names for the compute dtypes
 
 
@@ -350,8 +354,10 @@ class ModelConfig:
             )
         if arch == "gpt_oss":
             hf = _gpt_oss_defaults(hf)
-        if arch in ("seed_oss", "glm4"):  # as HF's `SeedOssConfig` and `Glm4Config` fill them
+        if arch in ("seed_oss", "glm4", "glm"):  # as HF's `SeedOssConfig`, `Glm4Config` and `GlmConfig` fill them
             hf = {"head_dim": 128, "attention_bias": True, **hf}
+        if arch == "helium":
+            hf = {"head_dim": 128, **hf}
         if arch == "ernie4_5":  # as HF's `Ernie4_5Config` fills them
             hf = {"head_dim": 128, "tie_word_embeddings": True, **hf}
             if hf.get("use_bias"):
@@ -359,7 +365,7 @@ class ModelConfig:
         if not arch.startswith("gemma") and hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (supported: silu)")
         for flag, what in (("attention_bias", "q / k / v / o projection biases"), ("mlp_bias", "MLP biases")):
-            if hf.get(flag) and not (arch in ("gpt_oss", "seed_oss", "glm4") and flag == "attention_bias"):
+            if hf.get(flag) and not (arch in _QKV_BIAS_FLAG and flag == "attention_bias"):
                 raise ValueError(f"{flag}=True ({what}) is not supported: jpaged's Llama-family layers have "
                                  "biases only on q / k / v, as Qwen2's")
         num_heads = int(hf["num_attention_heads"])
@@ -382,7 +388,7 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch.startswith("gemma") or arch == "smollm3")),
             qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True)))
-            or (arch in ("gpt_oss", "seed_oss", "glm4") and bool(hf.get("attention_bias", True))),
+            or (arch in _QKV_BIAS_FLAG and bool(hf.get("attention_bias", arch != "helium"))),
             qk_norm=arch in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "exaone4"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -562,6 +568,8 @@ _FAMILY_FIELDS = {
     "seed_oss": lambda hf: dict(o_bias=bool(hf.get("attention_out_bias", False))),
     "ernie4_5": lambda hf: dict(rope_interleaved=True),
     "glm4": lambda hf: dict(rope_interleaved=True, norm_layout="sandwich"),
+    "glm": lambda hf: dict(rope_interleaved=True),
+    "helium": lambda hf: dict(rope_interleaved=True),
 }
 
 

@@ -190,6 +190,13 @@ CASES = {
     # the checkpoint, RoPE on interleaved pairs of the first half of each head's dims.
     "glm4": ("Glm4Config", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                 pad_token_id=0, tie_word_embeddings=False)),
+    # GLM (glm-4-9b-chat): Llama's layers with q / k / v biases, fused gate and up, RoPE on
+    # interleaved pairs of half of each head's dims.
+    "glm": ("GlmConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              pad_token_id=0, tie_word_embeddings=False)),
+    # Helium: Llama's layers with RoPE on interleaved pairs of all of each head's dims.
+    "helium": ("HeliumConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    pad_token_id=0)),
     # Seed-OSS: biases on q / k / v and (`attention_out_bias`) on o.
     "seed_oss": ("SeedOssConfig", dict(vocab_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                        attention_out_bias=True, tie_word_embeddings=False)),
@@ -315,6 +322,8 @@ def test_config_reaches_engine(case, llm):
     elif case.name == "glm4":
         assert cfg.rope_interleaved and cfg.rotary_dim == 8 and cfg.norm_layout == "sandwich"
         assert cfg.norm_weight_offset == 0.0
+    elif case.name in ("glm", "helium"):
+        assert cfg.rope_interleaved and cfg.rotary_dim == {"glm": 8, "helium": None}[case.name]
     elif case.name == "ernie4_5":
         assert cfg.rope_interleaved and cfg.tie_word_embeddings
     elif case.name == "exaone4":
@@ -326,7 +335,7 @@ def test_config_reaches_engine(case, llm):
         assert cfg.rope.attention_factor == pytest.approx(case.model.model.rotary_emb.attention_scaling)
     else:
         assert cfg.rope.scaling_type == "default"
-    assert cfg.qkv_bias == case.name.startswith(("qwen2", "gpt_oss", "seed_oss", "glm4"))
+    assert cfg.qkv_bias == case.name.startswith(("qwen2", "gpt_oss", "seed_oss", "glm"))
     assert cfg.o_bias == case.name.startswith(("gpt_oss", "seed_oss"))
     assert cfg.qk_norm == case.name.startswith(("qwen3", "gemma3", "olmo", "exaone4"))
     assert cfg.qk_norm_over_heads == case.name.startswith("olmo")
