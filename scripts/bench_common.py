@@ -1,5 +1,6 @@
-"""What the benchmark scripts share: saving a result as JSON, and argument types that refuse
-values a run cannot use (argparse then names the flag and the value)."""
+"""What the benchmark scripts share: saving a result as JSON, plotting where matplotlib is
+installed, and argument types that refuse values a run cannot use (argparse then names the flag
+and the value)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,20 @@ def save_json(result: dict, path: str | Path) -> Path:
     path.write_text(json.dumps(result, indent=2))
     print(f"saved {path}")
     return path
+
+
+def pyplot():
+    """matplotlib's pyplot on its file-only backend, or None (saying how to install it) where
+    matplotlib is missing: a benchmark then keeps its table and JSON and skips the plot."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, title: str, path: str | Path) -> Path:

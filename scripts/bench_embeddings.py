@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_common import positive_int, save_figure, save_json
+from bench_common import positive_int, pyplot, save_figure, save_json
 from bench_throughput import hf_model_dir, run_worker, versions
 
 from jpaged import LLM
@@ -114,7 +114,9 @@ def main() -> None:
                                                "max_len": args.max_len, "rounds": args.rounds},
               "model": str(folder), "versions": {**versions(), "machine": platform.machine()}}
     save_json(result, args.out)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     names = list(summary)

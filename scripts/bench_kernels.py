@@ -17,7 +17,7 @@ Times are device times: after a warm-up, `--reps` calls chained inside one jitte
 call's input depends on the previous output, so none is hoisted or overlapped), timed to
 `block_until_ready`, median over `--trials`. GB/s counts the KV bytes each batch must read once.
 
-    python scripts/bench_kernels.py [--out bench_kernels.json] [--batches 1 8 64 256]
+    python scripts/bench_kernels.py [--out bench_results/kernels.json] [--batches 1 8 64 256]
         [--contexts 512 2048 8192] [--groups 4 8] [--reps 20] [--trials 5] [--tune]
     python scripts/bench_kernels.py --cpu-check   # the default without a GPU: a tiny
         correctness-only pass of the kernels in interpret mode against both references
@@ -339,7 +339,7 @@ def run_cpu_check() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-check", action="store_true", help="correctness-only pass in interpret mode")
-    parser.add_argument("--out", default="bench_kernels.json")
+    parser.add_argument("--out", default="bench_results/kernels.json")
     parser.add_argument("--batches", type=positive_int, nargs="+", default=[1, 8, 64, 256])
     parser.add_argument("--contexts", type=positive_int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--groups", type=positive_int, nargs="+", default=[4, 8], help="query heads per KV head")

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import jax
-from bench_common import positive_float, positive_int, save_figure, save_json
+from bench_common import positive_float, positive_int, pyplot, save_figure, save_json
 from bench_throughput import (
     SINGLE_QUESTION,
     EngineRun,
@@ -230,10 +230,9 @@ def print_table(table: dict) -> None:
 
 def plot(table: dict, title: str, path: Path) -> Path:
     """Grouped bars: per setting, each engine's batch throughput and single-request rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     engines = list(dict.fromkeys(entry["engine"] for entry in table.values()))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))

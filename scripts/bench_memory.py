@@ -643,10 +643,11 @@ def plot_window(ax, report: dict) -> None:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
+    from bench_common import pyplot  # beside this script (the tests load this module alone)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, 4, figsize=(21, 4.8))
     plot_serving(axes[0], report, "real_token_share", 100, "KV memory holding real tokens (%)")
@@ -736,7 +737,7 @@ def main(argv: list[str] | None = None) -> dict:
     report, _ = run_study(args)
     args.plot = args.plot or args.out.with_suffix(".png")
     write_outputs(report, args.out, args.plot)
-    print(f"\nwrote {args.out} and {args.plot}")
+    print(f"\nwrote {args.out}" + (f" and {args.plot}" if args.plot.exists() else ""))
     return report
 
 

@@ -24,12 +24,8 @@ import time
 from pathlib import Path
 
 import jax
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from bench_common import positive_int, save_json  # noqa: E402
+from bench_common import positive_int, pyplot, save_json
 
 from jpaged import LLM, SamplingParams  # noqa: E402
 from jpaged.loader.host_store import HostStore  # noqa: E402
@@ -135,6 +131,9 @@ def print_table(rows: list[dict], batches: list[int], copy: dict) -> None:
 
 
 def plot(rows: list[dict], batches: list[int], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)
     resident = rows[0]
     for ax, b in zip(axes[0], batches):

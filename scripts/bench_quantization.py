@@ -35,11 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from bench_common import positive_int, save_json  # noqa: E402
+from bench_common import positive_int, pyplot, save_json  # noqa: E402
 from bench_throughput import SINGLE_QUESTION, chat_workload  # noqa: E402
 
 from jpaged import LLM, SamplingParams  # noqa: E402
@@ -132,6 +128,9 @@ def decode_speed(llm: LLM, request: dict, tokens: int) -> float:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
     keys = [("weight_mib", "weights (MiB)"), ("kv_bytes_per_token", "KV bytes per token"), ("perplexity", "perplexity"),
             ("batch_tokens_per_s", "64 requests, output tok/s"), ("single_tokens_per_s", "one request, tok/s")]
     keys = [(key, label) for key, label in keys if key in rows[0]]

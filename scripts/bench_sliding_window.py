@@ -27,7 +27,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from bench_common import positive_int, save_figure, save_json
+from bench_common import positive_int, pyplot, save_figure, save_json
 from bench_throughput import EngineRun, Workload, compare, run_jpaged, run_vllm, versions
 
 from jpaged.cache_dir import cache_dir
@@ -88,7 +88,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--vllm-python", help="python of vLLM's CPU venv (scripts/bench_vllm_worker.py)")
     parser.add_argument("--vllm-omp-bind", default="all")
-    parser.add_argument("--out", default="docs/results/sliding_window_cpu.json")
+    parser.add_argument("--out", default="bench_results/sliding_window_cpu.json")
     args = parser.parse_args()
     args.speculative_tokens = 0
     return args
@@ -113,10 +113,9 @@ def print_table(summary: dict) -> None:
 
 
 def plot(summary: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     names = list(summary["engines"])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -152,7 +151,8 @@ def main() -> None:
     summary["versions"] = {**versions(), "machine": platform.processor() or platform.machine()}
     print_table(summary)
     out = Path(args.out)
-    print(f"saved {save_json(summary, out)} and {plot(summary, out)}")
+    save_json(summary, out)
+    plot(summary, out)
     print(json.dumps({k: v["output_tokens_per_s"] for k, v in summary["engines"].items()}))
 
 

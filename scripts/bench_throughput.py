@@ -70,7 +70,7 @@ import time
 from pathlib import Path
 
 import jax
-from bench_common import positive_float, positive_int, save_figure, save_json
+from bench_common import positive_float, positive_int, pyplot, save_figure, save_json
 
 from jpaged import LLM, SamplingParams
 from jpaged.cache_dir import cache_dir
@@ -433,10 +433,9 @@ def print_table(summary: dict) -> None:
 
 def plot(summary: dict, title: str, path: Path) -> Path:
     """Two bar charts side by side: batch throughput and single-request decode rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     names = list(summary["engines"])
     labels = [textwrap.fill(LABELS[n], 12) for n in names]

@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from bench_common import non_negative_int, positive_int, save_json  # noqa: E402
+from bench_common import non_negative_int, positive_int, pyplot, save_json  # noqa: E402
 
 from jpaged import LLM, SamplingParams  # noqa: E402
 
@@ -129,10 +129,13 @@ def collectives_in_hlo(hlo: str) -> list[dict]:
     return ops
 
 
-def computation_runs(hlo: str) -> dict[str, int]:
+def computation_runs(hlo: str) -> dict[str, float]:
     """How often each computation runs in one execution: summed over its call sites, each the
-    caller's runs times the trip count of the `while` it is the body of (1 for other calls)."""
-    callers: dict[str, list[tuple[str, int]]] = {}
+    caller's runs times the trip count of the `while` it is the body of, or over the branches of
+    a `conditional` (one runs per call: a `lax.switch` over the layers in their scan runs each
+    branch once per as many trips, so each counts 1 / branches; the same for a data-dependent
+    choice, an average), 1 for other calls."""
+    callers: dict[str, list[tuple[str, float]]] = {}
     entry, computation = None, None
     for line in hlo.splitlines():
         header = COMPUTATION_RE.match(line)
@@ -146,14 +149,16 @@ def computation_runs(hlo: str) -> dict[str, int]:
         if body:
             trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
             callers.setdefault(body.group(1), []).append((computation, int(trips.group(1)) if trips else 1))
-        callees = re.findall(r"(?:calls|to_apply|condition|true_computation|false_computation)=%?([\w.\-]+)", line)
-        for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
-            callees += re.findall(r"%?([\w.\-]+)", group)
-        for callee in callees:
+        for callee in re.findall(r"(?:calls|to_apply|condition)=%?([\w.\-]+)", line):
             callers.setdefault(callee, []).append((computation, 1))
-    runs: dict[str, int] = {}
+        branches = re.findall(r"(?:true_computation|false_computation)=%?([\w.\-]+)", line)
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
+            branches += re.findall(r"%?([\w.\-]+)", group)
+        for branch in branches:
+            callers.setdefault(branch, []).append((computation, 1 / len(branches)))
+    runs: dict[str, float] = {}
 
-    def count(name: str, seen: frozenset = frozenset()) -> int:
+    def count(name: str, seen: frozenset = frozenset()) -> float:
         if name == entry:
             return 1
         if name not in runs:
@@ -164,14 +169,14 @@ def computation_runs(hlo: str) -> dict[str, int]:
     return {name: count(name) for name in set(callers) | {entry}}
 
 
-def summarize(ops: list[dict], runs: dict[str, int]) -> dict:
+def summarize(ops: list[dict], runs: dict[str, float]) -> dict:
     summary = {}
     for kind in COLLECTIVES:
         mine = [op for op in ops if op["kind"] == kind]
         summary[kind] = {
             "in_hlo": len(mine), "in_hlo_bytes": sum(op["bytes"] for op in mine),
-            "per_step": sum(runs.get(op["computation"], 1) for op in mine),
-            "per_step_bytes": sum(runs.get(op["computation"], 1) * op["bytes"] for op in mine),
+            "per_step": round(sum(runs.get(op["computation"], 1) for op in mine), 2),
+            "per_step_bytes": round(sum(runs.get(op["computation"], 1) * op["bytes"] for op in mine)),
             "results": sorted({op["result"] for op in mine}),
         }
     return summary
@@ -254,16 +259,16 @@ def print_table(model: str, results: list[dict]) -> None:
     print(header)
     print("-" * len(header))
     for r in results:
-        cells = " ".join(f"{c['per_step']:>6d}, {c['per_step_bytes'] / 1024:8.1f}".rjust(24)
+        cells = " ".join(f"{c['per_step']:>6g}, {c['per_step_bytes'] / 1024:8.1f}".rjust(24)
                          for c in (r["collectives"][k] for k in kinds))
         print(f"{r['layout']:>17} {r['weight_bytes_per_device'] / 2**20:>15.2f} {r['kv_bytes_per_device'] / 2**20:>10.2f} "
               f"{cells} {r['step_ms_median']:>8.2f} {r['decode_tokens_per_s']:>7.0f}")
 
 
 def plot(results: dict, sweeps: dict, path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for ax, key, label in ((axes[0], "weight_bytes_per_device", "weights MiB / device"),
