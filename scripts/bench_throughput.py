@@ -511,8 +511,10 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def run_engines(args, workload: Workload, single: list[int], tokenizer) -> dict[str, EngineRun]:
-    """Each chosen engine in turn, jpaged first (the reference)."""
+def run_engines(args, workload: Workload, single: list[int], tokenizer, failed: dict[str, str]
+                ) -> dict[str, EngineRun]:
+    """Each chosen engine in turn, jpaged first (the reference); a peer that cannot run is left
+    out, its error in `failed`."""
     runs: dict[str, EngineRun] = {}
     for name in [e for e in args.engines if e.startswith("jpaged")]:
         print(f"{LABELS[name]} ...", flush=True)
@@ -535,6 +537,7 @@ def run_engines(args, workload: Workload, single: list[int], tokenizer) -> dict[
             runs[name] = run_vllm(args.vllm_python, folder, workload, single, args.single_tokens, args, name)
         except (OSError, subprocess.CalledProcessError) as error:
             print(f"{LABELS[name]} left out: {error}")
+            failed[name] = str(error)
     if "llama.cpp" in args.engines:
         print("llama.cpp ...", flush=True)
         try:
@@ -542,6 +545,7 @@ def run_engines(args, workload: Workload, single: list[int], tokenizer) -> dict[
                                               args.single_tokens, args)
         except (OSError, subprocess.CalledProcessError) as error:
             print(f"llama.cpp left out: {error}")
+            failed["llama.cpp"] = str(error)
     return runs
 
 
@@ -555,7 +559,8 @@ def main() -> None:
     print(f"{args.workload}: {len(workload.prompts)} requests, prompts {min(prompt_lengths)}..{max(prompt_lengths)} "
           f"tokens, outputs {min(workload.max_tokens)}..{max(workload.max_tokens)} "
           f"({sum(workload.max_tokens)} in all); engines: {', '.join(args.engines)}")
-    runs = run_engines(args, workload, single, tokenizer)
+    failed: dict[str, str] = {}
+    runs = run_engines(args, workload, single, tokenizer, failed)
     if not runs:
         raise SystemExit(f"no engine could run (asked for: {', '.join(args.engines)}); see the lines above")
     summary = summarise(runs, workload)
@@ -564,11 +569,14 @@ def main() -> None:
               "prompt_tokens": sum(prompt_lengths), "prompt_tokens_range": [min(prompt_lengths), max(prompt_lengths)],
               "output_tokens": sum(workload.max_tokens), "max_tokens": workload.max_tokens,
               "single_tokens": args.single_tokens, "machine": f"{platform.machine()} {platform.processor()}".strip(),
-              "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(), "versions": versions(), **summary}
+              "cpu_count": os.cpu_count(), "jax_backend": jax.default_backend(), "versions": versions(),
+              "engines_failed": failed, **summary}
     save_json(result, args.out)
     sampled = f", temperature {args.temperature}" if args.temperature else ""
     plot(summary, f"{args.workload}{sampled}: {len(workload.prompts)} requests, {sum(workload.max_tokens)} output tokens, "
                   f"{os.cpu_count()} CPU cores", args.out.with_suffix(".png"))
+    if failed:
+        raise SystemExit(f"engines asked for but left out: {', '.join(failed)} (see above; the JSON's engines_failed)")
 
 
 if __name__ == "__main__":
