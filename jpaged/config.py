@@ -63,6 +63,12 @@ MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3"
 FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 # architectures whose `attention_bias` puts biases on q / k / v (gpt-oss's, also on o: `o_bias`)
 _QKV_BIAS_FLAG = ("gpt_oss", "seed_oss", "glm4", "glm", "helium")
+# settings config.json may leave out, as HF's config classes fill them
+_HF_DEFAULTS = {"seed_oss": {"head_dim": 128, "attention_bias": True},
+                "glm4": {"head_dim": 128, "attention_bias": True},
+                "glm": {"head_dim": 128, "attention_bias": True},
+                "helium": {"head_dim": 128, "attention_bias": False},
+                "ernie4_5": {"head_dim": 128, "tie_word_embeddings": True}}
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names for the compute dtypes
 
 
@@ -354,14 +360,9 @@ class ModelConfig:
             )
         if arch == "gpt_oss":
             hf = _gpt_oss_defaults(hf)
-        if arch in ("seed_oss", "glm4", "glm"):  # as HF's `SeedOssConfig`, `Glm4Config` and `GlmConfig` fill them
-            hf = {"head_dim": 128, "attention_bias": True, **hf}
-        if arch == "helium":
-            hf = {"head_dim": 128, **hf}
-        if arch == "ernie4_5":  # as HF's `Ernie4_5Config` fills them
-            hf = {"head_dim": 128, "tie_word_embeddings": True, **hf}
-            if hf.get("use_bias"):
-                raise ValueError("ernie4_5: use_bias=True (biases on every projection) is not supported")
+        hf = {**_HF_DEFAULTS.get(arch, {}), **hf}
+        if arch == "ernie4_5" and hf.get("use_bias"):
+            raise ValueError("ernie4_5: use_bias=True (biases on every projection) is not supported")
         if not arch.startswith("gemma") and hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (supported: silu)")
         for flag, what in (("attention_bias", "q / k / v / o projection biases"), ("mlp_bias", "MLP biases")):
@@ -388,7 +389,7 @@ class ModelConfig:
             max_position_embeddings=max_positions,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch.startswith("gemma") or arch == "smollm3")),
             qkv_bias=arch == "qwen2" or (arch == "qwen2_moe" and bool(hf.get("qkv_bias", True)))
-            or (arch in _QKV_BIAS_FLAG and bool(hf.get("attention_bias", arch != "helium"))),
+            or (arch in _QKV_BIAS_FLAG and bool(hf.get("attention_bias", True))),
             qk_norm=arch in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "exaone4"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,

@@ -97,12 +97,12 @@ def pack_tiles(tiles: np.ndarray, newline: np.ndarray, height: int, width: int,
     """One image's embeddings `[num_image_tokens, dim]` from its tiles' `[1 + rows * cols,
     patches_per_side², dim]` (the whole image first, then the grid's tiles row by row, as the
     image processor orders them) and `newline` `[dim]`; `max_tiles` as in `num_image_tokens`."""
-    dim = tiles.shape[2]
     rows, cols = tile_grid(height, width, pinpoints, tile_size)
     side = int(round(tiles.shape[1] ** 0.5))
     if tiles.shape[0] != 1 + rows * cols or side * side != tiles.shape[1]:
         raise ValueError(f"an image of {height}x{width} pixels takes 1 + {rows}x{cols} tiles of square patch grids, "
                          f"got tiles of shape {tiles.shape}")
+    dim = tiles.shape[2]
     grid = tiles[1:].reshape(rows, cols, side, side, dim).transpose(0, 2, 1, 3, 4).reshape(rows * side, cols * side, dim)
     kept_rows, kept_cols = kept_region(height, width, rows * side, cols * side)
     grid = grid[kept_rows, kept_cols]
