@@ -43,6 +43,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=int, default=None,
                         help="KV cache blocks; unset: as many as --cpu-kv-cache-gib (CPU) or the device's free memory hold")
     parser.add_argument("--cpu-kv-cache-gib", type=float, default=1.0, help="KV cache memory on a CPU, GiB")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="share of an accelerator's memory the engine may fill (weights, step, KV cache)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse the KV blocks of prompt prefixes seen before")
     parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
@@ -85,6 +87,13 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline-parallel-size", type=int, default=1, help="pipeline stages the layers split into")
     parser.add_argument("--expert-parallel-size", type=int, default=1, help="devices that split the experts")
     parser.add_argument("--data-parallel-size", type=int, default=1, help="whole-engine replicas")
+    parser.add_argument("--prefill-micro-batches", type=int, default=None,
+                        help="micro-batches a pipelined step that prefills is cut into; unset: twice the stages")
+    parser.add_argument("--decode-micro-batches", type=int, default=1,
+                        help="micro-batches a pipelined decode-only step is cut into")
+    parser.add_argument("--attention-backend", default="auto", choices=["auto", "pallas", "cpu", "reference"],
+                        help="paged attention: auto (Pallas kernels on a GPU, the CPU path on a CPU), or one of them; "
+                             "reference is the pure-jnp one")
     parser.add_argument("--enable-lora", action="store_true", help="serve requests through LoRA adapters")
     parser.add_argument("--max-loras", type=int, default=1, help="LoRA adapters usable in one step")
     parser.add_argument("--max-lora-rank", type=int, default=16, help="highest LoRA adapter rank")
@@ -115,21 +124,12 @@ def _lora_module(text: str) -> tuple[str, str]:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    """Keyword arguments for `LLM(model, **kwargs)` / `build_engine` from the shared engine flags."""
-    return dict(tokenizer=args.tokenizer, revision=args.revision, hf_overrides=args.hf_overrides, dtype=args.dtype, quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                offload_weights=args.offload_weights, device_weight_budget_gib=args.device_weight_budget_gib,
-                block_size=args.block_size, num_blocks=args.num_blocks, cpu_kv_cache_gib=args.cpu_kv_cache_gib,
-                enable_prefix_caching=args.enable_prefix_caching, preemption_mode=args.preemption_mode,
-                swap_space_gib=args.swap_space_gib, scheduling_policy=args.scheduling_policy,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_model_len=args.max_model_len, max_logprobs=args.max_logprobs, compile_warmup=args.compile_warmup,
-                enable_prompt_embeds=args.enable_prompt_embeds, limit_mm_per_prompt=args.limit_mm_per_prompt,
-                compilation_cache=args.compilation_cache,
-                tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
-                expert_parallel_size=args.expert_parallel_size, data_parallel_size=args.data_parallel_size,
-                speculative_config=args.speculative_config, generation_config=args.generation_config,
-                reasoning_parser=args.reasoning_parser, runner=args.runner, pooler_config=args.pooler_config,
-                enable_lora=args.enable_lora, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+    """Keyword arguments for `LLM(model, **kwargs)` / `build_engine`: every flag `_add_engine_args`
+    adds, by its config field's name, but the model and -v."""
+    flags = argparse.ArgumentParser(add_help=False)
+    _add_engine_args(flags)
+    return {action.dest: getattr(args, action.dest) for action in flags._actions
+            if action.dest not in ("model", "verbose")}
 
 
 def _add_server_args(parser: argparse.ArgumentParser) -> None:

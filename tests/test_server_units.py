@@ -267,6 +267,13 @@ def test_engine_flags_reach_the_engine_settings_and_help_shows_defaults(capsys):
     assert (config.cache.enable_prefix_caching, config.scheduler.preemption_mode, config.cache.swap_space_gib,
             config.cache.cpu_kv_cache_gib, config.scheduler.scheduling_policy) == (False, "swap", 0.5, 0.25, "priority")
     assert not config.compilation_cache
+    args = _parser().parse_args(["serve", "--gpu-memory-utilization", "0.5", "--attention-backend", "reference",
+                                 "--pipeline-parallel-size", "2", "--prefill-micro-batches", "3",
+                                 "--decode-micro-batches", "2"])
+    config = engine_config(None, **engine_kwargs(args))
+    assert (config.cache.gpu_memory_utilization, config.attention_backend, config.parallel.prefill_micro_batches,
+            config.parallel.decode_micro_batches) == (0.5, "reference", 3, 2)
+    assert engine_config(None, **engine_kwargs(_parser().parse_args(["serve"]))).parallel.prefill_micro_batches == 2 * 1
     assert engine_config(None, **engine_kwargs(_parser().parse_args(["generate", "hi"]))).compilation_cache
     for flag in ("--cpu-kv-cache-gib", "--swap-space-gib"):
         for value in ("nan", "inf", "-1"):
