@@ -14,9 +14,21 @@ def save_json(result: dict, path: str | Path) -> Path:
     """Write `result` to `path` (creating its folder) and say where it went."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    path.write_text(json.dumps(_strict(result), indent=2, allow_nan=False))
     print(f"saved {path}")
     return path
+
+
+def _strict(value):
+    """`value` as strict JSON can hold it: an infinite float as the string "inf" / "-inf" (a
+    request rate of all at once), NaN (a latency with no samples) as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
 
 
 def pyplot():

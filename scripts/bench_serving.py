@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from bench_common import positive_int, positive_rates, save_json
+from bench_common import positive_int, positive_rates, pyplot, save_figure, save_json
 
 WORDS = ("the cat dog sun tree house little big happy sad girl boy named ran jumped played saw found "
          "park ball red blue friend mom day night garden river box toy bird fish cake").split()
@@ -122,27 +122,24 @@ def summarize(rate: float, results: list[RequestResult], wall: float) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ("rate/s", "done", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "TPOT p50")
+    header = ("rate/s", "done", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "TPOT p50",
+              "E2E p50", "E2E p99")
     print(("{:>9} " * len(header)).format(*header))
     for r in rows:
-        print("{:>9} {:>9} {:>9.2f} {:>9.1f} {:>9.1f} {:>9.1f} {:>9.1f} {:>9.1f} {:>9.1f}".format(
+        print(("{:>9} {:>9} {:>9.2f}" + " {:>9.1f}" * 8).format(
             str(r["rate"]), f"{r['completed']}/{r['requests']}", r["request_throughput"], r["output_tokens_per_s"],
-            r["ttft_p50_ms"], r["ttft_p99_ms"], r["itl_p50_ms"], r["itl_p99_ms"], r["tpot_p50_ms"]))
+            r["ttft_p50_ms"], r["ttft_p99_ms"], r["itl_p50_ms"], r["itl_p99_ms"], r["tpot_p50_ms"],
+            r["e2e_p50_ms"], r["e2e_p99_ms"]))
     print("(latencies in ms)")
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+    plt = pyplot()
+    if plt is None:
         return
     load = [r["request_throughput"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("ttft", "itl")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, metric in zip(axes, ("ttft", "itl", "e2e")):
         for q, style in (("p50", "o-"), ("p99", "s--")):
             ax.plot(load, [r[f"{metric}_{q}_ms"] for r in rows], style, label=q)
         ax.set_xlabel("achieved load (requests/s)")
@@ -150,10 +147,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"saved {path}")
+    save_figure(fig, title, path)
 
 
 def _free_port() -> int:
