@@ -11,7 +11,7 @@ cache. For each: the weights' device bytes (`engine.stats().weight_bytes`) and t
 bytes per token (scales included); perplexity over `tests/data/public_domain.txt` (the
 Declaration of Independence and the start of the US Constitution, about 2,500 tokens of the
 default model's tokenizer, scored as one prompt through `prompt_logprobs`); output tokens/s of the
-64-request chat workload of `bench_throughput.py` (greedy, EOS ignored, a cold pass that
+64-request (`--num-requests`) chat workload of `bench_throughput.py` (greedy, EOS ignored, a cold pass that
 compiles, then the timed pass); and one request's decode speed (128 tokens, the prefill and
 first token's time taken out), measured last in `--single-rounds` rounds with every format's
 engine loaded side by side and the formats one after another within a round, reported as the
@@ -35,11 +35,12 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import positive_int, pyplot, save_json  # noqa: E402
+from bench_common import positive_int, pyplot, save_figure, save_json  # noqa: E402
 from bench_throughput import SINGLE_QUESTION, chat_workload  # noqa: E402
 
 from jpaged import LLM, SamplingParams  # noqa: E402
 from jpaged.llm import chat_token_ids  # noqa: E402
+from jpaged.loader.source import open_model  # noqa: E402
 
 TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "public_domain.txt"
 FORMATS = {
@@ -73,15 +74,16 @@ def timed(llm: LLM, requests, params) -> float:
     return time.perf_counter() - started
 
 
-def text_token_ids() -> list[int]:
-    """The text in the default model's tokens."""
-    llm = LLM(None, num_blocks=1)
-    return llm.get_tokenizer().encode(TEXT.read_text(), add_special_tokens=False)
+def text_token_ids(limit: int | None) -> list[int]:
+    """The text in the default model's tokens, the first `limit` of them (None: all)."""
+    tokenizer = open_model(None).load_tokenizer()
+    return tokenizer.encode(TEXT.read_text(), add_special_tokens=False)[:limit]
 
 
-def measure(name: str, kwargs: dict, text_ids: list[int], model: str | None = None) -> dict:
+def measure(name: str, kwargs: dict, text_ids: list[int], model: str | None, num_requests: int) -> dict:
     """One format's row of bytes and perplexity; `model` None: the default model, with the batch
-    pass too; else a random model, without it. (One-request speed: `single_request_rounds`.)"""
+    pass of `num_requests` too; else a random model, without it. (One-request speed:
+    `single_request_rounds`.)"""
     llm = LLM(model, max_model_len=4096, **kwargs)
     stats, runner = llm.engine.stats(), llm.engine.runner
     row = {"format": name, "weight_mib": stats.weight_bytes / 2**20,
@@ -90,7 +92,7 @@ def measure(name: str, kwargs: dict, text_ids: list[int], model: str | None = No
     if model is not None:
         return row
     tokenizer = llm.get_tokenizer()
-    workload = chat_workload(tokenizer, 64)
+    workload = chat_workload(tokenizer, num_requests)
     requests = [{"prompt_token_ids": p} for p in workload.prompts]
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.max_tokens]
     timed(llm, requests, params)  # compiles
@@ -98,17 +100,18 @@ def measure(name: str, kwargs: dict, text_ids: list[int], model: str | None = No
     return row
 
 
-def single_request_rounds(names: list[str], model: str | None, text_ids: list[int], rounds: int) -> dict:
-    """Each format's one-request decode tokens/s in `rounds` rounds, the formats' engines loaded
+def single_request_rounds(names: list[str], model: str | None, text_ids: list[int], rounds: int,
+                          tokens: int) -> dict:
+    """Each format's one-request decode tokens/s of `tokens` tokens in `rounds` rounds, the formats' engines loaded
     side by side (a small KV cache each) and measured one after another within a round, so that
     a ratio to float32 compares runs seconds apart on a VM whose speed drifts over minutes."""
     engines = {name: LLM(model, max_model_len=4096, num_blocks=64, **FORMATS[name]) for name in names}
     if model is None:
         tokenizer = next(iter(engines.values())).get_tokenizer()
         question = [{"role": "user", "content": SINGLE_QUESTION}]
-        request, tokens = {"prompt_token_ids": chat_token_ids(tokenizer, question)}, SINGLE_TOKENS
+        request = {"prompt_token_ids": chat_token_ids(tokenizer, question)}
     else:
-        request, tokens = {"prompt_token_ids": text_ids[:64]}, RANDOM_SINGLE_TOKENS
+        request = {"prompt_token_ids": text_ids[:64]}
     rates = {name: [] for name in names}
     for _ in range(rounds):
         for name, llm in engines.items():
@@ -139,9 +142,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.bar([r["format"] for r in rows], [r[key] for r in rows], color="tab:blue")
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=60)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, title, path)
 
 
 def main() -> None:
@@ -151,6 +152,12 @@ def main() -> None:
                         help="a random-weight 0.47B Llama instead of the default model (no gguf, no batch pass)")
     parser.add_argument("--random-dir", default="bench_results/random-0.5b", help="where the random model is kept")
     parser.add_argument("--single-rounds", type=positive_int, default=5, help="rounds of the one-request measurement")
+    parser.add_argument("--single-tokens", type=positive_int, default=None,
+                        help=f"tokens of the one-request measurement (default: {SINGLE_TOKENS}; "
+                             f"{RANDOM_SINGLE_TOKENS} with --random-0.5b)")
+    parser.add_argument("--num-requests", type=positive_int, default=64, help="requests of the batch pass")
+    parser.add_argument("--text-tokens", type=positive_int, default=None,
+                        help="score only the text's first tokens (default: all of it)")
     parser.add_argument("--out", default="bench_results/quantization.json")
     args = parser.parse_args()
     unknown = [name for name in args.formats.split(",") if name not in FORMATS]
@@ -160,13 +167,14 @@ def main() -> None:
     if not names:
         parser.error("--formats: the random model has no gguf form; name another format")
     model = random_model(Path(args.random_dir)) if args.random else None
-    text_ids = text_token_ids()
+    text_ids = text_token_ids(args.text_tokens)
+    single_tokens = args.single_tokens or (RANDOM_SINGLE_TOKENS if args.random else SINGLE_TOKENS)
     rows = []
     for name in names:
-        rows.append(measure(name, FORMATS[name], text_ids, model))
+        rows.append(measure(name, FORMATS[name], text_ids, model, args.num_requests))
         gc.collect()
         print(rows[-1], flush=True)
-    rates = single_request_rounds(names, model, text_ids, args.single_rounds)
+    rates = single_request_rounds(names, model, text_ids, args.single_rounds, single_tokens)
     for row in rows:
         row["single_tokens_per_s_rounds"] = rates[row["format"]]
         row["single_tokens_per_s"] = statistics.median(rates[row["format"]])
@@ -184,7 +192,6 @@ def main() -> None:
     save_json({"rows": rows, "model": "random 0.47B Llama" if model else "default"}, out)
     title = "Random 0.47B Llama" if model else "Default model (SmolLM2-135M-Instruct)"
     plot(rows, out.with_suffix(".png"), f"{title} by weight and KV format, this CPU")
-    print(f"saved {out.with_suffix('.png')}")
 
 
 def random_model(folder: Path) -> str:
