@@ -119,6 +119,10 @@ class RopeConfig:
     beta_fast: float = 32.0  # YaRN's ramp, in rotations over the original context
     beta_slow: float = 1.0
     truncate: bool = True  # YaRN: the ramp's ends rounded to whole dims, as HF by default
+    # Qwen2-VL's multimodal RoPE: how many of the frequencies (in order) each of a token's three
+    # positions (time, height, width) turns; interleaved (Qwen3-VL): t, h, w, t, h, w, ... instead
+    mrope_section: tuple[int, ...] = ()
+    mrope_interleaved: bool = False
 
     @classmethod
     def from_hf(cls, hf: dict, params: dict | None = None, default_theta: float | None = None) -> RopeConfig:
@@ -143,9 +147,15 @@ class RopeConfig:
                     max_position_embeddings: int | None = None) -> RopeConfig:
         """From one set of HF rope parameters (`rope_type`, `rope_theta`, `factor`, ...);
         `max_position_embeddings` sets LongRoPE's default factor, as in HF."""
+        if params.get("mrope_section"):
+            plain = {key: value for key, value in params.items() if key not in ("mrope_section", "mrope_interleaved")}
+            return dataclasses.replace(cls.from_params(plain, default_theta, max_position_embeddings),
+                                       mrope_section=tuple(int(n) for n in params["mrope_section"]),
+                                       mrope_interleaved=bool(params.get("mrope_interleaved", False)))
         theta = float(params.get("rope_theta", default_theta))
         scaling_type = params.get("rope_type", params.get("type", "default")) or "default"
-        scaling_type = {"su": "longrope"}.get(scaling_type, scaling_type)  # Phi-3's first name for it
+        # Phi-3's first name for LongRoPE; Qwen2-VL's for plain RoPE beside its sections (read above)
+        scaling_type = {"su": "longrope", "mrope": "default"}.get(scaling_type, scaling_type)
         if scaling_type not in ("default", "linear", "llama3", "yarn", "longrope"):
             raise ValueError(f"rope scaling type {scaling_type!r} is not supported "
                              "(supported: default, linear, llama3, yarn, longrope)")
@@ -216,6 +226,23 @@ class RopeConfig:
         if self.scaling_type != "longrope":
             return self
         return dataclasses.replace(self, use_long_factor=max_model_len > self.original_max_position_embeddings)
+
+    def position_rows(self, rotary_dim: int) -> np.ndarray:
+        """Which of a token's three multimodal positions (0 time, 1 height, 2 width) each of the
+        `rotary_dim // 2` frequencies turns by (int32), as HF's Qwen2-VL / Qwen3-VL RoPE; the
+        frequencies past the sections (none in the shipped configs) turn by time. ValueError
+        where the sections need more frequencies than there are."""
+        num = rotary_dim // 2
+        if sum(self.mrope_section) > num:
+            raise ValueError(f"mrope_section {list(self.mrope_section)} covers {sum(self.mrope_section)} frequencies, "
+                             f"more than the {num} of a head")
+        rows = np.zeros(num, np.int32)
+        if self.mrope_interleaved:
+            for row in (1, 2):
+                rows[row:3 * self.mrope_section[row]:3] = row
+        else:
+            rows[:sum(self.mrope_section)] = np.repeat(np.arange(len(self.mrope_section)), self.mrope_section)
+        return rows
 
     def inv_freq(self, rotary_dim: int) -> np.ndarray:
         """Per-pair rotation frequencies, float32 [rotary_dim // 2]."""
@@ -740,6 +767,118 @@ class VisionConfig:
             class_token=tower == "clip_vision_model",
             max_tiles=_max_tiles(hf.get("vision_aspect_ratio", "anyres_max_9")) if onevision else 0,
         )
+
+
+# HF's defaults for what a Qwen2-VL / Qwen2.5-VL vision_config leaves out
+_QWEN_TOWER_DEFAULTS = {
+    "Qwen2VLForConditionalGeneration": dict(depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu",
+                                            mlp_ratio=4, num_heads=16, patch_size=14, spatial_merge_size=2,
+                                            temporal_patch_size=2),
+    "Qwen2_5_VLForConditionalGeneration": dict(depth=32, hidden_size=3584, hidden_act="silu", intermediate_size=3420,
+                                               num_heads=16, patch_size=14, spatial_merge_size=2,
+                                               temporal_patch_size=2, window_size=112, out_hidden_size=3584,
+                                               fullatt_block_indexes=[7, 15, 23, 31]),
+}
+
+
+@dataclass(frozen=True)
+class QwenVisionConfig:
+    """Qwen2-VL's and Qwen2.5-VL's vision tower (config.json's `vision_config`). The model's image
+    processor resizes an image to a grid of `patch_size` patches whose sides are multiples of
+    `spatial_merge_size`, each patch `temporal_patch_size` frames deep (a still image repeats its
+    one); a ViT with 2D RoPE over the grid encodes them, and a merger turns each
+    `spatial_merge_size` x `spatial_merge_size` patches into one embedding for the language model,
+    which reads the image's tokens at multimodal RoPE positions (`jpaged/mrope.py`). Qwen2-VL's
+    blocks take LayerNorm and a two-layer MLP; Qwen2.5-VL's RMSNorm and a gated MLP, and attend
+    within windows of `window_size` pixels but in `full_attention_layers`."""
+
+    windowed: bool  # Qwen2.5-VL's tower
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    out_hidden_size: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    hidden_act: str
+    rope_theta: float
+    image_token_id: int
+    window_size: int = 0
+    full_attention_layers: tuple[int, ...] = ()
+    min_pixels: int = 56 * 56  # the image processor's bounds on a resized image's area (`with_pixel_limits`)
+    max_pixels: int = 28 * 28 * 1280
+
+    def with_pixel_limits(self, limits: tuple[int, int] | None) -> QwenVisionConfig:
+        """This config with the image processor's (min_pixels, max_pixels) (None: as it is)."""
+        return self if limits is None else dataclasses.replace(self, min_pixels=limits[0], max_pixels=limits[1])
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of the embeddings of an image of `height` x `width` pixels: its size
+        once the processor resizes it (HF's `smart_resize`: sides rounded to multiples of a merged
+        patch, scaled, the aspect kept, into the pixel limits) in merged patches. ValueError for
+        an aspect ratio over 200, as the processor's."""
+        if max(height, width) / min(height, width) > 200:
+            raise ValueError(f"a {height}x{width} image's aspect ratio is over 200, the most Qwen-VL's image processor "
+                             "takes")
+        factor = self.patch_size * self.spatial_merge_size
+        rows, cols = round(height / factor), round(width / factor)
+        if rows * cols * factor ** 2 > self.max_pixels:
+            beta = math.sqrt(height * width / self.max_pixels)
+            rows, cols = max(1, math.floor(height / beta / factor)), max(1, math.floor(width / beta / factor))
+        elif rows * cols * factor ** 2 < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            rows, cols = math.ceil(height * beta / factor), math.ceil(width * beta / factor)
+        return rows, cols
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """How many embeddings (and placeholders) an image of `height` x `width` pixels becomes."""
+        rows, cols = self.grid(height, width)
+        return rows * cols
+
+    @property
+    def patch_features(self) -> int:
+        """Values of one patch as the processor flattens it (channels x frames x pixels)."""
+        return 3 * self.temporal_patch_size * self.patch_size ** 2
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> QwenVisionConfig:
+        """From a Qwen2-VL or Qwen2.5-VL config.json. ValueError for a setting jpaged does not run."""
+        architecture = next(name for name in hf["architectures"] if name in _QWEN_TOWER_DEFAULTS)
+        vision = _QWEN_TOWER_DEFAULTS[architecture] | (hf.get("vision_config") or {})
+        windowed = architecture == "Qwen2_5_VLForConditionalGeneration"
+        if vision["hidden_act"] not in ("quick_gelu", "gelu", "silu"):
+            raise ValueError(f"vision_config.hidden_act {vision['hidden_act']!r} is not supported "
+                             "(supported: quick_gelu, gelu, silu)")
+        if int(vision.get("in_channels", vision.get("in_chans", 3))) != 3:
+            raise ValueError("vision_config.in_channels must be 3 (RGB images)")
+        width = int(vision["hidden_size"] if windowed else vision["embed_dim"])
+        if width % int(vision["num_heads"]):
+            raise ValueError(f"the vision tower's width {width} is not a multiple of its {vision['num_heads']} heads")
+        theta = (vision.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(
+            windowed=windowed,
+            hidden_size=width,
+            intermediate_size=int(vision["intermediate_size"] if windowed else width * vision["mlp_ratio"]),
+            num_layers=int(vision["depth"]),
+            num_heads=int(vision["num_heads"]),
+            out_hidden_size=int(vision["out_hidden_size"] if windowed else vision["hidden_size"]),
+            patch_size=int(vision["patch_size"]),
+            temporal_patch_size=int(vision["temporal_patch_size"]),
+            spatial_merge_size=int(vision["spatial_merge_size"]),
+            hidden_act=vision["hidden_act"],
+            rope_theta=float(theta),
+            image_token_id=int(hf.get("image_token_id", 151655)),
+            window_size=int(vision.get("window_size", 0)) if windowed else 0,
+            full_attention_layers=tuple(int(i) for i in vision.get("fullatt_block_indexes", ())) if windowed else (),
+        )
+
+
+def vision_config_of(hf: dict) -> VisionConfig | QwenVisionConfig:
+    """The vision tower a config.json of a model that reads images describes."""
+    if any(name in _QWEN_TOWER_DEFAULTS for name in hf.get("architectures") or []):
+        return QwenVisionConfig.from_hf(hf)
+    return VisionConfig.from_hf(hf)
 
 
 def _max_tiles(aspect_ratio) -> int:

@@ -25,7 +25,15 @@ from tqdm.auto import tqdm
 
 from jpaged import compile_cache
 from jpaged.block_manager import BlockManager, blocks_held_under_window
-from jpaged.config import CLASSIFIER_SUFFIX, TOKEN_CLASSIFIER_SUFFIX, EngineConfig, ModelConfig, VisionConfig
+from jpaged.config import (
+    CLASSIFIER_SUFFIX,
+    TOKEN_CLASSIFIER_SUFFIX,
+    EngineConfig,
+    ModelConfig,
+    QwenVisionConfig,
+    VisionConfig,
+    vision_config_of,
+)
 from jpaged.detokenizer import IncrementalDetokenizer, NoDetokenizer, token_text
 from jpaged.engine_client import EngineStats, PromptType
 from jpaged.images import ImageProcessor, as_image_list, check_image_count, pixel_hash, widened_placeholders
@@ -33,7 +41,9 @@ from jpaged.loader.source import open_model
 from jpaged.lora import LoRAAdapter, LoRARequest, load_lora_adapter
 from jpaged.model_runner import ModelRunner, StepOutput
 from jpaged.models.quantization import gguf_packed
+from jpaged.models.qwen_vision import QwenImageEncoder
 from jpaged.models.vision import ImageEncoder
+from jpaged.mrope import prompt_positions
 from jpaged.ngram_proposer import NgramProposer, accepted_tokens, can_draft
 from jpaged.outputs import (
     ClassificationOutput,
@@ -144,11 +154,14 @@ class LLMEngine:
             self.runner = ModelRunner(self.model_config, config, split_score_head(source.weights(packed), head, token_rows),
                                       self.step_shapes(), meshes[replica or 0], packed=packed,
                                       token_states=self.pooler is not None and self.pooler.pooling_type == "all",
-                                      reads_embeds=vision is not None or config.enable_prompt_embeds)
+                                      reads_embeds=vision is not None or config.enable_prompt_embeds,
+                                      mrope=isinstance(vision, QwenVisionConfig))
             self.tokenizer = tokenizer.result()
-        self.image_encoder = None if vision is None else ImageEncoder(vision, source.vision_weights,
-                                                                       self.runner.first_device)
+        encoder = QwenImageEncoder if isinstance(vision, QwenVisionConfig) else ImageEncoder
+        self.image_encoder = None if vision is None else encoder(vision, source.vision_weights, self.runner.first_device)
         self.image_processor = None if vision is None else ImageProcessor(source.folder)
+        if isinstance(vision, QwenVisionConfig):
+            vision = vision.with_pixel_limits(self.image_processor.pixel_limits())
         self.vision_config = vision
         self.enable_prompt_embeds = config.enable_prompt_embeds
         self.classifier = self._classifier(source, head, answers, lm_head_tied) if classifies else None
@@ -201,7 +214,7 @@ class LLMEngine:
                     f", step working memory up to {self.runner.step_temp_bytes / 2**20:.1f} MiB per device"
                     if self.runner.step_temp_bytes else "")
 
-    def _vision_config(self, source) -> VisionConfig | None:
+    def _vision_config(self, source) -> VisionConfig | QwenVisionConfig | None:
         """The vision tower of a model that reads images, where this engine can feed it (one
         pipeline stage, no streamed layers, runner "generate"); None otherwise (logged)."""
         if source.vision_config is None:
@@ -210,7 +223,7 @@ class LLMEngine:
             logger.info("limit_mm_per_prompt allows no images: %s serves its text alone, its vision tower not loaded",
                         source.name)
             return None
-        vision = VisionConfig.from_hf(source.vision_config)
+        vision = vision_config_of(source.vision_config)
         parallel = self.config.parallel
         if parallel.pipeline_parallel_size > 1 or self.config.offload_weights or self.config.runner != "generate":
             logger.warning("%s reads images on one pipeline stage, without offload_weights, under runner 'generate': "
@@ -353,6 +366,9 @@ class LLMEngine:
         request.cache_salt = parsed.cache_salt
         if images:
             request.input_embeds = self._image_inputs(images, offsets)
+            if isinstance(self.vision_config, QwenVisionConfig):
+                grids = [self.vision_config.grid(image.height, image.width) for image in images]
+                request.mrope_positions, request.mrope_delta = prompt_positions(len(token_ids), offsets, grids)
         if embeds is not None:
             request.input_embeds, request.embeds_prompt = embeds_by_block(embeds, self.block_manager.block_size), True
         self.requests[request_id] = request
@@ -427,10 +443,16 @@ class LLMEngine:
             raise ValueError("prompt_logprobs needs prompt tokens; a prompt given as prompt_embeds has none")
 
     def _image_inputs(self, images: list, offsets: list[int]) -> list[InputEmbeds]:
-        """Each image's embeddings, placed at its placeholders' offset."""
-        tiles = self.image_processor.pixel_values(images)
-        return [InputEmbeds(offset, self.image_encoder.encode(pixels, image.height, image.width), pixel_hash(pixels))
-                for image, pixels, offset in zip(images, tiles, offsets)]
+        """Each image's embeddings, placed at its placeholders' offset. ValueError where the image
+        processor made another number of embeddings than the model's config foretold."""
+        inputs = []
+        for image, pixels, offset in zip(images, self.image_processor.pixel_values(images), offsets):
+            embeds = self.image_encoder.encode(pixels, image.height, image.width)
+            if len(embeds) != (expected := self.vision_config.image_tokens(image.height, image.width)):
+                raise ValueError(f"the image processor made {len(embeds)} embeddings of a {image.height}x{image.width} "
+                                 f"image, and the model's config {expected}: their settings differ")
+            inputs.append(InputEmbeds(offset, embeds, pixel_hash(pixels)))
+        return inputs
 
     def _resolve_logprobs(self, params: SamplingParams) -> SamplingParams:
         """`params` with `ALL_LOGPROBS` counts made the vocabulary's size; ValueError for a count

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from jpaged.config import VisionConfig
+from jpaged.config import QwenVisionConfig, VisionConfig
 from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
 from jpaged.pooling import Classifier, PoolingParams
@@ -79,7 +79,7 @@ class EngineClient(Protocol):
     runner_type: str
     pooling_task: str | None
     classifier: Classifier | None
-    vision_config: VisionConfig | None
+    vision_config: VisionConfig | QwenVisionConfig | None
     max_images: int | None
     enable_prompt_embeds: bool
 

@@ -5,9 +5,10 @@ Images arrive as vLLM takes them: `{"prompt": ..., "multi_modal_data": {"image":
 or a local path), and as OpenAI `image_url` chat parts. `ImageProcessor` turns them into the
 model's pixel arrays with the checkpoint's own image processor (transformers'), and
 `placeholder_offsets` finds where each image's embeddings go in the prompt: a run of image
-tokens per image (as many as its embeddings: `VisionConfig.image_tokens`), written by the user or
-the chat template as one image token and widened here, as LLaVA's processor widens it. The engine encodes the pixels
-(`models/vision.py`) and keeps one `InputEmbeds` per image on the request
+tokens per image (as many as its embeddings: `VisionConfig.image_tokens`,
+`QwenVisionConfig.image_tokens`), written by the user or the chat template as one image token and
+widened here, as LLaVA's and Qwen-VL's processors widen it. The engine encodes the pixels
+(`models/vision.py`, `models/qwen_vision.py`) and keeps one `InputEmbeds` per image on the request
 (`jpaged/prompt_inputs.py`); the model runner puts the embeddings in place of the placeholders'
 token embeddings in the steps that compute them, and the block manager keys cached blocks by the
 images they hold (`InputEmbeds.hash`, of the pixels).
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jpaged.config import VisionConfig
+from jpaged.config import QwenVisionConfig, VisionConfig
 
 IMAGE_PART_TYPES = ("image_url", "image_pil", "image")  # chat content parts holding an image (vLLM's)
 URL_TIMEOUT_S = 10.0
@@ -141,7 +142,7 @@ def chat_images(conversation: list[dict], image_token: str | None = None, as_par
     return messages, images
 
 
-def chat_for_template(conversation: list[dict], tokenizer, vision: VisionConfig | None,
+def chat_for_template(conversation: list[dict], tokenizer, vision: VisionConfig | QwenVisionConfig | None,
                       template: str | None, local_root: Path | None | bool = True,
                       max_images: int | None = None) -> tuple[list[dict], list]:
     """`chat_images` for an engine's model (`vision`, its vision tower; None where it reads no
@@ -187,7 +188,8 @@ def _image_of(part: dict):
     return value
 
 
-def widened_placeholders(token_ids: list[int], vision: VisionConfig, images: list) -> tuple[list[int], list[int]]:
+def widened_placeholders(token_ids: list[int], vision: VisionConfig | QwenVisionConfig, images: list
+                         ) -> tuple[list[int], list[int]]:
     """`placeholder_offsets` for `images` (PIL images) on the model `vision` describes: each image
     takes `vision.image_tokens` of its size."""
     return placeholder_offsets(token_ids, vision.image_token_id,
@@ -241,12 +243,29 @@ class ImageProcessor:
                              f"to prepare images with: {type(err).__name__}: {err}") from err
 
     def pixel_values(self, images: list) -> list[np.ndarray]:
-        """Each image's tiles, `[tiles, 3, H, W]` float32, as the model's processor prepares them
+        """Each image's pixels, float32, as the model's processor prepares them: `[tiles, 3, H, W]`
         (one tile for LLaVA; the whole image, then its grid's tiles row by row, for LLaVA-NeXT and
-        LLaVA-OneVision)."""
-        tiles = [np.asarray(self._processor([image], return_tensors="np")["pixel_values"], np.float32)[0]
-                 for image in images]
-        return [pixels if pixels.ndim == 4 else pixels[None] for pixels in tiles]
+        LLaVA-OneVision), or Qwen-VL's patches as their grid, `[rows, columns, 3 x frames x
+        patch x patch]`."""
+        return [self._pixels(self._processor([image], return_tensors="np")) for image in images]
+
+    def _pixels(self, prepared) -> np.ndarray:
+        pixels = np.asarray(prepared["pixel_values"], np.float32)
+        if "image_grid_thw" in prepared:  # Qwen-VL: patches in merge-square order, one frame's grid
+            _, rows, cols = (int(n) for n in prepared["image_grid_thw"][0])
+            merge = self._processor.merge_size
+            squares = pixels.reshape(rows // merge, cols // merge, merge, merge, -1)
+            return squares.transpose(0, 2, 1, 3, 4).reshape(rows, cols, -1)
+        pixels = pixels[0]
+        return pixels if pixels.ndim == 4 else pixels[None]
+
+    def pixel_limits(self) -> tuple[int, int] | None:
+        """Qwen-VL's processor's bounds on a resized image's area in pixels (min, max); None for
+        other processors."""
+        size = getattr(self._processor, "size", None) or {}
+        if "shortest_edge" in size and "longest_edge" in size and hasattr(self._processor, "merge_size"):
+            return int(size["shortest_edge"]), int(size["longest_edge"])
+        return None
 
 
 def pixel_hash(pixels: np.ndarray) -> str:

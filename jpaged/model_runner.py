@@ -44,6 +44,7 @@ from jpaged.loader.weights import (
 )
 from jpaged.lora_slots import LoRASlots
 from jpaged.models.llama import LlamaForCausalLM
+from jpaged.mrope import step_positions
 from jpaged.padding import MAX_BIASED_TOKENS, StepShapes
 from jpaged.parallel.expert_parallel import expert_parallel_moe
 from jpaged.parallel.layout import kv_heads_per_model
@@ -161,13 +162,14 @@ def matmul_precision(dtype):
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, shapes: StepShapes,
                  mesh: Mesh | None = None, packed: dict[str, str] | None = None, token_states: bool = False,
-                 reads_embeds: bool = False):
+                 reads_embeds: bool = False, mrope: bool = False):
         """`shapes` are the padded sizes of every step; `mesh` is this engine's slice of the device
         mesh ("pp", "ep", "tp"); None: one device. `packed` names the tensors `weights` yields as
         GGML block rows (HF name: GGML type), kept so on the device. `token_states` (runner
         "pooling"): the steps return every token's final state rather than `pooled_rows`.
         `reads_embeds`: the steps take embeddings in place of some tokens' embeddings (the
-        requests' `input_embeds`: images, embeds prompts)."""
+        requests' `input_embeds`: images, embeds prompts). `mrope`: the steps give each token three
+        positions (`jpaged/mrope.py`), for a multimodal-RoPE model that reads images."""
         if packed and mesh is not None:
             sizes = {name: getattr(config.parallel, f"{name}_parallel_size") for name in
                      ("tensor", "pipeline", "expert", "data")}
@@ -232,6 +234,7 @@ class ModelRunner:
         self._check_swap_memory(swaps, cache_config.swap_space_gib)
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
         self.reads_embeds = reads_embeds
+        self.mrope = mrope
         self._placeholders: dict[tuple, jax.Array] = {}
         self._decodes_prefetched: set[int] = set()
         self._config = config
@@ -593,7 +596,8 @@ class ModelRunner:
         attention = AttentionMetadata(
             slot_mapping=ints(num_tokens, fill=-1), block_tables=ints(num_rows, self.shapes.max_blocks_per_seq),
             context_lens=ints(num_rows), query_start=ints(num_rows), query_lens=ints(num_rows))
-        batch = StepBatch(ints(num_tokens), ints(num_tokens), np.zeros(micro_batches * num_rows, np.int64), attention)
+        positions = ints(num_tokens, 3) if self.mrope else ints(num_tokens)
+        batch = StepBatch(ints(num_tokens), positions, np.zeros(micro_batches * num_rows, np.int64), attention)
         rows = micro_batches * num_rows
         sampling = SamplingArrays.build([PADDING_PARAMS] * rows, [0] * rows, [0] * rows, pad_to=rows)
         return batch, sampling
@@ -612,6 +616,8 @@ class ModelRunner:
             step.batch, lora_slots=self._lora_token_slots(scheduled, step.batch, step.rows))
         if self.reads_embeds:
             batch = self._with_input_embeds(scheduled, batch, step.rows)
+        if self.mrope:
+            batch = self._with_mrope_positions(scheduled, batch, step.rows)
         sampled, prompt = self._run(batch, step.sampling)
         if self.pooling == "tokens":
             states, starts, lens = np.asarray(sampled), batch.attention.query_start, batch.attention.query_lens
@@ -640,6 +646,17 @@ class ModelRunner:
             if item.seq.request.lora is not None:
                 slots[starts[row]:starts[row] + lengths[row]] = slot_of[item.seq.request.lora.lora_int_id]
         return slots
+
+    @staticmethod
+    def _with_mrope_positions(scheduled: list[ScheduledSequence], batch: StepBatch, rows: np.ndarray) -> StepBatch:
+        """`batch` with each token's three multimodal-RoPE positions, `[T, 3]` (`jpaged/mrope.py`)."""
+        positions = np.repeat(np.asarray(batch.positions)[:, None], 3, axis=1)
+        starts, lengths = batch.attention.query_start, batch.attention.query_lens
+        for item, row in zip(scheduled, rows):
+            request, span = item.seq.request, slice(starts[row], starts[row] + lengths[row])
+            if request.mrope_positions is not None:
+                positions[span] = step_positions(positions[span, 0], request.mrope_positions, request.mrope_delta)
+        return dataclasses.replace(batch, positions=positions)
 
     def _with_input_embeds(self, scheduled: list[ScheduledSequence], batch: StepBatch, rows: np.ndarray) -> StepBatch:
         """`batch` with the input embeddings (images, embeds prompts) of the positions it computes

@@ -143,6 +143,10 @@ class Request:
         # or, for an embeds prompt, its own by block (`jpaged/prompt_inputs.py`)
         self.input_embeds: list[InputEmbeds] = []
         self.embeds_prompt = False  # its prompt is embeddings: its token ids are placeholders
+        # a prompt with images on a multimodal-RoPE model: its int32 [prompt, 3] positions, and what
+        # a later token adds to its index for its position (`jpaged/mrope.py`); None: the indices
+        self.mrope_positions = None
+        self.mrope_delta = 0
         self.cache_salt: str | None = None  # keys its prefix-cache blocks apart from unsalted ones
         # Per prompt token, its logprob and the top `params.prompt_logprobs` (None for the first):
         # filled as the prefill computes them, and `prompt_logprobs` once all are in.

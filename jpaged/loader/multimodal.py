@@ -1,4 +1,4 @@
-"""Vision-language checkpoints: their language model, and LLaVA's vision tower beside it.
+"""Vision-language checkpoints: their language model, and the vision tower beside it.
 
 LLaVA, LLaVA-NeXT, LLaVA-OneVision, Gemma 3 (4B and up), Mistral Small 3.x, Qwen2-VL / Qwen2.5-VL and Qwen3-VL ship as
 `*ForConditionalGeneration` folders: a vision encoder and a projector beside a language model of an
@@ -7,8 +7,9 @@ architecture jpaged runs. `text_only_config` turns such a config.json into its l
 `language_model_weights` yields the language model's tensors under a causal LM's names, setting
 the vision tower's and the projector's aside. For text the language model computes what the whole
 model does: Qwen's multimodal RoPE, whose three sections all take a text token's one position, is
-plain RoPE. Only the LLaVA family reads images (`reads_images`; its tower runs in
-`models/vision.py`); the others serve text alone. Plain Python: no jax.
+plain RoPE then (`RopeConfig.mrope_section` keeps the sections for images). The LLaVA family and
+Qwen2-VL / Qwen2.5-VL read images (`reads_images`; their towers run in `models/vision.py` and
+`models/qwen_vision.py`); the others serve text alone. Plain Python: no jax.
 """
 
 from __future__ import annotations
@@ -28,21 +29,23 @@ TEXT_ARCHITECTURES = {
     "Qwen2_5_VLForConditionalGeneration": "Qwen2ForCausalLM",
     "Qwen3VLForConditionalGeneration": "Qwen3ForCausalLM",
 }
+FLAT_TEXT_CONFIGS = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "visual.", "model.visual.", "model.vision_tower.",
                     "model.multi_modal_projector.", "image_newline", "model.image_newline")
 # a language model's tensors as the checkpoints name them (the hub's layout, then transformers 5's), and as a causal LM does
 _RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
             ("model.language_model.", "model."))
-_MROPE_KEYS = ("mrope_section", "mrope_interleaved")
-# LLaVA's vision tensors as `models/vision.py` names them
-_VISION_RENAMES = (("vision_tower.vision_model.", ""), ("vision_tower.", ""), ("multi_modal_projector.", "projector."))
+# the vision tensors as `models/vision.py` (LLaVA) and `models/qwen_vision.py` name them
+_VISION_RENAMES = (("vision_tower.vision_model.", ""), ("vision_tower.", ""), ("multi_modal_projector.", "projector."),
+                   ("visual.", ""))
 IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                       "LlavaOnevisionForConditionalGeneration")
+                       "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+                       "Qwen2_5_VLForConditionalGeneration")
 
 
 def reads_images(hf_config: dict) -> bool:
     """Whether config.json describes a vision-language model whose images jpaged reads (LLaVA,
-    LLaVA-NeXT, LLaVA-OneVision)."""
+    LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL)."""
     return any(name in IMAGE_ARCHITECTURES for name in hf_config.get("architectures") or [])
 
 
@@ -53,9 +56,12 @@ def is_vision_language(hf_config: dict) -> bool:
 
 def text_only_config(hf_config: dict) -> dict:
     """The language model's config.json of a vision-language model's: its `text_config`, the
-    text architecture, the wrapper's `tie_word_embeddings` (which decides, as in transformers),
-    and a multimodal RoPE read as RoPE. ValueError for a config without a `text_config`."""
+    text architecture and the wrapper's `tie_word_embeddings` (which decides, as in transformers).
+    Qwen2-VL's and Qwen2.5-VL's configs as the hub ships them keep the language model's keys at
+    the top, beside `vision_config`. ValueError for another config without a `text_config`."""
     text = hf_config.get("text_config")
+    if text is None and any(name in FLAT_TEXT_CONFIGS for name in hf_config["architectures"]):
+        text = {key: value for key, value in hf_config.items() if key not in ("vision_config", "architectures")}
     if not isinstance(text, dict):
         raise ValueError(f"config.json of {hf_config['architectures'][0]} has no text_config to read the "
                          "language model from")
@@ -63,26 +69,14 @@ def text_only_config(hf_config: dict) -> dict:
     config = {**text, "architectures": [architecture]} if architecture else dict(text)
     if "tie_word_embeddings" in hf_config:
         config["tie_word_embeddings"] = hf_config["tie_word_embeddings"]
-    for key in ("rope_parameters", "rope_scaling"):
-        if isinstance(config.get(key), dict):
-            config[key] = _plain_rope(config[key])
     return config
-
-
-def _plain_rope(params: dict) -> dict:
-    """Rope parameters without their multimodal sections (`mrope`: plain RoPE for text)."""
-    plain = {key: value for key, value in params.items() if key not in _MROPE_KEYS}
-    for name in ("rope_type", "type"):
-        if plain.get(name) == "mrope":
-            plain[name] = "default"
-    return plain
 
 
 def language_model_weights(weights: Iterable[tuple[str, np.ndarray]], vision: dict | None = None
                            ) -> Iterator[tuple[str, np.ndarray]]:
     """A vision-language checkpoint's language-model tensors under a causal LM's names; the
-    vision tower's and the projector's go into `vision` (LLaVA's, renamed as `models/vision.py`
-    reads them), or are left out where it is None."""
+    vision tower's and the projector's go into `vision` (renamed as `models/vision.py` and
+    `models/qwen_vision.py` read them), or are left out where it is None."""
     for name, tensor in weights:
         if name.startswith(_VISION_PREFIXES):
             if vision is not None:

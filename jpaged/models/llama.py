@@ -22,6 +22,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jpaged.config import FUSED_PROJECTIONS, ModelConfig
@@ -60,11 +61,16 @@ def float_matmul(x, w, transposed: bool = False):
     return x @ (w.T if transposed else w)
 
 
-def rope_angles(positions, inv_freq, attention_factor: float = 1.0):
+def rope_angles(positions, inv_freq, attention_factor: float = 1.0, position_rows=None):
     """`(cos, sin)`, each float32 `[T, 1, rotary_dim]`, of rotate-half RoPE at integer `positions
     [T]` with `inv_freq [rotary_dim // 2]`, times `attention_factor` (YaRN's, LongRoPE's): computed once
-    per step and shared by every layer's q and k."""
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    per step and shared by every layer's q and k. Multimodal RoPE (Qwen2-VL, Wang et al. 2024):
+    `positions [T, 3]` (time, height, width), each frequency turned by the one of them that
+    `position_rows [rotary_dim // 2]` names."""
+    if positions.ndim == 2:
+        angles = positions[:, np.asarray(position_rows)].astype(jnp.float32) * inv_freq[None, :]
+    else:
+        angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, None, :]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, None, :]
     if attention_factor != 1.0:
@@ -87,8 +93,9 @@ def apply_rope(x, cos, sin):
 
 
 def rope_of(rope, positions, rotary_dim: int):
-    """`rope_angles` of a `RopeConfig` at `positions`."""
-    return rope_angles(positions, jnp.asarray(rope.inv_freq(rotary_dim)), rope.attention_factor)
+    """`rope_angles` of a `RopeConfig` at `positions` (`[T]`, or `[T, 3]` multimodal positions)."""
+    rows = rope.position_rows(rotary_dim) if positions.ndim == 2 else None
+    return rope_angles(positions, jnp.asarray(rope.inv_freq(rotary_dim)), rope.attention_factor, rows)
 
 
 

@@ -24,20 +24,21 @@ import numpy as np
 from jpaged.config import VisionConfig
 from jpaged.image_tiles import pack_tiles, tile_grid
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": partial(jax.nn.gelu, approximate=False),
     "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "silu": jax.nn.silu,
 }
 
 
-def _layer_norm(x, params: dict, name: str, eps: float):
+def layer_norm(x, params: dict, name: str, eps: float):
     mean = x.mean(-1, keepdims=True)
     var = jnp.square(x - mean).mean(-1, keepdims=True)
     return (x - mean) * jax.lax.rsqrt(var + eps) * params[f"{name}.weight"] + params[f"{name}.bias"]
 
 
-def _linear(x, params: dict, name: str):
+def linear(x, params: dict, name: str):
     y = x @ params[f"{name}.weight"].T
     bias = params.get(f"{name}.bias")
     return y if bias is None else y + bias
@@ -50,10 +51,10 @@ def _attention(x, params: dict, name: str, num_heads: int):
     def heads(y):
         return y.reshape(n, t, num_heads, head_dim)
 
-    q = heads(_linear(x, params, f"{name}.q_proj")) * head_dim ** -0.5
-    k, v = heads(_linear(x, params, f"{name}.k_proj")), heads(_linear(x, params, f"{name}.v_proj"))
+    q = heads(linear(x, params, f"{name}.q_proj")) * head_dim ** -0.5
+    k, v = heads(linear(x, params, f"{name}.k_proj")), heads(linear(x, params, f"{name}.v_proj"))
     weights = jax.nn.softmax(jnp.einsum("nqhd,nkhd->nhqk", q, k), axis=-1)
-    return _linear(jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, t, d), params, f"{name}.out_proj")
+    return linear(jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, t, d), params, f"{name}.out_proj")
 
 
 def image_features(params: dict, pixel_values, cfg: VisionConfig):
@@ -69,25 +70,25 @@ def image_features(params: dict, pixel_values, cfg: VisionConfig):
     positions = params["embeddings.position_embedding.weight"][None]
     if cfg.class_token:
         cls = jnp.broadcast_to(params["embeddings.class_embedding"], (n, 1, d))
-        hidden = _layer_norm(jnp.concatenate([cls, patches], axis=1) + positions, params, "pre_layrnorm",
+        hidden = layer_norm(jnp.concatenate([cls, patches], axis=1) + positions, params, "pre_layrnorm",
                              cfg.layer_norm_eps)
     else:
         hidden = patches + positions
     states = [hidden]
-    act = _ACTIVATIONS[cfg.hidden_act]
+    act = ACTIVATIONS[cfg.hidden_act]
     for i in range(max(cfg.feature_layers)):
         name = f"encoder.layers.{i}"
-        attended = _attention(_layer_norm(hidden, params, f"{name}.layer_norm1", cfg.layer_norm_eps), params,
+        attended = _attention(layer_norm(hidden, params, f"{name}.layer_norm1", cfg.layer_norm_eps), params,
                               f"{name}.self_attn", cfg.num_heads)
         hidden = hidden + attended
-        mlp_in = _layer_norm(hidden, params, f"{name}.layer_norm2", cfg.layer_norm_eps)
-        hidden = hidden + _linear(act(_linear(mlp_in, params, f"{name}.mlp.fc1")), params, f"{name}.mlp.fc2")
+        mlp_in = layer_norm(hidden, params, f"{name}.layer_norm2", cfg.layer_norm_eps)
+        hidden = hidden + linear(act(linear(mlp_in, params, f"{name}.mlp.fc1")), params, f"{name}.mlp.fc2")
         states.append(hidden)
     features = jnp.concatenate([states[i] for i in cfg.feature_layers], axis=-1)
     if cfg.drop_cls:
         features = features[:, 1:]
-    projected = _ACTIVATIONS[cfg.projector_act](_linear(features, params, "projector.linear_1"))
-    return _linear(projected, params, "projector.linear_2")
+    projected = ACTIVATIONS[cfg.projector_act](linear(features, params, "projector.linear_1"))
+    return linear(projected, params, "projector.linear_2")
 
 
 class ImageEncoder:

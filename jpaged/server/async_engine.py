@@ -27,7 +27,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from jpaged.config import VisionConfig
+from jpaged.config import QwenVisionConfig, VisionConfig
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
@@ -157,7 +157,7 @@ class AsyncEngine:
         return self.engine.model_name
 
     @property
-    def vision_config(self) -> VisionConfig | None:
+    def vision_config(self) -> VisionConfig | QwenVisionConfig | None:
         return self.engine.vision_config
 
     @property

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from jpaged.chat_template import checked_template, checked_variables
-from jpaged.config import VisionConfig
+from jpaged.config import QwenVisionConfig, VisionConfig
 from jpaged.images import chat_for_template, widened_placeholders
 from jpaged.prompt_inputs import EMBEDS_PLACEHOLDER_ID, as_embeds_array
 from jpaged.sampling_params import truncated_prompt
@@ -241,7 +241,7 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
                 continue_final_message: bool = False, add_special_tokens: bool = False,
                 tools: list[dict] | None = None, template: ChatTemplate = ChatTemplate(),
                 without_template: str = "chat completions are not available; use /v1/completions",
-                vision: VisionConfig | None = None, local_media: Path | None = None,
+                vision: VisionConfig | QwenVisionConfig | None = None, local_media: Path | None = None,
                 max_images: int | None = None) -> Prompt:
     """The prompt of a chat through `template` (by default the tokenizer's chat template), given
     the `tools`, if any. `without_template`: what the refusal says the route's caller may do

@@ -1,0 +1,143 @@
+"""Qwen2-VL's and Qwen2.5-VL's image side: the vision transformer and the patch merger.
+
+The engine runs it once per image when a request is added (`QwenImageEncoder.encode`), as it runs
+LLaVA's tower (`models/vision.py`); the embeddings replace the image's placeholder tokens, which
+the language model reads at multimodal RoPE positions (`jpaged/mrope.py`). Math as transformers'
+`Qwen2VisionTransformerPretrainedModel` and `Qwen2_5_VisionTransformerPretrainedModel` (Wang et
+al., "Qwen2-VL", 2024; Bai et al., "Qwen2.5-VL Technical Report", 2025): a linear patch embedding
+(the checkpoint's 3D convolution over one patch), rotate-half RoPE over each patch's (row,
+column) in the grid, pre-norm blocks attending over the whole image (Qwen2.5-VL: within windows of
+`window_size` pixels, but in `full_attention_layers`), then the merger: a norm, each
+`spatial_merge_size`^2 neighbouring patches concatenated, linear, GELU, linear.
+
+Patches run in the merger's order: each `spatial_merge_size` x `spatial_merge_size` square's
+patches together, the squares row by row (HF's processor order). Attention is permutation
+equivariant, so Qwen2.5-VL's windows are a mask over that order rather than HF's reordering. An
+image's patches are padded to a power of two (padding attends to itself alone and is dropped), so
+the tower compiles for few sizes. Parameters are a flat dict under the checkpoint's names without
+the `visual.` prefix, computed in float32.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpaged.config import QwenVisionConfig
+from jpaged.models.vision import ACTIVATIONS, layer_norm, linear
+
+MIN_PADDED_PATCHES = 64
+
+
+def _rms_norm(x, params: dict, name: str, eps: float = 1e-6):
+    return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps) * params[f"{name}.weight"]
+
+
+def _norm(x, params: dict, name: str, cfg: QwenVisionConfig):
+    return _rms_norm(x, params, name) if cfg.windowed else layer_norm(x, params, name, 1e-6)
+
+
+def _rotate(x, cos, sin):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _attention(x, params: dict, name: str, cos, sin, groups, num_heads: int):
+    """Attention of each patch over the patches of its group (`groups [N]`: equal ids attend)."""
+    n, d = x.shape
+    head_dim = d // num_heads
+    q, k, v = linear(x, params, f"{name}.qkv").reshape(n, 3, num_heads, head_dim).transpose(1, 0, 2, 3)
+    q, k = _rotate(q, cos[:, None], sin[:, None]), _rotate(k, cos[:, None], sin[:, None])
+    scores = jnp.einsum("qhd,khd->hqk", q, k) * head_dim ** -0.5
+    scores = jnp.where((groups[:, None] == groups[None, :])[None], scores, -jnp.inf)
+    out = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(scores, axis=-1), v)
+    return linear(out.reshape(n, d), params, f"{name}.proj")
+
+
+def _mlp(x, params: dict, name: str, cfg: QwenVisionConfig):
+    act = ACTIVATIONS[cfg.hidden_act]
+    if cfg.windowed:
+        return linear(act(linear(x, params, f"{name}.gate_proj")) * linear(x, params, f"{name}.up_proj"), params,
+                      f"{name}.down_proj")
+    return linear(act(linear(x, params, f"{name}.fc1")), params, f"{name}.fc2")
+
+
+def image_features(params: dict, patches, cos, sin, whole, windows, cfg: QwenVisionConfig):
+    """The merged embeddings `[N / merge^2, out_hidden_size]` float32 of `patches [N,
+    patch_features]` in the merger's order, with each patch's RoPE `cos` / `sin [N, head_dim]` and
+    attention groups (`whole` for full attention, `windows` for Qwen2.5-VL's windowed layers; [N]
+    int32, equal ids attend to each other)."""
+    weight = params["patch_embed.proj.weight"]
+    x = patches.astype(jnp.float32) @ weight.reshape(weight.shape[0], -1).T
+    for i in range(cfg.num_layers):
+        name = f"blocks.{i}"
+        groups = windows if cfg.windowed and i not in cfg.full_attention_layers else whole
+        x = x + _attention(_norm(x, params, f"{name}.norm1", cfg), params, f"{name}.attn", cos, sin, groups,
+                           cfg.num_heads)
+        x = x + _mlp(_norm(x, params, f"{name}.norm2", cfg), params, f"{name}.mlp", cfg)
+    merged = _norm(x, params, "merger.ln_q", cfg).reshape(-1, x.shape[-1] * cfg.spatial_merge_size ** 2)
+    return linear(ACTIVATIONS["gelu"](linear(merged, params, "merger.mlp.0")), params, "merger.mlp.2")
+
+
+def merger_order(rows: int, cols: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each patch's (row, column) in the grid, int64 `[rows * cols]` each, in the merger's order."""
+    row, col = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    order = lambda grid: grid.reshape(rows // merge, merge, cols // merge, merge).transpose(0, 2, 1, 3).ravel()  # noqa: E731
+    return order(row), order(col)
+
+
+class QwenImageEncoder:
+    """The vision tower and merger on one device, compiled once per padded patch count."""
+
+    def __init__(self, cfg: QwenVisionConfig, weights: dict[str, np.ndarray], device=None):
+        """`weights`: the tower's tensors by name (see the module docstring). ValueError naming a
+        tensor the model needs that `weights` lacks, or a patch embedding of another shape."""
+        needed = ["patch_embed.proj.weight", "merger.ln_q.weight", "merger.mlp.0.weight", "merger.mlp.2.weight"]
+        needed += [f"blocks.{i}.attn.qkv.weight" for i in range(cfg.num_layers)]
+        if missing := [name for name in needed if name not in weights]:
+            raise ValueError(f"the Qwen-VL checkpoint lacks vision tensors {missing[:3]}")
+        shape = np.shape(weights["patch_embed.proj.weight"])
+        if int(np.prod(shape[1:])) != cfg.patch_features or shape[0] != cfg.hidden_size:
+            raise ValueError(f"the patch embedding has shape {shape}; config.json's vision_config describes "
+                             f"[{cfg.hidden_size}, 3, {cfg.temporal_patch_size}, {cfg.patch_size}, {cfg.patch_size}]")
+        self.cfg = cfg
+        self.params = {name: jax.device_put(np.asarray(w, np.float32), device) for name, w in weights.items()}
+        self._encode = jax.jit(partial(image_features, cfg=cfg))
+
+    def encode(self, pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+        """The embeddings, float32 numpy `[rows * columns, out_hidden_size]` (merged patches row by
+        row), of an image's patches `pixels [grid rows, grid columns, patch_features]`. ValueError
+        for patches of another shape."""
+        cfg, merge = self.cfg, self.cfg.spatial_merge_size
+        rows, cols = pixels.shape[:2]
+        if pixels.ndim != 3 or pixels.shape[2] != cfg.patch_features or rows % merge or cols % merge:
+            raise ValueError(f"patches of shape {pixels.shape}; the vision tower takes [rows, columns, "
+                             f"{cfg.patch_features}] with rows and columns multiples of {merge}")
+        row, col = merger_order(rows, cols, merge)
+        count = rows * cols
+        padded = max(MIN_PADDED_PATCHES, 1 << (count - 1).bit_length())
+        patches = np.zeros((padded, cfg.patch_features), np.float32)
+        patches[:count] = pixels[row, col]
+        cos, sin = self._rope(row, col, padded)
+        alone = -1 - np.arange(padded - count, dtype=np.int32)  # padding: a group of its own each
+        whole = np.concatenate([np.zeros(count, np.int32), alone])
+        windows = whole
+        if cfg.windowed:
+            side = max(cfg.window_size // merge // cfg.patch_size, 1)  # in merged patches
+            window = (row // merge // side) * (cols // merge // side + 1) + col // merge // side
+            windows = np.concatenate([window.astype(np.int32), alone])
+        features = self._encode(self.params, patches, cos, sin, whole, windows)
+        return np.asarray(features)[:count // merge ** 2]
+
+    def _rope(self, row: np.ndarray, col: np.ndarray, padded: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin `[padded, head_dim]` float32: a quarter of each head's dims turn by the
+        patch's row, a quarter by its column, as HF's axial vision RoPE."""
+        head_dim = self.cfg.hidden_size // self.cfg.num_heads
+        inv_freq = 1.0 / self.cfg.rope_theta ** (np.arange(0, head_dim // 2, 2, dtype=np.float32) / (head_dim // 2))
+        angles = np.zeros((padded, head_dim // 2), np.float32)
+        angles[:len(row)] = np.concatenate([row[:, None] * inv_freq, col[:, None] * inv_freq], axis=1)
+        angles = np.concatenate([angles, angles], axis=1)
+        return np.cos(angles), np.sin(angles)
