@@ -234,3 +234,29 @@ def test_hub_layout_config_reads_the_same_model(qwen_vl, tmp_path):
     prompt = {"prompt": f"t5 {IMAGE} t7", "multi_modal_data": {"image": _image(40, (33, 57))}}
     assert (hub.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
             == llm.generate(prompt, GREEDY, use_tqdm=False)[0].outputs[0].token_ids)
+
+
+def test_prefix_cache_preemption_and_drafts_keep_the_positions(qwen_vl):
+    """On an engine that compiles every step at start-up (`[T, 3]` positions in the padding
+    steps too), with a KV cache too small for its batch (so sequences are preempted and
+    recomputed) and n-gram drafts checked past the prompt: the same image again comes from the
+    prefix cache, and every answer is HF's greedy one; every block is free after."""
+    folder, model, processor, _ = qwen_vl
+    llm = LLM(str(folder), dtype="float32", num_blocks=12, block_size=4, max_num_batched_tokens=16, max_model_len=48,
+              compile_warmup=True, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                                       "prompt_lookup_min": 1, "prompt_lookup_max": 2})
+    text = f"t5 t6 t7 t8 {IMAGE} t9 t5 t6"
+    cases = [(text, [_image(50, (60, 60))]), (text, [_image(51, (40, 90))]), (f"t10 {IMAGE} t11", [_image(52, (90, 40))])]
+    outputs = llm.generate([{"prompt": t, "multi_modal_data": {"image": images}} for t, images in cases], GREEDY,
+                           use_tqdm=False)
+    assert llm.engine.stats().num_preemptions > 0 and llm.engine.stats().num_draft_tokens > 0
+    again = llm.generate({"prompt": text, "multi_modal_data": {"image": _image(50, (60, 60))}}, GREEDY,
+                         use_tqdm=False)[0]
+    assert again.num_cached_tokens >= 4 + vision_tokens(llm, 60, 60)
+    for (t, images), out in zip([*cases, cases[0]], [*outputs, again]):
+        assert out.outputs[0].token_ids == _hf_greedy(model, processor, t, images)[1], t
+    assert _blocks_all_free(llm)
+
+
+def vision_tokens(llm, height: int, width: int) -> int:
+    return llm.engine.vision_config.image_tokens(height, width)
