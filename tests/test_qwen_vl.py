@@ -19,7 +19,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 from hf_models import randomize_weights, torch_single_thread  # noqa: E402
-from test_images import GREEDY, _blocks_all_free  # noqa: E402
+from test_images import GREEDY, _blocks_all_free, _hf_greedy  # noqa: E402
+from test_llava_next import check_greedy_matches_hf  # noqa: E402
 
 from jpaged import LLM  # noqa: E402
 from jpaged.config import QwenVisionConfig  # noqa: E402
@@ -112,15 +113,6 @@ def _hf_inputs(processor, text: str, images):
     return processor(text=text, images=images, return_tensors="pt")
 
 
-def _hf_greedy(model, processor, text: str, images) -> tuple[list[int], list[int]]:
-    inputs = _hf_inputs(processor, text, images)
-    with torch.no_grad(), torch_single_thread():
-        out = model.generate(**inputs, max_new_tokens=GREEDY.max_tokens, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    prompt = inputs["input_ids"][0].tolist()
-    return prompt, out[0, len(prompt):].tolist()
-
-
 def test_placeholder_counts_match_the_processor(qwen_vl):
     """Each image's placeholder count (its resized grid in merged patches) is the one the
     processor widens it into, over random sizes and the edge cases of `smart_resize`."""
@@ -179,14 +171,8 @@ def test_greedy_tokens_match_hf_for_images_of_every_shape(qwen_vl):
     _, model, processor, llm = qwen_vl
     cases = [(f"t5 t6 {IMAGE} t7 t8", [_image(i, shape)]) for i, shape in enumerate(SHAPES)]
     cases += [(f"t9 {IMAGE} t10 {IMAGE} t11", [_image(20, (40, 90)), _image(21, (90, 40))])]
-    outputs = llm.generate([{"prompt": text, "multi_modal_data": {"image": images}} for text, images in cases],
-                           GREEDY, use_tqdm=False)
-    for (text, images), out in zip(cases, outputs):
-        prompt, expected = _hf_greedy(model, processor, text, images)
-        assert out.prompt_token_ids == prompt
-        assert out.outputs[0].token_ids == expected, (text, [image.size for image in images])
+    outputs = check_greedy_matches_hf(model, processor, llm, cases)
     assert len({len(out.prompt_token_ids) for out in outputs}) > 3
-    assert _blocks_all_free(llm)
 
 
 def test_server_chat_with_two_images(qwen_vl):
