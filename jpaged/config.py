@@ -356,6 +356,9 @@ class ModelConfig:
     moe_bias: bool = False
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.0
+    # Qwen3-VL's DeepStack: image embeddings for this many first layers, each added to the image
+    # tokens' hidden states after its layer (set by the engine when it reads images)
+    deepstack_layers: int = 0
 
     def __post_init__(self):
         for rope in (self.rope, self.local_rope):
@@ -778,21 +781,30 @@ _QWEN_TOWER_DEFAULTS = {
                                                num_heads=16, patch_size=14, spatial_merge_size=2,
                                                temporal_patch_size=2, window_size=112, out_hidden_size=3584,
                                                fullatt_block_indexes=[7, 15, 23, 31]),
+    "Qwen3VLForConditionalGeneration": dict(depth=27, hidden_size=1152, hidden_act="gelu_pytorch_tanh",
+                                            intermediate_size=4304, num_heads=16, patch_size=16, spatial_merge_size=2,
+                                            temporal_patch_size=2, out_hidden_size=3584, num_position_embeddings=2304,
+                                            deepstack_visual_indexes=[8, 16, 24]),
 }
+QWEN_VISION_VERSIONS = {"Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+                        "Qwen3VLForConditionalGeneration": "qwen3_vl"}
 
 
 @dataclass(frozen=True)
 class QwenVisionConfig:
-    """Qwen2-VL's and Qwen2.5-VL's vision tower (config.json's `vision_config`). The model's image
-    processor resizes an image to a grid of `patch_size` patches whose sides are multiples of
-    `spatial_merge_size`, each patch `temporal_patch_size` frames deep (a still image repeats its
-    one); a ViT with 2D RoPE over the grid encodes them, and a merger turns each
+    """Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's vision tower (config.json's `vision_config`). The
+    model's image processor resizes an image to a grid of `patch_size` patches whose sides are
+    multiples of `spatial_merge_size`, each patch `temporal_patch_size` frames deep (a still image
+    repeats its one); a ViT with 2D RoPE over the grid encodes them, and a merger turns each
     `spatial_merge_size` x `spatial_merge_size` patches into one embedding for the language model,
     which reads the image's tokens at multimodal RoPE positions (`jpaged/mrope.py`). Qwen2-VL's
     blocks take LayerNorm and a two-layer MLP; Qwen2.5-VL's RMSNorm and a gated MLP, and attend
-    within windows of `window_size` pixels but in `full_attention_layers`."""
+    within windows of `window_size` pixels but in `full_attention_layers`. Qwen3-VL's add a
+    learned position grid of `num_position_embeddings` (resampled to each image's grid) to the
+    patches, and merge the states after each of `deepstack_layers` too: those embeddings are added
+    to the image tokens' hidden states after the language model's first layers (DeepStack)."""
 
-    windowed: bool  # Qwen2.5-VL's tower
+    version: str  # "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl"
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -806,8 +818,14 @@ class QwenVisionConfig:
     image_token_id: int
     window_size: int = 0
     full_attention_layers: tuple[int, ...] = ()
+    num_position_embeddings: int = 0
+    deepstack_layers: tuple[int, ...] = ()
     min_pixels: int = 56 * 56  # the image processor's bounds on a resized image's area (`with_pixel_limits`)
     max_pixels: int = 28 * 28 * 1280
+
+    @property
+    def windowed(self) -> bool:
+        return self.version == "qwen2_5_vl"
 
     def with_pixel_limits(self, limits: tuple[int, int] | None) -> QwenVisionConfig:
         """This config with the image processor's (min_pixels, max_pixels) (None: as it is)."""
@@ -843,26 +861,32 @@ class QwenVisionConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> QwenVisionConfig:
-        """From a Qwen2-VL or Qwen2.5-VL config.json. ValueError for a setting jpaged does not run."""
+        """From a Qwen2-VL, Qwen2.5-VL or Qwen3-VL config.json. ValueError for a setting jpaged does
+        not run."""
         architecture = next(name for name in hf["architectures"] if name in _QWEN_TOWER_DEFAULTS)
         vision = _QWEN_TOWER_DEFAULTS[architecture] | (hf.get("vision_config") or {})
-        windowed = architecture == "Qwen2_5_VLForConditionalGeneration"
-        if vision["hidden_act"] not in ("quick_gelu", "gelu", "silu"):
+        version = QWEN_VISION_VERSIONS[architecture]
+        windowed, qwen2 = version == "qwen2_5_vl", version == "qwen2_vl"
+        if vision["hidden_act"] not in VISION_ACTIVATIONS + ("silu",):
             raise ValueError(f"vision_config.hidden_act {vision['hidden_act']!r} is not supported "
-                             "(supported: quick_gelu, gelu, silu)")
+                             f"(supported: {', '.join(VISION_ACTIVATIONS + ('silu',))})")
         if int(vision.get("in_channels", vision.get("in_chans", 3))) != 3:
             raise ValueError("vision_config.in_channels must be 3 (RGB images)")
-        width = int(vision["hidden_size"] if windowed else vision["embed_dim"])
+        width = int(vision["embed_dim"] if qwen2 else vision["hidden_size"])
         if width % int(vision["num_heads"]):
             raise ValueError(f"the vision tower's width {width} is not a multiple of its {vision['num_heads']} heads")
         theta = (vision.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        deepstack = tuple(int(i) for i in vision.get("deepstack_visual_indexes", ())) if version == "qwen3_vl" else ()
+        if any(not 0 <= i < int(vision["depth"]) for i in deepstack):
+            raise ValueError(f"deepstack_visual_indexes {list(deepstack)} name blocks outside the tower's "
+                             f"{vision['depth']}")
         return cls(
-            windowed=windowed,
+            version=version,
             hidden_size=width,
-            intermediate_size=int(vision["intermediate_size"] if windowed else width * vision["mlp_ratio"]),
+            intermediate_size=int(width * vision["mlp_ratio"] if qwen2 else vision["intermediate_size"]),
             num_layers=int(vision["depth"]),
             num_heads=int(vision["num_heads"]),
-            out_hidden_size=int(vision["out_hidden_size"] if windowed else vision["hidden_size"]),
+            out_hidden_size=int(vision["hidden_size"] if qwen2 else vision["out_hidden_size"]),
             patch_size=int(vision["patch_size"]),
             temporal_patch_size=int(vision["temporal_patch_size"]),
             spatial_merge_size=int(vision["spatial_merge_size"]),
@@ -871,6 +895,8 @@ class QwenVisionConfig:
             image_token_id=int(hf.get("image_token_id", 151655)),
             window_size=int(vision.get("window_size", 0)) if windowed else 0,
             full_attention_layers=tuple(int(i) for i in vision.get("fullatt_block_indexes", ())) if windowed else (),
+            num_position_embeddings=int(vision.get("num_position_embeddings", 0)) if version == "qwen3_vl" else 0,
+            deepstack_layers=deepstack,
         )
 
 

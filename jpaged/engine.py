@@ -151,6 +151,9 @@ class LLMEngine:
             head: dict = {}
             token_rows = functools.cache(lambda: answer_token_ids(tokenizer.result(), answers[0])) if answers else None
             vision = self._vision_config(source)
+            if isinstance(vision, QwenVisionConfig) and vision.deepstack_layers:
+                self.model_config = dataclasses.replace(self.model_config,
+                                                        deepstack_layers=len(vision.deepstack_layers))
             self.runner = ModelRunner(self.model_config, config, split_score_head(source.weights(packed), head, token_rows),
                                       self.step_shapes(), meshes[replica or 0], packed=packed,
                                       token_states=self.pooler is not None and self.pooler.pooling_type == "all",

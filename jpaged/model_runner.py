@@ -647,6 +647,11 @@ class ModelRunner:
                 slots[starts[row]:starts[row] + lengths[row]] = slot_of[item.seq.request.lora.lora_int_id]
         return slots
 
+    @property
+    def embeds_width(self) -> int:
+        """Columns of a step's input embeddings: the hidden size, once more per DeepStack layer."""
+        return self.model_config.hidden_size * (1 + self.model_config.deepstack_layers)
+
     @staticmethod
     def _with_mrope_positions(scheduled: list[ScheduledSequence], batch: StepBatch, rows: np.ndarray) -> StepBatch:
         """`batch` with each token's three multimodal-RoPE positions, `[T, 3]` (`jpaged/mrope.py`)."""
@@ -670,10 +675,10 @@ class ModelRunner:
                 if lo >= hi:
                     continue
                 if embeds is None:
-                    embeds = np.zeros((batch.token_ids.size, self.model_config.hidden_size), np.float32)
+                    embeds = np.zeros((batch.token_ids.size, self.embeds_width), np.float32)
                     mask = np.zeros(batch.token_ids.size, bool)
                 at = starts[row] + lo - first
-                embeds[at:at + hi - lo] = given.embeds[lo - given.offset:hi - given.offset]
+                embeds[at:at + hi - lo, :given.embeds.shape[1]] = given.embeds[lo - given.offset:hi - given.offset]
                 mask[at:at + hi - lo] = True
         return batch if embeds is None else dataclasses.replace(batch, input_embeds=embeds, input_embeds_mask=mask)
 
@@ -715,8 +720,8 @@ class ModelRunner:
             lora_slots=None if self.lora is None else self._or_placeholder(batch.lora_slots, (num_tokens,), np.int32, -1))
         if self.reads_embeds:
             batch = dataclasses.replace(
-                batch, input_embeds=self._or_placeholder(batch.input_embeds, (num_tokens, self.model_config.hidden_size),
-                                                         np.float32, 0.0),
+                batch, input_embeds=self._or_placeholder(batch.input_embeds, (num_tokens, self.embeds_width), np.float32,
+                                                         0.0),
                 input_embeds_mask=self._or_placeholder(batch.input_embeds_mask, (num_tokens,), bool, False))
         return (self.state, None if self.lora is None else self.lora.weights), self.kv_cache, self._put(batch)
 

@@ -24,6 +24,7 @@ from test_llava_next import check_greedy_matches_hf  # noqa: E402
 
 from jpaged import LLM  # noqa: E402
 from jpaged.config import QwenVisionConfig  # noqa: E402
+from jpaged.loader.multimodal import FLAT_TEXT_CONFIGS  # noqa: E402
 from jpaged.mrope import prompt_positions  # noqa: E402
 
 VOCAB = 320
@@ -43,7 +44,16 @@ CONFIGS = {
         text_config=TEXT, vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2,
                                              out_hidden_size=64, fullatt_block_indexes=[1], window_size=56),
         **TOKEN_IDS),
+    # 16-pixel patches, a learned 4 x 4 position grid, DeepStack from both blocks into the first two
+    # of three layers, interleaved multimodal RoPE, q / k norms
+    "qwen3_vl": lambda: transformers.Qwen3VLConfig(
+        text_config=TEXT | dict(num_hidden_layers=3, head_dim=16, rope_scaling={
+            "rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                           deepstack_visual_indexes=[0, 1], num_position_embeddings=16),
+        **TOKEN_IDS),
 }
+PATCH = {"qwen2_vl": 14, "qwen2_5_vl": 14, "qwen3_vl": 16}
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% if m['content'] is string %}{{ m['content'] }}{% else %}"
             "{% for part in m['content'] %}{% if part['type'] == 'image' %}" + IMAGE + "{% else %}{{ part['text'] }}"
@@ -69,8 +79,10 @@ class _Processor:
     image processor makes the pixels and grids, and each `<|image_pad|>` becomes grid / merge^2
     of them, as the processor widens it."""
 
-    def __init__(self):
-        self.image_processor = transformers.Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 40)
+    def __init__(self, patch: int = 14):
+        side = 2 * patch  # a merged patch
+        self.image_processor = transformers.Qwen2VLImageProcessor(patch_size=patch, min_pixels=side * side * 4,
+                                                                  max_pixels=side * side * 40)
         self.tokenizer = _tokenizer()
 
     def __call__(self, text: str, images=None, return_tensors="pt") -> dict:
@@ -99,7 +111,7 @@ def qwen_vl(request, tmp_path_factory):
         randomize_weights(model, seed=11 + list(CONFIGS).index(request.param))
         model.eval()
     model.save_pretrained(str(folder))
-    processor = _Processor()
+    processor = _Processor(PATCH[request.param])
     processor.save_pretrained(str(folder))
     llm = LLM(str(folder), dtype="float32", num_blocks=200, block_size=4, max_num_batched_tokens=16, max_model_len=400)
     return folder, model, processor, llm
@@ -118,7 +130,8 @@ def test_placeholder_counts_match_the_processor(qwen_vl):
     processor widens it into, over random sizes and the edge cases of `smart_resize`."""
     folder, _, processor, llm = qwen_vl
     vision = llm.engine.vision_config
-    assert isinstance(vision, QwenVisionConfig) and (vision.min_pixels, vision.max_pixels) == (28 * 28 * 4, 28 * 28 * 40)
+    side = 2 * vision.patch_size
+    assert isinstance(vision, QwenVisionConfig) and (vision.min_pixels, vision.max_pixels) == (side**2 * 4, side**2 * 40)
     rng = np.random.default_rng(0)
     for height, width in [tuple(int(x) for x in rng.integers(1, 400, 2)) for _ in range(60)] + SHAPES:
         if max(height, width) / min(height, width) > 200:
@@ -130,17 +143,20 @@ def test_placeholder_counts_match_the_processor(qwen_vl):
 
 
 def test_image_features_match_hf(qwen_vl):
-    """The merged embeddings of images of every shape equal HF's `get_image_features`."""
+    """The merged embeddings of images of every shape equal HF's `get_image_features` (Qwen3-VL:
+    the DeepStack features too, after them)."""
     _, model, processor, llm = qwen_vl
     for seed, shape in enumerate(SHAPES):
         image = _image(seed, shape)
         inputs = _hf_inputs(processor, IMAGE, [image])
         with torch.no_grad(), torch_single_thread():
-            expected = model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                      image_grid_thw=inputs["image_grid_thw"]).pooler_output[0]
+            features = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                      image_grid_thw=inputs["image_grid_thw"])
+        deepstack = getattr(features, "deepstack_features", None) or []  # per DeepStack layer, per image
+        expected = [features.pooler_output[0], *(layer[0] if isinstance(layer, tuple) else layer for layer in deepstack)]
         pixels = llm.engine.image_processor.pixel_values([image])[0]
-        np.testing.assert_allclose(llm.engine.image_encoder.encode(pixels, *shape), expected.numpy(), rtol=1e-4,
-                                   atol=1e-5)
+        np.testing.assert_allclose(llm.engine.image_encoder.encode(pixels, *shape),
+                                   torch.cat(expected, dim=-1).numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_multimodal_rope_positions_match_hf(qwen_vl):
@@ -210,6 +226,8 @@ def test_hub_layout_config_reads_the_same_model(qwen_vl, tmp_path):
     beside `vision_config` (no `text_config`), loads the same model: the same greedy tokens."""
     folder, _, _, llm = qwen_vl
     config = json.loads((folder / "config.json").read_text())
+    if config["architectures"][0] not in FLAT_TEXT_CONFIGS:
+        pytest.skip("Qwen3-VL's configs on the hub hold a text_config")
     flat = {key: value for key, value in config.items() if key != "text_config"} | config["text_config"]
     flat["architectures"] = config["architectures"]
     for item in folder.iterdir():
@@ -228,10 +246,11 @@ def test_prefix_cache_preemption_and_drafts_keep_the_positions(qwen_vl):
     recomputed) and n-gram drafts checked past the prompt: the same image again comes from the
     prefix cache, and every answer is HF's greedy one; every block is free after."""
     folder, model, processor, _ = qwen_vl
-    llm = LLM(str(folder), dtype="float32", num_blocks=12, block_size=4, max_num_batched_tokens=16, max_model_len=48,
+    llm = LLM(str(folder), dtype="float32", num_blocks=24, block_size=4, max_num_batched_tokens=16, max_model_len=80,
               compile_warmup=True, speculative_config={"method": "ngram", "num_speculative_tokens": 2,
                                                        "prompt_lookup_min": 1, "prompt_lookup_max": 2})
-    text = f"t5 t6 t7 t8 {IMAGE} t9 t5 t6"
+    words = [f"t{i}" for i in range(5, 35)]  # many tokens for the n-gram lookup to find the answers' in
+    text = f"{' '.join(words[:4])} {IMAGE} {' '.join(words[4:])}"
     cases = [(text, [_image(50, (60, 60))]), (text, [_image(51, (40, 90))]), (f"t10 {IMAGE} t11", [_image(52, (90, 40))])]
     outputs = llm.generate([{"prompt": t, "multi_modal_data": {"image": images}} for t, images in cases], GREEDY,
                            use_tqdm=False)

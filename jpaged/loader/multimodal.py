@@ -8,7 +8,7 @@ architecture jpaged runs. `text_only_config` turns such a config.json into its l
 the vision tower's and the projector's aside. For text the language model computes what the whole
 model does: Qwen's multimodal RoPE, whose three sections all take a text token's one position, is
 plain RoPE then (`RopeConfig.mrope_section` keeps the sections for images). The LLaVA family and
-Qwen2-VL / Qwen2.5-VL read images (`reads_images`; their towers run in `models/vision.py` and
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL read images (`reads_images`; their towers run in `models/vision.py` and
 `models/qwen_vision.py`); the others serve text alone. Plain Python: no jax.
 """
 
@@ -40,12 +40,12 @@ _VISION_RENAMES = (("vision_tower.vision_model.", ""), ("vision_tower.", ""), ("
                    ("visual.", ""))
 IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
                        "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                       "Qwen2_5_VLForConditionalGeneration")
+                       "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 
 
 def reads_images(hf_config: dict) -> bool:
     """Whether config.json describes a vision-language model whose images jpaged reads (LLaVA,
-    LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL)."""
+    LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
     return any(name in IMAGE_ARCHITECTURES for name in hf_config.get("architectures") or [])
 
 

@@ -281,22 +281,29 @@ class LlamaForCausalLM(nnx.Module):
         LoRA slots' per-layer factors, each token's slot and each slot column's slot
         (`jpaged/lora_slots.py`). `input_embeds`: None, or `(embeds [N, hidden], mask [N] bool)`,
         embeddings (an image's, `models/vision.py`, or an embeds prompt's) that replace the token
-        embeddings where `mask` is set, as HF's models take `inputs_embeds`."""
+        embeddings where `mask` is set, as HF's models take `inputs_embeds`; with DeepStack
+        (`cfg.deepstack_layers` = k) `embeds` is `[N, hidden x (1 + k)]`, the other k slices
+        added to the hidden states after the first k layers (Qwen3-VL's `deepstack_visual_embeds`)."""
         layer_weights = [nnx.to_pure_dict(nnx.state(layer)) for layer in self.layers]
         if lora is not None:
             weights, token_slots, column_slots = lora
             mask = (token_slots[:, None] == column_slots[None, :]).astype(self.norm.dtype)
             layer_weights = [{**own, **factors, "lora_mask": mask} for own, factors in zip(layer_weights, weights)]
+        decode = self.decode
         if input_embeds is None:
             hidden = self.embed(token_ids)
         else:
             embeds, mask = input_embeds
+            if self.cfg.deepstack_layers:
+                width = self.cfg.hidden_size
+                deepstack = embeds[:, width:].reshape(embeds.shape[0], self.cfg.deepstack_layers, width)
+                decode, embeds = partial(self.decode, deepstack=deepstack.astype(self.norm.dtype)), embeds[:, :width]
             scales_given = self.cfg.multiplies_input_embeds
             hidden = self.embed(token_ids, multiply=not scales_given)
             hidden = jnp.where(mask[:, None], embeds.astype(hidden.dtype), hidden)
             if scales_given:
                 hidden = self._multiply(hidden)
-        hidden, kv_cache = self.run_layers(self.decode, hidden, positions, kv_cache, md, layer_weights)
+        hidden, kv_cache = self.run_layers(decode, hidden, positions, kv_cache, md, layer_weights)
         return self.final_norm(hidden), kv_cache
 
     def embed(self, token_ids, multiply: bool = True):
@@ -323,7 +330,7 @@ class LlamaForCausalLM(nnx.Module):
         return rms_norm(x, weight, self.cfg.rms_norm_eps, self.cfg.norm_weight_offset)
 
     def decode(self, hidden, positions, kv_cache, md: AttentionMetadata, layer_weights, first_layer=0,
-               model_first_layer=None):
+               model_first_layer=None, deepstack=None):
         """Run `hidden [T, hidden]` through the layers whose weight dicts are `layer_weights` (a
         list), the cache's layers `first_layer` on (an int, or a traced int32 scalar), with
         `kv_cache` the whole model's cache (or a pipeline stage's share). `model_first_layer`
@@ -364,6 +371,10 @@ class LlamaForCausalLM(nnx.Module):
             attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, scale, window=window,
                                                         softcap=cfg.attn_logit_softcapping, sinks=sinks)
             hidden = jax.lax.switch(index, out_and_mlp, hidden, attended)
+            if deepstack is not None:  # [T, k, hidden]: added after the model's first k layers
+                count = deepstack.shape[1]
+                added = jax.lax.dynamic_index_in_dim(deepstack, jnp.minimum(model_layer, count - 1), 1, keepdims=False)
+                hidden = hidden + jnp.where(model_layer < count, added, 0)
             return (hidden, k_cache, v_cache), None
 
         indices = jnp.arange(len(layer_weights), dtype=jnp.int32)
