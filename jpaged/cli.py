@@ -196,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--no-chat", action="store_true", help="send prompts as raw text")
     gen.add_argument("--image", action="append", default=None, metavar="PATH_OR_URL",
-                     help="an image for every prompt, on a model that reads images (LLaVA; repeatable): through the "
+                     help="an image for every prompt, on a model that reads images (LLaVA, Qwen-VL; repeatable): through the "
                           "chat template it comes before the prompt's text; with --no-chat the prompt places it with "
                           "the model's image token, such as <image>")
     gen.add_argument("--lora", default=None, metavar="PATH",
