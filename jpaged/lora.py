@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from jpaged.config import FUSED_PROJECTIONS, ModelConfig
-from jpaged.loader.rope_rows import interleaved_to_rotate_half
+from jpaged.loader.rope_rows import as_rotate_half
 from jpaged.sampling_params import is_integer
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -165,9 +165,7 @@ def _factors(tensors: dict[str, np.ndarray], cfg: ModelConfig, rank: int, scalin
         parts = FUSED_PROJECTIONS.get(module, (module,))  # a fused projection's: one A, B's rows split
         bounds = np.cumsum([shapes[part][1] for part in parts])[:-1]
         for part, b_part in zip(parts, np.split(b, bounds, axis=1)):
-            if cfg.rope_interleaved and part in ("q_proj", "k_proj"):  # rows as the model's (`loader/rope_rows.py`)
-                heads = cfg.num_heads if part == "q_proj" else cfg.num_kv_heads
-                b_part = interleaved_to_rotate_half(b_part.T, heads, cfg.rotary_dim).T
+            b_part = as_rotate_half(b_part.T, part, cfg).T  # rows as the model's (`loader/rope_rows.py`)
             if (layer, part) in factors:
                 raise ValueError(f"{where}: layer {layer} {part} is targeted twice (as {part} and within {module})")
             factors[layer, part] = (a, np.ascontiguousarray(b_part))

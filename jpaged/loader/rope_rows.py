@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jpaged.config import ModelConfig
+
 
 def interleaved_to_rotate_half(rows: np.ndarray, num_heads: int, rotary_dim: int | None = None) -> np.ndarray:
     """`rows` `[num_heads * head_dim, ...]` (a q or k projection's output rows, or its bias) with
@@ -22,3 +24,12 @@ def interleaved_to_rotate_half(rows: np.ndarray, num_heads: int, rotary_dim: int
     pairs = heads[:, :rotary].reshape(num_heads, rotary // 2, 2, *rows.shape[1:]).swapaxes(1, 2)
     return np.concatenate([pairs.reshape(num_heads, rotary, *rows.shape[1:]), heads[:, rotary:]], axis=1
                           ).reshape(rows.shape)
+
+
+def as_rotate_half(rows: np.ndarray, projection: str, cfg: ModelConfig) -> np.ndarray:
+    """The output rows of a layer's `projection` ("q_proj", "k_proj"; any other passes as it is)
+    as the model reads them: reordered by `interleaved_to_rotate_half` where `cfg.rope_interleaved`."""
+    if not cfg.rope_interleaved or projection not in ("q_proj", "k_proj"):
+        return rows
+    return interleaved_to_rotate_half(rows, cfg.num_heads if projection == "q_proj" else cfg.num_kv_heads,
+                                      cfg.rotary_dim)

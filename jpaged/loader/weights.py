@@ -24,7 +24,7 @@ from flax import nnx
 
 from jpaged.config import FUSED_PROJECTIONS, ModelConfig
 from jpaged.loader.host_store import HostStore
-from jpaged.loader.rope_rows import interleaved_to_rotate_half
+from jpaged.loader.rope_rows import as_rotate_half
 from jpaged.models.quantization import QUANTIZED_PARAMS, quantize, scale_name, scheme_of
 
 _LAYER_TENSORS = {
@@ -221,11 +221,10 @@ def as_model_layout(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig)
     """`weights` as the model reads them: each layer's q and k rows (weights and biases)
     reordered from interleaved RoPE pairs to rotate-half where `cfg.rope_interleaved`
     (`loader/rope_rows.py`), and GLM-4's norms under Gemma 2's names."""
-    heads = {"self_attn.q_proj": cfg.num_heads, "self_attn.k_proj": cfg.num_kv_heads}
     for name, tensor in weights:
         match = _LAYER_NAME.fullmatch(name)
-        if match and cfg.rope_interleaved and (module := match.group(2).rsplit(".", 1)[0]) in heads:
-            tensor = interleaved_to_rotate_half(tensor, heads[module], cfg.rotary_dim)
+        if match and match.group(2).startswith("self_attn."):
+            tensor = as_rotate_half(tensor, match.group(2).split(".")[1], cfg)
         if match and cfg.architecture == "glm4" and match.group(2) in _GLM4_NORMS:
             name = f"model.layers.{match.group(1)}.{_GLM4_NORMS[match.group(2)]}"
         yield name, tensor
