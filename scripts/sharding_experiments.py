@@ -325,7 +325,7 @@ def main() -> None:
                    f"{len(devices)} x {devices[0].device_kind}")
     print(f"backend: {jax.default_backend()}, {device_note}")
 
-    results, sweeps, skipped = {}, {}, []
+    results, sweeps, ran = {}, {}, set()
     with tempfile.TemporaryDirectory() as root:
         for model in args.models:
             folder = random_model_folder(root, model)
@@ -333,9 +333,9 @@ def main() -> None:
             for layout in args.layouts or DEFAULT_LAYOUTS[model]:
                 try:
                     results[model].append(measure(folder, layout, args))
+                    ran.add(str(layout))
                 except ValueError as error:  # the layout does not fit the model or the devices
                     print(f"{model} {layout} skipped: {error}")
-                    skipped.append(f"{model} {layout}")
             if model == "dense":
                 for layout in args.micro_batch_sweep:
                     sweeps[layout] = [measure(folder, layout, args, m) for m in (1, 2, 4, 8) if m <= args.batch]
@@ -359,8 +359,8 @@ def main() -> None:
     save_json({"models": MODELS, "backend": jax.default_backend(), "devices": device_note, "batch": args.batch,
                "results": results, "micro_batch_sweeps": sweeps}, args.out)
     plot(results, sweeps, args.plot, device_note)
-    if args.layouts and skipped:
-        sys.exit(f"layouts asked for but not run (see above): {', '.join(skipped)}")
+    if not_run := [str(layout) for layout in args.layouts or () if str(layout) not in ran]:
+        sys.exit(f"layouts asked for that no model ran (see above): {', '.join(not_run)}")
 
 
 if __name__ == "__main__":
