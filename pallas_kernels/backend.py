@@ -71,7 +71,8 @@ def select_attention(backend: str, head_dim: int, interpret: bool = False, *,
     if backend == "reference" or (backend == "auto" and not on_gpu):
         return ragged_paged_attention
     if not on_gpu and not interpret:
-        raise ValueError(f"attention backend 'pallas' needs a GPU or interpret=True; this platform is {platform!r}")
+        raise ValueError(f"attention backend 'pallas' needs a GPU or interpret=True (the engine's "
+                         f"attention_interpret, for tests); this platform is {platform!r}")
     from pallas_kernels.ragged_paged_attention import unsupported_reason
 
     reason = unsupported_reason(head_dim)

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import positive_int, pyplot, save_figure, save_json  # noqa: E402
+from bench_common import _at_least, positive_int, pyplot, save_figure, save_json  # noqa: E402
 from bench_throughput import SINGLE_QUESTION, chat_workload  # noqa: E402
 
 from jpaged import LLM, SamplingParams  # noqa: E402
@@ -57,6 +57,11 @@ SINGLE_TOKENS = 128
 RANDOM_SINGLE_TOKENS = 32
 RANDOM_MODEL = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                     num_key_value_heads=4, vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def at_least_two(text: str) -> int:
+    """An argparse type: an integer >= 2 (a decode speed needs a token past the first)."""
+    return _at_least(text, 2)
 
 
 def perplexity(llm: LLM, token_ids: list[int]) -> float:
@@ -105,7 +110,7 @@ def single_request_rounds(names: list[str], model: str | None, text_ids: list[in
     """Each format's one-request decode tokens/s of `tokens` tokens in `rounds` rounds, the formats' engines loaded
     side by side (a small KV cache each) and measured one after another within a round, so that
     a ratio to float32 compares runs seconds apart on a VM whose speed drifts over minutes."""
-    engines = {name: LLM(model, max_model_len=4096, num_blocks=64, **FORMATS[name]) for name in names}
+    engines = {name: LLM(model, max_model_len=1024, num_blocks=64, **FORMATS[name]) for name in names}
     if model is None:
         tokenizer = next(iter(engines.values())).get_tokenizer()
         question = [{"role": "user", "content": SINGLE_QUESTION}]
@@ -121,13 +126,15 @@ def single_request_rounds(names: list[str], model: str | None, text_ids: list[in
 
 def decode_speed(llm: LLM, request: dict, tokens: int) -> float:
     """One request's decode tokens/s: (tokens - 1) over the time of `tokens` output tokens less
-    that of one (the prefill and first token), each after a warm-up run."""
+    that of one (the prefill and first token), each after a warm-up run; NaN where the difference
+    is not positive (too few tokens to time against this VM's noise)."""
     times = {}
     for n in (1, tokens):
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
         timed(llm, request, params)
         times[n] = timed(llm, request, params)
-    return (tokens - 1) / (times[tokens] - times[1])
+    decoding = times[tokens] - times[1]
+    return (tokens - 1) / decoding if decoding > 0 else math.nan
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -146,19 +153,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--formats", default=",".join(FORMATS), help=f"subset of {','.join(FORMATS)}")
     parser.add_argument("--random-0.5b", dest="random", action="store_true",
                         help="a random-weight 0.47B Llama instead of the default model (no gguf, no batch pass)")
     parser.add_argument("--random-dir", default="bench_results/random-0.5b", help="where the random model is kept")
     parser.add_argument("--single-rounds", type=positive_int, default=5, help="rounds of the one-request measurement")
-    parser.add_argument("--single-tokens", type=positive_int, default=None,
+    parser.add_argument("--single-tokens", type=at_least_two, default=None,
                         help=f"tokens of the one-request measurement (default: {SINGLE_TOKENS}; "
                              f"{RANDOM_SINGLE_TOKENS} with --random-0.5b)")
     parser.add_argument("--num-requests", type=positive_int, default=64, help="requests of the batch pass")
     parser.add_argument("--text-tokens", type=positive_int, default=None,
                         help="score only the text's first tokens (default: all of it)")
-    parser.add_argument("--out", default="bench_results/quantization.json")
+    parser.add_argument("--out", default="bench_results/quantization.json", help="JSON path; the plot goes beside it")
     args = parser.parse_args()
     unknown = [name for name in args.formats.split(",") if name not in FORMATS]
     if unknown:

@@ -188,7 +188,8 @@ def started_server(model: str | None, serve_args: list[str], api_key: str | None
             process.kill()
 
 
-def run_all(url: str, args: argparse.Namespace) -> list[dict]:
+def run_all(url: str, args: argparse.Namespace) -> tuple[str, list[dict]]:
+    """The served model's id, and a row of `summarize` per rate."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
@@ -204,7 +205,7 @@ def run_all(url: str, args: argparse.Namespace) -> list[dict]:
         results, wall = asyncio.run(run_rate(url, headers, model, prompts, args.max_tokens, rate, args.seed + i))
         rows.append(summarize(rate, results, wall))
         print(f"rate {rate}: {rows[-1]['completed']}/{len(prompts)} done in {wall:.1f} s", flush=True)
-    return rows
+    return model, rows
 
 
 def main() -> None:
@@ -229,13 +230,13 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops the server it started
     if args.url:
         url = args.url.rstrip("/")
-        rows = run_all(url[:-3] if url.endswith("/v1") else url, args)
+        served, rows = run_all(url[:-3] if url.endswith("/v1") else url, args)
     else:
         with started_server(args.model, args.serve_arg, args.api_key, args.start_timeout) as url:
-            rows = run_all(url, args)
+            served, rows = run_all(url, args)
     print_table(rows)
     out = Path(args.out)
-    save_json({"model": args.model, "url": args.url, "num_requests": args.num_requests, "max_tokens": args.max_tokens,
+    save_json({"model": args.model, "served_model": served, "url": args.url, "num_requests": args.num_requests, "max_tokens": args.max_tokens,
                "prompt_words": [args.min_words, args.max_words], "seed": args.seed, "machine": platform.platform(),
                "processor": platform.processor(), "cpus": os.cpu_count(), "rows": rows}, out)
     plot(rows, out.with_suffix(".png"), f"jpaged serve: latency against load ({args.model or args.url or 'default'})")
