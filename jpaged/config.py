@@ -194,7 +194,11 @@ class RopeConfig:
                    attention_factor=float(attention_factor))
 
     def check_rotary_dim(self, rotary_dim: int) -> None:
-        """ValueError where LongRoPE's factor lists are not one per rotary pair."""
+        """ValueError where LongRoPE's factor lists are not one per rotary pair, or where
+        `mrope_section` needs more frequencies than a head has."""
+        if self.mrope_section and sum(self.mrope_section) > rotary_dim // 2:
+            raise ValueError(f"mrope_section {list(self.mrope_section)} covers {sum(self.mrope_section)} frequencies, "
+                             f"more than the {rotary_dim // 2} of a head")
         for name in ("short_factor", "long_factor"):
             factors = getattr(self, name)
             if self.scaling_type == "longrope" and len(factors) != rotary_dim // 2:
@@ -230,12 +234,9 @@ class RopeConfig:
     def position_rows(self, rotary_dim: int) -> np.ndarray:
         """Which of a token's three multimodal positions (0 time, 1 height, 2 width) each of the
         `rotary_dim // 2` frequencies turns by (int32), as HF's Qwen2-VL / Qwen3-VL RoPE; the
-        frequencies past the sections (none in the shipped configs) turn by time. ValueError
-        where the sections need more frequencies than there are."""
+        frequencies past the sections (none in the shipped configs) turn by time (sections that
+        fit: `check_rotary_dim`, at config load)."""
         num = rotary_dim // 2
-        if sum(self.mrope_section) > num:
-            raise ValueError(f"mrope_section {list(self.mrope_section)} covers {sum(self.mrope_section)} frequencies, "
-                             f"more than the {num} of a head")
         rows = np.zeros(num, np.int32)
         if self.mrope_interleaved:
             for row in (1, 2):
@@ -723,6 +724,10 @@ class VisionConfig:
         return num_image_tokens(height, width, self.grid_pinpoints, self.image_size, self.image_size // self.patch_size,
                                 self.max_tiles)
 
+    def placeholder_ids(self, height: int, width: int) -> list[int]:
+        """The token ids an image of `height` x `width` pixels widens to: `image_tokens` image tokens."""
+        return [self.image_token_id] * self.image_tokens(height, width)
+
     @classmethod
     def from_hf(cls, hf: dict) -> VisionConfig:
         """From a LLaVA, LLaVA-NeXT or LLaVA-OneVision config.json; ValueError for a vision tower
@@ -854,6 +859,10 @@ class QwenVisionConfig:
         rows, cols = self.grid(height, width)
         return rows * cols
 
+    def placeholder_ids(self, height: int, width: int) -> list[int]:
+        """The token ids an image of `height` x `width` pixels widens to: `image_tokens` image tokens."""
+        return [self.image_token_id] * self.image_tokens(height, width)
+
     @property
     def patch_features(self) -> int:
         """Values of one patch as the processor flattens it (channels x frames x pixels)."""
@@ -900,10 +909,122 @@ class QwenVisionConfig:
         )
 
 
-def vision_config_of(hf: dict) -> VisionConfig | QwenVisionConfig:
+# HF's defaults for what a Pixtral vision_config leaves out (Mistral 3's; Pixtral-12B's differ in sizes it writes)
+_PIXTRAL_TOWER_DEFAULTS = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                               image_size=1540, patch_size=14, hidden_act="gelu")
+
+
+@dataclass(frozen=True)
+class PixtralVisionConfig:
+    """A Pixtral vision tower and its projector: Mistral 3's (`Mistral3ForConditionalGeneration`:
+    Mistral Small 3.1 / 3.2, Magistral Small), and Pixtral-12B's as transformers ships it
+    (`LlavaForConditionalGeneration` with a `pixtral` vision_config). The image processor scales
+    an image down to fit `longest_edge` pixels, then up to whole `patch_size x
+    spatial_merge_size` squares; a ViT with 2D RoPE over the patch grid encodes it, and the
+    projector (Mistral 3: an RMSNorm, each `spatial_merge_size`^2 patches merged by a linear
+    layer; both: linear, activation, linear) makes one embedding per square. In the prompt an
+    image is its rows of `image_token_id` placeholders, each row ended by `break_token_id`, the
+    last by `end_token_id` (those keep their own token embeddings, as in transformers)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    patch_size: int
+    spatial_merge_size: int
+    hidden_act: str
+    rope_theta: float
+    feature_layers: tuple[int, ...]  # indices into the tower's states, 0 the patches after ln_pre
+    projector_act: str
+    projector_norm_eps: float | None  # Mistral 3's norm before the patch merger (None: no norm, no merger)
+    image_token_id: int
+    longest_edge: int
+    break_token_id: int = 12  # "[IMG_BREAK]" and "[IMG_END]" in Mistral's tokenizers (`with_special_tokens`)
+    end_token_id: int = 13
+
+    def with_longest_edge(self, longest_edge: int | None) -> PixtralVisionConfig:
+        """This config with the image processor's `size["longest_edge"]` (None: as it is)."""
+        return self if longest_edge is None else dataclasses.replace(self, longest_edge=int(longest_edge))
+
+    def with_special_tokens(self, break_token_id: int, end_token_id: int) -> PixtralVisionConfig:
+        return dataclasses.replace(self, break_token_id=break_token_id, end_token_id=end_token_id)
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, columns) of the embeddings of an image of `height` x `width` pixels, as the
+        processor resizes it (transformers' Pixtral `get_resize_output_image_size`: scaled down,
+        sides floored, to fit `longest_edge`, then rounded up to whole merged patches).
+        ValueError for an image too thin to keep a pixel across once scaled."""
+        ratio = max(height, width) / self.longest_edge
+        if ratio > 1:
+            height, width = math.floor(height / ratio), math.floor(width / ratio)
+        if not height or not width:
+            raise ValueError(f"a {height}x{width} image is too thin: scaled to fit longest_edge {self.longest_edge} "
+                             "pixels it keeps no pixel across")
+        factor = self.patch_size * self.spatial_merge_size
+        return -(-height // factor), -(-width // factor)
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """How many placeholders an image of `height` x `width` pixels becomes: a row of
+        embeddings and a break (or end) token per row of its grid."""
+        rows, cols = self.grid(height, width)
+        return rows * (cols + 1)
+
+    def placeholder_ids(self, height: int, width: int) -> list[int]:
+        """The token ids an image of `height` x `width` pixels widens to (`image_tokens` of them)."""
+        rows, cols = self.grid(height, width)
+        ids = ([self.image_token_id] * cols + [self.break_token_id]) * rows
+        ids[-1] = self.end_token_id
+        return ids
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> PixtralVisionConfig:
+        """From a Mistral 3 config.json, or a LLaVA one with a `pixtral` vision_config. ValueError
+        for a setting jpaged does not run."""
+        mistral3 = "Mistral3ForConditionalGeneration" in (hf.get("architectures") or [])
+        vision = _PIXTRAL_TOWER_DEFAULTS | (hf.get("vision_config") or {})
+        for name, act in (("vision_config.hidden_act", vision["hidden_act"]),
+                          ("projector_hidden_act", hf.get("projector_hidden_act", "gelu"))):
+            if act not in VISION_ACTIVATIONS + ("silu",):
+                raise ValueError(f"{name} {act!r} is not supported (supported: {', '.join(VISION_ACTIVATIONS + ('silu',))})")
+        if int(vision["hidden_size"]) % (4 * int(vision["num_attention_heads"])):
+            raise ValueError(f"the vision tower's width {vision['hidden_size']} is not a multiple of 4 x its "
+                             f"{vision['num_attention_heads']} heads (2D RoPE turns a quarter of a head by rows, a "
+                             "quarter by columns)")
+        if int(vision.get("num_channels", 3)) != 3:
+            raise ValueError("vision_config.num_channels must be 3 (RGB images)")
+        if not mistral3 and hf.get("vision_feature_select_strategy", "default") != "full":
+            raise ValueError(f"a Pixtral tower's vision_feature_select_strategy "
+                             f"{hf.get('vision_feature_select_strategy', 'default')!r} is not supported (supported: full)")
+        num_layers = int(vision["num_hidden_layers"])
+        layers = hf.get("vision_feature_layer", -1)
+        layers = tuple(int(i) for i in (layers if isinstance(layers, list) else [layers]))
+        if any(not -num_layers - 1 <= i <= num_layers for i in layers):
+            raise ValueError(f"vision_feature_layer {layers} is outside the tower's {num_layers + 1} states")
+        theta = (vision.get("rope_parameters") or {}).get("rope_theta", vision.get("rope_theta", 10000.0))
+        return cls(
+            hidden_size=int(vision["hidden_size"]),
+            intermediate_size=int(vision["intermediate_size"]),
+            num_layers=num_layers,
+            num_heads=int(vision["num_attention_heads"]),
+            patch_size=int(vision["patch_size"]),
+            spatial_merge_size=int(hf.get("spatial_merge_size", 2)) if mistral3 else 1,
+            hidden_act=vision["hidden_act"],
+            rope_theta=float(theta),
+            feature_layers=tuple(i % (num_layers + 1) for i in layers),
+            projector_act=hf.get("projector_hidden_act", "gelu"),
+            projector_norm_eps=float((hf.get("text_config") or {}).get("rms_norm_eps", 1e-5)) if mistral3 else None,
+            image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 10))),
+            longest_edge=int(vision["image_size"]),
+        )
+
+
+def vision_config_of(hf: dict) -> VisionConfig | QwenVisionConfig | PixtralVisionConfig:
     """The vision tower a config.json of a model that reads images describes."""
     if any(name in _QWEN_TOWER_DEFAULTS for name in hf.get("architectures") or []):
         return QwenVisionConfig.from_hf(hf)
+    if ("Mistral3ForConditionalGeneration" in (hf.get("architectures") or [])
+            or (hf.get("vision_config") or {}).get("model_type") == "pixtral"):
+        return PixtralVisionConfig.from_hf(hf)
     return VisionConfig.from_hf(hf)
 
 

@@ -30,16 +30,25 @@ from jpaged.config import (
     TOKEN_CLASSIFIER_SUFFIX,
     EngineConfig,
     ModelConfig,
+    PixtralVisionConfig,
     QwenVisionConfig,
     VisionConfig,
     vision_config_of,
 )
 from jpaged.detokenizer import IncrementalDetokenizer, NoDetokenizer, token_text
 from jpaged.engine_client import EngineStats, PromptType
-from jpaged.images import ImageProcessor, as_image_list, check_image_count, pixel_hash, widened_placeholders
+from jpaged.images import (
+    ImageProcessor,
+    as_image_list,
+    check_image_count,
+    embedding_runs,
+    pixel_hash,
+    placeholder_offsets,
+)
 from jpaged.loader.source import open_model
 from jpaged.lora import LoRAAdapter, LoRARequest, load_lora_adapter
 from jpaged.model_runner import ModelRunner, StepOutput
+from jpaged.models.pixtral_vision import PixtralImageEncoder
 from jpaged.models.quantization import gguf_packed
 from jpaged.models.qwen_vision import QwenImageEncoder
 from jpaged.models.vision import ImageEncoder
@@ -160,12 +169,7 @@ class LLMEngine:
                                       reads_embeds=vision is not None or config.enable_prompt_embeds,
                                       mrope=isinstance(vision, QwenVisionConfig))
             self.tokenizer = tokenizer.result()
-        encoder = QwenImageEncoder if isinstance(vision, QwenVisionConfig) else ImageEncoder
-        self.image_encoder = None if vision is None else encoder(vision, source.vision_weights, self.runner.first_device)
-        self.image_processor = None if vision is None else ImageProcessor(source.folder)
-        if isinstance(vision, QwenVisionConfig):
-            vision = vision.with_pixel_limits(self.image_processor.pixel_limits())
-        self.vision_config = vision
+        self.image_encoder, self.image_processor, self.vision_config = self._image_reader(vision, source)
         self.enable_prompt_embeds = config.enable_prompt_embeds
         self.classifier = self._classifier(source, head, answers, lm_head_tied) if classifies else None
         if len(self.tokenizer) > self.model_config.vocab_size:
@@ -217,7 +221,7 @@ class LLMEngine:
                     f", step working memory up to {self.runner.step_temp_bytes / 2**20:.1f} MiB per device"
                     if self.runner.step_temp_bytes else "")
 
-    def _vision_config(self, source) -> VisionConfig | QwenVisionConfig | None:
+    def _vision_config(self, source) -> VisionConfig | QwenVisionConfig | PixtralVisionConfig | None:
         """The vision tower of a model that reads images, where this engine can feed it (one
         pipeline stage, no streamed layers, runner "generate"); None otherwise (logged)."""
         if source.vision_config is None:
@@ -233,6 +237,27 @@ class LLMEngine:
                            "this engine serves its text alone", source.name)
             return None
         return vision
+
+    def _image_reader(self, vision, source) -> tuple:
+        """(image encoder, image processor, vision config) of a model that reads images (`vision`),
+        the config completed from the processor (its size limits) and the tokenizer (Pixtral's
+        break tokens); Nones where `vision` is None. ValueError for a tokenizer without Pixtral's
+        `[IMG_BREAK]` / `[IMG_END]`."""
+        if vision is None:
+            return None, None, None
+        encoder, processor = ImageEncoder, ImageProcessor(source.folder)
+        if isinstance(vision, QwenVisionConfig):
+            encoder, vision = QwenImageEncoder, vision.with_pixel_limits(processor.pixel_limits())
+        elif isinstance(vision, PixtralVisionConfig):
+            processor = ImageProcessor(source.folder, patch_size=vision.patch_size * vision.spatial_merge_size)
+            vocab = self.tokenizer.get_vocab()
+            if missing := [name for name in ("[IMG_BREAK]", "[IMG_END]") if name not in vocab]:
+                raise ValueError(f"{source.name}'s tokenizer lacks {missing}, the tokens that end the rows of a "
+                                 "Pixtral image")
+            vision = vision.with_longest_edge(processor.longest_edge()).with_special_tokens(vocab["[IMG_BREAK]"],
+                                                                                            vocab["[IMG_END]"])
+            encoder = PixtralImageEncoder
+        return encoder(vision, source.vision_weights, self.runner.first_device), processor, vision
 
     def _generation_config(self, model_generation_config: dict) -> dict:
         """The generation config whose sampling defaults the engine applies (`generation_config`)."""
@@ -339,7 +364,8 @@ class LLMEngine:
         if images and self.image_encoder is None:
             raise ValueError(f"{self.model_name} reads no images (multi_modal_data holds {len(images)})")
         if images:
-            token_ids, offsets = widened_placeholders(token_ids, self.vision_config, images)
+            spans = [self.vision_config.placeholder_ids(image.height, image.width) for image in images]
+            token_ids, offsets = placeholder_offsets(token_ids, self.vision_config.image_token_id, spans)
             if params.truncate_prompt_tokens is not None:
                 raise ValueError("truncate_prompt_tokens would cut a prompt with images (its placeholders); leave it "
                                  "unset for such prompts")
@@ -368,7 +394,7 @@ class LLMEngine:
         request.pooling_params = pooling_params
         request.cache_salt = parsed.cache_salt
         if images:
-            request.input_embeds = self._image_inputs(images, offsets)
+            request.input_embeds = self._image_inputs(images, offsets, spans)
             if isinstance(self.vision_config, QwenVisionConfig):
                 grids = [self.vision_config.grid(image.height, image.width) for image in images]
                 request.mrope_positions, request.mrope_delta = prompt_positions(len(token_ids), offsets, grids)
@@ -445,16 +471,21 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs needs prompt tokens; a prompt given as prompt_embeds has none")
 
-    def _image_inputs(self, images: list, offsets: list[int]) -> list[InputEmbeds]:
-        """Each image's embeddings, placed at its placeholders' offset. ValueError where the image
-        processor made another number of embeddings than the model's config foretold."""
+    def _image_inputs(self, images: list, offsets: list[int], spans: list[list[int]]) -> list[InputEmbeds]:
+        """Each image's embeddings, placed at the image tokens of its placeholders (`spans`, from
+        `offsets` in the prompt). ValueError where the image processor made another number of
+        embeddings than the model's config foretold."""
         inputs = []
-        for image, pixels, offset in zip(images, self.image_processor.pixel_values(images), offsets):
+        for image, pixels, offset, span in zip(images, self.image_processor.pixel_values(images), offsets, spans):
             embeds = self.image_encoder.encode(pixels, image.height, image.width)
-            if len(embeds) != (expected := self.vision_config.image_tokens(image.height, image.width)):
+            runs = embedding_runs(span, self.vision_config.image_token_id)
+            if len(embeds) != (expected := sum(length for _, length in runs)):
                 raise ValueError(f"the image processor made {len(embeds)} embeddings of a {image.height}x{image.width} "
                                  f"image, and the model's config {expected}: their settings differ")
-            inputs.append(InputEmbeds(offset, embeds, pixel_hash(pixels)))
+            digest, done = pixel_hash(pixels), 0
+            for start, length in runs:
+                inputs.append(InputEmbeds(offset + start, embeds[done:done + length], digest))
+                done += length
         return inputs
 
     def _resolve_logprobs(self, params: SamplingParams) -> SamplingParams:

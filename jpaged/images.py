@@ -6,9 +6,11 @@ or a local path), and as OpenAI `image_url` chat parts. `ImageProcessor` turns t
 model's pixel arrays with the checkpoint's own image processor (transformers'), and
 `placeholder_offsets` finds where each image's embeddings go in the prompt: a run of image
 tokens per image (as many as its embeddings: `VisionConfig.image_tokens`,
-`QwenVisionConfig.image_tokens`), written by the user or the chat template as one image token and
-widened here, as LLaVA's and Qwen-VL's processors widen it. The engine encodes the pixels
-(`models/vision.py`, `models/qwen_vision.py`) and keeps one `InputEmbeds` per image on the request
+`QwenVisionConfig.image_tokens`; Pixtral's rows of them, each ended by a break token,
+`PixtralVisionConfig.placeholder_ids`), written by the user or the chat template as one image
+token and widened here, as the models' processors widen it. The engine encodes the pixels
+(`models/vision.py`, `models/qwen_vision.py`, `models/pixtral_vision.py`) and keeps an
+`InputEmbeds` per run of image tokens (`embedding_runs`: one per image, Pixtral's one per row) on the request
 (`jpaged/prompt_inputs.py`); the model runner puts the embeddings in place of the placeholders'
 token embeddings in the steps that compute them, and the block manager keys cached blocks by the
 images they hold (`InputEmbeds.hash`, of the pixels).
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jpaged.config import QwenVisionConfig, VisionConfig
+from jpaged.config import PixtralVisionConfig, QwenVisionConfig, VisionConfig
 
 IMAGE_PART_TYPES = ("image_url", "image_pil", "image")  # chat content parts holding an image (vLLM's)
 URL_TIMEOUT_S = 10.0
@@ -142,7 +144,8 @@ def chat_images(conversation: list[dict], image_token: str | None = None, as_par
     return messages, images
 
 
-def chat_for_template(conversation: list[dict], tokenizer, vision: VisionConfig | QwenVisionConfig | None,
+def chat_for_template(conversation: list[dict], tokenizer,
+                      vision: VisionConfig | QwenVisionConfig | PixtralVisionConfig | None,
                       template: str | None, local_root: Path | None | bool = True,
                       max_images: int | None = None) -> tuple[list[dict], list]:
     """`chat_images` for an engine's model (`vision`, its vision tower; None where it reads no
@@ -188,53 +191,74 @@ def _image_of(part: dict):
     return value
 
 
-def widened_placeholders(token_ids: list[int], vision: VisionConfig | QwenVisionConfig, images: list
-                         ) -> tuple[list[int], list[int]]:
+def widened_placeholders(token_ids: list[int], vision: VisionConfig | QwenVisionConfig | PixtralVisionConfig,
+                         images: list) -> tuple[list[int], list[int]]:
     """`placeholder_offsets` for `images` (PIL images) on the model `vision` describes: each image
-    takes `vision.image_tokens` of its size."""
+    widens to `vision.placeholder_ids` of its size."""
     return placeholder_offsets(token_ids, vision.image_token_id,
-                               [vision.image_tokens(image.height, image.width) for image in images])
+                               [vision.placeholder_ids(image.height, image.width) for image in images])
 
 
-def placeholder_offsets(token_ids: list[int], image_token_id: int, image_tokens: list[int]) -> tuple[list[int], list[int]]:
-    """`(token_ids, offsets)`: the prompt with each image's token widened to a run of its
-    `image_tokens` placeholders (a run as long as the next k images' runs together is those k
-    images already widened; any other run of k image tokens is k images side by side), and where
-    each image's run starts. ValueError when the prompt's image tokens stand for other than
-    `len(image_tokens)` images."""
-    runs, start = [], None
-    for i, token in enumerate([*token_ids, None]):
-        if token == image_token_id and start is None:
-            start = i
-        elif token != image_token_id and start is not None:
-            runs.append((start, i - start))
-            start = None
+def placeholder_offsets(token_ids: list[int], image_token_id: int, spans: list[list[int]]) -> tuple[list[int], list[int]]:
+    """`(token_ids, offsets)`: the prompt with each image's token widened to the image's
+    placeholders (`spans`, one list of token ids per image: a run of image tokens, as many as its
+    embeddings; Pixtral's rows end in break tokens), and where each image's span starts. A run of
+    placeholder tokens equal to the next k images' spans together is those k images already
+    widened; any other run of k image tokens is k images side by side. ValueError when the
+    prompt's image tokens stand for other than `len(spans)` images."""
+    runs = _runs(token_ids, {image_token_id}.union(*spans))
     counts, image = [], 0
-    for _, length in runs:
-        sums = np.cumsum(image_tokens[image:]).tolist()
-        counts.append(sums.index(length) + 1 if length in sums else length)
+    for start, length in runs:
+        run, widened, count = token_ids[start:start + length], [], 0
+        for count, span in enumerate(spans[image:], 1):
+            widened += span
+            if len(widened) >= length:
+                break
+        counts.append(count if widened == run else length)
         image += counts[-1]
-    if image != len(image_tokens):
-        sizes = sorted(set(image_tokens))
+    if image != len(spans):
+        sizes = sorted({len(span) for span in spans})
         raise ValueError(f"the prompt's image tokens (id {image_token_id}, in runs of {[n for _, n in runs]}) stand "
-                         f"for {image} image{'s' * (image != 1)}, and {len(image_tokens)} "
-                         f"{'were' if len(image_tokens) != 1 else 'was'} given: write one image token per image (or "
-                         f"a run of {sizes[0] if len(sizes) == 1 else 'as many as its embeddings'} per image)")
+                         f"for {image} image{'s' * (image != 1)}, and {len(spans)} "
+                         f"{'were' if len(spans) != 1 else 'was'} given: write one image token per image (or "
+                         f"a run of {sizes[0] if len(sizes) == 1 else 'as many as its placeholders'} per image)")
     widened, offsets, done, image = [], [], 0, 0
     for (start, length), count in zip(runs, counts):
         widened += token_ids[done:start]
-        for size in image_tokens[image:image + count]:
+        for span in spans[image:image + count]:
             offsets.append(len(widened))
-            widened += [image_token_id] * size
+            widened += span
         done, image = start + length, image + count
     return widened + token_ids[done:], offsets
+
+
+def embedding_runs(span: list[int], image_token_id: int) -> list[tuple[int, int]]:
+    """(start, length) within an image's placeholder `span` of each run of `image_token_id`: where
+    its embeddings go, in order (one run; Pixtral's: one per row, between its break tokens)."""
+    return _runs(span, {image_token_id})
+
+
+def _runs(token_ids: list[int], members: set[int]) -> list[tuple[int, int]]:
+    """(start, length) of each maximal run of tokens in `members`."""
+    runs, start = [], None
+    for i, token in enumerate([*token_ids, None]):
+        if token in members and start is None:
+            start = i
+        elif token not in members and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs
 
 
 class ImageProcessor:
     """A model folder's image processor (transformers' `AutoImageProcessor`): images to pixels."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, **call_kwargs):
+        """`call_kwargs`: settings for each call the model's processor makes beside its own (Pixtral's
+        `patch_size`, its tower's patch times the merge size, as `PixtralProcessor` passes it)."""
         from transformers import AutoImageProcessor
+
+        self._call_kwargs = call_kwargs
 
         try:
             self._processor = AutoImageProcessor.from_pretrained(str(folder))
@@ -245,9 +269,9 @@ class ImageProcessor:
     def pixel_values(self, images: list) -> list[np.ndarray]:
         """Each image's pixels, float32, as the model's processor prepares them: `[tiles, 3, H, W]`
         (one tile for LLaVA; the whole image, then its grid's tiles row by row, for LLaVA-NeXT and
-        LLaVA-OneVision), or Qwen-VL's patches as their grid, `[rows, columns, 3 x frames x
-        patch x patch]`."""
-        return [self._pixels(self._processor([image], return_tensors="np")) for image in images]
+        LLaVA-OneVision; Pixtral's whole image, resized), or Qwen-VL's patches as their grid, `[rows,
+        columns, 3 x frames x patch x patch]`."""
+        return [self._pixels(self._processor([image], return_tensors="np", **self._call_kwargs)) for image in images]
 
     def _pixels(self, prepared) -> np.ndarray:
         pixels = np.asarray(prepared["pixel_values"], np.float32)
@@ -266,6 +290,12 @@ class ImageProcessor:
         if "shortest_edge" in size and "longest_edge" in size and hasattr(self._processor, "merge_size"):
             return int(size["shortest_edge"]), int(size["longest_edge"])
         return None
+
+    def longest_edge(self) -> int | None:
+        """Pixtral's processor's bound on a resized image's longer side in pixels; None for
+        processors without one."""
+        size = getattr(self._processor, "size", None) or {}
+        return int(size["longest_edge"]) if set(size) == {"longest_edge"} else None
 
 
 def pixel_hash(pixels: np.ndarray) -> str:

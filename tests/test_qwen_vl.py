@@ -267,3 +267,15 @@ def test_prefix_cache_preemption_and_drafts_keep_the_positions(qwen_vl):
 
 def vision_tokens(llm, height: int, width: int) -> int:
     return llm.engine.vision_config.image_tokens(height, width)
+
+
+def test_mrope_sections_wider_than_a_head_are_refused_at_load():
+    from jpaged.config import ModelConfig
+    from jpaged.loader.multimodal import text_only_config
+
+    hf = CONFIGS["qwen2_vl"]().to_dict() | {"architectures": ["Qwen2VLForConditionalGeneration"]}
+    assert ModelConfig.from_hf(text_only_config(hf)).rope.mrope_section == (2, 3, 3)
+    hf["text_config"]["rope_scaling"] = hf["text_config"]["rope_parameters"] = {
+        "rope_type": "default", "mrope_section": [4, 4, 4], "rope_theta": 10000.0}
+    with pytest.raises(ValueError, match=r"mrope_section \[4, 4, 4\] covers 12 frequencies, more than the 8"):
+        ModelConfig.from_hf(text_only_config(hf))

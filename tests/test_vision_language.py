@@ -1,5 +1,5 @@
 """Vision-language checkpoints (Gemma 3 4B+, Mistral Small 3.x, Qwen2.5-VL, Qwen3-VL) served as
-their language model: text in, text out (Qwen2.5-VL and Qwen3-VL with their images turned off).
+their language model: text in, text out (Mistral 3, Qwen2.5-VL and Qwen3-VL with their images turned off).
 
 Oracle: HF transformers' whole `*ForConditionalGeneration` model, on random weights (vision tower
 included), given the same token ids without images: its prompt logprobs and greedy tokens.
@@ -71,8 +71,9 @@ def test_text_through_the_language_model_matches_the_whole_hf_model(case):
     assert json.loads((folder / "config.json").read_text())["architectures"][0].endswith("ForConditionalGeneration")
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, VOCAB - 4, n).tolist() for n in (23, 5)]
-    # Qwen2.5-VL and Qwen3-VL read images (tests/test_qwen_vl.py); their folders here have no image processor
-    limit = {"image": 0} if name in ("qwen2_5_vl", "qwen3_vl") else None
+    # Mistral 3, Qwen2.5-VL and Qwen3-VL read images (tests/test_pixtral.py, tests/test_qwen_vl.py); their
+    # folders here have no image processor
+    limit = {"image": 0} if name in ("mistral3", "qwen2_5_vl", "qwen3_vl") else None
     llm = LLM(str(folder), dtype="float32", num_blocks=32, max_num_batched_tokens=64, max_model_len=128,
               limit_mm_per_prompt=limit)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],

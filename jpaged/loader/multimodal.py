@@ -7,9 +7,10 @@ architecture jpaged runs. `text_only_config` turns such a config.json into its l
 `language_model_weights` yields the language model's tensors under a causal LM's names, setting
 the vision tower's and the projector's aside. For text the language model computes what the whole
 model does: Qwen's multimodal RoPE, whose three sections all take a text token's one position, is
-plain RoPE then (`RopeConfig.mrope_section` keeps the sections for images). The LLaVA family and
-Qwen2-VL / Qwen2.5-VL / Qwen3-VL read images (`reads_images`; their towers run in `models/vision.py` and
-`models/qwen_vision.py`); the others serve text alone. Plain Python: no jax.
+plain RoPE then (`RopeConfig.mrope_section` keeps the sections for images). The LLaVA family
+(Pixtral-12B among it), Mistral 3 and Qwen2-VL / Qwen2.5-VL / Qwen3-VL read images (`reads_images`;
+their towers run in `models/vision.py`, `models/pixtral_vision.py` and `models/qwen_vision.py`);
+Gemma 3 serves text alone. Plain Python: no jax.
 """
 
 from __future__ import annotations
@@ -35,17 +36,18 @@ _VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "visual.", "model
 # a language model's tensors as the checkpoints name them (the hub's layout, then transformers 5's), and as a causal LM does
 _RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
             ("model.language_model.", "model."))
-# the vision tensors as `models/vision.py` (LLaVA) and `models/qwen_vision.py` name them
+# the vision tensors as `models/vision.py` (LLaVA), `models/pixtral_vision.py` and `models/qwen_vision.py` name them
 _VISION_RENAMES = (("vision_tower.vision_model.", ""), ("vision_tower.", ""), ("multi_modal_projector.", "projector."),
                    ("visual.", ""))
 IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-                       "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
-                       "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
+                       "LlavaOnevisionForConditionalGeneration", "Mistral3ForConditionalGeneration",
+                       "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                       "Qwen3VLForConditionalGeneration")
 
 
 def reads_images(hf_config: dict) -> bool:
     """Whether config.json describes a vision-language model whose images jpaged reads (LLaVA,
-    LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
+    LLaVA-NeXT, LLaVA-OneVision, Pixtral, Mistral 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
     return any(name in IMAGE_ARCHITECTURES for name in hf_config.get("architectures") or [])
 
 
@@ -75,8 +77,8 @@ def text_only_config(hf_config: dict) -> dict:
 def language_model_weights(weights: Iterable[tuple[str, np.ndarray]], vision: dict | None = None
                            ) -> Iterator[tuple[str, np.ndarray]]:
     """A vision-language checkpoint's language-model tensors under a causal LM's names; the
-    vision tower's and the projector's go into `vision` (renamed as `models/vision.py` and
-    `models/qwen_vision.py` read them), or are left out where it is None."""
+    vision tower's and the projector's go into `vision` (renamed as the `models/*vision.py`
+    towers read them), or are left out where it is None."""
     for name, tensor in weights:
         if name.startswith(_VISION_PREFIXES):
             if vision is not None:

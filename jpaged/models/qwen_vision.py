@@ -31,22 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.config import QwenVisionConfig
-from jpaged.models.vision import ACTIVATIONS, layer_norm, linear
+from jpaged.models.vision import ACTIVATIONS, layer_norm, linear, rms_norm, rotate_half
 
 MIN_PADDED_PATCHES = 64
 
 
-def _rms_norm(x, params: dict, name: str, eps: float = 1e-6):
-    return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps) * params[f"{name}.weight"]
-
-
 def _norm(x, params: dict, name: str, cfg: QwenVisionConfig):
-    return _rms_norm(x, params, name) if cfg.windowed else layer_norm(x, params, name, 1e-6)
-
-
-def _rotate(x, cos, sin):
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    return rms_norm(x, params, name) if cfg.windowed else layer_norm(x, params, name, 1e-6)
 
 
 def _attention(x, params: dict, name: str, cos, sin, groups, num_heads: int):
@@ -54,7 +45,7 @@ def _attention(x, params: dict, name: str, cos, sin, groups, num_heads: int):
     n, d = x.shape
     head_dim = d // num_heads
     q, k, v = linear(x, params, f"{name}.qkv").reshape(n, 3, num_heads, head_dim).transpose(1, 0, 2, 3)
-    q, k = _rotate(q, cos[:, None], sin[:, None]), _rotate(k, cos[:, None], sin[:, None])
+    q, k = rotate_half(q, cos[:, None], sin[:, None]), rotate_half(k, cos[:, None], sin[:, None])
     scores = jnp.einsum("qhd,khd->hqk", q, k) * head_dim ** -0.5
     scores = jnp.where((groups[:, None] == groups[None, :])[None], scores, -jnp.inf)
     out = jnp.einsum("hqk,khd->qhd", jax.nn.softmax(scores, axis=-1), v)

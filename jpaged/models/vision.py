@@ -38,6 +38,16 @@ def layer_norm(x, params: dict, name: str, eps: float):
     return (x - mean) * jax.lax.rsqrt(var + eps) * params[f"{name}.weight"] + params[f"{name}.bias"]
 
 
+def rms_norm(x, params: dict, name: str, eps: float = 1e-6):
+    return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps) * params[f"{name}.weight"]
+
+
+def rotate_half(x, cos, sin):
+    """RoPE on `x [..., head_dim]` by angles whose `cos` / `sin` repeat over the two halves."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
 def linear(x, params: dict, name: str):
     y = x @ params[f"{name}.weight"].T
     bias = params.get(f"{name}.bias")
