@@ -10,6 +10,8 @@ images, offline and through the server.
 
 import base64
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,8 +93,13 @@ class _Processor:
         return " " + " ".join(tokens) + " "
 
     def save_pretrained(self, folder: str) -> None:
+        """As Mistral Small 3.1 ships: the chat template in the processor's `chat_template.json`,
+        the tokenizer's config without one."""
         self.image_processor.save_pretrained(folder)
+        template, self.tokenizer.chat_template = self.tokenizer.chat_template, None
         self.tokenizer.save_pretrained(folder)
+        self.tokenizer.chat_template = template
+        (Path(folder) / "chat_template.json").write_text(json.dumps({"chat_template": template}))
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -185,7 +192,8 @@ def test_widened_prompts_and_the_prefix_cache(pixtral):
 
 def test_server_chat_with_two_images(pixtral):
     """`/v1/chat/completions` through the official client with two `image_url` parts answers as
-    HF does for the chat its template renders; `usage` counts HF's widened prompt."""
+    HF does for the chat its template (the processor's `chat_template.json`) renders; `usage`
+    counts HF's widened prompt."""
     openai = pytest.importorskip("openai")
     from server_thread import serving
 
@@ -224,3 +232,20 @@ def test_config_errors_name_the_setting():
     assert vision_config_of(llava | {"vision_feature_select_strategy": "full"}).spatial_merge_size == 1
     with pytest.raises(ValueError, match="vision_feature_select_strategy 'default' is not supported"):
         vision_config_of(llava)
+
+
+def test_chat_template_json_is_the_template_of_last_resort(pixtral, tmp_path):
+    """The processor's `chat_template.json` gives a tokenizer without a template its template; a
+    tokenizer's own template wins over it; a file without one is refused, naming it."""
+    from jpaged.loader.hf import tokenizer_loader
+
+    folder, _, processor, llm = pixtral
+    assert llm.get_tokenizer().chat_template == processor.tokenizer.chat_template
+    processor.tokenizer.save_pretrained(tmp_path)  # its own template, beside another in chat_template.json
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert tokenizer_loader(tmp_path)().chat_template == processor.tokenizer.chat_template
+    plain = processor.tokenizer.__class__(tokenizer_object=processor.tokenizer.backend_tokenizer)
+    plain.save_pretrained(tmp_path / "plain")
+    (tmp_path / "plain" / "chat_template.json").write_text(json.dumps({"template": "x"}))
+    with pytest.raises(ValueError, match="chat_template.json holds no chat_template string"):
+        tokenizer_loader(tmp_path / "plain")()

@@ -66,13 +66,28 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 
 def tokenizer_loader(folder: Path):
     """A function that loads `folder`'s tokenizer with transformers; raises FileNotFoundError at
-    once where the folder has none."""
+    once where the folder has none. A tokenizer without a chat template takes the processor's
+    (`chat_template.json`, as vision-language checkpoints such as Mistral Small 3.1 ship it; vLLM
+    reads it too)."""
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json or tokenizer_config.json in {folder}")
 
     def load():
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if tokenizer.chat_template is None and (folder / "chat_template.json").is_file():
+            tokenizer.chat_template = _processor_chat_template(folder / "chat_template.json")
+        return tokenizer
 
     return load
+
+
+def _processor_chat_template(path: Path) -> str:
+    """The template of a processor's `chat_template.json` (`{"chat_template": "..."}`). ValueError
+    for a file that holds none."""
+    config = read_json(path)
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if not isinstance(template, str):
+        raise ValueError(f"{path} holds no chat_template string")
+    return template
