@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from jpaged.images import CONTENT_FORMATS
 from jpaged.pooling import RUNNERS
 from jpaged.reasoning import REASONING_PARSERS
 from jpaged.server.tool_parsers import TOOL_PARSERS
@@ -162,6 +163,10 @@ def _add_app_args(parser: argparse.ArgumentParser) -> None:
                         help="chat template: a Jinja file, or the template itself; unset: the tokenizer's")
     parser.add_argument("--trust-request-chat-template", action="store_true",
                         help="let requests bring their own chat_template (Jinja the server renders)")
+    parser.add_argument("--chat-template-content-format", default="auto", choices=CONTENT_FORMATS,
+                        help="how the chat template takes message contents: string (text parts joined by "
+                             "newlines), openai (lists of parts), auto (lists where the template loops over a "
+                             "message's content and the model reads images)")
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help='serve tool_choice "auto": find tool calls in the reply with --tool-call-parser')
     parser.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),

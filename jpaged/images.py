@@ -30,6 +30,9 @@ import numpy as np
 from jpaged.config import PixtralVisionConfig, QwenVisionConfig, VisionConfig
 
 IMAGE_PART_TYPES = ("image_url", "image_pil", "image")  # chat content parts holding an image (vLLM's)
+# how a chat template takes message contents (vLLM's `chat_template_content_format`): "string" text,
+# "openai" lists of parts, "auto" as the template reads them (`template_reads_parts`)
+CONTENT_FORMATS = ("auto", "string", "openai")
 URL_TIMEOUT_S = 10.0
 MAX_IMAGE_BYTES = 64 * 2**20
 # a template that loops over a message's content parts (`{% for part in message['content'] %}`, or `.content`)
@@ -147,20 +150,23 @@ def chat_images(conversation: list[dict], image_token: str | None = None, as_par
 def chat_for_template(conversation: list[dict], tokenizer,
                       vision: VisionConfig | QwenVisionConfig | PixtralVisionConfig | None,
                       template: str | None, local_root: Path | None | bool = True,
-                      max_images: int | None = None) -> tuple[list[dict], list]:
+                      max_images: int | None = None, content_format: str = "auto") -> tuple[list[dict], list]:
     """`chat_images` for an engine's model (`vision`, its vision tower; None where it reads no
-    images) and the chat template that renders it (`template`, None: the tokenizer's). ValueError
-    for more image parts than `max_images` (before any is read), image parts where the model
+    images) and the chat template that renders it (`template`, None: the tokenizer's), which
+    takes contents as `content_format` says (`CONTENT_FORMATS`). ValueError for an unknown
+    format, more image parts than `max_images` (before any is read), image parts where the model
     reads no images, and as `chat_images`."""
+    if content_format not in CONTENT_FORMATS:
+        raise ValueError(f"chat_template_content_format {content_format!r} is not one of {', '.join(CONTENT_FORMATS)}")
     count = sum(_is_image(part) for m in conversation if isinstance(m, dict) and isinstance(m.get("content"), list)
                 for part in m["content"])
     check_image_count(count, max_images)
-    if vision is None:
-        if count:
-            raise ValueError("the messages hold image parts, and the model reads no images")
-        return chat_images(conversation)
-    as_parts = template_reads_parts(template or tokenizer.chat_template)
-    return chat_images(conversation, tokenizer.convert_ids_to_tokens(vision.image_token_id), as_parts, local_root)
+    if vision is None and count:
+        raise ValueError("the messages hold image parts, and the model reads no images")
+    as_parts = content_format == "openai" or (
+        content_format == "auto" and vision is not None and template_reads_parts(template or tokenizer.chat_template))
+    image_token = None if vision is None else tokenizer.convert_ids_to_tokens(vision.image_token_id)
+    return chat_images(conversation, image_token, as_parts, local_root)
 
 
 def check_image_count(count: int, max_images: int | None) -> None:

@@ -312,6 +312,7 @@ class LLM:
         chat_template_kwargs: dict | None = None,
         continue_final_message: bool = False,
         lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
+        chat_template_content_format: str = "auto",
     ) -> list[RequestOutput]:
         """Generate replies to one conversation or a list of them, through the chat template (given
         `tools`, OpenAI-style function definitions, for templates that render them). Each output's
@@ -321,8 +322,12 @@ class LLM:
 
         `chat_template` (the template's Jinja text) replaces the tokenizer's; `chat_template_kwargs`
         are extra variables for the template (such as `enable_thinking` where a template reads
-        it). ValueError when there is no chat template at all, the template does not parse, or a
-        variable would set one of `apply_chat_template`'s own arguments (`chat_template.py`).
+        it). `chat_template_content_format` (vLLM's): how the template takes message contents,
+        "string" (text, parts joined by newlines), "openai" (lists of parts, each image
+        `{"type": "image"}`) or "auto" (lists where the template loops over a message's content
+        and the model reads images, else text). ValueError when there is no chat template at all,
+        the template does not parse, a variable would set one of `apply_chat_template`'s own
+        arguments (`chat_template.py`), or the content format is unknown.
         On a model that reads images (LLaVA), content parts `{"type": "image_url", "image_url":
         {"url": ...}}` or `{"type": "image_pil", "image_pil": image}` give the turn's images
         (`jpaged/images.py`), rendered by the template as its image token; on any other model
@@ -340,7 +345,8 @@ class LLM:
         prompts = []
         for conversation in conversations:
             conversation, images = chat_for_template(conversation, tokenizer, self.engine.vision_config,
-                                                     chat_template, max_images=self.engine.max_images)
+                                                     chat_template, max_images=self.engine.max_images,
+                                                     content_format=chat_template_content_format)
             text = chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs,
                              continue_final_message)
             prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(unicode_text("the rendered chat", text),

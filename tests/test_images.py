@@ -284,6 +284,50 @@ def test_templates_of_content_parts_get_every_turn_as_parts(llava):
     assert out.outputs[0].token_ids == _hf_greedy(model, processor, out.prompt, [_image(14)])[1]
 
 
+def test_chat_template_content_format_overrides_what_auto_reads(llava):
+    """vLLM's `chat_template_content_format`: a template that reads a message's parts through a
+    variable (which "auto" takes for one reading text) renders the image under "openai", in
+    `LLM.chat` and through the server, as HF's processor renders that chat; under "auto" the
+    template gets text, renders no image token, and the image is refused as unplaced; an unknown
+    format is refused, naming it."""
+    openai = pytest.importorskip("openai")
+    from server_thread import serving
+
+    from jpaged.server.launch import create_app
+
+    _, model, processor, llm = llava
+    template = ("{% for m in messages %}{% set parts = m['content'] %}{{ m['role'] }}:{% for p in parts %}"
+                "{% if p['type'] == 'image' %} <image>{% else %} {{ p['text'] }}{% endif %}{% endfor %}"
+                "{% endfor %} assistant:")
+    image = _image(60)
+    messages = [{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
+                                             {"type": "text", "text": "t30"}]}]
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                                                                          "text": "t30"}]}],
+                                         chat_template=template)
+    prompt, expected = _hf_greedy(model, processor, text, [image])
+    out = llm.chat(messages, GREEDY, use_tqdm=False, chat_template=template, chat_template_content_format="openai")[0]
+    assert out.prompt == text and out.prompt_token_ids == prompt and out.outputs[0].token_ids == expected
+    with pytest.raises(ValueError, match="stand for 0 images, and 1 was given"):
+        llm.chat(messages, GREEDY, use_tqdm=False, chat_template=template)
+    with pytest.raises(ValueError, match="chat_template_content_format 'json' is not one of auto, string, openai"):
+        llm.chat(messages, GREEDY, use_tqdm=False, chat_template=template, chat_template_content_format="json")
+    with pytest.raises(ValueError, match="chat_template_content_format 'json'"):
+        create_app(llm.engine, chat_template_content_format="json")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    served = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                           {"type": "text", "text": "t30"}]}]
+    with serving(create_app(llm.engine, served_model_name="llava", chat_template=template,
+                            chat_template_content_format="openai")) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model="llava", messages=served, max_tokens=8, temperature=0,
+                                               extra_body={"ignore_eos": True, "return_token_ids": True})
+        assert reply.choices[0].token_ids == expected and reply.usage.prompt_tokens == len(prompt)
+    assert _blocks_all_free(llm)
+
+
 def test_server_reads_local_images_only_from_the_allowed_folder(llava, tmp_path):
     """`image_url` parts naming a path or file:// URL are refused (400) unless the server was
     started with that folder as `allowed_local_media_path`, and then only inside it."""

@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from jpaged.chat_template import checked_template, read_chat_template
 from jpaged.engine_client import EngineClient
+from jpaged.images import CONTENT_FORMATS
 from jpaged.lora import LoRARequest
 from jpaged.server.app import build_app
 from jpaged.server.async_engine import AsyncEngine
@@ -37,7 +38,7 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
                chat_template: str | None = None, trust_request_chat_template: bool = False,
                tool_call_parser: str | None = None, lora_modules: list[LoRARequest] | None = None,
                allow_runtime_lora_updating: bool = False, return_tokens_as_token_ids: bool = False,
-               allowed_local_media_path: str | None = None) -> FastAPI:
+               allowed_local_media_path: str | None = None, chat_template_content_format: str = "auto") -> FastAPI:
     """The OpenAI-compatible app over `engine`; its engine loop starts and stops with the app.
 
     Args:
@@ -59,14 +60,19 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
             say (its `return_tokens_as_token_ids`).
         allowed_local_media_path: a folder whose images chat requests may name by path or
             `file://` URL (vLLM's); None: requests' images come as data or http(s) URLs only.
+        chat_template_content_format: how the chat template takes message contents (vLLM's):
+            "string", "openai" (lists of parts) or "auto" (`jpaged.images.CONTENT_FORMATS`).
 
     Raises:
         ValueError: for an unknown `tool_call_parser`, a `chat_template` that does not parse, a
-            LoRA adapter the engine cannot run, or whose name is taken, or an
-            `allowed_local_media_path` that is not a folder.
+            LoRA adapter the engine cannot run, or whose name is taken, an
+            `allowed_local_media_path` that is not a folder, or an unknown content format.
     """
     if allowed_local_media_path is not None and not Path(allowed_local_media_path).is_dir():
         raise ValueError(f"allowed_local_media_path {allowed_local_media_path!r} is not a folder")
+    if chat_template_content_format not in CONTENT_FORMATS:
+        raise ValueError(f"chat_template_content_format {chat_template_content_format!r} is not one of "
+                         f"{', '.join(CONTENT_FORMATS)}")
     name = served_model_name or engine.model_name
     parser = tool_parser(tool_call_parser) if tool_call_parser else None
     chat_template = checked_template(chat_template) if chat_template is not None else None
@@ -77,7 +83,8 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
                         engine.reasoning_parser, engine.pooling_task, dict(engine.default_sampling_params),
                         classifier=engine.classifier, runtime_lora_updating=allow_runtime_lora_updating,
                         return_tokens_as_token_ids=return_tokens_as_token_ids,
-                        local_media=None if allowed_local_media_path is None else Path(allowed_local_media_path))
+                        local_media=None if allowed_local_media_path is None else Path(allowed_local_media_path),
+                        chat_template_content_format=chat_template_content_format)
     for lora in lora_modules or ():  # the engine loop has not started: the engine is called here
         try:
             state.load_lora(engine, lora.lora_name, lora.lora_path, lora.lora_int_id)
@@ -170,7 +177,8 @@ def _app_from_flags(args: argparse.Namespace, template: str | None, **server) ->
                                     for i, (name, path) in enumerate(args.lora_modules or (), start=1)],
                       allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),
                       return_tokens_as_token_ids=args.return_tokens_as_token_ids,
-                      allowed_local_media_path=args.allowed_local_media_path, **server)
+                      allowed_local_media_path=args.allowed_local_media_path,
+                      chat_template_content_format=args.chat_template_content_format, **server)
 
 
 def check_can_listen(host: str, port: int) -> None:

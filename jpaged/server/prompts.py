@@ -213,10 +213,11 @@ class ChatTemplate:
     template: str | None = None
     variables: dict[str, Any] | None = None
     from_request: bool = False  # the request's own `chat_template`: its errors are blamed on that field
+    content_format: str = "auto"  # how it takes message contents (`jpaged.images.CONTENT_FORMATS`)
 
     @classmethod
     def of_request(cls, sent: str | None, variables: dict[str, Any] | None, server_template: str | None,
-                   trusted: bool) -> ChatTemplate:
+                   trusted: bool, content_format: str = "auto") -> ChatTemplate:
         """The template of a request that sent `sent` (its `chat_template`) and `variables` (its
         `chat_template_kwargs`) to a server whose template is `server_template` (None: the
         tokenizer's). 400 naming the field for a sent template the server does not trust (as
@@ -227,12 +228,12 @@ class ChatTemplate:
         except (TypeError, ValueError) as err:
             raise bad_request(str(err), param="chat_template_kwargs") from err
         if sent is None:
-            return cls(server_template, variables, from_request=False)
+            return cls(server_template, variables, from_request=False, content_format=content_format)
         if not trusted:
             raise bad_request("this server does not accept chat templates in requests (start it with "
                               "--trust-request-chat-template to allow them)", param="chat_template")
         try:
-            return cls(checked_template(sent), variables, from_request=True)
+            return cls(checked_template(sent), variables, from_request=True, content_format=content_format)
         except ValueError as err:
             raise bad_request(str(err), param="chat_template") from err
 
@@ -261,7 +262,8 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
                           "with --chat-template", param="messages")
     turns = conversation(messages)
     try:
-        turns, images = chat_for_template(turns, tokenizer, vision, template.template, local_media, max_images)
+        turns, images = chat_for_template(turns, tokenizer, vision, template.template, local_media, max_images,
+                                          template.content_format)
     except ValueError as err:
         raise bad_request(str(err), param="messages") from err
     if add_generation_prompt and continue_final_message:

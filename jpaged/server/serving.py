@@ -72,6 +72,7 @@ class ServerState:
     classifier: Classifier | None = None  # a classifying engine's head (`EngineClient.classifier`)
     return_tokens_as_token_ids: bool = False  # logprob tokens named `token_id:N` unless a request says otherwise
     local_media: Path | None = None  # the folder whose images requests may name by path (None: no paths)
+    chat_template_content_format: str = "auto"  # how the template takes contents (`jpaged.images.CONTENT_FORMATS`)
 
     def tokens_as_ids(self, request: CompletionRequest | ChatCompletionRequest) -> bool:
         """Whether `request`'s logprobs name tokens by id (its `return_tokens_as_token_ids`, else the server's)."""
@@ -154,7 +155,7 @@ class ServerState:
     def template(self, request: ChatCompletionRequest | TokenizeRequest) -> ChatTemplate:
         """The chat template that renders `request`'s messages (`ChatTemplate.of_request`)."""
         return ChatTemplate.of_request(request.chat_template, request.chat_template_kwargs, self.chat_template,
-                                       self.trust_request_chat_template)
+                                       self.trust_request_chat_template, self.chat_template_content_format)
 
 
 async def submit(state: ServerState, request_id: str, prompts: list[Prompt],
