@@ -8,8 +8,6 @@ tokens for prompts holding images of several shapes, prefilled in chunks that cu
 images, offline and through the server.
 """
 
-import base64
-import io
 import json
 from pathlib import Path
 
@@ -22,6 +20,7 @@ Image = pytest.importorskip("PIL.Image")
 from hf_models import randomize_weights, torch_single_thread  # noqa: E402
 from test_images import GREEDY, _blocks_all_free, _hf_greedy  # noqa: E402
 from test_llava_next import check_greedy_matches_hf  # noqa: E402
+from test_qwen_vl import check_template_chat_with_two_images  # noqa: E402
 
 from jpaged import LLM  # noqa: E402
 from jpaged.config import PixtralVisionConfig, vision_config_of  # noqa: E402
@@ -191,34 +190,9 @@ def test_widened_prompts_and_the_prefix_cache(pixtral):
 
 
 def test_server_chat_with_two_images(pixtral):
-    """`/v1/chat/completions` through the official client with two `image_url` parts answers as
-    HF does for the chat its template (the processor's `chat_template.json`) renders; `usage`
-    counts HF's widened prompt."""
-    openai = pytest.importorskip("openai")
-    from server_thread import serving
-
-    from jpaged.server.launch import create_app
-
+    """The chat renders through the processor's `chat_template.json` (the tokenizer has none)."""
     _, model, processor, llm = pixtral
-    images = [_image(30, (20, 45)), _image(31, (45, 20))]
-    urls = []
-    for image in images:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": urls[0]}},
-                                             {"type": "text", "text": "t30"},
-                                             {"type": "image_url", "image_url": {"url": urls[1]}}]}]
-    text = processor.tokenizer.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "t30"}, {"type": "image"}]}], tokenize=False)
-    prompt, expected = _hf_greedy(model, processor, text, images)
-    with serving(create_app(llm.engine, served_model_name="m")) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
-        reply = client.chat.completions.create(model="m", messages=messages, max_tokens=8, temperature=0,
-                                               extra_body={"ignore_eos": True, "return_token_ids": True})
-        assert reply.choices[0].token_ids == expected
-        assert reply.usage.prompt_tokens == len(prompt)
-    assert _blocks_all_free(llm)
+    check_template_chat_with_two_images(model, processor, llm, [_image(30, (20, 45)), _image(31, (45, 20))])
 
 
 def test_config_errors_name_the_setting():

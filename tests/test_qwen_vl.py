@@ -191,15 +191,19 @@ def test_greedy_tokens_match_hf_for_images_of_every_shape(qwen_vl):
 
 
 def test_server_chat_with_two_images(qwen_vl):
-    """`/v1/chat/completions` through the official client with two `image_url` parts answers as
-    HF does for the chat its template renders; `usage` counts HF's widened prompt."""
+    _, model, processor, llm = qwen_vl
+    check_template_chat_with_two_images(model, processor, llm, [_image(30, (40, 90)), _image(31, (90, 40))])
+
+
+def check_template_chat_with_two_images(model, processor, llm, images) -> None:
+    """`/v1/chat/completions` through the official client with two `image_url` parts (`images`)
+    answers as HF (`model`, `processor`) does for the chat the tokenizer's template renders;
+    `usage` counts HF's widened prompt; every block is free after."""
     openai = pytest.importorskip("openai")
     from server_thread import serving
 
     from jpaged.server.launch import create_app
 
-    _, model, processor, llm = qwen_vl
-    images = [_image(30, (40, 90)), _image(31, (90, 40))]
     urls = []
     for image in images:
         buffer = io.BytesIO()
