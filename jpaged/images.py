@@ -44,15 +44,19 @@ class ImageRefused(ValueError):
 
 
 def load_image(source, local_root: Path | None | bool = True):
-    """A PIL image from a PIL image, a `data:` URL, an `http(s)://` or `file://` URL, or a path
-    (in its own mode: the image processor converts it to RGB, transparency onto white, as the
-    model's processor does). `local_root`: whether paths and `file://` URLs may be read (True:
-    any; a folder: those inside it; None or False: none, as a server refuses them unless told).
-    ValueError naming what could not be read or is not allowed; at most `MAX_IMAGE_BYTES` are read."""
+    """A PIL image from a PIL image, a uint8 numpy array (`[H, W]` gray, `[H, W, 3]` RGB or `[H, W,
+    4]` RGBA), a `data:` URL, an `http(s)://` or `file://` URL, or a path (in its own mode: the
+    image processor converts it to RGB, transparency onto white, as the model's processor does).
+    `local_root`: whether paths and `file://` URLs may be read (True: any; a folder: those inside
+    it; None or False: none, as a server refuses them unless told). ValueError naming what could
+    not be read or is not allowed; at most `MAX_IMAGE_BYTES` are read."""
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(source, np.ndarray):
+        return _array_image(source)
     if not isinstance(source, (Image.Image, str)):
-        raise ValueError(f"an image must be a PIL image or a URL or path string, got {type(source).__name__}")
+        raise ValueError(f"an image must be a PIL image, a uint8 numpy array or a URL or path string, got "
+                         f"{type(source).__name__}")
     shown = source if not isinstance(source, str) or len(source) <= 80 else source[:77] + "..."
     try:
         image = source if isinstance(source, Image.Image) else Image.open(io.BytesIO(_image_bytes(source, local_root)))
@@ -66,6 +70,16 @@ def load_image(source, local_root: Path | None | bool = True):
     if not image.width or not image.height:
         raise ValueError(f"the image {shown!r} is {image.width}x{image.height} pixels: it has no pixels to read")
     return image
+
+
+def _array_image(array: np.ndarray):
+    from PIL import Image
+
+    channels = {2: 1, 3: array.shape[-1]}.get(array.ndim)
+    if array.dtype != np.uint8 or channels not in (1, 3, 4) or not array.size:
+        raise ValueError(f"an image array must be uint8 of shape [H, W], [H, W, 3] or [H, W, 4] with pixels, got "
+                         f"{array.dtype} of shape {list(array.shape)}")
+    return Image.fromarray(array[..., 0] if array.ndim == 3 and channels == 1 else array)
 
 
 def _image_bytes(source: str, local_root: Path | None | bool) -> bytes:

@@ -137,6 +137,19 @@ def test_chat_with_image_parts(llava):
         assert out.outputs[0].token_ids == _hf_greedy(model, processor, text, [_image(9)])[1]
 
 
+def test_numpy_images_read_as_their_pil_images(llava):
+    """uint8 arrays (RGB, RGBA, gray), as vLLM takes them: the tokens HF gives for the same
+    pixels as a PIL image."""
+    _, model, processor, llm = llava
+    images = [_image(70), _image(71, mode="RGBA"), _image(72).convert("L")]
+    outputs = llm.generate([{"prompt": "t5 <image> t7", "multi_modal_data": {"image": np.asarray(image)}}
+                            for image in images], GREEDY, use_tqdm=False)
+    for image, out in zip(images, outputs):
+        assert out.outputs[0].token_ids == _hf_greedy(model, processor, "t5 <image> t7", [image])[1]
+    assert len({tuple(out.outputs[0].token_ids) for out in outputs}) > 1
+    assert _blocks_all_free(llm)
+
+
 def test_image_errors_name_the_problem(llava, tmp_path):
     _, _, _, llm = llava
     with pytest.raises(ValueError, match="stand for 2 images, and 1 was given"):
@@ -160,6 +173,12 @@ def test_image_errors_name_the_problem(llava, tmp_path):
     with pytest.raises(ValueError, match="only data:, http"):
         llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": "ftp://host/a.png"}}, GREEDY,
                      use_tqdm=False)
+    with pytest.raises(ValueError, match=r"uint8 of shape \[H, W\], \[H, W, 3\] or \[H, W, 4\] with pixels, got float64"):
+        llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": np.zeros((8, 8, 3))}}, GREEDY,
+                     use_tqdm=False)
+    with pytest.raises(ValueError, match="got uint8 of shape \\[2, 8, 8, 3\\]"):
+        llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": np.zeros((2, 8, 8, 3), np.uint8)}},
+                     GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="needs its image under 'image_url'"):
         llm.chat([{"role": "user", "content": [{"type": "image_url"}]}], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
