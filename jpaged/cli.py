@@ -155,6 +155,9 @@ def _add_app_args(parser: argparse.ArgumentParser) -> None:
                              "counts); more get HTTP 503 (run-batch: wait), a request that alone draws more a 400")
     parser.add_argument("--allowed-local-media-path", default=None, metavar="FOLDER",
                         help="a folder whose images chat requests may name by path or file:// URL; unset: none")
+    parser.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
+                        help="the hosts whose http(s) image URLs chat requests may name (redirects included); "
+                             "unset: any")
     parser.add_argument("--return-tokens-as-token-ids", action="store_true",
                         help="name logprobs' tokens 'token_id:N' unless a request's return_tokens_as_token_ids says not")
     parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH", type=_lora_module,
@@ -201,9 +204,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     gen.add_argument("--no-chat", action="store_true", help="send prompts as raw text")
     gen.add_argument("--image", action="append", default=None, metavar="PATH_OR_URL",
-                     help="an image for every prompt, on a model that reads images (LLaVA, Qwen-VL; repeatable): through the "
-                          "chat template it comes before the prompt's text; with --no-chat the prompt places it with "
-                          "the model's image token, such as <image>")
+                     help="an image for every prompt, on a model that reads images (LLaVA, Pixtral, Mistral 3, "
+                          "Qwen-VL; repeatable): through the chat template it comes before the prompt's text; with "
+                          "--no-chat the prompt places it with the model's image token (LLaVA's <image>, Pixtral's "
+                          "[IMG], Qwen-VL's <|vision_start|><|image_pad|><|vision_end|>)")
     gen.add_argument("--lora", default=None, metavar="PATH",
                      help="answer through this LoRA adapter (a PEFT folder); turns --enable-lora on")
     _add_engine_args(gen)

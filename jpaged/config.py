@@ -955,13 +955,12 @@ class PixtralVisionConfig:
         sides floored, to fit `longest_edge`, then rounded up to whole merged patches).
         ValueError for an image too thin to keep a pixel across once scaled."""
         ratio = max(height, width) / self.longest_edge
-        if ratio > 1:
-            height, width = math.floor(height / ratio), math.floor(width / ratio)
-        if not height or not width:
-            raise ValueError(f"a {height}x{width} image is too thin: scaled to fit longest_edge {self.longest_edge} "
-                             "pixels it keeps no pixel across")
+        scaled = (math.floor(height / ratio), math.floor(width / ratio)) if ratio > 1 else (height, width)
+        if not all(scaled):
+            raise ValueError(f"a {height}x{width} (height x width) image is too thin: scaled to fit longest_edge "
+                             f"{self.longest_edge} pixels it keeps no pixel across")
         factor = self.patch_size * self.spatial_merge_size
-        return -(-height // factor), -(-width // factor)
+        return -(-scaled[0] // factor), -(-scaled[1] // factor)
 
     def image_tokens(self, height: int, width: int) -> int:
         """How many placeholders an image of `height` x `width` pixels becomes: a row of

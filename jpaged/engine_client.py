@@ -64,7 +64,7 @@ class EngineClient(Protocol):
     "generate"), `classifier` (a classifying engine's head: its labels, activation and
     how it reads a text pair, `jpaged.pooling.Classifier`; None otherwise), `vision_config`
     (a model that reads images: its vision tower, which names each image's placeholder token and
-    how many of them an image's embeddings fill, `jpaged.images.widened_placeholders`; None
+    the placeholders each image widens to, `placeholder_ids`; `jpaged.images.placeholder_offsets`); None
     otherwise), `max_images` (the most images a prompt may hold, `limit_mm_per_prompt`; None: no
     limit), `enable_prompt_embeds` (whether prompts may come as embeddings,
     `{"prompt_embeds": ...}`)."""

@@ -23,7 +23,10 @@ import base64
 import hashlib
 import io
 import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -40,16 +43,26 @@ _READS_PARTS = re.compile(r"\{%-?\s*for\s+\w+\s+in\s+\w+\s*(\[\s*['\"]content['\
 
 
 class ImageRefused(ValueError):
-    """An image source the caller may not read (a local path a server does not allow)."""
+    """An image source the caller may not read (a local path or a host a server does not allow)."""
 
 
-def load_image(source, local_root: Path | None | bool = True):
+@dataclass(frozen=True)
+class MediaAccess:
+    """Which image sources a caller may read: local paths and `file://` URLs (`local_root`: True
+    any, a folder those inside it, None none) and http(s) URLs (`domains`: None any host, else
+    those hostnames only, redirects included; vLLM's `--allowed-media-domains`). Offline callers
+    may read anything; a server reads what its flags allow."""
+
+    local_root: Path | bool | None = True
+    domains: frozenset[str] | None = None
+
+
+def load_image(source, access: MediaAccess = MediaAccess()):
     """A PIL image from a PIL image, a uint8 numpy array (`[H, W]` gray, `[H, W, 3]` RGB or `[H, W,
     4]` RGBA), a `data:` URL, an `http(s)://` or `file://` URL, or a path (in its own mode: the
     image processor converts it to RGB, transparency onto white, as the model's processor does).
-    `local_root`: whether paths and `file://` URLs may be read (True: any; a folder: those inside
-    it; None or False: none, as a server refuses them unless told). ValueError naming what could
-    not be read or is not allowed; at most `MAX_IMAGE_BYTES` are read."""
+    `access`: the sources that may be read (`MediaAccess`). ValueError naming what could not be
+    read, `ImageRefused` for what is not allowed; at most `MAX_IMAGE_BYTES` are read."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, np.ndarray):
@@ -59,7 +72,7 @@ def load_image(source, local_root: Path | None | bool = True):
                          f"{type(source).__name__}")
     shown = source if not isinstance(source, str) or len(source) <= 80 else source[:77] + "..."
     try:
-        image = source if isinstance(source, Image.Image) else Image.open(io.BytesIO(_image_bytes(source, local_root)))
+        image = source if isinstance(source, Image.Image) else Image.open(io.BytesIO(_image_bytes(source, access)))
         image.load()
     except UnidentifiedImageError as err:
         raise ValueError(f"could not read the image {shown!r}: not an image format PIL reads") from err
@@ -72,6 +85,34 @@ def load_image(source, local_root: Path | None | bool = True):
     return image
 
 
+def _download(url: str, domains: frozenset[str] | None) -> bytes:
+    """The bytes at an http(s) URL: ValueError past `MAX_IMAGE_BYTES`, or where the whole download
+    takes longer than `URL_TIMEOUT_S` (a server may send a byte at a time); `ImageRefused` where
+    the URL, or one it redirects to, is on a host outside `domains` (None: any)."""
+    import httpx
+
+    deadline = time.monotonic() + URL_TIMEOUT_S
+    checked = {"request": [lambda request: _check_host(str(request.url), domains)]}  # redirects too, before sending
+    with httpx.Client(timeout=URL_TIMEOUT_S, follow_redirects=True, event_hooks=checked) as client, \
+            client.stream("GET", url) as response:
+        response.raise_for_status()
+        data = b""
+        for chunk in response.iter_bytes():
+            data += chunk
+            if len(data) > MAX_IMAGE_BYTES:
+                raise ValueError(f"the image at the URL is over {MAX_IMAGE_BYTES} bytes")
+            if time.monotonic() > deadline:
+                raise ValueError(f"the image at the URL took over {URL_TIMEOUT_S:g} s to download")
+        return data
+
+
+def _check_host(url: str, domains: frozenset[str] | None) -> None:
+    host = (urlsplit(url).hostname or "").lower()
+    if domains is not None and host not in domains:
+        raise ImageRefused(f"image URL {url[:80]!r} is on {host!r}, outside the allowed media domains "
+                           f"{', '.join(sorted(domains))}")
+
+
 def _array_image(array: np.ndarray):
     from PIL import Image
 
@@ -82,33 +123,29 @@ def _array_image(array: np.ndarray):
     return Image.fromarray(array[..., 0] if array.ndim == 3 and channels == 1 else array)
 
 
-def _image_bytes(source: str, local_root: Path | None | bool) -> bytes:
-    if source.startswith("data:"):
+def _image_bytes(source: str, access: MediaAccess) -> bytes:
+    scheme = source.split(":", 1)[0].lower() if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", source) else ""
+    if scheme == "data":
         header, _, payload = source.partition(",")
-        if not header.endswith(";base64"):
+        if not header.lower().endswith(";base64"):
             raise ValueError("only base64 data URLs hold images")
+        if len(payload) // 4 * 3 > MAX_IMAGE_BYTES:
+            raise ValueError(f"the data URL's image is over {MAX_IMAGE_BYTES} bytes")
         return base64.b64decode(payload, validate=True)
-    if source.startswith(("http://", "https://")):
-        import httpx
-
-        with httpx.stream("GET", source, timeout=URL_TIMEOUT_S, follow_redirects=True) as response:
-            response.raise_for_status()
-            data = b""
-            for chunk in response.iter_bytes():
-                data += chunk
-                if len(data) > MAX_IMAGE_BYTES:
-                    raise ValueError(f"the image at the URL is over {MAX_IMAGE_BYTES} bytes")
-            return data
+    if scheme in ("http", "https"):
+        return _download(source, access.domains)
+    if scheme == "file":
+        source = re.sub(r"^file://", "", source, flags=re.IGNORECASE)
     if not source.strip():
         raise ValueError("the image's URL or path is empty")
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source) and not source.startswith("file://"):
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source):
         raise ValueError(f"image URL {source[:80]!r}: only data:, http(s):// and file:// URLs (or paths) are read")
-    path = Path(source.removeprefix("file://")).expanduser()
-    if local_root is None or local_root is False:
+    path = Path(source).expanduser()
+    if access.local_root is None or access.local_root is False:
         raise ImageRefused(f"image {source[:80]!r} is a local path or file:// URL, which this server does not read "
                            "(start it with --allowed-local-media-path FOLDER to serve that folder's images)")
-    if local_root is not True and not path.resolve().is_relative_to(Path(local_root).resolve()):
-        raise ImageRefused(f"image {source[:80]!r} is outside the allowed local media path {local_root}")
+    if access.local_root is not True and not path.resolve().is_relative_to(Path(access.local_root).resolve()):
+        raise ImageRefused(f"image {source[:80]!r} is outside the allowed local media path {access.local_root}")
     if not path.is_file():
         raise ValueError(f"{path} is not a regular file")
     if path.stat().st_size > MAX_IMAGE_BYTES:
@@ -134,9 +171,9 @@ def as_image_list(multi_modal_data) -> list:
 
 
 def chat_images(conversation: list[dict], image_token: str | None = None, as_parts: bool = False,
-                local_root: Path | None | bool = True) -> tuple[list[dict], list]:
+                access: MediaAccess = MediaAccess()) -> tuple[list[dict], list]:
     """The conversation as the chat template takes it, and its images in order, loaded
-    (`load_image`, with `local_root`). Contents are text or lists of text and image parts. With
+    (`load_image`, with `access`). Contents are text or lists of text and image parts. With
     `as_parts` (a template that loops over each message's content parts, as LLaVA's do;
     `template_reads_parts`), every content is a list of parts, a string becoming one text part
     and each image part `{"type": "image"}`; otherwise lists become text, their parts joined by
@@ -151,7 +188,7 @@ def chat_images(conversation: list[dict], image_token: str | None = None, as_par
             parts = []
             for part in content:
                 if _is_image(part):
-                    images.append(load_image(_image_of(part), local_root))
+                    images.append(load_image(_image_of(part), access))
                     part = {"type": "image"}
                 parts.append(part)
             if not as_parts:
@@ -163,7 +200,7 @@ def chat_images(conversation: list[dict], image_token: str | None = None, as_par
 
 def chat_for_template(conversation: list[dict], tokenizer,
                       vision: VisionConfig | QwenVisionConfig | PixtralVisionConfig | None,
-                      template: str | None, local_root: Path | None | bool = True,
+                      template: str | None, access: MediaAccess = MediaAccess(),
                       max_images: int | None = None, content_format: str = "auto") -> tuple[list[dict], list]:
     """`chat_images` for an engine's model (`vision`, its vision tower; None where it reads no
     images) and the chat template that renders it (`template`, None: the tokenizer's), which
@@ -180,7 +217,7 @@ def chat_for_template(conversation: list[dict], tokenizer,
     as_parts = content_format == "openai" or (
         content_format == "auto" and vision is not None and template_reads_parts(template or tokenizer.chat_template))
     image_token = None if vision is None else tokenizer.convert_ids_to_tokens(vision.image_token_id)
-    return chat_images(conversation, image_token, as_parts, local_root)
+    return chat_images(conversation, image_token, as_parts, access)
 
 
 def check_image_count(count: int, max_images: int | None) -> None:
@@ -211,45 +248,61 @@ def _image_of(part: dict):
     return value
 
 
-def widened_placeholders(token_ids: list[int], vision: VisionConfig | QwenVisionConfig | PixtralVisionConfig,
-                         images: list) -> tuple[list[int], list[int]]:
-    """`placeholder_offsets` for `images` (PIL images) on the model `vision` describes: each image
-    widens to `vision.placeholder_ids` of its size."""
-    return placeholder_offsets(token_ids, vision.image_token_id,
-                               [vision.placeholder_ids(image.height, image.width) for image in images])
-
-
 def placeholder_offsets(token_ids: list[int], image_token_id: int, spans: list[list[int]]) -> tuple[list[int], list[int]]:
     """`(token_ids, offsets)`: the prompt with each image's token widened to the image's
     placeholders (`spans`, one list of token ids per image: a run of image tokens, as many as its
     embeddings; Pixtral's rows end in break tokens), and where each image's span starts. A run of
     placeholder tokens equal to the next k images' spans together is those k images already
-    widened; any other run of k image tokens is k images side by side. ValueError when the
-    prompt's image tokens stand for other than `len(spans)` images."""
-    runs = _runs(token_ids, {image_token_id}.union(*spans))
-    counts, image = [], 0
-    for start, length in runs:
-        run, widened, count = token_ids[start:start + length], [], 0
-        for count, span in enumerate(spans[image:], 1):
-            widened += span
-            if len(widened) >= length:
-                break
-        counts.append(count if widened == run else length)
-        image += counts[-1]
-    if image != len(spans):
-        sizes = sorted({len(span) for span in spans})
-        raise ValueError(f"the prompt's image tokens (id {image_token_id}, in runs of {[n for _, n in runs]}) stand "
-                         f"for {image} image{'s' * (image != 1)}, and {len(spans)} "
-                         f"{'were' if len(spans) != 1 else 'was'} given: write one image token per image (or "
-                         f"a run of {sizes[0] if len(sizes) == 1 else 'as many as its placeholders'} per image)")
-    widened, offsets, done, image = [], [], 0, 0
-    for (start, length), count in zip(runs, counts):
+    widened; a run of k image tokens alone is k images side by side; in other runs (Pixtral's
+    break tokens beside image tokens) each next image's whole span is that image already widened,
+    each other image token one image, and other tokens stay text. ValueError when the prompt's
+    image tokens stand for other than `len(spans)` images."""
+    widened, offsets, done, image, written = [], [], 0, 0, 0
+    for start, length in _runs(token_ids, {image_token_id}.union(*spans)):
         widened += token_ids[done:start]
-        for span in spans[image:image + count]:
-            offsets.append(len(widened))
-            widened += span
-        done, image = start + length, image + count
+        for item in _run_items(token_ids[start:start + length], image_token_id, spans[image:]):
+            if isinstance(item, int):  # a token that stays as it is
+                widened.append(item)
+                continue
+            if image < len(spans):
+                offsets.append(len(widened))
+                widened += spans[image]
+            image, written = image + 1, written + (item == "widened")
+        done = start + length
+    if image != len(spans):
+        tokens, whose = image - written, "image's" if written == 1 else "images'"
+        raise ValueError(f"the prompt's image tokens (id {image_token_id}) stand for {image} image{'s' * (image != 1)}, "
+                         f"and {len(spans)} {'were' if len(spans) != 1 else 'was'} given ({tokens} image "
+                         f"token{'s' * (tokens != 1)} standing for one image each, {written} {whose} placeholders "
+                         "written whole): write one image token per image (or each image's whole placeholders)")
     return widened + token_ids[done:], offsets
+
+
+def _run_items(run: list[int], image_token_id: int, spans: list[list[int]]) -> list:
+    """A run of placeholder tokens read as images: "widened" for each image whose whole span it
+    holds, "token" for each image token that stands for one, the other tokens themselves."""
+    together = []
+    for count, span in enumerate(spans, 1):
+        together += span
+        if together == run:
+            return ["widened"] * count
+        if len(together) >= len(run):
+            break
+    if all(token == image_token_id for token in run):
+        return ["token"] * len(run)
+    items, i, image = [], 0, 0
+    while i < len(run):
+        span = spans[image] if image < len(spans) else None
+        if span is not None and run[i:i + len(span)] == span:
+            items.append("widened")
+            i, image = i + len(span), image + 1
+        elif run[i] == image_token_id:
+            items.append("token")
+            i, image = i + 1, image + 1
+        else:
+            items.append(run[i])
+            i += 1
+    return items
 
 
 def embedding_runs(span: list[int], image_token_id: int) -> list[tuple[int, int]]:

@@ -7,6 +7,7 @@ chunks that cut through an image's placeholders, and served from the prefix cach
 """
 
 import base64
+import contextlib
 import io
 
 import numpy as np
@@ -188,6 +189,82 @@ def test_image_errors_name_the_problem(llava, tmp_path):
     assert llm.generate("t5 t6", GREEDY, use_tqdm=False)[0].outputs[0].token_ids
 
 
+@contextlib.contextmanager
+def _image_host(png: bytes):
+    """An http server on 127.0.0.1 (its base URL yielded): `/ok` the PNG, `/big` it four times over,
+    `/trickle` its first bytes at 4 a second, `/redirect` a redirect to 127.0.0.1's `/ok`."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/ok")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.end_headers()
+            if self.path == "/trickle":
+                for byte in png[:12]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.25)
+            else:
+                self.wfile.write(png * (4 if self.path == "/big" else 1))
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_image_sources_are_read_within_their_limits(monkeypatch):
+    """An http URL's image is read; a download past the byte cap, or one that trickles past the
+    time limit as a whole (each read within it), is refused; so is a data URL past the cap; URL
+    schemes are read whatever their case; with allowed media domains, other hosts are refused,
+    redirects to them too."""
+    import time
+
+    from jpaged import images
+
+    png = _png(_image(80))
+    monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 2 * len(png))
+    monkeypatch.setattr(images, "URL_TIMEOUT_S", 1.0)
+    with _image_host(png) as base:
+        port = base.rsplit(":", 1)[1]
+        assert images.load_image(f"{base}/ok").size == _image(80).size
+        assert images.load_image(f"HTTP://127.0.0.1:{port}/ok").size == _image(80).size
+        with pytest.raises(ValueError, match=f"the image at the URL is over {2 * len(png)} bytes"):
+            images.load_image(f"{base}/big")
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="took over 1 s to download"):
+            images.load_image(f"{base}/trickle")
+        assert time.monotonic() - started < 2.5
+        local = images.MediaAccess(domains=frozenset({"localhost"}))
+        assert images.load_image(f"http://localhost:{port}/ok", local).size == _image(80).size
+        with pytest.raises(images.ImageRefused, match="is on '127.0.0.1', outside the allowed media domains localhost"):
+            images.load_image(f"{base}/ok", local)
+        with pytest.raises(images.ImageRefused, match="outside the allowed media domains"):
+            images.load_image(f"http://localhost:{port}/redirect", local)
+    encoded = base64.b64encode(png).decode()
+    assert images.load_image("DATA:image/png;BASE64," + encoded).size == _image(80).size
+    with pytest.raises(ValueError, match=f"the data URL's image is over {2 * len(png)} bytes"):
+        images.load_image("data:image/png;base64," + base64.b64encode(png * 3).decode())
+
+
 def test_text_models_refuse_images(tmp_path):
     from hf_models import save_word_level_tokenizer
 
@@ -349,7 +426,8 @@ def test_chat_template_content_format_overrides_what_auto_reads(llava):
 
 def test_server_reads_local_images_only_from_the_allowed_folder(llava, tmp_path):
     """`image_url` parts naming a path or file:// URL are refused (400) unless the server was
-    started with that folder as `allowed_local_media_path`, and then only inside it."""
+    started with that folder as `allowed_local_media_path`, and then only inside it; with
+    `allowed_media_domains`, http(s) URLs only on those hosts."""
     openai = pytest.importorskip("openai")
     from server_thread import serving
 
@@ -376,6 +454,12 @@ def test_server_reads_local_images_only_from_the_allowed_folder(llava, tmp_path)
             ask(client, str(tmp_path / "outside.png"))
     with pytest.raises(ValueError, match="is not a folder"):
         create_app(llm.engine, allowed_local_media_path=str(tmp_path / "outside.png"))
+    with _image_host(_png(_image(15))) as host, serving(create_app(
+            llm.engine, served_model_name="llava", allowed_media_domains=["LocalHost"])) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+        assert ask(client, host.replace("127.0.0.1", "localhost") + "/ok").choices[0].message.content is not None
+        with pytest.raises(openai.BadRequestError, match="outside the allowed media domains localhost"):
+            ask(client, f"{host}/ok")
     assert _blocks_all_free(llm)
 
 

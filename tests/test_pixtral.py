@@ -134,8 +134,26 @@ def test_placeholders_match_the_processor(pixtral):
         ids = processor("[IMG]", [Image.new("RGB", (width, height))])["input_ids"][0].tolist()
         assert vision.placeholder_ids(height, width) == ids, (height, width)
         assert vision.image_tokens(height, width) == len(ids)
-    with pytest.raises(ValueError, match="too thin"):
+    with pytest.raises(ValueError, match=r"a 1x300 \(height x width\) image is too thin"):
         vision.image_tokens(1, 300)
+
+
+def test_prompts_mixing_widened_images_image_tokens_and_break_tokens(pixtral):
+    """One image's placeholders written whole beside another's one image token, and a break token
+    standing alone as text: each image widened once, the stray token kept, as the processor
+    (which widens image tokens only) gives them; greedy tokens are HF's; a placeholder count
+    that does not fit is refused, counting both kinds."""
+    _, model, processor, llm = pixtral
+    first, second = _image(90, (20, 45)), _image(91, (17, 29))
+    widened = processor("[IMG]", [first])["input_ids"][0].tolist()
+    text = " ".join(["t5 [IMG_BREAK]", *processor.tokenizer.convert_ids_to_tokens(widened), "[IMG] t7"])
+    expected_prompt, expected = _hf_greedy(model, processor, "t5 [IMG_BREAK] [IMG] [IMG] t7", [first, second])
+    out = llm.generate({"prompt": text, "multi_modal_data": {"image": [first, second]}}, GREEDY, use_tqdm=False)[0]
+    assert out.prompt_token_ids == expected_prompt and out.outputs[0].token_ids == expected
+    with pytest.raises(ValueError, match=r"stand for 2 images, and 1 was given \(1 image token standing for one "
+                                         r"image each, 1 image's placeholders written whole\)"):
+        llm.generate({"prompt": text, "multi_modal_data": {"image": first}}, GREEDY, use_tqdm=False)
+    assert _blocks_all_free(llm)
 
 
 def test_image_features_match_hf(pixtral):

@@ -231,7 +231,7 @@ async def _tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse
         tokens = (await asyncio.to_thread(chat_prompt, tokenizer, body.messages, body.add_generation_prompt,
                                           body.continue_final_message, bool(body.add_special_tokens),
                                           template_tools(body), state.template(body),
-                                          vision=state.engine.vision_config, local_media=state.local_media,
+                                          vision=state.engine.vision_config, media=state.media,
                                           max_images=state.engine.max_images)).token_ids
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens

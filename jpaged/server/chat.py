@@ -95,7 +95,7 @@ async def chat_request_input(request: ChatCompletionRequest, state: ServerState)
     prompt = await asyncio.to_thread(chat_prompt, state.engine.tokenizer, request.messages,
                                      request.add_generation_prompt, request.continue_final_message, False,
                                      template_tools(request), state.template(request),  # other requests go on meanwhile
-                                     vision=state.engine.vision_config, local_media=state.local_media,
+                                     vision=state.engine.vision_config, media=state.media,
                                      max_images=state.engine.max_images)
     prompt = dataclasses.replace(truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len),
                                  cache_salt=request.cache_salt)

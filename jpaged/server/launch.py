@@ -19,7 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from jpaged.chat_template import checked_template, read_chat_template
 from jpaged.engine_client import EngineClient
-from jpaged.images import CONTENT_FORMATS
+from jpaged.images import CONTENT_FORMATS, MediaAccess
 from jpaged.lora import LoRARequest
 from jpaged.server.app import build_app
 from jpaged.server.async_engine import AsyncEngine
@@ -38,7 +38,8 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
                chat_template: str | None = None, trust_request_chat_template: bool = False,
                tool_call_parser: str | None = None, lora_modules: list[LoRARequest] | None = None,
                allow_runtime_lora_updating: bool = False, return_tokens_as_token_ids: bool = False,
-               allowed_local_media_path: str | None = None, chat_template_content_format: str = "auto") -> FastAPI:
+               allowed_local_media_path: str | None = None, chat_template_content_format: str = "auto",
+               allowed_media_domains: list[str] | None = None) -> FastAPI:
     """The OpenAI-compatible app over `engine`; its engine loop starts and stops with the app.
 
     Args:
@@ -62,6 +63,8 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
             `file://` URL (vLLM's); None: requests' images come as data or http(s) URLs only.
         chat_template_content_format: how the chat template takes message contents (vLLM's):
             "string", "openai" (lists of parts) or "auto" (`jpaged.images.CONTENT_FORMATS`).
+        allowed_media_domains: the hosts whose http(s) image URLs chat requests may name (vLLM's);
+            None: any host.
 
     Raises:
         ValueError: for an unknown `tool_call_parser`, a `chat_template` that does not parse, a
@@ -83,7 +86,9 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
                         engine.reasoning_parser, engine.pooling_task, dict(engine.default_sampling_params),
                         classifier=engine.classifier, runtime_lora_updating=allow_runtime_lora_updating,
                         return_tokens_as_token_ids=return_tokens_as_token_ids,
-                        local_media=None if allowed_local_media_path is None else Path(allowed_local_media_path),
+                        media=MediaAccess(None if allowed_local_media_path is None else Path(allowed_local_media_path),
+                                          None if allowed_media_domains is None
+                                          else frozenset(domain.lower() for domain in allowed_media_domains)),
                         chat_template_content_format=chat_template_content_format)
     for lora in lora_modules or ():  # the engine loop has not started: the engine is called here
         try:
@@ -178,6 +183,7 @@ def _app_from_flags(args: argparse.Namespace, template: str | None, **server) ->
                       allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),
                       return_tokens_as_token_ids=args.return_tokens_as_token_ids,
                       allowed_local_media_path=args.allowed_local_media_path,
+                      allowed_media_domains=args.allowed_media_domains,
                       chat_template_content_format=args.chat_template_content_format, **server)
 
 

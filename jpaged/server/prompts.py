@@ -13,14 +13,13 @@ import base64
 import io
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jpaged.chat_template import checked_template, checked_variables
-from jpaged.config import QwenVisionConfig, VisionConfig
-from jpaged.images import chat_for_template, widened_placeholders
+from jpaged.config import PixtralVisionConfig, QwenVisionConfig, VisionConfig
+from jpaged.images import MediaAccess, chat_for_template, placeholder_offsets
 from jpaged.prompt_inputs import EMBEDS_PLACEHOLDER_ID, as_embeds_array
 from jpaged.sampling_params import truncated_prompt
 from jpaged.server.errors import bad_request
@@ -242,14 +241,15 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
                 continue_final_message: bool = False, add_special_tokens: bool = False,
                 tools: list[dict] | None = None, template: ChatTemplate = ChatTemplate(),
                 without_template: str = "chat completions are not available; use /v1/completions",
-                vision: VisionConfig | QwenVisionConfig | None = None, local_media: Path | None = None,
+                vision: VisionConfig | QwenVisionConfig | PixtralVisionConfig | None = None,
+                media: MediaAccess = MediaAccess(local_root=None),
                 max_images: int | None = None) -> Prompt:
     """The prompt of a chat through `template` (by default the tokenizer's chat template), given
     the `tools`, if any. `without_template`: what the refusal says the route's caller may do
     where there is no chat template. `vision`: the engine's vision tower, for a model that reads
-    images (their parts are then read, and each image's token widened); `local_media`: the
-    folder whose images may be named by path (None: no paths); `max_images`: the most image
-    parts a chat may hold (counted before any is read).
+    images (their parts are then read, and each image's token widened); `media`: the image
+    sources the chat may name (`MediaAccess`; by default no local paths); `max_images`: the most
+    image parts a chat may hold (counted before any is read).
 
     Raises:
         APIError: 400 when there is no chat template, the messages are bad (an image that cannot
@@ -262,7 +262,7 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
                           "with --chat-template", param="messages")
     turns = conversation(messages)
     try:
-        turns, images = chat_for_template(turns, tokenizer, vision, template.template, local_media, max_images,
+        turns, images = chat_for_template(turns, tokenizer, vision, template.template, media, max_images,
                                           template.content_format)
     except ValueError as err:
         raise bad_request(str(err), param="messages") from err
@@ -282,7 +282,11 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
     token_ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
     if images:
         try:
-            token_ids, _ = widened_placeholders(token_ids, vision, images)
+            spans = [vision.placeholder_ids(image.height, image.width) for image in images]
+        except ValueError as err:
+            raise bad_request(str(err), param="messages") from err
+        try:
+            token_ids, _ = placeholder_offsets(token_ids, vision.image_token_id, spans)
         except ValueError as err:
             raise bad_request(f"the chat template's rendering of the messages: {err}", param="messages") from err
     return Prompt(token_ids, text, images)

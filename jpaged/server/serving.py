@@ -13,11 +13,11 @@ import json
 import re
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from pathlib import Path
 
 from pydantic import BaseModel
 
 from jpaged.engine_client import EngineClient, PromptType
+from jpaged.images import MediaAccess
 from jpaged.lora import LoRARequest
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.pooling import Classifier, PoolingParams
@@ -71,7 +71,7 @@ class ServerState:
     runtime_lora_updating: bool = False  # whether requests may load and unload adapters
     classifier: Classifier | None = None  # a classifying engine's head (`EngineClient.classifier`)
     return_tokens_as_token_ids: bool = False  # logprob tokens named `token_id:N` unless a request says otherwise
-    local_media: Path | None = None  # the folder whose images requests may name by path (None: no paths)
+    media: MediaAccess = MediaAccess(local_root=None)  # the image sources requests may name (no local paths)
     chat_template_content_format: str = "auto"  # how the template takes contents (`jpaged.images.CONTENT_FORMATS`)
 
     def tokens_as_ids(self, request: CompletionRequest | ChatCompletionRequest) -> bool:
