@@ -343,10 +343,13 @@ class LLM:
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message continues the final message: it needs add_generation_prompt=False")
         prompts = []
-        for conversation in conversations:
-            conversation, images = chat_for_template(conversation, tokenizer, self.engine.vision_config,
-                                                     chat_template, max_images=self.engine.max_images,
-                                                     content_format=chat_template_content_format)
+        for index, conversation in enumerate(conversations):
+            try:
+                conversation, images = chat_for_template(conversation, tokenizer, self.engine.vision_config,
+                                                         chat_template, max_images=self.engine.max_images,
+                                                         content_format=chat_template_content_format)
+            except ValueError as err:
+                raise ValueError(f"conversation {index}: {err}") from err
             text = chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs,
                              continue_final_message)
             prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(unicode_text("the rendered chat", text),

@@ -180,6 +180,10 @@ def test_image_errors_name_the_problem(llava, tmp_path):
     with pytest.raises(ValueError, match="got uint8 of shape \\[2, 8, 8, 3\\]"):
         llm.generate({"prompt": "t5 <image>", "multi_modal_data": {"image": np.zeros((2, 8, 8, 3), np.uint8)}},
                      GREEDY, use_tqdm=False)
+    good = [{"role": "user", "content": [{"type": "image_pil", "image_pil": _image(1)}]}]
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    with pytest.raises(ValueError, match="conversation 1: could not read the image"):
+        llm.chat([good, bad], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="needs its image under 'image_url'"):
         llm.chat([{"role": "user", "content": [{"type": "image_url"}]}], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="truncate_prompt_tokens"):
