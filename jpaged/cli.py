@@ -169,7 +169,7 @@ def _add_app_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template-content-format", default="auto", choices=CONTENT_FORMATS,
                         help="how the chat template takes message contents: string (text parts joined by "
                              "newlines), openai (lists of parts), auto (lists where the template loops over a "
-                             "message's content and the model reads images)")
+                             "message's content, else text)")
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
                         help='serve tool_choice "auto": find tool calls in the reply with --tool-call-parser')
     parser.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),

@@ -19,14 +19,16 @@ Host side: no jax.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
 import re
-import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import numpy as np
 
@@ -86,24 +88,38 @@ def load_image(source, access: MediaAccess = MediaAccess()):
 
 
 def _download(url: str, domains: frozenset[str] | None) -> bytes:
-    """The bytes at an http(s) URL: ValueError past `MAX_IMAGE_BYTES`, or where the whole download
-    takes longer than `URL_TIMEOUT_S` (a server may send a byte at a time); `ImageRefused` where
-    the URL, or one it redirects to, is on a host outside `domains` (None: any)."""
+    """The bytes at an http(s) URL: ValueError past `MAX_IMAGE_BYTES`, or where the whole request
+    takes longer than `URL_TIMEOUT_S`, headers and redirects included (a server may send a byte at
+    a time); `ImageRefused` where the URL, or one it redirects to, is on a host outside `domains`
+    (None: any), before it is asked."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(_fetch(url, domains))
+    with ThreadPoolExecutor(1) as pool:  # called from inside an event loop (a notebook): a loop of its own
+        return pool.submit(asyncio.run, _fetch(url, domains)).result()
+
+
+async def _fetch(url: str, domains: frozenset[str] | None) -> bytes:
     import httpx
 
-    deadline = time.monotonic() + URL_TIMEOUT_S
-    checked = {"request": [lambda request: _check_host(str(request.url), domains)]}  # redirects too, before sending
-    with httpx.Client(timeout=URL_TIMEOUT_S, follow_redirects=True, event_hooks=checked) as client, \
-            client.stream("GET", url) as response:
-        response.raise_for_status()
-        data = b""
-        for chunk in response.iter_bytes():
-            data += chunk
-            if len(data) > MAX_IMAGE_BYTES:
-                raise ValueError(f"the image at the URL is over {MAX_IMAGE_BYTES} bytes")
-            if time.monotonic() > deadline:
-                raise ValueError(f"the image at the URL took over {URL_TIMEOUT_S:g} s to download")
-        return data
+    async def check(request):
+        _check_host(str(request.url), domains)
+
+    try:
+        async with asyncio.timeout(URL_TIMEOUT_S), httpx.AsyncClient(
+                timeout=URL_TIMEOUT_S, follow_redirects=True, event_hooks={"request": [check]}) as client, \
+                client.stream("GET", url) as response:
+            response.raise_for_status()
+            chunks, size = [], 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_IMAGE_BYTES:
+                    raise ValueError(f"the image at the URL is over {MAX_IMAGE_BYTES} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except TimeoutError as err:
+        raise ValueError(f"the image at the URL took over {URL_TIMEOUT_S:g} s to download") from err
 
 
 def _check_host(url: str, domains: frozenset[str] | None) -> None:
@@ -134,8 +150,12 @@ def _image_bytes(source: str, access: MediaAccess) -> bytes:
         return base64.b64decode(payload, validate=True)
     if scheme in ("http", "https"):
         return _download(source, access.domains)
-    if scheme == "file":
-        source = re.sub(r"^file://", "", source, flags=re.IGNORECASE)
+    if scheme == "file":  # file:///a%20b.png, file://localhost/... (RFC 8089), the path percent-decoded
+        parts = urlsplit(source)
+        if parts.netloc.lower() not in ("", "localhost"):
+            raise ValueError(f"image URL {source[:80]!r} names the host {parts.netloc!r}: file:// URLs read this "
+                             "machine's files only")
+        source = url2pathname(parts.path)
     if not source.strip():
         raise ValueError("the image's URL or path is empty")
     if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", source):
@@ -215,7 +235,7 @@ def chat_for_template(conversation: list[dict], tokenizer,
     if vision is None and count:
         raise ValueError("the messages hold image parts, and the model reads no images")
     as_parts = content_format == "openai" or (
-        content_format == "auto" and vision is not None and template_reads_parts(template or tokenizer.chat_template))
+        content_format == "auto" and template_reads_parts(template or tokenizer.chat_template))
     image_token = None if vision is None else tokenizer.convert_ids_to_tokens(vision.image_token_id)
     return chat_images(conversation, image_token, as_parts, access)
 

@@ -324,10 +324,10 @@ class LLM:
         are extra variables for the template (such as `enable_thinking` where a template reads
         it). `chat_template_content_format` (vLLM's): how the template takes message contents,
         "string" (text, parts joined by newlines), "openai" (lists of parts, each image
-        `{"type": "image"}`) or "auto" (lists where the template loops over a message's content
-        and the model reads images, else text). ValueError when there is no chat template at all,
-        the template does not parse, a variable would set one of `apply_chat_template`'s own
-        arguments (`chat_template.py`), or the content format is unknown.
+        `{"type": "image"}`) or "auto" (lists where the template loops over a message's
+        content, else text). ValueError when there is no chat template at all, the template does
+        not parse, a variable would set one of `apply_chat_template`'s own arguments
+        (`chat_template.py`), or the content format is unknown.
         On a model that reads images (LLaVA), content parts `{"type": "image_url", "image_url":
         {"url": ...}}` or `{"type": "image_pil", "image_pil": image}` give the turn's images
         (`jpaged/images.py`), rendered by the template as its image token; on any other model

@@ -343,6 +343,21 @@ def test_malformed_chat_messages_are_named(llm):
     assert joined.prompt == "Once upon\na time|"  # the rendered conversation, as vLLM reports it
 
 
+def test_templates_that_loop_over_content_parts_get_parts_on_text_models(llm):
+    """vLLM's "auto" content format reads the template alone: one that loops over a message's
+    content gets every content as parts (a string as one text part), on a model that reads no
+    images too; "string" gives it text, which such a template cannot read."""
+    template = "{% for m in messages %}{{ m['role'] }}:{% for p in m['content'] %} {{ p['text'] }}{% endfor %}|{% endfor %}"
+    messages = [{"role": "system", "content": "Once"}, {"role": "user", "content": [
+        {"type": "text", "text": "upon"}, {"type": "text", "text": "a time"}]}]
+    out = llm.chat(messages, GREEDY, use_tqdm=False, chat_template=template)[0]
+    assert out.prompt == "system: Once|user: upon a time|"
+    assert llm.chat(messages, GREEDY, use_tqdm=False, chat_template=template,
+                    chat_template_content_format="openai")[0].prompt == out.prompt
+    as_text = llm.chat(messages, GREEDY, use_tqdm=False, chat_template=template, chat_template_content_format="string")
+    assert "upon" not in as_text[0].prompt
+
+
 def test_chat_continues_the_final_message_as_vllm(llm):
     """`continue_final_message`: the reply continues the final assistant message (HF's template
     rendering cut right after its text), the same tokens as `generate` on that text."""

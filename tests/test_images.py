@@ -194,9 +194,11 @@ def test_image_errors_name_the_problem(llava, tmp_path):
 
 
 @contextlib.contextmanager
-def _image_host(png: bytes):
+def _image_host(png: bytes, release=None, arrivals=None):
     """An http server on 127.0.0.1 (its base URL yielded): `/ok` the PNG, `/big` it four times over,
-    `/trickle` its first bytes at 4 a second, `/redirect` a redirect to 127.0.0.1's `/ok`."""
+    `/trickle` its first bytes at 4 a second, `/slow-headers` header lines at 4 a second,
+    `/redirect` a redirect to 127.0.0.1's `/ok`, `/held` the PNG once the event `release` is set
+    (each such request noted in the semaphore `arrivals` as it comes)."""
     import threading
     import time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -207,6 +209,17 @@ def _image_host(png: bytes):
                 self.send_response(302)
                 self.send_header("Location", f"http://127.0.0.1:{self.server.server_address[1]}/ok")
                 self.end_headers()
+                return
+            if self.path == "/held":
+                arrivals.release()
+                release.wait(300)
+            if self.path == "/slow-headers":  # each header line sent as it is written
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                for i in range(12):
+                    self.wfile.write(f"X-Slow-{i}: 1\r\n".encode())
+                    self.wfile.flush()
+                    time.sleep(0.25)
+                self.wfile.write(b"\r\n" + png)
                 return
             self.send_response(200)
             self.end_headers()
@@ -221,7 +234,11 @@ def _image_host(png: bytes):
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request, client_address):
+            pass  # a client that hung up mid-answer
+
+    server = Server(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
@@ -235,11 +252,11 @@ def _png(image) -> bytes:
     return buffer.getvalue()
 
 
-def test_image_sources_are_read_within_their_limits(monkeypatch):
+def test_image_sources_are_read_within_their_limits(monkeypatch, tmp_path):
     """An http URL's image is read; a download past the byte cap, or one that trickles past the
     time limit as a whole (each read within it), is refused; so is a data URL past the cap; URL
-    schemes are read whatever their case; with allowed media domains, other hosts are refused,
-    redirects to them too."""
+    schemes are read whatever their case, file:// URLs percent-decoded; with allowed media domains,
+    other hosts are refused, redirects to them too."""
     import time
 
     from jpaged import images
@@ -256,7 +273,9 @@ def test_image_sources_are_read_within_their_limits(monkeypatch):
         started = time.monotonic()
         with pytest.raises(ValueError, match="took over 1 s to download"):
             images.load_image(f"{base}/trickle")
-        assert time.monotonic() - started < 2.5
+        with pytest.raises(ValueError, match="took over 1 s to download"):
+            images.load_image(f"{base}/slow-headers")
+        assert time.monotonic() - started < 3.5
         local = images.MediaAccess(domains=frozenset({"localhost"}))
         assert images.load_image(f"http://localhost:{port}/ok", local).size == _image(80).size
         with pytest.raises(images.ImageRefused, match="is on '127.0.0.1', outside the allowed media domains localhost"):
@@ -265,8 +284,50 @@ def test_image_sources_are_read_within_their_limits(monkeypatch):
             images.load_image(f"http://localhost:{port}/redirect", local)
     encoded = base64.b64encode(png).decode()
     assert images.load_image("DATA:image/png;BASE64," + encoded).size == _image(80).size
+    spaced = tmp_path / "a b#%.png"
+    spaced.write_bytes(png)
+    for url in (spaced.as_uri(), spaced.as_uri().replace("file://", "FILE://localhost")):
+        assert images.load_image(url).size == _image(80).size
+    with pytest.raises(ValueError, match="names the host 'elsewhere'"):
+        images.load_image("file://elsewhere/a.png")
     with pytest.raises(ValueError, match=f"the data URL's image is over {2 * len(png)} bytes"):
         images.load_image("data:image/png;base64," + base64.b64encode(png * 3).decode())
+
+
+def test_slow_image_hosts_hold_up_no_other_request(llava, monkeypatch):
+    """Chats whose image hosts have not answered (more than Python's default thread pool holds on
+    two cores) wait on their own threads: a completion and a text chat are answered meanwhile, and
+    the image chats answer once their host does; every block is free after."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from server_thread import serving
+
+    from jpaged import images
+    from jpaged.server.launch import create_app
+
+    _, _, _, llm = llava
+    monkeypatch.setattr(images, "URL_TIMEOUT_S", 300.0)  # the held chats wait for the release alone
+    release, arrivals = threading.Event(), threading.Semaphore(0)
+    with _image_host(_png(_image(16)), release, arrivals) as host, \
+            serving(create_app(llm.engine, served_model_name="llava")) as base, ThreadPoolExecutor(8) as pool:
+        def chat(content):
+            return httpx.post(f"{base}/v1/chat/completions", timeout=600, json={
+                "model": "llava", "max_tokens": 2, "messages": [{"role": "user", "content": content}]})
+
+        held = [pool.submit(chat, [{"type": "image_url", "image_url": {"url": f"{host}/held"}},
+                                   {"type": "text", "text": "t5"}]) for _ in range(8)]
+        try:
+            assert all(arrivals.acquire(timeout=120) for _ in held)  # every image chat is fetching at once
+            completion = httpx.post(f"{base}/v1/completions", timeout=600,
+                                    json={"model": "llava", "prompt": "t5 t6", "max_tokens": 2})
+            assert completion.status_code == 200 and chat("t5 t6").status_code == 200
+            assert not any(future.done() for future in held)
+        finally:
+            release.set()
+        assert [future.result().status_code for future in held] == [200] * 8
+    assert _blocks_all_free(llm)
 
 
 def test_text_models_refuse_images(tmp_path):
@@ -458,6 +519,9 @@ def test_server_reads_local_images_only_from_the_allowed_folder(llava, tmp_path)
             ask(client, str(tmp_path / "outside.png"))
     with pytest.raises(ValueError, match="is not a folder"):
         create_app(llm.engine, allowed_local_media_path=str(tmp_path / "outside.png"))
+    for entry in ("localhost:8000", "http://localhost", ""):
+        with pytest.raises(ValueError, match=f"allowed_media_domains entry '{entry}' is not a host"):
+            create_app(llm.engine, allowed_media_domains=[entry])
     with _image_host(_png(_image(15))) as host, serving(create_app(
             llm.engine, served_model_name="llava", allowed_media_domains=["LocalHost"])) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)

@@ -32,7 +32,6 @@ from jpaged.server.completions import create_completion
 from jpaged.server.embeddings import create_classification, create_embedding, create_pooling
 from jpaged.server.errors import APIError, error_body, error_type_for_status, unauthorized
 from jpaged.server.metrics import CONTENT_TYPE
-from jpaged.server.prompts import chat_prompt
 from jpaged.server.protocol import (
     ChatCompletionRequest,
     ClassificationRequest,
@@ -228,11 +227,9 @@ async def _tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse
     if (body.prompt is None) == (body.messages is None):
         raise APIError("give exactly one of prompt and messages", param="prompt")
     if body.messages is not None:
-        tokens = (await asyncio.to_thread(chat_prompt, tokenizer, body.messages, body.add_generation_prompt,
-                                          body.continue_final_message, bool(body.add_special_tokens),
-                                          template_tools(body), state.template(body),
-                                          vision=state.engine.vision_config, media=state.media,
-                                          max_images=state.engine.max_images)).token_ids
+        tokens = (await state.chat_prompt(body.messages, body.add_generation_prompt, body.continue_final_message,
+                                          bool(body.add_special_tokens), template_tools(body),
+                                          template=state.template(body))).token_ids
     else:
         add_special = True if body.add_special_tokens is None else body.add_special_tokens
         tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=add_special)

@@ -10,7 +10,6 @@ begin, and the calls whole in the last chunk, see `tools`), the finish reason in
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from jpaged.server.async_engine import RequestGroup
 from jpaged.server.errors import bad_request
 from jpaged.server.logprobs import chat_logprobs, prompt_logprobs
 from jpaged.server.params import chat_params, constraint_field, max_tokens_field, resolve_max_tokens
-from jpaged.server.prompts import Prompt, chat_prompt, message_text, truncated
+from jpaged.server.prompts import Prompt, message_text, truncated
 from jpaged.server.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -92,11 +91,9 @@ async def chat_request_input(request: ChatCompletionRequest, state: ServerState)
     engine (which generates nothing)."""
     if state.pooling_task is not None:
         raise bad_request(pooling_route_error(state.pooling_task))
-    prompt = await asyncio.to_thread(chat_prompt, state.engine.tokenizer, request.messages,
-                                     request.add_generation_prompt, request.continue_final_message, False,
-                                     template_tools(request), state.template(request),  # other requests go on meanwhile
-                                     vision=state.engine.vision_config, media=state.media,
-                                     max_images=state.engine.max_images)
+    prompt = await state.chat_prompt(request.messages, request.add_generation_prompt,  # other requests go on meanwhile
+                                     request.continue_final_message, False, template_tools(request),
+                                     template=state.template(request))
     prompt = dataclasses.replace(truncated(prompt, request.truncate_prompt_tokens, state.engine.max_model_len),
                                  cache_salt=request.cache_salt)
     asked = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -69,7 +70,8 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
     Raises:
         ValueError: for an unknown `tool_call_parser`, a `chat_template` that does not parse, a
             LoRA adapter the engine cannot run, or whose name is taken, an
-            `allowed_local_media_path` that is not a folder, or an unknown content format.
+            `allowed_local_media_path` that is not a folder, an unknown content format, or an
+            `allowed_media_domains` entry that is not a host.
     """
     if allowed_local_media_path is not None and not Path(allowed_local_media_path).is_dir():
         raise ValueError(f"allowed_local_media_path {allowed_local_media_path!r} is not a folder")
@@ -87,8 +89,7 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
                         classifier=engine.classifier, runtime_lora_updating=allow_runtime_lora_updating,
                         return_tokens_as_token_ids=return_tokens_as_token_ids,
                         media=MediaAccess(None if allowed_local_media_path is None else Path(allowed_local_media_path),
-                                          None if allowed_media_domains is None
-                                          else frozenset(domain.lower() for domain in allowed_media_domains)),
+                                          _media_hosts(allowed_media_domains)),
                         chat_template_content_format=chat_template_content_format)
     for lora in lora_modules or ():  # the engine loop has not started: the engine is called here
         try:
@@ -185,6 +186,24 @@ def _app_from_flags(args: argparse.Namespace, template: str | None, **server) ->
                       allowed_local_media_path=args.allowed_local_media_path,
                       allowed_media_domains=args.allowed_media_domains,
                       chat_template_content_format=args.chat_template_content_format, **server)
+
+
+def _media_hosts(domains: list[str] | None) -> frozenset[str] | None:
+    """`allowed_media_domains` as the host names URLs are matched by (lower case, an IPv6 address
+    without brackets). ValueError for an entry that is not a host (a port, a path, a scheme)."""
+    if domains is None:
+        return None
+    hosts = set()
+    for domain in domains:
+        host = domain.strip().lower().removeprefix("[").removesuffix("]")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            if not host or any(mark in host for mark in ":/@?#"):
+                raise ValueError(f"allowed_media_domains entry {domain!r} is not a host name or address (give the "
+                                 "host alone, without scheme, port or path)") from None
+        hosts.add(host)
+    return frozenset(hosts)
 
 
 def check_can_listen(host: str, port: int) -> None:

@@ -9,15 +9,18 @@ closes the group (closing aborts what has not finished).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from pydantic import BaseModel
 
 from jpaged.engine_client import EngineClient, PromptType
-from jpaged.images import MediaAccess
+from jpaged.images import IMAGE_PART_TYPES, MediaAccess
 from jpaged.lora import LoRARequest
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.pooling import Classifier, PoolingParams
@@ -34,9 +37,10 @@ from jpaged.server.async_engine import (
 from jpaged.server.errors import APIError, bad_request, internal_error, overloaded, stopping
 from jpaged.server.metrics import ServerMetrics
 from jpaged.server.params import check_model
-from jpaged.server.prompts import ChatTemplate, Prompt
+from jpaged.server.prompts import ChatTemplate, Prompt, chat_prompt
 from jpaged.server.protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     SamplingFields,
     TokenizeRequest,
@@ -46,6 +50,7 @@ from jpaged.server.protocol import (
 from jpaged.server.tool_parsers import ToolParser
 
 DONE = "data: [DONE]\n\n"
+MEDIA_THREADS = 16  # chats with images read at once (each may download its images)
 
 
 @dataclass
@@ -73,6 +78,18 @@ class ServerState:
     return_tokens_as_token_ids: bool = False  # logprob tokens named `token_id:N` unless a request says otherwise
     media: MediaAccess = MediaAccess(local_root=None)  # the image sources requests may name (no local paths)
     chat_template_content_format: str = "auto"  # how the template takes contents (`jpaged.images.CONTENT_FORMATS`)
+    # chats with images are read here (their downloads may be slow), apart from other requests' prompts
+    media_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(MEDIA_THREADS, "jpaged-media"))
+
+    async def chat_prompt(self, messages: list[ChatMessage], *args, template: ChatTemplate) -> Prompt:
+        """`prompts.chat_prompt` of `messages` (its other arguments `args`) off the event loop: a
+        chat holding image parts in `media_pool`, so that slow image downloads hold up no other
+        request's prompt."""
+        pool = self.media_pool if any(isinstance(m.content, list) and any(part.type in IMAGE_PART_TYPES + ("input_image",)
+                                                                          for part in m.content) for m in messages) else None
+        build = functools.partial(chat_prompt, self.engine.tokenizer, messages, *args, template=template,
+                                  vision=self.engine.vision_config, media=self.media, max_images=self.engine.max_images)
+        return await asyncio.get_running_loop().run_in_executor(pool, build)
 
     def tokens_as_ids(self, request: CompletionRequest | ChatCompletionRequest) -> bool:
         """Whether `request`'s logprobs name tokens by id (its `return_tokens_as_token_ids`, else the server's)."""
