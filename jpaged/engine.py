@@ -245,11 +245,13 @@ class LLMEngine:
         `[IMG_BREAK]` / `[IMG_END]`."""
         if vision is None:
             return None, None, None
-        encoder, processor = ImageEncoder, ImageProcessor(source.folder)
+        pixtral = isinstance(vision, PixtralVisionConfig)
+        processor = ImageProcessor(source.folder, **(
+            {"patch_size": vision.patch_size * vision.spatial_merge_size} if pixtral else {}))
+        encoder = ImageEncoder
         if isinstance(vision, QwenVisionConfig):
             encoder, vision = QwenImageEncoder, vision.with_pixel_limits(processor.pixel_limits())
-        elif isinstance(vision, PixtralVisionConfig):
-            processor = ImageProcessor(source.folder, patch_size=vision.patch_size * vision.spatial_merge_size)
+        elif pixtral:
             vocab = self.tokenizer.get_vocab()
             if missing := [name for name in ("[IMG_BREAK]", "[IMG_END]") if name not in vocab]:
                 raise ValueError(f"{source.name}'s tokenizer lacks {missing}, the tokens that end the rows of a "

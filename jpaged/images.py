@@ -227,8 +227,7 @@ def chat_for_template(conversation: list[dict], tokenizer,
     takes contents as `content_format` says (`CONTENT_FORMATS`). ValueError for an unknown
     format, more image parts than `max_images` (before any is read), image parts where the model
     reads no images, and as `chat_images`."""
-    if content_format not in CONTENT_FORMATS:
-        raise ValueError(f"chat_template_content_format {content_format!r} is not one of {', '.join(CONTENT_FORMATS)}")
+    check_content_format(content_format)
     count = sum(_is_image(part) for m in conversation if isinstance(m, dict) and isinstance(m.get("content"), list)
                 for part in m["content"])
     check_image_count(count, max_images)
@@ -238,6 +237,12 @@ def chat_for_template(conversation: list[dict], tokenizer,
         content_format == "auto" and template_reads_parts(template or tokenizer.chat_template))
     image_token = None if vision is None else tokenizer.convert_ids_to_tokens(vision.image_token_id)
     return chat_images(conversation, image_token, as_parts, access)
+
+
+def check_content_format(content_format: str) -> None:
+    """ValueError unless `content_format` is one of `CONTENT_FORMATS`."""
+    if content_format not in CONTENT_FORMATS:
+        raise ValueError(f"chat_template_content_format {content_format!r} is not one of {', '.join(CONTENT_FORMATS)}")
 
 
 def check_image_count(count: int, max_images: int | None) -> None:

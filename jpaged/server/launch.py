@@ -20,7 +20,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from jpaged.chat_template import checked_template, read_chat_template
 from jpaged.engine_client import EngineClient
-from jpaged.images import CONTENT_FORMATS, MediaAccess
+from jpaged.images import MediaAccess, check_content_format
 from jpaged.lora import LoRARequest
 from jpaged.server.app import build_app
 from jpaged.server.async_engine import AsyncEngine
@@ -75,9 +75,7 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
     """
     if allowed_local_media_path is not None and not Path(allowed_local_media_path).is_dir():
         raise ValueError(f"allowed_local_media_path {allowed_local_media_path!r} is not a folder")
-    if chat_template_content_format not in CONTENT_FORMATS:
-        raise ValueError(f"chat_template_content_format {chat_template_content_format!r} is not one of "
-                         f"{', '.join(CONTENT_FORMATS)}")
+    check_content_format(chat_template_content_format)
     name = served_model_name or engine.model_name
     parser = tool_parser(tool_call_parser) if tool_call_parser else None
     chat_template = checked_template(chat_template) if chat_template is not None else None

@@ -85,7 +85,7 @@ class ServerState:
         """`prompts.chat_prompt` of `messages` (its other arguments `args`) off the event loop: a
         chat holding image parts in `media_pool`, so that slow image downloads hold up no other
         request's prompt."""
-        pool = self.media_pool if any(isinstance(m.content, list) and any(part.type in IMAGE_PART_TYPES + ("input_image",)
+        pool = self.media_pool if any(isinstance(m.content, list) and any(part.type in IMAGE_PART_TYPES
                                                                           for part in m.content) for m in messages) else None
         build = functools.partial(chat_prompt, self.engine.tokenizer, messages, *args, template=template,
                                   vision=self.engine.vision_config, media=self.media, max_images=self.engine.max_images)
