@@ -3,7 +3,9 @@
 //
 // Same contract as `ragged_paged_attention`: q [T, heads, d]; caches [layers, blocks, block_size,
 // kv_heads, d]; row i brings query_lens[i] tokens from flat token query_start[i] and attends
-// causally to context_lens[i] cached tokens (its new ones included). Keys are read in place from
+// causally to context_lens[i] cached tokens (its new ones included), or, where key_ends is given, new
+// token t up to key position key_ends[t] (exclusive; an image read bidirectionally sees its own later
+// tokens, Gemma 3's), never past the row's context. Keys are read in place from
 // the blocks the row's block table names, only up to what its last query can see: no gather, no
 // padded table width. Padding tokens get zeros.
 //
@@ -179,14 +181,20 @@ struct BlockRef {
 template <typename Q, typename C>
 void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_cache, const float* k_scales,
                 const float* v_scales, int64_t layer, int64_t span, const int32_t* block_tables,
-                const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens, float scale,
-                float softcap, const float* sinks, const Shapes& s, Q* out) {
+                const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens,
+                const int32_t* key_ends, float scale, float softcap, const float* sinks, const Shapes& s, Q* out) {
   const int64_t d = s.head_dim, heads = s.num_heads;
   const int64_t group = heads / s.num_kv_heads;
   const int64_t nq = item.num_queries * heads;  // query vectors: query-major, then head
   const int64_t first_pos = context_lens[item.row] - query_lens[item.row] + item.first_query;
   const int64_t first_token = query_start[item.row] + item.first_query;
-  const int64_t num_keys = first_pos + item.num_queries;  // keys the last query sees
+  // One past the last key query i (of the item) sees: itself, or (key_ends) a later token of its row.
+  auto key_end = [&](int64_t i) {
+    const int64_t pos = first_pos + i;
+    return key_ends ? std::clamp<int64_t>(key_ends[first_token + i], pos + 1, context_lens[item.row]) : pos + 1;
+  };
+  int64_t num_keys = 0;  // keys the item reads
+  for (int64_t i = 0; i < item.num_queries; ++i) num_keys = std::max(num_keys, key_end(i));
   const int64_t first_key = std::max<int64_t>(0, first_pos - span + 1);  // the first key the first query sees
   const int64_t token_elems = s.num_kv_heads * d;
   const int64_t block_elems = s.block_size * token_elems;
@@ -238,8 +246,8 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
   head_offset.resize(nq);
   kv_head.resize(nq);
   for (int64_t j = 0; j < nq; ++j) {
-    visible[j] = first_pos + j / heads + 1;
-    window_start[j] = std::max<int64_t>(0, visible[j] - span);
+    visible[j] = key_end(j / heads);
+    window_start[j] = std::max<int64_t>(0, first_pos + j / heads + 1 - span);
     kv_head[j] = (j % heads) / group;
     head_offset[j] = kv_head[j] * d;
   }
@@ -386,8 +394,8 @@ void AttendItem(const WorkItem& item, const Q* q, const C* k_cache, const C* v_c
 template <typename Q, typename C>
 void Attend(const Shapes& s, const Q* q, const C* k_cache, const C* v_cache, const float* k_scales,
             const float* v_scales, int64_t layer, int64_t span, const int32_t* block_tables,
-            const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens, float scale,
-            float softcap, const float* sinks, Q* out) {
+            const int32_t* context_lens, const int32_t* query_start, const int32_t* query_lens,
+            const int32_t* key_ends, float scale, float softcap, const float* sinks, Q* out) {
   std::memset(out, 0, sizeof(Q) * s.num_tokens * s.num_heads * s.head_dim);
   std::vector<WorkItem> items;
   for (int32_t row = 0; row < s.num_rows; ++row)
@@ -401,7 +409,7 @@ void Attend(const Shapes& s, const Q* q, const C* k_cache, const C* v_cache, con
   // The layer's products follow (XLA's own, for float weights), which a spinning helper would slow.
   ParallelFor(static_cast<int64_t>(items.size()), kNoSpin, [&](int64_t i) {
     AttendItem(items[i], q, k_cache, v_cache, k_scales, v_scales, layer, span, block_tables, context_lens,
-               query_start, query_lens, scale, softcap, sinks, s, out);
+               query_start, query_lens, key_ends, scale, softcap, sinks, s, out);
   });
 }
 
@@ -444,7 +452,8 @@ bool Holds(XLA_FFI_DataType dtype) {
 // Arguments: q, k_cache, v_cache, k_scales, v_scales, layer [2] (the layer, and the keys a query
 // sees back from itself, itself included: its sliding window, or more than any context), block_tables,
 // context_lens, query_start, query_lens (int32), sinks (float32 [heads]: each head's sink logit, which joins its
-// softmax's denominator; or [0]: none); attributes: scale and softcap (float32; a softcap > 0
+// softmax's denominator; or [0]: none), key_ends (int32 [T]: one past the last key each new token sees; or
+// [0]: causal); attributes: scale and softcap (float32; a softcap > 0
 // turns each score s into softcap * tanh(s / softcap)); result: [T, heads, head_dim] in q's
 // dtype. q and the result hold Query, the caches Cache; a quantized cache (int8, or uint8 float8
 // bits) comes with float32 scales [layers, blocks, block_size, kv_heads], else the scales are
@@ -452,7 +461,7 @@ bool Holds(XLA_FFI_DataType dtype) {
 extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Api* api = frame->api;
   if (IsMetadataQuery(frame)) return DescribeHandler(frame);
-  if (const char* problem = FrameProblem(frame, 11, 2)) return Fail(api, problem);
+  if (const char* problem = FrameProblem(frame, 12, 2)) return Fail(api, problem);
   const XLA_FFI_Scalar *scale = ScalarAttr(frame, "scale"), *softcap = ScalarAttr(frame, "softcap");
   if (!scale || !softcap || scale->dtype != XLA_FFI_DataType_F32 || softcap->dtype != XLA_FFI_DataType_F32)
     return Fail(api, "scale and softcap must be float32 attributes");
@@ -483,6 +492,10 @@ extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
   const XLA_FFI_Buffer* sinks = Buffer(frame->args.args[10]);
   if (sinks->dtype != XLA_FFI_DataType_F32 || sinks->rank != 1 || (sinks->dims[0] != 0 && sinks->dims[0] != s.num_heads))
     return Fail(api, "sinks must be float32 [heads], or [0] for none");
+  const XLA_FFI_Buffer* key_ends = Buffer(frame->args.args[11]);
+  if (key_ends->dtype != XLA_FFI_DataType_S32 || key_ends->rank != 1 ||
+      (key_ends->dims[0] != 0 && key_ends->dims[0] != s.num_tokens))
+    return Fail(api, "key_ends must be int32 [tokens], or [0] for causal attention");
   if (q->dtype != kDtype<Query> || out->dtype != q->dtype || !Holds<Cache>(k->dtype) || !Holds<Cache>(v->dtype))
     return Fail(api, "q, result or caches of a dtype this build does not read (it is built for one pair)");
   if constexpr (kQuantized<Cache>) {
@@ -495,6 +508,7 @@ extern "C" XLA_FFI_Error* JpagedRaggedPagedAttention(XLA_FFI_CallFrame* frame) {
   Attend(s, static_cast<const Query*>(q->data), static_cast<const Cache*>(k->data),
          static_cast<const Cache*>(v->data), static_cast<const float*>(k_scales->data),
          static_cast<const float*>(v_scales->data), layer, span, tables, context_lens, query_start, query_lens,
+         key_ends->dims[0] ? Int32s(key_ends) : nullptr,
          *static_cast<const float*>(scale->value), *static_cast<const float*>(softcap->value),
          sinks->dims[0] ? static_cast<const float*>(sinks->data) : nullptr, static_cast<Query*>(out->data));
   return nullptr;

@@ -63,8 +63,9 @@ def cpu_ragged_paged_attention(q, k_cache, v_cache, layer, md: AttentionMetadata
     call = jax.ffi.ffi_call(cpu_kernels.target(library), jax.ShapeDtypeStruct(q.shape, q.dtype), vmap_method="sequential")
     layer_and_span = jnp.stack([jnp.asarray(layer, jnp.int32), window_span(window)])
     sinks = jnp.zeros((0,), jnp.float32) if sinks is None else jnp.asarray(sinks, jnp.float32)
-    return call(q, *caches, layer_and_span, md.block_tables, md.context_lens,
-                md.query_start, md.query_lens, sinks, scale=np.float32(scale), softcap=np.float32(softcap or 0.0))
+    key_ends = jnp.zeros((0,), jnp.int32) if md.key_ends is None else md.key_ends
+    return call(q, *caches, layer_and_span, md.block_tables, md.context_lens, md.query_start, md.query_lens,
+                sinks, key_ends, scale=np.float32(scale), softcap=np.float32(softcap or 0.0))
 
 
 def _library_for(q, k_cache, v_cache) -> str | None:

@@ -8,9 +8,10 @@ A quantized cache keeps each of K and V as a `QuantizedKV` (values and per-token
 
 The batch is ragged: sequence `i` brings `query_lens[i]` new tokens, flattened in `q` from
 `query_start[i]`, and attends causally to its `context_lens[i]` cached tokens (the new ones
-included, as `write_kv` ran first); with a sliding `window` of W tokens, a query at position p
-sees only the keys at positions p - W + 1 .. p (HF's and Mistral's convention: W keys, itself
-included); with a `softcap` c, each score s (q . k times the scale) becomes c * tanh(s / c)
+included, as `write_kv` ran first), or, where `key_ends` says so, also to the later tokens of
+its image (bidirectional attention inside an image, whose tokens all arrive in one step); with a
+sliding `window` of W tokens, a query at position p sees only the keys at positions p - W + 1 and
+later (HF's and Mistral's convention: W keys, itself included); with a `softcap` c, each score s (q . k times the scale) becomes c * tanh(s / c)
 before the softmax (Gemma 2's attention logit soft-capping); with `sinks` (one logit per query head,
 gpt-oss's attention sinks) each softmax's denominator also holds exp(sink), so a query may attend
 to less than all of its value (the sink has no value). Rows that bring one token (decodes) come first, row `i`
@@ -54,11 +55,15 @@ class AttentionMetadata:
     context_lens: jax.Array  # [S] cached tokens after this step's write
     query_start: jax.Array  # [S] first flattened token of each row
     query_lens: jax.Array  # [S] new tokens of each row (0 for padding rows)
+    # [T] one past the last key position each new token sees, or None: every token sees up to
+    # itself (causal). A token inside an image that a model reads bidirectionally (Gemma 3's
+    # prefix-LM mask) sees up to its image's end; the others their position + 1.
+    key_ends: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
     AttentionMetadata,
-    data_fields=["slot_mapping", "block_tables", "context_lens", "query_start", "query_lens"],
+    data_fields=["slot_mapping", "block_tables", "context_lens", "query_start", "query_lens", "key_ends"],
     meta_fields=[],
 )
 
@@ -227,6 +232,7 @@ def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, sca
     q = jnp.pad(q.astype(jnp.float32) * scale, ((0, tile), (0, 0), (0, 0)))
     q = q.reshape(num_tokens + tile, num_kv_heads, group, head_dim)
     out = jnp.pad(out, ((0, tile), (0, 0), (0, 0)))
+    key_ends = None if md.key_ends is None else jnp.pad(md.key_ends, (0, tile))
 
     def attend_tile(row, first_query, out):
         query_len, context_len = md.query_lens[row], md.context_lens[row]
@@ -234,6 +240,8 @@ def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, sca
         queries = lax.dynamic_slice_in_dim(q, start, tile)  # [tile, kv, g, d]
         offset = first_query + jnp.arange(tile)
         query_pos = context_len - query_len + offset
+        ends = query_pos + 1 if key_ends is None else lax.dynamic_slice_in_dim(key_ends, start, tile)
+        ends = jnp.where(offset < query_len, jnp.clip(ends, query_pos + 1, context_len), 0)
         row_table = lax.dynamic_slice_in_dim(tables, row, 1)
 
         def step(chunk, state):
@@ -241,7 +249,7 @@ def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, sca
             values = _kv_chunk(v_cache, layer, row_table, chunk, pages)[0]
             scores = soft_cap(jnp.einsum("qkgd,lkd->qkgl", queries, keys), softcap)
             key_pos = chunk * chunk_tokens + jnp.arange(chunk_tokens)
-            visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - span)
+            visible = (key_pos[None, :] < ends[:, None]) & (key_pos[None, :] > query_pos[:, None] - span)
             visible = visible[:, None, None, :]
             scores = jnp.where(visible, scores, -jnp.inf)
             return _softmax_step(state, scores, lambda probs: jnp.einsum("qkgl,lkd->qkgd", probs, values))
@@ -249,8 +257,7 @@ def _attend_prefills(out, q, k_cache, v_cache, layer, md: AttentionMetadata, sca
         state = (jnp.zeros(queries.shape, jnp.float32),
                  jnp.full(queries.shape[:-1], _RUNNING_MAX_INIT, jnp.float32),
                  jnp.zeros(queries.shape[:-1], jnp.float32))
-        last_pos = jnp.minimum(context_len - query_len + first_query + tile, context_len)
-        num_chunks = (last_pos + chunk_tokens - 1) // chunk_tokens
+        num_chunks = (jnp.max(ends) + chunk_tokens - 1) // chunk_tokens
         first_chunk = jnp.maximum(context_len - query_len + first_query - span + 1, 0) // chunk_tokens
         state = lax.fori_loop(first_chunk, num_chunks, step, state)
         attended = _finish(state, _grouped_sinks(sinks, num_kv_heads)).reshape(tile, num_heads, head_dim)

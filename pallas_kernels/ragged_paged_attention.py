@@ -3,7 +3,8 @@
 Same contract as `paged_attention.ragged_paged_attention` (the pure-jnp reference): queries
 `q [T, heads, head_dim]` of a ragged batch attend causally, through the block tables, to layer
 `layer` of the stacked cache `[num_layers, num_blocks, block_size, kv_heads, head_dim]`
-(or a quantized one, `quantized_kv.QuantizedKV`, whose pages are widened as they load).
+(or a quantized one, `quantized_kv.QuantizedKV`, whose pages are widened as they load); where the
+metadata has `key_ends`, each query sees up to its own key end (an image read bidirectionally).
 
 One program handles one sequence, one KV head and a tile of up to `tile_tokens` of that
 sequence's new tokens, with all query heads of the KV head stacked into the tile's rows
@@ -266,9 +267,9 @@ def layer_operand(layer, window) -> jax.Array:
 
 
 def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_ref, query_lens_ref,
-                   q_ref, k_ref, v_ref, k_scale_ref, v_scale_ref, sinks_ref, _out_in_ref, out_ref, *,
+                   q_ref, k_ref, v_ref, k_scale_ref, v_scale_ref, sinks_ref, key_ends_ref, _out_in_ref, out_ref, *,
                    first_row: int, tile: QueryTile, chunking: KVChunking, scale: float, softcap: float | None,
-                   has_sinks: bool):
+                   has_sinks: bool, has_key_ends: bool):
     row = first_row + pl.program_id(0)
     kv_head = pl.program_id(1)
     tile_offset = pl.program_id(2) * tile.tokens
@@ -284,6 +285,12 @@ def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_re
         queries = plgpu.load(tile.view(q_ref, first_token, kv_head), mask=mask, other=0)
         queries = queries.reshape(tile.rows, tile.padded_dim)
         query_pos = first_pos + jnp.arange(tile.rows) // tile.head_slots
+        key_ends = query_pos + 1  # one past the last key each row sees
+        if has_key_ends:
+            token_ok = jnp.arange(tile.tokens) < num_tokens
+            ends = plgpu.load(key_ends_ref.at[pl.ds(first_token, tile.tokens)], mask=token_ok, other=0)
+            ends = jnp.broadcast_to(ends[:, None], (tile.tokens, tile.head_slots)).reshape(tile.rows)
+            key_ends = jnp.clip(ends, key_ends, context_lens_ref[row])
 
         def chunk_step(chunk, state, causal: bool):
             pages = block_tables_ref[row, pl.ds(chunk * chunking.pages_per_chunk, chunking.pages_per_chunk)]
@@ -292,7 +299,7 @@ def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_re
             scores = scaled_scores(queries, keys, scale, softcap)
             if causal:
                 key_pos = chunk * chunking.tokens + jnp.arange(chunking.tokens)
-                visible = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - span)
+                visible = (key_pos[None, :] < key_ends[:, None]) & (key_pos[None, :] > query_pos[:, None] - span)
                 scores = jnp.where(visible, scores, -jnp.inf)
             values = load_kv_chunk(v_ref, v_scale_ref, layer, pages, kv_head, tile.head_dim, tile.padded_dim,
                                    queries.dtype)
@@ -304,7 +311,8 @@ def _ragged_kernel(layer_ref, block_tables_ref, context_lens_ref, query_start_re
         first_chunk = jnp.maximum(first_pos - span + 1, 0) // chunking.tokens
         open_stop = (first_pos + 1) // chunking.tokens
         open_start = jnp.clip(pl.cdiv(jnp.maximum(last_pos - span + 1, 0), chunking.tokens), first_chunk, open_stop)
-        num_chunks = pl.cdiv(last_pos + 1, chunking.tokens)
+        last_key = jnp.max(key_ends) if has_key_ends else last_pos + 1
+        num_chunks = pl.cdiv(last_key, chunking.tokens)
         masked, whole = functools.partial(chunk_step, causal=True), functools.partial(chunk_step, causal=False)
         state = initial_softmax_state(tile.rows, tile.padded_dim)
         state = lax.fori_loop(first_chunk, open_start, masked, state)
@@ -340,20 +348,21 @@ def ragged_attention_rows(out, q, k_cache, v_cache, layer, md: AttentionMetadata
     num_warps = num_warps or default_num_warps(tile.rows, tile.padded_dim, q.dtype)
     block_tables = chunking.pad_block_tables(md.block_tables, chunking.chunks_for(md.block_tables.shape[1]))
     kernel = functools.partial(_ragged_kernel, first_row=first_row, tile=tile, chunking=chunking, scale=scale,
-                               softcap=softcap, has_sinks=sinks is not None)
+                               softcap=softcap, has_sinks=sinks is not None, has_key_ends=md.key_ends is not None)
     whole = pl.BlockSpec(memory_space=pl.ANY)
     return pl.pallas_call(
         kernel,
         grid=(stop_row - first_row, num_kv_heads, pl.cdiv(max_query_len, tile.tokens)),
-        in_specs=[whole] * 12,
+        in_specs=[whole] * 13,
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct(out.shape, out.dtype),
-        input_output_aliases={11: 0},
+        input_output_aliases={12: 0},
         compiler_params=triton_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name=f"ragged_paged_attention_t{tile.tokens}_h{tile.head_slots}_p{chunking.pages_per_chunk}",
     )(layer_operand(layer, window), block_tables, md.context_lens, md.query_start,
-      md.query_lens, q, *cache_operands(k_cache, v_cache), sinks_operand(sinks, num_heads), out)
+      md.query_lens, q, *cache_operands(k_cache, v_cache), sinks_operand(sinks, num_heads),
+      jnp.zeros((1,), jnp.int32) if md.key_ends is None else md.key_ends, out)
 
 
 def ragged_paged_attention_kernel(q, k_cache, v_cache, layer, md: AttentionMetadata, scale: float, window=None,

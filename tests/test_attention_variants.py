@@ -2,10 +2,14 @@
 against jax's own `jax.nn.dot_product_attention` with `local_window_size` (and, for soft caps, a
 dense numpy softmax), then the Pallas kernels (interpret mode on CPU) and the CPU kernel against
 the reference, on the awkward ragged batches of the kernel tests, with windows shorter than a
-block, of one block, spanning several and longer than any context; and windowed models against HF.
+block, of one block, spanning several and longer than any context; images whose tokens see each
+other (Gemma 3's bidirectional attention inside an image) against jax's own attention with an
+explicit mask; and windowed models against HF.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -411,3 +415,85 @@ def test_windowed_layers_keep_their_windows_in_pipeline_stages(windowed_model):
     assert run.returncode == 0, run.stderr[-3000:]
     tokens = next(line for line in run.stdout.splitlines() if line.startswith("TOKENS"))
     assert tokens == f"TOKENS {hf_greedy(model, prompt, 16)}"
+
+
+# --- images read bidirectionally (Gemma 3) -----------------------------------------------------------
+
+def with_image_spans(batch, seed: int):
+    """The batch with `key_ends`: in every prefill row of 3 or more new tokens, a random run of its
+    new tokens (an image; from the row's first new token in some rows, as after a prefix-cache hit
+    inside an image) whose tokens see the whole run; every other token sees up to itself. Also
+    each token's key end, `[T]` int32 (0 for padding)."""
+    rng, md = np.random.default_rng(seed), batch.md
+    ends = np.zeros(batch.q.shape[0], np.int32)
+    for start, n, ctx in zip(*(np.asarray(x) for x in (md.query_start, md.query_lens, md.context_lens))):
+        first_pos = ctx - n
+        ends[start:start + n] = first_pos + 1 + np.arange(n)
+        if n >= 3:
+            a = int(rng.integers(0, n - 2))
+            b = int(rng.integers(a + 2, n + 1))
+            ends[start + a:start + b] = first_pos + b
+    return dataclasses.replace(batch, md=dataclasses.replace(md, key_ends=jnp.asarray(ends))), ends
+
+
+def jax_image_oracle(batch, ends: np.ndarray, window: int) -> np.ndarray:
+    """Each row's queries over its whole context by one call of `jax.nn.dot_product_attention`
+    with an explicit mask: key k visible to the query at position p when k < its key end and
+    k > p - window; float32 `[T, heads, head_dim]`."""
+    md = batch.md
+    rows = [(row, *(int(x[row]) for x in (md.query_lens, md.context_lens, md.query_start)))
+            for row in range(md.block_tables.shape[0])]
+    rows = [r for r in rows if r[1] > 0]
+    longest = max(ctx for _, _, ctx, _ in rows)
+    queries = np.zeros((len(rows), longest, *batch.q.shape[1:]), np.float32)
+    keys = np.zeros((len(rows), longest, *batch.k_cache.shape[3:]), np.float32)
+    values = np.zeros_like(keys)
+    mask = np.zeros((len(rows), 1, longest, longest), bool)
+    k_cache, v_cache, q = (np.asarray(a, np.float32) for a in (batch.k_cache[LAYER], batch.v_cache[LAYER], batch.q))
+    key_pos = np.arange(longest)
+    for i, (row, n, ctx, start) in enumerate(rows):
+        blocks = np.asarray(md.block_tables[row])
+        keys[i, :ctx] = k_cache[blocks].reshape(-1, *keys.shape[2:])[:ctx]
+        values[i, :ctx] = v_cache[blocks].reshape(-1, *keys.shape[2:])[:ctx]
+        queries[i, ctx - n:ctx] = q[start:start + n]
+        for p, end in zip(range(ctx - n, ctx), ends[start:start + n]):
+            mask[i, 0, p] = (key_pos < end) & (key_pos > p - window)
+    attended = np.asarray(jax.nn.dot_product_attention(queries, keys, values, scale=batch.scale,
+                                                       mask=jnp.asarray(mask), implementation="xla"))
+    out = np.zeros(batch.q.shape, np.float32)
+    for i, (row, n, ctx, start) in enumerate(rows):
+        out[start:start + n] = attended[i, ctx - n:ctx]
+    return out
+
+
+@pytest.mark.parametrize("window", (1000, 5))
+def test_reference_with_images_matches_jax_dot_product_attention(window):
+    causal = make_batch(window + 3, awkward_seqs(8, chunk=37), num_heads=6, num_kv_heads=2, head_dim=32,
+                        block_size=8, num_blocks=120)
+    batch, ends = with_image_spans(causal, window)
+    out = np.asarray(run_jitted(ragged_paged_attention, batch, window))
+    real = real_rows(batch)
+    np.testing.assert_allclose(out[real], jax_image_oracle(batch, ends, window)[real], atol=2e-5, rtol=2e-5)
+    moved = np.abs(out - np.asarray(run_jitted(ragged_paged_attention, causal, window))).max(axis=(1, 2))
+    assert moved[real].max() > 0.05  # the images' tokens read their later tokens
+
+
+@pytest.mark.parametrize("window", (0, 6))
+def test_kernels_with_images(window, cpu_kernels_built):
+    """The ragged Pallas kernel, the Pallas backend (decode kernel and ragged kernel) and the CPU
+    kernel against the reference, with images read bidirectionally, beside a window, over float32
+    and int8 caches."""
+    causal = make_batch(window + 9, awkward_seqs(16, chunk=40), num_heads=4, num_kv_heads=2, head_dim=64,
+                        block_size=16, num_blocks=40)
+    batch, _ = with_image_spans(causal, window + 1)
+    real = real_rows(batch)
+    for cache in (batch, quantized(batch, "int8")):
+        expected = np.asarray(run_jitted(ragged_paged_attention, cache, window))
+        outputs = [run_jitted(pallas_paged_attention, cache, window, interpret=INTERPRET),
+                   run_jitted(ragged_paged_attention_kernel, cache, window, interpret=INTERPRET, chunk_tokens=32)]
+        if jax.default_backend() == "cpu":
+            from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
+
+            outputs.append(run_jitted(cpu_ragged_paged_attention, cache, window))
+        for out in outputs:
+            np.testing.assert_allclose(np.asarray(out)[real], expected[real], atol=2e-5, rtol=2e-5)
