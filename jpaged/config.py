@@ -695,7 +695,16 @@ class VisionConfig:
     `image_token_id` placeholders in the prompt: `tokens_per_image` for LLaVA, and for LLaVA-NeXT
     (`grid_pinpoints`, its `image_grid_pinpoints` as (height, width) pairs) that many for the
     whole image and more for its tiles (`jpaged/image_tiles.py`); LLaVA-OneVision's as
-    LLaVA-NeXT's, its grid capped at `max_tiles` tiles (`vision_aspect_ratio` "anyres_max_N")."""
+    LLaVA-NeXT's, its grid capped at `max_tiles` tiles (`vision_aspect_ratio` "anyres_max_N").
+
+    Gemma 3 (`Gemma3ForConditionalGeneration`, `projector` "gemma3") takes its SigLIP tower's last
+    states after the post-layernorm, average-pools them to `pooled_tokens` embeddings, then applies
+    an RMSNorm and one projection. A prompt writes its start-of-image token (`prompt_token_id`)
+    per image, widened to start, `pooled_tokens` image tokens and end (`placeholder_ids`), set
+    apart by two newlines on each side that merge with newline tokens beside them
+    (`newline_ids[k - 1]`: the token of k newlines, `with_newlines`), as Gemma 3's processor and
+    tokenizer write them. Its language model reads each image's tokens bidirectionally (they see
+    each other; `bidirectional`)."""
 
     hidden_size: int
     intermediate_size: int
@@ -712,10 +721,38 @@ class VisionConfig:
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     class_token: bool = True
     max_tiles: int = 0  # LLaVA-OneVision's cap on an image's grid (0: none, LLaVA-NeXT)
+    projector: str = "mlp"  # "gemma3": pooled, normed and projected (see above)
+    pooled_tokens: int = 0  # Gemma 3's embeddings per image (`mm_tokens_per_image`)
+    start_token_id: int | None = None  # Gemma 3's start- and end-of-image tokens
+    end_token_id: int | None = None
+    newline_ids: tuple[int, ...] = ()
 
     @property
     def tokens_per_image(self) -> int:
+        if self.pooled_tokens:
+            return self.pooled_tokens
         return (self.image_size // self.patch_size) ** 2 + self.class_token - self.drop_cls
+
+    @property
+    def bidirectional(self) -> bool:
+        """Whether the language model reads each image's tokens bidirectionally (Gemma 3)."""
+        return self.projector == "gemma3"
+
+    @property
+    def prompt_token_id(self) -> int:
+        """The token a prompt writes for each image (widened to `placeholder_ids`)."""
+        return self.image_token_id if self.start_token_id is None else self.start_token_id
+
+    def with_newlines(self, vocab: dict[str, int]) -> VisionConfig:
+        """Gemma 3's newline tokens from the tokenizer's `vocab` (runs of one newline and up, while
+        the vocabulary has them). ValueError for a vocabulary without the tokens of one and two
+        newlines."""
+        ids = []
+        while "\n" * (len(ids) + 1) in vocab:
+            ids.append(vocab["\n" * (len(ids) + 1)])
+        if len(ids) < 2:
+            raise ValueError("Gemma 3's tokenizer must hold tokens of one and two newlines, which set its images apart")
+        return dataclasses.replace(self, newline_ids=tuple(ids))
 
     def image_tokens(self, height: int, width: int) -> int:
         """How many embeddings (and placeholders) an image of `height` x `width` pixels becomes."""
@@ -725,14 +762,18 @@ class VisionConfig:
                                 self.max_tiles)
 
     def placeholder_ids(self, height: int, width: int) -> list[int]:
-        """The token ids an image of `height` x `width` pixels widens to: `image_tokens` image tokens."""
-        return [self.image_token_id] * self.image_tokens(height, width)
+        """The token ids an image of `height` x `width` pixels widens to: `image_tokens` image
+        tokens (Gemma 3's between its start and end tokens)."""
+        tokens = [self.image_token_id] * self.image_tokens(height, width)
+        return tokens if self.start_token_id is None else [self.start_token_id, *tokens, self.end_token_id]
 
     @classmethod
     def from_hf(cls, hf: dict) -> VisionConfig:
         """From a LLaVA, LLaVA-NeXT or LLaVA-OneVision config.json; ValueError for a vision tower
         or setting jpaged does not run."""
         architectures = hf.get("architectures") or []
+        if "Gemma3ForConditionalGeneration" in architectures:
+            return cls._gemma3(hf)
         onevision = "LlavaOnevisionForConditionalGeneration" in architectures
         vision = hf.get("vision_config") or {}
         tower = vision.get("model_type", "siglip_vision_model" if onevision else "clip_vision_model")
@@ -774,6 +815,32 @@ class VisionConfig:
             grid_pinpoints=pinpoints,
             class_token=tower == "clip_vision_model",
             max_tiles=_max_tiles(hf.get("vision_aspect_ratio", "anyres_max_9")) if onevision else 0,
+        )
+
+    @classmethod
+    def _gemma3(cls, hf: dict) -> VisionConfig:
+        """Gemma 3's SigLIP tower and projector, from its config.json (HF's `Gemma3Config` defaults
+        where it is silent). ValueError where the pooled tokens do not tile the patch grid."""
+        vision = _TOWER_DEFAULTS["siglip_vision_model"] | (hf.get("vision_config") or {})
+        tokens = int(hf.get("mm_tokens_per_image", 256))
+        side, patches = math.isqrt(tokens), int(vision["image_size"]) // int(vision["patch_size"])
+        if side * side != tokens or patches % side:
+            raise ValueError(f"mm_tokens_per_image {tokens} must be a square whose side divides the tower's "
+                             f"{patches} x {patches} patches")
+        if vision["hidden_act"] not in VISION_ACTIVATIONS:
+            raise ValueError(f"vision_config.hidden_act {vision['hidden_act']!r} is not supported (supported: "
+                             f"{', '.join(VISION_ACTIVATIONS)})")
+        num_layers = int(vision["num_hidden_layers"])
+        return cls(
+            hidden_size=int(vision["hidden_size"]), intermediate_size=int(vision["intermediate_size"]),
+            num_layers=num_layers, num_heads=int(vision["num_attention_heads"]),
+            image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]),
+            layer_norm_eps=float(vision["layer_norm_eps"]), hidden_act=vision["hidden_act"],
+            feature_layers=(num_layers,), drop_cls=False, projector_act="gelu",
+            image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 262144))), class_token=False,
+            projector="gemma3", pooled_tokens=tokens,
+            start_token_id=int(hf.get("boi_token_index", hf.get("boi_token_id", 255999))),
+            end_token_id=int(hf.get("eoi_token_index", hf.get("eoi_token_id", 256000))),
         )
 
 
@@ -858,6 +925,14 @@ class QwenVisionConfig:
         """How many embeddings (and placeholders) an image of `height` x `width` pixels becomes."""
         rows, cols = self.grid(height, width)
         return rows * cols
+
+    bidirectional = False  # images read causally, as text
+    newline_ids = ()
+
+    @property
+    def prompt_token_id(self) -> int:
+        """The token a prompt writes for each image (widened to `placeholder_ids`)."""
+        return self.image_token_id
 
     def placeholder_ids(self, height: int, width: int) -> list[int]:
         """The token ids an image of `height` x `width` pixels widens to: `image_tokens` image tokens."""
@@ -967,6 +1042,14 @@ class PixtralVisionConfig:
         embeddings and a break (or end) token per row of its grid."""
         rows, cols = self.grid(height, width)
         return rows * (cols + 1)
+
+    bidirectional = False  # images read causally, as text
+    newline_ids = ()
+
+    @property
+    def prompt_token_id(self) -> int:
+        """The token a prompt writes for each image (widened to `placeholder_ids`)."""
+        return self.image_token_id
 
     def placeholder_ids(self, height: int, width: int) -> list[int]:
         """The token ids an image of `height` x `width` pixels widens to (`image_tokens` of them)."""

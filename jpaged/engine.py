@@ -167,7 +167,8 @@ class LLMEngine:
                                       self.step_shapes(), meshes[replica or 0], packed=packed,
                                       token_states=self.pooler is not None and self.pooler.pooling_type == "all",
                                       reads_embeds=vision is not None or config.enable_prompt_embeds,
-                                      mrope=isinstance(vision, QwenVisionConfig))
+                                      mrope=isinstance(vision, QwenVisionConfig),
+                                      bidirectional_images=vision is not None and vision.bidirectional)
             self.tokenizer = tokenizer.result()
         self.image_encoder, self.image_processor, self.vision_config = self._image_reader(vision, source)
         self.enable_prompt_embeds = config.enable_prompt_embeds
@@ -259,6 +260,12 @@ class LLMEngine:
             vision = vision.with_longest_edge(processor.longest_edge()).with_special_tokens(vocab["[IMG_BREAK]"],
                                                                                             vocab["[IMG_END]"])
             encoder = PixtralImageEncoder
+        elif vision.bidirectional:
+            vision = vision.with_newlines(self.tokenizer.get_vocab())
+            if (budget := self.config.scheduler.max_num_batched_tokens) < vision.tokens_per_image:
+                raise ValueError(f"an image of {source.name} is {vision.tokens_per_image} tokens, which attend to each "
+                                 "other and so are computed in one step: max_num_batched_tokens must be at least that, "
+                                 f"got {budget}")
         return encoder(vision, source.vision_weights, self.runner.first_device), processor, vision
 
     def _generation_config(self, model_generation_config: dict) -> dict:
@@ -367,7 +374,8 @@ class LLMEngine:
             raise ValueError(f"{self.model_name} reads no images (multi_modal_data holds {len(images)})")
         if images:
             spans = [self.vision_config.placeholder_ids(image.height, image.width) for image in images]
-            token_ids, offsets = placeholder_offsets(token_ids, self.vision_config.image_token_id, spans)
+            token_ids, offsets = placeholder_offsets(token_ids, self.vision_config.prompt_token_id, spans,
+                                                     self.vision_config.newline_ids)
             if params.truncate_prompt_tokens is not None:
                 raise ValueError("truncate_prompt_tokens would cut a prompt with images (its placeholders); leave it "
                                  "unset for such prompts")
@@ -397,6 +405,9 @@ class LLMEngine:
         request.cache_salt = parsed.cache_salt
         if images:
             request.input_embeds = self._image_inputs(images, offsets, spans)
+            if self.vision_config.bidirectional:
+                request.bidirectional_spans = [(given.offset, given.offset + given.length)
+                                               for given in request.input_embeds]
             if isinstance(self.vision_config, QwenVisionConfig):
                 grids = [self.vision_config.grid(image.height, image.width) for image in images]
                 request.mrope_positions, request.mrope_delta = prompt_positions(len(token_ids), offsets, grids)

@@ -273,16 +273,21 @@ def _image_of(part: dict):
     return value
 
 
-def placeholder_offsets(token_ids: list[int], image_token_id: int, spans: list[list[int]]) -> tuple[list[int], list[int]]:
+def placeholder_offsets(token_ids: list[int], image_token_id: int, spans: list[list[int]],
+                        newline_ids: tuple[int, ...] = ()) -> tuple[list[int], list[int]]:
     """`(token_ids, offsets)`: the prompt with each image's token widened to the image's
     placeholders (`spans`, one list of token ids per image: a run of image tokens, as many as its
-    embeddings; Pixtral's rows end in break tokens), and where each image's span starts. A run of
-    placeholder tokens equal to the next k images' spans together is those k images already
-    widened; a run of k image tokens alone is k images side by side; in other runs (Pixtral's
-    break tokens beside image tokens) each next image's whole span is that image already widened,
-    each other image token one image, and other tokens stay text. ValueError when the prompt's
-    image tokens stand for other than `len(spans)` images."""
-    widened, offsets, done, image, written = [], [], 0, 0, 0
+    embeddings; Pixtral's rows end in break tokens; Gemma 3's start and end tokens around them),
+    and where each image's span starts. A run of placeholder tokens equal to the next k images'
+    spans together is those k images already widened; a run of k image tokens alone is k images
+    side by side; in other runs (Pixtral's break tokens beside image tokens) each next image's
+    whole span is that image already widened, each other image token one image, and other tokens
+    stay text. With `newline_ids` (Gemma 3's: `newline_ids[k - 1]` is the token of k newlines) an
+    image widened from its token is set apart by two newlines on each side, each pair joined with a
+    newline token beside it into one token where the vocabulary has it, as Gemma 3's processor
+    writes "\n\n" around the image and its tokenizer reads a newline run as one token. ValueError
+    when the prompt's image tokens stand for other than `len(spans)` images."""
+    widened, offsets, done, image, written, ends = [], [], 0, 0, 0, []
     for start, length in _runs(token_ids, {image_token_id}.union(*spans)):
         widened += token_ids[done:start]
         for item in _run_items(token_ids[start:start + length], image_token_id, spans[image:]):
@@ -290,8 +295,13 @@ def placeholder_offsets(token_ids: list[int], image_token_id: int, spans: list[l
                 widened.append(item)
                 continue
             if image < len(spans):
+                if item == "token" and newline_ids:
+                    _add_newlines(widened, newline_ids)
                 offsets.append(len(widened))
                 widened += spans[image]
+                if item == "token" and newline_ids:
+                    ends.append(len(widened))
+                    widened.append(newline_ids[1])
             image, written = image + 1, written + (item == "widened")
         done = start + length
     if image != len(spans):
@@ -300,7 +310,32 @@ def placeholder_offsets(token_ids: list[int], image_token_id: int, spans: list[l
                          f"and {len(spans)} {'were' if len(spans) != 1 else 'was'} given ({tokens} image "
                          f"token{'s' * (tokens != 1)} standing for one image each, {written} {whose} placeholders "
                          "written whole): write one image token per image (or each image's whole placeholders)")
-    return widened + token_ids[done:], offsets
+    widened += token_ids[done:]
+    for end in reversed(ends):  # each image's closing newlines joined with newlines after them
+        after = widened[end + 1:end + 2]
+        if after and _joined(newline_ids, widened[end], after[0]) is not None:
+            widened[end:end + 2] = [_joined(newline_ids, widened[end], after[0])]
+            offsets = [offset - (offset > end) for offset in offsets]
+    return widened, offsets
+
+
+def _add_newlines(tokens: list[int], newline_ids: tuple[int, ...]) -> None:
+    """Append two newlines to `tokens`, joined with a newline token that ends them where the
+    vocabulary has the longer run."""
+    joined = _joined(newline_ids, tokens[-1], newline_ids[1]) if tokens else None
+    if joined is None:
+        tokens.append(newline_ids[1])
+    else:
+        tokens[-1] = joined
+
+
+def _joined(newline_ids: tuple[int, ...], first: int, second: int) -> int | None:
+    """The token of the newlines of tokens `first` and `second` together, or None where either is
+    not a newline token or the vocabulary has no token that long."""
+    if first not in newline_ids or second not in newline_ids:
+        return None
+    count = newline_ids.index(first) + newline_ids.index(second) + 2
+    return newline_ids[count - 1] if count <= len(newline_ids) else None
 
 
 def _run_items(run: list[int], image_token_id: int, spans: list[list[int]]) -> list:

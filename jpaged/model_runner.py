@@ -162,14 +162,16 @@ def matmul_precision(dtype):
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, shapes: StepShapes,
                  mesh: Mesh | None = None, packed: dict[str, str] | None = None, token_states: bool = False,
-                 reads_embeds: bool = False, mrope: bool = False):
+                 reads_embeds: bool = False, mrope: bool = False, bidirectional_images: bool = False):
         """`shapes` are the padded sizes of every step; `mesh` is this engine's slice of the device
         mesh ("pp", "ep", "tp"); None: one device. `packed` names the tensors `weights` yields as
         GGML block rows (HF name: GGML type), kept so on the device. `token_states` (runner
         "pooling"): the steps return every token's final state rather than `pooled_rows`.
         `reads_embeds`: the steps take embeddings in place of some tokens' embeddings (the
         requests' `input_embeds`: images, embeds prompts). `mrope`: the steps give each token three
-        positions (`jpaged/mrope.py`), for a multimodal-RoPE model that reads images."""
+        positions (`jpaged/mrope.py`), for a multimodal-RoPE model that reads images.
+        `bidirectional_images`: the steps give each token the end of the keys it sees
+        (`AttentionMetadata.key_ends`), for a model whose images' tokens see each other (Gemma 3)."""
         if packed and mesh is not None:
             sizes = {name: getattr(config.parallel, f"{name}_parallel_size") for name in
                      ("tensor", "pipeline", "expert", "data")}
@@ -235,6 +237,7 @@ class ModelRunner:
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
         self.reads_embeds = reads_embeds
         self.mrope = mrope
+        self.bidirectional_images = bidirectional_images
         self._placeholders: dict[tuple, jax.Array] = {}
         self._decodes_prefetched: set[int] = set()
         self._config = config
@@ -618,6 +621,8 @@ class ModelRunner:
             batch = self._with_input_embeds(scheduled, batch, step.rows)
         if self.mrope:
             batch = self._with_mrope_positions(scheduled, batch, step.rows)
+        if self.bidirectional_images:
+            batch = self._with_key_ends(scheduled, batch, step.rows)
         sampled, prompt = self._run(batch, step.sampling)
         if self.pooling == "tokens":
             states, starts, lens = np.asarray(sampled), batch.attention.query_start, batch.attention.query_lens
@@ -662,6 +667,24 @@ class ModelRunner:
             if request.mrope_positions is not None:
                 positions[span] = step_positions(positions[span, 0], request.mrope_positions, request.mrope_delta)
         return dataclasses.replace(batch, positions=positions)
+
+    @staticmethod
+    def _with_key_ends(scheduled: list[ScheduledSequence], batch: StepBatch, rows: np.ndarray) -> StepBatch:
+        """`batch` with each token's key end where it lies in an image read bidirectionally (the
+        image's end; `Request.bidirectional_spans`), 0 (causal) elsewhere; unchanged when no
+        token does."""
+        ends = None
+        starts = batch.attention.query_start
+        for item, row in zip(scheduled, rows):
+            first, stop = item.seq.num_computed_tokens, item.seq.num_computed_tokens + item.num_new_tokens
+            for start, end in item.seq.request.bidirectional_spans:
+                lo, hi = max(first, start), min(stop, end)
+                if lo < hi:
+                    ends = np.zeros(batch.token_ids.size, np.int32) if ends is None else ends
+                    ends[starts[row] + lo - first:starts[row] + hi - first] = end
+        if ends is None:
+            return batch
+        return dataclasses.replace(batch, attention=dataclasses.replace(batch.attention, key_ends=ends))
 
     def _with_input_embeds(self, scheduled: list[ScheduledSequence], batch: StepBatch, rows: np.ndarray) -> StepBatch:
         """`batch` with the input embeddings (images, embeds prompts) of the positions it computes
@@ -723,6 +746,9 @@ class ModelRunner:
                 batch, input_embeds=self._or_placeholder(batch.input_embeds, (num_tokens, self.embeds_width), np.float32,
                                                          0.0),
                 input_embeds_mask=self._or_placeholder(batch.input_embeds_mask, (num_tokens,), bool, False))
+        if self.bidirectional_images:  # key end 0: causal
+            key_ends = self._or_placeholder(batch.attention.key_ends, (num_tokens,), np.int32, 0)
+            batch = dataclasses.replace(batch, attention=dataclasses.replace(batch.attention, key_ends=key_ends))
         return (self.state, None if self.lora is None else self.lora.weights), self.kv_cache, self._put(batch)
 
     def _sampler_args(self, sampling: SamplingArrays) -> SamplingArrays:

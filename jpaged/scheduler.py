@@ -6,7 +6,8 @@ priority is 0, so arrival alone decides; under `"priority"` a lower priority val
 arrival breaking ties (vLLM's priority scheduling). Every step the scheduler spends a token
 budget: first on running sequences in that order
 (one token for a decode, with its draft tokens while the step's rows and drafts together number
-at most the step's logits rows; a chunk of the remaining prompt for a prefill), then on bringing back
+at most the step's logits rows; a chunk of the remaining prompt for a prefill, which never ends
+inside an image whose tokens see each other), then on bringing back
 swapped-out sequences, then on waiting requests, which start after their longest cached prefix. Blocks come from the
 block manager's narrow face: `get_computed_blocks` once per admission, `allocate_slots` for each
 scheduled chunk (None: no room), `free`; plus `swap_out` / `swap_in` for swap preemption.
@@ -116,7 +117,10 @@ class Scheduler:
                 continue
             spare_rows = max(0, self.max_rows - len(self.running) - out.num_draft_tokens)
             num_drafts = min(len(seq.draft_token_ids), spare_rows, budget - 1) if seq.num_uncomputed_tokens == 1 else 0
-            num_new = min(seq.num_uncomputed_tokens + num_drafts, budget)
+            num_new = seq.chunk_within_images(seq.num_computed_tokens, min(seq.num_uncomputed_tokens + num_drafts, budget))
+            if num_new == 0:  # the next image does not fit in what is left of the step
+                index += 1
+                continue
             while (slots := self.block_manager.allocate_slots(seq, num_new)) is None:
                 if num_drafts:
                     num_new -= num_drafts
@@ -156,7 +160,9 @@ class Scheduler:
             if not alone and (rows > self.config.max_num_seqs or rows + out.num_draft_tokens > self.max_rows):
                 return
             computed = self.block_manager.get_computed_blocks(seq)
-            num_new = min(seq.num_tokens - computed.num_tokens, budget)
+            num_new = seq.chunk_within_images(computed.num_tokens, min(seq.num_tokens - computed.num_tokens, budget))
+            if num_new == 0:
+                return
             slots = self.block_manager.allocate_slots(seq, num_new, computed)
             if slots is None:
                 return

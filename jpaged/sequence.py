@@ -105,6 +105,17 @@ class Sequence:
             return self.token_ids(start, stop)
         return self.token_ids(start, num_tokens) + self.draft_token_ids[max(start - num_tokens, 0):stop - num_tokens]
 
+    def chunk_within_images(self, first: int, count: int) -> int:
+        """The most of `count` new tokens from position `first` a step may compute: a chunk never
+        ends inside an image read bidirectionally (its tokens see its later ones), so it stops
+        before such an image it cannot finish, or, starting inside one, takes none unless it
+        finishes it."""
+        stop = first + count
+        for start, end in self.request.bidirectional_spans:
+            if start < stop < end:
+                return max(start - first, 0)
+        return count
+
     @property
     def computes_prompt_logprobs(self) -> bool:
         """Whether its prefill returns prompt logprobs: its request asks for them and lacks them."""
@@ -143,6 +154,9 @@ class Request:
         # or, for an embeds prompt, its own by block (`jpaged/prompt_inputs.py`)
         self.input_embeds: list[InputEmbeds] = []
         self.embeds_prompt = False  # its prompt is embeddings: its token ids are placeholders
+        # [start, stop) of each image whose tokens attend to each other (Gemma 3's), in order: a
+        # step computes each whole (`Sequence.chunk_within_images`)
+        self.bidirectional_spans: list[tuple[int, int]] = []
         # a prompt with images on a multimodal-RoPE model: its int32 [prompt, 3] positions, and what
         # a later token adds to its index for its position (`jpaged/mrope.py`); None: the indices
         self.mrope_positions = None

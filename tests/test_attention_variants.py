@@ -367,17 +367,18 @@ def test_kernels_with_sinks(window, cpu_kernels_built):
 
 
 def test_windowed_softcapped_kernels_cross_lower_and_compile_for_cuda():
-    """Gemma 2's shape (bfloat16, head_dim 256, every other layer windowed, capped scores) through
-    the model's layer scan with the Pallas backend: lowered for CUDA, both kernels; compiled by
-    Triton for sm_90 where the `triton` package is installed."""
+    """Gemma 2's and 3's shape (bfloat16, head_dim 256, every other layer windowed, capped scores,
+    images whose tokens see each other) through the model's layer scan with the Pallas backend:
+    lowered for CUDA, both kernels; compiled by Triton for sm_90 where the `triton` package is
+    installed."""
     from test_pallas_kernels import TRITON_CALL, layer_scan, triton_kernels
 
     from jpaged.model_runner import matmul_precision
     from pallas_kernels.backend import select_attention
     from pallas_kernels.triton_compile import compile_kernel
 
-    batch = make_batch(0, [(5, 1), (70, 1), (0, 21), (16, 3)], num_heads=8, num_kv_heads=4, head_dim=256,
-                       block_size=16, num_blocks=40, dtype=BF16)
+    batch, _ = with_image_spans(make_batch(0, [(5, 1), (70, 1), (0, 21), (16, 3)], num_heads=8, num_kv_heads=4,
+                                           head_dim=256, block_size=16, num_blocks=40, dtype=BF16), 0)
     attend = select_attention("pallas", 256, platform="cuda")
     windows = jnp.asarray([6, 0], jnp.int32)
 

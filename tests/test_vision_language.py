@@ -71,9 +71,9 @@ def test_text_through_the_language_model_matches_the_whole_hf_model(case):
     assert json.loads((folder / "config.json").read_text())["architectures"][0].endswith("ForConditionalGeneration")
     rng = np.random.default_rng(3)
     prompts = [rng.integers(3, VOCAB - 4, n).tolist() for n in (23, 5)]
-    # Mistral 3, Qwen2.5-VL and Qwen3-VL read images (tests/test_pixtral.py, tests/test_qwen_vl.py); their
+    # each reads images (tests/test_gemma3_images.py, tests/test_pixtral.py, tests/test_qwen_vl.py); their
     # folders here have no image processor
-    limit = {"image": 0} if name in ("mistral3", "qwen2_5_vl", "qwen3_vl") else None
+    limit = {"image": 0}
     llm = LLM(str(folder), dtype="float32", num_blocks=32, max_num_batched_tokens=64, max_model_len=128,
               limit_mm_per_prompt=limit)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],

@@ -7,10 +7,9 @@ architecture jpaged runs. `text_only_config` turns such a config.json into its l
 `language_model_weights` yields the language model's tensors under a causal LM's names, setting
 the vision tower's and the projector's aside. For text the language model computes what the whole
 model does: Qwen's multimodal RoPE, whose three sections all take a text token's one position, is
-plain RoPE then (`RopeConfig.mrope_section` keeps the sections for images). The LLaVA family
-(Pixtral-12B among it), Mistral 3 and Qwen2-VL / Qwen2.5-VL / Qwen3-VL read images (`reads_images`;
-their towers run in `models/vision.py`, `models/pixtral_vision.py` and `models/qwen_vision.py`);
-Gemma 3 serves text alone. Plain Python: no jax.
+plain RoPE then (`RopeConfig.mrope_section` keeps the sections for images). All of them read
+images (`reads_images`; their towers run in `models/vision.py`, LLaVA's and Gemma 3's,
+`models/pixtral_vision.py` and `models/qwen_vision.py`). Plain Python: no jax.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ _RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm
 # the vision tensors as `models/vision.py` (LLaVA), `models/pixtral_vision.py` and `models/qwen_vision.py` name them
 _VISION_RENAMES = (("vision_tower.vision_model.", ""), ("vision_tower.", ""), ("multi_modal_projector.", "projector."),
                    ("visual.", ""))
-IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Gemma3ForConditionalGeneration",
                        "LlavaOnevisionForConditionalGeneration", "Mistral3ForConditionalGeneration",
                        "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                        "Qwen3VLForConditionalGeneration")
@@ -47,7 +46,7 @@ IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditional
 
 def reads_images(hf_config: dict) -> bool:
     """Whether config.json describes a vision-language model whose images jpaged reads (LLaVA,
-    LLaVA-NeXT, LLaVA-OneVision, Pixtral, Mistral 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
+    LLaVA-NeXT, LLaVA-OneVision, Gemma 3, Pixtral, Mistral 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
     return any(name in IMAGE_ARCHITECTURES for name in hf_config.get("architectures") or [])
 
 

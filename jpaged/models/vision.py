@@ -1,4 +1,5 @@
-"""LLaVA's image side: a CLIP or SigLIP vision transformer and the projector into the language model.
+"""LLaVA's and Gemma 3's image side: a CLIP or SigLIP vision transformer and the projector into the
+language model.
 
 The engine runs it once per image when a request is added (`ImageEncoder.encode`; one tile per
 image for LLaVA, several for LLaVA-NeXT and LLaVA-OneVision, whose tiles' embeddings
@@ -8,7 +9,9 @@ them (`LlamaForCausalLM.__call__`'s `images`). Math as transformers' `CLIPVision
 `SiglipVisionModel` and `LlavaMultiModalProjector` (Liu et al., "Visual Instruction Tuning",
 2023; Zhai et al., "Sigmoid Loss for Language Image Pre-Training", 2023): patch convolution,
 learned positions (CLIP: after a class token, then a layer norm), pre-norm encoder layers, the
-chosen layers' states, then linear, activation, linear. Parameters are a flat dict under the checkpoint's names, without the
+chosen layers' states, then linear, activation, linear; Gemma 3's (`Gemma3MultiModalProjector`,
+Gemma Team, "Gemma 3 Technical Report", 2025): the last state after the post-layernorm,
+average-pooled over squares of patches, an RMSNorm (weights offset by 1) and one projection. Parameters are a flat dict under the checkpoint's names, without the
 `vision_tower.vision_model.` / `multi_modal_projector.` prefixes (the projector's as
 `projector.linear_1.weight`, ...), computed in float32.
 """
@@ -94,11 +97,38 @@ def image_features(params: dict, pixel_values, cfg: VisionConfig):
         mlp_in = layer_norm(hidden, params, f"{name}.layer_norm2", cfg.layer_norm_eps)
         hidden = hidden + linear(act(linear(mlp_in, params, f"{name}.mlp.fc1")), params, f"{name}.mlp.fc2")
         states.append(hidden)
+    if cfg.projector == "gemma3":
+        return _gemma3_projection(params, layer_norm(hidden, params, "post_layernorm", cfg.layer_norm_eps), cfg)
     features = jnp.concatenate([states[i] for i in cfg.feature_layers], axis=-1)
     if cfg.drop_cls:
         features = features[:, 1:]
     projected = ACTIVATIONS[cfg.projector_act](linear(features, params, "projector.linear_1"))
     return linear(projected, params, "projector.linear_2")
+
+
+def _gemma3_projection(params: dict, states, cfg: VisionConfig):
+    """Gemma 3's projector on the tower's normed last states `[N, patches, hidden]` (patches row by
+    row): means over squares of patches, `pooled_tokens` of them row by row, then RMSNorm and
+    projection; `[N, pooled_tokens, text_hidden]`."""
+    n, _, width = states.shape
+    pooled, side = int(np.sqrt(cfg.pooled_tokens)), cfg.image_size // cfg.patch_size
+    kernel = side // pooled
+    means = states.reshape(n, pooled, kernel, pooled, kernel, width).mean(axis=(2, 4)).reshape(n, -1, width)
+    normed = means * jax.lax.rsqrt(jnp.square(means).mean(-1, keepdims=True) + cfg.layer_norm_eps)
+    normed = normed * (1.0 + params["projector.mm_soft_emb_norm.weight"])
+    return normed @ params["projector.mm_input_projection_weight"]
+
+
+def _needed_tensors(cfg: VisionConfig) -> list[str]:
+    """The tensors `image_features` reads (those of every layer but the first left out)."""
+    needed = [f"embeddings.{name}" for name in ("patch_embedding.weight", "position_embedding.weight")]
+    needed += ["embeddings.class_embedding", "pre_layrnorm.weight"] if cfg.class_token else []
+    if cfg.projector == "gemma3":
+        needed += ["post_layernorm.weight", "projector.mm_soft_emb_norm.weight", "projector.mm_input_projection_weight"]
+    else:
+        needed += ["projector.linear_1.weight", "projector.linear_2.weight"]
+    needed += [f"encoder.layers.{i}.self_attn.q_proj.weight" for i in range(max(cfg.feature_layers))]
+    return needed + (["image_newline"] if cfg.grid_pinpoints else [])
 
 
 class ImageEncoder:
@@ -107,14 +137,10 @@ class ImageEncoder:
     def __init__(self, cfg: VisionConfig, weights: dict[str, np.ndarray], device=None):
         """`weights`: the tower's and projector's tensors by name (see the module docstring).
         ValueError naming a tensor the model needs that `weights` lacks."""
-        needed = [f"embeddings.{name}" for name in ("patch_embedding.weight", "position_embedding.weight")]
-        needed += ["embeddings.class_embedding", "pre_layrnorm.weight"] if cfg.class_token else []
-        needed += ["projector.linear_1.weight", "projector.linear_2.weight"]
-        needed += [f"encoder.layers.{i}.self_attn.q_proj.weight" for i in range(max(cfg.feature_layers))]
-        needed += ["image_newline"] if cfg.grid_pinpoints else []
-        if missing := [name for name in needed if name not in weights]:
-            raise ValueError(f"the LLaVA checkpoint lacks vision tensors {missing[:3]}")
-        width = np.shape(weights["projector.linear_1.weight"])[1]
+        if missing := [name for name in _needed_tensors(cfg) if name not in weights]:
+            raise ValueError(f"the checkpoint lacks vision tensors {missing[:3]}")
+        width = (np.shape(weights["projector.mm_input_projection_weight"])[0] if cfg.projector == "gemma3"
+                 else np.shape(weights["projector.linear_1.weight"])[1])
         if width != cfg.hidden_size * len(cfg.feature_layers):
             raise ValueError(f"the projector takes {width} features, and vision_feature_layer "
                              f"{list(cfg.feature_layers)} gives {len(cfg.feature_layers)} x the tower's hidden_size "

@@ -286,7 +286,7 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
         except ValueError as err:
             raise bad_request(str(err), param="messages") from err
         try:
-            token_ids, _ = placeholder_offsets(token_ids, vision.image_token_id, spans)
+            token_ids, _ = placeholder_offsets(token_ids, vision.prompt_token_id, spans, vision.newline_ids)
         except ValueError as err:
             raise bad_request(f"the chat template's rendering of the messages: {err}", param="messages") from err
     return Prompt(token_ids, text, images)
