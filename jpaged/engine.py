@@ -247,8 +247,10 @@ class LLMEngine:
         if vision is None:
             return None, None, None
         pixtral = isinstance(vision, PixtralVisionConfig)
-        processor = ImageProcessor(source.folder, **(
-            {"patch_size": vision.patch_size * vision.spatial_merge_size} if pixtral else {}))
+        if pixtral:
+            processor = ImageProcessor(source.folder, patch_size=vision.patch_size * vision.spatial_merge_size)
+        else:  # Gemma 3's whole image alone, without pan-and-scan crops (vLLM's default too)
+            processor = ImageProcessor(source.folder, **({"do_pan_and_scan": False} if vision.bidirectional else {}))
         encoder = ImageEncoder
         if isinstance(vision, QwenVisionConfig):
             encoder, vision = QwenImageEncoder, vision.with_pixel_limits(processor.pixel_limits())
