@@ -235,7 +235,7 @@ def chat_for_template(conversation: list[dict], tokenizer,
         raise ValueError("the messages hold image parts, and the model reads no images")
     as_parts = content_format == "openai" or (
         content_format == "auto" and template_reads_parts(template or tokenizer.chat_template))
-    image_token = None if vision is None else tokenizer.convert_ids_to_tokens(vision.image_token_id)
+    image_token = None if vision is None else tokenizer.convert_ids_to_tokens(vision.prompt_token_id)
     return chat_images(conversation, image_token, as_parts, access)
 
 

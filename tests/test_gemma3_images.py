@@ -40,7 +40,7 @@ CONFIG = dict(
     mm_tokens_per_image=TOKENS, boi_token_index=300, eoi_token_index=301, image_token_index=302)
 TEMPLATE = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
             "{% else %}{% for part in m['content'] %}{% if part['type'] == 'image' %}<start_of_image>{% else %}"
-            "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}<start_of_turn>model\n")
+            "{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{{ '<start_of_turn>model\\n' }}")
 
 
 def _processor():
@@ -170,6 +170,20 @@ def test_prefix_cache_hits_on_the_same_image(gemma3):
     assert changed.outputs[0].token_ids == _hf_greedy(model, processor, text, [other])[1]
     assert again.num_cached_tokens >= 20 and changed.num_cached_tokens <= 8
     assert _blocks_all_free(llm)
+
+
+def test_string_content_format_writes_the_start_of_image_token(gemma3):
+    """A chat template that takes contents as text gets `<start_of_image>` for each image part (the
+    token the processor widens), joined to the text by a newline: HF's prompt and tokens."""
+    _, model, processor, llm = gemma3
+    template = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+                "{{ '<start_of_turn>model\\n' }}")
+    image = _image(60)
+    messages = [{"role": "user", "content": [{"type": "image_pil", "image_pil": image}, {"type": "text", "text": "t30"}]}]
+    out = llm.chat(messages, GREEDY, chat_template=template, chat_template_content_format="string", use_tqdm=False)[0]
+    prompt, expected = _hf_greedy(model, processor, "<start_of_turn>user\n<start_of_image>\nt30<end_of_turn>\n"
+                                                    "<start_of_turn>model\n", [image])
+    assert out.prompt_token_ids == prompt and out.outputs[0].token_ids == expected
 
 
 def test_a_step_too_small_for_an_image_is_refused(gemma3):
