@@ -704,7 +704,12 @@ class VisionConfig:
     apart by two newlines on each side that merge with newline tokens beside them
     (`newline_ids[k - 1]`: the token of k newlines, `with_newlines`), as Gemma 3's processor and
     tokenizer write them. Its language model reads each image's tokens bidirectionally (they see
-    each other; `bidirectional`)."""
+    each other; `bidirectional`).
+
+    PaliGemma (`PaliGemmaForConditionalGeneration`, `projector` "paligemma") projects the SigLIP
+    tower's last states after the post-layernorm by one linear layer. Its images come before the
+    prompt's text (`jpaged.images.prefix_images`), and its language model reads the whole prompt,
+    images and text, bidirectionally (`prefix_lm`: a prefix LM); the output attends causally."""
 
     hidden_size: int
     intermediate_size: int
@@ -721,7 +726,7 @@ class VisionConfig:
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     class_token: bool = True
     max_tiles: int = 0  # LLaVA-OneVision's cap on an image's grid (0: none, LLaVA-NeXT)
-    projector: str = "mlp"  # "gemma3": pooled, normed and projected (see above)
+    projector: str = "mlp"  # "gemma3": pooled, normed and projected; "paligemma": one linear layer (see above)
     pooled_tokens: int = 0  # Gemma 3's embeddings per image (`mm_tokens_per_image`)
     start_token_id: int | None = None  # Gemma 3's start- and end-of-image tokens
     end_token_id: int | None = None
@@ -737,6 +742,11 @@ class VisionConfig:
     def bidirectional(self) -> bool:
         """Whether the language model reads each image's tokens bidirectionally (Gemma 3)."""
         return self.projector == "gemma3"
+
+    @property
+    def prefix_lm(self) -> bool:
+        """Whether the language model reads the whole prompt bidirectionally (PaliGemma)."""
+        return self.projector == "paligemma"
 
     @property
     def prompt_token_id(self) -> int:
@@ -774,6 +784,8 @@ class VisionConfig:
         architectures = hf.get("architectures") or []
         if "Gemma3ForConditionalGeneration" in architectures:
             return cls._gemma3(hf)
+        if "PaliGemmaForConditionalGeneration" in architectures:
+            return cls._paligemma(hf)
         onevision = "LlavaOnevisionForConditionalGeneration" in architectures
         vision = hf.get("vision_config") or {}
         tower = vision.get("model_type", "siglip_vision_model" if onevision else "clip_vision_model")
@@ -816,6 +828,24 @@ class VisionConfig:
             class_token=tower == "clip_vision_model",
             max_tiles=_max_tiles(hf.get("vision_aspect_ratio", "anyres_max_9")) if onevision else 0,
         )
+
+    @classmethod
+    def _paligemma(cls, hf: dict) -> VisionConfig:
+        """PaliGemma's SigLIP tower and linear projector, from its config.json (HF's
+        `PaliGemmaConfig` defaults where it is silent)."""
+        vision = _TOWER_DEFAULTS["siglip_vision_model"] | (hf.get("vision_config") or {})
+        if vision["hidden_act"] not in VISION_ACTIVATIONS:
+            raise ValueError(f"vision_config.hidden_act {vision['hidden_act']!r} is not supported (supported: "
+                             f"{', '.join(VISION_ACTIVATIONS)})")
+        num_layers = int(vision["num_hidden_layers"])
+        return cls(
+            hidden_size=int(vision["hidden_size"]), intermediate_size=int(vision["intermediate_size"]),
+            num_layers=num_layers, num_heads=int(vision["num_attention_heads"]),
+            image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]),
+            layer_norm_eps=float(vision["layer_norm_eps"]), hidden_act=vision["hidden_act"],
+            feature_layers=(num_layers,), drop_cls=False, projector_act="gelu",
+            image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 256000))), class_token=False,
+            projector="paligemma")
 
     @classmethod
     def _gemma3(cls, hf: dict) -> VisionConfig:
@@ -926,7 +956,7 @@ class QwenVisionConfig:
         rows, cols = self.grid(height, width)
         return rows * cols
 
-    bidirectional = False  # images read causally, as text
+    bidirectional = prefix_lm = False  # images read causally, as text
     newline_ids = ()
 
     @property
@@ -1043,7 +1073,7 @@ class PixtralVisionConfig:
         rows, cols = self.grid(height, width)
         return rows * (cols + 1)
 
-    bidirectional = False  # images read causally, as text
+    bidirectional = prefix_lm = False  # images read causally, as text
     newline_ids = ()
 
     @property

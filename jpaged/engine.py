@@ -43,7 +43,7 @@ from jpaged.images import (
     check_image_count,
     embedding_runs,
     pixel_hash,
-    placeholder_offsets,
+    widened_prompt,
 )
 from jpaged.loader.source import open_model
 from jpaged.lora import LoRAAdapter, LoRARequest, load_lora_adapter
@@ -168,7 +168,8 @@ class LLMEngine:
                                       token_states=self.pooler is not None and self.pooler.pooling_type == "all",
                                       reads_embeds=vision is not None or config.enable_prompt_embeds,
                                       mrope=isinstance(vision, QwenVisionConfig),
-                                      bidirectional_images=vision is not None and vision.bidirectional)
+                                      bidirectional_images=vision is not None and (vision.bidirectional or
+                                                                                   vision.prefix_lm))
             self.tokenizer = tokenizer.result()
         self.image_encoder, self.image_processor, self.vision_config = self._image_reader(vision, source)
         self.enable_prompt_embeds = config.enable_prompt_embeds
@@ -195,6 +196,10 @@ class LLMEngine:
         prefix_caching = config.cache.enable_prefix_caching
         if prefix_caching and self.pooler is not None and self.pooler.reads_every_token:
             logger.info("%s pooling reads every prompt token's state: prefix caching is off", self.pooler.name)
+            prefix_caching = False
+        if prefix_caching and self.vision_config is not None and self.vision_config.prefix_lm:
+            logger.info("%s reads each prompt whole, every token seeing the later ones: prefix caching is off",
+                        self.model_name)
             prefix_caching = False
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size,
                                           enable_prefix_caching=prefix_caching,
@@ -262,7 +267,7 @@ class LLMEngine:
             vision = vision.with_longest_edge(processor.longest_edge()).with_special_tokens(vocab["[IMG_BREAK]"],
                                                                                             vocab["[IMG_END]"])
             encoder = PixtralImageEncoder
-        elif vision.bidirectional:
+        elif vision.bidirectional or vision.prefix_lm:
             vision = vision.with_newlines(self.tokenizer.get_vocab())
             if (budget := self.config.scheduler.max_num_batched_tokens) < vision.tokens_per_image:
                 raise ValueError(f"an image of {source.name} is {vision.tokens_per_image} tokens, which attend to each "
@@ -376,8 +381,7 @@ class LLMEngine:
             raise ValueError(f"{self.model_name} reads no images (multi_modal_data holds {len(images)})")
         if images:
             spans = [self.vision_config.placeholder_ids(image.height, image.width) for image in images]
-            token_ids, offsets = placeholder_offsets(token_ids, self.vision_config.prompt_token_id, spans,
-                                                     self.vision_config.newline_ids)
+            token_ids, offsets = widened_prompt(token_ids, self.vision_config, spans, self.tokenizer.bos_token_id)
             if params.truncate_prompt_tokens is not None:
                 raise ValueError("truncate_prompt_tokens would cut a prompt with images (its placeholders); leave it "
                                  "unset for such prompts")
@@ -386,6 +390,8 @@ class LLMEngine:
         token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.max_model_len)
         if embeds is not None:
             embeds = embeds[len(embeds) - len(token_ids):]
+        if self.vision_config is not None and self.vision_config.prefix_lm:
+            self._check_prefix(len(token_ids))
         room = self.max_model_len - len(token_ids)
         if token_ids and room < (0 if self.pooler else 1):  # an embedding adds no token
             held = self.block_manager.num_blocks * self.block_manager.block_size == self.max_model_len
@@ -413,6 +419,8 @@ class LLMEngine:
             if isinstance(self.vision_config, QwenVisionConfig):
                 grids = [self.vision_config.grid(image.height, image.width) for image in images]
                 request.mrope_positions, request.mrope_delta = prompt_positions(len(token_ids), offsets, grids)
+        if self.vision_config is not None and self.vision_config.prefix_lm:
+            request.bidirectional_spans = [(0, len(token_ids))]
         if embeds is not None:
             request.input_embeds, request.embeds_prompt = embeds_by_block(embeds, self.block_manager.block_size), True
         self.requests[request_id] = request
@@ -485,6 +493,17 @@ class LLMEngine:
                              f"{self.model_config.hidden_size}")
         if params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs needs prompt tokens; a prompt given as prompt_embeds has none")
+
+    def _check_prefix(self, length: int) -> None:
+        """ValueError for a prompt of `length` tokens that a prefix-LM model (PaliGemma) cannot read
+        whole: longer than a step, or than a layer's sliding window (where HF's mask lets the
+        prompt's tokens see past the window, which the attention kernels do not)."""
+        if length > (budget := self.config.scheduler.max_num_batched_tokens):
+            raise ValueError(f"prompt of {length} tokens: {self.model_name} reads a prompt whole in one step (its "
+                             f"tokens see each other), and max_num_batched_tokens is {budget}")
+        if length > (window := min((w for w in self.model_config.sliding_windows if w), default=length)):
+            raise ValueError(f"prompt of {length} tokens: {self.model_name} reads a prompt whole, and a prompt longer "
+                             f"than its layers' sliding window of {window} tokens is not supported")
 
     def _image_inputs(self, images: list, offsets: list[int], spans: list[list[int]]) -> list[InputEmbeds]:
         """Each image's embeddings, placed at the image tokens of its placeholders (`spans`, from

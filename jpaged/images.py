@@ -23,6 +23,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import itertools
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -273,6 +274,16 @@ def _image_of(part: dict):
     return value
 
 
+def widened_prompt(token_ids: list[int], vision: VisionConfig | QwenVisionConfig | PixtralVisionConfig,
+                   spans: list[list[int]], bos_token_id: int | None) -> tuple[list[int], list[int]]:
+    """`(token_ids, offsets)`: the prompt with its images' placeholders (`spans`, one per image,
+    `vision.placeholder_ids`) and where each starts: in place of each image's token
+    (`placeholder_offsets`), or first for PaliGemma (`prefix_images`). ValueError as those give."""
+    if vision.prefix_lm:
+        return prefix_images(token_ids, vision.image_token_id, spans, bos_token_id, vision.newline_ids[0])
+    return placeholder_offsets(token_ids, vision.prompt_token_id, spans, vision.newline_ids)
+
+
 def placeholder_offsets(token_ids: list[int], image_token_id: int, spans: list[list[int]],
                         newline_ids: tuple[int, ...] = ()) -> tuple[list[int], list[int]]:
     """`(token_ids, offsets)`: the prompt with each image's token widened to the image's
@@ -317,6 +328,27 @@ def placeholder_offsets(token_ids: list[int], image_token_id: int, spans: list[l
             widened[end:end + 2] = [_joined(newline_ids, widened[end], after[0])]
             offsets = [offset - (offset > end) for offset in offsets]
     return widened, offsets
+
+
+def prefix_images(token_ids: list[int], image_token_id: int, spans: list[list[int]], bos_token_id: int | None,
+                  newline_id: int) -> tuple[list[int], list[int]]:
+    """`(token_ids, offsets)`: PaliGemma's prompt, as its processor writes it: each image's
+    placeholders (`spans`), then the beginning-of-sequence token and the text, ended by a newline.
+    The prompt may start with one image token per image (widened here) or hold none (the images
+    go first); a prompt that starts with all the images' placeholders already is taken as it is.
+    ValueError for image tokens elsewhere, or as many as neither."""
+    placeholders = [token for span in spans for token in span]
+    count = token_ids.count(image_token_id)
+    if count == len(placeholders) and token_ids[:count] == placeholders:
+        return token_ids, list(itertools.accumulate([len(span) for span in spans[:-1]], initial=0))
+    if count not in (0, len(spans)) or token_ids[:count] != [image_token_id] * count:
+        raise ValueError(f"PaliGemma's prompt puts its images first: it may start with one image token (id "
+                         f"{image_token_id}) per image ({len(spans)}) or hold none, and holds {count}"
+                         f"{'' if token_ids[:count] == [image_token_id] * count else ', not all at the start'}")
+    text = token_ids[count:]
+    if bos_token_id is not None and text[:1] != [bos_token_id]:
+        text = [bos_token_id, *text]
+    return placeholders + text + [newline_id], list(itertools.accumulate([len(span) for span in spans[:-1]], initial=0))
 
 
 def _add_newlines(tokens: list[int], newline_ids: tuple[int, ...]) -> None:

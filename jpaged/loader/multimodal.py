@@ -1,6 +1,6 @@
 """Vision-language checkpoints: their language model, and the vision tower beside it.
 
-LLaVA, LLaVA-NeXT, LLaVA-OneVision, Gemma 3 (4B and up), Mistral Small 3.x, Qwen2-VL / Qwen2.5-VL and Qwen3-VL ship as
+LLaVA, LLaVA-NeXT, LLaVA-OneVision, Gemma 3 (4B and up), PaliGemma 1 and 2, Mistral Small 3.x, Qwen2-VL / Qwen2.5-VL and Qwen3-VL ship as
 `*ForConditionalGeneration` folders: a vision encoder and a projector beside a language model of an
 architecture jpaged runs. `text_only_config` turns such a config.json into its language model's
 (`text_config`, under the text architecture, with the wrapper's embedding tying), and
@@ -24,6 +24,7 @@ TEXT_ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": None,
     "LlavaOnevisionForConditionalGeneration": None,
     "Gemma3ForConditionalGeneration": "Gemma3ForCausalLM",
+    "PaliGemmaForConditionalGeneration": None,
     "Mistral3ForConditionalGeneration": "MistralForCausalLM",
     "Qwen2VLForConditionalGeneration": "Qwen2ForCausalLM",
     "Qwen2_5_VLForConditionalGeneration": "Qwen2ForCausalLM",
@@ -39,6 +40,7 @@ _RENAMES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm
 _VISION_RENAMES = (("vision_tower.vision_model.", ""), ("vision_tower.", ""), ("multi_modal_projector.", "projector."),
                    ("visual.", ""))
 IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Gemma3ForConditionalGeneration",
+                       "PaliGemmaForConditionalGeneration",
                        "LlavaOnevisionForConditionalGeneration", "Mistral3ForConditionalGeneration",
                        "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
                        "Qwen3VLForConditionalGeneration")
@@ -46,7 +48,7 @@ IMAGE_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditional
 
 def reads_images(hf_config: dict) -> bool:
     """Whether config.json describes a vision-language model whose images jpaged reads (LLaVA,
-    LLaVA-NeXT, LLaVA-OneVision, Gemma 3, Pixtral, Mistral 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
+    LLaVA-NeXT, LLaVA-OneVision, Gemma 3, PaliGemma, Pixtral, Mistral 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL)."""
     return any(name in IMAGE_ARCHITECTURES for name in hf_config.get("architectures") or [])
 
 
@@ -70,6 +72,8 @@ def text_only_config(hf_config: dict) -> dict:
     config = {**text, "architectures": [architecture]} if architecture else dict(text)
     if "tie_word_embeddings" in hf_config:
         config["tie_word_embeddings"] = hf_config["tie_word_embeddings"]
+    if "PaliGemmaForConditionalGeneration" in hf_config["architectures"]:  # its prefix-LM mask is the engine's
+        config.pop("use_bidirectional_attention", None)
     return config
 
 

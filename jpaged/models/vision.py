@@ -11,7 +11,9 @@ them (`LlamaForCausalLM.__call__`'s `images`). Math as transformers' `CLIPVision
 learned positions (CLIP: after a class token, then a layer norm), pre-norm encoder layers, the
 chosen layers' states, then linear, activation, linear; Gemma 3's (`Gemma3MultiModalProjector`,
 Gemma Team, "Gemma 3 Technical Report", 2025): the last state after the post-layernorm,
-average-pooled over squares of patches, an RMSNorm (weights offset by 1) and one projection. Parameters are a flat dict under the checkpoint's names, without the
+average-pooled over squares of patches, an RMSNorm (weights offset by 1) and one projection;
+PaliGemma's (Beyer et al., "PaliGemma: A versatile 3B VLM for transfer", 2024): the last state
+after the post-layernorm through one linear layer. Parameters are a flat dict under the checkpoint's names, without the
 `vision_tower.vision_model.` / `multi_modal_projector.` prefixes (the projector's as
 `projector.linear_1.weight`, ...), computed in float32.
 """
@@ -99,6 +101,8 @@ def image_features(params: dict, pixel_values, cfg: VisionConfig):
         states.append(hidden)
     if cfg.projector == "gemma3":
         return _gemma3_projection(params, layer_norm(hidden, params, "post_layernorm", cfg.layer_norm_eps), cfg)
+    if cfg.projector == "paligemma":
+        return linear(layer_norm(hidden, params, "post_layernorm", cfg.layer_norm_eps), params, "projector.linear")
     features = jnp.concatenate([states[i] for i in cfg.feature_layers], axis=-1)
     if cfg.drop_cls:
         features = features[:, 1:]
@@ -119,12 +123,19 @@ def _gemma3_projection(params: dict, states, cfg: VisionConfig):
     return normed @ params["projector.mm_input_projection_weight"]
 
 
+# each projector's first weight, and its axis that takes the tower's features
+_PROJECTOR_INPUTS = {"gemma3": "projector.mm_input_projection_weight", "paligemma": "projector.linear.weight"}
+_INPUT_AXIS = {"gemma3": 0}
+
+
 def _needed_tensors(cfg: VisionConfig) -> list[str]:
     """The tensors `image_features` reads (those of every layer but the first left out)."""
     needed = [f"embeddings.{name}" for name in ("patch_embedding.weight", "position_embedding.weight")]
     needed += ["embeddings.class_embedding", "pre_layrnorm.weight"] if cfg.class_token else []
     if cfg.projector == "gemma3":
         needed += ["post_layernorm.weight", "projector.mm_soft_emb_norm.weight", "projector.mm_input_projection_weight"]
+    elif cfg.projector == "paligemma":
+        needed += ["post_layernorm.weight", "projector.linear.weight"]
     else:
         needed += ["projector.linear_1.weight", "projector.linear_2.weight"]
     needed += [f"encoder.layers.{i}.self_attn.q_proj.weight" for i in range(max(cfg.feature_layers))]
@@ -139,8 +150,8 @@ class ImageEncoder:
         ValueError naming a tensor the model needs that `weights` lacks."""
         if missing := [name for name in _needed_tensors(cfg) if name not in weights]:
             raise ValueError(f"the checkpoint lacks vision tensors {missing[:3]}")
-        width = (np.shape(weights["projector.mm_input_projection_weight"])[0] if cfg.projector == "gemma3"
-                 else np.shape(weights["projector.linear_1.weight"])[1])
+        width = np.shape(weights[_PROJECTOR_INPUTS.get(cfg.projector, "projector.linear_1.weight")])[_INPUT_AXIS.get(
+            cfg.projector, 1)]
         if width != cfg.hidden_size * len(cfg.feature_layers):
             raise ValueError(f"the projector takes {width} features, and vision_feature_layer "
                              f"{list(cfg.feature_layers)} gives {len(cfg.feature_layers)} x the tower's hidden_size "

@@ -19,7 +19,7 @@ import numpy as np
 
 from jpaged.chat_template import checked_template, checked_variables
 from jpaged.config import PixtralVisionConfig, QwenVisionConfig, VisionConfig
-from jpaged.images import MediaAccess, chat_for_template, placeholder_offsets
+from jpaged.images import MediaAccess, chat_for_template, widened_prompt
 from jpaged.prompt_inputs import EMBEDS_PLACEHOLDER_ID, as_embeds_array
 from jpaged.sampling_params import truncated_prompt
 from jpaged.server.errors import bad_request
@@ -286,7 +286,7 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
         except ValueError as err:
             raise bad_request(str(err), param="messages") from err
         try:
-            token_ids, _ = placeholder_offsets(token_ids, vision.prompt_token_id, spans, vision.newline_ids)
+            token_ids, _ = widened_prompt(token_ids, vision, spans, tokenizer.bos_token_id)
         except ValueError as err:
             raise bad_request(f"the chat template's rendering of the messages: {err}", param="messages") from err
     return Prompt(token_ids, text, images)
