@@ -270,7 +270,7 @@ class LLMEngine:
         elif vision.bidirectional or vision.prefix_lm:
             vision = vision.with_newlines(self.tokenizer.get_vocab())
             if (budget := self.config.scheduler.max_num_batched_tokens) < vision.tokens_per_image:
-                raise ValueError(f"an image of {source.name} is {vision.tokens_per_image} tokens, which attend to each "
+                raise ValueError(f"{source.name}: an image is {vision.tokens_per_image} tokens, which attend to each "
                                  "other and so are computed in one step: max_num_batched_tokens must be at least that, "
                                  f"got {budget}")
         return encoder(vision, source.vision_weights, self.runner.first_device), processor, vision

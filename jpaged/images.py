@@ -278,10 +278,17 @@ def widened_prompt(token_ids: list[int], vision: VisionConfig | QwenVisionConfig
                    spans: list[list[int]], bos_token_id: int | None) -> tuple[list[int], list[int]]:
     """`(token_ids, offsets)`: the prompt with its images' placeholders (`spans`, one per image,
     `vision.placeholder_ids`) and where each starts: in place of each image's token
-    (`placeholder_offsets`), or first for PaliGemma (`prefix_images`). ValueError as those give."""
+    (`placeholder_offsets`), or first for PaliGemma (`prefix_images`). ValueError as those give, and
+    for image tokens left outside the placeholders (Gemma 3's, whose prompt writes another token)."""
     if vision.prefix_lm:
-        return prefix_images(token_ids, vision.image_token_id, spans, bos_token_id, vision.newline_ids[0])
-    return placeholder_offsets(token_ids, vision.prompt_token_id, spans, vision.newline_ids)
+        widened, offsets = prefix_images(token_ids, vision.image_token_id, spans, bos_token_id, vision.newline_ids[0])
+    else:
+        widened, offsets = placeholder_offsets(token_ids, vision.prompt_token_id, spans, vision.newline_ids)
+    expected = sum(span.count(vision.image_token_id) for span in spans)
+    if (found := widened.count(vision.image_token_id)) != expected:  # Gemma 3's, whose image tokens are not the prompt's
+        raise ValueError(f"the prompt holds {found - expected} image token{'s' * (found - expected != 1)} (id "
+                         f"{vision.image_token_id}) outside its images' placeholders")
+    return widened, offsets
 
 
 def placeholder_offsets(token_ids: list[int], image_token_id: int, spans: list[list[int]],
