@@ -45,7 +45,7 @@ ASSETS = ROOT / ".gpu_assets"  # ignored by git; travels to the GPU machine when
 STORIES_PLACES = (ASSETS / "stories260K", ROOT.parent / "shared" / "models" / "stories260K")
 KERNEL_TESTS = ["tests/test_compile_cache.py", "tests/test_pallas_kernels.py", "tests/test_engine_pallas.py",
                 "tests/test_attention_backend.py", "tests/test_mosaic_gpu.py", "tests/test_kv_quantization.py",
-                "tests/test_pallas_quantized_matmul.py"]
+                "tests/test_pallas_quantized_matmul.py", "tests/test_attention_variants.py::test_kernels_with_images"]
 VERSIONED = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "triton", "torch", "transformers",
              "numpy")
 

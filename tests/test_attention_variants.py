@@ -480,7 +480,7 @@ def test_reference_with_images_matches_jax_dot_product_attention(window):
 
 
 @pytest.mark.parametrize("window", (0, 6))
-def test_kernels_with_images(window, cpu_kernels_built):
+def test_kernels_with_images(window, request):
     """The ragged Pallas kernel, the Pallas backend (decode kernel and ragged kernel) and the CPU
     kernel against the reference, with images read bidirectionally, beside a window, over float32
     and int8 caches."""
@@ -492,9 +492,10 @@ def test_kernels_with_images(window, cpu_kernels_built):
         expected = np.asarray(run_jitted(ragged_paged_attention, cache, window))
         outputs = [run_jitted(pallas_paged_attention, cache, window, interpret=INTERPRET),
                    run_jitted(ragged_paged_attention_kernel, cache, window, interpret=INTERPRET, chunk_tokens=32)]
-        if jax.default_backend() == "cpu":
+        if jax.default_backend() == "cpu":  # the C++ kernel (built here only: the GPU check runs this test too)
             from pallas_kernels.cpu_paged_attention import cpu_ragged_paged_attention
 
+            request.getfixturevalue("cpu_kernels_built")
             outputs.append(run_jitted(cpu_ragged_paged_attention, cache, window))
         for out in outputs:
             np.testing.assert_allclose(np.asarray(out)[real], expected[real], atol=2e-5, rtol=2e-5)
