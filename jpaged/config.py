@@ -833,45 +833,42 @@ class VisionConfig:
     def _paligemma(cls, hf: dict) -> VisionConfig:
         """PaliGemma's SigLIP tower and linear projector, from its config.json (HF's
         `PaliGemmaConfig` defaults where it is silent)."""
-        vision = _TOWER_DEFAULTS["siglip_vision_model"] | (hf.get("vision_config") or {})
-        if vision["hidden_act"] not in VISION_ACTIVATIONS:
-            raise ValueError(f"vision_config.hidden_act {vision['hidden_act']!r} is not supported (supported: "
-                             f"{', '.join(VISION_ACTIVATIONS)})")
-        num_layers = int(vision["num_hidden_layers"])
-        return cls(
-            hidden_size=int(vision["hidden_size"]), intermediate_size=int(vision["intermediate_size"]),
-            num_layers=num_layers, num_heads=int(vision["num_attention_heads"]),
-            image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]),
-            layer_norm_eps=float(vision["layer_norm_eps"]), hidden_act=vision["hidden_act"],
-            feature_layers=(num_layers,), drop_cls=False, projector_act="gelu",
-            image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 256000))), class_token=False,
-            projector="paligemma")
+        return cls(**_last_siglip_state(hf), image_token_id=int(hf.get("image_token_index", hf.get("image_token_id",
+                                                                                                     256000))),
+                   projector="paligemma")
 
     @classmethod
     def _gemma3(cls, hf: dict) -> VisionConfig:
         """Gemma 3's SigLIP tower and projector, from its config.json (HF's `Gemma3Config` defaults
         where it is silent). ValueError where the pooled tokens do not tile the patch grid."""
-        vision = _TOWER_DEFAULTS["siglip_vision_model"] | (hf.get("vision_config") or {})
+        tower = _last_siglip_state(hf)
         tokens = int(hf.get("mm_tokens_per_image", 256))
-        side, patches = math.isqrt(tokens), int(vision["image_size"]) // int(vision["patch_size"])
+        side, patches = math.isqrt(tokens), tower["image_size"] // tower["patch_size"]
         if side * side != tokens or patches % side:
             raise ValueError(f"mm_tokens_per_image {tokens} must be a square whose side divides the tower's "
                              f"{patches} x {patches} patches")
-        if vision["hidden_act"] not in VISION_ACTIVATIONS:
-            raise ValueError(f"vision_config.hidden_act {vision['hidden_act']!r} is not supported (supported: "
-                             f"{', '.join(VISION_ACTIVATIONS)})")
-        num_layers = int(vision["num_hidden_layers"])
         return cls(
-            hidden_size=int(vision["hidden_size"]), intermediate_size=int(vision["intermediate_size"]),
-            num_layers=num_layers, num_heads=int(vision["num_attention_heads"]),
-            image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]),
-            layer_norm_eps=float(vision["layer_norm_eps"]), hidden_act=vision["hidden_act"],
-            feature_layers=(num_layers,), drop_cls=False, projector_act="gelu",
-            image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 262144))), class_token=False,
+            **tower, image_token_id=int(hf.get("image_token_index", hf.get("image_token_id", 262144))),
             projector="gemma3", pooled_tokens=tokens,
             start_token_id=int(hf.get("boi_token_index", hf.get("boi_token_id", 255999))),
             end_token_id=int(hf.get("eoi_token_index", hf.get("eoi_token_id", 256000))),
         )
+
+
+def _last_siglip_state(hf: dict) -> dict:
+    """`VisionConfig` fields of a SigLIP tower whose last state (after its post-layernorm) a
+    projector reads (Gemma 3's, PaliGemma's); `vision_config` over SigLIP's defaults. ValueError
+    for an activation jpaged does not run."""
+    vision = _TOWER_DEFAULTS["siglip_vision_model"] | (hf.get("vision_config") or {})
+    if vision["hidden_act"] not in VISION_ACTIVATIONS:
+        raise ValueError(f"vision_config.hidden_act {vision['hidden_act']!r} is not supported (supported: "
+                         f"{', '.join(VISION_ACTIVATIONS)})")
+    num_layers = int(vision["num_hidden_layers"])
+    return dict(hidden_size=int(vision["hidden_size"]), intermediate_size=int(vision["intermediate_size"]),
+                num_layers=num_layers, num_heads=int(vision["num_attention_heads"]),
+                image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]),
+                layer_norm_eps=float(vision["layer_norm_eps"]), hidden_act=vision["hidden_act"],
+                feature_layers=(num_layers,), drop_cls=False, projector_act="gelu", class_token=False)
 
 
 # HF's defaults for what a Qwen2-VL / Qwen2.5-VL vision_config leaves out

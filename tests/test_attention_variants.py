@@ -36,11 +36,10 @@ from pallas_kernels.ragged_paged_attention import ragged_paged_attention_kernel
 WINDOWS = (1, 3, 16, 21, 45, 1000)
 
 
-def jax_windowed_oracle(batch, window: int) -> np.ndarray:
-    """Each row's queries over its whole context laid out in order, by one call of
-    `jax.nn.dot_product_attention` over every row (keys past a row's context masked by
-    `key_value_seq_lengths`) with a causal mask and `local_window_size=(window - 1, 0)`; float32
-    `[T, heads, head_dim]`."""
+def laid_out_rows(batch):
+    """Each real row's queries, keys and values over its whole context laid out in order, padded
+    to the longest context: `(rows, queries, keys, values)`, rows as (row, new tokens, context,
+    first token)."""
     md = batch.md
     rows = [(row, *(int(x[row]) for x in (md.query_lens, md.context_lens, md.query_start)))
             for row in range(md.block_tables.shape[0])]
@@ -55,13 +54,27 @@ def jax_windowed_oracle(batch, window: int) -> np.ndarray:
         keys[i, :ctx] = k_cache[blocks].reshape(-1, *keys.shape[2:])[:ctx]
         values[i, :ctx] = v_cache[blocks].reshape(-1, *keys.shape[2:])[:ctx]
         queries[i, ctx - n:ctx] = q[start:start + n]  # at the context's last n positions
-    attended = np.asarray(jax.nn.dot_product_attention(
-        queries, keys, values, scale=batch.scale, is_causal=True, local_window_size=(window - 1, 0),
-        key_value_seq_lengths=jnp.asarray([ctx for _, _, ctx, _ in rows], jnp.int32), implementation="xla"))
+    return rows, queries, keys, values
+
+
+def flat_tokens(batch, rows, attended) -> np.ndarray:
+    """The laid-out rows' results `attended [rows, longest, heads, head_dim]` back at their flat
+    tokens: float32 `[T, heads, head_dim]`."""
     out = np.zeros(batch.q.shape, np.float32)
-    for i, (row, n, ctx, start) in enumerate(rows):
-        out[start:start + n] = attended[i, ctx - n:ctx]
+    for i, (_, n, ctx, start) in enumerate(rows):
+        out[start:start + n] = np.asarray(attended)[i, ctx - n:ctx]
     return out
+
+
+def jax_windowed_oracle(batch, window: int) -> np.ndarray:
+    """Each row's queries over its whole context, by one call of `jax.nn.dot_product_attention`
+    over every row (keys past a row's context masked by `key_value_seq_lengths`) with a causal mask
+    and `local_window_size=(window - 1, 0)`; float32 `[T, heads, head_dim]`."""
+    rows, queries, keys, values = laid_out_rows(batch)
+    attended = jax.nn.dot_product_attention(
+        queries, keys, values, scale=batch.scale, is_causal=True, local_window_size=(window - 1, 0),
+        key_value_seq_lengths=jnp.asarray([ctx for _, _, ctx, _ in rows], jnp.int32), implementation="xla")
+    return flat_tokens(batch, rows, attended)
 
 
 def dense_softcap_oracle(batch, window: int, softcap: float | None, sinks=None) -> np.ndarray:
@@ -441,30 +454,15 @@ def jax_image_oracle(batch, ends: np.ndarray, window: int) -> np.ndarray:
     """Each row's queries over its whole context by one call of `jax.nn.dot_product_attention`
     with an explicit mask: key k visible to the query at position p when k < its key end and
     k > p - window; float32 `[T, heads, head_dim]`."""
-    md = batch.md
-    rows = [(row, *(int(x[row]) for x in (md.query_lens, md.context_lens, md.query_start)))
-            for row in range(md.block_tables.shape[0])]
-    rows = [r for r in rows if r[1] > 0]
-    longest = max(ctx for _, _, ctx, _ in rows)
-    queries = np.zeros((len(rows), longest, *batch.q.shape[1:]), np.float32)
-    keys = np.zeros((len(rows), longest, *batch.k_cache.shape[3:]), np.float32)
-    values = np.zeros_like(keys)
-    mask = np.zeros((len(rows), 1, longest, longest), bool)
-    k_cache, v_cache, q = (np.asarray(a, np.float32) for a in (batch.k_cache[LAYER], batch.v_cache[LAYER], batch.q))
-    key_pos = np.arange(longest)
-    for i, (row, n, ctx, start) in enumerate(rows):
-        blocks = np.asarray(md.block_tables[row])
-        keys[i, :ctx] = k_cache[blocks].reshape(-1, *keys.shape[2:])[:ctx]
-        values[i, :ctx] = v_cache[blocks].reshape(-1, *keys.shape[2:])[:ctx]
-        queries[i, ctx - n:ctx] = q[start:start + n]
+    rows, queries, keys, values = laid_out_rows(batch)
+    mask = np.zeros((len(rows), 1, keys.shape[1], keys.shape[1]), bool)
+    key_pos = np.arange(keys.shape[1])
+    for i, (_, n, ctx, start) in enumerate(rows):
         for p, end in zip(range(ctx - n, ctx), ends[start:start + n]):
             mask[i, 0, p] = (key_pos < end) & (key_pos > p - window)
-    attended = np.asarray(jax.nn.dot_product_attention(queries, keys, values, scale=batch.scale,
-                                                       mask=jnp.asarray(mask), implementation="xla"))
-    out = np.zeros(batch.q.shape, np.float32)
-    for i, (row, n, ctx, start) in enumerate(rows):
-        out[start:start + n] = attended[i, ctx - n:ctx]
-    return out
+    attended = jax.nn.dot_product_attention(queries, keys, values, scale=batch.scale, mask=jnp.asarray(mask),
+                                            implementation="xla")
+    return flat_tokens(batch, rows, attended)
 
 
 @pytest.mark.parametrize("window", (1000, 5))
