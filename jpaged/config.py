@@ -753,6 +753,11 @@ class VisionConfig:
         """The token a prompt writes for each image (widened to `placeholder_ids`)."""
         return self.image_token_id if self.start_token_id is None else self.start_token_id
 
+    @property
+    def template_image_ids(self) -> list[int]:
+        """The tokens a chat template that takes text gets for each image part."""
+        return [self.prompt_token_id]
+
     def with_newlines(self, vocab: dict[str, int]) -> VisionConfig:
         """Gemma 3's newline tokens from the tokenizer's `vocab` (runs of one newline and up, while
         the vocabulary has them). ValueError for a vocabulary without the tokens of one and two
@@ -921,6 +926,8 @@ class QwenVisionConfig:
     deepstack_layers: tuple[int, ...] = ()
     min_pixels: int = 56 * 56  # the image processor's bounds on a resized image's area (`with_pixel_limits`)
     max_pixels: int = 28 * 28 * 1280
+    start_token_id: int = 151652  # <|vision_start|> and <|vision_end|>, which the chat template writes around an image
+    end_token_id: int = 151653
 
     @property
     def windowed(self) -> bool:
@@ -955,6 +962,12 @@ class QwenVisionConfig:
 
     bidirectional = prefix_lm = False  # images read causally, as text
     newline_ids = ()
+
+    @property
+    def template_image_ids(self) -> list[int]:
+        """The tokens a chat template that takes text gets for each image part: the image token
+        between the vision start and end tokens, as Qwen's templates write it (and vLLM's)."""
+        return [self.start_token_id, self.image_token_id, self.end_token_id]
 
     @property
     def prompt_token_id(self) -> int:
@@ -1004,6 +1017,8 @@ class QwenVisionConfig:
             hidden_act=vision["hidden_act"],
             rope_theta=float(theta),
             image_token_id=int(hf.get("image_token_id", 151655)),
+            start_token_id=int(hf.get("vision_start_token_id", 151652)),
+            end_token_id=int(hf.get("vision_end_token_id", 151653)),
             window_size=int(vision.get("window_size", 0)) if windowed else 0,
             full_attention_layers=tuple(int(i) for i in vision.get("fullatt_block_indexes", ())) if windowed else (),
             num_position_embeddings=int(vision.get("num_position_embeddings", 0)) if version == "qwen3_vl" else 0,
@@ -1072,6 +1087,11 @@ class PixtralVisionConfig:
 
     bidirectional = prefix_lm = False  # images read causally, as text
     newline_ids = ()
+
+    @property
+    def template_image_ids(self) -> list[int]:
+        """The tokens a chat template that takes text gets for each image part."""
+        return [self.image_token_id]
 
     @property
     def prompt_token_id(self) -> int:

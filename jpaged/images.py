@@ -199,7 +199,7 @@ def chat_images(conversation: list[dict], image_token: str | None = None, as_par
     `template_reads_parts`), every content is a list of parts, a string becoming one text part
     and each image part `{"type": "image"}`; otherwise lists become text, their parts joined by
     newlines (as vLLM joins them for templates that take text), each image written as
-    `image_token`. ValueError for an image part without its image."""
+    `image_token` (the model's `template_image_ids`). ValueError for an image part without its image."""
     images, messages = [], []
     for message in conversation:
         content = message.get("content") if isinstance(message, dict) else None
@@ -236,7 +236,7 @@ def chat_for_template(conversation: list[dict], tokenizer,
         raise ValueError("the messages hold image parts, and the model reads no images")
     as_parts = content_format == "openai" or (
         content_format == "auto" and template_reads_parts(template or tokenizer.chat_template))
-    image_token = None if vision is None else tokenizer.convert_ids_to_tokens(vision.prompt_token_id)
+    image_token = None if vision is None else "".join(tokenizer.convert_ids_to_tokens(vision.template_image_ids))
     return chat_images(conversation, image_token, as_parts, access)
 
 

@@ -224,6 +224,20 @@ def check_template_chat_with_two_images(model, processor, llm, images) -> None:
     assert _blocks_all_free(llm)
 
 
+def test_string_content_format_writes_the_vision_markers(qwen_vl):
+    """A chat template that takes contents as text gets each image part as
+    `<|vision_start|><|image_pad|><|vision_end|>` (what Qwen's templates write, and vLLM's
+    placeholder), joined to the text by a newline: HF's prompt and tokens."""
+    _, model, processor, llm = qwen_vl
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}assistant:"
+    image = _image(70)
+    messages = [{"role": "user", "content": [{"type": "image_pil", "image_pil": image}, {"type": "text", "text": "t30"}]}]
+    out = llm.chat(messages, GREEDY, chat_template=template, chat_template_content_format="string", use_tqdm=False)[0]
+    prompt, expected = _hf_greedy(model, processor, f"user: {IMAGE}\nt30 assistant:", [image])
+    assert out.prompt_token_ids == prompt and out.outputs[0].token_ids == expected
+    assert _blocks_all_free(llm)
+
+
 def test_hub_layout_config_reads_the_same_model(qwen_vl, tmp_path):
     """A config.json as the hub ships Qwen2-VL checkpoints, the language model's keys at the top
     beside `vision_config` (no `text_config`), loads the same model: the same greedy tokens."""
