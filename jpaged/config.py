@@ -894,8 +894,26 @@ QWEN_VISION_VERSIONS = {"Qwen2VLForConditionalGeneration": "qwen2_vl", "Qwen2_5_
                         "Qwen3VLForConditionalGeneration": "qwen3_vl"}
 
 
+class _ImageTokenWidened:
+    """What Qwen-VL's and Pixtral's configs share: the prompt writes each image's own image token,
+    which widens in place, and the language model reads the images causally, as text."""
+
+    bidirectional = prefix_lm = False
+    newline_ids = ()
+
+    @property
+    def prompt_token_id(self) -> int:
+        """The token a prompt writes for each image (widened to `placeholder_ids`)."""
+        return self.image_token_id
+
+    @property
+    def template_image_ids(self) -> list[int]:
+        """The tokens a chat template that takes text gets for each image part."""
+        return [self.image_token_id]
+
+
 @dataclass(frozen=True)
-class QwenVisionConfig:
+class QwenVisionConfig(_ImageTokenWidened):
     """Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's vision tower (config.json's `vision_config`). The
     model's image processor resizes an image to a grid of `patch_size` patches whose sides are
     multiples of `spatial_merge_size`, each patch `temporal_patch_size` frames deep (a still image
@@ -960,19 +978,11 @@ class QwenVisionConfig:
         rows, cols = self.grid(height, width)
         return rows * cols
 
-    bidirectional = prefix_lm = False  # images read causally, as text
-    newline_ids = ()
-
     @property
     def template_image_ids(self) -> list[int]:
         """The tokens a chat template that takes text gets for each image part: the image token
         between the vision start and end tokens, as Qwen's templates write it (and vLLM's)."""
         return [self.start_token_id, self.image_token_id, self.end_token_id]
-
-    @property
-    def prompt_token_id(self) -> int:
-        """The token a prompt writes for each image (widened to `placeholder_ids`)."""
-        return self.image_token_id
 
     def placeholder_ids(self, height: int, width: int) -> list[int]:
         """The token ids an image of `height` x `width` pixels widens to: `image_tokens` image tokens."""
@@ -1032,7 +1042,7 @@ _PIXTRAL_TOWER_DEFAULTS = dict(hidden_size=1024, intermediate_size=4096, num_hid
 
 
 @dataclass(frozen=True)
-class PixtralVisionConfig:
+class PixtralVisionConfig(_ImageTokenWidened):
     """A Pixtral vision tower and its projector: Mistral 3's (`Mistral3ForConditionalGeneration`:
     Mistral Small 3.1 / 3.2, Magistral Small), and Pixtral-12B's as transformers ships it
     (`LlavaForConditionalGeneration` with a `pixtral` vision_config). The image processor scales
@@ -1084,19 +1094,6 @@ class PixtralVisionConfig:
         embeddings and a break (or end) token per row of its grid."""
         rows, cols = self.grid(height, width)
         return rows * (cols + 1)
-
-    bidirectional = prefix_lm = False  # images read causally, as text
-    newline_ids = ()
-
-    @property
-    def template_image_ids(self) -> list[int]:
-        """The tokens a chat template that takes text gets for each image part."""
-        return [self.image_token_id]
-
-    @property
-    def prompt_token_id(self) -> int:
-        """The token a prompt writes for each image (widened to `placeholder_ids`)."""
-        return self.image_token_id
 
     def placeholder_ids(self, height: int, width: int) -> list[int]:
         """The token ids an image of `height` x `width` pixels widens to (`image_tokens` of them)."""

@@ -330,9 +330,9 @@ def placeholder_offsets(token_ids: list[int], image_token_id: int, spans: list[l
                          "written whole): write one image token per image (or each image's whole placeholders)")
     widened += token_ids[done:]
     for end in reversed(ends):  # each image's closing newlines joined with newlines after them
-        after = widened[end + 1:end + 2]
-        if after and _joined(newline_ids, widened[end], after[0]) is not None:
-            widened[end:end + 2] = [_joined(newline_ids, widened[end], after[0])]
+        joined = _joined(newline_ids, widened[end], widened[end + 1]) if end + 1 < len(widened) else None
+        if joined is not None:
+            widened[end:end + 2] = [joined]
             offsets = [offset - (offset > end) for offset in offsets]
     return widened, offsets
 
@@ -345,9 +345,10 @@ def prefix_images(token_ids: list[int], image_token_id: int, spans: list[list[in
     go first); a prompt that starts with all the images' placeholders already is taken as it is.
     ValueError for image tokens elsewhere, or as many as neither."""
     placeholders = [token for span in spans for token in span]
+    offsets = list(itertools.accumulate([len(span) for span in spans[:-1]], initial=0))
     count = token_ids.count(image_token_id)
     if count == len(placeholders) and token_ids[:count] == placeholders:
-        return token_ids, list(itertools.accumulate([len(span) for span in spans[:-1]], initial=0))
+        return token_ids, offsets
     if count not in (0, len(spans)) or token_ids[:count] != [image_token_id] * count:
         raise ValueError(f"PaliGemma's prompt puts its images first: it may start with one image token (id "
                          f"{image_token_id}) per image ({len(spans)}) or hold none, and holds {count}"
@@ -355,7 +356,7 @@ def prefix_images(token_ids: list[int], image_token_id: int, spans: list[list[in
     text = token_ids[count:]
     if bos_token_id is not None and text[:1] != [bos_token_id]:
         text = [bos_token_id, *text]
-    return placeholders + text + [newline_id], list(itertools.accumulate([len(span) for span in spans[:-1]], initial=0))
+    return placeholders + text + [newline_id], offsets
 
 
 def _add_newlines(tokens: list[int], newline_ids: tuple[int, ...]) -> None:

@@ -171,7 +171,8 @@ class ModelRunner:
         requests' `input_embeds`: images, embeds prompts). `mrope`: the steps give each token three
         positions (`jpaged/mrope.py`), for a multimodal-RoPE model that reads images.
         `bidirectional_images`: the steps give each token the end of the keys it sees
-        (`AttentionMetadata.key_ends`), for a model whose images' tokens see each other (Gemma 3)."""
+        (`AttentionMetadata.key_ends`), for a model whose images' tokens see each other (Gemma 3)
+        or whose whole prompt does (PaliGemma): `Request.bidirectional_spans`."""
         if packed and mesh is not None:
             sizes = {name: getattr(config.parallel, f"{name}_parallel_size") for name in
                      ("tensor", "pipeline", "expert", "data")}
@@ -670,9 +671,9 @@ class ModelRunner:
 
     @staticmethod
     def _with_key_ends(scheduled: list[ScheduledSequence], batch: StepBatch, rows: np.ndarray) -> StepBatch:
-        """`batch` with each token's key end where it lies in an image read bidirectionally (the
-        image's end; `Request.bidirectional_spans`), 0 (causal) elsewhere; unchanged when no
-        token does."""
+        """`batch` with each token's key end where it lies in a span read bidirectionally (an
+        image, or PaliGemma's prompt: the span's end; `Request.bidirectional_spans`), 0 (causal)
+        elsewhere; unchanged when no token does."""
         ends = None
         starts = batch.attention.query_start
         for item, row in zip(scheduled, rows):

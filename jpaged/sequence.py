@@ -154,8 +154,8 @@ class Request:
         # or, for an embeds prompt, its own by block (`jpaged/prompt_inputs.py`)
         self.input_embeds: list[InputEmbeds] = []
         self.embeds_prompt = False  # its prompt is embeddings: its token ids are placeholders
-        # [start, stop) of each image whose tokens attend to each other (Gemma 3's), in order: a
-        # step computes each whole (`Sequence.chunk_within_images`)
+        # [start, stop) of each span whose tokens attend to each other, in order (Gemma 3's images,
+        # PaliGemma's whole prompt): a step computes each whole (`Sequence.chunk_within_images`)
         self.bidirectional_spans: list[tuple[int, int]] = []
         # a prompt with images on a multimodal-RoPE model: its int32 [prompt, 3] positions, and what
         # a later token adds to its index for its position (`jpaged/mrope.py`); None: the indices

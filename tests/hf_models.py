@@ -31,6 +31,20 @@ def torch_single_thread():
         torch.set_num_threads(before)
 
 
+def newline_word_tokenizer(vocab: dict[str, int], **kwargs):
+    """A `PreTrainedTokenizerFast` of one word per id over `vocab` (with `<unk>`, `<bos>`, `<eos>`
+    and `<pad>`) that reads each run of newlines as one word, as Gemma's tokenizer reads them, and
+    splits the rest at spaces; `kwargs` go to `PreTrainedTokenizerFast`."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n+"), behavior="isolated"),
+                                                       pre_tokenizers.Split(Regex(" +"), behavior="removed")])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", **kwargs)
+
+
 def save_word_level_tokenizer(folder: str | Path, vocab_size: int) -> None:
     """A `PreTrainedTokenizerFast` whose vocabulary is `<unk> <s> </s> t3 t4 ...` (one word per id)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

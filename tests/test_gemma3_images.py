@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
-from hf_models import randomize_weights, torch_single_thread  # noqa: E402
+from hf_models import newline_word_tokenizer, randomize_weights, torch_single_thread  # noqa: E402
 from test_images import GREEDY, _blocks_all_free, _hf_greedy  # noqa: E402
 from test_llava_next import check_greedy_matches_hf  # noqa: E402
 from test_qwen_vl import check_template_chat_with_two_images  # noqa: E402
@@ -45,16 +45,11 @@ TEMPLATE = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% if m['con
 
 def _processor():
     """HF's `Gemma3Processor` over a word-level tokenizer that reads each newline run as one token."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     vocab = {"<unk>": 3} | {f"t{i}": i for i in range(4, 300)} | NEWLINES | {f"t{i}": i for i in range(309, VOCAB)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab | SPECIAL, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n+"), behavior="isolated"),
-                                                       pre_tokenizers.Split(Regex(" +"), behavior="removed")])
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-        additional_special_tokens=list(SPECIAL)[3:], chat_template=TEMPLATE,
+    tokenizer = newline_word_tokenizer(
+        vocab | SPECIAL, additional_special_tokens=list(SPECIAL)[3:], chat_template=TEMPLATE,
         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                               "image_token": "<image_soft_token>"})
     image_processor = Gemma3ImageProcessorPil(size={"height": 56, "width": 56})

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
-from hf_models import randomize_weights, torch_single_thread  # noqa: E402
+from hf_models import newline_word_tokenizer, randomize_weights, torch_single_thread  # noqa: E402
 from test_images import GREEDY, _blocks_all_free  # noqa: E402
 
 from jpaged import LLM  # noqa: E402
@@ -41,16 +41,10 @@ CONFIGS = {
 
 def _processor():
     """HF's `PaliGemmaProcessor` over a word-level tokenizer and SigLIP's image processor."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     vocab = SPECIAL | {"<unk>": 4, "\n": 5, "\n\n": 6} | {f"t{i}": i for i in range(7, WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n+"), behavior="isolated"),
-                                                       pre_tokenizers.Split(Regex(" +"), behavior="removed")])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<bos>",
-                                                     eos_token="<eos>", pad_token="<pad>",
-                                                     additional_special_tokens=["<image>"])
+    tokenizer = newline_word_tokenizer(vocab, additional_special_tokens=["<image>"])
     image_processor = SiglipImageProcessorPil(size={"height": 28, "width": 28})
     image_processor.image_seq_length = TOKENS
     return transformers.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
