@@ -134,7 +134,9 @@ def test_a_refused_request_leaves_nothing_behind():
 
 def test_closing_a_group_aborts_what_has_not_finished():
     async def go(front):
-        group = await front.add("r", [("a", SamplingParams(max_tokens=1000))])
+        # Far more tokens than the loop thread can step through while this coroutine waits for
+        # the CPU, so that the request is still running when the group closes.
+        group = await front.add("r", [("a", SamplingParams(max_tokens=10**6))])
         async for _, output in group:
             if len(output.outputs[0].text) >= 2:
                 break
@@ -200,7 +202,7 @@ def test_cors_preflight_answers_only_allowed_origins():
 
 def test_over_the_queue_limit_is_refused_at_once():
     async def go(front):
-        group = await front.add("r", [("a", SamplingParams(max_tokens=1000))] * 2)
+        group = await front.add("r", [("a", SamplingParams(max_tokens=10**6))] * 2)
         with pytest.raises(ServerOverloaded, match="limit of 2 sequences"):
             await front.add("s", [("b", SamplingParams())])
         group.close()
@@ -210,7 +212,7 @@ def test_over_the_queue_limit_is_refused_at_once():
         with pytest.raises(ValueError, match=r"1099511627776 samples \(n / best_of\) in one request exceed") as err:
             await front.add("v", [("d", SamplingParams(n=2**40, temperature=1.0))])
         assert err.value.param == "n"
-        one = await front.add("w", [("e", SamplingParams(n=2, temperature=1.0, max_tokens=1000))])
+        one = await front.add("w", [("e", SamplingParams(n=2, temperature=1.0, max_tokens=10**6))])
         with pytest.raises(ServerOverloaded):
             await front.add("x", [("f", SamplingParams(max_tokens=1))])
         one.close()
