@@ -357,6 +357,10 @@ class ModelConfig:
     moe_bias: bool = False
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.0
+    # Every token of a prompt sees every other, later ones too (EmbeddingGemma's
+    # `use_bidirectional_attention`: an embedding model, read whole in one step); a windowed
+    # layer's query at position p sees keys p - window + 1 .. p + window - 1
+    bidirectional: bool = False
     # Qwen3-VL's DeepStack: image embeddings for this many first layers, each added to the image
     # tokens' hidden states after its layer (set by the engine when it reads images)
     deepstack_layers: int = 0
@@ -473,15 +477,16 @@ class ModelConfig:
 
 def _gemma_fields(arch: str, hf: dict) -> dict:
     """The `ModelConfig` fields of Gemma (HF's `GemmaConfig`), Gemma 2 (`Gemma2Config`) and Gemma 3's text model
-    (`Gemma3TextConfig`, old and new spellings of its RoPE settings); ValueError for what jpaged
-    does not run (bidirectional attention, activations other than tanh-approximated GELU)."""
+    (`Gemma3TextConfig`, old and new spellings of its RoPE settings, and bidirectional attention);
+    ValueError for what jpaged does not run (bidirectional attention outside Gemma 3, activations
+    other than tanh-approximated GELU)."""
     key = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"
     act = hf.get(key) or "gelu_pytorch_tanh"
     if arch == "gemma" and act == "gelu":  # Gemma's first releases' name for the tanh GELU, as HF reads it
         act = "gelu_pytorch_tanh"
     if act not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new"):  # HF's names of the tanh-approximated GELU
         raise ValueError(f"{arch}: {key} {act!r} is not supported (supported: gelu_pytorch_tanh, gelu_new)")
-    if hf.get("use_bidirectional_attention"):
+    if hf.get("use_bidirectional_attention") and arch != "gemma3":
         raise ValueError(f"{arch}: use_bidirectional_attention=True (bidirectional attention) is not supported")
     # HF's Gemma 3 keeps attn_logit_softcapping in its config but never applies it.
     defaults = {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0} if arch == "gemma2" else {}
@@ -500,7 +505,10 @@ def _gemma_fields(arch: str, hf: dict) -> dict:
     else:
         rope = RopeConfig.from_hf(hf, default_theta=float(hf.get("rope_theta", 1e6)))
         local_rope = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10_000.0)))
-    return dict(common, rope=rope, local_rope=local_rope, qk_norm=True)
+    fields = dict(common, rope=rope, local_rope=local_rope, qk_norm=True)
+    if hf.get("use_bidirectional_attention"):  # EmbeddingGemma: HF's config halves the window, each way
+        fields.update(bidirectional=True, sliding_windows=tuple(w // 2 + 1 if w else 0 for w in layer_windows(arch, hf)))
+    return fields
 
 
 def _original_and_factor(params: dict, max_position_embeddings: int | None, kind: str) -> tuple[int, float]:

@@ -132,7 +132,7 @@ class LLMEngine:
                              f" ({call}), not runner='generate'")
         self.pooling_task = pooling_task(architectures, config.pooler_config) if config.runner == "pooling" else None
         self.pooler = None if self.pooling_task is None else with_matryoshka(pooler_for_task(
-            read_pooler_config(source.folder), self.pooling_task, config.pooler_config), source.hf_config)
+            read_pooler_config(source.folder, source.hf_config.get("hidden_size")), self.pooling_task, config.pooler_config), source.hf_config)
         if self.pooler is not None and self.pooler.reads_every_token and config.parallel.pipeline_parallel_size > 1:
             raise ValueError(f"{self.pooler.name} pooling runs on one pipeline stage only (a pipeline may cut "
                              "a prompt chunk across micro-batches); got pipeline_parallel_size "
@@ -143,6 +143,8 @@ class LLMEngine:
             raise ValueError(f"{source.name}: classifier_from_token and method read a causal LM as a classifier only "
                              "where its architectures name a *ForSequenceClassification (set them, e.g. through "
                              "hf_overrides)")
+        if self.model_config.bidirectional:
+            self._check_bidirectional(source.name, config)
         lm_head_tied = self.model_config.tie_word_embeddings
         if config.runner == "pooling":  # no LM head: a base model's checkpoint has none, and embeddings need none
             self.model_config = dataclasses.replace(self.model_config, tie_word_embeddings=True)
@@ -160,6 +162,8 @@ class LLMEngine:
             head: dict = {}
             token_rows = functools.cache(lambda: answer_token_ids(tokenizer.result(), answers[0])) if answers else None
             vision = self._vision_config(source)
+            # every token of a prompt sees every other: a prompt is computed in one step
+            self.reads_prompt_whole = self.model_config.bidirectional or (vision is not None and vision.prefix_lm)
             if isinstance(vision, QwenVisionConfig) and vision.deepstack_layers:
                 self.model_config = dataclasses.replace(self.model_config,
                                                         deepstack_layers=len(vision.deepstack_layers))
@@ -168,8 +172,8 @@ class LLMEngine:
                                       token_states=self.pooler is not None and self.pooler.pooling_type == "all",
                                       reads_embeds=vision is not None or config.enable_prompt_embeds,
                                       mrope=isinstance(vision, QwenVisionConfig),
-                                      bidirectional_images=vision is not None and (vision.bidirectional or
-                                                                                   vision.prefix_lm))
+                                      bidirectional=self.reads_prompt_whole or (vision is not None and
+                                                                                vision.bidirectional))
             self.tokenizer = tokenizer.result()
         self.image_encoder, self.image_processor, self.vision_config = self._image_reader(vision, source)
         self.enable_prompt_embeds = config.enable_prompt_embeds
@@ -197,7 +201,7 @@ class LLMEngine:
         if prefix_caching and self.pooler is not None and self.pooler.reads_every_token:
             logger.info("%s pooling reads every prompt token's state: prefix caching is off", self.pooler.name)
             prefix_caching = False
-        if prefix_caching and self.vision_config is not None and self.vision_config.prefix_lm:
+        if prefix_caching and self.reads_prompt_whole:
             logger.info("%s reads each prompt whole, every token seeing the later ones: prefix caching is off",
                         self.model_name)
             prefix_caching = False
@@ -361,7 +365,8 @@ class LLMEngine:
             if params is not None and not isinstance(params, PoolingParams):
                 raise ValueError(f"runner='pooling' {'classifies' if self.classifier else 'embeds'} prompts and "
                                  "samples nothing: add requests with PoolingParams or none, not SamplingParams")
-            check_dimensions(params, self.pooling_task, self.pooler, self.model_config.hidden_size)
+            check_dimensions(params, self.pooling_task, self.pooler,
+                             self.pooler.embedding_size(self.model_config.hidden_size))
             keep = None if params is None else params.truncate_prompt_tokens
             pooling_params, params = params, dataclasses.replace(EMBEDDING_PARAMS, truncate_prompt_tokens=keep)
         elif isinstance(params, PoolingParams):
@@ -390,7 +395,7 @@ class LLMEngine:
         token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.max_model_len)
         if embeds is not None:
             embeds = embeds[len(embeds) - len(token_ids):]
-        if self.vision_config is not None and self.vision_config.prefix_lm:
+        if self.reads_prompt_whole:
             self._check_prefix(len(token_ids))
         room = self.max_model_len - len(token_ids)
         if token_ids and room < (0 if self.pooler else 1):  # an embedding adds no token
@@ -419,7 +424,7 @@ class LLMEngine:
             if isinstance(self.vision_config, QwenVisionConfig):
                 grids = [self.vision_config.grid(image.height, image.width) for image in images]
                 request.mrope_positions, request.mrope_delta = prompt_positions(len(token_ids), offsets, grids)
-        if self.vision_config is not None and self.vision_config.prefix_lm:
+        if self.reads_prompt_whole:
             request.bidirectional_spans = [(0, len(token_ids))]
         if embeds is not None:
             request.input_embeds, request.embeds_prompt = embeds_by_block(embeds, self.block_manager.block_size), True
@@ -494,13 +499,28 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs needs prompt tokens; a prompt given as prompt_embeds has none")
 
+    @staticmethod
+    def _check_bidirectional(name: str, config: EngineConfig) -> None:
+        """ValueError where a model that reads prompts bidirectionally (EmbeddingGemma) would
+        generate, or run as a pipeline (which may cut a prompt's step across micro-batches)."""
+        if config.runner != "pooling":
+            raise ValueError(f"{name} reads each prompt bidirectionally (use_bidirectional_attention): it is an "
+                             "embedding model and runs with runner='pooling' (LLM.embed), not runner='generate'")
+        if config.parallel.pipeline_parallel_size > 1:
+            raise ValueError(f"{name} reads each prompt whole in one step, on one pipeline stage; got "
+                             f"pipeline_parallel_size {config.parallel.pipeline_parallel_size}")
+
     def _check_prefix(self, length: int) -> None:
-        """ValueError for a prompt of `length` tokens that a prefix-LM model (PaliGemma) cannot read
-        whole: longer than a step, or than a layer's sliding window (where HF's mask lets the
-        prompt's tokens see past the window, which the attention kernels do not)."""
+        """ValueError for a prompt of `length` tokens that a model reading prompts whole
+        (PaliGemma, EmbeddingGemma) cannot read: longer than a step, or, for a prefix LM
+        (PaliGemma), than a layer's sliding window (where HF's mask lets the prompt's tokens see
+        past the window, which the attention kernels do not)."""
         if length > (budget := self.config.scheduler.max_num_batched_tokens):
             raise ValueError(f"prompt of {length} tokens: {self.model_name} reads a prompt whole in one step (its "
-                             f"tokens see each other), and max_num_batched_tokens is {budget}")
+                             f"tokens see each other), and max_num_batched_tokens is {budget} (raise it to read longer "
+                             "prompts)")
+        if self.model_config.bidirectional:  # its windows reach both ways, as the kernels read them
+            return
         if length > (window := min((w for w in self.model_config.sliding_windows if w), default=length)):
             raise ValueError(f"prompt of {length} tokens: {self.model_name} reads a prompt whole, and a prompt longer "
                              f"than its layers' sliding window of {window} tokens is not supported")

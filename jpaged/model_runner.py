@@ -162,7 +162,7 @@ def matmul_precision(dtype):
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, config: EngineConfig, weights, shapes: StepShapes,
                  mesh: Mesh | None = None, packed: dict[str, str] | None = None, token_states: bool = False,
-                 reads_embeds: bool = False, mrope: bool = False, bidirectional_images: bool = False):
+                 reads_embeds: bool = False, mrope: bool = False, bidirectional: bool = False):
         """`shapes` are the padded sizes of every step; `mesh` is this engine's slice of the device
         mesh ("pp", "ep", "tp"); None: one device. `packed` names the tensors `weights` yields as
         GGML block rows (HF name: GGML type), kept so on the device. `token_states` (runner
@@ -170,9 +170,9 @@ class ModelRunner:
         `reads_embeds`: the steps take embeddings in place of some tokens' embeddings (the
         requests' `input_embeds`: images, embeds prompts). `mrope`: the steps give each token three
         positions (`jpaged/mrope.py`), for a multimodal-RoPE model that reads images.
-        `bidirectional_images`: the steps give each token the end of the keys it sees
+        `bidirectional`: the steps give each token the end of the keys it sees
         (`AttentionMetadata.key_ends`), for a model whose images' tokens see each other (Gemma 3)
-        or whose whole prompt does (PaliGemma): `Request.bidirectional_spans`."""
+        or whose whole prompt does (PaliGemma, EmbeddingGemma): `Request.bidirectional_spans`."""
         if packed and mesh is not None:
             sizes = {name: getattr(config.parallel, f"{name}_parallel_size") for name in
                      ("tensor", "pipeline", "expert", "data")}
@@ -238,7 +238,7 @@ class ModelRunner:
         self.host_pool = HostKVPool(self.kv_cache, self.num_host_blocks)
         self.reads_embeds = reads_embeds
         self.mrope = mrope
-        self.bidirectional_images = bidirectional_images
+        self.bidirectional = bidirectional
         self._placeholders: dict[tuple, jax.Array] = {}
         self._decodes_prefetched: set[int] = set()
         self._config = config
@@ -622,7 +622,7 @@ class ModelRunner:
             batch = self._with_input_embeds(scheduled, batch, step.rows)
         if self.mrope:
             batch = self._with_mrope_positions(scheduled, batch, step.rows)
-        if self.bidirectional_images:
+        if self.bidirectional:
             batch = self._with_key_ends(scheduled, batch, step.rows)
         sampled, prompt = self._run(batch, step.sampling)
         if self.pooling == "tokens":
@@ -672,7 +672,7 @@ class ModelRunner:
     @staticmethod
     def _with_key_ends(scheduled: list[ScheduledSequence], batch: StepBatch, rows: np.ndarray) -> StepBatch:
         """`batch` with each token's key end where it lies in a span read bidirectionally (an
-        image, or PaliGemma's prompt: the span's end; `Request.bidirectional_spans`), 0 (causal)
+        image, or PaliGemma's or EmbeddingGemma's prompt: the span's end; `Request.bidirectional_spans`), 0 (causal)
         elsewhere; unchanged when no token does."""
         ends = None
         starts = batch.attention.query_start
@@ -747,7 +747,7 @@ class ModelRunner:
                 batch, input_embeds=self._or_placeholder(batch.input_embeds, (num_tokens, self.embeds_width), np.float32,
                                                          0.0),
                 input_embeds_mask=self._or_placeholder(batch.input_embeds_mask, (num_tokens,), bool, False))
-        if self.bidirectional_images:  # key end 0: causal
+        if self.bidirectional:  # key end 0: causal
             key_ends = self._or_placeholder(batch.attention.key_ends, (num_tokens,), np.int32, 0)
             batch = dataclasses.replace(batch, attention=dataclasses.replace(batch.attention, key_ends=key_ends))
         return (self.state, None if self.lora is None else self.lora.weights), self.kv_cache, self._put(batch)

@@ -15,9 +15,10 @@ computed, so they turn prefix caching off.
 
 A model folder's sentence-transformers files say how it pools: `modules.json` lists the
 `Transformer`, a `Pooling` module (its `config.json` names the mode: last token, mean or CLS;
-max and weighted pooling are refused by name) and, where present, a `Normalize` module (without
-one the vector is returned as it is). Any other module (`Dense`, ...) would change the vector
-after pooling, and is refused by name.
+max and weighted pooling are refused by name), `Dense` layers applied to the pooled vector in
+order (`jpaged/projection.py`; EmbeddingGemma's) and, where present, a `Normalize` module
+(without one the vector is returned as it is). Any other module would change the vector after
+pooling, and is refused by name.
 
 A sequence classification model (HF's `*ForSequenceClassification`: a reward model, a
 classifier) runs on the same runner: its checkpoint's `score` head ([num_labels, hidden], no bias)
@@ -59,6 +60,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jpaged.projection import ACTIVATION_MODULES, Dense, activate, read_dense
+
 RUNNERS = ("generate", "pooling")
 _MODES = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
           "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
@@ -84,6 +87,8 @@ class PoolerConfig:
     # sizes the model was trained to be cut to): requests may ask for their first `dimensions`
     matryoshka: bool = False
     matryoshka_dimensions: tuple[int, ...] | None = None
+    # the model files' Dense layers, applied in order to a pooled vector (not to token states)
+    dense: tuple[Dense, ...] = ()
 
     @property
     def name(self) -> str:
@@ -96,19 +101,48 @@ class PoolerConfig:
         prefix cache, and one pipeline stage."""
         return self.pooling_type != "last"
 
+    def embedding_size(self, hidden_size: int) -> int:
+        """The size of an embedding from a model of `hidden_size`: the last Dense layer's outputs."""
+        return self.dense[-1].out_features if self.dense else hidden_size
 
-def read_pooler_config(folder: Path | None) -> PoolerConfig:
+    def project(self, state: np.ndarray) -> np.ndarray:
+        """A pooled state through the Dense layers (float32; as it is without any)."""
+        for layer in self.dense:
+            state = layer(state)
+        return state
+
+
+def read_pooler_config(folder: Path | None, hidden_size: int | None = None) -> PoolerConfig:
     """The pooling a model folder's sentence-transformers files describe (None, or no
-    `modules.json`: last token, normalised). ValueError naming the file and mode for a pooling
-    other than the last token's, the mean or the first token's."""
+    `modules.json`: last token, normalised), with its Dense layers (`read_dense`). ValueError
+    naming the file and mode for a pooling other than the last token's, the mean or the first
+    token's, for modules in another order than Transformer, Pooling, Dense layers, Normalize, and
+    for Dense layers whose sizes do not chain from `hidden_size` (where given)."""
     modules_file = folder / "modules.json" if folder is not None else None
     if modules_file is None or not modules_file.is_file():
         return PoolerConfig()
     modules = json.loads(modules_file.read_text())
-    kinds = {module.get("type", "").rsplit(".", 1)[-1]: module for module in modules}
-    if others := sorted(set(kinds) - {"Transformer", "Pooling", "Normalize"}):
+    names = [module.get("type", "").rsplit(".", 1)[-1] for module in modules]
+    kinds = dict(zip(names, modules))
+    if others := sorted(set(kinds) - {"Transformer", "Pooling", "Dense", "Normalize"}):
         raise ValueError(f"{modules_file} lists the modules {', '.join(others)} after the transformer; jpaged's "
-                         "pooling runner applies Pooling and Normalize only")
+                         "pooling runner applies Pooling, Dense and Normalize only")
+    order = {"Transformer": 0, "Pooling": 1, "Dense": 2, "Normalize": 3}
+    if [order[name] for name in names] != sorted(order[name] for name in names) or names.count("Pooling") > 1:
+        raise ValueError(f"{modules_file} lists {', '.join(names)}; jpaged applies them in the order Transformer, "
+                         "Pooling, Dense layers, Normalize")
+    dense = tuple(read_dense(folder / module.get("path", "")) for name, module in zip(names, modules) if name == "Dense")
+    size = hidden_size
+    for layer, module in zip(dense, (m for name, m in zip(names, modules) if name == "Dense")):
+        if size is not None and layer.in_features != size:
+            raise ValueError(f"{folder / module.get('path', '')}: a Dense layer of {layer.in_features} inputs after "
+                             f"a vector of {size}")
+        size = layer.out_features
+    return dataclasses.replace(_pooling_of(folder, modules_file, kinds), dense=dense)
+
+
+def _pooling_of(folder: Path, modules_file: Path, kinds: dict[str, dict]) -> PoolerConfig:
+    """The Pooling module's mode and the Normalize module's presence (`read_pooler_config`)."""
     if "Pooling" in kinds:
         pooling_file = folder / kinds["Pooling"].get("path", "") / "config.json"
         if not pooling_file.is_file():
@@ -180,9 +214,9 @@ def pooler_for_task(pooler: PoolerConfig, task: str, pooler_config: dict | None)
 
 
 def pool(pooled: np.ndarray, config: PoolerConfig) -> np.ndarray:
-    """The embedding (float32 [hidden], or [tokens, hidden] for pooling "all": each row) of a
+    """The embedding (float32 [size], or [tokens, hidden] for pooling "all": each row) of a
     prompt's pooled state `pooled` (its last token's, its mean, its first token's, or every
-    token's)."""
+    token's, after the Dense layers), normalised where `config` says."""
     pooled = np.asarray(pooled, np.float32)
     if not config.normalize:
         return pooled
@@ -251,10 +285,6 @@ def with_matryoshka(pooler: PoolerConfig, hf_config: dict) -> PoolerConfig:
                                matryoshka_dimensions=sizes)
 
 
-ACTIVATION_MODULES = {"torch.nn.modules.linear.Identity": "identity", "torch.nn.modules.activation.Sigmoid": "sigmoid",
-                      "torch.nn.modules.activation.Softmax": "softmax", "torch.nn.modules.activation.Tanh": "tanh"}
-
-
 def _cross_encoder_activation(hf_config: dict) -> str | None:
     """The activation a sentence-transformers cross-encoder's config.json names (its
     `sentence_transformers.activation_fn`, or the older `sbert_ce_default_activation_function`),
@@ -279,6 +309,7 @@ def pooled_output(state: np.ndarray, params: PoolingParams | None, classifier: C
     activates = params is None or params.activates
     if classifier is not None:
         return classifier(state) if activates else classifier.logits(state).astype(np.float32)
+    state = pooler.project(state)
     if params is not None and params.dimensions is not None:
         state = np.asarray(state)[..., :params.dimensions]
     return pool(state, pooler) if activates else np.asarray(state, np.float32)
@@ -336,15 +367,7 @@ class Classifier:
         """float32 [num_labels] (or [tokens, num_labels]): the probabilities (or, under
         regression, the values) of the pooled state `state` [hidden] (or each token's, [tokens,
         hidden])."""
-        logits = self.logits(state)
-        if self.activation == "sigmoid":
-            return (1 / (1 + np.exp(-logits))).astype(np.float32)
-        if self.activation == "softmax":
-            shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-            return (shifted / shifted.sum(axis=-1, keepdims=True)).astype(np.float32)
-        if self.activation == "tanh":
-            return np.tanh(logits).astype(np.float32)
-        return logits.astype(np.float32)
+        return activate(self.activation, self.logits(state))
 
     def logits(self, state: np.ndarray) -> np.ndarray:
         """float64 [num_labels] (or [tokens, num_labels]): the head's logits of the pooled state

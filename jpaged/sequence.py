@@ -155,7 +155,7 @@ class Request:
         self.input_embeds: list[InputEmbeds] = []
         self.embeds_prompt = False  # its prompt is embeddings: its token ids are placeholders
         # [start, stop) of each span whose tokens attend to each other, in order (Gemma 3's images,
-        # PaliGemma's whole prompt): a step computes each whole (`Sequence.chunk_within_images`)
+        # PaliGemma's and EmbeddingGemma's whole prompt): a step computes each whole (`Sequence.chunk_within_images`)
         self.bidirectional_spans: list[tuple[int, int]] = []
         # a prompt with images on a multimodal-RoPE model: its int32 [prompt, 3] positions, and what
         # a later token adds to its index for its position (`jpaged/mrope.py`); None: the indices

@@ -131,9 +131,14 @@ def test_pooling_settings_come_from_the_sentence_transformers_files(model_folder
                                          r"mean or the first token"):
         LLM(str(plain), **ENGINE_ARGS)
     modules = json.loads((plain / "modules.json").read_text())
-    modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
-    (plain / "modules.json").write_text(json.dumps(modules))
-    with pytest.raises(ValueError, match="lists the modules Dense after the transformer"):
+    (plain / "modules.json").write_text(json.dumps(
+        [*modules, {"idx": 3, "name": "3", "path": "3_LayerNorm", "type": "sentence_transformers.models.LayerNorm"}]))
+    with pytest.raises(ValueError, match="lists the modules LayerNorm after the transformer"):
+        LLM(str(plain), **ENGINE_ARGS)
+    dense = {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}
+    (plain / "modules.json").write_text(json.dumps([*modules, dense]))  # after Normalize
+    with pytest.raises(ValueError, match="lists Transformer, Pooling, Normalize, Dense; jpaged applies them in the "
+                                         "order Transformer, Pooling, Dense layers, Normalize"):
         LLM(str(plain), **ENGINE_ARGS)
 
 

@@ -558,5 +558,11 @@ def test_gemma3_hub_config_read_as_hf_reads_it():
     assert ModelConfig.from_hf({k: v for k, v in hub.items() if k != "architectures"}) == ours
     with pytest.raises(ValueError, match="'gemma3' is not supported"):
         ModelConfig.from_hf({**{k: v for k, v in hub.items() if k != "architectures"}, "model_type": "gemma3"})
-    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
-        ModelConfig.from_hf({**hub, "use_bidirectional_attention": True})
+    # EmbeddingGemma's bidirectional layers: HF's config halves the window (each way)
+    bidirectional = ModelConfig.from_hf({**hub, "use_bidirectional_attention": True})
+    theirs = transformers.Gemma3TextConfig(**{k: v for k, v in hub.items() if k != "architectures"},
+                                           use_bidirectional_attention=True)
+    assert bidirectional.bidirectional and not ours.bidirectional
+    assert bidirectional.sliding_windows == tuple(theirs.sliding_window if w else 0 for w in ours.sliding_windows)
+    with pytest.raises(ValueError, match="gemma2: use_bidirectional_attention=True"):
+        ModelConfig.from_hf({**gemma2, "use_bidirectional_attention": True})

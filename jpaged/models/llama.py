@@ -18,6 +18,7 @@ attention reads layer `i` of it through the block tables in `AttentionMetadata`.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -368,7 +369,11 @@ class LlamaForCausalLM(nnx.Module):
             if query_scale is not None:
                 q = q * query_scale.astype(q.dtype)
             sinks = jax.lax.switch(index, layer_sinks) if cfg.attention_sinks else None
-            attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, md, scale, window=window,
+            layer_md = md
+            if cfg.bidirectional and window is not None:  # a windowed layer sees window - 1 keys ahead too
+                ends = jnp.where(window > 0, jnp.minimum(md.key_ends, positions + window), md.key_ends)
+                layer_md = dataclasses.replace(md, key_ends=ends)
+            attended, k_cache, v_cache = self.attention(q, k, v, k_cache, v_cache, layer, layer_md, scale, window=window,
                                                         softcap=cfg.attn_logit_softcapping, sinks=sinks)
             hidden = jax.lax.switch(index, out_and_mlp, hidden, attended)
             if deepstack is not None:  # [T, k, hidden]: added after the model's first k layers
