@@ -80,6 +80,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit-mm-per-prompt", type=_json_object, default=None,
                         help='most images a prompt may hold, as JSON, e.g. \'{"image": 2}\'; {"image": 0} serves an '
                              "image model's text alone, without loading its vision tower")
+    parser.add_argument("--interleave-mm-strings", action="store_true",
+                        help="a chat template that takes text gets each image's token where its part is; unset: "
+                             "the images a message's text does not name go first, one per line (vLLM's default)")
     parser.add_argument("--compile-warmup", action="store_true",
                         help="compile every step program before the first request")
     parser.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction, default=True,

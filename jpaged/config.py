@@ -1396,6 +1396,9 @@ class EngineConfig:
     # most images a prompt may hold, vLLM's {"image": N}; {"image": 0} serves an image model's text
     # alone, its vision tower not loaded. None: no limit
     limit_mm_per_prompt: dict | None = None
+    # a chat template that takes text gets each image's token where its part is (vLLM's
+    # interleave_mm_strings); otherwise the images a message's text does not name go first
+    interleave_mm_strings: bool = False
     # sampling defaults: "auto" (the model's generation_config.json), "none", or a folder holding one
     generation_config: str = "auto"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -1406,7 +1409,8 @@ class EngineConfig:
 
     def __post_init__(self):
         _check_integers(self, ("seed", "max_logprobs"))
-        for name in ("attention_interpret", "compilation_cache", "compile_warmup", "enable_prompt_embeds"):
+        for name in ("attention_interpret", "compilation_cache", "compile_warmup", "enable_prompt_embeds",
+                     "interleave_mm_strings"):
             as_bool(name, getattr(self, name))
         if self.hf_overrides is not None and not (isinstance(self.hf_overrides, dict)
                                                   and all(isinstance(key, str) for key in self.hf_overrides)):

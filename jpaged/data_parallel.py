@@ -35,6 +35,7 @@ class DataParallelEngine:
         self.reasoning_parser, self.runner_type, self.pooling_task = first.reasoning_parser, first.runner_type, first.pooling_task
         self.classifier, self.vision_config = first.classifier, first.vision_config
         self.enable_prompt_embeds, self.max_images = first.enable_prompt_embeds, first.max_images
+        self.interleave_mm_strings = first.interleave_mm_strings
         self._replica_of: dict[str, LLMEngine] = {}
         self._pool = ThreadPoolExecutor(num_replicas, thread_name_prefix="jpaged-replica")
 

@@ -117,6 +117,7 @@ class LLMEngine:
                              "replica: use LLM or DataParallelEngine")
         self.config = config
         self.max_images = (config.limit_mm_per_prompt or {}).get("image")  # None: no limit
+        self.interleave_mm_strings = config.interleave_mm_strings
         if config.compilation_cache:
             compile_cache.enable()
         source = open_model(config.model, config.tokenizer, config.revision)

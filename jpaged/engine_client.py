@@ -66,8 +66,9 @@ class EngineClient(Protocol):
     (a model that reads images: its vision tower, which names each image's placeholder token and
     the placeholders each image widens to, `placeholder_ids`; `jpaged.images.placeholder_offsets`); None
     otherwise), `max_images` (the most images a prompt may hold, `limit_mm_per_prompt`; None: no
-    limit), `enable_prompt_embeds` (whether prompts may come as embeddings,
-    `{"prompt_embeds": ...}`)."""
+    limit), `interleave_mm_strings` (whether a chat template that takes text gets each image's
+    token where its part is, `jpaged.images.chat_for_template`), `enable_prompt_embeds` (whether
+    prompts may come as embeddings, `{"prompt_embeds": ...}`)."""
 
     tokenizer: Any
     model_name: str
@@ -81,6 +82,7 @@ class EngineClient(Protocol):
     classifier: Classifier | None
     vision_config: VisionConfig | QwenVisionConfig | None
     max_images: int | None
+    interleave_mm_strings: bool
     enable_prompt_embeds: bool
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,

@@ -192,14 +192,13 @@ def as_image_list(multi_modal_data) -> list:
 
 
 def chat_images(conversation: list[dict], image_token: str | None = None, as_parts: bool = False,
-                access: MediaAccess = MediaAccess()) -> tuple[list[dict], list]:
+                access: MediaAccess = MediaAccess(), interleave: bool = False) -> tuple[list[dict], list]:
     """The conversation as the chat template takes it, and its images in order, loaded
     (`load_image`, with `access`). Contents are text or lists of text and image parts. With
     `as_parts` (a template that loops over each message's content parts, as LLaVA's do;
     `template_reads_parts`), every content is a list of parts, a string becoming one text part
-    and each image part `{"type": "image"}`; otherwise lists become text, their parts joined by
-    newlines (as vLLM joins them for templates that take text), each image written as
-    `image_token` (the model's `template_image_ids`). ValueError for an image part without its image."""
+    and each image part `{"type": "image"}`; otherwise lists become text (`_as_text`).
+    ValueError for an image part without its image, and as `_as_text`."""
     images, messages = [], []
     for message in conversation:
         content = message.get("content") if isinstance(message, dict) else None
@@ -213,19 +212,39 @@ def chat_images(conversation: list[dict], image_token: str | None = None, as_par
                     part = {"type": "image"}
                 parts.append(part)
             if not as_parts:
-                parts = "\n".join(image_token if part["type"] == "image" else part["text"] for part in parts)
+                parts = _as_text(parts, image_token, interleave)
             message = {**message, "content": parts}
         messages.append(message)
     return messages, images
 
 
+def _as_text(parts: list[dict], image_token: str, interleave: bool) -> str:
+    """A message's text and image parts as text, as vLLM writes them for templates that take
+    text: the text parts joined by newlines, and before them, one per line, `image_token` (the
+    model's `template_image_ids`) for each image the text does not already name by that token;
+    with `interleave` (vLLM's `interleave_mm_strings`), each image's token where its part is.
+    ValueError where the text names more images than the message holds."""
+    images = sum(part["type"] == "image" for part in parts)
+    text = "\n".join(image_token if part["type"] == "image" else part["text"] for part in parts
+                     if interleave or part["type"] != "image")
+    if not images:
+        return text
+    missing = images - text.count(image_token)
+    if missing < 0:
+        raise ValueError(f"a message's text holds {text.count(image_token)} {image_token!r} placeholders, more than "
+                         f"its {images} image part{'s' * (images > 1)}")
+    return "\n".join([image_token] * missing + [text])
+
+
 def chat_for_template(conversation: list[dict], tokenizer,
                       vision: VisionConfig | QwenVisionConfig | PixtralVisionConfig | None,
                       template: str | None, access: MediaAccess = MediaAccess(),
-                      max_images: int | None = None, content_format: str = "auto") -> tuple[list[dict], list]:
+                      max_images: int | None = None, content_format: str = "auto",
+                      interleave: bool = False) -> tuple[list[dict], list]:
     """`chat_images` for an engine's model (`vision`, its vision tower; None where it reads no
     images) and the chat template that renders it (`template`, None: the tokenizer's), which
-    takes contents as `content_format` says (`CONTENT_FORMATS`). ValueError for an unknown
+    takes contents as `content_format` says (`CONTENT_FORMATS`; `interleave`: text contents
+    write each image where its part is). ValueError for an unknown
     format, more image parts than `max_images` (before any is read), image parts where the model
     reads no images, and as `chat_images`."""
     check_content_format(content_format)
@@ -237,7 +256,7 @@ def chat_for_template(conversation: list[dict], tokenizer,
     as_parts = content_format == "openai" or (
         content_format == "auto" and template_reads_parts(template or tokenizer.chat_template))
     image_token = None if vision is None else "".join(tokenizer.convert_ids_to_tokens(vision.template_image_ids))
-    return chat_images(conversation, image_token, as_parts, access)
+    return chat_images(conversation, image_token, as_parts, access, interleave)
 
 
 def check_content_format(content_format: str) -> None:

@@ -347,7 +347,8 @@ class LLM:
             try:
                 conversation, images = chat_for_template(conversation, tokenizer, self.engine.vision_config,
                                                          chat_template, max_images=self.engine.max_images,
-                                                         content_format=chat_template_content_format)
+                                                         content_format=chat_template_content_format,
+                                                         interleave=self.engine.interleave_mm_strings)
             except ValueError as err:
                 raise ValueError(f"conversation {index}: {err}") from err
             text = chat_text(tokenizer, conversation, add_generation_prompt, tools, chat_template, chat_template_kwargs,

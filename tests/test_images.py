@@ -445,6 +445,32 @@ def test_templates_of_content_parts_get_every_turn_as_parts(llava):
     assert out.outputs[0].token_ids == _hf_greedy(model, processor, out.prompt, [_image(14)])[1]
 
 
+def test_templates_that_take_text_get_the_images_first_unless_interleaved(llava):
+    """vLLM's placement for templates that take text: the images a message's text does not name
+    go first, one per line; `interleave_mm_strings` writes each where its part is; a token the
+    text already holds stands for an image; more such tokens than images are refused."""
+    from jpaged.images import chat_images
+
+    _, model, processor, llm = llava
+    as_text = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+    parts = [{"type": "text", "text": "t20"}, {"type": "image_pil", "image_pil": _image(14)},
+             {"type": "text", "text": "t21"}]
+    out = llm.chat([{"role": "user", "content": parts}], GREEDY, use_tqdm=False, chat_template=as_text)[0]
+    assert out.prompt == "user: <image>\nt20\nt21 "
+    assert out.outputs[0].token_ids == _hf_greedy(model, processor, out.prompt, [_image(14)])[1]
+
+    def written(content, interleave):
+        return chat_images([{"role": "user", "content": content}], "<image>", interleave=interleave)[0][0]["content"]
+
+    assert written(parts, interleave=True) == "t20\n<image>\nt21"
+    named = [{"type": "text", "text": "t20 <image> t21"}, parts[1]]
+    assert written(named, interleave=False) == "t20 <image> t21"
+    with pytest.raises(ValueError, match="holds 2 '<image>' placeholders, more than its 1 image part"):
+        written([{"type": "text", "text": "<image><image>"}, parts[1]], interleave=False)
+    from jpaged.cli import _parser, engine_kwargs
+    assert engine_kwargs(_parser().parse_args(["serve", "m", "--interleave-mm-strings"]))["interleave_mm_strings"]
+
+
 def test_chat_template_content_format_overrides_what_auto_reads(llava):
     """vLLM's `chat_template_content_format`: a template that reads a message's parts through a
     variable (which "auto" takes for one reading text) renders the image under "openai", in

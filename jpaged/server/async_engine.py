@@ -165,6 +165,10 @@ class AsyncEngine:
         return self.engine.max_images
 
     @property
+    def interleave_mm_strings(self) -> bool:
+        return self.engine.interleave_mm_strings
+
+    @property
     def enable_prompt_embeds(self) -> bool:
         return self.engine.enable_prompt_embeds
 

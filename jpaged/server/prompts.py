@@ -243,13 +243,14 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
                 without_template: str = "chat completions are not available; use /v1/completions",
                 vision: VisionConfig | QwenVisionConfig | PixtralVisionConfig | None = None,
                 media: MediaAccess = MediaAccess(local_root=None),
-                max_images: int | None = None) -> Prompt:
+                max_images: int | None = None, interleave: bool = False) -> Prompt:
     """The prompt of a chat through `template` (by default the tokenizer's chat template), given
     the `tools`, if any. `without_template`: what the refusal says the route's caller may do
     where there is no chat template. `vision`: the engine's vision tower, for a model that reads
     images (their parts are then read, and each image's token widened); `media`: the image
     sources the chat may name (`MediaAccess`; by default no local paths); `max_images`: the most
-    image parts a chat may hold (counted before any is read).
+    image parts a chat may hold (counted before any is read); `interleave`: a template that takes
+    text gets each image's token where its part is (`jpaged.images.chat_for_template`).
 
     Raises:
         APIError: 400 when there is no chat template, the messages are bad (an image that cannot
@@ -263,7 +264,7 @@ def chat_prompt(tokenizer: Any, messages: list[ChatMessage], add_generation_prom
     turns = conversation(messages)
     try:
         turns, images = chat_for_template(turns, tokenizer, vision, template.template, media, max_images,
-                                          template.content_format)
+                                          template.content_format, interleave)
     except ValueError as err:
         raise bad_request(str(err), param="messages") from err
     if add_generation_prompt and continue_final_message:

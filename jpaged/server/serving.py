@@ -88,7 +88,8 @@ class ServerState:
         pool = self.media_pool if any(isinstance(m.content, list) and any(part.type in IMAGE_PART_TYPES
                                                                           for part in m.content) for m in messages) else None
         build = functools.partial(chat_prompt, self.engine.tokenizer, messages, *args, template=template,
-                                  vision=self.engine.vision_config, media=self.media, max_images=self.engine.max_images)
+                                  vision=self.engine.vision_config, media=self.media, max_images=self.engine.max_images,
+                                  interleave=self.engine.interleave_mm_strings)
         return await asyncio.get_running_loop().run_in_executor(pool, build)
 
     def tokens_as_ids(self, request: CompletionRequest | ChatCompletionRequest) -> bool:
