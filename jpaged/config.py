@@ -506,8 +506,10 @@ def _gemma_fields(arch: str, hf: dict) -> dict:
         rope = RopeConfig.from_hf(hf, default_theta=float(hf.get("rope_theta", 1e6)))
         local_rope = RopeConfig(theta=float(hf.get("rope_local_base_freq", 10_000.0)))
     fields = dict(common, rope=rope, local_rope=local_rope, qk_norm=True)
-    if hf.get("use_bidirectional_attention"):  # EmbeddingGemma: HF's config halves the window, each way
-        fields.update(bidirectional=True, sliding_windows=tuple(w // 2 + 1 if w else 0 for w in layer_windows(arch, hf)))
+    if hf.get("use_bidirectional_attention"):  # EmbeddingGemma: HF's config halves the window (0 too), each way
+        window = hf.get("sliding_window")
+        halved = {**hf, "sliding_window": window // 2 + 1} if is_integer(window) and window >= 0 else hf
+        fields.update(bidirectional=True, sliding_windows=layer_windows(arch, halved))
     return fields
 
 

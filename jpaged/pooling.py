@@ -53,14 +53,13 @@ Plain Python: no jax.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from jpaged.projection import ACTIVATION_MODULES, Dense, activate, read_dense
+from jpaged.projection import ACTIVATION_MODULES, Dense, activate, read_dense, read_json
 
 RUNNERS = ("generate", "pooling")
 _MODES = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
@@ -121,7 +120,7 @@ def read_pooler_config(folder: Path | None, hidden_size: int | None = None) -> P
     modules_file = folder / "modules.json" if folder is not None else None
     if modules_file is None or not modules_file.is_file():
         return PoolerConfig()
-    modules = json.loads(modules_file.read_text())
+    modules = read_json(modules_file)
     names = [module.get("type", "").rsplit(".", 1)[-1] for module in modules]
     kinds = dict(zip(names, modules))
     if others := sorted(set(kinds) - {"Transformer", "Pooling", "Dense", "Normalize"}):
@@ -147,7 +146,7 @@ def _pooling_of(folder: Path, modules_file: Path, kinds: dict[str, dict]) -> Poo
         pooling_file = folder / kinds["Pooling"].get("path", "") / "config.json"
         if not pooling_file.is_file():
             raise ValueError(f"{modules_file} lists a Pooling module, but {pooling_file} is missing")
-        settings = json.loads(pooling_file.read_text())
+        settings = read_json(pooling_file)
         modes = ([settings["pooling_mode"]] if isinstance(settings.get("pooling_mode"), str)
                  else [mode for mode in _MODES if settings.get(mode)])
         if len(modes) != 1 or modes[0] not in POOLING_TYPES:

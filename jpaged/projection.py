@@ -22,6 +22,14 @@ ACTIVATION_MODULES = {"torch.nn.modules.linear.Identity": "identity", "torch.nn.
 _DENSE_ACTIVATIONS = ("identity", "sigmoid", "tanh")  # elementwise: what a Dense layer may apply
 
 
+def read_json(path: Path) -> dict | list:
+    """The JSON document in `path`; ValueError naming the file where it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
 def activate(name: str, values: np.ndarray) -> np.ndarray:
     """float32 `values` (any shape; softmax over the last axis) through the activation `name`
     ("identity", "sigmoid", "softmax" or "tanh")."""
@@ -73,7 +81,7 @@ def read_dense(folder: Path) -> Dense:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ValueError(f"a Dense module's settings are missing: {config_file}")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     name = config.get("activation_function", "torch.nn.modules.activation.Tanh")  # sentence-transformers' default
     activation = ACTIVATION_MODULES.get(name)
     if activation not in _DENSE_ACTIVATIONS:
@@ -91,15 +99,22 @@ def read_dense(folder: Path) -> Dense:
     if not weights_file.is_file():
         raise ValueError(f"{folder} holds no model.safetensors (jpaged reads a Dense layer's weights from "
                          "safetensors, not PyTorch pickles)")
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    tensors = load_file(weights_file)
+    try:
+        tensors = load_file(weights_file)
+    except SafetensorError as err:
+        raise ValueError(f"{weights_file} cannot be read: {err}") from err
     weight, bias = tensors.get("linear.weight"), tensors.get("linear.bias")
-    if weight is None or weight.shape != (out_features, in_features):
+    if weight is None:
+        raise ValueError(f"{weights_file} holds no linear.weight (it holds {', '.join(sorted(tensors)) or 'nothing'})")
+    if weight.shape != (out_features, in_features):
         raise ValueError(f"{weights_file}: linear.weight must have shape {(out_features, in_features)} "
-                         f"(out_features, in_features), got {None if weight is None else weight.shape}")
-    if config.get("bias", True) != (bias is not None) or (bias is not None and bias.shape != (out_features,)):
-        raise ValueError(f"{weights_file}: linear.bias must be {'present' if config.get('bias', True) else 'absent'}"
-                         f"{f' with shape ({out_features},)' if config.get('bias', True) else ''} as config.json's "
-                         "bias says")
+                         f"(out_features, in_features), got {weight.shape}")
+    if config.get("bias", True) != (bias is not None):
+        raise ValueError(f"{weights_file}: linear.bias must be {'present' if config.get('bias', True) else 'absent'}, "
+                         "as config.json's bias says")
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"{weights_file}: linear.bias must have shape ({out_features},), got {bias.shape}")
     return Dense(weight.astype(np.float32), None if bias is None else bias.astype(np.float32), activation, residual)

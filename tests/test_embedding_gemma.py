@@ -127,3 +127,10 @@ def test_refusals_name_the_problem(embedding_gemma, tmp_path):
         (broken / modules[2]["path"] / "config.json").write_text(json.dumps({**settings, **change}))
         with pytest.raises(ValueError, match=message):
             LLM(str(broken), **ENGINE_ARGS)
+    (broken / modules[2]["path"] / "config.json").write_text("{in_features: 64}")
+    with pytest.raises(ValueError, match=r"2_Dense/config.json is not valid JSON"):
+        LLM(str(broken), **ENGINE_ARGS)
+    (broken / modules[2]["path"] / "config.json").write_text(json.dumps(settings))
+    (broken / modules[2]["path"] / "model.safetensors").write_bytes(b"\x01")
+    with pytest.raises(ValueError, match=r"2_Dense/model.safetensors cannot be read"):
+        LLM(str(broken), **ENGINE_ARGS)

@@ -564,5 +564,9 @@ def test_gemma3_hub_config_read_as_hf_reads_it():
                                            use_bidirectional_attention=True)
     assert bidirectional.bidirectional and not ours.bidirectional
     assert bidirectional.sliding_windows == tuple(theirs.sliding_window if w else 0 for w in ours.sliding_windows)
+    theirs = transformers.Gemma3TextConfig(**{k: v for k, v in hub.items() if k not in ("architectures", "sliding_window")},
+                                           use_bidirectional_attention=True, sliding_window=0)  # saved from a window of 1
+    assert ModelConfig.from_hf({**hub, "use_bidirectional_attention": True, "sliding_window": 0}).sliding_windows == tuple(
+        theirs.sliding_window if w else 0 for w in ours.sliding_windows)
     with pytest.raises(ValueError, match="gemma2: use_bidirectional_attention=True"):
         ModelConfig.from_hf({**gemma2, "use_bidirectional_attention": True})
