@@ -86,7 +86,7 @@ class PoolerConfig:
     # sizes the model was trained to be cut to): requests may ask for their first `dimensions`
     matryoshka: bool = False
     matryoshka_dimensions: tuple[int, ...] | None = None
-    # the model files' Dense layers, applied in order to a pooled vector (not to token states)
+    # the model files' Dense layers, applied in order to a pooled vector (or each token embedding)
     dense: tuple[Dense, ...] = ()
 
     @property
@@ -105,7 +105,8 @@ class PoolerConfig:
         return self.dense[-1].out_features if self.dense else hidden_size
 
     def project(self, state: np.ndarray) -> np.ndarray:
-        """A pooled state through the Dense layers (float32; as it is without any)."""
+        """A pooled state [hidden] (or token states [tokens, hidden]) through the Dense layers
+        (float32; as it is without any)."""
         for layer in self.dense:
             state = layer(state)
         return state
@@ -205,8 +206,9 @@ def pooler_for_task(pooler: PoolerConfig, task: str, pooler_config: dict | None)
     if asked is not None and (asked == "all") != token_level:
         raise ValueError(f"pooler_config pooling_type {pooler_config['pooling_type']!r} does not suit the task "
                          f"{task!r}: {'ALL' if token_level else 'LAST, MEAN or CLS'}")
-    if token_level:
-        return PoolerConfig("all", normalize=pooler.normalize and task == "token_embed")
+    if token_level:  # token embeddings go through the Dense layers too, as vLLM's
+        embeds = task == "token_embed"
+        return PoolerConfig("all", normalize=pooler.normalize and embeds, dense=pooler.dense if embeds else ())
     if task == "classify":
         return PoolerConfig(asked or "last", normalize=False)  # the head reads the state as it is
     return dataclasses.replace(pooler, pooling_type=asked or pooler.pooling_type)

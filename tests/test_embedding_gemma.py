@@ -87,6 +87,21 @@ def test_embeddings_match_sentence_transformers(embedding_gemma, backend):
     assert stats.num_free_blocks == stats.num_blocks
 
 
+def test_token_embeddings_go_through_the_dense_layers(embedding_gemma):
+    """token_embed: every token's state through the Dense layers, then normalised (vLLM's); the
+    oracle is sentence-transformers' token embeddings through its own Dense modules."""
+    folder, oracle = embedding_gemma
+    llm = LLM(str(folder), pooler_config={"task": "token_embed"}, **ENGINE_ARGS)
+    prompt = texts((30,), seed=2)[0]
+    got = np.asarray(llm.encode([prompt], pooling_task="token_embed", use_tqdm=False)[0].outputs.data)
+    with torch_single_thread(), torch.no_grad():
+        features = {"sentence_embedding": oracle.encode(prompt, output_value="token_embeddings", convert_to_tensor=True)}
+        for module in (oracle[2], oracle[3]):
+            features = module(features)
+        expected = torch.nn.functional.normalize(features["sentence_embedding"], dim=-1).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)
+
+
 def test_dense_layers_with_biases_and_activations(tmp_path):
     """Dense layers of other sizes, with biases and Tanh / Sigmoid, and one with a residual."""
     dense = [dict(out_features=48, bias=True, activation_function=torch.nn.Tanh()),
