@@ -55,10 +55,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generation-config", default="auto",
                         help="sampling defaults for what requests leave unset: 'auto' (the model's "
                              "generation_config.json), 'none', or a folder holding a generation_config.json")
-    parser.add_argument("--runner", default="generate", choices=RUNNERS,
+    parser.add_argument("--runner", default="auto", choices=RUNNERS,
                         help="'pooling' embeds prompts (pooled final hidden states; serve: /v1/embeddings), or "
                              "with a *ForSequenceClassification model classifies them (serve: /classify), "
-                             "instead of generating; every pooling model also serves /pooling")
+                             "instead of generating; every pooling model also serves /pooling. 'auto': pooling "
+                             "for base models (*Model) and classifiers, else generate")
     parser.add_argument("--pooler-config", type=_json_object, default=None,
                         help='with --runner pooling, the task the model runs and how it pools, as JSON: "task" '
                              '(embed, classify, token_embed, token_classify) and "pooling_type" (LAST, MEAN, CLS, '

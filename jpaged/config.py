@@ -1386,8 +1386,9 @@ class EngineConfig:
     # the reasoning model family's <think> markers (jpaged/reasoning.py): structured outputs apply
     # once reasoning ends; the server splits replies into reasoning and content. None: neither
     reasoning_parser: str | None = None
-    # "generate" (sample tokens) or "pooling" (embed each prompt, jpaged/pooling.py; vLLM's runner)
-    runner: str = "generate"
+    # "generate" (sample tokens), "pooling" (embed each prompt, jpaged/pooling.py) or "auto" (the
+    # model's: pooling for base models and classifiers, `pooling.default_runner`); vLLM's runner
+    runner: str = "auto"
     # under runner "pooling", vLLM's pooler_config: `task` (embed, classify, token_embed,
     # token_classify; None: the model's own) and `pooling_type` (LAST, MEAN, CLS, ALL)
     pooler_config: dict | None = None
@@ -1429,7 +1430,7 @@ class EngineConfig:
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         check_pooler_config(self.pooler_config)
-        if self.pooler_config and self.runner != "pooling":
+        if self.pooler_config and self.runner == "generate":
             raise ValueError(f"pooler_config {self.pooler_config!r:.100} applies to runner='pooling' only")
         if self.runner == "pooling" and (self.speculative.enabled or self.reasoning_parser):
             raise ValueError("runner='pooling' generates nothing, so it takes no speculative_config or "
@@ -1475,7 +1476,7 @@ class EngineConfig:
     def _check_prompt_embeds(self) -> None:
         if not self.enable_prompt_embeds:
             return
-        if self.runner != "generate" or self.parallel.pipeline_parallel_size > 1 or self.offload_weights:
+        if self.runner == "pooling" or self.parallel.pipeline_parallel_size > 1 or self.offload_weights:
             raise ValueError(f"enable_prompt_embeds runs under runner 'generate' without pipeline parallelism and "
                              f"offload_weights: got runner {self.runner!r}, pipeline_parallel_size "
                              f"{self.parallel.pipeline_parallel_size}, offload_weights {self.offload_weights!r}")

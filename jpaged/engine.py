@@ -73,6 +73,7 @@ from jpaged.pooling import (
     PoolingParams,
     answer_token_ids,
     check_dimensions,
+    default_runner,
     pooled_output,
     pooler_for_task,
     pooling_task,
@@ -125,6 +126,11 @@ class LLMEngine:
             source = dataclasses.replace(source, hf_config={**source.hf_config, **config.hf_overrides})
         self.model_name = source.name
         architectures = source.hf_config.get("architectures") or []
+        if config.runner == "auto":
+            config = self.config = dataclasses.replace(config, runner=default_runner(architectures,
+                                                                                     config.pooler_config))
+            logger.info("runner 'auto': %s runs with runner=%r (architectures %s)", source.name, config.runner,
+                        architectures)
         classifies = [name for name in architectures if name.endswith((CLASSIFIER_SUFFIX, TOKEN_CLASSIFIER_SUFFIX))]
         if classifies and config.runner != "pooling":
             call = ("LLM.encode(pooling_task='token_classify')" if classifies[0].endswith(TOKEN_CLASSIFIER_SUFFIX)

@@ -61,7 +61,7 @@ import numpy as np
 
 from jpaged.projection import ACTIVATION_MODULES, Dense, activate, read_dense, read_json
 
-RUNNERS = ("generate", "pooling")
+RUNNERS = ("auto", "generate", "pooling")  # vLLM's; "auto" is the model's own (`default_runner`)
 _MODES = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
           "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
 
@@ -156,6 +156,17 @@ def _pooling_of(folder: Path, modules_file: Path, kinds: dict[str, dict]) -> Poo
                              "pooling_mode_mean_tokens, pooling_mode_cls_token)")
         return PoolerConfig(pooling_type=POOLING_TYPES[modes[0]], normalize="Normalize" in kinds)
     return PoolerConfig(normalize="Normalize" in kinds)
+
+
+def default_runner(architectures: list[str], pooler_config: dict | None = None) -> str:
+    """The runner "auto" stands for, as vLLM picks it: "pooling" for a model whose architectures
+    (config.json's) are all base models (`*Model`: no LM head; EmbeddingGemma's
+    `Gemma3TextModel`, `Qwen3Model`) or classifiers (`*ForSequenceClassification`,
+    `*ForTokenClassification`), or where a `pooler_config` is given; "generate" otherwise."""
+    heads = ("LMHeadModel", "ChatModel")  # generating models whose names end in "Model"
+    pooling = [name for name in architectures
+               if name.endswith(("Model", CLASSIFIER_SUFFIX, TOKEN_CLASSIFIER_SUFFIX)) and not name.endswith(heads)]
+    return "pooling" if pooler_config or (architectures and len(pooling) == len(architectures)) else "generate"
 
 
 def supported_tasks(architectures: list[str]) -> tuple[str, ...]:

@@ -140,7 +140,8 @@ def test_server_classify_matches_llm_classify(classifier, prompts):
 def test_a_classifier_refuses_other_tasks(classifier, stories_path):
     folder, llm = classifier
     with pytest.raises(ValueError, match="classification model .* runner='pooling'"):
-        LLM(str(folder), num_blocks=16)
+        LLM(str(folder), num_blocks=16, runner="generate")
+    assert LLM(str(folder), num_blocks=16).engine.runner_type == "pooling"  # runner "auto", as vLLM's
     with pytest.raises(ValueError, match="LLM.embed cannot run on this model: it classifies prompts"):
         llm.embed("t5 t6", use_tqdm=False)
     with pytest.raises(ValueError, match="it classifies prompts .LLM.classify. and generates nothing"):

@@ -122,7 +122,9 @@ def test_dense_layers_with_biases_and_activations(tmp_path):
 def test_refusals_name_the_problem(embedding_gemma, tmp_path):
     folder, _ = embedding_gemma
     with pytest.raises(ValueError, match="reads each prompt bidirectionally.*runner='pooling'"):
-        LLM(str(folder), num_blocks=16)
+        LLM(str(folder), num_blocks=16, runner="generate")
+    auto = LLM(str(folder), **{**ENGINE_ARGS, "runner": "auto"})  # a base model (Gemma3TextModel): pooling, as vLLM's
+    assert auto.engine.runner_type == "pooling" and auto.embed(texts((5,)), use_tqdm=False)[0].outputs.embedding
     with pytest.raises(ValueError, match="pipeline_parallel_size 2"):
         LLM(str(folder), pipeline_parallel_size=2, **ENGINE_ARGS)
     llm = LLM(str(folder), **{**ENGINE_ARGS, "max_num_batched_tokens": 16})

@@ -176,7 +176,7 @@ def test_each_runner_refuses_the_other_runners_calls(llm, stories_path):
         generator.embed("Once upon a time", use_tqdm=False)
     with pytest.raises(ValueError, match="this engine generates: .* PoolingParams are for runner='pooling'"):
         generator.engine.add_request("x", "Once upon a time", PoolingParams())
-    with pytest.raises(ValueError, match="runner must be one of generate, pooling, got 'embed'"):
+    with pytest.raises(ValueError, match="runner must be one of auto, generate, pooling, got 'embed'"):
         LLM(stories_path, runner="embed")
 
 

@@ -204,11 +204,11 @@ def test_pooler_config_is_checked(embedding_folder, token_classifier):
         with pytest.raises(ValueError, match=message):
             LLM(str(embedding_folder), **ENGINE_ARGS, pooler_config=pooler_config)
     with pytest.raises(ValueError, match="applies to runner='pooling' only"):
-        LLM(str(embedding_folder), pooler_config={"task": "embed"})
+        LLM(str(embedding_folder), runner="generate", pooler_config={"task": "embed"})
     with pytest.raises(ValueError, match="task 'classify' is not one this model runs .*token_classify"):
         LLM(str(token_classifier[0]), **ENGINE_ARGS, pooler_config={"task": "classify"})
     with pytest.raises(ValueError, match=r"classification model .*runner='pooling' \(LLM.encode\(pooling_task="):
-        LLM(str(token_classifier[0]))
+        LLM(str(token_classifier[0]), runner="generate")
 
 
 def test_server_pooling_matches_llm_encode(token_classifier, prompts):
@@ -279,3 +279,18 @@ def test_truncate_prompt_tokens_keeps_each_prompts_last_tokens(token_classifier,
         llm.encode("t5", pooling_task="token_classify", use_tqdm=False, truncate_prompt_tokens=200)
     with pytest.raises(TypeError, match="truncate_prompt_tokens must be an int"):
         PoolingParams(truncate_prompt_tokens="10")
+
+
+def test_runner_auto_picks_the_models_own_as_vllm():
+    """vLLM's runner "auto": pooling for base models and classifiers (or where a pooler_config is
+    given), generate otherwise; the CLI and `EngineConfig` default to it."""
+    from jpaged.cli import _parser, engine_kwargs
+    from jpaged.pooling import default_runner
+
+    cases = [(["LlamaForCausalLM"], None, "generate"), (["Gemma3TextModel"], None, "pooling"),
+             (["Qwen3Model"], None, "pooling"), (["Qwen2ForSequenceClassification"], None, "pooling"),
+             (["BertForTokenClassification"], None, "pooling"), (["GPT2LMHeadModel"], None, "generate"),
+             ([], None, "generate"), (["LlamaForCausalLM"], {"task": "embed"}, "pooling"),
+             (["Qwen3Model", "Qwen3ForCausalLM"], None, "generate")]
+    assert [default_runner(archs, pooler) for archs, pooler, _ in cases] == [want for _, _, want in cases]
+    assert engine_kwargs(_parser().parse_args(["serve", "m"]))["runner"] == "auto"
