@@ -84,6 +84,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interleave-mm-strings", action="store_true",
                         help="a chat template that takes text gets each image's token where its part is; unset: "
                              "the images a message's text does not name go first, one per line (vLLM's default)")
+    parser.add_argument("--enable-sleep-mode", action="store_true",
+                        help="allow sleep / wake_up (serve: POST /sleep, POST /wake_up, GET /is_sleeping), which "
+                             "free the device memory of the weights (kept in host memory) and KV cache between uses")
     parser.add_argument("--compile-warmup", action="store_true",
                         help="compile every step program before the first request")
     parser.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction, default=True,

@@ -1402,6 +1402,9 @@ class EngineConfig:
     # a chat template that takes text gets each image's token where its part is (vLLM's
     # interleave_mm_strings); otherwise the images a message's text does not name go first
     interleave_mm_strings: bool = False
+    # allow `sleep()` / `wake_up()`, which free and give back the device memory of the weights and
+    # KV cache between uses (vLLM's sleep mode, level 1)
+    enable_sleep_mode: bool = False
     # sampling defaults: "auto" (the model's generation_config.json), "none", or a folder holding one
     generation_config: str = "auto"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -1413,7 +1416,7 @@ class EngineConfig:
     def __post_init__(self):
         _check_integers(self, ("seed", "max_logprobs"))
         for name in ("attention_interpret", "compilation_cache", "compile_warmup", "enable_prompt_embeds",
-                     "interleave_mm_strings"):
+                     "interleave_mm_strings", "enable_sleep_mode"):
             as_bool(name, getattr(self, name))
         if self.hf_overrides is not None and not (isinstance(self.hf_overrides, dict)
                                                   and all(isinstance(key, str) for key in self.hf_overrides)):

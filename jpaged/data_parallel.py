@@ -35,7 +35,7 @@ class DataParallelEngine:
         self.reasoning_parser, self.runner_type, self.pooling_task = first.reasoning_parser, first.runner_type, first.pooling_task
         self.classifier, self.vision_config = first.classifier, first.vision_config
         self.enable_prompt_embeds, self.max_images = first.enable_prompt_embeds, first.max_images
-        self.interleave_mm_strings = first.interleave_mm_strings
+        self.interleave_mm_strings, self.enable_sleep_mode = first.interleave_mm_strings, first.enable_sleep_mode
         self._replica_of: dict[str, LLMEngine] = {}
         self._pool = ThreadPoolExecutor(num_replicas, thread_name_prefix="jpaged-replica")
 
@@ -84,6 +84,19 @@ class DataParallelEngine:
 
     def reset_prefix_cache(self) -> int:
         return sum(engine.reset_prefix_cache() for engine in self.replicas)
+
+    def sleep(self, level: int = 1) -> None:
+        if unfinished := self.get_num_unfinished_requests():  # before any replica sleeps
+            raise ValueError(f"sleep with {unfinished} unfinished request(s): finish or abort them first")
+        for engine in self.replicas:
+            engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        for engine in self.replicas:
+            engine.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return any(engine.is_sleeping() for engine in self.replicas)
 
     def get_sequence(self, request_id: str) -> Sequence:
         return self._replica_of[request_id].get_sequence(request_id)

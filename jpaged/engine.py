@@ -47,7 +47,7 @@ from jpaged.images import (
 )
 from jpaged.loader.source import open_model
 from jpaged.lora import LoRAAdapter, LoRARequest, load_lora_adapter
-from jpaged.model_runner import ModelRunner, StepOutput
+from jpaged.model_runner import WAKE_UP_TAGS, ModelRunner, StepOutput
 from jpaged.models.pixtral_vision import PixtralImageEncoder
 from jpaged.models.quantization import gguf_packed
 from jpaged.models.qwen_vision import QwenImageEncoder
@@ -119,6 +119,7 @@ class LLMEngine:
         self.config = config
         self.max_images = (config.limit_mm_per_prompt or {}).get("image")  # None: no limit
         self.interleave_mm_strings = config.interleave_mm_strings
+        self.enable_sleep_mode = config.enable_sleep_mode
         if config.compilation_cache:
             compile_cache.enable()
         source = open_model(config.model, config.tokenizer, config.revision)
@@ -366,7 +367,11 @@ class LLMEngine:
         """Queue a request; raises ValueError for input that can never be served, a `priority`
         other than 0 without `scheduling_policy="priority"`, or a `lora_request` the engine cannot
         run (see `add_lora`). Under the pooling runner a request takes `PoolingParams` or None (it
-        embeds or classifies its prompt and samples nothing), else `SamplingParams` or None."""
+        embeds or classifies its prompt and samples nothing), else `SamplingParams` or None.
+        ValueError while the engine sleeps (`sleep`)."""
+        if self.runner.is_sleeping:
+            raise ValueError("the engine is sleeping (its weights and KV cache are off the device): call wake_up() "
+                             "first")
         pooling_params = None
         if self.pooler is not None:
             if params is not None and not isinstance(params, PoolingParams):
@@ -615,6 +620,33 @@ class LLMEngine:
     def reset_prefix_cache(self) -> int:
         return self.block_manager.reset_prefix_cache()
 
+    def sleep(self, level: int = 1) -> None:
+        """Free the device memory the engine holds until `wake_up` (vLLM's sleep mode, level 1):
+        the weights go to host memory, the KV cache and the prefix cache are dropped; compiled
+        programs stay. Needs `enable_sleep_mode`. ValueError for another level, while requests are
+        unfinished (finish or abort them first), and with `offload_weights`."""
+        if not self.config.enable_sleep_mode:
+            raise ValueError("sleep needs an engine made with enable_sleep_mode=True (--enable-sleep-mode)")
+        if level != 1:
+            raise ValueError(f"sleep level {level!r} is not supported: level 1 keeps the weights in host memory "
+                             "(level 2, which discards them, is not offered)")
+        if unfinished := self.get_num_unfinished_requests():
+            raise ValueError(f"sleep with {unfinished} unfinished request{'s' * (unfinished > 1)}: finish or abort "
+                             "them first")
+        self.block_manager.reset_prefix_cache()
+        self.runner.sleep()
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Give back what `sleep` freed: everything, or the parts `tags` names ("weights",
+        "kv_cache"; vLLM's tags, so that weights can be updated before the cache is made).
+        ValueError for another tag."""
+        if unknown := sorted(set(tags or ()) - set(WAKE_UP_TAGS)):
+            raise ValueError(f"wake_up tags {unknown} are not among {list(WAKE_UP_TAGS)}")
+        self.runner.wake_up(tuple(tags) if tags else WAKE_UP_TAGS)
+
+    def is_sleeping(self) -> bool:
+        return self.runner.is_sleeping
+
     def get_sequence(self, request_id: str) -> Sequence:
         return self.requests[request_id].seqs[0]
 
@@ -658,6 +690,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One scheduled model step; outputs for every request that took part in it."""
+        if self.runner.is_sleeping:  # it holds no requests
+            return []
         if self.proposer is not None:
             self._propose_drafts()
         plan = self.scheduler.schedule()

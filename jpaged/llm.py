@@ -77,6 +77,18 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def sleep(self, level: int = 1) -> None:
+        """Free the device memory of the weights (kept in host memory) and the KV cache until
+        `wake_up`, as vLLM's sleep mode (level 1); the prefix cache is emptied, compiled programs
+        stay. Needs `LLM(..., enable_sleep_mode=True)`. ValueError for another level, and while a
+        request is unfinished."""
+        self.engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Give back what `sleep` freed: all of it, or the parts `tags` names ("weights",
+        "kv_cache"). Requests are refused (ValueError) until both are back."""
+        self.engine.wake_up(tags)
+
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` and `chat` use when given no `SamplingParams`: jpaged's defaults, with
         the model's generation-config recommendations on top (see `generation_config`)."""

@@ -72,6 +72,7 @@ from pallas_kernels.quantized_kv import bytes_per_token_head, empty_cache
 logger = logging.getLogger("jpaged")
 
 PROMPT_LOGPROBS_TILE = 256  # prompt positions per LM-head product of the prompt logprobs
+WAKE_UP_TAGS = ("weights", "kv_cache")  # what `ModelRunner.wake_up` gives back (vLLM's tags)
 
 
 class StepOutput(NamedTuple):
@@ -90,6 +91,14 @@ def memory_spans(tree) -> list[tuple[int, int]]:
     """(address, bytes) of every shard of the jax arrays in `tree` (for `huge_pages`)."""
     return [(shard.data.unsafe_buffer_pointer(), shard.data.nbytes) for x in jax.tree.leaves(tree)
             if isinstance(x, jax.Array) for shard in x.addressable_shards]
+
+
+def _to_host(tree) -> tuple:
+    """`(host copies, placements)` of a tree of device arrays, whose device buffers are then freed."""
+    placed = jax.tree.map(lambda x: x.sharding, tree)
+    host = jax.tree.map(lambda x: np.array(x, copy=True), tree)  # a copy: on CPU a plain view shares the buffer
+    jax.tree.map(lambda x: x.delete(), tree)
+    return host, placed
 
 
 def host_memory_available() -> int | None:
@@ -240,6 +249,7 @@ class ModelRunner:
         self.mrope = mrope
         self.bidirectional = bidirectional
         self._placeholders: dict[tuple, jax.Array] = {}
+        self._asleep: dict | None = None  # what `sleep` moved off the devices, by tag
         self._decodes_prefetched: set[int] = set()
         self._config = config
         self._make_programs()
@@ -332,6 +342,46 @@ class ModelRunner:
         if self.stream is None:
             return self.state
         return [self.state, [layer for i, layer in enumerate(self.stream.layers) if not self.offload.streams(i)]]
+
+    def sleep(self) -> None:
+        """Free the device memory of the weights and the KV cache (vLLM's sleep, level 1): the
+        weights are copied to host memory first, the cache's contents are dropped. The step
+        programs stay compiled. ValueError where the weights are streamed (`offload_weights`:
+        they already live in host memory)."""
+        if self.stream is not None:
+            raise ValueError("sleep frees device memory; with offload_weights the weights already live in host "
+                             "memory and stream through the device")
+        if self._asleep is None:
+            self._asleep = {}
+        if "weights" not in self._asleep:
+            self._asleep["weights"] = _to_host(self.state)
+            self.state = None
+        if "kv_cache" not in self._asleep:
+            self._asleep["kv_cache"] = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.kv_cache)
+            jax.tree.map(lambda x: x.delete(), self.kv_cache)
+            self.kv_cache = None
+
+    def wake_up(self, tags: tuple[str, ...] = WAKE_UP_TAGS) -> None:
+        """Give back what `sleep` freed, all of it or `tags`' parts ("weights": the same weights,
+        placed as before; "kv_cache": an empty cache of the same shape)."""
+        if self._asleep is None:
+            return
+        if "weights" in tags and "weights" in self._asleep:
+            host, placed = self._asleep.pop("weights")
+            self.state = jax.tree.map(jax.device_put, host, placed)
+            if jax.default_backend() == "cpu":
+                self.huge_pages = collapse_in_background(memory_spans(self._resident_weights()))
+        if "kv_cache" in tags and "kv_cache" in self._asleep:
+            self.kv_cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding),
+                                         self._asleep.pop("kv_cache"))
+        if not self._asleep:
+            self._asleep = None
+
+    @property
+    def is_sleeping(self) -> bool:
+        """Whether `sleep` freed something that `wake_up` has not given back."""
+        return self._asleep is not None
 
     def offload_stats(self) -> dict[str, int]:
         """`EngineStats`' fields about streamed layers."""

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from jpaged.server.chat import create_chat_completion
 from jpaged.server.completions import create_completion
 from jpaged.server.embeddings import create_classification, create_embedding, create_pooling
-from jpaged.server.errors import APIError, error_body, error_type_for_status, unauthorized
+from jpaged.server.errors import APIError, bad_request, error_body, error_type_for_status, unauthorized
 from jpaged.server.metrics import CONTENT_TYPE
 from jpaged.server.protocol import (
     ChatCompletionRequest,
@@ -86,6 +86,10 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
         v1.add_api_route("/load_lora_adapter", _load_lora_adapter, methods=["POST"])
         v1.add_api_route("/unload_lora_adapter", _unload_lora_adapter, methods=["POST"])
     app.include_router(v1)
+    if getattr(state.engine, "enable_sleep_mode", False):  # vLLM's sleep-mode routes
+        app.add_api_route("/sleep", _sleep, methods=["POST"], dependencies=[Depends(_check_api_key)])
+        app.add_api_route("/wake_up", _wake_up, methods=["POST"], dependencies=[Depends(_check_api_key)])
+        app.add_api_route("/is_sleeping", _is_sleeping, methods=["GET"], dependencies=[Depends(_check_api_key)])
     for path, method in (("/health", "GET"), ("/health", "HEAD"), ("/ping", "GET"), ("/ping", "POST")):
         app.add_api_route(path, _health, methods=[method])  # a route per method: each its own OpenAPI operation
     app.add_api_route("/version", _version, methods=["GET"])
@@ -202,6 +206,34 @@ async def _unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request)
     state = _state(request)
     await state.engine.call(lambda engine: state.unload_lora(engine, body.lora_name))
     return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.", media_type="text/plain")
+
+
+async def _sleep(request: Request, level: str = "1") -> Response:
+    """`POST /sleep?level=1`: free the engine's device memory until `/wake_up` (400 while
+    requests are unfinished, or for another level)."""
+    if not level.isdigit():
+        raise bad_request(f"level must be an integer, got {level!r:.50}", param="level")
+    await _on_engine(request, lambda engine: engine.sleep(int(level)))
+    return Response(status_code=200)
+
+
+async def _wake_up(request: Request) -> Response:
+    """`POST /wake_up` (optionally `?tags=weights&tags=kv_cache`): give back what `/sleep` freed."""
+    tags = request.query_params.getlist("tags") or None
+    await _on_engine(request, lambda engine: engine.wake_up(tags))
+    return Response(status_code=200)
+
+
+async def _is_sleeping(request: Request) -> dict:
+    return {"is_sleeping": await _on_engine(request, lambda engine: engine.is_sleeping())}
+
+
+async def _on_engine(request: Request, call):
+    """`call(engine)` on the engine loop; its ValueError as a 400."""
+    try:
+        return await _state(request).engine.call(call)
+    except ValueError as err:
+        raise bad_request(str(err)) from err
 
 
 async def _health(request: Request) -> Response:

@@ -169,6 +169,10 @@ class AsyncEngine:
         return self.engine.interleave_mm_strings
 
     @property
+    def enable_sleep_mode(self) -> bool:
+        return getattr(self.engine, "enable_sleep_mode", False)
+
+    @property
     def enable_prompt_embeds(self) -> bool:
         return self.engine.enable_prompt_embeds
 
