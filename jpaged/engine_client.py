@@ -67,7 +67,8 @@ class EngineClient(Protocol):
     the placeholders each image widens to, `placeholder_ids`; `jpaged.images.placeholder_offsets`); None
     otherwise), `max_images` (the most images a prompt may hold, `limit_mm_per_prompt`; None: no
     limit), `interleave_mm_strings` (whether a chat template that takes text gets each image's
-    token where its part is, `jpaged.images.chat_for_template`), `enable_prompt_embeds` (whether
+    token where its part is, `jpaged.images.chat_for_template`), `enable_sleep_mode` (whether
+    `sleep` may be called), `enable_prompt_embeds` (whether
     prompts may come as embeddings, `{"prompt_embeds": ...}`)."""
 
     tokenizer: Any
@@ -83,6 +84,7 @@ class EngineClient(Protocol):
     vision_config: VisionConfig | QwenVisionConfig | None
     max_images: int | None
     interleave_mm_strings: bool
+    enable_sleep_mode: bool
     enable_prompt_embeds: bool
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
@@ -127,6 +129,16 @@ class EngineClient(Protocol):
     def reset_prefix_cache(self) -> int:
         """Drop every cached block no sequence holds; return how many were dropped."""
         ...
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the device memory of the weights and KV cache until `wake_up` (`LLM.sleep`)."""
+        ...
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Give back what `sleep` freed (`LLM.wake_up`)."""
+        ...
+
+    def is_sleeping(self) -> bool: ...
 
     def get_sequence(self, request_id: str) -> Sequence:
         """A queued request's first sequence (beam search steers it). KeyError for unknown ids."""
