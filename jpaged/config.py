@@ -1433,6 +1433,9 @@ class EngineConfig:
         if self.runner not in RUNNERS:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         check_pooler_config(self.pooler_config)
+        if self.enable_sleep_mode and self.offload_weights:
+            raise ValueError(f"enable_sleep_mode frees device memory between uses; with offload_weights "
+                             f"{self.offload_weights!r} the weights already live in host memory")
         if self.pooler_config and self.runner == "generate":
             raise ValueError(f"pooler_config {self.pooler_config!r:.100} applies to runner='pooling' only")
         if self.runner == "pooling" and (self.speculative.enabled or self.reasoning_parser):

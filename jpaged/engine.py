@@ -128,8 +128,12 @@ class LLMEngine:
         self.model_name = source.name
         architectures = source.hf_config.get("architectures") or []
         if config.runner == "auto":
-            config = self.config = dataclasses.replace(config, runner=default_runner(architectures,
-                                                                                     config.pooler_config))
+            runner = default_runner(architectures, config.pooler_config)
+            try:
+                config = self.config = dataclasses.replace(config, runner=runner)
+            except ValueError as err:
+                raise ValueError(f"runner 'auto' runs {source.name} (architectures {architectures}) with runner="
+                                 f"{runner!r}: {err}") from err
             logger.info("runner 'auto': %s runs with runner=%r (architectures %s)", source.name, config.runner,
                         architectures)
         classifies = [name for name in architectures if name.endswith((CLASSIFIER_SUFFIX, TOKEN_CLASSIFIER_SUFFIX))]
@@ -370,8 +374,8 @@ class LLMEngine:
         embeds or classifies its prompt and samples nothing), else `SamplingParams` or None.
         ValueError while the engine sleeps (`sleep`)."""
         if self.runner.is_sleeping:
-            raise ValueError("the engine is sleeping (its weights and KV cache are off the device): call wake_up() "
-                             "first")
+            raise ValueError(f"the engine is sleeping ({' and '.join(self.runner.sleeping_parts)} off the device): "
+                             "wake it up first (LLM.wake_up, or the server's POST /wake_up)")
         pooling_params = None
         if self.pooler is not None:
             if params is not None and not isinstance(params, PoolingParams):
@@ -627,19 +631,21 @@ class LLMEngine:
         unfinished (finish or abort them first), and with `offload_weights`."""
         if not self.config.enable_sleep_mode:
             raise ValueError("sleep needs an engine made with enable_sleep_mode=True (--enable-sleep-mode)")
-        if level != 1:
+        if type(level) is not int or level != 1:
             raise ValueError(f"sleep level {level!r} is not supported: level 1 keeps the weights in host memory "
                              "(level 2, which discards them, is not offered)")
         if unfinished := self.get_num_unfinished_requests():
             raise ValueError(f"sleep with {unfinished} unfinished request{'s' * (unfinished > 1)}: finish or abort "
                              "them first")
-        self.block_manager.reset_prefix_cache()
         self.runner.sleep()
+        self.block_manager.reset_prefix_cache()
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Give back what `sleep` freed: everything, or the parts `tags` names ("weights",
         "kv_cache"; vLLM's tags, so that weights can be updated before the cache is made).
         ValueError for another tag."""
+        if isinstance(tags, str) or not isinstance(tags, (list, tuple, type(None))):
+            raise ValueError(f"wake_up tags must be a list such as ['weights'], got {tags!r:.50}")
         if unknown := sorted(set(tags or ()) - set(WAKE_UP_TAGS)):
             raise ValueError(f"wake_up tags {unknown} are not among {list(WAKE_UP_TAGS)}")
         self.runner.wake_up(tuple(tags) if tags else WAKE_UP_TAGS)

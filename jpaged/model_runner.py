@@ -383,6 +383,11 @@ class ModelRunner:
         """Whether `sleep` freed something that `wake_up` has not given back."""
         return self._asleep is not None
 
+    @property
+    def sleeping_parts(self) -> list[str]:
+        """What `sleep` freed and `wake_up` has not given back, by name ("weights", "KV cache")."""
+        return [{"weights": "weights", "kv_cache": "KV cache"}[tag] for tag in WAKE_UP_TAGS if tag in (self._asleep or {})]
+
     def offload_stats(self) -> dict[str, int]:
         """`EngineStats`' fields about streamed layers."""
         plan = self.offload or OffloadPlan(self.model_config.num_layers, self.model_config.num_layers, 0, 0)

@@ -37,10 +37,12 @@ def test_sleep_frees_the_weights_and_cache_and_wake_up_answers_as_before(llm):
     awake = device_bytes()
     llm.sleep()
     assert llm.engine.is_sleeping() and awake - device_bytes() >= weights + cache
-    with pytest.raises(ValueError, match="the engine is sleeping .* call wake_up"):
+    with pytest.raises(ValueError, match=r"sleeping \(weights and KV cache off the device\): wake it up first"):
         llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
     llm.wake_up(["weights"])  # the weights first (to update them), then the cache
     assert llm.engine.is_sleeping() and device_bytes() < awake
+    with pytest.raises(ValueError, match=r"the engine is sleeping \(KV cache off the device\)"):
+        llm.generate(PROMPTS[0], GREEDY, use_tqdm=False)
     llm.wake_up(["kv_cache"])
     assert not llm.engine.is_sleeping()
     assert tokens(llm) == expected and runner.num_compilations == compiled
@@ -65,8 +67,14 @@ def test_refusals_name_the_problem(llm, stories_path):
     llm.engine.abort_request("busy")
     with pytest.raises(ValueError, match="sleep level 2 is not supported"):
         llm.sleep(level=2)
+    with pytest.raises(ValueError, match=r"sleep level True is not supported"):
+        llm.sleep(True)
     with pytest.raises(ValueError, match=r"wake_up tags \['cache'\] are not among"):
         llm.wake_up(["cache"])
+    with pytest.raises(ValueError, match=r"wake_up tags must be a list such as \['weights'\], got 'weights'"):
+        llm.wake_up("weights")
+    with pytest.raises(ValueError, match="with offload_weights 'host' the weights already live in host memory"):
+        LLM(stories_path, enable_sleep_mode=True, offload_weights="host")
     assert not llm.engine.is_sleeping()
     with pytest.raises(ValueError, match="enable_sleep_mode=True"):
         LLM(stories_path, num_blocks=16).sleep()
@@ -89,7 +97,9 @@ def test_server_sleep_routes(llm):
         assert httpx.get(f"{url}/is_sleeping").json() == {"is_sleeping": True}
         refused = httpx.post(f"{url}/v1/completions", json=body)
         assert refused.status_code == 400 and "sleeping" in refused.json()["error"]["message"]
-        assert httpx.post(f"{url}/sleep", params={"level": "two"}).status_code == 400
+        for level in ("two", "2", "\u00b2"):
+            refused = httpx.post(f"{url}/sleep", params={"level": level})
+            assert refused.status_code == 400 and "level" in refused.json()["error"]["message"]
         assert httpx.post(f"{url}/wake_up", params={"tags": ["weights", "kv_cache"]}).status_code == 200
         assert httpx.get(f"{url}/is_sleeping").json() == {"is_sleeping": False}
         answer = httpx.post(f"{url}/v1/completions", json={**body, "return_token_ids": True}).json()

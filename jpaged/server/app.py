@@ -211,9 +211,11 @@ async def _unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request)
 async def _sleep(request: Request, level: str = "1") -> Response:
     """`POST /sleep?level=1`: free the engine's device memory until `/wake_up` (400 while
     requests are unfinished, or for another level)."""
-    if not level.isdigit():
-        raise bad_request(f"level must be an integer, got {level!r:.50}", param="level")
-    await _on_engine(request, lambda engine: engine.sleep(int(level)))
+    try:
+        number = int(level)
+    except ValueError:
+        raise bad_request(f"level must be an integer, got {level!r:.50}", param="level") from None
+    await _on_engine(request, lambda engine: engine.sleep(number))
     return Response(status_code=200)
 
 
