@@ -131,9 +131,10 @@ def read_pooler_config(folder: Path | None, hidden_size: int | None = None) -> P
     if [order[name] for name in names] != sorted(order[name] for name in names) or names.count("Pooling") > 1:
         raise ValueError(f"{modules_file} lists {', '.join(names)}; jpaged applies them in the order Transformer, "
                          "Pooling, Dense layers, Normalize")
-    dense = tuple(read_dense(folder / module.get("path", "")) for name, module in zip(names, modules) if name == "Dense")
+    dense_modules = [module for name, module in zip(names, modules) if name == "Dense"]
+    dense = tuple(read_dense(folder / module.get("path", "")) for module in dense_modules)
     size = hidden_size
-    for layer, module in zip(dense, (m for name, m in zip(names, modules) if name == "Dense")):
+    for layer, module in zip(dense, dense_modules):
         if size is not None and layer.in_features != size:
             raise ValueError(f"{folder / module.get('path', '')}: a Dense layer of {layer.in_features} inputs after "
                              f"a vector of {size}")

@@ -46,8 +46,9 @@ def activate(name: str, values: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True, eq=False)
 class Dense:
     """A sentence-transformers `Dense` module: `activation(x @ weight.T + bias)`, plus `x` where
-    `residual` (`use_residual` with as many outputs as inputs). `weight` float32 [out, in],
-    `bias` float32 [out] or None."""
+    `residual` (`use_residual` with as many outputs as inputs). `weight` float64 [out, in],
+    `bias` float64 [out] or None: kept in the precision the product runs in, so that no request
+    converts them again."""
 
     weight: np.ndarray
     bias: np.ndarray | None
@@ -65,7 +66,7 @@ class Dense:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 [out] of `x` [in] (or [rows, out] of [rows, in])."""
         x = np.asarray(x, np.float32)
-        out = x.astype(np.float64) @ self.weight.astype(np.float64).T
+        out = x.astype(np.float64) @ self.weight.T
         if self.bias is not None:
             out = out + self.bias
         out = activate(self.activation, out)
@@ -117,4 +118,5 @@ def read_dense(folder: Path) -> Dense:
                          "as config.json's bias says")
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"{weights_file}: linear.bias must have shape ({out_features},), got {bias.shape}")
-    return Dense(weight.astype(np.float32), None if bias is None else bias.astype(np.float32), activation, residual)
+    return Dense(weight.astype(np.float32).astype(np.float64),
+                 None if bias is None else bias.astype(np.float32).astype(np.float64), activation, residual)
