@@ -70,7 +70,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
                         help="order of service: arrival, or each request's priority (lower first), then arrival")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per step; unset: 512, or max_model_len for a model that computes each prompt "
+                             "in one step (EmbeddingGemma, PaliGemma)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="longest prompt + output, in tokens; unset: the model's (lowered to what the KV cache holds)")
     parser.add_argument("--max-logprobs", type=int, default=20,

@@ -69,6 +69,7 @@ _HF_DEFAULTS = {"seed_oss": {"head_dim": 128, "attention_bias": True},
                 "glm": {"head_dim": 128, "attention_bias": True},
                 "helium": {"head_dim": 128, "attention_bias": False},
                 "ernie4_5": {"head_dim": 128, "tie_word_embeddings": True}}
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512  # tokens per step where the config leaves it open
 DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other names for the compute dtypes
 
 
@@ -1238,16 +1239,19 @@ class SchedulerConfig:
     """Continuous-batching limits: sequences per step, tokens per step, model length."""
 
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    # None: 512, or max_model_len for a model that computes each prompt in one step (EmbeddingGemma,
+    # PaliGemma), as vLLM raises it where it cannot chunk a prompt
+    max_num_batched_tokens: int | None = None
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     preemption_mode: str = "recompute"  # "recompute" | "swap"
     scheduling_policy: str = "fcfs"  # "fcfs" | "priority": requests' `priority` first, then arrival
 
     def __post_init__(self):
-        _check_integers(self, ("max_num_seqs", "max_num_batched_tokens", "max_model_len"), optional=("max_model_len",))
+        _check_integers(self, ("max_num_seqs", "max_num_batched_tokens", "max_model_len"),
+                        optional=("max_num_batched_tokens", "max_model_len"))
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
@@ -1255,6 +1259,15 @@ class SchedulerConfig:
             raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+
+    def with_step_budget(self, max_model_len: int, reads_prompt_whole: bool) -> SchedulerConfig:
+        """This config with `max_num_batched_tokens` set where it is None: 512 tokens, or, for a
+        model that computes each prompt in one step, enough for a prompt of `max_model_len`."""
+        if self.max_num_batched_tokens is not None:
+            return self
+        budget = max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len) if reads_prompt_whole \
+            else DEFAULT_MAX_NUM_BATCHED_TOKENS
+        return dataclasses.replace(self, max_num_batched_tokens=budget)
 
 
 @dataclass

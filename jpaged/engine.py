@@ -176,6 +176,8 @@ class LLMEngine:
             vision = self._vision_config(source)
             # every token of a prompt sees every other: a prompt is computed in one step
             self.reads_prompt_whole = self.model_config.bidirectional or (vision is not None and vision.prefix_lm)
+            config = self.config = dataclasses.replace(
+                config, scheduler=config.scheduler.with_step_budget(self.max_model_len, self.reads_prompt_whole))
             if isinstance(vision, QwenVisionConfig) and vision.deepstack_layers:
                 self.model_config = dataclasses.replace(self.model_config,
                                                         deepstack_layers=len(vision.deepstack_layers))

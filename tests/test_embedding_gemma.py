@@ -87,6 +87,23 @@ def test_embeddings_match_sentence_transformers(embedding_gemma, backend):
     assert stats.num_free_blocks == stats.num_blocks
 
 
+def test_prompts_up_to_max_model_len_are_read_whole_by_default(embedding_gemma):
+    """With max_num_batched_tokens unset, a step holds max_model_len tokens (here 1,024: the
+    config's positions raised), as vLLM raises it for a model that cannot chunk a prompt; a
+    prompt past the usual 512-token step matches the oracle."""
+    folder, oracle = embedding_gemma
+    llm = LLM(str(folder), runner="pooling", num_blocks=80, hf_overrides={"max_position_embeddings": 1024})
+    assert llm.engine.config.scheduler.max_num_batched_tokens == llm.engine.max_model_len == 1024
+    prompts = texts((700, 30), seed=4)
+    got = np.stack([out.outputs.embedding for out in llm.embed(prompts, use_tqdm=False)])
+    oracle.max_seq_length, kept = 1024, oracle.max_seq_length
+    try:
+        np.testing.assert_allclose(got, expected(oracle, prompts), rtol=1e-4, atol=2e-5)
+    finally:
+        oracle.max_seq_length = kept
+    assert len(llm.engine.tokenizer.encode(prompts[0])) > 512
+
+
 def test_token_embeddings_go_through_the_dense_layers(embedding_gemma):
     """token_embed: every token's state through the Dense layers, then normalised (vLLM's); the
     oracle is sentence-transformers' token embeddings through its own Dense modules."""
