@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from jpaged.config import EngineConfig
 from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineStats, PromptType
+from jpaged.loader.weights import host_tensors
 from jpaged.lora import LoRARequest
 from jpaged.outputs import RequestOutput
 from jpaged.pooling import PoolingParams
@@ -94,6 +95,15 @@ class DataParallelEngine:
     def wake_up(self, tags: list[str] | None = None) -> None:
         for engine in self.replicas:
             engine.wake_up(tags)
+
+    def load_weights(self, weights) -> None:
+        """`LLMEngine.load_weights` on every replica (the tensors read once, kept on the host
+        meanwhile)."""
+        if unfinished := self.get_num_unfinished_requests():
+            raise ValueError(f"load_weights with {unfinished} unfinished request(s): finish or abort them first")
+        tensors = list(host_tensors(weights))
+        for engine in self.replicas:
+            engine.load_weights(tensors)
 
     def is_sleeping(self) -> bool:
         return any(engine.is_sleeping() for engine in self.replicas)

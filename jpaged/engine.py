@@ -46,6 +46,7 @@ from jpaged.images import (
     widened_prompt,
 )
 from jpaged.loader.source import open_model
+from jpaged.loader.weights import host_tensors
 from jpaged.lora import LoRAAdapter, LoRARequest, load_lora_adapter
 from jpaged.model_runner import WAKE_UP_TAGS, ModelRunner, StepOutput
 from jpaged.models.pixtral_vision import PixtralImageEncoder
@@ -181,6 +182,8 @@ class LLMEngine:
             if isinstance(vision, QwenVisionConfig) and vision.deepstack_layers:
                 self.model_config = dataclasses.replace(self.model_config,
                                                         deepstack_layers=len(vision.deepstack_layers))
+            self._checkpoint_weights = lambda: split_score_head(source.weights(packed), {}, token_rows)
+            self._checkpoint_names = source.checkpoint_names
             self.runner = ModelRunner(self.model_config, config, split_score_head(source.weights(packed), head, token_rows),
                                       self.step_shapes(), meshes[replica or 0], packed=packed,
                                       token_states=self.pooler is not None and self.pooler.pooling_type == "all",
@@ -627,30 +630,60 @@ class LLMEngine:
         return self.block_manager.reset_prefix_cache()
 
     def sleep(self, level: int = 1) -> None:
-        """Free the device memory the engine holds until `wake_up` (vLLM's sleep mode, level 1):
-        the weights go to host memory, the KV cache and the prefix cache are dropped; compiled
+        """Free the device memory the engine holds until `wake_up` (vLLM's sleep mode): the
+        weights go to host memory (level 1) or are discarded (level 2, for weights that
+        `load_weights` will replace); the KV cache and the prefix cache are dropped; compiled
         programs stay. Needs `enable_sleep_mode`. ValueError for another level, while requests are
         unfinished (finish or abort them first), and with `offload_weights`."""
         if not self.config.enable_sleep_mode:
             raise ValueError("sleep needs an engine made with enable_sleep_mode=True (--enable-sleep-mode)")
-        if type(level) is not int or level != 1:
-            raise ValueError(f"sleep level {level!r} is not supported: level 1 keeps the weights in host memory "
-                             "(level 2, which discards them, is not offered)")
-        if unfinished := self.get_num_unfinished_requests():
-            raise ValueError(f"sleep with {unfinished} unfinished request{'s' * (unfinished > 1)}: finish or abort "
-                             "them first")
-        self.runner.sleep()
+        if type(level) is not int or level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 (weights kept in host memory) or 2 (weights discarded), "
+                             f"got {level!r:.50}")
+        self._check_idle("sleep")
+        self.runner.sleep(discard_weights=level == 2)
         self.block_manager.reset_prefix_cache()
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Give back what `sleep` freed: everything, or the parts `tags` names ("weights",
         "kv_cache"; vLLM's tags, so that weights can be updated before the cache is made).
-        ValueError for another tag."""
+        Weights discarded by `sleep(level=2)` are read again from the model's files. ValueError
+        for another tag."""
         if isinstance(tags, str) or not isinstance(tags, (list, tuple, type(None))):
             raise ValueError(f"wake_up tags must be a list such as ['weights'], got {tags!r:.50}")
         if unknown := sorted(set(tags or ()) - set(WAKE_UP_TAGS)):
             raise ValueError(f"wake_up tags {unknown} are not among {list(WAKE_UP_TAGS)}")
-        self.runner.wake_up(tuple(tags) if tags else WAKE_UP_TAGS)
+        tags = tuple(tags) if tags else WAKE_UP_TAGS
+        if "weights" in tags and self.runner.weights_discarded:
+            self.runner.load_weights(self._checkpoint_weights())
+        self.runner.wake_up(tags)
+
+    def load_weights(self, weights) -> None:
+        """Replace the model's weights with `weights`, as an RLHF trainer hands over its updated
+        policy (vLLM's `load_weights`): a mapping or iterable of (HF checkpoint name, tensor),
+        every tensor of the model's checkpoint (`model.state_dict()` of an HF model of the same
+        config; a base model's names and a vision-language model's language-model names as its
+        checkpoints write them, its vision tower's left out), torch tensors or numpy / jax arrays. They are placed, split over the engine's
+        devices and quantized (`quantization`) as the model's own were; compiled programs stay,
+        the prefix cache is emptied (its KV came from the old weights). Weights that `sleep` freed
+        come back with them, so `sleep(level=2)`, `load_weights`, `wake_up()` never holds two
+        copies on the device. ValueError naming a tensor missing, of the wrong shape or not
+        floats (the old weights then stay in use), while requests are unfinished, and for
+        `quantization="gguf"`, `offload_weights` and classifier models."""
+        self._check_idle("load_weights")
+        if self.config.quantization == "gguf":
+            raise ValueError("load_weights takes float tensors; quantization='gguf' keeps GGML blocks as the file "
+                             "holds them (load the model with quantization='int8' or none)")
+        if self.classifier is not None:
+            raise ValueError(f"load_weights replaces a generating or embedding model's weights; {self.model_name} is "
+                             "a classifier, whose score head it would not replace")
+        self.runner.load_weights(self._checkpoint_names(host_tensors(weights)))
+        self.block_manager.reset_prefix_cache()
+
+    def _check_idle(self, action: str) -> None:
+        if unfinished := self.get_num_unfinished_requests():
+            raise ValueError(f"{action} with {unfinished} unfinished request{'s' * (unfinished > 1)}: finish or "
+                             "abort them first")
 
     def is_sleeping(self) -> bool:
         return self.runner.is_sleeping

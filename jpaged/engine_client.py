@@ -140,6 +140,10 @@ class EngineClient(Protocol):
 
     def is_sleeping(self) -> bool: ...
 
+    def load_weights(self, weights) -> None:
+        """Replace every weight of the model with HF-named tensors (`LLM.load_weights`)."""
+        ...
+
     def get_sequence(self, request_id: str) -> Sequence:
         """A queued request's first sequence (beam search steers it). KeyError for unknown ids."""
         ...

@@ -78,16 +78,25 @@ class LLM:
         return self.engine.tokenizer
 
     def sleep(self, level: int = 1) -> None:
-        """Free the device memory of the weights (kept in host memory) and the KV cache until
-        `wake_up`, as vLLM's sleep mode (level 1); the prefix cache is emptied, compiled programs
-        stay. Needs `LLM(..., enable_sleep_mode=True)`. ValueError for another level, and while a
-        request is unfinished."""
+        """Free the device memory of the weights and the KV cache until `wake_up`, as vLLM's
+        sleep mode: level 1 keeps the weights in host memory, level 2 discards them (for
+        `load_weights` to replace; `wake_up` otherwise reads them again from the model's files).
+        The prefix cache is emptied, compiled programs stay. Needs `LLM(...,
+        enable_sleep_mode=True)`. ValueError for another level, and while a request is
+        unfinished."""
         self.engine.sleep(level)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Give back what `sleep` freed: all of it, or the parts `tags` names ("weights",
         "kv_cache"). Requests are refused (ValueError) until both are back."""
         self.engine.wake_up(tags)
+
+    def load_weights(self, weights) -> None:
+        """Replace every weight of the model, as an RLHF loop hands its updated policy over:
+        `weights` maps HF checkpoint names to tensors (`hf_model.state_dict()`, or an iterable of
+        `(name, tensor)`), placed, split and quantized as the model's own were; the prefix cache
+        is emptied. See `LLMEngine.load_weights` for what is refused."""
+        self.engine.load_weights(weights)
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` and `chat` use when given no `SamplingParams`: jpaged's defaults, with

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import jax
@@ -193,9 +194,9 @@ class ModelRunner:
         self.mesh = mesh
         kv_heads = kv_heads_per_model(model_config, self.parallel.tensor_parallel_size)
         weights_kv_heads = model_config.num_kv_heads
-        weights = replicate_kv_heads(as_model_layout(split_fused_tensors(weights, model_config), model_config),
-                                     model_config, kv_heads)
+        self._checkpoint_config = model_config  # as the checkpoint's tensors are laid out
         self.model_config = model_config = dataclasses.replace(model_config, num_kv_heads=kv_heads)
+        weights = self._model_layout(weights)
         self.block_size = cache_config.block_size
         self.kv_cache_dtype = cache_config.kv_cache_dtype
         self.dtype = dtype = resolve_dtype(config.dtype)
@@ -207,6 +208,7 @@ class ModelRunner:
         formats = param_formats(packed or {})
         abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, dtype, quantization=quantization,
                                                            weight_formats=formats, **self._layouts(config)))
+        self._abstract_model = abstract
         self.graphdef, state = nnx.split(abstract)
         self._abstract = nnx.to_pure_dict(state)
         self._shape_model = nnx.merge(self.graphdef, jax.tree.map(lambda x: x, state))  # parameters as shapes
@@ -253,6 +255,35 @@ class ModelRunner:
         self._decodes_prefetched: set[int] = set()
         self._config = config
         self._make_programs()
+
+    def _model_layout(self, weights: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+        """A checkpoint's tensors as the model keeps them: fused ones split, projections laid out,
+        KV heads repeated where the tensor-parallel shards outnumber them."""
+        cfg = self._checkpoint_config
+        return replicate_kv_heads(as_model_layout(split_fused_tensors(weights, cfg), cfg), cfg,
+                                  self.model_config.num_kv_heads)
+
+    def load_weights(self, weights: Iterable[tuple[str, np.ndarray]]) -> None:
+        """Replace every weight of the model with `weights` (a checkpoint's tensors by HF name,
+        numpy arrays, all of them), placed, split and quantized as at start; the step programs
+        stay compiled. The weights are in use (awake) afterwards, also after `sleep`. The new
+        weights are loaded before the old ones are let go, so for a moment both are on the
+        device (after `sleep`, only the new). ValueError naming a tensor of the wrong shape, for
+        another layer or expert, or missing; the old weights then stay. ValueError with
+        `offload_weights`."""
+        if self.stream is not None:
+            raise ValueError("load_weights replaces weights kept on the device; with offload_weights the layers "
+                             "stream from host memory")
+        loaded = load_params(self._abstract_model, self.model_config, self._model_layout(weights),
+                             self._device_sharding)
+        _, state = nnx.split(self._abstract_model)
+        nnx.replace_by_pure_dict(state, loaded)
+        self.state = state
+        if self._asleep is not None:
+            self._asleep.pop("weights", None)
+            self._asleep = self._asleep or None
+        if jax.default_backend() == "cpu":
+            self.huge_pages = collapse_in_background(memory_spans(self._resident_weights()))
 
     def _make_programs(self) -> None:
         """The (empty) caches of the step and sampler programs."""
@@ -343,19 +374,24 @@ class ModelRunner:
             return self.state
         return [self.state, [layer for i, layer in enumerate(self.stream.layers) if not self.offload.streams(i)]]
 
-    def sleep(self) -> None:
-        """Free the device memory of the weights and the KV cache (vLLM's sleep, level 1): the
-        weights are copied to host memory first, the cache's contents are dropped. The step
-        programs stay compiled. ValueError where the weights are streamed (`offload_weights`:
-        they already live in host memory)."""
+    def sleep(self, discard_weights: bool = False) -> None:
+        """Free the device memory of the weights and the KV cache (vLLM's sleep): the weights
+        are copied to host memory first (level 1), or with `discard_weights` dropped (level 2,
+        the host copy of an earlier sleep too: `load_weights` brings weights back); the cache's
+        contents are dropped. The step programs stay compiled. ValueError where the weights are
+        streamed (`offload_weights`: they already live in host memory)."""
         if self.stream is not None:
             raise ValueError("sleep frees device memory; with offload_weights the weights already live in host "
                              "memory and stream through the device")
         if self._asleep is None:
             self._asleep = {}
         if "weights" not in self._asleep:
-            self._asleep["weights"] = _to_host(self.state)
+            if discard_weights:
+                jax.tree.map(lambda x: x.delete(), self.state)
+            self._asleep["weights"] = None if discard_weights else _to_host(self.state)
             self.state = None
+        elif discard_weights:
+            self._asleep["weights"] = None
         if "kv_cache" not in self._asleep:
             self._asleep["kv_cache"] = jax.tree.map(
                 lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.kv_cache)
@@ -367,6 +403,8 @@ class ModelRunner:
         placed as before; "kv_cache": an empty cache of the same shape)."""
         if self._asleep is None:
             return
+        if "weights" in tags and self.weights_discarded:
+            raise ValueError("the weights were discarded (sleep level 2): load_weights brings weights back")
         if "weights" in tags and "weights" in self._asleep:
             host, placed = self._asleep.pop("weights")
             self.state = jax.tree.map(jax.device_put, host, placed)
@@ -377,6 +415,12 @@ class ModelRunner:
                                          self._asleep.pop("kv_cache"))
         if not self._asleep:
             self._asleep = None
+
+    @property
+    def weights_discarded(self) -> bool:
+        """Whether `sleep(discard_weights=True)` dropped the weights and no `load_weights` has
+        brought them back."""
+        return self._asleep is not None and "weights" in self._asleep and self._asleep["weights"] is None
 
     @property
     def is_sleeping(self) -> bool:

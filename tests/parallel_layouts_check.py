@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import transformers  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from hf_models import save_random_model  # noqa: E402
+from hf_models import hf_greedy, save_random_model  # noqa: E402
 
 from jpaged import LLM, LoRARequest, SamplingParams  # noqa: E402
 from jpaged.config import ParallelConfig  # noqa: E402
@@ -40,6 +40,9 @@ LAYOUTS = {
     "qwen3_moe": [(1, 1, 1, 1), (1, 1, 4, 1)],  # tp x pp x ep together: mixtral
     "gpt_oss": [(1, 1, 1, 1), (2, 2, 2, 1)],
 }
+# Layouts whose engine then loads another random model's weights (`LLM.load_weights`).
+LOADED_LAYOUTS = {"llama": [(1, 1, 1, 1), (2, 2, 1, 1), (2, 1, 1, 4)], "mixtral": [(1, 1, 1, 1), (2, 2, 2, 1)],
+                  "gpt_oss-int8": [(1, 1, 1, 1), (2, 2, 2, 1)]}
 QUANTIZED_LAYOUTS = {  # int8 weights and KV cache: one device, then tp x pp x ep splitting values and scales
     "mixtral": [(1, 1, 1, 1), (2, 2, 2, 1)],
     "gpt_oss": [(1, 1, 1, 1), (2, 2, 2, 1)],
@@ -62,6 +65,11 @@ def generate(folder_root: str) -> dict:
     for name, config in CONFIGS.items():
         folder = os.path.join(folder_root, name)
         save_random_model(folder, config, seed=4)
+        new_model = save_random_model(folder + "-new", config, seed=9)
+        new = new_model.state_dict()
+        if name == "llama":
+            report["llama/hf-loaded"] = [hf_greedy(new_model, p["prompt_token_ids"], params.max_tokens)
+                                         for p in prompts]
         for tp, pp, ep, dp in LAYOUTS[name]:
             llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep,
                       data_parallel_size=dp, dtype="float32", num_blocks=32, max_num_batched_tokens=64)
@@ -79,6 +87,8 @@ def generate(folder_root: str) -> dict:
                 "expert_bytes": sum(x.nbytes for layer in state["layers"].values() for name, leaf in layer.items()
                                     if name.startswith("expert_") for x in jax.tree.leaves(leaf)),
             }
+            if (tp, pp, ep, dp) in LOADED_LAYOUTS.get(name, []):
+                report[f"{name}/{tp}x{pp}x{ep}x{dp}"]["loaded_tokens"] = loaded_tokens(llm, new, prompts, params)
         for tp, pp, ep, dp in QUANTIZED_LAYOUTS.get(name, []):
             llm = LLM(folder, tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep,
                       dtype="float32", num_blocks=32, max_num_batched_tokens=64, quantization="int8",
@@ -88,6 +98,8 @@ def generate(folder_root: str) -> dict:
                 "param_bytes": device_bytes(llm.engine.runner.state),
                 "kv_cache_bytes": device_bytes(llm.engine.runner.kv_cache),
             }
+            if (tp, pp, ep, dp) in LOADED_LAYOUTS.get(f"{name}-int8", []):
+                report[f"{name}/int8-{tp}x{pp}x{ep}x{dp}"]["loaded_tokens"] = loaded_tokens(llm, new, prompts, params)
         if name == "llama":
             report["llama/preempted"] = preempted_run(folder, prompts, params)
             report["llama/one-prompt-split"] = one_prompt_split(folder, rng, params)
@@ -96,6 +108,12 @@ def generate(folder_root: str) -> dict:
         if name == "qwen3_moe":
             report["qwen3_moe/lora-experts"] = lora_replicas(folder, prompts, params, EXPERT_LORA_LAYOUTS)
     return report
+
+
+def loaded_tokens(llm, weights: dict, prompts, params) -> list[list[int]]:
+    """The tokens of `llm` after it loads `weights` (HF names, torch tensors)."""
+    llm.load_weights(weights)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
 def preempted_run(folder: str, prompts, params) -> dict:

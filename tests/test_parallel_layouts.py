@@ -49,6 +49,21 @@ def test_int8_layouts_give_the_single_device_int8_tokens(report, model):
     assert max(split["kv_cache_bytes"]) == sum(single["kv_cache_bytes"]) // 4  # tp 2 x pp 2
 
 
+def test_loaded_weights_give_the_single_device_loaded_tokens(report):
+    """`LLM.load_weights` under tensor x pipeline, tensor x data and tensor x pipeline x expert
+    layouts, int8 included: the new tensors split as the model's own, so every layout gives one
+    device's tokens after the load, and one device gives HF's tokens of the new model (llama)."""
+    runs = report["generate"]
+    loaded = {key: run["loaded_tokens"] for key, run in runs.items() if "loaded_tokens" in run}
+    assert len(loaded) == 7
+    for key, tokens in loaded.items():
+        model, layout = key.split("/")
+        single = loaded[f"{model}/{'int8-' if layout.startswith('int8') else ''}1x1x1x1"]
+        assert tokens == single, key
+        assert tokens != runs[key]["tokens"], key  # not the model's own tokens
+    assert loaded["llama/1x1x1x1"] == runs["llama/hf-loaded"]
+
+
 def test_pipeline_under_preemption_gives_the_same_tokens_and_frees_every_block(report):
     runs = report["generate"]
     preempted = runs["llama/preempted"]

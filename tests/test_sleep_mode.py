@@ -1,5 +1,6 @@
-"""Sleep mode (`LLM.sleep` / `wake_up`, vLLM's level 1): the device memory of the weights and the
-KV cache is freed while the engine sleeps, and after waking it answers as before.
+"""Sleep mode (`LLM.sleep` / `wake_up`; level 2 also in tests/test_load_weights.py): the device
+memory of the weights and the KV cache is freed while the engine sleeps, and after waking it
+answers as before.
 
 Oracles: jax's own count of the arrays alive on the device (`jax.live_arrays`), and the engine's
 own greedy tokens before it slept (themselves checked against HF elsewhere); no step program is
@@ -65,9 +66,9 @@ def test_refusals_name_the_problem(llm, stories_path):
     with pytest.raises(ValueError, match="sleep with 1 unfinished request: finish or abort"):
         llm.sleep()
     llm.engine.abort_request("busy")
-    with pytest.raises(ValueError, match="sleep level 2 is not supported"):
-        llm.sleep(level=2)
-    with pytest.raises(ValueError, match=r"sleep level True is not supported"):
+    with pytest.raises(ValueError, match=r"sleep level must be 1 .* or 2 .*, got 0"):
+        llm.sleep(level=0)
+    with pytest.raises(ValueError, match=r"sleep level must be 1 .* or 2 .*, got True"):
         llm.sleep(True)
     with pytest.raises(ValueError, match=r"wake_up tags \['cache'\] are not among"):
         llm.wake_up(["cache"])
@@ -97,11 +98,15 @@ def test_server_sleep_routes(llm):
         assert httpx.get(f"{url}/is_sleeping").json() == {"is_sleeping": True}
         refused = httpx.post(f"{url}/v1/completions", json=body)
         assert refused.status_code == 400 and "sleeping" in refused.json()["error"]["message"]
-        for level in ("two", "2", "\u00b2"):
+        for level in ("two", "3", "\u00b2"):
             refused = httpx.post(f"{url}/sleep", params={"level": level})
             assert refused.status_code == 400 and "level" in refused.json()["error"]["message"]
         assert httpx.post(f"{url}/wake_up", params={"tags": ["weights", "kv_cache"]}).status_code == 200
         assert httpx.get(f"{url}/is_sleeping").json() == {"is_sleeping": False}
+        answer = httpx.post(f"{url}/v1/completions", json={**body, "return_token_ids": True}).json()
+        assert answer["choices"][0]["token_ids"] == expected
+        assert httpx.post(f"{url}/sleep", params={"level": "2"}).status_code == 200  # the weights discarded
+        assert httpx.post(f"{url}/wake_up").status_code == 200  # and read again from the model's files
         answer = httpx.post(f"{url}/v1/completions", json={**body, "return_token_ids": True}).json()
         assert answer["choices"][0]["token_ids"] == expected
     assert llm.engine.stats().num_free_blocks == llm.engine.stats().num_blocks

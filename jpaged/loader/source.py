@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,13 @@ from jpaged.loader.multimodal import is_vision_language, language_model_weights,
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]  # what a model folder needs
 TOKENIZER_FILES = ["*.json", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+
+
+def _with_model_prefix(weights: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+    """A checkpoint's tensors under the causal LM's names: a base model's (`embed_tokens.weight`,
+    `layers.0....`, as `Qwen3Model.save_pretrained` writes them) get the `model.` prefix."""
+    for name, tensor in weights:
+        yield (name if name.startswith(("model.", "lm_head.")) else f"model.{name}"), tensor
 
 
 @dataclass
@@ -46,6 +53,10 @@ class ModelSource:
     # `weights` streams past them
     vision_config: dict | None = None
     vision_weights: dict[str, np.ndarray] | None = None
+    # A checkpoint's `(name, array)` pairs under the names `weights` yields: the language model's
+    # (a vision-language model's other tensors left out), for tensors a caller hands over
+    checkpoint_names: Callable[[Iterable[tuple[str, np.ndarray]]], Iterator[tuple[str, np.ndarray]]] = \
+        _with_model_prefix
 
 
 def open_model(model: str | None, tokenizer: str | None = None, revision: str | None = None) -> ModelSource:
@@ -88,14 +99,8 @@ def open_model(model: str | None, tokenizer: str | None = None, revision: str | 
         folder=path,
         vision_config=hf_config if vision_weights is not None else None,
         vision_weights=vision_weights,
+        checkpoint_names=language_model_weights if vision_language else _with_model_prefix,
     )
-
-
-def _with_model_prefix(weights: Iterator[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
-    """A checkpoint's tensors under the causal LM's names: a base model's (`embed_tokens.weight`,
-    `layers.0....`, as `Qwen3Model.save_pretrained` writes them) get the `model.` prefix."""
-    for name, tensor in weights:
-        yield (name if name.startswith(("model.", "lm_head.")) else f"model.{name}"), tensor
 
 
 def _check_name(what: str, value, none_means: str | None = None) -> None:

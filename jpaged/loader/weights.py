@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -167,7 +168,7 @@ def split_fused_tensors(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelCon
     `mlp.gate_up_proj`: q, k, v and gate, up stacked by rows) split into their parts, which
     `fuse_projections` joins again in the model's layout, and GraniteMoE's experts stacked in one
     tensor (`block_sparse_moe.input_linear [experts, 2 * ff, hidden]`, gate then up, and
-    `output_linear`) and gpt-oss's (`_INTERLEAVED_EXPERTS`, as float tensors or as MXFP4 blocks
+    `output_linear`; transformers 5's `mlp.experts.gate_up_proj` and `down_proj` alike) and gpt-oss's (`_INTERLEAVED_EXPERTS`, as float tensors or as MXFP4 blocks
     and scales, `dequantize_mxfp4`) split into one tensor per expert. ValueError for a fused tensor whose rows
     are not the parts' sizes."""
     q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -185,7 +186,7 @@ def split_fused_tensors(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelCon
             del mxfp4[name.removesuffix(part)]
             name, tensor = name.removesuffix(part), dequantize_mxfp4(held["_blocks"], held["_scales"])
             match = _LAYER_NAME.fullmatch(name)
-        if match and match.group(2) in _INTERLEAVED_EXPERTS:
+        if match and match.group(2) in _INTERLEAVED_EXPERTS and cfg.architecture == "gpt_oss":
             yield from _split_interleaved(match.group(2), match.group(1), tensor)
             continue
         stacked = _STACKED_EXPERTS.get(match.group(2)) if match else None
@@ -230,9 +231,14 @@ def as_model_layout(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig)
         yield name, tensor
 
 
-# GraniteMoE's stacked experts: the per-expert tensors each holds, stacked by rows in this order.
+# Experts stacked in one tensor, `[experts, out, in]`: the per-expert tensors each holds, stacked
+# by rows in this order. GraniteMoE's checkpoints; and transformers 5's own MoE models (Mixtral,
+# Qwen MoE, ...) in memory, as their `state_dict()` hands them to `LLM.load_weights` (their
+# checkpoints hold one tensor per expert).
 _STACKED_EXPERTS = {"block_sparse_moe.input_linear.weight": ("gate_proj.weight", "up_proj.weight"),
-                    "block_sparse_moe.output_linear.weight": ("down_proj.weight",)}
+                    "block_sparse_moe.output_linear.weight": ("down_proj.weight",),
+                    "mlp.experts.gate_up_proj": ("gate_proj.weight", "up_proj.weight"),
+                    "mlp.experts.down_proj": ("down_proj.weight",)}
 # gpt-oss's stacked experts, in `x @ W` layout with gate and up interleaved by column (gate in the
 # even columns): the per-expert tensors each holds, in [out, in] layout as the others' checkpoints.
 _INTERLEAVED_EXPERTS = {"mlp.experts.gate_up_proj": ("gate_proj.weight", "up_proj.weight"),
@@ -287,6 +293,31 @@ def replicate_kv_heads(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConf
         yield name, tensor
 
 
+def host_tensors(weights) -> Iterator[tuple[str, np.ndarray]]:
+    """A caller's tensors as the loader takes them: `(name, numpy array)` pairs from a mapping or
+    an iterable of pairs, each value a torch tensor (any device; bfloat16 kept as such), a jax or
+    numpy array. ValueError naming an entry that is not a pair of a name and a floating array."""
+    pairs = weights.items() if isinstance(weights, Mapping) else weights
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise ValueError(f"weights must be a mapping or an iterable of (name, tensor) pairs, got "
+                         f"{type(weights).__name__}")
+    for pair in pairs:
+        if not isinstance(pair, tuple) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise ValueError(f"weights must be (name, tensor) pairs, got {pair!r:.80}")
+        name, tensor = pair
+        if hasattr(tensor, "detach"):  # a torch tensor, read without importing torch
+            tensor = tensor.detach().to("cpu")
+            if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16 of its own: exact both ways
+                tensor = tensor.float().numpy().astype(ml_dtypes.bfloat16)
+        try:
+            array = np.asarray(tensor)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"weight {name!r} is not an array ({type(tensor).__name__}: {err})") from err
+        if array.dtype.kind != "f" and array.dtype != ml_dtypes.bfloat16:
+            raise ValueError(f"weight {name!r} must hold floats, got {array.dtype}")
+        yield name, array
+
+
 def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str, np.ndarray]],
                 sharding=lambda path, shape, dtype: None):
     """Fill the (abstract) `model`'s parameters from `weights`; returns the loaded nnx state.
@@ -316,10 +347,12 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
         scale_path = path[:-1] + (scale_name(param),)
         scheme = scheme_of(spec.dtype) if param in QUANTIZED_PARAMS else None
         packed = np.dtype(spec.dtype) == np.uint8  # GGML block rows, [out, row bytes] as the file has them
-        value = tensor.T if transpose and scheme is None and not packed else tensor  # quantized: kept [out, in]
+        transposed = transpose and scheme is None and not packed  # quantized: kept [out, in]
+        value = tensor.T if transposed else tensor
         expected = tuple(spec.shape[len(index):])
         if value.shape != expected:
-            raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected {expected} (after layout)")
+            raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected "
+                             f"{expected[::-1] if transposed else expected}")
         if scheme is not None:
             value, scale = quantize(value, scheme)
             _place(params, scale_path, index, scale, _lookup(state, scale_path, name), sharding)

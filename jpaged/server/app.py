@@ -209,8 +209,9 @@ async def _unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request)
 
 
 async def _sleep(request: Request, level: str = "1") -> Response:
-    """`POST /sleep?level=1`: free the engine's device memory until `/wake_up` (400 while
-    requests are unfinished, or for another level)."""
+    """`POST /sleep?level=1` (weights kept in host memory) or `level=2` (weights discarded, read
+    again from the model's files by `/wake_up`): free the engine's device memory until
+    `/wake_up` (400 while requests are unfinished, or for another level)."""
     try:
         number = int(level)
     except ValueError:
