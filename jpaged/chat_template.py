@@ -48,6 +48,62 @@ def checked_template(template: str) -> str:
     return template
 
 
+def template_reads_parts(template: str | None) -> bool:
+    """Whether a chat template loops over a message's content parts (`{% for part in
+    message['content'] %}`, or `.content`, maybe through a filter or a slice), so that it takes
+    contents as lists of parts rather than text: vLLM's "auto" content format, read from the
+    template's syntax tree as vLLM reads it. A message is the target of a loop over `messages`
+    or over a variable set from it; a template that does not parse takes text."""
+    from jinja2 import TemplateSyntaxError, nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if not template:
+        return False
+    try:
+        tree = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except TemplateSyntaxError:
+        return False
+    loops = list(tree.find_all(nodes.For))
+    messages = _names_set_from(tree, "messages")
+    message_names = {loop.target.name for loop in loops if isinstance(loop.target, nodes.Name)
+                     and any(_reads(loop.iter, name) for name in messages)}
+    return any(_reads(loop.iter, name, "content") for loop in loops for name in message_names)
+
+
+def _reads(node, name: str, key: str | None = None) -> bool:
+    """Whether `node` is the variable `name` (with `key`: its item or attribute `key`), maybe
+    under filters, tests or a slice."""
+    from jinja2 import nodes
+
+    while isinstance(node, (nodes.Filter, nodes.Test)) or (isinstance(node, nodes.Getitem)
+                                                          and isinstance(node.arg, nodes.Slice)):
+        node = node.node
+    if key is not None:
+        if isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) and node.arg.value == key:
+            node = node.node
+        elif isinstance(node, nodes.Getattr) and node.attr == key:
+            node = node.node
+        else:
+            return False
+    return isinstance(node, nodes.Name) and node.ctx == "load" and node.name == name
+
+
+def _names_set_from(tree, name: str) -> set[str]:
+    """`name` and every variable set from it, or from one of those, in `tree` (`{% set m =
+    messages[1:] %}`)."""
+    from jinja2 import nodes
+
+    found, todo = {name}, [name]
+    while todo:
+        source = todo.pop()
+        for assign in tree.find_all(nodes.Assign):
+            if isinstance(assign.target, nodes.Name) and assign.target.name not in found \
+                    and _reads(assign.node, source):
+                found.add(assign.target.name)
+                todo.append(assign.target.name)
+    return found
+
+
 def checked_variables(variables: Any) -> dict[str, Any]:
     """Extra template variables (`chat_template_kwargs`) as a dict; TypeError for a non-dict,
     ValueError naming the ones that would set `apply_chat_template`'s own arguments."""

@@ -33,6 +33,7 @@ from urllib.request import url2pathname
 
 import numpy as np
 
+from jpaged.chat_template import template_reads_parts
 from jpaged.config import PixtralVisionConfig, QwenVisionConfig, VisionConfig
 
 IMAGE_PART_TYPES = ("image_url", "image_pil", "image")  # chat content parts holding an image (vLLM's)
@@ -41,8 +42,6 @@ IMAGE_PART_TYPES = ("image_url", "image_pil", "image")  # chat content parts hol
 CONTENT_FORMATS = ("auto", "string", "openai")
 URL_TIMEOUT_S = 10.0
 MAX_IMAGE_BYTES = 64 * 2**20
-# a template that loops over a message's content parts (`{% for part in message['content'] %}`, or `.content`)
-_READS_PARTS = re.compile(r"\{%-?\s*for\s+\w+\s+in\s+\w+\s*(\[\s*['\"]content['\"]\s*\]|\.content\b)")
 
 
 class ImageRefused(ValueError):
@@ -271,12 +270,6 @@ def check_image_count(count: int, max_images: int | None) -> None:
     if max_images is not None and count > max_images:
         raise ValueError(f"the prompt holds {count} image{'s' * (count > 1)}, more than limit_mm_per_prompt['image'] "
                          f"{max_images} allows")
-
-
-def template_reads_parts(template: str | None) -> bool:
-    """Whether a chat template loops over each message's content parts (as LLaVA's do), so that
-    it takes contents as lists of parts rather than text (vLLM's "openai" content format)."""
-    return bool(template) and _READS_PARTS.search(template) is not None
 
 
 def _is_image(part) -> bool:

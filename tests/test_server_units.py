@@ -692,3 +692,33 @@ def test_bodies_the_json_parser_cannot_take_get_400s_saying_why():
         response = client.post("/v1/completions", content=body, headers=headers)
         assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
     assert client.post("/v1/completions", json={"prompt": "hi"}).json() == {"prompt": "hi"}
+
+
+PARTS_LOOP = "{% for message in messages %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endfor %}"
+
+
+@pytest.mark.parametrize(("template", "reads_parts"), [
+    (PARTS_LOOP, True),
+    (PARTS_LOOP.replace("message['content']", "message.content"), True),
+    # through a variable set from messages, a slice and a filter
+    ("{%- set loop_messages = messages[1:] %}{% for m in loop_messages %}{% for c in m.content | "
+     "selectattr('type', 'equalto', 'text') %}{{ c.text }}{% endfor %}{% endfor %}", True),
+    ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+     "{{ c['text'] }}{% endfor %}{% endif %}{% endfor %}", True),
+    ("{% for message in messages %}{{ message['content'] }}{% endfor %}", False),
+    # loops over other things' contents
+    ("{% for m in messages %}{% for call in m.tool_calls %}{% for c in call.content %}{{ c }}{% endfor %}{% endfor %}"
+     "{% endfor %}", False),
+    ("{% for d in documents %}{% for c in d['content'] %}{{ c }}{% endfor %}{% endfor %}", False),
+    # parts reached through a variable set from the content: vLLM reads it as text too
+    ("{% for m in messages %}{% set parts = m['content'] %}{% for p in parts %}{{ p }}{% endfor %}{% endfor %}",
+     False),
+    ("{% for m in messages %}{% for c in m['content'] %}", False),  # does not parse
+    (None, False),
+])
+def test_auto_content_format_reads_the_templates_syntax_tree_as_vllm(template, reads_parts):
+    """vLLM's "auto" chat_template_content_format: "openai" (lists of parts) where a loop over
+    `messages` (or a variable set from it) holds a loop over the message's `content`."""
+    from jpaged.chat_template import template_reads_parts
+
+    assert template_reads_parts(template) is reads_parts
