@@ -77,6 +77,13 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache (vLLM's), as after new weights or to time a cold prompt. Returns
+        True where it is empty now; False while requests are unfinished: the blocks they hold
+        stay cached (every other cached block is dropped)."""
+        self.engine.reset_prefix_cache()
+        return not self.engine.has_unfinished_requests()
+
     def sleep(self, level: int = 1) -> None:
         """Free the device memory of the weights and the KV cache until `wake_up`, as vLLM's
         sleep mode: level 1 keeps the weights in host memory, level 2 discards them (for

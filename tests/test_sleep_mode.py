@@ -61,6 +61,21 @@ def test_sleep_empties_the_prefix_cache(llm):
     assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first.outputs[0].token_ids
 
 
+def test_reset_prefix_cache_empties_it_unless_requests_hold_blocks(llm):
+    """`LLM.reset_prefix_cache` (vLLM's): True, and the next same prompt finds nothing cached;
+    False while a request runs, whose blocks stay cached for the prompts that share them."""
+    prompt = " ".join(reversed(PROMPTS)) * 2
+    llm.generate(prompt, GREEDY, use_tqdm=False)
+    assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].num_cached_tokens > 0
+    assert llm.reset_prefix_cache() is True
+    assert llm.generate(prompt, GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
+    llm.engine.add_request("running", prompt, SamplingParams(temperature=0.0, max_tokens=50))
+    llm.engine.step()
+    assert llm.reset_prefix_cache() is False
+    llm.engine.abort_request("running")
+    assert llm.engine.stats().num_free_blocks == llm.engine.stats().num_blocks
+
+
 def test_refusals_name_the_problem(llm, stories_path):
     llm.engine.add_request("busy", "Once upon a time", GREEDY)
     with pytest.raises(ValueError, match="sleep with 1 unfinished request: finish or abort"):
