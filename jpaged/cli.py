@@ -89,6 +89,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-sleep-mode", action="store_true",
                         help="allow sleep / wake_up (serve: POST /sleep, POST /wake_up, GET /is_sleeping), which "
                              "free the device memory of the weights (kept in host memory) and KV cache between uses")
+    parser.add_argument("--profiler-dir", default=None,
+                        help="allow jax profiler traces of the engine (serve: POST /start_profile and "
+                             "/stop_profile), written under this folder")
     parser.add_argument("--compile-warmup", action="store_true",
                         help="compile every step program before the first request")
     parser.add_argument("--compilation-cache", action=argparse.BooleanOptionalAction, default=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import re
 from dataclasses import dataclass, field, fields
 
@@ -1416,8 +1417,11 @@ class EngineConfig:
     # interleave_mm_strings); otherwise the images a message's text does not name go first
     interleave_mm_strings: bool = False
     # allow `sleep()` / `wake_up()`, which free and give back the device memory of the weights and
-    # KV cache between uses (vLLM's sleep mode, level 1)
+    # KV cache between uses (vLLM's sleep mode, levels 1 and 2)
     enable_sleep_mode: bool = False
+    # allow `start_profile()` / `stop_profile()`, jax profiler traces written under this folder
+    # (jpaged/profiler.py; vLLM's profiler dir)
+    profiler_dir: str | None = None
     # sampling defaults: "auto" (the model's generation_config.json), "none", or a folder holding one
     generation_config: str = "auto"
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -1437,6 +1441,8 @@ class EngineConfig:
         _check_mm_limits(self.limit_mm_per_prompt)
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be -1 (the whole vocabulary) or >= 0, got {self.max_logprobs}")
+        if self.profiler_dir is not None and not isinstance(self.profiler_dir, (str, os.PathLike)):
+            raise ValueError(f"profiler_dir must be a folder, got {self.profiler_dir!r:.80}")
         if not isinstance(self.generation_config, str):
             raise ValueError(f"generation_config must be 'auto', 'none' or a folder, got {self.generation_config!r}")
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from jpaged.config import EngineConfig
 from jpaged.engine import LLMEngine
@@ -37,6 +38,7 @@ class DataParallelEngine:
         self.classifier, self.vision_config = first.classifier, first.vision_config
         self.enable_prompt_embeds, self.max_images = first.enable_prompt_embeds, first.max_images
         self.interleave_mm_strings, self.enable_sleep_mode = first.interleave_mm_strings, first.enable_sleep_mode
+        self.profiler_dir = first.profiler_dir
         self._replica_of: dict[str, LLMEngine] = {}
         self._pool = ThreadPoolExecutor(num_replicas, thread_name_prefix="jpaged-replica")
 
@@ -95,6 +97,12 @@ class DataParallelEngine:
     def wake_up(self, tags: list[str] | None = None) -> None:
         for engine in self.replicas:
             engine.wake_up(tags)
+
+    def start_profile(self, prefix: str | None = None) -> Path:
+        return self.replicas[0].start_profile(prefix)  # the trace is the process's: every replica's steps
+
+    def stop_profile(self) -> Path:
+        return self.replicas[0].stop_profile()
 
     def load_weights(self, weights) -> None:
         """`LLMEngine.load_weights` on every replica (the tensors read once, kept on the host

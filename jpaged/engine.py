@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm.auto import tqdm
 
-from jpaged import compile_cache
+from jpaged import compile_cache, profiler
 from jpaged.block_manager import BlockManager, blocks_held_under_window
 from jpaged.config import (
     CLASSIFIER_SUFFIX,
@@ -121,6 +121,7 @@ class LLMEngine:
         self.max_images = (config.limit_mm_per_prompt or {}).get("image")  # None: no limit
         self.interleave_mm_strings = config.interleave_mm_strings
         self.enable_sleep_mode = config.enable_sleep_mode
+        self.profiler_dir = config.profiler_dir
         if config.compilation_cache:
             compile_cache.enable()
         source = open_model(config.model, config.tokenizer, config.revision)
@@ -679,6 +680,17 @@ class LLMEngine:
                              "a classifier, whose score head it would not replace")
         self.runner.load_weights(self._checkpoint_names(host_tensors(weights)))
         self.block_manager.reset_prefix_cache()
+
+    def start_profile(self, prefix: str | None = None) -> Path:
+        """Start a jax profiler trace of what the engine runs, into `<profiler_dir>/<prefix>`
+        (vLLM's `start_profile`; `jpaged/profiler.py`); returns that folder. ValueError without
+        `profiler_dir`, and while a trace runs."""
+        return profiler.start(self.profiler_dir, prefix)
+
+    def stop_profile(self) -> Path:
+        """End the trace `start_profile` began and write it; returns its folder. ValueError where
+        none runs."""
+        return profiler.stop()
 
     def _check_idle(self, action: str) -> None:
         if unfinished := self.get_num_unfinished_requests():

@@ -10,6 +10,7 @@ one place where a caller holds `Sequence`s. Plain Python: importing this starts 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from jpaged.config import QwenVisionConfig, VisionConfig
@@ -68,7 +69,8 @@ class EngineClient(Protocol):
     otherwise), `max_images` (the most images a prompt may hold, `limit_mm_per_prompt`; None: no
     limit), `interleave_mm_strings` (whether a chat template that takes text gets each image's
     token where its part is, `jpaged.images.chat_for_template`), `enable_sleep_mode` (whether
-    `sleep` may be called), `enable_prompt_embeds` (whether
+    `sleep` may be called), `profiler_dir` (where `start_profile` writes traces; None: it may
+    not be called), `enable_prompt_embeds` (whether
     prompts may come as embeddings, `{"prompt_embeds": ...}`)."""
 
     tokenizer: Any
@@ -85,6 +87,7 @@ class EngineClient(Protocol):
     max_images: int | None
     interleave_mm_strings: bool
     enable_sleep_mode: bool
+    profiler_dir: str | None
     enable_prompt_embeds: bool
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
@@ -142,6 +145,14 @@ class EngineClient(Protocol):
 
     def load_weights(self, weights) -> None:
         """Replace every weight of the model with HF-named tensors (`LLM.load_weights`)."""
+        ...
+
+    def start_profile(self, prefix: str | None = None) -> Path:
+        """Start a jax profiler trace under `profiler_dir` (`LLM.start_profile`)."""
+        ...
+
+    def stop_profile(self) -> Path:
+        """End and write the trace (`LLM.stop_profile`)."""
         ...
 
     def get_sequence(self, request_id: str) -> Sequence:

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Sequence as SequenceABC
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -76,6 +77,17 @@ class LLM:
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def start_profile(self, profile_prefix: str | None = None) -> Path:
+        """Start a jax profiler trace of what the engine runs (vLLM's), into
+        `<profiler_dir>/<profile_prefix>` (default: the time); returns that folder. Needs
+        `LLM(..., profiler_dir=FOLDER)`. ValueError while a trace runs."""
+        return self.engine.start_profile(profile_prefix)
+
+    def stop_profile(self) -> Path:
+        """End the trace and write it (`plugins/profile/<run>/<host>.xplane.pb` for TensorBoard
+        / XProf and `.trace.json.gz` for Perfetto); returns its folder."""
+        return self.engine.stop_profile()
 
     def reset_prefix_cache(self) -> bool:
         """Empty the prefix cache (vLLM's), as after new weights or to time a cold prompt. Returns

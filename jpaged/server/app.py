@@ -90,6 +90,9 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
         app.add_api_route("/sleep", _sleep, methods=["POST"], dependencies=[Depends(_check_api_key)])
         app.add_api_route("/wake_up", _wake_up, methods=["POST"], dependencies=[Depends(_check_api_key)])
         app.add_api_route("/is_sleeping", _is_sleeping, methods=["GET"], dependencies=[Depends(_check_api_key)])
+    if getattr(state.engine, "profiler_dir", None):  # vLLM's profiler routes
+        app.add_api_route("/start_profile", _start_profile, methods=["POST"], dependencies=[Depends(_check_api_key)])
+        app.add_api_route("/stop_profile", _stop_profile, methods=["POST"], dependencies=[Depends(_check_api_key)])
     for path, method in (("/health", "GET"), ("/health", "HEAD"), ("/ping", "GET"), ("/ping", "POST")):
         app.add_api_route(path, _health, methods=[method])  # a route per method: each its own OpenAPI operation
     app.add_api_route("/version", _version, methods=["GET"])
@@ -224,6 +227,18 @@ async def _wake_up(request: Request) -> Response:
     """`POST /wake_up` (optionally `?tags=weights&tags=kv_cache`): give back what `/sleep` freed."""
     tags = request.query_params.getlist("tags") or None
     await _on_engine(request, lambda engine: engine.wake_up(tags))
+    return Response(status_code=200)
+
+
+async def _start_profile(request: Request) -> Response:
+    """`POST /start_profile`: start a jax profiler trace under `--profiler-dir` (400 while one runs)."""
+    await _on_engine(request, lambda engine: engine.start_profile())
+    return Response(status_code=200)
+
+
+async def _stop_profile(request: Request) -> Response:
+    """`POST /stop_profile`: end the trace and write it (400 where none runs)."""
+    await _on_engine(request, lambda engine: engine.stop_profile())
     return Response(status_code=200)
 
 

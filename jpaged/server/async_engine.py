@@ -173,6 +173,10 @@ class AsyncEngine:
         return getattr(self.engine, "enable_sleep_mode", False)
 
     @property
+    def profiler_dir(self) -> str | None:
+        return getattr(self.engine, "profiler_dir", None)
+
+    @property
     def enable_prompt_embeds(self) -> bool:
         return self.engine.enable_prompt_embeds
 
