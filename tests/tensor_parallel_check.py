@@ -62,7 +62,37 @@ def main(folder_root: str) -> None:
             report[f"{name}/{tp}"] = {"tokens": [o.outputs[0].token_ids for o in outputs],
                                       "device_bytes": device_bytes(llm),
                                       "model_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(llm.engine.runner.state))}
+    report.update(image_prompts(os.path.join(folder_root, "llava")))
     print(json.dumps(report))
+
+
+def image_prompts(folder: str) -> dict:
+    """Greedy tokens of a random LLaVA (tests/test_images.py's, whose tokens that file checks
+    against HF) for prompts with images, on one device and split over two."""
+    import torch
+    from hf_models import randomize_weights, torch_single_thread
+    from test_images import CLIP_VISION, IMAGE_TOKEN, LLAMA_TEXT, TEMPLATE, _image, _tokenizer
+
+    config = transformers.LlavaConfig(text_config=LLAMA_TEXT, vision_config=CLIP_VISION,
+                                      image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
+                                      vision_feature_select_strategy="default")
+    with torch_single_thread(), torch.no_grad():
+        model = transformers.LlavaForConditionalGeneration(config).eval()
+        randomize_weights(model, seed=5)
+    model.save_pretrained(folder)
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    transformers.LlavaProcessor(image_processor=image_processor, tokenizer=_tokenizer(), patch_size=7,
+                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                chat_template=TEMPLATE).save_pretrained(folder)
+    prompts = [{"prompt": "t5 t6 <image> t7 t8", "multi_modal_data": {"image": _image(seed)}} for seed in (1, 2)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    report = {}
+    for tp in (1, 2):
+        llm = LLM(folder, tensor_parallel_size=tp, dtype="float32", num_blocks=64, block_size=4,
+                  max_num_batched_tokens=16, max_model_len=128)
+        report[f"llava/{tp}"] = {"tokens": [o.outputs[0].token_ids for o in llm.generate(prompts, params,
+                                                                                           use_tqdm=False)]}
+    return report
 
 
 if __name__ == "__main__":

@@ -23,6 +23,13 @@ def test_every_degree_gives_the_single_device_tokens(report, model):
         assert report[f"{model}/{tp}"]["tokens"] == single, f"tensor_parallel_size={tp}"
 
 
+def test_image_prompts_give_the_single_device_tokens(report):
+    """LLaVA (its vision tower on one device, the language model split over two): the prompts'
+    tokens as on one device, which tests/test_images.py checks against HF."""
+    single = report["llava/1"]["tokens"]
+    assert report["llava/2"]["tokens"] == single and single[0] != single[1]  # and the image counts
+
+
 @pytest.mark.parametrize("model", ["llama", "qwen2"])
 def test_each_device_holds_about_a_share_of_the_parameters(report, model):
     single = report[f"{model}/1"]["model_bytes"]
