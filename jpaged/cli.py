@@ -18,6 +18,7 @@ import sys
 from jpaged.images import CONTENT_FORMATS
 from jpaged.pooling import RUNNERS
 from jpaged.reasoning import REASONING_PARSERS
+from jpaged.sampling_params import LOGPROBS_MODES
 from jpaged.server.tool_parsers import TOOL_PARSERS
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -77,6 +78,10 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="longest prompt + output, in tokens; unset: the model's (lowered to what the KV cache holds)")
     parser.add_argument("--max-logprobs", type=int, default=20,
                         help="most top logprobs a request may ask for per token; -1: the whole vocabulary")
+    parser.add_argument("--logprobs-mode", default="raw_logprobs", choices=LOGPROBS_MODES,
+                        help="what sampled tokens' logprobs hold: the model's own log-softmax or logits (raw_), or "
+                             "those of the distribution drawn from, after penalties, temperature and top-k / top-p "
+                             "(processed_)")
     parser.add_argument("--enable-prompt-embeds", action="store_true",
                         help="take prompts as embeddings (serve: /v1/completions' prompt_embeds, base64 torch.save'd "
                              "[length, hidden_size] tensors; read with weights_only, yet only for trusted clients)")

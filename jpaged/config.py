@@ -19,7 +19,7 @@ import numpy as np
 from jpaged.image_tiles import num_image_tokens
 from jpaged.pooling import CLASSIFIER_SUFFIX, RUNNERS, TOKEN_CLASSIFIER_SUFFIX, check_pooler_config
 from jpaged.reasoning import REASONING_PARSERS
-from jpaged.sampling_params import MAX_LOGPROBS, as_bool, is_integer
+from jpaged.sampling_params import LOGPROBS_MODES, MAX_LOGPROBS, as_bool, is_integer
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -1407,6 +1407,9 @@ class EngineConfig:
     # token_classify; None: the model's own) and `pooling_type` (LAST, MEAN, CLS, ALL)
     pooler_config: dict | None = None
     max_logprobs: int = MAX_LOGPROBS  # most top logprobs a request may ask for per token; -1: the whole vocabulary
+    # what sampled tokens' logprobs hold (vLLM's; jpaged/sampler.py): "raw_logprobs", "raw_logits",
+    # "processed_logprobs" or "processed_logits" (of the distribution drawn from)
+    logprobs_mode: str = "raw_logprobs"
     # prompts may be given as embeddings (`{"prompt_embeds": [length, hidden_size]}`, vLLM's): each
     # step then takes a [tokens, hidden_size] float32 array beside the token ids
     enable_prompt_embeds: bool = False
@@ -1439,6 +1442,8 @@ class EngineConfig:
                                                   and all(isinstance(key, str) for key in self.hf_overrides)):
             raise ValueError(f"hf_overrides must be a dict of config.json keys, got {self.hf_overrides!r:.100}")
         _check_mm_limits(self.limit_mm_per_prompt)
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r:.50}")
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be -1 (the whole vocabulary) or >= 0, got {self.max_logprobs}")
         if self.profiler_dir is not None and not isinstance(self.profiler_dir, (str, os.PathLike)):

@@ -554,7 +554,7 @@ class ModelRunner:
 
     def _sampler_context(self) -> str:
         """Every setting the sampler program is made from beyond its arguments' shapes."""
-        return repr(("sampler", self._mesh_layout(), self.num_logprobs))
+        return repr(("sampler", self._mesh_layout(), self.num_logprobs, self._config.logprobs_mode))
 
     def _mesh_layout(self) -> tuple | None:
         """The mesh's axes, shape and device ids (None: one device), for the programs' keys."""
@@ -650,7 +650,8 @@ class ModelRunner:
     def _sample(self, logits: jax.Array, sampling: SamplingArrays) -> SamplerOutput:
         """The sampler program: tokens, with their top `num_logprobs` logprobs when some row
         wants them (zeros otherwise)."""
-        return sample_with_logprobs(logits, sampling, None, self.num_logprobs, when_wanted=True)
+        return sample_with_logprobs(logits, sampling, None, self.num_logprobs, self._config.logprobs_mode,
+                                    when_wanted=True)
 
     def move_blocks(self, plan: SchedulerOutput) -> None:
         """Carry out the step's block moves before it runs: swap-outs, copy-on-write copies, then

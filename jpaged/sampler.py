@@ -40,9 +40,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jpaged.sampling_params import LOGPROBS_MODES
 from jpaged.step_batch import PAD_TOKEN_ID, SamplingArrays
 
-LOGPROBS_MODES = ("raw", "penalized")
 ROW_GROUP = 8  # rows whose top-k / top-p cutoffs are found together (a group with none skips)
 DRAW_BLOCK = 256  # tokens per block of the draw's two-level cumulative sums
 
@@ -204,6 +204,14 @@ def _filtered(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
     return jnp.where(_order_keys(scaled) >= _cutoffs(scaled, arrays, filtered), scaled, -jnp.inf)
 
 
+def processed_logits(processed: jax.Array, arrays: SamplingArrays) -> jax.Array:
+    """The logits each row is drawn from, as vLLM's `processed_logits` gives them: [S, V] float32,
+    processed logits (`apply_logits_processors`) over the temperature (1 for greedy rows), -inf
+    where top-k, top-p or min-p remove a token (greedy rows: none removed)."""
+    temperature = jnp.where(arrays.temperature <= 0, 1.0, arrays.temperature)[:, None]
+    return jnp.where(_filtered(processed, arrays) > -jnp.inf, processed / temperature, -jnp.inf)
+
+
 def masked_logits(logits: jax.Array, arrays: SamplingArrays) -> jax.Array:
     """Return the logits ``sample`` draws from: [S, V] float32, -inf where a token is removed.
 
@@ -330,7 +338,7 @@ def sample_with_logprobs(
     arrays: SamplingArrays,
     all_greedy: bool | None = None,
     num_logprobs: int | None = None,
-    logprobs_mode: str = "raw",
+    logprobs_mode: str = "raw_logprobs",
     when_wanted: bool = False,
 ) -> SamplerOutput:
     """``sample``, plus each sampled token's logprob, rank and the top ``num_logprobs`` logprobs.
@@ -340,12 +348,12 @@ def sample_with_logprobs(
         num_logprobs: static. None computes no logprobs (the fields are None, and the step is
             ``sample``); k >= 0 returns the sampled token's logprob and rank and the top k
             (k = 0: shape [S, 0]). Rows may ask for fewer; the host slices each row's share.
-        logprobs_mode: static.
-            ``"raw"`` (the default; vLLM V1's default ``logprobs_mode="raw_logprobs"``): the
-            log_softmax of the model's raw logits, before min_tokens, logit_bias, penalties,
-            temperature, top-k, top-p and min-p: the model's own distribution.
-            ``"penalized"``: the log_softmax of the processed logits (after min_tokens,
-            logit_bias and penalties; before temperature and the top-k / top-p / min-p filters).
+        logprobs_mode: static, vLLM's (`LOGPROBS_MODES`). ``"raw_logprobs"`` (the default):
+            the log_softmax of the model's logits (after a structured-output grammar's mask),
+            before min_tokens, logit_bias, penalties, temperature, top-k, top-p and min-p: the
+            model's own distribution; ``"raw_logits"``: those logits. ``"processed_logprobs"``:
+            the log_softmax of ``processed_logits``, the distribution the token is drawn from
+            (-inf for tokens the filters remove); ``"processed_logits"``: those logits.
         when_wanted: static. True computes the logprob fields only when some row's
             ``arrays.logprobs_wanted`` is set, at run time (zeros otherwise); the tokens are drawn
             the same either way, by one traced copy of the sampler.
@@ -359,10 +367,11 @@ def sample_with_logprobs(
         return SamplerOutput(token_ids)
     if num_logprobs < 0:
         raise ValueError(f"num_logprobs must be None or >= 0, got {num_logprobs}")
-    source = logits.astype(jnp.float32) if logprobs_mode == "raw" else processed
+    source = logits if logprobs_mode.startswith("raw") else processed_logits(processed, arrays)
 
     def gather(source):
-        return _gather_logprobs(jax.nn.log_softmax(source, axis=-1), token_ids, num_logprobs)
+        values = jax.nn.log_softmax(source, axis=-1) if logprobs_mode.endswith("logprobs") else source
+        return _gather_logprobs(values, token_ids, num_logprobs)
 
     if not when_wanted:
         return SamplerOutput(token_ids, *gather(source))

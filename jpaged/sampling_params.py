@@ -17,6 +17,10 @@ from dataclasses import dataclass
 
 SEED_LIMIT = 2**32  # seeds are packed into uint32 device arrays (`device_seed` maps a request's seed there)
 SEED_RANGE = (-(2**63), 2**64)  # request seeds: any int64 or uint64, as torch's manual_seed takes
+# what a sampled token's logprobs hold (vLLM's `logprobs_mode`): the model's own log-softmax or
+# logits ("raw"), or those of the distribution drawn from ("processed": after min_tokens,
+# logit_bias, penalties, temperature, top-k, top-p and min-p)
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
 MAX_LOGPROBS = 20  # default of the engine's ``max_logprobs``, the most top logprobs per token: vLLM's default
 ALL_LOGPROBS = -1  # ``logprobs`` / ``prompt_logprobs`` asking for the whole vocabulary (vLLM's)
 PENALTY_LIMIT = 2.0  # presence / frequency penalties lie in [-PENALTY_LIMIT, PENALTY_LIMIT]

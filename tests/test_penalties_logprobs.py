@@ -11,8 +11,12 @@ import pytest
 import torch
 from transformers.generation.logits_process import (
     MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     SequenceBiasLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
 from jpaged.sampler import (
@@ -343,24 +347,67 @@ def test_raw_logprobs_match_torch_log_softmax(num_logprobs):
     assert int(out.ranks[0]) == 1  # the greedy row without processors takes the top token
 
 
-def test_penalized_logprobs_match_torch_on_hf_processed_logits():
+def hf_drawn_from(row_logits, params, prompt, output, blocked_ids=()) -> torch.Tensor:
+    """The logits a row is drawn from, by HF's processors and warpers in vLLM's order: min_tokens,
+    logit_bias and penalties (`hf_process`), then for a sampled row temperature, top-k, top-p and
+    min-p (-inf where they remove a token); a greedy row stops after the penalties."""
+    scores = torch.from_numpy(hf_process(row_logits, params, prompt, output, blocked_ids))[None, :]
+    if params.temperature > 0:
+        input_ids = torch.tensor([list(prompt) + list(output)], dtype=torch.long)
+        warpers = [TemperatureLogitsWarper(params.temperature)]
+        warpers += [TopKLogitsWarper(params.top_k)] if params.top_k > 0 else []
+        warpers += [TopPLogitsWarper(params.top_p)] if params.top_p < 1 else []
+        warpers += [MinPLogitsWarper(params.min_p)] if params.min_p > 0 else []
+        for warper in warpers:
+            scores = warper(input_ids, scores)
+    return scores[0]
+
+
+@pytest.mark.parametrize("mode", ["processed_logprobs", "processed_logits", "raw_logits"])
+def test_logprobs_modes_match_hf_processors_and_warpers(mode):
+    """vLLM's `logprobs_mode`: processed values are those of the distribution each token is drawn
+    from (HF's processors and warpers are the oracle), raw logits the model's own."""
     rng = np.random.default_rng(11)
     prompts, outputs = random_history(rng, len(LOGPROB_ROWS))
     logits = random_logits(rng, len(LOGPROB_ROWS))
     arrays = build(LOGPROB_ROWS, prompts, outputs, eos_token_ids=[EOS])
-    out = sample_lp_jit(jnp.asarray(logits), arrays, all_greedy=False, num_logprobs=4,
-                        logprobs_mode="penalized")
+    out = sample_lp_jit(jnp.asarray(logits), arrays, all_greedy=False, num_logprobs=4, logprobs_mode=mode)
     ids = np.asarray(out.token_ids)
+    np.testing.assert_array_equal(ids, np.asarray(sample_jit(jnp.asarray(logits), arrays, all_greedy=False)))
     for row, p in enumerate(LOGPROB_ROWS):
         blocked = [EOS] if len(outputs[row]) < p.min_tokens else []
-        processed = hf_process(logits[row], p, prompts[row], outputs[row], blocked_ids=blocked)
-        expected = torch.log_softmax(torch.from_numpy(processed), dim=-1)
-        assert np.isclose(float(out.logprobs[row]), float(expected[ids[row]]), atol=1e-5)
+        if mode == "raw_logits":
+            expected = torch.from_numpy(logits[row]).double()
+        else:
+            expected = hf_drawn_from(logits[row], p, prompts[row], outputs[row], blocked_ids=blocked).double()
+            expected = torch.log_softmax(expected, dim=-1) if mode == "processed_logprobs" else expected
+        assert np.isclose(float(out.logprobs[row]), float(expected[ids[row]]), atol=1e-5), row
         top, top_ids = torch.topk(expected, 4)
-        np.testing.assert_array_equal(np.asarray(out.top_ids[row]), top_ids.numpy())
+        finite = torch.isfinite(top).numpy()
+        np.testing.assert_array_equal(np.asarray(out.top_ids[row])[finite], top_ids.numpy()[finite])
         np.testing.assert_allclose(np.asarray(out.top_logprobs[row]), top.numpy(), atol=1e-5)
-    # The greedy biased row takes token 3, which is then the top penalized token.
-    assert ids[3] == 3 and int(out.ranks[3]) == 1
+        assert int(out.ranks[row]) == int((expected >= expected[ids[row]]).sum()), row
+    assert ids[3] == 3 and int(out.ranks[3]) == (1 if mode.startswith("processed") else int(
+        (logits[3] >= logits[3][3]).sum()))  # the greedy biased row takes the biased token, first once processed
+
+
+def test_engine_logprobs_mode_gives_the_drawn_distributions_logprobs(stories_path):
+    """`LLM(logprobs_mode="processed_logprobs")`: the same seeded tokens as the default engine, and
+    each token's logprobs are those of its top-5 distribution at temperature 0.8, renormalised
+    from the default engine's raw top-5 logprobs."""
+    from jpaged import LLM
+
+    params = SamplingParams(temperature=0.8, top_k=5, seed=3, max_tokens=12, logprobs=5)
+    outs = {mode: LLM(stories_path, num_blocks=32, logprobs_mode=mode).generate("Once upon a time", params,
+                                                                              use_tqdm=False)[0].outputs[0]
+            for mode in ("raw_logprobs", "processed_logprobs")}
+    raw, processed = outs["raw_logprobs"], outs["processed_logprobs"]
+    assert raw.token_ids == processed.token_ids
+    for token, raw_top, drawn_top in zip(raw.token_ids, raw.logprobs, processed.logprobs):
+        scaled = {t: entry.logprob / 0.8 for t, entry in raw_top.items() if entry.rank <= 5}
+        norm = np.logaddexp.reduce(list(scaled.values()))
+        assert drawn_top[token].logprob == pytest.approx(scaled[token] - norm, abs=1e-4)
+        assert np.exp([e.logprob for t, e in drawn_top.items() if e.rank <= 5]).sum() == pytest.approx(1, abs=1e-4)
 
 
 def test_no_logprobs_requested_returns_ids_only_and_bad_mode_raises():
@@ -371,7 +418,7 @@ def test_no_logprobs_requested_returns_ids_only_and_bad_mode_raises():
     assert out.logprobs is None and out.top_ids is None and out.ranks is None
     np.testing.assert_array_equal(np.asarray(out.token_ids), np.argmax(np.asarray(logits), -1))
     with pytest.raises(ValueError, match="logprobs_mode"):
-        sample_with_logprobs(logits, arrays, True, 1, logprobs_mode="processed_logits")
+        sample_with_logprobs(logits, arrays, True, 1, logprobs_mode="penalized")
     with pytest.raises(ValueError, match="num_logprobs"):
         sample_with_logprobs(logits, arrays, True, -1)
 
