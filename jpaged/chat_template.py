@@ -33,16 +33,33 @@ def read_chat_template(source: str) -> str:
                          f"({err.strerror or err})") from err
 
 
+def _parse(template: str):
+    """`template`'s Jinja syntax tree, parsed as transformers compiles chat templates: with loop
+    controls and transformers' `{% generation %}` ... `{% endgeneration %}` block (which marks the
+    assistant's tokens and renders its body). jinja2.TemplateSyntaxError where it does not parse."""
+    from jinja2 import ext, nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body, lineno=lineno)
+
+    return ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols", Generation]).parse(template)
+
+
 def checked_template(template: str) -> str:
     """`template`, once it parses as Jinja (as transformers compiles chat templates); ValueError
     naming the error and its line otherwise."""
     from jinja2 import TemplateSyntaxError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     if not template.strip():
         raise ValueError("the chat template is empty")
     try:
-        ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+        _parse(template)
     except TemplateSyntaxError as err:
         raise ValueError(f"the chat template does not parse: {err.message} (line {err.lineno})") from err
     return template
@@ -55,18 +72,16 @@ def template_reads_parts(template: str | None) -> bool:
     template's syntax tree as vLLM reads it. A message is the target of a loop over `messages`
     or over a variable set from it; a template that does not parse takes text."""
     from jinja2 import TemplateSyntaxError, nodes
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     if not template:
         return False
     try:
-        tree = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+        tree = _parse(template)
     except TemplateSyntaxError:
         return False
-    loops = list(tree.find_all(nodes.For))
+    loops = [loop for loop in tree.find_all(nodes.For) if isinstance(loop.target, nodes.Name)]
     messages = _names_set_from(tree, "messages")
-    message_names = {loop.target.name for loop in loops if isinstance(loop.target, nodes.Name)
-                     and any(_reads(loop.iter, name) for name in messages)}
+    message_names = {loop.target.name for loop in loops if any(_reads(loop.iter, name) for name in messages)}
     return any(_reads(loop.iter, name, "content") for loop in loops for name in message_names)
 
 

@@ -93,7 +93,8 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "the images a message's text does not name go first, one per line (vLLM's default)")
     parser.add_argument("--enable-sleep-mode", action="store_true",
                         help="allow sleep / wake_up (serve: POST /sleep, POST /wake_up, GET /is_sleeping), which "
-                             "free the device memory of the weights (kept in host memory) and KV cache between uses")
+                             "free the device memory of the weights (level 1: kept in host memory; level 2: "
+                             "discarded, read again at wake-up) and KV cache between uses")
     parser.add_argument("--profiler-dir", default=None,
                         help="allow jax profiler traces of the engine (serve: POST /start_profile and "
                              "/stop_profile), written under this folder")

@@ -417,14 +417,14 @@ class LLMEngine:
         token_ids = truncated_prompt(token_ids, params.truncate_prompt_tokens, self.max_model_len)
         if embeds is not None:
             embeds = embeds[len(embeds) - len(token_ids):]
-        if self.reads_prompt_whole:
-            self._check_prefix(len(token_ids))
         room = self.max_model_len - len(token_ids)
         if token_ids and room < (0 if self.pooler else 1):  # an embedding adds no token
             held = self.block_manager.num_blocks * self.block_manager.block_size == self.max_model_len
             what = "is longer than" if self.pooler else "leaves no room for output within"
             raise ValueError(f"prompt of {len(token_ids)} tokens {what} max_model_len "
                              f"{self.max_model_len}{' (what the KV cache holds)' if held else ''}")
+        if self.reads_prompt_whole:
+            self._check_prefix(len(token_ids))
         if token_ids and not self.pooler and (params.max_tokens is None or params.max_tokens > room):  # ends at max_model_len (vLLM's)
             params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
         params = self._resolve_logprobs(params)
@@ -654,7 +654,7 @@ class LLMEngine:
             raise ValueError(f"wake_up tags must be a list such as ['weights'], got {tags!r:.50}")
         if unknown := sorted(set(tags or ()) - set(WAKE_UP_TAGS)):
             raise ValueError(f"wake_up tags {unknown} are not among {list(WAKE_UP_TAGS)}")
-        tags = tuple(tags) if tags else WAKE_UP_TAGS
+        tags = WAKE_UP_TAGS if tags is None else tuple(tags)  # an empty list wakes nothing, as vLLM's
         if "weights" in tags and self.runner.weights_discarded:
             self.runner.load_weights(self._checkpoint_weights())
         self.runner.wake_up(tags)

@@ -102,6 +102,8 @@ def test_prompts_up_to_max_model_len_are_read_whole_by_default(embedding_gemma):
     finally:
         oracle.max_seq_length = kept
     assert len(llm.engine.tokenizer.encode(prompts[0])) > 512
+    with pytest.raises(ValueError, match=r"prompt of 103\d tokens is longer than max_model_len 1024"):
+        llm.embed(texts((1030,)), use_tqdm=False)
 
 
 def test_token_embeddings_go_through_the_dense_layers(embedding_gemma):

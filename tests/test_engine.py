@@ -358,6 +358,21 @@ def test_templates_that_loop_over_content_parts_get_parts_on_text_models(llm):
     assert "upon" not in as_text[0].prompt
 
 
+def test_templates_with_a_generation_block_render_as_transformers_renders_them(llm):
+    """transformers' `{% generation %}` block (marking the assistant's tokens): such a template is
+    taken, read for its content format like any other, and renders as HF's own
+    `apply_chat_template` renders the messages in that format."""
+    template = ("{% for m in messages %}{{ m['role'] }}:{% if m['role'] == 'assistant' %}{% generation %}"
+                "{% for p in m['content'] %} {{ p['text'] }}{% endfor %}{% endgeneration %}{% else %}"
+                "{% for p in m['content'] %} [{{ p['text'] }}]{% endfor %}{% endif %}|{% endfor %}")
+    messages = [{"role": "user", "content": "Once upon"}, {"role": "assistant", "content": "a time"},
+                {"role": "user", "content": "there was"}]
+    as_parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+    expected = llm.get_tokenizer().apply_chat_template(as_parts, chat_template=template, tokenize=False)
+    assert expected == "user: [Once upon]|assistant: a time|user: [there was]|"
+    assert llm.chat(messages, GREEDY, use_tqdm=False, chat_template=template)[0].prompt == expected
+
+
 def test_chat_continues_the_final_message_as_vllm(llm):
     """`continue_final_message`: the reply continues the final assistant message (HF's template
     rendering cut right after its text), the same tokens as `generate` on that text."""

@@ -115,7 +115,8 @@ def test_bfloat16_tensors_load_as_their_values(models):
 
 
 def test_quantized_engine_quantizes_the_loaded_weights(models, tmp_path):
-    """int8 weights: loading a model's tensors gives what an engine made from its folder gives."""
+    """int8 weights: loading a model's tensors gives what an engine made from its folder gives;
+    float8 tensors load as their values; a weight that cannot be quantized is named."""
     folder, new, _ = models
     with torch_single_thread():
         new.save_pretrained(str(tmp_path), safe_serialization=True)
@@ -123,8 +124,17 @@ def test_quantized_engine_quantizes_the_loaded_weights(models, tmp_path):
     llm = LLM(str(folder), quantization="int8", **ENGINE)
     weight_bytes = llm.engine.runner.weight_bytes
     llm.load_weights(new.state_dict())
-    assert tokens(llm) == tokens(LLM(str(tmp_path), quantization="int8", **ENGINE))
-    assert llm.engine.runner.weight_bytes == weight_bytes
+    expected = tokens(LLM(str(tmp_path), quantization="int8", **ENGINE))
+    assert tokens(llm) == expected and llm.engine.runner.weight_bytes == weight_bytes
+    broken = {**new.state_dict(), "model.layers.1.mlp.down_proj.weight": torch.full((64, 128), float("nan"))}
+    with pytest.raises(ValueError, match="weight 'model.layers.1.mlp.down_proj.weight': cannot quantize"):
+        llm.load_weights(broken)
+    assert tokens(llm) == expected
+    fp8 = {name: tensor.to(torch.float8_e4m3fn) for name, tensor in new.state_dict().items()}
+    rounded = LLM(str(tmp_path), quantization="int8", **ENGINE)
+    rounded.load_weights({name: tensor.float() for name, tensor in fp8.items()})
+    llm.load_weights(fp8)
+    assert tokens(llm) == tokens(rounded)
 
 
 def test_sleep_level_2_discards_the_weights_and_brings_back_new_or_the_files_ones(models):
@@ -143,6 +153,8 @@ def test_sleep_level_2_discards_the_weights_and_brings_back_new_or_the_files_one
     llm.load_weights(new.state_dict())  # the weights come back with the new values
     assert not llm.engine.is_sleeping() and tokens(llm) == expected["new"]
     llm.sleep(level=1)
+    llm.wake_up([])  # nothing, as vLLM's
+    assert llm.engine.runner.sleeping_parts == ["weights", "KV cache"]
     llm.sleep(level=2)  # the host copy of level 1 is dropped too
     llm.wake_up()  # nothing loaded: the model's files are read again
     assert tokens(llm) == expected["old"]
@@ -161,6 +173,12 @@ def test_refusals_name_the_problem_and_keep_the_old_weights(models, tmp_path):
         llm.load_weights({**state, "model.norm.weight": torch.ones(65)})
     with pytest.raises(ValueError, match="weight 'lm_head.weight' must hold floats, got int64"):
         llm.load_weights({**state, "lm_head.weight": torch.ones(96, 64, dtype=torch.long)})
+    with pytest.raises(ValueError, match=r"weights model.layers.0.self_attn.q_proj.weight \(64, 64\), "
+                                         r"model.layers.0.self_attn.k_proj.weight \(64, 32\), .* do not fit together"):
+        llm.load_weights({**state, "model.layers.0.self_attn.k_proj.weight": state[
+            "model.layers.0.self_attn.k_proj.weight"].T})
+    with pytest.raises(ValueError, match=r"weight 'model.norm.weight' could not be read \(NotImplementedError"):
+        llm.load_weights({**state, "model.norm.weight": torch.empty(64, device="meta")})
     with pytest.raises(ValueError, match=r"weights must be \(name, tensor\) pairs"):
         llm.load_weights(list(state.values()))
     with pytest.raises(ValueError, match="weights must be a mapping or an iterable"):

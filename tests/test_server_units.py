@@ -714,6 +714,10 @@ PARTS_LOOP = "{% for message in messages %}{% for part in message['content'] %}{
     ("{% for m in messages %}{% set parts = m['content'] %}{% for p in parts %}{{ p }}{% endfor %}{% endfor %}",
      False),
     ("{% for m in messages %}{% for c in m['content'] %}", False),  # does not parse
+    # transformers' assistant-mask block, in which the loop over the parts sits
+    ("{% for m in messages %}{% generation %}{% for p in m['content'] %}{{ p.text }}{% endfor %}{% endgeneration %}"
+     "{% endfor %}", True),
+    ("{% for m in messages %}{% for k, v in m.content %}{{ v }}{% endfor %}{% endfor %}", False),  # vLLM: text
     (None, False),
 ])
 def test_auto_content_format_reads_the_templates_syntax_tree_as_vllm(template, reads_parts):

@@ -137,6 +137,17 @@ def fuse_rows(parts: list[np.ndarray], shards: int) -> np.ndarray:
                            (np.split(part, shards)[shard] for part in parts)])
 
 
+def _check_joinable(layer: int, parts: dict[str, np.ndarray], shards: int) -> None:
+    """ValueError naming a layer's tensors that cannot be joined by rows: of no rows, of rows
+    that differ in shape, or of a row count the tensor-parallel shards do not divide."""
+    shapes = {part: tensor.shape for part, tensor in parts.items()}
+    if any(len(shape) == 0 or shape[0] % shards for shape in shapes.values()) or \
+            len({shape[1:] for shape in shapes.values()}) > 1:
+        listed = ", ".join(f"model.layers.{layer}.{part} {tuple(shape)}" for part, shape in shapes.items())
+        raise ValueError(f"weights {listed} do not fit together: each must be [rows, ...] with the same row shape"
+                         + (f" and rows divisible by the {shards} tensor-parallel shards" if shards > 1 else ""))
+
+
 def fuse_projections(weights: Iterable[tuple[str, np.ndarray]], layers: dict, shards: int = 1):
     """`weights` with each layer's q / k / v tensors (weights, and biases where the model has
     them) and gate / up weights joined into one tensor each (`fuse_rows`), where the layer's
@@ -156,6 +167,7 @@ def fuse_projections(weights: Iterable[tuple[str, np.ndarray]], layers: dict, sh
         parts = _FUSIONS[fused][1]
         if len(held) == len(parts):
             del pending[layer, fused]
+            _check_joinable(layer, {part: held[part] for part in parts}, shards)
             yield f"model.layers.{layer}.{fused}", fuse_rows([held[part] for part in parts], shards)
     if pending:
         missing = [f"model.layers.{layer}.{part}" for (layer, fused), held in sorted(pending.items())
@@ -191,6 +203,9 @@ def split_fused_tensors(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelCon
             continue
         stacked = _STACKED_EXPERTS.get(match.group(2)) if match else None
         if stacked is not None:
+            if tensor.ndim != 3 or tensor.shape[1] % len(stacked):
+                raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected [experts, {len(stacked)} x rows, "
+                                 "columns] (the experts' " + " and ".join(p.split(".")[0] for p in stacked) + " stacked)")
             for expert, per_expert in enumerate(tensor):
                 parts = np.split(per_expert, len(stacked))
                 for part, piece in zip(stacked, parts):
@@ -293,10 +308,15 @@ def replicate_kv_heads(weights: Iterable[tuple[str, np.ndarray]], cfg: ModelConf
         yield name, tensor
 
 
+# torch's float types that numpy lacks, as ml_dtypes holds them
+_ML_DTYPES = {"torch.bfloat16": ml_dtypes.bfloat16, "torch.float8_e4m3fn": ml_dtypes.float8_e4m3fn,
+              "torch.float8_e5m2": ml_dtypes.float8_e5m2}
+
+
 def host_tensors(weights) -> Iterator[tuple[str, np.ndarray]]:
     """A caller's tensors as the loader takes them: `(name, numpy array)` pairs from a mapping or
-    an iterable of pairs, each value a torch tensor (any device; bfloat16 kept as such), a jax or
-    numpy array. ValueError naming an entry that is not a pair of a name and a floating array."""
+    an iterable of pairs, each value a torch tensor (any device; bfloat16 and float8 kept as
+    such), a jax or numpy array. ValueError naming an entry that is not a pair of a name and a floating array."""
     pairs = weights.items() if isinstance(weights, Mapping) else weights
     if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
         raise ValueError(f"weights must be a mapping or an iterable of (name, tensor) pairs, got "
@@ -305,15 +325,15 @@ def host_tensors(weights) -> Iterator[tuple[str, np.ndarray]]:
         if not isinstance(pair, tuple) or len(pair) != 2 or not isinstance(pair[0], str):
             raise ValueError(f"weights must be (name, tensor) pairs, got {pair!r:.80}")
         name, tensor = pair
-        if hasattr(tensor, "detach"):  # a torch tensor, read without importing torch
-            tensor = tensor.detach().to("cpu")
-            if str(tensor.dtype) == "torch.bfloat16":  # numpy has no bfloat16 of its own: exact both ways
-                tensor = tensor.float().numpy().astype(ml_dtypes.bfloat16)
         try:
+            if hasattr(tensor, "detach"):  # a torch tensor, read without importing torch
+                tensor = tensor.detach().to("cpu")
+                if (ml_dtype := _ML_DTYPES.get(str(tensor.dtype))) is not None:  # exact through float32
+                    tensor = tensor.float().numpy().astype(ml_dtype)
             array = np.asarray(tensor)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"weight {name!r} is not an array ({type(tensor).__name__}: {err})") from err
-        if array.dtype.kind != "f" and array.dtype != ml_dtypes.bfloat16:
+        except Exception as err:  # a tensor with no data to copy (torch's meta device, a deleted jax array)
+            raise ValueError(f"weight {name!r} could not be read ({type(err).__name__}: {err})") from err
+        if array.dtype.kind != "f" and array.dtype not in _ML_DTYPES.values():
             raise ValueError(f"weight {name!r} must hold floats, got {array.dtype}")
         yield name, array
 
@@ -351,10 +371,16 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
         value = tensor.T if transposed else tensor
         expected = tuple(spec.shape[len(index):])
         if value.shape != expected:
-            raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected "
+            layer = _LAYER_NAME.fullmatch(name)
+            joined = _FUSIONS.get(layer.group(2)) if layer else None
+            parts = f" (joined from {', '.join(joined[1])})" if joined else ""
+            raise ValueError(f"weight {name!r}{parts} has shape {tensor.shape}, expected "
                              f"{expected[::-1] if transposed else expected}")
         if scheme is not None:
-            value, scale = quantize(value, scheme)
+            try:
+                value, scale = quantize(value, scheme)
+            except ValueError as err:
+                raise ValueError(f"weight {name!r}: {err}") from err
             _place(params, scale_path, index, scale, _lookup(state, scale_path, name), sharding)
         _place(params, path, index, np.ascontiguousarray(value, dtype=spec.dtype), spec, sharding)
         filled.setdefault(param, set()).add(where)
