@@ -83,8 +83,11 @@ def beam_search(engine: EngineClient, prompts: list, params: BeamSearchParams,
     """The `params.beam_width` best continuations of each prompt, each through its LoRA adapter
     in `loras` (None: the base model); `use_tqdm` shows the rounds (tokens) done. ValueError for
     a beam width whose `2 * beam_width` ranked continuations exceed the engine's `max_logprobs`,
-    or a prompt or adapter the engine refuses; RuntimeError when the beams cannot fit in the KV
+    an engine whose logprobs are logits (`logprobs_mode`), or a prompt or adapter the engine refuses; RuntimeError when the beams cannot fit in the KV
     cache together."""
+    if engine.logprobs_mode.endswith("_logits"):
+        raise ValueError(f"beam search ranks beams by their logprobs, and under logprobs_mode "
+                         f"{engine.logprobs_mode!r} the engine returns logits: use a *_logprobs mode")
     if 2 * params.beam_width > engine.max_logprobs:
         smaller = f"use beam_width <= {engine.max_logprobs // 2} or " if engine.max_logprobs >= 2 else ""
         raise ValueError(f"beam_width {params.beam_width} needs the top {2 * params.beam_width} logprobs of every beam "

@@ -1446,7 +1446,8 @@ class EngineConfig:
             raise ValueError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got {self.logprobs_mode!r:.50}")
         if self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be -1 (the whole vocabulary) or >= 0, got {self.max_logprobs}")
-        if self.profiler_dir is not None and not isinstance(self.profiler_dir, (str, os.PathLike)):
+        if self.profiler_dir is not None and (not isinstance(self.profiler_dir, (str, os.PathLike))
+                                              or not os.fspath(self.profiler_dir).strip()):
             raise ValueError(f"profiler_dir must be a folder, got {self.profiler_dir!r:.80}")
         if not isinstance(self.generation_config, str):
             raise ValueError(f"generation_config must be 'auto', 'none' or a folder, got {self.generation_config!r}")

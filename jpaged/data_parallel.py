@@ -38,7 +38,7 @@ class DataParallelEngine:
         self.classifier, self.vision_config = first.classifier, first.vision_config
         self.enable_prompt_embeds, self.max_images = first.enable_prompt_embeds, first.max_images
         self.interleave_mm_strings, self.enable_sleep_mode = first.interleave_mm_strings, first.enable_sleep_mode
-        self.profiler_dir = first.profiler_dir
+        self.profiler_dir, self.logprobs_mode = first.profiler_dir, first.logprobs_mode
         self._replica_of: dict[str, LLMEngine] = {}
         self._pool = ThreadPoolExecutor(num_replicas, thread_name_prefix="jpaged-replica")
 

@@ -122,6 +122,7 @@ class LLMEngine:
         self.interleave_mm_strings = config.interleave_mm_strings
         self.enable_sleep_mode = config.enable_sleep_mode
         self.profiler_dir = config.profiler_dir
+        self.logprobs_mode = config.logprobs_mode
         if config.compilation_cache:
             compile_cache.enable()
         source = open_model(config.model, config.tokenizer, config.revision)
@@ -428,6 +429,9 @@ class LLMEngine:
         if token_ids and not self.pooler and (params.max_tokens is None or params.max_tokens > room):  # ends at max_model_len (vLLM's)
             params = dataclasses.replace(params, max_tokens=room, min_tokens=min(params.min_tokens, room))
         params = self._resolve_logprobs(params)
+        if params.best_of > params.n and self.logprobs_mode.endswith("_logits"):
+            raise ValueError(f"best_of {params.best_of} ranks samples by their cumulative logprob, and under "
+                             f"logprobs_mode {self.logprobs_mode!r} the engine returns logits: use a *_logprobs mode")
         bad_words = bad_words_token_ids(params.bad_words, self.tokenizer)
         self._check_fits(token_ids, params, bad_words)
         seed = device_seed(params.seed) if params.seed is not None else self._seed_rng.getrandbits(32)

@@ -70,7 +70,8 @@ class EngineClient(Protocol):
     limit), `interleave_mm_strings` (whether a chat template that takes text gets each image's
     token where its part is, `jpaged.images.chat_for_template`), `enable_sleep_mode` (whether
     `sleep` may be called), `profiler_dir` (where `start_profile` writes traces; None: it may
-    not be called), `enable_prompt_embeds` (whether
+    not be called), `logprobs_mode` (what sampled tokens' logprobs hold, `EngineConfig`'s),
+    `enable_prompt_embeds` (whether
     prompts may come as embeddings, `{"prompt_embeds": ...}`)."""
 
     tokenizer: Any
@@ -88,6 +89,7 @@ class EngineClient(Protocol):
     interleave_mm_strings: bool
     enable_sleep_mode: bool
     profiler_dir: str | None
+    logprobs_mode: str
     enable_prompt_embeds: bool
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,

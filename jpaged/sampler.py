@@ -370,7 +370,11 @@ def sample_with_logprobs(
     source = logits if logprobs_mode.startswith("raw") else processed_logits(processed, arrays)
 
     def gather(source):
-        values = jax.nn.log_softmax(source, axis=-1) if logprobs_mode.endswith("logprobs") else source
+        if logprobs_mode.endswith("logprobs"):  # a row with no token left (all -inf) has -inf, not NaN
+            values = jnp.where(jnp.isneginf(jnp.max(source, axis=-1, keepdims=True)), -jnp.inf,
+                               jax.nn.log_softmax(source, axis=-1))
+        else:
+            values = source
         return _gather_logprobs(values, token_ids, num_logprobs)
 
     if not when_wanted:

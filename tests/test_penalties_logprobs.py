@@ -391,6 +391,17 @@ def test_logprobs_modes_match_hf_processors_and_warpers(mode):
         (logits[3] >= logits[3][3]).sum()))  # the greedy biased row takes the biased token, first once processed
 
 
+@pytest.mark.parametrize("mode", ["raw_logprobs", "processed_logprobs"])
+def test_a_row_with_no_token_left_has_logprobs_of_minus_infinity(mode):
+    """Every token removed (a grammar at a dead end): -inf logprobs, never NaN."""
+    logits = random_logits(np.random.default_rng(5), 2)
+    logits[0] = -np.inf
+    arrays = build([SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=3)])
+    out = sample_lp_jit(jnp.asarray(logits), arrays, all_greedy=False, num_logprobs=2, logprobs_mode=mode)
+    assert np.isneginf(float(out.logprobs[0])) and np.isneginf(np.asarray(out.top_logprobs[0])).all()
+    assert np.isfinite(float(out.logprobs[1]))
+
+
 def test_engine_logprobs_mode_gives_the_drawn_distributions_logprobs(stories_path):
     """`LLM(logprobs_mode="processed_logprobs")`: the same seeded tokens as the default engine, and
     each token's logprobs are those of its top-5 distribution at temperature 0.8, renormalised
@@ -408,6 +419,13 @@ def test_engine_logprobs_mode_gives_the_drawn_distributions_logprobs(stories_pat
         norm = np.logaddexp.reduce(list(scaled.values()))
         assert drawn_top[token].logprob == pytest.approx(scaled[token] - norm, abs=1e-4)
         assert np.exp([e.logprob for t, e in drawn_top.items() if e.rank <= 5]).sum() == pytest.approx(1, abs=1e-4)
+    logits_engine = LLM(stories_path, num_blocks=32, logprobs_mode="raw_logits")
+    with pytest.raises(ValueError, match="best_of 3 ranks samples by their cumulative logprob.*'raw_logits'"):
+        logits_engine.generate("Once", SamplingParams(n=1, best_of=3, temperature=1.0), use_tqdm=False)
+    from jpaged import BeamSearchParams
+    with pytest.raises(ValueError, match="beam search ranks beams by their logprobs.*'raw_logits'"):
+        logits_engine.beam_search(["Once"], BeamSearchParams(beam_width=2, max_tokens=4))
+    assert logits_engine.engine.stats().num_free_blocks == logits_engine.engine.stats().num_blocks
 
 
 def test_no_logprobs_requested_returns_ids_only_and_bad_mode_raises():

@@ -51,6 +51,19 @@ def test_refusals_name_the_problem(llm, stories_path):
     with pytest.raises(ValueError, match="a profile is already running .*first.*: stop_profile first"):
         llm.start_profile("second")
     llm.stop_profile()
+    with pytest.raises(ValueError, match="first already holds a trace: give start_profile another prefix"):
+        llm.start_profile("first")
+    first, second = llm.start_profile(), llm.stop_profile()
+    assert first == second and llm.start_profile() != first  # default names never repeat
+    llm.stop_profile()
+    a_file = Path(llm.engine.profiler_dir) / "a-file"
+    a_file.write_text("not a folder")
+    writes_nowhere = LLM(stories_path, num_blocks=16, profiler_dir=str(a_file))
+    with pytest.raises(ValueError, match="cannot trace into .*a-file/x"):
+        writes_nowhere.start_profile("x")
+    assert trace_events(llm.start_profile("after") and llm.stop_profile())  # the profiler still works
+    with pytest.raises(ValueError, match="profiler_dir must be a folder, got ''"):
+        LLM(stories_path, num_blocks=16, profiler_dir="")
 
 
 def test_server_profile_routes(llm, stories_path):
