@@ -167,8 +167,13 @@ def test_refusals_name_the_problem_and_keep_the_old_weights(models, tmp_path):
     llm = LLM(str(folder), **ENGINE)
     state = new.state_dict()
     missing = {name: tensor for name, tensor in state.items() if name != "model.layers.1.mlp.up_proj.weight"}
-    with pytest.raises(ValueError, match="up_proj"):
+    with pytest.raises(ValueError, match=r"weights missing from the checkpoint: model\.layers\.1\.mlp\.up_proj\.weight"):
         llm.load_weights(missing)
+    without = {name: tensor for name, tensor in state.items() if name not in (
+        "model.layers.0.self_attn.o_proj.weight", "model.norm.weight")}
+    with pytest.raises(ValueError, match=r"missing from the checkpoint: model\.norm\.weight, "
+                                         r"model\.layers\.N\.self_attn\.o_proj\.weight for layers \[0\]"):
+        llm.load_weights(without)
     with pytest.raises(ValueError, match=r"weight 'model.norm.weight' has shape \(65,\)"):
         llm.load_weights({**state, "model.norm.weight": torch.ones(65)})
     with pytest.raises(ValueError, match="weight 'lm_head.weight' must hold floats, got int64"):

@@ -455,7 +455,7 @@ def _check_complete(state: dict, filled: dict[str, set[tuple[int, ...]]], cfg: M
     missing = []
     for param, indices in expected.items():
         got = filled.get(param)
-        name = param if param in state else f"layers.{param}"
+        name = _checkpoint_name(param, state)
         if got is None:
             missing.append(name)
         elif got != indices:
@@ -465,3 +465,16 @@ def _check_complete(state: dict, filled: dict[str, set[tuple[int, ...]]], cfg: M
             missing.append(f"{name} for {what} {gaps}")
     if missing:
         raise ValueError(f"weights missing from the checkpoint: {', '.join(missing)}")
+
+
+def _checkpoint_name(param: str, state: dict) -> str:
+    """How a checkpoint names the tensor(s) of the model's parameter `param` (N: the layer, E:
+    the expert; a fused parameter's parts joined by " / ")."""
+    if param in state:
+        return next(hf for hf, (target, _) in _TOP_TENSORS.items() if target == param)
+    if param in _EXPERT_PARAMS:
+        return "model.layers.N.mlp.experts.E." + next(hf for hf, target in _EXPERT_TENSORS.items()
+                                                     if target == param and not hf.startswith("w"))
+    tensor = _LAYER_TENSOR_OF.get(param, param)
+    parts = _FUSIONS[tensor][1] if tensor in _FUSIONS else (tensor,)
+    return " / ".join(f"model.layers.N.{part}" for part in parts)
