@@ -210,7 +210,8 @@ def test_per_expert_weights_load_into_each_layers_expert_params():
     assert "gate_proj" not in layers[0]
 
     del tensors["model.layers.1.mlp.experts.2.up_proj.weight"]
-    with pytest.raises(ValueError, match=r"expert_up_proj for \(layer, expert\) \[\(1, 2\)\]"):
+    with pytest.raises(ValueError, match=r"missing from the checkpoint: model\.layers\.N\.mlp\.experts\.E\.up_proj\.weight "
+                                         r"for \(layer, expert\) \[\(1, 2\)\]"):
         load_params(abstract, cfg, tensors.items())
     tensors["model.layers.0.mlp.experts.3.up_proj.weight"] = np.zeros((INTER, HIDDEN), np.float32)
     with pytest.raises(ValueError, match=r"is for expert 3, but the model has 3 experts \(0 to 2\)"):
