@@ -666,15 +666,17 @@ class LLMEngine:
     def load_weights(self, weights) -> None:
         """Replace the model's weights with `weights`, as an RLHF trainer hands over its updated
         policy (vLLM's `load_weights`): a mapping or iterable of (HF checkpoint name, tensor),
-        every tensor of the model's checkpoint (`model.state_dict()` of an HF model of the same
-        config; a base model's names and a vision-language model's language-model names as its
-        checkpoints write them, its vision tower's left out), torch tensors or numpy / jax arrays. They are placed, split over the engine's
-        devices and quantized (`quantization`) as the model's own were; compiled programs stay,
-        the prefix cache is emptied (its KV came from the old weights). Weights that `sleep` freed
-        come back with them, so `sleep(level=2)`, `load_weights`, `wake_up()` never holds two
-        copies on the device. ValueError naming a tensor missing, of the wrong shape or not
-        floats (the old weights then stay in use), while requests are unfinished, and for
-        `quantization="gguf"`, `offload_weights` and classifier models."""
+        torch tensors or numpy / jax arrays; every tensor of the model's checkpoint
+        (`model.state_dict()` of an HF model of the same config; a base model's names and a
+        vision-language model's language-model names as its checkpoints write them, its vision
+        tower's left out) or any subset of them, the others staying as they are (after a
+        level-2 `sleep`, every tensor). They are placed, split over the engine's devices and
+        quantized (`quantization`) as the model's own were; compiled programs stay, the prefix
+        cache is emptied (its KV came from the old weights). Weights that `sleep` freed come
+        back with them, so `sleep(level=2)`, `load_weights`, `wake_up()` never holds two copies
+        on the device. ValueError naming a tensor of the wrong shape, not floats or (after a
+        level-2 sleep) missing (the old weights then stay in use), while requests are
+        unfinished, and for `quantization="gguf"`, `offload_weights` and classifier models."""
         self._check_idle("load_weights")
         if self.config.quantization == "gguf":
             raise ValueError("load_weights takes float tensors; quantization='gguf' keeps GGML blocks as the file "

@@ -146,7 +146,7 @@ class EngineClient(Protocol):
     def is_sleeping(self) -> bool: ...
 
     def load_weights(self, weights) -> None:
-        """Replace every weight of the model with HF-named tensors (`LLM.load_weights`)."""
+        """Replace the model's weights (all or a subset) with HF-named tensors (`LLM.load_weights`)."""
         ...
 
     def start_profile(self, prefix: str | None = None) -> Path:

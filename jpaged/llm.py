@@ -111,10 +111,11 @@ class LLM:
         self.engine.wake_up(tags)
 
     def load_weights(self, weights) -> None:
-        """Replace every weight of the model, as an RLHF loop hands its updated policy over:
-        `weights` maps HF checkpoint names to tensors (`hf_model.state_dict()`, or an iterable of
-        `(name, tensor)`), placed, split and quantized as the model's own were; the prefix cache
-        is emptied. See `LLMEngine.load_weights` for what is refused."""
+        """Replace the model's weights, as an RLHF loop hands its updated policy over: `weights`
+        maps HF checkpoint names to tensors (`hf_model.state_dict()`, or an iterable of `(name,
+        tensor)`; all of them or any subset, the others stay), placed, split and quantized as the
+        model's own were; the prefix cache is emptied. See `LLMEngine.load_weights` for what is
+        refused."""
         self.engine.load_weights(weights)
 
     def get_default_sampling_params(self) -> SamplingParams:

@@ -41,6 +41,7 @@ from jpaged.loader.weights import (
     param_formats,
     replicate_kv_heads,
     split_fused_tensors,
+    update_params,
     zeros_at,
 )
 from jpaged.lora_slots import LoRASlots
@@ -264,18 +265,27 @@ class ModelRunner:
                                   self.model_config.num_kv_heads)
 
     def load_weights(self, weights: Iterable[tuple[str, np.ndarray]]) -> None:
-        """Replace every weight of the model with `weights` (a checkpoint's tensors by HF name,
-        numpy arrays, all of them), placed, split and quantized as at start; the step programs
-        stay compiled. The weights are in use (awake) afterwards, also after `sleep`. The new
-        weights are loaded before the old ones are let go, so for a moment both are on the
-        device (after `sleep`, only the new). ValueError naming a tensor of the wrong shape, for
-        another layer or expert, or missing; the old weights then stay. ValueError with
-        `offload_weights`."""
+        """Write `weights` (a checkpoint's tensors by HF name, numpy arrays) into the model,
+        placed, split and quantized as at start; the step programs stay compiled. Any subset of
+        the tensors may come, the others stay as they are (`loader.weights.update_params`);
+        after `sleep(discard_weights=True)`, all of them. The weights are in use (awake)
+        afterwards, also after `sleep`. The parameters written are replaced only once every
+        tensor has been read, so for a moment both are on the device. ValueError naming a tensor
+        of the wrong shape, for another layer or expert, or (after a level-2 sleep) missing; the
+        old weights then stay. ValueError with `offload_weights`."""
         if self.stream is not None:
             raise ValueError("load_weights replaces weights kept on the device; with offload_weights the layers "
                              "stream from host memory")
-        loaded = load_params(self._abstract_model, self.model_config, self._model_layout(weights),
-                             self._device_sharding)
+        if self.weights_discarded:
+            loaded = load_params(self._abstract_model, self.model_config, self._model_layout(weights),
+                                 self._device_sharding)
+            written = loaded
+        else:
+            self.wake_up(("weights",))
+            current = nnx.to_pure_dict(self.state)
+            loaded = update_params(current, self.model_config, self._model_layout(weights),
+                                   self.parallel.tensor_parallel_size)
+            written = [new for new, old in zip(jax.tree.leaves(loaded), jax.tree.leaves(current)) if new is not old]
         _, state = nnx.split(self._abstract_model)
         nnx.replace_by_pure_dict(state, loaded)
         self.state = state
@@ -283,7 +293,7 @@ class ModelRunner:
             self._asleep.pop("weights", None)
             self._asleep = self._asleep or None
         if jax.default_backend() == "cpu":
-            self.huge_pages = collapse_in_background(memory_spans(self._resident_weights()))
+            self.huge_pages = collapse_in_background(memory_spans(written))
 
     def _make_programs(self) -> None:
         """The (empty) caches of the step and sampler programs."""

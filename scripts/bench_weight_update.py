@@ -8,7 +8,9 @@ For each weight format (float32, and int8 with `--quantization int8`), one engin
 - `sleep(level=2)` and `wake_up()`: the weights discarded, then read again from the GGUF file;
 - `load_weights(state_dict)` while awake: HF transformers' own float32 load of the same GGUF,
   handed over as torch tensors (new weights are placed before the old ones go);
-- `sleep(level=2)`, `load_weights(state_dict)`, `wake_up()`: the same without two copies.
+- `sleep(level=2)`, `load_weights(state_dict)`, `wake_up()`: the same without two copies;
+- `load_weights` of the same tensors one a call (as TRL hands them over): each q / k / v and gate /
+  up part written into its rows of the fused projection.
 
 Greedy tokens of a chat prompt after every update must equal those before it (the same weights
 come back), so a wrong load stops the run.
@@ -62,7 +64,8 @@ def measure(quantization: str | None, weights: dict, repeats: int) -> dict:
         llm.wake_up()
 
     runs = {name: [] for name in ("sleep(1)", "wake_up() after sleep(1)", "sleep(2)", "wake_up() after sleep(2)",
-                                  "load_weights (awake)", "sleep(2) + load_weights + wake_up()")}
+                                  "load_weights (awake)", "sleep(2) + load_weights + wake_up()",
+                                  "load_weights, one tensor a call (all calls)")}
     for _ in range(repeats):
         runs["sleep(1)"].append(timed(lambda: llm.sleep(level=1)))
         runs["wake_up() after sleep(1)"].append(timed(llm.wake_up))
@@ -73,6 +76,9 @@ def measure(quantization: str | None, weights: dict, repeats: int) -> dict:
         runs["load_weights (awake)"].append(timed(lambda: llm.load_weights(weights)))
         check()
         runs["sleep(2) + load_weights + wake_up()"].append(timed(level_2_load))
+        check()
+        runs["load_weights, one tensor a call (all calls)"].append(
+            timed(lambda: [llm.load_weights({name: tensor}) for name, tensor in weights.items()]))
         check()
     return {"weight_bytes": llm.engine.runner.weight_bytes, "kv_cache_bytes": llm.engine.runner.kv_cache_bytes,
             "seconds": {name: statistics.median(times) for name, times in runs.items()}, "runs": runs}

@@ -111,8 +111,13 @@ def generate(folder_root: str) -> dict:
 
 
 def loaded_tokens(llm, weights: dict, prompts, params) -> list[list[int]]:
-    """The tokens of `llm` after it loads `weights` (HF names, torch tensors)."""
-    llm.load_weights(weights)
+    """The tokens of `llm` after it loads `weights` (HF names, torch tensors): all but layer 0's
+    in one call (q / k / v and gate / up joined as the model fuses them), then layer 0's one
+    tensor a call (each part written into its rows of the split fused projection)."""
+    first_layer = [name for name in weights if name.startswith("model.layers.0.")]
+    llm.load_weights({name: tensor for name, tensor in weights.items() if name not in first_layer})
+    for name in first_layer:
+        llm.load_weights({name: weights[name]})
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 

@@ -86,6 +86,39 @@ def test_loaded_weights_give_the_new_models_tokens(models):
     assert stats.num_free_blocks == stats.num_blocks
 
 
+PARTIAL = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight",
+           "model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.o_proj.weight", "model.norm.weight"]
+
+
+def hybrid(folder, new, names: list[str]):
+    """The engine's own model (read from `folder` by HF) with `names` taken from `new`."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # the oracle runs to max_tokens, as the engine is asked to
+    with torch.no_grad():
+        for name in names:
+            model.get_parameter(name).copy_(new.get_parameter(name))
+    return model
+
+
+def test_a_subset_of_weights_replaces_those_and_keeps_the_others(models):
+    """vLLM's semantics, as RLHF trainers hand weights over in buckets or one at a time: the
+    tensors given replace theirs (a q, v or up projection alone writes its rows of the fused
+    one), the others stay; HF's model with the same tensors replaced is the oracle."""
+    folder, new, expected = models
+    llm = LLM(str(folder), **ENGINE)
+    state = new.state_dict()
+    for name in PARTIAL:  # one call each
+        llm.load_weights({name: state[name]})
+    mixed = [hf_greedy(hybrid(folder, new, PARTIAL), p, GREEDY.max_tokens) for p in PROMPTS]
+    assert mixed not in (expected["old"], expected["new"])
+    assert tokens(llm) == mixed
+    for name, tensor in state.items():  # TRL's way: every tensor in a call of its own
+        llm.load_weights([(name, tensor)])
+    assert tokens(llm) == expected["new"]
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_blocks
+
+
 def test_moe_experts_load_as_transformers_keeps_them_in_memory(tmp_path):
     """transformers 5 keeps a Mixtral layer's experts in two stacked tensors in memory
     (`mlp.experts.gate_up_proj [experts, 2 * ff, hidden]`, `down_proj`), where its checkpoints hold
@@ -137,6 +170,22 @@ def test_quantized_engine_quantizes_the_loaded_weights(models, tmp_path):
     assert tokens(llm) == tokens(rounded)
 
 
+def test_a_subset_of_weights_is_quantized_into_the_fused_rows(models, tmp_path):
+    """int8 weights: a subset written into a running engine gives what an int8 engine made from
+    the folder of HF's model with that subset replaced gives (the parts of fused projections
+    quantized row by row, as the whole would be)."""
+    folder, new, _ = models
+    mixed = hybrid(folder, new, PARTIAL)
+    with torch_single_thread():
+        mixed.save_pretrained(str(tmp_path), safe_serialization=True)
+    save_word_level_tokenizer(tmp_path, CONFIG.vocab_size)
+    llm = LLM(str(folder), quantization="int8", **ENGINE)
+    before = tokens(llm)
+    llm.load_weights({name: new.get_parameter(name) for name in PARTIAL})
+    expected = tokens(LLM(str(tmp_path), quantization="int8", **ENGINE))
+    assert expected != before and tokens(llm) == expected
+
+
 def test_sleep_level_2_discards_the_weights_and_brings_back_new_or_the_files_ones(models):
     folder, new, expected = models
     llm = LLM(str(folder), enable_sleep_mode=True, **ENGINE)
@@ -164,8 +213,9 @@ def test_sleep_level_2_discards_the_weights_and_brings_back_new_or_the_files_one
 
 def test_refusals_name_the_problem_and_keep_the_old_weights(models, tmp_path):
     folder, new, expected = models
-    llm = LLM(str(folder), **ENGINE)
+    llm = LLM(str(folder), enable_sleep_mode=True, **ENGINE)
     state = new.state_dict()
+    llm.sleep(level=2)  # discarded weights come back whole: a missing tensor is named
     missing = {name: tensor for name, tensor in state.items() if name != "model.layers.1.mlp.up_proj.weight"}
     with pytest.raises(ValueError, match=r"weights missing from the checkpoint: model\.layers\.1\.mlp\.up_proj\.weight"):
         llm.load_weights(missing)
@@ -174,6 +224,10 @@ def test_refusals_name_the_problem_and_keep_the_old_weights(models, tmp_path):
     with pytest.raises(ValueError, match=r"missing from the checkpoint: model\.norm\.weight, "
                                          r"model\.layers\.N\.self_attn\.o_proj\.weight for layers \[0\]"):
         llm.load_weights(without)
+    llm.wake_up()
+    with pytest.raises(ValueError, match=r"weight 'model.layers.0.self_attn.k_proj.weight' has shape \(64, 64\), "
+                                         r"expected \(32, 64\)"):
+        llm.load_weights({"model.layers.0.self_attn.k_proj.weight": torch.ones(64, 64)})  # a part alone
     with pytest.raises(ValueError, match=r"weight 'model.norm.weight' has shape \(65,\)"):
         llm.load_weights({**state, "model.norm.weight": torch.ones(65)})
     with pytest.raises(ValueError, match="weight 'lm_head.weight' must hold floats, got int64"):

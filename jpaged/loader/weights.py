@@ -148,12 +148,14 @@ def _check_joinable(layer: int, parts: dict[str, np.ndarray], shards: int) -> No
                          + (f" and rows divisible by the {shards} tensor-parallel shards" if shards > 1 else ""))
 
 
-def fuse_projections(weights: Iterable[tuple[str, np.ndarray]], layers: dict, shards: int = 1):
+def fuse_projections(weights: Iterable[tuple[str, np.ndarray]], layers: dict, shards: int = 1,
+                     keep_alone: bool = False):
     """`weights` with each layer's q / k / v tensors (weights, and biases where the model has
     them) and gate / up weights joined into one tensor each (`fuse_rows`), where the layer's
     parameters (`layers[i]`, a dict by name; a pipelined model's layer `i % len(layers)`) have
     the fused one. A layer's parts are held until its last one arrives; a part missing at the
-    end is an error (ValueError naming it)."""
+    end is an error (ValueError naming it), or with `keep_alone` the parts that came are
+    yielded at the end as they are."""
     pending: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, tensor in weights:
         match = _LAYER_NAME.fullmatch(name)
@@ -169,7 +171,10 @@ def fuse_projections(weights: Iterable[tuple[str, np.ndarray]], layers: dict, sh
             del pending[layer, fused]
             _check_joinable(layer, {part: held[part] for part in parts}, shards)
             yield f"model.layers.{layer}.{fused}", fuse_rows([held[part] for part in parts], shards)
-    if pending:
+    if pending and keep_alone:
+        for (layer, _), held in sorted(pending.items()):
+            yield from ((f"model.layers.{layer}.{part}", tensor) for part, tensor in held.items())
+    elif pending:
         missing = [f"model.layers.{layer}.{part}" for (layer, fused), held in sorted(pending.items())
                    for part in _FUSIONS[fused][1] if part not in held]
         raise ValueError(f"weights missing from the checkpoint: {', '.join(missing)}")
@@ -355,39 +360,158 @@ def load_params(model: nnx.Module, cfg: ModelConfig, weights: Iterable[tuple[str
     params: dict[tuple, jax.Array] = {}
     filled: dict[str, set[tuple[int, ...]]] = {}
     for name, tensor in fuse_projections(weights, state["layers"], getattr(model, "tensor_parallel_size", 1)):
-        target = _target(name)
-        if target is None or (target[0] == "lm_head" and cfg.tie_word_embeddings):
+        placed = _prepared(state, cfg, name, tensor, layers_per_stage, staged)
+        if placed is None:
             continue
-        param, where, transpose = target
-        for i, n, what in zip(where, (cfg.num_layers, cfg.num_experts), ("layer", "expert")):
-            if i >= n:
-                raise ValueError(f"weight {name!r} is for {what} {i}, but the model has {n} {what}s (0 to {n - 1})")
-        path, index = _slot(param, where, layers_per_stage, staged)
-        spec = _lookup(state, path, name)
-        scale_path = path[:-1] + (scale_name(param),)
-        scheme = scheme_of(spec.dtype) if param in QUANTIZED_PARAMS else None
-        packed = np.dtype(spec.dtype) == np.uint8  # GGML block rows, [out, row bytes] as the file has them
-        transposed = transpose and scheme is None and not packed  # quantized: kept [out, in]
-        value = tensor.T if transposed else tensor
-        expected = tuple(spec.shape[len(index):])
-        if value.shape != expected:
-            layer = _LAYER_NAME.fullmatch(name)
-            joined = _FUSIONS.get(layer.group(2)) if layer else None
-            parts = f" (joined from {', '.join(joined[1])})" if joined else ""
-            raise ValueError(f"weight {name!r}{parts} has shape {tensor.shape}, expected "
-                             f"{expected[::-1] if transposed else expected}")
-        if scheme is not None:
-            try:
-                value, scale = quantize(value, scheme)
-            except ValueError as err:
-                raise ValueError(f"weight {name!r}: {err}") from err
+        path, index, value, scale, param, where = placed
+        if scale is not None:
+            scale_path = path[:-1] + (scale_name(param),)
             _place(params, scale_path, index, scale, _lookup(state, scale_path, name), sharding)
-        _place(params, path, index, np.ascontiguousarray(value, dtype=spec.dtype), spec, sharding)
+        _place(params, path, index, value, _lookup(state, path, name), sharding)
         filled.setdefault(param, set()).add(where)
     _check_complete(state, filled, cfg)
     for path, param in params.items():
         _assign(state, path, param)
     return state
+
+
+def update_params(state: dict, cfg: ModelConfig, weights: Iterable[tuple[str, np.ndarray]], shards: int = 1) -> dict:
+    """The model's parameters `state` (a pure dict of device arrays, as `nnx.to_pure_dict` gives
+    them; left as they are) with the tensors in `weights` written in, each where it lives and
+    quantized as its parameter is: a new pure dict that shares every array no tensor touched.
+
+    Any subset of a checkpoint's tensors may come (vLLM's `load_weights` semantics, as RLHF
+    trainers hand weights over in buckets or one by one). A q / k / v or gate / up tensor that
+    comes without the others of its layer is written into its rows of the fused projection
+    (shard-major, as `fuse_rows` lays them out for `shards` tensor-parallel shards); a row's
+    int8 / float8 scales depend on that row alone, so they are the fused tensor's rows too.
+    The updates are written into copies, so on an error (ValueError naming the tensor) nothing
+    has changed. `cfg` is the model's config (KV heads as the model keeps them).
+    """
+    layers_per_stage = len(state["layers"])
+    staged = layers_per_stage < cfg.num_layers
+    updated: dict[tuple, jax.Array] = {}
+
+    def write(path: tuple, index: tuple, value: np.ndarray, name: str, rows=None) -> None:
+        current = updated.get(path)
+        base = current if current is not None else _lookup(state, path, name)
+        value = np.ascontiguousarray(value, dtype=base.dtype)
+        if not index and rows is None:
+            updated[path] = jax.device_put(value, base.sharding)
+            return
+        axis, pieces = rows if rows is not None else (0, [(0, value)])
+        for offset, piece in pieces:
+            starts = list(index) + [0] * piece.ndim
+            starts[len(index) + axis] = offset
+            writer = _update_slice_in_place if current is not None else _update_slice
+            base = current = writer(base, piece, tuple(np.int32(i) for i in starts))
+        updated[path] = base
+
+    for name, tensor in fuse_projections(weights, state["layers"], shards, keep_alone=True):
+        part = _fused_part(name, state["layers"], layers_per_stage)
+        if part is not None:
+            _write_fused_part(write, state, cfg, name, tensor, part, layers_per_stage, staged, shards)
+            continue
+        placed = _prepared(state, cfg, name, tensor, layers_per_stage, staged)
+        if placed is None:
+            continue
+        path, index, value, scale, param, _ = placed
+        if scale is not None:
+            write(path[:-1] + (scale_name(param),), index, scale, name)
+        write(path, index, value, name)
+    new_state = jax.tree.map(lambda x: x, state)
+    for path, param in updated.items():
+        _assign(new_state, path, param)
+    return new_state
+
+
+def _fused_part(name: str, layers: dict, layers_per_stage: int) -> tuple[str, str] | None:
+    """`(fused tensor, part)` HF names for a q / k / v or gate / up tensor of a layer whose model
+    keeps them fused; None for any other tensor."""
+    match = _LAYER_NAME.fullmatch(name)
+    fused = _FUSED_INTO.get(match.group(2)) if match else None
+    if fused is None or _FUSIONS[fused][0] not in layers.get(int(match.group(1)) % layers_per_stage, {}):
+        return None
+    return fused, match.group(2)
+
+
+def _write_fused_part(write, state, cfg, name, tensor, part, layers_per_stage, staged, shards) -> None:
+    """Write one part of a fused projection (`_fused_part`) into its rows (see `update_params`)."""
+    fused, piece_name = part
+    layer = int(_LAYER_NAME.fullmatch(name).group(1))
+    param, transpose = _LAYER_TENSORS[fused]
+    path, index = _slot(param, (layer,), layers_per_stage, staged)
+    spec = _lookup(state, path, name)
+    parts = _FUSIONS[fused][1]
+    q_rows, kv_rows = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    sizes = (q_rows, kv_rows, kv_rows) if len(parts) == 3 else (cfg.intermediate_size,) * 2
+    position = parts.index(piece_name)
+    scheme = scheme_of(spec.dtype) if param in QUANTIZED_PARAMS else None
+    if np.dtype(spec.dtype) == np.uint8:
+        raise ValueError(f"weight {name!r} is kept in GGML blocks; load_weights takes float tensors")
+    transposed = transpose and scheme is None
+    expected = (sizes[position],) + tuple(spec.shape[len(index):][::-1][1:] if transposed
+                                          else spec.shape[len(index) + 1:])
+    if tensor.shape != expected:
+        raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected {expected}")
+    scale = None
+    if scheme is not None:
+        try:
+            tensor, scale = quantize(tensor, scheme)
+        except ValueError as err:
+            raise ValueError(f"weight {name!r}: {err}") from err
+    start = sum(sizes[:position]) // shards
+
+    def rows(value: np.ndarray, axis: int):
+        share, block = sizes[position] // shards, sum(sizes) // shards
+        moved = np.moveaxis(value, 0, axis)
+        return axis, [(shard * block + start, np.take(moved, range(shard * share, (shard + 1) * share), axis=axis))
+                      for shard in range(shards)]
+
+    if scale is not None:
+        write(path[:-1] + (scale_name(param),), index, scale, name, rows(scale, 0))
+    write(path, index, tensor, name, rows(tensor, 1 if transposed else 0))
+
+
+def _prepared(state: dict, cfg: ModelConfig, name: str, tensor: np.ndarray, layers_per_stage: int, staged: bool):
+    """One tensor as its parameter keeps it: `(path, index, value, scale, param, where)` (scale
+    None unless the parameter is quantized), or None for a tensor the model does not keep.
+    ValueError naming a tensor for a layer or expert the model lacks, or of the wrong shape."""
+    target = _target(name)
+    if target is None or (target[0] == "lm_head" and cfg.tie_word_embeddings):
+        return None
+    param, where, transpose = target
+    for i, n, what in zip(where, (cfg.num_layers, cfg.num_experts), ("layer", "expert")):
+        if i >= n:
+            raise ValueError(f"weight {name!r} is for {what} {i}, but the model has {n} {what}s (0 to {n - 1})")
+    path, index = _slot(param, where, layers_per_stage, staged)
+    spec = _lookup(state, path, name)
+    scheme = scheme_of(spec.dtype) if param in QUANTIZED_PARAMS else None
+    packed = np.dtype(spec.dtype) == np.uint8  # GGML block rows, [out, row bytes] as the file has them
+    transposed = transpose and scheme is None and not packed  # quantized: kept [out, in]
+    value = tensor.T if transposed else tensor
+    expected = tuple(spec.shape[len(index):])
+    if value.shape != expected:
+        layer = _LAYER_NAME.fullmatch(name)
+        joined = _FUSIONS.get(layer.group(2)) if layer else None
+        parts = f" (joined from {', '.join(joined[1])})" if joined else ""
+        raise ValueError(f"weight {name!r}{parts} has shape {tensor.shape}, expected "
+                         f"{expected[::-1] if transposed else expected}")
+    scale = None
+    if scheme is not None:
+        try:
+            value, scale = quantize(value, scheme)
+        except ValueError as err:
+            raise ValueError(f"weight {name!r}: {err}") from err
+    return path, index, np.ascontiguousarray(value, dtype=spec.dtype), scale, param, where
+
+
+def _slice_update(param: jax.Array, value, starts: tuple) -> jax.Array:
+    return jax.lax.dynamic_update_slice(param, value.reshape((1,) * (param.ndim - value.ndim) + value.shape), starts)
+
+
+_update_slice = jax.jit(_slice_update)  # into a copy: the first write to a parameter
+_update_slice_in_place = jax.jit(_slice_update, donate_argnums=0)  # into that copy
 
 
 def _place(params: dict, path: tuple, index: tuple, value: np.ndarray, spec, sharding) -> None:
