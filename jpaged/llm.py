@@ -24,6 +24,7 @@ from jpaged.engine import LLMEngine
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.images import IMAGE_PART_TYPES, chat_for_template
 from jpaged.lora import LoRARequest
+from jpaged.metrics import Metric, Metrics
 from jpaged.outputs import (
     ClassificationRequestOutput,
     EmbeddingRequestOutput,
@@ -63,12 +64,15 @@ def build_engine(model: str | None = None, **kwargs) -> EngineClient:
 
 class LLM:
     def __init__(self, model: str | None = None, *, trust_remote_code: bool = False, enforce_eager: bool = False,
-                 **kwargs):
+                 disable_log_stats: bool = True, **kwargs):
         """An engine for `model` (see `build_engine`). vLLM's `trust_remote_code` and
         `enforce_eager` are taken, so that vLLM scripts run unchanged, and change nothing: jpaged
-        runs no model code from a hub, and every step is a compiled program."""
+        runs no model code from a hub, and every step is a compiled program. With
+        `disable_log_stats=False` (vLLM's), the requests this LLM runs are recorded for
+        `get_metrics`."""
         self.engine: EngineClient = build_engine(model, **kwargs)
         self._request_counter = itertools.count()
+        self._metrics = None if disable_log_stats else Metrics(self.engine.model_name)
 
     @property
     def llm_engine(self) -> EngineClient:
@@ -117,6 +121,17 @@ class LLM:
         model's own were; the prefix cache is emptied. See `LLMEngine.load_weights` for what is
         refused."""
         self.engine.load_weights(weights)
+
+    def get_metrics(self) -> list[Metric]:
+        """A snapshot of the engine's metrics, as vLLM's `LLM.get_metrics()` gives them: the
+        server's `/metrics` (README, "Metrics") as `jpaged.metrics.Counter`, `Gauge` and
+        `Histogram` objects (name, labels, values), the latencies and finish reasons of the
+        requests this LLM ran (its `generate`, `chat`, `embed`, ... calls) since it was made.
+        ValueError unless the LLM was made with `disable_log_stats=False` (as in vLLM)."""
+        if self._metrics is None:
+            raise ValueError("get_metrics needs the LLM made with disable_log_stats=False (as in vLLM), which records "
+                             "the requests it runs")
+        return self._metrics.snapshot(self.engine.stats())
 
     def get_default_sampling_params(self) -> SamplingParams:
         """What `generate` and `chat` use when given no `SamplingParams`: jpaged's defaults, with
@@ -310,6 +325,8 @@ class LLM:
                     if output.finished:
                         finished[output.request_id] = output
                         bar.update(1)
+                        if self._metrics is not None:
+                            self._metrics.observe_finished(output)
                 if use_tqdm and not pooling:  # every token generated so far, unfinished requests' too
                     generated = self.engine.stats().num_generated_tokens - generated_before
                     bar.set_postfix_str(f"{generated / (time.perf_counter() - started):.1f} tok/s out")
@@ -317,6 +334,8 @@ class LLM:
             for request_id in request_ids:
                 if request_id not in finished:
                     self.engine.abort_request(request_id)
+                    if self._metrics is not None:
+                        self._metrics.observe_aborted(request_id)
             raise
         finally:
             bar.close()

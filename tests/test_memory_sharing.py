@@ -178,6 +178,62 @@ def test_request_metrics(stories_path):
     assert stats.num_generated_tokens == 10 and stats.kv_cache_usage == 0.0
 
 
+def test_get_metrics_reads_back_what_the_requests_did(stories_path):
+    """`LLM.get_metrics()` as vLLM documents it: a counter, gauge or histogram object per metric
+    (names as the server's `/metrics`, counters without `_total`); counters match the outputs'
+    token counts, each latency histogram observed every finished request (its `"+Inf"` bucket
+    equal to its count, buckets cumulative) and the TTFT sum is the outputs' own; the same
+    metrics' text exposition (the server's `/metrics`), read by prometheus_client's parser, holds
+    the same values."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from jpaged.metrics import Counter, Gauge, Histogram, Metrics
+
+    with pytest.raises(ValueError, match="disable_log_stats=False"):
+        LLM(stories_path, num_blocks=64).get_metrics()
+    llm = LLM(stories_path, num_blocks=64, disable_log_stats=False)
+    outputs = llm.generate([STORY, "Once upon a time"], [greedy(10), greedy(6)], use_tqdm=False)
+    outputs += llm.generate("The cat", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    metrics = {(m.name, tuple(sorted(m.labels.items()))): m for m in llm.get_metrics()}
+    labels = (("model_name", llm.engine.model_name),)
+    by_name = {name: m for (name, key), m in metrics.items() if key == labels}
+
+    generated = sum(len(out.outputs[0].token_ids) for out in outputs)
+    assert isinstance(by_name["jpaged:generation_tokens"], Counter)
+    assert by_name["jpaged:generation_tokens"].value == generated == 19
+    computed = sum(len(out.prompt_token_ids) - out.num_cached_tokens for out in outputs)
+    assert by_name["jpaged:prompt_tokens"].value == computed
+    assert isinstance(by_name["jpaged:num_requests_running"], Gauge) and by_name["jpaged:num_requests_running"].value == 0
+    assert by_name["jpaged:kv_cache_usage_perc"].value == 0.0
+    finished = {dict(key)["finished_reason"]: m.value for (name, key), m in metrics.items()
+                if name == "jpaged:request_success"}
+    assert finished == {"length": 3}
+    for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        histogram = by_name[f"jpaged:{name}"]
+        assert isinstance(histogram, Histogram) and histogram.count == 3 == histogram.buckets["+Inf"]
+        counts = list(histogram.buckets.values())
+        assert counts == sorted(counts)
+    ttft = by_name["jpaged:time_to_first_token_seconds"]
+    assert ttft.sum == pytest.approx(sum(out.metrics.time_to_first_token for out in outputs))
+
+    server_side = Metrics(llm.engine.model_name)  # what a server that ran these requests would serve
+    for out in outputs:
+        server_side.observe_finished(out)
+    text = server_side.render(llm.engine.stats()).decode()
+    for family in text_string_to_metric_families(text):
+        if family.name.endswith("_created"):  # creation timestamps, which vLLM's reader leaves out too
+            continue
+        for sample in family.samples:
+            labels_of = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+            metric = metrics[(family.name, labels_of)]
+            if sample.name.endswith("_bucket"):
+                assert metric.buckets[sample.labels["le"]] == sample.value
+            elif sample.name.endswith("_sum"):
+                assert metric.sum == pytest.approx(sample.value)
+            elif not sample.name.endswith("_created"):
+                assert getattr(metric, "count" if sample.name.endswith("_count") else "value") == sample.value
+
+
 def test_logprobs_are_vllm_logprob_objects(stories_path):
     """Each position's entry maps token ids to `Logprob` (vLLM's fields): greedy picks rank 1, the
     top ones are ranked 1..k, and the chosen tokens' decoded texts, joined, are the output text."""

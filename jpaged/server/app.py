@@ -27,11 +27,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jpaged.metrics import CONTENT_TYPE
 from jpaged.server.chat import create_chat_completion
 from jpaged.server.completions import create_completion
 from jpaged.server.embeddings import create_classification, create_embedding, create_pooling
 from jpaged.server.errors import APIError, bad_request, error_body, error_type_for_status, unauthorized
-from jpaged.server.metrics import CONTENT_TYPE
 from jpaged.server.protocol import (
     ChatCompletionRequest,
     ClassificationRequest,

@@ -22,10 +22,10 @@ from jpaged.chat_template import checked_template, read_chat_template
 from jpaged.engine_client import EngineClient
 from jpaged.images import MediaAccess, check_content_format
 from jpaged.lora import LoRARequest
+from jpaged.metrics import Metrics
 from jpaged.server.app import build_app
 from jpaged.server.async_engine import AsyncEngine
 from jpaged.server.errors import APIError
-from jpaged.server.metrics import ServerMetrics
 from jpaged.server.serving import ServerState
 from jpaged.server.tool_parsers import tool_parser
 
@@ -79,7 +79,7 @@ def create_app(engine: EngineClient, served_model_name: str | None = None, api_k
     name = served_model_name or engine.model_name
     parser = tool_parser(tool_call_parser) if tool_call_parser else None
     chat_template = checked_template(chat_template) if chat_template is not None else None
-    metrics = ServerMetrics(name)
+    metrics = Metrics(name)
     front = AsyncEngine(engine, max_queued_requests, on_finished=metrics.observe_finished,
                         on_aborted=metrics.observe_aborted)
     state = ServerState(front, name, metrics, api_key or None, chat_template, trust_request_chat_template, parser,

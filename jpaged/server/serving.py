@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from jpaged.engine_client import EngineClient, PromptType
 from jpaged.images import IMAGE_PART_TYPES, MediaAccess
 from jpaged.lora import LoRARequest
+from jpaged.metrics import Metrics
 from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.pooling import Classifier, PoolingParams
 from jpaged.reasoning import ReasoningParser
@@ -35,7 +36,6 @@ from jpaged.server.async_engine import (
     TooManySequences,
 )
 from jpaged.server.errors import APIError, bad_request, internal_error, overloaded, stopping
-from jpaged.server.metrics import ServerMetrics
 from jpaged.server.params import check_model
 from jpaged.server.prompts import ChatTemplate, Prompt, chat_prompt
 from jpaged.server.protocol import (
@@ -62,7 +62,7 @@ class ServerState:
 
     engine: AsyncEngine
     model_name: str
-    metrics: ServerMetrics
+    metrics: Metrics
     api_key: str | None = None
     chat_template: str | None = None
     trust_request_chat_template: bool = False

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the server, served as text at `/metrics`.
+"""The engine's Prometheus metrics: served as text at the server's `/metrics`, and read back as
+vLLM's metric objects by `LLM.get_metrics()` (`snapshot`).
 
 Two sources: the engine's `EngineStats`, snapshot on the loop thread at each scrape (gauges of
 running / waiting / swapped requests, KV cache usage, prefix-cache hit rate; counters of prompt
@@ -6,11 +7,15 @@ tokens computed, tokens generated and preemptions), and every finished request, 
 loop thread as it finishes (time to first token, time per output token and end-to-end latency
 histograms, and finished requests by finish reason, aborted ones included). Each server has its
 own registry, so several can live in one process. Names follow vLLM's with the `jpaged:` prefix.
+Host-side: no jax here.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from dataclasses import dataclass
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from jpaged.engine_client import EngineStats
@@ -26,22 +31,57 @@ E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30
                240.0, 480.0)
 
 
-class ServerMetrics:
-    """The server's registry. `observe_finished` is thread-safe; `render` takes a fresh snapshot."""
+@dataclass
+class Metric:
+    """One metric of `snapshot` (vLLM's `vllm.v1.metrics.reader.Metric`): its name (`jpaged:...`;
+    a counter's without `_total`) and labels."""
+
+    name: str
+    labels: dict[str, str]
+
+
+@dataclass
+class Counter(Metric):
+    """A count that only grows."""
+
+    value: int
+
+
+@dataclass
+class Gauge(Metric):
+    """A value that goes up and down."""
+
+    value: float
+
+
+@dataclass
+class Histogram(Metric):
+    """Observations by bucket: `buckets` maps each bucket's upper bound, as Prometheus writes it
+    (`"0.5"`, ..., `"+Inf"`), to the observations at or below it (cumulative, so `"+Inf"` holds
+    `count`); `sum` adds up the observed values."""
+
+    count: int
+    sum: float
+    buckets: dict[str, int]
+
+
+class Metrics:
+    """An engine's registry. `observe_finished` is thread-safe; `render` and `snapshot` take a
+    fresh snapshot of the engine's `EngineStats`."""
 
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry()
         self._labels = {"model_name": model_name}
         self._stats: EngineStats | None = None
         labels = list(self._labels)
-        self.ttft = Histogram("jpaged:time_to_first_token_seconds", "Time from arrival to the first token, seconds",
+        self.ttft = prometheus_client.Histogram("jpaged:time_to_first_token_seconds", "Time from arrival to the first token, seconds",
                               labels, buckets=TTFT_BUCKETS, registry=self.registry)
-        self.tpot = Histogram("jpaged:time_per_output_token_seconds",
+        self.tpot = prometheus_client.Histogram("jpaged:time_per_output_token_seconds",
                               "Mean time between output tokens of a request, seconds", labels,
                               buckets=TPOT_BUCKETS, registry=self.registry)
-        self.e2e = Histogram("jpaged:e2e_request_latency_seconds", "Time from arrival to finish, seconds",
+        self.e2e = prometheus_client.Histogram("jpaged:e2e_request_latency_seconds", "Time from arrival to finish, seconds",
                              labels, buckets=E2E_BUCKETS, registry=self.registry)
-        self.finished = Counter("jpaged:request_success", "Requests finished, by finish reason",
+        self.finished = prometheus_client.Counter("jpaged:request_success", "Requests finished, by finish reason",
                                 [*labels, "finished_reason"], registry=self.registry)
         self.registry.register(_EngineCollector(self))
 
@@ -68,6 +108,39 @@ class ServerMetrics:
         self._stats = stats
         return generate_latest(self.registry)
 
+    def snapshot(self, stats: EngineStats) -> list[Metric]:
+        """Every metric's current value, as vLLM's `LLM.get_metrics()` returns them: a `Counter`,
+        `Gauge` or `Histogram` per metric and label set, the engine's from `stats`."""
+        self._stats = stats
+        metrics: list[Metric] = []
+        for family in self.registry.collect():
+            if family.type == "histogram":
+                metrics.extend(_histograms(family))
+                continue
+            kind = {"counter": Counter, "gauge": Gauge}[family.type]
+            for sample in family.samples:
+                if family.type == "counter" and not sample.name.endswith("_total"):
+                    continue  # the `_created` timestamps
+                value = int(sample.value) if kind is Counter else sample.value
+                metrics.append(kind(family.name, dict(sample.labels), value))
+        return metrics
+
+
+def _histograms(family) -> list[Histogram]:
+    """One `Histogram` per label set of a Prometheus histogram family."""
+    by_labels: dict[tuple, Histogram] = {}
+    for sample in family.samples:
+        labels = {k: v for k, v in sample.labels.items() if k != "le"}
+        key = tuple(sorted(labels.items()))
+        histogram = by_labels.setdefault(key, Histogram(family.name, labels, 0, 0.0, {}))
+        if sample.name.endswith("_bucket"):
+            histogram.buckets[sample.labels["le"]] = int(sample.value)
+        elif sample.name.endswith("_count"):
+            histogram.count = int(sample.value)
+        elif sample.name.endswith("_sum"):
+            histogram.sum = sample.value
+    return list(by_labels.values())
+
 
 class _EngineCollector:
     """Yields the engine's gauges and counters from the latest `EngineStats` snapshot."""
@@ -85,7 +158,7 @@ class _EngineCollector:
                 ("spec_decode_num_accepted_tokens", "num_accepted_draft_tokens",
                  "Speculative draft tokens the model's own choices confirmed"))
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, metrics: Metrics):
         self._metrics = metrics
 
     def collect(self):
