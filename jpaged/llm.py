@@ -72,6 +72,7 @@ class LLM:
         `get_metrics`."""
         self.engine: EngineClient = build_engine(model, **kwargs)
         self._request_counter = itertools.count()
+        self._enqueued: list[str] = []  # `enqueue`'s requests, until `wait_for_completion`
         self._metrics = None if disable_log_stats else Metrics(self.engine.model_name)
 
     @property
@@ -150,6 +151,34 @@ class LLM:
         first) needs `scheduling_policy="priority"`. `lora_request` (one for every prompt, or one
         per prompt, None for the base model) needs `enable_lora=True`. ValueError names the
         prompt it refuses."""
+        requests = self._generate_requests(prompts, sampling_params, priority, lora_request)
+        self._check_no_other_requests("generate")
+        return self._run(self._add(*requests), use_tqdm)
+
+    def enqueue(
+        self,
+        prompts: PromptType | SequenceABC[PromptType],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        priority: SequenceABC[int] | None = None,
+        lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
+    ) -> list[str]:
+        """Add `prompts` to the engine without running it (vLLM's `enqueue`), taken and checked
+        as `generate` takes them; returns their request ids, in order. `wait_for_completion`
+        runs them (with any enqueued before) and returns their outputs."""
+        request_ids = self._add(*self._generate_requests(prompts, sampling_params, priority, lora_request))
+        self._enqueued.extend(request_ids)
+        return request_ids
+
+    def wait_for_completion(self, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run the engine until every request `enqueue` and `enqueue_chat` added has finished, and
+        return their outputs in the order they were enqueued (vLLM's `wait_for_completion`); an
+        empty list when none waits. A request aborted meanwhile (`llm.engine.abort_request`) has
+        no output. On an interrupt or a failed step they are aborted, as `generate`'s are."""
+        request_ids, self._enqueued = self._enqueued, []
+        return self._run(request_ids, use_tqdm)
+
+    def _generate_requests(self, prompts, sampling_params, priority, lora_request) -> tuple:
+        """`generate`'s arguments as `_add` takes them, one entry per prompt."""
         self._check_generates()
         prompts = _prompt_list(prompts)
         params = self._per_prompt_params(sampling_params, len(prompts))
@@ -159,8 +188,7 @@ class LLM:
         priorities = [0] * len(prompts) if priority is None else list(priority)
         if len(priorities) != len(prompts):
             raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
-        self._check_no_other_requests("generate")
-        return self._add_and_run(prompts, params, priorities, loras, use_tqdm)
+        return prompts, params, priorities, loras
 
     def _check_generates(self) -> None:
         if self.engine.runner_type == "pooling":
@@ -293,6 +321,11 @@ class LLM:
 
     def _add_and_run(self, prompts, params, priorities, loras, use_tqdm: bool,
                      name=lambda i: f"prompt {i}") -> list:
+        return self._run(self._add(prompts, params, priorities, loras, name), use_tqdm)
+
+    def _add(self, prompts, params, priorities, loras, name=lambda i: f"prompt {i}") -> list[str]:
+        """Add one request per prompt; their ids. A prompt refused is a ValueError naming it
+        (`name(index)`), and none of the call's requests stays."""
         request_ids = []
         try:
             for prompt, param, rank, lora in zip(prompts, params, priorities, loras):
@@ -305,7 +338,7 @@ class LLM:
             if isinstance(err, ValueError):
                 raise ValueError(f"{name(len(request_ids))}: {err}") from err
             raise
-        return self._run(request_ids, use_tqdm)
+        return request_ids
 
     def _per_prompt_params(self, sampling_params, count: int) -> list[SamplingParams]:
         params = _per_prompt(sampling_params, count, SamplingParams, "sampling_params", "sampling params")
@@ -339,7 +372,7 @@ class LLM:
             raise
         finally:
             bar.close()
-        return [finished[request_id] for request_id in request_ids]
+        return [finished[request_id] for request_id in request_ids if request_id in finished]
 
     def beam_search(self, prompts: PromptType | SequenceABC[PromptType], params: BeamSearchParams,
                     lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
@@ -353,8 +386,13 @@ class LLM:
         return beam_search(self.engine, prompts, params, loras, use_tqdm)
 
     def _check_no_other_requests(self, call: str) -> None:
-        """RuntimeError where the engine holds requests added through `engine.add_request`: `call`
-        steps the engine until its own requests finish, and would swallow the others' outputs."""
+        """RuntimeError where the engine holds requests added through `enqueue` or
+        `engine.add_request`: `call` steps the engine until its own requests finish, and would
+        swallow the others' outputs."""
+        if self._enqueued:
+            raise RuntimeError(f"{call} steps the engine until its own requests finish, and {len(self._enqueued)} "
+                               "requests added by enqueue wait: wait_for_completion() runs them and returns their "
+                               "outputs")
         pending = self.engine.get_num_unfinished_requests()
         if pending:
             raise RuntimeError(f"{call} steps the engine until its own requests finish, and the engine holds {pending} "
@@ -392,6 +430,14 @@ class LLM:
         {"url": ...}}` or `{"type": "image_pil", "image_pil": image}` give the turn's images
         (`jpaged/images.py`), rendered by the template as its image token; on any other model
         they are a ValueError."""
+        prompts = self._chat_prompts(messages, add_generation_prompt, tools, chat_template, chat_template_kwargs,
+                                     continue_final_message, chat_template_content_format)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
+
+    def _chat_prompts(self, messages, add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                      chat_template: str | None = None, chat_template_kwargs: dict | None = None,
+                      continue_final_message: bool = False, chat_template_content_format: str = "auto") -> list[dict]:
+        """`chat`'s conversations rendered as prompts (text, token ids and images)."""
         self._check_generates()
         conversations = _conversations(messages)
         tokenizer = self.engine.tokenizer
@@ -416,7 +462,15 @@ class LLM:
             prompt = {"prompt": text, "prompt_token_ids": tokenizer.encode(unicode_text("the rendered chat", text),
                                                                            add_special_tokens=False)}
             prompts.append(prompt | ({"multi_modal_data": {"image": images}} if images else {}))
-        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
+        return prompts
+
+    def enqueue_chat(self, messages: list[dict] | list[list[dict]],
+                     sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+                     lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None, **chat_options) -> list[str]:
+        """`chat`'s conversations added to the engine without running it (vLLM's `enqueue_chat`),
+        rendered as `chat` renders them (`chat_options`: its `add_generation_prompt`, `tools`,
+        `chat_template`, ...); returns their request ids. `wait_for_completion` runs them."""
+        return self.enqueue(self._chat_prompts(messages, **chat_options), sampling_params, lora_request=lora_request)
 
 
 def chat_token_ids(tokenizer, conversation: list[dict], add_generation_prompt: bool = True,

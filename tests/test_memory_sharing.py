@@ -234,6 +234,36 @@ def test_get_metrics_reads_back_what_the_requests_did(stories_path):
                 assert getattr(metric, "count" if sample.name.endswith("_count") else "value") == sample.value
 
 
+def test_enqueued_requests_run_at_wait_for_completion(stories_path):
+    """vLLM's `enqueue` / `enqueue_chat` / `wait_for_completion`: requests wait until asked for,
+    then give `generate`'s and `chat`'s outputs, in the order enqueued; `generate` will not
+    swallow them; an aborted one has no output; every block is free afterwards."""
+    llm = LLM(stories_path, num_blocks=64)
+    template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    conversation = [{"role": "user", "content": "The dog ran"}]
+    prompts = [STORY, "Once upon a time"]
+    expected = llm.generate(prompts, [greedy(10), greedy(6)], use_tqdm=False)
+    expected_chat = llm.chat(conversation, greedy(5), use_tqdm=False, chat_template=template)
+    first = llm.enqueue(prompts, [greedy(10), greedy(6)])
+    dropped = llm.enqueue("Lily", greedy(4))
+    second = llm.enqueue_chat(conversation, greedy(5), chat_template=template)
+    assert len(first) == 2 and len({*first, *dropped, *second}) == 4
+    assert llm.engine.get_num_unfinished_requests() == 4 and llm.engine.stats().num_generated_tokens == 16 + 5
+    with pytest.raises(RuntimeError, match="4 requests added by enqueue wait: wait_for_completion"):
+        llm.generate("Lily", greedy(2), use_tqdm=False)
+    llm.engine.abort_request(dropped[0])
+    outputs = llm.wait_for_completion(use_tqdm=False)
+    assert [out.request_id for out in outputs] == first + second
+    assert [out.outputs[0].token_ids for out in outputs] == [out.outputs[0].token_ids for out in expected + expected_chat]
+    assert outputs[2].prompt == expected_chat[0].prompt
+    assert llm.wait_for_completion(use_tqdm=False) == []
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_blocks
+    with pytest.raises(ValueError, match="prompt 1"):
+        llm.enqueue(["fine", {"prompt_token_ids": []}])
+    assert llm.engine.get_num_unfinished_requests() == 0 and llm.wait_for_completion(use_tqdm=False) == []
+
+
 def test_logprobs_are_vllm_logprob_objects(stories_path):
     """Each position's entry maps token ids to `Logprob` (vLLM's fields): greedy picks rank 1, the
     top ones are ranked 1..k, and the chosen tokens' decoded texts, joined, are the output text."""
