@@ -454,12 +454,7 @@ def _write_fused_part(write, state, cfg, name, tensor, part, layers_per_stage, s
                                           else spec.shape[len(index) + 1:])
     if tensor.shape != expected:
         raise ValueError(f"weight {name!r} has shape {tensor.shape}, expected {expected}")
-    scale = None
-    if scheme is not None:
-        try:
-            tensor, scale = quantize(tensor, scheme)
-        except ValueError as err:
-            raise ValueError(f"weight {name!r}: {err}") from err
+    tensor, scale = _quantized(name, tensor, scheme)
     start = sum(sizes[:position]) // shards
 
     def rows(value: np.ndarray, axis: int):
@@ -497,13 +492,19 @@ def _prepared(state: dict, cfg: ModelConfig, name: str, tensor: np.ndarray, laye
         parts = f" (joined from {', '.join(joined[1])})" if joined else ""
         raise ValueError(f"weight {name!r}{parts} has shape {tensor.shape}, expected "
                          f"{expected[::-1] if transposed else expected}")
-    scale = None
-    if scheme is not None:
-        try:
-            value, scale = quantize(value, scheme)
-        except ValueError as err:
-            raise ValueError(f"weight {name!r}: {err}") from err
+    value, scale = _quantized(name, value, scheme)
     return path, index, np.ascontiguousarray(value, dtype=spec.dtype), scale, param, where
+
+
+def _quantized(name: str, value: np.ndarray, scheme: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`(values, scale)` of `value` under `scheme` (`quantize`), or `(value, None)` for None;
+    ValueError naming the weight that cannot be quantized."""
+    if scheme is None:
+        return value, None
+    try:
+        return quantize(value, scheme)
+    except ValueError as err:
+        raise ValueError(f"weight {name!r}: {err}") from err
 
 
 def _slice_update(param: jax.Array, value, starts: tuple) -> jax.Array:
