@@ -1020,6 +1020,34 @@ def test_metrics_expose_engine_and_latency_metrics(server):
         assert f"\n{name}{{" in text, name
 
 
+def test_reset_prefix_cache_makes_the_next_prompt_cold(server):
+    """`POST /reset_prefix_cache` (vLLM's): a prompt sent again is mostly served from the prefix
+    cache (few prompt tokens computed, by the `prompt_tokens` counter), and after the reset all of
+    it is computed again."""
+    prompt = list(range(5, 5 + 70))
+
+    def computed_prompt_tokens() -> float:
+        before = metric_value(server, "jpaged:prompt_tokens_total")
+        server.client().completions.create(model="stories", prompt=prompt, max_tokens=1, temperature=0)
+        return metric_value(server, "jpaged:prompt_tokens_total") - before
+
+    assert computed_prompt_tokens() == len(prompt)
+    assert computed_prompt_tokens() < len(prompt) // 2
+    assert httpx.post(f"{server.url}/reset_prefix_cache").status_code == 401  # the API key guards it
+    assert httpx.post(f"{server.url}/reset_prefix_cache", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert computed_prompt_tokens() == len(prompt)
+
+
+def metric_value(server, name: str) -> float:
+    """The value of the sample `name` (one label set) in the server's `/metrics`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [sample for family in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)
+               for sample in family.samples if sample.name == name]
+    assert len(samples) == 1, samples
+    return samples[0].value
+
+
 def test_tokenize_and_detokenize_round_trip(server):
     text = "Once upon a time, there was a dog named Max."
     tokens = server.post("/tokenize", {"prompt": text, "add_special_tokens": False}).json()

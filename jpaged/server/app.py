@@ -95,6 +95,8 @@ def build_app(state: ServerState, manage_engine: bool = True) -> FastAPI:
         app.add_api_route("/stop_profile", _stop_profile, methods=["POST"], dependencies=[Depends(_check_api_key)])
     for path, method in (("/health", "GET"), ("/health", "HEAD"), ("/ping", "GET"), ("/ping", "POST")):
         app.add_api_route(path, _health, methods=[method])  # a route per method: each its own OpenAPI operation
+    app.add_api_route("/reset_prefix_cache", _reset_prefix_cache, methods=["POST"],
+                      dependencies=[Depends(_check_api_key)])
     app.add_api_route("/version", _version, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     app.add_api_route("/classify", _classify, methods=["POST"], dependencies=[Depends(_check_api_key)])
@@ -239,6 +241,13 @@ async def _start_profile(request: Request) -> Response:
 async def _stop_profile(request: Request) -> Response:
     """`POST /stop_profile`: end the trace and write it (400 where none runs)."""
     await _on_engine(request, lambda engine: engine.stop_profile())
+    return Response(status_code=200)
+
+
+async def _reset_prefix_cache(request: Request) -> Response:
+    """`POST /reset_prefix_cache` (vLLM's): drop the prefix cache's blocks that no running request
+    holds, as before timing a cold prompt."""
+    await _on_engine(request, lambda engine: engine.reset_prefix_cache())
     return Response(status_code=200)
 
 
