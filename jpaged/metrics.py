@@ -22,6 +22,7 @@ from jpaged.engine_client import EngineStats
 from jpaged.outputs import RequestOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+FINISH_REASONS = ("stop", "length", "abort")
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0)
@@ -84,9 +85,13 @@ class Metrics:
         self.finished = prometheus_client.Counter("jpaged:request_success", "Requests finished, by finish reason",
                                 [*labels, "finished_reason"], registry=self.registry)
         self.registry.register(_EngineCollector(self))
+        for histogram in (self.ttft, self.tpot, self.e2e):  # exported from the start, at 0, as vLLM's
+            histogram.labels(**self._labels)
+        for reason in FINISH_REASONS:
+            self.finished.labels(**self._labels, finished_reason=reason)
 
     def observe_finished(self, output: RequestOutput) -> None:
-        """Record a finished request's latencies and finish reason (first sample's)."""
+        """Record a finished request's latencies (once per request) and each sample's finish reason."""
         metrics = output.metrics
         if metrics is not None:
             if metrics.time_to_first_token is not None:
@@ -95,9 +100,10 @@ class Metrics:
                 self.tpot.labels(**self._labels).observe(metrics.time_per_output_token)
             if metrics.finished_time is not None:
                 self.e2e.labels(**self._labels).observe(metrics.finished_time - metrics.arrival_time)
-        first = output.outputs[0] if isinstance(output.outputs, list) and output.outputs else output.outputs
-        reason = getattr(first, "finish_reason", "stop")  # an embedding (no samples) ends as "stop"
-        self.finished.labels(**self._labels, finished_reason=reason or "unknown").inc()
+        samples = output.outputs if isinstance(output.outputs, list) else [output.outputs]
+        for sample in samples:  # each of `n` samples counts, as vLLM counts its child requests
+            reason = getattr(sample, "finish_reason", "stop")  # an embedding (no samples) ends as "stop"
+            self.finished.labels(**self._labels, finished_reason=reason or "unknown").inc()
 
     def observe_aborted(self, request_id: str) -> None:
         """Count a request the server aborted (its client left, or a step failed) as finished by "abort"."""

@@ -115,6 +115,11 @@ def test_a_subset_of_weights_replaces_those_and_keeps_the_others(models):
     for name, tensor in state.items():  # TRL's way: every tensor in a call of its own
         llm.load_weights([(name, tensor)])
     assert tokens(llm) == expected["new"]
+    with pytest.raises(ValueError, match=r"weight 'model.layers.2.self_attn.q_proj.weight' is for layer 2, but the "
+                                         r"model has 2 layers"):
+        llm.load_weights({"model.layers.0.self_attn.o_proj.weight": state["model.layers.0.self_attn.q_proj.weight"],
+                          "model.layers.2.self_attn.q_proj.weight": state["model.layers.0.self_attn.q_proj.weight"]})
+    assert tokens(llm) == expected["new"]  # the call changed nothing
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_blocks
 
@@ -135,16 +140,22 @@ def test_moe_experts_load_as_transformers_keeps_them_in_memory(tmp_path):
 
 
 def test_bfloat16_tensors_load_as_their_values(models):
-    """A trainer's bfloat16 tensors: the engine holds their values exactly (HF's model with its
-    weights rounded to bfloat16 is the oracle)."""
+    """A trainer's bfloat16 tensors, all at once or one a call (a q, k or v projection alone
+    into its rows of the float32 fused one): the engine holds their values exactly (HF's model
+    with its weights rounded to bfloat16 is the oracle)."""
     folder, new, _ = models
     rounded = random_model(seed=2)
     with torch.no_grad():
         for param in rounded.parameters():
             param.copy_(param.to(torch.bfloat16).to(torch.float32))
+    expected = [hf_greedy(rounded, p, GREEDY.max_tokens) for p in PROMPTS]
     llm = LLM(str(folder), **ENGINE)
     llm.load_weights({name: tensor.to(torch.bfloat16) for name, tensor in new.state_dict().items()})
-    assert tokens(llm) == [hf_greedy(rounded, p, GREEDY.max_tokens) for p in PROMPTS]
+    assert tokens(llm) == expected
+    one_by_one = LLM(str(folder), **ENGINE)
+    for name, tensor in new.state_dict().items():
+        one_by_one.load_weights({name: tensor.to(torch.bfloat16)})
+    assert tokens(one_by_one) == expected
 
 
 def test_quantized_engine_quantizes_the_loaded_weights(models, tmp_path):

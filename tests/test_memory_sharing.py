@@ -192,22 +192,25 @@ def test_get_metrics_reads_back_what_the_requests_did(stories_path):
     with pytest.raises(ValueError, match="disable_log_stats=False"):
         LLM(stories_path, num_blocks=64).get_metrics()
     llm = LLM(stories_path, num_blocks=64, disable_log_stats=False)
+    fresh = {m.name: m for m in llm.get_metrics() if isinstance(m, Histogram)}  # there from the start, as vLLM's
+    assert len(fresh) == 3 and all(m.count == 0 == m.buckets["+Inf"] for m in fresh.values())
     outputs = llm.generate([STORY, "Once upon a time"], [greedy(10), greedy(6)], use_tqdm=False)
-    outputs += llm.generate("The cat", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    prompt_tokens = next(m.value for m in llm.get_metrics() if m.name == "jpaged:prompt_tokens")
+    assert prompt_tokens == sum(len(out.prompt_token_ids) - out.num_cached_tokens for out in outputs)
+    outputs += llm.generate("The cat", SamplingParams(n=2, max_tokens=3, ignore_eos=True), use_tqdm=False)
     metrics = {(m.name, tuple(sorted(m.labels.items()))): m for m in llm.get_metrics()}
     labels = (("model_name", llm.engine.model_name),)
     by_name = {name: m for (name, key), m in metrics.items() if key == labels}
 
-    generated = sum(len(out.outputs[0].token_ids) for out in outputs)
+    generated = sum(len(sample.token_ids) for out in outputs for sample in out.outputs)
     assert isinstance(by_name["jpaged:generation_tokens"], Counter)
-    assert by_name["jpaged:generation_tokens"].value == generated == 19
-    computed = sum(len(out.prompt_token_ids) - out.num_cached_tokens for out in outputs)
-    assert by_name["jpaged:prompt_tokens"].value == computed
+    assert by_name["jpaged:generation_tokens"].value == generated == 22
+    assert by_name["jpaged:prompt_tokens"].value > prompt_tokens
     assert isinstance(by_name["jpaged:num_requests_running"], Gauge) and by_name["jpaged:num_requests_running"].value == 0
     assert by_name["jpaged:kv_cache_usage_perc"].value == 0.0
     finished = {dict(key)["finished_reason"]: m.value for (name, key), m in metrics.items()
                 if name == "jpaged:request_success"}
-    assert finished == {"length": 3}
+    assert finished == {"length": 4, "stop": 0, "abort": 0}  # each of n samples counts, as vLLM's child requests
     for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
         histogram = by_name[f"jpaged:{name}"]
         assert isinstance(histogram, Histogram) and histogram.count == 3 == histogram.buckets["+Inf"]

@@ -401,6 +401,7 @@ def update_params(state: dict, cfg: ModelConfig, weights: Iterable[tuple[str, np
             return
         axis, pieces = rows if rows is not None else (0, [(0, value)])
         for offset, piece in pieces:
+            piece = np.ascontiguousarray(piece, dtype=base.dtype)
             starts = list(index) + [0] * piece.ndim
             starts[len(index) + axis] = offset
             writer = _update_slice_in_place if current is not None else _update_slice
@@ -439,6 +440,9 @@ def _write_fused_part(write, state, cfg, name, tensor, part, layers_per_stage, s
     """Write one part of a fused projection (`_fused_part`) into its rows (see `update_params`)."""
     fused, piece_name = part
     layer = int(_LAYER_NAME.fullmatch(name).group(1))
+    if layer >= cfg.num_layers:
+        raise ValueError(f"weight {name!r} is for layer {layer}, but the model has {cfg.num_layers} layers "
+                         f"(0 to {cfg.num_layers - 1})")
     param, transpose = _LAYER_TENSORS[fused]
     path, index = _slot(param, (layer,), layers_per_stage, staged)
     spec = _lookup(state, path, name)
