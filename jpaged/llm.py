@@ -165,7 +165,9 @@ class LLM:
         """Add `prompts` to the engine without running it (vLLM's `enqueue`), taken and checked
         as `generate` takes them; returns their request ids, in order. `wait_for_completion`
         runs them (with any enqueued before) and returns their outputs."""
-        request_ids = self._add(*self._generate_requests(prompts, sampling_params, priority, lora_request))
+        requests = self._generate_requests(prompts, sampling_params, priority, lora_request)
+        self._check_only_enqueued("enqueue")
+        request_ids = self._add(*requests)
         self._enqueued.extend(request_ids)
         return request_ids
 
@@ -174,8 +176,21 @@ class LLM:
         return their outputs in the order they were enqueued (vLLM's `wait_for_completion`); an
         empty list when none waits. A request aborted meanwhile (`llm.engine.abort_request`) has
         no output. On an interrupt or a failed step they are aborted, as `generate`'s are."""
+        self._check_only_enqueued("wait_for_completion")
         request_ids, self._enqueued = self._enqueued, []
         return self._run(request_ids, use_tqdm)
+
+    def _check_only_enqueued(self, call: str) -> None:
+        """RuntimeError where the engine holds requests added through `engine.add_request`, whose
+        outputs `wait_for_completion` would swallow (counted: requests aborted since they were
+        enqueued cannot be told apart). Forgets the enqueued requests once the engine holds none."""
+        pending = self.engine.get_num_unfinished_requests()
+        if pending == 0:
+            self._enqueued.clear()
+        if pending > len(self._enqueued):
+            raise RuntimeError(f"{call}: the engine holds {pending - len(self._enqueued)} unfinished requests added "
+                               "through llm.engine.add_request, whose outputs wait_for_completion would not return: "
+                               "step them with llm.engine.step() or abort them first")
 
     def _generate_requests(self, prompts, sampling_params, priority, lora_request) -> tuple:
         """`generate`'s arguments as `_add` takes them, one entry per prompt."""
@@ -389,11 +404,13 @@ class LLM:
         """RuntimeError where the engine holds requests added through `enqueue` or
         `engine.add_request`: `call` steps the engine until its own requests finish, and would
         swallow the others' outputs."""
-        if self._enqueued:
-            raise RuntimeError(f"{call} steps the engine until its own requests finish, and {len(self._enqueued)} "
-                               "requests added by enqueue wait: wait_for_completion() runs them and returns their "
-                               "outputs")
         pending = self.engine.get_num_unfinished_requests()
+        if pending == 0:
+            self._enqueued.clear()  # aborted
+        if self._enqueued:
+            raise RuntimeError(f"{call} steps the engine until its own requests finish, and "
+                               f"{min(len(self._enqueued), pending)} requests added by enqueue wait: "
+                               "wait_for_completion() runs them and returns their outputs")
         if pending:
             raise RuntimeError(f"{call} steps the engine until its own requests finish, and the engine holds {pending} "
                                "unfinished requests added through llm.engine.add_request, whose outputs it would "
@@ -464,13 +481,24 @@ class LLM:
             prompts.append(prompt | ({"multi_modal_data": {"image": images}} if images else {}))
         return prompts
 
-    def enqueue_chat(self, messages: list[dict] | list[list[dict]],
-                     sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
-                     lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None, **chat_options) -> list[str]:
+    def enqueue_chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict | None = None,
+        continue_final_message: bool = False,
+        lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
+        chat_template_content_format: str = "auto",
+    ) -> list[str]:
         """`chat`'s conversations added to the engine without running it (vLLM's `enqueue_chat`),
-        rendered as `chat` renders them (`chat_options`: its `add_generation_prompt`, `tools`,
-        `chat_template`, ...); returns their request ids. `wait_for_completion` runs them."""
-        return self.enqueue(self._chat_prompts(messages, **chat_options), sampling_params, lora_request=lora_request)
+        taken and rendered as `chat` takes them; returns their request ids.
+        `wait_for_completion` runs them."""
+        prompts = self._chat_prompts(messages, add_generation_prompt, tools, chat_template, chat_template_kwargs,
+                                     continue_final_message, chat_template_content_format)
+        return self.enqueue(prompts, sampling_params, lora_request=lora_request)
 
 
 def chat_token_ids(tokenizer, conversation: list[dict], add_generation_prompt: bool = True,

@@ -265,6 +265,13 @@ def test_enqueued_requests_run_at_wait_for_completion(stories_path):
     with pytest.raises(ValueError, match="prompt 1"):
         llm.enqueue(["fine", {"prompt_token_ids": []}])
     assert llm.engine.get_num_unfinished_requests() == 0 and llm.wait_for_completion(use_tqdm=False) == []
+    llm.engine.add_request("by hand", "Lily", greedy(2))  # its output would be swallowed: refused
+    with pytest.raises(RuntimeError, match="enqueue: the engine holds 1 unfinished requests added through"):
+        llm.enqueue("Lily", greedy(2))
+    llm.engine.abort_request("by hand")
+    for request_id in llm.enqueue(["A", "B"], greedy(2)):  # all aborted: nothing waits any more
+        llm.engine.abort_request(request_id)
+    assert len(llm.generate("Lily", greedy(2), use_tqdm=False)) == 1
 
 
 def test_logprobs_are_vllm_logprob_objects(stories_path):
