@@ -180,13 +180,21 @@ class LLM:
         request_ids, self._enqueued = self._enqueued, []
         return self._run(request_ids, use_tqdm)
 
+    def _forget_aborted(self) -> int:
+        """The engine's unfinished requests; none left means every enqueued one was aborted
+        (through `llm.engine.abort_request`): they are forgotten, and counted as aborted."""
+        pending = self.engine.get_num_unfinished_requests()
+        if pending == 0:
+            for request_id in self._enqueued if self._metrics is not None else ():
+                self._metrics.observe_aborted(request_id)
+            self._enqueued.clear()
+        return pending
+
     def _check_only_enqueued(self, call: str) -> None:
         """RuntimeError where the engine holds requests added through `engine.add_request`, whose
         outputs `wait_for_completion` would swallow (counted: requests aborted since they were
         enqueued cannot be told apart). Forgets the enqueued requests once the engine holds none."""
-        pending = self.engine.get_num_unfinished_requests()
-        if pending == 0:
-            self._enqueued.clear()
+        pending = self._forget_aborted()
         if pending > len(self._enqueued):
             raise RuntimeError(f"{call}: the engine holds {pending - len(self._enqueued)} unfinished requests added "
                                "through llm.engine.add_request, whose outputs wait_for_completion would not return: "
@@ -387,6 +395,10 @@ class LLM:
             raise
         finally:
             bar.close()
+        if self._metrics is not None:  # aborted through llm.engine.abort_request meanwhile
+            for request_id in request_ids:
+                if request_id not in finished:
+                    self._metrics.observe_aborted(request_id)
         return [finished[request_id] for request_id in request_ids if request_id in finished]
 
     def beam_search(self, prompts: PromptType | SequenceABC[PromptType], params: BeamSearchParams,
@@ -404,9 +416,7 @@ class LLM:
         """RuntimeError where the engine holds requests added through `enqueue` or
         `engine.add_request`: `call` steps the engine until its own requests finish, and would
         swallow the others' outputs."""
-        pending = self.engine.get_num_unfinished_requests()
-        if pending == 0:
-            self._enqueued.clear()  # aborted
+        pending = self._forget_aborted()
         if self._enqueued:
             raise RuntimeError(f"{call} steps the engine until its own requests finish, and "
                                f"{min(len(self._enqueued), pending)} requests added by enqueue wait: "

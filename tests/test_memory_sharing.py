@@ -198,6 +198,8 @@ def test_get_metrics_reads_back_what_the_requests_did(stories_path):
     prompt_tokens = next(m.value for m in llm.get_metrics() if m.name == "jpaged:prompt_tokens")
     assert prompt_tokens == sum(len(out.prompt_token_ids) - out.num_cached_tokens for out in outputs)
     outputs += llm.generate("The cat", SamplingParams(n=2, max_tokens=3, ignore_eos=True), use_tqdm=False)
+    llm.engine.abort_request(llm.enqueue("Lily", greedy(4))[0])
+    assert llm.wait_for_completion(use_tqdm=False) == []
     metrics = {(m.name, tuple(sorted(m.labels.items()))): m for m in llm.get_metrics()}
     labels = (("model_name", llm.engine.model_name),)
     by_name = {name: m for (name, key), m in metrics.items() if key == labels}
@@ -210,7 +212,7 @@ def test_get_metrics_reads_back_what_the_requests_did(stories_path):
     assert by_name["jpaged:kv_cache_usage_perc"].value == 0.0
     finished = {dict(key)["finished_reason"]: m.value for (name, key), m in metrics.items()
                 if name == "jpaged:request_success"}
-    assert finished == {"length": 4, "stop": 0, "abort": 0}  # each of n samples counts, as vLLM's child requests
+    assert finished == {"length": 4, "stop": 0, "abort": 1}  # each of n samples counts, as vLLM's child requests
     for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
         histogram = by_name[f"jpaged:{name}"]
         assert isinstance(histogram, Histogram) and histogram.count == 3 == histogram.buckets["+Inf"]
@@ -222,6 +224,7 @@ def test_get_metrics_reads_back_what_the_requests_did(stories_path):
     server_side = Metrics(llm.engine.model_name)  # what a server that ran these requests would serve
     for out in outputs:
         server_side.observe_finished(out)
+    server_side.observe_aborted("the aborted one")
     text = server_side.render(llm.engine.stats()).decode()
     for family in text_string_to_metric_families(text):
         if family.name.endswith("_created"):  # creation timestamps, which vLLM's reader leaves out too
