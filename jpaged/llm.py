@@ -390,15 +390,13 @@ class LLM:
             for request_id in request_ids:
                 if request_id not in finished:
                     self.engine.abort_request(request_id)
-                    if self._metrics is not None:
-                        self._metrics.observe_aborted(request_id)
             raise
         finally:
             bar.close()
-        if self._metrics is not None:  # aborted through llm.engine.abort_request meanwhile
-            for request_id in request_ids:
-                if request_id not in finished:
-                    self._metrics.observe_aborted(request_id)
+            if self._metrics is not None:  # aborted here, or through llm.engine.abort_request meanwhile
+                for request_id in request_ids:
+                    if request_id not in finished:
+                        self._metrics.observe_aborted(request_id)
         return [finished[request_id] for request_id in request_ids if request_id in finished]
 
     def beam_search(self, prompts: PromptType | SequenceABC[PromptType], params: BeamSearchParams,

@@ -75,15 +75,18 @@ class Metrics:
         self._labels = {"model_name": model_name}
         self._stats: EngineStats | None = None
         labels = list(self._labels)
-        self.ttft = prometheus_client.Histogram("jpaged:time_to_first_token_seconds", "Time from arrival to the first token, seconds",
-                              labels, buckets=TTFT_BUCKETS, registry=self.registry)
-        self.tpot = prometheus_client.Histogram("jpaged:time_per_output_token_seconds",
-                              "Mean time between output tokens of a request, seconds", labels,
-                              buckets=TPOT_BUCKETS, registry=self.registry)
-        self.e2e = prometheus_client.Histogram("jpaged:e2e_request_latency_seconds", "Time from arrival to finish, seconds",
-                             labels, buckets=E2E_BUCKETS, registry=self.registry)
-        self.finished = prometheus_client.Counter("jpaged:request_success", "Requests finished, by finish reason",
-                                [*labels, "finished_reason"], registry=self.registry)
+        self.ttft = prometheus_client.Histogram(
+            "jpaged:time_to_first_token_seconds", "Time from arrival to the first token, seconds", labels,
+            buckets=TTFT_BUCKETS, registry=self.registry)
+        self.tpot = prometheus_client.Histogram(
+            "jpaged:time_per_output_token_seconds", "Mean time between output tokens of a request, seconds", labels,
+            buckets=TPOT_BUCKETS, registry=self.registry)
+        self.e2e = prometheus_client.Histogram(
+            "jpaged:e2e_request_latency_seconds", "Time from arrival to finish, seconds", labels,
+            buckets=E2E_BUCKETS, registry=self.registry)
+        self.finished = prometheus_client.Counter(
+            "jpaged:request_success", "Requests finished, by finish reason", [*labels, "finished_reason"],
+            registry=self.registry)
         self.registry.register(_EngineCollector(self))
         for histogram in (self.ttft, self.tpot, self.e2e):  # exported from the start, at 0, as vLLM's
             histogram.labels(**self._labels)
