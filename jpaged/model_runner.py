@@ -567,10 +567,11 @@ class ModelRunner:
         return repr(("sampler", self._mesh_layout(), self.num_logprobs, self._config.logprobs_mode))
 
     def _mesh_layout(self) -> tuple | None:
-        """The mesh's axes, shape and device ids (None: one device), for the programs' keys."""
+        """The mesh's axes and shape (None: one device), for the programs' keys, which name no
+        device: a program serves every mesh of its layout (`program_cache.py`)."""
         if self.mesh is None:
             return None
-        return self.mesh.axis_names, self.mesh.devices.shape, [d.id for d in self.mesh.devices.flat]
+        return self.mesh.axis_names, self.mesh.devices.shape
 
     @property
     def num_compilations(self) -> int:

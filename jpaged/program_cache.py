@@ -14,6 +14,12 @@ engine will need next compiles (or loads) while the current one compiles or runs
 `<cache dir>/programs`; the least recently used go beyond `MAX_BYTES`. Anything unreadable is
 compiled afresh and overwritten.
 
+A key names devices only by their place in the program's device assignment, so one compiled
+program serves every set of devices laid out alike: the data-parallel replicas of an engine (the
+same program on other devices) each load the one program their first replica compiled, from this
+process's memory or from the folder, with their own devices in its device assignment. Replicas
+asking together wait for the one compilation.
+
 An executable that jax itself loaded from its persistent cache cannot be serialized again whole
 on CPU (the copy lacks some of its functions), so such a program is used but not kept. The jitted
 function's name carries a digest of the key's fixed part, which keeps jax's cache from serving a
@@ -29,18 +35,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import logging
 import os
 import pathlib
 import pickle
 import tempfile
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import jax.extend.backend
 import jaxlib
+import numpy as np
 from jax.experimental import serialize_executable
 
 logger = logging.getLogger("jpaged")
@@ -133,13 +142,38 @@ class ProgramCache:
         return future
 
     def _load_or_compile(self, args: tuple, number: int) -> Callable:
-        path = self._path(args) if self._directory is not None else None
+        """The program for `args`: one made in this process for the same key (waiting for it while
+        it is being made), else the folder's, else compiled (and kept)."""
+        devices = _devices(args)
+        text = "\n".join([_environment(), self._context, self._fixed_key, _describe(args[self._num_fixed:])])
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        made = _made.claim(digest)
+        if made is not None:
+            try:
+                program = made.on(devices)
+            except Exception as error:  # a backend that cannot move it: made here, as a program of its own
+                logger.info("%s program #%d compiled: the one made for devices %s could not be moved (%s)",
+                            self._label, number, list(made.device_ids), error)
+                return self._load_or_compile_here(args, devices, digest, number)[0]
+            logger.info("%s program #%d loaded from the one made for devices %s", self._label, number,
+                        list(made.device_ids))
+            return program
+        try:
+            program, serialized = self._load_or_compile_here(args, devices, digest, number)
+        except BaseException as error:
+            _made.fail(digest, error)
+            raise
+        _made.record(digest, _Program(program, tuple(d.id for d in devices), serialized))
+        return program
+
+    def _load_or_compile_here(self, args: tuple, devices: tuple, digest: str, number: int) -> tuple[Callable, Callable]:
+        """The program for `args` from the folder or compiled, and a function that serializes it,
+        given it (raising where it cannot: a program loaded from jax's own cache)."""
+        path = self._directory / f"{self._name}-{digest}" if self._directory is not None else None
         if path is not None and path.exists():
             try:
                 serialized, device_ids = pickle.loads(path.read_bytes())
-                devices = {device.id: device for device in jax.devices()}
-                program = serialize_executable.deserialize_and_load(
-                    *serialized, execution_devices=[devices[i] for i in device_ids])
+                program = _load(serialized, device_ids, devices)
             except Exception as error:  # a file from an interrupted write or another jaxlib build
                 logger.warning("compiling afresh: %s could not be loaded (%s)", path, error)
                 with contextlib.suppress(OSError):  # a read-only cache keeps it
@@ -148,21 +182,134 @@ class ProgramCache:
                 with contextlib.suppress(OSError):  # its use, for the least-recently-used trim
                     os.utime(path)
                 logger.info("%s program #%d loaded from %s", self._label, number, path)
-                return program
+                return program, lambda _: pickle.loads(path.read_bytes())[0]  # a loaded program serializes wrong
         hits = _jax_cache_hits()
         program = self._jit.lower(*args).compile()
         if _jax_cache_hits() > hits:
             logger.info("%s program #%d loaded from jax's compilation cache (not kept in %s)", self._label, number, path)
-        else:
-            logger.info("%s program #%d compiled", self._label, number)
-            if path is not None:
-                _store(path, program)
-        return program
+            return program, _not_serializable
+        logger.info("%s program #%d compiled", self._label, number)
+        if path is not None:
+            _store(path, program, devices)
+        return program, serialize_executable.serialize
 
-    def _path(self, args: tuple) -> pathlib.Path:
-        """Where the program for `args` (abstract values) is kept."""
-        text = "\n".join([_environment(), self._context, self._fixed_key, _describe(args[self._num_fixed:])])
-        return self._directory / f"{self._name}-{hashlib.sha256(text.encode()).hexdigest()}"
+
+def _not_serializable(_):
+    raise RuntimeError("a program jax loaded from its own cache cannot be serialized whole")
+
+
+class _Program:
+    """A program made in this process: the program (held weakly), the ids of the devices it was
+    made for, and a function that serializes it, given it."""
+
+    def __init__(self, program, device_ids: tuple[int, ...], serialized: Callable[[Callable], tuple]):
+        self._program = weakref.ref(program)
+        self.device_ids = device_ids
+        self._serialized = serialized
+
+    def living(self):
+        """The program, or None once nothing holds it."""
+        return self._program()
+
+    def on(self, devices: tuple):
+        """The program to run on `devices` in the places of its own: itself where they are the
+        same devices. Raises where it cannot be moved."""
+        program = self.living()
+        if program is None:
+            raise RuntimeError("the program is no longer held")
+        if list(self.device_ids) == [d.id for d in devices]:
+            return program
+        return _load(self._serialized(program), self.device_ids, devices)
+
+
+class _Made:
+    """The programs this process made, by key digest: each a `Future` of a `_Program`, which lasts
+    while something holds its program."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._futures: dict[str, Future] = {}
+
+    def claim(self, digest: str) -> _Program | None:
+        """The living program made here for `digest`, waiting for it while it is being made; else
+        None, and the caller is to make it, then `record` it (or `fail`)."""
+        while True:
+            with self._lock:
+                future = self._futures.get(digest)
+                if future is None or not _living(future):
+                    self._futures = {key: f for key, f in self._futures.items() if _living(f)}
+                    self._futures[digest] = Future()
+                    return None
+            try:
+                made = future.result()
+            except BaseException:
+                if not future.done():  # interrupted while waiting
+                    raise
+                continue  # its maker failed: claimed afresh
+            if made.living() is not None:
+                return made
+
+    def record(self, digest: str, made: _Program) -> None:
+        self._futures[digest].set_result(made)
+
+    def fail(self, digest: str, error: BaseException) -> None:
+        self._futures[digest].set_exception(error)
+
+
+def _living(future: Future) -> bool:
+    """Being made, or made and still held."""
+    return not future.done() or (future.exception() is None and future.result().living() is not None)
+
+
+_made = _Made()
+
+
+def _devices(args) -> tuple:
+    """The devices of the program for `args`, in the order of its device assignment: those of the
+    first argument placed on devices (a mesh's, flattened), else the default device."""
+    for leaf in jax.tree.leaves(args):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return tuple(sharding.mesh.devices.flat)
+        if sharding is not None and len(sharding.device_set) == 1:
+            return tuple(sharding.device_set)
+    return (jax.devices()[0],)
+
+
+def _load(serialized: tuple, ids: Sequence[int], devices: tuple):
+    """A program serialized (`serialize_executable.serialize`) for the devices `ids`, loaded to run
+    on `devices`, each in the place of its counterpart in `ids`.
+
+    On other devices the executable is deserialized with compile options naming them, made as jax
+    makes them: jax itself loads a GPU program from its persistent cache this way (it keys such
+    programs without their devices). That reaches into jax's internals, so any failure raises,
+    and the caller compiles."""
+    if list(ids) == [d.id for d in devices]:
+        return serialize_executable.deserialize_and_load(*serialized, execution_devices=list(devices))
+    if len(ids) != len(devices):
+        raise ValueError(f"a program for {len(ids)} devices cannot run on {len(devices)}")
+    from jax._src import compiler
+
+    backend = devices[0].client
+    options = compiler.get_compile_options(num_replicas=1, num_partitions=len(devices),
+                                           device_assignment=np.array([[d.id for d in devices]]), backend=backend)
+    moved_to = dict(zip(ids, devices))
+
+    class Unpickler(serialize_executable._JaxPjrtUnpickler):  # device `ids[i]` read as `devices[i]`
+        def persistent_load(self, pid):
+            if pid[0] == "device":
+                return moved_to[pid[1]]
+            if pid[0] == "exec":
+                return self.backend.deserialize_executable(pid[1], self.execution_devices, options)
+            return super().persistent_load(pid)
+
+    payload, in_tree, out_tree = serialized
+    unloaded, args_info, no_kwargs = Unpickler(io.BytesIO(payload), backend, list(devices)).load()
+    program = jax.stages.Compiled(unloaded.load(), [], in_tree.unflatten(args_info), out_tree, no_kwargs=no_kwargs)
+    placed = [d.id for d in program.runtime_executable().local_devices()]
+    if sorted(placed) != sorted(d.id for d in devices):
+        raise RuntimeError(f"the program loaded onto devices {placed}, not {[d.id for d in devices]}")
+    return program
 
 
 _this_thread = threading.local()
@@ -215,12 +362,12 @@ def _environment() -> str:
                                devices, os.environ.get("XLA_FLAGS", ""), jax.config.jax_enable_x64]))
 
 
-def _store(path: pathlib.Path, program) -> None:
-    """Write `program` to `path` atomically, then trim the directory to `MAX_BYTES`."""
+def _store(path: pathlib.Path, program, devices: tuple) -> None:
+    """Write `program`, made for `devices`, to `path` atomically, then trim the directory to
+    `MAX_BYTES`."""
     try:
-        # The devices it runs on go with it: loaded without them, a program runs on every device.
-        devices = [device.id for device in program.runtime_executable().local_devices()]
-        payload = pickle.dumps((serialize_executable.serialize(program), devices))
+        # The devices it was made for go with it: loaded without them, a program runs on every device.
+        payload = pickle.dumps((serialize_executable.serialize(program), [device.id for device in devices]))
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as file:
             file.write(payload)

@@ -9,7 +9,10 @@ Two measurements, each run twice on a fresh cache directory holding only the dow
   compilation) and the rest of the answer (128 tokens at most); the seconds jax spent compiling
   or loading compiled programs in each phase come from jax's own monitoring events.
 
-    python scripts/bench_startup.py [--out bench_results/startup.json]
+    python scripts/bench_startup.py [--data-parallel-size N] [--out bench_results/startup.json]
+
+`--data-parallel-size N` starts N replicas (on CPU, N emulated devices: `XLA_FLAGS=
+--xla_force_host_platform_device_count=N`), which compile each program once between them.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ monitoring.register_event_duration_secs_listener(
 import jpaged.engine
 from jpaged import LLM, SamplingParams, compile_cache
 marks = {"import": (time.perf_counter(), compile_seconds[0])}
-llm = LLM()
+llm = LLM(data_parallel_size=%d)
 marks["load"] = (time.perf_counter(), compile_seconds[0])
 messages = [{"role": "user", "content": %r}]
 llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
@@ -52,8 +55,9 @@ phases, last = {}, (started, 0.0)
 for name, mark in marks.items():
     phases[name] = {"seconds": mark[0] - last[0], "compile_seconds": mark[1] - last[1]}
     last = mark
-print(json.dumps({"phases": phases, "answer": answer, "compile_cache": compile_cache.counts()}))
-""" % QUESTION
+print(json.dumps({"phases": phases, "answer": answer, "compile_cache": compile_cache.counts(),
+                  "programs": llm.engine.stats().num_compilations}))
+"""
 
 
 def fresh_cache(gguf: Path, parent: Path, name: str) -> Path:
@@ -65,8 +69,10 @@ def fresh_cache(gguf: Path, parent: Path, name: str) -> Path:
     return folder
 
 
-def timed(command: list[str], cache: Path) -> tuple[float, str]:
+def timed(command: list[str], cache: Path, devices: int) -> tuple[float, str]:
     env = dict(os.environ, JPAGED_CACHE_DIR=str(cache))
+    if devices > 1:  # emulated on CPU; ignored by other backends
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -78,25 +84,30 @@ def timed(command: list[str], cache: Path) -> tuple[float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-parallel-size", type=int, default=1, help="engine replicas (default 1)")
     parser.add_argument("--out", default="bench_results/startup.json")
     args = parser.parse_args()
+    if args.data_parallel_size < 1:
+        parser.error(f"--data-parallel-size must be at least 1, got {args.data_parallel_size}")
 
     from jpaged.loader.default_model import default_model_path
 
     gguf = default_model_path()  # the one-time download, outside the timings
-    cli = [sys.executable, "-m", "jpaged", "generate", QUESTION]
-    probe = [sys.executable, "-c", PROBE]
+    replicas = args.data_parallel_size
+    cli = [sys.executable, "-m", "jpaged", "generate", QUESTION, "--data-parallel-size", str(replicas)]
+    probe = [sys.executable, "-c", PROBE % (replicas, QUESTION)]
     result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
               "python": platform.python_version(), "jax": metadata.version("jax"),
-              "transformers": metadata.version("transformers"), "question": QUESTION, "cli": {}, "probe": {}}
+              "transformers": metadata.version("transformers"), "question": QUESTION,
+              "data_parallel_size": replicas, "cli": {}, "probe": {}}
     with tempfile.TemporaryDirectory(prefix="bench_startup_") as tmp:
         cli_cache, probe_cache = fresh_cache(gguf, Path(tmp), "cli"), fresh_cache(gguf, Path(tmp), "probe")
         for run in ("first", "second"):
-            seconds, answer = timed(cli, cli_cache)
+            seconds, answer = timed(cli, cli_cache, replicas)
             result["cli"][run] = {"seconds": seconds, "answer": answer}
             print(f"CLI, {run} run: {seconds:.1f} s -> {answer!r}", flush=True)
         for run in ("first", "second"):
-            _, output = timed(probe, probe_cache)
+            _, output = timed(probe, probe_cache, replicas)
             result["probe"][run] = json.loads(output.splitlines()[-1])
     print_table(result)
     save_json(result, args.out)
@@ -114,6 +125,7 @@ def print_table(result: dict) -> None:
         print(f"{'  ' + phase:<28}" + "".join(f"{c:>18}" for c in cells))
     counts = [result["probe"][r]["compile_cache"] for r in ("first", "second")]
     print(f"{'  compile cache hits/misses':<28}" + "".join(f"{c['hits']:>12}/{c['misses']:<5}" for c in counts))
+    print(f"{'  programs made ready':<28}" + "".join(f"{result['probe'][r]['programs']:>18}" for r in ("first", "second")))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,55 @@ def test_a_single_device_program_loads_among_many_devices(tiny_llama_folder, tmp
     assert second["tokens"] == first["tokens"]
 
 
+REPLICAS = """
+import json, sys
+from jax import monitoring
+compiled = []
+monitoring.register_event_duration_secs_listener(
+    lambda event, duration, fun_name=None, **_: compiled.append(fun_name) if event.endswith("backend_compile_duration")
+    and fun_name.startswith(("jit(_step_fn_", "jit(_sample_")) else None)
+from jpaged import LLM, SamplingParams
+prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9]}] * 4  # one per replica: each runs the same programs
+params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+report = {}
+for layout in ({}, {"data_parallel_size": 4}, {"tensor_parallel_size": 2, "data_parallel_size": 2}):
+    compiled.clear()
+    llm = LLM(sys.argv[1], num_blocks=16, max_num_seqs=2, compilation_cache=sys.argv[2] == "on", **layout)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    report[json.dumps(layout)] = {"tokens": [o.outputs[0].token_ids for o in outs], "compiled": len(compiled),
+                                  "ready": llm.engine.stats().num_compilations}
+    del llm
+print(json.dumps(report))
+"""
+
+
+def run_replicas(folder: Path, cache: Path, setting: str) -> dict:
+    env = dict(os.environ, JPAGED_CACHE_DIR=str(cache), XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+               " --xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", REPLICAS, str(folder), setting], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_data_parallel_replicas_compile_each_program_once(tiny_llama_folder, tmp_path, link_built_kernels):
+    """Replicas on other devices load the program their first replica compiled, in the same
+    process and from the folder in the next, and give one device's tokens."""
+    link_built_kernels(tmp_path)
+    alone, data_parallel, with_tensors = run_replicas(tiny_llama_folder, tmp_path, "off").values()
+    for replicas, report in ((4, data_parallel), (2, with_tensors)):
+        assert report["tokens"] == alone["tokens"]
+        assert report["ready"] == replicas * report["compiled"] > 0
+    first = run_replicas(tiny_llama_folder, tmp_path, "on")
+    second = run_replicas(tiny_llama_folder, tmp_path, "on")
+    assert [r["compiled"] for r in first.values()] == [alone["compiled"], data_parallel["compiled"],
+                                                       with_tensors["compiled"]]
+    assert [r["compiled"] for r in second.values()] == [0, 0, 0]
+    assert [r["ready"] for r in second.values()] == [r["ready"] for r in first.values()]
+    assert all(r["tokens"] == alone["tokens"] for r in second.values())
+
+
 def test_the_cache_can_be_turned_off(tiny_llama_folder, tmp_path, link_built_kernels):
     link_built_kernels(tmp_path)
     off = run(tiny_llama_folder, tmp_path, setting="off")
@@ -121,6 +170,8 @@ def read_only(monkeypatch, folder: Path):
 def test_a_read_only_cache_still_serves_its_programs(tmp_path, monkeypatch, caplog):
     """Programs kept by an earlier process load from a folder that can no longer be written; a
     damaged one is compiled afresh and left in place; what cannot be kept is logged once."""
+    import gc
+
     import jax.numpy as jnp
 
     from jpaged.program_cache import ProgramCache
@@ -136,6 +187,8 @@ def test_a_read_only_cache_still_serves_its_programs(tmp_path, monkeypatch, capl
     x, y = jnp.arange(6.0), jnp.arange(3, dtype=jnp.int32)
     writer = cache()
     writer(x), writer(y)
+    del writer  # with its programs: this process can no longer hand them over itself
+    gc.collect()
     kept = sorted(tmp_path.iterdir())
     assert len(kept) == 2
     kept[1].write_bytes(b"damaged")
