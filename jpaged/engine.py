@@ -816,6 +816,8 @@ class LLMEngine:
                     state = seq.pooled / (seq.num_tokens if kind == "mean" else 1)
                 seq.request.embedding = pooled_output(state, seq.request.pooling_params, self.classifier, self.pooler)
                 seq.pooled = None
+                metrics = seq.request.metrics  # the pooled output is the first and last: TTFT and e2e, as vLLM's
+                metrics.first_token_time = metrics.finished_time = time.monotonic()
                 seq.finish("stop")
                 self.scheduler.finish(seq)
                 self.requests.pop(seq.request_id, None)

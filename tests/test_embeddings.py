@@ -77,6 +77,27 @@ def test_embeddings_are_the_normalised_last_token_states(llm, model_folder, prom
     assert stats.kv_cache_usage == 0 and stats.num_generated_tokens == 0 and stats.prefix_cache_hit_rate > 0
 
 
+def test_embedding_requests_are_timed_and_counted_in_the_metrics(model_folder, prompts, expected):
+    """Each embedding request's `metrics` time its one output (first and last at once), and
+    `get_metrics()` observes them: the end-to-end histogram's sum is the outputs' own latencies,
+    each request counts once as finished by "stop", and none has a time per output token."""
+    from jpaged.metrics import Counter, Histogram
+
+    llm = LLM(str(model_folder), **ENGINE_ARGS, disable_log_stats=False)
+    outputs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+    np.testing.assert_allclose([out.outputs.embedding for out in outputs], expected, atol=1e-6)
+    for out in outputs:
+        assert out.metrics.arrival_time < out.metrics.first_token_time == out.metrics.finished_time
+    by_name = {(m.name, m.labels.get("finished_reason")): m for m in llm.get_metrics()}
+    e2e = by_name[("jpaged:e2e_request_latency_seconds", None)]
+    assert isinstance(e2e, Histogram) and e2e.count == len(prompts) == e2e.buckets["+Inf"]
+    assert e2e.sum == pytest.approx(sum(out.metrics.finished_time - out.metrics.arrival_time for out in outputs))
+    assert by_name[("jpaged:time_to_first_token_seconds", None)].count == len(prompts)
+    assert by_name[("jpaged:time_per_output_token_seconds", None)].count == 0
+    finished = by_name[("jpaged:request_success", "stop")]
+    assert isinstance(finished, Counter) and finished.value == len(prompts)
+
+
 def test_use_activation_false_leaves_the_embedding_unnormalised(llm, model_folder, prompts):
     states = hf_last_token_states(model_folder, prompts[:3])
     outputs = llm.embed([{"prompt_token_ids": p} for p in prompts[:3]], use_tqdm=False,
