@@ -147,29 +147,30 @@ class ProgramCache:
         devices = _devices(args)
         text = "\n".join([_environment(), self._context, self._fixed_key, _describe(args[self._num_fixed:])])
         digest = hashlib.sha256(text.encode()).hexdigest()
-        made = _made.claim(digest)
+        key = f"{self._name}-{digest}"  # the steps, layers and head share a context
+        made = _made.claim(key)
         if made is not None:
             try:
                 program = made.on(devices)
             except Exception as error:  # a backend that cannot move it: made here, as a program of its own
                 logger.info("%s program #%d compiled: the one made for devices %s could not be moved (%s)",
                             self._label, number, list(made.device_ids), error)
-                return self._load_or_compile_here(args, devices, digest, number)[0]
+                return self._load_or_compile_here(args, devices, key, number)[0]
             logger.info("%s program #%d loaded from the one made for devices %s", self._label, number,
                         list(made.device_ids))
             return program
         try:
-            program, serialized = self._load_or_compile_here(args, devices, digest, number)
+            program, serialized = self._load_or_compile_here(args, devices, key, number)
         except BaseException as error:
-            _made.fail(digest, error)
+            _made.fail(key, error)
             raise
-        _made.record(digest, _Program(program, tuple(d.id for d in devices), serialized))
+        _made.record(key, _Program(program, tuple(d.id for d in devices), serialized))
         return program
 
-    def _load_or_compile_here(self, args: tuple, devices: tuple, digest: str, number: int) -> tuple[Callable, Callable]:
-        """The program for `args` from the folder or compiled, and a function that serializes it,
-        given it (raising where it cannot: a program loaded from jax's own cache)."""
-        path = self._directory / f"{self._name}-{digest}" if self._directory is not None else None
+    def _load_or_compile_here(self, args: tuple, devices: tuple, key: str, number: int) -> tuple[Callable, Callable]:
+        """The program for `args` (kept as `key`) from the folder or compiled, and a function that
+        serializes it, given it (raising where it cannot: a program loaded from jax's own cache)."""
+        path = self._directory / key if self._directory is not None else None
         if path is not None and path.exists():
             try:
                 serialized, device_ids = pickle.loads(path.read_bytes())
@@ -223,22 +224,22 @@ class _Program:
 
 
 class _Made:
-    """The programs this process made, by key digest: each a `Future` of a `_Program`, which lasts
-    while something holds its program."""
+    """The programs this process made, by key: each a `Future` of a `_Program`, which lasts while
+    something holds its program."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._futures: dict[str, Future] = {}
 
-    def claim(self, digest: str) -> _Program | None:
-        """The living program made here for `digest`, waiting for it while it is being made; else
+    def claim(self, key: str) -> _Program | None:
+        """The living program made here for `key`, waiting for it while it is being made; else
         None, and the caller is to make it, then `record` it (or `fail`)."""
         while True:
             with self._lock:
-                future = self._futures.get(digest)
+                future = self._futures.get(key)
                 if future is None or not _living(future):
-                    self._futures = {key: f for key, f in self._futures.items() if _living(f)}
-                    self._futures[digest] = Future()
+                    self._futures = {k: f for k, f in self._futures.items() if _living(f)}
+                    self._futures[key] = Future()
                     return None
             try:
                 made = future.result()
@@ -249,11 +250,11 @@ class _Made:
             if made.living() is not None:
                 return made
 
-    def record(self, digest: str, made: _Program) -> None:
-        self._futures[digest].set_result(made)
+    def record(self, key: str, made: _Program) -> None:
+        self._futures[key].set_result(made)
 
-    def fail(self, digest: str, error: BaseException) -> None:
-        self._futures[digest].set_exception(error)
+    def fail(self, key: str, error: BaseException) -> None:
+        self._futures[key].set_exception(error)
 
 
 def _living(future: Future) -> bool:

@@ -202,3 +202,22 @@ def test_a_read_only_cache_still_serves_its_programs(tmp_path, monkeypatch, capl
     assert sum("could not be loaded" in m for m in messages) == 1
     assert sum("compiled programs not kept in" in m for m in messages) == 1
     assert sorted(tmp_path.iterdir()) == kept
+
+
+def test_programs_of_one_context_are_told_apart_by_their_function():
+    """Two functions of one context and argument shapes (the model's layer and head programs share
+    theirs) each run their own program, whether made here or handed over by this process."""
+    import jax.numpy as jnp
+
+    from jpaged.program_cache import ProgramCache
+
+    def double(x):
+        return 2 * x
+
+    def negate(x):
+        return -x
+
+    x = jnp.arange(4.0)
+    doubles, negates = ProgramCache(double, (), 0, "shared", None), ProgramCache(negate, (), 0, "shared", None)
+    assert doubles(x).tolist() == [0.0, 2.0, 4.0, 6.0] and negates(x).tolist() == [-0.0, -1.0, -2.0, -3.0]
+    assert ProgramCache(double, (), 0, "shared", None)(x).tolist() == [0.0, 2.0, 4.0, 6.0]
