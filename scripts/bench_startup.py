@@ -12,7 +12,8 @@ Two measurements, each run twice on a fresh cache directory holding only the dow
     python scripts/bench_startup.py [--data-parallel-size N] [--out bench_results/startup.json]
 
 `--data-parallel-size N` starts N replicas (on CPU, N emulated devices: `XLA_FLAGS=
---xla_force_host_platform_device_count=N`), which compile each program once between them.
+--xla_force_host_platform_device_count=N`), which compile each program once between them; the
+probe then asks the question N times at once, so that every replica runs.
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ marks = {"import": (time.perf_counter(), compile_seconds[0])}
 llm = LLM(data_parallel_size=%d)
 marks["load"] = (time.perf_counter(), compile_seconds[0])
 messages = [{"role": "user", "content": %r}]
-llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+llm.chat([messages] * %d, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)  # one per replica
 marks["first token"] = (time.perf_counter(), compile_seconds[0])
-answer = llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=128), use_tqdm=False)[0].outputs[0].text
+answer = llm.chat([messages] * %d, SamplingParams(temperature=0.0, max_tokens=128), use_tqdm=False)[0].outputs[0].text
 marks["rest of answer"] = (time.perf_counter(), compile_seconds[0])
 phases, last = {}, (started, 0.0)
 for name, mark in marks.items():
@@ -95,7 +96,7 @@ def main() -> None:
     gguf = default_model_path()  # the one-time download, outside the timings
     replicas = args.data_parallel_size
     cli = [sys.executable, "-m", "jpaged", "generate", QUESTION, "--data-parallel-size", str(replicas)]
-    probe = [sys.executable, "-c", PROBE % (replicas, QUESTION)]
+    probe = [sys.executable, "-c", PROBE % (replicas, QUESTION, replicas, replicas)]
     result = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
               "python": platform.python_version(), "jax": metadata.version("jax"),
               "transformers": metadata.version("transformers"), "question": QUESTION,
