@@ -34,11 +34,11 @@ print(json.dumps({"tokens": [o.outputs[0].token_ids for o in outs], "counts": co
 """
 
 
-def run(folder: Path, cache: Path, setting: str = "on", **environ: str) -> dict:
+def run(folder: Path, cache: Path, setting: str = "on", script: str = RUN, **environ: str) -> dict:
     env = dict(os.environ, **environ, JPAGED_CACHE_DIR=str(cache),
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", RUN, str(folder), setting], capture_output=True, text=True,
-                            env=env, timeout=300)
+    result = subprocess.run([sys.executable, "-c", script, str(folder), setting], capture_output=True, text=True,
+                            env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -101,13 +101,8 @@ print(json.dumps(report))
 
 
 def run_replicas(folder: Path, cache: Path, setting: str) -> dict:
-    env = dict(os.environ, JPAGED_CACHE_DIR=str(cache), XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
-               " --xla_force_host_platform_device_count=4",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", REPLICAS, str(folder), setting], capture_output=True, text=True,
-                            env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run(folder, cache, setting, REPLICAS,
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
 
 
 def test_data_parallel_replicas_compile_each_program_once(tiny_llama_folder, tmp_path, link_built_kernels):
