@@ -120,12 +120,19 @@ class DataParallelEngine:
         return self._replica_of[request_id].get_sequence(request_id)
 
     def fork_sequence(self, seq: Sequence) -> Sequence:
-        return self._replica_of[seq.request_id].fork_sequence(seq)
+        return self._holder(seq).fork_sequence(seq)
 
     def free_sequence(self, seq: Sequence) -> None:
-        replica = self._replica_of.get(seq.request_id)
+        replica = self._holder(seq)
         if replica is not None:
             replica.free_sequence(seq)
+
+    def _holder(self, seq: Sequence) -> LLMEngine | None:
+        """The replica that runs `seq`. Beam search forks and frees the sequences of a request a
+        step may already have reported finished (its first beam dropped), so the request's own
+        replica is looked up by its sequences once its id is forgotten."""
+        replica = self._replica_of.get(seq.request_id)
+        return replica or next((engine for engine in self.replicas if engine.holds_sequence(seq)), None)
 
     def step(self) -> list[RequestOutput]:
         busy = [engine for engine in self.replicas if engine.has_unfinished_requests()]

@@ -719,6 +719,10 @@ class LLMEngine:
         self.scheduler.add_running(child)
         return child
 
+    def holds_sequence(self, seq: Sequence) -> bool:
+        """Whether `seq` runs here: waiting, running or swapped out (not finished or freed)."""
+        return self.scheduler.holds(seq)
+
     def free_sequence(self, seq: Sequence) -> None:
         if not seq.is_finished:
             seq.finish("abort")
@@ -817,7 +821,7 @@ class LLMEngine:
                 seq.request.embedding = pooled_output(state, seq.request.pooling_params, self.classifier, self.pooler)
                 seq.pooled = None
                 metrics = seq.request.metrics  # the pooled output is the first and last: TTFT and e2e, as vLLM's
-                metrics.first_token_time = metrics.finished_time = time.monotonic()
+                metrics.first_token_time = metrics.last_token_time = metrics.finished_time = time.monotonic()
                 seq.finish("stop")
                 self.scheduler.finish(seq)
                 self.requests.pop(seq.request_id, None)

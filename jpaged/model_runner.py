@@ -558,8 +558,9 @@ class ModelRunner:
 
     def _program_context(self, config: EngineConfig) -> str:
         """Every setting the step program is made from beyond its arguments' shapes."""
+        parallel = dataclasses.replace(self.parallel, data_parallel_size=1)  # a replica's programs: any count of them
         return repr((self.model_config, self.dtype, self.attention, config.attention_interpret, config.quantization,
-                     self.kv_cache_dtype, cpu_kernels.loaded(), self.parallel,
+                     self.kv_cache_dtype, cpu_kernels.loaded(), parallel,
                      self.block_size, self.shapes, self._mesh_layout(), self.num_logprobs, self.pooling))
 
     def _sampler_context(self) -> str:

@@ -160,16 +160,17 @@ class ProgramCache:
                         list(made.device_ids))
             return program
         try:
-            program, serialized = self._load_or_compile_here(args, devices, key, number)
+            program, kept = self._load_or_compile_here(args, devices, key, number)
         except BaseException as error:
             _made.fail(key, error)
             raise
-        _made.record(key, _Program(program, tuple(d.id for d in devices), serialized))
+        _made.record(key, _Program(program, tuple(d.id for d in devices), kept))
         return program
 
     def _load_or_compile_here(self, args: tuple, devices: tuple, key: str, number: int) -> tuple[Callable, Callable]:
         """The program for `args` (kept as `key`) from the folder or compiled, and a function that
-        serializes it, given it (raising where it cannot: a program loaded from jax's own cache)."""
+        gives it serialized, with the ids of the devices it was serialized for (raising where it
+        cannot: a program jax loaded from its own cache)."""
         path = self._directory / key if self._directory is not None else None
         if path is not None and path.exists():
             try:
@@ -183,30 +184,36 @@ class ProgramCache:
                 with contextlib.suppress(OSError):  # its use, for the least-recently-used trim
                     os.utime(path)
                 logger.info("%s program #%d loaded from %s", self._label, number, path)
-                return program, lambda _: pickle.loads(path.read_bytes())[0]  # a loaded program serializes wrong
+                return program, lambda: pickle.loads(path.read_bytes())  # a loaded program serializes wrong
         hits = _jax_cache_hits()
         program = self._jit.lower(*args).compile()
         if _jax_cache_hits() > hits:
             logger.info("%s program #%d loaded from jax's compilation cache (not kept in %s)", self._label, number, path)
             return program, _not_serializable
         logger.info("%s program #%d compiled", self._label, number)
-        if path is not None:
-            _store(path, program, devices)
-        return program, serialize_executable.serialize
+        try:  # before it runs: on CPU some programs (a sort's comparator) no longer serialize once run
+            kept = serialize_executable.serialize(program), [d.id for d in devices]
+        except Exception as error:
+            logger.info("%s program #%d cannot be kept (%s)", self._label, number, error)
+            return program, _not_serializable
+        if path is not None and _store(path, kept):
+            return program, lambda: pickle.loads(path.read_bytes())
+        return program, lambda: kept
 
 
-def _not_serializable(_):
-    raise RuntimeError("a program jax loaded from its own cache cannot be serialized whole")
+def _not_serializable():
+    raise RuntimeError("the program cannot be serialized whole")
 
 
 class _Program:
-    """A program made in this process: the program (held weakly), the ids of the devices it was
-    made for, and a function that serializes it, given it."""
+    """A program made in this process: the program (held weakly), the ids of the devices it runs
+    on, and a function that gives it serialized with the ids of the devices it was serialized for
+    (a file's may name others)."""
 
-    def __init__(self, program, device_ids: tuple[int, ...], serialized: Callable[[Callable], tuple]):
+    def __init__(self, program, device_ids: tuple[int, ...], kept: Callable[[], tuple]):
         self._program = weakref.ref(program)
         self.device_ids = device_ids
-        self._serialized = serialized
+        self._kept = kept
 
     def living(self):
         """The program, or None once nothing holds it."""
@@ -220,7 +227,8 @@ class _Program:
             raise RuntimeError("the program is no longer held")
         if list(self.device_ids) == [d.id for d in devices]:
             return program
-        return _load(self._serialized(program), self.device_ids, devices)
+        serialized, ids = self._kept()
+        return _load(serialized, ids, devices)
 
 
 class _Made:
@@ -363,21 +371,22 @@ def _environment() -> str:
                                devices, os.environ.get("XLA_FLAGS", ""), jax.config.jax_enable_x64]))
 
 
-def _store(path: pathlib.Path, program, devices: tuple) -> None:
-    """Write `program`, made for `devices`, to `path` atomically, then trim the directory to
-    `MAX_BYTES`."""
+def _store(path: pathlib.Path, kept: tuple) -> bool:
+    """Write `kept` (a serialized program and the ids of the devices it was made for: loaded
+    without them, a program runs on every device) to `path` atomically, then trim the directory to
+    `MAX_BYTES`. False where it could not be written."""
     try:
-        # The devices it was made for go with it: loaded without them, a program runs on every device.
-        payload = pickle.dumps((serialize_executable.serialize(program), [device.id for device in devices]))
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as file:
-            file.write(payload)
+            file.write(pickle.dumps(kept))
         os.replace(file.name, path)
         _trim(path.parent)
-    except Exception as error:  # a full disk, a read-only folder, a program jax cannot serialize: keep serving
+        return True
+    except Exception as error:  # a full disk, a read-only folder: keep serving
         if path.parent not in _warned:
             _warned.add(path.parent)
             logger.warning("compiled programs not kept in %s (%s)", path.parent, error)
+        return False
 
 
 _warned: set[pathlib.Path] = set()  # folders whose write failure was logged

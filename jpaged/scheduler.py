@@ -91,6 +91,10 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         bisect.insort(self.running, seq, key=_by_priority)
 
+    def holds(self, seq: Sequence) -> bool:
+        """Whether `seq` is in one of the queues (waiting, running or swapped out)."""
+        return any(seq is queued for queue in (self.waiting, self.running, self.swapped) for queued in queue)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 

@@ -16,7 +16,7 @@ import transformers  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from hf_models import hf_greedy, save_random_model  # noqa: E402
 
-from jpaged import LLM, LoRARequest, SamplingParams  # noqa: E402
+from jpaged import LLM, BeamSearchParams, LoRARequest, SamplingParams  # noqa: E402
 from jpaged.config import ParallelConfig  # noqa: E402
 from jpaged.parallel.pipeline import run_pipeline  # noqa: E402
 from sharding.mesh import make_mesh  # noqa: E402
@@ -105,6 +105,7 @@ def generate(folder_root: str) -> dict:
             report["llama/one-prompt-split"] = one_prompt_split(folder, rng, params)
             report["llama/replica-abort"] = replica_abort(folder, prompts, params)
             report["llama/lora-replicas"] = lora_replicas(folder, prompts, params)
+            report["llama/beam-replicas"] = beam_replicas(folder, prompts)
         if name == "qwen3_moe":
             report["qwen3_moe/lora-experts"] = lora_replicas(folder, prompts, params, EXPERT_LORA_LAYOUTS)
     return report
@@ -162,6 +163,21 @@ def replica_abort(folder: str, prompts, params) -> dict:
     return {"finished": finished, "seen_after_abort": sorted(seen_after_abort), "duplicate_error": duplicate_error,
             "blocks_leaked": [e.block_manager.num_blocks - e.block_manager.num_free_blocks for e in engine.replicas],
             "requests_per_replica": [e.num_generated_tokens > 0 for e in engine.replicas]}
+
+
+def beam_replicas(folder: str, prompts) -> dict:
+    """Beam search over several prompts on one device and on two data-parallel replicas (a
+    search's beams fork and free sequences of a request its replica may have reported finished)."""
+    params = BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True)
+    report = {}
+    for layout, sizes in (("single", {}), ("dp2", {"data_parallel_size": 2})):
+        llm = LLM(folder, dtype="float32", num_blocks=32, **sizes)
+        outputs = llm.beam_search(prompts[:3], params)
+        engines = getattr(llm.engine, "replicas", [llm.engine])
+        report[layout] = {"beams": [[(s.tokens, round(s.cum_logprob, 4)) for s in out.sequences] for out in outputs],
+                          "blocks_leaked": sum(e.block_manager.num_blocks - e.block_manager.num_free_blocks
+                                               for e in engines)}
+    return report
 
 
 LORA_LAYOUTS = (("single", {}), ("dp2", {"data_parallel_size": 2}), ("tp2", {"tensor_parallel_size": 2}),

@@ -85,7 +85,13 @@ compiled = []
 monitoring.register_event_duration_secs_listener(
     lambda event, duration, fun_name=None, **_: compiled.append(fun_name) if event.endswith("backend_compile_duration")
     and fun_name.startswith(("jit(_step_fn_", "jit(_sample_")) else None)
+import logging
 from jpaged import LLM, SamplingParams
+not_moved = []
+handler = logging.Handler()
+handler.emit = lambda record: not_moved.append(record.getMessage()) if "could not be moved" in record.getMessage() else None
+logging.getLogger("jpaged").addHandler(handler)
+logging.getLogger("jpaged").setLevel(logging.INFO)
 prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9]}] * 4  # one per replica: each runs the same programs
 params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 report = {}
@@ -94,7 +100,8 @@ for layout in ({}, {"data_parallel_size": 4}, {"tensor_parallel_size": 2, "data_
     llm = LLM(sys.argv[1], num_blocks=16, max_num_seqs=2, compilation_cache=sys.argv[2] == "on", **layout)
     outs = llm.generate(prompts, params, use_tqdm=False)
     report[json.dumps(layout)] = {"tokens": [o.outputs[0].token_ids for o in outs], "compiled": len(compiled),
-                                  "ready": llm.engine.stats().num_compilations}
+                                  "ready": llm.engine.stats().num_compilations, "not_moved": not_moved[:]}
+    not_moved.clear()
     del llm
 print(json.dumps(report))
 """
@@ -118,8 +125,48 @@ def test_data_parallel_replicas_compile_each_program_once(tiny_llama_folder, tmp
     assert [r["compiled"] for r in first.values()] == [alone["compiled"], data_parallel["compiled"],
                                                        with_tensors["compiled"]]
     assert [r["compiled"] for r in second.values()] == [0, 0, 0]
+    assert all(r["not_moved"] == [] for run_ in (first, second) for r in run_.values())
     assert [r["ready"] for r in second.values()] == [r["ready"] for r in first.values()]
     assert all(r["tokens"] == alone["tokens"] for r in second.values())
+
+
+MOVED = """
+import json, logging, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax import monitoring
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jpaged.program_cache import ProgramCache
+compiled, messages = [], []
+monitoring.register_event_duration_secs_listener(
+    lambda event, duration, fun_name=None, **_: compiled.append(fun_name) if event.endswith("backend_compile_duration")
+    and "ranks" in fun_name else None)
+handler = logging.Handler()
+handler.emit = lambda record: messages.append(record.getMessage())
+logging.getLogger("jpaged").addHandler(handler)
+logging.getLogger("jpaged").setLevel(logging.INFO)
+
+def ranks(x):  # a sort: on CPU its program no longer serializes once it has run
+    return jnp.argsort(x, axis=-1)
+
+x = np.random.default_rng(int(sys.argv[2] == "on")).random((4, 16)).astype(np.float32)
+caches, results = [], []
+for device in jax.devices():  # each on its own one-device mesh, as data-parallel replicas are
+    caches.append(ProgramCache(ranks, (), 0, "ranks", None))
+    placed = jax.device_put(x, NamedSharding(Mesh(np.array([device]), ("tp",)), PartitionSpec()))
+    out = caches[-1](placed)
+    results.append([np.asarray(out).tolist(), [d.id for d in out.devices()]])
+print(json.dumps({"compiled": len(compiled), "results": results, "expected": np.argsort(x, axis=-1).tolist(),
+                  "moved": sum("loaded from the one made for devices [0]" in m for m in messages)}))
+"""
+
+
+def test_a_program_that_has_run_moves_to_other_devices(tmp_path):
+    """A program another device's engine has already run (one holding a sort, which on CPU no
+    longer serializes once run) is handed to each other device, not compiled again."""
+    report = run(tmp_path, tmp_path, "off", MOVED,
+                 XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=3")
+    assert report["compiled"] == 1 and report["moved"] == 2
+    assert report["results"] == [[report["expected"], [device]] for device in range(3)]
 
 
 def test_the_cache_can_be_turned_off(tiny_llama_folder, tmp_path, link_built_kernels):

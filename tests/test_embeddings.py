@@ -87,7 +87,8 @@ def test_embedding_requests_are_timed_and_counted_in_the_metrics(model_folder, p
     outputs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
     np.testing.assert_allclose([out.outputs.embedding for out in outputs], expected, atol=1e-6)
     for out in outputs:
-        assert out.metrics.arrival_time < out.metrics.first_token_time == out.metrics.finished_time
+        metrics = out.metrics
+        assert metrics.arrival_time < metrics.first_token_time == metrics.last_token_time == metrics.finished_time
     by_name = {(m.name, m.labels.get("finished_reason")): m for m in llm.get_metrics()}
     e2e = by_name[("jpaged:e2e_request_latency_seconds", None)]
     assert isinstance(e2e, Histogram) and e2e.count == len(prompts) == e2e.buckets["+Inf"]

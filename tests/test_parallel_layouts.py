@@ -89,6 +89,13 @@ def test_data_parallel_replicas_abort_and_free_their_blocks(report):
     assert run["blocks_leaked"] == [0, 0] and all(run["requests_per_replica"])
 
 
+def test_beam_search_on_data_parallel_replicas_gives_one_device_beams(report):
+    beams = report["llama/beam-replicas"]
+    assert beams["dp2"]["beams"] == beams["single"]["beams"]
+    assert len(beams["single"]["beams"]) == 3 and all(len(b) == 3 for b in beams["single"]["beams"])
+    assert beams["dp2"]["blocks_leaked"] == beams["single"]["blocks_leaked"] == 0
+
+
 def test_lora_adapters_under_data_and_tensor_parallelism_give_one_device_tokens(report):
     """Every other prompt through a LoRA adapter: two replicas, two tensor-parallel shards and both
     give one device's tokens (which tests/test_lora.py checks against PEFT); the base prompts keep
