@@ -191,6 +191,8 @@ class ProgramCache:
             logger.info("%s program #%d loaded from jax's compilation cache (not kept in %s)", self._label, number, path)
             return program, _not_serializable
         logger.info("%s program #%d compiled", self._label, number)
+        if path is None and jax.local_device_count() == 1:  # neither kept nor moved: no other device here
+            return program, _not_serializable
         try:  # before it runs: on CPU some programs (a sort's comparator) no longer serialize once run
             kept = serialize_executable.serialize(program), [d.id for d in devices]
         except Exception as error:

@@ -90,7 +90,7 @@ def test_data_parallel_replicas_abort_and_free_their_blocks(report):
 
 
 def test_beam_search_on_data_parallel_replicas_gives_one_device_beams(report):
-    beams = report["llama/beam-replicas"]
+    beams = report["generate"]["llama/beam-replicas"]
     assert beams["dp2"]["beams"] == beams["single"]["beams"]
     assert len(beams["single"]["beams"]) == 3 and all(len(b) == 3 for b in beams["single"]["beams"])
     assert beams["dp2"]["blocks_leaked"] == beams["single"]["blocks_leaked"] == 0
