@@ -173,13 +173,18 @@ class ProgramCache:
         cannot: a program jax loaded from its own cache)."""
         path = self._directory / key if self._directory is not None else None
         if path is not None and path.exists():
+            device_ids = None
             try:
                 serialized, device_ids = pickle.loads(path.read_bytes())
                 program = _load(serialized, device_ids, devices)
-            except Exception as error:  # a file from an interrupted write or another jaxlib build
-                logger.warning("compiling afresh: %s could not be loaded (%s)", path, error)
-                with contextlib.suppress(OSError):  # a read-only cache keeps it
-                    path.unlink(missing_ok=True)
+            except Exception as error:
+                if device_ids is not None and list(device_ids) != [d.id for d in devices]:  # kept for others
+                    logger.info("%s program #%d compiled: the one kept for devices %s could not be moved (%s)",
+                                self._label, number, list(device_ids), error)
+                else:  # a file from an interrupted write or another jaxlib build
+                    logger.warning("compiling afresh: %s could not be loaded (%s)", path, error)
+                    with contextlib.suppress(OSError):  # a read-only cache keeps it
+                        path.unlink(missing_ok=True)
             else:
                 with contextlib.suppress(OSError):  # its use, for the least-recently-used trim
                     os.utime(path)
