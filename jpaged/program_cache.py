@@ -178,7 +178,7 @@ class ProgramCache:
                 serialized, device_ids = pickle.loads(path.read_bytes())
                 program = _load(serialized, device_ids, devices)
             except Exception as error:
-                if device_ids is not None and list(device_ids) != [d.id for d in devices]:  # kept for others
+                if device_ids is not None and not _same_devices(device_ids, devices):  # kept for others
                     logger.info("%s program #%d compiled: the one kept for devices %s could not be moved (%s)",
                                 self._label, number, list(device_ids), error)
                 else:  # a file from an interrupted write or another jaxlib build
@@ -232,7 +232,7 @@ class _Program:
         program = self.living()
         if program is None:
             raise RuntimeError("the program is no longer held")
-        if list(self.device_ids) == [d.id for d in devices]:
+        if _same_devices(self.device_ids, devices):
             return program
         serialized, ids = self._kept()
         return _load(serialized, ids, devices)
@@ -292,6 +292,11 @@ def _devices(args) -> tuple:
     return (jax.devices()[0],)
 
 
+def _same_devices(ids: Sequence[int], devices: tuple) -> bool:
+    """Whether `devices` are those of `ids`, in the same places."""
+    return list(ids) == [d.id for d in devices]
+
+
 def _load(serialized: tuple, ids: Sequence[int], devices: tuple):
     """A program serialized (`serialize_executable.serialize`) for the devices `ids`, loaded to run
     on `devices`, each in the place of its counterpart in `ids`.
@@ -300,7 +305,7 @@ def _load(serialized: tuple, ids: Sequence[int], devices: tuple):
     makes them: jax itself loads a GPU program from its persistent cache this way (it keys such
     programs without their devices). That reaches into jax's internals, so any failure raises,
     and the caller compiles."""
-    if list(ids) == [d.id for d in devices]:
+    if _same_devices(ids, devices):
         return serialize_executable.deserialize_and_load(*serialized, execution_devices=list(devices))
     if len(ids) != len(devices):
         raise ValueError(f"a program for {len(ids)} devices cannot run on {len(devices)}")
