@@ -75,6 +75,13 @@ logger = logging.getLogger("jpaged")
 
 PROMPT_LOGPROBS_TILE = 256  # prompt positions per LM-head product of the prompt logprobs
 WAKE_UP_TAGS = ("weights", "kv_cache")  # what `ModelRunner.wake_up` gives back (vLLM's tags)
+QUICK_COMPILE_BELOW = 64 * 2**20
+"""Weight bytes under which a model's programs compile without LLVM's optimisations
+(XLA's backend optimisation level 0, its expensive passes off): such a model's step is host-bound
+(stories260K decodes at the same 2-3 ms a step either way on a 2-core CPU), while its sampler
+compiles in about 0.6 of the time. The code differs, so values may round differently (stories260K:
+the same tokens, logprobs within 2e-5)."""
+QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 class StepOutput(NamedTuple):
@@ -299,14 +306,16 @@ class ModelRunner:
         """The (empty) caches of the step and sampler programs."""
         config = self._config
         programs = cache_dir() / "programs" if config.compilation_cache else None
-        context = self._program_context(config)
-        self._step = ProgramCache(self._step_fn, donate_argnums=(1,), num_fixed=2, context=context, directory=programs)
-        self._sampler = ProgramCache(self._sample, (), 0, self._sampler_context(), programs)
+        weights = self.state if self.stream is None else [self.state, self.stream.layers]  # streamed layers too
+        options = QUICK_COMPILE if sum(x.nbytes for x in jax.tree.leaves(weights)) < QUICK_COMPILE_BELOW else None
+        context, sampler_context = (f"{text}\n{options}" for text in (self._program_context(config),
+                                                                      self._sampler_context()))
+        self._step = ProgramCache(self._step_fn, (1,), 2, context, programs, options)
+        self._sampler = ProgramCache(self._sample, (), 0, sampler_context, programs, options)
         if self.stream is not None:
-            self._embed = ProgramCache(self._embed_fn, (), 1, context, programs)
-            self._layer = ProgramCache(self._layer_fn, donate_argnums=(1,), num_fixed=2, context=context,
-                                       directory=programs)
-            self._head = ProgramCache(self._head_fn, (), 1, context, programs)
+            self._embed = ProgramCache(self._embed_fn, (), 1, context, programs, options)
+            self._layer = ProgramCache(self._layer_fn, (1,), 2, context, programs, options)
+            self._head = ProgramCache(self._head_fn, (), 1, context, programs, options)
 
     def use_rope(self, rope: RopeConfig) -> None:
         """Rotate with `rope` rather than the model config's (LongRoPE's factors for the context the

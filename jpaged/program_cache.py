@@ -64,12 +64,15 @@ class ProgramCache:
     shardings for the cache's lifetime (parameters, KV cache): they are described once. `context`
     describes whatever else shapes the program (configurations), as text.
 
+    `compiler_options` (XLA debug options by name, as `jax.stages.Lowered.compile` takes them)
+    apply to every program it compiles; give them in `context` too, since they shape the program.
+
     `num_programs` counts the programs this process has made ready (compiled or loaded);
     `max_temp_bytes` is the most working memory (XLA's temporaries, in bytes per device) any of
     them needs beyond its arguments and outputs."""
 
     def __init__(self, fn: Callable, donate_argnums: tuple[int, ...], num_fixed: int, context: str,
-                 directory: pathlib.Path | None):
+                 directory: pathlib.Path | None, compiler_options: dict | None = None):
         self._name = getattr(fn, "__name__", "program")
         self._label = self._name.strip("_").removesuffix("_fn")  # "_step_fn": "step"
         digest = hashlib.sha256(f"{_environment()}\n{context}".encode()).hexdigest()[:16]
@@ -81,6 +84,7 @@ class ProgramCache:
         self._jit = jax.jit(program, donate_argnums=donate_argnums)
         self._num_fixed = num_fixed
         self._context = context
+        self._compiler_options = compiler_options
         self._directory = directory if jax.process_count() == 1 else None
         self._ready: dict[tuple, Callable] = {}
         self._pending: dict[tuple, Future] = {}
@@ -191,7 +195,7 @@ class ProgramCache:
                 logger.info("%s program #%d loaded from %s", self._label, number, path)
                 return program, lambda: pickle.loads(path.read_bytes())  # a loaded program serializes wrong
         hits = _jax_cache_hits()
-        program = self._jit.lower(*args).compile()
+        program = self._jit.lower(*args).compile(self._compiler_options)
         if _jax_cache_hits() > hits:
             logger.info("%s program #%d loaded from jax's compilation cache (not kept in %s)", self._label, number, path)
             return program, _not_serializable

@@ -6,6 +6,23 @@ from pathlib import Path
 
 import pytest
 
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="also run the tests marked `full`: the rest of each kernel's shape matrix, the Triton "
+                          "compiles of every engine configuration, the GPU check's CPU mode")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leave out the tests marked `full` unless `--full` is given (pytest reports them deselected)."""
+    if config.getoption("--full"):
+        return
+    full = [item for item in items if item.get_closest_marker("full")]
+    if full:
+        config.hook.pytest_deselected(items=full)
+        items[:] = [item for item in items if not item.get_closest_marker("full")]
+
+
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 STORIES = Path(os.environ.get("JPAGED_STORIES260K", SHARED_MODELS / "stories260K"))
 

@@ -9,6 +9,7 @@ import gc
 import random
 
 import jax
+import numpy as np
 import pytest
 
 from jpaged import LLM, SamplingParams
@@ -98,3 +99,34 @@ def test_no_compilation_after_warm_up(stories_path, preemption_mode):
     assert serve(cold, requests) == warm_tokens
     assert 0 < cold.engine.stats().num_compilations <= programs
     assert compiles, "the listener sees the compilations of an engine that was not warmed up"
+
+
+def test_a_small_models_quick_compile_gives_the_same_tokens(stories_path, monkeypatch):
+    """stories260K's programs compile without LLVM's optimisations (its weights are under
+    `QUICK_COMPILE_BELOW`); an engine that compiles them fully gives the same tokens over greedy,
+    sampled, penalised and biased requests, and the same logprobs to float32 rounding (code
+    generated otherwise may round otherwise)."""
+    from jpaged import model_runner
+
+    requests = [(prompt, params) for prompt, params in varied_requests(3, 14) if params.structured_outputs is None]
+    for _, params in requests:
+        params.logprobs = 3
+    config = dict(max_model_len=256, num_blocks=64, max_num_seqs=8, compilation_cache=False)
+
+    def run(llm):
+        outputs = llm.generate([p for p, _ in requests], [q for _, q in requests], use_tqdm=False)
+        samples = [c for out in outputs for c in out.outputs]
+        logprobs = [[(i, lp.logprob) for i, lp in step.items()] for c in samples for step in c.logprobs]
+        return [c.token_ids for c in samples], [i for step in logprobs for i, _ in step], np.array(
+            [value for step in logprobs for _, value in step])
+
+    quick = LLM(stories_path, **config)
+    assert quick.engine.runner._step._compiler_options == model_runner.QUICK_COMPILE
+    quick_tokens, quick_ids, quick_logprobs = run(quick)
+    monkeypatch.setattr(model_runner, "QUICK_COMPILE_BELOW", 0)
+    full = LLM(stories_path, **config)
+    assert full.engine.runner._step._compiler_options is None
+    tokens, ids, logprobs = run(full)
+    assert tokens == quick_tokens and ids == quick_ids
+    np.testing.assert_allclose(logprobs, quick_logprobs, rtol=0, atol=1e-4)
+    assert len({tuple(t) for t in tokens}) > 5

@@ -29,6 +29,7 @@ from test_pallas_kernels import (
     quantized,
     run_jitted,
 )
+from tiers import sampled
 
 from jpaged import LLM, SamplingParams
 from pallas_kernels import cpu_paged_attention
@@ -64,8 +65,17 @@ SHAPES = [(16, 9, 3, 64), (16, 8, 8, 32), (8, 8, 2, 64), (32, 16, 4, 128), (16, 
           (16, 12, 4, 80)]
 
 
-@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "bs{}-h{}-kv{}-d{}".format(*s))
+def case_id(case) -> str:
+    """`bs16-h9-kv3-d64-float32`: block size, heads, KV heads, head size, then the dtypes."""
+    shape, *dtypes = case
+    return "-".join(["bs{}-h{}-kv{}-d{}".format(*shape), *(d if isinstance(d, str) else d.__name__ for d in dtypes)])
+
+
+FLOAT_CASES = [(shape, dtype) for dtype in (F32, BF16, F16) for shape in SHAPES]
+
+
+# Every shape in float32; bfloat16 and float16 on two each (`--full`: every shape).
+@pytest.mark.parametrize(("shape", "dtype"), sampled(FLOAT_CASES, {*range(7), 7, 11, 16, 19}, case_id, unpack=True))
 def test_kernel_matches_reference(shape, dtype):
     block_size, heads, kv_heads, head_dim = shape
     seqs = awkward_seqs(block_size, chunk=37)
@@ -96,13 +106,14 @@ def test_bfloat16_cache_kept_as_bits_reads_as_bfloat16(shape):
                                   np.asarray(run_jitted(ragged_paged_attention, batch), np.float32))
 
 
-# Every shape with float32 and bfloat16 queries; float16 queries on the first three.
-QUANTIZED_CASES = [(shape, dtype) for dtype in (F32, BF16) for shape in SHAPES] + [(shape, F16) for shape in SHAPES[:3]]
+# Every shape with float32 and bfloat16 queries, float16 queries on the first three, each over
+# both cache dtypes; a third of them without `--full`.
+QUANTIZED_CASES = [(shape, kv_dtype, dtype) for dtype in (F32, BF16) for shape in SHAPES for kv_dtype in KV_DTYPES] + [
+    (shape, kv_dtype, F16) for shape in SHAPES[:3] for kv_dtype in KV_DTYPES]
 
 
-@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-@pytest.mark.parametrize(("shape", "dtype"), QUANTIZED_CASES,
-                         ids=lambda case: "bs{}-h{}-kv{}-d{}".format(*case) if isinstance(case, tuple) else case.__name__)
+@pytest.mark.parametrize(("shape", "kv_dtype", "dtype"),
+                         sampled(QUANTIZED_CASES, range(0, len(QUANTIZED_CASES), 3), case_id, unpack=True))
 def test_kernel_reads_a_quantized_cache(shape, kv_dtype, dtype):
     """int8 or fp8 values with a scale per token and KV head, read by the kernel (no fallback), as
     the reference reads the same cache."""

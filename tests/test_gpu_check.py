@@ -32,6 +32,7 @@ def check(tmp_path_factory):
     return result, out
 
 
+@pytest.mark.full  # the check's CPU mode (about 3 minutes): before a GPU run
 def test_every_part_finishes_and_writes_the_summary(check):
     result, out = check
     summary = json.loads((out / "summary.json").read_text())
@@ -47,6 +48,7 @@ def test_every_part_finishes_and_writes_the_summary(check):
         assert f"## {title}" in markdown
 
 
+@pytest.mark.full  # the check's CPU mode (about 3 minutes): before a GPU run
 def test_parts_report_what_they_measured(check):
     _, out = check
     parts = {name: part["result"] for name, part in json.loads((out / "summary.json").read_text())["parts"].items()}
@@ -68,6 +70,7 @@ def test_parts_report_what_they_measured(check):
     assert any("_step_fn" in line and "preallocated-temp" in line for line in default["large_allocations"])
 
 
+@pytest.mark.full  # the check's CPU mode (about 3 minutes): before a GPU run
 def test_greedy_tokens_match_hf(check):
     """The oracle is HF transformers: float32 greedy tokens of both backends equal its own."""
     _, out = check

@@ -31,6 +31,7 @@ from test_pallas_kernels import (
     trace_for_cuda,
     triton_kernels,
 )
+from tiers import FULL
 
 from jpaged import LLM
 from jpaged.config import CacheConfig
@@ -204,7 +205,7 @@ def test_quantized_cache_cross_lowers_for_cuda(config):
     assert lower_for_cuda(batch, batch.k_cache, batch.v_cache, config[1]).count(TRITON_CALL) == 2
 
 
-@pytest.mark.parametrize("capability", [80, 89, 90])
+@pytest.mark.parametrize("capability", [pytest.param(80, marks=FULL), pytest.param(89, marks=FULL), 90])
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_quantized_cache_kernels_compile_with_triton(kv_dtype, capability):
     config = (kv_dtype, BF16, 128, 16, 32, 8)

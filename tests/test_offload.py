@@ -207,6 +207,7 @@ def logprob_values(logprobs) -> list[list[list[float]]]:
     return [[[value for _, value, _ in step] for step in request] for request in logprobs]
 
 
+@pytest.mark.full  # 8 emulated devices in a subprocess
 def test_tensor_parallel_shards_stream_their_slices(run_device_check):
     report = run_device_check("offload_check.py")
     for model, runs in report.items():

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged_attention
+from tiers import FULL, sampled
 
 from jpaged.model_runner import matmul_precision
 from pallas_kernels.backend import pallas_paged_attention, select_attention
@@ -157,7 +158,7 @@ def case_id(case) -> str:
     return "-".join(jnp.dtype(x).name if isinstance(x, type) else str(x) for x in case)
 
 
-@pytest.mark.parametrize(("block_size", "group", "dtype"), RAGGED_CASES, ids=map(case_id, RAGGED_CASES))
+@pytest.mark.parametrize(("block_size", "group", "dtype"), sampled(RAGGED_CASES, {2, 7, 8}, case_id, unpack=True))
 def test_ragged_kernel_matches_reference(block_size, group, dtype):
     batch = make_batch(block_size + group, awkward_seqs(block_size, chunk=24), num_heads=2 * group,
                        num_kv_heads=2, head_dim=64, block_size=block_size, num_blocks=32, dtype=dtype)
@@ -166,7 +167,8 @@ def test_ragged_kernel_matches_reference(block_size, group, dtype):
     assert_matches_reference(out, batch, dtype)
 
 
-@pytest.mark.parametrize(("head_dim", "dtype"), [(16, F32), (48, F32), (128, F32), (256, BF16)])
+@pytest.mark.parametrize(("head_dim", "dtype"), sampled([(16, F32), (48, F32), (128, F32), (256, BF16)], {1, 3},
+                                                    unpack=True))
 def test_ragged_kernel_head_dims(head_dim, dtype):
     """Powers of two, a multiple of 16 that is not one (padded to 64 inside the kernel), and a head
     wide enough to shrink the default tiles."""
@@ -233,7 +235,7 @@ DECODE_CONTEXTS = [1, 2, 15, 16, 17, 32, 33, 95, 96, 97]
 DECODE_CASES = [(1, F32, 1), (2, BF16, 3), (4, F32, None), (4, BF16, 1), (8, F32, 3), (8, BF16, None)]
 
 
-@pytest.mark.parametrize(("group", "dtype", "num_splits"), DECODE_CASES, ids=map(case_id, DECODE_CASES))
+@pytest.mark.parametrize(("group", "dtype", "num_splits"), sampled(DECODE_CASES, {1, 2}, case_id, unpack=True))
 def test_decode_kernel_matches_both_references(group, dtype, num_splits):
     seqs = [(context - 1, 1) for context in DECODE_CONTEXTS]
     batch = make_batch(group * 7, seqs, num_heads=2 * group, num_kv_heads=2, head_dim=64, block_size=16,
@@ -378,8 +380,8 @@ def triton_kernels(traced: jax.stages.Traced) -> list:
         pytest.skip(str(error))
 
 
-@pytest.mark.parametrize("capability", [89, 90])
-@pytest.mark.parametrize("config", ENGINE_CONFIGS, ids=config_id)
+@pytest.mark.parametrize("capability", [pytest.param(89, marks=FULL), 90])
+@pytest.mark.parametrize("config", sampled(ENGINE_CONFIGS, {0, 4}, config_id))
 def test_engine_kernels_compile_with_triton(config, capability):
     """What XLA does with each kernel on a GPU: Triton compiles it to a cubin that can launch, reading
     K/V in 16-byte loads and, for 16-bit inputs, multiplying on tensor cores. (sm_80 builds the same

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiers import FULL
 
 from pallas_kernels.float8 import widen_fp8_bits
 from pallas_kernels.pallas_quantized_matmul import (
@@ -70,7 +71,7 @@ def assert_matches_reference(got, x, w, scale):
     np.testing.assert_allclose(got, exact, rtol=rtol, atol=atol * rms)  # an oracle no one here wrote
 
 
-@pytest.mark.parametrize("m", [1, 3, 16, 33])
+@pytest.mark.parametrize("m", [1, pytest.param(3, marks=FULL), pytest.param(16, marks=FULL), 33])
 @pytest.mark.parametrize("k", [224, 200], ids=["grouped", "per-channel"])
 @pytest.mark.parametrize("w_dtype", [jnp.int8, jnp.float8_e4m3fn], ids=["int8", "fp8"])
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -202,7 +203,7 @@ def triton_kernel(traced: jax.stages.Traced):
     return kernel
 
 
-@pytest.mark.parametrize("capability", [80, 89, 90])
+@pytest.mark.parametrize("capability", [pytest.param(80, marks=FULL), pytest.param(89, marks=FULL), 90])
 @pytest.mark.parametrize("x_dtype,w_dtype", [(jnp.bfloat16, jnp.int8), (jnp.bfloat16, jnp.float8_e4m3fn),
                                              (jnp.float32, jnp.int8)], ids=["bf16-int8", "bf16-fp8", "f32-int8"])
 def test_kernel_compiles_with_triton(x_dtype, w_dtype, capability):
