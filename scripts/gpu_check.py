@@ -13,7 +13,7 @@ of the whole command. `OUT_DIR` receives three files: `summary.json`, `summary.m
 that come back from a GPU machine.
 
 Without a GPU (none found by `nvidia-smi`, or `--cpu`) it runs the same parts at small sizes with
-the Pallas kernels in interpret mode; the suite runs it that way so that it cannot rot. It needs
+the Pallas kernels in interpret mode; `python -m pytest --full` runs it that way so that it cannot rot. It needs
 only what a GPU image has (jax, flax, transformers, torch): nothing is installed.
 """
 

@@ -200,7 +200,7 @@ def section_tests(sizes: Sizes, work: Path) -> dict:
     files = [f for f in sizes.tests if (ROOT / f).is_file()]
     workers = ["-n", str(sizes.test_workers)] if sizes.test_workers and _has_module("xdist") else []
     command = [sys.executable, "-m", "pytest", "-o", "addopts=", "-v", "-rfE", "-p", "no:cacheprovider",
-               "-p", "pytest_report_now", *workers, *files]
+               "-p", "pytest_report_now", "--full", *workers, *files]  # every kernel shape, compiled
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "scripts"),
                                                                      os.environ.get("PYTHONPATH")])))
     started = time.perf_counter()
