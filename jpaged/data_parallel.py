@@ -113,6 +113,10 @@ class DataParallelEngine:
         for engine in self.replicas:
             engine.load_weights(tensors)
 
+    def apply_model(self, func) -> list:
+        """`func(model)` on every replica's model, in replica order."""
+        return [result for engine in self.replicas for result in engine.apply_model(func)]
+
     def is_sleeping(self) -> bool:
         return any(engine.is_sleeping() for engine in self.replicas)
 

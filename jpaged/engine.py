@@ -687,6 +687,11 @@ class LLMEngine:
         self.runner.load_weights(self._checkpoint_names(host_tensors(weights)))
         self.block_manager.reset_prefix_cache()
 
+    def apply_model(self, func) -> list:
+        """`[func(model)]`: vLLM's `apply_model`, run on this engine's Flax model (one worker; see
+        `ModelRunner.apply_model` for the model and what is refused)."""
+        return [self.runner.apply_model(func)]
+
     def start_profile(self, prefix: str | None = None) -> Path:
         """Start a jax profiler trace of what the engine runs, into `<profiler_dir>/<prefix>`
         (vLLM's `start_profile`; `jpaged/profiler.py`); returns that folder. ValueError without

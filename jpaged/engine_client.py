@@ -149,6 +149,10 @@ class EngineClient(Protocol):
         """Replace the model's weights (all or a subset) with HF-named tensors (`LLM.load_weights`)."""
         ...
 
+    def apply_model(self, func) -> list:
+        """`func(model)` on each worker's model (`LLM.apply_model`)."""
+        ...
+
     def start_profile(self, prefix: str | None = None) -> Path:
         """Start a jax profiler trace under `profiler_dir` (`LLM.start_profile`)."""
         ...

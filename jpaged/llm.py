@@ -123,6 +123,15 @@ class LLM:
         refused."""
         self.engine.load_weights(weights)
 
+    def apply_model(self, func) -> list:
+        """Run `func` on the model inside each worker and return its results (vLLM's
+        `apply_model`): one per data-parallel replica, in order. The model is the engine's Flax
+        `nnx.Module`, its weights jax arrays as they sit on the devices (split over a replica's
+        devices under tensor, pipeline or expert parallelism; quantized and with fused
+        projections as the engine keeps them). `func` should only read it; `load_weights`
+        replaces weights. ValueError while the weights sleep and with `offload_weights`."""
+        return self.engine.apply_model(func)
+
     def get_metrics(self) -> list[Metric]:
         """A snapshot of the engine's metrics, as vLLM's `LLM.get_metrics()` gives them: the
         server's `/metrics` (README, "Metrics") as `jpaged.metrics.Counter`, `Gauge` and

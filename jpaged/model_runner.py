@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import jax
@@ -392,6 +392,19 @@ class ModelRunner:
         if self.stream is None:
             return self.state
         return [self.state, [layer for i, layer in enumerate(self.stream.layers) if not self.offload.streams(i)]]
+
+    def apply_model(self, func: Callable):
+        """`func(model)` on the Flax model (an `nnx.Module`) holding the weights as they sit on the
+        devices (split over the mesh, quantized and fused as the engine keeps them); returns what
+        `func` returns. `func` should read the model, not change it (`load_weights` replaces
+        weights). ValueError while the weights are asleep and with `offload_weights` (the layers
+        live in host memory)."""
+        if self.stream is not None:
+            raise ValueError("apply_model runs on weights kept on the device; with offload_weights the layers "
+                             "stream from host memory")
+        if self.state is None:
+            raise ValueError("apply_model needs the weights, which sleep freed: wake_up(['weights']) first")
+        return func(self._model(self.state))
 
     def sleep(self, discard_weights: bool = False) -> None:
         """Free the device memory of the weights and the KV cache (vLLM's sleep): the weights

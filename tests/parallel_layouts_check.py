@@ -87,6 +87,10 @@ def generate(folder_root: str) -> dict:
                 "expert_bytes": sum(x.nbytes for layer in state["layers"].values() for name, leaf in layer.items()
                                     if name.startswith("expert_") for x in jax.tree.leaves(leaf)),
             }
+            if dp > 1:  # each replica's embedding table: its devices and a digest of its values
+                report[f"{name}/{tp}x{pp}x{ep}x{dp}"]["replica_embeddings"] = llm.apply_model(lambda model: (
+                    sorted(d.id for d in model.embed_tokens[...].devices()),
+                    float(np.asarray(model.embed_tokens[...], np.float64).sum())))
             if (tp, pp, ep, dp) in LOADED_LAYOUTS.get(name, []):
                 report[f"{name}/{tp}x{pp}x{ep}x{dp}"]["loaded_tokens"] = loaded_tokens(llm, new, prompts, params)
         for tp, pp, ep, dp in QUANTIZED_LAYOUTS.get(name, []):

@@ -265,3 +265,28 @@ def test_refusals_name_the_problem_and_keep_the_old_weights(models, tmp_path):
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_blocks
     assert np.all([t == e for t, e in zip(tokens(llm), expected["old"])])
+
+
+def test_apply_model_reads_the_weights_the_engine_runs(models):
+    """vLLM's `apply_model`: a function of the Flax model, run in each worker (here one), reads
+    the weights as the engine holds them (HF's tensors; the LM head kept as [hidden, vocab]),
+    the loaded ones after `load_weights`; refused while the weights sleep."""
+    folder, new, _ = models
+    llm = LLM(str(folder), enable_sleep_mode=True, **ENGINE)
+
+    def read(model):
+        return [np.asarray(model.embed_tokens[...]), np.asarray(model.norm[...]), np.asarray(model.lm_head[...])]
+
+    [(embed, norm, head)] = llm.apply_model(read)
+    weights = old_weights(folder)
+    np.testing.assert_array_equal(embed, weights["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(norm, weights["model.norm.weight"])
+    np.testing.assert_array_equal(head, weights["lm_head.weight"].T)
+    llm.load_weights(new.state_dict())
+    [(embed, _, _)] = llm.apply_model(read)
+    np.testing.assert_array_equal(embed, new.state_dict()["model.embed_tokens.weight"].numpy())
+    llm.sleep(level=1)
+    with pytest.raises(ValueError, match=r"apply_model needs the weights, which sleep freed: wake_up"):
+        llm.apply_model(read)
+    llm.wake_up()
+    assert llm.apply_model(lambda model: len(model.layers)) == [CONFIG.num_hidden_layers]

@@ -37,6 +37,17 @@ def test_every_layout_gives_the_single_device_tokens(report, model):
         assert runs[f"{model}/{'x'.join(map(str, layout))}"]["tokens"] == single, f"tp, pp, ep, dp = {layout}"
 
 
+def test_apply_model_runs_in_every_replica(report):
+    """`LLM.apply_model` under data parallelism: one result per replica, each from the model on
+    that replica's own devices, all holding the same weights."""
+    runs = [run for key, run in report["generate"].items() if "replica_embeddings" in run]
+    assert len(runs) == 2  # llama 2x1x1x4, mixtral 1x1x2x2
+    for run in runs:
+        devices = [tuple(ids) for ids, _ in run["replica_embeddings"]]
+        assert len(devices) == len(run["generated_per_replica"]) and len(set(devices)) == len(devices)
+        assert len({digest for _, digest in run["replica_embeddings"]}) == 1
+
+
 @pytest.mark.parametrize("model", ("mixtral", "gpt_oss"))
 def test_int8_layouts_give_the_single_device_int8_tokens(report, model):
     """Quantized weights and KV cache, values and scales split with the layout (tp x pp x ep): the
