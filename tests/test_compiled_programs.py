@@ -108,10 +108,11 @@ def test_a_small_models_quick_compile_gives_the_same_tokens(stories_path, monkey
     generated otherwise may round otherwise)."""
     from jpaged import model_runner
 
-    requests = [(prompt, params) for prompt, params in varied_requests(3, 14) if params.structured_outputs is None]
+    requests = [(prompt, params) for prompt, params in varied_requests(3, 8) if params.structured_outputs is None]
     for _, params in requests:
-        params.logprobs = 3
-    config = dict(max_model_len=256, num_blocks=64, max_num_seqs=8, compilation_cache=False)
+        params.logprobs, params.max_tokens = 3, min(params.max_tokens, 24)
+    config = dict(max_model_len=256, num_blocks=64, max_num_seqs=8, max_num_batched_tokens=256,
+                  compilation_cache=False)
 
     def run(llm):
         outputs = llm.generate([p for p, _ in requests], [q for _, q in requests], use_tqdm=False)
