@@ -113,7 +113,7 @@ def test_both_engines_implement_the_engine_client_and_abort_frees_at_once(llm):
     engine = llm.engine
     assert isinstance(engine, EngineClient)
     methods = [name for name, value in vars(EngineClient).items() if callable(value) and not name.startswith("_")]
-    assert len(methods) == 19 and all(callable(getattr(DataParallelEngine, name, None)) for name in methods)
+    assert len(methods) == 20 and all(callable(getattr(DataParallelEngine, name, None)) for name in methods)
     for name in ("a", "b"):
         engine.add_request(f"client-{name}", "Once upon a time", SamplingParams(max_tokens=20, ignore_eos=True))
     engine.step()
