@@ -401,7 +401,7 @@ class ModelRunner:
         live in host memory)."""
         if self.stream is not None:
             raise ValueError("apply_model runs on weights kept on the device; with offload_weights the layers "
-                             "stream from host memory")
+                             "stream from host memory or disk")
         if self.state is None:
             raise ValueError("apply_model needs the weights, which sleep freed: wake_up(['weights']) first")
         return func(self._model(self.state))
