@@ -398,7 +398,7 @@ class ModelRunner:
         devices (split over the mesh, quantized and fused as the engine keeps them); returns what
         `func` returns. `func` should read the model, not change it (`load_weights` replaces
         weights). ValueError while the weights are asleep and with `offload_weights` (the layers
-        live in host memory)."""
+        live in host memory or on disk)."""
         if self.stream is not None:
             raise ValueError("apply_model runs on weights kept on the device; with offload_weights the layers "
                              "stream from host memory or disk")
