@@ -55,6 +55,8 @@ def test_second_process_traces_and_compiles_nothing_again(tiny_llama_folder, tmp
     assert second["programs"] == first["programs"]
     assert second["tokens"] == first["tokens"]
     assert any((tmp_path / "xla").iterdir())
+    # jax's own eviction, which rescans the folder at every write, is off: it keeps `-atime` files
+    assert not any(file.name.endswith("-atime") for file in (tmp_path / "xla").iterdir())
     assert len(list((tmp_path / "programs").iterdir())) == first["programs"]
 
     for file in (tmp_path / "programs").iterdir():  # damaged files are compiled afresh
@@ -263,3 +265,19 @@ def test_programs_of_one_context_are_told_apart_by_their_function():
     doubles, negates = ProgramCache(double, (), 0, "shared", None), ProgramCache(negate, (), 0, "shared", None)
     assert doubles(x).tolist() == [0.0, 2.0, 4.0, 6.0] and negates(x).tolist() == [-0.0, -1.0, -2.0, -3.0]
     assert ProgramCache(double, (), 0, "shared", None)(x).tolist() == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_the_folder_is_trimmed_least_recently_used_first(tmp_path):
+    from jpaged import compile_cache
+
+    times = {i: (1000 + i, 1000 + i) for i in range(6)}  # (access, modification) s: 100 bytes each
+    times[1] = (1001, 5000)  # written late
+    times[2] = (6000, 1002)  # read late
+    for i, (accessed, modified) in times.items():
+        file = tmp_path / f"entry{i}-cache"
+        file.write_bytes(bytes(100))
+        os.utime(file, (accessed, modified))
+    compile_cache.trim(tmp_path, max_bytes=350)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["entry1-cache", "entry2-cache", "entry5-cache"]
+    compile_cache.trim(tmp_path, max_bytes=1000)
+    assert len(list(tmp_path.iterdir())) == 3
