@@ -83,8 +83,8 @@ def test_no_compilation_after_warm_up(stories_path, preemption_mode):
     warm = LLM(stories_path, compile_warmup=True, **config)
     programs = warm.engine.stats().num_compilations
     shapes = StepShapes.for_limits(64, 8, 512, 16, 512)
-    samplers = {shapes.num_rows(count) for count in shapes.token_counts}  # one per logits row count
-    assert programs == len(shapes.token_counts) + len(samplers) <= 16 + 8
+    samplers = {shapes.num_rows(count) for count in shapes.token_counts}  # two per logits row count
+    assert programs == len(shapes.token_counts) + 2 * len(samplers) <= 16 + 2 * 8
     compiles = count_backend_compiles()
     requests = varied_requests(0, 40)
     warm_tokens = serve(warm, requests)
@@ -131,3 +131,27 @@ def test_a_small_models_quick_compile_gives_the_same_tokens(stories_path, monkey
     assert tokens == quick_tokens and ids == quick_ids
     np.testing.assert_allclose(logprobs, quick_logprobs, rtol=0, atol=1e-4)
     assert len({tuple(t) for t in tokens}) > 5
+
+
+def test_greedy_batches_run_a_smaller_sampler_with_the_same_tokens(stories_path):
+    """A batch of greedy rows that want no logprobs samples with the greedy sampler; an engine
+    serving only those never compiles the whole sampler, and a greedy request gets the same
+    tokens when sampled rows or logprobs put it in a step of the whole sampler."""
+    traced = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _, fun_name=None, **__: traced.append(fun_name) if event.endswith("jaxpr_trace_duration") else None)
+    llm = LLM(stories_path, num_blocks=32, compilation_cache=False)
+    prompts = ["Once upon a time", "The little dog", "Lily and Tom went to the park"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    alone = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    samplers = [name for name in traced if name and name.startswith("_sample")]
+    assert samplers and all(name.startswith("_sample_greedy_") for name in samplers)
+
+    mixed = [greedy, SamplingParams(temperature=0.9, seed=3, max_tokens=12, ignore_eos=True),
+             SamplingParams(temperature=0.0, logprobs=2, max_tokens=12, ignore_eos=True)]
+    outputs = llm.generate(prompts, mixed, use_tqdm=False)
+    assert any(name and name.startswith("_sample_") and not name.startswith("_sample_greedy_") for name in traced)
+    assert outputs[0].outputs[0].token_ids == alone[0]
+    assert outputs[2].outputs[0].token_ids == alone[2]
+    assert all(entry[token].logprob < 0 for token, entry in zip(outputs[2].outputs[0].token_ids,
+                                                                 outputs[2].outputs[0].logprobs))

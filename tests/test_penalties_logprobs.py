@@ -25,6 +25,7 @@ from jpaged.sampler import (
     masked_logits,
     prompt_logprobs,
     sample,
+    sample_greedy,
     sample_with_logprobs,
 )
 from jpaged.sampling_params import SEED_LIMIT, SamplingParams, derive_seed, device_seed
@@ -204,6 +205,31 @@ def test_greedy_with_strong_logit_bias_picks_the_biased_token():
     # A sampled row follows the bias too (the biased token holds nearly all the mass).
     sampled = build([SamplingParams(temperature=1.0, logit_bias={targets[0]: 100.0})])
     assert int(sample_jit(jnp.asarray(logits[:1]), sampled, all_greedy=False)[0]) == targets[0]
+
+
+def test_greedy_sampler_picks_the_argmax_of_hf_processed_logits_as_the_whole_sampler_does():
+    """`sample_greedy` (the engine's sampler for batches of greedy rows that want no logprobs):
+    each row's argmax of the logits HF's processors give, the whole sampler's outputs exactly."""
+    rng = np.random.default_rng(8)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, logit_bias={3: 9.0, 7: -4.0}),
+              SamplingParams(temperature=0.0, repetition_penalty=1.8, frequency_penalty=0.7, presence_penalty=0.4),
+              SamplingParams(temperature=0.0, min_tokens=50, max_tokens=60, stop_token_ids=[8]),
+              SamplingParams(temperature=0.0, repetition_penalty=0.6, logit_bias={EOS: 2.0})]
+    prompts, outputs = random_history(rng, len(params))
+    logits = random_logits(rng, len(params) + 1)  # and a padding row
+    arrays = build(params, prompts, outputs, pad_to=len(params) + 1, eos_token_ids=[EOS])
+    greedy = jax.jit(sample_greedy, static_argnums=2)(jnp.asarray(logits), arrays, 4)
+    whole = jax.jit(sample_with_logprobs, static_argnums=(2, 3, 4, 5))(
+        jnp.asarray(logits), arrays, None, 4, "raw_logprobs", True)
+    for row, p in enumerate(params):
+        blocked = list(p.stop_token_ids) + [EOS] if len(outputs[row]) < p.min_tokens else []
+        assert int(greedy.token_ids[row]) == np.argmax(hf_process(logits[row], p, prompts[row], outputs[row], blocked))
+    assert int(greedy.token_ids[-1]) == np.argmax(logits[-1])
+    assert jax.tree.structure(greedy) == jax.tree.structure(whole)
+    for mine, theirs in zip(greedy, whole):
+        assert mine.dtype == theirs.dtype and mine.shape == theirs.shape
+        np.testing.assert_array_equal(mine, theirs)
+    assert not any(np.any(np.asarray(field)) for field in greedy[1:])
 
 
 def test_min_tokens_blocks_eos_until_reached():
