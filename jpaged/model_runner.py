@@ -262,7 +262,7 @@ class ModelRunner:
         self.bidirectional = bidirectional
         self._placeholders: dict[tuple, jax.Array] = {}
         self._asleep: dict | None = None  # what `sleep` moved off the devices, by tag
-        self._decodes_prefetched: set[int] = set()
+        self._decodes_prefetched: set[tuple[int, bool]] = set()  # (tokens, with the whole sampler)
         self._config = config
         self._make_programs()
 
@@ -768,7 +768,7 @@ class ModelRunner:
         step = prepare_step(scheduled, self.block_size, self.shapes, self.parallel, eos_token_ids,
                             self.model_config.vocab_size)
         if any(s.num_new_tokens > 1 for s in scheduled) and all(s.samples for s in scheduled):
-            self._prefetch_decode(len(scheduled))
+            self._prefetch_decode(len(scheduled), self._sampler_for(step.sampling))
         batch = step.batch if self.lora is None else dataclasses.replace(
             step.batch, lora_slots=self._lora_token_slots(scheduled, step.batch, step.rows))
         if self.reads_embeds:
@@ -859,22 +859,24 @@ class ModelRunner:
                 mask[at:at + hi - lo] = True
         return batch if embeds is None else dataclasses.replace(batch, input_embeds=embeds, input_embeds_mask=mask)
 
-    def _prefetch_decode(self, num_rows: int) -> None:
+    def _prefetch_decode(self, num_rows: int, sampler: ProgramCache) -> None:
         """Start making ready, in the background, the decode step of `num_rows` sequences that
-        usually follows a step that completes every prompt it computes."""
+        usually follows a step that completes every prompt it computes, with `sampler` (the
+        sampler program of the step now)."""
         num_tokens = self.shapes.num_tokens(min(num_rows, self.shapes.max_num_seqs))
-        if self.parallel.pipeline_parallel_size == 1 and self.stream is None and num_tokens not in self._decodes_prefetched:
-            self._decodes_prefetched.add(num_tokens)
-            self._prefetch(*self._padding_step(1, num_tokens))
+        key = (num_tokens, sampler is self._sampler)
+        if self.parallel.pipeline_parallel_size == 1 and self.stream is None and key not in self._decodes_prefetched:
+            self._decodes_prefetched.add(key)
+            self._prefetch(*self._padding_step(1, num_tokens), sampler)
 
-    def _prefetch(self, batch: StepBatch, sampling: SamplingArrays) -> None:
-        """Start making the step program for `batch` and, on one device, its sampler program ready
-        in the background."""
+    def _prefetch(self, batch: StepBatch, sampling: SamplingArrays, sampler: ProgramCache | None = None) -> None:
+        """Start making the step program for `batch` and, on one device, its sampler program
+        (default: the one `sampling` needs) ready in the background."""
         self._step.prefetch(*self._step_args(batch))
         if self.mesh is None and not self.pooling:
             rows = (len(batch.logits_indices), self.model_config.vocab_size)
             logits = jax.ShapeDtypeStruct(rows, jnp.float32, sharding=SingleDeviceSharding(self.first_device))
-            self._sampler_for(sampling).prefetch(logits, self._sampler_args(sampling))
+            (sampler or self._sampler_for(sampling)).prefetch(logits, self._sampler_args(sampling))
 
     def _run(self, batch: StepBatch, sampling: SamplingArrays) -> tuple[SamplerOutput, PromptLogprobs]:
         logits, prompt = self._forward(batch)
