@@ -141,14 +141,14 @@ def one_prompt_split(folder: str, rng, params) -> dict:
     prompt = [{"prompt_token_ids": rng.integers(3, 96, 61).tolist()}]
     tokens = {}
     for layout, kwargs in (("single", {}), ("pp4", dict(pipeline_parallel_size=4, prefill_micro_batches=4))):
-        llm = LLM(folder, dtype="float32", num_blocks=32, **kwargs)
+        llm = LLM(folder, dtype="float32", num_blocks=32, max_num_batched_tokens=64, **kwargs)
         tokens[layout] = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
     return tokens
 
 
 def replica_abort(folder: str, prompts, params) -> dict:
     """Two data-parallel replicas: abort one request mid-way, reuse its id, run the rest out."""
-    engine = LLM(folder, data_parallel_size=2, dtype="float32", num_blocks=32).engine
+    engine = LLM(folder, data_parallel_size=2, dtype="float32", num_blocks=32, max_num_batched_tokens=64).engine
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", prompt, params)
     try:
@@ -175,7 +175,7 @@ def beam_replicas(folder: str, prompts) -> dict:
     params = BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True)
     report = {}
     for layout, sizes in (("single", {}), ("dp2", {"data_parallel_size": 2})):
-        llm = LLM(folder, dtype="float32", num_blocks=32, **sizes)
+        llm = LLM(folder, dtype="float32", num_blocks=32, max_num_batched_tokens=64, **sizes)
         outputs = llm.beam_search(prompts[:3], params)
         engines = getattr(llm.engine, "replicas", [llm.engine])
         report[layout] = {"beams": [[(s.tokens, round(s.cum_logprob, 4)) for s in out.sequences] for out in outputs],
