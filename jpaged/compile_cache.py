@@ -7,9 +7,9 @@ compilation_cache`, on by default); it is left alone where the user has pointed 
 elsewhere. jax decides once per process, at its first compilation, whether the cache is used,
 so it takes effect when the engine is the first thing in the process to compile (as in the
 CLI, scripts and servers). The first time a process enables the cache, the folder is trimmed to
-`MAX_BYTES`, least recently used files first (by access or modification time, whichever is later). jax's own
-eviction is left off: it rescans the whole folder and takes a lock across processes at every
-write, about 0.3 s per program in a folder of 3,700 entries.
+`MAX_BYTES`, least recently used files first (by access or modification time, whichever is
+later). jax's own eviction is left off: it rescans the whole folder and takes a lock across
+processes at every write, about 0.3 s per program in a folder of 3,700 entries.
 """
 
 from __future__ import annotations

@@ -262,7 +262,7 @@ class ModelRunner:
         self.bidirectional = bidirectional
         self._placeholders: dict[tuple, jax.Array] = {}
         self._asleep: dict | None = None  # what `sleep` moved off the devices, by tag
-        self._decodes_prefetched: set[tuple[int, bool]] = set()  # (tokens, with the whole sampler)
+        self._decodes_prefetched: set[tuple[int, ProgramCache]] = set()  # (tokens, sampler)
         self._config = config
         self._make_programs()
 
@@ -731,8 +731,9 @@ class ModelRunner:
         for batch, sampling in steps:
             logits, _ = self._forward(batch)
             if not self.pooling:  # both samplers: a padding step's rows are greedy
-                self._sampler(logits, self._sampler_args(sampling))
-                self._greedy_sampler(logits, self._sampler_args(sampling))
+                args = self._sampler_args(sampling)
+                self._sampler(logits, args)
+                self._greedy_sampler(logits, args)
             if progress:
                 progress(1)
         empty = [(self.num_blocks, self.num_blocks)]  # a pair past the cache's end: moves nothing
@@ -864,7 +865,7 @@ class ModelRunner:
         usually follows a step that completes every prompt it computes, with `sampler` (the
         sampler program of the step now)."""
         num_tokens = self.shapes.num_tokens(min(num_rows, self.shapes.max_num_seqs))
-        key = (num_tokens, sampler is self._sampler)
+        key = (num_tokens, sampler)
         if self.parallel.pipeline_parallel_size == 1 and self.stream is None and key not in self._decodes_prefetched:
             self._decodes_prefetched.add(key)
             self._prefetch(*self._padding_step(1, num_tokens), sampler)

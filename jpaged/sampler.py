@@ -382,9 +382,16 @@ def sample_with_logprobs(
         return SamplerOutput(token_ids, *gather(source))
 
     def zeros(source):
-        return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(gather, source))
+        return _no_logprobs(source, token_ids, num_logprobs)
 
     return SamplerOutput(token_ids, *jax.lax.cond(jnp.any(arrays.logprobs_wanted), gather, zeros, source))
+
+
+def _no_logprobs(values: jax.Array, token_ids: jax.Array, k: int) -> tuple[jax.Array, ...]:
+    """Zeros in the shapes and dtypes ``_gather_logprobs(values, token_ids, k)`` returns: the
+    logprob fields of rows none of which wants logprobs."""
+    shapes = jax.eval_shape(lambda values, token_ids: _gather_logprobs(values, token_ids, k), values, token_ids)
+    return tuple(jnp.zeros(x.shape, x.dtype) for x in shapes)
 
 
 def sample_greedy(logits: jax.Array, arrays: SamplingArrays, num_logprobs: int | None = None) -> SamplerOutput:
@@ -397,9 +404,7 @@ def sample_greedy(logits: jax.Array, arrays: SamplingArrays, num_logprobs: int |
     token_ids = sample(logits, arrays, all_greedy=True)
     if num_logprobs is None:
         return SamplerOutput(token_ids)
-    rows = logits.shape[0]
-    return SamplerOutput(token_ids, jnp.zeros(rows, jnp.float32), jnp.zeros((rows, num_logprobs), jnp.int32),
-                         jnp.zeros((rows, num_logprobs), jnp.float32), jnp.zeros(rows, jnp.int32))
+    return SamplerOutput(token_ids, *_no_logprobs(logits, token_ids, num_logprobs))
 
 
 class PromptLogprobs(NamedTuple):
